@@ -1,0 +1,52 @@
+"""Packaging for torch_xla_lora.
+
+The Pallas kernel sources live in ``csrc_pallas/`` and nowhere else; they are
+installed as the subpackage ``torch_xla_lora.kernels``.
+"""
+
+from setuptools import setup
+
+# The verified stack: torch_xla's C++ extension is built against exactly this
+# torch release, and torch_xla's JAX bridge (call_jax) needs torchax.
+INSTALL_REQUIRES = [
+    "torch==2.9.0",
+    "torch_xla==2.9.0",
+    "jax==0.7.1",
+    "jaxlib==0.7.1",
+    "torchax==0.0.7",
+    "flax==0.12.0",  # torchax imports flax at import time
+    "numpy",
+    "safetensors",
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest",
+        "peft>=0.21,<0.22",
+        "transformers>=5,<6",
+        "safetensors",
+        "hypothesis",
+        "ruff",
+    ],
+    "bench": ["matplotlib"],
+    "tpu": ["libtpu==0.0.21"],
+}
+
+setup(
+    name="torch_xla_lora",
+    version="0.1.0",
+    description="Multi-LoRA serving for PyTorch/XLA: Pallas BGMV kernels, drop-in LoRA layers, PEFT adapters.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "torch_xla_lora",
+        "torch_xla_lora.ops",
+        "torch_xla_lora.layers",
+        "torch_xla_lora.bench",
+        "torch_xla_lora.kernels",
+    ],
+    package_dir={"torch_xla_lora.kernels": "csrc_pallas"},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

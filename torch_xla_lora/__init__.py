@@ -1,0 +1,10 @@
+"""torch_xla_lora: multi-LoRA serving for PyTorch/XLA.
+
+Importing the package registers the ``torch.ops.xla_lora`` ops.
+"""
+
+from torch_xla_lora.errors import *  # noqa: F403
+from torch_xla_lora.errors import __all__ as _errors_all
+from torch_xla_lora.ops import bgmv_expand, bgmv_expand_slice, bgmv_shrink
+
+__all__ = [*_errors_all, "bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"]

@@ -1,0 +1,65 @@
+"""The exceptions this library raises.
+
+Every error derives from :class:`LoRAError`, so a server can catch one type.
+Messages name the adapter, module or argument, the expected and the actual
+value.  Subclasses that describe bad input also derive from ``ValueError``
+(or ``KeyError``/``FileNotFoundError``) so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LoRAError",
+    "ShapeError",
+    "AdapterNotFoundError",
+    "AdapterFileError",
+    "InvalidAdapterError",
+    "UnsupportedAdapterError",
+    "RankTooLargeError",
+    "UnknownModuleError",
+    "NoFreeSlotError",
+    "RecompilationError",
+]
+
+
+class LoRAError(Exception):
+    """Base class of every error raised by torch_xla_lora."""
+
+
+class ShapeError(LoRAError, ValueError):
+    """An op argument has the wrong rank, shape or dtype."""
+
+
+class AdapterNotFoundError(LoRAError, KeyError):
+    """An adapter name is not loaded (or not known to the manager)."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AdapterFileError(LoRAError, FileNotFoundError):
+    """Adapter files are missing, unreadable or corrupt."""
+
+
+class InvalidAdapterError(LoRAError, ValueError):
+    """Adapter weights are malformed: wrong shapes for this model, NaN/Inf values."""
+
+
+class UnsupportedAdapterError(LoRAError, ValueError):
+    """The adapter uses a PEFT feature this library does not implement."""
+
+
+class RankTooLargeError(InvalidAdapterError):
+    """An adapter module's rank exceeds ``LoRAConfig.max_rank``."""
+
+
+class UnknownModuleError(InvalidAdapterError):
+    """An adapter targets a module that the patched model does not have."""
+
+
+class NoFreeSlotError(LoRAError, RuntimeError):
+    """A batch needs more distinct adapters than there are free device slots."""
+
+
+class RecompilationError(LoRAError, RuntimeError):
+    """XLA compiled a new graph inside :func:`assert_no_recompile`."""

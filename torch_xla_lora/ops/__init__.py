@@ -1,0 +1,205 @@
+"""The BGMV ops: ``torch.ops.xla_lora.bgmv_shrink``, ``bgmv_expand``, ``bgmv_expand_slice``.
+
+Each op is a functional ``torch.library.custom_op`` (no argument is mutated)
+with a fake implementation, so ``torch.compile(backend="openxla")`` sees one
+opaque node and never traces into JAX. Dispatch by device:
+
+- XLA tensors: a JAX function through torch_xla's ``call_jax``, with
+  ``backend`` "pallas" (Mosaic on TPU, Pallas interpret mode elsewhere) or
+  "xla" (the same grouped algorithm in plain jax ops). "auto" picks Pallas on
+  TPU and XLA elsewhere.
+- other tensors: the plain-torch reference in :mod:`torch_xla_lora.reference`.
+
+Contracts, with a ``Semantics:`` block each, are in the functions below and in
+``docs/ops.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from torch_xla_lora import reference
+from torch_xla_lora.ops import _validate
+
+__all__ = ["bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "device_generation"]
+
+
+@functools.cache
+def device_generation() -> str:
+    """The tuning-table key of the XLA device: "v5e", "v6e" (TPU) or "cpu" (any non-TPU PJRT device)."""
+    import torch_xla.runtime as xr
+
+    if xr.device_type() != "TPU":
+        return "cpu"
+    import torch_xla.tpu
+
+    return "v6e" if torch_xla.tpu.version() >= 6 else "v5e"
+
+
+def _backend(requested: str) -> tuple[str, str]:
+    generation = device_generation()
+    if requested == "auto":
+        return ("pallas" if generation != "cpu" else "xla"), generation
+    return requested, generation
+
+
+def _call_jax(fn, *args: torch.Tensor) -> torch.Tensor:
+    # Imported here, not at module top: JAX must start after torch_xla on a TPU
+    # host, and users of CPU tensors never need it (see ops/_jax.py).
+    from torch_xla.core import xla_builder
+
+    return xla_builder.call_jax(fn, args)
+
+
+def _jax_module():
+    # Imported on first XLA call, for the same reason (ops/_jax.py imports jax).
+    from torch_xla_lora.ops import _jax
+
+    return _jax
+
+
+@torch.library.custom_op("xla_lora::bgmv_shrink", mutates_args=())
+def bgmv_shrink(
+    inputs: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_indices: torch.Tensor,
+    scaling: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Batched gather matrix-vector shrink: project each token by its adapter's A.
+
+    Args:
+      inputs: [T, D] floating.
+      lora_a: [L, R, D], inputs' dtype: A of every slot.
+      lora_indices: [T] int32 (int64 also off XLA): slot of each token; any
+        value outside [0, L), e.g. -1, means "no adapter".
+      scaling: multiplies the result.
+      backend: "auto", "pallas" or "xla" (XLA tensors only).
+
+    Returns:
+      [T, R] in inputs' dtype (accumulated in float32).
+
+    Semantics:
+      for t in range(T):
+          i = lora_indices[t]
+          out[t] = scaling * lora_a[i] @ inputs[t] if 0 <= i < L else 0
+
+    Raises:
+      ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument.
+    """
+    _validate.shrink(inputs, lora_a, lora_indices)
+    _validate.backend(backend)
+    if inputs.device.type != "xla":
+        return reference.bgmv_shrink(inputs, lora_a, lora_indices, scaling)
+    name, generation = _backend(backend)
+    return _call_jax(_jax_module().shrink_fn(name, generation, float(scaling)), inputs, lora_a, lora_indices)
+
+
+@bgmv_shrink.register_fake
+def _(inputs, lora_a, lora_indices, scaling=1.0, backend="auto"):
+    _validate.shrink(inputs, lora_a, lora_indices)
+    _validate.backend(backend)
+    return inputs.new_empty((inputs.shape[0], lora_a.shape[1]))
+
+
+@torch.library.custom_op("xla_lora::bgmv_expand", mutates_args=())
+def bgmv_expand(
+    inputs: torch.Tensor,
+    lora_b: torch.Tensor,
+    base: torch.Tensor,
+    lora_indices: torch.Tensor,
+    add_inputs: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Batched gather matrix-vector expand: add each token's adapter B product to the base.
+
+    Args:
+      inputs: [T, R] floating (usually bgmv_shrink's output).
+      lora_b: [L, R, Dout], base's dtype: B of every slot, stored rank-first
+        (pre-transposed) so a kernel reads contiguous output tiles.
+      base: [T, Dout]: the base layer's output.
+      lora_indices: [T] int32: slot of each token; outside [0, L) adds nothing.
+      add_inputs: add to ``base`` (True) or to zeros (False).
+      backend: "auto", "pallas" or "xla" (XLA tensors only).
+
+    Returns:
+      [T, Dout] in base's dtype (accumulated in float32).
+
+    Semantics:
+      for t in range(T):
+          i = lora_indices[t]
+          out[t] = (base[t] if add_inputs else 0) + (inputs[t] @ lora_b[i] if 0 <= i < L else 0)
+
+    Raises:
+      ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument.
+    """
+    _validate.expand(inputs, lora_b, base, lora_indices)
+    _validate.expand_full(lora_b, base)
+    _validate.backend(backend)
+    if inputs.device.type != "xla":
+        return reference.bgmv_expand(inputs, lora_b, base, lora_indices, add_inputs)
+    name, generation = _backend(backend)
+    fn = _jax_module().expand_fn(name, generation, bool(add_inputs), None)
+    return _call_jax(fn, inputs, lora_b, base, lora_indices)
+
+
+@bgmv_expand.register_fake
+def _(inputs, lora_b, base, lora_indices, add_inputs=True, backend="auto"):
+    _validate.expand(inputs, lora_b, base, lora_indices)
+    _validate.expand_full(lora_b, base)
+    _validate.backend(backend)
+    return torch.empty_like(base)
+
+
+@torch.library.custom_op("xla_lora::bgmv_expand_slice", mutates_args=())
+def bgmv_expand_slice(
+    inputs: torch.Tensor,
+    lora_b: torch.Tensor,
+    base: torch.Tensor,
+    lora_indices: torch.Tensor,
+    slice_offset: int,
+    add_inputs: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """As :func:`bgmv_expand`, into the columns of one output slice (a part of QKV or gate_up).
+
+    Args:
+      inputs: [T, R] floating.
+      lora_b: [L, R, S], base's dtype: B of every slot for this slice.
+      base: [T, Dout] with slice_offset + S <= Dout.
+      lora_indices: [T] int32.
+      slice_offset: first output column of the slice.
+      add_inputs: add to ``base`` (True) or to zeros (False).
+      backend: "auto", "pallas" or "xla" (XLA tensors only).
+
+    Returns:
+      [T, Dout] in base's dtype.
+
+    Semantics:
+      out = base.clone() if add_inputs else zeros_like(base)
+      for t in range(T):
+          i = lora_indices[t]
+          if 0 <= i < L:
+              out[t, slice_offset : slice_offset + S] += inputs[t] @ lora_b[i]
+
+    Raises:
+      ShapeError (a ValueError): wrong rank, shape, dtype or device, or a slice outside base.
+    """
+    _validate.expand(inputs, lora_b, base, lora_indices)
+    _validate.expand_slice(lora_b, base, slice_offset)
+    _validate.backend(backend)
+    if inputs.device.type != "xla":
+        return reference.bgmv_expand_slice(inputs, lora_b, base, lora_indices, slice_offset, add_inputs)
+    name, generation = _backend(backend)
+    fn = _jax_module().expand_fn(name, generation, bool(add_inputs), int(slice_offset))
+    return _call_jax(fn, inputs, lora_b, base, lora_indices)
+
+
+@bgmv_expand_slice.register_fake
+def _(inputs, lora_b, base, lora_indices, slice_offset, add_inputs=True, backend="auto"):
+    _validate.expand(inputs, lora_b, base, lora_indices)
+    _validate.expand_slice(lora_b, base, slice_offset)
+    _validate.backend(backend)
+    return torch.empty_like(base)

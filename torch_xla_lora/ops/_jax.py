@@ -1,0 +1,95 @@
+"""JAX functions behind the ops, built once per static configuration.
+
+This module imports JAX at the top; the ops import it lazily, from inside
+their XLA branch, because on a TPU host JAX must start after torch_xla (and
+never claim the TPU itself), and CPU-only users should not pay for importing
+JAX at all.
+
+``call_jax`` caches its traced computations by ``id(jax_fn)`` and the input
+shapes, so each configuration must map to one function object for the life of
+the process: a function built afresh per call would be re-traced on every
+call. ``functools.lru_cache`` gives that, and bounds the number of entries.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from torch_xla_lora.kernels import block_sizes, expand, shrink, visits
+from torch_xla_lora.ops import _xla_native
+
+_CACHE_SIZE = 256
+
+
+def _pad_rows(array: jax.Array, rows: int, value=0) -> jax.Array:
+    extra = rows - array.shape[0]
+    if extra == 0:
+        return array
+    return jnp.pad(array, [(0, extra)] + [(0, 0)] * (array.ndim - 1), constant_values=value)
+
+
+def _prepare(indices: jax.Array, num_slots: int, sizes: block_sizes.BlockSizes):
+    padded = _pad_rows(indices.astype(jnp.int32), sizes.padded_tokens(indices.shape[0]), -1)
+    padded = visits.valid_slots(padded, num_slots)
+    return padded, visits.build(padded, num_slots, sizes.tokens)
+
+
+def _kernels(backend: str, generation: str, sizes: block_sizes.BlockSizes):
+    """(shrink, expand) callables of one backend, with the static tiling bound."""
+    if backend == "pallas":
+        interpret = generation == "cpu"  # Mosaic only exists on TPU
+        tiling = {"block_sizes": sizes, "interpret": interpret}
+        return functools.partial(shrink.shrink, **tiling), functools.partial(expand.expand, **tiling)
+    tiling = {"block_tokens": sizes.tokens}
+    return functools.partial(_xla_native.shrink, **tiling), functools.partial(_xla_native.expand, **tiling)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def shrink_fn(backend: str, generation: str, scaling: float) -> Callable:
+    """``fn(inputs[T, D], lora_a[L, R, D], indices[T]) -> [T, R]`` for one configuration."""
+
+    def fn(x, lora_a, indices):
+        num_tokens, hidden = x.shape
+        sizes = block_sizes.choose(num_tokens, hidden, lora_a.shape[1], generation)
+        idx, vis = _prepare(indices, lora_a.shape[0], sizes)
+        run_shrink, _ = _kernels(backend, generation, sizes)
+        return run_shrink(_pad_rows(x, idx.shape[0]), lora_a, idx, vis, scaling=scaling)[:num_tokens]
+
+    return fn
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def expand_fn(backend: str, generation: str, add_inputs: bool, slice_offset: int | None) -> Callable:
+    """``fn(inputs[T, R], lora_b[L, R, S], base[T, Dout], indices[T]) -> [T, Dout]``.
+
+    With ``slice_offset`` None, S == Dout and the kernel adds into the base
+    directly; otherwise the product lands in columns [slice_offset,
+    slice_offset + S) as a pad-and-add, never a scattered write.
+    """
+
+    def fn(s, lora_b, base, indices):
+        num_tokens, out_dim = base.shape
+        width = lora_b.shape[2]
+        sizes = block_sizes.choose(num_tokens, s.shape[1], width, generation)
+        idx, vis = _prepare(indices, lora_b.shape[0], sizes)
+        _, run_expand = _kernels(backend, generation, sizes)
+        into_base = add_inputs and slice_offset is None
+        target = base if into_base else jnp.zeros((num_tokens, width), base.dtype)
+        delta = run_expand(
+            _pad_rows(s, idx.shape[0]),
+            lora_b,
+            _pad_rows(target, idx.shape[0]),
+            idx,
+            vis,
+            add_inputs=into_base,
+        )[:num_tokens]
+        if slice_offset is None:
+            return delta
+        padded = jnp.pad(delta, [(0, 0), (slice_offset, out_dim - slice_offset - width)])
+        return base + padded if add_inputs else padded
+
+    return fn

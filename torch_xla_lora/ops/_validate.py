@@ -1,0 +1,98 @@
+"""Argument checks shared by the ops' real and fake implementations.
+
+They run before anything is traced, so a bad call fails with a message that
+names the argument, the expected and the actual value, instead of deep inside
+XLA or Pallas.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torch_xla_lora.errors import ShapeError
+
+BACKENDS = ("auto", "pallas", "xla")
+
+
+def _rank(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    if t.dim() != ndim:
+        raise ShapeError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def _floating(name: str, t: torch.Tensor) -> None:
+    if not t.dtype.is_floating_point:
+        raise ShapeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+
+
+def _dim(name: str, t: torch.Tensor, axis: int, expected: int, what: str) -> None:
+    if t.shape[axis] != expected:
+        raise ShapeError(f"{name} dim {axis} must equal {what} = {expected}, got shape {tuple(t.shape)}")
+
+
+def _same_dtype(name: str, t: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if t.dtype != other.dtype:
+        raise ShapeError(f"{name} must have the dtype of {other_name} ({other.dtype}), got {t.dtype}")
+
+
+def indices(lora_indices: torch.Tensor, num_tokens: int, device: torch.device) -> None:
+    """int32 [T] on ``device`` (int64 also accepted off XLA)."""
+    _rank("lora_indices", lora_indices, 1, "[T]")
+    _dim("lora_indices", lora_indices, 0, num_tokens, "T")
+    allowed = (torch.int32,) if device.type == "xla" else (torch.int32, torch.int64)
+    if lora_indices.dtype not in allowed:
+        # TPUs have no 64-bit integer units; int64 on XLA would be emulated or rejected.
+        raise ShapeError(
+            f"lora_indices must be {' or '.join(map(str, allowed))} on device {device.type}, "
+            f"got {lora_indices.dtype}"
+        )
+    if lora_indices.device != device:
+        raise ShapeError(f"lora_indices must be on {device}, got {lora_indices.device}")
+
+
+def backend(name: str) -> None:
+    if name not in BACKENDS:
+        raise ShapeError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def shrink(inputs: torch.Tensor, lora_a: torch.Tensor, lora_indices: torch.Tensor) -> None:
+    _rank("inputs", inputs, 2, "[T, D]")
+    _rank("lora_a", lora_a, 3, "[L, R, D]")
+    _floating("inputs", inputs)
+    _same_dtype("lora_a", lora_a, "inputs", inputs)
+    _dim("lora_a", lora_a, 2, inputs.shape[1], "D of inputs")
+    _device("lora_a", lora_a, inputs)
+    indices(lora_indices, inputs.shape[0], inputs.device)
+
+
+def expand(
+    inputs: torch.Tensor, lora_b: torch.Tensor, base: torch.Tensor, lora_indices: torch.Tensor
+) -> None:
+    _rank("inputs", inputs, 2, "[T, R]")
+    _rank("lora_b", lora_b, 3, "[L, R, Dout]")
+    _rank("base", base, 2, "[T, Dout]")
+    _floating("inputs", inputs)
+    _floating("base", base)
+    _same_dtype("lora_b", lora_b, "base", base)
+    _dim("lora_b", lora_b, 1, inputs.shape[1], "R of inputs")
+    _dim("base", base, 0, inputs.shape[0], "T of inputs")
+    _device("lora_b", lora_b, inputs)
+    _device("base", base, inputs)
+    indices(lora_indices, inputs.shape[0], inputs.device)
+
+
+def expand_full(lora_b: torch.Tensor, base: torch.Tensor) -> None:
+    _dim("lora_b", lora_b, 2, base.shape[1], "Dout of base")
+
+
+def expand_slice(lora_b: torch.Tensor, base: torch.Tensor, slice_offset: int) -> None:
+    width, out_dim = lora_b.shape[2], base.shape[1]
+    if not 0 <= slice_offset or slice_offset + width > out_dim:
+        raise ShapeError(
+            f"slice [slice_offset, slice_offset + S) = [{slice_offset}, {slice_offset + width}) "
+            f"must lie within base's Dout = {out_dim}"
+        )
+
+
+def _device(name: str, t: torch.Tensor, inputs: torch.Tensor) -> None:
+    if t.device != inputs.device:
+        raise ShapeError(f"{name} must be on the device of inputs ({inputs.device}), got {t.device}")
