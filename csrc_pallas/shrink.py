@@ -45,9 +45,7 @@ def _shrink_kernel(
 
     @pl.when(slot >= 0)
     def _accumulate():
-        y = jax.lax.dot_general(
-            x_ref[...], a_ref[0], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )
+        y = jax.lax.dot_general(x_ref[...], a_ref[0], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         acc_ref[...] += jnp.where(idx_ref[...] == slot, y, 0.0)
 
     @pl.when(last & (k == pl.num_programs(1) - 1))

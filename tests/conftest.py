@@ -17,9 +17,7 @@ TOLERANCES = {
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, scale=1.0):
     """Compare with the tolerance of ``dtype`` (default: expected's), atol scaled by ``scale``."""
     tol = TOLERANCES[dtype or expected.dtype]
-    torch.testing.assert_close(
-        actual.cpu().float(), expected.cpu().float(), atol=tol["atol"] * scale, rtol=tol["rtol"]
-    )
+    torch.testing.assert_close(actual.cpu().float(), expected.cpu().float(), atol=tol["atol"] * scale, rtol=tol["rtol"])
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,7 @@ import warnings
 
 import pytest
 import torch
-
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-
+import transformers
 from peft import LoraConfig, get_peft_model
 from peft import get_peft_model_state_dict as _peft_state_dict
 from peft.tuners.lora import LoraLayer

@@ -69,9 +69,7 @@ def _kernel_case(num_tokens, hidden, rank, num_slots, out_dim, dtype, seed=0):
     return x, a, b, base, idx
 
 
-@pytest.mark.parametrize(
-    "sizes", [block_sizes.BlockSizes(16, 256, 128), block_sizes.BlockSizes(32, 128, 384)]
-)
+@pytest.mark.parametrize("sizes", [block_sizes.BlockSizes(16, 256, 128), block_sizes.BlockSizes(32, 128, 384)])
 def test_tiled_kernels_match_jnp_loop(sizes):
     """Hidden and output tiling (several grid steps per visit) in interpret mode."""
     x, a, b, base, idx = _kernel_case(64, 256, 16, 5, 384, jnp.float32)

@@ -118,10 +118,6 @@ def test_ops_do_not_mutate_arguments(xla_device):
     b = torch.randn(3, 8, 64, generator=g)
     for device in ("cpu", xla_device):
         base_d = base.to(device)
-        tl.bgmv_expand(
-            tl.bgmv_shrink(x.to(device), a.to(device), idx.to(device)), b.to(device), base_d, idx.to(device)
-        )
-        tl.bgmv_expand_slice(
-            torch.ones(16, 8, device=device), b[:, :, :32].to(device), base_d, idx.to(device), 16
-        )
+        tl.bgmv_expand(tl.bgmv_shrink(x.to(device), a.to(device), idx.to(device)), b.to(device), base_d, idx.to(device))
+        tl.bgmv_expand_slice(torch.ones(16, 8, device=device), b[:, :, :32].to(device), base_d, idx.to(device), 16)
         assert torch.equal(base_d.cpu(), base)

@@ -34,9 +34,7 @@ def test_shrink_rejects(mutate, needle):
 
 def test_int64_indices_rejected_on_xla(xla_device):
     x, a, idx = _shrink_args(xla_device)
-    with pytest.raises(
-        tl.ShapeError, match=r"lora_indices must be torch.int32 on device xla, got torch.int64"
-    ):
+    with pytest.raises(tl.ShapeError, match=r"lora_indices must be torch.int32 on device xla, got torch.int64"):
         tl.bgmv_shrink(x, a, idx.long())
 
 

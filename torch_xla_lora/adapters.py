@@ -136,8 +136,7 @@ def load_adapter(
     if not factors:
         raise InvalidAdapterError(f"adapter {name!r}: no lora_A/lora_B weights found")
     modules = {
-        module: _build_module(name, module, pair, config_dict, dtype)
-        for module, pair in sorted(factors.items())
+        module: _build_module(name, module, pair, config_dict, dtype) for module, pair in sorted(factors.items())
     }
     return LoRAAdapter(name=name, modules=modules, config=config_dict)
 
@@ -161,8 +160,7 @@ def check_adapter(adapter: LoRAAdapter, module_shapes: Mapping[str, tuple[int, i
             )
         if lora.rank > max_rank:
             raise RankTooLargeError(
-                f"adapter {adapter.name!r}: module {module!r} rank: expected <= {max_rank} (max_rank), "
-                f"got {lora.rank}"
+                f"adapter {adapter.name!r}: module {module!r} rank: expected <= {max_rank} (max_rank), got {lora.rank}"
             )
         in_features, out_features = module_shapes[module]
         for field, expected, actual in (
@@ -241,9 +239,7 @@ def _check_config(name: str, config: Mapping) -> None:
     for field in _UNSUPPORTED_IF_SET:
         value = config.get(field)
         if value:  # every default is None/False/empty
-            raise UnsupportedAdapterError(
-                f"adapter {name!r}: {field}: expected unset (plain LoRA), got {value!r}"
-            )
+            raise UnsupportedAdapterError(f"adapter {name!r}: {field}: expected unset (plain LoRA), got {value!r}")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INITS):
         raise UnsupportedAdapterError(
@@ -262,9 +258,7 @@ def _group_factors(name: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, 
             if key.endswith(suffix):
                 module = key[: -len(suffix)].removeprefix(_KEY_PREFIX)
                 if factor in factors.setdefault(module, {}):
-                    raise InvalidAdapterError(
-                        f"adapter {name!r}: module {module!r} has two lora_{factor.upper()}"
-                    )
+                    raise InvalidAdapterError(f"adapter {name!r}: module {module!r} has two lora_{factor.upper()}")
                 factors[module][factor] = (key, tensor, is_embedding)
                 break
         else:
@@ -277,9 +271,7 @@ def _group_factors(name: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, 
 
 def _check_tensor(name: str, key: str, tensor: Any) -> None:
     if not isinstance(tensor, torch.Tensor):
-        raise InvalidAdapterError(
-            f"adapter {name!r}: {key!r}: expected a tensor, got {type(tensor).__name__}"
-        )
+        raise InvalidAdapterError(f"adapter {name!r}: {key!r}: expected a tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point() or tensor.dim() != 2:
         got = f"{tensor.dtype} {tuple(tensor.shape)}"
         raise InvalidAdapterError(f"adapter {name!r}: tensor {key!r}: expected a 2-D float tensor, got {got}")
@@ -298,9 +290,7 @@ def _pattern_value(name: str, field: str, patterns: Mapping[str, Any], module: s
             if re.match(rf"(.*\.)?({pattern})$", module):
                 hits[pattern] = value
         except re.error as exc:
-            raise InvalidAdapterError(
-                f"adapter {name!r}: {field} key {pattern!r} is not a regex: {exc}"
-            ) from exc
+            raise InvalidAdapterError(f"adapter {name!r}: {field} key {pattern!r} is not a regex: {exc}") from exc
     if len(set(hits.values())) > 1:
         raise InvalidAdapterError(
             f"adapter {name!r}: module {module!r} {field}: expected one value, got {hits} from overlapping keys "
@@ -312,32 +302,22 @@ def _pattern_value(name: str, field: str, patterns: Mapping[str, Any], module: s
 def _module_scaling(name: str, module: str, config: Mapping) -> tuple[int, float]:
     """(expected rank, scaling) for ``module`` exactly as PEFT's LoraModel._create_and_replace computes them."""
     r = _pattern_value(name, "rank_pattern", config.get("rank_pattern"), module, config.get("r", 8))
-    alpha = _pattern_value(
-        name, "alpha_pattern", config.get("alpha_pattern"), module, config.get("lora_alpha", 8)
-    )
+    alpha = _pattern_value(name, "alpha_pattern", config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise InvalidAdapterError(
-            f"adapter {name!r}: module {module!r} r: expected a positive int, got {r!r}"
-        )
+        raise InvalidAdapterError(f"adapter {name!r}: module {module!r} r: expected a positive int, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise InvalidAdapterError(
-            f"adapter {name!r}: module {module!r} lora_alpha: expected a number, got {alpha!r}"
-        )
+        raise InvalidAdapterError(f"adapter {name!r}: module {module!r} lora_alpha: expected a number, got {alpha!r}")
     scaling = alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
     return r, float(scaling)
 
 
-def _build_module(
-    name: str, module: str, pair: Mapping[str, tuple], config: Mapping, dtype: torch.dtype
-) -> ModuleLoRA:
+def _build_module(name: str, module: str, pair: Mapping[str, tuple], config: Mapping, dtype: torch.dtype) -> ModuleLoRA:
     if len(pair) != 2:
         (key, _, _), missing = next(iter(pair.values())), "B" if "a" in pair else "A"
         raise InvalidAdapterError(f"adapter {name!r}: tensor {key!r} has no matching lora_{missing}")
     (a_key, a, a_emb), (b_key, b, b_emb) = pair["a"], pair["b"]
     if a_emb != b_emb:
-        raise InvalidAdapterError(
-            f"adapter {name!r}: module {module!r} mixes embedding and linear LoRA factors"
-        )
+        raise InvalidAdapterError(f"adapter {name!r}: module {module!r} mixes embedding and linear LoRA factors")
     _check_tensor(name, a_key, a)
     _check_tensor(name, b_key, b)
     a, b = a.detach(), b.detach()

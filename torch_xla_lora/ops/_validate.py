@@ -42,8 +42,7 @@ def indices(lora_indices: torch.Tensor, num_tokens: int, device: torch.device) -
     if lora_indices.dtype not in allowed:
         # TPUs have no 64-bit integer units; int64 on XLA would be emulated or rejected.
         raise ShapeError(
-            f"lora_indices must be {' or '.join(map(str, allowed))} on device {device.type}, "
-            f"got {lora_indices.dtype}"
+            f"lora_indices must be {' or '.join(map(str, allowed))} on device {device.type}, got {lora_indices.dtype}"
         )
     if lora_indices.device != device:
         raise ShapeError(f"lora_indices must be on {device}, got {lora_indices.device}")
@@ -64,9 +63,7 @@ def shrink(inputs: torch.Tensor, lora_a: torch.Tensor, lora_indices: torch.Tenso
     indices(lora_indices, inputs.shape[0], inputs.device)
 
 
-def expand(
-    inputs: torch.Tensor, lora_b: torch.Tensor, base: torch.Tensor, lora_indices: torch.Tensor
-) -> None:
+def expand(inputs: torch.Tensor, lora_b: torch.Tensor, base: torch.Tensor, lora_indices: torch.Tensor) -> None:
     _rank("inputs", inputs, 2, "[T, R]")
     _rank("lora_b", lora_b, 3, "[L, R, Dout]")
     _rank("base", base, 2, "[T, Dout]")

@@ -1,0 +1,52 @@
+"""User configuration of a patched model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from torch_xla_lora.errors import LoRAError
+
+
+class ConfigError(LoRAError, ValueError):
+    """A LoRAConfig field is out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """How :func:`torch_xla_lora.patch_model` patches a model.
+
+    Attributes:
+      max_loras: device slots, i.e. the most distinct adapters one batch may use.
+      max_rank: the largest adapter rank; smaller ranks are zero-padded to it.
+      target_modules: PEFT's rule: a list of module-name suffixes, a regex that
+        must match the whole module name, or "all-linear" (every linear layer
+        but the output head). Name "lm_head" or the embedding in a list to
+        patch those too.
+      max_cpu_adapters: adapters cached on the host (LRU), resident ones included.
+      dtype: dtype of the adapter buffers; None means the model's.
+      backend: op backend on XLA devices: "auto", "pallas" or "xla".
+    """
+
+    max_loras: int = 4
+    max_rank: int = 16
+    target_modules: str | tuple[str, ...] | list[str] = "all-linear"
+    max_cpu_adapters: int = 16
+    dtype: torch.dtype | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("max_loras", "max_rank", "max_cpu_adapters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"LoRAConfig.{name} must be a positive int, got {value!r}")
+        if self.max_cpu_adapters < self.max_loras:
+            raise ConfigError(
+                f"LoRAConfig.max_cpu_adapters ({self.max_cpu_adapters}) must be at least "
+                f"max_loras ({self.max_loras}): resident adapters stay cached"
+            )
+        if self.backend not in ("auto", "pallas", "xla"):
+            raise ConfigError(f"LoRAConfig.backend must be 'auto', 'pallas' or 'xla', got {self.backend!r}")
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))

@@ -1,0 +1,52 @@
+"""The batch context: which adapter slot each token uses, shared by every LoRA layer.
+
+The handle that :func:`torch_xla_lora.patch_model` returns owns one context;
+its layers only read it. Slot indices are built on the host once per batch and
+sent to the device as one whole int32 tensor (TPUs have no 64-bit integer
+units; a whole-tensor transfer, unlike a slice write into a device buffer,
+adds no op to the graph), so a new adapter mix reuses the compiled graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torch_xla_lora.errors import ShapeError
+
+
+class BatchContext:
+    """Per-row or per-token adapter slots of the current batch (-1 = base model).
+
+    Attributes:
+      slots: int32 device tensor, [B] per batch row or [N] per flattened token;
+        None when no batch was set (every layer then returns its base output).
+      per_token: whether ``slots`` is per flattened token.
+    """
+
+    def __init__(self) -> None:
+        self.slots: torch.Tensor | None = None
+        self.per_token = False
+
+    def set(self, slots: torch.Tensor | None, per_token: bool) -> None:
+        self.slots, self.per_token = slots, per_token
+
+    def token_slots(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Slot of every token of ``x`` ([..., D], flattened to [N, D]): [N] int32, or None."""
+        slots = self.slots
+        if slots is None:
+            return None
+        num_tokens = x.numel() // x.shape[-1]
+        if self.per_token:
+            if slots.shape[0] != num_tokens:
+                raise ShapeError(
+                    f"set_token_adapters gave {slots.shape[0]} tokens, but a layer received {num_tokens} "
+                    f"(input shape {tuple(x.shape)})"
+                )
+            return slots
+        rows = slots.shape[0]
+        if x.dim() < 2 or x.shape[0] != rows or num_tokens % rows:
+            raise ShapeError(
+                f"set_batch gave {rows} rows, but a layer received input of shape {tuple(x.shape)} "
+                f"(expected [{rows}, ..., D])"
+            )
+        return slots[:, None].expand(rows, num_tokens // rows).reshape(num_tokens)

@@ -1,0 +1,46 @@
+"""LoRA on token embeddings (PEFT's ``lora_embedding_A`` / ``lora_embedding_B``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torch_xla_lora.adapters import ModuleLoRA
+from torch_xla_lora.layers.base import BaseLayerWithLoRA
+
+
+class EmbeddingWithLoRA(BaseLayerWithLoRA):
+    """``y = E[id_t] + B[slot_t] A[slot_t][:, id_t]``.
+
+    A is stored token-major, ``lora_a`` [L, vocab, R], so the per-token rows
+    are one gather at ``slot * vocab + id``: O(T * R), whatever the number of
+    slots, with no transpose of the buffer per step.
+    """
+
+    def __init__(self, base_layer: nn.Embedding, *args, **kwargs) -> None:
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        super().__init__(base_layer, *args, **kwargs)
+
+    @classmethod
+    def can_replace(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.Embedding)
+
+    def _a_slot_shape(self) -> tuple[int, int]:
+        return self.in_features, self.max_rank  # token-major: [vocab, R]
+
+    def _padded(self, weights: ModuleLoRA) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = super()._padded(weights)
+        return a.T.contiguous(), b
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(ids)
+        slots = self.context.token_slots(ids[..., None])
+        if slots is None:
+            return y
+        vocab = self.in_features
+        rows = slots.clamp(min=0) * vocab + ids.reshape(-1).to(slots.dtype)  # -1 slots add zero in expand
+        s = self.lora_a.reshape(-1, self.max_rank).index_select(0, rows)  # [N, R]
+        out = torch.ops.xla_lora.bgmv_expand(
+            s, self.lora_b, y.reshape(-1, self.out_features), slots, True, self.backend
+        )
+        return out.reshape(y.shape)

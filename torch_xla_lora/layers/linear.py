@@ -1,0 +1,60 @@
+"""LoRA on linear layers: replicated, column-parallel, row-parallel and the output head.
+
+All wrap ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2's ``fan_in_fan_out``
+layout, weight [in, out]); on one device they compute the same thing. They
+differ in how :mod:`torch_xla_lora.sharding` places their buffers on a mesh.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torch_xla_lora.layers.base import BaseLayerWithLoRA
+
+
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an nn.Linear or a transformers Conv1D, else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        in_features, out_features = module.weight.shape  # Conv1D stores [in, out]
+        return int(in_features), int(out_features)
+    return None
+
+
+class LinearWithLoRA(BaseLayerWithLoRA):
+    """``y = base(x) + B[slot_t] A[slot_t] x_t`` for a replicated linear layer."""
+
+    def __init__(self, base_layer: nn.Module, *args, **kwargs) -> None:
+        self.in_features, self.out_features = linear_features(base_layer)
+        super().__init__(base_layer, *args, **kwargs)
+
+    @classmethod
+    def can_replace(cls, module: nn.Module) -> bool:
+        return linear_features(module) is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        slots = self.context.token_slots(x)
+        if slots is None:
+            return y
+        # x: [N, in] -> s: [N, R] -> y: [N, out]
+        s = torch.ops.xla_lora.bgmv_shrink(x.reshape(-1, self.in_features), self.lora_a, slots, 1.0, self.backend)
+        out = self._expand(s, y.reshape(-1, self.out_features), slots)
+        return out.reshape(y.shape)
+
+    def _expand(self, s: torch.Tensor, y: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return torch.ops.xla_lora.bgmv_expand(s, self.lora_b, y, slots, True, self.backend)
+
+
+class ColumnParallelLinearWithLoRA(LinearWithLoRA):
+    """Column-parallel linear (q, k, v, gate, up): B sharded on output features like the base, A replicated."""
+
+
+class RowParallelLinearWithLoRA(LinearWithLoRA):
+    """Row-parallel linear (o, down): A sharded on input features like the base, B replicated."""
+
+
+class LogitsWithLoRA(LinearWithLoRA):
+    """The output head (lm_head). A tied embedding stays tied: the base weight is wrapped, never copied."""

@@ -1,0 +1,178 @@
+"""Adapter slots: which adapter lives in which device slot, a host cache, LRU eviction, pins.
+
+The manager is the only writer of the layers' slot buffers. Every public
+method takes the lock (servers load adapters from other threads) and is
+all-or-nothing: it validates and plans first, and changes slots, cache and
+pins only once nothing can fail any more.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+from torch_xla_lora.adapters import LoRAAdapter, check_adapter
+from torch_xla_lora.errors import AdapterNotFoundError, NoFreeSlotError
+from torch_xla_lora.layers.base import BaseLayerWithLoRA
+
+
+class AdapterManager:
+    """Adapters in ``max_loras`` device slots, backed by a host cache of ``max_cpu_adapters``.
+
+    Args:
+      layers: module name -> LoRA layer, for every patched module.
+      max_loras: device slots.
+      max_rank: the largest rank a slot holds.
+      max_cpu_adapters: adapters kept on the host (LRU); adapters in device slots
+        are never dropped from it, so it holds at least the resident ones.
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, BaseLayerWithLoRA],
+        max_loras: int,
+        max_rank: int,
+        max_cpu_adapters: int,
+    ) -> None:
+        self._layers = dict(layers)
+        self._module_shapes = {name: (lay.in_features, lay.out_features) for name, lay in self._layers.items()}
+        self.max_loras, self.max_rank, self.max_cpu_adapters = max_loras, max_rank, max_cpu_adapters
+        self._lock = threading.RLock()
+        self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()  # least recently used first
+        self._slots: list[str | None] = [None] * max_loras
+        self._slot_use: OrderedDict[str, None] = OrderedDict()  # resident adapters, LRU first
+        self._pinned: set[str] = set()
+        self._batch: set[str] = set()  # adapters of the current batch: never evicted under it
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    def adapters(self) -> dict[str, dict]:
+        """Loaded adapters: name -> {"slot": int | None, "pinned": bool, "rank": int}."""
+        with self._lock:
+            return {
+                name: {"slot": self._slot_of(name), "pinned": name in self._pinned, "rank": adapter.max_rank}
+                for name, adapter in self._host.items()
+            }
+
+    def slot_of(self, name: str) -> int | None:
+        with self._lock:
+            return self._slot_of(name)
+
+    def _slot_of(self, name: str) -> int | None:
+        return self._slots.index(name) if name in self._slots else None
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    def add(self, adapter: LoRAAdapter) -> None:
+        """Validate ``adapter`` against the model and cache it (replacing one of the same name)."""
+        check_adapter(adapter, self._module_shapes, self.max_rank)
+        with self._lock:
+            self._host[adapter.name] = adapter
+            self._host.move_to_end(adapter.name)
+            slot = self._slot_of(adapter.name)
+            if slot is not None:  # a reload rewrites the resident copy
+                self._write(slot, adapter)
+            self._trim_host()
+
+    def remove(self, name: str) -> None:
+        """Forget ``name``: its slot is zeroed and freed, its pin and cache entry dropped."""
+        with self._lock:
+            self._require(name)
+            slot = self._slot_of(name)
+            if slot is not None:
+                self._clear(slot)
+            self._pinned.discard(name)
+            self._batch.discard(name)
+            del self._host[name]
+
+    # -- slots -------------------------------------------------------------------------------------
+
+    def activate(self, names: Sequence[str], *, for_batch: bool = False) -> dict[str, int]:
+        """Make every adapter of ``names`` resident; return name -> slot.
+
+        Missing ones take free slots, then evict the least recently used
+        unpinned adapters that neither ``names`` nor the current batch needs.
+        With ``for_batch``, ``names`` become the current batch's adapters.
+
+        Raises:
+          AdapterNotFoundError: a name is not loaded.
+          NoFreeSlotError: more distinct adapters than slots, or not enough unpinned slots.
+        """
+        with self._lock:
+            wanted = list(dict.fromkeys(names))
+            for name in wanted:
+                self._require(name)
+            plan = self._plan(wanted)
+            for slot, name in plan:
+                self._write(slot, self._host[name])
+            for name in wanted:
+                self._slot_use[name] = None
+                self._slot_use.move_to_end(name)
+                self._host.move_to_end(name)
+            if for_batch:
+                self._batch = set(wanted)
+            return {name: self._slots.index(name) for name in wanted}
+
+    def pin(self, name: str) -> int:
+        """Keep ``name`` resident until unpinned (activating it now); return its slot."""
+        with self._lock:
+            self._require(name)
+            slot = self.activate([name])[name]
+            self._pinned.add(name)
+            return slot
+
+    def unpin(self, name: str) -> None:
+        with self._lock:
+            self._require(name)
+            self._pinned.discard(name)
+
+    def _plan(self, wanted: list[str]) -> list[tuple[int, str]]:
+        """(slot, adapter) writes that make ``wanted`` resident; raises before any change."""
+        missing = [name for name in wanted if name not in self._slots]
+        if len(wanted) > self.max_loras:
+            raise NoFreeSlotError(f"the batch uses {len(wanted)} distinct adapters but max_loras is {self.max_loras}")
+        free = [slot for slot, name in enumerate(self._slots) if name is None]
+        evictable = [
+            self._slots.index(name)
+            for name in self._slot_use
+            if name not in self._pinned and name not in wanted and name not in self._batch
+        ]
+        candidates = free + evictable
+        if len(missing) > len(candidates):
+            raise NoFreeSlotError(
+                f"adapters {missing} need {len(missing)} slots but only {len(candidates)} of {self.max_loras} "
+                f"can be freed (pinned: {sorted(self._pinned)}, in the current batch: {sorted(self._batch)})"
+            )
+        return list(zip(candidates, missing, strict=False))
+
+    def _write(self, slot: int, adapter: LoRAAdapter) -> None:
+        previous = self._slots[slot]
+        if previous is not None and previous != adapter.name:
+            self._slot_use.pop(previous, None)
+        for module, layer in self._layers.items():
+            weights = adapter.modules.get(module)
+            if weights is None:
+                layer.reset_adapter(slot)
+            else:
+                layer.set_adapter(slot, weights)
+        self._slots[slot] = adapter.name
+
+    def _clear(self, slot: int) -> None:
+        name = self._slots[slot]
+        for layer in self._layers.values():
+            layer.reset_adapter(slot)
+        self._slots[slot] = None
+        self._slot_use.pop(name, None)
+
+    def _trim_host(self) -> None:
+        resident = set(self._slots)
+        for name in list(self._host):
+            if len(self._host) <= self.max_cpu_adapters:
+                break
+            if name not in resident and name not in self._pinned:
+                del self._host[name]
+
+    def _require(self, name: str) -> None:
+        if name not in self._host:
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded (loaded: {sorted(self._host)})")

@@ -1,0 +1,229 @@
+"""Swapping LoRA layers into any torch model, and the handle users hold.
+
+Modules are matched by PEFT's ``target_modules`` rules and replaced in place;
+:func:`patch_model` returns a :class:`LoRAModel` that owns all state (batch
+context, slots, host cache), so two patched models never share anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from torch_xla_lora import adapters as adapters_io
+from torch_xla_lora.config import LoRAConfig
+from torch_xla_lora.context import BatchContext
+from torch_xla_lora.errors import LoRAError, ShapeError
+from torch_xla_lora.layers import (
+    BaseLayerWithLoRA,
+    ColumnParallelLinearWithLoRA,
+    EmbeddingWithLoRA,
+    LinearWithLoRA,
+    LogitsWithLoRA,
+    MergedColumnParallelLinearWithLoRA,
+    QKVParallelLinearWithLoRA,
+    RowParallelLinearWithLoRA,
+)
+from torch_xla_lora.layers.linear import linear_features
+from torch_xla_lora.manager import AdapterManager
+
+# Layer kind by the module's own name, for the common transformers architectures.
+_QKV_NAMES = {"c_attn", "qkv_proj", "query_key_value", "Wqkv"}
+_MERGED_NAMES = {"gate_up_proj"}
+_ROW_NAMES = {"o_proj", "down_proj", "c_proj", "out_proj", "dense_4h_to_h", "fc2", "wo"}
+_COLUMN_NAMES = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_fc", "fc1", "dense_h_to_4h", "wi"}
+
+
+def _is_target(name: str, target_modules: str | tuple[str, ...], linear: bool, is_head: bool) -> bool:
+    if target_modules == "all-linear":
+        return linear and not is_head
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == key or name.endswith("." + key) for key in target_modules)
+
+
+def _layer_class(name: str, module: nn.Module, is_head: bool) -> type[BaseLayerWithLoRA]:
+    short = name.rsplit(".", 1)[-1]
+    if EmbeddingWithLoRA.can_replace(module):
+        return EmbeddingWithLoRA
+    if is_head:
+        return LogitsWithLoRA
+    if short in _QKV_NAMES:
+        return QKVParallelLinearWithLoRA
+    if short in _MERGED_NAMES:
+        return MergedColumnParallelLinearWithLoRA
+    if short in _ROW_NAMES:
+        return RowParallelLinearWithLoRA
+    if short in _COLUMN_NAMES:
+        return ColumnParallelLinearWithLoRA
+    return LinearWithLoRA
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for tensor in model.parameters():
+        if tensor.dtype.is_floating_point:
+            return tensor.dtype
+    return torch.float32
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+class LoRAModel:
+    """Handle of a patched model: load adapters, choose each row's adapter, unpatch.
+
+    Not created directly: :func:`patch_model` returns it.
+    """
+
+    def __init__(self, model: nn.Module, config: LoRAConfig, layers: dict[str, BaseLayerWithLoRA]) -> None:
+        self.model, self.config = model, config
+        self.layers = layers
+        self.context = next(iter(layers.values())).context
+        self.dtype = next(iter(layers.values())).lora_a.dtype
+        self.device = _model_device(model)
+        self.manager = AdapterManager(layers, config.max_loras, config.max_rank, config.max_cpu_adapters)
+        self._batch_names: set[str] = set()
+        self._patched = True
+
+    # -- adapters ----------------------------------------------------------------------------------
+
+    def load_adapter(
+        self,
+        name: str,
+        path: str | os.PathLike | None = None,
+        *,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        config: Mapping | Any | None = None,
+    ) -> None:
+        """Load a PEFT adapter from a directory PEFT wrote, or from a state dict and config.
+
+        Loading a name again replaces it (in its slot too, if resident).
+
+        Raises:
+          AdapterFileError, InvalidAdapterError, UnsupportedAdapterError,
+          UnknownModuleError, RankTooLargeError: nothing is changed.
+        """
+        self._check_patched()
+        adapter = adapters_io.load_adapter(name, path, state_dict=state_dict, config=config, dtype=self.dtype)
+        self.manager.add(adapter)
+
+    def remove(self, name: str) -> None:
+        """Forget an adapter; a current batch that used it is cleared (the model runs as base)."""
+        self.manager.remove(name)
+        if name in self._batch_names:
+            self.context.set(None, per_token=False)
+            self._batch_names = set()
+
+    def pin(self, name: str) -> int:
+        """Keep an adapter in its device slot until :meth:`unpin`; returns the slot."""
+        return self.manager.pin(name)
+
+    def unpin(self, name: str) -> None:
+        self.manager.unpin(name)
+
+    def adapters(self) -> dict[str, dict]:
+        """Loaded adapters: name -> {"slot", "pinned", "rank"}."""
+        return self.manager.adapters()
+
+    # -- batches -----------------------------------------------------------------------------------
+
+    def set_batch(self, names: Sequence[str | None]) -> None:
+        """Adapter of each batch row (``None`` = base model) for the following forward passes.
+
+        Raises:
+          AdapterNotFoundError, NoFreeSlotError: nothing is changed.
+        """
+        self._set(names, per_token=False)
+
+    def set_token_adapters(self, names_or_slots: Sequence[str | int | None] | torch.Tensor) -> None:
+        """Adapter of each flattened token, for ragged or packed batches.
+
+        Entries are adapter names, ``None`` (base), or slot numbers (ints, -1 = base).
+        """
+        if isinstance(names_or_slots, torch.Tensor):
+            names_or_slots = names_or_slots.tolist()
+        self._set(names_or_slots, per_token=True)
+
+    def clear_batch(self) -> None:
+        """Run the base model only (no LoRA) until the next batch is set."""
+        self.context.set(None, per_token=False)
+        self._batch_names = set()
+
+    def _set(self, entries: Sequence[str | int | None], per_token: bool) -> None:
+        self._check_patched()
+        if len(entries) == 0:
+            raise ShapeError("a batch needs at least one entry")
+        names = [e for e in entries if isinstance(e, str)]
+        for entry in entries:
+            if not (entry is None or isinstance(entry, (str, int))):
+                raise ShapeError(f"batch entries must be adapter names, None or slot ints, got {entry!r}")
+            if isinstance(entry, int) and not -1 <= entry < self.config.max_loras:
+                raise ShapeError(f"slot {entry} is outside [-1, max_loras={self.config.max_loras})")
+        slot_of = self.manager.activate(names, for_batch=True)
+        slots = [slot_of[e] if isinstance(e, str) else (-1 if e is None else e) for e in entries]
+        # Built on the host, sent whole: int32 because TPUs have no 64-bit integer units.
+        self.context.set(torch.tensor(slots, dtype=torch.int32).to(self.device), per_token)
+        self._batch_names = set(names)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def unpatch(self) -> nn.Module:
+        """Put the original modules back; the handle is unusable afterwards. Returns the model."""
+        self._check_patched()
+        for name, layer in self.layers.items():
+            _set_submodule(self.model, name, layer.base_layer)
+        self._patched = False
+        return self.model
+
+    def _check_patched(self) -> None:
+        if not self._patched:
+            raise LoRAError("this model was unpatched; patch it again to use LoRA")
+
+
+def patch_model(model: nn.Module, config: LoRAConfig | None = None, **kwargs: Any) -> LoRAModel:
+    """Replace the target modules of ``model`` with LoRA layers, in place; return the handle.
+
+    Args:
+      model: any torch model (transformers models included), on its final device.
+      config: a :class:`LoRAConfig` (default: ``LoRAConfig()``).
+
+    Raises:
+      LoRAError: no module matched ``config.target_modules``.
+    """
+    config = config or LoRAConfig()
+    if kwargs:
+        raise TypeError(f"patch_model got unexpected arguments {sorted(kwargs)}")
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    dtype = config.dtype or _model_dtype(model)
+    context = BatchContext()
+    layers: dict[str, BaseLayerWithLoRA] = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseLayerWithLoRA) or any(name.startswith(p + ".") for p in layers):
+            continue
+        linear = linear_features(module) is not None
+        is_head = module is head and head is not None
+        if not (linear or EmbeddingWithLoRA.can_replace(module)):
+            continue
+        if not _is_target(name, config.target_modules, linear, is_head):
+            continue
+        cls = _layer_class(name, module, is_head)
+        layers[name] = cls(module, context, config.max_loras, config.max_rank, dtype, config.backend)
+    if not layers:
+        raise LoRAError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer)
+    return LoRAModel(model, config, layers)
