@@ -3,6 +3,7 @@
 Importing the package registers the ``torch.ops.xla_lora`` ops.
 """
 
+from torch_xla_lora.compile import CompileCounter, assert_no_recompile, compile_count
 from torch_xla_lora.config import LoRAConfig
 from torch_xla_lora.errors import *  # noqa: F403
 from torch_xla_lora.errors import __all__ as _errors_all
@@ -12,6 +13,9 @@ from torch_xla_lora.patching import LoRAModel, patch_model
 __all__ = [
     *_errors_all,
     "LoRAConfig",
+    "assert_no_recompile",
+    "compile_count",
+    "CompileCounter",
     "LoRAModel",
     "patch_model",
     "bgmv_shrink",

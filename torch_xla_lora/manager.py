@@ -103,7 +103,7 @@ class AdapterManager:
             wanted = list(dict.fromkeys(names))
             for name in wanted:
                 self._require(name)
-            plan = self._plan(wanted)
+            plan = self._plan(wanted, replacing_batch=for_batch)
             for slot, name in plan:
                 self._write(slot, self._host[name])
             for name in wanted:
@@ -127,8 +127,12 @@ class AdapterManager:
             self._require(name)
             self._pinned.discard(name)
 
-    def _plan(self, wanted: list[str]) -> list[tuple[int, str]]:
-        """(slot, adapter) writes that make ``wanted`` resident; raises before any change."""
+    def _plan(self, wanted: list[str], replacing_batch: bool) -> list[tuple[int, str]]:
+        """(slot, adapter) writes that make ``wanted`` resident; raises before any change.
+
+        The current batch's adapters are protected unless ``wanted`` is the next batch.
+        """
+        protected = set() if replacing_batch else self._batch
         missing = [name for name in wanted if name not in self._slots]
         if len(wanted) > self.max_loras:
             raise NoFreeSlotError(f"the batch uses {len(wanted)} distinct adapters but max_loras is {self.max_loras}")
@@ -136,13 +140,13 @@ class AdapterManager:
         evictable = [
             self._slots.index(name)
             for name in self._slot_use
-            if name not in self._pinned and name not in wanted and name not in self._batch
+            if name not in self._pinned and name not in wanted and name not in protected
         ]
         candidates = free + evictable
         if len(missing) > len(candidates):
             raise NoFreeSlotError(
                 f"adapters {missing} need {len(missing)} slots but only {len(candidates)} of {self.max_loras} "
-                f"can be freed (pinned: {sorted(self._pinned)}, in the current batch: {sorted(self._batch)})"
+                f"can be freed (pinned: {sorted(self._pinned)}, in the current batch: {sorted(protected)})"
             )
         return list(zip(candidates, missing, strict=False))
 
@@ -156,14 +160,26 @@ class AdapterManager:
                 layer.reset_adapter(slot)
             else:
                 layer.set_adapter(slot, weights)
+        _flush(self._layers.values())
         self._slots[slot] = adapter.name
 
     def _clear(self, slot: int) -> None:
         name = self._slots[slot]
         for layer in self._layers.values():
             layer.reset_adapter(slot)
+        _flush(self._layers.values())
         self._slots[slot] = None
         self._slot_use.pop(name, None)
+
+    def warm_writes(self) -> None:
+        """Compile the one slot-write graph now: rewrite a slot with what it already holds."""
+        with self._lock:
+            slot = next((s for s, name in enumerate(self._slots) if name is not None), 0)
+            name = self._slots[slot]
+            if name is None:
+                self._clear(slot)
+            else:
+                self._write(slot, self._host[name])
 
     def _trim_host(self) -> None:
         resident = set(self._slots)
@@ -176,3 +192,17 @@ class AdapterManager:
     def _require(self, name: str) -> None:
         if name not in self._host:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded (loaded: {sorted(self._host)})")
+
+
+def _flush(layers) -> None:
+    """Run pending slot writes as their own graph on XLA devices.
+
+    Each write is one fixed-shape graph (index_copy_ at a device index) that
+    compiles once; left pending, it would merge into the next forward's graph
+    and make that graph differ with every load, i.e. recompile.
+    """
+    layer = next(iter(layers), None)
+    if layer is not None and layer.lora_a.device.type == "xla":
+        import torch_xla
+
+        torch_xla.sync()

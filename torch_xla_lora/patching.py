@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from torch_xla_lora import adapters as adapters_io
+from torch_xla_lora.compile import CompileCounter
 from torch_xla_lora.config import LoRAConfig
 from torch_xla_lora.context import BatchContext
 from torch_xla_lora.errors import LoRAError, ShapeError
@@ -75,6 +77,13 @@ def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
     return torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "xla":
+        import torch_xla
+
+        torch_xla.sync()
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -178,6 +187,58 @@ class LoRAModel:
         self.context.set(torch.tensor(slots, dtype=torch.int32).to(self.device), per_token)
         self._batch_names = set(names)
 
+    # -- compilation -------------------------------------------------------------------------------
+
+    def warmup(
+        self,
+        batch_sizes: Sequence[int],
+        seq_lens: Sequence[int],
+        step: Callable[[torch.Tensor], Any] | None = None,
+        progress: bool = True,
+    ) -> int:
+        """Compile ``step`` for every (batch size, sequence length) bucket, and the slot-write graph.
+
+        Each bucket runs once with every slot in use (rows cycle through the
+        slots and the base model), whatever the slots hold: the compiled graph
+        reads the slot buffers as data, so it serves every adapter mix and every
+        later load. The number of compilations is one per bucket plus one for
+        slot writes, independent of ``max_loras``; no adapter is loaded.
+
+        Args:
+          batch_sizes, seq_lens: the buckets; inputs are [batch, seq] token ids.
+          step: what to compile, called with the ids (default: ``model(ids)``);
+            pass your ``torch.compile``d step to warm that.
+          progress: print one line per bucket.
+
+        Returns:
+          the number of XLA compilations warm-up made.
+        """
+        self._check_patched()
+        step = step or self.model
+        counter = CompileCounter()
+        self.manager.warm_writes()
+        saved = (self.context.slots, self.context.per_token)
+        buckets = [(b, s) for b in batch_sizes for s in seq_lens]
+        try:
+            for number, (batch, seq) in enumerate(buckets, 1):
+                start = time.perf_counter()
+                rows = torch.arange(batch, dtype=torch.int32) % (self.config.max_loras + 1) - 1
+                self.context.set(rows.to(self.device), per_token=False)
+                with torch.no_grad():
+                    # Kept alive until the sync: a lazy graph whose outputs are dropped is never compiled.
+                    out = step(torch.zeros(batch, seq, dtype=torch.long).to(self.device))
+                    _sync(self.device)
+                del out
+                if progress:
+                    print(
+                        f"warm-up {number}/{len(buckets)}: batch {batch} x seq {seq} "
+                        f"in {time.perf_counter() - start:.1f} s",
+                        flush=True,
+                    )
+        finally:
+            self.context.set(*saved)
+        return counter.count
+
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def unpatch(self) -> nn.Module:
@@ -226,4 +287,7 @@ def patch_model(model: nn.Module, config: LoRAConfig | None = None, **kwargs: An
         raise LoRAError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
+    # Materialise the zero slot buffers now: while they are pending lazy IR, the
+    # first slot write and forward would compile graphs that never recur.
+    _sync(_model_device(model))
     return LoRAModel(model, config, layers)

@@ -1,0 +1,104 @@
+"""After warm-up, a serving loop compiles nothing: any adapter mix, loads, evictions, pins."""
+
+import copy
+import random
+
+import peft
+import pytest
+import torch
+import torch_xla
+import torch_xla.debug.metrics as met
+import transformers
+
+import torch_xla_lora as tl
+
+NUM_ADAPTERS, MAX_LORAS, BATCH, SEQ = 6, 3, 4, 8
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def adapters(base_model):
+    """name -> (state_dict, LoraConfig) written by PEFT, on every linear layer, lm_head and embeddings."""
+    out = {}
+    for i in range(NUM_ADAPTERS):
+        config = peft.LoraConfig(
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            + ["lm_head", "embed_tokens"],
+            init_lora_weights=False,
+            r=4 + 4 * (i % 3),
+            lora_alpha=8,
+        )
+        model = peft.get_peft_model(copy.deepcopy(base_model), config)
+        out[f"a{i}"] = (peft.get_peft_model_state_dict(model), config)
+    return out
+
+
+def _transfers_from_device() -> int:
+    data = met.metric_data("TransferFromDeviceTime")
+    return int(data[0]) if data else 0
+
+
+@pytest.mark.parametrize("mode", ["lazy", "compiled"])
+def test_serving_loop_compiles_nothing_after_warmup(mode, base_model, adapters, xla_device):
+    model = copy.deepcopy(base_model).to(xla_device)
+    target = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens"]
+    lora = tl.patch_model(model, tl.LoRAConfig(max_loras=MAX_LORAS, max_rank=16, target_modules=target))
+    forward = lambda ids: model(ids).logits
+    step = forward if mode == "lazy" else torch.compile(forward, backend="openxla")
+    assert lora.warmup([BATCH], [SEQ], step=step, progress=False) <= 2
+    rng = random.Random(0)
+    names = list(adapters)
+    with tl.assert_no_recompile() as counter:
+        for i in range(32):
+            name = names[i % NUM_ADAPTERS]
+            lora.load_adapter(name, state_dict=adapters[name][0], config=adapters[name][1])  # load or reload
+            if i % 7 == 3:
+                lora.pin(name)
+            if i % 7 == 5:
+                lora.unpin(names[(i - 2) % NUM_ADAPTERS])
+            if i % 11 == 10:
+                lora.remove(names[(i + 1) % NUM_ADAPTERS])
+            loaded = [n for n, info in lora.adapters().items() if not info["pinned"]] or list(lora.adapters())
+            batch = [rng.choice(loaded + [None]) for _ in range(BATCH)]
+            try:
+                lora.set_batch(batch)
+            except tl.NoFreeSlotError:  # more distinct adapters than free slots: serve them in two batches
+                lora.set_batch([batch[0]] * BATCH)
+            before = _transfers_from_device()
+            with torch.no_grad():
+                logits = step(torch.randint(0, 64, (BATCH, SEQ)).to(xla_device))
+                torch_xla.sync()
+            assert _transfers_from_device() == before, "the forward pass must not copy device data to the host"
+            del logits
+        assert counter.count == 0
+    assert tl.compile_count() > 0
+
+
+def test_assert_no_recompile_raises_and_names_count(xla_device):
+    x = torch.ones(3, device=xla_device)
+    with pytest.raises(tl.RecompilationError, match=r"^1 XLA compilation\(s\) happened inside"):
+        with tl.assert_no_recompile():
+            y = x * 17.5 + torch.arange(3, device=xla_device)  # a graph this process has not compiled
+            torch_xla.sync()
+            del y
+
+
+def test_compile_counter_counts(xla_device):
+    counter = tl.CompileCounter()
+    y = torch.full((5,), 3.25, device=xla_device).cumsum(0)
+    torch_xla.sync()
+    assert counter.count == 1
+    del y
