@@ -83,3 +83,75 @@ def visit_flags(v, block_ref, count_ref):
     first = (v == 0) | (block_ref[jnp.maximum(v - 1, 0)] != block)
     last = (v == count_ref[0] - 1) | (block_ref[jnp.minimum(v + 1, num_entries - 1)] != block)
     return first, last
+
+
+class LaneBlocks(NamedTuple):
+    """Per-token-block adapter lists for the laned kernels, int32, static shapes.
+
+    The distinct slots a block uses are numbered 0, 1, ... (their *rank*, in
+    slot order) and processed ``lanes`` at a time: chunk c holds ranks
+    [c * lanes, (c + 1) * lanes), packed side by side in one MXU-wide tile.
+
+    Attributes:
+      active: [num_blocks] ids of blocks that use some adapter, first ``num_active``
+        entries valid (the rest repeat the last one).
+      num_active: [1].
+      chunks: [num_blocks] number of chunks of each block (0 = no adapter).
+      slots: [num_blocks * max_chunks * lanes] slot of rank r of block b at
+        ``b * max_chunks * lanes + r``, -1 past the block's distinct count.
+      code: [T_pad] rank of each token's slot within its block, -1 = no adapter.
+      uniform: [num_blocks] 1 where every token of the block uses the same single slot.
+    """
+
+    active: jax.Array
+    num_active: jax.Array
+    chunks: jax.Array
+    slots: jax.Array
+    code: jax.Array
+    uniform: jax.Array
+
+
+def max_chunks(block_tokens: int, num_slots: int, lanes: int) -> int:
+    """Static bound on the chunks of one block: its distinct slots are at most min(tokens, L)."""
+    return -(-min(block_tokens, num_slots) // lanes)
+
+
+def build_lanes(indices: jax.Array, num_slots: int, block_tokens: int, lanes: int) -> LaneBlocks:
+    """Lane metadata of ``indices`` ([T_pad] int32, T_pad a multiple of ``block_tokens``).
+
+    One stable sort of T keys, then segment sums: O(T log T) whatever L is.
+    """
+    (num_tokens,) = indices.shape
+    if num_tokens % block_tokens:
+        raise ValueError(f"indices length {num_tokens} is not a multiple of block_tokens={block_tokens}")
+    num_blocks = num_tokens // block_tokens
+    per_block = max_chunks(block_tokens, num_slots, lanes) * lanes
+    stride = num_slots + 1
+    valid = (indices >= 0) & (indices < num_slots)
+    key = jnp.where(valid, indices, num_slots).astype(jnp.int32)
+    block = jnp.arange(num_tokens, dtype=jnp.int32) // block_tokens
+    order = jnp.argsort(block * stride + key, stable=True)
+    sorted_key, sorted_block = key[order], block[order]
+    composite = sorted_block * stride + sorted_key
+    new_key = jnp.concatenate([jnp.ones((1,), bool), composite[1:] != composite[:-1]])
+    distinct = (new_key & (sorted_key < num_slots)).astype(jnp.int32)
+    counts = jax.ops.segment_sum(distinct, sorted_block, num_segments=num_blocks)
+    before_block = jnp.cumsum(counts) - counts
+    rank = jnp.cumsum(distinct) - 1 - before_block[sorted_block]
+    code = jnp.zeros((num_tokens,), jnp.int32).at[order].set(jnp.where(sorted_key < num_slots, rank, -1))
+    target = jnp.where(distinct == 1, sorted_block * per_block + rank, num_blocks * per_block)
+    slots = jnp.full((num_blocks * per_block,), -1, jnp.int32).at[target].set(sorted_key, mode="drop")
+    chunks = (-(-counts // lanes)).astype(jnp.int32)
+    active_mask = counts > 0
+    (active,) = jnp.nonzero(active_mask, size=num_blocks, fill_value=0)
+    num_active = jnp.sum(active_mask).astype(jnp.int32)
+    active = active[jnp.minimum(jnp.arange(num_blocks), jnp.maximum(num_active - 1, 0))].astype(jnp.int32)
+    all_valid = jax.ops.segment_min(valid.astype(jnp.int32), block, num_segments=num_blocks)
+    return LaneBlocks(
+        active=active,
+        num_active=num_active.reshape(1),
+        chunks=chunks,
+        slots=slots,
+        code=code,
+        uniform=((counts == 1) & (all_valid == 1)).astype(jnp.int32),
+    )

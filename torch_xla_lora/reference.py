@@ -71,10 +71,11 @@ def bgmv_shrink_expand(
 ) -> torch.Tensor:  # [T, Dout], base.dtype
     """``out[t] = base[t] + scaling * (inputs[t] @ lora_a[i_t].T) @ lora_b[i_t]``.
 
-    The rank-sized intermediate is kept in float32 (the fused kernel keeps it on chip).
+    The rank-sized intermediate is rounded to lora_b's dtype before the expand,
+    as separate shrink and expand ops (and PEFT) do.
     """
     out = base.to(torch.float32, copy=True)
     for slot, rows in _slot_rows(lora_indices, lora_a.shape[0]):
-        shrunk = inputs[rows].float() @ lora_a[slot].float().T
-        out[rows] += scaling * shrunk @ lora_b[slot].float()
+        shrunk = (scaling * (inputs[rows].float() @ lora_a[slot].float().T)).to(lora_b.dtype)
+        out[rows] += shrunk.float() @ lora_b[slot].float()
     return out.to(base.dtype)

@@ -35,6 +35,26 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         return linear_features(module) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tensor_parallel is not None:  # on a mesh the ops run per shard: see sharding.py
+            return self.tensor_parallel.forward(self, x)
+        y = self.base_layer(x)
+        slots = self.context.token_slots(x)
+        if slots is None:
+            return y
+        # One fused op: x [N, in] -> [N, R] (on chip) -> + y [N, out]; B spans every output slice.
+        out = torch.ops.xla_lora.bgmv_shrink_expand(
+            x.reshape(-1, self.in_features),
+            self.lora_a,
+            self.lora_b,
+            y.reshape(-1, self.out_features),
+            slots,
+            1.0,
+            self.backend,
+        )
+        return out.reshape(y.shape)
+
+    def forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
+        """The same result as :meth:`forward` through separate shrink and expand ops (per-slice expands)."""
         y = self.base_layer(x)
         slots = self.context.token_slots(x)
         if slots is None:

@@ -1,4 +1,5 @@
-"""The BGMV ops: ``torch.ops.xla_lora.bgmv_shrink``, ``bgmv_expand``, ``bgmv_expand_slice``.
+"""The BGMV ops: ``torch.ops.xla_lora.bgmv_shrink``, ``bgmv_expand``, ``bgmv_expand_slice``
+and the fused ``bgmv_shrink_expand``.
 
 Each op is a functional ``torch.library.custom_op`` (no argument is mutated)
 with a fake implementation, so ``torch.compile(backend="openxla")`` sees one
@@ -23,7 +24,7 @@ import torch
 from torch_xla_lora import reference
 from torch_xla_lora.ops import _validate
 
-__all__ = ["bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "device_generation"]
+__all__ = ["bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "bgmv_shrink_expand", "device_generation"]
 
 
 @functools.cache
@@ -201,5 +202,58 @@ def bgmv_expand_slice(
 def _(inputs, lora_b, base, lora_indices, slice_offset, add_inputs=True, backend="auto"):
     _validate.expand(inputs, lora_b, base, lora_indices)
     _validate.expand_slice(lora_b, base, slice_offset)
+    _validate.backend(backend)
+    return torch.empty_like(base)
+
+
+@torch.library.custom_op("xla_lora::bgmv_shrink_expand", mutates_args=())
+def bgmv_shrink_expand(
+    inputs: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    base: torch.Tensor,
+    lora_indices: torch.Tensor,
+    scaling: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused shrink and expand: a whole LoRA layer's update in one op.
+
+    The [T, R] intermediate never leaves the chip on TPU, and ``lora_b`` covers
+    every output slice of a fused projection (QKV, gate_up) at once.
+
+    Args:
+      inputs: [T, D] floating.
+      lora_a: [L, R, D], inputs' dtype.
+      lora_b: [L, R, Dout], base's dtype, rank-first.
+      base: [T, Dout]: the base layer's output.
+      lora_indices: [T] int32: slot of each token; outside [0, L) adds nothing.
+      scaling: multiplies the LoRA product.
+      backend: "auto", "pallas" or "xla" (XLA tensors only).
+
+    Returns:
+      [T, Dout] in base's dtype. The intermediate is rounded to lora_b's dtype
+      before the expand, as two separate ops (or PEFT) would.
+
+    Semantics:
+      for t in range(T):
+          i = lora_indices[t]
+          out[t] = base[t] + (scaling * (lora_a[i] @ inputs[t])) @ lora_b[i]   if 0 <= i < L
+          out[t] = base[t]                                                 otherwise
+
+    Raises:
+      ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument.
+    """
+    _validate.shrink_expand(inputs, lora_a, lora_b, base, lora_indices)
+    _validate.backend(backend)
+    if inputs.device.type != "xla":
+        return reference.bgmv_shrink_expand(inputs, lora_a, lora_b, base, lora_indices, scaling)
+    name, generation = _backend(backend)
+    fn = _jax_module().shrink_expand_fn(name, generation, float(scaling))
+    return _call_jax(fn, inputs, lora_a, lora_b, base, lora_indices)
+
+
+@bgmv_shrink_expand.register_fake
+def _(inputs, lora_a, lora_b, base, lora_indices, scaling=1.0, backend="auto"):
+    _validate.shrink_expand(inputs, lora_a, lora_b, base, lora_indices)
     _validate.backend(backend)
     return torch.empty_like(base)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from torch_xla_lora.kernels import block_sizes, expand, shrink, visits
+from torch_xla_lora.kernels import block_sizes, expand, fused, shrink, visits
 from torch_xla_lora.ops import _xla_native
 
 _CACHE_SIZE = 256
@@ -91,5 +91,39 @@ def expand_fn(backend: str, generation: str, add_inputs: bool, slice_offset: int
             return delta
         padded = jnp.pad(delta, [(0, 0), (slice_offset, out_dim - slice_offset - width)])
         return base + padded if add_inputs else padded
+
+    return fn
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def shrink_expand_fn(backend: str, generation: str, scaling: float) -> Callable:
+    """``fn(inputs[T, D], lora_a[L, R, D], lora_b[L, R, Dout], base[T, Dout], indices[T]) -> [T, Dout]``."""
+
+    def fn(x, lora_a, lora_b, base, indices):
+        num_tokens, hidden = x.shape
+        num_slots, rank, out_dim = lora_b.shape
+        sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, lora_b.dtype, generation)
+        padded = sizes.padded_tokens(num_tokens)
+        idx = visits.valid_slots(_pad_rows(indices.astype(jnp.int32), padded, -1), num_slots)
+        x_pad, base_pad = _pad_rows(x, padded), _pad_rows(base, padded)
+        if backend == "pallas":
+            meta = visits.build_lanes(idx, num_slots, sizes.tokens, lanes)
+            out = fused.shrink_expand(
+                x_pad,
+                lora_a,
+                lora_b,
+                base_pad,
+                meta,
+                scaling=scaling,
+                block_sizes=sizes,
+                lanes=lanes,
+                interpret=generation == "cpu",
+            )
+        else:
+            vis = visits.build(idx, num_slots, sizes.tokens)
+            out = _xla_native.shrink_expand(
+                x_pad, lora_a, lora_b, base_pad, idx, vis, scaling=scaling, block_tokens=sizes.tokens
+            )
+        return out[:num_tokens]
 
     return fn

@@ -93,3 +93,23 @@ def expand_slice(lora_b: torch.Tensor, base: torch.Tensor, slice_offset: int) ->
 def _device(name: str, t: torch.Tensor, inputs: torch.Tensor) -> None:
     if t.device != inputs.device:
         raise ShapeError(f"{name} must be on the device of inputs ({inputs.device}), got {t.device}")
+
+
+def shrink_expand(
+    inputs: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    base: torch.Tensor,
+    lora_indices: torch.Tensor,
+) -> None:
+    shrink(inputs, lora_a, lora_indices)
+    _rank("lora_b", lora_b, 3, "[L, R, Dout]")
+    _rank("base", base, 2, "[T, Dout]")
+    _floating("base", base)
+    _same_dtype("lora_b", lora_b, "base", base)
+    _dim("lora_b", lora_b, 0, lora_a.shape[0], "L of lora_a")
+    _dim("lora_b", lora_b, 1, lora_a.shape[1], "R of lora_a")
+    _dim("base", base, 0, inputs.shape[0], "T of inputs")
+    expand_full(lora_b, base)
+    _device("lora_b", lora_b, inputs)
+    _device("base", base, inputs)

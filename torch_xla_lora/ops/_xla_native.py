@@ -72,3 +72,32 @@ def expand(
     acc = base.astype(jnp.float32) if add_inputs else jnp.zeros(base.shape, jnp.float32)
     acc = lax.fori_loop(0, visits.count[0], body, acc)
     return acc.astype(base.dtype)
+
+
+def shrink_expand(
+    x: jax.Array,  # [T_pad, D]
+    lora_a: jax.Array,  # [L, R, D]
+    lora_b: jax.Array,  # [L, R, Dout]
+    base: jax.Array,  # [T_pad, Dout]
+    indices: jax.Array,  # [T_pad] int32
+    visits: Visits,
+    *,
+    scaling: float,
+    block_tokens: int,
+) -> jax.Array:  # [T_pad, Dout], base.dtype
+    """Fused grouped shrink-expand: per visit, [tokens, D] x [D, R] x [R, Dout] for one slot's rows."""
+
+    def body(v, acc):
+        block, slot = visits.block[v], visits.slot[v]
+        safe = jnp.maximum(slot, 0)
+        s = lax.dot_general(
+            _rows(x, block, block_tokens), lora_a[safe], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        mask = ((_rows(indices, block, block_tokens) == slot) & (slot >= 0))[:, None]
+        s = jnp.where(mask, s * scaling, 0.0).astype(lora_b.dtype)
+        y = jnp.dot(s, lora_b[safe], preferred_element_type=jnp.float32)
+        update = _rows(acc, block, block_tokens) + y
+        return lax.dynamic_update_slice_in_dim(acc, update, block * block_tokens, 0)
+
+    acc = lax.fori_loop(0, visits.count[0], body, base.astype(jnp.float32))
+    return acc.astype(base.dtype)

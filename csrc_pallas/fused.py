@@ -1,0 +1,258 @@
+"""Fused, laned BGMV shrink-expand: ``out[t] = base[t] + scaling * (A[s_t] x[t]) @ B[s_t]``.
+
+One kernel per LoRA layer: the [T, R] intermediate never leaves VMEM, and B
+covers every output slice of a fused projection (QKV, gate_up) at once.
+
+Grid: ``(active token blocks, output tiles)``. Only blocks in which some token
+uses an adapter are visited (a device-valued grid length); the output aliases
+``base``, so every other block keeps the base values without being read or
+written. Per visited block:
+
+- at the first output tile, the block's distinct adapters are taken ``lanes``
+  at a time (a *chunk*): their A tiles are DMA'd side by side into one
+  [lanes * Rp, D] VMEM tile, so a single MXU pass computes x @ A^T for all of
+  them; each token keeps only its own lane (mask) and the [tokens, lanes * Rp]
+  result stays in VMEM for every output tile;
+- at every output tile, the chunk's B tiles are DMA'd the same way and one
+  matmul adds all lanes' products to the base tile.
+
+Laning is what keeps small ranks from wasting the MXU: at R=16 a 256-wide
+MXU pass serves 16 adapters for the price of one. The work per block is one
+shrink and one expand pass per chunk, whatever the number of slots L; adapter
+tiles are fetched only for slots the block uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from . import tuning
+from .block_sizes import BlockSizes, choose
+from .visits import LaneBlocks, max_chunks
+
+
+def rank_stride(rank: int, dtype) -> int:
+    """Rows per lane in VMEM: the rank rounded up to the dtype's sublane tile (8 f32, 16 bf16)."""
+    sublanes = 8 * (4 // jnp.dtype(dtype).itemsize)
+    return -(-rank // sublanes) * sublanes
+
+
+def lanes_for(rank: int, num_slots: int, dtype, generation: str) -> int:
+    """Adapters packed side by side in one MXU-wide tile (1 when a rank fills the MXU)."""
+    width = tuning.MXU_WIDTH.get(generation, 128)
+    return max(1, min(width // rank_stride(rank, dtype), num_slots))
+
+
+def vmem_bytes(block_sizes: BlockSizes, rank: int, num_slots: int, lanes: int, dtype) -> int:
+    """VMEM the kernel needs: double-buffered pipelined blocks, scratch, and the f32 accumulator."""
+    itemsize = jnp.dtype(dtype).itemsize
+    bt, hidden, bn = block_sizes.tokens, block_sizes.hidden, block_sizes.out
+    width = lanes * rank_stride(rank, dtype)
+    pipelined = 2 * (bt * 4 + bt * hidden * itemsize + 2 * bt * bn * itemsize)
+    scratch = width * (hidden + bn) * itemsize + max_chunks(bt, num_slots, lanes) * bt * width * itemsize
+    return pipelined + scratch + 2 * bt * bn * 4
+
+
+def plan(num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype, generation: str):
+    """(BlockSizes, lanes) of one call: the tuning table's token block and output tile, full D,
+    shrunk (tokens first) until the kernel fits in VMEM."""
+    sizes = dataclasses.replace(choose(num_tokens, hidden, out_dim, generation), hidden=hidden)
+    lanes = lanes_for(rank, num_slots, dtype, generation)
+    while vmem_bytes(sizes, rank, num_slots, lanes, dtype) > tuning.VMEM_LIMIT_BYTES:
+        if sizes.tokens > 8 * (4 // jnp.dtype(dtype).itemsize):
+            sizes = dataclasses.replace(sizes, tokens=sizes.tokens // 2)
+        elif sizes.out % 256 == 0:
+            sizes = dataclasses.replace(sizes, out=sizes.out // 2)
+        else:
+            raise ValueError(
+                f"fused kernel cannot fit D={hidden}, Dout={out_dim}, R={rank} in "
+                f"{tuning.VMEM_LIMIT_BYTES} bytes of VMEM (needs {vmem_bytes(sizes, rank, num_slots, lanes, dtype)})"
+            )
+    return sizes, lanes
+
+
+def step_work(i: int, n: int, meta, rank: int, hidden: int, lanes: int, block_sizes: BlockSizes, itemsize: int):
+    """What the kernel body does at grid step (i, n), for the cost model: (manual DMA bytes, matmuls).
+
+    ``meta`` holds the LaneBlocks arrays as numpy. Matmuls are (M, K, N) shapes.
+    Mirrors ``_fused_kernel``: at n == 0 one shrink per chunk with its A tiles,
+    at every n one expand per chunk with its B tiles.
+    """
+    block = int(meta.active[i])
+    chunks = int(meta.chunks[block])
+    per_block = len(meta.slots) // len(meta.chunks)
+    used = [int(s) for s in meta.slots[block * per_block : block * per_block + chunks * lanes] if s >= 0]
+    width = lanes * rank_stride(rank, "float32" if itemsize == 4 else "bfloat16")
+    bt, bn = block_sizes.tokens, block_sizes.out
+    dma = len(used) * rank * bn * itemsize
+    matmuls = [(bt, width, bn)] * chunks
+    if n == 0:
+        dma += len(used) * rank * hidden * itemsize
+        matmuls += [(bt, hidden, width)] * chunks
+    return dma, matmuls
+
+
+def _fused_kernel(
+    active_ref,  # SMEM [num_blocks]
+    chunks_ref,  # SMEM [num_blocks]
+    slots_ref,  # SMEM [num_blocks * per_block]
+    uniform_ref,  # SMEM [num_blocks]
+    code_ref,  # [tokens, 1] int32
+    x_ref,  # [tokens, D]
+    base_ref,  # [tokens, out]
+    a_hbm,  # ANY [L, R, D]
+    b_hbm,  # ANY [L, R, Dout]
+    o_ref,  # [tokens, out]
+    a_buf,  # VMEM [lanes * Rp, D]
+    b_buf,  # VMEM [lanes * Rp, out]
+    y_buf,  # VMEM [max_chunks, tokens, lanes * Rp]
+    sem,  # DMA semaphores [2]
+    *,
+    lanes: int,
+    stride: int,
+    per_block: int,
+    scaling: float,
+):
+    i, n = pl.program_id(0), pl.program_id(1)
+    block = active_ref[i]
+    num_chunks = chunks_ref[block]
+    rank = a_hbm.shape[1]
+    tile = o_ref.shape[1]
+
+    def lane_slots(c):
+        return [slots_ref[block * per_block + c * lanes + lane] for lane in range(lanes)]
+
+    def copy_lanes(c, source, dest, sem_index, src_index):
+        """DMA each lane's tile of chunk c into its rows of ``dest``, then wait for all."""
+        copies = []
+        for lane, slot in enumerate(lane_slots(c)):
+            copy = pltpu.make_async_copy(
+                source.at[src_index(jnp.maximum(slot, 0))], dest.at[pl.ds(lane * stride, rank)], sem.at[sem_index]
+            )
+            copies.append((slot, copy))
+            pl.when(slot >= 0)(copy.start)
+        for slot, copy in copies:
+            pl.when(slot >= 0)(copy.wait)
+
+    @pl.when((i == 0) & (n == 0))
+    def _zero_buffers():
+        # Lanes a chunk leaves unused keep earlier (finite) tiles; zero them once so
+        # no uninitialised VMEM (possibly NaN) ever meets a masked-out zero.
+        a_buf[...] = jnp.zeros_like(a_buf)
+        b_buf[...] = jnp.zeros_like(b_buf)
+
+    @pl.when(n == 0)
+    def _shrink():
+        column_lane = jax.lax.broadcasted_iota(jnp.int32, (1, lanes * stride), 1) // stride
+
+        def body(c, carry):
+            copy_lanes(c, a_hbm, a_buf, 0, lambda s: s)
+            y = jax.lax.dot_general(
+                x_ref[...], a_buf[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            )
+            keep = column_lane == (code_ref[...] - c * lanes)
+            if lanes == 1:  # a block whose tokens all use one adapter needs no mask
+                keep = keep | (uniform_ref[block] == 1)
+            y = jnp.where(keep, y, 0.0)
+            y_buf[c] = (y * scaling).astype(y_buf.dtype)
+            return carry
+
+        jax.lax.fori_loop(0, num_chunks, body, 0)
+
+    def expand(c, acc):
+        copy_lanes(c, b_hbm, b_buf, 1, lambda s: (s, slice(None), pl.ds(n * tile, tile)))
+        return acc + jnp.dot(y_buf[c], b_buf[...], preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, num_chunks, expand, base_ref[...].astype(jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def grid_spec(
+    num_tokens: int,
+    hidden: int,
+    out_dim: int,
+    rank: int,
+    num_slots: int,
+    dtype,
+    block_sizes: BlockSizes,
+    lanes: int,
+) -> pltpu.PrefetchScalarGridSpec:
+    """The kernel's grid and BlockSpecs (also read by the TPU cost model).
+
+    The grid's first dimension is set by the caller: the number of active blocks.
+    """
+    bt, bn = block_sizes.tokens, block_sizes.out
+    stride = rank_stride(rank, dtype)
+    chunks = max_chunks(bt, num_slots, lanes)
+
+    def rows(i, n, active, *_):
+        return active[i], 0
+
+    def tile(i, n, active, *_):
+        return active[i], n
+
+    return pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=4,
+        grid=(num_tokens // bt, out_dim // bn),
+        in_specs=[
+            pl.BlockSpec((bt, 1), rows),
+            pl.BlockSpec((bt, hidden), rows),
+            pl.BlockSpec((bt, bn), tile),
+            pl.BlockSpec(memory_space=pltpu.ANY),
+            pl.BlockSpec(memory_space=pltpu.ANY),
+        ],
+        out_specs=pl.BlockSpec((bt, bn), tile),
+        scratch_shapes=[
+            pltpu.VMEM((lanes * stride, hidden), dtype),
+            pltpu.VMEM((lanes * stride, bn), dtype),
+            pltpu.VMEM((chunks, bt, lanes * stride), dtype),
+            pltpu.SemaphoreType.DMA((2,)),
+        ],
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scaling", "block_sizes", "lanes", "interpret"))
+def shrink_expand(
+    x: jax.Array,  # [T_pad, D]
+    lora_a: jax.Array,  # [L, R, D]
+    lora_b: jax.Array,  # [L, R, Dout]
+    base: jax.Array,  # [T_pad, Dout]
+    meta: LaneBlocks,
+    *,
+    scaling: float,
+    block_sizes: BlockSizes,
+    lanes: int,
+    interpret: bool,
+) -> jax.Array:  # [T_pad, Dout], base.dtype
+    """Fused laned kernel over prepared lane metadata; shapes must already be tile-aligned."""
+    num_tokens, hidden = x.shape
+    num_slots, rank, out_dim = lora_b.shape
+    block_sizes.check(hidden, out_dim)
+    spec = grid_spec(num_tokens, hidden, out_dim, rank, num_slots, lora_b.dtype, block_sizes, lanes)
+    spec.grid = (meta.num_active[0], spec.grid[1])
+    kernel = functools.partial(
+        _fused_kernel,
+        lanes=lanes,
+        stride=rank_stride(rank, lora_b.dtype),
+        per_block=max_chunks(block_sizes.tokens, num_slots, lanes) * lanes,
+        scaling=scaling,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid_spec=spec,
+        out_shape=jax.ShapeDtypeStruct(base.shape, base.dtype),
+        # base is operand 6 counting the 4 scalar-prefetch arrays: untouched blocks keep it.
+        input_output_aliases={6: 0},
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("arbitrary", "arbitrary"),
+            vmem_limit_bytes=tuning.VMEM_LIMIT_BYTES,
+        ),
+        interpret=interpret,
+        name="xla_lora_bgmv_shrink_expand",
+    )(meta.active, meta.chunks, meta.slots, meta.uniform, meta.code.reshape(num_tokens, 1), x, base, lora_a, lora_b)

@@ -1,0 +1,158 @@
+"""The fused, laned shrink-expand: every grouping case and fast path, both backends, and TPU lowering."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close
+from jax import export as jax_export
+
+import torch_xla_lora as tl
+from torch_xla_lora import reference
+from torch_xla_lora.kernels import fused, visits
+
+BACKENDS = ["xla", "pallas"]
+
+
+def _indices(pattern: str, num_tokens: int, num_slots: int, g) -> torch.Tensor:
+    if pattern == "one_adapter":
+        return torch.full((num_tokens,), num_slots - 1, dtype=torch.int32)
+    if pattern == "no_adapter":
+        return torch.full((num_tokens,), -1, dtype=torch.int32)
+    if pattern == "every_token_different":
+        return (torch.arange(num_tokens, dtype=torch.int32) * 7) % num_slots
+    if pattern == "unsorted_mixed":
+        return torch.randint(-2, num_slots + 2, (num_tokens,), generator=g, dtype=torch.int32)
+    if pattern == "contiguous_requests":  # prefill: each request's tokens together
+        return (torch.arange(num_tokens, dtype=torch.int32) * 8 // num_tokens) * max(1, num_slots // 8)
+    raise ValueError(pattern)
+
+
+def _run(pattern, num_tokens, hidden, rank, num_slots, out_dim, backend, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=g).to(dtype)
+    a = (torch.randn(num_slots, rank, hidden, generator=g) / math.sqrt(hidden)).to(dtype)
+    b = (torch.randn(num_slots, rank, out_dim, generator=g) / math.sqrt(rank)).to(dtype)
+    base = torch.randn(num_tokens, out_dim, generator=g).to(dtype)
+    idx = _indices(pattern, num_tokens, num_slots, g)
+    out = tl.bgmv_shrink_expand(*(t.to(device) for t in (x, a, b, base, idx)), 0.5, backend)
+    return out.cpu(), reference.bgmv_shrink_expand(x, a, b, base, idx, 0.5), base, idx
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "pattern", ["one_adapter", "no_adapter", "every_token_different", "unsorted_mixed", "contiguous_requests"]
+)
+def test_grouping_cases(pattern, backend, xla_device):
+    out, expected, base, idx = _run(pattern, 72, 256, 16, 12, 384, backend, xla_device)
+    assert_close(out, expected)
+    untouched = (idx < 0) | (idx >= 12)
+    assert torch.equal(out[untouched], base[untouched]), "tokens without an adapter keep the exact base"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("num_tokens", "hidden", "rank", "num_slots", "out_dim"),
+    [
+        (1, 64, 8, 3, 64),  # decode, one token
+        (5, 1000, 16, 8, 200),  # decode; D and Dout not multiples of 128
+        (300, 512, 16, 64, 256),  # T not a multiple of the token block; many slots
+        (40, 256, 64, 4, 128),  # rank 64: two lanes in a 128-wide tile
+        (24, 128, 1, 1, 128),  # L=1, rank 1: one slot, laning degenerate
+        (33, 128, 128, 3, 384),  # a rank that fills the MXU: one lane
+    ],
+)
+def test_shapes(num_tokens, hidden, rank, num_slots, out_dim, backend, xla_device):
+    out, expected, _, _ = _run("unsorted_mixed", num_tokens, hidden, rank, num_slots, out_dim, backend, xla_device)
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16(backend, xla_device):
+    out, expected, _, _ = _run("unsorted_mixed", 48, 512, 16, 6, 256, backend, xla_device, dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, expected)
+
+
+def test_single_slot_uniform_block_skips_mask_correctly(xla_device):
+    """L=1 packs one lane; a block whose tokens all use it takes the no-mask path."""
+    g = torch.Generator().manual_seed(3)
+    idx = torch.zeros(64, dtype=torch.int32)
+    idx[40:] = -1  # later blocks mix adapter and base tokens: masked path
+    x, a = torch.randn(64, 128, generator=g), torch.randn(1, 8, 128, generator=g) / 11
+    b, base = torch.randn(1, 8, 128, generator=g) / 3, torch.randn(64, 128, generator=g)
+    out = tl.bgmv_shrink_expand(*(t.to(xla_device) for t in (x, a, b, base, idx)), 1.0, "pallas")
+    assert_close(out, reference.bgmv_shrink_expand(x, a, b, base, idx))
+
+
+def test_cpu_tensors_use_reference():
+    x, a, b, base = torch.randn(6, 32), torch.randn(2, 4, 32), torch.randn(2, 4, 16), torch.randn(6, 16)
+    idx = torch.tensor([0, 1, -1, 1, 0, 5], dtype=torch.int32)
+    torch.testing.assert_close(
+        tl.bgmv_shrink_expand(x, a, b, base, idx, 2.0), reference.bgmv_shrink_expand(x, a, b, base, idx, 2.0)
+    )
+
+
+def test_rejects_mismatched_ranks():
+    with pytest.raises(tl.ShapeError, match="lora_b dim 1 must equal R of lora_a = 4"):
+        tl.bgmv_shrink_expand(
+            torch.zeros(3, 8), torch.zeros(2, 4, 8), torch.zeros(2, 5, 6), torch.zeros(3, 6), torch.zeros(3).int()
+        )
+
+
+def test_lane_metadata_matches_plain_loop():
+    rng = np.random.default_rng(0)
+    num_slots, block_tokens, lanes = 40, 16, 4
+    idx = rng.integers(-2, num_slots + 2, 64).astype(np.int32)
+    meta = visits.build_lanes(jnp.asarray(idx), num_slots, block_tokens, lanes)
+    per_block = visits.max_chunks(block_tokens, num_slots, lanes) * lanes
+    active = []
+    for block in range(4):
+        rows = idx[block * block_tokens : (block + 1) * block_tokens]
+        distinct = sorted({int(i) for i in rows if 0 <= i < num_slots})
+        assert int(meta.chunks[block]) == math.ceil(len(distinct) / lanes)
+        got = np.asarray(meta.slots[block * per_block : (block + 1) * per_block]).tolist()
+        assert got == distinct + [-1] * (per_block - len(distinct))
+        codes = np.asarray(meta.code[block * block_tokens : (block + 1) * block_tokens]).tolist()
+        assert codes == [distinct.index(int(i)) if 0 <= i < num_slots else -1 for i in rows]
+        active += [block] if distinct else []
+    assert int(meta.num_active[0]) == len(active)
+    assert np.asarray(meta.active[: len(active)]).tolist() == active
+
+
+def _sds(shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize("generation", ["v5e", "v6e"])
+@pytest.mark.parametrize(
+    ("num_tokens", "rank", "num_slots", "out_dim"),
+    [
+        (128, 16, 8, 4096),  # the issue's configuration: laned (16 or 8 lanes)
+        (8, 16, 128, 4096),  # decode, many slots
+        (256, 128, 4, 4096),  # wide rank: 1-2 lanes
+        (128, 16, 1, 4096),  # one slot: single lane, no-mask fast path compiled in
+        (512, 16, 64, 12288),  # fused QKV-sized output, tiled
+    ],
+)
+def test_fused_lowers_to_mosaic(num_tokens, rank, num_slots, out_dim, generation):
+    hidden = 4096
+    sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, jnp.bfloat16, generation)
+
+    def fn(x, a, b, base, idx):
+        meta = visits.build_lanes(idx, num_slots, sizes.tokens, lanes)
+        return fused.shrink_expand(x, a, b, base, meta, scaling=1.0, block_sizes=sizes, lanes=lanes, interpret=False)
+
+    padded = sizes.padded_tokens(num_tokens)
+    shapes = [
+        _sds((padded, hidden)),
+        _sds((num_slots, rank, hidden)),
+        _sds((num_slots, rank, out_dim)),
+        _sds((padded, out_dim)),
+        _sds((padded,), jnp.int32),
+    ]
+    module = jax_export.export(jax.jit(fn), platforms=["tpu"])(*shapes).mlir_module()
+    assert "tpu_custom_call" in module

@@ -1,0 +1,125 @@
+"""A TPU cost model of the fused LoRA kernel, driven by the kernel's own grid and BlockSpecs.
+
+No TPU is needed: the model walks the grid the kernel would run for a given
+batch (the real lane metadata, computed by the same code the op uses),
+evaluates every BlockSpec's index map at every step, and counts
+
+- HBM bytes of pipelined blocks: a block is fetched (or, for the output,
+  written back) when its block index changes between consecutive grid steps,
+  as the TPU pipeline does;
+- bytes of the kernel's manual DMAs (adapter tiles), from ``fused.step_work``;
+- MXU work in hardware tiles: a matmul (M, K, N) costs 2 * M * ceil(K/W)*W *
+  ceil(N/W)*W flops at MXU width W (rows stream; each pass uses a W x W tile);
+- grid steps, each with a fixed overhead.
+
+Time = max(pipelined bytes / HBM bandwidth, MXU flops / peak) + manual DMA
+bytes / bandwidth (the kernel waits for them) + steps * step overhead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Public figures of one TPU generation (bf16)."""
+
+    name: str
+    generation: str  # tuning-table key
+    hbm_bytes_per_s: float
+    peak_flops: float
+    mxu_width: int
+    step_overhead_s: float = 0.35e-6
+
+
+# Google Cloud TPU documentation: v5e 197 TFLOP/s bf16, 819 GB/s HBM, 128x128 MXUs;
+# v6e (Trillium) 918 TFLOP/s bf16, 1640 GB/s HBM, 256x256 MXUs. Step overhead: ~0.35 us
+# per Pallas grid step, the figure commonly quoted for Mosaic pipelines.
+CHIPS = {
+    "v5e": Chip("TPU v5e", "v5e", 819e9, 197e12, 128),
+    "v6e": Chip("TPU v6e", "v6e", 1640e9, 918e12, 256),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    pipelined_bytes: int
+    manual_bytes: int
+    mxu_flops: float
+    steps: int
+    seconds: float
+
+
+def mxu_flops(matmuls, width: int) -> float:
+    """Flops the MXU spends on (M, K, N) matmuls, K and N padded to whole W x W tiles."""
+    return sum(2.0 * m * math.ceil(k / width) * width * math.ceil(n / width) * width for m, k, n in matmuls)
+
+
+def _time(chip: Chip, pipelined: int, manual: int, flops: float, steps: int) -> float:
+    return max(pipelined / chip.hbm_bytes_per_s, flops / chip.peak_flops) + (
+        manual / chip.hbm_bytes_per_s + steps * chip.step_overhead_s
+    )
+
+
+def fused_cost(chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, rank: int, num_slots: int) -> Cost:
+    """Cost of ``bgmv_shrink_expand`` (bf16) for one batch whose token slots are ``indices``."""
+    import jax.numpy as jnp
+
+    from torch_xla_lora.kernels import fused, visits
+
+    dtype, itemsize = jnp.bfloat16, 2
+    num_tokens = len(indices)
+    sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, chip.generation)
+    padded = np.full(sizes.padded_tokens(num_tokens), -1, np.int32)
+    padded[:num_tokens] = np.where((indices >= 0) & (indices < num_slots), indices, -1)
+    meta = visits.build_lanes(jnp.asarray(padded), num_slots, sizes.tokens, lanes)
+    meta = type(meta)(*(np.asarray(field) for field in meta))
+    spec = fused.grid_spec(len(padded), hidden, out_dim, rank, num_slots, dtype, sizes, lanes)
+    prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform)
+    specs = [*spec.in_specs, spec.out_specs]
+    last = [None] * len(specs)
+    pipelined = manual = 0
+    flops = 0.0
+    steps = int(meta.num_active[0]) * spec.grid[1]
+    for i in range(int(meta.num_active[0])):
+        for n in range(spec.grid[1]):
+            for k, block_spec in enumerate(specs):
+                if block_spec.block_shape is None:  # memory_space=ANY: moved by manual DMAs
+                    continue
+                index = tuple(int(v) for v in block_spec.index_map(i, n, *prefetch))
+                if index != last[k]:
+                    pipelined += math.prod(block_spec.block_shape) * (4 if k == 0 else itemsize)
+                    last[k] = index
+            dma, matmuls = fused.step_work(i, n, meta, rank, hidden, lanes, sizes, itemsize)
+            manual += dma
+            flops += mxu_flops(matmuls, chip.mxu_width)
+    return Cost(pipelined, manual, flops, steps, _time(chip, pipelined, manual, flops, steps))
+
+
+def onehot_cost(chip: Chip, num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int) -> Cost:
+    """The one-hot einsum (shrink and expand over every slot), as two XLA fusions.
+
+    Modelled in its cheapest contraction order: x @ A_all^T ([T, L*R]), masked by the
+    one-hot, then @ B_all. It reads every slot's weights and does L times the MXU work.
+    """
+    itemsize = 2
+    lr = num_slots * rank
+    pipelined = itemsize * (
+        num_tokens * hidden + lr * hidden + lr * out_dim + 2 * num_tokens * out_dim + 2 * num_tokens * lr
+    )
+    flops = mxu_flops([(num_tokens, hidden, lr), (num_tokens, lr, out_dim)], chip.mxu_width)
+    return Cost(pipelined, 0, flops, 2, _time(chip, pipelined, 0, flops, 2))
+
+
+def floor_cost(chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, rank: int) -> Cost:
+    """The roofline floor: read x, base and the adapters in use once, write the output once."""
+    itemsize = 2
+    num_tokens = len(indices)
+    in_use = len({int(i) for i in indices if i >= 0})
+    pipelined = itemsize * (num_tokens * hidden + 2 * num_tokens * out_dim + in_use * rank * (hidden + out_dim))
+    flops = 2.0 * num_tokens * rank * (hidden + out_dim)
+    return Cost(pipelined, 0, flops, 0, max(pipelined / chip.hbm_bytes_per_s, flops / chip.peak_flops))
