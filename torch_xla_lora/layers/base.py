@@ -30,6 +30,9 @@ class BaseLayerWithLoRA(nn.Module):
 
     in_features: int
     out_features: int
+    #: Placement on an SPMD mesh (a ``sharding.LayerSharding``, set by ``patch_model(mesh=...)``),
+    #: whose ``forward(layer, x)`` runs the layer per shard; None on one device.
+    tensor_parallel = None
 
     def __init__(
         self,

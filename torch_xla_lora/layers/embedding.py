@@ -33,6 +33,8 @@ class EmbeddingWithLoRA(BaseLayerWithLoRA):
         return a.T.contiguous(), b
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tensor_parallel is not None:  # on a mesh the lookups run per shard: see sharding.py
+            return self.tensor_parallel.forward(self, ids)
         y = self.base_layer(ids)
         slots = self.context.token_slots(ids[..., None])
         if slots is None:
