@@ -15,7 +15,7 @@ block much smaller multiplies grid steps (each costs about 0.35 us on TPU).
 TOKEN_BLOCKS = {
     "v5e": ((8, 8), (16, 16), (64, 32), (128, 128), (None, 256)),
     "v6e": ((8, 8), (16, 16), (64, 32), (128, 128), (1024, 256), (None, 512)),
-    "cpu": ((8, 8), (16, 16), (64, 32), (None, 64)),
+    "cpu": ((8, 8), (16, 16), (64, 32), (512, 64), (None, 128)),
 }
 
 # Largest hidden tile (shrink reduction dim) and output tile (expand) in

@@ -1,0 +1,60 @@
+"""The TPU cost model on hand-computed cases, and smoke runs of the kernel benchmarks."""
+
+import numpy as np
+import pytest
+
+from torch_xla_lora.bench import kernels, model, tpu_model
+
+# Round numbers so the expected costs can be worked out by hand.
+CHIP = tpu_model.Chip("test", "v6e", hbm_bytes_per_s=1e9, peak_flops=1e12, mxu_width=256, step_overhead_s=1e-6)
+
+
+def test_mxu_flops_pad_k_and_n_to_whole_tiles():
+    # 2 * M * ceil(K/W)*W * ceil(N/W)*W
+    assert tpu_model.mxu_flops([(10, 300, 16)], 256) == 2 * 10 * 512 * 256
+
+
+def test_fused_cost_one_block_one_adapter():
+    # T=256, D=Dout=256, R=16, L=1, bf16 on "v6e": one 256-token block, one output tile, one lane.
+    cost = tpu_model.fused_cost(CHIP, np.zeros(256, np.int32), hidden=256, out_dim=256, rank=16, num_slots=1)
+    codes, x, base, out = 256 * 4, 256 * 256 * 2, 256 * 256 * 2, 256 * 256 * 2
+    assert cost.pipelined_bytes == codes + x + base + out
+    assert cost.manual_bytes == 16 * 256 * 2 * 2  # A tile and B tile of the one adapter
+    assert cost.mxu_flops == 2 * 256 * 256 * 256 + 2 * 256 * 256 * 256  # shrink and expand, padded to tiles
+    assert cost.steps == 1
+    expected = max(cost.pipelined_bytes / 1e9, cost.mxu_flops / 1e12) + cost.manual_bytes / 1e9 + 1e-6
+    assert cost.seconds == pytest.approx(expected)
+
+
+def test_fused_cost_skips_blocks_without_adapter():
+    # Two 256-token blocks, the first all base rows: only the second is visited.
+    indices = np.concatenate([np.full(256, -1), np.zeros(256)]).astype(np.int32)
+    one_block = tpu_model.fused_cost(CHIP, np.zeros(256, np.int32), 256, 256, 16, 1)
+    two_blocks = tpu_model.fused_cost(CHIP, indices, 256, 256, 16, 1)
+    assert (two_blocks.steps, two_blocks.pipelined_bytes) == (one_block.steps, one_block.pipelined_bytes)
+
+
+def test_fused_cost_flat_in_slots_onehot_not():
+    indices = (np.arange(1024) * 8 // 1024).astype(np.int32)
+    ours = [tpu_model.fused_cost(CHIP, indices * (L // 8), 4096, 4096, 16, L).seconds for L in (8, 128)]
+    onehot = [tpu_model.onehot_cost(CHIP, 1024, 4096, 4096, 16, L).seconds for L in (8, 128)]
+    assert ours[1] == pytest.approx(ours[0])
+    assert onehot[1] > 2 * onehot[0]
+
+
+def test_floor_counts_adapters_in_use_once():
+    cost = tpu_model.floor_cost(CHIP, np.array([0, 0, 3, -1], np.int32), hidden=128, out_dim=64, rank=8)
+    assert cost.pipelined_bytes == 2 * (4 * 128 + 2 * 4 * 64 + 2 * 8 * (128 + 64))
+
+
+def test_model_command_quick(capsys):
+    assert model.main(["--quick"]) == 0
+    table = capsys.readouterr().out
+    assert "| v6e | 256 | 64 | 8 in use |" in table
+
+
+def test_kernels_command_quick(capsys, tmp_path):
+    assert kernels.main(["--quick", "--json", str(tmp_path / "k.json")]) == 0
+    out = capsys.readouterr().out
+    assert "shrink T=   64 L=  8" in out and "layer  T=   64 L=  8" in out
+    assert (tmp_path / "k.json").stat().st_size > 0
