@@ -38,7 +38,7 @@ class AdapterManager:
         self._layers = dict(layers)
         self._module_shapes = {name: (lay.in_features, lay.out_features) for name, lay in self._layers.items()}
         self.max_loras, self.max_rank, self.max_cpu_adapters = max_loras, max_rank, max_cpu_adapters
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()  # re-entrant: callers may hold it across several calls
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()  # least recently used first
         self._slots: list[str | None] = [None] * max_loras
         self._slot_use: OrderedDict[str, None] = OrderedDict()  # resident adapters, LRU first
@@ -49,14 +49,19 @@ class AdapterManager:
 
     def adapters(self) -> dict[str, dict]:
         """Loaded adapters: name -> {"slot": int | None, "pinned": bool, "rank": int}."""
-        with self._lock:
+        with self.lock:
             return {
                 name: {"slot": self._slot_of(name), "pinned": name in self._pinned, "rank": adapter.max_rank}
                 for name, adapter in self._host.items()
             }
 
+    def names_in_slots(self, slots: Sequence[int]) -> list[str]:
+        """Adapters resident in ``slots`` (empty slots skipped)."""
+        with self.lock:
+            return [self._slots[s] for s in dict.fromkeys(slots) if self._slots[s] is not None]
+
     def slot_of(self, name: str) -> int | None:
-        with self._lock:
+        with self.lock:
             return self._slot_of(name)
 
     def _slot_of(self, name: str) -> int | None:
@@ -67,17 +72,17 @@ class AdapterManager:
     def add(self, adapter: LoRAAdapter) -> None:
         """Validate ``adapter`` against the model and cache it (replacing one of the same name)."""
         check_adapter(adapter, self._module_shapes, self.max_rank)
-        with self._lock:
+        with self.lock:
             self._host[adapter.name] = adapter
             self._host.move_to_end(adapter.name)
             slot = self._slot_of(adapter.name)
             if slot is not None:  # a reload rewrites the resident copy
                 self._write(slot, adapter)
-            self._trim_host()
+            self._trim_host(keep=adapter.name)
 
     def remove(self, name: str) -> None:
         """Forget ``name``: its slot is zeroed and freed, its pin and cache entry dropped."""
-        with self._lock:
+        with self.lock:
             self._require(name)
             slot = self._slot_of(name)
             if slot is not None:
@@ -99,7 +104,7 @@ class AdapterManager:
           AdapterNotFoundError: a name is not loaded.
           NoFreeSlotError: more distinct adapters than slots, or not enough unpinned slots.
         """
-        with self._lock:
+        with self.lock:
             wanted = list(dict.fromkeys(names))
             for name in wanted:
                 self._require(name)
@@ -116,14 +121,14 @@ class AdapterManager:
 
     def pin(self, name: str) -> int:
         """Keep ``name`` resident until unpinned (activating it now); return its slot."""
-        with self._lock:
+        with self.lock:
             self._require(name)
             slot = self.activate([name])[name]
             self._pinned.add(name)
             return slot
 
     def unpin(self, name: str) -> None:
-        with self._lock:
+        with self.lock:
             self._require(name)
             self._pinned.discard(name)
 
@@ -173,7 +178,7 @@ class AdapterManager:
 
     def warm_writes(self) -> None:
         """Compile the one slot-write graph now: rewrite a slot with what it already holds."""
-        with self._lock:
+        with self.lock:
             slot = next((s for s, name in enumerate(self._slots) if name is not None), 0)
             name = self._slots[slot]
             if name is None:
@@ -181,12 +186,17 @@ class AdapterManager:
             else:
                 self._write(slot, self._host[name])
 
-    def _trim_host(self) -> None:
+    def _trim_host(self, keep: str) -> None:
+        """Drop least recently used adapters beyond ``max_cpu_adapters``.
+
+        Resident and pinned adapters, and ``keep`` (the one just loaded), are
+        never dropped, so the cache may hold more when all others are resident.
+        """
         resident = set(self._slots)
         for name in list(self._host):
             if len(self._host) <= self.max_cpu_adapters:
                 break
-            if name not in resident and name not in self._pinned:
+            if name not in resident and name not in self._pinned and name != keep:
                 del self._host[name]
 
     def _require(self, name: str) -> None:

@@ -42,7 +42,6 @@ class EmbeddingWithLoRA(BaseLayerWithLoRA):
         vocab = self.in_features
         rows = slots.clamp(min=0) * vocab + ids.reshape(-1).to(slots.dtype)  # -1 slots add zero in expand
         s = self.lora_a.reshape(-1, self.max_rank).index_select(0, rows)  # [N, R]
-        out = torch.ops.xla_lora.bgmv_expand(
-            s, self.lora_b, y.reshape(-1, self.out_features), slots, True, self.backend
-        )
-        return out.reshape(y.shape)
+        base = y.reshape(-1, self.out_features).to(self.lora_b.dtype)  # adapter dtype may differ
+        out = torch.ops.xla_lora.bgmv_expand(s, self.lora_b, base, slots, True, self.backend)
+        return out.reshape(y.shape).to(y.dtype)

@@ -42,16 +42,17 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         if slots is None:
             return y
         # One fused op: x [N, in] -> [N, R] (on chip) -> + y [N, out]; B spans every output slice.
+        # The adapter dtype may differ from the model's (LoRAConfig.dtype): compute in the adapter's.
         out = torch.ops.xla_lora.bgmv_shrink_expand(
-            x.reshape(-1, self.in_features),
+            x.reshape(-1, self.in_features).to(self.lora_a.dtype),
             self.lora_a,
             self.lora_b,
-            y.reshape(-1, self.out_features),
+            y.reshape(-1, self.out_features).to(self.lora_b.dtype),
             slots,
             1.0,
             self.backend,
         )
-        return out.reshape(y.shape)
+        return out.reshape(y.shape).to(y.dtype)
 
     def forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
         """The same result as :meth:`forward` through separate shrink and expand ops (per-slice expands)."""
@@ -60,9 +61,10 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         if slots is None:
             return y
         # x: [N, in] -> s: [N, R] -> y: [N, out]
-        s = torch.ops.xla_lora.bgmv_shrink(x.reshape(-1, self.in_features), self.lora_a, slots, 1.0, self.backend)
-        out = self._expand(s, y.reshape(-1, self.out_features), slots)
-        return out.reshape(y.shape)
+        x2 = x.reshape(-1, self.in_features).to(self.lora_a.dtype)
+        s = torch.ops.xla_lora.bgmv_shrink(x2, self.lora_a, slots, 1.0, self.backend)
+        out = self._expand(s, y.reshape(-1, self.out_features).to(self.lora_b.dtype), slots)
+        return out.reshape(y.shape).to(y.dtype)
 
     def _expand(self, s: torch.Tensor, y: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         return torch.ops.xla_lora.bgmv_expand(s, self.lora_b, y, slots, True, self.backend)

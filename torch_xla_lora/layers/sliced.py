@@ -10,24 +10,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torch_xla_lora.layers.linear import ColumnParallelLinearWithLoRA
+from torch_xla_lora.errors import ShapeError
+from torch_xla_lora.layers.linear import ColumnParallelLinearWithLoRA, linear_features
 
 
 class _SlicedLinearWithLoRA(ColumnParallelLinearWithLoRA):
     num_slices: int
+
+    @classmethod
+    def can_replace(cls, module: nn.Module) -> bool:
+        """A linear layer whose output splits into ``num_slices`` equal slices."""
+        return super().can_replace(module) and linear_features(module)[1] % cls.num_slices == 0
 
     def __init__(self, base_layer: nn.Module, *args, slice_sizes: tuple[int, ...] | None = None, **kwargs):
         super().__init__(base_layer, *args, **kwargs)
         if slice_sizes is None:
             size, rest = divmod(self.out_features, self.num_slices)
             if rest:
-                raise ValueError(
+                raise ShapeError(
                     f"{type(self).__name__}: out_features {self.out_features} does not split into "
                     f"{self.num_slices} equal slices; pass slice_sizes"
                 )
             slice_sizes = (size,) * self.num_slices
         if len(slice_sizes) != self.num_slices or sum(slice_sizes) != self.out_features:
-            raise ValueError(
+            raise ShapeError(
                 f"{type(self).__name__}: slice_sizes {slice_sizes} must be {self.num_slices} sizes "
                 f"adding up to out_features {self.out_features}"
             )

@@ -1,0 +1,53 @@
+"""Compile cost flat in the number of slots: the step's HLO does not grow with max_loras."""
+
+import copy
+import re
+
+import pytest
+import torch
+import torch_xla
+import transformers
+
+import torch_xla_lora as tl
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _step_hlo(base_model, max_loras: int, device) -> str:
+    model = copy.deepcopy(base_model).to(device)
+    target = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens"]
+    lora = tl.patch_model(model, tl.LoRAConfig(max_loras=max_loras, max_rank=16, target_modules=target))
+    lora.set_token_adapters(torch.arange(32, dtype=torch.int32) % (max_loras + 1) - 1)
+    with torch.no_grad():
+        logits = model(torch.zeros(4, 8, dtype=torch.long).to(device)).logits
+    hlo = torch_xla._XLAC._get_xla_tensors_hlo([logits])
+    torch_xla.sync()
+    return hlo
+
+
+def _instructions(hlo: str) -> int:
+    return sum(1 for line in hlo.splitlines() if re.match(r"\s+(ROOT )?%?[\w.\-]+ = ", line))
+
+
+def test_step_hlo_size_flat_in_slots(base_model, xla_device):
+    sizes = {L: _instructions(_step_hlo(base_model, L, xla_device)) for L in (1, 4, 16)}
+    assert min(sizes.values()) > 100, sizes  # the parse found the graph
+    assert max(sizes.values()) <= 1.05 * min(sizes.values()), sizes
+
+
+def test_step_is_one_graph_whatever_the_slots(base_model, xla_device):
+    for max_loras in (1, 16):
+        hlo = _step_hlo(base_model, max_loras, xla_device)
+        assert hlo.count("ENTRY") == 1
