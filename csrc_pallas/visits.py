@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Visits(NamedTuple):
@@ -41,35 +42,60 @@ def valid_slots(indices: jax.Array, num_slots: int) -> jax.Array:
     return jnp.where((indices >= 0) & (indices < num_slots), indices, -1).astype(jnp.int32)
 
 
-def build(indices: jax.Array, num_slots: int, block_tokens: int) -> Visits:
-    """Visits of ``indices`` ([T_pad] int32, T_pad a multiple of ``block_tokens``)."""
+# The builders below take an array namespace ``xp``: jax.numpy inside the ops'
+# JAX functions, numpy on the host (where a batch's metadata is built once and
+# shared by every layer). One algorithm serves both.
+
+
+def _scatter(xp, size: int, index, values, fill: int):
+    """An int32 array of ``size`` entries, ``fill`` except ``out[index] = values``; index >= size is dropped."""
+    if xp is np:
+        out = np.full(size, fill, np.int32)
+        keep = index < size
+        out[index[keep]] = values[keep]
+        return out
+    return xp.full((size,), fill, xp.int32).at[index].set(values, mode="drop")
+
+
+def _sorted_keys(xp, indices, num_slots: int, block_tokens: int):
+    """Per-token (key, block) with "no adapter" = num_slots, and the stable order sorting them by (block, key).
+
+    "No adapter" sorts last within a block, so a block's first key is num_slots
+    only when no token of it uses an adapter. Sorting keeps each block's tokens
+    together: sorted position p belongs to block p // block_tokens.
+    """
     (num_tokens,) = indices.shape
     if num_tokens % block_tokens:
         raise ValueError(f"indices length {num_tokens} is not a multiple of block_tokens={block_tokens}")
-    stride = num_slots + 1
-    # "no adapter" sorts last within a block, so a block's first key is -1
-    # only when no token of it uses an adapter.
-    key = jnp.where((indices >= 0) & (indices < num_slots), indices, num_slots).astype(jnp.int32)
-    block = jnp.arange(num_tokens, dtype=jnp.int32) // block_tokens
-    order = jnp.sort(block * stride + key)
-    sorted_block, sorted_slot = order // stride, order % stride
-    first_of_key = jnp.concatenate([jnp.ones((1,), bool), order[1:] != order[:-1]])
-    first_of_block = jnp.concatenate([jnp.ones((1,), bool), sorted_block[1:] != sorted_block[:-1]])
-    keep = first_of_key & ((sorted_slot < num_slots) | first_of_block)
-    position = jnp.cumsum(keep.astype(jnp.int32)) - 1
+    valid = (indices >= 0) & (indices < num_slots)
+    key = xp.where(valid, indices, num_slots).astype(xp.int32)
+    block = (xp.arange(num_tokens) // block_tokens).astype(xp.int32)
+    order = xp.argsort(block * (num_slots + 1) + key, stable=True)
+    return valid, key, block, order
+
+
+def _starts(xp, values):
+    """Where a sorted run of ``values`` starts."""
+    return xp.concatenate([xp.ones((1,), bool), values[1:] != values[:-1]])
+
+
+def build(indices, num_slots: int, block_tokens: int, xp=jnp) -> Visits:
+    """Visits of ``indices`` ([T_pad] int32, T_pad a multiple of ``block_tokens``)."""
+    (num_tokens,) = indices.shape
+    _, key, block, order = _sorted_keys(xp, indices, num_slots, block_tokens)
+    sorted_key, sorted_block = key[order], block[order]
+    composite = sorted_block * (num_slots + 1) + sorted_key
+    keep = _starts(xp, composite) & ((sorted_key < num_slots) | _starts(xp, sorted_block))
+    position = xp.cumsum(keep.astype(xp.int32)) - 1
     count = position[-1] + 1
-    # Pad by repeating the last visit: gather index min(v, count - 1).
-    source = (
-        jnp.zeros((num_tokens,), jnp.int32)
-        .at[jnp.where(keep, position, num_tokens)]
-        .set(jnp.arange(num_tokens, dtype=jnp.int32), mode="drop")
-    )
-    source = source[jnp.minimum(jnp.arange(num_tokens), count - 1)]
-    slot = sorted_slot[source]
+    source = _scatter(xp, num_tokens, xp.where(keep, position, num_tokens), xp.arange(num_tokens, dtype=xp.int32), 0)
+    # Pad by repeating the last visit.
+    source = source[xp.minimum(xp.arange(num_tokens), count - 1)]
+    slot = sorted_key[source]
     return Visits(
-        block=sorted_block[source],
-        slot=jnp.where(slot < num_slots, slot, -1).astype(jnp.int32),
-        count=count.reshape(1).astype(jnp.int32),
+        block=sorted_block[source].astype(xp.int32),
+        slot=xp.where(slot < num_slots, slot, -1).astype(xp.int32),
+        count=count.reshape(1).astype(xp.int32),
     )
 
 
@@ -116,42 +142,62 @@ def max_chunks(block_tokens: int, num_slots: int, lanes: int) -> int:
     return -(-min(block_tokens, num_slots) // lanes)
 
 
-def build_lanes(indices: jax.Array, num_slots: int, block_tokens: int, lanes: int) -> LaneBlocks:
+def build_lanes(indices, num_slots: int, block_tokens: int, lanes: int, xp=jnp) -> LaneBlocks:
     """Lane metadata of ``indices`` ([T_pad] int32, T_pad a multiple of ``block_tokens``).
 
-    One stable sort of T keys, then segment sums: O(T log T) whatever L is.
+    One stable sort of T keys, then per-block sums: O(T log T) whatever L is.
     """
     (num_tokens,) = indices.shape
-    if num_tokens % block_tokens:
-        raise ValueError(f"indices length {num_tokens} is not a multiple of block_tokens={block_tokens}")
+    valid, key, _, order = _sorted_keys(xp, indices, num_slots, block_tokens)
     num_blocks = num_tokens // block_tokens
     per_block = max_chunks(block_tokens, num_slots, lanes) * lanes
-    stride = num_slots + 1
-    valid = (indices >= 0) & (indices < num_slots)
-    key = jnp.where(valid, indices, num_slots).astype(jnp.int32)
-    block = jnp.arange(num_tokens, dtype=jnp.int32) // block_tokens
-    order = jnp.argsort(block * stride + key, stable=True)
-    sorted_key, sorted_block = key[order], block[order]
-    composite = sorted_block * stride + sorted_key
-    new_key = jnp.concatenate([jnp.ones((1,), bool), composite[1:] != composite[:-1]])
-    distinct = (new_key & (sorted_key < num_slots)).astype(jnp.int32)
-    counts = jax.ops.segment_sum(distinct, sorted_block, num_segments=num_blocks)
-    before_block = jnp.cumsum(counts) - counts
-    rank = jnp.cumsum(distinct) - 1 - before_block[sorted_block]
-    code = jnp.zeros((num_tokens,), jnp.int32).at[order].set(jnp.where(sorted_key < num_slots, rank, -1))
-    target = jnp.where(distinct == 1, sorted_block * per_block + rank, num_blocks * per_block)
-    slots = jnp.full((num_blocks * per_block,), -1, jnp.int32).at[target].set(sorted_key, mode="drop")
-    chunks = (-(-counts // lanes)).astype(jnp.int32)
-    active_mask = counts > 0
-    (active,) = jnp.nonzero(active_mask, size=num_blocks, fill_value=0)
-    num_active = jnp.sum(active_mask).astype(jnp.int32)
-    active = active[jnp.minimum(jnp.arange(num_blocks), jnp.maximum(num_active - 1, 0))].astype(jnp.int32)
-    all_valid = jax.ops.segment_min(valid.astype(jnp.int32), block, num_segments=num_blocks)
+    sorted_key = key[order]
+    sorted_block = (xp.arange(num_tokens) // block_tokens).astype(xp.int32)
+    distinct = (_starts(xp, sorted_block * (num_slots + 1) + sorted_key) & (sorted_key < num_slots)).astype(xp.int32)
+    counts = distinct.reshape(num_blocks, block_tokens).sum(axis=1).astype(xp.int32)
+    before_block = xp.cumsum(counts) - counts
+    rank = (xp.cumsum(distinct) - 1 - before_block[sorted_block]).astype(xp.int32)
+    code = _scatter(xp, num_tokens, order, xp.where(sorted_key < num_slots, rank, -1).astype(xp.int32), -1)
+    target = xp.where(distinct == 1, sorted_block * per_block + rank, num_blocks * per_block)
+    slots = _scatter(xp, num_blocks * per_block, target, sorted_key, -1)
+    num_active = (counts > 0).sum().astype(xp.int32)
+    active = xp.argsort(counts == 0, stable=True).astype(xp.int32)  # blocks with adapters first, in order
+    active = active[xp.minimum(xp.arange(num_blocks), xp.maximum(num_active - 1, 0))]
+    all_valid = valid.reshape(num_blocks, block_tokens).all(axis=1)
     return LaneBlocks(
         active=active,
         num_active=num_active.reshape(1),
-        chunks=chunks,
+        chunks=(-(-counts // lanes)).astype(xp.int32),
         slots=slots,
         code=code,
-        uniform=((counts == 1) & (all_valid == 1)).astype(jnp.int32),
+        uniform=((counts == 1) & all_valid).astype(xp.int32),
     )
+
+
+def _packed_sizes(num_tokens: int, num_slots: int, block_tokens: int, lanes: int) -> list[int]:
+    num_blocks = num_tokens // block_tokens
+    per_block = max_chunks(block_tokens, num_slots, lanes) * lanes
+    lane_fields = [num_blocks, 1, num_blocks, num_blocks * per_block, num_tokens, num_blocks]
+    return lane_fields + [num_tokens, num_tokens, 1]  # + Visits fields
+
+
+def packed_size(num_tokens: int, num_slots: int, block_tokens: int, lanes: int) -> int:
+    """Length of :func:`pack`'s array for ``num_tokens`` (padded) tokens."""
+    return sum(_packed_sizes(num_tokens, num_slots, block_tokens, lanes))
+
+
+def pack(lane_blocks: LaneBlocks, visits: Visits, xp=jnp):
+    """Both metadata kinds as one int32 array: one host-to-device transfer per batch."""
+    return xp.concatenate([xp.ravel(f) for f in (*lane_blocks, *visits)]).astype(xp.int32)
+
+
+def unpack(packed, num_tokens: int, num_slots: int, block_tokens: int, lanes: int) -> tuple[LaneBlocks, Visits]:
+    """Inverse of :func:`pack` (static offsets from the shapes)."""
+    sizes = _packed_sizes(num_tokens, num_slots, block_tokens, lanes)
+    if packed.shape[0] != sum(sizes):
+        raise ValueError(f"packed metadata has {packed.shape[0]} entries, expected {sum(sizes)}")
+    fields, offset = [], 0
+    for size in sizes:
+        fields.append(packed[offset : offset + size])
+        offset += size
+    return LaneBlocks(*fields[:6]), Visits(*fields[6:])

@@ -128,3 +128,25 @@ def test_export_rejects_block_mosaic_cannot_tile():
 
     with pytest.raises(ValueError, match="divisible by 8 and 128"):
         _export_tpu(fn, _sds((T, D)), _sds((L, R, D)), _sds((T,), jnp.int32))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(("num_tokens", "num_slots", "block_tokens", "lanes"), [(64, 5, 16, 4), (48, 64, 8, 16)])
+def test_host_metadata_equals_device_metadata(num_tokens, num_slots, block_tokens, lanes, seed):
+    """The numpy (host) and jax (in-graph) runs of the one builder agree, field by field, after packing."""
+    idx = np.random.default_rng(seed).integers(-2, num_slots + 2, num_tokens).astype(np.int32)
+    idx = np.where((idx >= 0) & (idx < num_slots), idx, -1).astype(np.int32)
+    host = visits.pack(
+        visits.build_lanes(idx, num_slots, block_tokens, lanes, xp=np),
+        visits.build(idx, num_slots, block_tokens, xp=np),
+        xp=np,
+    )
+    device = visits.pack(
+        visits.build_lanes(jnp.asarray(idx), num_slots, block_tokens, lanes),
+        visits.build(jnp.asarray(idx), num_slots, block_tokens),
+    )
+    assert host.dtype == np.int32 and len(host) == visits.packed_size(num_tokens, num_slots, block_tokens, lanes)
+    np.testing.assert_array_equal(host, np.asarray(device))
+    lane_blocks, vis = visits.unpack(host, num_tokens, num_slots, block_tokens, lanes)
+    np.testing.assert_array_equal(vis.count, [len(_numpy_visits(idx, num_slots, block_tokens))])
+    assert lane_blocks.code.shape == (num_tokens,)

@@ -21,14 +21,22 @@ class BatchContext:
       slots: int32 device tensor, [B] per batch row or [N] per flattened token;
         None when no batch was set (every layer then returns its base output).
       per_token: whether ``slots`` is per flattened token.
+      metadata: (tokens, in_features, out_features) -> int32 device tensor: the
+        kernels' token grouping built on the host for this batch (may be empty).
     """
 
     def __init__(self) -> None:
         self.slots: torch.Tensor | None = None
         self.per_token = False
+        self.metadata: dict[tuple[int, int, int], torch.Tensor] = {}
 
-    def set(self, slots: torch.Tensor | None, per_token: bool) -> None:
-        self.slots, self.per_token = slots, per_token
+    def set(
+        self,
+        slots: torch.Tensor | None,
+        per_token: bool,
+        metadata: dict[tuple[int, int, int], torch.Tensor] | None = None,
+    ) -> None:
+        self.slots, self.per_token, self.metadata = slots, per_token, metadata or {}
 
     def token_slots(self, x: torch.Tensor) -> torch.Tensor | None:
         """Slot of every token of ``x`` ([..., D], flattened to [N, D]): [N] int32, or None."""

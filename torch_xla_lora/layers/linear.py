@@ -43,14 +43,17 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             return y
         # One fused op: x [N, in] -> [N, R] (on chip) -> + y [N, out]; B spans every output slice.
         # The adapter dtype may differ from the model's (LoRAConfig.dtype): compute in the adapter's.
+        x2 = x.reshape(-1, self.in_features).to(self.lora_a.dtype)
+        metadata = self.context.metadata.get((x2.shape[0], self.in_features, self.out_features))
         out = torch.ops.xla_lora.bgmv_shrink_expand(
-            x.reshape(-1, self.in_features).to(self.lora_a.dtype),
+            x2,
             self.lora_a,
             self.lora_b,
             y.reshape(-1, self.out_features).to(self.lora_b.dtype),
             slots,
             1.0,
             self.backend,
+            metadata,
         )
         return out.reshape(y.shape).to(y.dtype)
 

@@ -24,7 +24,14 @@ import torch
 from torch_xla_lora import reference
 from torch_xla_lora.ops import _validate
 
-__all__ = ["bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "bgmv_shrink_expand", "device_generation"]
+__all__ = [
+    "bgmv_shrink",
+    "bgmv_expand",
+    "bgmv_expand_slice",
+    "bgmv_shrink_expand",
+    "batch_metadata",
+    "device_generation",
+]
 
 
 @functools.cache
@@ -215,6 +222,7 @@ def bgmv_shrink_expand(
     lora_indices: torch.Tensor,
     scaling: float = 1.0,
     backend: str = "auto",
+    metadata: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused shrink and expand: a whole LoRA layer's update in one op.
 
@@ -229,6 +237,9 @@ def bgmv_shrink_expand(
       lora_indices: [T] int32: slot of each token; outside [0, L) adds nothing.
       scaling: multiplies the LoRA product.
       backend: "auto", "pallas" or "xla" (XLA tensors only).
+      metadata: optional int32 [K]: the batch's token grouping built on the host
+        by :func:`batch_metadata` (XLA tensors only); without it the op sorts
+        the indices on the device.
 
     Returns:
       [T, Dout] in base's dtype. The intermediate is rounded to lora_b's dtype
@@ -245,15 +256,39 @@ def bgmv_shrink_expand(
     """
     _validate.shrink_expand(inputs, lora_a, lora_b, base, lora_indices)
     _validate.backend(backend)
+    _validate.metadata(metadata, inputs.device)
     if inputs.device.type != "xla":
         return reference.bgmv_shrink_expand(inputs, lora_a, lora_b, base, lora_indices, scaling)
     name, generation = _backend(backend)
-    fn = _jax_module().shrink_expand_fn(name, generation, float(scaling))
-    return _call_jax(fn, inputs, lora_a, lora_b, base, lora_indices)
+    fn = _jax_module().shrink_expand_fn(name, generation, float(scaling), metadata is not None)
+    extra = () if metadata is None else (metadata,)
+    return _call_jax(fn, inputs, lora_a, lora_b, base, lora_indices, *extra)
 
 
 @bgmv_shrink_expand.register_fake
-def _(inputs, lora_a, lora_b, base, lora_indices, scaling=1.0, backend="auto"):
+def _(inputs, lora_a, lora_b, base, lora_indices, scaling=1.0, backend="auto", metadata=None):
     _validate.shrink_expand(inputs, lora_a, lora_b, base, lora_indices)
     _validate.backend(backend)
+    _validate.metadata(metadata, inputs.device)
     return torch.empty_like(base)
+
+
+def batch_metadata(
+    slots: torch.Tensor, layer_shapes, rank: int, num_slots: int, dtype: torch.dtype
+) -> dict[tuple[int, int], torch.Tensor]:
+    """Host-built grouping of one batch for :func:`bgmv_shrink_expand`, per layer shape (CPU int32 tensors).
+
+    Built once per batch and shared by every layer with the same plan: the
+    device then skips the per-layer sort of the indices.
+
+    Args:
+      slots: [N] int32 (CPU): each token's slot, -1 = none.
+      layer_shapes: (in_features, out_features) of the layers that run the fused op.
+      rank, num_slots, dtype: of the layers' buffers (``lora_b.shape[1:]`` and dtype).
+    """
+    generation = device_generation()
+    arrays = _jax_module().batch_metadata(
+        slots.cpu().numpy(), layer_shapes, rank, num_slots, str(dtype).removeprefix("torch."), generation
+    )
+    shared: dict[int, torch.Tensor] = {}  # one tensor per distinct plan, shared by its layers
+    return {shape: shared.setdefault(id(array), torch.from_numpy(array)) for shape, array in arrays.items()}

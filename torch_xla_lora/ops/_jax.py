@@ -96,18 +96,25 @@ def expand_fn(backend: str, generation: str, add_inputs: bool, slice_offset: int
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def shrink_expand_fn(backend: str, generation: str, scaling: float) -> Callable:
-    """``fn(inputs[T, D], lora_a[L, R, D], lora_b[L, R, Dout], base[T, Dout], indices[T]) -> [T, Dout]``."""
+def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadata: bool) -> Callable:
+    """``fn(inputs[T, D], lora_a[L, R, D], lora_b[L, R, Dout], base[T, Dout], indices[T][, metadata])``.
 
-    def fn(x, lora_a, lora_b, base, indices):
+    With ``with_metadata`` the grouping comes packed from the host (see
+    ``kernels.visits.pack``) instead of being sorted out on the device.
+    """
+
+    def fn(x, lora_a, lora_b, base, indices, metadata=None):
         num_tokens, hidden = x.shape
         num_slots, rank, out_dim = lora_b.shape
         sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, lora_b.dtype, generation)
         padded = sizes.padded_tokens(num_tokens)
         idx = visits.valid_slots(_pad_rows(indices.astype(jnp.int32), padded, -1), num_slots)
         x_pad, base_pad = _pad_rows(x, padded), _pad_rows(base, padded)
+        if metadata is not None:
+            meta, vis = visits.unpack(metadata, padded, num_slots, sizes.tokens, lanes)
         if backend == "pallas":
-            meta = visits.build_lanes(idx, num_slots, sizes.tokens, lanes)
+            if metadata is None:
+                meta = visits.build_lanes(idx, num_slots, sizes.tokens, lanes)
             out = fused.shrink_expand(
                 x_pad,
                 lora_a,
@@ -120,10 +127,43 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float) -> Callable:
                 interpret=generation == "cpu",
             )
         else:
-            vis = visits.build(idx, num_slots, sizes.tokens)
+            if metadata is None:
+                vis = visits.build(idx, num_slots, sizes.tokens)
             out = _xla_native.shrink_expand(
                 x_pad, lora_a, lora_b, base_pad, idx, vis, scaling=scaling, block_tokens=sizes.tokens
             )
         return out[:num_tokens]
 
-    return fn
+    if with_metadata:
+        return fn
+    return lambda x, lora_a, lora_b, base, indices: fn(x, lora_a, lora_b, base, indices)
+
+
+def batch_metadata(slots, layer_shapes, rank: int, num_slots: int, dtype: str, generation: str) -> dict:
+    """Host-built metadata of one batch for the fused op, per layer shape.
+
+    Args:
+      slots: [N] int32 numpy: each token's slot (-1 = none).
+      layer_shapes: (in_features, out_features) of the layers that will run the fused op.
+
+    Returns:
+      (in_features, out_features) -> packed int32 numpy array; layers whose plans
+      share a token block and lane count share one array.
+    """
+    import numpy as np
+
+    num_tokens = len(slots)
+    by_plan, out = {}, {}
+    for hidden, out_dim in dict.fromkeys(layer_shapes):
+        sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
+        key = (sizes.tokens, lanes)
+        if key not in by_plan:
+            padded = np.full(sizes.padded_tokens(num_tokens), -1, np.int32)
+            padded[:num_tokens] = np.where((slots >= 0) & (slots < num_slots), slots, -1)
+            by_plan[key] = visits.pack(
+                visits.build_lanes(padded, num_slots, sizes.tokens, lanes, xp=np),
+                visits.build(padded, num_slots, sizes.tokens, xp=np),
+                xp=np,
+            )
+        out[(hidden, out_dim)] = by_plan[key]
+    return out

@@ -113,3 +113,14 @@ def shrink_expand(
     expand_full(lora_b, base)
     _device("lora_b", lora_b, inputs)
     _device("base", base, inputs)
+
+
+def metadata(meta: torch.Tensor | None, device: torch.device) -> None:
+    if meta is None:
+        return
+    if device.type != "xla":
+        raise ShapeError(f"metadata is for XLA tensors only; inputs are on {device}")
+    if meta.dim() != 1 or meta.dtype != torch.int32:
+        raise ShapeError(f"metadata must be a 1-D int32 tensor, got {meta.dtype} of shape {tuple(meta.shape)}")
+    if meta.device != device:
+        raise ShapeError(f"metadata must be on {device}, got {meta.device}")
