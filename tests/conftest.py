@@ -25,3 +25,20 @@ def xla_device() -> torch.device:
     import torch_xla
 
     return torch_xla.device()
+
+
+def tiny_llama(**overrides):
+    """A random-weight transformers Llama small enough for unit tests (seeded; no download)."""
+    import transformers
+
+    torch.manual_seed(overrides.pop("seed", 0))
+    config = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    config.update(overrides)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()

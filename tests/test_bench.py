@@ -58,3 +58,11 @@ def test_kernels_command_quick(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "shrink T=   64 L=  8" in out and "layer  T=   64 L=  8" in out
     assert (tmp_path / "k.json").stat().st_size > 0
+
+
+def test_warmup_command_quick(capsys):
+    from torch_xla_lora.bench import warmup
+
+    assert warmup.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "max_loras   1:" in out and "max_loras   4:" in out and "2 compilations" in out

@@ -6,23 +6,14 @@ import re
 import pytest
 import torch
 import torch_xla
-import transformers
+from conftest import tiny_llama
 
 import torch_xla_lora as tl
 
 
 @pytest.fixture(scope="module")
 def base_model():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama()
 
 
 def _step_hlo(base_model, max_loras: int, device) -> str:

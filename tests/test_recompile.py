@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch_xla
 import torch_xla.debug.metrics as met
-import transformers
+from conftest import tiny_llama
 
 import torch_xla_lora as tl
 
@@ -17,16 +17,7 @@ NUM_ADAPTERS, MAX_LORAS, BATCH, SEQ = 6, 3, 4, 8
 
 @pytest.fixture(scope="module")
 def base_model():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")
