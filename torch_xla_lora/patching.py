@@ -11,12 +11,13 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from torch_xla_lora import adapters as adapters_io
+from torch_xla_lora import ops
 from torch_xla_lora.compile import CompileCounter
 from torch_xla_lora.config import LoRAConfig
 from torch_xla_lora.context import BatchContext
@@ -33,6 +34,9 @@ from torch_xla_lora.layers import (
 )
 from torch_xla_lora.layers.linear import linear_features
 from torch_xla_lora.manager import AdapterManager
+
+if TYPE_CHECKING:
+    from torch_xla.distributed.spmd import Mesh
 
 # Layer kind by the module's own name, for the common transformers architectures.
 _QKV_NAMES = {"c_attn", "qkv_proj", "query_key_value", "Wqkv"}
@@ -55,10 +59,14 @@ def _layer_class(name: str, module: nn.Module, is_head: bool) -> type[BaseLayerW
         return EmbeddingWithLoRA
     if is_head:
         return LogitsWithLoRA
-    if short in _QKV_NAMES:
+    # A fused projection whose slices are not equal (multi-query attention: q wider than
+    # k and v) is one column-parallel output; the fused op covers every slice anyway.
+    if short in _QKV_NAMES and QKVParallelLinearWithLoRA.can_replace(module):
         return QKVParallelLinearWithLoRA
-    if short in _MERGED_NAMES:
+    if short in _MERGED_NAMES and MergedColumnParallelLinearWithLoRA.can_replace(module):
         return MergedColumnParallelLinearWithLoRA
+    if short in _QKV_NAMES | _MERGED_NAMES:
+        return ColumnParallelLinearWithLoRA
     if short in _ROW_NAMES:
         return RowParallelLinearWithLoRA
     if short in _COLUMN_NAMES:
@@ -149,13 +157,20 @@ class LoRAModel:
 
     # -- batches -----------------------------------------------------------------------------------
 
-    def set_batch(self, names: Sequence[str | None]) -> None:
+    def set_batch(self, names: Sequence[str | None], seq_len: int | None = None) -> None:
         """Adapter of each batch row (``None`` = base model) for the following forward passes.
+
+        Args:
+          names: one entry per row: an adapter name, ``None`` (base) or a slot number.
+          seq_len: tokens per row in the coming forward passes. When given, the
+            kernels' token grouping is built here, once, on the host, and shared
+            by every layer (otherwise each layer sorts the slots on the device).
+            Forwards with another sequence length still work, grouping on the device.
 
         Raises:
           AdapterNotFoundError, NoFreeSlotError: nothing is changed.
         """
-        self._set(names, per_token=False)
+        self._set(names, per_token=False, seq_len=seq_len)
 
     def set_token_adapters(self, names_or_slots: Sequence[str | int | None] | torch.Tensor) -> None:
         """Adapter of each flattened token, for ragged or packed batches.
@@ -164,14 +179,14 @@ class LoRAModel:
         """
         if isinstance(names_or_slots, torch.Tensor):
             names_or_slots = names_or_slots.tolist()
-        self._set(names_or_slots, per_token=True)
+        self._set(names_or_slots, per_token=True, seq_len=1)
 
     def clear_batch(self) -> None:
         """Run the base model only (no LoRA) until the next batch is set."""
         self.context.set(None, per_token=False)
         self._batch_names = set()
 
-    def _set(self, entries: Sequence[str | int | None], per_token: bool) -> None:
+    def _set(self, entries: Sequence[str | int | None], per_token: bool, seq_len: int | None) -> None:
         self._check_patched()
         if len(entries) == 0:
             raise ShapeError("a batch needs at least one entry")
@@ -181,11 +196,33 @@ class LoRAModel:
                 raise ShapeError(f"batch entries must be adapter names, None or slot ints, got {entry!r}")
             if isinstance(entry, int) and not -1 <= entry < self.config.max_loras:
                 raise ShapeError(f"slot {entry} is outside [-1, max_loras={self.config.max_loras})")
-        slot_of = self.manager.activate(names, for_batch=True)
-        slots = [slot_of[e] if isinstance(e, str) else (-1 if e is None else e) for e in entries]
-        # Built on the host, sent whole: int32 because TPUs have no 64-bit integer units.
-        self.context.set(torch.tensor(slots, dtype=torch.int32).to(self.device), per_token)
+        with self.manager.lock:
+            # Adapters named by slot number belong to the batch too: protect them from eviction.
+            names += self.manager.names_in_slots([e for e in entries if isinstance(e, int) and e >= 0])
+            slot_of = self.manager.activate(names, for_batch=True)
+        slots = torch.tensor(
+            [slot_of[e] if isinstance(e, str) else (-1 if e is None else e) for e in entries], dtype=torch.int32
+        )
+        self._send(slots, per_token, seq_len)
         self._batch_names = set(names)
+
+    def _send(self, slots: torch.Tensor, per_token: bool, seq_len: int | None) -> None:
+        """Give the layers a batch's slots, built on the host and sent whole (int32: TPUs have no
+        64-bit integer units), with the kernels' grouping when the token count is known."""
+        metadata = {}
+        if seq_len is not None and self.device.type == "xla":
+            token_slots = slots.repeat_interleave(seq_len)
+            fused = [lay for lay in self.layers.values() if isinstance(lay, LinearWithLoRA) and not lay.tensor_parallel]
+            if fused:
+                lay = fused[0]
+                shapes = [(lay.in_features, lay.out_features) for lay in fused]
+                arrays = ops.batch_metadata(token_slots, shapes, lay.max_rank, lay.max_loras, lay.lora_b.dtype)
+                sent = {}  # layers with the same plan share one array: send it once
+                for shape, array in arrays.items():
+                    if id(array) not in sent:
+                        sent[id(array)] = array.to(self.device)
+                    metadata[(len(token_slots), *shape)] = sent[id(array)]
+        self.context.set(slots.to(self.device), per_token, metadata)
 
     # -- compilation -------------------------------------------------------------------------------
 
@@ -195,6 +232,7 @@ class LoRAModel:
         seq_lens: Sequence[int],
         step: Callable[[torch.Tensor], Any] | None = None,
         progress: bool = True,
+        host_metadata: bool = False,
     ) -> int:
         """Compile ``step`` for every (batch size, sequence length) bucket, and the slot-write graph.
 
@@ -209,6 +247,9 @@ class LoRAModel:
           step: what to compile, called with the ids (default: ``model(ids)``);
             pass your ``torch.compile``d step to warm that.
           progress: print one line per bucket.
+          host_metadata: warm the graphs that serve batches set with
+            ``set_batch(..., seq_len=...)`` or ``set_token_adapters`` (host-built
+            grouping) rather than plain ``set_batch(names)``.
 
         Returns:
           the number of XLA compilations warm-up made.
@@ -217,13 +258,13 @@ class LoRAModel:
         step = step or self.model
         counter = CompileCounter()
         self.manager.warm_writes()
-        saved = (self.context.slots, self.context.per_token)
+        saved = (self.context.slots, self.context.per_token, self.context.metadata)
         buckets = [(b, s) for b in batch_sizes for s in seq_lens]
         try:
             for number, (batch, seq) in enumerate(buckets, 1):
                 start = time.perf_counter()
                 rows = torch.arange(batch, dtype=torch.int32) % (self.config.max_loras + 1) - 1
-                self.context.set(rows.to(self.device), per_token=False)
+                self._send(rows, per_token=False, seq_len=seq if host_metadata else None)
                 with torch.no_grad():
                     # Kept alive until the sync: a lazy graph whose outputs are dropped is never compiled.
                     out = step(torch.zeros(batch, seq, dtype=torch.long).to(self.device))
@@ -254,19 +295,37 @@ class LoRAModel:
             raise LoRAError("this model was unpatched; patch it again to use LoRA")
 
 
-def patch_model(model: nn.Module, config: LoRAConfig | None = None, **kwargs: Any) -> LoRAModel:
+def patch_model(
+    model: nn.Module,
+    config: LoRAConfig | None = None,
+    *,
+    mesh: Mesh | None = None,
+    tp_axis: str = "model",
+    dp_axis: str | None = None,
+    sharding_plan: Mapping[str, str] | Callable[[str, nn.Module], str | None] | None = None,
+    fully_sharded: bool = False,
+) -> LoRAModel:
     """Replace the target modules of ``model`` with LoRA layers, in place; return the handle.
 
     Args:
       model: any torch model (transformers models included), on its final device.
       config: a :class:`LoRAConfig` (default: ``LoRAConfig()``).
+      mesh: a ``torch_xla.distributed.spmd.Mesh`` (SPMD mode): shard the base
+        weights and the LoRA buffers over ``tp_axis`` (see docs/distributed.md).
+      tp_axis: the mesh axis of tensor parallelism.
+      dp_axis: a mesh axis the batch is split on, if any.
+      sharding_plan: module name (or dotted suffix) -> "column" | "row" |
+        "vocab" | "replicated", or a callable ``(name, module) -> kind | None``;
+        default :func:`torch_xla_lora.sharding.default_plan` (Llama, Qwen2, Mistral...).
+      fully_sharded: also shard column-parallel layers' A along the rank.
 
     Raises:
       LoRAError: no module matched ``config.target_modules``.
+      ShardingError: the mesh, an axis or the plan does not fit the model (nothing is changed).
     """
     config = config or LoRAConfig()
-    if kwargs:
-        raise TypeError(f"patch_model got unexpected arguments {sorted(kwargs)}")
+    if mesh is None and (dp_axis is not None or sharding_plan is not None or fully_sharded):
+        raise TypeError("patch_model: dp_axis, sharding_plan and fully_sharded need a mesh")
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     dtype = config.dtype or _model_dtype(model)
@@ -285,8 +344,18 @@ def patch_model(model: nn.Module, config: LoRAConfig | None = None, **kwargs: An
         layers[name] = cls(module, context, config.max_loras, config.max_rank, dtype, config.backend)
     if not layers:
         raise LoRAError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
+    placement = None
+    if mesh is not None:
+        # Imported here: it imports torch_xla's SPMD module, which one-device users never need.
+        from torch_xla_lora import sharding
+
+        placement = sharding.plan_model(
+            model, layers, mesh, tp_axis, plan=sharding_plan, dp_axis=dp_axis, fully_sharded=fully_sharded
+        )  # checked before the model is changed
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
+    if placement is not None:
+        placement.apply(layers)
     # Materialise the zero slot buffers now: while they are pending lazy IR, the
     # first slot write and forward would compile graphs that never recur.
     _sync(_model_device(model))

@@ -1,0 +1,312 @@
+"""Runs one SPMD scenario in its own process for tests/test_sharding.py.
+
+SPMD is process-global and the number of virtual CPU devices is fixed when
+torch_xla starts, so every mesh needs a fresh process. The parent sets
+``PJRT_DEVICE=CPU``, ``CPU_NUM_DEVICES`` (and ``XLA_FLAGS`` to dump the
+compiled HLO for the collectives scenario), writes ``inputs.pt`` into a work
+directory and reads ``result.pt`` back.
+
+Usage: ``python spmd_worker.py {llama,layers} WORKDIR``
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+import torch_xla
+import torch_xla.debug.metrics as met
+import torch_xla.distributed.spmd as xs
+import torch_xla.runtime as xr
+from torch import nn
+
+import torch_xla_lora as tl
+from torch_xla_lora import sharding
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def _mesh(shape: tuple[int, ...], names: tuple[str, ...]) -> xs.Mesh:
+    return xs.Mesh(np.arange(int(np.prod(shape))), shape, names)
+
+
+def _spec(tensor: torch.Tensor) -> str:
+    return torch_xla._XLAC._get_xla_sharding_spec(tensor)
+
+
+def _transfers_from_device() -> int:
+    data = met.metric_data("TransferFromDeviceTime")
+    return int(data[0]) if data else 0
+
+
+# -- a patched Llama on a mesh -------------------------------------------------------------------
+
+
+def _tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    return {"weight": layer.base_layer.weight, "lora_a": layer.lora_a, "lora_b": layer.lora_b}
+
+
+def _buffer_specs(lora: tl.LoRAModel, names: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Short name -> {"weight", "lora_a", "lora_b"} -> sharding spec text."""
+    return {short: {key: _spec(t) for key, t in _tensors(lora.layers[name]).items()} for short, name in names.items()}
+
+
+def _spec_texts(mesh: xs.Mesh, lora: tl.LoRAModel, names: dict[str, str], expected: dict) -> dict:
+    """The spec text that tensors of the same shapes marked with the ``expected`` partition specs get."""
+    texts = {}
+    for short, specs in expected.items():
+        tensors = _tensors(lora.layers[names[short]])
+        texts[short] = {}
+        for key, spec in specs.items():
+            probe = torch.zeros(tensors[key].shape, device=torch_xla.device())
+            texts[short][key] = _spec(xs.mark_sharding(probe, mesh, spec).global_tensor)
+    return texts
+
+
+def _patched_llama(inputs: dict, mesh: xs.Mesh, dp_axis: str | None, fully_sharded: bool):
+    """(model, handle): the Llama of ``inputs`` on the XLA device, patched on ``mesh`` by the default plan."""
+    import transformers
+
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**inputs["model_config"]))
+    model.load_state_dict(inputs["state_dict"])
+    model = model.to(torch_xla.device()).eval()
+    config = tl.LoRAConfig(**inputs["lora_config"])
+    lora = tl.patch_model(model, config, mesh=mesh, tp_axis="model", dp_axis=dp_axis, fully_sharded=fully_sharded)
+    return model, lora
+
+
+def run_llama(inputs: dict) -> dict:
+    device = torch_xla.device()
+    mesh = _mesh(inputs["mesh_shape"], inputs["axis_names"])
+    model, lora = _patched_llama(inputs, mesh, inputs["dp_axis"], inputs["fully_sharded"])
+    layers = {"q_proj": "model.layers.0.self_attn.q_proj", "o_proj": "model.layers.0.self_attn.o_proj"}
+    layers |= {"down_proj": "model.layers.1.mlp.down_proj", "lm_head": "lm_head", "embed_tokens": "model.embed_tokens"}
+    result = {"specs_patched": _buffer_specs(lora, layers)}
+    result["expected_spec_text"] = _spec_texts(mesh, lora, layers, inputs["expected_specs"])
+    # Replicated on the device: fetching a sharded tensor compiles a gather graph on every fetch.
+    forward = lambda ids: sharding.replicated(model(ids).logits, mesh)
+    ids = inputs["ids"]
+    result["warmup_compiles"] = lora.warmup([ids.shape[0]], [ids.shape[1]], step=forward, progress=False)
+    counter = tl.CompileCounter()
+    _load_all(lora, inputs["adapters"])
+    lora.set_batch(inputs["batch"])
+    with torch.no_grad():
+        logits = forward(ids.to(device))
+        torch_xla.sync()
+    result["logits"] = logits.cpu()
+    result["specs_loaded"] = _buffer_specs(lora, layers)
+    before = _transfers_from_device()
+    _serve(lora, forward, ids.to(device), inputs["adapters"], inputs["more_batches"])
+    result["loop_transfers_from_device"] = _transfers_from_device() - before
+    result["compiles_after_warmup"] = counter.count
+    return result
+
+
+def _load_all(lora: tl.LoRAModel, adapters: dict) -> None:
+    for name, (state_dict, config) in adapters.items():
+        lora.load_adapter(name, state_dict=state_dict, config=config)
+
+
+def _serve(lora: tl.LoRAModel, forward, ids: torch.Tensor, adapters: dict, batches: list) -> None:
+    """One reload and one new adapter mix (slot writes, evictions) per step; outputs stay on the device."""
+    names = list(adapters)
+    for step, batch in enumerate(batches):
+        name = names[step % len(names)]
+        lora.load_adapter(name, state_dict=adapters[name][0], config=adapters[name][1])
+        lora.set_batch(batch)
+        with torch.no_grad():
+            out = forward(ids)
+            torch_xla.sync()
+        del out
+
+
+# -- single layers: collectives in the compiled HLO ----------------------------------------------
+
+
+class Toy(nn.Module):
+    """Not a transformers model (its plan comes from ``sharding_plan``), with one module of each kind.
+
+    ``down`` is a GPT-2-style Conv1D (weight [in, out]) with a bias, to cover that layout.
+    """
+
+    def __init__(self, vocab: int = 128, hidden: int = 64, inner: int = 128) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.mix = nn.Linear(hidden, hidden)
+        self.up = nn.Linear(hidden, inner)
+        self.down = Conv1D(hidden, inner)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(torch.relu(self.up(self.mix(self.embed(ids))))))
+
+
+TOY_PLAN = {"embed": "vocab", "mix": "replicated", "up": "column", "down": "row", "head": "vocab"}
+
+
+def _graph_files(dump_dir: str) -> set[str]:
+    return set(glob.glob(os.path.join(dump_dir, "*SyncTensorsGraph*after_optimizations.txt")))
+
+
+def _run_and_count(dump_dir: str, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, int]]:
+    """``module(x)`` synced, and the collectives of the one graph it compiled, after SPMD partitioning."""
+    before = _graph_files(dump_dir)
+    with torch.no_grad():
+        out = module(x)
+        torch_xla.sync()
+    files = _graph_files(dump_dir) - before
+    if len(files) != 1:
+        raise RuntimeError(f"expected one new compiled graph, found {sorted(files)}")
+    with open(files.pop()) as f:
+        hlo = f.read()
+    return out, {op: len(re.findall(rf"= [^=]*\b{op}(?:-start)?\(", hlo)) for op in COLLECTIVES}
+
+
+# (layer, fully_sharded, with LoRA): each runs alone, on an input sharded as inside the toy model.
+LAYER_CASES = [(name, False, with_lora) for name in TOY_PLAN for with_lora in (False, True)]
+LAYER_CASES += [("up", True, True), ("head", True, True)]
+
+
+def run_layers(inputs: dict) -> dict:
+    mesh = _mesh((4,), ("model",))
+    toy_cpu = Toy()
+    toy_cpu.load_state_dict(inputs["toy_state"])
+    expected = _toy_reference(toy_cpu, inputs)
+    result = {"collectives": {}, "layer_outputs": {}, "model_outputs": {}}
+    for fully in (False, True):
+        toy = copy.deepcopy(toy_cpu).to(torch_xla.device())
+        lora = tl.patch_model(toy, _toy_config(), mesh=mesh, sharding_plan=TOY_PLAN, fully_sharded=fully)
+        lora.load_adapter("a", state_dict=inputs["adapter"][0], config=inputs["adapter"][1])
+        lora.set_token_adapters(inputs["token_adapters"])
+        result["model_outputs"][fully] = (_toy_logits(toy, inputs["ids"], mesh), expected["model"])
+        layer_inputs = _layer_inputs(toy, inputs["ids"], mesh)
+        for name, _, with_lora in [case for case in LAYER_CASES if case[1] == fully]:
+            if with_lora:
+                lora.set_token_adapters(inputs["token_adapters"])
+            else:
+                lora.clear_batch()
+            out, counts = _run_and_count(inputs["dump_dir"], lora.layers[name], layer_inputs[name])
+            result["collectives"][(name, fully, with_lora)] = counts
+            if with_lora:
+                result["layer_outputs"][(name, fully)] = (out.cpu(), expected[name])
+        if not fully:
+            lora.set_token_adapters(inputs["token_adapters"])
+            control = _partitioner_control(lora.layers["down"], layer_inputs["down"], inputs["dump_dir"])
+            result["collectives"]["down/partitioner"] = control
+    # The Pallas kernels (interpret mode here, Mosaic on TPU) per shard; adapters in another dtype than the model.
+    result["model_outputs"]["pallas"] = _toy_variant(toy_cpu, inputs, mesh, torch.float32, backend="pallas")
+    result["model_outputs"]["bf16"] = _toy_variant(toy_cpu, inputs, mesh, torch.bfloat16, dtype=torch.float32)
+    result["model_collectives"] = _llama_collectives(inputs["llama"], mesh, inputs["dump_dir"])
+    result["divisibility_error"] = _divisibility_error(mesh)
+    return result
+
+
+def _llama_collectives(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict[str, dict[str, int]]:
+    """Collectives of the whole patched Llama's forward: a mixed batch ("lora") and no adapter ("base")."""
+    model, lora = _patched_llama(inputs, mesh, dp_axis=None, fully_sharded=False)
+    _load_all(lora, inputs["adapters"])
+    lora.set_batch(inputs["batch"])
+    logits = lambda ids: model(ids).logits
+    ids = inputs["ids"].to(torch_xla.device())
+    counts = {"lora": _run_and_count(dump_dir, logits, ids)[1]}
+    lora.clear_batch()
+    counts["base"] = _run_and_count(dump_dir, logits, ids)[1]
+    return counts
+
+
+def _toy_variant(toy_cpu: Toy, inputs: dict, mesh: xs.Mesh, model_dtype: torch.dtype, **changes):
+    """(on the mesh, on the host): toy logits for a variant of the LoRA config and the model dtype."""
+    config = dataclasses.replace(_toy_config(), **changes)
+    toy = copy.deepcopy(toy_cpu).to(torch_xla.device(), model_dtype)
+    host = copy.deepcopy(toy_cpu).to(dtype=model_dtype)
+    for model, sharded in ((toy, {"mesh": mesh, "sharding_plan": TOY_PLAN}), (host, {})):
+        lora = tl.patch_model(model, config, **sharded)
+        lora.load_adapter("a", state_dict=inputs["adapter"][0], config=inputs["adapter"][1])
+        lora.set_token_adapters(inputs["token_adapters"])
+    with torch.no_grad():
+        return _toy_logits(toy, inputs["ids"], mesh), host(inputs["ids"])
+
+
+def _toy_logits(toy: Toy, ids: torch.Tensor, mesh: xs.Mesh) -> torch.Tensor:
+    with torch.no_grad():
+        logits = sharding.replicated(toy(ids.to(torch_xla.device())), mesh)
+        torch_xla.sync()
+    return logits.cpu()
+
+
+def _layer_inputs(toy: Toy, ids: torch.Tensor, mesh: xs.Mesh) -> dict[str, torch.Tensor]:
+    """Each layer's input, sharded as inside the model, as device data (so a layer's graph holds it alone)."""
+    with torch.no_grad():
+        ids = ids.to(torch_xla.device())
+        embedded = toy.embed(ids)
+        mixed = toy.mix(embedded)
+        hidden = xs.mark_sharding(torch.relu(toy.up(mixed)), mesh, (None, "model")).global_tensor
+        torch_xla.sync()
+    return {"embed": ids, "mix": embedded, "up": mixed, "down": hidden, "head": embedded}
+
+
+def _partitioner_control(layer: nn.Module, x: torch.Tensor, dump_dir: str) -> dict[str, int]:
+    """Collectives of the one-device forward on the same sharded tensors, left to the partitioner.
+
+    The control for the counts above: it shows the counting sees a collective that LoRA adds.
+    """
+    placement, layer.tensor_parallel = layer.tensor_parallel, None
+    try:
+        return _run_and_count(dump_dir, layer, x)[1]
+    finally:
+        layer.tensor_parallel = placement
+
+
+def _toy_config() -> tl.LoRAConfig:
+    return tl.LoRAConfig(max_loras=2, max_rank=8, target_modules=tuple(TOY_PLAN))
+
+
+def _toy_reference(toy_cpu: Toy, inputs: dict) -> dict[str, torch.Tensor]:
+    """Each layer's output with LoRA, computed on the host (the ops' plain-torch path)."""
+    toy = copy.deepcopy(toy_cpu)
+    lora = tl.patch_model(toy, _toy_config())
+    lora.load_adapter("a", state_dict=inputs["adapter"][0], config=inputs["adapter"][1])
+    lora.set_token_adapters(inputs["token_adapters"])
+    with torch.no_grad():
+        embedded = toy.embed(inputs["ids"])
+        mixed = toy.mix(embedded)
+        up = toy.up(mixed)
+        return {
+            "embed": embedded,
+            "mix": mixed,
+            "up": up,
+            "down": toy.down(torch.relu(up)),
+            "head": toy.head(embedded),
+            "model": toy(inputs["ids"]),
+        }
+
+
+def _divisibility_error(mesh: xs.Mesh) -> str:
+    model = nn.Sequential(nn.Linear(8, 6))
+    layers = {"0": tl.patching.LinearWithLoRA(model[0], None, 2, 4, torch.float32)}
+    try:
+        sharding.plan_model(model, layers, mesh, "model", plan={"0": "column"})
+    except sharding.ShardingError as error:
+        return str(error)
+    return ""
+
+
+def main() -> None:
+    scenario, workdir = sys.argv[1], sys.argv[2]
+    xr.use_spmd()
+    inputs = torch.load(os.path.join(workdir, "inputs.pt"), weights_only=False)
+    result = {"llama": run_llama, "layers": run_layers}[scenario](inputs)
+    result["num_devices"] = xr.global_runtime_device_count()
+    torch.save(result, os.path.join(workdir, "result.pt"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Tensor-parallel LoRA on torch_xla SPMD: same logits as one device, no extra collective, no recompilation.
+
+SPMD is process-global, so each mesh runs in a subprocess (``spmd_worker.py``)
+on 4 or 8 virtual CPU devices; the checks below read its results. Plans and
+argument errors need no mesh of several devices and run in this process.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from conftest import assert_close
+from spmd_worker import TOY_PLAN, Toy
+from torch import nn
+
+import torch_xla_lora as tl
+from torch_xla_lora import sharding
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER_TIMEOUT_S = 300
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens"]
+LORA_CONFIG = {"max_loras": 2, "max_rank": 8, "target_modules": TARGETS}
+BATCH = ["a0", None, "a1", "a0"]
+MORE_BATCHES = [["a2", "a0", None, "a2"], ["a1", "a2", "a1", None], [None, None, "a0", "a0"]]
+SPMD_ATOL = SPMD_RTOL = 1e-5  # float32: only the order of the sharded sums differs
+
+# name -> (devices, mesh shape, axis names, dp_axis, fully_sharded)
+SCENARIOS = {
+    "tp4": (4, (4,), ("model",), None, False),
+    "tp8-fully-sharded": (8, (8,), ("model",), None, True),
+    "dp2xtp4": (8, (2, 4), ("data", "model"), "data", False),
+}
+
+
+def run_worker(scenario: str, workdir: str, inputs: dict, devices: int, dump_hlo: bool = False) -> dict:
+    """Run ``spmd_worker.py scenario`` on ``devices`` virtual CPU devices; return its result."""
+    torch.save(inputs, os.path.join(workdir, "inputs.pt"))
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices))
+    env.pop("XLA_FLAGS", None)
+    if dump_hlo:
+        env["XLA_FLAGS"] = f"--xla_dump_to={inputs['dump_dir']} --xla_dump_hlo_as_text"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "spmd_worker.py"), scenario, workdir],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WORKER_TIMEOUT_S,
+    )
+    if proc.returncode:
+        raise AssertionError(f"spmd_worker.py {scenario} failed:\n{proc.stderr[-6000:]}")
+    return torch.load(os.path.join(workdir, "result.pt"), weights_only=False)
+
+
+# -- a tiny Llama, its PEFT adapters and one-device references ----------------------------------
+
+
+def _llama_config() -> dict:
+    # Heads divisible by 8 so that attention splits evenly over 4 and 8 shards.
+    return dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
+
+
+@pytest.fixture(scope="module")
+def llama_inputs() -> dict:
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_llama_config())).eval()
+    adapters = {}
+    for i, rank in enumerate((4, 8, 8)):
+        config = peft.LoraConfig(target_modules=TARGETS, init_lora_weights=False, r=rank, lora_alpha=8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # notices about saving embedding layers
+            model = peft.get_peft_model(copy.deepcopy(base), config)
+            adapters[f"a{i}"] = (peft.get_peft_model_state_dict(model), config)
+    return {
+        "model_config": _llama_config(),
+        "state_dict": base.state_dict(),
+        "adapters": adapters,
+        "lora_config": LORA_CONFIG,
+        "ids": torch.randint(0, 128, (len(BATCH), 8), generator=torch.Generator().manual_seed(1)),
+        "batch": BATCH,
+        "more_batches": MORE_BATCHES,
+    }
+
+
+def _base_llama(inputs: dict) -> nn.Module:
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**inputs["model_config"]))
+    model.load_state_dict(inputs["state_dict"])
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def one_device_logits(llama_inputs, xla_device) -> torch.Tensor:
+    """The same patched model, adapters and batch on one XLA device (this process is not SPMD)."""
+    model = _base_llama(llama_inputs).to(xla_device)
+    lora = tl.patch_model(model, tl.LoRAConfig(**LORA_CONFIG))
+    for name, (state_dict, config) in llama_inputs["adapters"].items():
+        lora.load_adapter(name, state_dict=state_dict, config=config)
+    lora.set_batch(BATCH)
+    with torch.no_grad():
+        return model(llama_inputs["ids"].to(xla_device)).logits.cpu()
+
+
+@pytest.fixture(scope="module")
+def peft_logits(llama_inputs) -> torch.Tensor:
+    """PEFT's own mixed-batch inference (``adapter_names``) on the host."""
+    names = list(llama_inputs["adapters"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(_base_llama(llama_inputs), llama_inputs["adapters"][names[0]][1], names[0])
+        for name in names[1:]:
+            model.add_adapter(name, llama_inputs["adapters"][name][1])
+        for name in names:
+            peft.set_peft_model_state_dict(model, llama_inputs["adapters"][name][0], adapter_name=name)
+    rows = [name or "__base__" for name in BATCH]
+    with torch.no_grad():
+        return model.eval()(llama_inputs["ids"], adapter_names=rows).logits
+
+
+def _expected_specs(fully: bool) -> dict[str, dict[str, tuple]]:
+    """Partition spec of the base weight and LoRA buffers of one layer of each kind."""
+    rank = "model" if fully else None
+    column = {"weight": ("model", None), "lora_a": (None, rank, None), "lora_b": (None, None, "model")}
+    row = {"weight": (None, "model"), "lora_a": (None, None, "model"), "lora_b": (None, None, None)}
+    embedding = {"weight": ("model", None), "lora_a": (None, "model", None), "lora_b": (None, None, None)}
+    return {"q_proj": column, "lm_head": column, "o_proj": row, "down_proj": row, "embed_tokens": embedding}
+
+
+@pytest.fixture(scope="module", params=list(SCENARIOS))
+def spmd_llama(request, llama_inputs, tmp_path_factory) -> tuple[str, dict]:
+    """(scenario, result) of the patched Llama on a mesh: warm-up, loads, a mixed batch, more mixes."""
+    devices, shape, names, dp_axis, fully = SCENARIOS[request.param]
+    inputs = dict(llama_inputs, mesh_shape=shape, axis_names=names, dp_axis=dp_axis, fully_sharded=fully)
+    inputs["expected_specs"] = _expected_specs(fully)
+    result = run_worker("llama", str(tmp_path_factory.mktemp(request.param)), inputs, devices)
+    assert result["num_devices"] == devices
+    return request.param, result
+
+
+def test_spmd_logits_match_one_device(spmd_llama, one_device_logits):
+    _, result = spmd_llama
+    torch.testing.assert_close(result["logits"], one_device_logits, atol=SPMD_ATOL, rtol=SPMD_RTOL)
+
+
+def test_spmd_logits_match_peft(spmd_llama, peft_logits):
+    _, result = spmd_llama
+    assert_close(result["logits"], peft_logits)
+
+
+@pytest.mark.parametrize("layer", ["q_proj", "o_proj", "down_proj", "lm_head", "embed_tokens"])
+def test_buffers_sharded_like_base_weight(spmd_llama, layer):
+    _, result = spmd_llama
+    assert result["specs_patched"][layer] == result["expected_spec_text"][layer]
+
+
+def test_slot_writes_keep_sharding(spmd_llama):
+    _, result = spmd_llama
+    assert result["specs_loaded"] == result["specs_patched"]
+
+
+def test_warmup_compiles_one_forward_and_one_slot_write(spmd_llama):
+    _, result = spmd_llama
+    assert result["warmup_compiles"] == 2  # one forward, one slot write
+
+
+def test_no_recompile_across_adapter_mixes_and_loads(spmd_llama):
+    _, result = spmd_llama
+    assert result["compiles_after_warmup"] == 0
+
+
+def test_serving_loop_copies_nothing_to_host(spmd_llama):
+    _, result = spmd_llama
+    assert result["loop_transfers_from_device"] == 0
+
+
+# -- single layers on 4 devices: the collectives of their compiled HLO ---------------------------
+
+
+@pytest.fixture(scope="module")
+def spmd_layers(llama_inputs, tmp_path_factory) -> dict:
+    torch.manual_seed(2)
+    toy = Toy()
+    config = peft.LoraConfig(
+        target_modules=list(TOY_PLAN), init_lora_weights=False, r=8, lora_alpha=16, fan_in_fan_out=True
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fan_in_fan_out and embedding-saving notices
+        adapter = peft.get_peft_model(copy.deepcopy(toy), config)
+        adapter_state = peft.get_peft_model_state_dict(adapter)
+    workdir = tmp_path_factory.mktemp("layers")
+    tokens = 16
+    inputs = {
+        "toy_state": toy.state_dict(),
+        "adapter": (adapter_state, config),
+        "ids": torch.randint(0, 128, (tokens,), generator=torch.Generator().manual_seed(3)),
+        "token_adapters": ["a" if i % 3 else None for i in range(tokens)],
+        "dump_dir": str(workdir / "hlo"),
+        "llama": llama_inputs,
+    }
+    return run_worker("layers", str(workdir), inputs, devices=4, dump_hlo=True)
+
+
+def _collectives(result: dict, layer: str, fully: bool, with_lora: bool) -> dict[str, int]:
+    return result["collectives"][(layer, fully, with_lora)]
+
+
+def test_row_parallel_layer_reduces_once(spmd_layers):
+    counts = _collectives(spmd_layers, "down", False, True)
+    assert counts == {**dict.fromkeys(counts, 0), "all-reduce": 1}
+
+
+def test_row_parallel_lora_adds_no_collective(spmd_layers):
+    assert _collectives(spmd_layers, "down", False, True) == _collectives(spmd_layers, "down", False, False)
+
+
+def test_lora_adds_no_collective_to_the_llama_forward(spmd_layers):
+    counts = spmd_layers["model_collectives"]
+    assert counts["lora"] == counts["base"]
+
+
+def test_collective_count_sees_what_the_partitioner_adds(spmd_layers):
+    # The control: the one-device LoRA forward on the same sharded buffers reduces [T, R] on its own.
+    partitioner = spmd_layers["collectives"]["down/partitioner"]
+    assert partitioner["all-reduce"] > _collectives(spmd_layers, "down", False, True)["all-reduce"]
+
+
+@pytest.mark.parametrize("layer", ["up", "head", "mix"])
+def test_column_parallel_or_replicated_lora_adds_no_collective(spmd_layers, layer):
+    counts = _collectives(spmd_layers, layer, False, True)
+    assert counts == _collectives(spmd_layers, layer, False, False)
+    assert not any(counts.values())
+
+
+def test_vocab_parallel_embedding_lora_adds_no_collective(spmd_layers):
+    assert _collectives(spmd_layers, "embed", False, True) == _collectives(spmd_layers, "embed", False, False)
+
+
+def test_fully_sharded_column_gathers_only_the_rank_intermediate(spmd_layers):
+    counts = _collectives(spmd_layers, "up", True, True)
+    assert counts == {**dict.fromkeys(counts, 0), "all-gather": 1}
+
+
+@pytest.mark.parametrize(
+    "layer, fully",
+    [("embed", False), ("mix", False), ("up", False), ("down", False), ("head", False), ("up", True), ("head", True)],
+)
+def test_sharded_layer_matches_host_reference(spmd_layers, layer, fully):
+    actual, expected = spmd_layers["layer_outputs"][(layer, fully)]
+    torch.testing.assert_close(actual, expected, atol=SPMD_ATOL, rtol=SPMD_RTOL)
+
+
+@pytest.mark.parametrize("variant", [False, True, "pallas"], ids=["tp", "fully-sharded", "pallas"])
+def test_sharding_plan_hook_shards_a_custom_model(spmd_layers, variant):
+    actual, expected = spmd_layers["model_outputs"][variant]
+    torch.testing.assert_close(actual, expected, atol=SPMD_ATOL, rtol=SPMD_RTOL)
+
+
+def test_adapters_in_float32_on_a_bfloat16_model(spmd_layers):
+    actual, expected = spmd_layers["model_outputs"]["bf16"]
+    assert actual.dtype == torch.bfloat16
+    assert_close(actual, expected)
+
+
+def test_lora_dimension_not_dividing_over_the_axis_raises(spmd_layers):
+    assert "'0': column-parallel dimension 6 does not divide into 4 shards" in spmd_layers["divisibility_error"]
+
+
+# -- plans and argument checks (no SPMD needed) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_device_mesh():
+    import torch_xla.distributed.spmd as xs
+
+    return xs.Mesh(np.arange(1), (1,), ("model",))
+
+
+def test_default_plan_for_llama(llama_inputs):
+    plan = sharding.default_plan(_base_llama(llama_inputs))
+    layer = "model.layers.0."
+    assert {name: plan[layer + name] for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj")} == {
+        "self_attn.q_proj": "column",
+        "self_attn.o_proj": "row",
+        "mlp.up_proj": "column",
+    }
+    assert (plan["lm_head"], plan["model.embed_tokens"], plan[layer + "mlp.down_proj"]) == ("vocab", "vocab", "row")
+
+
+def test_plan_mapping_matches_dotted_suffix_longest_first(one_device_mesh):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4)))
+    kinds = sharding.plan_model(model, {}, one_device_mesh, "model", plan={"0": "column", "1.0": "row"}).kinds
+    assert kinds == {"0": "column", "1.0": "row"}
+
+
+def test_plan_callable(one_device_mesh):
+    model = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 4))
+    plan = lambda name, module: "vocab" if isinstance(module, nn.Embedding) else None
+    assert sharding.plan_model(model, {}, one_device_mesh, "model", plan=plan).kinds == {"0": "vocab"}
+
+
+def test_plan_key_matching_nothing_raises(one_device_mesh):
+    with pytest.raises(sharding.ShardingError, match=r"keys \['proj'\] match no linear or embedding module"):
+        sharding.plan_model(nn.Sequential(nn.Linear(4, 4)), {}, one_device_mesh, "model", plan={"proj": "row"})
+
+
+def test_plan_unknown_kind_raises(one_device_mesh):
+    with pytest.raises(sharding.ShardingError, match="kind must be one of .* got 'rows'"):
+        sharding.plan_model(nn.Sequential(nn.Linear(4, 4)), {}, one_device_mesh, "model", plan={"0": "rows"})
+
+
+def test_row_parallel_embedding_raises(one_device_mesh):
+    with pytest.raises(sharding.ShardingError, match="embedding '0' can be 'vocab' or 'replicated', got 'row'"):
+        sharding.plan_model(nn.Sequential(nn.Embedding(8, 4)), {}, one_device_mesh, "model", plan={"0": "row"})
+
+
+def test_axis_not_in_mesh_raises(one_device_mesh):
+    with pytest.raises(sharding.ShardingError, match=r"tp_axis 'tp' is not an axis of the mesh \(axes: \('model',\)\)"):
+        sharding.plan_model(nn.Sequential(nn.Linear(4, 4)), {}, one_device_mesh, "tp")
+
+
+def test_failed_plan_leaves_model_unpatched(one_device_mesh):
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(sharding.ShardingError):
+        tl.patch_model(model, tl.LoRAConfig(), mesh=one_device_mesh, sharding_plan={"0": "diagonal"})
+    assert type(model[0]) is nn.Linear
+
+
+def test_sharding_arguments_need_a_mesh():
+    with pytest.raises(TypeError, match="need a mesh"):
+        tl.patch_model(nn.Sequential(nn.Linear(4, 4)), tl.LoRAConfig(), fully_sharded=True)
