@@ -19,6 +19,7 @@ __all__ = [
     "UnknownModuleError",
     "NoFreeSlotError",
     "RecompilationError",
+    "ShardingError",
 ]
 
 
@@ -63,3 +64,7 @@ class NoFreeSlotError(LoRAError, RuntimeError):
 
 class RecompilationError(LoRAError, RuntimeError):
     """XLA compiled a new graph inside :func:`assert_no_recompile`."""
+
+
+class ShardingError(LoRAError, ValueError):
+    """A mesh, axis or sharding plan does not fit the model."""

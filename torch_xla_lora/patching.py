@@ -33,16 +33,11 @@ from torch_xla_lora.layers import (
     RowParallelLinearWithLoRA,
 )
 from torch_xla_lora.layers.linear import linear_features
+from torch_xla_lora.layers.names import COLUMN_NAMES, MERGED_NAMES, QKV_NAMES, ROW_NAMES
 from torch_xla_lora.manager import AdapterManager
 
 if TYPE_CHECKING:
     from torch_xla.distributed.spmd import Mesh
-
-# Layer kind by the module's own name, for the common transformers architectures.
-_QKV_NAMES = {"c_attn", "qkv_proj", "query_key_value", "Wqkv"}
-_MERGED_NAMES = {"gate_up_proj"}
-_ROW_NAMES = {"o_proj", "down_proj", "c_proj", "out_proj", "dense_4h_to_h", "fc2", "wo"}
-_COLUMN_NAMES = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_fc", "fc1", "dense_h_to_4h", "wi"}
 
 
 def _is_target(name: str, target_modules: str | tuple[str, ...], linear: bool, is_head: bool) -> bool:
@@ -61,15 +56,15 @@ def _layer_class(name: str, module: nn.Module, is_head: bool) -> type[BaseLayerW
         return LogitsWithLoRA
     # A fused projection whose slices are not equal (multi-query attention: q wider than
     # k and v) is one column-parallel output; the fused op covers every slice anyway.
-    if short in _QKV_NAMES and QKVParallelLinearWithLoRA.can_replace(module):
+    if short in QKV_NAMES and QKVParallelLinearWithLoRA.can_replace(module):
         return QKVParallelLinearWithLoRA
-    if short in _MERGED_NAMES and MergedColumnParallelLinearWithLoRA.can_replace(module):
+    if short in MERGED_NAMES and MergedColumnParallelLinearWithLoRA.can_replace(module):
         return MergedColumnParallelLinearWithLoRA
-    if short in _QKV_NAMES | _MERGED_NAMES:
+    if short in QKV_NAMES | MERGED_NAMES:
         return ColumnParallelLinearWithLoRA
-    if short in _ROW_NAMES:
+    if short in ROW_NAMES:
         return RowParallelLinearWithLoRA
-    if short in _COLUMN_NAMES:
+    if short in COLUMN_NAMES:
         return ColumnParallelLinearWithLoRA
     return LinearWithLoRA
 

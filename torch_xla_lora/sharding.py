@@ -40,12 +40,12 @@ import torch
 import torch_xla.distributed.spmd as xs
 from torch import nn
 
-from torch_xla_lora.errors import LoRAError
+from torch_xla_lora.errors import ShardingError
 from torch_xla_lora.layers import BaseLayerWithLoRA, EmbeddingWithLoRA
 from torch_xla_lora.layers.linear import linear_features
 
 # One source of truth for transformers' projection names: the patcher's.
-from torch_xla_lora.patching import _COLUMN_NAMES, _MERGED_NAMES, _QKV_NAMES, _ROW_NAMES
+from torch_xla_lora.layers.names import COLUMN_NAMES, MERGED_NAMES, QKV_NAMES, ROW_NAMES
 
 if TYPE_CHECKING:
     from torch_xla.distributed.spmd import Mesh
@@ -67,10 +67,6 @@ Spec = tuple[str | None, ...]
 ShardingPlan = Mapping[str, str] | Callable[[str, nn.Module], str | None]
 
 
-class ShardingError(LoRAError, ValueError):
-    """A mesh, axis or sharding plan does not fit the model."""
-
-
 # -- plans ---------------------------------------------------------------------------------------
 
 
@@ -90,9 +86,9 @@ def default_plan(model: nn.Module) -> dict[str, str]:
             plan[name] = "vocab"
         elif linear_features(module) is None:
             continue
-        elif short in _COLUMN_NAMES | _QKV_NAMES | _MERGED_NAMES:
+        elif short in COLUMN_NAMES | QKV_NAMES | MERGED_NAMES:
             plan[name] = "column"
-        elif short in _ROW_NAMES:
+        elif short in ROW_NAMES:
             plan[name] = "row"
     return plan
 
