@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax import export as jax_export
 
 from torch_xla_lora.kernels import block_sizes, expand, reference, shrink, visits
@@ -150,3 +152,28 @@ def test_host_metadata_equals_device_metadata(num_tokens, num_slots, block_token
     lane_blocks, vis = visits.unpack(host, num_tokens, num_slots, block_tokens, lanes)
     np.testing.assert_array_equal(vis.count, [len(_numpy_visits(idx, num_slots, block_tokens))])
     assert lane_blocks.code.shape == (num_tokens,)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    blocks=st.integers(1, 4),
+    block_tokens=st.sampled_from([8, 16]),
+    num_slots=st.integers(1, 20),
+    lanes=st.sampled_from([1, 2, 8]),
+    data=st.data(),
+)
+def test_lane_metadata_property(blocks, block_tokens, num_slots, lanes, data):
+    """For any slots, every token's code names its slot in its block's list, and chunks cover the list."""
+    num_tokens = blocks * block_tokens
+    idx = np.array(data.draw(st.lists(st.integers(-2, num_slots + 1), min_size=num_tokens, max_size=num_tokens)))
+    idx = np.where((idx >= 0) & (idx < num_slots), idx, -1).astype(np.int32)
+    meta = visits.build_lanes(idx, num_slots, block_tokens, lanes, xp=np)
+    per_block = visits.max_chunks(block_tokens, num_slots, lanes) * lanes
+    for t, slot in enumerate(idx):
+        block = t // block_tokens
+        if slot < 0:
+            assert meta.code[t] == -1
+            continue
+        assert meta.slots[block * per_block + meta.code[t]] == slot
+        assert meta.code[t] < meta.chunks[block] * lanes
+    assert int(meta.num_active[0]) == len({t // block_tokens for t in range(num_tokens) if idx[t] >= 0})
