@@ -17,16 +17,18 @@ INSTALL_REQUIRES = [
     "flax==0.12.0",  # torchax imports flax at import time
     "numpy",
     "safetensors",
+    # The demo (the README's main job) builds a transformers Llama and checks it against PEFT.
+    "peft>=0.21,<0.22",
+    "transformers>=5,<6",
 ]
 
 EXTRAS_REQUIRE = {
     "test": [
         "pytest",
-        "peft>=0.21,<0.22",
-        "transformers>=5,<6",
         "safetensors",
         "hypothesis",
         "ruff",
+        "matplotlib",  # tests/test_bench_e2e.py runs the benchmark, which draws its heatmaps
     ],
     "bench": ["matplotlib"],
     "tpu": ["libtpu==0.0.21"],
