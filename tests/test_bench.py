@@ -65,4 +65,4 @@ def test_warmup_command_quick(capsys):
 
     assert warmup.main(["--quick"]) == 0
     out = capsys.readouterr().out
-    assert "max_loras   1:" in out and "max_loras   4:" in out and "2 compilations" in out
+    assert "max_loras   1:" in out and "max_loras   4:" in out and "in 2 compilations" in out

@@ -101,10 +101,10 @@ def run(
         for num_slots in slots:
             a = torch.randn(num_slots, rank, hidden, generator=g) / hidden**0.5
             b = torch.randn(num_slots, rank, hidden, generator=g) / rank**0.5
-            cases = {f"{in_use} in use": min(in_use, num_slots), "every slot in use": num_slots}
+            cases = {f"{in_use} in use": min(in_use, num_slots)}
+            if num_slots > in_use:
+                cases["every slot in use"] = num_slots
             for case, used in cases.items():
-                if case != "every slot in use" and used == num_slots and num_slots != in_use:
-                    continue
                 idx = batch_indices(num_tokens, num_slots, min(used, num_tokens))
                 dev = [t.to(device) for t in (x, a, b, base, idx)]
                 ops = {
