@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from conftest import tiny_llama
 from peft import LoraConfig, get_peft_model
 from peft import get_peft_model_state_dict as _peft_state_dict
 from peft.tuners.lora import LoraLayer
@@ -24,18 +25,6 @@ from torch_xla_lora.errors import (
 
 NAME = "tenant-7"  # every error message must name it
 PREFIX = "base_model.model."
-
-
-def tiny_llama() -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def tiny_gpt2() -> torch.nn.Module:

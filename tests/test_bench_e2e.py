@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-import transformers
-from conftest import assert_close
+from conftest import assert_close, tiny_llama
 
 import torch_xla_lora as tl
 from torch_xla_lora.bench import e2e, e2e_report
@@ -47,37 +46,28 @@ def test_quick_run_json_covers_grid_and_sweep(quick_run):
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(xla_device):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval().to(xla_device)
+def llama_on_device(xla_device):
+    return tiny_llama(num_hidden_layers=1).to(xla_device)
 
 
 @pytest.mark.parametrize("batch", [["adapter0", None, "adapter1"], [None, None, None]])
-def test_onehot_formulation_matches_the_layers(tiny_llama, xla_device, batch):
+def test_onehot_formulation_matches_the_layers(llama_on_device, xla_device, batch):
     config = e2e.E2EConfig.quick()
-    lora = e2e.patch(tiny_llama, config, slots=8)
+    lora = e2e.patch(llama_on_device, config, slots=8)
     try:
         lora.set_batch(batch)
         ids = torch.randint(0, 64, (3, 5)).to(xla_device)
         with torch.no_grad():
-            expected = tiny_llama(ids).logits.cpu()
+            expected = llama_on_device(ids).logits.cpu()
             with e2e.onehot_formulation(lora):
-                actual = tiny_llama(ids).logits.cpu()
+                actual = llama_on_device(ids).logits.cpu()
     finally:
         lora.unpatch()
     assert_close(actual, expected)
 
 
-def test_onehot_formulation_is_undone_on_exit(tiny_llama):
-    lora = e2e.patch(tiny_llama, e2e.E2EConfig.quick(), slots=8)
+def test_onehot_formulation_is_undone_on_exit(llama_on_device):
+    lora = e2e.patch(llama_on_device, e2e.E2EConfig.quick(), slots=8)
     try:
         with e2e.onehot_formulation(lora):
             pass
@@ -86,8 +76,8 @@ def test_onehot_formulation_is_undone_on_exit(tiny_llama):
         lora.unpatch()
 
 
-def test_onehot_formulation_rejects_embedding_layers(tiny_llama):
-    lora = tl.patch_model(tiny_llama, tl.LoRAConfig(target_modules=["q_proj", "embed_tokens"]))
+def test_onehot_formulation_rejects_embedding_layers(llama_on_device):
+    lora = tl.patch_model(llama_on_device, tl.LoRAConfig(target_modules=["q_proj", "embed_tokens"]))
     try:
         with pytest.raises(TypeError, match="linear LoRA layers only, got EmbeddingWithLoRA"):
             with e2e.onehot_formulation(lora):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import assert_close
+from conftest import assert_close, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -66,20 +66,6 @@ PACKED = ["m0"] * 4 + [None] * 2 + ["m1"] * 5 + ["m0"]
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
-
-
-def tiny_llama(seed: int = 0, **overrides) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        **overrides,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:

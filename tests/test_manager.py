@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
-from conftest import assert_close
+from conftest import assert_close, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from torch import nn
 
@@ -36,17 +35,8 @@ LORA = {"max_loras": 2, "max_rank": 8, "target_modules": TARGETS, "max_cpu_adapt
 IDS = torch.randint(0, 64, (4, 5), generator=torch.Generator().manual_seed(1))
 
 
-def tiny_llama(seed: int = 0, hidden: int = 32) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+def one_layer_llama(hidden: int = 32) -> nn.Module:
+    return tiny_llama(hidden_size=hidden, num_hidden_layers=1)
 
 
 def peft_model_of(clean: nn.Module, specs: dict[str, dict], seed: int = 100) -> PeftModel:
@@ -95,7 +85,7 @@ class Bank:
 
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory) -> Bank:
-    clean = tiny_llama()
+    clean = one_layer_llama()
     peft_model = peft_model_of(clean, SPECS)
     return Bank(clean, peft_model, saved(peft_model, tmp_path_factory.mktemp("bank")))
 
@@ -318,12 +308,12 @@ def test_loading_into_a_host_cache_full_of_resident_adapters_keeps_or_rejects_th
 
 
 def _other_base_adapter() -> dict:
-    peft_model = peft_model_of(tiny_llama(hidden=48), {"other": {"r": 4}})
+    peft_model = peft_model_of(one_layer_llama(hidden=48), {"other": {"r": 4}})
     return state_dict_and_config(peft_model, "other")
 
 
 def _unsupported_dir(path: Path, **lora_kwargs) -> dict:
-    peft_model = peft_model_of(tiny_llama(), {"x": {"r": 4, **lora_kwargs}})
+    peft_model = peft_model_of(one_layer_llama(), {"x": {"r": 4, **lora_kwargs}})
     return {"path": saved(peft_model, path)["x"]}
 
 

@@ -32,9 +32,13 @@ def _pad_rows(array: jax.Array, rows: int, value=0) -> jax.Array:
     return jnp.pad(array, [(0, extra)] + [(0, 0)] * (array.ndim - 1), constant_values=value)
 
 
+def _padded_indices(indices: jax.Array, num_slots: int, rows: int) -> jax.Array:
+    """int32 indices padded to ``rows`` with -1, every value outside [0, num_slots) made -1."""
+    return visits.valid_slots(_pad_rows(indices.astype(jnp.int32), rows, -1), num_slots)
+
+
 def _prepare(indices: jax.Array, num_slots: int, sizes: block_sizes.BlockSizes):
-    padded = _pad_rows(indices.astype(jnp.int32), sizes.padded_tokens(indices.shape[0]), -1)
-    padded = visits.valid_slots(padded, num_slots)
+    padded = _padded_indices(indices, num_slots, sizes.padded_tokens(indices.shape[0]))
     return padded, visits.build(padded, num_slots, sizes.tokens)
 
 
@@ -108,7 +112,7 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
         num_slots, rank, out_dim = lora_b.shape
         sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, lora_b.dtype, generation)
         padded = sizes.padded_tokens(num_tokens)
-        idx = visits.valid_slots(_pad_rows(indices.astype(jnp.int32), padded, -1), num_slots)
+        idx = _padded_indices(indices, num_slots, padded)
         x_pad, base_pad = _pad_rows(x, padded), _pad_rows(base, padded)
         if metadata is not None:
             meta, vis = visits.unpack(metadata, padded, num_slots, sizes.tokens, lanes)
