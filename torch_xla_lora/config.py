@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 
-from torch_xla_lora.errors import LoRAError
+from torch_xla_lora.errors import ConfigError, ConfigTypeError
 
-
-class ConfigError(LoRAError, ValueError):
-    """A LoRAConfig field is out of range."""
+__all__ = ["LoRAConfig", "ConfigError", "ConfigTypeError"]  # ConfigError: also importable from here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,14 +38,44 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_rank", "max_cpu_adapters"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigTypeError(f"LoRAConfig.{name} must be an int, got {type(value).__name__} {value!r}")
+            if value < 1:
                 raise ConfigError(f"LoRAConfig.{name} must be a positive int, got {value!r}")
         if self.max_cpu_adapters < self.max_loras:
             raise ConfigError(
                 f"LoRAConfig.max_cpu_adapters ({self.max_cpu_adapters}) must be at least "
                 f"max_loras ({self.max_loras}): resident adapters stay cached"
             )
+        if not isinstance(self.backend, str):
+            raise ConfigTypeError(f"LoRAConfig.backend must be a str, got {type(self.backend).__name__}")
         if self.backend not in ("auto", "pallas", "xla"):
             raise ConfigError(f"LoRAConfig.backend must be 'auto', 'pallas' or 'xla', got {self.backend!r}")
-        if isinstance(self.target_modules, list):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise (ConfigError if isinstance(self.dtype, torch.dtype) else ConfigTypeError)(
+                f"LoRAConfig.dtype must be None or a floating torch.dtype, got {self.dtype!r}"
+            )
+        self._check_target_modules()
+
+    def _check_target_modules(self) -> None:
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if not targets:
+                raise ConfigError("LoRAConfig.target_modules must not be empty, got ''")
+            if targets != "all-linear":
+                try:
+                    re.compile(targets)
+                except re.error as exc:
+                    raise ConfigError(f"LoRAConfig.target_modules: invalid regex {targets!r}: {exc}") from None
+            return
+        if not isinstance(targets, (list, tuple)):
+            raise ConfigTypeError(
+                f"LoRAConfig.target_modules must be a str, list or tuple of str, got {type(targets).__name__}"
+            )
+        bad = [key for key in targets if not isinstance(key, str)]
+        if bad:
+            raise ConfigTypeError(f"LoRAConfig.target_modules entries must be str, got {bad!r}")
+        if not targets or "" in targets:
+            raise ConfigError(f"LoRAConfig.target_modules must list non-empty module names, got {targets!r}")
+        if isinstance(targets, list):
+            object.__setattr__(self, "target_modules", tuple(targets))

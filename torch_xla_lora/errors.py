@@ -10,6 +10,12 @@ from __future__ import annotations
 
 __all__ = [
     "LoRAError",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "ConfigError",
+    "ConfigTypeError",
+    "AlreadyPatchedError",
+    "UnpatchedError",
     "ShapeError",
     "AdapterNotFoundError",
     "AdapterFileError",
@@ -25,6 +31,30 @@ __all__ = [
 
 class LoRAError(Exception):
     """Base class of every error raised by torch_xla_lora."""
+
+
+class ArgumentError(LoRAError, ValueError):
+    """A public call's argument has a value outside what it accepts (an empty adapter name, seq_len < 1)."""
+
+
+class ArgumentTypeError(LoRAError, TypeError):
+    """A public call's argument has the wrong type (or a wrong combination of arguments)."""
+
+
+class ConfigError(LoRAError, ValueError):
+    """A :class:`~torch_xla_lora.LoRAConfig` field is out of range, or target_modules matches nothing."""
+
+
+class ConfigTypeError(ConfigError, ArgumentTypeError):
+    """A :class:`~torch_xla_lora.LoRAConfig` field has the wrong type (a bool for an int, a str for a dtype)."""
+
+
+class AlreadyPatchedError(LoRAError, ValueError):
+    """``patch_model`` was given a model that is already patched."""
+
+
+class UnpatchedError(LoRAError, RuntimeError):
+    """The handle's model was unpatched; the handle cannot be used any more."""
 
 
 class ShapeError(LoRAError, ValueError):
