@@ -244,11 +244,15 @@ def test_removed_slot_is_zeroed(bank):
     assert torch.equal(served.outputs(2), base_outputs(bank, 2))
 
 
-def test_removing_an_adapter_of_the_current_batch_runs_the_base_model(bank):
+def test_removing_an_adapter_of_the_current_batch_is_deferred_until_the_batch_changes(bank):
     served = serve(bank)
     served.lora.set_batch(["a", None, "b"])
     served.lora.remove("a")
-    assert torch.equal(served.outputs(3), base_outputs(bank, 3))
+    assert "a" not in served.lora.adapters()
+    assert_close(served.outputs(3), bank.expected(["a", None, "b"]))  # the current batch keeps its adapter
+    with pytest.raises(tl.AdapterNotFoundError):
+        served.lora.set_batch(["a"])
+    assert_close(served.run([None, "b", "c"]), bank.expected([None, "b", "c"]))
 
 
 @pytest.mark.parametrize("state", ["in_current_batch", "pinned", "evicted", "never_resident"])
@@ -266,11 +270,12 @@ def test_reload_replaces_the_weights(bank, state):
     assert_close(served.run(["a", None, "b"]), bank.expected(["a_v2", None, "b"]))
 
 
-def test_reload_of_an_adapter_in_the_current_batch_takes_effect_without_set_batch(bank):
+def test_reload_of_an_adapter_in_the_current_batch_takes_effect_at_the_next_set_batch(bank):
     served = serve(bank)
     served.lora.set_batch(["b", "a", None])
     served.load("a", source="a_v2")
-    assert_close(served.outputs(3), bank.expected(["b", "a_v2", None]))
+    assert_close(served.outputs(3), bank.expected(["b", "a", None]))  # deferred: the batch keeps the old weights
+    assert_close(served.run(["b", "a", None]), bank.expected(["b", "a_v2", None]))
 
 
 # --- host cache ----------------------------------------------------------------------------------------------

@@ -26,13 +26,15 @@ from safetensors.torch import load_file as _load_safetensors
 
 from torch_xla_lora.errors import (
     AdapterFileError,
+    ArgumentError,
+    ArgumentTypeError,
     InvalidAdapterError,
     RankTooLargeError,
     UnknownModuleError,
     UnsupportedAdapterError,
 )
 
-__all__ = ["LoRAAdapter", "ModuleLoRA", "check_adapter", "load_adapter"]
+__all__ = ["LoRAAdapter", "ModuleLoRA", "check_adapter", "check_name", "load_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -124,9 +126,14 @@ def load_adapter(
         UnsupportedAdapterError: not plain LoRA (DoRA, bias, modules_to_save, ...).
         InvalidAdapterError: NaN/Inf, unpaired or non-2-D factors, ranks inconsistent with each other or the config.
     """
+    check_name(name)
     from_dir = path is not None and state_dict is None and config is None
     if not from_dir and (path is not None or state_dict is None or config is None):
-        raise TypeError(f"adapter {name!r}: pass either path, or both state_dict and config")
+        raise ArgumentTypeError(f"adapter {name!r}: pass either path, or both state_dict and config")
+    if from_dir and not isinstance(path, (str, os.PathLike)):
+        raise ArgumentTypeError(f"adapter {name!r}: path must be a str or os.PathLike, got {type(path).__name__}")
+    if not from_dir and not isinstance(state_dict, Mapping):
+        raise ArgumentTypeError(f"adapter {name!r}: state_dict must be a mapping, got {type(state_dict).__name__}")
     if from_dir:
         config_dict, tensors = _read_dir(name, Path(path))
     else:
@@ -139,6 +146,19 @@ def load_adapter(
         module: _build_module(name, module, pair, config_dict, dtype) for module, pair in sorted(factors.items())
     }
     return LoRAAdapter(name=name, modules=modules, config=config_dict)
+
+
+def check_name(name: Any) -> None:
+    """Adapter names are non-empty strings (``None`` and ints mean "base" and "slot" in a batch).
+
+    Raises:
+        ArgumentTypeError: ``name`` is not a str.
+        ArgumentError: ``name`` is empty.
+    """
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"adapter name must be a non-empty str, got {type(name).__name__} {name!r}")
+    if not name:
+        raise ArgumentError("adapter name must be a non-empty str, got ''")
 
 
 def check_adapter(adapter: LoRAAdapter, module_shapes: Mapping[str, tuple[int, int]], max_rank: int) -> None:
@@ -222,7 +242,7 @@ def _config_to_dict(config: Mapping | Any) -> dict:
         return dict(config)
     if hasattr(config, "to_dict"):  # peft.LoraConfig
         return dict(config.to_dict())
-    raise TypeError(f"config must be a mapping or have .to_dict(), got {type(config).__name__}")
+    raise ArgumentTypeError(f"config must be a mapping or have .to_dict(), got {type(config).__name__}")
 
 
 # --- validation ------------------------------------------------------------------------------------------
@@ -333,6 +353,11 @@ def _build_module(name: str, module: str, pair: Mapping[str, tuple], config: Map
             f"got {a.shape[0]} in the weights"
         )
     # Fold in float32 so that bf16/fp16 outputs see one rounding, as PEFT's get_delta_weight does on CPU.
+    a_cast = a.to(device="cpu", dtype=dtype, copy=True)
+    if not torch.isfinite(a_cast).all():
+        raise InvalidAdapterError(
+            f"adapter {name!r}: tensor {a_key!r}: expected finite values in {dtype}, got overflow"
+        )
     b_scaled = (b.to(device="cpu", dtype=torch.float32) * scaling).to(dtype)
     if not torch.isfinite(b_scaled).all():
         raise InvalidAdapterError(
@@ -341,7 +366,7 @@ def _build_module(name: str, module: str, pair: Mapping[str, tuple], config: Map
         )
     return ModuleLoRA(
         # copy=True: an in-memory state dict may alias live PEFT parameters that keep training.
-        a=a.to(device="cpu", dtype=dtype, copy=True).contiguous(),
+        a=a_cast.contiguous(),
         b=b_scaled.contiguous(),
         rank=rank,
         scaling=scaling,

@@ -1,9 +1,14 @@
 """Adapter slots: which adapter lives in which device slot, a host cache, LRU eviction, pins.
 
-The manager is the only writer of the layers' slot buffers. Every public
-method takes the lock (servers load adapters from other threads) and is
-all-or-nothing: it validates and plans first, and changes slots, cache and
-pins only once nothing can fail any more.
+Concurrency (see docs/layers.md, "Concurrency contract"): every public method
+takes the lock and is all-or-nothing: it validates and plans first, and
+changes slots, cache and pins only once nothing can fail any more. Methods that
+any thread may call (``add``, ``remove``, ``activate``, ``pin``, ``unpin``,
+queries) only change host-side state and *stage* slot writes; they never touch
+the device buffers the model reads. The serving thread runs the staged writes
+with :meth:`apply` (at each ``set_batch``), as their own graph. Slots that the
+current batch reads are not written until the batch changes, so a reload or a
+removal of an adapter in use is deferred, never half applied.
 """
 
 from __future__ import annotations
@@ -11,10 +16,20 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from torch_xla_lora.adapters import LoRAAdapter, check_adapter
 from torch_xla_lora.errors import AdapterNotFoundError, NoFreeSlotError
 from torch_xla_lora.layers.base import BaseLayerWithLoRA
+
+
+class Plan(NamedTuple):
+    """What :meth:`AdapterManager.plan` decided: (slot, adapter) writes and the slot of each wanted name."""
+
+    wanted: list[str]
+    writes: list[tuple[int, str]]
+    slot_of: dict[str, int]
+    for_batch: bool
 
 
 class AdapterManager:
@@ -40,10 +55,13 @@ class AdapterManager:
         self.max_loras, self.max_rank, self.max_cpu_adapters = max_loras, max_rank, max_cpu_adapters
         self.lock = threading.RLock()  # re-entrant: callers may hold it across several calls
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()  # least recently used first
-        self._slots: list[str | None] = [None] * max_loras
+        self._slots: list[str | None] = [None] * max_loras  # the adapter each slot holds for new batches
+        self._staged: list[LoRAAdapter | None] = [None] * max_loras  # slot contents once pending writes run
+        self._applied: list[LoRAAdapter | None] = [None] * max_loras  # slot contents on the device now
         self._slot_use: OrderedDict[str, None] = OrderedDict()  # resident adapters, LRU first
         self._pinned: set[str] = set()
         self._batch: set[str] = set()  # adapters of the current batch: never evicted under it
+        self._batch_slots: set[int] = set()  # slots the current batch reads: not written until it changes
 
     # -- queries -----------------------------------------------------------------------------------
 
@@ -76,12 +94,15 @@ class AdapterManager:
             self._host[adapter.name] = adapter
             self._host.move_to_end(adapter.name)
             slot = self._slot_of(adapter.name)
-            if slot is not None:  # a reload rewrites the resident copy
-                self._write(slot, adapter)
+            if slot is not None:  # a reload rewrites the resident copy (at the next apply)
+                self._staged[slot] = adapter
             self._trim_host(keep=adapter.name)
 
     def remove(self, name: str) -> None:
-        """Forget ``name``: its slot is zeroed and freed, its pin and cache entry dropped."""
+        """Forget ``name``: its slot is freed (zeroed at the next apply), its pin and cache entry dropped.
+
+        A current batch that uses it keeps running it until the batch changes.
+        """
         with self.lock:
             self._require(name)
             slot = self._slot_of(name)
@@ -94,7 +115,7 @@ class AdapterManager:
     # -- slots -------------------------------------------------------------------------------------
 
     def activate(self, names: Sequence[str], *, for_batch: bool = False) -> dict[str, int]:
-        """Make every adapter of ``names`` resident; return name -> slot.
+        """Make every adapter of ``names`` resident (staging writes); return name -> slot.
 
         Missing ones take free slots, then evict the least recently used
         unpinned adapters that neither ``names`` nor the current batch needs.
@@ -105,24 +126,64 @@ class AdapterManager:
           NoFreeSlotError: more distinct adapters than slots, or not enough unpinned slots.
         """
         with self.lock:
+            plan = self.plan(names, for_batch=for_batch)
+            self.commit(plan)
+            return plan.slot_of
+
+    def plan(self, names: Sequence[str], *, for_batch: bool = False) -> Plan:
+        """Decide the slots of ``names`` without changing anything (raises as :meth:`activate`).
+
+        Commit it with :meth:`commit` while holding :attr:`lock` since the plan.
+        """
+        with self.lock:
             wanted = list(dict.fromkeys(names))
             for name in wanted:
                 self._require(name)
-            plan = self._plan(wanted, replacing_batch=for_batch)
-            for slot, name in plan:
-                self._write(slot, self._host[name])
-            for name in wanted:
+            writes = self._plan(wanted, replacing_batch=for_batch)
+            slot_of = {name: self._slot_of(name) for name in wanted}
+            slot_of.update({name: slot for slot, name in writes})
+            return Plan(wanted, writes, slot_of, for_batch)
+
+    def commit(self, plan: Plan) -> None:
+        """Stage ``plan``'s writes and record its adapters as recently used (and as the batch's)."""
+        with self.lock:
+            for slot, name in plan.writes:
+                self._stage(slot, name)
+            for name in plan.wanted:
                 self._slot_use[name] = None
                 self._slot_use.move_to_end(name)
                 self._host.move_to_end(name)
-            if for_batch:
-                self._batch = set(wanted)
-            return {name: self._slots.index(name) for name in wanted}
+            if plan.for_batch:
+                self._batch = set(plan.wanted)
+
+    def release_batch(self) -> None:
+        """The current batch is gone (``clear_batch``): its adapters and slots are no longer protected."""
+        with self.lock:
+            self._batch, self._batch_slots = set(), set()
+
+    def apply(self, batch_slots: set[int] | None = None) -> int:
+        """Run the staged slot writes (serving thread only); return how many slots were written.
+
+        Args:
+          batch_slots: the slots of the batch about to be sent: the batch changes, so
+            every staged write runs, and these slots become the protected ones.
+            None (no new batch): slots the current batch reads are skipped.
+        """
+        with self.lock:
+            skip = set() if batch_slots is not None else self._batch_slots
+            pending = [s for s in range(self.max_loras) if self._staged[s] is not self._applied[s] and s not in skip]
+            if pending:
+                _flush(self._layers.values())  # a forward left pending must not merge into the writes' graph
+                for slot in pending:  # one graph per slot: the same graph for any number of writes
+                    self._write(slot, self._staged[slot])
+                    _flush(self._layers.values())
+            if batch_slots is not None:
+                self._batch_slots = set(batch_slots)
+            return len(pending)
 
     def pin(self, name: str) -> int:
         """Keep ``name`` resident until unpinned (activating it now); return its slot."""
         with self.lock:
-            self._require(name)
             slot = self.activate([name])[name]
             self._pinned.add(name)
             return slot
@@ -155,36 +216,33 @@ class AdapterManager:
             )
         return list(zip(candidates, missing, strict=False))
 
-    def _write(self, slot: int, adapter: LoRAAdapter) -> None:
+    def _stage(self, slot: int, name: str) -> None:
         previous = self._slots[slot]
-        if previous is not None and previous != adapter.name:
+        if previous is not None and previous != name:
             self._slot_use.pop(previous, None)
+        self._slots[slot], self._staged[slot] = name, self._host[name]
+
+    def _write(self, slot: int, adapter: LoRAAdapter | None) -> None:
+        """Write ``adapter`` (None: zeros) into ``slot`` of every layer; the caller flushes."""
         for module, layer in self._layers.items():
-            weights = adapter.modules.get(module)
+            weights = None if adapter is None else adapter.modules.get(module)
             if weights is None:
                 layer.reset_adapter(slot)
             else:
                 layer.set_adapter(slot, weights)
-        _flush(self._layers.values())
-        self._slots[slot] = adapter.name
+        self._applied[slot] = adapter
 
     def _clear(self, slot: int) -> None:
         name = self._slots[slot]
-        for layer in self._layers.values():
-            layer.reset_adapter(slot)
-        _flush(self._layers.values())
-        self._slots[slot] = None
+        self._slots[slot], self._staged[slot] = None, None
         self._slot_use.pop(name, None)
 
     def warm_writes(self) -> None:
-        """Compile the one slot-write graph now: rewrite a slot with what it already holds."""
+        """Compile the one slot-write graph now: run staged writes, rewrite a slot with what it holds."""
         with self.lock:
-            slot = next((s for s, name in enumerate(self._slots) if name is not None), 0)
-            name = self._slots[slot]
-            if name is None:
-                self._clear(slot)
-            else:
-                self._write(slot, self._host[name])
+            self.apply()
+            self._write(0, self._applied[0])
+            _flush(self._layers.values())
 
     def _trim_host(self, keep: str) -> None:
         """Drop least recently used adapters beyond ``max_cpu_adapters``.

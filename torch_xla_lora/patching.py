@@ -21,7 +21,14 @@ from torch_xla_lora import ops
 from torch_xla_lora.compile import CompileCounter
 from torch_xla_lora.config import LoRAConfig
 from torch_xla_lora.context import BatchContext
-from torch_xla_lora.errors import LoRAError, ShapeError
+from torch_xla_lora.errors import (
+    AlreadyPatchedError,
+    ArgumentError,
+    ArgumentTypeError,
+    ConfigError,
+    ShapeError,
+    UnpatchedError,
+)
 from torch_xla_lora.layers import (
     BaseLayerWithLoRA,
     ColumnParallelLinearWithLoRA,
@@ -107,7 +114,6 @@ class LoRAModel:
         self.dtype = next(iter(layers.values())).lora_a.dtype
         self.device = _model_device(model)
         self.manager = AdapterManager(layers, config.max_loras, config.max_rank, config.max_cpu_adapters)
-        self._batch_names: set[str] = set()
         self._patched = True
 
     # -- adapters ----------------------------------------------------------------------------------
@@ -122,29 +128,56 @@ class LoRAModel:
     ) -> None:
         """Load a PEFT adapter from a directory PEFT wrote, or from a state dict and config.
 
-        Loading a name again replaces it (in its slot too, if resident).
+        Loading a name again replaces it (in its slot too, if resident). Any thread
+        may call it: files are read and checked outside the manager's lock, and the
+        slot write is staged for the serving thread's next ``set_batch`` (a current
+        batch that uses ``name`` keeps the old weights until the batch changes).
 
         Raises:
+          ArgumentTypeError, ArgumentError: ``name`` is not a non-empty str, or the
+            sources are not one of the two accepted combinations.
           AdapterFileError, InvalidAdapterError, UnsupportedAdapterError,
           UnknownModuleError, RankTooLargeError: nothing is changed.
         """
         self._check_patched()
+        adapters_io.check_name(name)
         adapter = adapters_io.load_adapter(name, path, state_dict=state_dict, config=config, dtype=self.dtype)
         self.manager.add(adapter)
 
     def remove(self, name: str) -> None:
-        """Forget an adapter; a current batch that used it is cleared (the model runs as base)."""
+        """Forget an adapter (any thread): new batches cannot name it any more.
+
+        A current batch that uses it keeps running it until the next ``set_batch``,
+        which zeroes its slot; its eviction protection ends now.
+        """
+        self._check_patched()
+        adapters_io.check_name(name)
         self.manager.remove(name)
-        if name in self._batch_names:
-            self.context.set(None, per_token=False)
-            self._batch_names = set()
 
     def pin(self, name: str) -> int:
-        """Keep an adapter in its device slot until :meth:`unpin`; returns the slot."""
+        """Keep an adapter in its device slot until :meth:`unpin` (any thread); returns the slot.
+
+        The slot is written at the serving thread's next ``set_batch`` (or :meth:`apply_pending`).
+        """
+        self._check_patched()
+        adapters_io.check_name(name)
         return self.manager.pin(name)
 
     def unpin(self, name: str) -> None:
+        """Let a pinned adapter be evicted again (any thread)."""
+        self._check_patched()
+        adapters_io.check_name(name)
         self.manager.unpin(name)
+
+    def apply_pending(self) -> int:
+        """Run staged slot writes now (serving thread), except into slots the current batch reads.
+
+        ``set_batch``, ``set_token_adapters`` and ``warmup`` do this themselves; call it
+        only to have pins and loads reach the device before the next batch. Returns the
+        number of slots written.
+        """
+        self._check_patched()
+        return self.manager.apply()
 
     def adapters(self) -> dict[str, dict]:
         """Loaded adapters: name -> {"slot", "pinned", "rank"}."""
@@ -162,8 +195,13 @@ class LoRAModel:
             by every layer (otherwise each layer sorts the slots on the device).
             Forwards with another sequence length still work, grouping on the device.
 
+        Call it from the serving thread: it runs the slot writes that other threads
+        staged, then sends the slots. Every row of the following forwards runs the
+        adapter named here, whatever other threads load, reload or remove meanwhile.
+
         Raises:
-          AdapterNotFoundError, NoFreeSlotError: nothing is changed.
+          ArgumentTypeError, ArgumentError, ShapeError, AdapterNotFoundError,
+          NoFreeSlotError: nothing is changed (the current batch stays).
         """
         self._set(names, per_token=False, seq_len=seq_len)
 
@@ -173,37 +211,68 @@ class LoRAModel:
         Entries are adapter names, ``None`` (base), or slot numbers (ints, -1 = base).
         """
         if isinstance(names_or_slots, torch.Tensor):
+            if names_or_slots.dtype.is_floating_point or names_or_slots.dtype.is_complex or names_or_slots.dim() != 1:
+                raise ArgumentTypeError(
+                    f"set_token_adapters: a tensor must be 1-D integer slots, got {names_or_slots.dtype} "
+                    f"of shape {tuple(names_or_slots.shape)}"
+                )
             names_or_slots = names_or_slots.tolist()
         self._set(names_or_slots, per_token=True, seq_len=1)
 
     def clear_batch(self) -> None:
-        """Run the base model only (no LoRA) until the next batch is set."""
-        self.context.set(None, per_token=False)
-        self._batch_names = set()
+        """Run the base model only (no LoRA) until the next batch is set; the old batch's
+        adapters lose their eviction protection."""
+        self._check_patched()
+        with self.manager.lock:
+            self.context.set(None, per_token=False)
+            self.manager.release_batch()
+
+    def _check_entries(self, entries: Any, seq_len: Any) -> list[str | int | None]:
+        """Validate a batch before anything changes; return its entries as a list."""
+        if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
+            raise ArgumentTypeError(
+                f"a batch must be a sequence of adapter names, None or slot ints, got {type(entries).__name__}"
+            )
+        entries = list(entries)
+        if len(entries) == 0:
+            raise ShapeError("a batch needs at least one entry")
+        for entry in entries:
+            if isinstance(entry, bool) or not (entry is None or isinstance(entry, (str, int))):
+                raise ArgumentTypeError(
+                    f"batch entries must be adapter names, None or slot ints, got {type(entry).__name__} {entry!r}"
+                )
+            if entry == "":
+                raise ArgumentError("batch entries: adapter names must be non-empty, got ''")
+            if isinstance(entry, int) and not -1 <= entry < self.config.max_loras:
+                raise ShapeError(f"slot {entry} is outside [-1, max_loras={self.config.max_loras})")
+        if seq_len is not None:
+            if isinstance(seq_len, bool) or not isinstance(seq_len, int):
+                raise ArgumentTypeError(f"seq_len must be None or an int, got {type(seq_len).__name__} {seq_len!r}")
+            if seq_len < 1:
+                raise ArgumentError(f"seq_len must be at least 1, got {seq_len}")
+        return entries
 
     def _set(self, entries: Sequence[str | int | None], per_token: bool, seq_len: int | None) -> None:
         self._check_patched()
-        if len(entries) == 0:
-            raise ShapeError("a batch needs at least one entry")
+        entries = self._check_entries(entries, seq_len)
         names = [e for e in entries if isinstance(e, str)]
-        for entry in entries:
-            if not (entry is None or isinstance(entry, (str, int))):
-                raise ShapeError(f"batch entries must be adapter names, None or slot ints, got {entry!r}")
-            if isinstance(entry, int) and not -1 <= entry < self.config.max_loras:
-                raise ShapeError(f"slot {entry} is outside [-1, max_loras={self.config.max_loras})")
+        # One critical section from the plan to the send: no other thread's remove, pin or
+        # load can land between choosing the slots, writing them and sending them.
         with self.manager.lock:
             # Adapters named by slot number belong to the batch too: protect them from eviction.
             names += self.manager.names_in_slots([e for e in entries if isinstance(e, int) and e >= 0])
-            slot_of = self.manager.activate(names, for_batch=True)
-        slots = torch.tensor(
-            [slot_of[e] if isinstance(e, str) else (-1 if e is None else e) for e in entries], dtype=torch.int32
-        )
-        self._send(slots, per_token, seq_len)
-        self._batch_names = set(names)
+            plan = self.manager.plan(names, for_batch=True)  # raises before anything changes
+            slots = torch.tensor(
+                [plan.slot_of[e] if isinstance(e, str) else (-1 if e is None else e) for e in entries],
+                dtype=torch.int32,
+            )
+            metadata = self._host_metadata(slots, seq_len)
+            self.manager.commit(plan)
+            self.manager.apply(batch_slots={int(s) for s in slots.tolist() if s >= 0})
+            self._send(slots, per_token, metadata=metadata)
 
-    def _send(self, slots: torch.Tensor, per_token: bool, seq_len: int | None) -> None:
-        """Give the layers a batch's slots, built on the host and sent whole (int32: TPUs have no
-        64-bit integer units), with the kernels' grouping when the token count is known."""
+    def _host_metadata(self, slots: torch.Tensor, seq_len: int | None) -> dict:
+        """The kernels' grouping of a batch, built on the host (XLA only): key -> CPU int32 tensor."""
         metadata = {}
         if seq_len is not None and self.device.type == "xla":
             token_slots = slots.repeat_interleave(seq_len)
@@ -212,12 +281,24 @@ class LoRAModel:
                 lay = fused[0]
                 shapes = [(lay.in_features, lay.out_features) for lay in fused]
                 arrays = ops.batch_metadata(token_slots, shapes, lay.max_rank, lay.max_loras, lay.lora_b.dtype)
-                sent = {}  # layers with the same plan share one array: send it once
                 for shape, array in arrays.items():
-                    if id(array) not in sent:
-                        sent[id(array)] = array.to(self.device)
-                    metadata[(len(token_slots), *shape)] = sent[id(array)]
-        self.context.set(slots.to(self.device), per_token, metadata)
+                    metadata[(len(token_slots), *shape)] = array
+        return metadata
+
+    def _send(
+        self, slots: torch.Tensor, per_token: bool, seq_len: int | None = None, metadata: dict | None = None
+    ) -> None:
+        """Give the layers a batch's slots, built on the host and sent whole (int32: TPUs have no
+        64-bit integer units), with the kernels' grouping when the token count is known."""
+        if metadata is None:
+            metadata = self._host_metadata(slots, seq_len)
+        sent = {}  # layers with the same plan share one array: send it once
+        on_device = {}
+        for key, array in metadata.items():
+            if id(array) not in sent:
+                sent[id(array)] = array.to(self.device)
+            on_device[key] = sent[id(array)]
+        self.context.set(slots.to(self.device), per_token, on_device)
 
     # -- compilation -------------------------------------------------------------------------------
 
@@ -287,7 +368,7 @@ class LoRAModel:
 
     def _check_patched(self) -> None:
         if not self._patched:
-            raise LoRAError("this model was unpatched; patch it again to use LoRA")
+            raise UnpatchedError("this model was unpatched; patch it again to use LoRA")
 
 
 def patch_model(
@@ -318,9 +399,19 @@ def patch_model(
       LoRAError: no module matched ``config.target_modules``.
       ShardingError: the mesh, an axis or the plan does not fit the model (nothing is changed).
     """
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"patch_model: model must be a torch.nn.Module, got {type(model).__name__}")
+    if config is not None and not isinstance(config, LoRAConfig):
+        raise ArgumentTypeError(f"patch_model: config must be a LoRAConfig, got {type(config).__name__}")
     config = config or LoRAConfig()
     if mesh is None and (dp_axis is not None or sharding_plan is not None or fully_sharded):
-        raise TypeError("patch_model: dp_axis, sharding_plan and fully_sharded need a mesh")
+        raise ArgumentTypeError("patch_model: dp_axis, sharding_plan and fully_sharded need a mesh")
+    patched = next((name for name, m in model.named_modules() if isinstance(m, BaseLayerWithLoRA)), None)
+    if patched is not None:
+        raise AlreadyPatchedError(
+            f"patch_model: {type(model).__name__} is already patched (module {patched or '<root>'!r} is a "
+            f"{type(model.get_submodule(patched)).__name__}); unpatch it first"
+        )
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     dtype = config.dtype or _model_dtype(model)
@@ -338,7 +429,7 @@ def patch_model(
         cls = _layer_class(name, module, is_head)
         layers[name] = cls(module, context, config.max_loras, config.max_rank, dtype, config.backend)
     if not layers:
-        raise LoRAError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
+        raise ConfigError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
     placement = None
     if mesh is not None:
         # Imported here: it imports torch_xla's SPMD module, which one-device users never need.
