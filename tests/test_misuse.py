@@ -1,0 +1,225 @@
+"""Misuse of the public API: every bad call raises a typed LoRAError (that is also the built-in type a user
+would catch) and leaves the adapter table, the slots and the current batch's outputs as they were.
+
+Runs on CPU tensors with the one-layer Llama and the PEFT adapters of tests/test_manager.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import assert_close
+from test_manager import SPECS, Bank, one_layer_llama, peft_model_of, saved, serve
+
+import torch_xla_lora as tl
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory) -> Bank:
+    clean = one_layer_llama()
+    peft_model = peft_model_of(clean, SPECS)
+    return Bank(clean, peft_model, saved(peft_model, tmp_path_factory.mktemp("bank")))
+
+
+def _overflowing_a(bank: Bank) -> dict:
+    """A PEFT adapter whose A holds a value beyond float16's range (finite in float32)."""
+    source = bank.source("a")
+    key = next(k for k in source["state_dict"] if k.endswith("q_proj.lora_A.weight"))
+    tensor = source["state_dict"][key].clone()
+    tensor[0, 0] = 1e6
+    return {**source, "state_dict": {**source["state_dict"], key: tensor}}
+
+
+# id -> (error, built-in type it must also be, the failing call (served, bank))
+CASES: dict[str, tuple[type[tl.LoRAError], type[Exception], Callable]] = {
+    "load_name_zero": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.load_adapter(0, **b.source("c"))),
+    "load_name_none": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.load_adapter(None, **b.source("c"))),
+    "load_name_true": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.load_adapter(True, **b.source("c"))),
+    "load_name_empty": (tl.ArgumentError, ValueError, lambda s, b: s.lora.load_adapter("", **b.source("c"))),
+    "load_no_source": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.load_adapter("c")),
+    "load_path_and_state": (
+        tl.ArgumentTypeError,
+        TypeError,
+        lambda s, b: s.lora.load_adapter("c", b.dirs["c"], **b.source("c")),
+    ),
+    "load_path_int": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.load_adapter("c", 17)),
+    "load_state_dict_list": (
+        tl.ArgumentTypeError,
+        TypeError,
+        lambda s, b: s.lora.load_adapter("c", state_dict=[1], config=b.source("c")["config"]),
+    ),
+    "load_config_int": (
+        tl.ArgumentTypeError,
+        TypeError,
+        lambda s, b: s.lora.load_adapter("c", state_dict=b.source("c")["state_dict"], config=3),
+    ),
+    "pin_int": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.pin(0)),
+    "unpin_none": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.unpin(None)),
+    "remove_empty": (tl.ArgumentError, ValueError, lambda s, b: s.lora.remove("")),
+    "batch_str": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.set_batch("ab")),
+    "batch_generator": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.set_batch(n for n in ["c"])),
+    "batch_bool_slot": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.set_batch([True, None])),
+    "batch_float": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.set_batch([0.0, None])),
+    "batch_empty_name": (tl.ArgumentError, ValueError, lambda s, b: s.lora.set_batch(["", None])),
+    # A bad seq_len must fail before the new batch's "c" and "d" evict the current batch's "a" and "b".
+    "seq_len_str": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.set_batch(["c", "d"], seq_len="5")),
+    "seq_len_float": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.set_batch(["c", "d"], seq_len=5.0)),
+    "seq_len_bool": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.set_batch(["c", "d"], seq_len=True)),
+    "seq_len_zero": (tl.ArgumentError, ValueError, lambda s, b: s.lora.set_batch(["c", "d"], seq_len=0)),
+    "seq_len_negative": (tl.ArgumentError, ValueError, lambda s, b: s.lora.set_batch(["c", "d"], seq_len=-3)),
+    "tokens_float_tensor": (
+        tl.ArgumentTypeError,
+        TypeError,
+        lambda s, b: s.lora.set_token_adapters(torch.zeros(15)),
+    ),
+    "tokens_bool_entry": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.set_token_adapters([False] * 15)),
+    "a_overflows_float16": (
+        tl.InvalidAdapterError,
+        ValueError,
+        lambda s, b: s.lora.load_adapter("a", **_overflowing_a(b)),
+    ),
+    "patch_patched_model": (tl.AlreadyPatchedError, ValueError, lambda s, b: tl.patch_model(s.model)),
+    "patch_config_dict": (tl.ArgumentTypeError, TypeError, lambda s, b: tl.patch_model(copy.deepcopy(b.clean), {})),
+    "patch_no_match": (
+        tl.ConfigError,
+        ValueError,
+        lambda s, b: tl.patch_model(copy.deepcopy(b.clean), tl.LoRAConfig(target_modules=["nothing"])),
+    ),
+    "patch_options_without_mesh": (
+        tl.ArgumentTypeError,
+        TypeError,
+        lambda s, b: tl.patch_model(copy.deepcopy(b.clean), fully_sharded=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_misuse_raises_a_typed_error_and_changes_nothing(bank, case):
+    error, builtin, call = CASES[case]
+    # float16 adapters (the overflow case); max_loras=2: a and b fill the slots, so c and d would evict them.
+    served = serve(bank, load=("a", "b", "c", "d"), dtype=torch.float16)
+    served.lora.set_batch(["a", None, "b"])
+    adapters, modules = list(served.lora.adapters().items()), dict(served.model.named_modules())
+    outputs = served.outputs(3)
+    with pytest.raises(tl.LoRAError) as err:
+        call(served, bank)
+    assert type(err.value) is error, repr(err.value)
+    assert isinstance(err.value, builtin)
+    assert list(served.lora.adapters().items()) == adapters
+    assert dict(served.model.named_modules()) == modules
+    assert torch.equal(served.outputs(3), outputs)
+    served.lora.set_batch(["a", None, "b"])  # nothing was staged either: the slots still hold a and b
+    assert torch.equal(served.outputs(3), outputs)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("max_loras", True, tl.ConfigTypeError),
+        ("max_rank", 2.0, tl.ConfigTypeError),
+        ("max_cpu_adapters", "8", tl.ConfigTypeError),
+        ("max_rank", 0, tl.ConfigError),
+        ("dtype", "float16", tl.ConfigTypeError),
+        ("dtype", torch.int8, tl.ConfigError),
+        ("target_modules", "q_proj(", tl.ConfigError),
+        ("target_modules", [3], tl.ConfigTypeError),
+        ("target_modules", [], tl.ConfigError),
+        ("target_modules", 5, tl.ConfigTypeError),
+        ("backend", None, tl.ConfigTypeError),
+    ],
+)
+def test_config_misuse_raises_a_typed_error(field, value, error):
+    with pytest.raises(tl.ConfigError) as err:
+        tl.LoRAConfig(**{field: value})
+    assert type(err.value) is error, repr(err.value)
+    assert isinstance(err.value, TypeError if error is tl.ConfigTypeError else ValueError)
+
+
+def test_config_error_is_importable_from_both_modules():
+    from torch_xla_lora.config import ConfigError
+
+    assert ConfigError is tl.ConfigError and issubclass(ConfigError, tl.LoRAError)
+
+
+def test_unpatched_handle_raises_a_typed_error(bank):
+    served = serve(bank, load=("a",))
+    served.lora.unpatch()
+    with pytest.raises(tl.UnpatchedError):
+        served.lora.set_batch(["a"])
+
+
+# --- eviction protection ends with the batch -----------------------------------------------------------------
+
+
+def test_clear_batch_releases_the_batch_protection(bank):
+    served = serve(bank)
+    served.lora.set_batch(["a", "b"])  # max_loras=2: both slots protected
+    served.lora.clear_batch()
+    served.lora.pin("c")  # evicts a (least recently used)
+    assert_close(served.run(["c", None, "b"]), bank.expected(["c", None, "b"]))
+
+
+def test_remove_releases_the_adapters_protection_but_not_its_rows(bank):
+    served = serve(bank)
+    served.lora.set_batch(["a", None, "b"])
+    served.lora.remove("a")
+    slot = served.lora.pin("c")  # takes a's slot: staged, written at the next set_batch
+    assert slot == 0 and served.lora.adapters()["c"]["slot"] == 0
+    assert_close(served.outputs(3), bank.expected(["a", None, "b"]))  # a's rows still run a
+    assert_close(served.run(["c", None, "b"]), bank.expected(["c", None, "b"]))
+
+
+# --- the race of the issue: remove(x) and pin(z) landing inside set_batch ---------------------------------------
+
+
+def test_remove_and_pin_during_set_batch_never_give_a_row_another_adapter(bank, monkeypatch):
+    """Another thread's remove("a") + pin("c") issued while set_batch(["a", ...]) is between its slot choice and
+    its send must wait for the send: a's rows run a, never c."""
+    served = serve(bank)
+    served.lora.set_batch(["b", None])
+    done, errors = threading.Event(), []
+
+    def intruder() -> None:
+        try:
+            served.lora.remove("a")
+            served.lora.pin("c")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        done.set()
+
+    original = served.lora._host_metadata
+
+    def metadata_then_race(slots, seq_len):  # inside set_batch, after the slots were chosen
+        thread = threading.Thread(target=intruder, daemon=True)
+        thread.start()
+        assert not done.wait(0.2), "another thread changed the manager inside set_batch"
+        return original(slots, seq_len)
+
+    monkeypatch.setattr(served.lora, "_host_metadata", metadata_then_race)
+    served.lora.set_batch(["a", None, "b"])
+    monkeypatch.undo()
+    assert done.wait(10) and errors == []
+    assert_close(served.outputs(3), bank.expected(["a", None, "b"]))
+    assert served.lora.adapters()["c"]["pinned"] and "a" not in served.lora.adapters()
+    assert_close(served.run(["c", "b", None]), bank.expected(["c", "b", None]))
+
+
+def test_set_batch_refuses_a_batch_before_evicting_the_current_one(bank):
+    served = serve(bank)
+    served.lora.set_batch(["a", "b"])
+    before = served.lora.adapters()
+    with pytest.raises(tl.ArgumentError):
+        served.lora.set_batch(["c", "d"], seq_len=0)
+    assert served.lora.adapters() == before
+    assert_close(served.outputs(2), bank.expected(["a", "b"]))
+
+
+@pytest.mark.parametrize("seq_len", [None, 5])
+def test_set_batch_accepts_a_valid_seq_len_on_cpu(bank, seq_len):
+    served = serve(bank)
+    served.lora.set_batch(["a", None, "b"], seq_len=seq_len)
+    assert_close(served.outputs(3), bank.expected(["a", None, "b"]))
