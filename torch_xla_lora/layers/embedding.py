@@ -9,8 +9,26 @@ from torch_xla_lora.adapters import ModuleLoRA
 from torch_xla_lora.layers.base import BaseLayerWithLoRA
 
 
+def embed_scale(module: nn.Module) -> torch.Tensor | float | None:
+    """The scalar a scaled word embedding multiplies its rows by (Gemma, Gemma2/3, XGLM, BART...), or None.
+
+    Such modules carry ``embed_scale`` (a one-element tensor or a number) and
+    scale their own output; the LoRA term is scaled alike, as PEFT does. A
+    tensor with more than one element is not a scalar scale and is ignored (PEFT
+    ignores it too, with a warning).
+    """
+    scale = getattr(module, "embed_scale", None)
+    if isinstance(scale, bool):
+        return None
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale
+    return None
+
+
 class EmbeddingWithLoRA(BaseLayerWithLoRA):
-    """``y = E[id_t] + B[slot_t] A[slot_t][:, id_t]``.
+    """``y = E[id_t] + B[slot_t] A[slot_t][:, id_t]``, times the base's ``embed_scale`` if it has one.
 
     A is stored token-major, ``lora_a`` [L, vocab, R], so the per-token rows
     are one gather at ``slot * vocab + id``: O(T * R), whatever the number of
@@ -42,6 +60,9 @@ class EmbeddingWithLoRA(BaseLayerWithLoRA):
         vocab = self.in_features
         rows = slots.clamp(min=0) * vocab + ids.reshape(-1).to(slots.dtype)  # -1 slots add zero in expand
         s = self.lora_a.reshape(-1, self.max_rank).index_select(0, rows)  # [N, R]
+        scale = embed_scale(self.base_layer)
+        if scale is not None:  # the base output is already scaled; the LoRA term is scaled as PEFT does
+            s = s * (scale.to(s.dtype) if isinstance(scale, torch.Tensor) else scale)
         base = y.reshape(-1, self.out_features).to(self.lora_b.dtype)  # adapter dtype may differ
         out = torch.ops.xla_lora.bgmv_expand(s, self.lora_b, base, slots, True, self.backend)
         return out.reshape(y.shape).to(y.dtype)
