@@ -29,28 +29,15 @@ from torch.overrides import TorchFunctionMode
 
 from torch_xla_lora.adapters import ExpertsLoRA, ModuleLoRA
 from torch_xla_lora.context import BatchContext
-from torch_xla_lora.errors import InvalidAdapterError, RankTooLargeError, ShapeError
+from torch_xla_lora.errors import InvalidAdapterError, RankTooLargeError
 from torch_xla_lora.layers.base import BaseLayerWithLoRA, _device_of
 
 __all__ = ["ExpertsWithLoRA", "RouterWithLoRA"]
 
 
 def _token_slots(context: BatchContext, hidden: torch.Tensor) -> torch.Tensor | None:
-    """Slot of each of the N flattened tokens of ``hidden`` ([..., D]): [N] int32, or None.
-
-    MoE blocks flatten [B, S, D] to [B * S, D] before the router and the
-    experts, so per-row slots are spread over each row's S tokens here.
-    """
-    slots = context.slots
-    if slots is None or context.per_token:
-        return context.token_slots(hidden)
-    rows, tokens = slots.shape[0], hidden.numel() // hidden.shape[-1]
-    if tokens % rows:
-        raise ShapeError(
-            f"set_batch gave {rows} rows, but a MoE layer received {tokens} tokens (input shape "
-            f"{tuple(hidden.shape)}), not a multiple"
-        )
-    return slots[:, None].expand(rows, tokens // rows).reshape(tokens)
+    """Slot of each of the N flattened tokens of ``hidden`` ([N, D], as MoE blocks pass it): [N] int32, or None."""
+    return context.token_slots(hidden)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
