@@ -34,7 +34,7 @@ from torch_xla_lora.errors import (
     UnsupportedAdapterError,
 )
 
-__all__ = ["LoRAAdapter", "ModuleLoRA", "check_adapter", "check_name", "load_adapter"]
+__all__ = ["ExpertsLoRA", "LoRAAdapter", "ModuleLoRA", "check_adapter", "check_name", "load_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -70,7 +70,6 @@ _UNSUPPORTED_IF_SET = (
     "arrow_config",  # routing between experts
     "kasa_config",  # extra singular-value diagonal between A and B
     "layer_replication",  # changes the base model's layer stack
-    "target_parameters",  # LoRA on raw nn.Parameters (e.g. MoE experts), not modules
 )
 # These initialisations rewrite the base weights; the adapter is only valid on that residual model (unless PEFT
 # converted it on save, which resets init_lora_weights to True).
@@ -93,11 +92,32 @@ class ModuleLoRA:
 
 
 @dataclass(frozen=True, eq=False)
+class ExpertsLoRA:
+    """LoRA factors of a mixture-of-experts module's fused expert weights (PEFT ``target_parameters``).
+
+    ``params`` maps a parameter name of the experts module (``gate_up_proj``, ``down_proj``...) to a
+    :class:`ModuleLoRA` whose factors carry a leading expert axis: ``a`` ``[E, r, in]`` and ``b``
+    ``[E, out, r]`` (scaling folded in), so that expert ``e``'s delta is ``b[e] @ a[e]`` in ``nn.Linear``
+    layout (``[out, in]``) whatever the parameter's storage layout.
+    """
+
+    params: dict[str, ModuleLoRA]
+
+    @property
+    def rank(self) -> int:
+        """Largest rank over the parameters."""
+        return max(p.rank for p in self.params.values())
+
+
+@dataclass(frozen=True, eq=False)
 class LoRAAdapter:
-    """A validated adapter: module name (as in ``base_model.named_modules()``) -> factors."""
+    """A validated adapter: module name (as in ``base_model.named_modules()``) -> factors.
+
+    An experts module targeted through ``target_parameters`` maps to one :class:`ExpertsLoRA`.
+    """
 
     name: str
-    modules: dict[str, ModuleLoRA]
+    modules: dict[str, ModuleLoRA | ExpertsLoRA]
     config: dict
 
     @property
@@ -142,9 +162,11 @@ def load_adapter(
     factors = _group_factors(name, tensors)
     if not factors:
         raise InvalidAdapterError(f"adapter {name!r}: no lora_A/lora_B weights found")
-    modules = {
-        module: _build_module(name, module, pair, config_dict, dtype) for module, pair in sorted(factors.items())
-    }
+    modules: dict[str, ModuleLoRA | ExpertsLoRA] = {}
+    for module, pairs in sorted(_param_targets(name, factors, config_dict).items()):
+        modules[module] = _build_experts(name, module, pairs, config_dict, dtype)
+    for module, pair in sorted(factors.items()):
+        modules[module] = _build_module(name, module, pair, config_dict, dtype)
     return LoRAAdapter(name=name, modules=modules, config=config_dict)
 
 
@@ -161,16 +183,22 @@ def check_name(name: Any) -> None:
         raise ArgumentError("adapter name must be a non-empty str, got ''")
 
 
-def check_adapter(adapter: LoRAAdapter, module_shapes: Mapping[str, tuple[int, int]], max_rank: int) -> None:
+def check_adapter(
+    adapter: LoRAAdapter,
+    module_shapes: Mapping[str, tuple[int, int] | Mapping[str, tuple[int, int, int]]],
+    max_rank: int,
+) -> None:
     """Check that ``adapter`` fits the patched model.
 
     ``module_shapes`` maps every LoRA-capable module name to ``(in_features, out_features)``
-    (embeddings: ``(num_embeddings, embedding_dim)``).
+    (embeddings: ``(num_embeddings, embedding_dim)``), or, for an experts module, to
+    ``{parameter name: (num_experts, in_features, out_features)}``.
 
     Raises:
         UnknownModuleError: the adapter targets a module not in ``module_shapes``.
         RankTooLargeError: a module's rank exceeds ``max_rank``.
-        InvalidAdapterError: ``a``'s in-features or ``b``'s out-features differ (adapter for another model).
+        InvalidAdapterError: ``a``'s in-features or ``b``'s out-features differ (adapter for another model),
+            or expert factors meet a plain module (or the reverse).
     """
     for module, lora in adapter.modules.items():
         if module not in module_shapes:
@@ -178,20 +206,46 @@ def check_adapter(adapter: LoRAAdapter, module_shapes: Mapping[str, tuple[int, i
                 f"adapter {adapter.name!r}: module {module!r} is not a LoRA target of this model "
                 f"(expected one of {len(module_shapes)} known modules, e.g. {sorted(module_shapes)[:3]})"
             )
-        if lora.rank > max_rank:
-            raise RankTooLargeError(
-                f"adapter {adapter.name!r}: module {module!r} rank: expected <= {max_rank} (max_rank), got {lora.rank}"
+        expected = module_shapes[module]
+        is_experts = isinstance(expected, Mapping)
+        if isinstance(lora, ExpertsLoRA) != is_experts:
+            kinds = ("plain module", "experts module (target_parameters)")
+            raise InvalidAdapterError(
+                f"adapter {adapter.name!r}: module {module!r}: expected factors for a {kinds[is_experts]}, "
+                f"got factors for a {kinds[not is_experts]}"
             )
-        in_features, out_features = module_shapes[module]
-        for field, expected, actual in (
-            ("in_features (a.shape[1])", in_features, lora.a.shape[1]),
-            ("out_features (b.shape[0])", out_features, lora.b.shape[0]),
-        ):
-            if expected != actual:
-                raise InvalidAdapterError(
-                    f"adapter {adapter.name!r}: module {module!r} {field}: expected {expected}, got {actual} "
-                    "(adapter trained for a different base model?)"
+        if not is_experts:
+            _check_factors(adapter.name, module, lora, expected, max_rank)
+            continue
+        for param, factors in lora.params.items():
+            if param not in expected:
+                raise UnknownModuleError(
+                    f"adapter {adapter.name!r}: parameter {param!r} of {module!r}: expected one of {sorted(expected)}"
                 )
+            num_experts, in_features, out_features = expected[param]
+            if factors.a.shape[0] != num_experts:
+                raise InvalidAdapterError(
+                    f"adapter {adapter.name!r}: {module}.{param} experts: expected {num_experts}, "
+                    f"got {factors.a.shape[0]} (adapter trained for a different base model?)"
+                )
+            _check_factors(adapter.name, f"{module}.{param}", factors, (in_features, out_features), max_rank)
+
+
+def _check_factors(name: str, module: str, lora: ModuleLoRA, expected: tuple[int, int], max_rank: int) -> None:
+    if lora.rank > max_rank:
+        raise RankTooLargeError(
+            f"adapter {name!r}: module {module!r} rank: expected <= {max_rank} (max_rank), got {lora.rank}"
+        )
+    in_features, out_features = expected
+    for field, want, actual in (
+        ("in_features (a.shape[-1])", in_features, lora.a.shape[-1]),
+        ("out_features (b.shape[-2])", out_features, lora.b.shape[-2]),
+    ):
+        if want != actual:
+            raise InvalidAdapterError(
+                f"adapter {name!r}: module {module!r} {field}: expected {want}, got {actual} "
+                "(adapter trained for a different base model?)"
+            )
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -372,3 +426,116 @@ def _build_module(name: str, module: str, pair: Mapping[str, tuple], config: Map
         scaling=scaling,
         is_embedding=a_emb,
     )
+
+
+# --- target_parameters (fused MoE expert weights) ----------------------------------------------------------
+
+# PEFT wraps each targeted parameter of a module in its own ParamWrapper, nesting them in the order the module
+# registers its parameters, so the saved keys say only how deep a wrapper sits ("experts.base_layer.lora_A" is
+# the first parameter of two). transformers' experts modules register the up projection before the down one;
+# this is that order. Other parameter names are refused rather than guessed.
+_EXPERT_PARAM_ORDER = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
+_WRAPPER = ".base_layer"
+
+
+def _targeted_params(module: str, targets: list[str]) -> list[str]:
+    """Parameter names of ``module`` that ``target_parameters`` names, by PEFT's suffix rule."""
+    params = []
+    for target in targets:
+        param = target.rpartition(".")[2]
+        key = f"{module}.{param}"
+        if (key == target or key.endswith("." + target)) and param not in params:
+            params.append(param)
+    return params
+
+
+def _is_target_module(module: str, target_modules: Any) -> bool:
+    """PEFT's target_modules rule: a regex matching the whole name, or a name / dotted suffix in a list."""
+    if not target_modules:
+        return False
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module) is not None
+    return any(module == key or module.endswith("." + key) for key in target_modules)
+
+
+def _param_targets(
+    name: str, factors: dict[str, dict[str, tuple]], config: Mapping
+) -> dict[str, list[tuple[str, str, dict[str, tuple]]]]:
+    """Take the expert-parameter factors out of ``factors``: experts module -> [(param, saved module, pair)].
+
+    A targeted parameter named ``weight`` (a router's ``gate.weight``) is a 2-D linear weight: it stays in
+    ``factors`` and loads like a linear module's LoRA, which is what PEFT computes for it.
+    """
+    targets = list(config.get("target_parameters") or [])
+    if not targets:
+        return {}
+    by_module: dict[str, dict[int, str]] = {}
+    for saved in factors:
+        module, depth = saved, 0
+        while module.endswith(_WRAPPER):
+            module, depth = module[: -len(_WRAPPER)], depth + 1
+        by_module.setdefault(module, {})[depth] = saved
+    result = {}
+    for module, depths in by_module.items():
+        if list(depths) == [0] and _is_target_module(module, config.get("target_modules")):
+            continue  # a target_modules module: plain LoRA
+        params = _targeted_params(module, targets)
+        if not params or ("weight" in params and list(depths) == [0]):
+            continue  # a router's (or any linear's) 2-D weight: plain LoRA
+        params = [p for p in params if p not in ("weight", "bias")]
+        unknown = [p for p in params if p not in _EXPERT_PARAM_ORDER]
+        if unknown:
+            raise UnsupportedAdapterError(
+                f"adapter {name!r}: target_parameters {unknown} of {module!r}: expected expert weights among "
+                f"{list(_EXPERT_PARAM_ORDER)}"
+            )
+        params.sort(key=_EXPERT_PARAM_ORDER.index)
+        if sorted(depths) != list(range(len(params))):
+            raise InvalidAdapterError(
+                f"adapter {name!r}: module {module!r}: expected {len(params)} nested parameter wrappers "
+                f"for {params}, got factors at depths {sorted(depths)}"
+            )
+        # The outermost wrapper (depth 0) holds the last parameter.
+        result[module] = [(params[-1 - d], depths[d], factors.pop(depths[d])) for d in range(len(params))]
+    return result
+
+
+def _build_experts(
+    name: str, module: str, entries: list[tuple[str, str, dict[str, tuple]]], config: Mapping, dtype: torch.dtype
+) -> ExpertsLoRA:
+    """Per-expert factors from PEFT's ParamWrapper layout.
+
+    PEFT keeps one ``lora_A`` ``[r * E, in]`` whose rows are expert-major (``(E, r)``) and one ``lora_B``
+    ``[out, r * E]`` whose columns are rank-major (``(r, E)``); expert ``e``'s delta is
+    ``scaling * B[:, :, e] @ A[e]``.
+    """
+    params = {}
+    for param, saved, pair in entries:
+        key = f"{module}.{param}"
+        if len(pair) != 2:
+            (tensor_key, _, _), missing = next(iter(pair.values())), "B" if "a" in pair else "A"
+            raise InvalidAdapterError(f"adapter {name!r}: tensor {tensor_key!r} has no matching lora_{missing}")
+        (a_key, a, a_emb), (b_key, b, _) = pair["a"], pair["b"]
+        if a_emb:
+            raise InvalidAdapterError(f"adapter {name!r}: {a_key!r}: expected lora_A.weight for an expert weight")
+        _check_tensor(name, a_key, a)
+        _check_tensor(name, b_key, b)
+        a, b = a.detach(), b.detach()
+        rank, scaling = _module_scaling(name, key, config)
+        if a.shape[0] != b.shape[1] or a.shape[0] % rank:
+            raise InvalidAdapterError(
+                f"adapter {name!r}: {key!r} (saved as {saved!r}) rank x experts: expected lora_A rows == lora_B "
+                f"columns == a multiple of r={rank}, got {a.shape[0]} and {b.shape[1]}"
+            )
+        experts = a.shape[0] // rank
+        a3 = a.to(device="cpu", dtype=torch.float32).reshape(experts, rank, a.shape[1])
+        b3 = b.to(device="cpu", dtype=torch.float32).reshape(b.shape[0], rank, experts).permute(2, 0, 1)
+        b_scaled = (b3 * scaling).to(dtype)
+        if not torch.isfinite(b_scaled).all():
+            raise InvalidAdapterError(
+                f"adapter {name!r}: tensor {b_key!r}: expected finite values after scaling by {scaling} in {dtype}"
+            )
+        params[param] = ModuleLoRA(
+            a=a3.to(dtype).contiguous(), b=b_scaled.contiguous(), rank=rank, scaling=scaling, is_embedding=False
+        )
+    return ExpertsLoRA(params=params)

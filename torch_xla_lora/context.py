@@ -52,9 +52,11 @@ class BatchContext:
                 )
             return slots
         rows = slots.shape[0]
-        if x.dim() < 2 or x.shape[0] != rows or num_tokens % rows:
+        # [rows * S, D] is accepted too: MoE blocks flatten the rows before their router, experts and shared experts.
+        flattened = x.dim() == 2 and x.shape[0] % rows == 0
+        if x.dim() < 2 or (x.shape[0] != rows and not flattened) or num_tokens % rows:
             raise ShapeError(
                 f"set_batch gave {rows} rows, but a layer received input of shape {tuple(x.shape)} "
-                f"(expected [{rows}, ..., D])"
+                f"(expected [{rows}, ..., D] or flattened [{rows} * S, D])"
             )
         return slots[:, None].expand(rows, num_tokens // rows).reshape(num_tokens)

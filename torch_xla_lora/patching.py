@@ -27,6 +27,7 @@ from torch_xla_lora.errors import (
     ArgumentTypeError,
     ConfigError,
     ShapeError,
+    ShardingError,
     UnpatchedError,
 )
 from torch_xla_lora.layers import (
@@ -39,6 +40,7 @@ from torch_xla_lora.layers import (
     QKVParallelLinearWithLoRA,
     RowParallelLinearWithLoRA,
 )
+from torch_xla_lora.layers.experts import ExpertsWithLoRA, RouterWithLoRA
 from torch_xla_lora.layers.linear import linear_features
 from torch_xla_lora.layers.names import COLUMN_NAMES, MERGED_NAMES, QKV_NAMES, ROW_NAMES
 from torch_xla_lora.manager import AdapterManager
@@ -420,16 +422,24 @@ def patch_model(
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseLayerWithLoRA) or any(name.startswith(p + ".") for p in layers):
             continue
-        linear = linear_features(module) is not None
+        # MoE experts and routers count as linear for "all-linear", as PEFT 0.21 targets them there.
+        moe = next((c for c in (ExpertsWithLoRA, RouterWithLoRA) if c.can_replace(module)), None)
+        linear = moe is not None or linear_features(module) is not None
         is_head = module is head and head is not None
         if not (linear or EmbeddingWithLoRA.can_replace(module)):
             continue
         if not _is_target(name, config.target_modules, linear, is_head):
             continue
-        cls = _layer_class(name, module, is_head)
+        cls = moe or _layer_class(name, module, is_head)
         layers[name] = cls(module, context, config.max_loras, config.max_rank, dtype, config.backend)
     if not layers:
         raise ConfigError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
+    moe_layers = [name for name, lay in layers.items() if isinstance(lay, (ExpertsWithLoRA, RouterWithLoRA))]
+    if mesh is not None and moe_layers:
+        raise ShardingError(
+            f"patch_model(mesh=...): MoE expert and router LoRA is not supported on a mesh yet, got "
+            f"{len(moe_layers)} such modules (e.g. {moe_layers[0]!r}); leave them out of target_modules"
+        )
     placement = None
     if mesh is not None:
         # Imported here: it imports torch_xla's SPMD module, which one-device users never need.

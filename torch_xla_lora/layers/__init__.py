@@ -2,6 +2,7 @@
 
 from torch_xla_lora.layers.base import BaseLayerWithLoRA
 from torch_xla_lora.layers.embedding import EmbeddingWithLoRA
+from torch_xla_lora.layers.experts import ExpertsWithLoRA, RouterWithLoRA
 from torch_xla_lora.layers.linear import (
     ColumnParallelLinearWithLoRA,
     LinearWithLoRA,
@@ -19,4 +20,6 @@ __all__ = [
     "RowParallelLinearWithLoRA",
     "LogitsWithLoRA",
     "EmbeddingWithLoRA",
+    "ExpertsWithLoRA",
+    "RouterWithLoRA",
 ]

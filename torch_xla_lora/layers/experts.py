@@ -1,0 +1,254 @@
+"""LoRA on mixture-of-experts models: the fused expert weights and the router.
+
+transformers 5 keeps a MoE layer's experts as one module with 3-D parameters
+(``gate_up_proj`` or ``up_proj``, ``down_proj``: ``[E, out, in]``, or
+``[E, in, out]`` when ``is_transposed``) called as
+``experts(hidden [N, D], top_k_index [N, K], top_k_weights [N, K])``, and the
+router as a module whose logits are ``F.linear(hidden, weight [E, D])``. PEFT
+adapts both through ``target_parameters`` (see :class:`~torch_xla_lora.adapters.ExpertsLoRA`).
+
+:class:`ExpertsWithLoRA` computes the experts the way transformers'
+``batched_mm`` implementation does (one row per (token, k) pair, each with its
+expert's weight) and adds, in each projection, the LoRA of that row's
+(adapter slot, expert) pair. The slot buffers hold ``max_loras * E`` entries
+(slot-major: entry ``slot * E + e``), so the row index ``slot * E + expert``
+feeds the same BGMV ops as a dense layer: the cost depends on the rows, not on
+slots x experts, and every adapter mix reuses one compiled graph.
+
+:class:`RouterWithLoRA` adds the LoRA of each token's slot to the router's
+logits, leaving the rest of the router (softmax, top-k, normalisation, which
+differ per architecture) to the router itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from torch_xla_lora.adapters import ExpertsLoRA, ModuleLoRA
+from torch_xla_lora.context import BatchContext
+from torch_xla_lora.errors import InvalidAdapterError, RankTooLargeError
+from torch_xla_lora.layers.base import BaseLayerWithLoRA, _device_of
+
+__all__ = ["ExpertsWithLoRA", "RouterWithLoRA"]
+
+
+def _token_slots(context: BatchContext, hidden: torch.Tensor) -> torch.Tensor | None:
+    """Slot of each of the N flattened tokens of ``hidden`` ([N, D], as MoE blocks pass it): [N] int32, or None."""
+    return context.token_slots(hidden)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """Row s of ``x`` [S, in] by its own weight [S, out, in] ([S, in, out] if transposed): [S, out]."""
+    if transposed:
+        return torch.bmm(x.unsqueeze(1), weight).squeeze(1)
+    return torch.bmm(weight, x.unsqueeze(-1)).squeeze(-1)
+
+
+class ExpertsWithLoRA(nn.Module):
+    """Fused experts with per-(slot, expert) LoRA on the up (``gate_up_proj``/``up_proj``) and down projections.
+
+    For each token t, routed to experts e_1..e_K with weights w_k, and slot s = slot(t)::
+
+        h_k = x_t W_up[e_k]^T + x_t A_up[s, e_k]^T B_up[s, e_k]^T      (+ bias)
+        y_t = sum_k w_k * (gate(h_k) W_down[e_k]^T + gate(h_k) A_down[s, e_k]^T B_down[s, e_k]^T)
+
+    (scaling folded into B; s = -1 adds nothing). Buffers: ``lora_a`` [L*E, R, in_up],
+    ``lora_b`` [L*E, R, out_up], ``lora_a_down`` [L*E, R, in_down], ``lora_b_down`` [L*E, R, out_down].
+    Without a batch the wrapped module runs as configured (any ``experts_implementation``).
+    """
+
+    tensor_parallel = None
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        context: BatchContext,
+        max_loras: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.base_layer, self.context = base_layer, context
+        self.max_loras, self.max_rank, self.backend = max_loras, max_rank, backend
+        self.up_name = "gate_up_proj" if getattr(base_layer, "has_gate", True) else "up_proj"
+        self.transposed = bool(getattr(base_layer, "is_transposed", False))
+        self.num_experts = getattr(base_layer, self.up_name).shape[0]
+        #: parameter name -> (num_experts, in_features, out_features), what adapters are checked against.
+        self.factor_shapes = {}
+        for param in (self.up_name, "down_proj"):
+            experts, d1, d2 = getattr(base_layer, param).shape
+            self.factor_shapes[param] = (experts, d1, d2) if self.transposed else (experts, d2, d1)
+        self.in_features = self.factor_shapes[self.up_name][1]
+        self.out_features = self.factor_shapes["down_proj"][2]
+        device, entries = _device_of(base_layer), max_loras * self.num_experts
+        # Not persistent: adapters are not part of the model's state_dict.
+        for suffix, param in (("", self.up_name), ("_down", "down_proj")):
+            _, d_in, d_out = self.factor_shapes[param]
+            self.register_buffer(
+                f"lora_a{suffix}", torch.zeros(entries, max_rank, d_in, dtype=dtype, device=device), False
+            )
+            self.register_buffer(
+                f"lora_b{suffix}", torch.zeros(entries, max_rank, d_out, dtype=dtype, device=device), False
+            )
+
+    @classmethod
+    def can_replace(cls, module: nn.Module) -> bool:
+        """A transformers 5 experts module: 3-D up and down weights behind ``use_experts_implementation``."""
+        if not hasattr(module, "has_gate") or not hasattr(module, "is_transposed"):
+            return False
+        up = getattr(module, "gate_up_proj" if module.has_gate else "up_proj", None)
+        down = getattr(module, "down_proj", None)
+        return all(isinstance(p, torch.Tensor) and p.dim() == 3 for p in (up, down))
+
+    # -- slots -------------------------------------------------------------------------------------
+
+    def set_adapter(self, slot: int, weights: ExpertsLoRA) -> None:
+        """Write one adapter's expert factors (host tensors, scaling folded into B) into ``slot``."""
+        if not isinstance(weights, ExpertsLoRA):
+            raise InvalidAdapterError(
+                f"weights: expected ExpertsLoRA for an experts module, got {type(weights).__name__}"
+            )
+        unknown = set(weights.params) - set(self.factor_shapes)
+        if unknown:
+            raise InvalidAdapterError(
+                f"weights: parameters {sorted(unknown)}: expected among {sorted(self.factor_shapes)}"
+            )
+        up = self._padded(self.up_name, weights.params.get(self.up_name))
+        down = self._padded("down_proj", weights.params.get("down_proj"))
+        self._write(slot, up, down)
+
+    def reset_adapter(self, slot: int) -> None:
+        """Zero ``slot`` for every expert: tokens using it get exactly the base experts."""
+        self._write(slot, self._padded(self.up_name, None), self._padded("down_proj", None))
+
+    def _padded(self, param: str, factors: ModuleLoRA | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [E, R, in] and rank-first B [E, R, out], zero-padded to max_rank, in the buffers' dtype."""
+        experts, d_in, d_out = self.factor_shapes[param]
+        a = torch.zeros(experts, self.max_rank, d_in, dtype=self.lora_a.dtype)
+        b = torch.zeros(experts, self.max_rank, d_out, dtype=self.lora_a.dtype)
+        if factors is None:
+            return a, b
+        rank = factors.a.shape[1]
+        if rank > self.max_rank:
+            raise RankTooLargeError(f"{param} rank: expected <= {self.max_rank} (max_rank), got {rank}")
+        expected = ((experts, rank, d_in), (experts, d_out, rank))
+        if (tuple(factors.a.shape), tuple(factors.b.shape)) != expected:
+            raise InvalidAdapterError(
+                f"{param} factors: expected shapes {expected}, got {tuple(factors.a.shape)}, {tuple(factors.b.shape)}"
+            )
+        a[:, :rank] = factors.a
+        b[:, :rank] = factors.b.transpose(1, 2)
+        return a, b
+
+    def _write(self, slot: int, up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor]) -> None:
+        # The slot's E entries as one device index: one fixed-shape write graph for every slot.
+        device = self.lora_a.device
+        first = slot * self.num_experts
+        index = torch.arange(first, first + self.num_experts, dtype=torch.int64).to(device)
+        with torch.no_grad():
+            for buffer, value in zip(
+                (self.lora_a, self.lora_b, self.lora_a_down, self.lora_b_down), (*up, *down), strict=True
+            ):
+                buffer.index_copy_(0, index, value.to(device))
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden_states [N, D], top_k_index [N, K] (int), top_k_weights [N, K] -> [N, D]."""
+        slots = _token_slots(self.context, hidden_states)
+        if slots is None:
+            return self.base_layer(hidden_states, top_k_index, top_k_weights)
+        base = self.base_layer
+        num_tokens, top_k = top_k_index.shape
+        # One row per (token, k), token-major, as transformers' batched_mm: x_rows [S, D], S = N * K.
+        x_rows = hidden_states.repeat_interleave(top_k, dim=0)
+        expert_ids = top_k_index.reshape(-1)
+        # Row index into the [L * E] buffers; a token without adapter (slot -1) lands in [-E, -1]: no LoRA.
+        lora_rows = (slots.repeat_interleave(top_k) * self.num_experts + expert_ids).to(torch.int32)
+
+        up = _linear(x_rows, getattr(base, self.up_name)[expert_ids], self.transposed)
+        if getattr(base, "has_bias", False):
+            up = up + getattr(base, f"{self.up_name}_bias")[expert_ids]
+        up = self._lora(x_rows, up, lora_rows, self.lora_a, self.lora_b)
+        h = base._apply_gate(up) if base.has_gate else base.act_fn(up)
+
+        down = _linear(h, base.down_proj[expert_ids], self.transposed)
+        if getattr(base, "has_bias", False):
+            down = down + base.down_proj_bias[expert_ids]
+        down = self._lora(h, down, lora_rows, self.lora_a_down, self.lora_b_down)
+        if getattr(base, "has_post_expert_norm", False):
+            down = base.post_expert_norm(down)
+        weighted = down * top_k_weights.reshape(-1, 1).to(down.dtype)
+        return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def _lora(
+        self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
+    ) -> torch.Tensor:
+        # The adapter dtype may differ from the model's (LoRAConfig.dtype): compute in the adapter's.
+        out = torch.ops.xla_lora.bgmv_shrink_expand(
+            x.to(lora_a.dtype), lora_a, lora_b, y.to(lora_b.dtype), rows, 1.0, self.backend, None
+        )
+        return out.to(y.dtype)
+
+
+class _AddLoRAToLinear(TorchFunctionMode):
+    """Adds a layer's LoRA to the first ``F.linear`` called while active (a router's logits)."""
+
+    def __init__(self, layer: RouterWithLoRA, slots: torch.Tensor) -> None:
+        super().__init__()
+        self.layer, self.slots, self.done = layer, slots, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.linear and not self.done:
+            self.done = True  # the mode is off inside its own handler: the op below is not intercepted
+            out = self.layer.add_lora(args[0] if args else kwargs["input"], out, self.slots)
+        return out
+
+
+class RouterWithLoRA(BaseLayerWithLoRA):
+    """A MoE router whose logits ``F.linear(x, weight [E, D])`` get ``B[slot_t] A[slot_t] x_t`` added.
+
+    The router's own code runs unchanged (softmax, top-k, grouping, biases);
+    the LoRA is added to the one ``F.linear`` it calls, as PEFT's
+    ``target_parameters=["gate.weight"]`` adds it to that weight.
+    """
+
+    def __init__(self, base_layer: nn.Module, *args, **kwargs) -> None:
+        self.out_features, self.in_features = base_layer.weight.shape
+        super().__init__(base_layer, *args, **kwargs)
+
+    @classmethod
+    def can_replace(cls, module: nn.Module) -> bool:
+        """A module named ``...Router`` with a 2-D ``weight`` (transformers' MoE routers)."""
+        weight = getattr(module, "weight", None)
+        return (
+            type(module).__name__.lower().endswith("router") and isinstance(weight, torch.Tensor) and weight.dim() == 2
+        )
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        slots = _token_slots(self.context, hidden_states)
+        if slots is None:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        with _AddLoRAToLinear(self, slots):
+            return self.base_layer(hidden_states, *args, **kwargs)
+
+    def add_lora(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """y [..., E] + each token's LoRA of x [..., D], in y's dtype."""
+        out = torch.ops.xla_lora.bgmv_shrink_expand(
+            x.reshape(-1, self.in_features).to(self.lora_a.dtype),
+            self.lora_a,
+            self.lora_b,
+            y.reshape(-1, self.out_features).to(self.lora_b.dtype),
+            slots,
+            1.0,
+            self.backend,
+            None,
+        )
+        return out.reshape(y.shape).to(y.dtype)
