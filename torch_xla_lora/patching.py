@@ -204,6 +204,12 @@ class LoRAModel:
     def _send(self, slots: torch.Tensor, per_token: bool, seq_len: int | None) -> None:
         """Give the layers a batch's slots, built on the host and sent whole (int32: TPUs have no
         64-bit integer units), with the kernels' grouping when the token count is known."""
+        if any(lay.tensor_parallel is not None for lay in self.layers.values()):
+            from torch_xla_lora import sharding  # on a mesh: per-shard metadata (see sharding.send_batch)
+
+            device_slots, metadata = sharding.send_batch(self.layers, slots, per_token, seq_len, self.device)
+            self.context.set(device_slots, per_token, metadata)
+            return
         metadata = {}
         if seq_len is not None and self.device.type == "xla":
             token_slots = slots.repeat_interleave(seq_len)
