@@ -271,7 +271,7 @@ class LoRAModel:
             metadata = self._host_metadata(slots, seq_len)
             self.manager.commit(plan)
             self.manager.apply(batch_slots={int(s) for s in slots.tolist() if s >= 0})
-            self._send(slots, per_token, metadata=metadata)
+            self._send(slots, per_token, seq_len, metadata=metadata)
 
     def _host_metadata(self, slots: torch.Tensor, seq_len: int | None) -> dict:
         """The kernels' grouping of a batch, built on the host (XLA only): key -> CPU int32 tensor."""
@@ -292,6 +292,12 @@ class LoRAModel:
     ) -> None:
         """Give the layers a batch's slots, built on the host and sent whole (int32: TPUs have no
         64-bit integer units), with the kernels' grouping when the token count is known."""
+        if any(lay.tensor_parallel is not None for lay in self.layers.values()):
+            from torch_xla_lora import sharding  # on a mesh: per-shard metadata (see sharding.send_batch)
+
+            device_slots, on_device = sharding.send_batch(self.layers, slots, per_token, seq_len, self.device)
+            self.context.set(device_slots, per_token, on_device)
+            return
         if metadata is None:
             metadata = self._host_metadata(slots, seq_len)
         sent = {}  # layers with the same plan share one array: send it once

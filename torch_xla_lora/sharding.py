@@ -17,7 +17,11 @@ replicated         replicated                  replicated                    rep
 The LoRA ops run *per shard*, between ``enable_manual_sharding`` and
 ``disable_manual_sharding``: on TPU a Pallas kernel is a Mosaic custom call
 that the SPMD partitioner cannot split, so it must see local shapes only.
-CPU runs the same structure, so the tests cover it.
+CPU runs the same structure, so the tests cover it. Each per-shard region is
+an opaque custom op (:mod:`torch_xla_lora.regions`), so the model compiles
+under ``torch.compile(backend="openxla")`` too; linear layers run the fused
+op there, with the batch's host-built metadata for their local shapes
+(:func:`send_batch`).
 
 Row-parallel layers (and vocab-parallel embeddings) compute the base matmul
 (lookup) on the local slice themselves, add the LoRA partial product to it,
@@ -32,6 +36,7 @@ Inference only: the manual regions are not differentiable.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -40,6 +45,7 @@ import torch
 import torch_xla.distributed.spmd as xs
 from torch import nn
 
+from torch_xla_lora import regions  # noqa: F401  (registers the per-shard region ops)
 from torch_xla_lora.errors import ShardingError
 from torch_xla_lora.layers import BaseLayerWithLoRA, EmbeddingWithLoRA
 from torch_xla_lora.layers.linear import linear_features
@@ -59,6 +65,7 @@ __all__ = [
     "default_plan",
     "plan_model",
     "replicated",
+    "send_batch",
 ]
 
 KINDS = ("column", "row", "vocab", "replicated")
@@ -141,6 +148,9 @@ class LayerSharding:
       kind: "column", "row", "vocab" or "replicated".
       data_axis: mesh axis the tokens are split on (data parallelism), or None.
       fully_sharded: also shard column layers' A along the rank.
+      shards, data_shards: sizes of ``axis`` and ``data_axis`` (1 without one).
+      key: the placement as a string, passed to the per-shard region ops
+        (:mod:`torch_xla_lora.regions`), which rebuild it with :meth:`from_key`.
     """
 
     mesh: Mesh
@@ -148,13 +158,28 @@ class LayerSharding:
     kind: str
     data_axis: str | None = None
     fully_sharded: bool = False
+    shards: int = dataclasses.field(init=False, repr=False, compare=False)
+    data_shards: int = dataclasses.field(init=False, repr=False, compare=False)
+    key: str = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Plain attributes, computed once: the forward that dynamo traces only reads them.
+        sizes = self.mesh.shape()
+        object.__setattr__(self, "shards", int(sizes[self.axis]))
+        object.__setattr__(self, "data_shards", int(sizes[self.data_axis]) if self.data_axis else 1)
+        fields = (str(self.mesh), self.axis, self.kind, self.data_axis, self.fully_sharded)
+        object.__setattr__(self, "key", repr(fields))
+
+    @classmethod
+    def from_key(cls, key: str) -> LayerSharding:
+        """The placement whose :attr:`key` is ``key`` (an equal mesh, not the same object)."""
+        from torch_xla.distributed.spmd import Mesh
+
+        mesh, axis, kind, data_axis, fully_sharded = ast.literal_eval(key)
+        return cls(Mesh.from_str(mesh), axis, kind, data_axis, fully_sharded)
 
     @property
-    def shards(self) -> int:
-        return int(self.mesh.shape()[self.axis])
-
-    @property
-    def _out_axis(self) -> str | None:
+    def out_axis(self) -> str | None:
         return self.axis if self.kind in ("column", "vocab") else None
 
     def base_specs(self, module: nn.Module) -> dict[str, Spec]:
@@ -174,13 +199,33 @@ class LayerSharding:
 
     def lora_specs(self, layer: BaseLayerWithLoRA) -> dict[str, Spec]:
         """Partition spec of ``lora_a`` and ``lora_b``, consistent with the base weight."""
-        axis = self.axis
         if isinstance(layer, EmbeddingWithLoRA):  # lora_a is token-major [L, vocab, R]
-            return {"lora_a": (None, axis if self.kind == "vocab" else None, None), "lora_b": (None, None, None)}
+            vocab = self.axis if self.kind == "vocab" else None
+            return {"lora_a": (None, vocab, None), "lora_b": (None, None, None)}
+        return self.lora_specs_linear()
+
+    def lora_specs_linear(self) -> dict[str, Spec]:
+        """:meth:`lora_specs` of a linear layer (A [L, R, in], B [L, R, out])."""
+        axis = self.axis
         if self.kind == "row":
             return {"lora_a": (None, None, axis), "lora_b": (None, None, None)}
-        rank = axis if self.fully_sharded and self._out_axis else None
-        return {"lora_a": (None, rank, None), "lora_b": (None, None, self._out_axis)}
+        rank = axis if self.fully_sharded and self.out_axis else None
+        return {"lora_a": (None, rank, None), "lora_b": (None, None, self.out_axis)}
+
+    def metadata_shape(self, layer: BaseLayerWithLoRA) -> tuple[int, int] | None:
+        """(in, out) features of the fused op each shard runs, or None if it runs none.
+
+        Local shapes: a column layer's shard has out / n columns, a row
+        layer's in / n input features. Fully sharded column layers (shrink,
+        gather, expand) and embeddings (lookup, expand) run no fused op.
+        """
+        if isinstance(layer, EmbeddingWithLoRA) or self.lora_specs_linear()["lora_a"][1] is not None:
+            return None
+        if self.kind == "row":
+            return layer.in_features // self.shards, layer.out_features
+        if self.out_axis is not None:
+            return layer.in_features, layer.out_features // self.shards
+        return layer.in_features, layer.out_features
 
     def check(self, name: str, module: nn.Module, layer: BaseLayerWithLoRA | None) -> None:
         """Raise :class:`ShardingError` if ``module`` cannot be sharded as ``kind``.
@@ -221,133 +266,81 @@ class LayerSharding:
                 xs.mark_sharding(getattr(layer, tensor_name), self.mesh, spec)
             layer.tensor_parallel = self
 
-    # -- forward, per shard ----------------------------------------------------------------------
+    # -- forward: what dynamo traces; the per-shard regions are opaque ops (regions.py) ------------
 
     def forward(self, layer: BaseLayerWithLoRA, x: torch.Tensor) -> torch.Tensor:
         """The layer's forward on the mesh (same result as on one device)."""
         if isinstance(layer, EmbeddingWithLoRA):
             return self._embedding_forward(layer, x)
-        if self.kind == "row":
-            return self._row_forward(layer, x)
-        return self._output_sharded_forward(layer, x)
-
-    def _enter(self, tensor: torch.Tensor, spec: Spec) -> torch.Tensor:
-        """The local shard of ``tensor`` split by ``spec``; ops on it are not partitioned."""
-        return xs.enable_manual_sharding(tensor, spec, mesh=self.mesh).global_tensor
-
-    def _leave(self, tensor: torch.Tensor, spec: Spec, shape: tuple[int, ...]) -> torch.Tensor:
-        """The global tensor of ``shape`` whose shards (split by ``spec``) are ``tensor``."""
-        return xs.disable_manual_sharding(tensor, spec, tuple(shape), mesh=self.mesh).global_tensor
-
-    def _token_axis(self, num_tokens: int) -> str | None:
-        if self.data_axis is not None and num_tokens % self.mesh.shape()[self.data_axis]:
-            raise ShardingError(
-                f"{num_tokens} tokens do not split evenly over data axis {self.data_axis!r} "
-                f"of size {self.mesh.shape()[self.data_axis]}"
-            )
-        return self.data_axis
-
-    def _output_sharded_forward(self, layer: BaseLayerWithLoRA, x: torch.Tensor) -> torch.Tensor:
-        """Column, vocab (lm_head) and replicated linear layers.
-
-        The base output is already split like B's columns, so the shrink runs
-        on replicated x and A, and the expand on each shard's own columns. A
-        fused layer's slices share A, and its B columns follow the base
-        weight's, so one expand over the local columns covers every slice part.
-        """
-        y = layer.base_layer(x)
-        slots = layer.context.token_slots(x)
-        if slots is None:
-            return y
-        # [N, in], [N, out], in the adapter's dtype (LoRAConfig.dtype may differ from the model's)
-        x2 = x.reshape(-1, layer.in_features).to(layer.lora_a.dtype)
-        y2 = y.reshape(-1, layer.out_features).to(layer.lora_b.dtype)
-        tokens, out_axis = self._token_axis(x2.shape[0]), self._out_axis
-        specs = self.lora_specs(layer)
-        idx = self._enter(slots, (tokens,))
-        s = torch.ops.xla_lora.bgmv_shrink(
-            self._enter(x2, (tokens, None)), self._enter(layer.lora_a, specs["lora_a"]), idx, 1.0, layer.backend
-        )  # [N_local, R_local]
-        rank_axis = specs["lora_a"][1]
-        if rank_axis is not None:
-            # Each shard holds R / n ranks; the expand needs all R: gather the small [N, R] intermediate.
-            s = self._enter(self._leave(s, (tokens, rank_axis), (x2.shape[0], layer.max_rank)), (tokens, None))
-        out = torch.ops.xla_lora.bgmv_expand(
-            s, self._enter(layer.lora_b, specs["lora_b"]), self._enter(y2, (tokens, out_axis)), idx, True, layer.backend
-        )
-        return self._leave(out, (tokens, out_axis), y2.shape).reshape(y.shape).to(y.dtype)
-
-    def _row_forward(self, layer: BaseLayerWithLoRA, x: torch.Tensor) -> torch.Tensor:
-        """Row-parallel linear: base and LoRA partial products share the layer's one reduction.
-
-        Left to the partitioner, the base matmul would be reduced on its own
-        and the LoRA shrink's [N, R] partial sum would need a second
-        all-reduce, so the base matmul runs here on the local input slice.
-        """
         slots = layer.context.token_slots(x)
         if slots is None:
             return layer.base_layer(x)
-        base = layer.base_layer
-        x2 = x.reshape(-1, layer.in_features)  # [N, in]
-        tokens = self._token_axis(x2.shape[0])
-        specs = self.base_specs(base)
-        x_local, idx = self._enter(x2, (tokens, self.axis)), self._enter(slots, (tokens,))
-        weight = self._enter(base.weight, specs["weight"])
-        partial = x_local @ weight.T if isinstance(base, nn.Linear) else x_local @ weight  # [N_local, out]
-        lora = self.lora_specs(layer)
-        a, b = self._enter(layer.lora_a, lora["lora_a"]), self._enter(layer.lora_b, lora["lora_b"])
-        s = torch.ops.xla_lora.bgmv_shrink(x_local.to(a.dtype), a, idx, 1.0, layer.backend)
-        # expand is linear in s: the sum over shards of these partials is the full output.
-        lora_partial = torch.ops.xla_lora.bgmv_expand(s, b, partial.to(b.dtype), idx, True, layer.backend)
-        # Reduced in the model's dtype, as the base layer alone would be.
-        y = self._reduce(lora_partial.to(partial.dtype), tokens, x2.shape[0])
-        if base.bias is not None:
-            y = y + base.bias
-        return y.reshape(*x.shape[:-1], layer.out_features)
+        # [N, in], in the adapter's dtype (LoRAConfig.dtype may differ from the model's)
+        x2 = x.reshape(-1, layer.in_features)
+        metadata = self._metadata(layer, x2.shape[0])
+        if self.kind == "row":
+            # The base matmul runs inside the region, so base and LoRA share the one reduction.
+            base = layer.base_layer
+            transposed = not isinstance(base, nn.Linear)
+            y = torch.ops.xla_lora.sharded_row_linear(
+                x2, base.weight, layer.lora_a, layer.lora_b, slots, metadata, transposed, self.key, layer.backend
+            )
+            if base.bias is not None:
+                y = y + base.bias
+            return y.reshape(*x.shape[:-1], layer.out_features)
+        y = layer.base_layer(x)
+        out = torch.ops.xla_lora.sharded_linear(
+            x2.to(layer.lora_a.dtype),
+            layer.lora_a,
+            layer.lora_b,
+            y.reshape(-1, layer.out_features).to(layer.lora_b.dtype),
+            slots,
+            metadata,
+            self.key,
+            layer.backend,
+        )
+        return out.reshape(y.shape).to(y.dtype)
 
-    def _reduce(self, partial: torch.Tensor, tokens: str | None, num_tokens: int) -> torch.Tensor:
-        """Sum of every shard's ``partial`` [N_local, D]: partials stacked on the model axis, then summed.
-
-        The partitioner lowers the sum over the sharded stack axis to one all-reduce.
-        """
-        stacked = self._leave(partial[None], (self.axis, tokens, None), (self.shards, num_tokens, partial.shape[1]))
-        return stacked.sum(0)
+    def _metadata(self, layer: BaseLayerWithLoRA, num_tokens: int) -> torch.Tensor | None:
+        """The batch's host-built metadata for this layer's local shapes, if :func:`batch_metadata` made it."""
+        if num_tokens % self.data_shards:
+            raise ShardingError(
+                f"{num_tokens} tokens do not split evenly over data axis {self.data_axis!r} of size {self.data_shards}"
+            )
+        shape = self.metadata_shape(layer)
+        if shape is None:
+            return None
+        return layer.context.metadata.get((num_tokens // self.data_shards, *shape))
 
     def _embedding_forward(self, layer: EmbeddingWithLoRA, ids: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel (or replicated) embedding: masked local lookups, one reduction.
-
-        Each shard looks up the ids in its vocabulary range, base row and A row
-        alike, and zeroes the others; summing the shards' partial outputs (base
-        plus LoRA expand) is then the layer's one all-reduce, as for a row layer.
-        """
         slots = layer.context.token_slots(ids[..., None])
         if slots is None:
             return layer.base_layer(ids)
         flat = ids.reshape(-1)
-        tokens = self._token_axis(flat.shape[0])
-        vocab_axis = self.axis if self.kind == "vocab" else None
-        shards = self.shards if vocab_axis else 1
-        vocab = layer.in_features // shards  # rows per shard
-        lora = self.lora_specs(layer)
-        idx = self._enter(slots, (tokens,))
-        weight = self._enter(layer.base_layer.weight, self.base_specs(layer.base_layer)["weight"])
-        lora_a = self._enter(layer.lora_a, lora["lora_a"])  # [L, vocab_local, R]
-        # This shard's first vocabulary row: the shard's element of an iota split over the axis.
-        shard = self._enter(torch.arange(shards, dtype=torch.int32, device=ids.device), (vocab_axis,))
-        local = self._enter(flat, (tokens,)).to(torch.int32) - shard * vocab  # [N_local]
-        inside = ((local >= 0) & (local < vocab))[:, None]
-        local = local.clamp(0, vocab - 1)
-        base = torch.where(inside, weight.index_select(0, local), 0)  # [N_local, D]
-        rows = idx.clamp(min=0) * vocab + local  # -1 slots add zero in expand
-        s = torch.where(inside, lora_a.reshape(-1, layer.max_rank).index_select(0, rows), 0)  # [N_local, R]
-        lora_b = self._enter(layer.lora_b, lora["lora_b"])
-        partial = torch.ops.xla_lora.bgmv_expand(s, lora_b, base.to(lora_b.dtype), idx, True, layer.backend)
-        partial = partial.to(base.dtype)  # reduced in the model's dtype, as the base lookup alone would be
-        if vocab_axis is None:
-            y = self._leave(partial, (tokens, None), (flat.shape[0], layer.out_features))
-        else:
-            y = self._reduce(partial, tokens, flat.shape[0])
+        self._metadata(layer, flat.shape[0])  # checks the token split
+        weight = layer.base_layer.weight
+        y = torch.ops.xla_lora.sharded_embedding(
+            flat, weight, layer.lora_a, layer.lora_b, slots, self.key, layer.backend
+        )
         return y.reshape(*ids.shape, layer.out_features)
+
+    # -- inside the regions ------------------------------------------------------------------------
+
+    def enter(self, tensor: torch.Tensor, spec: Spec) -> torch.Tensor:
+        """The local shard of ``tensor`` split by ``spec``; ops on it are not partitioned."""
+        return xs.enable_manual_sharding(tensor, spec, mesh=self.mesh).global_tensor
+
+    def leave(self, tensor: torch.Tensor, spec: Spec, shape: tuple[int, ...]) -> torch.Tensor:
+        """The global tensor of ``shape`` whose shards (split by ``spec``) are ``tensor``."""
+        return xs.disable_manual_sharding(tensor, spec, tuple(shape), mesh=self.mesh).global_tensor
+
+    def reduce(self, partial: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Sum of every shard's ``partial`` [N_local, D]: partials stacked on the model axis, then summed.
+
+        The partitioner lowers the sum over the sharded stack axis to one all-reduce.
+        """
+        spec = (self.axis, self.data_axis, None)
+        return self.leave(partial[None], spec, (self.shards, num_tokens, partial.shape[1])).sum(0)
 
 
 def replicated(tensor: torch.Tensor, mesh: Mesh) -> torch.Tensor:
@@ -356,8 +349,66 @@ def replicated(tensor: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     torch_xla 2.9 compiles a new gather graph on every host fetch of a sharded
     tensor (never cached); a replicated one is read from one device. Reduce
     first (e.g. the next token ids, not the logits) to keep the gather small.
+    Works in lazy mode and inside ``torch.compile`` (an opaque op); ``mesh``
+    is not needed for that (replication is the same on any mesh) but names
+    what the result is replicated over.
     """
-    return xs.mark_sharding(tensor, mesh, (None,) * tensor.dim()).global_tensor
+    del mesh
+    return torch.ops.xla_lora.replicated(tensor)
+
+
+# -- a batch's host-built metadata, per shard ----------------------------------------------------
+
+
+def send_batch(
+    layers: Mapping[str, BaseLayerWithLoRA], slots: torch.Tensor, per_token: bool, seq_len: int | None, device
+) -> tuple[torch.Tensor, dict[tuple[int, int, int], torch.Tensor]]:
+    """A batch's device slots and, when the token count is known, the fused op's metadata per shard.
+
+    Each shard runs the fused op on its local shapes (see
+    :meth:`LayerSharding.metadata_shape`) and its own tokens: the data axis
+    splits the N tokens into ``dp`` contiguous chunks, so the metadata is built
+    on the host per chunk and sent as one [dp, K] int32 tensor split over the
+    data axis, whose local row each shard reads. Per-token slots are sent split
+    over the data axis too (the regions read them so), per-row slots replicated.
+
+    Args:
+      layers: the handle's LoRA layers (all placed on one mesh).
+      slots: [B] per row or [N] per token, int32 on the host.
+      seq_len: tokens per row, or None (the kernels group on the device).
+
+    Returns:
+      (slots on the device, (N / dp, in, out) -> metadata on the device).
+    """
+    import torch_xla.core.xla_model as xm
+
+    from torch_xla_lora import ops
+
+    placement = next(lay.tensor_parallel for lay in layers.values())
+    by_shape = {lay.tensor_parallel.metadata_shape(lay): lay for lay in layers.values()}
+    by_shape.pop(None, None)
+    dp = placement.data_shards
+    rows = xs.ShardingSpec(placement.mesh, (placement.data_axis, None))
+    split = per_token and len(slots) % dp == 0
+    spec = xs.ShardingSpec(placement.mesh, (placement.data_axis if split else None,))
+    sent_slots = xm.send_cpu_data_to_device([slots], device, input_sharding=spec)[0]
+    if seq_len is None or not by_shape:
+        return sent_slots, {}
+    token_slots = slots.repeat_interleave(seq_len)
+    if len(token_slots) % dp:
+        return sent_slots, {}  # the forward raises ShardingError
+    lay, shapes = next(iter(by_shape.values())), list(by_shape)
+    chunks = [
+        ops.batch_metadata(chunk, shapes, lay.max_rank, lay.max_loras, lay.lora_b.dtype)
+        for chunk in token_slots.reshape(dp, -1)
+    ]
+    sent, metadata = {}, {}
+    for shape, array in chunks[0].items():
+        if id(array) not in sent:  # layers with the same plan share one array: send it once
+            stacked = torch.stack([chunk[shape] for chunk in chunks])  # [dp, K]
+            sent[id(array)] = xm.send_cpu_data_to_device([stacked], device, input_sharding=rows)[0]
+        metadata[(len(token_slots) // dp, *shape)] = sent[id(array)]
+    return sent_slots, metadata
 
 
 # -- the whole model -----------------------------------------------------------------------------
