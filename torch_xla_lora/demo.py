@@ -86,7 +86,7 @@ class DemoConfig:
     vocab: int = 1024
     hidden: int = 512
     intermediate: int = 1024
-    layers: int = 4
+    layers: int = 2
     heads: int = 8
     kv_heads: int = 4
     rows: int = 4  # decode bucket: rows served together

@@ -26,6 +26,10 @@ Two compiled steps, each one fixed bucket:
 
 Before each step the loop calls ``lora.set_batch`` with each row's adapter
 (``None`` = base), so a decode batch mixes adapters token by token.
+
+The cache fits transformers decoders whose attention calls ``cache.update``
+and which take a 4D mask and ``position_ids`` (Llama, Qwen2, Mistral without a
+sliding window...); full attention only, fp32 or bf16.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ class RowCache(Cache):
         return cls(layers)
 
     def bind(self, rows: torch.Tensor, positions: torch.Tensor, prefill: bool) -> RowCache:
+        """A view on the same storage for one forward: rows [B] and positions [B, q] (device, int64)."""
         return RowCache(self.layers, rows, positions, prefill)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -291,7 +296,8 @@ def serve(
             lora.set_batch([request.adapter], seq_len=steps.prefill_len)
             request.take(steps.prefill(request.prompt, free[0]))
             say(
-                f"  + {_label(requests, request)} ({len(request.prompt)} prompt tokens) in row {free[0]}, "
+                f"  + {_label(requests, request)} {request.adapter or 'base'} ({len(request.prompt)} prompt tokens) "
+                f"in row {free[0]}, "
                 f"first token after {1000 * (request.first_token - request.arrived):.0f} ms"
             )
             if not request.finished:
