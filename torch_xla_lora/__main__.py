@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
-        help="serve a mixed batch of PEFT adapters on a small random Llama and check it against PEFT",
+        help="serve PEFT adapters (KV cache, continuous batching) on a small random Llama, checked against PEFT",
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="smaller model and fewer tokens (the test suite's)")

@@ -1,4 +1,4 @@
-"""The main-job demo: four PEFT adapters served in one mixed batch, checked against PEFT.
+"""The main-job demo: continuous batching of PEFT adapters with a KV cache, checked against PEFT.
 
 ``python -m torch_xla_lora demo`` runs, on any PJRT device (the CPU by default):
 
@@ -6,17 +6,20 @@
 2. four adapters written by PEFT's ``save_pretrained`` to a temporary directory
    (ranks 4, 8, 16 and 8 with rsLoRA; different target modules, embeddings and
    ``lm_head`` included);
-3. :func:`torch_xla_lora.patch_model`, ``load_adapter`` from those directories,
-   ``warmup`` of the ``torch.compile(backend="openxla")`` step;
-4. greedy generation for a batch of requests, each with its own adapter or the
-   base model, under :func:`torch_xla_lora.CompileCounter`;
-5. the same requests through ``PeftModel(ids, adapter_names=[...])`` on the
-   host: the logits at every real position of every request must agree.
+3. :func:`torch_xla_lora.patch_model` and ``load_adapter`` of three of them from
+   those files, and the warm-up of two ``torch.compile(backend="openxla")``
+   buckets (prefill: one prompt; decode: every row, one token each);
+4. a serving loop (:func:`torch_xla_lora.serving.serve`): requests with different
+   adapters, or the base model, arrive over time and finish at different lengths;
+   each new request is prefilled into a free row of a static KV cache, and one
+   decode step runs all rows together, each row at its own position with its own
+   adapter; the fourth adapter is loaded from another thread while serving.
+   Nothing compiles after warm-up (checked with :func:`torch_xla_lora.assert_no_recompile`);
+5. every request again through PEFT's ``generate(..., adapter_names=[...])``, one
+   request at a time (no padding: PEFT's own answer): the greedy tokens must be
+   the same and the logits of every generated token within 1e-4.
 
-Generation keeps one static shape: the token ids live in a fixed [B, S_max]
-buffer, right-padded, and each step re-runs the whole forward on it (no KV
-cache). Causal attention makes the padding invisible to the real positions,
-and a fixed shape means one compiled graph for the whole run.
+The cache, the buckets and the scheduler are in :mod:`torch_xla_lora.serving`.
 """
 
 from __future__ import annotations
@@ -25,19 +28,21 @@ import contextlib
 import copy
 import dataclasses
 import logging
-import statistics
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from torch_xla_lora.serving import Request, Steps, serve
+
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 _MLP = ["gate_proj", "up_proj", "down_proj"]
-_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}  # float32
+_TOLERANCE = 1e-4  # float32 logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,17 @@ ADAPTERS = (
     AdapterSpec("code", 16, 16, tuple(_ATTENTION + _MLP + ["lm_head", "embed_tokens"])),
     AdapterSpec("math", 8, 16, tuple(_ATTENTION + _MLP), rslora=True),
 )
+THREAD_LOADED = "math"  # loaded from another thread while the server runs
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestSpec:
+    """A demo request: adapter (None = base), prompt length, tokens to generate, arrival step."""
+
+    adapter: str | None
+    prompt_len: int
+    new_tokens: int
+    arrival: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +86,24 @@ class DemoConfig:
     vocab: int = 1024
     hidden: int = 512
     intermediate: int = 1024
-    layers: int = 4
+    layers: int = 2
     heads: int = 8
     kv_heads: int = 4
-    new_tokens: int = 8
-    seq_bucket: int = 32  # S_max: prompt + generated tokens must fit
-    prompt_lens: tuple[int, ...] = (6, 9, 5, 12, 7, 10, 4, 8)
-    requests: tuple[str | None, ...] = ("sql", None, "chat", "code", "math", None, "code", "sql")
-    timing_repeats: int = 3
+    rows: int = 4  # decode bucket: rows served together
+    prefill_len: int = 16  # prefill bucket: prompts are right-padded to it
+    max_len: int = 32  # KV cache length per row
+    requests: tuple[RequestSpec, ...] = (
+        RequestSpec("sql", 6, 8, 0),
+        RequestSpec(None, 9, 5, 0),
+        RequestSpec("chat", 5, 12, 0),
+        RequestSpec("code", 12, 6, 1),
+        RequestSpec("math", 7, 10, 2),
+        RequestSpec(None, 10, 4, 3),
+        RequestSpec("code", 4, 9, 4),
+        RequestSpec("sql", 8, 7, 6),
+        RequestSpec("chat", 11, 5, 8),
+        RequestSpec("math", 3, 6, 10),
+    )
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -88,20 +114,18 @@ class DemoConfig:
             layers=1,
             heads=4,
             kv_heads=2,
-            new_tokens=3,
-            seq_bucket=16,
-            timing_repeats=1,
+            rows=3,
+            prefill_len=8,
+            max_len=16,
+            requests=(
+                RequestSpec("sql", 5, 4, 0),
+                RequestSpec(None, 7, 2, 0),
+                RequestSpec("code", 3, 5, 0),
+                RequestSpec("math", 6, 3, 1),
+                RequestSpec("chat", 8, 4, 2),
+                RequestSpec(None, 4, 3, 3),
+            ),
         )
-
-
-@dataclasses.dataclass
-class Generation:
-    """Result of greedy generation: the final id buffer, real lengths, new tokens per request."""
-
-    ids: torch.Tensor  # [B, S_max] int64, host, right-padded with 0
-    lengths: list[int]  # real tokens per row
-    new_tokens: list[list[int]]
-    seconds: float
 
 
 def _targets_label(targets: Sequence[str]) -> str:
@@ -131,7 +155,7 @@ def _step(message: str) -> Iterator[None]:
 
 
 def build_base_model(config: DemoConfig, seed: int) -> nn.Module:
-    """A random-weight ``LlamaForCausalLM`` (float32, eval mode) on the host."""
+    """A random-weight ``LlamaForCausalLM`` (float32, eval mode) on the host; generation stops only at length."""
     import transformers
 
     torch.manual_seed(seed)
@@ -144,7 +168,10 @@ def build_base_model(config: DemoConfig, seed: int) -> nn.Module:
         num_key_value_heads=config.kv_heads,
         tie_word_embeddings=False,
     )
-    return transformers.LlamaForCausalLM(llama).eval()
+    model = transformers.LlamaForCausalLM(llama).eval()
+    model.generation_config.eos_token_id = None  # random weights: an end token would stop PEFT's generate early
+    model.generation_config.pad_token_id = 0
+    return model
 
 
 def write_adapters(base: nn.Module, specs: Sequence[AdapterSpec], directory: Path, seed: int) -> dict[str, Path]:
@@ -179,114 +206,74 @@ def load_peft_model(base: nn.Module, paths: dict[str, Path]) -> nn.Module:
     return model.eval()
 
 
-def make_prompts(config: DemoConfig, seed: int) -> list[list[int]]:
-    """One random prompt per request, of the configured lengths (token 0 is kept for padding)."""
+def make_requests(config: DemoConfig, seed: int) -> list[Request]:
+    """The requests of ``config`` with random prompts (token 0 is kept for padding)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, config.vocab, (n,), generator=g).tolist() for n in config.prompt_lens]
-
-
-def generate(
-    step: Callable[[torch.Tensor], torch.Tensor],
-    prompts: Sequence[Sequence[int]],
-    seq_bucket: int,
-    new_tokens: int,
-    device: torch.device,
-) -> Generation:
-    """Greedy decoding on a static [B, seq_bucket] buffer: one full forward per new token.
-
-    ``step`` maps ids [B, S] (device) to logits [B, S, V]; the next token of row
-    b is the argmax at its last real position. The buffer goes to the device
-    whole every step, so every step runs the same compiled graph.
-    """
-    import torch_xla
-
-    lengths = [len(p) for p in prompts]
-    if max(lengths) + new_tokens > seq_bucket:
-        raise ValueError(f"seq_bucket {seq_bucket} < longest prompt {max(lengths)} + new_tokens {new_tokens}")
-    ids = torch.zeros(len(prompts), seq_bucket, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.tensor(prompt)
-    generated: list[list[int]] = [[] for _ in prompts]
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        with torch.no_grad():
-            logits = step(ids.to(device))  # [B, S, V]; alive until the sync
-            torch_xla.sync()
-        rows = torch.arange(len(prompts))
-        last = torch.tensor(lengths) - 1
-        next_ids = logits.cpu()[rows, last].argmax(-1)
-        del logits
-        for row, token in enumerate(next_ids.tolist()):
-            ids[row, lengths[row]] = token
-            lengths[row] += 1
-            generated[row].append(token)
-    return Generation(ids, lengths, generated, time.perf_counter() - start)
-
-
-def forward_logits(
-    step: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, device: torch.device
-) -> torch.Tensor:
-    """Logits [B, S, V] of one step on ``ids``, on the host."""
-    import torch_xla
-
-    with torch.no_grad():
-        logits = step(ids.to(device))
-        torch_xla.sync()
-    return logits.cpu()
-
-
-def compare_with_peft(
-    logits: torch.Tensor,  # [B, S, V]
-    peft_logits: torch.Tensor,  # [B, S, V]
-    lengths: Sequence[int],
-) -> tuple[list[float], bool]:
-    """Largest |difference| per request over its real positions, and whether all are within tolerance."""
-    diffs, ok = [], True
-    for row, n in enumerate(lengths):
-        ours, ref = logits[row, :n], peft_logits[row, :n]
-        diffs.append((ours - ref).abs().max().item())
-        ok &= torch.allclose(ours, ref, **_TOLERANCE)
-    return diffs, ok
-
-
-def peft_agreement(peft_logits: torch.Tensor, generation: Generation, prompt_lens: Sequence[int]) -> int:
-    """How many generated tokens are also PEFT's greedy choice."""
-    agree = 0
-    for row, tokens in enumerate(generation.new_tokens):
-        for k, token in enumerate(tokens):
-            agree += int(peft_logits[row, prompt_lens[row] - 1 + k].argmax().item() == token)
-    return agree
-
-
-def _median_generation(run: Callable[[], Generation], repeats: int) -> tuple[Generation, float]:
-    results = [run() for _ in range(repeats)]
-    return results[0], statistics.median(r.seconds for r in results)
-
-
-def _print_requests(config: DemoConfig, specs: dict[str, AdapterSpec], generation: Generation) -> None:
-    print("\nadapters (written by PEFT, loaded from its files):")
-    for spec in specs.values():
-        print(f"  {spec.name:5s} {spec.describe()}")
-    print(f"requests (one batch of {len(config.requests)}, greedy, static buffer of {config.seq_bucket} tokens):")
-    for row, name in enumerate(config.requests):
-        print(
-            f"  #{row} {name or 'base':5s} prompt {config.prompt_lens[row]:2d} tokens -> {generation.new_tokens[row]}"
+    return [
+        Request(
+            spec.adapter,
+            torch.randint(1, config.vocab, (spec.prompt_len,), generator=g).tolist(),
+            spec.new_tokens,
+            spec.arrival,
         )
+        for spec in config.requests
+    ]
+
+
+def peft_generate(peft_model: nn.Module, prompt: Sequence[int], adapter: str | None, new_tokens: int):
+    """PEFT's greedy answer for one request: (tokens, logits [new_tokens, V]) from ``generate``."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = peft_model.generate(
+            input_ids=torch.tensor([list(prompt)]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            adapter_names=[adapter or "__base__"],
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences[0, len(prompt) :].tolist(), torch.cat(out.logits)
 
 
 @dataclasses.dataclass
-class Served:
-    """What serving produced: the LoRA batch's generation and final logits, timings, compilations."""
+class Check:
+    """One request against PEFT: same greedy tokens, largest logit difference."""
 
-    generation: Generation
-    logits: torch.Tensor  # [B, S_max, V] host: one forward on the final buffer
-    lora_seconds: float
-    base_seconds: float
+    same_tokens: bool
+    max_diff: float
+
+    @property
+    def ok(self) -> bool:
+        return self.same_tokens and self.max_diff <= _TOLERANCE
+
+
+def check_request(peft_model: nn.Module, request: Request, adapter: str | None = None) -> Check:
+    """Compare a served request with PEFT's ``generate`` under ``adapter`` (default: the request's own)."""
+    adapter = request.adapter if adapter is None else adapter
+    tokens, logits = peft_generate(peft_model, request.prompt, adapter, request.max_new_tokens)
+    ours = torch.stack(request.logits)
+    diff = (ours - logits).abs().max().item() if ours.shape == logits.shape else float("inf")
+    return Check(tokens == request.tokens, diff)
+
+
+@dataclasses.dataclass
+class DemoResult:
+    """What the demo did: its requests (served), the PEFT checks, compilations, the reference model."""
+
+    requests: list[Request]
+    checks: list[Check]
     recompiles: int
+    peft_model: nn.Module
+    seconds: float
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.recompiles == 0 and all(c.ok for c in self.checks) else 1
 
 
 def _prepare(config: DemoConfig, seed: int, device: torch.device, tmp: Path):
-    """(PEFT reference model, patched model on ``device``, its LoRAModel handle), adapters loaded from files."""
+    """(PEFT reference, patched model on ``device``, its LoRAModel handle, adapter paths)."""
     import torch_xla_lora as tl
 
     specs = list(ADAPTERS)
@@ -296,75 +283,69 @@ def _prepare(config: DemoConfig, seed: int, device: torch.device, tmp: Path):
         paths = write_adapters(base, specs, tmp, seed)
     with _step("loading them into a PeftModel (the reference)"):
         peft_model = load_peft_model(base, paths)
-    with _step("patching the model and loading the adapters from the same files"):
+    with _step(f"patching the model, loading all but {THREAD_LOADED!r} from the same files"):
         model = copy.deepcopy(base).to(device)
         targets = _ATTENTION + _MLP + ["lm_head", "embed_tokens"]
         max_rank = max(spec.rank for spec in specs)
         lora = tl.patch_model(model, tl.LoRAConfig(max_loras=len(specs), max_rank=max_rank, target_modules=targets))
         for name, path in paths.items():
-            lora.load_adapter(name, path)
-    return peft_model, model, lora
+            if name != THREAD_LOADED:
+                lora.load_adapter(name, path)
+    return peft_model, model, lora, paths
 
 
-def _warm_up(lora, step: Callable, batch: int, config: DemoConfig, device: torch.device) -> int:
-    """Compile the LoRA graph (``lora.warmup``) and the base graph; return the compilations made."""
+def _serve(config: DemoConfig, lora, steps: Steps, requests: list[Request], path: Path) -> tuple[float, int, int]:
+    """Serve while a thread loads the last adapter; returns (seconds, decode steps, compilations)."""
     import torch_xla_lora as tl
 
-    print(f"warming up torch.compile(backend='openxla') for batch {batch} x {config.seq_bucket} tokens:")
-    counter = tl.CompileCounter()
-    # host_metadata: the graphs for batches set with their sequence length (grouping built on the host).
-    lora.warmup([batch], [config.seq_bucket], step=step, host_metadata=True)
-    with _step("warm-up of the base-model graph (no adapter set)"):
-        lora.clear_batch()
-        forward_logits(step, torch.zeros(batch, config.seq_bucket, dtype=torch.long), device)
-    return counter.count
+    def load() -> None:
+        # From another thread, through the public API, after the first decode step, while the
+        # server runs. Requests for this adapter wait in the queue until the load is done (serve
+        # admits a request only when lora.adapters() lists its adapter): the first step that uses
+        # the adapter comes after the load, and the serving thread writes its slot (set_batch).
+        lora.load_adapter(THREAD_LOADED, path)
+        print(f"  * loader thread: {THREAD_LOADED!r} loaded", flush=True)
+
+    print(f"\nserving {len(requests)} requests on {config.rows} rows (greedy; step: row request adapter@position):")
+    loader = threading.Thread(target=load, name="adapter-loader")
+    start = time.perf_counter()
+    try:
+        with tl.assert_no_recompile() as counter:
+            decodes = serve(steps, lora, requests, on_step=lambda n: n == 0 and loader.start())
+            loader.join()  # started at the first decode step (the demo's requests need one)
+    except tl.RecompilationError:
+        pass
+    return time.perf_counter() - start, decodes, counter.count
 
 
-def _serve(lora, step: Callable, config: DemoConfig, seed: int, device: torch.device) -> Served:
-    """Generate for the mixed batch, then for the same prompts as base, counting compilations."""
-    import torch_xla_lora as tl
-
-    prompts = make_prompts(config, seed)
-    counter = tl.CompileCounter()
-
-    def run() -> Generation:
-        return generate(step, prompts, config.seq_bucket, config.new_tokens, device)
-
-    with _step(f"serving: greedy generation of {config.new_tokens} tokens per request, LoRA batch then base"):
-        lora.set_batch(list(config.requests), seq_len=config.seq_bucket)  # every step runs the full buffer
-        generation, lora_seconds = _median_generation(run, config.timing_repeats)
-        logits = forward_logits(step, generation.ids, device)
-        lora.clear_batch()
-        _, base_seconds = _median_generation(run, config.timing_repeats)
-    return Served(generation, logits, lora_seconds, base_seconds, counter.count)
-
-
-def _report(config: DemoConfig, served: Served, peft_logits: torch.Tensor) -> bool:
-    """Print the requests, the comparison with PEFT, throughput and compilations; return success."""
-    generation = served.generation
-    diffs, match = compare_with_peft(served.logits, peft_logits, generation.lengths)
-    agree = peft_agreement(peft_logits, generation, config.prompt_lens)
-    _print_requests(config, {spec.name: spec for spec in ADAPTERS}, generation)
-    batch = len(config.requests)
-    total = batch * config.new_tokens
-    print("\nreport:")
-    print(f"  largest |logit - PEFT| over all requests and positions: {max(diffs):.2e} (tolerance 1e-4)")
-    print(f"  PEFT's greedy choice agrees on {agree}/{total} generated tokens")
-    for label, seconds in (("base", served.base_seconds), ("LoRA", served.lora_seconds)):
-        forwarded = total * config.seq_bucket / seconds
-        print(
-            f"  {label:4s} throughput: {total / seconds:7.1f} new tokens/s "
-            f"({forwarded:,.0f} tokens/s through the {batch}x{config.seq_bucket} forward)"
+def _report(requests: list[Request], checks: list[Check], seconds: float, decodes: int, recompiles: int) -> bool:
+    print("\nadapters (written by PEFT, loaded from its files):")
+    for spec in ADAPTERS:
+        print(f"  {spec.name:5s} {spec.describe()}")
+    print("\nrequest adapter  prompt  output  TTFT ms  tokens/s  same tokens as PEFT  max |logit - PEFT|")
+    for number, (request, check) in enumerate(zip(requests, checks, strict=True)):
+        decode_s = request.done - request.first_token
+        rate = (
+            f"{(len(request.tokens) - 1) / decode_s:8.1f}" if len(request.tokens) > 1 and decode_s > 0 else "       -"
         )
-    print("  (a tiny model: LoRA's share of the work is large; `python -m torch_xla_lora.bench e2e` measures at 2048)")
-    print(f"  XLA compilations after warm-up: {served.recompiles}")
-    ok = match and served.recompiles == 0
+        print(
+            f"  #{number:<4d} {request.adapter or 'base':7s} {len(request.prompt):6d}  {len(request.tokens):6d}  "
+            f"{1000 * (request.first_token - request.arrived):7.0f}  {rate}  "
+            f"{'yes' if check.same_tokens else 'NO':>19s}  {check.max_diff:.1e}"
+        )
+    total = sum(len(r.tokens) for r in requests)
+    print("  (tokens/s: a request's decode rate after its first token; TTFT from its arrival)")
+    print(f"\n{total} tokens in {seconds:.1f} s ({total / seconds:.1f} tokens/s, {decodes} decode steps)")
+    print(f"largest |logit - PEFT| over every generated token: {max(c.max_diff for c in checks):.2e} (tolerance 1e-4)")
+    print(f"requests whose greedy tokens equal PEFT's generate: {sum(c.same_tokens for c in checks)}/{len(checks)}")
+    print(f"XLA compilations after warm-up: {recompiles}")
+    ok = recompiles == 0 and all(c.ok for c in checks)
     print("OK: every request matches PEFT, nothing recompiled" if ok else "FAILED")
     return ok
 
 
-def run(seed: int = 0, quick: bool = False) -> int:
-    """Run the demo and print its report; 0 when every logit matches PEFT and nothing recompiled."""
+def run_demo(seed: int = 0, quick: bool = False) -> DemoResult:
+    """Run the demo, print its progress and report, and return what it did."""
     import torch_xla
 
     from torch_xla_lora.ops import device_generation
@@ -372,14 +353,26 @@ def run(seed: int = 0, quick: bool = False) -> int:
     config = DemoConfig.quick() if quick else DemoConfig()
     logging.getLogger("absl").setLevel(logging.ERROR)  # JAX's notice that TensorFlow is absent
     device = torch_xla.device()
+    begin = time.perf_counter()
     print(f"torch_xla_lora demo on {device} ({device_generation()}), seed {seed}")
     with tempfile.TemporaryDirectory(prefix="torch_xla_lora_demo_") as tmp:
-        peft_model, model, lora = _prepare(config, seed, device, Path(tmp))
-    step = torch.compile(lambda ids: model(ids).logits, backend="openxla")
-    compiles = _warm_up(lora, step, len(config.requests), config, device)
-    print(f"warm-up made {compiles} XLA compilations")
-    served = _serve(lora, step, config, seed, device)
-    with _step("PEFT reference forward (host, eager)"), torch.no_grad():
-        names = [name or "__base__" for name in config.requests]
-        peft_logits = peft_model(served.generation.ids, adapter_names=names).logits
-    return 0 if _report(config, served, peft_logits) else 1
+        peft_model, model, lora, paths = _prepare(config, seed, device, Path(tmp))
+        steps = Steps(model, config.rows, config.max_len, config.prefill_len, device)
+        print(
+            f"warming up torch.compile(backend='openxla'): prefill [1, {config.prefill_len}], "
+            f"decode [{config.rows}, 1], cache {config.rows} x {config.max_len}"
+        )
+        compiles = steps.warmup(lora)
+        print(f"warm-up made {compiles} XLA compilations")
+        requests = make_requests(config, seed)
+        seconds, decodes, recompiles = _serve(config, lora, steps, requests, paths[THREAD_LOADED])
+    with _step("\nPEFT reference: generate(..., adapter_names=[...]) per request (host, eager)"):
+        checks = [check_request(peft_model, request) for request in requests]
+    _report(requests, checks, seconds, decodes, recompiles)
+    print(f"demo took {time.perf_counter() - begin:.0f} s")
+    return DemoResult(requests, checks, recompiles, peft_model, seconds)
+
+
+def run(seed: int = 0, quick: bool = False) -> int:
+    """Run the demo; 0 when every request matches PEFT and nothing recompiled after warm-up."""
+    return run_demo(seed, quick).exit_code
