@@ -156,3 +156,55 @@ def test_fused_lowers_to_mosaic(num_tokens, rank, num_slots, out_dim, generation
     ]
     module = jax_export.export(jax.jit(fn), platforms=["tpu"])(*shapes).mlir_module()
     assert "tpu_custom_call" in module
+
+
+def _interleaved(num_tokens: int, num_slots: int, in_use: int, with_base: bool) -> torch.Tensor:
+    """Decode layout: token t on request t mod in_use, requests spread over the slots; every 5th token base."""
+    idx = (torch.arange(num_tokens) % in_use * (num_slots // in_use)).to(torch.int32)
+    if with_base:
+        idx[::5] = -1
+    return idx
+
+
+def _tensors(num_tokens, hidden, rank, num_slots, out_dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=g)
+    a = torch.randn(num_slots, rank, hidden, generator=g) / math.sqrt(hidden)
+    b = torch.randn(num_slots, rank, out_dim, generator=g) / math.sqrt(rank)
+    return x, a, b, torch.randn(num_tokens, out_dim, generator=g)
+
+
+# The XLA-native backend's paths for blocks that mix adapters: one block (laned:
+# adapters side by side, one or several chunks of lanes) and several blocks
+# (rows sorted by slot). A sample of the shapes, not a product.
+MIXING = [
+    (20, 256, 16, 64, 8, False),  # one block, 8 adapters in one chunk of 8 lanes
+    (20, 256, 64, 8, 8, True),  # one block, rank 64: 2 lanes, 4 chunks
+    (200, 256, 16, 64, 8, True),  # several blocks: sorted rows
+    (300, 128, 16, 12, 12, False),  # several blocks, 12 adapters, T not a multiple of the block
+]
+
+
+@pytest.mark.parametrize("host_metadata", [False, True], ids=["device-grouping", "host-metadata"])
+@pytest.mark.parametrize(("num_tokens", "hidden", "rank", "num_slots", "in_use", "with_base"), MIXING)
+def test_interleaved_adapters_xla(num_tokens, hidden, rank, num_slots, in_use, with_base, host_metadata, xla_device):
+    x, a, b, base = _tensors(num_tokens, hidden, rank, num_slots, 192)
+    idx = _interleaved(num_tokens, num_slots, in_use, with_base)
+    meta = None
+    if host_metadata:
+        meta = tl.ops.batch_metadata(idx, [(hidden, 192)], rank, num_slots, torch.float32)[(hidden, 192)]
+        meta = meta.to(xla_device)
+    dev = [t.to(xla_device) for t in (x, a, b, base, idx)]
+    out = tl.bgmv_shrink_expand(*dev, 0.5, "xla", meta).cpu()
+    assert_close(out, reference.bgmv_shrink_expand(x, a, b, base, idx, 0.5))
+    assert torch.equal(out[idx < 0], base[idx < 0])
+
+
+@pytest.mark.parametrize("num_tokens", [20, 200], ids=["one-block", "several-blocks"])
+def test_unused_slot_holding_inf_leaves_base_rows_exact(num_tokens, xla_device):
+    x, a, b, base = _tensors(num_tokens, 128, 16, 9, 128)
+    a[8], b[8] = float("inf"), float("nan")  # slot 8 is never used
+    idx = _interleaved(num_tokens, 8, 8, with_base=True)
+    out = tl.bgmv_shrink_expand(*(t.to(xla_device) for t in (x, a, b, base, idx)), 1.0, "xla").cpu()
+    assert torch.equal(out[idx < 0], base[idx < 0])
+    assert_close(out, reference.bgmv_shrink_expand(x, a[:8], b[:8], base, idx))

@@ -121,3 +121,20 @@ def test_ops_do_not_mutate_arguments(xla_device):
         tl.bgmv_expand(tl.bgmv_shrink(x.to(device), a.to(device), idx.to(device)), b.to(device), base_d, idx.to(device))
         tl.bgmv_expand_slice(torch.ones(16, 8, device=device), b[:, :, :32].to(device), base_d, idx.to(device), 16)
         assert torch.equal(base_d.cpu(), base)
+
+
+@pytest.mark.parametrize("num_tokens", [24, 300], ids=["one-block", "several-blocks"])
+def test_interleaved_adapters_shrink_then_expand_xla(num_tokens, xla_device):
+    """Decode layout (token t on adapter t mod 8, every 4th token base), an unused slot full of Inf."""
+    x, a, _, g = _case((num_tokens, 256, 16, 9), torch.float32)
+    b, base = torch.randn(9, 16, 192, generator=g), torch.randn(num_tokens, 192, generator=g)
+    a[8], b[8] = float("inf"), float("inf")
+    idx = (torch.arange(num_tokens) % 8).to(torch.int32)
+    idx[::4] = -1
+    dev = [t.to(xla_device) for t in (x, a, idx, b, base)]
+    s = tl.bgmv_shrink(dev[0], dev[1], dev[2], 1.0, "xla")
+    out = tl.bgmv_expand(s, dev[3], dev[4], dev[2], True, "xla").cpu()
+    expected_s = reference.bgmv_shrink(x, a[:8], idx)
+    assert_close(s.cpu(), expected_s)
+    assert_close(out, reference.bgmv_expand(expected_s, b[:8], base, idx))
+    assert torch.equal(out[idx < 0], base[idx < 0])

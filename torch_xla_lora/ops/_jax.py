@@ -114,8 +114,11 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
         padded = sizes.padded_tokens(num_tokens)
         idx = _padded_indices(indices, num_slots, padded)
         x_pad, base_pad = _pad_rows(x, padded), _pad_rows(base, padded)
+        order = None
         if metadata is not None:
-            meta, vis = visits.unpack(metadata, padded, num_slots, sizes.tokens, lanes)
+            # The packed lane and visit arrays, then the tokens' order by slot (see batch_metadata).
+            grouping, order = metadata[:-padded], metadata[-padded:]
+            meta, vis = visits.unpack(grouping, padded, num_slots, sizes.tokens, lanes)
         if backend == "pallas":
             if metadata is None:
                 meta = visits.build_lanes(idx, num_slots, sizes.tokens, lanes)
@@ -134,7 +137,7 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
             if metadata is None:
                 vis = visits.build(idx, num_slots, sizes.tokens)
             out = _xla_native.shrink_expand(
-                x_pad, lora_a, lora_b, base_pad, idx, vis, scaling=scaling, block_tokens=sizes.tokens
+                x_pad, lora_a, lora_b, base_pad, idx, vis, scaling=scaling, block_tokens=sizes.tokens, order=order
             )
         return out[:num_tokens]
 
@@ -151,8 +154,10 @@ def batch_metadata(slots, layer_shapes, rank: int, num_slots: int, dtype: str, g
       layer_shapes: (in_features, out_features) of the layers that will run the fused op.
 
     Returns:
-      (in_features, out_features) -> packed int32 numpy array; layers whose plans
-      share a token block and lane count share one array.
+      (in_features, out_features) -> int32 numpy array: ``visits.pack`` of the lane
+      and visit metadata, then the padded tokens' stable order by slot (what the
+      XLA-native backend permutes rows by when the blocks mix adapters); layers
+      whose plans share a token block and lane count share one array.
     """
     import numpy as np
 
@@ -164,10 +169,12 @@ def batch_metadata(slots, layer_shapes, rank: int, num_slots: int, dtype: str, g
         if key not in by_plan:
             padded = np.full(sizes.padded_tokens(num_tokens), -1, np.int32)
             padded[:num_tokens] = np.where((slots >= 0) & (slots < num_slots), slots, -1)
-            by_plan[key] = visits.pack(
+            packed = visits.pack(
                 visits.build_lanes(padded, num_slots, sizes.tokens, lanes, xp=np),
                 visits.build(padded, num_slots, sizes.tokens, xp=np),
                 xp=np,
             )
+            order = np.argsort(padded.astype(np.uint32), kind="stable").astype(np.int32)
+            by_plan[key] = np.concatenate([packed, order])
         out[(hidden, out_dim)] = by_plan[key]
     return out

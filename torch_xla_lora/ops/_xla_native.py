@@ -1,23 +1,43 @@
 """The grouped BGMV algorithm in plain jax ops, for devices without Mosaic (the default off TPU).
 
-Same visits as the Pallas kernels (see ``torch_xla_lora.kernels.visits``), in
-two passes that XLA compiles well:
+Same visits as the Pallas kernels (see ``torch_xla_lora.kernels.visits``).
+The *direct* algorithm runs in two passes that XLA compiles well:
 
 1. the *primary* pass: every token block is multiplied by its first adapter
    (its smallest slot) in one batched matmul over all blocks, rows of other
-   adapters masked out; in a prefill batch (each request's tokens together)
+   adapters left out; in a prefill batch (each request's tokens together)
    this covers almost every token;
 2. the *extra* visits, the (block, slot) pairs the primary pass left, walked by
    a ``fori_loop`` whose trip count is a device value; its body multiplies one
    token block by one adapter and updates the output in place
    (dynamic-update-slice, no copy).
 
-The cost is O(T * R * D) for the primary pass plus O(extra visits * tokens *
-R * D), whatever the number of slots L.
+A batch whose blocks mix adapters (decode: every row another request) would
+cost one block-sized product per extra visit, so the ops choose at run time
+(``lax.cond`` on device values, one compiled graph):
+
+- one token block that mixes adapters: *laned*, as the TPU kernel does: the
+  batch's distinct adapters are taken ``lanes`` at a time and their A (B)
+  tiles packed side by side, so one [T, D] x [D, lanes * R] shrink and one
+  [T, lanes * R] x [lanes * R, Dout] expand serve ``lanes`` adapters, each
+  token keeping its own lane (select);
+- several blocks with more extra visits than blocks: *sorted*: the rows are
+  permuted so each slot's tokens are together (a stable sort by slot, built on
+  the host with the batch metadata when there is one), the direct algorithm
+  runs on the sorted rows (almost every block then uses one adapter) and the
+  result rows are permuted back;
+- otherwise (prefill): the direct algorithm as is.
+
+Rows whose index is outside [0, L) get exactly the base (or zero): every
+adapter product is *selected* into the result, never multiplied by a mask, so
+an unused slot holding Inf or NaN cannot leak into them. The cost is
+O(T * R * D) plus one block-sized product per adapter boundary, whatever the
+number of slots L.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -25,6 +45,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from torch_xla_lora.kernels.visits import Visits
+
+# Adapter ranks packed side by side in one laned product: a 128-wide column
+# block keeps XLA:CPU's matmul on full vector tiles at small ranks.
+LANE_COLUMNS = 128
 
 
 class _Plan(NamedTuple):
@@ -34,21 +58,35 @@ class _Plan(NamedTuple):
     num_extra: jax.Array  # scalar
 
 
+def _compact_extras(extra: jax.Array, block: jax.Array, slot: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    entries = extra.shape[0]
+    target = jnp.where(extra, jnp.cumsum(extra) - 1, entries)
+    extra_block = jnp.zeros((entries,), jnp.int32).at[target].set(block, mode="drop")
+    extra_slot = jnp.zeros((entries,), jnp.int32).at[target].set(slot, mode="drop")
+    return extra_block, extra_slot, jnp.sum(extra)
+
+
 def _plan(visits: Visits, num_blocks: int) -> _Plan:
     entries = visits.block.shape[0]
-    position = jnp.arange(entries)
-    real = position < visits.count[0]
+    real = jnp.arange(entries) < visits.count[0]
     first = real & jnp.concatenate([jnp.ones((1,), bool), visits.block[1:] != visits.block[:-1]])
     primary = (
         jnp.full((num_blocks,), -1, jnp.int32)
         .at[jnp.where(first, visits.block, num_blocks)]
         .set(visits.slot, mode="drop")
     )
-    extra = real & ~first
-    target = jnp.where(extra, jnp.cumsum(extra) - 1, entries)
-    extra_block = jnp.zeros((entries,), jnp.int32).at[target].set(visits.block, mode="drop")
-    extra_slot = jnp.zeros((entries,), jnp.int32).at[target].set(visits.slot, mode="drop")
-    return _Plan(primary, extra_block, extra_slot, jnp.sum(extra))
+    return _Plan(primary, *_compact_extras(real & ~first, visits.block, visits.slot))
+
+
+def _sorted_plan(indices: jax.Array, block_tokens: int) -> _Plan:
+    """The plan of indices sorted by slot (-1 last), read off the runs: no sort."""
+    (num_tokens,) = indices.shape
+    position = jnp.arange(num_tokens, dtype=jnp.int32)
+    first = indices[::block_tokens]
+    primary = jnp.where(first >= 0, first, -1)
+    run_start = jnp.concatenate([jnp.ones((1,), bool), indices[1:] != indices[:-1]])
+    extra = run_start & (position % block_tokens != 0) & (indices >= 0)
+    return _Plan(primary, *_compact_extras(extra, position // block_tokens, indices))
 
 
 def _rows(array: jax.Array, block: jax.Array, block_tokens: int) -> jax.Array:
@@ -59,19 +97,18 @@ def _mask(indices: jax.Array, slot: jax.Array) -> jax.Array:
     return (indices == slot) & (slot >= 0)
 
 
-def _shrink_rows(x, a, mask, scaling):
-    """[..., tokens, D] x [..., R, D] -> [..., tokens, R] f32, masked rows zero."""
-    y = jnp.einsum("...td,...rd->...tr", x, a, preferred_element_type=jnp.float32)
-    return jnp.where(mask[..., None], y * scaling, 0.0)
+def _select(mask: jax.Array, value: jax.Array, otherwise: jax.Array) -> jax.Array:
+    return jnp.where(mask[..., None], value, otherwise)
 
 
 def _walk(plan: _Plan, acc: jax.Array, indices: jax.Array, block_tokens: int, product) -> jax.Array:
-    """Add ``product(block, slot, mask)`` ([tokens, W] f32) to the rows of every extra visit."""
+    """Add ``product(block, slot)`` ([tokens, W] f32) to the rows of every extra visit whose token uses ``slot``."""
 
     def body(v, acc):
         block, slot = plan.extra_block[v], plan.extra_slot[v]
         mask = _mask(_rows(indices, block, block_tokens), slot)
-        update = _rows(acc, block, block_tokens) + product(block, jnp.maximum(slot, 0), mask)
+        rows = _rows(acc, block, block_tokens)
+        update = _select(mask, rows + product(block, jnp.maximum(slot, 0)), rows)
         return lax.dynamic_update_slice_in_dim(acc, update, block * block_tokens, 0)
 
     return lax.fori_loop(0, plan.num_extra, body, acc)
@@ -79,6 +116,178 @@ def _walk(plan: _Plan, acc: jax.Array, indices: jax.Array, block_tokens: int, pr
 
 def _primary_mask(indices: jax.Array, plan: _Plan, block_tokens: int) -> jax.Array:
     return _mask(indices.reshape(-1, block_tokens), plan.primary[:, None])
+
+
+def _shrink_rows(x, a, scaling):
+    """[..., tokens, D] x [..., R, D] -> [..., tokens, R] f32."""
+    return jnp.einsum("...td,...rd->...tr", x, a, preferred_element_type=jnp.float32) * scaling
+
+
+# -- the direct algorithm, on the rows as given ------------------------------------------------------
+
+
+def _direct_shrink(rows, lora_a, indices, plan, *, scaling, block_tokens):
+    (x,) = rows
+    num_tokens, hidden = x.shape
+    blocks = x.reshape(-1, block_tokens, hidden)
+    y = _shrink_rows(blocks, lora_a[jnp.maximum(plan.primary, 0)], scaling)
+    acc = _select(_primary_mask(indices, plan, block_tokens), y, 0.0).reshape(num_tokens, -1)
+
+    def product(block, slot):
+        return _shrink_rows(_rows(x, block, block_tokens), lora_a[slot], scaling)
+
+    return _walk(plan, acc, indices, block_tokens, product)
+
+
+def _direct_expand(rows, lora_b, indices, plan, *, add_inputs, block_tokens):
+    s, base = rows
+    num_tokens, rank = s.shape
+    s_blocks = s.reshape(-1, block_tokens, rank)
+    y = jnp.einsum("btr,bro->bto", s_blocks, lora_b[jnp.maximum(plan.primary, 0)], preferred_element_type=jnp.float32)
+    start = base.astype(jnp.float32) if add_inputs else jnp.zeros(base.shape, jnp.float32)
+    mask = _primary_mask(indices, plan, block_tokens)
+    acc = _select(mask, start.reshape(y.shape) + y, start.reshape(y.shape)).reshape(num_tokens, -1)
+
+    def product(block, slot):
+        return jnp.dot(_rows(s, block, block_tokens), lora_b[slot], preferred_element_type=jnp.float32)
+
+    return _walk(plan, acc, indices, block_tokens, product)
+
+
+def _direct_shrink_expand(rows, weights, indices, plan, *, scaling, block_tokens):
+    x, base = rows
+    lora_a, lora_b = weights
+    num_tokens, hidden = x.shape
+    primary = jnp.maximum(plan.primary, 0)
+    blocks = x.reshape(-1, block_tokens, hidden)
+    s = _shrink_rows(blocks, lora_a[primary], scaling).astype(lora_b.dtype)
+    y = jnp.einsum("btr,bro->bto", s, lora_b[primary], preferred_element_type=jnp.float32)
+    start = base.astype(jnp.float32).reshape(y.shape)
+    acc = _select(_primary_mask(indices, plan, block_tokens), start + y, start).reshape(num_tokens, -1)
+
+    def product(block, slot):
+        s = _shrink_rows(_rows(x, block, block_tokens), lora_a[slot], scaling).astype(lora_b.dtype)
+        return jnp.dot(s, lora_b[slot], preferred_element_type=jnp.float32)
+
+    return _walk(plan, acc, indices, block_tokens, product)
+
+
+# -- laned: one token block, its distinct adapters side by side --------------------------------------
+
+
+class _Lanes(NamedTuple):
+    slots: jax.Array  # [chunks_max * lanes] slot of each distinct-adapter rank, -1 past the count
+    code: jax.Array  # [T] rank of each token's slot among the distinct ones, -1 = no adapter
+    chunks: jax.Array  # scalar: number of chunks of ``lanes`` ranks
+    lanes: int
+
+
+def _lanes(indices: jax.Array, num_slots: int, rank: int) -> _Lanes:
+    """Number the batch's distinct slots (in slot order) with a scatter and a cumsum: no sort."""
+    lanes = max(1, LANE_COLUMNS // rank)
+    width = -(-min(indices.shape[0], num_slots) // lanes) * lanes
+    used = jnp.zeros((num_slots + 1,), bool).at[jnp.where(indices >= 0, indices, num_slots)].set(True)[:num_slots]
+    order = jnp.cumsum(used, dtype=jnp.int32) - 1
+    slots = (
+        jnp.full((width,), -1, jnp.int32)
+        .at[jnp.where(used, order, width)]
+        .set(jnp.arange(num_slots, dtype=jnp.int32), mode="drop")
+    )
+    code = jnp.where(indices >= 0, order[jnp.maximum(indices, 0)], -1)
+    count = jnp.sum(used, dtype=jnp.int32)
+    return _Lanes(slots, code, -(-count // lanes), lanes)
+
+
+def _chunk(weights: jax.Array, lanes: _Lanes, c) -> jax.Array:
+    """[lanes * R, W]: the chunk's tiles side by side; lanes past the count are zero (selected, not scaled)."""
+    slots = lax.dynamic_slice_in_dim(lanes.slots, c * lanes.lanes, lanes.lanes)
+    tiles = jnp.where((slots >= 0)[:, None, None], weights[jnp.maximum(slots, 0)], 0)
+    return tiles.reshape(-1, weights.shape[2])
+
+
+def _lane_keep(lanes: _Lanes, c, rank: int) -> tuple[jax.Array, jax.Array]:
+    """(keep [T, lanes * R]: the token's own lane's columns, row [T]: the token's slot is in chunk c)."""
+    column_lane = jnp.arange(lanes.lanes * rank) // rank
+    local = lanes.code - c * lanes.lanes
+    return column_lane[None, :] == local[:, None], (local >= 0) & (local < lanes.lanes)
+
+
+def _laned_shrink(rows, lora_a, indices, *, scaling):
+    (x,) = rows
+    num_slots, rank, _ = lora_a.shape
+    lanes = _lanes(indices, num_slots, rank)
+
+    def body(c, acc):
+        y = jnp.dot(x, _chunk(lora_a, lanes, c).T, preferred_element_type=jnp.float32) * scaling
+        keep, _ = _lane_keep(lanes, c, rank)
+        return acc + jnp.where(keep, y, 0.0).reshape(x.shape[0], lanes.lanes, rank).sum(axis=1)
+
+    return lax.fori_loop(0, lanes.chunks, body, jnp.zeros((x.shape[0], rank), jnp.float32))
+
+
+def _laned_expand(rows, lora_b, indices, *, add_inputs):
+    s, base = rows
+    num_slots, rank, _ = lora_b.shape
+    lanes = _lanes(indices, num_slots, rank)
+    wide = jnp.tile(s, (1, lanes.lanes))
+
+    def body(c, acc):
+        keep, row = _lane_keep(lanes, c, rank)
+        y = jnp.dot(jnp.where(keep, wide, 0), _chunk(lora_b, lanes, c), preferred_element_type=jnp.float32)
+        return _select(row, acc + y, acc)
+
+    start = base.astype(jnp.float32) if add_inputs else jnp.zeros(base.shape, jnp.float32)
+    return lax.fori_loop(0, lanes.chunks, body, start)
+
+
+def _laned_shrink_expand(rows, weights, indices, *, scaling):
+    x, base = rows
+    lora_a, lora_b = weights
+    num_slots, rank, _ = lora_b.shape
+    lanes = _lanes(indices, num_slots, rank)
+
+    def body(c, acc):
+        keep, row = _lane_keep(lanes, c, rank)
+        y = jnp.dot(x, _chunk(lora_a, lanes, c).T, preferred_element_type=jnp.float32) * scaling
+        y = jnp.where(keep, y, 0.0).astype(lora_b.dtype)
+        return _select(row, acc + jnp.dot(y, _chunk(lora_b, lanes, c), preferred_element_type=jnp.float32), acc)
+
+    return lax.fori_loop(0, lanes.chunks, body, base.astype(jnp.float32))
+
+
+# -- the choice ----------------------------------------------------------------------------------------
+
+
+def sort_order(indices: jax.Array) -> jax.Array:
+    """[T] int32: a stable order of the tokens by slot, tokens without adapter (-1) last."""
+    return jnp.argsort(indices.astype(jnp.uint32), stable=True).astype(jnp.int32)
+
+
+def _grouped(
+    rows: Sequence[jax.Array],
+    indices: jax.Array,
+    visits: Visits,
+    block_tokens: int,
+    direct: Callable,
+    laned: Callable,
+    order: jax.Array | None,
+) -> jax.Array:
+    """Run ``direct(rows, indices, plan)``, or its laned or sorted form when the blocks mix adapters."""
+    num_blocks = indices.shape[0] // block_tokens
+    plan = _plan(visits, num_blocks)
+    as_given = lambda: direct(rows, indices, plan)  # noqa: E731
+    if num_blocks == 1:
+        return lax.cond(plan.num_extra == 0, as_given, lambda: laned(rows, indices))
+
+    def by_slot():
+        perm = sort_order(indices) if order is None else order
+        inverse = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+        sorted_indices = indices[perm]
+        out = direct([r[perm] for r in rows], sorted_indices, _sorted_plan(sorted_indices, block_tokens))
+        return out[inverse]
+
+    # More extra visits than blocks: the permutation (two passes over the rows) costs less than the visits.
+    return lax.cond(plan.num_extra > num_blocks, by_slot, as_given)
 
 
 def shrink(
@@ -89,20 +298,17 @@ def shrink(
     *,
     scaling: float,
     block_tokens: int,
+    order: jax.Array | None = None,  # [T_pad] sort_order(indices), host-built
 ) -> jax.Array:  # [T_pad, R], x.dtype
     """Grouped shrink: ``out[t] = scaling * lora_a[i_t] @ x[t]``."""
-    num_tokens, hidden = x.shape
-    plan = _plan(visits, num_tokens // block_tokens)
-    blocks = x.reshape(-1, block_tokens, hidden)
-    acc = _shrink_rows(
-        blocks, lora_a[jnp.maximum(plan.primary, 0)], _primary_mask(indices, plan, block_tokens), scaling
-    )
-    acc = acc.reshape(num_tokens, -1)
 
-    def product(block, slot, mask):
-        return _shrink_rows(_rows(x, block, block_tokens), lora_a[slot], mask, scaling)
+    def direct(rows, idx, plan):
+        return _direct_shrink(rows, lora_a, idx, plan, scaling=scaling, block_tokens=block_tokens)
 
-    return _walk(plan, acc, indices, block_tokens, product).astype(x.dtype)
+    def laned(rows, idx):
+        return _laned_shrink(rows, lora_a, idx, scaling=scaling)
+
+    return _grouped([x], indices, visits, block_tokens, direct, laned, order).astype(x.dtype)
 
 
 def expand(
@@ -114,23 +320,18 @@ def expand(
     *,
     add_inputs: bool,
     block_tokens: int,
+    order: jax.Array | None = None,
 ) -> jax.Array:  # [T_pad, Dout], base.dtype
     """Grouped expand: ``out[t] = (base[t] if add_inputs else 0) + s[t] @ lora_b[i_t]``."""
-    num_tokens, rank = s.shape
-    plan = _plan(visits, num_tokens // block_tokens)
-    s = s.astype(lora_b.dtype)
-    mask = _primary_mask(indices, plan, block_tokens)
-    s_blocks = jnp.where(mask[..., None], s.reshape(-1, block_tokens, rank), 0)
-    y = jnp.einsum("btr,bro->bto", s_blocks, lora_b[jnp.maximum(plan.primary, 0)], preferred_element_type=jnp.float32)
-    acc = y.reshape(num_tokens, -1)
-    if add_inputs:
-        acc = acc + base.astype(jnp.float32)
 
-    def product(block, slot, mask):
-        rows = jnp.where(mask[:, None], _rows(s, block, block_tokens), 0)
-        return jnp.dot(rows, lora_b[slot], preferred_element_type=jnp.float32)
+    def direct(rows, idx, plan):
+        return _direct_expand(rows, lora_b, idx, plan, add_inputs=add_inputs, block_tokens=block_tokens)
 
-    return _walk(plan, acc, indices, block_tokens, product).astype(base.dtype)
+    def laned(rows, idx):
+        return _laned_expand(rows, lora_b, idx, add_inputs=add_inputs)
+
+    rows = [s.astype(lora_b.dtype), base]
+    return _grouped(rows, indices, visits, block_tokens, direct, laned, order).astype(base.dtype)
 
 
 def shrink_expand(
@@ -143,18 +344,15 @@ def shrink_expand(
     *,
     scaling: float,
     block_tokens: int,
+    order: jax.Array | None = None,
 ) -> jax.Array:  # [T_pad, Dout], base.dtype
     """Fused grouped shrink-expand: ``out[t] = base[t] + (scaling * lora_a[i_t] @ x[t]) @ lora_b[i_t]``."""
-    num_tokens, hidden = x.shape
-    plan = _plan(visits, num_tokens // block_tokens)
-    primary = jnp.maximum(plan.primary, 0)
-    blocks = x.reshape(-1, block_tokens, hidden)
-    s = _shrink_rows(blocks, lora_a[primary], _primary_mask(indices, plan, block_tokens), scaling)
-    y = jnp.einsum("btr,bro->bto", s.astype(lora_b.dtype), lora_b[primary], preferred_element_type=jnp.float32)
-    acc = y.reshape(num_tokens, -1) + base.astype(jnp.float32)
+    weights = (lora_a, lora_b)
 
-    def product(block, slot, mask):
-        s = _shrink_rows(_rows(x, block, block_tokens), lora_a[slot], mask, scaling).astype(lora_b.dtype)
-        return jnp.dot(s, lora_b[slot], preferred_element_type=jnp.float32)
+    def direct(rows, idx, plan):
+        return _direct_shrink_expand(rows, weights, idx, plan, scaling=scaling, block_tokens=block_tokens)
 
-    return _walk(plan, acc, indices, block_tokens, product).astype(base.dtype)
+    def laned(rows, idx):
+        return _laned_shrink_expand(rows, weights, idx, scaling=scaling)
+
+    return _grouped([x, base], indices, visits, block_tokens, direct, laned, order).astype(base.dtype)
