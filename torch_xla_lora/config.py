@@ -27,6 +27,11 @@ class LoRAConfig:
       max_cpu_adapters: adapters cached on the host (LRU), resident ones included.
       dtype: dtype of the adapter buffers; None means the model's.
       backend: op backend on XLA devices: "auto", "pallas" or "xla".
+      base_fusion: run each linear layer's base matmul and its LoRA as one op
+        (``ops.linear_lora``: x read once, the output written once). "auto": on
+        for TPU devices, off elsewhere (see docs/performance.md for why); True
+        or False force it. Layers on a mesh, and layers whose base weight
+        dtype differs from the adapters', always use the separate path.
     """
 
     max_loras: int = 4
@@ -35,6 +40,7 @@ class LoRAConfig:
     max_cpu_adapters: int = 16
     dtype: torch.dtype | None = None
     backend: str = "auto"
+    base_fusion: bool | str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_rank", "max_cpu_adapters"):
@@ -48,5 +54,7 @@ class LoRAConfig:
             )
         if self.backend not in ("auto", "pallas", "xla"):
             raise ConfigError(f"LoRAConfig.backend must be 'auto', 'pallas' or 'xla', got {self.backend!r}")
+        if self.base_fusion not in ("auto", True, False):
+            raise ConfigError(f"LoRAConfig.base_fusion must be 'auto', True or False, got {self.base_fusion!r}")
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))

@@ -337,6 +337,7 @@ def patch_model(
             continue
         cls = _layer_class(name, module, is_head)
         layers[name] = cls(module, context, config.max_loras, config.max_rank, dtype, config.backend)
+        layers[name].base_fusion = config.base_fusion
     if not layers:
         raise LoRAError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
     placement = None
