@@ -44,6 +44,8 @@ BASE_TOKEN_BLOCKS = {
     "cpu": ((8, 8), (16, 16), (64, 32), (512, 64), (None, 128)),
 }
 BASE_MAX_TILE = {"v5e": 4096, "v6e": 8192, "cpu": 1 << 30}
-# What fused_base.vmem_bytes may reach: below VMEM_LIMIT_BYTES, leaving room for
-# the compiler's own internal scratch (checked with libtpu's compiler for v5e/v6e).
-BASE_VMEM_BUDGET_BYTES = 48 * 1024 * 1024
+# The fused base kernel's scoped VMEM limit (v5e and v6e have 128 MiB), and what
+# fused_base.vmem_bytes may reach below it, leaving room for the compiler's own
+# internal scratch (checked with libtpu's compiler for v5e and v6e).
+BASE_VMEM_LIMIT_BYTES = 96 * 1024 * 1024
+BASE_VMEM_BUDGET_BYTES = 72 * 1024 * 1024
