@@ -7,6 +7,7 @@ file; block sizes and their tuning table are plain data modules:
 - ``tuning``: the tuning table (data).
 - ``visits``: the grouping of tokens into (token block, adapter slot) visits,
   which every kernel's grid walks.
-- ``shrink``, ``expand``: the BGMV kernels.
+- ``shrink``, ``expand``: the BGMV kernels; ``fused``: the laned shrink-expand;
+  ``fused_base``: the base matmul and multi-LoRA in one kernel.
 - ``reference``: a plain-jnp loop definition beside the kernels.
 """

@@ -32,3 +32,20 @@ MXU_WIDTH = {"v5e": 128, "v6e": 256, "cpu": 128}
 # Scoped VMEM the fused kernel may use (both generations have 128 MiB of VMEM;
 # the compiler's default scoped limit is smaller).
 VMEM_LIMIT_BYTES = 64 * 1024 * 1024
+
+# The fused base + LoRA kernel (fused_base.py) tiles the base matmul itself, so
+# its token block sets how often the weight is re-read from HBM (once per
+# block): prefill uses blocks as tall as VMEM allows. Same rule format as
+# TOKEN_BLOCKS. Its reduction and output tiles are chosen per call (the
+# fitting tiling with the least HBM traffic), each at most BASE_MAX_TILE.
+BASE_TOKEN_BLOCKS = {
+    "v5e": ((8, 8), (16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (None, 512)),
+    "v6e": ((8, 8), (16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (512, 512), (None, 1024)),
+    "cpu": ((8, 8), (16, 16), (64, 32), (512, 64), (None, 128)),
+}
+BASE_MAX_TILE = {"v5e": 4096, "v6e": 8192, "cpu": 1 << 30}
+# The fused base kernel's scoped VMEM limit (v5e and v6e have 128 MiB), and what
+# fused_base.vmem_bytes may reach below it, leaving room for the compiler's own
+# internal scratch (checked with libtpu's compiler for v5e and v6e).
+BASE_VMEM_LIMIT_BYTES = 96 * 1024 * 1024
+BASE_VMEM_BUDGET_BYTES = 72 * 1024 * 1024

@@ -26,6 +26,11 @@ class LoRAConfig:
       max_cpu_adapters: adapters cached on the host (LRU), resident ones included.
       dtype: dtype of the adapter buffers; None means the model's.
       backend: op backend on XLA devices: "auto", "pallas" or "xla".
+      base_fusion: run each linear layer's base matmul and its LoRA as one op
+        (``ops.linear_lora``: x read once, the output written once). "auto": on
+        for TPU devices, off elsewhere (see docs/performance.md for why); True
+        or False force it. Layers on a mesh, and layers whose base weight
+        dtype differs from the adapters', always use the separate path.
     """
 
     max_loras: int = 4
@@ -34,6 +39,7 @@ class LoRAConfig:
     max_cpu_adapters: int = 16
     dtype: torch.dtype | None = None
     backend: str = "auto"
+    base_fusion: bool | str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_rank", "max_cpu_adapters"):
@@ -55,6 +61,12 @@ class LoRAConfig:
             raise (ConfigError if isinstance(self.dtype, torch.dtype) else ConfigTypeError)(
                 f"LoRAConfig.dtype must be None or a floating torch.dtype, got {self.dtype!r}"
             )
+        if (
+            self.base_fusion not in ("auto", True, False)
+            or isinstance(self.base_fusion, int)
+            and not isinstance(self.base_fusion, bool)
+        ):
+            raise ConfigError(f"LoRAConfig.base_fusion must be 'auto', True or False, got {self.base_fusion!r}")
         self._check_target_modules()
 
     def _check_target_modules(self) -> None:

@@ -438,6 +438,7 @@ def patch_model(
             continue
         cls = moe or _layer_class(name, module, is_head)
         layers[name] = cls(module, context, config.max_loras, config.max_rank, dtype, config.backend)
+        layers[name].base_fusion = config.base_fusion
     if not layers:
         raise ConfigError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
     moe_layers = [name for name, lay in layers.items() if isinstance(lay, (ExpertsWithLoRA, RouterWithLoRA))]

@@ -79,3 +79,28 @@ def bgmv_shrink_expand(
         shrunk = (scaling * (inputs[rows].float() @ lora_a[slot].float().T)).to(lora_b.dtype)
         out[rows] += shrunk.float() @ lora_b[slot].float()
     return out.to(base.dtype)
+
+
+def linear_lora(
+    inputs: torch.Tensor,  # [T, K]
+    weight: torch.Tensor,  # [N, K] ("out_in") or [K, N] ("in_out")
+    bias: torch.Tensor | None,  # [N]
+    lora_a: torch.Tensor,  # [L, R, K]
+    lora_b: torch.Tensor,  # [L, R, N]
+    lora_indices: torch.Tensor,  # [T]
+    scaling: float = 1.0,
+    weight_layout: str = "out_in",
+) -> torch.Tensor:  # [T, N], inputs.dtype
+    """``out[t] = inputs[t] @ W^T (+ bias) + scaling * (inputs[t] @ lora_a[i_t].T) @ lora_b[i_t]``.
+
+    Accumulated in float32 and rounded once; the rank intermediate is rounded
+    to lora_b's dtype, as in :func:`bgmv_shrink_expand`.
+    """
+    w = weight.float() if weight_layout == "in_out" else weight.float().T
+    out = inputs.float() @ w
+    if bias is not None:
+        out = out + bias.float()
+    for slot, rows in _slot_rows(lora_indices, lora_a.shape[0]):
+        shrunk = (scaling * (inputs[rows].float() @ lora_a[slot].float().T)).to(lora_b.dtype)
+        out[rows] += shrunk.float() @ lora_b[slot].float()
+    return out.to(inputs.dtype)

@@ -60,6 +60,7 @@ class E2EConfig:
         builds the kernels' token grouping on the host (the serving path when
         the input length is known; host time is not device time, so it is not
         counted); "device": ``set_batch(names)``, each layer groups on the device.
+      base_fusion: LoRAConfig.base_fusion: "auto", "on" or "off".
     """
 
     hidden: int = 2048
@@ -78,6 +79,7 @@ class E2EConfig:
     repeats: int = 7
     backend: str = "auto"
     grouping: str = "host"
+    base_fusion: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -225,6 +227,7 @@ def patch(model: nn.Module, config: E2EConfig, slots: int):
         target_modules=_LINEAR_TARGETS,
         max_cpu_adapters=max(slots, config.num_adapters),
         backend=config.backend,
+        base_fusion={"auto": "auto", "on": True, "off": False}[config.base_fusion],
     )
     lora = tl.patch_model(model, lora_config)
     shapes = {name: (layer.in_features, layer.out_features) for name, layer in lora.layers.items()}
@@ -391,6 +394,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[E2EConfig, Path]:
     parser.add_argument("--repeats", type=int, help="timed runs per formulation and cell")
     parser.add_argument("--backend", choices=("auto", "xla", "pallas"), help="op backend")
     parser.add_argument("--grouping", choices=("host", "device"), help="where the token grouping is built")
+    parser.add_argument(
+        "--base-fusion", choices=("auto", "on", "off"), dest="base_fusion", help="LoRAConfig.base_fusion"
+    )
     parser.add_argument("--seed", type=int)
     args = vars(parser.parse_args(argv))
     quick, out = args.pop("quick"), args.pop("out")

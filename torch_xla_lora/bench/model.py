@@ -66,6 +66,57 @@ def run(chips: Sequence[str], tokens: Sequence[int], slots: Sequence[int], hidde
     return rows
 
 
+def run_fused_base(chips: Sequence[str], tokens: Sequence[int], slots: Sequence[int], rank: int, in_use: int):
+    """The base matmul with LoRA: one K = N = 4096 projection, and one Llama-3-8B decoder layer (7 projections).
+
+    Each row gives the base (XLA's matmuls at roofline) in us and what each LoRA formulation adds to it, in %.
+    """
+    rows = []
+    for chip_name in chips:
+        chip = tpu_model.CHIPS[chip_name]
+        for num_tokens in tokens:
+            for num_slots in slots:
+                indices = batches(num_tokens, num_slots, in_use)[f"{in_use} in use"]
+                base = tpu_model.matmul_cost(chip, num_tokens, 4096, 4096).seconds
+                fused = tpu_model.fused_base_cost(chip, indices, 4096, 4096, rank, num_slots).seconds
+                plain = tpu_model.fused_base_cost(chip, indices * 0 - 1, 4096, 4096, rank, num_slots).seconds
+                lora = tpu_model.fused_cost(chip, indices, 4096, 4096, rank, num_slots).seconds
+                layer = tpu_model.layer_costs(chip, indices, rank, num_slots)
+                rows.append(
+                    {
+                        "chip": chip_name,
+                        "T": num_tokens,
+                        "L": num_slots,
+                        "proj_base_us": base * 1e6,
+                        "proj_fused_pct": 100 * (fused / base - 1),
+                        "proj_fused_no_adapter_pct": 100 * (plain / base - 1),
+                        "proj_separate_pct": 100 * lora / base,
+                        "layer_base_us": layer["base"] * 1e6,
+                        **{
+                            f"layer_{k}_pct": 100 * (layer[k] / layer["base"] - 1)
+                            for k in ("fused", "fused_no_adapter", "separate", "onehot")
+                        },
+                    }
+                )
+    return rows
+
+
+def format_fused_base_table(rows: list[dict]) -> str:
+    lines = [
+        "| chip | T | L | proj base (us) | proj fused | proj fused, no adapter | proj separate | "
+        "layer base (us) | layer fused | layer fused, no adapter | layer separate | layer one-hot |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['chip']} | {r['T']} | {r['L']} | {r['proj_base_us']:.1f} | {r['proj_fused_pct']:+.1f}% | "
+            f"{r['proj_fused_no_adapter_pct']:+.1f}% | {r['proj_separate_pct']:+.1f}% | {r['layer_base_us']:.1f} | "
+            f"{r['layer_fused_pct']:+.1f}% | {r['layer_fused_no_adapter_pct']:+.1f}% | "
+            f"{r['layer_separate_pct']:+.1f}% | {r['layer_onehot_pct']:+.1f}% |"
+        )
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [
         "| chip | T | L | batch | floor (us) | ours (us) | ours / floor | one-hot / floor | grid steps |",
@@ -88,10 +139,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--in-use", type=int, default=8, help="distinct adapters per batch")
     parser.add_argument("--quick", action="store_true", help="one small configuration, for a smoke run")
+    parser.add_argument(
+        "--fused-base",
+        action="store_true",
+        help="model the base matmul with LoRA instead: one K=N=4096 projection and a Llama-3-8B layer",
+    )
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     if args.quick:
         args.chips, args.tokens, args.slots = ["v6e"], [256], [8, 64]
+    if args.fused_base:
+        rows = run_fused_base(args.chips, args.tokens, args.slots, args.rank, args.in_use)
+        print(
+            f"TPU cost model, base matmul + LoRA (R={args.rank}, {args.in_use} adapters in use, bfloat16): "
+            "the base in us, and what LoRA adds to it (fused: linear_lora's kernel; separate: XLA's matmul "
+            "then today's fused LoRA op; layer: the 7 projections of a Llama-3-8B layer with the passes XLA "
+            "can no longer fuse)"
+        )
+        print(format_fused_base_table(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        return 0
     rows = run(args.chips, args.tokens, args.slots, args.hidden, args.rank, args.in_use)
     print(f"TPU cost model, one LoRA layer (fused shrink-expand), D=Dout={args.hidden}, R={args.rank}, bfloat16")
     print(format_table(rows))

@@ -123,3 +123,113 @@ def floor_cost(chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, rank:
     pipelined = itemsize * (num_tokens * hidden + 2 * num_tokens * out_dim + in_use * rank * (hidden + out_dim))
     flops = 2.0 * num_tokens * rank * (hidden + out_dim)
     return Cost(pipelined, 0, flops, 0, max(pipelined / chip.hbm_bytes_per_s, flops / chip.peak_flops))
+
+
+def matmul_cost(chip: Chip, num_tokens: int, hidden: int, out_dim: int) -> Cost:
+    """The base layer as XLA runs it, at its roofline: read x and W, write y, once each (bf16)."""
+    itemsize = 2
+    pipelined = itemsize * (num_tokens * hidden + hidden * out_dim + num_tokens * out_dim)
+    flops = mxu_flops([(num_tokens, hidden, out_dim)], chip.mxu_width)
+    return Cost(pipelined, 0, flops, 1, max(pipelined / chip.hbm_bytes_per_s, flops / chip.peak_flops))
+
+
+def fused_base_cost(
+    chip: Chip,
+    indices: np.ndarray,
+    hidden: int,
+    out_dim: int,
+    rank: int,
+    num_slots: int,
+    layout: str = "out_in",
+    has_bias: bool = False,
+) -> Cost | None:
+    """Cost of ``linear_lora``'s fused kernel (bf16): its own grid (token block, output tile, reduction tile)
+    walked step by step, with ``fused_base.step_work``; None when no tiling fits (the op then falls back)."""
+    import jax.numpy as jnp
+
+    from torch_xla_lora.kernels import fused_base, visits
+
+    dtype, itemsize = jnp.bfloat16, 2
+    num_tokens = len(indices)
+    planned = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, chip.generation, has_bias)
+    if planned is None:
+        return None
+    sizes, lanes = planned
+    padded = np.full(sizes.padded_tokens(num_tokens), -1, np.int32)
+    padded[:num_tokens] = np.where((indices >= 0) & (indices < num_slots), indices, -1)
+    meta = visits.build_lanes(padded, num_slots, sizes.tokens, lanes, xp=np)
+    spec = fused_base.grid_spec(len(padded), hidden, out_dim, rank, num_slots, dtype, sizes, lanes, layout, has_bias)
+    specs = [*spec.in_specs, spec.out_specs]
+    last = [None] * len(specs)
+    pipelined = manual = 0
+    flops = 0.0
+    blocks, tiles, reductions = spec.grid
+    for i in range(blocks):
+        for n in range(tiles):
+            for k in range(reductions):
+                for s, block_spec in enumerate(specs):
+                    if block_spec.block_shape is None:  # memory_space=ANY: moved by manual DMAs
+                        continue
+                    index = tuple(int(v) for v in block_spec.index_map(i, n, k))
+                    if index != last[s]:
+                        pipelined += math.prod(block_spec.block_shape) * (4 if s == 0 else itemsize)
+                        last[s] = index
+                hidden_dma, dma, matmuls = fused_base.step_work(i, n, k, meta, rank, lanes, sizes, reductions, itemsize)
+                pipelined += hidden_dma  # issued before the base product: shares bandwidth, overlaps compute
+                manual += dma
+                flops += mxu_flops(matmuls, chip.mxu_width)
+    steps = blocks * tiles * reductions
+    return Cost(pipelined, manual, flops, steps, _time(chip, pipelined, manual, flops, steps))
+
+
+# The projections of one Llama-3-8B decoder layer: name -> (in_features, out_features, input group).
+# Projections of one group read the same x; "residual" marks outputs XLA adds to the residual stream.
+LLAMA3_8B_LAYER = {
+    "q_proj": (4096, 4096, "norm1"),
+    "k_proj": (4096, 1024, "norm1"),
+    "v_proj": (4096, 1024, "norm1"),
+    "o_proj": (4096, 4096, "attention"),
+    "gate_proj": (4096, 14336, "norm2"),
+    "up_proj": (4096, 14336, "norm2"),
+    "down_proj": (14336, 4096, "silu_mul"),
+}
+# Producers XLA fuses into the base matmul's operand read (a norm's scale, SiLU(gate) * up); attention's
+# output is a custom call's result, materialised either way. Residual adds XLA fuses into the dot's output.
+_FUSABLE_PRODUCERS = ("norm1", "norm2", "silu_mul")
+_RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+
+
+def layer_costs(chip: Chip, indices: np.ndarray, rank: int, num_slots: int) -> dict[str, float]:
+    """Seconds of one Llama-3-8B decoder layer's projections (bf16) under each formulation.
+
+    - base: XLA's matmuls at their roofline, producers and residual adds fused in;
+    - separate: base + today's fused LoRA op (``fused_cost``) per projection, plus what XLA can no
+      longer fuse: x materialised once per input group for the LoRA op (a write of T x K), and the
+      residual add after o/down as its own pass (read y, write the sum: 2 x T x N);
+    - fused: ``linear_lora``'s kernel per projection (``fused_base_cost``) plus the same unfusable
+      passes (x materialised per group, residual add after o/down);
+    - onehot: base + the one-hot einsum (``onehot_cost``) per projection, all XLA (no extra passes).
+    """
+    num_tokens = len(indices)
+    itemsize = 2
+    out = dict.fromkeys(("base", "separate", "fused", "onehot", "fused_no_adapter"), 0.0)
+    groups = {group for _, _, group in LLAMA3_8B_LAYER.values() if group in _FUSABLE_PRODUCERS}
+    hidden_of = {group: k for k, _, group in LLAMA3_8B_LAYER.values()}
+    materialise = sum(num_tokens * hidden_of[g] * itemsize for g in groups) / chip.hbm_bytes_per_s
+    no_adapter = np.full(num_tokens, -1, np.int32)
+    for name, (hidden, out_dim, _) in LLAMA3_8B_LAYER.items():
+        extra = 2 * num_tokens * out_dim * itemsize / chip.hbm_bytes_per_s if name in _RESIDUAL_OUTPUTS else 0.0
+        base = matmul_cost(chip, num_tokens, hidden, out_dim).seconds
+        lora = fused_cost(chip, indices, hidden, out_dim, rank, num_slots).seconds
+        out["base"] += base
+        out["separate"] += base + lora + extra
+        out["onehot"] += base + onehot_cost(chip, num_tokens, hidden, out_dim, rank, num_slots).seconds
+        fused = fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots)
+        plain = fused_base_cost(chip, no_adapter, hidden, out_dim, rank, num_slots)
+        # No tiling fits: the op runs XLA's dot and the separate LoRA op.
+        out["fused"] += (base + lora if fused is None else fused.seconds) + extra
+        out["fused_no_adapter"] += (base if plain is None else plain.seconds) + extra
+    out["separate"] += materialise
+    out["fused"] += materialise
+    out["fused_no_adapter"] += materialise
+    return out

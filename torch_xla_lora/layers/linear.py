@@ -23,8 +23,20 @@ def linear_features(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _weight_layout(module: nn.Module) -> str | None:
+    """ "out_in" for a plain nn.Linear, "in_out" for a Conv1D, None for anything whose forward is not a plain matmul."""
+    if type(module).forward is nn.Linear.forward:
+        return "out_in"
+    if type(module).__name__ == "Conv1D" and getattr(module, "nf", None) is not None:
+        return "in_out"
+    return None
+
+
 class LinearWithLoRA(BaseLayerWithLoRA):
     """``y = base(x) + B[slot_t] A[slot_t] x_t`` for a replicated linear layer."""
+
+    #: LoRAConfig.base_fusion: "auto", True or False (set by patch_model).
+    base_fusion: bool | str = False
 
     def __init__(self, base_layer: nn.Module, *args, **kwargs) -> None:
         self.in_features, self.out_features = linear_features(base_layer)
@@ -37,8 +49,10 @@ class LinearWithLoRA(BaseLayerWithLoRA):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tensor_parallel is not None:  # on a mesh the ops run per shard: see sharding.py
             return self.tensor_parallel.forward(self, x)
-        y = self.base_layer(x)
         slots = self.context.token_slots(x)
+        if slots is not None and self._fuses_base(x):
+            return self._forward_base_fused(x, slots)
+        y = self.base_layer(x)
         if slots is None:
             return y
         # One fused op: x [N, in] -> [N, R] (on chip) -> + y [N, out]; B spans every output slice.
@@ -56,6 +70,41 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             metadata,
         )
         return out.reshape(y.shape).to(y.dtype)
+
+    def _fuses_base(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the base matmul and the LoRA as one ``linear_lora`` op."""
+        fusion = self.base_fusion
+        if fusion is False or self.tensor_parallel is not None or _weight_layout(self.base_layer) is None:
+            return False
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        dtype = self.lora_a.dtype
+        if x.dtype != dtype or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+            return False
+        if fusion == "auto":
+            if x.device.type != "xla":
+                return False
+            from torch_xla_lora import ops
+
+            return ops.device_generation() != "cpu"
+        return True
+
+    def _forward_base_fused(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        # x [N, in] -> y [N, out] = x W^T + bias + B[slot] A[slot] x, in one op; W in its own layout.
+        x2 = x.reshape(-1, self.in_features)
+        metadata = self.context.metadata.get((x2.shape[0], self.in_features, self.out_features))
+        out = torch.ops.xla_lora.linear_lora(
+            x2,
+            self.base_layer.weight,
+            self.base_layer.bias,
+            self.lora_a,
+            self.lora_b,
+            slots,
+            1.0,
+            _weight_layout(self.base_layer),
+            self.backend,
+            metadata,
+        )
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
         """The same result as :meth:`forward` through separate shrink and expand ops (per-slice expands)."""

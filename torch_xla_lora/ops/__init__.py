@@ -1,5 +1,6 @@
 """The BGMV ops: ``torch.ops.xla_lora.bgmv_shrink``, ``bgmv_expand``, ``bgmv_expand_slice``
-and the fused ``bgmv_shrink_expand``.
+the fused ``bgmv_shrink_expand``, and ``linear_lora`` (the base layer's matmul
+and the LoRA in one op).
 
 Each op is a functional ``torch.library.custom_op`` (no argument is mutated)
 with a fake implementation, so ``torch.compile(backend="openxla")`` sees one
@@ -29,6 +30,7 @@ __all__ = [
     "bgmv_expand",
     "bgmv_expand_slice",
     "bgmv_shrink_expand",
+    "linear_lora",
     "batch_metadata",
     "device_generation",
 ]
@@ -271,6 +273,83 @@ def _(inputs, lora_a, lora_b, base, lora_indices, scaling=1.0, backend="auto", m
     _validate.backend(backend)
     _validate.metadata(metadata, inputs.device)
     return torch.empty_like(base)
+
+
+@torch.library.custom_op("xla_lora::linear_lora", mutates_args=())
+def linear_lora(
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    scaling: float = 1.0,
+    weight_layout: str = "out_in",
+    backend: str = "auto",
+    metadata: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A linear layer and its multi-LoRA update in one op: x read once, the output written once.
+
+    On TPU ("pallas") one kernel tiles the base matmul and accumulates the
+    LoRA shrink while x's tiles are in VMEM, adding the expand and the bias to
+    each output tile before its single write (``kernels/fused_base.py``).
+
+    Args:
+      inputs: [T, K] floating.
+      weight: the base weight in its own layout, inputs' dtype: [N, K] for
+        ``weight_layout="out_in"`` (nn.Linear) or [K, N] for "in_out" (GPT-2's Conv1D).
+      bias: [N] or None.
+      lora_a: [L, R, K], lora_b: [L, R, N] (rank-first), inputs' dtype.
+      lora_indices: [T] int32: slot of each token; outside [0, L) adds nothing.
+      scaling: multiplies the LoRA product.
+      weight_layout: "out_in" or "in_out".
+      backend: "auto", "pallas" or "xla" (XLA tensors only).
+      metadata: optional host-built grouping from :func:`batch_metadata` (XLA only);
+        used when its plan matches this op's, else the op groups on the device.
+
+    Returns:
+      [T, N] in inputs' dtype, accumulated in float32 and rounded once.
+
+    Semantics:
+      for t in range(T):
+          i = lora_indices[t]
+          out[t] = inputs[t] @ W^T + bias                                  (W as [N, K])
+          if 0 <= i < L:
+              out[t] += (scaling * (lora_a[i] @ inputs[t])) @ lora_b[i]    (intermediate in lora_b's dtype)
+
+    Raises:
+      ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument, or an unknown layout.
+    """
+    _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
+    _validate.backend(backend)
+    _validate.metadata(metadata, inputs.device)
+    if inputs.device.type != "xla":
+        return reference.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout)
+    from torch_xla_lora.ops import _linear
+
+    name, generation = _backend(backend)
+    fn = _linear.linear_lora_fn(name, generation, float(scaling), weight_layout, bias is not None, metadata is not None)
+    args = (inputs, weight) + ((bias,) if bias is not None else ()) + (lora_a, lora_b, lora_indices)
+    return _call_jax(fn, *args, *(() if metadata is None else (metadata,)))
+
+
+@linear_lora.register_fake
+def _(
+    inputs,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    lora_indices,
+    scaling=1.0,
+    weight_layout="out_in",
+    backend="auto",
+    metadata=None,
+):
+    _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
+    _validate.backend(backend)
+    _validate.metadata(metadata, inputs.device)
+    return inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
 
 
 def batch_metadata(

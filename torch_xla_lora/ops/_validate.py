@@ -124,3 +124,30 @@ def metadata(meta: torch.Tensor | None, device: torch.device) -> None:
         raise ShapeError(f"metadata must be a 1-D int32 tensor, got {meta.dtype} of shape {tuple(meta.shape)}")
     if meta.device != device:
         raise ShapeError(f"metadata must be on {device}, got {meta.device}")
+
+
+WEIGHT_LAYOUTS = ("out_in", "in_out")
+
+
+def linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout: str) -> None:
+    """Checks of ``linear_lora``: x [T, K], weight [N, K] or [K, N], bias [N] or None, A [L, R, K], B [L, R, N]."""
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ShapeError(f"weight_layout must be one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
+    shrink(inputs, lora_a, lora_indices)
+    _rank("weight", weight, 2, "[N, K]" if weight_layout == "out_in" else "[K, N]")
+    _rank("lora_b", lora_b, 3, "[L, R, N]")
+    _same_dtype("weight", weight, "inputs", inputs)
+    _same_dtype("lora_b", lora_b, "inputs", inputs)
+    in_axis = 1 if weight_layout == "out_in" else 0
+    _dim("weight", weight, in_axis, inputs.shape[1], "K of inputs")
+    out_dim = weight.shape[1 - in_axis]
+    _dim("lora_b", lora_b, 0, lora_a.shape[0], "L of lora_a")
+    _dim("lora_b", lora_b, 1, lora_a.shape[1], "R of lora_a")
+    _dim("lora_b", lora_b, 2, out_dim, "N of weight")
+    _device("weight", weight, inputs)
+    _device("lora_b", lora_b, inputs)
+    if bias is not None:
+        _rank("bias", bias, 1, "[N]")
+        _dim("bias", bias, 0, out_dim, "N of weight")
+        _same_dtype("bias", bias, "inputs", inputs)
+        _device("bias", bias, inputs)

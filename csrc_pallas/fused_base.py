@@ -1,0 +1,396 @@
+"""The base matmul and multi-LoRA in one pass: ``out[t] = x[t] @ W^T (+ bias) + scaling * (x[t] @ A[s_t]^T) @ B[s_t]``.
+
+A LoRA op that runs after the base layer re-reads x and reads and re-writes
+the base output. This kernel *is* the base layer: it tiles the base matmul
+over (token block i, output tile n, reduction tile k), and while the x tiles
+of a token block are in VMEM for the block's first output tile (n == 0) it
+also accumulates the block's laned shrink, exactly as the fused LoRA kernel
+(``fused.py``) does. At the last reduction step of every output tile the
+laned expand and the bias are added to the f32 accumulator, and the output
+tile is written once. x is read once per block (when the reduction is not
+tiled), y is written once, and the LoRA costs only its MXU work and the
+adapter tiles of the slots the block uses.
+
+Per token block i (all blocks are visited: the base product is needed everywhere):
+
+- every step (i, n, k): ``acc += x[i, k] . W[n, k]`` (f32 VMEM accumulator);
+  W is used in the layout it has: nn.Linear's [out, in] (contracting dim 1 of
+  both) or GPT-2 Conv1D's [in, out] (contracting x's dim 1 with W's dim 0);
+- at n == 0, for each chunk c of the block's distinct slots (``lanes`` of them
+  side by side, from :class:`~.visits.LaneBlocks`): the A tiles ``[:, k-tile]``
+  are DMA'd into one [lanes * Rp, tk] VMEM tile and ``y[c] += x[i, k] @ A_c^T``
+  ([bt, lanes * Rp] f32 scratch); at the last k each token keeps only its own
+  lane, scaled and rounded to the adapter dtype (as two separate ops would);
+- at the last k of every n: ``out = acc + bias + sum_c y[c] @ B_c[:, n-tile]``,
+  written once.
+
+A block whose tokens use no adapter has 0 chunks: it does the base work only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from . import tuning
+from .block_sizes import LANE, BlockSizes
+from .fused import lanes_for, rank_stride
+from .visits import LaneBlocks, max_chunks
+
+#: Weight layouts: nn.Linear's [out, in] and transformers' Conv1D [in, out].
+LAYOUTS = ("out_in", "in_out")
+
+
+def token_block(num_tokens: int, generation: str) -> int:
+    """The token block of the fused base kernel for ``num_tokens`` tokens (see tuning.BASE_TOKEN_BLOCKS)."""
+    table = tuning.BASE_TOKEN_BLOCKS.get(generation, tuning.BASE_TOKEN_BLOCKS["v5e"])
+    for max_tokens, block in table:
+        if max_tokens is None or num_tokens <= max_tokens:
+            return block
+    return table[-1][1]
+
+
+def vmem_bytes(sizes: BlockSizes, rank: int, num_slots: int, lanes: int, dtype, has_bias: bool = True) -> int:
+    """VMEM of one configuration: double-buffered pipelined blocks, adapter tiles and both f32 accumulators."""
+    itemsize = jnp.dtype(dtype).itemsize
+    bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
+    width = lanes * rank_stride(rank, dtype)
+    pipelined = 2 * (bt * 4 + (bt * tk + tk * tn + bt * tn + (tn if has_bias else 0)) * itemsize)
+    scratch = width * (tk + tn) * itemsize + (max_chunks(bt, num_slots, lanes) * bt * width + bt * tn) * 4
+    # Values Mosaic keeps in VMEM too: the base product and the output being summed (f32), the shrink part.
+    temporaries = 2 * bt * tn * 4 + bt * width * 4
+    return pipelined + scratch + temporaries
+
+
+def _divisor_tiles(dim: int, largest: int) -> list[int]:
+    """The dim itself when it fits, then its lane-aligned divisors up to ``largest``, widest first."""
+    tiles = [dim] if dim <= largest else []
+    tiles += [t for t in range(largest - largest % LANE, 0, -LANE) if t != dim and dim % t == 0]
+    return tiles
+
+
+def hbm_bytes(num_tokens: int, hidden: int, out_dim: int, sizes: BlockSizes, itemsize: int) -> int:
+    """Pipelined HBM traffic of the base product under ``sizes``: W once per token block, x once per
+    output tile unless the reduction is untiled (then once), the output once."""
+    blocks = -(-num_tokens // sizes.tokens)
+    x_passes = 1 if sizes.hidden == hidden else out_dim // sizes.out
+    return itemsize * (blocks * hidden * out_dim + x_passes * num_tokens * hidden + num_tokens * out_dim)
+
+
+def plan(
+    num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype, generation: str, has_bias: bool = True
+) -> tuple[BlockSizes, int] | None:
+    """(BlockSizes(tokens, reduction tile, output tile), lanes), or None when no tiling fits VMEM.
+
+    Among the tilings that fit :data:`tuning.BASE_VMEM_BUDGET_BYTES` it takes the one
+    with the least HBM traffic (:func:`hbm_bytes`), then the fewest grid steps.
+    Tiles divide their dims (or span them): no weight is ever padded per call. On
+    TPU, K and N must be multiples of 128 (the caller falls back otherwise).
+    """
+    if generation != "cpu" and (hidden % LANE or out_dim % LANE):
+        return None  # Mosaic slices adapter rows only at lane-aligned widths (libtpu rejects K=1000)
+    lanes = lanes_for(rank, num_slots, dtype, generation)
+    itemsize = jnp.dtype(dtype).itemsize
+    bt = token_block(num_tokens, generation)
+    best = None
+    while best is None and bt >= 8:
+        for tk in _divisor_tiles(hidden, tuning.BASE_MAX_TILE.get(generation, 1 << 30)):
+            for tn in _divisor_tiles(out_dim, tuning.BASE_MAX_TILE.get(generation, 1 << 30)):
+                sizes = BlockSizes(tokens=bt, hidden=tk, out=tn)
+                if vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias) > tuning.BASE_VMEM_BUDGET_BYTES:
+                    continue
+                steps = (hidden // tk) * (out_dim // tn)
+                key = (hbm_bytes(num_tokens, hidden, out_dim, sizes, itemsize), steps)
+                if best is None or key < best[0]:
+                    best = (key, sizes)
+        bt //= 2
+    return None if best is None else (best[1], lanes)
+
+
+def step_work(i: int, n: int, k: int, meta, rank: int, lanes: int, sizes: BlockSizes, num_k: int, itemsize: int):
+    """What the kernel body does at grid step (i, n, k), for the cost model:
+    (DMA bytes overlapped with the base product, exposed DMA bytes, matmuls).
+
+    Mirrors ``_kernel``: the base product every step; at n == 0 one shrink per
+    chunk with its A tiles; at the last k one expand per chunk with its B
+    tiles. The first chunk's tiles are fetched during the base product; later
+    chunks' wait. Matmuls are (M, K, N) shapes.
+    """
+    chunks = int(meta.chunks[i])
+    per_block = len(meta.slots) // len(meta.chunks)
+    used = [int(s) for s in meta.slots[i * per_block : i * per_block + chunks * lanes] if s >= 0]
+    first = min(len(used), lanes)
+    width = lanes * rank_stride(rank, "float32" if itemsize == 4 else "bfloat16")
+    bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
+    overlapped = exposed = 0
+    matmuls = [(bt, tk, tn)]
+    for applies, tile, shape in ((n == 0, tk, (bt, tk, width)), (k == num_k - 1, tn, (bt, width, tn))):
+        if applies:
+            overlapped += first * rank * tile * itemsize
+            exposed += (len(used) - first) * rank * tile * itemsize
+            matmuls += [shape] * chunks
+    return overlapped, exposed, matmuls
+
+
+def _kernel(
+    chunks_ref,  # SMEM [num_blocks]
+    slots_ref,  # SMEM [num_blocks * per_block]
+    uniform_ref,  # SMEM [num_blocks]
+    code_ref,  # [bt, 1] int32
+    x_ref,  # [bt, tk]
+    w_ref,  # [tn, tk] (out_in) or [tk, tn] (in_out)
+    *refs,  # bias_ref [1, tn] when has_bias; a_hbm, b_hbm, o_ref, a_buf, y_acc, b_buf, acc_ref, sem
+    lanes: int,
+    stride: int,
+    per_block: int,
+    scaling: float,
+    layout: str,
+    has_bias: bool,
+):
+    bias_ref, refs = (refs[0], refs[1:]) if has_bias else (None, refs)
+    a_hbm, b_hbm, o_ref, a_buf, b_buf, y_acc, acc_ref, sem = refs
+    i, n, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    last_k = pl.num_programs(2) - 1
+    num_chunks = chunks_ref[i]
+    rank = a_hbm.shape[1]
+    tk, tn = x_ref.shape[1], o_ref.shape[1]
+
+    def tile_of(index, tile, dim):
+        # A tile spanning its dim is the slot's whole [R, dim] array: Mosaic only slices
+        # lane-aligned (128) widths.
+        if tile == dim:
+            return lambda s: s
+        return lambda s: (s, slice(None), pl.ds(index * tile, tile))
+
+    def lane_copies(c, source, dest, sem_index, src_index):
+        """(slot, DMA) of each lane's tile of chunk c into its rows of ``dest``."""
+        copies = []
+        for lane in range(lanes):
+            slot = slots_ref[i * per_block + c * lanes + lane]
+            copy = pltpu.make_async_copy(
+                source.at[src_index(jnp.maximum(slot, 0))], dest.at[pl.ds(lane * stride, rank)], sem.at[sem_index]
+            )
+            copies.append((slot, copy))
+        return copies
+
+    def start(copies):
+        for slot, copy in copies:
+            pl.when(slot >= 0)(copy.start)
+
+    def wait(copies):
+        for slot, copy in copies:
+            pl.when(slot >= 0)(copy.wait)
+
+    a_copies = functools.partial(
+        lane_copies, source=a_hbm, dest=a_buf, sem_index=0, src_index=tile_of(k, tk, a_hbm.shape[2])
+    )
+    b_copies = functools.partial(
+        lane_copies, source=b_hbm, dest=b_buf, sem_index=1, src_index=tile_of(n, tn, b_hbm.shape[2])
+    )
+
+    @pl.when((i == 0) & (n == 0) & (k == 0))
+    def _zero_lane_tiles():
+        # Lanes a chunk leaves unused keep earlier (finite) tiles; zero them once so
+        # no uninitialised VMEM (possibly NaN) ever meets a masked-out zero.
+        a_buf[...] = jnp.zeros_like(a_buf)
+        b_buf[...] = jnp.zeros_like(b_buf)
+
+    # The first chunk's adapter tiles are fetched while the MXU runs the base product.
+    @pl.when((n == 0) & (num_chunks > 0))
+    def _prefetch_a():
+        start(a_copies(0))
+
+    @pl.when((k == last_k) & (num_chunks > 0))
+    def _prefetch_b():
+        start(b_copies(0))
+
+    @pl.when(k == 0)
+    def _zero_acc():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    contract = (((1,), (1,)), ((), ())) if layout == "out_in" else (((1,), (0,)), ((), ()))
+    acc_ref[...] += jax.lax.dot_general(x_ref[...], w_ref[...], contract, preferred_element_type=jnp.float32)
+
+    @pl.when(n == 0)
+    def _shrink():
+        def body(c, carry):
+            copies = a_copies(c)
+            pl.when(c > 0)(lambda: start(copies))
+            wait(copies)
+            part = jax.lax.dot_general(
+                x_ref[...], a_buf[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            )
+            y_acc[c] = jnp.where(k == 0, part, y_acc[c] + part)
+            return carry
+
+        jax.lax.fori_loop(0, num_chunks, body, 0)
+
+        @pl.when(k == last_k)
+        def _keep_own_lane():
+            column_lane = jax.lax.broadcasted_iota(jnp.int32, (1, lanes * stride), 1) // stride
+
+            def body(c, carry):
+                keep = column_lane == (code_ref[...] - c * lanes)
+                if lanes == 1:  # a block whose tokens all use one adapter needs no mask
+                    keep = keep | (uniform_ref[i] == 1)
+                y = jnp.where(keep, y_acc[c] * scaling, 0.0)
+                y_acc[c] = y.astype(a_buf.dtype).astype(jnp.float32)
+                return carry
+
+            jax.lax.fori_loop(0, num_chunks, body, 0)
+
+    @pl.when(k == last_k)
+    def _write():
+        out = acc_ref[...]
+        if has_bias:
+            out = out + bias_ref[...].astype(jnp.float32)
+
+        def expand(c, out):
+            copies = b_copies(c)
+            pl.when(c > 0)(lambda: start(copies))
+            wait(copies)
+            return out + jnp.dot(y_acc[c].astype(b_buf.dtype), b_buf[...], preferred_element_type=jnp.float32)
+
+        o_ref[...] = jax.lax.fori_loop(0, num_chunks, expand, out).astype(o_ref.dtype)
+
+
+def grid_spec(
+    num_tokens: int,
+    hidden: int,
+    out_dim: int,
+    rank: int,
+    num_slots: int,
+    dtype,
+    sizes: BlockSizes,
+    lanes: int,
+    layout: str,
+    has_bias: bool,
+) -> pltpu.PrefetchScalarGridSpec:
+    """The kernel's grid ``(token blocks, output tiles, reduction tiles)`` and BlockSpecs (read by the cost model)."""
+    bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
+    stride = rank_stride(rank, dtype)
+    width = lanes * stride
+    weight = pl.BlockSpec((tn, tk), lambda i, n, k, *_: (n, k))
+    if layout == "in_out":
+        weight = pl.BlockSpec((tk, tn), lambda i, n, k, *_: (k, n))
+    in_specs = [
+        pl.BlockSpec((bt, 1), lambda i, n, k, *_: (i, 0)),
+        pl.BlockSpec((bt, tk), lambda i, n, k, *_: (i, k)),
+        weight,
+    ]
+    if has_bias:
+        in_specs.append(pl.BlockSpec((1, tn), lambda i, n, k, *_: (0, n)))
+    in_specs += [pl.BlockSpec(memory_space=pltpu.ANY), pl.BlockSpec(memory_space=pltpu.ANY)]
+    return pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3,
+        grid=(num_tokens // bt, out_dim // tn, hidden // tk),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bt, tn), lambda i, n, k, *_: (i, n)),
+        scratch_shapes=[
+            pltpu.VMEM((width, tk), dtype),
+            pltpu.VMEM((width, tn), dtype),
+            pltpu.VMEM((max_chunks(bt, num_slots, lanes), bt, width), jnp.float32),
+            pltpu.VMEM((bt, tn), jnp.float32),
+            pltpu.SemaphoreType.DMA((2,)),
+        ],
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scaling", "block_sizes", "lanes", "layout", "interpret"))
+def linear_lora(
+    x: jax.Array,  # [T_pad, K]
+    weight: jax.Array,  # [N, K] (out_in) or [K, N] (in_out)
+    bias: jax.Array | None,  # [N] or None
+    lora_a: jax.Array,  # [L, R, K]
+    lora_b: jax.Array,  # [L, R, N]
+    meta: LaneBlocks,
+    *,
+    scaling: float,
+    block_sizes: BlockSizes,
+    lanes: int,
+    layout: str,
+    interpret: bool,
+) -> jax.Array:  # [T_pad, N], x.dtype
+    """The fused base + LoRA kernel over prepared lane metadata; T_pad a multiple of the token block."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    num_tokens, hidden = x.shape
+    num_slots, rank, out_dim = lora_b.shape
+    block_sizes.check(hidden, out_dim)
+    has_bias = bias is not None
+    spec = grid_spec(num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes, layout, has_bias)
+    kernel = functools.partial(
+        _kernel,
+        lanes=lanes,
+        stride=rank_stride(rank, x.dtype),
+        per_block=max_chunks(block_sizes.tokens, num_slots, lanes) * lanes,
+        scaling=scaling,
+        layout=layout,
+        has_bias=has_bias,
+    )
+    operands = [meta.code.reshape(num_tokens, 1), x, weight]
+    if has_bias:
+        operands.append(bias.reshape(1, out_dim))
+    return pl.pallas_call(
+        kernel,
+        grid_spec=spec,
+        out_shape=jax.ShapeDtypeStruct((num_tokens, out_dim), x.dtype),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("arbitrary", "arbitrary", "arbitrary"),
+            vmem_limit_bytes=tuning.BASE_VMEM_LIMIT_BYTES,
+        ),
+        interpret=interpret,
+        name="xla_lora_linear_lora",
+    )(meta.chunks, meta.slots, meta.uniform, *operands, lora_a, lora_b)
+
+
+def tpu_compile_case(
+    num_tokens: int,
+    hidden: int,
+    out_dim: int,
+    rank: int,
+    num_slots: int,
+    dtype,
+    generation: str,
+    layout: str = "out_in",
+    has_bias: bool = False,
+):
+    """(fn, argument ShapeDtypeStructs) of the kernel with Mosaic for one configuration, for TPU compile checks.
+
+    ``fn(x, weight, [bias,] lora_a, lora_b, indices)`` builds the lane metadata on
+    the device and calls the kernel with ``interpret=False``; pass the arguments'
+    shapes to ``jax.jit(fn).trace(...).lower(lowering_platforms=("tpu",))``.
+    """
+    planned = plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, has_bias)
+    if planned is None:
+        raise ValueError(f"no tiling of K={hidden}, N={out_dim} fits VMEM on {generation}")
+    sizes, lanes = planned
+    padded = -(-num_tokens // sizes.tokens) * sizes.tokens
+    from .visits import build_lanes
+
+    def fn(x, weight, *rest):
+        bias, (lora_a, lora_b, indices) = (rest[0], rest[1:]) if has_bias else (None, rest)
+        meta = build_lanes(indices, num_slots, sizes.tokens, lanes)
+        return linear_lora(
+            x,
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            meta,
+            scaling=1.0,
+            block_sizes=sizes,
+            lanes=lanes,
+            layout=layout,
+            interpret=False,
+        )
+
+    w_shape = (out_dim, hidden) if layout == "out_in" else (hidden, out_dim)
+    shapes = [(padded, hidden), w_shape] + ([(out_dim,)] if has_bias else [])
+    shapes += [(num_slots, rank, hidden), (num_slots, rank, out_dim)]
+    args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes] + [jax.ShapeDtypeStruct((padded,), jnp.int32)]
+    return fn, args

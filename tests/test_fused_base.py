@@ -1,0 +1,213 @@
+"""The base matmul and multi-LoRA in one op (``linear_lora``): kernel, both backends, TPU lowering, layers.
+
+The op grid is sampled, not crossed: each case varies the token count (decode, prefill, not a
+multiple of the token block), whether K and N divide the tiles, dtype, weight layout, bias and
+the adapter mix, and every case runs on both backends.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close
+from jax import export as jax_export
+from test_layers import GPT2_TARGETS, LLAMA_LORA, gpt2_case, llama_case, logits, patch, peft_logits  # noqa: F401
+
+import torch_xla_lora as tl
+from torch_xla_lora import reference
+from torch_xla_lora.bench import tpu_model
+from torch_xla_lora.kernels import fused_base, visits
+from torch_xla_lora.kernels import reference as jnp_reference
+from torch_xla_lora.kernels.block_sizes import BlockSizes
+
+BACKENDS = ["xla", "pallas"]
+
+
+def _indices(pattern: str, num_tokens: int, num_slots: int, g: torch.Generator) -> torch.Tensor:
+    if pattern == "uniform":
+        return torch.full((num_tokens,), num_slots - 1, dtype=torch.int32)
+    if pattern == "none":
+        return torch.full((num_tokens,), -1, dtype=torch.int32)
+    if pattern == "out_of_range":
+        return torch.randint(num_slots, num_slots + 3, (num_tokens,), generator=g, dtype=torch.int32) * (
+            1 - 2 * (torch.arange(num_tokens) % 2).int()
+        )
+    if pattern == "mixed":
+        return torch.randint(-2, num_slots + 2, (num_tokens,), generator=g, dtype=torch.int32)
+    if pattern == "requests":  # prefill: each request's tokens together
+        return (torch.arange(num_tokens, dtype=torch.int32) * 4 // num_tokens) * max(1, num_slots // 4)
+    raise ValueError(pattern)
+
+
+def _operands(num_tokens, hidden, out_dim, rank, num_slots, dtype, layout, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=g).to(dtype)
+    w_shape = (out_dim, hidden) if layout == "out_in" else (hidden, out_dim)
+    w = (torch.randn(*w_shape, generator=g) / math.sqrt(hidden)).to(dtype)
+    b = torch.randn(out_dim, generator=g).to(dtype) if bias else None
+    a = (torch.randn(num_slots, rank, hidden, generator=g) / math.sqrt(hidden)).to(dtype)
+    lb = (torch.randn(num_slots, rank, out_dim, generator=g) / math.sqrt(rank)).to(dtype)
+    return x, w, b, a, lb, g
+
+
+def _op(device, x, w, b, a, lb, idx, layout, backend, scaling=0.5):
+    moved = [None if t is None else t.to(device) for t in (x, w, b, a, lb, idx)]
+    return tl.linear_lora(*moved, scaling, layout, backend).cpu()
+
+
+CASES = [  # (T, K, N, rank, L, dtype, layout, bias, pattern)
+    (1, 128, 256, 16, 3, torch.float32, "out_in", True, "mixed"),  # decode, one token
+    (5, 1000, 200, 16, 8, torch.float32, "in_out", True, "mixed"),  # K, N not multiples of 128 (Conv1D)
+    (72, 256, 384, 16, 12, torch.float32, "out_in", False, "requests"),  # prefill, contiguous requests
+    (300, 256, 128, 64, 64, torch.float32, "in_out", False, "mixed"),  # T not a block multiple, many slots, rank 64
+    (48, 512, 256, 16, 6, torch.bfloat16, "out_in", True, "uniform"),  # every block one adapter
+    (40, 256, 128, 8, 4, torch.bfloat16, "in_out", True, "mixed"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("num_tokens", "hidden", "out_dim", "rank", "num_slots", "dtype", "layout", "bias", "pattern"), CASES
+)
+def test_matches_reference(
+    num_tokens, hidden, out_dim, rank, num_slots, dtype, layout, bias, pattern, backend, xla_device
+):
+    x, w, b, a, lb, g = _operands(num_tokens, hidden, out_dim, rank, num_slots, dtype, layout, bias)
+    idx = _indices(pattern, num_tokens, num_slots, g)
+    out = _op(xla_device, x, w, b, a, lb, idx, layout, backend)
+    assert out.dtype == dtype
+    assert_close(out, reference.linear_lora(x, w, b, a, lb, idx, 0.5, layout))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ["out_of_range", "mixed"])
+def test_rows_without_adapter_are_exactly_the_base(pattern, backend, xla_device):
+    """Tokens with no adapter (or an index outside [0, L)) get exactly the op's base row, and it equals x W^T + b."""
+    x, w, b, a, lb, g = _operands(40, 256, 128, 16, 4, torch.float32, "out_in", True, seed=1)
+    idx = _indices(pattern, 40, 4, g)
+    out = _op(xla_device, x, w, b, a, lb, idx, "out_in", backend)
+    base = _op(xla_device, x, w, b, a, lb, torch.full((40,), -1, dtype=torch.int32), "out_in", backend)
+    no_adapter = (idx < 0) | (idx >= 4)
+    assert no_adapter.any()
+    assert torch.equal(out[no_adapter], base[no_adapter])
+    assert_close(base, x @ w.T + b)
+
+
+@pytest.mark.parametrize(("layout", "bias"), [("out_in", True), ("in_out", False)])
+def test_kernel_with_tiled_reduction_and_output(layout, bias):
+    """Several reduction and output tiles (K = 2 tiles, N = 3 tiles): the shrink accumulates across k."""
+    rng = np.random.default_rng(0)
+    num_tokens, hidden, out_dim, rank, num_slots, lanes = 32, 256, 384, 16, 6, 4
+    x = jnp.asarray(rng.standard_normal((num_tokens, hidden)), jnp.float32)
+    w_shape = (out_dim, hidden) if layout == "out_in" else (hidden, out_dim)
+    w = jnp.asarray(rng.standard_normal(w_shape) / 16, jnp.float32)
+    b = jnp.asarray(rng.standard_normal(out_dim), jnp.float32) if bias else None
+    a = jnp.asarray(rng.standard_normal((num_slots, rank, hidden)) / 16, jnp.float32)
+    lb = jnp.asarray(rng.standard_normal((num_slots, rank, out_dim)) / 4, jnp.float32)
+    idx = jnp.asarray(rng.integers(-2, num_slots + 2, num_tokens), jnp.int32).at[:8].set(-1).at[8:16].set(2)
+    meta = visits.build_lanes(visits.valid_slots(idx, num_slots), num_slots, 8, lanes)
+    sizes = BlockSizes(tokens=8, hidden=128, out=128)
+    out = fused_base.linear_lora(
+        x, w, b, a, lb, meta, scaling=0.5, block_sizes=sizes, lanes=lanes, layout=layout, interpret=True
+    )
+    expected = jnp_reference.linear_lora(x, w, b, a, lb, idx, 0.5, layout)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_tensors_use_reference():
+    x, w, b, a, lb, _ = _operands(6, 32, 16, 4, 2, torch.float32, "in_out", True)
+    idx = torch.tensor([0, 1, -1, 1, 0, 5], dtype=torch.int32)
+    out = tl.linear_lora(x, w, b, a, lb, idx, 2.0, "in_out")
+    torch.testing.assert_close(out, x @ w + b + reference.bgmv_shrink_expand(x, a, lb, torch.zeros(6, 16), idx, 2.0))
+
+
+def test_rejects_weight_of_wrong_input_dim():
+    x, w, b, a, lb, _ = _operands(3, 32, 16, 4, 2, torch.float32, "out_in", True)
+    with pytest.raises(tl.ShapeError, match="weight dim 0 must equal K of inputs = 32"):
+        tl.linear_lora(x, w, b, a, lb, torch.zeros(3, dtype=torch.int32), 1.0, "in_out")
+
+
+@pytest.mark.parametrize("generation", ["v5e", "v6e"])
+@pytest.mark.parametrize(
+    ("num_tokens", "hidden", "out_dim", "num_slots", "layout", "bias"),
+    [
+        (1024, 4096, 4096, 8, "out_in", False),  # the issue's prefill configuration
+        (8, 4096, 4096, 128, "out_in", True),  # decode, many slots
+        (512, 4096, 14336, 64, "in_out", True),  # gate/up-sized output, Conv1D layout
+    ],
+)
+def test_lowers_to_mosaic(num_tokens, hidden, out_dim, num_slots, layout, bias, generation):
+    fn, args = fused_base.tpu_compile_case(
+        num_tokens, hidden, out_dim, 16, num_slots, jnp.bfloat16, generation, layout, bias
+    )
+    module = jax_export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+    assert "tpu_custom_call" in module
+
+
+@pytest.mark.parametrize("generation", ["v5e", "v6e"])
+def test_plan_fits_vmem_budget_and_divides(generation):
+    for num_tokens, hidden, out_dim in [(8, 4096, 4096), (1024, 4096, 14336), (4096, 14336, 4096), (300, 4096, 1024)]:
+        sizes, _ = fused_base.plan(num_tokens, hidden, out_dim, 16, 128, jnp.bfloat16, generation)
+        sizes.check(hidden, out_dim)
+        assert fused_base.vmem_bytes(sizes, 16, 128, 16, jnp.bfloat16) <= fused_base.tuning.BASE_VMEM_BUDGET_BYTES
+    assert fused_base.plan(8, 1000, 4096, 16, 8, jnp.bfloat16, generation) is None  # unaligned K: caller falls back
+
+
+# --- layers ---------------------------------------------------------------------------------------------------
+
+
+def test_llama_layers_with_base_fusion_match_peft(llama_case, xla_device):  # noqa: F811
+    """Through the Pallas kernel (interpret mode); the GPT-2 test below goes through the XLA-native path."""
+    model, lora = patch(llama_case, xla_device, **LLAMA_LORA, base_fusion=True, backend="pallas")
+    mix = ["a0", None, "a1", "a2"]
+    lora.set_batch(mix)
+    assert_close(logits(model, llama_case.inputs), peft_logits(llama_case, mix))
+
+
+def test_gpt2_conv1d_fused_qkv_with_base_fusion_matches_peft(gpt2_case, xla_device):  # noqa: F811
+    model, lora = patch(
+        gpt2_case, xla_device, max_loras=2, max_rank=8, target_modules=GPT2_TARGETS, base_fusion=True, backend="xla"
+    )
+    mix = ["g0", None, "g1", "g0"]
+    lora.set_batch(mix)
+    assert_close(logits(model, gpt2_case.inputs), peft_logits(gpt2_case, mix))
+
+
+def test_base_fusion_auto_is_off_on_cpu_device(llama_case, xla_device):  # noqa: F811
+    model, _ = patch(llama_case, xla_device, **LLAMA_LORA)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.base_fusion == "auto"
+    assert not layer._fuses_base(torch.zeros(2, layer.in_features, device=xla_device))
+
+
+def test_rejects_unknown_base_fusion():
+    with pytest.raises(ValueError, match="base_fusion"):
+        tl.LoRAConfig(base_fusion="always")
+
+
+# --- TPU cost model -------------------------------------------------------------------------------------------
+
+CHIP = tpu_model.Chip("test", "v6e", hbm_bytes_per_s=1e9, peak_flops=1e12, mxu_width=256, step_overhead_s=1e-6)
+
+
+def test_fused_base_cost_one_step_one_adapter():
+    # T=256, K=N=256, R=16, L=1 on "v6e": one token block, one output and one reduction tile, one lane.
+    cost = tpu_model.fused_base_cost(CHIP, np.zeros(256, np.int32), 256, 256, rank=16, num_slots=1)
+    codes, x, w, out = 256 * 4, 256 * 256 * 2, 256 * 256 * 2, 256 * 256 * 2
+    adapters = 16 * 256 * 2 * 2  # A and B tiles, fetched while the base product runs
+    assert cost.pipelined_bytes == codes + x + w + out + adapters
+    assert cost.manual_bytes == 0
+    assert cost.mxu_flops == 3 * 2 * 256 * 256 * 256  # base, shrink and expand, padded to 256-wide tiles
+    assert cost.steps == 1
+    assert cost.seconds == pytest.approx(max(cost.pipelined_bytes / 1e9, cost.mxu_flops / 1e12) + 1e-6)
+
+
+@pytest.mark.parametrize("chip", ["v5e", "v6e"])
+@pytest.mark.parametrize("num_tokens", [8, 1024])
+def test_fused_base_beats_separate_per_layer(chip, num_tokens):
+    indices = (np.arange(num_tokens) * 8 // num_tokens).astype(np.int32)
+    costs = tpu_model.layer_costs(tpu_model.CHIPS[chip], indices, rank=16, num_slots=128)
+    assert costs["base"] < costs["fused"] < costs["separate"]

@@ -1,0 +1,122 @@
+"""JAX functions behind ``xla_lora::linear_lora``: the base matmul and multi-LoRA in one op.
+
+Imported lazily by the op (JAX must start after torch_xla on a TPU host).
+
+- "pallas": the fused base kernel (``kernels/fused_base.py``), Mosaic on TPU,
+  interpret mode elsewhere. When no tiling fits (e.g. K or N not a multiple
+  of 128 on TPU), the base product is XLA's dot and the LoRA the laned
+  shrink-expand kernel, as the separate path would do.
+- "xla": the XLA-native counterpart. The base product is one ``dot_general``
+  on the weight in its own layout (never transposed per call), accumulated in
+  f32, with the bias; the grouped LoRA of ``_xla_native.shrink_expand`` adds
+  into that f32 product, so bias, LoRA and the cast to the output dtype are
+  one elementwise pass over y instead of a write of the base output and a
+  read-modify-write by a second op.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from torch_xla_lora.kernels import fused, fused_base, visits
+from torch_xla_lora.ops import _xla_native
+from torch_xla_lora.ops._jax import _CACHE_SIZE, _pad_rows, _padded_indices
+
+
+def _base_product(x, weight, bias, layout: str):
+    """x @ W^T (+ bias) in f32, W [N, K] ("out_in") or [K, N] ("in_out")."""
+    contract = (((1,), (1,)), ((), ())) if layout == "out_in" else (((1,), (0,)), ((), ()))
+    y = jax.lax.dot_general(x, weight, contract, preferred_element_type=jnp.float32)
+    return y if bias is None else y + bias.astype(jnp.float32)
+
+
+def _lane_meta(
+    metadata,
+    idx,
+    num_slots: int,
+    sizes,
+    lanes: int,
+    num_tokens: int,
+    hidden: int,
+    out_dim: int,
+    rank,
+    dtype,
+    generation,
+):
+    """The batch's lane metadata: the host-built one when its plan matches, else built on the device."""
+    if metadata is not None:
+        host_sizes, host_lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
+        if (host_sizes.tokens, host_lanes) == (sizes.tokens, lanes):
+            return visits.unpack(metadata, idx.shape[0], num_slots, sizes.tokens, lanes)[0]
+    return visits.build_lanes(idx, num_slots, sizes.tokens, lanes)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def linear_lora_fn(
+    backend: str, generation: str, scaling: float, layout: str, has_bias: bool, with_metadata: bool
+) -> Callable:
+    """``fn(x[T, K], weight, [bias[N],] lora_a[L, R, K], lora_b[L, R, N], indices[T][, metadata]) -> [T, N]``."""
+
+    def fn(x, weight, *rest):
+        bias, rest = (rest[0], rest[1:]) if has_bias else (None, rest)
+        lora_a, lora_b, indices = rest[:3]
+        metadata = rest[3] if with_metadata else None
+        num_tokens, hidden = x.shape
+        num_slots, rank, out_dim = lora_b.shape
+        planned = None
+        if backend == "pallas":
+            planned = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation, has_bias)
+        if planned is not None:
+            sizes, lanes = planned
+            idx = _padded_indices(indices, num_slots, sizes.padded_tokens(num_tokens))
+            meta = _lane_meta(
+                metadata, idx, num_slots, sizes, lanes, num_tokens, hidden, out_dim, rank, x.dtype, generation
+            )
+            out = fused_base.linear_lora(
+                _pad_rows(x, idx.shape[0]),
+                weight,
+                bias,
+                lora_a,
+                lora_b,
+                meta,
+                scaling=scaling,
+                block_sizes=sizes,
+                lanes=lanes,
+                layout=layout,
+                interpret=generation == "cpu",
+            )
+            return out[:num_tokens]
+        base = _base_product(x, weight, bias, layout)
+        sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation)
+        idx = _padded_indices(indices, num_slots, sizes.padded_tokens(num_tokens))
+        x_pad = _pad_rows(x, idx.shape[0])
+        if backend == "pallas":  # no fused-base tiling fits: XLA's dot, then the laned LoRA kernel
+            meta = _lane_meta(
+                metadata, idx, num_slots, sizes, lanes, num_tokens, hidden, out_dim, rank, x.dtype, generation
+            )
+            out = fused.shrink_expand(
+                x_pad,
+                lora_a,
+                lora_b,
+                _pad_rows(base.astype(x.dtype), idx.shape[0]),
+                meta,
+                scaling=scaling,
+                block_sizes=sizes,
+                lanes=lanes,
+                interpret=generation == "cpu",
+            )
+            return out[:num_tokens]
+        if with_metadata:
+            vis = visits.unpack(metadata, idx.shape[0], num_slots, sizes.tokens, lanes)[1]
+        else:
+            vis = visits.build(idx, num_slots, sizes.tokens)
+        out = _xla_native.shrink_expand(
+            x_pad, lora_a, lora_b, _pad_rows(base, idx.shape[0]), idx, vis, scaling=scaling, block_tokens=sizes.tokens
+        )
+        return out[:num_tokens].astype(x.dtype)
+
+    return fn
