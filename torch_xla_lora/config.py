@@ -61,11 +61,7 @@ class LoRAConfig:
             raise (ConfigError if isinstance(self.dtype, torch.dtype) else ConfigTypeError)(
                 f"LoRAConfig.dtype must be None or a floating torch.dtype, got {self.dtype!r}"
             )
-        if (
-            self.base_fusion not in ("auto", True, False)
-            or isinstance(self.base_fusion, int)
-            and not isinstance(self.base_fusion, bool)
-        ):
+        if not (isinstance(self.base_fusion, bool) or self.base_fusion == "auto"):
             raise ConfigError(f"LoRAConfig.base_fusion must be 'auto', True or False, got {self.base_fusion!r}")
         self._check_target_modules()
 
