@@ -10,6 +10,7 @@ import copy
 import threading
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close
@@ -218,7 +219,7 @@ def test_set_batch_refuses_a_batch_before_evicting_the_current_one(bank):
     assert_close(served.outputs(2), bank.expected(["a", "b"]))
 
 
-@pytest.mark.parametrize("seq_len", [None, 5])
+@pytest.mark.parametrize("seq_len", [None, 5, np.int64(5)], ids=["none", "int", "numpy_int"])
 def test_set_batch_accepts_a_valid_seq_len_on_cpu(bank, seq_len):
     served = serve(bank)
     served.lora.set_batch(["a", None, "b"], seq_len=seq_len)

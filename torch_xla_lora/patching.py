@@ -7,6 +7,7 @@ context, slots, host cache), so two patched models never share anything.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 import time
@@ -96,6 +97,16 @@ def _sync(device: torch.device) -> None:
         import torch_xla
 
         torch_xla.sync()
+
+
+def _as_int(value: Any, what: str) -> int:
+    """``value`` as an int (Python or NumPy integers); bools, floats and the rest raise ArgumentTypeError."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise ArgumentTypeError(f"{what}, got {type(value).__name__} {value!r}")
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -229,34 +240,34 @@ class LoRAModel:
             self.context.set(None, per_token=False)
             self.manager.release_batch()
 
-    def _check_entries(self, entries: Any, seq_len: Any) -> list[str | int | None]:
+    def _check_entries(self, entries: Any, seq_len: Any) -> tuple[list[str | int | None], int | None]:
         """Validate a batch before anything changes; return its entries as a list."""
         if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
             raise ArgumentTypeError(
                 f"a batch must be a sequence of adapter names, None or slot ints, got {type(entries).__name__}"
             )
-        entries = list(entries)
+        entries = [
+            e
+            if e is None or isinstance(e, str)
+            else _as_int(e, "batch entries must be adapter names, None or slot ints")
+            for e in entries
+        ]
         if len(entries) == 0:
             raise ShapeError("a batch needs at least one entry")
         for entry in entries:
-            if isinstance(entry, bool) or not (entry is None or isinstance(entry, (str, int))):
-                raise ArgumentTypeError(
-                    f"batch entries must be adapter names, None or slot ints, got {type(entry).__name__} {entry!r}"
-                )
             if entry == "":
                 raise ArgumentError("batch entries: adapter names must be non-empty, got ''")
             if isinstance(entry, int) and not -1 <= entry < self.config.max_loras:
                 raise ShapeError(f"slot {entry} is outside [-1, max_loras={self.config.max_loras})")
         if seq_len is not None:
-            if isinstance(seq_len, bool) or not isinstance(seq_len, int):
-                raise ArgumentTypeError(f"seq_len must be None or an int, got {type(seq_len).__name__} {seq_len!r}")
+            seq_len = _as_int(seq_len, "seq_len must be None or an int")
             if seq_len < 1:
                 raise ArgumentError(f"seq_len must be at least 1, got {seq_len}")
-        return entries
+        return entries, seq_len
 
     def _set(self, entries: Sequence[str | int | None], per_token: bool, seq_len: int | None) -> None:
         self._check_patched()
-        entries = self._check_entries(entries, seq_len)
+        entries, seq_len = self._check_entries(entries, seq_len)
         names = [e for e in entries if isinstance(e, str)]
         # One critical section from the plan to the send: no other thread's remove, pin or
         # load can land between choosing the slots, writing them and sending them.

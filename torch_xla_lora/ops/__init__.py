@@ -103,6 +103,8 @@ def bgmv_shrink(
     _validate.backend(backend)
     if inputs.device.type != "xla":
         return reference.bgmv_shrink(inputs, lora_a, lora_indices, scaling)
+    if _validate.degenerate(*lora_a.shape):  # L, R or D is 0: nothing to project (kernels need tiles)
+        return inputs.new_zeros((inputs.shape[0], lora_a.shape[1]))
     name, generation = _backend(backend)
     return _call_jax(_jax_module().shrink_fn(name, generation, float(scaling)), inputs, lora_a, lora_indices)
 
@@ -150,6 +152,8 @@ def bgmv_expand(
     _validate.backend(backend)
     if inputs.device.type != "xla":
         return reference.bgmv_expand(inputs, lora_b, base, lora_indices, add_inputs)
+    if _validate.degenerate(*lora_b.shape):  # L, R or Dout is 0: nothing to add
+        return base.clone() if add_inputs else torch.zeros_like(base)
     name, generation = _backend(backend)
     fn = _jax_module().expand_fn(name, generation, bool(add_inputs), None)
     return _call_jax(fn, inputs, lora_b, base, lora_indices)
@@ -202,6 +206,8 @@ def bgmv_expand_slice(
     _validate.backend(backend)
     if inputs.device.type != "xla":
         return reference.bgmv_expand_slice(inputs, lora_b, base, lora_indices, slice_offset, add_inputs)
+    if _validate.degenerate(*lora_b.shape):  # L, R or the slice width is 0: nothing to add
+        return base.clone() if add_inputs else torch.zeros_like(base)
     name, generation = _backend(backend)
     fn = _jax_module().expand_fn(name, generation, bool(add_inputs), int(slice_offset))
     return _call_jax(fn, inputs, lora_b, base, lora_indices)
@@ -258,9 +264,11 @@ def bgmv_shrink_expand(
     """
     _validate.shrink_expand(inputs, lora_a, lora_b, base, lora_indices)
     _validate.backend(backend)
-    _validate.metadata(metadata, inputs.device)
+    _validate.metadata(metadata, inputs.device, inputs, lora_b)
     if inputs.device.type != "xla":
         return reference.bgmv_shrink_expand(inputs, lora_a, lora_b, base, lora_indices, scaling)
+    if _validate.degenerate(*lora_a.shape, *lora_b.shape):  # L, R, D or Dout is 0: nothing to add
+        return base.clone()
     name, generation = _backend(backend)
     fn = _jax_module().shrink_expand_fn(name, generation, float(scaling), metadata is not None)
     extra = () if metadata is None else (metadata,)
@@ -271,7 +279,7 @@ def bgmv_shrink_expand(
 def _(inputs, lora_a, lora_b, base, lora_indices, scaling=1.0, backend="auto", metadata=None):
     _validate.shrink_expand(inputs, lora_a, lora_b, base, lora_indices)
     _validate.backend(backend)
-    _validate.metadata(metadata, inputs.device)
+    _validate.metadata(metadata, inputs.device, inputs, lora_b)
     return torch.empty_like(base)
 
 

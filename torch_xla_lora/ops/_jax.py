@@ -37,6 +37,11 @@ def _padded_indices(indices: jax.Array, num_slots: int, rows: int) -> jax.Array:
     return visits.valid_slots(_pad_rows(indices.astype(jnp.int32), rows, -1), num_slots)
 
 
+def _in_range(indices: jax.Array, num_slots: int) -> jax.Array:
+    """[T, 1] bool: the tokens whose slot is in [0, num_slots), i.e. that get an adapter."""
+    return ((indices >= 0) & (indices < num_slots))[:, None]
+
+
 def _prepare(indices: jax.Array, num_slots: int, sizes: block_sizes.BlockSizes):
     padded = _padded_indices(indices, num_slots, sizes.padded_tokens(indices.shape[0]))
     return padded, visits.build(padded, num_slots, sizes.tokens)
@@ -61,7 +66,9 @@ def shrink_fn(backend: str, generation: str, scaling: float) -> Callable:
         sizes = block_sizes.choose(num_tokens, hidden, lora_a.shape[1], generation)
         idx, vis = _prepare(indices, lora_a.shape[0], sizes)
         run_shrink, _ = _kernels(backend, generation, sizes)
-        return run_shrink(_pad_rows(x, idx.shape[0]), lora_a, idx, vis, scaling=scaling)[:num_tokens]
+        out = run_shrink(_pad_rows(x, idx.shape[0]), lora_a, idx, vis, scaling=scaling)[:num_tokens]
+        # A select on the result, not a masked input: 0 * Inf in an unused slot would be NaN.
+        return jnp.where(_in_range(indices, lora_a.shape[0]), out, 0)
 
     return fn
 
@@ -91,6 +98,7 @@ def expand_fn(backend: str, generation: str, add_inputs: bool, slice_offset: int
             vis,
             add_inputs=into_base,
         )[:num_tokens]
+        delta = jnp.where(_in_range(indices, lora_b.shape[0]), delta, target)  # out-of-range rows: exactly target
         if slice_offset is None:
             return delta
         padded = jnp.pad(delta, [(0, 0), (slice_offset, out_dim - slice_offset - width)])
@@ -139,11 +147,20 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
             out = _xla_native.shrink_expand(
                 x_pad, lora_a, lora_b, base_pad, idx, vis, scaling=scaling, block_tokens=sizes.tokens, order=order
             )
-        return out[:num_tokens]
+        return jnp.where(_in_range(indices, num_slots), out[:num_tokens], base)  # out of range: exactly base
 
     if with_metadata:
         return fn
     return lambda x, lora_a, lora_b, base, indices: fn(x, lora_a, lora_b, base, indices)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def metadata_size(
+    num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype: str, generation: str
+) -> int:
+    """Length of the packed metadata the fused op expects for these shapes (see :func:`batch_metadata`)."""
+    sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
+    return visits.packed_size(sizes.padded_tokens(num_tokens), num_slots, sizes.tokens, lanes)
 
 
 def batch_metadata(slots, layer_shapes, rank: int, num_slots: int, dtype: str, generation: str) -> dict:

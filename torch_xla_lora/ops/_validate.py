@@ -115,7 +115,20 @@ def shrink_expand(
     _device("base", base, inputs)
 
 
-def metadata(meta: torch.Tensor | None, device: torch.device) -> None:
+def degenerate(*dims: int) -> bool:
+    """Whether a product has a zero-size dimension (L, R, D, Dout or a slice width): the ops then
+    skip the kernels (which need positive tiles) and return what the CPU reference returns."""
+    return any(dim == 0 for dim in dims)
+
+
+def metadata(
+    meta: torch.Tensor | None,
+    device: torch.device,
+    inputs: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+) -> None:
+    """Packed host metadata of the fused op: 1-D int32 on the XLA device, of the length that the
+    plan for ``inputs`` [T, D] and ``lora_b`` [L, R, Dout] expects (checked when they are given)."""
     if meta is None:
         return
     if device.type != "xla":
@@ -124,6 +137,21 @@ def metadata(meta: torch.Tensor | None, device: torch.device) -> None:
         raise ShapeError(f"metadata must be a 1-D int32 tensor, got {meta.dtype} of shape {tuple(meta.shape)}")
     if meta.device != device:
         raise ShapeError(f"metadata must be on {device}, got {meta.device}")
+    if inputs is None or lora_b is None or degenerate(inputs.shape[0], *inputs.shape[1:], *lora_b.shape):
+        return
+    # Imported here: JAX stays unimported until an XLA op runs (see ops/_jax.py).
+    from torch_xla_lora.ops import _jax, device_generation
+
+    num_slots, rank, out_dim = lora_b.shape
+    dtype = str(lora_b.dtype).removeprefix("torch.")
+    expected = _jax.metadata_size(
+        inputs.shape[0], inputs.shape[1], out_dim, rank, num_slots, dtype, device_generation()
+    )
+    if meta.shape[0] != expected:
+        raise ShapeError(
+            f"metadata must have {expected} entries for T={inputs.shape[0]}, D={inputs.shape[1]}, "
+            f"Dout={out_dim}, R={rank}, L={num_slots} (build it with batch_metadata), got {meta.shape[0]}"
+        )
 
 
 WEIGHT_LAYOUTS = ("out_in", "in_out")
