@@ -289,3 +289,12 @@ def test_zero_recompiles_after_warmup(saved, xla_device):
                 torch_xla.sync()
             del logits
         assert counter.count == 0
+
+
+def test_bench_moe_command_smoke(capsys):
+    from torch_xla_lora.bench import moe
+
+    args = ["--hidden", "64", "--layers", "1", "--experts", "4", "--batch", "2", "--seq", "4", "--reps", "1"]
+    assert moe.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| moe | LoRA all-linear + experts + router |" in out and "| dense | base |" in out
