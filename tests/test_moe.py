@@ -21,7 +21,7 @@ from peft.tuners.lora.layer import ParamWrapper
 
 from torch_xla_lora import LoRAConfig, patch_model
 from torch_xla_lora.adapters import ExpertsLoRA, load_adapter
-from torch_xla_lora.errors import InvalidAdapterError, RankTooLargeError, ShardingError
+from torch_xla_lora.errors import InvalidAdapterError, RankTooLargeError, ShardingError, UnsupportedAdapterError
 from torch_xla_lora.layers import ExpertsWithLoRA, RouterWithLoRA
 
 _COMMON = {
@@ -79,13 +79,11 @@ def lora_config(arch: str, seed: int, **kwargs) -> LoraConfig:
     kwargs.setdefault("r", 4)
     kwargs.setdefault("lora_alpha", 8 + seed)
     if router is None:
-        return LoraConfig(target_modules="all-linear", init_lora_weights=False, **kwargs)
-    return LoraConfig(
-        target_modules=["q_proj", "v_proj", "o_proj"],
-        target_parameters=["gate_up_proj", "down_proj", f"{router}.weight"],
-        init_lora_weights=False,
-        **kwargs,
-    )
+        kwargs.setdefault("target_modules", "all-linear")
+    else:
+        kwargs.setdefault("target_modules", ["q_proj", "v_proj", "o_proj"])
+        kwargs.setdefault("target_parameters", ["gate_up_proj", "down_proj", f"{router}.weight"])
+    return LoraConfig(init_lora_weights=False, **kwargs)
 
 
 def peft_model(arch: str, seed: int, **kwargs):
@@ -168,6 +166,32 @@ def _state_dict(pm):
     from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(pm)
+
+
+def _mixtral_adapter():
+    pm = peft_model("Mixtral", 0)
+    return _state_dict(pm), pm.peft_config["default"].to_dict()
+
+
+def test_unknown_expert_parameter_is_refused():
+    state_dict, config = _mixtral_adapter()
+    config["target_parameters"] = ["w13", "down_proj", "gate.weight"]
+    with pytest.raises(UnsupportedAdapterError, match=r"target_parameters \['w13'\]"):
+        load_adapter("t", state_dict=state_dict, config=config)
+
+
+def test_missing_wrapper_level_is_refused():
+    state_dict, config = _mixtral_adapter()
+    state_dict = {k: v for k, v in state_dict.items() if ".experts.base_layer." not in k}  # gate_up_proj gone
+    with pytest.raises(InvalidAdapterError, match=r"expected 2 nested parameter wrappers"):
+        load_adapter("t", state_dict=state_dict, config=config)
+
+
+def test_only_down_proj_targeted_loads_one_parameter():
+    pm = peft_model("Mixtral", 0, target_modules=[], target_parameters=["down_proj"])
+    adapter = load_adapter("t", state_dict=_state_dict(pm), config=pm.peft_config["default"])
+    assert set(adapter.modules) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
+    assert set(adapter.modules["model.layers.0.mlp.experts"].params) == {"down_proj"}
 
 
 @pytest.mark.parametrize("arch", ["Mixtral", "GptOss"])
