@@ -21,7 +21,7 @@ from peft.tuners.lora.layer import ParamWrapper
 
 from torch_xla_lora import LoRAConfig, patch_model
 from torch_xla_lora.adapters import ExpertsLoRA, load_adapter
-from torch_xla_lora.errors import InvalidAdapterError, RankTooLargeError, ShardingError
+from torch_xla_lora.errors import InvalidAdapterError, RankTooLargeError, ShardingError, UnsupportedAdapterError
 from torch_xla_lora.layers import ExpertsWithLoRA, RouterWithLoRA
 
 _COMMON = {
@@ -79,13 +79,11 @@ def lora_config(arch: str, seed: int, **kwargs) -> LoraConfig:
     kwargs.setdefault("r", 4)
     kwargs.setdefault("lora_alpha", 8 + seed)
     if router is None:
-        return LoraConfig(target_modules="all-linear", init_lora_weights=False, **kwargs)
-    return LoraConfig(
-        target_modules=["q_proj", "v_proj", "o_proj"],
-        target_parameters=["gate_up_proj", "down_proj", f"{router}.weight"],
-        init_lora_weights=False,
-        **kwargs,
-    )
+        kwargs.setdefault("target_modules", "all-linear")
+    else:
+        kwargs.setdefault("target_modules", ["q_proj", "v_proj", "o_proj"])
+        kwargs.setdefault("target_parameters", ["gate_up_proj", "down_proj", f"{router}.weight"])
+    return LoraConfig(init_lora_weights=False, **kwargs)
 
 
 def peft_model(arch: str, seed: int, **kwargs):
@@ -168,6 +166,32 @@ def _state_dict(pm):
     from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(pm)
+
+
+def _mixtral_adapter():
+    pm = peft_model("Mixtral", 0)
+    return _state_dict(pm), pm.peft_config["default"].to_dict()
+
+
+def test_unknown_expert_parameter_is_refused():
+    state_dict, config = _mixtral_adapter()
+    config["target_parameters"] = ["w13", "down_proj", "gate.weight"]
+    with pytest.raises(UnsupportedAdapterError, match=r"target_parameters \['w13'\]"):
+        load_adapter("t", state_dict=state_dict, config=config)
+
+
+def test_missing_wrapper_level_is_refused():
+    state_dict, config = _mixtral_adapter()
+    state_dict = {k: v for k, v in state_dict.items() if ".experts.base_layer." not in k}  # gate_up_proj gone
+    with pytest.raises(InvalidAdapterError, match=r"expected 2 nested parameter wrappers"):
+        load_adapter("t", state_dict=state_dict, config=config)
+
+
+def test_only_down_proj_targeted_loads_one_parameter():
+    pm = peft_model("Mixtral", 0, target_modules=[], target_parameters=["down_proj"])
+    adapter = load_adapter("t", state_dict=_state_dict(pm), config=pm.peft_config["default"])
+    assert set(adapter.modules) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
+    assert set(adapter.modules["model.layers.0.mlp.experts"].params) == {"down_proj"}
 
 
 @pytest.mark.parametrize("arch", ["Mixtral", "GptOss"])
@@ -266,7 +290,8 @@ def test_no_batch_runs_the_base_experts(saved):
         assert_close(model(IDS).logits, reference[None])
 
 
-def test_zero_recompiles_after_warmup(saved, xla_device):
+@pytest.mark.parametrize("mode", ["lazy", "compiled"])
+def test_zero_recompiles_after_warmup(mode, saved, xla_device):
     import torch_xla
 
     from torch_xla_lora import assert_no_recompile
@@ -274,8 +299,11 @@ def test_zero_recompiles_after_warmup(saved, xla_device):
     dirs = saved("Mixtral")
     model, lora = served("Mixtral", {"math": dirs["math"]}, xla_device, max_loras=2)
 
-    def step(ids):
+    def forward(ids):
         return model(ids, use_cache=False).logits
+
+    # The router's LoRA goes through a TorchFunctionMode: dynamo must trace it into the one graph.
+    step = forward if mode == "lazy" else torch.compile(forward, backend="openxla")
 
     lora.warmup([4], [5], step=step, progress=False)
     with assert_no_recompile() as counter:
@@ -289,3 +317,17 @@ def test_zero_recompiles_after_warmup(saved, xla_device):
                 torch_xla.sync()
             del logits
         assert counter.count == 0
+    reference = peft_reference("Mixtral", dirs, IDS)
+    with torch.no_grad():
+        logits = step(IDS.to(xla_device)).cpu()
+    for row, name in enumerate(["code", "math", None, "code"]):
+        assert_close(logits[row], reference[name][row])
+
+
+def test_bench_moe_command_smoke(capsys):
+    from torch_xla_lora.bench import moe
+
+    args = ["--hidden", "64", "--layers", "1", "--experts", "4", "--batch", "2", "--seq", "4", "--reps", "1"]
+    assert moe.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| moe | LoRA all-linear + experts + router |" in out and "| dense | base |" in out

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m torch_xla_lora.bench {e2e,kernels,model,warmup} [options]``.
+"""Benchmarks: ``python -m torch_xla_lora.bench {e2e,kernels,model,moe,warmup} [options]``.
 
 Each command is a module of this package with a ``main(argv) -> int``;
 ``python -m torch_xla_lora.bench COMMAND --help`` lists its options.
@@ -16,6 +16,7 @@ COMMANDS = {
     "e2e": ("torch_xla_lora.bench.e2e", "prefill throughput of a Llama with and without LoRA, heatmaps"),
     "kernels": ("torch_xla_lora.bench.kernels", "wall clock of the BGMV formulations, side by side"),
     "model": ("torch_xla_lora.bench.model", "the kernels' TPU cost model"),
+    "moe": ("torch_xla_lora.bench.moe", "LoRA slowdown of a small MoE model (expert LoRA) next to a dense one"),
     "warmup": ("torch_xla_lora.bench.warmup", "warm-up time and compilations against the number of slots"),
 }
 
