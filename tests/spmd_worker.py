@@ -11,6 +11,7 @@ Usage: ``python spmd_worker.py {llama,layers} WORKDIR``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import glob
@@ -105,7 +106,86 @@ def run_llama(inputs: dict) -> dict:
     _serve(lora, forward, ids.to(device), inputs["adapters"], inputs["more_batches"])
     result["loop_transfers_from_device"] = _transfers_from_device() - before
     result["compiles_after_warmup"] = counter.count
+    result["compiled"] = _run_compiled(inputs, mesh)
     return result
+
+
+def _run_compiled(inputs: dict, mesh: xs.Mesh) -> dict:
+    """The same Llama under ``torch.compile(backend="openxla")``, batches set with host-built metadata.
+
+    A fresh model, so the lazy run above leaves nothing behind; the LoRA ops'
+    calls are recorded while the graph is traced (at warm-up) to show what
+    runs per shard.
+    """
+    import torch._dynamo
+
+    device = torch_xla.device()
+    model, lora = _patched_llama(inputs, mesh, inputs["dp_axis"], inputs["fully_sharded"])
+    step = torch.compile(lambda ids: sharding.replicated(model(ids).logits, mesh), backend="openxla")
+    ids, seq_len = inputs["ids"], inputs["ids"].shape[1]
+    with _recording_op_calls() as calls:
+        warmup = lora.warmup([ids.shape[0]], [seq_len], step=step, progress=False, host_metadata=True)
+    result = {"warmup_compiles": warmup, "op_calls": calls}
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    counter = tl.CompileCounter()
+    _load_all(lora, inputs["adapters"])
+    lora.set_batch(inputs["batch"], seq_len=seq_len)
+    with torch.no_grad():
+        result["logits"] = step(ids.to(device)).cpu()
+    _serve(lora, step, ids.to(device), inputs["adapters"], inputs["more_batches"], seq_len=seq_len)
+    result["compiles_after_warmup"] = counter.count
+    result["graphs_after_warmup"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    result["metadata"] = _metadata_check(lora, mesh, inputs["batch"], seq_len, inputs["dp_axis"])
+    # Per-token slots (sent split over the data axis): the same batch, one entry per token (a new graph).
+    lora.set_token_adapters([name for name in inputs["batch"] for _ in range(seq_len)])
+    with torch.no_grad():
+        result["per_token_logits"] = step(ids.to(device)).cpu()
+    return result
+
+
+def _metadata_check(lora: tl.LoRAModel, mesh: xs.Mesh, batch: list, seq_len: int, dp_axis: str | None) -> dict:
+    """Per metadata tensor of a batch: its global shape, whether it is split over the data axis
+    like a tensor marked (dp_axis, None), and whether row k is the host grouping of data shard k's tokens."""
+    from torch_xla_lora import ops
+
+    lora.set_batch(batch, seq_len=seq_len)
+    token_slots = lora.context.slots.cpu().repeat_interleave(seq_len)
+    layer = next(iter(lora.layers.values()))
+    checks = {}
+    for (tokens, hidden, out), sent in lora.context.metadata.items():
+        chunks = token_slots.reshape(-1, tokens)
+        rows = [
+            ops.batch_metadata(chunk, [(hidden, out)], layer.max_rank, layer.max_loras, layer.lora_b.dtype)
+            for chunk in chunks
+        ]
+        expected = torch.stack([row[(hidden, out)] for row in rows])
+        probe = xs.mark_sharding(torch.zeros(sent.shape, device=torch_xla.device()), mesh, (dp_axis, None))
+        split_like_probe = _spec(sent) == _spec(probe.global_tensor)
+        checks[(tokens, hidden, out)] = (tuple(sent.shape), split_like_probe, torch.equal(sent.cpu(), expected))
+    return checks
+
+
+@contextlib.contextmanager
+def _recording_op_calls():
+    """Yield a list that gets (op, [argument shapes]) of every LoRA op that reaches JAX, on the shapes it sees.
+
+    Inside a per-shard region these are the local shard shapes. The fused op
+    with host metadata has 6 arguments (the last the metadata), without 5.
+    """
+    from torch_xla_lora import ops
+
+    calls, call_jax = [], ops._call_jax
+
+    def record(fn, *args):
+        op = {3: "shrink", 4: "expand", 5: "fused", 6: "fused+metadata"}[len(args)]
+        calls.append((op, [tuple(arg.shape) for arg in args]))
+        return call_jax(fn, *args)
+
+    ops._call_jax = record
+    try:
+        yield calls
+    finally:
+        ops._call_jax = call_jax
 
 
 def _load_all(lora: tl.LoRAModel, adapters: dict) -> None:
@@ -113,13 +193,13 @@ def _load_all(lora: tl.LoRAModel, adapters: dict) -> None:
         lora.load_adapter(name, state_dict=state_dict, config=config)
 
 
-def _serve(lora: tl.LoRAModel, forward, ids: torch.Tensor, adapters: dict, batches: list) -> None:
+def _serve(lora: tl.LoRAModel, forward, ids: torch.Tensor, adapters: dict, batches: list, seq_len=None) -> None:
     """One reload and one new adapter mix (slot writes, evictions) per step; outputs stay on the device."""
     names = list(adapters)
     for step, batch in enumerate(batches):
         name = names[step % len(names)]
         lora.load_adapter(name, state_dict=adapters[name][0], config=adapters[name][1])
-        lora.set_batch(batch)
+        lora.set_batch(batch, seq_len=seq_len)
         with torch.no_grad():
             out = forward(ids)
             torch_xla.sync()

@@ -7,6 +7,7 @@ argument errors need no mesh of several devices and run in this process.
 
 from __future__ import annotations
 
+import collections
 import copy
 import os
 import subprocess
@@ -187,6 +188,81 @@ def test_serving_loop_copies_nothing_to_host(spmd_llama):
     assert result["loop_transfers_from_device"] == 0
 
 
+# -- the same Llama under torch.compile(backend="openxla"), host-built metadata per shard ----------
+
+
+def test_compiled_on_mesh_matches_one_device(spmd_llama, one_device_logits):
+    _, result = spmd_llama
+    torch.testing.assert_close(result["compiled"]["logits"], one_device_logits, atol=SPMD_ATOL, rtol=SPMD_RTOL)
+
+
+def test_compiled_on_mesh_matches_peft(spmd_llama, peft_logits):
+    _, result = spmd_llama
+    assert_close(result["compiled"]["logits"], peft_logits)
+
+
+def test_compiled_warmup_compiles_one_forward(spmd_llama):
+    _, result = spmd_llama
+    # The forward, and the slot write as it hashes after a compiled forward; the other slot-write
+    # graph is the lazy run's, compiled earlier in the same worker process.
+    assert result["compiled"]["warmup_compiles"] == 2
+
+
+def test_compiled_no_recompile_across_adapter_mixes_and_loads(spmd_llama):
+    _, result = spmd_llama
+    assert (result["compiled"]["compiles_after_warmup"], result["compiled"]["graphs_after_warmup"]) == (0, 0)
+
+
+def test_compiled_per_token_slots_match_one_device(spmd_llama, one_device_logits):
+    _, result = spmd_llama
+    torch.testing.assert_close(
+        result["compiled"]["per_token_logits"], one_device_logits, atol=SPMD_ATOL, rtol=SPMD_RTOL
+    )
+
+
+def _expected_op_calls(scenario: str) -> collections.Counter:
+    """(op, first argument's shape, base's shape) of every LoRA op of one traced forward, on local shard shapes."""
+    devices, shape, names, dp_axis, fully = SCENARIOS[scenario]
+    config = _llama_config()
+    tp, dp = shape[-1], shape[0] if dp_axis else 1
+    tokens, hidden, inner = len(BATCH) * 8 // dp, config["hidden_size"], config["intermediate_size"]
+    rank = LORA_CONFIG["max_rank"]
+
+    def column(out: int) -> list[tuple]:
+        if fully:  # rank-split shrink, gathered, then the expand into the local columns
+            return [("shrink", (tokens, hidden), None), ("expand", (tokens, rank), (tokens, out // tp))]
+        return [("fused+metadata", (tokens, hidden), (tokens, out // tp))]
+
+    def row(inp: int) -> list[tuple]:
+        return [("fused+metadata", (tokens, inp // tp), (tokens, hidden))]
+
+    layer = 3 * column(hidden) + row(hidden) + 2 * column(inner) + row(inner)
+    head = column(config["vocab_size"])
+    embedding = [("expand", (tokens, rank), (tokens, hidden))]
+    return collections.Counter(config["num_hidden_layers"] * layer + head + embedding)
+
+
+def test_compiled_layers_run_fused_op_with_host_metadata_on_local_shapes(spmd_llama):
+    scenario, result = spmd_llama
+    calls = collections.Counter(
+        (op, shapes[0], shapes[3] if op.startswith("fused") else shapes[2] if op == "expand" else None)
+        for op, shapes in result["compiled"]["op_calls"]
+    )
+    expected = _expected_op_calls(scenario)
+    # torch_xla's dynamo bridge runs the captured graph a few times while tracing: the same ops each time.
+    passes = calls.total() // expected.total()
+    assert passes >= 1 and calls == collections.Counter({call: passes * n for call, n in expected.items()})
+
+
+def test_host_metadata_is_one_row_per_data_shard_split_over_the_data_axis(spmd_llama):
+    scenario, result = spmd_llama
+    _, shape, _, dp_axis, _ = SCENARIOS[scenario]
+    checks = result["compiled"]["metadata"]
+    assert checks
+    dp = shape[0] if dp_axis else 1
+    assert all(rows == dp and split and equal for (rows, _), split, equal in checks.values())
+
+
 # -- single layers on 4 devices: the collectives of their compiled HLO ---------------------------
 
 
@@ -330,6 +406,12 @@ def test_row_parallel_embedding_raises(one_device_mesh):
 def test_axis_not_in_mesh_raises(one_device_mesh):
     with pytest.raises(sharding.ShardingError, match=r"tp_axis 'tp' is not an axis of the mesh \(axes: \('model',\)\)"):
         sharding.plan_model(nn.Sequential(nn.Linear(4, 4)), {}, one_device_mesh, "tp")
+
+
+def test_placement_key_round_trips(one_device_mesh):
+    placement = sharding.LayerSharding(one_device_mesh, "model", "row", None, True)
+    rebuilt = sharding.LayerSharding.from_key(placement.key)
+    assert (rebuilt.key, rebuilt.mesh.axis_names, rebuilt.shards) == (placement.key, ("model",), 1)
 
 
 def test_failed_plan_leaves_model_unpatched(one_device_mesh):

@@ -371,6 +371,9 @@ class LoRAModel:
                         f"in {time.perf_counter() - start:.1f} s",
                         flush=True,
                     )
+            # Again, now that the buckets ran: on a mesh, a slot write after a torch.compile'd
+            # forward hashes to another graph than one before any forward (same HLO).
+            self.manager.warm_writes()
         finally:
             self.context.set(*saved)
         return counter.count

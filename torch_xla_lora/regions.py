@@ -41,7 +41,16 @@ def _local_metadata(p: LayerSharding, metadata: torch.Tensor | None) -> torch.Te
     """This data shard's row of the host-built metadata, [K]."""
     if metadata is None:
         return None
-    return p.enter(metadata, (p.data_axis, None)).reshape(-1)
+    return p.enter(metadata, (p.data_axis, None), placed=True).reshape(-1)
+
+
+def _enter_slots(p: LayerSharding, slots: torch.Tensor) -> torch.Tensor:
+    """Local slots: per-token slots arrive as device data placed by ``send_batch``,
+    per-row slots as their expansion to tokens (not yet sharded)."""
+    import torch_xla
+
+    placed = bool(torch_xla._XLAC._get_xla_sharding_spec(slots))
+    return p.enter(slots, (p.data_axis,), placed=placed)
 
 
 @torch.library.custom_op("xla_lora::sharded_linear", mutates_args=())
@@ -73,9 +82,9 @@ def sharded_linear(
     p = _placement(key)
     tokens, out_axis = p.data_axis, p.out_axis
     specs = p.lora_specs_linear()
-    idx = p.enter(lora_indices, (tokens,))
+    idx = _enter_slots(p, lora_indices)
     x, y = p.enter(inputs, (tokens, None)), p.enter(base, (tokens, out_axis))
-    a, b = p.enter(lora_a, specs["lora_a"]), p.enter(lora_b, specs["lora_b"])
+    a, b = p.enter(lora_a, specs["lora_a"], placed=True), p.enter(lora_b, specs["lora_b"], placed=True)
     rank_axis = specs["lora_a"][1]
     if rank_axis is None:
         out = torch.ops.xla_lora.bgmv_shrink_expand(x, a, b, y, idx, 1.0, backend, _local_metadata(p, metadata))
@@ -123,10 +132,10 @@ def sharded_row_linear(
     tokens = p.data_axis
     specs = p.lora_specs_linear()
     x = p.enter(inputs, (tokens, p.axis))
-    idx = p.enter(lora_indices, (tokens,))
-    w = p.enter(weight, (p.axis, None) if transposed else (None, p.axis))
+    idx = _enter_slots(p, lora_indices)
+    w = p.enter(weight, (p.axis, None) if transposed else (None, p.axis), placed=True)
     partial = x @ w if transposed else x @ w.T  # [N_local, out], the model's dtype
-    a, b = p.enter(lora_a, specs["lora_a"]), p.enter(lora_b, specs["lora_b"])
+    a, b = p.enter(lora_a, specs["lora_a"], placed=True), p.enter(lora_b, specs["lora_b"], placed=True)
     meta = _local_metadata(p, metadata)
     lora = torch.ops.xla_lora.bgmv_shrink_expand(x.to(a.dtype), a, b, partial.to(b.dtype), idx, 1.0, backend, meta)
     # Reduced in the model's dtype, as the base layer alone would be.
@@ -166,9 +175,9 @@ def sharded_embedding(
     vocab_axis = p.axis if p.kind == "vocab" else None
     shards = p.shards if vocab_axis else 1
     vocab, rank = weight.shape[0] // shards, lora_a.shape[2]  # rows per shard
-    idx = p.enter(lora_indices, (tokens,))
-    w = p.enter(weight, (vocab_axis, None))
-    a = p.enter(lora_a, (None, vocab_axis, None))  # [L, vocab_local, R]
+    idx = _enter_slots(p, lora_indices)
+    w = p.enter(weight, (vocab_axis, None), placed=True)
+    a = p.enter(lora_a, (None, vocab_axis, None), placed=True)  # [L, vocab_local, R]
     # This shard's first vocabulary row: the shard's element of an iota split over the axis.
     shard = p.enter(torch.arange(shards, dtype=torch.int32, device=ids.device), (vocab_axis,))
     local = p.enter(ids, (tokens,)).to(torch.int32) - shard * vocab  # [N_local]
@@ -177,7 +186,7 @@ def sharded_embedding(
     base = torch.where(inside, w.index_select(0, local), 0)  # [N_local, D]
     rows = idx.clamp(min=0) * vocab + local  # -1 slots add zero in expand
     s = torch.where(inside, a.reshape(-1, rank).index_select(0, rows), 0)  # [N_local, R]
-    b = p.enter(lora_b, (None, None, None))
+    b = p.enter(lora_b, (None, None, None), placed=True)
     partial = torch.ops.xla_lora.bgmv_expand(s, b, base.to(b.dtype), idx, True, backend)
     partial = partial.to(base.dtype)  # reduced in the model's dtype, as the base lookup alone would be
     if vocab_axis is None:

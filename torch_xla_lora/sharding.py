@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
+import torch_xla
 import torch_xla.distributed.spmd as xs
 from torch import nn
 
@@ -326,8 +327,16 @@ class LayerSharding:
 
     # -- inside the regions ------------------------------------------------------------------------
 
-    def enter(self, tensor: torch.Tensor, spec: Spec) -> torch.Tensor:
-        """The local shard of ``tensor`` split by ``spec``; ops on it are not partitioned."""
+    def enter(self, tensor: torch.Tensor, spec: Spec, placed: bool = False) -> torch.Tensor:
+        """The local shard of ``tensor`` split by ``spec``; ops on it are not partitioned.
+
+        ``placed``: ``tensor`` is device data already sharded by ``spec`` (a weight
+        or buffer marked by :meth:`apply`, slots or metadata sent by
+        :func:`send_batch`), so it is not marked again: marking device data
+        changes the input tensor itself, which a region should not do.
+        """
+        if placed:  # what xs.enable_manual_sharding does, without its mark_sharding
+            return torch_xla._XLAC._spmd_full_to_shard_shape(tensor)
         return xs.enable_manual_sharding(tensor, spec, mesh=self.mesh).global_tensor
 
     def leave(self, tensor: torch.Tensor, spec: Spec, shape: tuple[int, ...]) -> torch.Tensor:
@@ -380,18 +389,14 @@ def send_batch(
     Returns:
       (slots on the device, (N / dp, in, out) -> metadata on the device).
     """
-    import torch_xla.core.xla_model as xm
-
     from torch_xla_lora import ops
 
     placement = next(lay.tensor_parallel for lay in layers.values())
     by_shape = {lay.tensor_parallel.metadata_shape(lay): lay for lay in layers.values()}
     by_shape.pop(None, None)
     dp = placement.data_shards
-    rows = xs.ShardingSpec(placement.mesh, (placement.data_axis, None))
     split = per_token and len(slots) % dp == 0
-    spec = xs.ShardingSpec(placement.mesh, (placement.data_axis if split else None,))
-    sent_slots = xm.send_cpu_data_to_device([slots], device, input_sharding=spec)[0]
+    sent_slots = _send_split(slots, device, placement.mesh, (placement.data_axis if split else None,))
     if seq_len is None or not by_shape:
         return sent_slots, {}
     token_slots = slots.repeat_interleave(seq_len)
@@ -406,9 +411,20 @@ def send_batch(
     for shape, array in chunks[0].items():
         if id(array) not in sent:  # layers with the same plan share one array: send it once
             stacked = torch.stack([chunk[shape] for chunk in chunks])  # [dp, K]
-            sent[id(array)] = xm.send_cpu_data_to_device([stacked], device, input_sharding=rows)[0]
+            sent[id(array)] = _send_split(stacked, device, placement.mesh, (placement.data_axis, None))
         metadata[(len(token_slots) // dp, *shape)] = sent[id(array)]
     return sent_slots, metadata
+
+
+def _send_split(tensor: torch.Tensor, device, mesh: Mesh, spec: Spec) -> torch.Tensor:
+    """``tensor`` (host) on the mesh, split by ``spec``: one host-to-device transfer, nothing fetched back.
+
+    Marked before it is ever used, so the transfer is made sharded (torch_xla 2.9's
+    ``send_cpu_data_to_device`` fails on 1-D partially replicated specs).
+    """
+    out = tensor.to(device)
+    xs.mark_sharding(out, mesh, spec)
+    return out
 
 
 # -- the whole model -----------------------------------------------------------------------------
