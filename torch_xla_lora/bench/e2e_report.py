@@ -70,7 +70,10 @@ def document(config, grid: Sequence[dict], slots: Sequence[dict], check: dict, s
             # Other work on the machine adds noise to every number; this says how much there was.
             "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         },
-        "cache_check": {"max_abs_logits_diff": check, "met": all(v <= MAX_CACHE_ERROR for v in check.values())},
+        "cache_check": {
+            "max_abs_logits_diff": check,
+            "met": bool(check) and all(v <= MAX_CACHE_ERROR for v in check.values()),
+        },
         "grid": grid_json,
         "generation": [generation(point, out) for point in grid_json for out in config.out_lens],
         "slot_sweep": [{kind: cell.to_json() for kind, cell in point.items()} for point in slots],
@@ -162,6 +165,9 @@ def targets_text(result: dict) -> str:
             f"slots: {d['drift_pct']:+.1f} points: **{_met(d['met'])}**"
         )
     check = result["cache_check"]
+    if not check["max_abs_logits_diff"]:
+        lines.append("- cache check: not run (--skip-check)")
+        return "\n".join(lines)
     diffs = ", ".join(f"{k} {v:.1e}" for k, v in check["max_abs_logits_diff"].items())
     lines.append(
         f"- prefill + decode on a fresh static cache equals a full forward (max |logits diff| <= "
