@@ -97,12 +97,13 @@ def plot_slots(result: dict, path: Path) -> None:
     }
     fig, ax = plt.subplots(figsize=(3 + 1.2 * len(slots), 3.2), layout="constrained")
     values = list(rows.values())
-    image = _heatmap(ax, values, list(rows), slots, "slowdown vs slot count", _norm([v for r in values for v in r]))
     c = result["config"]
-    ax.set_xlabel(
-        f"slots (max_loras); decode {c['decode_batch']} requests interleaved, prefill {c['slot_batch']} x "
-        f"{c['slot_seq']}; {c['num_adapters']} adapters in use"
+    title = (
+        f"slowdown vs slots: decode {c['decode_batch']} requests interleaved,\n"
+        f"prefill {c['slot_batch']} x {c['slot_seq']}; {c['num_adapters']} adapters in use"
     )
+    image = _heatmap(ax, values, list(rows), slots, title, _norm([v for r in values for v in r]))
+    ax.set_xlabel("slots (max_loras)")
     fig.colorbar(image, ax=ax, label="slowdown vs base (%)")
     fig.savefig(path, dpi=100)
     plt.close(fig)
