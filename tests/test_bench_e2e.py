@@ -22,7 +22,7 @@ def test_quick_run_exits_zero(quick_run):
     assert quick_run[0] == 0
 
 
-@pytest.mark.parametrize("name", ["e2e.json", "e2e.md", "e2e_slowdown.png", "e2e_slots.png"])
+@pytest.mark.parametrize("name", ["e2e.json", "e2e.md", "e2e_generation.png", "e2e_steps.png", "e2e_slots.png"])
 def test_quick_run_writes(quick_run, name):
     path = quick_run[1] / name
     assert path.stat().st_size > 0
@@ -33,15 +33,25 @@ def test_quick_run_writes(quick_run, name):
 def test_quick_run_json_covers_grid_and_sweep(quick_run):
     result = json.loads((quick_run[1] / "e2e.json").read_text())
     config = e2e.E2EConfig.quick()
-    points = {(cell["batch"], cell["seq"]) for cell in result["grid"]}
+    points = {(p["prefill"]["batch"], p["decode"]["seq"]) for p in result["grid"]}
     assert points == {(b, s) for b in config.batch_sizes for s in config.seq_lens}
-    assert [cell["slots"] for cell in result["slot_sweep"]] == list(config.slot_counts)
-    for cell in result["grid"] + result["slot_sweep"]:
+    generations = {(g["batch"], g["seq"], g["out"]) for g in result["generation"]}
+    assert generations == {(b, s, o) for b, s in points for o in config.out_lens}
+    assert [p["decode"]["slots"] for p in result["slot_sweep"]] == list(config.slot_counts)
+    assert all(p["decode"]["batch"] == config.decode_batch for p in result["slot_sweep"])
+    for cell in [c for p in result["grid"] + result["slot_sweep"] for c in p.values()]:
         assert set(cell["tokens_per_s"]) == set(e2e.FORMULATIONS)
         assert all(rate > 0 for rate in cell["tokens_per_s"].values())
         assert len(cell["seconds"]["lora"]) == config.repeats
     assert result["recompiles_during_timing"] == 0
-    assert set(result["targets"]) == {"lora_slowdown", "third_of_onehot", "slot_drift"}
+    assert result["cache_check"]["met"]
+    assert set(result["targets"]) == {
+        "prefill_slowdown",
+        "decode_fewest_slots",
+        "decode_most_slots",
+        "decode_flat_in_slots",
+        "prefill_flat_in_slots",
+    }
     assert result["command"] == f"python -m torch_xla_lora.bench e2e --quick --out {quick_run[1]}"
 
 
@@ -91,32 +101,62 @@ def test_one_hot_gives_zero_rows_for_base_tokens():
     assert hot.tolist() == [[0, 0, 1], [0, 0, 0], [1, 0, 0]]
 
 
-def _cell(batch, seq, slots, base, lora, onehot):
-    rates = {"base": base, "lora": lora, "onehot": onehot}
-    return e2e.Cell(batch, seq, slots, rates, {f: [batch * seq / r] for f, r in rates.items()}, 0).to_json()
+def _cell(kind, slots, base, lora, onehot, batch=8, seq=8):
+    """A Cell whose formulations take the given seconds in one repetition."""
+    return e2e.Cell(kind, batch, seq, slots, {"base": [base], "lora": [lora], "onehot": [onehot]}, 0).to_json()
+
+
+def _result(grid=(), sweep=()):
+    return {"grid": list(grid), "slot_sweep": list(sweep), "cache_check": {"max_abs_logits_diff": {}, "met": True}}
+
+
+@pytest.mark.parametrize(("lora", "met"), [(1.04, True), (1.06, False)], ids=["4pct", "6pct"])
+def test_prefill_target_per_cell(lora, met):
+    point = {"prefill": _cell("prefill", 8, 1.0, lora, 1.1), "decode": _cell("decode", 8, 1.0, 1.0, 1.0)}
+    assert e2e_report.targets(_result(grid=[point]))["prefill_slowdown"]["met"] == met
+
+
+def _sweep(decode8, decode64):
+    """Slot sweep points (8 and 64 slots) from (lora, onehot) decode seconds, base 1.0; prefill flat."""
+    return [
+        {"decode": _cell("decode", slots, 1.0, *times), "prefill": _cell("prefill", slots, 1.0, 1.01, 1.1)}
+        for slots, times in ((8, decode8), (64, decode64))
+    ]
 
 
 @pytest.mark.parametrize(
-    ("lora", "onehot", "met"),
-    [(99.0, 80.0, True), (96.0, 90.0, False), (90.0, 95.0, False)],
-    ids=["both-met", "slowdown-over-a-third", "slowdown-over-5pct"],
+    ("decode8", "decode64", "expected"),
+    [
+        ((1.05, 1.05), (1.05, 1.5), (True, True, True)),
+        ((1.08, 1.05), (1.08, 1.5), (False, True, True)),  # 8 slots: 2.5 points over the one-hot's
+        ((1.02, 1.02), (1.06, 1.08), (True, False, False)),  # 64 slots: more than half the one-hot's, drifts
+    ],
+    ids=["all-met", "over-onehot-at-8", "over-half-at-64"],
 )
-def test_targets_per_cell(lora, onehot, met):
-    targets = e2e_report.targets({"grid": [_cell(1, 8, 8, 100.0, lora, onehot)], "slot_sweep": []})
-    assert (targets["lora_slowdown"]["met"] and targets["third_of_onehot"]["met"]) == met
+def test_decode_targets(decode8, decode64, expected):
+    t = e2e_report.targets(_result(sweep=_sweep(decode8, decode64)))
+    assert (
+        t["decode_fewest_slots"]["met"],
+        t["decode_most_slots"]["met"],
+        t["decode_flat_in_slots"]["met"],
+    ) == expected
 
 
-@pytest.mark.parametrize(("base64", "lora64", "met"), [(100.0, 98.0, True), (100.0, 95.0, False), (90.0, 88.2, True)])
-def test_slot_target_normalises_by_base(base64, lora64, met):
-    sweep = [_cell(8, 8, 8, 100.0, 98.0, 50.0), _cell(8, 8, 64, base64, lora64, 10.0)]
-    targets = e2e_report.targets({"grid": [sweep[0]], "slot_sweep": sweep})
-    assert targets["slot_drift"]["met"] == met
+def test_generation_is_prefill_plus_decode_steps():
+    point = {
+        "prefill": _cell("prefill", 8, 1.0, 1.1, 1.2, batch=2, seq=100),
+        "decode": _cell("decode", 8, 0.1, 0.11, 0.2, batch=2, seq=100),
+    }
+    g = e2e_report.generation(point, out_len=10)
+    assert g["seconds"] == pytest.approx({"base": 2.0, "lora": 2.2, "onehot": 3.2})
+    assert g["output_tokens_per_s"]["base"] == pytest.approx(2 * 10 / 2.0)
+    assert g["slowdown_pct"]["lora"] == pytest.approx(100 * (1 - 2.0 / 2.2))
 
 
 def test_slowdown_pairs_runs_of_one_repetition():
     """A machine twice as slow in the second repetition: the pairs still say 10%."""
     seconds = {"base": [1.0, 2.0, 1.0], "lora": [1.0 / 0.9, 2.0 / 0.9, 1.0 / 0.9]}
-    cell = e2e.Cell(1, 8, 8, {"base": 8.0, "lora": 7.2}, seconds, 0)
+    cell = e2e.Cell("prefill", 1, 8, 8, seconds, 0)
     assert cell.slowdown("lora") == pytest.approx(10.0)
 
 
@@ -130,7 +170,11 @@ def test_dispatcher_names_a_missing_benchmark(monkeypatch, capsys):
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("grouping", "gpu", "grouping must be 'host' or 'device'"), ("repeats", 0, "repeats must be at least 1")],
+    [
+        ("grouping", "gpu", "grouping must be 'host' or 'device'"),
+        ("repeats", 0, "repeats must be at least 1"),
+        ("decode_steps", 0, "decode_steps must be at least 1"),
+    ],
 )
 def test_config_rejects(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -174,14 +174,16 @@ def _tensors(num_tokens, hidden, rank, num_slots, out_dim, seed=0):
     return x, a, b, torch.randn(num_tokens, out_dim, generator=g)
 
 
-# The XLA-native backend's paths for blocks that mix adapters: one block (laned:
-# adapters side by side, one or several chunks of lanes) and several blocks
-# (rows sorted by slot). A sample of the shapes, not a product.
+# The XLA-native backend's paths for blocks that mix adapters: laned (adapters
+# side by side; one block, or several while the batch's adapters fill at most 2
+# chunks of lanes) and sorted rows (several blocks, more adapters). A sample of
+# the shapes, not a product.
 MIXING = [
     (20, 256, 16, 64, 8, False),  # one block, 8 adapters in one chunk of 8 lanes
     (20, 256, 64, 8, 8, True),  # one block, rank 64: 2 lanes, 4 chunks
-    (200, 256, 16, 64, 8, True),  # several blocks: sorted rows
-    (300, 128, 16, 12, 12, False),  # several blocks, 12 adapters, T not a multiple of the block
+    (200, 256, 16, 64, 8, True),  # several blocks, laned
+    (200, 256, 16, 64, 24, True),  # several blocks, 24 adapters: 3 chunks, sorted
+    (300, 128, 64, 12, 12, False),  # several blocks, rank 64: 6 chunks, sorted; T not a multiple of the block
 ]
 
 
@@ -200,9 +202,9 @@ def test_interleaved_adapters_xla(num_tokens, hidden, rank, num_slots, in_use, w
     assert torch.equal(out[idx < 0], base[idx < 0])
 
 
-@pytest.mark.parametrize("num_tokens", [20, 200], ids=["one-block", "several-blocks"])
-def test_unused_slot_holding_inf_leaves_base_rows_exact(num_tokens, xla_device):
-    x, a, b, base = _tensors(num_tokens, 128, 16, 9, 128)
+@pytest.mark.parametrize(("num_tokens", "rank"), [(20, 16), (200, 16), (200, 64)], ids=["one-block", "laned", "sorted"])
+def test_unused_slot_holding_inf_leaves_base_rows_exact(num_tokens, rank, xla_device):
+    x, a, b, base = _tensors(num_tokens, 128, rank, 9, 128)
     a[8], b[8] = float("inf"), float("nan")  # slot 8 is never used
     idx = _interleaved(num_tokens, 8, 8, with_base=True)
     out = tl.bgmv_shrink_expand(*(t.to(xla_device) for t in (x, a, b, base, idx)), 1.0, "xla").cpu()

@@ -123,11 +123,11 @@ def test_ops_do_not_mutate_arguments(xla_device):
         assert torch.equal(base_d.cpu(), base)
 
 
-@pytest.mark.parametrize("num_tokens", [24, 300], ids=["one-block", "several-blocks"])
-def test_interleaved_adapters_shrink_then_expand_xla(num_tokens, xla_device):
+@pytest.mark.parametrize(("num_tokens", "rank"), [(24, 16), (300, 16), (300, 64)], ids=["one-block", "laned", "sorted"])
+def test_interleaved_adapters_shrink_then_expand_xla(num_tokens, rank, xla_device):
     """Decode layout (token t on adapter t mod 8, every 4th token base), an unused slot full of Inf."""
-    x, a, _, g = _case((num_tokens, 256, 16, 9), torch.float32)
-    b, base = torch.randn(9, 16, 192, generator=g), torch.randn(num_tokens, 192, generator=g)
+    x, a, _, g = _case((num_tokens, 256, rank, 9), torch.float32)
+    b, base = torch.randn(9, rank, 192, generator=g), torch.randn(num_tokens, 192, generator=g)
     a[8], b[8] = float("inf"), float("inf")
     idx = (torch.arange(num_tokens) % 8).to(torch.int32)
     idx[::4] = -1

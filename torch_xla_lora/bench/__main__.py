@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS = {
-    "e2e": ("torch_xla_lora.bench.e2e", "prefill throughput of a Llama with and without LoRA, heatmaps"),
+    "e2e": ("torch_xla_lora.bench.e2e", "whole generation (prefill + decode) with and without LoRA, heatmaps"),
     "kernels": ("torch_xla_lora.bench.kernels", "wall clock of the BGMV formulations, side by side"),
     "model": ("torch_xla_lora.bench.model", "the kernels' TPU cost model"),
     "moe": ("torch_xla_lora.bench.moe", "LoRA slowdown of a small MoE model (expert LoRA) next to a dense one"),

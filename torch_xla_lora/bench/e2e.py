@@ -1,27 +1,38 @@
-"""End-to-end benchmark: prefill throughput of a Llama with and without LoRA.
+"""End-to-end benchmark: whole generation (prefill + decode with a KV cache) of a Llama with and without LoRA.
 
-``python -m torch_xla_lora.bench e2e`` measures, on one model:
+``python -m torch_xla_lora.bench e2e`` measures, on one random-weight Llama
+with transformers' ``StaticCache``, three formulations side by side:
 
-- a grid of (batch size, input length): tokens/s of one prefill forward with
-  no adapter set (base), with a different adapter per request through this
-  library's layers (LoRA), and with the same layers' LoRA ops swapped for the
-  one-hot einsum formulation (vLLM's TPU end state, :func:`onehot_formulation`);
-- a sweep of slot counts (``max_loras``): the same batch and the same adapters
-  with more device slots.
+- base: no adapter set (``lora.clear_batch()``);
+- LoRA: every request of a batch on another adapter, through this library's layers;
+- one-hot: the same layers with their LoRA ops swapped for vLLM's TPU one-hot
+  einsums (:func:`~torch_xla_lora.bench.e2e_model.onehot_formulation`).
 
-Timing is device time only: each step is traced in lazy mode, compiled once
-during warm-up, then run ``repeats`` times with a sync after each; the time of
-a run is torch_xla's ``ExecuteTime`` metric (the executions of the step), the
-wall time from sync to ``wait_device_ops`` if the metric is missing. The
-formulations run back to back within each repetition (in a rotating order),
-so a change in machine load hits them alike. Throughput is tokens over the
-median time; slowdown = 1 - LoRA / base throughput, in percent, taken per
-repetition (the two runs of one repetition) and then the median over
-repetitions: on a shared machine whose speed drifts between repetitions,
-that pairing keeps the drift out of the ratio.
+Three parts:
 
-Results go to ``--out`` (default ``bench_out/``): ``e2e.json``, ``e2e.md``
-(the tables) and PNG heatmaps (:mod:`torch_xla_lora.bench.e2e_report`).
+- the generation grid: for every (batch size, input length), the prefill
+  forward (cache written, last position's logits) and a decode step (one token
+  per request, the cache as long as the input plus the longest output) are
+  timed; a generation of ``out`` tokens takes prefill + out x decode step
+  (a static cache has the same shapes at every position, so every decode
+  step runs the same graph); throughput and slowdown per (batch, input,
+  output length);
+- the slot sweep: the decode step of ``decode_batch`` requests whose
+  ``num_adapters`` adapters interleave row by row, and a prefill of
+  ``slot_batch`` x ``slot_seq``, with each number of device slots
+  (``max_loras``);
+- a correctness check on fresh caches: prefill then one decode step equals a
+  full forward without cache, for LoRA and for the one-hot formulation.
+
+Each timed step is the host's batch update (``set_batch``, or
+``clear_batch`` for base: the serving loop does it every step) plus the
+device's execution (torch_xla's ``ExecuteTime``; tracing is excluded, as
+under ``torch.compile``). The formulations run in turn within each
+repetition, in a rotating order; a slowdown is taken per repetition (the runs
+of one repetition against each other) and then the median, which keeps a
+shared machine's drift out of the ratio. Results go to ``--out`` (default
+``bench_out/``): ``e2e.json``, ``e2e.md`` and PNG heatmaps
+(:mod:`torch_xla_lora.bench.e2e_report`).
 """
 
 from __future__ import annotations
@@ -33,34 +44,34 @@ import os
 import statistics
 import sys
 import time
-import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from torch_xla_lora.bench.e2e_model import _one_hot, build_model, onehot_formulation, patch  # noqa: F401
+
 FORMULATIONS = ("base", "lora", "onehot")
-_LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
 class E2EConfig:
-    """What to measure. Defaults: the real run (Llama, hidden 2048, float32); see :meth:`quick`.
+    """What to measure. Defaults: the CPU run (about 15 minutes); see :meth:`quick` and :meth:`full`.
 
     Attributes:
       hidden, intermediate, layers, heads, kv_heads, vocab: the Llama (TinyLlama's widths).
       rank: LoRA rank of every adapter, on every linear layer of the decoder.
       num_adapters: distinct adapters; request i of a batch uses adapter i mod num_adapters.
-      seq_lens, batch_sizes: the grid (prefill input lengths, requests per batch).
-      slot_counts: ``max_loras`` values of the slot sweep, run at (slot_batch, slot_seq).
+      seq_lens, out_lens, batch_sizes: the generation grid (input lengths, output lengths, requests).
+      decode_batch: requests of the slot sweep's decode step (adapters interleaved row by row).
+      slot_counts: ``max_loras`` values of the slot sweep; slot_batch x slot_seq: its prefill.
       repeats: timed runs per formulation and cell (after one warm-up run each).
+      decode_steps: decode steps timed per run (their mean is the run's step time).
       backend: the library's op backend ("auto", "xla", "pallas").
-      grouping: "host": batches are set with ``set_batch(names, seq_len)``, which
-        builds the kernels' token grouping on the host (the serving path when
-        the input length is known; host time is not device time, so it is not
-        counted); "device": ``set_batch(names)``, each layer groups on the device.
-      base_fusion: LoRAConfig.base_fusion: "auto", "on" or "off".
+      grouping: "host": ``set_batch(names, seq_len)`` builds the kernels' token
+        grouping on the host; "device": ``set_batch(names)``, each layer groups on the device.
+      check: run the cache correctness check first.
     """
 
     hidden: int = 2048
@@ -72,23 +83,33 @@ class E2EConfig:
     rank: int = 16
     num_adapters: int = 8
     seq_lens: tuple[int, ...] = (128, 256, 512, 1024, 2048)
-    batch_sizes: tuple[int, ...] = (1, 2)  # 4 would take the CPU run past 15 minutes
+    out_lens: tuple[int, ...] = (16, 64, 256)
+    batch_sizes: tuple[int, ...] = (1, 4)
+    decode_batch: int = 32
     slot_counts: tuple[int, ...] = (8, 16, 32, 64)
     slot_batch: int = 8
     slot_seq: int = 128
-    repeats: int = 7
+    repeats: int = 3
+    decode_steps: int = 3
     backend: str = "auto"
     grouping: str = "host"
-    base_fusion: str = "auto"
     seed: int = 0
+    check: bool = True
 
     def __post_init__(self) -> None:
         if min(self.slot_counts, default=self.num_adapters) < self.num_adapters:
             raise ValueError(f"slot_counts {self.slot_counts} must all be at least num_adapters={self.num_adapters}")
         if self.repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {self.repeats}")
+        if self.decode_steps < 1:
+            raise ValueError(f"decode_steps must be at least 1, got {self.decode_steps}")
         if self.grouping not in ("host", "device"):
             raise ValueError(f"grouping must be 'host' or 'device', got {self.grouping!r}")
+
+    @property
+    def max_cache_len(self) -> int:
+        """Positions the model must support: the longest input plus the longest output."""
+        return max(*self.seq_lens, self.slot_seq) + max(self.out_lens, default=1)
 
     @classmethod
     def quick(cls) -> E2EConfig:
@@ -96,145 +117,65 @@ class E2EConfig:
         return cls(
             hidden=64,
             intermediate=128,
-            layers=1,
             heads=4,
             kv_heads=2,
             vocab=128,
             rank=4,
             seq_lens=(16, 32),
-            batch_sizes=(1, 2),
+            out_lens=(4, 8),
+            batch_sizes=(2,),
+            decode_batch=8,
             slot_counts=(8, 16),
-            slot_batch=8,
             slot_seq=8,
             repeats=2,
+            decode_steps=1,
         )
+
+    @classmethod
+    def full(cls) -> E2EConfig:
+        """The whole grid (batch sizes 1, 4, 16; 5 repetitions): about an hour on a 2-core CPU."""
+        return cls(batch_sizes=(1, 4, 16), repeats=5)
 
 
 @dataclasses.dataclass
 class Cell:
-    """Throughput (tokens/s) of each formulation at one (batch, seq, slots) point."""
+    """Time of one step kind ("prefill" or "decode") per formulation at one (batch, seq, slots) point.
 
+    ``seq`` is the input length (for decode: the tokens already in the cache);
+    ``seconds[f][r]``: the step time of formulation f in repetition r.
+    """
+
+    kind: str
     batch: int
     seq: int
     slots: int
-    tokens_per_s: dict[str, float]
-    seconds: dict[str, list[float]]  # every timed run, per formulation
+    seconds: dict[str, list[float]]
     recompiles: int  # compilations during the timed runs (should be 0)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens a step processes."""
+        return self.batch * self.seq if self.kind == "prefill" else self.batch
+
+    @property
+    def tokens_per_s(self) -> dict[str, float]:
+        return {f: self.tokens / statistics.median(s) for f, s in self.seconds.items()}
 
     def slowdown(self, formulation: str) -> float:
         """Percent of base throughput lost, 100 * (1 - formulation / base): median over repetitions of the pair."""
-        pairs = zip(self.seconds["base"], self.seconds[formulation], strict=True)
-        return 100.0 * (1.0 - statistics.median(base / other for base, other in pairs))
+        return slowdown(self.seconds["base"], self.seconds[formulation])
 
     def to_json(self) -> dict:
         return {
             **dataclasses.asdict(self),
-            "slowdown_pct": {f: self.slowdown(f) for f in self.tokens_per_s if f != "base"},
+            "tokens_per_s": self.tokens_per_s,
+            "slowdown_pct": {f: self.slowdown(f) for f in self.seconds if f != "base"},
         }
 
 
-# -- the one-hot einsum formulation ----------------------------------------------------------------
-
-
-def _one_hot(slots: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
-    """[T] int32 slots -> [T, L] one-hot; a slot outside [0, L) (e.g. -1, base) is an all-zero row."""
-    return (slots[:, None] == torch.arange(num_slots, dtype=slots.dtype, device=slots.device)).to(dtype)
-
-
-def _onehot_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A LoRA linear layer's forward as vLLM's TPU einsums: every token against every slot's factors.
-
-    Semantics (per token t, one-hot row h_t over the L slots):
-      s[t] = sum_X h_t[X] * A[X] @ x[t]          einsum("td,tX,Xrd->tr")
-      y[t] = base(x)[t] + sum_X h_t[X] * s[t] @ B[X]   einsum("tr,tX,Xrd->td")
-    The cost is O(T * L * R * D): it grows with the number of slots L.
-    ``lora_b`` spans every output slice, so one expand also covers fused QKV / gate_up.
-    """
-    y = layer.base_layer(x)
-    slots = layer.context.token_slots(x)
-    if slots is None:
-        return y
-    x2 = x.reshape(-1, layer.in_features)  # [T, D]
-    hot = _one_hot(slots, layer.lora_a.shape[0], x2.dtype)  # [T, L]
-    s = torch.einsum("td,tX,Xrd->tr", x2, hot, layer.lora_a)  # [T, R]
-    delta = torch.einsum("tr,tX,Xrd->td", s, hot, layer.lora_b)  # [T, Dout]
-    return y + delta.reshape(y.shape).to(y.dtype)
-
-
-@contextlib.contextmanager
-def onehot_formulation(lora) -> Iterator[None]:
-    """Within the block, every LoRA linear layer of ``lora`` (a LoRAModel) runs :func:`_onehot_forward`.
-
-    The swap is an instance attribute on each layer, removed on exit; library
-    code is untouched. Trace (call the model) inside the block.
-
-    Raises:
-      TypeError: the model has a LoRA layer that is not a linear kind (e.g. embeddings).
-    """
-    from torch_xla_lora.layers import LinearWithLoRA
-
-    layers = list(lora.layers.values())
-    for layer in layers:
-        if not isinstance(layer, LinearWithLoRA):
-            raise TypeError(f"onehot_formulation supports linear LoRA layers only, got {type(layer).__name__}")
-    for layer in layers:
-        layer.forward = types.MethodType(_onehot_forward, layer)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
-# -- model and adapters ----------------------------------------------------------------------------
-
-
-def build_model(config: E2EConfig, device: torch.device) -> nn.Module:
-    """A random-weight float32 ``LlamaForCausalLM`` in eval mode on ``device``."""
-    import transformers
-
-    torch.manual_seed(config.seed)
-    llama = transformers.LlamaConfig(
-        vocab_size=config.vocab,
-        hidden_size=config.hidden,
-        intermediate_size=config.intermediate,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        num_key_value_heads=config.kv_heads,
-        max_position_embeddings=max(4096, max(config.seq_lens)),
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(llama).eval().to(device)
-
-
-def random_adapter(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> tuple[dict, dict]:
-    """A PEFT-format (state dict, config) of rank ``rank`` on every module of ``shapes`` (name -> (in, out))."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, (fan_in, fan_out) in shapes.items():
-        state[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
-        state[f"base_model.model.{name}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) / rank**0.5
-    return state, {"r": rank, "lora_alpha": rank, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in shapes})}
-
-
-def patch(model: nn.Module, config: E2EConfig, slots: int):
-    """Patch every linear layer of the decoder with ``slots`` slots; load the adapters; return the handle."""
-    import torch_xla_lora as tl
-
-    lora_config = tl.LoRAConfig(
-        max_loras=slots,
-        max_rank=config.rank,
-        target_modules=_LINEAR_TARGETS,
-        max_cpu_adapters=max(slots, config.num_adapters),
-        backend=config.backend,
-        base_fusion={"auto": "auto", "on": True, "off": False}[config.base_fusion],
-    )
-    lora = tl.patch_model(model, lora_config)
-    shapes = {name: (layer.in_features, layer.out_features) for name, layer in lora.layers.items()}
-    for number in range(config.num_adapters):
-        state, adapter_config = random_adapter(shapes, config.rank, config.seed + 1 + number)
-        lora.load_adapter(f"adapter{number}", state_dict=state, config=adapter_config)
-    return lora
+def slowdown(base: Sequence[float], other: Sequence[float]) -> float:
+    """100 * (1 - median over repetitions of base time / other time)."""
+    return 100.0 * (1.0 - statistics.median(b / o for b, o in zip(base, other, strict=True)))
 
 
 # -- timing ----------------------------------------------------------------------------------------
@@ -247,81 +188,134 @@ def _execute_ns() -> int:
     return int(data[1]) if data else 0
 
 
-def device_seconds(run: Callable[[], torch.Tensor]) -> float:
-    """Device seconds of one step: trace ``run`` (untimed), then sync and wait for the device.
+def step_seconds(prepare: Callable[[], None], forward: Callable[[], torch.Tensor]) -> float:
+    """Host seconds of ``prepare()`` plus device seconds of ``forward()`` (traced untimed, then synced).
 
     The output is kept alive until the sync: a lazy graph whose outputs are
-    dropped is never executed.
+    dropped is never executed. Without an ``ExecuteTime`` metric the device
+    part is the wall time from sync to ``wait_device_ops``.
     """
     import torch_xla
     import torch_xla.core.xla_model as xm
 
     with torch.no_grad():
-        out = run()
+        start = time.perf_counter()
+        prepare()
+        host = time.perf_counter() - start
+        out = forward()
         before_ns, start = _execute_ns(), time.perf_counter()
         torch_xla.sync()
         xm.wait_device_ops()
-    wall = time.perf_counter() - start
+        wall = time.perf_counter() - start
     del out
     executed = (_execute_ns() - before_ns) / 1e9
-    return executed if executed > 0 else wall
+    return host + (executed if executed > 0 else wall)
 
 
-def _step(lora, model: nn.Module, ids: torch.Tensor, formulation: str, names: Sequence[str], grouping: str):
-    """A closure running one prefill forward of ``formulation``; only the last position's logits are kept."""
-    seq_len = ids.shape[1] if grouping == "host" else None
+def device_seconds(run: Callable[[], torch.Tensor]) -> float:
+    """Device seconds of one step of ``run`` (no host preparation)."""
+    return step_seconds(lambda: None, run)
 
-    def run() -> torch.Tensor:
-        if formulation == "base":
-            lora.clear_batch()
-        else:
-            lora.set_batch(names, seq_len=seq_len)
-        swap = onehot_formulation(lora) if formulation == "onehot" else contextlib.nullcontext()
+
+# -- steps -----------------------------------------------------------------------------------------
+
+
+class _Steps:
+    """Prefill and decode closures of one (batch, input length) with one static cache, per formulation."""
+
+    def __init__(self, lora, model: nn.Module, batch: int, seq: int, cache_len: int, config: E2EConfig) -> None:
+        import transformers
+
+        device = lora.device
+        g = torch.Generator().manual_seed(config.seed + batch * 100_003 + seq)
+        self.lora, self.model, self.seq, self.grouping = lora, model, seq, config.grouping
+        self.ids = torch.randint(0, config.vocab, (batch, seq), generator=g).to(device)
+        self.next_ids = torch.randint(0, config.vocab, (batch, 1), generator=g).to(device)
+        self.names = [f"adapter{i % config.num_adapters}" for i in range(batch)]
+        self.cache = transformers.StaticCache(config=model.config, max_cache_len=cache_len)
+        self.prefill_positions = torch.arange(seq, device=device)
+        self.decode_position = torch.tensor([seq], device=device)
+
+    def prepare(self, formulation: str, seq_len: int) -> Callable[[], None]:
+        # The one-hot einsums read only the slots: they get no host-built grouping to pay for.
+        host_grouping = self.grouping == "host" and formulation == "lora"
+
+        def run() -> None:
+            if formulation == "base":
+                self.lora.clear_batch()
+            else:
+                self.lora.set_batch(self.names, seq_len=seq_len if host_grouping else None)
+
+        return run
+
+    def _forward(self, formulation: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        swap = onehot_formulation(self.lora) if formulation == "onehot" else contextlib.nullcontext()
         with swap:
-            return model(ids, logits_to_keep=1).logits  # prefill: serving needs the last position only
+            out = self.model(
+                ids, past_key_values=self.cache, cache_position=positions, use_cache=True, logits_to_keep=1
+            )
+        return out.logits
 
-    return run
+    def prefill(self, formulation: str) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
+        return self.prepare(formulation, self.seq), lambda: self._forward(formulation, self.ids, self.prefill_positions)
+
+    def decode(self, formulation: str) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
+        # A static cache runs the same graph at every position: repeating the
+        # step at one position times every step of the generation.
+        return self.prepare(formulation, 1), lambda: self._forward(formulation, self.next_ids, self.decode_position)
 
 
-def measure(lora, model: nn.Module, batch: int, seq: int, config: E2EConfig, formulations: Sequence[str]) -> Cell:
-    """Warm up and time every formulation at one (batch, seq); interleaved, rotating the order per repetition."""
+def _rotations(formulations: Sequence[str], repeats: int):
+    for repeat in range(repeats):
+        shift = repeat % len(formulations)
+        yield list(formulations[shift:]) + list(formulations[:shift])
+
+
+def measure(steps: _Steps, kinds: Sequence[str], config: E2EConfig, formulations: Sequence[str] = FORMULATIONS):
+    """Warm up and time each step kind of ``steps``: {kind: Cell}, the formulations in rotating order."""
     import torch_xla_lora as tl
 
-    g = torch.Generator().manual_seed(config.seed + batch * 100_003 + seq)
-    ids = torch.randint(0, config.vocab, (batch, seq), generator=g).to(lora.device)
-    names = [f"adapter{i % config.num_adapters}" for i in range(batch)]
-    runs = {f: _step(lora, model, ids, f, names, config.grouping) for f in formulations}
-    for run in runs.values():  # warm-up: one compilation each
-        device_seconds(run)
-    seconds: dict[str, list[float]] = {f: [] for f in formulations}
+    closures = {(k, f): getattr(steps, k)(f) for k in kinds for f in formulations}
+    for _ in range(2):  # warm-up, the only compilations: the first run also builds the cache's buffers
+        for prepare, forward in closures.values():
+            step_seconds(prepare, forward)
     counter = tl.CompileCounter()
-    for repeat in range(config.repeats):
-        order = list(formulations[repeat % len(formulations) :]) + list(formulations[: repeat % len(formulations)])
+    seconds = {k: {f: [] for f in formulations} for k in kinds}
+    for order in _rotations(formulations, config.repeats):
         for f in order:
-            seconds[f].append(device_seconds(runs[f]))
-    lora.clear_batch()
-    tokens = batch * seq
-    rates = {f: tokens / statistics.median(seconds[f]) for f in formulations}
-    return Cell(batch, seq, lora.config.max_loras, rates, seconds, counter.count)
+            for k in kinds:
+                runs = config.decode_steps if k == "decode" else 1
+                seconds[k][f].append(statistics.mean(step_seconds(*closures[k, f]) for _ in range(runs)))
+    steps.lora.clear_batch()
+    batch, slots = len(steps.names), steps.lora.config.max_loras
+    return {k: Cell(k, batch, steps.seq, slots, seconds[k], counter.count) for k in kinds}
+
+
+# -- the three parts -------------------------------------------------------------------------------
 
 
 def _progress(message: str, start: float) -> None:
     print(f"[{time.perf_counter() - start:6.0f} s] {message}", flush=True)
 
 
-def run_grid(model: nn.Module, config: E2EConfig, start: float) -> list[Cell]:
-    """Every (batch, seq) of the grid, with ``num_adapters`` slots."""
+def _rates(cell: Cell) -> str:
+    tps = cell.tokens_per_s
+    return f"base {tps['base']:,.0f} tok/s, LoRA {cell.slowdown('lora'):+.1f}%, one-hot {cell.slowdown('onehot'):+.1f}%"
+
+
+def run_grid(model: nn.Module, config: E2EConfig, start: float) -> list[dict[str, Cell]]:
+    """Prefill and decode cells of every (batch, input length), with ``num_adapters`` slots."""
     lora = patch(model, config, config.num_adapters)
     cells = []
     try:
         points = [(b, s) for b in config.batch_sizes for s in config.seq_lens]
         for number, (batch, seq) in enumerate(points, 1):
-            cell = measure(lora, model, batch, seq, config, FORMULATIONS)
+            steps = _Steps(lora, model, batch, seq, seq + max(config.out_lens), config)
+            cell = measure(steps, ("prefill", "decode"), config)
             cells.append(cell)
             _progress(
-                f"grid {number}/{len(points)}: batch {batch} x seq {seq}: "
-                + ", ".join(f"{f} {cell.tokens_per_s[f]:,.0f} tok/s" for f in FORMULATIONS)
-                + f"; LoRA slowdown {cell.slowdown('lora'):+.1f}%, one-hot {cell.slowdown('onehot'):+.1f}%",
+                f"grid {number}/{len(points)}: batch {batch} x input {seq}: prefill {_rates(cell['prefill'])}; "
+                f"decode {_rates(cell['decode'])}",
                 start,
             )
     finally:
@@ -329,27 +323,55 @@ def run_grid(model: nn.Module, config: E2EConfig, start: float) -> list[Cell]:
     return cells
 
 
-def run_slot_sweep(model: nn.Module, config: E2EConfig, start: float) -> list[Cell]:
-    """The same batch and adapters at (slot_batch, slot_seq), patched with each slot count in turn."""
+def run_slot_sweep(model: nn.Module, config: E2EConfig, start: float) -> list[dict[str, Cell]]:
+    """Per slot count: the decode step of ``decode_batch`` interleaved requests and a prefill of ``slot_batch``."""
     cells = []
     for slots in config.slot_counts:
         lora = patch(model, config, slots)
         try:
-            cell = measure(lora, model, config.slot_batch, config.slot_seq, config, FORMULATIONS)
+            decode = _Steps(lora, model, config.decode_batch, config.slot_seq, config.max_cache_len, config)
+            prefill = _Steps(lora, model, config.slot_batch, config.slot_seq, config.max_cache_len, config)
+            cell = {**measure(decode, ("decode",), config), **measure(prefill, ("prefill",), config)}
         finally:
             lora.unpatch()
         cells.append(cell)
-        _progress(
-            f"slots {slots}: batch {config.slot_batch} x seq {config.slot_seq}: "
-            f"LoRA {cell.tokens_per_s['lora']:,.0f} tok/s ({cell.slowdown('lora'):+.1f}%), "
-            f"one-hot {cell.tokens_per_s['onehot']:,.0f} tok/s ({cell.slowdown('onehot'):+.1f}%)",
-            start,
-        )
+        _progress(f"slots {slots}: decode {_rates(cell['decode'])}; prefill {_rates(cell['prefill'])}", start)
     return cells
 
 
+def check_cache(model: nn.Module, config: E2EConfig) -> dict[str, float]:
+    """Max |logits difference| of prefill + one decode step (fresh cache) against one full forward, per formulation.
+
+    Four requests on distinct adapters (one on the base model), 16 input tokens.
+    """
+    import torch_xla
+    import transformers
+
+    lora = patch(model, config, config.num_adapters)
+    errors = {}
+    try:
+        steps = _Steps(lora, model, 4, 16, 32, config)
+        steps.names[-1] = None
+        whole = torch.cat([steps.ids, steps.next_ids], dim=1)
+        for formulation in ("lora", "onehot"):
+            steps.cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+            swap = onehot_formulation(lora) if formulation == "onehot" else contextlib.nullcontext()
+            with torch.no_grad():
+                for prepare, forward in (steps.prefill(formulation), steps.decode(formulation)):
+                    prepare()
+                    cached = forward()
+                    torch_xla.sync()
+                lora.set_batch(steps.names)
+                with swap:
+                    full = model(whole, logits_to_keep=1).logits
+            errors[formulation] = float((cached.cpu() - full.cpu()).abs().max())
+    finally:
+        lora.unpatch()
+    return errors
+
+
 def run(config: E2EConfig, out_dir: Path, command: str = "") -> dict:
-    """Run the grid and the slot sweep, write the results to ``out_dir``; return the JSON document."""
+    """Run the check, the grid and the slot sweep; write the results to ``out_dir``; return the JSON document."""
     import torch_xla
 
     from torch_xla_lora.bench import e2e_report
@@ -363,9 +385,13 @@ def run(config: E2EConfig, out_dir: Path, command: str = "") -> dict:
         start,
     )
     model = build_model(config, device)
+    check = {}
+    if config.check:
+        check = check_cache(model, config)
+        _progress("cached decode vs full forward, max |logits diff|: " + str(check), start)
     grid = run_grid(model, config, start)
     slots = run_slot_sweep(model, config, start)
-    result = e2e_report.document(config, grid, slots, time.perf_counter() - start, command)
+    result = e2e_report.document(config, grid, slots, check, time.perf_counter() - start, command)
     paths = e2e_report.write(result, out_dir)
     print()
     print(e2e_report.markdown(result))
@@ -374,33 +400,42 @@ def run(config: E2EConfig, out_dir: Path, command: str = "") -> dict:
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[E2EConfig, Path]:
-    """The command line: ``--quick`` or the real run, with overrides."""
+    """The command line: ``--quick``, the default run or ``--full``, with overrides."""
     parser = argparse.ArgumentParser(prog="python -m torch_xla_lora.bench e2e", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model and grid (the test suite's)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny model and grid (the test suite's)")
+    size.add_argument("--full", action="store_true", help="batch sizes 1, 4, 16 and 5 repetitions (about an hour)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output directory (default bench_out/)")
-    parser.add_argument("--layers", type=int, help="decoder layers")
-    parser.add_argument("--hidden", type=int, help="hidden size")
-    parser.add_argument("--intermediate", type=int, help="MLP size")
-    parser.add_argument("--heads", type=int, help="attention heads")
-    parser.add_argument("--kv-heads", type=int, dest="kv_heads", help="key/value heads")
-    parser.add_argument("--vocab", type=int, help="vocabulary size")
-    parser.add_argument("--rank", type=int, help="LoRA rank")
-    parser.add_argument("--adapters", type=int, dest="num_adapters", help="distinct adapters")
+    ints = {
+        "layers": "decoder layers",
+        "hidden": "hidden size",
+        "intermediate": "MLP size",
+        "heads": "attention heads",
+        "kv-heads": "key/value heads",
+        "vocab": "vocabulary size",
+        "rank": "LoRA rank",
+        "adapters": "distinct adapters",
+        "decode-batch": "requests of the slot sweep's decode step",
+        "slot-batch": "batch size of the slot sweep's prefill",
+        "slot-seq": "input length of the slot sweep",
+        "repeats": "timed runs per formulation and cell",
+        "decode-steps": "decode steps timed per run",
+        "seed": "random seed",
+    }
+    for flag, help_text in ints.items():
+        dest = "num_adapters" if flag == "adapters" else flag.replace("-", "_")
+        parser.add_argument(f"--{flag}", type=int, dest=dest, help=help_text)
     parser.add_argument("--seq-lens", type=_ints, dest="seq_lens", help="input lengths, e.g. 128,256")
+    parser.add_argument("--out-lens", type=_ints, dest="out_lens", help="output lengths, e.g. 16,64")
     parser.add_argument("--batch-sizes", type=_ints, dest="batch_sizes", help="batch sizes, e.g. 1,4")
     parser.add_argument("--slots", type=_ints, dest="slot_counts", help="slot counts of the sweep, e.g. 8,64")
-    parser.add_argument("--slot-batch", type=int, dest="slot_batch", help="batch size of the slot sweep")
-    parser.add_argument("--slot-seq", type=int, dest="slot_seq", help="input length of the slot sweep")
-    parser.add_argument("--repeats", type=int, help="timed runs per formulation and cell")
     parser.add_argument("--backend", choices=("auto", "xla", "pallas"), help="op backend")
     parser.add_argument("--grouping", choices=("host", "device"), help="where the token grouping is built")
-    parser.add_argument(
-        "--base-fusion", choices=("auto", "on", "off"), dest="base_fusion", help="LoRAConfig.base_fusion"
-    )
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--skip-check", dest="check", action="store_const", const=False, help="no cache check")
     args = vars(parser.parse_args(argv))
-    quick, out = args.pop("quick"), args.pop("out")
-    base = E2EConfig.quick() if quick else E2EConfig()
+    quick, full, out = args.pop("quick"), args.pop("full"), args.pop("out")
+    # (--skip-check stores False; absent, None keeps the default)
+    base = E2EConfig.quick() if quick else E2EConfig.full() if full else E2EConfig()
     return dataclasses.replace(base, **{k: v for k, v in args.items() if v is not None}), out
 
 
@@ -409,11 +444,12 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m torch_xla_lora.bench e2e``; 0 when every run completed without recompiling."""
+    """Entry point of ``python -m torch_xla_lora.bench e2e``; 0 when nothing recompiled and the check passed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     config, out_dir = parse_args(argv)
     result = run(config, out_dir, " ".join(["python -m torch_xla_lora.bench e2e", *argv]))
-    return 0 if result["recompiles_during_timing"] == 0 else 1
+    checked = result["cache_check"]["met"] or not config.check
+    return 0 if result["recompiles_during_timing"] == 0 and checked else 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ ratios to the floor, since the machine is shared and noisy:
 - onehot: the one-hot einsum over every slot (vLLM's TPU formulation);
 - floor: one dense matmul of the same tokens by a single adapter.
 
+Batches (``case``): "N in use" = N requests of contiguous tokens (prefill);
+"N interleaved" = token t on request t mod N (decode: every row another
+request); "every slot in use" = L contiguous requests (the worst prefill).
+
 Two op kinds: ``shrink`` ([T, D] -> [T, R]) and ``layer`` (shrink + expand
 added to a base output, the fused op; gather is left out there: its [T, R,
 Dout] gathered weights do not fit in memory at large T).
@@ -28,12 +32,30 @@ from collections.abc import Callable, Sequence
 import torch
 
 FORMULATIONS = ("ours", "gather", "onehot", "floor")
+LAYOUTS = ("contiguous", "interleaved", "every")
 
 
-def batch_indices(num_tokens: int, num_slots: int, in_use: int) -> torch.Tensor:
-    """Slots of ``in_use`` contiguous requests (prefill layout), spread over the ``num_slots`` slots."""
-    request = torch.arange(num_tokens) * in_use // num_tokens
+def batch_indices(num_tokens: int, num_slots: int, in_use: int, interleaved: bool = False) -> torch.Tensor:
+    """Slots of ``in_use`` requests spread over the ``num_slots`` slots.
+
+    Contiguous (prefill layout: each request's tokens together) or, with
+    ``interleaved``, token t on request t mod ``in_use`` (decode layout).
+    """
+    tokens = torch.arange(num_tokens)
+    request = tokens % in_use if interleaved else tokens * in_use // num_tokens
     return (request * (num_slots // in_use)).to(torch.int32)
+
+
+def _cases(num_tokens: int, num_slots: int, in_use: int, layouts: Sequence[str]) -> dict[str, torch.Tensor]:
+    used = min(in_use, num_slots, num_tokens)
+    cases = {}
+    if "contiguous" in layouts:
+        cases[f"{used} in use"] = batch_indices(num_tokens, num_slots, used)
+    if "interleaved" in layouts:
+        cases[f"{used} interleaved"] = batch_indices(num_tokens, num_slots, used, interleaved=True)
+    if "every" in layouts and num_slots > in_use:
+        cases["every slot in use"] = batch_indices(num_tokens, num_slots, min(num_slots, num_tokens))
+    return cases
 
 
 def _shrink_formulations(x, a, idx) -> dict[str, Callable[[], torch.Tensor]]:
@@ -68,26 +90,49 @@ def _layer_formulations(x, a, b, base, idx) -> dict[str, Callable[[], torch.Tens
     }
 
 
-def time_device(fn: Callable[[], torch.Tensor], repeats: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn`` on the XLA device, each call synchronised, after ``warmup`` calls."""
+def _once(fn: Callable[[], torch.Tensor]) -> float:
     import torch_xla
     import torch_xla.core.xla_model as xm
 
-    def once() -> float:
-        start = time.perf_counter()
-        out = fn()
-        torch_xla.sync()
-        xm.wait_device_ops()
-        del out
-        return time.perf_counter() - start
+    start = time.perf_counter()
+    out = fn()
+    torch_xla.sync()
+    xm.wait_device_ops()
+    del out
+    return time.perf_counter() - start
 
-    for _ in range(warmup):
-        once()
-    return statistics.median(once() for _ in range(repeats))
+
+def time_device(fn: Callable[[], torch.Tensor], repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn`` on the XLA device, each call synchronised, after ``warmup`` calls."""
+    return time_side_by_side({"fn": fn}, repeats, warmup)["fn"]
+
+
+def time_side_by_side(fns: dict[str, Callable[[], torch.Tensor]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each function, the functions run in turn within each repetition.
+
+    On a shared machine whose speed drifts, running them in turn (rather than
+    all repetitions of one, then the next) keeps the drift out of the ratios.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            _once(fn)
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            seconds[name].append(_once(fn))
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def run(
-    tokens: Sequence[int], slots: Sequence[int], hidden: int, rank: int, in_use: int, repeats: int, progress=print
+    tokens: Sequence[int],
+    slots: Sequence[int],
+    hidden: int,
+    rank: int,
+    in_use: int,
+    repeats: int,
+    progress=print,
+    layouts: Sequence[str] = LAYOUTS,
+    ops: Sequence[str] = ("shrink", "layer"),
 ) -> list[dict]:
     """One row per (op, T, L, case): seconds per formulation and ratios to the floor."""
     import torch_xla
@@ -101,18 +146,15 @@ def run(
         for num_slots in slots:
             a = torch.randn(num_slots, rank, hidden, generator=g) / hidden**0.5
             b = torch.randn(num_slots, rank, hidden, generator=g) / rank**0.5
-            cases = {f"{in_use} in use": min(in_use, num_slots)}
-            if num_slots > in_use:
-                cases["every slot in use"] = num_slots
-            for case, used in cases.items():
-                idx = batch_indices(num_tokens, num_slots, min(used, num_tokens))
+            for case, idx in _cases(num_tokens, num_slots, in_use, layouts).items():
                 dev = [t.to(device) for t in (x, a, b, base, idx)]
-                ops = {
-                    "shrink": _shrink_formulations(dev[0], dev[1], dev[4]),
-                    "layer": _layer_formulations(*dev),
+                kinds = {
+                    "shrink": lambda dev=dev: _shrink_formulations(dev[0], dev[1], dev[4]),
+                    "layer": lambda dev=dev: _layer_formulations(*dev),
                 }
-                for op, formulations in ops.items():
-                    times = {name: time_device(fn, repeats) for name, fn in formulations.items()}
+                for op in ops:
+                    formulations = kinds[op]()
+                    times = time_side_by_side(formulations, repeats)
                     row = {"op": op, "T": num_tokens, "L": num_slots, "case": case, "seconds": times}
                     row["ratio_to_floor"] = {k: v / times["floor"] for k, v in times.items()}
                     rows.append(row)
@@ -123,17 +165,25 @@ def run(
 def _format_row(row: dict) -> str:
     ratios = "  ".join(f"{k} {row['ratio_to_floor'][k]:5.2f}x" for k in FORMULATIONS if k in row["ratio_to_floor"])
     floor_ms = row["seconds"]["floor"] * 1e3
-    return f"{row['op']:6s} T={row['T']:5d} L={row['L']:3d} {row['case']:18s} floor {floor_ms:7.3f} ms  {ratios}"
+    vs_onehot = row["seconds"]["ours"] / row["seconds"]["onehot"]
+    return (
+        f"{row['op']:6s} T={row['T']:5d} L={row['L']:3d} {row['case']:18s} floor {floor_ms:7.3f} ms  {ratios}"
+        f"  ours/onehot {vs_onehot:5.2f}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torch_xla_lora.bench kernels", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--slots", type=int, nargs="+", default=[8, 16, 64])
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--in-use", type=int, default=8, help="distinct adapters per batch")
+    parser.add_argument(
+        "--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS), help="batch layouts (default: all)"
+    )
+    parser.add_argument("--ops", nargs="+", choices=("shrink", "layer"), default=["shrink", "layer"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
@@ -143,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch_xla_lora as tl
 
     print(f"device: {tl.ops.device_generation()}; D={args.hidden} R={args.rank}; times are medians of {args.repeats}")
-    rows = run(args.tokens, args.slots, args.hidden, args.rank, args.in_use, args.repeats)
+    rows = run(
+        args.tokens, args.slots, args.hidden, args.rank, args.in_use, args.repeats, layouts=args.layouts, ops=args.ops
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)

@@ -16,23 +16,26 @@ A batch whose blocks mix adapters (decode: every row another request) would
 cost one block-sized product per extra visit, so the ops choose at run time
 (``lax.cond`` on device values, one compiled graph):
 
-- one token block that mixes adapters: *laned*, as the TPU kernel does: the
-  batch's distinct adapters are taken ``lanes`` at a time and their A (B)
-  tiles packed side by side, so one [T, D] x [D, lanes * R] shrink and one
+- *laned*, as the TPU kernel does: the batch's distinct adapters are taken
+  ``lanes`` at a time (``lanes * R`` = 128 columns) and their A (B) tiles
+  packed side by side, so one [T, D] x [D, lanes * R] shrink and one
   [T, lanes * R] x [lanes * R, Dout] expand serve ``lanes`` adapters, each
-  token keeping its own lane (select);
-- several blocks with more extra visits than blocks: *sorted*: the rows are
-  permuted so each slot's tokens are together (a stable sort by slot, built on
-  the host with the batch metadata when there is one), the direct algorithm
-  runs on the sorted rows (almost every block then uses one adapter) and the
-  result rows are permuted back;
-- otherwise (prefill): the direct algorithm as is.
+  token keeping its own lane (select). Used for a single token block that
+  mixes adapters (decode), and for several mixing blocks while the batch's
+  distinct adapters fill at most ``MAX_LANED_CHUNKS`` chunks;
+- *sorted*, for several mixing blocks with more distinct adapters: the rows
+  are permuted so each slot's tokens are together (a stable sort by slot,
+  built on the host with the batch metadata when there is one), the direct
+  algorithm runs on the sorted rows (almost every block then uses one
+  adapter) and the result rows are permuted back;
+- otherwise (prefill, blocks with at most one extra visit on average): the
+  direct algorithm as is.
 
 Rows whose index is outside [0, L) get exactly the base (or zero): every
 adapter product is *selected* into the result, never multiplied by a mask, so
 an unused slot holding Inf or NaN cannot leak into them. The cost is
 O(T * R * D) plus one block-sized product per adapter boundary, whatever the
-number of slots L.
+number of slots L (laned: O(T * D * lanes * R) per chunk of distinct adapters).
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ from torch_xla_lora.kernels.visits import Visits
 # Adapter ranks packed side by side in one laned product: a 128-wide column
 # block keeps XLA:CPU's matmul on full vector tiles at small ranks.
 LANE_COLUMNS = 128
+# Several blocks that mix adapters go laned while the batch's distinct adapters
+# fill at most this many chunks of lanes, sorted by slot beyond.
+MAX_LANED_CHUNKS = 2
 
 
 class _Plan(NamedTuple):
@@ -212,23 +218,27 @@ def _lane_keep(lanes: _Lanes, c, rank: int) -> tuple[jax.Array, jax.Array]:
     return column_lane[None, :] == local[:, None], (local >= 0) & (local < lanes.lanes)
 
 
-def _laned_shrink(rows, lora_a, indices, *, scaling):
+def _chunks(lanes: _Lanes, body, acc: jax.Array) -> jax.Array:
+    """``body`` over every chunk; the first outside the loop (a batch rarely needs a second), where
+    XLA:CPU runs its matmuls faster than in a loop body. With no chunk at all it selects nothing."""
+    return lax.fori_loop(1, lanes.chunks, body, body(0, acc))
+
+
+def _laned_shrink(rows, lora_a, lanes, *, scaling):
     (x,) = rows
-    num_slots, rank, _ = lora_a.shape
-    lanes = _lanes(indices, num_slots, rank)
+    rank = lora_a.shape[1]
 
     def body(c, acc):
         y = jnp.dot(x, _chunk(lora_a, lanes, c).T, preferred_element_type=jnp.float32) * scaling
         keep, _ = _lane_keep(lanes, c, rank)
         return acc + jnp.where(keep, y, 0.0).reshape(x.shape[0], lanes.lanes, rank).sum(axis=1)
 
-    return lax.fori_loop(0, lanes.chunks, body, jnp.zeros((x.shape[0], rank), jnp.float32))
+    return _chunks(lanes, body, jnp.zeros((x.shape[0], rank), jnp.float32))
 
 
-def _laned_expand(rows, lora_b, indices, *, add_inputs):
+def _laned_expand(rows, lora_b, lanes, *, add_inputs):
     s, base = rows
-    num_slots, rank, _ = lora_b.shape
-    lanes = _lanes(indices, num_slots, rank)
+    rank = lora_b.shape[1]
     wide = jnp.tile(s, (1, lanes.lanes))
 
     def body(c, acc):
@@ -237,14 +247,13 @@ def _laned_expand(rows, lora_b, indices, *, add_inputs):
         return _select(row, acc + y, acc)
 
     start = base.astype(jnp.float32) if add_inputs else jnp.zeros(base.shape, jnp.float32)
-    return lax.fori_loop(0, lanes.chunks, body, start)
+    return _chunks(lanes, body, start)
 
 
-def _laned_shrink_expand(rows, weights, indices, *, scaling):
+def _laned_shrink_expand(rows, weights, lanes, *, scaling):
     x, base = rows
     lora_a, lora_b = weights
-    num_slots, rank, _ = lora_b.shape
-    lanes = _lanes(indices, num_slots, rank)
+    rank = lora_b.shape[1]
 
     def body(c, acc):
         keep, row = _lane_keep(lanes, c, rank)
@@ -252,7 +261,7 @@ def _laned_shrink_expand(rows, weights, indices, *, scaling):
         y = jnp.where(keep, y, 0.0).astype(lora_b.dtype)
         return _select(row, acc + jnp.dot(y, _chunk(lora_b, lanes, c), preferred_element_type=jnp.float32), acc)
 
-    return lax.fori_loop(0, lanes.chunks, body, base.astype(jnp.float32))
+    return _chunks(lanes, body, base.astype(jnp.float32))
 
 
 # -- the choice ----------------------------------------------------------------------------------------
@@ -265,6 +274,7 @@ def sort_order(indices: jax.Array) -> jax.Array:
 
 def _grouped(
     rows: Sequence[jax.Array],
+    weight_shape: tuple[int, ...],  # [L, R, ...]
     indices: jax.Array,
     visits: Visits,
     block_tokens: int,
@@ -272,12 +282,16 @@ def _grouped(
     laned: Callable,
     order: jax.Array | None,
 ) -> jax.Array:
-    """Run ``direct(rows, indices, plan)``, or its laned or sorted form when the blocks mix adapters."""
+    """``direct(rows, indices, plan)``; when blocks mix adapters ``laned(rows, lanes)``, or direct on sorted rows."""
     num_blocks = indices.shape[0] // block_tokens
     plan = _plan(visits, num_blocks)
-    as_given = lambda: direct(rows, indices, plan)  # noqa: E731
-    if num_blocks == 1:
-        return lax.cond(plan.num_extra == 0, as_given, lambda: laned(rows, indices))
+    lanes = _lanes(indices, weight_shape[0], weight_shape[1])
+
+    def as_given():
+        return direct(rows, indices, plan)
+
+    def side_by_side():
+        return laned(rows, lanes)
 
     def by_slot():
         perm = sort_order(indices) if order is None else order
@@ -286,8 +300,13 @@ def _grouped(
         out = direct([r[perm] for r in rows], sorted_indices, _sorted_plan(sorted_indices, block_tokens))
         return out[inverse]
 
-    # More extra visits than blocks: the permutation (two passes over the rows) costs less than the visits.
-    return lax.cond(plan.num_extra > num_blocks, by_slot, as_given)
+    if num_blocks == 1:
+        return lax.cond(plan.num_extra == 0, as_given, side_by_side)
+    # Mixing: more extra visits than blocks. Laned costs a [T, D] x [D, lanes * R]
+    # product per chunk; sorting costs about two such chunks (row permutations).
+    mixing = plan.num_extra > num_blocks
+    branch = jnp.where(mixing, jnp.where(lanes.chunks <= MAX_LANED_CHUNKS, 1, 2), 0)
+    return lax.switch(branch, [as_given, side_by_side, by_slot])
 
 
 def shrink(
@@ -305,10 +324,10 @@ def shrink(
     def direct(rows, idx, plan):
         return _direct_shrink(rows, lora_a, idx, plan, scaling=scaling, block_tokens=block_tokens)
 
-    def laned(rows, idx):
-        return _laned_shrink(rows, lora_a, idx, scaling=scaling)
+    def laned(rows, lanes):
+        return _laned_shrink(rows, lora_a, lanes, scaling=scaling)
 
-    return _grouped([x], indices, visits, block_tokens, direct, laned, order).astype(x.dtype)
+    return _grouped([x], lora_a.shape, indices, visits, block_tokens, direct, laned, order).astype(x.dtype)
 
 
 def expand(
@@ -327,11 +346,11 @@ def expand(
     def direct(rows, idx, plan):
         return _direct_expand(rows, lora_b, idx, plan, add_inputs=add_inputs, block_tokens=block_tokens)
 
-    def laned(rows, idx):
-        return _laned_expand(rows, lora_b, idx, add_inputs=add_inputs)
+    def laned(rows, lanes):
+        return _laned_expand(rows, lora_b, lanes, add_inputs=add_inputs)
 
     rows = [s.astype(lora_b.dtype), base]
-    return _grouped(rows, indices, visits, block_tokens, direct, laned, order).astype(base.dtype)
+    return _grouped(rows, lora_b.shape, indices, visits, block_tokens, direct, laned, order).astype(base.dtype)
 
 
 def shrink_expand(
@@ -352,7 +371,8 @@ def shrink_expand(
     def direct(rows, idx, plan):
         return _direct_shrink_expand(rows, weights, idx, plan, scaling=scaling, block_tokens=block_tokens)
 
-    def laned(rows, idx):
-        return _laned_shrink_expand(rows, weights, idx, scaling=scaling)
+    def laned(rows, lanes):
+        return _laned_shrink_expand(rows, weights, lanes, scaling=scaling)
 
-    return _grouped([x, base], indices, visits, block_tokens, direct, laned, order).astype(base.dtype)
+    rows = [x, base]
+    return _grouped(rows, lora_b.shape, indices, visits, block_tokens, direct, laned, order).astype(base.dtype)
