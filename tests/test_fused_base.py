@@ -211,3 +211,32 @@ def test_fused_base_beats_separate_per_layer(chip, num_tokens):
     indices = (np.arange(num_tokens) * 8 // num_tokens).astype(np.int32)
     costs = tpu_model.layer_costs(tpu_model.CHIPS[chip], indices, rank=16, num_slots=128)
     assert costs["base"] < costs["fused"] < costs["separate"]
+
+
+# --- torch.compile --------------------------------------------------------------------------------------------
+
+
+def test_compiled_op_matches_reference_without_recompile(xla_device):
+    import torch_xla
+    import torch_xla.debug.metrics as met
+
+    x, w, b, a, lb, _ = _operands(24, 128, 256, 8, 3, torch.float32, "out_in", True, seed=2)
+    dev = [t.to(xla_device) for t in (x, w, b, a, lb)]
+
+    def step(x, w, b, a, lb, idx):
+        return torch.ops.xla_lora.linear_lora(x, w, b, a, lb, idx, 1.0, "out_in", "auto", None)
+
+    compiled = torch.compile(step, backend="openxla")
+
+    def indices(seed):
+        return torch.randint(-1, 3, (24,), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
+
+    met.clear_all()
+    assert_close(compiled(*dev, indices(0).to(xla_device)), reference.linear_lora(x, w, b, a, lb, indices(0)))
+    torch_xla.sync()
+    compiles = met.metric_data("CompileTime")[0]
+    for seed in (1, 2):  # new index values, same shapes
+        out = compiled(*dev, indices(seed).to(xla_device))
+        assert_close(out, reference.linear_lora(x, w, b, a, lb, indices(seed)))
+    torch_xla.sync()
+    assert met.metric_data("CompileTime")[0] == compiles, "new index values must not compile a new graph"

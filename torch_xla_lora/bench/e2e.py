@@ -105,6 +105,8 @@ class E2EConfig:
             raise ValueError(f"decode_steps must be at least 1, got {self.decode_steps}")
         if self.grouping not in ("host", "device"):
             raise ValueError(f"grouping must be 'host' or 'device', got {self.grouping!r}")
+        if self.base_fusion not in ("auto", "on", "off"):
+            raise ValueError(f"base_fusion must be 'auto', 'on' or 'off', got {self.base_fusion!r}")
 
     @property
     def max_cache_len(self) -> int:
