@@ -160,7 +160,8 @@ def metadata_size(
 ) -> int:
     """Length of the packed metadata the fused op expects for these shapes (see :func:`batch_metadata`)."""
     sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
-    return visits.packed_size(sizes.padded_tokens(num_tokens), num_slots, sizes.tokens, lanes)
+    padded = sizes.padded_tokens(num_tokens)
+    return visits.packed_size(padded, num_slots, sizes.tokens, lanes) + padded  # + the tokens' order by slot
 
 
 def batch_metadata(slots, layer_shapes, rank: int, num_slots: int, dtype: str, generation: str) -> dict:
