@@ -71,6 +71,7 @@ class E2EConfig:
       backend: the library's op backend ("auto", "xla", "pallas").
       grouping: "host": ``set_batch(names, seq_len)`` builds the kernels' token
         grouping on the host; "device": ``set_batch(names)``, each layer groups on the device.
+      base_fusion: LoRAConfig.base_fusion: "auto", "on" or "off".
       check: run the cache correctness check first.
     """
 
@@ -93,6 +94,7 @@ class E2EConfig:
     decode_steps: int = 3
     backend: str = "auto"
     grouping: str = "host"
+    base_fusion: str = "auto"
     seed: int = 0
     check: bool = True
 
@@ -433,6 +435,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[E2EConfig, Path]:
     parser.add_argument("--slots", type=_ints, dest="slot_counts", help="slot counts of the sweep, e.g. 8,64")
     parser.add_argument("--backend", choices=("auto", "xla", "pallas"), help="op backend")
     parser.add_argument("--grouping", choices=("host", "device"), help="where the token grouping is built")
+    parser.add_argument(
+        "--base-fusion", choices=("auto", "on", "off"), dest="base_fusion", help="LoRAConfig.base_fusion"
+    )
     parser.add_argument("--skip-check", dest="check", action="store_const", const=False, help="no cache check")
     args = vars(parser.parse_args(argv))
     quick, full, out = args.pop("quick"), args.pop("full"), args.pop("out")

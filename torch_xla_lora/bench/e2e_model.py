@@ -112,6 +112,7 @@ def patch(model: nn.Module, config: E2EConfig, slots: int):
         target_modules=LINEAR_TARGETS,
         max_cpu_adapters=max(slots, config.num_adapters),
         backend=config.backend,
+        base_fusion={"auto": "auto", "on": True, "off": False}[config.base_fusion],
     )
     lora = tl.patch_model(model, lora_config)
     shapes = {name: (layer.in_features, layer.out_features) for name, layer in lora.layers.items()}
