@@ -156,3 +156,18 @@ def test_fused_lowers_to_mosaic(num_tokens, rank, num_slots, out_dim, generation
     ]
     module = jax_export.export(jax.jit(fn), platforms=["tpu"])(*shapes).mlir_module()
     assert "tpu_custom_call" in module
+
+
+@pytest.mark.parametrize(("hidden", "out_dim"), [(576, 192), (1000, 256)])
+def test_widths_not_lane_aligned_with_host_metadata(hidden, out_dim, xla_device):
+    """Widths the fused kernel cannot DMA on TPU run shrink then expand, fed by the same host metadata."""
+    assert not fused.plan_call(40, hidden, out_dim, 16, 6, jnp.float32, "cpu")[2]
+    g = torch.Generator().manual_seed(3)
+    x, base = torch.randn(40, hidden, generator=g), torch.randn(40, out_dim, generator=g)
+    a = torch.randn(6, 16, hidden, generator=g) / math.sqrt(hidden)
+    b = torch.randn(6, 16, out_dim, generator=g) / 4
+    idx = torch.randint(-1, 6, (40,), generator=g, dtype=torch.int32)
+    meta = tl.ops.batch_metadata(idx, [(hidden, out_dim)], 16, 6, torch.float32)[(hidden, out_dim)]
+    args = [t.to(xla_device) for t in (x, a, b, base, idx)]
+    out = tl.bgmv_shrink_expand(*args, 0.5, "pallas", meta.to(xla_device))
+    assert_close(out.cpu(), reference.bgmv_shrink_expand(x, a, b, base, idx, 0.5))
