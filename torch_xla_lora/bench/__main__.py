@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m torch_xla_lora.bench {e2e,kernels,model,warmup} [options]``.
+"""Benchmarks: ``python -m torch_xla_lora.bench {e2e,kernels,model,warmup,tpu_compile} [options]``.
 
 Each command is a module of this package with a ``main(argv) -> int``;
 ``python -m torch_xla_lora.bench COMMAND --help`` lists its options.
@@ -17,6 +17,7 @@ COMMANDS = {
     "kernels": ("torch_xla_lora.bench.kernels", "wall clock of the BGMV formulations, side by side"),
     "model": ("torch_xla_lora.bench.model", "the kernels' TPU cost model"),
     "warmup": ("torch_xla_lora.bench.warmup", "warm-up time and compilations against the number of slots"),
+    "tpu_compile": ("torch_xla_lora.bench.tpu_compile", "compile every Pallas kernel with libtpu, no TPU needed"),
 }
 
 
