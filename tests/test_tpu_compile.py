@@ -49,18 +49,19 @@ def test_worker_compiles_with_the_pinned_libtpu(compiled):
     assert compiled.libtpu == _pinned_libtpu()
 
 
-@pytest.mark.parametrize("chip", ["v5e", "v6e"])
-def test_jax_default_ir_version_needs_the_pin(chip):
-    """Without the pin jax 0.7.1 writes Mosaic IR 8: libtpu < 0.0.23 refuses it, so the ops pin 7."""
-    config = tpu_grid.Config(chip, "fused", "host_metadata", "bfloat16", 8, 4, 16, "llama3-8b", "k_proj", 4096, 1024)
-    pinned, unpinned = (tpu_compile.run([config], pin_ir_version=pin) for pin in (True, False))
-    assert pinned.results[0]["ok"], pinned.results[0].get("error")
-    version = tuple(int(part) for part in unpinned.libtpu.split("."))
-    if version < (0, 0, 23):
-        assert not unpinned.results[0]["ok"]
-        assert "expected <= 7 but got 8" in unpinned.results[0]["error"]
+def test_jax_default_ir_version_needs_the_pin():
+    """Without the pin jax 0.7.1 writes Mosaic IR 8: libtpu < 0.0.23 refuses it, so the ops pin 7.
+
+    The same configuration compiled with the pin is part of the sample above.
+    """
+    (config,) = [c for c in SAMPLE if c.chip == "v6e" and c.kernel == "fused" and c.variant == "host_metadata"][:1]
+    unpinned = tpu_compile.run([config], pin_ir_version=False)
+    (result,) = unpinned.results
+    if tuple(int(part) for part in unpinned.libtpu.split(".")) < (0, 0, 23):
+        assert not result["ok"]
+        assert "expected <= 7 but got 8" in result["error"]
     else:
-        assert unpinned.results[0]["ok"], unpinned.results[0].get("error")
+        assert result["ok"], result.get("error")
 
 
 @pytest.mark.parametrize("kernel", [entry.name for entry in tpu_grid.KERNELS])
