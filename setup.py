@@ -22,8 +22,15 @@ INSTALL_REQUIRES = [
     "transformers>=5,<6",
 ]
 
+# libtpu: the release torch_xla 2.9.0's own `tpu` extra pins (its TPU runtime is
+# built against it). It reads Mosaic IR up to version 7, which the kernels are
+# written at (csrc_pallas/mosaic_version.py). The tests use its compiler without
+# a TPU (tests/test_tpu_compile.py), so the test extra installs it too.
+LIBTPU = "libtpu==0.0.21"
+
 EXTRAS_REQUIRE = {
     "test": [
+        LIBTPU,
         "pytest",
         "safetensors",
         "hypothesis",
@@ -31,7 +38,7 @@ EXTRAS_REQUIRE = {
         "matplotlib",  # tests/test_bench_e2e.py runs the benchmark, which draws its heatmaps
     ],
     "bench": ["matplotlib"],
-    "tpu": ["libtpu==0.0.21"],
+    "tpu": ["torch_xla[tpu]==2.9.0", LIBTPU],
 }
 
 setup(

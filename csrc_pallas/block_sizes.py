@@ -51,6 +51,16 @@ class BlockSizes:
         return -(-max(num_tokens, 1) // self.tokens) * self.tokens
 
 
+def known(generation: str) -> str:
+    """``generation`` if the tuning table has it, else "v4" (the smallest VMEM)."""
+    return generation if generation in tuning.TOKEN_BLOCKS else "v4"
+
+
+def vmem_limit(generation: str) -> int:
+    """The scoped VMEM limit (bytes) kernels declare and plans budget against on ``generation``."""
+    return tuning.VMEM_LIMIT_BYTES[known(generation)]
+
+
 def _tile(dim: int, max_tile: int) -> int:
     if dim <= max_tile:
         return dim
@@ -63,11 +73,10 @@ def _tile(dim: int, max_tile: int) -> int:
 def choose(num_tokens: int, hidden_dim: int, out_dim: int, generation: str = "cpu") -> BlockSizes:
     """Block sizes for ``num_tokens`` tokens from the tuning table of ``generation``.
 
-    ``generation`` is a key of :data:`tuning.TOKEN_BLOCKS` ("v5e", "v6e", "cpu");
-    unknown generations use the v5e table, the most conservative in VMEM.
+    ``generation`` is a key of :data:`tuning.TOKEN_BLOCKS` ("v4", "v5e", "v5p",
+    "v6e", "cpu"); unknown generations use the v4 table, the most conservative in VMEM.
     """
-    if generation not in tuning.TOKEN_BLOCKS:
-        generation = "v5e"
+    generation = known(generation)
     tokens = tuning.TOKEN_BLOCKS[generation][-1][1]
     for max_tokens, block in tuning.TOKEN_BLOCKS[generation]:
         if max_tokens is None or num_tokens <= max_tokens:
@@ -80,3 +89,8 @@ def choose(num_tokens: int, hidden_dim: int, out_dim: int, generation: str = "cp
     )
     sizes.check(hidden_dim, out_dim)
     return sizes
+
+
+def typical_adapters(num_tokens: int, num_slots: int, block_tokens: int, per_block: int = 1) -> int:
+    """Distinct adapters a typical batch touches, for cost estimates: ``per_block`` per token block, at most L."""
+    return min(num_slots, max(1, num_tokens // block_tokens) * per_block)

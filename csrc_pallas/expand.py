@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .block_sizes import BlockSizes
+from .block_sizes import BlockSizes, typical_adapters
 from .visits import Visits, visit_flags
 
 
@@ -54,7 +54,25 @@ def _expand_kernel(
         o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("add_inputs", "block_sizes", "interpret"))
+def cost_estimate(
+    num_tokens: int, rank: int, out_dim: int, num_slots: int, block_tokens: int, add_inputs: bool, itemsize: int
+):
+    """Typical cost for XLA's scheduler: one visit per token block (each block's tokens share an
+    adapter, as in prefill); the grid length is data-dependent, so this is not a bound.
+
+    Per output tile, reads the [T, R] input and the visited adapters' B tile, the base when
+    ``add_inputs``, and writes the output.
+    """
+    adapters = typical_adapters(num_tokens, num_slots, block_tokens)
+    tiles = num_tokens * out_dim * (2 if add_inputs else 1)
+    return pl.CostEstimate(
+        flops=2 * num_tokens * rank * out_dim,
+        transcendentals=0,
+        bytes_accessed=(num_tokens * rank + adapters * rank * out_dim + tiles) * itemsize + 4 * num_tokens,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("add_inputs", "block_sizes", "interpret", "vmem_limit_bytes"))
 def expand(
     s: jax.Array,  # [T_pad, R]
     lora_b: jax.Array,  # [L, R, Dout]
@@ -65,8 +83,12 @@ def expand(
     add_inputs: bool,
     block_sizes: BlockSizes,
     interpret: bool,
+    vmem_limit_bytes: int | None = None,
 ) -> jax.Array:  # [T_pad, Dout], base.dtype
-    """Pallas expand over prepared visits; shapes must already be tile-aligned."""
+    """Pallas expand over prepared visits; shapes must already be tile-aligned.
+
+    ``vmem_limit_bytes``: the generation's scoped VMEM limit (None: Mosaic's default).
+    """
     num_tokens, rank = s.shape
     out_dim = lora_b.shape[2]
     bt, bn = block_sizes.tokens, block_sizes.out
@@ -101,7 +123,12 @@ def expand(
         functools.partial(_expand_kernel, add_inputs=add_inputs),
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((num_tokens, out_dim), base.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("arbitrary", "arbitrary"), vmem_limit_bytes=vmem_limit_bytes
+        ),
+        cost_estimate=cost_estimate(
+            num_tokens, rank, out_dim, lora_b.shape[0], bt, add_inputs, jnp.dtype(base.dtype).itemsize
+        ),
         interpret=interpret,
         name="xla_lora_bgmv_expand",
     )(visits.block, visits.slot, visits.count, *operands)

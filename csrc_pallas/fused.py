@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from . import tuning
-from .block_sizes import BlockSizes, choose
+from .block_sizes import BlockSizes, choose, known, typical_adapters, vmem_limit
 from .visits import LaneBlocks, max_chunks
 
 
@@ -45,8 +45,19 @@ def rank_stride(rank: int, dtype) -> int:
 
 def lanes_for(rank: int, num_slots: int, dtype, generation: str) -> int:
     """Adapters packed side by side in one MXU-wide tile (1 when a rank fills the MXU)."""
-    width = tuning.MXU_WIDTH.get(generation, 128)
+    width = tuning.MXU_WIDTH[known(generation)]
     return max(1, min(width // rank_stride(rank, dtype), num_slots))
+
+
+def lane_aligned(hidden: int, out_dim: int) -> bool:
+    """Whether the kernel compiles for these widths on TPU: both multiples of the 128-lane tile.
+
+    The kernel DMAs whole [R, D] and [R, tile] adapter rows by hand, and Mosaic slices
+    a memref only along lane-aligned widths (libtpu: "Slice shape along dimension 2
+    must be aligned to tiling (128), but is 576"). Callers run the separate shrink
+    and expand kernels, whose BlockSpecs may span any width, for other widths.
+    """
+    return hidden % 128 == 0 and out_dim % 128 == 0
 
 
 def vmem_bytes(block_sizes: BlockSizes, rank: int, num_slots: int, lanes: int, dtype) -> int:
@@ -61,20 +72,39 @@ def vmem_bytes(block_sizes: BlockSizes, rank: int, num_slots: int, lanes: int, d
 
 def plan(num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype, generation: str):
     """(BlockSizes, lanes) of one call: the tuning table's token block and output tile, full D,
-    shrunk (tokens first) until the kernel fits in VMEM."""
+    shrunk (tokens first) until the kernel fits the generation's VMEM limit."""
     sizes = dataclasses.replace(choose(num_tokens, hidden, out_dim, generation), hidden=hidden)
     lanes = lanes_for(rank, num_slots, dtype, generation)
-    while vmem_bytes(sizes, rank, num_slots, lanes, dtype) > tuning.VMEM_LIMIT_BYTES:
+    limit = vmem_limit(generation)
+    while vmem_bytes(sizes, rank, num_slots, lanes, dtype) > limit:
         if sizes.tokens > 8 * (4 // jnp.dtype(dtype).itemsize):
             sizes = dataclasses.replace(sizes, tokens=sizes.tokens // 2)
         elif sizes.out % 256 == 0:
             sizes = dataclasses.replace(sizes, out=sizes.out // 2)
+        elif lanes > 1:
+            lanes //= 2
         else:
             raise ValueError(
                 f"fused kernel cannot fit D={hidden}, Dout={out_dim}, R={rank} in "
-                f"{tuning.VMEM_LIMIT_BYTES} bytes of VMEM (needs {vmem_bytes(sizes, rank, num_slots, lanes, dtype)})"
+                f"{limit} bytes of VMEM on {generation} (needs {vmem_bytes(sizes, rank, num_slots, lanes, dtype)})"
             )
     return sizes, lanes
+
+
+def plan_call(num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype, generation: str):
+    """(BlockSizes, lanes, fused) of one shrink-expand call on ``generation``.
+
+    ``fused`` is True when this kernel runs it (:func:`plan`). Otherwise (widths
+    that are not lane-aligned, or a full-D adapter tile beyond the VMEM limit,
+    e.g. D = 28672 at rank 128 in float32 on v4) the caller runs the separate
+    shrink and expand kernels with the tuning table's tiles and ``lanes`` 1.
+    """
+    if lane_aligned(hidden, out_dim):
+        try:
+            return (*plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation), True)
+        except ValueError:
+            pass
+    return choose(num_tokens, hidden, out_dim, generation), 1, False
 
 
 def step_work(i: int, n: int, meta, rank: int, hidden: int, lanes: int, block_sizes: BlockSizes, itemsize: int):
@@ -217,7 +247,29 @@ def grid_spec(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("scaling", "block_sizes", "lanes", "interpret"))
+def cost_estimate(
+    num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype, block_sizes: BlockSizes, lanes: int
+) -> pl.CostEstimate:
+    """Typical cost for XLA's scheduler: every token block active with one chunk (its adapters fit
+    one laned MXU pass, as in prefill or a decode batch of at most ``lanes`` adapters per block).
+
+    The grid length and chunk counts are data-dependent: fewer active blocks cost less, blocks
+    with more distinct adapters than lanes cost one more pass each. Flops count the MXU work as
+    issued (lanes * Rp columns); bytes count x, the base read and the output written once, and
+    the A and B rows of ``lanes`` adapters per block (at most L).
+    """
+    itemsize = jnp.dtype(dtype).itemsize
+    width = lanes * rank_stride(rank, dtype)
+    adapters = typical_adapters(num_tokens, num_slots, block_sizes.tokens, lanes)
+    activations = num_tokens * (hidden + 2 * out_dim) * itemsize + 4 * num_tokens
+    return pl.CostEstimate(
+        flops=2 * num_tokens * width * (hidden + out_dim),
+        transcendentals=0,
+        bytes_accessed=activations + adapters * rank * (hidden + out_dim) * itemsize,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scaling", "block_sizes", "lanes", "interpret", "vmem_limit_bytes"))
 def shrink_expand(
     x: jax.Array,  # [T_pad, D]
     lora_a: jax.Array,  # [L, R, D]
@@ -229,8 +281,13 @@ def shrink_expand(
     block_sizes: BlockSizes,
     lanes: int,
     interpret: bool,
+    vmem_limit_bytes: int | None = None,
 ) -> jax.Array:  # [T_pad, Dout], base.dtype
-    """Fused laned kernel over prepared lane metadata; shapes must already be tile-aligned."""
+    """Fused laned kernel over prepared lane metadata; shapes must already be tile-aligned.
+
+    ``vmem_limit_bytes``: the scoped VMEM limit of the generation ``plan`` used
+    (None: the v5e/v6e figure, :func:`block_sizes.vmem_limit`).
+    """
     num_tokens, hidden = x.shape
     num_slots, rank, out_dim = lora_b.shape
     block_sizes.check(hidden, out_dim)
@@ -251,8 +308,9 @@ def shrink_expand(
         input_output_aliases={6: 0},
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("arbitrary", "arbitrary"),
-            vmem_limit_bytes=tuning.VMEM_LIMIT_BYTES,
+            vmem_limit_bytes=vmem_limit_bytes or vmem_limit("v6e"),
         ),
+        cost_estimate=cost_estimate(num_tokens, hidden, out_dim, rank, num_slots, lora_b.dtype, block_sizes, lanes),
         interpret=interpret,
         name="xla_lora_bgmv_shrink_expand",
     )(meta.active, meta.chunks, meta.slots, meta.uniform, meta.code.reshape(num_tokens, 1), x, base, lora_a, lora_b)

@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from . import tuning
-from .block_sizes import LANE, BlockSizes
+from .block_sizes import LANE, BlockSizes, known, typical_adapters
 from .fused import lanes_for, rank_stride
 from .visits import LaneBlocks, max_chunks
 
@@ -45,9 +45,14 @@ from .visits import LaneBlocks, max_chunks
 LAYOUTS = ("out_in", "in_out")
 
 
+def vmem_limit(generation: str) -> int:
+    """The scoped VMEM limit (bytes) this kernel declares on ``generation``."""
+    return tuning.BASE_VMEM_LIMIT_BYTES[known(generation)]
+
+
 def token_block(num_tokens: int, generation: str) -> int:
     """The token block of the fused base kernel for ``num_tokens`` tokens (see tuning.BASE_TOKEN_BLOCKS)."""
-    table = tuning.BASE_TOKEN_BLOCKS.get(generation, tuning.BASE_TOKEN_BLOCKS["v5e"])
+    table = tuning.BASE_TOKEN_BLOCKS[known(generation)]
     for max_tokens, block in table:
         if max_tokens is None or num_tokens <= max_tokens:
             return block
@@ -86,7 +91,7 @@ def plan(
 ) -> tuple[BlockSizes, int] | None:
     """(BlockSizes(tokens, reduction tile, output tile), lanes), or None when no tiling fits VMEM.
 
-    Among the tilings that fit :data:`tuning.BASE_VMEM_BUDGET_BYTES` it takes the one
+    Among the tilings that fit the generation's :data:`tuning.BASE_VMEM_BUDGET_BYTES` it takes the one
     with the least HBM traffic (:func:`hbm_bytes`), then the fewest grid steps.
     Tiles divide their dims (or span them): no weight is ever padded per call. On
     TPU, K and N must be multiples of 128 (the caller falls back otherwise).
@@ -96,12 +101,13 @@ def plan(
     lanes = lanes_for(rank, num_slots, dtype, generation)
     itemsize = jnp.dtype(dtype).itemsize
     bt = token_block(num_tokens, generation)
+    max_tile, budget = tuning.BASE_MAX_TILE[known(generation)], tuning.BASE_VMEM_BUDGET_BYTES[known(generation)]
     best = None
     while best is None and bt >= 8:
-        for tk in _divisor_tiles(hidden, tuning.BASE_MAX_TILE.get(generation, 1 << 30)):
-            for tn in _divisor_tiles(out_dim, tuning.BASE_MAX_TILE.get(generation, 1 << 30)):
+        for tk in _divisor_tiles(hidden, max_tile):
+            for tn in _divisor_tiles(out_dim, max_tile):
                 sizes = BlockSizes(tokens=bt, hidden=tk, out=tn)
-                if vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias) > tuning.BASE_VMEM_BUDGET_BYTES:
+                if vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias) > budget:
                     continue
                 steps = (hidden // tk) * (out_dim // tn)
                 key = (hbm_bytes(num_tokens, hidden, out_dim, sizes, itemsize), steps)
@@ -300,7 +306,31 @@ def grid_spec(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("scaling", "block_sizes", "lanes", "layout", "interpret"))
+def cost_estimate(
+    num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype, block_sizes: BlockSizes, lanes: int
+) -> pl.CostEstimate:
+    """Typical cost for XLA's scheduler: the base matmul, plus one laned chunk per token block.
+
+    Like :func:`fused.cost_estimate` for the LoRA part (blocks with more distinct adapters than
+    lanes cost one more pass each; blocks without adapters none). Bytes count x once per output
+    tile unless the reduction is untiled, W once per token block, the output once
+    (:func:`hbm_bytes`), and the A and B rows of ``lanes`` adapters per block (at most L).
+    """
+    itemsize = jnp.dtype(dtype).itemsize
+    width = lanes * rank_stride(rank, dtype)
+    adapters = typical_adapters(num_tokens, num_slots, block_sizes.tokens, lanes)
+    return pl.CostEstimate(
+        flops=2 * num_tokens * (hidden * out_dim + width * (hidden + out_dim)),
+        transcendentals=0,
+        bytes_accessed=hbm_bytes(num_tokens, hidden, out_dim, block_sizes, itemsize)
+        + 4 * num_tokens
+        + adapters * rank * (hidden + out_dim) * itemsize,
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("scaling", "block_sizes", "lanes", "layout", "interpret", "vmem_limit_bytes")
+)
 def linear_lora(
     x: jax.Array,  # [T_pad, K]
     weight: jax.Array,  # [N, K] (out_in) or [K, N] (in_out)
@@ -314,8 +344,13 @@ def linear_lora(
     lanes: int,
     layout: str,
     interpret: bool,
+    vmem_limit_bytes: int | None = None,
 ) -> jax.Array:  # [T_pad, N], x.dtype
-    """The fused base + LoRA kernel over prepared lane metadata; T_pad a multiple of the token block."""
+    """The fused base + LoRA kernel over prepared lane metadata; T_pad a multiple of the token block.
+
+    ``vmem_limit_bytes``: the scoped VMEM limit of the generation ``plan`` used
+    (None: the v5e/v6e figure, ``tuning.BASE_VMEM_LIMIT_BYTES["v6e"]``).
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     num_tokens, hidden = x.shape
@@ -341,8 +376,9 @@ def linear_lora(
         out_shape=jax.ShapeDtypeStruct((num_tokens, out_dim), x.dtype),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("arbitrary", "arbitrary", "arbitrary"),
-            vmem_limit_bytes=tuning.BASE_VMEM_LIMIT_BYTES,
+            vmem_limit_bytes=vmem_limit_bytes or tuning.BASE_VMEM_LIMIT_BYTES["v6e"],
         ),
+        cost_estimate=cost_estimate(num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes),
         interpret=interpret,
         name="xla_lora_linear_lora",
     )(meta.chunks, meta.slots, meta.uniform, *operands, lora_a, lora_b)
@@ -387,6 +423,7 @@ def tpu_compile_case(
             lanes=lanes,
             layout=layout,
             interpret=False,
+            vmem_limit_bytes=vmem_limit(generation),
         )
 
     w_shape = (out_dim, hidden) if layout == "out_in" else (hidden, out_dim)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .block_sizes import BlockSizes
+from .block_sizes import BlockSizes, typical_adapters
 from .visits import Visits, visit_flags
 
 
@@ -53,7 +53,21 @@ def _shrink_kernel(
         o_ref[...] = (acc_ref[...] * scaling).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scaling", "block_sizes", "interpret"))
+def cost_estimate(num_tokens: int, hidden: int, rank: int, num_slots: int, block_tokens: int, itemsize: int):
+    """Typical cost for XLA's scheduler: one visit per token block (each block's tokens share an
+    adapter, as in prefill); the grid length is data-dependent, so this is not a bound.
+
+    Reads x once, the visited adapters' A once, the indices, and writes the [T, R] result.
+    """
+    adapters = typical_adapters(num_tokens, num_slots, block_tokens)
+    return pl.CostEstimate(
+        flops=2 * num_tokens * hidden * rank,
+        transcendentals=0,
+        bytes_accessed=(num_tokens * hidden + adapters * rank * hidden + num_tokens * rank) * itemsize + 4 * num_tokens,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scaling", "block_sizes", "interpret", "vmem_limit_bytes"))
 def shrink(
     x: jax.Array,  # [T_pad, D]
     lora_a: jax.Array,  # [L, R, D]
@@ -63,8 +77,12 @@ def shrink(
     scaling: float,
     block_sizes: BlockSizes,
     interpret: bool,
+    vmem_limit_bytes: int | None = None,
 ) -> jax.Array:  # [T_pad, R], x.dtype
-    """Pallas shrink over prepared visits; shapes must already be tile-aligned."""
+    """Pallas shrink over prepared visits; shapes must already be tile-aligned.
+
+    ``vmem_limit_bytes``: the generation's scoped VMEM limit (None: Mosaic's default).
+    """
     num_tokens, hidden = x.shape
     _, rank, _ = lora_a.shape
     bt, bd = block_sizes.tokens, block_sizes.hidden
@@ -95,7 +113,10 @@ def shrink(
         kernel,
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((num_tokens, rank), x.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("arbitrary", "arbitrary"), vmem_limit_bytes=vmem_limit_bytes
+        ),
+        cost_estimate=cost_estimate(num_tokens, hidden, rank, lora_a.shape[0], bt, x.dtype.itemsize),
         interpret=interpret,
         name="xla_lora_bgmv_shrink",
     )(visits.block, visits.slot, visits.count, indices.reshape(num_tokens, 1), x, lora_a)

@@ -1,37 +1,70 @@
-"""Block-size tuning table (data only).
+"""Block-size tuning table and per-generation hardware facts (data only).
 
-Keyed by ``(generation, kind)``; each entry lists rules tried in order. A rule
-gives the token block for a token-count bucket and the widest hidden/output
-tile that keeps the double-buffered blocks within the VMEM budget.
+Keyed by generation ("v4", "v5e", "v5p", "v6e", "cpu"). Each token-block entry
+lists rules tried in order: the token block for a token-count bucket; the
+hidden/output tile maxima keep the double-buffered blocks within the VMEM
+budget of the generation.
 
 The token block is the dominant knob: per visit the kernel multiplies a whole
 token block, so a block much larger than a request wastes MXU work, and a
 block much smaller multiplies grid steps (each costs about 0.35 us on TPU).
+
+Hardware facts, per TensorCore (the unit a Pallas kernel runs on):
+
+- MXU width. 128x128 systolic arrays on v4, v5e and v5p, 256x256 on v6e
+  (Trillium). Sources: the Cloud TPU system-architecture pages (v5e, v5p: four
+  MXUs per TensorCore; v6e: 256x256 MXUs) and "How to Scale Your Model", part
+  "How to think about TPUs" (jax-ml.github.io/scaling-book/tpus: one
+  bf16[8,128] @ bf16[128,128] pass every 8 cycles on most generations).
+- VMEM capacity, as libtpu's own compiler enforces it (a kernel whose scratch
+  exceeds it fails with "Allocation ... would exceed memory (size=N)"; checked
+  with libtpu 0.0.21 and 0.0.23, deviceless, see docs/performance.md):
+  v4 16 MiB, v5e 128 MiB, v5p 64 MiB, v6e 128 MiB. The scaling book quotes
+  128 MiB for v5e.
 """
+
+MIB = 1024 * 1024
+
+# Generations the table knows, oldest first.
+TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
 
 # Token-block candidates per token-count bucket: (max_tokens, token_block).
 # Decode batches (a few tokens) use the smallest block the dtype's sublane
 # packing allows; prefill uses MXU-height blocks.
 TOKEN_BLOCKS = {
+    "v4": ((8, 8), (16, 16), (64, 32), (None, 128)),
     "v5e": ((8, 8), (16, 16), (64, 32), (128, 128), (None, 256)),
+    "v5p": ((8, 8), (16, 16), (64, 32), (128, 128), (None, 256)),
     "v6e": ((8, 8), (16, 16), (64, 32), (128, 128), (1024, 256), (None, 512)),
     "cpu": ((8, 8), (16, 16), (64, 32), (512, 64), (None, 128)),
 }
 
 # Largest hidden tile (shrink reduction dim) and output tile (expand) in
 # elements. A full-width tile is used when the dimension is at most this.
-MAX_HIDDEN_TILE = {"v5e": 4096, "v6e": 8192, "cpu": 1 << 30}
-MAX_OUT_TILE = {"v5e": 2048, "v6e": 4096, "cpu": 1 << 30}
+MAX_HIDDEN_TILE = {"v4": 2048, "v5e": 4096, "v5p": 4096, "v6e": 8192, "cpu": 1 << 30}
+MAX_OUT_TILE = {"v4": 1024, "v5e": 2048, "v5p": 2048, "v6e": 4096, "cpu": 1 << 30}
 
 # Tiles tried, widest first, for dimensions above the maxima above.
 TILE_CANDIDATES = (2048, 1024, 512, 256, 128)
 
 # MXU width in elements: laning packs this many columns of adapter ranks.
-MXU_WIDTH = {"v5e": 128, "v6e": 256, "cpu": 128}
+MXU_WIDTH = {"v4": 128, "v5e": 128, "v5p": 128, "v6e": 256, "cpu": 128}
 
-# Scoped VMEM the fused kernel may use (both generations have 128 MiB of VMEM;
-# the compiler's default scoped limit is smaller).
-VMEM_LIMIT_BYTES = 64 * 1024 * 1024
+# VMEM per TensorCore (see the module docstring).
+VMEM_CAPACITY_BYTES = {"v4": 16 * MIB, "v5e": 128 * MIB, "v5p": 64 * MIB, "v6e": 128 * MIB}
+
+# Scoped VMEM a kernel may ask for (its vmem_limit_bytes), and what the plans
+# budget against: three quarters of the capacity, capped at 64 MiB, so Mosaic's
+# internal scratch and the estimate's slack always fit. "cpu" (interpret mode)
+# uses the v5e figure so its plans equal a TPU's.
+VMEM_LIMIT_BYTES = {
+    "v4": 10 * MIB,
+    "v5e": 64 * MIB,
+    "v5p": 48 * MIB,
+    "v6e": 64 * MIB,
+    "cpu": 64 * MIB,
+}
+
 
 # The fused base + LoRA kernel (fused_base.py) tiles the base matmul itself, so
 # its token block sets how often the weight is re-read from HBM (once per
@@ -39,13 +72,30 @@ VMEM_LIMIT_BYTES = 64 * 1024 * 1024
 # TOKEN_BLOCKS. Its reduction and output tiles are chosen per call (the
 # fitting tiling with the least HBM traffic), each at most BASE_MAX_TILE.
 BASE_TOKEN_BLOCKS = {
+    "v4": ((8, 8), (16, 16), (32, 32), (64, 64), (None, 128)),
     "v5e": ((8, 8), (16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (None, 512)),
+    "v5p": ((8, 8), (16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (None, 512)),
     "v6e": ((8, 8), (16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (512, 512), (None, 1024)),
     "cpu": ((8, 8), (16, 16), (64, 32), (512, 64), (None, 128)),
 }
-BASE_MAX_TILE = {"v5e": 4096, "v6e": 8192, "cpu": 1 << 30}
-# The fused base kernel's scoped VMEM limit (v5e and v6e have 128 MiB), and what
-# fused_base.vmem_bytes may reach below it, leaving room for the compiler's own
-# internal scratch (checked with libtpu's compiler for v5e and v6e).
-BASE_VMEM_LIMIT_BYTES = 96 * 1024 * 1024
-BASE_VMEM_BUDGET_BYTES = 72 * 1024 * 1024
+BASE_MAX_TILE = {"v4": 2048, "v5e": 4096, "v5p": 4096, "v6e": 8192, "cpu": 1 << 30}
+# The fused base kernel's scoped VMEM limit per generation, and what
+# fused_base.vmem_bytes may reach below it (three quarters), leaving room for
+# the compiler's own internal scratch. v5e and v6e (128 MiB of VMEM) were
+# checked with libtpu's compiler at 96 MiB; v4 and v5p use the limits of
+# VMEM_LIMIT_BYTES. "cpu" (interpret mode) plans like v5e.
+BASE_VMEM_LIMIT_BYTES = {"v4": 10 * MIB, "v5e": 96 * MIB, "v5p": 48 * MIB, "v6e": 96 * MIB, "cpu": 96 * MIB}
+BASE_VMEM_BUDGET_BYTES = {key: limit * 3 // 4 for key, limit in BASE_VMEM_LIMIT_BYTES.items()}
+
+
+def generation_for(version: int, lite: bool) -> str:
+    """The table key of a TPU of major ``version`` (4, 5, 6, 7, ...), ``lite`` for the e variants.
+
+    v5 splits into v5e (lite) and v5p. Newer generations than the table knows use
+    the newest entry (v6e: 256-wide MXU); older ones use v4, the smallest VMEM.
+    """
+    if version <= 4:
+        return "v4"
+    if version == 5:
+        return "v5e" if lite else "v5p"
+    return "v6e"

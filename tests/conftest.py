@@ -4,6 +4,9 @@ import os
 
 # Must be set before torch_xla starts its runtime.
 os.environ.setdefault("PJRT_DEVICE", "CPU")
+# JAX (inside call_jax) on the CPU too: libtpu, which the test extra installs for
+# tests/test_tpu_compile.py, is then never asked for a TPU client in these processes.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

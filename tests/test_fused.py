@@ -210,3 +210,18 @@ def test_unused_slot_holding_inf_leaves_base_rows_exact(num_tokens, rank, xla_de
     out = tl.bgmv_shrink_expand(*(t.to(xla_device) for t in (x, a, b, base, idx)), 1.0, "xla").cpu()
     assert torch.equal(out[idx < 0], base[idx < 0])
     assert_close(out, reference.bgmv_shrink_expand(x, a[:8], b[:8], base, idx))
+
+
+@pytest.mark.parametrize(("hidden", "out_dim"), [(576, 192), (1000, 256)])
+def test_widths_not_lane_aligned_with_host_metadata(hidden, out_dim, xla_device):
+    """Widths the fused kernel cannot DMA on TPU run shrink then expand, fed by the same host metadata."""
+    assert not fused.plan_call(40, hidden, out_dim, 16, 6, jnp.float32, "cpu")[2]
+    g = torch.Generator().manual_seed(3)
+    x, base = torch.randn(40, hidden, generator=g), torch.randn(40, out_dim, generator=g)
+    a = torch.randn(6, 16, hidden, generator=g) / math.sqrt(hidden)
+    b = torch.randn(6, 16, out_dim, generator=g) / 4
+    idx = torch.randint(-1, 6, (40,), generator=g, dtype=torch.int32)
+    meta = tl.ops.batch_metadata(idx, [(hidden, out_dim)], 16, 6, torch.float32)[(hidden, out_dim)]
+    args = [t.to(xla_device) for t in (x, a, b, base, idx)]
+    out = tl.bgmv_shrink_expand(*args, 0.5, "pallas", meta.to(xla_device))
+    assert_close(out.cpu(), reference.bgmv_shrink_expand(x, a, b, base, idx, 0.5))

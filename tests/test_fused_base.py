@@ -83,6 +83,22 @@ def test_matches_reference(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("num_tokens", "hidden", "out_dim"),
+    [(8, 256, 128), (72, 256, 384), (5, 1000, 200)],
+    ids=["decode", "prefill", "unaligned"],
+)
+def test_host_metadata_matches_reference(num_tokens, hidden, out_dim, backend, xla_device):
+    """With the batch's host-built metadata (set_batch(..., seq_len=...)): used where the plans agree."""
+    x, w, b, a, lb, g = _operands(num_tokens, hidden, out_dim, 16, 6, torch.float32, "out_in", True, seed=2)
+    idx = _indices("mixed", num_tokens, 6, g)
+    meta = tl.ops.batch_metadata(idx, [(hidden, out_dim)], 16, 6, torch.float32)[(hidden, out_dim)]
+    moved = [t.to(xla_device) for t in (x, w, b, a, lb, idx)]
+    out = tl.linear_lora(*moved, 0.5, "out_in", backend, meta.to(xla_device)).cpu()
+    assert_close(out, reference.linear_lora(x, w, b, a, lb, idx, 0.5, "out_in"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pattern", ["out_of_range", "mixed"])
 def test_rows_without_adapter_are_exactly_the_base(pattern, backend, xla_device):
     """Tokens with no adapter (or an index outside [0, L)) get exactly the op's base row, and it equals x W^T + b."""
@@ -147,12 +163,13 @@ def test_lowers_to_mosaic(num_tokens, hidden, out_dim, num_slots, layout, bias, 
     assert "tpu_custom_call" in module
 
 
-@pytest.mark.parametrize("generation", ["v5e", "v6e"])
+@pytest.mark.parametrize("generation", ["v4", "v5e", "v5p", "v6e"])
 def test_plan_fits_vmem_budget_and_divides(generation):
     for num_tokens, hidden, out_dim in [(8, 4096, 4096), (1024, 4096, 14336), (4096, 14336, 4096), (300, 4096, 1024)]:
         sizes, _ = fused_base.plan(num_tokens, hidden, out_dim, 16, 128, jnp.bfloat16, generation)
         sizes.check(hidden, out_dim)
-        assert fused_base.vmem_bytes(sizes, 16, 128, 16, jnp.bfloat16) <= fused_base.tuning.BASE_VMEM_BUDGET_BYTES
+        budget = fused_base.tuning.BASE_VMEM_BUDGET_BYTES[generation]
+        assert fused_base.vmem_bytes(sizes, 16, 128, 16, jnp.bfloat16) <= budget
     assert fused_base.plan(8, 1000, 4096, 16, 8, jnp.bfloat16, generation) is None  # unaligned K: caller falls back
 
 

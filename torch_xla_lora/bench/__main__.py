@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m torch_xla_lora.bench {e2e,kernels,model,moe,warmup} [options]``.
+"""Benchmarks: ``python -m torch_xla_lora.bench {e2e,kernels,model,moe,warmup,tpu_compile} [options]``.
 
 Each command is a module of this package with a ``main(argv) -> int``;
 ``python -m torch_xla_lora.bench COMMAND --help`` lists its options.
@@ -18,6 +18,7 @@ COMMANDS = {
     "model": ("torch_xla_lora.bench.model", "the kernels' TPU cost model"),
     "moe": ("torch_xla_lora.bench.moe", "LoRA slowdown of a small MoE model (expert LoRA) next to a dense one"),
     "warmup": ("torch_xla_lora.bench.warmup", "warm-up time and compilations against the number of slots"),
+    "tpu_compile": ("torch_xla_lora.bench.tpu_compile", "compile every Pallas kernel with libtpu, no TPU needed"),
 }
 
 

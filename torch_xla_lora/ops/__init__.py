@@ -38,14 +38,36 @@ __all__ = [
 
 @functools.cache
 def device_generation() -> str:
-    """The tuning-table key of the XLA device: "v5e", "v6e" (TPU) or "cpu" (any non-TPU PJRT device)."""
+    """The tuning-table key of the XLA device: "v4", "v5e", "v5p", "v6e" (TPU) or "cpu" (any non-TPU PJRT device).
+
+    Read from the PJRT device kind ("TPU v5 lite", "TPU v6 lite", ...); TPUs newer than
+    the table use its newest entry, see :func:`generation_of_device_kind`.
+    """
     import torch_xla.runtime as xr
 
     if xr.device_type() != "TPU":
         return "cpu"
-    import torch_xla.tpu
+    import torch_xla.core.xla_model as xm
 
-    return "v6e" if torch_xla.tpu.version() >= 6 else "v5e"
+    return generation_of_device_kind(xm.xla_device_kind())
+
+
+def generation_of_device_kind(kind: str) -> str:
+    """Tuning-table key of a TPU PJRT device kind.
+
+    "TPU v4" -> "v4", "TPU v5 lite" / "TPU v5e" -> "v5e", "TPU v5" / "TPU v5p" -> "v5p",
+    "TPU v6 lite" / "TPU v6e" -> "v6e"; a newer chip ("TPU7x", "TPU v7") -> "v6e" (the
+    newest entry: 256-wide MXU); an unparsable kind -> "v4" (the smallest VMEM).
+    """
+    import re
+
+    from torch_xla_lora.kernels import tuning
+
+    match = re.search(r"v?(\d+)\s*([a-z]*)", kind.lower().removeprefix("tpu").strip())
+    if not match:
+        return "v4"
+    version, suffix = int(match.group(1)), match.group(2)
+    return tuning.generation_for(version, lite=suffix in ("e", "lite") or "lite" in kind.lower())
 
 
 def _backend(requested: str) -> tuple[str, str]:
@@ -60,7 +82,12 @@ def _call_jax(fn, *args: torch.Tensor) -> torch.Tensor:
     # host, and users of CPU tensors never need it (see ops/_jax.py).
     from torch_xla.core import xla_builder
 
-    return xla_builder.call_jax(fn, args)
+    from torch_xla_lora.kernels import mosaic_version
+
+    # call_jax lowers fn on its first call with these shapes: Mosaic kernels are
+    # then written at the IR version the pinned libtpu reads (see mosaic_version).
+    with mosaic_version.pinned_ir_version():
+        return xla_builder.call_jax(fn, args)
 
 
 def _jax_module():

@@ -51,7 +51,7 @@ def _kernels(backend: str, generation: str, sizes: block_sizes.BlockSizes):
     """(shrink, expand) callables of one backend, with the static tiling bound."""
     if backend == "pallas":
         interpret = generation == "cpu"  # Mosaic only exists on TPU
-        tiling = {"block_sizes": sizes, "interpret": interpret}
+        tiling = {"block_sizes": sizes, "interpret": interpret, "vmem_limit_bytes": block_sizes.vmem_limit(generation)}
         return functools.partial(shrink.shrink, **tiling), functools.partial(expand.expand, **tiling)
     tiling = {"block_tokens": sizes.tokens}
     return functools.partial(_xla_native.shrink, **tiling), functools.partial(_xla_native.expand, **tiling)
@@ -118,7 +118,8 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
     def fn(x, lora_a, lora_b, base, indices, metadata=None):
         num_tokens, hidden = x.shape
         num_slots, rank, out_dim = lora_b.shape
-        sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, lora_b.dtype, generation)
+        dtype = lora_b.dtype
+        sizes, lanes, run_fused = fused.plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
         padded = sizes.padded_tokens(num_tokens)
         idx = _padded_indices(indices, num_slots, padded)
         x_pad, base_pad = _pad_rows(x, padded), _pad_rows(base, padded)
@@ -127,7 +128,15 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
             # The packed lane and visit arrays, then the tokens' order by slot (see batch_metadata).
             grouping, order = metadata[:-padded], metadata[-padded:]
             meta, vis = visits.unpack(grouping, padded, num_slots, sizes.tokens, lanes)
-        if backend == "pallas":
+        if backend == "pallas" and not run_fused:
+            # Shapes the fused kernel cannot take (see fused.plan_call): shrink, then expand,
+            # over the same token blocks (the packed metadata carries their visits too).
+            if metadata is None:
+                vis = visits.build(idx, num_slots, sizes.tokens)
+            run_shrink, run_expand = _kernels(backend, generation, sizes)
+            s = run_shrink(x_pad, lora_a, idx, vis, scaling=scaling).astype(lora_b.dtype)
+            out = run_expand(s, lora_b, base_pad, idx, vis, add_inputs=True)
+        elif backend == "pallas":
             if metadata is None:
                 meta = visits.build_lanes(idx, num_slots, sizes.tokens, lanes)
             out = fused.shrink_expand(
@@ -140,6 +149,7 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
                 block_sizes=sizes,
                 lanes=lanes,
                 interpret=generation == "cpu",
+                vmem_limit_bytes=block_sizes.vmem_limit(generation),
             )
         else:
             if metadata is None:
@@ -159,7 +169,7 @@ def metadata_size(
     num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype: str, generation: str
 ) -> int:
     """Length of the packed metadata the fused op expects for these shapes (see :func:`batch_metadata`)."""
-    sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
+    sizes, lanes, _ = fused.plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
     padded = sizes.padded_tokens(num_tokens)
     return visits.packed_size(padded, num_slots, sizes.tokens, lanes) + padded  # + the tokens' order by slot
 
@@ -182,7 +192,7 @@ def batch_metadata(slots, layer_shapes, rank: int, num_slots: int, dtype: str, g
     num_tokens = len(slots)
     by_plan, out = {}, {}
     for hidden, out_dim in dict.fromkeys(layer_shapes):
-        sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
+        sizes, lanes, _ = fused.plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
         key = (sizes.tokens, lanes)
         if key not in by_plan:
             padded = np.full(sizes.padded_tokens(num_tokens), -1, np.int32)

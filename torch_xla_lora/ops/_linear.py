@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from torch_xla_lora.kernels import fused, fused_base, visits
-from torch_xla_lora.ops import _xla_native
-from torch_xla_lora.ops._jax import _CACHE_SIZE, _pad_rows, _padded_indices
+from torch_xla_lora.ops._jax import _CACHE_SIZE, _pad_rows, _padded_indices, shrink_expand_fn
 
 
 def _base_product(x, weight, bias, layout: str):
@@ -49,9 +48,10 @@ def _lane_meta(
 ):
     """The batch's lane metadata: the host-built one when its plan matches, else built on the device."""
     if metadata is not None:
-        host_sizes, host_lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
+        host_sizes, host_lanes, _ = fused.plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
         if (host_sizes.tokens, host_lanes) == (sizes.tokens, lanes):
-            return visits.unpack(metadata, idx.shape[0], num_slots, sizes.tokens, lanes)[0]
+            # Same token block, same padding: the packed arrays, then the tokens' order (see batch_metadata).
+            return visits.unpack(metadata[: -idx.shape[0]], idx.shape[0], num_slots, sizes.tokens, lanes)[0]
     return visits.build_lanes(idx, num_slots, sizes.tokens, lanes)
 
 
@@ -88,35 +88,18 @@ def linear_lora_fn(
                 lanes=lanes,
                 layout=layout,
                 interpret=generation == "cpu",
+                vmem_limit_bytes=fused_base.vmem_limit(generation),
             )
             return out[:num_tokens]
+        # No fused-base tiling (or the XLA-native backend): the base product, then the
+        # shrink-expand op's own function, which picks the laned kernel, the separate
+        # kernels (widths the laned kernel cannot take) or the XLA-native grouping.
         base = _base_product(x, weight, bias, layout)
-        sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation)
-        idx = _padded_indices(indices, num_slots, sizes.padded_tokens(num_tokens))
-        x_pad = _pad_rows(x, idx.shape[0])
-        if backend == "pallas":  # no fused-base tiling fits: XLA's dot, then the laned LoRA kernel
-            meta = _lane_meta(
-                metadata, idx, num_slots, sizes, lanes, num_tokens, hidden, out_dim, rank, x.dtype, generation
-            )
-            out = fused.shrink_expand(
-                x_pad,
-                lora_a,
-                lora_b,
-                _pad_rows(base.astype(x.dtype), idx.shape[0]),
-                meta,
-                scaling=scaling,
-                block_sizes=sizes,
-                lanes=lanes,
-                interpret=generation == "cpu",
-            )
-            return out[:num_tokens]
-        if with_metadata:
-            vis = visits.unpack(metadata, idx.shape[0], num_slots, sizes.tokens, lanes)[1]
-        else:
-            vis = visits.build(idx, num_slots, sizes.tokens)
-        out = _xla_native.shrink_expand(
-            x_pad, lora_a, lora_b, _pad_rows(base, idx.shape[0]), idx, vis, scaling=scaling, block_tokens=sizes.tokens
-        )
-        return out[:num_tokens].astype(x.dtype)
+        lora = shrink_expand_fn(backend, generation, scaling, with_metadata)
+        extra = (metadata,) if with_metadata else ()
+        if backend == "pallas":
+            return lora(x, lora_a, lora_b, base.astype(x.dtype), indices, *extra)
+        # XLA-native: the LoRA adds into the f32 product, so bias, LoRA and the cast are one pass.
+        return lora(x, lora_a, lora_b, base, indices, *extra).astype(x.dtype)
 
     return fn

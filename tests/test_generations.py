@@ -1,0 +1,111 @@
+"""TPU generations: device kinds, the tuning table per generation, VMEM limits in plans, cost estimates."""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export as jax_export
+
+from torch_xla_lora.kernels import block_sizes, fused, mosaic_version, tuning
+from torch_xla_lora.ops import _jax, generation_of_device_kind
+
+TABLES = ["TOKEN_BLOCKS", "MAX_HIDDEN_TILE", "MAX_OUT_TILE", "MXU_WIDTH", "VMEM_LIMIT_BYTES"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "generation"),
+    [
+        ("TPU v4", "v4"),
+        ("TPU v5 lite", "v5e"),
+        ("TPU v5e", "v5e"),
+        ("TPU v5", "v5p"),
+        ("TPU v5p", "v5p"),
+        ("TPU v6 lite", "v6e"),
+        ("TPU v6e", "v6e"),
+        ("TPU7x", "v6e"),  # newer than the table: its newest entry
+        ("TPU v3", "v4"),  # older: the smallest VMEM
+        ("something else", "v4"),
+    ],
+)
+def test_generation_of_device_kind(kind, generation):
+    assert generation_of_device_kind(kind) == generation
+
+
+@pytest.mark.parametrize("table", TABLES)
+@pytest.mark.parametrize("generation", [*tuning.TPU_GENERATIONS, "cpu"])
+def test_every_generation_has_every_table(generation, table):
+    assert generation in getattr(tuning, table)
+
+
+@pytest.mark.parametrize("generation", tuning.TPU_GENERATIONS)
+def test_vmem_limit_leaves_room_below_capacity(generation):
+    assert block_sizes.vmem_limit(generation) <= tuning.VMEM_CAPACITY_BYTES[generation] * 3 // 4
+
+
+def test_unknown_generation_uses_the_smallest_vmem():
+    assert block_sizes.vmem_limit("v9x") == tuning.VMEM_LIMIT_BYTES["v4"]
+    assert block_sizes.choose(512, 4096, 4096, "v9x") == block_sizes.choose(512, 4096, 4096, "v4")
+
+
+@pytest.mark.parametrize("generation", tuning.TPU_GENERATIONS)
+def test_fused_plan_fits_the_generation_limit(generation):
+    # Llama-3-70B's down projection, prefill, float32: the largest fused call of the grid.
+    sizes, lanes, run_fused = fused.plan_call(2048, 28672, 8192, 64, 16, jnp.float32, generation)
+    if run_fused:
+        assert fused.vmem_bytes(sizes, 64, 16, lanes, jnp.float32) <= block_sizes.vmem_limit(generation)
+
+
+def test_v4_plan_is_smaller_than_v6e_plan():
+    v4, _, _ = fused.plan_call(1024, 4096, 14336, 16, 16, jnp.bfloat16, "v4")
+    v6e, _, _ = fused.plan_call(1024, 4096, 14336, 16, 16, jnp.bfloat16, "v6e")
+    assert v4.tokens * v4.out < v6e.tokens * v6e.out
+
+
+def test_full_width_adapter_tile_beyond_vmem_runs_separate_kernels():
+    _, _, run_fused = fused.plan_call(2048, 28672, 8192, 256, 16, jnp.float32, "v4")
+    assert not run_fused
+
+
+@pytest.mark.parametrize(("hidden", "out_dim"), [(576, 576), (576, 192), (1536, 576)])
+def test_widths_not_lane_aligned_run_separate_kernels(hidden, out_dim):
+    assert not fused.plan_call(64, hidden, out_dim, 16, 4, jnp.bfloat16, "v6e")[2]
+
+
+def _cost_estimates(fn, *shapes) -> list[dict]:
+    with mosaic_version.pinned_ir_version():
+        text = jax_export.export(jax.jit(fn), platforms=["tpu"])(*shapes).mlir_module()
+    text = text.replace("\\22", '"')  # the backend config is an escaped JSON string in the module text
+    return [json.loads(m) for m in re.findall(r'"cost_estimate": (\{[^}]*\})', text)]
+
+
+def _sds(shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+T, D, R, L = 256, 4096, 16, 8
+
+
+def test_shrink_declares_its_cost():
+    fn = _jax.shrink_fn("pallas", "v6e", 1.0)
+    (cost,) = _cost_estimates(fn, _sds((T, D)), _sds((L, R, D)), _sds((T,), jnp.int32))
+    assert cost["flops"] == 2 * T * D * R
+    assert cost["transcendentals"] == 0
+    assert cost["bytes_accessed"] >= T * D * 2
+
+
+def test_expand_declares_its_cost():
+    fn = _jax.expand_fn("pallas", "v6e", True, None)
+    (cost,) = _cost_estimates(fn, _sds((T, R)), _sds((L, R, D)), _sds((T, D)), _sds((T,), jnp.int32))
+    assert cost["flops"] == 2 * T * R * D
+    assert cost["bytes_accessed"] >= 2 * T * D * 2
+
+
+def test_fused_declares_its_cost():
+    fn = _jax.shrink_expand_fn("pallas", "v6e", 1.0, False)
+    shapes = [_sds((T, D)), _sds((L, R, D)), _sds((L, R, D)), _sds((T, D)), _sds((T,), jnp.int32)]
+    (cost,) = _cost_estimates(fn, *shapes)
+    sizes, lanes, _ = fused.plan_call(T, D, D, R, L, jnp.bfloat16, "v6e")
+    assert cost["flops"] == 2 * T * lanes * fused.rank_stride(R, jnp.bfloat16) * 2 * D
+    assert cost["bytes_accessed"] >= 3 * T * D * 2

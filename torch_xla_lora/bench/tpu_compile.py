@@ -1,0 +1,141 @@
+"""``python -m torch_xla_lora.bench tpu_compile``: compile every Pallas kernel with libtpu's TPU compiler.
+
+No TPU is needed: libtpu compiles for a named topology (v4, v5e, v5p, v6e)
+in a worker process with JAX on the CPU (``tpu_compile_worker``), so torch_xla
+in the calling process is never disturbed. Each configuration is the op
+wrapper's own JAX function (backend "pallas", the chip's generation), so the
+check covers padding, plans, block sizes and metadata shapes as the ops make
+them. The Mosaic compiler checks what ``jax.export`` cannot: VMEM budgets,
+layouts, DMA and loop legality.
+
+Grids (``tpu_grid``): ``--grid sample`` (default) compiles ``--per-cell``
+configurations per (chip, kernel) cell, covering every token count, rank, slot
+count, dtype and variant in each cell and every layer shape for each kernel;
+``--grid full`` is the whole cartesian product (about 100,000 configurations:
+narrow it with ``--chips``, ``--kernels``, ``--models``, ``--limit``).
+Needs libtpu (the ``test`` and ``tpu`` extras install it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+
+from torch_xla_lora.bench import tpu_grid
+
+
+@dataclasses.dataclass
+class Run:
+    """What a worker reported: the versions it compiled with and one result per configuration."""
+
+    libtpu: str | None
+    jax: str | None
+    results: list[dict]
+    stderr: str
+    returncode: int
+
+
+def run(configs: Iterable[tpu_grid.Config], pin_ir_version: bool = True, timeout: float = 3600) -> Run:
+    """Compile ``configs`` in a fresh worker process; results in order (``ok``, ``error``, timings, memory)."""
+    request = {"configs": [dataclasses.asdict(c) for c in configs], "pin_ir_version": pin_ir_version}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch_xla_lora.bench.tpu_compile_worker"],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    header = lines[0] if lines else {}
+    return Run(header.get("libtpu"), header.get("jax"), lines[1:], proc.stderr, proc.returncode)
+
+
+def summary(results: Sequence[dict]) -> list[dict]:
+    """Per (chip, kernel): configurations compiled / tried, compile seconds, largest VMEM estimate and HBM temp."""
+    rows = []
+    key = lambda r: (r["config"]["chip"], r["config"]["kernel"])  # noqa: E731
+    for (chip, kernel), group in itertools.groupby(sorted(results, key=key), key=key):
+        group = list(group)
+        done = [r for r in group if r["ok"]]
+        rows.append(
+            {
+                "chip": chip,
+                "kernel": kernel,
+                "compiled": len(done),
+                "tried": len(group),
+                "compile_s_total": sum(r["compile_s"] for r in done),
+                "compile_s_max": max((r["compile_s"] for r in done), default=0.0),
+                "vmem_estimate_max_mib": max((r.get("vmem_estimate", 0) for r in group), default=0) / 2**20,
+                "vmem_limit_mib": group[0].get("vmem_limit", 0) / 2**20,
+                "hbm_temp_max_mib": max((r["memory"]["temp"] for r in done), default=0) / 2**20,
+            }
+        )
+    return rows
+
+
+def _table(rows: Sequence[dict]) -> str:
+    lines = [
+        "| chip | kernel | compiled / tried | compile s (total, max) | VMEM estimate max / limit (MiB) "
+        "| HBM temp max (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['chip']} | {r['kernel']} | {r['compiled']} / {r['tried']} | "
+            f"{r['compile_s_total']:.1f}, {r['compile_s_max']:.1f} | "
+            f"{r['vmem_estimate_max_mib']:.1f} / {r['vmem_limit_mib']:.0f} | {r['hbm_temp_max_mib']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _configs(args: argparse.Namespace) -> list[tpu_grid.Config]:
+    if args.grid == "sample":
+        configs = tpu_grid.sample(args.per_cell, tuple(args.chips), args.kernels)
+    else:
+        configs = tpu_grid.full(tuple(args.chips), args.kernels)
+    configs = [c for c in configs if not args.models or c.model in args.models]
+    return configs[: args.limit] if args.limit else configs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m torch_xla_lora.bench tpu_compile", description=__doc__)
+    parser.add_argument("--grid", choices=["sample", "full"], default="sample")
+    parser.add_argument("--per-cell", type=int, default=6, help="sample: configurations per (chip, kernel)")
+    parser.add_argument("--chips", nargs="+", default=list(tpu_grid.CHIPS), choices=list(tpu_grid.CHIPS))
+    parser.add_argument("--kernels", nargs="+", choices=[k.name for k in tpu_grid.KERNELS])
+    parser.add_argument("--models", nargs="+", help="only layers of these models (tpu_grid.LAYERS names)")
+    parser.add_argument("--limit", type=int, help="at most this many configurations")
+    parser.add_argument("--json", help="write every result to this file")
+    args = parser.parse_args(argv)
+
+    configs = _configs(args)
+    print(f"compiling {len(configs)} configurations with libtpu (deviceless) ...", flush=True)
+    start = time.perf_counter()
+    result = run(configs)
+    if result.libtpu is None:
+        print("error: libtpu is not installed (pip install -e '.[test]' or '.[tpu]')", file=sys.stderr)
+        return 2
+    print(f"libtpu {result.libtpu}, jax {result.jax}, {time.perf_counter() - start:.0f} s wall")
+    print(_table(summary(result.results)))
+    failed = [r for r in result.results if not r["ok"]]
+    for r in failed:
+        print(f"FAILED {r['name']}: {r['error'][:400]}")
+    if len(result.results) != len(configs):
+        print(f"error: the worker stopped after {len(result.results)} of {len(configs)}:\n{result.stderr[-3000:]}")
+        return 1
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"libtpu": result.libtpu, "jax": result.jax, "results": result.results}, f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Compile kernel configurations with libtpu's TPU compiler, deviceless: the worker process.
+
+Run by :mod:`torch_xla_lora.bench.tpu_compile` in a process of its own, with JAX
+on the CPU (``JAX_PLATFORMS=cpu``) and no torch_xla runtime: libtpu only
+provides the compiler for a named topology (``jax.experimental.topologies``),
+nothing runs and no TPU is needed. Reads a JSON list of
+:class:`tpu_grid.Config` dicts on stdin and writes one JSON result a line.
+
+Each configuration is built exactly as the op wrappers build it: the JAX
+function of ``torch_xla_lora.ops._jax`` for backend "pallas" and the chip's
+generation (padding, plans, block sizes, metadata shapes), with host-built
+metadata sized by the host builder itself, lowered inside the ops' Mosaic IR
+version pin.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before JAX starts: CPU as JAX's platform, no metadata-server probe by libtpu,
+# and no claim on libtpu's single-process lock (nothing runs on a TPU here).
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from importlib import metadata  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from torch_xla_lora.bench.tpu_grid import CHIPS, Config  # noqa: E402
+from torch_xla_lora.kernels import block_sizes, fused, fused_base, mosaic_version  # noqa: E402
+from torch_xla_lora.ops import _jax, _linear  # noqa: E402
+
+SCALING = 0.5
+
+
+@functools.cache
+def _device(chip: str):
+    from jax.experimental import topologies
+
+    topology = topologies.get_topology_desc(
+        topology_name=CHIPS[chip],
+        platform="tpu",
+        chip_config_name="default",
+        chips_per_host_bounds=(2, 2, 1),
+        num_slices=1,
+        wrap=[False, False, False],
+    )
+    return topology.devices[0]
+
+
+def _shrink_vmem(bt: int, bd: int, rank: int, itemsize: int) -> int:
+    """Estimate: double-buffered indices, x block, A tile and output block, plus the f32 accumulator."""
+    return 2 * (bt * 4 + bt * bd * itemsize + rank * bd * itemsize + bt * rank * itemsize) + bt * rank * 4
+
+
+def _expand_vmem(bt: int, bn: int, rank: int, itemsize: int) -> int:
+    """Estimate: double-buffered indices, input, B tile, base and output blocks, plus the f32 accumulator."""
+    return 2 * (bt * 4 + bt * rank * itemsize + rank * bn * itemsize + 2 * bt * bn * itemsize) + bt * bn * 4
+
+
+def _host_metadata(cfg: Config, sds):
+    """The spec of the packed metadata the host builder (ops.batch_metadata) makes for this layer."""
+    shape = (cfg.in_features, cfg.out_features)
+    packed = _jax.batch_metadata(np.full(cfg.tokens, -1, np.int32), [shape], cfg.rank, cfg.slots, cfg.dtype, cfg.chip)
+    return sds(packed[shape].shape, jnp.int32)
+
+
+def _shrink_expand_info(cfg: Config) -> dict:
+    """Plan and VMEM estimate of the shrink-expand call (laned kernel, or shrink then expand)."""
+    dtype = jnp.dtype(cfg.dtype)
+    rank, slots = cfg.rank, cfg.slots
+    sizes, lanes, run_fused = fused.plan_call(
+        cfg.tokens, cfg.in_features, cfg.out_features, rank, slots, dtype, cfg.chip
+    )
+    info = {"block": dataclasses.asdict(sizes), "lanes": lanes, "path": "fused" if run_fused else "shrink+expand"}
+    if run_fused:
+        info["vmem_estimate"] = fused.vmem_bytes(sizes, rank, slots, lanes, dtype)
+    else:  # the wrapper runs shrink then expand (see ops._jax.shrink_expand_fn)
+        shrink_vmem = _shrink_vmem(sizes.tokens, sizes.hidden, rank, dtype.itemsize)
+        info["vmem_estimate"] = max(shrink_vmem, _expand_vmem(sizes.tokens, sizes.out, rank, dtype.itemsize))
+    return info
+
+
+def build_fused(cfg: Config, sds):
+    dtype = jnp.dtype(cfg.dtype)
+    tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
+    host = cfg.variant == "host_metadata"
+    args = [
+        sds((tokens, d_in), dtype),
+        sds((slots, rank, d_in), dtype),
+        sds((slots, rank, d_out), dtype),
+        sds((tokens, d_out), dtype),
+        sds((tokens,), jnp.int32),
+    ]
+    if host:
+        args.append(_host_metadata(cfg, sds))
+    return _jax.shrink_expand_fn("pallas", cfg.chip, SCALING, host), args, _shrink_expand_info(cfg)
+
+
+def build_linear(cfg: Config, sds):
+    """linear_lora as the op calls it: nn.Linear's layout with host metadata, or Conv1D's with a bias."""
+    dtype = jnp.dtype(cfg.dtype)
+    tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
+    layout, has_bias, host = {
+        "out_in_host_metadata": ("out_in", False, True),
+        "in_out_bias": ("in_out", True, False),
+    }[cfg.variant]
+    args = [sds((tokens, d_in), dtype), sds((d_out, d_in) if layout == "out_in" else (d_in, d_out), dtype)]
+    args += [sds((d_out,), dtype)] if has_bias else []
+    args += [sds((slots, rank, d_in), dtype), sds((slots, rank, d_out), dtype), sds((tokens,), jnp.int32)]
+    if host:
+        args.append(_host_metadata(cfg, sds))
+    planned = fused_base.plan(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, has_bias)
+    if planned is None:  # the op runs XLA's dot, then the shrink-expand call
+        info = {**_shrink_expand_info(cfg), "path": "dot + " + _shrink_expand_info(cfg)["path"]}
+    else:
+        sizes, lanes = planned
+        info = {
+            "block": dataclasses.asdict(sizes),
+            "lanes": lanes,
+            "path": "fused_base",
+            "vmem_estimate": fused_base.vmem_bytes(sizes, rank, slots, lanes, dtype, has_bias),
+            "vmem_limit": fused_base.vmem_limit(cfg.chip),
+        }
+    return _linear.linear_lora_fn("pallas", cfg.chip, SCALING, layout, has_bias, host), args, info
+
+
+def build_shrink(cfg: Config, sds):
+    dtype = jnp.dtype(cfg.dtype)
+    tokens, d_in, rank, slots = cfg.tokens, cfg.in_features, cfg.rank, cfg.slots
+    args = [sds((tokens, d_in), dtype), sds((slots, rank, d_in), dtype), sds((tokens,), jnp.int32)]
+    sizes = block_sizes.choose(tokens, d_in, rank, cfg.chip)
+    info = {"block": dataclasses.asdict(sizes)}
+    info["vmem_estimate"] = _shrink_vmem(sizes.tokens, sizes.hidden, rank, dtype.itemsize)
+    return _jax.shrink_fn("pallas", cfg.chip, SCALING), args, info
+
+
+def build_expand(cfg: Config, sds):
+    dtype = jnp.dtype(cfg.dtype)
+    tokens, width, rank, slots = cfg.tokens, cfg.out_features, cfg.rank, cfg.slots
+    add_inputs = cfg.variant != "no_add"
+    offset = width if cfg.variant == "slice" else None  # the second half of a [T, 2 * width] base
+    base_width = 2 * width if offset is not None else width
+    args = [
+        sds((tokens, rank), dtype),
+        sds((slots, rank, width), dtype),
+        sds((tokens, base_width), dtype),
+        sds((tokens,), jnp.int32),
+    ]
+    sizes = block_sizes.choose(tokens, rank, width, cfg.chip)
+    info = {"block": dataclasses.asdict(sizes)}
+    info["vmem_estimate"] = _expand_vmem(sizes.tokens, sizes.out, rank, dtype.itemsize)
+    return _jax.expand_fn("pallas", cfg.chip, add_inputs, offset), args, info
+
+
+# Kernel entry name (tpu_grid.KERNELS) -> builder(config, sds) -> (jax fn, argument specs, info).
+BUILDERS = {"fused": build_fused, "shrink": build_shrink, "expand": build_expand, "linear": build_linear}
+
+
+def compile_one(cfg: Config, pin_ir_version: bool = True) -> dict:
+    """Lower and compile one configuration for its chip; the result as a JSON-able dict."""
+    result = {"name": cfg.name, "config": dataclasses.asdict(cfg), "ok": False}
+    try:
+        sharding = jax.sharding.SingleDeviceSharding(_device(cfg.chip))
+
+        def sds(shape, dtype):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        fn, args, info = BUILDERS[cfg.kernel](cfg, sds)
+        result.update({"vmem_limit": block_sizes.vmem_limit(cfg.chip), **info})
+        pin = mosaic_version.pinned_ir_version() if pin_ir_version else contextlib.nullcontext()
+        start = time.perf_counter()
+        with pin:
+            lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",))
+        result["lower_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        result["compile_s"] = time.perf_counter() - start
+        memory = compiled.memory_analysis()
+        result["memory"] = {
+            key: int(getattr(memory, f"{key}_size_in_bytes"))
+            for key in ("argument", "output", "temp", "generated_code")
+        }
+        result["ok"] = True
+    except Exception as exc:  # a compile error is this check's finding: report it, go on
+        result["error"] = f"{type(exc).__name__}: {exc}"[:3000]
+    return result
+
+
+def main() -> int:
+    request = json.load(sys.stdin)
+    pin = request.get("pin_ir_version", True)
+    try:
+        libtpu_version = metadata.version("libtpu")
+    except metadata.PackageNotFoundError:
+        libtpu_version = None
+    print(json.dumps({"libtpu": libtpu_version, "jax": jax.__version__}), flush=True)
+    if libtpu_version is None:
+        return 3
+    for raw in request["configs"]:
+        print(json.dumps(compile_one(Config(**raw), pin)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

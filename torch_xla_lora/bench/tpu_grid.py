@@ -1,0 +1,155 @@
+"""What the TPU compile check compiles: chips, layer shapes of real models, kernel entries, sampling.
+
+Plain data and Python (no JAX): the test imports it to name its cases, the
+worker (``tpu_compile_worker``) builds and compiles them.
+
+To check one more kernel, add a :class:`KernelEntry` to :data:`KERNELS` and a
+builder of the same name in ``tpu_compile_worker.BUILDERS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterator
+
+# Chip -> deviceless topology name known to libtpu 0.0.21 and 0.0.23.
+CHIPS = {"v5e": "v5e:2x2", "v6e": "v6e:2x2", "v4": "v4:2x2x1", "v5p": "v5p:2x2x1"}
+
+# (model, projection, in_features, out_features) from the models' published configs.
+# Qwen2-0.5B and SmolLM-135M bring widths that are not powers of two (896 = 7*128,
+# 4864 = 19*256) and not multiples of 128 at all (576, 192).
+LAYERS = (
+    ("llama3-8b", "q_proj", 4096, 4096),
+    ("llama3-8b", "k_proj", 4096, 1024),
+    ("llama3-8b", "gate_proj", 4096, 14336),
+    ("llama3-8b", "down_proj", 14336, 4096),
+    ("llama3-8b", "qkv_fused", 4096, 6144),
+    ("llama3-8b", "lm_head", 4096, 128256),
+    ("llama3-70b", "q_proj", 8192, 8192),
+    ("llama3-70b", "k_proj", 8192, 1024),
+    ("llama3-70b", "gate_up_fused", 8192, 57344),
+    ("llama3-70b", "down_proj", 28672, 8192),
+    ("qwen2-0.5b", "q_proj", 896, 896),
+    ("qwen2-0.5b", "k_proj", 896, 128),
+    ("qwen2-0.5b", "gate_proj", 896, 4864),
+    ("qwen2-0.5b", "down_proj", 4864, 896),
+    ("qwen2-7b", "k_proj", 3584, 512),
+    ("qwen2-7b", "down_proj", 18944, 3584),
+    ("mistral-7b", "o_proj", 4096, 4096),
+    ("mistral-7b", "up_proj", 4096, 14336),
+    ("gemma-7b", "q_proj", 3072, 4096),
+    ("gemma-7b", "down_proj", 24576, 3072),
+    ("gemma-2b", "k_proj", 2048, 256),
+    ("smollm-135m", "q_proj", 576, 576),
+    ("smollm-135m", "k_proj", 576, 192),
+    ("smollm-135m", "down_proj", 1536, 576),
+)
+
+DTYPES = ("bfloat16", "float32")
+# Decode (1, 8, 16 tokens) and prefill (a ragged 100, 512, 2048) token counts.
+TOKENS = (1, 8, 16, 100, 512, 2048)
+SLOTS = (1, 4, 16, 64)
+RANKS = (8, 16, 64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelEntry:
+    """One kernel the check compiles: its name (a builder in the worker) and the variants of its call."""
+
+    name: str
+    variants: tuple[str, ...]
+    description: str
+
+
+KERNELS = (
+    KernelEntry(
+        "fused",
+        ("device_metadata", "host_metadata"),
+        "bgmv_shrink_expand: shrink_expand_fn('pallas', chip, ...), lane metadata built in-graph or on the host",
+    ),
+    KernelEntry("shrink", ("plain",), "bgmv_shrink: shrink_fn('pallas', chip, ...)"),
+    KernelEntry(
+        "expand",
+        ("add", "no_add", "slice"),
+        "bgmv_expand(_slice): expand_fn('pallas', chip, add_inputs, slice_offset); 'slice' writes the "
+        "second half of a [T, 2 * out] base",
+    ),
+    KernelEntry(
+        "linear",
+        ("out_in_host_metadata", "in_out_bias"),
+        "linear_lora: linear_lora_fn('pallas', chip, ...), nn.Linear's weight layout with host metadata, "
+        "or Conv1D's with a bias",
+    ),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One compilation: a kernel call as the op wrapper makes it, for one chip."""
+
+    chip: str
+    kernel: str
+    variant: str
+    dtype: str
+    tokens: int
+    slots: int
+    rank: int
+    model: str
+    layer: str
+    in_features: int
+    out_features: int
+
+    @property
+    def name(self) -> str:
+        return (
+            f"{self.chip}-{self.kernel}-{self.variant}-{self.dtype}-T{self.tokens}-L{self.slots}-R{self.rank}"
+            f"-{self.model}.{self.layer}"
+        )
+
+
+def _entry(name: str) -> KernelEntry:
+    return next(entry for entry in KERNELS if entry.name == name)
+
+
+def sample(per_cell: int = 6, chips=tuple(CHIPS), kernels=None) -> list[Config]:
+    """A deterministic sample: ``per_cell`` configurations for every (chip, kernel) cell.
+
+    Configuration j of a cell takes value ``(j + offset) % len(axis)`` of each axis
+    (token counts, ranks, slot counts, dtypes, variants), with a different offset per
+    axis and cell, so with ``per_cell`` >= the longest of these axes (6) every cell
+    covers every value of each of them. Layer shapes advance by one per
+    configuration across the cells of a kernel, so each kernel meets every shape
+    once its cells hold ``len(LAYERS)`` configurations (4 chips x 6 >= 24).
+    """
+    kernels = [_entry(name) for name in (kernels or [entry.name for entry in KERNELS])]
+    configs = []
+    for k, entry in enumerate(kernels):
+        for c, chip in enumerate(chips):
+            for j in range(per_cell):
+                model, layer, d_in, d_out = LAYERS[(c * per_cell + j + 7 * k) % len(LAYERS)]
+                configs.append(
+                    Config(
+                        chip=chip,
+                        kernel=entry.name,
+                        variant=entry.variants[(j + c) % len(entry.variants)],
+                        dtype=DTYPES[(j + c + k) % len(DTYPES)],
+                        tokens=TOKENS[j % len(TOKENS)],
+                        slots=SLOTS[(j + 3 * c + k) % len(SLOTS)],
+                        rank=RANKS[(j + 2 * c + k) % len(RANKS)],
+                        model=model,
+                        layer=layer,
+                        in_features=d_in,
+                        out_features=d_out,
+                    )
+                )
+    return configs
+
+
+def full(chips=tuple(CHIPS), kernels=None) -> Iterator[Config]:
+    """Every combination of every axis (about 100,000 configurations: filter it)."""
+    for entry in (_entry(name) for name in (kernels or [e.name for e in KERNELS])):
+        for chip, variant, dtype, tokens, slots, rank, layer in itertools.product(
+            chips, entry.variants, DTYPES, TOKENS, SLOTS, RANKS, LAYERS
+        ):
+            yield Config(chip, entry.name, variant, dtype, tokens, slots, rank, *layer)
