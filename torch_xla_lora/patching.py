@@ -362,14 +362,10 @@ class LoRAModel:
         Returns:
           the number of XLA compilations warm-up made.
 
-        Raises:
-          ArgumentTypeError: ``batch_sizes`` or ``seq_lens`` is not a sequence of
-            ints (a bool is refused), ``step`` is not callable, ``progress`` or
-            ``host_metadata`` is not a bool.
-          ArgumentError: ``batch_sizes`` or ``seq_lens`` is empty or holds a size below 1.
-          ShardingError: on a mesh with a data axis, a bucket's token count does
-            not split evenly over it.
-          Nothing has run or changed then.
+        Raises (before anything runs or changes):
+          ArgumentTypeError, ArgumentError: sizes that are not non-empty sequences of ints >= 1
+            (a bool is refused), a ``step`` that is not callable, flags that are not bools.
+          ShardingError: on a mesh, a bucket's tokens do not split evenly over the data axis.
         """
         self._check_patched()
         buckets = self._check_warmup(batch_sizes, seq_lens, step, progress, host_metadata)
@@ -400,25 +396,22 @@ class LoRAModel:
             self.context.set(*saved)
         return counter.count
 
-    def _check_warmup(
-        self, batch_sizes: Any, seq_lens: Any, step: Any, progress: Any, host_metadata: Any
-    ) -> list[tuple[int, int]]:
+    def _check_warmup(self, batch_sizes, seq_lens, step, progress, host_metadata) -> list[tuple[int, int]]:
         """Validate :meth:`warmup`'s arguments before anything runs; return its (batch, seq) buckets."""
-        sizes = {what: _sizes(values, what) for what, values in (("batch_sizes", batch_sizes), ("seq_lens", seq_lens))}
+        batches, seqs = _sizes(batch_sizes, "batch_sizes"), _sizes(seq_lens, "seq_lens")
+        buckets = [(b, s) for b in batches for s in seqs]
         if step is not None and not callable(step):
             raise ArgumentTypeError(f"warmup: step must be None or callable, got {type(step).__name__} {step!r}")
         for what, flag in (("progress", progress), ("host_metadata", host_metadata)):
             if not isinstance(flag, bool):
                 raise ArgumentTypeError(f"warmup: {what} must be a bool, got {type(flag).__name__} {flag!r}")
-        buckets = [(b, s) for b in sizes["batch_sizes"] for s in sizes["seq_lens"]]
         placement = next((lay.tensor_parallel for lay in self.layers.values() if lay.tensor_parallel), None)
-        if placement is not None:  # every forward on the mesh splits its tokens over the data axis
-            for batch, seq in buckets:
-                if batch * seq % placement.data_shards:
-                    raise ShardingError(
-                        f"warmup: bucket batch {batch} x seq {seq} = {batch * seq} tokens does not split evenly "
-                        f"over data axis {placement.data_axis!r} of size {placement.data_shards}"
-                    )
+        for batch, seq in buckets if placement is not None else ():  # a forward on a mesh splits its tokens
+            if batch * seq % placement.data_shards:
+                raise ShardingError(
+                    f"warmup: bucket batch {batch} x seq {seq} = {batch * seq} tokens does not split evenly "
+                    f"over data axis {placement.data_axis!r} of size {placement.data_shards}"
+                )
         return buckets
 
     # -- lifecycle ---------------------------------------------------------------------------------
