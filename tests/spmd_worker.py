@@ -285,6 +285,7 @@ def run_layers(inputs: dict) -> dict:
     result["model_outputs"]["pallas"] = _toy_variant(toy_cpu, inputs, mesh, torch.float32, backend="pallas")
     result["model_outputs"]["bf16"] = _toy_variant(toy_cpu, inputs, mesh, torch.bfloat16, dtype=torch.float32)
     result["model_collectives"] = _llama_collectives(inputs["llama"], mesh, inputs["dump_dir"])
+    result["scaled_embedding"] = {kind: _scaled_embedding_logits(case, mesh) for kind, case in inputs["scaled"].items()}
     result["divisibility_error"] = _divisibility_error(mesh)
     return result
 
@@ -300,6 +301,20 @@ def _llama_collectives(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict[str, 
     lora.clear_batch()
     counts["base"] = _run_and_count(dump_dir, logits, ids)[1]
     return counts
+
+
+def _scaled_embedding_logits(case: dict, mesh: xs.Mesh) -> tuple[str, torch.Tensor]:
+    """(embedding's sharding kind, logits) of a model whose word embedding scales its rows (Gemma, XGLM),
+    with LoRA on the embedding and q_proj, on the mesh by the default plan, for a mixed batch."""
+    model = case["model"].to(torch_xla.device())
+    lora = tl.patch_model(model, tl.LoRAConfig(**case["lora_config"]), mesh=mesh)
+    _load_all(lora, case["adapters"])
+    lora.set_batch(case["batch"])
+    embedding = next(layer for name, layer in lora.layers.items() if name.endswith("embed_tokens"))
+    with torch.no_grad():
+        logits = sharding.replicated(model(case["ids"].to(torch_xla.device())).logits, mesh)
+        torch_xla.sync()
+    return embedding.tensor_parallel.kind, logits.cpu()
 
 
 def _toy_variant(toy_cpu: Toy, inputs: dict, mesh: xs.Mesh, model_dtype: torch.dtype, **changes):

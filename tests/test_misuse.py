@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import types
 from collections.abc import Callable
 
 import numpy as np
@@ -115,6 +116,66 @@ def test_misuse_raises_a_typed_error_and_changes_nothing(bank, case):
     assert torch.equal(served.outputs(3), outputs)
     served.lora.set_batch(["a", None, "b"])  # nothing was staged either: the slots still hold a and b
     assert torch.equal(served.outputs(3), outputs)
+
+
+# id -> (error, built-in type it must also be, warmup's keyword arguments; "step" is added when not given)
+WARMUP_CASES: dict[str, tuple[type[tl.LoRAError], type[Exception], dict]] = {
+    "batch_sizes_int": (tl.ArgumentTypeError, TypeError, {"batch_sizes": 4, "seq_lens": [5]}),
+    "batch_sizes_str": (tl.ArgumentTypeError, TypeError, {"batch_sizes": "4", "seq_lens": [5]}),
+    "batch_sizes_set": (tl.ArgumentTypeError, TypeError, {"batch_sizes": {4}, "seq_lens": [5]}),
+    "batch_sizes_bool": (tl.ArgumentTypeError, TypeError, {"batch_sizes": [True], "seq_lens": [5]}),
+    "batch_sizes_float": (tl.ArgumentTypeError, TypeError, {"batch_sizes": [2, 4.0], "seq_lens": [5]}),
+    "batch_sizes_empty": (tl.ArgumentError, ValueError, {"batch_sizes": [], "seq_lens": [5]}),
+    "batch_sizes_zero": (tl.ArgumentError, ValueError, {"batch_sizes": [2, 0], "seq_lens": [5]}),
+    "seq_lens_none": (tl.ArgumentTypeError, TypeError, {"batch_sizes": [2], "seq_lens": None}),
+    "seq_lens_bool": (tl.ArgumentTypeError, TypeError, {"batch_sizes": [2], "seq_lens": [False]}),
+    "seq_lens_tensor_entry": (tl.ArgumentTypeError, TypeError, {"batch_sizes": [2], "seq_lens": [torch.tensor(5.0)]}),
+    "seq_lens_empty": (tl.ArgumentError, ValueError, {"batch_sizes": [2], "seq_lens": ()}),
+    "seq_lens_negative": (tl.ArgumentError, ValueError, {"batch_sizes": [2], "seq_lens": [5, -1]}),
+    "step_not_callable": (tl.ArgumentTypeError, TypeError, {"batch_sizes": [2], "seq_lens": [5], "step": 3}),
+    "progress_str": (tl.ArgumentTypeError, TypeError, {"batch_sizes": [2], "seq_lens": [5], "progress": "no"}),
+    "host_metadata_int": (tl.ArgumentTypeError, TypeError, {"batch_sizes": [2], "seq_lens": [5], "host_metadata": 1}),
+}
+
+
+@pytest.mark.parametrize("case", WARMUP_CASES)
+def test_warmup_misuse_raises_a_typed_error_and_runs_nothing(bank, case):
+    error, builtin, kwargs = WARMUP_CASES[case]
+    served = serve(bank, load=("a", "b", "c"))
+    served.lora.set_batch(["a", None])
+    served.lora.pin("c")  # evicts b from slot 1: a staged write that warm-up would run
+    manager = served.lora.manager
+    adapters, applied, slots = served.lora.adapters(), list(manager._applied), served.lora.context.slots
+    outputs, calls = served.outputs(2), []
+    with pytest.raises(tl.LoRAError) as err:
+        served.lora.warmup(**{"step": calls.append, "progress": False, **kwargs})
+    assert type(err.value) is error, repr(err.value)
+    assert isinstance(err.value, builtin)
+    assert calls == []  # no bucket ran
+    assert all(now is before for now, before in zip(manager._applied, applied, strict=True))  # write still staged
+    assert served.lora.adapters() == adapters and served.lora.context.slots is slots
+    assert torch.equal(served.outputs(2), outputs)
+
+
+def test_warmup_refuses_a_bucket_that_does_not_split_over_the_data_axis(bank):
+    """On a mesh every forward splits its tokens over the data axis: a bucket of 3 x 1 tokens cannot run on 2
+    data shards. The placement is stood in for here (only its data axis is read); tests/test_sharding.py runs
+    real meshes."""
+    served = serve(bank, load=("a",))
+    layer = next(iter(served.lora.layers.values()))
+    layer.tensor_parallel = types.SimpleNamespace(data_shards=2, data_axis="data")
+    calls = []
+    with pytest.raises(tl.ShardingError, match="3 tokens does not split evenly over data axis 'data' of size 2"):
+        served.lora.warmup([2, 3], [1], step=calls.append, progress=False)
+    assert calls == []
+
+
+@pytest.mark.parametrize("sizes", [(2,), range(1, 3), (np.int64(2),)], ids=["tuple", "range", "numpy_int"])
+def test_warmup_accepts_sequences_of_ints(bank, sizes):
+    served = serve(bank, load=("a",))
+    calls = []
+    assert served.lora.warmup(sizes, [5], step=calls.append, progress=False) == 0  # nothing compiles on CPU
+    assert [tuple(ids.shape) for ids in calls] == [(size, 5) for size in sizes]
 
 
 @pytest.mark.parametrize(

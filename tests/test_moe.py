@@ -21,7 +21,13 @@ from peft.tuners.lora.layer import ParamWrapper
 
 from torch_xla_lora import LoRAConfig, patch_model
 from torch_xla_lora.adapters import ExpertsLoRA, load_adapter
-from torch_xla_lora.errors import InvalidAdapterError, RankTooLargeError, ShardingError, UnsupportedAdapterError
+from torch_xla_lora.errors import (
+    AlreadyPatchedError,
+    InvalidAdapterError,
+    RankTooLargeError,
+    ShardingError,
+    UnsupportedAdapterError,
+)
 from torch_xla_lora.layers import ExpertsWithLoRA, RouterWithLoRA
 
 _COMMON = {
@@ -199,6 +205,13 @@ def test_patch_finds_experts_and_routers(arch):
     lora = patch_model(moe_model(arch), LoRAConfig())
     kinds = [type(layer) for layer in lora.layers.values()]
     assert kinds.count(ExpertsWithLoRA) == 2 and kinds.count(RouterWithLoRA) == 2
+
+
+def test_patching_a_model_patched_on_its_experts_only_is_refused():
+    model = moe_model("Mixtral")
+    patch_model(model, LoRAConfig(target_modules=["experts"]))
+    with pytest.raises(AlreadyPatchedError, match="'model.layers.0.mlp.experts' is a ExpertsWithLoRA"):
+        patch_model(model, LoRAConfig(target_modules=["experts"]))
 
 
 def test_wrong_expert_count_is_refused(saved):

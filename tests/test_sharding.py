@@ -266,8 +266,38 @@ def test_host_metadata_is_one_row_per_data_shard_split_over_the_data_axis(spmd_l
 # -- single layers on 4 devices: the collectives of their compiled HLO ---------------------------
 
 
+# -- scaled word embeddings (Gemma: a tensor embed_scale, XGLM: a float), in the layers worker -------
+
+SCALED_KINDS = ("gemma", "xglm")
+
+
 @pytest.fixture(scope="module")
-def spmd_layers(llama_inputs, tmp_path_factory) -> dict:
+def scaled(tmp_path_factory, xla_device) -> dict[str, tuple[dict, torch.Tensor, torch.Tensor]]:
+    """kind -> (worker inputs, one-device logits, PEFT logits) of a small model with LoRA on its scaled
+    word embedding and q_proj, two adapters and the base in one batch (see test_embed_scale.py)."""
+    from test_embed_scale import BATCH, IDS, TARGETS, _models, _serve
+
+    cases = {}
+    for kind in SCALED_KINDS:
+        clean, peft_model = _models(kind)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # notices about saving embedding layers
+            adapters = {
+                name: (peft.get_peft_model_state_dict(peft_model, adapter_name=name), peft_model.peft_config[name])
+                for name in ("a", "b")
+            }
+        lora_config = {"max_loras": 2, "max_rank": 4, "target_modules": TARGETS}
+        inputs = {"model": clean, "adapters": adapters, "lora_config": lora_config, "ids": IDS, "batch": BATCH}
+        model = _serve(clean, peft_model, tmp_path_factory.mktemp(kind), xla_device)
+        with torch.no_grad():
+            one_device = model(IDS.to(xla_device)).logits.cpu()
+            expected = peft_model(IDS, adapter_names=[name or "__base__" for name in BATCH]).logits
+        cases[kind] = (inputs, one_device, expected)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def spmd_layers(llama_inputs, scaled, tmp_path_factory) -> dict:
     torch.manual_seed(2)
     toy = Toy()
     config = peft.LoraConfig(
@@ -286,6 +316,7 @@ def spmd_layers(llama_inputs, tmp_path_factory) -> dict:
         "token_adapters": ["a" if i % 3 else None for i in range(tokens)],
         "dump_dir": str(workdir / "hlo"),
         "llama": llama_inputs,
+        "scaled": {kind: scaled[kind][0] for kind in SCALED_KINDS},
     }
     return run_worker("layers", str(workdir), inputs, devices=4, dump_hlo=True)
 
@@ -349,6 +380,18 @@ def test_adapters_in_float32_on_a_bfloat16_model(spmd_layers):
     actual, expected = spmd_layers["model_outputs"]["bf16"]
     assert actual.dtype == torch.bfloat16
     assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("kind", SCALED_KINDS)
+def test_scaled_embedding_on_mesh_matches_one_device(spmd_layers, scaled, kind):
+    placement, logits = spmd_layers["scaled_embedding"][kind]
+    assert placement == "vocab"  # the embedding runs the per-shard lookup region
+    torch.testing.assert_close(logits, scaled[kind][1], atol=SPMD_ATOL, rtol=SPMD_RTOL)
+
+
+@pytest.mark.parametrize("kind", SCALED_KINDS)
+def test_scaled_embedding_on_mesh_matches_peft(spmd_layers, scaled, kind):
+    assert_close(spmd_layers["scaled_embedding"][kind][1], scaled[kind][2])
 
 
 def test_lora_dimension_not_dividing_over_the_axis_raises(spmd_layers):

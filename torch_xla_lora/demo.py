@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from torch_xla_lora.random_models import random_llama
 from torch_xla_lora.serving import Request, Steps, serve
 
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -79,6 +80,14 @@ class RequestSpec:
     arrival: int
 
 
+def _schedule(
+    adapters: Sequence[str | None], prompt_lens: Sequence[int], new_tokens: Sequence[int], arrivals: Sequence[int]
+) -> tuple[RequestSpec, ...]:
+    """Requests given column by column: request i has the i-th entry of each."""
+    columns = (adapters, prompt_lens, new_tokens, arrivals)
+    return tuple(RequestSpec(*fields) for fields in zip(*columns, strict=True))
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     """Sizes of the demo. ``quick()`` is the test suite's smaller variant."""
@@ -92,17 +101,11 @@ class DemoConfig:
     rows: int = 4  # decode bucket: rows served together
     prefill_len: int = 16  # prefill bucket: prompts are right-padded to it
     max_len: int = 32  # KV cache length per row
-    requests: tuple[RequestSpec, ...] = (
-        RequestSpec("sql", 6, 8, 0),
-        RequestSpec(None, 9, 5, 0),
-        RequestSpec("chat", 5, 12, 0),
-        RequestSpec("code", 12, 6, 1),
-        RequestSpec("math", 7, 10, 2),
-        RequestSpec(None, 10, 4, 3),
-        RequestSpec("code", 4, 9, 4),
-        RequestSpec("sql", 8, 7, 6),
-        RequestSpec("chat", 11, 5, 8),
-        RequestSpec("math", 3, 6, 10),
+    requests: tuple[RequestSpec, ...] = _schedule(
+        adapters=("sql", None, "chat", "code", "math", None, "code", "sql", "chat", "math"),
+        prompt_lens=(6, 9, 5, 12, 7, 10, 4, 8, 11, 3),
+        new_tokens=(8, 5, 12, 6, 10, 4, 9, 7, 5, 6),
+        arrivals=(0, 0, 0, 1, 2, 3, 4, 6, 8, 10),
     )
 
     @classmethod
@@ -117,13 +120,11 @@ class DemoConfig:
             rows=3,
             prefill_len=8,
             max_len=16,
-            requests=(
-                RequestSpec("sql", 5, 4, 0),
-                RequestSpec(None, 7, 2, 0),
-                RequestSpec("code", 3, 5, 0),
-                RequestSpec("math", 6, 3, 1),
-                RequestSpec("chat", 8, 4, 2),
-                RequestSpec(None, 4, 3, 3),
+            requests=_schedule(
+                adapters=("sql", None, "code", "math", "chat", None),
+                prompt_lens=(5, 7, 3, 6, 8, 4),
+                new_tokens=(4, 2, 5, 3, 4, 3),
+                arrivals=(0, 0, 0, 1, 2, 3),
             ),
         )
 
@@ -156,19 +157,7 @@ def _step(message: str) -> Iterator[None]:
 
 def build_base_model(config: DemoConfig, seed: int) -> nn.Module:
     """A random-weight ``LlamaForCausalLM`` (float32, eval mode) on the host; generation stops only at length."""
-    import transformers
-
-    torch.manual_seed(seed)
-    llama = transformers.LlamaConfig(
-        vocab_size=config.vocab,
-        hidden_size=config.hidden,
-        intermediate_size=config.intermediate,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        num_key_value_heads=config.kv_heads,
-        tie_word_embeddings=False,
-    )
-    model = transformers.LlamaForCausalLM(llama).eval()
+    model = random_llama(config, seed)
     model.generation_config.eos_token_id = None  # random weights: an end token would stop PEFT's generate early
     model.generation_config.pad_token_id = 0
     return model

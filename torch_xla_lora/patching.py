@@ -109,6 +109,19 @@ def _as_int(value: Any, what: str) -> int:
     raise ArgumentTypeError(f"{what}, got {type(value).__name__} {value!r}")
 
 
+def _sizes(values: Any, what: str) -> list[int]:
+    """``values`` (a non-empty sequence of ints >= 1) as a list; else ArgumentTypeError / ArgumentError."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ArgumentTypeError(f"warmup: {what} must be a sequence of ints, got {type(values).__name__} {values!r}")
+    sizes = [_as_int(value, f"warmup: {what} must hold ints") for value in values]
+    if not sizes:
+        raise ArgumentError(f"warmup: {what} must hold at least one size, got {values!r}")
+    for size in sizes:
+        if size < 1:
+            raise ArgumentError(f"warmup: {what} must all be at least 1, got {size} in {values!r}")
+    return sizes
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -348,13 +361,18 @@ class LoRAModel:
 
         Returns:
           the number of XLA compilations warm-up made.
+
+        Raises (before anything runs or changes):
+          ArgumentTypeError, ArgumentError: sizes that are not non-empty sequences of ints >= 1
+            (a bool is refused), a ``step`` that is not callable, flags that are not bools.
+          ShardingError: on a mesh, a bucket's tokens do not split evenly over the data axis.
         """
         self._check_patched()
+        buckets = self._check_warmup(batch_sizes, seq_lens, step, progress, host_metadata)
         step = step or self.model
         counter = CompileCounter()
         self.manager.warm_writes()
         saved = (self.context.slots, self.context.per_token, self.context.metadata)
-        buckets = [(b, s) for b in batch_sizes for s in seq_lens]
         try:
             for number, (batch, seq) in enumerate(buckets, 1):
                 start = time.perf_counter()
@@ -377,6 +395,24 @@ class LoRAModel:
         finally:
             self.context.set(*saved)
         return counter.count
+
+    def _check_warmup(self, batch_sizes, seq_lens, step, progress, host_metadata) -> list[tuple[int, int]]:
+        """Validate :meth:`warmup`'s arguments before anything runs; return its (batch, seq) buckets."""
+        batches, seqs = _sizes(batch_sizes, "batch_sizes"), _sizes(seq_lens, "seq_lens")
+        buckets = [(b, s) for b in batches for s in seqs]
+        if step is not None and not callable(step):
+            raise ArgumentTypeError(f"warmup: step must be None or callable, got {type(step).__name__} {step!r}")
+        for what, flag in (("progress", progress), ("host_metadata", host_metadata)):
+            if not isinstance(flag, bool):
+                raise ArgumentTypeError(f"warmup: {what} must be a bool, got {type(flag).__name__} {flag!r}")
+        placement = next((lay.tensor_parallel for lay in self.layers.values() if lay.tensor_parallel), None)
+        for batch, seq in buckets if placement is not None else ():  # a forward on a mesh splits its tokens
+            if batch * seq % placement.data_shards:
+                raise ShardingError(
+                    f"warmup: bucket batch {batch} x seq {seq} = {batch * seq} tokens does not split evenly "
+                    f"over data axis {placement.data_axis!r} of size {placement.data_shards}"
+                )
+        return buckets
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from torch_xla_lora.layers.embedding import scaled
+
 if TYPE_CHECKING:
     from torch_xla_lora.sharding import LayerSharding
 
@@ -154,6 +156,8 @@ def sharded_embedding(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     lora_indices: torch.Tensor,
+    scale: torch.Tensor | None,
+    scale_value: float | None,
     key: str,
     backend: str,
 ) -> torch.Tensor:
@@ -162,13 +166,18 @@ def sharded_embedding(
     Args:
       ids: [N] integer; weight: [vocab, D]; lora_a: [L, vocab, R] (token-major);
       lora_b: [L, R, D]; lora_indices: [N] int32.
+      scale, scale_value: the base embedding's ``embed_scale`` (see
+        :func:`torch_xla_lora.layers.embedding.embed_scale`) when it is a
+        one-element tensor or a number, else None.
 
     Returns:
       [N, D] in weight's dtype.
 
     Each shard looks up the ids in its vocabulary range, base row and A row
     alike, and zeroes the others; the shards' partial outputs (base plus
-    LoRA expand) are summed once, as for a row layer.
+    LoRA expand) are summed once, as for a row layer. A scaled embedding's
+    base rows and A rows are multiplied by its scale as on one device (the
+    base module's own forward, which scales its lookup, does not run here).
     """
     p = _placement(key)
     tokens = p.data_axis
@@ -183,9 +192,10 @@ def sharded_embedding(
     local = p.enter(ids, (tokens,)).to(torch.int32) - shard * vocab  # [N_local]
     inside = ((local >= 0) & (local < vocab))[:, None]
     local = local.clamp(0, vocab - 1)
-    base = torch.where(inside, w.index_select(0, local), 0)  # [N_local, D]
+    factor = p.enter(scale.reshape(1), (None,)) if scale is not None else scale_value
+    base = scaled(torch.where(inside, w.index_select(0, local), 0), factor)  # [N_local, D]
     rows = idx.clamp(min=0) * vocab + local  # -1 slots add zero in expand
-    s = torch.where(inside, a.reshape(-1, rank).index_select(0, rows), 0)  # [N_local, R]
+    s = scaled(torch.where(inside, a.reshape(-1, rank).index_select(0, rows), 0), factor)  # [N_local, R]
     b = p.enter(lora_b, (None, None, None), placed=True)
     partial = torch.ops.xla_lora.bgmv_expand(s, b, base.to(b.dtype), idx, True, backend)
     partial = partial.to(base.dtype)  # reduced in the model's dtype, as the base lookup alone would be
@@ -195,7 +205,7 @@ def sharded_embedding(
 
 
 @sharded_embedding.register_fake
-def _(ids, weight, lora_a, lora_b, lora_indices, key, backend):
+def _(ids, weight, lora_a, lora_b, lora_indices, scale, scale_value, key, backend):
     return weight.new_empty((ids.shape[0], weight.shape[1]))
 
 

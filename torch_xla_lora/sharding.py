@@ -49,6 +49,7 @@ from torch import nn
 from torch_xla_lora import regions  # noqa: F401  (registers the per-shard region ops)
 from torch_xla_lora.errors import ShardingError
 from torch_xla_lora.layers import BaseLayerWithLoRA, EmbeddingWithLoRA
+from torch_xla_lora.layers.embedding import embed_scale
 from torch_xla_lora.layers.linear import linear_features
 
 # One source of truth for transformers' projection names: the patcher's.
@@ -320,8 +321,11 @@ class LayerSharding:
         flat = ids.reshape(-1)
         self._metadata(layer, flat.shape[0])  # checks the token split
         weight = layer.base_layer.weight
+        # The base module's forward does not run: its embed_scale (if any) is applied in the region.
+        scale = embed_scale(layer.base_layer)
+        tensor, value = (scale, None) if isinstance(scale, torch.Tensor) else (None, scale)
         y = torch.ops.xla_lora.sharded_embedding(
-            flat, weight, layer.lora_a, layer.lora_b, slots, self.key, layer.backend
+            flat, weight, layer.lora_a, layer.lora_b, slots, tensor, value, self.key, layer.backend
         )
         return y.reshape(*ids.shape, layer.out_features)
 

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from torch_xla_lora.random_models import random_llama
+
 if TYPE_CHECKING:
     from torch_xla_lora.bench.e2e import E2EConfig
 
@@ -76,20 +78,7 @@ def onehot_formulation(lora) -> Iterator[None]:
 
 def build_model(config: E2EConfig, device: torch.device) -> nn.Module:
     """A random-weight float32 ``LlamaForCausalLM`` in eval mode on ``device``."""
-    import transformers
-
-    torch.manual_seed(config.seed)
-    llama = transformers.LlamaConfig(
-        vocab_size=config.vocab,
-        hidden_size=config.hidden,
-        intermediate_size=config.intermediate,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        num_key_value_heads=config.kv_heads,
-        max_position_embeddings=max(4096, config.max_cache_len),
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(llama).eval().to(device)
+    return random_llama(config, config.seed, max_position_embeddings=max(4096, config.max_cache_len)).to(device)
 
 
 def random_adapter(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> tuple[dict, dict]:

@@ -134,36 +134,38 @@ def targets(result: dict) -> dict:
     return out
 
 
+# Each target's line, filled from its entry of ``targets()`` (and ``margin``); ": **met**" or ": **not met**" follows.
+_TARGET_LINES = (
+    (
+        "prefill_slowdown",
+        "prefill: LoRA slowdown <= {limit_pct:.0f}% in every cell: worst {worst_pct:+.1f}% "
+        "({cells_met}/{cells} cells within)",
+    ),
+    (
+        "decode_fewest_slots",
+        "decode, {slots} slots: LoRA {lora_pct:+.1f}% <= one-hot {onehot_pct:+.1f}% + {margin:g} point",
+    ),
+    ("decode_most_slots", "decode, {slots} slots: LoRA {lora_pct:+.1f}% <= half of one-hot {onehot_pct:+.1f}%"),
+    (
+        "decode_flat_in_slots",
+        "decode: LoRA slowdown flat in slots within {limit_pct:g} points: spread {spread_pct:.1f} points",
+    ),
+    (
+        "prefill_flat_in_slots",
+        "prefill: LoRA slowdown at {slots[1]} slots within {limit_pct:g} points of {slots[0]} slots: "
+        "{drift_pct:+.1f} points",
+    ),
+)
+
+
 def targets_text(result: dict) -> str:
     """One line per target: value, limit, met or not."""
-    t, lines = result["targets"], []
-    if "prefill_slowdown" in t:
-        s = t["prefill_slowdown"]
-        lines.append(
-            f"- prefill: LoRA slowdown <= {s['limit_pct']:.0f}% in every cell: worst {s['worst_pct']:+.1f}% "
-            f"({s['cells_met']}/{s['cells']} cells within): **{_met(s['met'])}**"
-        )
-    if "decode_fewest_slots" in t:
-        d = t["decode_fewest_slots"]
-        lines.append(
-            f"- decode, {d['slots']} slots: LoRA {d['lora_pct']:+.1f}% <= one-hot {d['onehot_pct']:+.1f}% + "
-            f"{DECODE_MARGIN_FEWEST_SLOTS_PCT:g} point: **{_met(d['met'])}**"
-        )
-        d = t["decode_most_slots"]
-        lines.append(
-            f"- decode, {d['slots']} slots: LoRA {d['lora_pct']:+.1f}% <= half of one-hot {d['onehot_pct']:+.1f}%: "
-            f"**{_met(d['met'])}**"
-        )
-        d = t["decode_flat_in_slots"]
-        lines.append(
-            f"- decode: LoRA slowdown flat in slots within {d['limit_pct']:g} points: spread "
-            f"{d['spread_pct']:.1f} points: **{_met(d['met'])}**"
-        )
-        d = t["prefill_flat_in_slots"]
-        lines.append(
-            f"- prefill: LoRA slowdown at {d['slots'][1]} slots within {d['limit_pct']:g} points of {d['slots'][0]} "
-            f"slots: {d['drift_pct']:+.1f} points: **{_met(d['met'])}**"
-        )
+    t = result["targets"]
+    lines = [
+        f"- {line.format(**t[key], margin=DECODE_MARGIN_FEWEST_SLOTS_PCT)}: **{_met(t[key]['met'])}**"
+        for key, line in _TARGET_LINES
+        if key in t
+    ]
     check = result["cache_check"]
     if not check["max_abs_logits_diff"]:
         lines.append("- cache check: not run (--skip-check)")

@@ -50,14 +50,24 @@ class BaseLayerWithLoRA(nn.Module):
         self.backend = backend
         device = _device_of(base_layer)
         # Not persistent: adapters are not part of the model's state_dict.
-        a_shape = (max_loras, *self._a_slot_shape())
-        self.register_buffer("lora_a", torch.zeros(a_shape, dtype=dtype, device=device), False)
-        b_shape = (max_loras, max_rank, self.out_features)
-        self.register_buffer("lora_b", torch.zeros(b_shape, dtype=dtype, device=device), False)
+        for name, shape in self._buffer_shapes().items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), False)
+
+    def _buffer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of each slot buffer: ``lora_a`` [L, *a slot] and ``lora_b`` [L, R, out]."""
+        b_shape = (self.max_loras, self.max_rank, self.out_features)
+        return {"lora_a": (self.max_loras, *self._a_slot_shape()), "lora_b": b_shape}
 
     def _a_slot_shape(self) -> tuple[int, int]:
         """Shape of one slot of ``lora_a``: [R, in] (rank-major)."""
         return self.max_rank, self.in_features
+
+    def add_lora(
+        self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, metadata: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """y [..., out] + each token's LoRA of x [..., in], in y's dtype (one fused op, see :func:`fused_lora`)."""
+        x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
+        return fused_lora(x2, y2, self.lora_a, self.lora_b, slots, self.backend, metadata).reshape(y.shape)
 
     @classmethod
     def can_replace(cls, module: nn.Module) -> bool:
@@ -97,6 +107,27 @@ class BaseLayerWithLoRA(nn.Module):
         with torch.no_grad():
             self.lora_a.index_copy_(0, index, a[None].to(device))
             self.lora_b.index_copy_(0, index, b[None].to(device))
+
+
+def fused_lora(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slots: torch.Tensor,
+    backend: str,
+    metadata: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y [N, out] + B[slot_t] A[slot_t] x_t for x [N, in], by the fused shrink-expand op, in y's dtype.
+
+    The adapter dtype may differ from the model's (``LoRAConfig.dtype``): the op
+    runs in the adapter's. ``slots`` [N] int32; ``metadata``: the batch's
+    host-built grouping for this shape, or None (grouped on the device).
+    """
+    out = torch.ops.xla_lora.bgmv_shrink_expand(
+        x.to(lora_a.dtype), lora_a, lora_b, y.to(lora_b.dtype), slots, 1.0, backend, metadata
+    )
+    return out.to(y.dtype)
 
 
 def _device_of(module: nn.Module) -> torch.device:

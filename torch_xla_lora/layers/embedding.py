@@ -27,6 +27,17 @@ def embed_scale(module: nn.Module) -> torch.Tensor | float | None:
     return None
 
 
+def scaled(tensor: torch.Tensor, scale: torch.Tensor | float | None) -> torch.Tensor:
+    """``tensor`` times an :func:`embed_scale` (None: unchanged), in ``tensor``'s dtype.
+
+    A tensor scale is cast to ``tensor``'s dtype first, as transformers' scaled
+    embeddings (``* embed_scale.to(weight.dtype)``) and PEFT do; a number multiplies as is.
+    """
+    if scale is None:
+        return tensor
+    return tensor * (scale.to(tensor.dtype) if isinstance(scale, torch.Tensor) else scale)
+
+
 class EmbeddingWithLoRA(BaseLayerWithLoRA):
     """``y = E[id_t] + B[slot_t] A[slot_t][:, id_t]``, times the base's ``embed_scale`` if it has one.
 
@@ -60,9 +71,8 @@ class EmbeddingWithLoRA(BaseLayerWithLoRA):
         vocab = self.in_features
         rows = slots.clamp(min=0) * vocab + ids.reshape(-1).to(slots.dtype)  # -1 slots add zero in expand
         s = self.lora_a.reshape(-1, self.max_rank).index_select(0, rows)  # [N, R]
-        scale = embed_scale(self.base_layer)
-        if scale is not None:  # the base output is already scaled; the LoRA term is scaled as PEFT does
-            s = s * (scale.to(s.dtype) if isinstance(scale, torch.Tensor) else scale)
+        # The base output is already scaled; the LoRA term is scaled as PEFT does.
+        s = scaled(s, embed_scale(self.base_layer))
         base = y.reshape(-1, self.out_features).to(self.lora_b.dtype)  # adapter dtype may differ
         out = torch.ops.xla_lora.bgmv_expand(s, self.lora_b, base, slots, True, self.backend)
         return out.reshape(y.shape).to(y.dtype)

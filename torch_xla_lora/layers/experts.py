@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch_xla_lora.adapters import ExpertsLoRA, ModuleLoRA
 from torch_xla_lora.context import BatchContext
 from torch_xla_lora.errors import InvalidAdapterError, RankTooLargeError
-from torch_xla_lora.layers.base import BaseLayerWithLoRA, _device_of
+from torch_xla_lora.layers.base import BaseLayerWithLoRA, fused_lora
 
 __all__ = ["ExpertsWithLoRA", "RouterWithLoRA"]
 
@@ -47,7 +47,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Te
     return torch.bmm(weight, x.unsqueeze(-1)).squeeze(-1)
 
 
-class ExpertsWithLoRA(nn.Module):
+class ExpertsWithLoRA(BaseLayerWithLoRA):
     """Fused experts with per-(slot, expert) LoRA on the up (``gate_up_proj``/``up_proj``) and down projections.
 
     For each token t, routed to experts e_1..e_K with weights w_k, and slot s = slot(t)::
@@ -60,20 +60,7 @@ class ExpertsWithLoRA(nn.Module):
     Without a batch the wrapped module runs as configured (any ``experts_implementation``).
     """
 
-    tensor_parallel = None
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        context: BatchContext,
-        max_loras: int,
-        max_rank: int,
-        dtype: torch.dtype,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        self.base_layer, self.context = base_layer, context
-        self.max_loras, self.max_rank, self.backend = max_loras, max_rank, backend
+    def __init__(self, base_layer: nn.Module, *args, **kwargs) -> None:
         self.up_name = "gate_up_proj" if getattr(base_layer, "has_gate", True) else "up_proj"
         self.transposed = bool(getattr(base_layer, "is_transposed", False))
         self.num_experts = getattr(base_layer, self.up_name).shape[0]
@@ -84,16 +71,16 @@ class ExpertsWithLoRA(nn.Module):
             self.factor_shapes[param] = (experts, d1, d2) if self.transposed else (experts, d2, d1)
         self.in_features = self.factor_shapes[self.up_name][1]
         self.out_features = self.factor_shapes["down_proj"][2]
-        device, entries = _device_of(base_layer), max_loras * self.num_experts
-        # Not persistent: adapters are not part of the model's state_dict.
+        super().__init__(base_layer, *args, **kwargs)
+
+    def _buffer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``lora_a``, ``lora_b`` (up projection), ``lora_a_down``, ``lora_b_down``: [L * E, R, in or out]."""
+        entries, shapes = self.max_loras * self.num_experts, {}
         for suffix, param in (("", self.up_name), ("_down", "down_proj")):
             _, d_in, d_out = self.factor_shapes[param]
-            self.register_buffer(
-                f"lora_a{suffix}", torch.zeros(entries, max_rank, d_in, dtype=dtype, device=device), False
-            )
-            self.register_buffer(
-                f"lora_b{suffix}", torch.zeros(entries, max_rank, d_out, dtype=dtype, device=device), False
-            )
+            shapes[f"lora_a{suffix}"] = (entries, self.max_rank, d_in)
+            shapes[f"lora_b{suffix}"] = (entries, self.max_rank, d_out)
+        return shapes
 
     @classmethod
     def can_replace(cls, module: nn.Module) -> bool:
@@ -175,26 +162,17 @@ class ExpertsWithLoRA(nn.Module):
         up = _linear(x_rows, getattr(base, self.up_name)[expert_ids], self.transposed)
         if getattr(base, "has_bias", False):
             up = up + getattr(base, f"{self.up_name}_bias")[expert_ids]
-        up = self._lora(x_rows, up, lora_rows, self.lora_a, self.lora_b)
+        up = fused_lora(x_rows, up, self.lora_a, self.lora_b, lora_rows, self.backend)
         h = base._apply_gate(up) if base.has_gate else base.act_fn(up)
 
         down = _linear(h, base.down_proj[expert_ids], self.transposed)
         if getattr(base, "has_bias", False):
             down = down + base.down_proj_bias[expert_ids]
-        down = self._lora(h, down, lora_rows, self.lora_a_down, self.lora_b_down)
+        down = fused_lora(h, down, self.lora_a_down, self.lora_b_down, lora_rows, self.backend)
         if getattr(base, "has_post_expert_norm", False):
             down = base.post_expert_norm(down)
         weighted = down * top_k_weights.reshape(-1, 1).to(down.dtype)
         return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
-
-    def _lora(
-        self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
-    ) -> torch.Tensor:
-        # The adapter dtype may differ from the model's (LoRAConfig.dtype): compute in the adapter's.
-        out = torch.ops.xla_lora.bgmv_shrink_expand(
-            x.to(lora_a.dtype), lora_a, lora_b, y.to(lora_b.dtype), rows, 1.0, self.backend, None
-        )
-        return out.to(y.dtype)
 
 
 class _AddLoRAToLinear(TorchFunctionMode):
@@ -238,17 +216,3 @@ class RouterWithLoRA(BaseLayerWithLoRA):
             return self.base_layer(hidden_states, *args, **kwargs)
         with _AddLoRAToLinear(self, slots):
             return self.base_layer(hidden_states, *args, **kwargs)
-
-    def add_lora(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """y [..., E] + each token's LoRA of x [..., D], in y's dtype."""
-        out = torch.ops.xla_lora.bgmv_shrink_expand(
-            x.reshape(-1, self.in_features).to(self.lora_a.dtype),
-            self.lora_a,
-            self.lora_b,
-            y.reshape(-1, self.out_features).to(self.lora_b.dtype),
-            slots,
-            1.0,
-            self.backend,
-            None,
-        )
-        return out.reshape(y.shape).to(y.dtype)

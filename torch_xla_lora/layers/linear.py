@@ -56,20 +56,13 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         if slots is None:
             return y
         # One fused op: x [N, in] -> [N, R] (on chip) -> + y [N, out]; B spans every output slice.
-        # The adapter dtype may differ from the model's (LoRAConfig.dtype): compute in the adapter's.
-        x2 = x.reshape(-1, self.in_features).to(self.lora_a.dtype)
-        metadata = self.context.metadata.get((x2.shape[0], self.in_features, self.out_features))
-        out = torch.ops.xla_lora.bgmv_shrink_expand(
-            x2,
-            self.lora_a,
-            self.lora_b,
-            y.reshape(-1, self.out_features).to(self.lora_b.dtype),
-            slots,
-            1.0,
-            self.backend,
-            metadata,
+        return self.add_lora(x, y, slots, self._metadata(x))
+
+    def _metadata(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The batch's host-built grouping for x's token count and this layer's shape, if set_batch made it."""
+        return self.context.metadata.get(
+            (x.reshape(-1, self.in_features).shape[0], self.in_features, self.out_features)
         )
-        return out.reshape(y.shape).to(y.dtype)
 
     def _fuses_base(self, x: torch.Tensor) -> bool:
         """Whether this call runs the base matmul and the LoRA as one ``linear_lora`` op."""
@@ -90,10 +83,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
 
     def _forward_base_fused(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         # x [N, in] -> y [N, out] = x W^T + bias + B[slot] A[slot] x, in one op; W in its own layout.
-        x2 = x.reshape(-1, self.in_features)
-        metadata = self.context.metadata.get((x2.shape[0], self.in_features, self.out_features))
         out = torch.ops.xla_lora.linear_lora(
-            x2,
+            x.reshape(-1, self.in_features),
             self.base_layer.weight,
             self.base_layer.bias,
             self.lora_a,
@@ -102,7 +93,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             1.0,
             _weight_layout(self.base_layer),
             self.backend,
-            metadata,
+            self._metadata(x),
         )
         return out.reshape(*x.shape[:-1], self.out_features)
 
