@@ -7,6 +7,9 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 # JAX (inside call_jax) on the CPU too: libtpu, which the test extra installs for
 # tests/test_tpu_compile.py, is then never asked for a TPU client in these processes.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One process compiles a few thousand small graphs over the suite: keep them all
+# (torch_xla's default cache of 2048 would start evicting part-way through).
+os.environ.setdefault("XLA_COMPILATION_CACHE_SIZE", "16384")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
