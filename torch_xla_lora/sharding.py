@@ -21,7 +21,10 @@ CPU runs the same structure, so the tests cover it. Each per-shard region is
 an opaque custom op (:mod:`torch_xla_lora.regions`), so the model compiles
 under ``torch.compile(backend="openxla")`` too; linear layers run the fused
 op there, with the batch's host-built metadata for their local shapes
-(:func:`send_batch`).
+(:func:`send_batch`). With ``LoRAConfig.base_fusion`` on, the base matmul
+joins the region: each shard runs ``linear_lora`` on its local weight shard
+(column layers: their output columns, with the bias; row layers: their K
+slice, the bias added once after the reduction).
 
 Row-parallel layers (and vocab-parallel embeddings) compute the base matmul
 (lookup) on the local slice themselves, add the LoRA partial product to it,
@@ -279,15 +282,30 @@ class LayerSharding:
         # [N, in], in the adapter's dtype (LoRAConfig.dtype may differ from the model's)
         x2 = x.reshape(-1, layer.in_features)
         metadata = self._metadata(layer, x2.shape[0])
+        base = layer.base_layer
+        fused = self.fuses_base(layer, x)
         if self.kind == "row":
             # The base matmul runs inside the region, so base and LoRA share the one reduction.
-            base = layer.base_layer
             transposed = not isinstance(base, nn.Linear)
             y = torch.ops.xla_lora.sharded_row_linear(
-                x2, base.weight, layer.lora_a, layer.lora_b, slots, metadata, transposed, self.key, layer.backend
+                x2, base.weight, layer.lora_a, layer.lora_b, slots, metadata, transposed, self.key, layer.backend, fused
             )
             if base.bias is not None:
                 y = y + base.bias
+            return y.reshape(*x.shape[:-1], layer.out_features)
+        if fused:  # base matmul, bias and LoRA in one op on each shard's columns
+            y = torch.ops.xla_lora.sharded_linear_lora(
+                x2,
+                base.weight,
+                base.bias,
+                layer.lora_a,
+                layer.lora_b,
+                slots,
+                metadata,
+                layer.weight_layout,
+                self.key,
+                layer.backend,
+            )
             return y.reshape(*x.shape[:-1], layer.out_features)
         y = layer.base_layer(x)
         out = torch.ops.xla_lora.sharded_linear(
@@ -301,6 +319,17 @@ class LayerSharding:
             layer.backend,
         )
         return out.reshape(y.shape).to(y.dtype)
+
+    def fuses_base(self, layer: BaseLayerWithLoRA, x: torch.Tensor) -> bool:
+        """Whether ``layer`` runs ``linear_lora`` (base matmul and LoRA in one op) on each shard.
+
+        As on one device (``LoRAConfig.base_fusion``, a plain weight layout, one
+        dtype), except fully sharded column layers: their shards hold a slice
+        of A's rank, so they keep the base layer, shrink, gather and expand.
+        """
+        if isinstance(layer, EmbeddingWithLoRA) or self.lora_specs_linear()["lora_a"][1] is not None:
+            return False
+        return layer._fuses_base(x)
 
     def _metadata(self, layer: BaseLayerWithLoRA, num_tokens: int) -> torch.Tensor | None:
         """The batch's host-built metadata for this layer's local shapes, if :func:`batch_metadata` made it."""

@@ -71,10 +71,18 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         )
         return out.reshape(y.shape).to(y.dtype)
 
+    @property
+    def weight_layout(self) -> str | None:
+        """The base weight's layout for ``linear_lora`` ("out_in", "in_out"), or None if it cannot run it."""
+        return _weight_layout(self.base_layer)
+
     def _fuses_base(self, x: torch.Tensor) -> bool:
-        """Whether this call runs the base matmul and the LoRA as one ``linear_lora`` op."""
+        """Whether this call runs the base matmul and the LoRA as one ``linear_lora`` op.
+
+        On a mesh too: the placement runs it per shard (see ``LayerSharding.fuses_base``).
+        """
         fusion = self.base_fusion
-        if fusion is False or self.tensor_parallel is not None or _weight_layout(self.base_layer) is None:
+        if fusion is False or self.weight_layout is None:
             return False
         weight, bias = self.base_layer.weight, self.base_layer.bias
         dtype = self.lora_a.dtype
@@ -100,7 +108,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             self.lora_b,
             slots,
             1.0,
-            _weight_layout(self.base_layer),
+            self.weight_layout,
             self.backend,
             metadata,
         )
