@@ -14,7 +14,16 @@ import pytest
 import torch
 from conftest import assert_close
 from jax import export as jax_export
-from test_layers import GPT2_TARGETS, LLAMA_LORA, gpt2_case, llama_case, logits, patch, peft_logits  # noqa: F401
+from test_layers import (  # noqa: F401
+    GPT2_TARGETS,
+    LLAMA_LORA,
+    LLAMA_MIXES,
+    gpt2_case,
+    llama_case,
+    logits,
+    patch,
+    peft_logits,
+)
 
 import torch_xla_lora as tl
 from torch_xla_lora import reference
@@ -257,3 +266,25 @@ def test_compiled_op_matches_reference_without_recompile(xla_device):
         assert_close(out, reference.linear_lora(x, w, b, a, lb, indices(seed)))
     torch_xla.sync()
     assert met.metric_data("CompileTime")[0] == compiles, "new index values must not compile a new graph"
+
+
+def test_compiled_model_with_base_fusion_matches_peft_without_recompile(llama_case, xla_device, monkeypatch):  # noqa: F811
+    """A whole patched Llama, every linear layer through linear_lora, under torch.compile(openxla)."""
+    import torch_xla
+
+    from torch_xla_lora import ops
+
+    model, lora = patch(llama_case, xla_device, **LLAMA_LORA, base_fusion=True)
+    step = torch.compile(lambda ids: model(ids).logits, backend="openxla")
+    ids = llama_case.inputs
+    calls, call_jax = [], ops._call_jax
+    monkeypatch.setattr(ops, "_call_jax", lambda fn, *args: calls.append(fn.__qualname__) or call_jax(fn, *args))
+    lora.warmup([ids.shape[0]], [ids.shape[1]], step=step, progress=False, host_metadata=True)
+    assert calls and all(name.startswith("linear_lora_fn") for name in calls)  # every LoRA op is linear_lora
+    with tl.assert_no_recompile():
+        for mix in LLAMA_MIXES:
+            lora.set_batch(mix, seq_len=ids.shape[1])
+            with torch.no_grad():
+                out = step(ids.to(xla_device))
+                torch_xla.sync()
+            assert_close(out.cpu(), peft_logits(llama_case, mix))
