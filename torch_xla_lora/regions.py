@@ -118,6 +118,7 @@ def sharded_linear_lora(
     weight_layout: str,
     key: str,
     backend: str,
+    own_metadata: bool = False,
 ) -> torch.Tensor:
     """Column, vocab (lm_head) or replicated linear layer, base and LoRA in one op per shard.
 
@@ -125,7 +126,8 @@ def sharded_linear_lora(
       inputs: [N, in]; weight: [out, in] ("out_in", nn.Linear) or [in, out] ("in_out",
         Conv1D), sharded on out like B; bias: [out] or None; lora_a: [L, R, in]
         (replicated); lora_b: [L, R, out]; lora_indices: [N] int32.
-      metadata: [dp, K] int32 or None (see the module docstring).
+      metadata: [dp, K] int32 or None (see the module docstring); own_metadata: it
+        was built for ``linear_lora``'s own plan (see ``ops.batch_metadata``).
 
     Returns:
       [N, out] = x W^T + bias + the LoRA product, in inputs' dtype, sharded on out
@@ -143,12 +145,12 @@ def sharded_linear_lora(
     local_bias = None if bias is None else p.enter(bias, (out_axis,), placed=True)
     a, b = p.enter(lora_a, specs["lora_a"], placed=True), p.enter(lora_b, specs["lora_b"], placed=True)
     meta = _local_metadata(p, metadata)
-    out = torch.ops.xla_lora.linear_lora(x, w, local_bias, a, b, idx, 1.0, weight_layout, backend, meta)
+    out = torch.ops.xla_lora.linear_lora(x, w, local_bias, a, b, idx, 1.0, weight_layout, backend, meta, own_metadata)
     return p.leave(out, (tokens, out_axis), (inputs.shape[0], lora_b.shape[2]))
 
 
 @sharded_linear_lora.register_fake
-def _(inputs, weight, bias, lora_a, lora_b, lora_indices, metadata, weight_layout, key, backend):
+def _(inputs, weight, bias, lora_a, lora_b, lora_indices, metadata, weight_layout, key, backend, own_metadata=False):
     return inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
 
 
@@ -164,6 +166,7 @@ def sharded_row_linear(
     key: str,
     backend: str,
     fuse_base: bool = False,
+    own_metadata: bool = False,
 ) -> torch.Tensor:
     """Row-parallel linear layer, base and LoRA, reduced once (bias not added).
 
@@ -172,7 +175,8 @@ def sharded_row_linear(
         (Conv1D, ``transposed``); lora_a: [L, R, in]; lora_b: [L, R, out].
       lora_indices: [N] int32; metadata: [dp, K] int32 or None.
       fuse_base: each shard runs ``linear_lora`` (base and LoRA partial in one
-        op; inputs, weight and adapters then share one dtype).
+        op; inputs, weight and adapters then share one dtype); own_metadata: the
+        metadata was built for ``linear_lora``'s own plan.
 
     Returns:
       [N, out] in weight's dtype: sum over shards of x_k W_k^T + B A_k x_k.
@@ -193,7 +197,7 @@ def sharded_row_linear(
     if fuse_base:
         # x_k W_k^T + B A_k x_k in one op on the local K slice; the bias is added after the reduction.
         layout = "in_out" if transposed else "out_in"
-        partial = torch.ops.xla_lora.linear_lora(x, w, None, a, b, idx, 1.0, layout, backend, meta)
+        partial = torch.ops.xla_lora.linear_lora(x, w, None, a, b, idx, 1.0, layout, backend, meta, own_metadata)
         return p.reduce(partial, inputs.shape[0])
     partial = x @ w if transposed else x @ w.T  # [N_local, out], the model's dtype
     lora = torch.ops.xla_lora.bgmv_shrink_expand(x.to(a.dtype), a, b, partial.to(b.dtype), idx, 1.0, backend, meta)
@@ -202,7 +206,19 @@ def sharded_row_linear(
 
 
 @sharded_row_linear.register_fake
-def _(inputs, weight, lora_a, lora_b, lora_indices, metadata, transposed, key, backend, fuse_base=False):
+def _(
+    inputs,
+    weight,
+    lora_a,
+    lora_b,
+    lora_indices,
+    metadata,
+    transposed,
+    key,
+    backend,
+    fuse_base=False,
+    own_metadata=False,
+):
     return inputs.new_empty((inputs.shape[0], lora_b.shape[2]), dtype=weight.dtype)
 
 

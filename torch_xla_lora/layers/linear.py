@@ -96,10 +96,33 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             return ops.device_generation() != "cpu"
         return True
 
+    def linear_metadata_shape(self) -> tuple[int, int, bool] | None:
+        """(in, out, has_bias) if this layer will run ``linear_lora``'s Pallas kernel (for host metadata), else None.
+
+        Read at ``set_batch``: base fusion on, a plain layout, the weight and bias in
+        the adapters' dtype (the inputs' dtype is only known at the forward), the
+        Pallas backend.
+        """
+        from torch_xla_lora import ops
+
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        dtype, generation = self.lora_a.dtype, ops.device_generation()
+        if self.base_fusion is False or (self.base_fusion == "auto" and generation == "cpu"):
+            return None
+        if self.weight_layout is None or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+            return None
+        if self.backend == "xla" or (self.backend == "auto" and generation == "cpu"):
+            return None
+        return self.in_features, self.out_features, bias is not None
+
     def _forward_base_fused(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         # x [N, in] -> y [N, out] = x W^T + bias + B[slot] A[slot] x, in one op; W in its own layout.
         x2 = x.reshape(-1, self.in_features)
-        metadata = self.context.metadata.get((x2.shape[0], self.in_features, self.out_features))
+        shape = (x2.shape[0], self.in_features, self.out_features)
+        metadata = self.context.metadata.get((*shape, "linear", self.base_layer.bias is not None))
+        own = metadata is not None  # built for linear_lora's own plan (see ops.batch_metadata)
+        if not own:
+            metadata = self.context.metadata.get(shape)
         out = torch.ops.xla_lora.linear_lora(
             x2,
             self.base_layer.weight,
@@ -111,6 +134,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             self.weight_layout,
             self.backend,
             metadata,
+            own,
         )
         return out.reshape(*x.shape[:-1], self.out_features)
 
