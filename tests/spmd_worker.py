@@ -70,7 +70,7 @@ def _spec_texts(mesh: xs.Mesh, lora: tl.LoRAModel, names: dict[str, str], expect
     return texts
 
 
-def _patched_llama(inputs: dict, mesh: xs.Mesh, dp_axis: str | None, fully_sharded: bool):
+def _patched_llama(inputs: dict, mesh: xs.Mesh, dp_axis: str | None = None, fully_sharded: bool = False):
     """(model, handle): the Llama of ``inputs`` on the XLA device, patched on ``mesh`` by the default plan."""
     import transformers
 
@@ -170,14 +170,18 @@ def _recording_op_calls():
     """Yield a list that gets (op, [argument shapes]) of every LoRA op that reaches JAX, on the shapes it sees.
 
     Inside a per-shard region these are the local shard shapes. The fused op
-    with host metadata has 6 arguments (the last the metadata), without 5.
+    with host metadata has 6 arguments (the last the metadata), without 5;
+    ``linear_lora`` ("linear") is told apart by its JAX function.
     """
     from torch_xla_lora import ops
 
     calls, call_jax = [], ops._call_jax
 
     def record(fn, *args):
-        op = {3: "shrink", 4: "expand", 5: "fused", 6: "fused+metadata"}[len(args)]
+        if fn.__qualname__.startswith("linear_lora_fn"):  # x, weight, [bias,] a, b, indices[, metadata]
+            op = "linear+metadata" if not args[-2].dtype.is_floating_point else "linear"
+        else:
+            op = {3: "shrink", 4: "expand", 5: "fused", 6: "fused+metadata"}[len(args)]
         calls.append((op, [tuple(arg.shape) for arg in args]))
         return call_jax(fn, *args)
 
@@ -250,9 +254,12 @@ def _run_and_count(dump_dir: str, module: nn.Module, x: torch.Tensor) -> tuple[t
     return out, {op: len(re.findall(rf"= [^=]*\b{op}(?:-start)?\(", hlo)) for op in COLLECTIVES}
 
 
-# (layer, fully_sharded, with LoRA): each runs alone, on an input sharded as inside the toy model.
+# (layer, variant, with LoRA): each runs alone, on an input sharded as inside the toy model. The variant
+# is fully_sharded (False, True) or "fused" (base_fusion=True: linear_lora per shard; without LoRA the
+# layer is its base alone, as in the False variant).
 LAYER_CASES = [(name, False, with_lora) for name in TOY_PLAN for with_lora in (False, True)]
 LAYER_CASES += [("up", True, True), ("head", True, True)]
+LAYER_CASES += [(name, "fused", True) for name in ("mix", "up", "down", "head")]
 
 
 def run_layers(inputs: dict) -> dict:
@@ -261,9 +268,10 @@ def run_layers(inputs: dict) -> dict:
     toy_cpu.load_state_dict(inputs["toy_state"])
     expected = _toy_reference(toy_cpu, inputs)
     result = {"collectives": {}, "layer_outputs": {}, "model_outputs": {}}
-    for fully in (False, True):
+    for fully in (False, True, "fused"):
+        config = dataclasses.replace(_toy_config(), base_fusion=fully == "fused")
         toy = copy.deepcopy(toy_cpu).to(torch_xla.device())
-        lora = tl.patch_model(toy, _toy_config(), mesh=mesh, sharding_plan=TOY_PLAN, fully_sharded=fully)
+        lora = tl.patch_model(toy, config, mesh=mesh, sharding_plan=TOY_PLAN, fully_sharded=fully is True)
         lora.load_adapter("a", state_dict=inputs["adapter"][0], config=inputs["adapter"][1])
         lora.set_token_adapters(inputs["token_adapters"])
         result["model_outputs"][fully] = (_toy_logits(toy, inputs["ids"], mesh), expected["model"])
@@ -277,13 +285,16 @@ def run_layers(inputs: dict) -> dict:
             result["collectives"][(name, fully, with_lora)] = counts
             if with_lora:
                 result["layer_outputs"][(name, fully)] = (out.cpu(), expected[name])
-        if not fully:
+        if fully is False:
             lora.set_token_adapters(inputs["token_adapters"])
             control = _partitioner_control(lora.layers["down"], layer_inputs["down"], inputs["dump_dir"])
             result["collectives"]["down/partitioner"] = control
     # The Pallas kernels (interpret mode here, Mosaic on TPU) per shard; adapters in another dtype than the model.
     result["model_outputs"]["pallas"] = _toy_variant(toy_cpu, inputs, mesh, torch.float32, backend="pallas")
     result["model_outputs"]["bf16"] = _toy_variant(toy_cpu, inputs, mesh, torch.bfloat16, dtype=torch.float32)
+    # linear_lora per shard through the fused base kernel (interpret mode here).
+    fused = {"base_fusion": True, "backend": "pallas"}
+    result["model_outputs"]["pallas-fused"] = _toy_variant(toy_cpu, inputs, mesh, torch.float32, **fused)
     result["model_collectives"] = _llama_collectives(inputs["llama"], mesh, inputs["dump_dir"])
     result["scaled_embedding"] = {kind: _scaled_embedding_logits(case, mesh) for kind, case in inputs["scaled"].items()}
     result["divisibility_error"] = _divisibility_error(mesh)
@@ -292,7 +303,7 @@ def run_layers(inputs: dict) -> dict:
 
 def _llama_collectives(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict[str, dict[str, int]]:
     """Collectives of the whole patched Llama's forward: a mixed batch ("lora") and no adapter ("base")."""
-    model, lora = _patched_llama(inputs, mesh, dp_axis=None, fully_sharded=False)
+    model, lora = _patched_llama(inputs, mesh)
     _load_all(lora, inputs["adapters"])
     lora.set_batch(inputs["batch"])
     logits = lambda ids: model(ids).logits
@@ -300,6 +311,11 @@ def _llama_collectives(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict[str, 
     counts = {"lora": _run_and_count(dump_dir, logits, ids)[1]}
     lora.clear_batch()
     counts["base"] = _run_and_count(dump_dir, logits, ids)[1]
+    # base_fusion=True: every projection and the head run linear_lora per shard.
+    model, lora = _patched_llama(dict(inputs, lora_config={**inputs["lora_config"], "base_fusion": True}), mesh)
+    _load_all(lora, inputs["adapters"])
+    lora.set_batch(inputs["batch"])
+    counts["lora-fused"] = _run_and_count(dump_dir, lambda ids: model(ids).logits, ids)[1]
     return counts
 
 

@@ -14,7 +14,16 @@ import pytest
 import torch
 from conftest import assert_close
 from jax import export as jax_export
-from test_layers import GPT2_TARGETS, LLAMA_LORA, gpt2_case, llama_case, logits, patch, peft_logits  # noqa: F401
+from test_layers import (  # noqa: F401
+    GPT2_TARGETS,
+    LLAMA_LORA,
+    LLAMA_MIXES,
+    gpt2_case,
+    llama_case,
+    logits,
+    patch,
+    peft_logits,
+)
 
 import torch_xla_lora as tl
 from torch_xla_lora import reference
@@ -257,3 +266,58 @@ def test_compiled_op_matches_reference_without_recompile(xla_device):
         assert_close(out, reference.linear_lora(x, w, b, a, lb, indices(seed)))
     torch_xla.sync()
     assert met.metric_data("CompileTime")[0] == compiles, "new index values must not compile a new graph"
+
+
+def test_compiled_model_with_base_fusion_matches_peft_without_recompile(llama_case, xla_device, monkeypatch):  # noqa: F811
+    """A whole patched Llama, every linear layer through linear_lora, under torch.compile(openxla)."""
+    import torch_xla
+
+    from torch_xla_lora import ops
+
+    model, lora = patch(llama_case, xla_device, **LLAMA_LORA, base_fusion=True)
+    step = torch.compile(lambda ids: model(ids).logits, backend="openxla")
+    ids = llama_case.inputs
+    calls, call_jax = [], ops._call_jax
+    monkeypatch.setattr(ops, "_call_jax", lambda fn, *args: calls.append(fn.__qualname__) or call_jax(fn, *args))
+    lora.warmup([ids.shape[0]], [ids.shape[1]], step=step, progress=False, host_metadata=True)
+    assert calls and all(name.startswith("linear_lora_fn") for name in calls)  # every LoRA op is linear_lora
+    with tl.assert_no_recompile():
+        for mix in LLAMA_MIXES:
+            lora.set_batch(mix, seq_len=ids.shape[1])
+            with torch.no_grad():
+                out = step(ids.to(xla_device))
+                torch_xla.sync()
+            assert_close(out.cpu(), peft_logits(llama_case, mix))
+
+
+# --- host metadata of the fused base kernel's own plan (prefill on TPU) ---------------------------------------
+
+
+@pytest.mark.parametrize("generation", ["v5e", "v6e"])
+def test_host_metadata_of_the_base_plan_is_used_at_prefill(generation, monkeypatch):
+    """At prefill the kernel's token block differs from the shrink-expand op's: the host builds the kernel's own
+    grouping, equal to the device's, and the op takes it instead of sorting (pure JAX: no TPU needed)."""
+    from torch_xla_lora.ops import _jax, _linear
+
+    num_tokens, hidden, out_dim, rank, num_slots = 1024, 4096, 4096, 16, 8
+    slots = np.random.default_rng(0).integers(-1, num_slots, num_tokens).astype(np.int32)
+    shape = (hidden, out_dim, False)
+    host = _linear.linear_batch_metadata(slots, [shape], rank, num_slots, "bfloat16", generation)
+    sizes, lanes = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, "bfloat16", generation, False)
+    idx = _jax._padded_indices(jnp.asarray(slots), num_slots, sizes.padded_tokens(num_tokens))
+    on_device = visits.build_lanes(idx, num_slots, sizes.tokens, lanes)
+    monkeypatch.setattr(visits, "build_lanes", lambda *args, **kwargs: pytest.fail("grouped on the device"))
+    args = (idx, num_slots, sizes, lanes, num_tokens, hidden, out_dim, rank, "bfloat16", generation)
+    from_host = _linear._lane_meta(jnp.asarray(host[shape]), *args, own_metadata=True)
+    for got, expected in zip(from_host, on_device, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+@pytest.mark.parametrize("generation", ["v6e", "cpu"])
+def test_no_extra_host_metadata_where_the_plans_agree(generation):
+    """Decode on TPU, and any size off TPU: the shrink-expand op's metadata serves linear_lora too."""
+    from torch_xla_lora.ops import _linear
+
+    num_tokens = 8 if generation != "cpu" else 1024
+    slots = np.arange(num_tokens, dtype=np.int32) % 8
+    assert _linear.linear_batch_metadata(slots, [(4096, 4096, True)], 16, 8, "bfloat16", generation) == {}

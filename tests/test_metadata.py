@@ -27,10 +27,10 @@ def llama_and_adapters():
     return base, adapters, peft_model.eval()
 
 
-def _patched(llama_and_adapters, device, backend):
+def _patched(llama_and_adapters, device, backend, base_fusion=False):
     base, adapters, _ = llama_and_adapters
     model = copy.deepcopy(base).to(device)
-    lora = tl.patch_model(model, tl.LoRAConfig(max_loras=3, max_rank=8, backend=backend))
+    lora = tl.patch_model(model, tl.LoRAConfig(max_loras=3, max_rank=8, backend=backend, base_fusion=base_fusion))
     for name, (state_dict, config) in adapters.items():
         lora.load_adapter(name, state_dict=state_dict, config=config)
     return model, lora
@@ -63,8 +63,10 @@ def _sorts_in_step(model, xla_device) -> int:
     return hlo.count(" sort(")
 
 
-def test_host_metadata_removes_every_device_sort(llama_and_adapters, xla_device):
-    model, lora = _patched(llama_and_adapters, xla_device, "xla")
+@pytest.mark.parametrize("backend, base_fusion", [("xla", False), ("xla", True), ("pallas", True)])
+def test_host_metadata_removes_every_device_sort(llama_and_adapters, xla_device, backend, base_fusion):
+    """base_fusion: linear_lora takes the host grouping too (off TPU its kernel plans like the shrink-expand op)."""
+    model, lora = _patched(llama_and_adapters, xla_device, backend, base_fusion)
     lora.set_batch(["a0", "a1", None, "a1"])
     assert _sorts_in_step(model, xla_device) >= 14  # one per LoRA layer: 7 per decoder layer
     lora.set_batch(["a0", "a1", None, "a1"], seq_len=SEQ)

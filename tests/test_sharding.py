@@ -27,18 +27,21 @@ import torch_xla_lora as tl
 from torch_xla_lora import sharding
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER_TIMEOUT_S = 300
+WORKER_TIMEOUT_S = 1200  # a hang guard only: a scenario takes 1-3 minutes on 2 busy cores
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens"]
 LORA_CONFIG = {"max_loras": 2, "max_rank": 8, "target_modules": TARGETS}
 BATCH = ["a0", None, "a1", "a0"]
 MORE_BATCHES = [["a2", "a0", None, "a2"], ["a1", "a2", "a1", None], [None, None, "a0", "a0"]]
 SPMD_ATOL = SPMD_RTOL = 1e-5  # float32: only the order of the sharded sums differs
 
-# name -> (devices, mesh shape, axis names, dp_axis, fully_sharded)
+# name -> (devices, mesh shape, axis names, dp_axis, fully_sharded, base_fusion). base_fusion (linear_lora
+# per shard) is forced on: "auto" turns it on for TPU devices only. One base-fusion mesh (data x model)
+# covers tensor and data parallelism at once; the layers worker covers each layer kind on (4,).
 SCENARIOS = {
-    "tp4": (4, (4,), ("model",), None, False),
-    "tp8-fully-sharded": (8, (8,), ("model",), None, True),
-    "dp2xtp4": (8, (2, 4), ("data", "model"), "data", False),
+    "tp4": (4, (4,), ("model",), None, False, False),
+    "tp8-fully-sharded": (8, (8,), ("model",), None, True, False),
+    "dp2xtp4": (8, (2, 4), ("data", "model"), "data", False, False),
+    "dp2xtp2-base-fusion": (4, (2, 2), ("data", "model"), "data", False, True),
 }
 
 
@@ -144,8 +147,9 @@ def _expected_specs(fully: bool) -> dict[str, dict[str, tuple]]:
 @pytest.fixture(scope="module", params=list(SCENARIOS))
 def spmd_llama(request, llama_inputs, tmp_path_factory) -> tuple[str, dict]:
     """(scenario, result) of the patched Llama on a mesh: warm-up, loads, a mixed batch, more mixes."""
-    devices, shape, names, dp_axis, fully = SCENARIOS[request.param]
+    devices, shape, names, dp_axis, fully, fusion = SCENARIOS[request.param]
     inputs = dict(llama_inputs, mesh_shape=shape, axis_names=names, dp_axis=dp_axis, fully_sharded=fully)
+    inputs["lora_config"] = {**LORA_CONFIG, "base_fusion": fusion}
     inputs["expected_specs"] = _expected_specs(fully)
     result = run_worker("llama", str(tmp_path_factory.mktemp(request.param)), inputs, devices)
     assert result["num_devices"] == devices
@@ -222,7 +226,7 @@ def test_compiled_per_token_slots_match_one_device(spmd_llama, one_device_logits
 
 def _expected_op_calls(scenario: str) -> collections.Counter:
     """(op, first argument's shape, base's shape) of every LoRA op of one traced forward, on local shard shapes."""
-    devices, shape, names, dp_axis, fully = SCENARIOS[scenario]
+    devices, shape, names, dp_axis, fully, fusion = SCENARIOS[scenario]
     config = _llama_config()
     tp, dp = shape[-1], shape[0] if dp_axis else 1
     tokens, hidden, inner = len(BATCH) * 8 // dp, config["hidden_size"], config["intermediate_size"]
@@ -231,9 +235,13 @@ def _expected_op_calls(scenario: str) -> collections.Counter:
     def column(out: int) -> list[tuple]:
         if fully:  # rank-split shrink, gathered, then the expand into the local columns
             return [("shrink", (tokens, hidden), None), ("expand", (tokens, rank), (tokens, out // tp))]
+        if fusion:  # linear_lora on the local weight shard [out / tp, in]
+            return [("linear+metadata", (tokens, hidden), (out // tp, hidden))]
         return [("fused+metadata", (tokens, hidden), (tokens, out // tp))]
 
     def row(inp: int) -> list[tuple]:
+        if fusion:  # linear_lora on the local K slice of the weight [out, in / tp]
+            return [("linear+metadata", (tokens, inp // tp), (hidden, inp // tp))]
         return [("fused+metadata", (tokens, inp // tp), (tokens, hidden))]
 
     layer = 3 * column(hidden) + row(hidden) + 2 * column(inner) + row(inner)
@@ -244,9 +252,9 @@ def _expected_op_calls(scenario: str) -> collections.Counter:
 
 def test_compiled_layers_run_fused_op_with_host_metadata_on_local_shapes(spmd_llama):
     scenario, result = spmd_llama
+    second = {"fused": 3, "fused+metadata": 3, "expand": 2, "linear": 1, "linear+metadata": 1}  # base / weight
     calls = collections.Counter(
-        (op, shapes[0], shapes[3] if op.startswith("fused") else shapes[2] if op == "expand" else None)
-        for op, shapes in result["compiled"]["op_calls"]
+        (op, shapes[0], shapes[second[op]] if op in second else None) for op, shapes in result["compiled"]["op_calls"]
     )
     expected = _expected_op_calls(scenario)
     # torch_xla's dynamo bridge runs the captured graph a few times while tracing: the same ops each time.
@@ -256,7 +264,7 @@ def test_compiled_layers_run_fused_op_with_host_metadata_on_local_shapes(spmd_ll
 
 def test_host_metadata_is_one_row_per_data_shard_split_over_the_data_axis(spmd_llama):
     scenario, result = spmd_llama
-    _, shape, _, dp_axis, _ = SCENARIOS[scenario]
+    _, shape, _, dp_axis, _, _ = SCENARIOS[scenario]
     checks = result["compiled"]["metadata"]
     assert checks
     dp = shape[0] if dp_axis else 1
@@ -325,18 +333,21 @@ def _collectives(result: dict, layer: str, fully: bool, with_lora: bool) -> dict
     return result["collectives"][(layer, fully, with_lora)]
 
 
-def test_row_parallel_layer_reduces_once(spmd_layers):
-    counts = _collectives(spmd_layers, "down", False, True)
+@pytest.mark.parametrize("variant", [False, "fused"], ids=["separate", "base-fusion"])
+def test_row_parallel_layer_reduces_once(spmd_layers, variant):
+    counts = _collectives(spmd_layers, "down", variant, True)
     assert counts == {**dict.fromkeys(counts, 0), "all-reduce": 1}
 
 
-def test_row_parallel_lora_adds_no_collective(spmd_layers):
-    assert _collectives(spmd_layers, "down", False, True) == _collectives(spmd_layers, "down", False, False)
+@pytest.mark.parametrize("variant", [False, "fused"], ids=["separate", "base-fusion"])
+def test_row_parallel_lora_adds_no_collective(spmd_layers, variant):
+    assert _collectives(spmd_layers, "down", variant, True) == _collectives(spmd_layers, "down", False, False)
 
 
-def test_lora_adds_no_collective_to_the_llama_forward(spmd_layers):
+@pytest.mark.parametrize("variant", ["lora", "lora-fused"], ids=["separate", "base-fusion"])
+def test_lora_adds_no_collective_to_the_llama_forward(spmd_layers, variant):
     counts = spmd_layers["model_collectives"]
-    assert counts["lora"] == counts["base"]
+    assert counts[variant] == counts["base"]
 
 
 def test_collective_count_sees_what_the_partitioner_adds(spmd_layers):
@@ -345,9 +356,10 @@ def test_collective_count_sees_what_the_partitioner_adds(spmd_layers):
     assert partitioner["all-reduce"] > _collectives(spmd_layers, "down", False, True)["all-reduce"]
 
 
+@pytest.mark.parametrize("variant", [False, "fused"], ids=["separate", "base-fusion"])
 @pytest.mark.parametrize("layer", ["up", "head", "mix"])
-def test_column_parallel_or_replicated_lora_adds_no_collective(spmd_layers, layer):
-    counts = _collectives(spmd_layers, layer, False, True)
+def test_column_parallel_or_replicated_lora_adds_no_collective(spmd_layers, layer, variant):
+    counts = _collectives(spmd_layers, layer, variant, True)
     assert counts == _collectives(spmd_layers, layer, False, False)
     assert not any(counts.values())
 
@@ -363,14 +375,19 @@ def test_fully_sharded_column_gathers_only_the_rank_intermediate(spmd_layers):
 
 @pytest.mark.parametrize(
     "layer, fully",
-    [("embed", False), ("mix", False), ("up", False), ("down", False), ("head", False), ("up", True), ("head", True)],
+    [("embed", False), ("mix", False), ("up", False), ("down", False), ("head", False), ("up", True), ("head", True)]
+    + [(layer, "fused") for layer in ("mix", "up", "down", "head")],
 )
 def test_sharded_layer_matches_host_reference(spmd_layers, layer, fully):
     actual, expected = spmd_layers["layer_outputs"][(layer, fully)]
     torch.testing.assert_close(actual, expected, atol=SPMD_ATOL, rtol=SPMD_RTOL)
 
 
-@pytest.mark.parametrize("variant", [False, True, "pallas"], ids=["tp", "fully-sharded", "pallas"])
+@pytest.mark.parametrize(
+    "variant",
+    [False, True, "pallas", "fused", "pallas-fused"],
+    ids=["tp", "fully-sharded", "pallas", "base-fusion", "pallas-base-fusion"],
+)
 def test_sharding_plan_hook_shards_a_custom_model(spmd_layers, variant):
     actual, expected = spmd_layers["model_outputs"][variant]
     torch.testing.assert_close(actual, expected, atol=SPMD_ATOL, rtol=SPMD_RTOL)

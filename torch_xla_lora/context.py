@@ -22,19 +22,21 @@ class BatchContext:
         None when no batch was set (every layer then returns its base output).
       per_token: whether ``slots`` is per flattened token.
       metadata: (tokens, in_features, out_features) -> int32 device tensor: the
-        kernels' token grouping built on the host for this batch (may be empty).
+        kernels' token grouping built on the host for this batch (may be empty);
+        (tokens, in_features, out_features, "linear", has_bias) for ``linear_lora``'s
+        kernel where its plan differs (see ``ops.batch_metadata``).
     """
 
     def __init__(self) -> None:
         self.slots: torch.Tensor | None = None
         self.per_token = False
-        self.metadata: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.metadata: dict[tuple, torch.Tensor] = {}
 
     def set(
         self,
         slots: torch.Tensor | None,
         per_token: bool,
-        metadata: dict[tuple[int, int, int], torch.Tensor] | None = None,
+        metadata: dict[tuple, torch.Tensor] | None = None,
     ) -> None:
         self.slots, self.per_token, self.metadata = slots, per_token, metadata or {}
 

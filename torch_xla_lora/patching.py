@@ -306,7 +306,11 @@ class LoRAModel:
             if fused:
                 lay = fused[0]
                 shapes = [(lay.in_features, lay.out_features) for lay in fused]
-                arrays = ops.batch_metadata(token_slots, shapes, lay.max_rank, lay.max_loras, lay.lora_b.dtype)
+                linear = [lay.linear_metadata_shape() for lay in fused]  # layers running linear_lora's kernel
+                linear = [shape for shape in linear if shape is not None]
+                arrays = ops.batch_metadata(
+                    token_slots, shapes, lay.max_rank, lay.max_loras, lay.lora_b.dtype, linear_shapes=linear
+                )
                 for shape, array in arrays.items():
                     metadata[(len(token_slots), *shape)] = array
         return metadata

@@ -15,6 +15,11 @@ the op is a pure function of its arguments, with no registry to look up.
 ``metadata`` is the batch's token grouping built on the host for the local
 shard shapes, [dp, K] int32 split over the data axis (one row per data shard,
 whose tokens differ), or None to group on the device.
+
+With ``LoRAConfig.base_fusion`` the base matmul runs inside the region too:
+each shard calls ``linear_lora`` (the base product and the LoRA in one op) on
+its local weight shard, so x is read once and the output written once per
+shard, as on one device.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch_xla_lora.layers.embedding import scaled
 if TYPE_CHECKING:
     from torch_xla_lora.sharding import LayerSharding
 
-__all__ = ["sharded_linear", "sharded_row_linear", "sharded_embedding", "replicated"]
+__all__ = ["sharded_linear", "sharded_linear_lora", "sharded_row_linear", "sharded_embedding", "replicated"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -103,6 +108,54 @@ def _(inputs, lora_a, lora_b, base, lora_indices, metadata, key, backend):
     return torch.empty_like(base)
 
 
+@torch.library.custom_op("xla_lora::sharded_linear_lora", mutates_args=())
+def sharded_linear_lora(
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    metadata: torch.Tensor | None,
+    weight_layout: str,
+    key: str,
+    backend: str,
+    own_metadata: bool = False,
+) -> torch.Tensor:
+    """Column, vocab (lm_head) or replicated linear layer, base and LoRA in one op per shard.
+
+    Args:
+      inputs: [N, in]; weight: [out, in] ("out_in", nn.Linear) or [in, out] ("in_out",
+        Conv1D), sharded on out like B; bias: [out] or None; lora_a: [L, R, in]
+        (replicated); lora_b: [L, R, out]; lora_indices: [N] int32.
+      metadata: [dp, K] int32 or None (see the module docstring); own_metadata: it
+        was built for ``linear_lora``'s own plan (see ``ops.batch_metadata``).
+
+    Returns:
+      [N, out] = x W^T + bias + the LoRA product, in inputs' dtype, sharded on out
+      (and tokens over dp).
+
+    Each shard runs ``linear_lora`` on its own columns of W, bias and B: the
+    same placement as the separate path's, so no collective either.
+    """
+    p = _placement(key)
+    tokens, out_axis = p.data_axis, p.out_axis
+    specs = p.lora_specs_linear()
+    idx = _enter_slots(p, lora_indices)
+    x = p.enter(inputs, (tokens, None))
+    w = p.enter(weight, (out_axis, None) if weight_layout == "out_in" else (None, out_axis), placed=True)
+    local_bias = None if bias is None else p.enter(bias, (out_axis,), placed=True)
+    a, b = p.enter(lora_a, specs["lora_a"], placed=True), p.enter(lora_b, specs["lora_b"], placed=True)
+    meta = _local_metadata(p, metadata)
+    out = torch.ops.xla_lora.linear_lora(x, w, local_bias, a, b, idx, 1.0, weight_layout, backend, meta, own_metadata)
+    return p.leave(out, (tokens, out_axis), (inputs.shape[0], lora_b.shape[2]))
+
+
+@sharded_linear_lora.register_fake
+def _(inputs, weight, bias, lora_a, lora_b, lora_indices, metadata, weight_layout, key, backend, own_metadata=False):
+    return inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
+
+
 @torch.library.custom_op("xla_lora::sharded_row_linear", mutates_args=())
 def sharded_row_linear(
     inputs: torch.Tensor,
@@ -114,6 +167,8 @@ def sharded_row_linear(
     transposed: bool,
     key: str,
     backend: str,
+    fuse_base: bool = False,
+    own_metadata: bool = False,
 ) -> torch.Tensor:
     """Row-parallel linear layer, base and LoRA, reduced once (bias not added).
 
@@ -121,6 +176,9 @@ def sharded_row_linear(
       inputs: [N, in]; weight: the base weight, [out, in] (nn.Linear) or [in, out]
         (Conv1D, ``transposed``); lora_a: [L, R, in]; lora_b: [L, R, out].
       lora_indices: [N] int32; metadata: [dp, K] int32 or None.
+      fuse_base: each shard runs ``linear_lora`` (base and LoRA partial in one
+        op; inputs, weight and adapters then share one dtype); own_metadata: the
+        metadata was built for ``linear_lora``'s own plan.
 
     Returns:
       [N, out] in weight's dtype: sum over shards of x_k W_k^T + B A_k x_k.
@@ -136,16 +194,33 @@ def sharded_row_linear(
     x = p.enter(inputs, (tokens, p.axis))
     idx = _enter_slots(p, lora_indices)
     w = p.enter(weight, (p.axis, None) if transposed else (None, p.axis), placed=True)
-    partial = x @ w if transposed else x @ w.T  # [N_local, out], the model's dtype
     a, b = p.enter(lora_a, specs["lora_a"], placed=True), p.enter(lora_b, specs["lora_b"], placed=True)
     meta = _local_metadata(p, metadata)
+    if fuse_base:
+        # x_k W_k^T + B A_k x_k in one op on the local K slice; the bias is added after the reduction.
+        layout = "in_out" if transposed else "out_in"
+        partial = torch.ops.xla_lora.linear_lora(x, w, None, a, b, idx, 1.0, layout, backend, meta, own_metadata)
+        return p.reduce(partial, inputs.shape[0])
+    partial = x @ w if transposed else x @ w.T  # [N_local, out], the model's dtype
     lora = torch.ops.xla_lora.bgmv_shrink_expand(x.to(a.dtype), a, b, partial.to(b.dtype), idx, 1.0, backend, meta)
     # Reduced in the model's dtype, as the base layer alone would be.
     return p.reduce(lora.to(partial.dtype), inputs.shape[0])
 
 
 @sharded_row_linear.register_fake
-def _(inputs, weight, lora_a, lora_b, lora_indices, metadata, transposed, key, backend):
+def _(
+    inputs,
+    weight,
+    lora_a,
+    lora_b,
+    lora_indices,
+    metadata,
+    transposed,
+    key,
+    backend,
+    fuse_base=False,
+    own_metadata=False,
+):
     return inputs.new_empty((inputs.shape[0], lora_b.shape[2]), dtype=weight.dtype)
 
 

@@ -21,7 +21,10 @@ CPU runs the same structure, so the tests cover it. Each per-shard region is
 an opaque custom op (:mod:`torch_xla_lora.regions`), so the model compiles
 under ``torch.compile(backend="openxla")`` too; linear layers run the fused
 op there, with the batch's host-built metadata for their local shapes
-(:func:`send_batch`).
+(:func:`send_batch`). With ``LoRAConfig.base_fusion`` on, the base matmul
+joins the region: each shard runs ``linear_lora`` on its local weight shard
+(column layers: their output columns, with the bias; row layers: their K
+slice, the bias added once after the reduction).
 
 Row-parallel layers (and vocab-parallel embeddings) compute the base matmul
 (lookup) on the local slice themselves, add the LoRA partial product to it,
@@ -279,16 +282,42 @@ class LayerSharding:
             return layer.base_layer(x)
         # [N, in], in the adapter's dtype (LoRAConfig.dtype may differ from the model's)
         x2 = x.reshape(-1, layer.in_features)
-        metadata = self._metadata(layer, x2.shape[0])
+        base = layer.base_layer
+        fused = self.fuses_base(layer, x)
+        metadata, own = self._metadata(layer, x2.shape[0], fused)
         if self.kind == "row":
             # The base matmul runs inside the region, so base and LoRA share the one reduction.
-            base = layer.base_layer
             transposed = not isinstance(base, nn.Linear)
             y = torch.ops.xla_lora.sharded_row_linear(
-                x2, base.weight, layer.lora_a, layer.lora_b, slots, metadata, transposed, self.key, layer.backend
+                x2,
+                base.weight,
+                layer.lora_a,
+                layer.lora_b,
+                slots,
+                metadata,
+                transposed,
+                self.key,
+                layer.backend,
+                fused,
+                own,
             )
             if base.bias is not None:
                 y = y + base.bias
+            return y.reshape(*x.shape[:-1], layer.out_features)
+        if fused:  # base matmul, bias and LoRA in one op on each shard's columns
+            y = torch.ops.xla_lora.sharded_linear_lora(
+                x2,
+                base.weight,
+                base.bias,
+                layer.lora_a,
+                layer.lora_b,
+                slots,
+                metadata,
+                layer.weight_layout,
+                self.key,
+                layer.backend,
+                own,
+            )
             return y.reshape(*x.shape[:-1], layer.out_features)
         y = layer.base_layer(x)
         out = torch.ops.xla_lora.sharded_linear(
@@ -303,16 +332,36 @@ class LayerSharding:
         )
         return out.reshape(y.shape).to(y.dtype)
 
-    def _metadata(self, layer: BaseLayerWithLoRA, num_tokens: int) -> torch.Tensor | None:
-        """The batch's host-built metadata for this layer's local shapes, if :func:`batch_metadata` made it."""
+    def fuses_base(self, layer: BaseLayerWithLoRA, x: torch.Tensor) -> bool:
+        """Whether ``layer`` runs ``linear_lora`` (base matmul and LoRA in one op) on each shard.
+
+        As on one device (``LoRAConfig.base_fusion``, a plain weight layout, one
+        dtype), except fully sharded column layers: their shards hold a slice
+        of A's rank, so they keep the base layer, shrink, gather and expand.
+        """
+        if isinstance(layer, EmbeddingWithLoRA) or self.lora_specs_linear()["lora_a"][1] is not None:
+            return False
+        return layer._fuses_base(x)
+
+    def _metadata(
+        self, layer: BaseLayerWithLoRA, num_tokens: int, fused: bool = False
+    ) -> tuple[torch.Tensor | None, bool]:
+        """The batch's host-built metadata for this layer's local shapes, if :func:`batch_metadata` made it,
+        and whether it is ``linear_lora``'s own (``fused``: the layer runs it; see :func:`send_batch`)."""
         if num_tokens % self.data_shards:
             raise ShardingError(
                 f"{num_tokens} tokens do not split evenly over data axis {self.data_axis!r} of size {self.data_shards}"
             )
         shape = self.metadata_shape(layer)
         if shape is None:
-            return None
-        return layer.context.metadata.get((num_tokens // self.data_shards, *shape))
+            return None, False
+        key = (num_tokens // self.data_shards, *shape)
+        if fused:
+            has_bias = self.kind != "row" and layer.base_layer.bias is not None  # row: added after the reduction
+            own = layer.context.metadata.get((*key, "linear", has_bias))
+            if own is not None:
+                return own, True
+        return layer.context.metadata.get(key), False
 
     def _embedding_forward(self, layer: EmbeddingWithLoRA, ids: torch.Tensor) -> torch.Tensor:
         slots = layer.context.token_slots(ids[..., None])
@@ -407,8 +456,14 @@ def send_batch(
     if len(token_slots) % dp:
         return sent_slots, {}  # the forward raises ShardingError
     lay, shapes = next(iter(by_shape.values())), list(by_shape)
+    # Layers that will run linear_lora's kernel per shard: its own plan's grouping where it differs (prefill on TPU).
+    linear = []
+    for layer in layers.values():
+        shape = layer.tensor_parallel.metadata_shape(layer)
+        if shape is not None and getattr(layer, "linear_metadata_shape", lambda: None)() is not None:
+            linear.append((*shape, layer.tensor_parallel.kind != "row" and layer.base_layer.bias is not None))
     chunks = [
-        ops.batch_metadata(chunk, shapes, lay.max_rank, lay.max_loras, lay.lora_b.dtype)
+        ops.batch_metadata(chunk, shapes, lay.max_rank, lay.max_loras, lay.lora_b.dtype, linear_shapes=linear)
         for chunk in token_slots.reshape(dp, -1)
     ]
     sent, metadata = {}, {}

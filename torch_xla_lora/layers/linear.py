@@ -64,10 +64,18 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             (x.reshape(-1, self.in_features).shape[0], self.in_features, self.out_features)
         )
 
+    @property
+    def weight_layout(self) -> str | None:
+        """The base weight's layout for ``linear_lora`` ("out_in", "in_out"), or None if it cannot run it."""
+        return _weight_layout(self.base_layer)
+
     def _fuses_base(self, x: torch.Tensor) -> bool:
-        """Whether this call runs the base matmul and the LoRA as one ``linear_lora`` op."""
+        """Whether this call runs the base matmul and the LoRA as one ``linear_lora`` op.
+
+        On a mesh too: the placement runs it per shard (see ``LayerSharding.fuses_base``).
+        """
         fusion = self.base_fusion
-        if fusion is False or self.tensor_parallel is not None or _weight_layout(self.base_layer) is None:
+        if fusion is False or self.weight_layout is None:
             return False
         weight, bias = self.base_layer.weight, self.base_layer.bias
         dtype = self.lora_a.dtype
@@ -81,19 +89,45 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             return ops.device_generation() != "cpu"
         return True
 
+    def linear_metadata_shape(self) -> tuple[int, int, bool] | None:
+        """(in, out, has_bias) if this layer will run ``linear_lora``'s Pallas kernel (for host metadata), else None.
+
+        Read at ``set_batch``: base fusion on, a plain layout, the weight and bias in
+        the adapters' dtype (the inputs' dtype is only known at the forward), the
+        Pallas backend.
+        """
+        from torch_xla_lora import ops
+
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        dtype, generation = self.lora_a.dtype, ops.device_generation()
+        if self.base_fusion is False or (self.base_fusion == "auto" and generation == "cpu"):
+            return None
+        if self.weight_layout is None or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+            return None
+        if self.backend == "xla" or (self.backend == "auto" and generation == "cpu"):
+            return None
+        return self.in_features, self.out_features, bias is not None
+
     def _forward_base_fused(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         # x [N, in] -> y [N, out] = x W^T + bias + B[slot] A[slot] x, in one op; W in its own layout.
+        x2 = x.reshape(-1, self.in_features)
+        shape = (x2.shape[0], self.in_features, self.out_features)
+        metadata = self.context.metadata.get((*shape, "linear", self.base_layer.bias is not None))
+        own = metadata is not None  # built for linear_lora's own plan (see ops.batch_metadata)
+        if not own:
+            metadata = self.context.metadata.get(shape)
         out = torch.ops.xla_lora.linear_lora(
-            x.reshape(-1, self.in_features),
+            x2,
             self.base_layer.weight,
             self.base_layer.bias,
             self.lora_a,
             self.lora_b,
             slots,
             1.0,
-            _weight_layout(self.base_layer),
+            self.weight_layout,
             self.backend,
-            self._metadata(x),
+            metadata,
+            own,
         )
         return out.reshape(*x.shape[:-1], self.out_features)
 

@@ -322,6 +322,7 @@ def linear_lora(
     weight_layout: str = "out_in",
     backend: str = "auto",
     metadata: torch.Tensor | None = None,
+    own_metadata: bool = False,
 ) -> torch.Tensor:
     """A linear layer and its multi-LoRA update in one op: x read once, the output written once.
 
@@ -339,8 +340,11 @@ def linear_lora(
       scaling: multiplies the LoRA product.
       weight_layout: "out_in" or "in_out".
       backend: "auto", "pallas" or "xla" (XLA tensors only).
-      metadata: optional host-built grouping from :func:`batch_metadata` (XLA only);
-        used when its plan matches this op's, else the op groups on the device.
+      metadata: optional host-built grouping from :func:`batch_metadata` (XLA only):
+        its ``(in, out)`` entry, used when its plan matches this op's (else the op
+        groups on the device), or, with ``own_metadata``, its ``(in, out, "linear",
+        has_bias)`` entry, built for this op's own plan.
+      own_metadata: ``metadata`` is a ``"linear"`` entry of :func:`batch_metadata`.
 
     Returns:
       [T, N] in inputs' dtype, accumulated in float32 and rounded once.
@@ -363,7 +367,10 @@ def linear_lora(
     from torch_xla_lora.ops import _linear
 
     name, generation = _backend(backend)
-    fn = _linear.linear_lora_fn(name, generation, float(scaling), weight_layout, bias is not None, metadata is not None)
+    with_metadata = metadata is not None
+    fn = _linear.linear_lora_fn(
+        name, generation, float(scaling), weight_layout, bias is not None, with_metadata, with_metadata and own_metadata
+    )
     args = (inputs, weight) + ((bias,) if bias is not None else ()) + (lora_a, lora_b, lora_indices)
     return _call_jax(fn, *args, *(() if metadata is None else (metadata,)))
 
@@ -380,6 +387,7 @@ def _(
     weight_layout="out_in",
     backend="auto",
     metadata=None,
+    own_metadata=False,
 ):
     _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
     _validate.backend(backend)
@@ -388,8 +396,8 @@ def _(
 
 
 def batch_metadata(
-    slots: torch.Tensor, layer_shapes, rank: int, num_slots: int, dtype: torch.dtype
-) -> dict[tuple[int, int], torch.Tensor]:
+    slots: torch.Tensor, layer_shapes, rank: int, num_slots: int, dtype: torch.dtype, linear_shapes=()
+) -> dict[tuple, torch.Tensor]:
     """Host-built grouping of one batch for :func:`bgmv_shrink_expand`, per layer shape (CPU int32 tensors).
 
     Built once per batch and shared by every layer with the same plan: the
@@ -399,10 +407,24 @@ def batch_metadata(
       slots: [N] int32 (CPU): each token's slot, -1 = none.
       layer_shapes: (in_features, out_features) of the layers that run the fused op.
       rank, num_slots, dtype: of the layers' buffers (``lora_b.shape[1:]`` and dtype).
+      linear_shapes: (in_features, out_features, has_bias) of layers that run
+        :func:`linear_lora` on the Pallas backend (each also in ``layer_shapes``).
+        The result then also has ``(in_features, out_features, "linear", has_bias)``
+        entries, for ``linear_lora(..., own_metadata=True)``: the kernel's own
+        grouping where it plans another token block or lane count than the fused
+        op (prefill on TPU), else the ``(in, out)`` entry's tensor.
     """
     generation = device_generation()
-    arrays = _jax_module().batch_metadata(
-        slots.cpu().numpy(), layer_shapes, rank, num_slots, str(dtype).removeprefix("torch."), generation
-    )
+    dtype_name = str(dtype).removeprefix("torch.")
+    numpy_slots = slots.cpu().numpy()
+    arrays = _jax_module().batch_metadata(numpy_slots, layer_shapes, rank, num_slots, dtype_name, generation)
+    if linear_shapes:
+        from torch_xla_lora.ops import _linear
+
+        own = _linear.linear_batch_metadata(numpy_slots, linear_shapes, rank, num_slots, dtype_name, generation)
+        for hidden, out, bias in linear_shapes:
+            array = own.get((hidden, out, bias), arrays.get((hidden, out)))
+            if array is not None:
+                arrays[(hidden, out, "linear", bias)] = array
     shared: dict[int, torch.Tensor] = {}  # one tensor per distinct plan, shared by its layers
     return {shape: shared.setdefault(id(array), torch.from_numpy(array)) for shape, array in arrays.items()}

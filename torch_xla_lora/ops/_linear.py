@@ -45,21 +45,85 @@ def _lane_meta(
     rank,
     dtype,
     generation,
+    own_metadata: bool,
 ):
-    """The batch's lane metadata: the host-built one when its plan matches, else built on the device."""
+    """The batch's lane metadata: the host-built one when it was built for this plan, else built on the device.
+
+    ``own_metadata``: ``metadata`` was built for this kernel's plan
+    (:func:`linear_batch_metadata`, via ``batch_metadata(..., linear_shapes=)``).
+    Otherwise it is the shrink-expand op's, usable when that plan has this
+    kernel's token block and lanes (then the two formats are one).
+    """
     if metadata is not None:
         host_sizes, host_lanes, _ = fused.plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
-        if (host_sizes.tokens, host_lanes) == (sizes.tokens, lanes):
-            # Same token block, same padding: the packed arrays, then the tokens' order (see batch_metadata).
+        if own_metadata or (host_sizes.tokens, host_lanes) == (sizes.tokens, lanes):
+            # This kernel's token block and padding: the packed arrays, then the tokens' order (see batch_metadata).
             return visits.unpack(metadata[: -idx.shape[0]], idx.shape[0], num_slots, sizes.tokens, lanes)[0]
     return visits.build_lanes(idx, num_slots, sizes.tokens, lanes)
 
 
+def linear_batch_metadata(slots, layer_shapes, rank: int, num_slots: int, dtype: str, generation: str) -> dict:
+    """Host-built metadata of one batch for ``linear_lora``'s Pallas kernel, where ``batch_metadata``'s does not fit.
+
+    The fused base kernel plans its own token block (tall prefill blocks,
+    ``tuning.BASE_TOKEN_BLOCKS``) and lanes, so at prefill on TPU the
+    shrink-expand op's metadata does not fit it and the op would sort the
+    tokens on the device in every layer. This builds the kernel's own, in the
+    same packed format, for the shapes whose plan differs (for the others the
+    shrink-expand op's array is the kernel's too, or serves its fallback).
+
+    Args:
+      slots: [N] int32 numpy: each token's slot (-1 = none).
+      layer_shapes: (in_features, out_features, has_bias) of layers that will run
+        ``linear_lora`` with the Pallas backend.
+
+    Returns:
+      (in_features, out_features, has_bias) -> int32 numpy array, only for the
+      shapes that need their own; layers whose plans share a token block and
+      lane count share one array.
+    """
+    import numpy as np
+
+    num_tokens = len(slots)
+    by_plan, out = {}, {}
+    for hidden, out_dim, has_bias in dict.fromkeys(layer_shapes):
+        planned = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, has_bias)
+        if planned is None:
+            continue  # the op falls back to the shrink-expand op, which takes batch_metadata's
+        sizes, lanes = planned
+        host_sizes, host_lanes, _ = fused.plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
+        if (host_sizes.tokens, host_lanes) == (sizes.tokens, lanes):
+            continue  # batch_metadata's array is this kernel's too
+        padded_tokens = sizes.padded_tokens(num_tokens)
+        key = (sizes.tokens, lanes)
+        if key not in by_plan:
+            padded = np.full(padded_tokens, -1, np.int32)
+            padded[:num_tokens] = np.where((slots >= 0) & (slots < num_slots), slots, -1)
+            packed = visits.pack(
+                visits.build_lanes(padded, num_slots, sizes.tokens, lanes, xp=np),
+                visits.build(padded, num_slots, sizes.tokens, xp=np),
+                xp=np,
+            )
+            order = np.argsort(padded.astype(np.uint32), kind="stable").astype(np.int32)
+            by_plan[key] = np.concatenate([packed, order])
+        out[(hidden, out_dim, has_bias)] = by_plan[key]
+    return out
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def linear_lora_fn(
-    backend: str, generation: str, scaling: float, layout: str, has_bias: bool, with_metadata: bool
+    backend: str,
+    generation: str,
+    scaling: float,
+    layout: str,
+    has_bias: bool,
+    with_metadata: bool,
+    own_metadata: bool = False,
 ) -> Callable:
-    """``fn(x[T, K], weight, [bias[N],] lora_a[L, R, K], lora_b[L, R, N], indices[T][, metadata]) -> [T, N]``."""
+    """``fn(x[T, K], weight, [bias[N],] lora_a[L, R, K], lora_b[L, R, N], indices[T][, metadata]) -> [T, N]``.
+
+    ``own_metadata``: the metadata was built for the fused base kernel's plan (see :func:`_lane_meta`).
+    """
 
     def fn(x, weight, *rest):
         bias, rest = (rest[0], rest[1:]) if has_bias else (None, rest)
@@ -74,7 +138,18 @@ def linear_lora_fn(
             sizes, lanes = planned
             idx = _padded_indices(indices, num_slots, sizes.padded_tokens(num_tokens))
             meta = _lane_meta(
-                metadata, idx, num_slots, sizes, lanes, num_tokens, hidden, out_dim, rank, x.dtype, generation
+                metadata,
+                idx,
+                num_slots,
+                sizes,
+                lanes,
+                num_tokens,
+                hidden,
+                out_dim,
+                rank,
+                x.dtype,
+                generation,
+                own_metadata,
             )
             out = fused_base.linear_lora(
                 _pad_rows(x, idx.shape[0]),
