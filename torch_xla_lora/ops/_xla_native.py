@@ -178,14 +178,22 @@ class _Lanes(NamedTuple):
     slots: jax.Array  # [chunks_max * lanes] slot of each distinct-adapter rank, -1 past the count
     code: jax.Array  # [T] rank of each token's slot among the distinct ones, -1 = no adapter
     chunks: jax.Array  # scalar: number of chunks of ``lanes`` ranks
+    count: jax.Array  # scalar: number of distinct slots
+    used: jax.Array  # [L] bool: the slots some token uses
     lanes: int
+    every_slot: bool  # static: all L slots fit one chunk, so rank = slot (no numbering, no gather)
 
 
 def _lanes(indices: jax.Array, num_slots: int, rank: int) -> _Lanes:
     """Number the batch's distinct slots (in slot order) with a scatter and a cumsum: no sort."""
     lanes = max(1, LANE_COLUMNS // rank)
-    width = -(-min(indices.shape[0], num_slots) // lanes) * lanes
     used = jnp.zeros((num_slots + 1,), bool).at[jnp.where(indices >= 0, indices, num_slots)].set(True)[:num_slots]
+    count = jnp.sum(used, dtype=jnp.int32)
+    if num_slots <= lanes:
+        # Few slots (e.g. 8 of rank 16): one chunk holds them all, lane = slot.
+        slots = jnp.arange(num_slots, dtype=jnp.int32)
+        return _Lanes(slots, indices, (count > 0).astype(jnp.int32), count, used, num_slots, True)
+    width = -(-min(indices.shape[0], num_slots) // lanes) * lanes
     order = jnp.cumsum(used, dtype=jnp.int32) - 1
     slots = (
         jnp.full((width,), -1, jnp.int32)
@@ -193,14 +201,23 @@ def _lanes(indices: jax.Array, num_slots: int, rank: int) -> _Lanes:
         .set(jnp.arange(num_slots, dtype=jnp.int32), mode="drop")
     )
     code = jnp.where(indices >= 0, order[jnp.maximum(indices, 0)], -1)
-    count = jnp.sum(used, dtype=jnp.int32)
-    return _Lanes(slots, code, -(-count // lanes), lanes)
+    return _Lanes(slots, code, -(-count // lanes), count, used, lanes, False)
 
 
-def _chunk(weights: jax.Array, lanes: _Lanes, c) -> jax.Array:
-    """[lanes * R, W]: the chunk's tiles side by side; lanes past the count are zero (selected, not scaled)."""
+def _chunk(weights: jax.Array, lanes: _Lanes, c, zero_unused: bool) -> jax.Array:
+    """[lanes * R, W]: the chunk's tiles side by side.
+
+    With ``zero_unused`` the tiles of lanes no token uses are zero (selected,
+    not scaled): an expand multiplies every lane, and 0 * Inf in an unused slot
+    would be NaN. A shrink's unused lanes are dropped by the select on its result.
+    """
+    if lanes.every_slot:
+        tiles = jnp.where(lanes.used[:, None, None], weights, 0) if zero_unused else weights
+        return tiles.reshape(-1, weights.shape[2])
     slots = lax.dynamic_slice_in_dim(lanes.slots, c * lanes.lanes, lanes.lanes)
-    tiles = jnp.where((slots >= 0)[:, None, None], weights[jnp.maximum(slots, 0)], 0)
+    tiles = weights[jnp.maximum(slots, 0)]
+    if zero_unused:
+        tiles = jnp.where((slots >= 0)[:, None, None], tiles, 0)
     return tiles.reshape(-1, weights.shape[2])
 
 
@@ -221,7 +238,7 @@ def _laned_shrink(x, start, lora_a, lanes, *, scaling):
     rank = lora_a.shape[1]
 
     def body(c, acc):
-        y = jnp.dot(x, _chunk(lora_a, lanes, c).T, preferred_element_type=jnp.float32) * scaling
+        y = jnp.dot(x, _chunk(lora_a, lanes, c, False).T, preferred_element_type=jnp.float32) * scaling
         keep, _ = _lane_keep(lanes, c, rank)
         return acc + jnp.where(keep, y, 0.0).reshape(x.shape[0], lanes.lanes, rank).sum(axis=1)
 
@@ -234,7 +251,7 @@ def _laned_expand(s, start, lora_b, lanes):
 
     def body(c, acc):
         keep, row = _lane_keep(lanes, c, rank)
-        y = jnp.dot(jnp.where(keep, wide, 0), _chunk(lora_b, lanes, c), preferred_element_type=jnp.float32)
+        y = jnp.dot(jnp.where(keep, wide, 0), _chunk(lora_b, lanes, c, True), preferred_element_type=jnp.float32)
         return _select(row, acc + y, acc)
 
     return _chunks(lanes, body, _start(start, (s.shape[0], lora_b.shape[2])))
@@ -246,9 +263,9 @@ def _laned_shrink_expand(x, start, weights, lanes, *, scaling):
 
     def body(c, acc):
         keep, row = _lane_keep(lanes, c, rank)
-        y = jnp.dot(x, _chunk(lora_a, lanes, c).T, preferred_element_type=jnp.float32) * scaling
+        y = jnp.dot(x, _chunk(lora_a, lanes, c, False).T, preferred_element_type=jnp.float32) * scaling
         y = jnp.where(keep, y, 0.0).astype(lora_b.dtype)
-        return _select(row, acc + jnp.dot(y, _chunk(lora_b, lanes, c), preferred_element_type=jnp.float32), acc)
+        return _select(row, acc + jnp.dot(y, _chunk(lora_b, lanes, c, True), preferred_element_type=jnp.float32), acc)
 
     return _chunks(lanes, body, _start(start, (x.shape[0], lora_b.shape[2])))
 
@@ -275,8 +292,19 @@ def _grouped(
     """``direct(inputs, start, indices, plan)``; when blocks mix adapters ``laned(inputs, start, lanes)``,
     or direct on sorted rows. Result [T_pad, W] f32."""
     num_blocks = indices.shape[0] // block_tokens
-    plan = _plan(visits, num_blocks)
     lanes = _lanes(indices, weight_shape[0], weight_shape[1])
+    if num_blocks == 1:
+        # One block (decode): its distinct slots, numbered on the device without a sort,
+        # decide alone; the visits are not needed (nor built, when no host metadata came).
+        zero = jnp.zeros((1,), jnp.int32)
+        first = jnp.where(lanes.count > 0, jnp.argmax(lanes.used), -1).astype(jnp.int32).reshape(1)
+        single = _Plan(first, zero, zero, jnp.int32(0))
+        return lax.cond(
+            lanes.count <= 1,
+            lambda: direct(inputs, start, indices, single),
+            lambda: laned(inputs, start, lanes),
+        )
+    plan = _plan(visits, num_blocks)
 
     def as_given():
         return direct(inputs, start, indices, plan)
@@ -295,8 +323,6 @@ def _grouped(
         products = direct(inputs[perm], None, sorted_indices, _sorted_plan(sorted_indices, block_tokens))[inverse]
         return products if start is None else start.astype(jnp.float32) + products
 
-    if num_blocks == 1:
-        return lax.cond(plan.num_extra == 0, as_given, side_by_side)
     # Mixing: more extra visits than blocks. Laned costs a [T, D] x [D, lanes * R]
     # product per chunk; sorting costs about two such chunks (row permutations).
     mixing = plan.num_extra > num_blocks
