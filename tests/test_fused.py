@@ -202,14 +202,21 @@ def test_interleaved_adapters_xla(num_tokens, hidden, rank, num_slots, in_use, w
     assert torch.equal(out[idx < 0], base[idx < 0])
 
 
-@pytest.mark.parametrize(("num_tokens", "rank"), [(20, 16), (200, 16), (200, 64)], ids=["one-block", "laned", "sorted"])
-def test_unused_slot_holding_inf_leaves_base_rows_exact(num_tokens, rank, xla_device):
-    x, a, b, base = _tensors(num_tokens, 128, rank, 9, 128)
-    a[8], b[8] = float("inf"), float("nan")  # slot 8 is never used
+@pytest.mark.parametrize(
+    ("num_tokens", "rank", "num_slots"),
+    [(20, 16, 9), (20, 16, 8), (200, 16, 8), (200, 16, 9), (200, 64, 9)],
+    ids=["one-block", "one-block-every-slot", "laned-every-slot", "laned", "sorted"],
+)
+def test_unused_slot_holding_inf_leaves_base_rows_exact(num_tokens, rank, num_slots, xla_device):
+    # With 8 slots of rank 16 the laned products take every slot at once (lane = slot).
+    x, a, b, base = _tensors(num_tokens, 128, rank, num_slots, 128)
+    unused = num_slots - 1
+    a[unused], b[unused] = float("inf"), float("nan")  # never used
     idx = _interleaved(num_tokens, 8, 8, with_base=True)
+    idx[idx == unused] = (unused + 1) % 8 if num_slots == 8 else unused
     out = tl.bgmv_shrink_expand(*(t.to(xla_device) for t in (x, a, b, base, idx)), 1.0, "xla").cpu()
     assert torch.equal(out[idx < 0], base[idx < 0])
-    assert_close(out, reference.bgmv_shrink_expand(x, a[:8], b[:8], base, idx))
+    assert_close(out, reference.bgmv_shrink_expand(x, a[:unused], b[:unused], base, idx))
 
 
 @pytest.mark.parametrize(("hidden", "out_dim"), [(576, 192), (1000, 256)])

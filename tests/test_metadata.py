@@ -110,3 +110,36 @@ def test_metadata_rejected_off_xla():
             "auto",
             torch.zeros(5, dtype=torch.int32),
         )
+
+
+# Batches that fit one token block (decode) take a shortcut on the host: np.unique
+# instead of the general sorts. Sampled: one row per kind of block (mixed with base
+# rows, one adapter, only base, every slot distinct), at token blocks 8 and 128.
+ONE_BLOCK = {
+    "mixed": [3, -1, 0, 3, 7, 0, -1, 5],
+    "one adapter": [2] * 5,
+    "base only": [-1] * 6,
+    "all distinct": list(range(8)),
+    "out of range": [9, 1, -4, 1],
+}
+
+
+@pytest.mark.parametrize("block", [8, 128])
+@pytest.mark.parametrize("lanes", [1, 4, 8])
+@pytest.mark.parametrize("case", list(ONE_BLOCK))
+def test_one_block_metadata_equals_the_general_builders(case, lanes, block):
+    import numpy as np
+
+    from torch_xla_lora.kernels import visits
+    from torch_xla_lora.ops import _jax
+
+    num_slots = 8
+    padded = np.full(block, -1, np.int32)
+    slots = np.array(ONE_BLOCK[case], np.int32)
+    padded[: len(slots)] = np.where((slots >= 0) & (slots < num_slots), slots, -1)
+    general = visits.pack(
+        visits.build_lanes(padded, num_slots, block, lanes, xp=np), visits.build(padded, num_slots, block, xp=np), xp=np
+    )
+    got = _jax._one_block_packed(padded, num_slots, lanes)
+    assert got.dtype == general.dtype
+    np.testing.assert_array_equal(got, general)

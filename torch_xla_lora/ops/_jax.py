@@ -192,17 +192,58 @@ def batch_metadata(slots, layer_shapes, rank: int, num_slots: int, dtype: str, g
     num_tokens = len(slots)
     by_plan, out = {}, {}
     for hidden, out_dim in dict.fromkeys(layer_shapes):
-        sizes, lanes, _ = fused.plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
+        sizes, lanes, _ = _plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
         key = (sizes.tokens, lanes)
         if key not in by_plan:
             padded = np.full(sizes.padded_tokens(num_tokens), -1, np.int32)
             padded[:num_tokens] = np.where((slots >= 0) & (slots < num_slots), slots, -1)
-            packed = visits.pack(
-                visits.build_lanes(padded, num_slots, sizes.tokens, lanes, xp=np),
-                visits.build(padded, num_slots, sizes.tokens, xp=np),
-                xp=np,
-            )
+            if padded.shape[0] == sizes.tokens:
+                packed = _one_block_packed(padded, num_slots, lanes)
+            else:
+                packed = visits.pack(
+                    visits.build_lanes(padded, num_slots, sizes.tokens, lanes, xp=np),
+                    visits.build(padded, num_slots, sizes.tokens, xp=np),
+                    xp=np,
+                )
             order = np.argsort(padded.astype(np.uint32), kind="stable").astype(np.int32)
             by_plan[key] = np.concatenate([packed, order])
         out[(hidden, out_dim)] = by_plan[key]
     return out
+
+
+_plan_call = functools.lru_cache(maxsize=_CACHE_SIZE)(fused.plan_call)
+
+
+def _one_block_packed(padded, num_slots: int, lanes: int):
+    """``visits.pack`` of the lane and visit metadata of a batch that fits one token block (decode).
+
+    The same arrays ``visits.build_lanes`` and ``visits.build`` give, read off the
+    block's distinct slots (``np.unique``) instead of the general sorts: a few
+    numpy calls, since a decode step builds this on the host every step.
+    """
+    import numpy as np
+
+    (num_tokens,) = padded.shape
+    valid = padded >= 0
+    distinct, code = np.unique(padded[valid], return_inverse=True)
+    count = len(distinct)
+    per_block = visits.max_chunks(num_tokens, num_slots, lanes) * lanes
+    lane_slots = np.full(per_block, -1, np.int32)
+    lane_slots[:count] = distinct
+    token_code = np.full(num_tokens, -1, np.int32)
+    token_code[valid] = code.reshape(-1)
+    # Visits: the distinct slots in order (one visit with slot -1 if none), padded by repeating the last.
+    visit_slot = np.full(num_tokens, distinct[-1] if count else -1, np.int32)
+    visit_slot[:count] = distinct
+    fields = [
+        [0],  # active
+        [1 if count else 0],  # num_active
+        [-(-count // lanes)],  # chunks
+        lane_slots,
+        token_code,
+        [int(count == 1 and valid.all())],  # uniform
+        np.zeros(num_tokens, np.int32),  # visit block
+        visit_slot,
+        [max(count, 1)],  # visit count
+    ]
+    return np.concatenate([np.asarray(f, np.int32) for f in fields])

@@ -40,7 +40,7 @@ number of slots L (laned: O(T * D * lanes * R) per chunk of distinct adapters).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -132,8 +132,11 @@ def _shrink_rows(x, a, scaling):
 # -- the direct algorithm, on the rows as given ------------------------------------------------------
 
 
-def _direct_shrink(rows, lora_a, indices, plan, *, scaling, block_tokens):
-    (x,) = rows
+def _start(start: jax.Array | None, shape) -> jax.Array:
+    return jnp.zeros(shape, jnp.float32) if start is None else start.astype(jnp.float32)
+
+
+def _direct_shrink(x, start, lora_a, indices, plan, *, scaling, block_tokens):
     num_tokens, hidden = x.shape
     blocks = x.reshape(-1, block_tokens, hidden)
     y = _shrink_rows(blocks, lora_a[jnp.maximum(plan.primary, 0)], scaling)
@@ -145,14 +148,13 @@ def _direct_shrink(rows, lora_a, indices, plan, *, scaling, block_tokens):
     return _walk(plan, acc, indices, block_tokens, product)
 
 
-def _direct_expand(rows, lora_b, indices, plan, *, add_inputs, block_tokens):
-    s, base = rows
+def _direct_expand(s, start, lora_b, indices, plan, *, block_tokens):
     num_tokens, rank = s.shape
     s_blocks = s.reshape(-1, block_tokens, rank)
     y = jnp.einsum("btr,bro->bto", s_blocks, lora_b[jnp.maximum(plan.primary, 0)], preferred_element_type=jnp.float32)
-    start = base.astype(jnp.float32) if add_inputs else jnp.zeros(base.shape, jnp.float32)
+    start = _start(start, (num_tokens, lora_b.shape[2])).reshape(y.shape)
     mask = _primary_mask(indices, plan, block_tokens)
-    acc = _select(mask, start.reshape(y.shape) + y, start.reshape(y.shape)).reshape(num_tokens, -1)
+    acc = _select(mask, start + y, start).reshape(num_tokens, -1)
 
     def product(block, slot):
         return jnp.dot(_rows(s, block, block_tokens), lora_b[slot], preferred_element_type=jnp.float32)
@@ -160,22 +162,13 @@ def _direct_expand(rows, lora_b, indices, plan, *, add_inputs, block_tokens):
     return _walk(plan, acc, indices, block_tokens, product)
 
 
-def _direct_shrink_expand(rows, weights, indices, plan, *, scaling, block_tokens):
-    x, base = rows
+def _direct_shrink_expand(x, start, weights, indices, plan, *, scaling, block_tokens):
+    # The shrink of every visit, then the expand of every visit: x is dead before the
+    # expand's [T, Dout] accumulator exists (a permuted x in the sorted branch is a
+    # temporary as large as that accumulator; see _grouped).
     lora_a, lora_b = weights
-    num_tokens, hidden = x.shape
-    primary = jnp.maximum(plan.primary, 0)
-    blocks = x.reshape(-1, block_tokens, hidden)
-    s = _shrink_rows(blocks, lora_a[primary], scaling).astype(lora_b.dtype)
-    y = jnp.einsum("btr,bro->bto", s, lora_b[primary], preferred_element_type=jnp.float32)
-    start = base.astype(jnp.float32).reshape(y.shape)
-    acc = _select(_primary_mask(indices, plan, block_tokens), start + y, start).reshape(num_tokens, -1)
-
-    def product(block, slot):
-        s = _shrink_rows(_rows(x, block, block_tokens), lora_a[slot], scaling).astype(lora_b.dtype)
-        return jnp.dot(s, lora_b[slot], preferred_element_type=jnp.float32)
-
-    return _walk(plan, acc, indices, block_tokens, product)
+    s = _direct_shrink(x, None, lora_a, indices, plan, scaling=scaling, block_tokens=block_tokens)
+    return _direct_expand(s.astype(lora_b.dtype), start, lora_b, indices, plan, block_tokens=block_tokens)
 
 
 # -- laned: one token block, its distinct adapters side by side --------------------------------------
@@ -185,14 +178,22 @@ class _Lanes(NamedTuple):
     slots: jax.Array  # [chunks_max * lanes] slot of each distinct-adapter rank, -1 past the count
     code: jax.Array  # [T] rank of each token's slot among the distinct ones, -1 = no adapter
     chunks: jax.Array  # scalar: number of chunks of ``lanes`` ranks
+    count: jax.Array  # scalar: number of distinct slots
+    used: jax.Array  # [L] bool: the slots some token uses
     lanes: int
+    every_slot: bool  # static: all L slots fit one chunk, so rank = slot (no numbering, no gather)
 
 
 def _lanes(indices: jax.Array, num_slots: int, rank: int) -> _Lanes:
     """Number the batch's distinct slots (in slot order) with a scatter and a cumsum: no sort."""
     lanes = max(1, LANE_COLUMNS // rank)
-    width = -(-min(indices.shape[0], num_slots) // lanes) * lanes
     used = jnp.zeros((num_slots + 1,), bool).at[jnp.where(indices >= 0, indices, num_slots)].set(True)[:num_slots]
+    count = jnp.sum(used, dtype=jnp.int32)
+    if num_slots <= lanes:
+        # Few slots (e.g. 8 of rank 16): one chunk holds them all, lane = slot.
+        slots = jnp.arange(num_slots, dtype=jnp.int32)
+        return _Lanes(slots, indices, (count > 0).astype(jnp.int32), count, used, num_slots, True)
+    width = -(-min(indices.shape[0], num_slots) // lanes) * lanes
     order = jnp.cumsum(used, dtype=jnp.int32) - 1
     slots = (
         jnp.full((width,), -1, jnp.int32)
@@ -200,14 +201,23 @@ def _lanes(indices: jax.Array, num_slots: int, rank: int) -> _Lanes:
         .set(jnp.arange(num_slots, dtype=jnp.int32), mode="drop")
     )
     code = jnp.where(indices >= 0, order[jnp.maximum(indices, 0)], -1)
-    count = jnp.sum(used, dtype=jnp.int32)
-    return _Lanes(slots, code, -(-count // lanes), lanes)
+    return _Lanes(slots, code, -(-count // lanes), count, used, lanes, False)
 
 
-def _chunk(weights: jax.Array, lanes: _Lanes, c) -> jax.Array:
-    """[lanes * R, W]: the chunk's tiles side by side; lanes past the count are zero (selected, not scaled)."""
+def _chunk(weights: jax.Array, lanes: _Lanes, c, zero_unused: bool) -> jax.Array:
+    """[lanes * R, W]: the chunk's tiles side by side.
+
+    With ``zero_unused`` the tiles of lanes no token uses are zero (selected,
+    not scaled): an expand multiplies every lane, and 0 * Inf in an unused slot
+    would be NaN. A shrink's unused lanes are dropped by the select on its result.
+    """
+    if lanes.every_slot:
+        tiles = jnp.where(lanes.used[:, None, None], weights, 0) if zero_unused else weights
+        return tiles.reshape(-1, weights.shape[2])
     slots = lax.dynamic_slice_in_dim(lanes.slots, c * lanes.lanes, lanes.lanes)
-    tiles = jnp.where((slots >= 0)[:, None, None], weights[jnp.maximum(slots, 0)], 0)
+    tiles = weights[jnp.maximum(slots, 0)]
+    if zero_unused:
+        tiles = jnp.where((slots >= 0)[:, None, None], tiles, 0)
     return tiles.reshape(-1, weights.shape[2])
 
 
@@ -224,44 +234,40 @@ def _chunks(lanes: _Lanes, body, acc: jax.Array) -> jax.Array:
     return lax.fori_loop(1, lanes.chunks, body, body(0, acc))
 
 
-def _laned_shrink(rows, lora_a, lanes, *, scaling):
-    (x,) = rows
+def _laned_shrink(x, start, lora_a, lanes, *, scaling):
     rank = lora_a.shape[1]
 
     def body(c, acc):
-        y = jnp.dot(x, _chunk(lora_a, lanes, c).T, preferred_element_type=jnp.float32) * scaling
+        y = jnp.dot(x, _chunk(lora_a, lanes, c, False).T, preferred_element_type=jnp.float32) * scaling
         keep, _ = _lane_keep(lanes, c, rank)
         return acc + jnp.where(keep, y, 0.0).reshape(x.shape[0], lanes.lanes, rank).sum(axis=1)
 
     return _chunks(lanes, body, jnp.zeros((x.shape[0], rank), jnp.float32))
 
 
-def _laned_expand(rows, lora_b, lanes, *, add_inputs):
-    s, base = rows
+def _laned_expand(s, start, lora_b, lanes):
     rank = lora_b.shape[1]
     wide = jnp.tile(s, (1, lanes.lanes))
 
     def body(c, acc):
         keep, row = _lane_keep(lanes, c, rank)
-        y = jnp.dot(jnp.where(keep, wide, 0), _chunk(lora_b, lanes, c), preferred_element_type=jnp.float32)
+        y = jnp.dot(jnp.where(keep, wide, 0), _chunk(lora_b, lanes, c, True), preferred_element_type=jnp.float32)
         return _select(row, acc + y, acc)
 
-    start = base.astype(jnp.float32) if add_inputs else jnp.zeros(base.shape, jnp.float32)
-    return _chunks(lanes, body, start)
+    return _chunks(lanes, body, _start(start, (s.shape[0], lora_b.shape[2])))
 
 
-def _laned_shrink_expand(rows, weights, lanes, *, scaling):
-    x, base = rows
+def _laned_shrink_expand(x, start, weights, lanes, *, scaling):
     lora_a, lora_b = weights
     rank = lora_b.shape[1]
 
     def body(c, acc):
         keep, row = _lane_keep(lanes, c, rank)
-        y = jnp.dot(x, _chunk(lora_a, lanes, c).T, preferred_element_type=jnp.float32) * scaling
+        y = jnp.dot(x, _chunk(lora_a, lanes, c, False).T, preferred_element_type=jnp.float32) * scaling
         y = jnp.where(keep, y, 0.0).astype(lora_b.dtype)
-        return _select(row, acc + jnp.dot(y, _chunk(lora_b, lanes, c), preferred_element_type=jnp.float32), acc)
+        return _select(row, acc + jnp.dot(y, _chunk(lora_b, lanes, c, True), preferred_element_type=jnp.float32), acc)
 
-    return _chunks(lanes, body, base.astype(jnp.float32))
+    return _chunks(lanes, body, _start(start, (x.shape[0], lora_b.shape[2])))
 
 
 # -- the choice ----------------------------------------------------------------------------------------
@@ -273,7 +279,8 @@ def sort_order(indices: jax.Array) -> jax.Array:
 
 
 def _grouped(
-    rows: Sequence[jax.Array],
+    inputs: jax.Array,  # [T_pad, K]: x (shrink) or s (expand)
+    start: jax.Array | None,  # [T_pad, W] the base the products add to, None = zeros
     weight_shape: tuple[int, ...],  # [L, R, ...]
     indices: jax.Array,
     visits: Visits,
@@ -282,26 +289,40 @@ def _grouped(
     laned: Callable,
     order: jax.Array | None,
 ) -> jax.Array:
-    """``direct(rows, indices, plan)``; when blocks mix adapters ``laned(rows, lanes)``, or direct on sorted rows."""
+    """``direct(inputs, start, indices, plan)``; when blocks mix adapters ``laned(inputs, start, lanes)``,
+    or direct on sorted rows. Result [T_pad, W] f32."""
     num_blocks = indices.shape[0] // block_tokens
-    plan = _plan(visits, num_blocks)
     lanes = _lanes(indices, weight_shape[0], weight_shape[1])
+    if num_blocks == 1:
+        # One block (decode): its distinct slots, numbered on the device without a sort,
+        # decide alone; the visits are not needed (nor built, when no host metadata came).
+        zero = jnp.zeros((1,), jnp.int32)
+        first = jnp.where(lanes.count > 0, jnp.argmax(lanes.used), -1).astype(jnp.int32).reshape(1)
+        single = _Plan(first, zero, zero, jnp.int32(0))
+        return lax.cond(
+            lanes.count <= 1,
+            lambda: direct(inputs, start, indices, single),
+            lambda: laned(inputs, start, lanes),
+        )
+    plan = _plan(visits, num_blocks)
 
     def as_given():
-        return direct(rows, indices, plan)
+        return direct(inputs, start, indices, plan)
 
     def side_by_side():
-        return laned(rows, lanes)
+        return laned(inputs, start, lanes)
 
     def by_slot():
+        # Only the inputs are permuted; the products come back to token order and the
+        # base is added there. XLA:CPU keeps every branch's temporaries in one
+        # allocation: a permuted base would double it (past the size glibc's malloc
+        # maps afresh, page faults and all, on every call), slowing every branch.
         perm = sort_order(indices) if order is None else order
         inverse = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
         sorted_indices = indices[perm]
-        out = direct([r[perm] for r in rows], sorted_indices, _sorted_plan(sorted_indices, block_tokens))
-        return out[inverse]
+        products = direct(inputs[perm], None, sorted_indices, _sorted_plan(sorted_indices, block_tokens))[inverse]
+        return products if start is None else start.astype(jnp.float32) + products
 
-    if num_blocks == 1:
-        return lax.cond(plan.num_extra == 0, as_given, side_by_side)
     # Mixing: more extra visits than blocks. Laned costs a [T, D] x [D, lanes * R]
     # product per chunk; sorting costs about two such chunks (row permutations).
     mixing = plan.num_extra > num_blocks
@@ -321,13 +342,13 @@ def shrink(
 ) -> jax.Array:  # [T_pad, R], x.dtype
     """Grouped shrink: ``out[t] = scaling * lora_a[i_t] @ x[t]``."""
 
-    def direct(rows, idx, plan):
-        return _direct_shrink(rows, lora_a, idx, plan, scaling=scaling, block_tokens=block_tokens)
+    def direct(x, start, idx, plan):
+        return _direct_shrink(x, start, lora_a, idx, plan, scaling=scaling, block_tokens=block_tokens)
 
-    def laned(rows, lanes):
-        return _laned_shrink(rows, lora_a, lanes, scaling=scaling)
+    def laned(x, start, lanes):
+        return _laned_shrink(x, start, lora_a, lanes, scaling=scaling)
 
-    return _grouped([x], lora_a.shape, indices, visits, block_tokens, direct, laned, order).astype(x.dtype)
+    return _grouped(x, None, lora_a.shape, indices, visits, block_tokens, direct, laned, order).astype(x.dtype)
 
 
 def expand(
@@ -343,14 +364,15 @@ def expand(
 ) -> jax.Array:  # [T_pad, Dout], base.dtype
     """Grouped expand: ``out[t] = (base[t] if add_inputs else 0) + s[t] @ lora_b[i_t]``."""
 
-    def direct(rows, idx, plan):
-        return _direct_expand(rows, lora_b, idx, plan, add_inputs=add_inputs, block_tokens=block_tokens)
+    def direct(s, start, idx, plan):
+        return _direct_expand(s, start, lora_b, idx, plan, block_tokens=block_tokens)
 
-    def laned(rows, lanes):
-        return _laned_expand(rows, lora_b, lanes, add_inputs=add_inputs)
+    def laned(s, start, lanes):
+        return _laned_expand(s, start, lora_b, lanes)
 
-    rows = [s.astype(lora_b.dtype), base]
-    return _grouped(rows, lora_b.shape, indices, visits, block_tokens, direct, laned, order).astype(base.dtype)
+    start = base if add_inputs else None
+    out = _grouped(s.astype(lora_b.dtype), start, lora_b.shape, indices, visits, block_tokens, direct, laned, order)
+    return out.astype(base.dtype)
 
 
 def shrink_expand(
@@ -368,11 +390,10 @@ def shrink_expand(
     """Fused grouped shrink-expand: ``out[t] = base[t] + (scaling * lora_a[i_t] @ x[t]) @ lora_b[i_t]``."""
     weights = (lora_a, lora_b)
 
-    def direct(rows, idx, plan):
-        return _direct_shrink_expand(rows, weights, idx, plan, scaling=scaling, block_tokens=block_tokens)
+    def direct(x, start, idx, plan):
+        return _direct_shrink_expand(x, start, weights, idx, plan, scaling=scaling, block_tokens=block_tokens)
 
-    def laned(rows, lanes):
-        return _laned_shrink_expand(rows, weights, lanes, scaling=scaling)
+    def laned(x, start, lanes):
+        return _laned_shrink_expand(x, start, weights, lanes, scaling=scaling)
 
-    rows = [x, base]
-    return _grouped(rows, lora_b.shape, indices, visits, block_tokens, direct, laned, order).astype(base.dtype)
+    return _grouped(x, base, lora_b.shape, indices, visits, block_tokens, direct, laned, order).astype(base.dtype)
