@@ -187,28 +187,35 @@ def batch_metadata(slots, layer_shapes, rank: int, num_slots: int, dtype: str, g
       XLA-native backend permutes rows by when the blocks mix adapters); layers
       whose plans share a token block and lane count share one array.
     """
-    import numpy as np
-
     num_tokens = len(slots)
     by_plan, out = {}, {}
     for hidden, out_dim in dict.fromkeys(layer_shapes):
         sizes, lanes, _ = _plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
         key = (sizes.tokens, lanes)
         if key not in by_plan:
-            padded = np.full(sizes.padded_tokens(num_tokens), -1, np.int32)
-            padded[:num_tokens] = np.where((slots >= 0) & (slots < num_slots), slots, -1)
-            if padded.shape[0] == sizes.tokens:
-                packed = _one_block_packed(padded, num_slots, lanes)
-            else:
-                packed = visits.pack(
-                    visits.build_lanes(padded, num_slots, sizes.tokens, lanes, xp=np),
-                    visits.build(padded, num_slots, sizes.tokens, xp=np),
-                    xp=np,
-                )
-            order = np.argsort(padded.astype(np.uint32), kind="stable").astype(np.int32)
-            by_plan[key] = np.concatenate([packed, order])
+            by_plan[key] = plan_metadata(slots, num_slots, sizes, lanes)
         out[(hidden, out_dim)] = by_plan[key]
     return out
+
+
+def plan_metadata(slots, num_slots: int, sizes: block_sizes.BlockSizes, lanes: int):
+    """One plan's host metadata: ``visits.pack`` of the lane and visit arrays, then the padded
+    tokens' stable order by slot (int32 numpy). ``slots``: [N] int32 numpy, -1 = none."""
+    import numpy as np
+
+    num_tokens = len(slots)
+    padded = np.full(sizes.padded_tokens(num_tokens), -1, np.int32)
+    padded[:num_tokens] = np.where((slots >= 0) & (slots < num_slots), slots, -1)
+    if padded.shape[0] == sizes.tokens:
+        packed = _one_block_packed(padded, num_slots, lanes)
+    else:
+        packed = visits.pack(
+            visits.build_lanes(padded, num_slots, sizes.tokens, lanes, xp=np),
+            visits.build(padded, num_slots, sizes.tokens, xp=np),
+            xp=np,
+        )
+    order = np.argsort(padded.astype(np.uint32), kind="stable").astype(np.int32)
+    return np.concatenate([packed, order])
 
 
 _plan_call = functools.lru_cache(maxsize=_CACHE_SIZE)(fused.plan_call)

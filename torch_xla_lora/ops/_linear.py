@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from torch_xla_lora.kernels import fused, fused_base, visits
-from torch_xla_lora.ops._jax import _CACHE_SIZE, _pad_rows, _padded_indices, shrink_expand_fn
+from torch_xla_lora.ops._jax import _CACHE_SIZE, _pad_rows, _padded_indices, plan_metadata, shrink_expand_fn
 
 
 def _base_product(x, weight, bias, layout: str):
@@ -82,8 +82,6 @@ def linear_batch_metadata(slots, layer_shapes, rank: int, num_slots: int, dtype:
       shapes that need their own; layers whose plans share a token block and
       lane count share one array.
     """
-    import numpy as np
-
     num_tokens = len(slots)
     by_plan, out = {}, {}
     for hidden, out_dim, has_bias in dict.fromkeys(layer_shapes):
@@ -94,18 +92,9 @@ def linear_batch_metadata(slots, layer_shapes, rank: int, num_slots: int, dtype:
         host_sizes, host_lanes, _ = fused.plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
         if (host_sizes.tokens, host_lanes) == (sizes.tokens, lanes):
             continue  # batch_metadata's array is this kernel's too
-        padded_tokens = sizes.padded_tokens(num_tokens)
         key = (sizes.tokens, lanes)
         if key not in by_plan:
-            padded = np.full(padded_tokens, -1, np.int32)
-            padded[:num_tokens] = np.where((slots >= 0) & (slots < num_slots), slots, -1)
-            packed = visits.pack(
-                visits.build_lanes(padded, num_slots, sizes.tokens, lanes, xp=np),
-                visits.build(padded, num_slots, sizes.tokens, xp=np),
-                xp=np,
-            )
-            order = np.argsort(padded.astype(np.uint32), kind="stable").astype(np.int32)
-            by_plan[key] = np.concatenate([packed, order])
+            by_plan[key] = plan_metadata(slots, num_slots, sizes, lanes)
         out[(hidden, out_dim, has_bias)] = by_plan[key]
     return out
 
