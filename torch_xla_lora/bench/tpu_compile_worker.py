@@ -121,7 +121,8 @@ def build_linear(cfg: Config, sds):
         args.append(_host_metadata(cfg, sds))
     planned = fused_base.plan(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, has_bias)
     if planned is None:  # the op runs XLA's dot, then the shrink-expand call
-        info = {**_shrink_expand_info(cfg), "path": "dot + " + _shrink_expand_info(cfg)["path"]}
+        info = _shrink_expand_info(cfg)
+        info["path"] = "dot + " + info["path"]
     else:
         sizes, lanes = planned
         info = {
