@@ -66,3 +66,45 @@ def test_warmup_command_quick(capsys):
     assert warmup.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "max_loras   1:" in out and "max_loras   4:" in out and "in 2 compilations" in out
+
+
+@pytest.mark.parametrize(
+    ("environ", "argv", "restarts"),
+    [
+        ({}, ["e2e", "--quick"], True),
+        ({}, ["--system-malloc", "e2e"], False),
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, ["e2e"], False),
+        ({}, ["e2e", "--system-malloc"], True),  # after the command it is the command's option, not ours
+    ],
+)
+def test_malloc_environment(environ, argv, restarts):
+    import platform
+    import sys
+
+    from torch_xla_lora.bench.__main__ import REUSE_MALLOC, malloc_environment
+
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        assert malloc_environment(environ, argv) is None
+        return
+    env = malloc_environment(environ, argv)
+    assert (env is not None) == restarts
+    if restarts:
+        assert env == {**environ, "GLIBC_TUNABLES": REUSE_MALLOC}
+
+
+def test_command_line_restarts_with_reused_memory():
+    # On glibc the command line says it restarts with the tunables, then runs the command.
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    for argv, notice in ((["model", "--help"], True), (["--system-malloc", "model", "--help"], False)):
+        done = subprocess.run(
+            [sys.executable, "-m", "torch_xla_lora.bench", *argv], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        assert "usage" in done.stdout
+        expected = notice and sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+        assert ("restarting with GLIBC_TUNABLES=" in done.stderr) == expected

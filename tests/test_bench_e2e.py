@@ -96,24 +96,77 @@ def test_onehot_formulation_rejects_embedding_layers(llama_on_device):
         lora.unpatch()
 
 
+@pytest.mark.parametrize("batch", [["adapter0", None, "adapter1"], [None, None, None]])
+def test_fused_formulation_matches_the_layers(llama_on_device, xla_device, batch):
+    config = e2e.E2EConfig.quick()
+    lora = e2e.patch(llama_on_device, config, slots=8)
+    try:
+        before = {name: layer.base_fusion for name, layer in lora.layers.items()}
+        assert set(before.values()) == {"auto"}  # off on the CPU device: the fused block changes the op
+        lora.set_batch(batch)
+        ids = torch.randint(0, 64, (3, 5)).to(xla_device)
+        with torch.no_grad():
+            expected = llama_on_device(ids).logits.cpu()
+            with e2e.fused_formulation(lora):
+                assert all(layer.base_fusion is True for layer in lora.layers.values())
+                actual = llama_on_device(ids).logits.cpu()
+        assert {name: layer.base_fusion for name, layer in lora.layers.items()} == before
+    finally:
+        lora.unpatch()
+    assert_close(actual, expected)
+
+
 def test_one_hot_gives_zero_rows_for_base_tokens():
     hot = e2e._one_hot(torch.tensor([2, -1, 0], dtype=torch.int32), 3, torch.float32)
     assert hot.tolist() == [[0, 0, 1], [0, 0, 0], [1, 0, 0]]
 
 
-def _cell(kind, slots, base, lora, onehot, batch=8, seq=8):
+def _cell(kind, slots, base, lora, onehot, batch=8, seq=8, fused=None):
     """A Cell whose formulations take the given seconds in one repetition."""
-    return e2e.Cell(kind, batch, seq, slots, {"base": [base], "lora": [lora], "onehot": [onehot]}, 0).to_json()
+    seconds = {"base": [base], "lora": [lora], "onehot": [onehot]} | ({"fused": [fused]} if fused else {})
+    return e2e.Cell(kind, batch, seq, slots, seconds, 0).to_json()
 
 
-def _result(grid=(), sweep=()):
-    return {"grid": list(grid), "slot_sweep": list(sweep), "cache_check": {"max_abs_logits_diff": {}, "met": True}}
+def _result(grid=(), sweep=(), compare_fusion=False):
+    return {
+        "config": {"compare_fusion": compare_fusion},
+        "grid": list(grid),
+        "slot_sweep": list(sweep),
+        "cache_check": {"max_abs_logits_diff": {}, "met": True},
+    }
 
 
 @pytest.mark.parametrize(("lora", "met"), [(1.04, True), (1.06, False)], ids=["4pct", "6pct"])
 def test_prefill_target_per_cell(lora, met):
     point = {"prefill": _cell("prefill", 8, 1.0, lora, 1.1), "decode": _cell("decode", 8, 1.0, 1.0, 1.0)}
     assert e2e_report.targets(_result(grid=[point]))["prefill_slowdown"]["met"] == met
+
+
+@pytest.mark.parametrize(("fused", "met"), [(1.02, True), (1.03, False)], ids=["2pct", "3pct"])
+def test_fused_prefill_target_covers_grid_and_sweep(fused, met):
+    def point(slots, prefill_fused):
+        return {
+            "prefill": _cell("prefill", slots, 1.0, 1.01, 1.1, fused=prefill_fused),
+            "decode": _cell("decode", slots, 1.0, 1.0, 1.0, fused=1.0),
+        }
+
+    # The worst cell in the grid, then in the sweep.
+    for grid, sweep in (([point(8, fused)], [point(8, 1.0), point(64, 1.0)]), ([point(8, 1.0)], [point(8, fused)])):
+        target = e2e_report.targets(_result(grid, sweep, compare_fusion=True))["fused_prefill_slowdown"]
+        assert target["met"] == met
+        assert target["cells"] == len(grid) + len(sweep)
+    assert "fused_prefill_slowdown" not in e2e_report.targets(_result([point(8, fused)]))
+
+
+def test_tables_have_fused_columns_with_compare_fusion():
+    point = {
+        "prefill": _cell("prefill", 8, 1.0, 1.01, 1.1, fused=1.02),
+        "decode": _cell("decode", 8, 1.0, 1.0, 1.0, fused=1.0),
+    }
+    with_fused = _result([point], [point], compare_fusion=True)
+    assert "| prefill fused |" in e2e_report.steps_table(with_fused)
+    assert "| decode fused | prefill fused |" in e2e_report.slot_table(with_fused)
+    assert "fused" not in e2e_report.steps_table(_result([point], [point]))
 
 
 def _sweep(decode8, decode64):
@@ -174,8 +227,10 @@ def test_dispatcher_names_a_missing_benchmark(monkeypatch, capsys):
         ("grouping", "gpu", "grouping must be 'host' or 'device'"),
         ("repeats", 0, "repeats must be at least 1"),
         ("decode_steps", 0, "decode_steps must be at least 1"),
+        ("compare_fusion", True, "not with 'on'"),
     ],
 )
 def test_config_rejects(field, value, message):
+    extra = {"base_fusion": "on"} if field == "compare_fusion" else {}
     with pytest.raises(ValueError, match=message):
-        e2e.E2EConfig(**{field: value})
+        e2e.E2EConfig(**{field: value}, **extra)

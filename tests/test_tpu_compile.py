@@ -45,6 +45,14 @@ def test_kernel_compiles_for_tpu(config, compiled):
     assert result["vmem_estimate"] <= result["vmem_limit"]
 
 
+def test_linear_compiles_with_the_metadata_set_batch_gives_it(compiled):
+    """Where the fused base kernel's plan differs from the shrink-expand op's (tall prefill token
+    blocks), set_batch builds it its own host metadata; the sample compiles that path too."""
+    linear = [r for r in compiled.results if r["config"]["kernel"] == "linear" and "host" in r["config"]["variant"]]
+    assert {r["own_metadata"] for r in linear} == {True, False}
+    assert all(r["ok"] for r in linear)
+
+
 def test_worker_compiles_with_the_pinned_libtpu(compiled):
     assert compiled.libtpu == _pinned_libtpu()
 

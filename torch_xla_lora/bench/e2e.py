@@ -6,7 +6,11 @@ with transformers' ``StaticCache``, three formulations side by side:
 - base: no adapter set (``lora.clear_batch()``);
 - LoRA: every request of a batch on another adapter, through this library's layers;
 - one-hot: the same layers with their LoRA ops swapped for vLLM's TPU one-hot
-  einsums (:func:`~torch_xla_lora.bench.e2e_model.onehot_formulation`).
+  einsums (:func:`~torch_xla_lora.bench.e2e_model.onehot_formulation`);
+- with ``--compare-fusion``, fused: the LoRA layers with ``base_fusion`` on
+  (the base matmul and the LoRA as one ``linear_lora`` op,
+  :func:`~torch_xla_lora.bench.e2e_model.fused_formulation`), so the two
+  LoRA paths are paired in the same repetitions.
 
 Three parts:
 
@@ -50,9 +54,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from torch_xla_lora.bench.e2e_model import _one_hot, build_model, onehot_formulation, patch  # noqa: F401
+from torch_xla_lora.bench.e2e_model import (  # noqa: F401
+    _one_hot,
+    build_model,
+    fused_formulation,
+    onehot_formulation,
+    patch,
+)
 
 FORMULATIONS = ("base", "lora", "onehot")
+FUSED = "fused"  # with --compare-fusion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +83,7 @@ class E2EConfig:
       grouping: "host": ``set_batch(names, seq_len)`` builds the kernels' token
         grouping on the host; "device": ``set_batch(names)``, each layer groups on the device.
       base_fusion: LoRAConfig.base_fusion: "auto", "on" or "off".
+      compare_fusion: also time "fused", the LoRA layers with base_fusion on.
       check: run the cache correctness check first.
     """
 
@@ -95,6 +107,7 @@ class E2EConfig:
     backend: str = "auto"
     grouping: str = "host"
     base_fusion: str = "auto"
+    compare_fusion: bool = False
     seed: int = 0
     check: bool = True
 
@@ -109,6 +122,13 @@ class E2EConfig:
             raise ValueError(f"grouping must be 'host' or 'device', got {self.grouping!r}")
         if self.base_fusion not in ("auto", "on", "off"):
             raise ValueError(f"base_fusion must be 'auto', 'on' or 'off', got {self.base_fusion!r}")
+        if self.compare_fusion and self.base_fusion == "on":
+            raise ValueError("compare_fusion compares base_fusion on against the configured one: not with 'on'")
+
+    @property
+    def formulations(self) -> tuple[str, ...]:
+        """The formulations timed side by side."""
+        return (*FORMULATIONS, FUSED) if self.compare_fusion else FORMULATIONS
 
     @property
     def max_cache_len(self) -> int:
@@ -242,7 +262,7 @@ class _Steps:
 
     def prepare(self, formulation: str, seq_len: int) -> Callable[[], None]:
         # The one-hot einsums read only the slots: they get no host-built grouping to pay for.
-        host_grouping = self.grouping == "host" and formulation == "lora"
+        host_grouping = self.grouping == "host" and formulation in ("lora", FUSED)
 
         def run() -> None:
             if formulation == "base":
@@ -253,8 +273,7 @@ class _Steps:
         return run
 
     def _forward(self, formulation: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        swap = onehot_formulation(self.lora) if formulation == "onehot" else contextlib.nullcontext()
-        with swap:
+        with _formulation(self.lora, formulation):
             out = self.model(
                 ids, past_key_values=self.cache, cache_position=positions, use_cache=True, logits_to_keep=1
             )
@@ -269,16 +288,27 @@ class _Steps:
         return self.prepare(formulation, 1), lambda: self._forward(formulation, self.next_ids, self.decode_position)
 
 
+def _formulation(lora, formulation: str) -> contextlib.AbstractContextManager:
+    """The layers' swap for ``formulation`` (trace the model inside it)."""
+    if formulation == "onehot":
+        return onehot_formulation(lora)
+    if formulation == FUSED:
+        return fused_formulation(lora)
+    return contextlib.nullcontext()
+
+
 def _rotations(formulations: Sequence[str], repeats: int):
     for repeat in range(repeats):
         shift = repeat % len(formulations)
         yield list(formulations[shift:]) + list(formulations[:shift])
 
 
-def measure(steps: _Steps, kinds: Sequence[str], config: E2EConfig, formulations: Sequence[str] = FORMULATIONS):
-    """Warm up and time each step kind of ``steps``: {kind: Cell}, the formulations in rotating order."""
+def measure(steps: _Steps, kinds: Sequence[str], config: E2EConfig, formulations: Sequence[str] | None = None):
+    """Warm up and time each step kind of ``steps``: {kind: Cell}, the formulations in rotating order
+    (default: ``config.formulations``)."""
     import torch_xla_lora as tl
 
+    formulations = config.formulations if formulations is None else formulations
     closures = {(k, f): getattr(steps, k)(f) for k in kinds for f in formulations}
     for _ in range(2):  # warm-up, the only compilations: the first run also builds the cache's buffers
         for prepare, forward in closures.values():
@@ -304,7 +334,8 @@ def _progress(message: str, start: float) -> None:
 
 def _rates(cell: Cell) -> str:
     tps = cell.tokens_per_s
-    return f"base {tps['base']:,.0f} tok/s, LoRA {cell.slowdown('lora'):+.1f}%, one-hot {cell.slowdown('onehot'):+.1f}%"
+    text = f"base {tps['base']:,.0f} tok/s, LoRA {cell.slowdown('lora'):+.1f}%, one-hot {cell.slowdown('onehot'):+.1f}%"
+    return text + (f", fused {cell.slowdown(FUSED):+.1f}%" if FUSED in cell.seconds else "")
 
 
 def run_grid(model: nn.Module, config: E2EConfig, start: float) -> list[dict[str, Cell]]:
@@ -357,16 +388,15 @@ def check_cache(model: nn.Module, config: E2EConfig) -> dict[str, float]:
         steps = _Steps(lora, model, 4, 16, 32, config)
         steps.names[-1] = None
         whole = torch.cat([steps.ids, steps.next_ids], dim=1)
-        for formulation in ("lora", "onehot"):
+        for formulation in config.formulations[1:]:
             steps.cache = transformers.StaticCache(config=model.config, max_cache_len=32)
-            swap = onehot_formulation(lora) if formulation == "onehot" else contextlib.nullcontext()
             with torch.no_grad():
                 for prepare, forward in (steps.prefill(formulation), steps.decode(formulation)):
                     prepare()
                     cached = forward()
                     torch_xla.sync()
                 lora.set_batch(steps.names)
-                with swap:
+                with _formulation(lora, formulation):
                     full = model(whole, logits_to_keep=1).logits
             errors[formulation] = float((cached.cpu() - full.cpu()).abs().max())
     finally:
@@ -437,6 +467,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[E2EConfig, Path]:
     parser.add_argument("--grouping", choices=("host", "device"), help="where the token grouping is built")
     parser.add_argument(
         "--base-fusion", choices=("auto", "on", "off"), dest="base_fusion", help="LoRAConfig.base_fusion"
+    )
+    parser.add_argument(
+        "--compare-fusion",
+        dest="compare_fusion",
+        action="store_const",
+        const=True,
+        help="also time the LoRA layers with base_fusion on, paired with the others",
     )
     parser.add_argument("--skip-check", dest="check", action="store_const", const=False, help="no cache check")
     args = vars(parser.parse_args(argv))

@@ -73,6 +73,23 @@ def onehot_formulation(lora) -> Iterator[None]:
             del layer.forward
 
 
+@contextlib.contextmanager
+def fused_formulation(lora) -> Iterator[None]:
+    """Within the block, every LoRA linear layer of ``lora`` runs with ``base_fusion`` on: the base
+    matmul and its LoRA as one ``xla_lora::linear_lora`` op. Restored on exit; trace inside the block."""
+    from torch_xla_lora.layers import LinearWithLoRA
+
+    layers = [layer for layer in lora.layers.values() if isinstance(layer, LinearWithLoRA)]
+    before = [layer.base_fusion for layer in layers]
+    for layer in layers:
+        layer.base_fusion = True
+    try:
+        yield
+    finally:
+        for layer, fusion in zip(layers, before, strict=True):
+            layer.base_fusion = fusion
+
+
 # -- model and adapters ----------------------------------------------------------------------------
 
 

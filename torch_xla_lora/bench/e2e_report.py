@@ -19,6 +19,7 @@ from pathlib import Path
 
 # The issue's targets.
 MAX_PREFILL_SLOWDOWN_PCT = 5.0  # LoRA, every prefill cell of the grid
+MAX_FUSED_PREFILL_SLOWDOWN_PCT = 2.5  # base_fusion on (--compare-fusion), every prefill cell and slot count
 MAX_PREFILL_SLOT_DRIFT_PCT = 3.0  # LoRA prefill slowdown, most slots vs fewest (points)
 DECODE_MARGIN_FEWEST_SLOTS_PCT = 1.0  # LoRA decode slowdown <= one-hot's + this, at the fewest slots
 DECODE_FRACTION_MOST_SLOTS = 0.5  # LoRA decode slowdown <= this fraction of one-hot's, at the most slots
@@ -69,6 +70,8 @@ def document(config, grid: Sequence[dict], slots: Sequence[dict], check: dict, s
             "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0,
             # Other work on the machine adds noise to every number; this says how much there was.
             "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            # glibc's malloc settings (see torch_xla_lora.bench.__main__): reused memory or the defaults.
+            "malloc": os.environ.get("GLIBC_TUNABLES", "system defaults"),
         },
         "cache_check": {
             "max_abs_logits_diff": check,
@@ -82,6 +85,10 @@ def document(config, grid: Sequence[dict], slots: Sequence[dict], check: dict, s
     }
     result["targets"] = targets(result)
     return result
+
+
+def _fused(result: dict) -> bool:
+    return bool(result["config"].get("compare_fusion"))
 
 
 def _met(value: bool) -> str:
@@ -131,6 +138,15 @@ def targets(result: dict) -> dict:
             "limit_pct": MAX_PREFILL_SLOT_DRIFT_PCT,
             "met": abs(drift) <= MAX_PREFILL_SLOT_DRIFT_PCT,
         }
+    if _fused(result):
+        fused = [point["prefill"]["slowdown_pct"]["fused"] for point in [*result["grid"], *sweep]]
+        out["fused_prefill_slowdown"] = {
+            "worst_pct": max(fused),
+            "limit_pct": MAX_FUSED_PREFILL_SLOWDOWN_PCT,
+            "cells_met": sum(v <= MAX_FUSED_PREFILL_SLOWDOWN_PCT for v in fused),
+            "cells": len(fused),
+            "met": max(fused) <= MAX_FUSED_PREFILL_SLOWDOWN_PCT,
+        }
     return out
 
 
@@ -154,6 +170,11 @@ _TARGET_LINES = (
         "prefill_flat_in_slots",
         "prefill: LoRA slowdown at {slots[1]} slots within {limit_pct:g} points of {slots[0]} slots: "
         "{drift_pct:+.1f} points",
+    ),
+    (
+        "fused_prefill_slowdown",
+        "prefill, base_fusion on: slowdown <= {limit_pct:g}% in every cell and slot count: worst {worst_pct:+.1f}% "
+        "({cells_met}/{cells} within)",
     ),
 )
 
@@ -193,33 +214,41 @@ def _pct(value: float) -> str:
 
 def generation_table(result: dict) -> str:
     """Output-token throughput and slowdown of every (batch, input, output) generation."""
+    fused = _fused(result)
     rows = []
     for g in result["generation"]:
         tps, slow = g["output_tokens_per_s"], g["slowdown_pct"]
         rows.append(
             [str(g["batch"]), str(g["seq"]), str(g["out"]), f"{tps['base']:,.1f}", f"{tps['lora']:,.1f}"]
             + [_pct(slow["lora"]), f"{tps['onehot']:,.1f}", _pct(slow["onehot"])]
+            + ([_pct(slow["fused"])] if fused else [])
         )
     header = ["batch", "input", "output", "base out tok/s", "LoRA out tok/s", "LoRA slowdown"]
-    return _table([*header, "one-hot out tok/s", "one-hot slowdown"], rows)
+    return _table([*header, "one-hot out tok/s", "one-hot slowdown"] + (["fused slowdown"] if fused else []), rows)
 
 
 def steps_table(result: dict) -> str:
     """Prefill and decode-step throughput and slowdown of every (batch, input length)."""
+    fused = _fused(result)
     rows = []
     for point in result["grid"]:
         p, d = point["prefill"], point["decode"]
         rows.append(
             [str(p["batch"]), str(p["seq"]), f"{p['tokens_per_s']['base']:,.0f}"]
             + [_pct(p["slowdown_pct"]["lora"]), _pct(p["slowdown_pct"]["onehot"])]
+            + ([_pct(p["slowdown_pct"]["fused"])] if fused else [])
             + [f"{d['tokens_per_s']['base']:,.1f}", _pct(d["slowdown_pct"]["lora"]), _pct(d["slowdown_pct"]["onehot"])]
+            + ([_pct(d["slowdown_pct"]["fused"])] if fused else [])
         )
     header = ["batch", "input", "prefill base tok/s", "prefill LoRA", "prefill one-hot"]
-    return _table([*header, "decode base tok/s", "decode LoRA", "decode one-hot"], rows)
+    header += ["prefill fused"] if fused else []
+    header += ["decode base tok/s", "decode LoRA", "decode one-hot"] + (["decode fused"] if fused else [])
+    return _table(header, rows)
 
 
 def slot_table(result: dict) -> str:
     """Decode-step and prefill slowdown at each slot count of the sweep."""
+    fused = _fused(result)
     rows = []
     for point in result["slot_sweep"]:
         d, p = point["decode"], point["prefill"]
@@ -231,9 +260,12 @@ def slot_table(result: dict) -> str:
                 _pct(d["slowdown_pct"]["onehot"]),
             ]
             + [_pct(p["slowdown_pct"]["lora"]), _pct(p["slowdown_pct"]["onehot"])]
+            + ([_pct(d["slowdown_pct"]["fused"]), _pct(p["slowdown_pct"]["fused"])] if fused else [])
         )
     header = ["slots", "decode base tok/s", "decode LoRA tok/s", "decode LoRA", "decode one-hot tok/s"]
-    return _table([*header, "decode one-hot", "prefill LoRA", "prefill one-hot"], rows)
+    header += ["decode one-hot", "prefill LoRA", "prefill one-hot"]
+    header += ["decode fused", "prefill fused"] if fused else []
+    return _table(header, rows)
 
 
 def markdown(result: dict) -> str:
@@ -244,8 +276,11 @@ def markdown(result: dict) -> str:
         f"heads {c['heads']}/{c['kv_heads']} kv, vocab {c['vocab']}, float32, static KV cache; LoRA rank "
         f"{c['rank']} on every linear layer, {c['num_adapters']} adapters, request i on adapter i mod "
         f"{c['num_adapters']}; device {result['environment']['device']}, backend {c['backend']}, grouping on the "
-        f"{c['grouping']}, median of {c['repeats']} runs ({c['decode_steps']} decode steps each)"
+        f"{c['grouping']}, median of {c['repeats']} runs ({c['decode_steps']} decode steps each), malloc: "
+        f"{result['environment'].get('malloc', 'system defaults')}"
     )
+    if _fused(result):
+        model += "; fused: the LoRA layers with base_fusion on (one linear_lora op per layer)"
     sweep = (
         f"decode: {c['decode_batch']} requests, adapters interleaved row by row, cache of {c['slot_seq']} tokens; "
         f"prefill: {c['slot_batch']} x {c['slot_seq']}"

@@ -117,8 +117,14 @@ def build_linear(cfg: Config, sds):
     args = [sds((tokens, d_in), dtype), sds((d_out, d_in) if layout == "out_in" else (d_in, d_out), dtype)]
     args += [sds((d_out,), dtype)] if has_bias else []
     args += [sds((slots, rank, d_in), dtype), sds((slots, rank, d_out), dtype), sds((tokens,), jnp.int32)]
+    own = False
     if host:
-        args.append(_host_metadata(cfg, sds))
+        # The array set_batch gives the layer (ops.batch_metadata with linear_shapes): built for
+        # linear_lora's own plan where the shrink-expand op's does not fit it, else the op's.
+        shape = (d_in, d_out, has_bias)
+        mine = _linear.linear_batch_metadata(np.full(tokens, -1, np.int32), [shape], rank, slots, cfg.dtype, cfg.chip)
+        own = shape in mine
+        args.append(sds(mine[shape].shape, jnp.int32) if own else _host_metadata(cfg, sds))
     planned = fused_base.plan(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, has_bias)
     if planned is None:  # the op runs XLA's dot, then the shrink-expand call
         info = _shrink_expand_info(cfg)
@@ -132,7 +138,8 @@ def build_linear(cfg: Config, sds):
             "vmem_estimate": fused_base.vmem_bytes(sizes, rank, slots, lanes, dtype, has_bias),
             "vmem_limit": fused_base.vmem_limit(cfg.chip),
         }
-    return _linear.linear_lora_fn("pallas", cfg.chip, SCALING, layout, has_bias, host), args, info
+    info["own_metadata"] = own
+    return _linear.linear_lora_fn("pallas", cfg.chip, SCALING, layout, has_bias, host, own), args, info
 
 
 def build_shrink(cfg: Config, sds):
