@@ -95,18 +95,23 @@ def _met(value: bool) -> str:
     return "met" if value else "not met"
 
 
+def _every_cell(slowdowns: Sequence[float], limit: float) -> dict:
+    """A target every cell must meet: the worst cell, how many are within, met or not."""
+    return {
+        "worst_pct": max(slowdowns),
+        "limit_pct": limit,
+        "cells_met": sum(v <= limit for v in slowdowns),
+        "cells": len(slowdowns),
+        "met": max(slowdowns) <= limit,
+    }
+
+
 def targets(result: dict) -> dict:
     """Each target: the measured values, the limit, and whether it is met."""
     out = {}
     prefill = [point["prefill"]["slowdown_pct"]["lora"] for point in result["grid"]]
     if prefill:
-        out["prefill_slowdown"] = {
-            "worst_pct": max(prefill),
-            "limit_pct": MAX_PREFILL_SLOWDOWN_PCT,
-            "cells_met": sum(v <= MAX_PREFILL_SLOWDOWN_PCT for v in prefill),
-            "cells": len(prefill),
-            "met": max(prefill) <= MAX_PREFILL_SLOWDOWN_PCT,
-        }
+        out["prefill_slowdown"] = _every_cell(prefill, MAX_PREFILL_SLOWDOWN_PCT)
     sweep = result["slot_sweep"]
     if len(sweep) >= 2:
         first, last = sweep[0], sweep[-1]
@@ -140,13 +145,7 @@ def targets(result: dict) -> dict:
         }
     if _fused(result):
         fused = [point["prefill"]["slowdown_pct"]["fused"] for point in [*result["grid"], *sweep]]
-        out["fused_prefill_slowdown"] = {
-            "worst_pct": max(fused),
-            "limit_pct": MAX_FUSED_PREFILL_SLOWDOWN_PCT,
-            "cells_met": sum(v <= MAX_FUSED_PREFILL_SLOWDOWN_PCT for v in fused),
-            "cells": len(fused),
-            "met": max(fused) <= MAX_FUSED_PREFILL_SLOWDOWN_PCT,
-        }
+        out["fused_prefill_slowdown"] = _every_cell(fused, MAX_FUSED_PREFILL_SLOWDOWN_PCT)
     return out
 
 
