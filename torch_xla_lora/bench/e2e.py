@@ -303,12 +303,11 @@ def _rotations(formulations: Sequence[str], repeats: int):
         yield list(formulations[shift:]) + list(formulations[:shift])
 
 
-def measure(steps: _Steps, kinds: Sequence[str], config: E2EConfig, formulations: Sequence[str] | None = None):
-    """Warm up and time each step kind of ``steps``: {kind: Cell}, the formulations in rotating order
-    (default: ``config.formulations``)."""
+def measure(steps: _Steps, kinds: Sequence[str], config: E2EConfig):
+    """Warm up and time each step kind of ``steps``: {kind: Cell}, ``config.formulations`` in rotating order."""
     import torch_xla_lora as tl
 
-    formulations = config.formulations if formulations is None else formulations
+    formulations = config.formulations
     closures = {(k, f): getattr(steps, k)(f) for k in kinds for f in formulations}
     for _ in range(2):  # warm-up, the only compilations: the first run also builds the cache's buffers
         for prepare, forward in closures.values():
@@ -388,7 +387,7 @@ def check_cache(model: nn.Module, config: E2EConfig) -> dict[str, float]:
         steps = _Steps(lora, model, 4, 16, 32, config)
         steps.names[-1] = None
         whole = torch.cat([steps.ids, steps.next_ids], dim=1)
-        for formulation in config.formulations[1:]:
+        for formulation in [f for f in config.formulations if f != "base"]:
             steps.cache = transformers.StaticCache(config=model.config, max_cache_len=32)
             with torch.no_grad():
                 for prepare, forward in (steps.prefill(formulation), steps.decode(formulation)):
