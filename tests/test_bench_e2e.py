@@ -43,6 +43,11 @@ def test_quick_run_json_covers_grid_and_sweep(quick_run):
         assert set(cell["tokens_per_s"]) == set(e2e.FORMULATIONS)
         assert all(rate > 0 for rate in cell["tokens_per_s"].values())
         assert len(cell["seconds"]["lora"]) == config.repeats
+        runs_per_formulation = {f: len(runs) for f, runs in cell["page_faults"].items()}
+        assert runs_per_formulation == dict.fromkeys(e2e.FORMULATIONS, config.repeats)
+        assert all(count >= 0 for runs in cell["page_faults"].values() for count in runs)
+    assert set(result["page_faults_per_step"]) == set(e2e.FORMULATIONS)
+    assert "Minor page faults per step" in (quick_run[1] / "e2e.md").read_text()
     assert result["recompiles_during_timing"] == 0
     assert result["cache_check"]["met"]
     assert set(result["targets"]) == {
@@ -204,6 +209,13 @@ def test_generation_is_prefill_plus_decode_steps():
     assert g["seconds"] == pytest.approx({"base": 2.0, "lora": 2.2, "onehot": 3.2})
     assert g["output_tokens_per_s"]["base"] == pytest.approx(2 * 10 / 2.0)
     assert g["slowdown_pct"]["lora"] == pytest.approx(100 * (1 - 2.0 / 2.2))
+
+
+def test_page_faults_per_step_is_the_median_over_every_run():
+    cell = e2e.Cell("prefill", 1, 8, 8, {"base": [1.0] * 3, "lora": [1.0] * 3}, 0, {"base": [0, 9, 1], "lora": [5, 7]})
+    older = e2e.Cell("decode", 1, 8, 8, {"base": [1.0]}, 0).to_json()  # no counts recorded
+    per_step = e2e_report.page_faults_per_step([{"prefill": cell.to_json(), "decode": older}])
+    assert per_step == {"base": 1, "lora": 6}
 
 
 def test_slowdown_pairs_runs_of_one_repetition():

@@ -9,9 +9,9 @@ included (for a linear layer it copies the weight transposed: 262 MB per call
 for a 32000 x 2048 LM head in float32). With glibc's defaults every block
 above 32 MiB is mapped with mmap and unmapped on free, and threads' arenas
 hand freed pages back to the kernel, so each call page-faults hundreds of MB
-anew: a 1-layer Llama's prefill of 1024 tokens took about 125,000 page faults
-per call, cost about 10% and varied from call to call by as much, more than
-the LoRA costs being measured. On glibc the command line therefore restarts
+anew: a 1-layer Llama's prefill of 1024 tokens took 83,000-100,000 page
+faults per call (``bench e2e`` counts them), cost up to a tenth of a step and
+varied from run to run by as much, more than the LoRA costs being measured. On glibc the command line therefore restarts
 itself once with ``GLIBC_TUNABLES`` set (:data:`REUSE_MALLOC`: no mmap, no
 trimming, one arena) so freed memory is reused; every formulation runs under
 the same setting (the role tcmalloc plays in CPU serving setups).

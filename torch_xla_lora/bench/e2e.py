@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import resource
 import statistics
 import sys
 import time
@@ -166,7 +167,9 @@ class Cell:
     """Time of one step kind ("prefill" or "decode") per formulation at one (batch, seq, slots) point.
 
     ``seq`` is the input length (for decode: the tokens already in the cache);
-    ``seconds[f][r]``: the step time of formulation f in repetition r.
+    ``seconds[f][r]``: the step time of formulation f in repetition r;
+    ``page_faults[f][r]``: the process's minor page faults per step in that repetition
+    (host preparation, tracing and execution; see :func:`minor_page_faults`).
     """
 
     kind: str
@@ -175,6 +178,7 @@ class Cell:
     slots: int
     seconds: dict[str, list[float]]
     recompiles: int  # compilations during the timed runs (should be 0)
+    page_faults: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -234,6 +238,11 @@ def step_seconds(prepare: Callable[[], None], forward: Callable[[], torch.Tensor
     del out
     executed = (_execute_ns() - before_ns) / 1e9
     return host + (executed if executed > 0 else wall)
+
+
+def minor_page_faults() -> int:
+    """The process's minor page faults so far (every thread): fresh memory the kernel had to map."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def device_seconds(run: Callable[[], torch.Tensor]) -> float:
@@ -314,14 +323,17 @@ def measure(steps: _Steps, kinds: Sequence[str], config: E2EConfig):
             step_seconds(prepare, forward)
     counter = tl.CompileCounter()
     seconds = {k: {f: [] for f in formulations} for k in kinds}
+    faults = {k: {f: [] for f in formulations} for k in kinds}
     for order in _rotations(formulations, config.repeats):
         for f in order:
             for k in kinds:
                 runs = config.decode_steps if k == "decode" else 1
+                before = minor_page_faults()
                 seconds[k][f].append(statistics.mean(step_seconds(*closures[k, f]) for _ in range(runs)))
+                faults[k][f].append((minor_page_faults() - before) // runs)
     steps.lora.clear_batch()
     batch, slots = len(steps.names), steps.lora.config.max_loras
-    return {k: Cell(k, batch, steps.seq, slots, seconds[k], counter.count) for k in kinds}
+    return {k: Cell(k, batch, steps.seq, slots, seconds[k], counter.count, faults[k]) for k in kinds}
 
 
 # -- the three parts -------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ def document(config, grid: Sequence[dict], slots: Sequence[dict], check: dict, s
     from torch_xla_lora.ops import device_generation
 
     grid_json = [{kind: cell.to_json() for kind, cell in point.items()} for point in grid]
+    slot_json = [{kind: cell.to_json() for kind, cell in point.items()} for point in slots]
     result = {
         "command": command,
         "config": dataclasses.asdict(config),
@@ -79,12 +80,23 @@ def document(config, grid: Sequence[dict], slots: Sequence[dict], check: dict, s
         },
         "grid": grid_json,
         "generation": [generation(point, out) for point in grid_json for out in config.out_lens],
-        "slot_sweep": [{kind: cell.to_json() for kind, cell in point.items()} for point in slots],
+        "slot_sweep": slot_json,
         "seconds": seconds,
+        "page_faults_per_step": page_faults_per_step([*grid_json, *slot_json]),
         "recompiles_during_timing": sum(cell.recompiles for point in [*grid, *slots] for cell in point.values()),
     }
     result["targets"] = targets(result)
     return result
+
+
+def page_faults_per_step(points: Sequence[dict]) -> dict[str, float]:
+    """Per formulation, the median of every timed run's minor page faults per step, over all cells."""
+    runs: dict[str, list[int]] = {}
+    for point in points:
+        for cell in point.values():
+            for formulation, counts in cell.get("page_faults", {}).items():
+                runs.setdefault(formulation, []).extend(counts)
+    return {formulation: statistics.median(counts) for formulation, counts in runs.items() if counts}
 
 
 def _fused(result: dict) -> bool:
@@ -298,6 +310,9 @@ def markdown(result: dict) -> str:
         f"Slot sweep ({sweep}):",
         "",
         slot_table(result),
+        "",
+        "Minor page faults per step (median over every timed run; host preparation, tracing and execution): "
+        + ", ".join(f"{f} {n:,.0f}" for f, n in result.get("page_faults_per_step", {}).items()),
         "",
         "Targets:",
         "",
