@@ -131,21 +131,6 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         )
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
-        """The same result as :meth:`forward` through separate shrink and expand ops (per-slice expands)."""
-        y = self.base_layer(x)
-        slots = self.context.token_slots(x)
-        if slots is None:
-            return y
-        # x: [N, in] -> s: [N, R] -> y: [N, out]
-        x2 = x.reshape(-1, self.in_features).to(self.lora_a.dtype)
-        s = torch.ops.xla_lora.bgmv_shrink(x2, self.lora_a, slots, 1.0, self.backend)
-        out = self._expand(s, y.reshape(-1, self.out_features).to(self.lora_b.dtype), slots)
-        return out.reshape(y.shape).to(y.dtype)
-
-    def _expand(self, s: torch.Tensor, y: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        return torch.ops.xla_lora.bgmv_expand(s, self.lora_b, y, slots, True, self.backend)
-
 
 class ColumnParallelLinearWithLoRA(LinearWithLoRA):
     """Column-parallel linear (q, k, v, gate, up): B sharded on output features like the base, A replicated."""

@@ -2,7 +2,8 @@
 
 Used to choose a LoRA layer for a module (``patching``) and how it is sharded
 on a mesh (``sharding``): q/k/v/gate/up are column-parallel, o/down
-row-parallel, fused projections are split in slices.
+row-parallel; fused projections (QKV, gate_up) are column-parallel too, their
+equal output slices covered by the one fused op of the column kind.
 """
 
 QKV_NAMES = frozenset({"c_attn", "qkv_proj", "query_key_value", "Wqkv"})
