@@ -82,10 +82,6 @@ class AdapterManager:
         with self.lock:
             return [self._slots[s] for s in dict.fromkeys(slots) if self._slots[s] is not None]
 
-    def slot_of(self, name: str) -> int | None:
-        with self.lock:
-            return self._slot_of(name)
-
     def _slot_of(self, name: str) -> int | None:
         return self._slots.index(name) if name in self._slots else None
 

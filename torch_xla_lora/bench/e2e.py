@@ -245,11 +245,6 @@ def minor_page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def device_seconds(run: Callable[[], torch.Tensor]) -> float:
-    """Device seconds of one step of ``run`` (no host preparation)."""
-    return step_seconds(lambda: None, run)
-
-
 # -- steps -----------------------------------------------------------------------------------------
 
 

@@ -102,11 +102,6 @@ def _once(fn: Callable[[], torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
-def time_device(fn: Callable[[], torch.Tensor], repeats: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn`` on the XLA device, each call synchronised, after ``warmup`` calls."""
-    return time_side_by_side({"fn": fn}, repeats, warmup)["fn"]
-
-
 def time_side_by_side(fns: dict[str, Callable[[], torch.Tensor]], repeats: int, warmup: int = 2) -> dict[str, float]:
     """Median seconds of each function, the functions run in turn within each repetition.
 
