@@ -92,6 +92,18 @@ def test_malloc_environment(environ, argv, restarts):
         assert env == {**environ, "GLIBC_TUNABLES": REUSE_MALLOC}
 
 
+def test_every_command_names_a_module_with_main():
+    """The dispatcher imports COMMANDS[command][0] and calls its main(argv): a command registered
+    without its module, or a module without main, would fail only when a user runs it."""
+    import importlib
+
+    from torch_xla_lora.bench.__main__ import COMMANDS
+
+    for name, (module_name, help_text) in COMMANDS.items():
+        assert help_text, name
+        assert callable(importlib.import_module(module_name).main), name
+
+
 def test_command_line_restarts_with_reused_memory():
     # On glibc the command line says it restarts with the tunables, then runs the command.
     import os

@@ -225,14 +225,6 @@ def test_slowdown_pairs_runs_of_one_repetition():
     assert cell.slowdown("lora") == pytest.approx(10.0)
 
 
-def test_dispatcher_names_a_missing_benchmark(monkeypatch, capsys):
-    import torch_xla_lora.bench.__main__ as dispatcher
-
-    monkeypatch.setitem(dispatcher.COMMANDS, "model", ("torch_xla_lora.bench.no_such_module", ""))
-    assert bench_main(["model"]) == 2
-    assert "torch_xla_lora/bench/no_such_module.py does not exist yet" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

@@ -57,7 +57,7 @@ def malloc_environment(environ: dict[str, str], argv: Sequence[str]) -> dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one benchmark command; 2 when the command's module is not available."""
+    """Run one benchmark command; its exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m torch_xla_lora.bench",
         description="Benchmarks of torch_xla_lora.",
@@ -74,15 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # The CPU PJRT device unless the user chose one; must precede torch_xla's start.
     os.environ.setdefault("PJRT_DEVICE", "CPU")
-    module_name = COMMANDS[args.command][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        path = module_name.replace(".", "/") + ".py"
-        print(f"error: benchmark {args.command!r} is not available: {path} does not exist yet", file=sys.stderr)
-        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
     return module.main(args.args)
 
 
