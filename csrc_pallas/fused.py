@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,8 @@ from jax.experimental.pallas import tpu as pltpu
 from . import tuning
 from .block_sizes import BlockSizes, choose, known, typical_adapters, vmem_limit
 from .visits import LaneBlocks, max_chunks
+
+logger = logging.getLogger(__name__)
 
 
 def rank_stride(rank: int, dtype) -> int:
@@ -70,9 +73,10 @@ def vmem_bytes(block_sizes: BlockSizes, rank: int, num_slots: int, lanes: int, d
     return pipelined + scratch + 2 * bt * bn * 4
 
 
-def plan(num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype, generation: str):
-    """(BlockSizes, lanes) of one call: the tuning table's token block and output tile, full D,
-    shrunk (tokens first) until the kernel fits the generation's VMEM limit."""
+def _fit(num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype, generation: str):
+    """(BlockSizes, lanes, fits): the tuning table's token block and output tile, full D, shrunk
+    (tokens, then the output tile, then lanes) until the kernel fits the generation's VMEM limit;
+    ``fits`` is False when even the smallest of them does not (the last sizes tried are returned)."""
     sizes = dataclasses.replace(choose(num_tokens, hidden, out_dim, generation), hidden=hidden)
     lanes = lanes_for(rank, num_slots, dtype, generation)
     limit = vmem_limit(generation)
@@ -84,27 +88,58 @@ def plan(num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, 
         elif lanes > 1:
             lanes //= 2
         else:
-            raise ValueError(
-                f"fused kernel cannot fit D={hidden}, Dout={out_dim}, R={rank} in "
-                f"{limit} bytes of VMEM on {generation} (needs {vmem_bytes(sizes, rank, num_slots, lanes, dtype)})"
-            )
+            return sizes, lanes, False
+    return sizes, lanes, True
+
+
+def plan(num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype, generation: str):
+    """(BlockSizes, lanes) of one call: the tuning table's token block and output tile, full D,
+    shrunk (tokens first) until the kernel fits the generation's VMEM limit.
+
+    Raises:
+      ValueError: no tiling fits (a full-D adapter tile beyond the limit): see :func:`plan_call`.
+    """
+    sizes, lanes, fits = _fit(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
+    if not fits:
+        raise ValueError(
+            f"fused kernel cannot fit D={hidden}, Dout={out_dim}, R={rank} in "
+            f"{vmem_limit(generation)} bytes of VMEM on {generation} "
+            f"(needs {vmem_bytes(sizes, rank, num_slots, lanes, dtype)})"
+        )
     return sizes, lanes
 
 
 def plan_call(num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype, generation: str):
     """(BlockSizes, lanes, fused) of one shrink-expand call on ``generation``.
 
-    ``fused`` is True when this kernel runs it (:func:`plan`). Otherwise (widths
-    that are not lane-aligned, or a full-D adapter tile beyond the VMEM limit,
-    e.g. D = 28672 at rank 128 in float32 on v4) the caller runs the separate
-    shrink and expand kernels with the tuning table's tiles and ``lanes`` 1.
+    ``fused`` is True when this kernel runs it (:func:`plan`). Otherwise the caller
+    runs the separate shrink and expand kernels with the tuning table's tiles and
+    ``lanes`` 1, for exactly two reasons: widths that are not lane-aligned
+    (:func:`lane_aligned`), or a full-D adapter tile beyond the VMEM limit, e.g.
+    D = 28672 at rank 128 in float32 on v4 (logged once per shape). Any other error
+    of the planner propagates.
     """
     if lane_aligned(hidden, out_dim):
-        try:
-            return (*plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation), True)
-        except ValueError:
-            pass
+        sizes, lanes, fits = _fit(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
+        if fits:
+            return sizes, lanes, True
+        _log_beyond_vmem(hidden, out_dim, rank, num_slots, str(jnp.dtype(dtype)), generation)
     return choose(num_tokens, hidden, out_dim, generation), 1, False
+
+
+@functools.cache
+def _log_beyond_vmem(hidden: int, out_dim: int, rank: int, num_slots: int, dtype: str, generation: str) -> None:
+    logger.warning(
+        "fused shrink-expand kernel: D=%d, Dout=%d, R=%d, L=%d in %s does not fit the %d bytes of VMEM "
+        "of %s at any tiling; running the separate shrink and expand kernels",
+        hidden,
+        out_dim,
+        rank,
+        num_slots,
+        dtype,
+        vmem_limit(generation),
+        generation,
+    )
 
 
 def step_work(i: int, n: int, meta, rank: int, hidden: int, lanes: int, block_sizes: BlockSizes, itemsize: int):
