@@ -285,3 +285,26 @@ def test_set_batch_accepts_a_valid_seq_len_on_cpu(bank, seq_len):
     served = serve(bank)
     served.lora.set_batch(["a", None, "b"], seq_len=seq_len)
     assert_close(served.outputs(3), bank.expected(["a", None, "b"]))
+
+
+# --- apply_pending: staged writes reach the device before the next batch, except under the current batch -----
+
+
+def test_apply_pending_writes_staged_slots_now_but_not_those_the_batch_reads(bank):
+    """Catches an apply_pending that writes nothing (the pinned slot stays zero, the count is 0) and one that
+    also writes the slots the current batch reads (a's rows would switch to the reloaded weights)."""
+    served = serve(bank)
+    served.lora.set_batch(["a", None])  # a in slot 0; slot 1 empty (max_loras=2)
+    outputs = served.outputs(2)
+    slot = served.lora.pin("c")  # staged into the free slot
+    served.load("a", "a_v2")  # a reload, staged into slot 0, which the current batch reads
+    layer = served.model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert slot == 1 and not layer.lora_b[slot].any()  # nothing written yet
+
+    assert served.lora.apply_pending() == 1
+    # The slot now holds c: B^T A (scaling folded into B) is PEFT's own delta weight of c for this module.
+    expected = bank.peft.get_submodule("base_model.model.model.layers.0.self_attn.q_proj").get_delta_weight("c")
+    assert_close(layer.lora_b[slot].T @ layer.lora_a[slot], expected)
+    assert torch.equal(served.outputs(2), outputs)  # a's rows still run the old a
+    assert served.lora.apply_pending() == 0  # the reload waits for the batch to change
+    assert_close(served.run(["a", "c", None]), bank.expected(["a_v2", "c", None]))
