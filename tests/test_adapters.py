@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -13,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 from peft import get_peft_model_state_dict as _peft_state_dict
 from peft.tuners.lora import LoraLayer
 
+import torch_xla_lora as tl
 from torch_xla_lora.adapters import LoRAAdapter, check_adapter, load_adapter
 from torch_xla_lora.errors import (
     AdapterFileError,
@@ -22,6 +24,7 @@ from torch_xla_lora.errors import (
     UnknownModuleError,
     UnsupportedAdapterError,
 )
+from torch_xla_lora.layers import MergedColumnParallelLinearWithLoRA, QKVParallelLinearWithLoRA
 
 NAME = "tenant-7"  # every error message must name it
 PREFIX = "base_model.model."
@@ -158,6 +161,65 @@ def test_overlapping_patterns_with_different_values_are_rejected(tmp_path, sourc
 def test_layers_to_transform_restricts_modules(tmp_path):
     adapter = load_adapter(NAME, save(make_peft(**DELTA_CASES["layers_to_transform"]), tmp_path))
     assert sorted(adapter.modules) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+
+
+PHI3_TARGETS = ["qkv_proj", "gate_up_proj"]
+PHI3_SPECS = {"p0": {"r": 8, "lora_alpha": 16}, "p1": {"r": 4, "lora_alpha": 4, "use_rslora": True}}
+
+
+def tiny_phi3() -> torch.nn.Module:
+    """Phi-3's layout: a fused qkv_proj [q | k | v] (96 = 3 x 32 wide here) and a dense gate_up_proj [gate | up]."""
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.Phi3ForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def test_phi3_packed_gate_up_and_fused_qkv_match_peft(tmp_path):
+    """The sliced layer kinds on a real architecture: a mixed batch with a base row equals PEFT's own
+    adapter_names forward. Catches a wrong kind chosen for qkv_proj / gate_up_proj, PEFT keys of fused
+    modules mapped to the wrong module, B's slices misplaced, and a LoRA that is not applied at all."""
+    clean = tiny_phi3()
+    peft_model = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed, (name, kwargs) in enumerate(PHI3_SPECS.items(), start=100):
+            torch.manual_seed(seed)
+            config = LoraConfig(init_lora_weights=False, target_modules=PHI3_TARGETS, **kwargs)
+            if peft_model is None:
+                peft_model = get_peft_model(copy.deepcopy(clean), config, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, config)
+    peft_model.eval()
+    save(peft_model, tmp_path)  # every adapter not named "default" goes to a subdirectory of its name
+    model = copy.deepcopy(clean)
+    lora = tl.patch_model(model, tl.LoRAConfig(max_loras=2, max_rank=8, target_modules=PHI3_TARGETS))
+    layer = model.model.layers[0]
+    assert type(layer.mlp.gate_up_proj) is MergedColumnParallelLinearWithLoRA
+    assert type(layer.self_attn.qkv_proj) is QKVParallelLinearWithLoRA
+    for name in PHI3_SPECS:
+        lora.load_adapter(name, tmp_path / name)
+    mix = ["p1", None, "p0"]
+    ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(1))
+    lora.set_batch(mix)
+    out = model(ids).logits
+    expected = peft_model(ids, adapter_names=["__base__" if n is None else n for n in mix]).logits
+    atol = 1e-4 * expected.abs().max().item()  # float32, relative to the logits' magnitude
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=atol)
+    base = clean(ids).logits
+    assert torch.equal(out[1], base[1])  # the base row: exactly the unpatched model (its slot is -1)
+    assert (expected[[0, 2]] - base[[0, 2]]).abs().amax(dim=(1, 2)).min() > 100 * atol  # both adapters show
 
 
 def assert_same_adapter(x: LoRAAdapter, y: LoRAAdapter) -> None:
