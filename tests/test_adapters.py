@@ -13,6 +13,7 @@ from conftest import tiny_llama
 from peft import LoraConfig, get_peft_model
 from peft import get_peft_model_state_dict as _peft_state_dict
 from peft.tuners.lora import LoraLayer
+from test_manager import peft_model_of
 
 import torch_xla_lora as tl
 from torch_xla_lora.adapters import LoRAAdapter, check_adapter, load_adapter
@@ -164,7 +165,10 @@ def test_layers_to_transform_restricts_modules(tmp_path):
 
 
 PHI3_TARGETS = ["qkv_proj", "gate_up_proj"]
-PHI3_SPECS = {"p0": {"r": 8, "lora_alpha": 16}, "p1": {"r": 4, "lora_alpha": 4, "use_rslora": True}}
+PHI3_SPECS = {
+    "p0": {"r": 8, "lora_alpha": 16, "target_modules": PHI3_TARGETS},
+    "p1": {"r": 4, "lora_alpha": 4, "use_rslora": True, "target_modules": PHI3_TARGETS},
+}
 
 
 def tiny_phi3() -> torch.nn.Module:
@@ -191,17 +195,7 @@ def test_phi3_packed_gate_up_and_fused_qkv_match_peft(tmp_path):
     adapter_names forward. Catches a wrong kind chosen for qkv_proj / gate_up_proj, PEFT keys of fused
     modules mapped to the wrong module, B's slices misplaced, and a LoRA that is not applied at all."""
     clean = tiny_phi3()
-    peft_model = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for seed, (name, kwargs) in enumerate(PHI3_SPECS.items(), start=100):
-            torch.manual_seed(seed)
-            config = LoraConfig(init_lora_weights=False, target_modules=PHI3_TARGETS, **kwargs)
-            if peft_model is None:
-                peft_model = get_peft_model(copy.deepcopy(clean), config, adapter_name=name)
-            else:
-                peft_model.add_adapter(name, config)
-    peft_model.eval()
+    peft_model = peft_model_of(clean, PHI3_SPECS)
     save(peft_model, tmp_path)  # every adapter not named "default" goes to a subdirectory of its name
     model = copy.deepcopy(clean)
     lora = tl.patch_model(model, tl.LoRAConfig(max_loras=2, max_rank=8, target_modules=PHI3_TARGETS))
