@@ -13,6 +13,7 @@ The run is bounded by iteration counts (about ten seconds per mode on two cores)
 
 from __future__ import annotations
 
+import collections
 import copy
 import random
 import threading
@@ -67,15 +68,25 @@ class Loader(threading.Thread):
         self.loaded: set[str] = set()
         self.pinned: str | None = None  # at most one pin per thread: batches always find a slot
         self.operations, self.errors = 0, []
+        self.progress = threading.Condition()  # notified after every operation (and on failure)
 
     def run(self) -> None:
         try:
             while not self.stop.is_set():
                 self.step(self.rng.choice(self.names))
-                self.operations += 1
+                with self.progress:
+                    self.operations += 1
+                    self.progress.notify_all()
                 time.sleep(self.rng.random() * 0.002)
         except BaseException as exc:  # reported by the test: a thread's exception would otherwise be lost
-            self.errors.append(exc)
+            with self.progress:
+                self.errors.append(exc)
+                self.progress.notify_all()
+
+    def wait_for_operation(self, done: int) -> None:
+        """Block until this thread has finished more than ``done`` operations (or failed)."""
+        with self.progress:
+            self.progress.wait_for(lambda: self.operations > done or self.errors, JOIN_TIMEOUT)
 
     def step(self, name: str) -> None:
         op = self.rng.choice(["load", "load", "remove", "pin", "unpin"])
@@ -99,37 +110,56 @@ class Loader(threading.Thread):
             self.pinned = None
 
 
-def _check_rows(logits: torch.Tensor, batch: list[str | None], reference: dict) -> None:
-    x_version = None
+def _check_rows(logits: torch.Tensor, batch: list[str | None], reference: dict, x_version: str | None) -> str | None:
+    """Assert every row is its adapter's output; return the version of "x" the rows ran (None: no "x" row).
+
+    ``x_version``, when given, is the only acceptable one: the version earlier forwards of the batch ran.
+    """
     for row, name in enumerate(batch):
-        candidates = ["x", "x_v2"] if name == "x" else [name]
-        if name == "x" and x_version is not None:
-            candidates = [x_version]
+        candidates = [x_version] if name == "x" and x_version else ["x", "x_v2"] if name == "x" else [name]
         tol = TOLERANCES[torch.float32]
         matches = [c for c in candidates if torch.allclose(logits[row], reference[c][row], **tol)]
-        assert matches, f"row {row} of batch {batch} is not adapter {name!r}'s output"
+        assert matches, f"row {row} of batch {batch} is not adapter {name!r}'s output (candidates {candidates})"
         if name == "x":
             x_version = matches[0]
+    return x_version
 
 
 def _stress(lora: tl.LoRAModel, step, dirs: dict, reference: dict, device, iterations: int) -> None:
+    """``iterations`` steps of: try a random batch, let every loader run an operation, run a forward.
+
+    A ``set_batch`` that fails (an adapter removed meanwhile, slots pinned or too few) must raise one of
+    the two typed errors and change nothing: the forward then runs the batch set before, with the same
+    version of "x". Waiting, between ``set_batch`` and the forward, until each loader has run an operation
+    that started after ``set_batch`` returned puts a load, reload, removal, pin or unpin into that window
+    at every step, however busy the machine (the loaders also run during the forwards).
+    """
     stop = threading.Event()
     loaders = [Loader(lora, names, dirs, seed, stop) for seed, names in enumerate(OWNERS)]
     for loader in loaders:  # start loaded, so that batches use adapters from the first iteration
         for name in loader.names:
             lora.load_adapter(name, dirs[name])
             loader.loaded.add(name)
-    rng, served, ids = random.Random(11), 0, IDS.to(device)
+    batch = ["a", None, "c", "x"]  # set before the loaders start: every forward below has a batch
+    lora.set_batch(batch)
+    x_version = None
+    rng, ids, failed = random.Random(11), IDS.to(device), collections.Counter()
     for loader in loaders:
         loader.start()
     try:
         for _ in range(iterations):
             names = list(lora.adapters())
-            batch = [rng.choice([*names, None]) for _ in range(BATCH)]
+            candidate = [rng.choice([*names, None]) for _ in range(BATCH)]
+            sent = lora.context.slots
             try:
-                lora.set_batch(batch)
-            except (tl.AdapterNotFoundError, tl.NoFreeSlotError):  # removed meanwhile, or slots pinned
-                continue
+                lora.set_batch(candidate)
+                assert len(set(candidate) - {None}) <= MAX_LORAS, f"{candidate} needs more than {MAX_LORAS} slots"
+                batch, x_version = candidate, None
+            except (tl.AdapterNotFoundError, tl.NoFreeSlotError) as error:
+                assert lora.context.slots is sent, "a failed set_batch replaced the current batch"
+                failed[type(error).__name__] += 1
+            for loader in loaders:  # the second operation from now starts after set_batch returned
+                loader.wait_for_operation(loader.operations + 1)
             with torch.no_grad():
                 logits = step(ids)
                 if device.type == "xla":
@@ -137,15 +167,16 @@ def _stress(lora: tl.LoRAModel, step, dirs: dict, reference: dict, device, itera
 
                     torch_xla.sync()
                 logits = logits.cpu()
-            _check_rows(logits, batch, reference)
-            served += 1
+            x_version = _check_rows(logits, batch, reference, x_version)
     finally:
         stop.set()
         for loader in loaders:
             loader.join(JOIN_TIMEOUT)
     assert not any(loader.is_alive() for loader in loaders), "a loader thread did not finish (deadlock?)"
     assert [error for loader in loaders for error in loader.errors] == []
-    assert served >= iterations // 2 and all(loader.operations > 10 for loader in loaders)
+    # Each forward waited for two operations of every loader: the threads interleaved at every step.
+    assert all(loader.operations >= 2 * iterations for loader in loaders)
+    assert failed.total() < iterations, f"every set_batch failed ({dict(failed)}): no new batch was served"
     # Nothing lost: the table is what each thread's own operations left.
     table = lora.adapters()
     assert set(table) == set().union(*(loader.loaded for loader in loaders))
