@@ -86,31 +86,61 @@ def hbm_bytes(num_tokens: int, hidden: int, out_dim: int, sizes: BlockSizes, ite
     return itemsize * (blocks * hidden * out_dim + x_passes * num_tokens * hidden + num_tokens * out_dim)
 
 
+def modelled_seconds(
+    num_tokens: int, hidden: int, out_dim: int, rank: int, sizes: BlockSizes, lanes: int, dtype, generation: str
+) -> float:
+    """Roofline time of the kernel under ``sizes`` on ``generation``, for choosing among tilings.
+
+    ``max(HBM bytes / bandwidth, MXU flops / peak) + grid steps * step overhead``, with the
+    pipelined traffic of :func:`hbm_bytes`, every matmul's contraction and output dims padded to
+    whole MXU tiles (a 128-wide reduction tile half-fills v6e's 256-wide MXU), and one laned chunk
+    of adapters per token block (the shrink at every reduction tile, the expand at every output tile).
+    """
+    generation = known(generation)
+    width = tuning.MXU_WIDTH[generation]
+
+    def pad(dim: int) -> int:
+        return -(-dim // width) * width
+
+    bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
+    rows = sizes.padded_tokens(num_tokens)
+    k_tiles, n_tiles = hidden // tk, out_dim // tn
+    lane_width = pad(lanes * rank_stride(rank, dtype))
+    flops = 2 * rows * (k_tiles * pad(tk) * (n_tiles * pad(tn) + lane_width) + lane_width * n_tiles * pad(tn))
+    seconds = max(
+        hbm_bytes(num_tokens, hidden, out_dim, sizes, jnp.dtype(dtype).itemsize) / tuning.HBM_BYTES_PER_S[generation],
+        flops / tuning.PEAK_FLOPS[generation],
+    )
+    return seconds + (rows // bt) * k_tiles * n_tiles * tuning.STEP_OVERHEAD_S
+
+
+@functools.lru_cache(maxsize=4096)
 def plan(
     num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype, generation: str, has_bias: bool = True
 ) -> tuple[BlockSizes, int] | None:
     """(BlockSizes(tokens, reduction tile, output tile), lanes), or None when no tiling fits VMEM.
 
-    Among the tilings that fit the generation's :data:`tuning.BASE_VMEM_BUDGET_BYTES` it takes the one
-    with the least HBM traffic (:func:`hbm_bytes`), then the fewest grid steps.
+    Among the tilings that fit the generation's :data:`tuning.BASE_VMEM_BUDGET_BYTES` (token blocks
+    from :func:`token_block`'s down to 8) it takes the one of least :func:`modelled_seconds`, then the
+    fewest grid steps. Minimising HBM traffic alone would pick a 128-wide reduction tile wherever it
+    saves one re-read of x, and pay for it in half-empty MXU passes and grid steps.
     Tiles divide their dims (or span them): no weight is ever padded per call. On
     TPU, K and N must be multiples of 128 (the caller falls back otherwise).
     """
     if generation != "cpu" and (hidden % LANE or out_dim % LANE):
         return None  # Mosaic slices adapter rows only at lane-aligned widths (libtpu rejects K=1000)
     lanes = lanes_for(rank, num_slots, dtype, generation)
-    itemsize = jnp.dtype(dtype).itemsize
-    bt = token_block(num_tokens, generation)
     max_tile, budget = tuning.BASE_MAX_TILE[known(generation)], tuning.BASE_VMEM_BUDGET_BYTES[known(generation)]
     best = None
-    while best is None and bt >= 8:
+    bt = token_block(num_tokens, generation)
+    while bt >= 8:
         for tk in _divisor_tiles(hidden, max_tile):
             for tn in _divisor_tiles(out_dim, max_tile):
                 sizes = BlockSizes(tokens=bt, hidden=tk, out=tn)
                 if vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias) > budget:
                     continue
-                steps = (hidden // tk) * (out_dim // tn)
-                key = (hbm_bytes(num_tokens, hidden, out_dim, sizes, itemsize), steps)
+                seconds = modelled_seconds(num_tokens, hidden, out_dim, rank, sizes, lanes, dtype, generation)
+                key = (seconds, sizes.padded_tokens(num_tokens) // bt * (hidden // tk) * (out_dim // tn))
                 if best is None or key < best[0]:
                     best = (key, sizes)
         bt //= 2

@@ -87,6 +87,17 @@ BASE_MAX_TILE = {"v4": 2048, "v5e": 4096, "v5p": 4096, "v6e": 8192, "cpu": 1 << 
 BASE_VMEM_LIMIT_BYTES = {"v4": 10 * MIB, "v5e": 96 * MIB, "v5p": 48 * MIB, "v6e": 96 * MIB, "cpu": 96 * MIB}
 BASE_VMEM_BUDGET_BYTES = {key: limit * 3 // 4 for key, limit in BASE_VMEM_LIMIT_BYTES.items()}
 
+# Throughput per chip, bf16, from the Cloud TPU documentation's per-chip figures:
+# HBM bandwidth (bytes/s) and peak MXU flops/s. v4: 1228 GB/s, 275 TFLOP/s; v5e:
+# 819 GB/s, 197 TFLOP/s; v5p: 2765 GB/s, 459 TFLOP/s; v6e: 1640 GB/s, 918 TFLOP/s.
+# With the fixed cost of a Pallas grid step (about 0.35 us, the figure commonly
+# quoted for Mosaic pipelines) they price a tiling for the fused base kernel's
+# planner (fused_base.plan) and the TPU cost model (bench/tpu_model.py).
+# "cpu" (interpret mode) plans like v5e.
+HBM_BYTES_PER_S = {"v4": 1228e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9, "cpu": 819e9}
+PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12, "cpu": 197e12}
+STEP_OVERHEAD_S = 0.35e-6
+
 
 def generation_for(version: int, lite: bool) -> str:
     """The table key of a TPU of major ``version`` (4, 5, 6, 7, ...), ``lite`` for the e variants.

@@ -94,25 +94,90 @@ def run_fused_base(chips: Sequence[str], tokens: Sequence[int], slots: Sequence[
                         "layer_base_us": layer["base"] * 1e6,
                         **{
                             f"layer_{k}_pct": 100 * (layer[k] / layer["base"] - 1)
-                            for k in ("fused", "fused_no_adapter", "separate", "onehot")
+                            for k in ("fused", "fused_no_adapter", "separate", "onehot", "xla_native", "chosen")
                         },
+                        "layer_chosen": chosen_label(layer["choices"]),
                     }
                 )
     return rows
 
 
+# Projection shapes (in, out) of real models, for the plan sweep: Llama-3-8B's seven (Mistral-7B has
+# the same), Qwen2-7B's and Gemma-7B's (16 heads of 256: q is wider than the hidden size).
+SWEEP_SHAPES = {
+    "llama3-8b": sorted({(k, n) for k, n, _ in tpu_model.LLAMA3_8B_LAYER.values()}),
+    "qwen2-7b": [(3584, 3584), (3584, 512), (3584, 18944), (18944, 3584)],
+    "gemma-7b": [(3072, 4096), (4096, 3072), (3072, 24576), (24576, 3072)],
+}
+
+
+def slot_sweep(
+    chips: Sequence[str], tokens: Sequence[int], ranks: Sequence[int], slots: Sequence[int], in_use: int
+) -> list[dict]:
+    """How the fused base kernel's modelled cost moves as the slot count grows, every other thing fixed.
+
+    For each (chip, T, rank, model, shape) the batch uses ``min(L, in_use)`` adapters; going from one
+    slot count to the next may cost at most the HBM time of the adapters it adds to the batch. A row
+    gives the worst excess over that allowance (in % of the base matmul) and where it happens.
+    """
+    rows = []
+    for chip_name in chips:
+        chip = tpu_model.CHIPS[chip_name]
+        for num_tokens in tokens:
+            for rank in ranks:
+                for model, shapes in SWEEP_SHAPES.items():
+                    for hidden, out_dim in shapes:
+                        base = tpu_model.matmul_cost(chip, num_tokens, hidden, out_dim).seconds
+                        worst, at, previous = 0.0, None, None
+                        for num_slots in slots:
+                            used = min(num_slots, in_use, num_tokens)
+                            indices = batches(num_tokens, num_slots, used)[f"{used} in use"]
+                            cost = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots)
+                            if cost is None:
+                                continue
+                            if previous is not None:
+                                added = max(0, used - previous[1]) * rank * (hidden + out_dim) * 2
+                                excess = cost.seconds - previous[0] - added / chip.hbm_bytes_per_s
+                                if excess > worst:
+                                    worst, at = excess, (previous[2], num_slots)
+                            previous = (cost.seconds, used, num_slots)
+                        rows.append(
+                            {
+                                "chip": chip_name,
+                                "T": num_tokens,
+                                "R": rank,
+                                "model": model,
+                                "K": hidden,
+                                "N": out_dim,
+                                "worst_rise_pct": 100 * worst / base,
+                                "worst_at": at,
+                            }
+                        )
+    return rows
+
+
+_SHORT = {"fused": "F", "separate": "S", "xla_native": "X"}
+
+
+def chosen_label(choices: dict[str, str]) -> str:
+    """One letter per projection in layer order (F fused, S separate, X XLA-native), e.g. "XXXFFFF"."""
+    return "".join(_SHORT[choices[name]] for name in tpu_model.LLAMA3_8B_LAYER)
+
+
 def format_fused_base_table(rows: list[dict]) -> str:
     lines = [
         "| chip | T | L | proj base (us) | proj fused | proj fused, no adapter | proj separate | "
-        "layer base (us) | layer fused | layer fused, no adapter | layer separate | layer one-hot |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "layer base (us) | layer fused | layer fused, no adapter | layer separate | layer XLA-native | "
+        "layer one-hot | layer chosen | chosen (q k v o gate up down) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['chip']} | {r['T']} | {r['L']} | {r['proj_base_us']:.1f} | {r['proj_fused_pct']:+.1f}% | "
             f"{r['proj_fused_no_adapter_pct']:+.1f}% | {r['proj_separate_pct']:+.1f}% | {r['layer_base_us']:.1f} | "
             f"{r['layer_fused_pct']:+.1f}% | {r['layer_fused_no_adapter_pct']:+.1f}% | "
-            f"{r['layer_separate_pct']:+.1f}% | {r['layer_onehot_pct']:+.1f}% |"
+            f"{r['layer_separate_pct']:+.1f}% | {r['layer_xla_native_pct']:+.1f}% | {r['layer_onehot_pct']:+.1f}% | "
+            f"{r['layer_chosen_pct']:+.1f}% | {r['layer_chosen']} |"
         )
     return "\n".join(lines)
 
@@ -144,8 +209,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="model the base matmul with LoRA instead: one K=N=4096 projection and a Llama-3-8B layer",
     )
+    parser.add_argument(
+        "--slot-sweep",
+        action="store_true",
+        help="sweep the fused base kernel's plan over every slot count (--slots default 1-128), ranks 4-64 and "
+        "real models' projection shapes; report the worst rise in modelled cost beyond the added adapters' bytes",
+    )
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="ranks of --slot-sweep")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
+    if args.slot_sweep:
+        slots = list(range(1, 129)) if args.slots == parser.get_default("slots") else args.slots
+        if args.quick:
+            args.chips, args.tokens, args.ranks, slots = ["v6e"], [1024], [16], [8, 16, 64]
+        rows = slot_sweep(args.chips, args.tokens, args.ranks, slots, args.in_use)
+        worst = max(rows, key=lambda r: r["worst_rise_pct"])
+        print(
+            f"Fused base kernel plans over slot counts {slots[0]}-{slots[-1]} ({len(rows)} chip/T/rank/shape "
+            f"cases, {args.in_use} adapters in use at most): worst rise beyond the added adapters' bytes "
+            f"{worst['worst_rise_pct']:.2f}% of the base matmul ({worst['chip']}, T={worst['T']}, R={worst['R']}, "
+            f"{worst['model']} K={worst['K']} N={worst['N']}, L {worst['worst_at']})"
+        )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        return 0
     if args.quick:
         args.chips, args.tokens, args.slots = ["v6e"], [256], [8, 64]
     if args.fused_base:

@@ -36,13 +36,24 @@ class Chip:
     step_overhead_s: float = 0.35e-6
 
 
-# Google Cloud TPU documentation: v5e 197 TFLOP/s bf16, 819 GB/s HBM, 128x128 MXUs;
-# v6e (Trillium) 918 TFLOP/s bf16, 1640 GB/s HBM, 256x256 MXUs. Step overhead: ~0.35 us
-# per Pallas grid step, the figure commonly quoted for Mosaic pipelines.
-CHIPS = {
-    "v5e": Chip("TPU v5e", "v5e", 819e9, 197e12, 128),
-    "v6e": Chip("TPU v6e", "v6e", 1640e9, 918e12, 256),
-}
+def _chip(generation: str) -> Chip:
+    from torch_xla_lora.kernels import tuning
+
+    return Chip(
+        f"TPU {generation}",
+        generation,
+        tuning.HBM_BYTES_PER_S[generation],
+        tuning.PEAK_FLOPS[generation],
+        tuning.MXU_WIDTH[generation],
+        tuning.STEP_OVERHEAD_S,
+    )
+
+
+# The per-chip figures of the tuning table (Cloud TPU documentation; see kernels/tuning.py), the same
+# ones the fused base kernel's planner prices its tilings with.
+CHIPS = {generation: _chip(generation) for generation in ("v4", "v5e", "v5p", "v6e")}
+# What XLA spends per fusion it launches besides its roofline time (an assumption, like the grid step's).
+XLA_FUSION_OVERHEAD_S = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +124,76 @@ def onehot_cost(chip: Chip, num_tokens: int, hidden: int, out_dim: int, rank: in
     )
     flops = mxu_flops([(num_tokens, hidden, lr), (num_tokens, lr, out_dim)], chip.mxu_width)
     return Cost(pipelined, 0, flops, 2, _time(chip, pipelined, 0, flops, 2))
+
+
+def _fusions(chip: Chip, parts) -> float:
+    """Seconds of XLA fusions run one after another: each (bytes, flops) at its roofline, plus its launch."""
+    return sum(
+        max(nbytes / chip.hbm_bytes_per_s, flops / chip.peak_flops) + XLA_FUSION_OVERHEAD_S for nbytes, flops in parts
+    )
+
+
+def xla_native_cost(chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, rank: int, num_slots: int) -> float:
+    """Seconds of ``bgmv_shrink_expand`` with ``backend="xla"`` on a TPU (bf16): the grouped algorithm
+    of ``ops/_xla_native.py`` as XLA fusions, branch chosen as the op chooses it at run time.
+
+    - direct (prefill): a shrink fusion (reads x and each block's gathered A; (bt, K, R) per block)
+      and an expand fusion that adds to the base (reads s, base and the gathered B, writes the
+      output), then two block-sized products per extra visit (a loop, one fusion each, the f32
+      rows read and written in place);
+    - laned (blocks that mix adapters, at most two chunks of 128 / R adapters): per chunk a
+      [T, K] x [K, 128] shrink and a [T, 128] x [128, N] expand over the f32 accumulator;
+    - sorted (more distinct adapters): x permuted, direct on the sorted rows, the products
+      permuted back and added to the base.
+
+    Unlike a Pallas call, these fusions are XLA's own: producers of x (a norm's scale,
+    SiLU(gate) * up) fuse into the shrink's read and a residual add into the last fusion, so
+    the layer pays no materialised x and no separate residual pass (see :func:`layer_costs`).
+    """
+    from torch_xla_lora.kernels import block_sizes, visits
+    from torch_xla_lora.ops import _xla_native
+
+    itemsize = 2
+    num_tokens = len(indices)
+    bt = block_sizes.choose(num_tokens, hidden, out_dim, chip.generation).tokens
+    padded = np.full(-(-num_tokens // bt) * bt, -1, np.int32)
+    padded[:num_tokens] = np.where((indices >= 0) & (indices < num_slots), indices, -1)
+    rows, blocks = len(padded), len(padded) // bt
+    pad = lambda d: -(-d // chip.mxu_width) * chip.mxu_width  # noqa: E731
+    distinct = len({int(s) for s in padded if s >= 0})
+    lanes = max(1, _xla_native.LANE_COLUMNS // rank)
+    chunks = -(-distinct // lanes)
+    vis = visits.build(padded, num_slots, bt, xp=np)
+    extra = int(vis.count[0]) - len(set(vis.block[: int(vis.count[0])].tolist()))
+    mixing = distinct > 1 if blocks == 1 else extra > blocks
+
+    def direct(num_extra: int, start: bool) -> list[tuple[float, float]]:
+        shrink = (itemsize * (rows * hidden + blocks * rank * hidden), 2.0 * rows * hidden * pad(rank))
+        expand = (
+            itemsize * (rows * rank + blocks * rank * out_dim + (2 if start else 1) * rows * out_dim),
+            2.0 * rows * pad(rank) * pad(out_dim),
+        )
+        visit = [
+            (itemsize * (bt * hidden + rank * hidden), 2.0 * bt * hidden * pad(rank)),
+            (itemsize * rank * out_dim + 8 * bt * out_dim, 2.0 * bt * pad(rank) * pad(out_dim)),
+        ]
+        return [shrink, expand] + visit * num_extra
+
+    if not mixing:
+        parts = direct(extra, start=True)
+    elif blocks == 1 or chunks <= _xla_native.MAX_LANED_CHUNKS:
+        lane_width = lanes * rank
+        parts = []
+        for _ in range(chunks):
+            parts.append((itemsize * (rows * hidden + lane_width * hidden), 2.0 * rows * hidden * pad(lane_width)))
+            parts.append(
+                (itemsize * lane_width * out_dim + 8 * rows * out_dim, 2.0 * rows * pad(lane_width) * pad(out_dim))
+            )
+        parts.append((itemsize * 2 * rows * out_dim, 0.0))  # base in, output out
+    else:  # sorted: permute x, direct on the sorted rows (about one extra visit per adapter), permute back
+        parts = [(2 * itemsize * rows * hidden, 0.0), *direct(distinct, start=False)]
+        parts.append((8 * rows * out_dim + 2 * itemsize * rows * out_dim, 0.0))
+    return _fusions(chip, parts)
 
 
 def floor_cost(chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, rank: int) -> Cost:
@@ -199,7 +280,7 @@ _FUSABLE_PRODUCERS = ("norm1", "norm2", "silu_mul")
 _RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
 
-def layer_costs(chip: Chip, indices: np.ndarray, rank: int, num_slots: int) -> dict[str, float]:
+def layer_costs(chip: Chip, indices: np.ndarray, rank: int, num_slots: int) -> dict:
     """Seconds of one Llama-3-8B decoder layer's projections (bf16) under each formulation.
 
     - base: XLA's matmuls at their roofline, producers and residual adds fused in;
@@ -208,28 +289,56 @@ def layer_costs(chip: Chip, indices: np.ndarray, rank: int, num_slots: int) -> d
       residual add after o/down as its own pass (read y, write the sum: 2 x T x N);
     - fused: ``linear_lora``'s kernel per projection (``fused_base_cost``) plus the same unfusable
       passes (x materialised per group, residual add after o/down);
-    - onehot: base + the one-hot einsum (``onehot_cost``) per projection, all XLA (no extra passes).
+    - xla_native: base + the XLA-native op per projection (``xla_native_cost``), all XLA fusions
+      (no extra passes);
+    - onehot: base + the one-hot einsum (``onehot_cost``) per projection, all XLA (no extra passes);
+    - chosen: per input group, either every projection XLA-native, or each projection the cheapest
+      of fused, separate and XLA-native with the group's x materialised once if any of them is a
+      Pallas call (and the residual pass after o/down if that projection is); the cheaper of the two.
+      ``choices`` names each projection's formulation.
     """
     num_tokens = len(indices)
     itemsize = 2
-    out = dict.fromkeys(("base", "separate", "fused", "onehot", "fused_no_adapter"), 0.0)
-    groups = {group for _, _, group in LLAMA3_8B_LAYER.values() if group in _FUSABLE_PRODUCERS}
-    hidden_of = {group: k for k, _, group in LLAMA3_8B_LAYER.values()}
-    materialise = sum(num_tokens * hidden_of[g] * itemsize for g in groups) / chip.hbm_bytes_per_s
+    bandwidth = chip.hbm_bytes_per_s
     no_adapter = np.full(num_tokens, -1, np.int32)
-    for name, (hidden, out_dim, _) in LLAMA3_8B_LAYER.items():
-        extra = 2 * num_tokens * out_dim * itemsize / chip.hbm_bytes_per_s if name in _RESIDUAL_OUTPUTS else 0.0
+    out = dict.fromkeys(("base", "separate", "fused", "onehot", "fused_no_adapter", "xla_native", "chosen"), 0.0)
+    per_group: dict[str, dict[str, dict[str, float]]] = {}
+    for name, (hidden, out_dim, group) in LLAMA3_8B_LAYER.items():
+        residual = 2 * num_tokens * out_dim * itemsize / bandwidth if name in _RESIDUAL_OUTPUTS else 0.0
         base = matmul_cost(chip, num_tokens, hidden, out_dim).seconds
         lora = fused_cost(chip, indices, hidden, out_dim, rank, num_slots).seconds
-        out["base"] += base
-        out["separate"] += base + lora + extra
-        out["onehot"] += base + onehot_cost(chip, num_tokens, hidden, out_dim, rank, num_slots).seconds
         fused = fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots)
         plain = fused_base_cost(chip, no_adapter, hidden, out_dim, rank, num_slots)
         # No tiling fits: the op runs XLA's dot and the separate LoRA op.
-        out["fused"] += (base + lora if fused is None else fused.seconds) + extra
-        out["fused_no_adapter"] += (base if plain is None else plain.seconds) + extra
-    out["separate"] += materialise
-    out["fused"] += materialise
-    out["fused_no_adapter"] += materialise
+        costs = {
+            "separate": base + lora + residual,
+            "fused": (base + lora if fused is None else fused.seconds) + residual,
+            "xla_native": base + xla_native_cost(chip, indices, hidden, out_dim, rank, num_slots),
+        }
+        out["base"] += base
+        out["onehot"] += base + onehot_cost(chip, num_tokens, hidden, out_dim, rank, num_slots).seconds
+        out["fused_no_adapter"] += (base if plain is None else plain.seconds) + residual
+        for formulation, seconds in costs.items():
+            out[formulation] += seconds
+        per_group.setdefault(group, {})[name] = costs
+    choices = {}
+    for group, members in per_group.items():
+        # A Pallas call reads x from HBM: a producer XLA would fuse into the dot is materialised once.
+        materialise = 0.0
+        if group in _FUSABLE_PRODUCERS:
+            hidden = next(LLAMA3_8B_LAYER[name][0] for name in members)
+            materialise = num_tokens * hidden * itemsize / bandwidth
+        for formulation in ("separate", "fused"):
+            out[formulation] += materialise
+        out["fused_no_adapter"] += materialise
+        native = sum(costs["xla_native"] for costs in members.values())
+        best = {name: min(costs, key=costs.get) for name, costs in members.items()}
+        mixed = sum(members[name][f] for name, f in best.items())
+        if any(f != "xla_native" for f in best.values()):
+            mixed += materialise
+        if native <= mixed:
+            best = dict.fromkeys(members, "xla_native")
+        out["chosen"] += min(native, mixed)
+        choices.update(best)
+    out["choices"] = choices
     return out

@@ -1,0 +1,113 @@
+"""The fused base kernel's planner and the layer-level TPU cost model (``bench model --fused-base``).
+
+The planner prices a tiling with a closed form (``fused_base.modelled_seconds``); these tests judge its
+plans with the cost model's step-by-step walk of the kernel's own grid (``tpu_model.fused_base_cost``),
+which it does not call, and the XLA-native model against hand-computed fusions.
+"""
+
+import itertools
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from torch_xla_lora.bench import model, tpu_model
+from torch_xla_lora.kernels import fused_base, tuning
+
+# Round numbers so the expected costs can be worked out by hand.
+CHIP = tpu_model.Chip("test", "v6e", hbm_bytes_per_s=1e9, peak_flops=1e12, mxu_width=256, step_overhead_s=1e-6)
+
+
+@pytest.mark.parametrize("chip", ["v5e", "v6e"])
+@pytest.mark.parametrize(
+    ("num_tokens", "hidden", "out_dim", "rank"),
+    [(1024, 14336, 4096, 16), (4096, 14336, 4096, 16), (1024, 4096, 14336, 64), (8, 14336, 4096, 8)],
+)
+def test_plan_cost_does_not_rise_with_slots(chip, num_tokens, hidden, out_dim, rank):
+    """More slots, the same 8 adapters in use: the walked cost of the planned kernel may grow only by the
+    adapter bytes added, not by a worse tiling. Catches a planner that ranks tilings by HBM bytes alone:
+    at 16 slots it took a 128-wide reduction tile for down_proj (half-filled 256-wide MXU passes, 112
+    grid steps) and cost 2.4x the base on v6e, against 1.12x at 8 and 64 slots.
+
+    Up to 64 slots: past that, at rank 64 on v6e, the kernel's f32 shrink scratch (one [block, lanes * R]
+    tile per chunk a block could need, min(block, L) / lanes of them) grows by 16 MiB and forces a
+    narrower tiling (+3.7% of the base at 128 slots; ``bench model --slot-sweep`` lists every such case)."""
+    tpu = tpu_model.CHIPS[chip]
+    costs = []
+    for num_slots in (8, 16, 32, 64):
+        indices = model.batches(num_tokens, num_slots, 8)["8 in use"]
+        costs.append(tpu_model.fused_base_cost(tpu, indices, hidden, out_dim, rank, num_slots).seconds)
+    base = tpu_model.matmul_cost(tpu, num_tokens, hidden, out_dim).seconds
+    for before, after in itertools.pairwise(costs):
+        assert after - before <= 0.005 * base, costs
+
+
+def test_plan_keeps_the_mxu_full_where_a_wider_tile_fits():
+    """v6e's MXU is 256 wide: a plan with a 128-wide reduction or output tile doubles the base product's
+    MXU passes. Every Llama-3-8B projection at prefill fits wider tiles."""
+    for num_slots in (8, 16, 64, 128):
+        for hidden, out_dim, _ in tpu_model.LLAMA3_8B_LAYER.values():
+            sizes, _ = fused_base.plan(1024, hidden, out_dim, 16, num_slots, jnp.bfloat16, "v6e", False)
+            assert min(sizes.hidden, sizes.out) >= tuning.MXU_WIDTH["v6e"], (num_slots, hidden, out_dim, sizes)
+
+
+def test_planner_closed_form_equals_the_walk_for_one_adapter_per_block():
+    """The planner's closed form and the grid walk agree where the walk has nothing to add (one adapter
+    per token block, fetched while the base product runs): a drift between the two would make the
+    planner rank tilings by a cost the kernel does not have."""
+    sizes, lanes = fused_base.plan(1024, 4096, 4096, 16, 8, jnp.bfloat16, "v6e", False)
+    indices = np.zeros(1024, np.int32)
+    walked = tpu_model.fused_base_cost(tpu_model.CHIPS["v6e"], indices, 4096, 4096, 16, 8)
+    closed = fused_base.modelled_seconds(1024, 4096, 4096, 16, sizes, lanes, jnp.bfloat16, "v6e")
+    # The walk adds the block's token codes (4 bytes a token) and the adapter tiles to the pipelined bytes.
+    assert closed == pytest.approx(walked.seconds, rel=0.02)
+
+
+def test_xla_native_cost_one_block_one_adapter():
+    # T=256, K=N=256, R=16, L=1: one 256-token block (the v6e table's block at T=256), one adapter, no
+    # extra visit: a shrink fusion and an expand fusion that adds to the base.
+    seconds = tpu_model.xla_native_cost(CHIP, np.zeros(256, np.int32), 256, 256, rank=16, num_slots=1)
+    shrink_bytes = 2 * (256 * 256 + 16 * 256)  # x, the block's A
+    shrink_flops = 2 * 256 * 256 * 256  # (256, 256, 16), rank padded to the MXU width
+    expand_bytes = 2 * (256 * 16 + 16 * 256 + 2 * 256 * 256)  # s, B, base in, output out
+    expand_flops = 2 * 256 * 256 * 256
+    expected = sum(max(b / 1e9, f / 1e12) + tpu_model.XLA_FUSION_OVERHEAD_S for b, f in (
+        (shrink_bytes, shrink_flops), (expand_bytes, expand_flops)))  # fmt: skip
+    assert seconds == pytest.approx(expected)
+
+
+def test_xla_native_cost_pays_per_extra_visit():
+    """Blocks that hold two requests each cost one block-sized product pair per extra visit."""
+    one = tpu_model.xla_native_cost(CHIP, np.zeros(512, np.int32), 256, 256, rank=16, num_slots=2)
+    split = (np.arange(512) // 128 % 2).astype(np.int32)  # each 256-token block: slot 0 then slot 1
+    two = tpu_model.xla_native_cost(CHIP, split, 256, 256, rank=16, num_slots=2)
+    assert two > one + 2 * 2 * tpu_model.XLA_FUSION_OVERHEAD_S
+
+
+@pytest.mark.parametrize("chip", ["v5e", "v6e"])
+@pytest.mark.parametrize("num_tokens", [8, 4096])
+def test_chosen_is_no_worse_than_any_formulation(chip, num_tokens):
+    """The per-group choice never costs more than running every projection one way (fused, separate,
+    XLA-native); and it names a formulation for every projection."""
+    indices = model.batches(num_tokens, 64, 8)["8 in use"]
+    costs = tpu_model.layer_costs(tpu_model.CHIPS[chip], indices, rank=16, num_slots=64)
+    assert costs["chosen"] <= min(costs["fused"], costs["separate"], costs["xla_native"]) * (1 + 1e-12)
+    assert costs["base"] < costs["chosen"]
+    assert set(costs["choices"]) == set(tpu_model.LLAMA3_8B_LAYER)
+
+
+def test_model_fused_base_json_keeps_keys_and_adds_the_layer_columns(tmp_path, capsys):
+    out = tmp_path / "model.json"
+    assert model.main(["--fused-base", "--chips", "v6e", "--tokens", "8", "--slots", "8", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    for key in ("proj_base_us", "proj_fused_pct", "layer_base_us", "layer_fused_pct", "layer_onehot_pct"):
+        assert key in row
+    assert row["layer_chosen_pct"] <= min(row["layer_fused_pct"], row["layer_xla_native_pct"]) + 1e-9
+    assert len(row["layer_chosen"]) == len(tpu_model.LLAMA3_8B_LAYER) and set(row["layer_chosen"]) <= set("FSX")
+    assert f"| {row['layer_chosen']} |" in capsys.readouterr().out
+
+
+def test_model_slot_sweep_quick(capsys):
+    assert model.main(["--slot-sweep", "--quick"]) == 0
+    assert "worst rise beyond the added adapters' bytes" in capsys.readouterr().out
