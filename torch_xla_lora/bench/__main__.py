@@ -1,7 +1,7 @@
 """Benchmarks: ``python -m torch_xla_lora.bench [--system-malloc] COMMAND [options]``.
 
-COMMAND is one of e2e, kernels, model, moe, warmup, tpu_compile, each a module
-of this package with a ``main(argv) -> int``; ``python -m torch_xla_lora.bench
+COMMAND is one of e2e, kernels, model, moe, warmup, tpu_compile, vmem, xla_memory,
+each a module of this package with a ``main(argv) -> int``; ``python -m torch_xla_lora.bench
 COMMAND --help`` lists its options.
 
 The allocator. XLA:CPU allocates every call's temporaries afresh, large ones
@@ -35,6 +35,8 @@ COMMANDS = {
     "moe": ("torch_xla_lora.bench.moe", "LoRA slowdown of a small MoE model (expert LoRA) next to a dense one"),
     "warmup": ("torch_xla_lora.bench.warmup", "warm-up time and compilations against the number of slots"),
     "tpu_compile": ("torch_xla_lora.bench.tpu_compile", "compile every Pallas kernel with libtpu, no TPU needed"),
+    "vmem": ("torch_xla_lora.bench.vmem", "each TPU generation's VMEM and scoped limits, from libtpu's compiler"),
+    "xla_memory": ("torch_xla_lora.bench.xla_memory", "compiled temporaries of the XLA-native fused op"),
 }
 
 # glibc malloc tunables: never mmap (so never munmap), never trim the heap, one arena (no
