@@ -17,10 +17,11 @@ Hardware facts, per TensorCore (the unit a Pallas kernel runs on):
   "How to think about TPUs" (jax-ml.github.io/scaling-book/tpus: one
   bf16[8,128] @ bf16[128,128] pass every 8 cycles on most generations).
 - VMEM capacity, as libtpu's own compiler enforces it (a kernel whose scratch
-  exceeds it fails with "Allocation ... would exceed memory (size=N)"; checked
-  with libtpu 0.0.21 and 0.0.23, deviceless, see docs/performance.md):
-  v4 16 MiB, v5e 128 MiB, v5p 64 MiB, v6e 128 MiB. The scaling book quotes
-  128 MiB for v5e.
+  exceeds it fails with "Allocation ... would exceed memory (size=N)"):
+  v4 16 MiB, v5e 128 MiB, v5p 64 MiB, v6e 128 MiB. ``python -m
+  torch_xla_lora.bench vmem`` probes it without a TPU, with the pinned libtpu,
+  and checks this table and the declared limits below against it. The scaling
+  book quotes 128 MiB for v5e.
 """
 
 MIB = 1024 * 1024
@@ -55,8 +56,10 @@ VMEM_CAPACITY_BYTES = {"v4": 16 * MIB, "v5e": 128 * MIB, "v5p": 64 * MIB, "v6e":
 
 # Scoped VMEM a kernel may ask for (its vmem_limit_bytes), and what the plans
 # budget against: three quarters of the capacity, capped at 64 MiB, so Mosaic's
-# internal scratch and the estimate's slack always fit. "cpu" (interpret mode)
-# uses the v5e figure so its plans equal a TPU's.
+# internal scratch and the estimate's slack always fit; v4 10 MiB, below three
+# quarters, because at 12 MiB a kernel of the compile grid left XLA too little
+# VMEM around it (docs/performance.md, "Compiled for TPU"). "cpu" (interpret
+# mode) uses the v5e figure so its plans equal a TPU's.
 VMEM_LIMIT_BYTES = {
     "v4": 10 * MIB,
     "v5e": 64 * MIB,
@@ -81,9 +84,11 @@ BASE_TOKEN_BLOCKS = {
 BASE_MAX_TILE = {"v4": 2048, "v5e": 4096, "v5p": 4096, "v6e": 8192, "cpu": 1 << 30}
 # The fused base kernel's scoped VMEM limit per generation, and what
 # fused_base.vmem_bytes may reach below it (three quarters), leaving room for
-# the compiler's own internal scratch. v5e and v6e (128 MiB of VMEM) were
-# checked with libtpu's compiler at 96 MiB; v4 and v5p use the limits of
-# VMEM_LIMIT_BYTES. "cpu" (interpret mode) plans like v5e.
+# the compiler's own internal scratch. On v5e and v6e (128 MiB of VMEM) the
+# compiler enforces a declared 96 MiB and lets a kernel fill it (``bench
+# vmem``); the compile grid's plans of this kernel reach about 70 MiB there
+# (``bench tpu_compile``). v4 and v5p use the limits of VMEM_LIMIT_BYTES.
+# "cpu" (interpret mode) plans like v5e.
 BASE_VMEM_LIMIT_BYTES = {"v4": 10 * MIB, "v5e": 96 * MIB, "v5p": 48 * MIB, "v6e": 96 * MIB, "cpu": 96 * MIB}
 BASE_VMEM_BUDGET_BYTES = {key: limit * 3 // 4 for key, limit in BASE_VMEM_LIMIT_BYTES.items()}
 
