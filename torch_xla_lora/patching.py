@@ -31,6 +31,7 @@ from torch_xla_lora.errors import (
     ShardingError,
     UnpatchedError,
 )
+from torch_xla_lora.formulation import assign_roles
 from torch_xla_lora.layers import (
     BaseLayerWithLoRA,
     ColumnParallelLinearWithLoRA,
@@ -338,6 +339,21 @@ class LoRAModel:
 
     # -- compilation -------------------------------------------------------------------------------
 
+    def _formulation_summary(self, num_tokens: int) -> str:
+        """What ``base_fusion="auto"`` chose on TPU for the linear layers at ``num_tokens`` tokens, as
+        "; fused: q_proj x32, ...; xla: down_proj x32" (layers by their last name), or "" if it chose nothing."""
+        chosen: dict[str, dict[str, int]] = {}
+        for name, layer in self.layers.items():
+            choice = getattr(layer, "formulations", {}).get(num_tokens)
+            if choice is not None:
+                short = name.rpartition(".")[2]
+                chosen.setdefault(choice, {}).setdefault(short, 0)
+                chosen[choice][short] += 1
+        return "".join(
+            f"; {choice}: " + ", ".join(f"{short} x{count}" for short, count in names.items())
+            for choice, names in sorted(chosen.items())
+        )
+
     def warmup(
         self,
         batch_sizes: Sequence[int],
@@ -390,7 +406,7 @@ class LoRAModel:
                 if progress:
                     print(
                         f"warm-up {number}/{len(buckets)}: batch {batch} x seq {seq} "
-                        f"in {time.perf_counter() - start:.1f} s",
+                        f"in {time.perf_counter() - start:.1f} s{self._formulation_summary(batch * seq)}",
                         flush=True,
                     )
             # Again, now that the buckets ran: on a mesh, a slot write after a torch.compile'd
@@ -509,6 +525,7 @@ def patch_model(
         placement = sharding.plan_model(
             model, layers, mesh, tp_axis, plan=sharding_plan, dp_axis=dp_axis, fully_sharded=fully_sharded
         )  # checked before the model is changed
+    assign_roles(model, layers)  # each linear layer's place in the model, for base_fusion="auto" on TPU
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
     if placement is not None:

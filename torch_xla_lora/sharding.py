@@ -284,6 +284,7 @@ class LayerSharding:
         x2 = x.reshape(-1, layer.in_features)
         base = layer.base_layer
         fused = self.fuses_base(layer, x)
+        backend = layer.backend if fused else layer.lora_backend(layer.formulation(x))
         metadata, own = self._metadata(layer, x2.shape[0], fused)
         if self.kind == "row":
             # The base matmul runs inside the region, so base and LoRA share the one reduction.
@@ -297,7 +298,7 @@ class LayerSharding:
                 metadata,
                 transposed,
                 self.key,
-                layer.backend,
+                backend,
                 fused,
                 own,
             )
@@ -328,7 +329,7 @@ class LayerSharding:
             slots,
             metadata,
             self.key,
-            layer.backend,
+            backend,
         )
         return out.reshape(y.shape).to(y.dtype)
 

@@ -28,13 +28,9 @@ from torch_xla_lora.bench import tpu_model
 def batches(num_tokens: int, num_slots: int, in_use: int) -> dict[str, np.ndarray]:
     """Token -> slot layouts: contiguous requests, and every slot in use."""
 
-    def spread(used: int) -> np.ndarray:
-        used = max(1, min(used, num_tokens, num_slots))
-        return ((np.arange(num_tokens) * used // num_tokens) * (num_slots // used)).astype(np.int32)
-
-    out = {f"{in_use} in use": spread(in_use)}
+    out = {f"{in_use} in use": tpu_model.contiguous_requests(num_tokens, num_slots, in_use)}
     if num_slots <= num_tokens and num_slots != in_use:
-        out["every slot in use"] = spread(num_slots)
+        out["every slot in use"] = tpu_model.contiguous_requests(num_tokens, num_slots, num_slots)
     return out
 
 

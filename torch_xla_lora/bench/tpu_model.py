@@ -87,8 +87,7 @@ def fused_cost(chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, rank:
     sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, chip.generation)
     padded = np.full(sizes.padded_tokens(num_tokens), -1, np.int32)
     padded[:num_tokens] = np.where((indices >= 0) & (indices < num_slots), indices, -1)
-    meta = visits.build_lanes(jnp.asarray(padded), num_slots, sizes.tokens, lanes)
-    meta = type(meta)(*(np.asarray(field) for field in meta))
+    meta = visits.build_lanes(padded, num_slots, sizes.tokens, lanes, xp=np)
     spec = fused.grid_spec(len(padded), hidden, out_dim, rank, num_slots, dtype, sizes, lanes)
     prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform)
     specs = [*spec.in_specs, spec.out_specs]
@@ -263,6 +262,56 @@ def fused_base_cost(
     return Cost(pipelined, manual, flops, steps, _time(chip, pipelined, manual, flops, steps))
 
 
+def contiguous_requests(num_tokens: int, num_slots: int, in_use: int) -> np.ndarray:
+    """[T] slots of a batch of ``in_use`` requests of equal length, each on its own adapter (spread over
+    the L slots), clipped to what T and L allow: the typical prefill batch of the model's tables."""
+    used = max(1, min(in_use, num_tokens, num_slots))
+    return ((np.arange(num_tokens) * used // num_tokens) * (num_slots // used)).astype(np.int32)
+
+
+def projection_costs(
+    chip: Chip,
+    indices: np.ndarray,
+    hidden: int,
+    out_dim: int,
+    rank: int,
+    num_slots: int,
+    residual_output: bool = False,
+    input_share: float = 0.0,
+    has_bias: bool = False,
+) -> dict[str, float]:
+    """Seconds of one projection with its LoRA under each formulation a layer can run, and its base.
+
+    - ``base``: XLA's matmul at its roofline;
+    - ``fused``: ``linear_lora``'s kernel (:func:`fused_base_cost`; XLA's dot and the separate op where
+      no tiling fits);
+    - ``separate``: XLA's matmul, then the fused LoRA kernel (:func:`fused_cost`);
+    - ``xla_native``: XLA's matmul, then the XLA-native op (:func:`xla_native_cost`).
+
+    A Pallas call (fused, separate) also pays what XLA no longer fuses around it: with
+    ``residual_output`` the residual add after the projection as its own pass (read y, write the
+    sum), and ``input_share`` of writing x once for its input group (x's producer, a norm's scale or
+    SiLU(gate) * up, fuses into XLA's operand reads but not into a custom call's; a group of n
+    projections reading one x shares the write, 1/n each; 0 where x is materialised anyway, e.g.
+    attention's output). The XLA-native op is XLA's own fusions: it pays neither.
+    """
+    itemsize = 2
+    num_tokens = len(indices)
+    bandwidth = chip.hbm_bytes_per_s
+    unfused = input_share * num_tokens * hidden * itemsize / bandwidth
+    if residual_output:
+        unfused += 2 * num_tokens * out_dim * itemsize / bandwidth
+    base = matmul_cost(chip, num_tokens, hidden, out_dim).seconds
+    lora = fused_cost(chip, indices, hidden, out_dim, rank, num_slots).seconds
+    fused = fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots, has_bias=has_bias)
+    return {
+        "base": base,
+        "fused": (base + lora if fused is None else fused.seconds) + unfused,
+        "separate": base + lora + unfused,
+        "xla_native": base + xla_native_cost(chip, indices, hidden, out_dim, rank, num_slots),
+    }
+
+
 # The projections of one Llama-3-8B decoder layer: name -> (in_features, out_features, input group).
 # Projections of one group read the same x; "residual" marks outputs XLA adds to the residual stream.
 LLAMA3_8B_LAYER = {
@@ -280,65 +329,39 @@ _FUSABLE_PRODUCERS = ("norm1", "norm2", "silu_mul")
 _RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
 
+def llama_roles() -> dict[str, tuple[bool, float]]:
+    """Each Llama-3-8B projection's (residual_output, input_share) for :func:`projection_costs`."""
+    groups = [group for _, _, group in LLAMA3_8B_LAYER.values()]
+    return {
+        name: (name in _RESIDUAL_OUTPUTS, 1 / groups.count(group) if group in _FUSABLE_PRODUCERS else 0.0)
+        for name, (_, _, group) in LLAMA3_8B_LAYER.items()
+    }
+
+
 def layer_costs(chip: Chip, indices: np.ndarray, rank: int, num_slots: int) -> dict:
     """Seconds of one Llama-3-8B decoder layer's projections (bf16) under each formulation.
 
-    - base: XLA's matmuls at their roofline, producers and residual adds fused in;
-    - separate: base + today's fused LoRA op (``fused_cost``) per projection, plus what XLA can no
-      longer fuse: x materialised once per input group for the LoRA op (a write of T x K), and the
-      residual add after o/down as its own pass (read y, write the sum: 2 x T x N);
-    - fused: ``linear_lora``'s kernel per projection (``fused_base_cost``) plus the same unfusable
-      passes (x materialised per group, residual add after o/down);
-    - xla_native: base + the XLA-native op per projection (``xla_native_cost``), all XLA fusions
-      (no extra passes);
-    - onehot: base + the one-hot einsum (``onehot_cost``) per projection, all XLA (no extra passes);
-    - chosen: per input group, either every projection XLA-native, or each projection the cheapest
-      of fused, separate and XLA-native with the group's x materialised once if any of them is a
-      Pallas call (and the residual pass after o/down if that projection is); the cheaper of the two.
-      ``choices`` names each projection's formulation.
+    Sums :func:`projection_costs` over the seven projections with their roles (:func:`llama_roles`):
+    x written once per input group (norm1, norm2, SiLU*up) and the residual add after o and down as
+    its own pass for the Pallas formulations. Keys: ``base``, ``fused``, ``separate``, ``xla_native``,
+    ``onehot`` (base + the one-hot einsum per projection, all XLA), ``fused_no_adapter`` (the fused
+    kernel on a batch without adapters), ``chosen`` (each projection the cheapest of fused, separate
+    and XLA-native, as ``base_fusion="auto"`` chooses on TPU: see ``torch_xla_lora/formulation.py``)
+    and ``choices`` (projection -> formulation).
     """
     num_tokens = len(indices)
-    itemsize = 2
-    bandwidth = chip.hbm_bytes_per_s
     no_adapter = np.full(num_tokens, -1, np.int32)
     out = dict.fromkeys(("base", "separate", "fused", "onehot", "fused_no_adapter", "xla_native", "chosen"), 0.0)
-    per_group: dict[str, dict[str, dict[str, float]]] = {}
-    for name, (hidden, out_dim, group) in LLAMA3_8B_LAYER.items():
-        residual = 2 * num_tokens * out_dim * itemsize / bandwidth if name in _RESIDUAL_OUTPUTS else 0.0
-        base = matmul_cost(chip, num_tokens, hidden, out_dim).seconds
-        lora = fused_cost(chip, indices, hidden, out_dim, rank, num_slots).seconds
-        fused = fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots)
-        plain = fused_base_cost(chip, no_adapter, hidden, out_dim, rank, num_slots)
-        # No tiling fits: the op runs XLA's dot and the separate LoRA op.
-        costs = {
-            "separate": base + lora + residual,
-            "fused": (base + lora if fused is None else fused.seconds) + residual,
-            "xla_native": base + xla_native_cost(chip, indices, hidden, out_dim, rank, num_slots),
-        }
-        out["base"] += base
-        out["onehot"] += base + onehot_cost(chip, num_tokens, hidden, out_dim, rank, num_slots).seconds
-        out["fused_no_adapter"] += (base if plain is None else plain.seconds) + residual
-        for formulation, seconds in costs.items():
-            out[formulation] += seconds
-        per_group.setdefault(group, {})[name] = costs
     choices = {}
-    for group, members in per_group.items():
-        # A Pallas call reads x from HBM: a producer XLA would fuse into the dot is materialised once.
-        materialise = 0.0
-        if group in _FUSABLE_PRODUCERS:
-            hidden = next(LLAMA3_8B_LAYER[name][0] for name in members)
-            materialise = num_tokens * hidden * itemsize / bandwidth
-        for formulation in ("separate", "fused"):
-            out[formulation] += materialise
-        out["fused_no_adapter"] += materialise
-        native = sum(costs["xla_native"] for costs in members.values())
-        best = {name: min(costs, key=costs.get) for name, costs in members.items()}
-        mixed = sum(members[name][f] for name, f in best.items())
-        if any(f != "xla_native" for f in best.values()):
-            mixed += materialise
-        if native <= mixed:
-            best = dict.fromkeys(members, "xla_native")
-        out["chosen"] += min(native, mixed)
-        choices.update(best)
+    for name, (residual, share) in llama_roles().items():
+        hidden, out_dim, _ = LLAMA3_8B_LAYER[name]
+        costs = projection_costs(chip, indices, hidden, out_dim, rank, num_slots, residual, share)
+        plain = projection_costs(chip, no_adapter, hidden, out_dim, rank, num_slots, residual, share)
+        for key in ("base", "fused", "separate", "xla_native"):
+            out[key] += costs[key]
+        out["onehot"] += costs["base"] + onehot_cost(chip, num_tokens, hidden, out_dim, rank, num_slots).seconds
+        out["fused_no_adapter"] += plain["fused"]
+        choices[name] = min(("fused", "separate", "xla_native"), key=costs.get)
+        out["chosen"] += costs[choices[name]]
     out["choices"] = choices
     return out

@@ -63,11 +63,18 @@ class BaseLayerWithLoRA(nn.Module):
         return self.max_rank, self.in_features
 
     def add_lora(
-        self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, metadata: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        slots: torch.Tensor,
+        metadata: torch.Tensor | None = None,
+        backend: str | None = None,
     ) -> torch.Tensor:
-        """y [..., out] + each token's LoRA of x [..., in], in y's dtype (one fused op, see :func:`fused_lora`)."""
+        """y [..., out] + each token's LoRA of x [..., in], in y's dtype (one fused op, see :func:`fused_lora`),
+        with ``backend`` (default: the layer's)."""
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
-        return fused_lora(x2, y2, self.lora_a, self.lora_b, slots, self.backend, metadata).reshape(y.shape)
+        backend = backend or self.backend
+        return fused_lora(x2, y2, self.lora_a, self.lora_b, slots, backend, metadata).reshape(y.shape)
 
     @classmethod
     def can_replace(cls, module: nn.Module) -> bool:

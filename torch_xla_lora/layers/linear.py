@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torch_xla_lora.formulation import FusionRole
 from torch_xla_lora.layers.base import BaseLayerWithLoRA
 
 
@@ -37,10 +38,14 @@ class LinearWithLoRA(BaseLayerWithLoRA):
 
     #: LoRAConfig.base_fusion: "auto", True or False (set by patch_model).
     base_fusion: bool | str = False
+    #: The layer's place in its model, for the "auto" choice on TPU (set by patch_model; see formulation.py).
+    fusion_role: FusionRole = FusionRole()
 
     def __init__(self, base_layer: nn.Module, *args, **kwargs) -> None:
         self.in_features, self.out_features = linear_features(base_layer)
         super().__init__(base_layer, *args, **kwargs)
+        #: Token count -> the formulation "auto" chose for it on TPU (filled as calls are traced).
+        self.formulations: dict[int, str] = {}
 
     @classmethod
     def can_replace(cls, module: nn.Module) -> bool:
@@ -50,13 +55,14 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         if self.tensor_parallel is not None:  # on a mesh the ops run per shard: see sharding.py
             return self.tensor_parallel.forward(self, x)
         slots = self.context.token_slots(x)
-        if slots is not None and self._fuses_base(x):
+        if slots is None:
+            return self.base_layer(x)
+        formulation = self.formulation(x)
+        if formulation == "fused":
             return self._forward_base_fused(x, slots)
         y = self.base_layer(x)
-        if slots is None:
-            return y
         # One fused op: x [N, in] -> [N, R] (on chip) -> + y [N, out]; B spans every output slice.
-        return self.add_lora(x, y, slots, self._metadata(x))
+        return self.add_lora(x, y, slots, self._metadata(x), self.lora_backend(formulation))
 
     def _metadata(self, x: torch.Tensor) -> torch.Tensor | None:
         """The batch's host-built grouping for x's token count and this layer's shape, if set_batch made it."""
@@ -74,20 +80,54 @@ class LinearWithLoRA(BaseLayerWithLoRA):
 
         On a mesh too: the placement runs it per shard (see ``LayerSharding.fuses_base``).
         """
+        return self.formulation(x) == "fused"
+
+    def formulation(self, x: torch.Tensor) -> str:
+        """How this call runs: "fused" (``linear_lora``), "separate" (the base layer, then the fused LoRA
+        op with the layer's backend) or "xla" (the same with the XLA-native backend).
+
+        ``base_fusion=True``: fused wherever the layer can run it (a plain weight layout, one dtype);
+        False: separate. "auto": separate off TPU; on a TPU with ``backend="auto"``, the cheapest of the
+        three by the TPU cost model for this layer's shape, role and token count
+        (:func:`torch_xla_lora.formulation.choose`), recorded in :attr:`formulations`; with another
+        backend, fused.
+        """
         fusion = self.base_fusion
         if fusion is False or self.weight_layout is None:
-            return False
+            return "separate"
         weight, bias = self.base_layer.weight, self.base_layer.bias
         dtype = self.lora_a.dtype
         if x.dtype != dtype or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
-            return False
-        if fusion == "auto":
-            if x.device.type != "xla":
-                return False
-            from torch_xla_lora import ops
+            return "separate"
+        if fusion is True:
+            return "fused"
+        if x.device.type != "xla":
+            return "separate"
+        from torch_xla_lora import formulation, ops
 
-            return ops.device_generation() != "cpu"
-        return True
+        generation = ops.device_generation()
+        if generation == "cpu":
+            return "separate"
+        if self.backend != "auto":
+            return "fused"
+        num_tokens = x.reshape(-1, self.in_features).shape[0]
+        max_loras, max_rank = self.lora_b.shape[:2]
+        choice = formulation.choose(
+            generation,
+            num_tokens,
+            self.in_features,
+            self.out_features,
+            max_rank,
+            max_loras,
+            bias is not None,
+            self.fusion_role,
+        )
+        self.formulations[num_tokens] = choice
+        return choice
+
+    def lora_backend(self, formulation: str) -> str:
+        """The shrink-expand op's backend for a ``formulation`` other than "fused"."""
+        return "xla" if formulation == "xla" else self.backend
 
     def linear_metadata_shape(self) -> tuple[int, int, bool] | None:
         """(in, out, has_bias) if this layer will run ``linear_lora``'s Pallas kernel (for host metadata), else None.

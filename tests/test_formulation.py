@@ -1,0 +1,105 @@
+"""``base_fusion="auto"`` on TPU: each linear layer's formulation chosen by the TPU cost model.
+
+No TPU is needed: the choice is a function of static shapes and the device generation, so the tests
+read it with the generation set to a TPU's, and run the one formulation that runs on the CPU device
+(the XLA-native backend) through a whole model against PEFT.
+"""
+
+import pytest
+import torch
+from conftest import assert_close
+from test_layers import LLAMA_LORA, gpt2_case, llama_case, logits, patch, peft_logits  # noqa: F401
+
+from torch_xla_lora import formulation, ops
+from torch_xla_lora.bench import tpu_model
+from torch_xla_lora.formulation import FusionRole
+
+
+@pytest.mark.parametrize("chip", ["v5e", "v6e"])
+@pytest.mark.parametrize("num_tokens", [8, 64, 1024, 4096])
+def test_choice_is_the_cheapest_formulation_of_the_model(chip, num_tokens):
+    """Every Llama-3-8B projection: the chosen formulation's modelled cost is the least of the three
+    (a chooser that ignored the layer's role, or the token count, would pick a dearer one somewhere in
+    this grid: the model's own table has fused, separate and XLA-native winners)."""
+    seen = set()
+    for name, (residual, share) in tpu_model.llama_roles().items():
+        hidden, out_dim, _ = tpu_model.LLAMA3_8B_LAYER[name]
+        role = FusionRole(residual, share)
+        choice = formulation.choose(chip, num_tokens, hidden, out_dim, 16, 64, False, role)
+        indices = tpu_model.contiguous_requests(num_tokens, 64, min(64, num_tokens, 8))
+        costs = tpu_model.projection_costs(tpu_model.CHIPS[chip], indices, hidden, out_dim, 16, 64, residual, share)
+        priced = {"fused": costs["fused"], "separate": costs["separate"], "xla": costs["xla_native"]}
+        assert priced[choice] == min(priced.values()), (name, choice, priced)
+        seen.add(choice)
+    assert "fused" in seen
+
+
+def test_the_choice_depends_on_role_and_token_count():
+    """The cases the model's table shows: at prefill on v6e the fused kernel wins for q_proj; at 4096
+    tokens down_proj, which adds to the residual stream, goes XLA-native (a Pallas call would make the
+    residual add and SiLU(gate) * up passes of their own); at decode down_proj runs the separate op."""
+    residual_mlp = FusionRole(residual_output=True, input_share=1.0)
+    assert formulation.choose("v6e", 1024, 4096, 4096, 16, 64, False, FusionRole(input_share=1 / 3)) == "fused"
+    assert formulation.choose("v6e", 4096, 14336, 4096, 16, 64, False, residual_mlp) == "xla"
+    assert formulation.choose("v6e", 8, 14336, 4096, 16, 64, False, residual_mlp) == "separate"
+    # Without the residual pass and the materialised input, the fused kernel is the cheapest there too.
+    assert formulation.choose("v6e", 4096, 14336, 4096, 16, 64, False, FusionRole(input_share=0.0)) == "fused"
+
+
+def test_roles_of_llama_and_gpt2_layers(llama_case, gpt2_case, xla_device):  # noqa: F811
+    """q/k/v share the norm's output (1/3 each), gate/up (1/2); o_proj adds to the residual stream from
+    attention's output (nothing to materialise), down_proj from SiLU(gate) * up; GPT-2's two c_proj are
+    told apart by their parent module."""
+    model, _ = patch(llama_case, xla_device, **LLAMA_LORA)
+    layer = model.model.layers[0]
+    roles = {name: getattr(layer.self_attn, name).fusion_role for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    roles |= {name: getattr(layer.mlp, name).fusion_role for name in ("gate_proj", "up_proj", "down_proj")}
+    assert roles["q_proj"] == roles["k_proj"] == roles["v_proj"] == FusionRole(False, 1 / 3)
+    assert roles["gate_proj"] == roles["up_proj"] == FusionRole(False, 1 / 2)
+    assert roles["o_proj"] == FusionRole(True, 0.0)
+    assert roles["down_proj"] == FusionRole(True, 1.0)
+    gpt2, _ = patch(gpt2_case, xla_device, max_loras=2, max_rank=8, target_modules=["c_attn", "c_proj", "c_fc"])
+    block = gpt2.transformer.h[0]
+    assert block.attn.c_attn.fusion_role == FusionRole(False, 1.0)
+    assert block.attn.c_proj.fusion_role == FusionRole(True, 0.0)
+    assert block.mlp.c_proj.fusion_role == FusionRole(True, 1.0)
+
+
+def test_layer_asks_the_model_on_tpu_and_keeps_today_s_rules_elsewhere(llama_case, xla_device, monkeypatch):  # noqa: F811
+    model, _ = patch(llama_case, xla_device, **LLAMA_LORA)
+    down = model.model.layers[0].mlp.down_proj
+    x = torch.zeros(3, 5, down.in_features, device=xla_device)
+    assert down.base_fusion == "auto" and down.formulation(x) == "separate"  # off TPU: the separate op
+    assert down.formulations == {}
+    monkeypatch.setattr(ops, "device_generation", lambda: "v6e")
+    expected = formulation.choose("v6e", 15, down.in_features, down.out_features, 64, 4, False, down.fusion_role)
+    assert down.formulation(x) == expected and down.formulations == {15: expected}
+    assert down.formulation(x.cpu()) == "separate"  # CPU tensors run the reference
+    down.base_fusion = True
+    assert down.formulation(x) == "fused"
+    down.base_fusion, down.backend = "auto", "xla"
+    assert down.formulation(x) == "fused"  # an explicit backend keeps today's rule: fused on TPU
+    down.base_fusion = False
+    assert down.formulation(x) == "separate"
+
+
+def test_xla_formulation_through_a_model_equals_peft(llama_case, xla_device, monkeypatch, capsys):  # noqa: F811
+    """Every layer told to run "xla" (as the model chooses for o/down at long prefill) computes PEFT's
+    mixed batch through the XLA-native backend, and warm-up prints the choice per layer."""
+    model, lora = patch(llama_case, xla_device, **LLAMA_LORA)
+    monkeypatch.setattr(ops, "device_generation", lambda: "v6e")
+    calls = []
+
+    def choose(*args):
+        calls.append(args)
+        return "xla"
+
+    monkeypatch.setattr(formulation, "choose", choose)
+    mix = ["a0", None, "a1", "a2"]
+    lora.set_batch(mix)
+    assert_close(logits(model, llama_case.inputs), peft_logits(llama_case, mix))
+    assert len(calls) == 14  # 7 projections x 2 layers, each asked once
+    lora.warmup([2], [3], progress=True)
+    assert "xla: q_proj x2, k_proj x2, v_proj x2, o_proj x2, gate_proj x2, up_proj x2, down_proj x2" in (
+        capsys.readouterr().out
+    )

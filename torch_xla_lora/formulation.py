@@ -1,0 +1,105 @@
+"""How a linear LoRA layer runs on a TPU under ``LoRAConfig(base_fusion="auto")``: chosen per layer and
+token count by the TPU cost model.
+
+Three formulations compute the same thing:
+
+- ``"fused"``: ``linear_lora``'s kernel, the base matmul and the LoRA in one pass over x and the output;
+- ``"separate"``: XLA's matmul, then the fused LoRA kernel (``bgmv_shrink_expand``, Pallas);
+- ``"xla"``: XLA's matmul, then ``bgmv_shrink_expand`` with the XLA-native backend.
+
+A Pallas call is opaque to XLA: what XLA would fuse into its own dot (the producer of x, a norm's
+scale or SiLU(gate) * up, into the operand read; the residual add into the output write) becomes
+passes of their own. Which formulation is cheapest therefore depends on the layer's place in the
+model as well as its shape: the model (``bench/tpu_model.py: projection_costs``) prices each for a
+typical batch (``min(L, T, 8)`` requests of equal length, each on its own adapter) with the layer's
+:class:`FusionRole`, and the cheapest wins. The choice is a function of static shapes, so it is made
+once per traced graph and never causes a recompilation; ``LoRAModel.warmup(progress=True)`` prints it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from torch import nn
+
+#: The formulations, in the order ties are broken.
+FORMULATIONS = ("fused", "separate", "xla")
+# Adapters in use in the typical batch the choice is priced on.
+TYPICAL_IN_USE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionRole:
+    """A linear layer's place in its model, as the cost model needs it.
+
+    Attributes:
+      residual_output: the output is added to the residual stream (o_proj, down_proj): a Pallas
+        call makes that add a pass of its own.
+      input_share: the share of writing x that falls to this layer when it runs a Pallas call (1/n
+        for n layers reading the output of one fusable producer, e.g. q/k/v after a norm; 0 where x
+        is materialised anyway, e.g. attention's output into o_proj).
+    """
+
+    residual_output: bool = False
+    input_share: float = 1.0
+
+
+@functools.lru_cache(maxsize=4096)
+def choose(
+    generation: str,
+    num_tokens: int,
+    in_features: int,
+    out_features: int,
+    rank: int,
+    num_slots: int,
+    has_bias: bool,
+    role: FusionRole,
+) -> str:
+    """The cheapest formulation (one of :data:`FORMULATIONS`) of one linear layer on TPU ``generation``.
+
+    Priced in bfloat16 by ``bench/tpu_model.projection_costs`` on a typical batch of
+    ``min(num_slots, num_tokens, 8)`` equal requests.
+    """
+    import numpy as np
+
+    from torch_xla_lora.bench import tpu_model
+
+    chip = tpu_model.CHIPS.get(generation, tpu_model.CHIPS["v6e"])  # newer chips tune as v6e
+    in_use = min(num_slots, num_tokens, TYPICAL_IN_USE)
+    indices = tpu_model.contiguous_requests(num_tokens, num_slots, in_use).astype(np.int32)
+    costs = tpu_model.projection_costs(
+        chip, indices, in_features, out_features, rank, num_slots, role.residual_output, role.input_share, has_bias
+    )
+    priced = {"fused": costs["fused"], "separate": costs["separate"], "xla": costs["xla_native"]}
+    return min(FORMULATIONS, key=priced.get)
+
+
+def assign_roles(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Set ``fusion_role`` on every linear LoRA layer of ``model`` from its kind and its siblings.
+
+    Row-parallel layers (o_proj, down_proj, ...) add to the residual stream; under an attention
+    module their input is attention's output (already in memory), elsewhere (an MLP) a fusable
+    SiLU(gate) * up. Column-parallel layers share their input with the column-parallel siblings of
+    the same module and width (q, k, v after a norm: 1/3 each). Other linear layers (the head) read
+    a norm's output alone.
+    """
+    from torch_xla_lora.layers.linear import ColumnParallelLinearWithLoRA, LinearWithLoRA, RowParallelLinearWithLoRA
+
+    for name, layer in layers.items():
+        if not isinstance(layer, LinearWithLoRA):
+            continue
+        parent_name = name.rpartition(".")[0]
+        if isinstance(layer, RowParallelLinearWithLoRA):
+            parent = model.get_submodule(parent_name)
+            attention = "attention" in type(parent).__name__.lower() or "attn" in parent_name.rpartition(".")[2]
+            layer.fusion_role = FusionRole(residual_output=True, input_share=0.0 if attention else 1.0)
+        elif isinstance(layer, ColumnParallelLinearWithLoRA):
+            siblings = [
+                other
+                for other_name, other in layers.items()
+                if isinstance(other, ColumnParallelLinearWithLoRA)
+                and other_name.rpartition(".")[0] == parent_name
+                and other.in_features == layer.in_features
+            ]
+            layer.fusion_role = FusionRole(input_share=1.0 / len(siblings))
