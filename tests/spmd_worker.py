@@ -263,10 +263,11 @@ LAYER_CASES += [(name, "fused", True) for name in ("mix", "up", "down", "head")]
 
 
 def run_layers(inputs: dict) -> dict:
+    """Collectives per layer and variant, and what the parent compares with PEFT: each layer's output with
+    the input it got (as inside the model), and the whole toy's logits per variant."""
     mesh = _mesh((4,), ("model",))
     toy_cpu = Toy()
     toy_cpu.load_state_dict(inputs["toy_state"])
-    expected = _toy_reference(toy_cpu, inputs)
     result = {"collectives": {}, "layer_outputs": {}, "model_outputs": {}}
     for fully in (False, True, "fused"):
         config = dataclasses.replace(_toy_config(), base_fusion=fully == "fused")
@@ -274,7 +275,7 @@ def run_layers(inputs: dict) -> dict:
         lora = tl.patch_model(toy, config, mesh=mesh, sharding_plan=TOY_PLAN, fully_sharded=fully is True)
         lora.load_adapter("a", state_dict=inputs["adapter"][0], config=inputs["adapter"][1])
         lora.set_token_adapters(inputs["token_adapters"])
-        result["model_outputs"][fully] = (_toy_logits(toy, inputs["ids"], mesh), expected["model"])
+        result["model_outputs"][fully] = _toy_logits(toy, inputs["ids"], mesh)
         layer_inputs = _layer_inputs(toy, inputs["ids"], mesh)
         for name, _, with_lora in [case for case in LAYER_CASES if case[1] == fully]:
             if with_lora:
@@ -284,7 +285,7 @@ def run_layers(inputs: dict) -> dict:
             out, counts = _run_and_count(inputs["dump_dir"], lora.layers[name], layer_inputs[name])
             result["collectives"][(name, fully, with_lora)] = counts
             if with_lora:
-                result["layer_outputs"][(name, fully)] = (out.cpu(), expected[name])
+                result["layer_outputs"][(name, fully)] = (layer_inputs[name].cpu(), out.cpu())
         if fully is False:
             lora.set_token_adapters(inputs["token_adapters"])
             control = _partitioner_control(lora.layers["down"], layer_inputs["down"], inputs["dump_dir"])
@@ -333,17 +334,14 @@ def _scaled_embedding_logits(case: dict, mesh: xs.Mesh) -> tuple[str, torch.Tens
     return embedding.tensor_parallel.kind, logits.cpu()
 
 
-def _toy_variant(toy_cpu: Toy, inputs: dict, mesh: xs.Mesh, model_dtype: torch.dtype, **changes):
-    """(on the mesh, on the host): toy logits for a variant of the LoRA config and the model dtype."""
+def _toy_variant(toy_cpu: Toy, inputs: dict, mesh: xs.Mesh, model_dtype: torch.dtype, **changes) -> torch.Tensor:
+    """The toy's logits on the mesh for a variant of the LoRA config and the model dtype."""
     config = dataclasses.replace(_toy_config(), **changes)
     toy = copy.deepcopy(toy_cpu).to(torch_xla.device(), model_dtype)
-    host = copy.deepcopy(toy_cpu).to(dtype=model_dtype)
-    for model, sharded in ((toy, {"mesh": mesh, "sharding_plan": TOY_PLAN}), (host, {})):
-        lora = tl.patch_model(model, config, **sharded)
-        lora.load_adapter("a", state_dict=inputs["adapter"][0], config=inputs["adapter"][1])
-        lora.set_token_adapters(inputs["token_adapters"])
-    with torch.no_grad():
-        return _toy_logits(toy, inputs["ids"], mesh), host(inputs["ids"])
+    lora = tl.patch_model(toy, config, mesh=mesh, sharding_plan=TOY_PLAN)
+    lora.load_adapter("a", state_dict=inputs["adapter"][0], config=inputs["adapter"][1])
+    lora.set_token_adapters(inputs["token_adapters"])
+    return _toy_logits(toy, inputs["ids"], mesh)
 
 
 def _toy_logits(toy: Toy, ids: torch.Tensor, mesh: xs.Mesh) -> torch.Tensor:
@@ -378,26 +376,6 @@ def _partitioner_control(layer: nn.Module, x: torch.Tensor, dump_dir: str) -> di
 
 def _toy_config() -> tl.LoRAConfig:
     return tl.LoRAConfig(max_loras=2, max_rank=8, target_modules=tuple(TOY_PLAN))
-
-
-def _toy_reference(toy_cpu: Toy, inputs: dict) -> dict[str, torch.Tensor]:
-    """Each layer's output with LoRA, computed on the host (the ops' plain-torch path)."""
-    toy = copy.deepcopy(toy_cpu)
-    lora = tl.patch_model(toy, _toy_config())
-    lora.load_adapter("a", state_dict=inputs["adapter"][0], config=inputs["adapter"][1])
-    lora.set_token_adapters(inputs["token_adapters"])
-    with torch.no_grad():
-        embedded = toy.embed(inputs["ids"])
-        mixed = toy.mix(embedded)
-        up = toy.up(mixed)
-        return {
-            "embed": embedded,
-            "mix": mixed,
-            "up": up,
-            "down": toy.down(torch.relu(up)),
-            "head": toy.head(embedded),
-            "model": toy(inputs["ids"]),
-        }
 
 
 def _divisibility_error(mesh: xs.Mesh) -> str:
