@@ -253,9 +253,10 @@ def test_mixed_batch_equals_peft_per_adapter_cpu(arch, saved):
     assert not torch.allclose(reference["math"], reference[None], atol=1e-3)  # the adapters matter
 
 
-# A sample (each XLA compile of a whole model takes ~20 s here): the common [E, out, in] layout, and
-# GPT-OSS's transposed [E, in, out] one with biases and interleaved gate/up. All ran once (Qwen3-MoE, OLMoE,
-# DeepSeek-V3 too) when this was written.
+# A sample on XLA, where each case compiles a whole model (`pytest tests/test_moe.py -k xla --durations=0`
+# shows the cost): the common [E, out, in] layout, and GPT-OSS's transposed [E, in, out] one with biases and
+# interleaved gate/up. Every architecture of ARCHS runs through the same layers on the CPU path above; the
+# suite runs no other architecture on XLA.
 @pytest.mark.parametrize("arch", ["Mixtral", "GptOss"])
 def test_mixed_batch_equals_peft_per_adapter_xla(arch, saved, xla_device):
     dirs = saved(arch)
