@@ -147,7 +147,7 @@ def sample(per_cell: int = 6, chips=tuple(CHIPS), kernels=None) -> list[Config]:
 
 
 def full(chips=tuple(CHIPS), kernels=None) -> Iterator[Config]:
-    """Every combination of every axis (about 100,000 configurations: filter it)."""
+    """Every combination of every axis (184,320 configurations with the axes above: filter it)."""
     for entry in (_entry(name) for name in (kernels or [e.name for e in KERNELS])):
         for chip, variant, dtype, tokens, slots, rank, layer in itertools.product(
             chips, entry.variants, DTYPES, TOKENS, SLOTS, RANKS, LAYERS
