@@ -111,3 +111,26 @@ def test_model_fused_base_json_keeps_keys_and_adds_the_layer_columns(tmp_path, c
 def test_model_slot_sweep_quick(capsys):
     assert model.main(["--slot-sweep", "--quick"]) == 0
     assert "worst rise as slots grow" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("chip", "num_tokens", "hidden", "out_dim", "rank", "num_slots"),
+    [("v6e", 1024, 4096, 4096, 16, 8), ("v5e", 4096, 14336, 4096, 16, 64), ("v6e", 8, 4096, 14336, 64, 128)],
+)
+def test_walk_and_the_kernel_s_cost_estimate_agree(chip, num_tokens, hidden, out_dim, rank, num_slots):
+    """The kernel declares a ``pl.CostEstimate`` for XLA's scheduler (one laned chunk of adapters per
+    token block); the model walks the grid. On a batch that fills one chunk per block, with no MXU
+    padding, the two count the same flops and the same bytes. A change to the kernel's grid that one
+    of them missed would part them."""
+    sizes, lanes = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, jnp.bfloat16, chip, False)
+    blocks = sizes.padded_tokens(num_tokens) // sizes.tokens
+    # Block b holds `lanes` distinct adapters (lanes * b ... lanes * b + lanes - 1, modulo the slots).
+    per_block = np.arange(sizes.tokens) * lanes // sizes.tokens
+    indices = np.concatenate([(per_block + b * lanes) % num_slots for b in range(blocks)])[:num_tokens]
+    unpadded = tpu_model.Chip("unpadded", chip, 1e9, 1e12, mxu_width=1, step_overhead_s=0.0)
+    walked = tpu_model.fused_base_cost(unpadded, indices.astype(np.int32), hidden, out_dim, rank, num_slots)
+    estimate = fused_base.cost_estimate(
+        sizes.padded_tokens(num_tokens), hidden, out_dim, rank, num_slots, jnp.bfloat16, sizes, lanes
+    )
+    assert walked.mxu_flops == estimate.flops
+    assert walked.pipelined_bytes + walked.manual_bytes == estimate.bytes_accessed

@@ -131,12 +131,16 @@ def build_linear(cfg: Config, sds):
         info["path"] = "dot + " + info["path"]
     else:
         sizes, lanes = planned
+        padded = sizes.padded_tokens(tokens)
+        estimate = fused_base.cost_estimate(padded, d_in, d_out, rank, slots, dtype, sizes, lanes)
         info = {
             "block": dataclasses.asdict(sizes),
             "lanes": lanes,
             "path": "fused_base",
             "vmem_estimate": fused_base.vmem_bytes(sizes, rank, slots, lanes, dtype, has_bias),
             "vmem_limit": fused_base.vmem_limit(cfg.chip),
+            # The pl.CostEstimate the kernel declares (for XLA's scheduler), to compare with the compiled cost.
+            "estimate": {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
         }
     info["own_metadata"] = own
     return _linear.linear_lora_fn("pallas", cfg.chip, SCALING, layout, has_bias, host, own), args, info
@@ -198,6 +202,9 @@ def compile_one(cfg: Config, pin_ir_version: bool = True) -> dict:
             key: int(getattr(memory, f"{key}_size_in_bytes"))
             for key in ("argument", "output", "temp", "generated_code")
         }
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost  # a list of one dict on older jax
+        result["cost"] = {key: float(cost[key]) for key in ("flops", "bytes accessed") if key in (cost or {})}
         result["ok"] = True
     except Exception as exc:  # a compile error is this check's finding: report it, go on
         result["error"] = f"{type(exc).__name__}: {exc}"[:3000]
