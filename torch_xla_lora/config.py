@@ -27,10 +27,14 @@ class LoRAConfig:
       dtype: dtype of the adapter buffers; None means the model's.
       backend: op backend on XLA devices: "auto", "pallas" or "xla".
       base_fusion: run each linear layer's base matmul and its LoRA as one op
-        (``ops.linear_lora``: x read once, the output written once). "auto": on
-        for TPU devices, off elsewhere (see docs/performance.md for why); True
-        or False force it. Layers on a mesh, and layers whose base weight
-        dtype differs from the adapters', always use the separate path.
+        (``ops.linear_lora``: x read once, the output written once). "auto": off
+        the TPU the separate path; on a TPU (with ``backend="auto"``) each layer
+        and token count takes the cheapest of the fused op, the separate Pallas
+        op and the XLA-native op by the TPU cost model, given the layer's place
+        in the model (``torch_xla_lora.formulation``; printed by ``warmup``; see
+        docs/performance.md). True or False force it. Layers whose base weight
+        dtype differs from the adapters', and fully sharded column layers on a
+        mesh, always use the separate path.
     """
 
     max_loras: int = 4
