@@ -22,7 +22,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TOLERANCES, tiny_llama
+from conftest import tiny_llama, tolerance
 from peft import LoraConfig, get_peft_model
 
 import torch_xla_lora as tl
@@ -117,8 +117,8 @@ def _check_rows(logits: torch.Tensor, batch: list[str | None], reference: dict, 
     """
     for row, name in enumerate(batch):
         candidates = [x_version] if name == "x" and x_version else ["x", "x_v2"] if name == "x" else [name]
-        tol = TOLERANCES[torch.float32]
-        matches = [c for c in candidates if torch.allclose(logits[row], reference[c][row], **tol)]
+        expected = {c: reference[c][row] for c in candidates}
+        matches = [c for c, e in expected.items() if torch.allclose(logits[row], e, **tolerance(e))]
         assert matches, f"row {row} of batch {batch} is not adapter {name!r}'s output (candidates {candidates})"
         if name == "x":
             x_version = matches[0]
