@@ -296,17 +296,21 @@ def test_host_cache_keeps_resident_adapters(bank):
     assert_close(served.run(["d", None]), bank.expected(["d", None]))
 
 
-def test_loading_into_a_host_cache_full_of_resident_adapters_keeps_or_rejects_the_new_one(bank):
-    served = serve(bank, load=("a", "b"), max_loras=2, max_cpu_adapters=2)
+def test_a_load_into_a_cache_of_resident_adapters_keeps_it_one_over_the_limit(bank):
+    """docs/layers.md: the adapter just loaded is never dropped, so when every other cached adapter is resident the
+    cache holds one more than ``max_cpu_adapters`` until the next load can trim it. Fails for a load that is refused,
+    one that drops a resident adapter (or itself) to make room, and a cache that the next load does not trim."""
+    limit = 2
+    served = serve(bank, load=("a", "b"), max_loras=2, max_cpu_adapters=limit)
     served.lora.set_batch(["a", "b"])  # every cached adapter is resident: none can be dropped
-    before = served.lora.adapters()
-    try:
-        served.load("c")
-    except tl.LoRAError:
-        assert served.lora.adapters() == before  # rejected: nothing changed
-    else:  # accepted: then it must be loaded and usable
-        assert "c" in served.lora.adapters()
-        assert_close(served.run(["c"]), bank.expected(["c"]))
+    served.load("c")
+    assert set(served.lora.adapters()) == {"a", "b", "c"}  # limit + 1
+    assert_close(served.run(["c"]), bank.expected(["c"]))  # c takes a slot: a or b is evicted from the device
+    (evicted,) = {"a", "b"} - served.resident()
+    served.load("d")  # the next load drops the evicted one; the other two and d stay: limit + 1 again
+    assert set(served.lora.adapters()) == {"a", "b", "c", "d"} - {evicted}
+    assert len(served.lora.adapters()) == limit + 1
+    assert_close(served.run(["d", "c"]), bank.expected(["d", "c"]))
 
 
 # --- errors are all-or-nothing -------------------------------------------------------------------------------
