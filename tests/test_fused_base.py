@@ -172,14 +172,49 @@ def test_lowers_to_mosaic(num_tokens, hidden, out_dim, num_slots, layout, bias, 
     assert "tpu_custom_call" in module
 
 
+def _aligned_tiles(dim: int, largest: int) -> list[int]:
+    """Every tile the kernel may take over ``dim`` on TPU: a multiple of 128 dividing it, at most ``largest``."""
+    return [tile for tile in range(128, min(dim, largest) + 1, 128) if dim % tile == 0]
+
+
 @pytest.mark.parametrize("generation", ["v4", "v5e", "v5p", "v6e"])
-def test_plan_fits_vmem_budget_and_divides(generation):
-    for num_tokens, hidden, out_dim in [(8, 4096, 4096), (1024, 4096, 14336), (4096, 14336, 4096), (300, 4096, 1024)]:
-        sizes, _ = fused_base.plan(num_tokens, hidden, out_dim, 16, 128, jnp.bfloat16, generation)
-        sizes.check(hidden, out_dim)
-        budget = fused_base.tuning.BASE_VMEM_BUDGET_BYTES[generation]
-        assert fused_base.vmem_bytes(sizes, 16, 128, 16, jnp.bfloat16) <= budget
-    assert fused_base.plan(8, 1000, 4096, 16, 8, jnp.bfloat16, generation) is None  # unaligned K: caller falls back
+@pytest.mark.parametrize(
+    ("num_tokens", "hidden", "out_dim"), [(8, 4096, 4096), (1024, 4096, 14336), (4096, 14336, 4096), (300, 4096, 1024)]
+)
+def test_plan_is_the_best_fitting_tiling_of_an_exhaustive_search(num_tokens, hidden, out_dim, generation):
+    """The plan against every tiling, searched here with the plan's own lanes.
+
+    The rule (fused_base.plan): among the tilings that fit the VMEM budget (token blocks from the table's down to 8,
+    tiles that divide the dims), the least modelled time, then the fewest grid steps. Fails for tiles that do not
+    divide the dims, a budget check made with other lanes than the kernel's, and a search that misses a tiling
+    (a divisor or a token block skipped) or ranks them wrongly.
+    """
+    rank, num_slots, dtype = 16, 128, jnp.bfloat16
+    sizes, lanes = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
+    sizes.check(hidden, out_dim)
+    budget, largest = fused_base.tuning.BASE_VMEM_BUDGET_BYTES[generation], fused_base.tuning.BASE_MAX_TILE[generation]
+    blocks = [fused_base.token_block(num_tokens, generation)]
+    while blocks[-1] > 8:
+        blocks.append(blocks[-1] // 2)
+    tilings = [
+        BlockSizes(tokens, tk, tn)
+        for tokens in blocks
+        for tk in _aligned_tiles(hidden, largest)
+        for tn in _aligned_tiles(out_dim, largest)
+    ]
+    fitting = [t for t in tilings if fused_base.vmem_bytes(t, rank, num_slots, lanes, dtype) <= budget]
+
+    def key(t: BlockSizes) -> tuple[float, int]:
+        steps = t.padded_tokens(num_tokens) // t.tokens * (hidden // t.hidden) * (out_dim // t.out)
+        return fused_base.modelled_seconds(num_tokens, hidden, out_dim, rank, t, lanes, dtype, generation), steps
+
+    assert sizes in fitting
+    assert key(sizes) == min(key(t) for t in fitting)
+
+
+def test_plan_refuses_widths_not_lane_aligned_on_tpu():
+    for generation in ("v4", "v5e", "v5p", "v6e"):
+        assert fused_base.plan(8, 1000, 4096, 16, 8, jnp.bfloat16, generation) is None  # the caller falls back
 
 
 # --- layers ---------------------------------------------------------------------------------------------------
@@ -202,11 +237,23 @@ def test_gpt2_conv1d_fused_qkv_with_base_fusion_matches_peft(gpt2_case, xla_devi
     assert_close(logits(model, gpt2_case.inputs), peft_logits(gpt2_case, mix))
 
 
-def test_base_fusion_auto_is_off_on_cpu_device(llama_case, xla_device):  # noqa: F811
-    model, _ = patch(llama_case, xla_device, **LLAMA_LORA)
+def test_base_fusion_auto_is_on_exactly_on_tpu(llama_case, xla_device):  # noqa: F811
+    """base_fusion="auto" (the default) runs linear_lora on a TPU and the separate op elsewhere.
+
+    The device kind comes from the PJRT runtime, not from the library's generation lookup; a spy on the layer
+    records which path its forward took. Fails on either device if "auto" resolves the other way.
+    """
+    import torch_xla.runtime as xr
+
+    model, lora = patch(llama_case, xla_device, **LLAMA_LORA)
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.base_fusion == "auto"
-    assert not layer._fuses_base(torch.zeros(2, layer.in_features, device=xla_device))
+    fused_calls, forward_base_fused = [], layer._forward_base_fused
+    layer._forward_base_fused = lambda x, slots: fused_calls.append(x.shape) or forward_base_fused(x, slots)
+    lora.set_token_adapters(["a0", None])
+    with torch.no_grad():
+        layer(torch.zeros(2, layer.in_features, device=xla_device))  # traced only: nothing is compiled
+    assert bool(fused_calls) == (xr.device_type() == "TPU")
 
 
 def test_rejects_unknown_base_fusion():

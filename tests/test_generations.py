@@ -1,5 +1,6 @@
 """TPU generations: device kinds, the tuning table per generation, VMEM limits in plans, cost estimates."""
 
+import dataclasses
 import json
 import re
 
@@ -50,11 +51,31 @@ def test_unknown_generation_uses_the_smallest_vmem():
 
 
 @pytest.mark.parametrize("generation", tuning.TPU_GENERATIONS)
-def test_fused_plan_fits_the_generation_limit(generation):
-    # Llama-3-70B's down projection, prefill, float32: the largest fused call of the grid.
-    sizes, lanes, run_fused = fused.plan_call(2048, 28672, 8192, 64, 16, jnp.float32, generation)
-    if run_fused:
-        assert fused.vmem_bytes(sizes, 64, 16, lanes, jnp.float32) <= block_sizes.vmem_limit(generation)
+def test_largest_fused_call_is_fused_and_shrunk_only_while_it_did_not_fit(generation):
+    """Llama-3-70B's down projection, prefill, float32, rank 64: the largest fused call of the grid.
+
+    The kernel fits every generation once shrunk (down to 8 tokens, a 128-wide output tile and one lane on v4),
+    so plan_call must run it fused: a planner that falls back (or swallows a planning error) fails here. The plan
+    starts from the tuning table's token block and output tile and the laning of the rank, and halves tokens,
+    then the output tile, then lanes, while the kernel exceeds the limit: the step before the plan must not fit,
+    which fails for a planner that shrinks more than it needs to.
+    """
+    num_tokens, hidden, out_dim, rank, num_slots, dtype = 2048, 28672, 8192, 64, 16, jnp.float32
+    sizes, lanes, run_fused = fused.plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
+    assert run_fused
+    table = block_sizes.choose(num_tokens, hidden, out_dim, generation)
+    full_lanes = fused.lanes_for(rank, num_slots, dtype, generation)
+    assert sizes.hidden == hidden  # the kernel DMAs whole adapter rows
+    assert sizes.tokens <= table.tokens and sizes.out <= table.out and lanes <= full_lanes
+    if lanes < full_lanes:
+        previous, previous_lanes = sizes, lanes * 2
+    elif sizes.out < table.out:
+        previous, previous_lanes = dataclasses.replace(sizes, out=sizes.out * 2), lanes
+    elif sizes.tokens < table.tokens:
+        previous, previous_lanes = dataclasses.replace(sizes, tokens=sizes.tokens * 2), lanes
+    else:
+        pytest.fail(f"the table's own plan {table} should not fit at this size on {generation}")
+    assert fused.vmem_bytes(previous, rank, num_slots, previous_lanes, dtype) > block_sizes.vmem_limit(generation)
 
 
 def test_v4_plan_is_smaller_than_v6e_plan():
