@@ -84,14 +84,38 @@ def test_bfloat16(backend, xla_device):
 
 
 def test_single_slot_uniform_block_skips_mask_correctly(xla_device):
-    """L=1 packs one lane; a block whose tokens all use it takes the no-mask path."""
+    """L=1 packs one lane; a block whose tokens all use it takes the no-mask path.
+
+    Through the op, the result equals float64 math. On the kernel itself (interpret mode): the metadata
+    marks exactly the uniform block, and the kernel obeys the mark (a mixed block marked uniform would
+    add the adapter to its base rows): so the no-mask path is live and taken where it should be. A
+    kernel that ignored the mark, or metadata that never set it, fails the second part.
+    """
     g = torch.Generator().manual_seed(3)
     idx = torch.zeros(64, dtype=torch.int32)
-    idx[40:] = -1  # later blocks mix adapter and base tokens: masked path
+    idx[40:] = -1  # the second 32-token block mixes adapter and base tokens: masked path
     x, a = torch.randn(64, 128, generator=g), torch.randn(1, 8, 128, generator=g) / 11
     b, base = torch.randn(1, 8, 128, generator=g) / 3, torch.randn(64, 128, generator=g)
+    expected = _expected(x, a, b, base, idx)
     out = tl.bgmv_shrink_expand(*(t.to(xla_device) for t in (x, a, b, base, idx)), 1.0, "pallas")
-    assert_close(out, _expected(x, a, b, base, idx))
+    assert_close(out, expected)
+
+    sizes, lanes = fused.plan(64, 128, 128, 8, 1, jnp.float32, "cpu")
+    assert (sizes.tokens, lanes) == (32, 1)
+    meta = visits.build_lanes(jnp.asarray(idx.numpy()), 1, sizes.tokens, lanes)
+    np.testing.assert_array_equal(np.asarray(meta.uniform), [1, 0])
+    args = [jnp.asarray(t.numpy()) for t in (x, a, b, base)]
+
+    def kernel(meta):
+        return torch.from_numpy(
+            np.array(fused.shrink_expand(*args, meta, scaling=1.0, block_sizes=sizes, lanes=lanes, interpret=True))
+        )
+
+    assert_close(kernel(meta), expected)
+    both_marked = kernel(meta._replace(uniform=jnp.ones_like(meta.uniform)))
+    assert_close(both_marked[:40], expected[:40])
+    lora_rows = _lora64(x, a, b, torch.zeros(64, dtype=torch.int32), 1.0)[40:].float()
+    assert_close(both_marked[40:], base[40:] + lora_rows)  # base rows now carry the adapter: the mark is obeyed
 
 
 def test_cpu_tensors_match_float64_math():
