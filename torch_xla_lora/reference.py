@@ -2,12 +2,21 @@
 
 Each function loops over the adapter slots present in the batch, so it is
 exact and readable but has data-dependent shapes: use it eagerly, never inside
-an XLA graph. Accumulation is float32; outputs have the op's output dtype.
+an XLA graph. Accumulation is float32 (float64 for float64 tensors, so that
+``torch.autograd.gradcheck`` can run on them); outputs have the op's output dtype.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def _acc(*tensors: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype of ``tensors``: float32, or float64 if any of them is float64."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
 
 
 def _slot_rows(lora_indices: torch.Tensor, num_slots: int):
@@ -24,9 +33,10 @@ def bgmv_shrink(
     scaling: float = 1.0,
 ) -> torch.Tensor:  # [T, R], inputs.dtype
     """``out[t] = scaling * lora_a[i_t] @ inputs[t]``, zero where ``i_t`` is not in [0, L)."""
-    out = inputs.new_zeros((inputs.shape[0], lora_a.shape[1]), dtype=torch.float32)
+    acc = _acc(inputs, lora_a)
+    out = inputs.new_zeros((inputs.shape[0], lora_a.shape[1]), dtype=acc)
     for slot, rows in _slot_rows(lora_indices, lora_a.shape[0]):
-        out[rows] = inputs[rows].float() @ lora_a[slot].float().T
+        out[rows] = inputs[rows].to(acc) @ lora_a[slot].to(acc).T
     return (out * scaling).to(inputs.dtype)
 
 
@@ -38,9 +48,10 @@ def bgmv_expand(
     add_inputs: bool = True,
 ) -> torch.Tensor:  # [T, Dout], base.dtype
     """``out[t] = (base[t] if add_inputs else 0) + inputs[t] @ lora_b[i_t]``."""
-    out = base.to(torch.float32, copy=True) if add_inputs else torch.zeros_like(base, dtype=torch.float32)
+    acc = _acc(inputs, lora_b, base)
+    out = base.to(acc, copy=True) if add_inputs else torch.zeros_like(base, dtype=acc)
     for slot, rows in _slot_rows(lora_indices, lora_b.shape[0]):
-        out[rows] += inputs[rows].float() @ lora_b[slot].float()
+        out[rows] += inputs[rows].to(acc) @ lora_b[slot].to(acc)
     return out.to(base.dtype)
 
 
@@ -54,10 +65,11 @@ def bgmv_expand_slice(
 ) -> torch.Tensor:  # [T, Dout], base.dtype
     """As :func:`bgmv_expand` into columns ``[slice_offset, slice_offset + S)``; other columns
     equal ``base`` (or 0 when ``add_inputs`` is False)."""
-    out = base.to(torch.float32, copy=True) if add_inputs else torch.zeros_like(base, dtype=torch.float32)
+    acc = _acc(inputs, lora_b, base)
+    out = base.to(acc, copy=True) if add_inputs else torch.zeros_like(base, dtype=acc)
     columns = slice(slice_offset, slice_offset + lora_b.shape[2])
     for slot, rows in _slot_rows(lora_indices, lora_b.shape[0]):
-        out[rows, columns] += inputs[rows].float() @ lora_b[slot].float()
+        out[rows, columns] += inputs[rows].to(acc) @ lora_b[slot].to(acc)
     return out.to(base.dtype)
 
 
@@ -74,10 +86,11 @@ def bgmv_shrink_expand(
     The rank-sized intermediate is rounded to lora_b's dtype before the expand,
     as separate shrink and expand ops (and PEFT) do.
     """
-    out = base.to(torch.float32, copy=True)
+    acc = _acc(inputs, lora_a, lora_b, base)
+    out = base.to(acc, copy=True)
     for slot, rows in _slot_rows(lora_indices, lora_a.shape[0]):
-        shrunk = (scaling * (inputs[rows].float() @ lora_a[slot].float().T)).to(lora_b.dtype)
-        out[rows] += shrunk.float() @ lora_b[slot].float()
+        shrunk = (scaling * (inputs[rows].to(acc) @ lora_a[slot].to(acc).T)).to(lora_b.dtype)
+        out[rows] += shrunk.to(acc) @ lora_b[slot].to(acc)
     return out.to(base.dtype)
 
 
@@ -96,11 +109,31 @@ def linear_lora(
     Accumulated in float32 and rounded once; the rank intermediate is rounded
     to lora_b's dtype, as in :func:`bgmv_shrink_expand`.
     """
-    w = weight.float() if weight_layout == "in_out" else weight.float().T
-    out = inputs.float() @ w
+    acc = _acc(inputs, weight, lora_a, lora_b)
+    w = weight.to(acc) if weight_layout == "in_out" else weight.to(acc).T
+    out = inputs.to(acc) @ w
     if bias is not None:
-        out = out + bias.float()
+        out = out + bias.to(acc)
     for slot, rows in _slot_rows(lora_indices, lora_a.shape[0]):
-        shrunk = (scaling * (inputs[rows].float() @ lora_a[slot].float().T)).to(lora_b.dtype)
-        out[rows] += shrunk.float() @ lora_b[slot].float()
+        shrunk = (scaling * (inputs[rows].to(acc) @ lora_a[slot].to(acc).T)).to(lora_b.dtype)
+        out[rows] += shrunk.to(acc) @ lora_b[slot].to(acc)
     return out.to(inputs.dtype)
+
+
+def bgmv_weight_grad(
+    left: torch.Tensor,  # [T, P]
+    right: torch.Tensor,  # [T, Q]
+    lora_indices: torch.Tensor,  # [T]
+    num_slots: int,
+    scaling: float = 1.0,
+) -> torch.Tensor:  # [L, P, Q], right.dtype
+    """``out[l] = scaling * sum over the tokens t with i_t == l of outer(left[t], right[t])``.
+
+    The gradient of a slot weight: a slot no token uses is exactly zero, and a
+    token whose index is outside [0, num_slots) contributes nothing.
+    """
+    acc = _acc(left, right)
+    out = torch.zeros((num_slots, left.shape[1], right.shape[1]), dtype=acc, device=right.device)
+    for slot, rows in _slot_rows(lora_indices, num_slots):
+        out[slot] = left[rows].to(acc).T @ right[rows].to(acc)
+    return (out * scaling).to(right.dtype)

@@ -1,6 +1,7 @@
 """The BGMV ops: ``torch.ops.xla_lora.bgmv_shrink``, ``bgmv_expand``, ``bgmv_expand_slice``
 the fused ``bgmv_shrink_expand``, and ``linear_lora`` (the base layer's matmul
-and the LoRA in one op).
+and the LoRA in one op), plus ``bgmv_weight_grad``, the slot weights' gradient
+their backward uses.
 
 Each op is a functional ``torch.library.custom_op`` (no argument is mutated)
 with a fake implementation, so ``torch.compile(backend="openxla")`` sees one
@@ -13,7 +14,8 @@ opaque node and never traces into JAX. Dispatch by device:
 - other tensors: the plain-torch reference in :mod:`torch_xla_lora.reference`.
 
 Contracts, with a ``Semantics:`` block each, are in the functions below and in
-``docs/ops.md``.
+``docs/ops.md``. Every op is differentiable: the backward formulas, themselves
+made of these custom ops, are registered in :mod:`torch_xla_lora.ops._autograd`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "bgmv_expand_slice",
     "bgmv_shrink_expand",
     "linear_lora",
+    "bgmv_weight_grad",
     "batch_metadata",
     "device_generation",
 ]
@@ -395,6 +398,61 @@ def _(
     return inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
 
 
+@torch.library.custom_op("xla_lora::bgmv_weight_grad", mutates_args=())
+def bgmv_weight_grad(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    lora_indices: torch.Tensor,
+    num_slots: int,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """Gradient of stacked slot weights: each slot's sum of its tokens' outer products.
+
+    The weight gradient of every op's ``lora_a`` (``left`` = the rank-sized
+    gradient, ``right`` = the inputs) and ``lora_b`` (``left`` = the rank-sized
+    intermediate, ``right`` = the output gradient).
+
+    Args:
+      left: [T, P] floating.
+      right: [T, Q] floating, on left's device.
+      lora_indices: [T] int32 (int64 also off XLA): slot of each token; a value
+        outside [0, num_slots), e.g. -1, contributes nothing.
+      num_slots: L, the number of slots of the result.
+      scaling: multiplies the result.
+
+    Returns:
+      [L, P, Q] in right's dtype, accumulated in float32 (float64 for float64
+      tensors off XLA). On XLA tensors the XLA-native segmented outer product
+      (``ops/_xla_native.py``) runs with every backend, TPU included: there is
+      no Pallas kernel for it yet.
+
+    Semantics:
+      out = zeros(L, P, Q)
+      for t in range(T):
+          i = lora_indices[t]
+          if 0 <= i < L:
+              out[i] += scaling * outer(left[t], right[t])
+
+    A slot no token uses is exactly zero, whatever the values of the tokens
+    that use no slot.
+
+    Raises:
+      ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument.
+    """
+    _validate.weight_grad(left, right, lora_indices, num_slots)
+    if left.device.type != "xla":
+        return reference.bgmv_weight_grad(left, right, lora_indices, num_slots, scaling)
+    if _validate.degenerate(num_slots, left.shape[0], left.shape[1], right.shape[1]):
+        return right.new_zeros((num_slots, left.shape[1], right.shape[1]))
+    return _call_jax(_jax_module().weight_grad_fn(int(num_slots), float(scaling)), left, right, lora_indices)
+
+
+@bgmv_weight_grad.register_fake
+def _(left, right, lora_indices, num_slots, scaling=1.0):
+    _validate.weight_grad(left, right, lora_indices, num_slots)
+    return right.new_empty((num_slots, left.shape[1], right.shape[1]))
+
+
 def batch_metadata(
     slots: torch.Tensor, layer_shapes, rank: int, num_slots: int, dtype: torch.dtype, linear_shapes=()
 ) -> dict[tuple, torch.Tensor]:
@@ -428,3 +486,7 @@ def batch_metadata(
                 arrays[(hidden, out, "linear", bias)] = array
     shared: dict[int, torch.Tensor] = {}  # one tensor per distinct plan, shared by its layers
     return {shape: shared.setdefault(id(array), torch.from_numpy(array)) for shape, array in arrays.items()}
+
+
+# Registers every op's backward (imported last: it refers to the ops above).
+from torch_xla_lora.ops import _autograd  # noqa: E402, F401

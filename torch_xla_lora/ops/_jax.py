@@ -165,6 +165,32 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
+def weight_grad_fn(num_slots: int, scaling: float) -> Callable:
+    """``fn(left[T, P], right[T, Q], indices[T]) -> [L, P, Q]`` in right's dtype, for one configuration.
+
+    The XLA-native segmented outer product (``_xla_native.weight_grad``) whatever
+    the backend: there is no Pallas kernel for it yet.
+    """
+
+    def fn(left, right, indices):
+        num_tokens = indices.shape[0]
+        block_tokens = _xla_native.weight_grad_block_tokens(num_tokens)
+        padded = -(-num_tokens // block_tokens) * block_tokens
+        idx = _padded_indices(indices, num_slots, padded)
+        out = _xla_native.weight_grad(
+            _pad_rows(left, padded),
+            _pad_rows(right, padded),
+            idx,
+            num_slots,
+            scaling=scaling,
+            block_tokens=block_tokens,
+        )
+        return out.astype(right.dtype)
+
+    return fn
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def metadata_size(
     num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype: str, generation: str
 ) -> int:

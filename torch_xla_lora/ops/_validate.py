@@ -179,3 +179,17 @@ def linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layou
         _dim("bias", bias, 0, out_dim, "N of weight")
         _same_dtype("bias", bias, "inputs", inputs)
         _device("bias", bias, inputs)
+
+
+def weight_grad(left: torch.Tensor, right: torch.Tensor, lora_indices: torch.Tensor, num_slots: int) -> None:
+    """Checks of ``bgmv_weight_grad``: left [T, P], right [T, Q], both floating on one device, num_slots >= 0."""
+    _rank("left", left, 2, "[T, P]")
+    _rank("right", right, 2, "[T, Q]")
+    _floating("left", left)
+    _floating("right", right)
+    _dim("right", right, 0, left.shape[0], "T of left")
+    if right.device != left.device:
+        raise ShapeError(f"right must be on the device of left ({left.device}), got {right.device}")
+    indices(lora_indices, left.shape[0], left.device)
+    if num_slots < 0:
+        raise ShapeError(f"num_slots must be >= 0, got {num_slots}")

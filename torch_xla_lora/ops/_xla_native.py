@@ -397,3 +397,75 @@ def shrink_expand(
         return _laned_shrink_expand(x, start, weights, lanes, scaling=scaling)
 
     return _grouped(x, base, lora_b.shape, indices, visits, block_tokens, direct, laned, order).astype(base.dtype)
+
+
+# -- the slot weights' gradient (training) -------------------------------------------------------------
+
+# Token blocks of the weight gradient: at most this many per batch (so the per-block partial
+# sums stay within this many [P, Q] tiles), each of 8 to 256 tokens.
+WEIGHT_GRAD_BLOCKS = 32
+
+
+def weight_grad_block_tokens(num_tokens: int) -> int:
+    """Token block of :func:`weight_grad` for a batch of ``num_tokens``: a power of two in [8, 256]
+    with at most ``WEIGHT_GRAD_BLOCKS`` blocks up to 8192 tokens."""
+    wanted = -(-num_tokens // WEIGHT_GRAD_BLOCKS)
+    return min(256, max(8, 1 << max(wanted - 1, 0).bit_length()))
+
+
+def weight_grad(
+    left: jax.Array,  # [T_pad, P]
+    right: jax.Array,  # [T_pad, Q]
+    indices: jax.Array,  # [T_pad] int32, -1 = no adapter (T_pad a multiple of block_tokens)
+    num_slots: int,
+    *,
+    scaling: float,
+    block_tokens: int,
+) -> jax.Array:  # [L, P, Q] f32
+    """Segmented outer product: ``out[l] = scaling * sum_{t: i_t = l} outer(left[t], right[t])``, in f32.
+
+    The rows are sorted by slot (a stable sort, tokens without adapter last), so
+    almost every token block holds one slot's rows: one batched
+    [P, block] x [block, Q] product per block's first slot (its partial sum
+    added into that slot), then a ``fori_loop`` over the other runs that start
+    inside a block (at most one per distinct slot), each a block-sized product
+    added into its slot. Rows of other slots are *selected* out of both
+    operands, so an Inf or NaN in a row without adapter cannot reach any slot;
+    a slot no token uses is never written and stays exactly zero.
+
+    Cost: the sort and two row gathers, O(T * P * Q) multiply-adds plus one
+    block of them per distinct slot beyond the first of its block, whatever L;
+    memory: the f32 output, the [T / block, P, Q] partial sums and the sorted
+    copies of ``left`` and ``right``.
+    """
+    num_tokens = indices.shape[0]
+    num_blocks = num_tokens // block_tokens
+    perm = sort_order(indices)
+    idx, lhs, rhs = indices[perm], left[perm], right[perm]
+    plan = _sorted_plan(idx, block_tokens)
+
+    def outer_sum(mask, lhs, rhs):
+        # [..., tokens, P] x [..., tokens, Q] -> [..., P, Q] over the masked tokens.
+        return jnp.einsum(
+            "...tp,...tq->...pq",
+            _select(mask, lhs, 0),
+            _select(mask, rhs, 0),
+            preferred_element_type=jnp.float32,
+        )
+
+    partial = outer_sum(
+        _primary_mask(idx, plan, block_tokens),
+        lhs.reshape(num_blocks, block_tokens, -1),
+        rhs.reshape(num_blocks, block_tokens, -1),
+    )
+    target = jnp.where(plan.primary >= 0, plan.primary, num_slots)  # no slot: dropped (not -1, which would wrap)
+    out = jnp.zeros((num_slots, *partial.shape[1:]), jnp.float32).at[target].add(partial, mode="drop")
+
+    def body(v, out):
+        block, slot = plan.extra_block[v], plan.extra_slot[v]
+        mask = _mask(_rows(idx, block, block_tokens), slot)
+        tile = outer_sum(mask, _rows(lhs, block, block_tokens), _rows(rhs, block, block_tokens))
+        current = lax.dynamic_slice_in_dim(out, slot, 1)
+        return lax.dynamic_update_slice_in_dim(out, current + tile[None], slot, 0)
+
+    return lax.fori_loop(0, plan.num_extra, body, out) * scaling

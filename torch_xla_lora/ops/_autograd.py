@@ -1,0 +1,191 @@
+"""The ops' backward formulas, registered with ``torch.library.register_autograd``.
+
+Every backward is made of the library's own custom ops (plus a few plain
+torch ops: slicing, a cast, the base layer's dense products), so under
+``torch.compile(backend="openxla")`` the backward graph holds opaque nodes as
+the forward does, and nothing traces into JAX. With ``i_t`` the slot of token
+t and ``g`` the output gradient:
+
+- inputs: the existing shrink and expand with the roles of A and B swapped:
+  ``g[t] @ B[i_t]^T`` is ``bgmv_shrink(g, B)`` (B is stored rank-first,
+  [L, R, Dout], which is shrink's layout of A) and ``s[t] @ A[i_t]`` is
+  ``bgmv_expand(s, A)``. They run on the op's ``backend``.
+- slot weights: ``bgmv_weight_grad``, each slot's sum of outer products of its
+  tokens' rows (XLA-native on XLA tensors, whatever the backend).
+- base output (``base``) and, for ``linear_lora``, the base weight and bias as
+  torch's own linear backward computes them.
+
+Tokens whose index is outside [0, L) get their input gradient from the base
+path only, and add nothing to any slot; a slot no token uses gets exact zeros.
+The rounding of the rank intermediate to lora_b's dtype (shrink_expand,
+linear_lora) is treated as the identity (straight-through), as autograd does
+for a dtype cast; the intermediate is recomputed by a shrink when ``lora_b``
+needs its gradient (the forward ops do not return it). The host ``metadata``
+of the fused ops is not used by the backward: its shrinks and expands group the
+tokens on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_ops = torch.ops.xla_lora
+
+
+def _scaled(tensor: torch.Tensor, scaling: float) -> torch.Tensor:
+    return tensor if scaling == 1.0 else tensor * scaling
+
+
+def _no_grads(count: int) -> tuple[None, ...]:
+    return (None,) * count
+
+
+# -- bgmv_shrink(inputs, lora_a, lora_indices, scaling, backend) -------------------------------------
+
+
+def _shrink_setup(ctx, inputs, output) -> None:
+    x, lora_a, indices, scaling, backend = inputs
+    ctx.save_for_backward(x, lora_a, indices)
+    ctx.scaling, ctx.backend = scaling, backend
+
+
+def _shrink_backward(ctx, grad: torch.Tensor):
+    x, lora_a, indices = ctx.saved_tensors
+    dx = d_a = None
+    if ctx.needs_input_grad[0]:  # dx[t] = scaling * g[t] @ A[i_t]
+        dx = _ops.bgmv_expand(_scaled(grad, ctx.scaling), lora_a, torch.zeros_like(x), indices, False, ctx.backend)
+    if ctx.needs_input_grad[1]:  # dA[l] = scaling * sum_{i_t = l} outer(g[t], x[t])
+        d_a = _ops.bgmv_weight_grad(grad, x, indices, lora_a.shape[0], ctx.scaling)
+    return dx, d_a, *_no_grads(3)
+
+
+# -- bgmv_expand(inputs, lora_b, base, lora_indices, add_inputs, backend) ----------------------------
+# -- bgmv_expand_slice(inputs, lora_b, base, lora_indices, slice_offset, add_inputs, backend) --------
+
+
+def _expand_grads(ctx, grad: torch.Tensor, columns: torch.Tensor):
+    """(d inputs, d lora_b) of an expand whose LoRA product landed in ``columns`` of the output."""
+    s, lora_b, indices = ctx.saved_tensors
+    ds = d_b = None
+    if ctx.needs_input_grad[0]:  # ds[t] = g[t] @ B[i_t]^T: a shrink by B
+        ds = _ops.bgmv_shrink(columns, lora_b, indices, 1.0, ctx.backend).to(s.dtype)
+    if ctx.needs_input_grad[1]:  # dB[l] = sum_{i_t = l} outer(s[t], g[t])
+        d_b = _ops.bgmv_weight_grad(s, columns, indices, lora_b.shape[0], 1.0)
+    d_base = grad if ctx.add_inputs and ctx.needs_input_grad[2] else None
+    return ds, d_b, d_base
+
+
+def _expand_setup(ctx, inputs, output) -> None:
+    s, lora_b, _, indices, add_inputs, backend = inputs
+    ctx.save_for_backward(s, lora_b, indices)
+    ctx.add_inputs, ctx.backend = add_inputs, backend
+
+
+def _expand_backward(ctx, grad: torch.Tensor):
+    return *_expand_grads(ctx, grad, grad), *_no_grads(3)
+
+
+def _expand_slice_setup(ctx, inputs, output) -> None:
+    s, lora_b, _, indices, slice_offset, add_inputs, backend = inputs
+    ctx.save_for_backward(s, lora_b, indices)
+    ctx.slice_offset, ctx.add_inputs, ctx.backend = slice_offset, add_inputs, backend
+
+
+def _expand_slice_backward(ctx, grad: torch.Tensor):
+    width = ctx.saved_tensors[1].shape[2]
+    columns = grad[:, ctx.slice_offset : ctx.slice_offset + width]
+    return *_expand_grads(ctx, grad, columns), *_no_grads(4)
+
+
+# -- the LoRA part of bgmv_shrink_expand and linear_lora ---------------------------------------------
+
+
+def _lora_grads(ctx, grad, x, lora_a, lora_b, indices, dx_base, need_x: bool, need_a: bool, need_b: bool):
+    """(dx, dA, dB) of ``base + (scaling * A[i_t] x[t]) @ B[i_t]``; dx adds into ``dx_base`` (None: zeros)."""
+    dx = d_a = d_b = None
+    if need_x or need_a:
+        ds = _ops.bgmv_shrink(grad.to(lora_b.dtype), lora_b, indices, 1.0, ctx.backend)  # g[t] @ B[i_t]^T
+        if need_x:  # dx[t] = scaling * ds[t] @ A[i_t]
+            start = torch.zeros_like(x) if dx_base is None else dx_base
+            dx = _ops.bgmv_expand(_scaled(ds, ctx.scaling), lora_a, start, indices, dx_base is not None, ctx.backend)
+        if need_a:  # dA[l] = scaling * sum_{i_t = l} outer(ds[t], x[t])
+            d_a = _ops.bgmv_weight_grad(ds, x, indices, lora_a.shape[0], ctx.scaling)
+    elif need_x:
+        dx = dx_base
+    if need_b:  # dB[l] = sum_{i_t = l} outer(s[t], g[t]), s recomputed as the forward rounded it
+        s = _ops.bgmv_shrink(x, lora_a, indices, ctx.scaling, ctx.backend).to(lora_b.dtype)
+        d_b = _ops.bgmv_weight_grad(s, grad.to(lora_b.dtype), indices, lora_b.shape[0], 1.0)
+    return dx, d_a, d_b
+
+
+# -- bgmv_shrink_expand(inputs, lora_a, lora_b, base, lora_indices, scaling, backend, metadata) -------
+
+
+def _shrink_expand_setup(ctx, inputs, output) -> None:
+    x, lora_a, lora_b, _, indices, scaling, backend, _ = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, indices)
+    ctx.scaling, ctx.backend = scaling, backend
+
+
+def _shrink_expand_backward(ctx, grad: torch.Tensor):
+    x, lora_a, lora_b, indices = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, d_a, d_b = _lora_grads(ctx, grad, x, lora_a, lora_b, indices, None, need[0], need[1], need[2])
+    return dx, d_a, d_b, grad if need[3] else None, *_no_grads(4)
+
+
+# -- linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout, backend,
+#                metadata, own_metadata) -------------------------------------------------------------
+
+
+def _linear_setup(ctx, inputs, output) -> None:
+    x, weight, bias, lora_a, lora_b, indices, scaling, layout, backend, _, _ = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, indices)
+    ctx.scaling, ctx.layout, ctx.backend = scaling, layout, backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_backward(ctx, grad: torch.Tensor):
+    x, weight, lora_a, lora_b, indices = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    out_in = ctx.layout == "out_in"  # weight [N, K]; else [K, N]
+    dx_base = d_weight = d_bias = None
+    if need[0]:
+        dx_base = grad @ weight if out_in else grad @ weight.T
+    if need[1]:
+        d_weight = grad.T @ x if out_in else x.T @ grad
+    if need[2] and ctx.bias_dtype is not None:
+        d_bias = grad.sum(0, dtype=torch.promote_types(grad.dtype, torch.float32)).to(ctx.bias_dtype)
+    dx, d_a, d_b = _lora_grads(ctx, grad, x, lora_a, lora_b, indices, dx_base, need[0], need[3], need[4])
+    return dx, d_weight, d_bias, d_a, d_b, *_no_grads(6)
+
+
+# -- bgmv_weight_grad(left, right, lora_indices, num_slots, scaling): differentiable too -------------
+
+
+def _weight_grad_setup(ctx, inputs, output) -> None:
+    left, right, indices, _, scaling = inputs
+    ctx.save_for_backward(left, right, indices)
+    ctx.scaling = scaling
+
+
+def _weight_grad_backward(ctx, grad: torch.Tensor):
+    left, right, indices = ctx.saved_tensors
+    d_left = d_right = None
+    if ctx.needs_input_grad[0]:  # d left[t] = scaling * G[i_t] @ right[t]: a shrink by G [L, P, Q]
+        d_left = _ops.bgmv_shrink(right, grad, indices, ctx.scaling, "auto").to(left.dtype)
+    if ctx.needs_input_grad[1]:  # d right[t] = scaling * left[t] @ G[i_t]: an expand by G
+        scaled = _scaled(left, ctx.scaling)
+        d_right = _ops.bgmv_expand(scaled, grad, torch.zeros_like(right), indices, False, "auto")
+    return d_left, d_right, *_no_grads(3)
+
+
+for _name, _backward, _setup in (
+    ("bgmv_shrink", _shrink_backward, _shrink_setup),
+    ("bgmv_expand", _expand_backward, _expand_setup),
+    ("bgmv_expand_slice", _expand_slice_backward, _expand_slice_setup),
+    ("bgmv_shrink_expand", _shrink_expand_backward, _shrink_expand_setup),
+    ("linear_lora", _linear_backward, _linear_setup),
+    ("bgmv_weight_grad", _weight_grad_backward, _weight_grad_setup),
+):
+    torch.library.register_autograd(f"xla_lora::{_name}", _backward, setup_context=_setup)
