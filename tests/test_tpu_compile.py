@@ -58,6 +58,20 @@ def test_linear_compiles_with_the_metadata_set_batch_gives_it(compiled):
     assert all(r["ok"] for r in linear)
 
 
+def test_compiled_cost_is_the_kernel_s_estimate(compiled):
+    """libtpu's ``cost_analysis()`` of the compiled op counts the fused base kernel by the
+    ``pl.CostEstimate`` it declares (the estimate is checked against the TPU cost model's walk of the
+    kernel's grid in tests/test_tpu_model.py): flops within 0.1% (the rest is the on-device
+    grouping), bytes at least the estimate's. An estimate XLA ignored, or one that drifted from the
+    kernel's grid, breaks the chain from the model to the compiler."""
+    fused = [r for r in compiled.results if r.get("path") == "fused_base"]
+    assert fused
+    for result in fused:
+        estimate, cost = result["estimate"], result["cost"]
+        assert estimate["flops"] <= cost["flops"] <= estimate["flops"] * 1.001, result["name"]
+        assert cost["bytes accessed"] >= estimate["bytes accessed"], result["name"]
+
+
 def test_worker_compiles_with_the_pinned_libtpu(compiled):
     assert compiled.libtpu == _pinned_libtpu()
 
