@@ -8,7 +8,11 @@ from the backend's platform version). libtpu 0.0.21, the release torch_xla
 2.9.0 pins, reads versions up to 7, yet was built on 2025-08-15: on a TPU VM
 with the stock stack jax would write version 8 and every kernel would fail to
 deserialise ("Unsupported version: expected <= 7 but got 8"). libtpu 0.0.23
-reads 8 and still reads 7.
+reads 8 and still reads 7. Both are checked by ``python -m torch_xla_lora.bench
+tpu_compile`` (pinned) and the same with ``--no-ir-pin`` (jax's version 8): with
+the pinned libtpu in the suite (``tests/test_tpu_compile.py``), and with 0.0.23 by
+running the command with that release first on the path
+(``pip install --no-deps --target DIR libtpu==0.0.23``, then ``PYTHONPATH=DIR``).
 
 So the kernels are always written at version 7 (:data:`IR_VERSION`), which
 both releases read: the ops lower their JAX functions inside

@@ -117,12 +117,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", help="only layers of these models (tpu_grid.LAYERS names)")
     parser.add_argument("--limit", type=int, help="at most this many configurations")
     parser.add_argument("--json", help="write every result to this file")
+    parser.add_argument(
+        "--no-ir-pin",
+        action="store_true",
+        help="lower at jax's own Mosaic IR version instead of the ops' pinned one (which libtpu reads it?)",
+    )
     args = parser.parse_args(argv)
 
     configs = _configs(args)
     print(f"compiling {len(configs)} configurations with libtpu (deviceless) ...", flush=True)
     start = time.perf_counter()
-    result = run(configs)
+    result = run(configs, pin_ir_version=not args.no_ir_pin)
     if result.libtpu is None:
         print("error: libtpu is not installed (pip install -e '.[test]' or '.[tpu]')", file=sys.stderr)
         return 2
