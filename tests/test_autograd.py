@@ -12,6 +12,9 @@ from typing import NamedTuple
 
 import pytest
 import torch
+import torch_xla
+import torch_xla.debug.metrics as met
+from conftest import assert_close
 from torch.nn import functional as F
 
 import torch_xla_lora  # noqa: F401  (registers torch.ops.xla_lora)
@@ -22,6 +25,17 @@ SCALING = 0.5
 # Slots 1 and 3 unused; -1 (no adapter), -3 (an experts row of a token without adapter: slot * E + e < 0)
 # and L + 1 (out of range) contribute nothing.
 INDICES = {"mixed": [0, 2, -1, L + 1, 2, -3, 4], "one_token": [2]}
+# On the XLA device also several token blocks (the weight gradient's blocks are 8 tokens here) that
+# mix slots, with runs of one slot across a block boundary; slots 1 and 3 unused again.
+INDICES["blocks"] = [0, 0, 2, 4, -1, 4, 4, 0, 2, 2, 2, L + 1, 4, 0, -1, 2, 2, 0, 0, -3, 4, 4, 4, 2, 0, 0, -1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _xla_device_before_any_backward(xla_device):
+    """torch's autograd engine sizes its per-device queues at the first backward of the process: a backward
+    on CPU tensors before the XLA device exists makes every later backward on XLA tensors fail
+    ("device_ready_queues_ ... INTERNAL ASSERT FAILED"). The device is created first."""
+    return xla_device
 
 
 def _gathered(weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -37,7 +51,7 @@ def _lora(x, a, b, idx, scaling):
 
 
 class Case(NamedTuple):
-    shapes: dict[str, tuple[int, ...]]  # one-element shapes are per token: [T, n]
+    shapes: dict[str, tuple[int, ...]]  # one-element shapes but bias's are per token: [T, n]
     op: Callable
     args: tuple  # the op's arguments: names of ``shapes`` entries, "idx", "backend", or values
     plain: Callable  # (tensors, idx) -> the op's output, in plain torch
@@ -60,9 +74,8 @@ CASES = {
         {"s": (R,), "b": (L, R, SLICE), "base": (DOUT,)},
         OPS.bgmv_expand_slice,
         ("s", "b", "base", "idx", OFFSET, False, "backend"),
-        lambda t, idx: (
-            F.pad(torch.einsum("tr,tro->to", t["s"], _gathered(t["b"], idx)), (OFFSET, DOUT - OFFSET - SLICE))
-            + 0 * t["base"]
+        lambda t, idx: F.pad(
+            torch.einsum("tr,tro->to", t["s"], _gathered(t["b"], idx)), (OFFSET, DOUT - OFFSET - SLICE)
         ),
     ),
     "bgmv_shrink_expand": Case(
@@ -99,7 +112,10 @@ def _one_hot(idx: torch.Tensor) -> torch.Tensor:
     return idx.long()[:, None] == torch.arange(L, device=idx.device)
 
 
-def _call(case: Case, tensors: dict[str, torch.Tensor], idx: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def _call(case: Case, tensors: dict[str, torch.Tensor], idx: torch.Tensor, backend: str | None = "auto"):
+    """The case's op on ``tensors``, or with ``backend`` None its plain formulation."""
+    if backend is None:
+        return case.plain(tensors, idx)
     named = {**tensors, "idx": idx, "backend": backend}
     return case.op(*(named[a] if isinstance(a, str) and a in named else a for a in case.args))
 
@@ -144,3 +160,170 @@ def test_opcheck_cpu(name):
     named |= {"idx": _indices("mixed"), "backend": "auto"}
     args = tuple(named[a] if isinstance(a, str) and a in named else a for a in case.args)
     torch.library.opcheck(case.op, args)
+
+
+def _grads(case: Case, tensors: dict, idx: torch.Tensor, grad_out: torch.Tensor, backend: str | None) -> dict:
+    """The gradients of ``sum(out * grad_out)`` for every tensor of ``tensors`` (zeros where the op gives
+    none); ``backend`` None: of the plain formulation."""
+    leaves = {k: v.detach().requires_grad_() for k, v in tensors.items()}
+    out = _call(case, leaves, idx, backend)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out, allow_unused=True)
+    return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads, strict=True)}
+
+
+def _expected(case: Case, tensors: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(grad_out in the tensors' dtype, the float64 gradients of the plain formulation at that grad_out)."""
+    t64 = {k: v.double() for k, v in tensors.items()}
+    shape = case.plain(t64, idx).shape
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad_out = grad_out.to(next(iter(tensors.values())).dtype)
+    return grad_out, _grads(case, t64, idx, grad_out.double(), None)
+
+
+def _on(tensors: dict, device) -> dict:
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+# XLA:CPU has no float64 path through the ops: JAX's 64-bit mode is off in the process (call_jax then
+# lowers float32 computations for float64 arguments and fails), and TPUs have no float64 matmul. The
+# device's float32 (and bfloat16) gradients are compared with the float64 ones of the plain formulation
+# instead, at a tolerance relative to each gradient's magnitude.
+@pytest.mark.parametrize(
+    ("pattern", "dtype"),
+    [("blocks", torch.float32), ("one_token", torch.float32), ("blocks", torch.bfloat16)],
+    ids=["blocks-f32", "one_token-f32", "blocks-bf16"],
+)
+@pytest.mark.parametrize("name", CASES)
+def test_xla_gradients_match_float64_plain(name, pattern, dtype, xla_device):
+    case, idx = CASES[name], _indices(pattern)
+    tensors = _tensors(name, len(idx), dtype)
+    grad_out, expected = _expected(case, tensors, idx)
+    actual = _grads(case, _on(tensors, xla_device), idx.to(xla_device), grad_out.to(xla_device), "xla")
+    for key, grad in actual.items():
+        assert grad.dtype == dtype and grad.shape == tensors[key].shape, key
+        assert_close(grad, expected[key], dtype)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_opcheck_xla(name, xla_device):
+    """As test_opcheck_cpu on the device; torch's autograd-registration check is not implemented for XLA
+    tensors ("NYI devices other than CPU/CUDA/XPU"): the registration is per op, not per device, and is
+    checked on CPU tensors above."""
+    case = CASES[name]
+    named = {k: v.to(xla_device).requires_grad_() for k, v in _tensors(name, T, torch.float32).items()}
+    named |= {"idx": _indices("mixed").to(xla_device), "backend": "xla"}
+    args = tuple(named[a] if isinstance(a, str) and a in named else a for a in case.args)
+    torch.library.opcheck(case.op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("on_xla", [False, True], ids=["cpu", "xla"])
+@pytest.mark.parametrize("name", ["bgmv_shrink_expand", "linear_lora_out_in"])
+def test_unused_slots_and_padded_ranks_get_exact_zeros(name, on_xla, request):
+    """A slot no token uses (here full of NaN) and the zero-padded rank of every slot get gradients of exactly
+    zero, and nothing from them (nor, in the fused op, an Inf in a row without adapter) reaches another
+    gradient. Would catch a weight gradient that multiplies by a mask instead of selecting, or a token outside
+    [0, L) that lands in a slot."""
+    device = request.getfixturevalue("xla_device") if on_xla else torch.device("cpu")
+    case, idx = CASES[name], _indices("blocks")
+    tensors = _tensors(name, len(idx), torch.float32)
+    unused, used = [1, 3], [0, 2, 4]
+    tensors["a"][unused] = float("nan")
+    tensors["b"][unused] = float("nan")
+    without = (idx < 0) | (idx >= L)
+    if name == "bgmv_shrink_expand":  # (linear_lora's base product reads every row of x)
+        tensors["x"][without] = float("inf")
+    grad_out = torch.randn(len(idx), DOUT, generator=torch.Generator().manual_seed(1)).to(device)
+    grads = _grads(case, _on(tensors, device), idx.to(device), grad_out, "xla")
+    grads = {k: g.cpu() for k, g in grads.items()}
+    for key, grad in grads.items():
+        assert torch.isfinite(grad).all(), key
+    for key in ("a", "b"):
+        assert (grads[key][unused] == 0).all(), f"unused slots of d{key}"
+        assert (grads[key][:, R - 1] == 0).all(), f"padded rank of d{key}"
+        assert (grads[key][used, : R - 1] != 0).any(dim=(1, 2)).all(), f"used slots of d{key}"
+    if name == "bgmv_shrink_expand":  # no base path to x: a row without adapter gets exactly zero
+        assert (grads["x"][without] == 0).all()
+
+
+def test_xla_pallas_backend_with_host_metadata(xla_device):
+    """The fused op on the Pallas backend (interpret mode off TPU) with the batch's host metadata, as the layers
+    call it: its backward (whose shrinks and expands run on that backend too) gives the float64 gradients."""
+    case, idx = CASES["bgmv_shrink_expand"], _indices("blocks")
+    tensors = _tensors("bgmv_shrink_expand", len(idx), torch.float32)
+    grad_out, expected = _expected(case, tensors, idx)
+    meta = torch_xla_lora.ops.batch_metadata(idx, [(D, DOUT)], R, L, torch.float32)[(D, DOUT)].to(xla_device)
+    leaves = {k: v.to(xla_device).requires_grad_() for k, v in tensors.items()}
+    x, a, b, base = (leaves[k] for k in ("x", "a", "b", "base"))
+    out = OPS.bgmv_shrink_expand(x, a, b, base, idx.to(xla_device), SCALING, "pallas", meta)
+    out.backward(grad_out.to(xla_device))
+    for key, leaf in leaves.items():
+        assert_close(leaf.grad, expected[key], torch.float32)
+
+
+def _compile_count() -> int:
+    data = met.metric_data("CompileTime")
+    return data[0] if data else 0
+
+
+def test_compiled_training_step_has_no_graph_break_fallback_or_recompile(xla_device):
+    """torch.compile(backend="openxla") of a loss calling the fused op: one dynamo graph, the backward runs
+    (the op's backward ops are opaque nodes too), gradients match float64 math, no CPU fallback, and new
+    index values compile nothing new."""
+    from torch._dynamo.utils import counters
+
+    case = CASES["bgmv_shrink_expand"]
+
+    def loss_fn(x, a, b, base, idx, grad_out):
+        return (OPS.bgmv_shrink_expand(x, a, b, base, idx, SCALING, "xla", None) * grad_out).sum()
+
+    step = torch.compile(loss_fn, backend="openxla")
+    breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+    compiles = None
+    for pattern in (INDICES["blocks"], INDICES["blocks"][::-1]):  # the same shapes, new index values
+        idx = torch.tensor(pattern, dtype=torch.int32)
+        tensors = _tensors("bgmv_shrink_expand", len(idx), torch.float32)
+        grad_out, expected = _expected(case, tensors, idx)
+        leaves = {k: v.to(xla_device).requires_grad_() for k, v in tensors.items()}
+        loss = step(*leaves.values(), idx.to(xla_device), grad_out.to(xla_device))
+        loss.backward()
+        for key, leaf in leaves.items():
+            assert_close(leaf.grad, expected[key], torch.float32)
+        torch_xla.sync()
+        if compiles is None:
+            compiles = _compile_count()
+        else:
+            assert _compile_count() == compiles, "new index values compiled a new graph"
+    assert sum(counters["graph_break"].values()) == breaks
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert torch_xla._XLAC._get_executed_fallback_ops() == []
+
+
+def test_embedding_path_gradients(xla_device):
+    """The embedding layer's composition: token-major A rows gathered at ``clamp(slot, 0) * vocab + id``, then
+    the expand. Tokens without adapter gather slot 0's rows (unused here) with a zero rank gradient, so slot 0
+    still gets exact zeros; the other gradients match float64 math."""
+    vocab, num_tokens = 11, 9
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(L, vocab, R, generator=g)  # token-major, as EmbeddingWithLoRA stores it
+    b = torch.randn(L, R, DOUT, generator=g)
+    base = torch.randn(num_tokens, DOUT, generator=g)
+    ids = torch.randint(0, vocab, (num_tokens,), generator=g)
+    slots = torch.tensor([2, -1, 4, 2, -1, 4, 4, 2, -1], dtype=torch.int32)
+    grad_out = torch.randn(num_tokens, DOUT, generator=g)
+
+    def layer(a, b, base, ids, slots):
+        rows = slots.clamp(min=0) * vocab + ids.to(slots.dtype)
+        s = a.reshape(-1, R).index_select(0, rows)
+        return OPS.bgmv_expand(s, b, base, slots, True, "xla")
+
+    leaves = [t.to(xla_device).requires_grad_() for t in (a, b, base)]
+    layer(*leaves, ids.to(xla_device), slots.to(xla_device)).backward(grad_out.to(xla_device))
+    valid = (slots >= 0)[:, None]
+    plain = [t.double().requires_grad_() for t in (a, b, base)]
+    s64 = torch.where(valid, plain[0][slots.long().clamp(min=0), ids], 0)
+    out64 = plain[2] + torch.einsum("tr,tro->to", s64, _gathered(plain[1], slots))
+    out64.backward(grad_out.double())
+    for leaf, expected in zip(leaves, plain, strict=True):
+        assert_close(leaf.grad, expected.grad, torch.float32)
+    for grad in (leaves[0].grad.cpu(), leaves[1].grad.cpu()):
+        assert (grad[[0, 1, 3]] == 0).all()
