@@ -327,3 +327,18 @@ def test_embedding_path_gradients(xla_device):
         assert_close(leaf.grad, expected.grad, torch.float32)
     for grad in (leaves[0].grad.cpu(), leaves[1].grad.cpu()):
         assert (grad[[0, 1, 3]] == 0).all()
+
+
+def test_xla_weight_grad_many_slots_and_blocks(xla_device):
+    """The weight-gradient op alone at a size with 16-token blocks and more slots than blocks, most blocks
+    holding several slots' runs (the loop over extra runs), against float64 one-hot math."""
+    num_tokens, num_slots, p, q = 300, 40, 4, 16
+    g = torch.Generator().manual_seed(3)
+    left, right = torch.randn(num_tokens, p, generator=g), torch.randn(num_tokens, q, generator=g)
+    idx = torch.randint(-2, num_slots + 2, (num_tokens,), generator=g, dtype=torch.int32)
+    idx[(idx == 7) | (idx == 31)] = -1  # two unused slots
+    hot = (idx.long()[:, None] == torch.arange(num_slots)).double()
+    expected = 0.25 * torch.einsum("tl,tp,tq->lpq", hot, left.double(), right.double())
+    out = OPS.bgmv_weight_grad(left.to(xla_device), right.to(xla_device), idx.to(xla_device), num_slots, 0.25)
+    assert_close(out, expected, torch.float32)
+    assert (out.cpu()[[7, 31]] == 0).all()
