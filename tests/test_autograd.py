@@ -342,3 +342,27 @@ def test_xla_weight_grad_many_slots_and_blocks(xla_device):
     out = OPS.bgmv_weight_grad(left.to(xla_device), right.to(xla_device), idx.to(xla_device), num_slots, 0.25)
     assert_close(out, expected, torch.float32)
     assert (out.cpu()[[7, 31]] == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda lt, rt, i, n: (lt[:-1], rt, i, n), "right dim 0 must equal T of left"),
+        (lambda lt, rt, i, n: (lt, rt.long(), i, n), "right must be a floating tensor"),
+        (lambda lt, rt, i, n: (lt, rt, i.float(), n), "lora_indices must be"),
+        (lambda lt, rt, i, n: (lt, rt, i, -1), "num_slots must be >= 0"),
+    ],
+)
+def test_weight_grad_rejects_bad_arguments(change, message):
+    """The new op names the bad argument, as the others do (and its fake implementation runs the same checks)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torch_xla_lora.errors import ShapeError
+
+    def args():
+        return torch.zeros(T, R), torch.zeros(T, D), _indices("mixed"), L
+
+    with pytest.raises(ShapeError, match=message):
+        OPS.bgmv_weight_grad(*change(*args()))
+    with FakeTensorMode(), pytest.raises(ShapeError, match=message):
+        OPS.bgmv_weight_grad(*change(*args()))
