@@ -45,6 +45,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.detach().cpu().double(), expected.double(), **tol)
 
 
+def pytest_sessionstart(session) -> None:
+    # The XLA device before anything else: a backward on CPU tensors run before it exists leaves torch_xla's
+    # autograd engine unable to run backwards on XLA tensors later in the process (docs/ops.md, Autograd).
+    import torch_xla
+
+    torch_xla.device()
+
+
 @pytest.fixture(scope="session")
 def xla_device() -> torch.device:
     import torch_xla

@@ -7,7 +7,14 @@ from torch_xla_lora.compile import CompileCounter, assert_no_recompile, compile_
 from torch_xla_lora.config import LoRAConfig
 from torch_xla_lora.errors import *  # noqa: F403
 from torch_xla_lora.errors import __all__ as _errors_all
-from torch_xla_lora.ops import bgmv_expand, bgmv_expand_slice, bgmv_shrink, bgmv_shrink_expand, linear_lora
+from torch_xla_lora.ops import (
+    bgmv_expand,
+    bgmv_expand_slice,
+    bgmv_shrink,
+    bgmv_shrink_expand,
+    bgmv_weight_grad,
+    linear_lora,
+)
 from torch_xla_lora.patching import LoRAModel, patch_model
 
 __all__ = [
@@ -22,5 +29,6 @@ __all__ = [
     "bgmv_expand",
     "bgmv_expand_slice",
     "bgmv_shrink_expand",
+    "bgmv_weight_grad",
     "linear_lora",
 ]
