@@ -103,3 +103,18 @@ def test_xla_formulation_through_a_model_equals_peft(llama_case, xla_device, mon
     assert "xla: q_proj x2, k_proj x2, v_proj x2, o_proj x2, gate_proj x2, up_proj x2, down_proj x2" in (
         capsys.readouterr().out
     )
+
+
+def test_choice_under_torch_compile_is_a_constant(llama_case, xla_device, monkeypatch):  # noqa: F811
+    """Dynamo takes the choice as a constant: one graph, no break. Tracing into the cost model (numpy,
+    argsort, data-dependent loops) broke the graph 27 times."""
+    model, _ = patch(llama_case, xla_device, **LLAMA_LORA)
+    layer = model.model.layers[0].mlp.down_proj
+    monkeypatch.setattr(ops, "device_generation", lambda: "v6e")
+
+    def step(x):
+        return x + (1.0 if layer.formulation(x) == "fused" else 2.0)
+
+    explained = torch._dynamo.explain(step)(torch.zeros(6, layer.in_features, device=xla_device))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert list(layer.formulations) == [6]

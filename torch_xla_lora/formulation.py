@@ -13,7 +13,8 @@ passes of their own. Which formulation is cheapest therefore depends on the laye
 model as well as its shape: the model (``bench/tpu_model.py: projection_costs``) prices each for a
 typical batch (``min(L, T, 8)`` requests of equal length, each on its own adapter) with the layer's
 :class:`FusionRole`, and the cheapest wins. The choice is a function of static shapes, so it is made
-once per traced graph and never causes a recompilation; ``LoRAModel.warmup(progress=True)`` prints it.
+once per traced graph and never causes a recompilation (under ``torch.compile`` dynamo takes it as a
+constant); ``LoRAModel.warmup(progress=True)`` prints it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import torch
 from torch import nn
 
 #: The formulations, in the order ties are broken.
@@ -45,7 +47,6 @@ class FusionRole:
     input_share: float = 1.0
 
 
-@functools.lru_cache(maxsize=4096)
 def choose(
     generation: str,
     num_tokens: int,
@@ -61,6 +62,27 @@ def choose(
     Priced in bfloat16 by ``bench/tpu_model.projection_costs`` on a typical batch of
     ``min(num_slots, num_tokens, 8)`` equal requests.
     """
+    args = (generation, num_tokens, in_features, out_features, rank, num_slots, has_bias)
+    return _constant_choice(*args, role.residual_output, role.input_share)
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: a constant, the cost model is never traced
+def _constant_choice(*args) -> str:
+    return _cheapest(*args)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cheapest(
+    generation: str,
+    num_tokens: int,
+    in_features: int,
+    out_features: int,
+    rank: int,
+    num_slots: int,
+    has_bias: bool,
+    residual_output: bool,
+    input_share: float,
+) -> str:
     import numpy as np
 
     from torch_xla_lora.bench import tpu_model
@@ -69,7 +91,7 @@ def choose(
     in_use = min(num_slots, num_tokens, TYPICAL_IN_USE)
     indices = tpu_model.contiguous_requests(num_tokens, num_slots, in_use).astype(np.int32)
     costs = tpu_model.projection_costs(
-        chip, indices, in_features, out_features, rank, num_slots, role.residual_output, role.input_share, has_bias
+        chip, indices, in_features, out_features, rank, num_slots, residual_output, input_share, has_bias
     )
     priced = {"fused": costs["fused"], "separate": costs["separate"], "xla": costs["xla_native"]}
     return min(FORMULATIONS, key=priced.get)
