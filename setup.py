@@ -32,6 +32,7 @@ EXTRAS_REQUIRE = {
     "test": [
         LIBTPU,
         "pytest",
+        "pytest-xdist",  # the suite runs in two worker processes (pytest.ini)
         "safetensors",
         "hypothesis",
         "ruff",
