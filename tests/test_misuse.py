@@ -36,6 +36,15 @@ def _overflowing_a(bank: Bank) -> dict:
     return {**source, "state_dict": {**source["state_dict"], key: tensor}}
 
 
+def _with_tensor(bank: Bank, kind: str) -> dict:
+    """Adapter "c" with its first tensor replaced by a sparse or a meta (data-less) copy."""
+    source = bank.source("c")
+    key = next(iter(source["state_dict"]))
+    tensor = source["state_dict"][key]
+    bad = tensor.to_sparse() if kind == "sparse" else torch.empty_like(tensor, device="meta")
+    return {**source, "state_dict": {**source["state_dict"], key: bad}}
+
+
 # id -> (error, built-in type it must also be, the failing call (served, bank))
 CASES: dict[str, tuple[type[tl.LoRAError], type[Exception], Callable]] = {
     "load_name_zero": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.load_adapter(0, **b.source("c"))),
@@ -79,6 +88,16 @@ CASES: dict[str, tuple[type[tl.LoRAError], type[Exception], Callable]] = {
         lambda s, b: s.lora.set_token_adapters(torch.zeros(15)),
     ),
     "tokens_bool_entry": (tl.ArgumentTypeError, TypeError, lambda s, b: s.lora.set_token_adapters([False] * 15)),
+    "load_sparse_tensor": (
+        tl.InvalidAdapterError,
+        ValueError,
+        lambda s, b: s.lora.load_adapter("c", **_with_tensor(b, "sparse")),
+    ),
+    "load_meta_tensor": (
+        tl.InvalidAdapterError,
+        ValueError,
+        lambda s, b: s.lora.load_adapter("c", **_with_tensor(b, "meta")),
+    ),
     "a_overflows_float16": (
         tl.InvalidAdapterError,
         ValueError,
@@ -308,3 +327,38 @@ def test_apply_pending_writes_staged_slots_now_but_not_those_the_batch_reads(ban
     assert torch.equal(served.outputs(2), outputs)  # a's rows still run the old a
     assert served.lora.apply_pending() == 0  # the reload waits for the batch to change
     assert_close(served.run(["a", "c", None]), bank.expected(["a_v2", "c", None]))
+
+
+@pytest.mark.parametrize("scaling", [float("inf"), float("-inf"), float("nan")])
+def test_ops_refuse_a_non_finite_scaling(scaling, xla_device):
+    """On XLA devices a non-finite scaling gives NaN to rows without an adapter (0 * Inf): every op that
+    takes one refuses it with ArgumentError, before anything runs, on CPU and XLA tensors alike."""
+    x, a, b, base = torch.randn(3, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 6), torch.randn(3, 6)
+    w, idx = torch.randn(6, 8), torch.tensor([0, -1, 1], dtype=torch.int32)
+    calls = {
+        "shrink": lambda t: tl.bgmv_shrink(t["x"], t["a"], t["idx"], scaling),
+        "shrink_expand": lambda t: tl.bgmv_shrink_expand(t["x"], t["a"], t["b"], t["base"], t["idx"], scaling),
+        "linear_lora": lambda t: tl.linear_lora(t["x"], t["w"], None, t["a"], t["b"], t["idx"], scaling),
+        "weight_grad": lambda t: tl.bgmv_weight_grad(t["x"], t["base"], t["idx"], 2, scaling),
+    }
+    for device in ("cpu", xla_device):
+        tensors = {k: v.to(device) for k, v in {"x": x, "a": a, "b": b, "base": base, "w": w, "idx": idx}.items()}
+        for call in calls.values():
+            with pytest.raises(tl.ArgumentError, match="scaling must be a finite number"):
+                call(tensors)
+
+
+def test_an_empty_slot_named_by_number_never_runs_an_adapter_the_batch_loads(bank):
+    """A row naming an empty slot by number runs the base model; if the same batch would load a named
+    adapter into that slot, set_batch refuses (ArgumentError) and changes nothing, instead of giving
+    the numbered row that adapter."""
+    served = serve(bank, load=("a", "b"))
+    served.lora.set_batch(["a"])  # "a" in slot 0, slot 1 empty
+    (slot,) = {0, 1} - {served.lora.adapters()["a"]["slot"]}
+    adapters, outputs = dict(served.lora.adapters()), served.outputs(1)
+    with pytest.raises(tl.ArgumentError, match=f"slot {slot} is named by number and empty"):
+        served.lora.set_batch([slot, "b"])
+    assert dict(served.lora.adapters()) == adapters
+    assert torch.equal(served.outputs(1), outputs)
+    served.lora.set_batch([slot, "a"])  # no conflict: the numbered empty slot is a base row
+    assert_close(served.outputs(2), bank.expected([None, "a"]))

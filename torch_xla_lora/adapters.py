@@ -346,6 +346,9 @@ def _group_factors(name: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, 
 def _check_tensor(name: str, key: str, tensor: Any) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise InvalidAdapterError(f"adapter {name!r}: {key!r}: expected a tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided or tensor.is_meta:
+        what = "a meta tensor (no data)" if tensor.is_meta else f"a {tensor.layout} tensor"
+        raise InvalidAdapterError(f"adapter {name!r}: tensor {key!r}: expected a dense tensor with data, got {what}")
     if not tensor.is_floating_point() or tensor.dim() != 2:
         got = f"{tensor.dtype} {tuple(tensor.shape)}"
         raise InvalidAdapterError(f"adapter {name!r}: tensor {key!r}: expected a 2-D float tensor, got {got}")

@@ -289,6 +289,15 @@ class LoRAModel:
             # Adapters named by slot number belong to the batch too: protect them from eviction.
             names += self.manager.names_in_slots([e for e in entries if isinstance(e, int) and e >= 0])
             plan = self.manager.plan(names, for_batch=True)  # raises before anything changes
+            numbered = {e for e in entries if isinstance(e, int) and e >= 0}
+            taken = sorted({slot for slot, name in plan.writes if slot in numbered})
+            if taken:
+                # An empty slot named by number serves the base model; loading a named adapter
+                # into it in the same batch would silently give those rows that adapter.
+                raise ArgumentError(
+                    f"slot {taken[0]} is named by number and empty, and this batch would load "
+                    f"{dict(plan.writes)[taken[0]]!r} into it: name that adapter, or use None for base rows"
+                )
             slots = torch.tensor(
                 [plan.slot_of[e] if isinstance(e, str) else (-1 if e is None else e) for e in entries],
                 dtype=torch.int32,

@@ -128,9 +128,11 @@ def bgmv_shrink(
 
     Raises:
       ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument.
+      ArgumentError (a ValueError): a non-finite ``scaling``.
     """
     _validate.shrink(inputs, lora_a, lora_indices)
     _validate.backend(backend)
+    _validate.scaling(scaling)
     if inputs.device.type != "xla":
         return reference.bgmv_shrink(inputs, lora_a, lora_indices, scaling)
     if _validate.degenerate(*lora_a.shape):  # L, R or D is 0: nothing to project (kernels need tiles)
@@ -143,6 +145,7 @@ def bgmv_shrink(
 def _(inputs, lora_a, lora_indices, scaling=1.0, backend="auto"):
     _validate.shrink(inputs, lora_a, lora_indices)
     _validate.backend(backend)
+    _validate.scaling(scaling)
     return inputs.new_empty((inputs.shape[0], lora_a.shape[1]))
 
 
@@ -291,9 +294,11 @@ def bgmv_shrink_expand(
 
     Raises:
       ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument.
+      ArgumentError (a ValueError): a non-finite ``scaling``.
     """
     _validate.shrink_expand(inputs, lora_a, lora_b, base, lora_indices)
     _validate.backend(backend)
+    _validate.scaling(scaling)
     _validate.metadata(metadata, inputs.device, inputs, lora_b)
     if inputs.device.type != "xla":
         return reference.bgmv_shrink_expand(inputs, lora_a, lora_b, base, lora_indices, scaling)
@@ -309,6 +314,7 @@ def bgmv_shrink_expand(
 def _(inputs, lora_a, lora_b, base, lora_indices, scaling=1.0, backend="auto", metadata=None):
     _validate.shrink_expand(inputs, lora_a, lora_b, base, lora_indices)
     _validate.backend(backend)
+    _validate.scaling(scaling)
     _validate.metadata(metadata, inputs.device, inputs, lora_b)
     return torch.empty_like(base)
 
@@ -361,9 +367,11 @@ def linear_lora(
 
     Raises:
       ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument, or an unknown layout.
+      ArgumentError (a ValueError): a non-finite ``scaling``.
     """
     _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
     _validate.backend(backend)
+    _validate.scaling(scaling)
     _validate.metadata(metadata, inputs.device)
     if inputs.device.type != "xla":
         return reference.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout)
@@ -394,6 +402,7 @@ def _(
 ):
     _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
     _validate.backend(backend)
+    _validate.scaling(scaling)
     _validate.metadata(metadata, inputs.device)
     return inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
 
@@ -438,8 +447,10 @@ def bgmv_weight_grad(
 
     Raises:
       ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument.
+      ArgumentError (a ValueError): a non-finite ``scaling``.
     """
     _validate.weight_grad(left, right, lora_indices, num_slots)
+    _validate.scaling(scaling)
     if left.device.type != "xla":
         return reference.bgmv_weight_grad(left, right, lora_indices, num_slots, scaling)
     if _validate.degenerate(num_slots, left.shape[0], left.shape[1], right.shape[1]):
@@ -450,6 +461,7 @@ def bgmv_weight_grad(
 @bgmv_weight_grad.register_fake
 def _(left, right, lora_indices, num_slots, scaling=1.0):
     _validate.weight_grad(left, right, lora_indices, num_slots)
+    _validate.scaling(scaling)
     return right.new_empty((num_slots, left.shape[1], right.shape[1]))
 
 

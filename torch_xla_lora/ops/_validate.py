@@ -7,9 +7,11 @@ XLA or Pallas.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from torch_xla_lora.errors import ShapeError
+from torch_xla_lora.errors import ArgumentError, ShapeError
 
 BACKENDS = ("auto", "pallas", "xla")
 
@@ -46,6 +48,12 @@ def indices(lora_indices: torch.Tensor, num_tokens: int, device: torch.device) -
         )
     if lora_indices.device != device:
         raise ShapeError(f"lora_indices must be on {device}, got {lora_indices.device}")
+
+
+def scaling(value: float) -> None:
+    """A finite scaling: an Inf or NaN one would give NaN to rows without an adapter (0 * Inf) on XLA devices."""
+    if not math.isfinite(value):
+        raise ArgumentError(f"scaling must be a finite number, got {value}")
 
 
 def backend(name: str) -> None:
