@@ -216,7 +216,9 @@ class LoRAModel:
         """Adapter of each batch row (``None`` = base model) for the following forward passes.
 
         Args:
-          names: one entry per row: an adapter name, ``None`` (base) or a slot number.
+          names: one entry per row: an adapter name, ``None`` (base) or a slot number (an
+            empty slot runs the base model; one that this batch would load an adapter into
+            is refused).
           seq_len: tokens per row in the coming forward passes. When given, the
             kernels' token grouping is built here, once, on the host, and shared
             by every layer (otherwise each layer sorts the slots on the device).
