@@ -69,8 +69,14 @@ def test_layer_asks_the_model_on_tpu_and_keeps_today_s_rules_elsewhere(llama_cas
     model, _ = patch(llama_case, xla_device, **LLAMA_LORA)
     down = model.model.layers[0].mlp.down_proj
     x = torch.zeros(3, 5, down.in_features, device=xla_device)
-    assert down.base_fusion == "auto" and down.formulation(x) == "separate"  # off TPU: the separate op
-    assert down.formulations == {}
+    generation = ops.device_generation()
+    if generation == "cpu":  # off TPU: the separate op, and no choice recorded
+        assert down.base_fusion == "auto" and down.formulation(x) == "separate"
+        assert down.formulations == {}
+    else:  # on a TPU host: the model's choice for this device
+        role = down.fusion_role
+        expected = formulation.choose(generation, 15, down.in_features, down.out_features, 64, 4, False, role)
+        assert down.formulation(x) == expected and down.formulations == {15: expected}
     monkeypatch.setattr(ops, "device_generation", lambda: "v6e")
     expected = formulation.choose("v6e", 15, down.in_features, down.out_features, 64, 4, False, down.fusion_role)
     assert down.formulation(x) == expected and down.formulations == {15: expected}
