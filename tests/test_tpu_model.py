@@ -134,3 +134,19 @@ def test_walk_and_the_kernel_s_cost_estimate_agree(chip, num_tokens, hidden, out
     )
     assert walked.mxu_flops == estimate.flops
     assert walked.pipelined_bytes + walked.manual_bytes == estimate.bytes_accessed
+
+
+@pytest.mark.parametrize("chip", ["v5e", "v6e"])
+def test_without_unfused_passes_drops_exactly_the_passes(chip):
+    """``--without-unfused-passes`` removes from the Pallas formulations exactly the passes a custom call
+    costs around it: x written once per input group (norm1, norm2, SiLU*up: T x (4096 + 4096 + 14336)
+    bf16) and the residual add after o_proj and down_proj (read y, write the sum: 2 x T x 4096 each)."""
+    tpu = tpu_model.CHIPS[chip]
+    indices = tpu_model.contiguous_requests(1024, 64, 8)
+    with_passes = tpu_model.layer_costs(tpu, indices, rank=16, num_slots=64)
+    without = tpu_model.layer_costs(tpu, indices, rank=16, num_slots=64, unfused_passes=False)
+    passes = 2 * (1024 * (4096 + 4096 + 14336) + 2 * 2 * 1024 * 4096) / tpu.hbm_bytes_per_s
+    for key in ("fused", "separate"):
+        assert with_passes[key] - without[key] == pytest.approx(passes)
+    for key in ("base", "xla_native", "onehot"):
+        assert with_passes[key] == without[key]

@@ -62,7 +62,14 @@ def run(chips: Sequence[str], tokens: Sequence[int], slots: Sequence[int], hidde
     return rows
 
 
-def run_fused_base(chips: Sequence[str], tokens: Sequence[int], slots: Sequence[int], rank: int, in_use: int):
+def run_fused_base(
+    chips: Sequence[str],
+    tokens: Sequence[int],
+    slots: Sequence[int],
+    rank: int,
+    in_use: int,
+    unfused_passes: bool = True,
+):
     """The base matmul with LoRA: one K = N = 4096 projection, and one Llama-3-8B decoder layer (7 projections).
 
     Each row gives the base (XLA's matmuls at roofline) in us and what each LoRA formulation adds to it, in %.
@@ -77,7 +84,7 @@ def run_fused_base(chips: Sequence[str], tokens: Sequence[int], slots: Sequence[
                 fused = tpu_model.fused_base_cost(chip, indices, 4096, 4096, rank, num_slots).seconds
                 plain = tpu_model.fused_base_cost(chip, indices * 0 - 1, 4096, 4096, rank, num_slots).seconds
                 lora = tpu_model.fused_cost(chip, indices, 4096, 4096, rank, num_slots).seconds
-                layer = tpu_model.layer_costs(chip, indices, rank, num_slots)
+                layer = tpu_model.layer_costs(chip, indices, rank, num_slots, unfused_passes)
                 rows.append(
                     {
                         "chip": chip_name,
@@ -212,6 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cost as slots grow",
     )
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="ranks of --slot-sweep")
+    parser.add_argument(
+        "--without-unfused-passes",
+        action="store_true",
+        help="--fused-base: price the Pallas formulations as if they took x's producer (norm scale, SiLU*up) and "
+        "the residual add in, as XLA's own dot does (what a decoder-level kernel would cost)",
+    )
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     if args.slot_sweep:
@@ -233,7 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.chips, args.tokens, args.slots = ["v6e"], [256], [8, 64]
     if args.fused_base:
-        rows = run_fused_base(args.chips, args.tokens, args.slots, args.rank, args.in_use)
+        rows = run_fused_base(
+            args.chips, args.tokens, args.slots, args.rank, args.in_use, not args.without_unfused_passes
+        )
         print(
             f"TPU cost model, base matmul + LoRA (R={args.rank}, {args.in_use} adapters in use, bfloat16): "
             "the base in us, and what LoRA adds to it (fused: linear_lora's kernel; separate: XLA's matmul "

@@ -338,7 +338,7 @@ def llama_roles() -> dict[str, tuple[bool, float]]:
     }
 
 
-def layer_costs(chip: Chip, indices: np.ndarray, rank: int, num_slots: int) -> dict:
+def layer_costs(chip: Chip, indices: np.ndarray, rank: int, num_slots: int, unfused_passes: bool = True) -> dict:
     """Seconds of one Llama-3-8B decoder layer's projections (bf16) under each formulation.
 
     Sums :func:`projection_costs` over the seven projections with their roles (:func:`llama_roles`):
@@ -347,13 +347,17 @@ def layer_costs(chip: Chip, indices: np.ndarray, rank: int, num_slots: int) -> d
     ``onehot`` (base + the one-hot einsum per projection, all XLA), ``fused_no_adapter`` (the fused
     kernel on a batch without adapters), ``chosen`` (each projection the cheapest of fused, separate
     and XLA-native, as ``base_fusion="auto"`` chooses on TPU: see ``torch_xla_lora/formulation.py``)
-    and ``choices`` (projection -> formulation).
+    and ``choices`` (projection -> formulation). ``unfused_passes=False`` prices the Pallas formulations
+    as if they took x's producer and the residual add in, as XLA's own dot does (what a kernel given
+    the decoder layer's structure would cost).
     """
     num_tokens = len(indices)
     no_adapter = np.full(num_tokens, -1, np.int32)
     out = dict.fromkeys(("base", "separate", "fused", "onehot", "fused_no_adapter", "xla_native", "chosen"), 0.0)
     choices = {}
     for name, (residual, share) in llama_roles().items():
+        if not unfused_passes:
+            residual, share = False, 0.0
         hidden, out_dim, _ = LLAMA3_8B_LAYER[name]
         costs = projection_costs(chip, indices, hidden, out_dim, rank, num_slots, residual, share)
         plain = projection_costs(chip, no_adapter, hidden, out_dim, rank, num_slots, residual, share)
