@@ -25,7 +25,7 @@ import functools
 import torch
 from torch import nn
 
-#: The formulations, in the order ties are broken.
+#: The formulations, in the order ties are broken (the cost model's ``tpu_model.FORMULATIONS``, by these names).
 FORMULATIONS = ("fused", "separate", "xla")
 # Adapters in use in the typical batch the choice is priced on.
 TYPICAL_IN_USE = 8
@@ -83,18 +83,15 @@ def _cheapest(
     residual_output: bool,
     input_share: float,
 ) -> str:
-    import numpy as np
-
     from torch_xla_lora.bench import tpu_model
 
     chip = tpu_model.CHIPS.get(generation, tpu_model.CHIPS["v6e"])  # newer chips tune as v6e
     in_use = min(num_slots, num_tokens, TYPICAL_IN_USE)
-    indices = tpu_model.contiguous_requests(num_tokens, num_slots, in_use).astype(np.int32)
+    indices = tpu_model.contiguous_requests(num_tokens, num_slots, in_use)
     costs = tpu_model.projection_costs(
         chip, indices, in_features, out_features, rank, num_slots, residual_output, input_share, has_bias
     )
-    priced = {"fused": costs["fused"], "separate": costs["separate"], "xla": costs["xla_native"]}
-    return min(FORMULATIONS, key=priced.get)
+    return FORMULATIONS[tpu_model.FORMULATIONS.index(tpu_model.cheapest(costs))]
 
 
 def assign_roles(model: nn.Module, layers: dict[str, nn.Module]) -> None:

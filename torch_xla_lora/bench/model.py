@@ -16,6 +16,7 @@ tokens (prefill), a decode batch (one token per request) and the worst case
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Sequence
@@ -125,36 +126,33 @@ def slot_sweep(
     row gives the worst such rise (in % of the base matmul) and where it happens.
     """
     rows = []
-    for chip_name in chips:
+    cases = [(model, shape) for model, shapes in SWEEP_SHAPES.items() for shape in shapes]
+    for chip_name, num_tokens, rank, (model, (hidden, out_dim)) in itertools.product(chips, tokens, ranks, cases):
         chip = tpu_model.CHIPS[chip_name]
-        for num_tokens in tokens:
-            for rank in ranks:
-                for model, shapes in SWEEP_SHAPES.items():
-                    for hidden, out_dim in shapes:
-                        base = tpu_model.matmul_cost(chip, num_tokens, hidden, out_dim).seconds
-                        worst, at = 0.0, None
-                        for used in sorted({1, min(in_use, num_tokens)}):
-                            previous = None
-                            for num_slots in (s for s in slots if s >= used):
-                                indices = tpu_model.contiguous_requests(num_tokens, num_slots, used)
-                                cost = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots)
-                                if cost is None:
-                                    continue
-                                if previous is not None and cost.seconds - previous[0] > worst:
-                                    worst, at = cost.seconds - previous[0], (used, previous[1], num_slots)
-                                previous = (cost.seconds, num_slots)
-                        rows.append(
-                            {
-                                "chip": chip_name,
-                                "T": num_tokens,
-                                "R": rank,
-                                "model": model,
-                                "K": hidden,
-                                "N": out_dim,
-                                "worst_rise_pct": 100 * worst / base,
-                                "worst_at": at,  # (adapters in use, L before, L after)
-                            }
-                        )
+        base = tpu_model.matmul_cost(chip, num_tokens, hidden, out_dim).seconds
+        worst, at = 0.0, None
+        for used in sorted({1, min(in_use, num_tokens)}):
+            previous = None
+            for num_slots in (s for s in slots if s >= used):
+                indices = tpu_model.contiguous_requests(num_tokens, num_slots, used)
+                cost = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots)
+                if cost is None:
+                    continue
+                if previous is not None and cost.seconds - previous[0] > worst:
+                    worst, at = cost.seconds - previous[0], (used, previous[1], num_slots)
+                previous = (cost.seconds, num_slots)
+        rows.append(
+            {
+                "chip": chip_name,
+                "T": num_tokens,
+                "R": rank,
+                "model": model,
+                "K": hidden,
+                "N": out_dim,
+                "worst_rise_pct": 100 * worst / base,
+                "worst_at": at,  # (adapters in use, L before, L after)
+            }
+        )
     return rows
 
 
@@ -195,6 +193,12 @@ def format_table(rows: list[dict]) -> str:
             f"{r['ours_ratio']:.2f} | {r['onehot_ratio']:.2f} | {r['ours_steps']} |"
         )
     return "\n".join(lines)
+
+
+def _write_json(args: argparse.Namespace, rows: list[dict]) -> None:
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,9 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{worst['worst_rise_pct']:.2f}% of the base matmul ({worst['chip']}, T={worst['T']}, R={worst['R']}, "
             f"{worst['model']} K={worst['K']} N={worst['N']}; adapters in use, L from, L to: {worst['worst_at']})"
         )
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        _write_json(args, rows)
         return 0
     if args.quick:
         args.chips, args.tokens, args.slots = ["v6e"], [256], [8, 64]
@@ -256,16 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "can no longer fuse)"
         )
         print(format_fused_base_table(rows))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        _write_json(args, rows)
         return 0
     rows = run(args.chips, args.tokens, args.slots, args.hidden, args.rank, args.in_use)
     print(f"TPU cost model, one LoRA layer (fused shrink-expand), D=Dout={args.hidden}, R={args.rank}, bfloat16")
     print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    _write_json(args, rows)
     return 0
 
 

@@ -329,6 +329,15 @@ _FUSABLE_PRODUCERS = ("norm1", "norm2", "silu_mul")
 _RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
 
+#: The formulations a layer chooses among, in the order ties are broken (see ``torch_xla_lora/formulation.py``).
+FORMULATIONS = ("fused", "separate", "xla_native")
+
+
+def cheapest(costs: dict[str, float]) -> str:
+    """The formulation of least cost among :data:`FORMULATIONS` in :func:`projection_costs`' result."""
+    return min(FORMULATIONS, key=costs.get)
+
+
 def llama_roles() -> dict[str, tuple[bool, float]]:
     """Each Llama-3-8B projection's (residual_output, input_share) for :func:`projection_costs`."""
     groups = [group for _, _, group in LLAMA3_8B_LAYER.values()]
@@ -365,7 +374,7 @@ def layer_costs(chip: Chip, indices: np.ndarray, rank: int, num_slots: int, unfu
             out[key] += costs[key]
         out["onehot"] += costs["base"] + onehot_cost(chip, num_tokens, hidden, out_dim, rank, num_slots).seconds
         out["fused_no_adapter"] += plain["fused"]
-        choices[name] = min(("fused", "separate", "xla_native"), key=costs.get)
+        choices[name] = cheapest(costs)
         out["chosen"] += costs[choices[name]]
     out["choices"] = choices
     return out
