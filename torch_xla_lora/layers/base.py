@@ -74,7 +74,16 @@ class BaseLayerWithLoRA(nn.Module):
         with ``backend`` (default: the layer's)."""
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
         backend = backend or self.backend
-        return fused_lora(x2, y2, self.lora_a, self.lora_b, slots, backend, metadata).reshape(y.shape)
+        lora_a, lora_b = self.slot_factors()
+        return fused_lora(x2, y2, lora_a, lora_b, slots, backend, metadata).reshape(y.shape)
+
+    def slot_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slot tensors a forward reads: ``lora_a`` and ``lora_b`` as the slots hold them.
+
+        Trainable adapters (see :mod:`torch_xla_lora.training`) replace their slots' rows by their
+        parameters here, in the graph, so that gradients reach the parameters.
+        """
+        return self.lora_a, self.lora_b
 
     @classmethod
     def can_replace(cls, module: nn.Module) -> bool:

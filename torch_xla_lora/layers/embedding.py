@@ -70,9 +70,10 @@ class EmbeddingWithLoRA(BaseLayerWithLoRA):
             return y
         vocab = self.in_features
         rows = slots.clamp(min=0) * vocab + ids.reshape(-1).to(slots.dtype)  # -1 slots add zero in expand
-        s = self.lora_a.reshape(-1, self.max_rank).index_select(0, rows)  # [N, R]
+        lora_a, lora_b = self.slot_factors()
+        s = lora_a.reshape(-1, self.max_rank).index_select(0, rows)  # [N, R]
         # The base output is already scaled; the LoRA term is scaled as PEFT does.
         s = scaled(s, embed_scale(self.base_layer))
         base = y.reshape(-1, self.out_features).to(self.lora_b.dtype)  # adapter dtype may differ
-        out = torch.ops.xla_lora.bgmv_expand(s, self.lora_b, base, slots, True, self.backend)
+        out = torch.ops.xla_lora.bgmv_expand(s, lora_b, base, slots, True, self.backend)
         return out.reshape(y.shape).to(y.dtype)

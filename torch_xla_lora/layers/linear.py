@@ -156,12 +156,13 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         own = metadata is not None  # built for linear_lora's own plan (see ops.batch_metadata)
         if not own:
             metadata = self.context.metadata.get(shape)
+        lora_a, lora_b = self.slot_factors()
         out = torch.ops.xla_lora.linear_lora(
             x2,
             self.base_layer.weight,
             self.base_layer.bias,
-            self.lora_a,
-            self.lora_b,
+            lora_a,
+            lora_b,
             slots,
             1.0,
             self.weight_layout,
