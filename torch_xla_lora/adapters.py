@@ -34,7 +34,15 @@ from torch_xla_lora.errors import (
     UnsupportedAdapterError,
 )
 
-__all__ = ["ExpertsLoRA", "LoRAAdapter", "ModuleLoRA", "check_adapter", "check_name", "load_adapter"]
+__all__ = [
+    "ExpertsLoRA",
+    "LoRAAdapter",
+    "ModuleLoRA",
+    "check_adapter",
+    "check_name",
+    "load_adapter",
+    "read_source",
+]
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -146,6 +154,27 @@ def load_adapter(
         UnsupportedAdapterError: not plain LoRA (DoRA, bias, modules_to_save, ...).
         InvalidAdapterError: NaN/Inf, unpaired or non-2-D factors, ranks inconsistent with each other or the config.
     """
+    config_dict, tensors = read_source(name, path, state_dict=state_dict, config=config)
+    factors = _group_factors(name, tensors)
+    if not factors:
+        raise InvalidAdapterError(f"adapter {name!r}: no lora_A/lora_B weights found")
+    modules: dict[str, ModuleLoRA | ExpertsLoRA] = {}
+    for module, pairs in sorted(_param_targets(name, factors, config_dict).items()):
+        modules[module] = _build_experts(name, module, pairs, config_dict, dtype)
+    for module, pair in sorted(factors.items()):
+        modules[module] = _build_module(name, module, pair, config_dict, dtype)
+    return LoRAAdapter(name=name, modules=modules, config=config_dict)
+
+
+def read_source(
+    name: str,
+    path: str | os.PathLike | None = None,
+    *,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    config: Mapping | Any | None = None,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An adapter's config (as a dict, checked to be plain LoRA) and its raw tensors, from a directory or
+    from memory, as :func:`load_adapter` takes them (same errors)."""
     check_name(name)
     from_dir = path is not None and state_dict is None and config is None
     if not from_dir and (path is not None or state_dict is None or config is None):
@@ -159,15 +188,7 @@ def load_adapter(
     else:
         config_dict, tensors = _config_to_dict(config), dict(state_dict)
     _check_config(name, config_dict)
-    factors = _group_factors(name, tensors)
-    if not factors:
-        raise InvalidAdapterError(f"adapter {name!r}: no lora_A/lora_B weights found")
-    modules: dict[str, ModuleLoRA | ExpertsLoRA] = {}
-    for module, pairs in sorted(_param_targets(name, factors, config_dict).items()):
-        modules[module] = _build_experts(name, module, pairs, config_dict, dtype)
-    for module, pair in sorted(factors.items()):
-        modules[module] = _build_module(name, module, pair, config_dict, dtype)
-    return LoRAAdapter(name=name, modules=modules, config=config_dict)
+    return config_dict, tensors
 
 
 def check_name(name: Any) -> None:

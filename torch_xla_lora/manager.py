@@ -64,18 +64,29 @@ class AdapterManager:
         self._applied: list[LoRAAdapter | None] = [None] * max_loras  # slot contents on the device now
         self._slot_use: OrderedDict[str, None] = OrderedDict()  # resident adapters, LRU first
         self._pinned: set[str] = set()
+        self._trainable: set[str] = set()  # resident until frozen or removed, like pins
         self._batch: set[str] = set()  # adapters of the current batch: never evicted under it
         self._batch_slots: set[int] = set()  # slots the current batch reads: not written until it changes
 
     # -- queries -----------------------------------------------------------------------------------
 
     def adapters(self) -> dict[str, dict]:
-        """Loaded adapters: name -> {"slot": int | None, "pinned": bool, "rank": int}."""
+        """Loaded adapters: name -> {"slot": int | None, "pinned": bool, "rank": int, "trainable": bool}."""
         with self.lock:
             return {
-                name: {"slot": self._slot_of(name), "pinned": name in self._pinned, "rank": adapter.max_rank}
+                name: {
+                    "slot": self._slot_of(name),
+                    "pinned": name in self._pinned,
+                    "rank": adapter.max_rank,
+                    "trainable": name in self._trainable,
+                }
                 for name, adapter in self._host.items()
             }
+
+    def batch_names(self) -> set[str]:
+        """Adapters of the current batch."""
+        with self.lock:
+            return set(self._batch)
 
     def names_in_slots(self, slots: Sequence[int]) -> list[str]:
         """Adapters resident in ``slots`` (empty slots skipped)."""
@@ -109,8 +120,40 @@ class AdapterManager:
             if slot is not None:
                 self._clear(slot)
             self._pinned.discard(name)
+            self._trainable.discard(name)
             self._batch.discard(name)
             del self._host[name]
+
+    def add_trainable(self, adapter: LoRAAdapter) -> int:
+        """Cache ``adapter`` (a trainable adapter's current weights) and keep it resident until
+        :meth:`freeze` or :meth:`remove`; return its slot. All or nothing.
+
+        Raises:
+          NoFreeSlotError: no slot is free or evictable (nothing is changed).
+        """
+        check_adapter(adapter, self._module_shapes, self.max_rank)
+        with self.lock:
+            previous = self._host.get(adapter.name)
+            self._host[adapter.name] = adapter  # the plan looks it up
+            try:
+                plan = self.plan([adapter.name])
+            except Exception:
+                if previous is None:
+                    del self._host[adapter.name]
+                else:
+                    self._host[adapter.name] = previous
+                raise
+            self.add(adapter)
+            self.commit(plan)
+            self._trainable.add(adapter.name)
+            return plan.slot_of[adapter.name]
+
+    def freeze(self, adapter: LoRAAdapter) -> None:
+        """A trainable adapter becomes an ordinary one holding ``adapter``'s weights (written at the next apply)."""
+        with self.lock:
+            self._require(adapter.name)
+            self.add(adapter)
+            self._trainable.discard(adapter.name)
 
     # -- slots -------------------------------------------------------------------------------------
 
@@ -206,13 +249,14 @@ class AdapterManager:
         evictable = [
             self._slots.index(name)
             for name in self._slot_use
-            if name not in self._pinned and name not in wanted and name not in protected
+            if name not in self._pinned and name not in self._trainable and name not in wanted and name not in protected
         ]
         candidates = free + evictable
         if len(missing) > len(candidates):
             raise NoFreeSlotError(
                 f"adapters {missing} need {len(missing)} slots but only {len(candidates)} of {self.max_loras} "
-                f"can be freed (pinned: {sorted(self._pinned)}, in the current batch: {sorted(protected)})"
+                f"can be freed (pinned: {sorted(self._pinned)}, trainable: {sorted(self._trainable)}, "
+                f"in the current batch: {sorted(protected)})"
             )
         return list(zip(candidates, missing, strict=False))
 

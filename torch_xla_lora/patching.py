@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from torch_xla_lora import adapters as adapters_io
-from torch_xla_lora import ops
+from torch_xla_lora import ops, training
 from torch_xla_lora.compile import CompileCounter
 from torch_xla_lora.config import LoRAConfig
 from torch_xla_lora.context import BatchContext
 from torch_xla_lora.errors import (
+    AdapterNotFoundError,
     AlreadyPatchedError,
     ArgumentError,
     ArgumentTypeError,
@@ -142,6 +143,9 @@ class LoRAModel:
         self.device = _model_device(model)
         self.manager = AdapterManager(layers, config.max_loras, config.max_rank, config.max_cpu_adapters)
         self._patched = True
+        self._trainable: dict[str, training.TrainableAdapter] = {}
+        self._head = next((name for name, lay in layers.items() if isinstance(lay, LogitsWithLoRA)), None)
+        self._base_frozen = False
 
     # -- adapters ----------------------------------------------------------------------------------
 
@@ -152,6 +156,8 @@ class LoRAModel:
         *,
         state_dict: Mapping[str, torch.Tensor] | None = None,
         config: Mapping | Any | None = None,
+        trainable: bool = False,
+        param_dtype: torch.dtype = torch.float32,
     ) -> None:
         """Load a PEFT adapter from a directory PEFT wrote, or from a state dict and config.
 
@@ -160,16 +166,120 @@ class LoRAModel:
         slot write is staged for the serving thread's next ``set_batch`` (a current
         batch that uses ``name`` keeps the old weights until the batch changes).
 
+        Args:
+          trainable: make the adapter trainable (see docs/training.md): its factors become
+            parameters (:meth:`trainable_parameters`, in ``param_dtype``) that the forward
+            reads, and it stays resident in a slot until :meth:`freeze` or :meth:`remove`.
+            The first trainable adapter freezes the base model's parameters.
+
         Raises:
           ArgumentTypeError, ArgumentError: ``name`` is not a non-empty str, or the
             sources are not one of the two accepted combinations.
           AdapterFileError, InvalidAdapterError, UnsupportedAdapterError,
           UnknownModuleError, RankTooLargeError: nothing is changed.
+          NoFreeSlotError: ``trainable`` and no slot can hold it (nothing is changed).
         """
         self._check_patched()
         adapters_io.check_name(name)
+        if not isinstance(trainable, bool):
+            raise ArgumentTypeError(f"load_adapter: trainable must be a bool, got {type(trainable).__name__}")
+        if trainable:
+            config_dict, tensors = adapters_io.read_source(name, path, state_dict=state_dict, config=config)
+            self._add_trainable(name, tensors, config_dict, param_dtype)
+            return
         adapter = adapters_io.load_adapter(name, path, state_dict=state_dict, config=config, dtype=self.dtype)
-        self.manager.add(adapter)
+        with self.manager.lock:
+            if name in self._trainable:  # replaced by a frozen one
+                self.manager.freeze(adapter)
+                self._drop_trainable(name)
+            else:
+                self.manager.add(adapter)
+
+    # -- training ----------------------------------------------------------------------------------
+
+    def create_adapter(self, name: str, config: Any, *, param_dtype: torch.dtype = torch.float32) -> None:
+        """Create a new trainable adapter from a ``peft.LoraConfig`` (or its dict), initialised as PEFT does.
+
+        The modules are those of the patched model that the config targets, by PEFT's rules;
+        ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``, ``lora_dropout`` and
+        ``init_lora_weights`` (True, "gaussian" or False) apply as in PEFT. Draws from torch's global
+        generator. The adapter is trainable: see :meth:`load_adapter` (``trainable=True``).
+
+        Raises:
+          UnsupportedAdapterError: a LoRA variant or initialisation this library does not run.
+          UnknownModuleError: the config targets no LoRA layer of this model.
+          RankTooLargeError: a rank exceeds ``max_rank``.
+          NoFreeSlotError: no slot can hold it. In every case nothing is changed.
+        """
+        self._check_patched()
+        adapters_io.check_name(name)
+        config_dict = training.config_dict(config)
+        adapters_io.read_source(name, state_dict={}, config=config_dict)  # plain LoRA only
+        state = training.initial_state_dict(config_dict, self.layers, self._head)
+        self._add_trainable(name, state, config_dict, param_dtype)
+
+    def trainable_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """A trainable adapter's parameters, keyed as ``peft.get_peft_model_state_dict`` keys them
+        (``base_model.model.<module>.lora_A.weight``: A ``[r, in]``, B ``[out, r]``, unscaled)."""
+        return self._trainable_adapter(name).parameters()
+
+    def save_adapter(self, name: str, directory: str | os.PathLike) -> None:
+        """Write a trainable adapter as PEFT's ``save_pretrained`` does (``adapter_config.json``,
+        ``adapter_model.safetensors``): ``PeftModel.from_pretrained`` and :meth:`load_adapter` read it."""
+        if not isinstance(directory, (str, os.PathLike)):
+            raise ArgumentTypeError(f"save_adapter: directory must be a path, got {type(directory).__name__}")
+        training.save_adapter(self._trainable_adapter(name), directory)
+
+    def freeze(self, name: str) -> None:
+        """Make a trainable adapter an ordinary one with its current weights (written to its slot at the
+        next ``set_batch``); it may be evicted again. Its parameters are no longer read.
+
+        Raises:
+          InvalidAdapterError: its weights are not finite (it stays trainable).
+        """
+        adapter = self._trainable_adapter(name)
+        snapshot = adapter.snapshot(self.dtype)
+        with self.manager.lock:
+            self.manager.freeze(snapshot)
+            self._drop_trainable(name)
+
+    def _trainable_adapter(self, name: str) -> training.TrainableAdapter:
+        self._check_patched()
+        adapters_io.check_name(name)
+        adapter = self._trainable.get(name)
+        if adapter is None:
+            if name in self.manager.adapters():
+                raise ArgumentError(f"adapter {name!r} is loaded but not trainable (load_adapter(trainable=True))")
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded (trainable: {sorted(self._trainable)})")
+        return adapter
+
+    def _add_trainable(self, name: str, state: Mapping, config: dict, param_dtype: torch.dtype) -> None:
+        """Make ``name`` a trainable adapter starting from PEFT-keyed ``state``; all or nothing."""
+        if not isinstance(param_dtype, torch.dtype) or not param_dtype.is_floating_point:
+            raise ArgumentTypeError(f"param_dtype must be a floating torch.dtype, got {param_dtype!r}")
+        adapter = training.from_state_dict(name, state, config, self.layers, self.device, param_dtype)
+        snapshot = adapter.snapshot(self.dtype)
+        with self.manager.lock:
+            slot = self.manager.add_trainable(snapshot)  # raises before any change
+            self._drop_trainable(name)
+            for module, factors in adapter.modules.items():
+                self.layers[module].trainable[slot] = factors
+            self._trainable[name] = adapter
+            adapter.in_batch = name in self.manager.batch_names()
+        if not self._base_frozen:  # as PEFT's get_peft_model: only the adapters train
+            for param in self.model.parameters():
+                param.requires_grad_(False)
+            self._base_frozen = True
+
+    def _drop_trainable(self, name: str) -> None:
+        """The layers stop reading ``name``'s parameters (its slot holds its frozen weights or is freed)."""
+        adapter = self._trainable.pop(name, None)
+        if adapter is None:
+            return
+        for module, factors in adapter.modules.items():
+            table = self.layers[module].trainable
+            for slot in [s for s, f in table.items() if f is factors]:
+                del table[slot]
 
     def remove(self, name: str) -> None:
         """Forget an adapter (any thread): new batches cannot name it any more.
@@ -179,7 +289,9 @@ class LoRAModel:
         """
         self._check_patched()
         adapters_io.check_name(name)
-        self.manager.remove(name)
+        with self.manager.lock:
+            self.manager.remove(name)
+            self._drop_trainable(name)
 
     def pin(self, name: str) -> int:
         """Keep an adapter in its device slot until :meth:`unpin` (any thread); returns the slot.
@@ -255,6 +367,12 @@ class LoRAModel:
         with self.manager.lock:
             self.context.set(None, per_token=False)
             self.manager.release_batch()
+            self._mark_batch(set())
+
+    def _mark_batch(self, names: set[str]) -> None:
+        """Tell each trainable adapter whether the batch has rows on it (its gradient hooks read it)."""
+        for name, adapter in self._trainable.items():
+            adapter.in_batch = name in names
 
     def _check_entries(self, entries: Any, seq_len: Any) -> tuple[list[str | int | None], int | None]:
         """Validate a batch before anything changes; return its entries as a list."""
@@ -308,6 +426,7 @@ class LoRAModel:
             self.manager.commit(plan)
             self.manager.apply(batch_slots={int(s) for s in slots.tolist() if s >= 0})
             self._send(slots, per_token, seq_len, metadata=metadata)
+            self._mark_batch(set(plan.wanted))
 
     def _host_metadata(self, slots: torch.Tensor, seq_len: int | None) -> dict:
         """The kernels' grouping of a batch, built on the host (XLA only): key -> CPU int32 tensor."""

@@ -13,12 +13,17 @@ after the first compiles nothing new.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from torch_xla_lora.adapters import ModuleLoRA
 from torch_xla_lora.context import BatchContext
 from torch_xla_lora.errors import InvalidAdapterError, RankTooLargeError
+
+if TYPE_CHECKING:
+    from torch_xla_lora.training import TrainableModule
 
 
 class BaseLayerWithLoRA(nn.Module):
@@ -48,6 +53,8 @@ class BaseLayerWithLoRA(nn.Module):
         self.context = context
         self.max_loras, self.max_rank = max_loras, max_rank
         self.backend = backend
+        #: Slot -> the trainable adapter's factors that the forward reads in place of the slot (see training.py).
+        self.trainable: dict[int, TrainableModule] = {}
         device = _device_of(base_layer)
         # Not persistent: adapters are not part of the model's state_dict.
         for name, shape in self._buffer_shapes().items():
@@ -83,7 +90,30 @@ class BaseLayerWithLoRA(nn.Module):
         Trainable adapters (see :mod:`torch_xla_lora.training`) replace their slots' rows by their
         parameters here, in the graph, so that gradients reach the parameters.
         """
-        return self.lora_a, self.lora_b
+        if not self.trainable:
+            return self.lora_a, self.lora_b
+        slots = sorted(self.trainable)
+        rows = [self.trainable[slot].slot_rows(self.max_rank, self.lora_a.dtype) for slot in slots]
+        index = torch.tensor(slots, dtype=torch.long, device=self.lora_a.device)
+        lora_a = self.lora_a.index_put((index,), torch.stack([a for a, _ in rows]))
+        lora_b = self.lora_b.index_put((index,), torch.stack([b for _, b in rows]))
+        return lora_a, lora_b
+
+    def lora_input(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """x [..., in] as the LoRA product reads it: in training mode (``model.train()``), the rows of each
+        trainable adapter with a ``lora_dropout`` go through that dropout, as PEFT drops the input of
+        ``lora_A``; the base product always reads x itself. Returns x when nothing drops."""
+        rates = {slot: m.dropout for slot, m in self.trainable.items() if m.dropout > 0}
+        if not self.training or not rates:
+            return x
+        table = torch.zeros(self.max_loras + 1, dtype=torch.float32)  # slot + 1 -> rate (-1: base rows)
+        for slot, rate in rates.items():
+            table[slot + 1] = rate
+        x2 = x.reshape(-1, x.shape[-1])
+        rate = table.to(x.device)[(slots + 1).long()][:, None]  # [N, 1]
+        keep = torch.rand(x2.shape, dtype=torch.float32, device=x.device) >= rate
+        dropped = torch.where(keep, x2 / (1 - rate).to(x2.dtype), torch.zeros((), dtype=x2.dtype, device=x.device))
+        return dropped.reshape(x.shape)
 
     @classmethod
     def can_replace(cls, module: nn.Module) -> bool:

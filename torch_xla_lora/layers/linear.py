@@ -58,11 +58,12 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         if slots is None:
             return self.base_layer(x)
         formulation = self.formulation(x)
-        if formulation == "fused":
+        x_lora = self.lora_input(x, slots)  # x, or x through trainable adapters' lora_dropout
+        if formulation == "fused" and x_lora is x:
             return self._forward_base_fused(x, slots)
         y = self.base_layer(x)
         # One fused op: x [N, in] -> [N, R] (on chip) -> + y [N, out]; B spans every output slice.
-        return self.add_lora(x, y, slots, self._metadata(x), self.lora_backend(formulation))
+        return self.add_lora(x_lora, y, slots, self._metadata(x), self.lora_backend(formulation))
 
     def _metadata(self, x: torch.Tensor) -> torch.Tensor | None:
         """The batch's host-built grouping for x's token count and this layer's shape, if set_batch made it."""

@@ -1,0 +1,134 @@
+"""Training adapters in mixed batches equals training each alone with PEFT (docs/training.md).
+
+The reference is PEFT: one PeftModel holding every tenant's adapter with the same starting weights,
+each adapter trained alone (``set_adapter``) on its own rows, eager, on CPU tensors. The patched model
+trains all tenants at once, each row of a batch on its own adapter.
+"""
+
+import pytest
+import torch
+import torch_xla
+from conftest import assert_close, tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+import torch_xla_lora as tl
+
+# Three tenants: different ranks, rsLoRA, rank/alpha patterns, dropout off (equality needs it off).
+TENANTS = {
+    "t0": {"r": 2, "lora_alpha": 4, "target_modules": "all-linear"},
+    "t1": {
+        "r": 4,
+        "lora_alpha": 8,
+        "use_rslora": True,
+        "target_modules": ["q_proj", "v_proj", "down_proj", "lm_head", "embed_tokens"],
+        "rank_pattern": {"down_proj": 8},
+        "alpha_pattern": {"v_proj": 3},
+    },
+    "t2": {"r": 8, "lora_alpha": 16, "target_modules": ["gate_proj", "up_proj", "o_proj", "k_proj"]},
+}
+MAX_RANK = 8
+VOCAB, SEQ = 64, 6
+
+
+def _patched(device: torch.device, max_loras: int = 4) -> tl.LoRAModel:
+    model = tiny_llama().to(device)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens"]
+    config = tl.LoRAConfig(max_loras=max_loras, max_rank=MAX_RANK, target_modules=targets)
+    return tl.patch_model(model, config)
+
+
+def _create(lora: tl.LoRAModel, names=TENANTS) -> None:
+    torch.manual_seed(1)
+    for name in names:
+        # init False: B non-zero, so that A's gradients are not all zero.
+        lora.create_adapter(name, LoraConfig(init_lora_weights=False, **TENANTS[name]))
+
+
+def _peft(lora: tl.LoRAModel, names=TENANTS) -> PeftModel:
+    """A PeftModel on a fresh copy of the base holding each tenant's current weights."""
+    peft_model = None
+    for name in names:
+        config = LoraConfig(**TENANTS[name])
+        if peft_model is None:
+            peft_model = get_peft_model(tiny_llama(), config, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, config)
+        state = {k: v.detach().cpu().clone() for k, v in lora.trainable_parameters(name).items()}
+        result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
+        assert not [k for k in result.unexpected_keys if "lora" in k]
+    return peft_model
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of each row's mean cross-entropy: rows are independent, so each tenant's gradient is
+    its own rows' loss's gradient."""
+    per_token = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return per_token.mean(dim=1).sum()
+
+
+def _batch(seed: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (rows, SEQ), generator=gen)
+    return ids, torch.randint(0, VOCAB, (rows, SEQ), generator=gen)
+
+
+def _peft_grads(peft_model: PeftModel, name: str, ids, targets) -> dict[str, torch.Tensor]:
+    peft_model.set_adapter(name)
+    peft_model.train()
+    peft_model.zero_grad(set_to_none=True)
+    _loss(peft_model(ids).logits, targets).backward()
+    grads = {}
+    for key, param in peft_model.named_parameters():
+        if f".{name}." in key or key.endswith(f".{name}"):
+            grads[key.replace(f".{name}", "")] = param.grad
+    return grads
+
+
+MIX = ["t0", "t1", None, "t2", "t1", "t0"]
+
+
+@pytest.mark.parametrize("on_xla", [False, True], ids=["cpu", "xla"])
+def test_one_step_gradients_equal_peft_alone(on_xla, xla_device):
+    device = xla_device if on_xla else torch.device("cpu")
+    lora = _patched(device)
+    _create(lora)
+    peft_model = _peft(lora)
+    ids, targets = _batch(0, len(MIX))
+    lora.model.train()
+    lora.set_batch(MIX)
+    loss = _loss(lora.model(ids.to(device)).logits, targets.to(device))
+    loss.backward()
+    if on_xla:
+        torch_xla.sync()
+    for name in TENANTS:
+        rows = [i for i, n in enumerate(MIX) if n == name]
+        expected = _peft_grads(peft_model, name, ids[rows], targets[rows])
+        params = lora.trainable_parameters(name)
+        assert set(params) == set(expected)
+        for key, param in params.items():
+            assert param.grad is not None, key
+            assert_close(param.grad, expected[key])
+    # The base stays frozen, as PEFT leaves it.
+    assert not any(p.requires_grad for p in lora.model.parameters())
+
+
+def test_keys_shapes_and_initialisation_match_peft():
+    lora = _patched(torch.device("cpu"))
+    for init in (True, "gaussian", False):
+        name = f"init-{init}"
+        torch.manual_seed(0)
+        lora.create_adapter(name, LoraConfig(init_lora_weights=init, **TENANTS["t1"]))
+        torch.manual_seed(0)
+        peft_model = get_peft_model(tiny_llama(), LoraConfig(init_lora_weights=init, **TENANTS["t1"]))
+        expected = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+        params = lora.trainable_parameters(name)
+        assert set(params) == set(expected)
+        for key, value in expected.items():
+            ours = params[key].detach()
+            assert ours.shape == value.shape, key
+            if value.abs().max() == 0:  # B of True / "gaussian", A of an embedding under True
+                assert ours.abs().max() == 0, key
+            else:  # same distribution: same bound (uniform) or spread (normal) within sampling error
+                ratio = ours.std() / value.std()
+                assert 0.6 < ratio < 1.6, (key, ratio)
+        lora.remove(name)
