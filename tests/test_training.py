@@ -212,3 +212,29 @@ def _assert_weights_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     of one formulation against another growing with each step (a wrong gradient moves them by ~1e-1)."""
     magnitude = expected.abs().max().item()
     torch.testing.assert_close(actual.detach().cpu(), expected, atol=1e-4 * magnitude, rtol=1e-4)
+
+
+def test_new_mixes_compile_nothing_new(xla_device):
+    """The documented training loop on the XLA device (docs/training.md): a sync after backward, one
+    optimizer per tenant with a sync after each step: once every tenant has taken two steps (an optimizer's
+    first step also creates its state), new adapter mixes compile nothing."""
+    lora = _patched(xla_device)
+    _create(lora)
+    optimizers = {name: _optimizer("adamw", lora.trainable_parameters(name).values()) for name in TENANTS}
+    lora.model.train()
+
+    def step(mix, seed):
+        ids, targets = _batch(seed, len(mix))
+        lora.set_batch(mix)
+        _loss(lora.model(ids.to(xla_device)).logits, targets.to(xla_device)).backward()
+        torch_xla.sync()
+        for optimizer in optimizers.values():
+            optimizer.step()  # a tenant without rows has no gradients: nothing to do
+            torch_xla.sync()
+            optimizer.zero_grad(set_to_none=True)
+
+    for seed, mix in enumerate([["t0", "t1", "t2", None], ["t1", "t2", None, "t0"]]):
+        step(mix, seed)
+    with tl.assert_no_recompile():
+        for seed, mix in enumerate([["t2", "t2", "t2", "t2"], [None, "t0", "t2", "t0"], ["t1", None, None, "t1"]]):
+            step(mix, 10 + seed)
