@@ -5,9 +5,12 @@ each adapter trained alone (``set_adapter``) on its own rows, eager, on CPU tens
 trains all tenants at once, each row of a batch on its own adapter.
 """
 
+import warnings
+
 import pytest
 import torch
 import torch_xla
+import transformers
 from conftest import assert_close, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -30,32 +33,79 @@ MAX_RANK = 8
 VOCAB, SEQ = 64, 6
 
 
-def _patched(device: torch.device, max_loras: int = 4) -> tl.LoRAModel:
-    model = tiny_llama().to(device)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens"]
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=16, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # training mode: the base's own dropout off
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def tiny_qwen2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    return transformers.Qwen2ForCausalLM(config).eval()
+
+
+# Architecture -> (base model builder, patched targets, tenants' LoRA configs).
+ARCHS = {
+    "llama": (tiny_llama, TARGETS, TENANTS),
+    # GPT-2's Conv1D stores its weight [in, out]: PEFT's fan_in_fan_out.
+    "gpt2": (
+        tiny_gpt2,
+        ["c_attn", "c_proj", "c_fc"],
+        {
+            "t0": {"r": 2, "lora_alpha": 4, "target_modules": ["c_attn"], "fan_in_fan_out": True},
+            "t1": {"r": 8, "lora_alpha": 8, "target_modules": ["c_proj", "c_fc"], "fan_in_fan_out": True},
+        },
+    ),
+    # Qwen2's q/k/v carry biases.
+    "qwen2": (
+        tiny_qwen2,
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        {
+            "t0": {"r": 1, "lora_alpha": 2, "target_modules": ["q_proj", "k_proj", "v_proj"]},
+            "t1": {"r": 8, "lora_alpha": 4, "use_rslora": True, "target_modules": ["v_proj", "o_proj"]},
+        },
+    ),
+}
+
+
+def _patched(device: torch.device, max_loras: int = 4, arch: str = "llama") -> tl.LoRAModel:
+    build, targets, _ = ARCHS[arch]
     config = tl.LoRAConfig(max_loras=max_loras, max_rank=MAX_RANK, target_modules=targets)
-    return tl.patch_model(model, config)
+    return tl.patch_model(build().to(device), config)
 
 
-def _create(lora: tl.LoRAModel, names=TENANTS) -> None:
+def _create(lora: tl.LoRAModel, tenants=TENANTS) -> None:
     torch.manual_seed(1)
-    for name in names:
+    for name, kwargs in tenants.items():
         # init False: B non-zero, so that A's gradients are not all zero.
-        lora.create_adapter(name, LoraConfig(init_lora_weights=False, **TENANTS[name]))
+        lora.create_adapter(name, LoraConfig(init_lora_weights=False, **kwargs))
 
 
-def _peft(lora: tl.LoRAModel, names=TENANTS) -> PeftModel:
+def _peft(lora: tl.LoRAModel, arch: str = "llama") -> PeftModel:
     """A PeftModel on a fresh copy of the base holding each tenant's current weights."""
+    build, _, tenants = ARCHS[arch]
     peft_model = None
-    for name in names:
-        config = LoraConfig(**TENANTS[name])
-        if peft_model is None:
-            peft_model = get_peft_model(tiny_llama(), config, adapter_name=name)
-        else:
-            peft_model.add_adapter(name, config)
-        state = {k: v.detach().cpu().clone() for k, v in lora.trainable_parameters(name).items()}
-        result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
-        assert not [k for k in result.unexpected_keys if "lora" in k]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fan_in_fan_out and embedding-saving notices
+        for name, kwargs in tenants.items():
+            config = LoraConfig(**kwargs)
+            if peft_model is None:
+                peft_model = get_peft_model(build(), config, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, config)
+            state = {k: v.detach().cpu().clone() for k, v in lora.trainable_parameters(name).items()}
+            result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
+            assert not [k for k in result.unexpected_keys if "lora" in k]
     return peft_model
 
 
@@ -87,21 +137,26 @@ def _peft_grads(peft_model: PeftModel, name: str, ids, targets) -> dict[str, tor
 MIX = ["t0", "t1", None, "t2", "t1", "t0"]
 
 
-@pytest.mark.parametrize("on_xla", [False, True], ids=["cpu", "xla"])
-def test_one_step_gradients_equal_peft_alone(on_xla, xla_device):
+@pytest.mark.parametrize(
+    "arch,on_xla", [("llama", False), ("llama", True), ("gpt2", False), ("qwen2", False)],
+    ids=["llama-cpu", "llama-xla", "gpt2-cpu", "qwen2-cpu"],
+)  # fmt: skip
+def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device):
     device = xla_device if on_xla else torch.device("cpu")
-    lora = _patched(device)
-    _create(lora)
-    peft_model = _peft(lora)
-    ids, targets = _batch(0, len(MIX))
+    tenants = ARCHS[arch][2]
+    mix = [n if n is None or n in tenants else "t0" for n in MIX]
+    lora = _patched(device, arch=arch)
+    _create(lora, tenants)
+    peft_model = _peft(lora, arch)
+    ids, targets = _batch(0, len(mix))
     lora.model.train()
-    lora.set_batch(MIX)
+    lora.set_batch(mix)
     loss = _loss(lora.model(ids.to(device)).logits, targets.to(device))
     loss.backward()
     if on_xla:
         torch_xla.sync()
-    for name in TENANTS:
-        rows = [i for i, n in enumerate(MIX) if n == name]
+    for name in tenants:
+        rows = [i for i, n in enumerate(mix) if n == name]
         expected = _peft_grads(peft_model, name, ids[rows], targets[rows])
         params = lora.trainable_parameters(name)
         assert set(params) == set(expected)
@@ -170,9 +225,7 @@ def _train_peft_alone(lora: tl.LoRAModel, kind: str, steps) -> dict[str, dict[st
     return weights
 
 
-@pytest.mark.parametrize(
-    "mode,kind", [("cpu", "sgd"), ("cpu", "adamw"), ("lazy", "adamw"), ("compile", "adamw")]
-)
+@pytest.mark.parametrize("mode,kind", [("cpu", "sgd"), ("cpu", "adamw"), ("lazy", "adamw"), ("compile", "adamw")])
 def test_steps_on_changing_mixes_equal_peft_alone(mode, kind, xla_device):
     """Several optimizer steps over mixes that change (a tenant sits one out): every tenant's weights equal
     its own PEFT run; the sitting-out tenant's gradients are None, so AdamW leaves it exactly as it was."""
