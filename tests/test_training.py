@@ -291,3 +291,74 @@ def test_new_mixes_compile_nothing_new(xla_device):
     with tl.assert_no_recompile():
         for seed, mix in enumerate([["t2", "t2", "t2", "t2"], [None, "t0", "t2", "t0"], ["t1", None, None, "t1"]]):
             step(mix, 10 + seed)
+
+
+def test_save_reload_and_freeze(tmp_path):
+    """save_adapter writes what PeftModel.from_pretrained loads (same outputs); load_adapter(trainable=True)
+    reloads it bit-exactly; freeze keeps the outputs and ends training."""
+    lora = _patched(torch.device("cpu"))
+    _create(lora)
+    with torch.no_grad():  # move the weights off their initial values
+        for param in lora.trainable_parameters("t1").values():
+            param.add_(0.01 * torch.randn_like(param))
+    lora.save_adapter("t1", tmp_path / "t1")
+    ids, _ = _batch(3, 3)
+    lora.set_batch(["t1"] * 3)
+    with torch.no_grad():
+        ours = lora.model(ids).logits
+        peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "t1")
+        assert_close(ours, peft_model(ids).logits)
+
+    lora.load_adapter("again", tmp_path / "t1", trainable=True)
+    saved, reloaded = lora.trainable_parameters("t1"), lora.trainable_parameters("again")
+    assert list(saved) == list(reloaded)
+    for key in saved:
+        assert torch.equal(saved[key], reloaded[key]), key
+
+    lora.freeze("t1")
+    assert lora.adapters()["t1"]["trainable"] is False
+    lora.set_batch(["t1"] * 3)
+    with torch.no_grad():
+        assert_close(lora.model(ids).logits, ours)
+    with pytest.raises(tl.ArgumentError, match="not trainable"):
+        lora.trainable_parameters("t1")
+
+
+def test_trainable_adapters_are_never_evicted():
+    """Trainable adapters hold their slots: a batch or a new trainable adapter that needs one of them fails
+    with NoFreeSlotError and changes nothing."""
+    lora = _patched(torch.device("cpu"), max_loras=3)
+    _create(lora)
+    slots = {name: info["slot"] for name, info in lora.adapters().items()}
+    peft_state = {k: v.detach().clone() for k, v in lora.trainable_parameters("t0").items()}
+    lora.load_adapter("frozen", state_dict=peft_state, config=TENANTS["t0"])
+    with pytest.raises(tl.NoFreeSlotError, match="trainable"):
+        lora.set_batch(["frozen", "t0"])
+    with pytest.raises(tl.NoFreeSlotError):
+        lora.create_adapter("t3", LoraConfig(**TENANTS["t0"]))
+    assert "t3" not in lora.adapters()
+    assert {n: i["slot"] for n, i in lora.adapters().items() if n != "frozen"} == slots
+    lora.remove("t2")  # removing frees its slot
+    lora.set_batch(["frozen", "t0"])
+    with pytest.raises(tl.AdapterNotFoundError):
+        lora.trainable_parameters("t2")
+
+
+def test_dropout_in_training_mode_only():
+    """model.train() drops the LoRA input of an adapter's rows at its lora_dropout, as PEFT does; base rows and
+    rows of an adapter without dropout are untouched; model.eval() drops nothing."""
+    lora = _patched(torch.device("cpu"))
+    torch.manual_seed(1)
+    lora.create_adapter("drop", LoraConfig(init_lora_weights=False, lora_dropout=0.5, **TENANTS["t2"]))
+    lora.create_adapter("keep", LoraConfig(init_lora_weights=False, **TENANTS["t0"]))
+    ids, _ = _batch(4, 3)
+    lora.set_batch(["drop", "keep", None])
+    with torch.no_grad():
+        lora.model.eval()
+        evaluated = lora.model(ids).logits
+        lora.model.train()
+        trained = [lora.model(ids).logits for _ in range(2)]
+    for out in trained:
+        assert_close(out[1:], evaluated[1:])
+        assert not torch.allclose(out[0], evaluated[0], atol=1e-3)
+    assert not torch.allclose(trained[0][0], trained[1][0], atol=1e-3)
