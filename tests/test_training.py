@@ -362,3 +362,34 @@ def test_dropout_in_training_mode_only():
         assert_close(out[1:], evaluated[1:])
         assert not torch.allclose(out[0], evaluated[0], atol=1e-3)
     assert not torch.allclose(trained[0][0], trained[1][0], atol=1e-3)
+
+
+def test_warmup_training_compiles_the_training_graph(xla_device):
+    """warmup(training=True) with the user's forward, loss and backward compiles the graph that training
+    steps then reuse for any mix; the adapters' gradients are as before warm-up."""
+    lora = _patched(xla_device)
+    _create(lora)
+    lora.model.train()
+    _, targets = _batch(5, 4)
+    targets = targets.to(xla_device)
+
+    def forward_backward(ids):
+        loss = _loss(lora.model(ids).logits, targets)
+        loss.backward()
+        return loss.detach()
+
+    lora.warmup([4], [SEQ], step=forward_backward, progress=False, training=True)
+    assert all(p.grad is None for name in TENANTS for p in lora.trainable_parameters(name).values())
+    losses = []
+    with tl.assert_no_recompile():
+        for seed, mix in enumerate([["t0", "t1", "t2", None], ["t2", None, None, "t2"]]):
+            ids, _ = _batch(seed, 4)
+            lora.set_batch(mix)
+            losses.append(forward_backward(ids.to(xla_device)))  # kept to the sync, as warm-up keeps it
+            torch_xla.sync()
+            q_proj_b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+            for name in TENANTS:
+                assert (lora.trainable_parameters(name)[q_proj_b].grad is None) == (name not in mix)
+            for param in (p for name in TENANTS for p in lora.trainable_parameters(name).values()):
+                param.grad = None
+    assert all(torch.isfinite(loss.cpu()) for loss in losses)

@@ -491,6 +491,7 @@ class LoRAModel:
         step: Callable[[torch.Tensor], Any] | None = None,
         progress: bool = True,
         host_metadata: bool = False,
+        training: bool = False,
     ) -> int:
         """Compile ``step`` for every (batch size, sequence length) bucket, and the slot-write graph.
 
@@ -508,6 +509,11 @@ class LoRAModel:
           host_metadata: warm the graphs that serve batches set with
             ``set_batch(..., seq_len=...)`` or ``set_token_adapters`` (host-built
             grouping) rather than plain ``set_batch(names)``.
+          training: warm the training graphs: ``step`` runs with gradients on, and
+            the default step is the forward plus a backward of its logits' mean. Pass
+            your own forward, loss and backward as ``step`` (without the optimizer
+            update: warm-up runs it for real); trainable adapters' gradients are
+            put back as they were (docs/training.md).
 
         Returns:
           the number of XLA compilations warm-up made.
@@ -519,20 +525,26 @@ class LoRAModel:
         """
         self._check_patched()
         buckets = self._check_warmup(batch_sizes, seq_lens, step, progress, host_metadata)
-        step = step or self.model
+        if not isinstance(training, bool):
+            raise ArgumentTypeError(f"warmup: training must be a bool, got {type(training).__name__} {training!r}")
+        step = step or (self._training_step if training else self.model)
         counter = CompileCounter()
         self.manager.warm_writes()
         saved = (self.context.slots, self.context.per_token, self.context.metadata)
+        params = [p for adapter in self._trainable.values() for p in adapter.parameters().values()]
+        grads = [p.grad for p in params]
         try:
             for number, (batch, seq) in enumerate(buckets, 1):
                 start = time.perf_counter()
                 rows = torch.arange(batch, dtype=torch.int32) % (self.config.max_loras + 1) - 1
                 self._send(rows, per_token=False, seq_len=seq if host_metadata else None)
-                with torch.no_grad():
+                with torch.set_grad_enabled(training):
                     # Kept alive until the sync: a lazy graph whose outputs are dropped is never compiled.
                     out = step(torch.zeros(batch, seq, dtype=torch.long).to(self.device))
                     _sync(self.device)
                 del out
+                for param, grad in zip(params, grads, strict=True):
+                    param.grad = grad
                 if progress:
                     print(
                         f"warm-up {number}/{len(buckets)}: batch {batch} x seq {seq} "
@@ -545,6 +557,14 @@ class LoRAModel:
         finally:
             self.context.set(*saved)
         return counter.count
+
+    def _training_step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Warm-up's default training step: the forward and a backward of the mean of its logits."""
+        out = self.model(ids)
+        logits = getattr(out, "logits", out)
+        loss = logits.float().mean()
+        loss.backward()
+        return loss.detach()
 
     def _check_warmup(self, batch_sizes, seq_lens, step, progress, host_metadata) -> list[tuple[int, int]]:
         """Validate :meth:`warmup`'s arguments before anything runs; return its (batch, seq) buckets."""
