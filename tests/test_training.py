@@ -388,7 +388,7 @@ def test_warmup_training_compiles_the_training_graph(xla_device):
             losses.append(forward_backward(ids.to(xla_device)))  # kept to the sync, as warm-up keeps it
             torch_xla.sync()
             q_proj_b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-            for name in TENANTS:
+            for name in ("t0", "t1"):  # the tenants with LoRA on q_proj
                 assert (lora.trainable_parameters(name)[q_proj_b].grad is None) == (name not in mix)
             for param in (p for name in TENANTS for p in lora.trainable_parameters(name).values()):
                 param.grad = None
