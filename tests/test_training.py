@@ -393,3 +393,45 @@ def test_warmup_training_compiles_the_training_graph(xla_device):
             for param in (p for name in TENANTS for p in lora.trainable_parameters(name).values()):
                 param.grad = None
     assert all(torch.isfinite(loss.cpu()) for loss in losses)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"target_modules": "all-linear", "exclude_modules": ["o_proj"]},
+        {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+        {"target_modules": r".*\.(k|v)_proj"},
+    ],
+    ids=["all-linear-exclude", "layers-to-transform", "regex"],
+)
+def test_targets_follow_peft_rules(kwargs):
+    """create_adapter targets exactly the modules PEFT's get_peft_model targets for the same config."""
+    lora = _patched(torch.device("cpu"))
+    lora.create_adapter("t", LoraConfig(r=2, **kwargs))
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, **kwargs))
+    assert set(lora.trainable_parameters("t")) == set(get_peft_model_state_dict(peft_model))
+
+
+def test_bad_training_calls_raise_typed_errors_and_change_nothing(tmp_path):
+    lora = _patched(torch.device("cpu"))
+    lora.create_adapter("ok", LoraConfig(r=2, target_modules=["q_proj"]))
+    before = lora.adapters()
+    q_proj = {"target_modules": ["q_proj"]}
+    cases = [
+        (tl.ArgumentTypeError, lambda: lora.create_adapter("x", "r=2")),
+        (tl.UnknownModuleError, lambda: lora.create_adapter("x", LoraConfig(r=2, target_modules=["nope"]))),
+        (tl.RankTooLargeError, lambda: lora.create_adapter("x", LoraConfig(r=MAX_RANK * 2, **q_proj))),
+        (tl.UnsupportedAdapterError, lambda: lora.create_adapter("x", LoraConfig(use_dora=True, **q_proj))),
+        (tl.UnsupportedAdapterError, lambda: lora.create_adapter("x", LoraConfig(init_lora_weights="pissa", **q_proj))),
+        (tl.ArgumentTypeError, lambda: lora.load_adapter("x", tmp_path, trainable="yes")),
+        (tl.AdapterNotFoundError, lambda: lora.trainable_parameters("x")),
+        (tl.AdapterNotFoundError, lambda: lora.freeze("x")),
+        (tl.ArgumentTypeError, lambda: lora.save_adapter("ok", 3)),
+    ]  # fmt: skip
+    for error, call in cases:
+        with pytest.raises(error):
+            call()
+        assert lora.adapters() == before
+    lora.freeze("ok")
+    with pytest.raises(tl.ArgumentError, match="not trainable"):
+        lora.save_adapter("ok", tmp_path)
