@@ -11,7 +11,7 @@ layouts, DMA and loop legality.
 Grids (``tpu_grid``): ``--grid sample`` (default) compiles ``--per-cell``
 configurations per (chip, kernel) cell, covering every token count, rank, slot
 count, dtype and variant in each cell and every layer shape for each kernel;
-``--grid full`` is the whole cartesian product (184,320 configurations with
+``--grid full`` is the whole cartesian product (230,400 configurations with
 ``tpu_grid``'s axes: narrow it with ``--chips``, ``--kernels``, ``--models``,
 ``--limit``).
 Needs libtpu (the ``test`` and ``tpu`` extras install it).

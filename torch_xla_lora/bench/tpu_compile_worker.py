@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from torch_xla_lora.bench.tpu_grid import CHIPS, Config  # noqa: E402
-from torch_xla_lora.kernels import block_sizes, fused, fused_base, mosaic_version  # noqa: E402
+from torch_xla_lora.kernels import block_sizes, fused, fused_base, mosaic_version, weight_grad  # noqa: E402
 from torch_xla_lora.ops import _jax, _linear  # noqa: E402
 
 SCALING = 0.5
@@ -175,7 +175,30 @@ def build_expand(cfg: Config, sds):
 
 
 # Kernel entry name (tpu_grid.KERNELS) -> builder(config, sds) -> (jax fn, argument specs, info).
-BUILDERS = {"fused": build_fused, "shrink": build_shrink, "expand": build_expand, "linear": build_linear}
+def build_weight_grad(cfg: Config, sds):
+    dtype = jnp.dtype(cfg.dtype)
+    rank = cfg.rank
+    width = cfg.in_features if cfg.variant == "lora_a" else cfg.out_features
+    args = (sds((cfg.tokens, rank), dtype), sds((cfg.tokens, width), dtype), sds((cfg.tokens,), jnp.int32))
+    tokens = weight_grad.block_tokens(cfg.tokens)
+    tile = weight_grad.width_tile(width if width <= 512 else -(-width // 128) * 128)
+    # Double-buffered inputs (indices twice, left, right) and the f32 output tile.
+    vmem = 2 * (2 * tokens * 4 + tokens * rank * dtype.itemsize + tokens * tile * dtype.itemsize) + 2 * rank * tile * 4
+    info = {"block": {"tokens": tokens, "width": tile}, "vmem_estimate": vmem}
+    padded_tokens = -(-cfg.tokens // tokens) * tokens
+    padded_width = width if width <= 512 else -(-width // 128) * 128
+    estimate = weight_grad.cost_estimate(padded_tokens, rank, padded_width, cfg.slots, dtype.itemsize)
+    info["estimate"] = {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed}
+    return _jax.weight_grad_fn(cfg.slots, SCALING, "pallas", cfg.chip), args, info
+
+
+BUILDERS = {
+    "fused": build_fused,
+    "shrink": build_shrink,
+    "expand": build_expand,
+    "linear": build_linear,
+    "weight_grad": build_weight_grad,
+}
 
 
 def compile_one(cfg: Config, pin_ir_version: bool = True) -> dict:

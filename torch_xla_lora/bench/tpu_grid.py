@@ -81,6 +81,12 @@ KERNELS = (
         "linear_lora: linear_lora_fn('pallas', chip, ...), nn.Linear's weight layout with host metadata, "
         "or Conv1D's with a bias",
     ),
+    KernelEntry(
+        "weight_grad",
+        ("lora_a", "lora_b"),
+        "bgmv_weight_grad (the backward's dA, dB): weight_grad_fn(L, scaling, 'pallas', chip); 'lora_a' takes "
+        "[T, R] x [T, in], 'lora_b' [T, R] x [T, out]",
+    ),
 )
 
 
@@ -147,7 +153,7 @@ def sample(per_cell: int = 6, chips=tuple(CHIPS), kernels=None) -> list[Config]:
 
 
 def full(chips=tuple(CHIPS), kernels=None) -> Iterator[Config]:
-    """Every combination of every axis (184,320 configurations with the axes above: filter it)."""
+    """Every combination of every axis (230,400 configurations with the axes above: filter it)."""
     for entry in (_entry(name) for name in (kernels or [e.name for e in KERNELS])):
         for chip, variant, dtype, tokens, slots, rank, layer in itertools.product(
             chips, entry.variants, DTYPES, TOKENS, SLOTS, RANKS, LAYERS

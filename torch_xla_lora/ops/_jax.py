@@ -19,7 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from torch_xla_lora.kernels import block_sizes, expand, fused, shrink, visits
+from torch_xla_lora.kernels import block_sizes, expand, fused, shrink, visits, weight_grad
 from torch_xla_lora.ops import _xla_native
 
 _CACHE_SIZE = 256
@@ -165,15 +165,30 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def weight_grad_fn(num_slots: int, scaling: float) -> Callable:
+def weight_grad_fn(num_slots: int, scaling: float, backend: str = "xla", generation: str = "cpu") -> Callable:
     """``fn(left[T, P], right[T, Q], indices[T]) -> [L, P, Q]`` in right's dtype, for one configuration.
 
-    The XLA-native segmented outer product (``_xla_native.weight_grad``) whatever
-    the backend: there is no Pallas kernel for it yet.
+    Backend "pallas": the slot-major Pallas kernel (``kernels.weight_grad``; interpret mode on
+    the CPU); otherwise the XLA-native segmented outer product (``_xla_native.weight_grad``).
     """
 
     def fn(left, right, indices):
-        num_tokens = indices.shape[0]
+        num_tokens, width = indices.shape[0], right.shape[1]
+        if backend == "pallas" and num_slots > 0:
+            tokens = weight_grad.block_tokens(num_tokens)
+            padded = -(-num_tokens // tokens) * tokens
+            wide = width if width <= 512 else -(-width // 128) * 128
+            out = weight_grad.weight_grad(
+                _pad_rows(left, padded),
+                jnp.pad(_pad_rows(right, padded), [(0, 0), (0, wide - width)]),
+                _padded_indices(indices, num_slots, padded),
+                num_slots=num_slots,
+                scaling=scaling,
+                tokens=tokens,
+                interpret=generation == "cpu",
+                vmem_limit_bytes=block_sizes.vmem_limit(generation),
+            )[:, :, :width]
+            return out.astype(right.dtype)
         block_tokens = _xla_native.weight_grad_block_tokens(num_tokens)
         padded = -(-num_tokens // block_tokens) * block_tokens
         idx = _padded_indices(indices, num_slots, padded)

@@ -1,0 +1,101 @@
+"""The Pallas weight-gradient kernel (``kernels.weight_grad``, the backward's dA and dB) in interpret mode,
+through the op's JAX function (padding as the op pads), against float64 NumPy."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from torch_xla_lora.kernels import weight_grad  # noqa: E402
+from torch_xla_lora.ops import _jax  # noqa: E402
+
+
+def _reference(left, right, indices, num_slots, scaling):
+    out = np.zeros((num_slots, left.shape[1], right.shape[1]))
+    for t, slot in enumerate(indices):
+        if 0 <= slot < num_slots:
+            out[slot] += scaling * np.outer(left[t].astype(np.float64), right[t].astype(np.float64))
+    return out
+
+
+def _indices(pattern: str, num_tokens: int, num_slots: int, rng) -> np.ndarray:
+    if pattern == "per_token":  # every block mixes slots, -1 and an out-of-range slot
+        return rng.integers(-1, num_slots + 1, num_tokens).astype(np.int32)
+    # Rows of 40 tokens on one adapter (runs cross block boundaries); slot 0 unused.
+    rows = rng.integers(1, num_slots, -(-num_tokens // 40))
+    rows[1] = -1
+    return np.repeat(rows, 40)[:num_tokens].astype(np.int32)
+
+
+@pytest.mark.parametrize(
+    "num_tokens,num_slots,rank,width,pattern",
+    [(200, 5, 16, 576, "per_token"), (1100, 4, 8, 320, "rows"), (7, 3, 4, 128, "per_token")],
+)
+def test_kernel_equals_float64(num_tokens, num_slots, rank, width, pattern):
+    rng = np.random.default_rng(num_tokens)
+    idx = _indices(pattern, num_tokens, num_slots, rng)
+    left = rng.standard_normal((num_tokens, rank)).astype(np.float32)
+    right = rng.standard_normal((num_tokens, width)).astype(np.float32)
+    fn = _jax.weight_grad_fn(num_slots, 0.5, "pallas", "cpu")
+    out = np.asarray(fn(jnp.asarray(left), jnp.asarray(right), jnp.asarray(idx)))
+    expected = _reference(left, right, idx, num_slots, 0.5)
+    np.testing.assert_allclose(out, expected, atol=1e-5 * np.abs(expected).max(), rtol=1e-5)
+    unused = [s for s in range(num_slots) if s not in idx]
+    assert (out[unused] == 0).all()
+
+
+def test_non_finite_rows_stay_in_their_slot():
+    """An Inf or NaN in one slot's rows (both operands) reaches that slot only: rows are selected, not
+    multiplied by a zero mask."""
+    rng = np.random.default_rng(0)
+    idx = _indices("per_token", 256, 4, rng)
+    left = rng.standard_normal((256, 8)).astype(np.float32)
+    right = rng.standard_normal((256, 256)).astype(np.float32)
+    poisoned = np.flatnonzero(idx == 2)
+    left[poisoned[0]] = np.inf
+    right[poisoned[1]] = np.nan
+    right[np.flatnonzero(idx == -1)[0]] = np.inf  # a row without adapter
+    out = np.asarray(_jax.weight_grad_fn(4, 1.0, "pallas", "cpu")(*map(jnp.asarray, (left, right, idx))))
+    assert not np.isfinite(out[2]).all()
+    clean_left, clean_right = left.copy(), right.copy()
+    clean_left[idx == 2], clean_right[idx == 2] = 0, 0
+    clean_right[idx == -1] = 0
+    expected = _reference(clean_left, clean_right, idx, 4, 1.0)
+    for slot in (0, 1, 3):
+        np.testing.assert_allclose(out[slot], expected[slot], atol=1e-5 * np.abs(expected).max(), rtol=1e-5)
+
+
+def test_bfloat16_against_float64():
+    rng = np.random.default_rng(1)
+    idx = _indices("rows", 300, 3, rng)
+    left = jnp.asarray(rng.standard_normal((300, 16)), jnp.bfloat16)
+    right = jnp.asarray(rng.standard_normal((300, 256)), jnp.bfloat16)
+    out = np.asarray(_jax.weight_grad_fn(3, 1.0, "pallas", "cpu")(left, right, jnp.asarray(idx)), np.float64)
+    expected = _reference(np.asarray(left, np.float64), np.asarray(right, np.float64), idx, 3, 1.0)
+    # f32 accumulation of exact bf16 products; the result rounded to bfloat16 once.
+    np.testing.assert_allclose(out, expected, atol=1e-2 * np.abs(expected).max(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("pattern", ["per_token", "rows"])
+def test_visits_are_slot_major_and_cover_every_slot(pattern):
+    """The host (NumPy) and device (jnp) builders agree, every slot has a visit, a slot's visits are
+    consecutive, and the real visits are exactly the (slot, block) pairs some token makes plus one empty
+    visit per unused slot."""
+    rng = np.random.default_rng(2)
+    num_slots, tokens = 6, 128
+    idx = _indices(pattern, 1024, num_slots, rng)
+    idx[idx >= num_slots] = -1  # the kernel's indices are in [-1, L), as the op pads them
+    host = weight_grad.build_slot_visits(idx, num_slots, tokens, xp=np)
+    device = weight_grad.build_slot_visits(jnp.asarray(idx), num_slots, tokens)
+    for a, b in zip(host, device, strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    count = int(host.count[0])
+    pairs = list(zip(host.slot[:count].tolist(), host.block[:count].tolist(), strict=True))
+    blocks = 1024 // tokens
+    made = {(int(s), t // tokens) for t, s in enumerate(idx) if s >= 0}
+    empty = {(s, blocks) for s in range(num_slots) if s not in idx}
+    assert set(pairs) == made | empty and len(pairs) == len(made | empty)
+    assert pairs == sorted(pairs)
