@@ -20,11 +20,22 @@ With ``LoRAConfig.base_fusion`` the base matmul runs inside the region too:
 each shard calls ``linear_lora`` (the base product and the LoRA in one op) on
 its local weight shard, so x is read once and the output written once per
 shard, as on one device.
+
+Every region is differentiable (``register_autograd``, at the end of this
+module), and each backward is a region too: one custom op with a fake
+(``sharded_*_backward``) that runs the one-device ops (``bgmv_shrink``,
+``bgmv_expand``, ``bgmv_weight_grad``) on the local shards. A gradient that
+several shards compute parts of (a replicated tensor's: A of a column layer,
+B of a row layer or embedding, every slot tensor under data parallelism)
+leaves the region as the shards' partials stacked on the axes they differ
+over, and one sum reduces them: the partitioner lowers it to one all-reduce
+(see :func:`_leave_summed` and docs/distributed.md, "Training on a mesh").
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,13 +62,24 @@ def _local_metadata(p: LayerSharding, metadata: torch.Tensor | None) -> torch.Te
     return p.enter(metadata, (p.data_axis, None), placed=True).reshape(-1)
 
 
+def _placed(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` already carries a sharding (a buffer marked by ``apply``, data sent by ``send_batch``,
+    or a tensor a region entered before): then it is entered as it is, without marking it again."""
+    import torch_xla
+
+    return bool(torch_xla._XLAC._get_xla_sharding_spec(tensor))
+
+
+def _enter_factor(p: LayerSharding, factor: torch.Tensor, spec: tuple) -> torch.Tensor:
+    """Local shard of a slot tensor: the buffer as ``apply`` marked it, or what ``layer.slot_factors()``
+    computed from it in the graph (trainable adapters' rows put into the slots), marked on entry."""
+    return p.enter(factor, spec, placed=_placed(factor))
+
+
 def _enter_slots(p: LayerSharding, slots: torch.Tensor) -> torch.Tensor:
     """Local slots: per-token slots arrive as device data placed by ``send_batch``,
     per-row slots as their expansion to tokens (not yet sharded)."""
-    import torch_xla
-
-    placed = bool(torch_xla._XLAC._get_xla_sharding_spec(slots))
-    return p.enter(slots, (p.data_axis,), placed=placed)
+    return p.enter(slots, (p.data_axis,), placed=_placed(slots))
 
 
 @torch.library.custom_op("xla_lora::sharded_linear", mutates_args=())
@@ -91,7 +113,7 @@ def sharded_linear(
     specs = p.lora_specs_linear()
     idx = _enter_slots(p, lora_indices)
     x, y = p.enter(inputs, (tokens, None)), p.enter(base, (tokens, out_axis))
-    a, b = p.enter(lora_a, specs["lora_a"], placed=True), p.enter(lora_b, specs["lora_b"], placed=True)
+    a, b = _enter_factor(p, lora_a, specs["lora_a"]), _enter_factor(p, lora_b, specs["lora_b"])
     rank_axis = specs["lora_a"][1]
     if rank_axis is None:
         out = torch.ops.xla_lora.bgmv_shrink_expand(x, a, b, y, idx, 1.0, backend, _local_metadata(p, metadata))
@@ -145,7 +167,7 @@ def sharded_linear_lora(
     x = p.enter(inputs, (tokens, None))
     w = p.enter(weight, (out_axis, None) if weight_layout == "out_in" else (None, out_axis), placed=True)
     local_bias = None if bias is None else p.enter(bias, (out_axis,), placed=True)
-    a, b = p.enter(lora_a, specs["lora_a"], placed=True), p.enter(lora_b, specs["lora_b"], placed=True)
+    a, b = _enter_factor(p, lora_a, specs["lora_a"]), _enter_factor(p, lora_b, specs["lora_b"])
     meta = _local_metadata(p, metadata)
     out = torch.ops.xla_lora.linear_lora(x, w, local_bias, a, b, idx, 1.0, weight_layout, backend, meta, own_metadata)
     return p.leave(out, (tokens, out_axis), (inputs.shape[0], lora_b.shape[2]))
@@ -194,7 +216,7 @@ def sharded_row_linear(
     x = p.enter(inputs, (tokens, p.axis))
     idx = _enter_slots(p, lora_indices)
     w = p.enter(weight, (p.axis, None) if transposed else (None, p.axis), placed=True)
-    a, b = p.enter(lora_a, specs["lora_a"], placed=True), p.enter(lora_b, specs["lora_b"], placed=True)
+    a, b = _enter_factor(p, lora_a, specs["lora_a"]), _enter_factor(p, lora_b, specs["lora_b"])
     meta = _local_metadata(p, metadata)
     if fuse_base:
         # x_k W_k^T + B A_k x_k in one op on the local K slice; the bias is added after the reduction.
@@ -235,6 +257,7 @@ def sharded_embedding(
     scale_value: float | None,
     key: str,
     backend: str,
+    padding_idx: int | None = None,
 ) -> torch.Tensor:
     """Vocab-parallel (or replicated) embedding with LoRA: masked local lookups, one reduction.
 
@@ -244,6 +267,9 @@ def sharded_embedding(
       scale, scale_value: the base embedding's ``embed_scale`` (see
         :func:`torch_xla_lora.layers.embedding.embed_scale`) when it is a
         one-element tensor or a number, else None.
+      padding_idx: the base embedding's ``padding_idx`` (its row gets no weight
+        gradient, as ``nn.Embedding`` gives it none), or None. The output does not
+        depend on it.
 
     Returns:
       [N, D] in weight's dtype.
@@ -255,33 +281,45 @@ def sharded_embedding(
     base module's own forward, which scales its lookup, does not run here).
     """
     p = _placement(key)
-    tokens = p.data_axis
-    vocab_axis = p.axis if p.kind == "vocab" else None
-    shards = p.shards if vocab_axis else 1
-    vocab, rank = weight.shape[0] // shards, lora_a.shape[2]  # rows per shard
-    idx = _enter_slots(p, lora_indices)
-    w = p.enter(weight, (vocab_axis, None), placed=True)
-    a = p.enter(lora_a, (None, vocab_axis, None), placed=True)  # [L, vocab_local, R]
-    # This shard's first vocabulary row: the shard's element of an iota split over the axis.
-    shard = p.enter(torch.arange(shards, dtype=torch.int32, device=ids.device), (vocab_axis,))
-    local = p.enter(ids, (tokens,)).to(torch.int32) - shard * vocab  # [N_local]
-    inside = ((local >= 0) & (local < vocab))[:, None]
-    local = local.clamp(0, vocab - 1)
-    factor = p.enter(scale.reshape(1), (None,)) if scale is not None else scale_value
-    base = scaled(torch.where(inside, w.index_select(0, local), 0), factor)  # [N_local, D]
-    rows = idx.clamp(min=0) * vocab + local  # -1 slots add zero in expand
-    s = scaled(torch.where(inside, a.reshape(-1, rank).index_select(0, rows), 0), factor)  # [N_local, R]
-    b = p.enter(lora_b, (None, None, None), placed=True)
-    partial = torch.ops.xla_lora.bgmv_expand(s, b, base.to(b.dtype), idx, True, backend)
+    look = _Lookup(p, ids, weight, lora_a, lora_indices, scale, scale_value)
+    w = p.enter(weight, (look.vocab_axis, None), placed=True)
+    a = _enter_factor(p, lora_a, (None, look.vocab_axis, None))  # [L, vocab_local, R]
+    base = scaled(torch.where(look.inside, w.index_select(0, look.local), 0), look.factor)  # [N_local, D]
+    s = look.a_rows(a)  # [N_local, R]
+    b = _enter_factor(p, lora_b, (None, None, None))
+    partial = torch.ops.xla_lora.bgmv_expand(s, b, base.to(b.dtype), look.idx, True, backend)
     partial = partial.to(base.dtype)  # reduced in the model's dtype, as the base lookup alone would be
-    if vocab_axis is None:
-        return p.leave(partial, (tokens, None), (ids.shape[0], weight.shape[1]))
+    if look.vocab_axis is None:
+        return p.leave(partial, (p.data_axis, None), (ids.shape[0], weight.shape[1]))
     return p.reduce(partial, ids.shape[0])
 
 
 @sharded_embedding.register_fake
-def _(ids, weight, lora_a, lora_b, lora_indices, scale, scale_value, key, backend):
+def _(ids, weight, lora_a, lora_b, lora_indices, scale, scale_value, key, backend, padding_idx=None):
     return weight.new_empty((ids.shape[0], weight.shape[1]))
+
+
+class _Lookup:
+    """One shard's view of an embedding region's ids (inside the region): local rows, mask, slots, scale."""
+
+    def __init__(self, p, ids, weight, lora_a, lora_indices, scale, scale_value) -> None:
+        self.vocab_axis = p.axis if p.kind == "vocab" else None
+        shards = p.shards if self.vocab_axis else 1
+        self.vocab, self.rank = weight.shape[0] // shards, lora_a.shape[2]  # rows per shard
+        self.idx = _enter_slots(p, lora_indices)
+        # This shard's first vocabulary row: the shard's element of an iota split over the axis.
+        shard = p.enter(torch.arange(shards, dtype=torch.int32, device=ids.device), (self.vocab_axis,))
+        local = p.enter(ids, (p.data_axis,)).to(torch.int32) - shard * self.vocab  # [N_local]
+        self.inside = ((local >= 0) & (local < self.vocab))[:, None]
+        self.local = local.clamp(0, self.vocab - 1)
+        self.factor = p.enter(scale.reshape(1), (None,)) if scale is not None else scale_value
+        # Row of (slot, local id) in A's [L * vocab_local, R] view; -1 slots read slot 0 and add zero in expand.
+        self.rows = self.idx.clamp(0, lora_a.shape[0] - 1) * self.vocab + self.local
+
+    def a_rows(self, a: torch.Tensor) -> torch.Tensor:
+        """[N_local, R]: each token's (scaled) A row on this shard, zero for ids of other shards."""
+        rows = a.reshape(-1, self.rank).index_select(0, self.rows)
+        return scaled(torch.where(self.inside, rows, 0), self.factor)
 
 
 @torch.library.custom_op("xla_lora::replicated", mutates_args=())
@@ -306,3 +344,388 @@ def _all_devices():
 
     count = xr.global_runtime_device_count()
     return Mesh(np.arange(count), (count,))
+
+
+# -- autograd: each region's backward is a region too -------------------------------------------------
+#
+# The backward ops take the output gradient and the forward's tensors, and flags saying which gradients
+# autograd needs; a gradient not needed is returned as an empty placeholder (custom ops return tensors).
+# Inside, the same one-device ops as on one device (ops/_autograd.py: dx by shrink and expand with A and B
+# swapped, dA and dB by bgmv_weight_grad) run on the local shards. What several shards compute parts of
+# is summed by _leave_summed, once, over exactly the axes the parts differ over.
+
+_ops = torch.ops.xla_lora
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _none(like: torch.Tensor) -> torch.Tensor:
+    """The placeholder of a gradient autograd does not need."""
+    return like.new_empty(0)
+
+
+def _leave_summed(
+    p: LayerSharding,
+    partial: torch.Tensor,
+    spec: tuple,
+    shape: tuple[int, ...],
+    over: tuple[str | None, ...],
+    float32: bool = True,
+) -> torch.Tensor:
+    """The global tensor of ``shape``, split by ``spec``, that is the sum over the mesh axes ``over`` (None
+    entries skipped) of every shard's ``partial``: the partials leave stacked on those axes and one sum
+    reduces them (the partitioner lowers it to one all-reduce over the axes' devices).
+
+    ``float32``: half-precision partials (the rank- and slot-sized ones) are summed in float32 and rounded
+    once, as one device accumulates them; activation-sized ones (False) are reduced in their own dtype,
+    as the base layer's own reduction is."""
+    over = tuple(axis for axis in over if axis is not None)
+    if not over:
+        return p.leave(partial, spec, shape)
+    dtype = partial.dtype
+    if float32 and dtype in _LOW_PRECISION:
+        partial = partial.float()
+    # One stacking dimension split over all the axes at once: one sum, one all-reduce over their devices.
+    count = math.prod(int(p.mesh.shape()[axis]) for axis in over)
+    stacked = p.leave(partial[None], (over[0] if len(over) == 1 else over, *spec), (count, *shape))
+    return stacked.sum(0).to(dtype)
+
+
+def _rank_slice(p: LayerSharding, ds: torch.Tensor) -> torch.Tensor:
+    """This shard's slice of the model axis of the ranks of ``ds`` [N_local, R] (inside a region)."""
+    width = ds.shape[1] // p.shards
+    # The shard's number, and the offsets within a slice, both entered: every operand of the region is manual.
+    shard = p.enter(torch.arange(p.shards, dtype=torch.int32, device=ds.device), (p.axis,))
+    within = p.enter(torch.arange(width, dtype=torch.int32, device=ds.device), (None,))
+    return ds.index_select(1, shard * width + within)
+
+
+# -- sharded_linear -------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("xla_lora::sharded_linear_backward", mutates_args=())
+def sharded_linear_backward(
+    grad: torch.Tensor,
+    inputs: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    key: str,
+    backend: str,
+    need_inputs: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d inputs, d lora_a, d lora_b) of :func:`sharded_linear` (d base is ``grad``); empty where not needed.
+
+    Per shard, on its columns of ``grad`` and B: ds = shrink(g, B) is a partial of the rank gradient when
+    the columns are split, so it is summed over the model axis (one all-reduce of [N / dp, R]); dx and dA
+    then follow from it on every shard, with no collective. With ``fully_sharded`` each shard holds a slice
+    of A's ranks: dA takes the shard's slice of ds, dx needs the whole A (one all-gather of [L, R, in],
+    rather than an all-reduce of [N / dp, in] partials), and dB the whole shrink (one all-gather of
+    [N / dp, R], as the forward). dA and dB are summed over the data axis.
+    """
+    p = _placement(key)
+    tokens, out_axis = p.data_axis, p.out_axis
+    specs = p.lora_specs_linear()
+    rank_axis = specs["lora_a"][1]
+    n, slots = inputs.shape[0], lora_a.shape[0]
+    idx = _enter_slots(p, lora_indices)
+    x = p.enter(inputs, (tokens, None))
+    a, b = _enter_factor(p, lora_a, specs["lora_a"]), _enter_factor(p, lora_b, specs["lora_b"])
+    g = p.enter(grad, (tokens, out_axis)).to(b.dtype)
+    dx = d_a = d_b = _none(grad)
+    if need_inputs or need_a:
+        ds = _ops.bgmv_shrink(g, b, idx, 1.0, backend)  # [N_local, R]
+        if out_axis is not None:  # a partial over the column shards
+            ds = p.enter(_leave_summed(p, ds, (tokens, None), (n, ds.shape[1]), (out_axis,)), (tokens, None))
+        ds = ds.to(a.dtype)
+        if need_inputs:
+            whole_a = a if rank_axis is None else p.enter(p.leave(a, specs["lora_a"], lora_a.shape), (None,) * 3)
+            dx_local = _ops.bgmv_expand(ds, whole_a, torch.zeros_like(x), idx, False, backend)
+            dx = p.leave(dx_local, (tokens, None), tuple(inputs.shape))
+        if need_a:
+            ds_local = ds if rank_axis is None else _rank_slice(p, ds)  # [N_local, R (/ tp)]
+            d_a_local = _ops.bgmv_weight_grad(ds_local.to(x.dtype), x, idx, slots, 1.0).to(lora_a.dtype)
+            d_a = _leave_summed(p, d_a_local, specs["lora_a"], tuple(lora_a.shape), (tokens,))
+    if need_b:
+        s = _ops.bgmv_shrink(x, a, idx, 1.0, backend)  # [N_local, R (/ tp)]
+        if rank_axis is not None:  # the whole shrink, as the forward gathers it
+            s = p.enter(p.leave(s, (tokens, rank_axis), (n, lora_a.shape[1])), (tokens, None))
+        d_b_local = _ops.bgmv_weight_grad(s.to(b.dtype), g, idx, slots, 1.0).to(lora_b.dtype)
+        d_b = _leave_summed(p, d_b_local, specs["lora_b"], tuple(lora_b.shape), (tokens,))
+    return dx, d_a, d_b
+
+
+@sharded_linear_backward.register_fake
+def _(grad, inputs, lora_a, lora_b, lora_indices, key, backend, need_inputs, need_a, need_b):
+    return _fakes((inputs, need_inputs), (lora_a, need_a), (lora_b, need_b))
+
+
+def _fakes(*pairs: tuple[torch.Tensor, bool]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.empty_like(t) if need else t.new_empty(0) for t, need in pairs)
+
+
+def _linear_setup(ctx, inputs, output) -> None:
+    x, lora_a, lora_b, _, indices, _, key, backend = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, indices)
+    ctx.key, ctx.backend = key, backend
+
+
+def _linear_backward(ctx, grad: torch.Tensor):
+    x, lora_a, lora_b, indices = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = _ops.sharded_linear_backward(grad, x, lora_a, lora_b, indices, ctx.key, ctx.backend, *need[:3])
+    return *_needed(grads, need[:3]), grad if need[3] else None, None, None, None, None
+
+
+def _needed(grads: tuple[torch.Tensor, ...], need: tuple[bool, ...]) -> tuple[torch.Tensor | None, ...]:
+    return tuple(g if n else None for g, n in zip(grads, need, strict=True))
+
+
+# -- sharded_linear_lora --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("xla_lora::sharded_linear_lora_backward", mutates_args=())
+def sharded_linear_lora_backward(
+    grad: torch.Tensor,
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    weight_layout: str,
+    key: str,
+    backend: str,
+    need_inputs: bool,
+    need_weight: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d inputs, d weight, d lora_a, d lora_b) of :func:`sharded_linear_lora`; empty where not needed.
+
+    Per shard, on its columns: dx_k = g_k W_k + (g_k B_k^T) A, whose sum over the model axis is the base
+    layer's own all-reduce of [N / dp, in], now carrying LoRA's part too; dA_k = sum_t outer(g_k B_k^T, x)
+    is a partial over the model axis and the data axis, summed once (one all-reduce of [L, R, in]); dB and
+    dW are local to the columns, summed over the data axis (dW: the base's own data-parallel reduction).
+    """
+    p = _placement(key)
+    tokens, out_axis = p.data_axis, p.out_axis
+    specs = p.lora_specs_linear()
+    out_in = weight_layout == "out_in"
+    w_spec = (out_axis, None) if out_in else (None, out_axis)
+    slots = lora_a.shape[0]
+    idx = _enter_slots(p, lora_indices)
+    x = p.enter(inputs, (tokens, None))
+    w = p.enter(weight, w_spec, placed=True)
+    a, b = _enter_factor(p, lora_a, specs["lora_a"]), _enter_factor(p, lora_b, specs["lora_b"])
+    g = p.enter(grad, (tokens, out_axis))
+    dx = d_w = d_a = d_b = _none(grad)
+    if need_inputs or need_a:
+        ds = _ops.bgmv_shrink(g.to(b.dtype), b, idx, 1.0, backend)  # [N_local, R], partial over the columns
+        if need_inputs:
+            dx_base = g @ w if out_in else g @ w.T
+            dx_local = _ops.bgmv_expand(ds.to(a.dtype), a, dx_base, idx, True, backend)
+            dx = _leave_summed(p, dx_local, (tokens, None), tuple(inputs.shape), (out_axis,), float32=False)
+        if need_a:
+            d_a_local = _ops.bgmv_weight_grad(ds.to(x.dtype), x, idx, slots, 1.0).to(lora_a.dtype)
+            d_a = _leave_summed(p, d_a_local, specs["lora_a"], tuple(lora_a.shape), (tokens, out_axis))
+    if need_b:
+        s = _ops.bgmv_shrink(x, a, idx, 1.0, backend).to(b.dtype)
+        d_b_local = _ops.bgmv_weight_grad(s, g.to(b.dtype), idx, slots, 1.0).to(lora_b.dtype)
+        d_b = _leave_summed(p, d_b_local, specs["lora_b"], tuple(lora_b.shape), (tokens,))
+    if need_weight:
+        d_w_local = (g.T @ x if out_in else x.T @ g).to(weight.dtype)
+        d_w = _leave_summed(p, d_w_local, w_spec, tuple(weight.shape), (tokens,))
+    return dx, d_w, d_a, d_b
+
+
+@sharded_linear_lora_backward.register_fake
+def _(grad, inputs, weight, lora_a, lora_b, lora_indices, weight_layout, key, backend, *need):
+    return _fakes(*zip((inputs, weight, lora_a, lora_b), need, strict=True))
+
+
+def _linear_lora_setup(ctx, inputs, output) -> None:
+    x, weight, bias, lora_a, lora_b, indices, _, layout, key, backend, _ = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, indices)
+    ctx.layout, ctx.key, ctx.backend = layout, key, backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_lora_backward(ctx, grad: torch.Tensor):
+    x, weight, lora_a, lora_b, indices = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    flags = (need[0], need[1], need[3], need[4])
+    args = (grad, x, weight, lora_a, lora_b, indices, ctx.layout, ctx.key, ctx.backend)
+    dx, d_w, d_a, d_b = _needed(_ops.sharded_linear_lora_backward(*args, *flags), flags)
+    d_bias = None
+    if need[2] and ctx.bias_dtype is not None:  # the bias is split like the columns: the partitioner sums the tokens
+        d_bias = grad.sum(0, dtype=torch.promote_types(grad.dtype, torch.float32)).to(ctx.bias_dtype)
+    return dx, d_w, d_bias, d_a, d_b, *(None,) * 6
+
+
+# -- sharded_row_linear ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("xla_lora::sharded_row_linear_backward", mutates_args=())
+def sharded_row_linear_backward(
+    grad: torch.Tensor,
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    transposed: bool,
+    key: str,
+    backend: str,
+    need_inputs: bool,
+    need_weight: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d inputs, d weight, d lora_a, d lora_b) of :func:`sharded_row_linear`; empty where not needed.
+
+    The output gradient is whole on every shard of the model axis (B is replicated), so ds = shrink(g, B)
+    is too, and dx_k = g W_k + ds A_k, dA_k and dW_k are local to the shard's input slice: no collective
+    on the model axis, the sums over the data axis only. dB = sum_t outer(s, g) needs the whole shrink
+    s = sum_k A_k x_k: each shard's partial dB is summed over the model and data axes at once (one
+    all-reduce of [L, R, out]), the reduction of B's replicated gradient.
+    """
+    p = _placement(key)
+    tokens, axis = p.data_axis, p.axis
+    specs = p.lora_specs_linear()
+    w_spec = (axis, None) if transposed else (None, axis)
+    slots = lora_a.shape[0]
+    idx = _enter_slots(p, lora_indices)
+    x = p.enter(inputs, (tokens, axis))  # [N_local, in / tp]
+    w = p.enter(weight, w_spec, placed=True)
+    a, b = _enter_factor(p, lora_a, specs["lora_a"]), _enter_factor(p, lora_b, specs["lora_b"])
+    g = p.enter(grad, (tokens, None))  # [N_local, out], weight's dtype
+    xa = x.to(a.dtype)  # the LoRA product reads x in the adapters' dtype
+    dx = d_w = d_a = d_b = _none(grad)
+    if need_inputs or need_a:
+        ds = _ops.bgmv_shrink(g.to(b.dtype), b, idx, 1.0, backend)  # [N_local, R], whole
+        if need_inputs:
+            dx_base = (g @ w.T if transposed else g @ w).to(a.dtype)
+            dx_local = _ops.bgmv_expand(ds.to(a.dtype), a, dx_base, idx, True, backend).to(inputs.dtype)
+            dx = p.leave(dx_local, (tokens, axis), tuple(inputs.shape))
+        if need_a:
+            d_a_local = _ops.bgmv_weight_grad(ds.to(a.dtype), xa, idx, slots, 1.0).to(lora_a.dtype)
+            d_a = _leave_summed(p, d_a_local, specs["lora_a"], tuple(lora_a.shape), (tokens,))
+    if need_b:
+        s = _ops.bgmv_shrink(xa, a, idx, 1.0, backend).to(b.dtype)  # this shard's part of the shrink
+        d_b_local = _ops.bgmv_weight_grad(s, g.to(b.dtype), idx, slots, 1.0).to(lora_b.dtype)
+        d_b = _leave_summed(p, d_b_local, specs["lora_b"], tuple(lora_b.shape), (tokens, axis))
+    if need_weight:
+        d_w_local = (x.T @ g if transposed else g.T @ x).to(weight.dtype)
+        d_w = _leave_summed(p, d_w_local, w_spec, tuple(weight.shape), (tokens,))
+    return dx, d_w, d_a, d_b
+
+
+@sharded_row_linear_backward.register_fake
+def _(grad, inputs, weight, lora_a, lora_b, lora_indices, transposed, key, backend, *need):
+    return _fakes(*zip((inputs, weight, lora_a, lora_b), need, strict=True))
+
+
+def _row_setup(ctx, inputs, output) -> None:
+    x, weight, lora_a, lora_b, indices, _, transposed, key, backend, _, _ = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, indices)
+    ctx.transposed, ctx.key, ctx.backend = transposed, key, backend
+
+
+def _row_backward(ctx, grad: torch.Tensor):
+    x, weight, lora_a, lora_b, indices = ctx.saved_tensors
+    flags = ctx.needs_input_grad[:4]
+    grads = _ops.sharded_row_linear_backward(
+        grad, x, weight, lora_a, lora_b, indices, ctx.transposed, ctx.key, ctx.backend, *flags
+    )
+    return *_needed(grads, flags), *(None,) * 7
+
+
+# -- sharded_embedding ----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("xla_lora::sharded_embedding_backward", mutates_args=())
+def sharded_embedding_backward(
+    grad: torch.Tensor,
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    scale: torch.Tensor | None,
+    scale_value: float | None,
+    key: str,
+    backend: str,
+    padding_idx: int | None,
+    need_weight: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d weight, d lora_a, d lora_b) of :func:`sharded_embedding`; empty where not needed.
+
+    The output gradient is whole on every shard (the forward's reduction broadcasts back), so
+    ds = shrink(g, B) is too: each shard adds its tokens' scaled ds into the A rows of its vocabulary
+    range (and g into its weight rows), local to the shard, summed over the data axis. dB = sum_t
+    outer(s, g) needs the whole A row of each token, which one shard holds: the shards' partial dB are
+    summed over the model and data axes at once (one all-reduce of [L, R, D]).
+    """
+    p = _placement(key)
+    look = _Lookup(p, ids, weight, lora_a, lora_indices, scale, scale_value)
+    tokens, vocab_axis, slots = p.data_axis, look.vocab_axis, lora_a.shape[0]
+    a = _enter_factor(p, lora_a, (None, vocab_axis, None))
+    b = _enter_factor(p, lora_b, (None, None, None))
+    g = p.enter(grad, (tokens, None))  # [N_local, D]
+    d_w = d_a = d_b = _none(grad)
+    if need_a:
+        ds = scaled(_ops.bgmv_shrink(g.to(b.dtype), b, look.idx, 1.0, backend), look.factor)  # [N_local, R]
+        valid = look.inside & ((look.idx >= 0) & (look.idx < slots))[:, None]
+        ds = torch.where(valid, ds, 0).to(a.dtype)
+        d_a_local = torch.zeros_like(a).reshape(-1, look.rank).index_add(0, look.rows, ds).reshape(a.shape)
+        d_a = _leave_summed(p, d_a_local, (None, vocab_axis, None), tuple(lora_a.shape), (tokens,))
+    if need_b:
+        s = look.a_rows(a).to(b.dtype)  # this shard's tokens' A rows, zero for the others'
+        d_b_local = _ops.bgmv_weight_grad(s, g.to(b.dtype), look.idx, slots, 1.0).to(lora_b.dtype)
+        d_b = _leave_summed(p, d_b_local, (None, None, None), tuple(lora_b.shape), (tokens, vocab_axis))
+    if need_weight:
+        rows = torch.where(look.inside, scaled(g, look.factor), 0).to(weight.dtype)
+        d_w_local = weight.new_zeros((look.vocab, weight.shape[1])).index_add(0, look.local, rows)
+        d_w = _leave_summed(p, d_w_local, (vocab_axis, None), tuple(weight.shape), (tokens,))
+        if padding_idx is not None:  # as nn.Embedding: the padding row gets no gradient
+            d_w = d_w.index_fill(0, torch.tensor([padding_idx], device=d_w.device), 0)
+    return d_w, d_a, d_b
+
+
+@sharded_embedding_backward.register_fake
+def _(grad, ids, weight, lora_a, lora_b, lora_indices, scale, scale_value, key, backend, padding_idx, *need):
+    return _fakes(*zip((weight, lora_a, lora_b), need, strict=True))
+
+
+def _embedding_setup(ctx, inputs, output) -> None:
+    ids, weight, lora_a, lora_b, indices, scale, scale_value, key, backend, padding_idx = inputs
+    ctx.save_for_backward(ids, weight, lora_a, lora_b, indices, scale)
+    ctx.scale_value, ctx.key, ctx.backend, ctx.padding_idx = scale_value, key, backend, padding_idx
+
+
+def _embedding_backward(ctx, grad: torch.Tensor):
+    ids, weight, lora_a, lora_b, indices, scale = ctx.saved_tensors
+    flags = ctx.needs_input_grad[1:4]
+    args = (grad, ids, weight, lora_a, lora_b, indices, scale, ctx.scale_value, ctx.key, ctx.backend)
+    grads = _ops.sharded_embedding_backward(*args, ctx.padding_idx, *flags)
+    return None, *_needed(grads, flags), *(None,) * 6
+
+
+# -- replicated: a sharding annotation, whose gradient is the output gradient ---------------------------
+
+
+def _replicated_backward(ctx, grad: torch.Tensor):
+    return grad
+
+
+for _op, _backward, _setup in (
+    (sharded_linear, _linear_backward, _linear_setup),
+    (sharded_linear_lora, _linear_lora_backward, _linear_lora_setup),
+    (sharded_row_linear, _row_backward, _row_setup),
+    (sharded_embedding, _embedding_backward, _embedding_setup),
+    (replicated, _replicated_backward, None),
+):
+    _op.register_autograd(_backward, setup_context=_setup)

@@ -34,7 +34,11 @@ Column-parallel layers add none either (the base output is already sharded
 like B). ``fully_sharded`` also shards column layers' A along the rank and
 pays one all-gather of the [T, R] intermediate per layer.
 
-Inference only: the manual regions are not differentiable.
+Training works through the same regions: each one's backward is a per-shard
+region too (see :mod:`torch_xla_lora.regions`), and the slot tensors are read
+through ``layer.slot_factors()``, so gradients reach trainable adapters'
+parameters. The backward adds collectives only to reduce the gradients that
+several shards compute parts of (docs/distributed.md, "Training on a mesh").
 """
 
 from __future__ import annotations
@@ -280,20 +284,27 @@ class LayerSharding:
         slots = layer.context.token_slots(x)
         if slots is None:
             return layer.base_layer(x)
+        if layer.training and any(module.dropout > 0 for module in layer.trainable.values()):
+            # One device drops the LoRA input of such adapters' rows (layer.lora_input); the regions do not yet.
+            raise ShardingError(
+                "lora_dropout of trainable adapters is not applied on a mesh yet: train them with "
+                "lora_dropout=0, or call model.eval() (no dropout)"
+            )
         # [N, in], in the adapter's dtype (LoRAConfig.dtype may differ from the model's)
         x2 = x.reshape(-1, layer.in_features)
         base = layer.base_layer
         fused = self.fuses_base(layer, x)
         backend = layer.backend if fused else layer.lora_backend(layer.formulation(x))
         metadata, own = self._metadata(layer, x2.shape[0], fused)
+        lora_a, lora_b = layer.slot_factors()  # the buffers, or trainable adapters' rows put in, in the graph
         if self.kind == "row":
             # The base matmul runs inside the region, so base and LoRA share the one reduction.
             transposed = not isinstance(base, nn.Linear)
             y = torch.ops.xla_lora.sharded_row_linear(
                 x2,
                 base.weight,
-                layer.lora_a,
-                layer.lora_b,
+                lora_a,
+                lora_b,
                 slots,
                 metadata,
                 transposed,
@@ -310,8 +321,8 @@ class LayerSharding:
                 x2,
                 base.weight,
                 base.bias,
-                layer.lora_a,
-                layer.lora_b,
+                lora_a,
+                lora_b,
                 slots,
                 metadata,
                 layer.weight_layout,
@@ -322,10 +333,10 @@ class LayerSharding:
             return y.reshape(*x.shape[:-1], layer.out_features)
         y = layer.base_layer(x)
         out = torch.ops.xla_lora.sharded_linear(
-            x2.to(layer.lora_a.dtype),
-            layer.lora_a,
-            layer.lora_b,
-            y.reshape(-1, layer.out_features).to(layer.lora_b.dtype),
+            x2.to(lora_a.dtype),
+            lora_a,
+            lora_b,
+            y.reshape(-1, layer.out_features).to(lora_b.dtype),
             slots,
             metadata,
             self.key,
@@ -370,12 +381,15 @@ class LayerSharding:
             return layer.base_layer(ids)
         flat = ids.reshape(-1)
         self._metadata(layer, flat.shape[0])  # checks the token split
-        weight = layer.base_layer.weight
+        module = layer.base_layer
+        if module.weight.requires_grad and torch.is_grad_enabled() and (module.scale_grad_by_freq or module.sparse):
+            raise ShardingError("an embedding's scale_grad_by_freq or sparse gradient is not supported on a mesh")
         # The base module's forward does not run: its embed_scale (if any) is applied in the region.
-        scale = embed_scale(layer.base_layer)
+        scale = embed_scale(module)
         tensor, value = (scale, None) if isinstance(scale, torch.Tensor) else (None, scale)
+        lora_a, lora_b = layer.slot_factors()
         y = torch.ops.xla_lora.sharded_embedding(
-            flat, weight, layer.lora_a, layer.lora_b, slots, tensor, value, self.key, layer.backend
+            flat, module.weight, lora_a, lora_b, slots, tensor, value, self.key, layer.backend, module.padding_idx
         )
         return y.reshape(*ids.shape, layer.out_features)
 
