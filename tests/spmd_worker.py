@@ -6,7 +6,7 @@ torch_xla starts, so every mesh needs a fresh process. The parent sets
 compiled HLO for the collectives scenario), writes ``inputs.pt`` into a work
 directory and reads ``result.pt`` back.
 
-Usage: ``python spmd_worker.py {llama,layers} WORKDIR``
+Usage: ``python spmd_worker.py {llama,layers,grads} WORKDIR``
 """
 
 from __future__ import annotations
@@ -388,11 +388,157 @@ def _divisibility_error(mesh: xs.Mesh) -> str:
     return ""
 
 
+# -- training on a mesh: gradients through the per-shard regions ------------------------------------
+
+#: The toy's base tensors that the gradient scenario trains along with the slots (the head stays frozen).
+TRAINED_BASE = ("embed.weight", "mix.weight", "up.weight", "up.bias", "down.weight")
+
+
+def _collectives(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(op, operand shape) of every collective of a compiled HLO module, each operand of a combined one apart."""
+    found = []
+    for op in COLLECTIVES:
+        for result in re.findall(rf"= (.*?) {op}(?:-start)?\(", hlo):
+            found += [
+                (op, tuple(int(d) for d in dims.split(",") if d)) for dims in re.findall(r"\w+\[([\d,]*)\]", result)
+            ]
+    return sorted(found)
+
+
+def _synced_collectives(dump_dir: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Sync the live tensors; the collectives of the one graph that compiles."""
+    before = _graph_files(dump_dir)
+    torch_xla.sync()
+    files = _graph_files(dump_dir) - before
+    if len(files) != 1:
+        raise RuntimeError(f"expected one new compiled graph, found {sorted(files)}")
+    with open(files.pop()) as f:
+        return _collectives(f.read())
+
+
+def _toy_step(toy: Toy, ids: torch.Tensor, weights: torch.Tensor, targets: list[torch.Tensor]):
+    """(loss, d embedding output, d targets) of loss = sum(logits * weights), the embedding output standing for x."""
+    embedded = toy.embed(ids)
+    logits = toy.head(toy.down(torch.relu(toy.up(toy.mix(embedded)))))
+    loss = (logits * weights).sum()
+    grads = torch.autograd.grad(loss, [embedded, *targets])
+    return loss, grads[0], list(grads[1:])
+
+
+def _compiled_step(toy: Toy, ids: torch.Tensor, weights: torch.Tensor, targets: list[torch.Tensor]) -> dict:
+    """The same loss under ``torch.compile(backend="openxla")``, ``loss.backward()`` into ``targets``' ``.grad``:
+    the loss, the gradients, and the graph breaks and dynamo graphs it took."""
+    from torch._dynamo.utils import counters
+
+    breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+    step = torch.compile(lambda ids, weights: (toy(ids) * weights).sum(), backend="openxla")
+    for target in targets:
+        target.grad = None
+    loss = step(ids, weights)
+    loss.backward()
+    torch_xla.sync()
+    return {
+        "loss": loss.cpu(),
+        "grads": [target.grad.cpu() for target in targets],
+        "graph_breaks": sum(counters["graph_break"].values()) - breaks,
+        "graphs": counters["stats"]["unique_graphs"] - graphs,
+    }
+
+
+def _refusals(lora: tl.LoRAModel, toy: Toy, ids: torch.Tensor) -> dict[str, str]:
+    """The errors of what the mesh refuses in training: a training-mode forward with a trainable adapter that
+    has a lora_dropout ("dropout"), and an embedding table that requires grad with scale_grad_by_freq ("freq")."""
+    import peft
+
+    errors = dict.fromkeys(("dropout", "freq"), "")
+    lora.create_adapter("dropped", peft.LoraConfig(r=2, target_modules=list(TOY_PLAN), lora_dropout=0.1))
+    lora.set_batch(["dropped"] * ids.shape[0])
+    toy.train()
+    try:
+        toy(ids)
+    except sharding.ShardingError as error:
+        errors["dropout"] = str(error)
+    finally:
+        toy.eval()
+    table = toy.embed.base_layer
+    table.scale_grad_by_freq = True
+    table.weight.requires_grad_(True)
+    try:
+        toy.embed(ids)
+    except sharding.ShardingError as error:
+        errors["freq"] = str(error)
+    finally:
+        table.scale_grad_by_freq = False
+        table.weight.requires_grad_(False)
+    return errors
+
+
+def run_grads(inputs: dict) -> dict:
+    """Per variant (mesh, dp axis, fully_sharded, base_fusion, trainable): the toy's gradients on the mesh
+    for a mixed batch, the slots the batch read, and the collectives of the step's compiled graph; per mesh,
+    the collectives of the base model's step (no batch) on the same trained base tensors.
+
+    Without ``trainable``, every slot tensor (``lora_a``/``lora_b`` buffers) and the base tensors of
+    ``TRAINED_BASE`` require grad, and the slot contents are returned; with it, the adapters are trainable
+    (``load_adapter(trainable=True)``: their parameters reach the regions through ``slot_factors()``)
+    and the gradients are those of ``trainable_parameters``, keyed (adapter, PEFT key)."""
+    device = torch_xla.device()
+    toy_cpu = Toy()
+    toy_cpu.load_state_dict(inputs["toy_state"])
+    ids, weights = inputs["ids"].to(device), inputs["loss_weights"].to(device)
+    result = {"variants": {}, "base_collectives": {}}
+    for name, (shape, dp_axis, fully, fusion, trainable) in inputs["variants"].items():
+        mesh = _mesh(shape, ("data", "model"))
+        config = dataclasses.replace(_toy_config(), max_loras=inputs["max_loras"], base_fusion=fusion)
+        toy = copy.deepcopy(toy_cpu).to(device)
+        lora = tl.patch_model(toy, config, mesh=mesh, sharding_plan=TOY_PLAN, dp_axis=dp_axis, fully_sharded=fully)
+        for adapter, (state_dict, adapter_config) in inputs["adapters"].items():
+            lora.load_adapter(adapter, state_dict=state_dict, config=adapter_config, trainable=trainable)
+        lora.set_batch(inputs["batch"])
+        params = {key.replace(".base_layer", ""): param for key, param in toy.named_parameters()}  # as unpatched
+        keyed, factors = {}, []
+        if trainable:
+            for adapter in inputs["adapters"]:
+                keyed |= {(adapter, key): param for key, param in lora.trainable_parameters(adapter).items()}
+        else:
+            for key, param in params.items():
+                param.requires_grad_(key in TRAINED_BASE)
+            keyed = {("base", key): params[key] for key in TRAINED_BASE}
+            for layer_name, layer in lora.layers.items():
+                keyed[("lora_a", layer_name)] = layer.lora_a.requires_grad_(True)
+                keyed[("lora_b", layer_name)] = layer.lora_b.requires_grad_(True)
+                factors += [layer.lora_a.detach(), layer.lora_b.detach()]
+        torch_xla.sync()  # slot writes and sends: graphs of their own
+        loss, d_embedded, grads = _toy_step(toy, ids, weights, list(keyed.values()))
+        variant = {"collectives": _synced_collectives(inputs["dump_dir"]), "slots": lora.context.slots.cpu()}
+        # Synced already: each sharded one is gathered to the host by a small graph of its own.
+        fetched = [t.cpu() for t in (loss, d_embedded, *grads, *factors)]
+        variant |= {"loss": fetched[0], "d_embedded": fetched[1]}
+        variant["grads"] = dict(zip(keyed, fetched[2 : 2 + len(keyed)], strict=True))
+        pairs = list(zip(fetched[2 + len(keyed) :: 2], fetched[3 + len(keyed) :: 2], strict=True))
+        variant["factors"] = dict(zip(lora.layers, pairs, strict=True)) if factors else {}
+        if name == inputs.get("compiled_variant"):
+            compiled = _compiled_step(toy, ids, weights, list(keyed.values()))
+            variant["compiled"] = compiled | {"grads": dict(zip(keyed, compiled["grads"], strict=True))}
+        if trainable:
+            variant["refusals"] = _refusals(lora, toy, ids)
+        key = (shape, dp_axis)
+        if not trainable and key not in result["base_collectives"]:  # the same model without a batch: the base alone
+            lora.clear_batch()
+            # The base alone, data-parallel as the regions make the LoRA step: its ids split over the data axis.
+            split = xs.mark_sharding(inputs["ids"].to(device), mesh, (dp_axis, None)).global_tensor
+            alive = _toy_step(toy, split, weights, [params[k] for k in TRAINED_BASE])  # a sync runs live tensors only
+            result["base_collectives"][key] = _synced_collectives(inputs["dump_dir"])
+            del alive
+        result["variants"][name] = variant
+    return result
+
+
 def main() -> None:
     scenario, workdir = sys.argv[1], sys.argv[2]
     xr.use_spmd()
     inputs = torch.load(os.path.join(workdir, "inputs.pt"), weights_only=False)
-    result = {"llama": run_llama, "layers": run_layers}[scenario](inputs)
+    result = {"llama": run_llama, "layers": run_layers, "grads": run_grads}[scenario](inputs)
     result["num_devices"] = xr.global_runtime_device_count()
     torch.save(result, os.path.join(workdir, "result.pt"))
 

@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import peft
 import pytest
+import spmd_worker
 import torch
 import transformers
 from conftest import assert_close
@@ -439,6 +440,233 @@ def test_scaled_embedding_on_mesh_matches_peft(spmd_layers, scaled, kind):
 
 def test_lora_dimension_not_dividing_over_the_axis_raises(spmd_layers):
     assert "'0': column-parallel dimension 6 does not divide into 4 shards" in spmd_layers["divisibility_error"]
+
+
+# -- training on a mesh: gradients through the per-shard regions (one worker process) ------------------
+
+GRAD_SLOTS = 3  # two adapters: one slot stays unused and must get exact zeros
+GRAD_BATCH = ["a", None, "b", "a"]  # rows of two adapters (ranks 8 and 4: padded ranks) and a base row
+GRAD_SEQ = 4
+# name -> (mesh shape over ("data", "model"), dp_axis, fully_sharded, base_fusion, trainable adapters)
+GRAD_VARIANTS = {
+    "dp2xtp2": ((2, 2), "data", False, False, False),
+    "dp2xtp2-base-fusion": ((2, 2), "data", False, True, False),
+    "tp4-fully-sharded": ((1, 4), None, True, False, False),
+    "dp2xtp2-trainable": ((2, 2), "data", False, True, True),
+}
+
+
+@pytest.fixture(scope="module")
+def grads_peft(toy_peft) -> peft.PeftModel:
+    """PEFT's toy with two random adapters "a" (r=8) and "b" (r=4, another alpha), in float64, eval mode."""
+    toy, _ = toy_peft
+    torch.manual_seed(4)
+    common = {"target_modules": list(TOY_PLAN), "init_lora_weights": False, "fan_in_fan_out": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fan_in_fan_out and embedding-saving notices
+        model = peft.get_peft_model(copy.deepcopy(toy), peft.LoraConfig(r=8, lora_alpha=16, **common), "a")
+        model.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=12, **common))
+    return model.double().eval()
+
+
+@pytest.fixture(scope="module")
+def spmd_grads(toy_peft, grads_peft, tmp_path_factory) -> tuple[dict, dict]:
+    """(worker inputs, result) of the gradient scenario: every variant of GRAD_VARIANTS in one process."""
+    toy, _ = toy_peft
+    generator = torch.Generator().manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # embedding-saving notices
+        adapters = {
+            name: (
+                {k: v.float() for k, v in peft.get_peft_model_state_dict(grads_peft, adapter_name=name).items()},
+                grads_peft.peft_config[name],
+            )
+            for name in ("a", "b")
+        }
+    workdir = tmp_path_factory.mktemp("grads")
+    inputs = {
+        "toy_state": toy.state_dict(),
+        "adapters": adapters,
+        "max_loras": GRAD_SLOTS,
+        "batch": GRAD_BATCH,
+        "ids": torch.randint(0, 128, (len(GRAD_BATCH), GRAD_SEQ), generator=generator),
+        "loss_weights": torch.randn(len(GRAD_BATCH), GRAD_SEQ, 128, generator=generator),
+        "variants": GRAD_VARIANTS,
+        "compiled_variant": "dp2xtp2-trainable",
+        "dump_dir": str(workdir / "hlo"),
+    }
+    return inputs, run_worker("grads", str(workdir), inputs, devices=4, dump_hlo=True)
+
+
+def _reference_grads(inputs: dict, variant: dict) -> dict:
+    """Float64 plain-torch gradients of the toy's loss with each token's slot factors (as the worker's
+    slots held them, scaling folded into B), the slots the batch read, none of the library's code."""
+    state = {k: v.double().requires_grad_(k in spmd_worker.TRAINED_BASE) for k, v in inputs["toy_state"].items()}
+    factors = {
+        n: (a.double().requires_grad_(), b.double().requires_grad_()) for n, (a, b) in variant["factors"].items()
+    }
+    ids = inputs["ids"].reshape(-1)
+    slots = variant["slots"].long().repeat_interleave(GRAD_SEQ)
+    used = ((slots >= 0) & (slots < GRAD_SLOTS))[:, None]
+    slot = slots.clamp(0, GRAD_SLOTS - 1)
+
+    def lora(name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a, b = factors[name]
+        s = a[slot, ids] if name == "embed" else torch.einsum("nri,ni->nr", a[slot], x)  # embed: A [L, V, R]
+        return y + torch.einsum("nr,nro->no", torch.where(used, s, 0), b[slot])
+
+    embedded = lora("embed", None, state["embed.weight"][ids])
+    h = lora("mix", embedded, embedded @ state["mix.weight"].T + state["mix.bias"])
+    h = torch.relu(lora("up", h, h @ state["up.weight"].T + state["up.bias"]))
+    h = lora("down", h, h @ state["down.weight"] + state["down.bias"])  # Conv1D: weight [in, out]
+    logits = lora("head", h, h @ state["head.weight"].T)
+    loss = (logits.reshape(inputs["loss_weights"].shape) * inputs["loss_weights"].double()).sum()
+    keys = [("base", k) for k in spmd_worker.TRAINED_BASE]
+    keys += [(kind, n) for n in factors for kind in ("lora_a", "lora_b")]
+    tensors = [state[k] for k in spmd_worker.TRAINED_BASE]
+    tensors += [factors[n][i] for n in factors for i in (0, 1)]
+    d_embedded, *grads = torch.autograd.grad(loss, [embedded, *tensors])
+    expected = dict(zip(keys, grads, strict=True))
+    return expected | {"loss": loss, "d_embedded": d_embedded.reshape(len(GRAD_BATCH), GRAD_SEQ, -1)}
+
+
+@pytest.mark.parametrize("variant", [v for v in GRAD_VARIANTS if not GRAD_VARIANTS[v][4]])
+def test_mesh_gradients_match_float64_math(spmd_grads, variant):
+    """d x (the embedding output), d lora_a / d lora_b of every layer (embedding, replicated, column, row,
+    vocab head) and d of trained base tensors (column weight and bias, row Conv1D weight, replicated weight,
+    the vocab-parallel embedding table) on the mesh, against float64 math on the host."""
+    inputs, result = spmd_grads
+    actual = result["variants"][variant]
+    expected = _reference_grads(inputs, actual)
+    assert_close(actual["loss"], expected["loss"], torch.float32)
+    assert_close(actual["d_embedded"], expected["d_embedded"], torch.float32)
+    assert set(actual["grads"]) == set(expected) - {"loss", "d_embedded"}
+    for key, grad in actual["grads"].items():
+        assert grad.shape == expected[key].shape, key
+        assert_close(grad, expected[key], torch.float32)
+
+
+@pytest.mark.parametrize("variant", [v for v in GRAD_VARIANTS if not GRAD_VARIANTS[v][4]])
+def test_mesh_gradients_of_unused_slots_and_padded_ranks_are_exact_zeros(spmd_grads, variant):
+    inputs, result = spmd_grads
+    actual = result["variants"][variant]
+    slots = actual["slots"].tolist()
+    unused = [s for s in range(GRAD_SLOTS) if s not in slots]
+    slot_b = slots[GRAD_BATCH.index("b")]
+    assert unused and slot_b >= 0
+    for (kind, name), grad in actual["grads"].items():
+        if kind == "base":
+            continue
+        assert torch.count_nonzero(grad[unused]) == 0, (kind, name)
+        rank_dim = 2 if (kind, name) == ("lora_a", "embed") else 1  # the embedding's A is token-major
+        padded = grad[slot_b].narrow(rank_dim - 1, 4, grad.shape[rank_dim] - 4)  # adapter b has rank 4
+        assert torch.count_nonzero(padded) == 0, (kind, name)
+        assert torch.count_nonzero(grad[slot_b]) > 0, (kind, name)  # and the test can see a gradient
+
+
+def _added_collectives(variant: str) -> tuple[collections.Counter, collections.Counter]:
+    """(added, removed): the collectives the LoRA step's graph has that the base step's (data-parallel alike)
+    has not, and the converse, as docs/distributed.md ("Training on a mesh") lists them: each slot tensor's
+    gradient summed once over the axes whose shards computed parts of it, column layers' rank gradient
+    [N / dp, R] summed over the model axis (separate path), fully sharded column layers' gathers."""
+    shape, dp_axis, fully, fusion, _ = GRAD_VARIANTS[variant]
+    dp, tp = (shape[0] if dp_axis else 1), shape[1]
+    n, slots, rank, hidden, inner, vocab = len(GRAD_BATCH) * GRAD_SEQ // dp, GRAD_SLOTS, 8, 64, 128, 128
+    added, removed = collections.Counter(), collections.Counter()
+
+    def summed(shape: tuple[int, ...], over_model: bool = False) -> None:
+        if dp > 1 or (over_model and tp > 1):
+            added[("all-reduce", shape)] += 1
+
+    summed((slots, vocab // tp, rank))  # embedding: A, split on the vocabulary
+    summed((slots, rank, hidden), over_model=True)  # embedding: B, replicated (each token's A row on one shard)
+    summed((slots, rank, hidden))  # replicated layer (mix): A
+    summed((slots, rank, hidden))  # and B
+    summed((slots, rank, inner // tp))  # row layer (down): A, split on the input features
+    summed((slots, rank, hidden), over_model=True)  # and B, replicated
+    for out in (inner, vocab):  # column layers (up, head)
+        summed((slots, rank // tp if fully else rank, hidden), over_model=fusion)  # A (fused: from partial ds)
+        summed((slots, rank, out // tp))  # B, split on the output features
+        if not fusion:
+            added[("all-reduce", (n, rank))] += 1  # the rank gradient ds, summed over the column shards
+        if fully:
+            added[("all-gather", (n, rank))] += 2  # the whole shrink: the forward's, and again for dB
+            added[("all-gather", (slots, rank, hidden))] += 1  # the whole A for dx
+    if dp > 1:  # the embedding table's own data-parallel reduction, done per vocabulary shard in the region
+        added[("all-reduce", (vocab // tp, hidden))] += 1
+        removed[("all-reduce", (vocab, hidden))] += 1
+    return added, removed
+
+
+@pytest.mark.parametrize("variant", [v for v in GRAD_VARIANTS if not GRAD_VARIANTS[v][4]])
+def test_lora_backward_adds_only_the_reduction_of_replicated_gradients(spmd_grads, variant):
+    """The collectives of the compiled training step (forward and backward, after SPMD partitioning), against
+    the same step of the base model alone (its ids split over the data axis as the regions split the tokens):
+    LoRA adds exactly the listed rank- and slot-sized reductions (and gathers for fully_sharded), no
+    activation-sized collective, and removes nothing but the embedding table's whole-vocabulary reduction."""
+    _, result = spmd_grads
+    shape, dp_axis, *_ = GRAD_VARIANTS[variant]
+    lora = collections.Counter(result["variants"][variant]["collectives"])
+    base = collections.Counter(result["base_collectives"][(shape, dp_axis)])
+    assert base  # the counting sees the base step's own reductions (row layers, data-parallel weights)
+    assert (lora - base, base - lora) == _added_collectives(variant)
+
+
+def _peft_step_grads(model: peft.PeftModel, inputs: dict) -> dict:
+    """PEFT's own float64 gradients of the toy's loss for the mixed batch (``adapter_names``, eval mode):
+    (adapter, PEFT state-dict key) -> gradient, and "d_embedded" (the embedding output's)."""
+    model, params = copy.deepcopy(model), {}
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        for adapter in ("a", "b"):
+            if adapter in parts:  # PEFT trains its active adapter only: both here, as the mesh does
+                params[(adapter, ".".join(part for part in parts if part != adapter))] = param.requires_grad_()
+    captured = []
+    hook = model.base_model.model.embed.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        rows = [name or "__base__" for name in GRAD_BATCH]
+        logits = model(inputs["ids"], adapter_names=rows)
+    finally:
+        hook.remove()
+    loss = (logits * inputs["loss_weights"].double()).sum()
+    d_embedded, *grads = torch.autograd.grad(loss, [captured[0], *params.values()])
+    return dict(zip(params, grads, strict=True)) | {"loss": loss, "d_embedded": d_embedded}
+
+
+def test_trainable_adapters_on_a_mesh_match_peft_gradients(spmd_grads, grads_peft):
+    """Trainable adapters (``load_adapter(trainable=True)``: parameters put into the slots in the graph by
+    ``slot_factors()``) on the (data, model) mesh with base fusion: the gradients of ``trainable_parameters``
+    of both adapters, keyed as PEFT keys them, and of the embedding output equal PEFT's own, float64."""
+    inputs, result = spmd_grads
+    actual = result["variants"]["dp2xtp2-trainable"]
+    expected = _peft_step_grads(grads_peft, inputs)
+    assert set(actual["grads"]) == set(expected) - {"loss", "d_embedded"}
+    assert_close(actual["loss"], expected["loss"], torch.float32)
+    assert_close(actual["d_embedded"], expected["d_embedded"], torch.float32)
+    for key, grad in actual["grads"].items():
+        assert grad.shape == expected[key].shape, key
+        assert_close(grad, expected[key], torch.float32)
+
+
+def test_compiled_training_step_on_a_mesh_matches_peft(spmd_grads, grads_peft):
+    """The same trainable step under ``torch.compile(backend="openxla")`` and ``loss.backward()``: one dynamo
+    graph, no graph break (the regions and their backward regions are opaque nodes), PEFT's gradients."""
+    inputs, result = spmd_grads
+    compiled = result["variants"]["dp2xtp2-trainable"]["compiled"]
+    expected = _peft_step_grads(grads_peft, inputs)
+    assert (compiled["graph_breaks"], compiled["graphs"]) == (0, 1)
+    assert_close(compiled["loss"], expected["loss"], torch.float32)
+    for key, grad in compiled["grads"].items():
+        assert_close(grad, expected[key], torch.float32)
+
+
+def test_what_the_mesh_cannot_train_yet_raises(spmd_grads):
+    """Typed errors, not a silently different training: trainable adapters' lora_dropout (the regions do not
+    drop the LoRA input), an embedding table trained with scale_grad_by_freq (the region's gradient ignores it)."""
+    _, result = spmd_grads
+    errors = result["variants"]["dp2xtp2-trainable"]["refusals"]
+    assert "lora_dropout of trainable adapters is not applied on a mesh" in errors["dropout"]
+    assert "scale_grad_by_freq or sparse gradient is not supported on a mesh" in errors["freq"]
 
 
 # -- plans and argument checks (no SPMD needed) -------------------------------------------------
