@@ -177,6 +177,7 @@ def fused_lora(
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
+    """The device of ``module``'s first parameter, or buffer (a quantized layer keeps its weights as buffers)."""
+    for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
     return torch.device("cpu")

@@ -15,13 +15,28 @@ from torch_xla_lora.layers.base import BaseLayerWithLoRA
 
 
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
-    """(in_features, out_features) of an nn.Linear or a transformers Conv1D, else None."""
+    """(in_features, out_features) of an nn.Linear, a transformers Conv1D or a torch_xla quantized
+    linear layer, else None."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
         in_features, out_features = module.weight.shape  # Conv1D stores [in, out]
         return int(in_features), int(out_features)
+    if is_quantized_linear(module):
+        return int(module.input_dim), int(module.output_dim)
     return None
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is torch_xla's weight-only quantized linear layer
+    (``torch_xla.experimental.xla_quantized_matmul.XlaQuantizedLinear``: int8 per-channel or blockwise,
+    int4 in an int8 container). Its forward stays torch_xla's quantized matmul; the LoRA is added to it."""
+    return (
+        type(module).__name__ == "XlaQuantizedLinear"
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and hasattr(module, "input_dim")
+        and hasattr(module, "output_dim")
+    )
 
 
 def _weight_layout(module: nn.Module) -> str | None:
@@ -31,6 +46,44 @@ def _weight_layout(module: nn.Module) -> str | None:
     if type(module).__name__ == "Conv1D" and getattr(module, "nf", None) is not None:
         return "in_out"
     return None
+
+
+def dequantized_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The [out, in] weight a torch_xla quantized linear layer computes with, in ``dtype``."""
+    scaler, zero_point = module.weight_scaler.to(dtype), module.zero_point
+    if module.block_size == -1:  # per channel: out = x (w * s)^T - sum(x) * zp
+        weight = module.weight.to(dtype) * scaler[:, None]
+        return weight if zero_point is None else weight - zero_point.to(dtype)[:, None]
+    # Blockwise: w [in / bs, bs, out], s and zp [in / bs, out].
+    weight = module.weight.to(dtype) * scaler[:, None, :]
+    if zero_point is not None:
+        weight = weight - zero_point.to(dtype)[:, None, :]
+    return weight.reshape(-1, weight.shape[-1]).T
+
+
+class _QuantizedLinear(torch.autograd.Function):
+    """torch_xla's quantized matmul with a gradient for its input (it registers none): ``dx = dy W``, W the
+    dequantized weight (straight through an activation quantization, if the layer has one). The base is
+    frozen: no gradient for the quantized weight."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        return module(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.module = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ dequantized_weight(ctx.module, grad.dtype), None
+
+
+def base_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, differentiable in x also when ``module`` is a quantized linear layer."""
+    if is_quantized_linear(module) and torch.is_grad_enabled() and x.requires_grad:
+        return _QuantizedLinear.apply(x, module)
+    return module(x)
 
 
 class LinearWithLoRA(BaseLayerWithLoRA):
@@ -56,12 +109,12 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             return self.tensor_parallel.forward(self, x)
         slots = self.context.token_slots(x)
         if slots is None:
-            return self.base_layer(x)
+            return base_output(self.base_layer, x)
         formulation = self.formulation(x)
         x_lora = self.lora_input(x, slots)  # x, or x through trainable adapters' lora_dropout
         if formulation == "fused" and x_lora is x:
             return self._forward_base_fused(x, slots)
-        y = self.base_layer(x)
+        y = base_output(self.base_layer, x)
         # One fused op: x [N, in] -> [N, R] (on chip) -> + y [N, out]; B spans every output slice.
         return self.add_lora(x_lora, y, slots, self._metadata(x), self.lora_backend(formulation))
 
@@ -139,11 +192,13 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         """
         from torch_xla_lora import ops
 
+        if self.weight_layout is None:  # e.g. a quantized base: no linear_lora kernel
+            return None
         weight, bias = self.base_layer.weight, self.base_layer.bias
         dtype, generation = self.lora_a.dtype, ops.device_generation()
         if self.base_fusion is False or (self.base_fusion == "auto" and generation == "cpu"):
             return None
-        if self.weight_layout is None or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
             return None
         if self.backend == "xla" or (self.backend == "auto" and generation == "cpu"):
             return None

@@ -1,0 +1,135 @@
+"""LoRA on torch_xla's weight-only quantized linear layers (docs/layers.md, "Quantized bases").
+
+The reference is PEFT's mixed batch (``adapter_names``) on the same model with every quantized
+projection replaced by an ``nn.Linear`` holding its dequantized weight in float32: the quantized
+layer computes exactly that linear map, so the two agree to float32 rounding.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch_xla
+from conftest import assert_close, tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from torch import nn
+from torch_xla.experimental.xla_quantized_matmul import XlaQuantizedLinear
+
+import torch_xla_lora as tl
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _quantize(linear: nn.Linear, scheme: str) -> tuple[XlaQuantizedLinear, torch.Tensor]:
+    """(torch_xla's quantized layer for ``linear``'s weight, the weight it computes with, dequantized)."""
+    weight = linear.weight.detach()  # [out, in]
+    out_dim, in_dim = weight.shape
+    if scheme == "blockwise":
+        block = 16
+        blocks = weight.T.reshape(in_dim // block, block, out_dim)  # [in / block, block, out]
+        scale = blocks.abs().amax(dim=1) / 127  # [in / block, out]
+        q = torch.round(blocks / scale[:, None]).to(torch.int8)
+        layer = XlaQuantizedLinear(in_dim, out_dim, is_symmetric=True, block_size=block)
+        layer.load_quantized_weight(q, scale)
+        dequantized = (q.float() * scale[:, None]).reshape(in_dim, out_dim).T
+        return layer, dequantized
+    scale = weight.abs().amax(dim=1) / 127  # per output channel
+    q = torch.round(weight / scale[:, None]).to(torch.int8)
+    if scheme == "asymmetric":
+        zero_point = torch.linspace(-0.01, 0.01, out_dim)
+        layer = XlaQuantizedLinear(in_dim, out_dim, is_symmetric=False)
+        layer.load_quantized_weight(q, scale, zero_point)
+        # out = x (q * scale)^T - sum(x) * zero_point
+        return layer, q.float() * scale[:, None] - zero_point[:, None]
+    layer = XlaQuantizedLinear(in_dim, out_dim, is_symmetric=True)
+    layer.load_quantized_weight(q, scale)
+    return layer, q.float() * scale[:, None]
+
+
+def _quantized_and_float(scheme: str) -> tuple[nn.Module, nn.Module]:
+    """A tiny Llama with every projection quantized, and the float model computing the same maps."""
+    quantized, dequantized = tiny_llama(), tiny_llama()
+    for name, module in list(quantized.named_modules()):
+        if name.rpartition(".")[2] in PROJECTIONS:
+            layer, weight = _quantize(module, scheme)
+            parent = name.rpartition(".")[0]
+            setattr(quantized.get_submodule(parent), name.rpartition(".")[2], layer)
+            with torch.no_grad():
+                dequantized.get_submodule(name).weight.copy_(weight)
+    return quantized, dequantized
+
+
+ADAPTERS = {
+    "a": {"r": 4, "lora_alpha": 8, "target_modules": list(PROJECTIONS)},
+    "b": {"r": 8, "lora_alpha": 8, "use_rslora": True, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+}
+
+
+def _peft(base: nn.Module, tmp_path) -> PeftModel:
+    torch.manual_seed(3)
+    peft_model = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, kwargs in ADAPTERS.items():
+            config = LoraConfig(init_lora_weights=False, **kwargs)
+            if peft_model is None:
+                peft_model = get_peft_model(base, config, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, config)
+        for name in ADAPTERS:
+            peft_model.save_pretrained(tmp_path, selected_adapters=[name])
+    return peft_model.eval()
+
+
+@pytest.mark.parametrize(
+    "scheme,mode",
+    [("symmetric", "lazy"), ("blockwise", "lazy"), ("asymmetric", "compile")],
+)
+def test_mixed_batch_on_a_quantized_base_equals_peft_on_the_dequantized_base(scheme, mode, tmp_path, xla_device):
+    quantized, dequantized = _quantized_and_float(scheme)
+    peft_model = _peft(copy.deepcopy(dequantized), tmp_path)
+    lora = tl.patch_model(quantized.to(xla_device), tl.LoRAConfig(max_loras=2, max_rank=8))
+    assert {n.rpartition(".")[2] for n in lora.layers} == set(PROJECTIONS)
+    for name in ADAPTERS:
+        path = tmp_path / name if name != "default" else tmp_path
+        lora.load_adapter(name, path)
+    rows = ["a", None, "b", "a"]
+    ids = torch.randint(0, 64, (len(rows), 5), generator=torch.Generator().manual_seed(0))
+    lora.set_batch(rows)
+    forward = torch.compile(lora.model, backend="openxla") if mode == "compile" else lora.model
+    with torch.no_grad():
+        logits = forward(ids.to(xla_device)).logits
+        torch_xla.sync()
+        names = [n if n is not None else "__base__" for n in rows]
+        expected = peft_model(ids, adapter_names=names).logits
+    assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("scheme,mode", [("symmetric", "lazy"), ("blockwise", "compile")])
+def test_training_on_a_quantized_base_equals_peft_on_the_dequantized_base(scheme, mode, xla_device):
+    """QLoRA-style: adapters trained on the frozen quantized base get PEFT's gradients on the dequantized
+    float base (gradients flow through the quantized matmul to the activations)."""
+    quantized, dequantized = _quantized_and_float(scheme)
+    lora = tl.patch_model(quantized.to(xla_device), tl.LoRAConfig(max_loras=2, max_rank=8))
+    torch.manual_seed(4)
+    config = LoraConfig(init_lora_weights=False, r=4, lora_alpha=8, target_modules=list(PROJECTIONS))
+    lora.create_adapter("a", config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(dequantized, LoraConfig(r=4, lora_alpha=8, target_modules=list(PROJECTIONS)))
+    set_peft_model_state_dict(peft_model, {k: v.detach().cpu() for k, v in lora.trainable_parameters("a").items()})
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(1))
+    lora.model.train()
+    lora.set_batch(["a", None, "a"])
+    forward = torch.compile(lora.model, backend="openxla") if mode == "compile" else lora.model
+    forward(ids.to(xla_device)).logits[[0, 2]].float().pow(2).mean().backward()
+    torch_xla.sync()
+    peft_model.train()
+    peft_model(ids[[0, 2]]).logits.float().pow(2).mean().backward()
+    grads = {k: p.grad for k, p in peft_model.named_parameters() if p.grad is not None}
+    for key, param in lora.trainable_parameters("a").items():
+        expected = grads[key.replace(".weight", ".default.weight")]
+        # Relative 1e-4 (the step's target): the blockwise matmul sums in another order than a dense one.
+        magnitude = expected.abs().max().item()
+        torch.testing.assert_close(param.grad.cpu(), expected, atol=1e-4 * magnitude, rtol=1e-4)
