@@ -133,3 +133,16 @@ def test_training_on_a_quantized_base_equals_peft_on_the_dequantized_base(scheme
         # Relative 1e-4 (the step's target): the blockwise matmul sums in another order than a dense one.
         magnitude = expected.abs().max().item()
         torch.testing.assert_close(param.grad.cpu(), expected, atol=1e-4 * magnitude, rtol=1e-4)
+
+
+def test_a_mesh_is_refused_and_nothing_changes():
+    """Quantized bases on an SPMD mesh are not supported yet: a typed error, the model untouched."""
+    import numpy as np
+    import torch_xla.distributed.spmd as xs
+
+    quantized, _ = _quantized_and_float("symmetric")
+    before = {name: type(module) for name, module in quantized.named_modules()}
+    mesh = xs.Mesh(np.array([0]), (1,), ("model",))
+    with pytest.raises(tl.ShardingError, match="quantized"):
+        tl.patch_model(quantized, mesh=mesh)
+    assert {name: type(module) for name, module in quantized.named_modules()} == before

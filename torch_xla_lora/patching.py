@@ -44,7 +44,7 @@ from torch_xla_lora.layers import (
     RowParallelLinearWithLoRA,
 )
 from torch_xla_lora.layers.experts import ExpertsWithLoRA, RouterWithLoRA
-from torch_xla_lora.layers.linear import linear_features
+from torch_xla_lora.layers.linear import is_quantized_linear, linear_features
 from torch_xla_lora.layers.names import COLUMN_NAMES, MERGED_NAMES, QKV_NAMES, ROW_NAMES
 from torch_xla_lora.manager import AdapterManager
 
@@ -666,6 +666,12 @@ def patch_model(
         raise ShardingError(
             f"patch_model(mesh=...): MoE expert and router LoRA is not supported on a mesh yet, got "
             f"{len(moe_layers)} such modules (e.g. {moe_layers[0]!r}); leave them out of target_modules"
+        )
+    quantized = [name for name, lay in layers.items() if is_quantized_linear(lay.base_layer)]
+    if mesh is not None and quantized:
+        raise ShardingError(
+            f"patch_model(mesh=...): LoRA on quantized linear layers is not supported on a mesh yet, got "
+            f"{len(quantized)} such modules (e.g. {quantized[0]!r})"
         )
     placement = None
     if mesh is not None:
