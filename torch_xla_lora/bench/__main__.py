@@ -1,6 +1,6 @@
 """Benchmarks: ``python -m torch_xla_lora.bench [--system-malloc] COMMAND [options]``.
 
-COMMAND is one of e2e, kernels, model, moe, warmup, tpu_compile, vmem, xla_memory,
+COMMAND is one of e2e, kernels, model, moe, train, warmup, tpu_compile, vmem, xla_memory,
 each a module of this package with a ``main(argv) -> int``; ``python -m torch_xla_lora.bench
 COMMAND --help`` lists its options.
 
@@ -33,6 +33,7 @@ COMMANDS = {
     "kernels": ("torch_xla_lora.bench.kernels", "wall clock of the BGMV formulations, side by side"),
     "model": ("torch_xla_lora.bench.model", "the kernels' TPU cost model"),
     "moe": ("torch_xla_lora.bench.moe", "LoRA slowdown of a small MoE model (expert LoRA) next to a dense one"),
+    "train": ("torch_xla_lora.bench.train", "a mixed training step of 8 tenants against its alternatives"),
     "warmup": ("torch_xla_lora.bench.warmup", "warm-up time and compilations against the number of slots"),
     "tpu_compile": ("torch_xla_lora.bench.tpu_compile", "compile every Pallas kernel with libtpu, no TPU needed"),
     "vmem": ("torch_xla_lora.bench.vmem", "each TPU generation's VMEM and scoped limits, from libtpu's compiler"),

@@ -1,0 +1,158 @@
+"""The training benchmark: every formulation computes the mixed step's gradients, a --quick run end to end,
+and the TPU cost model of the training step on hand-computed cases. Never timings."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import assert_close
+
+from torch_xla_lora.bench import tpu_model, tpu_train_model, train
+from torch_xla_lora.bench.__main__ import main as bench_main
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """(exit code, JSON document, markdown) of one ``bench train --quick`` through the dispatcher."""
+    out = tmp_path_factory.mktemp("bench_train")
+    code = bench_main(["train", "--quick", "--json", str(out / "train.json"), "--markdown", str(out / "train.md")])
+    return code, json.loads((out / "train.json").read_text()), (out / "train.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def bench(xla_device):
+    """The quick configuration's model, tenants and batch (the same graphs as the quick run's)."""
+    return train.TrainBench(train.TrainConfig.quick(), xla_device)
+
+
+@pytest.fixture(scope="module")
+def steps(bench):
+    """One host-copied step of every formulation but the base, each from the same starting weights."""
+    return {f: train.host_copy(bench.step(f)) for f in ("lora", "in_turn", "onehot", "peft")}
+
+
+@pytest.mark.parametrize("formulation", ["lora", "in_turn", "onehot"])
+def test_every_formulation_gives_peft_alone_gradients(steps, bench, formulation):
+    """Our mixed step, the 8 one-tenant steps in turn and the one-hot formulation each give every tenant the
+    gradients PEFT computes training it alone on its rows (float32, eager on CPU tensors), and the same
+    gradient of the embedding output."""
+    reference, result = steps["peft"], steps[formulation]
+    assert set(result.grads) == set(bench.config.tenants)
+    for name, expected in reference.grads.items():
+        assert set(result.grads[name]) == set(expected), name
+        for key, grad in expected.items():
+            assert grad.abs().max() > 0, key  # random A and B: no gradient is trivially zero
+            assert_close(result.grads[name][key], grad)
+    assert_close(result.embeds_grad, reference.embeds_grad)
+    assert result.loss == pytest.approx(reference.loss, rel=1e-5)
+
+
+def test_gradient_comparison_has_teeth(steps):
+    """compare_gradients flags a gradient off by 1e-3 of its magnitude, a missing one and a missing key."""
+    reference = steps["lora"]
+    assert max(train.compare_gradients(reference, steps["onehot"]).values()) <= train.GRADIENT_TOLERANCE
+    name, group = next(iter(reference.grads.items()))
+    key = next(iter(group))
+
+    def altered(change):
+        grads = {n: dict(g) for n, g in reference.grads.items()}
+        change(grads[name])
+        return train.StepResult(reference.loss, grads, reference.embeds_grad)
+
+    def nudge(g):
+        g[key] = g[key] + 1e-3 * g[key].abs().max()
+
+    def drop(g):
+        g[key] = None
+
+    assert train.compare_gradients(reference, altered(nudge))["adapters"] > train.GRADIENT_TOLERANCE
+    assert train.compare_gradients(reference, altered(drop))["adapters"] == math.inf
+    assert train.compare_gradients(reference, altered(lambda g: g.pop(key)))["adapters"] == math.inf
+
+
+def test_onehot_layers_swap_and_restore(bench):
+    layers = dict(bench.lora.layers)
+    with pytest.raises(RuntimeError, match="inside"):
+        with train.onehot_layers(bench.lora):
+            for name in layers:
+                assert isinstance(bench.lora.model.get_submodule(name), train.OneHotLoRALinear), name
+            raise RuntimeError("inside")
+    assert all(bench.lora.model.get_submodule(name) is layer for name, layer in layers.items())
+
+
+def test_quick_run(quick_run):
+    code, result, text = quick_run
+    assert code == 0
+    assert result["command"].startswith("python -m torch_xla_lora.bench train --quick --json ")
+    assert result["config"] == {**dataclasses.asdict(train.TrainConfig.quick()), "ranks": list(train.TENANT_RANKS)}
+    assert result["recompiles_during_timing"] == 0
+    check = result["gradient_check"]
+    assert check["met"] and set(check["max_relative_difference"]) == {"in_turn", "onehot", "peft"}
+    assert all(v <= check["tolerance"] for d in check["max_relative_difference"].values() for v in d.values())
+    rows = {row["formulation"]: row for row in result["rows"]}
+    assert list(rows) == list(train.FORMULATIONS)
+    repeats = result["config"]["repeats"]
+    assert all(len(runs) == repeats and min(runs) > 0 for runs in result["seconds_per_round"].values())
+    base = result["seconds_per_round"]["base"]
+    for name, row in rows.items():
+        ratios = [t / b for t, b in zip(result["seconds_per_round"][name], base, strict=True)]
+        assert row["ratio_to_base"] == pytest.approx(float(np.median(ratios)))
+        assert row["overhead_over_base"] == pytest.approx(row["ratio_to_base"] - 1)
+        assert row["step_ms"] == pytest.approx(1e3 * float(np.median(result["seconds_per_round"][name])))
+    assert rows["base"]["ratio_to_base"] == 1.0
+    onehot = rows["onehot"]["overhead_over_base"]
+    if onehot > 0:
+        assert rows["lora"]["overhead_vs_onehot"] == pytest.approx(rows["lora"]["overhead_over_base"] / onehot)
+    targets = result["targets"]
+    assert targets["ratio_to_base"]["met"] == (rows["lora"]["ratio_to_base"] <= train.MAX_RATIO_TO_BASE)
+    versus = rows["lora"]["overhead_vs_onehot"]
+    within = versus <= train.MAX_OVERHEAD_VS_ONEHOT if versus is not None else rows["lora"]["overhead_over_base"] <= 0
+    assert targets["overhead_vs_onehot"]["met"] == within
+    assert set(targets) == {"ratio_to_base", "overhead_vs_onehot"}
+    assert result["sgd_update_ms"] > 0
+    assert {row["chip"] for row in result["tpu_model"]} == {"v6e"}
+    assert all(row["tokens"] == 8192 for row in result["tpu_model"])
+    assert "| (a) base, frozen" in text and "TPU cost model" in text and "modelled" in text
+
+
+# -- the TPU cost model of the training step ---------------------------------------------------------------
+
+
+def test_weight_grad_kernel_cost_by_hand():
+    """One slot, one token block, one output tile (v6e: 256-wide MXU, 256-token blocks at 256 tokens): read
+    both operands once, write every slot's f32 tile, one [64, 256] x [256, 1024] product, one grid step."""
+    chip = tpu_model.CHIPS["v6e"]
+    tokens, left, right, slots = 256, 64, 1024, 4
+    cost = tpu_train_model.weight_grad_kernel_cost(chip, np.zeros(tokens, np.int32), left, right, slots)
+    assert cost.pipelined_bytes == 2 * tokens * (left + right) + 4 * slots * left * right
+    assert cost.mxu_flops == 2 * left * tokens * right
+    assert cost.steps == 1
+    expected = max(cost.pipelined_bytes / chip.hbm_bytes_per_s, cost.mxu_flops / chip.peak_flops) + 0.35e-6
+    assert cost.seconds == pytest.approx(expected)
+    # Tokens of a second slot inside the block: a second product; tokens without adapter: none.
+    mixed = np.array([0] * 128 + [1] * 64 + [-1] * 64, np.int32)
+    assert tpu_train_model.weight_grad_kernel_cost(chip, mixed, left, right, slots).mxu_flops == 2 * cost.mxu_flops
+
+
+def test_train_step_model_one_hot_grows_with_slots_ours_does_not():
+    """Same batch (8 tenants), more slots: the one-hot formulation's modelled backward and forward grow with
+    L, our dx and recomputed shrink do not; the base is the sum of the forward and backward GEMMs."""
+    chip = tpu_model.CHIPS["v6e"]
+    layer = tpu_train_model.llama_layer(256, 512, 4, 2)
+    indices = tpu_train_model.interleaved_rows(8, 128, 8)
+    few = tpu_train_model.train_step_costs(chip, indices, layer, 16, 8)
+    many = tpu_train_model.train_step_costs(chip, indices, layer, 16, 64)
+    for key in ("lora_dx", "recompute_s", "base_forward", "base_backward"):
+        assert many["parts"][key] == pytest.approx(few["parts"][key]), key
+    assert many["parts"]["onehot_backward"] > 1.5 * few["parts"]["onehot_backward"]
+    assert many["ratio_onehot"] > few["ratio_onehot"]
+    tokens = len(indices)
+    gemms = sum(
+        tpu_model.matmul_cost(chip, tokens, i, o).seconds + tpu_model.matmul_cost(chip, tokens, o, i).seconds
+        for i, o, _ in layer.values()
+    )
+    assert few["base"] == pytest.approx(gemms)
+    assert few["ratio_ours"] == pytest.approx(few["ours"] / few["base"])
+    assert few["overhead_vs_onehot"] == pytest.approx((few["ours"] - few["base"]) / (few["onehot"] - few["base"]))

@@ -1,0 +1,311 @@
+"""A TPU cost model of one LoRA training step's projections (forward, loss's backward to the activations).
+
+The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA, frozen base):
+
+- the base, the floor ``(a)``: the forward GEMM ``x W^T`` and the backward to the activations
+  ``dx = g W`` (the base is frozen: no weight gradient), each at XLA's roofline
+  (:func:`tpu_model.matmul_cost`);
+- ours: the forward as the layer runs it on the chip (the cheapest of ``linear_lora``'s fused kernel,
+  the base then the fused LoRA kernel, or the XLA-native op, by :func:`tpu_model.projection_costs`,
+  as ``base_fusion="auto"`` chooses), then the backward as ``ops/_autograd.py`` runs it:
+
+  - dx: ``ds = bgmv_shrink(g, B)`` and ``dx += bgmv_expand(ds, A)`` (the shrink and expand kernels
+    with the roles of A and B swapped, priced from the kernels' own ``cost_estimate`` byte counts,
+    MXU work padded to whole tiles), added to the base's dx;
+  - ``s = bgmv_shrink(x, A)`` recomputed for dB (the forward ops do not return it);
+  - dA and dB: the segmented outer product ``bgmv_weight_grad`` (``dA[l] = sum_{i_t = l} ds[t] x[t]^T``,
+    ``dB[l] = sum_{i_t = l} s[t] g[t]^T``), either as the Pallas kernel the training issue describes
+    (tokens grouped by slot per token block, each slot's tile accumulated in f32 VMEM, every operand
+    read once, each used slot written once: :func:`weight_grad_kernel_cost`; not built yet) or as the
+    XLA-native op that runs today (:func:`weight_grad_xla_cost`);
+  - the trainable adapters' parameters scattered into the slot tensors and their gradients read
+    back (:func:`slot_assembly_seconds`);
+
+- the one-hot einsum formulation: the base, the forward of :func:`tpu_model.onehot_cost` (every token
+  against every slot's A and B, masked by its slot's one-hot) and its backward as XLA's autograd of
+  those two einsums runs it (:func:`onehot_backward_seconds`), plus the same slot assembly.
+
+Everything else of a training step (attention, norms, the head and the loss) is the same for all three
+and left out, so the ratios are those of the projections alone: an upper bound on a whole layer's. All
+bf16 activations and weights, f32 slot gradients. The chips' figures are :data:`tpu_model.CHIPS`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from torch_xla_lora.bench import tpu_model
+from torch_xla_lora.bench.tpu_model import Chip, Cost, mxu_flops
+
+#: The default modelled batch: 16 rows of 512 tokens (T = 8192), row i on tenant i mod 8.
+MODEL_ROWS, MODEL_SEQ = 16, 512
+_BF16, _F32 = 2, 4
+
+
+def llama_layer(hidden: int, intermediate: int, heads: int, kv_heads: int) -> dict[str, tuple[int, int, str]]:
+    """A Llama decoder layer's projections: name -> (in_features, out_features, input group), as
+    :data:`tpu_model.LLAMA3_8B_LAYER` lists them."""
+    kv = hidden // heads * kv_heads
+    return {
+        "q_proj": (hidden, hidden, "norm1"),
+        "k_proj": (hidden, kv, "norm1"),
+        "v_proj": (hidden, kv, "norm1"),
+        "o_proj": (hidden, hidden, "attention"),
+        "gate_proj": (hidden, intermediate, "norm2"),
+        "up_proj": (hidden, intermediate, "norm2"),
+        "down_proj": (intermediate, hidden, "silu_mul"),
+    }
+
+
+def interleaved_rows(rows: int, seq: int, tenants: int) -> np.ndarray:
+    """[rows * seq] slots of a batch whose row i (``seq`` tokens) is on tenant (slot) i mod ``tenants``."""
+    return np.repeat(np.arange(rows, dtype=np.int32) % tenants, seq)
+
+
+def _roofline(chip: Chip, nbytes: float, flops: float, steps: int = 0) -> float:
+    return max(nbytes / chip.hbm_bytes_per_s, flops / chip.peak_flops) + steps * chip.step_overhead_s
+
+
+def _block_runs(indices: np.ndarray, num_slots: int, block: int) -> list[int]:
+    """Per token block of ``block`` tokens: how many distinct valid slots its tokens use."""
+    valid = np.where((indices >= 0) & (indices < num_slots), indices, -1)
+    padded = np.full(-(-len(valid) // block) * block, -1, np.int32)
+    padded[: len(valid)] = valid
+    return [len({int(s) for s in chunk if s >= 0}) for chunk in padded.reshape(-1, block)]
+
+
+def shrink_seconds(chip: Chip, indices: np.ndarray, hidden: int, rank: int, num_slots: int) -> float:
+    """``bgmv_shrink`` ([T, hidden] -> [T, rank]) on the chip: the shrink kernel's own ``cost_estimate``
+    bytes (x once, one adapter tile per token block, the [T, R] result), MXU work per token block
+    and distinct slot in it, one grid step per (block, slot)."""
+    from torch_xla_lora.kernels import block_sizes, shrink
+
+    num_tokens = len(indices)
+    sizes = block_sizes.choose(num_tokens, hidden, rank, chip.generation)
+    runs = _block_runs(indices, num_slots, sizes.tokens)
+    estimate = shrink.cost_estimate(num_tokens, hidden, rank, num_slots, sizes.tokens, _BF16)
+    flops = sum(runs) * mxu_flops([(sizes.tokens, hidden, rank)], chip.mxu_width)
+    steps = max(sum(runs), 1) * math.ceil(hidden / sizes.hidden)
+    return _roofline(chip, estimate.bytes_accessed, flops, steps)
+
+
+def expand_seconds(chip: Chip, indices: np.ndarray, rank: int, out_dim: int, num_slots: int) -> float:
+    """``bgmv_expand`` ([T, rank] -> [T, out_dim], added to a base it reads): the expand kernel's own
+    ``cost_estimate`` bytes, MXU work per token block and distinct slot in it."""
+    from torch_xla_lora.kernels import block_sizes, expand
+
+    num_tokens = len(indices)
+    sizes = block_sizes.choose(num_tokens, rank, out_dim, chip.generation)
+    runs = _block_runs(indices, num_slots, sizes.tokens)
+    estimate = expand.cost_estimate(num_tokens, rank, out_dim, num_slots, sizes.tokens, True, _BF16)
+    flops = sum(runs) * mxu_flops([(sizes.tokens, rank, out_dim)], chip.mxu_width)
+    steps = max(sum(runs), 1) * math.ceil(out_dim / sizes.out)
+    return _roofline(chip, estimate.bytes_accessed, flops, steps)
+
+
+def weight_grad_kernel_cost(chip: Chip, indices: np.ndarray, left: int, right: int, num_slots: int) -> Cost:
+    """The segmented outer product ``out[l] = sum_{i_t = l} left[t] right[t]^T`` ([L, left, right], f32)
+    as the issue's Pallas kernel (megablox's ``tgmm`` shape): grid (right tiles, token blocks), the token
+    reduction innermost, with the expand kernel's token block and output tile for the chip
+    (``block_sizes.choose``); per block, one [left, block] x [block, tile] product per distinct slot in
+    it, accumulated in f32 VMEM; ``left`` read once per right tile, ``right`` read once, every slot's
+    tile written once (unused slots as zeros)."""
+    from torch_xla_lora.kernels import block_sizes
+
+    num_tokens = len(indices)
+    sizes = block_sizes.choose(num_tokens, right, right, chip.generation)
+    runs = _block_runs(indices, num_slots, sizes.tokens)
+    tiles = math.ceil(right / sizes.out)
+    pipelined = _BF16 * num_tokens * (left * tiles + right) + _F32 * num_slots * left * right
+    flops = sum(runs) * tiles * mxu_flops([(left, sizes.tokens, sizes.out)], chip.mxu_width)
+    steps = len(runs) * tiles
+    return Cost(pipelined, 0, flops, steps, _roofline(chip, pipelined, flops, steps))
+
+
+def weight_grad_xla_seconds(chip: Chip, indices: np.ndarray, left: int, right: int, num_slots: int) -> float:
+    """The same product as ``ops/_xla_native.weight_grad`` runs it today (XLA fusions): the rows sorted by
+    slot (both operands gathered: read and written), one [left, block] x [block, right] product per token
+    block into [blocks, left, right] f32 partial sums, a scatter-add of those into the [L, left, right]
+    output, then one fusion per run of a slot starting inside a block (block-sized product, the slot's
+    tile read and written)."""
+    from torch_xla_lora.ops import _xla_native
+
+    num_tokens = len(indices)
+    bt = _xla_native.weight_grad_block_tokens(num_tokens)
+    runs = _block_runs(np.sort(np.where(indices >= 0, indices, num_slots)), num_slots, bt)
+    blocks = len(runs)
+    rows = blocks * bt
+    extra = sum(max(r - 1, 0) for r in runs)
+    parts = [
+        (2 * _BF16 * rows * (left + right), 0.0),  # the sorted copies of both operands
+        (
+            _BF16 * rows * (left + right) + _F32 * blocks * left * right,
+            blocks * mxu_flops([(left, bt, right)], chip.mxu_width),
+        ),
+        (_F32 * (blocks + num_slots) * left * right, 0.0),  # partial sums added into the output
+    ]
+    parts += [
+        (_BF16 * bt * (left + right) + 2 * _F32 * left * right, mxu_flops([(left, bt, right)], chip.mxu_width))
+    ] * extra
+    return tpu_model._fusions(chip, parts)
+
+
+def slot_assembly_seconds(chip: Chip, hidden: int, out_dim: int, rank: int, num_slots: int, trained_rows: int) -> float:
+    """The trainable adapters' f32 parameters (``trained_rows``: the sum of their ranks) scattered into the
+    bf16 [L, R, in] and [L, R, out] slot tensors, and in the backward the f32 slot gradients read back into
+    the parameters' gradients: two fusions."""
+    width = hidden + out_dim
+    forward = _F32 * trained_rows * width + _BF16 * num_slots * rank * width
+    backward = _F32 * num_slots * rank * width + _F32 * trained_rows * width
+    return tpu_model._fusions(chip, [(forward, 0.0), (backward, 0.0)])
+
+
+def onehot_backward_seconds(chip: Chip, num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int) -> float:
+    """XLA's autograd of the one-hot forward (``s_all = x A_all^T`` masked by the one-hot, ``y += s_all
+    B_all``), the saved [T, L*R] masked ``s_all`` reused: ``ds_all = g B_all^T`` (masked), ``dx += ds_all
+    A_all``, ``dA_all = ds_all^T x``, ``dB_all = s_all^T g``: four fusions of L*R-wide products."""
+    lr = num_slots * rank
+    w = chip.mxu_width
+    parts = [
+        (_BF16 * (num_tokens * out_dim + lr * out_dim + num_tokens * lr), mxu_flops([(num_tokens, out_dim, lr)], w)),
+        (_BF16 * (num_tokens * lr + lr * hidden + 2 * num_tokens * hidden), mxu_flops([(num_tokens, lr, hidden)], w)),
+        (
+            _BF16 * (num_tokens * lr + num_tokens * hidden) + _F32 * lr * hidden,
+            mxu_flops([(lr, num_tokens, hidden)], w),
+        ),
+        (
+            _BF16 * (num_tokens * lr + num_tokens * out_dim) + _F32 * lr * out_dim,
+            mxu_flops([(lr, num_tokens, out_dim)], w),
+        ),
+    ]
+    return tpu_model._fusions(chip, parts)
+
+
+def projection_train_costs(
+    chip: Chip,
+    indices: np.ndarray,
+    hidden: int,
+    out_dim: int,
+    rank: int,
+    num_slots: int,
+    residual_output: bool = False,
+    input_share: float = 0.0,
+    trained_rows: int | None = None,
+) -> dict:
+    """Seconds of one projection's training-step parts (see the module doc); ``forward_choice`` names the
+    formulation the forward was priced with. ``trained_rows``: the sum of the trainable adapters' ranks
+    (default: every slot at ``rank``)."""
+    num_tokens = len(indices)
+    forward = tpu_model.projection_costs(chip, indices, hidden, out_dim, rank, num_slots, residual_output, input_share)
+    choice = tpu_model.cheapest(forward)
+    return {
+        "base_forward": forward["base"],
+        "base_backward": tpu_model.matmul_cost(chip, num_tokens, out_dim, hidden).seconds,
+        "lora_forward": forward[choice] - forward["base"],
+        "forward_choice": choice,
+        "lora_dx": shrink_seconds(chip, indices, out_dim, rank, num_slots)
+        + expand_seconds(chip, indices, rank, hidden, num_slots),
+        "recompute_s": shrink_seconds(chip, indices, hidden, rank, num_slots),
+        "weight_grad_kernel": weight_grad_kernel_cost(chip, indices, rank, hidden, num_slots).seconds
+        + weight_grad_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds,
+        "weight_grad_xla": weight_grad_xla_seconds(chip, indices, rank, hidden, num_slots)
+        + weight_grad_xla_seconds(chip, indices, rank, out_dim, num_slots),
+        "slot_assembly": slot_assembly_seconds(
+            chip, hidden, out_dim, rank, num_slots, num_slots * rank if trained_rows is None else trained_rows
+        ),
+        "onehot_forward": tpu_model.onehot_cost(chip, num_tokens, hidden, out_dim, rank, num_slots).seconds,
+        "onehot_backward": onehot_backward_seconds(chip, num_tokens, hidden, out_dim, rank, num_slots),
+    }
+
+
+def train_step_costs(
+    chip: Chip,
+    indices: np.ndarray,
+    layer: dict[str, tuple[int, int, str]],
+    rank: int,
+    num_slots: int,
+    trained_rows: int | None = None,
+) -> dict:
+    """Seconds of a decoder layer's projections in one training step, per formulation, and the ratios.
+
+    ``layer``: name -> (in, out, input group), as :func:`llama_layer`; the projections' roles (residual
+    outputs, shared inputs) are Llama's (:func:`tpu_model.llama_roles`). Keys: ``base`` (the floor (a)),
+    ``ours`` (the weight gradient as the issue's kernel), ``ours_xla_weight_grad`` (as the XLA-native op
+    runs it today), ``onehot``; ``ratio_*`` to base; ``overhead_vs_onehot`` (ours' overhead over base
+    divided by the one-hot's), ``parts`` (each part summed over the projections) and ``choices``.
+    """
+    roles = tpu_model.llama_roles()
+    parts: dict[str, float] = {}
+    choices = {}
+    for name, (fan_in, fan_out, _) in layer.items():
+        residual, share = roles[name]
+        costs = projection_train_costs(chip, indices, fan_in, fan_out, rank, num_slots, residual, share, trained_rows)
+        choices[name] = costs.pop("forward_choice")
+        for key, value in costs.items():
+            parts[key] = parts.get(key, 0.0) + value
+    base = parts["base_forward"] + parts["base_backward"]
+    shared = parts["lora_forward"] + parts["lora_dx"] + parts["recompute_s"] + parts["slot_assembly"]
+    ours = base + shared + parts["weight_grad_kernel"]
+    ours_xla = base + shared + parts["weight_grad_xla"]
+    onehot = base + parts["onehot_forward"] + parts["onehot_backward"] + parts["slot_assembly"]
+    return {
+        "base": base,
+        "ours": ours,
+        "ours_xla_weight_grad": ours_xla,
+        "onehot": onehot,
+        "ratio_ours": ours / base,
+        "ratio_ours_xla_weight_grad": ours_xla / base,
+        "ratio_onehot": onehot / base,
+        "overhead_vs_onehot": (ours - base) / (onehot - base),
+        "overhead_vs_onehot_xla_weight_grad": (ours_xla - base) / (onehot - base),
+        "parts": parts,
+        "choices": choices,
+    }
+
+
+def modelled_rows(
+    chips: tuple[str, ...] = ("v6e",),
+    rows: int = MODEL_ROWS,
+    seq: int = MODEL_SEQ,
+    ranks: tuple[int, ...] = (8, 8, 16, 16, 32, 32, 64, 64),
+    layers: dict[str, dict[str, tuple[int, int, str]]] | None = None,
+) -> list[dict]:
+    """One row per (chip, layer): :func:`train_step_costs` of ``rows`` x ``seq`` tokens, row i on tenant
+    i mod ``len(ranks)`` (one slot per tenant), the slots padded to ``max(ranks)`` as the library pads
+    them to ``max_rank``.
+
+    Default layers: the bench's Llama (hidden 2048, TinyLlama's widths) and Llama-3-8B's.
+    """
+    if layers is None:
+        layers = {
+            "Llama hidden 2048 (bench)": llama_layer(2048, 5632, 32, 4),
+            "Llama-3-8B": dict(tpu_model.LLAMA3_8B_LAYER),
+        }
+    num_slots, rank = len(ranks), max(ranks)
+    indices = interleaved_rows(rows, seq, num_slots)
+    out = []
+    for generation in chips:
+        chip = tpu_model.CHIPS[generation]
+        for name, layer in layers.items():
+            costs = train_step_costs(chip, indices, layer, rank, num_slots, sum(ranks))
+            row = {"chip": generation, "layer": name, "rows": rows, "seq": seq, "tokens": len(indices)}
+            out.append({**row, "ranks": list(ranks), **costs})
+    return out
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A markdown table of :func:`modelled_rows`."""
+    lines = [
+        "| chip | layer (7 projections) | T | base (a) us | ours us | ours / (a) | ours, XLA-native dA/dB / (a) "
+        "| one-hot / (a) | ours' overhead / one-hot's |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['chip']} | {row['layer']} | {row['tokens']} | {row['base'] * 1e6:.0f} | {row['ours'] * 1e6:.0f} "
+            f"| {row['ratio_ours']:.3f} | {row['ratio_ours_xla_weight_grad']:.3f} | {row['ratio_onehot']:.3f} "
+            f"| {row['overhead_vs_onehot']:.2f} |"
+        )
+    return "\n".join(lines)
