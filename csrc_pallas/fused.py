@@ -14,7 +14,10 @@ written. Per visited block:
   them; each token keeps only its own lane (mask) and the [tokens, lanes * Rp]
   result stays in VMEM for every output tile;
 - at every output tile, the chunk's B tiles are DMA'd the same way and one
-  matmul adds all lanes' products to the base tile.
+  matmul adds all lanes' products to the base tile. The tile's non-finite
+  values are selected out first and the tokens of a lane that held one get
+  NaN (``finite_lanes``): a tenant whose weights diverged poisons only its own
+  rows, never the other lanes' tokens through 0 * Inf.
 
 Laning is what keeps small ranks from wasting the MXU: at R=16 a 256-wide
 MXU pass serves 16 adapters for the price of one. The work per block is one
@@ -142,6 +145,38 @@ def _log_beyond_vmem(hidden: int, out_dim: int, rank: int, num_slots: int, dtype
     )
 
 
+def finite_lanes(tile: jax.Array, lanes: int, stride: int) -> tuple[jax.Array, jax.Array]:
+    """(``tile`` with its non-finite values selected to zero, poisoned [1, lanes * stride] bool: the
+    columns of the lanes whose rows of ``tile`` held one), for a laned expand inside a kernel.
+
+    The expand multiplies every lane's rows of the B tile by every token, zero
+    outside the token's own lane: 0 * Inf in another slot's rows (or in a lane
+    the block leaves unused, which keeps an earlier block's tile) would be NaN
+    in that token's output. With the values selected out the other tokens stay
+    exact; the caller makes the tokens of a poisoned lane NaN (:func:`poison_own_lane`).
+    Work: a few elementwise passes and per-lane reductions over the tile in VMEM, no HBM traffic.
+    """
+    wide = tile.astype(jnp.float32)  # Mosaic tests finiteness on float32 only
+    finite = jnp.isfinite(wide)
+    nonfinite = jnp.where(finite, 0.0, 1.0)
+    column_lane = jax.lax.broadcasted_iota(jnp.int32, (1, lanes * stride), 1) // stride
+    poisoned = jnp.zeros((1, lanes * stride), jnp.float32)
+    for lane in range(lanes):
+        rows = nonfinite[lane * stride : (lane + 1) * stride]
+        hit = jnp.max(jnp.max(rows, axis=0, keepdims=True), axis=1, keepdims=True)  # [1, 1]
+        poisoned = jnp.where(column_lane == lane, hit, poisoned)
+    return jnp.where(finite, wide, 0.0).astype(tile.dtype), poisoned > 0
+
+
+def poison_own_lane(y: jax.Array, code: jax.Array, first_lane, poisoned: jax.Array, stride: int) -> jax.Array:
+    """``y`` [tokens, lanes * stride] (each token's shrink in its own lane, zero elsewhere) with the own
+    lane of every token whose lane is ``poisoned`` made NaN: its expand row is then NaN, as the tile's
+    non-finite values would have made it, while the tile they were selected out of serves the others."""
+    column_lane = jax.lax.broadcasted_iota(jnp.int32, (1, y.shape[1]), 1) // stride
+    own = column_lane == (code - first_lane)
+    return jnp.where(own & poisoned, jnp.asarray(jnp.nan, y.dtype), y)
+
+
 def step_work(i: int, n: int, meta, rank: int, hidden: int, lanes: int, block_sizes: BlockSizes, itemsize: int):
     """What the kernel body does at grid step (i, n), for the cost model: (manual DMA bytes, matmuls).
 
@@ -207,8 +242,8 @@ def _fused_kernel(
 
     @pl.when((i == 0) & (n == 0))
     def _zero_buffers():
-        # Lanes a chunk leaves unused keep earlier (finite) tiles; zero them once so
-        # no uninitialised VMEM (possibly NaN) ever meets a masked-out zero.
+        # Lanes a chunk leaves unused keep earlier tiles (non-finite ones too: the expand
+        # selects those out, finite_lanes); zero them once so no uninitialised VMEM is read.
         a_buf[...] = jnp.zeros_like(a_buf)
         b_buf[...] = jnp.zeros_like(b_buf)
 
@@ -232,7 +267,9 @@ def _fused_kernel(
 
     def expand(c, acc):
         copy_lanes(c, b_hbm, b_buf, 1, lambda s: (s, slice(None), pl.ds(n * tile, tile)))
-        return acc + jnp.dot(y_buf[c], b_buf[...], preferred_element_type=jnp.float32)
+        b, poisoned = finite_lanes(b_buf[...], lanes, stride)
+        y = poison_own_lane(y_buf[c], code_ref[...], c * lanes, poisoned, stride)
+        return acc + jnp.dot(y, b, preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, num_chunks, expand, base_ref[...].astype(jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)

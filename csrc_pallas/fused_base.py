@@ -22,7 +22,9 @@ Per token block i (all blocks are visited: the base product is needed everywhere
   ([bt, lanes * Rp] f32 scratch); at the last k each token keeps only its own
   lane, scaled and rounded to the adapter dtype (as two separate ops would);
 - at the last k of every n: ``out = acc + bias + sum_c y[c] @ B_c[:, n-tile]``,
-  written once.
+  written once; the B tile's non-finite values are selected out and the tokens
+  of a lane that held one get NaN (``fused.finite_lanes``), so a tenant whose
+  weights diverged poisons no other lane's tokens through 0 * Inf.
 
 A block whose tokens use no adapter has 0 chunks: it does the base work only.
 """
@@ -38,7 +40,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from . import tuning
 from .block_sizes import LANE, BlockSizes, known, typical_adapters
-from .fused import lanes_for, rank_stride
+from .fused import finite_lanes, lanes_for, poison_own_lane, rank_stride
 from .visits import LaneBlocks, max_chunks
 
 #: Weight layouts: nn.Linear's [out, in] and transformers' Conv1D [in, out].
@@ -230,8 +232,8 @@ def _kernel(
 
     @pl.when((i == 0) & (n == 0) & (k == 0))
     def _zero_lane_tiles():
-        # Lanes a chunk leaves unused keep earlier (finite) tiles; zero them once so
-        # no uninitialised VMEM (possibly NaN) ever meets a masked-out zero.
+        # Lanes a chunk leaves unused keep earlier tiles (non-finite ones too: the expand
+        # selects those out, finite_lanes); zero them once so no uninitialised VMEM is read.
         a_buf[...] = jnp.zeros_like(a_buf)
         b_buf[...] = jnp.zeros_like(b_buf)
 
@@ -289,7 +291,9 @@ def _kernel(
             copies = b_copies(c)
             pl.when(c > 0)(lambda: start(copies))
             wait(copies)
-            return out + jnp.dot(y_acc[c].astype(b_buf.dtype), b_buf[...], preferred_element_type=jnp.float32)
+            b, poisoned = finite_lanes(b_buf[...], lanes, stride)
+            y = poison_own_lane(y_acc[c], code_ref[...], c * lanes, poisoned, stride)
+            return out + jnp.dot(y.astype(b_buf.dtype), b, preferred_element_type=jnp.float32)
 
         o_ref[...] = jax.lax.fori_loop(0, num_chunks, expand, out).astype(o_ref.dtype)
 

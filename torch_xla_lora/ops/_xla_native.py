@@ -33,7 +33,12 @@ cost one block-sized product per extra visit, so the ops choose at run time
 
 Rows whose index is outside [0, L) get exactly the base (or zero): every
 adapter product is *selected* into the result, never multiplied by a mask, so
-an unused slot holding Inf or NaN cannot leak into them. The cost is
+an unused slot holding Inf or NaN cannot leak into them. Nor can a used one
+reach another slot's rows: the laned expand, which multiplies every lane's
+tile by every token's row (zero outside the token's lane), selects the tiles'
+non-finite values out and makes the rows of a poisoned lane NaN instead
+(``_finite_chunk``), so a tenant whose weights diverged poisons only its own
+rows (and, through the backward's expands, only its own gradients). The cost is
 O(T * R * D) plus one block-sized product per adapter boundary, whatever the
 number of slots L (laned: O(T * D * lanes * R) per chunk of distinct adapters).
 """
@@ -204,21 +209,34 @@ def _lanes(indices: jax.Array, num_slots: int, rank: int) -> _Lanes:
     return _Lanes(slots, code, -(-count // lanes), count, used, lanes, False)
 
 
-def _chunk(weights: jax.Array, lanes: _Lanes, c, zero_unused: bool) -> jax.Array:
-    """[lanes * R, W]: the chunk's tiles side by side.
-
-    With ``zero_unused`` the tiles of lanes no token uses are zero (selected,
-    not scaled): an expand multiplies every lane, and 0 * Inf in an unused slot
-    would be NaN. A shrink's unused lanes are dropped by the select on its result.
-    """
+def _tiles(weights: jax.Array, lanes: _Lanes, c) -> jax.Array:
+    """[lanes, R, W]: the tiles of chunk c's slots (any tile where a lane has no slot)."""
     if lanes.every_slot:
-        tiles = jnp.where(lanes.used[:, None, None], weights, 0) if zero_unused else weights
-        return tiles.reshape(-1, weights.shape[2])
+        return weights
     slots = lax.dynamic_slice_in_dim(lanes.slots, c * lanes.lanes, lanes.lanes)
-    tiles = weights[jnp.maximum(slots, 0)]
-    if zero_unused:
-        tiles = jnp.where((slots >= 0)[:, None, None], tiles, 0)
-    return tiles.reshape(-1, weights.shape[2])
+    return weights[jnp.maximum(slots, 0)]
+
+
+def _chunk(weights: jax.Array, lanes: _Lanes, c) -> jax.Array:
+    """[lanes * R, W]: the chunk's tiles side by side, as they are (a shrink: its result is selected per token)."""
+    return _tiles(weights, lanes, c).reshape(-1, weights.shape[2])
+
+
+def _finite_chunk(weights: jax.Array, lanes: _Lanes, c) -> tuple[jax.Array, jax.Array]:
+    """(tiles [lanes * R, W] with every non-finite value selected to zero, poisoned [lanes * R] bool: the
+    columns of the lanes whose tile held one), for an expand.
+
+    An expand multiplies every lane's tile by every token's row, zero outside the
+    token's own lane: 0 * Inf in another slot's tile (or in a lane no token uses)
+    would be NaN in that token's row. Selecting the non-finite values out keeps
+    the other tenants' rows exact; the rows of a poisoned lane are made NaN by
+    the caller (:func:`_own_lane`) instead of the finite values the cleaned tile would give.
+    """
+    tiles = _tiles(weights, lanes, c)
+    finite = jnp.isfinite(tiles)
+    lanes_count, rank = tiles.shape[:2]
+    poisoned = jnp.repeat(~finite.all(axis=(1, 2)), rank, total_repeat_length=lanes_count * rank)
+    return jnp.where(finite, tiles, 0).reshape(-1, weights.shape[2]), poisoned
 
 
 def _lane_keep(lanes: _Lanes, c, rank: int) -> tuple[jax.Array, jax.Array]:
@@ -226,6 +244,12 @@ def _lane_keep(lanes: _Lanes, c, rank: int) -> tuple[jax.Array, jax.Array]:
     column_lane = jnp.arange(lanes.lanes * rank) // rank
     local = lanes.code - c * lanes.lanes
     return column_lane[None, :] == local[:, None], (local >= 0) & (local < lanes.lanes)
+
+
+def _own_lane(keep: jax.Array, poisoned: jax.Array, rows: jax.Array) -> jax.Array:
+    """The expand's left operand: each token's ``rows`` in its own lane, NaN there if its lane's tile is
+    poisoned (the token's result is then NaN, as the uncleaned tile would make it), zero (selected) elsewhere."""
+    return jnp.where(keep, jnp.where(poisoned[None, :], jnp.nan, rows), 0)
 
 
 def _chunks(lanes: _Lanes, body, acc: jax.Array) -> jax.Array:
@@ -238,7 +262,7 @@ def _laned_shrink(x, start, lora_a, lanes, *, scaling):
     rank = lora_a.shape[1]
 
     def body(c, acc):
-        y = jnp.dot(x, _chunk(lora_a, lanes, c, False).T, preferred_element_type=jnp.float32) * scaling
+        y = jnp.dot(x, _chunk(lora_a, lanes, c).T, preferred_element_type=jnp.float32) * scaling
         keep, _ = _lane_keep(lanes, c, rank)
         return acc + jnp.where(keep, y, 0.0).reshape(x.shape[0], lanes.lanes, rank).sum(axis=1)
 
@@ -251,7 +275,8 @@ def _laned_expand(s, start, lora_b, lanes):
 
     def body(c, acc):
         keep, row = _lane_keep(lanes, c, rank)
-        y = jnp.dot(jnp.where(keep, wide, 0), _chunk(lora_b, lanes, c, True), preferred_element_type=jnp.float32)
+        tiles, poisoned = _finite_chunk(lora_b, lanes, c)
+        y = jnp.dot(_own_lane(keep, poisoned, wide), tiles, preferred_element_type=jnp.float32)
         return _select(row, acc + y, acc)
 
     return _chunks(lanes, body, _start(start, (s.shape[0], lora_b.shape[2])))
@@ -263,9 +288,10 @@ def _laned_shrink_expand(x, start, weights, lanes, *, scaling):
 
     def body(c, acc):
         keep, row = _lane_keep(lanes, c, rank)
-        y = jnp.dot(x, _chunk(lora_a, lanes, c, False).T, preferred_element_type=jnp.float32) * scaling
-        y = jnp.where(keep, y, 0.0).astype(lora_b.dtype)
-        return _select(row, acc + jnp.dot(y, _chunk(lora_b, lanes, c, True), preferred_element_type=jnp.float32), acc)
+        y = jnp.dot(x, _chunk(lora_a, lanes, c).T, preferred_element_type=jnp.float32) * scaling
+        tiles, poisoned = _finite_chunk(lora_b, lanes, c)
+        y = _own_lane(keep, poisoned, y).astype(lora_b.dtype)
+        return _select(row, acc + jnp.dot(y, tiles, preferred_element_type=jnp.float32), acc)
 
     return _chunks(lanes, body, _start(start, (x.shape[0], lora_b.shape[2])))
 
