@@ -166,9 +166,9 @@ def test_evicted_adapter_comes_back_with_its_weights(bank):
 def test_pin_returns_the_slot_and_marks_it(bank):
     served = serve(bank)
     slot = served.lora.pin("c")
-    assert served.lora.adapters()["c"] == {"slot": slot, "pinned": True, "rank": SPECS["c"]["r"]}
+    assert served.lora.adapters()["c"] == {"slot": slot, "pinned": True, "rank": SPECS["c"]["r"], "trainable": False}
     served.lora.unpin("c")
-    assert served.lora.adapters()["c"] == {"slot": slot, "pinned": False, "rank": SPECS["c"]["r"]}
+    assert served.lora.adapters()["c"] == {"slot": slot, "pinned": False, "rank": SPECS["c"]["r"], "trainable": False}
 
 
 def test_pinned_adapter_is_never_evicted(bank):

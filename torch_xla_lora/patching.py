@@ -319,7 +319,7 @@ class LoRAModel:
         return self.manager.apply()
 
     def adapters(self) -> dict[str, dict]:
-        """Loaded adapters: name -> {"slot", "pinned", "rank"}."""
+        """Loaded adapters: name -> {"slot", "pinned", "rank", "trainable"}."""
         return self.manager.adapters()
 
     # -- batches -----------------------------------------------------------------------------------
