@@ -362,3 +362,43 @@ def test_an_empty_slot_named_by_number_never_runs_an_adapter_the_batch_loads(ban
     assert torch.equal(served.outputs(1), outputs)
     served.lora.set_batch([slot, "a"])  # no conflict: the numbered empty slot is a base row
     assert_close(served.outputs(2), bank.expected([None, "a"]))
+
+
+def _op_arguments() -> dict[str, dict]:
+    """A valid call of every exported op, by keyword, on CPU tensors."""
+    g = torch.Generator().manual_seed(0)
+    x, s, base = torch.randn(3, 8, generator=g), torch.randn(3, 4, generator=g), torch.randn(3, 6, generator=g)
+    a, b = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 6, generator=g)
+    w, bias = torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
+    idx = torch.tensor([0, -1, 1], dtype=torch.int32)
+    return {
+        "bgmv_shrink": {"inputs": x, "lora_a": a, "lora_indices": idx, "scaling": 0.5},
+        "bgmv_expand": {"inputs": s, "lora_b": b, "base": base, "lora_indices": idx},
+        "bgmv_expand_slice": {"inputs": s, "lora_b": b[..., :3], "base": base, "lora_indices": idx, "slice_offset": 2},
+        "bgmv_shrink_expand": {"inputs": x, "lora_a": a, "lora_b": b, "base": base, "lora_indices": idx},
+        "linear_lora": {"inputs": x, "weight": w, "bias": bias, "lora_a": a, "lora_b": b, "lora_indices": idx},
+        "bgmv_weight_grad": {"left": s, "right": x, "lora_indices": idx, "num_slots": 2, "scaling": 0.5},
+    }
+
+
+TENSOR_ARGUMENTS = [
+    (op, name)
+    for op, arguments in _op_arguments().items()
+    for name, value in arguments.items()
+    if isinstance(value, torch.Tensor)
+]
+
+
+@pytest.mark.parametrize(("op", "argument"), TENSOR_ARGUMENTS, ids=[f"{op}-{name}" for op, name in TENSOR_ARGUMENTS])
+def test_ops_refuse_a_non_tensor_where_a_tensor_is_required(op, argument):
+    """A Python list for a tensor argument (the indices, above all) raises ArgumentTypeError naming the argument
+    and what was given, instead of the dispatcher's RuntimeError; a valid call gives what torch.ops gives."""
+    valid = _op_arguments()[op]
+    assert torch.equal(getattr(tl, op)(**valid), getattr(torch.ops.xla_lora, op)(**valid))
+    bad = {**valid, argument: valid[argument].tolist()}
+    message = rf"^{op}: {argument} must be a torch\.Tensor.*, got list \["
+    with pytest.raises(tl.ArgumentTypeError, match=message) as error:
+        getattr(tl, op)(**bad)
+    assert isinstance(error.value, TypeError)
+    with pytest.raises(RuntimeError, match="Expected a value of type"):  # what the raw op gives (torch's own)
+        getattr(torch.ops.xla_lora, op)(**bad)

@@ -5,7 +5,11 @@ their backward uses.
 
 Each op is a functional ``torch.library.custom_op`` (no argument is mutated)
 with a fake implementation, so ``torch.compile(backend="openxla")`` sees one
-opaque node and never traces into JAX. Dispatch by device:
+opaque node and never traces into JAX. The functions this module exports
+(``bgmv_shrink``, ...) are thin wrappers with the ops' signatures that first
+check that every tensor argument is a ``torch.Tensor`` (``ArgumentTypeError``
+instead of the dispatcher's own error for, say, a list of indices), then call
+``torch.ops.xla_lora.<name>``. Dispatch by device:
 
 - XLA tensors: a JAX function through torch_xla's ``call_jax``, with
   ``backend`` "pallas" (Mosaic on TPU, Pallas interpret mode elsewhere) or
@@ -101,6 +105,33 @@ def _jax_module():
 
 
 @torch.library.custom_op("xla_lora::bgmv_shrink", mutates_args=())
+def _bgmv_shrink(
+    inputs: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_indices: torch.Tensor,
+    scaling: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``torch.ops.xla_lora.bgmv_shrink``: see :func:`bgmv_shrink`."""
+    _validate.shrink(inputs, lora_a, lora_indices)
+    _validate.backend(backend)
+    _validate.scaling(scaling)
+    if inputs.device.type != "xla":
+        return reference.bgmv_shrink(inputs, lora_a, lora_indices, scaling)
+    if _validate.degenerate(*lora_a.shape):  # L, R or D is 0: nothing to project (kernels need tiles)
+        return inputs.new_zeros((inputs.shape[0], lora_a.shape[1]))
+    name, generation = _backend(backend)
+    return _call_jax(_jax_module().shrink_fn(name, generation, float(scaling)), inputs, lora_a, lora_indices)
+
+
+@_bgmv_shrink.register_fake
+def _(inputs, lora_a, lora_indices, scaling=1.0, backend="auto"):
+    _validate.shrink(inputs, lora_a, lora_indices)
+    _validate.backend(backend)
+    _validate.scaling(scaling)
+    return inputs.new_empty((inputs.shape[0], lora_a.shape[1]))
+
+
 def bgmv_shrink(
     inputs: torch.Tensor,
     lora_a: torch.Tensor,
@@ -127,29 +158,45 @@ def bgmv_shrink(
           out[t] = scaling * lora_a[i] @ inputs[t] if 0 <= i < L else 0
 
     Raises:
+      ArgumentTypeError (a TypeError): a tensor argument that is not a torch.Tensor (a list of
+        indices, a numpy array).
       ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument.
       ArgumentError (a ValueError): a non-finite ``scaling``.
     """
-    _validate.shrink(inputs, lora_a, lora_indices)
-    _validate.backend(backend)
-    _validate.scaling(scaling)
-    if inputs.device.type != "xla":
-        return reference.bgmv_shrink(inputs, lora_a, lora_indices, scaling)
-    if _validate.degenerate(*lora_a.shape):  # L, R or D is 0: nothing to project (kernels need tiles)
-        return inputs.new_zeros((inputs.shape[0], lora_a.shape[1]))
-    name, generation = _backend(backend)
-    return _call_jax(_jax_module().shrink_fn(name, generation, float(scaling)), inputs, lora_a, lora_indices)
-
-
-@bgmv_shrink.register_fake
-def _(inputs, lora_a, lora_indices, scaling=1.0, backend="auto"):
-    _validate.shrink(inputs, lora_a, lora_indices)
-    _validate.backend(backend)
-    _validate.scaling(scaling)
-    return inputs.new_empty((inputs.shape[0], lora_a.shape[1]))
+    _validate.tensor_arguments("bgmv_shrink", inputs=inputs, lora_a=lora_a, lora_indices=lora_indices)
+    return torch.ops.xla_lora.bgmv_shrink(inputs, lora_a, lora_indices, scaling, backend)
 
 
 @torch.library.custom_op("xla_lora::bgmv_expand", mutates_args=())
+def _bgmv_expand(
+    inputs: torch.Tensor,
+    lora_b: torch.Tensor,
+    base: torch.Tensor,
+    lora_indices: torch.Tensor,
+    add_inputs: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``torch.ops.xla_lora.bgmv_expand``: see :func:`bgmv_expand`."""
+    _validate.expand(inputs, lora_b, base, lora_indices)
+    _validate.expand_full(lora_b, base)
+    _validate.backend(backend)
+    if inputs.device.type != "xla":
+        return reference.bgmv_expand(inputs, lora_b, base, lora_indices, add_inputs)
+    if _validate.degenerate(*lora_b.shape):  # L, R or Dout is 0: nothing to add
+        return base.clone() if add_inputs else torch.zeros_like(base)
+    name, generation = _backend(backend)
+    fn = _jax_module().expand_fn(name, generation, bool(add_inputs), None)
+    return _call_jax(fn, inputs, lora_b, base, lora_indices)
+
+
+@_bgmv_expand.register_fake
+def _(inputs, lora_b, base, lora_indices, add_inputs=True, backend="auto"):
+    _validate.expand(inputs, lora_b, base, lora_indices)
+    _validate.expand_full(lora_b, base)
+    _validate.backend(backend)
+    return torch.empty_like(base)
+
+
 def bgmv_expand(
     inputs: torch.Tensor,
     lora_b: torch.Tensor,
@@ -178,29 +225,45 @@ def bgmv_expand(
           out[t] = (base[t] if add_inputs else 0) + (inputs[t] @ lora_b[i] if 0 <= i < L else 0)
 
     Raises:
+      ArgumentTypeError (a TypeError): a tensor argument that is not a torch.Tensor (a list of
+        indices, a numpy array).
       ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument.
     """
+    _validate.tensor_arguments("bgmv_expand", inputs=inputs, lora_b=lora_b, base=base, lora_indices=lora_indices)
+    return torch.ops.xla_lora.bgmv_expand(inputs, lora_b, base, lora_indices, add_inputs, backend)
+
+
+@torch.library.custom_op("xla_lora::bgmv_expand_slice", mutates_args=())
+def _bgmv_expand_slice(
+    inputs: torch.Tensor,
+    lora_b: torch.Tensor,
+    base: torch.Tensor,
+    lora_indices: torch.Tensor,
+    slice_offset: int,
+    add_inputs: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``torch.ops.xla_lora.bgmv_expand_slice``: see :func:`bgmv_expand_slice`."""
     _validate.expand(inputs, lora_b, base, lora_indices)
-    _validate.expand_full(lora_b, base)
+    _validate.expand_slice(lora_b, base, slice_offset)
     _validate.backend(backend)
     if inputs.device.type != "xla":
-        return reference.bgmv_expand(inputs, lora_b, base, lora_indices, add_inputs)
-    if _validate.degenerate(*lora_b.shape):  # L, R or Dout is 0: nothing to add
+        return reference.bgmv_expand_slice(inputs, lora_b, base, lora_indices, slice_offset, add_inputs)
+    if _validate.degenerate(*lora_b.shape):  # L, R or the slice width is 0: nothing to add
         return base.clone() if add_inputs else torch.zeros_like(base)
     name, generation = _backend(backend)
-    fn = _jax_module().expand_fn(name, generation, bool(add_inputs), None)
+    fn = _jax_module().expand_fn(name, generation, bool(add_inputs), int(slice_offset))
     return _call_jax(fn, inputs, lora_b, base, lora_indices)
 
 
-@bgmv_expand.register_fake
-def _(inputs, lora_b, base, lora_indices, add_inputs=True, backend="auto"):
+@_bgmv_expand_slice.register_fake
+def _(inputs, lora_b, base, lora_indices, slice_offset, add_inputs=True, backend="auto"):
     _validate.expand(inputs, lora_b, base, lora_indices)
-    _validate.expand_full(lora_b, base)
+    _validate.expand_slice(lora_b, base, slice_offset)
     _validate.backend(backend)
     return torch.empty_like(base)
 
 
-@torch.library.custom_op("xla_lora::bgmv_expand_slice", mutates_args=())
 def bgmv_expand_slice(
     inputs: torch.Tensor,
     lora_b: torch.Tensor,
@@ -232,29 +295,49 @@ def bgmv_expand_slice(
               out[t, slice_offset : slice_offset + S] += inputs[t] @ lora_b[i]
 
     Raises:
+      ArgumentTypeError (a TypeError): a tensor argument that is not a torch.Tensor (a list of
+        indices, a numpy array).
       ShapeError (a ValueError): wrong rank, shape, dtype or device, or a slice outside base.
     """
-    _validate.expand(inputs, lora_b, base, lora_indices)
-    _validate.expand_slice(lora_b, base, slice_offset)
-    _validate.backend(backend)
-    if inputs.device.type != "xla":
-        return reference.bgmv_expand_slice(inputs, lora_b, base, lora_indices, slice_offset, add_inputs)
-    if _validate.degenerate(*lora_b.shape):  # L, R or the slice width is 0: nothing to add
-        return base.clone() if add_inputs else torch.zeros_like(base)
-    name, generation = _backend(backend)
-    fn = _jax_module().expand_fn(name, generation, bool(add_inputs), int(slice_offset))
-    return _call_jax(fn, inputs, lora_b, base, lora_indices)
-
-
-@bgmv_expand_slice.register_fake
-def _(inputs, lora_b, base, lora_indices, slice_offset, add_inputs=True, backend="auto"):
-    _validate.expand(inputs, lora_b, base, lora_indices)
-    _validate.expand_slice(lora_b, base, slice_offset)
-    _validate.backend(backend)
-    return torch.empty_like(base)
+    _validate.tensor_arguments("bgmv_expand_slice", inputs=inputs, lora_b=lora_b, base=base, lora_indices=lora_indices)
+    return torch.ops.xla_lora.bgmv_expand_slice(inputs, lora_b, base, lora_indices, slice_offset, add_inputs, backend)
 
 
 @torch.library.custom_op("xla_lora::bgmv_shrink_expand", mutates_args=())
+def _bgmv_shrink_expand(
+    inputs: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    base: torch.Tensor,
+    lora_indices: torch.Tensor,
+    scaling: float = 1.0,
+    backend: str = "auto",
+    metadata: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``torch.ops.xla_lora.bgmv_shrink_expand``: see :func:`bgmv_shrink_expand`."""
+    _validate.shrink_expand(inputs, lora_a, lora_b, base, lora_indices)
+    _validate.backend(backend)
+    _validate.scaling(scaling)
+    _validate.metadata(metadata, inputs.device, inputs, lora_b)
+    if inputs.device.type != "xla":
+        return reference.bgmv_shrink_expand(inputs, lora_a, lora_b, base, lora_indices, scaling)
+    if _validate.degenerate(*lora_a.shape, *lora_b.shape):  # L, R, D or Dout is 0: nothing to add
+        return base.clone()
+    name, generation = _backend(backend)
+    fn = _jax_module().shrink_expand_fn(name, generation, float(scaling), metadata is not None)
+    extra = () if metadata is None else (metadata,)
+    return _call_jax(fn, inputs, lora_a, lora_b, base, lora_indices, *extra)
+
+
+@_bgmv_shrink_expand.register_fake
+def _(inputs, lora_a, lora_b, base, lora_indices, scaling=1.0, backend="auto", metadata=None):
+    _validate.shrink_expand(inputs, lora_a, lora_b, base, lora_indices)
+    _validate.backend(backend)
+    _validate.scaling(scaling)
+    _validate.metadata(metadata, inputs.device, inputs, lora_b)
+    return torch.empty_like(base)
+
+
 def bgmv_shrink_expand(
     inputs: torch.Tensor,
     lora_a: torch.Tensor,
@@ -293,33 +376,77 @@ def bgmv_shrink_expand(
           out[t] = base[t]                                                 otherwise
 
     Raises:
+      ArgumentTypeError (a TypeError): a tensor argument that is not a torch.Tensor (a list of
+        indices, a numpy array).
       ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument.
       ArgumentError (a ValueError): a non-finite ``scaling``.
     """
-    _validate.shrink_expand(inputs, lora_a, lora_b, base, lora_indices)
-    _validate.backend(backend)
-    _validate.scaling(scaling)
-    _validate.metadata(metadata, inputs.device, inputs, lora_b)
-    if inputs.device.type != "xla":
-        return reference.bgmv_shrink_expand(inputs, lora_a, lora_b, base, lora_indices, scaling)
-    if _validate.degenerate(*lora_a.shape, *lora_b.shape):  # L, R, D or Dout is 0: nothing to add
-        return base.clone()
-    name, generation = _backend(backend)
-    fn = _jax_module().shrink_expand_fn(name, generation, float(scaling), metadata is not None)
-    extra = () if metadata is None else (metadata,)
-    return _call_jax(fn, inputs, lora_a, lora_b, base, lora_indices, *extra)
-
-
-@bgmv_shrink_expand.register_fake
-def _(inputs, lora_a, lora_b, base, lora_indices, scaling=1.0, backend="auto", metadata=None):
-    _validate.shrink_expand(inputs, lora_a, lora_b, base, lora_indices)
-    _validate.backend(backend)
-    _validate.scaling(scaling)
-    _validate.metadata(metadata, inputs.device, inputs, lora_b)
-    return torch.empty_like(base)
+    _validate.tensor_arguments(
+        "bgmv_shrink_expand",
+        optional=("metadata",),
+        inputs=inputs,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        base=base,
+        lora_indices=lora_indices,
+        metadata=metadata,
+    )
+    return torch.ops.xla_lora.bgmv_shrink_expand(inputs, lora_a, lora_b, base, lora_indices, scaling, backend, metadata)
 
 
 @torch.library.custom_op("xla_lora::linear_lora", mutates_args=())
+def _linear_lora(
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    scaling: float = 1.0,
+    weight_layout: str = "out_in",
+    backend: str = "auto",
+    metadata: torch.Tensor | None = None,
+    own_metadata: bool = False,
+) -> torch.Tensor:
+    """``torch.ops.xla_lora.linear_lora``: see :func:`linear_lora`."""
+    _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
+    _validate.backend(backend)
+    _validate.scaling(scaling)
+    _validate.metadata(metadata, inputs.device)
+    if inputs.device.type != "xla":
+        return reference.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout)
+    from torch_xla_lora.ops import _linear
+
+    name, generation = _backend(backend)
+    with_metadata = metadata is not None
+    fn = _linear.linear_lora_fn(
+        name, generation, float(scaling), weight_layout, bias is not None, with_metadata, with_metadata and own_metadata
+    )
+    args = (inputs, weight) + ((bias,) if bias is not None else ()) + (lora_a, lora_b, lora_indices)
+    return _call_jax(fn, *args, *(() if metadata is None else (metadata,)))
+
+
+@_linear_lora.register_fake
+def _(
+    inputs,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    lora_indices,
+    scaling=1.0,
+    weight_layout="out_in",
+    backend="auto",
+    metadata=None,
+    own_metadata=False,
+):
+    _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
+    _validate.backend(backend)
+    _validate.scaling(scaling)
+    _validate.metadata(metadata, inputs.device)
+    return inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
+
+
 def linear_lora(
     inputs: torch.Tensor,
     weight: torch.Tensor,
@@ -366,48 +493,52 @@ def linear_lora(
               out[t] += (scaling * (lora_a[i] @ inputs[t])) @ lora_b[i]    (intermediate in lora_b's dtype)
 
     Raises:
+      ArgumentTypeError (a TypeError): a tensor argument that is not a torch.Tensor (a list of
+        indices, a numpy array).
       ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument, or an unknown layout.
       ArgumentError (a ValueError): a non-finite ``scaling``.
     """
-    _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
-    _validate.backend(backend)
-    _validate.scaling(scaling)
-    _validate.metadata(metadata, inputs.device)
-    if inputs.device.type != "xla":
-        return reference.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout)
-    from torch_xla_lora.ops import _linear
-
-    name, generation = _backend(backend)
-    with_metadata = metadata is not None
-    fn = _linear.linear_lora_fn(
-        name, generation, float(scaling), weight_layout, bias is not None, with_metadata, with_metadata and own_metadata
+    _validate.tensor_arguments(
+        "linear_lora",
+        optional=("bias", "metadata"),
+        inputs=inputs,
+        weight=weight,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        lora_indices=lora_indices,
+        bias=bias,
+        metadata=metadata,
     )
-    args = (inputs, weight) + ((bias,) if bias is not None else ()) + (lora_a, lora_b, lora_indices)
-    return _call_jax(fn, *args, *(() if metadata is None else (metadata,)))
-
-
-@linear_lora.register_fake
-def _(
-    inputs,
-    weight,
-    bias,
-    lora_a,
-    lora_b,
-    lora_indices,
-    scaling=1.0,
-    weight_layout="out_in",
-    backend="auto",
-    metadata=None,
-    own_metadata=False,
-):
-    _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
-    _validate.backend(backend)
-    _validate.scaling(scaling)
-    _validate.metadata(metadata, inputs.device)
-    return inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
+    return torch.ops.xla_lora.linear_lora(
+        inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout, backend, metadata, own_metadata
+    )
 
 
 @torch.library.custom_op("xla_lora::bgmv_weight_grad", mutates_args=())
+def _bgmv_weight_grad(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    lora_indices: torch.Tensor,
+    num_slots: int,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """``torch.ops.xla_lora.bgmv_weight_grad``: see :func:`bgmv_weight_grad`."""
+    _validate.weight_grad(left, right, lora_indices, num_slots)
+    _validate.scaling(scaling)
+    if left.device.type != "xla":
+        return reference.bgmv_weight_grad(left, right, lora_indices, num_slots, scaling)
+    if _validate.degenerate(num_slots, left.shape[0], left.shape[1], right.shape[1]):
+        return right.new_zeros((num_slots, left.shape[1], right.shape[1]))
+    return _call_jax(_jax_module().weight_grad_fn(int(num_slots), float(scaling)), left, right, lora_indices)
+
+
+@_bgmv_weight_grad.register_fake
+def _(left, right, lora_indices, num_slots, scaling=1.0):
+    _validate.weight_grad(left, right, lora_indices, num_slots)
+    _validate.scaling(scaling)
+    return right.new_empty((num_slots, left.shape[1], right.shape[1]))
+
+
 def bgmv_weight_grad(
     left: torch.Tensor,
     right: torch.Tensor,
@@ -446,23 +577,13 @@ def bgmv_weight_grad(
     that use no slot.
 
     Raises:
+      ArgumentTypeError (a TypeError): a tensor argument that is not a torch.Tensor (a list of
+        indices, a numpy array).
       ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument.
       ArgumentError (a ValueError): a non-finite ``scaling``.
     """
-    _validate.weight_grad(left, right, lora_indices, num_slots)
-    _validate.scaling(scaling)
-    if left.device.type != "xla":
-        return reference.bgmv_weight_grad(left, right, lora_indices, num_slots, scaling)
-    if _validate.degenerate(num_slots, left.shape[0], left.shape[1], right.shape[1]):
-        return right.new_zeros((num_slots, left.shape[1], right.shape[1]))
-    return _call_jax(_jax_module().weight_grad_fn(int(num_slots), float(scaling)), left, right, lora_indices)
-
-
-@bgmv_weight_grad.register_fake
-def _(left, right, lora_indices, num_slots, scaling=1.0):
-    _validate.weight_grad(left, right, lora_indices, num_slots)
-    _validate.scaling(scaling)
-    return right.new_empty((num_slots, left.shape[1], right.shape[1]))
+    _validate.tensor_arguments("bgmv_weight_grad", left=left, right=right, lora_indices=lora_indices)
+    return torch.ops.xla_lora.bgmv_weight_grad(left, right, lora_indices, num_slots, scaling)
 
 
 def batch_metadata(
@@ -501,4 +622,4 @@ def batch_metadata(
 
 
 # Registers every op's backward (imported last: it refers to the ops above).
-from torch_xla_lora.ops import _autograd  # noqa: E402, F401
+from torch_xla_lora.ops import _autograd, _grouped  # noqa: E402, F401

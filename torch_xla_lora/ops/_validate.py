@@ -8,12 +8,23 @@ XLA or Pallas.
 from __future__ import annotations
 
 import math
+import reprlib
 
 import torch
 
-from torch_xla_lora.errors import ArgumentError, ShapeError
+from torch_xla_lora.errors import ArgumentError, ArgumentTypeError, ShapeError
 
 BACKENDS = ("auto", "pallas", "xla")
+
+
+def tensor_arguments(op: str, optional: tuple[str, ...] = (), **arguments: object) -> None:
+    """Every argument a ``torch.Tensor`` (those named in ``optional`` may be None): the exported ops check
+    this before torch's dispatcher, which would otherwise refuse a list of indices with its own error."""
+    for name, value in arguments.items():
+        if isinstance(value, torch.Tensor) or (value is None and name in optional):
+            continue
+        expected = "a torch.Tensor or None" if name in optional else "a torch.Tensor"
+        raise ArgumentTypeError(f"{op}: {name} must be {expected}, got {type(value).__name__} {reprlib.repr(value)}")
 
 
 def _rank(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
