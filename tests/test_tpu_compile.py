@@ -74,14 +74,14 @@ def test_compiled_cost_is_the_kernel_s_estimate(compiled):
 
 def test_weight_grad_cost_is_the_kernel_s_estimate(compiled):
     """The backward's weight-gradient kernel: libtpu counts at least the flops its ``pl.CostEstimate``
-    declares and at most 10% more (the rest is the op's own XLA work around the kernel: the sort building
-    the slot-major visits, padding, the cast of the f32 result; 8% at most in the sample, at a
-    512-token, 192-wide case), and at least its bytes."""
+    declares, and at most a quarter more: the rest is the op's own XLA work around the kernel (the sort
+    building the slot-major visits, padding, the [L, P, Q] result), which weighs most beside a one-token
+    batch (12% at most in the CI sample, a 1-token float32 case); and at least its bytes."""
     results = [r for r in compiled.results if r["config"]["kernel"] == "weight_grad"]
     assert results and all(r["ok"] for r in results)
     for result in results:
         estimate, cost = result["estimate"], result["cost"]
-        assert estimate["flops"] <= cost["flops"] <= estimate["flops"] * 1.1, result["name"]
+        assert estimate["flops"] <= cost["flops"] <= estimate["flops"] * 1.25, result["name"]
         assert cost["bytes accessed"] >= estimate["bytes accessed"], result["name"]
 
 
