@@ -329,9 +329,11 @@ def test_embedding_path_gradients(xla_device):
         assert (grad[[0, 1, 3]] == 0).all()
 
 
-def test_xla_weight_grad_many_slots_and_blocks(xla_device):
-    """The weight-gradient op alone at a size with 16-token blocks and more slots than blocks, most blocks
-    holding several slots' runs (the loop over extra runs), against float64 one-hot math."""
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_xla_weight_grad_many_slots_and_blocks(backend, xla_device):
+    """The weight-gradient op alone at a size with 16-token blocks (XLA-native) and more slots than blocks,
+    most blocks holding several slots' runs (the loop over extra runs; on the Pallas kernel, several slots'
+    visits per block), against float64 one-hot math."""
     num_tokens, num_slots, p, q = 300, 40, 4, 16
     g = torch.Generator().manual_seed(3)
     left, right = torch.randn(num_tokens, p, generator=g), torch.randn(num_tokens, q, generator=g)
@@ -339,7 +341,8 @@ def test_xla_weight_grad_many_slots_and_blocks(xla_device):
     idx[(idx == 7) | (idx == 31)] = -1  # two unused slots
     hot = (idx.long()[:, None] == torch.arange(num_slots)).double()
     expected = 0.25 * torch.einsum("tl,tp,tq->lpq", hot, left.double(), right.double())
-    out = OPS.bgmv_weight_grad(left.to(xla_device), right.to(xla_device), idx.to(xla_device), num_slots, 0.25)
+    args = (left.to(xla_device), right.to(xla_device), idx.to(xla_device), num_slots, 0.25, backend)
+    out = OPS.bgmv_weight_grad(*args)
     assert_close(out, expected, torch.float32)
     assert (out.cpu()[[7, 31]] == 0).all()
 

@@ -521,21 +521,26 @@ def _bgmv_weight_grad(
     lora_indices: torch.Tensor,
     num_slots: int,
     scaling: float = 1.0,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """``torch.ops.xla_lora.bgmv_weight_grad``: see :func:`bgmv_weight_grad`."""
     _validate.weight_grad(left, right, lora_indices, num_slots)
     _validate.scaling(scaling)
+    _validate.backend(backend)
     if left.device.type != "xla":
         return reference.bgmv_weight_grad(left, right, lora_indices, num_slots, scaling)
     if _validate.degenerate(num_slots, left.shape[0], left.shape[1], right.shape[1]):
         return right.new_zeros((num_slots, left.shape[1], right.shape[1]))
-    return _call_jax(_jax_module().weight_grad_fn(int(num_slots), float(scaling)), left, right, lora_indices)
+    resolved, generation = _backend(backend)
+    fn = _jax_module().weight_grad_fn(int(num_slots), float(scaling), resolved, generation)
+    return _call_jax(fn, left, right, lora_indices)
 
 
 @_bgmv_weight_grad.register_fake
-def _(left, right, lora_indices, num_slots, scaling=1.0):
+def _(left, right, lora_indices, num_slots, scaling=1.0, backend="auto"):
     _validate.weight_grad(left, right, lora_indices, num_slots)
     _validate.scaling(scaling)
+    _validate.backend(backend)
     return right.new_empty((num_slots, left.shape[1], right.shape[1]))
 
 
@@ -545,6 +550,7 @@ def bgmv_weight_grad(
     lora_indices: torch.Tensor,
     num_slots: int,
     scaling: float = 1.0,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Gradient of stacked slot weights: each slot's sum of its tokens' outer products.
 
@@ -559,12 +565,14 @@ def bgmv_weight_grad(
         outside [0, num_slots), e.g. -1, contributes nothing.
       num_slots: L, the number of slots of the result.
       scaling: multiplies the result.
+      backend: on XLA tensors, "pallas" (the slot-major Pallas kernel,
+        ``kernels/weight_grad.py``: Mosaic on TPU, interpret mode elsewhere),
+        "xla" (the XLA-native segmented outer product, ``ops/_xla_native.py``)
+        or "auto" (Pallas on TPU, XLA-native elsewhere).
 
     Returns:
       [L, P, Q] in right's dtype, accumulated in float32 (float64 for float64
-      tensors off XLA). On XLA tensors the XLA-native segmented outer product
-      (``ops/_xla_native.py``) runs with every backend, TPU included: there is
-      no Pallas kernel for it yet.
+      tensors off XLA).
 
     Semantics:
       out = zeros(L, P, Q)
@@ -583,7 +591,7 @@ def bgmv_weight_grad(
       ArgumentError (a ValueError): a non-finite ``scaling``.
     """
     _validate.tensor_arguments("bgmv_weight_grad", left=left, right=right, lora_indices=lora_indices)
-    return torch.ops.xla_lora.bgmv_weight_grad(left, right, lora_indices, num_slots, scaling)
+    return torch.ops.xla_lora.bgmv_weight_grad(left, right, lora_indices, num_slots, scaling, backend)
 
 
 def batch_metadata(

@@ -11,7 +11,7 @@ t and ``g`` the output gradient:
   [L, R, Dout], which is shrink's layout of A) and ``s[t] @ A[i_t]`` is
   ``bgmv_expand(s, A)``. They run on the op's ``backend``.
 - slot weights: ``bgmv_weight_grad``, each slot's sum of outer products of its
-  tokens' rows (XLA-native on XLA tensors, whatever the backend).
+  tokens' rows, on the op's ``backend``.
 - base output (``base``) and, for ``linear_lora``, the base weight and bias as
   torch's own linear backward computes them.
 
@@ -55,7 +55,7 @@ def _shrink_backward(ctx, grad: torch.Tensor):
     if ctx.needs_input_grad[0]:  # dx[t] = scaling * g[t] @ A[i_t]
         dx = _ops.bgmv_expand(_scaled(grad, ctx.scaling), lora_a, torch.zeros_like(x), indices, False, ctx.backend)
     if ctx.needs_input_grad[1]:  # dA[l] = scaling * sum_{i_t = l} outer(g[t], x[t])
-        d_a = _ops.bgmv_weight_grad(grad, x, indices, lora_a.shape[0], ctx.scaling)
+        d_a = _ops.bgmv_weight_grad(grad, x, indices, lora_a.shape[0], ctx.scaling, ctx.backend)
     return dx, d_a, *_no_grads(3)
 
 
@@ -70,7 +70,7 @@ def _expand_grads(ctx, grad: torch.Tensor, columns: torch.Tensor):
     if ctx.needs_input_grad[0]:  # ds[t] = g[t] @ B[i_t]^T: a shrink by B
         ds = _ops.bgmv_shrink(columns, lora_b, indices, 1.0, ctx.backend).to(s.dtype)
     if ctx.needs_input_grad[1]:  # dB[l] = sum_{i_t = l} outer(s[t], g[t])
-        d_b = _ops.bgmv_weight_grad(s, columns, indices, lora_b.shape[0], 1.0)
+        d_b = _ops.bgmv_weight_grad(s, columns, indices, lora_b.shape[0], 1.0, ctx.backend)
     d_base = grad if ctx.add_inputs and ctx.needs_input_grad[2] else None
     return ds, d_b, d_base
 
@@ -109,12 +109,12 @@ def _lora_grads(ctx, grad, x, lora_a, lora_b, indices, dx_base, need_x: bool, ne
             start = torch.zeros_like(x) if dx_base is None else dx_base
             dx = _ops.bgmv_expand(_scaled(ds, ctx.scaling), lora_a, start, indices, dx_base is not None, ctx.backend)
         if need_a:  # dA[l] = scaling * sum_{i_t = l} outer(ds[t], x[t])
-            d_a = _ops.bgmv_weight_grad(ds, x, indices, lora_a.shape[0], ctx.scaling)
+            d_a = _ops.bgmv_weight_grad(ds, x, indices, lora_a.shape[0], ctx.scaling, ctx.backend)
     elif need_x:
         dx = dx_base
     if need_b:  # dB[l] = sum_{i_t = l} outer(s[t], g[t]), s recomputed as the forward rounded it
         s = _ops.bgmv_shrink(x, lora_a, indices, ctx.scaling, ctx.backend).to(lora_b.dtype)
-        d_b = _ops.bgmv_weight_grad(s, grad.to(lora_b.dtype), indices, lora_b.shape[0], 1.0)
+        d_b = _ops.bgmv_weight_grad(s, grad.to(lora_b.dtype), indices, lora_b.shape[0], 1.0, ctx.backend)
     return dx, d_a, d_b
 
 
@@ -160,24 +160,24 @@ def _linear_backward(ctx, grad: torch.Tensor):
     return dx, d_weight, d_bias, d_a, d_b, *_no_grads(6)
 
 
-# -- bgmv_weight_grad(left, right, lora_indices, num_slots, scaling): differentiable too -------------
+# -- bgmv_weight_grad(left, right, lora_indices, num_slots, scaling, backend): differentiable too ----
 
 
 def _weight_grad_setup(ctx, inputs, output) -> None:
-    left, right, indices, _, scaling = inputs
+    left, right, indices, _, scaling, backend = inputs
     ctx.save_for_backward(left, right, indices)
-    ctx.scaling = scaling
+    ctx.scaling, ctx.backend = scaling, backend
 
 
 def _weight_grad_backward(ctx, grad: torch.Tensor):
     left, right, indices = ctx.saved_tensors
     d_left = d_right = None
     if ctx.needs_input_grad[0]:  # d left[t] = scaling * G[i_t] @ right[t]: a shrink by G [L, P, Q]
-        d_left = _ops.bgmv_shrink(right, grad, indices, ctx.scaling, "auto").to(left.dtype)
+        d_left = _ops.bgmv_shrink(right, grad, indices, ctx.scaling, ctx.backend).to(left.dtype)
     if ctx.needs_input_grad[1]:  # d right[t] = scaling * left[t] @ G[i_t]: an expand by G
         scaled = _scaled(left, ctx.scaling)
-        d_right = _ops.bgmv_expand(scaled, grad, torch.zeros_like(right), indices, False, "auto")
-    return d_left, d_right, *_no_grads(3)
+        d_right = _ops.bgmv_expand(scaled, grad, torch.zeros_like(right), indices, False, ctx.backend)
+    return d_left, d_right, *_no_grads(4)
 
 
 for _name, _backward, _setup in (
