@@ -10,6 +10,7 @@ adapter alone, row by row.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -21,6 +22,7 @@ from peft.tuners.lora.layer import ParamWrapper
 
 from torch_xla_lora import LoRAConfig, patch_model
 from torch_xla_lora.adapters import ExpertsLoRA, load_adapter
+from torch_xla_lora.context import BatchContext
 from torch_xla_lora.errors import (
     AlreadyPatchedError,
     InvalidAdapterError,
@@ -336,6 +338,133 @@ def test_zero_recompiles_after_warmup(mode, saved, xla_device):
         logits = step(IDS.to(xla_device)).cpu()
     for row, name in enumerate(["code", "math", None, "code"]):
         assert_close(logits[row], reference[name][row])
+
+
+# -- the grouped experts: memory and gradients ------------------------------------------------------
+
+
+def _routing(num_tokens: int, top_k: int, experts: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(num_tokens)])
+    return index, torch.rand(num_tokens, top_k, generator=gen)
+
+
+def _largest_intermediate(tensor: torch.Tensor) -> int:
+    """Elements of the largest array in the pending XLA graph of ``tensor`` (parameters included), read off its HLO
+    text: every instruction of the entry computation and of the computations it calls (the JAX functions of
+    the library's ops)."""
+    import re
+
+    import torch_xla
+
+    hlo = torch_xla._XLAC._get_xla_tensors_hlo([tensor])
+    dims = re.findall(r"\b(?:pred|[sfu]\d+|bf16)\[([\d,]*)\]", hlo)
+    return max(math.prod(int(d) for d in shape.split(",")) if shape else 1 for shape in dims)
+
+
+@pytest.mark.parametrize("batch", ["mixed", "none"])
+def test_grouped_experts_temporaries_follow_the_rows(batch, xla_device):
+    """No array of the experts layer's graph exceeds the larger of rows x widest projection and one expert
+    weight tensor, with a batch (expert LoRA) and without one (the model configured with ``batched_mm``): a
+    weight gathered per routed row, [N * K, out, in], as ``batched_mm`` itself does (checked below), is 32x
+    that here. Counted in the traced graph, so it holds whatever XLA later fuses."""
+    model = moe_model("Mixtral", "batched_mm").to(xla_device)
+    experts = model.model.layers[0].mlp.experts
+    context = BatchContext()
+    layer = ExpertsWithLoRA(experts, context, max_loras=2, max_rank=4, dtype=torch.float32)
+    num_tokens, top_k = 64, 2
+    hidden = torch.randn(num_tokens, _COMMON["hidden_size"]).to(xla_device)
+    index, weights = (t.to(xla_device) for t in _routing(num_tokens, top_k, 4, seed=5))
+    if batch == "mixed":
+        context.set(torch.tensor([0, -1, 1, 0], dtype=torch.int32).to(xla_device), False)
+    rows = num_tokens * top_k
+    width = max(experts.gate_up_proj.shape[1], experts.down_proj.shape[1])
+    bound = max(rows * width, experts.gate_up_proj.numel())
+    gathered = rows * experts.gate_up_proj[0].numel()
+    assert gathered >= 32 * bound
+    assert _largest_intermediate(layer(hidden, index, weights)) <= bound
+    assert _largest_intermediate(experts(hidden, index, weights)) >= gathered  # the test's teeth: batched_mm
+
+
+def _plain_experts(experts, x, index, weights, slots, buffers: dict) -> torch.Tensor:
+    """The expert layer in float64 plain torch: each routed row with its expert's weight gathered and its
+    (slot, expert) LoRA entry, zero for a token without slot."""
+    num_experts, top_k = experts.gate_up_proj.shape[0], index.shape[1]
+    rows_x = x.repeat_interleave(top_k, dim=0)
+    expert = index.reshape(-1)
+    slot = slots.repeat_interleave(top_k)
+    entry = (slot * num_experts + expert).clamp(min=0)
+    has_lora = (slot >= 0).double()[:, None, None]
+
+    def project(inputs, weight, bias, a, b):
+        w = weight.double()[expert]
+        out = torch.einsum("si,sio->so", inputs, w) if experts.is_transposed else torch.einsum("si,soi->so", inputs, w)
+        if bias is not None:
+            out = out + bias.double()[expert]
+        a_rows, b_rows = a[entry] * has_lora, b[entry] * has_lora
+        return out + torch.einsum("sr,sro->so", torch.einsum("sri,si->sr", a_rows, inputs), b_rows)
+
+    has_bias = getattr(experts, "has_bias", False)
+    up = project(rows_x, experts.gate_up_proj, experts.gate_up_proj_bias if has_bias else None,
+                 buffers["lora_a"], buffers["lora_b"])  # fmt: skip
+    h = experts._apply_gate(up)
+    down = project(h, experts.down_proj, experts.down_proj_bias if has_bias else None,
+                   buffers["lora_a_down"], buffers["lora_b_down"])  # fmt: skip
+    weighted = down * weights.reshape(-1, 1).double()
+    return weighted.view(index.shape[0], top_k, -1).sum(dim=1)
+
+
+BUFFERS = ("lora_a", "lora_b", "lora_a_down", "lora_b_down")
+
+
+# On XLA GPT-OSS only (each case compiles a forward and backward of ~20 s here): its forward runs the
+# transposed layout and its input gradient the other one; tests/test_grouped.py covers both on the device.
+@pytest.mark.parametrize(("arch", "on_xla"), [("Mixtral", False), ("GptOss", False), ("GptOss", True)],
+                         ids=["Mixtral-cpu", "GptOss-cpu", "GptOss-xla"])  # fmt: skip
+def test_grouped_experts_gradients_equal_float64_plain(arch, on_xla, request):
+    """The grouped path stays differentiable: gradients of the hidden states, of the four slot buffers and of
+    the base expert weights (frozen in serving, trainable here) equal torch.autograd through the float64 plain
+    formulation, for a mix of two slots and base tokens; (slot, expert) entries no row uses get exact zeros.
+    Mixtral's [E, out, in] weights, and GPT-OSS's transposed [E, in, out] ones with biases."""
+    device = request.getfixturevalue("xla_device") if on_xla else torch.device("cpu")
+    experts = moe_model(arch, "batched_mm").model.layers[0].mlp.experts.to(device)
+    context = BatchContext()
+    layer = ExpertsWithLoRA(experts, context, max_loras=2, max_rank=4, dtype=torch.float32)
+    num_experts, num_tokens, top_k = 4, 12, 2
+    gen = torch.Generator().manual_seed(6)
+    values = {name: torch.randn(getattr(layer, name).shape, generator=gen) * 0.3 for name in BUFFERS}
+    for name, value in values.items():
+        setattr(layer, name, value.to(device).requires_grad_())
+    hidden = torch.randn(num_tokens, _COMMON["hidden_size"], generator=gen)
+    index, weights = _routing(num_tokens, top_k, num_experts, seed=7)
+    slots = torch.tensor([0, 1, -1, 0, 0, 1, -1, -1, 1, 0, 1, 0], dtype=torch.int32)
+    index[slots == 1] = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1]])  # slot 1 never meets expert 3
+    context.set(slots.to(device), per_token=True)
+    grad_out = torch.randn(num_tokens, _COMMON["hidden_size"], generator=gen)
+
+    x = hidden.to(device).requires_grad_()
+    bases = [experts.gate_up_proj, experts.down_proj]
+    out = layer(x, index.to(device), weights.to(device))
+    leaves = [x, *(getattr(layer, n) for n in BUFFERS), *bases]
+    actual = torch.autograd.grad(out, leaves, grad_out.to(device))
+
+    x64 = hidden.double().requires_grad_()
+    buffers64 = {n: v.double().requires_grad_() for n, v in values.items()}
+    cpu_experts = moe_model(arch, "batched_mm").model.layers[0].mlp.experts.double()
+    bases64 = [cpu_experts.gate_up_proj, cpu_experts.down_proj]
+    expected_out = _plain_experts(cpu_experts, x64, index, weights, slots, buffers64)
+    expected = torch.autograd.grad(expected_out, [x64, *buffers64.values(), *bases64], grad_out.double())
+
+    assert_close(out, expected_out, torch.float32)
+    names = ["x", *BUFFERS, "gate_up_proj", "down_proj"]
+    for name, a, e in zip(names, actual, expected, strict=True):
+        assert a.shape == e.shape, name
+        assert_close(a, e, torch.float32)
+    used = set((slots.repeat_interleave(top_k) * num_experts + index.reshape(-1)).tolist())
+    unused = [entry for entry in range(2 * num_experts) if entry not in used]
+    assert unused  # routing leaves some (slot, expert) pairs out
+    for name, grad in zip(BUFFERS, actual[1:5], strict=True):
+        assert torch.equal(grad[unused].cpu(), torch.zeros_like(grad[unused].cpu())), name
 
 
 def test_bench_moe_command_smoke(capsys):

@@ -7,13 +7,17 @@ transformers 5 keeps a MoE layer's experts as one module with 3-D parameters
 router as a module whose logits are ``F.linear(hidden, weight [E, D])``. PEFT
 adapts both through ``target_parameters`` (see :class:`~torch_xla_lora.adapters.ExpertsLoRA`).
 
-:class:`ExpertsWithLoRA` computes the experts the way transformers'
-``batched_mm`` implementation does (one row per (token, k) pair, each with its
-expert's weight) and adds, in each projection, the LoRA of that row's
-(adapter slot, expert) pair. The slot buffers hold ``max_loras * E`` entries
-(slot-major: entry ``slot * E + e``), so the row index ``slot * E + expert``
-feeds the same BGMV ops as a dense layer: the cost depends on the rows, not on
-slots x experts, and every adapter mix reuses one compiled graph.
+:class:`ExpertsWithLoRA` computes the experts grouped: the N x K routed rows
+(one per (token, k) pair) are sorted by expert once per forward, each
+projection runs as one grouped matmul over the contiguous expert groups
+(:func:`~torch_xla_lora.ops._grouped.grouped_matmul`, group sizes as device
+data), and each row gets the LoRA of its (adapter slot, expert) pair in the
+same sorted order; the rows are put back in token order once, before the
+routing weights. No weight is gathered per row: the temporaries follow rows x
+width. The slot buffers hold ``max_loras * E`` entries (slot-major: entry
+``slot * E + e``), so the row index ``slot * E + expert`` feeds the same BGMV
+ops as a dense layer: the cost depends on the rows, not on slots x experts,
+and every adapter mix reuses one compiled graph.
 
 :class:`RouterWithLoRA` adds the LoRA of each token's slot to the router's
 logits, leaving the rest of the router (softmax, top-k, normalisation, which
@@ -31,6 +35,7 @@ from torch_xla_lora.adapters import ExpertsLoRA, ModuleLoRA
 from torch_xla_lora.context import BatchContext
 from torch_xla_lora.errors import InvalidAdapterError, RankTooLargeError
 from torch_xla_lora.layers.base import BaseLayerWithLoRA, fused_lora
+from torch_xla_lora.ops._grouped import grouped_matmul
 
 __all__ = ["ExpertsWithLoRA", "RouterWithLoRA"]
 
@@ -38,13 +43,6 @@ __all__ = ["ExpertsWithLoRA", "RouterWithLoRA"]
 def _token_slots(context: BatchContext, hidden: torch.Tensor) -> torch.Tensor | None:
     """Slot of each of the N flattened tokens of ``hidden`` ([N, D], as MoE blocks pass it): [N] int32, or None."""
     return context.token_slots(hidden)
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """Row s of ``x`` [S, in] by its own weight [S, out, in] ([S, in, out] if transposed): [S, out]."""
-    if transposed:
-        return torch.bmm(x.unsqueeze(1), weight).squeeze(1)
-    return torch.bmm(weight, x.unsqueeze(-1)).squeeze(-1)
 
 
 class ExpertsWithLoRA(BaseLayerWithLoRA):
@@ -55,9 +53,11 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         h_k = x_t W_up[e_k]^T + x_t A_up[s, e_k]^T B_up[s, e_k]^T      (+ bias)
         y_t = sum_k w_k * (gate(h_k) W_down[e_k]^T + gate(h_k) A_down[s, e_k]^T B_down[s, e_k]^T)
 
-    (scaling folded into B; s = -1 adds nothing). Buffers: ``lora_a`` [L*E, R, in_up],
-    ``lora_b`` [L*E, R, out_up], ``lora_a_down`` [L*E, R, in_down], ``lora_b_down`` [L*E, R, out_down].
-    Without a batch the wrapped module runs as configured (any ``experts_implementation``).
+    (scaling folded into B; s = -1 adds nothing), computed over the rows sorted by expert (see the
+    module). Buffers: ``lora_a`` [L*E, R, in_up], ``lora_b`` [L*E, R, out_up], ``lora_a_down``
+    [L*E, R, in_down], ``lora_b_down`` [L*E, R, out_down]. Without a batch the wrapped module runs as
+    configured, except ``experts_implementation="batched_mm"`` (a weight gathered per routed row), which
+    the grouped base path replaces.
     """
 
     def __init__(self, base_layer: nn.Module, *args, **kwargs) -> None:
@@ -142,37 +142,71 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
             ):
                 buffer.index_copy_(0, index, value.to(device))
 
-    # -- forward -----------------------------------------------------------------------------------
+    # -- forward -----------------------------------------------------------------------------------------
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """hidden_states [N, D], top_k_index [N, K] (int), top_k_weights [N, K] -> [N, D]."""
         slots = _token_slots(self.context, hidden_states)
-        if slots is None:
+        if slots is None and not _gathers(self.base_layer):
             return self.base_layer(hidden_states, top_k_index, top_k_weights)
+        return self._grouped(hidden_states, top_k_index, top_k_weights, slots)
+
+    def _grouped(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        slots: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The experts over the N * K routed rows sorted by expert, with each row's LoRA if ``slots`` is given."""
         base = self.base_layer
         num_tokens, top_k = top_k_index.shape
-        # One row per (token, k), token-major, as transformers' batched_mm: x_rows [S, D], S = N * K.
-        x_rows = hidden_states.repeat_interleave(top_k, dim=0)
-        expert_ids = top_k_index.reshape(-1)
-        # Row index into the [L * E] buffers; a token without adapter (slot -1) lands in [-E, -1]: no LoRA.
-        lora_rows = (slots.repeat_interleave(top_k) * self.num_experts + expert_ids).to(torch.int32)
+        experts = self.num_experts
+        expert_ids = top_k_index.reshape(-1)  # row r = (token r // K, k r % K), as transformers orders them
+        # One stable sort per forward: rows of expert 0 first, each expert's rows in token order.
+        expert_sorted, order = torch.sort(expert_ids, stable=True)
+        rows = torch.arange(order.shape[0], device=order.device)
+        # Group sizes as device data (no host sync): a scatter-add of ones, which XLA lowers without a fallback.
+        group_sizes = torch.zeros(experts, dtype=torch.int32, device=order.device).scatter_add_(
+            0, expert_sorted, torch.ones_like(expert_sorted, dtype=torch.int32)
+        )
+        token_of_row = order // top_k
+        x = hidden_states[token_of_row]  # [N * K, D]: a gather of rows, never of weights
+        lora_rows = None
+        if slots is not None:
+            # Index into the [L * E] buffers; a token without adapter (slot -1) lands in [-E, -1]: no LoRA.
+            lora_rows = (slots[token_of_row] * experts + expert_sorted).to(torch.int32)
+        bias = getattr(base, "has_bias", False)
 
-        up = _linear(x_rows, getattr(base, self.up_name)[expert_ids], self.transposed)
-        if getattr(base, "has_bias", False):
-            up = up + getattr(base, f"{self.up_name}_bias")[expert_ids]
-        up = fused_lora(x_rows, up, self.lora_a, self.lora_b, lora_rows, self.backend)
+        up = grouped_matmul(x, getattr(base, self.up_name), group_sizes, self.transposed)
+        if bias:
+            up = up + getattr(base, f"{self.up_name}_bias")[expert_sorted]
+        if lora_rows is not None:
+            up = fused_lora(x, up, self.lora_a, self.lora_b, lora_rows, self.backend)
         h = base._apply_gate(up) if base.has_gate else base.act_fn(up)
 
-        down = _linear(h, base.down_proj[expert_ids], self.transposed)
-        if getattr(base, "has_bias", False):
-            down = down + base.down_proj_bias[expert_ids]
-        down = fused_lora(h, down, self.lora_a_down, self.lora_b_down, lora_rows, self.backend)
+        down = grouped_matmul(h, base.down_proj, group_sizes, self.transposed)
+        if bias:
+            down = down + base.down_proj_bias[expert_sorted]
+        if lora_rows is not None:
+            down = fused_lora(h, down, self.lora_a_down, self.lora_b_down, lora_rows, self.backend)
         if getattr(base, "has_post_expert_norm", False):
             down = base.post_expert_norm(down)
-        weighted = down * top_k_weights.reshape(-1, 1).to(down.dtype)
+        # Back to token-major order once: row order[i] of the original order is sorted row i.
+        inverse = torch.empty_like(order).scatter_(0, order, rows)
+        weighted = down[inverse] * top_k_weights.reshape(-1, 1).to(down.dtype)
         return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def _gathers(experts: nn.Module) -> bool:
+    """Whether the wrapped module, run as configured, would gather a full expert weight per routed row
+    (transformers' ``batched_mm``); the layer's grouped path replaces it then, even without a batch."""
+    if getattr(experts, "_is_expert_parallel", False):
+        return False  # expert-parallel sentinels are the module's own business
+    config = getattr(experts, "config", None)
+    return getattr(config, "_experts_implementation", None) == "batched_mm"
 
 
 class _AddLoRAToLinear(TorchFunctionMode):
