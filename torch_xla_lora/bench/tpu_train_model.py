@@ -17,9 +17,12 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
     ``dB[l] = sum_{i_t = l} s[t] g[t]^T``), either as the Pallas kernel the training issue describes
     (tokens grouped by slot per token block, each slot's tile accumulated in f32 VMEM, every operand
     read once, each used slot written once: :func:`weight_grad_kernel_cost`; not built yet) or as the
-    XLA-native op that runs today (:func:`weight_grad_xla_cost`);
+    XLA-native op that runs today (:func:`weight_grad_xla_seconds`);
   - the trainable adapters' parameters scattered into the slot tensors and their gradients read
     back (:func:`slot_assembly_seconds`);
+
+- what-if, not built: ours with the LoRA's dx computed in the base's backward pass over g
+  (``linear_lora``'s kernel with W, B and A in the roles of W, A and B), the issue's "one pass" idea;
 
 - the one-hot einsum formulation: the base, the forward of :func:`tpu_model.onehot_cost` (every token
   against every slot's A and B, masked by its slot's one-hot) and its backward as XLA's autograd of
@@ -198,15 +201,22 @@ def projection_train_costs(
     formulation the forward was priced with. ``trained_rows``: the sum of the trainable adapters' ranks
     (default: every slot at ``rank``)."""
     num_tokens = len(indices)
+    base_backward = tpu_model.matmul_cost(chip, num_tokens, out_dim, hidden).seconds
+    lora_dx = shrink_seconds(chip, indices, out_dim, rank, num_slots) + expand_seconds(
+        chip, indices, rank, hidden, num_slots
+    )
+    # What-if: dx of the base and of LoRA in one pass over g, as linear_lora's kernel with W, B and A in the
+    # roles of W, A and B (W [out, in] read as [in', out'] = [out, in]); where no tiling fits, as today.
+    one_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, layout="in_out")
     forward = tpu_model.projection_costs(chip, indices, hidden, out_dim, rank, num_slots, residual_output, input_share)
     choice = tpu_model.cheapest(forward)
     return {
         "base_forward": forward["base"],
-        "base_backward": tpu_model.matmul_cost(chip, num_tokens, out_dim, hidden).seconds,
+        "base_backward": base_backward,
         "lora_forward": forward[choice] - forward["base"],
         "forward_choice": choice,
-        "lora_dx": shrink_seconds(chip, indices, out_dim, rank, num_slots)
-        + expand_seconds(chip, indices, rank, hidden, num_slots),
+        "lora_dx": lora_dx,
+        "lora_dx_one_pass": lora_dx if one_pass is None else one_pass.seconds - base_backward,
         "recompute_s": shrink_seconds(chip, indices, hidden, rank, num_slots),
         "weight_grad_kernel": weight_grad_kernel_cost(chip, indices, rank, hidden, num_slots).seconds
         + weight_grad_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds,
@@ -233,8 +243,9 @@ def train_step_costs(
     ``layer``: name -> (in, out, input group), as :func:`llama_layer`; the projections' roles (residual
     outputs, shared inputs) are Llama's (:func:`tpu_model.llama_roles`). Keys: ``base`` (the floor (a)),
     ``ours`` (the weight gradient as the issue's kernel), ``ours_xla_weight_grad`` (as the XLA-native op
-    runs it today), ``onehot``; ``ratio_*`` to base; ``overhead_vs_onehot`` (ours' overhead over base
-    divided by the one-hot's), ``parts`` (each part summed over the projections) and ``choices``.
+    runs it today), ``onehot``; ``ratio_*`` to base (``ratio_ours_one_pass_dx``: ours with the LoRA's dx
+    computed in the base's backward pass over g, not built); ``overhead_vs_onehot`` (ours' overhead over
+    base divided by the one-hot's), ``parts`` (each part summed over the projections) and ``choices``.
     """
     roles = tpu_model.llama_roles()
     parts: dict[str, float] = {}
@@ -249,6 +260,7 @@ def train_step_costs(
     shared = parts["lora_forward"] + parts["lora_dx"] + parts["recompute_s"] + parts["slot_assembly"]
     ours = base + shared + parts["weight_grad_kernel"]
     ours_xla = base + shared + parts["weight_grad_xla"]
+    ours_one_pass = ours - parts["lora_dx"] + parts["lora_dx_one_pass"]
     onehot = base + parts["onehot_forward"] + parts["onehot_backward"] + parts["slot_assembly"]
     return {
         "base": base,
@@ -257,6 +269,7 @@ def train_step_costs(
         "onehot": onehot,
         "ratio_ours": ours / base,
         "ratio_ours_xla_weight_grad": ours_xla / base,
+        "ratio_ours_one_pass_dx": ours_one_pass / base,
         "ratio_onehot": onehot / base,
         "overhead_vs_onehot": (ours - base) / (onehot - base),
         "overhead_vs_onehot_xla_weight_grad": (ours_xla - base) / (onehot - base),
@@ -298,14 +311,15 @@ def modelled_rows(
 def format_rows(rows: list[dict]) -> str:
     """A markdown table of :func:`modelled_rows`."""
     lines = [
-        "| chip | layer (7 projections) | T | base (a) us | ours us | ours / (a) | ours, XLA-native dA/dB / (a) "
-        "| one-hot / (a) | ours' overhead / one-hot's |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| chip | layer (7 projections) | T | (a) base us | ours us | ours / (a) | one-hot / (a) "
+        "| ours' overhead / one-hot's | ours / (a), dA/dB as today's XLA-native op "
+        "| ours / (a), dx in the base's pass (not built) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['chip']} | {row['layer']} | {row['tokens']} | {row['base'] * 1e6:.0f} | {row['ours'] * 1e6:.0f} "
-            f"| {row['ratio_ours']:.3f} | {row['ratio_ours_xla_weight_grad']:.3f} | {row['ratio_onehot']:.3f} "
-            f"| {row['overhead_vs_onehot']:.2f} |"
+            f"| {row['ratio_ours']:.3f} | {row['ratio_onehot']:.3f} | {row['overhead_vs_onehot']:.2f} "
+            f"| {row['ratio_ours_xla_weight_grad']:.3f} | {row['ratio_ours_one_pass_dx']:.3f} |"
         )
     return "\n".join(lines)
