@@ -125,19 +125,22 @@ def test_quick_run(quick_run):
 
 
 def test_weight_grad_kernel_cost_by_hand():
-    """One slot, one token block, one output tile (v6e: 256-wide MXU, 256-token blocks at 256 tokens): read
-    both operands once, write every slot's f32 tile, one [64, 256] x [256, 1024] product, one grid step."""
+    """The weight-gradient kernel's grid walked on v6e (256-wide MXU): 128 tokens (one 128-token block) all on
+    slot 0 of 4, right 512 wide (one tile): visits (0, block 0) then the empty visits of slots 1-3. Fetched:
+    both index blocks, left^T and right once; the f32 output tile written for every slot; one product, its
+    K = 128 padded to the MXU width; one grid step per visit."""
     chip = tpu_model.CHIPS["v6e"]
-    tokens, left, right, slots = 256, 64, 1024, 4
+    tokens, left, right, slots = 128, 64, 512, 4
     cost = tpu_train_model.weight_grad_kernel_cost(chip, np.zeros(tokens, np.int32), left, right, slots)
-    assert cost.pipelined_bytes == 2 * tokens * (left + right) + 4 * slots * left * right
-    assert cost.mxu_flops == 2 * left * tokens * right
-    assert cost.steps == 1
-    expected = max(cost.pipelined_bytes / chip.hbm_bytes_per_s, cost.mxu_flops / chip.peak_flops) + 0.35e-6
+    assert cost.pipelined_bytes == 2 * 4 * tokens + 2 * left * tokens + 2 * tokens * right + slots * 4 * left * right
+    assert cost.mxu_flops == 2 * left * 256 * right
+    assert cost.steps == slots
+    expected = max(cost.pipelined_bytes / chip.hbm_bytes_per_s, cost.mxu_flops / chip.peak_flops) + 4 * 0.35e-6
     assert cost.seconds == pytest.approx(expected)
-    # Tokens of a second slot inside the block: a second product; tokens without adapter: none.
-    mixed = np.array([0] * 128 + [1] * 64 + [-1] * 64, np.int32)
-    assert tpu_train_model.weight_grad_kernel_cost(chip, mixed, left, right, slots).mxu_flops == 2 * cost.mxu_flops
+    # A second slot's tokens inside the block: a second product (same fetches); tokens without adapter: none.
+    mixed = np.array([0] * 64 + [1] * 32 + [-1] * 32, np.int32)
+    other = tpu_train_model.weight_grad_kernel_cost(chip, mixed, left, right, slots)
+    assert (other.mxu_flops, other.pipelined_bytes, other.steps) == (2 * cost.mxu_flops, cost.pipelined_bytes, 4)
 
 
 def test_train_step_model_one_hot_grows_with_slots_ours_does_not():

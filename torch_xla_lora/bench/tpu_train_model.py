@@ -14,10 +14,9 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
     MXU work padded to whole tiles), added to the base's dx;
   - ``s = bgmv_shrink(x, A)`` recomputed for dB (the forward ops do not return it);
   - dA and dB: the segmented outer product ``bgmv_weight_grad`` (``dA[l] = sum_{i_t = l} ds[t] x[t]^T``,
-    ``dB[l] = sum_{i_t = l} s[t] g[t]^T``), either as the Pallas kernel the training issue describes
-    (tokens grouped by slot per token block, each slot's tile accumulated in f32 VMEM, every operand
-    read once, each used slot written once: :func:`weight_grad_kernel_cost`; not built yet) or as the
-    XLA-native op that runs today (:func:`weight_grad_xla_seconds`);
+    ``dB[l] = sum_{i_t = l} s[t] g[t]^T``) as its Pallas kernel, which the op runs on a TPU (slot-major
+    visits, a slot's f32 tile resident across its token blocks: :func:`weight_grad_kernel_cost`, its grid
+    walked), and for comparison as the XLA-native op (``backend="xla"``, :func:`weight_grad_xla_seconds`);
   - the trainable adapters' parameters scattered into the slot tensors and their gradients read
     back (:func:`slot_assembly_seconds`);
 
@@ -109,30 +108,57 @@ def expand_seconds(chip: Chip, indices: np.ndarray, rank: int, out_dim: int, num
 
 
 def weight_grad_kernel_cost(chip: Chip, indices: np.ndarray, left: int, right: int, num_slots: int) -> Cost:
-    """The segmented outer product ``out[l] = sum_{i_t = l} left[t] right[t]^T`` ([L, left, right], f32)
-    as the issue's Pallas kernel (megablox's ``tgmm`` shape): grid (right tiles, token blocks), the token
-    reduction innermost, with the expand kernel's token block and output tile for the chip
-    (``block_sizes.choose``); per block, one [left, block] x [block, tile] product per distinct slot in
-    it, accumulated in f32 VMEM; ``left`` read once per right tile, ``right`` read once, every slot's
-    tile written once (unused slots as zeros)."""
-    from torch_xla_lora.kernels import block_sizes
+    """``bgmv_weight_grad``'s Pallas kernel (``kernels/weight_grad.py``: ``out[l] = sum_{i_t = l} left[t]^T
+    right[t]``, [L, left, right] f32), its grid walked step by step as the op calls it on a TPU: the
+    kernel's token block and right-width tile, rows padded to whole blocks and the width to 128 (past
+    512), slot-major visits from the kernel's own ``build_slot_visits``; grid (width tiles, visits).
+
+    A block is fetched (or the output tile written back) when its block index changes between consecutive
+    steps, as the TPU pipeline does: the indices (int32, twice), ``left`` transposed [left, block],
+    ``right`` [block, tile] (bf16), the f32 [1, left, tile] output. One [left, block] x [block, tile] MXU
+    product per visit with tokens (an unused slot's empty visit only writes its zeros)."""
+    from torch_xla_lora.kernels import weight_grad
 
     num_tokens = len(indices)
-    sizes = block_sizes.choose(num_tokens, right, right, chip.generation)
-    runs = _block_runs(indices, num_slots, sizes.tokens)
-    tiles = math.ceil(right / sizes.out)
-    pipelined = _BF16 * num_tokens * (left * tiles + right) + _F32 * num_slots * left * right
-    flops = sum(runs) * tiles * mxu_flops([(left, sizes.tokens, sizes.out)], chip.mxu_width)
-    steps = len(runs) * tiles
+    tokens = weight_grad.block_tokens(num_tokens)
+    padded = np.full(-(-num_tokens // tokens) * tokens, -1, np.int32)
+    padded[:num_tokens] = np.where((indices >= 0) & (indices < num_slots), indices, -1)
+    wide = right if right <= 512 else -(-right // 128) * 128
+    tile = weight_grad.width_tile(wide)
+    num_blocks = len(padded) // tokens
+    vis = weight_grad.build_slot_visits(padded, num_slots, tokens, xp=np)
+    count = int(vis.count[0])
+    # (block shape, bytes per element, index map (j, block, slot)) of the kernel's BlockSpecs, output last.
+    specs = [
+        ((1, tokens), 4, lambda j, b, s: (0, b)),
+        ((tokens, 1), 4, lambda j, b, s: (b, 0)),
+        ((left, tokens), _BF16, lambda j, b, s: (0, b)),
+        ((tokens, tile), _BF16, lambda j, b, s: (b, j)),
+        ((1, left, tile), _F32, lambda j, b, s: (s, 0, j)),
+    ]
+    last = [None] * len(specs)
+    pipelined, flops = 0, 0.0
+    product = mxu_flops([(left, tokens, tile)], chip.mxu_width)
+    for j in range(wide // tile):
+        for v in range(count):
+            block, slot = int(vis.block[v]), int(vis.slot[v])
+            for k, (shape, itemsize, index_map) in enumerate(specs):
+                index = index_map(j, min(block, num_blocks - 1), slot)
+                if index != last[k]:
+                    pipelined += math.prod(shape) * itemsize
+                    last[k] = index
+            if block < num_blocks:
+                flops += product
+    steps = (wide // tile) * count
     return Cost(pipelined, 0, flops, steps, _roofline(chip, pipelined, flops, steps))
 
 
 def weight_grad_xla_seconds(chip: Chip, indices: np.ndarray, left: int, right: int, num_slots: int) -> float:
-    """The same product as ``ops/_xla_native.weight_grad`` runs it today (XLA fusions): the rows sorted by
-    slot (both operands gathered: read and written), one [left, block] x [block, right] product per token
-    block into [blocks, left, right] f32 partial sums, a scatter-add of those into the [L, left, right]
-    output, then one fusion per run of a slot starting inside a block (block-sized product, the slot's
-    tile read and written)."""
+    """The same product as ``ops/_xla_native.weight_grad`` runs it (``backend="xla"``), as XLA fusions: the
+    rows sorted by slot (both operands gathered: read and written), one [left, block] x [block, right]
+    product per token block into [blocks, left, right] f32 partial sums, a scatter-add of those into the
+    [L, left, right] output, then one fusion per run of a slot starting inside a block (block-sized
+    product, the slot's tile read and written)."""
     from torch_xla_lora.ops import _xla_native
 
     num_tokens = len(indices)
@@ -206,7 +232,7 @@ def projection_train_costs(
         chip, indices, rank, hidden, num_slots
     )
     # What-if: dx of the base and of LoRA in one pass over g, as linear_lora's kernel with W, B and A in the
-    # roles of W, A and B (W [out, in] read as [in', out'] = [out, in]); where no tiling fits, as today.
+    # roles of W, A and B (W [out, in] read as [in', out'] = [out, in]); where no tiling fits, as the ops run it.
     one_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, layout="in_out")
     forward = tpu_model.projection_costs(chip, indices, hidden, out_dim, rank, num_slots, residual_output, input_share)
     choice = tpu_model.cheapest(forward)
@@ -242,8 +268,8 @@ def train_step_costs(
 
     ``layer``: name -> (in, out, input group), as :func:`llama_layer`; the projections' roles (residual
     outputs, shared inputs) are Llama's (:func:`tpu_model.llama_roles`). Keys: ``base`` (the floor (a)),
-    ``ours`` (the weight gradient as the issue's kernel), ``ours_xla_weight_grad`` (as the XLA-native op
-    runs it today), ``onehot``; ``ratio_*`` to base (``ratio_ours_one_pass_dx``: ours with the LoRA's dx
+    ``ours`` (the weight gradient by its Pallas kernel), ``ours_xla_weight_grad`` (by the XLA-native op),
+    ``onehot``; ``ratio_*`` to base (``ratio_ours_one_pass_dx``: ours with the LoRA's dx
     computed in the base's backward pass over g, not built); ``overhead_vs_onehot`` (ours' overhead over
     base divided by the one-hot's), ``parts`` (each part summed over the projections) and ``choices``.
     """
@@ -312,7 +338,7 @@ def format_rows(rows: list[dict]) -> str:
     """A markdown table of :func:`modelled_rows`."""
     lines = [
         "| chip | layer (7 projections) | T | (a) base us | ours us | ours / (a) | one-hot / (a) "
-        "| ours' overhead / one-hot's | ours / (a), dA/dB as today's XLA-native op "
+        "| ours' overhead / one-hot's | ours / (a), dA/dB by the XLA-native op "
         "| ours / (a), dx in the base's pass (not built) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
