@@ -135,11 +135,23 @@ def block_tokens(num_tokens: int) -> int:
     return 128 if num_tokens < 1024 else 256
 
 
+#: The widest Q tile: a [P, tile] f32 output block and a double-buffered [tokens, tile] input block stay a
+#: few MiB at P = 256, tokens = 256, while each Q tile re-walks every visit (a grid step each).
+MAX_WIDTH_TILE = 2048
+
+
+def padded_width(width: int) -> int:
+    """Q as the op pads it for the kernel: as is up to ``MAX_WIDTH_TILE`` (one tile), else to a multiple of 128."""
+    return width if width <= MAX_WIDTH_TILE else -(-width // 128) * 128
+
+
 def width_tile(width: int) -> int:
-    """Q tile: the whole width up to 512, else the largest of 512/256/128 dividing it (the caller pads Q to 128)."""
-    if width <= 512:
+    """Q tile: the whole width up to ``MAX_WIDTH_TILE``, else the widest multiple of 128 dividing it that is
+    at most that (the caller pads Q to a multiple of 128), so that few tiles re-walk the visits."""
+    if width <= MAX_WIDTH_TILE:
         return width
-    return next(t for t in (512, 256, 128) if width % t == 0)
+    lanes = width // 128
+    return 128 * max(d for d in range(1, MAX_WIDTH_TILE // 128 + 1) if lanes % d == 0)
 
 
 @functools.partial(jax.jit, static_argnames=("num_slots", "scaling", "tokens", "interpret", "vmem_limit_bytes"))
@@ -154,7 +166,7 @@ def weight_grad(
     interpret: bool,
     vmem_limit_bytes: int | None = None,
 ) -> jax.Array:  # [L, P, Q_pad] f32
-    """Pallas segmented outer product; T_pad a multiple of ``tokens``, Q_pad of 128 (or at most 512)."""
+    """Pallas segmented outer product; T_pad a multiple of ``tokens``, Q_pad as :func:`padded_width` gives it."""
     num_tokens, rank = left.shape
     width = right.shape[1]
     num_blocks = num_tokens // tokens

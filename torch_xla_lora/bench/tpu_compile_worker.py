@@ -181,13 +181,14 @@ def build_weight_grad(cfg: Config, sds):
     width = cfg.in_features if cfg.variant == "lora_a" else cfg.out_features
     args = (sds((cfg.tokens, rank), dtype), sds((cfg.tokens, width), dtype), sds((cfg.tokens,), jnp.int32))
     tokens = weight_grad.block_tokens(cfg.tokens)
-    tile = weight_grad.width_tile(width if width <= 512 else -(-width // 128) * 128)
+    tile = weight_grad.width_tile(weight_grad.padded_width(width))
     # Double-buffered inputs (indices twice, left, right) and the f32 output tile.
     vmem = 2 * (2 * tokens * 4 + tokens * rank * dtype.itemsize + tokens * tile * dtype.itemsize) + 2 * rank * tile * 4
     info = {"block": {"tokens": tokens, "width": tile}, "vmem_estimate": vmem}
     padded_tokens = -(-cfg.tokens // tokens) * tokens
-    padded_width = width if width <= 512 else -(-width // 128) * 128
-    estimate = weight_grad.cost_estimate(padded_tokens, rank, padded_width, cfg.slots, dtype.itemsize)
+    estimate = weight_grad.cost_estimate(
+        padded_tokens, rank, weight_grad.padded_width(width), cfg.slots, dtype.itemsize
+    )
     info["estimate"] = {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed}
     return _jax.weight_grad_fn(cfg.slots, SCALING, "pallas", cfg.chip), args, info
 

@@ -9,9 +9,11 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
   the base then the fused LoRA kernel, or the XLA-native op, by :func:`tpu_model.projection_costs`,
   as ``base_fusion="auto"`` chooses), then the backward as ``ops/_autograd.py`` runs it:
 
-  - dx: ``ds = bgmv_shrink(g, B)`` and ``dx += bgmv_expand(ds, A)`` (the shrink and expand kernels
-    with the roles of A and B swapped, priced from the kernels' own ``cost_estimate`` byte counts,
-    MXU work padded to whole tiles), added to the base's dx;
+  - dx: for a projection whose forward is ``linear_lora``, its backward's one pass over g (the base's
+    dx and LoRA's, ``linear_lora``'s kernel with the roles swapped) plus ``ds = bgmv_shrink(g, B)`` for
+    dA; otherwise ``ds`` and ``dx += bgmv_expand(ds, A)`` (the shrink and expand kernels with the roles
+    of A and B swapped, priced from the kernels' own ``cost_estimate`` byte counts, MXU work padded to
+    whole tiles), added to the base's dx;
   - ``s = bgmv_shrink(x, A)`` recomputed for dB (the forward ops do not return it);
   - dA and dB: the segmented outer product ``bgmv_weight_grad`` (``dA[l] = sum_{i_t = l} ds[t] x[t]^T``,
     ``dB[l] = sum_{i_t = l} s[t] g[t]^T``) as its Pallas kernel, which the op runs on a TPU (slot-major
@@ -20,8 +22,8 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
   - the trainable adapters' parameters scattered into the slot tensors and their gradients read
     back (:func:`slot_assembly_seconds`);
 
-- what-if, not built: ours with the LoRA's dx computed in the base's backward pass over g
-  (``linear_lora``'s kernel with W, B and A in the roles of W, A and B), the issue's "one pass" idea;
+- what-if: ours with every projection's dx computed in the base's backward pass over g (what
+  ``linear_lora``'s backward does for the projections whose forward runs it);
 
 - the one-hot einsum formulation: the base, the forward of :func:`tpu_model.onehot_cost` (every token
   against every slot's A and B, masked by its slot's one-hot) and its backward as XLA's autograd of
@@ -111,7 +113,7 @@ def weight_grad_kernel_cost(chip: Chip, indices: np.ndarray, left: int, right: i
     """``bgmv_weight_grad``'s Pallas kernel (``kernels/weight_grad.py``: ``out[l] = sum_{i_t = l} left[t]^T
     right[t]``, [L, left, right] f32), its grid walked step by step as the op calls it on a TPU: the
     kernel's token block and right-width tile, rows padded to whole blocks and the width to 128 (past
-    512), slot-major visits from the kernel's own ``build_slot_visits``; grid (width tiles, visits).
+    one tile), slot-major visits from the kernel's own ``build_slot_visits``; grid (width tiles, visits).
 
     A block is fetched (or the output tile written back) when its block index changes between consecutive
     steps, as the TPU pipeline does: the indices (int32, twice), ``left`` transposed [left, block],
@@ -123,7 +125,7 @@ def weight_grad_kernel_cost(chip: Chip, indices: np.ndarray, left: int, right: i
     tokens = weight_grad.block_tokens(num_tokens)
     padded = np.full(-(-num_tokens // tokens) * tokens, -1, np.int32)
     padded[:num_tokens] = np.where((indices >= 0) & (indices < num_slots), indices, -1)
-    wide = right if right <= 512 else -(-right // 128) * 128
+    wide = weight_grad.padded_width(right)
     tile = weight_grad.width_tile(wide)
     num_blocks = len(padded) // tokens
     vis = weight_grad.build_slot_visits(padded, num_slots, tokens, xp=np)
@@ -228,12 +230,13 @@ def projection_train_costs(
     (default: every slot at ``rank``)."""
     num_tokens = len(indices)
     base_backward = tpu_model.matmul_cost(chip, num_tokens, out_dim, hidden).seconds
-    lora_dx = shrink_seconds(chip, indices, out_dim, rank, num_slots) + expand_seconds(
-        chip, indices, rank, hidden, num_slots
-    )
-    # What-if: dx of the base and of LoRA in one pass over g, as linear_lora's kernel with W, B and A in the
-    # roles of W, A and B (W [out, in] read as [in', out'] = [out, in]); where no tiling fits, as the ops run it.
+    ds = shrink_seconds(chip, indices, out_dim, rank, num_slots)  # g B^T: dA's left operand
+    separate_dx = ds + expand_seconds(chip, indices, rank, hidden, num_slots)
+    # dx of the base and of LoRA in one pass over g: linear_lora's kernel with W, B and A in the roles of W, A
+    # and B (W [out, in] read as [in', out'] = [out, in]), as linear_lora's backward runs it; ds for dA is
+    # still its own shrink. Where no tiling fits, as the separate ops run it.
     one_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, layout="in_out")
+    one_pass_dx = separate_dx if one_pass is None else one_pass.seconds - base_backward + ds
     forward = tpu_model.projection_costs(chip, indices, hidden, out_dim, rank, num_slots, residual_output, input_share)
     choice = tpu_model.cheapest(forward)
     return {
@@ -241,8 +244,8 @@ def projection_train_costs(
         "base_backward": base_backward,
         "lora_forward": forward[choice] - forward["base"],
         "forward_choice": choice,
-        "lora_dx": lora_dx,
-        "lora_dx_one_pass": lora_dx if one_pass is None else one_pass.seconds - base_backward,
+        "lora_dx": one_pass_dx if choice == "fused" else separate_dx,  # linear_lora's backward: one pass
+        "lora_dx_one_pass": one_pass_dx,
         "recompute_s": shrink_seconds(chip, indices, hidden, rank, num_slots),
         "weight_grad_kernel": weight_grad_kernel_cost(chip, indices, rank, hidden, num_slots).seconds
         + weight_grad_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds,
@@ -269,8 +272,8 @@ def train_step_costs(
     ``layer``: name -> (in, out, input group), as :func:`llama_layer`; the projections' roles (residual
     outputs, shared inputs) are Llama's (:func:`tpu_model.llama_roles`). Keys: ``base`` (the floor (a)),
     ``ours`` (the weight gradient by its Pallas kernel), ``ours_xla_weight_grad`` (by the XLA-native op),
-    ``onehot``; ``ratio_*`` to base (``ratio_ours_one_pass_dx``: ours with the LoRA's dx
-    computed in the base's backward pass over g, not built); ``overhead_vs_onehot`` (ours' overhead over
+    ``onehot``; ``ratio_*`` to base (``ratio_ours_one_pass_dx``: ours with every projection's LoRA dx
+    computed in the base's backward pass over g); ``overhead_vs_onehot`` (ours' overhead over
     base divided by the one-hot's), ``parts`` (each part summed over the projections) and ``choices``.
     """
     roles = tpu_model.llama_roles()
@@ -339,7 +342,7 @@ def format_rows(rows: list[dict]) -> str:
     lines = [
         "| chip | layer (7 projections) | T | (a) base us | ours us | ours / (a) | one-hot / (a) "
         "| ours' overhead / one-hot's | ours / (a), dA/dB by the XLA-native op "
-        "| ours / (a), dx in the base's pass (not built) |",
+        "| ours / (a), every projection's dx in the base's pass |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:

@@ -149,14 +149,20 @@ def _linear_backward(ctx, grad: torch.Tensor):
     x, weight, lora_a, lora_b, indices = ctx.saved_tensors
     need = ctx.needs_input_grad
     out_in = ctx.layout == "out_in"  # weight [N, K]; else [K, N]
-    dx_base = d_weight = d_bias = None
+    dx = d_weight = d_bias = None
     if need[0]:
-        dx_base = grad @ weight if out_in else grad @ weight.T
+        # dx = g W + scaling * (g B[i_t]^T) A[i_t] is linear_lora itself with the roles swapped: g for x, W read
+        # in the other layout, B (rank-first [L, R, N]) as A and A ([L, R, K]) as B. One pass over g: the base's
+        # dx and the LoRA's, written once.
+        swapped = "in_out" if out_in else "out_in"
+        dx = _ops.linear_lora(
+            grad.to(weight.dtype), weight, None, lora_b, lora_a, indices, ctx.scaling, swapped, ctx.backend
+        ).to(x.dtype)
     if need[1]:
         d_weight = grad.T @ x if out_in else x.T @ grad
     if need[2] and ctx.bias_dtype is not None:
         d_bias = grad.sum(0, dtype=torch.promote_types(grad.dtype, torch.float32)).to(ctx.bias_dtype)
-    dx, d_a, d_b = _lora_grads(ctx, grad, x, lora_a, lora_b, indices, dx_base, need[0], need[3], need[4])
+    _, d_a, d_b = _lora_grads(ctx, grad, x, lora_a, lora_b, indices, None, False, need[3], need[4])
     return dx, d_weight, d_bias, d_a, d_b, *_no_grads(6)
 
 

@@ -177,7 +177,7 @@ def weight_grad_fn(num_slots: int, scaling: float, backend: str = "xla", generat
         if backend == "pallas" and num_slots > 0:
             tokens = weight_grad.block_tokens(num_tokens)
             padded = -(-num_tokens // tokens) * tokens
-            wide = width if width <= 512 else -(-width // 128) * 128
+            wide = weight_grad.padded_width(width)
             out = weight_grad.weight_grad(
                 _pad_rows(left, padded),
                 jnp.pad(_pad_rows(right, padded), [(0, 0), (0, wide - width)]),
