@@ -17,8 +17,7 @@ from torch_xla_lora.ops._grouped import block_rows, grouped_matmul, grouped_matm
 
 ROWS, IN, OUT, GROUPS = 37, 24, 40, 5
 # Group sizes: empty groups between and at both ends, and 3 rows past the last group (sum 34 < 37); every
-# row in one middle group; every row in the last group. The "tiled" method has one 40-row tile for 37 rows;
-# test_xla_tiles_shared_by_groups_and_weight_grad has several.
+# row in one middle group; every row in the last group. The "tiled" method runs 8-row tiles here.
 SIZES = {
     "mixed": [0, 11, 0, 23, 0],
     "one_group": [0, 0, ROWS, 0, 0],
@@ -139,12 +138,12 @@ def test_xla_equals_float64_loop(transposed, method, xla_device):
 
 
 def test_xla_tiles_shared_by_groups_and_weight_grad(xla_device):
-    """More rows than one tile of the "tiled" method: groups that start and end inside a tile, a tile holding
-    four groups, and the weights' gradient of the "tiled" and "ragged_dot" methods."""
+    """Groups that start and end inside a tile of the "tiled" method, a tile holding four groups, and the
+    weights' gradient of the "tiled" and "ragged_dot" methods."""
     rows = 150
     x, w = _operands(False, rows=rows, seed=1)
-    sizes = [70, 1, 2, 0, 60]  # rows 64..127 hold groups 0, 1, 2 and 4; 17 rows past the groups
-    assert 64 <= block_rows(rows) <= 128
+    sizes = [70, 1, 2, 0, 60]  # the tile of rows 64..79 holds groups 0, 1, 2 and 4; 17 rows past the groups
+    assert block_rows(rows, GROUPS) == 16
     sizes_d = torch.tensor(sizes, dtype=torch.int32, device=xla_device)
     out = grouped_matmul(x.to(xla_device), w.to(xla_device), sizes_d, False, "tiled").cpu()
     assert_close(out, loop_matmul(x, w, sizes, False), torch.float32)
