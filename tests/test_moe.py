@@ -474,3 +474,22 @@ def test_bench_moe_command_smoke(capsys):
     assert moe.main(args) == 0
     out = capsys.readouterr().out
     assert "| moe | LoRA all-linear + experts + router |" in out and "| dense | base |" in out
+
+
+def test_bench_moe_targets_verdicts():
+    """The verdicts ``bench moe --targets`` prints (its runs take minutes; docs/performance.md has them)."""
+    from torch_xla_lora.bench import moe
+
+    row = {"ms": 1.0, "resident_mib": 1.0, "forward_peak_mib": 1.0, "total_mib": 2.0, "max_abs_diff_vs_eager": 0.0}
+    rows = [row | {"case": name} for name in moe.CASES]
+    targets = {"gathered_gib": 66.0, "skipped": False, "lora_vs_batched_mm_speedup": 2.0,
+               "lora_total_vs_eager_total": 1.11, "lora_vs_base_only": 1.1}  # fmt: skip
+    out = moe.format_targets(rows, targets)
+    assert "batched_mm base gathers 66.0 GiB" in out
+    assert "2.0x faster (target >= 2x: met)" in out
+    assert "eager base: 1.11x (target <= 1.10x: MISSED)" in out
+    assert "base-only batch: 1.10x (target <= 1.10x: met)" in out
+    out = moe.format_targets(rows, targets | {"skipped": True, "lora_vs_batched_mm_speedup": None})
+    assert "skipped, it would gather 66.0 GiB" in out and "faster" not in out
+    config = type("Args", (), {"batch": 4, "seq": 256, "top_k": 2, "expert_width": 2816, "hidden": 1024})
+    assert moe.gathered_gib(config) == 2048 * 3 * 2816 * 1024 * 4 / 2**30  # 2,048 rows x (gate_up + down)
