@@ -142,6 +142,25 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
             ):
                 buffer.index_copy_(0, index, value.to(device))
 
+    def slot_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The four slot buffers a forward reads (``lora_a``, ``lora_b``, ``lora_a_down``, ``lora_b_down``).
+
+        A trainable adapter's slot (its ``E`` entries ``slot * E + e``) is replaced by its parameters here,
+        in the graph (see :mod:`torch_xla_lora.training`), so that gradients reach the parameters.
+        """
+        buffers = (self.lora_a, self.lora_b, self.lora_a_down, self.lora_b_down)
+        if not self.trainable:
+            return buffers
+        slots = sorted(self.trainable)
+        shapes = {param: shape[1:] for param, shape in self.factor_shapes.items()}
+        dtype = self.lora_a.dtype
+        rows = [self.trainable[slot].slot_rows(self.up_name, shapes, self.max_rank, dtype) for slot in slots]
+        experts = torch.arange(self.num_experts, dtype=torch.long)
+        index = torch.cat([slot * self.num_experts + experts for slot in slots]).to(self.lora_a.device)
+        return tuple(
+            buffer.index_put((index,), torch.cat([entry[i] for entry in rows])) for i, buffer in enumerate(buffers)
+        )
+
     # -- forward -----------------------------------------------------------------------------------------
 
     def forward(
@@ -178,26 +197,41 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         if slots is not None:
             # Index into the [L * E] buffers; a token without adapter (slot -1) lands in [-E, -1]: no LoRA.
             lora_rows = (slots[token_of_row] * experts + expert_sorted).to(torch.int32)
-        bias = getattr(base, "has_bias", False)
-
-        up = grouped_matmul(x, getattr(base, self.up_name), group_sizes, self.transposed)
-        if bias:
-            up = up + getattr(base, f"{self.up_name}_bias")[expert_sorted]
-        if lora_rows is not None:
-            up = fused_lora(x, up, self.lora_a, self.lora_b, lora_rows, self.backend)
+            lora_a, lora_b, lora_a_down, lora_b_down = self.slot_factors()
+        else:
+            lora_a = lora_b = lora_a_down = lora_b_down = None
+        up = self._project(self.up_name, x, group_sizes, expert_sorted, lora_rows, lora_a, lora_b)
         h = base._apply_gate(up) if base.has_gate else base.act_fn(up)
-
-        down = grouped_matmul(h, base.down_proj, group_sizes, self.transposed)
-        if bias:
-            down = down + base.down_proj_bias[expert_sorted]
-        if lora_rows is not None:
-            down = fused_lora(h, down, self.lora_a_down, self.lora_b_down, lora_rows, self.backend)
+        down = self._project("down_proj", h, group_sizes, expert_sorted, lora_rows, lora_a_down, lora_b_down)
         if getattr(base, "has_post_expert_norm", False):
             down = base.post_expert_norm(down)
         # Back to token-major order once: row order[i] of the original order is sorted row i.
         inverse = torch.empty_like(order).scatter_(0, order, rows)
         weighted = down[inverse] * top_k_weights.reshape(-1, 1).to(down.dtype)
         return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def _project(
+        self,
+        param: str,
+        rows: torch.Tensor,
+        group_sizes: torch.Tensor,
+        expert_sorted: torch.Tensor,
+        lora_rows: torch.Tensor | None,
+        lora_a: torch.Tensor | None,
+        lora_b: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One projection (``param``) of the sorted ``rows``: grouped base matmul, bias, each row's LoRA."""
+        base = self.base_layer
+        bias = getattr(base, f"{param}_bias") if getattr(base, "has_bias", False) else None
+        if self.tensor_parallel is not None:  # on a mesh: per-shard regions, see sharding.py
+            out = self.tensor_parallel.expert_projection(self, param, rows, group_sizes, lora_a, lora_b, lora_rows)
+            return out if bias is None else out + bias[expert_sorted]
+        out = grouped_matmul(rows, getattr(base, param), group_sizes, self.transposed)
+        if bias is not None:
+            out = out + bias[expert_sorted]
+        if lora_rows is not None:
+            out = fused_lora(rows, out, lora_a, lora_b, lora_rows, self.backend)
+        return out
 
 
 def _gathers(experts: nn.Module) -> bool:
@@ -220,7 +254,11 @@ class _AddLoRAToLinear(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if func is F.linear and not self.done:
             self.done = True  # the mode is off inside its own handler: the op below is not intercepted
-            out = self.layer.add_lora(args[0] if args else kwargs["input"], out, self.slots)
+            x = args[0] if args else kwargs["input"]
+            placement = self.layer.tensor_parallel
+            if placement is not None:  # on a mesh: per shard, replicated weights (see sharding.py)
+                return placement.router_lora(self.layer, x, out, self.slots)
+            out = self.layer.add_lora(x, out, self.slots)
         return out
 
 
