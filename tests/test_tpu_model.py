@@ -150,3 +150,57 @@ def test_without_unfused_passes_drops_exactly_the_passes(chip):
         assert with_passes[key] - without[key] == pytest.approx(passes)
     for key in ("base", "xla_native", "onehot"):
         assert with_passes[key] == without[key]
+
+
+def test_moe_layer_cost_by_hand():
+    """``bench model --moe``'s expert layer, one small case worked out by hand: 4 tokens routed top-2 over 4
+    experts (balanced: token t to experts 2t mod 4 and 2t + 1 mod 4), 4 requests on slots 0, 2, 4, 6 of 8,
+    hidden 192 and expert width 160 (not multiples of 128: the op runs the separate shrink and expand).
+
+    Rows sorted by expert: expert 0 holds tokens 0 and 2 (slots 0 and 4: rows 0 * 4 + 0 = 0 and 4 * 4 + 0 = 16),
+    expert 1 rows 1 and 17, expert 2 tokens 1 and 3 (rows 10, 26), expert 3 rows 11 and 27: 8 distinct
+    (slot, expert) pairs, all in one 8-row token block (the tuning table's block at 8 tokens)."""
+    hidden, width, experts, top_k, rank, slots = 192, 160, 4, 2, 16, 8
+    costs = tpu_model.moe_layer_costs(CHIP, 4, hidden, width, experts, top_k, rank, slots, in_use=8)
+    assert costs["rows"] == 8 and costs["pairs"] == 8
+
+    def roofline(nbytes, flops):
+        return max(nbytes / 1e9, flops / 1e12)
+
+    # Base: rows in and out once, each of the 4 experts' weights once; 4 groups of 2 rows on a 256-wide MXU.
+    up = roofline(2 * (8 * 192 + 4 * 192 * 320 + 8 * 320), 4 * 2 * 2 * 256 * 512)
+    down = roofline(2 * (8 * 160 + 4 * 160 * 192 + 8 * 192), 4 * 2 * 2 * 256 * 256)
+    assert costs["base"] == pytest.approx(up + down)
+
+    # LoRA per projection: one block of 8 rows, 8 visits (one per pair), each a whole block's shrink and
+    # expand; x block and [8, R] products once, each visit's A and B, products in, base in, output out once;
+    # 2 kernel steps per visit.
+    def lora(d_in, d_out):
+        pad = lambda d: -(-d // 256) * 256  # noqa: E731
+        nbytes = 2 * (8 * (d_in + rank) + 8 * rank * (d_in + d_out) + 8 * (rank + 2 * d_out))
+        flops = 8 * (2 * 8 * pad(d_in) * pad(rank) + 2 * 8 * pad(rank) * pad(d_out))
+        return roofline(nbytes, flops) + 16 * 1e-6
+
+    assert costs["lora"] == pytest.approx(lora(192, 320) + lora(160, 192))
+
+
+def test_moe_layer_lora_is_the_fused_op_on_the_sorted_rows():
+    """Lane-aligned widths: the expert LoRA is priced as the fused kernel's walk over the sorted rows with
+    L * E entries (the op the layer calls), and a batch without adapters adds nothing to the base."""
+    costs = tpu_model.moe_layer_costs(CHIP, 4, 256, 128, 4, 2, 16, 8, in_use=8)
+    rows = np.array([0, 16, 1, 17, 10, 26, 11, 27], np.int32)
+    expected = tpu_model.fused_cost(CHIP, rows, 256, 256, 16, 32).seconds
+    expected += tpu_model.fused_cost(CHIP, rows, 128, 256, 16, 32).seconds
+    assert costs["lora"] == pytest.approx(expected)
+
+
+def test_bench_model_moe_json(tmp_path):
+    out = tmp_path / "moe.json"
+    assert model.main(["--moe", "--quick", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["args"]["moe"] is True
+    rows = data["rows"]
+    assert {r["model"] for r in rows} == {"mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v2-lite"}
+    for r in rows:
+        assert r["with_lora_ratio"] == pytest.approx((r["base_us"] + r["lora_us"]) / r["base_us"])
+        assert r["with_lora_ratio"] > 1

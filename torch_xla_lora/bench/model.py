@@ -11,6 +11,9 @@ rank R in bfloat16, the table gives the estimated time of
 as ratios to the floor, for a batch of ``--in-use`` requests with contiguous
 tokens (prefill), a decode batch (one token per request) and the worst case
 (every slot in use).
+
+``--moe``: one routed expert layer of real MoE models instead (``tpu_model.moe_layer_costs``): the
+base grouped matmuls against the same with expert LoRA, as a ratio.
 """
 
 from __future__ import annotations
@@ -156,6 +159,54 @@ def slot_sweep(
     return rows
 
 
+def run_moe(chips: Sequence[str], tokens: Sequence[int], slots: Sequence[int], rank: int, in_use: int) -> list[dict]:
+    """One routed expert layer of each ``tpu_grid.MOE_MODELS`` model: the base grouped matmuls and what the
+    expert LoRA adds (``tpu_model.moe_layer_costs``), T tokens routed top-k over a balanced routing."""
+    from torch_xla_lora.bench import tpu_grid
+    from torch_xla_lora.kernels import fused
+
+    rows = []
+    for chip_name, (model, shape), num_tokens, num_slots in itertools.product(
+        chips, tpu_grid.MOE_MODELS.items(), tokens, slots
+    ):
+        chip = tpu_model.CHIPS[chip_name]
+        cost = tpu_model.moe_layer_costs(
+            chip, num_tokens, shape.hidden, shape.intermediate, shape.experts, shape.top_k, rank, num_slots, in_use
+        )
+        aligned = fused.lane_aligned(shape.hidden, 2 * shape.intermediate) and fused.lane_aligned(
+            shape.intermediate, shape.hidden
+        )
+        rows.append(
+            {
+                "chip": chip_name,
+                "model": model,
+                "T": num_tokens,
+                "L": num_slots,
+                "routed_rows": cost["rows"],
+                "pairs": cost["pairs"],
+                "lora_kernel": "fused" if aligned else "shrink+expand",
+                "base_us": cost["base"] * 1e6,
+                "lora_us": cost["lora"] * 1e6,
+                "with_lora_ratio": (cost["base"] + cost["lora"]) / cost["base"],
+            }
+        )
+    return rows
+
+
+def format_moe_table(rows: list[dict]) -> str:
+    lines = [
+        "| chip | model | T | routed rows | (slot, expert) pairs | LoRA kernel | base (us) | + expert LoRA (us) "
+        "| with LoRA / base |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['chip']} | {r['model']} | {r['T']} | {r['routed_rows']:,} | {r['pairs']} | {r['lora_kernel']} | "
+            f"{r['base_us']:.1f} | {r['lora_us']:.1f} | {r['with_lora_ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 _SHORT = {"fused": "F", "separate": "S", "xla_native": "X"}
 
 
@@ -229,8 +280,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="--fused-base: price the Pallas formulations as if they took x's producer (norm scale, SiLU*up) and "
         "the residual add in, as XLA's own dot does (what a decoder-level kernel would cost)",
     )
+    parser.add_argument(
+        "--moe",
+        action="store_true",
+        help="model one routed expert layer of Mixtral-8x7B, Qwen3-30B-A3B, gpt-oss-20b and DeepSeek-V2-Lite: "
+        "the base grouped matmuls vs with expert LoRA (--tokens default 16 128 1024 4096, --slots default 8)",
+    )
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
+    if args.moe:
+        if args.tokens == parser.get_default("tokens"):
+            args.tokens = [16, 128, 1024, 4096]
+        if args.slots == parser.get_default("slots"):
+            args.slots = [8]
+        if args.quick:
+            args.chips, args.tokens = ["v6e"], [128]
+        rows = run_moe(args.chips, args.tokens, args.slots, args.rank, args.in_use)
+        print(
+            f"TPU cost model, one routed expert layer (bfloat16): the up and down grouped matmuls at their roofline "
+            f"(each expert's weight read once), and the expert LoRA (R={args.rank}, {args.in_use} adapters in use, "
+            "every (slot, expert) entry of the sorted rows) the layer adds; balanced routing"
+        )
+        print(format_moe_table(rows))
+        _write_json(args, rows)
+        return 0
     if args.slot_sweep:
         slots = list(range(1, 129)) if args.slots == parser.get_default("slots") else args.slots
         if args.quick:

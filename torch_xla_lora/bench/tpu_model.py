@@ -378,3 +378,111 @@ def layer_costs(chip: Chip, indices: np.ndarray, rank: int, num_slots: int, unfu
         out["chosen"] += costs[choices[name]]
     out["choices"] = choices
     return out
+
+
+# -- mixture-of-experts expert layers (``bench model --moe``) -------------------------------------------------
+
+
+def moe_routing(num_tokens: int, experts: int, top_k: int) -> np.ndarray:
+    """[T, K] expert ids of a balanced routing: token t's k-th expert is (t * K + k) mod E (K distinct experts,
+    every expert ``T * K / E`` rows when E divides T * K). The rows of each expert come from every request."""
+    return ((np.arange(num_tokens)[:, None] * top_k + np.arange(top_k)[None, :]) % experts).astype(np.int32)
+
+
+def moe_sorted_rows(expert_ids: np.ndarray, token_slots: np.ndarray, experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(group sizes [E], LoRA row index [T * K]) of the routed rows sorted by expert (stable), as the expert
+    layer builds them: row index ``slot * E + expert``, negative for a token without adapter."""
+    flat = expert_ids.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    token_of_row = order // expert_ids.shape[1]
+    rows = token_slots[token_of_row] * experts + flat[order]
+    rows = np.where(token_slots[token_of_row] >= 0, rows, -1).astype(np.int32)
+    return np.bincount(flat, minlength=experts), rows
+
+
+def grouped_matmul_cost(chip: Chip, group_sizes: np.ndarray, in_dim: int, out_dim: int) -> Cost:
+    """A grouped matmul at its roofline (bf16): the rows read and written once, each expert with rows reads
+    its [in, out] weight once; each group's rows times its weight on the MXU (K and N padded to whole tiles)."""
+    itemsize = 2
+    rows = int(group_sizes.sum())
+    present = int((group_sizes > 0).sum())
+    pipelined = itemsize * (rows * in_dim + present * in_dim * out_dim + rows * out_dim)
+    flops = mxu_flops([(int(m), in_dim, out_dim) for m in group_sizes if m > 0], chip.mxu_width)
+    return Cost(pipelined, 0, flops, 1, max(pipelined / chip.hbm_bytes_per_s, flops / chip.peak_flops))
+
+
+def separate_lora_cost(chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, rank: int, num_slots: int) -> Cost:
+    """The shrink kernel then the expand kernel over the same token-block visits (bf16), what
+    ``bgmv_shrink_expand`` runs where the fused kernel does not (widths not multiples of 128).
+
+    Per visit (one token block and one slot present in it): the shrink reads the block of x when the block
+    changes and the slot's A [R, D], and multiplies (bt, D, R); the expand reads the block's [bt, R] products
+    and the slot's B [R, Dout], reads the base block and writes the output block when the block changes, and
+    multiplies (bt, R, Dout). The [T, R] products are written once.
+    """
+    from torch_xla_lora.kernels import block_sizes, visits
+
+    itemsize = 2
+    num_tokens = len(indices)
+    bt = block_sizes.choose(num_tokens, hidden, out_dim, chip.generation).tokens
+    padded = np.full(-(-num_tokens // bt) * bt, -1, np.int32)
+    padded[:num_tokens] = np.where((indices >= 0) & (indices < num_slots), indices, -1)
+    vis = visits.build(padded, num_slots, bt, xp=np)
+    count = int(vis.count[0])
+    blocks, slots = vis.block[:count], vis.slot[:count]
+    new_block = np.r_[True, blocks[1:] != blocks[:-1]]
+    used = slots >= 0
+    num_blocks, num_visits = int(new_block.sum()), int(used.sum())
+    pipelined = itemsize * (
+        num_blocks * bt * (hidden + rank)  # shrink: x in, products out
+        + num_visits * rank * (hidden + out_dim)  # each visit's A and B
+        + num_blocks * bt * (rank + 2 * out_dim)  # expand: products in, base in, output out
+    )
+    flops = num_visits * (mxu_flops([(bt, hidden, rank), (bt, rank, out_dim)], chip.mxu_width))
+    steps = 2 * count
+    return Cost(pipelined, 0, flops, steps, _time(chip, pipelined, 0, flops, steps))
+
+
+def expert_lora_cost(chip: Chip, rows: np.ndarray, hidden: int, out_dim: int, rank: int, num_slots: int) -> Cost:
+    """``bgmv_shrink_expand`` over the sorted routed rows (row index ``slot * E + expert``, ``num_slots`` = L * E
+    entries), as the op plans it: the fused kernel's walk (:func:`fused_cost`) where the widths are lane-aligned,
+    the separate shrink and expand (:func:`separate_lora_cost`) otherwise."""
+    from torch_xla_lora.kernels import fused
+
+    if fused.lane_aligned(hidden, out_dim):
+        return fused_cost(chip, rows, hidden, out_dim, rank, num_slots)
+    return separate_lora_cost(chip, rows, hidden, out_dim, rank, num_slots)
+
+
+def moe_layer_costs(
+    chip: Chip,
+    num_tokens: int,
+    hidden: int,
+    intermediate: int,
+    experts: int,
+    top_k: int,
+    rank: int,
+    num_slots: int,
+    in_use: int,
+) -> dict:
+    """Seconds of one routed expert layer's matmuls (bf16) for ``num_tokens`` tokens routed top-k
+    (:func:`moe_routing`), requests on ``in_use`` adapters (:func:`contiguous_requests`):
+
+    - ``base``: the up ([D -> 2I]) and down ([I -> D]) grouped matmuls (:func:`grouped_matmul_cost`);
+    - ``lora``: the expert LoRA of both projections over the sorted rows (:func:`expert_lora_cost`, L * E
+      entries), what the layer adds to the base;
+    - ``pairs``: the (slot, expert) pairs present, each read once per token block it appears in.
+    """
+    expert_ids = moe_routing(num_tokens, experts, top_k)
+    slots = contiguous_requests(num_tokens, num_slots, in_use)
+    group_sizes, rows = moe_sorted_rows(expert_ids, slots, experts)
+    entries = num_slots * experts
+    base = (
+        grouped_matmul_cost(chip, group_sizes, hidden, 2 * intermediate).seconds
+        + grouped_matmul_cost(chip, group_sizes, intermediate, hidden).seconds
+    )
+    lora = (
+        expert_lora_cost(chip, rows, hidden, 2 * intermediate, rank, entries).seconds
+        + expert_lora_cost(chip, rows, intermediate, hidden, rank, entries).seconds
+    )
+    return {"base": base, "lora": lora, "pairs": len({int(r) for r in rows if r >= 0}), "rows": len(rows)}
