@@ -299,6 +299,8 @@ def run_layers(inputs: dict) -> dict:
     result["model_collectives"] = _llama_collectives(inputs["llama"], mesh, inputs["dump_dir"])
     result["scaled_embedding"] = {kind: _scaled_embedding_logits(case, mesh) for kind, case in inputs["scaled"].items()}
     result["divisibility_error"] = _divisibility_error(mesh)
+    result["moe"] = run_moe(inputs["moe"], _mesh((1, 4), ("data", "model")), inputs["dump_dir"])
+    result["serving"] = _serving_compiles(inputs["llama"], mesh)
     return result
 
 
@@ -386,6 +388,106 @@ def _divisibility_error(mesh: xs.Mesh) -> str:
     except sharding.ShardingError as error:
         return str(error)
     return ""
+
+
+# -- mixture of experts on a mesh ------------------------------------------------------------------
+
+
+def run_moe(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
+    """A tiny Mixtral with attention, router and expert LoRA on ``mesh`` (the default plan, experts tensor
+    parallel): logits of a mixed batch lazy and compiled, placements, compilations after warm-up over other
+    adapter mixes, the collectives of the forward with and without a batch, the warm-up warning."""
+    import warnings
+
+    device = torch_xla.device()
+
+    def patched():
+        model = copy.deepcopy(inputs["model"]).to(device).eval()
+        lora = tl.patch_model(model, tl.LoRAConfig(**inputs["lora_config"]), mesh=mesh)
+        _load_all(lora, inputs["adapters"])
+        return model, lora
+
+    ids = inputs["ids"].to(device)
+    model, lora = patched()
+    experts = lora.layers["model.layers.0.mlp.experts"]
+    result = {"kinds": {name: layer.tensor_parallel.kind for name, layer in lora.layers.items()}}
+    tensors = {"gate_up_proj": experts.base_layer.gate_up_proj, "down_proj": experts.base_layer.down_proj}
+    tensors |= {name: getattr(experts, name) for name in ("lora_a", "lora_b", "lora_a_down", "lora_b_down")}
+    result["specs"] = {name: _spec(t) for name, t in tensors.items()}
+    result["expected_specs"] = {
+        name: _spec(xs.mark_sharding(torch.zeros(t.shape, device=device), mesh, inputs["specs"][name]).global_tensor)
+        for name, t in tensors.items()
+    }
+    logits = lambda ids: model(ids, use_cache=False).logits
+    forward = lambda ids: sharding.replicated(logits(ids), mesh)
+    result["warmup_compiles"] = lora.warmup([ids.shape[0]], [ids.shape[1]], step=forward, progress=False)
+    counter = tl.CompileCounter()
+    lora.set_batch(inputs["batch"])
+    with torch.no_grad():
+        result["logits"] = forward(ids).cpu()
+    _serve(lora, forward, ids, inputs["adapters"], inputs["more_batches"])
+    result["compiles_after_warmup"] = counter.count
+    lora.set_batch(inputs["batch"])
+    result["collectives"] = {"lora": _run_and_count(dump_dir, logits, ids)[1]}
+    lora.clear_batch()
+    result["collectives"]["base"] = _run_and_count(dump_dir, logits, ids)[1]
+    with warnings.catch_warnings(record=True) as caught:  # a step returning the vocabulary-sharded logits
+        warnings.simplefilter("always")
+        lora.warmup([ids.shape[0]], [ids.shape[1]], step=logits, progress=False)
+    result["warnings"] = [str(w.message) for w in caught]
+    result["compiled"] = _moe_compiled(inputs, patched, ids, mesh)
+    return result
+
+
+def _moe_compiled(inputs: dict, patched, ids: torch.Tensor, mesh: xs.Mesh) -> dict:
+    """The same under ``torch.compile(backend="openxla")``, a fresh model: logits, compilations and dynamo graphs
+    after warm-up."""
+    import torch._dynamo
+
+    model, lora = patched()
+    step = torch.compile(lambda ids: sharding.replicated(model(ids, use_cache=False).logits, mesh), backend="openxla")
+    result = {"warmup_compiles": lora.warmup([ids.shape[0]], [ids.shape[1]], step=step, progress=False)}
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    counter = tl.CompileCounter()
+    lora.set_batch(inputs["batch"])
+    with torch.no_grad():
+        result["logits"] = step(ids).cpu()
+    _serve(lora, step, ids, inputs["adapters"], inputs["more_batches"])
+    result["compiles_after_warmup"] = counter.count
+    result["graphs_after_warmup"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    return result
+
+
+def _serving_compiles(inputs: dict, mesh: xs.Mesh) -> dict:
+    """Compilations of the library's serving steps (``serving.Steps``: prefill and decode, compiled) on the mesh
+    after their warm-up, over repeated calls; and the control: a compiled step returning the vocabulary-sharded
+    logits, whose every host fetch compiles."""
+    from torch_xla_lora import serving
+
+    device = torch_xla.device()
+    model, lora = _patched_llama(inputs, mesh)
+    _load_all(lora, inputs["adapters"])
+    steps = serving.Steps(model, rows=2, max_len=16, prefill_len=8, device=device)
+    result = {"warmup_compiles": steps.warmup(lora)}
+    counter = tl.CompileCounter()
+    names = list(inputs["adapters"])
+    for call in range(3):
+        lora.set_batch([names[call % len(names)]], seq_len=8)
+        prefill = steps.prefill([1, 2, 3 + call], row=call % 2)
+        lora.set_batch([names[0], None], seq_len=1)
+        decode = steps.decode([4, 5 + call], [3, call])
+    result["compiles_after_warmup"] = counter.count
+    result["shapes"] = (tuple(prefill.shape), tuple(decode.shape))
+    raw = torch.compile(lambda ids: model(ids).logits, backend="openxla")
+    ids = inputs["ids"].to(device)
+    lora.set_batch(inputs["batch"])
+    with torch.no_grad():
+        raw(ids).cpu()
+        counter = tl.CompileCounter()
+        for _ in range(2):
+            raw(ids).cpu()
+    result["sharded_fetch_compiles"] = counter.count
+    return result
 
 
 # -- training on a mesh: gradients through the per-shard regions ------------------------------------

@@ -27,7 +27,6 @@ from torch_xla_lora.errors import (
     AlreadyPatchedError,
     InvalidAdapterError,
     RankTooLargeError,
-    ShardingError,
     UnsupportedAdapterError,
 )
 from torch_xla_lora.layers import ExpertsWithLoRA, RouterWithLoRA
@@ -229,14 +228,6 @@ def test_expert_rank_above_max_rank_is_refused(saved):
     lora = patch_model(moe_model("Mixtral"), LoRAConfig(max_rank=4))  # gate_up_proj has rank 2r = 8
     with pytest.raises(RankTooLargeError, match="gate_up_proj"):
         lora.load_adapter("math", saved("Mixtral")["math"])
-
-
-def test_mesh_is_refused_before_any_change():
-    model = moe_model("Mixtral")
-    before = type(model.model.layers[0].mlp.experts)
-    with pytest.raises(ShardingError, match="MoE expert and router LoRA"):
-        patch_model(model, LoRAConfig(), mesh=object())  # refused before the mesh is used
-    assert type(model.model.layers[0].mlp.experts) is before
 
 
 # -- serving -------------------------------------------------------------------------------------

@@ -325,7 +325,7 @@ def toy_peft() -> tuple[Toy, peft.PeftModel]:
 
 
 @pytest.fixture(scope="module")
-def spmd_layers(llama_inputs, scaled, toy_peft, tmp_path_factory) -> dict:
+def spmd_layers(llama_inputs, scaled, moe, toy_peft, tmp_path_factory) -> dict:
     toy, adapter = toy_peft
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # embedding-saving notices
@@ -339,6 +339,7 @@ def spmd_layers(llama_inputs, scaled, toy_peft, tmp_path_factory) -> dict:
         "dump_dir": str(workdir / "hlo"),
         "llama": llama_inputs,
         "scaled": {kind: scaled[kind][0] for kind in SCALED_KINDS},
+        "moe": moe[0],
     }
     return run_worker("layers", str(workdir), inputs, devices=4, dump_hlo=True)
 
@@ -440,6 +441,118 @@ def test_scaled_embedding_on_mesh_matches_peft(spmd_layers, scaled, kind):
 
 def test_lora_dimension_not_dividing_over_the_axis_raises(spmd_layers):
     assert "'0': column-parallel dimension 6 does not divide into 4 shards" in spmd_layers["divisibility_error"]
+
+
+# -- mixture of experts on a mesh (in the layers worker, on a (1, 4) data x model mesh) ---------------------
+
+MOE_BATCH = ["math", None, "code", "math"]
+MOE_MORE_BATCHES = [["code", "code", None, "math"], [None, "math", "code", None]]
+
+
+def moe_inputs() -> tuple[dict, dict[str | None, torch.Tensor]]:
+    """(worker inputs, PEFT's logits per adapter and None for the base model) of a tiny random Mixtral
+    (test_moe's: 4 experts, top-2, expert width 16) with two PEFT adapters on attention, router and experts
+    ("all-linear", as PEFT rewrites it for Mixtral)."""
+    import test_moe
+
+    ids = test_moe.IDS
+    adapters, reference = {}, {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference[None] = test_moe.moe_model("Mixtral")(ids).logits
+        for seed, name in enumerate(("math", "code")):
+            model = test_moe.peft_model("Mixtral", seed).eval()
+            adapters[name] = (peft.get_peft_model_state_dict(model), model.peft_config["default"])
+            reference[name] = model(ids).logits
+    specs = {
+        "gate_up_proj": (None, "model", None),  # [E, 2 * width, D]: the expert width over the model axis
+        "down_proj": (None, None, "model"),  # [E, D, width]
+        "lora_a": (None, None, None),
+        "lora_b": (None, None, "model"),  # follows gate_up_proj's output
+        "lora_a_down": (None, None, "model"),  # follows down_proj's input
+        "lora_b_down": (None, None, None),
+    }
+    inputs = {
+        "model": test_moe.moe_model("Mixtral", "batched_mm"),
+        "adapters": adapters,
+        "lora_config": {"max_loras": 2, "max_rank": 8},
+        "ids": ids,
+        "batch": MOE_BATCH,
+        "more_batches": MOE_MORE_BATCHES,
+        "specs": specs,
+    }
+    return inputs, reference
+
+
+@pytest.fixture(scope="module")
+def moe(xla_device) -> tuple[dict, dict, torch.Tensor]:
+    """(worker inputs, PEFT's logits per adapter, the same patched model's logits on one XLA device)."""
+    inputs, reference = moe_inputs()
+    model = copy.deepcopy(inputs["model"]).to(xla_device)
+    lora = tl.patch_model(model, tl.LoRAConfig(**inputs["lora_config"]))
+    for name, (state_dict, config) in inputs["adapters"].items():
+        lora.load_adapter(name, state_dict=state_dict, config=config)
+    lora.set_batch(MOE_BATCH)
+    with torch.no_grad():
+        one_device = model(inputs["ids"].to(xla_device), use_cache=False).logits.cpu()
+    return inputs, reference, one_device
+
+
+def _peft_rows(reference: dict) -> torch.Tensor:
+    """PEFT's mixed batch: each row's logits from PEFT with that row's adapter (PEFT refuses mixed MoE batches)."""
+    return torch.stack([reference[name][row] for row, name in enumerate(MOE_BATCH)])
+
+
+def test_moe_layers_placed_experts_tensor_parallel_router_replicated(spmd_layers):
+    kinds = spmd_layers["moe"]["kinds"]
+    layer = "model.layers.0."
+    assert kinds[layer + "mlp.experts"] == "experts" and kinds[layer + "mlp.gate"] == "replicated"
+    assert (kinds[layer + "self_attn.q_proj"], kinds[layer + "self_attn.o_proj"]) == ("column", "row")
+    assert spmd_layers["moe"]["specs"] == spmd_layers["moe"]["expected_specs"]
+
+
+@pytest.mark.parametrize("mode", ["lazy", "compiled"])
+def test_moe_on_a_mesh_matches_one_device_and_peft(spmd_layers, moe, mode):
+    """Expert, router and attention LoRA, two adapters and a base row, on a (1, 4) mesh (experts split on
+    their width): the logits of the one-device patched model (1e-5) and PEFT's per row (1e-4)."""
+    _, reference, one_device = moe
+    result = spmd_layers["moe"] if mode == "lazy" else spmd_layers["moe"]["compiled"]
+    torch.testing.assert_close(result["logits"], one_device, atol=SPMD_ATOL, rtol=SPMD_RTOL)
+    assert_close(result["logits"], _peft_rows(reference))
+    assert not torch.allclose(reference["math"], reference[None], atol=1e-3)  # the adapters matter
+
+
+@pytest.mark.parametrize("mode", ["lazy", "compiled"])
+def test_moe_on_a_mesh_no_recompile_after_warmup(spmd_layers, mode):
+    result = spmd_layers["moe"] if mode == "lazy" else spmd_layers["moe"]["compiled"]
+    assert result["compiles_after_warmup"] == 0  # two more adapter mixes, with a reload each
+    if mode == "compiled":
+        assert result["graphs_after_warmup"] == 0
+
+
+def test_moe_lora_adds_no_collective_on_a_mesh(spmd_layers):
+    """The whole Mixtral forward's compiled HLO after SPMD partitioning: the same collectives with expert, router
+    and attention LoRA as the base model (the same patched model without a batch) on the same mesh."""
+    counts = spmd_layers["moe"]["collectives"]
+    assert counts["base"]["all-reduce"] > 0  # the counting sees the row layers' and the experts' reductions
+    assert counts["lora"] == counts["base"]
+
+
+def test_warmup_warns_once_about_a_sharded_step_result(spmd_layers):
+    """A step returning the vocabulary-sharded logits recompiles at every fetch (see the serving test's control):
+    warm-up says so, with the fix."""
+    caught = [m for m in spmd_layers["moe"]["warnings"] if "sharded over the mesh" in m]
+    assert len(caught) == 1 and "sharding.replicated(t, mesh)" in caught[0]
+
+
+def test_serving_steps_on_a_mesh_compile_nothing_after_warmup(spmd_layers):
+    """serving.Steps (prefill and decode, compiled) on a mesh with a vocab-parallel head: repeated calls compile
+    nothing after warm-up (the logits are replicated inside the graph); the control, a compiled step returning
+    the vocabulary-sharded logits, compiles a gather graph at each of its two fetches."""
+    result = spmd_layers["serving"]
+    assert result["shapes"] == ((128,), (2, 128))
+    assert result["compiles_after_warmup"] == 0
+    assert result["sharded_fetch_compiles"] >= 2
 
 
 # -- training on a mesh: gradients through the per-shard regions (one worker process) ------------------
@@ -733,6 +846,26 @@ def test_failed_plan_leaves_model_unpatched(one_device_mesh):
     with pytest.raises(sharding.ShardingError):
         tl.patch_model(model, tl.LoRAConfig(), mesh=one_device_mesh, sharding_plan={"0": "diagonal"})
     assert type(model[0]) is nn.Linear
+
+
+def test_moe_plan_experts_and_router(one_device_mesh):
+    """Expert layers are tensor parallel ("experts"), routers replicated; another kind for an expert layer: refused."""
+    from test_moe import moe_model
+
+    from torch_xla_lora.context import BatchContext
+    from torch_xla_lora.layers import ExpertsWithLoRA, RouterWithLoRA
+
+    model = moe_model("Mixtral")
+    block = model.model.layers[0].mlp
+    layers = {
+        "model.layers.0.mlp.experts": ExpertsWithLoRA(block.experts, BatchContext(), 2, 4, torch.float32),
+        "model.layers.0.mlp.gate": RouterWithLoRA(block.gate, BatchContext(), 2, 4, torch.float32),
+    }
+    kinds = sharding.plan_model(model, layers, one_device_mesh, "model").kinds
+    assert (kinds["model.layers.0.mlp.experts"], kinds["model.layers.0.mlp.gate"]) == ("experts", "replicated")
+    placement = sharding.LayerSharding(one_device_mesh, "model", "column")
+    with pytest.raises(sharding.ShardingError, match="is 'experts' or 'replicated', got 'column'"):
+        placement.check("experts", block.experts, layers["model.layers.0.mlp.experts"])
 
 
 def test_sharding_arguments_need_a_mesh():

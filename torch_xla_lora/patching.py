@@ -542,6 +542,10 @@ class LoRAModel:
                     # Kept alive until the sync: a lazy graph whose outputs are dropped is never compiled.
                     out = step(torch.zeros(batch, seq, dtype=torch.long).to(self.device))
                     _sync(self.device)
+                if any(lay.tensor_parallel is not None for lay in self.layers.values()):
+                    from torch_xla_lora import sharding  # a sharded result recompiles at every fetch: say so, once
+
+                    sharding.warn_if_sharded(out, "warmup: the step")
                 del out
                 for param, grad in zip(params, grads, strict=True):
                     param.grad = grad
@@ -661,12 +665,6 @@ def patch_model(
         layers[name].base_fusion = config.base_fusion
     if not layers:
         raise ConfigError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
-    moe_layers = [name for name, lay in layers.items() if isinstance(lay, (ExpertsWithLoRA, RouterWithLoRA))]
-    if mesh is not None and moe_layers:
-        raise ShardingError(
-            f"patch_model(mesh=...): MoE expert and router LoRA is not supported on a mesh yet, got "
-            f"{len(moe_layers)} such modules (e.g. {moe_layers[0]!r}); leave them out of target_modules"
-        )
     quantized = [name for name, lay in layers.items() if is_quantized_linear(lay.base_layer)]
     if mesh is not None and quantized:
         raise ShardingError(

@@ -45,7 +45,14 @@ from torch_xla_lora.layers.embedding import scaled
 if TYPE_CHECKING:
     from torch_xla_lora.sharding import LayerSharding
 
-__all__ = ["sharded_linear", "sharded_linear_lora", "sharded_row_linear", "sharded_embedding", "replicated"]
+__all__ = [
+    "sharded_linear",
+    "sharded_linear_lora",
+    "sharded_row_linear",
+    "sharded_embedding",
+    "sharded_grouped_matmul",
+    "replicated",
+]
 
 
 @functools.lru_cache(maxsize=64)
@@ -320,6 +327,68 @@ class _Lookup:
         """[N_local, R]: each token's (scaled) A row on this shard, zero for ids of other shards."""
         rows = a.reshape(-1, self.rank).index_select(0, self.rows)
         return scaled(torch.where(self.inside, rows, 0), self.factor)
+
+
+@torch.library.custom_op("xla_lora::sharded_grouped_matmul", mutates_args=())
+def sharded_grouped_matmul(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    group_sizes: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    lora_rows: torch.Tensor | None,
+    transposed: bool,
+    row_parallel: bool,
+    key: str,
+    backend: str,
+) -> torch.Tensor:
+    """One projection of a mixture-of-experts layer, tensor parallel inside every expert, per shard.
+
+    Args:
+      rows: [S, in], the routed rows sorted by expert; weight: [E, out, in] ([E, in, out] if
+        ``transposed``); group_sizes: [E] int32 (rows per expert, device data).
+      lora_a: [L * E, R, in]; lora_b: [L * E, R, out]; lora_rows: [S] int32, each row's
+        (slot, expert) entry (outside [0, L * E): no LoRA); all three None: the base alone.
+      row_parallel: the down projection (split on its input, the expert width); else the
+        up projection (split on its output).
+
+    Returns:
+      [S, out] in rows' dtype, without bias: split on out for the up projection, reduced
+      (replicated) for the down projection.
+
+    Every shard holds all experts, each cut to its slice of the expert width, and all S
+    rows (the sort by expert is global, so the rows are replicated over every other axis);
+    ``group_sizes`` is the same on every shard. Up: the grouped matmul of the rows by the
+    local weight slice gives the shard's output columns, and the LoRA expand writes into
+    them with the local columns of B (A whole): no collective. Down: each shard's grouped
+    matmul reads its slice of the width, the LoRA shrink its slice of A (B whole), and the
+    partial products leave stacked on the model axis: one sum, the base's one all-reduce.
+    """
+    from torch_xla_lora.ops._grouped import grouped_matmul
+
+    p = _placement(key)
+    axis = p.axis
+    width_axis = (None, None, axis) if transposed != row_parallel else (None, axis, None)  # the width's dim
+    x = p.enter(rows, (None, axis) if row_parallel else (None, None))
+    w = p.enter(weight, width_axis, placed=True)
+    sizes = p.enter(group_sizes, (None,))
+    out = grouped_matmul(x, w, sizes, transposed)
+    if lora_rows is not None:
+        a_spec, b_spec = ((None, None, axis), (None, None, None)) if row_parallel else ((None,) * 3, (None, None, axis))
+        a, b = _enter_factor(p, lora_a, a_spec), _enter_factor(p, lora_b, b_spec)
+        idx = p.enter(lora_rows, (None,))
+        lora = torch.ops.xla_lora.bgmv_shrink_expand(x.to(a.dtype), a, b, out.to(b.dtype), idx, 1.0, backend, None)
+        out = lora.to(out.dtype)
+    width = weight.shape[2] if transposed else weight.shape[1]
+    if not row_parallel:
+        return p.leave(out, (None, axis), (rows.shape[0], width))
+    # Reduced in the rows' dtype, as the base projection alone would be.
+    return p.leave(out[None], (axis, None, None), (p.shards, rows.shape[0], width)).sum(0)
+
+
+@sharded_grouped_matmul.register_fake
+def _(rows, weight, group_sizes, lora_a, lora_b, lora_rows, transposed, row_parallel, key, backend):
+    return rows.new_empty((rows.shape[0], weight.shape[2] if transposed else weight.shape[1]))
 
 
 @torch.library.custom_op("xla_lora::replicated", mutates_args=())

@@ -148,6 +148,11 @@ class Steps:
       rows, max_len, prefill_len: the buckets: decode is [rows, 1] against a
         cache of [rows, max_len] tokens, prefill [1, prefill_len].
       backend: the ``torch.compile`` backend; ``None`` runs eagerly (tests on the host).
+
+    On a mesh (a model patched with ``patch_model(..., mesh=...)``) both steps return the logits
+    replicated (:func:`torch_xla_lora.sharding.replicated`, inside the compiled graph): the
+    vocabulary-sharded logits of a vocab-parallel head would make every host fetch compile a new
+    gather graph in torch_xla 2.9, i.e. a compilation per generated token.
     """
 
     def __init__(
@@ -168,11 +173,17 @@ class Steps:
         self.prefill_positions = torch.arange(prefill_len)[None].to(device)
         self.all_rows = torch.arange(rows).to(device)
         keyword = cache_keyword(model)
+        mesh = _mesh_of(model)
 
         def forward(ids, rows, positions, mask, prefill: bool):
             cache = self.cache.bind(rows, positions, prefill)
             kwargs = {keyword: cache}
-            return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs).logits
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs).logits
+            if mesh is None:
+                return logits
+            from torch_xla_lora import sharding
+
+            return sharding.replicated(logits, mesh)
 
         def prefill(ids, row):  # ids [1, prefill_len], row [1]
             return forward(ids, row, self.prefill_positions, self.prefill_mask, True)
@@ -210,6 +221,17 @@ class Steps:
         mask = decode_mask([0] * self.rows, self.max_len, self.dtype).to(self.device)
         count += lora.warmup([self.rows], [1], step=lambda ids: self._decode(ids, zeros, mask), host_metadata=True)
         return count
+
+
+def _mesh_of(model: nn.Module):
+    """The SPMD mesh the model was patched on, or None (one device; torch_xla's SPMD module not imported)."""
+    from torch_xla_lora.layers import BaseLayerWithLoRA
+
+    if not any(isinstance(m, BaseLayerWithLoRA) and m.tensor_parallel is not None for m in model.modules()):
+        return None
+    from torch_xla_lora import sharding
+
+    return sharding.model_mesh(model)
 
 
 def _sync(device: torch.device) -> None:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -57,6 +58,7 @@ from torch_xla_lora import regions  # noqa: F401  (registers the per-shard regio
 from torch_xla_lora.errors import ShardingError
 from torch_xla_lora.layers import BaseLayerWithLoRA, EmbeddingWithLoRA
 from torch_xla_lora.layers.embedding import embed_scale
+from torch_xla_lora.layers.experts import ExpertsWithLoRA
 from torch_xla_lora.layers.linear import linear_features
 
 # One source of truth for transformers' projection names: the patcher's.
@@ -73,11 +75,15 @@ __all__ = [
     "ModelSharding",
     "default_plan",
     "plan_model",
+    "model_mesh",
     "replicated",
     "send_batch",
+    "warn_if_sharded",
 ]
 
 KINDS = ("column", "row", "vocab", "replicated")
+#: The kind of mixture-of-experts expert layers (``ExpertsWithLoRA``): tensor parallel inside every expert.
+EXPERTS = "experts"
 
 Spec = tuple[str | None, ...]
 ShardingPlan = Mapping[str, str] | Callable[[str, nn.Module], str | None]
@@ -211,7 +217,33 @@ class LayerSharding:
         if isinstance(layer, EmbeddingWithLoRA):  # lora_a is token-major [L, vocab, R]
             vocab = self.axis if self.kind == "vocab" else None
             return {"lora_a": (None, vocab, None), "lora_b": (None, None, None)}
+        if isinstance(layer, ExpertsWithLoRA):
+            return self.expert_specs(layer)[1]
         return self.lora_specs_linear()
+
+    def expert_specs(self, layer: ExpertsWithLoRA) -> tuple[dict[str, Spec], dict[str, Spec]]:
+        """(base module's tensors, LoRA buffers) -> partition spec of an expert layer: the expert width
+        (the up projection's output, the down projection's input) over the model axis.
+
+        ``gate_up_proj``/``up_proj`` [E, out, in] is split on out ([E, in, out] when transposed) with its
+        bias [E, out], ``down_proj`` [E, D, width] on width ([E, width, D]); the up projection's ``lora_b``
+        [L * E, R, out] follows its output, the down projection's ``lora_a_down`` [L * E, R, width] its
+        input; ``lora_a`` and ``lora_b_down`` (and ``down_proj_bias``) are replicated."""
+        axis = self.axis if self.kind == EXPERTS else None
+        up, down = layer.up_name, "down_proj"
+        base = {
+            up: (None, None, axis) if layer.transposed else (None, axis, None),
+            down: (None, axis, None) if layer.transposed else (None, None, axis),
+            f"{up}_bias": (None, axis),
+            f"{down}_bias": (None, None),
+        }
+        lora = {
+            "lora_a": (None, None, None),
+            "lora_b": (None, None, axis),
+            "lora_a_down": (None, None, axis),
+            "lora_b_down": (None, None, None),
+        }
+        return base, lora
 
     def lora_specs_linear(self) -> dict[str, Spec]:
         """:meth:`lora_specs` of a linear layer (A [L, R, in], B [L, R, out])."""
@@ -228,8 +260,8 @@ class LayerSharding:
         layer's in / n input features. Fully sharded column layers (shrink,
         gather, expand) and embeddings (lookup, expand) run no fused op.
         """
-        if isinstance(layer, EmbeddingWithLoRA) or self.lora_specs_linear()["lora_a"][1] is not None:
-            return None
+        if isinstance(layer, (EmbeddingWithLoRA, ExpertsWithLoRA)) or self.lora_specs_linear()["lora_a"][1] is not None:
+            return None  # expert layers group their rows on the device (sorted by expert inside the forward)
         if self.kind == "row":
             return layer.in_features // self.shards, layer.out_features
         if self.out_axis is not None:
@@ -241,6 +273,9 @@ class LayerSharding:
 
         LoRA layers run on local shapes, so their sharded dimensions must divide evenly.
         """
+        if isinstance(layer, ExpertsWithLoRA) or self.kind == EXPERTS:
+            self._check_experts(name, layer)
+            return
         if self.kind not in KINDS:
             raise ShardingError(f"module {name!r}: sharding kind must be one of {KINDS}, got {self.kind!r}")
         if isinstance(module, nn.Embedding):
@@ -264,8 +299,31 @@ class LayerSharding:
                 f"divide into {self.shards} shards of mesh axis {self.axis!r}"
             )
 
+    def _check_experts(self, name: str, layer: BaseLayerWithLoRA | None) -> None:
+        if not isinstance(layer, ExpertsWithLoRA) or self.kind not in (EXPERTS, "replicated"):
+            raise ShardingError(
+                f"module {name!r}: kind {EXPERTS!r} is for MoE expert layers with LoRA, and such a layer is "
+                f"{EXPERTS!r} or 'replicated', got {self.kind!r}"
+            )
+        width = layer.factor_shapes["down_proj"][1]  # the expert width; the up projection's output is 1 or 2x it
+        if self.kind == EXPERTS and width % self.shards:
+            raise ShardingError(
+                f"module {name!r}: expert width {width} does not divide into {self.shards} shards of mesh axis "
+                f"{self.axis!r}"
+            )
+
     def apply(self, module: nn.Module, layer: BaseLayerWithLoRA | None) -> None:
         """Mark the base weights (and the LoRA buffers, which then run per shard) on the mesh."""
+        if isinstance(layer, ExpertsWithLoRA):
+            base, lora = self.expert_specs(layer)
+            for tensor_name, spec in base.items():
+                tensor = getattr(module, tensor_name, None)
+                if isinstance(tensor, torch.Tensor) and tensor.dim() == len(spec):
+                    xs.mark_sharding(tensor, self.mesh, spec)
+            for tensor_name, spec in lora.items():
+                xs.mark_sharding(getattr(layer, tensor_name), self.mesh, spec)
+            layer.tensor_parallel = self
+            return
         for tensor_name, spec in self.base_specs(module).items():
             tensor = getattr(module, tensor_name, None)
             if tensor is not None:
@@ -393,6 +451,62 @@ class LayerSharding:
         )
         return y.reshape(*ids.shape, layer.out_features)
 
+    def expert_projection(
+        self,
+        layer: ExpertsWithLoRA,
+        param: str,
+        rows: torch.Tensor,
+        group_sizes: torch.Tensor,
+        lora_a: torch.Tensor | None,
+        lora_b: torch.Tensor | None,
+        lora_rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One projection of an expert layer on the mesh: the grouped matmul of the routed ``rows`` [S, in]
+        (sorted by expert, ``group_sizes`` [E]) and each row's (slot, expert) LoRA, per shard; bias not added.
+
+        The up projection (``param`` = ``layer.up_name``) is column-parallel inside every expert: each
+        shard multiplies all rows by its slice of the expert width and adds the LoRA expand into its
+        columns of B. The down projection is row-parallel: each shard reads its slice of the width
+        (of h, of the weight and of A), and base and LoRA partials share the one reduction. The routed rows
+        are replicated over every other mesh axis (a data axis included): the sort by expert is global.
+        """
+        lora = [t for t in (lora_a, lora_b) if t is not None]
+        if torch.is_grad_enabled() and (layer.trainable or any(t.requires_grad for t in lora)):
+            raise ShardingError("training expert LoRA on a mesh is not supported yet (its regions have no backward)")
+        weight = getattr(layer.base_layer, param)
+        return torch.ops.xla_lora.sharded_grouped_matmul(
+            rows,
+            weight,
+            group_sizes,
+            lora_a,
+            lora_b,
+            lora_rows,
+            layer.transposed,
+            param == "down_proj",
+            self.key,
+            layer.backend,
+        )
+
+    def router_lora(
+        self, layer: BaseLayerWithLoRA, x: torch.Tensor, logits: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """A router's logits [..., E] plus each token's LoRA of x [..., D], per shard (replicated weights:
+        every shard computes all E logits of its tokens, as the separate path of a replicated linear layer)."""
+        x2 = x.reshape(-1, layer.in_features)
+        metadata, _ = self._metadata(layer, x2.shape[0])
+        lora_a, lora_b = layer.slot_factors()
+        out = torch.ops.xla_lora.sharded_linear(
+            x2.to(lora_a.dtype),
+            lora_a,
+            lora_b,
+            logits.reshape(-1, layer.out_features).to(lora_b.dtype),
+            slots,
+            metadata,
+            self.key,
+            layer.backend,
+        )
+        return out.reshape(logits.shape).to(logits.dtype)
+
     # -- inside the regions ------------------------------------------------------------------------
 
     def enter(self, tensor: torch.Tensor, spec: Spec, placed: bool = False) -> torch.Tensor:
@@ -432,6 +546,40 @@ def replicated(tensor: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     """
     del mesh
     return torch.ops.xla_lora.replicated(tensor)
+
+
+def model_mesh(model: nn.Module) -> Mesh | None:
+    """The mesh ``model``'s LoRA layers were patched on (``patch_model(..., mesh=...)``), or None."""
+    for module in model.modules():
+        placement = getattr(module, "tensor_parallel", None)
+        if isinstance(module, BaseLayerWithLoRA) and placement is not None:
+            return placement.mesh
+    return None
+
+
+_warned_sharded_output = False
+
+
+def warn_if_sharded(out: object, where: str) -> bool:
+    """Warn (once per process) if ``out`` (a tensor, or a model output with ``.logits``) is sharded over
+    the mesh, e.g. vocabulary-sharded logits: torch_xla 2.9 compiles a new gather graph at every host
+    fetch of such a tensor. Returns whether it is sharded."""
+    global _warned_sharded_output
+    tensor = getattr(out, "logits", out)
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type != "xla":
+        return False
+    spec = torch_xla._XLAC._get_xla_sharding_spec(tensor)
+    sharded = bool(spec) and "replicated" not in spec and "maximal" not in spec
+    if sharded and not _warned_sharded_output:
+        _warned_sharded_output = True
+        warnings.warn(
+            f"{where} returns a tensor sharded over the mesh ({spec}): torch_xla compiles a new gather graph "
+            "at every host fetch (.cpu(), .item()) of it, i.e. every step recompiles. Return "
+            "torch_xla_lora.sharding.replicated(t, mesh) from the step instead, after reducing what you can "
+            "(e.g. argmax(-1), or the last position's logits)",
+            stacklevel=3,
+        )
+    return sharded
 
 
 # -- a batch's host-built metadata, per shard ----------------------------------------------------
@@ -546,6 +694,8 @@ def plan_model(
     modules = dict(model.named_modules())
     # LoRA layers the plan leaves out are replicated, but still run per shard (tokens may be split).
     kinds = dict.fromkeys(layers, "replicated") | _resolve(model, plan)
+    # Expert layers are tensor parallel inside every expert (routers, small, stay replicated).
+    kinds |= {name: EXPERTS for name, layer in layers.items() if isinstance(layer, ExpertsWithLoRA)}
     placements = {}
     for name, kind in kinds.items():
         placement = LayerSharding(mesh, tp_axis, kind, dp_axis, fully_sharded)
