@@ -35,6 +35,14 @@ class LoRAConfig:
         docs/performance.md). True or False force it. Layers whose base weight
         dtype differs from the adapters', and fully sharded column layers on a
         mesh, always use the separate path.
+      memory_budget: device bytes for the adapters of every patched layer (an int, or a
+        str such as "6GiB"): adapters are then stored at their own rank in a pool of rank
+        rows bounded by this budget (``torch_xla_lora.pool``; evicted least recently
+        used by bytes), and ``max_loras`` bounds only the distinct adapters of one batch.
+        None (default): ``max_loras`` padded slots of ``max_rank`` rows each, the fastest
+        layout while they fit (docs/layers.md, "Rank-true storage").
+      weight_dtype: how the pool stores adapter rows: None (``dtype``) or "int8" (one
+        float32 scale per rank row; needs ``memory_budget``).
     """
 
     max_loras: int = 4
@@ -44,6 +52,8 @@ class LoRAConfig:
     dtype: torch.dtype | None = None
     backend: str = "auto"
     base_fusion: bool | str = "auto"
+    memory_budget: int | str | None = None
+    weight_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_rank", "max_cpu_adapters"):
@@ -68,6 +78,23 @@ class LoRAConfig:
         if not (isinstance(self.base_fusion, bool) or self.base_fusion == "auto"):
             raise ConfigError(f"LoRAConfig.base_fusion must be 'auto', True or False, got {self.base_fusion!r}")
         self._check_target_modules()
+        if self.memory_budget is not None:
+            from torch_xla_lora.pool import parse_bytes
+
+            parse_bytes(self.memory_budget)
+        if self.weight_dtype not in (None, "int8"):
+            raise (ConfigError if isinstance(self.weight_dtype, str) else ConfigTypeError)(
+                f"LoRAConfig.weight_dtype must be None or 'int8', got {self.weight_dtype!r}"
+            )
+        if self.weight_dtype is not None and self.memory_budget is None:
+            raise ConfigError("LoRAConfig.weight_dtype='int8' stores adapters in the pool: set memory_budget too")
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """``memory_budget`` in bytes, or None."""
+        from torch_xla_lora.pool import parse_bytes
+
+        return None if self.memory_budget is None else parse_bytes(self.memory_budget)
 
     def _check_target_modules(self) -> None:
         targets = self.target_modules

@@ -25,20 +25,24 @@ class BatchContext:
         kernels' token grouping built on the host for this batch (may be empty);
         (tokens, in_features, out_features, "linear", has_bias) for ``linear_lora``'s
         kernel where its plan differs (see ``ops.batch_metadata``).
+      rows: with a memory budget, the int32 device table of each lane's pool rows
+        ([max_loras * max_rank], see :mod:`torch_xla_lora.pool`); slots are lanes then.
     """
 
     def __init__(self) -> None:
         self.slots: torch.Tensor | None = None
         self.per_token = False
         self.metadata: dict[tuple, torch.Tensor] = {}
+        self.rows: torch.Tensor | None = None
 
     def set(
         self,
         slots: torch.Tensor | None,
         per_token: bool,
         metadata: dict[tuple, torch.Tensor] | None = None,
+        rows: torch.Tensor | None = None,
     ) -> None:
-        self.slots, self.per_token, self.metadata = slots, per_token, metadata or {}
+        self.slots, self.per_token, self.metadata, self.rows = slots, per_token, metadata or {}, rows
 
     def token_slots(self, x: torch.Tensor) -> torch.Tensor | None:
         """Slot of every token of ``x`` ([..., D], flattened to [N, D]): [N] int32, or None."""

@@ -314,7 +314,7 @@ def _flush(layers) -> None:
     and make that graph differ with every load, i.e. recompile.
     """
     layer = next(iter(layers), None)
-    if layer is not None and layer.lora_a.device.type == "xla":
+    if layer is not None and layer.adapter_device.type == "xla":
         import torch_xla
 
         torch_xla.sync()

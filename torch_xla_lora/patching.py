@@ -47,6 +47,7 @@ from torch_xla_lora.layers.experts import ExpertsWithLoRA, RouterWithLoRA
 from torch_xla_lora.layers.linear import is_quantized_linear, linear_features
 from torch_xla_lora.layers.names import COLUMN_NAMES, MERGED_NAMES, QKV_NAMES, ROW_NAMES
 from torch_xla_lora.manager import AdapterManager
+from torch_xla_lora.pool import SPARE_ROWS, PoolManager
 
 if TYPE_CHECKING:
     from torch_xla.distributed.spmd import Mesh
@@ -139,9 +140,16 @@ class LoRAModel:
         self.model, self.config = model, config
         self.layers = layers
         self.context = next(iter(layers.values())).context
-        self.dtype = next(iter(layers.values())).lora_a.dtype
+        self.dtype = next(iter(layers.values())).adapter_dtype
         self.device = _model_device(model)
-        self.manager = AdapterManager(layers, config.max_loras, config.max_rank, config.max_cpu_adapters)
+        rows = next(iter(layers.values())).pool_rows
+        if rows is None:
+            self.manager = AdapterManager(layers, config.max_loras, config.max_rank, config.max_cpu_adapters)
+        else:
+            row_bytes = sum(lay.pool_row_bytes(config.weight_dtype == "int8") for lay in layers.values())
+            self.manager = PoolManager(
+                layers, config.max_loras, config.max_rank, config.max_cpu_adapters, rows, row_bytes, config.budget_bytes
+            )
         self._patched = True
         self._trainable: dict[str, training.TrainableAdapter] = {}
         self._head = next((name for name, lay in layers.items() if isinstance(lay, LogitsWithLoRA)), None)
@@ -319,8 +327,31 @@ class LoRAModel:
         return self.manager.apply()
 
     def adapters(self) -> dict[str, dict]:
-        """Loaded adapters: name -> {"slot", "pinned", "rank", "trainable"}."""
+        """Loaded adapters: name -> {"slot", "pinned", "rank", "trainable"}; with a memory budget also
+        "resident" and "bytes" (and "slot" is None: adapters live in the pool, see :meth:`memory`)."""
         return self.manager.adapters()
+
+    def memory(self) -> dict:
+        """The adapter storage's accounting: ``{"budget_bytes", "used_bytes", "adapters": {name: bytes}}``.
+
+        With a memory budget: the budget, the bytes resident adapters occupy (their rank rows over every
+        layer) and each resident adapter's. With padded slots: the slot buffers' bytes as the budget, and
+        each resident adapter's slot (``max_rank`` rows whatever its rank).
+        """
+        self._check_patched()
+        if isinstance(self.manager, PoolManager):
+            return self.manager.memory()
+        slot_bytes = sum(
+            buffer.numel() * buffer.element_size() // self.config.max_loras
+            for layer in self.layers.values()
+            for buffer in layer.slot_buffers().values()
+        )
+        resident = {name: slot_bytes for name, info in self.manager.adapters().items() if info["slot"] is not None}
+        return {
+            "budget_bytes": slot_bytes * self.config.max_loras,
+            "used_bytes": sum(resident.values()),
+            "adapters": resident,
+        }
 
     # -- batches -----------------------------------------------------------------------------------
 
@@ -403,6 +434,11 @@ class LoRAModel:
         self._check_patched()
         entries, seq_len = self._check_entries(entries, seq_len)
         names = [e for e in entries if isinstance(e, str)]
+        pooled = isinstance(self.manager, PoolManager)
+        if pooled and any(isinstance(e, int) and e >= 0 for e in entries):
+            raise ArgumentError(
+                "with LoRAConfig.memory_budget adapters have no fixed slot: name them (or None for base rows)"
+            )
         # One critical section from the plan to the send: no other thread's remove, pin or
         # load can land between choosing the slots, writing them and sending them.
         with self.manager.lock:
@@ -423,9 +459,10 @@ class LoRAModel:
                 dtype=torch.int32,
             )
             metadata = self._host_metadata(slots, seq_len)
+            rows = self.manager.batch_rows(plan) if pooled else None
             self.manager.commit(plan)
             self.manager.apply(batch_slots={int(s) for s in slots.tolist() if s >= 0})
-            self._send(slots, per_token, seq_len, metadata=metadata)
+            self._send(slots, per_token, seq_len, metadata=metadata, rows=rows)
             self._mark_batch(set(plan.wanted))
 
     def _host_metadata(self, slots: torch.Tensor, seq_len: int | None) -> dict:
@@ -440,22 +477,32 @@ class LoRAModel:
                 linear = [lay.linear_metadata_shape() for lay in fused]  # layers running linear_lora's kernel
                 linear = [shape for shape in linear if shape is not None]
                 arrays = ops.batch_metadata(
-                    token_slots, shapes, lay.max_rank, lay.max_loras, lay.lora_b.dtype, linear_shapes=linear
+                    token_slots, shapes, lay.max_rank, lay.max_loras, lay.adapter_dtype, linear_shapes=linear
                 )
                 for shape, array in arrays.items():
                     metadata[(len(token_slots), *shape)] = array
         return metadata
 
     def _send(
-        self, slots: torch.Tensor, per_token: bool, seq_len: int | None = None, metadata: dict | None = None
+        self,
+        slots: torch.Tensor,
+        per_token: bool,
+        seq_len: int | None = None,
+        metadata: dict | None = None,
+        rows: torch.Tensor | None = None,
     ) -> None:
         """Give the layers a batch's slots, built on the host and sent whole (int32: TPUs have no
-        64-bit integer units), with the kernels' grouping when the token count is known."""
+        64-bit integer units), with the kernels' grouping when the token count is known, and with a
+        memory budget the lanes' pool rows (default: every lane reads the zero row)."""
+        if isinstance(self.manager, PoolManager):
+            if rows is None:
+                rows = torch.full((self.config.max_loras * self.config.max_rank,), self.manager.zero_row)
+            rows = rows.to(torch.int32).to(self.device)
         if any(lay.tensor_parallel is not None for lay in self.layers.values()):
             from torch_xla_lora import sharding  # on a mesh: per-shard metadata (see sharding.send_batch)
 
             device_slots, on_device = sharding.send_batch(self.layers, slots, per_token, seq_len, self.device)
-            self.context.set(device_slots, per_token, on_device)
+            self.context.set(device_slots, per_token, on_device, rows)
             return
         if metadata is None:
             metadata = self._host_metadata(slots, seq_len)
@@ -465,7 +512,7 @@ class LoRAModel:
             if id(array) not in sent:
                 sent[id(array)] = array.to(self.device)
             on_device[key] = sent[id(array)]
-        self.context.set(slots.to(self.device), per_token, on_device)
+        self.context.set(slots.to(self.device), per_token, on_device, rows)
 
     # -- compilation -------------------------------------------------------------------------------
 
@@ -530,7 +577,7 @@ class LoRAModel:
         step = step or (self._training_step if training else self.model)
         counter = CompileCounter()
         self.manager.warm_writes()
-        saved = (self.context.slots, self.context.per_token, self.context.metadata)
+        saved = (self.context.slots, self.context.per_token, self.context.metadata, self.context.rows)
         params = [p for adapter in self._trainable.values() for p in adapter.parameters().values()]
         grads = [p.grad for p in params]
         try:
@@ -603,6 +650,21 @@ class LoRAModel:
             raise UnpatchedError("this model was unpatched; patch it again to use LoRA")
 
 
+def _allocate_pools(layers: Mapping[str, BaseLayerWithLoRA], config: LoRAConfig) -> None:
+    """Give every layer a pool of as many rank rows as the memory budget holds (see torch_xla_lora.pool)."""
+    int8 = config.weight_dtype == "int8"
+    row_bytes = sum(layer.pool_row_bytes(int8) for layer in layers.values())
+    rows = config.budget_bytes // row_bytes - SPARE_ROWS
+    if rows < config.max_rank:
+        raise ConfigError(
+            f"LoRAConfig.memory_budget={config.memory_budget!r} holds {max(rows, 0)} rank rows of "
+            f"{row_bytes} bytes (every patched layer), fewer than one adapter of max_rank {config.max_rank}: "
+            f"at least {(config.max_rank + SPARE_ROWS) * row_bytes} bytes"
+        )
+    for layer in layers.values():
+        layer.allocate_pool(rows, int8)
+
+
 def patch_model(
     model: nn.Module,
     config: LoRAConfig | None = None,
@@ -661,7 +723,15 @@ def patch_model(
         if not _is_target(name, config.target_modules, linear, is_head):
             continue
         cls = moe or _layer_class(name, module, is_head)
-        layers[name] = cls(module, context, config.max_loras, config.max_rank, dtype, config.backend)
+        if moe is not None and config.memory_budget is not None:
+            raise ConfigError(
+                f"LoRAConfig.memory_budget: MoE expert and router LoRA ({name!r}) is stored in padded slots "
+                "only yet; leave them out of target_modules or unset memory_budget"
+            )
+        pooled = config.memory_budget is not None
+        layers[name] = cls(
+            module, context, config.max_loras, config.max_rank, dtype, config.backend, allocate=not pooled
+        )
         layers[name].base_fusion = config.base_fusion
     if not layers:
         raise ConfigError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
@@ -671,6 +741,10 @@ def patch_model(
             f"patch_model(mesh=...): LoRA on quantized linear layers is not supported on a mesh yet, got "
             f"{len(quantized)} such modules (e.g. {quantized[0]!r})"
         )
+    if config.memory_budget is not None:
+        if mesh is not None:
+            raise ShardingError("patch_model(mesh=...): LoRAConfig.memory_budget is not supported on a mesh yet")
+        _allocate_pools(layers, config)
     placement = None
     if mesh is not None:
         # Imported here: it imports torch_xla's SPMD module, which one-device users never need.

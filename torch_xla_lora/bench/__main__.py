@@ -1,6 +1,6 @@
 """Benchmarks: ``python -m torch_xla_lora.bench [--system-malloc] COMMAND [options]``.
 
-COMMAND is one of e2e, kernels, model, moe, train, warmup, tpu_compile, vmem, xla_memory,
+COMMAND is one of e2e, kernels, memory, model, moe, train, warmup, tpu_compile, vmem, xla_memory,
 each a module of this package with a ``main(argv) -> int``; ``python -m torch_xla_lora.bench
 COMMAND --help`` lists its options.
 
@@ -31,6 +31,7 @@ from collections.abc import Sequence
 COMMANDS = {
     "e2e": ("torch_xla_lora.bench.e2e", "whole generation (prefill + decode) with and without LoRA, heatmaps"),
     "kernels": ("torch_xla_lora.bench.kernels", "wall clock of the BGMV formulations, side by side"),
+    "memory": ("torch_xla_lora.bench.memory", "adapters fitting a device budget: padded, rank-true, int8"),
     "model": ("torch_xla_lora.bench.model", "the kernels' TPU cost model"),
     "moe": ("torch_xla_lora.bench.moe", "LoRA slowdown of a small MoE model (expert LoRA) next to a dense one"),
     "train": ("torch_xla_lora.bench.train", "a mixed training step of 8 tenants against its alternatives"),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from torch_xla_lora import pool
 from torch_xla_lora.adapters import ModuleLoRA
 from torch_xla_lora.context import BatchContext
 from torch_xla_lora.errors import InvalidAdapterError, RankTooLargeError
@@ -47,18 +48,24 @@ class BaseLayerWithLoRA(nn.Module):
         max_rank: int,
         dtype: torch.dtype,
         backend: str = "auto",
+        *,
+        allocate: bool = True,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.context = context
         self.max_loras, self.max_rank = max_loras, max_rank
         self.backend = backend
+        #: The adapters' compute dtype and device (the slot buffers', or the pool's once dequantised).
+        self.adapter_dtype, self.adapter_device = dtype, _device_of(base_layer)
+        #: Rank-true storage (see torch_xla_lora.pool): data rows of this layer's pools, None with padded slots.
+        self.pool_rows: int | None = None
         #: Slot -> the trainable adapter's factors that the forward reads in place of the slot (see training.py).
         self.trainable: dict[int, TrainableModule] = {}
-        device = _device_of(base_layer)
-        # Not persistent: adapters are not part of the model's state_dict.
-        for name, shape in self._buffer_shapes().items():
-            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), False)
+        if allocate:  # padded slots; patch_model allocates pools instead when there is a memory budget
+            # Not persistent: adapters are not part of the model's state_dict.
+            for name, shape in self._buffer_shapes().items():
+                self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=self.adapter_device), False)
 
     def _buffer_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of each slot buffer: ``lora_a`` [L, *a slot] and ``lora_b`` [L, R, out]."""
@@ -68,6 +75,69 @@ class BaseLayerWithLoRA(nn.Module):
     def _a_slot_shape(self) -> tuple[int, int]:
         """Shape of one slot of ``lora_a``: [R, in] (rank-major)."""
         return self.max_rank, self.in_features
+
+    def _rank_axes(self) -> dict[str, int]:
+        """Buffer name -> the rank axis within one slot of it (after the slot axis)."""
+        return {"lora_a": 0, "lora_b": 0}
+
+    # -- rank-true storage (torch_xla_lora.pool) --------------------------------------------------------
+
+    def pool_row_bytes(self, int8: bool) -> int:
+        """Device bytes of one rank row of this layer's pools (buffers in the adapter dtype, or int8 + scales)."""
+        itemsize = torch.empty((), dtype=self.adapter_dtype).element_size()
+        return pool.layer_row_bytes(
+            self._buffer_shapes(), self._rank_axes(), self.max_loras, self.max_rank, itemsize, int8
+        )
+
+    def allocate_pool(self, rows: int, int8: bool) -> None:
+        """Keep ``rows`` rank rows per buffer (``<name>_pool``, int8 with ``<name>_scale`` if ``int8``) in place
+        of the padded slots; the forward gathers the batch's lanes from them (:func:`pool.gather_slots`)."""
+        self.pool_rows = rows
+        for name, shape in self._buffer_shapes().items():
+            shape = pool.pool_shape(shape, self.max_loras, self._rank_axes()[name], rows)
+            dtype = torch.int8 if int8 else self.adapter_dtype
+            self.register_buffer(f"{name}_pool", torch.zeros(shape, dtype=dtype, device=self.adapter_device), False)
+            if int8:
+                scale = torch.zeros(shape[0], rows + pool.SPARE_ROWS, dtype=torch.float32, device=self.adapter_device)
+                self.register_buffer(f"{name}_scale", scale, False)
+
+    def slot_buffers(self, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """Name -> the slot buffer a forward reads (``names``, default all): the padded buffer, or the current
+        batch's lanes gathered from the pool (``context.rows``; int8 rows dequantised)."""
+        names = names or tuple(self._buffer_shapes())
+        if self.pool_rows is None:
+            return {name: getattr(self, name) for name in names}
+        rows, axes = self.context.rows, self._rank_axes()
+        return {
+            name: pool.gather_slots(
+                getattr(self, f"{name}_pool"),
+                getattr(self, f"{name}_scale", None),
+                rows,
+                axes[name],
+                self.max_loras,
+                self.adapter_dtype,
+            )
+            for name in names
+        }
+
+    def write_rows(self, index: torch.Tensor, weights: ModuleLoRA | None) -> None:
+        """Write one adapter's factors (None: zeros) into pool rows ``index`` [max_rank] (host int64)."""
+        a, b = self._padded(weights) if weights is not None else self._zero_slot()
+        device = self.adapter_device
+        index = index.to(device)
+        with torch.no_grad():
+            for name, values in (("lora_a", a), ("lora_b", b)):
+                target, axis = getattr(self, f"{name}_pool"), 1 + self._rank_axes()[name]
+                scale = getattr(self, f"{name}_scale", None)
+                values = values[None]
+                if scale is not None:
+                    values, scales = pool.quantize_rows(values, axis - 1)
+                    scale.index_copy_(1, index, scales.to(device))
+                target.index_copy_(axis, index, values.to(device))
+
+    def _zero_slot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        shapes = self._buffer_shapes()
+        return tuple(torch.zeros(shapes[name][1:], dtype=self.adapter_dtype) for name in ("lora_a", "lora_b"))
 
     def add_lora(
         self,
@@ -90,13 +160,15 @@ class BaseLayerWithLoRA(nn.Module):
         Trainable adapters (see :mod:`torch_xla_lora.training`) replace their slots' rows by their
         parameters here, in the graph, so that gradients reach the parameters.
         """
+        buffers = self.slot_buffers()
+        lora_a, lora_b = buffers["lora_a"], buffers["lora_b"]
         if not self.trainable:
-            return self.lora_a, self.lora_b
+            return lora_a, lora_b
         slots = sorted(self.trainable)
-        rows = [self.trainable[slot].slot_rows(self.max_rank, self.lora_a.dtype) for slot in slots]
-        index = torch.tensor(slots, dtype=torch.long, device=self.lora_a.device)
-        lora_a = self.lora_a.index_put((index,), torch.stack([a for a, _ in rows]))
-        lora_b = self.lora_b.index_put((index,), torch.stack([b for _, b in rows]))
+        rows = [self.trainable[slot].slot_rows(self.max_rank, self.adapter_dtype) for slot in slots]
+        index = torch.tensor(slots, dtype=torch.long, device=self.adapter_device)
+        lora_a = lora_a.index_put((index,), torch.stack([a for a, _ in rows]))
+        lora_b = lora_b.index_put((index,), torch.stack([b for _, b in rows]))
         return lora_a, lora_b
 
     def lora_input(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -141,8 +213,8 @@ class BaseLayerWithLoRA(nn.Module):
             raise InvalidAdapterError(
                 f"factors of shapes {tuple(weights.a.shape)}, {tuple(weights.b.shape)}; expected {expected}"
             )
-        a = torch.zeros(self.max_rank, self.in_features, dtype=self.lora_a.dtype)
-        b = torch.zeros(self.max_rank, self.out_features, dtype=self.lora_b.dtype)
+        a = torch.zeros(self.max_rank, self.in_features, dtype=self.adapter_dtype)
+        b = torch.zeros(self.max_rank, self.out_features, dtype=self.adapter_dtype)
         a[:rank] = weights.a
         b[:rank] = weights.b.T
         return a, b

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torch_xla_lora import pool
 from torch_xla_lora.adapters import ModuleLoRA
 from torch_xla_lora.layers.base import BaseLayerWithLoRA
 
@@ -57,6 +58,20 @@ class EmbeddingWithLoRA(BaseLayerWithLoRA):
     def _a_slot_shape(self) -> tuple[int, int]:
         return self.in_features, self.max_rank  # token-major: [vocab, R]
 
+    def _rank_axes(self) -> dict[str, int]:
+        return {"lora_a": 1, "lora_b": 0}
+
+    def _pooled_rows(self, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """[N, R]: each token's A row (its id's column of its lane's rank rows), gathered from the pool."""
+        lane_rows = self.context.rows.reshape(self.max_loras, self.max_rank)[slots.clamp(min=0).long()]  # [N, R]
+        stride = self.pool_rows + pool.SPARE_ROWS
+        flat = ids.reshape(-1, 1).long() * stride + lane_rows.long()
+        s = self.lora_a_pool.reshape(-1)[flat]
+        scale = getattr(self, "lora_a_scale", None)
+        if scale is None:
+            return s
+        return (s.to(torch.float32) * scale[0][lane_rows.long()]).to(self.adapter_dtype)
+
     def _padded(self, weights: ModuleLoRA) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = super()._padded(weights)
         return a.T.contiguous(), b
@@ -70,10 +85,13 @@ class EmbeddingWithLoRA(BaseLayerWithLoRA):
             return y
         vocab = self.in_features
         rows = slots.clamp(min=0) * vocab + ids.reshape(-1).to(slots.dtype)  # -1 slots add zero in expand
-        lora_a, lora_b = self.slot_factors()
-        s = lora_a.reshape(-1, self.max_rank).index_select(0, rows)  # [N, R]
+        if self.pool_rows is None:
+            lora_a, lora_b = self.slot_factors()
+            s = lora_a.reshape(-1, self.max_rank).index_select(0, rows)  # [N, R]
+        else:  # the tokens' A rows straight from the pool: O(T * R), no lane layout of the vocabulary
+            s, lora_b = self._pooled_rows(ids, slots), self.slot_buffers(("lora_b",))["lora_b"]
         # The base output is already scaled; the LoRA term is scaled as PEFT does.
         s = scaled(s, embed_scale(self.base_layer))
-        base = y.reshape(-1, self.out_features).to(self.lora_b.dtype)  # adapter dtype may differ
+        base = y.reshape(-1, self.out_features).to(self.adapter_dtype)  # adapter dtype may differ
         out = torch.ops.xla_lora.bgmv_expand(s, lora_b, base, slots, True, self.backend)
         return out.reshape(y.shape).to(y.dtype)

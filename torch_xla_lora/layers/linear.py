@@ -150,7 +150,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         if fusion is False or self.weight_layout is None:
             return "separate"
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        dtype = self.lora_a.dtype
+        dtype = self.adapter_dtype
         if x.dtype != dtype or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
             return "separate"
         if fusion is True:
@@ -165,7 +165,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         if self.backend != "auto":
             return "fused"
         num_tokens = x.reshape(-1, self.in_features).shape[0]
-        max_loras, max_rank = self.lora_b.shape[:2]
+        max_loras, max_rank = self.max_loras, self.max_rank
         choice = formulation.choose(
             generation,
             num_tokens,
@@ -195,7 +195,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         if self.weight_layout is None:  # e.g. a quantized base: no linear_lora kernel
             return None
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        dtype, generation = self.lora_a.dtype, ops.device_generation()
+        dtype, generation = self.adapter_dtype, ops.device_generation()
         if self.base_fusion is False or (self.base_fusion == "auto" and generation == "cpu"):
             return None
         if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):

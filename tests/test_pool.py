@@ -1,0 +1,267 @@
+"""Rank-true storage (``LoRAConfig(memory_budget=...)``, docs/layers.md "Rank-true storage").
+
+References: PEFT's own mixed batch (``adapter_names``) on the same random Llama; the byte accounting
+against the model's module shapes; int8 rows against PEFT run with factors rounded to int8 by plain
+torch here (symmetric, one scale per rank row).
+"""
+
+import copy
+import threading
+import warnings
+
+import peft
+import pytest
+import torch
+import torch_xla
+import torch_xla.debug.metrics as met
+from conftest import assert_close, tiny_llama
+from torch import nn
+
+import torch_xla_lora as tl
+from torch_xla_lora.pool import PoolFullError, parse_bytes
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens"]
+RANKS = {"a": 8, "b": 4, "c": 2, "d": 6}
+MAX_RANK = 8
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def peft_model(base_model):
+    """One PeftModel holding adapters a-d (ranks 8, 4, 2, 6; c without the embedding), random B."""
+    model = None
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, rank in RANKS.items():
+            targets = [t for t in TARGETS if not (name == "c" and t == "embed_tokens")]
+            config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+            if model is None:
+                model = peft.get_peft_model(copy.deepcopy(base_model), config, adapter_name=name)
+            else:
+                model.add_adapter(name, config)
+    return model.eval()
+
+
+def _state(peft_model, name):
+    return peft.get_peft_model_state_dict(peft_model, adapter_name=name), peft_model.peft_config[name]
+
+
+def _row_bytes(model: nn.Module, itemsize: int) -> int:
+    """One rank row over every patched module, from the model's own shapes: (in + out) elements each."""
+    total = 0
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in TARGETS and isinstance(module, (nn.Linear, nn.Embedding)):
+            weight = module.weight
+            total += weight.shape[0] + weight.shape[1]
+    return total * itemsize
+
+
+def _expected(peft_model, ids, rows):
+    with torch.no_grad():
+        return peft_model(ids, adapter_names=[r or "__base__" for r in rows]).logits
+
+
+def _patched(base_model, device, rows_budget: int, **config):
+    model = copy.deepcopy(base_model).to(device)
+    budget = (rows_budget + 2) * _row_bytes(base_model, 4)  # + the zero and scratch rows
+    return tl.patch_model(
+        model, tl.LoRAConfig(max_loras=3, max_rank=MAX_RANK, target_modules=TARGETS, memory_budget=budget, **config)
+    )
+
+
+def _forward(lora, ids, device):
+    with torch.no_grad():
+        out = lora.model(ids.to(device))  # kept whole until the sync: the graph warm-up compiled
+    if device.type == "xla":
+        torch_xla.sync()
+    return out.logits.cpu()
+
+
+IDS = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("on_xla", [False, True])
+def test_mixed_ranks_equal_peft_and_evict_by_bytes(base_model, peft_model, on_xla, xla_device):
+    """A 14-row pool (every layer) holds a (8) + b (4) + c (2) exactly; d (6) then evicts by bytes, least
+    recently used first; every batch equals PEFT's mixed batch, base rows included."""
+    device = xla_device if on_xla else torch.device("cpu")
+    lora = _patched(base_model, device, rows_budget=14)
+    for name in RANKS:
+        lora.load_adapter(name, state_dict=_state(peft_model, name)[0], config=_state(peft_model, name)[1])
+    row_bytes = _row_bytes(base_model, 4)
+    for rows in (["a", None, "b", "c"], ["c", "b", None, "b"], ["d", "c", "d", None], ["a", "d", None, "a"]):
+        lora.set_batch(rows)
+        assert_close(_forward(lora, IDS, device), _expected(peft_model, IDS, rows))
+        memory = lora.memory()
+        assert memory["budget_bytes"] == 16 * row_bytes
+        assert set(rows) - {None} <= set(memory["adapters"])
+        assert memory["adapters"] == {n: RANKS[n] * row_bytes for n in memory["adapters"]}
+        assert memory["used_bytes"] == sum(memory["adapters"].values()) <= 14 * row_bytes
+    # After the last batch: a (8) and d (6) resident, b and c evicted by the rows they needed.
+    assert set(lora.memory()["adapters"]) == {"a", "d"}
+    info = lora.adapters()
+    assert [info[n]["resident"] for n in "abcd"] == [True, False, False, True]
+
+
+def test_pool_never_holds_more_than_its_budget(base_model):
+    """The device buffers themselves (pools and int8 scales) fit the budget, and a rank row costs its elements'
+    bytes: an adapter occupies its own rank's bytes, whatever max_rank."""
+    for int8 in (False, True):
+        budget = 200_000
+        lora = tl.patch_model(
+            copy.deepcopy(base_model),
+            tl.LoRAConfig(
+                max_rank=MAX_RANK, target_modules=TARGETS, memory_budget=budget, weight_dtype="int8" if int8 else None
+            ),
+        )
+        allocated = sum(
+            b.numel() * b.element_size() for n, b in lora.model.named_buffers() if "_pool" in n or "_scale" in n
+        )
+        assert budget - 2 * lora.manager.row_bytes < allocated <= budget
+        # int8: one byte per element and a float32 scale per rank row of each of a layer's two factors.
+        scales = 2 * 4 * len(lora.layers) if int8 else 0
+        assert lora.manager.row_bytes == _row_bytes(base_model, 1 if int8 else 4) + scales
+
+
+def _int8_rounded(peft_model, name):
+    """PEFT's state of ``name`` with A's rows and B's columns (rank rows) rounded to int8, symmetric absmax."""
+    state, config = _state(peft_model, name)
+    rounded = {}
+    for key, value in state.items():
+        if "lora_" not in key:  # the embedding's base weight, saved beside its adapter
+            continue
+        per_row = value if "lora_A" in key or "lora_embedding_A" in key else value.T  # [r, in or vocab], [r, out]
+        scale = per_row.abs().amax(dim=1, keepdim=True) / 127
+        q = torch.round(per_row / scale).clamp(-127, 127) * scale
+        rounded[key] = q if per_row is value else q.T.contiguous()
+    return rounded, config
+
+
+def test_int8_rows_equal_peft_on_int8_rounded_factors(base_model, peft_model, xla_device):
+    """int8 storage computes exactly the adapters with every rank row rounded to int8 (one scale per row), and
+    stays close to the float adapters (the documented quality bound)."""
+    lora = _patched(base_model, xla_device, rows_budget=30, weight_dtype="int8")
+    rounded = copy.deepcopy(peft_model)
+    for name in ("a", "b", "c"):
+        state, config = _state(peft_model, name)
+        lora.load_adapter(name, state_dict=state, config=config)
+        peft.set_peft_model_state_dict(rounded, _int8_rounded(peft_model, name)[0], adapter_name=name)
+    rows = ["a", "c", None, "b"]
+    lora.set_batch(rows)
+    out = _forward(lora, IDS, xla_device)
+    assert_close(out, _expected(rounded, IDS, rows))
+    exact = _expected(peft_model, IDS, rows)
+    assert (out - exact).norm() / exact.norm() < 3e-2
+    assert (out.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
+
+
+def _compilations() -> int:
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0
+
+
+def test_loads_and_evictions_of_any_rank_compile_nothing_after_warmup(base_model, peft_model, xla_device):
+    lora = _patched(base_model, xla_device, rows_budget=12)
+    for name in RANKS:
+        lora.load_adapter(name, state_dict=_state(peft_model, name)[0], config=_state(peft_model, name)[1])
+    lora.warmup([4], [6], progress=False)
+    before = _compilations()
+    for rows in (["a", "b", None, "a"], ["c", "d", "c", None], ["b", "a", "b", "b"], ["d", None, None, "c"]):
+        lora.set_batch(rows)
+        assert_close(_forward(lora, IDS, xla_device), _expected(peft_model, IDS, rows))
+    assert _compilations() == before
+
+
+def test_errors_leave_everything_as_it_was(base_model, peft_model):
+    lora = _patched(base_model, torch.device("cpu"), rows_budget=14)
+    for name in RANKS:
+        lora.load_adapter(name, state_dict=_state(peft_model, name)[0], config=_state(peft_model, name)[1])
+    lora.set_batch(["a", "b"])
+    lora.pin("c")  # 14 rows: full
+    before = (lora.memory(), lora.adapters())
+    with pytest.raises(PoolFullError):  # d (6) beside the batch's a (8) + b (4): no unprotected rows
+        lora.pin("d")
+    with pytest.raises(tl.NoFreeSlotError):  # PoolFullError is one: servers' handlers keep working
+        lora.set_batch(["a", "b", "d"])
+    with pytest.raises(tl.ArgumentError):  # no fixed slots to name
+        lora.set_batch([0, None])
+    with pytest.raises(tl.ConfigError):
+        lora.create_adapter("t", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert (lora.memory(), lora.adapters()) == before
+    assert_close(_forward(lora, IDS[:2], torch.device("cpu")), _expected(peft_model, IDS[:2], ["a", "b"]))
+
+
+def test_config_errors():
+    with pytest.raises(tl.ConfigError):
+        tl.LoRAConfig(memory_budget="lots")
+    with pytest.raises(tl.ConfigError):
+        tl.LoRAConfig(memory_budget=0)
+    with pytest.raises(tl.ConfigError):
+        tl.LoRAConfig(weight_dtype="int8")  # int8 rows live in the pool
+    with pytest.raises(tl.ConfigError):
+        tl.LoRAConfig(memory_budget="1GiB", weight_dtype="fp8")
+    assert parse_bytes("6GiB") == 6 * 2**30 and parse_bytes("2 GB") == 2 * 10**9 and parse_bytes(4096) == 4096
+    with pytest.raises(tl.ConfigError):  # fewer rows than one max-rank adapter
+        tl.patch_model(tiny_llama(), tl.LoRAConfig(max_rank=8, memory_budget=1000))
+
+
+def test_removal_under_a_batch_keeps_its_rows_until_the_batch_changes(base_model, peft_model):
+    """The current batch keeps running a removed adapter; its rows are reused only by the next batch."""
+    lora = _patched(base_model, torch.device("cpu"), rows_budget=12)
+    for name in ("a", "b", "d"):
+        lora.load_adapter(name, state_dict=_state(peft_model, name)[0], config=_state(peft_model, name)[1])
+    lora.set_batch(["a", "b"])  # 12 rows: full
+    thread = threading.Thread(target=lora.remove, args=("a",))
+    thread.start()
+    thread.join()
+    with pytest.raises(PoolFullError):  # a's rows are still read by the current batch
+        lora.pin("d")
+    assert_close(_forward(lora, IDS[:2], torch.device("cpu")), _expected(peft_model, IDS[:2], ["a", "b"]))
+    lora.set_batch(["d", "b"])
+    assert_close(_forward(lora, IDS[:2], torch.device("cpu")), _expected(peft_model, IDS[:2], ["d", "b"]))
+
+
+def test_bench_memory_uses_the_pools_accounting_at_llama_3_8b():
+    """``bench memory``'s figures come from the accounting real pools are sized with: a Llama-3-8B built on
+    the meta device (no memory) and patched with a 6 GiB budget has the bench's row bytes and rows, and the
+    issue's capacity target holds for the mixed fleet in int8."""
+    import transformers
+
+    from torch_xla_lora.bench import memory
+
+    config = transformers.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    )
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    for int8 in (False, True):
+        lora = tl.patch_model(
+            copy.deepcopy(model),
+            tl.LoRAConfig(max_rank=64, memory_budget="6GiB", weight_dtype="int8" if int8 else None),
+        )
+        assert lora.manager.row_bytes == memory.row_bytes("llama-3-8b", 2, int8)
+        assert lora.manager.rows == 6 * 2**30 // lora.manager.row_bytes - 2
+    rows = {(r["fleet"], r["layout"]): r["adapters"] for r in memory.table("llama-3-8b", 6 * 2**30, 64, MIXES)}
+    assert rows["mixed", "rank-true int8"] >= 140 and rows["mixed", "padded bf16"] <= 20
+    assert rows["mixed", "rank-true bf16"] * 2 - 2 <= rows["mixed", "rank-true int8"]
+
+
+MIXES = {"mixed": {8: 0.7, 16: 0.2, 64: 0.1}}
+
+
+def test_fleet_keeps_its_shares():
+    from torch_xla_lora.bench.memory import fleet
+
+    ranks = fleet({8: 0.7, 16: 0.2, 64: 0.1}, 1000)
+    assert [ranks.count(r) for r in (8, 16, 64)] == [700, 200, 100]
+    assert all(abs(ranks[:n].count(64) - 0.1 * n) <= 1 for n in range(1, 1000))

@@ -1,0 +1,186 @@
+"""How many adapters fit a device budget: ``python -m torch_xla_lora.bench memory``.
+
+Computed, not allocated: the bytes come from the pool's own accounting
+(:func:`torch_xla_lora.pool.layer_row_bytes`, the function ``patch_model`` sizes
+the pools with) applied to a model's projection shapes, so real model sizes
+need no memory. Three layouts:
+
+- *padded*: today's default, ``budget // (max_rank rows)`` slots whatever the ranks;
+- *rank-true*: the pool in the adapter dtype, each adapter its own rank's rows;
+- *rank-true int8*: the pool with ``weight_dtype="int8"`` (a byte per element and a
+  float32 scale per rank row and factor).
+
+For each, uniform fleets of one rank and a mixed fleet (by default 70% rank 8, 20%
+rank 16, 10% rank 64, filled in that proportion until the next adapter does not fit).
+``--chips`` adds the budget left beside a base model and its KV cache on a TPU's HBM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from torch_xla_lora.pool import SPARE_ROWS, layer_row_bytes, parse_bytes
+
+#: (hidden, intermediate, layers, attention heads, KV heads, head dim, vocab) of the models the table knows.
+MODELS = {
+    "llama-3-8b": (4096, 14336, 32, 32, 8, 128, 128256),
+    "llama-3-70b": (8192, 28672, 80, 64, 8, 128, 128256),
+    "qwen2.5-7b": (3584, 18944, 28, 28, 4, 128, 152064),
+    "mistral-7b": (4096, 14336, 32, 32, 8, 128, 32768),
+}
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: HBM per chip (bytes), for ``--chips``.
+CHIPS = {"v5e": 16 * 2**30, "v6e": 32 * 2**30, "v5p": 95 * 2**30}
+
+
+def projection_shapes(model: str) -> list[tuple[int, int]]:
+    """(in, out) of the seven projections of every decoder layer of ``model``."""
+    hidden, inter, layers, heads, kv_heads, head_dim, _ = MODELS[model]
+    q, kv = heads * head_dim, kv_heads * head_dim
+    one = {
+        "q_proj": (hidden, q),
+        "k_proj": (hidden, kv),
+        "v_proj": (hidden, kv),
+        "o_proj": (q, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+    return [one[name] for name in PROJECTIONS] * layers
+
+
+def row_bytes(model: str, itemsize: int, int8: bool, max_rank: int = 64) -> int:
+    """One rank row over every projection, by the pool's accounting (the layers' padded slot shapes)."""
+    return sum(
+        layer_row_bytes(
+            {"lora_a": (1, max_rank, d_in), "lora_b": (1, max_rank, d_out)},
+            {"lora_a": 0, "lora_b": 0},
+            1,
+            max_rank,
+            itemsize,
+            int8,
+        )
+        for d_in, d_out in projection_shapes(model)
+    )
+
+
+def fleet(mix: dict[int, float], count: int) -> list[int]:
+    """The ranks of the first ``count`` adapters of a fleet with rank -> share ``mix`` (largest remainder
+    order: after n adapters each rank has its share of n, rounded)."""
+    ranks, have = [], dict.fromkeys(mix, 0)
+    for n in range(1, count + 1):
+        rank = max(mix, key=lambda r: (mix[r] * n - have[r], -r))
+        have[rank] += 1
+        ranks.append(rank)
+    return ranks
+
+
+def adapters_fitting(budget: int, unit: int, ranks_of: Sequence[int] | None, max_rank: int, padded: bool) -> int:
+    """How many adapters a budget holds: padded slots of ``max_rank`` rows, or pool rows filled in fleet order."""
+    if padded:
+        return budget // (max_rank * unit)
+    rows = budget // unit - SPARE_ROWS
+    fitted = 0
+    for rank in ranks_of:
+        if rank > rows:
+            break
+        rows -= rank
+        fitted += 1
+    return fitted
+
+
+def table(model: str, budget: int, max_rank: int, mixes: dict[str, dict[int, float]]) -> list[dict]:
+    """Rows of the capacity table: layout, fleet, adapters, bytes per adapter."""
+    bf16, int8 = row_bytes(model, 2, False, max_rank), row_bytes(model, 1, True, max_rank)
+    out = []
+    for fleet_name, mix in mixes.items():
+        ranks = fleet(mix, 100_000)
+        mean = sum(ranks[:1000]) / 1000
+        for layout, unit, padded in (("padded bf16", bf16, True), ("rank-true bf16", bf16, False)) + (
+            ("rank-true int8", int8, False),
+        ):
+            count = adapters_fitting(budget, unit, ranks, max_rank, padded)
+            per = unit * (max_rank if padded else mean)
+            out.append({"model": model, "fleet": fleet_name, "layout": layout, "adapters": count, "mb": per / 1e6})
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m torch_xla_lora.bench memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=MODELS, default="llama-3-8b")
+    parser.add_argument("--budget", default="6GiB", help="device bytes for adapters (e.g. 6GiB)")
+    parser.add_argument("--max-rank", type=int, default=64)
+    parser.add_argument(
+        "--chips", action="store_true", help="also: adapters beside an int8 or bf16 base and its KV cache per chip"
+    )
+    parser.add_argument("--kv-tokens", type=int, default=32768, help="KV cache tokens reserved with --chips")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    budget = parse_bytes(args.budget, "--budget")
+    mixes = {f"uniform r{r}": {r: 1.0} for r in (8, 16, 64)}
+    mixes["mixed 70/20/10% r8/16/64"] = {8: 0.7, 16: 0.2, 64: 0.1}
+    rows = table(args.model, budget, args.max_rank, mixes)
+    chips = chip_rows(args.model, args.kv_tokens, args.max_rank) if args.chips else []
+    if args.json:
+        print(json.dumps({"capacity": rows, "chips": chips}, indent=1))
+        return 0
+    print(f"{args.model}, all seven projections of every layer, {args.budget} for adapters, max_rank {args.max_rank}")
+    print("| fleet | padded bf16 | rank-true bf16 | rank-true int8 |\n|---|---|---|---|")
+    for name in mixes:
+        cells = {r["layout"]: r for r in rows if r["fleet"] == name}
+        print(
+            f"| {name} | " + " | ".join(f"{cells[k]['adapters']} ({cells[k]['mb']:.1f} MB each)" for k in cells) + " |"
+        )
+    if chips:
+        print(
+            f"\nper chip: base weights, a KV cache of {args.kv_tokens} tokens (bf16), 1 GiB for activations; "
+            "adapters in what is left (mixed fleet)"
+        )
+        print("| chip | base | left for adapters | padded bf16 r64 | rank-true bf16 | rank-true int8 |")
+        print("|---|---|---|---|---|---|")
+        for r in chips:
+            print(
+                f"| {r['chip']} | {r['base']} | {r['left_gib']:.1f} GiB | {r['padded bf16']} | "
+                f"{r['rank-true bf16']} | {r['rank-true int8']} |"
+            )
+    return 0
+
+
+def chip_rows(model: str, kv_tokens: int, max_rank: int) -> list[dict]:
+    """Adapters of the mixed fleet beside a base (bf16 or int8 weight-only linear layers, bf16 embeddings)
+    and a bf16 KV cache of ``kv_tokens`` tokens, in each chip's HBM less 1 GiB for activations."""
+    hidden, _, layers, _, kv_heads, head_dim, vocab = MODELS[model]
+    linear = sum(d_in * d_out for d_in, d_out in projection_shapes(model)) + vocab * hidden  # + lm_head
+    embedding = vocab * hidden * 2
+    kv = kv_tokens * layers * 2 * kv_heads * head_dim * 2
+    ranks = fleet({8: 0.7, 16: 0.2, 64: 0.1}, 100_000)
+    units = {"bf16": row_bytes(model, 2, False, max_rank), "int8": row_bytes(model, 1, True, max_rank)}
+    out = []
+    for chip, hbm in CHIPS.items():
+        for base, per_weight in (("bf16", 2), ("int8", 1)):
+            left = hbm - linear * per_weight - embedding - kv - 2**30
+            if left <= 0:
+                out.append(
+                    {
+                        "chip": chip,
+                        "base": base,
+                        "left_gib": left / 2**30,
+                        "padded bf16": 0,
+                        "rank-true bf16": 0,
+                        "rank-true int8": 0,
+                    }
+                )
+                continue
+            out.append(
+                {
+                    "chip": chip,
+                    "base": base,
+                    "left_gib": left / 2**30,
+                    "padded bf16": adapters_fitting(left, units["bf16"], ranks, max_rank, True),
+                    "rank-true bf16": adapters_fitting(left, units["bf16"], ranks, max_rank, False),
+                    "rank-true int8": adapters_fitting(left, units["int8"], ranks, max_rank, False),
+                }
+            )
+    return out

@@ -1,0 +1,433 @@
+"""Rank-true adapter storage: a pool of rank rows per layer, bounded by bytes (``LoRAConfig.memory_budget``).
+
+With padded slots (the default) every device slot holds ``max_rank`` rank rows
+of every patched layer, whatever the adapter's rank. With a memory budget each
+layer instead keeps one *pool* per slot buffer: ``rows`` rank rows (plus a zero
+row and a scratch row) along the buffer's rank axis, and an adapter of rank r
+owns r rows, the same row numbers in every layer. Which adapters are resident
+is bounded by bytes alone (:class:`PoolManager`, least recently used first);
+``max_loras`` keeps its meaning for a batch: the distinct adapters one batch
+may use, each given a *lane*.
+
+Per batch, :meth:`PoolManager.batch_rows` lays out a table of ``max_loras x
+max_rank`` row numbers (lane-major; rows past an adapter's rank point at the
+zero row) and the context sends it to the device whole, like the slots. A
+layer's forward gathers its rows into the ``[max_loras, max_rank, ...]``
+layout the ops read (:func:`gather_slots`), dequantising int8 rows on the way,
+so every op and kernel runs unchanged and no load, eviction or mix of ranks
+changes a compiled graph. Rows are written with one fixed-shape ``index_copy_``
+per buffer (``max_rank`` rows: the adapter's own, the rest to the scratch row).
+
+``weight_dtype="int8"`` stores the rows as int8 with one float32 scale per
+rank row and buffer (symmetric, absmax / 127): A's row scales the shrink's
+output channel and B's row the same channel on its way to the expand, so a
+rank row's scale is exact to fold wherever the row is read.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from torch_xla_lora.adapters import LoRAAdapter, check_adapter
+from torch_xla_lora.errors import AdapterNotFoundError, ConfigError, ConfigTypeError, NoFreeSlotError
+
+if TYPE_CHECKING:
+    from torch_xla_lora.layers.base import BaseLayerWithLoRA
+
+__all__ = ["PoolFullError", "PoolManager", "parse_bytes", "layer_row_bytes", "gather_slots", "quantize_rows"]
+
+#: Rows a pool keeps beside its data rows: the zero row (padding lanes and ranks read it) and the
+#: scratch row (the padding of a fixed-shape write lands there).
+SPARE_ROWS = 2
+#: Bytes of one int8 row's scale (float32), per buffer.
+SCALE_BYTES = 4
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+class PoolFullError(NoFreeSlotError):
+    """The adapters a call needs do not fit the memory budget (nothing is changed)."""
+
+
+def parse_bytes(value: int | str, what: str = "memory_budget") -> int:
+    """Bytes from an int or a string such as "6GiB", "512 MiB", "8e9" or "2GB" (decimal units)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigTypeError(f"{what} must be an int or a str such as '6GiB', got {type(value).__name__}")
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([a-z]*)\s*", value.lower())
+        if match is None or match.group(2) not in _UNITS:
+            raise ConfigError(f"{what}: cannot read {value!r} as bytes (e.g. 6GiB, 512MiB, 8e9)")
+        value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value < 1:
+        raise ConfigError(f"{what} must be positive, got {value!r}")
+    return value
+
+
+def layer_row_bytes(
+    buffer_shapes: Mapping[str, tuple[int, ...]],
+    rank_axes: Mapping[str, int],
+    max_loras: int,
+    max_rank: int,
+    itemsize: int,
+    int8: bool,
+) -> int:
+    """Device bytes of one rank row of a layer's buffers (the pool's unit), from the padded slot shapes.
+
+    ``buffer_shapes``: name -> ``[L * k, *slot]`` (k entries per slot, e.g. experts); ``rank_axes``:
+    name -> the rank axis within ``slot``. int8 rows cost one byte per element and a float32 scale
+    per entry.
+    """
+    total = 0
+    for name, shape in buffer_shapes.items():
+        entries, slot = shape[0] // max_loras, list(shape[1:])
+        if slot[rank_axes[name]] != max_rank:
+            raise ValueError(f"{name}: rank axis {rank_axes[name]} of {tuple(shape)} is not max_rank {max_rank}")
+        width = entries * int(torch.Size(slot).numel()) // max_rank
+        total += width * (1 if int8 else itemsize) + (entries * SCALE_BYTES if int8 else 0)
+    return total
+
+
+def pool_shape(slot_shape: tuple[int, ...], max_loras: int, rank_axis: int, rows: int) -> tuple[int, ...]:
+    """``[k, *slot]`` with the rank axis holding ``rows`` data rows and the spare rows."""
+    entries, slot = slot_shape[0] // max_loras, list(slot_shape[1:])
+    slot[rank_axis] = rows + SPARE_ROWS
+    return (entries, *slot)
+
+
+def quantize_rows(values: torch.Tensor, rank_axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values and float32 scales [k, R] of ``values`` [k, *slot], symmetric per (entry, rank row)."""
+    axis = 1 + rank_axis
+    dims = [d for d in range(1, values.dim()) if d != axis]
+    amax = values.float().abs().amax(dim=dims, keepdim=True) if dims else values.float().abs()
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(values.float() / scale).clamp(-127, 127).to(torch.int8)
+    return q, scale.reshape(values.shape[0], values.shape[axis])
+
+
+def gather_slots(
+    pool: torch.Tensor,
+    scale: torch.Tensor | None,
+    rows: torch.Tensor,
+    rank_axis: int,
+    max_loras: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The ``[L * k, *slot]`` slot layout of the lanes' rows: pool [k, *slot with P rows], rows [L * R]."""
+    axis = 1 + rank_axis
+    picked = pool.index_select(axis, rows)  # [k, ..., L * R, ...]
+    if scale is not None:
+        shape = [1] * picked.dim()
+        shape[0], shape[axis] = picked.shape[0], rows.shape[0]
+        picked = (picked.to(torch.float32) * scale.index_select(1, rows).reshape(shape)).to(dtype)
+    lanes = picked.reshape(*picked.shape[:axis], max_loras, -1, *picked.shape[axis + 1 :])
+    lanes = lanes.movedim(axis, 0)  # [L, k, ..., R, ...]
+    return lanes.reshape(-1, *lanes.shape[2:])
+
+
+class PoolPlan(NamedTuple):
+    """What :meth:`PoolManager.plan` decided: adapters to evict, (adapter, rows) to write, each wanted
+    name's lane in a batch (-1 outside one) and the free rows afterwards."""
+
+    wanted: list[str]
+    writes: list[tuple[str, list[int]]]
+    evict: list[str]
+    slot_of: dict[str, int]
+    free: list[int]
+    for_batch: bool
+
+
+class PoolManager:
+    """Resident adapters in a rank-row pool bounded by bytes, behind a host cache (see the module).
+
+    The same contract as :class:`~torch_xla_lora.manager.AdapterManager` (its docstring): public methods
+    take the lock and change nothing unless they succeed; any thread stages writes, the serving thread
+    runs them with :meth:`apply` at each batch; rows the current batch reads are neither rewritten nor
+    reused until the batch changes. Trainable adapters need slots: not available with a budget.
+
+    Args:
+      layers: module name -> LoRA layer (pooled, see :meth:`BaseLayerWithLoRA.allocate_pool`).
+      max_loras: lanes per batch (the most distinct adapters one batch uses).
+      max_rank: the largest rank.
+      max_cpu_adapters: adapters kept on the host (LRU); resident ones always stay.
+      rows: data rows of every layer's pool.
+      row_bytes: device bytes of one row over all layers.
+      budget_bytes: the configured budget.
+    """
+
+    pooled = True
+
+    def __init__(
+        self,
+        layers: Mapping[str, BaseLayerWithLoRA],
+        max_loras: int,
+        max_rank: int,
+        max_cpu_adapters: int,
+        rows: int,
+        row_bytes: int,
+        budget_bytes: int,
+    ) -> None:
+        self._layers = dict(layers)
+        self._module_shapes = {name: (lay.in_features, lay.out_features) for name, lay in self._layers.items()}
+        self.max_loras, self.max_rank, self.max_cpu_adapters = max_loras, max_rank, max_cpu_adapters
+        self.rows, self.row_bytes, self.budget_bytes = rows, row_bytes, budget_bytes
+        self.zero_row, self.scratch_row = rows, rows + 1
+        self.lock = threading.RLock()
+        self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()  # least recently used first
+        self._rows: dict[str, list[int]] = {}  # resident adapters -> their rows (what new batches read)
+        self._free: list[int] = list(range(rows))
+        self._held: list[int] = []  # freed while the current batch reads them: free once it changes
+        self._staged: dict[str, LoRAAdapter] = {}  # what each resident adapter's rows hold once writes run
+        self._applied: dict[str, LoRAAdapter] = {}  # what they hold on the device now
+        self._use: OrderedDict[str, None] = OrderedDict()  # resident adapters, LRU first
+        self._pinned: set[str] = set()
+        self._batch: set[str] = set()
+        self._batch_rows: set[int] = set()
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    def adapters(self) -> dict[str, dict]:
+        """Loaded adapters: name -> {"slot": None, "pinned", "rank", "trainable": False, "resident", "bytes"}."""
+        with self.lock:
+            return {
+                name: {
+                    "slot": None,
+                    "pinned": name in self._pinned,
+                    "rank": adapter.max_rank,
+                    "trainable": False,
+                    "resident": name in self._rows,
+                    "bytes": self.adapter_bytes(adapter),
+                }
+                for name, adapter in self._host.items()
+            }
+
+    def adapter_bytes(self, adapter: LoRAAdapter) -> int:
+        """Device bytes ``adapter`` occupies when resident: its rank rows over every layer."""
+        return adapter.max_rank * self.row_bytes
+
+    def memory(self) -> dict:
+        """{"budget_bytes", "used_bytes", "adapters": {resident name: bytes}} (see ``LoRAModel.memory``)."""
+        with self.lock:
+            resident = {name: len(rows) * self.row_bytes for name, rows in self._rows.items()}
+            return {"budget_bytes": self.budget_bytes, "used_bytes": sum(resident.values()), "adapters": resident}
+
+    def batch_names(self) -> set[str]:
+        with self.lock:
+            return set(self._batch)
+
+    def names_in_slots(self, slots: Sequence[int]) -> list[str]:
+        """No adapter has a fixed slot in a pool: always empty (batches name their adapters)."""
+        return []
+
+    def batch_rows(self, plan: PoolPlan) -> torch.Tensor:
+        """The row table of a batch plan: int32 [max_loras * max_rank], lane-major, the zero row as padding."""
+        table = torch.full((self.max_loras, self.max_rank), self.zero_row, dtype=torch.int32)
+        for name, lane in plan.slot_of.items():
+            rows = plan_rows(plan, name, self._rows)
+            table[lane, : len(rows)] = torch.tensor(rows, dtype=torch.int32)
+        return table.reshape(-1)
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    def add(self, adapter: LoRAAdapter) -> None:
+        """Validate ``adapter`` against the model and the budget, and cache it (replacing one of the same
+        name). A resident adapter reloaded at the same rank is rewritten in place at the next apply; at
+        another rank it leaves the pool (the next batch that names it brings it back).
+
+        Raises:
+          PoolFullError: its rank rows exceed the whole pool.
+        """
+        check_adapter(adapter, self._module_shapes, self.max_rank)
+        if adapter.max_rank > self.rows:
+            raise PoolFullError(
+                f"adapter {adapter.name!r}: rank {adapter.max_rank} needs {self.adapter_bytes(adapter)} bytes, more "
+                f"than the whole memory budget holds ({self.rows} rows of {self.row_bytes} bytes)"
+            )
+        with self.lock:
+            self._host[adapter.name] = adapter
+            self._host.move_to_end(adapter.name)
+            rows = self._rows.get(adapter.name)
+            if rows is not None and len(rows) == adapter.max_rank:
+                self._staged[adapter.name] = adapter
+            elif rows is not None:
+                self._release(adapter.name)
+            self._trim_host(keep=adapter.name)
+
+    def remove(self, name: str) -> None:
+        """Forget ``name``; its rows are freed (once the current batch, if it reads them, is done)."""
+        with self.lock:
+            self._require(name)
+            if name in self._rows:
+                self._release(name)
+            self._pinned.discard(name)
+            self._batch.discard(name)
+            del self._host[name]
+
+    def add_trainable(self, adapter: LoRAAdapter) -> int:
+        raise ConfigError("trainable adapters need padded slots: leave LoRAConfig.memory_budget unset to train")
+
+    def freeze(self, adapter: LoRAAdapter) -> None:
+        raise ConfigError("trainable adapters need padded slots: leave LoRAConfig.memory_budget unset to train")
+
+    # -- residency ---------------------------------------------------------------------------------
+
+    def activate(self, names: Sequence[str], *, for_batch: bool = False) -> dict[str, int]:
+        """Make every adapter of ``names`` resident (staging writes); return name -> lane (-1 outside a batch).
+
+        Raises:
+          AdapterNotFoundError: a name is not loaded.
+          NoFreeSlotError: more distinct adapters than ``max_loras`` in a batch.
+          PoolFullError: their rows do not fit beside the pinned ones and the current batch's.
+        """
+        with self.lock:
+            plan = self.plan(names, for_batch=for_batch)
+            self.commit(plan)
+            return plan.slot_of
+
+    def plan(self, names: Sequence[str], *, for_batch: bool = False) -> PoolPlan:
+        """Decide rows and evictions for ``names`` without changing anything (raises as :meth:`activate`)."""
+        with self.lock:
+            wanted = list(dict.fromkeys(names))
+            for name in wanted:
+                self._require(name)
+            if for_batch and len(wanted) > self.max_loras:
+                raise NoFreeSlotError(
+                    f"the batch uses {len(wanted)} distinct adapters but max_loras is {self.max_loras}"
+                )
+            protected = set() if for_batch else self._batch
+            free = sorted(self._free + (self._held if for_batch else []))
+            missing = [name for name in wanted if name not in self._rows]
+            need = sum(self._host[name].max_rank for name in missing)
+            evict = []
+            for name in self._use:  # least recently used first
+                if len(free) >= need:
+                    break
+                if name not in self._pinned and name not in wanted and name not in protected:
+                    evict.append(name)
+                    free += [r for r in self._rows[name] if for_batch or r not in self._batch_rows]
+            if len(free) < need:
+                raise PoolFullError(
+                    f"adapters {missing} need {need * self.row_bytes} bytes ({need} rows) but only "
+                    f"{len(free) * self.row_bytes} can be freed of the {self.budget_bytes}-byte budget "
+                    f"(pinned: {sorted(self._pinned)}, in the current batch: {sorted(protected)})"
+                )
+            free.sort()
+            writes = []
+            for name in missing:
+                rank = self._host[name].max_rank
+                writes.append((name, free[:rank]))
+                free = free[rank:]
+            lanes = {name: (lane if for_batch else -1) for lane, name in enumerate(wanted)}
+            return PoolPlan(wanted, writes, evict, lanes, free, for_batch)
+
+    def commit(self, plan: PoolPlan) -> None:
+        """Apply ``plan``'s evictions and row assignments (staging the writes); hold :attr:`lock` since the plan."""
+        with self.lock:
+            held = [] if plan.for_batch else self._held  # a batch plan counted the held rows free
+            for name in plan.evict:
+                rows = self._rows.pop(name)
+                held += [r for r in rows if not plan.for_batch and r in self._batch_rows]
+                self._use.pop(name, None)
+                self._staged.pop(name, None)
+                self._applied.pop(name, None)
+            self._held, self._free = held, list(plan.free)
+            for name, rows in plan.writes:
+                self._rows[name], self._staged[name] = rows, self._host[name]
+            for name in plan.wanted:
+                self._use[name] = None
+                self._use.move_to_end(name)
+                self._host.move_to_end(name)
+            if plan.for_batch:
+                self._batch = set(plan.wanted)
+
+    def release_batch(self) -> None:
+        with self.lock:
+            self._batch, self._batch_rows = set(), set()
+            self._free, self._held = sorted(self._free + self._held), []
+
+    def apply(self, batch_slots: set[int] | None = None) -> int:
+        """Run the staged row writes (serving thread only); return how many adapters were written.
+
+        Args:
+          batch_slots: given when a new batch is about to be sent (its lanes; the rows it reads are those
+            of the committed batch's adapters): every staged write runs and those rows become protected.
+            None: writes into rows the current batch reads wait.
+        """
+        with self.lock:
+            pending = [name for name, adapter in self._staged.items() if self._applied.get(name) is not adapter]
+            if batch_slots is None:
+                pending = [name for name in pending if not self._batch_rows.intersection(self._rows[name])]
+            if pending:
+                _flush(self._layers.values())
+                for name in pending:
+                    self._write(self._rows[name], self._staged[name])
+                    self._applied[name] = self._staged[name]
+                    _flush(self._layers.values())
+            if batch_slots is not None:
+                self._batch_rows = {row for name in self._batch for row in self._rows[name]}
+            return len(pending)
+
+    def pin(self, name: str) -> int:
+        """Keep ``name`` resident until unpinned (making it resident now); returns -1 (no fixed slot)."""
+        with self.lock:
+            self.activate([name])
+            self._pinned.add(name)
+            return -1
+
+    def unpin(self, name: str) -> None:
+        with self.lock:
+            self._require(name)
+            self._pinned.discard(name)
+
+    def warm_writes(self) -> None:
+        """Compile the one row-write graph now (zeros into the scratch row)."""
+        with self.lock:
+            self.apply()
+            self._write([], None)
+            _flush(self._layers.values())
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _write(self, rows: list[int], adapter: LoRAAdapter | None) -> None:
+        """Write ``adapter``'s rows (None: zeros) in every layer: ``max_rank`` rows, padding to the scratch row."""
+        index = torch.tensor(rows + [self.scratch_row] * (self.max_rank - len(rows)), dtype=torch.int64)
+        for module, layer in self._layers.items():
+            weights = None if adapter is None else adapter.modules.get(module)
+            layer.write_rows(index, weights)
+
+    def _release(self, name: str) -> None:
+        """``name`` leaves the pool: rows the current batch reads are held until it changes, the rest freed."""
+        rows = self._rows.pop(name)
+        self._held += [r for r in rows if r in self._batch_rows]
+        self._free = sorted(self._free + [r for r in rows if r not in self._batch_rows])
+        self._use.pop(name, None)
+        self._staged.pop(name, None)
+        self._applied.pop(name, None)
+
+    def _trim_host(self, keep: str) -> None:
+        for name in list(self._host):
+            if len(self._host) <= self.max_cpu_adapters:
+                break
+            if name not in self._rows and name not in self._pinned and name != keep:
+                del self._host[name]
+
+    def _require(self, name: str) -> None:
+        if name not in self._host:
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded (loaded: {sorted(self._host)})")
+
+
+def plan_rows(plan: PoolPlan, name: str, resident: Mapping[str, list[int]]) -> list[int]:
+    """The rows ``name`` has once ``plan`` is committed."""
+    return dict(plan.writes).get(name) or resident[name]
+
+
+def _flush(layers) -> None:
+    from torch_xla_lora.manager import _flush as flush
+
+    flush(layers)
