@@ -204,3 +204,30 @@ def test_loader_threads_never_change_a_running_batch_on_xla(world, mode, xla_dev
     lora.warmup([BATCH], [SEQ], step=step, progress=False)
     with tl.assert_no_recompile():
         _stress(lora, step, dirs, reference, xla_device, iterations=30)
+
+
+def _pooled(clean, device, rows: int = 20):
+    """Patched with rank-true storage of ``rows`` rank rows: batches and pins evict by bytes, and a reload of
+    "x" at another rank (x: 6, x_v2: 7) moves it out of the pool while a batch may still read its rows."""
+    model = copy.deepcopy(clean).to(device)
+    probe = tl.patch_model(copy.deepcopy(clean), tl.LoRAConfig(max_rank=8, target_modules=TARGETS, memory_budget=10**7))
+    budget = (rows + 2) * probe.manager.row_bytes
+    config = tl.LoRAConfig(
+        max_loras=MAX_LORAS, max_rank=8, target_modules=TARGETS, max_cpu_adapters=8, memory_budget=budget
+    )
+    return model, tl.patch_model(model, config)
+
+
+@pytest.mark.parametrize("mode", ["cpu", "compiled"])
+def test_loader_threads_never_change_a_running_batch_in_a_pool(world, mode, xla_device):
+    clean, dirs, reference = world
+    device = torch.device("cpu") if mode == "cpu" else xla_device
+    model, lora = _pooled(clean, device)
+    forward = lambda ids: model(ids).logits
+    if mode == "cpu":
+        _stress(lora, forward, dirs, reference, device, iterations=60)
+        return
+    step = torch.compile(forward, backend="openxla")
+    lora.warmup([BATCH], [SEQ], step=step, progress=False)
+    with tl.assert_no_recompile():
+        _stress(lora, step, dirs, reference, device, iterations=30)
