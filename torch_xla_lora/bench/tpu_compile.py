@@ -14,6 +14,11 @@ count, dtype and variant in each cell and every layer shape for each kernel;
 ``--grid full`` is the whole cartesian product (230,400 configurations with
 ``tpu_grid``'s axes: narrow it with ``--chips``, ``--kernels``, ``--models``,
 ``--limit``).
+
+``--moe`` compiles whole mixture-of-experts expert layers instead (``bench.moe_layer``: the
+grouped base matmuls and the expert LoRA as the layer runs them on TPU) for the models of
+``tpu_grid.MOE_MODELS`` at 1,024 and 8,192 routed rows, v5e and v6e, and prints their HBM
+temporaries (``memory_analysis()``) and libtpu's ``cost_analysis()`` as a markdown table.
 Needs libtpu (the ``test`` and ``tpu`` extras install it).
 """
 
@@ -99,7 +104,77 @@ def _table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def moe_activation_bytes(result: dict) -> int:
+    """One copy of each of an expert layer's row activations: rows x (hidden + 2I up + I gated) x itemsize."""
+    cfg = result["config"]
+    itemsize = 2 if cfg["dtype"] == "bfloat16" else 4
+    return result["routed_rows"] * (cfg["in_features"] + 3 * cfg["out_features"]) * itemsize
+
+
+def moe_gather_bytes(result: dict) -> int:
+    """What gathering the up projection's expert weight per routed row would hold (transformers' batched_mm)."""
+    cfg = result["config"]
+    itemsize = 2 if cfg["dtype"] == "bfloat16" else 4
+    return result["routed_rows"] * 2 * cfg["out_features"] * cfg["in_features"] * itemsize
+
+
+def moe_rows(results: Sequence[dict]) -> list[dict]:
+    """One row per (chip, model, routed rows): the base ("base") and with-LoRA ("lora") compilations side by side."""
+    rows = {}
+    for r in results:
+        cfg = r["config"]
+        key = (cfg["chip"], cfg["model"], cfg["tokens"])
+        row = rows.setdefault(
+            key,
+            {
+                "chip": cfg["chip"],
+                "model": cfg["model"],
+                "tokens": cfg["tokens"],
+                "routed_rows": r.get("routed_rows"),
+                "activation_mib": moe_activation_bytes(r) / 2**20 if "routed_rows" in r else None,
+                "gather_gib": moe_gather_bytes(r) / 2**30 if "routed_rows" in r else None,
+            },
+        )
+        variant = cfg["variant"]
+        row[f"{variant}_ok"] = r["ok"]
+        if r["ok"]:
+            row[f"{variant}_temp_mib"] = r["memory"]["temp"] / 2**20
+            row[f"{variant}_flops"] = r["cost"].get("flops")
+            row[f"{variant}_bytes"] = r["cost"].get("bytes accessed")
+            row[f"{variant}_compile_s"] = r["compile_s"]
+    return list(rows.values())
+
+
+def _moe_table(rows: Sequence[dict]) -> str:
+    def num(row: dict, key: str, scale: float = 1.0, fmt: str = ".1f") -> str:
+        value = row.get(key)
+        return "failed" if value is None else f"{value / scale:{fmt}}"
+
+    lines = [
+        "| chip | model | routed rows | HBM temp, base (MiB) | HBM temp, LoRA (MiB) | LoRA temp / activations "
+        "| rows x weight gather (GiB) | GFLOP base / LoRA | GB accessed base / LoRA | compile s base / LoRA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        share = r.get("lora_temp_mib")
+        share = "failed" if share is None else f"{share / r['activation_mib']:.2f}"
+        lines.append(
+            f"| {r['chip']} | {r['model']} | {r['routed_rows']:,} | {num(r, 'base_temp_mib')} | "
+            f"{num(r, 'lora_temp_mib')} | {share} | {r['gather_gib']:,.0f} | "
+            f"{num(r, 'base_flops', 1e9, ',.0f')} / {num(r, 'lora_flops', 1e9, ',.0f')} | "
+            f"{num(r, 'base_bytes', 1e9)} / {num(r, 'lora_bytes', 1e9)} | "
+            f"{num(r, 'base_compile_s')} / {num(r, 'lora_compile_s')} |"
+        )
+    return "\n".join(lines)
+
+
 def _configs(args: argparse.Namespace) -> list[tpu_grid.Config]:
+    if args.moe:
+        chips = args.chips or list(tpu_grid.MOE_CHIPS)
+        models = [m for m in tpu_grid.MOE_MODELS if not args.models or m in args.models]
+        configs = tpu_grid.moe_grid(tuple(chips), tuple(models))
+        return configs[: args.limit] if args.limit else configs
+    args.chips = args.chips or list(tpu_grid.CHIPS)
     if args.grid == "sample":
         configs = tpu_grid.sample(args.per_cell, tuple(args.chips), args.kernels)
     else:
@@ -112,7 +187,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torch_xla_lora.bench tpu_compile", description=__doc__)
     parser.add_argument("--grid", choices=["sample", "full"], default="sample")
     parser.add_argument("--per-cell", type=int, default=6, help="sample: configurations per (chip, kernel)")
-    parser.add_argument("--chips", nargs="+", default=list(tpu_grid.CHIPS), choices=list(tpu_grid.CHIPS))
+    parser.add_argument(
+        "--chips", nargs="+", choices=list(tpu_grid.CHIPS), help="default: all (v5e and v6e with --moe)"
+    )
+    parser.add_argument(
+        "--moe",
+        action="store_true",
+        help="compile whole MoE expert layers instead (tpu_grid.MOE_MODELS, 1,024 and 8,192 routed rows, base and "
+        "with expert LoRA) and print their HBM temporaries",
+    )
     parser.add_argument("--kernels", nargs="+", choices=[k.name for k in tpu_grid.KERNELS])
     parser.add_argument("--models", nargs="+", help="only layers of these models (tpu_grid.LAYERS names)")
     parser.add_argument("--limit", type=int, help="at most this many configurations")
@@ -132,7 +215,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: libtpu is not installed (pip install -e '.[test]' or '.[tpu]')", file=sys.stderr)
         return 2
     print(f"libtpu {result.libtpu}, jax {result.jax}, {time.perf_counter() - start:.0f} s wall")
-    print(_table(summary(result.results)))
+    if args.moe:
+        print(
+            f"Expert layers, bfloat16, expert LoRA of rank {tpu_grid.MOE_RANK} over {tpu_grid.MOE_SLOTS} slots "
+            "(LoRA: every routed row has an adapter); activations = rows x (hidden + 3 x expert width) x 2 bytes"
+        )
+        print(_moe_table(moe_rows(result.results)))
+    else:
+        print(_table(summary(result.results)))
     failed = [r for r in result.results if not r["ok"]]
     for r in failed:
         print(f"FAILED {r['name']}: {r['error'][:400]}")

@@ -35,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from torch_xla_lora.bench import tpu_grid  # noqa: E402
 from torch_xla_lora.bench.tpu_grid import CHIPS, Config  # noqa: E402
 from torch_xla_lora.kernels import block_sizes, fused, fused_base, mosaic_version, weight_grad  # noqa: E402
 from torch_xla_lora.ops import _jax, _linear  # noqa: E402
@@ -193,7 +194,34 @@ def build_weight_grad(cfg: Config, sds):
     return _jax.weight_grad_fn(cfg.slots, SCALING, "pallas", cfg.chip), args, info
 
 
+def _specs(tree, sds):
+    """ShapeDtypeStructs for ``moe_layer.argument_shapes``' (shape, dtype name) leaves, the pytree kept."""
+    if tree is None:
+        return None
+    if len(tree) == 2 and isinstance(tree[1], str):
+        return sds(tree[0], jnp.dtype(tree[1]))
+    return tuple(_specs(item, sds) for item in tree)
+
+
+def build_moe(cfg: Config, sds):
+    """One routed expert layer (``bench.moe_layer``): variant "base" (no adapter rows) or "lora" (every row's
+    expert LoRA, ``cfg.slots`` slots of rank ``cfg.rank``); ``cfg.tokens`` tokens routed top-k."""
+    from torch_xla_lora.bench import moe_layer
+
+    with_lora = cfg.variant == "lora"
+    args = _specs(moe_layer.argument_shapes(cfg.model, cfg.tokens, with_lora, cfg.slots, cfg.rank), sds)
+    shape = tpu_grid.MOE_MODELS[cfg.model]
+    info = {
+        "routed_rows": cfg.tokens * shape.top_k,
+        "experts": shape.experts,
+        "top_k": shape.top_k,
+        "method": moe_layer.grouped_method(shape.transposed),
+    }
+    return moe_layer.layer_fn(cfg.model, cfg.chip, with_lora), list(args), info
+
+
 BUILDERS = {
+    "moe": build_moe,
     "fused": build_fused,
     "shrink": build_shrink,
     "expand": build_expand,

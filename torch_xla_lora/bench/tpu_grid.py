@@ -5,6 +5,10 @@ worker (``tpu_compile_worker``) builds and compiles them.
 
 To check one more kernel, add a :class:`KernelEntry` to :data:`KERNELS` and a
 builder of the same name in ``tpu_compile_worker.BUILDERS``.
+
+Mixture-of-experts layers (:data:`MOE_MODELS`, :func:`moe_grid`) are compiled whole
+(kernel ``"moe"``: ``bench.moe_layer``'s expert layer, base grouped matmuls and expert LoRA),
+apart from the kernel sample.
 """
 
 from __future__ import annotations
@@ -159,3 +163,62 @@ def full(chips=tuple(CHIPS), kernels=None) -> Iterator[Config]:
             chips, entry.variants, DTYPES, TOKENS, SLOTS, RANKS, LAYERS
         ):
             yield Config(chip, entry.name, variant, dtype, tokens, slots, rank, *layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeShape:
+    """One MoE model's routed expert layer, from its published config (transformers' experts module layout)."""
+
+    hidden: int  # hidden_size
+    intermediate: int  # the routed experts' intermediate size (moe_intermediate_size where the config has one)
+    experts: int  # routed experts
+    top_k: int  # experts per token
+    transposed: bool = False  # weights [E, in, out] (GPT-OSS) instead of [E, out, in]
+    bias: bool = False  # per-expert biases on both projections (GPT-OSS)
+    gate: str = "silu"  # "silu": SiLU(gate) * up over the concatenated [gate; up]; "gpt_oss": interleaved, clamped
+
+
+# Mixtral-8x7B: hidden_size 4096, intermediate_size 14336, num_local_experts 8, num_experts_per_tok 2.
+# Qwen3-30B-A3B: hidden_size 2048, moe_intermediate_size 768, num_experts 128, num_experts_per_tok 8.
+# gpt-oss-20b: hidden_size 2880, intermediate_size 2880, num_local_experts 32, num_experts_per_tok 4 (biases,
+# SwiGLU clamped at 7 with alpha 1.702, [E, in, out] weights).
+# DeepSeek-V2-Lite: hidden_size 2048, moe_intermediate_size 1408, n_routed_experts 64, num_experts_per_tok 6
+# (its 2 shared experts are a dense MLP beside the routed layer, not part of it).
+MOE_MODELS = {
+    "mixtral-8x7b": MoeShape(4096, 14336, 8, 2),
+    "qwen3-30b-a3b": MoeShape(2048, 768, 128, 8),
+    "gpt-oss-20b": MoeShape(2880, 2880, 32, 4, transposed=True, bias=True, gate="gpt_oss"),
+    "deepseek-v2-lite": MoeShape(2048, 1408, 64, 6),
+}
+MOE_CHIPS = ("v5e", "v6e")
+MOE_ROWS = (1024, 8192)  # routed rows (tokens x top-k) of the compile table
+MOE_VARIANTS = ("base", "lora")  # the grouped base path alone, and with every row's expert LoRA
+MOE_SLOTS, MOE_RANK = 8, 16
+
+
+def moe_tokens(model: str, rows: int) -> int:
+    """Tokens whose top-k routing gives ``rows`` routed rows (rounded up: DeepSeek's top-6 gives 1,026 for 1,024)."""
+    return -(-rows // MOE_MODELS[model].top_k)
+
+
+def moe_config(chip: str, model: str, rows: int, variant: str) -> Config:
+    """The compile configuration of one expert layer: ``tokens`` is the routed rows' token count."""
+    shape = MOE_MODELS[model]
+    return Config(
+        chip=chip,
+        kernel="moe",
+        variant=variant,
+        dtype="bfloat16",
+        tokens=moe_tokens(model, rows),
+        slots=MOE_SLOTS,
+        rank=MOE_RANK,
+        model=model,
+        layer="experts",
+        in_features=shape.hidden,
+        out_features=shape.intermediate,
+    )
+
+
+def moe_grid(chips=MOE_CHIPS, models=tuple(MOE_MODELS), rows=MOE_ROWS, variants=MOE_VARIANTS) -> list[Config]:
+    """Every (chip, model, routed rows, variant) expert layer (32 with the defaults)."""
+    return [moe_config(*combo) for combo in itertools.product(chips, models, rows, variants)]
