@@ -484,3 +484,20 @@ def test_bench_moe_targets_verdicts():
     assert "skipped, it would gather 66.0 GiB" in out and "faster" not in out
     config = type("Args", (), {"batch": 4, "seq": 256, "top_k": 2, "expert_width": 2816, "hidden": 1024})
     assert moe.gathered_gib(config) == 2048 * 3 * 2816 * 1024 * 4 / 2**30  # 2,048 rows x (gate_up + down)
+
+
+@pytest.mark.parametrize("arch,on_xla", [("GptOss", False), ("Qwen2Moe", False), ("Mixtral", True)])
+def test_mixed_batch_in_a_pool_equals_peft(arch, on_xla, saved, xla_device):
+    """Rank-true storage (``memory_budget``) holds expert and router LoRA too: the experts' four buffers and the
+    router's pool their rank rows per expert, gathered into the same slot layout (docs/layers.md)."""
+    dirs = saved(arch)
+    reference = peft_reference(arch, dirs, IDS)
+    device = xla_device if on_xla else torch.device("cpu")
+    model, lora = served(arch, dirs, device, memory_budget=10**7)
+    assert lora.manager.pooled
+    lora.set_batch(ROWS)
+    with torch.no_grad():
+        logits = model(IDS.to(device), use_cache=False).logits.cpu()
+    for row, name in enumerate(ROWS):
+        assert_close(logits[row], reference[name][row])
+    assert set(lora.memory()["adapters"]) == {"math", "code"}

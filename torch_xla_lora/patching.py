@@ -723,11 +723,6 @@ def patch_model(
         if not _is_target(name, config.target_modules, linear, is_head):
             continue
         cls = moe or _layer_class(name, module, is_head)
-        if moe is not None and config.memory_budget is not None:
-            raise ConfigError(
-                f"LoRAConfig.memory_budget: MoE expert and router LoRA ({name!r}) is stored in padded slots "
-                "only yet; leave them out of target_modules or unset memory_budget"
-            )
         pooled = config.memory_budget is not None
         layers[name] = cls(
             module, context, config.max_loras, config.max_rank, dtype, config.backend, allocate=not pooled

@@ -174,7 +174,10 @@ class PoolManager:
         budget_bytes: int,
     ) -> None:
         self._layers = dict(layers)
-        self._module_shapes = {name: (lay.in_features, lay.out_features) for name, lay in self._layers.items()}
+        self._module_shapes = {
+            name: getattr(lay, "factor_shapes", (lay.in_features, lay.out_features))
+            for name, lay in self._layers.items()
+        }
         self.max_loras, self.max_rank, self.max_cpu_adapters = max_loras, max_rank, max_cpu_adapters
         self.rows, self.row_bytes, self.budget_bytes = rows, row_bytes, budget_bytes
         self.zero_row, self.scratch_row = rows, rows + 1

@@ -122,22 +122,24 @@ class BaseLayerWithLoRA(nn.Module):
 
     def write_rows(self, index: torch.Tensor, weights: ModuleLoRA | None) -> None:
         """Write one adapter's factors (None: zeros) into pool rows ``index`` [max_rank] (host int64)."""
-        a, b = self._padded(weights) if weights is not None else self._zero_slot()
         device = self.adapter_device
         index = index.to(device)
         with torch.no_grad():
-            for name, values in (("lora_a", a), ("lora_b", b)):
+            for name, values in self._slot_arrays(weights).items():
                 target, axis = getattr(self, f"{name}_pool"), 1 + self._rank_axes()[name]
                 scale = getattr(self, f"{name}_scale", None)
-                values = values[None]
                 if scale is not None:
                     values, scales = pool.quantize_rows(values, axis - 1)
                     scale.index_copy_(1, index, scales.to(device))
                 target.index_copy_(axis, index, values.to(device))
 
-    def _zero_slot(self) -> tuple[torch.Tensor, torch.Tensor]:
-        shapes = self._buffer_shapes()
-        return tuple(torch.zeros(shapes[name][1:], dtype=self.adapter_dtype) for name in ("lora_a", "lora_b"))
+    def _slot_arrays(self, weights: ModuleLoRA | None) -> dict[str, torch.Tensor]:
+        """Name -> one slot of each buffer, ``[k, *slot]`` host tensors (zeros for None), padded to max_rank."""
+        if weights is None:
+            shapes = self._buffer_shapes()
+            return {name: torch.zeros(shapes[name][1:], dtype=self.adapter_dtype)[None] for name in shapes}
+        a, b = self._padded(weights)
+        return {"lora_a": a[None], "lora_b": b[None]}
 
     def add_lora(
         self,

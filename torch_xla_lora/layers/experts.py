@@ -112,11 +112,23 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         """Zero ``slot`` for every expert: tokens using it get exactly the base experts."""
         self._write(slot, self._padded(self.up_name, None), self._padded("down_proj", None))
 
+    def _rank_axes(self) -> dict[str, int]:
+        return dict.fromkeys(self._buffer_shapes(), 0)  # [E, R, d] per slot
+
+    def _slot_arrays(self, weights: ExpertsLoRA | None) -> dict[str, torch.Tensor]:
+        """The four buffers' entries of one slot, [E, R, in or out] each (for the pool's rows)."""
+        params = {} if weights is None else weights.params
+        up, down = (
+            self._padded(self.up_name, params.get(self.up_name)),
+            self._padded("down_proj", params.get("down_proj")),
+        )
+        return dict(zip(self._buffer_shapes(), (*up, *down), strict=True))
+
     def _padded(self, param: str, factors: ModuleLoRA | None) -> tuple[torch.Tensor, torch.Tensor]:
         """A [E, R, in] and rank-first B [E, R, out], zero-padded to max_rank, in the buffers' dtype."""
         experts, d_in, d_out = self.factor_shapes[param]
-        a = torch.zeros(experts, self.max_rank, d_in, dtype=self.lora_a.dtype)
-        b = torch.zeros(experts, self.max_rank, d_out, dtype=self.lora_a.dtype)
+        a = torch.zeros(experts, self.max_rank, d_in, dtype=self.adapter_dtype)
+        b = torch.zeros(experts, self.max_rank, d_out, dtype=self.adapter_dtype)
         if factors is None:
             return a, b
         rank = factors.a.shape[1]
@@ -148,15 +160,15 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         A trainable adapter's slot (its ``E`` entries ``slot * E + e``) is replaced by its parameters here,
         in the graph (see :mod:`torch_xla_lora.training`), so that gradients reach the parameters.
         """
-        buffers = (self.lora_a, self.lora_b, self.lora_a_down, self.lora_b_down)
+        buffers = tuple(self.slot_buffers().values())  # lora_a, lora_b, lora_a_down, lora_b_down
         if not self.trainable:
             return buffers
         slots = sorted(self.trainable)
         shapes = {param: shape[1:] for param, shape in self.factor_shapes.items()}
-        dtype = self.lora_a.dtype
+        dtype = self.adapter_dtype
         rows = [self.trainable[slot].slot_rows(self.up_name, shapes, self.max_rank, dtype) for slot in slots]
         experts = torch.arange(self.num_experts, dtype=torch.long)
-        index = torch.cat([slot * self.num_experts + experts for slot in slots]).to(self.lora_a.device)
+        index = torch.cat([slot * self.num_experts + experts for slot in slots]).to(self.adapter_device)
         return tuple(
             buffer.index_put((index,), torch.cat([entry[i] for entry in rows])) for i, buffer in enumerate(buffers)
         )
