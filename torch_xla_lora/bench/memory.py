@@ -117,7 +117,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--kv-tokens", type=int, default=32768, help="KV cache tokens reserved with --chips")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--quality",
+        action="store_true",
+        help="instead: int8 adapters against float ones on a random Llama (bench/int8_quality.py; its own options)",
+    )
+    parser.add_argument(
+        "--decode-bytes",
+        action="store_true",
+        help="instead: LoRA bytes per decode step from XLA's cost analysis (bench/decode_bytes.py; its own options)",
+    )
+    args, rest = parser.parse_known_args(argv)
+    if args.quality or args.decode_bytes:
+        from torch_xla_lora.bench import decode_bytes, int8_quality
+
+        return (int8_quality if args.quality else decode_bytes).main([*rest, *(["--json"] if args.json else [])])
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     budget = parse_bytes(args.budget, "--budget")
     mixes = {f"uniform r{r}": {r: 1.0} for r in (8, 16, 64)}
     mixes["mixed 70/20/10% r8/16/64"] = {8: 0.7, 16: 0.2, 64: 0.1}
