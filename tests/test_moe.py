@@ -501,3 +501,23 @@ def test_mixed_batch_in_a_pool_equals_peft(arch, on_xla, saved, xla_device):
     for row, name in enumerate(ROWS):
         assert_close(logits[row], reference[name][row])
     assert set(lora.memory()["adapters"]) == {"math", "code"}
+
+
+def test_rank_and_alpha_patterns_on_a_router_weight_apply_as_in_peft(tmp_path):
+    """PEFT matches pattern keys against a targeted parameter's name (``gate.weight``), not its module's."""
+    from peft import PeftModel
+
+    config = lora_config("Qwen2Moe", 0, rank_pattern={"gate.weight": 4}, alpha_pattern={"gate.weight": 3})
+    torch.manual_seed(9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_peft_model(moe_model("Qwen2Moe"), config).save_pretrained(tmp_path)
+        expected = PeftModel.from_pretrained(moe_model("Qwen2Moe"), tmp_path).eval()
+    model = moe_model("Qwen2Moe")
+    lora = patch_model(model, LoRAConfig(max_loras=1, max_rank=8))
+    lora.load_adapter("r", tmp_path)
+    modules = lora.manager._host["r"].modules
+    assert {modules[n].rank for n in modules if n.endswith("mlp.gate")} == {4}  # r=2 elsewhere
+    lora.set_batch(["r"] * len(IDS))
+    with torch.no_grad():
+        assert_close(model(IDS).logits, expected(IDS).logits)

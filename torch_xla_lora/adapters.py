@@ -424,7 +424,7 @@ def _build_module(name: str, module: str, pair: Mapping[str, tuple], config: Map
             f"adapter {name!r}: module {module!r} rank: lora_A has {a.shape[0]} rows, lora_B has {b.shape[1]} "
             "columns; expected equal"
         )
-    rank, scaling = _module_scaling(name, module, config)
+    rank, scaling = _module_scaling(name, pattern_name(module, config), config)
     if a.shape[0] != rank:
         raise InvalidAdapterError(
             f"adapter {name!r}: module {module!r} rank: expected {rank} (config r/rank_pattern), "
@@ -471,6 +471,16 @@ def _targeted_params(module: str, targets: list[str]) -> list[str]:
         if (key == target or key.endswith("." + target)) and param not in params:
             params.append(param)
     return params
+
+
+def pattern_name(module: str, config: Mapping) -> str:
+    """The name PEFT matches ``rank_pattern``/``alpha_pattern`` keys against for ``module``: its ``weight``
+    (``<module>.weight``) when that linear weight was targeted through ``target_parameters`` (a router's
+    ``gate.weight``, wrapped by PEFT's ParamWrapper), else the module's own name."""
+    targets = list(config.get("target_parameters") or [])
+    if "weight" in _targeted_params(module, targets) and not _is_target_module(module, config.get("target_modules")):
+        return f"{module}.weight"
+    return module
 
 
 def _is_target_module(module: str, target_modules: Any) -> bool:

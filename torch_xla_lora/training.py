@@ -415,7 +415,7 @@ def initial_state_dict(config: dict, layers: Mapping[str, Any], head: str | None
     state = {}
     for module in targeted_modules(config, layers, head):
         layer = layers[module]
-        rank, _ = adapters_io._module_scaling("create_adapter", module, config)
+        rank, _ = adapters_io._module_scaling("create_adapter", adapters_io.pattern_name(module, config), config)
         embedding = _is_embedding(layer)
         a = torch.empty(rank, layer.in_features)
         b = torch.empty(layer.out_features, rank)
