@@ -27,10 +27,16 @@ Per token block i (all blocks are visited: the base product is needed everywhere
   weights diverged poisons no other lane's tokens through 0 * Inf.
 
 A block whose tokens use no adapter has 0 chunks: it does the base work only.
+
+What XLA fuses into its own dot and cannot fuse into a custom call, the kernel takes in
+(:class:`Fusion`): x's producer on every x tile's read (``SiLU(gate) * up`` from two input
+tiles, RMSNorm's per-row and per-column scales), which both the base product and the shrink
+read, and the residual add in the output tile's single write.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -47,6 +53,49 @@ from .visits import LaneBlocks, max_chunks
 LAYOUTS = ("out_in", "in_out")
 
 
+@dataclasses.dataclass(frozen=True)
+class Fusion:
+    """What the kernel takes in from around the layer: x's producer on its read, the residual on its write.
+
+    In the order applied to every x tile (the base product and the LoRA's shrink both read the result,
+    as PEFT applies the LoRA to the projection's input):
+
+    - ``silu_mul``: x is ``SiLU(gate) * up`` of two [T, K] operands (a Llama MLP's down projection
+      reading its gate and up projections' outputs); SiLU is rounded to x's dtype, then the product;
+    - ``row_scale``: x times a float32 [T] factor per row, rounded to x's dtype (RMSNorm's
+      ``rsqrt(mean(x^2) + eps)``, computed outside: one [T] vector);
+    - ``col_scale``: x times a [K] factor per column in x's dtype, rounded (RMSNorm's weight);
+    - ``residual``: a [T, N] operand added to the f32 output tile before its single rounding.
+    """
+
+    silu_mul: bool = False
+    row_scale: bool = False
+    col_scale: bool = False
+    residual: bool = False
+
+    @property
+    def prologue(self) -> bool:
+        return self.silu_mul or self.row_scale or self.col_scale
+
+
+#: No prologue, no epilogue: the plain linear layer.
+NO_FUSION = Fusion()
+
+
+def apply_prologue(x, up, row, col, fusion: Fusion):
+    """x's producer as :class:`Fusion` defines it, on a tile or a whole array (kernel and XLA-native alike)."""
+    dtype = x.dtype
+    if fusion.silu_mul:
+        gate = x.astype(jnp.float32)
+        x = (gate * jax.nn.sigmoid(gate)).astype(dtype)
+        x = (x.astype(jnp.float32) * up.astype(jnp.float32)).astype(dtype)
+    if fusion.row_scale:
+        x = (x.astype(jnp.float32) * row.astype(jnp.float32)).astype(dtype)
+    if fusion.col_scale:
+        x = (x.astype(jnp.float32) * col.astype(jnp.float32)).astype(dtype)
+    return x
+
+
 def vmem_limit(generation: str) -> int:
     """The scoped VMEM limit (bytes) this kernel declares on ``generation``."""
     return tuning.BASE_VMEM_LIMIT_BYTES[known(generation)]
@@ -61,15 +110,19 @@ def token_block(num_tokens: int, generation: str) -> int:
     return table[-1][1]
 
 
-def vmem_bytes(sizes: BlockSizes, rank: int, num_slots: int, lanes: int, dtype, has_bias: bool = True) -> int:
+def vmem_bytes(
+    sizes: BlockSizes, rank: int, num_slots: int, lanes: int, dtype, has_bias: bool = True, fusion: Fusion = NO_FUSION
+) -> int:
     """VMEM of one configuration: double-buffered pipelined blocks, adapter tiles and both f32 accumulators."""
     itemsize = jnp.dtype(dtype).itemsize
     bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
     width = lanes * rank_stride(rank, dtype)
-    pipelined = 2 * (bt * 4 + (bt * tk + tk * tn + bt * tn + (tn if has_bias else 0)) * itemsize)
+    blocks = bt * tk * (2 if fusion.silu_mul else 1) + tk * tn + bt * tn + (tn if has_bias else 0)
+    blocks += (tk if fusion.col_scale else 0) + (bt * tn if fusion.residual else 0)
+    pipelined = 2 * (bt * (8 if fusion.row_scale else 4) + blocks * itemsize)
     scratch = width * (tk + tn) * itemsize + (max_chunks(bt, num_slots, lanes) * bt * width + bt * tn) * 4
     # Values Mosaic keeps in VMEM too: the base product and the output being summed (f32), the shrink part.
-    temporaries = 2 * bt * tn * 4 + bt * width * 4
+    temporaries = 2 * bt * tn * 4 + bt * width * 4 + (bt * tk * 4 if fusion.prologue else 0)
     return pipelined + scratch + temporaries
 
 
@@ -80,16 +133,31 @@ def _divisor_tiles(dim: int, largest: int) -> list[int]:
     return tiles
 
 
-def hbm_bytes(num_tokens: int, hidden: int, out_dim: int, sizes: BlockSizes, itemsize: int) -> int:
+def hbm_bytes(
+    num_tokens: int, hidden: int, out_dim: int, sizes: BlockSizes, itemsize: int, fusion: Fusion = NO_FUSION
+) -> int:
     """Pipelined HBM traffic of the base product under ``sizes``: W once per token block, x once per
-    output tile unless the reduction is untiled (then once), the output once."""
+    output tile unless the reduction is untiled (then once), the output once; with ``fusion``, the
+    up operand as often as x, the column scale once per x pass, the row scale and residual once."""
     blocks = -(-num_tokens // sizes.tokens)
     x_passes = 1 if sizes.hidden == hidden else out_dim // sizes.out
-    return itemsize * (blocks * hidden * out_dim + x_passes * num_tokens * hidden + num_tokens * out_dim)
+    x_bytes = num_tokens * hidden * (2 if fusion.silu_mul else 1) + (blocks * hidden if fusion.col_scale else 0)
+    extra = num_tokens * out_dim if fusion.residual else 0
+    return itemsize * (blocks * hidden * out_dim + x_passes * x_bytes + num_tokens * out_dim + extra) + (
+        4 * num_tokens if fusion.row_scale else 0
+    )
 
 
 def modelled_seconds(
-    num_tokens: int, hidden: int, out_dim: int, rank: int, sizes: BlockSizes, lanes: int, dtype, generation: str
+    num_tokens: int,
+    hidden: int,
+    out_dim: int,
+    rank: int,
+    sizes: BlockSizes,
+    lanes: int,
+    dtype,
+    generation: str,
+    fusion: Fusion = NO_FUSION,
 ) -> float:
     """Roofline time of the kernel under ``sizes`` on ``generation``, for choosing among tilings.
 
@@ -110,7 +178,8 @@ def modelled_seconds(
     lane_width = pad(lanes * rank_stride(rank, dtype))
     flops = 2 * rows * (k_tiles * pad(tk) * (n_tiles * pad(tn) + lane_width) + lane_width * n_tiles * pad(tn))
     seconds = max(
-        hbm_bytes(num_tokens, hidden, out_dim, sizes, jnp.dtype(dtype).itemsize) / tuning.HBM_BYTES_PER_S[generation],
+        hbm_bytes(num_tokens, hidden, out_dim, sizes, jnp.dtype(dtype).itemsize, fusion)
+        / tuning.HBM_BYTES_PER_S[generation],
         flops / tuning.PEAK_FLOPS[generation],
     )
     return seconds + (rows // bt) * k_tiles * n_tiles * tuning.STEP_OVERHEAD_S
@@ -118,7 +187,15 @@ def modelled_seconds(
 
 @functools.lru_cache(maxsize=4096)
 def plan(
-    num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype, generation: str, has_bias: bool = True
+    num_tokens: int,
+    hidden: int,
+    out_dim: int,
+    rank: int,
+    num_slots: int,
+    dtype,
+    generation: str,
+    has_bias: bool = True,
+    fusion: Fusion = NO_FUSION,
 ) -> tuple[BlockSizes, int] | None:
     """(BlockSizes(tokens, reduction tile, output tile), lanes), or None when no tiling fits VMEM.
 
@@ -139,9 +216,9 @@ def plan(
         for tk in _divisor_tiles(hidden, max_tile):
             for tn in _divisor_tiles(out_dim, max_tile):
                 sizes = BlockSizes(tokens=bt, hidden=tk, out=tn)
-                if vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias) > budget:
+                if vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias, fusion) > budget:
                     continue
-                seconds = modelled_seconds(num_tokens, hidden, out_dim, rank, sizes, lanes, dtype, generation)
+                seconds = modelled_seconds(num_tokens, hidden, out_dim, rank, sizes, lanes, dtype, generation, fusion)
                 key = (seconds, sizes.padded_tokens(num_tokens) // bt * (hidden // tk) * (out_dim // tn))
                 if best is None or key < best[0]:
                     best = (key, sizes)
@@ -179,17 +256,24 @@ def _kernel(
     slots_ref,  # SMEM [num_blocks * per_block]
     uniform_ref,  # SMEM [num_blocks]
     code_ref,  # [bt, 1] int32
-    x_ref,  # [bt, tk]
-    w_ref,  # [tn, tk] (out_in) or [tk, tn] (in_out)
-    *refs,  # bias_ref [1, tn] when has_bias; a_hbm, b_hbm, o_ref, a_buf, y_acc, b_buf, acc_ref, sem
+    x_ref,  # [bt, tk] (the gate with fusion.silu_mul)
+    *refs,  # [up [bt, tk]], [row [bt, 1] f32], [col [1, tk]], w, [bias [1, tn]], [residual [bt, tn]],
+    # a_hbm, b_hbm, o_ref, a_buf, b_buf, y_acc, acc_ref, sem
     lanes: int,
     stride: int,
     per_block: int,
     scaling: float,
     layout: str,
     has_bias: bool,
+    fusion: Fusion = NO_FUSION,
 ):
-    bias_ref, refs = (refs[0], refs[1:]) if has_bias else (None, refs)
+    refs = list(refs)
+    up_ref = refs.pop(0) if fusion.silu_mul else None
+    row_ref = refs.pop(0) if fusion.row_scale else None
+    col_ref = refs.pop(0) if fusion.col_scale else None
+    w_ref = refs.pop(0)
+    bias_ref = refs.pop(0) if has_bias else None
+    res_ref = refs.pop(0) if fusion.residual else None
     a_hbm, b_hbm, o_ref, a_buf, b_buf, y_acc, acc_ref, sem = refs
     i, n, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     last_k = pl.num_programs(2) - 1
@@ -250,8 +334,18 @@ def _kernel(
     def _zero_acc():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
+    # x's producer on the read: the base product and the shrink both take the transformed tile.
+    x = x_ref[...]
+    if fusion.prologue:
+        x = apply_prologue(
+            x,
+            None if up_ref is None else up_ref[...],
+            None if row_ref is None else row_ref[...],
+            None if col_ref is None else col_ref[...],
+            fusion,
+        )
     contract = (((1,), (1,)), ((), ())) if layout == "out_in" else (((1,), (0,)), ((), ()))
-    acc_ref[...] += jax.lax.dot_general(x_ref[...], w_ref[...], contract, preferred_element_type=jnp.float32)
+    acc_ref[...] += jax.lax.dot_general(x, w_ref[...], contract, preferred_element_type=jnp.float32)
 
     @pl.when(n == 0)
     def _shrink():
@@ -259,9 +353,7 @@ def _kernel(
             copies = a_copies(c)
             pl.when(c > 0)(lambda: start(copies))
             wait(copies)
-            part = jax.lax.dot_general(
-                x_ref[...], a_buf[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-            )
+            part = jax.lax.dot_general(x, a_buf[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             y_acc[c] = jnp.where(k == 0, part, y_acc[c] + part)
             return carry
 
@@ -286,6 +378,8 @@ def _kernel(
         out = acc_ref[...]
         if has_bias:
             out = out + bias_ref[...].astype(jnp.float32)
+        if res_ref is not None:  # the residual add, in the output's single write
+            out = out + res_ref[...].astype(jnp.float32)
 
         def expand(c, out):
             copies = b_copies(c)
@@ -309,6 +403,7 @@ def grid_spec(
     lanes: int,
     layout: str,
     has_bias: bool,
+    fusion: Fusion = NO_FUSION,
 ) -> pltpu.PrefetchScalarGridSpec:
     """The kernel's grid ``(token blocks, output tiles, reduction tiles)`` and BlockSpecs (read by the cost model)."""
     bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
@@ -317,13 +412,19 @@ def grid_spec(
     weight = pl.BlockSpec((tn, tk), lambda i, n, k, *_: (n, k))
     if layout == "in_out":
         weight = pl.BlockSpec((tk, tn), lambda i, n, k, *_: (k, n))
-    in_specs = [
-        pl.BlockSpec((bt, 1), lambda i, n, k, *_: (i, 0)),
-        pl.BlockSpec((bt, tk), lambda i, n, k, *_: (i, k)),
-        weight,
-    ]
+    x_tile = pl.BlockSpec((bt, tk), lambda i, n, k, *_: (i, k))
+    in_specs = [pl.BlockSpec((bt, 1), lambda i, n, k, *_: (i, 0)), x_tile]
+    if fusion.silu_mul:
+        in_specs.append(x_tile)  # up, beside the gate
+    if fusion.row_scale:
+        in_specs.append(pl.BlockSpec((bt, 1), lambda i, n, k, *_: (i, 0)))
+    if fusion.col_scale:
+        in_specs.append(pl.BlockSpec((1, tk), lambda i, n, k, *_: (0, k)))
+    in_specs.append(weight)
     if has_bias:
         in_specs.append(pl.BlockSpec((1, tn), lambda i, n, k, *_: (0, n)))
+    if fusion.residual:
+        in_specs.append(pl.BlockSpec((bt, tn), lambda i, n, k, *_: (i, n)))
     in_specs += [pl.BlockSpec(memory_space=pltpu.ANY), pl.BlockSpec(memory_space=pltpu.ANY)]
     return pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
@@ -341,7 +442,15 @@ def grid_spec(
 
 
 def cost_estimate(
-    num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype, block_sizes: BlockSizes, lanes: int
+    num_tokens: int,
+    hidden: int,
+    out_dim: int,
+    rank: int,
+    num_slots: int,
+    dtype,
+    block_sizes: BlockSizes,
+    lanes: int,
+    fusion: Fusion = NO_FUSION,
 ) -> pl.CostEstimate:
     """Typical cost for XLA's scheduler: the base matmul, plus one laned chunk per token block.
 
@@ -355,8 +464,8 @@ def cost_estimate(
     adapters = typical_adapters(num_tokens, num_slots, block_sizes.tokens, lanes)
     return pl.CostEstimate(
         flops=2 * num_tokens * (hidden * out_dim + width * (hidden + out_dim)),
-        transcendentals=0,
-        bytes_accessed=hbm_bytes(num_tokens, hidden, out_dim, block_sizes, itemsize)
+        transcendentals=num_tokens * hidden if fusion.silu_mul else 0,
+        bytes_accessed=hbm_bytes(num_tokens, hidden, out_dim, block_sizes, itemsize, fusion)
         + 4 * num_tokens
         + adapters * rank * (hidden + out_dim) * itemsize,
     )
@@ -379,11 +488,17 @@ def linear_lora(
     layout: str,
     interpret: bool,
     vmem_limit_bytes: int | None = None,
+    up: jax.Array | None = None,  # [T_pad, K]: x is SiLU(x) * up
+    row_scale: jax.Array | None = None,  # [T_pad] float32
+    col_scale: jax.Array | None = None,  # [K]
+    residual: jax.Array | None = None,  # [T_pad, N]
 ) -> jax.Array:  # [T_pad, N], x.dtype
     """The fused base + LoRA kernel over prepared lane metadata; T_pad a multiple of the token block.
 
     ``vmem_limit_bytes``: the scoped VMEM limit of the generation ``plan`` used
     (None: the v5e/v6e figure, ``tuning.BASE_VMEM_LIMIT_BYTES["v6e"]``).
+    ``up``, ``row_scale``, ``col_scale``, ``residual``: the :class:`Fusion` operands, each
+    present or None (plan with the same Fusion).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -391,7 +506,10 @@ def linear_lora(
     num_slots, rank, out_dim = lora_b.shape
     block_sizes.check(hidden, out_dim)
     has_bias = bias is not None
-    spec = grid_spec(num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes, layout, has_bias)
+    fusion = Fusion(up is not None, row_scale is not None, col_scale is not None, residual is not None)
+    spec = grid_spec(
+        num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes, layout, has_bias, fusion
+    )
     kernel = functools.partial(
         _kernel,
         lanes=lanes,
@@ -400,10 +518,16 @@ def linear_lora(
         scaling=scaling,
         layout=layout,
         has_bias=has_bias,
+        fusion=fusion,
     )
-    operands = [meta.code.reshape(num_tokens, 1), x, weight]
+    operands = [meta.code.reshape(num_tokens, 1), x]
+    operands += [] if up is None else [up]
+    operands += [] if row_scale is None else [row_scale.astype(jnp.float32).reshape(num_tokens, 1)]
+    operands += [] if col_scale is None else [col_scale.reshape(1, hidden)]
+    operands.append(weight)
     if has_bias:
         operands.append(bias.reshape(1, out_dim))
+    operands += [] if residual is None else [residual]
     return pl.pallas_call(
         kernel,
         grid_spec=spec,
@@ -412,7 +536,7 @@ def linear_lora(
             dimension_semantics=("arbitrary", "arbitrary", "arbitrary"),
             vmem_limit_bytes=vmem_limit_bytes or tuning.BASE_VMEM_LIMIT_BYTES["v6e"],
         ),
-        cost_estimate=cost_estimate(num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes),
+        cost_estimate=cost_estimate(num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes, fusion),
         interpret=interpret,
         name="xla_lora_linear_lora",
     )(meta.chunks, meta.slots, meta.uniform, *operands, lora_a, lora_b)
@@ -428,22 +552,28 @@ def tpu_compile_case(
     generation: str,
     layout: str = "out_in",
     has_bias: bool = False,
+    fusion: Fusion = NO_FUSION,
 ):
     """(fn, argument ShapeDtypeStructs) of the kernel with Mosaic for one configuration, for TPU compile checks.
 
-    ``fn(x, weight, [bias,] lora_a, lora_b, indices)`` builds the lane metadata on
+    ``fn(x, weight, [bias,] lora_a, lora_b, indices, *fusion operands)`` builds the lane metadata on
     the device and calls the kernel with ``interpret=False``; pass the arguments'
-    shapes to ``jax.jit(fn).trace(...).lower(lowering_platforms=("tpu",))``.
+    shapes to ``jax.jit(fn).trace(...).lower(lowering_platforms=("tpu",))``. The fusion operands,
+    in order, those ``fusion`` has: up [T, K], row scale [T] f32, column scale [K], residual [T, N].
     """
-    planned = plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, has_bias)
+    planned = plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, has_bias, fusion)
     if planned is None:
         raise ValueError(f"no tiling of K={hidden}, N={out_dim} fits VMEM on {generation}")
     sizes, lanes = planned
     padded = -(-num_tokens // sizes.tokens) * sizes.tokens
     from .visits import build_lanes
 
+    flags = {"up": fusion.silu_mul, "row_scale": fusion.row_scale, "col_scale": fusion.col_scale}
+    names = [name for name, on in {**flags, "residual": fusion.residual}.items() if on]
+
     def fn(x, weight, *rest):
-        bias, (lora_a, lora_b, indices) = (rest[0], rest[1:]) if has_bias else (None, rest)
+        bias, rest = (rest[0], rest[1:]) if has_bias else (None, rest)
+        (lora_a, lora_b, indices), extra = rest[:3], dict(zip(names, rest[3:], strict=True))
         meta = build_lanes(indices, num_slots, sizes.tokens, lanes)
         return linear_lora(
             x,
@@ -458,10 +588,13 @@ def tpu_compile_case(
             layout=layout,
             interpret=False,
             vmem_limit_bytes=vmem_limit(generation),
+            **extra,
         )
 
     w_shape = (out_dim, hidden) if layout == "out_in" else (hidden, out_dim)
     shapes = [(padded, hidden), w_shape] + ([(out_dim,)] if has_bias else [])
     shapes += [(num_slots, rank, hidden), (num_slots, rank, out_dim)]
     args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes] + [jax.ShapeDtypeStruct((padded,), jnp.int32)]
+    extra = {"up": (padded, hidden), "row_scale": (padded,), "col_scale": (hidden,), "residual": (padded, out_dim)}
+    args += [jax.ShapeDtypeStruct(extra[n], jnp.float32 if n == "row_scale" else dtype) for n in names]
     return fn, args
