@@ -107,6 +107,8 @@ class BaseLayerWithLoRA(nn.Module):
         names = names or tuple(self._buffer_shapes())
         if self.pool_rows is None:
             return {name: getattr(self, name) for name in names}
+        if self.tensor_parallel is not None:  # on a mesh each shard gathers its slice (see sharding.py)
+            return self.tensor_parallel.slot_buffers(self, names)
         rows, axes = self.context.rows, self._rank_axes()
         return {
             name: pool.gather_slots(
