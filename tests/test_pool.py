@@ -183,6 +183,8 @@ def test_errors_leave_everything_as_it_was(base_model, peft_model):
         lora.load_adapter(name, state_dict=_state(peft_model, name)[0], config=_state(peft_model, name)[1])
     lora.set_batch(["a", "b"])
     lora.pin("c")  # 14 rows: full
+    q_proj = peft.LoraConfig(r=2, target_modules=["q_proj"])
+    lora.create_adapter("t", q_proj)  # the one lane the batch leaves
     before = (lora.memory(), lora.adapters())
     with pytest.raises(PoolFullError):  # d (6) beside the batch's a (8) + b (4): no unprotected rows
         lora.pin("d")
@@ -190,8 +192,8 @@ def test_errors_leave_everything_as_it_was(base_model, peft_model):
         lora.set_batch(["a", "b", "d"])
     with pytest.raises(tl.ArgumentError):  # no fixed slots to name
         lora.set_batch([0, None])
-    with pytest.raises(tl.ConfigError):
-        lora.create_adapter("t", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(tl.NoFreeSlotError):  # no lane left for a second trainable adapter
+        lora.create_adapter("u", q_proj)
     assert (lora.memory(), lora.adapters()) == before
     assert_close(_forward(lora, IDS[:2], torch.device("cpu")), _expected(peft_model, IDS[:2], ["a", "b"]))
 
@@ -265,3 +267,32 @@ def test_fleet_keeps_its_shares():
     ranks = fleet({8: 0.7, 16: 0.2, 64: 0.1}, 1000)
     assert [ranks.count(r) for r in (8, 16, 64)] == [700, 200, 100]
     assert all(abs(ranks[:n].count(64) - 0.1 * n) <= 1 for n in range(1, 1000))
+
+
+def test_trainable_adapters_take_lanes_of_their_own_and_freeze_into_the_pool(base_model, peft_model):
+    """A trainable adapter created under a running batch takes a lane that batch does not use (the batch's
+    rows keep their adapter), trains beside pooled adapters, and once frozen serves from the pool as PEFT."""
+    lora = _patched(base_model, torch.device("cpu"), rows_budget=16)
+    for name in ("a", "b"):
+        lora.load_adapter(name, state_dict=_state(peft_model, name)[0], config=_state(peft_model, name)[1])
+    lora.set_batch(["a", None])
+    torch.manual_seed(2)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    lora.create_adapter("t", config)
+    assert lora.adapters()["t"]["trainable"] and "t" not in lora.memory()["adapters"]  # no rows: parameters
+    assert_close(_forward(lora, IDS[:2], torch.device("cpu")), _expected(peft_model, IDS[:2], ["a", None]))
+    lora.set_batch(["t", "a", "b", "t"])
+    lora.model.train()
+    lora.model(IDS).logits.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.trainable_parameters("t").values())
+    lora.model.eval()
+    state = {k: v.detach().clone() for k, v in lora.trainable_parameters("t").items()}
+    reference = copy.deepcopy(peft_model)
+    reference.add_adapter("t", config)
+    peft.set_peft_model_state_dict(reference, state, adapter_name="t")
+    expected = _expected(reference.eval(), IDS, ["t", "a", "b", "t"])
+    assert_close(_forward(lora, IDS, torch.device("cpu")), expected)
+    lora.freeze("t")
+    lora.set_batch(["t", "a", "b", "t"])  # t now takes 4 rows beside a (8) and b (4)
+    assert_close(_forward(lora, IDS, torch.device("cpu")), expected)
+    assert lora.memory()["adapters"]["t"] == 4 * _row_bytes(base_model, 4)

@@ -78,9 +78,9 @@ ARCHS = {
 }
 
 
-def _patched(device: torch.device, max_loras: int = 4, arch: str = "llama") -> tl.LoRAModel:
+def _patched(device: torch.device, max_loras: int = 4, arch: str = "llama", **config) -> tl.LoRAModel:
     build, targets, _ = ARCHS[arch]
-    config = tl.LoRAConfig(max_loras=max_loras, max_rank=MAX_RANK, target_modules=targets)
+    config = tl.LoRAConfig(max_loras=max_loras, max_rank=MAX_RANK, target_modules=targets, **config)
     return tl.patch_model(build().to(device), config)
 
 
@@ -225,12 +225,18 @@ def _train_peft_alone(lora: tl.LoRAModel, kind: str, steps) -> dict[str, dict[st
     return weights
 
 
-@pytest.mark.parametrize("mode,kind", [("cpu", "sgd"), ("cpu", "adamw"), ("lazy", "adamw"), ("compile", "adamw")])
+@pytest.mark.parametrize(
+    "mode,kind",
+    [("cpu", "sgd"), ("cpu", "adamw"), ("lazy", "adamw"), ("compile", "adamw"), ("pool", "adamw")],
+)
 def test_steps_on_changing_mixes_equal_peft_alone(mode, kind, xla_device):
     """Several optimizer steps over mixes that change (a tenant sits one out): every tenant's weights equal
-    its own PEFT run; the sitting-out tenant's gradients are None, so AdamW leaves it exactly as it was."""
-    device = torch.device("cpu") if mode == "cpu" else xla_device
-    lora = _patched(device)
+    its own PEFT run; the sitting-out tenant's gradients are None, so AdamW leaves it exactly as it was.
+    "pool": rank-true int8 storage (``memory_budget``, CPU tensors): trainable adapters keep lanes of their own
+    and read their parameters there, whatever the pool holds."""
+    device = torch.device("cpu") if mode in ("cpu", "pool") else xla_device
+    pooled = {"memory_budget": 10**6, "weight_dtype": "int8"} if mode == "pool" else {}
+    lora = _patched(device, **pooled)
     _create(lora)
     expected = _train_peft_alone(lora, kind, STEPS)
     params = [p for name in TENANTS for p in lora.trainable_parameters(name).values()]

@@ -149,7 +149,9 @@ class PoolManager:
     The same contract as :class:`~torch_xla_lora.manager.AdapterManager` (its docstring): public methods
     take the lock and change nothing unless they succeed; any thread stages writes, the serving thread
     runs them with :meth:`apply` at each batch; rows the current batch reads are neither rewritten nor
-    reused until the batch changes. Trainable adapters need slots: not available with a budget.
+    reused until the batch changes. A trainable adapter holds no rows: it keeps a lane of its own in every
+    batch (the layers read its parameters there, see ``BaseLayerWithLoRA.slot_factors``), never evicted,
+    until frozen or removed.
 
     Args:
       layers: module name -> LoRA layer (pooled, see :meth:`BaseLayerWithLoRA.allocate_pool`).
@@ -190,21 +192,23 @@ class PoolManager:
         self._applied: dict[str, LoRAAdapter] = {}  # what they hold on the device now
         self._use: OrderedDict[str, None] = OrderedDict()  # resident adapters, LRU first
         self._pinned: set[str] = set()
+        self._trainable: dict[str, int] = {}  # trainable adapter -> its reserved lane
         self._batch: set[str] = set()
         self._batch_rows: set[int] = set()
+        self._batch_lanes: set[int] = set()  # lanes the current batch's tokens use
 
     # -- queries -----------------------------------------------------------------------------------
 
     def adapters(self) -> dict[str, dict]:
-        """Loaded adapters: name -> {"slot": None, "pinned", "rank", "trainable": False, "resident", "bytes"}."""
+        """Loaded adapters: name -> {"slot": None, "pinned", "rank", "trainable", "resident", "bytes"}."""
         with self.lock:
             return {
                 name: {
                     "slot": None,
                     "pinned": name in self._pinned,
                     "rank": adapter.max_rank,
-                    "trainable": False,
-                    "resident": name in self._rows,
+                    "trainable": name in self._trainable,
+                    "resident": name in self._rows or name in self._trainable,
                     "bytes": self.adapter_bytes(adapter),
                 }
                 for name, adapter in self._host.items()
@@ -232,6 +236,8 @@ class PoolManager:
         """The row table of a batch plan: int32 [max_loras * max_rank], lane-major, the zero row as padding."""
         table = torch.full((self.max_loras, self.max_rank), self.zero_row, dtype=torch.int32)
         for name, lane in plan.slot_of.items():
+            if name in self._trainable:  # its parameters stand in for its lane
+                continue
             rows = plan_rows(plan, name, self._rows)
             table[lane, : len(rows)] = torch.tensor(rows, dtype=torch.int32)
         return table.reshape(-1)
@@ -269,14 +275,44 @@ class PoolManager:
             if name in self._rows:
                 self._release(name)
             self._pinned.discard(name)
+            self._trainable.pop(name, None)
             self._batch.discard(name)
             del self._host[name]
 
     def add_trainable(self, adapter: LoRAAdapter) -> int:
-        raise ConfigError("trainable adapters need padded slots: leave LoRAConfig.memory_budget unset to train")
+        """Cache ``adapter`` (a trainable adapter's current weights) and reserve it a lane of its own, not one
+        the current batch uses, until :meth:`freeze` or :meth:`remove`; return the lane. All or nothing.
+
+        Raises:
+          NoFreeSlotError: every lane is reserved or used by the current batch (nothing is changed).
+        """
+        check_adapter(adapter, self._module_shapes, self.max_rank)
+        with self.lock:
+            lane = self._trainable.get(adapter.name)
+            if lane is None:
+                taken = set(self._trainable.values()) | self._batch_lanes
+                free = [lane for lane in range(self.max_loras) if lane not in taken]
+                if not free:
+                    raise NoFreeSlotError(
+                        f"no lane for trainable adapter {adapter.name!r}: of max_loras={self.max_loras} lanes, "
+                        f"trainable adapters hold {sorted(self._trainable.values())} and the current batch "
+                        f"uses {sorted(self._batch_lanes)}"
+                    )
+                lane = free[0]
+            self._host[adapter.name] = adapter
+            self._host.move_to_end(adapter.name)
+            if adapter.name in self._rows:  # its parameters are read now, not rows
+                self._release(adapter.name)
+            self._trainable[adapter.name] = lane
+            return lane
 
     def freeze(self, adapter: LoRAAdapter) -> None:
-        raise ConfigError("trainable adapters need padded slots: leave LoRAConfig.memory_budget unset to train")
+        """A trainable adapter becomes an ordinary one holding ``adapter``'s weights; the next batch that names
+        it brings it into the pool (until then, a current batch's rows on its lane read zeros: the base)."""
+        with self.lock:
+            self._require(adapter.name)
+            self._trainable.pop(adapter.name, None)
+            self.add(adapter)
 
     # -- residency ---------------------------------------------------------------------------------
 
@@ -299,13 +335,16 @@ class PoolManager:
             wanted = list(dict.fromkeys(names))
             for name in wanted:
                 self._require(name)
-            if for_batch and len(wanted) > self.max_loras:
+            reserved = set(self._trainable.values())
+            ordinary = [name for name in wanted if name not in self._trainable]
+            if for_batch and len(ordinary) > self.max_loras - len(reserved):
                 raise NoFreeSlotError(
                     f"the batch uses {len(wanted)} distinct adapters but max_loras is {self.max_loras}"
+                    + (f" and trainable adapters reserve {len(reserved)} lanes" if reserved else "")
                 )
             protected = set() if for_batch else self._batch
             free = sorted(self._free + (self._held if for_batch else []))
-            missing = [name for name in wanted if name not in self._rows]
+            missing = [name for name in ordinary if name not in self._rows]
             need = sum(self._host[name].max_rank for name in missing)
             evict = []
             for name in self._use:  # least recently used first
@@ -326,7 +365,12 @@ class PoolManager:
                 rank = self._host[name].max_rank
                 writes.append((name, free[:rank]))
                 free = free[rank:]
-            lanes = {name: (lane if for_batch else -1) for lane, name in enumerate(wanted)}
+            open_lanes = iter(lane for lane in range(self.max_loras) if lane not in reserved)
+            lanes = {
+                name: self._trainable.get(name) if name in self._trainable else next(open_lanes) for name in wanted
+            }
+            if not for_batch:
+                lanes = dict.fromkeys(wanted, -1)
             return PoolPlan(wanted, writes, evict, lanes, free, for_batch)
 
     def commit(self, plan: PoolPlan) -> None:
@@ -343,15 +387,16 @@ class PoolManager:
             for name, rows in plan.writes:
                 self._rows[name], self._staged[name] = rows, self._host[name]
             for name in plan.wanted:
-                self._use[name] = None
-                self._use.move_to_end(name)
+                if name not in self._trainable:
+                    self._use[name] = None
+                    self._use.move_to_end(name)
                 self._host.move_to_end(name)
             if plan.for_batch:
-                self._batch = set(plan.wanted)
+                self._batch, self._batch_lanes = set(plan.wanted), set(plan.slot_of.values())
 
     def release_batch(self) -> None:
         with self.lock:
-            self._batch, self._batch_rows = set(), set()
+            self._batch, self._batch_rows, self._batch_lanes = set(), set(), set()
             self._free, self._held = sorted(self._free + self._held), []
 
     def apply(self, batch_slots: set[int] | None = None) -> int:
@@ -373,7 +418,7 @@ class PoolManager:
                     self._applied[name] = self._staged[name]
                     _flush(self._layers.values())
             if batch_slots is not None:
-                self._batch_rows = {row for name in self._batch for row in self._rows[name]}
+                self._batch_rows = {row for name in self._batch for row in self._rows.get(name, ())}
             return len(pending)
 
     def pin(self, name: str) -> int:
@@ -417,7 +462,7 @@ class PoolManager:
         for name in list(self._host):
             if len(self._host) <= self.max_cpu_adapters:
                 break
-            if name not in self._rows and name not in self._pinned and name != keep:
+            if name not in self._rows and name not in self._pinned and name not in self._trainable and name != keep:
                 del self._host[name]
 
     def _require(self, name: str) -> None:

@@ -85,7 +85,7 @@ class EmbeddingWithLoRA(BaseLayerWithLoRA):
             return y
         vocab = self.in_features
         rows = slots.clamp(min=0) * vocab + ids.reshape(-1).to(slots.dtype)  # -1 slots add zero in expand
-        if self.pool_rows is None:
+        if self.pool_rows is None or self.trainable:  # (trainable adapters' rows are put in the lanes' layout)
             lora_a, lora_b = self.slot_factors()
             s = lora_a.reshape(-1, self.max_rank).index_select(0, rows)  # [N, R]
         else:  # the tokens' A rows straight from the pool: O(T * R), no lane layout of the vocabulary
