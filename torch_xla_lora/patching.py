@@ -642,6 +642,9 @@ class LoRAModel:
         self._check_patched()
         for name, layer in self.layers.items():
             _set_submodule(self.model, name, layer.base_layer)
+        from torch_xla_lora.layers import fusion
+
+        fusion.unpatch(getattr(self, "fused_decoders", []))
         self._patched = False
         return self.model
 
@@ -756,4 +759,9 @@ def patch_model(
     # Materialise the zero slot buffers now: while they are pending lazy IR, the
     # first slot write and forward would compile graphs that never recur.
     _sync(_model_device(model))
-    return LoRAModel(model, config, layers)
+    handle = LoRAModel(model, config, layers)
+    from torch_xla_lora.layers import fusion  # Llama-family decoder layers read x's producer in the fused kernel
+
+    wanted = placement is None and fusion.wanted(config.base_fusion, handle.device)
+    handle.fused_decoders = fusion.patch(model) if wanted else []
+    return handle

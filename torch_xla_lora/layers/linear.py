@@ -204,6 +204,64 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             return None
         return self.in_features, self.out_features, bias is not None
 
+    def forward_fused_with(
+        self,
+        x: torch.Tensor,
+        *,
+        up: torch.Tensor | None = None,
+        row_scale: torch.Tensor | None = None,
+        col_scale: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """This layer on x's producer, with a residual added, as one ``linear_lora_fused`` op; None where it
+        would not run the fused formulation (the caller then computes the producer and the add itself).
+
+        ``x`` [..., in] is the gate when ``up`` is given (the layer's input is ``SiLU(x) * up``); ``row_scale``
+        [...] float32 and ``col_scale`` [in] scale x as RMSNorm does; ``residual`` [..., out] is added to the
+        output. Used by :mod:`torch_xla_lora.layers.fusion` for Llama-family decoder layers: off a mesh,
+        when this call's :meth:`formulation` is "fused" and no trainable adapter's dropout changes the
+        LoRA's input.
+        """
+        if self.tensor_parallel is not None:
+            return None
+        slots = self.context.token_slots(x)
+        if slots is None or self.formulation(x) != "fused":
+            return None
+        if self.training and any(m.dropout > 0 for m in self.trainable.values()):
+            return None
+        if col_scale is not None and col_scale.dtype != x.dtype:
+            return None
+        from torch_xla_lora.ops._linear_fused import linear_lora_fused
+
+        def rows(t: torch.Tensor | None, width: int | None) -> torch.Tensor | None:
+            return None if t is None else t.reshape(-1) if width is None else t.reshape(-1, width)
+
+        x2 = x.reshape(-1, self.in_features)
+        shape = (x2.shape[0], self.in_features, self.out_features)
+        metadata = self.context.metadata.get((*shape, "linear", self.base_layer.bias is not None))
+        own = metadata is not None  # built for the plain kernel's plan; the op checks it is this one's
+        if not own:
+            metadata = self.context.metadata.get(shape)
+        lora_a, lora_b = self.slot_factors()
+        out = linear_lora_fused(
+            x2,
+            self.base_layer.weight,
+            self.base_layer.bias,
+            lora_a,
+            lora_b,
+            slots,
+            1.0,
+            self.weight_layout,
+            self.backend,
+            up=rows(up, self.in_features),
+            row_scale=rows(row_scale, None),
+            col_scale=col_scale,
+            residual=rows(residual, self.out_features),
+            metadata=metadata,
+            own_metadata=own,
+        )
+        return out.reshape(*x.shape[:-1], self.out_features)
+
     def _forward_base_fused(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         # x [N, in] -> y [N, out] = x W^T + bias + B[slot] A[slot] x, in one op; W in its own layout.
         x2 = x.reshape(-1, self.in_features)

@@ -167,3 +167,104 @@ def linear_lora_fn(
         return lora(x, lora_a, lora_b, base, indices, *extra).astype(x.dtype)
 
     return fn
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def linear_lora_fused_fn(
+    backend: str,
+    generation: str,
+    scaling: float,
+    layout: str,
+    has_bias: bool,
+    fusion: fused_base.Fusion,
+    with_metadata: bool,
+    own_metadata: bool = False,
+) -> Callable:
+    """``linear_lora_fn`` with x's producer and the residual add taken in (:class:`fused_base.Fusion`).
+
+    ``fn(x[T, K], weight, [bias[N],] lora_a, lora_b, indices[T], [up[T, K],] [row[T] f32,] [col[K],]
+    [residual[T, N],] [metadata]) -> [T, N]``. "pallas": the fused base kernel with the prologue on its x
+    read and the residual in its write; where no tiling fits, and on "xla", the same arithmetic as XLA
+    ops (the prologue, then ``linear_lora_fn``'s path, the residual added to the f32 sum before the single
+    rounding), which XLA fuses into its own dot's operand read and output.
+    """
+    names = [
+        name
+        for name, on in (
+            ("up", fusion.silu_mul),
+            ("row_scale", fusion.row_scale),
+            ("col_scale", fusion.col_scale),
+            ("residual", fusion.residual),
+        )
+        if on
+    ]
+
+    def fn(x, weight, *rest):
+        bias, rest = (rest[0], rest[1:]) if has_bias else (None, rest)
+        (lora_a, lora_b, indices), rest = rest[:3], rest[3:]
+        extra = dict(zip(names, rest[: len(names)], strict=True))
+        metadata = rest[len(names)] if with_metadata else None
+        num_tokens, hidden = x.shape
+        num_slots, rank, out_dim = lora_b.shape
+        planned = None
+        if backend == "pallas":
+            planned = fused_base.plan(
+                num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation, has_bias, fusion
+            )
+        if planned is not None:
+            sizes, lanes = planned
+            idx = _padded_indices(indices, num_slots, sizes.padded_tokens(num_tokens))
+            # Host metadata built for the plain kernel's plan is this one's when they share token block and lanes.
+            plain = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation, has_bias)
+            own = own_metadata and plain is not None and (plain[0].tokens, plain[1]) == (sizes.tokens, lanes)
+            meta = _lane_meta(
+                None if own_metadata and not own else metadata,
+                idx,
+                num_slots,
+                sizes,
+                lanes,
+                num_tokens,
+                hidden,
+                out_dim,
+                rank,
+                x.dtype,
+                generation,
+                own,
+            )
+            padded = {
+                name: value if name == "col_scale" else _pad_rows(value, idx.shape[0]) for name, value in extra.items()
+            }
+            out = fused_base.linear_lora(
+                _pad_rows(x, idx.shape[0]),
+                weight,
+                bias,
+                lora_a,
+                lora_b,
+                meta,
+                scaling=scaling,
+                block_sizes=sizes,
+                lanes=lanes,
+                layout=layout,
+                interpret=generation == "cpu",
+                vmem_limit_bytes=fused_base.vmem_limit(generation),
+                **padded,
+            )
+            return out[:num_tokens]
+        row = extra.get("row_scale")
+        x_in = fused_base.apply_prologue(
+            x, extra.get("up"), None if row is None else row[:, None], extra.get("col_scale"), fusion
+        )
+        base = _base_product(x_in, weight, bias, layout)
+        if fusion.residual:
+            base = base + extra["residual"].astype(jnp.float32)
+        lora = shrink_expand_fn(backend, generation, scaling, with_metadata)
+        meta_arg = () if not with_metadata else (None if own_metadata else metadata,)
+        if with_metadata and own_metadata:
+            # The metadata was built for the fused base kernel's plan; the shrink-expand op groups on the device.
+            lora = shrink_expand_fn(backend, generation, scaling, False)
+            meta_arg = ()
+        if backend == "pallas":
+            return lora(x_in, lora_a, lora_b, base.astype(x.dtype), indices, *meta_arg)
+        return lora(x_in, lora_a, lora_b, base, indices, *meta_arg).astype(x.dtype)
+
+    return fn

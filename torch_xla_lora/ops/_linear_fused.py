@@ -1,0 +1,256 @@
+"""``xla_lora::linear_lora_fused``: ``linear_lora`` with x's producer and the residual add taken in.
+
+A Pallas call is opaque to XLA: what XLA fuses into its own dot (a norm's scale or SiLU(gate) * up
+into the operand read, the residual add into the output write) would become passes of their own
+around ``linear_lora``. This op takes them into the kernel (``kernels/fused_base.py``'s
+:class:`~torch_xla_lora.kernels.fused_base.Fusion`); on the XLA-native backend, and where no tiling
+fits, it is the same arithmetic as XLA ops, which XLA fuses into its dot. CPU tensors run
+:func:`reference`. Differentiable: the backward recomputes x's producer in torch and differentiates
+``linear_lora`` (which has its own backward) through it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from torch_xla_lora.errors import ShapeError
+from torch_xla_lora.ops import _validate
+
+
+def prologue(
+    inputs: torch.Tensor,
+    up: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x's producer in torch: ``SiLU(inputs) * up`` when ``up`` is given, then ``* row_scale[:, None]``, then
+    ``* col_scale``, each computed in float32 (float64 for float64 inputs) and rounded to inputs' dtype, as
+    transformers' SiLU and RMSNorm round them."""
+    dtype = inputs.dtype
+    acc = torch.promote_types(dtype, torch.float32)
+    x = inputs
+    if up is not None:
+        x = F.silu(x.to(acc)).to(dtype)
+        x = (x.to(acc) * up.to(acc)).to(dtype)
+    if row_scale is not None:
+        x = (x.to(acc) * row_scale.to(acc)[:, None]).to(dtype)
+    if col_scale is not None:
+        x = (x.to(acc) * col_scale.to(acc)).to(dtype)
+    return x
+
+
+def reference(
+    inputs: torch.Tensor,
+    up: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    col_scale: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    residual: torch.Tensor | None,
+    scaling: float = 1.0,
+    weight_layout: str = "out_in",
+) -> torch.Tensor:
+    """Plain torch: ``x = prologue(...)``; ``out = x W^T + bias + scaling * (x A[i]^T) B[i] + residual``,
+    accumulated in float32 (float64 for float64 inputs) and rounded once; the rank intermediate rounded
+    to lora_b's dtype."""
+    x = prologue(inputs, up, row_scale, col_scale)
+    acc = torch.promote_types(inputs.dtype, torch.float32)
+    w = weight.to(acc) if weight_layout == "in_out" else weight.to(acc).T
+    out = x.to(acc) @ w
+    if bias is not None:
+        out = out + bias.to(acc)
+    if residual is not None:
+        out = out + residual.to(acc)
+    for slot in torch.unique(lora_indices).tolist():
+        if 0 <= slot < lora_a.shape[0]:
+            rows = lora_indices == slot
+            shrunk = (scaling * (x[rows].to(acc) @ lora_a[slot].to(acc).T)).to(lora_b.dtype)
+            out[rows] += shrunk.to(acc) @ lora_b[slot].to(acc)
+    return out.to(inputs.dtype)
+
+
+def _check(inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, layout) -> None:
+    _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, layout)
+    num_tokens, hidden = inputs.shape
+    out_dim = lora_b.shape[2]
+    expected = {
+        "up": (up, (num_tokens, hidden), inputs.dtype),
+        "row_scale": (row_scale, (num_tokens,), torch.float32),
+        "col_scale": (col_scale, (hidden,), inputs.dtype),
+        "residual": (residual, (num_tokens, out_dim), inputs.dtype),
+    }
+    for name, (tensor, shape, dtype) in expected.items():
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device != inputs.device:
+            raise ShapeError(
+                f"linear_lora_fused: {name} must be {list(shape)} {dtype} on {inputs.device}, got "
+                f"{list(tensor.shape)} {tensor.dtype} on {tensor.device}"
+            )
+
+
+@torch.library.custom_op("xla_lora::linear_lora_fused", mutates_args=())
+def _linear_lora_fused(
+    inputs: torch.Tensor,
+    up: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    col_scale: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    residual: torch.Tensor | None,
+    scaling: float = 1.0,
+    weight_layout: str = "out_in",
+    backend: str = "auto",
+    metadata: torch.Tensor | None = None,
+    own_metadata: bool = False,
+) -> torch.Tensor:
+    """``torch.ops.xla_lora.linear_lora_fused``: see :func:`linear_lora_fused`."""
+    _check(inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, weight_layout)
+    _validate.backend(backend)
+    _validate.scaling(scaling)
+    _validate.metadata(metadata, inputs.device)
+    if inputs.device.type != "xla":
+        operands = (inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual)
+        return reference(*operands, scaling, weight_layout)
+    from torch_xla_lora import ops
+    from torch_xla_lora.kernels import fused_base
+    from torch_xla_lora.ops import _linear
+
+    name, generation = ops._backend(backend)
+    fusion = fused_base.Fusion(up is not None, row_scale is not None, col_scale is not None, residual is not None)
+    with_metadata = metadata is not None
+    fn = _linear.linear_lora_fused_fn(
+        name,
+        generation,
+        float(scaling),
+        weight_layout,
+        bias is not None,
+        fusion,
+        with_metadata,
+        with_metadata and own_metadata,
+    )
+    args = [inputs, weight, *(() if bias is None else (bias,)), lora_a, lora_b, lora_indices]
+    args += [t for t in (up, row_scale, col_scale, residual) if t is not None]
+    return ops._call_jax(fn, *args, *(() if metadata is None else (metadata,)))
+
+
+@_linear_lora_fused.register_fake
+def _(
+    inputs,
+    up,
+    row_scale,
+    col_scale,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    lora_indices,
+    residual,
+    scaling=1.0,
+    weight_layout="out_in",
+    backend="auto",
+    metadata=None,
+    own_metadata=False,
+):
+    _check(inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, weight_layout)
+    return inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, up, row, col, weight, bias, lora_a, lora_b, indices, residual, scaling, layout, backend, _, _ = inputs
+    ctx.save_for_backward(x, up, row, col, weight, bias, lora_a, lora_b, indices)
+    ctx.scaling, ctx.layout, ctx.backend = scaling, layout, backend
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, grad: torch.Tensor):
+    # Recompute x's producer in torch (cheap, elementwise) and differentiate it and linear_lora's own backward.
+    from torch_xla_lora import ops
+
+    saved = list(ctx.saved_tensors)
+    need = ctx.needs_input_grad
+    differentiable = [0, 1, 2, 3, 4, 5, 6, 7]  # x, up, row, col, weight, bias, lora_a, lora_b
+    with torch.enable_grad():
+        leaves = [
+            t.detach().requires_grad_(bool(need[i])) if t is not None and t.is_floating_point() else t
+            for i, t in zip(differentiable, saved[:8], strict=True)
+        ]
+        x, up, row, col, weight, bias, lora_a, lora_b = leaves
+        out = ops.linear_lora(
+            prologue(x, up, row, col), weight, bias, lora_a, lora_b, saved[8], ctx.scaling, ctx.layout, ctx.backend
+        )
+        wanted = [(i, t) for i, t in enumerate(leaves) if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(out, [t for _, t in wanted], grad) if wanted else ()
+    result = [None] * 15
+    for (i, _), g in zip(wanted, grads, strict=True):
+        result[i] = g
+    if ctx.has_residual and need[9]:
+        result[9] = grad
+    return tuple(result)
+
+
+torch.library.register_autograd("xla_lora::linear_lora_fused", _backward, setup_context=_setup)
+
+
+def linear_lora_fused(
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    scaling: float = 1.0,
+    weight_layout: str = "out_in",
+    backend: str = "auto",
+    *,
+    up: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    metadata: torch.Tensor | None = None,
+    own_metadata: bool = False,
+) -> torch.Tensor:
+    """:func:`~torch_xla_lora.ops.linear_lora` reading x through its producer and adding a residual in its write.
+
+    On TPU ("pallas") the fused base kernel applies the producer to every x tile it reads (the base
+    product and the LoRA's shrink both read the result, as PEFT applies the LoRA to the projection's
+    input) and adds the residual to each output tile before its single write.
+
+    Args:
+      inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout, backend, metadata,
+        own_metadata: as :func:`~torch_xla_lora.ops.linear_lora`; ``inputs`` is the gate when ``up`` is given.
+      up: [T, K]: x is ``SiLU(inputs) * up`` (a Llama MLP's down projection).
+      row_scale: [T] float32: x times it per row (RMSNorm's ``rsqrt(mean(x^2) + eps)``).
+      col_scale: [K]: x times it per column (RMSNorm's weight).
+      residual: [T, N]: added to the output before its rounding.
+
+    Returns:
+      [T, N] in inputs' dtype, accumulated in float32 and rounded once (see :func:`reference`).
+
+    Raises:
+      ShapeError: a wrong shape, dtype or device (as ``linear_lora``'s, and of the fusion operands).
+    """
+    return torch.ops.xla_lora.linear_lora_fused(
+        inputs,
+        up,
+        row_scale,
+        col_scale,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        lora_indices,
+        residual,
+        scaling,
+        weight_layout,
+        backend,
+        metadata,
+        own_metadata,
+    )
