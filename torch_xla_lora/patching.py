@@ -44,7 +44,7 @@ from torch_xla_lora.layers import (
     RowParallelLinearWithLoRA,
 )
 from torch_xla_lora.layers.experts import ExpertsWithLoRA, RouterWithLoRA
-from torch_xla_lora.layers.linear import is_quantized_linear, linear_features
+from torch_xla_lora.layers.linear import linear_features
 from torch_xla_lora.layers.names import COLUMN_NAMES, MERGED_NAMES, QKV_NAMES, ROW_NAMES
 from torch_xla_lora.manager import AdapterManager
 from torch_xla_lora.pool import SPARE_ROWS, PoolManager
@@ -497,13 +497,16 @@ class LoRAModel:
         if isinstance(self.manager, PoolManager):
             if rows is None:
                 rows = torch.full((self.config.max_loras * self.config.max_rank,), self.manager.zero_row)
-            rows = rows.to(torch.int32).to(self.device)
+            rows = rows.to(torch.int32)
         if any(lay.tensor_parallel is not None for lay in self.layers.values()):
             from torch_xla_lora import sharding  # on a mesh: per-shard metadata (see sharding.send_batch)
 
             device_slots, on_device = sharding.send_batch(self.layers, slots, per_token, seq_len, self.device)
+            if rows is not None:  # sent replicated: every shard gathers its slice of the same rows
+                rows = sharding.send_replicated(rows, self.device, self.layers)
             self.context.set(device_slots, per_token, on_device, rows)
             return
+        rows = None if rows is None else rows.to(self.device)
         if metadata is None:
             metadata = self._host_metadata(slots, seq_len)
         sent = {}  # layers with the same plan share one array: send it once
@@ -733,15 +736,7 @@ def patch_model(
         layers[name].base_fusion = config.base_fusion
     if not layers:
         raise ConfigError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
-    quantized = [name for name, lay in layers.items() if is_quantized_linear(lay.base_layer)]
-    if mesh is not None and quantized:
-        raise ShardingError(
-            f"patch_model(mesh=...): LoRA on quantized linear layers is not supported on a mesh yet, got "
-            f"{len(quantized)} such modules (e.g. {quantized[0]!r})"
-        )
     if config.memory_budget is not None:
-        if mesh is not None:
-            raise ShardingError("patch_model(mesh=...): LoRAConfig.memory_budget is not supported on a mesh yet")
         _allocate_pools(layers, config)
     placement = None
     if mesh is not None:

@@ -34,6 +34,7 @@ over, and one sum reduces them: the partitioner lowers it to one all-reduce
 
 from __future__ import annotations
 
+import ast
 import functools
 import math
 from typing import TYPE_CHECKING
@@ -51,6 +52,7 @@ __all__ = [
     "sharded_row_linear",
     "sharded_embedding",
     "sharded_grouped_matmul",
+    "sharded_gather_slots",
     "replicated",
 ]
 
@@ -198,6 +200,9 @@ def sharded_row_linear(
     backend: str,
     fuse_base: bool = False,
     own_metadata: bool = False,
+    weight_scale: torch.Tensor | None = None,
+    zero_point: torch.Tensor | None = None,
+    block_size: int = -1,
 ) -> torch.Tensor:
     """Row-parallel linear layer, base and LoRA, reduced once (bias not added).
 
@@ -208,9 +213,15 @@ def sharded_row_linear(
       fuse_base: each shard runs ``linear_lora`` (base and LoRA partial in one
         op; inputs, weight and adapters then share one dtype); own_metadata: the
         metadata was built for ``linear_lora``'s own plan.
+      weight_scale, zero_point, block_size: a torch_xla quantized base (``XlaQuantizedLinear``): weight is
+        its int8 weight, [out, in] per channel (scales and zero points [out], whole on every shard) or
+        [in / bs, bs, out] blockwise (``block_size`` bs; scales and zero points [in / bs, out], split on
+        the blocks like the weight). Each shard runs torch_xla's own ``quantized_matmul`` on its slice:
+        linear in x, so the shards' products sum to the one-device product.
 
     Returns:
-      [N, out] in weight's dtype: sum over shards of x_k W_k^T + B A_k x_k.
+      [N, out] in weight's dtype (a quantized base: inputs' dtype promoted with the scales'): sum over
+      shards of x_k W_k^T + B A_k x_k.
 
     Each shard multiplies its input slice by its weight slice and adds its
     LoRA partial product (the fused op, expand being linear in the shrink);
@@ -222,15 +233,26 @@ def sharded_row_linear(
     specs = p.lora_specs_linear()
     x = p.enter(inputs, (tokens, p.axis))
     idx = _enter_slots(p, lora_indices)
-    w = p.enter(weight, (p.axis, None) if transposed else (None, p.axis), placed=True)
+    w_spec = (p.axis, None) if transposed else (None, p.axis)
+    if block_size != -1:
+        w_spec = (p.axis, None, None)  # blockwise [in / bs, bs, out]: whole blocks per shard
+    w = p.enter(weight, w_spec, placed=True)
     a, b = _enter_factor(p, lora_a, specs["lora_a"]), _enter_factor(p, lora_b, specs["lora_b"])
     meta = _local_metadata(p, metadata)
-    if fuse_base:
+    if weight_scale is not None:
+        # torch_xla's quantized matmul on the shard's input slice; scales and zero points as apply placed them.
+        per_output = (None,) if block_size == -1 else (p.axis, None)
+        scale = p.enter(weight_scale, per_output, placed=True)
+        zero = None if zero_point is None else p.enter(zero_point, per_output, placed=True)
+        partial = torch.ops.xla.quantized_matmul(x, w, scale, zero, block_size=block_size)
+        partial = partial.to(_quantized_dtype(inputs, weight_scale))
+    elif fuse_base:
         # x_k W_k^T + B A_k x_k in one op on the local K slice; the bias is added after the reduction.
         layout = "in_out" if transposed else "out_in"
         partial = torch.ops.xla_lora.linear_lora(x, w, None, a, b, idx, 1.0, layout, backend, meta, own_metadata)
         return p.reduce(partial, inputs.shape[0])
-    partial = x @ w if transposed else x @ w.T  # [N_local, out], the model's dtype
+    else:
+        partial = x @ w if transposed else x @ w.T  # [N_local, out], the model's dtype
     lora = torch.ops.xla_lora.bgmv_shrink_expand(x.to(a.dtype), a, b, partial.to(b.dtype), idx, 1.0, backend, meta)
     # Reduced in the model's dtype, as the base layer alone would be.
     return p.reduce(lora.to(partial.dtype), inputs.shape[0])
@@ -249,8 +271,17 @@ def _(
     backend,
     fuse_base=False,
     own_metadata=False,
+    weight_scale=None,
+    zero_point=None,
+    block_size=-1,
 ):
-    return inputs.new_empty((inputs.shape[0], lora_b.shape[2]), dtype=weight.dtype)
+    dtype = weight.dtype if weight_scale is None else _quantized_dtype(inputs, weight_scale)
+    return inputs.new_empty((inputs.shape[0], lora_b.shape[2]), dtype=dtype)
+
+
+def _quantized_dtype(inputs: torch.Tensor, weight_scale: torch.Tensor) -> torch.dtype:
+    """The output dtype of a quantized base's row region: the activations' promoted with the scales'."""
+    return torch.promote_types(inputs.dtype, weight_scale.dtype)
 
 
 @torch.library.custom_op("xla_lora::sharded_embedding", mutates_args=())
@@ -389,6 +420,56 @@ def sharded_grouped_matmul(
 @sharded_grouped_matmul.register_fake
 def _(rows, weight, group_sizes, lora_a, lora_b, lora_rows, transposed, row_parallel, key, backend):
     return rows.new_empty((rows.shape[0], weight.shape[2] if transposed else weight.shape[1]))
+
+
+@torch.library.custom_op("xla_lora::sharded_gather_slots", mutates_args=())
+def sharded_gather_slots(
+    pool: torch.Tensor,
+    scale: torch.Tensor | None,
+    rows: torch.Tensor,
+    rank_axis: int,
+    max_loras: int,
+    dtype: torch.dtype,
+    spec: str,
+    key: str,
+) -> torch.Tensor:
+    """A batch's lanes gathered from a rank-true pool into the slot layout, per shard (no collective).
+
+    Args:
+      pool: [k, *slot] with the rank axis holding the pool's rows (int8 or the adapters' dtype), split as
+        ``LayerSharding.pool_specs`` gives (the features of the slot buffer it stands for).
+      scale: [k, rows] float32 for an int8 pool (replicated), else None.
+      rows: [max_loras * max_rank] int32, the batch's lane-major row table (replicated).
+      rank_axis: the rank axis within one slot; spec: the slot buffer's partition spec, as ``repr``.
+
+    Returns:
+      [max_loras * k, *slot] in ``dtype`` (int8 rows dequantised), split by ``spec``: what the padded
+      slot buffer would hold, read by the layer's region as its ``lora_a``/``lora_b``.
+
+    The rows table and the scales are whole on every shard and the pool's row axis is never split, so each
+    shard gathers its own feature slice of every row: :func:`torch_xla_lora.pool.gather_slots` on local
+    shapes, the same function one device runs.
+    """
+    from torch_xla_lora import pool as pools
+
+    p = _placement(key)
+    slot_spec = ast.literal_eval(spec)
+    local = p.enter(pool, slot_spec, placed=True)
+    local_scale = None if scale is None else p.enter(scale, (None, None), placed=True)
+    local_rows = p.enter(rows, (None,), placed=_placed(rows))
+    out = pools.gather_slots(local, local_scale, local_rows, rank_axis, max_loras, dtype)
+    return p.leave(out, slot_spec, _gathered_shape(pool, rows, rank_axis, max_loras))
+
+
+def _gathered_shape(pool: torch.Tensor, rows: torch.Tensor, rank_axis: int, max_loras: int) -> tuple[int, ...]:
+    shape = [pool.shape[0] * max_loras, *pool.shape[1:]]
+    shape[1 + rank_axis] = rows.shape[0] // max_loras
+    return tuple(shape)
+
+
+@sharded_gather_slots.register_fake
+def _(pool, scale, rows, rank_axis, max_loras, dtype, spec, key):
+    return pool.new_empty(_gathered_shape(pool, rows, rank_axis, max_loras), dtype=dtype)
 
 
 @torch.library.custom_op("xla_lora::replicated", mutates_args=())
@@ -696,7 +777,7 @@ def _(grad, inputs, weight, lora_a, lora_b, lora_indices, transposed, key, backe
 
 
 def _row_setup(ctx, inputs, output) -> None:
-    x, weight, lora_a, lora_b, indices, _, transposed, key, backend, _, _ = inputs
+    x, weight, lora_a, lora_b, indices, _, transposed, key, backend, *_ = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, indices)
     ctx.transposed, ctx.key, ctx.backend = transposed, key, backend
 
@@ -707,7 +788,7 @@ def _row_backward(ctx, grad: torch.Tensor):
     grads = _ops.sharded_row_linear_backward(
         grad, x, weight, lora_a, lora_b, indices, ctx.transposed, ctx.key, ctx.backend, *flags
     )
-    return *_needed(grads, flags), *(None,) * 7
+    return *_needed(grads, flags), *(None,) * 10  # no training on a quantized base: refused before the region
 
 
 # -- sharded_embedding ----------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from torch_xla_lora.errors import ShardingError
 from torch_xla_lora.layers import BaseLayerWithLoRA, EmbeddingWithLoRA
 from torch_xla_lora.layers.embedding import embed_scale
 from torch_xla_lora.layers.experts import ExpertsWithLoRA
-from torch_xla_lora.layers.linear import linear_features
+from torch_xla_lora.layers.linear import is_quantized_linear, linear_features
 
 # One source of truth for transformers' projection names: the patcher's.
 from torch_xla_lora.layers.names import COLUMN_NAMES, MERGED_NAMES, QKV_NAMES, ROW_NAMES
@@ -78,6 +78,7 @@ __all__ = [
     "model_mesh",
     "replicated",
     "send_batch",
+    "send_replicated",
     "warn_if_sharded",
 ]
 
@@ -209,8 +210,22 @@ class LayerSharding:
             out_dim, in_dim, bias = None, axis, None  # the bias is added once, after the reduction
         else:
             out_dim, in_dim, bias = None, None, None
+        if is_quantized_linear(module):
+            return self._quantized_specs(module, out_dim, in_dim)
         weight = (in_dim, out_dim) if transposed else (out_dim, in_dim)
         return {"weight": weight, "bias": (bias,)}
+
+    @staticmethod
+    def _quantized_specs(module: nn.Module, out_dim: str | None, in_dim: str | None) -> dict[str, Spec]:
+        """A torch_xla quantized linear layer's int8 weight, scales and zero points, split as the float weight
+        would be: per channel, the weight [out, in] on its own dims and the scales and zero points [out]
+        with the output; blockwise, the weight [in / bs, bs, out] on the blocks and the output, the scales
+        and zero points [in / bs, out] on both (row layers: whole blocks per shard)."""
+        if module.block_size == -1:
+            weight, per_output = (out_dim, in_dim), (out_dim,)
+        else:
+            weight, per_output = (in_dim, None, out_dim), (in_dim, out_dim)
+        return {"weight": weight, "weight_scaler": per_output, "zero_point": per_output}
 
     def lora_specs(self, layer: BaseLayerWithLoRA) -> dict[str, Spec]:
         """Partition spec of ``lora_a`` and ``lora_b``, consistent with the base weight."""
@@ -283,6 +298,8 @@ class LayerSharding:
                 raise ShardingError(f"embedding {name!r} can be 'vocab' or 'replicated', got {self.kind!r}")
             if layer is not None and module.max_norm is not None:
                 raise ShardingError(f"embedding {name!r}: max_norm is not supported on a mesh")
+        if is_quantized_linear(module):
+            self._check_quantized(name, module)
         if layer is None:
             return  # the partitioner handles any base shape
         sizes = {"column": layer.out_features, "vocab": layer.out_features, "row": layer.in_features}
@@ -293,10 +310,34 @@ class LayerSharding:
                 f"module {name!r}: {self.kind}-parallel dimension {sizes[self.kind]} does not divide "
                 f"into {self.shards} shards of mesh axis {self.axis!r}"
             )
+        axes, specs = layer._rank_axes(), self.lora_specs(layer)
+        if layer.pool_rows is not None and any(spec[1 + axes[buffer]] is not None for buffer, spec in specs.items()):
+            raise ShardingError(
+                f"module {name!r}: fully_sharded splits column layers' A along the rank, but with "
+                "LoRAConfig.memory_budget the rank rows live in a pool that any batch reads in any order: gathering "
+                "a batch's rows from rank-split pools would need a collective per layer. Use fully_sharded=False "
+                "with a memory budget"
+            )
         if self.lora_specs(layer)["lora_a"][1] is not None and layer.max_rank % self.shards:
             raise ShardingError(
                 f"module {name!r}: fully_sharded splits the rank, but max_rank {layer.max_rank} does not "
                 f"divide into {self.shards} shards of mesh axis {self.axis!r}"
+            )
+
+    def _check_quantized(self, name: str, module: nn.Module) -> None:
+        """Quantized bases on a mesh: int8 weights (per channel or blockwise), float activations."""
+        if module.int4_weight or module.quantize_activation:
+            what = "int4 weights" if module.int4_weight else "quantize_activation"
+            raise ShardingError(
+                f"module {name!r}: a quantized linear layer with {what} is not supported on a mesh (int8 weights "
+                "with float activations are, per channel or blockwise)"
+            )
+        blocks = module.input_dim // module.block_size if module.block_size != -1 else None
+        if self.kind == "row" and blocks is not None and blocks % self.shards:
+            raise ShardingError(
+                f"module {name!r}: a row-parallel blockwise quantized layer splits its {blocks} blocks of "
+                f"{module.block_size} input features, which do not divide into {self.shards} shards of mesh axis "
+                f"{self.axis!r}"
             )
 
     def _check_experts(self, name: str, layer: BaseLayerWithLoRA | None) -> None:
@@ -320,8 +361,7 @@ class LayerSharding:
                 tensor = getattr(module, tensor_name, None)
                 if isinstance(tensor, torch.Tensor) and tensor.dim() == len(spec):
                     xs.mark_sharding(tensor, self.mesh, spec)
-            for tensor_name, spec in lora.items():
-                xs.mark_sharding(getattr(layer, tensor_name), self.mesh, spec)
+            self._mark_lora(layer, lora)
             layer.tensor_parallel = self
             return
         for tensor_name, spec in self.base_specs(module).items():
@@ -329,9 +369,58 @@ class LayerSharding:
             if tensor is not None:
                 xs.mark_sharding(tensor, self.mesh, spec)
         if layer is not None:
-            for tensor_name, spec in self.lora_specs(layer).items():
-                xs.mark_sharding(getattr(layer, tensor_name), self.mesh, spec)
+            self._mark_lora(layer, self.lora_specs(layer))
             layer.tensor_parallel = self
+
+    def _mark_lora(self, layer: BaseLayerWithLoRA, specs: Mapping[str, Spec]) -> None:
+        """Mark the slot buffers by ``specs``, or with a memory budget the pools standing for them
+        (:meth:`pool_specs`)."""
+        if layer.pool_rows is None:
+            for tensor_name, spec in specs.items():
+                xs.mark_sharding(getattr(layer, tensor_name), self.mesh, spec)
+            return
+        for tensor_name, (pool_spec, scale_spec) in self.pool_specs(layer).items():
+            xs.mark_sharding(getattr(layer, f"{tensor_name}_pool"), self.mesh, pool_spec)
+            scale = getattr(layer, f"{tensor_name}_scale", None)
+            if scale is not None:
+                xs.mark_sharding(scale, self.mesh, scale_spec)
+
+    def pool_specs(self, layer: BaseLayerWithLoRA) -> dict[str, tuple[Spec, Spec]]:
+        """Slot buffer name -> (partition spec of its pool, of its int8 scales), for rank-true storage.
+
+        A pool ``[k, *slot]`` (k entries per slot, the rank axis holding the pool's rows, see
+        :mod:`torch_xla_lora.pool`) is split as the slot buffer ``[L * k, *slot]`` it stands for: the slot
+        axis's spec (never split) goes to the entry axis, the rank axis's (never split with a pool, see
+        :meth:`check`) to the row axis, every feature axis keeps its own. So each shard's pool holds exactly
+        the features its slot buffer would, and a batch's rows are gathered on the local shard. The scales
+        [k, rows] have no feature axis: replicated, like the rows table.
+        """
+        specs = self.lora_specs(layer)
+        axes = layer._rank_axes()
+        out = {}
+        for name, spec in specs.items():
+            if spec[0] is not None or spec[1 + axes[name]] is not None:
+                raise ShardingError(f"{name}: a pool cannot be split on its slot or rank axis, got spec {spec}")
+            out[name] = (spec, (None, None))
+        return out
+
+    def slot_buffers(self, layer: BaseLayerWithLoRA, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Name -> the slot buffer a forward reads, gathered from the pool on each shard's local slice
+        (``xla_lora::sharded_gather_slots``): the batch's rows, split as the slot buffer, no collective."""
+        specs, axes = self.lora_specs(layer), layer._rank_axes()
+        return {
+            name: torch.ops.xla_lora.sharded_gather_slots(
+                getattr(layer, f"{name}_pool"),
+                getattr(layer, f"{name}_scale", None),
+                layer.context.rows,
+                axes[name],
+                layer.max_loras,
+                layer.adapter_dtype,
+                repr(specs[name]),
+                self.key,
+            )
+            for name in names
+        }
 
     # -- forward: what dynamo traces; the per-shard regions are opaque ops (regions.py) ------------
 
@@ -355,9 +444,13 @@ class LayerSharding:
         backend = layer.backend if fused else layer.lora_backend(layer.formulation(x))
         metadata, own = self._metadata(layer, x2.shape[0], fused)
         lora_a, lora_b = layer.slot_factors()  # the buffers, or trainable adapters' rows put in, in the graph
+        quantized = is_quantized_linear(base)
+        if quantized and torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_a, lora_b)):
+            raise ShardingError("training on a quantized base is not supported on a mesh yet (one device only)")
         if self.kind == "row":
             # The base matmul runs inside the region, so base and LoRA share the one reduction.
-            transposed = not isinstance(base, nn.Linear)
+            transposed = not isinstance(base, nn.Linear) and not quantized
+            scales = (base.weight_scaler, base.zero_point, base.block_size) if quantized else (None, None, -1)
             y = torch.ops.xla_lora.sharded_row_linear(
                 x2,
                 base.weight,
@@ -370,8 +463,9 @@ class LayerSharding:
                 backend,
                 fused,
                 own,
+                *scales,
             )
-            if base.bias is not None:
+            if getattr(base, "bias", None) is not None:
                 y = y + base.bias
             return y.reshape(*x.shape[:-1], layer.out_features)
         if fused:  # base matmul, bias and LoRA in one op on each shard's columns
@@ -626,7 +720,7 @@ def send_batch(
         if shape is not None and getattr(layer, "linear_metadata_shape", lambda: None)() is not None:
             linear.append((*shape, layer.tensor_parallel.kind != "row" and layer.base_layer.bias is not None))
     chunks = [
-        ops.batch_metadata(chunk, shapes, lay.max_rank, lay.max_loras, lay.lora_b.dtype, linear_shapes=linear)
+        ops.batch_metadata(chunk, shapes, lay.max_rank, lay.max_loras, lay.adapter_dtype, linear_shapes=linear)
         for chunk in token_slots.reshape(dp, -1)
     ]
     sent, metadata = {}, {}
@@ -636,6 +730,13 @@ def send_batch(
             sent[id(array)] = _send_split(stacked, device, placement.mesh, (placement.data_axis, None))
         metadata[(len(token_slots) // dp, *shape)] = sent[id(array)]
     return sent_slots, metadata
+
+
+def send_replicated(tensor: torch.Tensor, device, layers: Mapping[str, BaseLayerWithLoRA]) -> torch.Tensor:
+    """``tensor`` (host) replicated on the mesh of ``layers``, marked as it is sent (e.g. a batch's pool rows):
+    the regions then read it as placed data, never marking device data again (which would copy it back)."""
+    placement = next(lay.tensor_parallel for lay in layers.values())
+    return _send_split(tensor, device, placement.mesh, (None,) * tensor.dim())
 
 
 def _send_split(tensor: torch.Tensor, device, mesh: Mesh, spec: Spec) -> torch.Tensor:
