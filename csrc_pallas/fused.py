@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,11 @@ from .block_sizes import BlockSizes, choose, known, typical_adapters, vmem_limit
 from .visits import LaneBlocks, max_chunks
 
 logger = logging.getLogger(__name__)
+
+#: Rank rows per page of a pool read by the pooled kernel (:class:`Pooled`): Mosaic slices a tiled
+#: HBM array only along whole (8, 128) tiles ("Slice shape along dimension 0 must be aligned to
+#: tiling (8)"), so a lane's rows are DMA'd a page at a time and an adapter owns whole aligned pages.
+PAGE_ROWS = 8
 
 
 def rank_stride(rank: int, dtype) -> int:
@@ -198,47 +204,130 @@ def step_work(i: int, n: int, meta, rank: int, hidden: int, lanes: int, block_si
     return dma, matmuls
 
 
-def _fused_kernel(
-    active_ref,  # SMEM [num_blocks]
-    chunks_ref,  # SMEM [num_blocks]
-    slots_ref,  # SMEM [num_blocks * per_block]
-    uniform_ref,  # SMEM [num_blocks]
-    code_ref,  # [tokens, 1] int32
-    x_ref,  # [tokens, D]
-    base_ref,  # [tokens, out]
-    a_hbm,  # ANY [L, R, D]
-    b_hbm,  # ANY [L, R, Dout]
-    o_ref,  # [tokens, out]
-    a_buf,  # VMEM [lanes * Rp, D]
-    b_buf,  # VMEM [lanes * Rp, out]
-    y_buf,  # VMEM [max_chunks, tokens, lanes * Rp]
-    sem,  # DMA semaphores [2]
-    *,
-    lanes: int,
-    stride: int,
-    per_block: int,
-    scaling: float,
-):
+class Pooled(NamedTuple):
+    """A pooled source (:func:`pooled_shrink_expand`): the A and B tiles of a lane are read from a rank-row
+    pool through the batch's row table, page by page, only the pages that hold the lane's true rank.
+
+    Attributes:
+      rank: table entries per lane (the pool's ``max_rank``).
+      int8: the pools hold int8 rows; per-row float32 scales come with the table.
+    """
+
+    rank: int
+    int8: bool
+
+    @property
+    def num_prefetch(self) -> int:
+        """Scalar-prefetch arrays of the kernel: the 4 lane arrays, then rows, ranks (and scales)."""
+        return 7 if self.int8 else 6
+
+
+def pages(rank: int) -> int:
+    """Pool pages of ``PAGE_ROWS`` rows that hold ``rank`` rank rows."""
+    return -(-rank // PAGE_ROWS)
+
+
+def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float, pooled: Pooled | None = None):
+    """The laned shrink-expand. Refs, in order: the scalar-prefetch arrays (SMEM: active, chunks,
+    slots, uniform; pooled: + rows [L * R], ranks [L] (+ scales [L * R] f32 for int8)), code [tokens, 1],
+    x [tokens, D], base [tokens, out], A and B (ANY: slots [L, R, D] / [L, R, Dout], or pools
+    [P + 2, D] / [P + 2, Dout]), the output [tokens, out], then the scratch: A [lanes * Rp, D] and
+    B [lanes * Rp, out] tiles in the compute dtype, y [max_chunks, tokens, lanes * Rp], DMA semaphores
+    [2] (int8 pools: + page buffers [lanes * Rp / 8, 8, D] and [..., 8, out] for the int8 rows)."""
+    num_prefetch = 4 if pooled is None else pooled.num_prefetch
+    active_ref, chunks_ref, slots_ref, uniform_ref, *table = refs[:num_prefetch]
+    code_ref, x_ref, base_ref, a_hbm, b_hbm, o_ref, a_buf, b_buf, y_buf, sem, *page_bufs = refs[num_prefetch:]
     i, n = pl.program_id(0), pl.program_id(1)
     block = active_ref[i]
     num_chunks = chunks_ref[block]
-    rank = a_hbm.shape[1]
     tile = o_ref.shape[1]
+    width = lanes * stride
 
     def lane_slots(c):
         return [slots_ref[block * per_block + c * lanes + lane] for lane in range(lanes)]
 
-    def copy_lanes(c, source, dest, sem_index, src_index):
-        """DMA each lane's tile of chunk c into its rows of ``dest``, then wait for all."""
-        copies = []
-        for lane, slot in enumerate(lane_slots(c)):
-            copy = pltpu.make_async_copy(
-                source.at[src_index(jnp.maximum(slot, 0))], dest.at[pl.ds(lane * stride, rank)], sem.at[sem_index]
-            )
-            copies.append((slot, copy))
-            pl.when(slot >= 0)(copy.start)
-        for slot, copy in copies:
-            pl.when(slot >= 0)(copy.wait)
+    if pooled is None:
+        rank = a_hbm.shape[1]
+
+        def load(c, which: int) -> None:
+            """DMA each lane's tile of chunk c (A: which 0, B: 1) into its rows of the buffer, then wait for all."""
+            source, dest = (a_hbm, a_buf) if which == 0 else (b_hbm, b_buf)
+            copies = []
+            for lane, slot in enumerate(lane_slots(c)):
+                entry = jnp.maximum(slot, 0)
+                index = entry if which == 0 else (entry, slice(None), pl.ds(n * tile, tile))
+                copy = pltpu.make_async_copy(source.at[index], dest.at[pl.ds(lane * stride, rank)], sem.at[which])
+                copies.append((slot, copy))
+                pl.when(slot >= 0)(copy.start)
+            for slot, copy in copies:
+                pl.when(slot >= 0)(copy.wait)
+
+    else:
+        rows_ref, ranks_ref = table[0], table[1]
+        rank = pooled.rank
+
+        def lane_rank(slot):
+            """The true rank of a lane (0 for a chunk's unused lanes, slot -1)."""
+            return jnp.where(slot >= 0, ranks_ref[jnp.maximum(slot, 0)], 0)
+
+        def load(c, which: int) -> None:
+            """DMA the pages holding each lane's true-rank rows of chunk c into its rows of the buffer (int8:
+            into the page buffer, then converted); rows past a lane's rank keep stale values, masked by the caller."""
+            source, dest = (a_hbm, a_buf) if which == 0 else (b_hbm, b_buf)
+            staging = page_bufs[which] if pooled.int8 else None
+            columns = slice(None) if which == 0 else pl.ds(n * tile, tile)
+
+            def copy(slot, lane: int, page):
+                row = pl.multiple_of(rows_ref[slot * rank + page * PAGE_ROWS], PAGE_ROWS)
+                if staging is None:
+                    target = dest.at[pl.ds(pl.multiple_of(lane * stride + page * PAGE_ROWS, PAGE_ROWS), PAGE_ROWS)]
+                else:
+                    target = staging.at[lane * (stride // PAGE_ROWS) + page]
+                return pltpu.make_async_copy(source.at[pl.ds(row, PAGE_ROWS), columns], target, sem.at[which])
+
+            counts = [(jnp.maximum(slot, 0), (lane_rank(slot) + PAGE_ROWS - 1) // PAGE_ROWS) for slot in lane_slots(c)]
+            for step in ("start", "wait"):
+                for lane, (slot, count) in enumerate(counts):
+
+                    def body(page, carry, slot=slot, lane=lane, step=step):
+                        getattr(copy(slot, lane, page), step)()
+                        return carry
+
+                    jax.lax.fori_loop(0, count, body, 0)
+            if staging is not None:
+                for lane, (_, count) in enumerate(counts):
+                    for page in range(pages(rank)):
+
+                        @pl.when(page < count)
+                        def _convert(lane=lane, page=page):
+                            first = lane * stride + page * PAGE_ROWS
+                            values = staging[lane * (stride // PAGE_ROWS) + page].astype(jnp.float32)
+                            dest[first : first + PAGE_ROWS, :] = values.astype(dest.dtype)
+
+        def lane_ranks(c, shape, axis: int):
+            """int32 ``shape``: the true rank of the lane each position along ``axis`` belongs to."""
+            lane_of = jax.lax.broadcasted_iota(jnp.int32, shape, axis) // stride
+            out = jnp.zeros(shape, jnp.int32)
+            for lane, slot in enumerate(lane_slots(c)):
+                out = jnp.where(lane_of == lane, lane_rank(slot), out)
+            return out
+
+        def true_rank(c, shape, axis: int):
+            """bool ``shape``: positions along ``axis`` that are a rank row within their lane's true rank."""
+            return jax.lax.broadcasted_iota(jnp.int32, shape, axis) % stride < lane_ranks(c, shape, axis)
+
+        def row_scales(c):
+            """[1, lanes * Rp] f32: each shrink channel's a_scale * b_scale (int8), from the table's scales."""
+            column = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
+            out = jnp.zeros((1, width), jnp.float32)
+            for lane, slot in enumerate(lane_slots(c)):
+                entry = jnp.maximum(slot, 0)
+
+                def body(j, acc, lane=lane, entry=entry):
+                    return jnp.where(column == lane * stride + j, table[2][entry * rank + j], acc)
+
+                out = jax.lax.fori_loop(0, lane_rank(slot), body, out)
+            return out
 
     @pl.when((i == 0) & (n == 0))
     def _zero_buffers():
@@ -249,16 +338,20 @@ def _fused_kernel(
 
     @pl.when(n == 0)
     def _shrink():
-        column_lane = jax.lax.broadcasted_iota(jnp.int32, (1, lanes * stride), 1) // stride
+        column_lane = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1) // stride
 
         def body(c, carry):
-            copy_lanes(c, a_hbm, a_buf, 0, lambda s: s)
+            load(c, 0)
             y = jax.lax.dot_general(
                 x_ref[...], a_buf[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
             )
             keep = column_lane == (code_ref[...] - c * lanes)
             if lanes == 1:  # a block whose tokens all use one adapter needs no mask
                 keep = keep | (uniform_ref[block] == 1)
+            if pooled is not None:  # channels past a lane's true rank read stale rows: selected out
+                keep = keep & true_rank(c, (1, width), 1)
+                if pooled.int8:
+                    y = y * row_scales(c)
             y = jnp.where(keep, y, 0.0)
             y_buf[c] = (y * scaling).astype(y_buf.dtype)
             return carry
@@ -266,8 +359,11 @@ def _fused_kernel(
         jax.lax.fori_loop(0, num_chunks, body, 0)
 
     def expand(c, acc):
-        copy_lanes(c, b_hbm, b_buf, 1, lambda s: (s, slice(None), pl.ds(n * tile, tile)))
-        b, poisoned = finite_lanes(b_buf[...], lanes, stride)
+        load(c, 1)
+        b = b_buf[...]
+        if pooled is not None:  # rows past a lane's true rank are stale: zero (0 * Inf would be NaN)
+            b = jnp.where(true_rank(c, (width, 1), 0), b.astype(jnp.float32), 0.0).astype(b.dtype)
+        b, poisoned = finite_lanes(b, lanes, stride)
         y = poison_own_lane(y_buf[c], code_ref[...], c * lanes, poisoned, stride)
         return acc + jnp.dot(y, b, preferred_element_type=jnp.float32)
 
@@ -284,10 +380,12 @@ def grid_spec(
     dtype,
     block_sizes: BlockSizes,
     lanes: int,
+    pooled: Pooled | None = None,
 ) -> pltpu.PrefetchScalarGridSpec:
     """The kernel's grid and BlockSpecs (also read by the TPU cost model).
 
-    The grid's first dimension is set by the caller: the number of active blocks.
+    The grid's first dimension is set by the caller: the number of active blocks. ``dtype`` is the
+    compute dtype (the slots', or a float pool's; an int8 pool's rows are converted to it in VMEM).
     """
     bt, bn = block_sizes.tokens, block_sizes.out
     stride = rank_stride(rank, dtype)
@@ -299,8 +397,20 @@ def grid_spec(
     def tile(i, n, active, *_):
         return active[i], n
 
+    scratch = [
+        pltpu.VMEM((lanes * stride, hidden), dtype),
+        pltpu.VMEM((lanes * stride, bn), dtype),
+        pltpu.VMEM((chunks, bt, lanes * stride), dtype),
+        pltpu.SemaphoreType.DMA((2,)),
+    ]
+    if pooled is not None and pooled.int8:
+        page_count = lanes * stride // PAGE_ROWS
+        scratch += [
+            pltpu.VMEM((page_count, PAGE_ROWS, hidden), jnp.int8),
+            pltpu.VMEM((page_count, PAGE_ROWS, bn), jnp.int8),
+        ]
     return pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4,
+        num_scalar_prefetch=4 if pooled is None else pooled.num_prefetch,
         grid=(num_tokens // bt, out_dim // bn),
         in_specs=[
             pl.BlockSpec((bt, 1), rows),
@@ -310,12 +420,7 @@ def grid_spec(
             pl.BlockSpec(memory_space=pltpu.ANY),
         ],
         out_specs=pl.BlockSpec((bt, bn), tile),
-        scratch_shapes=[
-            pltpu.VMEM((lanes * stride, hidden), dtype),
-            pltpu.VMEM((lanes * stride, bn), dtype),
-            pltpu.VMEM((chunks, bt, lanes * stride), dtype),
-            pltpu.SemaphoreType.DMA((2,)),
-        ],
+        scratch_shapes=scratch,
     )
 
 
@@ -386,3 +491,130 @@ def shrink_expand(
         interpret=interpret,
         name="xla_lora_bgmv_shrink_expand",
     )(meta.active, meta.chunks, meta.slots, meta.uniform, meta.code.reshape(num_tokens, 1), x, base, lora_a, lora_b)
+
+
+def pooled_cost_estimate(
+    num_tokens: int,
+    hidden: int,
+    out_dim: int,
+    ranks: tuple[int, ...],
+    table_rank: int,
+    dtype,
+    block_sizes: BlockSizes,
+    lanes: int,
+    int8: bool,
+) -> pl.CostEstimate:
+    """As :func:`cost_estimate` for the pooled kernel, with the adapter bytes of the true ranks: the
+    pages of each of ``ranks`` (the distinct adapters a typical batch uses, one entry each), int8
+    rows at one byte an element. Flops count the MXU work as issued, as there."""
+    itemsize = jnp.dtype(dtype).itemsize
+    width = lanes * rank_stride(table_rank, dtype)
+    activations = num_tokens * (hidden + 2 * out_dim) * itemsize + 4 * num_tokens
+    rows = sum(pages(rank) * PAGE_ROWS for rank in ranks)
+    return pl.CostEstimate(
+        flops=2 * num_tokens * width * (hidden + out_dim),
+        transcendentals=0,
+        bytes_accessed=activations + rows * (hidden + out_dim) * (1 if int8 else itemsize),
+    )
+
+
+def pooled_vmem_bytes(block_sizes: BlockSizes, rank: int, num_slots: int, lanes: int, dtype, int8: bool) -> int:
+    """VMEM of the pooled kernel: :func:`vmem_bytes`, plus the int8 page buffers of an int8 pool."""
+    extra = lanes * rank_stride(rank, dtype) * (block_sizes.hidden + block_sizes.out) if int8 else 0
+    return vmem_bytes(block_sizes, rank, num_slots, lanes, dtype) + extra
+
+
+def pooled_plan_call(
+    num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype, generation: str, int8: bool
+):
+    """(BlockSizes, lanes, fused) of one pooled call: :func:`plan_call`'s plan for the slots the pool stands
+    for (so the batch's host metadata serves both), ``fused`` False where the pooled kernel cannot run it
+    (widths, VMEM: the caller then gathers the lanes' rows into slots and runs the slot kernels)."""
+    sizes, lanes, run_fused = plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
+    if run_fused and pooled_vmem_bytes(sizes, rank, num_slots, lanes, dtype, int8) > vmem_limit(generation):
+        run_fused = False
+    return sizes, lanes, run_fused
+
+
+def pooled_step_work(i: int, n: int, meta, ranks, hidden: int, lanes: int, block_sizes: BlockSizes, itemsize: int):
+    """:func:`step_work` of the pooled kernel: (manual DMA bytes, matmuls) at grid step (i, n), the DMAs
+    being the pages of each used lane's true rank (``ranks``: lane -> rank; ``itemsize`` the pool's)."""
+    block = int(meta.active[i])
+    chunks = int(meta.chunks[block])
+    per_block = len(meta.slots) // len(meta.chunks)
+    used = [int(s) for s in meta.slots[block * per_block : block * per_block + chunks * lanes] if s >= 0]
+    rows = sum(pages(int(ranks[s])) * PAGE_ROWS for s in used)
+    bt, bn = block_sizes.tokens, block_sizes.out
+    width = lanes * rank_stride(max(int(r) for r in ranks), "float32" if itemsize == 4 else "bfloat16")
+    matmuls = [(bt, width, bn)] * chunks
+    dma = rows * bn * itemsize
+    if n == 0:
+        dma += rows * hidden * itemsize
+        matmuls += [(bt, hidden, width)] * chunks
+    return dma, matmuls
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("scaling", "block_sizes", "lanes", "interpret", "vmem_limit_bytes", "rank", "typical_ranks"),
+)
+def pooled_shrink_expand(
+    x: jax.Array,  # [T_pad, D], the compute dtype
+    a_pool: jax.Array,  # [P + 2, D], x's dtype or int8
+    b_pool: jax.Array,  # [P + 2, Dout], a_pool's dtype
+    base: jax.Array,  # [T_pad, Dout], x's dtype
+    meta: LaneBlocks,
+    rows: jax.Array,  # [L * R] int32: lane l's rows at l * R + j
+    ranks: jax.Array,  # [L] int32: each lane's true rank
+    scales: jax.Array | None,  # [L * R] f32: a_scale * b_scale of each table entry (int8 pools)
+    *,
+    scaling: float,
+    block_sizes: BlockSizes,
+    lanes: int,
+    rank: int,
+    interpret: bool,
+    vmem_limit_bytes: int | None = None,
+    typical_ranks: tuple[int, ...] | None = None,
+) -> jax.Array:  # [T_pad, Dout], base.dtype
+    """The fused laned kernel reading each lane's A and B rows from the pools through the row table.
+
+    Lane l's rank-r rows are ``rows[l * R : l * R + r]``; the kernel DMAs them a page of
+    :data:`PAGE_ROWS` at a time, the page's first row ``rows[l * R + 8p]`` (a multiple of 8, the next
+    seven rows contiguous: the pool's allocator hands out aligned pages), and reads nothing past
+    the lane's last page. ``typical_ranks``: the distinct adapters' ranks for the cost estimate
+    (default: ``lanes`` adapters of rank R).
+    """
+    num_tokens, hidden = x.shape
+    out_dim = b_pool.shape[1]
+    num_slots = ranks.shape[0]
+    dtype = x.dtype
+    int8 = scales is not None
+    pooled = Pooled(rank, int8)
+    block_sizes.check(hidden, out_dim)
+    spec = grid_spec(num_tokens, hidden, out_dim, rank, num_slots, dtype, block_sizes, lanes, pooled)
+    spec.grid = (meta.num_active[0], spec.grid[1])
+    kernel = functools.partial(
+        _fused_kernel,
+        lanes=lanes,
+        stride=rank_stride(rank, dtype),
+        per_block=max_chunks(block_sizes.tokens, num_slots, lanes) * lanes,
+        scaling=scaling,
+        pooled=pooled,
+    )
+    typical = typical_ranks or (rank,) * min(lanes, num_slots)
+    estimate = pooled_cost_estimate(num_tokens, hidden, out_dim, typical, rank, dtype, block_sizes, lanes, int8)
+    prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform, rows, ranks) + ((scales,) if int8 else ())
+    return pl.pallas_call(
+        kernel,
+        grid_spec=spec,
+        out_shape=jax.ShapeDtypeStruct(base.shape, base.dtype),
+        # base follows the scalar-prefetch arrays, code and x: untouched blocks keep it.
+        input_output_aliases={pooled.num_prefetch + 2: 0},
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("arbitrary", "arbitrary"),
+            vmem_limit_bytes=vmem_limit_bytes or vmem_limit("v6e"),
+        ),
+        cost_estimate=estimate,
+        interpret=interpret,
+        name="xla_lora_pooled_shrink_expand",
+    )(*prefetch, meta.code.reshape(num_tokens, 1), x, base, a_pool, b_pool)

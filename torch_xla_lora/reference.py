@@ -94,6 +94,38 @@ def bgmv_shrink_expand(
     return out.to(base.dtype)
 
 
+def pooled_shrink_expand(
+    inputs: torch.Tensor,  # [T, D]
+    a_pool: torch.Tensor,  # [P + 2, D]
+    b_pool: torch.Tensor,  # [P + 2, Dout]
+    base: torch.Tensor,  # [T, Dout]
+    lanes: torch.Tensor,  # [T]
+    rows: torch.Tensor,  # [L, R]
+    a_scale: torch.Tensor | None = None,  # [P + 2]
+    b_scale: torch.Tensor | None = None,  # [P + 2]
+    scaling: float = 1.0,
+) -> torch.Tensor:  # [T, Dout], base.dtype
+    """``out[t] = base[t] + (scaling * s) @ B`` with A, B the pool rows of lane ``lanes[t]``'s true rank.
+
+    A lane's true rank r is the position after the last entry of ``rows[lane]`` that is not the zero row
+    (row P); only its first r rows are read. int8 pools: ``s = (x A_q^T) * a_scale * b_scale`` per rank
+    channel and B_q unscaled, the scales exact per row. ``s`` is rounded to the inputs' dtype before the expand.
+    """
+    acc = _acc(inputs, base)
+    zero_row = a_pool.shape[0] - 2
+    out = base.to(acc, copy=True)
+    for lane, tokens in _slot_rows(lanes, rows.shape[0]):
+        named = (rows[lane] != zero_row).nonzero()
+        if named.numel() == 0:  # a lane with no rows: its tokens get the base
+            continue
+        picked = rows[lane, : int(named.max()) + 1].long()
+        shrunk = scaling * (inputs[tokens].to(acc) @ a_pool[picked].to(acc).T)
+        if a_scale is not None:
+            shrunk = shrunk * (a_scale[picked].to(acc) * b_scale[picked].to(acc))
+        out[tokens] += shrunk.to(inputs.dtype).to(acc) @ b_pool[picked].to(acc)
+    return out.to(base.dtype)
+
+
 def linear_lora(
     inputs: torch.Tensor,  # [T, K]
     weight: torch.Tensor,  # [N, K] ("out_in") or [K, N] ("in_out")

@@ -1,5 +1,6 @@
 """The BGMV ops: ``torch.ops.xla_lora.bgmv_shrink``, ``bgmv_expand``, ``bgmv_expand_slice``
-the fused ``bgmv_shrink_expand``, and ``linear_lora`` (the base layer's matmul
+the fused ``bgmv_shrink_expand``, its rank-true ``pooled_shrink_expand`` (reading adapters from a
+rank-row pool through a row table), and ``linear_lora`` (the base layer's matmul
 and the LoRA in one op), plus ``bgmv_weight_grad``, the slot weights' gradient
 their backward uses.
 
@@ -36,6 +37,7 @@ __all__ = [
     "bgmv_expand",
     "bgmv_expand_slice",
     "bgmv_shrink_expand",
+    "pooled_shrink_expand",
     "linear_lora",
     "bgmv_weight_grad",
     "batch_metadata",
@@ -392,6 +394,125 @@ def bgmv_shrink_expand(
         metadata=metadata,
     )
     return torch.ops.xla_lora.bgmv_shrink_expand(inputs, lora_a, lora_b, base, lora_indices, scaling, backend, metadata)
+
+
+@torch.library.custom_op("xla_lora::pooled_shrink_expand", mutates_args=())
+def _pooled_shrink_expand(
+    inputs: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    base: torch.Tensor,
+    lanes: torch.Tensor,
+    rows: torch.Tensor,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    backend: str = "auto",
+    metadata: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``torch.ops.xla_lora.pooled_shrink_expand``: see :func:`pooled_shrink_expand`."""
+    _validate.pooled_shrink_expand(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale)
+    _validate.backend(backend)
+    _validate.scaling(scaling)
+    _validate.pooled_metadata(metadata, inputs, rows, b_pool.shape[1])
+    if inputs.device.type != "xla":
+        return reference.pooled_shrink_expand(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling)
+    if _validate.degenerate(*rows.shape, inputs.shape[1], b_pool.shape[1]):  # L, R, D or Dout is 0
+        return base.clone()
+    name, generation = _backend(backend)
+    int8 = a_scale is not None
+    fn = _jax_module().pooled_shrink_expand_fn(name, generation, float(scaling), int8, metadata is not None)
+    scales = (a_scale, b_scale) if int8 else ()
+    extra = () if metadata is None else (metadata,)
+    return _call_jax(fn, inputs, a_pool, b_pool, base, lanes, rows, *scales, *extra)
+
+
+@_pooled_shrink_expand.register_fake
+def _(
+    inputs, a_pool, b_pool, base, lanes, rows, a_scale=None, b_scale=None, scaling=1.0, backend="auto", metadata=None
+):
+    _validate.pooled_shrink_expand(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale)
+    _validate.backend(backend)
+    _validate.scaling(scaling)
+    _validate.pooled_metadata(metadata, inputs, rows, b_pool.shape[1])
+    return torch.empty_like(base)
+
+
+def pooled_shrink_expand(
+    inputs: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    base: torch.Tensor,
+    lanes: torch.Tensor,
+    rows: torch.Tensor,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    backend: str = "auto",
+    metadata: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`bgmv_shrink_expand` reading each adapter from a rank-row pool at its true rank.
+
+    The adapters of a batch are its *lanes*: lane l's rank rows are the pool rows ``rows[l, :r]``, r its
+    true rank (the position after the last entry of ``rows[l]`` that is not the zero row P; entries past
+    it name the zero row), the layout of ``context.rows`` with a memory budget (see ``torch_xla_lora.pool``).
+    Rows past a lane's rank, and rows of lanes no token uses, are neither read nor multiplied: on TPU
+    ("pallas") the fused laned kernel DMAs each used lane's rows straight from the pools, a page of
+    ``kernels.fused.PAGE_ROWS`` (8) rows at a time, int8 rows converted in VMEM. The "xla" backend gathers
+    the lanes' rows into the [L, R, ...] slot layout (all L x R table entries) and runs the slot op.
+
+    Args:
+      inputs: [T, D] floating: the compute dtype.
+      a_pool: [P + 2, D]: A's rank rows (P data rows, then the zero row P and a scratch row), inputs'
+        dtype or int8.
+      b_pool: [P + 2, Dout], a_pool's dtype: B's rank rows (rank-first).
+      base: [T, Dout], inputs' dtype.
+      lanes: [T] int32: each token's lane; outside [0, L) adds nothing.
+      rows: [L, R] int32: each lane's pool rows. On the "pallas" backend a lane's rows come in aligned
+        pages: entry ``8p`` of a lane is a multiple of 8 and entries ``8p .. 8p + 7`` within its rank are
+        that row and the next seven (``PoolManager`` with ``granule`` 8 allocates so).
+      a_scale, b_scale: [P + 2] float32 per-row scales of int8 pools, else None.
+      scaling: multiplies the LoRA product.
+      backend: "auto", "pallas" or "xla" (XLA tensors only).
+      metadata: optional host-built grouping (XLA only): :func:`batch_metadata`'s entry for the slots the
+        pool stands for (``rank`` = R, ``num_slots`` = L, the inputs' dtype).
+
+    Returns:
+      [T, Dout] in base's dtype (accumulated in float32).
+
+    Semantics:
+      for t in range(T):
+          l = lanes[t]
+          if 0 <= l < L and rank(l) > 0:
+              r = rows[l, :rank(l)]
+              s = scaling * (a_pool[r] @ inputs[t])                 (float32)
+              if int8: s *= a_scale[r] * b_scale[r]                 (per rank channel, exact per row)
+              out[t] = base[t] + s.to(inputs.dtype) @ b_pool[r]
+          else:
+              out[t] = base[t]
+
+    Raises:
+      ArgumentTypeError (a TypeError): a tensor argument that is not a torch.Tensor.
+      ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument, scales missing for
+        int8 pools or given for float ones.
+      ArgumentError (a ValueError): a non-finite ``scaling``.
+    """
+    _validate.tensor_arguments(
+        "pooled_shrink_expand",
+        optional=("a_scale", "b_scale", "metadata"),
+        inputs=inputs,
+        a_pool=a_pool,
+        b_pool=b_pool,
+        base=base,
+        lanes=lanes,
+        rows=rows,
+        a_scale=a_scale,
+        b_scale=b_scale,
+        metadata=metadata,
+    )
+    return torch.ops.xla_lora.pooled_shrink_expand(
+        inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling, backend, metadata
+    )
 
 
 @torch.library.custom_op("xla_lora::linear_lora", mutates_args=())

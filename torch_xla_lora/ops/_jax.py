@@ -164,6 +164,81 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
     return lambda x, lora_a, lora_b, base, indices: fn(x, lora_a, lora_b, base, indices)
 
 
+def lane_ranks(rows: jax.Array, zero_row: int) -> jax.Array:
+    """[L] int32: each lane's true rank in a row table [L, R]: the position after its last entry that is not
+    the zero row (entries before it that name the zero row are read, as zeros)."""
+    position = jnp.arange(1, rows.shape[1] + 1, dtype=jnp.int32)
+    return jnp.max(jnp.where(rows != zero_row, position, 0), axis=1).astype(jnp.int32)
+
+
+def gather_lanes(pool: jax.Array, scale: jax.Array | None, rows: jax.Array, dtype) -> jax.Array:
+    """The slot layout [L, R, W] of a row table [L, R] over a pool [P + 2, W] (int8 rows dequantised by their
+    scales [P + 2] to ``dtype``): what the slot ops read in place of the pooled kernel."""
+    flat = rows.reshape(-1)
+    picked = pool[flat]
+    if scale is not None:
+        picked = picked.astype(jnp.float32) * scale[flat][:, None]
+    return picked.astype(dtype).reshape(*rows.shape, pool.shape[1])
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def pooled_shrink_expand_fn(
+    backend: str, generation: str, scaling: float, int8: bool, with_metadata: bool, typical_ranks=None
+) -> Callable:
+    """``fn(inputs[T, D], a_pool[P+2, D], b_pool[P+2, Dout], base[T, Dout], lanes[T], rows[L, R]
+    [, a_scale[P+2], b_scale[P+2]][, metadata])`` for one configuration (see ``ops.pooled_shrink_expand``).
+
+    Backend "pallas", where the pooled kernel runs the shape (``fused.pooled_plan_call``): the kernel
+    reads each lane's true-rank pages. Otherwise (backend "xla", or shapes the pooled kernel cannot
+    take) the lanes' rows are gathered into the slot layout and :func:`shrink_expand_fn` runs on it.
+    ``typical_ranks``: the batch's distinct ranks for the kernel's cost estimate (the compile grid).
+    """
+
+    def fn(x, a_pool, b_pool, base, lanes, rows, *rest):
+        a_scale, b_scale = rest[:2] if int8 else (None, None)
+        metadata = rest[-1] if with_metadata else None
+        num_tokens, hidden = x.shape
+        num_slots, rank = rows.shape
+        out_dim = b_pool.shape[1]
+        dtype = x.dtype
+        sizes, lanes_count, run = fused.pooled_plan_call(
+            num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, int8
+        )
+        if backend != "pallas" or not run:
+            lora_a = gather_lanes(a_pool, a_scale, rows, dtype)
+            lora_b = gather_lanes(b_pool, b_scale, rows, dtype)
+            slot_fn = shrink_expand_fn(backend, generation, scaling, with_metadata)
+            return slot_fn(x, lora_a, lora_b, base, lanes, *(() if metadata is None else (metadata,)))
+        padded = sizes.padded_tokens(num_tokens)
+        idx = _padded_indices(lanes, num_slots, padded)
+        if metadata is None:
+            meta = visits.build_lanes(idx, num_slots, sizes.tokens, lanes_count)
+        else:
+            meta, _ = visits.unpack(metadata[:-padded], padded, num_slots, sizes.tokens, lanes_count)
+        flat = rows.reshape(-1).astype(jnp.int32)
+        scales = a_scale[flat] * b_scale[flat] if int8 else None
+        out = fused.pooled_shrink_expand(
+            _pad_rows(x, padded),
+            a_pool,
+            b_pool,
+            _pad_rows(base, padded),
+            meta,
+            flat,
+            lane_ranks(rows, a_pool.shape[0] - 2),
+            scales,
+            scaling=scaling,
+            block_sizes=sizes,
+            lanes=lanes_count,
+            rank=rank,
+            interpret=generation == "cpu",
+            vmem_limit_bytes=block_sizes.vmem_limit(generation),
+            typical_ranks=typical_ranks,
+        )
+        return jnp.where(_in_range(lanes, num_slots), out[:num_tokens], base)  # out of range: exactly base
+
+    return fn
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def weight_grad_fn(num_slots: int, scaling: float, backend: str = "xla", generation: str = "cpu") -> Callable:
     """``fn(left[T, P], right[T, Q], indices[T]) -> [L, P, Q]`` in right's dtype, for one configuration.

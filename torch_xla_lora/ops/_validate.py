@@ -173,6 +173,63 @@ def metadata(
         )
 
 
+def pooled_shrink_expand(
+    inputs: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    base: torch.Tensor,
+    lanes: torch.Tensor,
+    rows: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    b_scale: torch.Tensor | None,
+) -> None:
+    """Checks of ``pooled_shrink_expand``: x [T, D] floating, pools [P + 2, D] and [P + 2, Dout] in x's dtype
+    or int8 (then float32 scales [P + 2] for both), base [T, Dout] in x's dtype, lanes [T], rows [L, R] int32."""
+    _rank("inputs", inputs, 2, "[T, D]")
+    _rank("a_pool", a_pool, 2, "[P + 2, D]")
+    _rank("b_pool", b_pool, 2, "[P + 2, Dout]")
+    _rank("base", base, 2, "[T, Dout]")
+    _rank("rows", rows, 2, "[L, R]")
+    _floating("inputs", inputs)
+    _same_dtype("base", base, "inputs", inputs)
+    int8 = a_pool.dtype == torch.int8
+    if not int8:
+        _same_dtype("a_pool", a_pool, "inputs", inputs)
+    _same_dtype("b_pool", b_pool, "a_pool", a_pool)
+    if a_pool.shape[0] < 2:
+        shape = tuple(a_pool.shape)
+        raise ShapeError(f"a_pool must hold its data rows, the zero row and the scratch row, got shape {shape}")
+    _dim("a_pool", a_pool, 1, inputs.shape[1], "D of inputs")
+    _dim("b_pool", b_pool, 0, a_pool.shape[0], "the rows of a_pool")
+    _dim("b_pool", b_pool, 1, base.shape[1], "Dout of base")
+    _dim("base", base, 0, inputs.shape[0], "T of inputs")
+    if rows.dtype != torch.int32:
+        raise ShapeError(f"rows must be int32, got {rows.dtype}")
+    for name, tensor in (("a_pool", a_pool), ("b_pool", b_pool), ("base", base), ("rows", rows)):
+        _device(name, tensor, inputs)
+    indices(lanes, inputs.shape[0], inputs.device)
+    for name, scale in (("a_scale", a_scale), ("b_scale", b_scale)):
+        if (scale is None) == int8:
+            expected = "float32 scales [P + 2]" if int8 else "None (the pools are not int8)"
+            raise ShapeError(f"{name} must be {expected}, got {None if scale is None else tuple(scale.shape)}")
+        if scale is not None:
+            _rank(name, scale, 1, "[P + 2]")
+            _dim(name, scale, 0, a_pool.shape[0], "the rows of a_pool")
+            if scale.dtype != torch.float32:
+                raise ShapeError(f"{name} must be float32, got {scale.dtype}")
+            _device(name, scale, inputs)
+
+
+def pooled_metadata(meta: torch.Tensor | None, inputs: torch.Tensor, rows: torch.Tensor, out_dim: int) -> None:
+    """Packed host metadata of ``pooled_shrink_expand``: the ``bgmv_shrink_expand`` metadata of the slots the
+    pool stands for (L, R from ``rows``, the inputs' dtype), see :func:`metadata`."""
+    if meta is None:
+        return
+    num_slots, rank = rows.shape
+    slots_like = torch.empty((num_slots, rank, out_dim), dtype=inputs.dtype, device="meta")
+    metadata(meta, inputs.device, inputs, slots_like)
+
+
 WEIGHT_LAYOUTS = ("out_in", "in_out")
 
 
