@@ -296,6 +296,8 @@ def sharded_embedding(
     key: str,
     backend: str,
     padding_idx: int | None = None,
+    pool_rows: torch.Tensor | None = None,
+    pool_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Vocab-parallel (or replicated) embedding with LoRA: masked local lookups, one reduction.
 
@@ -308,6 +310,9 @@ def sharded_embedding(
       padding_idx: the base embedding's ``padding_idx`` (its row gets no weight
         gradient, as ``nn.Embedding`` gives it none), or None. The output does not
         depend on it.
+      pool_rows, pool_scale: with rank-true storage, the batch's row table [L * R] (replicated) and A's
+        int8 scales [1, rows] (or None): lora_a is then A's pool [1, vocab, rows] (split on the vocabulary),
+        from which each token's R values are read at its id and its lane's rows, as on one device.
 
     Returns:
       [N, D] in weight's dtype.
@@ -321,10 +326,10 @@ def sharded_embedding(
     p = _placement(key)
     look = _Lookup(p, ids, weight, lora_a, lora_indices, scale, scale_value)
     w = p.enter(weight, (look.vocab_axis, None), placed=True)
-    a = _enter_factor(p, lora_a, (None, look.vocab_axis, None))  # [L, vocab_local, R]
+    a = _enter_factor(p, lora_a, (None, look.vocab_axis, None))  # [L, vocab_local, R] (a pool: [1, vocab_local, rows])
     base = scaled(torch.where(look.inside, w.index_select(0, look.local), 0), look.factor)  # [N_local, D]
-    s = look.a_rows(a)  # [N_local, R]
     b = _enter_factor(p, lora_b, (None, None, None))
+    s = look.a_rows(a) if pool_rows is None else look.pooled_a_rows(p, a, pool_rows, pool_scale, b)  # [N_local, R]
     partial = torch.ops.xla_lora.bgmv_expand(s, b, base.to(b.dtype), look.idx, True, backend)
     partial = partial.to(base.dtype)  # reduced in the model's dtype, as the base lookup alone would be
     if look.vocab_axis is None:
@@ -333,7 +338,7 @@ def sharded_embedding(
 
 
 @sharded_embedding.register_fake
-def _(ids, weight, lora_a, lora_b, lora_indices, scale, scale_value, key, backend, padding_idx=None):
+def _(ids, weight, lora_a, lora_b, lora_indices, scale, scale_value, key, backend, padding_idx=None, *pooled):
     return weight.new_empty((ids.shape[0], weight.shape[1]))
 
 
@@ -353,6 +358,19 @@ class _Lookup:
         self.factor = p.enter(scale.reshape(1), (None,)) if scale is not None else scale_value
         # Row of (slot, local id) in A's [L * vocab_local, R] view; -1 slots read slot 0 and add zero in expand.
         self.rows = self.idx.clamp(0, lora_a.shape[0] - 1) * self.vocab + self.local
+
+    def pooled_a_rows(
+        self, p, pool: torch.Tensor, rows: torch.Tensor, pool_scale: torch.Tensor | None, b: torch.Tensor
+    ) -> torch.Tensor:
+        """[N_local, R]: each token's (scaled) A row read from this shard's slice of A's pool [1, vocab_local,
+        rows] at its local id and its lane's rows (int8 values dequantised), zero for ids of other shards."""
+        table = p.enter(rows, (None,), placed=_placed(rows)).reshape(b.shape[0], b.shape[1]).long()
+        lane_rows = table.index_select(0, self.idx.clamp(0, b.shape[0] - 1).long())  # [N_local, R]
+        s = pool.reshape(-1)[self.local[:, None].long() * pool.shape[2] + lane_rows]
+        if pool_scale is not None:
+            row_scale = p.enter(pool_scale, (None, None), placed=True)[0]
+            s = (s.to(torch.float32) * row_scale[lane_rows]).to(b.dtype)
+        return scaled(torch.where(self.inside, s, 0), self.factor)
 
     def a_rows(self, a: torch.Tensor) -> torch.Tensor:
         """[N_local, R]: each token's (scaled) A row on this shard, zero for ids of other shards."""
@@ -851,7 +869,7 @@ def _(grad, ids, weight, lora_a, lora_b, lora_indices, scale, scale_value, key, 
 
 
 def _embedding_setup(ctx, inputs, output) -> None:
-    ids, weight, lora_a, lora_b, indices, scale, scale_value, key, backend, padding_idx = inputs
+    ids, weight, lora_a, lora_b, indices, scale, scale_value, key, backend, padding_idx, *_ = inputs
     ctx.save_for_backward(ids, weight, lora_a, lora_b, indices, scale)
     ctx.scale_value, ctx.key, ctx.backend, ctx.padding_idx = scale_value, key, backend, padding_idx
 
@@ -861,7 +879,8 @@ def _embedding_backward(ctx, grad: torch.Tensor):
     flags = ctx.needs_input_grad[1:4]
     args = (grad, ids, weight, lora_a, lora_b, indices, scale, ctx.scale_value, ctx.key, ctx.backend)
     grads = _ops.sharded_embedding_backward(*args, ctx.padding_idx, *flags)
-    return None, *_needed(grads, flags), *(None,) * 6
+    # (Pooled A, read per token, is only passed when no adapter trains: its buffers get no gradient.)
+    return None, *_needed(grads, flags), *(None,) * 8
 
 
 # -- replicated: a sharding annotation, whose gradient is the output gradient ---------------------------

@@ -539,9 +539,25 @@ class LayerSharding:
         # The base module's forward does not run: its embed_scale (if any) is applied in the region.
         scale = embed_scale(module)
         tensor, value = (scale, None) if isinstance(scale, torch.Tensor) else (None, scale)
-        lora_a, lora_b = layer.slot_factors()
+        pooled = (None, None)
+        if layer.pool_rows is not None and not layer.trainable:
+            # The tokens' A rows straight from the pool on each shard (O(T * R)), as on one device; B gathered.
+            lora_a, lora_b = layer.lora_a_pool, layer.slot_buffers(("lora_b",))["lora_b"]
+            pooled = (layer.context.rows, getattr(layer, "lora_a_scale", None))
+        else:
+            lora_a, lora_b = layer.slot_factors()
         y = torch.ops.xla_lora.sharded_embedding(
-            flat, module.weight, lora_a, lora_b, slots, tensor, value, self.key, layer.backend, module.padding_idx
+            flat,
+            module.weight,
+            lora_a,
+            lora_b,
+            slots,
+            tensor,
+            value,
+            self.key,
+            layer.backend,
+            module.padding_idx,
+            *pooled,
         )
         return y.reshape(*ids.shape, layer.out_features)
 
