@@ -1,0 +1,162 @@
+"""Padded slots against rank-true pools, paired: ``python -m torch_xla_lora.bench pool``.
+
+One random Llama (the e2e benchmark's sizes, ``--layers``), patched three times on
+the XLA device: padded slots (the default), a float pool (``memory_budget``) and an
+int8 pool (``weight_dtype="int8"``), each with ``--max-loras`` lanes of ``--max-rank``
+rows, all holding the same random adapters. Per scenario (a decode step of
+``--decode-batch`` rows, a prefill of ``--prefill`` tokens over 4 rows) the three
+run in rotating order, ``--repeats`` times, each timed as ``bench e2e`` times a
+step (host preparation plus device execution); reported as the median ratio to
+the padded step. Scenarios: uniform rank 16 with 8 distinct adapters, and a
+mixed fleet (ranks 8/16/64 at 70/20/10%) with 1, 8 and 16 distinct adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import statistics
+from collections.abc import Sequence
+
+import torch
+
+from torch_xla_lora.bench.e2e import E2EConfig, step_seconds
+from torch_xla_lora.bench.e2e_model import LINEAR_TARGETS, build_model, random_adapter
+from torch_xla_lora.bench.memory import fleet
+
+LAYOUTS = ("padded", "pool", "pool int8")
+
+
+def _patched(model, layout: str, max_loras: int, max_rank: int, adapters: dict, padded=None):
+    """``model`` patched in ``layout`` with ``adapters`` loaded; a pool holds them all (sized from ``padded``'s
+    layers by the pool's accounting), so no step evicts."""
+    import torch_xla_lora as tl
+
+    pooled = {}
+    if layout != "padded":
+        int8 = layout == "pool int8"
+        row_bytes = sum(layer.pool_row_bytes(int8) for layer in padded.layers.values())
+        rows = sum(state[1]["r"] for state in adapters.values()) + max_rank + 2
+        pooled = {"memory_budget": rows * row_bytes, "weight_dtype": "int8" if int8 else None}
+    config = tl.LoRAConfig(
+        max_loras=max_loras,
+        max_rank=max_rank,
+        target_modules=LINEAR_TARGETS,
+        max_cpu_adapters=max(len(adapters), max_loras),
+        **pooled,
+    )
+    lora = tl.patch_model(copy.deepcopy(model), config)
+    for name, (state, adapter_config) in adapters.items():
+        lora.load_adapter(name, state_dict=state, config=adapter_config)
+    return lora
+
+
+def _closures(lora, batch: list[str], ids: torch.Tensor):
+    """(prepare, forward) of one step: set the batch, run the model on ``ids`` without a cache."""
+    return (lambda: lora.set_batch(batch)), (lambda: lora.model(ids, use_cache=False).logits)
+
+
+def scenarios() -> dict[str, list[int]]:
+    """Scenario name -> the ranks of its distinct adapters."""
+    mixed = fleet({8: 0.7, 16: 0.2, 64: 0.1}, 16)
+    out = {"uniform r16, 8 adapters": [16] * 8}
+    for count in (1, 8, 16):
+        out[f"mixed ranks, {count} adapter{'s' * (count > 1)}"] = mixed[:count] if count > 1 else [64]
+    return out
+
+
+def run(config: E2EConfig, max_loras: int, max_rank: int, decode_batch: int, prefill: int, repeats: int) -> list:
+    import torch_xla
+
+    device = torch_xla.device()
+    model = build_model(config, torch.device("cpu"))
+    shapes = {
+        f"model.layers.{i}.{kind}.{name}": dims
+        for i in range(config.layers)
+        for kind, name, dims in (
+            ("self_attn", "q_proj", (config.hidden, config.hidden)),
+            ("self_attn", "k_proj", (config.hidden, config.hidden * config.kv_heads // config.heads)),
+            ("self_attn", "v_proj", (config.hidden, config.hidden * config.kv_heads // config.heads)),
+            ("self_attn", "o_proj", (config.hidden, config.hidden)),
+            ("mlp", "gate_proj", (config.hidden, config.intermediate)),
+            ("mlp", "up_proj", (config.hidden, config.intermediate)),
+            ("mlp", "down_proj", (config.intermediate, config.hidden)),
+        )
+    }
+    rows = []
+    for name, ranks in scenarios().items():
+        adapters = {f"a{i}": random_adapter(shapes, rank, seed=i) for i, rank in enumerate(ranks)}
+        model = model.to(device)
+        models = {"padded": _patched(model, "padded", max_loras, max_rank, adapters)}
+        for layout in LAYOUTS[1:]:
+            models[layout] = _patched(model, layout, max_loras, max_rank, adapters, models["padded"])
+        names = list(adapters)
+        g = torch.Generator().manual_seed(0)
+        inputs = {
+            "decode": torch.randint(0, config.vocab, (decode_batch, 1), generator=g).to(device),
+            "prefill": torch.randint(0, config.vocab, (4, prefill // 4), generator=g).to(device),
+        }
+        for kind, ids in inputs.items():
+            batch = [names[i % len(names)] for i in range(ids.shape[0])]
+
+            steps = {layout: _closures(models[layout], batch, ids) for layout in LAYOUTS}
+            for _ in range(2):  # compile
+                for step in steps.values():
+                    step_seconds(*step)
+            seconds = {layout: [] for layout in LAYOUTS}
+            for repeat in range(repeats):
+                order = LAYOUTS[repeat % 3 :] + LAYOUTS[: repeat % 3]
+                for layout in order:
+                    seconds[layout].append(step_seconds(*steps[layout]))
+            ratios = {
+                layout: statistics.median(o / p for o, p in zip(seconds[layout], seconds["padded"], strict=True))
+                for layout in LAYOUTS[1:]
+            }
+            rows.append(
+                {
+                    "scenario": name,
+                    "step": kind,
+                    "padded_ms": 1000 * statistics.median(seconds["padded"]),
+                    **{f"{layout}_ratio": ratio for layout, ratio in ratios.items()},
+                }
+            )
+            print(
+                f"{name}, {kind}: padded {rows[-1]['padded_ms']:.2f} ms; pool {ratios['pool']:.3f}x; "
+                f"pool int8 {ratios['pool int8']:.3f}x",
+                flush=True,
+            )
+        for lora in models.values():
+            lora.unpatch()
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m torch_xla_lora.bench pool", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--max-loras", type=int, default=16)
+    parser.add_argument("--max-rank", type=int, default=64)
+    parser.add_argument("--decode-batch", type=int, default=16)
+    parser.add_argument("--prefill", type=int, default=512, help="prefill tokens (4 rows)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (the test suite's)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    config = dataclasses.replace(E2EConfig(), layers=args.layers)
+    if args.quick:
+        config = dataclasses.replace(config, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128)
+    rows = run(config, args.max_loras, args.max_rank, args.decode_batch, args.prefill, args.repeats)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(
+        f"\n{config.layers}-layer Llama (hidden {config.hidden}), max_loras {args.max_loras}, max_rank {args.max_rank}"
+    )
+    print("| scenario | step | padded (ms) | pool / padded | pool int8 / padded |\n|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['scenario']} | {r['step']} | {r['padded_ms']:.2f} | {r['pool_ratio']:.3f} | "
+            f"{r['pool int8_ratio']:.3f} |"
+        )
+    return 0
