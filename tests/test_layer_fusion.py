@@ -1,0 +1,231 @@
+"""x's producer and the residual add taken into ``linear_lora``'s kernel: the op, its kernel, and the
+Llama-family decoder layers arranged to use it (``torch_xla_lora/layers/fusion.py``).
+
+References are plain float64 torch (the op) and PEFT's own forward with ``adapter_names`` (the models).
+"""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from conftest import assert_close, tiny_llama
+from test_layers import LLAMA_LORA, make_case, patch, peft_logits, token_ids
+
+import torch_xla_lora as tl
+from torch_xla_lora.kernels import fused_base, visits
+from torch_xla_lora.kernels.block_sizes import BlockSizes
+from torch_xla_lora.layers import fusion
+from torch_xla_lora.ops import _linear_fused
+
+
+def _expected(x, w, b, a, lb, idx, scaling, up=None, row_scale=None, col_scale=None, residual=None):
+    """float64: x = SiLU(x) * up, * row, * col; x W^T + b + scaling (x A_i^T) B_i + residual."""
+    x = x.double()
+    if up is not None:
+        x = F.silu(x) * up.double()
+    if row_scale is not None:
+        x = x * row_scale.double()[:, None]
+    if col_scale is not None:
+        x = x * col_scale.double()
+    out = x @ w.double().T
+    out = out + (0 if b is None else b.double()) + (0 if residual is None else residual.double())
+    for t, slot in enumerate(idx.tolist()):
+        if 0 <= slot < a.shape[0]:
+            out[t] += scaling * (x[t] @ a[slot].double().T) @ lb[slot].double()
+    return out
+
+
+def _operands(num_tokens, hidden, out_dim, rank, num_slots, dtype, bias, fused, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    x, w = randn(num_tokens, hidden), randn(out_dim, hidden, scale=1 / math.sqrt(hidden))
+    a, lb = randn(num_slots, rank, hidden, scale=1 / math.sqrt(hidden)), randn(num_slots, rank, out_dim, scale=0.5)
+    b = randn(out_dim) if bias else None
+    idx = torch.randint(-1, num_slots + 1, (num_tokens,), generator=g, dtype=torch.int32)
+    extra = {}
+    if fused == "mlp":  # down_proj: SiLU(gate) * up, the residual stream added
+        extra = {"up": randn(num_tokens, hidden), "residual": randn(num_tokens, out_dim)}
+    elif fused == "norm":  # gate/up: RMSNorm's factors
+        extra = {
+            "row_scale": torch.rand(num_tokens, generator=g) + 0.5,
+            "col_scale": randn(hidden),
+        }
+    return (x, w, b, a, lb, idx), extra
+
+
+OP_CASES = [  # (T, K, N, L, dtype, bias, fused, backend)
+    (40, 256, 128, 4, torch.float32, True, "mlp", "pallas"),  # two token blocks, a residual, a bias
+    (40, 256, 128, 4, torch.float32, True, "mlp", "xla"),
+    (24, 256, 384, 6, torch.float32, False, "norm", "xla"),  # the norm's factors (the kernel's: below)
+    (48, 256, 128, 4, torch.bfloat16, False, "mlp", "pallas"),  # bf16: SiLU and the product rounded as transformers
+]
+
+
+@pytest.mark.parametrize("case", OP_CASES)
+def test_op_matches_float64(case, xla_device):
+    """Both backends (pallas: the kernel in interpret mode) against float64 math; catches a prologue the
+    shrink does not read, a residual left out or added twice, scales applied on the wrong axis."""
+    num_tokens, hidden, out_dim, num_slots, dtype, bias, fused, backend = case
+    args, extra = _operands(num_tokens, hidden, out_dim, 8, num_slots, dtype, bias, fused)
+    moved = [None if t is None else t.to(xla_device) for t in args]
+    out = _linear_fused.linear_lora_fused(
+        *moved, 0.5, "out_in", backend, **{k: v.to(xla_device) for k, v in extra.items()}
+    ).cpu()
+    assert out.dtype == dtype
+    assert_close(out, _expected(*args, 0.5, **extra), dtype)
+
+
+def test_kernel_with_every_fusion_and_tiled_reduction():
+    """All four fusions at once over two reduction and three output tiles: the x tile is transformed at
+    every k and the residual added once per output tile (the jnp kernel, no torch)."""
+    rng = np.random.default_rng(0)
+    num_tokens, hidden, out_dim, rank, num_slots, lanes = 32, 256, 384, 8, 6, 4
+
+    def arr(*shape, scale=1.0):
+        return rng.standard_normal(shape) * scale
+
+    x, up, w = arr(num_tokens, hidden), arr(num_tokens, hidden), arr(out_dim, hidden, scale=1 / 16)
+    a, lb = arr(num_slots, rank, hidden, scale=1 / 16), arr(num_slots, rank, out_dim, scale=0.5)
+    row, col, res = rng.uniform(0.5, 1.5, num_tokens), arr(hidden), arr(num_tokens, out_dim)
+    idx = rng.integers(-1, num_slots + 1, num_tokens).astype(np.int32)
+    idx[8:16] = 2
+    meta = visits.build_lanes(visits.valid_slots(jnp.asarray(idx), num_slots), num_slots, 8, lanes)
+
+    def f32(v):
+        return jnp.asarray(v, jnp.float32)
+
+    out = fused_base.linear_lora(
+        f32(x),
+        f32(w),
+        None,
+        f32(a),
+        f32(lb),
+        meta,
+        scaling=0.5,
+        block_sizes=BlockSizes(tokens=8, hidden=128, out=128),
+        lanes=lanes,
+        layout="out_in",
+        interpret=True,
+        up=f32(up),
+        row_scale=f32(row),
+        col_scale=f32(col),
+        residual=f32(res),
+    )
+    t = torch.from_numpy
+    expected = _expected(t(x), t(w), None, t(a), t(lb), t(idx), 0.5, t(up), t(row), t(col), t(res))
+    assert_close(torch.from_numpy(np.array(out)), expected, torch.float32)
+
+
+def test_gradients_equal_plain_torch():
+    """The op's backward (CPU tensors) against autograd through the same math written in torch."""
+    args, extra = _operands(12, 32, 16, 4, 3, torch.float64, True, "mlp", seed=3)
+    x, w, b, a, lb, idx = args
+    leaves = [t.clone().requires_grad_() for t in (x, extra["up"], lb, extra["residual"])]
+    out = _linear_fused.linear_lora_fused(leaves[0], w, b, a, leaves[2], idx, 0.5, up=leaves[1], residual=leaves[3])
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+    plain = [t.clone().requires_grad_() for t in (x, extra["up"], lb, extra["residual"])]
+    expected = _expected(plain[0], w, b, a, plain[2], idx, 0.5, up=plain[1], residual=plain[3])
+    (expected * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+    for got, want in zip(leaves, plain, strict=True):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_rejects_a_fusion_operand_of_wrong_shape():
+    args, extra = _operands(6, 32, 16, 4, 2, torch.float32, False, "mlp")
+    with pytest.raises(tl.ShapeError, match="up must be"):
+        _linear_fused.linear_lora_fused(*args, up=extra["up"][:, :8])
+
+
+@pytest.mark.parametrize("generation", ["v5e", "v6e"])
+@pytest.mark.parametrize(
+    ("num_tokens", "hidden", "out_dim", "fusion_kind"),
+    [
+        (1024, 14336, 4096, fused_base.Fusion(silu_mul=True, residual=True)),  # Llama-3-8B down_proj, prefill
+        (8, 4096, 14336, fused_base.Fusion(row_scale=True, col_scale=True)),  # gate/up at decode
+    ],
+    ids=["down_prefill", "gate_decode"],
+)
+def test_fused_variants_lower_to_mosaic(num_tokens, hidden, out_dim, fusion_kind, generation):
+    import jax
+    from jax import export as jax_export
+
+    fn, args = fused_base.tpu_compile_case(
+        num_tokens, hidden, out_dim, 16, 8, jnp.bfloat16, generation, fusion=fusion_kind
+    )
+    assert "tpu_custom_call" in jax_export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+
+
+# --- decoder layers ---------------------------------------------------------------------------------------------
+
+FAMILIES = {
+    "llama": lambda: tiny_llama(seed=5),
+    "qwen2": lambda: _random(transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "mistral": lambda: _random(transformers.MistralConfig, transformers.MistralForCausalLM),
+}
+SPECS = {"d0": {"r": 8, "lora_alpha": 16}, "d1": {"r": 4, "lora_alpha": 4, "use_rslora": True}}
+
+
+def _random(config_cls, model_cls):
+    torch.manual_seed(7)
+    config = config_cls(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return model_cls(config).eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_decoder_layers_take_norm_silu_and_residual_into_the_op(family, tmp_path, monkeypatch):
+    """On CPU tensors (the op's reference path): the patched decoder equals PEFT's mixed batch, every MLP runs
+    gate/up with the norm's factors and down with SiLU * up and the residual, and unpatch restores the forwards.
+    A decoder left on transformers' forward makes no fused call; one that drops the norm or the residual
+    differs from PEFT."""
+    case = make_case(FAMILIES[family](), SPECS, tmp_path, token_ids(3, 5))
+    calls = []
+    op = _linear_fused.linear_lora_fused
+
+    def spy(*args, **kwargs):
+        names = ("up", "row_scale", "col_scale", "residual")
+        calls.append(tuple(sorted(k for k in names if kwargs.get(k) is not None)))
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(_linear_fused, "linear_lora_fused", spy)
+    model, lora = patch(case, torch.device("cpu"), max_loras=2, max_rank=8, base_fusion=True)
+    decoders = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    assert lora.fused_decoders == decoders and len(decoders) == 2
+    mix = ["d0", None, "d1"]
+    lora.set_batch(mix)
+    with torch.no_grad():
+        out = model(case.inputs).logits
+    assert_close(out, peft_logits(case, mix))
+    norm, mlp = ("col_scale", "row_scale"), ("residual", "up")
+    assert calls == [norm, norm, mlp] * 2
+    lora.unpatch()
+    assert all("forward" not in vars(m) for m in decoders)
+    with torch.no_grad():
+        assert torch.equal(model(case.inputs).logits, case.clean(case.inputs).logits)
+
+
+def test_default_base_fusion_off_tpu_leaves_the_decoders_alone(xla_device):
+    """base_fusion="auto" never runs the fused formulation off a TPU: the model keeps its own forwards there
+    (a CPU-device model on any host; an XLA device unless it is a TPU)."""
+    import torch_xla.runtime as xr
+
+    model = tiny_llama(seed=5)
+    assert fusion.wanted("auto", torch.device("cpu")) is False
+    assert fusion.wanted(False, xla_device) is False
+    assert fusion.wanted("auto", xla_device) == (xr.device_type() == "TPU")
+    lora = tl.patch_model(model, tl.LoRAConfig(**LLAMA_LORA))
+    assert lora.fused_decoders == []
+    assert all("forward" not in vars(m) for m in model.modules())
