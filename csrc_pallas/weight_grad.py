@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from .visits import build, visit_flags
+
 
 class SlotVisits(NamedTuple):
     """Visits ordered by slot, int32, padded to the static bound T_pad + L.
@@ -211,3 +213,159 @@ def weight_grad(
         interpret=interpret,
         name="xla_lora_bgmv_weight_grad",
     )(vis.block, vis.slot, vis.count, indices.reshape(1, num_tokens), indices.reshape(num_tokens, 1), left.T, right)
+
+
+# -- one pass over the output gradient: ds = g B^T and dB = s^T g together --------------------------------
+#
+# The backward of a LoRA projection ``y = base + s @ B[i_t]`` (s = scaling * x A^T, [T, R]) reads the
+# output gradient g twice when ds (for dx and dA) and dB are separate kernels. ``shrink_weight_grad``
+# reads it once. Grid ``(Q tiles, visits)``: the visits are the forward's (``visits.build``: ordered by
+# token block, a block's slots consecutive), so each token block's ds rows stay resident across its
+# visits, while dB's tiles of *every* slot ([L, R, Q tile] f32) stay resident in VMEM for the whole walk
+# of a Q tile: a visit adds its block's outer product into its slot's rows of that tile. Rows of other
+# slots are selected out of both operands of dB's product and out of ds's product, so a non-finite row
+# stays in its own slot. ds over a Q tile is a partial sum ([Q tiles, T, R] f32), added up outside (the
+# tiles are few: Q / ``fused_width_tile``); dB of a slot no token uses stays exactly zero.
+
+
+def _shrink_weight_grad_kernel(
+    block_ref,  # SMEM [V] int32
+    slot_ref,  # SMEM [V] int32
+    count_ref,  # SMEM [1] int32
+    idx_row_ref,  # [1, tokens] int32
+    idx_col_ref,  # [tokens, 1] int32
+    s_ref,  # [R, tokens] (s transposed)
+    g_ref,  # [tokens, tq]
+    b_ref,  # [1, R, tq]
+    db_ref,  # [L, R, tq] f32, resident across the walk of one Q tile
+    ds_ref,  # [1, tokens, R] f32, resident across a token block's visits
+):
+    v = pl.program_id(1)
+    first, _ = visit_flags(v, block_ref, count_ref)
+    slot = slot_ref[v]
+
+    @pl.when(v == 0)
+    def _init_db():
+        db_ref[...] = jnp.zeros_like(db_ref)
+
+    @pl.when(first)
+    def _init_ds():
+        ds_ref[...] = jnp.zeros_like(ds_ref)
+
+    @pl.when(slot >= 0)
+    def _accumulate():
+        rows = idx_col_ref[...] == slot
+        g = jnp.where(rows, g_ref[...], jnp.zeros((), g_ref.dtype))
+        ds = jax.lax.dot_general(g, b_ref[0], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds_ref[0] += jnp.where(rows, ds, 0.0)
+        s = jnp.where(idx_row_ref[...] == slot, s_ref[...], jnp.zeros((), s_ref.dtype))
+        db_ref[pl.ds(slot, 1)] += jnp.dot(s, g, preferred_element_type=jnp.float32)[None]
+
+
+def fused_vmem_budget(vmem_limit_bytes: int) -> int:
+    """VMEM the fused kernel's blocks may take (double-buffered): half the generation's scoped limit."""
+    return vmem_limit_bytes // 2
+
+
+def _fused_bytes(tile: int, tokens: int, rank: int, num_slots: int, itemsize: int) -> int:
+    resident = num_slots * rank * tile * 4 + tokens * rank * 4  # dB tiles of every slot, ds block
+    streamed = (tokens * tile + rank * tile + rank * tokens) * itemsize + 8 * tokens  # g, B, s, indices
+    return 2 * (resident + streamed)
+
+
+def fused_width_tile(width: int, tokens: int, rank: int, num_slots: int, itemsize: int, budget: int) -> int | None:
+    """Q tile of :func:`shrink_weight_grad` for a width as :func:`padded_width` pads it: the whole width, else
+    the widest multiple of 128 dividing it, whose blocks fit ``budget`` bytes (:func:`fused_vmem_budget`):
+    each tile re-reads s and re-walks the visits, so the fewer the better. None when no tile fits (every
+    slot's dB tile is resident: L * R large), and the caller runs the separate kernels."""
+    candidates = [width]
+    if width % 128 == 0:
+        lanes = width // 128
+        candidates += [128 * d for d in range(lanes - 1, 0, -1) if lanes % d == 0]
+    for tile in candidates:
+        if _fused_bytes(tile, tokens, rank, num_slots, itemsize) <= budget:
+            return tile
+    return None
+
+
+def fused_cost_estimate(num_tokens: int, rank: int, width: int, num_slots: int, tiles: int, itemsize: int):
+    """Typical cost: one visit per token block. Reads g and s once per Q tile of g (s is [R, T], small), B
+    once per visited tile, writes dB (f32) and the ds partial sums (f32, one [T, R] per Q tile)."""
+    operands = (num_tokens * width + tiles * num_tokens * rank + num_slots * rank * width) * itemsize
+    return pl.CostEstimate(
+        flops=4 * num_tokens * rank * width,
+        transcendentals=0,
+        bytes_accessed=operands + 4 * (num_slots * rank * width + tiles * num_tokens * rank) + 8 * num_tokens,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("tokens", "tile", "interpret", "vmem_limit_bytes"))
+def shrink_weight_grad(
+    s: jax.Array,  # [T_pad, R]: the forward's rank intermediate (scaled, in B's dtype)
+    g: jax.Array,  # [T_pad, Q_pad]: the output gradient
+    lora_b: jax.Array,  # [L, R, Q_pad]
+    indices: jax.Array,  # [T_pad] int32 in [-1, L)
+    *,
+    tokens: int,
+    tile: int,
+    interpret: bool,
+    vmem_limit_bytes: int | None = None,
+) -> tuple[jax.Array, jax.Array]:  # ds [T_pad, R] f32, dB [L, R, Q_pad] f32
+    """``ds[t] = g[t] @ B[i_t]^T`` and ``dB[l] = sum_{i_t = l} outer(s[t], g[t])`` in one pass over g.
+
+    T_pad a multiple of ``tokens``; ``tile`` as :func:`fused_width_tile` gives it.
+    """
+    num_tokens, rank = s.shape
+    width = g.shape[1]
+    num_slots = lora_b.shape[0]
+    tiles = width // tile
+    vis = build(indices, num_slots, tokens)
+
+    def row_map(j, v, block, slot, count):
+        return 0, block[v]
+
+    def col_map(j, v, block, slot, count):
+        return block[v], 0
+
+    def g_map(j, v, block, slot, count):
+        return block[v], j
+
+    def b_map(j, v, block, slot, count):
+        return jnp.maximum(slot[v], 0), 0, j
+
+    def db_map(j, v, block, slot, count):
+        return 0, 0, j
+
+    def ds_map(j, v, block, slot, count):
+        return j, block[v], 0
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3,
+        grid=(tiles, vis.count[0]),
+        in_specs=[
+            pl.BlockSpec((1, tokens), row_map),
+            pl.BlockSpec((tokens, 1), col_map),
+            pl.BlockSpec((rank, tokens), row_map),
+            pl.BlockSpec((tokens, tile), g_map),
+            pl.BlockSpec((1, rank, tile), b_map),
+        ],
+        out_specs=[
+            pl.BlockSpec((num_slots, rank, tile), db_map),
+            pl.BlockSpec((1, tokens, rank), ds_map),
+        ],
+    )
+    d_b, ds = pl.pallas_call(
+        _shrink_weight_grad_kernel,
+        grid_spec=grid_spec,
+        out_shape=(
+            jax.ShapeDtypeStruct((num_slots, rank, width), jnp.float32),
+            jax.ShapeDtypeStruct((tiles, num_tokens, rank), jnp.float32),
+        ),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("arbitrary", "arbitrary"), vmem_limit_bytes=vmem_limit_bytes
+        ),
+        cost_estimate=fused_cost_estimate(num_tokens, rank, width, num_slots, tiles, g.dtype.itemsize),
+        interpret=interpret,
+        name="xla_lora_bgmv_shrink_weight_grad",
+    )(vis.block, vis.slot, vis.count, indices.reshape(1, num_tokens), indices.reshape(num_tokens, 1), s.T, g, lora_b)
+    return ds.sum(axis=0), d_b

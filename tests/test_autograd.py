@@ -369,3 +369,73 @@ def test_weight_grad_rejects_bad_arguments(change, message):
         OPS.bgmv_weight_grad(*change(*args()))
     with FakeTensorMode(), pytest.raises(ShapeError, match=message):
         OPS.bgmv_weight_grad(*change(*args()))
+
+
+# -- the fused backward: bgmv_lora_grads ------------------------------------------------------------------
+
+
+def _lora_grads_expected(tensors: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(grad_out, float64 gradients of the plain shrink-expand) for the fused backward op's checks."""
+    return _expected(CASES["bgmv_shrink_expand"], tensors, idx)
+
+
+@pytest.mark.parametrize("with_dx", [True, False], ids=["dx", "no_dx"])
+@pytest.mark.parametrize("backend", ["cpu", "xla", "pallas"])
+def test_lora_grads_op_matches_float64_plain(backend, with_dx, request):
+    """The fused backward op alone (CPU tensors: the torch reference; XLA: the XLA-native formulation and the
+    Pallas kernels in interpret mode): dA, dB (and dx) equal the float64 gradients of the plain per-token
+    formulation, slots no token uses get exact zeros, and a row without adapter holding Inf reaches nothing."""
+    idx = _indices("blocks")
+    tensors = _tensors("bgmv_shrink_expand", len(idx), torch.float32)
+    grad_out, expected = _lora_grads_expected(tensors, idx)
+    without = (idx < 0) | (idx >= L)
+    tensors["x"][without] = float("inf")
+    device = torch.device("cpu") if backend == "cpu" else request.getfixturevalue("xla_device")
+    t = _on(tensors, device)
+    args = (grad_out.to(device), t["x"], t["a"], t["b"], idx.to(device), SCALING, with_dx)
+    out = OPS.bgmv_lora_grads(*args, "auto" if backend == "cpu" else backend)
+    assert len(out) == (3 if with_dx else 2)
+    assert_close(out[0], expected["a"], torch.float32)
+    assert_close(out[1], expected["b"], torch.float32)
+    for grad in out[:2]:
+        assert (grad.cpu()[[1, 3]] == 0).all()
+    if with_dx:
+        assert_close(out[2], expected["x"], torch.float32)  # no base path to x: the LoRA's dx
+
+
+def test_opcheck_lora_grads_cpu():
+    """Schema, fake implementation and AOT dispatch of the fused backward op (it has no autograd of its own)."""
+    tensors = _tensors("bgmv_shrink_expand", T, torch.float32)
+    args = (tensors["base"], tensors["x"], tensors["a"], tensors["b"], _indices("mixed"), SCALING, True, "auto")
+    torch.library.opcheck(
+        OPS.bgmv_lora_grads, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    )
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the names of the ops dispatched within it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["bgmv_shrink_expand", "linear_lora_out_in"])
+def test_backward_runs_the_fused_op_and_double_backward_the_separate_ones(name):
+    """A training backward (dA and dB needed, no create_graph) runs one bgmv_lora_grads and no separate
+    weight-gradient op; with create_graph=True it runs the separate, differentiable ops instead. Would catch the
+    fused backward silently falling back (or a double backward through the non-differentiable op)."""
+    case, idx = CASES[name], _indices("mixed")
+    tensors = _tensors(name, T, torch.float32)
+    for create_graph, fused in ((False, 1), (True, 0)):
+        leaves = {k: v.clone().requires_grad_() for k, v in tensors.items()}
+        out = _call(case, leaves, idx)
+        log = _OpLog()
+        with log:
+            torch.autograd.grad(out.sum(), list(leaves.values()), create_graph=create_graph)
+        assert log.names.count("xla_lora.bgmv_lora_grads") == fused, log.names
+        assert ("xla_lora.bgmv_weight_grad" in log.names) == (not fused), log.names

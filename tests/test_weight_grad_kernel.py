@@ -9,7 +9,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from torch_xla_lora.kernels import weight_grad  # noqa: E402
+from torch_xla_lora.kernels import block_sizes, weight_grad  # noqa: E402
 from torch_xla_lora.ops import _jax  # noqa: E402
 
 
@@ -99,3 +99,69 @@ def test_visits_are_slot_major_and_cover_every_slot(pattern):
     empty = {(s, blocks) for s in range(num_slots) if s not in idx}
     assert set(pairs) == made | empty and len(pairs) == len(made | empty)
     assert pairs == sorted(pairs)
+
+
+# -- one pass over g: ds and dB (weight_grad.shrink_weight_grad, through the fused backward's g_pass) --------
+
+
+def _g_pass_reference(s, g, b, indices):
+    num_slots = b.shape[0]
+    ds = np.zeros((len(indices), b.shape[1]))
+    for t, slot in enumerate(indices):
+        if 0 <= slot < num_slots:
+            ds[t] = b[slot].astype(np.float64) @ g[t].astype(np.float64)
+    return ds, _reference(s, g, indices, num_slots, 1.0)
+
+
+@pytest.mark.parametrize(
+    "num_tokens,num_slots,rank,width,pattern",
+    # per-token slots in every block; rows across block boundaries with a width of two Q tiles; one token;
+    # L * R too large for every slot's dB tile in VMEM (the separate kernels' fallback).
+    [
+        (200, 5, 16, 576, "per_token"),
+        (1100, 4, 8, 2304, "rows"),
+        (1, 3, 4, 128, "per_token"),
+        (120, 160, 256, 256, "rows"),
+    ],
+)
+def test_fused_g_pass_equals_float64(num_tokens, num_slots, rank, width, pattern):
+    from torch_xla_lora.ops import _lora_grads_jax
+
+    rng = np.random.default_rng(num_tokens)
+    idx = _indices(pattern, num_tokens, num_slots, rng)
+    s = rng.standard_normal((num_tokens, rank)).astype(np.float32)
+    g = rng.standard_normal((num_tokens, width)).astype(np.float32)
+    b = rng.standard_normal((num_slots, rank, width)).astype(np.float32)
+    budget = weight_grad.fused_vmem_budget(block_sizes.vmem_limit("cpu"))
+    tile = weight_grad.fused_width_tile(weight_grad.padded_width(width), 128, rank, num_slots, 4, budget)
+    # Every slot's f32 dB tile of 128 columns, double-buffered, past the budget: the separate kernels.
+    assert (tile is None) == (2 * num_slots * rank * 128 * 4 > budget)
+    ds, d_b = _lora_grads_jax.g_pass(*map(jnp.asarray, (s, g, b, idx)), "cpu")
+    expected_ds, expected_db = _g_pass_reference(s, g, b, idx)
+    np.testing.assert_allclose(np.asarray(ds), expected_ds, atol=1e-5 * np.abs(expected_ds).max(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(d_b), expected_db, atol=1e-5 * np.abs(expected_db).max(), rtol=1e-5)
+    unused = [slot for slot in range(num_slots) if slot not in idx]
+    assert (np.asarray(d_b)[unused] == 0).all()
+
+
+def test_fused_g_pass_keeps_non_finite_rows_in_their_slot():
+    """An Inf in one slot's rows of g and s, and in a row without adapter, reaches only that slot's dB and its
+    own rows of ds: both products select their rows (the kernel's shrink of g by every visit's B too)."""
+    from torch_xla_lora.ops import _lora_grads_jax
+
+    rng = np.random.default_rng(5)
+    idx = _indices("per_token", 256, 4, rng)
+    s = rng.standard_normal((256, 8)).astype(np.float32)
+    g = rng.standard_normal((256, 256)).astype(np.float32)
+    b = rng.standard_normal((4, 8, 256)).astype(np.float32)
+    poisoned = np.flatnonzero(idx == 2)
+    g[poisoned[0]] = np.inf
+    s[poisoned[1]] = np.inf
+    g[np.flatnonzero(idx == -1)[0]] = np.inf
+    ds, d_b = (np.asarray(a) for a in _lora_grads_jax.g_pass(*map(jnp.asarray, (s, g, b, idx)), "cpu"))
+    clean = idx != 2
+    expected_ds, expected_db = _g_pass_reference(s, np.where((idx >= 0)[:, None], g, 0), b, np.where(clean, idx, -1))
+    assert not np.isfinite(d_b[2]).all()
+    for slot in (0, 1, 3):
+        np.testing.assert_allclose(d_b[slot], expected_db[slot], atol=1e-5 * np.abs(expected_db).max(), rtol=1e-5)
+    np.testing.assert_allclose(ds[clean], expected_ds[clean], atol=1e-5 * np.abs(expected_ds).max(), rtol=1e-5)

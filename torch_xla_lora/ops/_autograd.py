@@ -23,13 +23,26 @@ for a dtype cast; the intermediate is recomputed by a shrink when ``lora_b``
 needs its gradient (the forward ops do not return it). The host ``metadata``
 of the fused ops is not used by the backward: its shrinks and expands group the
 tokens on the device.
+
+The fused backward. When both slot weights need their gradients (training),
+``bgmv_shrink_expand`` and ``linear_lora`` run their LoRA backward as one op,
+``bgmv_lora_grads`` (:mod:`torch_xla_lora.ops._lora_grads`): on TPU ds and dB
+in one pass over g, then dA (and dx) in the pass over x; off TPU the tokens
+grouped by slot once for all five products. A double backward
+(``create_graph=True``, grad mode on in the backward) runs the separate ops,
+which are differentiable; so does ``FUSED_BACKWARD = False``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from torch_xla_lora.ops import _lora_grads as _fused  # noqa: F401  (registers xla_lora::bgmv_lora_grads)
+
 _ops = torch.ops.xla_lora
+
+#: Run the LoRA projections' backward as the one fused op (see the module doc); False: the separate ops.
+FUSED_BACKWARD = True
 
 
 def _scaled(tensor: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -102,6 +115,13 @@ def _expand_slice_backward(ctx, grad: torch.Tensor):
 
 def _lora_grads(ctx, grad, x, lora_a, lora_b, indices, dx_base, need_x: bool, need_a: bool, need_b: bool):
     """(dx, dA, dB) of ``base + (scaling * A[i_t] x[t]) @ B[i_t]``; dx adds into ``dx_base`` (None: zeros)."""
+    if FUSED_BACKWARD and need_a and need_b and not torch.is_grad_enabled():
+        g = grad.to(lora_b.dtype)
+        grads = _ops.bgmv_lora_grads(g, x, lora_a, lora_b, indices, ctx.scaling, need_x, ctx.backend)
+        dx = grads[2] if need_x else None
+        if dx is not None and dx_base is not None:
+            dx = dx_base + dx
+        return dx, grads[0], grads[1]
     dx = d_a = d_b = None
     if need_x or need_a:
         ds = _ops.bgmv_shrink(grad.to(lora_b.dtype), lora_b, indices, 1.0, ctx.backend)  # g[t] @ B[i_t]^T

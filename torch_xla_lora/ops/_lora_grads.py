@@ -1,0 +1,114 @@
+"""``torch.ops.xla_lora.bgmv_lora_grads``: the fused backward of one LoRA projection.
+
+For ``y = base + (scaling * A[i_t] x[t]) @ B[i_t]`` (``bgmv_shrink_expand``, the
+LoRA part of ``linear_lora``) and the output gradient ``g``, one op gives the
+slot weights' gradients and, when asked, the LoRA's input gradient::
+
+    s[t]  = scaling * A[i_t] x[t]       (rounded to B's dtype, as the forward rounds it)
+    ds[t] = B[i_t] g[t]
+    dA[l] = scaling * sum_{i_t = l} outer(ds[t], x[t])
+    dB[l] = sum_{i_t = l} outer(s[t], g[t])
+    dx[t] = scaling * ds[t] @ A[i_t]     (with_dx)
+
+Tokens whose index is outside [0, L) add nothing; a slot no token uses gets exact
+zeros. The backward registered in :mod:`torch_xla_lora.ops._autograd` calls it
+instead of five separate shrink, expand and weight-gradient ops, each of which
+groups the tokens by slot and reads the activations again (see
+``ops/_lora_grads_jax.py`` for the XLA and Pallas formulations). It is not
+itself differentiable: a double backward (``create_graph=True``) runs the
+separate ops, which are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torch_xla_lora import reference
+from torch_xla_lora.ops import _validate
+
+
+def _check(grad, inputs, lora_a, lora_b, lora_indices, backend, scaling) -> None:
+    _validate.shrink_expand(inputs, lora_a, lora_b, grad, lora_indices)  # grad has base's shape and dtype
+    _validate.backend(backend)
+    _validate.scaling(scaling)
+
+
+def _reference(grad, inputs, lora_a, lora_b, lora_indices, scaling: float, with_dx: bool) -> list[torch.Tensor]:
+    num_slots = lora_a.shape[0]
+    s = reference.bgmv_shrink(inputs, lora_a, lora_indices, scaling).to(lora_b.dtype)
+    ds = reference.bgmv_shrink(grad, lora_b, lora_indices, 1.0)
+    out = [
+        reference.bgmv_weight_grad(ds, inputs, lora_indices, num_slots, scaling).to(lora_a.dtype),
+        reference.bgmv_weight_grad(s, grad, lora_indices, num_slots, 1.0).to(lora_b.dtype),
+    ]
+    if with_dx:
+        scaled = (ds * scaling).to(lora_a.dtype)
+        out.append(reference.bgmv_expand(scaled, lora_a, torch.zeros_like(inputs), lora_indices, False))
+    return out
+
+
+@torch.library.custom_op("xla_lora::bgmv_lora_grads", mutates_args=())
+def _bgmv_lora_grads(
+    grad: torch.Tensor,
+    inputs: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    scaling: float = 1.0,
+    with_dx: bool = False,
+    backend: str = "auto",
+) -> list[torch.Tensor]:
+    """``torch.ops.xla_lora.bgmv_lora_grads``: see :func:`bgmv_lora_grads`."""
+    _check(grad, inputs, lora_a, lora_b, lora_indices, backend, scaling)
+    if inputs.device.type != "xla" or _validate.degenerate(*lora_a.shape, *lora_b.shape):
+        return _reference(grad, inputs, lora_a, lora_b, lora_indices, scaling, with_dx)
+    from torch_xla_lora.ops import _backend, _call_jax
+    from torch_xla_lora.ops._lora_grads_jax import lora_grads_fn
+
+    name, generation = _backend(backend)
+    fn = lora_grads_fn(name, generation, float(scaling), bool(with_dx))
+    return list(_call_jax(fn, grad, inputs, lora_a, lora_b, lora_indices))
+
+
+@_bgmv_lora_grads.register_fake
+def _(grad, inputs, lora_a, lora_b, lora_indices, scaling=1.0, with_dx=False, backend="auto"):
+    _check(grad, inputs, lora_a, lora_b, lora_indices, backend, scaling)
+    out = [torch.empty_like(lora_a), torch.empty_like(lora_b)]
+    return out + [torch.empty_like(inputs)] if with_dx else out
+
+
+def bgmv_lora_grads(
+    grad: torch.Tensor,
+    inputs: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    scaling: float = 1.0,
+    with_dx: bool = False,
+    backend: str = "auto",
+) -> list[torch.Tensor]:
+    """A LoRA projection's backward in one op: ``[dA, dB]``, or ``[dA, dB, dx]`` with ``with_dx``.
+
+    Args:
+      grad: [T, Dout], lora_b's dtype: the output gradient.
+      inputs: [T, D]: the forward's inputs.
+      lora_a: [L, R, D], inputs' dtype; lora_b: [L, R, Dout] (rank-first).
+      lora_indices: [T] int32: slot of each token; outside [0, L) adds nothing.
+      scaling: the forward's scaling.
+      with_dx: also return the LoRA's input gradient (the base's is not in it).
+      backend: "auto", "pallas" or "xla" (XLA tensors only).
+
+    Returns:
+      dA in lora_a's dtype, dB in lora_b's, dx in inputs' (accumulated in float32).
+
+    Semantics: see the module doc.
+
+    Raises:
+      ArgumentTypeError (a TypeError): a tensor argument that is not a torch.Tensor.
+      ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument.
+      ArgumentError (a ValueError): a non-finite ``scaling``.
+    """
+    _validate.tensor_arguments(
+        "bgmv_lora_grads", grad=grad, inputs=inputs, lora_a=lora_a, lora_b=lora_b, lora_indices=lora_indices
+    )
+    return torch.ops.xla_lora.bgmv_lora_grads(grad, inputs, lora_a, lora_b, lora_indices, scaling, with_dx, backend)
