@@ -47,6 +47,9 @@ __all__ = ["PoolFullError", "PoolManager", "parse_bytes", "layer_row_bytes", "ga
 SPARE_ROWS = 2
 #: Bytes of one int8 row's scale (float32), per buffer.
 SCALE_BYTES = 4
+#: Rows per page of the TPU pooled kernel (``kernels.fused.PAGE_ROWS``): it DMAs an adapter's rows a page at a
+#: time, so where it may run the allocator hands out whole aligned pages (:func:`granule_for`).
+KERNEL_PAGE_ROWS = 8
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
@@ -131,6 +134,17 @@ def gather_slots(
     return lanes.reshape(-1, *lanes.shape[2:])
 
 
+def granule_for(layers: Mapping[str, BaseLayerWithLoRA]) -> int:
+    """Rows an adapter's allocation is rounded to: :data:`KERNEL_PAGE_ROWS` where a layer may run the pooled
+    Pallas kernel (backend "pallas", or "auto" on a TPU), else 1 (any rows: the ops gather them)."""
+    from torch_xla_lora import ops
+
+    for layer in layers.values():
+        if layer.backend == "pallas" or (layer.backend == "auto" and ops.device_generation() != "cpu"):
+            return KERNEL_PAGE_ROWS
+    return 1
+
+
 class PoolPlan(NamedTuple):
     """What :meth:`PoolManager.plan` decided: adapters to evict, (adapter, rows) to write, each wanted
     name's lane in a batch (-1 outside one) and the free rows afterwards."""
@@ -161,6 +175,8 @@ class PoolManager:
       rows: data rows of every layer's pool.
       row_bytes: device bytes of one row over all layers.
       budget_bytes: the configured budget.
+      granule: rows an adapter's allocation is rounded up to, in aligned pages of that many rows (default:
+        :func:`granule_for` the layers); page rows past its rank are allocated but never read.
     """
 
     pooled = True
@@ -174,8 +190,12 @@ class PoolManager:
         rows: int,
         row_bytes: int,
         budget_bytes: int,
+        granule: int | None = None,
     ) -> None:
         self._layers = dict(layers)
+        self.granule = granule_for(self._layers) if granule is None else granule
+        for layer in self._layers.values():
+            layer.pool_page_rows = self.granule
         self._module_shapes = {
             name: getattr(lay, "factor_shapes", (lay.in_features, lay.out_features))
             for name, lay in self._layers.items()
@@ -186,7 +206,7 @@ class PoolManager:
         self.lock = threading.RLock()
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()  # least recently used first
         self._rows: dict[str, list[int]] = {}  # resident adapters -> their rows (what new batches read)
-        self._free: list[int] = list(range(rows))
+        self._free: list[int] = list(range(rows - rows % self.granule))  # whole pages only
         self._held: list[int] = []  # freed while the current batch reads them: free once it changes
         self._staged: dict[str, LoRAAdapter] = {}  # what each resident adapter's rows hold once writes run
         self._applied: dict[str, LoRAAdapter] = {}  # what they hold on the device now
@@ -215,8 +235,12 @@ class PoolManager:
             }
 
     def adapter_bytes(self, adapter: LoRAAdapter) -> int:
-        """Device bytes ``adapter`` occupies when resident: its rank rows over every layer."""
-        return adapter.max_rank * self.row_bytes
+        """Device bytes ``adapter`` occupies when resident: its rank rows (whole pages) over every layer."""
+        return self._span(adapter.max_rank) * self.row_bytes
+
+    def _span(self, rank: int) -> int:
+        """Rows an adapter of ``rank`` is allocated: ``rank`` rounded up to whole pages of :attr:`granule`."""
+        return -(-rank // self.granule) * self.granule
 
     def memory(self) -> dict:
         """{"budget_bytes", "used_bytes", "adapters": {resident name: bytes}} (see ``LoRAModel.memory``)."""
@@ -238,7 +262,7 @@ class PoolManager:
         for name, lane in plan.slot_of.items():
             if name in self._trainable:  # its parameters stand in for its lane
                 continue
-            rows = plan_rows(plan, name, self._rows)
+            rows = plan_rows(plan, name, self._rows)[: self._host[name].max_rank]  # a page's tail is not read
             table[lane, : len(rows)] = torch.tensor(rows, dtype=torch.int32)
         return table.reshape(-1)
 
@@ -253,7 +277,7 @@ class PoolManager:
           PoolFullError: its rank rows exceed the whole pool.
         """
         check_adapter(adapter, self._module_shapes, self.max_rank)
-        if adapter.max_rank > self.rows:
+        if self._span(adapter.max_rank) > self.rows - self.rows % self.granule:
             raise PoolFullError(
                 f"adapter {adapter.name!r}: rank {adapter.max_rank} needs {self.adapter_bytes(adapter)} bytes, more "
                 f"than the whole memory budget holds ({self.rows} rows of {self.row_bytes} bytes)"
@@ -345,7 +369,7 @@ class PoolManager:
             protected = set() if for_batch else self._batch
             free = sorted(self._free + (self._held if for_batch else []))
             missing = [name for name in ordinary if name not in self._rows]
-            need = sum(self._host[name].max_rank for name in missing)
+            need = sum(self._span(self._host[name].max_rank) for name in missing)
             evict = []
             for name in self._use:  # least recently used first
                 if len(free) >= need:
@@ -361,10 +385,10 @@ class PoolManager:
                 )
             free.sort()
             writes = []
-            for name in missing:
-                rank = self._host[name].max_rank
-                writes.append((name, free[:rank]))
-                free = free[rank:]
+            for name in missing:  # free holds whole aligned pages: a multiple of the granule from the front is too
+                span = self._span(self._host[name].max_rank)
+                writes.append((name, free[:span]))
+                free = free[span:]
             open_lanes = iter(lane for lane in range(self.max_loras) if lane not in reserved)
             lanes = {
                 name: self._trainable.get(name) if name in self._trainable else next(open_lanes) for name in wanted
@@ -444,6 +468,7 @@ class PoolManager:
 
     def _write(self, rows: list[int], adapter: LoRAAdapter | None) -> None:
         """Write ``adapter``'s rows (None: zeros) in every layer: ``max_rank`` rows, padding to the scratch row."""
+        rows = rows[: self.max_rank]  # a last page's rows past max_rank are never read
         index = torch.tensor(rows + [self.scratch_row] * (self.max_rank - len(rows)), dtype=torch.int64)
         for module, layer in self._layers.items():
             weights = None if adapter is None else adapter.modules.get(module)

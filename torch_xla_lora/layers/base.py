@@ -39,6 +39,9 @@ class BaseLayerWithLoRA(nn.Module):
     #: Placement on an SPMD mesh (a ``sharding.LayerSharding``, set by ``patch_model(mesh=...)``),
     #: whose ``forward(layer, x)`` runs the layer per shard; None on one device.
     tensor_parallel = None
+    #: With a memory budget, the rows an adapter's pool allocation is rounded to (set by the ``PoolManager``):
+    #: the pooled Pallas kernel needs whole aligned pages of ``pool.KERNEL_PAGE_ROWS``.
+    pool_page_rows = 1
 
     def __init__(
         self,
@@ -155,8 +158,46 @@ class BaseLayerWithLoRA(nn.Module):
         with ``backend`` (default: the layer's)."""
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
         backend = backend or self.backend
+        if self._reads_pool(x2, backend):
+            return self._pooled_lora(x2, y2, slots, backend, metadata).reshape(y.shape)
         lora_a, lora_b = self.slot_factors()
         return fused_lora(x2, y2, lora_a, lora_b, slots, backend, metadata).reshape(y.shape)
+
+    def _reads_pool(self, x: torch.Tensor, backend: str) -> bool:
+        """Whether :meth:`add_lora` reads the adapters straight from the pools (``pooled_shrink_expand``: each
+        lane at its true rank) instead of gathering the lanes into slots: a pooled layer of one entry per slot
+        (A [1, P + 2, in], B [1, P + 2, out]) without trainable adapters, and where the Pallas kernel runs,
+        a pool allocated in its aligned pages."""
+        if self.pool_rows is None or self.trainable or set(self._buffer_shapes()) != {"lora_a", "lora_b"}:
+            return False
+        if self.lora_a_pool.shape[0] != 1 or self._rank_axes() != {"lora_a": 0, "lora_b": 0}:
+            return False
+        if x.device.type == "xla" and self.pool_page_rows % pool.KERNEL_PAGE_ROWS:
+            from torch_xla_lora import ops
+
+            return backend == "xla" or (backend == "auto" and ops.device_generation() == "cpu")
+        return True
+
+    def _pooled_lora(
+        self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, backend: str, metadata: torch.Tensor | None
+    ) -> torch.Tensor:
+        """y [N, out] + each token's LoRA of x [N, in] read from the pools by ``pooled_shrink_expand``, in y's dtype."""
+        dtype = self.adapter_dtype
+        a_scale, b_scale = (getattr(self, f"{name}_scale", None) for name in ("lora_a", "lora_b"))
+        out = torch.ops.xla_lora.pooled_shrink_expand(
+            x.to(dtype),
+            self.lora_a_pool[0],
+            self.lora_b_pool[0],
+            y.to(dtype),
+            slots,
+            self.context.rows.reshape(self.max_loras, -1),
+            None if a_scale is None else a_scale[0],
+            None if b_scale is None else b_scale[0],
+            1.0,
+            backend,
+            metadata,
+        )
+        return out.to(y.dtype)
 
     def slot_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot tensors a forward reads: ``lora_a`` and ``lora_b`` as the slots hold them.

@@ -1,0 +1,175 @@
+"""``xla_lora::pooled_shrink_expand``: adapters read from rank-row pools at their true rank.
+
+References: float64 torch math over each lane's true-rank rows, written here from the op's contract (pool
+rows named by the table, int8 rows times their scales); PEFT's own mixed batch for the layers' wiring is in
+tests/test_pool.py. Every pool here is poisoned where a lane's true rank ends: its unused rows and the rows
+of an adapter's last page past its rank hold NaN (A) and Inf (B), int8 pools a NaN / Inf scale there, so a
+result that used any of them would not be finite.
+"""
+
+import pytest
+import torch
+from conftest import assert_close
+
+import torch_xla_lora as tl
+from torch_xla_lora import ops, pool
+from torch_xla_lora.kernels import fused
+
+DATA_ROWS = 64  # 8 pages of 8 rows
+LANES, MAX_RANK = 5, 16
+RANKS = (16, 3, 9, 1, 5)  # lane 4 has rows but no token
+IN, OUT, TOKENS = 256, 384, 20  # lane-aligned widths: the fused kernel runs them; 20 tokens pad to a block
+SCALING = 0.5
+
+
+def _pools(int8: bool, dtype: torch.dtype, seed: int = 0):
+    """(a_pool, b_pool, rows [L, R] int32, a_scale, b_scale, dense A and B rows in float64 [P + 2, *])."""
+    gen = torch.Generator().manual_seed(seed)
+    zero = DATA_ROWS
+    pages = torch.randperm(DATA_ROWS // fused.PAGE_ROWS, generator=gen).tolist()  # scattered, any order
+    rows = torch.full((LANES, MAX_RANK), zero, dtype=torch.int32)
+    used = set()
+    for lane, rank in enumerate(RANKS):
+        mine = [pages.pop() for _ in range(-(-rank // 8))]
+        lane_rows = [8 * page + k for page in mine for k in range(8)][:rank]
+        rows[lane, :rank] = torch.tensor(lane_rows, dtype=torch.int32)
+        used.update(lane_rows)
+    poisoned = torch.tensor([r not in used for r in range(DATA_ROWS)] + [False, True])  # scratch row too
+    a = torch.randn(DATA_ROWS + 2, IN, generator=gen, dtype=torch.float64) / 8
+    b = torch.randn(DATA_ROWS + 2, OUT, generator=gen, dtype=torch.float64) / 4
+    a[zero], b[zero] = 0, 0
+    if not int8:
+        a_pool, b_pool = a.to(dtype), b.to(dtype)
+        a_pool[poisoned], b_pool[poisoned] = float("nan"), float("inf")
+        return a_pool, b_pool, rows, None, None, a_pool.double(), b_pool.double()
+    a_pool = torch.randint(-127, 128, (DATA_ROWS + 2, IN), generator=gen, dtype=torch.int8)
+    b_pool = torch.randint(-127, 128, (DATA_ROWS + 2, OUT), generator=gen, dtype=torch.int8)
+    a_pool[zero], b_pool[zero] = 0, 0
+    a_scale = torch.rand(DATA_ROWS + 2, generator=gen) / 500 + 1e-3
+    b_scale = torch.rand(DATA_ROWS + 2, generator=gen) / 250 + 1e-3
+    dense_a, dense_b = a_pool.double() * a_scale.double()[:, None], b_pool.double() * b_scale.double()[:, None]
+    a_scale[poisoned], b_scale[poisoned] = float("nan"), float("inf")
+    return a_pool, b_pool, rows, a_scale, b_scale, dense_a, dense_b
+
+
+def _batch(dtype: torch.dtype, blocks: bool = False, seed: int = 1):
+    """(x, base, lanes): lanes 0-3 mixed with base rows (-1) and an out-of-range lane (5); lane 4 has no token.
+    ``blocks``: 300 tokens (several token blocks), the first 128 all on lane 2."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = 300 if blocks else TOKENS
+    x = torch.randn(tokens, IN, generator=gen).to(dtype)
+    base = torch.randn(tokens, OUT, generator=gen).to(dtype)
+    lanes = torch.tensor([0, 1, -1, 2, 3, 0, 5, 1, 2, 2, -1, 3, 0, 1, 1, 2, 0, -1, 3, 2], dtype=torch.int32)
+    if blocks:
+        lanes = torch.cat([torch.full((128,), 2, dtype=torch.int32), lanes.repeat(9)[:172]])
+    return x, base, lanes
+
+
+def _expected(x, base, lanes, rows, dense_a, dense_b):
+    """float64: base + scaling * (A x) B over each token's lane's true-rank rows (not read from the op's code)."""
+    out = base.double().clone()
+    for t, lane in enumerate(lanes.tolist()):
+        if 0 <= lane < LANES:
+            mine = rows[lane, : RANKS[lane]].long()
+            out[t] += SCALING * (dense_a[mine] @ x[t].double()) @ dense_b[mine]
+    return out
+
+
+CASES = [  # (backend, pool kind, compute dtype, several token blocks with host metadata)
+    ("pallas", "float", torch.float32, True),
+    ("pallas", "float", torch.bfloat16, False),
+    ("pallas", "int8", torch.bfloat16, False),
+    ("xla", "float", torch.bfloat16, False),
+    ("xla", "int8", torch.float32, False),
+]
+
+
+@pytest.mark.parametrize(("backend", "kind", "dtype", "blocks"), CASES, ids=lambda v: str(v).removeprefix("torch."))
+def test_op_reads_each_lane_at_its_true_rank(backend, kind, dtype, blocks, xla_device):
+    """The Pallas kernel (interpret mode off TPU) and the XLA-native op against float64 math: mixed ranks
+    1..R on scattered pages, base rows, an out-of-range lane, a lane with rows but no token; rows past each
+    lane's rank and the unused rows poisoned. Base and out-of-range rows are exactly the base. ``blocks``:
+    several token blocks, with the batch's host-built grouping of the slots the pool stands for
+    (``ops.batch_metadata`` at rank R and L lanes), as the layers pass it."""
+    a_pool, b_pool, rows, a_scale, b_scale, dense_a, dense_b = _pools(kind == "int8", dtype)
+    x, base, lanes = _batch(dtype, blocks)
+    args = [x, a_pool, b_pool, base, lanes, rows, a_scale, b_scale]
+    metadata = None
+    if blocks:
+        metadata = ops.batch_metadata(lanes, [(IN, OUT)], MAX_RANK, LANES, dtype)[(IN, OUT)].to(xla_device)
+    on_device = [None if t is None else t.to(xla_device) for t in args]
+    out = ops.pooled_shrink_expand(*on_device, scaling=SCALING, backend=backend, metadata=metadata).cpu()
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_close(out, _expected(x, base, lanes, rows, dense_a, dense_b), dtype)
+    outside = (lanes < 0) | (lanes >= LANES)
+    assert torch.equal(out[outside], base[outside])
+    # The CPU reference (the op on CPU tensors) reads the same rows and agrees.
+    assert_close(ops.pooled_shrink_expand(*args, scaling=SCALING), out.double(), dtype)
+
+
+def test_opcheck_and_validation():
+    """The schema, fake and dispatch (``torch.library.opcheck`` on CPU tensors, float and int8 pools) and the
+    typed errors of bad arguments."""
+    for int8 in (False, True):
+        a_pool, b_pool, rows, a_scale, b_scale, *_ = _pools(int8, torch.float32)
+        x, base, lanes = _batch(torch.float32)
+        a_pool, b_pool = (p.nan_to_num(0.0, 0.0, 0.0) if not int8 else p for p in (a_pool, b_pool))
+        if int8:
+            a_scale, b_scale = a_scale.nan_to_num(1.0, 1.0), b_scale.nan_to_num(1.0, 1.0)
+        args = (x, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, SCALING, "auto", None)
+        torch.library.opcheck(torch.ops.xla_lora.pooled_shrink_expand.default, args)
+    a_pool, b_pool, rows, a_scale, b_scale, *_ = _pools(True, torch.float32)
+    with pytest.raises(tl.ShapeError, match="a_scale"):  # int8 pools need their scales
+        ops.pooled_shrink_expand(x, a_pool, b_pool, base, lanes, rows)
+    with pytest.raises(tl.ShapeError, match="rows must be int32"):
+        ops.pooled_shrink_expand(x, a_pool, b_pool, base, lanes, rows.long(), a_scale, b_scale)
+    with pytest.raises(tl.ShapeError, match="b_pool"):
+        ops.pooled_shrink_expand(x, a_pool, b_pool[:-1], base, lanes, rows, a_scale, b_scale)
+    with pytest.raises(tl.ShapeError, match="a_pool"):  # a float pool in another dtype than the inputs
+        ops.pooled_shrink_expand(x, a_pool.double(), b_pool.double(), base, lanes, rows)
+    with pytest.raises(tl.ArgumentTypeError):
+        ops.pooled_shrink_expand(x, a_pool, b_pool, base, lanes.tolist(), rows, a_scale, b_scale)
+    with pytest.raises(tl.ArgumentError):
+        ops.pooled_shrink_expand(x, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling=float("inf"))
+
+
+def test_allocator_pages_for_the_kernel():
+    """With granule 8 (where the Pallas kernel may run) every adapter owns whole aligned pages, in every layer's
+    table entries 8p..8p+7 are one page's rows, the accounting counts the pages (rank 4: 2x its rows, the cost
+    of the kernel's page DMAs), and the pool's page is the kernel's."""
+    assert pool.KERNEL_PAGE_ROWS == fused.PAGE_ROWS
+    manager = pool.PoolManager(
+        {"m": _Layer()}, max_loras=3, max_rank=16, max_cpu_adapters=8, rows=43, row_bytes=10, budget_bytes=450
+    )
+    assert manager.granule == 8  # its layer's backend is "pallas"
+    adapters = {name: _adapter(name, rank) for name, rank in (("a", 4), ("b", 12), ("c", 16))}
+    for adapter in adapters.values():
+        manager.add(adapter)
+    plan = manager.plan(list(adapters), for_batch=True)
+    manager.commit(plan)
+    table = manager.batch_rows(plan).reshape(3, 16)
+    for name, lane in plan.slot_of.items():
+        rank = adapters[name].max_rank
+        mine = table[lane, :rank].tolist()
+        assert (table[lane, rank:] == manager.zero_row).all()
+        for first in range(0, rank, 8):
+            page = mine[first : first + 8]
+            assert page[0] % 8 == 0 and page == list(range(page[0], page[0] + len(page)))
+    assert manager.memory()["adapters"] == {"a": 80, "b": 160, "c": 160}
+    assert manager.adapter_bytes(adapters["a"]) == 80
+    manager.add(_adapter("d", 1))
+    with pytest.raises(pool.PoolFullError):  # the batch holds the 40 whole-page rows of 43: rank 1 needs a page
+        manager.plan(["d"])
+
+
+class _Layer:
+    """What the pool's allocator reads of a layer (it writes no rows here)."""
+
+    backend, in_features, out_features = "pallas", 4, 4
+
+
+def _adapter(name: str, rank: int):
+    from torch_xla_lora.adapters import LoRAAdapter, ModuleLoRA
+
+    factors = ModuleLoRA(torch.zeros(rank, 4), torch.zeros(4, rank), rank, 1.0, False)
+    return LoRAAdapter(name=name, modules={"m": factors}, config={})
