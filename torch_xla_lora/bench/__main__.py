@@ -1,6 +1,6 @@
 """Benchmarks: ``python -m torch_xla_lora.bench [--system-malloc] COMMAND [options]``.
 
-COMMAND is one of e2e, kernels, memory, model, moe, pool, train, warmup, tpu_compile, vmem, xla_memory,
+COMMAND is one of e2e, kernels, memory, model, moe, pool, quantized, train, warmup, tpu_compile, vmem, xla_memory,
 each a module of this package with a ``main(argv) -> int``; ``python -m torch_xla_lora.bench
 COMMAND --help`` lists its options.
 
@@ -34,6 +34,7 @@ COMMANDS = {
     "memory": ("torch_xla_lora.bench.memory", "adapters fitting a device budget: padded, rank-true, int8"),
     "model": ("torch_xla_lora.bench.model", "the kernels' TPU cost model"),
     "pool": ("torch_xla_lora.bench.pool", "padded slots against rank-true pools (float, int8), paired"),
+    "quantized": ("torch_xla_lora.bench.quantized", "LoRA's overhead on an int8 base against a float base"),
     "moe": ("torch_xla_lora.bench.moe", "LoRA slowdown of a small MoE model (expert LoRA) next to a dense one"),
     "train": ("torch_xla_lora.bench.train", "a mixed training step of 8 tenants against its alternatives"),
     "warmup": ("torch_xla_lora.bench.warmup", "warm-up time and compilations against the number of slots"),
