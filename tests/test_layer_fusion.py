@@ -16,6 +16,8 @@ from conftest import assert_close, tiny_llama
 from test_layers import LLAMA_LORA, make_case, patch, peft_logits, token_ids
 
 import torch_xla_lora as tl
+from torch_xla_lora import formulation
+from torch_xla_lora.bench import tpu_model
 from torch_xla_lora.kernels import fused_base, visits
 from torch_xla_lora.kernels.block_sizes import BlockSizes
 from torch_xla_lora.layers import fusion
@@ -229,3 +231,52 @@ def test_default_base_fusion_off_tpu_leaves_the_decoders_alone(xla_device):
     lora = tl.patch_model(model, tl.LoRAConfig(**LLAMA_LORA))
     assert lora.fused_decoders == []
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+# --- the cost model -----------------------------------------------------------------------------------------
+
+CHIP = tpu_model.Chip("test", "v6e", hbm_bytes_per_s=1e9, peak_flops=1e12, mxu_width=256, step_overhead_s=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("prologue", "residual", "extra_bytes"), [("silu_mul", True, 2 * 256 * 256 * 2), ("norm", False, 256 * 4 + 256 * 2)]
+)
+def test_cost_model_prices_what_the_kernel_takes_in(prologue, residual, extra_bytes):
+    """One grid step (T = K = N = 256): the walk reads exactly the fusion's operands more (up and the residual
+    tile; the row and column factors), and the fused formulation is charged no pass for what it took in, while
+    the separate one still is."""
+    indices = np.zeros(256, np.int32)
+    plain = tpu_model.fused_base_cost(CHIP, indices, 256, 256, rank=16, num_slots=1)
+    taken = tpu_model.fused_base_cost(CHIP, indices, 256, 256, 16, 1, prologue=prologue, residual=residual)
+    assert taken.steps == plain.steps == 1
+    assert taken.pipelined_bytes - plain.pipelined_bytes == extra_bytes
+    unarranged = tpu_model.projection_costs(CHIP, indices, 256, 256, 16, 1, True, 1.0)
+    arranged = tpu_model.projection_costs(CHIP, indices, 256, 256, 16, 1, True, 1.0, False, prologue, residual)
+    assert arranged["fused"] == pytest.approx(taken.seconds + (0 if residual else 2 * 256 * 256 * 2 / 1e9))
+    assert unarranged["fused"] == pytest.approx(plain.seconds + (256 * 256 * 2 + 2 * 256 * 256 * 2) / 1e9)
+    assert arranged["separate"] == unarranged["separate"]
+
+
+def test_auto_prices_the_arranged_projections(tmp_path):
+    """The decoder arrangement marks gate/up (the norm) and down (SiLU * up, the residual) for the chooser, which
+    then picks the cheapest of the model's arranged costs; unpatch unmarks them."""
+    case = make_case(FAMILIES["llama"](), SPECS, tmp_path, token_ids(1, 2))
+    model, lora = patch(case, torch.device("cpu"), max_loras=2, max_rank=8, base_fusion=True)
+    mlp = model.model.layers[0].mlp
+    roles = {name: getattr(mlp, name).fusion_role for name in ("gate_proj", "up_proj", "down_proj")}
+    assert [(r.prologue, r.residual_in_kernel) for r in roles.values()] == [
+        ("norm", False),
+        ("norm", False),
+        ("silu_mul", True),
+    ]
+    for num_tokens in (8, 4096):
+        indices = tpu_model.contiguous_requests(num_tokens, 64, 8)
+        costs = tpu_model.projection_costs(
+            tpu_model.CHIPS["v6e"], indices, 14336, 4096, 16, 64, True, 1.0, False, "silu_mul", True
+        )
+        priced = {"fused": costs["fused"], "separate": costs["separate"], "xla": costs["xla_native"]}
+        choice = formulation.choose("v6e", num_tokens, 14336, 4096, 16, 64, False, roles["down_proj"])
+        assert priced[choice] == min(priced.values())
+    down = mlp.down_proj
+    lora.unpatch()
+    assert (down.fusion_role.prologue, down.fusion_role.residual_in_kernel) == ("", False)

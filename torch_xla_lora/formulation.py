@@ -41,10 +41,17 @@ class FusionRole:
       input_share: the share of writing x that falls to this layer when it runs a Pallas call (1/n
         for n layers reading the output of one fusable producer, e.g. q/k/v after a norm; 0 where x
         is materialised anyway, e.g. attention's output into o_proj).
+      prologue, residual_in_kernel: what the fused formulation's kernel takes in instead of paying
+        those passes (``tpu_model.projection_costs``).
     """
 
     residual_output: bool = False
     input_share: float = 1.0
+    # What the fused kernel takes in of x's producer ("", "silu_mul", "norm") and whether it adds the
+    # residual in its write: set by ``layers/fusion.py`` on the MLP projections of the decoders it arranges.
+    # An arrangement of the layer, not its place in the model: left out of equality.
+    prologue: str = dataclasses.field(default="", compare=False)
+    residual_in_kernel: bool = dataclasses.field(default=False, compare=False)
 
 
 def choose(
@@ -63,7 +70,7 @@ def choose(
     ``min(num_slots, num_tokens, 8)`` equal requests.
     """
     args = (generation, num_tokens, in_features, out_features, rank, num_slots, has_bias)
-    return _constant_choice(*args, role.residual_output, role.input_share)
+    return _constant_choice(*args, role.residual_output, role.input_share, role.prologue, role.residual_in_kernel)
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: a constant, the cost model is never traced
@@ -82,6 +89,8 @@ def _cheapest(
     has_bias: bool,
     residual_output: bool,
     input_share: float,
+    prologue: str = "",
+    residual_in_kernel: bool = False,
 ) -> str:
     from torch_xla_lora.bench import tpu_model
 
@@ -89,7 +98,17 @@ def _cheapest(
     in_use = min(num_slots, num_tokens, TYPICAL_IN_USE)
     indices = tpu_model.contiguous_requests(num_tokens, num_slots, in_use)
     costs = tpu_model.projection_costs(
-        chip, indices, in_features, out_features, rank, num_slots, residual_output, input_share, has_bias
+        chip,
+        indices,
+        in_features,
+        out_features,
+        rank,
+        num_slots,
+        residual_output,
+        input_share,
+        has_bias,
+        prologue,
+        residual_in_kernel,
     )
     return FORMULATIONS[tpu_model.FORMULATIONS.index(tpu_model.cheapest(costs))]
 

@@ -643,11 +643,11 @@ class LoRAModel:
     def unpatch(self) -> nn.Module:
         """Put the original modules back; the handle is unusable afterwards. Returns the model."""
         self._check_patched()
-        for name, layer in self.layers.items():
-            _set_submodule(self.model, name, layer.base_layer)
         from torch_xla_lora.layers import fusion
 
         fusion.unpatch(getattr(self, "fused_decoders", []))
+        for name, layer in self.layers.items():
+            _set_submodule(self.model, name, layer.base_layer)
         self._patched = False
         return self.model
 

@@ -213,6 +213,21 @@ def matmul_cost(chip: Chip, num_tokens: int, hidden: int, out_dim: int) -> Cost:
     return Cost(pipelined, 0, flops, 1, max(pipelined / chip.hbm_bytes_per_s, flops / chip.peak_flops))
 
 
+def kernel_fusion(prologue: str = "", residual: bool = False):
+    """The ``fused_base.Fusion`` of a projection whose kernel takes in x's ``prologue`` ("", "silu_mul",
+    "norm") and, with ``residual``, the residual add."""
+    from torch_xla_lora.kernels import fused_base
+
+    if prologue not in PROLOGUES:
+        raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
+    norm = prologue == "norm"
+    return fused_base.Fusion(silu_mul=prologue == "silu_mul", row_scale=norm, col_scale=norm, residual=residual)
+
+
+#: What a fused kernel can take in of x's producer: nothing, SiLU(gate) * up, RMSNorm's factors.
+PROLOGUES = ("", "silu_mul", "norm")
+
+
 def fused_base_cost(
     chip: Chip,
     indices: np.ndarray,
@@ -222,24 +237,36 @@ def fused_base_cost(
     num_slots: int,
     layout: str = "out_in",
     has_bias: bool = False,
+    prologue: str = "",
+    residual: bool = False,
 ) -> Cost | None:
     """Cost of ``linear_lora``'s fused kernel (bf16): its own grid (token block, output tile, reduction tile)
-    walked step by step, with ``fused_base.step_work``; None when no tiling fits (the op then falls back)."""
+    walked step by step, with ``fused_base.step_work``; None when no tiling fits (the op then falls back).
+
+    ``prologue`` ("silu_mul": x is SiLU(gate) * up, two x tiles per step; "norm": RMSNorm's row and
+    column factors) and ``residual`` (a [T, N] tile added in the output write): what the kernel takes
+    in (``fused_base.Fusion``), its extra operands' traffic walked with the rest."""
     import jax.numpy as jnp
 
     from torch_xla_lora.kernels import fused_base, visits
 
     dtype, itemsize = jnp.bfloat16, 2
     num_tokens = len(indices)
-    planned = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, chip.generation, has_bias)
+    fusion = kernel_fusion(prologue, residual)
+    planned = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, chip.generation, has_bias, fusion)
     if planned is None:
         return None
     sizes, lanes = planned
     padded = np.full(sizes.padded_tokens(num_tokens), -1, np.int32)
     padded[:num_tokens] = np.where((indices >= 0) & (indices < num_slots), indices, -1)
     meta = visits.build_lanes(padded, num_slots, sizes.tokens, lanes, xp=np)
-    spec = fused_base.grid_spec(len(padded), hidden, out_dim, rank, num_slots, dtype, sizes, lanes, layout, has_bias)
+    spec = fused_base.grid_spec(
+        len(padded), hidden, out_dim, rank, num_slots, dtype, sizes, lanes, layout, has_bias, fusion
+    )
     specs = [*spec.in_specs, spec.out_specs]
+    # Bytes per element of each spec, in grid_spec's order: the int32 codes and the f32 row scale, else bf16.
+    widths = [4, itemsize] + [itemsize] * fusion.silu_mul + [4] * fusion.row_scale
+    widths += [itemsize] * (len(specs) - len(widths))
     last = [None] * len(specs)
     pipelined = manual = 0
     flops = 0.0
@@ -252,7 +279,7 @@ def fused_base_cost(
                         continue
                     index = tuple(int(v) for v in block_spec.index_map(i, n, k))
                     if index != last[s]:
-                        pipelined += math.prod(block_spec.block_shape) * (4 if s == 0 else itemsize)
+                        pipelined += math.prod(block_spec.block_shape) * widths[s]
                         last[s] = index
                 hidden_dma, dma, matmuls = fused_base.step_work(i, n, k, meta, rank, lanes, sizes, reductions, itemsize)
                 pipelined += hidden_dma  # issued before the base product: shares bandwidth, overlaps compute
@@ -279,6 +306,8 @@ def projection_costs(
     residual_output: bool = False,
     input_share: float = 0.0,
     has_bias: bool = False,
+    prologue: str = "",
+    residual_in_kernel: bool = False,
 ) -> dict[str, float]:
     """Seconds of one projection with its LoRA under each formulation a layer can run, and its base.
 
@@ -294,19 +323,39 @@ def projection_costs(
     SiLU(gate) * up, fuses into XLA's operand reads but not into a custom call's; a group of n
     projections reading one x shares the write, 1/n each; 0 where x is materialised anyway, e.g.
     attention's output). The XLA-native op is XLA's own fusions: it pays neither.
+
+    ``prologue`` / ``residual_in_kernel``: the fused kernel takes x's producer / the residual add in
+    (``layers/fusion.py`` arranges a Llama-family decoder so): the fused formulation then pays no
+    pass for it, and its walk reads the producer's operands (gate and up, or the norm's factors) and
+    the residual tile instead (:func:`fused_base_cost`). The separate formulation still pays.
     """
     itemsize = 2
     num_tokens = len(indices)
     bandwidth = chip.hbm_bytes_per_s
-    unfused = input_share * num_tokens * hidden * itemsize / bandwidth
-    if residual_output:
-        unfused += 2 * num_tokens * out_dim * itemsize / bandwidth
+    producer_pass = input_share * num_tokens * hidden * itemsize / bandwidth
+    residual_pass = 2 * num_tokens * out_dim * itemsize / bandwidth if residual_output else 0.0
+    unfused = producer_pass + residual_pass
     base = matmul_cost(chip, num_tokens, hidden, out_dim).seconds
     lora = fused_cost(chip, indices, hidden, out_dim, rank, num_slots).seconds
-    fused = fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots, has_bias=has_bias)
+    fused = fused_base_cost(
+        chip,
+        indices,
+        hidden,
+        out_dim,
+        rank,
+        num_slots,
+        has_bias=has_bias,
+        prologue=prologue,
+        residual=residual_in_kernel and residual_output,
+    )
+    if fused is None:  # XLA's dot and the separate op: nothing is taken in
+        fused_seconds = base + lora + unfused
+    else:
+        fused_seconds = fused.seconds + (0.0 if prologue else producer_pass)
+        fused_seconds += 0.0 if residual_in_kernel else residual_pass
     return {
         "base": base,
-        "fused": (base + lora if fused is None else fused.seconds) + unfused,
+        "fused": fused_seconds,
         "separate": base + lora + unfused,
         "xla_native": base + xla_native_cost(chip, indices, hidden, out_dim, rank, num_slots),
     }
@@ -347,7 +396,19 @@ def llama_roles() -> dict[str, tuple[bool, float]]:
     }
 
 
-def layer_costs(chip: Chip, indices: np.ndarray, rank: int, num_slots: int, unfused_passes: bool = True) -> dict:
+# What ``layers/fusion.py`` has the fused kernel take in, per Llama-family MLP projection: (prologue, residual).
+# q/k/v (the input norm) and o_proj (the attention residual) are not arranged: they pay their passes.
+KERNEL_FUSION = {"gate_proj": ("norm", False), "up_proj": ("norm", False), "down_proj": ("silu_mul", True)}
+
+
+def layer_costs(
+    chip: Chip,
+    indices: np.ndarray,
+    rank: int,
+    num_slots: int,
+    unfused_passes: bool = True,
+    kernel_fusion: bool = True,
+) -> dict:
     """Seconds of one Llama-3-8B decoder layer's projections (bf16) under each formulation.
 
     Sums :func:`projection_costs` over the seven projections with their roles (:func:`llama_roles`):
@@ -358,7 +419,9 @@ def layer_costs(chip: Chip, indices: np.ndarray, rank: int, num_slots: int, unfu
     and XLA-native, as ``base_fusion="auto"`` chooses on TPU: see ``torch_xla_lora/formulation.py``)
     and ``choices`` (projection -> formulation). ``unfused_passes=False`` prices the Pallas formulations
     as if they took x's producer and the residual add in, as XLA's own dot does (what a kernel given
-    the decoder layer's structure would cost).
+    the decoder layer's structure would cost). ``kernel_fusion``: the MLP's projections as
+    ``layers/fusion.py`` arranges them (:data:`KERNEL_FUSION`: the norm into gate/up's read, SiLU(gate) * up
+    and the residual into down_proj's); False prices every Pallas call with its passes (the layer unarranged).
     """
     num_tokens = len(indices)
     no_adapter = np.full(num_tokens, -1, np.int32)
@@ -368,8 +431,10 @@ def layer_costs(chip: Chip, indices: np.ndarray, rank: int, num_slots: int, unfu
         if not unfused_passes:
             residual, share = False, 0.0
         hidden, out_dim, _ = LLAMA3_8B_LAYER[name]
-        costs = projection_costs(chip, indices, hidden, out_dim, rank, num_slots, residual, share)
-        plain = projection_costs(chip, no_adapter, hidden, out_dim, rank, num_slots, residual, share)
+        prologue, in_kernel = KERNEL_FUSION.get(name, ("", False)) if kernel_fusion else ("", False)
+        fusion = {"prologue": prologue, "residual_in_kernel": in_kernel}
+        costs = projection_costs(chip, indices, hidden, out_dim, rank, num_slots, residual, share, **fusion)
+        plain = projection_costs(chip, no_adapter, hidden, out_dim, rank, num_slots, residual, share, **fusion)
         for key in ("base", "fused", "separate", "xla_native"):
             out[key] += costs[key]
         out["onehot"] += costs["base"] + onehot_cost(chip, num_tokens, hidden, out_dim, rank, num_slots).seconds

@@ -21,6 +21,7 @@ add in torch exactly as transformers does, so results equal the unpatched model'
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import types
@@ -74,13 +75,25 @@ def patch(model: nn.Module) -> list[nn.Module]:
         if fusable(module) and "forward" not in vars(module):
             module.forward = types.MethodType(_decoder_forward, module)
             patched.append(module)
+            # base_fusion="auto" prices the fused formulation of these projections with what it takes in.
+            mlp = module.mlp
+            for proj, prologue, residual in (("gate_proj", "norm", False), ("up_proj", "norm", False)):
+                _take_in(getattr(mlp, proj), prologue, residual)
+            _take_in(mlp.down_proj, "silu_mul", True)
     return patched
 
 
+def _take_in(layer: nn.Module, prologue: str, residual: bool) -> None:
+    if isinstance(layer, LinearWithLoRA):
+        layer.fusion_role = dataclasses.replace(layer.fusion_role, prologue=prologue, residual_in_kernel=residual)
+
+
 def unpatch(layers: list[nn.Module]) -> None:
-    """Restore the class's own forward on each of ``layers``."""
+    """Restore the class's own forward on each of ``layers`` (and the projections' roles)."""
     for layer in layers:
         vars(layer).pop("forward", None)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            _take_in(getattr(layer.mlp, proj), "", False)
 
 
 @functools.cache
