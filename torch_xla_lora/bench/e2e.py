@@ -240,6 +240,24 @@ def step_seconds(prepare: Callable[[], None], forward: Callable[[], torch.Tensor
     return host + (executed if executed > 0 else wall)
 
 
+def paired_seconds(steps: dict[str, tuple[Callable, Callable]], repeats: int) -> dict[str, list[float]]:
+    """Each case's :func:`step_seconds` over ``repeats`` rounds, the cases in rotating order (after two
+    untimed rounds that compile): name -> seconds per round, for ratios paired round by round."""
+    for _ in range(2):
+        for closures in steps.values():
+            step_seconds(*closures)
+    seconds = {name: [] for name in steps}
+    for order in _rotations(list(steps), repeats):
+        for name in order:
+            seconds[name].append(step_seconds(*steps[name]))
+    return seconds
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over rounds of numerator / denominator (times paired round by round)."""
+    return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
+
+
 def minor_page_faults() -> int:
     """The process's minor page faults so far (every thread): fresh memory the kernel had to map."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from torch_xla_lora.bench.e2e import E2EConfig, step_seconds
+from torch_xla_lora.bench.e2e import E2EConfig, paired_ratio, paired_seconds
 from torch_xla_lora.bench.e2e_model import LINEAR_TARGETS, build_model, random_adapter
 from torch_xla_lora.bench.memory import fleet
 
@@ -102,18 +102,8 @@ def run(config: E2EConfig, max_loras: int, max_rank: int, decode_batch: int, pre
             batch = [names[i % len(names)] for i in range(ids.shape[0])]
 
             steps = {layout: _closures(models[layout], batch, ids) for layout in LAYOUTS}
-            for _ in range(2):  # compile
-                for step in steps.values():
-                    step_seconds(*step)
-            seconds = {layout: [] for layout in LAYOUTS}
-            for repeat in range(repeats):
-                order = LAYOUTS[repeat % 3 :] + LAYOUTS[: repeat % 3]
-                for layout in order:
-                    seconds[layout].append(step_seconds(*steps[layout]))
-            ratios = {
-                layout: statistics.median(o / p for o, p in zip(seconds[layout], seconds["padded"], strict=True))
-                for layout in LAYOUTS[1:]
-            }
+            seconds = paired_seconds(steps, repeats)
+            ratios = {layout: paired_ratio(seconds[layout], seconds["padded"]) for layout in LAYOUTS[1:]}
             rows.append(
                 {
                     "scenario": name,

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from torch_xla_lora.bench.e2e import E2EConfig, step_seconds
+from torch_xla_lora.bench.e2e import E2EConfig, paired_ratio, paired_seconds
 from torch_xla_lora.bench.e2e_model import LINEAR_TARGETS, build_model, random_adapter
 
 CASES = ("float base", "float LoRA", "int8 base", "int8 LoRA")
@@ -77,19 +77,9 @@ def run(config: E2EConfig, adapters: int, rank: int, decode_batch: int, seq: int
                 lora.clear_batch if case.endswith("base") else (lambda lora=lora, names=names: lora.set_batch(names))
             )
             steps[case] = (prepare, lambda lora=lora, ids=ids: lora.model(ids, use_cache=False).logits)
-        for _ in range(2):  # compile
-            for closures in steps.values():
-                step_seconds(*closures)
-        seconds = {case: [] for case in CASES}
-        for repeat in range(repeats):
-            for case in CASES[repeat % 4 :] + CASES[: repeat % 4]:
-                seconds[case].append(step_seconds(*steps[case]))
+        seconds = paired_seconds(steps, repeats)
         overhead = {
-            kind: statistics.median(
-                lo / b for lo, b in zip(seconds[f"{kind} LoRA"], seconds[f"{kind} base"], strict=True)
-            )
-            - 1
-            for kind in ("float", "int8")
+            kind: paired_ratio(seconds[f"{kind} LoRA"], seconds[f"{kind} base"]) - 1 for kind in ("float", "int8")
         }
         rows.append(
             {
