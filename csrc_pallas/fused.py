@@ -218,7 +218,7 @@ class Pooled(NamedTuple):
 
     @property
     def num_prefetch(self) -> int:
-        """Scalar-prefetch arrays of the kernel: the 4 lane arrays, then rows, ranks (and scales)."""
+        """Scalar-prefetch arrays of the kernel: the 4 lane arrays, then page starts, ranks (and scales)."""
         return 7 if self.int8 else 6
 
 
@@ -229,7 +229,8 @@ def pages(rank: int) -> int:
 
 def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float, pooled: Pooled | None = None):
     """The laned shrink-expand. Refs, in order: the scalar-prefetch arrays (SMEM: active, chunks,
-    slots, uniform; pooled: + rows [L * R], ranks [L] (+ scales [L * R] f32 for int8)), code [tokens, 1],
+    slots, uniform; pooled: + page starts [L * pages(R)], ranks [L] (+ int8: scales [L * pages(R) * 8] f32, the
+    a_scale * b_scale of each page's rows)), code [tokens, 1],
     x [tokens, D], base [tokens, out], A and B (ANY: slots [L, R, D] / [L, R, Dout], or pools
     [P + 2, D] / [P + 2, Dout]), the output [tokens, out], then the scratch: A [lanes * Rp, D] and
     B [lanes * Rp, out] tiles in the compute dtype, y [max_chunks, tokens, lanes * Rp], DMA semaphores
@@ -263,7 +264,7 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
                 pl.when(slot >= 0)(copy.wait)
 
     else:
-        rows_ref, ranks_ref = table[0], table[1]
+        starts_ref, ranks_ref = table[0], table[1]
         rank = pooled.rank
 
         def lane_rank(slot):
@@ -278,7 +279,7 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
             columns = slice(None) if which == 0 else pl.ds(n * tile, tile)
 
             def copy(slot, lane: int, page):
-                row = pl.multiple_of(rows_ref[slot * rank + page * PAGE_ROWS], PAGE_ROWS)
+                row = pl.multiple_of(starts_ref[slot * pages(rank) + page], PAGE_ROWS)
                 if staging is None:
                     target = dest.at[pl.ds(pl.multiple_of(lane * stride + page * PAGE_ROWS, PAGE_ROWS), PAGE_ROWS)]
                 else:
@@ -324,7 +325,7 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
                 entry = jnp.maximum(slot, 0)
 
                 def body(j, acc, lane=lane, entry=entry):
-                    return jnp.where(column == lane * stride + j, table[2][entry * rank + j], acc)
+                    return jnp.where(column == lane * stride + j, table[2][entry * pages(rank) * PAGE_ROWS + j], acc)
 
                 out = jax.lax.fori_loop(0, lane_rank(slot), body, out)
             return out
@@ -505,14 +506,16 @@ def pooled_cost_estimate(
     int8: bool,
 ) -> pl.CostEstimate:
     """As :func:`cost_estimate` for the pooled kernel, with the adapter bytes of the true ranks: the
-    pages of each of ``ranks`` (the distinct adapters a typical batch uses, one entry each), int8
-    rows at one byte an element. Flops count the MXU work as issued, as there."""
+    pages of each of ``ranks`` (the distinct adapters of a typical batch, one entry each, all in one
+    token block as in decode), int8 rows at one byte an element. Flops count the MXU work as issued:
+    one laned pass per chunk of ``lanes`` of them."""
     itemsize = jnp.dtype(dtype).itemsize
     width = lanes * rank_stride(table_rank, dtype)
     activations = num_tokens * (hidden + 2 * out_dim) * itemsize + 4 * num_tokens
     rows = sum(pages(rank) * PAGE_ROWS for rank in ranks)
+    chunks = max(1, -(-len(ranks) // lanes))
     return pl.CostEstimate(
-        flops=2 * num_tokens * width * (hidden + out_dim),
+        flops=2 * num_tokens * width * (hidden + out_dim) * chunks,
         transcendentals=0,
         bytes_accessed=activations + rows * (hidden + out_dim) * (1 if int8 else itemsize),
     )
@@ -564,9 +567,9 @@ def pooled_shrink_expand(
     b_pool: jax.Array,  # [P + 2, Dout], a_pool's dtype
     base: jax.Array,  # [T_pad, Dout], x's dtype
     meta: LaneBlocks,
-    rows: jax.Array,  # [L * R] int32: lane l's rows at l * R + j
+    starts: jax.Array,  # [L * pages(R)] int32: the first row of lane l's page p at l * pages(R) + p
     ranks: jax.Array,  # [L] int32: each lane's true rank
-    scales: jax.Array | None,  # [L * R] f32: a_scale * b_scale of each table entry (int8 pools)
+    scales: jax.Array | None,  # [L * pages(R) * 8] f32: a_scale * b_scale of each page's rows (int8 pools)
     *,
     scaling: float,
     block_sizes: BlockSizes,
@@ -578,10 +581,10 @@ def pooled_shrink_expand(
 ) -> jax.Array:  # [T_pad, Dout], base.dtype
     """The fused laned kernel reading each lane's A and B rows from the pools through the row table.
 
-    Lane l's rank-r rows are ``rows[l * R : l * R + r]``; the kernel DMAs them a page of
-    :data:`PAGE_ROWS` at a time, the page's first row ``rows[l * R + 8p]`` (a multiple of 8, the next
-    seven rows contiguous: the pool's allocator hands out aligned pages), and reads nothing past
-    the lane's last page. ``typical_ranks``: the distinct adapters' ranks for the cost estimate
+    Lane l's rank-r rows are ``pages(r)`` pages of :data:`PAGE_ROWS` rows, page p starting at row
+    ``starts[l * pages(R) + p]`` (a multiple of 8, the next seven rows contiguous: the pool's allocator
+    hands out aligned pages); the kernel DMAs them a page at a time and reads nothing past the lane's
+    last page. ``typical_ranks``: the distinct adapters' ranks for the cost estimate
     (default: ``lanes`` adapters of rank R).
     """
     num_tokens, hidden = x.shape
@@ -603,7 +606,7 @@ def pooled_shrink_expand(
     )
     typical = typical_ranks or (rank,) * min(lanes, num_slots)
     estimate = pooled_cost_estimate(num_tokens, hidden, out_dim, typical, rank, dtype, block_sizes, lanes, int8)
-    prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform, rows, ranks) + ((scales,) if int8 else ())
+    prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform, starts, ranks) + ((scales,) if int8 else ())
     return pl.pallas_call(
         kernel,
         grid_spec=spec,

@@ -215,15 +215,21 @@ def pooled_shrink_expand_fn(
             meta = visits.build_lanes(idx, num_slots, sizes.tokens, lanes_count)
         else:
             meta, _ = visits.unpack(metadata[:-padded], padded, num_slots, sizes.tokens, lanes_count)
-        flat = rows.reshape(-1).astype(jnp.int32)
-        scales = a_scale[flat] * b_scale[flat] if int8 else None
+        starts = rows[:, :: fused.PAGE_ROWS].reshape(-1).astype(jnp.int32)  # each page's first row
+        scales = None
+        if int8:  # a_scale * b_scale of every row of each page: one 8-row window per page, not a gather per row
+
+            def window(scale):
+                return jax.vmap(lambda start: jax.lax.dynamic_slice(scale, (start,), (fused.PAGE_ROWS,)))(starts)
+
+            scales = (window(a_scale) * window(b_scale)).reshape(-1)
         out = fused.pooled_shrink_expand(
             _pad_rows(x, padded),
             a_pool,
             b_pool,
             _pad_rows(base, padded),
             meta,
-            flat,
+            starts,
             lane_ranks(rows, a_pool.shape[0] - 2),
             scales,
             scaling=scaling,
