@@ -28,15 +28,24 @@ MOE_SAMPLE = [
     tpu_grid.moe_config("v6e", "mixtral-8x7b", 8192, "lora"),
     tpu_grid.moe_config("v6e", "gpt-oss-20b", 1024, "lora"),
 ]
+# The pooled kernel (rank-true storage): decode batches of mixed true ranks 8/16/64, bfloat16 and int8 pools,
+# both chips, max_rank and max_loras from 16/4 to 128/64 (the largest row table and int8 scale table prefetched).
+POOLED_SAMPLE = [
+    tpu_grid.pooled_config("v5e", "bfloat16", 16, 16, 64, "llama3-8b", "q_proj"),
+    tpu_grid.pooled_config("v6e", "int8", 16, 64, 128, "llama3-8b", "gate_proj"),
+    tpu_grid.pooled_config("v6e", "bfloat16", 8, 4, 16, "llama3-8b", "k_proj"),
+    tpu_grid.pooled_config("v5e", "int8", 1, 16, 64, "llama3-8b", "down_proj"),
+]
 SETUP = Path(__file__).resolve().parent.parent / "setup.py"
 
 
 @pytest.fixture(scope="module")
 def compiled() -> tpu_compile.Run:
     """One worker run over the whole sample and the expert layers."""
-    run = tpu_compile.run(SAMPLE + MOE_SAMPLE, timeout=3000)
+    run = tpu_compile.run(SAMPLE + MOE_SAMPLE + POOLED_SAMPLE, timeout=3000)
     assert run.libtpu is not None, "libtpu is not installed: pip install -e '.[test]' installs the pinned release"
-    assert len(run.results) == len(SAMPLE) + len(MOE_SAMPLE), f"the worker stopped early:\n{run.stderr[-4000:]}"
+    expected = len(SAMPLE) + len(MOE_SAMPLE) + len(POOLED_SAMPLE)
+    assert len(run.results) == expected, f"the worker stopped early:\n{run.stderr[-4000:]}"
     return run
 
 
@@ -90,6 +99,24 @@ def test_weight_grad_cost_is_the_kernel_s_estimate(compiled):
         estimate, cost = result["estimate"], result["cost"]
         assert estimate["flops"] <= cost["flops"] <= estimate["flops"] * 1.25, result["name"]
         assert cost["bytes accessed"] >= estimate["bytes accessed"], result["name"]
+
+
+@pytest.mark.parametrize("config", POOLED_SAMPLE, ids=lambda c: c.name)
+def test_pooled_kernel_compiles_reading_the_true_ranks(config, compiled):
+    """The pooled kernel compiles for the chip, and the ``pl.CostEstimate`` it declares counts, besides the
+    activations, exactly the true-rank bytes of the batch's distinct adapters (ranks 8/16/64 fill whole pages;
+    int8: one byte an element), whatever max_rank and max_loras: libtpu's ``cost_analysis()`` of the op counts
+    the kernel by it (flops within 1%, the rest the op's grouping) and bytes at least it."""
+    (result,) = [r for r in compiled.results if r["name"] == config.name]
+    assert result["ok"], result.get("error")
+    assert result["path"] == "pooled"
+    ranks = tpu_grid.pooled_ranks(min(config.tokens, config.slots), config.rank)
+    element = 1 if config.variant == "int8" else 2
+    true_rank_bytes = sum(ranks) * (config.in_features + config.out_features) * element
+    estimate, cost = result["estimate"], result["cost"]
+    assert estimate["bytes accessed"] - result["activation_bytes"] == true_rank_bytes
+    assert estimate["flops"] <= cost["flops"] <= estimate["flops"] * 1.01, result["name"]
+    assert cost["bytes accessed"] >= estimate["bytes accessed"], result["name"]
 
 
 def test_worker_compiles_with_the_pinned_libtpu(compiled):

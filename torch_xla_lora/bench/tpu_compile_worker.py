@@ -220,7 +220,40 @@ def build_moe(cfg: Config, sds):
     return moe_layer.layer_fn(cfg.model, cfg.chip, with_lora), list(args), info
 
 
+def build_pooled(cfg: Config, sds):
+    """pooled_shrink_expand as the op calls it: pooled_shrink_expand_fn('pallas', chip, ...) on pools of
+    ``tpu_grid.POOLED_POOL_ROWS`` rows, the batch's distinct ranks (``tpu_grid.pooled_ranks``) for its estimate."""
+    dtype, int8 = jnp.dtype(cfg.dtype), cfg.variant == "int8"
+    pool_dtype = jnp.int8 if int8 else dtype
+    tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
+    ranks = tpu_grid.pooled_ranks(min(tokens, slots), rank)
+    pool_rows = tpu_grid.POOLED_POOL_ROWS + 2
+    args = [
+        sds((tokens, d_in), dtype),
+        sds((pool_rows, d_in), pool_dtype),
+        sds((pool_rows, d_out), pool_dtype),
+        sds((tokens, d_out), dtype),
+        sds((tokens,), jnp.int32),
+        sds((slots, rank), jnp.int32),
+    ]
+    args += [sds((pool_rows,), jnp.float32)] * 2 if int8 else []
+    sizes, lanes, run = fused.pooled_plan_call(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, int8)
+    padded = sizes.padded_tokens(tokens)
+    estimate = fused.pooled_cost_estimate(padded, d_in, d_out, ranks, rank, dtype, sizes, lanes, int8)
+    info = {
+        "block": dataclasses.asdict(sizes),
+        "lanes": lanes,
+        "path": "pooled" if run else "gather + shrink_expand",
+        "vmem_estimate": fused.pooled_vmem_bytes(sizes, rank, slots, lanes, dtype, int8),
+        "ranks": list(ranks),
+        "estimate": {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
+        "activation_bytes": padded * (d_in + 2 * d_out) * dtype.itemsize + 4 * padded,
+    }
+    return _jax.pooled_shrink_expand_fn("pallas", cfg.chip, SCALING, int8, False, ranks), args, info
+
+
 BUILDERS = {
+    "pooled": build_pooled,
     "moe": build_moe,
     "fused": build_fused,
     "shrink": build_shrink,

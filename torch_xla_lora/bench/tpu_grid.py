@@ -165,6 +165,25 @@ def full(chips=tuple(CHIPS), kernels=None) -> Iterator[Config]:
             yield Config(chip, entry.name, variant, dtype, tokens, slots, rank, *layer)
 
 
+# The pooled kernel (``pooled_shrink_expand``, rank-true storage) is compiled apart from the sample: decode
+# batches whose distinct adapters have mixed true ranks read from pools at ``max_rank`` R and ``max_loras`` L.
+POOLED_VARIANTS = ("bfloat16", "int8")  # the pools' dtype (the compute dtype is bfloat16)
+POOLED_RANKS = (8, 16, 64)  # true ranks of a batch's distinct adapters, in turn
+POOLED_POOL_ROWS = 4096  # data rows of the compiled pools (4 to 117 MB a pool at Llama-3-8B widths)
+
+
+def pooled_ranks(distinct: int, max_rank: int) -> tuple[int, ...]:
+    """True ranks of a batch's ``distinct`` adapters: :data:`POOLED_RANKS` in turn, at most ``max_rank``."""
+    return tuple(min(POOLED_RANKS[i % len(POOLED_RANKS)], max_rank) for i in range(distinct))
+
+
+def pooled_config(chip: str, variant: str, tokens: int, slots: int, rank: int, model: str, layer: str) -> Config:
+    """One pooled-kernel compilation: ``tokens`` decode tokens on min(tokens, slots) distinct adapters
+    (:func:`pooled_ranks`), pools of ``variant`` rows, ``slots`` lanes of ``rank`` table entries."""
+    (d_in, d_out) = next((i, o) for m, proj, i, o in LAYERS if (m, proj) == (model, layer))
+    return Config(chip, "pooled", variant, "bfloat16", tokens, slots, rank, model, layer, d_in, d_out)
+
+
 @dataclasses.dataclass(frozen=True)
 class MoeShape:
     """One MoE model's routed expert layer, from its published config (transformers' experts module layout)."""
