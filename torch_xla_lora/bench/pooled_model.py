@@ -1,0 +1,165 @@
+"""``python -m torch_xla_lora.bench.pooled_model``: LoRA bytes and time of one decode step, TPU-modelled.
+
+Llama-3-8B's seven projections in each of its 32 layers, a decode batch of 16 tokens (one per request)
+on 1, 8 or 16 distinct adapters of mixed true ranks (8, 16, 64 in turn), for ``max_loras`` x
+``max_rank`` in {16, 64} x {64, 128}, bf16 and int8 pools, on v5e and v6e:
+
+- *padded*: today's slots, ``bgmv_shrink_expand``'s fused kernel (:func:`tpu_model.fused_cost`):
+  every used slot's ``max_rank`` rows;
+- *gathered pool*: rank-true storage read as before the pooled kernel: the lanes' rows gathered into
+  the ``[max_loras, max_rank]`` slot layout (all ``max_loras x max_rank`` table entries read, the slot
+  buffers written), then the same fused kernel;
+- *pooled*: ``pooled_shrink_expand``'s kernel (``kernels.fused.Pooled``), walked like the padded one
+  (:func:`pooled_cost`): the pages of each used lane's true rank, plus the tables the op reads
+  (the row table, page starts, and for int8 pools each page's 8 scales of both factors, gathered and
+  multiplied: a 4 KiB tile of each scale array per page entry of the table, used or not).
+
+"Adapter bytes" are what each formulation reads of the adapters (the rows the kernel DMAs, the
+tables, the gather's reads and writes); the op's activations (x and the base read, the output
+written) are the same for all three and left out. "true" is the true-rank bytes of the batch's
+distinct adapters (int8: one byte an element). Times are the whole LoRA op's modelled time (the
+kernel with its activations, plus the gather's roofline), summed over the step's projections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from torch_xla_lora.bench import tpu_model
+
+DISTINCT = (1, 8, 16)
+MIXED_RANKS = (8, 16, 64)
+SLOT_GRID = ((16, 64), (64, 64), (16, 128), (64, 128))  # (max_loras, max_rank)
+DECODE_TOKENS = 16
+LAYERS = 32
+#: HBM bytes a window of one int8 scale array costs: the (1024-element float32) tile it lies in, as libtpu's
+#: cost analysis of the op counts it (``tests/test_tpu_compile.py``'s int8 configurations: 5-8 KB per page).
+SCALE_TILE_BYTES = 4096
+
+
+def batch_ranks(distinct: int) -> tuple[int, ...]:
+    """True ranks of a batch's ``distinct`` adapters: :data:`MIXED_RANKS` in turn."""
+    return tuple(MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(distinct))
+
+
+def decode_lanes(tokens: int, distinct: int) -> np.ndarray:
+    """[T] lane of each decode token: token t on lane t mod ``distinct``."""
+    return (np.arange(tokens) % distinct).astype(np.int32)
+
+
+def pooled_cost(
+    chip: tpu_model.Chip,
+    lanes: np.ndarray,
+    ranks: Sequence[int],
+    hidden: int,
+    out_dim: int,
+    max_rank: int,
+    max_loras: int,
+    int8: bool,
+) -> tpu_model.Cost:
+    """Cost of ``pooled_shrink_expand``'s kernel (bf16 compute) for one batch: ``lanes`` [T] each token's lane,
+    ``ranks[l]`` lane l's true rank (lanes past ``len(ranks)`` hold none). Pipelined blocks as
+    :func:`tpu_model.fused_cost`; manual bytes the pages the kernel DMAs (``fused.pooled_step_work``) plus
+    the tables the op reads (page starts, ranks; int8: the scale windows, read twice and written once)."""
+    import jax.numpy as jnp
+
+    from torch_xla_lora.kernels import fused, visits
+
+    dtype = jnp.bfloat16
+    num_tokens = len(lanes)
+    sizes, lane_count, run = fused.pooled_plan_call(
+        num_tokens, hidden, out_dim, max_rank, max_loras, dtype, chip.generation, int8
+    )
+    if not run:
+        raise ValueError(f"the pooled kernel does not run D={hidden}, Dout={out_dim}, R={max_rank} on {chip.name}")
+    padded = np.full(sizes.padded_tokens(num_tokens), -1, np.int32)
+    padded[:num_tokens] = lanes
+    meta = visits.build_lanes(padded, max_loras, sizes.tokens, lane_count, xp=np)
+    pooled = fused.Pooled(max_rank, int8)
+    spec = fused.grid_spec(len(padded), hidden, out_dim, max_rank, max_loras, dtype, sizes, lane_count, pooled)
+    prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform)
+    lane_ranks = np.zeros(max_loras, np.int64)
+    lane_ranks[: len(ranks)] = ranks
+    specs = [*spec.in_specs, spec.out_specs]
+    last = [None] * len(specs)
+    pipelined = manual = 0
+    flops = 0.0
+    steps = int(meta.num_active[0]) * spec.grid[1]
+    for i in range(int(meta.num_active[0])):
+        for n in range(spec.grid[1]):
+            for k, block_spec in enumerate(specs):
+                if block_spec.block_shape is None:  # memory_space=ANY: the pools, moved by manual DMAs
+                    continue
+                index = tuple(int(v) for v in block_spec.index_map(i, n, *prefetch))
+                if index != last[k]:
+                    pipelined += math.prod(block_spec.block_shape) * (4 if k == 0 else 2)
+                    last[k] = index
+            dma, matmuls = fused.pooled_step_work(i, n, meta, lane_ranks, hidden, lane_count, sizes, 1 if int8 else 2)
+            manual += dma
+            flops += tpu_model.mxu_flops(matmuls, chip.mxu_width)
+    entries = max_loras * fused.pages(max_rank)
+    manual += 4 * (max_loras * max_rank + entries + max_loras)  # the rows table read, page starts and ranks
+    if int8:  # each page's 8 scales of both factors: a (1024-element) tile of each scale array read per window
+        manual += entries * (2 * SCALE_TILE_BYTES + 4 * fused.PAGE_ROWS)
+    return tpu_model.Cost(pipelined, manual, flops, steps, tpu_model._time(chip, pipelined, manual, flops, steps))
+
+
+def step_rows(chip: tpu_model.Chip, distinct: int, max_loras: int, max_rank: int, int8: bool) -> dict:
+    """One table row: LoRA bytes and modelled time of a whole decode step's projections (all layers)."""
+    ranks = batch_ranks(distinct)
+    lanes = decode_lanes(DECODE_TOKENS, distinct)
+    totals = dict.fromkeys(("padded_bytes", "gathered_bytes", "pooled_bytes", "true_bytes"), 0.0)
+    totals.update(dict.fromkeys(("padded_s", "gathered_s", "pooled_s"), 0.0))
+    for hidden, out_dim, _ in tpu_model.LLAMA3_8B_LAYER.values():
+        padded = tpu_model.fused_cost(chip, lanes, hidden, out_dim, max_rank, max_loras)
+        pooled = pooled_cost(chip, lanes, ranks, hidden, out_dim, max_rank, max_loras, int8)
+        element = 1 if int8 else 2
+        gather = max_loras * max_rank * (hidden + out_dim) * (element + 2)  # read the rows, write bf16 slots
+        gather_s = gather / chip.hbm_bytes_per_s + tpu_model.XLA_FUSION_OVERHEAD_S
+        totals["padded_bytes"] += padded.manual_bytes
+        totals["gathered_bytes"] += padded.manual_bytes + gather
+        totals["pooled_bytes"] += pooled.manual_bytes
+        totals["true_bytes"] += sum(ranks) * (hidden + out_dim) * element
+        totals["padded_s"] += padded.seconds
+        totals["gathered_s"] += padded.seconds + gather_s
+        totals["pooled_s"] += pooled.seconds
+    return {key: value * LAYERS for key, value in totals.items()}
+
+
+def table(chips: Sequence[str] = ("v5e", "v6e")) -> str:
+    """The markdown table of :func:`step_rows` over the chips, pool dtypes, distinct adapters and slot grid."""
+    lines = [
+        "| chip | pool | distinct | max_loras x max_rank | true MB | padded MB | gathered pool MB | pooled MB "
+        "| pooled / true | padded µs | gathered pool µs | pooled µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for chip_name in chips:
+        chip = tpu_model.CHIPS[chip_name]
+        for int8 in (False, True):
+            for distinct in DISTINCT:
+                for max_loras, max_rank in SLOT_GRID:
+                    row = step_rows(chip, distinct, max_loras, max_rank, int8)
+                    mb = {k: row[k] / 1e6 for k in row if k.endswith("bytes")}
+                    lines.append(
+                        f"| {chip_name} | {'int8' if int8 else 'bf16'} | {distinct} | {max_loras} x {max_rank} "
+                        f"| {mb['true_bytes']:.1f} | {mb['padded_bytes']:.1f} | {mb['gathered_bytes']:.1f} "
+                        f"| {mb['pooled_bytes']:.1f} | {row['pooled_bytes'] / row['true_bytes']:.3f} "
+                        f"| {row['padded_s'] * 1e6:.0f} | {row['gathered_s'] * 1e6:.0f} | {row['pooled_s'] * 1e6:.0f} |"
+                    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m torch_xla_lora.bench.pooled_model", description=__doc__)
+    parser.add_argument("--chips", nargs="+", default=["v5e", "v6e"], choices=sorted(tpu_model.CHIPS))
+    args = parser.parse_args(argv)
+    print(table(args.chips))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
