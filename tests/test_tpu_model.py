@@ -143,8 +143,10 @@ def test_without_unfused_passes_drops_exactly_the_passes(chip):
     bf16) and the residual add after o_proj and down_proj (read y, write the sum: 2 x T x 4096 each)."""
     tpu = tpu_model.CHIPS[chip]
     indices = tpu_model.contiguous_requests(1024, 64, 8)
-    with_passes = tpu_model.layer_costs(tpu, indices, rank=16, num_slots=64)
-    without = tpu_model.layer_costs(tpu, indices, rank=16, num_slots=64, unfused_passes=False)
+    # The layer unarranged (kernel_fusion=False): every Pallas call with its passes (test_layer_fusion prices the
+    # arranged MLP).
+    with_passes = tpu_model.layer_costs(tpu, indices, rank=16, num_slots=64, kernel_fusion=False)
+    without = tpu_model.layer_costs(tpu, indices, rank=16, num_slots=64, unfused_passes=False, kernel_fusion=False)
     passes = 2 * (1024 * (4096 + 4096 + 14336) + 2 * 2 * 1024 * 4096) / tpu.hbm_bytes_per_s
     for key in ("fused", "separate"):
         assert with_passes[key] - without[key] == pytest.approx(passes)
