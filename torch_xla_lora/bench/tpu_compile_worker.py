@@ -263,6 +263,42 @@ BUILDERS = {
 }
 
 
+def build_linear_fused(cfg: Config, sds):
+    """linear_lora_fused as layers/fusion.py calls it (tpu_grid.linear_fused_config): "mlp_down" reads SiLU(gate)
+    * up and adds the residual, "norm" scales x by RMSNorm's row and column factors; with the host metadata
+    set_batch gives the layer."""
+    dtype = jnp.dtype(cfg.dtype)
+    tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
+    mlp = cfg.variant == "mlp_down"
+    fusion = fused_base.Fusion(silu_mul=mlp, row_scale=not mlp, col_scale=not mlp, residual=mlp)
+    args = [sds((tokens, d_in), dtype), sds((d_out, d_in), dtype)]
+    args += [sds((slots, rank, d_in), dtype), sds((slots, rank, d_out), dtype), sds((tokens,), jnp.int32)]
+    args += [sds((tokens, d_in), dtype), sds((tokens, d_out), dtype)] if mlp else []
+    args += [] if mlp else [sds((tokens,), jnp.float32), sds((d_in,), dtype)]
+    shape = (d_in, d_out, False)
+    mine = _linear.linear_batch_metadata(np.full(tokens, -1, np.int32), [shape], rank, slots, cfg.dtype, cfg.chip)
+    own = shape in mine
+    args.append(sds(mine[shape].shape, jnp.int32) if own else _host_metadata(cfg, sds))
+    sizes, lanes = fused_base.plan(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, False, fusion)
+    estimate = fused_base.cost_estimate(
+        sizes.padded_tokens(tokens), d_in, d_out, rank, slots, dtype, sizes, lanes, fusion
+    )
+    info = {
+        "block": dataclasses.asdict(sizes),
+        "lanes": lanes,
+        "path": "fused_base_fusion",
+        "own_metadata": own,
+        "vmem_estimate": fused_base.vmem_bytes(sizes, rank, slots, lanes, dtype, False, fusion),
+        "vmem_limit": fused_base.vmem_limit(cfg.chip),
+        "estimate": {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
+    }
+    fn = _linear.linear_lora_fused_fn("pallas", cfg.chip, SCALING, "out_in", False, fusion, True, own)
+    return fn, args, info
+
+
+BUILDERS["linear_fused"] = build_linear_fused
+
+
 def compile_one(cfg: Config, pin_ir_version: bool = True) -> dict:
     """Lower and compile one configuration for its chip; the result as a JSON-able dict."""
     result = {"name": cfg.name, "config": dataclasses.asdict(cfg), "ok": False}

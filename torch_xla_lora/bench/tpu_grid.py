@@ -241,3 +241,16 @@ def moe_config(chip: str, model: str, rows: int, variant: str) -> Config:
 def moe_grid(chips=MOE_CHIPS, models=tuple(MOE_MODELS), rows=MOE_ROWS, variants=MOE_VARIANTS) -> list[Config]:
     """Every (chip, model, routed rows, variant) expert layer (32 with the defaults)."""
     return [moe_config(*combo) for combo in itertools.product(chips, models, rows, variants)]
+
+
+# linear_lora with what layers/fusion.py has its kernel take in (kernels.fused_base.Fusion), compiled apart from
+# the sample: a Llama MLP's down projection ("mlp_down": SiLU(gate) * up read from two x tiles, the residual added
+# in the output write) and its gate/up projections ("norm": RMSNorm's row and column factors on the x read).
+LINEAR_FUSED_VARIANTS = ("mlp_down", "norm")
+
+
+def linear_fused_config(chip: str, variant: str, tokens: int, slots: int, model: str, layer: str) -> Config:
+    """One compilation of ``linear_lora_fused`` as the decoder arrangement calls it (bf16, rank 16, host metadata
+    of the plain kernel's plan)."""
+    (d_in, d_out) = next((i, o) for m, proj, i, o in LAYERS if (m, proj) == (model, layer))
+    return Config(chip, "linear_fused", variant, "bfloat16", tokens, slots, 16, model, layer, d_in, d_out)
