@@ -210,16 +210,26 @@ class Pooled(NamedTuple):
 
     Attributes:
       rank: table entries per lane (the pool's ``max_rank``).
-      int8: the pools hold int8 rows; per-row float32 scales come with the table.
+      int8: the pools hold int8 rows, with per-row float32 scales.
+      whole_scales: (int8) the kernel reads the pools' whole scale arrays from SMEM, row by row, else a
+        table of each page's 8 ``a_scale * b_scale`` gathered by the caller (pools beyond
+        :data:`SMEM_SCALE_ROWS` rows).
     """
 
     rank: int
     int8: bool
+    whole_scales: bool = True
 
     @property
     def num_prefetch(self) -> int:
-        """Scalar-prefetch arrays of the kernel: the 4 lane arrays, then page starts, ranks (and scales)."""
-        return 7 if self.int8 else 6
+        """Scalar-prefetch arrays of the kernel: the 4 lane arrays, then page starts, ranks (and the scales)."""
+        return 6 + (0 if not self.int8 else 2 if self.whole_scales else 1)
+
+
+#: Pools of at most this many rows (data, zero and scratch) give the pooled kernel their int8 scale arrays
+#: whole, scalar-prefetched into SMEM (1 MiB on v4-v6e; two float32 arrays of 2^16 rows take half): no gather.
+#: A larger pool's scales are gathered a page window at a time, each window a 4 KiB HBM tile.
+SMEM_SCALE_ROWS = 2**16
 
 
 def pages(rank: int) -> int:
@@ -317,15 +327,22 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
             """bool ``shape``: positions along ``axis`` that are a rank row within their lane's true rank."""
             return jax.lax.broadcasted_iota(jnp.int32, shape, axis) % stride < lane_ranks(c, shape, axis)
 
+        def row_scale(entry, j):
+            """a_scale * b_scale of rank row j of lane ``entry`` (int8)."""
+            if not pooled.whole_scales:
+                return table[2][entry * pages(rank) * PAGE_ROWS + j]
+            row = starts_ref[entry * pages(rank) + j // PAGE_ROWS] + j % PAGE_ROWS
+            return table[2][row] * table[3][row]
+
         def row_scales(c):
-            """[1, lanes * Rp] f32: each shrink channel's a_scale * b_scale (int8), from the table's scales."""
+            """[1, lanes * Rp] f32: each shrink channel's a_scale * b_scale (int8), read for the true ranks only."""
             column = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
             out = jnp.zeros((1, width), jnp.float32)
             for lane, slot in enumerate(lane_slots(c)):
                 entry = jnp.maximum(slot, 0)
 
                 def body(j, acc, lane=lane, entry=entry):
-                    return jnp.where(column == lane * stride + j, table[2][entry * pages(rank) * PAGE_ROWS + j], acc)
+                    return jnp.where(column == lane * stride + j, row_scale(entry, j), acc)
 
                 out = jax.lax.fori_loop(0, lane_rank(slot), body, out)
             return out
@@ -504,11 +521,12 @@ def pooled_cost_estimate(
     block_sizes: BlockSizes,
     lanes: int,
     int8: bool,
+    table_bytes: int = 0,
 ) -> pl.CostEstimate:
     """As :func:`cost_estimate` for the pooled kernel, with the adapter bytes of the true ranks: the
     pages of each of ``ranks`` (the distinct adapters of a typical batch, one entry each, all in one
-    token block as in decode), int8 rows at one byte an element. Flops count the MXU work as issued:
-    one laned pass per chunk of ``lanes`` of them."""
+    token block as in decode), int8 rows at one byte an element, plus ``table_bytes`` (the tables the
+    kernel prefetches). Flops count the MXU work as issued: one laned pass per chunk of ``lanes`` of them."""
     itemsize = jnp.dtype(dtype).itemsize
     width = lanes * rank_stride(table_rank, dtype)
     activations = num_tokens * (hidden + 2 * out_dim) * itemsize + 4 * num_tokens
@@ -517,7 +535,7 @@ def pooled_cost_estimate(
     return pl.CostEstimate(
         flops=2 * num_tokens * width * (hidden + out_dim) * chunks,
         transcendentals=0,
-        bytes_accessed=activations + rows * (hidden + out_dim) * (1 if int8 else itemsize),
+        bytes_accessed=activations + rows * (hidden + out_dim) * (1 if int8 else itemsize) + table_bytes,
     )
 
 
@@ -569,7 +587,8 @@ def pooled_shrink_expand(
     meta: LaneBlocks,
     starts: jax.Array,  # [L * pages(R)] int32: the first row of lane l's page p at l * pages(R) + p
     ranks: jax.Array,  # [L] int32: each lane's true rank
-    scales: jax.Array | None,  # [L * pages(R) * 8] f32: a_scale * b_scale of each page's rows (int8 pools)
+    scales: tuple[jax.Array, ...],  # int8 pools: (a_scale [P + 2], b_scale [P + 2]) f32, or
+    # (the a_scale * b_scale of each page's rows [L * pages(R) * 8],) for pools beyond SMEM_SCALE_ROWS
     *,
     scaling: float,
     block_sizes: BlockSizes,
@@ -591,8 +610,8 @@ def pooled_shrink_expand(
     out_dim = b_pool.shape[1]
     num_slots = ranks.shape[0]
     dtype = x.dtype
-    int8 = scales is not None
-    pooled = Pooled(rank, int8)
+    int8 = len(scales) > 0
+    pooled = Pooled(rank, int8, len(scales) == 2)
     block_sizes.check(hidden, out_dim)
     spec = grid_spec(num_tokens, hidden, out_dim, rank, num_slots, dtype, block_sizes, lanes, pooled)
     spec.grid = (meta.num_active[0], spec.grid[1])
@@ -605,8 +624,11 @@ def pooled_shrink_expand(
         pooled=pooled,
     )
     typical = typical_ranks or (rank,) * min(lanes, num_slots)
-    estimate = pooled_cost_estimate(num_tokens, hidden, out_dim, typical, rank, dtype, block_sizes, lanes, int8)
-    prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform, starts, ranks) + ((scales,) if int8 else ())
+    table_bytes = sum(4 * array.size for array in (starts, ranks, *scales))  # the SMEM prefetch reads them whole
+    estimate = pooled_cost_estimate(
+        num_tokens, hidden, out_dim, typical, rank, dtype, block_sizes, lanes, int8, table_bytes
+    )
+    prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform, starts, ranks, *scales)
     return pl.pallas_call(
         kernel,
         grid_spec=spec,

@@ -11,8 +11,8 @@ on 1, 8 or 16 distinct adapters of mixed true ranks (8, 16, 64 in turn), for ``m
   buffers written), then the same fused kernel;
 - *pooled*: ``pooled_shrink_expand``'s kernel (``kernels.fused.Pooled``), walked like the padded one
   (:func:`pooled_cost`): the pages of each used lane's true rank, plus the tables the op reads
-  (the row table, page starts, and for int8 pools each page's 8 scales of both factors, gathered and
-  multiplied: a 4 KiB tile of each scale array per page entry of the table, used or not).
+  (the row table, page starts, and for int8 pools the two scale arrays, read whole into SMEM: pools of
+  a 6 GiB budget, :func:`pool_rows`).
 
 "Adapter bytes" are what each formulation reads of the adapters (the rows the kernel DMAs, the
 tables, the gather's reads and writes); the op's activations (x and the base read, the output
@@ -36,6 +36,7 @@ MIXED_RANKS = (8, 16, 64)
 SLOT_GRID = ((16, 64), (64, 64), (16, 128), (64, 128))  # (max_loras, max_rank)
 DECODE_TOKENS = 16
 LAYERS = 32
+BUDGET = 6 * 2**30  # the issue's 6 GiB beside a bf16 base and its KV cache on a v6e
 #: HBM bytes a window of one int8 scale array costs: the (1024-element float32) tile it lies in, as libtpu's
 #: cost analysis of the op counts it (``tests/test_tpu_compile.py``'s int8 configurations: 5-8 KB per page).
 SCALE_TILE_BYTES = 4096
@@ -60,11 +61,13 @@ def pooled_cost(
     max_rank: int,
     max_loras: int,
     int8: bool,
+    pool_rows: int,
 ) -> tpu_model.Cost:
     """Cost of ``pooled_shrink_expand``'s kernel (bf16 compute) for one batch: ``lanes`` [T] each token's lane,
     ``ranks[l]`` lane l's true rank (lanes past ``len(ranks)`` hold none). Pipelined blocks as
     :func:`tpu_model.fused_cost`; manual bytes the pages the kernel DMAs (``fused.pooled_step_work``) plus
-    the tables the op reads (page starts, ranks; int8: the scale windows, read twice and written once)."""
+    the tables the op reads (the row table, page starts, ranks; int8: the pools' scale arrays of
+    ``pool_rows`` rows each, or past ``fused.SMEM_SCALE_ROWS`` a gathered window per page entry)."""
     import jax.numpy as jnp
 
     from torch_xla_lora.kernels import fused, visits
@@ -103,9 +106,19 @@ def pooled_cost(
             flops += tpu_model.mxu_flops(matmuls, chip.mxu_width)
     entries = max_loras * fused.pages(max_rank)
     manual += 4 * (max_loras * max_rank + entries + max_loras)  # the rows table read, page starts and ranks
-    if int8:  # each page's 8 scales of both factors: a (1024-element) tile of each scale array read per window
+    if int8 and pool_rows + 2 <= fused.SMEM_SCALE_ROWS:  # both scale arrays prefetched whole into SMEM
+        manual += 2 * 4 * (pool_rows + 2)
+    elif int8:  # each page's 8 scales of both factors: a (1024-element) tile of each scale array per window
         manual += entries * (2 * SCALE_TILE_BYTES + 4 * fused.PAGE_ROWS)
     return tpu_model.Cost(pipelined, manual, flops, steps, tpu_model._time(chip, pipelined, manual, flops, steps))
+
+
+def pool_rows(int8: bool) -> int:
+    """Data rows of every layer's pool with a :data:`BUDGET` budget at Llama-3-8B shapes (all seven projections
+    of the 32 layers; int8: one byte an element and a float32 scale per factor), zero and scratch rows aside."""
+    row = sum(hidden + out_dim for hidden, out_dim, _ in tpu_model.LLAMA3_8B_LAYER.values())
+    row_bytes = LAYERS * (row * (1 if int8 else 2) + (2 * 4 * len(tpu_model.LLAMA3_8B_LAYER) if int8 else 0))
+    return BUDGET // row_bytes - 2
 
 
 def step_rows(chip: tpu_model.Chip, distinct: int, max_loras: int, max_rank: int, int8: bool) -> dict:
@@ -116,7 +129,7 @@ def step_rows(chip: tpu_model.Chip, distinct: int, max_loras: int, max_rank: int
     totals.update(dict.fromkeys(("padded_s", "gathered_s", "pooled_s"), 0.0))
     for hidden, out_dim, _ in tpu_model.LLAMA3_8B_LAYER.values():
         padded = tpu_model.fused_cost(chip, lanes, hidden, out_dim, max_rank, max_loras)
-        pooled = pooled_cost(chip, lanes, ranks, hidden, out_dim, max_rank, max_loras, int8)
+        pooled = pooled_cost(chip, lanes, ranks, hidden, out_dim, max_rank, max_loras, int8, pool_rows(int8))
         element = 1 if int8 else 2
         gather = max_loras * max_rank * (hidden + out_dim) * (element + 2)  # read the rows, write bf16 slots
         gather_s = gather / chip.hbm_bytes_per_s + tpu_model.XLA_FUSION_OVERHEAD_S

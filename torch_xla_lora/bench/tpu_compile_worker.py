@@ -239,7 +239,9 @@ def build_pooled(cfg: Config, sds):
     args += [sds((pool_rows,), jnp.float32)] * 2 if int8 else []
     sizes, lanes, run = fused.pooled_plan_call(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, int8)
     padded = sizes.padded_tokens(tokens)
-    estimate = fused.pooled_cost_estimate(padded, d_in, d_out, ranks, rank, dtype, sizes, lanes, int8)
+    # The tables the kernel prefetches whole: page starts, ranks, and an int8 pool's two scale arrays.
+    table_bytes = 4 * (slots * fused.pages(rank) + slots) + (2 * 4 * pool_rows if int8 else 0)
+    estimate = fused.pooled_cost_estimate(padded, d_in, d_out, ranks, rank, dtype, sizes, lanes, int8, table_bytes)
     info = {
         "block": dataclasses.asdict(sizes),
         "lanes": lanes,
@@ -248,6 +250,7 @@ def build_pooled(cfg: Config, sds):
         "ranks": list(ranks),
         "estimate": {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
         "activation_bytes": padded * (d_in + 2 * d_out) * dtype.itemsize + 4 * padded,
+        "table_bytes": table_bytes,
     }
     return _jax.pooled_shrink_expand_fn("pallas", cfg.chip, SCALING, int8, False, ranks), args, info
 

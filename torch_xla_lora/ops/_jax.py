@@ -216,13 +216,15 @@ def pooled_shrink_expand_fn(
         else:
             meta, _ = visits.unpack(metadata[:-padded], padded, num_slots, sizes.tokens, lanes_count)
         starts = rows[:, :: fused.PAGE_ROWS].reshape(-1).astype(jnp.int32)  # each page's first row
-        scales = None
-        if int8:  # a_scale * b_scale of every row of each page: one 8-row window per page, not a gather per row
+        scales = ()
+        if int8 and a_pool.shape[0] <= fused.SMEM_SCALE_ROWS:  # the kernel reads them whole from SMEM
+            scales = (a_scale, b_scale)
+        elif int8:  # a_scale * b_scale of every row of each page: one 8-row window per page, not a gather per row
 
             def window(scale):
                 return jax.vmap(lambda start: jax.lax.dynamic_slice(scale, (start,), (fused.PAGE_ROWS,)))(starts)
 
-            scales = (window(a_scale) * window(b_scale)).reshape(-1)
+            scales = ((window(a_scale) * window(b_scale)).reshape(-1),)
         out = fused.pooled_shrink_expand(
             _pad_rows(x, padded),
             a_pool,
