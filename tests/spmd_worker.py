@@ -300,6 +300,8 @@ def run_layers(inputs: dict) -> dict:
     result["scaled_embedding"] = {kind: _scaled_embedding_logits(case, mesh) for kind, case in inputs["scaled"].items()}
     result["divisibility_error"] = _divisibility_error(mesh)
     result["moe"] = run_moe(inputs["moe"], _mesh((1, 4), ("data", "model")), inputs["dump_dir"])
+    result["pool"] = run_pool(inputs["pool"], mesh, inputs["dump_dir"])
+    result["quantized"] = run_quantized(inputs["quantized"], _mesh((2, 2), ("data", "model")), inputs["dump_dir"])
     result["serving"] = _serving_compiles(inputs["llama"], mesh)
     return result
 
@@ -388,6 +390,130 @@ def _divisibility_error(mesh: xs.Mesh) -> str:
     except sharding.ShardingError as error:
         return str(error)
     return ""
+
+
+# -- rank-true storage (LoRAConfig.memory_budget) on a mesh ------------------------------------------
+
+#: Pool buffers checked for their placement, per layer of each kind (the Llama's names).
+POOL_LAYERS = {
+    "q_proj": "model.layers.0.self_attn.q_proj",
+    "o_proj": "model.layers.0.self_attn.o_proj",
+    "lm_head": "lm_head",
+    "embed_tokens": "model.embed_tokens",
+}
+
+
+def _pool_specs(lora: tl.LoRAModel, mesh: xs.Mesh, expected: dict) -> dict:
+    """Short name -> buffer -> (its spec text, the text a tensor of its shape marked by ``expected`` gets)."""
+    device, specs = torch_xla.device(), {}
+    for short, name in POOL_LAYERS.items():
+        layer = lora.layers[name]
+        for buffer, spec in expected[short].items():
+            tensor = getattr(layer, buffer)
+            probe = xs.mark_sharding(torch.zeros(tensor.shape, device=device), mesh, spec).global_tensor
+            specs[(short, buffer)] = (_spec(tensor), _spec(probe))
+    return specs
+
+
+def run_pool(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
+    """The Llama with a memory budget on ``mesh``: pool placements; a mixed batch of mixed ranks, lazy (float and
+    int8 rows) and compiled; compilations and host transfers over loads and evictions after warm-up; the
+    collectives of the forward with a batch; the refusal of ``fully_sharded``."""
+    device = torch_xla.device()
+    model, lora = _patched_llama(inputs, mesh)
+    result = {"specs": _pool_specs(lora, mesh, inputs["pool_specs"])}
+    forward = lambda ids: sharding.replicated(model(ids).logits, mesh)
+    ids = inputs["ids"].to(device)
+    result["warmup_compiles"] = lora.warmup([ids.shape[0]], [ids.shape[1]], step=forward, progress=False)
+    counter = tl.CompileCounter()
+    _load_all(lora, inputs["adapters"])
+    lora.set_batch(inputs["batch"])
+    with torch.no_grad():
+        result["logits"] = forward(ids).cpu()
+    before = _transfers_from_device()
+    _serve(lora, forward, ids, inputs["adapters"], inputs["more_batches"])
+    result["loop_transfers_from_device"] = _transfers_from_device() - before
+    result["compiles_after_warmup"] = counter.count
+    result["evictions"] = len(inputs["adapters"]) - len(lora.memory()["adapters"])
+    result["specs_loaded"] = _pool_specs(lora, mesh, inputs["pool_specs"])
+    lora.set_batch(inputs["batch"])
+    logits = lambda ids: model(ids).logits
+    # (The base alone is the same graph as _llama_collectives' "base": compiled already, compared there.)
+    result["collectives"] = _run_and_count(dump_dir, logits, ids)[1]
+    # int8 rows: the same batch, read through the replicated scales.
+    int8 = dict(inputs, lora_config={**inputs["lora_config"], "weight_dtype": "int8"})
+    model, lora = _patched_llama(int8, mesh)
+    _load_all(lora, inputs["adapters"])
+    lora.set_batch(inputs["batch"])
+    with torch.no_grad():
+        result["int8_logits"] = sharding.replicated(model(ids).logits, mesh).cpu()
+    result["compiled"] = _pool_compiled(inputs, mesh, ids)
+    try:
+        _patched_llama(inputs, mesh, fully_sharded=True)
+        result["fully_sharded_error"] = ""
+    except sharding.ShardingError as error:
+        result["fully_sharded_error"] = str(error)
+    return result
+
+
+def _pool_compiled(inputs: dict, mesh: xs.Mesh, ids: torch.Tensor) -> dict:
+    """The pooled Llama under ``torch.compile(backend="openxla")``, batches with host metadata: logits,
+    compilations and dynamo graphs after warm-up over loads and evictions."""
+    import torch._dynamo
+
+    model, lora = _patched_llama(inputs, mesh)
+    step = torch.compile(lambda ids: sharding.replicated(model(ids).logits, mesh), backend="openxla")
+    seq_len = ids.shape[1]
+    result = {"warmup_compiles": lora.warmup([ids.shape[0]], [seq_len], step=step, progress=False, host_metadata=True)}
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    counter = tl.CompileCounter()
+    _load_all(lora, inputs["adapters"])
+    lora.set_batch(inputs["batch"], seq_len=seq_len)
+    with torch.no_grad():
+        result["logits"] = step(ids).cpu()
+    _serve(lora, step, ids, inputs["adapters"], inputs["more_batches"], seq_len=seq_len)
+    result["compiles_after_warmup"] = counter.count
+    result["graphs_after_warmup"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    return result
+
+
+# -- quantized bases (torch_xla's XlaQuantizedLinear) on a mesh -------------------------------------
+
+
+def run_quantized(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
+    """Per scheme (per channel with zero points, blockwise): a tiny Llama whose projections are torch_xla's
+    int8 quantized layers, patched on ``mesh`` (data x model, tokens split over "data"), a mixed batch's logits
+    lazy and compiled, the int8 weights' and scales' placements; for the first scheme, the collectives of the
+    forward with and without a batch."""
+    cases = list(inputs.items())
+    return {scheme: _quantized_case(case, mesh, dump_dir if case is cases[0][1] else None) for scheme, case in cases}
+
+
+def _quantized_case(case: dict, mesh: xs.Mesh, dump_dir: str | None) -> dict:
+    device = torch_xla.device()
+    model = copy.deepcopy(case["model"]).to(device).eval()
+    lora = tl.patch_model(model, tl.LoRAConfig(**case["lora_config"]), mesh=mesh, dp_axis="data")
+    _load_all(lora, case["adapters"])
+    lora.set_batch(case["batch"])
+    ids = case["ids"].to(device)
+    with torch.no_grad():
+        out = {"logits": sharding.replicated(model(ids).logits, mesh).cpu(), "specs": {}}
+    for short, name in case["placed"].items():
+        module = lora.layers[name].base_layer
+        for tensor_name, spec in case["expected_specs"][short].items():
+            tensor = getattr(module, tensor_name)
+            probe = xs.mark_sharding(torch.zeros(tensor.shape, device=device), mesh, spec).global_tensor
+            out["specs"][(short, tensor_name)] = (_spec(tensor), _spec(probe))
+    if dump_dir is not None:
+        logits = lambda ids: model(ids).logits
+        out["collectives"] = {"lora": _run_and_count(dump_dir, logits, ids)[1]}
+        lora.clear_batch()
+        out["collectives"]["base"] = _run_and_count(dump_dir, logits, ids)[1]
+        lora.set_batch(case["batch"])
+    step = torch.compile(lambda ids: sharding.replicated(model(ids).logits, mesh), backend="openxla")
+    with torch.no_grad():
+        out["compiled_logits"] = step(ids).cpu()
+    return out
 
 
 # -- mixture of experts on a mesh ------------------------------------------------------------------

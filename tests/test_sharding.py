@@ -324,8 +324,103 @@ def toy_peft() -> tuple[Toy, peft.PeftModel]:
         return toy, peft.get_peft_model(copy.deepcopy(toy), config).eval()
 
 
+# -- rank-true storage and quantized bases on a mesh (in the layers worker) ------------------------------
+
+POOL_ROWS = 16  # a0 (rank 4) and a1 (8) fit, a2 (8) evicts one: every mix of MORE_BATCHES loads or evicts
+
+
+def _pool_inputs(llama_inputs: dict) -> dict:
+    """The Llama inputs with a memory budget of POOL_ROWS rank rows, and the pools' expected partition specs:
+    each pool [1, rows, in or out] (A of the embedding: [1, vocab, rows]) split as its slot buffer."""
+    model = _base_llama(llama_inputs)
+    modules = [m for n, m in model.named_modules() if n.rpartition(".")[2] in TARGETS]
+    row_bytes = sum(sum(m.weight.shape) for m in modules) * 4  # one float32 rank row of A and B, every layer
+    budget = (POOL_ROWS + 2) * row_bytes  # + the zero and scratch rows
+    specs = {
+        short: {f"{name}_pool": spec for name, spec in layer.items() if name != "weight"}
+        for short, layer in _expected_specs(False).items()
+        if short != "down_proj"
+    }
+    return dict(llama_inputs, lora_config={**LORA_CONFIG, "memory_budget": budget}, pool_specs=specs)
+
+
 @pytest.fixture(scope="module")
-def spmd_layers(llama_inputs, scaled, moe, toy_peft, tmp_path_factory) -> dict:
+def int8_peft_logits(llama_inputs) -> torch.Tensor:
+    """PEFT's mixed batch with every adapter's rank rows rounded to int8 by plain torch (test_pool's rounding)."""
+    from test_pool import _int8_rounded
+
+    names = list(llama_inputs["adapters"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(_base_llama(llama_inputs), llama_inputs["adapters"][names[0]][1], names[0])
+        for name in names[1:]:
+            model.add_adapter(name, llama_inputs["adapters"][name][1])
+        for name in names:
+            peft.set_peft_model_state_dict(model, llama_inputs["adapters"][name][0], adapter_name=name)
+        rounded = copy.deepcopy(model)
+        for name in names:
+            peft.set_peft_model_state_dict(rounded, _int8_rounded(model, name)[0], adapter_name=name)
+    with torch.no_grad():
+        return rounded.eval()(llama_inputs["ids"], adapter_names=[n or "__base__" for n in BATCH]).logits
+
+
+QUANTIZED_SCHEMES = ("asymmetric", "blockwise")  # per channel with zero points; blockwise (16 inputs a block)
+QUANTIZED_ROWS = ["a", None, "b", "a"]
+
+
+def _quantized_specs(scheme: str) -> dict[str, dict[str, tuple]]:
+    """The int8 weight and scales of a column (q_proj) and a row (o_proj) layer, split as the float weight."""
+    if scheme == "blockwise":  # weight [in / bs, bs, out], scales [in / bs, out]
+        column = {"weight": (None, None, "model"), "weight_scaler": (None, "model"), "zero_point": (None, "model")}
+        row = {"weight": ("model", None, None), "weight_scaler": ("model", None), "zero_point": ("model", None)}
+    else:  # weight [out, in], scales and zero points [out]
+        column = {"weight": ("model", None), "weight_scaler": ("model",), "zero_point": ("model",)}
+        row = {"weight": (None, "model"), "weight_scaler": (None,), "zero_point": (None,)}
+    return {"q_proj": column, "o_proj": row}
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, xla_device) -> dict[str, tuple[dict, torch.Tensor, torch.Tensor]]:
+    """scheme -> (worker inputs, one-device logits, PEFT's logits on the dequantized float model) of
+    test_quantized_base's tiny Llama with torch_xla int8 projections, two adapters and a base row."""
+    import test_quantized_base as tq
+
+    cases = {}
+    ids = torch.randint(0, 64, (len(QUANTIZED_ROWS), 6), generator=torch.Generator().manual_seed(0))
+    for scheme in QUANTIZED_SCHEMES:
+        model, dequantized = tq._quantized_and_float(scheme)
+        peft_model = tq._peft(copy.deepcopy(dequantized), tmp_path_factory.mktemp(scheme))
+        adapters = {
+            name: (peft.get_peft_model_state_dict(peft_model, adapter_name=name), peft_model.peft_config[name])
+            for name in tq.ADAPTERS
+        }
+        specs = {
+            short: {k: v for k, v in spec.items() if scheme != "blockwise" or k != "zero_point"}
+            for short, spec in _quantized_specs(scheme).items()
+        }  # (the blockwise layers here are symmetric: no zero point)
+        inputs = {
+            "model": model,
+            "adapters": adapters,
+            "lora_config": {"max_loras": 2, "max_rank": 8},
+            "ids": ids,
+            "batch": QUANTIZED_ROWS,
+            "expected_specs": specs,
+            "placed": {"q_proj": "model.layers.0.self_attn.q_proj", "o_proj": "model.layers.1.self_attn.o_proj"},
+        }
+        one = copy.deepcopy(model).to(xla_device)
+        lora = tl.patch_model(one, tl.LoRAConfig(max_loras=2, max_rank=8))
+        for name, (state_dict, config) in adapters.items():
+            lora.load_adapter(name, state_dict=state_dict, config=config)
+        lora.set_batch(QUANTIZED_ROWS)
+        with torch.no_grad():
+            one_device = one(ids.to(xla_device)).logits.cpu()
+            expected = peft_model(ids, adapter_names=[r or "__base__" for r in QUANTIZED_ROWS]).logits
+        cases[scheme] = (inputs, one_device, expected)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def spmd_layers(llama_inputs, scaled, moe, quantized, toy_peft, tmp_path_factory) -> dict:
     toy, adapter = toy_peft
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # embedding-saving notices
@@ -340,6 +435,8 @@ def spmd_layers(llama_inputs, scaled, moe, toy_peft, tmp_path_factory) -> dict:
         "llama": llama_inputs,
         "scaled": {kind: scaled[kind][0] for kind in SCALED_KINDS},
         "moe": moe[0],
+        "pool": _pool_inputs(llama_inputs),
+        "quantized": {scheme: quantized[scheme][0] for scheme in QUANTIZED_SCHEMES},
     }
     return run_worker("layers", str(workdir), inputs, devices=4, dump_hlo=True)
 
@@ -441,6 +538,86 @@ def test_scaled_embedding_on_mesh_matches_peft(spmd_layers, scaled, kind):
 
 def test_lora_dimension_not_dividing_over_the_axis_raises(spmd_layers):
     assert "'0': column-parallel dimension 6 does not divide into 4 shards" in spmd_layers["divisibility_error"]
+
+
+# -- rank-true storage on a mesh (the layers worker, (4,)) -------------------------------------------------
+
+
+def test_pools_are_sharded_as_the_slot_buffers_they_stand_for(spmd_layers):
+    """Column layers' B pool split on out, row layers' A pool on in, the embedding's A pool on the vocabulary;
+    the rest replicated: after patching and after loads and evictions."""
+    for specs in (spmd_layers["pool"]["specs"], spmd_layers["pool"]["specs_loaded"]):
+        assert len(specs) == 8
+        for actual, expected in specs.values():
+            assert actual == expected
+
+
+@pytest.mark.parametrize("mode", ["lazy", "compiled"])
+def test_pooled_adapters_on_a_mesh_match_one_device_and_peft(spmd_layers, one_device_logits, peft_logits, mode):
+    """Ranks 4 and 8 and a base row from a memory budget's pools on (4,): the one-device logits of the same
+    adapters (padded slots; a pool gathers the same values, test_pool.py) to 1e-5, and PEFT's."""
+    result = spmd_layers["pool"] if mode == "lazy" else spmd_layers["pool"]["compiled"]
+    torch.testing.assert_close(result["logits"], one_device_logits, atol=SPMD_ATOL, rtol=SPMD_RTOL)
+    assert_close(result["logits"], peft_logits)
+
+
+def test_int8_pools_on_a_mesh_match_peft_on_int8_rounded_factors(spmd_layers, int8_peft_logits, peft_logits):
+    logits = spmd_layers["pool"]["int8_logits"]
+    assert_close(logits, int8_peft_logits)
+    assert not torch.allclose(logits, peft_logits, atol=1e-4)  # int8 rows were read, not float ones
+
+
+@pytest.mark.parametrize("mode", ["lazy", "compiled"])
+def test_pooled_loads_and_evictions_on_a_mesh_compile_nothing_after_warmup(spmd_layers, mode):
+    result = spmd_layers["pool"] if mode == "lazy" else spmd_layers["pool"]["compiled"]
+    assert result["warmup_compiles"] == 2  # one forward, one row write
+    assert result["compiles_after_warmup"] == 0
+    if mode == "lazy":
+        assert spmd_layers["pool"]["evictions"] > 0 and result["loop_transfers_from_device"] == 0
+    else:
+        assert result["graphs_after_warmup"] == 0
+
+
+def test_pooled_lora_adds_no_collective(spmd_layers):
+    """Each shard gathers its batch's rows from its own slice of the pools: the forward's collectives with a
+    mixed batch are the base model's."""
+    assert spmd_layers["pool"]["collectives"] == spmd_layers["model_collectives"]["base"]  # the same Llama and ids
+
+
+def test_fully_sharded_with_a_memory_budget_is_refused(spmd_layers):
+    error = spmd_layers["pool"]["fully_sharded_error"]
+    assert "fully_sharded" in error and "memory_budget" in error
+
+
+# -- torch_xla quantized bases on a mesh (the layers worker, (2, 2) data x model) ------------------------------
+
+
+@pytest.mark.parametrize("mode", ["lazy", "compiled"])
+@pytest.mark.parametrize("scheme", QUANTIZED_SCHEMES)
+def test_quantized_base_on_a_mesh_matches_one_device_and_peft(spmd_layers, quantized, scheme, mode):
+    """int8 projections (per channel with zero points, or blockwise), two adapters and a base row on a
+    (2, 2) data x model mesh: the one-device logits (1e-5) and PEFT's on the dequantized float model."""
+    _, one_device, expected = quantized[scheme]
+    result = spmd_layers["quantized"][scheme]
+    logits = result["logits"] if mode == "lazy" else result["compiled_logits"]
+    torch.testing.assert_close(logits, one_device, atol=SPMD_ATOL, rtol=SPMD_RTOL)
+    assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("scheme", QUANTIZED_SCHEMES)
+def test_quantized_weights_and_scales_are_sharded_as_the_float_weight(spmd_layers, scheme):
+    specs = spmd_layers["quantized"][scheme]["specs"]
+    assert len(specs) == (6 if scheme == "asymmetric" else 4)
+    for actual, expected in specs.values():
+        assert actual == expected
+
+
+def test_lora_on_a_quantized_base_adds_no_collective(spmd_layers):
+    """With a batch, row layers run torch_xla's quantized matmul per shard in the region and reduce once; the
+    base alone (no batch) is left to the partitioner, which reduces the zero-point term apart: at most as many."""
+    counts = spmd_layers["quantized"]["asymmetric"]["collectives"]
+    assert all(counts["lora"][op] <= counts["base"][op] for op in counts["base"])
+    assert counts["lora"]["all-reduce"] >= 4  # one per row layer (o_proj, down_proj of 2 layers) at least
 
 
 # -- mixture of experts on a mesh (in the layers worker, on a (1, 4) data x model mesh) ---------------------
