@@ -34,6 +34,11 @@ Column-parallel layers add none either (the base output is already sharded
 like B). ``fully_sharded`` also shards column layers' A along the rank and
 pays one all-gather of the [T, R] intermediate per layer.
 
+With rank-true storage (``LoRAConfig.memory_budget``) the pools are split as the slot buffers they stand
+for (:meth:`LayerSharding.pool_specs`) and each shard gathers its slice of the batch's rows in a region of
+its own. torch_xla's int8 quantized linear layers keep their weights, scales and zero points split as the
+float weight would be; row layers run torch_xla's quantized matmul per shard inside their region.
+
 Training works through the same regions: each one's backward is a per-shard
 region too (see :mod:`torch_xla_lora.regions`), and the slot tensors are read
 through ``layer.slot_factors()``, so gradients reach trainable adapters'
@@ -748,7 +753,9 @@ def send_batch(
     return sent_slots, metadata
 
 
-def send_replicated(tensor: torch.Tensor, device, layers: Mapping[str, BaseLayerWithLoRA]) -> torch.Tensor:
+def send_replicated(
+    tensor: torch.Tensor, device: torch.device, layers: Mapping[str, BaseLayerWithLoRA]
+) -> torch.Tensor:
     """``tensor`` (host) replicated on the mesh of ``layers``, marked as it is sent (e.g. a batch's pool rows):
     the regions then read it as placed data, never marking device data again (which would copy it back)."""
     placement = next(lay.tensor_parallel for lay in layers.values())
