@@ -103,10 +103,27 @@ def test_weight_grad_cost_is_the_kernel_s_estimate(compiled):
     batch (12% at most in the CI sample, a 1-token float32 case); and at least its bytes."""
     results = [r for r in compiled.results if r["config"]["kernel"] == "weight_grad"]
     assert results and all(r["ok"] for r in results)
+    results = [r for r in results if r["config"]["variant"] != "g_pass"]
     for result in results:
         estimate, cost = result["estimate"], result["cost"]
         assert estimate["flops"] <= cost["flops"] <= estimate["flops"] * 1.25, result["name"]
         assert cost["bytes accessed"] >= estimate["bytes accessed"], result["name"]
+
+
+def test_fused_backward_g_pass_cost_is_the_kernel_s_estimate(compiled):
+    """The fused backward's pass over g (ds and dB together): where every slot's dB tile fits VMEM (the
+    kernel's path) libtpu counts at least its ``pl.CostEstimate``'s flops and at most a quarter more (the
+    visits' sort, padding, the ds partial sums added up), and at least its bytes; where it does not fit
+    (large L * R on v4's 10 MiB), the op's separate kernels compile instead."""
+    results = [r for r in compiled.results if r["config"]["variant"] == "g_pass"]
+    assert results and all(r["ok"] for r in results)
+    fused = [r for r in results if r["path"] == "g_pass"]
+    assert fused
+    for result in fused:
+        estimate, cost = result["estimate"], result["cost"]
+        assert estimate["flops"] <= cost["flops"] <= estimate["flops"] * 1.25, result["name"]
+        assert cost["bytes accessed"] >= estimate["bytes accessed"], result["name"]
+        assert result["vmem_estimate"] <= result["vmem_limit"]
 
 
 @pytest.mark.parametrize("config", POOLED_SAMPLE, ids=lambda c: c.name)

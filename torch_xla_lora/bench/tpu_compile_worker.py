@@ -176,7 +176,38 @@ def build_expand(cfg: Config, sds):
 
 
 # Kernel entry name (tpu_grid.KERNELS) -> builder(config, sds) -> (jax fn, argument specs, info).
+def build_g_pass(cfg: Config, sds):
+    """The fused backward's pass over g as the op calls it: ds and dB (or the separate kernels' fallback)."""
+    from torch_xla_lora.ops import _lora_grads_jax
+
+    dtype = jnp.dtype(cfg.dtype)
+    rank, width, slots = cfg.rank, cfg.out_features, cfg.slots
+    args = (sds((cfg.tokens, rank), dtype), sds((cfg.tokens, width), dtype))
+    args += (sds((slots, rank, width), dtype), sds((cfg.tokens,), jnp.int32))
+    tokens = weight_grad.block_tokens(cfg.tokens)
+    wide = weight_grad.padded_width(width)
+    budget = weight_grad.fused_vmem_budget(block_sizes.vmem_limit(cfg.chip))
+    tile = weight_grad.fused_width_tile(wide, tokens, rank, slots, dtype.itemsize, budget)
+    info = {"path": "g_pass" if tile is not None else "separate", "block": {"tokens": tokens, "width": tile}}
+    if tile is None:  # the separate shrink and weight-gradient kernels: the latter's blocks, as build_weight_grad
+        wg_tile = weight_grad.width_tile(wide)
+        streamed = 2 * tokens * 4 + tokens * rank * dtype.itemsize + tokens * wg_tile * dtype.itemsize
+        info["vmem_estimate"] = 2 * streamed + 2 * rank * wg_tile * 4
+    else:
+        info["vmem_estimate"] = weight_grad._fused_bytes(tile, tokens, rank, slots, dtype.itemsize)
+        padded = -(-cfg.tokens // tokens) * tokens
+        estimate = weight_grad.fused_cost_estimate(padded, rank, wide, slots, wide // tile, dtype.itemsize)
+        info["estimate"] = {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed}
+
+    def fn(s, g, lora_b, indices):
+        return _lora_grads_jax.g_pass(s, g, lora_b, indices, cfg.chip)
+
+    return fn, args, info
+
+
 def build_weight_grad(cfg: Config, sds):
+    if cfg.variant == "g_pass":
+        return build_g_pass(cfg, sds)
     dtype = jnp.dtype(cfg.dtype)
     rank = cfg.rank
     width = cfg.in_features if cfg.variant == "lora_a" else cfg.out_features

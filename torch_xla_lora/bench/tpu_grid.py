@@ -87,9 +87,10 @@ KERNELS = (
     ),
     KernelEntry(
         "weight_grad",
-        ("lora_a", "lora_b"),
+        ("lora_a", "lora_b", "g_pass"),
         "bgmv_weight_grad (the backward's dA, dB): weight_grad_fn(L, scaling, 'pallas', chip); 'lora_a' takes "
-        "[T, R] x [T, in], 'lora_b' [T, R] x [T, out]",
+        "[T, R] x [T, in], 'lora_b' [T, R] x [T, out]; 'g_pass': the fused backward's ds and dB in one pass "
+        "over g [T, out] (ops/_lora_grads_jax.g_pass, kernels.weight_grad.shrink_weight_grad)",
     ),
 )
 
