@@ -11,11 +11,13 @@ may use, each given a *lane*.
 
 Per batch, :meth:`PoolManager.batch_rows` lays out a table of ``max_loras x
 max_rank`` row numbers (lane-major; rows past an adapter's rank point at the
-zero row) and the context sends it to the device whole, like the slots. A
-layer's forward gathers its rows into the ``[max_loras, max_rank, ...]``
-layout the ops read (:func:`gather_slots`), dequantising int8 rows on the way,
-so every op and kernel runs unchanged and no load, eviction or mix of ranks
-changes a compiled graph. Rows are written with one fixed-shape ``index_copy_``
+zero row) and the context sends it to the device whole, like the slots. Linear
+layers and routers read their lanes' rows from the pools through the table
+(``ops.pooled_shrink_expand``: on TPU only each lane's true-rank pages, so the
+allocator hands out aligned pages of :data:`KERNEL_PAGE_ROWS` rows there); other
+layers gather their rows into the ``[max_loras, max_rank, ...]`` layout the
+slot ops read (:func:`gather_slots`), dequantising int8 rows on the way. No
+load, eviction or mix of ranks changes a compiled graph. Rows are written with one fixed-shape ``index_copy_``
 per buffer (``max_rank`` rows: the adapter's own, the rest to the scratch row).
 
 ``weight_dtype="int8"`` stores the rows as int8 with one float32 scale per
