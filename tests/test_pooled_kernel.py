@@ -80,7 +80,6 @@ CASES = [  # (backend, pool kind, compute dtype, several token blocks with host 
     ("pallas", "float", torch.bfloat16, False),
     ("pallas", "int8", torch.bfloat16, False),  # the scale arrays read whole by the kernel
     ("pallas", "int8 windows", torch.float32, False),  # a pool past SMEM_SCALE_ROWS: per-page scale windows
-    ("xla", "float", torch.bfloat16, False),
     ("xla", "int8", torch.float32, False),
 ]
 
@@ -176,3 +175,58 @@ def _adapter(name: str, rank: int):
 
     factors = ModuleLoRA(torch.zeros(rank, 4), torch.zeros(4, rank), rank, 1.0, False)
     return LoRAAdapter(name=name, modules={"m": factors}, config={})
+
+
+class _Proj(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(IN, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def test_pooled_layer_runs_the_kernel_on_allocated_pages(xla_device, monkeypatch):
+    """A patched linear layer with a budget and the Pallas backend: the pool allocates pages (ranks 4, 12, 16:
+    8, 16, 16 rows), the layer runs the pooled kernel on them (interpret mode off TPU), and a mixed batch with
+    a base row equals float64 math on PEFT's factors."""
+    import peft
+
+    torch.manual_seed(0)
+    model = _Proj()
+    ranks = {"a": 4, "b": 12, "c": 16}
+    states = {}
+    for name, rank in ranks.items():
+        config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"], init_lora_weights=False)
+        wrapped = peft.get_peft_model(_Proj(), config)
+        wrapped.base_model.model.proj.load_state_dict(model.proj.state_dict(), strict=False)
+        states[name] = (peft.get_peft_model_state_dict(wrapped), config)
+    budget = (48 + 2) * (IN + OUT) * 4
+    config = tl.LoRAConfig(max_loras=3, max_rank=16, target_modules=["proj"], memory_budget=budget, backend="pallas")
+    lora = tl.patch_model(_Proj().to(xla_device), config)
+    lora.model.proj.base_layer.load_state_dict(model.proj.state_dict())
+    for name, (state, peft_config) in states.items():
+        lora.load_adapter(name, state_dict=state, config=peft_config)
+    assert lora.manager.granule == fused.PAGE_ROWS
+    rows = ["b", None, "a", "c", "b"]
+    lora.set_batch(rows)
+
+    def gathered(*args, **kwargs):
+        raise AssertionError("the layer gathered its lanes instead of reading the pools")
+
+    from torch_xla_lora.ops import _jax
+
+    monkeypatch.setattr(pool, "gather_slots", gathered)
+    monkeypatch.setattr(_jax, "gather_lanes", gathered)
+    x = torch.randn(len(rows), 3, IN)
+    with torch.no_grad():
+        out = lora.model(x.to(xla_device)).cpu()
+    assert lora.memory()["adapters"] == {n: -(-r // 8) * 8 * (IN + OUT) * 4 for n, r in ranks.items()}
+    expected = model.proj(x).double()
+    for i, name in enumerate(rows):
+        if name is not None:
+            state = states[name][0]
+            a = next(v for k, v in state.items() if "lora_A" in k).double()
+            b = next(v for k, v in state.items() if "lora_B" in k).double()
+            expected[i] += 2 * (x[i].double() @ a.T) @ b.T
+    assert_close(out, expected, torch.float32)
