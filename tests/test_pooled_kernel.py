@@ -230,3 +230,24 @@ def test_pooled_layer_runs_the_kernel_on_allocated_pages(xla_device, monkeypatch
             b = next(v for k, v in state.items() if "lora_B" in k).double()
             expected[i] += 2 * (x[i].double() @ a.T) @ b.T
     assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_tpu_model_walk_reads_the_true_rank_pages(int8):
+    """``bench.pooled_model``'s walk of the kernel's grid at Llama-3-8B's gate_proj on v6e (16 decode tokens on
+    8 adapters of ranks 8/16/64, max_loras 16, max_rank 64): the DMA'd bytes are each used adapter's true-rank
+    rows once over all output tiles, plus the tables; the slot kernel's walk reads max_rank rows per adapter."""
+    import numpy as np
+
+    from torch_xla_lora.bench import pooled_model, tpu_model
+
+    chip, hidden, out_dim, max_loras, max_rank = tpu_model.CHIPS["v6e"], 4096, 14336, 16, 64
+    ranks = pooled_model.batch_ranks(8)
+    lanes = pooled_model.decode_lanes(16, 8)
+    pool_rows = 1000
+    cost = pooled_model.pooled_cost(chip, lanes, ranks, hidden, out_dim, max_rank, max_loras, int8, pool_rows)
+    element = 1 if int8 else 2
+    tables = 4 * (max_loras * max_rank + max_loras * 8 + max_loras) + (8 * (pool_rows + 2) if int8 else 0)
+    assert cost.manual_bytes == sum(ranks) * (hidden + out_dim) * element + tables
+    padded = tpu_model.fused_cost(chip, np.asarray(lanes), hidden, out_dim, max_rank, max_loras)
+    assert padded.manual_bytes == len(ranks) * max_rank * (hidden + out_dim) * 2
