@@ -159,6 +159,14 @@ def test_allocator_pages_for_the_kernel():
             assert page[0] % 8 == 0 and page == list(range(page[0], page[0] + len(page)))
     assert manager.memory()["adapters"] == {"a": 80, "b": 160, "c": 160}
     assert manager.adapter_bytes(adapters["a"]) == 80
+    first = table[plan.slot_of["a"], 0].item()
+    manager.add(_adapter("a", 6))  # reloaded at a rank of the same page: rewritten in place, same rows
+    again = manager.plan(["a"], for_batch=True)
+    assert not again.writes
+    assert manager.batch_rows(again).reshape(3, 16)[again.slot_of["a"], :7].tolist() == [
+        *range(first, first + 6),
+        manager.zero_row,
+    ]
     manager.add(_adapter("d", 1))
     with pytest.raises(pool.PoolFullError):  # the batch holds the 40 whole-page rows of 43: rank 1 needs a page
         manager.plan(["d"])

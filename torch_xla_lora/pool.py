@@ -272,8 +272,8 @@ class PoolManager:
 
     def add(self, adapter: LoRAAdapter) -> None:
         """Validate ``adapter`` against the model and the budget, and cache it (replacing one of the same
-        name). A resident adapter reloaded at the same rank is rewritten in place at the next apply; at
-        another rank it leaves the pool (the next batch that names it brings it back).
+        name). A resident adapter reloaded at a rank of the same rows (the same rank, or the same pages) is
+        rewritten in place at the next apply; otherwise it leaves the pool (the next batch naming it brings it back).
 
         Raises:
           PoolFullError: its rank rows exceed the whole pool.
@@ -288,7 +288,7 @@ class PoolManager:
             self._host[adapter.name] = adapter
             self._host.move_to_end(adapter.name)
             rows = self._rows.get(adapter.name)
-            if rows is not None and len(rows) == adapter.max_rank:
+            if rows is not None and len(rows) == self._span(adapter.max_rank):  # its rows hold it: rewrite
                 self._staged[adapter.name] = adapter
             elif rows is not None:
                 self._release(adapter.name)
