@@ -7,21 +7,24 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
   (:func:`tpu_model.matmul_cost`);
 - ours: the forward as the layer runs it on the chip (the cheapest of ``linear_lora``'s fused kernel,
   the base then the fused LoRA kernel, or the XLA-native op, by :func:`tpu_model.projection_costs`,
-  as ``base_fusion="auto"`` chooses), then the backward as ``ops/_autograd.py`` runs it:
+  as ``base_fusion="auto"`` chooses), then the backward as ``ops/_autograd.py`` runs it on a TPU, with
+  the fused op ``bgmv_lora_grads`` (``ops/_lora_grads_jax.py``):
 
   - dx: for a projection whose forward is ``linear_lora``, its backward's one pass over g (the base's
-    dx and LoRA's, ``linear_lora``'s kernel with the roles swapped) plus ``ds = bgmv_shrink(g, B)`` for
-    dA; otherwise ``ds`` and ``dx += bgmv_expand(ds, A)`` (the shrink and expand kernels with the roles
-    of A and B swapped, priced from the kernels' own ``cost_estimate`` byte counts, MXU work padded to
-    whole tiles), added to the base's dx;
-  - ``s = bgmv_shrink(x, A)`` recomputed for dB (the forward ops do not return it);
-  - dA and dB: the segmented outer product ``bgmv_weight_grad`` (``dA[l] = sum_{i_t = l} ds[t] x[t]^T``,
-    ``dB[l] = sum_{i_t = l} s[t] g[t]^T``) as its Pallas kernel, which the op runs on a TPU (slot-major
-    visits, a slot's f32 tile resident across its token blocks: :func:`weight_grad_kernel_cost`, its grid
-    walked), and for comparison as the XLA-native op (``backend="xla"``, :func:`weight_grad_xla_seconds`);
+    dx and LoRA's, ``linear_lora``'s kernel with the roles swapped); otherwise ``dx += bgmv_expand(ds,
+    A)`` (the expand kernel with A in B's place, priced from its own ``cost_estimate`` byte counts, MXU
+    work padded to whole tiles), added to the base's dx;
+  - ``s = bgmv_shrink(x, A)`` recomputed (the forward ops do not return it);
+  - ds and dB in one pass over g (``shrink_weight_grad``: :func:`g_pass_kernel_cost`, its grid walked);
+  - dA: the segmented outer product's Pallas kernel over x (slot-major visits, a slot's f32 tile
+    resident across its token blocks: :func:`weight_grad_kernel_cost`, its grid walked);
   - the trainable adapters' parameters scattered into the slot tensors and their gradients read
     back (:func:`slot_assembly_seconds`);
 
+- ours with the separate backward ops (``ops._autograd.FUSED_BACKWARD = False``): ds by its own shrink
+  over g, dA and dB by the weight-gradient kernel (and, for comparison, by the XLA-native op,
+  ``backend="xla"``, :func:`weight_grad_xla_seconds`); ours with ``s`` kept from the forward (not
+  built: the recomputing shrink left out);
 - what-if: ours with every projection's dx computed in the base's backward pass over g (what
   ``linear_lora``'s backward does for the projections whose forward runs it);
 
@@ -155,6 +158,59 @@ def weight_grad_kernel_cost(chip: Chip, indices: np.ndarray, left: int, right: i
     return Cost(pipelined, 0, flops, steps, _roofline(chip, pipelined, flops, steps))
 
 
+def g_pass_kernel_cost(chip: Chip, indices: np.ndarray, rank: int, out_dim: int, num_slots: int) -> Cost:
+    """The fused backward's one pass over g (``kernels/weight_grad.py``'s ``shrink_weight_grad``: ``ds = g B^T``
+    and ``dB = s^T g``), its grid walked as the op calls it on a TPU: the weight-gradient kernel's token
+    block, the width padded as ``padded_width`` pads it and tiled by ``fused_width_tile``, the forward's
+    token-major visits (``visits.build``); grid (width tiles, visits). Blocks: the indices (int32, twice),
+    s transposed [R, block] and g [block, tile] (bf16), the visit's B tile [1, R, tile] (bf16), every slot's
+    f32 dB tile [L, R, tile] (resident across a width tile's walk) and the f32 ds partial sum [1, block, R].
+    Two MXU products per visit with a slot; then the ds partial sums added up (one fusion). Where no width
+    tile fits, the separate shrink and weight-gradient kernels."""
+    from torch_xla_lora.kernels import block_sizes, visits, weight_grad
+
+    num_tokens = len(indices)
+    tokens = weight_grad.block_tokens(num_tokens)
+    wide = weight_grad.padded_width(out_dim)
+    budget = weight_grad.fused_vmem_budget(block_sizes.vmem_limit(chip.generation))
+    tile = weight_grad.fused_width_tile(wide, tokens, rank, num_slots, _BF16, budget)
+    if tile is None:
+        separate = shrink_seconds(chip, indices, out_dim, rank, num_slots)
+        separate += weight_grad_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds
+        return Cost(0, 0, 0.0, 0, separate)
+    padded = np.full(-(-num_tokens // tokens) * tokens, -1, np.int32)
+    padded[:num_tokens] = np.where((indices >= 0) & (indices < num_slots), indices, -1)
+    num_tiles = wide // tile
+    vis = visits.build(padded, num_slots, tokens, xp=np)
+    count = int(vis.count[0])
+    specs = [  # (block shape, bytes per element, index map (j, block, slot)), outputs last
+        ((1, tokens), 4, lambda j, b, s: (0, b)),
+        ((tokens, 1), 4, lambda j, b, s: (b, 0)),
+        ((rank, tokens), _BF16, lambda j, b, s: (0, b)),
+        ((tokens, tile), _BF16, lambda j, b, s: (b, j)),
+        ((1, rank, tile), _BF16, lambda j, b, s: (max(s, 0), 0, j)),
+        ((num_slots, rank, tile), _F32, lambda j, b, s: (0, 0, j)),
+        ((1, tokens, rank), _F32, lambda j, b, s: (j, b, 0)),
+    ]
+    last = [None] * len(specs)
+    pipelined, flops = 0, 0.0
+    product = mxu_flops([(tokens, tile, rank), (rank, tokens, tile)], chip.mxu_width)
+    for j in range(num_tiles):
+        for v in range(count):
+            block, slot = int(vis.block[v]), int(vis.slot[v])
+            for k, (shape, itemsize, index_map) in enumerate(specs):
+                index = index_map(j, block, slot)
+                if index != last[k]:
+                    pipelined += math.prod(shape) * itemsize
+                    last[k] = index
+            if slot >= 0:
+                flops += product
+    steps = num_tiles * count
+    seconds = _roofline(chip, pipelined, flops, steps)
+    seconds += tpu_model._fusions(chip, [(_F32 * num_tiles * len(padded) * rank + _BF16 * num_tokens * rank, 0.0)])
+    return Cost(pipelined, 0, flops, steps, seconds)
+
+
 def weight_grad_xla_seconds(chip: Chip, indices: np.ndarray, left: int, right: int, num_slots: int) -> float:
     """The same product as ``ops/_xla_native.weight_grad`` runs it (``backend="xla"``), as XLA fusions: the
     rows sorted by slot (both operands gathered: read and written), one [left, block] x [block, right]
@@ -246,6 +302,11 @@ def projection_train_costs(
         "forward_choice": choice,
         "lora_dx": one_pass_dx if choice == "fused" else separate_dx,  # linear_lora's backward: one pass
         "lora_dx_one_pass": one_pass_dx,
+        # The fused backward (ops/_lora_grads.py): ds comes from the pass over g that computes dB, so dx is the
+        # one pass (linear_lora) or the expand alone; dB is in that pass, dA the weight-gradient kernel over x.
+        "fused_dx": one_pass_dx - ds if choice == "fused" else separate_dx - ds,
+        "fused_g_pass": g_pass_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds,
+        "fused_weight_grad_a": weight_grad_kernel_cost(chip, indices, rank, hidden, num_slots).seconds,
         "recompute_s": shrink_seconds(chip, indices, hidden, rank, num_slots),
         "weight_grad_kernel": weight_grad_kernel_cost(chip, indices, rank, hidden, num_slots).seconds
         + weight_grad_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds,
@@ -271,10 +332,12 @@ def train_step_costs(
 
     ``layer``: name -> (in, out, input group), as :func:`llama_layer`; the projections' roles (residual
     outputs, shared inputs) are Llama's (:func:`tpu_model.llama_roles`). Keys: ``base`` (the floor (a)),
-    ``ours`` (the weight gradient by its Pallas kernel), ``ours_xla_weight_grad`` (by the XLA-native op),
-    ``onehot``; ``ratio_*`` to base (``ratio_ours_one_pass_dx``: ours with every projection's LoRA dx
-    computed in the base's backward pass over g); ``overhead_vs_onehot`` (ours' overhead over
-    base divided by the one-hot's), ``parts`` (each part summed over the projections) and ``choices``.
+    ``ours`` (the fused backward), ``ours_separate`` (the separate backward ops, the weight gradients by
+    their Pallas kernel), ``ours_xla_weight_grad`` (separate, by the XLA-native op), ``onehot``; ``ratio_*``
+    to base (``ratio_ours_s_kept``: ours without the recomputed ``s``; ``ratio_ours_one_pass_dx``: the
+    separate ops with every projection's LoRA dx in the base's backward pass over g); ``overhead_vs_onehot*``
+    (an overhead over base divided by the one-hot's), ``parts`` (each part summed over the projections)
+    and ``choices``.
     """
     roles = tpu_model.llama_roles()
     parts: dict[str, float] = {}
@@ -287,20 +350,26 @@ def train_step_costs(
             parts[key] = parts.get(key, 0.0) + value
     base = parts["base_forward"] + parts["base_backward"]
     shared = parts["lora_forward"] + parts["lora_dx"] + parts["recompute_s"] + parts["slot_assembly"]
-    ours = base + shared + parts["weight_grad_kernel"]
+    separate = base + shared + parts["weight_grad_kernel"]
     ours_xla = base + shared + parts["weight_grad_xla"]
-    ours_one_pass = ours - parts["lora_dx"] + parts["lora_dx_one_pass"]
+    ours_one_pass = separate - parts["lora_dx"] + parts["lora_dx_one_pass"]
+    fused_parts = ("lora_forward", "fused_dx", "recompute_s", "fused_g_pass", "fused_weight_grad_a", "slot_assembly")
+    ours = base + sum(parts[key] for key in fused_parts)
     onehot = base + parts["onehot_forward"] + parts["onehot_backward"] + parts["slot_assembly"]
     return {
         "base": base,
         "ours": ours,
+        "ours_separate": separate,
         "ours_xla_weight_grad": ours_xla,
         "onehot": onehot,
         "ratio_ours": ours / base,
+        "ratio_ours_separate": separate / base,
         "ratio_ours_xla_weight_grad": ours_xla / base,
         "ratio_ours_one_pass_dx": ours_one_pass / base,
+        "ratio_ours_s_kept": (ours - parts["recompute_s"]) / base,
         "ratio_onehot": onehot / base,
         "overhead_vs_onehot": (ours - base) / (onehot - base),
+        "overhead_vs_onehot_separate": (separate - base) / (onehot - base),
         "overhead_vs_onehot_xla_weight_grad": (ours_xla - base) / (onehot - base),
         "parts": parts,
         "choices": choices,
@@ -341,14 +410,15 @@ def format_rows(rows: list[dict]) -> str:
     """A markdown table of :func:`modelled_rows`."""
     lines = [
         "| chip | layer (7 projections) | T | (a) base us | ours us | ours / (a) | one-hot / (a) "
-        "| ours' overhead / one-hot's | ours / (a), dA/dB by the XLA-native op "
-        "| ours / (a), every projection's dx in the base's pass |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ours' overhead / one-hot's | ours / (a), separate backward ops | their overhead / one-hot's "
+        "| ours / (a), s kept from the forward | ours / (a), separate ops, dA/dB by the XLA-native op |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['chip']} | {row['layer']} | {row['tokens']} | {row['base'] * 1e6:.0f} | {row['ours'] * 1e6:.0f} "
             f"| {row['ratio_ours']:.3f} | {row['ratio_onehot']:.3f} | {row['overhead_vs_onehot']:.2f} "
-            f"| {row['ratio_ours_xla_weight_grad']:.3f} | {row['ratio_ours_one_pass_dx']:.3f} |"
+            f"| {row['ratio_ours_separate']:.3f} | {row['overhead_vs_onehot_separate']:.2f} "
+            f"| {row['ratio_ours_s_kept']:.3f} | {row['ratio_ours_xla_weight_grad']:.3f} |"
         )
     return "\n".join(lines)

@@ -11,6 +11,10 @@ projections of every decoder layer. Formulations:
   (``lora.clear_batch()``), forward and backward to the activations;
 - ``lora``: this library's mixed step (``set_batch(names, seq_len=...)``, every
   tenant's rows in one batch);
+- ``lora_separate``: the same mixed step with each projection's LoRA backward run as
+  the separate shrink, expand and weight-gradient ops instead of the fused
+  ``bgmv_lora_grads`` (``ops._autograd.FUSED_BACKWARD = False``): the fused
+  backward's gain, paired;
 - ``in_turn`` (b): the same tokens as 8 one-tenant steps in turn, each tenant's rows
   alone (each step synced and read, its gradients consumed, as 8 separate trainings
   would);
@@ -70,10 +74,11 @@ from torch_xla_lora.random_models import random_llama
 #: The tenants' ranks: 8/16/32/64, two each.
 TENANT_RANKS = (8, 8, 16, 16, 32, 32, 64, 64)
 #: Formulations, in the table's order.
-FORMULATIONS = ("base", "lora", "in_turn", "onehot", "peft")
+FORMULATIONS = ("base", "lora", "lora_separate", "in_turn", "onehot", "peft")
 LABELS = {
     "base": "(a) base, frozen: forward + backward to the activations, no LoRA",
     "lora": "torch_xla_lora: 8 tenants in one mixed step",
+    "lora_separate": "torch_xla_lora, the same step with the backward as separate ops (not fused)",
     "in_turn": "(b) 8 one-tenant steps in turn (torch_xla_lora)",
     "onehot": "(c) one-hot einsum over all 8 slots, same parameters",
     "peft": "(d) PEFT, each tenant alone, eager on CPU tensors (another device)",
@@ -321,6 +326,15 @@ class TrainBench:
 
     def _step_lora(self) -> StepResult:
         return self._mixed(contextlib.nullcontext(), self.config.seq)
+
+    def _step_lora_separate(self) -> StepResult:
+        from torch_xla_lora.ops import _autograd
+
+        fused, _autograd.FUSED_BACKWARD = _autograd.FUSED_BACKWARD, False
+        try:
+            return self._mixed(contextlib.nullcontext(), self.config.seq)
+        finally:
+            _autograd.FUSED_BACKWARD = fused
 
     def _step_onehot(self) -> StepResult:
         # The one-hot einsums read only the slots: no host-built token grouping to pay for.
