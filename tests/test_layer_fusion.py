@@ -280,3 +280,28 @@ def test_auto_prices_the_arranged_projections(tmp_path):
     down = mlp.down_proj
     lora.unpatch()
     assert (down.fusion_role.prologue, down.fusion_role.residual_in_kernel) == ("", False)
+
+
+def test_training_through_the_arranged_decoders_equals_peft_alone(monkeypatch):
+    """One step of three tenants' gradients (CPU tensors) with the decoders arranged: the fused op's backward
+    (the producer recomputed in torch, through linear_lora's own backward) gives each tenant PEFT's gradients,
+    the norm's factors and SiLU * up included."""
+    from test_training import ARCHS, MIX, _batch, _create, _loss, _patched, _peft, _peft_grads
+
+    calls = []
+    op = _linear_fused.linear_lora_fused
+    monkeypatch.setattr(_linear_fused, "linear_lora_fused", lambda *a, **k: calls.append(1) or op(*a, **k))
+    lora = _patched(torch.device("cpu"), base_fusion=True)
+    assert lora.fused_decoders
+    _create(lora, ARCHS["llama"][2])
+    peft_model = _peft(lora)
+    ids, targets = _batch(0, len(MIX))
+    lora.model.train()
+    lora.set_batch(MIX)
+    _loss(lora.model(ids).logits, targets).backward()
+    assert calls
+    for name in ARCHS["llama"][2]:
+        rows = [i for i, n in enumerate(MIX) if n == name]
+        expected = _peft_grads(peft_model, name, ids[rows], targets[rows])
+        for key, param in lora.trainable_parameters(name).items():
+            assert_close(param.grad, expected[key])
