@@ -212,8 +212,8 @@ def _pooled(clean, device, rows: int = 20):
     model = copy.deepcopy(clean).to(device)
     probe = tl.patch_model(copy.deepcopy(clean), tl.LoRAConfig(max_rank=8, target_modules=TARGETS, memory_budget=10**7))
     budget = (rows + 2) * probe.manager.row_bytes
-    config = tl.LoRAConfig(
-        max_loras=MAX_LORAS, max_rank=8, target_modules=TARGETS, max_cpu_adapters=8, memory_budget=budget
+    config = tl.LoRAConfig(  # backend "xla": rows allocated one by one on any device, as the budget assumes
+        max_loras=MAX_LORAS, max_rank=8, target_modules=TARGETS, max_cpu_adapters=8, memory_budget=budget, backend="xla"
     )
     return model, tl.patch_model(model, config)
 

@@ -69,6 +69,9 @@ def _expected(peft_model, ids, rows):
 def _patched(base_model, device, rows_budget: int, **config):
     model = copy.deepcopy(base_model).to(device)
     budget = (rows_budget + 2) * _row_bytes(base_model, 4)  # + the zero and scratch rows
+    # The XLA-native backend: rows allocated one by one on any device (with the Pallas backend, and "auto" on a
+    # TPU, the pool allocates aligned pages of 8 rows for the pooled kernel: tests/test_pooled_kernel.py).
+    config = {"backend": "xla", **config}
     return tl.patch_model(
         model, tl.LoRAConfig(max_loras=3, max_rank=MAX_RANK, target_modules=TARGETS, memory_budget=budget, **config)
     )
@@ -116,7 +119,11 @@ def test_pool_never_holds_more_than_its_budget(base_model):
         lora = tl.patch_model(
             copy.deepcopy(base_model),
             tl.LoRAConfig(
-                max_rank=MAX_RANK, target_modules=TARGETS, memory_budget=budget, weight_dtype="int8" if int8 else None
+                max_rank=MAX_RANK,
+                target_modules=TARGETS,
+                memory_budget=budget,
+                weight_dtype="int8" if int8 else None,
+                backend="xla",
             ),
         )
         allocated = sum(
