@@ -120,15 +120,14 @@ def _decoder_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwar
 def mlp_with_residual(mlp: nn.Module, norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """``h + mlp(norm(h))`` with the norm taken into gate/up's x read and SiLU(gate) * up and the residual
     into down_proj's, where those projections run the fused formulation."""
-    normed = None
+    normed = row_scale = None
 
     def project(proj: nn.Module) -> torch.Tensor:
-        nonlocal normed
+        nonlocal normed, row_scale
         if isinstance(proj, LinearWithLoRA) and norm.weight.dtype == h.dtype and proj.formulation(h) == "fused":
-            variance = h.to(torch.float32).pow(2).mean(-1)
-            out = proj.forward_fused_with(
-                h, row_scale=torch.rsqrt(variance + norm.variance_epsilon), col_scale=norm.weight
-            )
+            if row_scale is None:  # the norm's per-row factor, [...] float32, shared by gate and up
+                row_scale = torch.rsqrt(h.to(torch.float32).pow(2).mean(-1) + norm.variance_epsilon)
+            out = proj.forward_fused_with(h, row_scale=row_scale, col_scale=norm.weight)
             if out is not None:
                 return out
         if normed is None:
