@@ -32,6 +32,12 @@ What XLA fuses into its own dot and cannot fuse into a custom call, the kernel t
 (:class:`Fusion`): x's producer on every x tile's read (``SiLU(gate) * up`` from two input
 tiles, RMSNorm's per-row and per-column scales), which both the base product and the shrink
 read, and the residual add in the output tile's single write.
+
+An int8 base (per-output-channel symmetric quantization, ``W = q * s[:, None]``) is read as
+int8: ``x W^T = (x q^T) * s``, so each int8 weight tile is converted to x's dtype in VMEM (exact:
+|q| <= 127 fits bf16's mantissa), the base product accumulates in f32 as for a float weight, and
+the output tile's f32 scales multiply the accumulator at the last reduction step, before the bias
+and the LoRA are added (``Fusion.weight_scale``). The weight's HBM bytes halve against bf16.
 """
 
 from __future__ import annotations
@@ -65,13 +71,16 @@ class Fusion:
     - ``row_scale``: x times a float32 [T] factor per row, rounded to x's dtype (RMSNorm's
       ``rsqrt(mean(x^2) + eps)``, computed outside: one [T] vector);
     - ``col_scale``: x times a [K] factor per column in x's dtype, rounded (RMSNorm's weight);
-    - ``residual``: a [T, N] operand added to the f32 output tile before its single rounding.
+    - ``residual``: a [T, N] operand added to the f32 output tile before its single rounding;
+    - ``weight_scale``: the weight is int8 with a float32 [N] scale per output channel, multiplied
+      into the f32 base product before the bias, the residual and the LoRA are added.
     """
 
     silu_mul: bool = False
     row_scale: bool = False
     col_scale: bool = False
     residual: bool = False
+    weight_scale: bool = False
 
     @property
     def prologue(self) -> bool:
@@ -117,12 +126,16 @@ def vmem_bytes(
     itemsize = jnp.dtype(dtype).itemsize
     bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
     width = lanes * rank_stride(rank, dtype)
-    blocks = bt * tk * (2 if fusion.silu_mul else 1) + tk * tn + bt * tn + (tn if has_bias else 0)
+    weight_tile = 0 if fusion.weight_scale else tk * tn  # an int8 tile is counted in bytes below
+    blocks = bt * tk * (2 if fusion.silu_mul else 1) + weight_tile + bt * tn + (tn if has_bias else 0)
     blocks += (tk if fusion.col_scale else 0) + (bt * tn if fusion.residual else 0)
-    pipelined = 2 * (bt * (8 if fusion.row_scale else 4) + blocks * itemsize)
+    int8 = tk * tn + 4 * tn if fusion.weight_scale else 0  # the int8 tile and its f32 scales
+    pipelined = 2 * (bt * (8 if fusion.row_scale else 4) + blocks * itemsize + int8)
     scratch = width * (tk + tn) * itemsize + (max_chunks(bt, num_slots, lanes) * bt * width + bt * tn) * 4
     # Values Mosaic keeps in VMEM too: the base product and the output being summed (f32), the shrink part.
     temporaries = 2 * bt * tn * 4 + bt * width * 4 + (bt * tk * 4 if fusion.prologue else 0)
+    # The int8 tile converted to x's dtype through float32 (libtpu keeps both in VMEM).
+    temporaries += tk * tn * (4 + itemsize) if fusion.weight_scale else 0
     return pipelined + scratch + temporaries
 
 
@@ -138,13 +151,18 @@ def hbm_bytes(
 ) -> int:
     """Pipelined HBM traffic of the base product under ``sizes``: W once per token block, x once per
     output tile unless the reduction is untiled (then once), the output once; with ``fusion``, the
-    up operand as often as x, the column scale once per x pass, the row scale and residual once."""
+    up operand as often as x, the column scale once per x pass, the row scale and residual once;
+    an int8 weight (``fusion.weight_scale``) at one byte an element, its f32 scales once per token block."""
     blocks = -(-num_tokens // sizes.tokens)
     x_passes = 1 if sizes.hidden == hidden else out_dim // sizes.out
     x_bytes = num_tokens * hidden * (2 if fusion.silu_mul else 1) + (blocks * hidden if fusion.col_scale else 0)
     extra = num_tokens * out_dim if fusion.residual else 0
-    return itemsize * (blocks * hidden * out_dim + x_passes * x_bytes + num_tokens * out_dim + extra) + (
-        4 * num_tokens if fusion.row_scale else 0
+    weight_bytes = blocks * hidden * out_dim * (1 if fusion.weight_scale else itemsize)
+    weight_bytes += blocks * out_dim * 4 if fusion.weight_scale else 0
+    return (
+        itemsize * (x_passes * x_bytes + num_tokens * out_dim + extra)
+        + weight_bytes
+        + (4 * num_tokens if fusion.row_scale else 0)
     )
 
 
@@ -257,7 +275,8 @@ def _kernel(
     uniform_ref,  # SMEM [num_blocks]
     code_ref,  # [bt, 1] int32
     x_ref,  # [bt, tk] (the gate with fusion.silu_mul)
-    *refs,  # [up [bt, tk]], [row [bt, 1] f32], [col [1, tk]], w, [bias [1, tn]], [residual [bt, tn]],
+    *refs,  # [up [bt, tk]], [row [bt, 1] f32], [col [1, tk]], w, [scale [1, tn] f32], [bias [1, tn]],
+    # [residual [bt, tn]],
     # a_hbm, b_hbm, o_ref, a_buf, b_buf, y_acc, acc_ref, sem
     lanes: int,
     stride: int,
@@ -272,6 +291,7 @@ def _kernel(
     row_ref = refs.pop(0) if fusion.row_scale else None
     col_ref = refs.pop(0) if fusion.col_scale else None
     w_ref = refs.pop(0)
+    scale_ref = refs.pop(0) if fusion.weight_scale else None
     bias_ref = refs.pop(0) if has_bias else None
     res_ref = refs.pop(0) if fusion.residual else None
     a_hbm, b_hbm, o_ref, a_buf, b_buf, y_acc, acc_ref, sem = refs
@@ -345,7 +365,10 @@ def _kernel(
             fusion,
         )
     contract = (((1,), (1,)), ((), ())) if layout == "out_in" else (((1,), (0,)), ((), ()))
-    acc_ref[...] += jax.lax.dot_general(x, w_ref[...], contract, preferred_element_type=jnp.float32)
+    w = w_ref[...]
+    if scale_ref is not None:  # int8 -> x's dtype in VMEM (exact for |q| <= 127); the scales come at the write
+        w = w.astype(jnp.float32).astype(x.dtype)
+    acc_ref[...] += jax.lax.dot_general(x, w, contract, preferred_element_type=jnp.float32)
 
     @pl.when(n == 0)
     def _shrink():
@@ -376,6 +399,8 @@ def _kernel(
     @pl.when(k == last_k)
     def _write():
         out = acc_ref[...]
+        if scale_ref is not None:  # (x q^T) * s = x (q * s)^T, per output channel
+            out = out * scale_ref[...]
         if has_bias:
             out = out + bias_ref[...].astype(jnp.float32)
         if res_ref is not None:  # the residual add, in the output's single write
@@ -421,6 +446,8 @@ def grid_spec(
     if fusion.col_scale:
         in_specs.append(pl.BlockSpec((1, tk), lambda i, n, k, *_: (0, k)))
     in_specs.append(weight)
+    if fusion.weight_scale:
+        in_specs.append(pl.BlockSpec((1, tn), lambda i, n, k, *_: (0, n)))
     if has_bias:
         in_specs.append(pl.BlockSpec((1, tn), lambda i, n, k, *_: (0, n)))
     if fusion.residual:
@@ -492,13 +519,14 @@ def linear_lora(
     row_scale: jax.Array | None = None,  # [T_pad] float32
     col_scale: jax.Array | None = None,  # [K]
     residual: jax.Array | None = None,  # [T_pad, N]
+    weight_scale: jax.Array | None = None,  # [N] float32: weight is int8, W = weight * weight_scale per channel
 ) -> jax.Array:  # [T_pad, N], x.dtype
     """The fused base + LoRA kernel over prepared lane metadata; T_pad a multiple of the token block.
 
     ``vmem_limit_bytes``: the scoped VMEM limit of the generation ``plan`` used
     (None: the v5e/v6e figure, ``tuning.BASE_VMEM_LIMIT_BYTES["v6e"]``).
-    ``up``, ``row_scale``, ``col_scale``, ``residual``: the :class:`Fusion` operands, each
-    present or None (plan with the same Fusion).
+    ``up``, ``row_scale``, ``col_scale``, ``residual``, ``weight_scale``: the :class:`Fusion`
+    operands, each present or None (plan with the same Fusion).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -506,7 +534,9 @@ def linear_lora(
     num_slots, rank, out_dim = lora_b.shape
     block_sizes.check(hidden, out_dim)
     has_bias = bias is not None
-    fusion = Fusion(up is not None, row_scale is not None, col_scale is not None, residual is not None)
+    fusion = Fusion(
+        up is not None, row_scale is not None, col_scale is not None, residual is not None, weight_scale is not None
+    )
     spec = grid_spec(
         num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes, layout, has_bias, fusion
     )
@@ -525,6 +555,8 @@ def linear_lora(
     operands += [] if row_scale is None else [row_scale.astype(jnp.float32).reshape(num_tokens, 1)]
     operands += [] if col_scale is None else [col_scale.reshape(1, hidden)]
     operands.append(weight)
+    if weight_scale is not None:
+        operands.append(weight_scale.astype(jnp.float32).reshape(1, out_dim))
     if has_bias:
         operands.append(bias.reshape(1, out_dim))
     operands += [] if residual is None else [residual]
@@ -559,7 +591,8 @@ def tpu_compile_case(
     ``fn(x, weight, [bias,] lora_a, lora_b, indices, *fusion operands)`` builds the lane metadata on
     the device and calls the kernel with ``interpret=False``; pass the arguments'
     shapes to ``jax.jit(fn).trace(...).lower(lowering_platforms=("tpu",))``. The fusion operands,
-    in order, those ``fusion`` has: up [T, K], row scale [T] f32, column scale [K], residual [T, N].
+    in order, those ``fusion`` has: up [T, K], row scale [T] f32, column scale [K], residual [T, N],
+    weight scale [N] f32 (then the weight is int8).
     """
     planned = plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, has_bias, fusion)
     if planned is None:
@@ -569,7 +602,8 @@ def tpu_compile_case(
     from .visits import build_lanes
 
     flags = {"up": fusion.silu_mul, "row_scale": fusion.row_scale, "col_scale": fusion.col_scale}
-    names = [name for name, on in {**flags, "residual": fusion.residual}.items() if on]
+    flags.update(residual=fusion.residual, weight_scale=fusion.weight_scale)
+    names = [name for name, on in flags.items() if on]
 
     def fn(x, weight, *rest):
         bias, rest = (rest[0], rest[1:]) if has_bias else (None, rest)
@@ -595,6 +629,10 @@ def tpu_compile_case(
     shapes = [(padded, hidden), w_shape] + ([(out_dim,)] if has_bias else [])
     shapes += [(num_slots, rank, hidden), (num_slots, rank, out_dim)]
     args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes] + [jax.ShapeDtypeStruct((padded,), jnp.int32)]
+    if fusion.weight_scale:
+        args[1] = jax.ShapeDtypeStruct(w_shape, jnp.int8)
     extra = {"up": (padded, hidden), "row_scale": (padded,), "col_scale": (hidden,), "residual": (padded, out_dim)}
-    args += [jax.ShapeDtypeStruct(extra[n], jnp.float32 if n == "row_scale" else dtype) for n in names]
+    extra["weight_scale"] = (out_dim,)
+    f32 = ("row_scale", "weight_scale")
+    args += [jax.ShapeDtypeStruct(extra[n], jnp.float32 if n in f32 else dtype) for n in names]
     return fn, args

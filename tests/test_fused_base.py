@@ -121,9 +121,12 @@ def test_rows_without_adapter_are_exactly_the_base(pattern, backend, xla_device)
     assert_close(base, x @ w.T + b)
 
 
-@pytest.mark.parametrize(("layout", "bias"), [("out_in", True), ("in_out", False)])
-def test_kernel_with_tiled_reduction_and_output(layout, bias):
-    """Several reduction and output tiles (K = 2 tiles, N = 3 tiles): the shrink accumulates across k."""
+@pytest.mark.parametrize(
+    ("layout", "bias", "int8"), [("out_in", True, False), ("in_out", False, False), ("out_in", True, True)]
+)
+def test_kernel_with_tiled_reduction_and_output(layout, bias, int8):
+    """Several reduction and output tiles (K = 2 tiles, N = 3 tiles): the shrink accumulates across k. ``int8``:
+    the weight is int8 with per-output-channel scales, each output tile scaled by its own channels'."""
     rng = np.random.default_rng(0)
     num_tokens, hidden, out_dim, rank, num_slots, lanes = 32, 256, 384, 16, 6, 4
     x = jnp.asarray(rng.standard_normal((num_tokens, hidden)), jnp.float32)
@@ -135,9 +138,15 @@ def test_kernel_with_tiled_reduction_and_output(layout, bias):
     idx = jnp.asarray(rng.integers(-2, num_slots + 2, num_tokens), jnp.int32).at[:8].set(-1).at[8:16].set(2)
     meta = visits.build_lanes(visits.valid_slots(idx, num_slots), num_slots, 8, lanes)
     sizes = BlockSizes(tokens=8, hidden=128, out=128)
+    scale = None
+    if int8:
+        scale = jnp.asarray(rng.uniform(0.5, 2.0, out_dim) / 127 / 16, jnp.float32)
+        q = jnp.asarray(rng.integers(-127, 128, w_shape), jnp.int8)
+        w = q.astype(jnp.float32) * scale[:, None]  # the reference's float weight
     out = fused_base.linear_lora(
-        x, w, b, a, lb, meta, scaling=0.5, block_sizes=sizes, lanes=lanes, layout=layout, interpret=True
-    )
+        x, q if int8 else w, b, a, lb, meta, scaling=0.5, block_sizes=sizes, lanes=lanes, layout=layout,
+        interpret=True, weight_scale=scale,
+    )  # fmt: skip
     expected = jnp_reference.linear_lora(x, w, b, a, lb, idx, 0.5, layout)
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-4, rtol=1e-4)
 
@@ -147,6 +156,54 @@ def test_cpu_tensors_use_reference():
     idx = torch.tensor([0, 1, -1, 1, 0, 5], dtype=torch.int32)
     out = tl.linear_lora(x, w, b, a, lb, idx, 2.0, "in_out")
     torch.testing.assert_close(out, x @ w + b + reference.bgmv_shrink_expand(x, a, lb, torch.zeros(6, 16), idx, 2.0))
+
+
+def _int8_operands(num_tokens, hidden, out_dim, rank, num_slots, seed=0):
+    """(x, int8 weight [N, K], its f32 per-channel scales, A, B, indices), float32."""
+    x, w, _, a, lb, g = _operands(num_tokens, hidden, out_dim, rank, num_slots, torch.float32, "out_in", False, seed)
+    scale = w.abs().amax(dim=1) / 127
+    q = torch.round(w / scale[:, None]).to(torch.int8)
+    return x, q, scale, a, lb, _indices("mixed", num_tokens, num_slots, g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_weight_forward_and_backward_match_float64(backend, xla_device):
+    """An int8 weight with per-output-channel scales: out and the gradients of x, A and B equal float64 autograd
+    on the dequantized weight ``q * s[:, None]`` (relative 1e-4)."""
+    from torch_xla_lora.ops._linear_fused import linear_lora_fused
+
+    x, q, scale, a, lb, idx = _int8_operands(40, 256, 128, 8, 4, seed=3)
+    leaves = [t.to(xla_device).requires_grad_() for t in (x, a, lb)]
+    out = linear_lora_fused(
+        leaves[0], q.to(xla_device), None, leaves[1], leaves[2], idx.to(xla_device), 0.5, "out_in", backend,
+        weight_scale=scale.to(xla_device),
+    )  # fmt: skip
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    got = [out, *torch.autograd.grad(out, leaves, grad.to(xla_device))]
+    ref = [t.double().requires_grad_() for t in (x, a, lb)]
+    w = q.double() * scale.double()[:, None]
+    expected = ref[0] @ w.T
+    for t in range(40):
+        if 0 <= idx[t] < 4:
+            expected[t] = expected[t] + 0.5 * (ref[0][t] @ ref[1][idx[t]].T) @ ref[2][idx[t]]
+    wanted = [expected, *torch.autograd.grad(expected, ref, grad.double())]
+    for actual, exp in zip(got, wanted, strict=True):
+        magnitude = exp.abs().max().item()
+        torch.testing.assert_close(actual.detach().cpu().double(), exp.detach(), atol=1e-4 * magnitude, rtol=1e-4)
+
+
+def test_int8_weight_scale_is_checked():
+    from torch_xla_lora.ops._linear_fused import linear_lora_fused
+
+    x, q, scale, a, lb, idx = _int8_operands(4, 32, 16, 4, 2)
+    with pytest.raises(tl.ShapeError, match="with weight_scale the weight must be int8"):
+        linear_lora_fused(x, q.float(), None, a, lb, idx, weight_scale=scale)
+    with pytest.raises(tl.ShapeError, match=r"weight_scale must be \[16\] torch.float32"):
+        linear_lora_fused(x, q, None, a, lb, idx, weight_scale=scale[:8])
+    with pytest.raises(tl.ShapeError, match=r"weight_scale must be \[16\] torch.float32"):
+        linear_lora_fused(x, q, None, a, lb, idx, weight_scale=scale.half())
+    with pytest.raises(tl.ShapeError, match="weight dim 1 must equal K of inputs = 32"):
+        linear_lora_fused(x, q[:, :16], None, a, lb, idx, weight_scale=scale)
 
 
 def test_rejects_weight_of_wrong_input_dim():
@@ -168,6 +225,16 @@ def test_lowers_to_mosaic(num_tokens, hidden, out_dim, num_slots, layout, bias, 
     fn, args = fused_base.tpu_compile_case(
         num_tokens, hidden, out_dim, 16, num_slots, jnp.bfloat16, generation, layout, bias
     )
+    module = jax_export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+    assert "tpu_custom_call" in module
+
+
+@pytest.mark.parametrize("generation", ["v5e", "v6e"])
+def test_int8_weight_lowers_to_mosaic_reading_int8(generation):
+    """The int8 base's kernel lowers for TPU and takes the weight as int8 (libtpu compiles it: test_tpu_compile)."""
+    fusion = fused_base.Fusion(weight_scale=True)
+    fn, args = fused_base.tpu_compile_case(1024, 4096, 4096, 16, 8, jnp.bfloat16, generation, fusion=fusion)
+    assert args[1].dtype == jnp.int8
     module = jax_export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
     assert "tpu_custom_call" in module
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch_xla.experimental.xla_quantized_matmul import XlaQuantizedLinear
 
 import torch_xla_lora as tl
+from torch_xla_lora.ops import _linear_fused
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -104,6 +105,39 @@ def test_mixed_batch_on_a_quantized_base_equals_peft_on_the_dequantized_base(sch
         names = [n if n is not None else "__base__" for n in rows]
         expected = peft_model(ids, adapter_names=names).logits
     assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("backend", ["pallas", "xla"])
+def test_int8_per_channel_base_runs_fused_and_equals_peft_on_the_dequantized_base(
+    backend, tmp_path, xla_device, monkeypatch
+):
+    """base_fusion=True on int8 per-channel symmetric weights: every projection runs ``linear_lora_fused``
+    with the int8 weight and its scales (the one-pass kernel in interpret mode on "pallas", the
+    XLA-native ``(x q^T) * s`` on "xla"), equal to PEFT on the dequantized float base."""
+    quantized, dequantized = _quantized_and_float("symmetric")
+    peft_model = _peft(copy.deepcopy(dequantized), tmp_path)
+    config = tl.LoRAConfig(max_loras=2, max_rank=8, base_fusion=True, backend=backend)
+    lora = tl.patch_model(quantized.to(xla_device), config)
+    for name in ADAPTERS:
+        lora.load_adapter(name, tmp_path / name)
+    calls = []
+    op = _linear_fused.linear_lora_fused
+
+    def spy(inputs, weight, *args, **kwargs):
+        calls.append((weight.dtype, kwargs.get("weight_scale") is not None))
+        return op(inputs, weight, *args, **kwargs)
+
+    monkeypatch.setattr(_linear_fused, "linear_lora_fused", spy)
+    rows = ["a", None, "b", "a"]
+    ids = torch.randint(0, 64, (len(rows), 5), generator=torch.Generator().manual_seed(2))
+    lora.set_batch(rows)
+    with torch.no_grad():
+        logits = lora.model(ids.to(xla_device)).logits
+        torch_xla.sync()
+        expected = peft_model(ids, adapter_names=[n if n is not None else "__base__" for n in rows]).logits
+    assert len(calls) == len(lora.layers) and set(calls) == {(torch.int8, True)}
+    magnitude = expected.abs().max().item()  # relative 1e-4 in float32
+    torch.testing.assert_close(logits.cpu(), expected, atol=1e-4 * magnitude, rtol=1e-4)
 
 
 @pytest.mark.parametrize("scheme,mode", [("symmetric", "lazy"), ("blockwise", "compile")])

@@ -39,6 +39,19 @@ def is_quantized_linear(module: nn.Module) -> bool:
     )
 
 
+def int8_channel_scale(module: nn.Module) -> torch.Tensor | None:
+    """The float32 [out] scales of a torch_xla quantized linear layer whose weight is int8, per output channel
+    and symmetric (``W = weight * scale[:, None]``: ``block_size == -1``, no zero point, no int4, no
+    activation quantization), which ``linear_lora_fused`` reads as int8; None for any other layer or scheme."""
+    if not is_quantized_linear(module) or module.block_size != -1 or module.zero_point is not None:
+        return None
+    if getattr(module, "int4_weight", False) or getattr(module, "quantize_activation", False):
+        return None
+    if module.weight.dtype != torch.int8 or module.weight.shape != (module.output_dim, module.input_dim):
+        return None
+    return module.weight_scaler.to(torch.float32)
+
+
 def _weight_layout(module: nn.Module) -> str | None:
     """ "out_in" for a plain nn.Linear, "in_out" for a Conv1D, None for anything whose forward is not a plain matmul."""
     if type(module).forward is nn.Linear.forward:
@@ -134,24 +147,25 @@ class LinearWithLoRA(BaseLayerWithLoRA):
 
         On a mesh too: the placement runs it per shard (see ``LayerSharding.fuses_base``).
         """
-        return self.formulation(x) == "fused"
+        return self.formulation(x) == "fused" and self.weight_layout is not None  # no int8 base on a mesh
 
     def formulation(self, x: torch.Tensor) -> str:
         """How this call runs: "fused" (``linear_lora``), "separate" (the base layer, then the fused LoRA
         op with the layer's backend) or "xla" (the same with the XLA-native backend).
 
-        ``base_fusion=True``: fused wherever the layer can run it (a plain weight layout, one dtype);
-        False: separate. "auto": separate off TPU; on a TPU with ``backend="auto"``, the cheapest of the
-        three by the TPU cost model for this layer's shape, role and token count
-        (:func:`torch_xla_lora.formulation.choose`), recorded in :attr:`formulations`; with another
-        backend, fused.
+        ``base_fusion=True``: fused wherever the layer can run it (a plain weight layout, one dtype, or an
+        int8 per-channel symmetric quantized base: :func:`int8_channel_scale`); False: separate. "auto":
+        separate off TPU; on a TPU with ``backend="auto"``, the cheapest of the three by the TPU cost model
+        for this layer's shape, role and token count (:func:`torch_xla_lora.formulation.choose`), recorded
+        in :attr:`formulations`; with another backend, fused.
         """
         fusion = self.base_fusion
-        if fusion is False or self.weight_layout is None:
+        int8 = int8_channel_scale(self.base_layer) is not None
+        if fusion is False or (self.weight_layout is None and not int8):
             return "separate"
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+        weight, bias = self.base_layer.weight, getattr(self.base_layer, "bias", None)
         dtype = self.adapter_dtype
-        if x.dtype != dtype or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        if x.dtype != dtype or (weight.dtype != dtype and not int8) or (bias is not None and bias.dtype != dtype):
             return "separate"
         if fusion is True:
             return "fused"
@@ -233,12 +247,14 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             return None
         from torch_xla_lora.ops._linear_fused import linear_lora_fused
 
+        weight_scale = int8_channel_scale(self.base_layer)
+
         def rows(t: torch.Tensor | None, width: int | None) -> torch.Tensor | None:
             return None if t is None else t.reshape(-1) if width is None else t.reshape(-1, width)
 
         x2 = x.reshape(-1, self.in_features)
         shape = (x2.shape[0], self.in_features, self.out_features)
-        metadata = self.context.metadata.get((*shape, "linear", self.base_layer.bias is not None))
+        metadata = self.context.metadata.get((*shape, "linear", getattr(self.base_layer, "bias", None) is not None))
         own = metadata is not None  # built for the plain kernel's plan; the op checks it is this one's
         if not own:
             metadata = self.context.metadata.get(shape)
@@ -246,13 +262,14 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         out = linear_lora_fused(
             x2,
             self.base_layer.weight,
-            self.base_layer.bias,
+            getattr(self.base_layer, "bias", None),
             lora_a,
             lora_b,
             slots,
             1.0,
-            self.weight_layout,
+            self.weight_layout or "out_in",
             self.backend,
+            weight_scale=weight_scale,
             up=rows(up, self.in_features),
             row_scale=rows(row_scale, None),
             col_scale=col_scale,
@@ -266,11 +283,30 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         # x [N, in] -> y [N, out] = x W^T + bias + B[slot] A[slot] x, in one op; W in its own layout.
         x2 = x.reshape(-1, self.in_features)
         shape = (x2.shape[0], self.in_features, self.out_features)
-        metadata = self.context.metadata.get((*shape, "linear", self.base_layer.bias is not None))
+        metadata = self.context.metadata.get((*shape, "linear", getattr(self.base_layer, "bias", None) is not None))
         own = metadata is not None  # built for linear_lora's own plan (see ops.batch_metadata)
         if not own:
             metadata = self.context.metadata.get(shape)
         lora_a, lora_b = self.slot_factors()
+        weight_scale = int8_channel_scale(self.base_layer)
+        if weight_scale is not None:  # an int8 base: read as int8 by the one-pass kernel, the scales in its write
+            from torch_xla_lora.ops._linear_fused import linear_lora_fused
+
+            out = linear_lora_fused(
+                x2,
+                self.base_layer.weight,
+                None,
+                lora_a,
+                lora_b,
+                slots,
+                1.0,
+                "out_in",
+                self.backend,
+                weight_scale=weight_scale,
+                metadata=metadata,
+                own_metadata=own,
+            )
+            return out.reshape(*x.shape[:-1], self.out_features)
         out = torch.ops.xla_lora.linear_lora(
             x2,
             self.base_layer.weight,

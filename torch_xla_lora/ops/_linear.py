@@ -26,10 +26,18 @@ from torch_xla_lora.kernels import fused, fused_base, visits
 from torch_xla_lora.ops._jax import _CACHE_SIZE, _pad_rows, _padded_indices, plan_metadata, shrink_expand_fn
 
 
-def _base_product(x, weight, bias, layout: str):
-    """x @ W^T (+ bias) in f32, W [N, K] ("out_in") or [K, N] ("in_out")."""
+def _base_product(x, weight, bias, layout: str, weight_scale=None):
+    """x @ W^T (+ bias) in f32, W [N, K] ("out_in") or [K, N] ("in_out").
+
+    With ``weight_scale`` [N] f32, ``weight`` is int8 and W is ``weight * weight_scale`` per output
+    channel: ``(x @ weight^T) * weight_scale``, the int8 weight converted to x's dtype (exact) in the dot.
+    """
     contract = (((1,), (1,)), ((), ())) if layout == "out_in" else (((1,), (0,)), ((), ()))
+    if weight_scale is not None:
+        weight = weight.astype(x.dtype)
     y = jax.lax.dot_general(x, weight, contract, preferred_element_type=jnp.float32)
+    if weight_scale is not None:
+        y = y * weight_scale.astype(jnp.float32)
     return y if bias is None else y + bias.astype(jnp.float32)
 
 
@@ -183,9 +191,11 @@ def linear_lora_fused_fn(
     """``linear_lora_fn`` with x's producer and the residual add taken in (:class:`fused_base.Fusion`).
 
     ``fn(x[T, K], weight, [bias[N],] lora_a, lora_b, indices[T], [up[T, K],] [row[T] f32,] [col[K],]
-    [residual[T, N],] [metadata]) -> [T, N]``. "pallas": the fused base kernel with the prologue on its x
-    read and the residual in its write; where no tiling fits, and on "xla", the same arithmetic as XLA
-    ops (the prologue, then ``linear_lora_fn``'s path, the residual added to the f32 sum before the single
+    [residual[T, N],] [weight_scale[N] f32,] [metadata]) -> [T, N]``; with ``weight_scale`` the weight is
+    int8, per-output-channel symmetric (W = weight * weight_scale), read as int8 by the kernel.
+    "pallas": the fused base kernel with the prologue on its x read and the residual in its write; where
+    no tiling fits, and on "xla", the same arithmetic as XLA ops (the prologue, then ``linear_lora_fn``'s
+    path, the residual added to the f32 sum before the single
     rounding), which XLA fuses into its own dot's operand read and output.
     """
     names = [
@@ -195,6 +205,7 @@ def linear_lora_fused_fn(
             ("row_scale", fusion.row_scale),
             ("col_scale", fusion.col_scale),
             ("residual", fusion.residual),
+            ("weight_scale", fusion.weight_scale),
         )
         if on
     ]
@@ -232,7 +243,8 @@ def linear_lora_fused_fn(
                 own,
             )
             padded = {
-                name: value if name == "col_scale" else _pad_rows(value, idx.shape[0]) for name, value in extra.items()
+                name: value if name in ("col_scale", "weight_scale") else _pad_rows(value, idx.shape[0])
+                for name, value in extra.items()
             }
             out = fused_base.linear_lora(
                 _pad_rows(x, idx.shape[0]),
@@ -254,7 +266,7 @@ def linear_lora_fused_fn(
         x_in = fused_base.apply_prologue(
             x, extra.get("up"), None if row is None else row[:, None], extra.get("col_scale"), fusion
         )
-        base = _base_product(x_in, weight, bias, layout)
+        base = _base_product(x_in, weight, bias, layout, extra.get("weight_scale"))
         if fusion.residual:
             base = base + extra["residual"].astype(jnp.float32)
         lora = shrink_expand_fn(backend, generation, scaling, with_metadata)

@@ -7,6 +7,11 @@ around ``linear_lora``. This op takes them into the kernel (``kernels/fused_base
 fits, it is the same arithmetic as XLA ops, which XLA fuses into its dot. CPU tensors run
 :func:`reference`. Differentiable: the backward recomputes x's producer in torch and differentiates
 ``linear_lora`` (which has its own backward) through it.
+
+With ``weight_scale`` the base weight is int8, quantized per output channel and symmetric
+(``W = weight * weight_scale``, torch_xla's ``XlaQuantizedLinear`` with ``block_size=-1`` and no zero
+point): the kernel reads the int8 weight and applies the scales to its f32 base product
+(``Fusion.weight_scale``); the XLA-native path computes ``(x @ weight^T) * weight_scale``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,17 @@ import torch.nn.functional as F
 
 from torch_xla_lora.errors import ShapeError
 from torch_xla_lora.ops import _validate
+
+
+def dequantize(
+    weight: torch.Tensor, weight_scale: torch.Tensor | None, dtype: torch.dtype, layout: str
+) -> torch.Tensor:
+    """The float weight ``weight * weight_scale`` (per output channel) in ``dtype``; ``weight`` when unscaled."""
+    if weight_scale is None:
+        return weight
+    acc = torch.promote_types(dtype, torch.float32)
+    scale = weight_scale.to(acc)[:, None] if layout == "out_in" else weight_scale.to(acc)
+    return (weight.to(acc) * scale).to(dtype)
 
 
 def prologue(
@@ -53,12 +69,14 @@ def reference(
     residual: torch.Tensor | None,
     scaling: float = 1.0,
     weight_layout: str = "out_in",
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain torch: ``x = prologue(...)``; ``out = x W^T + bias + scaling * (x A[i]^T) B[i] + residual``,
     accumulated in float32 (float64 for float64 inputs) and rounded once; the rank intermediate rounded
-    to lora_b's dtype."""
+    to lora_b's dtype. With ``weight_scale``, W is the int8 ``weight`` times it per output channel."""
     x = prologue(inputs, up, row_scale, col_scale)
     acc = torch.promote_types(inputs.dtype, torch.float32)
+    weight = dequantize(weight, weight_scale, acc, weight_layout)
     w = weight.to(acc) if weight_layout == "in_out" else weight.to(acc).T
     out = x.to(acc) @ w
     if bias is not None:
@@ -73,7 +91,17 @@ def reference(
     return out.to(inputs.dtype)
 
 
-def _check(inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, layout) -> None:
+def _check(
+    inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, layout, weight_scale=None
+) -> None:
+    if weight_scale is not None:
+        if weight.dtype != torch.int8 or weight.device != inputs.device:
+            raise ShapeError(
+                f"linear_lora_fused: with weight_scale the weight must be int8 on {inputs.device}, got "
+                f"{weight.dtype} on {weight.device}"
+            )
+        # The float weight's checks on a stand-in of its shape in inputs' dtype (no copy: a broadcast scalar).
+        weight = inputs.new_zeros(()).expand(weight.shape)
     _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, layout)
     num_tokens, hidden = inputs.shape
     out_dim = lora_b.shape[2]
@@ -82,6 +110,7 @@ def _check(inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_
         "row_scale": (row_scale, (num_tokens,), torch.float32),
         "col_scale": (col_scale, (hidden,), inputs.dtype),
         "residual": (residual, (num_tokens, out_dim), inputs.dtype),
+        "weight_scale": (weight_scale, (out_dim,), torch.float32),
     }
     for name, (tensor, shape, dtype) in expected.items():
         if tensor is None:
@@ -110,21 +139,37 @@ def _linear_lora_fused(
     backend: str = "auto",
     metadata: torch.Tensor | None = None,
     own_metadata: bool = False,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``torch.ops.xla_lora.linear_lora_fused``: see :func:`linear_lora_fused`."""
-    _check(inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, weight_layout)
+    _check(
+        inputs,
+        up,
+        row_scale,
+        col_scale,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        lora_indices,
+        residual,
+        weight_layout,
+        weight_scale,
+    )
     _validate.backend(backend)
     _validate.scaling(scaling)
     _validate.metadata(metadata, inputs.device)
     if inputs.device.type != "xla":
         operands = (inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual)
-        return reference(*operands, scaling, weight_layout)
+        return reference(*operands, scaling, weight_layout, weight_scale)
     from torch_xla_lora import ops
     from torch_xla_lora.kernels import fused_base
     from torch_xla_lora.ops import _linear
 
     name, generation = ops._backend(backend)
-    fusion = fused_base.Fusion(up is not None, row_scale is not None, col_scale is not None, residual is not None)
+    fusion = fused_base.Fusion(
+        up is not None, row_scale is not None, col_scale is not None, residual is not None, weight_scale is not None
+    )
     with_metadata = metadata is not None
     fn = _linear.linear_lora_fused_fn(
         name,
@@ -137,7 +182,7 @@ def _linear_lora_fused(
         with_metadata and own_metadata,
     )
     args = [inputs, weight, *(() if bias is None else (bias,)), lora_a, lora_b, lora_indices]
-    args += [t for t in (up, row_scale, col_scale, residual) if t is not None]
+    args += [t for t in (up, row_scale, col_scale, residual, weight_scale) if t is not None]
     return ops._call_jax(fn, *args, *(() if metadata is None else (metadata,)))
 
 
@@ -158,14 +203,28 @@ def _(
     backend="auto",
     metadata=None,
     own_metadata=False,
+    weight_scale=None,
 ):
-    _check(inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, weight_layout)
+    _check(
+        inputs,
+        up,
+        row_scale,
+        col_scale,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        lora_indices,
+        residual,
+        weight_layout,
+        weight_scale,
+    )
     return inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, up, row, col, weight, bias, lora_a, lora_b, indices, residual, scaling, layout, backend, _, _ = inputs
-    ctx.save_for_backward(x, up, row, col, weight, bias, lora_a, lora_b, indices)
+    x, up, row, col, weight, bias, lora_a, lora_b, indices, residual, scaling, layout, backend, _, _, w_scale = inputs
+    ctx.save_for_backward(x, up, row, col, weight, bias, lora_a, lora_b, indices, w_scale)
     ctx.scaling, ctx.layout, ctx.backend = scaling, layout, backend
     ctx.has_residual = residual is not None
 
@@ -175,6 +234,8 @@ def _backward(ctx, grad: torch.Tensor):
     from torch_xla_lora import ops
 
     saved = list(ctx.saved_tensors)
+    if saved[9] is not None:  # an int8 base: differentiate through its dequantized float weight (frozen)
+        saved[4] = dequantize(saved[4], saved[9], saved[0].dtype, ctx.layout)
     need = ctx.needs_input_grad
     differentiable = [0, 1, 2, 3, 4, 5, 6, 7]  # x, up, row, col, weight, bias, lora_a, lora_b
     with torch.enable_grad():
@@ -182,13 +243,15 @@ def _backward(ctx, grad: torch.Tensor):
             t.detach().requires_grad_(bool(need[i])) if t is not None and t.is_floating_point() else t
             for i, t in zip(differentiable, saved[:8], strict=True)
         ]
+        if saved[9] is not None:
+            leaves[4] = saved[4]  # frozen: no gradient for the quantized weight
         x, up, row, col, weight, bias, lora_a, lora_b = leaves
         out = ops.linear_lora(
             prologue(x, up, row, col), weight, bias, lora_a, lora_b, saved[8], ctx.scaling, ctx.layout, ctx.backend
         )
         wanted = [(i, t) for i, t in enumerate(leaves) if t is not None and t.requires_grad]
         grads = torch.autograd.grad(out, [t for _, t in wanted], grad) if wanted else ()
-    result = [None] * 15
+    result = [None] * 16
     for (i, _), g in zip(wanted, grads, strict=True):
         result[i] = g
     if ctx.has_residual and need[9]:
@@ -216,6 +279,7 @@ def linear_lora_fused(
     residual: torch.Tensor | None = None,
     metadata: torch.Tensor | None = None,
     own_metadata: bool = False,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`~torch_xla_lora.ops.linear_lora` reading x through its producer and adding a residual in its write.
 
@@ -230,6 +294,8 @@ def linear_lora_fused(
       row_scale: [T] float32: x times it per row (RMSNorm's ``rsqrt(mean(x^2) + eps)``).
       col_scale: [K]: x times it per column (RMSNorm's weight).
       residual: [T, N]: added to the output before its rounding.
+      weight_scale: [N] float32: ``weight`` is int8, quantized per output channel and symmetric, and the
+        base weight is ``weight * weight_scale`` (per row of "out_in", per column of "in_out").
 
     Returns:
       [T, N] in inputs' dtype, accumulated in float32 and rounded once (see :func:`reference`).
@@ -253,4 +319,5 @@ def linear_lora_fused(
         backend,
         metadata,
         own_metadata,
+        weight_scale,
     )
