@@ -351,6 +351,10 @@ def test_fused_base_cost_one_step_one_adapter():
     assert cost.mxu_flops == 3 * 2 * 256 * 256 * 256  # base, shrink and expand, padded to 256-wide tiles
     assert cost.steps == 1
     assert cost.seconds == pytest.approx(max(cost.pipelined_bytes / 1e9, cost.mxu_flops / 1e12) + 1e-6)
+    # An int8 base: the weight tile at one byte an element, plus its [1, N] f32 scales; the same MXU work.
+    int8 = tpu_model.fused_base_cost(CHIP, np.zeros(256, np.int32), 256, 256, 16, 1, int8_weight=True)
+    assert int8.pipelined_bytes == codes + x + w // 2 + 256 * 4 + out + adapters
+    assert int8.mxu_flops == cost.mxu_flops
 
 
 @pytest.mark.parametrize("chip", ["v5e", "v6e"])

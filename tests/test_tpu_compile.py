@@ -37,12 +37,17 @@ POOLED_SAMPLE = [
     tpu_grid.pooled_config("v5e", "int8", 1, 16, 64, "llama3-8b", "down_proj"),
 ]
 # linear_lora_fused as the decoder arrangement calls it: down_proj (SiLU * up, residual) and gate_proj (the norm's
-# factors) at prefill and decode, both chips (about 23 s of libtpu compilation).
+# factors) at prefill and decode, both chips (about 23 s of libtpu compilation); and an int8 per-channel base read
+# as int8 on every chip, prefill and decode (about 6 s more).
 LINEAR_FUSED_SAMPLE = [
     tpu_grid.linear_fused_config("v6e", "mlp_down", 2048, 16, "qwen2-0.5b", "down_proj"),
     tpu_grid.linear_fused_config("v5e", "mlp_down", 8, 64, "llama3-8b", "down_proj"),
     tpu_grid.linear_fused_config("v5e", "norm", 16, 4, "llama3-8b", "gate_proj"),
     tpu_grid.linear_fused_config("v6e", "norm", 100, 16, "qwen2-0.5b", "gate_proj"),
+    tpu_grid.linear_fused_config("v5e", "int8", 256, 8, "qwen2-0.5b", "q_proj"),
+    tpu_grid.linear_fused_config("v6e", "int8", 8, 16, "qwen2-0.5b", "down_proj"),
+    tpu_grid.linear_fused_config("v4", "int8", 300, 16, "llama3-8b", "down_proj"),
+    tpu_grid.linear_fused_config("v5p", "int8", 64, 16, "qwen2-0.5b", "q_proj"),
 ]
 SETUP = Path(__file__).resolve().parent.parent / "setup.py"
 

@@ -73,10 +73,13 @@ def run_fused_base(
     rank: int,
     in_use: int,
     unfused_passes: bool = True,
+    int8_base: bool = False,
 ):
     """The base matmul with LoRA: one K = N = 4096 projection, and one Llama-3-8B decoder layer (7 projections).
 
     Each row gives the base (XLA's matmuls at roofline) in us and what each LoRA formulation adds to it, in %.
+    ``int8_base``: also the same with int8 per-channel base weights (keys ``int8_*``: the int8 base in us,
+    the fused kernel reading int8 and the separate path against it, in %).
     """
     rows = []
     for chip_name in chips:
@@ -110,7 +113,43 @@ def run_fused_base(
                         "layer_chosen_unarranged_pct": 100 * (unarranged["chosen"] / layer["base"] - 1),
                     }
                 )
+                if int8_base:
+                    rows[-1].update(_int8_row(chip, indices, rank, num_slots, unfused_passes))
     return rows
+
+
+def _int8_row(chip, indices: np.ndarray, rank: int, num_slots: int, unfused_passes: bool) -> dict:
+    """The --int8-base keys of one --fused-base row: the projection and the layer on int8 per-channel bases."""
+    base = tpu_model.matmul_cost(chip, len(indices), 4096, 4096, int8_weight=True).seconds
+    fused = tpu_model.fused_base_cost(chip, indices, 4096, 4096, rank, num_slots, int8_weight=True).seconds
+    lora = tpu_model.fused_cost(chip, indices, 4096, 4096, rank, num_slots).seconds
+    layer = tpu_model.layer_costs(chip, indices, rank, num_slots, unfused_passes, int8_weight=True)
+    return {
+        "int8_proj_base_us": base * 1e6,
+        "int8_proj_fused_pct": 100 * (fused / base - 1),
+        "int8_proj_separate_pct": 100 * lora / base,
+        "int8_layer_base_us": layer["base"] * 1e6,
+        "int8_layer_fused_pct": 100 * (layer["fused"] / layer["base"] - 1),
+        "int8_layer_separate_pct": 100 * (layer["separate"] / layer["base"] - 1),
+        "int8_layer_chosen_pct": 100 * (layer["chosen"] / layer["base"] - 1),
+        "int8_layer_chosen": chosen_label(layer["choices"]),
+    }
+
+
+def format_int8_table(rows: list[dict]) -> str:
+    lines = [
+        "| chip | T | L | int8 proj base (us) | proj fused | proj separate | int8 layer base (us) | layer fused | "
+        "layer separate | layer chosen | chosen (q k v o gate up down) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['chip']} | {r['T']} | {r['L']} | {r['int8_proj_base_us']:.1f} | {r['int8_proj_fused_pct']:+.1f}% | "
+            f"{r['int8_proj_separate_pct']:+.1f}% | {r['int8_layer_base_us']:.1f} | "
+            f"{r['int8_layer_fused_pct']:+.1f}% | {r['int8_layer_separate_pct']:+.1f}% | "
+            f"{r['int8_layer_chosen_pct']:+.1f}% | {r['int8_layer_chosen']} |"
+        )
+    return "\n".join(lines)
 
 
 # Projection shapes (in, out) of real models, for the plan sweep: Llama-3-8B's seven (Mistral-7B has
@@ -291,6 +330,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="model one routed expert layer of Mixtral-8x7B, Qwen3-30B-A3B, gpt-oss-20b and DeepSeek-V2-Lite: "
         "the base grouped matmuls vs with expert LoRA (--tokens default 16 128 1024 4096, --slots default 8)",
     )
+    parser.add_argument(
+        "--int8-base",
+        action="store_true",
+        help="--fused-base: also price int8 per-channel base weights (the fused kernel reads them as int8), "
+        "in a second table and the rows' int8_* keys",
+    )
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     if args.moe:
@@ -327,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.chips, args.tokens, args.slots = ["v6e"], [256], [8, 64]
     if args.fused_base:
         rows = run_fused_base(
-            args.chips, args.tokens, args.slots, args.rank, args.in_use, not args.without_unfused_passes
+            args.chips, args.tokens, args.slots, args.rank, args.in_use, not args.without_unfused_passes, args.int8_base
         )
         print(
             f"TPU cost model, base matmul + LoRA (R={args.rank}, {args.in_use} adapters in use, bfloat16): "
@@ -336,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "can no longer fuse)"
         )
         print(format_fused_base_table(rows))
+        if args.int8_base:
+            print("\nThe same on int8 per-channel base weights (torch_xla's quantized matmul at its roofline as base):")
+            print(format_int8_table(rows))
         _write_json(args, rows)
         return 0
     rows = run(args.chips, args.tokens, args.slots, args.hidden, args.rank, args.in_use)

@@ -299,16 +299,17 @@ BUILDERS = {
 
 def build_linear_fused(cfg: Config, sds):
     """linear_lora_fused as layers/fusion.py calls it (tpu_grid.linear_fused_config): "mlp_down" reads SiLU(gate)
-    * up and adds the residual, "norm" scales x by RMSNorm's row and column factors; with the host metadata
-    set_batch gives the layer."""
+    * up and adds the residual, "norm" scales x by RMSNorm's row and column factors, "int8" reads an int8
+    weight and applies its per-channel f32 scales; with the host metadata set_batch gives the layer."""
     dtype = jnp.dtype(cfg.dtype)
     tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
-    mlp = cfg.variant == "mlp_down"
-    fusion = fused_base.Fusion(silu_mul=mlp, row_scale=not mlp, col_scale=not mlp, residual=mlp)
-    args = [sds((tokens, d_in), dtype), sds((d_out, d_in), dtype)]
+    mlp, norm, int8 = (cfg.variant == v for v in ("mlp_down", "norm", "int8"))
+    fusion = fused_base.Fusion(silu_mul=mlp, row_scale=norm, col_scale=norm, residual=mlp, weight_scale=int8)
+    args = [sds((tokens, d_in), dtype), sds((d_out, d_in), jnp.int8 if int8 else dtype)]
     args += [sds((slots, rank, d_in), dtype), sds((slots, rank, d_out), dtype), sds((tokens,), jnp.int32)]
     args += [sds((tokens, d_in), dtype), sds((tokens, d_out), dtype)] if mlp else []
-    args += [] if mlp else [sds((tokens,), jnp.float32), sds((d_in,), dtype)]
+    args += [sds((tokens,), jnp.float32), sds((d_in,), dtype)] if norm else []
+    args += [sds((d_out,), jnp.float32)] if int8 else []
     shape = (d_in, d_out, False)
     mine = _linear.linear_batch_metadata(np.full(tokens, -1, np.int32), [shape], rank, slots, cfg.dtype, cfg.chip)
     own = shape in mine

@@ -246,8 +246,9 @@ def moe_grid(chips=MOE_CHIPS, models=tuple(MOE_MODELS), rows=MOE_ROWS, variants=
 
 # linear_lora with what layers/fusion.py has its kernel take in (kernels.fused_base.Fusion), compiled apart from
 # the sample: a Llama MLP's down projection ("mlp_down": SiLU(gate) * up read from two x tiles, the residual added
-# in the output write) and its gate/up projections ("norm": RMSNorm's row and column factors on the x read).
-LINEAR_FUSED_VARIANTS = ("mlp_down", "norm")
+# in the output write) and its gate/up projections ("norm": RMSNorm's row and column factors on the x read);
+# "int8": a per-channel symmetric int8 base read as int8, its scales applied in the output write.
+LINEAR_FUSED_VARIANTS = ("mlp_down", "norm", "int8")
 
 
 def linear_fused_config(chip: str, variant: str, tokens: int, slots: int, model: str, layer: str) -> Config:

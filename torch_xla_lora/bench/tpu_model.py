@@ -205,10 +205,12 @@ def floor_cost(chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, rank:
     return Cost(pipelined, 0, flops, 0, max(pipelined / chip.hbm_bytes_per_s, flops / chip.peak_flops))
 
 
-def matmul_cost(chip: Chip, num_tokens: int, hidden: int, out_dim: int) -> Cost:
-    """The base layer as XLA runs it, at its roofline: read x and W, write y, once each (bf16)."""
+def matmul_cost(chip: Chip, num_tokens: int, hidden: int, out_dim: int, int8_weight: bool = False) -> Cost:
+    """The base layer as XLA runs it, at its roofline: read x and W, write y, once each (bf16; with
+    ``int8_weight`` W at one byte an element and its f32 per-channel scales, as torch_xla's quantized matmul)."""
     itemsize = 2
-    pipelined = itemsize * (num_tokens * hidden + hidden * out_dim + num_tokens * out_dim)
+    pipelined = itemsize * (num_tokens * hidden + num_tokens * out_dim)
+    pipelined += hidden * out_dim + 4 * out_dim if int8_weight else itemsize * hidden * out_dim
     flops = mxu_flops([(num_tokens, hidden, out_dim)], chip.mxu_width)
     return Cost(pipelined, 0, flops, 1, max(pipelined / chip.hbm_bytes_per_s, flops / chip.peak_flops))
 
@@ -239,20 +241,22 @@ def fused_base_cost(
     has_bias: bool = False,
     prologue: str = "",
     residual: bool = False,
+    int8_weight: bool = False,
 ) -> Cost | None:
     """Cost of ``linear_lora``'s fused kernel (bf16): its own grid (token block, output tile, reduction tile)
     walked step by step, with ``fused_base.step_work``; None when no tiling fits (the op then falls back).
 
     ``prologue`` ("silu_mul": x is SiLU(gate) * up, two x tiles per step; "norm": RMSNorm's row and
     column factors) and ``residual`` (a [T, N] tile added in the output write): what the kernel takes
-    in (``fused_base.Fusion``), its extra operands' traffic walked with the rest."""
+    in (``fused_base.Fusion``), its extra operands' traffic walked with the rest. ``int8_weight``: an int8
+    per-channel base read as int8 (one byte an element) with its f32 scales per output tile."""
     import jax.numpy as jnp
 
     from torch_xla_lora.kernels import fused_base, visits
 
     dtype, itemsize = jnp.bfloat16, 2
     num_tokens = len(indices)
-    fusion = kernel_fusion(prologue, residual)
+    fusion = dataclasses.replace(kernel_fusion(prologue, residual), weight_scale=int8_weight)
     planned = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, chip.generation, has_bias, fusion)
     if planned is None:
         return None
@@ -264,8 +268,10 @@ def fused_base_cost(
         len(padded), hidden, out_dim, rank, num_slots, dtype, sizes, lanes, layout, has_bias, fusion
     )
     specs = [*spec.in_specs, spec.out_specs]
-    # Bytes per element of each spec, in grid_spec's order: the int32 codes and the f32 row scale, else bf16.
-    widths = [4, itemsize] + [itemsize] * fusion.silu_mul + [4] * fusion.row_scale
+    # Bytes per element of each spec, in grid_spec's order: the int32 codes, the f32 row scale, an int8 weight
+    # and its f32 scales, else bf16.
+    widths = [4, itemsize] + [itemsize] * fusion.silu_mul + [4] * fusion.row_scale + [itemsize] * fusion.col_scale
+    widths += [1, 4] if int8_weight else [itemsize]
     widths += [itemsize] * (len(specs) - len(widths))
     last = [None] * len(specs)
     pipelined = manual = 0
@@ -308,6 +314,7 @@ def projection_costs(
     has_bias: bool = False,
     prologue: str = "",
     residual_in_kernel: bool = False,
+    int8_weight: bool = False,
 ) -> dict[str, float]:
     """Seconds of one projection with its LoRA under each formulation a layer can run, and its base.
 
@@ -328,6 +335,9 @@ def projection_costs(
     (``layers/fusion.py`` arranges a Llama-family decoder so): the fused formulation then pays no
     pass for it, and its walk reads the producer's operands (gate and up, or the norm's factors) and
     the residual tile instead (:func:`fused_base_cost`). The separate formulation still pays.
+
+    ``int8_weight``: an int8 per-channel base, its weight at one byte an element in the base matmul and
+    in the fused kernel (which reads it as int8).
     """
     itemsize = 2
     num_tokens = len(indices)
@@ -335,7 +345,7 @@ def projection_costs(
     producer_pass = input_share * num_tokens * hidden * itemsize / bandwidth
     residual_pass = 2 * num_tokens * out_dim * itemsize / bandwidth if residual_output else 0.0
     unfused = producer_pass + residual_pass
-    base = matmul_cost(chip, num_tokens, hidden, out_dim).seconds
+    base = matmul_cost(chip, num_tokens, hidden, out_dim, int8_weight).seconds
     lora = fused_cost(chip, indices, hidden, out_dim, rank, num_slots).seconds
     fused = fused_base_cost(
         chip,
@@ -347,6 +357,7 @@ def projection_costs(
         has_bias=has_bias,
         prologue=prologue,
         residual=residual_in_kernel and residual_output,
+        int8_weight=int8_weight,
     )
     if fused is None:  # XLA's dot and the separate op: nothing is taken in
         fused_seconds = base + lora + unfused
@@ -408,6 +419,7 @@ def layer_costs(
     num_slots: int,
     unfused_passes: bool = True,
     kernel_fusion: bool = True,
+    int8_weight: bool = False,
 ) -> dict:
     """Seconds of one Llama-3-8B decoder layer's projections (bf16) under each formulation.
 
@@ -422,6 +434,7 @@ def layer_costs(
     the decoder layer's structure would cost). ``kernel_fusion``: the MLP's projections as
     ``layers/fusion.py`` arranges them (:data:`KERNEL_FUSION`: the norm into gate/up's read, SiLU(gate) * up
     and the residual into down_proj's); False prices every Pallas call with its passes (the layer unarranged).
+    ``int8_weight``: every projection's base int8 per channel (:func:`projection_costs`).
     """
     num_tokens = len(indices)
     no_adapter = np.full(num_tokens, -1, np.int32)
@@ -432,7 +445,7 @@ def layer_costs(
             residual, share = False, 0.0
         hidden, out_dim, _ = LLAMA3_8B_LAYER[name]
         prologue, in_kernel = KERNEL_FUSION.get(name, ("", False)) if kernel_fusion else ("", False)
-        fusion = {"prologue": prologue, "residual_in_kernel": in_kernel}
+        fusion = {"prologue": prologue, "residual_in_kernel": in_kernel, "int8_weight": int8_weight}
         costs = projection_costs(chip, indices, hidden, out_dim, rank, num_slots, residual, share, **fusion)
         plain = projection_costs(chip, no_adapter, hidden, out_dim, rank, num_slots, residual, share, **fusion)
         for key in ("base", "fused", "separate", "xla_native"):
