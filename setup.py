@@ -32,7 +32,7 @@ EXTRAS_REQUIRE = {
     "test": [
         LIBTPU,
         "pytest",
-        "pytest-xdist",  # the suite runs in two worker processes (pytest.ini)
+        "pytest-xdist",  # the suite runs in four worker processes (pytest.ini)
         "safetensors",
         "hypothesis",
         "ruff",
