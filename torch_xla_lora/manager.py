@@ -51,11 +51,7 @@ class AdapterManager:
         max_cpu_adapters: int,
     ) -> None:
         self._layers = dict(layers)
-        # Experts layers describe their per-parameter factors (adapters.check_adapter).
-        self._module_shapes = {
-            name: getattr(lay, "factor_shapes", (lay.in_features, lay.out_features))
-            for name, lay in self._layers.items()
-        }
+        self._module_shapes = {name: lay.adapter_shapes for name, lay in self._layers.items()}
         self.max_loras, self.max_rank, self.max_cpu_adapters = max_loras, max_rank, max_cpu_adapters
         self.lock = threading.RLock()  # re-entrant: callers may hold it across several calls
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()  # least recently used first

@@ -198,10 +198,7 @@ class PoolManager:
         self.granule = granule_for(self._layers) if granule is None else granule
         for layer in self._layers.values():
             layer.pool_page_rows = self.granule
-        self._module_shapes = {
-            name: getattr(lay, "factor_shapes", (lay.in_features, lay.out_features))
-            for name, lay in self._layers.items()
-        }
+        self._module_shapes = {name: lay.adapter_shapes for name, lay in self._layers.items()}
         self.max_loras, self.max_rank, self.max_cpu_adapters = max_loras, max_rank, max_cpu_adapters
         self.rows, self.row_bytes, self.budget_bytes = rows, row_bytes, budget_bytes
         self.zero_row, self.scratch_row = rows, rows + 1

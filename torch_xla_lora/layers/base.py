@@ -79,6 +79,12 @@ class BaseLayerWithLoRA(nn.Module):
         """Shape of one slot of ``lora_a``: [R, in] (rank-major)."""
         return self.max_rank, self.in_features
 
+    @property
+    def adapter_shapes(self) -> tuple[int, int] | dict[str, tuple[int, int, int]]:
+        """What an adapter's factors for this layer are checked against (``adapters.check_adapter``):
+        (in, out), or an experts layer's per-parameter ``factor_shapes``."""
+        return getattr(self, "factor_shapes", (self.in_features, self.out_features))
+
     def _rank_axes(self) -> dict[str, int]:
         """Buffer name -> the rank axis within one slot of it (after the slot axis)."""
         return {"lora_a": 0, "lora_b": 0}
