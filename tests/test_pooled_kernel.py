@@ -176,6 +176,7 @@ class _Layer:
     """What the pool's allocator reads of a layer (it writes no rows here)."""
 
     backend, in_features, out_features = "pallas", 4, 4
+    adapter_shapes = (in_features, out_features)
 
 
 def _adapter(name: str, rank: int):
