@@ -17,17 +17,22 @@ from torch_xla_lora.formulation import FusionRole
 
 @pytest.mark.parametrize("chip", ["v5e", "v6e"])
 @pytest.mark.parametrize("num_tokens", [8, 64, 1024, 4096])
-def test_choice_is_the_cheapest_formulation_of_the_model(chip, num_tokens):
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_choice_is_the_cheapest_formulation_of_the_model(chip, num_tokens, int8):
     """Every Llama-3-8B projection: the chosen formulation's modelled cost is the least of the three
     (a chooser that ignored the layer's role, or the token count, would pick a dearer one somewhere in
-    this grid: the model's own table has fused, separate and XLA-native winners)."""
+    this grid: the model's own table has fused, separate and XLA-native winners), on a float and on an
+    int8 per-channel base (a chooser pricing the int8 base as bf16 picks the fused kernel where the
+    separate op is cheaper, e.g. v6e decode of q_proj)."""
     seen = set()
     for name, (residual, share) in tpu_model.llama_roles().items():
         hidden, out_dim, _ = tpu_model.LLAMA3_8B_LAYER[name]
         role = FusionRole(residual, share)
-        choice = formulation.choose(chip, num_tokens, hidden, out_dim, 16, 64, False, role)
+        choice = formulation.choose(chip, num_tokens, hidden, out_dim, 16, 64, False, role, int8_weight=int8)
         indices = tpu_model.contiguous_requests(num_tokens, 64, min(64, num_tokens, 8))
-        costs = tpu_model.projection_costs(tpu_model.CHIPS[chip], indices, hidden, out_dim, 16, 64, residual, share)
+        costs = tpu_model.projection_costs(
+            tpu_model.CHIPS[chip], indices, hidden, out_dim, 16, 64, residual, share, int8_weight=int8
+        )
         priced = {"fused": costs["fused"], "separate": costs["separate"], "xla": costs["xla_native"]}
         assert priced[choice] == min(priced.values()), (name, choice, priced)
         seen.add(choice)
@@ -44,6 +49,11 @@ def test_the_choice_depends_on_role_and_token_count():
     assert formulation.choose("v6e", 8, 14336, 4096, 16, 64, False, residual_mlp) == "separate"
     # Without the residual pass and the materialised input, the fused kernel is the cheapest there too.
     assert formulation.choose("v6e", 4096, 14336, 4096, 16, 64, False, FusionRole(input_share=0.0)) == "fused"
+    # An int8 base halves the base's weight bytes but not the fused kernel's LoRA work: at v6e decode
+    # q_proj's separate op becomes the cheaper one.
+    q_role = FusionRole(input_share=1 / 3)
+    assert formulation.choose("v6e", 8, 4096, 4096, 16, 16, False, q_role) == "fused"
+    assert formulation.choose("v6e", 8, 4096, 4096, 16, 16, False, q_role, int8_weight=True) == "separate"
 
 
 def test_roles_of_llama_and_gpt2_layers(llama_case, gpt2_case, xla_device):  # noqa: F811

@@ -63,14 +63,17 @@ def choose(
     num_slots: int,
     has_bias: bool,
     role: FusionRole,
+    int8_weight: bool = False,
 ) -> str:
     """The cheapest formulation (one of :data:`FORMULATIONS`) of one linear layer on TPU ``generation``.
 
     Priced in bfloat16 by ``bench/tpu_model.projection_costs`` on a typical batch of
-    ``min(num_slots, num_tokens, 8)`` equal requests.
+    ``min(num_slots, num_tokens, 8)`` equal requests; ``int8_weight``: the base is int8 per channel
+    (its weight read at one byte an element by the base matmul and by the fused kernel).
     """
     args = (generation, num_tokens, in_features, out_features, rank, num_slots, has_bias)
-    return _constant_choice(*args, role.residual_output, role.input_share, role.prologue, role.residual_in_kernel)
+    role_args = (role.residual_output, role.input_share, role.prologue, role.residual_in_kernel)
+    return _constant_choice(*args, *role_args, int8_weight)
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: a constant, the cost model is never traced
@@ -91,6 +94,7 @@ def _cheapest(
     input_share: float,
     prologue: str = "",
     residual_in_kernel: bool = False,
+    int8_weight: bool = False,
 ) -> str:
     from torch_xla_lora.bench import tpu_model
 
@@ -109,6 +113,7 @@ def _cheapest(
         has_bias,
         prologue,
         residual_in_kernel,
+        int8_weight,
     )
     return FORMULATIONS[tpu_model.FORMULATIONS.index(tpu_model.cheapest(costs))]
 

@@ -189,6 +189,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             max_loras,
             bias is not None,
             self.fusion_role,
+            int8_weight=int8,
         )
         self.formulations[num_tokens] = choice
         return choice
