@@ -17,6 +17,7 @@ from torch import nn
 from torch_xla.experimental.xla_quantized_matmul import XlaQuantizedLinear
 
 import torch_xla_lora as tl
+from torch_xla_lora import ops
 from torch_xla_lora.ops import _linear_fused
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -35,6 +36,12 @@ def _quantize(linear: nn.Linear, scheme: str) -> tuple[XlaQuantizedLinear, torch
         layer.load_quantized_weight(q, scale)
         dequantized = (q.float() * scale[:, None]).reshape(in_dim, out_dim).T
         return layer, dequantized
+    if scheme == "int4":  # int4 values per output channel, in torch_xla's int8 container
+        scale = weight.abs().amax(dim=1) / 7
+        q = torch.round(weight / scale[:, None]).clamp(-8, 7).to(torch.int8)
+        layer = XlaQuantizedLinear(in_dim, out_dim, is_symmetric=True, int4_weight=True)
+        layer.load_quantized_weight(q, scale)
+        return layer, q.float() * scale[:, None]
     scale = weight.abs().amax(dim=1) / 127  # per output channel
     q = torch.round(weight / scale[:, None]).to(torch.int8)
     if scheme == "asymmetric":
@@ -182,3 +189,41 @@ def test_int4_weights_are_refused_on_a_mesh_and_nothing_changes():
     with pytest.raises(tl.ShardingError, match="'model.layers.1.mlp.down_proj'.*int4"):
         tl.patch_model(quantized, mesh=mesh)
     assert {name: type(module) for name, module in quantized.named_modules()} == before
+
+
+def _int4_hlo(layer: nn.Module, device: torch.device) -> str:
+    """The HLO torch_xla builds for ``layer`` on one row (not executed: its tensors die with this call)."""
+    return torch_xla._XLAC._get_xla_tensors_hlo([layer(torch.ones(1, layer.input_dim, device=device))])
+
+
+def test_int4_weights_equal_peft_on_a_tpu_and_are_refused_on_other_xla_devices(tmp_path, xla_device):
+    """torch_xla runs int4 weights as XLA's s4 type (cast on the host, a constant of the graph), which only
+    TPUs compile (XLA:CPU's verifier rejects s4: "custom element sizes"; executing such a graph here also
+    leaves torch_xla's runtime unusable, so it is not run). Off TPU, patch_model refuses them with a typed
+    error naming the module and the reason, before changing the model; on a TPU the mixed batch equals
+    PEFT's on the dequantized float base."""
+    quantized, dequantized = _quantized_and_float("int4")
+    quantized.to(xla_device)
+    q_proj = quantized.model.layers[0].self_attn.q_proj
+    assert " s4[" in _int4_hlo(q_proj, xla_device)  # the s4 cast the refusal names
+    if ops.device_generation() == "cpu":
+        before = {name: type(module) for name, module in quantized.named_modules()}
+        with pytest.raises(tl.ConfigError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*int4.*s4.*TPU"):
+            tl.patch_model(quantized, tl.LoRAConfig(max_loras=2, max_rank=8))
+        assert {name: type(module) for name, module in quantized.named_modules()} == before
+        # Not over-broad: a model whose int4 layers are left out of the targets is patched.
+        lora = tl.patch_model(quantized, tl.LoRAConfig(max_loras=2, max_rank=8, target_modules=["lm_head"]))
+        assert list(lora.layers) == ["lm_head"]
+        return
+    peft_model = _peft(copy.deepcopy(dequantized), tmp_path)
+    lora = tl.patch_model(quantized, tl.LoRAConfig(max_loras=2, max_rank=8))
+    for name in ADAPTERS:
+        lora.load_adapter(name, tmp_path / name)
+    rows = ["a", None, "b", "a"]
+    ids = torch.randint(0, 64, (len(rows), 5), generator=torch.Generator().manual_seed(5))
+    lora.set_batch(rows)
+    with torch.no_grad():
+        logits = lora.model(ids.to(xla_device)).logits
+        torch_xla.sync()
+        expected = peft_model(ids, adapter_names=[n if n is not None else "__base__" for n in rows]).logits
+    assert_close(logits, expected)

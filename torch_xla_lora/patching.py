@@ -44,13 +44,33 @@ from torch_xla_lora.layers import (
     RowParallelLinearWithLoRA,
 )
 from torch_xla_lora.layers.experts import ExpertsWithLoRA, RouterWithLoRA
-from torch_xla_lora.layers.linear import linear_features
+from torch_xla_lora.layers.linear import is_quantized_linear, linear_features
 from torch_xla_lora.layers.names import COLUMN_NAMES, MERGED_NAMES, QKV_NAMES, ROW_NAMES
 from torch_xla_lora.manager import AdapterManager
 from torch_xla_lora.pool import SPARE_ROWS, PoolManager
 
 if TYPE_CHECKING:
     from torch_xla.distributed.spmd import Mesh
+
+
+def _check_int4_bases(layers: Mapping[str, BaseLayerWithLoRA]) -> None:
+    """Refuse torch_xla int4 quantized layers on a non-TPU XLA device, before the model is changed.
+
+    torch_xla's quantized matmul casts an int4 weight (int4 values in an int8 container) to XLA's s4
+    element type; the CPU and GPU XLA compilers reject s4 ("does not support custom element sizes on
+    non-sub-byte types"), so such a model fails at its first execution there, patched or not. On a TPU,
+    and for weights on the torch CPU device (computed in their int8 container), it runs.
+    """
+    for name, layer in layers.items():
+        base = layer.base_layer
+        if not is_quantized_linear(base) or not getattr(base, "int4_weight", False):
+            continue
+        if base.weight.device.type == "xla" and ops.device_generation() == "cpu":
+            raise ConfigError(
+                f"module {name!r}: torch_xla's int4 weights (XlaQuantizedLinear(int4_weight=True)) run only on a "
+                "TPU: its quantized matmul casts them to XLA's s4 type, which this XLA device's compiler rejects "
+                "(custom element sizes are TPU-only), patched or not; use int8 weights off TPU"
+            )
 
 
 def _is_target(name: str, target_modules: str | tuple[str, ...], linear: bool, is_head: bool) -> bool:
@@ -680,6 +700,7 @@ def patch_model(
     dp_axis: str | None = None,
     sharding_plan: Mapping[str, str] | Callable[[str, nn.Module], str | None] | None = None,
     fully_sharded: bool = False,
+    ep_axis: str | None = None,
 ) -> LoRAModel:
     """Replace the target modules of ``model`` with LoRA layers, in place; return the handle.
 
@@ -694,9 +715,12 @@ def patch_model(
         "vocab" | "replicated", or a callable ``(name, module) -> kind | None``;
         default :func:`torch_xla_lora.sharding.default_plan` (Llama, Qwen2, Mistral...).
       fully_sharded: also shard column-parallel layers' A along the rank.
+      ep_axis: a mesh axis MoE expert layers split their experts over (expert parallelism), if any.
 
     Raises:
       LoRAError: no module matched ``config.target_modules``.
+      ConfigError: a targeted torch_xla int4 quantized layer on a non-TPU XLA device, whose compiler cannot
+        run int4 weights (nothing is changed).
       ShardingError: the mesh, an axis or the plan does not fit the model (nothing is changed).
     """
     if not isinstance(model, nn.Module):
@@ -704,8 +728,8 @@ def patch_model(
     if config is not None and not isinstance(config, LoRAConfig):
         raise ArgumentTypeError(f"patch_model: config must be a LoRAConfig, got {type(config).__name__}")
     config = config or LoRAConfig()
-    if mesh is None and (dp_axis is not None or sharding_plan is not None or fully_sharded):
-        raise ArgumentTypeError("patch_model: dp_axis, sharding_plan and fully_sharded need a mesh")
+    if mesh is None and (dp_axis is not None or ep_axis is not None or sharding_plan is not None or fully_sharded):
+        raise ArgumentTypeError("patch_model: dp_axis, ep_axis, sharding_plan and fully_sharded need a mesh")
     patched = next((name for name, m in model.named_modules() if isinstance(m, BaseLayerWithLoRA)), None)
     if patched is not None:
         raise AlreadyPatchedError(
@@ -736,6 +760,7 @@ def patch_model(
         layers[name].base_fusion = config.base_fusion
     if not layers:
         raise ConfigError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
+    _check_int4_bases(layers)  # nothing changed yet
     if config.memory_budget is not None:
         _allocate_pools(layers, config)
     placement = None
@@ -744,7 +769,14 @@ def patch_model(
         from torch_xla_lora import sharding
 
         placement = sharding.plan_model(
-            model, layers, mesh, tp_axis, plan=sharding_plan, dp_axis=dp_axis, fully_sharded=fully_sharded
+            model,
+            layers,
+            mesh,
+            tp_axis,
+            plan=sharding_plan,
+            dp_axis=dp_axis,
+            fully_sharded=fully_sharded,
+            ep_axis=ep_axis,
         )  # checked before the model is changed
     assign_roles(model, layers)  # each linear layer's place in the model, for base_fusion="auto" on TPU
     for name, layer in layers.items():
