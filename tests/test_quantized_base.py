@@ -55,9 +55,9 @@ def _quantize(linear: nn.Linear, scheme: str) -> tuple[XlaQuantizedLinear, torch
     return layer, q.float() * scale[:, None]
 
 
-def _quantized_and_float(scheme: str) -> tuple[nn.Module, nn.Module]:
+def _quantized_and_float(scheme: str, **overrides) -> tuple[nn.Module, nn.Module]:
     """A tiny Llama with every projection quantized, and the float model computing the same maps."""
-    quantized, dequantized = tiny_llama(), tiny_llama()
+    quantized, dequantized = tiny_llama(**overrides), tiny_llama(**overrides)
     for name, module in list(quantized.named_modules()):
         if name.rpartition(".")[2] in PROJECTIONS:
             layer, weight = _quantize(module, scheme)
@@ -227,3 +227,80 @@ def test_int4_weights_equal_peft_on_a_tpu_and_are_refused_on_other_xla_devices(t
         torch_xla.sync()
         expected = peft_model(ids, adapter_names=[n if n is not None else "__base__" for n in rows]).logits
     assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("scheme,mode", [("symmetric", "lazy"), ("blockwise", "compiled")])
+def test_serving_loop_on_a_quantized_base_compiles_nothing_after_warmup(scheme, mode, xla_device):
+    """As tests/test_recompile.py for a float base: after ``warmup``, loads, reloads, evictions and adapter
+    mixes on int8 per-channel or blockwise projections compile nothing and copy nothing to the host."""
+    import peft
+    import torch_xla.debug.metrics as met
+
+    quantized, dequantized = _quantized_and_float(scheme, num_hidden_layers=1)
+    adapters = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(4):
+            config = LoraConfig(init_lora_weights=False, r=4 + 4 * (i % 2), lora_alpha=8, target_modules=[*PROJECTIONS])
+            state = peft.get_peft_model_state_dict(get_peft_model(copy.deepcopy(dequantized), config))
+            adapters[f"a{i}"] = (state, config)
+    model = quantized.to(xla_device)
+    lora = tl.patch_model(model, tl.LoRAConfig(max_loras=2, max_rank=8))
+    forward = lambda ids: model(ids).logits
+    step = forward if mode == "lazy" else torch.compile(forward, backend="openxla")
+    assert lora.warmup([3], [4], step=step, progress=False) >= 1  # this test's graphs are its own
+
+    def transfers() -> int:
+        data = met.metric_data("TransferFromDeviceTime")
+        return int(data[0]) if data else 0
+
+    names, rng = list(adapters), torch.Generator().manual_seed(6)
+    with tl.assert_no_recompile() as counter:
+        for i in range(10):
+            name = names[i % len(names)]
+            lora.load_adapter(name, state_dict=adapters[name][0], config=adapters[name][1])  # load or reload
+            if i % 5 == 4:
+                lora.remove(names[(i + 1) % len(names)])
+            loaded = list(lora.adapters())
+            batch = [loaded[int(j)] if j < len(loaded) else None for j in torch.randint(0, 3, (3,), generator=rng)]
+            try:
+                lora.set_batch(batch)
+            except tl.NoFreeSlotError:  # more distinct adapters than slots: one of them
+                lora.set_batch([batch[0]] * 3)
+            before = transfers()
+            with torch.no_grad():
+                logits = step(torch.randint(0, 64, (3, 4), generator=rng).to(xla_device))
+                torch_xla.sync()
+            assert transfers() == before, "the forward pass must not copy device data to the host"
+            del logits
+        assert counter.count == 0
+
+
+def test_concurrency_contract_on_a_quantized_base(tmp_path, xla_device):
+    """tests/test_concurrency.py's stress run on int8 per-channel projections: loader threads load, reload,
+    pin, unpin and remove adapters while batches are set and run; every row is PEFT's output for the adapter
+    named for it on the dequantized float base (or a failed set_batch raised a typed error and changed
+    nothing), and nothing compiles after warm-up."""
+    import test_concurrency as stress
+
+    quantized, dequantized = _quantized_and_float("symmetric", num_hidden_layers=1)
+    peft_model = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, offset in stress.VERSIONS.items():
+            torch.manual_seed(300 + offset)
+            config = LoraConfig(target_modules=stress.TARGETS, init_lora_weights=False, r=2 + offset, lora_alpha=8)
+            if peft_model is None:
+                peft_model = get_peft_model(dequantized, config, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, config)
+        peft_model.eval().save_pretrained(tmp_path)
+    with torch.no_grad():
+        names = [*stress.VERSIONS, "__base__"]
+        reference = {n: peft_model(stress.IDS, adapter_names=[n] * stress.BATCH).logits for n in names}
+    reference[None] = reference.pop("__base__")
+    model, lora = stress._patched(quantized, xla_device)
+    forward = lambda ids: model(ids).logits
+    lora.warmup([stress.BATCH], [stress.SEQ], step=forward, progress=False)
+    with tl.assert_no_recompile():
+        stress._stress(lora, forward, {n: tmp_path / n for n in stress.VERSIONS}, reference, xla_device, 20)
