@@ -304,3 +304,40 @@ def test_concurrency_contract_on_a_quantized_base(tmp_path, xla_device):
     lora.warmup([stress.BATCH], [stress.SEQ], step=forward, progress=False)
     with tl.assert_no_recompile():
         stress._stress(lora, forward, {n: tmp_path / n for n in stress.VERSIONS}, reference, xla_device, 20)
+
+
+def test_layer_asks_the_tpu_model_with_int8_weight_only_for_an_int8_per_channel_base(xla_device, monkeypatch):
+    """On a TPU generation (set here), ``base_fusion="auto"`` asks ``formulation.choose`` with
+    ``int8_weight=True`` for an int8 per-channel symmetric base (priced at its own weight bytes), and
+    records its answer; a blockwise, zero-point or activation-quantizing base cannot run the fused
+    kernel: it runs the separate op without asking the model as int8."""
+    from torch_xla_lora import formulation
+
+    layers = {}
+    for scheme in ("symmetric", "blockwise", "asymmetric"):  # patched as on this device
+        quantized, _ = _quantized_and_float(scheme, num_hidden_layers=1)
+        lora = tl.patch_model(quantized.to(xla_device), tl.LoRAConfig(max_loras=2, max_rank=8))
+        layers[scheme] = lora.model.model.layers[0].self_attn.q_proj
+    monkeypatch.setattr(ops, "device_generation", lambda: "v6e")
+    calls = []
+    choose = formulation.choose
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("int8_weight", False))
+        return choose(*args, **kwargs)
+
+    monkeypatch.setattr(formulation, "choose", spy)
+    for scheme, layer in layers.items():
+        x = torch.zeros(3, 5, layer.in_features, device=xla_device)
+        calls.clear()
+        choice = layer.formulation(x)
+        if scheme == "symmetric":
+            expected = choose(
+                "v6e", 15, layer.in_features, layer.out_features, 8, 2, False, layer.fusion_role, int8_weight=True
+            )
+            assert calls == [True] and choice == expected and layer.formulations == {15: expected}
+            layer.base_layer.quantize_activation = True  # int8 activations: not the fused kernel's scheme
+            calls.clear()
+            assert layer.formulation(x) == "separate" and calls == []
+        else:
+            assert choice == "separate" and calls == [], scheme
