@@ -21,6 +21,7 @@ from torch_xla_lora.bench import tpu_model
 from torch_xla_lora.kernels import fused_base, visits
 from torch_xla_lora.kernels.block_sizes import BlockSizes
 from torch_xla_lora.layers import fusion
+from torch_xla_lora.layers.linear import LinearWithLoRA
 from torch_xla_lora.ops import _linear_fused
 
 
@@ -187,13 +188,31 @@ def _random(config_cls, model_cls):
     return model_cls(config).eval()
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_decoder_layers_take_norm_silu_and_residual_into_the_op(family, tmp_path, monkeypatch):
-    """On CPU tensors (the op's reference path): the patched decoder equals PEFT's mixed batch, every MLP runs
-    gate/up with the norm's factors and down with SiLU * up and the residual, and unpatch restores the forwards.
-    A decoder left on transformers' forward makes no fused call; one that drops the norm or the residual
-    differs from PEFT."""
-    case = make_case(FAMILIES[family](), SPECS, tmp_path, token_ids(3, 5))
+MIX = ["d0", None, "d1"]  # base rows between two adapters' rows
+# What each fused call takes in, per decoder layer: q, k, v (the input norm's factors), o (the attention's
+# residual), gate, up (the post-attention norm's factors), down (SiLU(gate) * up and the MLP's residual).
+NORM, RESIDUAL, SILU_MUL = ("col_scale", "row_scale"), ("residual",), ("residual", "up")
+ARRANGED = [NORM, NORM, NORM, RESIDUAL, NORM, NORM, SILU_MUL]
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """family -> its Case (a random model, PEFT holding SPECS, ids [3, 5]), built once per module."""
+    made = {}
+
+    def case(family: str):
+        if family not in made:
+            path = tmp_path_factory.mktemp(family)
+            made[family] = make_case(FAMILIES[family](), SPECS, path, token_ids(3, 5))
+        return made[family]
+
+    return case
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list[tuple[str, ...]]:
+    """The fusion operands (by name) of every linear_lora_fused call made while the test runs (traced, under
+    torch.compile)."""
     calls = []
     op = _linear_fused.linear_lora_fused
 
@@ -203,20 +222,63 @@ def test_decoder_layers_take_norm_silu_and_residual_into_the_op(family, tmp_path
         return op(*args, **kwargs)
 
     monkeypatch.setattr(_linear_fused, "linear_lora_fused", spy)
+    return calls
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_decoder_layers_take_norms_silu_and_residuals_into_the_op(family, cases, fused_calls):
+    """On CPU tensors (the op's reference path): the patched decoder equals PEFT's mixed batch; q/k/v and gate/up
+    run with their norm's factors, o_proj with the attention's residual, down with SiLU * up and the MLP's
+    residual; and unpatch restores the forwards. A decoder left on transformers' forward makes no fused call;
+    one that drops a norm or adds a residual twice differs from PEFT. With k_proj and o_proj of the first
+    layer on the separate formulation, k reads the normed tensor and the decoder adds the residual itself."""
+    case = cases(family)
     model, lora = patch(case, torch.device("cpu"), max_loras=2, max_rank=8, base_fusion=True)
     decoders = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     assert lora.fused_decoders == decoders and len(decoders) == 2
-    mix = ["d0", None, "d1"]
-    lora.set_batch(mix)
+    lora.set_batch(MIX)
     with torch.no_grad():
         out = model(case.inputs).logits
-    assert_close(out, peft_logits(case, mix))
-    norm, mlp = ("col_scale", "row_scale"), ("residual", "up")
-    assert calls == [norm, norm, mlp] * 2
+    assert_close(out, peft_logits(case, MIX))
+    assert fused_calls == ARRANGED * 2
+    attn = decoders[0].self_attn
+    attn.k_proj.base_fusion = attn.o_proj.base_fusion = False
+    fused_calls.clear()
+    with torch.no_grad():
+        assert_close(model(case.inputs).logits, peft_logits(case, MIX))
+    assert fused_calls == [NORM, NORM, NORM, NORM, SILU_MUL] + ARRANGED
+    assert all(m.pending is None for m in model.modules() if isinstance(m, LinearWithLoRA))
     lora.unpatch()
     assert all("forward" not in vars(m) for m in decoders)
     with torch.no_grad():
         assert torch.equal(model(case.inputs).logits, case.clean(case.inputs).logits)
+
+
+@pytest.mark.parametrize(("family", "mode"), [("llama", "lazy"), ("qwen2", "compile")])
+def test_arranged_decoders_on_the_xla_device_equal_peft(family, mode, cases, fused_calls, xla_device):
+    """The XLA device, lazy and under torch.compile(openxla) (Qwen2: q/k/v with biases): PEFT's mixed batch,
+    and every q/k/v takes the input norm in and o_proj the residual. Under dynamo the pending calls are traced:
+    the normed tensor's identity survives tracing (else q/k/v would read it: no norm factors in their calls),
+    in one graph with no break, and no projection is left with a pending call."""
+    from torch._dynamo.utils import counters
+
+    case = cases(family)
+    model, lora = patch(case, xla_device, max_loras=2, max_rank=8, base_fusion=True)
+
+    def step(ids):
+        return model(ids).logits
+
+    if mode == "compile":
+        counters.clear()
+        step = torch.compile(step, backend="openxla")
+    lora.set_batch(MIX)
+    with torch.no_grad():
+        out = step(case.inputs.to(xla_device)).cpu()
+    assert_close(out, peft_logits(case, MIX))
+    assert fused_calls == ARRANGED * 2
+    if mode == "compile":
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    assert all(m.pending is None for m in model.modules() if isinstance(m, LinearWithLoRA))
 
 
 def test_default_base_fusion_off_tpu_leaves_the_decoders_alone(xla_device):
@@ -257,18 +319,25 @@ def test_cost_model_prices_what_the_kernel_takes_in(prologue, residual, extra_by
     assert arranged["separate"] == unarranged["separate"]
 
 
-def test_auto_prices_the_arranged_projections(tmp_path):
+def test_auto_prices_the_arranged_projections(cases):
     """The decoder arrangement marks gate/up (the norm) and down (SiLU * up, the residual) for the chooser, which
-    then picks the cheapest of the model's arranged costs; unpatch unmarks them."""
-    case = make_case(FAMILIES["llama"](), SPECS, tmp_path, token_ids(1, 2))
-    model, lora = patch(case, torch.device("cpu"), max_loras=2, max_rank=8, base_fusion=True)
-    mlp = model.model.layers[0].mlp
-    roles = {name: getattr(mlp, name).fusion_role for name in ("gate_proj", "up_proj", "down_proj")}
+    then picks the cheapest of the model's arranged costs; unpatch unmarks them. The marks are what the TPU
+    model's layer figures assume (KERNEL_FUSION)."""
+    model, lora = patch(cases("llama"), torch.device("cpu"), max_loras=2, max_rank=8, base_fusion=True)
+    layer = model.model.layers[0]
+    modules = {name: getattr(layer.self_attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    modules.update({name: getattr(layer.mlp, name) for name in ("gate_proj", "up_proj", "down_proj")})
+    roles = {name: m.fusion_role for name, m in modules.items()}
     assert [(r.prologue, r.residual_in_kernel) for r in roles.values()] == [
+        ("norm", False),
+        ("norm", False),
+        ("norm", False),
+        ("", True),
         ("norm", False),
         ("norm", False),
         ("silu_mul", True),
     ]
+    assert {name: (r.prologue, r.residual_in_kernel) for name, r in roles.items()} == tpu_model.KERNEL_FUSION
     for num_tokens in (8, 4096):
         indices = tpu_model.contiguous_requests(num_tokens, 64, 8)
         costs = tpu_model.projection_costs(
@@ -277,20 +346,16 @@ def test_auto_prices_the_arranged_projections(tmp_path):
         priced = {"fused": costs["fused"], "separate": costs["separate"], "xla": costs["xla_native"]}
         choice = formulation.choose("v6e", num_tokens, 14336, 4096, 16, 64, False, roles["down_proj"])
         assert priced[choice] == min(priced.values())
-    down = mlp.down_proj
     lora.unpatch()
-    assert (down.fusion_role.prologue, down.fusion_role.residual_in_kernel) == ("", False)
+    assert all((m.fusion_role.prologue, m.fusion_role.residual_in_kernel) == ("", False) for m in modules.values())
 
 
-def test_training_through_the_arranged_decoders_equals_peft_alone(monkeypatch):
-    """One step of three tenants' gradients (CPU tensors) with the decoders arranged: the fused op's backward
-    (the producer recomputed in torch, through linear_lora's own backward) gives each tenant PEFT's gradients,
-    the norm's factors and SiLU * up included."""
+def test_training_through_the_arranged_decoders_equals_peft_alone(fused_calls):
+    """One step of three tenants' gradients (CPU tensors) with the decoders arranged (attention and MLP): the
+    fused op's backward (the producer recomputed in torch, through linear_lora's own backward) gives each tenant
+    PEFT's gradients, both norms' factors (into the embedding's gradient), SiLU * up and the residuals included."""
     from test_training import ARCHS, MIX, _batch, _create, _loss, _patched, _peft, _peft_grads
 
-    calls = []
-    op = _linear_fused.linear_lora_fused
-    monkeypatch.setattr(_linear_fused, "linear_lora_fused", lambda *a, **k: calls.append(1) or op(*a, **k))
     lora = _patched(torch.device("cpu"), base_fusion=True)
     assert lora.fused_decoders
     _create(lora, ARCHS["llama"][2])
@@ -299,7 +364,7 @@ def test_training_through_the_arranged_decoders_equals_peft_alone(monkeypatch):
     lora.model.train()
     lora.set_batch(MIX)
     _loss(lora.model(ids).logits, targets).backward()
-    assert calls
+    assert fused_calls == ARRANGED * 2
     for name in ARCHS["llama"][2]:
         rows = [i for i, n in enumerate(MIX) if n == name]
         expected = _peft_grads(peft_model, name, ids[rows], targets[rows])

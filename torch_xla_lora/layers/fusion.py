@@ -3,15 +3,23 @@
 A LoRA layer sees only its input. Where the linear layers run the fused formulation
 (``linear_lora``'s kernel: ``base_fusion=True``, or "auto" choosing it on TPU), a Pallas call
 stops XLA from fusing x's producer into the matmul's operand read and the residual add into its
-output write. For the decoder layers of Llama, Mistral and Qwen2 (``residual + mlp(norm(h))``,
-the MLP ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with SiLU) this module replaces the
-layer's forward (an instance attribute: the class is untouched) so that:
+output write. For the decoder layers of Llama, Mistral and Qwen2 (``h = h + attn(norm1(h));
+h + mlp(norm2(h))``, the MLP ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with SiLU) this module
+replaces the layer's forward (an instance attribute: the class is untouched) so that:
 
-- gate_proj and up_proj read the post-attention RMSNorm's output on the fly: the norm's per-row
-  factor ``rsqrt(mean(h^2) + eps)`` (a [T] vector) and its weight are applied to each x tile the
-  kernel reads;
+- q_proj, k_proj and v_proj read the input RMSNorm's output on the fly, and gate_proj and up_proj the
+  post-attention RMSNorm's: the norm's per-row factor ``rsqrt(mean(h^2) + eps)`` (a [T] vector,
+  computed once per norm) and its weight are applied to each x tile the kernel reads;
+- o_proj adds the attention's residual stream in its output write;
 - down_proj reads ``SiLU(gate) * up`` from the two projections' outputs on the fly and adds the
   residual stream in its output write.
+
+The attention is transformers' own: it calls ``self.q_proj(hidden_states)`` itself. So before calling it
+the decoder hands q/k/v and o_proj a pending call (:attr:`LinearWithLoRA.pending`, cleared when the
+attention returns): a projection called with exactly the normed tensor the decoder passed (the same
+object) runs the kernel on the un-normed stream with the norm's factors instead; o_proj runs it with the
+residual and says so, and the decoder then does not add the residual again. The normed tensor is still
+computed for the attention to receive; where nothing reads it, XLA drops it from the graph.
 
 Each projection whose call does not run the fused formulation (a mesh, another dtype, a
 trainable adapter's dropout, "auto" choosing another one) computes the norm, the product or the
@@ -76,11 +84,23 @@ def patch(model: nn.Module) -> list[nn.Module]:
             module.forward = types.MethodType(_decoder_forward, module)
             patched.append(module)
             # base_fusion="auto" prices the fused formulation of these projections with what it takes in.
-            mlp = module.mlp
-            for proj, prologue, residual in (("gate_proj", "norm", False), ("up_proj", "norm", False)):
-                _take_in(getattr(mlp, proj), prologue, residual)
-            _take_in(mlp.down_proj, "silu_mul", True)
+            for proj, prologue, residual in _roles(module):
+                _take_in(proj, prologue, residual)
     return patched
+
+
+def _roles(layer: nn.Module) -> list[tuple[nn.Module | None, str, bool]]:
+    """(projection, prologue, residual) of what the arranged ``layer`` has each projection take in."""
+    attn, mlp = getattr(layer, "self_attn", None), layer.mlp
+    qkv = "norm" if _is_rms(getattr(layer, "input_layernorm", None)) else ""
+    roles = [(getattr(attn, name, None), qkv, False) for name in ("q_proj", "k_proj", "v_proj")]
+    roles.append((getattr(attn, "o_proj", None), "", True))
+    roles += [(mlp.gate_proj, "norm", False), (mlp.up_proj, "norm", False), (mlp.down_proj, "silu_mul", True)]
+    return roles
+
+
+def _is_rms(norm: nn.Module | None) -> bool:
+    return type(norm).__name__ in RMS_NORMS
 
 
 def _take_in(layer: nn.Module, prologue: str, residual: bool) -> None:
@@ -92,8 +112,10 @@ def unpatch(layers: list[nn.Module]) -> None:
     """Restore the class's own forward on each of ``layers`` (and the projections' roles)."""
     for layer in layers:
         vars(layer).pop("forward", None)
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            _take_in(getattr(layer.mlp, proj), "", False)
+        for proj, _, _ in _roles(layer):
+            _take_in(proj, "", False)
+            if isinstance(proj, LinearWithLoRA):
+                proj.pending = None
 
 
 @functools.cache
@@ -111,25 +133,84 @@ def _decoder_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwar
             call.update(value)
         else:
             call[name] = value
-    residual = hidden_states
-    attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **call)
-    hidden_states = residual + attended
+    attended, took_residual = attention_with_residual(self.self_attn, self.input_layernorm, hidden_states, call)
+    hidden_states = attended if took_residual else hidden_states + attended
     return mlp_with_residual(self.mlp, self.post_attention_layernorm, hidden_states)
+
+
+class _Norm:
+    """An RMSNorm of ``h`` taken into the projections reading it: its row factor computed once, on first use."""
+
+    def __init__(self, norm: nn.Module, h: torch.Tensor) -> None:
+        self.norm, self.h, self.row_scale = norm, h, None
+
+    def project(self, proj: nn.Module) -> torch.Tensor | None:
+        """``proj(norm(h))`` with the norm in the kernel's x read; None where proj does not run fused."""
+        norm, h = self.norm, self.h
+        if not (isinstance(proj, LinearWithLoRA) and norm.weight.dtype == h.dtype and proj.formulation(h) == "fused"):
+            return None
+        if self.row_scale is None:  # the norm's per-row factor, [...] float32
+            self.row_scale = torch.rsqrt(h.to(torch.float32).pow(2).mean(-1) + norm.variance_epsilon)
+        return proj.forward_fused_with(h, row_scale=self.row_scale, col_scale=norm.weight)
+
+
+class _PendingNorm:
+    """q/k/v's pending call: called with ``normed`` (that very tensor), run on the norm's input instead."""
+
+    def __init__(self, norm: _Norm, normed: torch.Tensor) -> None:
+        self.norm, self.normed = norm, normed
+
+    def run(self, proj: LinearWithLoRA, x: torch.Tensor) -> torch.Tensor | None:
+        proj.pending = None  # one call
+        return self.norm.project(proj) if x is self.normed else None
+
+
+class _PendingResidual:
+    """o_proj's pending call: the residual added in the kernel's write; ``taken`` says whether it was."""
+
+    def __init__(self, residual: torch.Tensor) -> None:
+        self.residual, self.taken = residual, False
+
+    def run(self, proj: LinearWithLoRA, x: torch.Tensor) -> torch.Tensor | None:
+        proj.pending = None  # one call
+        out = proj.forward_fused_with(x, residual=self.residual)
+        self.taken = out is not None
+        return out
+
+
+def attention_with_residual(
+    attn: nn.Module, norm: nn.Module, h: torch.Tensor, kwargs: dict
+) -> tuple[torch.Tensor, bool]:
+    """``attn(hidden_states=norm(h), **kwargs)``'s output and whether it already includes ``h`` (o_proj took the
+    residual in), with the norm taken into q/k/v's x read where those projections run the fused formulation."""
+    normed = norm(h)
+    projections = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    taken_norm = _Norm(norm, h) if _is_rms(norm) else None
+    residual = _PendingResidual(h)
+    try:
+        for proj in projections:
+            if isinstance(proj, LinearWithLoRA):
+                is_o = proj is projections[-1]
+                if is_o or taken_norm is not None:
+                    proj.pending = residual if is_o else _PendingNorm(taken_norm, normed)
+        attended, _ = attn(hidden_states=normed, **kwargs)
+    finally:
+        for proj in projections:
+            if isinstance(proj, LinearWithLoRA):
+                proj.pending = None
+    return attended, residual.taken
 
 
 def mlp_with_residual(mlp: nn.Module, norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """``h + mlp(norm(h))`` with the norm taken into gate/up's x read and SiLU(gate) * up and the residual
     into down_proj's, where those projections run the fused formulation."""
-    normed = row_scale = None
+    taken_norm, normed = _Norm(norm, h), None
 
     def project(proj: nn.Module) -> torch.Tensor:
-        nonlocal normed, row_scale
-        if isinstance(proj, LinearWithLoRA) and norm.weight.dtype == h.dtype and proj.formulation(h) == "fused":
-            if row_scale is None:  # the norm's per-row factor, [...] float32, shared by gate and up
-                row_scale = torch.rsqrt(h.to(torch.float32).pow(2).mean(-1) + norm.variance_epsilon)
-            out = proj.forward_fused_with(h, row_scale=row_scale, col_scale=norm.weight)
-            if out is not None:
-                return out
+        nonlocal normed
+        out = taken_norm.project(proj)
+        if out is not None:
+            return out
         if normed is None:
             normed = norm(h)
         return proj(normed)

@@ -106,6 +106,9 @@ class LinearWithLoRA(BaseLayerWithLoRA):
     base_fusion: bool | str = False
     #: The layer's place in its model, for the "auto" choice on TPU (set by patch_model; see formulation.py).
     fusion_role: FusionRole = FusionRole()
+    #: For one call, what an arranged decoder layer (``layers/fusion.py``) lets this layer take in: an object
+    #: whose ``run(layer, x)`` gives the output, or None to compute it as usual.
+    pending: object | None = None
 
     def __init__(self, base_layer: nn.Module, *args, **kwargs) -> None:
         self.in_features, self.out_features = linear_features(base_layer)
@@ -118,6 +121,10 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         return linear_features(module) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pending is not None:  # an arranged decoder layer's norm or residual: see layers/fusion.py
+            out = self.pending.run(self, x)
+            if out is not None:
+                return out
         if self.tensor_parallel is not None:  # on a mesh the ops run per shard: see sharding.py
             return self.tensor_parallel.forward(self, x)
         slots = self.context.token_slots(x)
