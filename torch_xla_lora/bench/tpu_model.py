@@ -407,9 +407,18 @@ def llama_roles() -> dict[str, tuple[bool, float]]:
     }
 
 
-# What ``layers/fusion.py`` has the fused kernel take in, per Llama-family MLP projection: (prologue, residual).
-# q/k/v (the input norm) and o_proj (the attention residual) are not arranged: they pay their passes.
-KERNEL_FUSION = {"gate_proj": ("norm", False), "up_proj": ("norm", False), "down_proj": ("silu_mul", True)}
+# What ``layers/fusion.py`` has the fused kernel take in, per Llama-family projection: (prologue, residual).
+# q/k/v and gate/up read their RMSNorm on the fly (the input and the post-attention norm), o_proj adds the
+# attention residual and down_proj reads SiLU(gate) * up and adds the MLP residual in their output writes.
+KERNEL_FUSION = {
+    "q_proj": ("norm", False),
+    "k_proj": ("norm", False),
+    "v_proj": ("norm", False),
+    "o_proj": ("", True),
+    "gate_proj": ("norm", False),
+    "up_proj": ("norm", False),
+    "down_proj": ("silu_mul", True),
+}
 
 
 def layer_costs(
@@ -431,9 +440,10 @@ def layer_costs(
     and XLA-native, as ``base_fusion="auto"`` chooses on TPU: see ``torch_xla_lora/formulation.py``)
     and ``choices`` (projection -> formulation). ``unfused_passes=False`` prices the Pallas formulations
     as if they took x's producer and the residual add in, as XLA's own dot does (what a kernel given
-    the decoder layer's structure would cost). ``kernel_fusion``: the MLP's projections as
-    ``layers/fusion.py`` arranges them (:data:`KERNEL_FUSION`: the norm into gate/up's read, SiLU(gate) * up
-    and the residual into down_proj's); False prices every Pallas call with its passes (the layer unarranged).
+    the decoder layer's structure would cost). ``kernel_fusion``: the projections as
+    ``layers/fusion.py`` arranges them (:data:`KERNEL_FUSION`: the input norm into q/k/v's read, the attention
+    residual into o_proj's write, the post-attention norm into gate/up's read, SiLU(gate) * up and the residual
+    into down_proj's); False prices every Pallas call with its passes (the layer unarranged).
     ``int8_weight``: every projection's base int8 per channel (:func:`projection_costs`).
     """
     num_tokens = len(indices)
