@@ -114,17 +114,71 @@ def run_fused_base(
                     }
                 )
                 if int8_base:
-                    rows[-1].update(_int8_row(chip, indices, rank, num_slots, unfused_passes))
+                    rows[-1].update(_int8_row(chip, indices, rank, num_slots, unfused_passes, layer))
     return rows
 
 
-def _int8_row(chip, indices: np.ndarray, rank: int, num_slots: int, unfused_passes: bool) -> dict:
-    """The --int8-base keys of one --fused-base row: the projection and the layer on int8 per-channel bases."""
+def pooled_layer_costs(chip, indices: np.ndarray, rank: int, num_slots: int, unfused_passes: bool = True) -> dict:
+    """Seconds of one Llama-3-8B layer's projections with the adapters in a rank-true pool (``memory_budget``),
+    read by the pooled kernel (``pooled_shrink_expand``, the separate formulation: the base matmul, then the
+    LoRA op, with the passes a Pallas call leaves unfused, as :func:`tpu_model.projection_costs` prices them).
+
+    Keys ``(int8_base, int8_adapters)``: an int8 per-channel or bf16 base, an int8 (one byte an element and
+    its scales: :func:`pooled_model.pooled_cost`) or bf16 pool; every adapter in use at its true rank ``rank``.
+    The fused and XLA-native formulations gather a pool into slots first and are not priced here.
+    """
+    from torch_xla_lora.bench import pooled_model
+
+    ranks = np.zeros(num_slots, np.int64)
+    ranks[np.unique(indices[indices >= 0])] = rank
+    out = dict.fromkeys(itertools.product((False, True), repeat=2), 0.0)
+    for name, (residual, share) in tpu_model.llama_roles().items():
+        if not unfused_passes:
+            residual, share = False, 0.0
+        hidden, out_dim, _ = tpu_model.LLAMA3_8B_LAYER[name]
+        padded = tpu_model.fused_cost(chip, indices, hidden, out_dim, rank, num_slots).seconds
+        pooled = {
+            int8: pooled_model.pooled_cost(
+                chip, indices, ranks, hidden, out_dim, rank, num_slots, int8, pooled_model.pool_rows(int8)
+            ).seconds
+            for int8 in (False, True)
+        }
+        for int8_base in (False, True):
+            costs = tpu_model.projection_costs(
+                chip, indices, hidden, out_dim, rank, num_slots, residual, share, int8_weight=int8_base
+            )
+            for int8_adapters in (False, True):  # the separate formulation with the pooled op for the slot op
+                out[int8_base, int8_adapters] += costs["separate"] - padded + pooled[int8_adapters]
+    return out
+
+
+def _int8_row(
+    chip, indices: np.ndarray, rank: int, num_slots: int, unfused_passes: bool, bf16_layer: dict | None = None
+) -> dict:
+    """The --int8-base keys of one --fused-base row: the projection and the layer on int8 per-channel bases,
+    and LoRA's overhead over the int8 base beside the bf16 base's (``bf16_layer``: the row's bf16
+    :func:`tpu_model.layer_costs`), with padded bf16 slots and with bf16 or int8 pools."""
     base = tpu_model.matmul_cost(chip, len(indices), 4096, 4096, int8_weight=True).seconds
     fused = tpu_model.fused_base_cost(chip, indices, 4096, 4096, rank, num_slots, int8_weight=True).seconds
     lora = tpu_model.fused_cost(chip, indices, 4096, 4096, rank, num_slots).seconds
     layer = tpu_model.layer_costs(chip, indices, rank, num_slots, unfused_passes, int8_weight=True)
+    if bf16_layer is None:
+        bf16_layer = tpu_model.layer_costs(chip, indices, rank, num_slots, unfused_passes)
+    pooled = pooled_layer_costs(chip, indices, rank, num_slots, unfused_passes)
+    bases = {False: bf16_layer["base"], True: layer["base"]}
+    pooled_pct = {key: 100 * (seconds / bases[key[0]] - 1) for key, seconds in pooled.items()}
+    chosen_pct = {
+        int8: 100 * (costs["chosen"] / costs["base"] - 1) for int8, costs in ((False, bf16_layer), (True, layer))
+    }
     return {
+        # LoRA's overhead over the int8 base no larger than over the bf16 base (the Step 13b target), per row:
+        # the chosen formulations with padded bf16 slots, and int8 pools on the int8 base vs bf16 pools on bf16.
+        "int8_chosen_overhead_met": bool(chosen_pct[True] <= chosen_pct[False]),
+        "layer_pooled_bf16_pct": pooled_pct[False, False],
+        "layer_pooled_int8_pct": pooled_pct[False, True],
+        "int8_layer_pooled_bf16_pct": pooled_pct[True, False],
+        "int8_layer_pooled_int8_pct": pooled_pct[True, True],
+        "int8_pooled_int8_overhead_met": bool(pooled_pct[True, True] <= pooled_pct[False, False]),
         "int8_proj_base_us": base * 1e6,
         "int8_proj_fused_pct": 100 * (fused / base - 1),
         "int8_proj_separate_pct": 100 * lora / base,
@@ -148,6 +202,25 @@ def format_int8_table(rows: list[dict]) -> str:
             f"{r['int8_proj_separate_pct']:+.1f}% | {r['int8_layer_base_us']:.1f} | "
             f"{r['int8_layer_fused_pct']:+.1f}% | {r['int8_layer_separate_pct']:+.1f}% | "
             f"{r['int8_layer_chosen_pct']:+.1f}% | {r['int8_layer_chosen']} |"
+        )
+    return "\n".join(lines)
+
+
+def format_int8_overhead_table(rows: list[dict]) -> str:
+    lines = [
+        "| chip | T | L | bf16 layer base (us) | int8 layer base (us) | chosen over bf16 | chosen over int8 | "
+        "no larger | pooled bf16 over bf16 | pooled int8 over bf16 | pooled bf16 over int8 | pooled int8 over int8 "
+        "| int8 over int8 no larger than bf16 over bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    yes = {True: "yes", False: "NO"}
+    for r in rows:
+        lines.append(
+            f"| {r['chip']} | {r['T']} | {r['L']} | {r['layer_base_us']:.1f} | {r['int8_layer_base_us']:.1f} | "
+            f"{r['layer_chosen_pct']:+.1f}% | {r['int8_layer_chosen_pct']:+.1f}% | "
+            f"{yes[r['int8_chosen_overhead_met']]} | {r['layer_pooled_bf16_pct']:+.1f}% | "
+            f"{r['layer_pooled_int8_pct']:+.1f}% | {r['int8_layer_pooled_bf16_pct']:+.1f}% | "
+            f"{r['int8_layer_pooled_int8_pct']:+.1f}% | {yes[r['int8_pooled_int8_overhead_met']]} |"
         )
     return "\n".join(lines)
 
@@ -384,6 +457,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.int8_base:
             print("\nThe same on int8 per-channel base weights (torch_xla's quantized matmul at its roofline as base):")
             print(format_int8_table(rows))
+            print(
+                "\nLoRA's overhead over the int8 base beside the bf16 base (Llama-3-8B layer): the chosen formulations "
+                "with padded bf16 slots, and the separate formulation reading a rank-true pool of bf16 or int8 "
+                "adapters (the pooled kernel; every adapter at rank R)"
+            )
+            print(format_int8_overhead_table(rows))
         _write_json(args, rows)
         return 0
     rows = run(args.chips, args.tokens, args.slots, args.hidden, args.rank, args.in_use)
