@@ -206,7 +206,7 @@ def step_work(i: int, n: int, meta, rank: int, hidden: int, lanes: int, block_si
 
 class Pooled(NamedTuple):
     """A pooled source (:func:`pooled_shrink_expand`): the A and B tiles of a lane are read from a rank-row
-    pool through the batch's row table, page by page, only the pages that hold the lane's true rank.
+    pool through the batch's page table, page by page, only the pages that hold the lane's true rank.
 
     Attributes:
       rank: table entries per lane (the pool's ``max_rank``).
@@ -214,16 +214,18 @@ class Pooled(NamedTuple):
       whole_scales: (int8) the kernel reads the pools' whole scale arrays from SMEM, row by row, else a
         table of each page's 8 ``a_scale * b_scale`` gathered by the caller (pools beyond
         :data:`SMEM_SCALE_ROWS` rows).
+      num_slots: the lanes L: the page table holds L * pages(R) page starts, then the L ranks.
     """
 
     rank: int
     int8: bool
     whole_scales: bool = True
+    num_slots: int = 0
 
     @property
     def num_prefetch(self) -> int:
-        """Scalar-prefetch arrays of the kernel: the 4 lane arrays, then page starts, ranks (and the scales)."""
-        return 6 + (0 if not self.int8 else 2 if self.whole_scales else 1)
+        """Scalar-prefetch arrays of the kernel: the 4 lane arrays, then the page table (and the scales)."""
+        return 5 + (0 if not self.int8 else 2 if self.whole_scales else 1)
 
 
 #: Pools of at most this many rows (data, zero and scratch) give the pooled kernel their int8 scale arrays
@@ -239,8 +241,8 @@ def pages(rank: int) -> int:
 
 def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float, pooled: Pooled | None = None):
     """The laned shrink-expand. Refs, in order: the scalar-prefetch arrays (SMEM: active, chunks,
-    slots, uniform; pooled: + page starts [L * pages(R)], ranks [L] (+ int8: scales [L * pages(R) * 8] f32, the
-    a_scale * b_scale of each page's rows)), code [tokens, 1],
+    slots, uniform; pooled: + the page table [L * pages(R) + L]: page starts, then ranks (+ int8: the scale
+    arrays [P + 2] f32, or [L * pages(R) * 8] f32, the a_scale * b_scale of each page's rows)), code [tokens, 1],
     x [tokens, D], base [tokens, out], A and B (ANY: slots [L, R, D] / [L, R, Dout], or pools
     [P + 2, D] / [P + 2, Dout]), the output [tokens, out], then the scratch: A [lanes * Rp, D] and
     B [lanes * Rp, out] tiles in the compute dtype, y [max_chunks, tokens, lanes * Rp], DMA semaphores
@@ -274,12 +276,13 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
                 pl.when(slot >= 0)(copy.wait)
 
     else:
-        starts_ref, ranks_ref = table[0], table[1]
+        starts_ref = table[0]  # the page table: lane l's page p starts at entry l * pages(R) + p, ranks follow
         rank = pooled.rank
+        rank_offset = pooled.num_slots * pages(rank)
 
         def lane_rank(slot):
             """The true rank of a lane (0 for a chunk's unused lanes, slot -1)."""
-            return jnp.where(slot >= 0, ranks_ref[jnp.maximum(slot, 0)], 0)
+            return jnp.where(slot >= 0, starts_ref[rank_offset + jnp.maximum(slot, 0)], 0)
 
         def load(c, which: int) -> None:
             """DMA the pages holding each lane's true-rank rows of chunk c into its rows of the buffer (int8:
@@ -330,9 +333,9 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
         def row_scale(entry, j):
             """a_scale * b_scale of rank row j of lane ``entry`` (int8)."""
             if not pooled.whole_scales:
-                return table[2][entry * pages(rank) * PAGE_ROWS + j]
+                return table[1][entry * pages(rank) * PAGE_ROWS + j]
             row = starts_ref[entry * pages(rank) + j // PAGE_ROWS] + j % PAGE_ROWS
-            return table[2][row] * table[3][row]
+            return table[1][row] * table[2][row]
 
         def row_scales(c):
             """[1, lanes * Rp] f32: each shrink channel's a_scale * b_scale (int8), read for the true ranks only."""
@@ -585,8 +588,8 @@ def pooled_shrink_expand(
     b_pool: jax.Array,  # [P + 2, Dout], a_pool's dtype
     base: jax.Array,  # [T_pad, Dout], x's dtype
     meta: LaneBlocks,
-    starts: jax.Array,  # [L * pages(R)] int32: the first row of lane l's page p at l * pages(R) + p
-    ranks: jax.Array,  # [L] int32: each lane's true rank
+    page_table: jax.Array,  # [L * pages(R) + L] int32: lane l's page p starts at row [l * pages(R) + p], its
+    # true rank at [L * pages(R) + l] (``pool.page_table``, built on the host per batch)
     scales: tuple[jax.Array, ...],  # int8 pools: (a_scale [P + 2], b_scale [P + 2]) f32, or
     # (the a_scale * b_scale of each page's rows [L * pages(R) * 8],) for pools beyond SMEM_SCALE_ROWS
     *,
@@ -601,17 +604,17 @@ def pooled_shrink_expand(
     """The fused laned kernel reading each lane's A and B rows from the pools through the row table.
 
     Lane l's rank-r rows are ``pages(r)`` pages of :data:`PAGE_ROWS` rows, page p starting at row
-    ``starts[l * pages(R) + p]`` (a multiple of 8, the next seven rows contiguous: the pool's allocator
+    ``page_table[l * pages(R) + p]`` (a multiple of 8, the next seven rows contiguous: the pool's allocator
     hands out aligned pages); the kernel DMAs them a page at a time and reads nothing past the lane's
     last page. ``typical_ranks``: the distinct adapters' ranks for the cost estimate
     (default: ``lanes`` adapters of rank R).
     """
     num_tokens, hidden = x.shape
     out_dim = b_pool.shape[1]
-    num_slots = ranks.shape[0]
+    num_slots = page_table.shape[0] // (pages(rank) + 1)
     dtype = x.dtype
     int8 = len(scales) > 0
-    pooled = Pooled(rank, int8, len(scales) == 2)
+    pooled = Pooled(rank, int8, len(scales) == 2, num_slots)
     block_sizes.check(hidden, out_dim)
     spec = grid_spec(num_tokens, hidden, out_dim, rank, num_slots, dtype, block_sizes, lanes, pooled)
     spec.grid = (meta.num_active[0], spec.grid[1])
@@ -624,11 +627,11 @@ def pooled_shrink_expand(
         pooled=pooled,
     )
     typical = typical_ranks or (rank,) * min(lanes, num_slots)
-    table_bytes = sum(4 * array.size for array in (starts, ranks, *scales))  # the SMEM prefetch reads them whole
+    table_bytes = sum(4 * array.size for array in (page_table, *scales))  # the SMEM prefetch reads them whole
     estimate = pooled_cost_estimate(
         num_tokens, hidden, out_dim, typical, rank, dtype, block_sizes, lanes, int8, table_bytes
     )
-    prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform, starts, ranks, *scales)
+    prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform, page_table, *scales)
     return pl.pallas_call(
         kernel,
         grid_spec=spec,

@@ -100,7 +100,9 @@ def test_op_reads_each_lane_at_its_true_rank(backend, kind, dtype, blocks, xla_d
     if blocks:
         metadata = ops.batch_metadata(lanes, [(IN, OUT)], MAX_RANK, LANES, dtype)[(IN, OUT)].to(xla_device)
     on_device = [None if t is None else t.to(xla_device) for t in args]
-    out = ops.pooled_shrink_expand(*on_device, scaling=SCALING, backend=backend, metadata=metadata).cpu()
+    pages = pool.page_table(rows, LANES, DATA_ROWS).to(xla_device)  # host-built, as the layers pass it
+    out = ops.pooled_shrink_expand(*on_device, scaling=SCALING, backend=backend, metadata=metadata, pages=pages)
+    out = out.cpu()
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert_close(out, _expected(x, base, lanes, rows, dense_a, dense_b), dtype)
     outside = (lanes < 0) | (lanes >= LANES)
@@ -197,8 +199,9 @@ class _Proj(torch.nn.Module):
 
 def test_pooled_layer_runs_the_kernel_on_allocated_pages(xla_device, monkeypatch):
     """A patched linear layer with a budget and the Pallas backend: the pool allocates pages (ranks 4, 12, 16:
-    8, 16, 16 rows), the layer runs the pooled kernel on them (interpret mode off TPU), and a mixed batch with
-    a base row equals float64 math on PEFT's factors."""
+    8, 16, 16 rows), the layer runs the pooled kernel on them (interpret mode off TPU) through the batch's
+    host-built page table (nothing derived from the row table in the graph), and a mixed batch with a base
+    row equals float64 math on PEFT's factors."""
     import peft
 
     torch.manual_seed(0)
@@ -225,8 +228,12 @@ def test_pooled_layer_runs_the_kernel_on_allocated_pages(xla_device, monkeypatch
 
     from torch_xla_lora.ops import _jax
 
+    def derived(*args, **kwargs):
+        raise AssertionError("the layer derived the page table from the row table in its graph")
+
     monkeypatch.setattr(pool, "gather_slots", gathered)
     monkeypatch.setattr(_jax, "gather_lanes", gathered)
+    monkeypatch.setattr(_jax, "lane_ranks", derived)  # the context's host-built page table is read instead
     x = torch.randn(len(rows), 3, IN)
     with torch.no_grad():
         out = lora.model(x.to(xla_device)).cpu()
@@ -256,7 +263,37 @@ def test_tpu_model_walk_reads_the_true_rank_pages(int8):
     pool_rows = 1000
     cost = pooled_model.pooled_cost(chip, lanes, ranks, hidden, out_dim, max_rank, max_loras, int8, pool_rows)
     element = 1 if int8 else 2
-    tables = 4 * (max_loras * max_rank + max_loras * 8 + max_loras) + (8 * (pool_rows + 2) if int8 else 0)
+    tables = 4 * (max_loras * 8 + max_loras) + (8 * (pool_rows + 2) if int8 else 0)  # the page table, no row table
     assert cost.manual_bytes == sum(ranks) * (hidden + out_dim) * element + tables
     padded = tpu_model.fused_cost(chip, np.asarray(lanes), hidden, out_dim, max_rank, max_loras)
     assert padded.manual_bytes == len(ranks) * max_rank * (hidden + out_dim) * 2
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_kernel_reads_the_host_page_table_not_the_row_table(int8):
+    """The op's TPU function (traced for v6e, Llama-3-8B's k_proj, 64 lanes of max_rank 128) given the host-built
+    page table reads nothing of the [L, R] row table (the 32 KiB it read per projection before); without the
+    page table it derives it from the row table, which is then read. The table is what ``pool.page_table``
+    builds: each lane's page starts, then its true rank."""
+    import jax
+    import jax.numpy as jnp
+    from jax.extend.core import Var
+
+    from torch_xla_lora.ops import _jax
+
+    lanes, max_rank, hidden, out_dim, rows = 64, 128, 4096, 1024, 1000
+    element = jnp.int8 if int8 else jnp.bfloat16
+    shapes = [((16, hidden), jnp.bfloat16), ((rows + 2, hidden), element), ((rows + 2, out_dim), element)]
+    shapes += [((16, out_dim), jnp.bfloat16), ((16,), jnp.int32), ((lanes, max_rank), jnp.int32)]
+    shapes += [((rows + 2,), jnp.float32)] * (2 if int8 else 0)
+    for with_pages in (True, False):
+        args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
+        args += [jax.ShapeDtypeStruct((lanes * fused.pages(max_rank) + lanes,), jnp.int32)] * with_pages
+        fn = _jax.pooled_shrink_expand_fn("pallas", "v6e", SCALING, int8, False, with_pages=with_pages)
+        traced = jax.make_jaxpr(fn)(*args).jaxpr
+        read = {v for eqn in traced.eqns for v in eqn.invars if isinstance(v, Var)}
+        assert (traced.invars[5] in read) is not with_pages
+    table = torch.full((3, 16), 99, dtype=torch.int32)
+    table[0, :11] = torch.arange(40, 51)
+    table[2, :3] = torch.tensor([8, 99, 10])  # an entry naming the zero row inside the rank: read, as zeros
+    assert pool.page_table(table.reshape(-1), 3, 99).tolist() == [40, 48, 99, 99, 8, 99, 11, 0, 3]

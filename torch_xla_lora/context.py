@@ -27,6 +27,9 @@ class BatchContext:
         kernel where its plan differs (see ``ops.batch_metadata``).
       rows: with a memory budget, the int32 device table of each lane's pool rows
         ([max_loras * max_rank], see :mod:`torch_xla_lora.pool`); slots are lanes then.
+      pages: with a memory budget on one device, the int32 device page table of ``rows``
+        ([max_loras * pages(max_rank) + max_loras]: each lane's page starts, then its true rank,
+        ``pool.page_table``), built on the host with it: what the pooled kernel reads in place of ``rows``.
     """
 
     def __init__(self) -> None:
@@ -34,6 +37,7 @@ class BatchContext:
         self.per_token = False
         self.metadata: dict[tuple, torch.Tensor] = {}
         self.rows: torch.Tensor | None = None
+        self.pages: torch.Tensor | None = None
 
     def set(
         self,
@@ -41,8 +45,10 @@ class BatchContext:
         per_token: bool,
         metadata: dict[tuple, torch.Tensor] | None = None,
         rows: torch.Tensor | None = None,
+        pages: torch.Tensor | None = None,
     ) -> None:
         self.slots, self.per_token, self.metadata, self.rows = slots, per_token, metadata or {}, rows
+        self.pages = pages
 
     def token_slots(self, x: torch.Tensor) -> torch.Tensor | None:
         """Slot of every token of ``x`` ([..., D], flattened to [N, D]): [N] int32, or None."""

@@ -47,7 +47,7 @@ from torch_xla_lora.layers.experts import ExpertsWithLoRA, RouterWithLoRA
 from torch_xla_lora.layers.linear import is_quantized_linear, linear_features
 from torch_xla_lora.layers.names import COLUMN_NAMES, MERGED_NAMES, QKV_NAMES, ROW_NAMES
 from torch_xla_lora.manager import AdapterManager
-from torch_xla_lora.pool import SPARE_ROWS, PoolManager
+from torch_xla_lora.pool import SPARE_ROWS, PoolManager, page_table
 
 if TYPE_CHECKING:
     from torch_xla.distributed.spmd import Mesh
@@ -526,6 +526,9 @@ class LoRAModel:
                 rows = sharding.send_replicated(rows, self.device, self.layers)
             self.context.set(device_slots, per_token, on_device, rows)
             return
+        pages = None  # the pooled kernel's page table of the rows, built here once per batch (pool.page_table)
+        if rows is not None:
+            pages = page_table(rows, self.config.max_loras, self.manager.zero_row).to(self.device)
         rows = None if rows is None else rows.to(self.device)
         if metadata is None:
             metadata = self._host_metadata(slots, seq_len)
@@ -535,7 +538,7 @@ class LoRAModel:
             if id(array) not in sent:
                 sent[id(array)] = array.to(self.device)
             on_device[key] = sent[id(array)]
-        self.context.set(slots.to(self.device), per_token, on_device, rows)
+        self.context.set(slots.to(self.device), per_token, on_device, rows, pages)
 
     # -- compilation -------------------------------------------------------------------------------
 
@@ -600,7 +603,8 @@ class LoRAModel:
         step = step or (self._training_step if training else self.model)
         counter = CompileCounter()
         self.manager.warm_writes()
-        saved = (self.context.slots, self.context.per_token, self.context.metadata, self.context.rows)
+        context = self.context
+        saved = (context.slots, context.per_token, context.metadata, context.rows, context.pages)
         params = [p for adapter in self._trainable.values() for p in adapter.parameters().values()]
         grads = [p.grad for p in params]
         try:

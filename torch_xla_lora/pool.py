@@ -42,7 +42,15 @@ from torch_xla_lora.errors import AdapterNotFoundError, ConfigError, ConfigTypeE
 if TYPE_CHECKING:
     from torch_xla_lora.layers.base import BaseLayerWithLoRA
 
-__all__ = ["PoolFullError", "PoolManager", "parse_bytes", "layer_row_bytes", "gather_slots", "quantize_rows"]
+__all__ = [
+    "PoolFullError",
+    "PoolManager",
+    "parse_bytes",
+    "layer_row_bytes",
+    "gather_slots",
+    "quantize_rows",
+    "page_table",
+]
 
 #: Rows a pool keeps beside its data rows: the zero row (padding lanes and ranks read it) and the
 #: scratch row (the padding of a fixed-shape write lands there).
@@ -134,6 +142,20 @@ def gather_slots(
     lanes = picked.reshape(*picked.shape[:axis], max_loras, -1, *picked.shape[axis + 1 :])
     lanes = lanes.movedim(axis, 0)  # [L, k, ..., R, ...]
     return lanes.reshape(-1, *lanes.shape[2:])
+
+
+def page_table(rows: torch.Tensor, max_loras: int, zero_row: int) -> torch.Tensor:
+    """The page table of a row table (host int32 ``[max_loras * max_rank]``, :meth:`PoolManager.batch_rows`):
+    int32 ``[L * pages(R) + L]``, each lane's page starts (entries ``0, 8, 16, ...`` of its rows; lane l's
+    page p at ``l * pages(R) + p``), then each lane's true rank (the position after its last entry that is
+    not the zero row). Built once per batch on the host and sent whole beside the row table: what the pooled
+    kernel reads, so no layer derives it from the row table in its graph."""
+    table = rows.reshape(max_loras, -1).to(torch.int32)
+    starts = table[:, ::KERNEL_PAGE_ROWS].reshape(-1)
+    position = torch.arange(1, table.shape[1] + 1, dtype=torch.int32)
+    named = torch.where(table != zero_row, position, 0)
+    ranks = named.amax(dim=1) if table.shape[1] else torch.zeros(max_loras, dtype=torch.int32)
+    return torch.cat([starts, ranks.to(torch.int32)])
 
 
 def granule_for(layers: Mapping[str, BaseLayerWithLoRA]) -> int:

@@ -105,7 +105,7 @@ def pooled_cost(
             manual += dma
             flops += tpu_model.mxu_flops(matmuls, chip.mxu_width)
     entries = max_loras * fused.pages(max_rank)
-    manual += 4 * (max_loras * max_rank + entries + max_loras)  # the rows table read, page starts and ranks
+    manual += 4 * (entries + max_loras)  # the page table (page starts, ranks), built on the host per batch
     if int8 and pool_rows + 2 <= fused.SMEM_SCALE_ROWS:  # both scale arrays prefetched whole into SMEM
         manual += 2 * 4 * (pool_rows + 2)
     elif int8:  # each page's 8 scales of both factors: a (1024-element) tile of each scale array per window

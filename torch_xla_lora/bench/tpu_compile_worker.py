@@ -268,9 +268,10 @@ def build_pooled(cfg: Config, sds):
         sds((slots, rank), jnp.int32),
     ]
     args += [sds((pool_rows,), jnp.float32)] * 2 if int8 else []
+    args += [sds((slots * fused.pages(rank) + slots,), jnp.int32)]  # the page table, host-built as the layers send it
     sizes, lanes, run = fused.pooled_plan_call(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, int8)
     padded = sizes.padded_tokens(tokens)
-    # The tables the kernel prefetches whole: page starts, ranks, and an int8 pool's two scale arrays.
+    # The tables the kernel prefetches whole: the page table (page starts, ranks), an int8 pool's two scale arrays.
     table_bytes = 4 * (slots * fused.pages(rank) + slots) + (2 * 4 * pool_rows if int8 else 0)
     estimate = fused.pooled_cost_estimate(padded, d_in, d_out, ranks, rank, dtype, sizes, lanes, int8, table_bytes)
     info = {
@@ -283,7 +284,7 @@ def build_pooled(cfg: Config, sds):
         "activation_bytes": padded * (d_in + 2 * d_out) * dtype.itemsize + 4 * padded,
         "table_bytes": table_bytes,
     }
-    return _jax.pooled_shrink_expand_fn("pallas", cfg.chip, SCALING, int8, False, ranks), args, info
+    return _jax.pooled_shrink_expand_fn("pallas", cfg.chip, SCALING, int8, False, ranks, True), args, info
 
 
 BUILDERS = {

@@ -202,6 +202,7 @@ class BaseLayerWithLoRA(nn.Module):
             1.0,
             backend,
             metadata,
+            self.context.pages,  # the host-built page table: the kernel reads it, not the row table
         )
         return out.to(y.dtype)
 

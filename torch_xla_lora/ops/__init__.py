@@ -409,32 +409,48 @@ def _pooled_shrink_expand(
     scaling: float = 1.0,
     backend: str = "auto",
     metadata: torch.Tensor | None = None,
+    pages: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``torch.ops.xla_lora.pooled_shrink_expand``: see :func:`pooled_shrink_expand`."""
     _validate.pooled_shrink_expand(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale)
     _validate.backend(backend)
     _validate.scaling(scaling)
     _validate.pooled_metadata(metadata, inputs, rows, b_pool.shape[1])
+    _validate.pooled_pages(pages, inputs, rows)
     if inputs.device.type != "xla":
         return reference.pooled_shrink_expand(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling)
     if _validate.degenerate(*rows.shape, inputs.shape[1], b_pool.shape[1]):  # L, R, D or Dout is 0
         return base.clone()
     name, generation = _backend(backend)
     int8 = a_scale is not None
-    fn = _jax_module().pooled_shrink_expand_fn(name, generation, float(scaling), int8, metadata is not None)
+    fn = _jax_module().pooled_shrink_expand_fn(
+        name, generation, float(scaling), int8, metadata is not None, with_pages=pages is not None
+    )
     scales = (a_scale, b_scale) if int8 else ()
-    extra = () if metadata is None else (metadata,)
+    extra = tuple(t for t in (metadata, pages) if t is not None)
     return _call_jax(fn, inputs, a_pool, b_pool, base, lanes, rows, *scales, *extra)
 
 
 @_pooled_shrink_expand.register_fake
 def _(
-    inputs, a_pool, b_pool, base, lanes, rows, a_scale=None, b_scale=None, scaling=1.0, backend="auto", metadata=None
+    inputs,
+    a_pool,
+    b_pool,
+    base,
+    lanes,
+    rows,
+    a_scale=None,
+    b_scale=None,
+    scaling=1.0,
+    backend="auto",
+    metadata=None,
+    pages=None,
 ):
     _validate.pooled_shrink_expand(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale)
     _validate.backend(backend)
     _validate.scaling(scaling)
     _validate.pooled_metadata(metadata, inputs, rows, b_pool.shape[1])
+    _validate.pooled_pages(pages, inputs, rows)
     return torch.empty_like(base)
 
 
@@ -450,6 +466,7 @@ def pooled_shrink_expand(
     scaling: float = 1.0,
     backend: str = "auto",
     metadata: torch.Tensor | None = None,
+    pages: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`bgmv_shrink_expand` reading each adapter from a rank-row pool at its true rank.
 
@@ -476,6 +493,10 @@ def pooled_shrink_expand(
       backend: "auto", "pallas" or "xla" (XLA tensors only).
       metadata: optional host-built grouping (XLA only): :func:`batch_metadata`'s entry for the slots the
         pool stands for (``rank`` = R, ``num_slots`` = L, the inputs' dtype).
+      pages: optional [L * pages(R) + L] int32, the page table of ``rows`` built on the host
+        (``pool.page_table``: each lane's page starts, then its true rank; ``context.pages`` with a memory
+        budget). Given, the "pallas" kernel reads it and not ``rows``; else it is derived from ``rows`` in
+        the graph, which then reads the whole [L, R] table per call. It must describe ``rows``.
 
     Returns:
       [T, Dout] in base's dtype (accumulated in float32).
@@ -499,7 +520,7 @@ def pooled_shrink_expand(
     """
     _validate.tensor_arguments(
         "pooled_shrink_expand",
-        optional=("a_scale", "b_scale", "metadata"),
+        optional=("a_scale", "b_scale", "metadata", "pages"),
         inputs=inputs,
         a_pool=a_pool,
         b_pool=b_pool,
@@ -509,9 +530,10 @@ def pooled_shrink_expand(
         a_scale=a_scale,
         b_scale=b_scale,
         metadata=metadata,
+        pages=pages,
     )
     return torch.ops.xla_lora.pooled_shrink_expand(
-        inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling, backend, metadata
+        inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling, backend, metadata, pages
     )
 
 

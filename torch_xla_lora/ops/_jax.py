@@ -183,20 +183,29 @@ def gather_lanes(pool: jax.Array, scale: jax.Array | None, rows: jax.Array, dtyp
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def pooled_shrink_expand_fn(
-    backend: str, generation: str, scaling: float, int8: bool, with_metadata: bool, typical_ranks=None
+    backend: str,
+    generation: str,
+    scaling: float,
+    int8: bool,
+    with_metadata: bool,
+    typical_ranks=None,
+    with_pages: bool = False,
 ) -> Callable:
     """``fn(inputs[T, D], a_pool[P+2, D], b_pool[P+2, Dout], base[T, Dout], lanes[T], rows[L, R]
-    [, a_scale[P+2], b_scale[P+2]][, metadata])`` for one configuration (see ``ops.pooled_shrink_expand``).
+    [, a_scale[P+2], b_scale[P+2]][, metadata][, pages])`` for one configuration (see ``ops.pooled_shrink_expand``).
 
     Backend "pallas", where the pooled kernel runs the shape (``fused.pooled_plan_call``): the kernel
-    reads each lane's true-rank pages. Otherwise (backend "xla", or shapes the pooled kernel cannot
-    take) the lanes' rows are gathered into the slot layout and :func:`shrink_expand_fn` runs on it.
+    reads each lane's true-rank pages through the page table: ``pages`` [L * pages(R) + L] as built on the
+    host (``with_pages``; the row table is then not read at all), else derived from ``rows`` here.
+    Otherwise (backend "xla", or shapes the pooled kernel cannot take) the lanes' rows are gathered into
+    the slot layout and :func:`shrink_expand_fn` runs on it.
     ``typical_ranks``: the batch's distinct ranks for the kernel's cost estimate (the compile grid).
     """
 
     def fn(x, a_pool, b_pool, base, lanes, rows, *rest):
         a_scale, b_scale = rest[:2] if int8 else (None, None)
-        metadata = rest[-1] if with_metadata else None
+        metadata = rest[2 if int8 else 0] if with_metadata else None
+        table = rest[-1] if with_pages else None
         num_tokens, hidden = x.shape
         num_slots, rank = rows.shape
         out_dim = b_pool.shape[1]
@@ -215,11 +224,14 @@ def pooled_shrink_expand_fn(
             meta = visits.build_lanes(idx, num_slots, sizes.tokens, lanes_count)
         else:
             meta, _ = visits.unpack(metadata[:-padded], padded, num_slots, sizes.tokens, lanes_count)
-        starts = rows[:, :: fused.PAGE_ROWS].reshape(-1).astype(jnp.int32)  # each page's first row
+        if table is None:  # derived from the row table in the graph (reads it whole): each page's first row, ranks
+            starts = rows[:, :: fused.PAGE_ROWS].reshape(-1).astype(jnp.int32)
+            table = jnp.concatenate([starts, lane_ranks(rows, a_pool.shape[0] - 2)])
         scales = ()
         if int8 and a_pool.shape[0] <= fused.SMEM_SCALE_ROWS:  # the kernel reads them whole from SMEM
             scales = (a_scale, b_scale)
         elif int8:  # a_scale * b_scale of every row of each page: one 8-row window per page, not a gather per row
+            starts = table[: num_slots * fused.pages(rank)]
 
             def window(scale):
                 return jax.vmap(lambda start: jax.lax.dynamic_slice(scale, (start,), (fused.PAGE_ROWS,)))(starts)
@@ -231,8 +243,7 @@ def pooled_shrink_expand_fn(
             b_pool,
             _pad_rows(base, padded),
             meta,
-            starts,
-            lane_ranks(rows, a_pool.shape[0] - 2),
+            table,
             scales,
             scaling=scaling,
             block_sizes=sizes,

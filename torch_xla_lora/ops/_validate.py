@@ -220,6 +220,18 @@ def pooled_shrink_expand(
             _device(name, scale, inputs)
 
 
+def pooled_pages(pages: torch.Tensor | None, inputs: torch.Tensor, rows: torch.Tensor) -> None:
+    """The host-built page table of ``pooled_shrink_expand``: int32 [L * pages(R) + L] (``pool.page_table``)."""
+    if pages is None:
+        return
+    num_slots, rank = rows.shape
+    _rank("pages", pages, 1, "[L * pages(R) + L]")
+    _dim("pages", pages, 0, num_slots * (-(-rank // 8) + 1), "L * pages(R) + L of rows")
+    if pages.dtype != torch.int32:
+        raise ShapeError(f"pages must be int32, got {pages.dtype}")
+    _device("pages", pages, inputs)
+
+
 def pooled_metadata(meta: torch.Tensor | None, inputs: torch.Tensor, rows: torch.Tensor, out_dim: int) -> None:
     """Packed host metadata of ``pooled_shrink_expand``: the ``bgmv_shrink_expand`` metadata of the slots the
     pool stands for (L, R from ``rows``, the inputs' dtype), see :func:`metadata`."""
