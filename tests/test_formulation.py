@@ -106,7 +106,7 @@ def test_xla_formulation_through_a_model_equals_peft(llama_case, xla_device, mon
     monkeypatch.setattr(ops, "device_generation", lambda: "v6e")
     calls = []
 
-    def choose(*args):
+    def choose(*args, **kwargs):
         calls.append(args)
         return "xla"
 
