@@ -48,7 +48,8 @@ class FusionRole:
     residual_output: bool = False
     input_share: float = 1.0
     # What the fused kernel takes in of x's producer ("", "silu_mul", "norm") and whether it adds the
-    # residual in its write: set by ``layers/fusion.py`` on the MLP projections of the decoders it arranges.
+    # residual in its write: set by ``layers/fusion.py`` on the projections of the decoders it arranges
+    # (q/k/v, o, gate/up, down).
     # An arrangement of the layer, not its place in the model: left out of equality.
     prologue: str = dataclasses.field(default="", compare=False)
     residual_in_kernel: bool = dataclasses.field(default=False, compare=False)

@@ -335,7 +335,7 @@ def format_fused_base_table(rows: list[dict]) -> str:
     lines = [
         "| chip | T | L | proj base (us) | proj fused | proj fused, no adapter | proj separate | "
         "layer base (us) | layer fused | layer fused, no adapter | layer separate | layer XLA-native | "
-        "layer one-hot | layer chosen | chosen (q k v o gate up down) | layer fused, chosen: MLP not arranged |",
+        "layer one-hot | layer chosen | chosen (q k v o gate up down) | layer fused, chosen: decoder not arranged |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
