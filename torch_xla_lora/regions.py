@@ -391,43 +391,45 @@ def sharded_grouped_matmul(
     key: str,
     backend: str,
 ) -> torch.Tensor:
-    """One projection of a mixture-of-experts layer, tensor parallel inside every expert, per shard.
+    """One projection of a mixture-of-experts layer, tensor (and expert) parallel, per shard.
 
     Args:
-      rows: [S, in], the routed rows sorted by expert; weight: [E, out, in] ([E, in, out] if
-        ``transposed``); group_sizes: [E] int32 (rows per expert, device data).
+      rows: [S, in], the routed rows sorted by expert (with an expert axis, the down projection's
+        input is the up projection's stacked output, [n, S, width]); weight: [E, out, in]
+        ([E, in, out] if ``transposed``); group_sizes: [E] int32 (rows per expert, device data).
       lora_a: [L * E, R, in]; lora_b: [L * E, R, out]; lora_rows: [S] int32, each row's
         (slot, expert) entry (outside [0, L * E): no LoRA); all three None: the base alone.
       row_parallel: the down projection (split on its input, the expert width); else the
         up projection (split on its output).
 
     Returns:
-      [S, out] in rows' dtype, without bias: split on out for the up projection, reduced
-      (replicated) for the down projection.
+      without bias, in rows' dtype: the up projection [S, out] split on out, or with an expert
+      axis of n shards [n, S, out] (each expert shard's rows, zero for other experts' rows),
+      split on the stack and on out; the down projection [S, out] reduced (replicated).
 
-    Every shard holds all experts, each cut to its slice of the expert width, and all S
-    rows (the sort by expert is global, so the rows are replicated over every other axis);
-    ``group_sizes`` is the same on every shard. Up: the grouped matmul of the rows by the
-    local weight slice gives the shard's output columns, and the LoRA expand writes into
-    them with the local columns of B (A whole): no collective. Down: each shard's grouped
-    matmul reads its slice of the width, the LoRA shrink its slice of A (B whole), and the
-    partial products leave stacked on the model axis: one sum, the base's one all-reduce.
+    Every shard holds all experts (with an expert axis: its E / n experts), each cut to its
+    slice of the expert width, and all S rows (the sort by expert is global, so the rows are
+    replicated over every other axis); ``group_sizes`` is the same on every shard. Up: the
+    grouped matmul of the rows by the local weight slice gives the shard's output columns, and
+    the LoRA expand writes into them with the local columns of B (A whole): no collective.
+    Down: each shard's grouped matmul reads its slice of the width, the LoRA shrink its slice
+    of A (B whole), and the partial products leave stacked on the model (and expert) axis: one
+    sum, the base's one all-reduce.
     """
     from torch_xla_lora.ops._grouped import grouped_matmul
 
     p = _placement(key)
+    if p.expert_axis is not None:
+        lora = (lora_a, lora_b, lora_rows)
+        return _expert_parallel(p, rows, weight, group_sizes, *lora, transposed, row_parallel, backend)
     axis = p.axis
-    width_axis = (None, None, axis) if transposed != row_parallel else (None, axis, None)  # the width's dim
     x = p.enter(rows, (None, axis) if row_parallel else (None, None))
-    w = p.enter(weight, width_axis, placed=True)
+    w = p.enter(weight, p.expert_weight_spec(transposed, row_parallel), placed=True)
     sizes = p.enter(group_sizes, (None,))
     out = grouped_matmul(x, w, sizes, transposed)
     if lora_rows is not None:
-        a_spec, b_spec = ((None, None, axis), (None, None, None)) if row_parallel else ((None,) * 3, (None, None, axis))
-        a, b = _enter_factor(p, lora_a, a_spec), _enter_factor(p, lora_b, b_spec)
         idx = p.enter(lora_rows, (None,))
-        lora = torch.ops.xla_lora.bgmv_shrink_expand(x.to(a.dtype), a, b, out.to(b.dtype), idx, 1.0, backend, None)
-        out = lora.to(out.dtype)
+        out = _expert_lora(p, x, out, lora_a, lora_b, idx, row_parallel, backend)
     width = weight.shape[2] if transposed else weight.shape[1]
     if not row_parallel:
         return p.leave(out, (None, axis), (rows.shape[0], width))
@@ -435,9 +437,77 @@ def sharded_grouped_matmul(
     return p.leave(out[None], (axis, None, None), (p.shards, rows.shape[0], width)).sum(0)
 
 
+def _expert_lora(p, x, out, lora_a, lora_b, idx, row_parallel: bool, backend: str) -> torch.Tensor:
+    """``out`` plus each row's (slot, expert) LoRA of ``x``, on this shard's slices of the slot buffers."""
+    axis = p.axis
+    a_spec, b_spec = ((None, None, axis), (None, None, None)) if row_parallel else ((None,) * 3, (None, None, axis))
+    a, b = _enter_factor(p, lora_a, a_spec), _enter_factor(p, lora_b, b_spec)
+    lora = torch.ops.xla_lora.bgmv_shrink_expand(x.to(a.dtype), a, b, out.to(b.dtype), idx, 1.0, backend, None)
+    return lora.to(out.dtype)
+
+
+def _expert_parallel(
+    p: LayerSharding,
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    group_sizes: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    lora_rows: torch.Tensor | None,
+    transposed: bool,
+    row_parallel: bool,
+    backend: str,
+) -> torch.Tensor:
+    """:func:`sharded_grouped_matmul` with the experts split over ``p.expert_axis`` (n shards).
+
+    Each device holds E / n contiguous experts, whose rows are one contiguous run of the sorted rows,
+    starting at the rows of the experts before them (``offset``, device data). The rows are rotated so
+    that the run starts at row 0, multiplied by the local groups (rows past them: zeros), and rotated
+    back: two row gathers of [S, width / tp], no weight gathered. The LoRA entries of other experts'
+    rows are masked to "no LoRA". Up: the rows' partials leave stacked on the expert axis (no
+    collective); down: base and LoRA partials are summed over the expert and model axes at once.
+    """
+    from torch_xla_lora.ops._grouped import grouped_matmul
+
+    axis, experts_axis = p.axis, p.expert_axis
+    experts = weight.shape[0]
+    local_experts = experts // p.expert_shards
+    device = rows.device
+    if row_parallel:  # the up projection's stacked output: this expert shard's rows, its width slice
+        x = p.enter(rows, (experts_axis, None, axis))[0]
+    else:
+        x = p.enter(rows, (None, None))
+    count = x.shape[0]
+    w = p.enter(weight, p.expert_weight_spec(transposed, row_parallel), placed=True)  # [E / n, ...]
+    sizes = p.enter(group_sizes, (None,))
+    # This shard's first expert, and the first row of its experts' run (every operand entered: all manual).
+    shard = p.enter(torch.arange(p.expert_shards, dtype=torch.int32, device=device), (experts_axis,))
+    first = shard * local_experts  # [1]
+    expert = p.enter(torch.arange(experts, dtype=torch.int32, device=device), (None,))
+    within = p.enter(torch.arange(local_experts, dtype=torch.int32, device=device), (None,))
+    local_sizes = sizes.index_select(0, first + within)
+    offset = torch.where(expert < first, sizes, 0).sum()
+    position = p.enter(torch.arange(count, dtype=torch.int32, device=device), (None,))
+    out = grouped_matmul(x.index_select(0, (position + offset) % count), w, local_sizes, transposed)
+    out = out.index_select(0, (position - offset) % count)  # sorted order; other experts' rows zero
+    if lora_rows is not None:
+        mine = (position >= offset) & (position < offset + local_sizes.sum())
+        idx = torch.where(mine, p.enter(lora_rows, (None,)), -1)
+        out = _expert_lora(p, x, out, lora_a, lora_b, idx, row_parallel, backend)
+    width = weight.shape[2] if transposed else weight.shape[1]
+    if not row_parallel:
+        return p.leave(out[None], (experts_axis, None, axis), (p.expert_shards, count, width))
+    # Reduced in the rows' dtype, as the base projection alone would be.
+    return _leave_summed(p, out, (None, None), (count, width), (experts_axis, axis), float32=False)
+
+
 @sharded_grouped_matmul.register_fake
 def _(rows, weight, group_sizes, lora_a, lora_b, lora_rows, transposed, row_parallel, key, backend):
-    return rows.new_empty((rows.shape[0], weight.shape[2] if transposed else weight.shape[1]))
+    width = weight.shape[2] if transposed else weight.shape[1]
+    p = _placement(key)
+    if p.expert_axis is not None and not row_parallel:
+        return rows.new_empty((p.expert_shards, rows.shape[0], width))
+    return rows.new_empty((rows.shape[-2], width))
 
 
 @torch.library.custom_op("xla_lora::sharded_gather_slots", mutates_args=())

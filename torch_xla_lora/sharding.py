@@ -34,6 +34,11 @@ Column-parallel layers add none either (the base output is already sharded
 like B). ``fully_sharded`` also shards column layers' A along the rank and
 pays one all-gather of the [T, R] intermediate per layer.
 
+Mixture-of-experts expert layers are tensor parallel inside every expert (the expert width over the
+model axis) and, given ``ep_axis``, expert parallel: the experts split over that axis, each device
+running the grouped matmul over its own experts' rows; the down projection's partials (base and LoRA)
+are summed over both axes in one reduction (see :func:`torch_xla_lora.regions.sharded_grouped_matmul`).
+
 With rank-true storage (``LoRAConfig.memory_budget``) the pools are split as the slot buffers they stand
 for (:meth:`LayerSharding.pool_specs`) and each shard gathers its slice of the batch's rows in a region of
 its own. torch_xla's int8 quantized linear layers keep their weights, scales and zero points split as the
@@ -169,7 +174,9 @@ class LayerSharding:
       kind: "column", "row", "vocab" or "replicated".
       data_axis: mesh axis the tokens are split on (data parallelism), or None.
       fully_sharded: also shard column layers' A along the rank.
-      shards, data_shards: sizes of ``axis`` and ``data_axis`` (1 without one).
+      expert_axis: mesh axis the experts of MoE expert layers are split over (expert parallelism), or
+        None; other layers replicate over it.
+      shards, data_shards, expert_shards: sizes of ``axis``, ``data_axis`` and ``expert_axis`` (1 without one).
       key: the placement as a string, passed to the per-shard region ops
         (:mod:`torch_xla_lora.regions`), which rebuild it with :meth:`from_key`.
     """
@@ -179,8 +186,10 @@ class LayerSharding:
     kind: str
     data_axis: str | None = None
     fully_sharded: bool = False
+    expert_axis: str | None = None
     shards: int = dataclasses.field(init=False, repr=False, compare=False)
     data_shards: int = dataclasses.field(init=False, repr=False, compare=False)
+    expert_shards: int = dataclasses.field(init=False, repr=False, compare=False)
     key: str = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -188,7 +197,8 @@ class LayerSharding:
         sizes = self.mesh.shape()
         object.__setattr__(self, "shards", int(sizes[self.axis]))
         object.__setattr__(self, "data_shards", int(sizes[self.data_axis]) if self.data_axis else 1)
-        fields = (str(self.mesh), self.axis, self.kind, self.data_axis, self.fully_sharded)
+        object.__setattr__(self, "expert_shards", int(sizes[self.expert_axis]) if self.expert_axis else 1)
+        fields = (str(self.mesh), self.axis, self.kind, self.data_axis, self.fully_sharded, self.expert_axis)
         object.__setattr__(self, "key", repr(fields))
 
     @classmethod
@@ -196,8 +206,8 @@ class LayerSharding:
         """The placement whose :attr:`key` is ``key`` (an equal mesh, not the same object)."""
         from torch_xla.distributed.spmd import Mesh
 
-        mesh, axis, kind, data_axis, fully_sharded = ast.literal_eval(key)
-        return cls(Mesh.from_str(mesh), axis, kind, data_axis, fully_sharded)
+        mesh, axis, kind, data_axis, fully_sharded, expert_axis = ast.literal_eval(key)
+        return cls(Mesh.from_str(mesh), axis, kind, data_axis, fully_sharded, expert_axis)
 
     @property
     def out_axis(self) -> str | None:
@@ -243,17 +253,20 @@ class LayerSharding:
 
     def expert_specs(self, layer: ExpertsWithLoRA) -> tuple[dict[str, Spec], dict[str, Spec]]:
         """(base module's tensors, LoRA buffers) -> partition spec of an expert layer: the expert width
-        (the up projection's output, the down projection's input) over the model axis.
+        (the up projection's output, the down projection's input) over the model axis, and with an
+        expert axis the experts over it.
 
         ``gate_up_proj``/``up_proj`` [E, out, in] is split on out ([E, in, out] when transposed) with its
-        bias [E, out], ``down_proj`` [E, D, width] on width ([E, width, D]); the up projection's ``lora_b``
-        [L * E, R, out] follows its output, the down projection's ``lora_a_down`` [L * E, R, width] its
-        input; ``lora_a`` and ``lora_b_down`` (and ``down_proj_bias``) are replicated."""
+        bias [E, out], ``down_proj`` [E, D, width] on width ([E, width, D]), both on E over the expert
+        axis (:meth:`expert_weight_spec`); the up projection's ``lora_b`` [L * E, R, out] follows its
+        output, the down projection's ``lora_a_down`` [L * E, R, width] its input; ``lora_a`` and
+        ``lora_b_down`` (and ``down_proj_bias``) are replicated. The slot buffers and the biases (small
+        beside the expert weights) are replicated over the expert axis."""
         axis = self.axis if self.kind == EXPERTS else None
         up, down = layer.up_name, "down_proj"
         base = {
-            up: (None, None, axis) if layer.transposed else (None, axis, None),
-            down: (None, axis, None) if layer.transposed else (None, None, axis),
+            up: self.expert_weight_spec(layer.transposed, row_parallel=False),
+            down: self.expert_weight_spec(layer.transposed, row_parallel=True),
             f"{up}_bias": (None, axis),
             f"{down}_bias": (None, None),
         }
@@ -264,6 +277,15 @@ class LayerSharding:
             "lora_b_down": (None, None, None),
         }
         return base, lora
+
+    def expert_weight_spec(self, transposed: bool, row_parallel: bool) -> Spec:
+        """Partition spec of an expert weight [E, out, in] ([E, in, out] if ``transposed``): E over the expert
+        axis (None without one), the expert width (the up projection's out, the down projection's in,
+        ``row_parallel``) over the model axis."""
+        if self.kind != EXPERTS:
+            return (None, None, None)
+        width_last = transposed != row_parallel
+        return (self.expert_axis, None, self.axis) if width_last else (self.expert_axis, self.axis, None)
 
     def lora_specs_linear(self) -> dict[str, Spec]:
         """:meth:`lora_specs` of a linear layer (A [L, R, in], B [L, R, out])."""
@@ -356,6 +378,11 @@ class LayerSharding:
             raise ShardingError(
                 f"module {name!r}: expert width {width} does not divide into {self.shards} shards of mesh axis "
                 f"{self.axis!r}"
+            )
+        if self.kind == EXPERTS and layer.num_experts % self.expert_shards:
+            raise ShardingError(
+                f"module {name!r}: {layer.num_experts} experts do not divide into {self.expert_shards} shards of "
+                f"mesh axis {self.expert_axis!r} (ep_axis)"
             )
 
     def apply(self, module: nn.Module, layer: BaseLayerWithLoRA | None) -> None:
@@ -584,6 +611,11 @@ class LayerSharding:
         columns of B. The down projection is row-parallel: each shard reads its slice of the width
         (of h, of the weight and of A), and base and LoRA partials share the one reduction. The routed rows
         are replicated over every other mesh axis (a data axis included): the sort by expert is global.
+
+        With an expert axis each device holds E / n of the experts and runs the grouped matmul over their
+        rows only (rows of other experts give zeros, their LoRA entries none): the up projection returns
+        the partials stacked on the expert axis, [n, S, width] (the gate runs on it elementwise), and the
+        down projection sums base and LoRA partials over the expert and model axes in one reduction.
         """
         lora = [t for t in (lora_a, lora_b) if t is not None]
         if torch.is_grad_enabled() and (layer.trainable or any(t.requires_grad for t in lora)):
@@ -800,21 +832,26 @@ def plan_model(
     plan: ShardingPlan | None = None,
     dp_axis: str | None = None,
     fully_sharded: bool = False,
+    ep_axis: str | None = None,
 ) -> ModelSharding:
     """Resolve and check the sharding of ``model`` (not yet patched) and its future LoRA ``layers``.
 
-    Nothing is changed; :meth:`ModelSharding.apply` marks the tensors.
+    Nothing is changed; :meth:`ModelSharding.apply` marks the tensors. ``ep_axis``: the mesh axis MoE
+    expert layers split their experts over (expert parallelism), or None.
 
     Raises:
-      ShardingError: an axis is not in the mesh, a plan key or kind is wrong,
-        or a LoRA layer's sharded dimension does not divide over the axis.
+      ShardingError: an axis is not in the mesh (or ``ep_axis`` is ``tp_axis`` or ``dp_axis``), a plan key
+        or kind is wrong, or a LoRA layer's sharded dimension (the experts: their number) does not divide
+        over its axis.
     """
     names = tuple(mesh.axis_names or ())
-    for what, axis in (("tp_axis", tp_axis), ("dp_axis", dp_axis)):
+    for what, axis in (("tp_axis", tp_axis), ("dp_axis", dp_axis), ("ep_axis", ep_axis)):
         if axis is not None and axis not in names:
             raise ShardingError(f"{what} {axis!r} is not an axis of the mesh (axes: {names})")
     if dp_axis == tp_axis:
         raise ShardingError(f"dp_axis and tp_axis must differ, both are {tp_axis!r}")
+    if ep_axis is not None and ep_axis in (tp_axis, dp_axis):
+        raise ShardingError(f"ep_axis must differ from tp_axis and dp_axis, got {ep_axis!r} (axes: {names})")
     modules = dict(model.named_modules())
     # LoRA layers the plan leaves out are replicated, but still run per shard (tokens may be split).
     kinds = dict.fromkeys(layers, "replicated") | _resolve(model, plan)
@@ -822,7 +859,7 @@ def plan_model(
     kinds |= {name: EXPERTS for name, layer in layers.items() if isinstance(layer, ExpertsWithLoRA)}
     placements = {}
     for name, kind in kinds.items():
-        placement = LayerSharding(mesh, tp_axis, kind, dp_axis, fully_sharded)
+        placement = LayerSharding(mesh, tp_axis, kind, dp_axis, fully_sharded, ep_axis)
         placement.check(name, modules[name], layers.get(name))
         placements[name] = (modules[name], placement)
     return ModelSharding(placements)

@@ -213,6 +213,8 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         else:
             lora_a = lora_b = lora_a_down = lora_b_down = None
         up = self._project(self.up_name, x, group_sizes, expert_sorted, lora_rows, lora_a, lora_b)
+        # With an expert axis on a mesh, up is [n, N * K, width]: each expert shard's rows, stacked (see
+        # sharding.LayerSharding.expert_projection); the gate is elementwise over the last dimension.
         h = base._apply_gate(up) if base.has_gate else base.act_fn(up)
         down = self._project("down_proj", h, group_sizes, expert_sorted, lora_rows, lora_a_down, lora_b_down)
         if getattr(base, "has_post_expert_norm", False):
