@@ -240,17 +240,22 @@ def _graph_files(dump_dir: str) -> set[str]:
     return set(glob.glob(os.path.join(dump_dir, "*SyncTensorsGraph*after_optimizations.txt")))
 
 
-def _run_and_count(dump_dir: str, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, int]]:
-    """``module(x)`` synced, and the collectives of the one graph it compiled, after SPMD partitioning."""
+def _run_and_count(
+    dump_dir: str, module: nn.Module, x: torch.Tensor, graphs: int | None = 1
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """``module(x)`` synced, and the collectives of the ``graphs`` graphs it compiled (None: any number, e.g. a
+    first call's host checks of the base model too), after SPMD partitioning."""
     before = _graph_files(dump_dir)
     with torch.no_grad():
         out = module(x)
         torch_xla.sync()
     files = _graph_files(dump_dir) - before
-    if len(files) != 1:
-        raise RuntimeError(f"expected one new compiled graph, found {sorted(files)}")
-    with open(files.pop()) as f:
-        hlo = f.read()
+    if graphs is not None and len(files) != graphs:
+        raise RuntimeError(f"expected {graphs} new compiled graph(s), found {sorted(files)}")
+    hlo = ""
+    for file in sorted(files):
+        with open(file) as f:
+            hlo += f.read()
     return out, {op: len(re.findall(rf"= [^=]*\b{op}(?:-start)?\(", hlo)) for op in COLLECTIVES}
 
 
@@ -300,6 +305,7 @@ def run_layers(inputs: dict) -> dict:
     result["scaled_embedding"] = {kind: _scaled_embedding_logits(case, mesh) for kind, case in inputs["scaled"].items()}
     result["divisibility_error"] = _divisibility_error(mesh)
     result["moe"] = run_moe(inputs["moe"], _mesh((1, 4), ("data", "model")), inputs["dump_dir"])
+    result["moe_ep"] = run_moe_expert_parallel(inputs["moe"], _mesh((2, 2), ("expert", "model")), inputs["dump_dir"])
     result["pool"] = run_pool(inputs["pool"], mesh, inputs["dump_dir"])
     result["quantized"] = run_quantized(inputs["quantized"], _mesh((2, 2), ("data", "model")), inputs["dump_dir"])
     result["serving"] = _serving_compiles(inputs["llama"], mesh)
@@ -581,6 +587,56 @@ def _moe_compiled(inputs: dict, patched, ids: torch.Tensor, mesh: xs.Mesh) -> di
     _serve(lora, step, ids, inputs["adapters"], inputs["more_batches"])
     result["compiles_after_warmup"] = counter.count
     result["graphs_after_warmup"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    return result
+
+
+def run_moe_expert_parallel(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
+    """The tiny Mixtral of ``run_moe`` with its experts split over the mesh's "expert" axis and their width over
+    "model" (``ep_axis="expert"``): placements, the mixed batch's logits lazy and compiled, the collectives of the
+    lazy forward with and without a batch, compilations after the compiled step's warm-up over the batch and
+    another adapter mix, and a model whose experts do not divide over the expert axis refused. Few graphs: the
+    compiled step runs on the same model."""
+    device = torch_xla.device()
+    model = copy.deepcopy(inputs["model"]).to(device).eval()
+    lora = tl.patch_model(model, tl.LoRAConfig(**inputs["lora_config"]), mesh=mesh, ep_axis="expert")
+    _load_all(lora, inputs["adapters"])
+    ids = inputs["ids"].to(device)
+    experts = lora.layers["model.layers.0.mlp.experts"]
+    tensors = {"gate_up_proj": experts.base_layer.gate_up_proj, "down_proj": experts.base_layer.down_proj}
+    tensors |= {name: getattr(experts, name) for name in ("lora_a", "lora_b", "lora_a_down", "lora_b_down")}
+    result = {"kind": experts.tensor_parallel.kind, "specs": {name: _spec(t) for name, t in tensors.items()}}
+    result["expected_specs"] = {
+        name: _spec(xs.mark_sharding(torch.zeros(t.shape, device=device), mesh, inputs["ep_specs"][name]).global_tensor)
+        for name, t in tensors.items()
+    }
+    logits = lambda ids: sharding.replicated(model(ids, use_cache=False).logits, mesh)
+    lora.set_batch(inputs["batch"])
+    torch_xla.sync()  # the slot writes, before the forward's graphs are counted
+    out, counts = _run_and_count(dump_dir, logits, ids, graphs=None)  # with the base model's first host checks
+    result["logits"], result["collectives"] = out.cpu(), {"lora": counts}
+    lora.clear_batch()
+    result["collectives"]["base"] = _run_and_count(dump_dir, logits, ids)[1]
+    # Compiled (the same model): after warm-up, the mixed batch and another mix with a reload compile nothing.
+    step = torch.compile(lambda ids: sharding.replicated(model(ids, use_cache=False).logits, mesh), backend="openxla")
+    lora.warmup([ids.shape[0]], [ids.shape[1]], step=step, progress=False)
+    counter = tl.CompileCounter()
+    lora.set_batch(inputs["batch"])
+    with torch.no_grad():
+        result["compiled_logits"] = step(ids).cpu()
+    _serve(lora, step, ids, inputs["adapters"], inputs["more_batches"][:1])
+    result["compiled_compiles_after_warmup"] = counter.count
+    # Six experts over an expert axis of four shards: refused before the model changes.
+    config = copy.deepcopy(inputs["model"].config)
+    config.num_local_experts = 6
+    odd = type(inputs["model"])(config)
+    try:
+        tl.patch_model(
+            odd, tl.LoRAConfig(**inputs["lora_config"]), mesh=_mesh((4, 1), ("expert", "model")), ep_axis="expert"
+        )
+        result["indivisible_error"] = None
+    except sharding.ShardingError as error:
+        result["indivisible_error"] = (type(error).__name__, str(error))
+    result["indivisible_untouched"] = not any(isinstance(m, tl.layers.BaseLayerWithLoRA) for m in odd.modules())
     return result
 
 

@@ -649,6 +649,8 @@ def moe_inputs() -> tuple[dict, dict[str | None, torch.Tensor]]:
         "lora_a_down": (None, None, "model"),  # follows down_proj's input
         "lora_b_down": (None, None, None),
     }
+    # With ep_axis="expert" on an ("expert", "model") mesh: the experts over "expert" too, the slot buffers as above.
+    ep_specs = specs | {"gate_up_proj": ("expert", "model", None), "down_proj": ("expert", None, "model")}
     inputs = {
         "model": test_moe.moe_model("Mixtral", "batched_mm"),
         "adapters": adapters,
@@ -657,6 +659,7 @@ def moe_inputs() -> tuple[dict, dict[str | None, torch.Tensor]]:
         "batch": MOE_BATCH,
         "more_batches": MOE_MORE_BATCHES,
         "specs": specs,
+        "ep_specs": ep_specs,
     }
     return inputs, reference
 
@@ -713,6 +716,46 @@ def test_moe_lora_adds_no_collective_on_a_mesh(spmd_layers):
     counts = spmd_layers["moe"]["collectives"]
     assert counts["base"]["all-reduce"] > 0  # the counting sees the row layers' and the experts' reductions
     assert counts["lora"] == counts["base"]
+
+
+def test_moe_expert_weights_split_over_the_expert_axis(spmd_layers):
+    """On a (2, 2) ("expert", "model") mesh with ep_axis="expert": each expert weight split on E over the expert
+    axis and on its width over the model axis; the slot buffers placed as without an expert axis."""
+    result = spmd_layers["moe_ep"]
+    assert result["kind"] == "experts"
+    assert result["specs"] == result["expected_specs"]
+    assert result["specs"]["gate_up_proj"] != spmd_layers["moe"]["specs"]["gate_up_proj"]  # not the TP-only split
+
+
+@pytest.mark.parametrize("mode", ["lazy", "compiled"])
+def test_moe_expert_parallel_matches_one_device_and_peft(spmd_layers, moe, mode):
+    """Experts over the expert axis, their width over the model axis: the mixed batch (two adapters and a base row)
+    gives the one-device logits (1e-5) and PEFT's per row (1e-4), lazy and under torch.compile."""
+    _, reference, one_device = moe
+    result = spmd_layers["moe_ep"]
+    logits = result["logits"] if mode == "lazy" else result["compiled_logits"]
+    torch.testing.assert_close(logits, one_device, atol=SPMD_ATOL, rtol=SPMD_RTOL)
+    assert_close(logits, _peft_rows(reference))
+    if mode == "compiled":
+        assert result["compiled_compiles_after_warmup"] == 0  # the batch and another mix with a reload
+
+
+def test_moe_expert_parallel_lora_adds_no_collective(spmd_layers):
+    """The expert-parallel Mixtral forward's compiled HLO: the same collectives with expert, router and attention
+    LoRA as without a batch (the experts' partials summed over both axes in the base's own all-reduce)."""
+    counts = spmd_layers["moe_ep"]["collectives"]
+    assert counts["base"]["all-reduce"] > 0
+    assert counts["lora"] == counts["base"]
+
+
+def test_moe_experts_not_dividing_over_the_expert_axis_refused(spmd_layers):
+    """Six experts over an expert axis of four devices: ShardingError, and the model is left unpatched."""
+    result = spmd_layers["moe_ep"]
+    assert result["indivisible_error"] == (
+        "ShardingError",
+        "module 'model.layers.0.mlp.experts': 6 experts do not divide into 4 shards of mesh axis 'expert' (ep_axis)",
+    )
+    assert result["indivisible_untouched"]
 
 
 def test_warmup_warns_once_about_a_sharded_step_result(spmd_layers):
@@ -1016,6 +1059,23 @@ def test_placement_key_round_trips(one_device_mesh):
     placement = sharding.LayerSharding(one_device_mesh, "model", "row", None, True)
     rebuilt = sharding.LayerSharding.from_key(placement.key)
     assert (rebuilt.key, rebuilt.mesh.axis_names, rebuilt.shards) == (placement.key, ("model",), 1)
+    import torch_xla.distributed.spmd as xs
+
+    mesh = xs.Mesh(np.arange(1), (1, 1), ("expert", "model"))
+    placement = sharding.LayerSharding(mesh, "model", "experts", None, False, "expert")
+    rebuilt = sharding.LayerSharding.from_key(placement.key)
+    assert (rebuilt.expert_axis, rebuilt.expert_shards) == ("expert", 1)
+
+
+def test_expert_axis_checked(one_device_mesh):
+    """ep_axis must be another axis of the mesh than tp_axis (and dp_axis), and needs a mesh."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(sharding.ShardingError, match=r"ep_axis 'expert' is not an axis of the mesh"):
+        sharding.plan_model(model, {}, one_device_mesh, "model", ep_axis="expert")
+    with pytest.raises(sharding.ShardingError, match="ep_axis must differ from tp_axis and dp_axis, got 'model'"):
+        sharding.plan_model(model, {}, one_device_mesh, "model", ep_axis="model")
+    with pytest.raises(TypeError, match="need a mesh"):
+        tl.patch_model(model, tl.LoRAConfig(), ep_axis="expert")
 
 
 def test_failed_plan_leaves_model_unpatched(one_device_mesh):
