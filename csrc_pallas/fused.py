@@ -210,28 +210,52 @@ class Pooled(NamedTuple):
 
     Attributes:
       rank: table entries per lane (the pool's ``max_rank``).
-      int8: the pools hold int8 rows, with per-row float32 scales.
-      whole_scales: (int8) the kernel reads the pools' whole scale arrays from SMEM, row by row, else a
-        table of each page's 8 ``a_scale * b_scale`` gathered by the caller (pools beyond
-        :data:`SMEM_SCALE_ROWS` rows).
+      int8: the pools hold int8 rows; the kernel then reads each row's ``a_scale * b_scale`` from the pool's
+        page-scale array (``[N]`` float32, N a multiple of :data:`SCALE_TILE_ROWS`), a tile of it at a time.
       num_slots: the lanes L: the page table holds L * pages(R) page starts, then the L ranks.
+      scale_rows: (int8) N, the page-scale array's length.
     """
 
     rank: int
     int8: bool
-    whole_scales: bool = True
     num_slots: int = 0
+    scale_rows: int = 0
 
     @property
-    def num_prefetch(self) -> int:
-        """Scalar-prefetch arrays of the kernel: the 4 lane arrays, then the page table (and the scales)."""
-        return 5 + (0 if not self.int8 else 2 if self.whole_scales else 1)
+    def whole_scales(self) -> bool:
+        """(int8) Whether the kernel may read the whole page-scale array into SMEM at once (N at most
+        :data:`SMEM_SCALE_ROWS`), when that reads fewer tiles than the used pages' (:func:`scale_read_bytes`)."""
+        return self.int8 and self.scale_rows <= SMEM_SCALE_ROWS
 
 
-#: Pools of at most this many rows (data, zero and scratch) give the pooled kernel their int8 scale arrays
-#: whole, scalar-prefetched into SMEM (1 MiB on v4-v6e; two float32 arrays of 2^16 rows take half): no gather.
-#: A larger pool's scales are gathered a page window at a time, each window a 4 KiB HBM tile.
-SMEM_SCALE_ROWS = 2**16
+#: Page scales a DMA moves at a time: Mosaic slices a 1-D float32 HBM array only along whole tiles of
+#: 1024 elements ("Slice shape along dimension 0 must be aligned to tiling (1024)"), so a used page's
+#: 8 scales come with the 4 KiB tile they lie in, and the page-scale array is padded to whole tiles.
+SCALE_TILE_ROWS = 1024
+#: Page-scale arrays of at most this many rows may be read whole into SMEM (128 KiB of the 1 MiB on v4-v6e),
+#: when that is fewer tiles than the batch's pages; the kernel's SMEM scale buffer holds the larger of this
+#: and the tiles of one chunk's pages (``lanes * pages(R)`` tiles: 128 KiB at a 256-wide MXU).
+SMEM_SCALE_ROWS = 2**15
+
+
+def scale_read_bytes(page_tiles: int, scale_rows: int) -> int:
+    """HBM bytes the pooled kernel reads of an int8 pool's page-scale array (N = ``scale_rows``) for a call
+    that DMAs ``page_tiles`` pages over its visited blocks: the kernel's own choice, the whole array once
+    (N <= :data:`SMEM_SCALE_ROWS` and no more tiles than the pages') or one tile per page."""
+    whole = scale_rows // SCALE_TILE_ROWS
+    if scale_rows <= SMEM_SCALE_ROWS and whole <= page_tiles:
+        return 4 * scale_rows
+    return 4 * SCALE_TILE_ROWS * page_tiles
+
+
+def scale_buffer_rows(pooled: Pooled, lanes: int) -> int:
+    """Float32 entries of the kernel's SMEM scale buffer: one chunk's page tiles, or the whole array (mode 1)."""
+    return max(lanes * pages(pooled.rank) * SCALE_TILE_ROWS, pooled.scale_rows if pooled.whole_scales else 0)
+
+
+def padded_scale_rows(rows: int) -> int:
+    """N of a pool of ``rows`` rows (data, zero and scratch): whole :data:`SCALE_TILE_ROWS` tiles."""
+    return -(-rows // SCALE_TILE_ROWS) * SCALE_TILE_ROWS
 
 
 def pages(rank: int) -> int:
@@ -241,15 +265,19 @@ def pages(rank: int) -> int:
 
 def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float, pooled: Pooled | None = None):
     """The laned shrink-expand. Refs, in order: the scalar-prefetch arrays (SMEM: active, chunks,
-    slots, uniform; pooled: + the page table [L * pages(R) + L]: page starts, then ranks (+ int8: the scale
-    arrays [P + 2] f32, or [L * pages(R) * 8] f32, the a_scale * b_scale of each page's rows)), code [tokens, 1],
+    slots, uniform; pooled: + the page table [L * pages(R) + L]: page starts, then ranks, and the number of
+    visited blocks [1]), code [tokens, 1],
     x [tokens, D], base [tokens, out], A and B (ANY: slots [L, R, D] / [L, R, Dout], or pools
-    [P + 2, D] / [P + 2, Dout]), the output [tokens, out], then the scratch: A [lanes * Rp, D] and
-    B [lanes * Rp, out] tiles in the compute dtype, y [max_chunks, tokens, lanes * Rp], DMA semaphores
-    [2] (int8 pools: + page buffers [lanes * Rp / 8, 8, D] and [..., 8, out] for the int8 rows)."""
-    num_prefetch = 4 if pooled is None else pooled.num_prefetch
+    [P + 2, D] / [P + 2, Dout]; int8 pools: + the page-scale array [N] f32, ANY), the output [tokens, out],
+    then the scratch: A [lanes * Rp, D] and B [lanes * Rp, out] tiles in the compute dtype,
+    y [max_chunks, tokens, lanes * Rp], DMA semaphores [2] (int8 pools: + page buffers [lanes * Rp / 8, 8, D]
+    and [..., 8, out] for the int8 rows, the SMEM scale buffer, the scale mode [1] (SMEM) and its semaphore)."""
+    num_prefetch = 4 if pooled is None else 6
     active_ref, chunks_ref, slots_ref, uniform_ref, *table = refs[:num_prefetch]
-    code_ref, x_ref, base_ref, a_hbm, b_hbm, o_ref, a_buf, b_buf, y_buf, sem, *page_bufs = refs[num_prefetch:]
+    int8 = pooled is not None and pooled.int8
+    code_ref, x_ref, base_ref, a_hbm, b_hbm, *rest = refs[num_prefetch:]
+    s_hbm, rest = (rest[0], rest[1:]) if int8 else (None, rest)
+    o_ref, a_buf, b_buf, y_buf, sem, *page_bufs = rest
     i, n = pl.program_id(0), pl.program_id(1)
     block = active_ref[i]
     num_chunks = chunks_ref[block]
@@ -279,10 +307,15 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
         starts_ref = table[0]  # the page table: lane l's page p starts at entry l * pages(R) + p, ranks follow
         rank = pooled.rank
         rank_offset = pooled.num_slots * pages(rank)
+        if int8:
+            s_buf, mode_ref, s_sem = page_bufs[2:]
 
         def lane_rank(slot):
             """The true rank of a lane (0 for a chunk's unused lanes, slot -1)."""
             return jnp.where(slot >= 0, starts_ref[rank_offset + jnp.maximum(slot, 0)], 0)
+
+        def lane_pages(slot):
+            return (lane_rank(slot) + PAGE_ROWS - 1) // PAGE_ROWS
 
         def load(c, which: int) -> None:
             """DMA the pages holding each lane's true-rank rows of chunk c into its rows of the buffer (int8:
@@ -299,7 +332,17 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
                     target = staging.at[lane * (stride // PAGE_ROWS) + page]
                 return pltpu.make_async_copy(source.at[pl.ds(row, PAGE_ROWS), columns], target, sem.at[which])
 
-            counts = [(jnp.maximum(slot, 0), (lane_rank(slot) + PAGE_ROWS - 1) // PAGE_ROWS) for slot in lane_slots(c)]
+            def scale_copy(slot, lane: int, page):
+                """The page-scale tile holding lane ``lane``'s page ``page``, into its place of the SMEM buffer."""
+                row = starts_ref[slot * pages(rank) + page]
+                first = pl.multiple_of(row // SCALE_TILE_ROWS * SCALE_TILE_ROWS, SCALE_TILE_ROWS)
+                place = pl.multiple_of((lane * pages(rank) + page) * SCALE_TILE_ROWS, SCALE_TILE_ROWS)
+                return pltpu.make_async_copy(
+                    s_hbm.at[pl.ds(first, SCALE_TILE_ROWS)], s_buf.at[pl.ds(place, SCALE_TILE_ROWS)], s_sem.at[0]
+                )
+
+            counts = [(jnp.maximum(slot, 0), lane_pages(slot)) for slot in lane_slots(c)]
+            paged_scales = int8 and which == 0
             for step in ("start", "wait"):
                 for lane, (slot, count) in enumerate(counts):
 
@@ -308,6 +351,13 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
                         return carry
 
                     jax.lax.fori_loop(0, count, body, 0)
+                    if paged_scales:  # the used pages' scale tiles, unless the whole array was read (mode 1)
+
+                        def scale_body(page, carry, slot=slot, lane=lane, step=step):
+                            getattr(scale_copy(slot, lane, page), step)()
+                            return carry
+
+                        jax.lax.fori_loop(0, jnp.where(mode_ref[0] == 1, 0, count), scale_body, 0)
             if staging is not None:
                 for lane, (_, count) in enumerate(counts):
                     for page in range(pages(rank)):
@@ -330,12 +380,12 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
             """bool ``shape``: positions along ``axis`` that are a rank row within their lane's true rank."""
             return jax.lax.broadcasted_iota(jnp.int32, shape, axis) % stride < lane_ranks(c, shape, axis)
 
-        def row_scale(entry, j):
-            """a_scale * b_scale of rank row j of lane ``entry`` (int8)."""
-            if not pooled.whole_scales:
-                return table[1][entry * pages(rank) * PAGE_ROWS + j]
+        def row_scale(entry, lane: int, j):
+            """a_scale * b_scale of rank row j of lane ``entry`` in chunk position ``lane`` (int8): from the whole
+            array (mode 1) or from the tile of its page (mode 0)."""
             row = starts_ref[entry * pages(rank) + j // PAGE_ROWS] + j % PAGE_ROWS
-            return table[1][row] * table[2][row]
+            paged = (lane * pages(rank) + j // PAGE_ROWS) * SCALE_TILE_ROWS + row % SCALE_TILE_ROWS
+            return s_buf[jnp.where(mode_ref[0] == 1, row, paged)]
 
         def row_scales(c):
             """[1, lanes * Rp] f32: each shrink channel's a_scale * b_scale (int8), read for the true ranks only."""
@@ -345,10 +395,37 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
                 entry = jnp.maximum(slot, 0)
 
                 def body(j, acc, lane=lane, entry=entry):
-                    return jnp.where(column == lane * stride + j, row_scale(entry, j), acc)
+                    return jnp.where(column == lane * stride + j, row_scale(entry, lane, j), acc)
 
                 out = jax.lax.fori_loop(0, lane_rank(slot), body, out)
             return out
+
+    def _choose_scale_mode():
+        """Mode 1: the whole page-scale array read into SMEM once, when it is at most SMEM_SCALE_ROWS and no more
+        tiles than the pages the call visits (a tile each, over all visited blocks); else mode 0: each chunk
+        DMAs its pages' tiles (:func:`scale_read_bytes` prices the same choice)."""
+        mode_ref[0] = 0
+        if not pooled.whole_scales:
+            return
+
+        def block_pages(k, total):
+            visited = active_ref[k]
+
+            def chunk_pages(c, total):
+                for lane in range(lanes):
+                    total += lane_pages(slots_ref[visited * per_block + c * lanes + lane])
+                return total
+
+            return jax.lax.fori_loop(0, chunks_ref[visited], chunk_pages, total)
+
+        tiles = jax.lax.fori_loop(0, table[1][0], block_pages, jnp.int32(0))  # over the visited blocks
+
+        @pl.when(pooled.scale_rows // SCALE_TILE_ROWS <= tiles)
+        def _whole():
+            mode_ref[0] = 1
+            copy = pltpu.make_async_copy(s_hbm, s_buf.at[pl.ds(0, pooled.scale_rows)], s_sem.at[0])
+            copy.start()
+            copy.wait()
 
     @pl.when((i == 0) & (n == 0))
     def _zero_buffers():
@@ -356,6 +433,8 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
         # selects those out, finite_lanes); zero them once so no uninitialised VMEM is read.
         a_buf[...] = jnp.zeros_like(a_buf)
         b_buf[...] = jnp.zeros_like(b_buf)
+        if int8:
+            _choose_scale_mode()
 
     @pl.when(n == 0)
     def _shrink():
@@ -424,22 +503,27 @@ def grid_spec(
         pltpu.VMEM((chunks, bt, lanes * stride), dtype),
         pltpu.SemaphoreType.DMA((2,)),
     ]
+    in_specs = [
+        pl.BlockSpec((bt, 1), rows),
+        pl.BlockSpec((bt, hidden), rows),
+        pl.BlockSpec((bt, bn), tile),
+        pl.BlockSpec(memory_space=pltpu.ANY),
+        pl.BlockSpec(memory_space=pltpu.ANY),
+    ]
     if pooled is not None and pooled.int8:
         page_count = lanes * stride // PAGE_ROWS
+        in_specs.append(pl.BlockSpec(memory_space=pltpu.ANY))  # the page-scale array, DMA'd by hand
         scratch += [
             pltpu.VMEM((page_count, PAGE_ROWS, hidden), jnp.int8),
             pltpu.VMEM((page_count, PAGE_ROWS, bn), jnp.int8),
+            pltpu.SMEM((scale_buffer_rows(pooled, lanes),), jnp.float32),
+            pltpu.SMEM((1,), jnp.int32),
+            pltpu.SemaphoreType.DMA((1,)),
         ]
     return pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4 if pooled is None else pooled.num_prefetch,
+        num_scalar_prefetch=4 if pooled is None else 6,
         grid=(num_tokens // bt, out_dim // bn),
-        in_specs=[
-            pl.BlockSpec((bt, 1), rows),
-            pl.BlockSpec((bt, hidden), rows),
-            pl.BlockSpec((bt, bn), tile),
-            pl.BlockSpec(memory_space=pltpu.ANY),
-            pl.BlockSpec(memory_space=pltpu.ANY),
-        ],
+        in_specs=in_specs,
         out_specs=pl.BlockSpec((bt, bn), tile),
         scratch_shapes=scratch,
     )
@@ -529,7 +613,8 @@ def pooled_cost_estimate(
     """As :func:`cost_estimate` for the pooled kernel, with the adapter bytes of the true ranks: the
     pages of each of ``ranks`` (the distinct adapters of a typical batch, one entry each, all in one
     token block as in decode), int8 rows at one byte an element, plus ``table_bytes`` (the tables the
-    kernel prefetches). Flops count the MXU work as issued: one laned pass per chunk of ``lanes`` of them."""
+    kernel reads: the page table, an int8 pool's page-scale tiles or whole array, :func:`scale_read_bytes`).
+    Flops count the MXU work as issued: one laned pass per chunk of ``lanes`` of them."""
     itemsize = jnp.dtype(dtype).itemsize
     width = lanes * rank_stride(table_rank, dtype)
     activations = num_tokens * (hidden + 2 * out_dim) * itemsize + 4 * num_tokens
@@ -578,6 +663,16 @@ def pooled_step_work(i: int, n: int, meta, ranks, hidden: int, lanes: int, block
     return dma, matmuls
 
 
+def pooled_step_pages(i: int, meta, ranks, lanes: int) -> int:
+    """Pages the pooled kernel DMAs of each factor at grid step (i, 0): those of the visited block's used
+    lanes (``ranks``: lane -> true rank), as ``_choose_scale_mode`` counts them."""
+    block = int(meta.active[i])
+    chunks = int(meta.chunks[block])
+    per_block = len(meta.slots) // len(meta.chunks)
+    used = [int(s) for s in meta.slots[block * per_block : block * per_block + chunks * lanes] if s >= 0]
+    return sum(pages(int(ranks[s])) for s in used)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("scaling", "block_sizes", "lanes", "interpret", "vmem_limit_bytes", "rank", "typical_ranks"),
@@ -590,8 +685,7 @@ def pooled_shrink_expand(
     meta: LaneBlocks,
     page_table: jax.Array,  # [L * pages(R) + L] int32: lane l's page p starts at row [l * pages(R) + p], its
     # true rank at [L * pages(R) + l] (``pool.page_table``, built on the host per batch)
-    scales: tuple[jax.Array, ...],  # int8 pools: (a_scale [P + 2], b_scale [P + 2]) f32, or
-    # (the a_scale * b_scale of each page's rows [L * pages(R) * 8],) for pools beyond SMEM_SCALE_ROWS
+    page_scales: jax.Array | None,  # int8 pools: [N] f32, a_scale * b_scale of each row, N whole 1024-row tiles
     *,
     scaling: float,
     block_sizes: BlockSizes,
@@ -601,20 +695,23 @@ def pooled_shrink_expand(
     vmem_limit_bytes: int | None = None,
     typical_ranks: tuple[int, ...] | None = None,
 ) -> jax.Array:  # [T_pad, Dout], base.dtype
-    """The fused laned kernel reading each lane's A and B rows from the pools through the row table.
+    """The fused laned kernel reading each lane's A and B rows from the pools through the page table.
 
     Lane l's rank-r rows are ``pages(r)`` pages of :data:`PAGE_ROWS` rows, page p starting at row
     ``page_table[l * pages(R) + p]`` (a multiple of 8, the next seven rows contiguous: the pool's allocator
     hands out aligned pages); the kernel DMAs them a page at a time and reads nothing past the lane's
-    last page. ``typical_ranks``: the distinct adapters' ranks for the cost estimate
-    (default: ``lanes`` adapters of rank R).
+    last page. An int8 pool's row scales come from ``page_scales``: the tile of each used page, or the whole
+    array where that is fewer tiles (:func:`scale_read_bytes`). ``typical_ranks``: the distinct adapters'
+    ranks for the cost estimate (default: ``lanes`` adapters of rank R).
     """
     num_tokens, hidden = x.shape
     out_dim = b_pool.shape[1]
     num_slots = page_table.shape[0] // (pages(rank) + 1)
     dtype = x.dtype
-    int8 = len(scales) > 0
-    pooled = Pooled(rank, int8, len(scales) == 2, num_slots)
+    int8 = page_scales is not None
+    if int8 and page_scales.shape[0] % SCALE_TILE_ROWS:
+        raise ValueError(f"page_scales must hold whole tiles of {SCALE_TILE_ROWS} rows, got {page_scales.shape}")
+    pooled = Pooled(rank, int8, num_slots, page_scales.shape[0] if int8 else 0)
     block_sizes.check(hidden, out_dim)
     spec = grid_spec(num_tokens, hidden, out_dim, rank, num_slots, dtype, block_sizes, lanes, pooled)
     spec.grid = (meta.num_active[0], spec.grid[1])
@@ -627,17 +724,19 @@ def pooled_shrink_expand(
         pooled=pooled,
     )
     typical = typical_ranks or (rank,) * min(lanes, num_slots)
-    table_bytes = sum(4 * array.size for array in (page_table, *scales))  # the SMEM prefetch reads them whole
+    table_bytes = 4 * page_table.size  # the SMEM prefetch reads it whole
+    if int8:  # one block holds the typical adapters: their pages' tiles, or the whole array
+        table_bytes += scale_read_bytes(sum(pages(r) for r in typical), pooled.scale_rows)
     estimate = pooled_cost_estimate(
         num_tokens, hidden, out_dim, typical, rank, dtype, block_sizes, lanes, int8, table_bytes
     )
-    prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform, page_table, *scales)
+    prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform, page_table, meta.num_active)
     return pl.pallas_call(
         kernel,
         grid_spec=spec,
         out_shape=jax.ShapeDtypeStruct(base.shape, base.dtype),
         # base follows the scalar-prefetch arrays, code and x: untouched blocks keep it.
-        input_output_aliases={pooled.num_prefetch + 2: 0},
+        input_output_aliases={len(prefetch) + 2: 0},
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("arbitrary", "arbitrary"),
             vmem_limit_bytes=vmem_limit_bytes or vmem_limit("v6e"),
@@ -645,4 +744,12 @@ def pooled_shrink_expand(
         cost_estimate=estimate,
         interpret=interpret,
         name="xla_lora_pooled_shrink_expand",
-    )(*prefetch, meta.code.reshape(num_tokens, 1), x, base, a_pool, b_pool)
+    )(
+        *prefetch,
+        meta.code.reshape(num_tokens, 1),
+        x,
+        base,
+        a_pool,
+        b_pool,
+        *([] if page_scales is None else [page_scales]),
+    )

@@ -130,9 +130,14 @@ def test_pool_never_holds_more_than_its_budget(base_model):
             b.numel() * b.element_size() for n, b in lora.model.named_buffers() if "_pool" in n or "_scale" in n
         )
         assert budget - 2 * lora.manager.row_bytes < allocated <= budget
-        # int8: one byte per element and a float32 scale per rank row of each of a layer's two factors.
-        scales = 2 * 4 * len(lora.layers) if int8 else 0
+        # int8: one byte per element and a float32 scale per rank row of each of a layer's two factors, and in
+        # the linear layers (the pooled kernel's) the row's page scale, its two scales' product.
+        linear = [layer for name, layer in lora.layers.items() if not name.endswith("embed_tokens")]
+        scales = (2 * 4 * len(lora.layers) + 4 * len(linear)) if int8 else 0
         assert lora.manager.row_bytes == _row_bytes(base_model, 1 if int8 else 4) + scales
+        if int8:  # the page scales hold whole 1024-row tiles, the padding inside the budget
+            page_scales = [layer.lora_page_scale for layer in linear]
+            assert all(t.shape == (1024,) for t in page_scales) and lora.manager.rows + 2 <= 1024
 
 
 def _int8_rounded(peft_model, name):
@@ -165,6 +170,13 @@ def test_int8_rows_equal_peft_on_int8_rounded_factors(base_model, peft_model, xl
     exact = _expected(peft_model, IDS, rows)
     assert (out - exact).norm() / exact.norm() < 3e-2
     assert (out.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
+    # What the pooled kernel reads of a linear layer's int8 pool in place of both scales: their product per row.
+    for name, layer in lora.layers.items():
+        if not name.endswith("embed_tokens"):
+            product = layer.lora_a_scale[0].cpu() * layer.lora_b_scale[0].cpu()
+            page_scale = layer.lora_page_scale.cpu()
+            assert torch.equal(page_scale[: len(product)], product) and not page_scale[len(product) :].any()
+            assert product[: lora.manager.rows].count_nonzero() >= 8 + 4 + 2  # the adapters' rows were written
 
 
 def _compilations() -> int:
@@ -258,8 +270,17 @@ def test_bench_memory_uses_the_pools_accounting_at_llama_3_8b():
             copy.deepcopy(model),
             tl.LoRAConfig(max_rank=64, memory_budget="6GiB", weight_dtype="int8" if int8 else None),
         )
-        assert lora.manager.row_bytes == memory.row_bytes("llama-3-8b", 2, int8)
-        assert lora.manager.rows == 6 * 2**30 // lora.manager.row_bytes - 2
+        row_bytes, rows = lora.manager.row_bytes, lora.manager.rows
+        assert row_bytes == memory.row_bytes("llama-3-8b", 2, int8)
+        if not int8:
+            assert rows == 6 * 2**30 // row_bytes - 2
+        else:  # the most rows whose pools fit with the 224 page-scale arrays padded to whole 1024-row tiles
+
+            def allocated(rows: int, row_bytes: int = row_bytes) -> int:
+                return (rows + 2) * row_bytes + 224 * 4 * (-(-(rows + 2) // 1024) * 1024 - rows - 2)
+
+            assert allocated(rows) <= 6 * 2**30 < allocated(rows + 1)
+            assert 6 * 2**30 // row_bytes - 2 - rows <= 1  # the padding costs at most a row here
     rows = {(r["fleet"], r["layout"]): r["adapters"] for r in memory.table("llama-3-8b", 6 * 2**30, 64, MIXES)}
     assert rows["mixed", "rank-true int8"] >= 140 and rows["mixed", "padded bf16"] <= 20
     assert rows["mixed", "rank-true bf16"] * 2 - 2 <= rows["mixed", "rank-true int8"]

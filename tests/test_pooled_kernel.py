@@ -78,8 +78,8 @@ def _expected(x, base, lanes, rows, dense_a, dense_b):
 CASES = [  # (backend, pool kind, compute dtype, several token blocks with host metadata)
     ("pallas", "float", torch.float32, True),
     ("pallas", "float", torch.bfloat16, False),
-    ("pallas", "int8", torch.bfloat16, False),  # the scale arrays read whole by the kernel
-    ("pallas", "int8 windows", torch.float32, False),  # a pool past SMEM_SCALE_ROWS: per-page scale windows
+    ("pallas", "int8", torch.bfloat16, False),  # the page-scale array read whole (1 tile, fewer than the 6 pages')
+    ("pallas", "int8 pages", torch.float32, False),  # a pool past SMEM_SCALE_ROWS: each used page's scale tile
     ("xla", "int8", torch.float32, False),
 ]
 
@@ -91,7 +91,7 @@ def test_op_reads_each_lane_at_its_true_rank(backend, kind, dtype, blocks, xla_d
     lane's rank and the unused rows poisoned. Base and out-of-range rows are exactly the base. ``blocks``:
     several token blocks, with the batch's host-built grouping of the slots the pool stands for
     (``ops.batch_metadata`` at rank R and L lanes), as the layers pass it."""
-    if kind == "int8 windows":  # the pool counts as too large for SMEM (its own shapes are traced afresh here)
+    if kind == "int8 pages":  # the pool counts as too large for SMEM (its own shapes are traced afresh here)
         monkeypatch.setattr(fused, "SMEM_SCALE_ROWS", DATA_ROWS)
     a_pool, b_pool, rows, a_scale, b_scale, dense_a, dense_b = _pools(kind.startswith("int8"), dtype)
     x, base, lanes = _batch(dtype, blocks)
@@ -101,8 +101,14 @@ def test_op_reads_each_lane_at_its_true_rank(backend, kind, dtype, blocks, xla_d
         metadata = ops.batch_metadata(lanes, [(IN, OUT)], MAX_RANK, LANES, dtype)[(IN, OUT)].to(xla_device)
     on_device = [None if t is None else t.to(xla_device) for t in args]
     pages = pool.page_table(rows, LANES, DATA_ROWS).to(xla_device)  # host-built, as the layers pass it
-    out = ops.pooled_shrink_expand(*on_device, scaling=SCALING, backend=backend, metadata=metadata, pages=pages)
-    out = out.cpu()
+    page_scales = None  # "int8": computed by the op from a_scale and b_scale; "int8 pages": kept beside the pool
+    if kind == "int8 pages":
+        page_scales = torch.zeros(pool.page_scale_rows(DATA_ROWS)).index_copy(
+            0, torch.arange(DATA_ROWS + 2), a_scale * b_scale
+        )
+        page_scales = page_scales.to(xla_device)
+    kwargs = {"metadata": metadata, "pages": pages, "page_scales": page_scales}
+    out = ops.pooled_shrink_expand(*on_device, scaling=SCALING, backend=backend, **kwargs).cpu()
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert_close(out, _expected(x, base, lanes, rows, dense_a, dense_b), dtype)
     outside = (lanes < 0) | (lanes >= LANES)
@@ -252,7 +258,10 @@ def test_pooled_layer_runs_the_kernel_on_allocated_pages(xla_device, monkeypatch
 def test_tpu_model_walk_reads_the_true_rank_pages(int8):
     """``bench.pooled_model``'s walk of the kernel's grid at Llama-3-8B's gate_proj on v6e (16 decode tokens on
     8 adapters of ranks 8/16/64, max_loras 16, max_rank 64): the DMA'd bytes are each used adapter's true-rank
-    rows once over all output tiles, plus the tables; the slot kernel's walk reads max_rank rows per adapter."""
+    rows once over all output tiles, plus the tables: the page table (no [L, R] row table), and of an int8
+    pool's page scales (1000 rows: one 1024-row tile) the whole array, fewer tiles than the 25 pages'. One
+    adapter of rank 8 in a 6 GiB pool (3 tiles of page scales) reads its one page's tile instead. The slot
+    kernel's walk reads max_rank rows per adapter."""
     import numpy as np
 
     from torch_xla_lora.bench import pooled_model, tpu_model
@@ -263,8 +272,12 @@ def test_tpu_model_walk_reads_the_true_rank_pages(int8):
     pool_rows = 1000
     cost = pooled_model.pooled_cost(chip, lanes, ranks, hidden, out_dim, max_rank, max_loras, int8, pool_rows)
     element = 1 if int8 else 2
-    tables = 4 * (max_loras * 8 + max_loras) + (8 * (pool_rows + 2) if int8 else 0)  # the page table, no row table
-    assert cost.manual_bytes == sum(ranks) * (hidden + out_dim) * element + tables
+    page_table = 4 * (max_loras * 8 + max_loras)  # 8 page starts and a rank per lane
+    assert cost.manual_bytes == sum(ranks) * (hidden + out_dim) * element + page_table + (4 * 1024 if int8 else 0)
+    rows = pooled_model.pool_rows(int8)
+    assert not int8 or 2048 < rows + 2 <= 3072
+    one = pooled_model.pooled_cost(chip, lanes[:1] * 0, (8,), hidden, out_dim, max_rank, max_loras, int8, rows)
+    assert one.manual_bytes == 8 * (hidden + out_dim) * element + page_table + (4 * 1024 if int8 else 0)
     padded = tpu_model.fused_cost(chip, np.asarray(lanes), hidden, out_dim, max_rank, max_loras)
     assert padded.manual_bytes == len(ranks) * max_rank * (hidden + out_dim) * 2
 
@@ -272,9 +285,10 @@ def test_tpu_model_walk_reads_the_true_rank_pages(int8):
 @pytest.mark.parametrize("int8", [False, True])
 def test_kernel_reads_the_host_page_table_not_the_row_table(int8):
     """The op's TPU function (traced for v6e, Llama-3-8B's k_proj, 64 lanes of max_rank 128) given the host-built
-    page table reads nothing of the [L, R] row table (the 32 KiB it read per projection before); without the
-    page table it derives it from the row table, which is then read. The table is what ``pool.page_table``
-    builds: each lane's page starts, then its true rank."""
+    page table reads nothing of the [L, R] row table (the 32 KiB it read per projection before), and given an
+    int8 pool's page scales, nothing of its two whole scale arrays (the kernel DMAs the used pages' tiles);
+    without them it derives them from the row table and the scales, which are then read. The table is what
+    ``pool.page_table`` builds: each lane's page starts, then its true rank."""
     import jax
     import jax.numpy as jnp
     from jax.extend.core import Var
@@ -289,10 +303,15 @@ def test_kernel_reads_the_host_page_table_not_the_row_table(int8):
     for with_pages in (True, False):
         args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
         args += [jax.ShapeDtypeStruct((lanes * fused.pages(max_rank) + lanes,), jnp.int32)] * with_pages
-        fn = _jax.pooled_shrink_expand_fn("pallas", "v6e", SCALING, int8, False, with_pages=with_pages)
+        args += [jax.ShapeDtypeStruct((pool.page_scale_rows(rows),), jnp.float32)] * (with_pages and int8)
+        fn = _jax.pooled_shrink_expand_fn(
+            "pallas", "v6e", SCALING, int8, False, with_pages=with_pages, with_page_scales=with_pages
+        )
         traced = jax.make_jaxpr(fn)(*args).jaxpr
         read = {v for eqn in traced.eqns for v in eqn.invars if isinstance(v, Var)}
-        assert (traced.invars[5] in read) is not with_pages
+        assert (traced.invars[5] in read) is not with_pages  # the row table
+        if int8:  # a_scale, b_scale
+            assert all((v in read) is not with_pages for v in traced.invars[6:8])
     table = torch.full((3, 16), 99, dtype=torch.int32)
     table[0, :11] = torch.arange(40, 51)
     table[2, :3] = torch.tensor([8, 99, 10])  # an entry naming the zero row inside the rank: read, as zeros

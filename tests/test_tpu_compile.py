@@ -35,6 +35,9 @@ POOLED_SAMPLE = [
     tpu_grid.pooled_config("v6e", "int8", 16, 64, 128, "llama3-8b", "gate_proj"),
     tpu_grid.pooled_config("v6e", "bfloat16", 8, 4, 16, "llama3-8b", "k_proj"),
     tpu_grid.pooled_config("v5e", "int8", 1, 16, 64, "llama3-8b", "down_proj"),
+    # int8 on v4 (its SMEM holds the page-scale buffer too) and one adapter at 64 x 128 (a page's scale tile read).
+    tpu_grid.pooled_config("v4", "int8", 16, 16, 64, "llama3-8b", "k_proj"),
+    tpu_grid.pooled_config("v5p", "int8", 1, 64, 128, "llama3-8b", "gate_proj"),
 ]
 # linear_lora_fused as the decoder arrangement calls it: down_proj (SiLU * up, residual) and gate_proj (the norm's
 # factors) at prefill and decode, both chips (about 23 s of libtpu compilation); and an int8 per-channel base read

@@ -685,6 +685,8 @@ def _allocate_pools(layers: Mapping[str, BaseLayerWithLoRA], config: LoRAConfig)
     int8 = config.weight_dtype == "int8"
     row_bytes = sum(layer.pool_row_bytes(int8) for layer in layers.values())
     rows = config.budget_bytes // row_bytes - SPARE_ROWS
+    while rows > 0 and sum(layer.pool_bytes(rows, int8) for layer in layers.values()) > config.budget_bytes:
+        rows -= 1  # int8 page scales are padded to whole tiles (at most 4 KiB a layer): the budget holds them too
     if rows < config.max_rank:
         raise ConfigError(
             f"LoRAConfig.memory_budget={config.memory_budget!r} holds {max(rows, 0)} rank rows of "

@@ -61,6 +61,10 @@ SCALE_BYTES = 4
 #: time, so where it may run the allocator hands out whole aligned pages (:func:`granule_for`).
 KERNEL_PAGE_ROWS = 8
 
+#: Rows of a page-scale tile (``kernels.fused.SCALE_TILE_ROWS``): an int8 pool's page scales are padded to whole
+#: tiles, the unit the pooled kernel DMAs (the padding, at most 4 KiB a layer, counts against the budget).
+PAGE_SCALE_TILE = 1024
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 
@@ -95,9 +99,10 @@ def layer_row_bytes(
 
     ``buffer_shapes``: name -> ``[L * k, *slot]`` (k entries per slot, e.g. experts); ``rank_axes``:
     name -> the rank axis within ``slot``. int8 rows cost one byte per element and a float32 scale
-    per entry.
+    per entry, and in a layer the pooled kernel reads (:func:`reads_pages`) one more float32, the row's
+    page scale (``a_scale * b_scale``, kept beside the pool).
     """
-    total = 0
+    total = SCALE_BYTES if int8 and reads_pages(buffer_shapes, rank_axes, max_loras) else 0
     for name, shape in buffer_shapes.items():
         entries, slot = shape[0] // max_loras, list(shape[1:])
         if slot[rank_axes[name]] != max_rank:
@@ -105,6 +110,20 @@ def layer_row_bytes(
         width = entries * int(torch.Size(slot).numel()) // max_rank
         total += width * (1 if int8 else itemsize) + (entries * SCALE_BYTES if int8 else 0)
     return total
+
+
+def reads_pages(buffer_shapes: Mapping[str, tuple[int, ...]], rank_axes: Mapping[str, int], max_loras: int) -> bool:
+    """Whether a layer of these slot buffers may read its pools with the pooled kernel
+    (``ops.pooled_shrink_expand``): A and B only, one entry per slot, rank-first."""
+    if set(buffer_shapes) != {"lora_a", "lora_b"} or any(axis != 0 for axis in rank_axes.values()):
+        return False
+    return all(shape[0] == max_loras for shape in buffer_shapes.values())
+
+
+def page_scale_rows(rows: int) -> int:
+    """Length of the page-scale array of a pool of ``rows`` data rows (and the spare rows): whole tiles of
+    :data:`PAGE_SCALE_TILE` rows, the pooled kernel's DMA unit of it."""
+    return -(-(rows + SPARE_ROWS) // PAGE_SCALE_TILE) * PAGE_SCALE_TILE
 
 
 def pool_shape(slot_shape: tuple[int, ...], max_loras: int, rank_axis: int, rows: int) -> tuple[int, ...]:

@@ -10,9 +10,10 @@ on 1, 8 or 16 distinct adapters of mixed true ranks (8, 16, 64 in turn), for ``m
   the ``[max_loras, max_rank]`` slot layout (all ``max_loras x max_rank`` table entries read, the slot
   buffers written), then the same fused kernel;
 - *pooled*: ``pooled_shrink_expand``'s kernel (``kernels.fused.Pooled``), walked like the padded one
-  (:func:`pooled_cost`): the pages of each used lane's true rank, plus the tables the op reads
-  (the row table, page starts, and for int8 pools the two scale arrays, read whole into SMEM: pools of
-  a 6 GiB budget, :func:`pool_rows`).
+  (:func:`pooled_cost`): the pages of each used lane's true rank, plus the tables the kernel reads: the
+  batch's page table (page starts and ranks, built on the host), and for int8 pools of the page-scale array
+  kept beside the pool (pools of a 6 GiB budget, :func:`pool_rows`) the 4 KiB tile of each used page, or
+  the whole array where that is fewer tiles (``fused.scale_read_bytes``, the kernel's own choice).
 
 "Adapter bytes" are what each formulation reads of the adapters (the rows the kernel DMAs, the
 tables, the gather's reads and writes); the op's activations (x and the base read, the output
@@ -37,9 +38,6 @@ SLOT_GRID = ((16, 64), (64, 64), (16, 128), (64, 128))  # (max_loras, max_rank)
 DECODE_TOKENS = 16
 LAYERS = 32
 BUDGET = 6 * 2**30  # the issue's 6 GiB beside a bf16 base and its KV cache on a v6e
-#: HBM bytes a window of one int8 scale array costs: the (1024-element float32) tile it lies in, as libtpu's
-#: cost analysis of the op counts it (``tests/test_tpu_compile.py``'s int8 configurations: 5-8 KB per page).
-SCALE_TILE_BYTES = 4096
 
 
 def batch_ranks(distinct: int) -> tuple[int, ...]:
@@ -66,8 +64,8 @@ def pooled_cost(
     """Cost of ``pooled_shrink_expand``'s kernel (bf16 compute) for one batch: ``lanes`` [T] each token's lane,
     ``ranks[l]`` lane l's true rank (lanes past ``len(ranks)`` hold none). Pipelined blocks as
     :func:`tpu_model.fused_cost`; manual bytes the pages the kernel DMAs (``fused.pooled_step_work``) plus
-    the tables the op reads (the row table, page starts, ranks; int8: the pools' scale arrays of
-    ``pool_rows`` rows each, or past ``fused.SMEM_SCALE_ROWS`` a gathered window per page entry)."""
+    the tables it reads: the page table (page starts, ranks) whole; int8: of the page-scale array of a pool of
+    ``pool_rows`` rows, a tile per page DMA'd or the whole array, as the kernel chooses)."""
     import jax.numpy as jnp
 
     from torch_xla_lora.kernels import fused, visits
@@ -89,7 +87,7 @@ def pooled_cost(
     lane_ranks[: len(ranks)] = ranks
     specs = [*spec.in_specs, spec.out_specs]
     last = [None] * len(specs)
-    pipelined = manual = 0
+    pipelined = manual = page_tiles = 0
     flops = 0.0
     steps = int(meta.num_active[0]) * spec.grid[1]
     for i in range(int(meta.num_active[0])):
@@ -103,22 +101,34 @@ def pooled_cost(
                     last[k] = index
             dma, matmuls = fused.pooled_step_work(i, n, meta, lane_ranks, hidden, lane_count, sizes, 1 if int8 else 2)
             manual += dma
+            if n == 0:  # the pages the shrink DMAs: a page-scale tile each, if the kernel reads them so
+                page_tiles += fused.pooled_step_pages(i, meta, lane_ranks, lane_count)
             flops += tpu_model.mxu_flops(matmuls, chip.mxu_width)
     entries = max_loras * fused.pages(max_rank)
     manual += 4 * (entries + max_loras)  # the page table (page starts, ranks), built on the host per batch
-    if int8 and pool_rows + 2 <= fused.SMEM_SCALE_ROWS:  # both scale arrays prefetched whole into SMEM
-        manual += 2 * 4 * (pool_rows + 2)
-    elif int8:  # each page's 8 scales of both factors: a (1024-element) tile of each scale array per window
-        manual += entries * (2 * SCALE_TILE_BYTES + 4 * fused.PAGE_ROWS)
+    if int8:
+        manual += fused.scale_read_bytes(page_tiles, fused.padded_scale_rows(pool_rows + 2))
     return tpu_model.Cost(pipelined, manual, flops, steps, tpu_model._time(chip, pipelined, manual, flops, steps))
 
 
 def pool_rows(int8: bool) -> int:
     """Data rows of every layer's pool with a :data:`BUDGET` budget at Llama-3-8B shapes (all seven projections
-    of the 32 layers; int8: one byte an element and a float32 scale per factor), zero and scratch rows aside."""
+    of the 32 layers; int8: one byte an element and three float32 scales (A's, B's, their product, the page
+    scale) per projection, page scales padded to whole tiles), zero and scratch rows aside."""
+    projections = len(tpu_model.LLAMA3_8B_LAYER)
     row = sum(hidden + out_dim for hidden, out_dim, _ in tpu_model.LLAMA3_8B_LAYER.values())
-    row_bytes = LAYERS * (row * (1 if int8 else 2) + (2 * 4 * len(tpu_model.LLAMA3_8B_LAYER) if int8 else 0))
-    return BUDGET // row_bytes - 2
+    row_bytes = LAYERS * (row * (1 if int8 else 2) + (3 * 4 * projections if int8 else 0))
+    rows = BUDGET // row_bytes - 2
+    while int8 and (rows + 2) * row_bytes + 4 * LAYERS * projections * (fused_padding(rows)) > BUDGET:
+        rows -= 1
+    return rows
+
+
+def fused_padding(rows: int) -> int:
+    """Padding rows of a page-scale array of a pool of ``rows`` data rows (whole 1024-row tiles)."""
+    from torch_xla_lora.kernels import fused
+
+    return fused.padded_scale_rows(rows + 2) - rows - 2
 
 
 def step_rows(chip: tpu_model.Chip, distinct: int, max_loras: int, max_rank: int, int8: bool) -> dict:

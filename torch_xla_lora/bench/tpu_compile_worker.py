@@ -269,10 +269,14 @@ def build_pooled(cfg: Config, sds):
     ]
     args += [sds((pool_rows,), jnp.float32)] * 2 if int8 else []
     args += [sds((slots * fused.pages(rank) + slots,), jnp.int32)]  # the page table, host-built as the layers send it
+    scale_rows = fused.padded_scale_rows(pool_rows)
+    args += [sds((scale_rows,), jnp.float32)] if int8 else []  # the page scales kept beside an int8 pool
     sizes, lanes, run = fused.pooled_plan_call(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, int8)
     padded = sizes.padded_tokens(tokens)
-    # The tables the kernel prefetches whole: the page table (page starts, ranks), an int8 pool's two scale arrays.
-    table_bytes = 4 * (slots * fused.pages(rank) + slots) + (2 * 4 * pool_rows if int8 else 0)
+    # The tables the kernel reads: the page table (page starts, ranks) whole, and of an int8 pool's page scales the
+    # used pages' tiles or the whole array, whichever is fewer (one block of decode tokens holds every adapter).
+    table_bytes = 4 * (slots * fused.pages(rank) + slots)
+    table_bytes += fused.scale_read_bytes(sum(fused.pages(r) for r in ranks), scale_rows) if int8 else 0
     estimate = fused.pooled_cost_estimate(padded, d_in, d_out, ranks, rank, dtype, sizes, lanes, int8, table_bytes)
     info = {
         "block": dataclasses.asdict(sizes),
@@ -284,7 +288,7 @@ def build_pooled(cfg: Config, sds):
         "activation_bytes": padded * (d_in + 2 * d_out) * dtype.itemsize + 4 * padded,
         "table_bytes": table_bytes,
     }
-    return _jax.pooled_shrink_expand_fn("pallas", cfg.chip, SCALING, int8, False, ranks, True), args, info
+    return _jax.pooled_shrink_expand_fn("pallas", cfg.chip, SCALING, int8, False, ranks, True, int8), args, info
 
 
 BUILDERS = {

@@ -100,7 +100,9 @@ class BaseLayerWithLoRA(nn.Module):
 
     def allocate_pool(self, rows: int, int8: bool) -> None:
         """Keep ``rows`` rank rows per buffer (``<name>_pool``, int8 with ``<name>_scale`` if ``int8``) in place
-        of the padded slots; the forward gathers the batch's lanes from them (:func:`pool.gather_slots`)."""
+        of the padded slots; the forward gathers the batch's lanes from them (:func:`pool.gather_slots`), or
+        reads them with the pooled kernel, an int8 pool's row scales then from ``lora_page_scale``
+        (``a_scale * b_scale`` of each row, whole tiles: :func:`pool.page_scale_rows`)."""
         self.pool_rows = rows
         for name, shape in self._buffer_shapes().items():
             shape = pool.pool_shape(shape, self.max_loras, self._rank_axes()[name], rows)
@@ -109,6 +111,17 @@ class BaseLayerWithLoRA(nn.Module):
             if int8:
                 scale = torch.zeros(shape[0], rows + pool.SPARE_ROWS, dtype=torch.float32, device=self.adapter_device)
                 self.register_buffer(f"{name}_scale", scale, False)
+        if int8 and pool.reads_pages(self._buffer_shapes(), self._rank_axes(), self.max_loras):
+            scale = torch.zeros(pool.page_scale_rows(rows), dtype=torch.float32, device=self.adapter_device)
+            self.register_buffer("lora_page_scale", scale, False)
+
+    def pool_bytes(self, rows: int, int8: bool) -> int:
+        """Device bytes :meth:`allocate_pool` allocates for ``rows`` data rows: the rows (and the spare rows) at
+        :meth:`pool_row_bytes`, plus the page-scale array's padding to whole tiles."""
+        total = (rows + pool.SPARE_ROWS) * self.pool_row_bytes(int8)
+        if int8 and pool.reads_pages(self._buffer_shapes(), self._rank_axes(), self.max_loras):
+            total += pool.SCALE_BYTES * (pool.page_scale_rows(rows) - rows - pool.SPARE_ROWS)
+        return total
 
     def slot_buffers(self, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """Name -> the slot buffer a forward reads (``names``, default all): the padded buffer, or the current
@@ -135,14 +148,18 @@ class BaseLayerWithLoRA(nn.Module):
         """Write one adapter's factors (None: zeros) into pool rows ``index`` [max_rank] (host int64)."""
         device = self.adapter_device
         index = index.to(device)
+        row_scales = {}
         with torch.no_grad():
             for name, values in self._slot_arrays(weights).items():
                 target, axis = getattr(self, f"{name}_pool"), 1 + self._rank_axes()[name]
                 scale = getattr(self, f"{name}_scale", None)
                 if scale is not None:
-                    values, scales = pool.quantize_rows(values, axis - 1)
-                    scale.index_copy_(1, index, scales.to(device))
+                    values, row_scales[name] = pool.quantize_rows(values, axis - 1)
+                    scale.index_copy_(1, index, row_scales[name].to(device))
                 target.index_copy_(axis, index, values.to(device))
+            page_scale = getattr(self, "lora_page_scale", None)
+            if page_scale is not None:  # the product the pooled kernel reads, exact as the kernel would form it
+                page_scale.index_copy_(0, index, (row_scales["lora_a"][0] * row_scales["lora_b"][0]).to(device))
 
     def _slot_arrays(self, weights: ModuleLoRA | None) -> dict[str, torch.Tensor]:
         """Name -> one slot of each buffer, ``[k, *slot]`` host tensors (zeros for None), padded to max_rank."""
@@ -203,6 +220,7 @@ class BaseLayerWithLoRA(nn.Module):
             backend,
             metadata,
             self.context.pages,  # the host-built page table: the kernel reads it, not the row table
+            getattr(self, "lora_page_scale", None),  # int8: the kernel reads its used pages' tiles, not the scales
         )
         return out.to(y.dtype)
 

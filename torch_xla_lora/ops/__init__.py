@@ -410,6 +410,7 @@ def _pooled_shrink_expand(
     backend: str = "auto",
     metadata: torch.Tensor | None = None,
     pages: torch.Tensor | None = None,
+    page_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``torch.ops.xla_lora.pooled_shrink_expand``: see :func:`pooled_shrink_expand`."""
     _validate.pooled_shrink_expand(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale)
@@ -417,6 +418,7 @@ def _pooled_shrink_expand(
     _validate.scaling(scaling)
     _validate.pooled_metadata(metadata, inputs, rows, b_pool.shape[1])
     _validate.pooled_pages(pages, inputs, rows)
+    _validate.pooled_page_scales(page_scales, inputs, a_pool)
     if inputs.device.type != "xla":
         return reference.pooled_shrink_expand(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling)
     if _validate.degenerate(*rows.shape, inputs.shape[1], b_pool.shape[1]):  # L, R, D or Dout is 0
@@ -424,10 +426,16 @@ def _pooled_shrink_expand(
     name, generation = _backend(backend)
     int8 = a_scale is not None
     fn = _jax_module().pooled_shrink_expand_fn(
-        name, generation, float(scaling), int8, metadata is not None, with_pages=pages is not None
+        name,
+        generation,
+        float(scaling),
+        int8,
+        metadata is not None,
+        with_pages=pages is not None,
+        with_page_scales=page_scales is not None,
     )
     scales = (a_scale, b_scale) if int8 else ()
-    extra = tuple(t for t in (metadata, pages) if t is not None)
+    extra = tuple(t for t in (metadata, pages, page_scales) if t is not None)
     return _call_jax(fn, inputs, a_pool, b_pool, base, lanes, rows, *scales, *extra)
 
 
@@ -445,12 +453,14 @@ def _(
     backend="auto",
     metadata=None,
     pages=None,
+    page_scales=None,
 ):
     _validate.pooled_shrink_expand(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale)
     _validate.backend(backend)
     _validate.scaling(scaling)
     _validate.pooled_metadata(metadata, inputs, rows, b_pool.shape[1])
     _validate.pooled_pages(pages, inputs, rows)
+    _validate.pooled_page_scales(page_scales, inputs, a_pool)
     return torch.empty_like(base)
 
 
@@ -467,6 +477,7 @@ def pooled_shrink_expand(
     backend: str = "auto",
     metadata: torch.Tensor | None = None,
     pages: torch.Tensor | None = None,
+    page_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`bgmv_shrink_expand` reading each adapter from a rank-row pool at its true rank.
 
@@ -497,6 +508,11 @@ def pooled_shrink_expand(
         (``pool.page_table``: each lane's page starts, then its true rank; ``context.pages`` with a memory
         budget). Given, the "pallas" kernel reads it and not ``rows``; else it is derived from ``rows`` in
         the graph, which then reads the whole [L, R] table per call. It must describe ``rows``.
+      page_scales: optional (int8 pools) [N] float32, ``a_scale * b_scale`` of every row, zero past row P + 1,
+        N a multiple of 1024 (``kernels.fused.padded_scale_rows``; a pooled layer keeps it beside its pool).
+        Given, the "pallas" kernel reads of it only the 4 KiB tile of each used page (or the whole array
+        where that is fewer tiles) and neither ``a_scale`` nor ``b_scale``; else it is computed in the graph
+        from both. It must equal their product.
 
     Returns:
       [T, Dout] in base's dtype (accumulated in float32).
@@ -520,7 +536,7 @@ def pooled_shrink_expand(
     """
     _validate.tensor_arguments(
         "pooled_shrink_expand",
-        optional=("a_scale", "b_scale", "metadata", "pages"),
+        optional=("a_scale", "b_scale", "metadata", "pages", "page_scales"),
         inputs=inputs,
         a_pool=a_pool,
         b_pool=b_pool,
@@ -531,9 +547,10 @@ def pooled_shrink_expand(
         b_scale=b_scale,
         metadata=metadata,
         pages=pages,
+        page_scales=page_scales,
     )
     return torch.ops.xla_lora.pooled_shrink_expand(
-        inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling, backend, metadata, pages
+        inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling, backend, metadata, pages, page_scales
     )
 
 

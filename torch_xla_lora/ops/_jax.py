@@ -190,22 +190,29 @@ def pooled_shrink_expand_fn(
     with_metadata: bool,
     typical_ranks=None,
     with_pages: bool = False,
+    with_page_scales: bool = False,
 ) -> Callable:
     """``fn(inputs[T, D], a_pool[P+2, D], b_pool[P+2, Dout], base[T, Dout], lanes[T], rows[L, R]
-    [, a_scale[P+2], b_scale[P+2]][, metadata][, pages])`` for one configuration (see ``ops.pooled_shrink_expand``).
+    [, a_scale[P+2], b_scale[P+2]][, metadata][, pages][, page_scales])`` for one configuration (see
+    ``ops.pooled_shrink_expand``).
 
     Backend "pallas", where the pooled kernel runs the shape (``fused.pooled_plan_call``): the kernel
     reads each lane's true-rank pages through the page table: ``pages`` [L * pages(R) + L] as built on the
-    host (``with_pages``; the row table is then not read at all), else derived from ``rows`` here.
+    host (``with_pages``; the row table is then not read at all), else derived from ``rows`` here. An int8
+    pool's scales: ``page_scales`` [N] (``with_page_scales``: a_scale * b_scale kept beside the pool, whole
+    1024-row tiles), of which the kernel reads only the used pages' tiles (or the whole array where that is
+    fewer); else computed here from ``a_scale`` and ``b_scale`` (reading both whole).
     Otherwise (backend "xla", or shapes the pooled kernel cannot take) the lanes' rows are gathered into
     the slot layout and :func:`shrink_expand_fn` runs on it.
     ``typical_ranks``: the batch's distinct ranks for the kernel's cost estimate (the compile grid).
     """
 
     def fn(x, a_pool, b_pool, base, lanes, rows, *rest):
-        a_scale, b_scale = rest[:2] if int8 else (None, None)
-        metadata = rest[2 if int8 else 0] if with_metadata else None
-        table = rest[-1] if with_pages else None
+        rest = list(rest)
+        a_scale, b_scale = (rest.pop(0), rest.pop(0)) if int8 else (None, None)
+        metadata = rest.pop(0) if with_metadata else None
+        table = rest.pop(0) if with_pages else None
+        page_scales = rest.pop(0) if int8 and with_page_scales else None
         num_tokens, hidden = x.shape
         num_slots, rank = rows.shape
         out_dim = b_pool.shape[1]
@@ -227,16 +234,9 @@ def pooled_shrink_expand_fn(
         if table is None:  # derived from the row table in the graph (reads it whole): each page's first row, ranks
             starts = rows[:, :: fused.PAGE_ROWS].reshape(-1).astype(jnp.int32)
             table = jnp.concatenate([starts, lane_ranks(rows, a_pool.shape[0] - 2)])
-        scales = ()
-        if int8 and a_pool.shape[0] <= fused.SMEM_SCALE_ROWS:  # the kernel reads them whole from SMEM
-            scales = (a_scale, b_scale)
-        elif int8:  # a_scale * b_scale of every row of each page: one 8-row window per page, not a gather per row
-            starts = table[: num_slots * fused.pages(rank)]
-
-            def window(scale):
-                return jax.vmap(lambda start: jax.lax.dynamic_slice(scale, (start,), (fused.PAGE_ROWS,)))(starts)
-
-            scales = ((window(a_scale) * window(b_scale)).reshape(-1),)
+        if int8 and page_scales is None:  # a_scale * b_scale, padded to whole tiles (reads both arrays)
+            product = a_scale * b_scale
+            page_scales = jnp.pad(product, (0, fused.padded_scale_rows(product.shape[0]) - product.shape[0]))
         out = fused.pooled_shrink_expand(
             _pad_rows(x, padded),
             a_pool,
@@ -244,7 +244,7 @@ def pooled_shrink_expand_fn(
             _pad_rows(base, padded),
             meta,
             table,
-            scales,
+            page_scales,
             scaling=scaling,
             block_sizes=sizes,
             lanes=lanes_count,

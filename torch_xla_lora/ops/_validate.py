@@ -232,6 +232,23 @@ def pooled_pages(pages: torch.Tensor | None, inputs: torch.Tensor, rows: torch.T
     _device("pages", pages, inputs)
 
 
+def pooled_page_scales(page_scales: torch.Tensor | None, inputs: torch.Tensor, a_pool: torch.Tensor) -> None:
+    """An int8 pool's page scales of ``pooled_shrink_expand``: float32 [N], N >= P + 2 a multiple of 1024."""
+    if page_scales is None:
+        return
+    if a_pool.dtype != torch.int8:
+        raise ShapeError(f"page_scales must be None for a {a_pool.dtype} pool (they scale int8 rows)")
+    _rank("page_scales", page_scales, 1, "[N]")
+    length = page_scales.shape[0]
+    if length % 1024 or length < a_pool.shape[0]:
+        raise ShapeError(
+            f"page_scales must hold whole 1024-row tiles covering the {a_pool.shape[0]} rows, got {length}"
+        )
+    if page_scales.dtype != torch.float32:
+        raise ShapeError(f"page_scales must be float32, got {page_scales.dtype}")
+    _device("page_scales", page_scales, inputs)
+
+
 def pooled_metadata(meta: torch.Tensor | None, inputs: torch.Tensor, rows: torch.Tensor, out_dim: int) -> None:
     """Packed host metadata of ``pooled_shrink_expand``: the ``bgmv_shrink_expand`` metadata of the slots the
     pool stands for (L, R from ``rows``, the inputs' dtype), see :func:`metadata`."""
