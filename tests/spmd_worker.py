@@ -305,7 +305,9 @@ def run_layers(inputs: dict) -> dict:
     result["scaled_embedding"] = {kind: _scaled_embedding_logits(case, mesh) for kind, case in inputs["scaled"].items()}
     result["divisibility_error"] = _divisibility_error(mesh)
     result["moe"] = run_moe(inputs["moe"], _mesh((1, 4), ("data", "model")), inputs["dump_dir"])
-    result["moe_ep"] = run_moe_expert_parallel(inputs["moe"], _mesh((2, 2), ("expert", "model")), inputs["dump_dir"])
+    ep_mesh = _mesh((2, 2), ("expert", "model"))
+    result["moe_ep"] = run_moe_expert_parallel(inputs["moe"], ep_mesh, inputs["dump_dir"])
+    result["moe_ep"]["gpt_oss"] = _gpt_oss_expert_parallel(inputs["moe_gpt_oss"], ep_mesh)
     result["pool"] = run_pool(inputs["pool"], mesh, inputs["dump_dir"])
     result["quantized"] = run_quantized(inputs["quantized"], _mesh((2, 2), ("data", "model")), inputs["dump_dir"])
     result["serving"] = _serving_compiles(inputs["llama"], mesh)
@@ -590,6 +592,11 @@ def _moe_compiled(inputs: dict, patched, ids: torch.Tensor, mesh: xs.Mesh) -> di
     return result
 
 
+def _marked_spec(like: torch.Tensor, mesh: xs.Mesh, spec: tuple) -> str:
+    """The sharding text a tensor of ``like``'s shape gets when marked with ``spec`` on ``mesh``."""
+    return _spec(xs.mark_sharding(torch.zeros(like.shape, device=torch_xla.device()), mesh, spec).global_tensor)
+
+
 def run_moe_expert_parallel(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     """The tiny Mixtral of ``run_moe`` with its experts split over the mesh's "expert" axis and their width over
     "model" (``ep_axis="expert"``): placements, the mixed batch's logits lazy and compiled, the collectives of the
@@ -605,10 +612,7 @@ def run_moe_expert_parallel(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     tensors = {"gate_up_proj": experts.base_layer.gate_up_proj, "down_proj": experts.base_layer.down_proj}
     tensors |= {name: getattr(experts, name) for name in ("lora_a", "lora_b", "lora_a_down", "lora_b_down")}
     result = {"kind": experts.tensor_parallel.kind, "specs": {name: _spec(t) for name, t in tensors.items()}}
-    result["expected_specs"] = {
-        name: _spec(xs.mark_sharding(torch.zeros(t.shape, device=device), mesh, inputs["ep_specs"][name]).global_tensor)
-        for name, t in tensors.items()
-    }
+    result["expected_specs"] = {name: _marked_spec(t, mesh, inputs["ep_specs"][name]) for name, t in tensors.items()}
     logits = lambda ids: sharding.replicated(model(ids, use_cache=False).logits, mesh)
     lora.set_batch(inputs["batch"])
     torch_xla.sync()  # the slot writes, before the forward's graphs are counted
@@ -637,6 +641,24 @@ def run_moe_expert_parallel(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     except sharding.ShardingError as error:
         result["indivisible_error"] = (type(error).__name__, str(error))
     result["indivisible_untouched"] = not any(isinstance(m, tl.layers.BaseLayerWithLoRA) for m in odd.modules())
+    return result
+
+
+def _gpt_oss_expert_parallel(inputs: dict, mesh: xs.Mesh) -> dict:
+    """A tiny GPT-OSS (transposed expert weights with biases) expert parallel on ``mesh``: its expert weights'
+    placements and the mixed batch's logits (lazy, one forward)."""
+    device = torch_xla.device()
+    model = copy.deepcopy(inputs["model"]).to(device).eval()
+    lora = tl.patch_model(model, tl.LoRAConfig(max_loras=2, max_rank=8), mesh=mesh, ep_axis="expert")
+    _load_all(lora, inputs["adapters"])
+    experts = lora.layers["model.layers.0.mlp.experts"].base_layer
+    expected = inputs["ep_specs"]
+    tensors = {name: getattr(experts, name) for name in expected}
+    result = {"specs": {name: _spec(t) for name, t in tensors.items()}}
+    result["expected_specs"] = {name: _marked_spec(t, mesh, expected[name]) for name, t in tensors.items()}
+    lora.set_batch(inputs["batch"])
+    with torch.no_grad():
+        result["logits"] = sharding.replicated(model(inputs["ids"].to(device), use_cache=False).logits, mesh).cpu()
     return result
 
 

@@ -420,7 +420,7 @@ def quantized(tmp_path_factory, xla_device) -> dict[str, tuple[dict, torch.Tenso
 
 
 @pytest.fixture(scope="module")
-def spmd_layers(llama_inputs, scaled, moe, quantized, toy_peft, tmp_path_factory) -> dict:
+def spmd_layers(llama_inputs, scaled, moe, gpt_oss_moe, quantized, toy_peft, tmp_path_factory) -> dict:
     toy, adapter = toy_peft
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # embedding-saving notices
@@ -435,6 +435,7 @@ def spmd_layers(llama_inputs, scaled, moe, quantized, toy_peft, tmp_path_factory
         "llama": llama_inputs,
         "scaled": {kind: scaled[kind][0] for kind in SCALED_KINDS},
         "moe": moe[0],
+        "moe_gpt_oss": gpt_oss_moe[0],
         "pool": _pool_inputs(llama_inputs),
         "quantized": {scheme: quantized[scheme][0] for scheme in QUANTIZED_SCHEMES},
     }
@@ -626,6 +627,22 @@ MOE_BATCH = ["math", None, "code", "math"]
 MOE_MORE_BATCHES = [["code", "code", None, "math"], [None, "math", "code", None]]
 
 
+def _moe_adapters(arch: str) -> tuple[dict, dict[str | None, torch.Tensor]]:
+    """(name -> (PEFT state dict, config), PEFT's logits of test_moe.IDS per adapter and None for the base model)
+    of test_moe's tiny random ``arch`` with two adapters."""
+    import test_moe
+
+    adapters, reference = {}, {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference[None] = test_moe.moe_model(arch)(test_moe.IDS).logits
+        for seed, name in enumerate(("math", "code")):
+            model = test_moe.peft_model(arch, seed).eval()
+            adapters[name] = (peft.get_peft_model_state_dict(model), model.peft_config["default"])
+            reference[name] = model(test_moe.IDS).logits
+    return adapters, reference
+
+
 def moe_inputs() -> tuple[dict, dict[str | None, torch.Tensor]]:
     """(worker inputs, PEFT's logits per adapter and None for the base model) of a tiny random Mixtral
     (test_moe's: 4 experts, top-2, expert width 16) with two PEFT adapters on attention, router and experts
@@ -633,14 +650,7 @@ def moe_inputs() -> tuple[dict, dict[str | None, torch.Tensor]]:
     import test_moe
 
     ids = test_moe.IDS
-    adapters, reference = {}, {}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reference[None] = test_moe.moe_model("Mixtral")(ids).logits
-        for seed, name in enumerate(("math", "code")):
-            model = test_moe.peft_model("Mixtral", seed).eval()
-            adapters[name] = (peft.get_peft_model_state_dict(model), model.peft_config["default"])
-            reference[name] = model(ids).logits
+    adapters, reference = _moe_adapters("Mixtral")
     specs = {
         "gate_up_proj": (None, "model", None),  # [E, 2 * width, D]: the expert width over the model axis
         "down_proj": (None, None, "model"),  # [E, D, width]
@@ -676,6 +686,24 @@ def moe(xla_device) -> tuple[dict, dict, torch.Tensor]:
     with torch.no_grad():
         one_device = model(inputs["ids"].to(xla_device), use_cache=False).logits.cpu()
     return inputs, reference, one_device
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_moe() -> tuple[dict, dict[str | None, torch.Tensor]]:
+    """(worker inputs, PEFT's logits per adapter) of test_moe's tiny GPT-OSS (transposed [E, in, out] expert
+    weights with biases, interleaved gate and up) with two adapters on attention, router and experts."""
+    import test_moe
+
+    adapters, reference = _moe_adapters("GptOss")
+    ep_specs = {
+        "gate_up_proj": ("expert", None, "model"),  # [E, D, 2 * width]: E over "expert", the width over "model"
+        "down_proj": ("expert", "model", None),  # [E, width, D]
+        "gate_up_proj_bias": (None, "model"),  # [E, 2 * width]: replicated over "expert"
+        "down_proj_bias": (None, None),
+    }
+    model = test_moe.moe_model("GptOss", "batched_mm")
+    inputs = {"model": model, "adapters": adapters, "ids": test_moe.IDS, "batch": MOE_BATCH, "ep_specs": ep_specs}
+    return inputs, reference
 
 
 def _peft_rows(reference: dict) -> torch.Tensor:
@@ -738,6 +766,17 @@ def test_moe_expert_parallel_matches_one_device_and_peft(spmd_layers, moe, mode)
     assert_close(logits, _peft_rows(reference))
     if mode == "compiled":
         assert result["compiled_compiles_after_warmup"] == 0  # the batch and another mix with a reload
+
+
+def test_moe_expert_parallel_transposed_experts_with_biases_match_peft(spmd_layers, gpt_oss_moe):
+    """GPT-OSS's layout on the same (2, 2) expert x model mesh: [E, in, out] expert weights split on E and on their
+    width (the last dimension of gate_up_proj, the middle one of down_proj), the biases added to the stacked up
+    output, the interleaved gate run on it; the mixed batch equals PEFT's rows (lazy)."""
+    _, reference = gpt_oss_moe
+    result = spmd_layers["moe_ep"]["gpt_oss"]
+    assert result["specs"] == result["expected_specs"]
+    assert_close(result["logits"], _peft_rows(reference))
+    assert not torch.allclose(reference["math"], reference[None], atol=1e-3)
 
 
 def test_moe_expert_parallel_lora_adds_no_collective(spmd_layers):
