@@ -28,6 +28,11 @@ Per token block i (all blocks are visited: the base product is needed everywhere
 
 A block whose tokens use no adapter has 0 chunks: it does the base work only.
 
+Every step works in row chunks of the token block (:func:`row_chunk`, at most :data:`ROW_CHUNK`
+rows): the base product of a chunk is added to its rows of the accumulator (at the last k with the
+write's scales, bias and residual), the shrink and the expand take the same chunks, so the f32
+values Mosaic keeps in VMEM are [rows, tn] whatever the block's height (:func:`vmem_bytes`).
+
 What XLA fuses into its own dot and cannot fuse into a custom call, the kernel takes in
 (:class:`Fusion`): x's producer on every x tile's read (``SiLU(gate) * up`` from two input
 tiles, RMSNorm's per-row and per-column scales), which both the base product and the shrink
@@ -57,6 +62,27 @@ from .visits import LaneBlocks, max_chunks
 
 #: Weight layouts: nn.Linear's [out, in] and transformers' Conv1D [in, out].
 LAYOUTS = ("out_in", "in_out")
+
+#: Rows of the token block the kernel computes at a time (its f32 values are [ROW_CHUNK, tile]), and
+#: columns of the B tile whose non-finite values are selected out at a time.
+ROW_CHUNK = 256
+COLUMN_CHUNK = 512
+#: Rows whose x prologue (f32 values [rows, tk]) is computed at a time, within a row chunk.
+PROLOGUE_CHUNK = 64
+
+
+def prologue_chunk(rows: int) -> int:
+    """Rows of a row chunk of ``rows`` whose x prologue (:class:`Fusion`) the kernel computes at a time: at
+    most :data:`PROLOGUE_CHUNK`, and a quarter of the chunk down to 8 rows."""
+    return row_chunk(rows, min(PROLOGUE_CHUNK, max(8, rows // 4)))
+
+
+def row_chunk(tokens: int, largest: int = ROW_CHUNK) -> int:
+    """Rows of a token block of ``tokens`` the kernel takes at a time: the largest divisor of the block
+    up to ``largest`` that is a multiple of 8 (the whole block when it is at most ``largest``)."""
+    if tokens <= largest:
+        return tokens
+    return max(r for r in range(8, largest + 1, 8) if tokens % r == 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,21 +148,32 @@ def token_block(num_tokens: int, generation: str) -> int:
 def vmem_bytes(
     sizes: BlockSizes, rank: int, num_slots: int, lanes: int, dtype, has_bias: bool = True, fusion: Fusion = NO_FUSION
 ) -> int:
-    """VMEM of one configuration: double-buffered pipelined blocks, adapter tiles and both f32 accumulators."""
+    """VMEM of one configuration, an upper bound of what libtpu allocates for the kernel.
+
+    Every pipelined block double-buffered, at its VMEM footprint: a [bt, 1] column (the token codes, the
+    row scale) fills whole 128-lane rows, a [1, d] row (bias, scales) a whole (32 bytes, d) tile; the
+    scratch (the adapter tiles, the laned shrink and base accumulators, x's transformed tile with a
+    prologue); and the values of one row chunk (:func:`row_chunk`): two f32 [rows, tn] (the product
+    and the sum being written), with a prologue two f32 [:func:`prologue_chunk` rows, tk], the shrink's
+    [rows, lanes * Rp] and
+    the B tile's f32 copies while its non-finite values are selected out. An int8 weight tile is
+    converted whole (its f32 and x-dtype copies).
+    """
     itemsize = jnp.dtype(dtype).itemsize
     bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
+    rows = row_chunk(bt)
     width = lanes * rank_stride(rank, dtype)
-    weight_tile = 0 if fusion.weight_scale else tk * tn  # an int8 tile is counted in bytes below
-    blocks = bt * tk * (2 if fusion.silu_mul else 1) + weight_tile + bt * tn + (tn if has_bias else 0)
-    blocks += (tk if fusion.col_scale else 0) + (bt * tn if fusion.residual else 0)
-    int8 = tk * tn + 4 * tn if fusion.weight_scale else 0  # the int8 tile and its f32 scales
-    pipelined = 2 * (bt * (8 if fusion.row_scale else 4) + blocks * itemsize + int8)
+    column, row = bt * LANE * 4, 32  # a [bt, 1] 32-bit column; bytes per element of a [1, d] row
+    block = column + bt * tk * itemsize * (2 if fusion.silu_mul else 1) + bt * tn * itemsize  # codes, x, out
+    block += tk * tn * (1 if fusion.weight_scale else itemsize) + row * tn * (fusion.weight_scale + has_bias)
+    block += (column if fusion.row_scale else 0) + (row * tk if fusion.col_scale else 0)
+    block += bt * tn * itemsize if fusion.residual else 0
     scratch = width * (tk + tn) * itemsize + (max_chunks(bt, num_slots, lanes) * bt * width + bt * tn) * 4
-    # Values Mosaic keeps in VMEM too: the base product and the output being summed (f32), the shrink part.
-    temporaries = 2 * bt * tn * 4 + bt * width * 4 + (bt * tk * 4 if fusion.prologue else 0)
-    # The int8 tile converted to x's dtype through float32 (libtpu keeps both in VMEM).
-    temporaries += tk * tn * (4 + itemsize) if fusion.weight_scale else 0
-    return pipelined + scratch + temporaries
+    scratch += bt * tk * itemsize if fusion.prologue else 0
+    values = 2 * rows * tn * 4 + 2 * rows * width * 4 + 3 * width * min(tn, COLUMN_CHUNK) * 4
+    values += 2 * prologue_chunk(rows) * tk * 4 if fusion.prologue else 0
+    values += tk * tn * (4 + itemsize) if fusion.weight_scale else 0
+    return 2 * block + scratch + values
 
 
 def _divisor_tiles(dim: int, largest: int) -> list[int]:
@@ -277,7 +314,7 @@ def _kernel(
     x_ref,  # [bt, tk] (the gate with fusion.silu_mul)
     *refs,  # [up [bt, tk]], [row [bt, 1] f32], [col [1, tk]], w, [scale [1, tn] f32], [bias [1, tn]],
     # [residual [bt, tn]],
-    # a_hbm, b_hbm, o_ref, a_buf, b_buf, y_acc, acc_ref, sem
+    # a_hbm, b_hbm, o_ref, a_buf, b_buf, y_acc, acc_ref, [x_buf [bt, tk] with a prologue], sem
     lanes: int,
     stride: int,
     per_block: int,
@@ -285,6 +322,7 @@ def _kernel(
     layout: str,
     has_bias: bool,
     fusion: Fusion = NO_FUSION,
+    rows: int = 0,
 ):
     refs = list(refs)
     up_ref = refs.pop(0) if fusion.silu_mul else None
@@ -294,12 +332,30 @@ def _kernel(
     scale_ref = refs.pop(0) if fusion.weight_scale else None
     bias_ref = refs.pop(0) if has_bias else None
     res_ref = refs.pop(0) if fusion.residual else None
-    a_hbm, b_hbm, o_ref, a_buf, b_buf, y_acc, acc_ref, sem = refs
+    a_hbm, b_hbm, o_ref, a_buf, b_buf, y_acc, acc_ref = refs[:7]
+    x_buf = refs[7] if fusion.prologue else None
+    sem = refs[-1]
     i, n, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     last_k = pl.num_programs(2) - 1
     num_chunks = chunks_ref[i]
     rank = a_hbm.shape[1]
-    tk, tn = x_ref.shape[1], o_ref.shape[1]
+    bt, tk, tn = x_ref.shape[0], x_ref.shape[1], o_ref.shape[1]
+    rows = rows or bt
+    prologue_rows_ = prologue_chunk(rows)
+
+    def over_rows(body, size: int = rows, first=0, count: int = bt):
+        """``body(r)`` for each chunk ``r`` (a slice of ``size`` tokens) of the ``count`` rows from ``first``:
+        every value the kernel computes is [size, ...], so Mosaic's temporaries are bounded by the chunk,
+        not the block."""
+        if size == count:
+            body(pl.ds(first, count))
+            return
+
+        def step(j, carry):
+            body(pl.ds(pl.multiple_of(first + j * size, size), size))
+            return carry
+
+        jax.lax.fori_loop(0, count // size, step, 0)
 
     def tile_of(index, tile, dim):
         # A tile spanning its dim is the slot's whole [R, dim] array: Mosaic only slices
@@ -350,34 +406,74 @@ def _kernel(
     def _prefetch_b():
         start(b_copies(0))
 
-    @pl.when(k == 0)
-    def _zero_acc():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
+    contract = (((1,), (1,)), ((), ())) if layout == "out_in" else (((1,), (0,)), ((), ()))
+    # int8 -> x's dtype in VMEM once per step (exact for |q| <= 127); the scales come at the write.
+    int8_w = None if scale_ref is None else w_ref[...].astype(jnp.float32).astype(x_ref.dtype)
+    shrinks = (n == 0) & (num_chunks > 0)
 
-    # x's producer on the read: the base product and the shrink both take the transformed tile.
-    x = x_ref[...]
-    if fusion.prologue:
-        x = apply_prologue(
-            x,
-            None if up_ref is None else up_ref[...],
-            None if row_ref is None else row_ref[...],
+    def epilogue(out, r):
+        """What the output tile's single write adds to the f32 base product of rows ``r``, in order."""
+        if scale_ref is not None:  # (x q^T) * s = x (q * s)^T, per output channel
+            out = out * scale_ref[...]
+        if has_bias:
+            out = out + bias_ref[...].astype(jnp.float32)
+        if res_ref is not None:  # the residual add, in the output's single write
+            out = out + res_ref[r, :].astype(jnp.float32)
+        return out
+
+    def prologue_rows(r):
+        x_buf[r, :] = apply_prologue(
+            x_ref[r, :],
+            None if up_ref is None else up_ref[r, :],
+            None if row_ref is None else row_ref[r, :],
             None if col_ref is None else col_ref[...],
             fusion,
         )
-    contract = (((1,), (1,)), ((), ())) if layout == "out_in" else (((1,), (0,)), ((), ()))
-    w = w_ref[...]
-    if scale_ref is not None:  # int8 -> x's dtype in VMEM (exact for |q| <= 127); the scales come at the write
-        w = w.astype(jnp.float32).astype(x.dtype)
-    acc_ref[...] += jax.lax.dot_general(x, w, contract, preferred_element_type=jnp.float32)
 
-    @pl.when(n == 0)
+    def base_rows(r):
+        # x's producer on the read, in chunks of prologue_rows rows (its f32 values are [tk] wide) into
+        # x_buf: the base product and the shrink both take the transformed tile.
+        if fusion.prologue:
+            over_rows(prologue_rows, prologue_rows_, r.start, rows)
+        x = (x_ref if x_buf is None else x_buf)[r, :]
+        w = w_ref[...] if int8_w is None else int8_w
+        part = jax.lax.dot_general(x, w, contract, preferred_element_type=jnp.float32)
+        total = jnp.where(k == 0, part, acc_ref[r, :] + part)
+
+        @pl.when(k < last_k)
+        def _accumulate():
+            acc_ref[r, :] = total
+
+        @pl.when(k == last_k)
+        def _finish():
+            out = epilogue(total, r)
+
+            @pl.when(num_chunks == 0)  # a block without adapters: the base tile is the output
+            def _write_base():
+                o_ref[r, :] = out.astype(o_ref.dtype)
+
+            @pl.when(num_chunks > 0)
+            def _keep_for_expand():
+                acc_ref[r, :] = out
+
+    over_rows(base_rows)
+
+    x_src = x_ref if x_buf is None else x_buf
+
+    @pl.when(shrinks)
     def _shrink():
         def body(c, carry):
             copies = a_copies(c)
             pl.when(c > 0)(lambda: start(copies))
             wait(copies)
-            part = jax.lax.dot_general(x, a_buf[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            y_acc[c] = jnp.where(k == 0, part, y_acc[c] + part)
+
+            def shrink_rows(r):
+                part = jax.lax.dot_general(
+                    x_src[r, :], a_buf[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+                )
+                y_acc[c, r, :] = jnp.where(k == 0, part, y_acc[c, r, :] + part)
+
+            over_rows(shrink_rows)
             return carry
 
         jax.lax.fori_loop(0, num_chunks, body, 0)
@@ -387,34 +483,48 @@ def _kernel(
             column_lane = jax.lax.broadcasted_iota(jnp.int32, (1, lanes * stride), 1) // stride
 
             def body(c, carry):
-                keep = column_lane == (code_ref[...] - c * lanes)
-                if lanes == 1:  # a block whose tokens all use one adapter needs no mask
-                    keep = keep | (uniform_ref[i] == 1)
-                y = jnp.where(keep, y_acc[c] * scaling, 0.0)
-                y_acc[c] = y.astype(a_buf.dtype).astype(jnp.float32)
+                def own_rows(r):
+                    keep = column_lane == (code_ref[r, :] - c * lanes)
+                    if lanes == 1:  # a block whose tokens all use one adapter needs no mask
+                        keep = keep | (uniform_ref[i] == 1)
+                    y = jnp.where(keep, y_acc[c, r, :] * scaling, 0.0)
+                    y_acc[c, r, :] = y.astype(a_buf.dtype).astype(jnp.float32)
+
+                over_rows(own_rows)
                 return carry
 
             jax.lax.fori_loop(0, num_chunks, body, 0)
 
-    @pl.when(k == last_k)
-    def _write():
-        out = acc_ref[...]
-        if scale_ref is not None:  # (x q^T) * s = x (q * s)^T, per output channel
-            out = out * scale_ref[...]
-        if has_bias:
-            out = out + bias_ref[...].astype(jnp.float32)
-        if res_ref is not None:  # the residual add, in the output's single write
-            out = out + res_ref[...].astype(jnp.float32)
-
-        def expand(c, out):
+    @pl.when((k == last_k) & (num_chunks > 0))
+    def _expand():
+        def body(c, carry):
             copies = b_copies(c)
             pl.when(c > 0)(lambda: start(copies))
             wait(copies)
-            b, poisoned = finite_lanes(b_buf[...], lanes, stride)
-            y = poison_own_lane(y_acc[c], code_ref[...], c * lanes, poisoned, stride)
-            return out + jnp.dot(y.astype(b_buf.dtype), b, preferred_element_type=jnp.float32)
+            # Non-finite values selected out of the tile in place, column chunk by column chunk.
+            poisoned = jnp.zeros((1, lanes * stride), jnp.bool_)
+            for col in range(0, tn, COLUMN_CHUNK):
+                cols = pl.ds(col, min(COLUMN_CHUNK, tn - col))
+                clean, hit = finite_lanes(b_buf[:, cols], lanes, stride)
+                b_buf[:, cols] = clean
+                poisoned = poisoned | hit
 
-        o_ref[...] = jax.lax.fori_loop(0, num_chunks, expand, out).astype(o_ref.dtype)
+            def expand_rows(r):
+                y = poison_own_lane(y_acc[c, r, :], code_ref[r, :], c * lanes, poisoned, stride)
+                out = acc_ref[r, :] + jnp.dot(y.astype(b_buf.dtype), b_buf[...], preferred_element_type=jnp.float32)
+
+                @pl.when(c < num_chunks - 1)
+                def _more_chunks():
+                    acc_ref[r, :] = out
+
+                @pl.when(c == num_chunks - 1)
+                def _write():
+                    o_ref[r, :] = out.astype(o_ref.dtype)
+
+            over_rows(expand_rows)
+            return carry
+
+        jax.lax.fori_loop(0, num_chunks, body, 0)
 
 
 def grid_spec(
@@ -463,6 +573,7 @@ def grid_spec(
             pltpu.VMEM((width, tn), dtype),
             pltpu.VMEM((max_chunks(bt, num_slots, lanes), bt, width), jnp.float32),
             pltpu.VMEM((bt, tn), jnp.float32),
+            *([pltpu.VMEM((bt, tk), dtype)] if fusion.prologue else []),  # x's transformed tile, for the shrink
             pltpu.SemaphoreType.DMA((2,)),
         ],
     )
@@ -499,7 +610,8 @@ def cost_estimate(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("scaling", "block_sizes", "lanes", "layout", "interpret", "vmem_limit_bytes")
+    jax.jit,
+    static_argnames=("scaling", "block_sizes", "lanes", "layout", "interpret", "vmem_limit_bytes", "row_chunk_rows"),
 )
 def linear_lora(
     x: jax.Array,  # [T_pad, K]
@@ -520,13 +632,15 @@ def linear_lora(
     col_scale: jax.Array | None = None,  # [K]
     residual: jax.Array | None = None,  # [T_pad, N]
     weight_scale: jax.Array | None = None,  # [N] float32: weight is int8, W = weight * weight_scale per channel
+    row_chunk_rows: int = ROW_CHUNK,
 ) -> jax.Array:  # [T_pad, N], x.dtype
     """The fused base + LoRA kernel over prepared lane metadata; T_pad a multiple of the token block.
 
     ``vmem_limit_bytes``: the scoped VMEM limit of the generation ``plan`` used
     (None: the v5e/v6e figure, ``tuning.BASE_VMEM_LIMIT_BYTES["v6e"]``).
     ``up``, ``row_scale``, ``col_scale``, ``residual``, ``weight_scale``: the :class:`Fusion`
-    operands, each present or None (plan with the same Fusion).
+    operands, each present or None (plan with the same Fusion). ``row_chunk_rows``: at most this many rows
+    of the token block at a time (:func:`row_chunk`; smaller than the block in tests, to take several).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -549,6 +663,7 @@ def linear_lora(
         layout=layout,
         has_bias=has_bias,
         fusion=fusion,
+        rows=row_chunk(block_sizes.tokens, row_chunk_rows),
     )
     operands = [meta.code.reshape(num_tokens, 1), x]
     operands += [] if up is None else [up]

@@ -122,33 +122,54 @@ def test_rows_without_adapter_are_exactly_the_base(pattern, backend, xla_device)
 
 
 @pytest.mark.parametrize(
-    ("layout", "bias", "int8"), [("out_in", True, False), ("in_out", False, False), ("out_in", True, True)]
+    ("layout", "bias", "weight"),
+    [("out_in", True, "float"), ("in_out", False, "float"), ("out_in", True, "int8"), ("out_in", False, "fused")],
 )
-def test_kernel_with_tiled_reduction_and_output(layout, bias, int8):
-    """Several reduction and output tiles (K = 2 tiles, N = 3 tiles): the shrink accumulates across k. ``int8``:
-    the weight is int8 with per-output-channel scales, each output tile scaled by its own channels'."""
+def test_kernel_with_tiled_reduction_and_output_in_row_chunks(layout, bias, weight):
+    """Several reduction and output tiles (K = 2 tiles, N = 3 tiles): the shrink accumulates across k; each
+    32-token block is computed in two row chunks of 16 (base product, shrink, the write's bias and scales,
+    the expand of each of a block's lane chunks). Blocks: one without adapters, one of a single adapter,
+    two mixed ones, the last of more distinct slots than lanes. ``int8``: the weight is int8 with
+    per-output-channel scales, each output tile scaled by its own channels'. ``fused``: x is SiLU(gate) * up
+    times RMSNorm's row and column factors (in pieces of 8 rows, kept for the shrink), and a residual is
+    added in the write; the reference is float64 numpy."""
     rng = np.random.default_rng(0)
-    num_tokens, hidden, out_dim, rank, num_slots, lanes = 32, 256, 384, 16, 6, 4
+    num_tokens, hidden, out_dim, rank, num_slots, lanes = 128, 256, 384, 16, 6, 4
     x = jnp.asarray(rng.standard_normal((num_tokens, hidden)), jnp.float32)
     w_shape = (out_dim, hidden) if layout == "out_in" else (hidden, out_dim)
     w = jnp.asarray(rng.standard_normal(w_shape) / 16, jnp.float32)
     b = jnp.asarray(rng.standard_normal(out_dim), jnp.float32) if bias else None
     a = jnp.asarray(rng.standard_normal((num_slots, rank, hidden)) / 16, jnp.float32)
     lb = jnp.asarray(rng.standard_normal((num_slots, rank, out_dim)) / 4, jnp.float32)
-    idx = jnp.asarray(rng.integers(-2, num_slots + 2, num_tokens), jnp.int32).at[:8].set(-1).at[8:16].set(2)
-    meta = visits.build_lanes(visits.valid_slots(idx, num_slots), num_slots, 8, lanes)
-    sizes = BlockSizes(tokens=8, hidden=128, out=128)
-    scale = None
-    if int8:
-        scale = jnp.asarray(rng.uniform(0.5, 2.0, out_dim) / 127 / 16, jnp.float32)
+    idx = jnp.asarray(rng.integers(-2, num_slots + 2, num_tokens), jnp.int32).at[:32].set(-1).at[32:64].set(2)
+    idx = idx.at[96:].set(jnp.arange(32) % (num_slots + 1) - 1)  # every slot and none: 6 distinct > 4 lanes
+    meta = visits.build_lanes(visits.valid_slots(idx, num_slots), num_slots, 32, lanes)
+    assert int(meta.chunks.max()) > 1  # a block of more distinct slots than lanes: two expand passes
+    sizes = BlockSizes(tokens=32, hidden=128, out=128)
+    extra, x_read = {}, x
+    if weight == "int8":
+        extra["weight_scale"] = jnp.asarray(rng.uniform(0.5, 2.0, out_dim) / 127 / 16, jnp.float32)
         q = jnp.asarray(rng.integers(-127, 128, w_shape), jnp.int8)
-        w = q.astype(jnp.float32) * scale[:, None]  # the reference's float weight
+        w = q.astype(jnp.float32) * extra["weight_scale"][:, None]  # the reference's float weight
+    if weight == "fused":
+        up, res = rng.standard_normal((num_tokens, hidden)), rng.standard_normal((num_tokens, out_dim))
+        row, col = rng.uniform(0.5, 1.5, num_tokens), rng.standard_normal(hidden)
+        gate = np.asarray(x, np.float64)
+        x_read = jnp.asarray(gate / (1 + np.exp(-gate)) * up * row[:, None] * col, jnp.float32)
+        extra = {"up": up, "row_scale": row, "col_scale": col, "residual": res}
+        extra = {key: jnp.asarray(value, jnp.float32) for key, value in extra.items()}
     out = fused_base.linear_lora(
-        x, q if int8 else w, b, a, lb, meta, scaling=0.5, block_sizes=sizes, lanes=lanes, layout=layout,
-        interpret=True, weight_scale=scale,
+        x, q if weight == "int8" else w, b, a, lb, meta, scaling=0.5, block_sizes=sizes, lanes=lanes, layout=layout,
+        interpret=True, row_chunk_rows=16, **extra,
     )  # fmt: skip
-    expected = jnp_reference.linear_lora(x, w, b, a, lb, idx, 0.5, layout)
+    expected = jnp_reference.linear_lora(x_read, w, b, a, lb, idx, 0.5, layout) + extra.get("residual", 0.0)
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-4, rtol=1e-4)
+
+
+def test_row_chunk_divides_the_block():
+    assert [fused_base.row_chunk(t) for t in (8, 256, 512, 1024, 24, 768)] == [8, 256, 256, 256, 24, 256]
+    assert fused_base.row_chunk(16, 8) == 8 and fused_base.row_chunk(40, 16) == 8
+    assert [fused_base.prologue_chunk(rows) for rows in (8, 16, 64, 256)] == [8, 8, 16, 64]
 
 
 def test_cpu_tensors_use_reference():
