@@ -62,23 +62,37 @@ def lanes_for(rank: int, num_slots: int, dtype, generation: str) -> int:
 
 
 def lane_aligned(hidden: int, out_dim: int) -> bool:
-    """Whether the kernel compiles for these widths on TPU: both multiples of the 128-lane tile.
+    """Whether both widths are multiples of the 128-lane tile (the adapter buffers then need no padding).
 
-    The kernel DMAs whole [R, D] and [R, tile] adapter rows by hand, and Mosaic slices
+    The kernel DMAs whole [R, D'] and [R, tile] adapter rows by hand, and Mosaic slices
     a memref only along lane-aligned widths (libtpu: "Slice shape along dimension 2
-    must be aligned to tiling (128), but is 576"). Callers run the separate shrink
-    and expand kernels, whose BlockSpecs may span any width, for other widths.
+    must be aligned to tiling (128), but is 576"). For other widths the kernel reads
+    adapter buffers padded to whole lane tiles (:func:`padded_width`) and uses only
+    their first D / Dout columns.
     """
     return hidden % 128 == 0 and out_dim % 128 == 0
 
 
+def padded_width(width: int) -> int:
+    """The width of an adapter buffer the kernel reads for a layer width: whole 128-lane tiles."""
+    return -(-width // 128) * 128
+
+
+def b_tile_width(block_sizes: BlockSizes, out_dim: int) -> int:
+    """Columns of B the kernel DMAs per output tile: the tile, or the padded row where one tile spans an
+    unaligned Dout (its columns past Dout are read and not used)."""
+    return padded_width(out_dim) if block_sizes.out == out_dim else block_sizes.out
+
+
 def vmem_bytes(block_sizes: BlockSizes, rank: int, num_slots: int, lanes: int, dtype) -> int:
-    """VMEM the kernel needs: double-buffered pipelined blocks, scratch, and the f32 accumulator."""
+    """VMEM the kernel needs: double-buffered pipelined blocks, scratch (the adapter tiles at their padded
+    widths, :func:`padded_width`), and the f32 accumulator."""
     itemsize = jnp.dtype(dtype).itemsize
     bt, hidden, bn = block_sizes.tokens, block_sizes.hidden, block_sizes.out
     width = lanes * rank_stride(rank, dtype)
     pipelined = 2 * (bt * 4 + bt * hidden * itemsize + 2 * bt * bn * itemsize)
-    scratch = width * (hidden + bn) * itemsize + max_chunks(bt, num_slots, lanes) * bt * width * itemsize
+    tiles = padded_width(hidden) + padded_width(bn)  # a tile spanning an unaligned Dout reads the padded row
+    scratch = width * tiles * itemsize + max_chunks(bt, num_slots, lanes) * bt * width * itemsize
     return pipelined + scratch + 2 * bt * bn * 4
 
 
@@ -121,18 +135,18 @@ def plan(num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, 
 def plan_call(num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, dtype, generation: str):
     """(BlockSizes, lanes, fused) of one shrink-expand call on ``generation``.
 
-    ``fused`` is True when this kernel runs it (:func:`plan`). Otherwise the caller
-    runs the separate shrink and expand kernels with the tuning table's tiles and
-    ``lanes`` 1, for exactly two reasons: widths that are not lane-aligned
-    (:func:`lane_aligned`), or a full-D adapter tile beyond the VMEM limit, e.g.
-    D = 28672 at rank 128 in float32 on v4 (logged once per shape). Any other error
-    of the planner propagates.
+    ``fused`` is True when this kernel runs it (:func:`plan`), at any widths: where
+    D or Dout is not a multiple of 128 it reads adapter buffers padded to whole lane
+    tiles (:func:`padded_width`; the output then spans an unaligned Dout in one tile).
+    Otherwise the caller runs the separate shrink and expand kernels with the tuning
+    table's tiles and ``lanes`` 1, for one reason: a full-D adapter tile beyond the
+    VMEM limit, e.g. D = 28672 at rank 128 in float32 on v4 (logged once per shape).
+    Any other error of the planner propagates.
     """
-    if lane_aligned(hidden, out_dim):
-        sizes, lanes, fits = _fit(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
-        if fits:
-            return sizes, lanes, True
-        _log_beyond_vmem(hidden, out_dim, rank, num_slots, str(jnp.dtype(dtype)), generation)
+    sizes, lanes, fits = _fit(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
+    if fits:
+        return sizes, lanes, True
+    _log_beyond_vmem(hidden, out_dim, rank, num_slots, str(jnp.dtype(dtype)), generation)
     return choose(num_tokens, hidden, out_dim, generation), 1, False
 
 
@@ -196,10 +210,10 @@ def step_work(i: int, n: int, meta, rank: int, hidden: int, lanes: int, block_si
     used = [int(s) for s in meta.slots[block * per_block : block * per_block + chunks * lanes] if s >= 0]
     width = lanes * rank_stride(rank, "float32" if itemsize == 4 else "bfloat16")
     bt, bn = block_sizes.tokens, block_sizes.out
-    dma = len(used) * rank * bn * itemsize
+    dma = len(used) * rank * padded_width(bn) * itemsize  # a tile spanning an unaligned Dout: the padded row
     matmuls = [(bt, width, bn)] * chunks
     if n == 0:
-        dma += len(used) * rank * hidden * itemsize
+        dma += len(used) * rank * padded_width(hidden) * itemsize
         matmuls += [(bt, hidden, width)] * chunks
     return dma, matmuls
 
@@ -282,6 +296,7 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
     block = active_ref[i]
     num_chunks = chunks_ref[block]
     tile = o_ref.shape[1]
+    hidden = x_ref.shape[1]
     width = lanes * stride
 
     def lane_slots(c):
@@ -296,7 +311,9 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
             copies = []
             for lane, slot in enumerate(lane_slots(c)):
                 entry = jnp.maximum(slot, 0)
-                index = entry if which == 0 else (entry, slice(None), pl.ds(n * tile, tile))
+                # B: the output tile's columns, or the whole padded row where one tile spans an unaligned Dout
+                columns = pl.ds(n * tile, tile) if dest.shape[1] == tile else slice(None)
+                index = entry if which == 0 else (entry, slice(None), columns)
                 copy = pltpu.make_async_copy(source.at[index], dest.at[pl.ds(lane * stride, rank)], sem.at[which])
                 copies.append((slot, copy))
                 pl.when(slot >= 0)(copy.start)
@@ -442,9 +459,9 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
 
         def body(c, carry):
             load(c, 0)
-            y = jax.lax.dot_general(
-                x_ref[...], a_buf[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-            )
+            # A's padded columns (past an unaligned D) are read by the DMA and not used: a static slice
+            a = a_buf[...] if a_buf.shape[1] == hidden else a_buf[:, :hidden]
+            y = jax.lax.dot_general(x_ref[...], a, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             keep = column_lane == (code_ref[...] - c * lanes)
             if lanes == 1:  # a block whose tokens all use one adapter needs no mask
                 keep = keep | (uniform_ref[block] == 1)
@@ -460,7 +477,7 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
 
     def expand(c, acc):
         load(c, 1)
-        b = b_buf[...]
+        b = b_buf[...] if b_buf.shape[1] == tile else b_buf[:, :tile]  # a tile spanning an unaligned Dout
         if pooled is not None:  # rows past a lane's true rank are stale: zero (0 * Inf would be NaN)
             b = jnp.where(true_rank(c, (width, 1), 0), b.astype(jnp.float32), 0.0).astype(b.dtype)
         b, poisoned = finite_lanes(b, lanes, stride)
@@ -497,9 +514,9 @@ def grid_spec(
     def tile(i, n, active, *_):
         return active[i], n
 
-    scratch = [
-        pltpu.VMEM((lanes * stride, hidden), dtype),
-        pltpu.VMEM((lanes * stride, bn), dtype),
+    scratch = [  # the adapter tiles at their padded widths (equal to D and the tile where lane-aligned)
+        pltpu.VMEM((lanes * stride, padded_width(hidden)), dtype),
+        pltpu.VMEM((lanes * stride, b_tile_width(block_sizes, out_dim)), dtype),
         pltpu.VMEM((chunks, bt, lanes * stride), dtype),
         pltpu.SemaphoreType.DMA((2,)),
     ]
@@ -544,18 +561,19 @@ def cost_estimate(
     width = lanes * rank_stride(rank, dtype)
     adapters = typical_adapters(num_tokens, num_slots, block_sizes.tokens, lanes)
     activations = num_tokens * (hidden + 2 * out_dim) * itemsize + 4 * num_tokens
+    adapter_width = padded_width(hidden) + padded_width(out_dim)  # the rows as DMA'd, padded
     return pl.CostEstimate(
         flops=2 * num_tokens * width * (hidden + out_dim),
         transcendentals=0,
-        bytes_accessed=activations + adapters * rank * (hidden + out_dim) * itemsize,
+        bytes_accessed=activations + adapters * rank * adapter_width * itemsize,
     )
 
 
 @functools.partial(jax.jit, static_argnames=("scaling", "block_sizes", "lanes", "interpret", "vmem_limit_bytes"))
 def shrink_expand(
     x: jax.Array,  # [T_pad, D]
-    lora_a: jax.Array,  # [L, R, D]
-    lora_b: jax.Array,  # [L, R, Dout]
+    lora_a: jax.Array,  # [L, R, D'], D' = padded_width(D): columns past D are not used
+    lora_b: jax.Array,  # [L, R, Dout'], Dout' = padded_width(Dout)
     base: jax.Array,  # [T_pad, Dout]
     meta: LaneBlocks,
     *,
@@ -565,13 +583,21 @@ def shrink_expand(
     interpret: bool,
     vmem_limit_bytes: int | None = None,
 ) -> jax.Array:  # [T_pad, Dout], base.dtype
-    """Fused laned kernel over prepared lane metadata; shapes must already be tile-aligned.
+    """Fused laned kernel over prepared lane metadata; tokens padded to whole blocks, the adapter buffers'
+    widths D and Dout padded to whole lane tiles (:func:`padded_width`; equal where lane-aligned).
 
     ``vmem_limit_bytes``: the scoped VMEM limit of the generation ``plan`` used
     (None: the v5e/v6e figure, :func:`block_sizes.vmem_limit`).
     """
     num_tokens, hidden = x.shape
-    num_slots, rank, out_dim = lora_b.shape
+    num_slots, rank, _ = lora_b.shape
+    out_dim = base.shape[1]
+    widths = (lora_a.shape[2], lora_b.shape[2])
+    if widths != (padded_width(hidden), padded_width(out_dim)):
+        raise ValueError(
+            f"adapter widths {widths}: expected the layer's D={hidden}, Dout={out_dim} padded to whole "
+            f"lane tiles, {(padded_width(hidden), padded_width(out_dim))}"
+        )
     block_sizes.check(hidden, out_dim)
     spec = grid_spec(num_tokens, hidden, out_dim, rank, num_slots, lora_b.dtype, block_sizes, lanes)
     spec.grid = (meta.num_active[0], spec.grid[1])
@@ -638,9 +664,11 @@ def pooled_plan_call(
 ):
     """(BlockSizes, lanes, fused) of one pooled call: :func:`plan_call`'s plan for the slots the pool stands
     for (so the batch's host metadata serves both), ``fused`` False where the pooled kernel cannot run it
-    (widths, VMEM: the caller then gathers the lanes' rows into slots and runs the slot kernels)."""
+    (widths not lane-aligned, VMEM: the caller then gathers the lanes' rows into slots and runs the slot kernels)."""
     sizes, lanes, run_fused = plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
-    if run_fused and pooled_vmem_bytes(sizes, rank, num_slots, lanes, dtype, int8) > vmem_limit(generation):
+    if not lane_aligned(hidden, out_dim):  # pools hold rows of the layer's own widths: no padded rows to DMA
+        run_fused = False
+    elif run_fused and pooled_vmem_bytes(sizes, rank, num_slots, lanes, dtype, int8) > vmem_limit(generation):
         run_fused = False
     return sizes, lanes, run_fused
 

@@ -250,8 +250,9 @@ def test_unused_slot_holding_inf_leaves_base_rows_exact(num_tokens, rank, num_sl
 
 @pytest.mark.parametrize(("hidden", "out_dim"), [(576, 192), (1000, 256)])
 def test_widths_not_lane_aligned_with_host_metadata(hidden, out_dim, xla_device):
-    """Widths the fused kernel cannot DMA on TPU run shrink then expand, fed by the same host metadata."""
-    assert not fused.plan_call(40, hidden, out_dim, 16, 6, jnp.float32, "cpu")[2]
+    """Unaligned widths on unpadded buffers (the fused kernel DMAs whole rows only at lane-aligned widths) run
+    shrink then expand, fed by the same host metadata as the fused plan."""
+    assert fused.plan_call(40, hidden, out_dim, 16, 6, jnp.float32, "cpu")[2]
     g = torch.Generator().manual_seed(3)
     x, base = torch.randn(40, hidden, generator=g), torch.randn(40, out_dim, generator=g)
     a = torch.randn(6, 16, hidden, generator=g) / math.sqrt(hidden)
@@ -261,3 +262,32 @@ def test_widths_not_lane_aligned_with_host_metadata(hidden, out_dim, xla_device)
     args = [t.to(xla_device) for t in (x, a, b, base, idx)]
     out = tl.bgmv_shrink_expand(*args, 0.5, "pallas", meta.to(xla_device))
     assert_close(out.cpu(), _expected(x, a, b, base, idx, 0.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("hidden", "out_dim", "host"), [(200, 72, True), (2880 // 8, 5760 // 8, False)])
+def test_lane_padded_buffers(hidden, out_dim, host, backend, xla_device, monkeypatch):
+    """Adapter buffers wider than the layer, padded to whole 128-lane tiles (as layers allocate them where the TPU
+    fused kernel may run): the Pallas backend runs the fused kernel on them (the traced graph holds its call), and
+    both backends use only the first D / Dout columns: the padding columns hold Inf here, which any read of them
+    into the product would turn into Inf or NaN."""
+    g = torch.Generator().manual_seed(5)
+    x, base = torch.randn(40, hidden, generator=g), torch.randn(40, out_dim, generator=g)
+    a = torch.randn(6, 16, hidden, generator=g) / math.sqrt(hidden)
+    b = torch.randn(6, 16, out_dim, generator=g) / 4
+    idx = torch.randint(-1, 6, (40,), generator=g, dtype=torch.int32)
+    wide_a = torch.full((6, 16, fused.padded_width(hidden)), float("inf"))
+    wide_b = torch.full((6, 16, fused.padded_width(out_dim)), float("inf"))
+    wide_a[:, :, :hidden], wide_b[:, :, :out_dim] = a, b
+    traced = []  # widths the fused kernel was traced with (these shapes are new to the process: traced here)
+    kernel = fused.shrink_expand
+    monkeypatch.setattr(
+        fused, "shrink_expand", lambda x, a, b, *rest, **kw: traced.append(a.shape) or kernel(x, a, b, *rest, **kw)
+    )
+    args = [t.to(xla_device) for t in (x, wide_a, wide_b, base, idx)]
+    meta = tl.ops.batch_metadata(idx, [(hidden, out_dim)], 16, 6, torch.float32)[(hidden, out_dim)] if host else None
+    out = tl.bgmv_shrink_expand(*args, 0.5, backend, None if meta is None else meta.to(xla_device))
+    assert_close(out.cpu(), _expected(x, a, b, base, idx, 0.5))
+    assert traced == ([wide_a.shape] if backend == "pallas" else []), "the fused kernel runs the padded buffers"
+    cpu = tl.bgmv_shrink_expand(x, wide_a, wide_b, base, idx, 0.5)  # the CPU reference path slices too
+    assert_close(cpu, _expected(x, a, b, base, idx, 0.5))

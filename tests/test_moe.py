@@ -247,20 +247,35 @@ def test_mixed_batch_equals_peft_per_adapter_cpu(arch, saved):
 
 
 # A sample on XLA, where each case compiles a whole model (`pytest tests/test_moe.py -k xla --durations=0`
-# shows the cost): the common [E, out, in] layout, and GPT-OSS's transposed [E, in, out] one with biases and
-# interleaved gate/up. Every architecture of ARCHS runs through the same layers on the CPU path above; the
-# suite runs no other architecture on XLA.
-@pytest.mark.parametrize("arch", ["Mixtral", "GptOss"])
-def test_mixed_batch_equals_peft_per_adapter_xla(arch, saved, xla_device):
+# shows the cost): the common [E, out, in] layout with the default backend, and GPT-OSS's transposed [E, in, out]
+# one with biases and interleaved gate/up on the Pallas backend (interpret mode on the CPU device). Every
+# architecture of ARCHS runs through the same layers on the CPU path above; the suite runs no other architecture
+# on XLA (GPT-OSS's XLA-native grouped path: test_grouped_experts_gradients_equal_float64_plain).
+@pytest.mark.parametrize(("arch", "backend"), [("Mixtral", "auto"), ("GptOss", "pallas")])
+def test_mixed_batch_equals_peft_per_adapter_xla(arch, backend, saved, xla_device, monkeypatch):
+    """GPT-OSS's widths (hidden 32, expert width 16, gate_up 32) are not multiples of 128, as gpt-oss-20b's 2880
+    are not: its expert slots are stored lane-padded to 128 columns and the fused Pallas kernel runs them."""
+    from torch_xla_lora.kernels import fused
+
+    traced = []  # adapter widths the fused kernel is traced with
+    kernel = fused.shrink_expand
+    monkeypatch.setattr(
+        fused, "shrink_expand", lambda x, a, *rest, **kw: traced.append(a.shape[2]) or kernel(x, a, *rest, **kw)
+    )
     dirs = saved(arch)
     reference = peft_reference(arch, dirs, IDS)
-    model, lora = served(arch, dirs, xla_device)
+    model, lora = served(arch, dirs, xla_device, backend=backend)
+    experts = [layer for layer in lora.layers.values() if isinstance(layer, ExpertsWithLoRA)]
+    if backend == "pallas":
+        assert all(layer.lane_padded and layer.lora_a_down.shape[2] == 128 for layer in experts)
     lora.set_batch(ROWS)
     with torch.no_grad():
         # No cache: transformers' dynamic sliding-window cache fails on XLA (GPT-OSS).
         logits = model(IDS.to(xla_device), use_cache=False).logits.cpu()
     for row, name in enumerate(ROWS):
         assert_close(logits[row], reference[name][row])
+    if backend == "pallas":  # the up and down projections' padded slots (in 32 and 16) ran the fused kernel
+        assert set(traced) == {128}
 
 
 def test_token_adapters_equal_peft(saved):

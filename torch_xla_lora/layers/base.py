@@ -31,7 +31,8 @@ class BaseLayerWithLoRA(nn.Module):
     """Base LoRA layer: ``y = base(x) + B[slot] A[slot] x`` per token (scaling folded into B).
 
     Subclasses define ``in_features``, ``out_features``, ``can_replace`` and
-    ``forward``; the buffers are ``lora_a`` [L, R, in] and ``lora_b`` [L, R, out].
+    ``forward``; the buffers are ``lora_a`` [L, R, in] and ``lora_b`` [L, R, out] (in and out rounded up
+    to whole 128-lane tiles where :attr:`lane_padded`).
     """
 
     in_features: int
@@ -42,6 +43,9 @@ class BaseLayerWithLoRA(nn.Module):
     #: With a memory budget, the rows an adapter's pool allocation is rounded to (set by the ``PoolManager``):
     #: the pooled Pallas kernel needs whole aligned pages of ``pool.KERNEL_PAGE_ROWS``.
     pool_page_rows = 1
+    #: Whether this layer kind may store its slot buffers lane-padded (see :meth:`_pads_lanes`): layers whose
+    #: forward reads the slots only through the fused shrink-expand op, which takes buffers wider than the layer.
+    lane_padding = False
 
     def __init__(
         self,
@@ -65,10 +69,45 @@ class BaseLayerWithLoRA(nn.Module):
         self.pool_rows: int | None = None
         #: Slot -> the trainable adapter's factors that the forward reads in place of the slot (see training.py).
         self.trainable: dict[int, TrainableModule] = {}
+        #: Whether the slot buffers' widths are padded with zeros to whole 128-lane tiles (:meth:`_pads_lanes`).
+        self.lane_padded = False
         if allocate:  # padded slots; patch_model allocates pools instead when there is a memory budget
-            # Not persistent: adapters are not part of the model's state_dict.
-            for name, shape in self._buffer_shapes().items():
-                self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=self.adapter_device), False)
+            self.lane_padded = self._pads_lanes()
+            self._allocate_slots()
+
+    def _allocate_slots(self) -> None:
+        """Zero slot buffers of :meth:`slot_shapes` (not persistent: adapters are not part of the state_dict)."""
+        for name, shape in self.slot_shapes().items():
+            self.register_buffer(name, torch.zeros(shape, dtype=self.adapter_dtype, device=self.adapter_device), False)
+
+    def _pads_lanes(self) -> bool:
+        """Whether this layer stores its slot buffers lane-padded: a layer kind that allows it
+        (:attr:`lane_padding`), on an XLA device, where the TPU fused kernel may run: backend "pallas"
+        (interpret mode on the CPU device), or "auto" on a TPU; not under SPMD (a mesh's per-shard paths
+        read the layer's exact widths). The kernel DMAs whole adapter rows, which Mosaic slices only at
+        widths of whole 128-lane tiles; with the rows padded in place it runs any layer width without
+        copying the buffers per call (``ops.bgmv_shrink_expand``)."""
+        if not self.lane_padding or self.adapter_device.type != "xla":
+            return False
+        import torch_xla.runtime as xr
+
+        if xr.is_spmd():
+            return False
+        if self.backend == "pallas":
+            return True
+        if self.backend != "auto":
+            return False
+        from torch_xla_lora import ops
+
+        return ops.device_generation() != "cpu"
+
+    def slot_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of each slot buffer as allocated: :meth:`_buffer_shapes`, the last (width) dimension
+        rounded up to whole 128-lane tiles where :attr:`lane_padded` (the factors fill its leading columns)."""
+        shapes = self._buffer_shapes()
+        if not self.lane_padded:
+            return shapes
+        return {name: (*shape[:-1], lane_width(shape[-1])) for name, shape in shapes.items()}
 
     def _buffer_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of each slot buffer: ``lora_a`` [L, *a slot] and ``lora_b`` [L, R, out]."""
@@ -237,8 +276,9 @@ class BaseLayerWithLoRA(nn.Module):
         slots = sorted(self.trainable)
         rows = [self.trainable[slot].slot_rows(self.max_rank, self.adapter_dtype) for slot in slots]
         index = torch.tensor(slots, dtype=torch.long, device=self.adapter_device)
-        lora_a = lora_a.index_put((index,), torch.stack([a for a, _ in rows]))
-        lora_b = lora_b.index_put((index,), torch.stack([b for _, b in rows]))
+        a_rows = to_width(torch.stack([a for a, _ in rows]), lora_a.shape[-1])  # lane-padded slots: zero columns
+        b_rows = to_width(torch.stack([b for _, b in rows]), lora_b.shape[-1])
+        lora_a, lora_b = lora_a.index_put((index,), a_rows), lora_b.index_put((index,), b_rows)
         return lora_a, lora_b
 
     def lora_input(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -292,9 +332,20 @@ class BaseLayerWithLoRA(nn.Module):
     def _write(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         device = self.lora_a.device
         index = torch.tensor([slot], dtype=torch.int64, device=device)
+        a, b = to_width(a, self.lora_a.shape[-1]), to_width(b, self.lora_b.shape[-1])  # lane-padded: zero columns
         with torch.no_grad():
             self.lora_a.index_copy_(0, index, a[None].to(device))
             self.lora_b.index_copy_(0, index, b[None].to(device))
+
+
+def lane_width(width: int) -> int:
+    """``width`` rounded up to whole 128-lane tiles: a lane-padded slot buffer's width."""
+    return -(-width // 128) * 128
+
+
+def to_width(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` [..., w] with zero columns appended up to ``width`` (itself when w == width)."""
+    return t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]))
 
 
 def fused_lora(

@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from torch_xla_lora.adapters import ExpertsLoRA, ModuleLoRA
 from torch_xla_lora.context import BatchContext
 from torch_xla_lora.errors import InvalidAdapterError, RankTooLargeError
-from torch_xla_lora.layers.base import BaseLayerWithLoRA, fused_lora
+from torch_xla_lora.layers.base import BaseLayerWithLoRA, fused_lora, to_width
 from torch_xla_lora.ops._grouped import grouped_matmul
 
 __all__ = ["ExpertsWithLoRA", "RouterWithLoRA"]
@@ -55,10 +55,13 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
 
     (scaling folded into B; s = -1 adds nothing), computed over the rows sorted by expert (see the
     module). Buffers: ``lora_a`` [L*E, R, in_up], ``lora_b`` [L*E, R, out_up], ``lora_a_down``
-    [L*E, R, in_down], ``lora_b_down`` [L*E, R, out_down]. Without a batch the wrapped module runs as
+    [L*E, R, in_down], ``lora_b_down`` [L*E, R, out_down], the widths rounded up to whole 128-lane tiles
+    where the TPU fused kernel may run (``lane_padded``, see the base class). Without a batch the wrapped module runs as
     configured, except ``experts_implementation="batched_mm"`` (a weight gathered per routed row), which
     the grouped base path replaces.
     """
+
+    lane_padding = True  # the one-device forward reads the slots only through the fused op
 
     def __init__(self, base_layer: nn.Module, *args, **kwargs) -> None:
         self.up_name = "gate_up_proj" if getattr(base_layer, "has_gate", True) else "up_proj"
@@ -152,7 +155,7 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
             for buffer, value in zip(
                 (self.lora_a, self.lora_b, self.lora_a_down, self.lora_b_down), (*up, *down), strict=True
             ):
-                buffer.index_copy_(0, index, value.to(device))
+                buffer.index_copy_(0, index, to_width(value, buffer.shape[-1]).to(device))  # lane-padded: zeros
 
     def slot_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The four slot buffers a forward reads (``lora_a``, ``lora_b``, ``lora_a_down``, ``lora_b_down``).
@@ -170,7 +173,8 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         experts = torch.arange(self.num_experts, dtype=torch.long)
         index = torch.cat([slot * self.num_experts + experts for slot in slots]).to(self.adapter_device)
         return tuple(
-            buffer.index_put((index,), torch.cat([entry[i] for entry in rows])) for i, buffer in enumerate(buffers)
+            buffer.index_put((index,), to_width(torch.cat([entry[i] for entry in rows]), buffer.shape[-1]))
+            for i, buffer in enumerate(buffers)
         )
 
     # -- forward -----------------------------------------------------------------------------------------

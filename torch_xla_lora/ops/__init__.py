@@ -320,10 +320,11 @@ def _bgmv_shrink_expand(
     _validate.shrink_expand(inputs, lora_a, lora_b, base, lora_indices)
     _validate.backend(backend)
     _validate.scaling(scaling)
-    _validate.metadata(metadata, inputs.device, inputs, lora_b)
-    if inputs.device.type != "xla":
+    _validate.metadata(metadata, inputs.device, inputs, lora_b, base.shape[1])
+    if inputs.device.type != "xla":  # the buffers' first D / Dout columns (wider ones are padded)
+        lora_a, lora_b = lora_a[:, :, : inputs.shape[1]], lora_b[:, :, : base.shape[1]]
         return reference.bgmv_shrink_expand(inputs, lora_a, lora_b, base, lora_indices, scaling)
-    if _validate.degenerate(*lora_a.shape, *lora_b.shape):  # L, R, D or Dout is 0: nothing to add
+    if _validate.degenerate(*lora_a.shape[:2], *inputs.shape[1:], *base.shape[1:]):  # L, R, D or Dout is 0
         return base.clone()
     name, generation = _backend(backend)
     fn = _jax_module().shrink_expand_fn(name, generation, float(scaling), metadata is not None)
@@ -336,7 +337,7 @@ def _(inputs, lora_a, lora_b, base, lora_indices, scaling=1.0, backend="auto", m
     _validate.shrink_expand(inputs, lora_a, lora_b, base, lora_indices)
     _validate.backend(backend)
     _validate.scaling(scaling)
-    _validate.metadata(metadata, inputs.device, inputs, lora_b)
+    _validate.metadata(metadata, inputs.device, inputs, lora_b, base.shape[1])
     return torch.empty_like(base)
 
 
@@ -357,8 +358,11 @@ def bgmv_shrink_expand(
 
     Args:
       inputs: [T, D] floating.
-      lora_a: [L, R, D], inputs' dtype.
-      lora_b: [L, R, Dout], base's dtype, rank-first.
+      lora_a: [L, R, D'], inputs' dtype, D' >= D, the columns past D zero. The TPU fused kernel runs
+        widths that are not multiples of 128 on buffers padded to whole 128-lane tiles (D' = D rounded
+        up to a multiple of 128, as the layers allocate them where it may run); with unpadded buffers
+        such widths run the separate shrink and expand kernels.
+      lora_b: [L, R, Dout'], base's dtype, rank-first, Dout' >= Dout, the columns past Dout zero: as lora_a.
       base: [T, Dout]: the base layer's output.
       lora_indices: [T] int32: slot of each token; outside [0, L) adds nothing.
       scaling: multiplies the LoRA product.
@@ -374,7 +378,7 @@ def bgmv_shrink_expand(
     Semantics:
       for t in range(T):
           i = lora_indices[t]
-          out[t] = base[t] + (scaling * (lora_a[i] @ inputs[t])) @ lora_b[i]   if 0 <= i < L
+          out[t] = base[t] + (scaling * (lora_a[i, :, :D] @ inputs[t])) @ lora_b[i, :, :Dout]   if 0 <= i < L
           out[t] = base[t]                                                 otherwise
 
     Raises:

@@ -13,6 +13,7 @@ call. ``functools.lru_cache`` gives that, and bounds the number of entries.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -35,6 +36,12 @@ def _pad_rows(array: jax.Array, rows: int, value=0) -> jax.Array:
 def _padded_indices(indices: jax.Array, num_slots: int, rows: int) -> jax.Array:
     """int32 indices padded to ``rows`` with -1, every value outside [0, num_slots) made -1."""
     return visits.valid_slots(_pad_rows(indices.astype(jnp.int32), rows, -1), num_slots)
+
+
+def _width(array: jax.Array, width: int) -> jax.Array:
+    """``array`` [T, W] with zero columns appended up to ``width`` (itself when W == width)."""
+    extra = width - array.shape[-1]
+    return array if extra == 0 else jnp.pad(array, [(0, 0), (0, extra)])
 
 
 def _in_range(indices: jax.Array, num_slots: int) -> jax.Array:
@@ -109,17 +116,28 @@ def expand_fn(backend: str, generation: str, add_inputs: bool, slice_offset: int
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadata: bool) -> Callable:
-    """``fn(inputs[T, D], lora_a[L, R, D], lora_b[L, R, Dout], base[T, Dout], indices[T][, metadata])``.
+    """``fn(inputs[T, D], lora_a[L, R, D'], lora_b[L, R, Dout'], base[T, Dout], indices[T][, metadata])``.
 
     With ``with_metadata`` the grouping comes packed from the host (see
     ``kernels.visits.pack``) instead of being sorted out on the device.
+    The adapter buffers may be wider than the layer (D' >= D, Dout' >= Dout, zero columns past D / Dout:
+    the layers pad them to whole lane tiles for the fused kernel, ``fused.padded_width``); the fused
+    kernel and the XLA path use only their first D / Dout columns. Backend "pallas" runs the fused
+    kernel where its plan fits (``fused.plan_call``) and the buffers are lane-padded (D' and Dout'
+    whole 128-lane tiles: the kernel DMAs whole rows); otherwise the separate shrink and expand
+    kernels, over the same token blocks and host metadata (buffers wider than the layer: x and base
+    padded with zero columns to them).
+    No path copies the adapter buffers.
     """
 
     def fn(x, lora_a, lora_b, base, indices, metadata=None):
         num_tokens, hidden = x.shape
-        num_slots, rank, out_dim = lora_b.shape
+        num_slots, rank, _ = lora_b.shape
+        out_dim = base.shape[1]
         dtype = lora_b.dtype
         sizes, lanes, run_fused = fused.plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
+        lane_padded = (lora_a.shape[2], lora_b.shape[2]) == (fused.padded_width(hidden), fused.padded_width(out_dim))
+        run_fused = run_fused and lane_padded
         padded = sizes.padded_tokens(num_tokens)
         idx = _padded_indices(indices, num_slots, padded)
         x_pad, base_pad = _pad_rows(x, padded), _pad_rows(base, padded)
@@ -133,9 +151,13 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
             # over the same token blocks (the packed metadata carries their visits too).
             if metadata is None:
                 vis = visits.build(idx, num_slots, sizes.tokens)
-            run_shrink, run_expand = _kernels(backend, generation, sizes)
-            s = run_shrink(x_pad, lora_a, idx, vis, scaling=scaling).astype(lora_b.dtype)
-            out = run_expand(s, lora_b, base_pad, idx, vis, add_inputs=True)
+            # Wider buffers: x and base padded with zero columns to their widths; the plan's token block.
+            wide = block_sizes.choose(num_tokens, lora_a.shape[2], lora_b.shape[2], generation)
+            wide = dataclasses.replace(wide, tokens=sizes.tokens)
+            run_shrink, run_expand = _kernels(backend, generation, wide)
+            x_wide, base_wide = _width(x_pad, lora_a.shape[2]), _width(base_pad, lora_b.shape[2])
+            s = run_shrink(x_wide, lora_a, idx, vis, scaling=scaling).astype(lora_b.dtype)
+            out = run_expand(s, lora_b, base_wide, idx, vis, add_inputs=True)[:, :out_dim]
         elif backend == "pallas":
             if metadata is None:
                 meta = visits.build_lanes(idx, num_slots, sizes.tokens, lanes)
@@ -155,7 +177,15 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
             if metadata is None:
                 vis = visits.build(idx, num_slots, sizes.tokens)
             out = _xla_native.shrink_expand(
-                x_pad, lora_a, lora_b, base_pad, idx, vis, scaling=scaling, block_tokens=sizes.tokens, order=order
+                x_pad,
+                lora_a[:, :, :hidden],  # the layer's columns (a slice XLA fuses into its consumers)
+                lora_b[:, :, :out_dim],
+                base_pad,
+                idx,
+                vis,
+                scaling=scaling,
+                block_tokens=sizes.tokens,
+                order=order,
             )
         return jnp.where(_in_range(indices, num_slots), out[:num_tokens], base)  # out of range: exactly base
 

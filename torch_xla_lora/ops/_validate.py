@@ -72,12 +72,18 @@ def backend(name: str) -> None:
         raise ShapeError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 
-def shrink(inputs: torch.Tensor, lora_a: torch.Tensor, lora_indices: torch.Tensor) -> None:
+def _at_least(name: str, t: torch.Tensor, axis: int, least: int, what: str) -> None:
+    if t.shape[axis] < least:
+        raise ShapeError(f"{name} dim {axis} must be at least {what} = {least}, got shape {tuple(t.shape)}")
+
+
+def shrink(inputs: torch.Tensor, lora_a: torch.Tensor, lora_indices: torch.Tensor, wider: bool = False) -> None:
+    """``wider``: lora_a may be wider than D (the fused op uses its first D columns)."""
     _rank("inputs", inputs, 2, "[T, D]")
     _rank("lora_a", lora_a, 3, "[L, R, D]")
     _floating("inputs", inputs)
     _same_dtype("lora_a", lora_a, "inputs", inputs)
-    _dim("lora_a", lora_a, 2, inputs.shape[1], "D of inputs")
+    (_at_least if wider else _dim)("lora_a", lora_a, 2, inputs.shape[1], "D of inputs")
     _device("lora_a", lora_a, inputs)
     indices(lora_indices, inputs.shape[0], inputs.device)
 
@@ -121,7 +127,9 @@ def shrink_expand(
     base: torch.Tensor,
     lora_indices: torch.Tensor,
 ) -> None:
-    shrink(inputs, lora_a, lora_indices)
+    """The fused op's arguments; the adapter buffers may be wider than D and Dout (padded to whole lane
+    tiles by the layers: only their first D / Dout columns are used)."""
+    shrink(inputs, lora_a, lora_indices, wider=True)
     _rank("lora_b", lora_b, 3, "[L, R, Dout]")
     _rank("base", base, 2, "[T, Dout]")
     _floating("base", base)
@@ -129,7 +137,7 @@ def shrink_expand(
     _dim("lora_b", lora_b, 0, lora_a.shape[0], "L of lora_a")
     _dim("lora_b", lora_b, 1, lora_a.shape[1], "R of lora_a")
     _dim("base", base, 0, inputs.shape[0], "T of inputs")
-    expand_full(lora_b, base)
+    _at_least("lora_b", lora_b, 2, base.shape[1], "Dout of base")
     _device("lora_b", lora_b, inputs)
     _device("base", base, inputs)
 
@@ -145,9 +153,11 @@ def metadata(
     device: torch.device,
     inputs: torch.Tensor | None = None,
     lora_b: torch.Tensor | None = None,
+    out_dim: int | None = None,
 ) -> None:
     """Packed host metadata of the fused op: 1-D int32 on the XLA device, of the length that the
-    plan for ``inputs`` [T, D] and ``lora_b`` [L, R, Dout] expects (checked when they are given)."""
+    plan for ``inputs`` [T, D] and ``lora_b`` [L, R, Dout'] expects (checked when they are given),
+    ``out_dim`` the layer's Dout (default Dout')."""
     if meta is None:
         return
     if device.type != "xla":
@@ -161,7 +171,8 @@ def metadata(
     # Imported here: JAX stays unimported until an XLA op runs (see ops/_jax.py).
     from torch_xla_lora.ops import _jax, device_generation
 
-    num_slots, rank, out_dim = lora_b.shape
+    num_slots, rank, width = lora_b.shape
+    out_dim = width if out_dim is None else out_dim
     dtype = str(lora_b.dtype).removeprefix("torch.")
     expected = _jax.metadata_size(
         inputs.shape[0], inputs.shape[1], out_dim, rank, num_slots, dtype, device_generation()
