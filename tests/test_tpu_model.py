@@ -157,7 +157,9 @@ def test_without_unfused_passes_drops_exactly_the_passes(chip):
 def test_moe_layer_cost_by_hand():
     """``bench model --moe``'s expert layer, one small case worked out by hand: 4 tokens routed top-2 over 4
     experts (balanced: token t to experts 2t mod 4 and 2t + 1 mod 4), 4 requests on slots 0, 2, 4, 6 of 8,
-    hidden 192 and expert width 160 (not multiples of 128: the op runs the separate shrink and expand).
+    hidden 192 and expert width 160 (not multiples of 128: the layer's slots are lane-padded to 256 and 384 / 256
+    columns, and the fused kernel reads the padded rows; the separate shrink and expand, what the op runs on
+    unpadded slots, worked out by hand too).
 
     Rows sorted by expert: expert 0 holds tokens 0 and 2 (slots 0 and 4: rows 0 * 4 + 0 = 0 and 4 * 4 + 0 = 16),
     expert 1 rows 1 and 17, expert 2 tokens 1 and 3 (rows 10, 26), expert 3 rows 11 and 27: 8 distinct
@@ -183,7 +185,17 @@ def test_moe_layer_cost_by_hand():
         flops = 8 * (2 * 8 * pad(d_in) * pad(rank) + 2 * 8 * pad(rank) * pad(d_out))
         return roofline(nbytes, flops) + 16 * 1e-6
 
-    assert costs["lora"] == pytest.approx(lora(192, 320) + lora(160, 192))
+    rows = np.array([0, 16, 1, 17, 10, 26, 11, 27], np.int32)
+    separate = [
+        tpu_model.separate_lora_cost(CHIP, rows, d_in, d_out, rank, 32) for d_in, d_out in ((192, 320), (160, 192))
+    ]
+    assert sum(cost.seconds for cost in separate) == pytest.approx(lora(192, 320) + lora(160, 192))
+
+    # The fused walk over the padded slots: one block, one output tile spanning the unaligned Dout; each of the 8
+    # entries' A and B rows DMA'd once at their padded widths (192 -> 256, 320 -> 384; 160 -> 256, 192 -> 256).
+    fused = [tpu_model.fused_cost(CHIP, rows, d_in, d_out, rank, 32) for d_in, d_out in ((192, 320), (160, 192))]
+    assert [cost.manual_bytes for cost in fused] == [8 * rank * (256 + 384) * 2, 8 * rank * (256 + 256) * 2]
+    assert costs["lora"] == pytest.approx(sum(cost.seconds for cost in fused))
 
 
 def test_moe_layer_lora_is_the_fused_op_on_the_sorted_rows():

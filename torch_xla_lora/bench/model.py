@@ -291,7 +291,7 @@ def run_moe(chips: Sequence[str], tokens: Sequence[int], slots: Sequence[int], r
         )
         aligned = fused.lane_aligned(shape.hidden, 2 * shape.intermediate) and fused.lane_aligned(
             shape.intermediate, shape.hidden
-        )
+        )  # else the fused kernel reads the layer's lane-padded slots (tpu_model.expert_lora_cost)
         rows.append(
             {
                 "chip": chip_name,
@@ -300,7 +300,7 @@ def run_moe(chips: Sequence[str], tokens: Sequence[int], slots: Sequence[int], r
                 "L": num_slots,
                 "routed_rows": cost["rows"],
                 "pairs": cost["pairs"],
-                "lora_kernel": "fused" if aligned else "shrink+expand",
+                "lora_kernel": "fused" if aligned else "fused, padded rows",
                 "base_us": cost["base"] * 1e6,
                 "lora_us": cost["lora"] * 1e6,
                 "with_lora_ratio": (cost["base"] + cost["lora"]) / cost["base"],

@@ -501,7 +501,8 @@ def grouped_matmul_cost(chip: Chip, group_sizes: np.ndarray, in_dim: int, out_di
 
 def separate_lora_cost(chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, rank: int, num_slots: int) -> Cost:
     """The shrink kernel then the expand kernel over the same token-block visits (bf16), what
-    ``bgmv_shrink_expand`` runs where the fused kernel does not (widths not multiples of 128).
+    ``bgmv_shrink_expand`` runs where the fused kernel does not (a full-D adapter tile beyond VMEM, or
+    widths not multiples of 128 on slots that are not lane-padded).
 
     Per visit (one token block and one slot present in it): the shrink reads the block of x when the block
     changes and the slot's A [R, D], and multiplies (bt, D, R); the expand reads the block's [bt, R] products
@@ -533,11 +534,16 @@ def separate_lora_cost(chip: Chip, indices: np.ndarray, hidden: int, out_dim: in
 
 def expert_lora_cost(chip: Chip, rows: np.ndarray, hidden: int, out_dim: int, rank: int, num_slots: int) -> Cost:
     """``bgmv_shrink_expand`` over the sorted routed rows (row index ``slot * E + expert``, ``num_slots`` = L * E
-    entries), as the op plans it: the fused kernel's walk (:func:`fused_cost`) where the widths are lane-aligned,
-    the separate shrink and expand (:func:`separate_lora_cost`) otherwise."""
+    entries), as the op plans it: the fused kernel's walk (:func:`fused_cost`) where its plan fits VMEM, the
+    separate shrink and expand (:func:`separate_lora_cost`) otherwise. Widths that are not multiples of 128
+    (gpt-oss's 2880) run the fused kernel on the expert layer's lane-padded slots: its walk DMAs the padded
+    adapter rows (``fused.step_work``), with no other pass (the kernel uses the first D / Dout columns in VMEM)."""
+    import jax.numpy as jnp
+
     from torch_xla_lora.kernels import fused
 
-    if fused.lane_aligned(hidden, out_dim):
+    num_tokens = len(rows)
+    if fused.plan_call(num_tokens, hidden, out_dim, rank, num_slots, jnp.bfloat16, chip.generation)[2]:
         return fused_cost(chip, rows, hidden, out_dim, rank, num_slots)
     return separate_lora_cost(chip, rows, hidden, out_dim, rank, num_slots)
 
