@@ -52,15 +52,19 @@ LINEAR_FUSED_SAMPLE = [
     tpu_grid.linear_fused_config("v4", "int8", 300, 16, "llama3-8b", "down_proj"),
     tpu_grid.linear_fused_config("v5p", "int8", 64, 16, "qwen2-0.5b", "q_proj"),
 ]
+# The fused kernel over an expert layer's lane-padded slots at gpt-oss-20b's widths (2880 -> 2880, not multiples
+# of 128); ``bench tpu_compile --kernels fused`` compiles both projections on both chips (tpu_grid.expert_lora_grid).
+EXPERT_LORA_SAMPLE = [tpu_grid.expert_lora_config("v6e", "experts_down")]
 SETUP = Path(__file__).resolve().parent.parent / "setup.py"
 
 
 @pytest.fixture(scope="module")
 def compiled() -> tpu_compile.Run:
     """One worker run over the whole sample and the expert layers."""
-    run = tpu_compile.run(SAMPLE + MOE_SAMPLE + POOLED_SAMPLE + LINEAR_FUSED_SAMPLE, timeout=3000)
+    configs = SAMPLE + MOE_SAMPLE + POOLED_SAMPLE + LINEAR_FUSED_SAMPLE + EXPERT_LORA_SAMPLE
+    run = tpu_compile.run(configs, timeout=3000)
     assert run.libtpu is not None, "libtpu is not installed: pip install -e '.[test]' installs the pinned release"
-    expected = len(SAMPLE) + len(MOE_SAMPLE) + len(POOLED_SAMPLE) + len(LINEAR_FUSED_SAMPLE)
+    expected = len(configs)
     assert len(run.results) == expected, f"the worker stopped early:\n{run.stderr[-4000:]}"
     return run
 
@@ -200,6 +204,18 @@ def test_sample_cell_covers_every_axis_value(chip, kernel):
 def test_sample_meets_every_layer_shape(kernel):
     shapes = {(c.model, c.layer) for c in SAMPLE if c.kernel == kernel}
     assert shapes == {(model, layer) for model, layer, _, _ in tpu_grid.LAYERS}
+
+
+@pytest.mark.parametrize("config", EXPERT_LORA_SAMPLE, ids=lambda c: c.name)
+def test_fused_kernel_compiles_on_lane_padded_expert_slots(config, compiled):
+    """Widths that are not multiples of 128 (gpt-oss-20b's 2880): the fused kernel DMAs the slots' padded rows
+    (2944 columns) and uses the first 2880 in VMEM; Mosaic compiles it within the plan's VMEM estimate."""
+    from torch_xla_lora.kernels import block_sizes
+
+    (result,) = [r for r in compiled.results if r["name"] == config.name]
+    assert config.in_features % 128 and result["path"] == "fused", result
+    assert result["ok"], result.get("error")
+    assert result["vmem_estimate"] <= block_sizes.vmem_limit(config.chip)
 
 
 # -- mixture-of-experts expert layers (bench.moe_layer) --------------------------------------------------

@@ -52,9 +52,10 @@ def layer_fn(model: str, generation: str, with_lora: bool) -> Callable:
 
     ``weights``: ``(up, down)`` in the model's layout, plus ``(up_bias [E, 2I], down_bias [E, D])`` with
     biases. ``lora`` (``with_lora`` only): ``(lora_a [L*E, R, D], lora_b [L*E, R, 2I], lora_a_down
-    [L*E, R, I], lora_b_down [L*E, R, D], token_slots [N] int32)``, slot -1 for a token without adapter;
-    None otherwise. ``generation``: a TPU generation ("v5e", ...) compiles the Mosaic kernels, "cpu" runs
-    them in interpret mode.
+    [L*E, R, I], lora_b_down [L*E, R, D], token_slots [N] int32)``, slot -1 for a token without adapter
+    (on TPU the layer's widths padded to whole lane tiles: :func:`argument_shapes`); None otherwise.
+    ``generation``: a TPU generation ("v5e", ...) compiles the Mosaic kernels, "cpu" runs them in
+    interpret mode.
     """
     import jax
     import jax.numpy as jnp
@@ -109,12 +110,13 @@ def argument_shapes(model: str, tokens: int, with_lora: bool, slots: int, rank: 
         weights += [((e, 2 * i), bf16), ((e, d), bf16)]
     entries = slots * e
     lora = None
-    if with_lora:
+    if with_lora:  # the layer's slots on TPU: widths padded to whole 128-lane tiles (ExpertsWithLoRA.lane_padded)
+        pad = lambda width: -(-width // 128) * 128  # noqa: E731
         lora = (
-            ((entries, rank, d), bf16),
-            ((entries, rank, 2 * i), bf16),
-            ((entries, rank, i), bf16),
-            ((entries, rank, d), bf16),
+            ((entries, rank, pad(d)), bf16),
+            ((entries, rank, pad(2 * i)), bf16),
+            ((entries, rank, pad(i)), bf16),
+            ((entries, rank, pad(d)), bf16),
             ((tokens,), i32),
         )
     return ((tokens, d), bf16), ((tokens, k), i32), ((tokens, k), bf16), tuple(weights), lora

@@ -177,6 +177,8 @@ def _configs(args: argparse.Namespace) -> list[tpu_grid.Config]:
     args.chips = args.chips or list(tpu_grid.CHIPS)
     if args.grid == "sample":
         configs = tpu_grid.sample(args.per_cell, tuple(args.chips), args.kernels)
+        if not args.kernels or "fused" in args.kernels:  # + gpt-oss's expert LoRA on lane-padded slots
+            configs += tpu_grid.expert_lora_grid(tuple(c for c in args.chips if c in tpu_grid.MOE_CHIPS))
     else:
         configs = tpu_grid.full(tuple(args.chips), args.kernels)
     configs = [c for c in configs if not args.models or c.model in args.models]

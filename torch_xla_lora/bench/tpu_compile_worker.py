@@ -82,6 +82,8 @@ def _shrink_expand_info(cfg: Config) -> dict:
     sizes, lanes, run_fused = fused.plan_call(
         cfg.tokens, cfg.in_features, cfg.out_features, rank, slots, dtype, cfg.chip
     )
+    # Unaligned widths run the fused kernel on lane-padded buffers only (ops._jax.shrink_expand_fn).
+    run_fused = run_fused and (fused.lane_aligned(cfg.in_features, cfg.out_features) or tpu_grid.lane_padded(cfg))
     info = {"block": dataclasses.asdict(sizes), "lanes": lanes, "path": "fused" if run_fused else "shrink+expand"}
     if run_fused:
         info["vmem_estimate"] = fused.vmem_bytes(sizes, rank, slots, lanes, dtype)
@@ -94,11 +96,12 @@ def _shrink_expand_info(cfg: Config) -> dict:
 def build_fused(cfg: Config, sds):
     dtype = jnp.dtype(cfg.dtype)
     tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
-    host = cfg.variant == "host_metadata"
+    host = cfg.variant in ("host_metadata", "lane_padded")
+    wide = tpu_grid.lane_padded(cfg)  # an expert layer's slots, padded to whole lane tiles
     args = [
         sds((tokens, d_in), dtype),
-        sds((slots, rank, d_in), dtype),
-        sds((slots, rank, d_out), dtype),
+        sds((slots, rank, fused.padded_width(d_in) if wide else d_in), dtype),
+        sds((slots, rank, fused.padded_width(d_out) if wide else d_out), dtype),
         sds((tokens, d_out), dtype),
         sds((tokens,), jnp.int32),
     ]

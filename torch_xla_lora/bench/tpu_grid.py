@@ -244,6 +244,31 @@ def moe_grid(chips=MOE_CHIPS, models=tuple(MOE_MODELS), rows=MOE_ROWS, variants=
     return [moe_config(*combo) for combo in itertools.product(chips, models, rows, variants)]
 
 
+# The expert LoRA of gpt-oss-20b's routed layer as the fused shrink-expand kernel runs it: widths that are not
+# multiples of 128 (hidden and expert width 2880; gate_up 5760), so the expert layer stores its slots lane-padded
+# (2944 columns) and the kernel reads the padded rows. Compiled apart from the sample (kernel "fused", variant
+# "lane_padded"): 1,024 routed rows, L * E = 8 * 32 entries, rank 16, bf16, host metadata.
+EXPERT_LORA_LAYERS = (("gpt-oss-20b", "experts_up", 2880, 5760), ("gpt-oss-20b", "experts_down", 2880, 2880))
+
+
+def expert_lora_config(chip: str, layer: str, rows: int = 1024) -> Config:
+    """One compilation of the fused kernel over an expert layer's lane-padded slots (:data:`EXPERT_LORA_LAYERS`)."""
+    model, _, d_in, d_out = next(entry for entry in EXPERT_LORA_LAYERS if entry[1] == layer)
+    slots = MOE_SLOTS * MOE_MODELS[model].experts
+    return Config(chip, "fused", "lane_padded", "bfloat16", rows, slots, MOE_RANK, model, layer, d_in, d_out)
+
+
+def expert_lora_grid(chips=MOE_CHIPS) -> list[Config]:
+    """Both gpt-oss-20b expert projections on each chip (4 compilations with the defaults)."""
+    return [expert_lora_config(chip, layer) for chip in chips for _, layer, _, _ in EXPERT_LORA_LAYERS]
+
+
+def lane_padded(cfg: Config) -> bool:
+    """Whether the configuration's adapter buffers are lane-padded (an expert layer's slots where the fused kernel
+    may run); the sample's layers keep their own widths, as linear layers do."""
+    return cfg.variant == "lane_padded"
+
+
 # linear_lora with what layers/fusion.py has its kernel take in (kernels.fused_base.Fusion), compiled apart from
 # the sample: a Llama MLP's down projection ("mlp_down": SiLU(gate) * up read from two x tiles, the residual added
 # in the output write) and its gate/up projections ("norm": RMSNorm's row and column factors on the x read);
