@@ -291,3 +291,22 @@ def test_lane_padded_buffers(hidden, out_dim, host, backend, xla_device, monkeyp
     assert traced == ([wide_a.shape] if backend == "pallas" else []), "the fused kernel runs the padded buffers"
     cpu = tl.bgmv_shrink_expand(x, wide_a, wide_b, base, idx, 0.5)  # the CPU reference path slices too
     assert_close(cpu, _expected(x, a, b, base, idx, 0.5))
+
+
+def test_lane_padded_buffers_backward():
+    """The op's gradients with buffers wider than the layer: those of the layer's columns (float64 autograd of the
+    unpadded product), zero in the padding columns, and the input's gradient unchanged by them."""
+    g = torch.Generator().manual_seed(6)
+    x, base = torch.randn(12, 200, generator=g), torch.randn(12, 72, generator=g)
+    a, b = torch.randn(3, 8, 200, generator=g) / 14, torch.randn(3, 8, 72, generator=g) / 4
+    idx = torch.tensor([0, 1, 2, -1] * 3, dtype=torch.int32)
+    weights = torch.randn(12, 72, generator=g)
+    wide_a, wide_b = torch.nn.functional.pad(a, (0, 56)), torch.nn.functional.pad(b, (0, 56))
+    leaves = [t.clone().requires_grad_() for t in (x, wide_a, wide_b)]
+    (tl.bgmv_shrink_expand(leaves[0], leaves[1], leaves[2], base, idx, 0.5) * weights).sum().backward()
+    exact = [t.double().requires_grad_() for t in (x, a, b)]
+    (_lora64(exact[0], exact[1], exact[2], idx, 0.5, torch.float64) * weights.double()).sum().backward()
+    assert_close(leaves[0].grad, exact[0].grad.float())
+    assert_close(leaves[1].grad[:, :, :200], exact[1].grad.float())
+    assert_close(leaves[2].grad[:, :, :72], exact[2].grad.float())
+    assert not leaves[1].grad[:, :, 200:].any() and not leaves[2].grad[:, :, 72:].any()

@@ -150,7 +150,11 @@ def _shrink_expand_setup(ctx, inputs, output) -> None:
 def _shrink_expand_backward(ctx, grad: torch.Tensor):
     x, lora_a, lora_b, indices = ctx.saved_tensors
     need = ctx.needs_input_grad
+    widths = lora_a.shape[2], lora_b.shape[2]  # buffers wider than the layer (lane-padded): its columns only
+    lora_a, lora_b = lora_a[:, :, : x.shape[1]], lora_b[:, :, : grad.shape[1]]
     dx, d_a, d_b = _lora_grads(ctx, grad, x, lora_a, lora_b, indices, None, need[0], need[1], need[2])
+    d_a = d_a if d_a is None else torch.nn.functional.pad(d_a, (0, widths[0] - d_a.shape[2]))
+    d_b = d_b if d_b is None else torch.nn.functional.pad(d_b, (0, widths[1] - d_b.shape[2]))
     return dx, d_a, d_b, grad if need[3] else None, *_no_grads(4)
 
 
