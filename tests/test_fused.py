@@ -310,3 +310,37 @@ def test_lane_padded_buffers_backward():
     assert_close(leaves[1].grad[:, :, :200], exact[1].grad.float())
     assert_close(leaves[2].grad[:, :, :72], exact[2].grad.float())
     assert not leaves[1].grad[:, :, 200:].any() and not leaves[2].grad[:, :, 72:].any()
+
+
+def test_lane_padded_buffers_equal_peft_on_a_linear_layer(xla_device):
+    """PEFT's own mixed-batch forward (``adapter_names``) of a plain nn.Linear whose widths are not multiples of 128
+    (200 -> 72): its two adapters' factors written into buffers padded to whole 128-lane tiles (scaling folded into
+    B, as the layers write them), the Pallas backend's fused kernel adds each row's LoRA to the base output."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(200, 72))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=24, target_modules=["0"], init_lora_weights=False))
+        peft.add_adapter("other", LoraConfig(r=8, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    peft.eval()
+    layer = peft.base_model.model[0]
+    wide_a, wide_b = torch.zeros(6, 16, 256), torch.zeros(6, 16, 128)
+    for slot, name in ((1, "default"), (4, "other")):
+        a, b = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
+        wide_a[slot, : a.shape[0], :200] = a
+        wide_b[slot, : a.shape[0], :72] = (b * layer.scaling[name]).T
+    x = torch.randn(40, 200, generator=torch.Generator().manual_seed(8))
+    names = ["default", "__base__", "other", "default", "other"] * 8
+    idx = torch.tensor([{"default": 1, "other": 4, "__base__": -1}[n] for n in names], dtype=torch.int32)
+    with torch.no_grad():
+        expected = peft(x, adapter_names=names)
+        base = model[0].base_layer(x)
+    meta = tl.ops.batch_metadata(idx, [(200, 72)], 16, 6, torch.float32)[(200, 72)]
+    args = [t.to(xla_device) for t in (x, wide_a, wide_b, base, idx)]
+    out = tl.bgmv_shrink_expand(*args, 1.0, "pallas", meta.to(xla_device))
+    assert_close(out.cpu(), expected)
+    assert not torch.allclose(expected, base, atol=1e-3)  # the adapters matter
