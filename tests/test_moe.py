@@ -276,6 +276,26 @@ def test_mixed_batch_equals_peft_per_adapter_xla(arch, backend, saved, xla_devic
         assert_close(logits[row], reference[name][row])
     if backend == "pallas":  # the up and down projections' padded slots (in 32 and 16) ran the fused kernel
         assert set(traced) == {128}
+        import torch_xla
+
+        from torch_xla_lora import assert_no_recompile
+
+        def forward(ids):
+            return model(ids, use_cache=False).logits
+
+        lora.warmup([4], [5], step=forward, progress=False)
+        with assert_no_recompile() as counter:  # another mix, and an adapter written again into padded slots
+            lora.remove("math")
+            lora.load_adapter("math", dirs["math"])
+            mix = ["code", "math", None, None]
+            lora.set_batch(mix)
+            with torch.no_grad():
+                logits = forward(IDS.to(xla_device))
+                torch_xla.sync()
+            assert counter.count == 0
+        logits = logits.cpu()
+        for row, name in enumerate(mix):
+            assert_close(logits[row], reference[name][row])
 
 
 def test_token_adapters_equal_peft(saved):
