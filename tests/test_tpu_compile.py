@@ -40,10 +40,12 @@ POOLED_SAMPLE = [
     tpu_grid.pooled_config("v5p", "int8", 1, 64, 128, "llama3-8b", "gate_proj"),
 ]
 # linear_lora_fused as the decoder arrangement calls it: down_proj (SiLU * up, residual) and gate_proj (the norm's
-# factors) at prefill and decode, both chips (about 23 s of libtpu compilation); and an int8 per-channel base read
-# as int8 on every chip, prefill and decode (about 6 s more).
+# factors) at prefill and decode, both chips (about 23 s of libtpu compilation); Llama-3-8B's down_proj at T = 1024 on
+# v6e, the plan of one [1024, 4096] output tile whose row-chunked kernel fills most of the VMEM budget; and an int8
+# per-channel base read as int8 on every chip, prefill and decode (about 6 s more).
 LINEAR_FUSED_SAMPLE = [
     tpu_grid.linear_fused_config("v6e", "mlp_down", 2048, 16, "qwen2-0.5b", "down_proj"),
+    tpu_grid.linear_fused_config("v6e", "mlp_down", 1024, 8, "llama3-8b", "down_proj"),
     tpu_grid.linear_fused_config("v5e", "mlp_down", 8, 64, "llama3-8b", "down_proj"),
     tpu_grid.linear_fused_config("v5e", "norm", 16, 4, "llama3-8b", "gate_proj"),
     tpu_grid.linear_fused_config("v6e", "norm", 100, 16, "qwen2-0.5b", "gate_proj"),
