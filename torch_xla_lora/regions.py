@@ -566,6 +566,8 @@ def replicated(tensor: torch.Tensor) -> torch.Tensor:
     import torch_xla.distributed.spmd as xs
 
     out = tensor.clone()
+    if _placed(out):  # sharded device data, whose copy shares its data and sharding: copy a reshaped view
+        out = tensor.reshape(-1).clone().reshape(tensor.shape)
     return xs.mark_sharding(out, _all_devices(), (None,) * out.dim()).global_tensor
 
 
