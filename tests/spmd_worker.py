@@ -447,7 +447,10 @@ def run_pool(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     lora.set_batch(inputs["batch"])
     logits = lambda ids: model(ids).logits
     # (The base alone is the same graph as _llama_collectives' "base": compiled already, compared there.)
-    result["collectives"] = _run_and_count(dump_dir, logits, ids)[1]
+    calls = {}
+    with _capturing_regions(calls, "pool", ("sharded_gather_slots",)):
+        result["collectives"] = _run_and_count(dump_dir, logits, ids)[1]
+    result["opcheck"] = _opchecks(calls)
     # int8 rows: the same batch, read through the replicated scales.
     int8 = dict(inputs, lora_config={**inputs["lora_config"], "weight_dtype": "int8"})
     model, lora = _patched_llama(int8, mesh)
@@ -562,7 +565,10 @@ def run_moe(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     _serve(lora, forward, ids, inputs["adapters"], inputs["more_batches"])
     result["compiles_after_warmup"] = counter.count
     lora.set_batch(inputs["batch"])
-    result["collectives"] = {"lora": _run_and_count(dump_dir, logits, ids)[1]}
+    calls = {}
+    with _capturing_regions(calls, "moe", ("sharded_grouped_matmul",)):
+        result["collectives"] = {"lora": _run_and_count(dump_dir, logits, ids)[1]}
+    result["opcheck"] = _opchecks(calls)
     lora.clear_batch()
     result["collectives"]["base"] = _run_and_count(dump_dir, logits, ids)[1]
     with warnings.catch_warnings(record=True) as caught:  # a step returning the vocabulary-sharded logits
@@ -792,7 +798,7 @@ def run_grads(inputs: dict) -> dict:
     toy_cpu = Toy()
     toy_cpu.load_state_dict(inputs["toy_state"])
     ids, weights = inputs["ids"].to(device), inputs["loss_weights"].to(device)
-    result = {"variants": {}, "base_collectives": {}}
+    result = {"variants": {}, "base_collectives": {}, "region_calls": {}}
     for name, (shape, dp_axis, fully, fusion, trainable) in inputs["variants"].items():
         mesh = _mesh(shape, ("data", "model"))
         config = dataclasses.replace(_toy_config(), max_loras=inputs["max_loras"], base_fusion=fusion)
@@ -815,7 +821,8 @@ def run_grads(inputs: dict) -> dict:
                 keyed[("lora_b", layer_name)] = layer.lora_b.requires_grad_(True)
                 factors += [layer.lora_a.detach(), layer.lora_b.detach()]
         torch_xla.sync()  # slot writes and sends: graphs of their own
-        loss, d_embedded, grads = _toy_step(toy, ids, weights, list(keyed.values()))
+        with _capturing_regions(result["region_calls"], name, inputs["opcheck"].get(name, ())):
+            loss, d_embedded, grads = _toy_step(toy, ids, weights, list(keyed.values()))
         variant = {"collectives": _synced_collectives(inputs["dump_dir"]), "slots": lora.context.slots.cpu()}
         # Synced already: each sharded one is gathered to the host by a small graph of its own.
         fetched = [t.cpu() for t in (loss, d_embedded, *grads, *factors)]
@@ -837,7 +844,80 @@ def run_grads(inputs: dict) -> dict:
             result["base_collectives"][key] = _synced_collectives(inputs["dump_dir"])
             del alive
         result["variants"][name] = variant
+    calls = result.pop("region_calls")
+    # replicated (what a step returns for the host) on a sharded activation: the row layer's input.
+    _, row_args = calls[("sharded_row_linear", "dp2xtp2")]
+    calls[("replicated", "dp2xtp2")] = (torch.ops.xla_lora.replicated.default, (row_args[0],))
+    result["opcheck"] = _opchecks(calls)
     return result
+
+
+# -- opcheck of the region ops on the arguments a real step passed them ---------------------------
+
+#: Every per-shard region op of ``torch_xla_lora.regions`` and the backward region ops.
+REGION_OPS = (
+    "sharded_linear",
+    "sharded_linear_lora",
+    "sharded_row_linear",
+    "sharded_embedding",
+    "sharded_grouped_matmul",
+    "sharded_gather_slots",
+    "replicated",
+    "sharded_linear_backward",
+    "sharded_linear_lora_backward",
+    "sharded_row_linear_backward",
+    "sharded_embedding_backward",
+)
+#: Region ops without a backward: the backward regions (no double backward) and the expert projection (expert
+#: training on a mesh is refused; a base or upstream tensor that requires grad reaches it all the same).
+NO_BACKWARD = tuple(name for name in REGION_OPS if name.endswith("_backward")) + ("sharded_grouped_matmul",)
+#: torch's autograd-registration check is not implemented for XLA tensors ("NYI devices other than
+#: CPU/CUDA/XPU"), and a region runs on an SPMD mesh only: the parent checks the registrations instead.
+OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+@contextlib.contextmanager
+def _capturing_regions(calls: dict, variant: str, ops: tuple[str, ...]):
+    """Record the op and arguments of the first call of each region op of ``ops`` (``torch.ops.xla_lora.<op>``,
+    the name the layers and the backward formulas call it by), keyed (op name, ``variant``).
+
+    Arguments of the ops of NO_BACKWARD are recorded detached."""
+    namespace = torch.ops.xla_lora
+    originals = {name: getattr(namespace, name) for name in ops}
+
+    def recording(name: str, op):
+        def call(*args):
+            kept = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            calls.setdefault((name, variant), (op.default, kept if name in NO_BACKWARD else args))
+            return op(*args)
+
+        return call
+
+    for name, op in originals.items():
+        setattr(namespace, name, recording(name, op))
+    try:
+        yield
+    finally:
+        for name, op in originals.items():
+            setattr(namespace, name, op)
+
+
+def _opchecks(calls: dict) -> dict:
+    """(op name, variant) -> :func:`_opcheck` of the recorded call; and "seconds" -> the time they took."""
+    import time
+
+    start = time.perf_counter()
+    checks = {call: _opcheck(*calls[call]) for call in calls}
+    return checks | {"seconds": time.perf_counter() - start}
+
+
+def _opcheck(op, args: tuple) -> str:
+    """``torch.library.opcheck`` of ``op`` on ``args`` (the checks of OPCHECK_UTILS); "" or its error."""
+    try:
+        torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)
+    except Exception as error:  # reported to the parent, which names the op
+        return f"{type(error).__name__}: {error}"[:4000]
+    return ""
 
 
 def main() -> None:
