@@ -115,10 +115,13 @@ def setup(
 
 def _patched(s: Setup, int8: bool) -> object:
     import torch_xla_lora as tl
+    from torch_xla_lora import pool
 
-    # Room for every adapter at once (+ the pool's zero and scratch rows): nothing is evicted.
-    elements = sum(m.in_features + m.out_features for n, m in s.base.named_modules() if n.rpartition(".")[2] in TARGETS)
-    budget = (sum(s.ranks.values()) + 2) * elements * 4
+    # Room for every adapter at once (+ the pool's zero and scratch rows, and an int8 pool's page scales padded to
+    # whole tiles per layer): nothing is evicted.
+    targets = [m for n, m in s.base.named_modules() if n.rpartition(".")[2] in TARGETS]
+    elements = sum(m.in_features + m.out_features for m in targets)
+    budget = (sum(s.ranks.values()) + 2) * elements * 4 + len(targets) * pool.PAGE_SCALE_TILE * pool.SCALE_BYTES
     config = tl.LoRAConfig(
         max_loras=1,
         max_rank=max(s.ranks.values()),
