@@ -28,7 +28,7 @@ import torch_xla.runtime as xr
 from torch import nn
 
 import torch_xla_lora as tl
-from torch_xla_lora import sharding
+from torch_xla_lora import regions, sharding
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -854,19 +854,12 @@ def run_grads(inputs: dict) -> dict:
 
 # -- opcheck of the region ops on the arguments a real step passed them ---------------------------
 
-#: Every per-shard region op of ``torch_xla_lora.regions`` and the backward region ops.
-REGION_OPS = (
-    "sharded_linear",
-    "sharded_linear_lora",
-    "sharded_row_linear",
-    "sharded_embedding",
-    "sharded_grouped_matmul",
-    "sharded_gather_slots",
-    "replicated",
-    "sharded_linear_backward",
-    "sharded_linear_lora_backward",
-    "sharded_row_linear_backward",
-    "sharded_embedding_backward",
+#: Every per-shard region op of ``torch_xla_lora.regions`` and the backward region ops, read from the module so
+#: that a region op added there without an opcheck here fails ``test_region_ops_pass_opcheck_on_a_mesh``.
+REGION_OPS = tuple(
+    name
+    for name, obj in vars(regions).items()
+    if isinstance(obj, torch.library.CustomOpDef) and not name.startswith("_")
 )
 #: Region ops without a backward: the backward regions (no double backward) and the expert projection (expert
 #: training on a mesh is refused; a base or upstream tensor that requires grad reaches it all the same).
