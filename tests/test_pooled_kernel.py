@@ -203,11 +203,21 @@ class _Proj(torch.nn.Module):
         return self.proj(x)
 
 
-def test_pooled_layer_runs_the_kernel_on_allocated_pages(xla_device, monkeypatch):
+def _int8_rounded(factor: torch.Tensor, rank_dim: int) -> torch.Tensor:
+    """``factor`` with each rank row rounded to int8 at its own symmetric scale (absmax / 127), in float64."""
+    rows = factor.double() if rank_dim == 0 else factor.double().T
+    scale = rows.abs().amax(dim=1, keepdim=True) / 127
+    rounded = torch.round(rows / scale).clamp(-127, 127) * scale
+    return rounded if rank_dim == 0 else rounded.T
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_pooled_layer_runs_the_kernel_on_allocated_pages(int8, xla_device, monkeypatch):
     """A patched linear layer with a budget and the Pallas backend: the pool allocates pages (ranks 4, 12, 16:
     8, 16, 16 rows), the layer runs the pooled kernel on them (interpret mode off TPU) through the batch's
     host-built page table (nothing derived from the row table in the graph), and a mixed batch with a base
-    row equals float64 math on PEFT's factors."""
+    row equals float64 math on PEFT's factors; an int8 pool (``weight_dtype="int8"``, the page scales read
+    in the kernel) equals that math on the factors with each rank row rounded to int8."""
     import peft
 
     torch.manual_seed(0)
@@ -220,7 +230,14 @@ def test_pooled_layer_runs_the_kernel_on_allocated_pages(xla_device, monkeypatch
         wrapped.base_model.model.proj.load_state_dict(model.proj.state_dict(), strict=False)
         states[name] = (peft.get_peft_model_state_dict(wrapped), config)
     budget = (48 + 2) * (IN + OUT) * 4
-    config = tl.LoRAConfig(max_loras=3, max_rank=16, target_modules=["proj"], memory_budget=budget, backend="pallas")
+    config = tl.LoRAConfig(
+        max_loras=3,
+        max_rank=16,
+        target_modules=["proj"],
+        memory_budget=budget,
+        backend="pallas",
+        weight_dtype="int8" if int8 else None,
+    )
     lora = tl.patch_model(_Proj().to(xla_device), config)
     lora.model.proj.base_layer.load_state_dict(model.proj.state_dict())
     for name, (state, peft_config) in states.items():
@@ -243,13 +260,17 @@ def test_pooled_layer_runs_the_kernel_on_allocated_pages(xla_device, monkeypatch
     x = torch.randn(len(rows), 3, IN)
     with torch.no_grad():
         out = lora.model(x.to(xla_device)).cpu()
-    assert lora.memory()["adapters"] == {n: -(-r // 8) * 8 * (IN + OUT) * 4 for n, r in ranks.items()}
+    float_bytes = {n: -(-r // 8) * 8 * (IN + OUT) * 4 for n, r in ranks.items()}
+    used = lora.memory()["adapters"]
+    assert used == float_bytes if not int8 else all(float_bytes[n] / 4 <= used[n] < float_bytes[n] / 3 for n in ranks)
     expected = model.proj(x).double()
     for i, name in enumerate(rows):
         if name is not None:
             state = states[name][0]
-            a = next(v for k, v in state.items() if "lora_A" in k).double()
-            b = next(v for k, v in state.items() if "lora_B" in k).double()
+            a = next(v for k, v in state.items() if "lora_A" in k).double()  # [r, in]
+            b = next(v for k, v in state.items() if "lora_B" in k).double()  # [out, r]
+            if int8:
+                a, b = _int8_rounded(a, 0), _int8_rounded(b, 1)
             expected[i] += 2 * (x[i].double() @ a.T) @ b.T
     assert_close(out, expected, torch.float32)
 
