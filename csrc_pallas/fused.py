@@ -139,14 +139,24 @@ def plan_call(num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: 
     D or Dout is not a multiple of 128 it reads adapter buffers padded to whole lane
     tiles (:func:`padded_width`; the output then spans an unaligned Dout in one tile).
     Otherwise the caller runs the separate shrink and expand kernels with the tuning
-    table's tiles and ``lanes`` 1, for one reason: a full-D adapter tile beyond the
-    VMEM limit, e.g. D = 28672 at rank 128 in float32 on v4 (logged once per shape).
-    Any other error of the planner propagates.
+    table's tiles and ``lanes`` 1, for one of two reasons:
+
+    - by cost: the separate kernels' modelled time is less than this kernel's, both priced by
+      ``cost.fused_is_cheaper`` (the TPU cost model the bench reports, on a batch spreading the
+      tokens over every slot; host-only, cached per shape);
+    - a full-D adapter tile beyond the VMEM limit, e.g. D = 28672 at rank 128 in float32 on v4
+      (logged once per shape).
+
+    The choice is static per shape and generation, like the plan. Any other error of the planner propagates.
     """
+    from . import cost
+
     sizes, lanes, fits = _fit(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
-    if fits:
+    name = str(jnp.dtype(dtype))
+    if fits and cost.fused_is_cheaper(num_tokens, hidden, out_dim, rank, num_slots, name, generation):
         return sizes, lanes, True
-    _log_beyond_vmem(hidden, out_dim, rank, num_slots, str(jnp.dtype(dtype)), generation)
+    if not fits:
+        _log_beyond_vmem(hidden, out_dim, rank, num_slots, name, generation)
     return choose(num_tokens, hidden, out_dim, generation), 1, False
 
 

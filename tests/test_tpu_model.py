@@ -177,11 +177,11 @@ def test_moe_layer_cost_by_hand():
     assert costs["base"] == pytest.approx(up + down)
 
     # LoRA per projection: one block of 8 rows, 8 visits (one per pair), each a whole block's shrink and
-    # expand; x block and [8, R] products once, each visit's A and B, products in, base in, output out once;
-    # 2 kernel steps per visit.
+    # expand (one tile each); x block and [8, R] products once, each visit's A and B, products in, base in,
+    # output out once, the block's int32 slot codes once per kernel; 2 kernel steps per visit.
     def lora(d_in, d_out):
         pad = lambda d: -(-d // 256) * 256  # noqa: E731
-        nbytes = 2 * (8 * (d_in + rank) + 8 * rank * (d_in + d_out) + 8 * (rank + 2 * d_out))
+        nbytes = 2 * (8 * (d_in + rank) + 8 * rank * (d_in + d_out) + 8 * (rank + 2 * d_out)) + 2 * 8 * 4
         flops = 8 * (2 * 8 * pad(d_in) * pad(rank) + 2 * 8 * pad(rank) * pad(d_out))
         return roofline(nbytes, flops) + 16 * 1e-6
 

@@ -277,7 +277,8 @@ def slot_sweep(
 
 def run_moe(chips: Sequence[str], tokens: Sequence[int], slots: Sequence[int], rank: int, in_use: int) -> list[dict]:
     """One routed expert layer of each ``tpu_grid.MOE_MODELS`` model: the base grouped matmuls and what the
-    expert LoRA adds (``tpu_model.moe_layer_costs``), T tokens routed top-k over a balanced routing."""
+    expert LoRA adds (``tpu_model.moe_layer_costs``), T tokens routed top-k over a balanced routing, with the
+    kernel the op plans per projection and, beside it, both projections on the fused or the separate kernels."""
     from torch_xla_lora.bench import tpu_grid
     from torch_xla_lora.kernels import fused
 
@@ -291,7 +292,9 @@ def run_moe(chips: Sequence[str], tokens: Sequence[int], slots: Sequence[int], r
         )
         aligned = fused.lane_aligned(shape.hidden, 2 * shape.intermediate) and fused.lane_aligned(
             shape.intermediate, shape.hidden
-        )  # else the fused kernel reads the layer's lane-padded slots (tpu_model.expert_lora_cost)
+        )  # else the kernels read the layer's lane-padded slots (tpu_model.expert_lora_cost)
+        up, down = cost["kernels"]
+        kernel = up if up == down else f"up {up}, down {down}"
         rows.append(
             {
                 "chip": chip_name,
@@ -300,10 +303,12 @@ def run_moe(chips: Sequence[str], tokens: Sequence[int], slots: Sequence[int], r
                 "L": num_slots,
                 "routed_rows": cost["rows"],
                 "pairs": cost["pairs"],
-                "lora_kernel": "fused" if aligned else "fused, padded rows",
+                "lora_kernel": kernel if aligned else f"{kernel}, padded rows",
                 "base_us": cost["base"] * 1e6,
                 "lora_us": cost["lora"] * 1e6,
                 "with_lora_ratio": (cost["base"] + cost["lora"]) / cost["base"],
+                "fused_ratio": (cost["base"] + cost["lora_fused"]) / cost["base"],
+                "separate_ratio": (cost["base"] + cost["lora_separate"]) / cost["base"],
             }
         )
     return rows
@@ -311,14 +316,15 @@ def run_moe(chips: Sequence[str], tokens: Sequence[int], slots: Sequence[int], r
 
 def format_moe_table(rows: list[dict]) -> str:
     lines = [
-        "| chip | model | T | routed rows | (slot, expert) pairs | LoRA kernel | base (us) | + expert LoRA (us) "
-        "| with LoRA / base |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| chip | model | T | routed rows | (slot, expert) pairs | LoRA kernel (planned) | base (us) "
+        "| + expert LoRA (us) | with LoRA / base | all fused / base | all separate / base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['chip']} | {r['model']} | {r['T']} | {r['routed_rows']:,} | {r['pairs']} | {r['lora_kernel']} | "
-            f"{r['base_us']:.1f} | {r['lora_us']:.1f} | {r['with_lora_ratio']:.2f} |"
+            f"{r['base_us']:.1f} | {r['lora_us']:.1f} | {r['with_lora_ratio']:.2f} | {r['fused_ratio']:.2f} | "
+            f"{r['separate_ratio']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -422,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"TPU cost model, one routed expert layer (bfloat16): the up and down grouped matmuls at their roofline "
             f"(each expert's weight read once), and the expert LoRA (R={args.rank}, {args.in_use} adapters in use, "
-            "every (slot, expert) entry of the sorted rows) the layer adds; balanced routing"
+            "every (slot, expert) entry of the sorted rows) the layer adds, on the kernel the op plans per projection "
+            "(the cheaper of fused and separate by this model), and with both projections on either; balanced routing"
         )
         print(format_moe_table(rows))
         _write_json(args, rows)

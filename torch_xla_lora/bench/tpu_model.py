@@ -23,6 +23,8 @@ import math
 
 import numpy as np
 
+from torch_xla_lora.kernels import cost as kernel_cost
+
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -56,58 +58,20 @@ CHIPS = {generation: _chip(generation) for generation in ("v4", "v5e", "v5p", "v
 XLA_FUSION_OVERHEAD_S = 1e-6
 
 
-@dataclasses.dataclass(frozen=True)
-class Cost:
-    pipelined_bytes: int
-    manual_bytes: int
-    mxu_flops: float
-    steps: int
-    seconds: float
-
-
-def mxu_flops(matmuls, width: int) -> float:
-    """Flops the MXU spends on (M, K, N) matmuls, K and N padded to whole W x W tiles."""
-    return sum(2.0 * m * math.ceil(k / width) * width * math.ceil(n / width) * width for m, k, n in matmuls)
+# One call's modelled traffic, work and seconds, and the MXU's padded flops: the kernels' own cost model
+# (``kernels/cost.py``), which the fused op's planner prices its fused-or-separate choice with.
+Cost = kernel_cost.Cost
+mxu_flops = kernel_cost.mxu_flops
 
 
 def _time(chip: Chip, pipelined: int, manual: int, flops: float, steps: int) -> float:
-    return max(pipelined / chip.hbm_bytes_per_s, flops / chip.peak_flops) + (
-        manual / chip.hbm_bytes_per_s + steps * chip.step_overhead_s
-    )
+    return kernel_cost.seconds(chip, pipelined, manual, flops, steps)
 
 
 def fused_cost(chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, rank: int, num_slots: int) -> Cost:
-    """Cost of ``bgmv_shrink_expand`` (bf16) for one batch whose token slots are ``indices``."""
-    import jax.numpy as jnp
-
-    from torch_xla_lora.kernels import fused, visits
-
-    dtype, itemsize = jnp.bfloat16, 2
-    num_tokens = len(indices)
-    sizes, lanes = fused.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, chip.generation)
-    padded = np.full(sizes.padded_tokens(num_tokens), -1, np.int32)
-    padded[:num_tokens] = np.where((indices >= 0) & (indices < num_slots), indices, -1)
-    meta = visits.build_lanes(padded, num_slots, sizes.tokens, lanes, xp=np)
-    spec = fused.grid_spec(len(padded), hidden, out_dim, rank, num_slots, dtype, sizes, lanes)
-    prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform)
-    specs = [*spec.in_specs, spec.out_specs]
-    last = [None] * len(specs)
-    pipelined = manual = 0
-    flops = 0.0
-    steps = int(meta.num_active[0]) * spec.grid[1]
-    for i in range(int(meta.num_active[0])):
-        for n in range(spec.grid[1]):
-            for k, block_spec in enumerate(specs):
-                if block_spec.block_shape is None:  # memory_space=ANY: moved by manual DMAs
-                    continue
-                index = tuple(int(v) for v in block_spec.index_map(i, n, *prefetch))
-                if index != last[k]:
-                    pipelined += math.prod(block_spec.block_shape) * (4 if k == 0 else itemsize)
-                    last[k] = index
-            dma, matmuls = fused.step_work(i, n, meta, rank, hidden, lanes, sizes, itemsize)
-            manual += dma
-            flops += mxu_flops(matmuls, chip.mxu_width)
-    return Cost(pipelined, manual, flops, steps, _time(chip, pipelined, manual, flops, steps))
+    """Cost of the fused kernel of ``bgmv_shrink_expand`` (bf16) for one batch whose token slots are ``indices``:
+    its grid walked step by step (``kernels.cost.fused_walk``, the walk the op's planner prices too)."""
+    return kernel_cost.fused_walk(indices, hidden, out_dim, rank, num_slots, "bfloat16", chip.generation, chip)
 
 
 def onehot_cost(chip: Chip, num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int) -> Cost:
@@ -499,53 +463,47 @@ def grouped_matmul_cost(chip: Chip, group_sizes: np.ndarray, in_dim: int, out_di
     return Cost(pipelined, 0, flops, 1, max(pipelined / chip.hbm_bytes_per_s, flops / chip.peak_flops))
 
 
-def separate_lora_cost(chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, rank: int, num_slots: int) -> Cost:
-    """The shrink kernel then the expand kernel over the same token-block visits (bf16), what
-    ``bgmv_shrink_expand`` runs where the fused kernel does not (a full-D adapter tile beyond VMEM, or
-    widths not multiples of 128 on slots that are not lane-padded).
-
-    Per visit (one token block and one slot present in it): the shrink reads the block of x when the block
-    changes and the slot's A [R, D], and multiplies (bt, D, R); the expand reads the block's [bt, R] products
-    and the slot's B [R, Dout], reads the base block and writes the output block when the block changes, and
-    multiplies (bt, R, Dout). The [T, R] products are written once.
-    """
-    from torch_xla_lora.kernels import block_sizes, visits
-
-    itemsize = 2
-    num_tokens = len(indices)
-    bt = block_sizes.choose(num_tokens, hidden, out_dim, chip.generation).tokens
-    padded = np.full(-(-num_tokens // bt) * bt, -1, np.int32)
-    padded[:num_tokens] = np.where((indices >= 0) & (indices < num_slots), indices, -1)
-    vis = visits.build(padded, num_slots, bt, xp=np)
-    count = int(vis.count[0])
-    blocks, slots = vis.block[:count], vis.slot[:count]
-    new_block = np.r_[True, blocks[1:] != blocks[:-1]]
-    used = slots >= 0
-    num_blocks, num_visits = int(new_block.sum()), int(used.sum())
-    pipelined = itemsize * (
-        num_blocks * bt * (hidden + rank)  # shrink: x in, products out
-        + num_visits * rank * (hidden + out_dim)  # each visit's A and B
-        + num_blocks * bt * (rank + 2 * out_dim)  # expand: products in, base in, output out
+def separate_lora_cost(
+    chip: Chip,
+    indices: np.ndarray,
+    hidden: int,
+    out_dim: int,
+    rank: int,
+    num_slots: int,
+    lane_padded: bool = False,
+) -> Cost:
+    """The shrink kernel then the expand kernel (bf16), what ``bgmv_shrink_expand`` runs where the fused kernel
+    does not (its planner prices it cheaper, a full-D adapter tile beyond VMEM, or widths not multiples of 128
+    on slots that are not lane-padded): both kernels' grids walked step by step over the batch's visits
+    (``kernels.cost.separate_walk``: output and reduction tiles included). ``lane_padded``: on slots padded to
+    whole lane tiles, as the expert layer stores them (x and base padded to their widths first)."""
+    return kernel_cost.separate_walk(
+        indices, hidden, out_dim, rank, num_slots, "bfloat16", chip.generation, chip, lane_padded
     )
-    flops = num_visits * (mxu_flops([(bt, hidden, rank), (bt, rank, out_dim)], chip.mxu_width))
-    steps = 2 * count
-    return Cost(pipelined, 0, flops, steps, _time(chip, pipelined, 0, flops, steps))
+
+
+def expert_lora_kernel(num_rows: int, hidden: int, out_dim: int, rank: int, num_slots: int, generation: str) -> str:
+    """ "fused" or "separate": what ``bgmv_shrink_expand`` runs on the expert layer's lane-padded slots for
+    ``num_rows`` sorted rows and ``num_slots`` (L * E) entries, as the op plans it (``fused.plan_call``: the
+    cheaper of the two by the kernels' cost model, where the fused plan fits VMEM)."""
+    from torch_xla_lora.kernels import fused
+
+    return (
+        "fused"
+        if fused.plan_call(num_rows, hidden, out_dim, rank, num_slots, "bfloat16", generation)[2]
+        else ("separate")
+    )
 
 
 def expert_lora_cost(chip: Chip, rows: np.ndarray, hidden: int, out_dim: int, rank: int, num_slots: int) -> Cost:
     """``bgmv_shrink_expand`` over the sorted routed rows (row index ``slot * E + expert``, ``num_slots`` = L * E
-    entries), as the op plans it: the fused kernel's walk (:func:`fused_cost`) where its plan fits VMEM, the
-    separate shrink and expand (:func:`separate_lora_cost`) otherwise. Widths that are not multiples of 128
-    (gpt-oss's 2880) run the fused kernel on the expert layer's lane-padded slots: its walk DMAs the padded
-    adapter rows (``fused.step_work``), with no other pass (the kernel uses the first D / Dout columns in VMEM)."""
-    import jax.numpy as jnp
-
-    from torch_xla_lora.kernels import fused
-
-    num_tokens = len(rows)
-    if fused.plan_call(num_tokens, hidden, out_dim, rank, num_slots, jnp.bfloat16, chip.generation)[2]:
+    entries) on the expert layer's lane-padded slots, with the kernel the op plans (:func:`expert_lora_kernel`):
+    the fused kernel's walk (:func:`fused_cost`; at widths that are not multiples of 128, gpt-oss's 2880, it
+    DMAs the padded adapter rows and uses the first D / Dout columns in VMEM) or the separate shrink and expand
+    on the padded slots (:func:`separate_lora_cost`)."""
+    if expert_lora_kernel(len(rows), hidden, out_dim, rank, num_slots, chip.generation) == "fused":
         return fused_cost(chip, rows, hidden, out_dim, rank, num_slots)
-    return separate_lora_cost(chip, rows, hidden, out_dim, rank, num_slots)
+    return separate_lora_cost(chip, rows, hidden, out_dim, rank, num_slots, lane_padded=True)
 
 
 def moe_layer_costs(
@@ -565,18 +523,28 @@ def moe_layer_costs(
     - ``base``: the up ([D -> 2I]) and down ([I -> D]) grouped matmuls (:func:`grouped_matmul_cost`);
     - ``lora``: the expert LoRA of both projections over the sorted rows (:func:`expert_lora_cost`, L * E
       entries), what the layer adds to the base;
+    - ``kernels``: (up, down) the kernel the op plans for each projection (:func:`expert_lora_kernel`);
+    - ``lora_fused``, ``lora_separate``: the expert LoRA were both projections run by the fused kernel
+      (:func:`fused_cost`) or by the separate kernels on the padded slots (:func:`separate_lora_cost`);
     - ``pairs``: the (slot, expert) pairs present, each read once per token block it appears in.
     """
     expert_ids = moe_routing(num_tokens, experts, top_k)
     slots = contiguous_requests(num_tokens, num_slots, in_use)
     group_sizes, rows = moe_sorted_rows(expert_ids, slots, experts)
     entries = num_slots * experts
-    base = (
-        grouped_matmul_cost(chip, group_sizes, hidden, 2 * intermediate).seconds
-        + grouped_matmul_cost(chip, group_sizes, intermediate, hidden).seconds
-    )
-    lora = (
-        expert_lora_cost(chip, rows, hidden, 2 * intermediate, rank, entries).seconds
-        + expert_lora_cost(chip, rows, intermediate, hidden, rank, entries).seconds
-    )
-    return {"base": base, "lora": lora, "pairs": len({int(r) for r in rows if r >= 0}), "rows": len(rows)}
+    projections = ((hidden, 2 * intermediate), (intermediate, hidden))
+    base = sum(grouped_matmul_cost(chip, group_sizes, d_in, d_out).seconds for d_in, d_out in projections)
+    return {
+        "base": base,
+        "lora": sum(expert_lora_cost(chip, rows, d_in, d_out, rank, entries).seconds for d_in, d_out in projections),
+        "kernels": tuple(
+            expert_lora_kernel(len(rows), d_in, d_out, rank, entries, chip.generation) for d_in, d_out in projections
+        ),
+        "lora_fused": sum(fused_cost(chip, rows, d_in, d_out, rank, entries).seconds for d_in, d_out in projections),
+        "lora_separate": sum(
+            separate_lora_cost(chip, rows, d_in, d_out, rank, entries, lane_padded=True).seconds
+            for d_in, d_out in projections
+        ),
+        "pairs": len({int(r) for r in rows if r >= 0}),
+        "rows": len(rows),
+    }
