@@ -533,7 +533,8 @@ def _quantized_case(case: dict, mesh: xs.Mesh, dump_dir: str | None) -> dict:
 def run_moe(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     """A tiny Mixtral with attention, router and expert LoRA on ``mesh`` (the default plan, experts tensor
     parallel): logits of a mixed batch lazy and compiled, placements, compilations after warm-up over other
-    adapter mixes, the collectives of the forward with and without a batch, the warm-up warning."""
+    adapter mixes, the collectives of the forward with and without a batch, the warm-up warning, and a training
+    step of trainable tenants on the same model (:func:`moe_training_step`)."""
     import warnings
 
     device = torch_xla.device()
@@ -575,6 +576,7 @@ def run_moe(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
         warnings.simplefilter("always")
         lora.warmup([ids.shape[0]], [ids.shape[1]], step=logits, progress=False)
     result["warnings"] = [str(w.message) for w in caught]
+    result["training"] = moe_training_step(model, lora, inputs["training"], dump_dir)
     result["compiled"] = _moe_compiled(inputs, patched, ids, mesh)
     return result
 
@@ -607,8 +609,9 @@ def run_moe_expert_parallel(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     """The tiny Mixtral of ``run_moe`` with its experts split over the mesh's "expert" axis and their width over
     "model" (``ep_axis="expert"``): placements, the mixed batch's logits lazy and compiled, the collectives of the
     lazy forward with and without a batch, compilations after the compiled step's warm-up over the batch and
-    another adapter mix, and a model whose experts do not divide over the expert axis refused. Few graphs: the
-    compiled step runs on the same model."""
+    another adapter mix, a model whose experts do not divide over the expert axis refused, and a training step of
+    trainable tenants (:func:`moe_training_step`, its expert regions' calls recorded for opcheck). Few graphs: the
+    compiled step and the training step run on the same model."""
     device = torch_xla.device()
     model = copy.deepcopy(inputs["model"]).to(device).eval()
     lora = tl.patch_model(model, tl.LoRAConfig(**inputs["lora_config"]), mesh=mesh, ep_axis="expert")
@@ -647,6 +650,44 @@ def run_moe_expert_parallel(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     except sharding.ShardingError as error:
         result["indivisible_error"] = (type(error).__name__, str(error))
     result["indivisible_untouched"] = not any(isinstance(m, tl.layers.BaseLayerWithLoRA) for m in odd.modules())
+    calls = {}
+    result["training"] = moe_training_step(model, lora, inputs["training"], dump_dir, calls)
+    result["opcheck"] = _opchecks(calls)
+    return result
+
+
+def moe_training_step(
+    model: nn.Module, lora: tl.LoRAModel, inputs: dict, dump_dir: str, calls: dict | None = None
+) -> dict:
+    """One training step of the patched MoE ``model`` on its mesh (lazy mode): the served adapters removed,
+    the tenants of ``inputs["tenants"]`` made with ``create_adapter`` (expert and attention LoRA through
+    ``target_parameters``/``target_modules``) and set to the given weights, the expert weights unfrozen, the
+    mixed batch's loss sum(logits * loss_weights); the gradients of ``trainable_parameters`` keyed (tenant, PEFT
+    key) and of the expert weights keyed ("base", name), and the collectives of the step's compiled graph.
+    ``calls``: record the expert regions' first calls (forward and backward) for opcheck."""
+    device = torch_xla.device()
+    for name in list(lora.adapters()):
+        lora.remove(name)
+    keyed = {}
+    for name, (config, weights) in inputs["tenants"].items():
+        lora.create_adapter(name, config)
+        params = lora.trainable_parameters(name)
+        with torch.no_grad():
+            for key, value in weights.items():
+                params[key].copy_(value.to(device))
+        keyed |= {(name, key): param for key, param in params.items()}
+    for key, param in model.named_parameters():
+        if ".experts." in key:
+            keyed[("base", key.replace(".base_layer", ""))] = param.requires_grad_(True)
+    lora.set_batch(inputs["train_batch"])
+    torch_xla.sync()  # the parameter copies and the slot writes: graphs of their own
+    ops = ("sharded_grouped_matmul", "sharded_grouped_matmul_backward") if calls is not None else ()
+    with _capturing_regions({} if calls is None else calls, "moe-train", ops):
+        logits = model(inputs["ids"].to(device), use_cache=False).logits
+        loss = (logits * inputs["loss_weights"].to(device)).sum()
+        grads = torch.autograd.grad(loss, list(keyed.values()))
+    result = {"collectives": _synced_collectives(dump_dir), "loss": loss.cpu()}
+    result["grads"] = {key: grad.cpu() for key, grad in zip(keyed, grads, strict=True)}
     return result
 
 
@@ -861,9 +902,8 @@ REGION_OPS = tuple(
     for name, obj in vars(regions).items()
     if isinstance(obj, torch.library.CustomOpDef) and not name.startswith("_")
 )
-#: Region ops without a backward: the backward regions (no double backward) and the expert projection (expert
-#: training on a mesh is refused; a base or upstream tensor that requires grad reaches it all the same).
-NO_BACKWARD = tuple(name for name in REGION_OPS if name.endswith("_backward")) + ("sharded_grouped_matmul",)
+#: Region ops without a backward: the backward regions (no double backward).
+NO_BACKWARD = tuple(name for name in REGION_OPS if name.endswith("_backward"))
 #: torch's autograd-registration check is not implemented for XLA tensors ("NYI devices other than
 #: CPU/CUDA/XPU"), and a region runs on an SPMD mesh only: the parent checks the registrations instead.
 OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")

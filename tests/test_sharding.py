@@ -420,7 +420,7 @@ def quantized(tmp_path_factory, xla_device) -> dict[str, tuple[dict, torch.Tenso
 
 
 @pytest.fixture(scope="module")
-def spmd_layers(llama_inputs, scaled, moe, gpt_oss_moe, quantized, toy_peft, tmp_path_factory) -> dict:
+def spmd_layers(llama_inputs, scaled, moe, moe_training, gpt_oss_moe, quantized, toy_peft, tmp_path_factory) -> dict:
     toy, adapter = toy_peft
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # embedding-saving notices
@@ -434,7 +434,7 @@ def spmd_layers(llama_inputs, scaled, moe, gpt_oss_moe, quantized, toy_peft, tmp
         "dump_dir": str(workdir / "hlo"),
         "llama": llama_inputs,
         "scaled": {kind: scaled[kind][0] for kind in SCALED_KINDS},
-        "moe": moe[0],
+        "moe": moe[0] | {"training": moe_training[0]},
         "moe_gpt_oss": gpt_oss_moe[0],
         "pool": _pool_inputs(llama_inputs),
         "quantized": {scheme: quantized[scheme][0] for scheme in QUANTIZED_SCHEMES},
@@ -706,6 +706,49 @@ def gpt_oss_moe() -> tuple[dict, dict[str | None, torch.Tensor]]:
     return inputs, reference
 
 
+# Two trainable tenants on the tiny Mixtral (2 layers, hidden 32, 4 experts, expert width 16): expert LoRA through
+# target_parameters (t1 on the down projection only) and attention LoRA on column (q, v) and row (o) layers.
+MOE_TENANTS = {
+    "t0": {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "o_proj"],
+        "target_parameters": ["gate_up_proj", "down_proj"],
+    },
+    "t1": {"r": 2, "lora_alpha": 6, "target_modules": ["v_proj"], "target_parameters": ["down_proj"]},
+}
+MOE_TRAIN_BATCH = ["t0", None, "t1", "t0"]
+
+
+@pytest.fixture(scope="module")
+def moe_training() -> tuple[dict, dict]:
+    """(worker inputs, one-device result) of one training step of the tiny Mixtral with MOE_TENANTS made by
+    ``create_adapter`` (``init_lora_weights=False``: B non-zero, so A gets gradients) and its expert weights
+    unfrozen, on CPU tensors: the loss sum(logits * weights) of the mixed batch and its gradients, keyed as
+    the worker keys them ((tenant, PEFT key) and ("base", expert weight name))."""
+    import test_moe
+
+    model = test_moe.moe_model("Mixtral", "batched_mm")
+    lora = tl.patch_model(model, tl.LoRAConfig(max_loras=2, max_rank=8))
+    torch.manual_seed(6)
+    tenants, keyed = {}, {}
+    for name, kwargs in MOE_TENANTS.items():
+        config = peft.LoraConfig(init_lora_weights=False, **kwargs)
+        lora.create_adapter(name, config)
+        params = lora.trainable_parameters(name)
+        tenants[name] = (config, {key: param.detach().clone() for key, param in params.items()})
+        keyed |= {(name, key): param for key, param in params.items()}
+    for key, param in model.named_parameters():
+        if ".experts." in key:
+            keyed[("base", key.replace(".base_layer", ""))] = param.requires_grad_(True)
+    weights = torch.randn(*test_moe.IDS.shape, model.config.vocab_size, generator=torch.Generator().manual_seed(7))
+    lora.set_batch(MOE_TRAIN_BATCH)
+    loss = (model(test_moe.IDS, use_cache=False).logits * weights).sum()
+    grads = dict(zip(keyed, torch.autograd.grad(loss, list(keyed.values())), strict=True))
+    inputs = {"tenants": tenants, "train_batch": MOE_TRAIN_BATCH, "ids": test_moe.IDS, "loss_weights": weights}
+    return inputs, {"loss": loss.detach(), "grads": grads}
+
+
 def _peft_rows(reference: dict) -> torch.Tensor:
     """PEFT's mixed batch: each row's logits from PEFT with that row's adapter (PEFT refuses mixed MoE batches)."""
     return torch.stack([reference[name][row] for row, name in enumerate(MOE_BATCH)])
@@ -795,6 +838,58 @@ def test_moe_experts_not_dividing_over_the_expert_axis_refused(spmd_layers):
         "module 'model.layers.0.mlp.experts': 6 experts do not divide into 4 shards of mesh axis 'expert' (ep_axis)",
     )
     assert result["indivisible_untouched"]
+
+
+@pytest.mark.parametrize("scenario", ["moe", "moe_ep"])
+def test_moe_training_on_a_mesh_matches_one_device(spmd_layers, moe_training, scenario):
+    """One training step (lazy mode) of two tenants' expert and attention LoRA (``create_adapter`` with
+    ``target_parameters``) in a mixed batch with a base row, the expert weights unfrozen too, on the (1, 4) mesh
+    (experts split on their width) and on the (2, 2) expert x model mesh (``ep_axis``): the loss and the
+    gradients of every ``trainable_parameters`` entry (every expert's rows, on whichever expert shard it lives)
+    and of the expert weights equal the same step on one device (CPU tensors), relative 1e-4."""
+    _, expected = moe_training
+    result = spmd_layers[scenario]["training"]
+    assert set(result["grads"]) == set(expected["grads"])
+    assert {tenant for tenant, _ in result["grads"]} == {"t0", "t1", "base"}
+    assert_close(result["loss"], expected["loss"], torch.float32)
+    for key, grad in result["grads"].items():
+        assert torch.count_nonzero(expected["grads"][key]) > 0, key  # every gradient is seen
+        magnitude = expected["grads"][key].abs().max().item()
+        torch.testing.assert_close(grad, expected["grads"][key], atol=1e-4 * magnitude, rtol=1e-4, msg=str(key))
+
+
+def _expert_training_collectives(collectives: list, expert_parallel: bool) -> dict[str, collections.Counter]:
+    """The step's collectives that carry a [L * E, R, *] slot-entry gradient or a tensor of the S = N * K
+    routed rows (by shape; the attention's tensors have N rows), and what the expert regions' backward is
+    to add: per layer, the up projection's dA [L * E, R, D] (partial over the expert width) and the down
+    projection's dB [L * E, R, D] (partial over the width) summed over the model (and expert) axis, with an
+    expert axis also the up projection's dB [L * E, R, 2 W / tp] and the down projection's dA
+    [L * E, R, W / tp] summed over it (each expert shard holds its experts' entries, zeros elsewhere); the
+    rows' only reductions are the base's own [S, D]: the forward's down projection, the backward's dx of
+    the up projection."""
+    layers, entries, rank, hidden, width, rows, tp = 2, 2 * 4, 8, 32, 16, 4 * 5 * 2, 2 if expert_parallel else 4
+    expected = collections.Counter({("all-reduce", (entries, rank, hidden)): 2 * layers})
+    if expert_parallel:
+        expected[("all-reduce", (entries, rank, 2 * width // tp))] += layers
+        expected[("all-reduce", (entries, rank, width // tp))] += layers
+    expected[("all-reduce", (rows, hidden))] += 2 * layers
+    seen = collections.Counter(
+        (op, shape)
+        for op, shape in collectives
+        if op != "collective-permute" and ((len(shape) == 3 and shape[0] == entries) or rows in shape)
+    )
+    return {"seen": seen, "expected": expected}
+
+
+@pytest.mark.parametrize("scenario", ["moe", "moe_ep"])
+def test_moe_training_on_a_mesh_adds_only_the_reduction_of_expert_slot_gradients(spmd_layers, scenario):
+    """The compiled training step's collectives (after SPMD partitioning) that involve the expert slot entries or
+    the routed rows: exactly the reductions of the slot gradients that several shards compute parts of, and the
+    base's own row reductions; no gather or all-to-all of rows or slots. (The partitioner's own permutes of the
+    gate/up halves of the up projection's output are the base model's and are left out.)"""
+    collectives = spmd_layers[scenario]["training"]["collectives"]
+    counts = _expert_training_collectives(collectives, expert_parallel=scenario == "moe_ep")
+    assert counts["seen"] == counts["expected"]
 
 
 def test_warmup_warns_once_about_a_sharded_step_result(spmd_layers):
@@ -1062,11 +1157,13 @@ def test_region_ops_pass_opcheck_on_a_mesh(spmd_grads, spmd_layers):
     """``torch.library.opcheck`` (schema, fake implementation, AOT dispatch with dynamic shapes: forward and,
     where inputs require grad, gradients) of every per-shard region op and backward region op, on the
     arguments a real step passed it on the mesh (the workers record each op's first call: the toy's
-    training step per variant of OPCHECK_CALLS, the MoE and pooled Llama forwards). torch's
+    training step per variant of OPCHECK_CALLS, the MoE and pooled Llama forwards, the expert-parallel MoE
+    training step's expert regions). torch's
     autograd-registration check is not implemented for XLA tensors and a region runs on a mesh only: the
     regions' autograd is checked by the gradient tests above. A backward region's own gradient (double
     backward) is not implemented: it is checked on detached arguments."""
-    checks = spmd_grads[1]["opcheck"] | spmd_layers["moe"]["opcheck"] | spmd_layers["pool"]["opcheck"]
+    checks = spmd_grads[1]["opcheck"] | spmd_layers["moe"]["opcheck"] | spmd_layers["moe_ep"]["opcheck"]
+    checks |= spmd_layers["pool"]["opcheck"]
     checks = {call: error for call, error in checks.items() if call != "seconds"}
     assert {call: error for call, error in checks.items() if error} == {}
     assert {op for op, _ in checks} == set(spmd_worker.REGION_OPS)

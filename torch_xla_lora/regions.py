@@ -24,7 +24,8 @@ shard, as on one device.
 Every region is differentiable (``register_autograd``, at the end of this
 module), and each backward is a region too: one custom op with a fake
 (``sharded_*_backward``) that runs the one-device ops (``bgmv_shrink``,
-``bgmv_expand``, ``bgmv_weight_grad``) on the local shards. A gradient that
+``bgmv_expand``, ``bgmv_weight_grad``; for expert layers also ``grouped_matmul``
+and ``grouped_matmul_weight_grad``) on the local shards. A gradient that
 several shards compute parts of (a replicated tensor's: A of a column layer,
 B of a row layer or embedding, every slot tensor under data parallelism)
 leaves the region as the shards' partials stacked on the axes they differ
@@ -414,91 +415,103 @@ def sharded_grouped_matmul(
     the LoRA expand writes into them with the local columns of B (A whole): no collective.
     Down: each shard's grouped matmul reads its slice of the width, the LoRA shrink its slice
     of A (B whole), and the partial products leave stacked on the model (and expert) axis: one
-    sum, the base's one all-reduce.
+    sum, the base's one all-reduce. With an expert axis see :class:`_ExpertRows`. The backward is
+    :func:`sharded_grouped_matmul_backward`.
     """
-    from torch_xla_lora.ops._grouped import grouped_matmul
-
     p = _placement(key)
-    if p.expert_axis is not None:
-        lora = (lora_a, lora_b, lora_rows)
-        return _expert_parallel(p, rows, weight, group_sizes, *lora, transposed, row_parallel, backend)
-    axis = p.axis
-    x = p.enter(rows, (None, axis) if row_parallel else (None, None))
-    w = p.enter(weight, p.expert_weight_spec(transposed, row_parallel), placed=True)
-    sizes = p.enter(group_sizes, (None,))
-    out = grouped_matmul(x, w, sizes, transposed)
+    view = _ExpertRows(p, rows, weight, group_sizes, lora_rows, transposed, row_parallel)
+    out = view.grouped(view.x, view.w, transposed)
     if lora_rows is not None:
-        idx = p.enter(lora_rows, (None,))
-        out = _expert_lora(p, x, out, lora_a, lora_b, idx, row_parallel, backend)
+        out = _expert_lora(p, view.x, out, lora_a, lora_b, view.idx, row_parallel, backend)
     width = weight.shape[2] if transposed else weight.shape[1]
+    count = view.x.shape[0]
     if not row_parallel:
-        return p.leave(out, (None, axis), (rows.shape[0], width))
+        if p.expert_axis is None:
+            return p.leave(out, view.out_spec, (count, width))
+        return p.leave(out[None], view.out_spec, (p.expert_shards, count, width))
     # Reduced in the rows' dtype, as the base projection alone would be.
-    return p.leave(out[None], (axis, None, None), (p.shards, rows.shape[0], width)).sum(0)
+    return _leave_summed(p, out, (None, None), (count, width), (p.expert_axis, p.axis), float32=False)
+
+
+def _expert_specs(p: LayerSharding, row_parallel: bool) -> tuple[tuple, tuple]:
+    """(lora_a's, lora_b's) partition spec of an expert projection's slot buffers [L * E, R, in or out]."""
+    axis = p.axis
+    return ((None, None, axis), (None, None, None)) if row_parallel else ((None,) * 3, (None, None, axis))
 
 
 def _expert_lora(p, x, out, lora_a, lora_b, idx, row_parallel: bool, backend: str) -> torch.Tensor:
     """``out`` plus each row's (slot, expert) LoRA of ``x``, on this shard's slices of the slot buffers."""
-    axis = p.axis
-    a_spec, b_spec = ((None, None, axis), (None, None, None)) if row_parallel else ((None,) * 3, (None, None, axis))
+    a_spec, b_spec = _expert_specs(p, row_parallel)
     a, b = _enter_factor(p, lora_a, a_spec), _enter_factor(p, lora_b, b_spec)
     lora = torch.ops.xla_lora.bgmv_shrink_expand(x.to(a.dtype), a, b, out.to(b.dtype), idx, 1.0, backend, None)
     return lora.to(out.dtype)
 
 
-def _expert_parallel(
-    p: LayerSharding,
-    rows: torch.Tensor,
-    weight: torch.Tensor,
-    group_sizes: torch.Tensor,
-    lora_a: torch.Tensor | None,
-    lora_b: torch.Tensor | None,
-    lora_rows: torch.Tensor | None,
-    transposed: bool,
-    row_parallel: bool,
-    backend: str,
-) -> torch.Tensor:
-    """:func:`sharded_grouped_matmul` with the experts split over ``p.expert_axis`` (n shards).
+class _ExpertRows:
+    """One shard's view of an expert projection's routed rows (inside the region, forward and backward).
 
-    Each device holds E / n contiguous experts, whose rows are one contiguous run of the sorted rows,
-    starting at the rows of the experts before them (``offset``, device data). The rows are rotated so
-    that the run starts at row 0, multiplied by the local groups (rows past them: zeros), and rotated
-    back: two row gathers of [S, width / tp], no weight gathered. The LoRA entries of other experts'
-    rows are masked to "no LoRA". Up: the rows' partials leave stacked on the expert axis (no
-    collective); down: base and LoRA partials are summed over the expert and model axes at once.
+    ``x``: the local rows, [S, in] (the down projection: [S, width / tp], with an expert axis this expert
+    shard's slice of the up projection's stacked output); ``w``: the local expert weights; ``idx``: each row's
+    (slot, expert) entry, -1 for rows of other expert shards' experts; ``in_spec``/``out_spec``: how the rows
+    and the output (before any reduction) are split.
+
+    With an expert axis (n shards) each device holds E / n contiguous experts, whose rows are one contiguous
+    run of the sorted rows, starting at the rows of the experts before them (``offset``, device data).
+    :meth:`grouped` rotates the rows so that the run starts at row 0, multiplies them by the local groups
+    (rows past them: zeros) and rotates back: two row gathers of [S, width / tp], no weight gathered.
     """
-    from torch_xla_lora.ops._grouped import grouped_matmul
 
-    axis, experts_axis = p.axis, p.expert_axis
-    experts = weight.shape[0]
-    local_experts = experts // p.expert_shards
-    device = rows.device
-    if row_parallel:  # the up projection's stacked output: this expert shard's rows, its width slice
-        x = p.enter(rows, (experts_axis, None, axis))[0]
-    else:
-        x = p.enter(rows, (None, None))
-    count = x.shape[0]
-    w = p.enter(weight, p.expert_weight_spec(transposed, row_parallel), placed=True)  # [E / n, ...]
-    sizes = p.enter(group_sizes, (None,))
-    # This shard's first expert, and the first row of its experts' run (every operand entered: all manual).
-    shard = p.enter(torch.arange(p.expert_shards, dtype=torch.int32, device=device), (experts_axis,))
-    first = shard * local_experts  # [1]
-    expert = p.enter(torch.arange(experts, dtype=torch.int32, device=device), (None,))
-    within = p.enter(torch.arange(local_experts, dtype=torch.int32, device=device), (None,))
-    local_sizes = sizes.index_select(0, first + within)
-    offset = torch.where(expert < first, sizes, 0).sum()
-    position = p.enter(torch.arange(count, dtype=torch.int32, device=device), (None,))
-    out = grouped_matmul(x.index_select(0, (position + offset) % count), w, local_sizes, transposed)
-    out = out.index_select(0, (position - offset) % count)  # sorted order; other experts' rows zero
-    if lora_rows is not None:
-        mine = (position >= offset) & (position < offset + local_sizes.sum())
-        idx = torch.where(mine, p.enter(lora_rows, (None,)), -1)
-        out = _expert_lora(p, x, out, lora_a, lora_b, idx, row_parallel, backend)
-    width = weight.shape[2] if transposed else weight.shape[1]
-    if not row_parallel:
-        return p.leave(out[None], (experts_axis, None, axis), (p.expert_shards, count, width))
-    # Reduced in the rows' dtype, as the base projection alone would be.
-    return _leave_summed(p, out, (None, None), (count, width), (experts_axis, axis), float32=False)
+    def __init__(self, p, rows, weight, group_sizes, lora_rows, transposed: bool, row_parallel: bool) -> None:
+        axis, experts_axis = p.axis, p.expert_axis
+        if experts_axis is not None and row_parallel:  # the up projection's stacked output
+            self.in_spec = (experts_axis, None, axis)
+            self.x = p.enter(rows, self.in_spec)[0]
+        else:
+            self.in_spec = (None, axis) if row_parallel else (None, None)
+            self.x = p.enter(rows, self.in_spec)
+        if row_parallel:
+            self.out_spec = (None, None)  # after the reduction
+        else:
+            self.out_spec = (None, axis) if experts_axis is None else (experts_axis, None, axis)
+        self.w = p.enter(weight, p.expert_weight_spec(transposed, row_parallel), placed=True)
+        sizes = p.enter(group_sizes, (None,))
+        idx = None if lora_rows is None else p.enter(lora_rows, (None,))
+        self.order = self.back = None
+        if experts_axis is None:
+            self.sizes, self.idx = sizes, idx
+            return
+        experts, device, count = weight.shape[0], rows.device, self.x.shape[0]
+        local_experts = experts // p.expert_shards
+        # This shard's first expert, and the first row of its experts' run (every operand entered: all manual).
+        shard = p.enter(torch.arange(p.expert_shards, dtype=torch.int32, device=device), (experts_axis,))
+        first = shard * local_experts  # [1]
+        expert = p.enter(torch.arange(experts, dtype=torch.int32, device=device), (None,))
+        within = p.enter(torch.arange(local_experts, dtype=torch.int32, device=device), (None,))
+        self.sizes = sizes.index_select(0, first + within)
+        offset = torch.where(expert < first, sizes, 0).sum()
+        position = p.enter(torch.arange(count, dtype=torch.int32, device=device), (None,))
+        self.order, self.back = (position + offset) % count, (position - offset) % count
+        if idx is not None:  # the LoRA entries of other experts' rows: "no LoRA"
+            mine = (position >= offset) & (position < offset + self.sizes.sum())
+            idx = torch.where(mine, idx, -1)
+        self.idx = idx
+
+    def grouped(self, x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """The grouped matmul of the rows ``x`` (sorted order) by the local groups of ``w``; other rows zero."""
+        from torch_xla_lora.ops._grouped import grouped_matmul
+
+        if self.order is None:
+            return grouped_matmul(x, w, self.sizes, transposed)
+        out = grouped_matmul(x.index_select(0, self.order), w, self.sizes, transposed)
+        return out.index_select(0, self.back)  # sorted order; other experts' rows zero
+
+    def weight_grad(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """Each local group's ``left^T right`` over its rows (sorted order): [E (/ n), P, Q]."""
+        from torch_xla_lora.ops._grouped import grouped_matmul_weight_grad
+
+        if self.order is not None:
+            left, right = left.index_select(0, self.order), right.index_select(0, self.order)
+        return grouped_matmul_weight_grad(left, right, self.sizes)
 
 
 @sharded_grouped_matmul.register_fake
@@ -955,6 +968,105 @@ def _embedding_backward(ctx, grad: torch.Tensor):
     return None, *_needed(grads, flags), *(None,) * 8
 
 
+# -- sharded_grouped_matmul ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("xla_lora::sharded_grouped_matmul_backward", mutates_args=())
+def sharded_grouped_matmul_backward(
+    grad: torch.Tensor,
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    group_sizes: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    lora_rows: torch.Tensor | None,
+    transposed: bool,
+    row_parallel: bool,
+    key: str,
+    backend: str,
+    need_rows: bool,
+    need_weight: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d rows, d weight, d lora_a, d lora_b) of :func:`sharded_grouped_matmul`; empty where not needed.
+
+    Per shard, on the rows of its experts (all of them without an expert axis) and its slice of the expert
+    width, the one-device formulas: dx = g W (a grouped matmul with the other layout) + ds A with
+    ds = shrink(g, B), dA = sum_t outer(ds, x), dB = sum_t outer(shrink(x, A), g), dW = each group's
+    g^T x (:func:`~torch_xla_lora.ops._grouped.grouped_matmul_weight_grad`); rows of other expert shards
+    have entry -1 and give nothing. The slot buffers are replicated over the expert axis, so each one's
+    gradient is summed over it (every entry gets the sum of its expert's shard's part and zeros). Up
+    projection (split on its output): dx and dA are partials over the model axis too, summed over both axes
+    at once (dx: the base's own all-reduce of [S, in]; dA: one all-reduce of [L * E, R, in]); dB is local to
+    the columns. Down projection (split on its input, the output gradient whole): dx and dA are local to the
+    width slice; dB is summed over both axes (one all-reduce of [L * E, R, out]). dW is local (the rows are
+    whole on every shard): no collective.
+    """
+    p = _placement(key)
+    view = _ExpertRows(p, rows, weight, group_sizes, lora_rows, transposed, row_parallel)
+    x, w, idx = view.x, view.w, view.idx
+    g = p.enter(grad, view.out_spec)
+    if p.expert_axis is not None and not row_parallel:
+        g = g[0]  # this expert shard's slice of the stacked output
+    experts_axis, axis = p.expert_axis, p.axis
+    d_rows = d_w = d_a = d_b = _none(grad)
+    lora = lora_rows is not None
+    if lora:
+        a_spec, b_spec = _expert_specs(p, row_parallel)
+        a, b = _enter_factor(p, lora_a, a_spec), _enter_factor(p, lora_b, b_spec)
+        slots = lora_a.shape[0]
+    if need_rows or (lora and need_a):
+        ds = _ops.bgmv_shrink(g.to(b.dtype), b, idx, 1.0, backend).to(a.dtype) if lora else None  # [S, R]
+        if need_rows:
+            dx = view.grouped(g, w, not transposed)  # [S, in (/ tp)]
+            if lora:
+                dx = _ops.bgmv_expand(ds, a, dx.to(a.dtype), idx, True, backend)
+            dx = dx.to(rows.dtype)
+            if not row_parallel:  # a partial over the width (and the experts): the base's own reduction
+                d_rows = _leave_summed(p, dx, (None, None), tuple(rows.shape), (experts_axis, axis), float32=False)
+            elif experts_axis is None:
+                d_rows = p.leave(dx, view.in_spec, tuple(rows.shape))
+            else:
+                d_rows = p.leave(dx[None], view.in_spec, tuple(rows.shape))
+        if lora and need_a:
+            d_a_local = _ops.bgmv_weight_grad(ds, x.to(a.dtype), idx, slots, 1.0).to(lora_a.dtype)
+            over = (experts_axis,) if row_parallel else (experts_axis, axis)
+            d_a = _leave_summed(p, d_a_local, a_spec, tuple(lora_a.shape), over)
+    if lora and need_b:
+        s = _ops.bgmv_shrink(x.to(a.dtype), a, idx, 1.0, backend).to(b.dtype)  # row parallel: a partial
+        d_b_local = _ops.bgmv_weight_grad(s, g.to(b.dtype), idx, slots, 1.0).to(lora_b.dtype)
+        over = (experts_axis, axis) if row_parallel else (experts_axis,)
+        d_b = _leave_summed(p, d_b_local, b_spec, tuple(lora_b.shape), over)
+    if need_weight:
+        left, right = (x, g) if transposed else (g, x)
+        d_w_local = view.weight_grad(left.to(weight.dtype), right.to(weight.dtype)).to(weight.dtype)
+        d_w = p.leave(d_w_local, p.expert_weight_spec(transposed, row_parallel), tuple(weight.shape))
+    return d_rows, d_w, d_a, d_b
+
+
+@sharded_grouped_matmul_backward.register_fake
+def _(grad, rows, weight, group_sizes, lora_a, lora_b, lora_rows, transposed, row_parallel, key, backend, *need):
+    pairs = zip((rows, weight, lora_a, lora_b), need, strict=True)
+    return tuple(torch.empty_like(t) if flag else grad.new_empty(0) for t, flag in pairs)
+
+
+def _grouped_setup(ctx, inputs, output) -> None:
+    rows, weight, group_sizes, lora_a, lora_b, lora_rows, transposed, row_parallel, key, backend = inputs
+    ctx.save_for_backward(rows, weight, group_sizes, lora_a, lora_b, lora_rows)
+    ctx.transposed, ctx.row_parallel, ctx.key, ctx.backend = transposed, row_parallel, key, backend
+
+
+def _grouped_backward(ctx, grad: torch.Tensor):
+    rows, weight, group_sizes, lora_a, lora_b, lora_rows = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    flags = (need[0], need[1], need[3] and lora_rows is not None, need[4] and lora_rows is not None)
+    args = (grad, rows, weight, group_sizes, lora_a, lora_b, lora_rows, ctx.transposed, ctx.row_parallel)
+    grads = _ops.sharded_grouped_matmul_backward(*args, ctx.key, ctx.backend, *flags)
+    d_rows, d_w, d_a, d_b = _needed(grads, flags)
+    return d_rows, d_w, None, d_a, d_b, *(None,) * 5
+
+
 # -- replicated: a sharding annotation, whose gradient is the output gradient ---------------------------
 
 
@@ -967,6 +1079,7 @@ for _op, _backward, _setup in (
     (sharded_linear_lora, _linear_lora_backward, _linear_lora_setup),
     (sharded_row_linear, _row_backward, _row_setup),
     (sharded_embedding, _embedding_backward, _embedding_setup),
+    (sharded_grouped_matmul, _grouped_backward, _grouped_setup),
     (replicated, _replicated_backward, None),
 ):
     _op.register_autograd(_backward, setup_context=_setup)

@@ -616,10 +616,10 @@ class LayerSharding:
         rows only (rows of other experts give zeros, their LoRA entries none): the up projection returns
         the partials stacked on the expert axis, [n, S, width] (the gate runs on it elementwise), and the
         down projection sums base and LoRA partials over the expert and model axes in one reduction.
+
+        Differentiable (expert LoRA, the rows, the expert weights): the backward is a region too
+        (``xla_lora::sharded_grouped_matmul_backward``), reducing only what several shards compute parts of.
         """
-        lora = [t for t in (lora_a, lora_b) if t is not None]
-        if torch.is_grad_enabled() and (layer.trainable or any(t.requires_grad for t in lora)):
-            raise ShardingError("training expert LoRA on a mesh is not supported yet (its regions have no backward)")
         weight = getattr(layer.base_layer, param)
         return torch.ops.xla_lora.sharded_grouped_matmul(
             rows,
