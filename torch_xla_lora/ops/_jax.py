@@ -123,10 +123,11 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
     The adapter buffers may be wider than the layer (D' >= D, Dout' >= Dout, zero columns past D / Dout:
     the layers pad them to whole lane tiles for the fused kernel, ``fused.padded_width``); the fused
     kernel and the XLA path use only their first D / Dout columns. Backend "pallas" runs the fused
-    kernel where its plan fits (``fused.plan_call``) and the buffers are lane-padded (D' and Dout'
-    whole 128-lane tiles: the kernel DMAs whole rows); otherwise the separate shrink and expand
-    kernels, over the same token blocks and host metadata (buffers wider than the layer: x and base
-    padded with zero columns to them).
+    kernel where its planner takes it (``fused.plan_call``: the plan fits VMEM and is modelled no
+    slower than the separate kernels) and the buffers are lane-padded (D' and Dout' whole 128-lane
+    tiles: the kernel DMAs whole rows); otherwise the separate shrink and expand kernels, over the
+    same token blocks and host metadata (buffers wider than the layer: x and base padded with zero
+    columns to them, so the buffers' zeros past D / Dout are read there).
     No path copies the adapter buffers.
     """
 
@@ -147,7 +148,7 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
             grouping, order = metadata[:-padded], metadata[-padded:]
             meta, vis = visits.unpack(grouping, padded, num_slots, sizes.tokens, lanes)
         if backend == "pallas" and not run_fused:
-            # Shapes the fused kernel cannot take (see fused.plan_call): shrink, then expand,
+            # Shapes the fused kernel cannot take or is modelled slower on (see fused.plan_call): shrink, then expand,
             # over the same token blocks (the packed metadata carries their visits too).
             if metadata is None:
                 vis = visits.build(idx, num_slots, sizes.tokens)
