@@ -674,7 +674,8 @@ def pooled_plan_call(
 ):
     """(BlockSizes, lanes, fused) of one pooled call: :func:`plan_call`'s plan for the slots the pool stands
     for (so the batch's host metadata serves both), ``fused`` False where the pooled kernel cannot run it
-    (widths not lane-aligned, VMEM: the caller then gathers the lanes' rows into slots and runs the slot kernels)."""
+    (widths not lane-aligned, VMEM) or :func:`plan_call` takes the separate kernels by cost (the plan is then
+    theirs): the caller then gathers the lanes' rows into slots and runs the slot kernels."""
     sizes, lanes, run_fused = plan_call(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
     if not lane_aligned(hidden, out_dim):  # pools hold rows of the layer's own widths: no padded rows to DMA
         run_fused = False
