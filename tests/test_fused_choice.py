@@ -151,3 +151,15 @@ def test_separate_kernels_on_lane_padded_buffers(xla_device, monkeypatch):
         assert traced == {"fused": [wide_a.shape] * 2, "shrink": []}
     else:  # x padded to the buffers' 128 columns for the shrink kernel
         assert traced == {"fused": [], "shrink": [(num_tokens, fused.padded_width(hidden))] * 2}
+
+
+def test_bench_model_moe_rows_are_no_worse_than_either_kernel():
+    """``bench model --moe --quick``: each row's expert LoRA is on the planned kernel per projection, which on
+    these balanced batches (the planner's own batch shape) is no worse than all-fused or all-separate."""
+    from torch_xla_lora.bench import model
+
+    rows = model.run_moe(["v6e"], [128], [8], 16, 8)
+    assert len(rows) == 4
+    for r in rows:
+        assert r["with_lora_ratio"] <= min(r["fused_ratio"], r["separate_ratio"]) * (1 + 1e-9), r
+        assert r["lora_kernel"].split(",")[0] in ("fused", "separate") or r["lora_kernel"].startswith("up ")
