@@ -18,10 +18,13 @@ Per token block i (all blocks are visited: the base product is needed everywhere
   both) or GPT-2 Conv1D's [in, out] (contracting x's dim 1 with W's dim 0);
 - at n == 0, for each chunk c of the block's distinct slots (``lanes`` of them
   side by side, from :class:`~.visits.LaneBlocks`): the A tiles ``[:, k-tile]``
-  are DMA'd into one [lanes * Rp, tk] VMEM tile and ``y[c] += x[i, k] @ A_c^T``
-  ([bt, lanes * Rp] f32 scratch); at the last k each token keeps only its own
-  lane, scaled and rounded to the adapter dtype (as two separate ops would);
-- at the last k of every n: ``out = acc + bias + sum_c y[c] @ B_c[:, n-tile]``,
+  are DMA'd into one [lanes * Rp, tk] VMEM tile and ``x[i, k] @ A_c^T`` is added
+  to the rows of the tokens whose slot is in chunk c, in one [bt, lanes * Rp] f32
+  scratch tile ``y`` shared by all chunks (a token needs only its own chunk's
+  lanes, so the scratch is one tile whatever the slot count); at the last k each
+  token keeps only its own lane, scaled and rounded to the adapter dtype (as two
+  separate ops would);
+- at the last k of every n: ``out = acc + bias + sum_c y[rows of chunk c] @ B_c[:, n-tile]``,
   written once; the B tile's non-finite values are selected out and the tokens
   of a lane that held one get NaN (``fused.finite_lanes``), so a tenant whose
   weights diverged poisons no other lane's tokens through 0 * Inf.
@@ -152,10 +155,11 @@ def vmem_bytes(
 
     Every pipelined block double-buffered, at its VMEM footprint: a [bt, 1] column (the token codes, the
     row scale) fills whole 128-lane rows, a [1, d] row (bias, scales) a whole (32 bytes, d) tile; the
-    scratch (the adapter tiles, the laned shrink and base accumulators, x's transformed tile with a
+    scratch (the adapter tiles, the base accumulator, the laned shrink: one [bt, lanes * Rp] f32 tile
+    whatever ``num_slots`` is, each token's sum kept in its own chunk's lanes; x's transformed tile with a
     prologue); and the values of one row chunk (:func:`row_chunk`): two f32 [rows, tn] (the product
-    and the sum being written), with a prologue two f32 [:func:`prologue_chunk` rows, tk], the shrink's
-    [rows, lanes * Rp] and
+    and the sum being written), with a prologue two f32 [:func:`prologue_chunk` rows, tk], three of the
+    shrink's [rows, lanes * Rp] (the product, the sum, the rows of the chunk selected) and
     the B tile's f32 copies while its non-finite values are selected out. An int8 weight tile is
     converted whole (its f32 and x-dtype copies).
     """
@@ -168,9 +172,9 @@ def vmem_bytes(
     block += tk * tn * (1 if fusion.weight_scale else itemsize) + row * tn * (fusion.weight_scale + has_bias)
     block += (column if fusion.row_scale else 0) + (row * tk if fusion.col_scale else 0)
     block += bt * tn * itemsize if fusion.residual else 0
-    scratch = width * (tk + tn) * itemsize + (max_chunks(bt, num_slots, lanes) * bt * width + bt * tn) * 4
+    scratch = width * (tk + tn) * itemsize + (bt * width + bt * tn) * 4  # one shrink tile for every chunk
     scratch += bt * tk * itemsize if fusion.prologue else 0
-    values = 2 * rows * tn * 4 + 2 * rows * width * 4 + 3 * width * min(tn, COLUMN_CHUNK) * 4
+    values = 2 * rows * tn * 4 + 3 * rows * width * 4 + 3 * width * min(tn, COLUMN_CHUNK) * 4
     values += 2 * prologue_chunk(rows) * tk * 4 if fusion.prologue else 0
     values += tk * tn * (4 + itemsize) if fusion.weight_scale else 0
     return 2 * block + scratch + values
@@ -314,7 +318,7 @@ def _kernel(
     x_ref,  # [bt, tk] (the gate with fusion.silu_mul)
     *refs,  # [up [bt, tk]], [row [bt, 1] f32], [col [1, tk]], w, [scale [1, tn] f32], [bias [1, tn]],
     # [residual [bt, tn]],
-    # a_hbm, b_hbm, o_ref, a_buf, b_buf, y_acc, acc_ref, [x_buf [bt, tk] with a prologue], sem
+    # a_hbm, b_hbm, o_ref, a_buf, b_buf, y_acc [bt, lanes * stride] f32, acc_ref, [x_buf [bt, tk] with a prologue], sem
     lanes: int,
     stride: int,
     per_block: int,
@@ -356,6 +360,10 @@ def _kernel(
             return carry
 
         jax.lax.fori_loop(0, count // size, step, 0)
+
+    def in_chunk(code, c):
+        """Whether each token of a [rows, 1] code column has its slot in chunk ``c``."""
+        return (code >= c * lanes) & (code < (c + 1) * lanes)
 
     def tile_of(index, tile, dim):
         # A tile spanning its dim is the slot's whole [R, dim] array: Mosaic only slices
@@ -471,7 +479,9 @@ def _kernel(
                 part = jax.lax.dot_general(
                     x_src[r, :], a_buf[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
                 )
-                y_acc[c, r, :] = jnp.where(k == 0, part, y_acc[c, r, :] + part)
+                # Only the rows of chunk c's tokens take it: the others keep their own chunk's sum.
+                mine = in_chunk(code_ref[r, :], c)
+                y_acc[r, :] = jnp.where(mine, jnp.where(k == 0, part, y_acc[r, :] + part), y_acc[r, :])
 
             over_rows(shrink_rows)
             return carry
@@ -482,18 +492,16 @@ def _kernel(
         def _keep_own_lane():
             column_lane = jax.lax.broadcasted_iota(jnp.int32, (1, lanes * stride), 1) // stride
 
-            def body(c, carry):
-                def own_rows(r):
-                    keep = column_lane == (code_ref[r, :] - c * lanes)
-                    if lanes == 1:  # a block whose tokens all use one adapter needs no mask
-                        keep = keep | (uniform_ref[i] == 1)
-                    y = jnp.where(keep, y_acc[c, r, :] * scaling, 0.0)
-                    y_acc[c, r, :] = y.astype(a_buf.dtype).astype(jnp.float32)
+            def own_rows(r):
+                code = code_ref[r, :]
+                # The token's lane within its chunk; tokens without adapter (code -1) keep nothing.
+                keep = (column_lane == code - jnp.maximum(code, 0) // lanes * lanes) & (code >= 0)
+                if lanes == 1:  # a block whose tokens all use one adapter needs no mask
+                    keep = keep | (uniform_ref[i] == 1)
+                y = jnp.where(keep, y_acc[r, :] * scaling, 0.0)
+                y_acc[r, :] = y.astype(a_buf.dtype).astype(jnp.float32)
 
-                over_rows(own_rows)
-                return carry
-
-            jax.lax.fori_loop(0, num_chunks, body, 0)
+            over_rows(own_rows)
 
     @pl.when((k == last_k) & (num_chunks > 0))
     def _expand():
@@ -510,7 +518,9 @@ def _kernel(
                 poisoned = poisoned | hit
 
             def expand_rows(r):
-                y = poison_own_lane(y_acc[c, r, :], code_ref[r, :], c * lanes, poisoned, stride)
+                code = code_ref[r, :]
+                y = jnp.where(in_chunk(code, c), y_acc[r, :], 0.0)  # the other chunks' tokens add nothing
+                y = poison_own_lane(y, code, c * lanes, poisoned, stride)
                 out = acc_ref[r, :] + jnp.dot(y.astype(b_buf.dtype), b_buf[...], preferred_element_type=jnp.float32)
 
                 @pl.when(c < num_chunks - 1)
@@ -571,7 +581,7 @@ def grid_spec(
         scratch_shapes=[
             pltpu.VMEM((width, tk), dtype),
             pltpu.VMEM((width, tn), dtype),
-            pltpu.VMEM((max_chunks(bt, num_slots, lanes), bt, width), jnp.float32),
+            pltpu.VMEM((bt, width), jnp.float32),  # the shrink of every token, in its own chunk's lanes
             pltpu.VMEM((bt, tn), jnp.float32),
             *([pltpu.VMEM((bt, tk), dtype)] if fusion.prologue else []),  # x's transformed tile, for the shrink
             pltpu.SemaphoreType.DMA((2,)),

@@ -166,6 +166,58 @@ def test_kernel_with_tiled_reduction_and_output_in_row_chunks(layout, bias, weig
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-4, rtol=1e-4)
 
 
+def test_chunks_share_one_shrink_tile_with_their_tokens_interleaved():
+    """One [block, lanes * R] f32 shrink tile serves every lane chunk of a block: a 32-token block of 7
+    distinct slots and tokens without adapter, interleaved token by token (every 16-row chunk holds
+    tokens of all four lane chunks), over two reduction tiles (each chunk's sum accumulates across k in
+    its own tokens' rows only) and two output tiles; one slot's B holds an Inf, so its tokens are NaN in that
+    output tile, and every other value equals the float64 reference (no chunk's rows leak into another's)."""
+    rng = np.random.default_rng(1)
+    num_tokens, hidden, out_dim, rank, num_slots, lanes = 64, 256, 256, 8, 9, 2
+    x = rng.standard_normal((num_tokens, hidden))
+    w = rng.standard_normal((out_dim, hidden)) / 16
+    a = rng.standard_normal((num_slots, rank, hidden)) / 16
+    lb = rng.standard_normal((num_slots, rank, out_dim)) / 4
+    lb[5, 3, 200] = np.inf  # slot 5: its tokens' outputs are NaN (in the second output tile)
+    idx = np.arange(num_tokens) % 8 - 1  # -1, 0, ..., 6 in turn: 7 distinct slots per block, 4 chunks of 2
+    idx[32:] = np.where(idx[32:] >= 0, idx[32:] + 2, -1)  # the second block: slots 1, 2, 3, 5, ..., 8
+    meta = visits.build_lanes(jnp.asarray(idx, jnp.int32), num_slots, 32, lanes)
+    assert [int(c) for c in meta.chunks] == [4, 4]
+    sizes = BlockSizes(tokens=32, hidden=128, out=128)
+    f32 = [jnp.asarray(v, jnp.float32) for v in (x, w, a, lb)]
+    out = fused_base.linear_lora(
+        f32[0], f32[1], None, f32[2], f32[3], meta, scaling=0.5, block_sizes=sizes, lanes=lanes, layout="out_in",
+        interpret=True, row_chunk_rows=16,
+    )  # fmt: skip
+    out = np.asarray(out, np.float64)
+    poisoned = idx == 5
+    assert np.isnan(out[poisoned, 128:]).all()  # the output tile whose B tile held the Inf
+    expected = x @ w.T
+    for t, slot in enumerate(idx):
+        if slot >= 0:
+            shrink = np.asarray(jnp.asarray(0.5 * x[t] @ a[slot].T, jnp.float32), np.float64)
+            with np.errstate(invalid="ignore"):
+                expected[t] += shrink @ lb[slot]
+    np.testing.assert_allclose(out[~poisoned], expected[~poisoned], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out[poisoned, :128], expected[poisoned, :128], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("generation", ["v5e", "v6e"])
+def test_plans_do_not_depend_on_the_slot_count_beyond_the_lanes(generation):
+    """The shrink scratch is one tile whatever L is: at 16 and at 128 slots (the same lanes at rank 16),
+    every Llama-3-8B projection as the decoder arranges it plans alike at decode and prefill (with a tile
+    per chunk a block could need, 128 slots gave down_proj half the reduction tile on v6e at T = 1024)."""
+    for num_tokens in (64, 1024, 4096):
+        for name, (hidden, out_dim, _) in tpu_model.LLAMA3_8B_LAYER.items():
+            fusion = tpu_model.kernel_fusion(*tpu_model.KERNEL_FUSION[name])
+            plans = [
+                fused_base.plan(num_tokens, hidden, out_dim, 16, slots, jnp.bfloat16, generation, False, fusion)
+                for slots in (16, 128)
+            ]
+            assert plans[0][1] == plans[1][1]  # the same lanes, so the same kernel body
+            assert plans[0] == plans[1], (num_tokens, name)
+
+
 def test_row_chunk_divides_the_block():
     assert [fused_base.row_chunk(t) for t in (8, 256, 512, 1024, 24, 768)] == [8, 256, 256, 256, 24, 256]
     assert fused_base.row_chunk(16, 8) == 8 and fused_base.row_chunk(40, 16) == 8
