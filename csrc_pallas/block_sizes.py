@@ -61,13 +61,22 @@ def vmem_limit(generation: str) -> int:
     return tuning.VMEM_LIMIT_BYTES[known(generation)]
 
 
+def lane_tile(dim: int, at_most: int) -> int | None:
+    """The widest multiple of :data:`LANE` dividing ``dim`` that is at most ``at_most``, or None.
+
+    Any lane multiple, not only powers of two: gpt-oss's 5,760 columns (45 lane tiles) take 1,920-wide
+    tiles here, where a power of two would leave 128."""
+    for lanes in range(min(at_most, dim) // LANE, 0, -1):
+        if dim % (lanes * LANE) == 0:
+            return lanes * LANE
+    return None
+
+
 def _tile(dim: int, max_tile: int) -> int:
     if dim <= max_tile:
         return dim
-    for tile in tuning.TILE_CANDIDATES:
-        if tile <= max_tile and dim % tile == 0:
-            return tile
-    return dim  # no lane-aligned divisor: one full-width block
+    tile = lane_tile(dim, min(max_tile, tuning.MAX_TILED_WIDTH))
+    return dim if tile is None else tile  # no lane-aligned divisor: one full-width block
 
 
 def choose(num_tokens: int, hidden_dim: int, out_dim: int, generation: str = "cpu") -> BlockSizes:

@@ -38,7 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from . import tuning
-from .block_sizes import BlockSizes, choose, known, typical_adapters, vmem_limit
+from .block_sizes import LANE, BlockSizes, choose, known, lane_tile, typical_adapters, vmem_limit
 from .visits import LaneBlocks, max_chunks
 
 logger = logging.getLogger(__name__)
@@ -106,8 +106,8 @@ def _fit(num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int, 
     while vmem_bytes(sizes, rank, num_slots, lanes, dtype) > limit:
         if sizes.tokens > 8 * (4 // jnp.dtype(dtype).itemsize):
             sizes = dataclasses.replace(sizes, tokens=sizes.tokens // 2)
-        elif sizes.out % 256 == 0:
-            sizes = dataclasses.replace(sizes, out=sizes.out // 2)
+        elif narrower := lane_tile(out_dim, sizes.out - LANE):
+            sizes = dataclasses.replace(sizes, out=narrower)
         elif lanes > 1:
             lanes //= 2
         else:

@@ -45,8 +45,9 @@ TOKEN_BLOCKS = {
 MAX_HIDDEN_TILE = {"v4": 2048, "v5e": 4096, "v5p": 4096, "v6e": 8192, "cpu": 1 << 30}
 MAX_OUT_TILE = {"v4": 1024, "v5e": 2048, "v5p": 2048, "v6e": 4096, "cpu": 1 << 30}
 
-# Tiles tried, widest first, for dimensions above the maxima above.
-TILE_CANDIDATES = (2048, 1024, 512, 256, 128)
+# Widest tile of a dimension above the maxima above: the widest multiple of 128 at most this
+# (and the maximum) dividing the dimension (``block_sizes.lane_tile``).
+MAX_TILED_WIDTH = 2048
 
 # MXU width in elements: laning packs this many columns of adapter ranks.
 MXU_WIDTH = {"v4": 128, "v5e": 128, "v5p": 128, "v6e": 256, "cpu": 128}

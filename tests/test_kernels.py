@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import export as jax_export
 
-from torch_xla_lora.kernels import block_sizes, expand, reference, shrink, visits
+from torch_xla_lora.kernels import block_sizes, expand, reference, shrink, tuning, visits
 
 
 def _numpy_visits(indices, num_slots, block_tokens):
@@ -59,6 +59,20 @@ def test_block_sizes_check_themselves(kwargs, needle):
 def test_block_sizes_reject_tile_not_dividing_dim():
     with pytest.raises(ValueError, match="hidden=384 must span the dim 1024"):
         block_sizes.BlockSizes(8, 384, 128).check(1024, 128)
+
+
+@pytest.mark.parametrize("generation", ["v4", "v5e", "v6e"])
+@pytest.mark.parametrize("dim", [1024, 3072, 5632, 5760, 11008, 14336, 18944, 2880])
+def test_tiles_are_the_widest_lane_multiple_dividing_the_dim(dim, generation):
+    """A dimension above the generation's maximum tile gets the widest multiple of 128 that divides it and is at
+    most the maximum (and ``tuning.MAX_TILED_WIDTH``): any lane multiple, so gpt-oss's 5,760 columns get 1,920,
+    not 128; a dimension no lane multiple divides spans one block; one within the maximum is one tile."""
+    sizes = block_sizes.choose(64, dim, dim, generation)
+    limits = (tuning.MAX_HIDDEN_TILE[generation], tuning.MAX_OUT_TILE[generation])
+    for tile, limit in zip((sizes.hidden, sizes.out), limits, strict=True):
+        widest = [w for w in range(128, min(limit, tuning.MAX_TILED_WIDTH) + 1, 128) if dim % w == 0]
+        assert tile == (dim if dim <= limit or not widest else widest[-1])
+        sizes.check(dim, dim)
 
 
 def _kernel_case(num_tokens, hidden, rank, num_slots, out_dim, dtype, seed=0):
