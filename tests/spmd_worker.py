@@ -534,7 +534,7 @@ def run_moe(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     """A tiny Mixtral with attention, router and expert LoRA on ``mesh`` (the default plan, experts tensor
     parallel): logits of a mixed batch lazy and compiled, placements, compilations after warm-up over other
     adapter mixes, the collectives of the forward with and without a batch, the warm-up warning, and a training
-    step of trainable tenants on the same model (:func:`moe_training_step`)."""
+    step of trainable tenants through one expert layer of the same model (:func:`moe_layer_training_step`)."""
     import warnings
 
     device = torch_xla.device()
@@ -576,7 +576,7 @@ def run_moe(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
         warnings.simplefilter("always")
         lora.warmup([ids.shape[0]], [ids.shape[1]], step=logits, progress=False)
     result["warnings"] = [str(w.message) for w in caught]
-    result["training"] = moe_training_step(model, lora, inputs["training"], dump_dir)
+    result["training"] = moe_layer_training_step(model, lora, inputs["training"], dump_dir)
     result["compiled"] = _moe_compiled(inputs, patched, ids, mesh)
     return result
 
@@ -610,8 +610,8 @@ def run_moe_expert_parallel(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     "model" (``ep_axis="expert"``): placements, the mixed batch's logits lazy and compiled, the collectives of the
     lazy forward with and without a batch, compilations after the compiled step's warm-up over the batch and
     another adapter mix, a model whose experts do not divide over the expert axis refused, and a training step of
-    trainable tenants (:func:`moe_training_step`, its expert regions' calls recorded for opcheck). Few graphs: the
-    compiled step and the training step run on the same model."""
+    trainable tenants (:func:`moe_training_step`, the expert backward region's first call recorded for opcheck).
+    Few graphs: the compiled step and the training step run on the same model."""
     device = torch_xla.device()
     model = copy.deepcopy(inputs["model"]).to(device).eval()
     lora = tl.patch_model(model, tl.LoRAConfig(**inputs["lora_config"]), mesh=mesh, ep_axis="expert")
@@ -656,15 +656,15 @@ def run_moe_expert_parallel(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     return result
 
 
-def moe_training_step(
-    model: nn.Module, lora: tl.LoRAModel, inputs: dict, dump_dir: str, calls: dict | None = None
-) -> dict:
-    """One training step of the patched MoE ``model`` on its mesh (lazy mode): the served adapters removed,
-    the tenants of ``inputs["tenants"]`` made with ``create_adapter`` (expert and attention LoRA through
-    ``target_parameters``/``target_modules``) and set to the given weights, the expert weights unfrozen, the
-    mixed batch's loss sum(logits * loss_weights); the gradients of ``trainable_parameters`` keyed (tenant, PEFT
-    key) and of the expert weights keyed ("base", name), and the collectives of the step's compiled graph.
-    ``calls``: record the expert regions' first calls (forward and backward) for opcheck."""
+#: The MoE layer whose expert and attention LoRA and expert weights the training steps train (the one before it
+#: runs forward only: the backward stops at its output).
+MOE_TRAINED_LAYER = "model.layers.1."
+
+
+def _moe_tenants(model: nn.Module, lora: tl.LoRAModel, inputs: dict) -> dict:
+    """The served adapters removed, the tenants of ``inputs["tenants"]`` made with ``create_adapter`` and set to
+    the given weights, the trained layer's expert weights unfrozen, the training batch set: (tenant, PEFT key)
+    and ("base", expert weight name) -> the parameter."""
     device = torch_xla.device()
     for name in list(lora.adapters()):
         lora.remove(name)
@@ -677,18 +677,51 @@ def moe_training_step(
                 params[key].copy_(value.to(device))
         keyed |= {(name, key): param for key, param in params.items()}
     for key, param in model.named_parameters():
-        if ".experts." in key:
+        if key.startswith(MOE_TRAINED_LAYER + "mlp.experts."):
             keyed[("base", key.replace(".base_layer", ""))] = param.requires_grad_(True)
     lora.set_batch(inputs["train_batch"])
     torch_xla.sync()  # the parameter copies and the slot writes: graphs of their own
-    ops = ("sharded_grouped_matmul", "sharded_grouped_matmul_backward") if calls is not None else ()
-    with _capturing_regions({} if calls is None else calls, "moe-train", ops):
-        logits = model(inputs["ids"].to(device), use_cache=False).logits
-        loss = (logits * inputs["loss_weights"].to(device)).sum()
-        grads = torch.autograd.grad(loss, list(keyed.values()))
+    return keyed
+
+
+def _step_result(dump_dir: str, loss: torch.Tensor, keyed: dict, grads: tuple) -> dict:
     result = {"collectives": _synced_collectives(dump_dir), "loss": loss.cpu()}
     result["grads"] = {key: grad.cpu() for key, grad in zip(keyed, grads, strict=True)}
     return result
+
+
+def moe_training_step(
+    model: nn.Module, lora: tl.LoRAModel, inputs: dict, dump_dir: str, calls: dict | None = None
+) -> dict:
+    """One training step of the patched MoE ``model`` on its mesh (lazy mode): tenants with expert and attention
+    LoRA (``create_adapter`` with ``target_parameters``/``target_modules``, see :func:`_moe_tenants`) and the
+    expert weights of ``MOE_TRAINED_LAYER`` training, the mixed batch's loss sum(logits * loss_weights); the loss,
+    the gradients keyed as :func:`_moe_tenants` keys the parameters, and the collectives of the step's compiled
+    graph. ``calls``: record the expert backward region's first call for opcheck."""
+    keyed = _moe_tenants(model, lora, inputs)
+    ops = ("sharded_grouped_matmul_backward",) if calls is not None else ()
+    with _capturing_regions({} if calls is None else calls, "moe-train", ops):
+        logits = model(inputs["ids"].to(torch_xla.device()), use_cache=False).logits
+        loss = (logits * inputs["loss_weights"].to(logits.device)).sum()
+        grads = torch.autograd.grad(loss, list(keyed.values()))
+    return _step_result(dump_dir, loss, keyed, grads)
+
+
+def moe_layer_training_step(model: nn.Module, lora: tl.LoRAModel, inputs: dict, dump_dir: str) -> dict:
+    """The same tenants' step through the trained layer's experts alone (``ExpertsWithLoRA`` called as the MoE
+    block calls it: ``inputs["layer"]``'s hidden states [N, D], requiring grad, top-k experts and weights): the
+    loss sum(out * weights), the gradients of the hidden states ("hidden"), of the tenants' expert parameters and
+    of the expert weights, and the collectives of the step's graph (the expert regions' and the routing's only)."""
+    device = torch_xla.device()
+    keyed = _moe_tenants(model, lora, inputs)
+    keyed = {key: param for key, param in keyed.items() if ".mlp.experts." in key[1]}
+    case = inputs["layer"]
+    hidden = case["hidden"].to(device).requires_grad_(True)
+    experts = lora.layers[MOE_TRAINED_LAYER + "mlp.experts"]
+    out = experts(hidden, case["top_k_index"].to(device), case["top_k_weights"].to(device))
+    loss = (out * case["weights"].to(device)).sum()
+    grads = torch.autograd.grad(loss, [hidden, *keyed.values()])
+    return _step_result(dump_dir, loss, {("hidden", ""): hidden, **keyed}, grads)
 
 
 def _gpt_oss_expert_parallel(inputs: dict, mesh: xs.Mesh) -> dict:

@@ -140,6 +140,30 @@ def test_pool_never_holds_more_than_its_budget(base_model):
             assert all(t.shape == (1024,) for t in page_scales) and lora.manager.rows + 2 <= 1024
 
 
+def test_int8_pools_the_tpu_kernel_reads_never_hold_a_multiple_of_32_rows(base_model):
+    """On a v6e XLA tiles an int8 array of a multiple of 32 rows by 32 rows and the pooled kernel's 8-row page
+    DMA from it does not compile (``tests/test_tpu_compile.py``, ``bench.page_dma``): a budget whose int8 pools
+    would hold 62 data rows (64 with the zero and scratch rows) gets 61 where the Pallas kernel may read them,
+    62 on the XLA-native backend, both within the budget."""
+
+    def patch(budget: int, backend: str) -> tl.LoRAModel:
+        config = tl.LoRAConfig(
+            max_rank=MAX_RANK, target_modules=TARGETS, memory_budget=budget, weight_dtype="int8", backend=backend
+        )
+        return tl.patch_model(copy.deepcopy(base_model), config)
+
+    probe = patch(200_000, "xla")
+    linear = sum(not name.endswith("embed_tokens") for name in probe.layers)
+    budget = 64 * probe.manager.row_bytes + 4 * (1024 - 64) * linear  # the page scales padded to one 1024-row tile
+    for backend, rows in (("xla", 62), ("pallas", 61)):
+        lora = patch(budget, backend)
+        assert lora.manager.rows == rows
+        pooled = [layer for name, layer in lora.layers.items() if not name.endswith("embed_tokens")]
+        assert all(layer.lora_a_pool.shape[1] == layer.lora_b_pool.shape[1] == rows + 2 for layer in pooled)
+        stored = [b for n, b in lora.model.named_buffers() if "_pool" in n or "_scale" in n]
+        assert sum(b.numel() * b.element_size() for b in stored) <= budget
+
+
 def _int8_rounded(peft_model, name):
     """PEFT's state of ``name`` with A's rows and B's columns (rank rows) rounded to int8, symmetric absmax."""
     state, config = _state(peft_model, name)

@@ -706,26 +706,38 @@ def gpt_oss_moe() -> tuple[dict, dict[str | None, torch.Tensor]]:
     return inputs, reference
 
 
-# Two trainable tenants on the tiny Mixtral (2 layers, hidden 32, 4 experts, expert width 16): expert LoRA through
-# target_parameters (t1 on the down projection only) and attention LoRA on column (q, v) and row (o) layers.
+# Two trainable tenants on the tiny Mixtral (2 layers, hidden 32, 4 experts, expert width 16), on its second layer
+# (spmd_worker.MOE_TRAINED_LAYER: the backward stops there, half the graph): expert LoRA through target_parameters
+# (t1 on the down projection only) and attention LoRA on column (q, v) and row (o) layers.
 MOE_TENANTS = {
     "t0": {
         "r": 4,
         "lora_alpha": 8,
-        "target_modules": ["q_proj", "o_proj"],
-        "target_parameters": ["gate_up_proj", "down_proj"],
+        "target_modules": r".*layers\.1\.self_attn\.(q_proj|o_proj)",
+        "target_parameters": ["layers.1.mlp.experts.gate_up_proj", "layers.1.mlp.experts.down_proj"],
     },
-    "t1": {"r": 2, "lora_alpha": 6, "target_modules": ["v_proj"], "target_parameters": ["down_proj"]},
+    "t1": {
+        "r": 2,
+        "lora_alpha": 6,
+        "target_modules": r".*layers\.1\.self_attn\.v_proj",
+        "target_parameters": ["layers.1.mlp.experts.down_proj"],
+    },
 }
 MOE_TRAIN_BATCH = ["t0", None, "t1", "t0"]
 
 
+def _grads(loss: torch.Tensor, keyed: dict) -> dict:
+    grads = torch.autograd.grad(loss, list(keyed.values()))
+    return {"loss": loss.detach(), "grads": dict(zip(keyed, grads, strict=True))}
+
+
 @pytest.fixture(scope="module")
 def moe_training() -> tuple[dict, dict]:
-    """(worker inputs, one-device result) of one training step of the tiny Mixtral with MOE_TENANTS made by
-    ``create_adapter`` (``init_lora_weights=False``: B non-zero, so A gets gradients) and its expert weights
-    unfrozen, on CPU tensors: the loss sum(logits * weights) of the mixed batch and its gradients, keyed as
-    the worker keys them ((tenant, PEFT key) and ("base", expert weight name))."""
+    """(worker inputs, one-device results) of the MoE training steps (``spmd_worker.moe_training_step`` and
+    ``moe_layer_training_step``) on CPU tensors: the tiny Mixtral with MOE_TENANTS made by ``create_adapter``
+    (``init_lora_weights=False``: B non-zero, so A gets gradients) and the trained layer's expert weights
+    unfrozen; "model": the mixed batch's loss sum(logits * weights) and its gradients, "layer": the same through
+    the trained layer's experts alone on random hidden states and routing, keyed as the worker keys them."""
     import test_moe
 
     model = test_moe.moe_model("Mixtral", "batched_mm")
@@ -739,14 +751,27 @@ def moe_training() -> tuple[dict, dict]:
         tenants[name] = (config, {key: param.detach().clone() for key, param in params.items()})
         keyed |= {(name, key): param for key, param in params.items()}
     for key, param in model.named_parameters():
-        if ".experts." in key:
+        if key.startswith(spmd_worker.MOE_TRAINED_LAYER + "mlp.experts."):
             keyed[("base", key.replace(".base_layer", ""))] = param.requires_grad_(True)
-    weights = torch.randn(*test_moe.IDS.shape, model.config.vocab_size, generator=torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    ids, (hidden_size, vocab) = test_moe.IDS, (model.config.hidden_size, model.config.vocab_size)
+    weights = torch.randn(*ids.shape, vocab, generator=generator)
     lora.set_batch(MOE_TRAIN_BATCH)
-    loss = (model(test_moe.IDS, use_cache=False).logits * weights).sum()
-    grads = dict(zip(keyed, torch.autograd.grad(loss, list(keyed.values())), strict=True))
-    inputs = {"tenants": tenants, "train_batch": MOE_TRAIN_BATCH, "ids": test_moe.IDS, "loss_weights": weights}
-    return inputs, {"loss": loss.detach(), "grads": grads}
+    expected = {"model": _grads((model(ids, use_cache=False).logits * weights).sum(), keyed)}
+    tokens, experts = ids.numel(), model.config.num_local_experts
+    layer = {
+        "hidden": torch.randn(tokens, hidden_size, generator=generator),
+        "top_k_index": torch.rand(tokens, experts, generator=generator).topk(2, dim=1).indices,  # two experts each
+        "top_k_weights": torch.rand(tokens, 2, generator=generator),
+        "weights": torch.randn(tokens, hidden_size, generator=generator),
+    }
+    hidden = layer["hidden"].clone().requires_grad_(True)
+    experts_layer = lora.layers[spmd_worker.MOE_TRAINED_LAYER + "mlp.experts"]
+    out = experts_layer(hidden, layer["top_k_index"], layer["top_k_weights"])
+    layer_keyed = {("hidden", ""): hidden} | {key: p for key, p in keyed.items() if ".mlp.experts." in key[1]}
+    expected["layer"] = _grads((out * layer["weights"]).sum(), layer_keyed)
+    inputs = {"tenants": tenants, "train_batch": MOE_TRAIN_BATCH, "ids": ids, "loss_weights": weights, "layer": layer}
+    return inputs, expected
 
 
 def _peft_rows(reference: dict) -> torch.Tensor:
@@ -842,15 +867,21 @@ def test_moe_experts_not_dividing_over_the_expert_axis_refused(spmd_layers):
 
 @pytest.mark.parametrize("scenario", ["moe", "moe_ep"])
 def test_moe_training_on_a_mesh_matches_one_device(spmd_layers, moe_training, scenario):
-    """One training step (lazy mode) of two tenants' expert and attention LoRA (``create_adapter`` with
-    ``target_parameters``) in a mixed batch with a base row, the expert weights unfrozen too, on the (1, 4) mesh
-    (experts split on their width) and on the (2, 2) expert x model mesh (``ep_axis``): the loss and the
-    gradients of every ``trainable_parameters`` entry (every expert's rows, on whichever expert shard it lives)
-    and of the expert weights equal the same step on one device (CPU tensors), relative 1e-4."""
+    """One training step (lazy mode) of two tenants' expert LoRA (``create_adapter`` with ``target_parameters``)
+    in a mixed batch with a base row, the expert weights unfrozen too: on the (2, 2) expert x model mesh
+    (``ep_axis``) the whole Mixtral with the tenants' attention LoRA ("moe_ep"), on the (1, 4) mesh (experts split
+    on their width) the trained layer's experts alone, on hidden states requiring grad ("moe"). The loss and the
+    gradients of every ``trainable_parameters`` entry (every expert's rows, on whichever expert shard it lives),
+    of the expert weights (and of the hidden states) equal the same step on one device (CPU tensors), relative
+    1e-4."""
     _, expected = moe_training
+    expected = expected["layer" if scenario == "moe" else "model"]
     result = spmd_layers[scenario]["training"]
     assert set(result["grads"]) == set(expected["grads"])
-    assert {tenant for tenant, _ in result["grads"]} == {"t0", "t1", "base"}
+    tenants = {"t0", "t1", "base"} | ({"hidden"} if scenario == "moe" else set())
+    assert {tenant for tenant, _ in result["grads"]} == tenants
+    if scenario == "moe_ep":
+        assert any(".self_attn." in key for _, key in result["grads"])  # attention LoRA trains along
     assert_close(result["loss"], expected["loss"], torch.float32)
     for key, grad in result["grads"].items():
         assert torch.count_nonzero(expected["grads"][key]) > 0, key  # every gradient is seen
@@ -858,38 +889,45 @@ def test_moe_training_on_a_mesh_matches_one_device(spmd_layers, moe_training, sc
         torch.testing.assert_close(grad, expected["grads"][key], atol=1e-4 * magnitude, rtol=1e-4, msg=str(key))
 
 
-def _expert_training_collectives(collectives: list, expert_parallel: bool) -> dict[str, collections.Counter]:
-    """The step's collectives that carry a [L * E, R, *] slot-entry gradient or a tensor of the S = N * K
-    routed rows (by shape; the attention's tensors have N rows), and what the expert regions' backward is
-    to add: per layer, the up projection's dA [L * E, R, D] (partial over the expert width) and the down
-    projection's dB [L * E, R, D] (partial over the width) summed over the model (and expert) axis, with an
-    expert axis also the up projection's dB [L * E, R, 2 W / tp] and the down projection's dA
-    [L * E, R, W / tp] summed over it (each expert shard holds its experts' entries, zeros elsewhere); the
-    rows' only reductions are the base's own [S, D]: the forward's down projection, the backward's dx of
-    the up projection."""
-    layers, entries, rank, hidden, width, rows, tp = 2, 2 * 4, 8, 32, 16, 4 * 5 * 2, 2 if expert_parallel else 4
-    expected = collections.Counter({("all-reduce", (entries, rank, hidden)): 2 * layers})
-    if expert_parallel:
-        expected[("all-reduce", (entries, rank, 2 * width // tp))] += layers
-        expected[("all-reduce", (entries, rank, width // tp))] += layers
-    expected[("all-reduce", (rows, hidden))] += 2 * layers
+def _expert_step_collectives(collectives: list, scenario: str) -> tuple[collections.Counter, collections.Counter]:
+    """(seen, expected): the training step's collectives that carry slot-entry gradients [L * E, R, *] or the
+    S = N * K routed rows, and what they are to be. The expert backward reduces, per trained layer, the up
+    projection's dA [L * E, R, D] (a partial over the expert width) and the down projection's dB [L * E, R, D]
+    (each width slice holds a part of the shrink) over the model (and expert) axis, and with an expert axis also
+    the up projection's dB [L * E, R, 2 W / tp] and the down projection's dA [L * E, R, W / tp] over it (each
+    expert shard holds its experts' entries, zeros elsewhere); the rows' only reductions are the base's own
+    [S, D]: each layer's down projection in the forward, the trained layer's up projection's dx in the backward.
+
+    "moe": the expert layer's step alone (tp = 4): every reduction and gather of the graph is counted (its
+    all-to-all and permutes re-pair the up projection's gate and up halves, split over different shards by the
+    base layout; see docs/distributed.md). "moe_ep": the whole Mixtral (tp = 2, two layers, one trained): the
+    collectives with a slot-entry or routed-row shape (the attention's have N rows), but for the permutes of the
+    gate and up halves."""
+    entries, rank, hidden, width, rows = 2 * 4, 8, 32, 16, 4 * 5 * 2
+    expected = collections.Counter({("all-reduce", (entries, rank, hidden)): 2})
+    if scenario == "moe":
+        expected[("all-reduce", (rows, hidden))] += 2
+        seen = collections.Counter(c for c in collectives if c[0] in ("all-reduce", "all-gather", "reduce-scatter"))
+        return seen, expected
+    tp = 2
+    expected[("all-reduce", (entries, rank, 2 * width // tp))] += 1
+    expected[("all-reduce", (entries, rank, width // tp))] += 1
+    expected[("all-reduce", (rows, hidden))] += 2 + 1
     seen = collections.Counter(
         (op, shape)
         for op, shape in collectives
         if op != "collective-permute" and ((len(shape) == 3 and shape[0] == entries) or rows in shape)
     )
-    return {"seen": seen, "expected": expected}
+    return seen, expected
 
 
 @pytest.mark.parametrize("scenario", ["moe", "moe_ep"])
 def test_moe_training_on_a_mesh_adds_only_the_reduction_of_expert_slot_gradients(spmd_layers, scenario):
-    """The compiled training step's collectives (after SPMD partitioning) that involve the expert slot entries or
-    the routed rows: exactly the reductions of the slot gradients that several shards compute parts of, and the
-    base's own row reductions; no gather or all-to-all of rows or slots. (The partitioner's own permutes of the
-    gate/up halves of the up projection's output are the base model's and are left out.)"""
-    collectives = spmd_layers[scenario]["training"]["collectives"]
-    counts = _expert_training_collectives(collectives, expert_parallel=scenario == "moe_ep")
-    assert counts["seen"] == counts["expected"]
+    """The compiled training step's collectives (after SPMD partitioning) that carry expert slot-entry gradients
+    or routed rows: exactly the reductions of the slot gradients that several shards compute parts of and the
+    base's own row reductions; no gather of rows or slot entries (see :func:`_expert_step_collectives`)."""
+    seen, expected = _expert_step_collectives(spmd_layers[scenario]["training"]["collectives"], scenario)
+    assert seen == expected
 
 
 def test_warmup_warns_once_about_a_sharded_step_result(spmd_layers):

@@ -305,3 +305,40 @@ def test_moe_layer_function_is_the_expert_layer(model):
     out = np.asarray(fn(x, top_k_index, top_k_weights, tuple(weights), (*lora, token_slots)))
     expected = _expert_layer_reference(model, x, top_k_index, top_k_weights, weights, (*lora, token_slots))
     np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
+
+
+def test_pool_row_dmas_mosaic_compiles():
+    """Why the pooled kernel's pages are 8 aligned rows and why int8 pools avoid 32-row multiples, checked with
+    libtpu's compiler (``python -m torch_xla_lora.bench.page_dma``, its own process): a DMA of 1, 2 or 4 rows of a
+    [P, D] pool is refused on v5e and v6e in every dtype, and so are 8 rows at an offset not known to be a
+    multiple of 8; 8 rows at such an offset compile, except from a v6e int8 pool of a multiple of 32 rows
+    (``pool.kernel_pool_rows``). A pool stored [P / g, g, D] with g the rows one 32-bit word packs (1 f32, 2 bf16,
+    4 int8) DMAs any number of groups at any offset; one bf16 row a group is refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch_xla_lora.bench.page_dma", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 2 * (7 + 8 + 8), proc.stderr[-4000:]  # per chip: float32, bfloat16, int8 cases
+    for r in results:
+        packed = {"float32": 1, "bfloat16": 2, "int8": 4}[r["dtype"]]
+        if r["layout"] == "3d":
+            assert r["ok"], r
+        elif r["layout"] == "3d-g1":
+            assert r["error"] == f"Slice shape along dimension 1 must be aligned to tiling ({packed}), but is 1.", r
+        elif r["rows"] < 8:
+            assert r["error"] == f"Slice shape along dimension 0 must be aligned to tiling (8), but is {r['rows']}.", r
+        elif not r["aligned"]:
+            assert not r["ok"] and "Failed to prove that a tile index in dimension 0 is divisible" in r["error"], r
+        elif r["chip"] == "v6e" and r["dtype"] == "int8" and r["pool_rows"] % 32 == 0:
+            assert r["error"] == "Failed to prove that a tile index in dimension 0 is divisible by the tiling (32).", r
+        else:
+            assert r["ok"], r

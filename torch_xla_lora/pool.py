@@ -50,6 +50,8 @@ __all__ = [
     "gather_slots",
     "quantize_rows",
     "page_table",
+    "kernel_pool_rows",
+    "span_rows",
 ]
 
 #: Rows a pool keeps beside its data rows: the zero row (padding lanes and ranks read it) and the
@@ -60,6 +62,12 @@ SCALE_BYTES = 4
 #: Rows per page of the TPU pooled kernel (``kernels.fused.PAGE_ROWS``): it DMAs an adapter's rows a page at a
 #: time, so where it may run the allocator hands out whole aligned pages (:func:`granule_for`).
 KERNEL_PAGE_ROWS = 8
+
+#: Rows of the HBM tile XLA gives a v6e int8 array whose row count is a multiple of it (else 8-row tiles): the
+#: pooled kernel's 8-row page DMA out of such a pool does not compile there ("Failed to prove that a tile index
+#: in dimension 0 is divisible by the tiling (32)"; ``python -m torch_xla_lora.bench.page_dma``), so int8 pools
+#: the kernel may read never have a multiple of it as their row count (:func:`kernel_pool_rows`).
+INT8_TILE_ROWS = 32
 
 #: Rows of a page-scale tile (``kernels.fused.SCALE_TILE_ROWS``): an int8 pool's page scales are padded to whole
 #: tiles, the unit the pooled kernel DMAs (the padding, at most 4 KiB a layer, counts against the budget).
@@ -177,6 +185,20 @@ def page_table(rows: torch.Tensor, max_loras: int, zero_row: int) -> torch.Tenso
     return torch.cat([starts, ranks.to(torch.int32)])
 
 
+def kernel_pool_rows(rows: int, int8: bool, granule: int) -> int:
+    """Data rows of the pools given the ``rows`` a budget holds: one fewer where an int8 pool the TPU pooled
+    kernel may read (``granule`` > 1, :func:`granule_for`) would otherwise have a multiple of
+    :data:`INT8_TILE_ROWS` rows with its spare rows (the kernel would not compile for it on a v6e)."""
+    if int8 and granule > 1 and (rows + SPARE_ROWS) % INT8_TILE_ROWS == 0:
+        return rows - 1
+    return rows
+
+
+def span_rows(rank: int, granule: int) -> int:
+    """Rows an adapter of ``rank`` is allocated: ``rank`` rounded up to whole pages of ``granule`` rows."""
+    return -(-rank // granule) * granule
+
+
 def granule_for(layers: Mapping[str, BaseLayerWithLoRA]) -> int:
     """Rows an adapter's allocation is rounded to: :data:`KERNEL_PAGE_ROWS` where a layer may run the pooled
     Pallas kernel (backend "pallas", or "auto" on a TPU), else 1 (any rows: the ops gather them)."""
@@ -279,8 +301,8 @@ class PoolManager:
         return self._span(adapter.max_rank) * self.row_bytes
 
     def _span(self, rank: int) -> int:
-        """Rows an adapter of ``rank`` is allocated: ``rank`` rounded up to whole pages of :attr:`granule`."""
-        return -(-rank // self.granule) * self.granule
+        """Rows an adapter of ``rank`` is allocated: :func:`span_rows` at :attr:`granule`."""
+        return span_rows(rank, self.granule)
 
     def memory(self) -> dict:
         """{"budget_bytes", "used_bytes", "adapters": {resident name: bytes}} (see ``LoRAModel.memory``)."""
