@@ -15,6 +15,11 @@ on 1, 8 or 16 distinct adapters of mixed true ranks (8, 16, 64 in turn), for ``m
   kept beside the pool (pools of a 6 GiB budget, :func:`pool_rows`) the 4 KiB tile of each used page, or
   the whole array where that is fewer tiles (``fused.scale_read_bytes``, the kernel's own choice).
 
+``--resident`` prints instead the resident bytes of one adapter at its true rank (:func:`resident_rows`): the
+pool's own accounting (``pool.layer_row_bytes``, ``pool.span_rows``) at the same shapes, for the TPU kernel's
+granule (whole aligned pages of 8 rows), the row granule off TPU and, for comparison, groups of 2 (bf16) or 4
+(int8) rows (a ``[rows / g, g, D]`` pool layout the pools do not have), against the rank's own bytes.
+
 "Adapter bytes" are what each formulation reads of the adapters (the rows the kernel DMAs, the
 tables, the gather's reads and writes); the op's activations (x and the base read, the output
 written) are the same for all three and left out. "true" is the true-rank bytes of the batch's
@@ -176,11 +181,68 @@ def table(chips: Sequence[str] = ("v5e", "v6e")) -> str:
     return "\n".join(lines)
 
 
+RESIDENT_RANKS = (4, 5, 6, 7, 8, 9, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64)
+
+
+def resident_rows(rank: int, granule: int, int8: bool, max_loras: int = 16, max_rank: int = 64) -> dict:
+    """Bytes one adapter of ``rank`` holds resident in the pools of Llama-3-8B's seven projections (32 layers),
+    allocated at ``granule`` rows (``pool.span_rows``), each row at ``pool.layer_row_bytes`` (int8: one byte an
+    element plus the row's float32 scales); ``true`` its rank's elements at the pool's element size."""
+    from torch_xla_lora import pool
+
+    element = 1 if int8 else 2
+    row_bytes = true_row = 0
+    for hidden, out_dim, _ in tpu_model.LLAMA3_8B_LAYER.values():
+        shapes = {"lora_a": (max_loras, max_rank, hidden), "lora_b": (max_loras, max_rank, out_dim)}
+        row_bytes += pool.layer_row_bytes(shapes, {"lora_a": 0, "lora_b": 0}, max_loras, max_rank, element, int8)
+        true_row += (hidden + out_dim) * element
+    resident = pool.span_rows(rank, granule) * row_bytes * LAYERS
+    true = rank * true_row * LAYERS
+    return {"rank": rank, "granule": granule, "resident_bytes": resident, "true_bytes": true, "ratio": resident / true}
+
+
+#: Rows a group of a pool stored ``[rows / g, g, D]`` would hold (``bench.page_dma``: the rows one 32-bit HBM word
+#: packs, the finest row DMA Mosaic compiles at any offset): a layout the pools do not have, priced for comparison.
+GROUP_ROWS = {False: 2, True: 4}
+
+
+def resident_table(ranks: Sequence[int] = RESIDENT_RANKS) -> str:
+    """The markdown table of :func:`resident_rows`, bf16 and int8: the TPU kernel's page granule, one row (off
+    TPU) and :data:`GROUP_ROWS` (not built), then the largest ratio over every rank from 4 to 64."""
+    from torch_xla_lora import pool
+
+    header = ["rank"]
+    for dtype, int8 in (("bf16", False), ("int8", True)):
+        header += [
+            f"{dtype} true MB",
+            f"{dtype} / true, 8-row pages (TPU)",
+            "1 row (off TPU)",
+            f"{GROUP_ROWS[int8]}-row groups (3-D pool, not built)",
+        ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def granules(int8: bool) -> tuple[int, ...]:
+        return (pool.KERNEL_PAGE_ROWS, 1, GROUP_ROWS[int8])
+
+    for rank in ranks:
+        cells = [str(rank)]
+        for int8 in (False, True):
+            rows = [resident_rows(rank, g, int8) for g in granules(int8)]
+            cells += [f"{rows[0]['true_bytes'] / 1e6:.1f}"] + [f"{row['ratio']:.3f}" for row in rows]
+        lines.append("| " + " | ".join(cells) + " |")
+    worst = ["largest, ranks 4-64"]
+    for int8 in (False, True):
+        worst += [""] + [f"{max(resident_rows(r, g, int8)['ratio'] for r in range(4, 65)):.3f}" for g in granules(int8)]
+    lines.append("| " + " | ".join(worst) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torch_xla_lora.bench.pooled_model", description=__doc__)
     parser.add_argument("--chips", nargs="+", default=["v5e", "v6e"], choices=sorted(tpu_model.CHIPS))
+    parser.add_argument("--resident", action="store_true", help="resident bytes per adapter and rank instead")
     args = parser.parse_args(argv)
-    print(table(args.chips))
+    print(resident_table() if args.resident else table(args.chips))
     return 0
 
 
