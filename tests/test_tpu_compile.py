@@ -55,8 +55,12 @@ LINEAR_FUSED_SAMPLE = [
     tpu_grid.linear_fused_config("v5p", "int8", 64, 16, "qwen2-0.5b", "q_proj"),
 ]
 # The fused kernel over an expert layer's lane-padded slots at gpt-oss-20b's widths (2880 -> 2880, not multiples
-# of 128); ``bench tpu_compile --kernels fused`` compiles both projections on both chips (tpu_grid.expert_lora_grid).
-EXPERT_LORA_SAMPLE = [tpu_grid.expert_lora_config("v6e", "experts_down")]
+# of 128; 2880 -> 5760 in 1,920-wide output tiles); ``bench tpu_compile --kernels fused`` compiles both projections
+# on both chips (tpu_grid.expert_lora_grid).
+EXPERT_LORA_SAMPLE = [
+    tpu_grid.expert_lora_config("v6e", "experts_down"),
+    tpu_grid.expert_lora_config("v5e", "experts_up"),
+]
 SETUP = Path(__file__).resolve().parent.parent / "setup.py"
 
 
