@@ -274,10 +274,12 @@ def test_removal_under_a_batch_keeps_its_rows_until_the_batch_changes(base_model
 def test_bench_memory_uses_the_pools_accounting_at_llama_3_8b():
     """``bench memory``'s figures come from the accounting real pools are sized with: a Llama-3-8B built on
     the meta device (no memory) and patched with a 6 GiB budget has the bench's row bytes and rows, and the
-    issue's capacity target holds for the mixed fleet in int8."""
+    issue's capacity target holds for the mixed fleet in int8. ``bench.pooled_model --resident`` prices an
+    adapter as these pools hold it (off TPU: its rank's rows, within 1.10x of its rank's elements, every rank
+    from 4 to 64)."""
     import transformers
 
-    from torch_xla_lora.bench import memory
+    from torch_xla_lora.bench import memory, pooled_model
 
     config = transformers.LlamaConfig(
         hidden_size=4096,
@@ -296,6 +298,13 @@ def test_bench_memory_uses_the_pools_accounting_at_llama_3_8b():
         )
         row_bytes, rows = lora.manager.row_bytes, lora.manager.rows
         assert row_bytes == memory.row_bytes("llama-3-8b", 2, int8)
+        elements = sum(sum(layer.base_layer.weight.shape) for layer in lora.layers.values())  # in + out, a rank row
+        assert lora.manager.granule == 1
+        for rank in range(4, 65):
+            resident = pooled_model.resident_rows(rank, lora.manager.granule, int8)
+            assert resident["resident_bytes"] == rank * row_bytes
+            assert resident["true_bytes"] == rank * elements * (1 if int8 else 2)
+            assert resident["resident_bytes"] <= 1.10 * resident["true_bytes"]
         if not int8:
             assert rows == 6 * 2**30 // row_bytes - 2
         else:  # the most rows whose pools fit with the 224 page-scale arrays padded to whole 1024-row tiles
