@@ -14,7 +14,9 @@ in a matmul; it is compiled deviceless for the chip (``jax.experimental.topologi
   offset, loaded as ``[16 * g, D]`` for the matmul; ``3d-g1`` the same with one row per group (bf16).
 
 Prints one line per case (chip, dtype, layout, the pool's rows, rows a DMA, offset, "compiles" or Mosaic's
-message); ``--json`` prints JSON lines instead. Runs JAX on the CPU in its own process (``JAX_PLATFORMS=cpu``, set here
+message); ``--json`` prints JSON lines instead. ``--pooled`` compiles the pooled kernel itself
+(``bench tpu_compile``'s builder) on int8 and bf16 pools of :data:`POOLED_ROWS` rows instead.
+Runs JAX on the CPU in its own process (``JAX_PLATFORMS=cpu``, set here
 before JAX starts): never import it into a process running torch_xla. Needs libtpu.
 """
 
@@ -146,11 +148,48 @@ def compile_case(case: Case) -> dict:
     return result
 
 
+#: Data rows of the pools ``--pooled`` compiles the pooled kernel on: 4,096 and 2,464 rows with the spare rows
+#: (multiples of 32), and what ``pool.kernel_pool_rows`` makes of them.
+POOLED_ROWS = (4094, 4093, 2462, 2461)
+
+
+def compile_pooled(chip: str, variant: str, rows: int) -> dict:
+    """The pooled kernel as ``bench tpu_compile`` compiles it (16 decode tokens, 16 lanes of rank 64, Llama-3-8B's
+    q_proj), on pools of ``rows`` data rows (and the 2 spare rows) of ``variant`` ("int8" or "bfloat16")."""
+    from torch_xla_lora.bench import tpu_compile_worker, tpu_grid
+
+    tpu_grid.POOLED_POOL_ROWS = rows  # read by the worker's builder; this process compiles nothing else
+    result = tpu_compile_worker.compile_one(tpu_grid.pooled_config(chip, variant, 16, 16, 64, "llama3-8b", "q_proj"))
+    error = result.get("error") or ""
+    marker = "Mosaic failed to compile TPU kernel: "
+    first = error[error.index(marker) + len(marker) :].splitlines()[0].strip() if marker in error else error
+    return {"chip": chip, "variant": variant, "pool_rows": rows + 2, "ok": result["ok"], "error": first or None}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torch_xla_lora.bench.page_dma", description=__doc__)
     parser.add_argument("--chips", nargs="+", default=list(CHIPS), choices=sorted(CHIPS))
     parser.add_argument("--json", action="store_true", help="one JSON line per case")
+    parser.add_argument(
+        "--pooled",
+        action="store_true",
+        help="compile the pooled kernel itself on int8 and bf16 pools of POOLED_ROWS rows instead (about 40 s)",
+    )
     args = parser.parse_args(argv)
+    if args.pooled:
+        if not args.json:
+            print("| chip | pool | pool rows (with the spare rows) | Mosaic |")
+            print("|---|---|---|---|")
+        for chip in args.chips:
+            for variant in ("int8", "bfloat16"):
+                for rows in POOLED_ROWS:
+                    result = compile_pooled(chip, variant, rows)
+                    if args.json:
+                        print(json.dumps(result), flush=True)
+                    else:
+                        verdict = "compiles" if result["ok"] else f'"{result["error"]}"'
+                        print(f"| {chip} | {variant} | {rows + 2} | {verdict} |", flush=True)
+        return 0
     if not args.json:
         print("| chip | dtype | pool layout | pool rows | rows a DMA | offset | Mosaic |")
         print("|---|---|---|---|---|---|---|")
