@@ -30,11 +30,10 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import functools  # noqa: E402
 import json  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
-CHIPS = {"v5e": "v5e:2x2", "v6e": "v6e:2x2"}
+CHIPS = ("v5e", "v6e")  # deviceless topologies: tpu_grid.CHIPS
 DTYPES = ("float32", "bfloat16", "int8")
 POOL_ROWS = 64
 WIDTH = 256
@@ -72,21 +71,6 @@ def cases(chips: Sequence[str] = tuple(CHIPS)) -> list[Case]:
     return out
 
 
-@functools.cache
-def _device(chip: str):
-    from jax.experimental import topologies
-
-    topology = topologies.get_topology_desc(
-        topology_name=CHIPS[chip],
-        platform="tpu",
-        chip_config_name="default",
-        chips_per_host_bounds=(2, 2, 1),
-        num_slices=1,
-        wrap=[False, False, False],
-    )
-    return topology.devices[0]
-
-
 def compile_case(case: Case) -> dict:
     """Compile ``case`` for its chip: ``{**case, "ok": bool, "error": Mosaic's first line or None}``."""
     import jax
@@ -94,6 +78,7 @@ def compile_case(case: Case) -> dict:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import tpu as pltpu
 
+    from torch_xla_lora.bench.tpu_compile_worker import topology_device
     from torch_xla_lora.kernels import mosaic_version
 
     dtype = jnp.dtype(case.dtype)
@@ -128,7 +113,7 @@ def compile_case(case: Case) -> dict:
             ),
         )(offset, pool, x)
 
-    sharding = jax.sharding.SingleDeviceSharding(_device(case.chip))
+    sharding = jax.sharding.SingleDeviceSharding(topology_device(case.chip))
     args = (
         jax.ShapeDtypeStruct((1,), jnp.int32, sharding=sharding),
         jax.ShapeDtypeStruct(pool_shape, dtype, sharding=sharding),

@@ -44,7 +44,8 @@ SCALING = 0.5
 
 
 @functools.cache
-def _device(chip: str):
+def topology_device(chip: str):
+    """The first device of ``chip``'s deviceless topology (:data:`tpu_grid.CHIPS`): what libtpu compiles for."""
     from jax.experimental import topologies
 
     topology = topologies.get_topology_desc(
@@ -346,7 +347,7 @@ def compile_one(cfg: Config, pin_ir_version: bool = True) -> dict:
     """Lower and compile one configuration for its chip; the result as a JSON-able dict."""
     result = {"name": cfg.name, "config": dataclasses.asdict(cfg), "ok": False}
     try:
-        sharding = jax.sharding.SingleDeviceSharding(_device(cfg.chip))
+        sharding = jax.sharding.SingleDeviceSharding(topology_device(cfg.chip))
 
         def sds(shape, dtype):
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
