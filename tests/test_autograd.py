@@ -84,6 +84,12 @@ CASES = {
         ("x", "a", "b", "base", "idx", SCALING, "backend", None),
         lambda t, idx: t["base"] + _lora(t["x"], t["a"], t["b"], idx, SCALING),
     ),
+    "bgmv_shrink_expand_train": Case(  # its output; s (not differentiable) is checked in its own test
+        {"x": (D,), "a": (L, R, D), "b": (L, R, DOUT), "base": (DOUT,)},
+        OPS.bgmv_shrink_expand_train,
+        ("x", "a", "b", "base", "idx", SCALING, "backend"),
+        lambda t, idx: t["base"] + _lora(t["x"], t["a"], t["b"], idx, SCALING),
+    ),
     "linear_lora_out_in": Case(
         {"x": (D,), "w": (DOUT, D), "bias": (DOUT,), "a": (L, R, D), "b": (L, R, DOUT)},
         OPS.linear_lora,
@@ -117,7 +123,8 @@ def _call(case: Case, tensors: dict[str, torch.Tensor], idx: torch.Tensor, backe
     if backend is None:
         return case.plain(tensors, idx)
     named = {**tensors, "idx": idx, "backend": backend}
-    return case.op(*(named[a] if isinstance(a, str) and a in named else a for a in case.args))
+    out = case.op(*(named[a] if isinstance(a, str) and a in named else a for a in case.args))
+    return out[0] if isinstance(out, tuple) else out  # bgmv_shrink_expand_train: (out, s)
 
 
 def _tensors(name: str, num_tokens: int, dtype=torch.float64, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -379,21 +386,31 @@ def _lora_grads_expected(tensors: dict, idx: torch.Tensor) -> tuple[torch.Tensor
     return _expected(CASES["bgmv_shrink_expand"], tensors, idx)
 
 
-@pytest.mark.parametrize("with_dx", [True, False], ids=["dx", "no_dx"])
+@pytest.mark.parametrize(
+    ("with_dx", "saved_s"), [(True, False), (False, False), (True, True)], ids=["dx", "no_dx", "dx-s"]
+)
 @pytest.mark.parametrize("backend", ["cpu", "xla", "pallas"])
-def test_lora_grads_op_matches_float64_plain(backend, with_dx, request):
+def test_lora_grads_op_matches_float64_plain(backend, with_dx, saved_s, request):
     """The fused backward op alone (CPU tensors: the torch reference; XLA: the XLA-native formulation and the
     Pallas kernels in interpret mode): dA, dB (and dx) equal the float64 gradients of the plain per-token
-    formulation, slots no token uses get exact zeros, and a row without adapter holding Inf reaches nothing."""
+    formulation, slots no token uses get exact zeros, and a row without adapter holding Inf reaches nothing.
+    ``saved_s``: an s handed in that is not x's (random): dB must be its outer products with g, which a
+    backward recomputing s from x instead would not give; dA and dx do not read s."""
     idx = _indices("blocks")
     tensors = _tensors("bgmv_shrink_expand", len(idx), torch.float32)
     grad_out, expected = _lora_grads_expected(tensors, idx)
     without = (idx < 0) | (idx >= L)
     tensors["x"][without] = float("inf")
     device = torch.device("cpu") if backend == "cpu" else request.getfixturevalue("xla_device")
+    extra = ()
+    if saved_s:
+        s = torch.randn(len(idx), R, generator=torch.Generator().manual_seed(2))
+        hot = _one_hot(idx).double()
+        expected["b"] = torch.einsum("tl,tr,to->lro", hot, s.double(), grad_out.double())
+        extra = (s.to(device),)
     t = _on(tensors, device)
     args = (grad_out.to(device), t["x"], t["a"], t["b"], idx.to(device), SCALING, with_dx)
-    out = OPS.bgmv_lora_grads(*args, "auto" if backend == "cpu" else backend)
+    out = OPS.bgmv_lora_grads(*args, "auto" if backend == "cpu" else backend, *extra)
     assert len(out) == (3 if with_dx else 2)
     assert_close(out[0], expected["a"], torch.float32)
     assert_close(out[1], expected["b"], torch.float32)
@@ -410,6 +427,61 @@ def test_opcheck_lora_grads_cpu():
     torch.library.opcheck(
         OPS.bgmv_lora_grads, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     )
+
+
+@pytest.mark.parametrize("on_xla", [False, True], ids=["cpu", "xla"])
+def test_train_forward_keeps_s(on_xla, request):
+    """bgmv_shrink_expand_train's s is scaling * A[i_t] x[t] (float64 math; exact zeros for rows outside
+    [0, L), even where x holds Inf there), its output equals bgmv_shrink_expand's, and its backward hands s
+    to the fused backward op rather than recomputing it (one bgmv_lora_grads given s, no shrink)."""
+    device = request.getfixturevalue("xla_device") if on_xla else torch.device("cpu")
+    idx = _indices("blocks")
+    tensors = _tensors("bgmv_shrink_expand", len(idx), torch.float32)
+    without = (idx < 0) | (idx >= L)
+    tensors["x"][without] = float("inf")
+    t = _on(tensors, device)
+    backend = "xla" if on_xla else "auto"
+    out, s = OPS.bgmv_shrink_expand_train(t["x"], t["a"], t["b"], t["base"], idx.to(device), SCALING, backend)
+    served = OPS.bgmv_shrink_expand(t["x"], t["a"], t["b"], t["base"], idx.to(device), SCALING, backend)
+    t64 = {k: v.double() for k, v in tensors.items()}
+    expected_s = SCALING * torch.einsum("trd,td->tr", _gathered(t64["a"], idx), t64["x"].nan_to_num(posinf=0.0))
+    assert s.shape == (len(idx), R) and s.dtype == torch.float32
+    assert (s.cpu()[without] == 0).all()
+    assert_close(s.cpu()[~without], expected_s[~without], torch.float32)
+    assert_close(out.cpu(), served.cpu().double(), torch.float32)
+    assert not s.requires_grad
+    leaves = {k: v.detach().requires_grad_() for k, v in tensors.items()}
+    leaves["x"] = leaves["x"].detach().nan_to_num(posinf=0.0).requires_grad_()
+    out, _ = OPS.bgmv_shrink_expand_train(*leaves.values(), idx, SCALING, "auto")  # x, a, b, base
+    log = _OpLog()
+    with log:
+        torch.autograd.grad(out.sum(), list(leaves.values()))
+    assert log.names.count("xla_lora.bgmv_lora_grads") == 1 and "xla_lora.bgmv_shrink" not in log.names, log.names
+
+
+def test_layers_run_the_train_forward_with_grad_only(xla_device):
+    """On the XLA-native backend the layers' LoRA runs bgmv_shrink_expand_train when grad is enabled and the
+    slot tensors need gradients, and the serving op otherwise (no_grad, frozen slots, or CPU tensors)."""
+    from torch_xla_lora.layers.base import fused_lora
+
+    idx = _indices("blocks")
+    tensors = _tensors("bgmv_shrink_expand", len(idx), torch.float32)
+    for device, trainable, grad, expected in (
+        (xla_device, True, True, "bgmv_shrink_expand_train"),
+        (xla_device, True, False, "bgmv_shrink_expand"),
+        (xla_device, False, True, "bgmv_shrink_expand"),
+        (torch.device("cpu"), True, True, "bgmv_shrink_expand"),
+    ):
+        t = _on(tensors, device)
+        a, b = (t[k].requires_grad_(trainable) for k in ("a", "b"))
+        log = _OpLog()
+        with log, torch.set_grad_enabled(grad):
+            fused_lora(t["x"], t["base"], a, b, idx.to(device), "auto")
+        assert [n for n in log.names if n.startswith("xla_lora.")] == [f"xla_lora.{expected}"], (
+            device,
+            trainable,
+            grad,
+        )
 
 
 class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):

@@ -14,7 +14,9 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
     dx and LoRA's, ``linear_lora``'s kernel with the roles swapped); otherwise ``dx += bgmv_expand(ds,
     A)`` (the expand kernel with A in B's place, priced from its own ``cost_estimate`` byte counts, MXU
     work padded to whole tiles), added to the base's dx;
-  - ``s = bgmv_shrink(x, A)`` recomputed (the forward ops do not return it);
+  - ``s = bgmv_shrink(x, A)`` recomputed (on a TPU the layers run the serving forward, whose fused
+    kernel does not write ``s``; only the XLA-native training forward ``bgmv_shrink_expand_train``
+    keeps it);
   - ds and dB in one pass over g (``shrink_weight_grad``: :func:`g_pass_kernel_cost`, its grid walked);
   - dA: the segmented outer product's Pallas kernel over x (slot-major visits, a slot's f32 tile
     resident across its token blocks: :func:`weight_grad_kernel_cost`, its grid walked);
@@ -24,7 +26,7 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
 - ours with the separate backward ops (``ops._autograd.FUSED_BACKWARD = False``): ds by its own shrink
   over g, dA and dB by the weight-gradient kernel (and, for comparison, by the XLA-native op,
   ``backend="xla"``, :func:`weight_grad_xla_seconds`); ours with ``s`` kept from the forward (not
-  built: the recomputing shrink left out);
+  built on TPU, where the fused forward kernel would have to write it: the recomputing shrink left out);
 - what-if: ours with every projection's dx computed in the base's backward pass over g (what
   ``linear_lora``'s backward does for the projections whose forward runs it);
 

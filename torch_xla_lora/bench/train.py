@@ -11,10 +11,10 @@ projections of every decoder layer. Formulations:
   (``lora.clear_batch()``), forward and backward to the activations;
 - ``lora``: this library's mixed step (``set_batch(names, seq_len=...)``, every
   tenant's rows in one batch);
-- ``lora_separate``: the same mixed step with each projection's LoRA backward run as
-  the separate shrink, expand and weight-gradient ops instead of the fused
-  ``bgmv_lora_grads`` (``ops._autograd.FUSED_BACKWARD = False``): the fused
-  backward's gain, paired;
+- ``lora_recompute``: the same mixed step with each projection's LoRA forward run by the
+  serving op ``bgmv_shrink_expand`` instead of the training forward
+  ``bgmv_shrink_expand_train`` (``layers.base.TRAIN_FORWARD = False``), so the fused
+  backward recomputes the rank intermediate ``s``: the training forward's gain, paired;
 - ``in_turn`` (b): the same tokens as 8 one-tenant steps in turn, each tenant's rows
   alone (each step synced and read, its gradients consumed, as 8 separate trainings
   would);
@@ -74,11 +74,11 @@ from torch_xla_lora.random_models import random_llama
 #: The tenants' ranks: 8/16/32/64, two each.
 TENANT_RANKS = (8, 8, 16, 16, 32, 32, 64, 64)
 #: Formulations, in the table's order.
-FORMULATIONS = ("base", "lora", "lora_separate", "in_turn", "onehot", "peft")
+FORMULATIONS = ("base", "lora", "lora_recompute", "in_turn", "onehot", "peft")
 LABELS = {
     "base": "(a) base, frozen: forward + backward to the activations, no LoRA",
     "lora": "torch_xla_lora: 8 tenants in one mixed step",
-    "lora_separate": "torch_xla_lora, the same step with the backward as separate ops (not fused)",
+    "lora_recompute": "torch_xla_lora, the same step with the serving forward (s recomputed in the backward)",
     "in_turn": "(b) 8 one-tenant steps in turn (torch_xla_lora)",
     "onehot": "(c) one-hot einsum over all 8 slots, same parameters",
     "peft": "(d) PEFT, each tenant alone, eager on CPU tensors (another device)",
@@ -327,14 +327,14 @@ class TrainBench:
     def _step_lora(self) -> StepResult:
         return self._mixed(contextlib.nullcontext(), self.config.seq)
 
-    def _step_lora_separate(self) -> StepResult:
-        from torch_xla_lora.ops import _autograd
+    def _step_lora_recompute(self) -> StepResult:
+        from torch_xla_lora.layers import base
 
-        fused, _autograd.FUSED_BACKWARD = _autograd.FUSED_BACKWARD, False
+        kept, base.TRAIN_FORWARD = base.TRAIN_FORWARD, False
         try:
             return self._mixed(contextlib.nullcontext(), self.config.seq)
         finally:
-            _autograd.FUSED_BACKWARD = fused
+            base.TRAIN_FORWARD = kept
 
     def _step_onehot(self) -> StepResult:
         # The one-hot einsums read only the slots: no host-built token grouping to pay for.

@@ -278,6 +278,8 @@ class BaseLayerWithLoRA(nn.Module):
         index = torch.tensor(slots, dtype=torch.long, device=self.adapter_device)
         a_rows = to_width(torch.stack([a for a, _ in rows]), lora_a.shape[-1])  # lane-padded slots: zero columns
         b_rows = to_width(torch.stack([b for _, b in rows]), lora_b.shape[-1])
+        if len(slots) == lora_a.shape[0]:  # every slot trainable: the stacked rows are the slots (no scatter)
+            return a_rows, b_rows
         lora_a, lora_b = lora_a.index_put((index,), a_rows), lora_b.index_put((index,), b_rows)
         return lora_a, lora_b
 
@@ -363,10 +365,33 @@ def fused_lora(
     runs in the adapter's. ``slots`` [N] int32; ``metadata``: the batch's
     host-built grouping for this shape, or None (grouped on the device).
     """
+    if _keeps_s(x, lora_a, lora_b, backend):  # training on the XLA-native backend: s kept for the backward
+        out, _ = torch.ops.xla_lora.bgmv_shrink_expand_train(
+            x.to(lora_a.dtype), lora_a, lora_b, y.to(lora_b.dtype), slots, 1.0, backend
+        )
+        return out.to(y.dtype)
     out = torch.ops.xla_lora.bgmv_shrink_expand(
         x.to(lora_a.dtype), lora_a, lora_b, y.to(lora_b.dtype), slots, 1.0, backend, metadata
     )
     return out.to(y.dtype)
+
+
+#: Run ``bgmv_shrink_expand_train`` where :func:`_keeps_s` says so; False: the serving op (``s`` recomputed in
+#: the backward), as ``python -m torch_xla_lora.bench train`` measures for comparison.
+TRAIN_FORWARD = True
+
+
+def _keeps_s(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, backend: str) -> bool:
+    """Whether :func:`fused_lora` runs ``bgmv_shrink_expand_train``: grad enabled, both slot tensors needing
+    gradients (trainable adapters) and the XLA-native formulation (off TPU, or ``backend="xla"``), where
+    sorting the rows by slot and keeping ``s`` beats the serving forward plus a recomputed ``s``."""
+    if not TRAIN_FORWARD or x.device.type != "xla":
+        return False
+    if not (torch.is_grad_enabled() and lora_a.requires_grad and lora_b.requires_grad):
+        return False
+    from torch_xla_lora import ops
+
+    return backend == "xla" or (backend == "auto" and ops.device_generation() == "cpu")
 
 
 def _device_of(module: nn.Module) -> torch.device:

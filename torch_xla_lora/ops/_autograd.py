@@ -20,7 +20,9 @@ path only, and add nothing to any slot; a slot no token uses gets exact zeros.
 The rounding of the rank intermediate to lora_b's dtype (shrink_expand,
 linear_lora) is treated as the identity (straight-through), as autograd does
 for a dtype cast; the intermediate is recomputed by a shrink when ``lora_b``
-needs its gradient (the forward ops do not return it). The host ``metadata``
+needs its gradient, except after ``bgmv_shrink_expand_train`` (the training
+forward the layers run on the XLA-native backend), which returns it and whose
+backward hands it to ``bgmv_lora_grads``. The host ``metadata``
 of the fused ops is not used by the backward: its shrinks and expands group the
 tokens on the device.
 
@@ -113,11 +115,12 @@ def _expand_slice_backward(ctx, grad: torch.Tensor):
 # -- the LoRA part of bgmv_shrink_expand and linear_lora ---------------------------------------------
 
 
-def _lora_grads(ctx, grad, x, lora_a, lora_b, indices, dx_base, need_x: bool, need_a: bool, need_b: bool):
-    """(dx, dA, dB) of ``base + (scaling * A[i_t] x[t]) @ B[i_t]``; dx adds into ``dx_base`` (None: zeros)."""
+def _lora_grads(ctx, grad, x, lora_a, lora_b, indices, dx_base, need_x: bool, need_a: bool, need_b: bool, saved_s=None):
+    """(dx, dA, dB) of ``base + (scaling * A[i_t] x[t]) @ B[i_t]``; dx adds into ``dx_base`` (None: zeros);
+    ``saved_s``: the forward's rank intermediate in lora_b's dtype (None: recomputed where needed)."""
     if FUSED_BACKWARD and need_a and need_b and not torch.is_grad_enabled():
         g = grad.to(lora_b.dtype)
-        grads = _ops.bgmv_lora_grads(g, x, lora_a, lora_b, indices, ctx.scaling, need_x, ctx.backend)
+        grads = _ops.bgmv_lora_grads(g, x, lora_a, lora_b, indices, ctx.scaling, need_x, ctx.backend, saved_s)
         dx = grads[2] if need_x else None
         if dx is not None and dx_base is not None:
             dx = dx_base + dx
@@ -132,8 +135,11 @@ def _lora_grads(ctx, grad, x, lora_a, lora_b, indices, dx_base, need_x: bool, ne
             d_a = _ops.bgmv_weight_grad(ds, x, indices, lora_a.shape[0], ctx.scaling, ctx.backend)
     elif need_x:
         dx = dx_base
-    if need_b:  # dB[l] = sum_{i_t = l} outer(s[t], g[t]), s recomputed as the forward rounded it
-        s = _ops.bgmv_shrink(x, lora_a, indices, ctx.scaling, ctx.backend).to(lora_b.dtype)
+    if need_b:  # dB[l] = sum_{i_t = l} outer(s[t], g[t]), s as the forward rounded it (kept or recomputed)
+        # (A double backward recomputes it: the kept s is not differentiable.)
+        if saved_s is None or torch.is_grad_enabled():
+            saved_s = _ops.bgmv_shrink(x, lora_a, indices, ctx.scaling, ctx.backend)
+        s = saved_s.to(lora_b.dtype)
         d_b = _ops.bgmv_weight_grad(s, grad.to(lora_b.dtype), indices, lora_b.shape[0], 1.0, ctx.backend)
     return dx, d_a, d_b
 
@@ -156,6 +162,27 @@ def _shrink_expand_backward(ctx, grad: torch.Tensor):
     d_a = d_a if d_a is None else torch.nn.functional.pad(d_a, (0, widths[0] - d_a.shape[2]))
     d_b = d_b if d_b is None else torch.nn.functional.pad(d_b, (0, widths[1] - d_b.shape[2]))
     return dx, d_a, d_b, grad if need[3] else None, *_no_grads(4)
+
+
+# -- bgmv_shrink_expand_train(inputs, lora_a, lora_b, base, lora_indices, scaling, backend) -> (out, s) ----
+
+
+def _shrink_expand_train_setup(ctx, inputs, output) -> None:
+    x, lora_a, lora_b, _, indices, scaling, backend = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, indices, output[1])
+    ctx.scaling, ctx.backend = scaling, backend
+    ctx.mark_non_differentiable(output[1])  # s: an intermediate kept for the backward, not a result
+
+
+def _shrink_expand_train_backward(ctx, grad: torch.Tensor, _grad_s: torch.Tensor | None):
+    x, lora_a, lora_b, indices, s = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    widths = lora_a.shape[2], lora_b.shape[2]
+    lora_a, lora_b = lora_a[:, :, : x.shape[1]], lora_b[:, :, : grad.shape[1]]
+    dx, d_a, d_b = _lora_grads(ctx, grad, x, lora_a, lora_b, indices, None, need[0], need[1], need[2], s)
+    d_a = d_a if d_a is None else torch.nn.functional.pad(d_a, (0, widths[0] - d_a.shape[2]))
+    d_b = d_b if d_b is None else torch.nn.functional.pad(d_b, (0, widths[1] - d_b.shape[2]))
+    return dx, d_a, d_b, grad if need[3] else None, *_no_grads(3)
 
 
 # -- linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout, backend,
@@ -215,6 +242,7 @@ for _name, _backward, _setup in (
     ("bgmv_expand", _expand_backward, _expand_setup),
     ("bgmv_expand_slice", _expand_slice_backward, _expand_slice_setup),
     ("bgmv_shrink_expand", _shrink_expand_backward, _shrink_expand_setup),
+    ("bgmv_shrink_expand_train", _shrink_expand_train_backward, _shrink_expand_train_setup),
     ("linear_lora", _linear_backward, _linear_setup),
     ("bgmv_weight_grad", _weight_grad_backward, _weight_grad_setup),
 ):
