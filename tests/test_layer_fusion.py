@@ -317,10 +317,12 @@ def test_cost_model_prices_what_the_kernel_takes_in(prologue, residual, extra_by
     taken = tpu_model.fused_base_cost(CHIP, indices, 256, 256, 16, 1, prologue=prologue, residual=residual)
     assert taken.steps == plain.steps == 1
     assert taken.pipelined_bytes - plain.pipelined_bytes == extra_bytes
-    unarranged = tpu_model.projection_costs(CHIP, indices, 256, 256, 16, 1, True, 1.0)
+    operands = 2 if prologue == "silu_mul" else 1  # x's producer's [T, K] inputs: gate and up, or the norm's input
+    unarranged = tpu_model.projection_costs(CHIP, indices, 256, 256, 16, 1, True, 1.0, operands=operands)
     arranged = tpu_model.projection_costs(CHIP, indices, 256, 256, 16, 1, True, 1.0, False, prologue, residual)
     assert arranged["fused"] == pytest.approx(taken.seconds + (0 if residual else 2 * 256 * 256 * 2 / 1e9))
-    assert unarranged["fused"] == pytest.approx(plain.seconds + (256 * 256 * 2 + 2 * 256 * 256 * 2) / 1e9)
+    passes = (operands * 256 * 256 * 2 + 2 * 256 * 256 * 2) / 1e9
+    assert unarranged["fused"] == pytest.approx(plain.seconds + passes)
     assert arranged["separate"] == unarranged["separate"]
 
 

@@ -139,15 +139,16 @@ def test_walk_and_the_kernel_s_cost_estimate_agree(chip, num_tokens, hidden, out
 @pytest.mark.parametrize("chip", ["v5e", "v6e"])
 def test_without_unfused_passes_drops_exactly_the_passes(chip):
     """``--without-unfused-passes`` removes from the Pallas formulations exactly the passes a custom call
-    costs around it: x written once per input group (norm1, norm2, SiLU*up: T x (4096 + 4096 + 14336)
-    bf16) and the residual add after o_proj and down_proj (read y, write the sum: 2 x T x 4096 each)."""
+    costs around it: x's producer once per input group (norm1, norm2: x written, T x 4096 bf16 each; SiLU*up:
+    gate and up read once more and x written, 2 x T x 14336) and the residual add after o_proj and down_proj
+    (read y, write the sum: 2 x T x 4096 each); the base (which reads what XLA fuses) stays."""
     tpu = tpu_model.CHIPS[chip]
     indices = tpu_model.contiguous_requests(1024, 64, 8)
     # The layer unarranged (kernel_fusion=False): every Pallas call with its passes (test_layer_fusion prices the
     # arranged MLP).
     with_passes = tpu_model.layer_costs(tpu, indices, rank=16, num_slots=64, kernel_fusion=False)
     without = tpu_model.layer_costs(tpu, indices, rank=16, num_slots=64, unfused_passes=False, kernel_fusion=False)
-    passes = 2 * (1024 * (4096 + 4096 + 14336) + 2 * 2 * 1024 * 4096) / tpu.hbm_bytes_per_s
+    passes = 2 * (1024 * (4096 + 4096 + 2 * 14336) + 2 * 2 * 1024 * 4096) / tpu.hbm_bytes_per_s
     for key in ("fused", "separate"):
         assert with_passes[key] - without[key] == pytest.approx(passes)
     for key in ("base", "xla_native", "onehot"):
@@ -218,3 +219,17 @@ def test_bench_model_moe_json(tmp_path):
     for r in rows:
         assert r["with_lora_ratio"] == pytest.approx((r["base_us"] + r["lora_us"]) / r["base_us"])
         assert r["with_lora_ratio"] > 1
+
+
+def test_base_reads_what_xla_fuses_into_its_dots():
+    """The base projection reads what XLA fuses into its dot: down_proj's operand read takes gate and up (one
+    [T, 14336] array more than x) and its output write reads the residual ([T, 4096]); at decode the dot is
+    HBM-bound, so the base costs exactly those bytes more (bf16) than the bare matmul."""
+    tpu = tpu_model.CHIPS["v6e"]
+    indices = tpu_model.contiguous_requests(8, 16, 8)
+    bare = tpu_model.matmul_cost(tpu, 8, 14336, 4096)
+    assert bare.seconds == bare.pipelined_bytes / tpu.hbm_bytes_per_s  # memory-bound: the bytes decide
+    down = tpu_model.projection_costs(tpu, indices, 14336, 4096, 16, 16, True, 1.0, operands=2)
+    assert down["base"] == pytest.approx(bare.seconds + 2 * 8 * (14336 + 4096) / tpu.hbm_bytes_per_s)
+    plain = tpu_model.projection_costs(tpu, indices, 14336, 4096, 16, 16, residual_read=False, operands=1)
+    assert plain["base"] == bare.seconds

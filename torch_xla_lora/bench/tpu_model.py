@@ -169,11 +169,14 @@ def floor_cost(chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, rank:
     return Cost(pipelined, 0, flops, 0, max(pipelined / chip.hbm_bytes_per_s, flops / chip.peak_flops))
 
 
-def matmul_cost(chip: Chip, num_tokens: int, hidden: int, out_dim: int, int8_weight: bool = False) -> Cost:
+def matmul_cost(
+    chip: Chip, num_tokens: int, hidden: int, out_dim: int, int8_weight: bool = False, fused_reads: int = 0
+) -> Cost:
     """The base layer as XLA runs it, at its roofline: read x and W, write y, once each (bf16; with
-    ``int8_weight`` W at one byte an element and its f32 per-channel scales, as torch_xla's quantized matmul)."""
+    ``int8_weight`` W at one byte an element and its f32 per-channel scales, as torch_xla's quantized matmul),
+    and ``fused_reads`` more bf16 elements read by what XLA fuses into the dot (a residual, a second operand)."""
     itemsize = 2
-    pipelined = itemsize * (num_tokens * hidden + num_tokens * out_dim)
+    pipelined = itemsize * (num_tokens * hidden + num_tokens * out_dim + fused_reads)
     pipelined += hidden * out_dim + 4 * out_dim if int8_weight else itemsize * hidden * out_dim
     flops = mxu_flops([(num_tokens, hidden, out_dim)], chip.mxu_width)
     return Cost(pipelined, 0, flops, 1, max(pipelined / chip.hbm_bytes_per_s, flops / chip.peak_flops))
@@ -279,10 +282,17 @@ def projection_costs(
     prologue: str = "",
     residual_in_kernel: bool = False,
     int8_weight: bool = False,
+    operands: int | None = None,
+    residual_read: bool | None = None,
 ) -> dict[str, float]:
     """Seconds of one projection with its LoRA under each formulation a layer can run, and its base.
 
-    - ``base``: XLA's matmul at its roofline;
+    - ``base``: XLA's matmul at its roofline, with what XLA fuses into it read there: the residual
+      (``residual_output``: the add fused into the dot's output write reads it) and x's producer's
+      ``operands`` ([T, in] arrays the fused operand read takes; 2 for SiLU(gate) * up, the default
+      when ``prologue`` is "silu_mul", else 1: a norm's input is read in x's place); ``residual_read``
+      (default ``residual_output``) says whether the output adds a residual, apart from whether its add
+      is charged as a pass;
     - ``fused``: ``linear_lora``'s kernel (:func:`fused_base_cost`; XLA's dot and the separate op where
       no tiling fits);
     - ``separate``: XLA's matmul, then the fused LoRA kernel (:func:`fused_cost`);
@@ -290,10 +300,13 @@ def projection_costs(
 
     A Pallas call (fused, separate) also pays what XLA no longer fuses around it: with
     ``residual_output`` the residual add after the projection as its own pass (read y, write the
-    sum), and ``input_share`` of writing x once for its input group (x's producer, a norm's scale or
+    sum), and ``input_share`` of x's producer as its own pass (x's producer, a norm's scale or
     SiLU(gate) * up, fuses into XLA's operand reads but not into a custom call's; a group of n
-    projections reading one x shares the write, 1/n each; 0 where x is materialised anyway, e.g.
-    attention's output). The XLA-native op is XLA's own fusions: it pays neither.
+    projections reading one x shares the pass, 1/n each; 0 where x is materialised anyway, e.g.
+    attention's output): ``operands`` [T, in] arrays more than the fused read (a norm's pass reads
+    its input and writes x, the dot then reads x in the input's place; SiLU(gate) * up's reads gate
+    and up and writes x, the dot then reads x in place of gate and up). The XLA-native op is XLA's
+    own fusions: it pays neither.
 
     ``prologue`` / ``residual_in_kernel``: the fused kernel takes x's producer / the residual add in
     (``layers/fusion.py`` arranges a Llama-family decoder so): the fused formulation then pays no
@@ -306,10 +319,13 @@ def projection_costs(
     itemsize = 2
     num_tokens = len(indices)
     bandwidth = chip.hbm_bytes_per_s
-    producer_pass = input_share * num_tokens * hidden * itemsize / bandwidth
+    operands = (2 if prologue == "silu_mul" else 1) if operands is None else operands
+    producer_pass = input_share * operands * num_tokens * hidden * itemsize / bandwidth
     residual_pass = 2 * num_tokens * out_dim * itemsize / bandwidth if residual_output else 0.0
     unfused = producer_pass + residual_pass
-    base = matmul_cost(chip, num_tokens, hidden, out_dim, int8_weight).seconds
+    residual_read = residual_output if residual_read is None else residual_read
+    fused_reads = (operands - 1) * num_tokens * hidden + (num_tokens * out_dim if residual_read else 0)
+    base = matmul_cost(chip, num_tokens, hidden, out_dim, int8_weight, fused_reads).seconds
     lora = fused_cost(chip, indices, hidden, out_dim, rank, num_slots).seconds
     fused = fused_base_cost(
         chip,
@@ -420,6 +436,8 @@ def layer_costs(
         hidden, out_dim, _ = LLAMA3_8B_LAYER[name]
         prologue, in_kernel = KERNEL_FUSION.get(name, ("", False)) if kernel_fusion else ("", False)
         fusion = {"prologue": prologue, "residual_in_kernel": in_kernel, "int8_weight": int8_weight}
+        fusion["operands"] = 2 if LLAMA3_8B_LAYER[name][2] == "silu_mul" else 1
+        fusion["residual_read"] = name in _RESIDUAL_OUTPUTS
         costs = projection_costs(chip, indices, hidden, out_dim, rank, num_slots, residual, share, **fusion)
         plain = projection_costs(chip, no_adapter, hidden, out_dim, rank, num_slots, residual, share, **fusion)
         for key in ("base", "fused", "separate", "xla_native"):
