@@ -307,7 +307,7 @@ def run_layers(inputs: dict) -> dict:
     result["moe"] = run_moe(inputs["moe"], _mesh((1, 4), ("data", "model")), inputs["dump_dir"])
     ep_mesh = _mesh((2, 2), ("expert", "model"))
     result["moe_ep"] = run_moe_expert_parallel(inputs["moe"], ep_mesh, inputs["dump_dir"])
-    result["moe_ep"]["gpt_oss"] = _gpt_oss_expert_parallel(inputs["moe_gpt_oss"], ep_mesh)
+    result["moe_ep"]["gpt_oss"] = _gpt_oss_expert_parallel(inputs["moe_gpt_oss"], ep_mesh, inputs["dump_dir"])
     result["pool"] = run_pool(inputs["pool"], mesh, inputs["dump_dir"])
     result["quantized"] = run_quantized(inputs["quantized"], _mesh((2, 2), ("data", "model")), inputs["dump_dir"])
     result["serving"] = _serving_compiles(inputs["llama"], mesh)
@@ -653,6 +653,26 @@ def run_moe_expert_parallel(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     calls = {}
     result["training"] = moe_training_step(model, lora, inputs["training"], dump_dir, calls)
     result["opcheck"] = _opchecks(calls)
+    result["pool"] = _moe_pooled(inputs, mesh)
+    return result
+
+
+def _moe_pooled(inputs: dict, mesh: xs.Mesh) -> dict:
+    """The same Mixtral expert parallel on ``mesh`` with rank-true storage (``inputs["memory_budget"]``): the
+    expert layer's pools' placements (as the slot buffers they stand for) and the mixed batch's logits (lazy)."""
+    device = torch_xla.device()
+    model = copy.deepcopy(inputs["model"]).to(device).eval()
+    config = tl.LoRAConfig(**inputs["lora_config"], memory_budget=inputs["memory_budget"])
+    lora = tl.patch_model(model, config, mesh=mesh, ep_axis="expert")
+    _load_all(lora, inputs["adapters"])
+    experts = lora.layers["model.layers.0.mlp.experts"]
+    names = ("lora_a", "lora_b", "lora_a_down", "lora_b_down")
+    pools = {name: getattr(experts, f"{name}_pool") for name in names}
+    result = {"pooled": lora.manager.pooled, "specs": {name: _spec(t) for name, t in pools.items()}}
+    result["expected_specs"] = {name: _marked_spec(t, mesh, inputs["ep_specs"][name]) for name, t in pools.items()}
+    lora.set_batch(inputs["batch"])
+    with torch.no_grad():
+        result["logits"] = sharding.replicated(model(inputs["ids"].to(device), use_cache=False).logits, mesh).cpu()
     return result
 
 
@@ -668,6 +688,8 @@ def _moe_tenants(model: nn.Module, lora: tl.LoRAModel, inputs: dict) -> dict:
     device = torch_xla.device()
     for name in list(lora.adapters()):
         lora.remove(name)
+    for attribute, value in inputs["gate"].items():  # e.g. GPT-OSS's clamp limit, as the parent set it
+        setattr(lora.layers[MOE_TRAINED_LAYER + "mlp.experts"].base_layer, attribute, value)
     keyed = {}
     for name, (config, weights) in inputs["tenants"].items():
         lora.create_adapter(name, config)
@@ -724,9 +746,10 @@ def moe_layer_training_step(model: nn.Module, lora: tl.LoRAModel, inputs: dict, 
     return _step_result(dump_dir, loss, {("hidden", ""): hidden, **keyed}, grads)
 
 
-def _gpt_oss_expert_parallel(inputs: dict, mesh: xs.Mesh) -> dict:
-    """A tiny GPT-OSS (transposed expert weights with biases) expert parallel on ``mesh``: its expert weights'
-    placements and the mixed batch's logits (lazy, one forward)."""
+def _gpt_oss_expert_parallel(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
+    """A tiny GPT-OSS (transposed expert weights with biases, interleaved clamped gate) expert parallel on
+    ``mesh``: its expert weights' placements, the mixed batch's logits (lazy, one forward), and a training step of
+    the same model (:func:`moe_training_step`: expert LoRA and the expert weights and biases training)."""
     device = torch_xla.device()
     model = copy.deepcopy(inputs["model"]).to(device).eval()
     lora = tl.patch_model(model, tl.LoRAConfig(max_loras=2, max_rank=8), mesh=mesh, ep_axis="expert")
@@ -739,6 +762,7 @@ def _gpt_oss_expert_parallel(inputs: dict, mesh: xs.Mesh) -> dict:
     lora.set_batch(inputs["batch"])
     with torch.no_grad():
         result["logits"] = sharding.replicated(model(inputs["ids"].to(device), use_cache=False).logits, mesh).cpu()
+    result["training"] = moe_training_step(model, lora, inputs["training"], dump_dir)
     return result
 
 

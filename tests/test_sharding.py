@@ -420,7 +420,9 @@ def quantized(tmp_path_factory, xla_device) -> dict[str, tuple[dict, torch.Tenso
 
 
 @pytest.fixture(scope="module")
-def spmd_layers(llama_inputs, scaled, moe, moe_training, gpt_oss_moe, quantized, toy_peft, tmp_path_factory) -> dict:
+def spmd_layers(
+    llama_inputs, scaled, moe, moe_training, gpt_oss_moe, gpt_oss_training, quantized, toy_peft, tmp_path_factory
+) -> dict:
     toy, adapter = toy_peft
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # embedding-saving notices
@@ -434,8 +436,8 @@ def spmd_layers(llama_inputs, scaled, moe, moe_training, gpt_oss_moe, quantized,
         "dump_dir": str(workdir / "hlo"),
         "llama": llama_inputs,
         "scaled": {kind: scaled[kind][0] for kind in SCALED_KINDS},
-        "moe": moe[0] | {"training": moe_training[0]},
-        "moe_gpt_oss": gpt_oss_moe[0],
+        "moe": moe[0] | {"training": moe_training[0], "memory_budget": MOE_POOL_BUDGET},
+        "moe_gpt_oss": gpt_oss_moe[0] | {"training": gpt_oss_training[0]},
         "pool": _pool_inputs(llama_inputs),
         "quantized": {scheme: quantized[scheme][0] for scheme in QUANTIZED_SCHEMES},
     }
@@ -624,6 +626,7 @@ def test_lora_on_a_quantized_base_adds_no_collective(spmd_layers):
 # -- mixture of experts on a mesh (in the layers worker, on a (1, 4) data x model mesh) ---------------------
 
 MOE_BATCH = ["math", None, "code", "math"]
+MOE_POOL_BUDGET = 10**6  # bytes: rank-true pools on the expert-parallel Mixtral (both adapters fit)
 MOE_MORE_BATCHES = [["code", "code", None, "math"], [None, "math", "code", None]]
 
 
@@ -731,17 +734,22 @@ def _grads(loss: torch.Tensor, keyed: dict) -> dict:
     return {"loss": loss.detach(), "grads": dict(zip(keyed, grads, strict=True))}
 
 
-@pytest.fixture(scope="module")
-def moe_training() -> tuple[dict, dict]:
-    """(worker inputs, one-device results) of the MoE training steps (``spmd_worker.moe_training_step`` and
-    ``moe_layer_training_step``) on CPU tensors: the tiny Mixtral with MOE_TENANTS made by ``create_adapter``
-    (``init_lora_weights=False``: B non-zero, so A gets gradients) and the trained layer's expert weights
-    unfrozen; "model": the mixed batch's loss sum(logits * weights) and its gradients, "layer": the same through
-    the trained layer's experts alone on random hidden states and routing, keyed as the worker keys them."""
+def _training_case(arch: str, gate: dict | None = None, hook=None) -> tuple[dict, dict, dict, nn.Module, tl.LoRAModel]:
+    """(worker inputs, one-device results, keyed parameters, model, LoRAModel) of the MoE model step on CPU
+    tensors (``spmd_worker.moe_training_step``): test_moe's tiny ``arch`` with MOE_TENANTS made by
+    ``create_adapter`` (``init_lora_weights=False``: B non-zero, so A gets gradients) and the trained layer's
+    expert weights (and biases) unfrozen; the mixed batch's loss sum(logits * weights) and its gradients, keyed
+    as the worker keys them. ``gate``: attributes set on the trained layer's base experts (GPT-OSS's
+    ``limit``), in the worker too; ``hook(base experts)``: called after, here only."""
     import test_moe
 
-    model = test_moe.moe_model("Mixtral", "batched_mm")
+    model = test_moe.moe_model(arch, "batched_mm")
     lora = tl.patch_model(model, tl.LoRAConfig(max_loras=2, max_rank=8))
+    base = lora.layers[spmd_worker.MOE_TRAINED_LAYER + "mlp.experts"].base_layer
+    for attribute, value in (gate or {}).items():
+        setattr(base, attribute, value)
+    if hook is not None:
+        hook(base)
     torch.manual_seed(6)
     tenants, keyed = {}, {}
     for name, kwargs in MOE_TENANTS.items():
@@ -754,11 +762,22 @@ def moe_training() -> tuple[dict, dict]:
         if key.startswith(spmd_worker.MOE_TRAINED_LAYER + "mlp.experts."):
             keyed[("base", key.replace(".base_layer", ""))] = param.requires_grad_(True)
     generator = torch.Generator().manual_seed(7)
-    ids, (hidden_size, vocab) = test_moe.IDS, (model.config.hidden_size, model.config.vocab_size)
+    ids, vocab = test_moe.IDS, model.config.vocab_size
     weights = torch.randn(*ids.shape, vocab, generator=generator)
     lora.set_batch(MOE_TRAIN_BATCH)
     expected = {"model": _grads((model(ids, use_cache=False).logits * weights).sum(), keyed)}
-    tokens, experts = ids.numel(), model.config.num_local_experts
+    inputs = {"tenants": tenants, "train_batch": MOE_TRAIN_BATCH, "ids": ids, "loss_weights": weights}
+    return inputs | {"gate": gate or {}}, expected, keyed, model, lora
+
+
+@pytest.fixture(scope="module")
+def moe_training() -> tuple[dict, dict]:
+    """(worker inputs, one-device results) of the MoE training steps (``spmd_worker.moe_training_step`` and
+    ``moe_layer_training_step``) on CPU tensors, the tiny Mixtral: "model" of :func:`_training_case`, "layer":
+    the same through the trained layer's experts alone on random hidden states and routing."""
+    inputs, expected, keyed, model, lora = _training_case("Mixtral")
+    generator = torch.Generator().manual_seed(8)
+    tokens, experts, hidden_size = inputs["ids"].numel(), model.config.num_local_experts, model.config.hidden_size
     layer = {
         "hidden": torch.randn(tokens, hidden_size, generator=generator),
         "top_k_index": torch.rand(tokens, experts, generator=generator).topk(2, dim=1).indices,  # two experts each
@@ -770,7 +789,37 @@ def moe_training() -> tuple[dict, dict]:
     out = experts_layer(hidden, layer["top_k_index"], layer["top_k_weights"])
     layer_keyed = {("hidden", ""): hidden} | {key: p for key, p in keyed.items() if ".mlp.experts." in key[1]}
     expected["layer"] = _grads((out * layer["weights"]).sum(), layer_keyed)
-    inputs = {"tenants": tenants, "train_batch": MOE_TRAIN_BATCH, "ids": ids, "loss_weights": weights, "layer": layer}
+    return inputs | {"layer": layer}, expected
+
+
+#: GPT-OSS's clamp of the trained layer's interleaved gate (gate <= limit, |up| <= limit), lowered from 7.0 so that
+#: the tiny model's activations (|gate| about 0.08) cross it: the clamp's zero gradients are exercised.
+GPT_OSS_TRAIN_LIMIT = 0.1
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_training() -> tuple[dict, dict]:
+    """(worker inputs, one-device results) of the same tenants' model step on test_moe's tiny GPT-OSS
+    (:func:`_training_case`): transposed [E, in, out] expert weights and their biases unfrozen, the interleaved
+    gate clamped at GPT_OSS_TRAIN_LIMIT; "clamped": the fractions of the trained layer's routed gate and up
+    values beyond the limit in that step."""
+    gate_values = []
+
+    def record(base: nn.Module) -> None:
+        apply_gate = base._apply_gate
+
+        def recording(gate_up: torch.Tensor) -> torch.Tensor:
+            gate_values.append(gate_up.detach())
+            return apply_gate(gate_up)
+
+        base._apply_gate = recording
+
+    inputs, expected, *_ = _training_case("GptOss", gate={"limit": GPT_OSS_TRAIN_LIMIT}, hook=record)
+    (gate_up,) = gate_values
+    expected["clamped"] = (
+        (gate_up[..., ::2] > GPT_OSS_TRAIN_LIMIT).float().mean().item(),
+        (gate_up[..., 1::2].abs() > GPT_OSS_TRAIN_LIMIT).float().mean().item(),
+    )
     return inputs, expected
 
 
@@ -847,6 +896,20 @@ def test_moe_expert_parallel_transposed_experts_with_biases_match_peft(spmd_laye
     assert not torch.allclose(reference["math"], reference[None], atol=1e-3)
 
 
+def test_moe_expert_parallel_rank_true_pools_match_one_device_and_peft(spmd_layers, moe):
+    """``memory_budget`` on the (2, 2) expert x model mesh: the expert layer's four pools [E, rows, in or out]
+    placed as the slot buffers they stand for (B of the up projection and A of the down one split on the
+    width, replicated over the expert axis), and the mixed batch's logits read through them equal the
+    one-device padded slots' (1e-5) and PEFT's rows (1e-4)."""
+    _, reference, one_device = moe
+    result = spmd_layers["moe_ep"]["pool"]
+    assert result["pooled"]
+    assert result["specs"] == result["expected_specs"]
+    assert result["specs"]["lora_b"] != result["specs"]["lora_a"]  # a split one and a replicated one
+    torch.testing.assert_close(result["logits"], one_device, atol=SPMD_ATOL, rtol=SPMD_RTOL)
+    assert_close(result["logits"], _peft_rows(reference))
+
+
 def test_moe_expert_parallel_lora_adds_no_collective(spmd_layers):
     """The expert-parallel Mixtral forward's compiled HLO: the same collectives with expert, router and attention
     LoRA as without a batch (the experts' partials summed over both axes in the base's own all-reduce)."""
@@ -865,22 +928,28 @@ def test_moe_experts_not_dividing_over_the_expert_axis_refused(spmd_layers):
     assert result["indivisible_untouched"]
 
 
-@pytest.mark.parametrize("scenario", ["moe", "moe_ep"])
-def test_moe_training_on_a_mesh_matches_one_device(spmd_layers, moe_training, scenario):
+@pytest.mark.parametrize("scenario", ["moe", "moe_ep", "gpt_oss_ep"])
+def test_moe_training_on_a_mesh_matches_one_device(spmd_layers, moe_training, gpt_oss_training, scenario):
     """One training step (lazy mode) of two tenants' expert LoRA (``create_adapter`` with ``target_parameters``)
     in a mixed batch with a base row, the expert weights unfrozen too: on the (2, 2) expert x model mesh
-    (``ep_axis``) the whole Mixtral with the tenants' attention LoRA ("moe_ep"), on the (1, 4) mesh (experts split
-    on their width) the trained layer's experts alone, on hidden states requiring grad ("moe"). The loss and the
-    gradients of every ``trainable_parameters`` entry (every expert's rows, on whichever expert shard it lives),
-    of the expert weights (and of the hidden states) equal the same step on one device (CPU tensors), relative
-    1e-4."""
-    _, expected = moe_training
-    expected = expected["layer" if scenario == "moe" else "model"]
-    result = spmd_layers[scenario]["training"]
+    (``ep_axis``) the whole Mixtral with the tenants' attention LoRA ("moe_ep") and the whole GPT-OSS likewise
+    ("gpt_oss_ep": [E, in, out] expert weights, the backward's other layout, their biases training too, the
+    interleaved gate clamped on part of the rows); on the (1, 4) mesh (experts split on their width) the trained
+    layer's experts alone, on hidden states requiring grad ("moe"). The loss and the gradients of every
+    ``trainable_parameters`` entry (every expert's rows, on whichever expert shard it lives), of the expert
+    weights (and of the hidden states) equal the same step on one device (CPU tensors), relative 1e-4."""
+    if scenario == "gpt_oss_ep":
+        result, expected = spmd_layers["moe_ep"]["gpt_oss"]["training"], gpt_oss_training[1]["model"]
+        bases = {key.rpartition(".")[2] for tenant, key in result["grads"] if tenant == "base"}
+        assert bases == {"gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"}
+        for fraction in gpt_oss_training[1]["clamped"]:  # gate and up: the clamp cuts some gradients, not all
+            assert 0.05 < fraction < 0.95
+    else:
+        result, expected = spmd_layers[scenario]["training"], moe_training[1]["layer" if scenario == "moe" else "model"]
     assert set(result["grads"]) == set(expected["grads"])
     tenants = {"t0", "t1", "base"} | ({"hidden"} if scenario == "moe" else set())
     assert {tenant for tenant, _ in result["grads"]} == tenants
-    if scenario == "moe_ep":
+    if scenario != "moe":
         assert any(".self_attn." in key for _, key in result["grads"])  # attention LoRA trains along
     assert_close(result["loss"], expected["loss"], torch.float32)
     for key, grad in result["grads"].items():
