@@ -971,7 +971,9 @@ def _expert_step_collectives(collectives: list, scenario: str) -> tuple[collecti
     all-to-all and permutes re-pair the up projection's gate and up halves, split over different shards by the
     base layout; see docs/distributed.md). "moe_ep": the whole Mixtral (tp = 2, two layers, one trained): the
     collectives with a slot-entry or routed-row shape (the attention's have N rows), but for the permutes of the
-    gate and up halves."""
+    gate and up halves. "gpt_oss_ep": the whole GPT-OSS likewise (same sizes; interleaved gate and up, no
+    permutes), plus the base's up bias gradient: the bias is added to the expert shards' stacked up output, so
+    its rows' gradient [S, 2 W / tp] is summed over the expert axis (the same step without a batch has it too)."""
     entries, rank, hidden, width, rows = 2 * 4, 8, 32, 16, 4 * 5 * 2
     expected = collections.Counter({("all-reduce", (entries, rank, hidden)): 2})
     if scenario == "moe":
@@ -982,6 +984,8 @@ def _expert_step_collectives(collectives: list, scenario: str) -> tuple[collecti
     expected[("all-reduce", (entries, rank, 2 * width // tp))] += 1
     expected[("all-reduce", (entries, rank, width // tp))] += 1
     expected[("all-reduce", (rows, hidden))] += 2 + 1
+    if scenario == "gpt_oss_ep":
+        expected[("all-reduce", (rows, 2 * width // tp))] += 1
     seen = collections.Counter(
         (op, shape)
         for op, shape in collectives
@@ -990,12 +994,13 @@ def _expert_step_collectives(collectives: list, scenario: str) -> tuple[collecti
     return seen, expected
 
 
-@pytest.mark.parametrize("scenario", ["moe", "moe_ep"])
+@pytest.mark.parametrize("scenario", ["moe", "moe_ep", "gpt_oss_ep"])
 def test_moe_training_on_a_mesh_adds_only_the_reduction_of_expert_slot_gradients(spmd_layers, scenario):
     """The compiled training step's collectives (after SPMD partitioning) that carry expert slot-entry gradients
     or routed rows: exactly the reductions of the slot gradients that several shards compute parts of and the
     base's own row reductions; no gather of rows or slot entries (see :func:`_expert_step_collectives`)."""
-    seen, expected = _expert_step_collectives(spmd_layers[scenario]["training"]["collectives"], scenario)
+    result = spmd_layers["moe_ep"]["gpt_oss"] if scenario == "gpt_oss_ep" else spmd_layers[scenario]
+    seen, expected = _expert_step_collectives(result["training"]["collectives"], scenario)
     assert seen == expected
 
 
