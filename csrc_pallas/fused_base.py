@@ -217,13 +217,16 @@ def modelled_seconds(
     dtype,
     generation: str,
     fusion: Fusion = NO_FUSION,
+    block_adapters: int | None = None,
 ) -> float:
-    """Roofline time of the kernel under ``sizes`` on ``generation``, for choosing among tilings.
+    """Roofline time of the kernel under ``sizes`` on ``generation``, for choosing among tilings and lane counts.
 
-    ``max(HBM bytes / bandwidth, MXU flops / peak) + grid steps * step overhead``, with the
-    pipelined traffic of :func:`hbm_bytes`, every matmul's contraction and output dims padded to
-    whole MXU tiles (a 128-wide reduction tile half-fills v6e's 256-wide MXU), and one laned chunk
-    of adapters per token block (the shrink at every reduction tile, the expand at every output tile).
+    ``max(HBM bytes / bandwidth, MXU flops / peak) + exposed DMA / bandwidth + grid steps * step overhead``,
+    with the pipelined traffic of :func:`hbm_bytes`, every matmul's contraction and output dims padded to
+    whole MXU tiles (a 128-wide reduction tile half-fills v6e's 256-wide MXU), and ``block_adapters``
+    distinct adapters per token block (None: ``lanes``, one laned chunk) in ``ceil(block_adapters / lanes)``
+    chunks: each chunk's shrink at every reduction tile and expand at every output tile, and the adapter
+    tiles of every chunk after the first fetched while the MXU waits (as :func:`step_work` has them).
     """
     generation = known(generation)
     width = tuning.MXU_WIDTH[generation]
@@ -231,17 +234,22 @@ def modelled_seconds(
     def pad(dim: int) -> int:
         return -(-dim // width) * width
 
+    adapters = lanes if block_adapters is None else block_adapters
+    chunks = max(1, -(-adapters // lanes))
     bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
     rows = sizes.padded_tokens(num_tokens)
     k_tiles, n_tiles = hidden // tk, out_dim // tn
+    itemsize = jnp.dtype(dtype).itemsize
     lane_width = pad(lanes * rank_stride(rank, dtype))
-    flops = 2 * rows * (k_tiles * pad(tk) * (n_tiles * pad(tn) + lane_width) + lane_width * n_tiles * pad(tn))
+    lora = chunks * lane_width * (k_tiles * pad(tk) + n_tiles * pad(tn))
+    flops = 2 * rows * (k_tiles * pad(tk) * n_tiles * pad(tn) + lora)
+    exposed = (rows // bt) * max(0, adapters - lanes) * rank * (hidden + out_dim) * itemsize
+    bandwidth = tuning.HBM_BYTES_PER_S[generation]
     seconds = max(
-        hbm_bytes(num_tokens, hidden, out_dim, sizes, jnp.dtype(dtype).itemsize, fusion)
-        / tuning.HBM_BYTES_PER_S[generation],
+        hbm_bytes(num_tokens, hidden, out_dim, sizes, itemsize, fusion) / bandwidth,
         flops / tuning.PEAK_FLOPS[generation],
     )
-    return seconds + (rows // bt) * k_tiles * n_tiles * tuning.STEP_OVERHEAD_S
+    return seconds + exposed / bandwidth + (rows // bt) * k_tiles * n_tiles * tuning.STEP_OVERHEAD_S
 
 
 @functools.lru_cache(maxsize=4096)
@@ -258,16 +266,26 @@ def plan(
 ) -> tuple[BlockSizes, int] | None:
     """(BlockSizes(tokens, reduction tile, output tile), lanes), or None when no tiling fits VMEM.
 
-    Among the tilings that fit the generation's :data:`tuning.BASE_VMEM_BUDGET_BYTES` (token blocks
-    from :func:`token_block`'s down to 8) it takes the one of least :func:`modelled_seconds`, then the
-    fewest grid steps. Minimising HBM traffic alone would pick a 128-wide reduction tile wherever it
-    saves one re-read of x, and pay for it in half-empty MXU passes and grid steps.
-    Tiles divide their dims (or span them): no weight is ever padded per call. On
-    TPU, K and N must be multiples of 128 (the caller falls back otherwise).
+    The one place the kernel's lane count is chosen: the ops, their host metadata, the cost model and
+    the compile checks all take the lanes returned here.
+
+    Every tiling (token blocks from :func:`token_block`'s down to 8, tiles that divide their dims) runs
+    at the most lanes, up to ``fused.lanes_for``'s, with which it fits the generation's
+    :data:`tuning.BASE_VMEM_BUDGET_BYTES` (:func:`widest_lanes`); among them the plan takes the least
+    :func:`modelled_seconds`, then the fewest grid steps, then the most lanes. Every tiling is priced
+    for a token block that uses as many adapters as ``lanes_for``'s lanes hold (at most the block's
+    tokens): one that fits only fewer lanes pays the extra chunks such a block needs, so it wins only
+    where the better tiling is worth them (16 lanes' A and shrink tiles at rank 16 on v6e pushed the
+    best tiling of Qwen2-7B's down_proj out of VMEM at 16 slots, where 15 slots fit it: 8 lanes now
+    keep it), and no batch's blocks cost more than under ``lanes_for``'s lanes by this model.
+    Minimising HBM traffic alone would pick a 128-wide reduction tile wherever it saves one re-read of
+    x, and pay for it in half-empty MXU passes and grid steps.
+    No weight is ever padded per call. On TPU, K and N must be multiples of 128 (the caller falls
+    back otherwise).
     """
     if generation != "cpu" and (hidden % LANE or out_dim % LANE):
         return None  # Mosaic slices adapter rows only at lane-aligned widths (libtpu rejects K=1000)
-    lanes = lanes_for(rank, num_slots, dtype, generation)
+    widest = lanes_for(rank, num_slots, dtype, generation)
     max_tile, budget = tuning.BASE_MAX_TILE[known(generation)], tuning.BASE_VMEM_BUDGET_BYTES[known(generation)]
     best = None
     bt = token_block(num_tokens, generation)
@@ -275,14 +293,46 @@ def plan(
         for tk in _divisor_tiles(hidden, max_tile):
             for tn in _divisor_tiles(out_dim, max_tile):
                 sizes = BlockSizes(tokens=bt, hidden=tk, out=tn)
-                if vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias, fusion) > budget:
+                lanes = widest_lanes(sizes, rank, num_slots, widest, dtype, budget, has_bias, fusion)
+                if not lanes:
                     continue
-                seconds = modelled_seconds(num_tokens, hidden, out_dim, rank, sizes, lanes, dtype, generation, fusion)
-                key = (seconds, sizes.padded_tokens(num_tokens) // bt * (hidden // tk) * (out_dim // tn))
+                adapters = min(widest, bt)
+                seconds = modelled_seconds(
+                    num_tokens, hidden, out_dim, rank, sizes, lanes, dtype, generation, fusion, adapters
+                )
+                steps = sizes.padded_tokens(num_tokens) // bt * (hidden // tk) * (out_dim // tn)
+                key = (seconds, steps, -lanes)
                 if best is None or key < best[0]:
-                    best = (key, sizes)
+                    best = (key, sizes, lanes)
         bt //= 2
-    return None if best is None else (best[1], lanes)
+    return None if best is None else (best[1], best[2])
+
+
+def widest_lanes(
+    sizes: BlockSizes,
+    rank: int,
+    num_slots: int,
+    widest: int,
+    dtype,
+    budget: int,
+    has_bias: bool = True,
+    fusion: Fusion = NO_FUSION,
+) -> int:
+    """The most lanes, at most ``widest``, with which ``sizes`` fits ``budget`` bytes of VMEM (0: not even one).
+
+    :func:`vmem_bytes` grows with the lanes (the A, B and shrink tiles are ``lanes * Rp`` wide): a bisection.
+    """
+
+    def fits(lanes: int) -> bool:
+        return vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias, fusion) <= budget
+
+    if fits(widest):
+        return widest
+    low, high = 0, widest  # fits(low) (or low == 0), not fits(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def step_work(i: int, n: int, k: int, meta, rank: int, lanes: int, sizes: BlockSizes, num_k: int, itemsize: int):

@@ -319,20 +319,27 @@ def _aligned_tiles(dim: int, largest: int) -> list[int]:
 
 @pytest.mark.parametrize("generation", ["v4", "v5e", "v5p", "v6e"])
 @pytest.mark.parametrize(
-    ("num_tokens", "hidden", "out_dim"), [(8, 4096, 4096), (1024, 4096, 14336), (4096, 14336, 4096), (300, 4096, 1024)]
+    ("num_tokens", "hidden", "out_dim"),
+    # the last: Qwen2-7B's down_proj, whose best tiling fits 15 lanes but not lanes_for's 16 on v6e
+    [(8, 4096, 4096), (1024, 4096, 14336), (4096, 14336, 4096), (300, 4096, 1024), (256, 18944, 3584)],
 )
 def test_plan_is_the_best_fitting_tiling_of_an_exhaustive_search(num_tokens, hidden, out_dim, generation):
-    """The plan against every tiling, searched here with the plan's own lanes.
+    """The plan against every (tiling, lane count) that fits, searched here.
 
     The rule (fused_base.plan): among the tilings that fit the VMEM budget (token blocks from the table's down to 8,
-    tiles that divide the dims), the least modelled time, then the fewest grid steps. Fails for tiles that do not
-    divide the dims, a budget check made with other lanes than the kernel's, and a search that misses a tiling
-    (a divisor or a token block skipped) or ranks them wrongly.
+    tiles that divide the dims) at any lane count up to lanes_for's, the least modelled time for a block of as
+    many adapters as lanes_for's lanes hold (fewer lanes pay its extra chunks), then the fewest grid steps, then
+    the most lanes. Fails for tiles that do not divide the dims, a budget check made with other lanes than the
+    plan returns, and a search that misses a tiling or a lane count (a divisor, a token block or a count
+    skipped) or ranks them wrongly.
     """
+    from torch_xla_lora.kernels import fused
+
     rank, num_slots, dtype = 16, 128, jnp.bfloat16
     sizes, lanes = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation)
     sizes.check(hidden, out_dim)
     budget, largest = fused_base.tuning.BASE_VMEM_BUDGET_BYTES[generation], fused_base.tuning.BASE_MAX_TILE[generation]
+    widest = fused.lanes_for(rank, num_slots, dtype, generation)
     blocks = [fused_base.token_block(num_tokens, generation)]
     while blocks[-1] > 8:
         blocks.append(blocks[-1] // 2)
@@ -342,14 +349,73 @@ def test_plan_is_the_best_fitting_tiling_of_an_exhaustive_search(num_tokens, hid
         for tk in _aligned_tiles(hidden, largest)
         for tn in _aligned_tiles(out_dim, largest)
     ]
-    fitting = [t for t in tilings if fused_base.vmem_bytes(t, rank, num_slots, lanes, dtype) <= budget]
+    fitting = [
+        (t, count)
+        for t in tilings
+        for count in range(1, widest + 1)
+        if fused_base.vmem_bytes(t, rank, num_slots, count, dtype) <= budget
+    ]
 
-    def key(t: BlockSizes) -> tuple[float, int]:
+    def key(t: BlockSizes, count: int) -> tuple[float, int, int]:
         steps = t.padded_tokens(num_tokens) // t.tokens * (hidden // t.hidden) * (out_dim // t.out)
-        return fused_base.modelled_seconds(num_tokens, hidden, out_dim, rank, t, lanes, dtype, generation), steps
+        seconds = fused_base.modelled_seconds(
+            num_tokens, hidden, out_dim, rank, t, count, dtype, generation, block_adapters=min(widest, t.tokens)
+        )
+        return seconds, steps, -count
 
-    assert sizes in fitting
-    assert key(sizes) == min(key(t) for t in fitting)
+    assert (sizes, lanes) in fitting
+    assert key(sizes, lanes) == min(key(t, c) for t, c in fitting)
+
+
+@pytest.fixture
+def small_cpu_budget():
+    """A CPU VMEM budget of 1.6 MB: (T=56, K=384, N=256, R=8, L=16, f32) untiled needs 1.88 MB at lanes_for's 16
+    lanes, 1.59 MB at 10 and 1.64 MB at 11; the plan's cache is cleared on the way in and out."""
+    budgets = fused_base.tuning.BASE_VMEM_BUDGET_BYTES
+    saved = budgets["cpu"]
+    budgets["cpu"] = 1_600_000
+    fused_base.plan.cache_clear()
+    yield
+    budgets["cpu"] = saved
+    fused_base.plan.cache_clear()
+
+
+def test_the_op_runs_with_the_plans_fewer_lanes(small_cpu_budget, xla_device, monkeypatch):
+    """Where lanes_for's 16 lanes leave only split tilings in VMEM, the plan takes the whole tiling at the 10
+    lanes that fit it; the op (on the device's grouping and on the host-built one) runs the kernel with exactly
+    the plan's tiling and lanes, a block of all 16 slots takes two lane chunks, and the output equals float64 math.
+    Fails if any caller recomputes the lanes (then the kernel or its metadata has 16) or the kernel is wrong
+    at fewer lanes than the slots a block uses."""
+    from torch_xla_lora.kernels import fused
+
+    num_tokens, hidden, out_dim, rank, num_slots = 56, 384, 256, 8, 16
+    sizes, lanes = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, jnp.float32, "cpu", True)
+    assert fused.lanes_for(rank, num_slots, jnp.float32, "cpu") == 16
+    assert (sizes, lanes) == (BlockSizes(32, hidden, out_dim), 10)
+    calls, kernel = [], fused_base.linear_lora
+    monkeypatch.setattr(
+        fused_base,
+        "linear_lora",
+        lambda *args, **kwargs: calls.append((kwargs["block_sizes"], kwargs["lanes"])) or kernel(*args, **kwargs),
+    )
+    x, w, b, a, lb, _ = _operands(num_tokens, hidden, out_dim, rank, num_slots, torch.float32, "out_in", True, seed=5)
+    idx = (torch.arange(num_tokens, dtype=torch.int32) * 7 % (num_slots + 2)) - 1  # -1, every slot, 16 (none)
+    assert len(set(idx[:32].tolist()) & set(range(num_slots))) == num_slots  # the first block: chunks of 10 and 6
+    expected = x.double() @ w.double().T + b.double()
+    for t, slot in enumerate(idx.tolist()):
+        if 0 <= slot < num_slots:
+            expected[t] += 0.5 * (x[t].double() @ a[slot].double().T) @ lb[slot].double()
+    shapes = [(hidden, out_dim, True)]
+    meta = tl.ops.batch_metadata(idx, [(hidden, out_dim)], rank, num_slots, torch.float32, linear_shapes=shapes)
+    own = meta[(hidden, out_dim, "linear", True)]
+    assert own is not meta[(hidden, out_dim)]  # the kernel's own grouping: the shrink-expand op's has 16 lanes
+    moved = [t.to(xla_device) for t in (x, w, b, a, lb, idx)]
+    out = tl.linear_lora(*moved, 0.5, "out_in", "pallas").cpu()
+    monkeypatch.setattr(visits, "build_lanes", lambda *args, **kwargs: pytest.fail("grouped on the device"))
+    out_host = tl.linear_lora(*moved, 0.5, "out_in", "pallas", own.to(xla_device), own_metadata=True).cpu()
+    assert calls == [(sizes, lanes)] * 2
+    assert_close(out, expected, torch.float32)
+    assert_close(out_host, expected, torch.float32)
 
 
 def test_plan_refuses_widths_not_lane_aligned_on_tpu():
