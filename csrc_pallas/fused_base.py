@@ -276,8 +276,9 @@ def plan(
     for a token block that uses as many adapters as ``lanes_for``'s lanes hold (at most the block's
     tokens): one that fits only fewer lanes pays the extra chunks such a block needs, so it wins only
     where the better tiling is worth them (16 lanes' A and shrink tiles at rank 16 on v6e pushed the
-    best tiling of Qwen2-7B's down_proj out of VMEM at 16 slots, where 15 slots fit it: 8 lanes now
-    keep it), and no batch's blocks cost more than under ``lanes_for``'s lanes by this model.
+    best tiling of Qwen2-7B's down_proj out of VMEM at 16 slots, where 15 slots fit it: 15 lanes now
+    keep it). So by this model a token block of at most ``lanes_for``'s adapters never costs more than
+    under ``lanes_for``'s lanes (blocks of more pay more chunks at fewer lanes).
     Minimising HBM traffic alone would pick a 128-wide reduction tile wherever it saves one re-read of
     x, and pay for it in half-empty MXU passes and grid steps.
     No weight is ever padded per call. On TPU, K and N must be multiples of 128 (the caller falls
