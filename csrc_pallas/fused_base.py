@@ -225,8 +225,9 @@ def modelled_seconds(
     with the pipelined traffic of :func:`hbm_bytes`, every matmul's contraction and output dims padded to
     whole MXU tiles (a 128-wide reduction tile half-fills v6e's 256-wide MXU), and ``block_adapters``
     distinct adapters per token block (None: ``lanes``, one laned chunk) in ``ceil(block_adapters / lanes)``
-    chunks: each chunk's shrink at every reduction tile and expand at every output tile, and the adapter
-    tiles of every chunk after the first fetched while the MXU waits (as :func:`step_work` has them).
+    chunks: each chunk's shrink at every reduction tile and expand at every output tile, the first chunk's
+    adapter tiles fetched beside the base product's and every later chunk's while the MXU waits (as
+    :func:`step_work` has them).
     """
     generation = known(generation)
     width = tuning.MXU_WIDTH[generation]
@@ -243,10 +244,12 @@ def modelled_seconds(
     lane_width = pad(lanes * rank_stride(rank, dtype))
     lora = chunks * lane_width * (k_tiles * pad(tk) + n_tiles * pad(tn))
     flops = 2 * rows * (k_tiles * pad(tk) * n_tiles * pad(tn) + lora)
-    exposed = (rows // bt) * max(0, adapters - lanes) * rank * (hidden + out_dim) * itemsize
+    adapter_bytes = (rows // bt) * rank * (hidden + out_dim) * itemsize  # one adapter's A and B rows per block
+    exposed = max(0, adapters - lanes) * adapter_bytes
     bandwidth = tuning.HBM_BYTES_PER_S[generation]
     seconds = max(
-        hbm_bytes(num_tokens, hidden, out_dim, sizes, itemsize, fusion) / bandwidth,
+        (hbm_bytes(num_tokens, hidden, out_dim, sizes, itemsize, fusion) + min(adapters, lanes) * adapter_bytes)
+        / bandwidth,
         flops / tuning.PEAK_FLOPS[generation],
     )
     return seconds + exposed / bandwidth + (rows // bt) * k_tiles * n_tiles * tuning.STEP_OVERHEAD_S

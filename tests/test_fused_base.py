@@ -324,14 +324,14 @@ def _aligned_tiles(dim: int, largest: int) -> list[int]:
     [(8, 4096, 4096), (1024, 4096, 14336), (4096, 14336, 4096), (300, 4096, 1024), (256, 18944, 3584)],
 )
 def test_plan_is_the_best_fitting_tiling_of_an_exhaustive_search(num_tokens, hidden, out_dim, generation):
-    """The plan against every (tiling, lane count) that fits, searched here.
+    """The plan against every tiling that fits, each at the most lanes it fits, searched here.
 
     The rule (fused_base.plan): among the tilings that fit the VMEM budget (token blocks from the table's down to 8,
-    tiles that divide the dims) at any lane count up to lanes_for's, the least modelled time for a block of as
-    many adapters as lanes_for's lanes hold (fewer lanes pay its extra chunks), then the fewest grid steps, then
-    the most lanes. Fails for tiles that do not divide the dims, a budget check made with other lanes than the
-    plan returns, and a search that misses a tiling or a lane count (a divisor, a token block or a count
-    skipped) or ranks them wrongly.
+    tiles that divide the dims) at some lane count up to lanes_for's, each at the most such lanes, the least
+    modelled time for a block of as many adapters as lanes_for's lanes hold (fewer lanes pay its extra chunks),
+    then the fewest grid steps, then the most lanes. Fails for tiles that do not divide the dims, a budget check
+    made with other lanes than the plan returns, and a search that misses a tiling or a lane count (a divisor, a
+    token block or a count skipped) or ranks them wrongly.
     """
     from torch_xla_lora.kernels import fused
 
@@ -349,11 +349,11 @@ def test_plan_is_the_best_fitting_tiling_of_an_exhaustive_search(num_tokens, hid
         for tk in _aligned_tiles(hidden, largest)
         for tn in _aligned_tiles(out_dim, largest)
     ]
+    # Each tiling at the most lanes (up to lanes_for's) with which it fits.
     fitting = [
-        (t, count)
+        (t, max(fits))
         for t in tilings
-        for count in range(1, widest + 1)
-        if fused_base.vmem_bytes(t, rank, num_slots, count, dtype) <= budget
+        if (fits := [c for c in range(1, widest + 1) if fused_base.vmem_bytes(t, rank, num_slots, c, dtype) <= budget])
     ]
 
     def key(t: BlockSizes, count: int) -> tuple[float, int, int]:
