@@ -144,8 +144,9 @@ def pooled_layer_costs(chip, indices: np.ndarray, rank: int, num_slots: int, unf
             for int8 in (False, True)
         }
         for int8_base in (False, True):
+            reads = tpu_model.llama_fused_reads(name)
             costs = tpu_model.projection_costs(
-                chip, indices, hidden, out_dim, rank, num_slots, residual, share, int8_weight=int8_base
+                chip, indices, hidden, out_dim, rank, num_slots, residual, share, int8_weight=int8_base, **reads
             )
             for int8_adapters in (False, True):  # the separate formulation with the pooled op for the slot op
                 out[int8_base, int8_adapters] += costs["separate"] - padded + pooled[int8_adapters]

@@ -387,6 +387,12 @@ def llama_roles() -> dict[str, tuple[bool, float]]:
     }
 
 
+def llama_fused_reads(name: str) -> dict[str, int | bool]:
+    """What XLA fuses into a Llama-3-8B projection's base dot, as :func:`projection_costs`' ``operands`` (2 for
+    down_proj: SiLU(gate) * up reads gate and up) and ``residual_read`` (o_proj and down_proj add the residual)."""
+    return {"operands": 2 if LLAMA3_8B_LAYER[name][2] == "silu_mul" else 1, "residual_read": name in _RESIDUAL_OUTPUTS}
+
+
 # What ``layers/fusion.py`` has the fused kernel take in, per Llama-family projection: (prologue, residual).
 # q/k/v and gate/up read their RMSNorm on the fly (the input and the post-attention norm), o_proj adds the
 # attention residual and down_proj reads SiLU(gate) * up and adds the MLP residual in their output writes.
@@ -436,8 +442,7 @@ def layer_costs(
         hidden, out_dim, _ = LLAMA3_8B_LAYER[name]
         prologue, in_kernel = KERNEL_FUSION.get(name, ("", False)) if kernel_fusion else ("", False)
         fusion = {"prologue": prologue, "residual_in_kernel": in_kernel, "int8_weight": int8_weight}
-        fusion["operands"] = 2 if LLAMA3_8B_LAYER[name][2] == "silu_mul" else 1
-        fusion["residual_read"] = name in _RESIDUAL_OUTPUTS
+        fusion.update(llama_fused_reads(name))
         costs = projection_costs(chip, indices, hidden, out_dim, rank, num_slots, residual, share, **fusion)
         plain = projection_costs(chip, no_adapter, hidden, out_dim, rank, num_slots, residual, share, **fusion)
         for key in ("base", "fused", "separate", "xla_native"):

@@ -282,10 +282,12 @@ def projection_train_costs(
     residual_output: bool = False,
     input_share: float = 0.0,
     trained_rows: int | None = None,
+    operands: int = 1,
 ) -> dict:
     """Seconds of one projection's training-step parts (see the module doc); ``forward_choice`` names the
     formulation the forward was priced with. ``trained_rows``: the sum of the trainable adapters' ranks
-    (default: every slot at ``rank``)."""
+    (default: every slot at ``rank``); ``operands``: x's producer's inputs (2 for SiLU(gate) * up), as
+    :func:`tpu_model.projection_costs` takes them."""
     num_tokens = len(indices)
     base_backward = tpu_model.matmul_cost(chip, num_tokens, out_dim, hidden).seconds
     ds = shrink_seconds(chip, indices, out_dim, rank, num_slots)  # g B^T: dA's left operand
@@ -295,7 +297,9 @@ def projection_train_costs(
     # still its own shrink. Where no tiling fits, as the separate ops run it.
     one_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, layout="in_out")
     one_pass_dx = separate_dx if one_pass is None else one_pass.seconds - base_backward + ds
-    forward = tpu_model.projection_costs(chip, indices, hidden, out_dim, rank, num_slots, residual_output, input_share)
+    forward = tpu_model.projection_costs(
+        chip, indices, hidden, out_dim, rank, num_slots, residual_output, input_share, operands=operands
+    )
     choice = tpu_model.cheapest(forward)
     return {
         "base_forward": forward["base"],
@@ -344,9 +348,12 @@ def train_step_costs(
     roles = tpu_model.llama_roles()
     parts: dict[str, float] = {}
     choices = {}
-    for name, (fan_in, fan_out, _) in layer.items():
+    for name, (fan_in, fan_out, group) in layer.items():
         residual, share = roles[name]
-        costs = projection_train_costs(chip, indices, fan_in, fan_out, rank, num_slots, residual, share, trained_rows)
+        operands = 2 if group == "silu_mul" else 1
+        costs = projection_train_costs(
+            chip, indices, fan_in, fan_out, rank, num_slots, residual, share, trained_rows, operands
+        )
         choices[name] = costs.pop("forward_choice")
         for key, value in costs.items():
             parts[key] = parts.get(key, 0.0) + value
