@@ -348,9 +348,9 @@ def train_step_costs(
     roles = tpu_model.llama_roles()
     parts: dict[str, float] = {}
     choices = {}
-    for name, (fan_in, fan_out, group) in layer.items():
+    for name, (fan_in, fan_out, _) in layer.items():
         residual, share = roles[name]
-        operands = 2 if group == "silu_mul" else 1
+        operands = tpu_model.llama_fused_reads(name)["operands"]
         costs = projection_train_costs(
             chip, indices, fan_in, fan_out, rank, num_slots, residual, share, trained_rows, operands
         )
