@@ -149,7 +149,14 @@ def token_block(num_tokens: int, generation: str) -> int:
 
 
 def vmem_bytes(
-    sizes: BlockSizes, rank: int, num_slots: int, lanes: int, dtype, has_bias: bool = True, fusion: Fusion = NO_FUSION
+    sizes: BlockSizes,
+    rank: int,
+    num_slots: int,
+    lanes: int,
+    dtype,
+    has_bias: bool = True,
+    fusion: Fusion = NO_FUSION,
+    keep_s: bool = False,
 ) -> int:
     """VMEM of one configuration, an upper bound of what libtpu allocates for the kernel.
 
@@ -161,7 +168,8 @@ def vmem_bytes(
     and the sum being written), with a prologue two f32 [:func:`prologue_chunk` rows, tk], three of the
     shrink's [rows, lanes * Rp] (the product, the sum, the rows of the chunk selected) and
     the B tile's f32 copies while its non-finite values are selected out. An int8 weight tile is
-    converted whole (its f32 and x-dtype copies).
+    converted whole (its f32 and x-dtype copies). ``keep_s``: the [bt, R] block of the kept shrink ``s``
+    (its rows filling whole 128-lane rows) and one f32 [rows, R] value of it.
     """
     itemsize = jnp.dtype(dtype).itemsize
     bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
@@ -177,6 +185,9 @@ def vmem_bytes(
     values = 2 * rows * tn * 4 + 3 * rows * width * 4 + 3 * width * min(tn, COLUMN_CHUNK) * 4
     values += 2 * prologue_chunk(rows) * tk * 4 if fusion.prologue else 0
     values += tk * tn * (4 + itemsize) if fusion.weight_scale else 0
+    if keep_s:  # s's output block, its last dim padded to whole lanes, and its sum over the lanes
+        block += bt * -(-rank // LANE) * LANE * itemsize
+        values += rows * -(-rank // LANE) * LANE * 4
     return 2 * block + scratch + values
 
 
@@ -188,16 +199,24 @@ def _divisor_tiles(dim: int, largest: int) -> list[int]:
 
 
 def hbm_bytes(
-    num_tokens: int, hidden: int, out_dim: int, sizes: BlockSizes, itemsize: int, fusion: Fusion = NO_FUSION
+    num_tokens: int,
+    hidden: int,
+    out_dim: int,
+    sizes: BlockSizes,
+    itemsize: int,
+    fusion: Fusion = NO_FUSION,
+    kept_rank: int = 0,
 ) -> int:
     """Pipelined HBM traffic of the base product under ``sizes``: W once per token block, x once per
     output tile unless the reduction is untiled (then once), the output once; with ``fusion``, the
     up operand as often as x, the column scale once per x pass, the row scale and residual once;
-    an int8 weight (``fusion.weight_scale``) at one byte an element, its f32 scales once per token block."""
+    an int8 weight (``fusion.weight_scale``) at one byte an element, its f32 scales once per token block;
+    ``kept_rank``: the rank of the kept shrink ``s`` (``linear_lora(..., keep_s=True)``), written once
+    ([T, R] in x's dtype; 0: not kept)."""
     blocks = -(-num_tokens // sizes.tokens)
     x_passes = 1 if sizes.hidden == hidden else out_dim // sizes.out
     x_bytes = num_tokens * hidden * (2 if fusion.silu_mul else 1) + (blocks * hidden if fusion.col_scale else 0)
-    extra = num_tokens * out_dim if fusion.residual else 0
+    extra = (num_tokens * out_dim if fusion.residual else 0) + num_tokens * kept_rank
     weight_bytes = blocks * hidden * out_dim * (1 if fusion.weight_scale else itemsize)
     weight_bytes += blocks * out_dim * 4 if fusion.weight_scale else 0
     return (
@@ -218,6 +237,7 @@ def modelled_seconds(
     generation: str,
     fusion: Fusion = NO_FUSION,
     block_adapters: int | None = None,
+    keep_s: bool = False,
 ) -> float:
     """Roofline time of the kernel under ``sizes`` on ``generation``, for choosing among tilings and lane counts.
 
@@ -227,7 +247,7 @@ def modelled_seconds(
     distinct adapters per token block (None: ``lanes``, one laned chunk) in ``ceil(block_adapters / lanes)``
     chunks: each chunk's shrink at every reduction tile and expand at every output tile, the first chunk's
     adapter tiles fetched beside the base product's and every later chunk's while the MXU waits (as
-    :func:`step_work` has them).
+    :func:`step_work` has them); ``keep_s``: the kept shrink's [T, R] write counted with the traffic.
     """
     generation = known(generation)
     width = tuning.MXU_WIDTH[generation]
@@ -248,7 +268,10 @@ def modelled_seconds(
     exposed = max(0, adapters - lanes) * adapter_bytes
     bandwidth = tuning.HBM_BYTES_PER_S[generation]
     seconds = max(
-        (hbm_bytes(num_tokens, hidden, out_dim, sizes, itemsize, fusion) + min(adapters, lanes) * adapter_bytes)
+        (
+            hbm_bytes(num_tokens, hidden, out_dim, sizes, itemsize, fusion, rank if keep_s else 0)
+            + min(adapters, lanes) * adapter_bytes
+        )
         / bandwidth,
         flops / tuning.PEAK_FLOPS[generation],
     )
@@ -266,6 +289,7 @@ def plan(
     generation: str,
     has_bias: bool = True,
     fusion: Fusion = NO_FUSION,
+    keep_s: bool = False,
 ) -> tuple[BlockSizes, int] | None:
     """(BlockSizes(tokens, reduction tile, output tile), lanes), or None when no tiling fits VMEM.
 
@@ -284,6 +308,8 @@ def plan(
     under ``lanes_for``'s lanes (blocks of more pay more chunks at fewer lanes).
     Minimising HBM traffic alone would pick a 128-wide reduction tile wherever it saves one re-read of
     x, and pay for it in half-empty MXU passes and grid steps.
+    ``keep_s``: the plan of the training kernel that also writes the shrink (``linear_lora(..., keep_s=True)``):
+    its block counted in VMEM and its write in the traffic.
     No weight is ever padded per call. On TPU, K and N must be multiples of 128 (the caller falls
     back otherwise).
     """
@@ -297,12 +323,12 @@ def plan(
         for tk in _divisor_tiles(hidden, max_tile):
             for tn in _divisor_tiles(out_dim, max_tile):
                 sizes = BlockSizes(tokens=bt, hidden=tk, out=tn)
-                lanes = widest_lanes(sizes, rank, num_slots, widest, dtype, budget, has_bias, fusion)
+                lanes = widest_lanes(sizes, rank, num_slots, widest, dtype, budget, has_bias, fusion, keep_s)
                 if not lanes:
                     continue
                 adapters = min(widest, bt)
                 seconds = modelled_seconds(
-                    num_tokens, hidden, out_dim, rank, sizes, lanes, dtype, generation, fusion, adapters
+                    num_tokens, hidden, out_dim, rank, sizes, lanes, dtype, generation, fusion, adapters, keep_s
                 )
                 steps = sizes.padded_tokens(num_tokens) // bt * (hidden // tk) * (out_dim // tn)
                 key = (seconds, steps, -lanes)
@@ -321,6 +347,7 @@ def widest_lanes(
     budget: int,
     has_bias: bool = True,
     fusion: Fusion = NO_FUSION,
+    keep_s: bool = False,
 ) -> int:
     """The most lanes, at most ``widest``, with which ``sizes`` fits ``budget`` bytes of VMEM (0: not even one).
 
@@ -328,7 +355,7 @@ def widest_lanes(
     """
 
     def fits(lanes: int) -> bool:
-        return vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias, fusion) <= budget
+        return vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias, fusion, keep_s) <= budget
 
     if fits(widest):
         return widest
@@ -372,7 +399,8 @@ def _kernel(
     x_ref,  # [bt, tk] (the gate with fusion.silu_mul)
     *refs,  # [up [bt, tk]], [row [bt, 1] f32], [col [1, tk]], w, [scale [1, tn] f32], [bias [1, tn]],
     # [residual [bt, tn]],
-    # a_hbm, b_hbm, o_ref, a_buf, b_buf, y_acc [bt, lanes * stride] f32, acc_ref, [x_buf [bt, tk] with a prologue], sem
+    # a_hbm, b_hbm, o_ref, [s_ref [bt, R] with keep_s], a_buf, b_buf, y_acc [bt, lanes * stride] f32, acc_ref,
+    # [x_buf [bt, tk] with a prologue], sem
     lanes: int,
     stride: int,
     per_block: int,
@@ -381,6 +409,7 @@ def _kernel(
     has_bias: bool,
     fusion: Fusion = NO_FUSION,
     rows: int = 0,
+    keep_s: bool = False,
 ):
     refs = list(refs)
     up_ref = refs.pop(0) if fusion.silu_mul else None
@@ -390,7 +419,9 @@ def _kernel(
     scale_ref = refs.pop(0) if fusion.weight_scale else None
     bias_ref = refs.pop(0) if has_bias else None
     res_ref = refs.pop(0) if fusion.residual else None
-    a_hbm, b_hbm, o_ref, a_buf, b_buf, y_acc, acc_ref = refs[:7]
+    a_hbm, b_hbm, o_ref = refs[:3]
+    s_ref = refs.pop(3) if keep_s else None
+    a_buf, b_buf, y_acc, acc_ref = refs[3:7]
     x_buf = refs[7] if fusion.prologue else None
     sem = refs[-1]
     i, n, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -553,9 +584,21 @@ def _kernel(
                 if lanes == 1:  # a block whose tokens all use one adapter needs no mask
                     keep = keep | (uniform_ref[i] == 1)
                 y = jnp.where(keep, y_acc[r, :] * scaling, 0.0)
-                y_acc[r, :] = y.astype(a_buf.dtype).astype(jnp.float32)
+                y = y.astype(a_buf.dtype).astype(jnp.float32)
+                y_acc[r, :] = y
+                if s_ref is not None:  # every lane but the token's own is zero: s is the sum of the lanes
+                    s = y[:, 0:stride]
+                    for lane in range(1, lanes):
+                        s = s + y[:, lane * stride : (lane + 1) * stride]
+                    s_ref[r, :] = s[:, :rank].astype(s_ref.dtype)
 
             over_rows(own_rows)
+
+    if s_ref is not None:
+
+        @pl.when((n == 0) & (k == last_k) & (num_chunks == 0))
+        def _no_adapter_s():  # a block without adapters keeps a zero s
+            s_ref[...] = jnp.zeros_like(s_ref)
 
     @pl.when((k == last_k) & (num_chunks > 0))
     def _expand():
@@ -603,8 +646,10 @@ def grid_spec(
     layout: str,
     has_bias: bool,
     fusion: Fusion = NO_FUSION,
+    keep_s: bool = False,
 ) -> pltpu.PrefetchScalarGridSpec:
-    """The kernel's grid ``(token blocks, output tiles, reduction tiles)`` and BlockSpecs (read by the cost model)."""
+    """The kernel's grid ``(token blocks, output tiles, reduction tiles)`` and BlockSpecs (read by the cost model);
+    ``keep_s``: a second output, the [bt, R] block of the shrink per token block."""
     bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
     stride = rank_stride(rank, dtype)
     width = lanes * stride
@@ -627,11 +672,14 @@ def grid_spec(
     if fusion.residual:
         in_specs.append(pl.BlockSpec((bt, tn), lambda i, n, k, *_: (i, n)))
     in_specs += [pl.BlockSpec(memory_space=pltpu.ANY), pl.BlockSpec(memory_space=pltpu.ANY)]
+    out_specs = pl.BlockSpec((bt, tn), lambda i, n, k, *_: (i, n))
+    if keep_s:  # written at n == 0 and the last k, kept in VMEM over the block's other steps
+        out_specs = [out_specs, pl.BlockSpec((bt, rank), lambda i, n, k, *_: (i, 0))]
     return pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
         grid=(num_tokens // bt, out_dim // tn, hidden // tk),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((bt, tn), lambda i, n, k, *_: (i, n)),
+        out_specs=out_specs,
         scratch_shapes=[
             pltpu.VMEM((width, tk), dtype),
             pltpu.VMEM((width, tn), dtype),
@@ -653,13 +701,15 @@ def cost_estimate(
     block_sizes: BlockSizes,
     lanes: int,
     fusion: Fusion = NO_FUSION,
+    keep_s: bool = False,
 ) -> pl.CostEstimate:
     """Typical cost for XLA's scheduler: the base matmul, plus one laned chunk per token block.
 
     Like :func:`fused.cost_estimate` for the LoRA part (blocks with more distinct adapters than
     lanes cost one more pass each; blocks without adapters none). Bytes count x once per output
     tile unless the reduction is untiled, W once per token block, the output once
-    (:func:`hbm_bytes`), and the A and B rows of ``lanes`` adapters per block (at most L).
+    (:func:`hbm_bytes`, with the kept shrink's [T, R] when ``keep_s``), and the A and B rows of ``lanes``
+    adapters per block (at most L).
     """
     itemsize = jnp.dtype(dtype).itemsize
     width = lanes * rank_stride(rank, dtype)
@@ -667,7 +717,7 @@ def cost_estimate(
     return pl.CostEstimate(
         flops=2 * num_tokens * (hidden * out_dim + width * (hidden + out_dim)),
         transcendentals=num_tokens * hidden if fusion.silu_mul else 0,
-        bytes_accessed=hbm_bytes(num_tokens, hidden, out_dim, block_sizes, itemsize, fusion)
+        bytes_accessed=hbm_bytes(num_tokens, hidden, out_dim, block_sizes, itemsize, fusion, rank if keep_s else 0)
         + 4 * num_tokens
         + adapters * rank * (hidden + out_dim) * itemsize,
     )
@@ -675,7 +725,16 @@ def cost_estimate(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scaling", "block_sizes", "lanes", "layout", "interpret", "vmem_limit_bytes", "row_chunk_rows"),
+    static_argnames=(
+        "scaling",
+        "block_sizes",
+        "lanes",
+        "layout",
+        "interpret",
+        "vmem_limit_bytes",
+        "row_chunk_rows",
+        "keep_s",
+    ),
 )
 def linear_lora(
     x: jax.Array,  # [T_pad, K]
@@ -697,7 +756,8 @@ def linear_lora(
     residual: jax.Array | None = None,  # [T_pad, N]
     weight_scale: jax.Array | None = None,  # [N] float32: weight is int8, W = weight * weight_scale per channel
     row_chunk_rows: int = ROW_CHUNK,
-) -> jax.Array:  # [T_pad, N], x.dtype
+    keep_s: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:  # [T_pad, N], x.dtype (and s [T_pad, R], x.dtype, with keep_s)
     """The fused base + LoRA kernel over prepared lane metadata; T_pad a multiple of the token block.
 
     ``vmem_limit_bytes``: the scoped VMEM limit of the generation ``plan`` used
@@ -705,6 +765,9 @@ def linear_lora(
     ``up``, ``row_scale``, ``col_scale``, ``residual``, ``weight_scale``: the :class:`Fusion`
     operands, each present or None (plan with the same Fusion). ``row_chunk_rows``: at most this many rows
     of the token block at a time (:func:`row_chunk`; smaller than the block in tests, to take several).
+    ``keep_s``: also return the shrink ``s[t] = scaling * x[t] @ A[s_t]^T`` [T_pad, R] as the expand
+    read it (rounded to the adapters' dtype; zeros for tokens without adapter), what the backward's
+    ``bgmv_lora_grads(saved_s=)`` takes instead of recomputing it (plan with the same ``keep_s``).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -716,7 +779,7 @@ def linear_lora(
         up is not None, row_scale is not None, col_scale is not None, residual is not None, weight_scale is not None
     )
     spec = grid_spec(
-        num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes, layout, has_bias, fusion
+        num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes, layout, has_bias, fusion, keep_s
     )
     kernel = functools.partial(
         _kernel,
@@ -728,6 +791,7 @@ def linear_lora(
         has_bias=has_bias,
         fusion=fusion,
         rows=row_chunk(block_sizes.tokens, row_chunk_rows),
+        keep_s=keep_s,
     )
     operands = [meta.code.reshape(num_tokens, 1), x]
     operands += [] if up is None else [up]
@@ -739,15 +803,20 @@ def linear_lora(
     if has_bias:
         operands.append(bias.reshape(1, out_dim))
     operands += [] if residual is None else [residual]
+    out_shape = jax.ShapeDtypeStruct((num_tokens, out_dim), x.dtype)
+    if keep_s:
+        out_shape = (out_shape, jax.ShapeDtypeStruct((num_tokens, rank), lora_a.dtype))
     return pl.pallas_call(
         kernel,
         grid_spec=spec,
-        out_shape=jax.ShapeDtypeStruct((num_tokens, out_dim), x.dtype),
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("arbitrary", "arbitrary", "arbitrary"),
             vmem_limit_bytes=vmem_limit_bytes or tuning.BASE_VMEM_LIMIT_BYTES["v6e"],
         ),
-        cost_estimate=cost_estimate(num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes, fusion),
+        cost_estimate=cost_estimate(
+            num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes, fusion, keep_s
+        ),
         interpret=interpret,
         name="xla_lora_linear_lora",
     )(meta.chunks, meta.slots, meta.uniform, *operands, lora_a, lora_b)
@@ -764,6 +833,7 @@ def tpu_compile_case(
     layout: str = "out_in",
     has_bias: bool = False,
     fusion: Fusion = NO_FUSION,
+    keep_s: bool = False,
 ):
     """(fn, argument ShapeDtypeStructs) of the kernel with Mosaic for one configuration, for TPU compile checks.
 
@@ -771,9 +841,9 @@ def tpu_compile_case(
     the device and calls the kernel with ``interpret=False``; pass the arguments'
     shapes to ``jax.jit(fn).trace(...).lower(lowering_platforms=("tpu",))``. The fusion operands,
     in order, those ``fusion`` has: up [T, K], row scale [T] f32, column scale [K], residual [T, N],
-    weight scale [N] f32 (then the weight is int8).
+    weight scale [N] f32 (then the weight is int8). ``keep_s``: the training kernel, which also writes the shrink.
     """
-    planned = plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, has_bias, fusion)
+    planned = plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, has_bias, fusion, keep_s)
     if planned is None:
         raise ValueError(f"no tiling of K={hidden}, N={out_dim} fits VMEM on {generation}")
     sizes, lanes = planned
@@ -801,6 +871,7 @@ def tpu_compile_case(
             layout=layout,
             interpret=False,
             vmem_limit_bytes=vmem_limit(generation),
+            keep_s=keep_s,
             **extra,
         )
 

@@ -132,7 +132,9 @@ def test_kernel_with_tiled_reduction_and_output_in_row_chunks(layout, bias, weig
     two mixed ones, the last of more distinct slots than lanes. ``int8``: the weight is int8 with
     per-output-channel scales, each output tile scaled by its own channels'. ``fused``: x is SiLU(gate) * up
     times RMSNorm's row and column factors (in pieces of 8 rows, kept for the shrink), and a residual is
-    added in the write; the reference is float64 numpy."""
+    added in the write; the reference is float64 numpy. The first case runs the training kernel (``keep_s``):
+    its shrink output is each token's own scaled shrink, zeros in the block without adapters and for tokens
+    without adapter, across the blocks of one adapter and of more slots than lanes."""
     rng = np.random.default_rng(0)
     num_tokens, hidden, out_dim, rank, num_slots, lanes = 128, 256, 384, 16, 6, 4
     x = jnp.asarray(rng.standard_normal((num_tokens, hidden)), jnp.float32)
@@ -158,10 +160,19 @@ def test_kernel_with_tiled_reduction_and_output_in_row_chunks(layout, bias, weig
         x_read = jnp.asarray(gate / (1 + np.exp(-gate)) * up * row[:, None] * col, jnp.float32)
         extra = {"up": up, "row_scale": row, "col_scale": col, "residual": res}
         extra = {key: jnp.asarray(value, jnp.float32) for key, value in extra.items()}
+    keep_s = (layout, bias, weight) == ("out_in", True, "float")
     out = fused_base.linear_lora(
         x, q if weight == "int8" else w, b, a, lb, meta, scaling=0.5, block_sizes=sizes, lanes=lanes, layout=layout,
-        interpret=True, row_chunk_rows=16, **extra,
+        interpret=True, row_chunk_rows=16, keep_s=keep_s, **extra,
     )  # fmt: skip
+    if keep_s:
+        out, s = out
+        x64, a64, slots = np.asarray(x, np.float64), np.asarray(a, np.float64), np.asarray(idx)
+        own = (slots >= 0) & (slots < num_slots)
+        shrink = 0.5 * np.einsum("tk,trk->tr", x64, a64[np.where(own, slots, 0)])
+        expected_s = np.where(own[:, None], shrink, 0.0)
+        np.testing.assert_allclose(np.asarray(s), expected_s, atol=1e-5, rtol=1e-5)
+        assert not np.asarray(s)[~own].any()
     expected = jnp_reference.linear_lora(x_read, w, b, a, lb, idx, 0.5, layout) + extra.get("residual", 0.0)
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-4, rtol=1e-4)
 
@@ -171,7 +182,10 @@ def test_chunks_share_one_shrink_tile_with_their_tokens_interleaved():
     distinct slots and tokens without adapter, interleaved token by token (every 16-row chunk holds
     tokens of all four lane chunks), over two reduction tiles (each chunk's sum accumulates across k in
     its own tokens' rows only) and two output tiles; one slot's B holds an Inf, so its tokens are NaN in that
-    output tile, and every other value equals the float64 reference (no chunk's rows leak into another's)."""
+    output tile, and every other value equals the float64 reference (no chunk's rows leak into another's).
+    The training kernel (``keep_s``) runs it: its second output, written at the first output tile's last
+    reduction step and kept over the second, is each token's own shrink (rounded as the expand reads it,
+    finite for the poisoned slot too: the Inf is in B) and zero for tokens without adapter."""
     rng = np.random.default_rng(1)
     num_tokens, hidden, out_dim, rank, num_slots, lanes = 64, 256, 256, 8, 9, 2
     x = rng.standard_normal((num_tokens, hidden))
@@ -185,19 +199,23 @@ def test_chunks_share_one_shrink_tile_with_their_tokens_interleaved():
     assert [int(c) for c in meta.chunks] == [4, 4]
     sizes = BlockSizes(tokens=32, hidden=128, out=128)
     f32 = [jnp.asarray(v, jnp.float32) for v in (x, w, a, lb)]
-    out = fused_base.linear_lora(
+    out, s = fused_base.linear_lora(
         f32[0], f32[1], None, f32[2], f32[3], meta, scaling=0.5, block_sizes=sizes, lanes=lanes, layout="out_in",
-        interpret=True, row_chunk_rows=16,
+        interpret=True, row_chunk_rows=16, keep_s=True,
     )  # fmt: skip
     out = np.asarray(out, np.float64)
+    assert s.shape == (num_tokens, rank) and s.dtype == jnp.float32
     poisoned = idx == 5
     assert np.isnan(out[poisoned, 128:]).all()  # the output tile whose B tile held the Inf
-    expected = x @ w.T
+    expected, expected_s = x @ w.T, np.zeros((num_tokens, rank))
     for t, slot in enumerate(idx):
         if slot >= 0:
             shrink = np.asarray(jnp.asarray(0.5 * x[t] @ a[slot].T, jnp.float32), np.float64)
+            expected_s[t] = shrink
             with np.errstate(invalid="ignore"):
                 expected[t] += shrink @ lb[slot]
+    np.testing.assert_allclose(np.asarray(s, np.float64), expected_s, atol=1e-5, rtol=1e-5)
+    assert not np.asarray(s)[idx < 0].any()  # tokens without adapter: exact zeros
     np.testing.assert_allclose(out[~poisoned], expected[~poisoned], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(out[poisoned, :128], expected[poisoned, :128], atol=1e-4, rtol=1e-4)
 

@@ -54,6 +54,11 @@ LINEAR_FUSED_SAMPLE = [
     tpu_grid.linear_fused_config("v4", "int8", 300, 16, "llama3-8b", "down_proj"),
     tpu_grid.linear_fused_config("v5p", "int8", 64, 16, "qwen2-0.5b", "q_proj"),
 ]
+# The training variant of the fused base kernel, which also writes s for the backward: Llama-3-8B's q_proj at T = 1024
+# on v6e (about 3 s of libtpu compilation).
+LINEAR_TRAIN_SAMPLE = [
+    tpu_grid.Config("v6e", "linear_train", "keep_s", "bfloat16", 1024, 8, 16, "llama3-8b", "q_proj", 4096, 4096)
+]
 # The fused kernel over an expert layer's lane-padded slots at gpt-oss-20b's widths (2880 -> 2880, not multiples
 # of 128; 2880 -> 5760 in 1,920-wide output tiles); ``bench tpu_compile --kernels fused`` compiles both projections
 # on both chips (tpu_grid.expert_lora_grid).
@@ -67,7 +72,7 @@ SETUP = Path(__file__).resolve().parent.parent / "setup.py"
 @pytest.fixture(scope="module")
 def compiled() -> tpu_compile.Run:
     """One worker run over the whole sample and the expert layers."""
-    configs = SAMPLE + MOE_SAMPLE + POOLED_SAMPLE + LINEAR_FUSED_SAMPLE + EXPERT_LORA_SAMPLE
+    configs = SAMPLE + MOE_SAMPLE + POOLED_SAMPLE + LINEAR_FUSED_SAMPLE + LINEAR_TRAIN_SAMPLE + EXPERT_LORA_SAMPLE
     run = tpu_compile.run(configs, timeout=3000)
     assert run.libtpu is not None, "libtpu is not installed: pip install -e '.[test]' installs the pinned release"
     expected = len(configs)
@@ -170,6 +175,22 @@ def test_linear_fused_compiles_and_is_counted_by_its_estimate(config, compiled):
     (result,) = [r for r in compiled.results if r["name"] == config.name]
     assert result["ok"], result.get("error")
     assert result["vmem_estimate"] <= result["vmem_limit"]
+    estimate, cost = result["estimate"], result["cost"]
+    assert estimate["flops"] <= cost["flops"] <= estimate["flops"] * 1.001, result["name"]
+    assert cost["bytes accessed"] >= estimate["bytes accessed"], result["name"]
+
+
+@pytest.mark.parametrize("config", LINEAR_TRAIN_SAMPLE, ids=lambda c: c.name)
+def test_linear_train_compiles_writing_s_and_is_counted_by_its_estimate(config, compiled):
+    """The training kernel (``keep_s``) compiles for the chip within its VMEM estimate, returns the output and
+    s ([T, N] and [T, R] in bf16: libtpu's output bytes), and libtpu counts it by its declared cost (flops within
+    0.1%, bytes at least, the s write included in them)."""
+    (result,) = [r for r in compiled.results if r["name"] == config.name]
+    assert result["ok"], result.get("error")
+    assert result["vmem_estimate"] <= result["vmem_limit"]
+    (tokens, out_dim), (_, rank) = result["outputs"]
+    assert (out_dim, rank) == (config.out_features, config.rank)
+    assert result["memory"]["output"] >= 2 * tokens * (out_dim + rank)
     estimate, cost = result["estimate"], result["cost"]
     assert estimate["flops"] <= cost["flops"] <= estimate["flops"] * 1.001, result["name"]
     assert cost["bytes accessed"] >= estimate["bytes accessed"], result["name"]

@@ -343,6 +343,30 @@ def build_linear_fused(cfg: Config, sds):
 BUILDERS["linear_fused"] = build_linear_fused
 
 
+def build_linear_train(cfg: Config, sds):
+    """The fused base kernel of training, which also writes each token's shrink ``s`` for the backward
+    (``fused_base.tpu_compile_case(..., keep_s=True)``: nn.Linear's layout, no bias, metadata built on the device)."""
+    dtype = jnp.dtype(cfg.dtype)
+    tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
+    fn, shapes = fused_base.tpu_compile_case(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, keep_s=True)
+    sizes, lanes = fused_base.plan(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, False, keep_s=True)
+    padded = sizes.padded_tokens(tokens)
+    estimate = fused_base.cost_estimate(padded, d_in, d_out, rank, slots, dtype, sizes, lanes, keep_s=True)
+    info = {
+        "block": dataclasses.asdict(sizes),
+        "lanes": lanes,
+        "path": "fused_base_keep_s",
+        "vmem_estimate": fused_base.vmem_bytes(sizes, rank, slots, lanes, dtype, False, keep_s=True),
+        "vmem_limit": fused_base.vmem_limit(cfg.chip),
+        "estimate": {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
+        "outputs": [[padded, d_out], [padded, rank]],
+    }
+    return fn, [sds(a.shape, a.dtype) for a in shapes], info
+
+
+BUILDERS["linear_train"] = build_linear_train
+
+
 def compile_one(cfg: Config, pin_ir_version: bool = True) -> dict:
     """Lower and compile one configuration for its chip; the result as a JSON-able dict."""
     result = {"name": cfg.name, "config": dataclasses.asdict(cfg), "ok": False}
