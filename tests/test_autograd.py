@@ -102,6 +102,12 @@ CASES = {
         ("x", "w", None, "a", "b", "idx", SCALING, "in_out", "backend", None, False),
         lambda t, idx: t["x"] @ t["w"] + _lora(t["x"], t["a"], t["b"], idx, SCALING),
     ),
+    "linear_lora_train": Case(  # its output; s (not differentiable) is checked in its own test
+        {"x": (D,), "w": (DOUT, D), "bias": (DOUT,), "a": (L, R, D), "b": (L, R, DOUT)},
+        OPS.linear_lora_train,
+        ("x", "w", "bias", "a", "b", "idx", SCALING, "out_in", "backend", None, False),
+        lambda t, idx: t["x"] @ t["w"].T + t["bias"] + _lora(t["x"], t["a"], t["b"], idx, SCALING),
+    ),
     "bgmv_weight_grad": Case(
         {"left": (R,), "right": (D,)},
         OPS.bgmv_weight_grad,
@@ -124,7 +130,7 @@ def _call(case: Case, tensors: dict[str, torch.Tensor], idx: torch.Tensor, backe
         return case.plain(tensors, idx)
     named = {**tensors, "idx": idx, "backend": backend}
     out = case.op(*(named[a] if isinstance(a, str) and a in named else a for a in case.args))
-    return out[0] if isinstance(out, tuple) else out  # bgmv_shrink_expand_train: (out, s)
+    return out[0] if isinstance(out, tuple) else out  # the training forwards: (out, s)
 
 
 def _tensors(name: str, num_tokens: int, dtype=torch.float64, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -459,6 +465,45 @@ def test_train_forward_keeps_s(on_xla, request):
     assert log.names.count("xla_lora.bgmv_lora_grads") == 1 and "xla_lora.bgmv_shrink" not in log.names, log.names
 
 
+@pytest.mark.parametrize(("on_xla", "backend"), [(False, "auto"), (True, "xla"), (True, "pallas")])
+def test_linear_train_keeps_s_and_its_gradients_are_linear_lora_s(on_xla, backend, request):
+    """linear_lora_train's s is scaling * A[i_t] x[t] (float64 math; exact zeros for rows outside [0, L)) and
+    its output is linear_lora's; its gradients equal linear_lora's (which recomputes s) and float64 math,
+    and its backward hands s to the fused backward op rather than recomputing it (one bgmv_lora_grads, no
+    shrink). "pallas": the fused base kernel writing s (interpret mode off TPU)."""
+    device = request.getfixturevalue("xla_device") if on_xla else torch.device("cpu")
+    case, idx = CASES["linear_lora_train"], _indices("blocks")
+    tensors = _tensors("linear_lora_train", len(idx), torch.float32)
+    grad_out, expected = _expected(case, tensors, idx)
+    t, dev_idx = _on(tensors, device), idx.to(device)
+    operands = (t["x"], t["w"], t["bias"], t["a"], t["b"], dev_idx, SCALING, "out_in", backend)
+    out, s = OPS.linear_lora_train(*operands, None, False)
+    without = (idx < 0) | (idx >= L)
+    t64 = {k: v.double() for k, v in tensors.items()}
+    expected_s = SCALING * torch.einsum("trd,td->tr", _gathered(t64["a"], idx), t64["x"])
+    assert s.shape == (len(idx), R) and s.dtype == torch.float32 and not s.requires_grad
+    assert (s.cpu()[without] == 0).all()
+    assert_close(s.cpu(), expected_s, torch.float32)
+    assert_close(out.cpu(), OPS.linear_lora(*operands, None, False).cpu().double(), torch.float32)
+    grads = {}
+    for name in ("linear_lora_train", "linear_lora_out_in"):
+        leaves = {k: v.detach().requires_grad_() for k, v in t.items()}
+        out = _call(CASES[name], leaves, dev_idx, backend)
+        log = _OpLog()
+        with log:
+            grads[name] = torch.autograd.grad(out, list(leaves.values()), grad_out.to(device))
+        (call,) = [args for op, args in log.calls if op == "xla_lora.bgmv_lora_grads"]
+        assert "xla_lora.bgmv_shrink" not in log.names, log.names
+        saved_s = call[8] if len(call) > 8 else None  # (grad, inputs, a, b, indices, scaling, with_dx, backend, s)
+        if name == "linear_lora_train":  # the forward's own s, not a recomputed one
+            assert saved_s is s or torch.equal(saved_s.cpu(), s.cpu()), log.names
+        else:
+            assert saved_s is None
+    for key, kept, recomputed in zip(t, *grads.values(), strict=True):
+        assert_close(kept.cpu(), recomputed.cpu().double(), torch.float32)
+        assert_close(kept.cpu(), expected[key], torch.float32)
+
+
 def test_layers_run_the_train_forward_with_grad_only(xla_device):
     """On the XLA-native backend the layers' LoRA runs bgmv_shrink_expand_train when grad is enabled and the
     slot tensors need gradients, and the serving op otherwise (no_grad, frozen slots, or CPU tensors)."""
@@ -490,9 +535,11 @@ class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.names: list[str] = []
+        self.calls: list[tuple[str, tuple]] = []  # (name, positional arguments)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func.overloadpacket))
+        self.calls.append((self.names[-1], args))
         return func(*args, **(kwargs or {}))
 
 

@@ -138,14 +138,33 @@ MIX = ["t0", "t1", None, "t2", "t1", "t0"]
 
 
 @pytest.mark.parametrize(
-    "arch,on_xla", [("llama", False), ("llama", True), ("gpt2", False), ("qwen2", False)],
-    ids=["llama-cpu", "llama-xla", "gpt2-cpu", "qwen2-cpu"],
+    "arch,on_xla", [("llama", False), ("llama", True), ("gpt2", False), ("qwen2", False), ("llama", "fused")],
+    ids=["llama-cpu", "llama-xla", "gpt2-cpu", "qwen2-cpu", "llama-xla-base-fusion"],
 )  # fmt: skip
-def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device):
+def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypatch):
+    """``llama-xla-base-fusion``: every projection runs base and LoRA as one op (``base_fusion=True``, the decoders
+    arranged), in training ``linear_lora_train`` (not the arrangement's ``linear_lora_fused``), whose backward
+    takes the s its forward kept."""
     device = xla_device if on_xla else torch.device("cpu")
     tenants = ARCHS[arch][2]
     mix = [n if n is None or n in tenants else "t0" for n in MIX]
-    lora = _patched(device, arch=arch)
+    config = {"base_fusion": True, "backend": "xla"} if on_xla == "fused" else {}
+    lora = _patched(device, arch=arch, **config)
+    keeps = []
+    if on_xla == "fused":
+        from torch_xla_lora.layers import linear
+        from torch_xla_lora.ops import _linear_fused
+
+        def spy(*args, **kwargs):
+            keeps.append(linear_keeps_s(*args, **kwargs))
+            return keeps[-1]
+
+        def unexpected(*args, **kwargs):
+            raise AssertionError("linear_lora_fused ran in a training forward that keeps s")
+
+        linear_keeps_s = linear._keeps_s
+        monkeypatch.setattr(linear, "_keeps_s", spy)
+        monkeypatch.setattr(_linear_fused, "linear_lora_fused", unexpected)
     _create(lora, tenants)
     peft_model = _peft(lora, arch)
     ids, targets = _batch(0, len(mix))
@@ -155,6 +174,8 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device):
     loss.backward()
     if on_xla:
         torch_xla.sync()
+    if on_xla == "fused":  # every layer ran linear_lora_train (the arranged ones asked first, then declined)
+        assert lora.fused_decoders and all(keeps) and len(keeps) > len(lora.layers), keeps
     for name in tenants:
         rows = [i for i, n in enumerate(mix) if n == name]
         expected = _peft_grads(peft_model, name, ids[rows], targets[rows])

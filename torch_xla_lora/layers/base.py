@@ -376,19 +376,32 @@ def fused_lora(
     return out.to(y.dtype)
 
 
-#: Run ``bgmv_shrink_expand_train`` where :func:`_keeps_s` says so; False: the serving op (``s`` recomputed in
-#: the backward), as ``python -m torch_xla_lora.bench train`` measures for comparison.
+#: Run the training forwards (``bgmv_shrink_expand_train``, ``linear_lora_train``) where :func:`_keeps_s` says
+#: so; False: the serving ops (``s`` recomputed in the backward), as ``python -m torch_xla_lora.bench train``
+#: measures for comparison.
 TRAIN_FORWARD = True
 
 
-def _keeps_s(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, backend: str) -> bool:
-    """Whether :func:`fused_lora` runs ``bgmv_shrink_expand_train``: grad enabled, both slot tensors needing
-    gradients (trainable adapters) and the XLA-native formulation (off TPU, or ``backend="xla"``), where
-    sorting the rows by slot and keeping ``s`` beats the serving forward plus a recomputed ``s``."""
+def _keeps_s(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, backend: str, fused_base: bool = False
+) -> bool:
+    """Whether the layer's LoRA runs its training forward, which keeps ``s`` for the backward: grad enabled,
+    both slot tensors needing gradients (trainable adapters), on the XLA device, and
+
+    - for :func:`fused_lora` (``bgmv_shrink_expand_train``), the XLA-native formulation (off TPU, or
+      ``backend="xla"``), where sorting the rows by slot and keeping ``s`` beats the serving forward plus a
+      recomputed ``s`` (on TPU the serving fused kernel does not write ``s``, and a shrink of its own costs
+      what the backward's recompute does);
+    - for ``linear_lora`` (``fused_base``: ``linear_lora_train``), every backend: on TPU its kernel writes
+      ``s`` beside the output ([T, R] more, no pass over x of its own), elsewhere the XLA-native forward
+      as above.
+    """
     if not TRAIN_FORWARD or x.device.type != "xla":
         return False
     if not (torch.is_grad_enabled() and lora_a.requires_grad and lora_b.requires_grad):
         return False
+    if fused_base:
+        return True
     from torch_xla_lora import ops
 
     return backend == "xla" or (backend == "auto" and ops.device_generation() == "cpu")

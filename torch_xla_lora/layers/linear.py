@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from torch_xla_lora.formulation import FusionRole
-from torch_xla_lora.layers.base import BaseLayerWithLoRA
+from torch_xla_lora.layers.base import BaseLayerWithLoRA, _keeps_s
 
 
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
@@ -241,8 +241,10 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         ``x`` [..., in] is the gate when ``up`` is given (the layer's input is ``SiLU(x) * up``); ``row_scale``
         [...] float32 and ``col_scale`` [in] scale x as RMSNorm does; ``residual`` [..., out] is added to the
         output. Used by :mod:`torch_xla_lora.layers.fusion` for Llama-family decoder layers: off a mesh,
-        when this call's :meth:`formulation` is "fused" and no trainable adapter's dropout changes the
-        LoRA's input.
+        when this call's :meth:`formulation` is "fused", no trainable adapter's dropout changes the
+        LoRA's input, and the call is not a training forward that keeps ``s`` (:func:`_keeps_s`: there
+        ``linear_lora_train`` runs on the producer's output, and the backward takes its ``s``, where
+        ``linear_lora_fused``'s backward would run ``linear_lora``'s forward again, base product included).
         """
         if self.tensor_parallel is not None:
             return None
@@ -250,6 +252,9 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         if slots is None or self.formulation(x) != "fused":
             return None
         if self.training and any(m.dropout > 0 for m in self.trainable.values()):
+            return None
+        lora_a, lora_b = self.slot_factors()
+        if _keeps_s(x, lora_a, lora_b, self.backend, fused_base=True):
             return None
         if col_scale is not None and col_scale.dtype != x.dtype:
             return None
@@ -266,7 +271,6 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         own = metadata is not None  # built for the plain kernel's plan; the op checks it is this one's
         if not own:
             metadata = self.context.metadata.get(shape)
-        lora_a, lora_b = self.slot_factors()
         out = linear_lora_fused(
             x2,
             self.base_layer.weight,
@@ -315,19 +319,11 @@ class LinearWithLoRA(BaseLayerWithLoRA):
                 own_metadata=own,
             )
             return out.reshape(*x.shape[:-1], self.out_features)
-        out = torch.ops.xla_lora.linear_lora(
-            x2,
-            self.base_layer.weight,
-            self.base_layer.bias,
-            lora_a,
-            lora_b,
-            slots,
-            1.0,
-            self.weight_layout,
-            self.backend,
-            metadata,
-            own,
-        )
+        operands = (x2, self.base_layer.weight, self.base_layer.bias, lora_a, lora_b, slots, 1.0, self.weight_layout)
+        if _keeps_s(x2, lora_a, lora_b, self.backend, fused_base=True):  # training: s kept for the backward
+            out, _ = torch.ops.xla_lora.linear_lora_train(*operands, self.backend, metadata, own)
+        else:
+            out = torch.ops.xla_lora.linear_lora(*operands, self.backend, metadata, own)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 

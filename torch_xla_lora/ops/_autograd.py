@@ -21,8 +21,9 @@ The rounding of the rank intermediate to lora_b's dtype (shrink_expand,
 linear_lora) is treated as the identity (straight-through), as autograd does
 for a dtype cast; the intermediate is recomputed by a shrink when ``lora_b``
 needs its gradient, except after ``bgmv_shrink_expand_train`` (the training
-forward the layers run on the XLA-native backend), which returns it and whose
-backward hands it to ``bgmv_lora_grads``. The host ``metadata``
+forward the layers run on the XLA-native backend) and ``linear_lora_train`` (``linear_lora``'s training
+variant, whose fused base kernel writes it on TPU), which return it and whose backwards hand it to
+``bgmv_lora_grads``. The host ``metadata``
 of the fused ops is not used by the backward: its shrinks and expands group the
 tokens on the device.
 
@@ -189,15 +190,16 @@ def _shrink_expand_train_backward(ctx, grad: torch.Tensor, _grad_s: torch.Tensor
 #                metadata, own_metadata) -------------------------------------------------------------
 
 
-def _linear_setup(ctx, inputs, output) -> None:
+def _linear_setup(ctx, inputs, output, s: torch.Tensor | None = None) -> None:
     x, weight, bias, lora_a, lora_b, indices, scaling, layout, backend, _, _ = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, indices)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, indices, s)  # s: linear_lora_train's, else None
     ctx.scaling, ctx.layout, ctx.backend = scaling, layout, backend
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _linear_backward(ctx, grad: torch.Tensor):
-    x, weight, lora_a, lora_b, indices = ctx.saved_tensors
+    """``linear_lora``'s backward (and ``linear_lora_train``'s, which saved its s: not recomputed)."""
+    x, weight, lora_a, lora_b, indices, saved_s = ctx.saved_tensors
     need = ctx.needs_input_grad
     out_in = ctx.layout == "out_in"  # weight [N, K]; else [K, N]
     dx = d_weight = d_bias = None
@@ -213,8 +215,20 @@ def _linear_backward(ctx, grad: torch.Tensor):
         d_weight = grad.T @ x if out_in else x.T @ grad
     if need[2] and ctx.bias_dtype is not None:
         d_bias = grad.sum(0, dtype=torch.promote_types(grad.dtype, torch.float32)).to(ctx.bias_dtype)
-    _, d_a, d_b = _lora_grads(ctx, grad, x, lora_a, lora_b, indices, None, False, need[3], need[4])
+    _, d_a, d_b = _lora_grads(ctx, grad, x, lora_a, lora_b, indices, None, False, need[3], need[4], saved_s)
     return dx, d_weight, d_bias, d_a, d_b, *_no_grads(6)
+
+
+# -- linear_lora_train(the arguments of linear_lora) -> (out, s) ----------------------------------------
+
+
+def _linear_train_setup(ctx, inputs, output) -> None:
+    _linear_setup(ctx, inputs, output[0], output[1])
+    ctx.mark_non_differentiable(output[1])  # s: an intermediate kept for the backward, not a result
+
+
+def _linear_train_backward(ctx, grad: torch.Tensor, _grad_s: torch.Tensor | None):
+    return _linear_backward(ctx, grad)
 
 
 # -- bgmv_weight_grad(left, right, lora_indices, num_slots, scaling, backend): differentiable too ----
@@ -244,6 +258,7 @@ for _name, _backward, _setup in (
     ("bgmv_shrink_expand", _shrink_expand_backward, _shrink_expand_setup),
     ("bgmv_shrink_expand_train", _shrink_expand_train_backward, _shrink_expand_train_setup),
     ("linear_lora", _linear_backward, _linear_setup),
+    ("linear_lora_train", _linear_train_backward, _linear_train_setup),
     ("bgmv_weight_grad", _weight_grad_backward, _weight_grad_setup),
 ):
     torch.library.register_autograd(f"xla_lora::{_name}", _backward, setup_context=_setup)

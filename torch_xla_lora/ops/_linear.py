@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from torch_xla_lora.kernels import fused, fused_base, visits
 from torch_xla_lora.ops._jax import _CACHE_SIZE, _pad_rows, _padded_indices, plan_metadata, shrink_expand_fn
+from torch_xla_lora.ops._lora_grads_jax import xla_forward
 
 
 def _base_product(x, weight, bias, layout: str, weight_scale=None):
@@ -173,6 +174,80 @@ def linear_lora_fn(
             return lora(x, lora_a, lora_b, base.astype(x.dtype), indices, *extra)
         # XLA-native: the LoRA adds into the f32 product, so bias, LoRA and the cast are one pass.
         return lora(x, lora_a, lora_b, base, indices, *extra).astype(x.dtype)
+
+    return fn
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def linear_lora_train_fn(
+    backend: str,
+    generation: str,
+    scaling: float,
+    layout: str,
+    has_bias: bool,
+    with_metadata: bool,
+    own_metadata: bool = False,
+) -> Callable:
+    """``linear_lora_fn``'s training variant: ``fn(...same arguments...) -> (out [T, N], s [T, R])``, ``s`` the
+    scaled shrink each token's expand read (lora_b's dtype, zero for tokens without adapter), kept for the
+    backward (``bgmv_lora_grads(saved_s=)``).
+
+    "pallas": the fused base kernel writing ``s`` beside the output (``fused_base.linear_lora(keep_s=True)``,
+    planned with its block); the host metadata serves when the serving kernel's plan (for which it was
+    built) has this one's token block and lanes. Where no tiling fits, and on "xla": the base product in
+    f32, then the XLA-native training forward on rows sorted by slot (``_lora_grads_jax.xla_forward``,
+    what ``bgmv_shrink_expand_train`` runs), the output rounded once.
+    """
+
+    def fn(x, weight, *rest):
+        bias, rest = (rest[0], rest[1:]) if has_bias else (None, rest)
+        lora_a, lora_b, indices = rest[:3]
+        metadata = rest[3] if with_metadata else None
+        num_tokens, hidden = x.shape
+        num_slots, rank, out_dim = lora_b.shape
+        planned = None
+        if backend == "pallas":
+            planned = fused_base.plan(
+                num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation, has_bias, keep_s=True
+            )
+        if planned is not None:
+            sizes, lanes = planned
+            idx = _padded_indices(indices, num_slots, sizes.padded_tokens(num_tokens))
+            serving = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation, has_bias)
+            own = own_metadata and serving is not None and (serving[0].tokens, serving[1]) == (sizes.tokens, lanes)
+            meta = _lane_meta(
+                None if own_metadata and not own else metadata,
+                idx,
+                num_slots,
+                sizes,
+                lanes,
+                num_tokens,
+                hidden,
+                out_dim,
+                rank,
+                x.dtype,
+                generation,
+                own,
+            )
+            out, s = fused_base.linear_lora(
+                _pad_rows(x, idx.shape[0]),
+                weight,
+                bias,
+                lora_a,
+                lora_b,
+                meta,
+                scaling=scaling,
+                block_sizes=sizes,
+                lanes=lanes,
+                layout=layout,
+                interpret=generation == "cpu",
+                vmem_limit_bytes=fused_base.vmem_limit(generation),
+                keep_s=True,
+            )
+            return out[:num_tokens], s[:num_tokens].astype(lora_b.dtype)
+        base = _base_product(x, weight, bias, layout)
+        out, s = xla_forward(x, lora_a, lora_b, base, indices, scaling=scaling)
+        return out.astype(x.dtype), s
 
     return fn
 

@@ -182,3 +182,69 @@ def _(inputs, lora_a, lora_b, base, lora_indices, scaling=1.0, backend="auto"):
     _validate.backend(backend)
     _validate.scaling(scaling)
     return torch.empty_like(base), inputs.new_empty((inputs.shape[0], lora_b.shape[1]), dtype=lora_b.dtype)
+
+
+@torch.library.custom_op("xla_lora::linear_lora_train", mutates_args=())
+def _linear_lora_train(
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    scaling: float = 1.0,
+    weight_layout: str = "out_in",
+    backend: str = "auto",
+    metadata: torch.Tensor | None = None,
+    own_metadata: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.xla_lora.linear_lora_train``: ``linear_lora``'s output and the rank intermediate
+    ``s[t] = scaling * A[i_t] x[t]`` ([T, R], lora_b's dtype, zero for tokens outside [0, L)), which its
+    backward (``ops/_autograd.py``) hands to ``bgmv_lora_grads`` instead of recomputing it.
+
+    The layers run it in training (grad enabled, slot weights that need gradients) where ``linear_lora``
+    would run. With backend "pallas" the fused base kernel writes ``s`` beside the output
+    (``kernels/fused_base.py``, ``keep_s``: [T, R] more written, no pass of its own); on "xla" (and where
+    no tiling fits) the base product, then the XLA-native training forward on rows sorted by slot, as
+    ``bgmv_shrink_expand_train`` runs it. ``s`` is not differentiable (its autograd marks it so).
+    Arguments and checks: those of ``linear_lora``.
+    """
+    _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
+    _validate.backend(backend)
+    _validate.scaling(scaling)
+    _validate.metadata(metadata, inputs.device)
+    if inputs.device.type != "xla" or _validate.degenerate(*lora_a.shape, *lora_b.shape):
+        out = reference.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout)
+        return out, reference.bgmv_shrink(inputs, lora_a, lora_indices, scaling).to(lora_b.dtype)
+    from torch_xla_lora.ops import _backend, _call_jax, _linear
+
+    name, generation = _backend(backend)
+    with_metadata = metadata is not None
+    fn = _linear.linear_lora_train_fn(
+        name, generation, float(scaling), weight_layout, bias is not None, with_metadata, with_metadata and own_metadata
+    )
+    args = (inputs, weight) + ((bias,) if bias is not None else ()) + (lora_a, lora_b, lora_indices)
+    out, s = _call_jax(fn, *args, *(() if metadata is None else (metadata,)))
+    return out, s
+
+
+@_linear_lora_train.register_fake
+def _(
+    inputs,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    lora_indices,
+    scaling=1.0,
+    weight_layout="out_in",
+    backend="auto",
+    metadata=None,
+    own_metadata=False,
+):
+    _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
+    _validate.backend(backend)
+    _validate.scaling(scaling)
+    _validate.metadata(metadata, inputs.device)
+    out = inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
+    return out, inputs.new_empty((inputs.shape[0], lora_b.shape[1]), dtype=lora_b.dtype)
