@@ -187,3 +187,33 @@ def test_train_step_model_one_hot_grows_with_slots_ours_does_not():
     assert few["base"] == pytest.approx(gemms)
     assert few["ratio_ours"] == pytest.approx(few["ours"] / few["base"])
     assert few["overhead_vs_onehot"] == pytest.approx((few["ours"] - few["base"]) / (few["onehot"] - few["base"]))
+
+
+def test_train_step_model_keeps_s_where_the_training_forward_does():
+    """Ours keeps ``s`` from the forward where the layers' training forward keeps it: a projection on
+    ``linear_lora`` pays its kernel writing s (the walk of the keep_s kernel: exactly one bf16 [T, R] write
+    more under the same plan) and no recomputing shrink, the XLA-native one no shrink either, a projection on
+    the separate kernels still recomputes it; the serving forwards' figure recomputes every s."""
+    chip = tpu_model.CHIPS["v6e"]
+    rank, slots = 16, 8
+    layer = tpu_train_model.llama_layer(2048, 5632, 32, 4)
+    indices = tpu_train_model.interleaved_rows(16, 512, slots)
+    serving = tpu_model.fused_base_cost(chip, indices, 2048, 2048, rank, slots)
+    training = tpu_model.fused_base_cost(chip, indices, 2048, 2048, rank, slots, keep_s=True)
+    assert (serving.steps, serving.mxu_flops) == (training.steps, training.mxu_flops)  # the same plan here
+    assert training.pipelined_bytes - serving.pipelined_bytes == len(indices) * rank * 2
+    costs = tpu_train_model.train_step_costs(chip, indices, layer, rank, slots)
+    roles = tpu_model.llama_roles()
+    recomputed, kept = 0.0, 0.0
+    for name, (fan_in, fan_out, _) in layer.items():
+        operands = tpu_model.llama_fused_reads(name)["operands"]
+        part = tpu_train_model.projection_train_costs(
+            chip, indices, fan_in, fan_out, rank, slots, *roles[name], operands=operands
+        )
+        assert part["recompute_s_kept"] == (part["recompute_s"] if part["forward_choice"] == "separate" else 0.0)
+        if part["forward_choice"] == "fused":
+            assert part["lora_forward_s_kept"] >= part["lora_forward"] * (1 - 1e-12)  # (rounding: MXU-bound here)
+        recomputed += part["lora_forward"] + part["recompute_s"]
+        kept += part["lora_forward_s_kept"] + part["recompute_s_kept"]
+    assert costs["choices"]["q_proj"] == "fused" and costs["parts"]["recompute_s_kept"] < costs["parts"]["recompute_s"]
+    assert costs["ours"] == pytest.approx(costs["ratio_ours_recomputed_s"] * costs["base"] - recomputed + kept)

@@ -209,6 +209,7 @@ def fused_base_cost(
     prologue: str = "",
     residual: bool = False,
     int8_weight: bool = False,
+    keep_s: bool = False,
 ) -> Cost | None:
     """Cost of ``linear_lora``'s fused kernel (bf16): its own grid (token block, output tile, reduction tile)
     walked step by step, with ``fused_base.step_work``; None when no tiling fits (the op then falls back).
@@ -216,7 +217,9 @@ def fused_base_cost(
     ``prologue`` ("silu_mul": x is SiLU(gate) * up, two x tiles per step; "norm": RMSNorm's row and
     column factors) and ``residual`` (a [T, N] tile added in the output write): what the kernel takes
     in (``fused_base.Fusion``), its extra operands' traffic walked with the rest. ``int8_weight``: an int8
-    per-channel base read as int8 (one byte an element) with its f32 scales per output tile."""
+    per-channel base read as int8 (one byte an element) with its f32 scales per output tile. ``keep_s``: the
+    training kernel, which also writes s (``fused_base.linear_lora(keep_s=True)``: its plan and its [bt, R] block).
+    """
     import jax.numpy as jnp
 
     from torch_xla_lora.kernels import fused_base, visits
@@ -224,7 +227,9 @@ def fused_base_cost(
     dtype, itemsize = jnp.bfloat16, 2
     num_tokens = len(indices)
     fusion = dataclasses.replace(kernel_fusion(prologue, residual), weight_scale=int8_weight)
-    planned = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, chip.generation, has_bias, fusion)
+    planned = fused_base.plan(
+        num_tokens, hidden, out_dim, rank, num_slots, dtype, chip.generation, has_bias, fusion, keep_s
+    )
     if planned is None:
         return None
     sizes, lanes = planned
@@ -232,9 +237,9 @@ def fused_base_cost(
     padded[:num_tokens] = np.where((indices >= 0) & (indices < num_slots), indices, -1)
     meta = visits.build_lanes(padded, num_slots, sizes.tokens, lanes, xp=np)
     spec = fused_base.grid_spec(
-        len(padded), hidden, out_dim, rank, num_slots, dtype, sizes, lanes, layout, has_bias, fusion
+        len(padded), hidden, out_dim, rank, num_slots, dtype, sizes, lanes, layout, has_bias, fusion, keep_s
     )
-    specs = [*spec.in_specs, spec.out_specs]
+    specs = [*spec.in_specs, *(spec.out_specs if keep_s else [spec.out_specs])]
     # Bytes per element of each spec, in grid_spec's order: the int32 codes, the f32 row scale, an int8 weight
     # and its f32 scales, else bf16.
     widths = [4, itemsize] + [itemsize] * fusion.silu_mul + [4] * fusion.row_scale + [itemsize] * fusion.col_scale

@@ -14,9 +14,12 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
     dx and LoRA's, ``linear_lora``'s kernel with the roles swapped); otherwise ``dx += bgmv_expand(ds,
     A)`` (the expand kernel with A in B's place, priced from its own ``cost_estimate`` byte counts, MXU
     work padded to whole tiles), added to the base's dx;
-  - ``s = bgmv_shrink(x, A)`` recomputed (on a TPU the layers run the serving forward, whose fused
-    kernel does not write ``s``; only the XLA-native training forward ``bgmv_shrink_expand_train``
-    keeps it);
+  - ``s = scaling * x A^T`` kept from the forward where the layer's training forward keeps it: a
+    projection whose forward is ``linear_lora`` runs ``linear_lora_train``, whose kernel writes ``s``
+    beside the output (priced by the kernel's own plan and grid with ``keep_s``: the [T, R] block more),
+    and the XLA-native formulation runs ``bgmv_shrink_expand_train`` (priced as the serving XLA-native
+    op); a projection on the base then the fused LoRA kernel recomputes it (``bgmv_shrink(x, A)``: on TPU
+    that kernel does not write ``s``, and a shrink of its own costs what the backward's does);
   - ds and dB in one pass over g (``shrink_weight_grad``: :func:`g_pass_kernel_cost`, its grid walked);
   - dA: the segmented outer product's Pallas kernel over x (slot-major visits, a slot's f32 tile
     resident across its token blocks: :func:`weight_grad_kernel_cost`, its grid walked);
@@ -25,8 +28,8 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
 
 - ours with the separate backward ops (``ops._autograd.FUSED_BACKWARD = False``): ds by its own shrink
   over g, dA and dB by the weight-gradient kernel (and, for comparison, by the XLA-native op,
-  ``backend="xla"``, :func:`weight_grad_xla_seconds`); ours with ``s`` kept from the forward (not
-  built on TPU, where the fused forward kernel would have to write it: the recomputing shrink left out);
+  ``backend="xla"``, :func:`weight_grad_xla_seconds`); ours with every projection's serving forward and
+  ``s`` recomputed in the backward (``layers.base.TRAIN_FORWARD = False``);
 - what-if: ours with every projection's dx computed in the base's backward pass over g (what
   ``linear_lora``'s backward does for the projections whose forward runs it);
 
@@ -301,10 +304,23 @@ def projection_train_costs(
         chip, indices, hidden, out_dim, rank, num_slots, residual_output, input_share, operands=operands
     )
     choice = tpu_model.cheapest(forward)
+    lora_forward = forward[choice] - forward["base"]
+    recompute_s = shrink_seconds(chip, indices, hidden, rank, num_slots)
+    # The training forward: linear_lora's kernel writing s too (its own plan with the [bt, R] block: the
+    # difference to the serving kernel's walk), the XLA-native one keeping s; the separate kernels recompute s.
+    kept_forward, kept_recompute = lora_forward, recompute_s
+    if choice == "fused":
+        serving = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots)
+        training = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots, keep_s=True)
+        if serving is not None and training is not None:
+            kept_forward, kept_recompute = lora_forward + training.seconds - serving.seconds, 0.0
+    elif choice == "xla_native":
+        kept_recompute = 0.0
     return {
         "base_forward": forward["base"],
         "base_backward": base_backward,
-        "lora_forward": forward[choice] - forward["base"],
+        "lora_forward": lora_forward,
+        "lora_forward_s_kept": kept_forward,
         "forward_choice": choice,
         "lora_dx": one_pass_dx if choice == "fused" else separate_dx,  # linear_lora's backward: one pass
         "lora_dx_one_pass": one_pass_dx,
@@ -313,7 +329,8 @@ def projection_train_costs(
         "fused_dx": one_pass_dx - ds if choice == "fused" else separate_dx - ds,
         "fused_g_pass": g_pass_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds,
         "fused_weight_grad_a": weight_grad_kernel_cost(chip, indices, rank, hidden, num_slots).seconds,
-        "recompute_s": shrink_seconds(chip, indices, hidden, rank, num_slots),
+        "recompute_s": recompute_s,
+        "recompute_s_kept": kept_recompute,  # where the training forward does not keep s
         "weight_grad_kernel": weight_grad_kernel_cost(chip, indices, rank, hidden, num_slots).seconds
         + weight_grad_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds,
         "weight_grad_xla": weight_grad_xla_seconds(chip, indices, rank, hidden, num_slots)
@@ -338,10 +355,11 @@ def train_step_costs(
 
     ``layer``: name -> (in, out, input group), as :func:`llama_layer`; the projections' roles (residual
     outputs, shared inputs) are Llama's (:func:`tpu_model.llama_roles`). Keys: ``base`` (the floor (a)),
-    ``ours`` (the fused backward), ``ours_separate`` (the separate backward ops, the weight gradients by
-    their Pallas kernel), ``ours_xla_weight_grad`` (separate, by the XLA-native op), ``onehot``; ``ratio_*``
-    to base (``ratio_ours_s_kept``: ours without the recomputed ``s``; ``ratio_ours_one_pass_dx``: the
-    separate ops with every projection's LoRA dx in the base's backward pass over g); ``overhead_vs_onehot*``
+    ``ours`` (the training forwards keeping ``s`` where they do, the fused backward), ``ours_separate``
+    (the separate backward ops, the weight gradients by their Pallas kernel), ``ours_xla_weight_grad``
+    (separate, by the XLA-native op), ``onehot``; ``ratio_*`` to base (``ratio_ours_recomputed_s``: ours with
+    the serving forwards, every ``s`` recomputed; ``ratio_ours_one_pass_dx``: the separate ops with every
+    projection's LoRA dx in the base's backward pass over g); ``overhead_vs_onehot*``
     (an overhead over base divided by the one-hot's), ``parts`` (each part summed over the projections)
     and ``choices``.
     """
@@ -358,12 +376,14 @@ def train_step_costs(
         for key, value in costs.items():
             parts[key] = parts.get(key, 0.0) + value
     base = parts["base_forward"] + parts["base_backward"]
-    shared = parts["lora_forward"] + parts["lora_dx"] + parts["recompute_s"] + parts["slot_assembly"]
+    kept = parts["lora_forward_s_kept"] + parts["recompute_s_kept"]  # the forward and s, as training runs them
+    shared = kept + parts["lora_dx"] + parts["slot_assembly"]
     separate = base + shared + parts["weight_grad_kernel"]
     ours_xla = base + shared + parts["weight_grad_xla"]
     ours_one_pass = separate - parts["lora_dx"] + parts["lora_dx_one_pass"]
-    fused_parts = ("lora_forward", "fused_dx", "recompute_s", "fused_g_pass", "fused_weight_grad_a", "slot_assembly")
-    ours = base + sum(parts[key] for key in fused_parts)
+    fused_parts = ("fused_dx", "fused_g_pass", "fused_weight_grad_a", "slot_assembly")
+    ours = base + kept + sum(parts[key] for key in fused_parts)
+    recomputed = ours - kept + parts["lora_forward"] + parts["recompute_s"]
     onehot = base + parts["onehot_forward"] + parts["onehot_backward"] + parts["slot_assembly"]
     return {
         "base": base,
@@ -375,7 +395,7 @@ def train_step_costs(
         "ratio_ours_separate": separate / base,
         "ratio_ours_xla_weight_grad": ours_xla / base,
         "ratio_ours_one_pass_dx": ours_one_pass / base,
-        "ratio_ours_s_kept": (ours - parts["recompute_s"]) / base,
+        "ratio_ours_recomputed_s": recomputed / base,
         "ratio_onehot": onehot / base,
         "overhead_vs_onehot": (ours - base) / (onehot - base),
         "overhead_vs_onehot_separate": (separate - base) / (onehot - base),
@@ -420,7 +440,7 @@ def format_rows(rows: list[dict]) -> str:
     lines = [
         "| chip | layer (7 projections) | T | (a) base us | ours us | ours / (a) | one-hot / (a) "
         "| ours' overhead / one-hot's | ours / (a), separate backward ops | their overhead / one-hot's "
-        "| ours / (a), s kept from the forward | ours / (a), separate ops, dA/dB by the XLA-native op |",
+        "| ours / (a), s recomputed (serving forwards) | ours / (a), separate ops, dA/dB by the XLA-native op |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -428,6 +448,6 @@ def format_rows(rows: list[dict]) -> str:
             f"| {row['chip']} | {row['layer']} | {row['tokens']} | {row['base'] * 1e6:.0f} | {row['ours'] * 1e6:.0f} "
             f"| {row['ratio_ours']:.3f} | {row['ratio_onehot']:.3f} | {row['overhead_vs_onehot']:.2f} "
             f"| {row['ratio_ours_separate']:.3f} | {row['overhead_vs_onehot_separate']:.2f} "
-            f"| {row['ratio_ours_s_kept']:.3f} | {row['ratio_ours_xla_weight_grad']:.3f} |"
+            f"| {row['ratio_ours_recomputed_s']:.3f} | {row['ratio_ours_xla_weight_grad']:.3f} |"
         )
     return "\n".join(lines)
