@@ -17,6 +17,12 @@ Mosaic IR version:
   ``vmem_limit_bytes``) must compile, and one whose blocks take the limit plus
   64 KiB must be refused ("exceeded scoped vmem limit"): the compiler enforces
   the declared limit, and a kernel may fill it.
+- the kernel among XLA's ops: the copy kernel filling the limit less 64 KiB,
+  fed by an RMSNorm XLA computes and read by an XLA dot and residual add, in
+  one jitted program, must compile: what XLA keeps in VMEM around a custom
+  call still fits beside a kernel that takes all of its declared limit
+  (``python -m torch_xla_lora.bench.fused_base_vmem --layer`` compiles the
+  planned kernels of a whole decoder layer the same way).
 
 Prints one row per check; exits 1 when a capacity differs from the table or a
 check fails, 2 without libtpu (the ``test`` and ``tpu`` extras install it).
@@ -56,7 +62,7 @@ def _compile(chip: str, fn, arg_shape: tuple[int, int]) -> str | None:
     from torch_xla_lora.bench import tpu_compile_worker
     from torch_xla_lora.kernels import mosaic_version
 
-    sharding = jax.sharding.SingleDeviceSharding(tpu_compile_worker._device(chip))
+    sharding = jax.sharding.SingleDeviceSharding(tpu_compile_worker.topology_device(chip))
     try:
         with mosaic_version.pinned_ir_version():
             spec = jax.ShapeDtypeStruct(arg_shape, jnp.float32, sharding=sharding)
@@ -112,6 +118,21 @@ def _copy_kernel(block_bytes: int, limit: int):
     return fn, (rows, 128)
 
 
+def _among_xla_ops(block_bytes: int, limit: int):
+    """(fn, argument shape): the copy kernel of :func:`_copy_kernel` between XLA's ops in one program, an
+    RMSNorm producing its input, a dot and a residual add consuming its output."""
+    import jax
+    import jax.numpy as jnp
+
+    copy, shape = _copy_kernel(block_bytes, limit)
+
+    def fn(x):
+        normed = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+        return copy(normed) @ jnp.full((128, 128), 0.5, jnp.float32) + x
+
+    return fn, shape
+
+
 def _capacity(error: str | None) -> int | None:
     import re
 
@@ -147,6 +168,8 @@ def probe_chip(chip: str) -> list[dict]:
             fn, shape = _copy_kernel((limit + sign * MARGIN) // 2, limit)
             what = f"{name}: blocks = limit {'-' if sign < 0 else '+'} 64 KiB"
             check(what, fn, shape, expect_ok, "exceeded scoped vmem limit", bytes=limit)
+        fn, shape = _among_xla_ops((limit - MARGIN) // 2, limit)
+        check(f"{name}: blocks = limit - 64 KiB, among XLA ops", fn, shape, True, "", bytes=limit)
     return rows
 
 
