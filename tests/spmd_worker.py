@@ -304,13 +304,19 @@ def run_layers(inputs: dict) -> dict:
     result["model_collectives"] = _llama_collectives(inputs["llama"], mesh, inputs["dump_dir"])
     result["scaled_embedding"] = {kind: _scaled_embedding_logits(case, mesh) for kind, case in inputs["scaled"].items()}
     result["divisibility_error"] = _divisibility_error(mesh)
-    result["moe"] = run_moe(inputs["moe"], _mesh((1, 4), ("data", "model")), inputs["dump_dir"])
-    ep_mesh = _mesh((2, 2), ("expert", "model"))
-    result["moe_ep"] = run_moe_expert_parallel(inputs["moe"], ep_mesh, inputs["dump_dir"])
-    result["moe_ep"]["gpt_oss"] = _gpt_oss_expert_parallel(inputs["moe_gpt_oss"], ep_mesh, inputs["dump_dir"])
     result["pool"] = run_pool(inputs["pool"], mesh, inputs["dump_dir"])
     result["quantized"] = run_quantized(inputs["quantized"], _mesh((2, 2), ("data", "model")), inputs["dump_dir"])
     result["serving"] = _serving_compiles(inputs["llama"], mesh)
+    return result
+
+
+def run_moe_meshes(inputs: dict) -> dict:
+    """The MoE scenarios (test_sharding_moe.py): the tiny Mixtral on a (1, 4) data x model mesh, then on a (2, 2)
+    expert x model mesh with the tiny GPT-OSS."""
+    result = {"moe": run_moe(inputs["moe"], _mesh((1, 4), ("data", "model")), inputs["dump_dir"])}
+    ep_mesh = _mesh((2, 2), ("expert", "model"))
+    result["moe_ep"] = run_moe_expert_parallel(inputs["moe"], ep_mesh, inputs["dump_dir"])
+    result["moe_ep"]["gpt_oss"] = _gpt_oss_expert_parallel(inputs["moe_gpt_oss"], ep_mesh, inputs["dump_dir"])
     return result
 
 
@@ -959,6 +965,8 @@ REGION_OPS = tuple(
     for name, obj in vars(regions).items()
     if isinstance(obj, torch.library.CustomOpDef) and not name.startswith("_")
 )
+#: The expert regions, opchecked on the MoE worker's calls (test_sharding_moe.py); the others in test_sharding.py.
+MOE_REGION_OPS = ("sharded_grouped_matmul", "sharded_grouped_matmul_backward")
 #: Region ops without a backward: the backward regions (no double backward).
 NO_BACKWARD = tuple(name for name in REGION_OPS if name.endswith("_backward"))
 #: torch's autograd-registration check is not implemented for XLA tensors ("NYI devices other than
@@ -1014,7 +1022,8 @@ def main() -> None:
     scenario, workdir = sys.argv[1], sys.argv[2]
     xr.use_spmd()
     inputs = torch.load(os.path.join(workdir, "inputs.pt"), weights_only=False)
-    result = {"llama": run_llama, "layers": run_layers, "grads": run_grads}[scenario](inputs)
+    scenarios = {"llama": run_llama, "layers": run_layers, "moe": run_moe_meshes, "grads": run_grads}
+    result = scenarios[scenario](inputs)
     result["num_devices"] = xr.global_runtime_device_count()
     torch.save(result, os.path.join(workdir, "result.pt"))
 
