@@ -367,3 +367,26 @@ def test_pool_row_dmas_mosaic_compiles():
             assert r["error"] == "Failed to prove that a tile index in dimension 0 is divisible by the tiling (32).", r
         else:
             assert r["ok"], r
+
+
+def test_decoder_layer_compiles_with_the_kernels_among_xla_ops():
+    """The fused base kernel's declared scoped VMEM limit (``tuning.BASE_VMEM_LIMIT_BYTES``) leaves XLA what it
+    needs around the kernel: a whole Llama-3-8B decoder layer at a 1024-token prefill on v6e, its seven planned
+    kernels (down_proj's the fullest plan, estimated at 6 MiB below the limit) between XLA's RMSNorms, attention
+    and a following dot, compiles in one program at that limit (``python -m torch_xla_lora.bench.fused_base_vmem
+    --layer``, its own process). Fails if the limit or a plan outgrows what libtpu lets the program hold."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch_xla_lora.bench.fused_base_vmem", "--layer", "--chips", "v6e"]
+        + ["--tokens", "1024", "--slots", "8"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| v6e")]
+    assert proc.returncode == 0 and len(rows) == 1, proc.stdout + proc.stderr[-4000:]
+    assert "| yes |" in rows[0], rows
