@@ -95,7 +95,13 @@ BASE_MAX_TILE = {"v4": 2048, "v5e": 4096, "v5p": 4096, "v6e": 8192, "cpu": 1 << 
 # RMSNorms, attention and a following dot, compiles at the declared limit and
 # at every limit up to 128 MiB (``python -m
 # torch_xla_lora.bench.fused_base_vmem --layer --highest --tokens 1024 4096``:
-# v6e at 8 and 128 slots, v5e at 8, whose plans 128 slots share).
+# v6e at 8 and 128 slots, v5e at 8, whose plans 128 slots share). XLA does
+# place buffers around the call in VMEM (memory space 1 in the compiled HLO)
+# and fits them to what the kernel's limit leaves: a compile shows that the
+# program fits, not how much XLA's own ops lose with less room. The layer
+# check has teeth for plans outgrowing the limit: at 60 MiB it is refused
+# ("Ran out of memory in memory space vmem", down_proj's call); alone,
+# down_proj's plan is refused at 100 and 110 MiB where the layer compiles.
 # vmem_bytes counts every block double-buffered and the kernel's values of one
 # row chunk, and stays above the least limit libtpu compiles the planned
 # kernel at (``python -m torch_xla_lora.bench.fused_base_vmem --tokens 1024
