@@ -306,6 +306,16 @@ def plan(
     best tiling of Qwen2-7B's down_proj out of VMEM at 16 slots, where 15 slots fit it: 15 lanes now
     keep it). So by this model a token block of at most ``lanes_for``'s adapters never costs more than
     under ``lanes_for``'s lanes (blocks of more pay more chunks at fewer lanes).
+
+    The tiling does not depend on ``num_slots``: it is chosen for ``lanes_for``'s lanes with unbounded
+    slots (as many adapters as one MXU pass holds side by side), and ``num_slots`` only caps the lanes
+    (a block never holds more distinct adapters than there are slots). A fewer-lane kernel of the same
+    tiling needs less VMEM, and every chunk is one MXU pass whatever its lanes, so a batch costs no more
+    at a higher slot count: its blocks run as many chunks or fewer, over the same tiles and steps
+    (``bench model --slot-sweep``). Choosing the tiling at each slot count's own lanes instead let the
+    adapter tiles' VMEM at one more lane push the best tiling out (Llama-3-8B gate_proj at rank 4 on
+    v6e: 13 slots tiled (1024, 4096, 3584), 14 slots (1024, 4096, 2048), three more grid steps per block
+    for the same batch).
     Minimising HBM traffic alone would pick a 128-wide reduction tile wherever it saves one re-read of
     x, and pay for it in half-empty MXU passes and grid steps.
     ``keep_s``: the plan of the training kernel that also writes the shrink (``linear_lora(..., keep_s=True)``):
@@ -315,7 +325,7 @@ def plan(
     """
     if generation != "cpu" and (hidden % LANE or out_dim % LANE):
         return None  # Mosaic slices adapter rows only at lane-aligned widths (libtpu rejects K=1000)
-    widest = lanes_for(rank, num_slots, dtype, generation)
+    widest = lanes_for(rank, 1 << 30, dtype, generation)  # one MXU pass of lanes; num_slots only caps them
     max_tile, budget = tuning.BASE_MAX_TILE[known(generation)], tuning.BASE_VMEM_BUDGET_BYTES[known(generation)]
     best = None
     bt = token_block(num_tokens, generation)
@@ -335,7 +345,7 @@ def plan(
                 if best is None or key < best[0]:
                     best = (key, sizes, lanes)
         bt //= 2
-    return None if best is None else (best[1], best[2])
+    return None if best is None else (best[1], min(best[2], num_slots))
 
 
 def widest_lanes(

@@ -441,11 +441,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.chips, args.tokens, args.ranks, slots = ["v6e"], [1024], [16], [8, 16, 64]
         rows = slot_sweep(args.chips, args.tokens, args.ranks, slots, args.in_use)
         worst = max(rows, key=lambda r: r["worst_rise_pct"])
+        where = "no case rises"
+        if worst["worst_at"] is not None:
+            where = (
+                f"{worst['chip']}, T={worst['T']}, R={worst['R']}, {worst['model']} K={worst['K']} N={worst['N']}; "
+                f"adapters in use, L from, L to: {worst['worst_at']}"
+            )
         print(
             f"Fused base kernel plans over slot counts {slots[0]}-{slots[-1]} ({len(rows)} chip/T/rank/shape "
             f"cases; batches of 1 and {args.in_use} adapters): worst rise as slots grow "
-            f"{worst['worst_rise_pct']:.2f}% of the base matmul ({worst['chip']}, T={worst['T']}, R={worst['R']}, "
-            f"{worst['model']} K={worst['K']} N={worst['N']}; adapters in use, L from, L to: {worst['worst_at']})"
+            f"{worst['worst_rise_pct']:.2f}% of the base matmul ({where})"
         )
         _write_json(args, rows)
         return 0
