@@ -71,6 +71,22 @@ def _lane_meta(
     return visits.build_lanes(idx, num_slots, sizes.tokens, lanes)
 
 
+def _planned_meta(planned, x, lora_b, indices, metadata, own_metadata: bool, generation: str, has_bias: bool):
+    """(padded indices, lane metadata) of a fused base kernel call on ``x`` [T, K] planned as ``planned``.
+
+    Host metadata built for the kernel's own plan (``own_metadata``) is the plain kernel's (no fusion, no
+    ``keep_s``): a variant takes it only when its plan has the same token block and lanes, and otherwise
+    builds it on the device (:func:`_lane_meta`).
+    """
+    (sizes, lanes), (num_tokens, hidden), (num_slots, rank, out_dim) = planned, x.shape, lora_b.shape
+    idx = _padded_indices(indices, num_slots, sizes.padded_tokens(num_tokens))
+    plain = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation, has_bias)
+    own = own_metadata and plain is not None and (plain[0].tokens, plain[1]) == (sizes.tokens, lanes)
+    metadata = None if own_metadata and not own else metadata
+    args = (num_slots, sizes, lanes, num_tokens, hidden, out_dim, rank, x.dtype, generation, own)
+    return idx, _lane_meta(metadata, idx, *args)
+
+
 def linear_batch_metadata(slots, layer_shapes, rank: int, num_slots: int, dtype: str, generation: str) -> dict:
     """Host-built metadata of one batch for ``linear_lora``'s Pallas kernel, where ``batch_metadata``'s does not fit.
 
@@ -134,21 +150,7 @@ def linear_lora_fn(
             planned = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation, has_bias)
         if planned is not None:
             sizes, lanes = planned
-            idx = _padded_indices(indices, num_slots, sizes.padded_tokens(num_tokens))
-            meta = _lane_meta(
-                metadata,
-                idx,
-                num_slots,
-                sizes,
-                lanes,
-                num_tokens,
-                hidden,
-                out_dim,
-                rank,
-                x.dtype,
-                generation,
-                own_metadata,
-            )
+            idx, meta = _planned_meta(planned, x, lora_b, indices, metadata, own_metadata, generation, has_bias)
             out = fused_base.linear_lora(
                 _pad_rows(x, idx.shape[0]),
                 weight,
@@ -212,23 +214,7 @@ def linear_lora_train_fn(
             )
         if planned is not None:
             sizes, lanes = planned
-            idx = _padded_indices(indices, num_slots, sizes.padded_tokens(num_tokens))
-            serving = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation, has_bias)
-            own = own_metadata and serving is not None and (serving[0].tokens, serving[1]) == (sizes.tokens, lanes)
-            meta = _lane_meta(
-                None if own_metadata and not own else metadata,
-                idx,
-                num_slots,
-                sizes,
-                lanes,
-                num_tokens,
-                hidden,
-                out_dim,
-                rank,
-                x.dtype,
-                generation,
-                own,
-            )
+            idx, meta = _planned_meta(planned, x, lora_b, indices, metadata, own_metadata, generation, has_bias)
             out, s = fused_base.linear_lora(
                 _pad_rows(x, idx.shape[0]),
                 weight,
@@ -299,24 +285,7 @@ def linear_lora_fused_fn(
             )
         if planned is not None:
             sizes, lanes = planned
-            idx = _padded_indices(indices, num_slots, sizes.padded_tokens(num_tokens))
-            # Host metadata built for the plain kernel's plan is this one's when they share token block and lanes.
-            plain = fused_base.plan(num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation, has_bias)
-            own = own_metadata and plain is not None and (plain[0].tokens, plain[1]) == (sizes.tokens, lanes)
-            meta = _lane_meta(
-                None if own_metadata and not own else metadata,
-                idx,
-                num_slots,
-                sizes,
-                lanes,
-                num_tokens,
-                hidden,
-                out_dim,
-                rank,
-                x.dtype,
-                generation,
-                own,
-            )
+            idx, meta = _planned_meta(planned, x, lora_b, indices, metadata, own_metadata, generation, has_bias)
             padded = {
                 name: value if name in ("col_scale", "weight_scale") else _pad_rows(value, idx.shape[0])
                 for name, value in extra.items()
