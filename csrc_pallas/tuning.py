@@ -105,9 +105,10 @@ BASE_MAX_TILE = {"v4": 2048, "v5e": 4096, "v5p": 4096, "v6e": 8192, "cpu": 1 << 
 # vmem_bytes counts every block double-buffered and the kernel's values of one
 # row chunk, and stays above the least limit libtpu compiles the planned
 # kernel at (``python -m torch_xla_lora.bench.fused_base_vmem --tokens 1024
-# 4096``: the closest is Llama-3-8B's down_proj with SiLU * up and the
-# residual on v6e at 8 slots, tiles (1024, 2048, 4096): estimate 113.12 MiB,
-# least limit 111 MiB), so these two budget it up to 114 MiB, 6 MiB below the
+# 4096``: the fullest plan, Llama-3-8B's down_proj with SiLU * up and the
+# residual on v6e at 16 lanes, tiles (1024, 1792, 4096), estimate 109.50 MiB,
+# least limit 106 MiB; the smallest margin, v5e k_proj at T = 1024, 39.88
+# against 38 MiB), so these two budget it up to 114 MiB, 6 MiB below the
 # limit. A 118 MiB budget (limit 124) would change one plan more (v6e
 # down_proj at 16 lanes: 7 reduction tiles instead of 8, one grid step per
 # 1024-token block), not worth halving the headroom. v4 and v5p use the limits

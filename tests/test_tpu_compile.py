@@ -371,17 +371,18 @@ def test_pool_row_dmas_mosaic_compiles():
 
 def test_decoder_layer_compiles_with_the_kernels_among_xla_ops():
     """The fused base kernel's declared scoped VMEM limit (``tuning.BASE_VMEM_LIMIT_BYTES``) leaves XLA what it
-    needs around the kernel: a whole Llama-3-8B decoder layer at a 1024-token prefill on v6e, its seven planned
-    kernels (down_proj's the fullest plan, estimated at 6 MiB below the limit) between XLA's RMSNorms, attention
-    and a following dot, compiles in one program at that limit (``python -m torch_xla_lora.bench.fused_base_vmem
-    --layer``, its own process). Fails if the limit or a plan outgrows what libtpu lets the program hold."""
+    needs around the kernel: a whole Llama-3-8B decoder layer at a 1024-token prefill on v6e with 16 slots (a full
+    MXU pass of lanes at rank 16: the fullest plans, down_proj's estimated at 109.5 of the 120 MiB), its seven
+    planned kernels between XLA's RMSNorms, attention and a following dot, compiles in one program at that limit
+    (``python -m torch_xla_lora.bench.fused_base_vmem --layer``, its own process). Fails if the limit or a plan
+    outgrows what libtpu lets the program hold."""
     import os
     import subprocess
     import sys
 
     proc = subprocess.run(
         [sys.executable, "-m", "torch_xla_lora.bench.fused_base_vmem", "--layer", "--chips", "v6e"]
-        + ["--tokens", "1024", "--slots", "8"],
+        + ["--tokens", "1024", "--slots", "16"],
         capture_output=True,
         text=True,
         timeout=900,
