@@ -573,10 +573,9 @@ def _linear_lora(
     own_metadata: bool = False,
 ) -> torch.Tensor:
     """``torch.ops.xla_lora.linear_lora``: see :func:`linear_lora`."""
-    _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
-    _validate.backend(backend)
-    _validate.scaling(scaling)
-    _validate.metadata(metadata, inputs.device)
+    _validate.linear_lora_call(
+        inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout, backend, metadata
+    )
     if inputs.device.type != "xla":
         return reference.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout)
     from torch_xla_lora.ops import _linear
@@ -604,10 +603,9 @@ def _(
     metadata=None,
     own_metadata=False,
 ):
-    _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
-    _validate.backend(backend)
-    _validate.scaling(scaling)
-    _validate.metadata(metadata, inputs.device)
+    _validate.linear_lora_call(
+        inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout, backend, metadata
+    )
     return inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
 
 

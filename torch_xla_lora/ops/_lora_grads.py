@@ -209,10 +209,9 @@ def _linear_lora_train(
     ``bgmv_shrink_expand_train`` runs it. ``s`` is not differentiable (its autograd marks it so).
     Arguments and checks: those of ``linear_lora``.
     """
-    _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
-    _validate.backend(backend)
-    _validate.scaling(scaling)
-    _validate.metadata(metadata, inputs.device)
+    _validate.linear_lora_call(
+        inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout, backend, metadata
+    )
     if inputs.device.type != "xla" or _validate.degenerate(*lora_a.shape, *lora_b.shape):
         out = reference.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout)
         return out, reference.bgmv_shrink(inputs, lora_a, lora_indices, scaling).to(lora_b.dtype)
@@ -242,9 +241,8 @@ def _(
     metadata=None,
     own_metadata=False,
 ):
-    _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
-    _validate.backend(backend)
-    _validate.scaling(scaling)
-    _validate.metadata(metadata, inputs.device)
+    _validate.linear_lora_call(
+        inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout, backend, metadata
+    )
     out = inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
     return out, inputs.new_empty((inputs.shape[0], lora_b.shape[1]), dtype=lora_b.dtype)

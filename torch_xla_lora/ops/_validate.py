@@ -297,6 +297,17 @@ def linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layou
         _device("bias", bias, inputs)
 
 
+def linear_lora_call(
+    inputs, weight, bias, lora_a, lora_b, lora_indices, scaling_: float, weight_layout: str, backend_: str, meta
+) -> None:
+    """Every check of a ``linear_lora`` or ``linear_lora_train`` call (the ops and their fake implementations):
+    the operands (:func:`linear_lora`), the backend, the scaling and the host metadata."""
+    linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, weight_layout)
+    backend(backend_)
+    scaling(scaling_)
+    metadata(meta, inputs.device)
+
+
 def weight_grad(left: torch.Tensor, right: torch.Tensor, lora_indices: torch.Tensor, num_slots: int) -> None:
     """Checks of ``bgmv_weight_grad``: left [T, P], right [T, Q], both floating on one device, num_slots >= 0."""
     _rank("left", left, 2, "[T, P]")
