@@ -580,9 +580,18 @@ def _linear_lora(
         return reference.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout)
     from torch_xla_lora.ops import _linear
 
+    args = (inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout, backend, metadata, own_metadata)
+    return _run_linear(_linear.linear_lora_fn, *args)
+
+
+def _run_linear(
+    factory, inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout, backend, metadata, own_metadata
+):
+    """Run the JAX function ``factory`` (``_linear.linear_lora_fn`` or ``linear_lora_train_fn``) builds for a
+    ``linear_lora`` call on XLA tensors, through ``call_jax``."""
     name, generation = _backend(backend)
     with_metadata = metadata is not None
-    fn = _linear.linear_lora_fn(
+    fn = factory(
         name, generation, float(scaling), weight_layout, bias is not None, with_metadata, with_metadata and own_metadata
     )
     args = (inputs, weight) + ((bias,) if bias is not None else ()) + (lora_a, lora_b, lora_indices)

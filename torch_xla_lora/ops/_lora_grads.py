@@ -215,15 +215,10 @@ def _linear_lora_train(
     if inputs.device.type != "xla" or _validate.degenerate(*lora_a.shape, *lora_b.shape):
         out = reference.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout)
         return out, reference.bgmv_shrink(inputs, lora_a, lora_indices, scaling).to(lora_b.dtype)
-    from torch_xla_lora.ops import _backend, _call_jax, _linear
+    from torch_xla_lora.ops import _linear, _run_linear
 
-    name, generation = _backend(backend)
-    with_metadata = metadata is not None
-    fn = _linear.linear_lora_train_fn(
-        name, generation, float(scaling), weight_layout, bias is not None, with_metadata, with_metadata and own_metadata
-    )
-    args = (inputs, weight) + ((bias,) if bias is not None else ()) + (lora_a, lora_b, lora_indices)
-    out, s = _call_jax(fn, *args, *(() if metadata is None else (metadata,)))
+    args = (inputs, weight, bias, lora_a, lora_b, lora_indices, scaling, weight_layout, backend, metadata, own_metadata)
+    out, s = _run_linear(_linear.linear_lora_train_fn, *args)
     return out, s
 
 
