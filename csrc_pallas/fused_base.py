@@ -302,10 +302,10 @@ def plan(
     :func:`modelled_seconds`, then the fewest grid steps, then the most lanes. Every tiling is priced
     for a token block that uses as many adapters as ``lanes_for``'s lanes hold (at most the block's
     tokens): one that fits only fewer lanes pays the extra chunks such a block needs, so it wins only
-    where the better tiling is worth them (16 lanes' A and shrink tiles at rank 16 on v6e pushed the
-    best tiling of Qwen2-7B's down_proj out of VMEM at 16 slots, where 15 slots fit it: 15 lanes now
-    keep it). So by this model a token block of at most ``lanes_for``'s adapters never costs more than
-    under ``lanes_for``'s lanes (blocks of more pay more chunks at fewer lanes).
+    where the better tiling is worth them (under the earlier 90 MiB budget, 16 lanes' A and shrink tiles at
+    rank 16 on v6e pushed the best tiling of Qwen2-7B's down_proj out of VMEM where 15 lanes fit it: the
+    plan kept that tiling at 15 lanes). So by this model a token block of at most ``lanes_for``'s adapters
+    never costs more than under ``lanes_for``'s lanes (blocks of more pay more chunks at fewer lanes).
 
     The tiling does not depend on ``num_slots``: it is chosen for ``lanes_for``'s lanes with unbounded
     slots (as many adapters as one MXU pass holds side by side), and ``num_slots`` only caps the lanes
