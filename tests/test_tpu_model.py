@@ -233,3 +233,27 @@ def test_base_reads_what_xla_fuses_into_its_dots():
     assert down["base"] == pytest.approx(bare.seconds + 2 * 8 * (14336 + 4096) / tpu.hbm_bytes_per_s)
     plain = tpu_model.projection_costs(tpu, indices, 14336, 4096, 16, 16, residual_read=False, operands=1)
     assert plain["base"] == bare.seconds
+
+
+def test_training_floor_by_hand():
+    """The training model's floor: LoRA's six products at each slot's true rank on the test chip's 256-wide
+    MXU (contraction and output widths padded to whole tiles, the weight gradients with the rank as M),
+    worked out by hand for two slots and tokens outside the slots; and no modelled step goes below it."""
+    from torch_xla_lora.bench import tpu_train_model
+
+    indices = np.array([0] * 300 + [1] * 100 + [-1] * 20 + [5] * 4, np.int32)  # 5: outside the 2 slots
+    hidden, out_dim, ranks = 1000, 300, np.array([8, 64])
+
+    def tiles(d):
+        return -(-d // 256) * 256
+
+    flops = 0
+    for n, r in ((300, 8), (100, 64)):
+        # shrink (n, hidden, r), expand (n, r, out), ds (n, out, r), dx (n, r, hidden); dA (r, n, hidden), dB (r, n, out)
+        flops += 2 * n * (tiles(hidden) * tiles(r) + tiles(r) * tiles(out_dim)) * 2
+        flops += 2 * r * tiles(n) * (tiles(hidden) + tiles(out_dim))
+    got = tpu_train_model.lora_mxu_floor_seconds(CHIP, indices, hidden, out_dim, ranks)
+    assert got == pytest.approx(flops / CHIP.peak_flops, rel=1e-12)
+
+    for row in tpu_train_model.modelled_rows(chips=("v5e", "v6e")):
+        assert 1.0 < row["ratio_floor"] < row["ratio_ours"], row["layer"]

@@ -33,6 +33,12 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
 - what-if: ours with every projection's dx computed in the base's backward pass over g (what
   ``linear_lora``'s backward does for the projections whose forward runs it);
 
+- the floor no formulation can go below, :func:`lora_mxu_floor_seconds`: the base (a) plus the MXU time of
+  LoRA's six products (forward shrink and expand; backward ds, LoRA's dx, dA and dB) at each token's
+  true rank, with every byte, grid step and launch of them hidden inside the base's own passes. The MXU
+  pads a product's contraction and output widths to whole tiles (:func:`tpu_model.mxu_flops`), so each
+  rank-r product costs at least a full tile's width of work (256 on a v6e) whatever r is;
+
 - the one-hot einsum formulation: the base, the forward of :func:`tpu_model.onehot_cost` (every token
   against every slot's A and B, masked by its slot's one-hot) and its backward as XLA's autograd of
   those two einsums runs it (:func:`onehot_backward_seconds`), plus the same slot assembly.
@@ -275,6 +281,25 @@ def onehot_backward_seconds(chip: Chip, num_tokens: int, hidden: int, out_dim: i
     return tpu_model._fusions(chip, parts)
 
 
+def lora_mxu_floor_seconds(chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, ranks: np.ndarray) -> float:
+    """MXU seconds of one projection's LoRA products in a training step, at the tokens' true ranks, with
+    nothing else paid: no bytes, grid steps or launches (all hidden in the base's passes), the slot layout
+    not padded. Per slot s of r = ``ranks[s]`` rows and its n tokens (``indices`` [T]; outside
+    [0, len(ranks)) none): the forward shrink (n, in, r) and expand (n, r, out), the backward's ds = g B^T
+    (n, out, r) and LoRA's dx = ds A (n, r, in), and the weight gradients dA = ds^T x (r, n, in) and
+    dB = s^T g (r, n, out), each as :func:`tpu_model.mxu_flops` pads it (K and N to whole tiles; the weight
+    gradients in their cheaper orientation, the rank as M, which it does not pad)."""
+    flops = 0.0
+    for slot, rank in enumerate(int(r) for r in ranks):
+        n = int(np.count_nonzero(indices == slot))
+        if n == 0 or rank == 0:
+            continue
+        products = [(n, hidden, rank), (n, rank, out_dim), (n, out_dim, rank), (n, rank, hidden)]
+        products += [(rank, n, hidden), (rank, n, out_dim)]
+        flops += mxu_flops(products, chip.mxu_width)
+    return flops / chip.peak_flops
+
+
 def projection_train_costs(
     chip: Chip,
     indices: np.ndarray,
@@ -350,6 +375,7 @@ def train_step_costs(
     rank: int,
     num_slots: int,
     trained_rows: int | None = None,
+    ranks: tuple[int, ...] | None = None,
 ) -> dict:
     """Seconds of a decoder layer's projections in one training step, per formulation, and the ratios.
 
@@ -361,7 +387,8 @@ def train_step_costs(
     the serving forwards, every ``s`` recomputed; ``ratio_ours_one_pass_dx``: the separate ops with every
     projection's LoRA dx in the base's backward pass over g); ``overhead_vs_onehot*``
     (an overhead over base divided by the one-hot's), ``parts`` (each part summed over the projections)
-    and ``choices``.
+    and ``choices``; ``floor`` and ``ratio_floor``: the base plus :func:`lora_mxu_floor_seconds` at the
+    slots' true ``ranks`` (default: every slot at ``rank``), what no formulation can go below.
     """
     roles = tpu_model.llama_roles()
     parts: dict[str, float] = {}
@@ -373,6 +400,9 @@ def train_step_costs(
             chip, indices, fan_in, fan_out, rank, num_slots, residual, share, trained_rows, operands
         )
         choices[name] = costs.pop("forward_choice")
+        costs["lora_mxu_floor"] = lora_mxu_floor_seconds(
+            chip, indices, fan_in, fan_out, np.asarray(ranks if ranks is not None else [rank] * num_slots)
+        )
         for key, value in costs.items():
             parts[key] = parts.get(key, 0.0) + value
     base = parts["base_forward"] + parts["base_backward"]
@@ -385,8 +415,11 @@ def train_step_costs(
     ours = base + kept + sum(parts[key] for key in fused_parts)
     recomputed = ours - kept + parts["lora_forward"] + parts["recompute_s"]
     onehot = base + parts["onehot_forward"] + parts["onehot_backward"] + parts["slot_assembly"]
+    floor = base + parts["lora_mxu_floor"]
     return {
         "base": base,
+        "floor": floor,
+        "ratio_floor": floor / base,
         "ours": ours,
         "ours_separate": separate,
         "ours_xla_weight_grad": ours_xla,
@@ -429,7 +462,7 @@ def modelled_rows(
     for generation in chips:
         chip = tpu_model.CHIPS[generation]
         for name, layer in layers.items():
-            costs = train_step_costs(chip, indices, layer, rank, num_slots, sum(ranks))
+            costs = train_step_costs(chip, indices, layer, rank, num_slots, sum(ranks), ranks)
             row = {"chip": generation, "layer": name, "rows": rows, "seq": seq, "tokens": len(indices)}
             out.append({**row, "ranks": list(ranks), **costs})
     return out
@@ -440,14 +473,16 @@ def format_rows(rows: list[dict]) -> str:
     lines = [
         "| chip | layer (7 projections) | T | (a) base us | ours us | ours / (a) | one-hot / (a) "
         "| ours' overhead / one-hot's | ours / (a), separate backward ops | their overhead / one-hot's "
-        "| ours / (a), s recomputed (serving forwards) | ours / (a), separate ops, dA/dB by the XLA-native op |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ours / (a), s recomputed (serving forwards) | ours / (a), separate ops, dA/dB by the XLA-native op "
+        "| floor / (a): LoRA's MXU work alone |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['chip']} | {row['layer']} | {row['tokens']} | {row['base'] * 1e6:.0f} | {row['ours'] * 1e6:.0f} "
             f"| {row['ratio_ours']:.3f} | {row['ratio_onehot']:.3f} | {row['overhead_vs_onehot']:.2f} "
             f"| {row['ratio_ours_separate']:.3f} | {row['overhead_vs_onehot_separate']:.2f} "
-            f"| {row['ratio_ours_recomputed_s']:.3f} | {row['ratio_ours_xla_weight_grad']:.3f} |"
+            f"| {row['ratio_ours_recomputed_s']:.3f} | {row['ratio_ours_xla_weight_grad']:.3f} "
+            f"| {row['ratio_floor']:.3f} |"
         )
     return "\n".join(lines)
