@@ -249,7 +249,8 @@ def test_training_floor_by_hand():
 
     flops = 0
     for n, r in ((300, 8), (100, 64)):
-        # shrink (n, hidden, r), expand (n, r, out), ds (n, out, r), dx (n, r, hidden); dA (r, n, hidden), dB (r, n, out)
+        # shrink (n, hidden, r), expand (n, r, out), ds (n, out, r), dx (n, r, hidden);
+        # dA (r, n, hidden), dB (r, n, out)
         flops += 2 * n * (tiles(hidden) * tiles(r) + tiles(r) * tiles(out_dim)) * 2
         flops += 2 * r * tiles(n) * (tiles(hidden) + tiles(out_dim))
     got = tpu_train_model.lora_mxu_floor_seconds(CHIP, indices, hidden, out_dim, ranks)
