@@ -256,5 +256,10 @@ def test_training_floor_by_hand():
     got = tpu_train_model.lora_mxu_floor_seconds(CHIP, indices, hidden, out_dim, ranks)
     assert got == pytest.approx(flops / CHIP.peak_flops, rel=1e-12)
 
+    without_da = tpu_train_model.lora_mxu_floor_seconds(CHIP, indices, hidden, out_dim, ranks, weight_grad_a=False)
+    assert got - without_da == pytest.approx(
+        sum(2 * r * tiles(n) * tiles(hidden) for n, r in ((300, 8), (100, 64))) / 1e12
+    )
+
     for row in tpu_train_model.modelled_rows(chips=("v5e", "v6e")):
-        assert 1.0 < row["ratio_floor"] < row["ratio_ours"], row["layer"]
+        assert 1.0 < row["ratio_floor"] < row["ratio_floor_with_x_pass"] < row["ratio_ours"], row["layer"]

@@ -281,21 +281,23 @@ def onehot_backward_seconds(chip: Chip, num_tokens: int, hidden: int, out_dim: i
     return tpu_model._fusions(chip, parts)
 
 
-def lora_mxu_floor_seconds(chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, ranks: np.ndarray) -> float:
+def lora_mxu_floor_seconds(
+    chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, ranks: np.ndarray, weight_grad_a: bool = True
+) -> float:
     """MXU seconds of one projection's LoRA products in a training step, at the tokens' true ranks, with
     nothing else paid: no bytes, grid steps or launches (all hidden in the base's passes), the slot layout
     not padded. Per slot s of r = ``ranks[s]`` rows and its n tokens (``indices`` [T]; outside
     [0, len(ranks)) none): the forward shrink (n, in, r) and expand (n, r, out), the backward's ds = g B^T
-    (n, out, r) and LoRA's dx = ds A (n, r, in), and the weight gradients dA = ds^T x (r, n, in) and
-    dB = s^T g (r, n, out), each as :func:`tpu_model.mxu_flops` pads it (K and N to whole tiles; the weight
-    gradients in their cheaper orientation, the rank as M, which it does not pad)."""
+    (n, out, r) and LoRA's dx = ds A (n, r, in), and the weight gradients dB = s^T g (r, n, out) and, with
+    ``weight_grad_a``, dA = ds^T x (r, n, in), each as :func:`tpu_model.mxu_flops` pads it (K and N to whole
+    tiles; the weight gradients in their cheaper orientation, the rank as M, which it does not pad)."""
     flops = 0.0
     for slot, rank in enumerate(int(r) for r in ranks):
         n = int(np.count_nonzero(indices == slot))
         if n == 0 or rank == 0:
             continue
-        products = [(n, hidden, rank), (n, rank, out_dim), (n, out_dim, rank), (n, rank, hidden)]
-        products += [(rank, n, hidden), (rank, n, out_dim)]
+        products = [(n, hidden, rank), (n, rank, out_dim), (n, out_dim, rank), (n, rank, hidden), (rank, n, out_dim)]
+        products += [(rank, n, hidden)] if weight_grad_a else []
         flops += mxu_flops(products, chip.mxu_width)
     return flops / chip.peak_flops
 
@@ -388,10 +390,13 @@ def train_step_costs(
     projection's LoRA dx in the base's backward pass over g); ``overhead_vs_onehot*``
     (an overhead over base divided by the one-hot's), ``parts`` (each part summed over the projections)
     and ``choices``; ``floor`` and ``ratio_floor``: the base plus :func:`lora_mxu_floor_seconds` at the
-    slots' true ``ranks`` (default: every slot at ``rank``), what no formulation can go below.
+    slots' true ``ranks`` (default: every slot at ``rank``), what no formulation can go below;
+    ``floor_with_x_pass`` and its ratio: the same with dA in a pass of its own over each distinct input x
+    (no pass of the frozen base's backward reads x), at that pass's roofline.
     """
     roles = tpu_model.llama_roles()
     parts: dict[str, float] = {}
+    da_by_input: dict[str, float] = {}  # input group -> dA's MXU seconds of the projections reading that x
     choices = {}
     for name, (fan_in, fan_out, _) in layer.items():
         residual, share = roles[name]
@@ -400,9 +405,12 @@ def train_step_costs(
             chip, indices, fan_in, fan_out, rank, num_slots, residual, share, trained_rows, operands
         )
         choices[name] = costs.pop("forward_choice")
-        costs["lora_mxu_floor"] = lora_mxu_floor_seconds(
-            chip, indices, fan_in, fan_out, np.asarray(ranks if ranks is not None else [rank] * num_slots)
-        )
+        slot_ranks = np.asarray(ranks if ranks is not None else [rank] * num_slots)
+        costs["lora_mxu_floor"] = lora_mxu_floor_seconds(chip, indices, fan_in, fan_out, slot_ranks)
+        costs["lora_mxu_floor_but_da"] = lora_mxu_floor_seconds(chip, indices, fan_in, fan_out, slot_ranks, False)
+        da = costs["lora_mxu_floor"] - costs["lora_mxu_floor_but_da"]
+        group = layer[name][2]
+        da_by_input[group] = da_by_input.get(group, 0.0) + da
         for key, value in costs.items():
             parts[key] = parts.get(key, 0.0) + value
     base = parts["base_forward"] + parts["base_backward"]
@@ -416,10 +424,20 @@ def train_step_costs(
     recomputed = ours - kept + parts["lora_forward"] + parts["recompute_s"]
     onehot = base + parts["onehot_forward"] + parts["onehot_backward"] + parts["slot_assembly"]
     floor = base + parts["lora_mxu_floor"]
+    # dA = ds^T x needs x again, and no pass of the frozen base's backward reads x: at least one pass over
+    # each distinct input (projections reading one x sharing it), at the roofline of its read and dA's MXU work.
+    fan_ins = {group: fan_in for fan_in, _, group in layer.values()}
+    x_passes = sum(
+        max(len(indices) * fan_ins[group] * _BF16 / chip.hbm_bytes_per_s, seconds)
+        for group, seconds in da_by_input.items()
+    )
+    floor_x = base + parts["lora_mxu_floor_but_da"] + x_passes
     return {
         "base": base,
         "floor": floor,
         "ratio_floor": floor / base,
+        "floor_with_x_pass": floor_x,
+        "ratio_floor_with_x_pass": floor_x / base,
         "ours": ours,
         "ours_separate": separate,
         "ours_xla_weight_grad": ours_xla,
@@ -474,8 +492,8 @@ def format_rows(rows: list[dict]) -> str:
         "| chip | layer (7 projections) | T | (a) base us | ours us | ours / (a) | one-hot / (a) "
         "| ours' overhead / one-hot's | ours / (a), separate backward ops | their overhead / one-hot's "
         "| ours / (a), s recomputed (serving forwards) | ours / (a), separate ops, dA/dB by the XLA-native op "
-        "| floor / (a): LoRA's MXU work alone |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| floor / (a): LoRA's MXU work alone | floor / (a) with dA's pass over x |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
@@ -483,6 +501,6 @@ def format_rows(rows: list[dict]) -> str:
             f"| {row['ratio_ours']:.3f} | {row['ratio_onehot']:.3f} | {row['overhead_vs_onehot']:.2f} "
             f"| {row['ratio_ours_separate']:.3f} | {row['overhead_vs_onehot_separate']:.2f} "
             f"| {row['ratio_ours_recomputed_s']:.3f} | {row['ratio_ours_xla_weight_grad']:.3f} "
-            f"| {row['ratio_floor']:.3f} |"
+            f"| {row['ratio_floor']:.3f} | {row['ratio_floor_with_x_pass']:.3f} |"
         )
     return "\n".join(lines)
