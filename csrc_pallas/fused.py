@@ -45,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 #: Rank rows per page of a pool read by the pooled kernel (:class:`Pooled`): Mosaic slices a tiled
 #: HBM array only along whole (8, 128) tiles ("Slice shape along dimension 0 must be aligned to
-#: tiling (8)"), so a lane's rows are DMA'd a page at a time and an adapter owns whole aligned pages.
+#: tiling (8)"), so a lane's rows are DMA'd an aligned page at a time. An adapter of rank 8q + t owns q
+#: whole aligned pages and t rows at an in-page offset o of one more aligned page (its tail, the page
+#: maybe shared with other adapters' tails): the kernel DMAs that whole page and uses rows [o, o + t).
 PAGE_ROWS = 8
 
 
@@ -344,6 +346,13 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
         def lane_pages(slot):
             return (lane_rank(slot) + PAGE_ROWS - 1) // PAGE_ROWS
 
+        def tail_offset(slot):
+            """The in-page offset of a lane's tail rows (its last page, rank % 8 rows; 0 without a tail): its
+            page start's distance past the aligned row the page is DMA'd from."""
+            entry, rank_of = jnp.maximum(slot, 0), lane_rank(slot)
+            last = jnp.minimum(rank_of // PAGE_ROWS, pages(rank) - 1)
+            return jnp.where(rank_of % PAGE_ROWS > 0, starts_ref[entry * pages(rank) + last] % PAGE_ROWS, 0)
+
         def load(c, which: int) -> None:
             """DMA the pages holding each lane's true-rank rows of chunk c into its rows of the buffer (int8:
             into the page buffer, then converted); rows past a lane's rank keep stale values, masked by the caller."""
@@ -352,7 +361,8 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
             columns = slice(None) if which == 0 else pl.ds(n * tile, tile)
 
             def copy(slot, lane: int, page):
-                row = pl.multiple_of(starts_ref[slot * pages(rank) + page], PAGE_ROWS)
+                start = starts_ref[slot * pages(rank) + page]  # a tail's page: past the aligned row by its offset
+                row = pl.multiple_of(start - start % PAGE_ROWS, PAGE_ROWS)
                 if staging is None:
                     target = dest.at[pl.ds(pl.multiple_of(lane * stride + page * PAGE_ROWS, PAGE_ROWS), PAGE_ROWS)]
                 else:
@@ -396,16 +406,23 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
                             dest[first : first + PAGE_ROWS, :] = values.astype(dest.dtype)
 
         def lane_ranks(c, shape, axis: int):
-            """int32 ``shape``: the true rank of the lane each position along ``axis`` belongs to."""
+            """(int32 ``shape``, int32 ``shape``): the true rank and the tail's in-page offset of the lane each
+            position along ``axis`` belongs to."""
             lane_of = jax.lax.broadcasted_iota(jnp.int32, shape, axis) // stride
-            out = jnp.zeros(shape, jnp.int32)
+            ranks, offsets = jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.int32)
             for lane, slot in enumerate(lane_slots(c)):
-                out = jnp.where(lane_of == lane, lane_rank(slot), out)
-            return out
+                ranks = jnp.where(lane_of == lane, lane_rank(slot), ranks)
+                offsets = jnp.where(lane_of == lane, tail_offset(slot), offsets)
+            return ranks, offsets
 
         def true_rank(c, shape, axis: int):
-            """bool ``shape``: positions along ``axis`` that are a rank row within their lane's true rank."""
-            return jax.lax.broadcasted_iota(jnp.int32, shape, axis) % stride < lane_ranks(c, shape, axis)
+            """bool ``shape``: positions along ``axis`` that hold one of their lane's true-rank rows: the rows of
+            its whole pages, and of its tail's page only rows [o, o + rank % 8) (the others are other adapters'
+            tails or stale, whatever they hold)."""
+            k = jax.lax.broadcasted_iota(jnp.int32, shape, axis) % stride
+            ranks, offsets = lane_ranks(c, shape, axis)
+            whole = ranks - ranks % PAGE_ROWS
+            return (k < whole) | ((k >= whole + offsets) & (k < ranks + offsets))
 
         def row_scale(entry, lane: int, j):
             """a_scale * b_scale of rank row j of lane ``entry`` in chunk position ``lane`` (int8): from the whole
@@ -415,14 +432,16 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
             return s_buf[jnp.where(mode_ref[0] == 1, row, paged)]
 
         def row_scales(c):
-            """[1, lanes * Rp] f32: each shrink channel's a_scale * b_scale (int8), read for the true ranks only."""
+            """[1, lanes * Rp] f32: each shrink channel's a_scale * b_scale (int8), read for the true ranks only:
+            rank row j sits at channel ``lane * stride + j``, past that by its page's in-page offset (a tail's)."""
             column = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
             out = jnp.zeros((1, width), jnp.float32)
             for lane, slot in enumerate(lane_slots(c)):
                 entry = jnp.maximum(slot, 0)
 
                 def body(j, acc, lane=lane, entry=entry):
-                    return jnp.where(column == lane * stride + j, row_scale(entry, lane, j), acc)
+                    offset = starts_ref[entry * pages(rank) + j // PAGE_ROWS] % PAGE_ROWS
+                    return jnp.where(column == lane * stride + offset + j, row_scale(entry, lane, j), acc)
 
                 out = jax.lax.fori_loop(0, lane_rank(slot), body, out)
             return out
@@ -736,12 +755,16 @@ def pooled_shrink_expand(
 ) -> jax.Array:  # [T_pad, Dout], base.dtype
     """The fused laned kernel reading each lane's A and B rows from the pools through the page table.
 
-    Lane l's rank-r rows are ``pages(r)`` pages of :data:`PAGE_ROWS` rows, page p starting at row
-    ``page_table[l * pages(R) + p]`` (a multiple of 8, the next seven rows contiguous: the pool's allocator
-    hands out aligned pages); the kernel DMAs them a page at a time and reads nothing past the lane's
-    last page. An int8 pool's row scales come from ``page_scales``: the tile of each used page, or the whole
-    array where that is fewer tiles (:func:`scale_read_bytes`). ``typical_ranks``: the distinct adapters'
-    ranks for the cost estimate (default: ``lanes`` adapters of rank R).
+    Lane l's rank-r rows (r = 8q + t) are ``pages(r)`` pages of :data:`PAGE_ROWS` rows, page p starting at
+    row ``page_table[l * pages(R) + p]``: for p < q a multiple of 8, the next seven rows contiguous (a whole
+    aligned page); for the tail page p = q (t > 0) ``aligned + o``, the lane's t rows contiguous from there
+    inside the aligned page (0 <= o, o + t <= 8; the pool's allocator places tails so, other adapters' tails
+    sharing the page). The kernel DMAs each page whole from its aligned row (``start - start % 8``) and uses
+    of the tail's page only rows [o, o + t): the page's other rows are selected out, whatever they hold
+    (Inf and NaN included); it reads nothing past the lane's last page. An int8 pool's row scales come
+    from ``page_scales`` at the true pool rows: the tile of each used page, or the whole array where that
+    is fewer tiles (:func:`scale_read_bytes`). ``typical_ranks``: the distinct adapters' ranks for the cost
+    estimate (default: ``lanes`` adapters of rank R).
     """
     num_tokens, hidden = x.shape
     out_dim = b_pool.shape[1]

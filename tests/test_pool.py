@@ -357,3 +357,145 @@ def test_trainable_adapters_take_lanes_of_their_own_and_freeze_into_the_pool(bas
     lora.set_batch(["t", "a", "b", "t"])  # t now takes 4 rows beside a (8) and b (4)
     assert_close(_forward(lora, IDS, torch.device("cpu")), expected)
     assert lora.memory()["adapters"]["t"] == 4 * _row_bytes(base_model, 4)
+
+
+# -- the allocator where the TPU pooled kernel may run: 8-row aligned pages, tails sharing pages ---------------
+
+
+class _Layer:
+    """What the pool's allocator reads of a layer (it writes no rows here): its backend makes the granule 8."""
+
+    backend, in_features, out_features = "pallas", 4, 4
+    adapter_shapes = (in_features, out_features)
+    adapter_device = torch.device("cpu")
+
+    def write_rows(self, index: torch.Tensor, weights) -> None:
+        pass
+
+
+def _adapter(name: str, rank: int):
+    from torch_xla_lora.adapters import LoRAAdapter, ModuleLoRA
+
+    factors = ModuleLoRA(torch.zeros(rank, 4), torch.zeros(4, rank), rank, 1.0, False)
+    return LoRAAdapter(name=name, modules={"m": factors}, config={})
+
+
+def _manager(rows: int, max_loras: int = 5, max_rank: int = 64):
+    from torch_xla_lora.pool import PoolManager
+
+    manager = PoolManager(
+        {"m": _Layer()}, max_loras, max_rank, max_cpu_adapters=16, rows=rows, row_bytes=10, budget_bytes=10 * rows
+    )
+    assert manager.granule == 8  # the layer's backend is "pallas"
+    return manager
+
+
+def _check_layout(rows: list[int], rank: int) -> None:
+    """The kernel's layout: entries 8p..8p+7 (p < rank // 8) one aligned page, the tail contiguous in one page."""
+    assert len(rows) == rank
+    for first in range(0, rank - rank % 8, 8):
+        assert rows[first] % 8 == 0 and rows[first : first + 8] == list(range(rows[first], rows[first] + 8))
+    tail = rows[rank - rank % 8 :]
+    if tail:
+        assert tail == list(range(tail[0], tail[0] + len(tail))) and tail[0] // 8 == tail[-1] // 8
+
+
+def test_tails_share_pages_and_adapters_cost_their_own_rows():
+    """Ranks 4, 12, 20, 8, 64 in a pool of 14 whole pages (115 rows): 12 whole pages and the three 4-row tails
+    in two pages, one shared at in-page offsets 0 and 4; every adapter costs its rank's rows; the host page table
+    names the unaligned tail start; freed rows are reused, a freed tail's by a new tail (best fit)."""
+    from torch_xla_lora.pool import page_table
+
+    manager = _manager(115)
+    ranks = {"a": 4, "b": 12, "c": 20, "d": 8, "e": 64}
+    for name, rank in ranks.items():
+        manager.add(_adapter(name, rank))
+    plan = manager.plan(list(ranks), for_batch=True)
+    manager.commit(plan)
+    owned = dict(plan.writes)
+    for name, rank in ranks.items():
+        _check_layout(owned[name], rank)
+    everything = [row for rows in owned.values() for row in rows]
+    assert len(set(everything)) == len(everything) == 108 and max(everything) < 112
+    tail_pages = {name: owned[name][-1] // 8 for name in ("a", "b", "c")}
+    assert len(set(tail_pages.values())) == 2  # three tails of 4 in two pages
+    assert manager.memory() == {
+        "budget_bytes": 1150,
+        "used_bytes": 1080,
+        "adapters": {name: 10 * rank for name, rank in ranks.items()},
+    }
+    assert all(manager.adapter_bytes(_adapter(n, r)) == 10 * r for n, r in ranks.items())
+    table = manager.batch_rows(plan)
+    starts = page_table(table, 5, manager.zero_row)[: 5 * 8].reshape(5, 8)
+    tails = {name: int(starts[plan.slot_of[name], rank // 8]) for name, rank in ranks.items() if rank % 8}
+    assert sorted(start % 8 for start in tails.values()) == [0, 0, 4]  # one tail at in-page offset 4
+    # Free and reuse: a's 4 rows go back; f (rank 4) takes them (the only shared page with 4 free rows).
+    manager.release_batch()
+    manager.remove("a")
+    assert manager.memory()["used_bytes"] == 1040
+    manager.add(_adapter("f", 4))
+    again = manager.plan(["f"])
+    assert dict(again.writes) == {"f": owned["a"]} and not again.evict
+    manager.commit(again)
+    # All of e's rows freed: its 8 pages are whole again, and a rank-64 adapter takes exactly them.
+    manager.remove("e")
+    manager.add(_adapter("g", 64))
+    assert sorted(dict(manager.plan(["g"]).writes)["g"]) == sorted(owned["e"])
+
+
+def test_a_tail_that_fits_by_rows_but_not_by_placement_evicts_or_fails_unchanged():
+    """Two pages: p (3), q (2), r (3) fill page 0 (tails sharing it), s (8) page 1. With p and r removed, 6 rows are
+    free but no 4 contiguous in one page: a rank-4 adapter evicts (least recently used first) until it can be
+    placed, here q, whose 2 rows make page 0 whole again, not s; with q and s pinned, PoolFullError and nothing
+    changes. A whole page is never built from a page another adapter holds rows of."""
+    manager = _manager(16, max_loras=4, max_rank=8)
+    for name, rank in (("p", 3), ("q", 2), ("r", 3), ("s", 8), ("t", 4)):
+        manager.add(_adapter(name, rank))
+    for name in ("p", "q", "r", "s"):  # one by one: the tails share page 0 by best fit
+        manager.activate([name])
+    rows = {name: manager._rows[name] for name in "pqrs"}
+    assert {row // 8 for name in "pqr" for row in rows[name]} == {0} and rows["s"] == list(range(8, 16))
+    manager.remove("p")
+    manager.remove("r")
+    manager.activate(["s"])  # q is now the least recently used
+    plan = manager.plan(["t"])
+    assert plan.evict == ["q"] and dict(plan.writes)["t"] == [0, 1, 2, 3]
+    manager.pin("q")
+    manager.pin("s")
+    before = (manager.memory(), manager.adapters(), sorted(manager._free))
+    with pytest.raises(PoolFullError):
+        manager.activate(["t"])
+    manager.add(_adapter("w", 8))
+    with pytest.raises(PoolFullError):  # a whole page: page 0 has q's rows, page 1 is s's
+        manager.activate(["w"])
+    manager.remove("w")
+    assert (manager.memory(), manager.adapters(), sorted(manager._free)) == before
+
+
+def test_batch_held_rows_in_shared_tail_pages_are_not_reused_until_the_batch_changes():
+    """x (4) and y (4) share page 0; the current batch reads both. x removed under the batch: its rows are held,
+    so z (4, pinned) goes to a fresh page, not into x's rows, and w (8) finds no whole page (page 0 holds y's
+    rows and x's held ones): PoolFullError, nothing changed. The next batch ([y, w]) may reuse x's rows, but
+    page 0 is never handed out whole while y holds rows of it: w evicts z (unpinned) instead."""
+    manager = _manager(16, max_loras=3, max_rank=8)
+    for name in ("x", "y", "z"):
+        manager.add(_adapter(name, 4))
+    manager.activate(["x", "y"], for_batch=True)
+    manager.apply(batch_slots={0, 1})  # the batch is sent: its rows are protected
+    x_rows, y_rows = manager._rows["x"], manager._rows["y"]
+    assert {r // 8 for r in x_rows + y_rows} == {0}
+    manager.remove("x")
+    manager.pin("z")
+    assert not set(manager._rows["z"]) & set(x_rows) and {r // 8 for r in manager._rows["z"]} == {1}
+    manager.add(_adapter("w", 8))
+    before = (manager.memory(), manager.adapters(), sorted(manager._free))
+    with pytest.raises(PoolFullError):
+        manager.activate(["w"])
+    assert (manager.memory(), manager.adapters(), sorted(manager._free)) == before
+    manager.unpin("z")
+    plan = manager.plan(["y", "w"], for_batch=True)
+    assert plan.evict == ["z"] and dict(plan.writes)["w"] == list(range(8, 16))
+    manager.commit(plan)
+    manager.apply(batch_slots={0, 1})
+    manager.add(_adapter("v", 4))
+    assert dict(manager.plan(["v"]).writes)["v"] == x_rows  # x's rows, free now the batch has changed

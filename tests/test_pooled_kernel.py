@@ -2,9 +2,10 @@
 
 References: float64 torch math over each lane's true-rank rows, written here from the op's contract (pool
 rows named by the table, int8 rows times their scales); PEFT's own mixed batch for the layers' wiring is in
-tests/test_pool.py. Every pool here is poisoned where a lane's true rank ends: its unused rows and the rows
-of an adapter's last page past its rank hold NaN (A) and Inf (B), int8 pools a NaN / Inf scale there, so a
-result that used any of them would not be finite.
+tests/test_pool.py. Every pool here is poisoned where a lane's true rank ends: its unused rows hold NaN (A)
+and Inf (B), int8 pools a NaN / Inf scale there, and so do the rows of lane 4 (an adapter no token uses)
+whose tail shares an aligned page with lane 2's tail; tails of lanes 0 and 1 share another page (at in-page
+offsets 4 and 0), so a result that used any row of a shared page but the lane's own would not be finite.
 """
 
 import pytest
@@ -16,8 +17,11 @@ from torch_xla_lora import ops, pool
 from torch_xla_lora.kernels import fused
 
 DATA_ROWS = 64  # 8 pages of 8 rows
-LANES, MAX_RANK = 5, 16
-RANKS = (16, 3, 9, 1, 5)  # lane 4 has rows but no token
+LANES, MAX_RANK = 5, 24
+RANKS = (20, 4, 12, 16, 3)  # lane 4 has rows (poisoned) but no token
+#: lane -> (tail page, in-page offset) of the tails (rank % 8 rows): two pages shared by two tails each, row 7
+#: of the second no adapter's (the allocator's layout, ``pool.PoolManager`` at granule 8)
+TAILS = {1: (0, 0), 0: (0, 4), 4: (1, 0), 2: (1, 3)}
 IN, OUT, TOKENS = 256, 384, 20  # lane-aligned widths: the fused kernel runs them; 20 tokens pad to a block
 SCALING = 0.5
 
@@ -26,14 +30,20 @@ def _pools(int8: bool, dtype: torch.dtype, seed: int = 0):
     """(a_pool, b_pool, rows [L, R] int32, a_scale, b_scale, dense A and B rows in float64 [P + 2, *])."""
     gen = torch.Generator().manual_seed(seed)
     zero = DATA_ROWS
-    pages = torch.randperm(DATA_ROWS // fused.PAGE_ROWS, generator=gen).tolist()  # scattered, any order
+    pages = torch.randperm(DATA_ROWS // fused.PAGE_ROWS - 1, generator=gen).tolist()  # scattered, any order
+    # The pool's last page holds lanes 1 and 0's tails: a DMA of 8 rows from lane 0's unaligned tail start (60)
+    # would run past the pool (66 rows), so only the aligned page's rows can give the exact result.
+    tail_pages = [DATA_ROWS // fused.PAGE_ROWS - 1, pages.pop()]
     rows = torch.full((LANES, MAX_RANK), zero, dtype=torch.int32)
     used = set()
     for lane, rank in enumerate(RANKS):
-        mine = [pages.pop() for _ in range(-(-rank // 8))]
-        lane_rows = [8 * page + k for page in mine for k in range(8)][:rank]
+        whole = [pages.pop() for _ in range(rank // 8)]
+        lane_rows = [8 * page + k for page in whole for k in range(8)]
+        if rank % 8:
+            page, offset = TAILS[lane]
+            lane_rows += [8 * tail_pages[page] + offset + k for k in range(rank % 8)]
         rows[lane, :rank] = torch.tensor(lane_rows, dtype=torch.int32)
-        used.update(lane_rows)
+        used.update(lane_rows if lane != 4 else ())
     poisoned = torch.tensor([r not in used for r in range(DATA_ROWS)] + [False, True])  # scratch row too
     a = torch.randn(DATA_ROWS + 2, IN, generator=gen, dtype=torch.float64) / 8
     b = torch.randn(DATA_ROWS + 2, OUT, generator=gen, dtype=torch.float64) / 4
@@ -78,7 +88,7 @@ def _expected(x, base, lanes, rows, dense_a, dense_b):
 CASES = [  # (backend, pool kind, compute dtype, several token blocks with host metadata)
     ("pallas", "float", torch.float32, True),
     ("pallas", "float", torch.bfloat16, False),
-    ("pallas", "int8", torch.bfloat16, False),  # the page-scale array read whole (1 tile, fewer than the 6 pages')
+    ("pallas", "int8", torch.bfloat16, False),  # the page-scale array read whole (1 tile, fewer than the 8 pages')
     ("pallas", "int8 pages", torch.float32, False),  # a pool past SMEM_SCALE_ROWS: each used page's scale tile
     ("xla", "int8", torch.float32, False),
 ]
@@ -86,9 +96,10 @@ CASES = [  # (backend, pool kind, compute dtype, several token blocks with host 
 
 @pytest.mark.parametrize(("backend", "kind", "dtype", "blocks"), CASES, ids=lambda v: str(v).removeprefix("torch."))
 def test_op_reads_each_lane_at_its_true_rank(backend, kind, dtype, blocks, xla_device, monkeypatch):
-    """The Pallas kernel (interpret mode off TPU) and the XLA-native op against float64 math: mixed ranks
-    1..R on scattered pages, base rows, an out-of-range lane, a lane with rows but no token; rows past each
-    lane's rank and the unused rows poisoned. Base and out-of-range rows are exactly the base. ``blocks``:
+    """The Pallas kernel (interpret mode off TPU) and the XLA-native op against float64 math: ranks 20, 4, 12,
+    16 on scattered pages, tails sharing aligned pages at in-page offsets 0, 3 and 4, base rows, an
+    out-of-range lane, a lane with rows but no token; the unused rows and that lane's (a neighbour tail in a
+    shared page) poisoned with Inf / NaN. Base and out-of-range rows are exactly the base. ``blocks``:
     several token blocks, with the batch's host-built grouping of the slots the pool stands for
     (``ops.batch_metadata`` at rank R and L lanes), as the layers pass it."""
     if kind == "int8 pages":  # the pool counts as too large for SMEM (its own shapes are traced afresh here)
@@ -143,57 +154,6 @@ def test_opcheck_and_validation():
         ops.pooled_shrink_expand(x, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling=float("inf"))
 
 
-def test_allocator_pages_for_the_kernel():
-    """With granule 8 (where the Pallas kernel may run) every adapter owns whole aligned pages, in every layer's
-    table entries 8p..8p+7 are one page's rows, the accounting counts the pages (rank 4: 2x its rows, the cost
-    of the kernel's page DMAs), and the pool's page is the kernel's."""
-    assert pool.KERNEL_PAGE_ROWS == fused.PAGE_ROWS
-    manager = pool.PoolManager(
-        {"m": _Layer()}, max_loras=3, max_rank=16, max_cpu_adapters=8, rows=43, row_bytes=10, budget_bytes=450
-    )
-    assert manager.granule == 8  # its layer's backend is "pallas"
-    adapters = {name: _adapter(name, rank) for name, rank in (("a", 4), ("b", 12), ("c", 16))}
-    for adapter in adapters.values():
-        manager.add(adapter)
-    plan = manager.plan(list(adapters), for_batch=True)
-    manager.commit(plan)
-    table = manager.batch_rows(plan).reshape(3, 16)
-    for name, lane in plan.slot_of.items():
-        rank = adapters[name].max_rank
-        mine = table[lane, :rank].tolist()
-        assert (table[lane, rank:] == manager.zero_row).all()
-        for first in range(0, rank, 8):
-            page = mine[first : first + 8]
-            assert page[0] % 8 == 0 and page == list(range(page[0], page[0] + len(page)))
-    assert manager.memory()["adapters"] == {"a": 80, "b": 160, "c": 160}
-    assert manager.adapter_bytes(adapters["a"]) == 80
-    first = table[plan.slot_of["a"], 0].item()
-    manager.add(_adapter("a", 6))  # reloaded at a rank of the same page: rewritten in place, same rows
-    again = manager.plan(["a"], for_batch=True)
-    assert not again.writes
-    assert manager.batch_rows(again).reshape(3, 16)[again.slot_of["a"], :7].tolist() == [
-        *range(first, first + 6),
-        manager.zero_row,
-    ]
-    manager.add(_adapter("d", 1))
-    with pytest.raises(pool.PoolFullError):  # the batch holds the 40 whole-page rows of 43: rank 1 needs a page
-        manager.plan(["d"])
-
-
-class _Layer:
-    """What the pool's allocator reads of a layer (it writes no rows here)."""
-
-    backend, in_features, out_features = "pallas", 4, 4
-    adapter_shapes = (in_features, out_features)
-
-
-def _adapter(name: str, rank: int):
-    from torch_xla_lora.adapters import LoRAAdapter, ModuleLoRA
-
-    factors = ModuleLoRA(torch.zeros(rank, 4), torch.zeros(4, rank), rank, 1.0, False)
-    return LoRAAdapter(name=name, modules={"m": factors}, config={})
-
-
 class _Proj(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -213,22 +173,30 @@ def _int8_rounded(factor: torch.Tensor, rank_dim: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
 def test_pooled_layer_runs_the_kernel_on_allocated_pages(int8, xla_device, monkeypatch):
-    """A patched linear layer with a budget and the Pallas backend: the pool allocates pages (ranks 4, 12, 16:
-    8, 16, 16 rows), the layer runs the pooled kernel on them (interpret mode off TPU) through the batch's
+    """A patched linear layer with a budget and the Pallas backend: the pool places ranks 4, 12, 16 in their own
+    4, 12, 16 rows (the 4-row tails of the rank-4 and rank-12 adapters sharing one aligned page, one of them at
+    in-page offset 4), the layer runs the pooled kernel on them (interpret mode off TPU) through the batch's
     host-built page table (nothing derived from the row table in the graph), and a mixed batch with a base
-    row equals float64 math on PEFT's factors; an int8 pool (``weight_dtype="int8"``, the page scales read
-    in the kernel) equals that math on the factors with each rank row rounded to int8."""
+    row equals PEFT's own mixed batch (``adapter_names``); an int8 pool (``weight_dtype="int8"``, the page
+    scales read in the kernel) equals PEFT's mixed batch with each rank row of the factors rounded to int8."""
+    import copy
+    import warnings
+
     import peft
 
     torch.manual_seed(0)
     model = _Proj()
     ranks = {"a": 4, "b": 12, "c": 16}
-    states = {}
-    for name, rank in ranks.items():
-        config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"], init_lora_weights=False)
-        wrapped = peft.get_peft_model(_Proj(), config)
-        wrapped.base_model.model.proj.load_state_dict(model.proj.state_dict(), strict=False)
-        states[name] = (peft.get_peft_model_state_dict(wrapped), config)
+    reference = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's warning about adapter names containing "a"
+        for name, rank in ranks.items():
+            config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"], init_lora_weights=False)
+            if reference is None:
+                reference = peft.get_peft_model(copy.deepcopy(model), config, adapter_name=name)
+            else:
+                reference.add_adapter(name, config)
+    states = {name: peft.get_peft_model_state_dict(reference, adapter_name=name) for name in ranks}
     budget = (48 + 2) * (IN + OUT) * 4
     config = tl.LoRAConfig(
         max_loras=3,
@@ -240,11 +208,13 @@ def test_pooled_layer_runs_the_kernel_on_allocated_pages(int8, xla_device, monke
     )
     lora = tl.patch_model(_Proj().to(xla_device), config)
     lora.model.proj.base_layer.load_state_dict(model.proj.state_dict())
-    for name, (state, peft_config) in states.items():
-        lora.load_adapter(name, state_dict=state, config=peft_config)
+    for name, state in states.items():
+        lora.load_adapter(name, state_dict=state, config=reference.peft_config[name])
     assert lora.manager.granule == fused.PAGE_ROWS
     rows = ["b", None, "a", "c", "b"]
     lora.set_batch(rows)
+    tails = [lora.manager._rows[name][-4:] for name in ("a", "b")]
+    assert tails[0][0] // 8 == tails[1][0] // 8 and {tails[0][0] % 8, tails[1][0] % 8} == {0, 4}
 
     def gathered(*args, **kwargs):
         raise AssertionError("the layer gathered its lanes instead of reading the pools")
@@ -260,18 +230,15 @@ def test_pooled_layer_runs_the_kernel_on_allocated_pages(int8, xla_device, monke
     x = torch.randn(len(rows), 3, IN)
     with torch.no_grad():
         out = lora.model(x.to(xla_device)).cpu()
-    float_bytes = {n: -(-r // 8) * 8 * (IN + OUT) * 4 for n, r in ranks.items()}
+    float_bytes = {n: r * (IN + OUT) * 4 for n, r in ranks.items()}
     used = lora.memory()["adapters"]
     assert used == float_bytes if not int8 else all(float_bytes[n] / 4 <= used[n] < float_bytes[n] / 3 for n in ranks)
-    expected = model.proj(x).double()
-    for i, name in enumerate(rows):
-        if name is not None:
-            state = states[name][0]
-            a = next(v for k, v in state.items() if "lora_A" in k).double()  # [r, in]
-            b = next(v for k, v in state.items() if "lora_B" in k).double()  # [out, r]
-            if int8:
-                a, b = _int8_rounded(a, 0), _int8_rounded(b, 1)
-            expected[i] += 2 * (x[i].double() @ a.T) @ b.T
+    if int8:
+        for name, state in states.items():
+            rounded = {k: _int8_rounded(v, 0 if "lora_A" in k else 1).float() for k, v in state.items()}
+            peft.set_peft_model_state_dict(reference, rounded, adapter_name=name)
+    with torch.no_grad():
+        expected = reference.eval()(x, adapter_names=[name or "__base__" for name in rows])
     assert_close(out, expected, torch.float32)
 
 

@@ -13,8 +13,11 @@ Per batch, :meth:`PoolManager.batch_rows` lays out a table of ``max_loras x
 max_rank`` row numbers (lane-major; rows past an adapter's rank point at the
 zero row) and the context sends it to the device whole, like the slots. Linear
 layers and routers read their lanes' rows from the pools through the table
-(``ops.pooled_shrink_expand``: on TPU only each lane's true-rank pages, so the
-allocator hands out aligned pages of :data:`KERNEL_PAGE_ROWS` rows there); other
+(``ops.pooled_shrink_expand``: on TPU only each lane's true-rank pages, so there
+the allocator places an adapter of rank r = 8q + t in q whole aligned pages of
+:data:`KERNEL_PAGE_ROWS` rows and, if t > 0, t contiguous rows inside one aligned
+page that other adapters' tails may share; the kernel DMAs that whole page and
+uses only the tail's rows); other
 layers gather their rows into the ``[max_loras, max_rank, ...]`` layout the
 slot ops read (:func:`gather_slots`), dequantising int8 rows on the way. No
 load, eviction or mix of ranks changes a compiled graph. Rows are written with one fixed-shape ``index_copy_``
@@ -59,8 +62,9 @@ __all__ = [
 SPARE_ROWS = 2
 #: Bytes of one int8 row's scale (float32), per buffer.
 SCALE_BYTES = 4
-#: Rows per page of the TPU pooled kernel (``kernels.fused.PAGE_ROWS``): it DMAs an adapter's rows a page at a
-#: time, so where it may run the allocator hands out whole aligned pages (:func:`granule_for`).
+#: Rows per page of the TPU pooled kernel (``kernels.fused.PAGE_ROWS``): it DMAs an adapter's rows an aligned page
+#: at a time, so where it may run (:func:`granule_for`) an adapter of rank 8q + t owns q whole aligned pages and its
+#: tail of t rows lies contiguous inside one aligned page, which other adapters' tails may share.
 KERNEL_PAGE_ROWS = 8
 
 #: Rows of the HBM tile XLA gives a v6e int8 array whose row count is a multiple of it (else 8-row tiles): the
@@ -195,13 +199,18 @@ def kernel_pool_rows(rows: int, int8: bool, granule: int) -> int:
 
 
 def span_rows(rank: int, granule: int) -> int:
-    """Rows an adapter of ``rank`` is allocated: ``rank`` rounded up to whole pages of ``granule`` rows."""
+    """Rows of the pages of ``granule`` rows an adapter of ``rank`` touches: ``rank`` rounded up to whole pages.
+
+    At granule :data:`KERNEL_PAGE_ROWS` these are the rows the pooled kernel DMAs for the adapter (its tail's
+    whole page), not what it is allocated: it owns its ``rank`` rows, its tail sharing a page with others'."""
     return -(-rank // granule) * granule
 
 
 def granule_for(layers: Mapping[str, BaseLayerWithLoRA]) -> int:
-    """Rows an adapter's allocation is rounded to: :data:`KERNEL_PAGE_ROWS` where a layer may run the pooled
-    Pallas kernel (backend "pallas", or "auto" on a TPU), else 1 (any rows: the ops gather them)."""
+    """The page the allocator places adapters in: :data:`KERNEL_PAGE_ROWS` where a layer may run the pooled
+    Pallas kernel (backend "pallas", or "auto" on a TPU), else 1 (any rows: the ops gather them). At 8 an
+    adapter of rank 8q + t gets q whole aligned pages and t contiguous rows inside one aligned page (which
+    other adapters' tails may share); either way it owns exactly ``rank`` rows."""
     from torch_xla_lora import ops
 
     for layer in layers.values():
@@ -240,8 +249,10 @@ class PoolManager:
       rows: data rows of every layer's pool.
       row_bytes: device bytes of one row over all layers.
       budget_bytes: the configured budget.
-      granule: rows an adapter's allocation is rounded up to, in aligned pages of that many rows (default:
-        :func:`granule_for` the layers); page rows past its rank are allocated but never read.
+      granule: the allocator's page (default: :func:`granule_for` the layers): 1, any rows; 8, an adapter of
+        rank 8q + t gets q whole aligned pages (entries 8p .. 8p + 7 of its rows one page) and its t tail rows
+        contiguous inside one aligned page, best fit among the pages other tails use, else a free page. Either
+        way it owns ``rank`` rows: the rows of a shared page no adapter owns are free.
     """
 
     pooled = True
@@ -297,12 +308,9 @@ class PoolManager:
             }
 
     def adapter_bytes(self, adapter: LoRAAdapter) -> int:
-        """Device bytes ``adapter`` occupies when resident: its rank rows (whole pages) over every layer."""
-        return self._span(adapter.max_rank) * self.row_bytes
-
-    def _span(self, rank: int) -> int:
-        """Rows an adapter of ``rank`` is allocated: :func:`span_rows` at :attr:`granule`."""
-        return span_rows(rank, self.granule)
+        """Device bytes ``adapter`` occupies when resident: its rank rows over every layer (a tail sharing a
+        page counts its own rows only)."""
+        return adapter.max_rank * self.row_bytes
 
     def memory(self) -> dict:
         """{"budget_bytes", "used_bytes", "adapters": {resident name: bytes}} (see ``LoRAModel.memory``)."""
@@ -332,14 +340,14 @@ class PoolManager:
 
     def add(self, adapter: LoRAAdapter) -> None:
         """Validate ``adapter`` against the model and the budget, and cache it (replacing one of the same
-        name). A resident adapter reloaded at a rank of the same rows (the same rank, or the same pages) is
-        rewritten in place at the next apply; otherwise it leaves the pool (the next batch naming it brings it back).
+        name). A resident adapter reloaded at the same rank is rewritten in place at the next apply; at another
+        rank it leaves the pool (the next batch naming it brings it back).
 
         Raises:
           PoolFullError: its rank rows exceed the whole pool.
         """
         check_adapter(adapter, self._module_shapes, self.max_rank)
-        if self._span(adapter.max_rank) > self.rows - self.rows % self.granule:
+        if span_rows(adapter.max_rank, self.granule) > self.rows - self.rows % self.granule:
             raise PoolFullError(
                 f"adapter {adapter.name!r}: rank {adapter.max_rank} needs {self.adapter_bytes(adapter)} bytes, more "
                 f"than the whole memory budget holds ({self.rows} rows of {self.row_bytes} bytes)"
@@ -348,7 +356,7 @@ class PoolManager:
             self._host[adapter.name] = adapter
             self._host.move_to_end(adapter.name)
             rows = self._rows.get(adapter.name)
-            if rows is not None and len(rows) == self._span(adapter.max_rank):  # its rows hold it: rewrite
+            if rows is not None and len(rows) == adapter.max_rank:  # its rows hold it: rewrite
                 self._staged[adapter.name] = adapter
             elif rows is not None:
                 self._release(adapter.name)
@@ -429,28 +437,30 @@ class PoolManager:
                     + (f" and trainable adapters reserve {len(reserved)} lanes" if reserved else "")
                 )
             protected = set() if for_batch else self._batch
-            free = sorted(self._free + (self._held if for_batch else []))
+            free = set(self._free + (self._held if for_batch else []))
             missing = [name for name in ordinary if name not in self._rows]
-            need = sum(self._span(self._host[name].max_rank) for name in missing)
+            ranks = [self._host[name].max_rank for name in missing]
+            candidates = [
+                name
+                for name in self._use  # least recently used first
+                if name not in self._pinned and name not in wanted and name not in protected
+            ]
             evict = []
-            for name in self._use:  # least recently used first
-                if len(free) >= need:
-                    break
-                if name not in self._pinned and name not in wanted and name not in protected:
-                    evict.append(name)
-                    free += [r for r in self._rows[name] if for_batch or r not in self._batch_rows]
-            if len(free) < need:
-                raise PoolFullError(
-                    f"adapters {missing} need {need * self.row_bytes} bytes ({need} rows) but only "
-                    f"{len(free) * self.row_bytes} can be freed of the {self.budget_bytes}-byte budget "
-                    f"(pinned: {sorted(self._pinned)}, in the current batch: {sorted(protected)})"
-                )
-            free.sort()
-            writes = []
-            for name in missing:  # free holds whole aligned pages: a multiple of the granule from the front is too
-                span = self._span(self._host[name].max_rank)
-                writes.append((name, free[:span]))
-                free = free[span:]
+            while (placed := self._place(free, ranks)) is None:  # evict until they can be placed, not until
+                if len(evict) == len(candidates):  # enough rows are free: tails and pages need their own
+                    need = sum(ranks)
+                    raise PoolFullError(
+                        f"adapters {missing} need {need * self.row_bytes} bytes ({need} rows"
+                        + (f": their tails inside one page of {self.granule} rows each" if self.granule > 1 else "")
+                        + f") but they cannot be placed in the {len(free)} rows that can be freed of the "
+                        f"{self.budget_bytes}-byte budget (pinned: {sorted(self._pinned)}, in the current batch: "
+                        f"{sorted(protected)})"
+                    )
+                name = candidates[len(evict)]
+                evict.append(name)
+                free.update(r for r in self._rows[name] if for_batch or r not in self._batch_rows)
+            writes = list(zip(missing, placed, strict=True))
+            free = sorted(free.difference(*placed))
             open_lanes = iter(lane for lane in range(self.max_loras) if lane not in reserved)
             lanes = {
                 name: self._trainable.get(name) if name in self._trainable else next(open_lanes) for name in wanted
@@ -527,6 +537,62 @@ class PoolManager:
             _flush(self._layers.values())
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _place(self, free: set[int], ranks: Sequence[int]) -> list[list[int]] | None:
+        """Rows for adapters of ``ranks`` out of ``free`` (not changed), or None where they cannot all be placed.
+
+        Granule 1: the lowest free rows. Granule g > 1: an adapter of rank r = g * q + t takes the q lowest whole
+        free aligned pages and, if t > 0, t contiguous free rows inside one page: the shortest free run of t or
+        more rows in a page other rows of which are taken (best fit, the run's first rows), else the lowest
+        whole free page. Tails are placed longest first; each adapter's rows come whole pages first, then the
+        tail (its row-table layout)."""
+        g = self.granule
+        if g == 1:
+            rows = sorted(free)
+            if sum(ranks) > len(rows):
+                return None
+            out, start = [], 0
+            for rank in ranks:
+                out.append(rows[start : start + rank])
+                start += rank
+            return out
+        offsets: dict[int, set[int]] = {}  # page -> its free in-page offsets
+        for row in free:
+            offsets.setdefault(row // g, set()).add(row % g)
+        out: list[list[int] | None] = [None] * len(ranks)
+        for i in sorted(range(len(ranks)), key=lambda i: -(ranks[i] % g)):
+            full, tail = divmod(ranks[i], g)
+            whole = sorted(p for p, free_rows in offsets.items() if len(free_rows) == g)
+            if len(whole) < full + (tail > 0 and not self._shared_run(offsets, tail)):
+                return None
+            rows = [p * g + k for p in whole[:full] for k in range(g)]
+            for p in whole[:full]:
+                del offsets[p]
+            if tail:
+                found = self._shared_run(offsets, tail)
+                page, first = found if found else (min(p for p, f in offsets.items() if len(f) == g), 0)
+                rows += [page * g + first + k for k in range(tail)]
+                offsets[page] -= set(range(first, first + tail))
+            out[i] = rows
+        return out
+
+    def _shared_run(self, offsets: Mapping[int, set[int]], tail: int) -> tuple[int, int] | None:
+        """(page, first offset) of the shortest run of at least ``tail`` contiguous free rows in a page that
+        is not wholly free (lowest page and offset among equals), or None."""
+        best = None
+        for page in sorted(offsets):
+            free_rows = offsets[page]
+            if len(free_rows) == self.granule:
+                continue
+            run = 0
+            for k in range(self.granule + 1):
+                if k < self.granule and k in free_rows:
+                    run += 1
+                    continue
+                if run >= tail and (best is None or run < best[0]):
+                    best = (run, page, k - run)
+                run = 0
+        return None if best is None else best[1:]
 
     def _write(self, rows: list[int], adapter: LoRAAdapter | None) -> None:
         """Write ``adapter``'s rows (None: zeros) in every layer: ``max_rank`` rows, padding to the scratch row."""
