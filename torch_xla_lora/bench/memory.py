@@ -13,6 +13,13 @@ need no memory. Three layouts:
 For each, uniform fleets of one rank and a mixed fleet (by default 70% rank 8, 20%
 rank 16, 10% rank 64, filled in that proportion until the next adapter does not fit).
 ``--chips`` adds the budget left beside a base model and its KV cache on a TPU's HBM.
+
+``--resident``: bytes per resident adapter against its true-rank bytes, for ranks 4 to
+64 where the TPU pooled kernel may run (the allocator's 8-row aligned pages, tails of
+rank % 8 rows sharing pages): the adapter's own rows by the pool's accounting, and the
+whole budget over the adapters of that rank the pool's own allocator (:class:`PoolManager`,
+here on stand-in layers) places in the rows ``patch_model`` would give it, so spare rows,
+page-scale padding and rows no adapter can use are included.
 """
 
 from __future__ import annotations
@@ -21,7 +28,19 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from torch_xla_lora.pool import SPARE_ROWS, layer_row_bytes, parse_bytes
+import torch
+
+from torch_xla_lora.pool import (
+    KERNEL_PAGE_ROWS,
+    SCALE_BYTES,
+    SPARE_ROWS,
+    PoolFullError,
+    PoolManager,
+    kernel_pool_rows,
+    layer_row_bytes,
+    page_scale_rows,
+    parse_bytes,
+)
 
 #: (hidden, intermediate, layers, attention heads, KV heads, head dim, vocab) of the models the table knows.
 MODELS = {
@@ -91,6 +110,76 @@ def adapters_fitting(budget: int, unit: int, ranks_of: Sequence[int] | None, max
     return fitted
 
 
+def budget_rows(model: str, budget: int, int8: bool, granule: int, max_rank: int = 64) -> int:
+    """Data rows of every layer's pool a budget gives, as ``patch_model`` sizes them: whole rows with the
+    spare rows, an int8 pool's page scales padded to whole tiles inside the budget, and where the TPU kernel
+    may read an int8 pool (``granule`` > 1) no multiple of 32 rows (``pool.kernel_pool_rows``)."""
+    unit = row_bytes(model, 1 if int8 else 2, int8, max_rank)
+    layers = len(projection_shapes(model))
+
+    def allocated(rows: int) -> int:
+        padding = SCALE_BYTES * (page_scale_rows(rows) - rows - SPARE_ROWS) * layers if int8 else 0
+        return (rows + SPARE_ROWS) * unit + padding
+
+    rows = budget // unit - SPARE_ROWS
+    while rows > 0 and allocated(rows) > budget:
+        rows -= 1
+    return kernel_pool_rows(rows, int8, granule)
+
+
+class _Stand:
+    """A stand-in layer for the allocator (it reads a layer's backend and module shapes, and writes no rows here)."""
+
+    backend, adapter_shapes = "pallas", (1, 1)
+
+
+def placed(rows: int, ranks: Sequence[int], granule: int, max_rank: int = 64) -> int:
+    """How many adapters of ``ranks``, in order, the pool's own allocator (:class:`PoolManager` at ``granule``)
+    holds resident at once in ``rows`` data rows: each is made resident and pinned until one cannot be placed."""
+    from torch_xla_lora.adapters import LoRAAdapter, ModuleLoRA
+
+    manager = PoolManager(
+        {"m": _Stand()}, 1, max_rank, len(ranks) + 1, rows, row_bytes=1, budget_bytes=rows, granule=granule
+    )
+    for count, rank in enumerate(ranks):
+        factors = ModuleLoRA(torch.zeros(rank, 1), torch.zeros(1, rank), rank, 1.0, False)
+        manager.add(LoRAAdapter(name=str(count), modules={"m": factors}, config={}))
+        try:
+            manager.pin(str(count))
+        except PoolFullError:
+            return count
+    return len(ranks)
+
+
+RESIDENT_RANKS = (4, 8, 12, 16, 24, 32, 64)
+
+
+def resident(model: str, budget: int, ranks: Sequence[int] = RESIDENT_RANKS, max_rank: int = 64) -> list[dict]:
+    """Per rank and dtype (bf16, int8): an adapter's true-rank bytes (its rank's elements of every projection,
+    int8 one byte each), its own bytes by the pool's accounting (its rank rows, int8 with their float32 row and
+    page scales) and the budget's bytes per adapter of that rank the allocator holds at the TPU kernel's
+    granule (:func:`placed` in :func:`budget_rows`), both as ratios to the true bytes."""
+    elements = sum(d_in + d_out for d_in, d_out in projection_shapes(model))
+    out = []
+    for dtype, int8 in (("bf16", False), ("int8", True)):
+        unit = row_bytes(model, 1 if int8 else 2, int8, max_rank)
+        rows = budget_rows(model, budget, int8, KERNEL_PAGE_ROWS, max_rank)
+        for rank in ranks:
+            true = rank * elements * (1 if int8 else 2)
+            count = placed(rows, [rank] * (rows // rank + 1), KERNEL_PAGE_ROWS, max_rank)
+            out.append(
+                {
+                    "dtype": dtype,
+                    "rank": rank,
+                    "true_mb": true / 1e6,
+                    "own_ratio": rank * unit / true,
+                    "adapters": count,
+                    "budget_ratio": budget / count / true,
+                }
+            )
+    return out
+
+
 def table(model: str, budget: int, max_rank: int, mixes: dict[str, dict[int, float]]) -> list[dict]:
     """Rows of the capacity table: layout, fleet, adapters, bytes per adapter."""
     bf16, int8 = row_bytes(model, 2, False, max_rank), row_bytes(model, 1, True, max_rank)
@@ -118,6 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kv-tokens", type=int, default=32768, help="KV cache tokens reserved with --chips")
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
+        "--resident",
+        action="store_true",
+        help="instead: bytes per resident adapter against its true-rank bytes, ranks 4-64, the TPU allocator",
+    )
+    parser.add_argument(
         "--quality",
         action="store_true",
         help="instead: int8 adapters against float ones on a random Llama (bench/int8_quality.py; its own options)",
@@ -135,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     budget = parse_bytes(args.budget, "--budget")
+    if args.resident:
+        return _print_resident(args.model, args.budget, budget, args.max_rank, args.json)
     mixes = {f"uniform r{r}": {r: 1.0} for r in (8, 16, 64)}
     mixes["mixed 70/20/10% r8/16/64"] = {8: 0.7, 16: 0.2, 64: 0.1}
     rows = table(args.model, budget, args.max_rank, mixes)
@@ -161,6 +257,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"| {r['chip']} | {r['base']} | {r['left_gib']:.1f} GiB | {r['padded bf16']} | "
                 f"{r['rank-true bf16']} | {r['rank-true int8']} |"
             )
+    return 0
+
+
+def _print_resident(model: str, label: str, budget: int, max_rank: int, as_json: bool) -> int:
+    rows = resident(model, budget, range(4, max_rank + 1), max_rank)
+    if as_json:
+        print(json.dumps({"resident": rows}, indent=1))
+        return 0
+    print(
+        f"{model}, all seven projections of every layer, {label} for adapters, max_rank {max_rank}; the allocator "
+        "where the TPU pooled kernel may run (8-row aligned pages, tails sharing pages)"
+    )
+    print(
+        "| rank | bf16 true MB | bf16 own / true | bf16 adapters in the budget | bf16 budget / adapters / true "
+        "| int8 true MB | int8 own / true | int8 adapters in the budget | int8 budget / adapters / true |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for rank in RESIDENT_RANKS:
+        cells = [str(rank)]
+        for dtype in ("bf16", "int8"):
+            r = next(r for r in rows if r["rank"] == rank and r["dtype"] == dtype)
+            cells += [f"{r['true_mb']:.1f}", f"{r['own_ratio']:.3f}", str(r["adapters"]), f"{r['budget_ratio']:.3f}"]
+        print("| " + " | ".join(cells) + " |")
+    for dtype in ("bf16", "int8"):
+        mine = [r for r in rows if r["dtype"] == dtype]
+        over = ", ".join(f"{r['rank']} ({r['budget_ratio']:.3f})" for r in mine if r["budget_ratio"] > 1.10)
+        print(
+            f"{dtype}, every rank 4-{max_rank}: own / true at most {max(r['own_ratio'] for r in mine):.3f}; "
+            f"budget / adapters / true at most {max(r['budget_ratio'] for r in mine):.3f}, "
+            f"over 1.10 at ranks: {over or 'none'}"
+        )
     return 0
 
 
