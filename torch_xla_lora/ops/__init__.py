@@ -489,9 +489,10 @@ def pooled_shrink_expand(
     true rank (the position after the last entry of ``rows[l]`` that is not the zero row P; entries past
     it name the zero row), the layout of ``context.rows`` with a memory budget (see ``torch_xla_lora.pool``).
     Rows past a lane's rank, and rows of lanes no token uses, are neither read nor multiplied: on TPU
-    ("pallas") the fused laned kernel DMAs each used lane's rows straight from the pools, a page of
-    ``kernels.fused.PAGE_ROWS`` (8) rows at a time, int8 rows converted in VMEM. The "xla" backend gathers
-    the lanes' rows into the [L, R, ...] slot layout (all L x R table entries) and runs the slot op.
+    ("pallas") the fused laned kernel DMAs each used lane's rows straight from the pools, an aligned page of
+    ``kernels.fused.PAGE_ROWS`` (8) rows at a time (of a tail's page using only the lane's rows), int8 rows
+    converted in VMEM. The "xla" backend gathers the lanes' rows into the [L, R, ...] slot layout (all
+    L x R table entries) and runs the slot op.
 
     Args:
       inputs: [T, D] floating: the compute dtype.
@@ -500,9 +501,11 @@ def pooled_shrink_expand(
       b_pool: [P + 2, Dout], a_pool's dtype: B's rank rows (rank-first).
       base: [T, Dout], inputs' dtype.
       lanes: [T] int32: each token's lane; outside [0, L) adds nothing.
-      rows: [L, R] int32: each lane's pool rows. On the "pallas" backend a lane's rows come in aligned
-        pages: entry ``8p`` of a lane is a multiple of 8 and entries ``8p .. 8p + 7`` within its rank are
-        that row and the next seven (``PoolManager`` with ``granule`` 8 allocates so).
+      rows: [L, R] int32: each lane's pool rows. On the "pallas" backend a lane of rank r = 8q + t comes in
+        q aligned pages and a tail: for p < q entry ``8p`` is a multiple of 8 and entries ``8p .. 8p + 7``
+        are that row and the next seven; entries ``8q .. r - 1`` (t > 0) are contiguous rows inside one
+        aligned page, from any in-page offset o (o + t <= 8; the page's other rows may be other lanes' or
+        adapters' and are never used for this lane). ``PoolManager`` with ``granule`` 8 allocates so.
       a_scale, b_scale: [P + 2] float32 per-row scales of int8 pools, else None.
       scaling: multiplies the LoRA product.
       backend: "auto", "pallas" or "xla" (XLA tensors only).
