@@ -61,6 +61,24 @@ from jax.experimental.pallas import tpu as pltpu
 from . import tuning
 from .block_sizes import LANE, BlockSizes, known, typical_adapters
 from .fused import finite_lanes, lanes_for, poison_own_lane, rank_stride
+from .pages import (
+    PAGE_ROWS,
+    SCALE_TILE_ROWS,
+    PageTable,
+    Pooled,
+    choose_scale_mode,
+    convert_pages,
+    for_lane_pages,
+    lane_page_target,
+    lane_rows,
+    page_copy,
+    pages,
+    pool_rows_read,
+    row_scales,
+    scale_buffer_rows,
+    scale_read_bytes,
+    scale_tile_copy,
+)
 from .visits import LaneBlocks, max_chunks
 
 #: Weight layouts: nn.Linear's [out, in] and transformers' Conv1D [in, out].
@@ -238,8 +256,16 @@ def modelled_seconds(
     fusion: Fusion = NO_FUSION,
     block_adapters: int | None = None,
     keep_s: bool = False,
+    ranks: tuple[int, ...] | None = None,
+    int8_pool: bool = False,
 ) -> float:
     """Roofline time of the kernel under ``sizes`` on ``generation``, for choosing among tilings and lane counts.
+
+    Pooled (``ranks`` given: the true ranks of a token block's distinct adapters, each block alike; ``rank`` is
+    then the page table's R): each adapter's A and B bytes are its whole pages' (:func:`pages.pool_rows_read`),
+    at one byte an element for an int8 pool (``int8_pool``), which also reads a 4 KiB scale tile per page
+    per block (the paged scale mode, an upper bound of the whole-array mode); ``block_adapters`` is then
+    ``len(ranks)``, the first ``lanes`` of them fetched beside the base product and the others exposed.
 
     ``max(HBM bytes / bandwidth, MXU flops / peak) + exposed DMA / bandwidth + grid steps * step overhead``,
     with the pipelined traffic of :func:`hbm_bytes`, every matmul's contraction and output dims padded to
@@ -256,6 +282,7 @@ def modelled_seconds(
         return -(-dim // width) * width
 
     adapters = lanes if block_adapters is None else block_adapters
+    adapters = adapters if ranks is None else len(ranks)
     chunks = max(1, -(-adapters // lanes))
     bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
     rows = sizes.padded_tokens(num_tokens)
@@ -264,14 +291,18 @@ def modelled_seconds(
     lane_width = pad(lanes * rank_stride(rank, dtype))
     lora = chunks * lane_width * (k_tiles * pad(tk) + n_tiles * pad(tn))
     flops = 2 * rows * (k_tiles * pad(tk) * n_tiles * pad(tn) + lora)
-    adapter_bytes = (rows // bt) * rank * (hidden + out_dim) * itemsize  # one adapter's A and B rows per block
-    exposed = max(0, adapters - lanes) * adapter_bytes
+    if ranks is None:
+        adapter_bytes = (rows // bt) * rank * (hidden + out_dim) * itemsize  # one adapter's A and B rows per block
+        overlapped = min(adapters, lanes) * adapter_bytes
+        exposed = max(0, adapters - lanes) * adapter_bytes
+    else:  # each adapter's whole pages per block (int8: one byte an element, and a scale tile per page)
+        per_page = PAGE_ROWS * (hidden + out_dim) * (1 if int8_pool else itemsize)
+        per_page += 4 * SCALE_TILE_ROWS if int8_pool else 0
+        sizes_ = [(rows // bt) * pages(r) * per_page for r in ranks]
+        overlapped, exposed = sum(sizes_[:lanes]), sum(sizes_[lanes:])
     bandwidth = tuning.HBM_BYTES_PER_S[generation]
     seconds = max(
-        (
-            hbm_bytes(num_tokens, hidden, out_dim, sizes, itemsize, fusion, rank if keep_s else 0)
-            + min(adapters, lanes) * adapter_bytes
-        )
+        (hbm_bytes(num_tokens, hidden, out_dim, sizes, itemsize, fusion, rank if keep_s else 0) + overlapped)
         / bandwidth,
         flops / tuning.PEAK_FLOPS[generation],
     )
@@ -401,16 +432,53 @@ def step_work(i: int, n: int, k: int, meta, rank: int, lanes: int, sizes: BlockS
     return overlapped, exposed, matmuls
 
 
+def pooled_step_work(
+    i: int,
+    n: int,
+    k: int,
+    meta,
+    ranks,
+    lanes: int,
+    sizes: BlockSizes,
+    num_k: int,
+    itemsize: int,
+    int8_pool: bool = False,
+):
+    """:func:`step_work` of the pooled kernel (``linear_lora(..., page_table=)``): (DMA bytes overlapped with the
+    base product, exposed DMA bytes, matmuls) at grid step (i, n, k), the DMAs being each used lane's whole
+    pages (``ranks``: lane -> true rank; ``itemsize`` the compute dtype's, an int8 pool's rows at one byte),
+    and with ``int8_pool`` the scale tile of each of the block's pages at the last k of n == 0 (exposed; the
+    paged scale mode). Matmuls are the slot kernel's at the table's rank (``max(ranks)`` lanes wide)."""
+    chunks = int(meta.chunks[i])
+    per_block = len(meta.slots) // len(meta.chunks)
+    used = [int(s) for s in meta.slots[i * per_block : i * per_block + chunks * lanes] if s >= 0]
+    width = lanes * rank_stride(max(int(r) for r in ranks), "float32" if itemsize == 4 else "bfloat16")
+    row_bytes = 1 if int8_pool else itemsize
+    bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
+    first, rest = used[:lanes], used[lanes:]
+    overlapped = exposed = 0
+    matmuls = [(bt, tk, tn)]
+    for applies, tile, shape in ((n == 0, tk, (bt, tk, width)), (k == num_k - 1, tn, (bt, width, tn))):
+        if applies:
+            overlapped += pool_rows_read(ranks[s] for s in first) * tile * row_bytes
+            exposed += pool_rows_read(ranks[s] for s in rest) * tile * row_bytes
+            matmuls += [shape] * chunks
+    if int8_pool and n == 0 and k == num_k - 1:
+        exposed += 4 * SCALE_TILE_ROWS * sum(pages(int(ranks[s])) for s in used)
+    return overlapped, exposed, matmuls
+
+
 def _kernel(
     chunks_ref,  # SMEM [num_blocks]
     slots_ref,  # SMEM [num_blocks * per_block]
     uniform_ref,  # SMEM [num_blocks]
-    code_ref,  # [bt, 1] int32
-    x_ref,  # [bt, tk] (the gate with fusion.silu_mul)
-    *refs,  # [up [bt, tk]], [row [bt, 1] f32], [col [1, tk]], w, [scale [1, tn] f32], [bias [1, tn]],
+    *refs,  # [pooled: the page table, SMEM [L * pages(R) + L]], code [bt, 1] int32, x [bt, tk] (the gate with
+    # fusion.silu_mul), [up [bt, tk]], [row [bt, 1] f32], [col [1, tk]], w, [scale [1, tn] f32], [bias [1, tn]],
     # [residual [bt, tn]],
-    # a_hbm, b_hbm, o_ref, [s_ref [bt, R] with keep_s], a_buf, b_buf, y_acc [bt, lanes * stride] f32, acc_ref,
-    # [x_buf [bt, tk] with a prologue], sem
+    # a_hbm, b_hbm (slots [L, R, K] / [L, R, N], or pools [P + 2, K] / [P + 2, N]), [int8 pools: page scales
+    # [S] f32], o_ref, [s_ref [bt, R] with keep_s], a_buf, b_buf, y_acc [bt, lanes * stride] f32, acc_ref,
+    # [x_buf [bt, tk] with a prologue], [int8 pools: page staging [lanes * stride / 8, 8, tk] and [.., 8, tn]
+    # int8, the SMEM scale buffer, the scale mode [1] SMEM], sem ([2]; int8 pools [3])
     lanes: int,
     stride: int,
     per_block: int,
@@ -420,8 +488,12 @@ def _kernel(
     fusion: Fusion = NO_FUSION,
     rows: int = 0,
     keep_s: bool = False,
+    pooled: Pooled | None = None,
 ):
     refs = list(refs)
+    table = PageTable(refs.pop(0), pooled) if pooled is not None else None
+    int8_pool = pooled is not None and pooled.int8
+    code_ref, x_ref = refs.pop(0), refs.pop(0)
     up_ref = refs.pop(0) if fusion.silu_mul else None
     row_ref = refs.pop(0) if fusion.row_scale else None
     col_ref = refs.pop(0) if fusion.col_scale else None
@@ -429,15 +501,19 @@ def _kernel(
     scale_ref = refs.pop(0) if fusion.weight_scale else None
     bias_ref = refs.pop(0) if has_bias else None
     res_ref = refs.pop(0) if fusion.residual else None
-    a_hbm, b_hbm, o_ref = refs[:3]
-    s_ref = refs.pop(3) if keep_s else None
-    a_buf, b_buf, y_acc, acc_ref = refs[3:7]
-    x_buf = refs[7] if fusion.prologue else None
+    a_hbm, b_hbm = refs.pop(0), refs.pop(0)
+    s_hbm = refs.pop(0) if int8_pool else None
+    o_ref = refs.pop(0)
+    s_ref = refs.pop(0) if keep_s else None
+    a_buf, b_buf, y_acc, acc_ref = refs[:4]
+    x_buf = refs[4] if fusion.prologue else None
+    if int8_pool:
+        a_stage, b_stage, s_buf, mode_ref = refs[4 + fusion.prologue : 8 + fusion.prologue]
     sem = refs[-1]
     i, n, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     last_k = pl.num_programs(2) - 1
     num_chunks = chunks_ref[i]
-    rank = a_hbm.shape[1]
+    rank = a_hbm.shape[1] if pooled is None else pooled.rank
     bt, tk, tn = x_ref.shape[0], x_ref.shape[1], o_ref.shape[1]
     rows = rows or bt
     prologue_rows_ = prologue_chunk(rows)
@@ -486,12 +562,57 @@ def _kernel(
         for slot, copy in copies:
             pl.when(slot >= 0)(copy.wait)
 
-    a_copies = functools.partial(
-        lane_copies, source=a_hbm, dest=a_buf, sem_index=0, src_index=tile_of(k, tk, a_hbm.shape[2])
-    )
-    b_copies = functools.partial(
-        lane_copies, source=b_hbm, dest=b_buf, sem_index=1, src_index=tile_of(n, tn, b_hbm.shape[2])
-    )
+    def chunk_slots(c):
+        return [slots_ref[i * per_block + c * lanes + lane] for lane in range(lanes)]
+
+    if pooled is None:
+        a_copies = functools.partial(
+            lane_copies, source=a_hbm, dest=a_buf, sem_index=0, src_index=tile_of(k, tk, a_hbm.shape[2])
+        )
+        b_copies = functools.partial(
+            lane_copies, source=b_hbm, dest=b_buf, sem_index=1, src_index=tile_of(n, tn, b_hbm.shape[2])
+        )
+
+        def fetch(c, which: int, step: str) -> None:
+            """Start (``step`` "start") or wait for ("wait") the DMAs of chunk c's A (which 0) or B (1) tiles."""
+            (start if step == "start" else wait)((a_copies if which == 0 else b_copies)(c))
+
+    else:
+
+        def fetch(c, which: int, step: str) -> None:
+            """Chunk c's lanes' true-rank pages of the A (which 0: the k tile's columns) or B (1: the n tile's)
+            pools, each the aligned page holding its rows, into the lanes' rows of the buffer (int8: staged, then
+            converted once all have arrived); int8 scale tiles follow A's pages where the scales are paged."""
+            source, dest = (a_hbm, a_buf) if which == 0 else (b_hbm, b_buf)
+            staging = None if not int8_pool else (a_stage if which == 0 else b_stage)
+            index, tile_width = (k, tk) if which == 0 else (n, tn)
+            columns = slice(None) if tile_width == source.shape[1] else pl.ds(index * tile_width, tile_width)
+            slots = chunk_slots(c)
+
+            def page(slot, lane, p):
+                target = lane_page_target(dest, staging, lane, stride, p)
+                copy = page_copy(source, table.aligned(slot, p), columns, target, sem.at[which])
+                getattr(copy, step)()
+
+            for_lane_pages(table, slots, page)
+            if step == "wait" and staging is not None:
+                convert_pages(table, slots, staging, dest, stride)
+
+        def fetch_scales(c) -> None:
+            """(int8, paged scales) chunk c's pages' scale tiles into the SMEM buffer, waited for."""
+            slots = chunk_slots(c)
+            for step in ("start", "wait"):
+
+                def tile(slot, lane, p, step=step):
+                    copy = scale_tile_copy(s_hbm, s_buf, table, slot, lane, p, sem.at[2])
+                    getattr(copy, step)()
+
+                @pl.when(mode_ref[0] == 0)
+                def _paged():
+                    for_lane_pages(table, slots, tile)
+
+        def own_rows_of(c, shape, axis: int):
+            return lane_rows(table, chunk_slots(c), stride, shape, axis)
 
     @pl.when((i == 0) & (n == 0) & (k == 0))
     def _zero_lane_tiles():
@@ -499,15 +620,29 @@ def _kernel(
         # selects those out, finite_lanes); zero them once so no uninitialised VMEM is read.
         a_buf[...] = jnp.zeros_like(a_buf)
         b_buf[...] = jnp.zeros_like(b_buf)
+        if int8_pool:
+
+            def count_pages():  # every block's lanes' pages, as the chunks will read their scale tiles
+                def block_pages(block, total):
+                    def chunk_pages(c, total):
+                        for lane in range(lanes):
+                            total += table.pages(slots_ref[block * per_block + c * lanes + lane])
+                        return total
+
+                    return jax.lax.fori_loop(0, chunks_ref[block], chunk_pages, total)
+
+                return jax.lax.fori_loop(0, pl.num_programs(0), block_pages, jnp.int32(0))
+
+            choose_scale_mode(pooled, s_hbm, s_buf, mode_ref, sem.at[2], count_pages)
 
     # The first chunk's adapter tiles are fetched while the MXU runs the base product.
     @pl.when((n == 0) & (num_chunks > 0))
     def _prefetch_a():
-        start(a_copies(0))
+        fetch(0, 0, "start")
 
     @pl.when((k == last_k) & (num_chunks > 0))
     def _prefetch_b():
-        start(b_copies(0))
+        fetch(0, 1, "start")
 
     contract = (((1,), (1,)), ((), ())) if layout == "out_in" else (((1,), (0,)), ((), ()))
     # int8 -> x's dtype in VMEM once per step (exact for |q| <= 127); the scales come at the write.
@@ -566,9 +701,8 @@ def _kernel(
     @pl.when(shrinks)
     def _shrink():
         def body(c, carry):
-            copies = a_copies(c)
-            pl.when(c > 0)(lambda: start(copies))
-            wait(copies)
+            pl.when(c > 0)(lambda: fetch(c, 0, "start"))
+            fetch(c, 0, "wait")
 
             def shrink_rows(r):
                 part = jax.lax.dot_general(
@@ -579,6 +713,24 @@ def _kernel(
                 y_acc[r, :] = jnp.where(mine, jnp.where(k == 0, part, y_acc[r, :] + part), y_acc[r, :])
 
             over_rows(shrink_rows)
+            if pooled is not None:
+
+                @pl.when(k == last_k)
+                def _own_pool_rows():
+                    # Channels of rows that are not the lane's own (past its rank, a neighbour's tail rows, stale
+                    # values) are selected out of chunk c's tokens' sums; int8: each channel times its row scale.
+                    own = own_rows_of(c, (1, lanes * stride), 1)
+                    if int8_pool:
+                        fetch_scales(c)
+                        scales = row_scales(table, chunk_slots(c), stride, lanes * stride, s_buf, mode_ref)
+
+                    def select_rows(r):
+                        y = y_acc[r, :]
+                        kept = jnp.where(own, y * scales if int8_pool else y, 0.0)
+                        y_acc[r, :] = jnp.where(in_chunk(code_ref[r, :], c), kept, y)
+
+                    over_rows(select_rows)
+
             return carry
 
         jax.lax.fori_loop(0, num_chunks, body, 0)
@@ -613,14 +765,18 @@ def _kernel(
     @pl.when((k == last_k) & (num_chunks > 0))
     def _expand():
         def body(c, carry):
-            copies = b_copies(c)
-            pl.when(c > 0)(lambda: start(copies))
-            wait(copies)
-            # Non-finite values selected out of the tile in place, column chunk by column chunk.
+            pl.when(c > 0)(lambda: fetch(c, 1, "start"))
+            fetch(c, 1, "wait")
+            # Non-finite values selected out of the tile in place, column chunk by column chunk (pooled: rows
+            # that are not a lane's own first, so that only its own rows' values poison its tokens).
+            own = None if pooled is None else own_rows_of(c, (lanes * stride, 1), 0)
             poisoned = jnp.zeros((1, lanes * stride), jnp.bool_)
             for col in range(0, tn, COLUMN_CHUNK):
                 cols = pl.ds(col, min(COLUMN_CHUNK, tn - col))
-                clean, hit = finite_lanes(b_buf[:, cols], lanes, stride)
+                tile = b_buf[:, cols]
+                if own is not None:
+                    tile = jnp.where(own, tile.astype(jnp.float32), 0.0).astype(tile.dtype)
+                clean, hit = finite_lanes(tile, lanes, stride)
                 b_buf[:, cols] = clean
                 poisoned = poisoned | hit
 
@@ -657,9 +813,12 @@ def grid_spec(
     has_bias: bool,
     fusion: Fusion = NO_FUSION,
     keep_s: bool = False,
+    pooled: Pooled | None = None,
 ) -> pltpu.PrefetchScalarGridSpec:
     """The kernel's grid ``(token blocks, output tiles, reduction tiles)`` and BlockSpecs (read by the cost model);
-    ``keep_s``: a second output, the [bt, R] block of the shrink per token block."""
+    ``keep_s``: a second output, the [bt, R] block of the shrink per token block. ``pooled``: A and B are pools
+    read through the page table (a fourth scalar-prefetch array); int8 pools add the page-scale array (ANY),
+    the int8 page staging buffers, the SMEM scale buffer and mode, and a third DMA semaphore."""
     bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
     stride = rank_stride(rank, dtype)
     width = lanes * stride
@@ -682,11 +841,22 @@ def grid_spec(
     if fusion.residual:
         in_specs.append(pl.BlockSpec((bt, tn), lambda i, n, k, *_: (i, n)))
     in_specs += [pl.BlockSpec(memory_space=pltpu.ANY), pl.BlockSpec(memory_space=pltpu.ANY)]
+    int8_pool = pooled is not None and pooled.int8
+    if int8_pool:
+        in_specs.append(pl.BlockSpec(memory_space=pltpu.ANY))  # the page scales, DMA'd by hand
     out_specs = pl.BlockSpec((bt, tn), lambda i, n, k, *_: (i, n))
     if keep_s:  # written at n == 0 and the last k, kept in VMEM over the block's other steps
         out_specs = [out_specs, pl.BlockSpec((bt, rank), lambda i, n, k, *_: (i, 0))]
+    staging = []
+    if int8_pool:  # each lane's pages staged as int8, then converted into the A and B tiles
+        staging = [
+            pltpu.VMEM((width // PAGE_ROWS, PAGE_ROWS, tk), jnp.int8),
+            pltpu.VMEM((width // PAGE_ROWS, PAGE_ROWS, tn), jnp.int8),
+            pltpu.SMEM((scale_buffer_rows(pooled, lanes),), jnp.float32),
+            pltpu.SMEM((1,), jnp.int32),
+        ]
     return pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
+        num_scalar_prefetch=3 if pooled is None else 4,
         grid=(num_tokens // bt, out_dim // tn, hidden // tk),
         in_specs=in_specs,
         out_specs=out_specs,
@@ -696,7 +866,8 @@ def grid_spec(
             pltpu.VMEM((bt, width), jnp.float32),  # the shrink of every token, in its own chunk's lanes
             pltpu.VMEM((bt, tn), jnp.float32),
             *([pltpu.VMEM((bt, tk), dtype)] if fusion.prologue else []),  # x's transformed tile, for the shrink
-            pltpu.SemaphoreType.DMA((2,)),
+            *staging,
+            pltpu.SemaphoreType.DMA((3 if int8_pool else 2,)),
         ],
     )
 
@@ -733,6 +904,82 @@ def cost_estimate(
     )
 
 
+def pooled_vmem_bytes(
+    sizes: BlockSizes,
+    rank: int,
+    num_slots: int,
+    lanes: int,
+    dtype,
+    has_bias: bool = True,
+    fusion: Fusion = NO_FUSION,
+    int8_pool: bool = False,
+) -> int:
+    """VMEM of the pooled kernel: :func:`vmem_bytes`, plus the B tile's copy its own-rows mask makes (f32, a
+    column chunk) and, for int8 pools, the int8 page staging of the A and B tiles and an f32 page being converted."""
+    width = lanes * rank_stride(rank, dtype)
+    extra = width * min(sizes.out, COLUMN_CHUNK) * 4
+    if int8_pool:
+        extra += width * (sizes.hidden + sizes.out) + PAGE_ROWS * max(sizes.hidden, sizes.out) * 4
+    return vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias, fusion) + extra
+
+
+def pooled_plan(
+    num_tokens: int,
+    hidden: int,
+    out_dim: int,
+    rank: int,
+    num_slots: int,
+    dtype,
+    generation: str,
+    has_bias: bool = True,
+    fusion: Fusion = NO_FUSION,
+    int8_pool: bool = False,
+) -> tuple[BlockSizes, int] | None:
+    """The pooled kernel's (BlockSizes, lanes): :func:`plan`'s for the slots the pool stands for (so the batch's
+    host metadata serves both), or None where that plan's :func:`pooled_vmem_bytes` exceeds the generation's
+    VMEM limit or no plan exists (the caller then gathers the lanes into slots)."""
+    planned = plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, has_bias, fusion)
+    if planned is None:
+        return None
+    sizes, lanes = planned
+    if pooled_vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias, fusion, int8_pool) > vmem_limit(generation):
+        return None
+    return planned
+
+
+def pooled_cost_estimate(
+    num_tokens: int,
+    hidden: int,
+    out_dim: int,
+    ranks: tuple[int, ...],
+    table_rank: int,
+    dtype,
+    block_sizes: BlockSizes,
+    lanes: int,
+    fusion: Fusion = NO_FUSION,
+    pooled: Pooled | None = None,
+) -> pl.CostEstimate:
+    """:func:`cost_estimate` of the pooled kernel: the base traffic (:func:`hbm_bytes`) and the adapter bytes of
+    ``ranks`` (a typical block's distinct adapters) at their whole pages, int8 rows at one byte an element,
+    plus the page table and an int8 pool's page scales as the kernel reads them (:func:`pages.scale_read_bytes`).
+    Flops: the base matmul and one laned pass per chunk of ``lanes`` of them (at the table's rank)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    int8_pool = pooled is not None and pooled.int8
+    width = lanes * rank_stride(table_rank, dtype)
+    chunks = max(1, -(-len(ranks) // lanes))
+    tables = 4 * (pooled.num_slots * (pages(table_rank) + 1) if pooled is not None else 0)
+    if int8_pool:
+        tables += scale_read_bytes(sum(pages(r) for r in ranks), pooled.scale_rows)
+    return pl.CostEstimate(
+        flops=2 * num_tokens * (hidden * out_dim + chunks * width * (hidden + out_dim)),
+        transcendentals=num_tokens * hidden if fusion.silu_mul else 0,
+        bytes_accessed=hbm_bytes(num_tokens, hidden, out_dim, block_sizes, itemsize, fusion)
+        + 4 * num_tokens
+        + pool_rows_read(ranks) * (hidden + out_dim) * (1 if int8_pool else itemsize)
+        + tables,
+    )
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -744,6 +991,8 @@ def cost_estimate(
         "vmem_limit_bytes",
         "row_chunk_rows",
         "keep_s",
+        "pool_rank",
+        "typical_ranks",
     ),
 )
 def linear_lora(
@@ -767,6 +1016,10 @@ def linear_lora(
     weight_scale: jax.Array | None = None,  # [N] float32: weight is int8, W = weight * weight_scale per channel
     row_chunk_rows: int = ROW_CHUNK,
     keep_s: bool = False,
+    page_table: jax.Array | None = None,  # pooled: [L * pages(R) + L] int32 (lora_a, lora_b are then pools)
+    page_scales: jax.Array | None = None,  # int8 pools: [S] f32, a_scale * b_scale of each row, whole 1024-row tiles
+    pool_rank: int = 0,  # pooled: R, the page table's rank
+    typical_ranks: tuple[int, ...] | None = None,  # pooled: a block's distinct adapters' ranks, for the estimate
 ) -> jax.Array | tuple[jax.Array, jax.Array]:  # [T_pad, N], x.dtype (and s [T_pad, R], x.dtype, with keep_s)
     """The fused base + LoRA kernel over prepared lane metadata; T_pad a multiple of the token block.
 
@@ -778,18 +1031,51 @@ def linear_lora(
     ``keep_s``: also return the shrink ``s[t] = scaling * x[t] @ A[s_t]^T`` [T_pad, R] as the expand
     read it (rounded to the adapters' dtype; zeros for tokens without adapter), what the backward's
     ``bgmv_lora_grads(saved_s=)`` takes instead of recomputing it (plan with the same ``keep_s``).
+
+    Pooled (``page_table`` given): ``lora_a`` [P + 2, K] and ``lora_b`` [P + 2, N] are rank-row pools in x's
+    dtype or int8 (then ``page_scales``), lane l's page p starting at row ``page_table[l * pages(R) + p]``
+    (R = ``pool_rank``; a tail page's start may be unaligned, see :mod:`.pages`), its true rank at
+    ``page_table[L * pages(R) + l]``. Each used lane's true-rank pages are DMA'd (an int8 page staged and
+    converted in VMEM, its rows' scales folded into the shrink), and rows that are not the lane's own are
+    selected out (:func:`.pages.lane_rows`). Plan as for slots (``pooled_vmem_bytes`` must fit), without
+    ``keep_s``. ``typical_ranks``: the ranks of a block's distinct adapters, for the cost estimate
+    (default: ``lanes`` adapters of rank R).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     num_tokens, hidden = x.shape
-    num_slots, rank, out_dim = lora_b.shape
+    pooled = None
+    if page_table is None:
+        num_slots, rank, out_dim = lora_b.shape
+    else:
+        if keep_s:
+            raise ValueError("a pooled linear_lora does not keep s (pools serve adapters that are not trained)")
+        if (page_scales is not None) != (lora_a.dtype == jnp.int8):
+            raise ValueError("page_scales must be given exactly for int8 pools")
+        if page_scales is not None and page_scales.shape[0] % SCALE_TILE_ROWS:
+            raise ValueError(f"page_scales must hold whole tiles of {SCALE_TILE_ROWS} rows, got {page_scales.shape}")
+        rank, out_dim = pool_rank, lora_b.shape[1]
+        num_slots = page_table.shape[0] // (pages(rank) + 1)
+        pooled = Pooled(rank, page_scales is not None, num_slots, 0 if page_scales is None else page_scales.shape[0])
     block_sizes.check(hidden, out_dim)
     has_bias = bias is not None
     fusion = Fusion(
         up is not None, row_scale is not None, col_scale is not None, residual is not None, weight_scale is not None
     )
     spec = grid_spec(
-        num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes, layout, has_bias, fusion, keep_s
+        num_tokens,
+        hidden,
+        out_dim,
+        rank,
+        num_slots,
+        x.dtype,
+        block_sizes,
+        lanes,
+        layout,
+        has_bias,
+        fusion,
+        keep_s,
+        pooled,
     )
     kernel = functools.partial(
         _kernel,
@@ -802,6 +1088,7 @@ def linear_lora(
         fusion=fusion,
         rows=row_chunk(block_sizes.tokens, row_chunk_rows),
         keep_s=keep_s,
+        pooled=pooled,
     )
     operands = [meta.code.reshape(num_tokens, 1), x]
     operands += [] if up is None else [up]
@@ -816,6 +1103,18 @@ def linear_lora(
     out_shape = jax.ShapeDtypeStruct((num_tokens, out_dim), x.dtype)
     if keep_s:
         out_shape = (out_shape, jax.ShapeDtypeStruct((num_tokens, rank), lora_a.dtype))
+    if pooled is None:
+        estimate = cost_estimate(
+            num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes, fusion, keep_s
+        )
+        prefetch, pools = (meta.chunks, meta.slots, meta.uniform), (lora_a, lora_b)
+    else:
+        typical = typical_ranks or (rank,) * min(lanes, num_slots)
+        estimate = pooled_cost_estimate(
+            num_tokens, hidden, out_dim, typical, rank, x.dtype, block_sizes, lanes, fusion, pooled
+        )
+        prefetch = (meta.chunks, meta.slots, meta.uniform, page_table.astype(jnp.int32))
+        pools = (lora_a, lora_b) + (() if page_scales is None else (page_scales.astype(jnp.float32),))
     return pl.pallas_call(
         kernel,
         grid_spec=spec,
@@ -824,12 +1123,10 @@ def linear_lora(
             dimension_semantics=("arbitrary", "arbitrary", "arbitrary"),
             vmem_limit_bytes=vmem_limit_bytes or tuning.BASE_VMEM_LIMIT_BYTES["v6e"],
         ),
-        cost_estimate=cost_estimate(
-            num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes, fusion, keep_s
-        ),
+        cost_estimate=estimate,
         interpret=interpret,
-        name="xla_lora_linear_lora",
-    )(meta.chunks, meta.slots, meta.uniform, *operands, lora_a, lora_b)
+        name="xla_lora_linear_lora" if pooled is None else "xla_lora_linear_lora_pooled",
+    )(*prefetch, *operands, *pools)
 
 
 def tpu_compile_case(
@@ -844,8 +1141,15 @@ def tpu_compile_case(
     has_bias: bool = False,
     fusion: Fusion = NO_FUSION,
     keep_s: bool = False,
+    pool_rows: int = 0,
+    int8_pool: bool = False,
+    typical_ranks: tuple[int, ...] | None = None,
 ):
     """(fn, argument ShapeDtypeStructs) of the kernel with Mosaic for one configuration, for TPU compile checks.
+
+    ``pool_rows`` > 0: the pooled kernel, ``lora_a`` / ``lora_b`` pools of ``pool_rows`` rows (P + 2) in
+    ``dtype`` or int8 (``int8_pool``: then an f32 page-scale array of whole tiles follows them), then the page
+    table [L * pages(R) + L] int32 after ``indices``; ``typical_ranks`` for the cost estimate.
 
     ``fn(x, weight, [bias,] lora_a, lora_b, indices, *fusion operands)`` builds the lane metadata on
     the device and calls the kernel with ``interpret=False``; pass the arguments'
@@ -853,7 +1157,12 @@ def tpu_compile_case(
     in order, those ``fusion`` has: up [T, K], row scale [T] f32, column scale [K], residual [T, N],
     weight scale [N] f32 (then the weight is int8). ``keep_s``: the training kernel, which also writes the shrink.
     """
-    planned = plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, has_bias, fusion, keep_s)
+    if pool_rows:
+        planned = pooled_plan(
+            num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, has_bias, fusion, int8_pool
+        )
+    else:
+        planned = plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, has_bias, fusion, keep_s)
     if planned is None:
         raise ValueError(f"no tiling of K={hidden}, N={out_dim} fits VMEM on {generation}")
     sizes, lanes = planned
@@ -866,6 +1175,12 @@ def tpu_compile_case(
 
     def fn(x, weight, *rest):
         bias, rest = (rest[0], rest[1:]) if has_bias else (None, rest)
+        pooled = {}
+        if pool_rows:
+            if int8_pool:
+                pooled["page_scales"], rest = rest[2], rest[:2] + rest[3:]
+            pooled["page_table"], rest = rest[3], rest[:3] + rest[4:]
+            pooled.update(pool_rank=rank, typical_ranks=typical_ranks)
         (lora_a, lora_b, indices), extra = rest[:3], dict(zip(names, rest[3:], strict=True))
         meta = build_lanes(indices, num_slots, sizes.tokens, lanes)
         return linear_lora(
@@ -883,12 +1198,20 @@ def tpu_compile_case(
             vmem_limit_bytes=vmem_limit(generation),
             keep_s=keep_s,
             **extra,
+            **pooled,
         )
 
     w_shape = (out_dim, hidden) if layout == "out_in" else (hidden, out_dim)
     shapes = [(padded, hidden), w_shape] + ([(out_dim,)] if has_bias else [])
     shapes += [(num_slots, rank, hidden), (num_slots, rank, out_dim)]
+    if pool_rows:
+        shapes[-2:] = [(pool_rows, hidden), (pool_rows, out_dim)]
     args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes] + [jax.ShapeDtypeStruct((padded,), jnp.int32)]
+    if pool_rows:
+        if int8_pool:
+            args[-3:-1] = [jax.ShapeDtypeStruct(a.shape, jnp.int8) for a in args[-3:-1]]
+            args.insert(-1, jax.ShapeDtypeStruct((-(-pool_rows // SCALE_TILE_ROWS) * SCALE_TILE_ROWS,), jnp.float32))
+        args.append(jax.ShapeDtypeStruct((num_slots * (pages(rank) + 1),), jnp.int32))
     if fusion.weight_scale:
         args[1] = jax.ShapeDtypeStruct(w_shape, jnp.int8)
     extra = {"up": (padded, hidden), "row_scale": (padded,), "col_scale": (hidden,), "residual": (padded, out_dim)}

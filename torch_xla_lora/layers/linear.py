@@ -253,9 +253,12 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             return None
         if self.training and any(m.dropout > 0 for m in self.trainable.values()):
             return None
-        lora_a, lora_b = self.slot_factors()
-        if _keeps_s(x, lora_a, lora_b, self.backend, fused_base=True):
-            return None
+        x2 = x.reshape(-1, self.in_features)
+        pooled = self._reads_pool(x2, self.backend)  # no trainable adapters: nothing to keep s for
+        if not pooled:
+            lora_a, lora_b = self.slot_factors()
+            if _keeps_s(x, lora_a, lora_b, self.backend, fused_base=True):
+                return None
         if col_scale is not None and col_scale.dtype != x.dtype:
             return None
         from torch_xla_lora.ops._linear_fused import linear_lora_fused
@@ -265,12 +268,16 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         def rows(t: torch.Tensor | None, width: int | None) -> torch.Tensor | None:
             return None if t is None else t.reshape(-1) if width is None else t.reshape(-1, width)
 
-        x2 = x.reshape(-1, self.in_features)
-        shape = (x2.shape[0], self.in_features, self.out_features)
-        metadata = self.context.metadata.get((*shape, "linear", getattr(self.base_layer, "bias", None) is not None))
-        own = metadata is not None  # built for the plain kernel's plan; the op checks it is this one's
-        if not own:
-            metadata = self.context.metadata.get(shape)
+        metadata, own = self._linear_metadata(x2)
+        fusion = {
+            "up": rows(up, self.in_features),
+            "row_scale": rows(row_scale, None),
+            "col_scale": col_scale,
+            "residual": rows(residual, self.out_features),
+        }
+        if pooled:
+            out = self._pooled_linear(x2, slots, metadata, own, weight_scale, **fusion)
+            return out.reshape(*x.shape[:-1], self.out_features)
         out = linear_lora_fused(
             x2,
             self.base_layer.weight,
@@ -282,25 +289,66 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             self.weight_layout or "out_in",
             self.backend,
             weight_scale=weight_scale,
-            up=rows(up, self.in_features),
-            row_scale=rows(row_scale, None),
-            col_scale=col_scale,
-            residual=rows(residual, self.out_features),
             metadata=metadata,
             own_metadata=own,
+            **fusion,
         )
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _linear_metadata(self, x2: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        """(the batch's host metadata for ``linear_lora`` on x2 [N, in], whether it was built for the one-pass
+        kernel's own plan (see ``ops.batch_metadata``) rather than the shrink-expand op's)."""
+        shape = (x2.shape[0], self.in_features, self.out_features)
+        metadata = self.context.metadata.get((*shape, "linear", getattr(self.base_layer, "bias", None) is not None))
+        if metadata is not None:
+            return metadata, True
+        return self.context.metadata.get(shape), False
+
+    def _pooled_linear(
+        self,
+        x2: torch.Tensor,
+        slots: torch.Tensor,
+        metadata: torch.Tensor | None,
+        own: bool,
+        weight_scale: torch.Tensor | None,
+        **fusion: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``linear_lora_pooled`` on x2 [N, in]: the base and each token's adapter read straight from this layer's
+        pools at its true rank (``context.rows`` and the host-built ``context.pages``; an int8 pool's row scales
+        from ``lora_page_scale``), what :meth:`BaseLayerWithLoRA._pooled_lora` does for the separate LoRA op."""
+        from torch_xla_lora.ops._linear_fused import linear_lora_pooled
+
+        a_scale, b_scale = (getattr(self, f"{name}_scale", None) for name in ("lora_a", "lora_b"))
+        return linear_lora_pooled(
+            x2,
+            self.base_layer.weight,
+            None if weight_scale is not None else getattr(self.base_layer, "bias", None),
+            self.lora_a_pool[0],
+            self.lora_b_pool[0],
+            slots,
+            self.context.rows.reshape(self.max_loras, -1),
+            None if a_scale is None else a_scale[0],
+            None if b_scale is None else b_scale[0],
+            1.0,
+            self.weight_layout or "out_in",
+            self.backend,
+            metadata=metadata,
+            own_metadata=own,
+            pages=self.context.pages,
+            page_scales=getattr(self, "lora_page_scale", None),
+            weight_scale=weight_scale,
+            **fusion,
+        )
 
     def _forward_base_fused(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         # x [N, in] -> y [N, out] = x W^T + bias + B[slot] A[slot] x, in one op; W in its own layout.
         x2 = x.reshape(-1, self.in_features)
-        shape = (x2.shape[0], self.in_features, self.out_features)
-        metadata = self.context.metadata.get((*shape, "linear", getattr(self.base_layer, "bias", None) is not None))
-        own = metadata is not None  # built for linear_lora's own plan (see ops.batch_metadata)
-        if not own:
-            metadata = self.context.metadata.get(shape)
-        lora_a, lora_b = self.slot_factors()
+        metadata, own = self._linear_metadata(x2)
         weight_scale = int8_channel_scale(self.base_layer)
+        if self._reads_pool(x2, self.backend):  # a pooled layer: the kernel reads the pools, no slots gathered
+            out = self._pooled_linear(x2, slots, metadata, own, weight_scale)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        lora_a, lora_b = self.slot_factors()
         if weight_scale is not None:  # an int8 base: read as int8 by the one-pass kernel, the scales in its write
             from torch_xla_lora.ops._linear_fused import linear_lora_fused
 

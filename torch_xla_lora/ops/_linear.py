@@ -18,12 +18,21 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from torch_xla_lora.kernels import fused, fused_base, visits
-from torch_xla_lora.ops._jax import _CACHE_SIZE, _pad_rows, _padded_indices, plan_metadata, shrink_expand_fn
+from torch_xla_lora.ops._jax import (
+    _CACHE_SIZE,
+    _pad_rows,
+    _padded_indices,
+    gather_lanes,
+    lane_ranks,
+    plan_metadata,
+    shrink_expand_fn,
+)
 from torch_xla_lora.ops._lora_grads_jax import xla_forward
 
 
@@ -322,5 +331,114 @@ def linear_lora_fused_fn(
         if backend == "pallas":
             return lora(x_in, lora_a, lora_b, base.astype(x.dtype), indices, *meta_arg)
         return lora(x_in, lora_a, lora_b, base, indices, *meta_arg).astype(x.dtype)
+
+    return fn
+
+
+class _SlotShape(NamedTuple):
+    """The [L, R, N] shape of the slots a pool stands for, where :func:`_planned_meta` reads lora_b's."""
+
+    shape: tuple[int, int, int]
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def linear_lora_pooled_fn(
+    backend: str,
+    generation: str,
+    scaling: float,
+    layout: str,
+    has_bias: bool,
+    fusion: fused_base.Fusion,
+    int8: bool,
+    with_metadata: bool,
+    own_metadata: bool = False,
+    with_pages: bool = False,
+    with_page_scales: bool = False,
+    typical_ranks: tuple[int, ...] | None = None,
+) -> Callable:
+    """``linear_lora_fused_fn`` reading the adapters from rank-row pools (``ops.linear_lora_pooled``).
+
+    ``fn(x[T, K], weight, [bias[N],] a_pool[P+2, K], b_pool[P+2, N], lanes[T], rows[L, R], [a_scale[P+2],
+    b_scale[P+2],] [up,] [row,] [col,] [residual,] [weight_scale,] [metadata,] [pages,] [page_scales]) -> [T, N]``.
+
+    "pallas", where the pooled kernel has a plan (``fused_base.pooled_plan``: the slot kernel's plan, its VMEM
+    with the pooled buffers within the limit): the one-pass kernel reads each lane's true-rank pages through
+    the page table (``pages`` as built on the host, else derived from ``rows`` here, reading the row table
+    whole), an int8 pool's row scales from ``page_scales`` (else a_scale * b_scale formed here). Otherwise
+    (backend "xla", or no pooled plan) the lanes' rows are gathered into the slot layout (int8 rows
+    dequantised) and :func:`linear_lora_fused_fn` runs on them, as today's gathered slots.
+    ``typical_ranks``: a block's distinct adapters' ranks, for the kernel's cost estimate.
+    """
+    names = [
+        name
+        for name, on in (
+            ("up", fusion.silu_mul),
+            ("row_scale", fusion.row_scale),
+            ("col_scale", fusion.col_scale),
+            ("residual", fusion.residual),
+            ("weight_scale", fusion.weight_scale),
+        )
+        if on
+    ]
+
+    def fn(x, weight, *rest):
+        rest = list(rest)
+        bias = rest.pop(0) if has_bias else None
+        a_pool, b_pool, lanes, rows = rest[:4]
+        rest = rest[4:]
+        a_scale, b_scale = (rest.pop(0), rest.pop(0)) if int8 else (None, None)
+        extra = {name: rest.pop(0) for name in names}
+        metadata = rest.pop(0) if with_metadata else None
+        table = rest.pop(0) if with_pages else None
+        page_scales = rest.pop(0) if int8 and with_page_scales else None
+        num_tokens, hidden = x.shape
+        num_slots, rank = rows.shape
+        out_dim = b_pool.shape[1]
+        planned = None
+        if backend == "pallas":
+            planned = fused_base.pooled_plan(
+                num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation, has_bias, fusion, int8
+            )
+        if planned is None:  # the lanes gathered into slots: linear_lora_fused's path on them
+            slot_fn = linear_lora_fused_fn(
+                backend, generation, scaling, layout, has_bias, fusion, with_metadata, own_metadata
+            )
+            slots = (gather_lanes(a_pool, a_scale, rows, x.dtype), gather_lanes(b_pool, b_scale, rows, x.dtype))
+            head = (x, weight) + (() if bias is None else (bias,))
+            tail = tuple(extra.values()) + (() if metadata is None else (metadata,))
+            return slot_fn(*head, *slots, lanes, *tail)
+        sizes, lanes_count = planned
+        slot_shape = _SlotShape((num_slots, rank, out_dim))
+        idx, meta = _planned_meta(planned, x, slot_shape, lanes, metadata, own_metadata, generation, has_bias)
+        if table is None:  # derived from the row table in the graph (reads it whole): each page's first row, ranks
+            starts = rows[:, :: fused.PAGE_ROWS].reshape(-1).astype(jnp.int32)
+            table = jnp.concatenate([starts, lane_ranks(rows, a_pool.shape[0] - 2)])
+        if int8 and page_scales is None:  # a_scale * b_scale, padded to whole tiles (reads both arrays)
+            product = a_scale * b_scale
+            page_scales = jnp.pad(product, (0, fused.padded_scale_rows(product.shape[0]) - product.shape[0]))
+        padded = {
+            name: value if name in ("col_scale", "weight_scale") else _pad_rows(value, idx.shape[0])
+            for name, value in extra.items()
+        }
+        out = fused_base.linear_lora(
+            _pad_rows(x, idx.shape[0]),
+            weight,
+            bias,
+            a_pool,
+            b_pool,
+            meta,
+            scaling=scaling,
+            block_sizes=sizes,
+            lanes=lanes_count,
+            layout=layout,
+            interpret=generation == "cpu",
+            vmem_limit_bytes=fused_base.vmem_limit(generation),
+            page_table=table,
+            page_scales=page_scales,
+            pool_rank=rank,
+            typical_ranks=typical_ranks,
+            **padded,
+        )
+        return out[:num_tokens]
 
     return fn

@@ -103,8 +103,12 @@ def _check(
         # The float weight's checks on a stand-in of its shape in inputs' dtype (no copy: a broadcast scalar).
         weight = inputs.new_zeros(()).expand(weight.shape)
     _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, layout)
+    _check_fusion("linear_lora_fused", inputs, lora_b.shape[2], up, row_scale, col_scale, residual, weight_scale)
+
+
+def _check_fusion(op: str, inputs, out_dim: int, up, row_scale, col_scale, residual, weight_scale) -> None:
+    """The fusion operands' shapes, dtypes and devices (each may be None)."""
     num_tokens, hidden = inputs.shape
-    out_dim = lora_b.shape[2]
     expected = {
         "up": (up, (num_tokens, hidden), inputs.dtype),
         "row_scale": (row_scale, (num_tokens,), torch.float32),
@@ -117,7 +121,7 @@ def _check(
             continue
         if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device != inputs.device:
             raise ShapeError(
-                f"linear_lora_fused: {name} must be {list(shape)} {dtype} on {inputs.device}, got "
+                f"{op}: {name} must be {list(shape)} {dtype} on {inputs.device}, got "
                 f"{list(tensor.shape)} {tensor.dtype} on {tensor.device}"
             )
 
@@ -321,3 +325,221 @@ def linear_lora_fused(
         own_metadata,
         weight_scale,
     )
+
+
+# -- pooled adapters: linear_lora reading each lane from rank-row pools at its true rank ----------------------
+
+
+def pooled_reference(
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    lanes: torch.Tensor,
+    rows: torch.Tensor,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    weight_layout: str = "out_in",
+    up: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain torch: ``x = prologue(...)``; ``out = x W^T + bias + residual`` accumulated in float32 (float64 for
+    float64 inputs), plus each token's LoRA read from the pools as ``reference.pooled_shrink_expand`` reads it
+    (lane l's first r rows of ``rows[l]``, r its true rank; int8: ``s * a_scale * b_scale`` per rank channel),
+    rounded once."""
+    from torch_xla_lora import reference as torch_reference
+
+    x = prologue(inputs, up, row_scale, col_scale)
+    acc = torch.promote_types(inputs.dtype, torch.float32)
+    w = dequantize(weight, weight_scale, acc, weight_layout).to(acc)
+    out = x.to(acc) @ (w if weight_layout == "in_out" else w.T)
+    if bias is not None:
+        out = out + bias.to(acc)
+    if residual is not None:
+        out = out + residual.to(acc)
+    out = torch_reference.pooled_shrink_expand(x, a_pool, b_pool, out, lanes, rows, a_scale, b_scale, scaling)
+    return out.to(inputs.dtype)
+
+
+def _check_pooled(
+    inputs, weight, bias, a_pool, b_pool, lanes, rows, a_scale, b_scale, scaling, layout, backend, metadata,
+    pages, page_scales, up, row_scale, col_scale, residual, weight_scale,
+) -> None:  # fmt: skip
+    _validate.linear_lora_pooled(
+        inputs, weight, bias, a_pool, b_pool, lanes, rows, a_scale, b_scale, layout, weight_scale
+    )
+    out_dim = b_pool.shape[1]
+    _check_fusion("linear_lora_pooled", inputs, out_dim, up, row_scale, col_scale, residual, weight_scale)
+    _validate.backend(backend)
+    _validate.scaling(scaling)
+    _validate.metadata(metadata, inputs.device)
+    _validate.pooled_pages(pages, inputs, rows)
+    _validate.pooled_page_scales(page_scales, inputs, a_pool)
+
+
+@torch.library.custom_op("xla_lora::linear_lora_pooled", mutates_args=())
+def _linear_lora_pooled(
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    lanes: torch.Tensor,
+    rows: torch.Tensor,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    weight_layout: str = "out_in",
+    backend: str = "auto",
+    metadata: torch.Tensor | None = None,
+    own_metadata: bool = False,
+    pages: torch.Tensor | None = None,
+    page_scales: torch.Tensor | None = None,
+    up: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``torch.ops.xla_lora.linear_lora_pooled``: see :func:`linear_lora_pooled`."""
+    fusion_operands = (up, row_scale, col_scale, residual, weight_scale)
+    _check_pooled(
+        inputs, weight, bias, a_pool, b_pool, lanes, rows, a_scale, b_scale, scaling, weight_layout, backend,
+        metadata, pages, page_scales, *fusion_operands,
+    )  # fmt: skip
+    if inputs.device.type != "xla":
+        return pooled_reference(
+            inputs, weight, bias, a_pool, b_pool, lanes, rows, a_scale, b_scale, scaling, weight_layout,
+            *fusion_operands,
+        )  # fmt: skip
+    from torch_xla_lora import ops
+    from torch_xla_lora.kernels import fused_base
+    from torch_xla_lora.ops import _linear
+
+    name, generation = ops._backend(backend)
+    fusion = fused_base.Fusion(*(t is not None for t in fusion_operands))
+    int8 = a_scale is not None
+    with_metadata = metadata is not None
+    fn = _linear.linear_lora_pooled_fn(
+        name,
+        generation,
+        float(scaling),
+        weight_layout,
+        bias is not None,
+        fusion,
+        int8,
+        with_metadata,
+        with_metadata and own_metadata,
+        pages is not None,
+        page_scales is not None,
+    )
+    args = [inputs, weight, *(() if bias is None else (bias,)), a_pool, b_pool, lanes, rows]
+    args += [a_scale, b_scale] if int8 else []
+    args += [t for t in (*fusion_operands, metadata, pages, page_scales) if t is not None]
+    return ops._call_jax(fn, *args)
+
+
+@_linear_lora_pooled.register_fake
+def _(
+    inputs,
+    weight,
+    bias,
+    a_pool,
+    b_pool,
+    lanes,
+    rows,
+    a_scale=None,
+    b_scale=None,
+    scaling=1.0,
+    weight_layout="out_in",
+    backend="auto",
+    metadata=None,
+    own_metadata=False,
+    pages=None,
+    page_scales=None,
+    up=None,
+    row_scale=None,
+    col_scale=None,
+    residual=None,
+    weight_scale=None,
+):
+    _check_pooled(
+        inputs, weight, bias, a_pool, b_pool, lanes, rows, a_scale, b_scale, scaling, weight_layout, backend,
+        metadata, pages, page_scales, up, row_scale, col_scale, residual, weight_scale,
+    )  # fmt: skip
+    return inputs.new_empty((inputs.shape[0], b_pool.shape[1]))
+
+
+def linear_lora_pooled(
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    lanes: torch.Tensor,
+    rows: torch.Tensor,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    weight_layout: str = "out_in",
+    backend: str = "auto",
+    *,
+    metadata: torch.Tensor | None = None,
+    own_metadata: bool = False,
+    pages: torch.Tensor | None = None,
+    page_scales: torch.Tensor | None = None,
+    up: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`linear_lora_fused` reading each token's adapter from rank-row pools at its true rank.
+
+    The base product (x's producer, the bias, an int8 base's scales, the residual) is
+    :func:`linear_lora_fused`'s; the LoRA is :func:`~torch_xla_lora.ops.pooled_shrink_expand`'s: lane l's rank
+    rows are the pool rows ``rows[l, :r]``, r its true rank. On TPU ("pallas") the one-pass kernel
+    (``kernels.fused_base.linear_lora(..., page_table=)``) DMAs each used lane's true-rank pages straight from
+    the pools (an int8 page converted in VMEM, its rows' ``a_scale * b_scale`` folded into the shrink), so the
+    adapter bytes a call reads follow the true ranks of the batch's adapters, at one byte an element for int8
+    pools; rows that are not a lane's own (past its rank, another adapter's rows of a shared tail page) are
+    selected out, never multiplied. Where the pooled kernel has no plan (``fused_base.pooled_plan``), and on
+    the XLA-native backend ("xla", the CPU), the lanes' rows are gathered into the [L, R, ...] slot layout
+    (all L x R table entries, int8 rows dequantised) and :func:`linear_lora_fused`'s JAX function runs on them.
+    Not differentiable: pools hold adapters that are served, not trained. CPU tensors run :func:`pooled_reference`.
+
+    Args:
+      inputs, weight, bias, scaling, weight_layout, backend, metadata, own_metadata, up, row_scale, col_scale,
+        residual, weight_scale: as :func:`linear_lora_fused` (``metadata``: the batch's host metadata for the
+        slots the pool stands for, L and R from ``rows``).
+      a_pool, b_pool, lanes, rows, a_scale, b_scale, pages, page_scales: as
+        :func:`~torch_xla_lora.ops.pooled_shrink_expand` (``lanes`` [T]: each token's lane; ``pages``: the
+        host-built page table, ``context.pages``; ``page_scales``: an int8 pool's ``lora_page_scale``). A page
+        start may be unaligned (an adapter's tail rows inside a page shared with other adapters): the kernel
+        reads the aligned page and only the lane's rows of it.
+
+    Returns:
+      [T, N] in inputs' dtype, accumulated in float32 and rounded once (see :func:`pooled_reference`).
+
+    Raises:
+      ShapeError: a wrong shape, dtype or device of an operand (as ``pooled_shrink_expand``'s and
+        ``linear_lora_fused``'s checks).
+      ArgumentError: a non-finite ``scaling`` or an unknown backend.
+    """
+    _validate.tensor_arguments(
+        "linear_lora_pooled",
+        optional=("bias", "a_scale", "b_scale", "metadata", "pages", "page_scales", "up", "row_scale", "col_scale",
+                  "residual", "weight_scale"),
+        inputs=inputs, weight=weight, bias=bias, a_pool=a_pool, b_pool=b_pool, lanes=lanes, rows=rows,
+        a_scale=a_scale, b_scale=b_scale, metadata=metadata, pages=pages, page_scales=page_scales, up=up,
+        row_scale=row_scale, col_scale=col_scale, residual=residual, weight_scale=weight_scale,
+    )  # fmt: skip
+    return torch.ops.xla_lora.linear_lora_pooled(
+        inputs, weight, bias, a_pool, b_pool, lanes, rows, a_scale, b_scale, scaling, weight_layout, backend,
+        metadata, own_metadata, pages, page_scales, up, row_scale, col_scale, residual, weight_scale,
+    )  # fmt: skip

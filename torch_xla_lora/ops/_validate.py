@@ -320,3 +320,31 @@ def weight_grad(left: torch.Tensor, right: torch.Tensor, lora_indices: torch.Ten
     indices(lora_indices, left.shape[0], left.device)
     if num_slots < 0:
         raise ShapeError(f"num_slots must be >= 0, got {num_slots}")
+
+
+def linear_lora_pooled(
+    inputs, weight, bias, a_pool, b_pool, lanes, rows, a_scale, b_scale, weight_layout: str, weight_scale
+) -> None:
+    """Checks of ``linear_lora_pooled``'s base and pools: x [T, K] floating, weight [N, K] or [K, N] in x's dtype
+    (int8 with float32 ``weight_scale`` [N]), bias [N] or None, and the pools, lanes, rows and row scales as
+    :func:`pooled_shrink_expand` checks them against an output [T, N]."""
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ShapeError(f"weight_layout must be one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
+    _rank("inputs", inputs, 2, "[T, K]")
+    _rank("weight", weight, 2, "[N, K]" if weight_layout == "out_in" else "[K, N]")
+    _floating("inputs", inputs)
+    in_axis = 1 if weight_layout == "out_in" else 0
+    _dim("weight", weight, in_axis, inputs.shape[1], "K of inputs")
+    _device("weight", weight, inputs)
+    if weight_scale is None:
+        _same_dtype("weight", weight, "inputs", inputs)
+    elif weight.dtype != torch.int8:
+        raise ShapeError(f"with weight_scale the weight must be int8, got {weight.dtype}")
+    out_dim = weight.shape[1 - in_axis]
+    base = inputs.new_zeros(()).expand(inputs.shape[0], out_dim)  # the output's stand-in (no copy)
+    pooled_shrink_expand(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale)
+    if bias is not None:
+        _rank("bias", bias, 1, "[N]")
+        _dim("bias", bias, 0, out_dim, "N of weight")
+        _same_dtype("bias", bias, "inputs", inputs)
+        _device("bias", bias, inputs)

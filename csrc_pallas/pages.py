@@ -1,0 +1,224 @@
+"""Reading adapters from a rank-row pool a page at a time: the pieces the pooled kernels share.
+
+A pool holds every resident adapter's A and B rank rows, ``[P + 2, D]`` and ``[P + 2, Dout]`` (the P data
+rows, then the zero row and a scratch row), in the compute dtype or int8. A batch's *lanes* (its distinct
+adapters) are described by a page table built on the host (``pool.page_table``), read by the kernels as one
+scalar-prefetch array: lane l's page p starts at entry ``l * pages(R) + p``, and its true rank follows the
+page starts at entry ``L * pages(R) + l``.
+
+An adapter of rank ``r = 8q + t`` owns ``q`` aligned pages and, if ``t > 0``, ``t`` contiguous rows of one
+more aligned page at in-page offset ``o`` (``o + t <= 8``), whose other rows may belong to other adapters
+(a *tail page*). So a page start may be unaligned: the kernels DMA the aligned page that holds it
+(:func:`page_copy`: Mosaic slices a tiled HBM array only along whole (8, 128) tiles) into the lane's page
+of the VMEM tile, and take only the rows :func:`lane_rows` marks as the lane's. Every other row of a lane's
+rows in VMEM (past its rank, another tenant's tail rows, an earlier chunk's values) must contribute
+nothing: the kernels *select* them out (``jnp.where``), never multiply them by zero, since they may hold
+Inf or NaN.
+
+int8 pools: each page is staged as int8 (:func:`page_copy` into a staging buffer), converted in VMEM
+(:func:`convert_pages`; exact: |q| <= 127), and each rank channel's ``a_scale * b_scale`` is folded into
+the shrink (:func:`row_scales`), read from the pool's page-scale array ``[N]`` float32 (N whole
+:data:`SCALE_TILE_ROWS` tiles): each used page's tile DMA'd into SMEM (:func:`scale_tile_copy`), or the
+whole array once where that is fewer tiles (:func:`choose_scale_mode`, priced by :func:`scale_read_bytes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+#: Rank rows per page: the unit a lane's rows are DMA'd in (Mosaic: "Slice shape along dimension 0 must
+#: be aligned to tiling (8)"), and the alignment of every page the kernels DMA.
+PAGE_ROWS = 8
+#: Page scales a DMA moves at a time: Mosaic slices a 1-D float32 HBM array only along whole tiles of 1024
+#: elements, so a used page's scales come with the 4 KiB tile they lie in.
+SCALE_TILE_ROWS = 1024
+#: Page-scale arrays of at most this many rows may be read whole into SMEM (128 KiB).
+SMEM_SCALE_ROWS = 2**15
+
+
+class Pooled(NamedTuple):
+    """A kernel's pooled source: A and B read from rank-row pools through the page table.
+
+    Attributes:
+      rank: table entries per lane (the pool's ``max_rank``): ``pages(rank)`` page starts each.
+      int8: the pools hold int8 rows, scaled per row by the page-scale array.
+      num_slots: the lanes L: the page table holds L * pages(R) page starts, then the L ranks.
+      scale_rows: (int8) N, the page-scale array's length.
+    """
+
+    rank: int
+    int8: bool
+    num_slots: int = 0
+    scale_rows: int = 0
+
+    @property
+    def whole_scales(self) -> bool:
+        """(int8) Whether the whole page-scale array may be read into SMEM (N <= :data:`SMEM_SCALE_ROWS`)."""
+        return self.int8 and self.scale_rows <= SMEM_SCALE_ROWS
+
+
+def pages(rank: int) -> int:
+    """Pages of ``PAGE_ROWS`` rows that hold ``rank`` rank rows (a tail page counted whole)."""
+    return -(-rank // PAGE_ROWS)
+
+
+def padded_scale_rows(rows: int) -> int:
+    """N of a page-scale array over ``rows`` pool rows: whole :data:`SCALE_TILE_ROWS` tiles."""
+    return -(-rows // SCALE_TILE_ROWS) * SCALE_TILE_ROWS
+
+
+def scale_read_bytes(page_tiles: int, scale_rows: int) -> int:
+    """HBM bytes a kernel reads of a page-scale array of ``scale_rows`` rows for a call that DMAs
+    ``page_tiles`` pages: the whole array once (N <= :data:`SMEM_SCALE_ROWS` and no more tiles than the
+    pages') or one tile per page (:func:`choose_scale_mode` makes the same choice)."""
+    whole = scale_rows // SCALE_TILE_ROWS
+    if scale_rows <= SMEM_SCALE_ROWS and whole <= page_tiles:
+        return 4 * scale_rows
+    return 4 * SCALE_TILE_ROWS * page_tiles
+
+
+def scale_buffer_rows(pooled: Pooled, lanes: int) -> int:
+    """Float32 entries of a kernel's SMEM scale buffer: one chunk's page tiles, or the whole array."""
+    return max(lanes * pages(pooled.rank) * SCALE_TILE_ROWS, pooled.scale_rows if pooled.whole_scales else 0)
+
+
+def pool_rows_read(ranks) -> int:
+    """Pool rows the kernels DMA for adapters of ``ranks``: whole pages (a tail page read whole)."""
+    return sum(pages(int(rank)) * PAGE_ROWS for rank in ranks)
+
+
+class PageTable:
+    """The page table (an SMEM ref) as the kernels read it, for a pool of :class:`Pooled` ``pooled``."""
+
+    def __init__(self, table_ref, pooled: Pooled):
+        self.ref = table_ref
+        self.per_lane = pages(pooled.rank)
+        self.rank_offset = pooled.num_slots * self.per_lane
+
+    def rank(self, slot):
+        """The true rank of ``slot`` (0 for a chunk's unused lanes, slot -1)."""
+        return jnp.where(slot >= 0, self.ref[self.rank_offset + jnp.maximum(slot, 0)], 0)
+
+    def pages(self, slot):
+        """Pages that hold ``slot``'s true-rank rows (0 for slot -1)."""
+        return (self.rank(slot) + PAGE_ROWS - 1) // PAGE_ROWS
+
+    def start(self, slot, page):
+        """The pool row of ``slot``'s page ``page``'s first rank row (unaligned in a tail page)."""
+        return self.ref[jnp.maximum(slot, 0) * self.per_lane + page]
+
+    def aligned(self, slot, page):
+        """The first row of the aligned page that holds ``slot``'s page ``page``."""
+        row = self.start(slot, page)
+        return pl.multiple_of(row - row % PAGE_ROWS, PAGE_ROWS)
+
+    def span(self, slot, page: int):
+        """(in-page offset, rows) of ``slot``'s page ``page``: its rows of the aligned page (0 rows past its rank)."""
+        offset = self.start(slot, page) % PAGE_ROWS
+        count = jnp.clip(self.rank(slot) - page * PAGE_ROWS, 0, PAGE_ROWS)
+        return offset, count
+
+
+def page_copy(source, row, columns, target, sem):
+    """The DMA of the aligned page starting at pool row ``row`` (a multiple of 8), ``columns`` of it, to ``target``."""
+    return pltpu.make_async_copy(source.at[pl.ds(row, PAGE_ROWS), columns], target, sem)
+
+
+def lane_page_target(dest, staging, lane: int, stride: int, page):
+    """Where a lane's page lands: its rows of ``dest`` (``lane * stride + 8 * page``), or its int8 staging page."""
+    if staging is None:
+        return dest.at[pl.ds(pl.multiple_of(lane * stride + page * PAGE_ROWS, PAGE_ROWS), PAGE_ROWS)]
+    return staging.at[lane * (stride // PAGE_ROWS) + page]
+
+
+def for_lane_pages(table: PageTable, slots, step: Callable) -> None:
+    """``step(slot, lane, page)`` for every page of every lane's true rank (``slots``: the chunk's lane slots)."""
+    for lane, slot in enumerate(slots):
+
+        def body(page, carry, slot=slot, lane=lane):
+            step(jnp.maximum(slot, 0), lane, page)
+            return carry
+
+        jax.lax.fori_loop(0, table.pages(slot), body, 0)
+
+
+def convert_pages(table: PageTable, slots, staging, dest, stride: int) -> None:
+    """int8 pages staged for the chunk's lanes, converted into their rows of ``dest`` (exact for |q| <= 127)."""
+    for lane, slot in enumerate(slots):
+        count = table.pages(slot)
+        for page in range(table.per_lane):
+
+            @pl.when(page < count)
+            def _convert(lane=lane, page=page):
+                first = lane * stride + page * PAGE_ROWS
+                values = staging[lane * (stride // PAGE_ROWS) + page].astype(jnp.float32)
+                dest[first : first + PAGE_ROWS, :] = values.astype(dest.dtype)
+
+
+def scale_tile_copy(scales_hbm, s_buf, table: PageTable, slot, lane: int, page, sem):
+    """The page-scale tile of ``slot``'s page ``page`` into its place (chunk position ``lane``) of the SMEM buffer."""
+    row = table.start(slot, page)
+    first = pl.multiple_of(row // SCALE_TILE_ROWS * SCALE_TILE_ROWS, SCALE_TILE_ROWS)
+    place = pl.multiple_of((lane * table.per_lane + page) * SCALE_TILE_ROWS, SCALE_TILE_ROWS)
+    return pltpu.make_async_copy(
+        scales_hbm.at[pl.ds(first, SCALE_TILE_ROWS)], s_buf.at[pl.ds(place, SCALE_TILE_ROWS)], sem
+    )
+
+
+def choose_scale_mode(pooled: Pooled, scales_hbm, s_buf, mode_ref, sem, count_pages: Callable) -> None:
+    """Set ``mode_ref[0]``: 1, the whole page-scale array read into SMEM now (at most :data:`SMEM_SCALE_ROWS`
+    rows and no more tiles than the call's pages, ``count_pages()``); else 0, each chunk DMAs its pages' tiles."""
+    mode_ref[0] = 0
+    if not pooled.whole_scales:
+        return
+
+    @pl.when(pooled.scale_rows // SCALE_TILE_ROWS <= count_pages())
+    def _whole():
+        mode_ref[0] = 1
+        copy = pltpu.make_async_copy(scales_hbm, s_buf.at[pl.ds(0, pooled.scale_rows)], sem)
+        copy.start()
+        copy.wait()
+
+
+def lane_rows(table: PageTable, slots, stride: int, shape, axis: int):
+    """bool ``shape``: the positions along ``axis`` of a chunk's laned rows (lane ``l`` at ``l * stride``, its
+    page p at ``+ 8p``) that hold one of the lane's own rank rows: in-page rows ``[o, o + min(8, r - 8p))``
+    of each page p < pages(r). Rows past the rank, another tenant's rows of a tail page, and unused lanes: False."""
+    position = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+    page_of, in_page = position // PAGE_ROWS, position % PAGE_ROWS
+    low = jnp.zeros(shape, jnp.int32)
+    high = jnp.zeros(shape, jnp.int32)
+    for lane, slot in enumerate(slots):
+        for page in range(table.per_lane):
+            offset, count = table.span(slot, page)
+            here = page_of == lane * (stride // PAGE_ROWS) + page
+            low = jnp.where(here, offset, low)
+            high = jnp.where(here, offset + count, high)
+    return (in_page >= low) & (in_page < high)
+
+
+def row_scales(table: PageTable, slots, stride: int, width: int, s_buf, mode_ref):
+    """[1, width] float32: each laned rank channel's ``a_scale * b_scale`` (int8 pools), read for the lanes' own
+    rows only (1 elsewhere; the caller selects those channels out): from the whole array in SMEM (mode 1) or
+    from the tile of its page (mode 0, :func:`scale_tile_copy`)."""
+    column = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
+    out = jnp.ones((1, width), jnp.float32)
+    for lane, slot in enumerate(slots):
+        for page in range(table.per_lane):
+            offset, count = table.span(slot, page)
+            aligned = table.start(slot, page) - offset
+            first = lane * stride + page * PAGE_ROWS
+
+            def body(j, acc, lane=lane, page=page, aligned=aligned, first=first):
+                row = aligned + j
+                paged = (lane * table.per_lane + page) * SCALE_TILE_ROWS + row % SCALE_TILE_ROWS
+                return jnp.where(column == first + j, s_buf[jnp.where(mode_ref[0] == 1, row, paged)], acc)
+
+            out = jax.lax.fori_loop(offset, offset + count, body, out)
+    return out
