@@ -280,12 +280,23 @@ def _print_resident(model: str, label: str, budget: int, max_rank: int, as_json:
             r = next(r for r in rows if r["rank"] == rank and r["dtype"] == dtype)
             cells += [f"{r['true_mb']:.1f}", f"{r['own_ratio']:.3f}", str(r["adapters"]), f"{r['budget_ratio']:.3f}"]
         print("| " + " | ".join(cells) + " |")
+    ranks = fleet({8: 0.7, 16: 0.2, 64: 0.1}, 100_000)
+    mixed = {
+        dtype: placed(budget_rows(model, budget, int8, KERNEL_PAGE_ROWS, max_rank), ranks, KERNEL_PAGE_ROWS, max_rank)
+        for dtype, int8 in (("bf16", False), ("int8", True))
+    }
+    print(f"mixed fleet 70/20/10% r8/16/64 held by this allocator: {mixed['bf16']} bf16, {mixed['int8']} int8")
     for dtype in ("bf16", "int8"):
         mine = [r for r in rows if r["dtype"] == dtype]
         over = ", ".join(f"{r['rank']} ({r['budget_ratio']:.3f})" for r in mine if r["budget_ratio"] > 1.10)
+        by_tail = "; ".join(
+            f"tails of {'/'.join(map(str, tails))} rows: at most "
+            f"{max(r['budget_ratio'] for r in mine if r['rank'] % KERNEL_PAGE_ROWS in tails):.3f}"
+            for tails in ((0, 1, 2, 4), (3,), (5, 6, 7))
+        )
         print(
             f"{dtype}, every rank 4-{max_rank}: own / true at most {max(r['own_ratio'] for r in mine):.3f}; "
-            f"budget / adapters / true at most {max(r['budget_ratio'] for r in mine):.3f}, "
+            f"budget / adapters / true at most {max(r['budget_ratio'] for r in mine):.3f} ({by_tail}), "
             f"over 1.10 at ranks: {over or 'none'}"
         )
     return 0
