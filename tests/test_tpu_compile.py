@@ -196,6 +196,23 @@ def test_linear_train_compiles_writing_s_and_is_counted_by_its_estimate(config, 
     assert cost["bytes accessed"] >= estimate["bytes accessed"], result["name"]
 
 
+def test_pooled_one_pass_kernel_compiles_reading_int8_pages_under_an_int8_base():
+    """The pooled one-pass kernel (``linear_lora_pooled`` on TPU) compiles for a v6e with int8 pools under an int8
+    base (Llama-3-8B q_proj at decode; ``bench tpu_compile --pooled-linear`` compiles bfloat16 and int8 pools on
+    v5e and v6e), within its VMEM estimate, and its declared estimate counts the base traffic, the tables and
+    exactly the batch's true-rank adapter bytes at one byte an element (ranks 8, 16, 64 at max_rank 64, 16
+    lanes); libtpu counts the op by it (flops within 1%, bytes at least)."""
+    (result,) = tpu_compile.compile_pooled_linear([tpu_compile.PooledLinearCase("v6e", "int8", int8_base=True)])
+    assert result["ok"], result.get("error")
+    assert result["vmem_estimate"] <= result["vmem_limit"]
+    assert result["adapter_bytes"] == (8 + 16 + 64) * (4096 + 4096)
+    estimate, cost = result["estimate"], result["cost"]
+    tables = 4 * 16 * (8 + 1) + 4 * 3 * 1024  # the page table; the scale array (3 tiles, fewer than the 11 pages)
+    assert estimate["bytes accessed"] - result["base_bytes"] - tables == result["adapter_bytes"]
+    assert estimate["flops"] <= cost["flops"] <= estimate["flops"] * 1.01
+    assert cost["bytes accessed"] >= estimate["bytes accessed"]
+
+
 def test_worker_compiles_with_the_pinned_libtpu(compiled):
     assert compiled.libtpu == _pinned_libtpu()
 

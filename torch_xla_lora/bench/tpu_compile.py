@@ -168,6 +168,123 @@ def _moe_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class PooledLinearCase:
+    """One compilation of the pooled one-pass kernel (``fused_base.linear_lora(..., page_table=)``, what
+    ``linear_lora_pooled`` runs on TPU): a decode batch whose distinct adapters have the true ranks ``ranks``,
+    read from pools of ``pool_rows`` rows (``pool`` "bfloat16" or "int8") under a bfloat16 or int8 base."""
+
+    chip: str
+    pool: str
+    int8_base: bool = False
+    tokens: int = 8
+    hidden: int = 4096
+    out: int = 4096
+    rank: int = 64
+    slots: int = 16
+    ranks: tuple[int, ...] = (8, 16, 64)
+    pool_rows: int = 8 * 300 + 1  # not a multiple of 32 rows (an int8 pool's 8-row DMAs compile on a v6e)
+
+    @property
+    def name(self) -> str:
+        base = "int8_base" if self.int8_base else "bf16_base"
+        return f"{self.chip}-linear_pooled-{self.pool}_pool-{base}-T{self.tokens}-L{self.slots}-R{self.rank}"
+
+
+def pooled_linear_cases(chips: Sequence[str] = ("v5e", "v6e")) -> list[PooledLinearCase]:
+    """bfloat16 and int8 pools under a bfloat16 base, and int8 pools under an int8 base, on each chip
+    (Llama-3-8B's q_proj, 4096 x 4096, at decode)."""
+    return [
+        PooledLinearCase(chip, pool, int8_base)
+        for chip in chips
+        for pool, int8_base in (("bfloat16", False), ("int8", False), ("int8", True))
+    ]
+
+
+def compile_pooled_linear(cases: Sequence[PooledLinearCase], timeout: float = 1200) -> list[dict]:
+    """Compile ``cases`` with libtpu in a worker process (JAX on the CPU); one result per case, in order: ``ok`` or
+    ``error``, the VMEM estimate and limit, the kernel's declared estimate, libtpu's cost analysis, and the
+    batch's true-rank adapter bytes (whole pages, int8 at one byte an element)."""
+    request = json.dumps([dataclasses.asdict(c) for c in cases])
+    proc = subprocess.run(
+        [sys.executable, "-c", "from torch_xla_lora.bench.tpu_compile import _pooled_worker; _pooled_worker()"],
+        input=request,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1"},
+    )
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if len(results) != len(cases):
+        raise RuntimeError(f"the worker stopped after {len(results)} of {len(cases)}:\n{proc.stderr[-3000:]}")
+    return results
+
+
+def _pooled_worker() -> None:
+    """The worker of :func:`compile_pooled_linear`: cases on stdin, one JSON line per result on stdout."""
+    import jax
+    import jax.numpy as jnp
+
+    from torch_xla_lora.bench.tpu_compile_worker import topology_device
+    from torch_xla_lora.kernels import fused_base, mosaic_version, pages
+
+    for raw in json.loads(sys.stdin.read()):
+        case = PooledLinearCase(**{**raw, "ranks": tuple(raw["ranks"])})
+        result = {"name": case.name, "ok": False}
+        try:
+            dtype, int8 = jnp.bfloat16, case.pool == "int8"
+            fusion = fused_base.Fusion(weight_scale=case.int8_base)
+            shape = (case.tokens, case.hidden, case.out, case.rank, case.slots)
+            fn, args = fused_base.tpu_compile_case(
+                *shape, dtype, case.chip, fusion=fusion, pool_rows=case.pool_rows, int8_pool=int8,
+                typical_ranks=case.ranks,
+            )  # fmt: skip
+            sizes, lanes = fused_base.pooled_plan(*shape, dtype, case.chip, False, fusion, int8)
+            scale_rows = pages.padded_scale_rows(case.pool_rows) if int8 else 0
+            pooled = pages.Pooled(case.rank, int8, case.slots, scale_rows)
+            padded = sizes.padded_tokens(case.tokens)
+            estimate = fused_base.pooled_cost_estimate(
+                padded, case.hidden, case.out, case.ranks, case.rank, dtype, sizes, lanes, fusion, pooled
+            )
+            vmem = fused_base.pooled_vmem_bytes(sizes, case.rank, case.slots, lanes, dtype, False, fusion, int8)
+            result.update(
+                block=dataclasses.asdict(sizes),
+                lanes=lanes,
+                vmem_estimate=vmem,
+                vmem_limit=fused_base.vmem_limit(case.chip),
+                estimate={"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
+                base_bytes=fused_base.hbm_bytes(padded, case.hidden, case.out, sizes, 2, fusion) + 4 * padded,
+                adapter_bytes=pages.pool_rows_read(case.ranks) * (case.hidden + case.out) * (1 if int8 else 2),
+            )  # fmt: skip
+            sharding = jax.sharding.SingleDeviceSharding(topology_device(case.chip))
+            args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
+            start = time.perf_counter()
+            with mosaic_version.pinned_ir_version():
+                compiled = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).compile()
+            result["compile_s"] = time.perf_counter() - start
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            result["cost"] = {key: float(cost[key]) for key in ("flops", "bytes accessed") if key in (cost or {})}
+            result["ok"] = True
+        except Exception as exc:  # a compile error is this check's finding: report it, go on
+            result["error"] = f"{type(exc).__name__}: {exc}"[:3000]
+        print(json.dumps(result), flush=True)
+
+
+def _pooled_table(results: Sequence[dict]) -> str:
+    lines = [
+        "| case | compiled | VMEM estimate / limit (MiB) | adapter bytes (true rank) | estimate bytes | libtpu bytes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        mib = f"{r.get('vmem_estimate', 0) / 2**20:.1f} / {r.get('vmem_limit', 0) / 2**20:.0f}"
+        cost = r.get("cost", {}).get("bytes accessed", 0)
+        ok = "yes" if r["ok"] else "NO"
+        estimate = r.get("estimate", {}).get("bytes accessed", 0)
+        lines.append(f"| {r['name']} | {ok} | {mib} | {r.get('adapter_bytes', 0):,} | {estimate:,} | {cost:,.0f} |")
+    return "\n".join(lines)
+
+
 def _configs(args: argparse.Namespace) -> list[tpu_grid.Config]:
     if args.moe:
         chips = args.chips or list(tpu_grid.MOE_CHIPS)
@@ -207,7 +324,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="lower at jax's own Mosaic IR version instead of the ops' pinned one (which libtpu reads it?)",
     )
+    parser.add_argument(
+        "--pooled-linear",
+        action="store_true",
+        help="compile the pooled one-pass kernel instead (pooled_linear_cases: bfloat16 and int8 pools, an int8 "
+        "base, Llama-3-8B q_proj at decode) and print its VMEM and bytes",
+    )
     args = parser.parse_args(argv)
+    if args.pooled_linear:
+        results = compile_pooled_linear(pooled_linear_cases(tuple(c for c in args.chips or ("v5e", "v6e"))))
+        print(_pooled_table(results))
+        for r in results:
+            if not r["ok"]:
+                print(f"FAILED {r['name']}: {r['error'][:400]}")
+        return 0 if all(r["ok"] for r in results) else 1
 
     configs = _configs(args)
     print(f"compiling {len(configs)} configurations with libtpu (deviceless) ...", flush=True)
