@@ -332,7 +332,7 @@ class PoolManager:
         for name, lane in plan.slot_of.items():
             if name in self._trainable:  # its parameters stand in for its lane
                 continue
-            rows = plan_rows(plan, name, self._rows)[: self._host[name].max_rank]  # a page's tail is not read
+            rows = plan_rows(plan, name, self._rows)  # its rank rows: q whole pages, then its tail
             table[lane, : len(rows)] = torch.tensor(rows, dtype=torch.int32)
         return table.reshape(-1)
 
@@ -596,7 +596,7 @@ class PoolManager:
 
     def _write(self, rows: list[int], adapter: LoRAAdapter | None) -> None:
         """Write ``adapter``'s rows (None: zeros) in every layer: ``max_rank`` rows, padding to the scratch row."""
-        rows = rows[: self.max_rank]  # a last page's rows past max_rank are never read
+        rows = rows[: self.max_rank]  # its own rank rows only (a shared tail page's other rows are not its)
         index = torch.tensor(rows + [self.scratch_row] * (self.max_rank - len(rows)), dtype=torch.int64)
         for module, layer in self._layers.items():
             weights = None if adapter is None else adapter.modules.get(module)
