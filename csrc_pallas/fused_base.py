@@ -46,6 +46,16 @@ int8: ``x W^T = (x q^T) * s``, so each int8 weight tile is converted to x's dtyp
 |q| <= 127 fits bf16's mantissa), the base product accumulates in f32 as for a float weight, and
 the output tile's f32 scales multiply the accumulator at the last reduction step, before the bias
 and the LoRA are added (``Fusion.weight_scale``). The weight's HBM bytes halve against bf16.
+
+Pooled adapters (``linear_lora(..., page_table=)``): A and B are rank-row pools ``[P + 2, K]`` /
+``[P + 2, N]`` (bf16 or int8) read through the batch's page table (a fourth scalar-prefetch array). Per
+lane of a chunk the kernel DMAs the lane's true-rank pages (:mod:`.pages`; a tail page's aligned page)
+instead of its slot's tile, selects out every row that is not the lane's own (past its rank, other
+adapters' rows of a shared tail page) from the shrink's sum at the last k and from the B tile before
+``finite_lanes``, and for int8 pools stages each page as int8, converts it in VMEM and multiplies each
+shrink channel by its row's ``a_scale * b_scale`` (the pool's page scales). The adapter bytes then follow
+the true ranks of the batch's adapters (:func:`pooled_cost_estimate`, :func:`pooled_step_work`,
+:func:`modelled_seconds` with ``ranks``).
 """
 
 from __future__ import annotations
