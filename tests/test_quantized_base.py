@@ -344,10 +344,11 @@ def test_layer_asks_the_tpu_model_with_int8_weight_only_for_an_int8_per_channel_
 
 
 def test_bench_model_prices_lora_over_the_int8_base_beside_the_bf16_base(tmp_path, capsys):
-    """``bench model --fused-base --int8-base``'s overhead comparison (TPU cost model, no TPU): the separate
-    formulation's LoRA costs the same microseconds over either base (its bytes do not depend on the base's),
-    so at decode, where the int8 base takes half the time, its relative overhead is larger; a bf16 pool at
-    the slots' rank costs what padded slots do (within the pool's tables); an int8 pool costs less."""
+    """``bench model --fused-base --int8-base``'s overhead comparison (TPU cost model, no TPU): at decode the
+    int8 base takes about half the time; a bf16 pool at the slots' rank costs what padded slots do (within
+    the pool's tables), an int8 pool less over either base (its pages at one byte an element); and int8
+    adapters over the int8 base still cost more, relatively, than bf16 adapters over the bf16 base (the
+    kernel's fixed costs do not halve with the base's bytes)."""
     import json
 
     from torch_xla_lora.bench import model
@@ -359,10 +360,8 @@ def test_bench_model_prices_lora_over_the_int8_base_beside_the_bf16_base(tmp_pat
     bases = {"": row["layer_base_us"], "int8_": row["int8_layer_base_us"]}
     assert bases["int8_"] < 0.6 * bases[""]  # decode reads weights: half the bytes
     lora_us = {p: {a: row[f"{p}layer_pooled_{a}_pct"] * bases[p] for a in ("bf16", "int8")} for p in bases}
-    for adapters in ("bf16", "int8"):
-        assert lora_us["int8_"][adapters] == pytest.approx(lora_us[""][adapters], rel=1e-9)
     for p in bases:
-        assert row[f"{p}layer_pooled_bf16_pct"] == pytest.approx(row[f"{p}layer_separate_pct"], rel=0.01)
+        assert row[f"{p}layer_pooled_bf16_pct"] == pytest.approx(row[f"{p}layer_chosen_pct"], rel=0.01)
         assert lora_us[p]["int8"] < lora_us[p]["bf16"]
     assert row["int8_layer_pooled_int8_pct"] > row["layer_pooled_bf16_pct"]  # not met at decode, even so
     assert row["int8_chosen_overhead_met"] == (row["int8_layer_chosen_pct"] <= row["layer_chosen_pct"])

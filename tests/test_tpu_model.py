@@ -263,3 +263,26 @@ def test_training_floor_by_hand():
 
     for row in tpu_train_model.modelled_rows(chips=("v5e", "v6e")):
         assert 1.0 < row["ratio_floor"] < row["ratio_floor_with_x_pass"] < row["ratio_ours"], row["layer"]
+
+
+def test_pooled_fused_walk_reads_whole_pages_of_the_true_ranks():
+    """The one-pass kernel on a pool (``fused_base_cost(pool=)``): with every used lane at the pool's rank it
+    walks exactly the slot kernel's traffic plus the page table; a rank-12 adapter reads two whole pages,
+    as a rank-16 one; and an int8 pool reads fewer bytes than a bf16 one."""
+    tpu = tpu_model.CHIPS["v6e"]
+    indices = tpu_model.contiguous_requests(64, 16, 8)
+    used = np.unique(indices)
+
+    def pool(rank, int8=False):
+        ranks = np.zeros(16, np.int64)
+        ranks[used] = rank
+        return tpu_model.PoolSpec(tuple(int(r) for r in ranks), int8, 4000)
+
+    slots = tpu_model.fused_base_cost(tpu, indices, 4096, 4096, 16, 16)
+    pooled = tpu_model.fused_base_cost(tpu, indices, 4096, 4096, 16, 16, pool=pool(16))
+    assert pooled.pipelined_bytes == slots.pipelined_bytes and pooled.steps == slots.steps
+    assert pooled.manual_bytes == slots.manual_bytes + 4 * (16 * 2 + 16)  # the page table: 2 starts a lane, ranks
+    tail = tpu_model.fused_base_cost(tpu, indices, 4096, 4096, 16, 16, pool=pool(12))
+    assert (tail.pipelined_bytes, tail.manual_bytes) == (pooled.pipelined_bytes, pooled.manual_bytes)
+    int8 = tpu_model.fused_base_cost(tpu, indices, 4096, 4096, 16, 16, pool=pool(16, int8=True))
+    assert int8.pipelined_bytes + int8.manual_bytes < pooled.pipelined_bytes + pooled.manual_bytes

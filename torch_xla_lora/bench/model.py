@@ -120,36 +120,23 @@ def run_fused_base(
 
 def pooled_layer_costs(chip, indices: np.ndarray, rank: int, num_slots: int, unfused_passes: bool = True) -> dict:
     """Seconds of one Llama-3-8B layer's projections with the adapters in a rank-true pool (``memory_budget``),
-    read by the pooled kernel (``pooled_shrink_expand``, the separate formulation: the base matmul, then the
-    LoRA op, with the passes a Pallas call leaves unfused, as :func:`tpu_model.projection_costs` prices them).
+    each projection in the formulation ``base_fusion="auto"`` would choose, priced as a pooled layer runs it
+    (:func:`tpu_model.layer_costs` with a :class:`tpu_model.PoolSpec`): fused reads the pool's pages
+    (``linear_lora_pooled``), separate runs the pooled shrink-expand kernel, XLA-native gathers into slots.
 
     Keys ``(int8_base, int8_adapters)``: an int8 per-channel or bf16 base, an int8 (one byte an element and
-    its scales: :func:`pooled_model.pooled_cost`) or bf16 pool; every adapter in use at its true rank ``rank``.
-    The fused and XLA-native formulations gather a pool into slots first and are not priced here.
+    its page scales) or bf16 pool of a 6 GiB budget (:func:`pooled_model.pool_rows`); every adapter in use at
+    its true rank ``rank``.
     """
     from torch_xla_lora.bench import pooled_model
 
     ranks = np.zeros(num_slots, np.int64)
     ranks[np.unique(indices[indices >= 0])] = rank
-    out = dict.fromkeys(itertools.product((False, True), repeat=2), 0.0)
-    for name, (residual, share) in tpu_model.llama_roles().items():
-        if not unfused_passes:
-            residual, share = False, 0.0
-        hidden, out_dim, _ = tpu_model.LLAMA3_8B_LAYER[name]
-        padded = tpu_model.fused_cost(chip, indices, hidden, out_dim, rank, num_slots).seconds
-        pooled = {
-            int8: pooled_model.pooled_cost(
-                chip, indices, ranks, hidden, out_dim, rank, num_slots, int8, pooled_model.pool_rows(int8)
-            ).seconds
-            for int8 in (False, True)
-        }
-        for int8_base in (False, True):
-            reads = tpu_model.llama_fused_reads(name)
-            costs = tpu_model.projection_costs(
-                chip, indices, hidden, out_dim, rank, num_slots, residual, share, int8_weight=int8_base, **reads
-            )
-            for int8_adapters in (False, True):  # the separate formulation with the pooled op for the slot op
-                out[int8_base, int8_adapters] += costs["separate"] - padded + pooled[int8_adapters]
+    out = {}
+    for int8_base, int8_adapters in itertools.product((False, True), repeat=2):
+        pool = tpu_model.PoolSpec(tuple(int(r) for r in ranks), int8_adapters, pooled_model.pool_rows(int8_adapters))
+        costs = tpu_model.layer_costs(chip, indices, rank, num_slots, unfused_passes, int8_weight=int8_base, pool=pool)
+        out[int8_base, int8_adapters] = costs["chosen"]
     return out
 
 
@@ -472,8 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_int8_table(rows))
             print(
                 "\nLoRA's overhead over the int8 base beside the bf16 base (Llama-3-8B layer): the chosen formulations "
-                "with padded bf16 slots, and the separate formulation reading a rank-true pool of bf16 or int8 "
-                "adapters (the pooled kernel; every adapter at rank R)"
+                "with padded bf16 slots, and with the adapters in a rank-true pool of bf16 or int8 rows, each "
+                "projection's formulation chosen as a pooled layer runs it (fused: the one-pass kernel reading the "
+                "pool's pages; every adapter at rank R)"
             )
             print(format_int8_overhead_table(rows))
         _write_json(args, rows)

@@ -193,6 +193,17 @@ def kernel_fusion(prologue: str = "", residual: bool = False):
     return fused_base.Fusion(silu_mul=prologue == "silu_mul", row_scale=norm, col_scale=norm, residual=residual)
 
 
+@dataclasses.dataclass(frozen=True)
+class PoolSpec:
+    """Adapters in a rank-true pool (``memory_budget``) for the cost model: ``ranks[l]`` the true rank of lane
+    l (the slots; 0: no adapter), ``int8`` an int8 pool (one byte an element, its page scales), ``rows`` the
+    pool's data rows (what the page-scale array spans)."""
+
+    ranks: tuple[int, ...]
+    int8: bool = False
+    rows: int = 0
+
+
 #: What a fused kernel can take in of x's producer: nothing, SiLU(gate) * up, RMSNorm's factors.
 PROLOGUES = ("", "silu_mul", "norm")
 
@@ -210,6 +221,7 @@ def fused_base_cost(
     residual: bool = False,
     int8_weight: bool = False,
     keep_s: bool = False,
+    pool: PoolSpec | None = None,
 ) -> Cost | None:
     """Cost of ``linear_lora``'s fused kernel (bf16): its own grid (token block, output tile, reduction tile)
     walked step by step, with ``fused_base.step_work``; None when no tiling fits (the op then falls back).
@@ -219,25 +231,38 @@ def fused_base_cost(
     in (``fused_base.Fusion``), its extra operands' traffic walked with the rest. ``int8_weight``: an int8
     per-channel base read as int8 (one byte an element) with its f32 scales per output tile. ``keep_s``: the
     training kernel, which also writes s (``fused_base.linear_lora(keep_s=True)``: its plan and its [bt, R] block).
+    ``pool``: the adapters read from a rank-true pool (``linear_lora_pooled``: ``fused_base.pooled_plan``, its
+    grid, ``fused_base.pooled_step_work``: each used lane's whole pages at its true rank, int8 at one byte),
+    plus the page table and, for an int8 pool, its page scales as the kernel reads them (the whole array or a
+    tile per page, ``pages.scale_read_bytes``); ``rank`` is then the pool's ``max_rank``.
     """
     import jax.numpy as jnp
 
-    from torch_xla_lora.kernels import fused_base, visits
+    from torch_xla_lora.kernels import fused_base, pages, visits
 
     dtype, itemsize = jnp.bfloat16, 2
     num_tokens = len(indices)
     fusion = dataclasses.replace(kernel_fusion(prologue, residual), weight_scale=int8_weight)
-    planned = fused_base.plan(
-        num_tokens, hidden, out_dim, rank, num_slots, dtype, chip.generation, has_bias, fusion, keep_s
-    )
+    if pool is None:
+        planned = fused_base.plan(
+            num_tokens, hidden, out_dim, rank, num_slots, dtype, chip.generation, has_bias, fusion, keep_s
+        )
+    else:
+        planned = fused_base.pooled_plan(
+            num_tokens, hidden, out_dim, rank, num_slots, dtype, chip.generation, has_bias, fusion, pool.int8
+        )
     if planned is None:
         return None
     sizes, lanes = planned
     padded = np.full(sizes.padded_tokens(num_tokens), -1, np.int32)
     padded[:num_tokens] = np.where((indices >= 0) & (indices < num_slots), indices, -1)
     meta = visits.build_lanes(padded, num_slots, sizes.tokens, lanes, xp=np)
+    pooled = None
+    if pool is not None:
+        scale_rows = pages.padded_scale_rows(pool.rows + 2) if pool.int8 else 0
+        pooled = pages.Pooled(rank, pool.int8, num_slots, scale_rows)
     spec = fused_base.grid_spec(
-        len(padded), hidden, out_dim, rank, num_slots, dtype, sizes, lanes, layout, has_bias, fusion, keep_s
+        len(padded), hidden, out_dim, rank, num_slots, dtype, sizes, lanes, layout, has_bias, fusion, keep_s, pooled
     )
     specs = [*spec.in_specs, *(spec.out_specs if keep_s else [spec.out_specs])]
     # Bytes per element of each spec, in grid_spec's order: the int32 codes, the f32 row scale, an int8 weight
@@ -246,9 +271,11 @@ def fused_base_cost(
     widths += [1, 4] if int8_weight else [itemsize]
     widths += [itemsize] * (len(specs) - len(widths))
     last = [None] * len(specs)
-    pipelined = manual = 0
+    pipelined = manual = page_tiles = 0
     flops = 0.0
     blocks, tiles, reductions = spec.grid
+    per_block = len(meta.slots) // len(meta.chunks)
+    pool_ranks = None if pool is None else np.asarray(pool.ranks, np.int64)
     for i in range(blocks):
         for n in range(tiles):
             for k in range(reductions):
@@ -259,10 +286,26 @@ def fused_base_cost(
                     if index != last[s]:
                         pipelined += math.prod(block_spec.block_shape) * widths[s]
                         last[s] = index
-                hidden_dma, dma, matmuls = fused_base.step_work(i, n, k, meta, rank, lanes, sizes, reductions, itemsize)
+                if pool is None:
+                    work = fused_base.step_work(i, n, k, meta, rank, lanes, sizes, reductions, itemsize)
+                else:
+                    work = fused_base.pooled_step_work(
+                        i, n, k, meta, pool_ranks, lanes, sizes, reductions, itemsize, pool.int8
+                    )
+                hidden_dma, dma, matmuls = work
+                if pool is not None and pool.int8 and n == 0 and k == reductions - 1:
+                    # The step's page-scale tiles (pooled_step_work's paged mode): priced once below instead, as
+                    # the kernel reads them (the whole array where that is fewer tiles).
+                    used = meta.slots[i * per_block : i * per_block + int(meta.chunks[i]) * lanes]
+                    block_pages = sum(pages.pages(int(pool_ranks[s])) for s in used if s >= 0)
+                    page_tiles += block_pages
+                    dma -= 4 * pages.SCALE_TILE_ROWS * block_pages
                 pipelined += hidden_dma  # issued before the base product: shares bandwidth, overlaps compute
                 manual += dma
                 flops += mxu_flops(matmuls, chip.mxu_width)
+    if pool is not None:
+        manual += 4 * (num_slots * pages.pages(rank) + num_slots)  # the page table, built on the host per batch
+        manual += pages.scale_read_bytes(page_tiles, pooled.scale_rows) if pool.int8 else 0
     steps = blocks * tiles * reductions
     return Cost(pipelined, manual, flops, steps, _time(chip, pipelined, manual, flops, steps))
 
@@ -289,6 +332,7 @@ def projection_costs(
     int8_weight: bool = False,
     operands: int | None = None,
     residual_read: bool | None = None,
+    pool: PoolSpec | None = None,
 ) -> dict[str, float]:
     """Seconds of one projection with its LoRA under each formulation a layer can run, and its base.
 
@@ -320,6 +364,12 @@ def projection_costs(
 
     ``int8_weight``: an int8 per-channel base, its weight at one byte an element in the base matmul and
     in the fused kernel (which reads it as int8).
+
+    ``pool``: the adapters in a rank-true pool, as a pooled layer runs each formulation: fused reads the
+    pool's pages (``linear_lora_pooled``, :func:`fused_base_cost` with ``pool``), separate runs the pooled
+    shrink-expand kernel (``pooled_shrink_expand``: ``pooled_model.pooled_cost``) and XLA-native gathers the
+    lanes' ``num_slots x rank`` rows into slots (read at the pool's element size, written bf16, at XLA's
+    roofline and launch) before its slot op; ``rank`` is then the pool's ``max_rank``.
     """
     itemsize = 2
     num_tokens = len(indices)
@@ -331,7 +381,17 @@ def projection_costs(
     residual_read = residual_output if residual_read is None else residual_read
     fused_reads = (operands - 1) * num_tokens * hidden + (num_tokens * out_dim if residual_read else 0)
     base = matmul_cost(chip, num_tokens, hidden, out_dim, int8_weight, fused_reads).seconds
-    lora = fused_cost(chip, indices, hidden, out_dim, rank, num_slots).seconds
+    xla_native = xla_native_cost(chip, indices, hidden, out_dim, rank, num_slots)
+    if pool is None:
+        lora = fused_cost(chip, indices, hidden, out_dim, rank, num_slots).seconds
+    else:
+        from torch_xla_lora.bench import pooled_model
+
+        lora = pooled_model.pooled_cost(
+            chip, indices, pool.ranks, hidden, out_dim, rank, num_slots, pool.int8, pool.rows
+        ).seconds
+        gather = num_slots * rank * (hidden + out_dim) * ((1 if pool.int8 else itemsize) + itemsize)
+        xla_native += gather / bandwidth + XLA_FUSION_OVERHEAD_S
     fused = fused_base_cost(
         chip,
         indices,
@@ -343,6 +403,7 @@ def projection_costs(
         prologue=prologue,
         residual=residual_in_kernel and residual_output,
         int8_weight=int8_weight,
+        pool=pool,
     )
     if fused is None:  # XLA's dot and the separate op: nothing is taken in
         fused_seconds = base + lora + unfused
@@ -353,7 +414,7 @@ def projection_costs(
         "base": base,
         "fused": fused_seconds,
         "separate": base + lora + unfused,
-        "xla_native": base + xla_native_cost(chip, indices, hidden, out_dim, rank, num_slots),
+        "xla_native": base + xla_native,
     }
 
 
@@ -420,6 +481,7 @@ def layer_costs(
     unfused_passes: bool = True,
     kernel_fusion: bool = True,
     int8_weight: bool = False,
+    pool: PoolSpec | None = None,
 ) -> dict:
     """Seconds of one Llama-3-8B decoder layer's projections (bf16) under each formulation.
 
@@ -435,7 +497,8 @@ def layer_costs(
     ``layers/fusion.py`` arranges them (:data:`KERNEL_FUSION`: the input norm into q/k/v's read, the attention
     residual into o_proj's write, the post-attention norm into gate/up's read, SiLU(gate) * up and the residual
     into down_proj's); False prices every Pallas call with its passes (the layer unarranged).
-    ``int8_weight``: every projection's base int8 per channel (:func:`projection_costs`).
+    ``int8_weight``: every projection's base int8 per channel (:func:`projection_costs`); ``pool``: the
+    adapters in a rank-true pool (:func:`projection_costs`; the pool's rows per layer as at Llama-3-8B).
     """
     num_tokens = len(indices)
     no_adapter = np.full(num_tokens, -1, np.int32)
@@ -446,7 +509,7 @@ def layer_costs(
             residual, share = False, 0.0
         hidden, out_dim, _ = LLAMA3_8B_LAYER[name]
         prologue, in_kernel = KERNEL_FUSION.get(name, ("", False)) if kernel_fusion else ("", False)
-        fusion = {"prologue": prologue, "residual_in_kernel": in_kernel, "int8_weight": int8_weight}
+        fusion = {"prologue": prologue, "residual_in_kernel": in_kernel, "int8_weight": int8_weight, "pool": pool}
         fusion.update(llama_fused_reads(name))
         costs = projection_costs(chip, indices, hidden, out_dim, rank, num_slots, residual, share, **fusion)
         plain = projection_costs(chip, no_adapter, hidden, out_dim, rank, num_slots, residual, share, **fusion)
