@@ -558,3 +558,37 @@ def test_backward_runs_the_fused_op_and_double_backward_the_separate_ones(name):
             torch.autograd.grad(out.sum(), list(leaves.values()), create_graph=create_graph)
         assert log.names.count("xla_lora.bgmv_lora_grads") == fused, log.names
         assert ("xla_lora.bgmv_weight_grad" in log.names) == (not fused), log.names
+
+
+# The XLA-native training ops on several sorted token blocks (64 tokens each from T = 64 on), in token order
+# shuffled: sorted, slot 0's run crosses a block boundary, the second block holds three slots (two runs start
+# inside it: the extra visits), the last block starts on slot 4 and ends in rows without adapter and padding.
+MANY_BLOCKS = [0] * 70 + [2] * 3 + [4] * 60 + [-1] * 12 + [L + 1] * 5
+
+
+@pytest.mark.parametrize("saved_s", [False, True], ids=["s-recomputed", "s-kept"])
+def test_xla_native_training_ops_on_several_blocks(saved_s, xla_device):
+    """bgmv_shrink_expand_train's (out, s) and bgmv_lora_grads's dA, dB and dx on the XLA-native backend, where
+    runs of one slot start inside token blocks, against float64 plain math; slots no token uses get exact
+    zeros and rows without adapter, holding Inf in x, reach nothing."""
+    order = torch.randperm(len(MANY_BLOCKS), generator=torch.Generator().manual_seed(3))
+    idx = torch.tensor(MANY_BLOCKS, dtype=torch.int32)[order]
+    tensors = _tensors("bgmv_shrink_expand", len(idx), torch.float32)
+    grad_out, expected = _lora_grads_expected(tensors, idx)
+    without = (idx < 0) | (idx >= L)
+    tensors["x"][without] = float("inf")
+    t = _on(tensors, xla_device)
+    out, s = OPS.bgmv_shrink_expand_train(t["x"], t["a"], t["b"], t["base"], idx.to(xla_device), SCALING, "xla")
+    t64 = {k: v.double() for k, v in tensors.items()}
+    x64 = t64["x"].nan_to_num(posinf=0.0)
+    assert_close(out.cpu(), t64["base"] + _lora(x64, t64["a"], t64["b"], idx, SCALING), torch.float32)
+    assert (s.cpu()[without] == 0).all()
+    assert_close(s.cpu(), SCALING * torch.einsum("trd,td->tr", _gathered(t64["a"], idx), x64), torch.float32)
+    extra = (s,) if saved_s else ()
+    grads = OPS.bgmv_lora_grads(
+        grad_out.to(xla_device), t["x"], t["a"], t["b"], idx.to(xla_device), SCALING, True, "xla", *extra
+    )
+    for got, key in zip(grads, ("a", "b", "x"), strict=True):
+        assert_close(got.cpu(), expected[key], torch.float32)
+    for grad in grads[:2]:
+        assert (grad.cpu()[[1, 3]] == 0).all()
