@@ -268,6 +268,10 @@ def test_tpu_model_walk_reads_the_true_rank_pages(int8):
     assert one.manual_bytes == 8 * (hidden + out_dim) * element + page_table + (4 * 1024 if int8 else 0)
     padded = tpu_model.fused_cost(chip, np.asarray(lanes), hidden, out_dim, max_rank, max_loras)
     assert padded.manual_bytes == len(ranks) * max_rank * (hidden + out_dim) * 2
+    # The one-pass kernel reading the same pool (what base_fusion runs): the same adapter bytes, tables included,
+    # by its own walk (its traffic less its traffic on a batch without adapters).
+    one_pass, _ = pooled_model.one_pass_cost(chip, lanes, ranks, hidden, out_dim, max_rank, max_loras, int8, pool_rows)
+    assert one_pass == cost.manual_bytes
 
 
 @pytest.mark.parametrize("int8", [False, True])

@@ -13,7 +13,11 @@ on 1, 8 or 16 distinct adapters of mixed true ranks (8, 16, 64 in turn), for ``m
   (:func:`pooled_cost`): the pages of each used lane's true rank, plus the tables the kernel reads: the
   batch's page table (page starts and ranks, built on the host), and for int8 pools of the page-scale array
   kept beside the pool (pools of a 6 GiB budget, :func:`pool_rows`) the 4 KiB tile of each used page, or
-  the whole array where that is fewer tiles (``fused.scale_read_bytes``, the kernel's own choice).
+  the whole array where that is fewer tiles (``fused.scale_read_bytes``, the kernel's own choice);
+- *one-pass*: the base matmul and the LoRA in one kernel reading the pool (``linear_lora_pooled``,
+  ``tpu_model.fused_base_cost`` with a ``PoolSpec``), what ``base_fusion`` runs: its adapter bytes are the
+  kernel's traffic less the same kernel's on a batch without adapters, its time the kernel's less XLA's
+  base matmul (:func:`one_pass_cost`).
 
 ``--resident`` prints instead the resident bytes of one adapter at its true rank (:func:`resident_rows`): the
 pool's own accounting (``pool.layer_row_bytes``, ``pool.span_rows``) at the same shapes, for the TPU kernel's
@@ -116,6 +120,32 @@ def pooled_cost(
     return tpu_model.Cost(pipelined, manual, flops, steps, tpu_model._time(chip, pipelined, manual, flops, steps))
 
 
+def one_pass_cost(
+    chip: tpu_model.Chip,
+    lanes: np.ndarray,
+    ranks: Sequence[int],
+    hidden: int,
+    out_dim: int,
+    max_rank: int,
+    max_loras: int,
+    int8: bool,
+    pool_rows: int,
+) -> tuple[int, float]:
+    """(adapter bytes, seconds over the base) of one projection's one-pass kernel reading the pool: its walked
+    traffic (``tpu_model.fused_base_cost`` with the pool) less the same kernel's on a batch without adapters,
+    and its time less XLA's base matmul (bf16 base)."""
+    lane_ranks = np.zeros(max_loras, np.int64)
+    lane_ranks[: len(ranks)] = ranks
+    pool = tpu_model.PoolSpec(tuple(int(r) for r in lane_ranks), int8, pool_rows)
+    cost = tpu_model.fused_base_cost(chip, lanes, hidden, out_dim, max_rank, max_loras, pool=pool)
+    plain = tpu_model.fused_base_cost(chip, np.full_like(lanes, -1), hidden, out_dim, max_rank, max_loras)
+    if cost is None or plain is None:
+        raise ValueError(f"the one-pass kernel does not run D={hidden}, Dout={out_dim}, R={max_rank} on {chip.name}")
+    total = cost.pipelined_bytes + cost.manual_bytes - plain.pipelined_bytes - plain.manual_bytes
+    base = tpu_model.matmul_cost(chip, len(lanes), hidden, out_dim).seconds
+    return total, cost.seconds - base
+
+
 def pool_rows(int8: bool) -> int:
     """Data rows of every layer's pool with a :data:`BUDGET` budget at Llama-3-8B shapes (all seven projections
     of the 32 layers; int8: one byte an element and three float32 scales (A's, B's, their product, the page
@@ -140,14 +170,17 @@ def step_rows(chip: tpu_model.Chip, distinct: int, max_loras: int, max_rank: int
     """One table row: LoRA bytes and modelled time of a whole decode step's projections (all layers)."""
     ranks = batch_ranks(distinct)
     lanes = decode_lanes(DECODE_TOKENS, distinct)
-    totals = dict.fromkeys(("padded_bytes", "gathered_bytes", "pooled_bytes", "true_bytes"), 0.0)
-    totals.update(dict.fromkeys(("padded_s", "gathered_s", "pooled_s"), 0.0))
+    totals = dict.fromkeys(("padded_bytes", "gathered_bytes", "pooled_bytes", "one_pass_bytes", "true_bytes"), 0.0)
+    totals.update(dict.fromkeys(("padded_s", "gathered_s", "pooled_s", "one_pass_s"), 0.0))
     for hidden, out_dim, _ in tpu_model.LLAMA3_8B_LAYER.values():
         padded = tpu_model.fused_cost(chip, lanes, hidden, out_dim, max_rank, max_loras)
         pooled = pooled_cost(chip, lanes, ranks, hidden, out_dim, max_rank, max_loras, int8, pool_rows(int8))
         element = 1 if int8 else 2
         gather = max_loras * max_rank * (hidden + out_dim) * (element + 2)  # read the rows, write bf16 slots
         gather_s = gather / chip.hbm_bytes_per_s + tpu_model.XLA_FUSION_OVERHEAD_S
+        one_pass = one_pass_cost(chip, lanes, ranks, hidden, out_dim, max_rank, max_loras, int8, pool_rows(int8))
+        totals["one_pass_bytes"] += one_pass[0]
+        totals["one_pass_s"] += one_pass[1]
         totals["padded_bytes"] += padded.manual_bytes
         totals["gathered_bytes"] += padded.manual_bytes + gather
         totals["pooled_bytes"] += pooled.manual_bytes
@@ -162,8 +195,9 @@ def table(chips: Sequence[str] = ("v5e", "v6e")) -> str:
     """The markdown table of :func:`step_rows` over the chips, pool dtypes, distinct adapters and slot grid."""
     lines = [
         "| chip | pool | distinct | max_loras x max_rank | true MB | padded MB | gathered pool MB | pooled MB "
-        "| pooled / true | padded µs | gathered pool µs | pooled µs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pooled / true | padded µs | gathered pool µs | pooled µs | one-pass MB | one-pass / true "
+        "| one-pass µs over the base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for chip_name in chips:
         chip = tpu_model.CHIPS[chip_name]
@@ -176,7 +210,9 @@ def table(chips: Sequence[str] = ("v5e", "v6e")) -> str:
                         f"| {chip_name} | {'int8' if int8 else 'bf16'} | {distinct} | {max_loras} x {max_rank} "
                         f"| {mb['true_bytes']:.1f} | {mb['padded_bytes']:.1f} | {mb['gathered_bytes']:.1f} "
                         f"| {mb['pooled_bytes']:.1f} | {row['pooled_bytes'] / row['true_bytes']:.3f} "
-                        f"| {row['padded_s'] * 1e6:.0f} | {row['gathered_s'] * 1e6:.0f} | {row['pooled_s'] * 1e6:.0f} |"
+                        f"| {row['padded_s'] * 1e6:.0f} | {row['gathered_s'] * 1e6:.0f} | {row['pooled_s'] * 1e6:.0f} "
+                        f"| {mb['one_pass_bytes']:.1f} | {row['one_pass_bytes'] / row['true_bytes']:.3f} "
+                        f"| {row['one_pass_s'] * 1e6:.0f} |"
                     )
     return "\n".join(lines)
 
