@@ -242,7 +242,8 @@ def test_opcheck_and_validation():
 
 def test_patched_model_reads_the_pools_in_the_one_pass_kernel(base_model, peft_model, xla_device, monkeypatch):  # noqa: F811
     """A tiny Llama with a budget of int8 adapters, ``base_fusion=True`` and the Pallas backend: every linear layer
-    runs the pooled one-pass kernel (nothing gathered into slots, the host-built page table read), and a mixed
+    runs the pooled one-pass kernel (nothing gathered into slots, the host-built page table read; the decoder
+    arrangement's projections with their norm, SiLU and residual operands too), and a mixed
     batch with a base row equals PEFT's mixed batch on the factors with each rank row rounded to int8. (Float
     pools: the op test above; one model here keeps the file's compile time small.)"""
     import peft
@@ -283,7 +284,7 @@ def test_patched_model_reads_the_pools_in_the_one_pass_kernel(base_model, peft_m
     original = _linear_fused.linear_lora_pooled
 
     def counted(*args, **kwargs):
-        calls.append(kwargs["pages"] is not None)
+        calls.append((kwargs["pages"] is not None, kwargs.get("residual") is not None))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(LinearWithLoRA, "slot_factors", gathered)  # (the embedding gathers its own rows)
@@ -291,5 +292,6 @@ def test_patched_model_reads_the_pools_in_the_one_pass_kernel(base_model, peft_m
     monkeypatch.setattr(_jax, "lane_ranks", derived)
     monkeypatch.setattr(_linear_fused, "linear_lora_pooled", counted)
     out = _forward(lora, IDS, xla_device)
-    assert len(calls) == len(linear) and all(calls)
+    assert len(calls) == len(linear) and all(pages for pages, _ in calls)
+    assert any(residual for _, residual in calls)  # the decoder arrangement's fused residual adds read pools too
     assert_close(out, _expected(reference, IDS, rows))

@@ -412,7 +412,7 @@ def _linear_lora_pooled(
         inputs, weight, bias, a_pool, b_pool, lanes, rows, a_scale, b_scale, scaling, weight_layout, backend,
         metadata, pages, page_scales, *fusion_operands,
     )  # fmt: skip
-    if inputs.device.type != "xla":
+    if inputs.device.type != "xla" or _validate.degenerate(*rows.shape):  # (L or R is 0: no tiles, the base alone)
         return pooled_reference(
             inputs, weight, bias, a_pool, b_pool, lanes, rows, a_scale, b_scale, scaling, weight_layout,
             *fusion_operands,
