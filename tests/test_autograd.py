@@ -592,3 +592,29 @@ def test_xla_native_training_ops_on_several_blocks(saved_s, xla_device):
         assert_close(got.cpu(), expected[key], torch.float32)
     for grad in grads[:2]:
         assert (grad.cpu()[[1, 3]] == 0).all()
+
+
+@pytest.mark.parametrize("num_slots", [4, 20], ids=["selected", "scattered"])
+def test_partial_weight_grads_summed_per_slot(num_slots):
+    """The XLA-native backward's per-slot sum of the blocks' partial weight gradients, both ways it is taken
+    (selection up to SELECT_SUM_MAX_SLOTS slots, a scatter-add beyond): each slot gets the sum of its blocks,
+    a slot without blocks exact zeros, blocks without slot (-1) nothing, and an Inf in one slot's partial sum
+    no other slot."""
+    import jax.numpy as jnp
+
+    from torch_xla_lora.ops import _lora_grads_jax
+
+    assert (num_slots > _lora_grads_jax.SELECT_SUM_MAX_SLOTS) == (num_slots == 20)
+    partial = torch.randn(6, 3, 5, generator=torch.Generator().manual_seed(4))
+    partial[1, 2, 4] = float("inf")
+    primary = torch.tensor([0, 2, 2, 3, -1, 3], dtype=torch.int32)
+    out = _lora_grads_jax._sum_by_slot(jnp.asarray(partial.numpy()), jnp.asarray(primary.numpy()), num_slots)
+    out = torch.from_numpy(out.__array__().copy())
+    expected = torch.zeros(num_slots, 3, 5)
+    for block, slot in enumerate(primary.tolist()):
+        if slot >= 0:
+            expected[slot] += partial[block]
+    assert out.shape == expected.shape
+    assert torch.isinf(out[2, 2, 4]) and torch.equal(out[[0, 3]], expected[[0, 3]])
+    others = [slot for slot in range(num_slots) if slot not in (0, 2, 3)]
+    assert (out[others] == 0).all() and torch.isfinite(out[others]).all()
