@@ -127,12 +127,11 @@ def _numpy_expected(x, w, a_rows, b_rows, lanes, scales=None):
     return out
 
 
-@pytest.mark.parametrize("scale_rows", [1024, pages.SMEM_SCALE_ROWS + 1024], ids=["whole_scales", "paged_scales"])
-def test_kernel_tiles_chunks_and_int8_scale_modes(scale_rows):
+def test_kernel_tiles_chunks_and_int8_paged_scales():
     """The kernel called directly (interpret mode) with tiled reduction and output (128-wide tiles of K = 256 and
-    N = 128 x 2), 16-token blocks in 8-row chunks and 2 lanes a chunk, on an int8 pool whose page scales are read
-    whole into SMEM (1024 rows) or, past ``SMEM_SCALE_ROWS``, a tile per used page: equal to float64 numpy;
-    lanes whose rows are all finite stay finite beside the neighbours' Inf/NaN scales."""
+    N = 128 x 2), 16-token blocks in 8-row chunks and 2 lanes a chunk, on an int8 pool whose page scales are longer
+    than ``SMEM_SCALE_ROWS``, so read a tile per used page (the op test's int8 cases read a 1024-row array whole):
+    equal to float64 numpy; lanes whose rows are all finite stay finite beside the neighbours' Inf scales."""
     import jax.numpy as jnp
 
     from torch_xla_lora.kernels import visits
@@ -144,7 +143,7 @@ def test_kernel_tiles_chunks_and_int8_scale_modes(scale_rows):
     qb = rng.integers(-127, 128, (P + 2, out_dim)).astype(np.int8)
     scales = (rng.random(P + 2) / 2**14).astype(np.float32)
     scales[NEIGHBOURS] = np.inf
-    page_scales = np.zeros(scale_rows, np.float32)
+    page_scales = np.zeros(pages.SMEM_SCALE_ROWS + pages.SCALE_TILE_ROWS, np.float32)
     page_scales[: P + 2] = scales
     x = rng.standard_normal((48, K)).astype(np.float32)
     w = (rng.standard_normal((out_dim, K)) / 16).astype(np.float32)
