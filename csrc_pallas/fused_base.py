@@ -43,9 +43,11 @@ read, and the residual add in the output tile's single write.
 
 An int8 base (per-output-channel symmetric quantization, ``W = q * s[:, None]``) is read as
 int8: ``x W^T = (x q^T) * s``, so each int8 weight tile is converted to x's dtype in VMEM (exact:
-|q| <= 127 fits bf16's mantissa), the base product accumulates in f32 as for a float weight, and
-the output tile's f32 scales multiply the accumulator at the last reduction step, before the bias
-and the LoRA are added (``Fusion.weight_scale``). The weight's HBM bytes halve against bf16.
+|q| <= 127 fits bf16's mantissa) :data:`WEIGHT_CHUNK` output columns at a time, each chunk's
+product taken before the next is converted (only one chunk's copies sit beside the int8 tile), the
+base product accumulates in f32 as for a float weight, and the output tile's f32 scales multiply
+the accumulator at the last reduction step, before the bias and the LoRA are added
+(``Fusion.weight_scale``). The weight's HBM bytes halve against bf16.
 
 Pooled adapters (``linear_lora(..., page_table=)``): A and B are rank-row pools ``[P + 2, K]`` /
 ``[P + 2, N]`` (bf16 or int8) read through the batch's page table (a fourth scalar-prefetch array). Per
@@ -98,6 +100,9 @@ LAYOUTS = ("out_in", "in_out")
 #: columns of the B tile whose non-finite values are selected out at a time.
 ROW_CHUNK = 256
 COLUMN_CHUNK = 512
+#: Output columns of an int8 weight tile converted to x's dtype at a time (their f32 and x-dtype copies are
+#: the only ones alive): a multiple of the int8 (32, 128) tile on either layout's sliced dim.
+WEIGHT_CHUNK = 256
 #: Rows whose x prologue (f32 values [rows, tk]) is computed at a time, within a row chunk.
 PROLOGUE_CHUNK = 64
 
@@ -196,8 +201,9 @@ def vmem_bytes(
     and the sum being written), with a prologue two f32 [:func:`prologue_chunk` rows, tk], three of the
     shrink's [rows, lanes * Rp] (the product, the sum, the rows of the chunk selected) and
     the B tile's f32 copies while its non-finite values are selected out. An int8 weight tile is
-    converted whole (its f32 and x-dtype copies). ``keep_s``: the [bt, R] block of the kept shrink ``s``
-    (its rows filling whole 128-lane rows) and one f32 [rows, R] value of it.
+    converted :data:`WEIGHT_CHUNK` output columns at a time (one chunk's f32 and x-dtype copies).
+    ``keep_s``: the [bt, R] block of the kept shrink ``s`` (its rows filling whole 128-lane rows) and one
+    f32 [rows, R] value of it.
     """
     itemsize = jnp.dtype(dtype).itemsize
     bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
@@ -212,7 +218,7 @@ def vmem_bytes(
     scratch += bt * tk * itemsize if fusion.prologue else 0
     values = 2 * rows * tn * 4 + 3 * rows * width * 4 + 3 * width * min(tn, COLUMN_CHUNK) * 4
     values += 2 * prologue_chunk(rows) * tk * 4 if fusion.prologue else 0
-    values += tk * tn * (4 + itemsize) if fusion.weight_scale else 0
+    values += tk * min(tn, WEIGHT_CHUNK) * (4 + itemsize) if fusion.weight_scale else 0
     if keep_s:  # s's output block, its last dim padded to whole lanes, and its sum over the lanes
         block += bt * -(-rank // LANE) * LANE * itemsize
         values += rows * -(-rank // LANE) * LANE * 4
@@ -497,6 +503,7 @@ def _kernel(
     has_bias: bool,
     fusion: Fusion = NO_FUSION,
     rows: int = 0,
+    weight_chunk: int = WEIGHT_CHUNK,
     keep_s: bool = False,
     pooled: Pooled | None = None,
 ):
@@ -655,18 +662,16 @@ def _kernel(
         fetch(0, 1, "start")
 
     contract = (((1,), (1,)), ((), ())) if layout == "out_in" else (((1,), (0,)), ((), ()))
-    # int8 -> x's dtype in VMEM once per step (exact for |q| <= 127); the scales come at the write.
-    int8_w = None if scale_ref is None else w_ref[...].astype(jnp.float32).astype(x_ref.dtype)
     shrinks = (n == 0) & (num_chunks > 0)
 
-    def epilogue(out, r):
-        """What the output tile's single write adds to the f32 base product of rows ``r``, in order."""
+    def epilogue(out, r, cols):
+        """What the output tile's single write adds to the f32 base product of rows ``r``, columns ``cols``."""
         if scale_ref is not None:  # (x q^T) * s = x (q * s)^T, per output channel
-            out = out * scale_ref[...]
+            out = out * scale_ref[:, cols]
         if has_bias:
-            out = out + bias_ref[...].astype(jnp.float32)
+            out = out + bias_ref[:, cols].astype(jnp.float32)
         if res_ref is not None:  # the residual add, in the output's single write
-            out = out + res_ref[r, :].astype(jnp.float32)
+            out = out + res_ref[r, cols].astype(jnp.float32)
         return out
 
     def prologue_rows(r):
@@ -678,33 +683,52 @@ def _kernel(
             fusion,
         )
 
-    def base_rows(r):
-        # x's producer on the read, in chunks of prologue_rows rows (its f32 values are [tk] wide) into
-        # x_buf: the base product and the shrink both take the transformed tile.
-        if fusion.prologue:
-            over_rows(prologue_rows, prologue_rows_, r.start, rows)
+    def product_rows(r, cols, w):
+        """The base product of rows ``r`` and output columns ``cols`` (``w`` their weight, in x's dtype) added to
+        the accumulator; at the last k with the write's epilogue."""
         x = (x_ref if x_buf is None else x_buf)[r, :]
-        w = w_ref[...] if int8_w is None else int8_w
         part = jax.lax.dot_general(x, w, contract, preferred_element_type=jnp.float32)
-        total = jnp.where(k == 0, part, acc_ref[r, :] + part)
+        total = jnp.where(k == 0, part, acc_ref[r, cols] + part)
 
         @pl.when(k < last_k)
         def _accumulate():
-            acc_ref[r, :] = total
+            acc_ref[r, cols] = total
 
         @pl.when(k == last_k)
         def _finish():
-            out = epilogue(total, r)
+            out = epilogue(total, r, cols)
 
             @pl.when(num_chunks == 0)  # a block without adapters: the base tile is the output
             def _write_base():
-                o_ref[r, :] = out.astype(o_ref.dtype)
+                o_ref[r, cols] = out.astype(o_ref.dtype)
 
             @pl.when(num_chunks > 0)
             def _keep_for_expand():
-                acc_ref[r, :] = out
+                acc_ref[r, cols] = out
 
-    over_rows(base_rows)
+    if scale_ref is None:
+
+        def base_rows(r):
+            # x's producer on the read, in chunks of prologue_rows rows (its f32 values are [tk] wide) into
+            # x_buf: the base product and the shrink both take the transformed tile.
+            if fusion.prologue:
+                over_rows(prologue_rows, prologue_rows_, r.start, rows)
+            product_rows(r, slice(None), w_ref[...])
+
+        over_rows(base_rows)
+    else:
+        # int8 weight: converted to x's dtype in VMEM (exact for |q| <= 127; the scales come at the write)
+        # weight_chunk output columns at a time, each chunk's product taken over every row chunk before the
+        # next chunk is converted: only one chunk's f32 and x-dtype copies are alive. Every output column's
+        # product is the same dot over the same k tile as unchunked.
+        if fusion.prologue:
+            over_rows(prologue_rows, prologue_rows_)
+        for col in range(0, tn, weight_chunk):
+            width = min(weight_chunk, tn - col)
+            cols = slice(None) if width == tn else pl.ds(col, width)
+            q = w_ref[cols, :] if layout == "out_in" else w_ref[:, cols]
+            w = q.astype(jnp.float32).astype(x_ref.dtype)
+            over_rows(functools.partial(product_rows, cols=cols, w=w))
 
     x_src = x_ref if x_buf is None else x_buf
 
@@ -1000,6 +1024,7 @@ def pooled_cost_estimate(
         "interpret",
         "vmem_limit_bytes",
         "row_chunk_rows",
+        "weight_chunk_cols",
         "keep_s",
         "pool_rank",
         "typical_ranks",
@@ -1025,6 +1050,7 @@ def linear_lora(
     residual: jax.Array | None = None,  # [T_pad, N]
     weight_scale: jax.Array | None = None,  # [N] float32: weight is int8, W = weight * weight_scale per channel
     row_chunk_rows: int = ROW_CHUNK,
+    weight_chunk_cols: int = WEIGHT_CHUNK,
     keep_s: bool = False,
     page_table: jax.Array | None = None,  # pooled: [L * pages(R) + L] int32 (lora_a, lora_b are then pools)
     page_scales: jax.Array | None = None,  # int8 pools: [S] f32, a_scale * b_scale of each row, whole 1024-row tiles
@@ -1038,6 +1064,8 @@ def linear_lora(
     ``up``, ``row_scale``, ``col_scale``, ``residual``, ``weight_scale``: the :class:`Fusion`
     operands, each present or None (plan with the same Fusion). ``row_chunk_rows``: at most this many rows
     of the token block at a time (:func:`row_chunk`; smaller than the block in tests, to take several).
+    ``weight_chunk_cols``: an int8 weight tile's output columns converted at a time (:data:`WEIGHT_CHUNK`; a
+    multiple of 128 on TPU, the last chunk of a tile ragged when it does not divide the tile).
     ``keep_s``: also return the shrink ``s[t] = scaling * x[t] @ A[s_t]^T`` [T_pad, R] as the expand
     read it (rounded to the adapters' dtype; zeros for tokens without adapter), what the backward's
     ``bgmv_lora_grads(saved_s=)`` takes instead of recomputing it (plan with the same ``keep_s``).
@@ -1097,6 +1125,7 @@ def linear_lora(
         has_bias=has_bias,
         fusion=fusion,
         rows=row_chunk(block_sizes.tokens, row_chunk_rows),
+        weight_chunk=weight_chunk_cols,
         keep_s=keep_s,
         pooled=pooled,
     )

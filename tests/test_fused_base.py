@@ -5,6 +5,7 @@ multiple of the token block), whether K and N divide the tiles, dtype, weight la
 the adapter mix, and every case runs on both backends.
 """
 
+import functools
 import math
 
 import jax
@@ -175,6 +176,55 @@ def test_kernel_with_tiled_reduction_and_output_in_row_chunks(layout, bias, weig
         assert not np.asarray(s)[~own].any()
     expected = jnp_reference.linear_lora(x_read, w, b, a, lb, idx, 0.5, layout) + extra.get("residual", 0.0)
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("layout", "out_dim", "chunk"), [("out_in", 768, 128), ("in_out", 384, 256)])
+def test_int8_weight_tile_converted_in_column_chunks(layout, out_dim, chunk):
+    """An int8 weight tile of 384 output columns is converted ``chunk`` columns at a time (``out_in``: three
+    chunks of 128 in each of two output tiles, with a bias and RMSNorm's factors on x's read and a residual in
+    the write; ``in_out``: a chunk of 256 and a ragged one of 128, x being SiLU(gate) * up): every column takes
+    its own chunk's weights and scales, over two reduction tiles and two 32-token blocks in row chunks of 16,
+    equal to float64 numpy; ``out_in`` also equals, bit for bit, the same kernel converting each tile whole."""
+    rng = np.random.default_rng(4)
+    num_tokens, hidden, rank, num_slots, lanes = 64, 256, 8, 3, 2
+    w_shape = (out_dim, hidden) if layout == "out_in" else (hidden, out_dim)
+    q = rng.integers(-127, 128, w_shape)
+    scale = rng.uniform(0.5, 2.0, out_dim) / 127 / 16
+    w = q * scale[:, None] if layout == "out_in" else q * scale[None, :]  # the float weight, float64
+    x, up = rng.standard_normal((num_tokens, hidden)), rng.standard_normal((num_tokens, hidden))
+    a = rng.standard_normal((num_slots, rank, hidden)) / 16
+    lb = rng.standard_normal((num_slots, rank, out_dim)) / 4
+    idx = np.arange(num_tokens) % (num_slots + 1) - 1  # tokens without adapter and every slot, in both blocks
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    extra = {"weight_scale": f32(scale)}
+    if layout == "out_in":
+        b, row, col, res = (
+            rng.standard_normal(out_dim),
+            rng.uniform(0.5, 1.5, num_tokens),
+            rng.standard_normal(hidden),
+            rng.standard_normal((num_tokens, out_dim)),
+        )
+        extra.update(row_scale=f32(row), col_scale=f32(col), residual=f32(res))
+        x_read = x * row[:, None] * col
+    else:
+        b, res = None, 0.0
+        extra["up"] = f32(up)
+        x_read = x / (1 + np.exp(-x)) * up
+    meta = visits.build_lanes(jnp.asarray(idx, jnp.int32), num_slots, 32, lanes)
+    sizes = BlockSizes(tokens=32, hidden=128, out=384)
+    run = functools.partial(
+        fused_base.linear_lora, f32(x), jnp.asarray(q, jnp.int8), None if b is None else f32(b), f32(a), f32(lb),
+        meta, scaling=0.5, block_sizes=sizes, lanes=lanes, layout=layout, interpret=True, row_chunk_rows=16, **extra,
+    )  # fmt: skip
+    out = np.asarray(run(weight_chunk_cols=chunk))
+    own = idx >= 0
+    lora = 0.5 * np.einsum("tk,trk->tr", x_read, a[np.where(own, idx, 0)])
+    lora = np.einsum("tr,trn->tn", lora, lb[np.where(own, idx, 0)]) * own[:, None]
+    base = x_read @ w.T if layout == "out_in" else x_read @ w
+    expected = base + (0.0 if b is None else b) + res + lora
+    np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
+    if layout == "out_in":
+        np.testing.assert_array_equal(out, np.asarray(run(weight_chunk_cols=sizes.out)))
 
 
 def test_chunks_share_one_shrink_tile_with_their_tokens_interleaved():

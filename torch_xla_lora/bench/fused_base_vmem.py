@@ -9,6 +9,8 @@ it beside ``fused_base.vmem_bytes``: the plans' budget (``tuning.BASE_VMEM_BUDGE
 while the estimate stays above it. Run in a process of its own. Exits 1 when a plan does not compile at
 its declared limit or needs more than its estimate.
 
+````--int8-base``: the int8 base's plans (every weight int8 per output channel, ``Fusion.weight_scale``).
+
 ``--layer``: the kernel among XLA's ops. Compiles, per (chip, T, L), a whole decoder layer in one program, the
 seven planned kernels between XLA's RMSNorms, attention and a following dot (:func:`layer_case`), at the declared
 limit; with ``--highest`` also bisects the most MiB up to the chip's VMEM capacity it still compiles at, the room
@@ -90,8 +92,11 @@ HEADER = (
 )
 
 
-def rows(chips, token_counts, slot_counts, plain: bool):
-    """One table row a distinct plan: (row text, whether it fails the check)."""
+def rows(chips, token_counts, slot_counts, plain: bool, int8_base: bool = False):
+    """One table row a distinct plan: (row text, whether it fails the check). ``int8_base``: every projection's
+    weight int8 per output channel (``Fusion.weight_scale``), as the int8 base's kernel reads it."""
+    import dataclasses
+
     import jax.numpy as jnp
 
     from torch_xla_lora.bench import tpu_model
@@ -104,6 +109,7 @@ def rows(chips, token_counts, slot_counts, plain: bool):
                 for name, (hidden, out_dim, _) in tpu_model.LLAMA3_8B_LAYER.items():
                     prologue, residual = ("", False) if plain else tpu_model.KERNEL_FUSION[name]
                     fusion = tpu_model.kernel_fusion(prologue, residual)
+                    fusion = dataclasses.replace(fusion, weight_scale=int8_base)
                     sizes, lanes = fused_base.plan(tokens, hidden, out_dim, 16, slots, dtype, chip, False, fusion)
                     estimate = fused_base.vmem_bytes(sizes, 16, slots, lanes, dtype, False, fusion)
                     key = (chip, tokens, hidden, out_dim, fusion, sizes, lanes, estimate)
@@ -114,7 +120,7 @@ def rows(chips, token_counts, slot_counts, plain: bool):
                         tokens, hidden, out_dim, 16, slots, dtype, chip, fusion=fusion
                     )
                     least = least_limit(fn, shapes, chip, estimate)
-                    fields = ("silu_mul", "row_scale", "col_scale", "residual")
+                    fields = ("silu_mul", "row_scale", "col_scale", "residual", "weight_scale")
                     taken = "+".join(f for f in fields if getattr(fusion, f)) or "-"
                     cells = [chip, tokens, slots, name, taken, f"({sizes.tokens}, {sizes.hidden}, {sizes.out})", lanes]
                     cells += [f"{estimate / MIB:.2f}", "does not compile" if least is None else least]
@@ -251,6 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, nargs="+", default=[8, 128], help="adapter slots L (rank 16, bf16)")
     parser.add_argument("--plain", action="store_true", help="the kernel without fusions")
     parser.add_argument(
+        "--int8-base",
+        action="store_true",
+        help="every projection's weight int8 per output channel (weight_scale in the fusion column); not with --layer",
+    )
+    parser.add_argument(
         "--layer",
         action="store_true",
         help="compile each (chip, T, L) whole decoder layer program (the kernels among XLA's ops) instead",
@@ -261,13 +272,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="what if: the declared limit of --chips, MiB")
     parser.add_argument("--budget", type=int, help="what if: the plan budget of --chips, MiB")
     args = parser.parse_args(argv)
+    if args.layer and args.int8_base:
+        parser.error("--int8-base compiles the per-projection plans only, not with --layer")
     override(args.chips, args.limit, args.budget)
     if args.layer:
         print(LAYER_HEADER)
         found = layer_rows(args.chips, args.tokens, args.slots, args.plain, args.highest)
     else:
         print(HEADER)
-        found = rows(args.chips, args.tokens, args.slots, args.plain)
+        found = rows(args.chips, args.tokens, args.slots, args.plain, args.int8_base)
     failed = False
     for row, bad in found:
         print(row, flush=True)
