@@ -54,12 +54,13 @@ def sorted_block_tokens(num_tokens: int) -> int:
     return min(MAX_SORTED_BLOCK, max(MIN_SORTED_BLOCK, 1 << max(wanted - 1, 0).bit_length()))
 
 
-def _outer_sum(mask, lhs, rhs):
-    """[..., tokens, P] x [..., tokens, Q] -> [..., P, Q] f32 over the tokens of ``mask`` (selected, not masked)."""
+def _outer_sum(mask, lhs, rhs, rhs_selected: bool = False):
+    """[..., tokens, P] x [..., tokens, Q] -> [..., P, Q] f32 over the tokens of ``mask`` (selected, not masked;
+    ``rhs_selected``: ``rhs`` is zero outside ``mask`` already)."""
     return jnp.einsum(
         "...tp,...tq->...pq",
         _xla_native._select(mask, lhs, 0),
-        _xla_native._select(mask, rhs, 0),
+        rhs if rhs_selected else _xla_native._select(mask, rhs, 0),
         preferred_element_type=jnp.float32,
     )
 
@@ -127,13 +128,21 @@ def _primary_expand(rows, weights, grouped: _Sorted):
     return _xla_native._select(mask, y, 0.0).reshape(rows.shape[0], -1)
 
 
+def _primary_rows(rows, grouped: _Sorted):
+    """Sorted ``rows`` [padded, W] with every row not on its block's first slot selected to zero."""
+    mask = _xla_native._primary_mask(grouped.indices, grouped.plan, grouped.block).reshape(-1)
+    return _xla_native._select(mask, rows, 0)
+
+
 def _primary_weight_grad(lhs, rhs, grouped: _Sorted, num_slots: int):
-    """[L, P, Q] f32: each slot's outer products over the rows of the blocks it is the first slot of."""
+    """[L, P, Q] f32: each slot's outer products over the rows of the blocks it is the first slot of; ``rhs``
+    from :func:`_primary_rows` (selected once, where it is read twice)."""
     blocks = grouped.padded // grouped.block
     partial = _outer_sum(
         _xla_native._primary_mask(grouped.indices, grouped.plan, grouped.block),
         lhs.reshape(blocks, grouped.block, -1),
         rhs.reshape(blocks, grouped.block, -1),
+        rhs_selected=True,
     )
     return _sum_by_slot(partial, grouped.plan.primary, num_slots)
 
@@ -211,7 +220,9 @@ def xla_grads(g, x, lora_a, lora_b, indices, s=None, *, scaling: float, with_dx:
     num_tokens = x.shape[0]
     num_slots = lora_a.shape[0]
     grouped = _sorted(indices, num_slots, num_tokens)
-    xs, gs = grouped.rows(x), grouped.rows(g)
+    # The sorted rows of x and g, those of other slots than their block's first zero: read by the products
+    # on the blocks' first slots only (the extra visits read x and g), so selected once, in the row gather.
+    xs, gs = _primary_rows(grouped.rows(x), grouped), _primary_rows(grouped.rows(g), grouped)
     kept = None if s is None else s.astype(lora_b.dtype)
     if kept is None:  # recomputed: the blocks' first slots here, the extra visits' rows in the loop
         s_sorted = _primary_shrink(xs, lora_a, grouped, scaling).astype(lora_b.dtype)
