@@ -286,3 +286,25 @@ def test_pooled_fused_walk_reads_whole_pages_of_the_true_ranks():
     assert (tail.pipelined_bytes, tail.manual_bytes) == (pooled.pipelined_bytes, pooled.manual_bytes)
     int8 = tpu_model.fused_base_cost(tpu, indices, 4096, 4096, 16, 16, pool=pool(16, int8=True))
     assert int8.pipelined_bytes + int8.manual_bytes < pooled.pipelined_bytes + pooled.manual_bytes
+
+
+@pytest.mark.parametrize(("chip", "num_tokens"), [("v5e", 8), ("v6e", 1024)])
+def test_int8_base_plan_takes_no_more_grid_steps_than_bf16(chip, num_tokens):
+    """Every Llama-3-8B projection (as the decoder arrangement calls the kernel, 8 adapters of 16 slots in use):
+    the int8 base's plan walks no more grid steps than the bf16 base's for the same shape, nor more time. Its
+    weight tile is half the bytes and is converted in VMEM one column chunk at a time
+    (``fused_base.WEIGHT_CHUNK``). Counting the whole tile's f32 and bf16 copies, as the kernel once made them,
+    planned q/o_proj at T = 8 on v5e in 2 steps against 1 (gate/up/down_proj at 1 lane against 8), and at
+    T = 1024 on v6e q/o_proj in 4 against 2, gate/up_proj 8 against 7, down_proj 14 against 8."""
+    tpu = tpu_model.CHIPS[chip]
+    indices = tpu_model.contiguous_requests(num_tokens, 16, 8)
+    for name, (hidden, out_dim, _) in tpu_model.LLAMA3_8B_LAYER.items():
+        prologue, residual = tpu_model.KERNEL_FUSION[name]
+        bf16, int8 = (
+            tpu_model.fused_base_cost(
+                tpu, indices, hidden, out_dim, 16, 16, prologue=prologue, residual=residual, int8_weight=int8_weight
+            )
+            for int8_weight in (False, True)
+        )
+        assert int8.steps <= bf16.steps, name
+        assert int8.seconds <= bf16.seconds, name
