@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,16 +38,28 @@ from jax.experimental.pallas import tpu as pltpu
 
 from . import tuning
 from .block_sizes import LANE, BlockSizes, choose, known, lane_tile, typical_adapters, vmem_limit
+from .pages import (
+    PAGE_ROWS,
+    SCALE_TILE_ROWS,
+    PageTable,
+    Pooled,
+    choose_scale_mode,
+    convert_pages,
+    for_lane_pages,
+    lane_page_target,
+    lane_rows,
+    page_copy,
+    pages,
+    pool_rows_read,
+    row_scales,
+    scale_buffer_rows,
+    scale_read_bytes,
+    scale_tile_copy,
+)
+from .pages import padded_scale_rows as padded_scale_rows  # re-exported: callers size page scales by it
 from .visits import LaneBlocks, max_chunks
 
 logger = logging.getLogger(__name__)
-
-#: Rank rows per page of a pool read by the pooled kernel (:class:`Pooled`): Mosaic slices a tiled
-#: HBM array only along whole (8, 128) tiles ("Slice shape along dimension 0 must be aligned to
-#: tiling (8)"), so a lane's rows are DMA'd an aligned page at a time. An adapter of rank 8q + t owns q
-#: whole aligned pages and t rows at an in-page offset o of one more aligned page (its tail, the page
-#: maybe shared with other adapters' tails): the kernel DMAs that whole page and uses rows [o, o + t).
-PAGE_ROWS = 8
 
 
 def rank_stride(rank: int, dtype) -> int:
@@ -230,65 +241,6 @@ def step_work(i: int, n: int, meta, rank: int, hidden: int, lanes: int, block_si
     return dma, matmuls
 
 
-class Pooled(NamedTuple):
-    """A pooled source (:func:`pooled_shrink_expand`): the A and B tiles of a lane are read from a rank-row
-    pool through the batch's page table, page by page, only the pages that hold the lane's true rank.
-
-    Attributes:
-      rank: table entries per lane (the pool's ``max_rank``).
-      int8: the pools hold int8 rows; the kernel then reads each row's ``a_scale * b_scale`` from the pool's
-        page-scale array (``[N]`` float32, N a multiple of :data:`SCALE_TILE_ROWS`), a tile of it at a time.
-      num_slots: the lanes L: the page table holds L * pages(R) page starts, then the L ranks.
-      scale_rows: (int8) N, the page-scale array's length.
-    """
-
-    rank: int
-    int8: bool
-    num_slots: int = 0
-    scale_rows: int = 0
-
-    @property
-    def whole_scales(self) -> bool:
-        """(int8) Whether the kernel may read the whole page-scale array into SMEM at once (N at most
-        :data:`SMEM_SCALE_ROWS`), when that reads fewer tiles than the used pages' (:func:`scale_read_bytes`)."""
-        return self.int8 and self.scale_rows <= SMEM_SCALE_ROWS
-
-
-#: Page scales a DMA moves at a time: Mosaic slices a 1-D float32 HBM array only along whole tiles of
-#: 1024 elements ("Slice shape along dimension 0 must be aligned to tiling (1024)"), so a used page's
-#: 8 scales come with the 4 KiB tile they lie in, and the page-scale array is padded to whole tiles.
-SCALE_TILE_ROWS = 1024
-#: Page-scale arrays of at most this many rows may be read whole into SMEM (128 KiB of the 1 MiB on v4-v6e),
-#: when that is fewer tiles than the batch's pages; the kernel's SMEM scale buffer holds the larger of this
-#: and the tiles of one chunk's pages (``lanes * pages(R)`` tiles: 128 KiB at a 256-wide MXU).
-SMEM_SCALE_ROWS = 2**15
-
-
-def scale_read_bytes(page_tiles: int, scale_rows: int) -> int:
-    """HBM bytes the pooled kernel reads of an int8 pool's page-scale array (N = ``scale_rows``) for a call
-    that DMAs ``page_tiles`` pages over its visited blocks: the kernel's own choice, the whole array once
-    (N <= :data:`SMEM_SCALE_ROWS` and no more tiles than the pages') or one tile per page."""
-    whole = scale_rows // SCALE_TILE_ROWS
-    if scale_rows <= SMEM_SCALE_ROWS and whole <= page_tiles:
-        return 4 * scale_rows
-    return 4 * SCALE_TILE_ROWS * page_tiles
-
-
-def scale_buffer_rows(pooled: Pooled, lanes: int) -> int:
-    """Float32 entries of the kernel's SMEM scale buffer: one chunk's page tiles, or the whole array (mode 1)."""
-    return max(lanes * pages(pooled.rank) * SCALE_TILE_ROWS, pooled.scale_rows if pooled.whole_scales else 0)
-
-
-def padded_scale_rows(rows: int) -> int:
-    """N of a pool of ``rows`` rows (data, zero and scratch): whole :data:`SCALE_TILE_ROWS` tiles."""
-    return -(-rows // SCALE_TILE_ROWS) * SCALE_TILE_ROWS
-
-
-def pages(rank: int) -> int:
-    """Pool pages of ``PAGE_ROWS`` rows that hold ``rank`` rank rows."""
-    return -(-rank // PAGE_ROWS)
-
-
 def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float, pooled: Pooled | None = None):
     """The laned shrink-expand. Refs, in order: the scalar-prefetch arrays (SMEM: active, chunks,
     slots, uniform; pooled: + the page table [L * pages(R) + L]: page starts, then ranks, and the number of
@@ -299,7 +251,7 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
     y [max_chunks, tokens, lanes * Rp], DMA semaphores [2] (int8 pools: + page buffers [lanes * Rp / 8, 8, D]
     and [..., 8, out] for the int8 rows, the SMEM scale buffer, the scale mode [1] (SMEM) and its semaphore)."""
     num_prefetch = 4 if pooled is None else 6
-    active_ref, chunks_ref, slots_ref, uniform_ref, *table = refs[:num_prefetch]
+    active_ref, chunks_ref, slots_ref, uniform_ref, *pool_refs = refs[:num_prefetch]
     int8 = pooled is not None and pooled.int8
     code_ref, x_ref, base_ref, a_hbm, b_hbm, *rest = refs[num_prefetch:]
     s_hbm, rest = (rest[0], rest[1:]) if int8 else (None, rest)
@@ -333,145 +285,56 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
                 pl.when(slot >= 0)(copy.wait)
 
     else:
-        starts_ref = table[0]  # the page table: lane l's page p starts at entry l * pages(R) + p, ranks follow
-        rank = pooled.rank
-        rank_offset = pooled.num_slots * pages(rank)
+        table = PageTable(pool_refs[0], pooled)  # lane l's page p starts at entry l * pages(R) + p, ranks follow
         if int8:
             s_buf, mode_ref, s_sem = page_bufs[2:]
 
-        def lane_rank(slot):
-            """The true rank of a lane (0 for a chunk's unused lanes, slot -1)."""
-            return jnp.where(slot >= 0, starts_ref[rank_offset + jnp.maximum(slot, 0)], 0)
-
-        def lane_pages(slot):
-            return (lane_rank(slot) + PAGE_ROWS - 1) // PAGE_ROWS
-
-        def tail_offset(slot):
-            """The in-page offset of a lane's tail rows (its last page, rank % 8 rows; 0 without a tail): its
-            page start's distance past the aligned row the page is DMA'd from."""
-            entry, rank_of = jnp.maximum(slot, 0), lane_rank(slot)
-            last = jnp.minimum(rank_of // PAGE_ROWS, pages(rank) - 1)
-            return jnp.where(rank_of % PAGE_ROWS > 0, starts_ref[entry * pages(rank) + last] % PAGE_ROWS, 0)
-
         def load(c, which: int) -> None:
-            """DMA the pages holding each lane's true-rank rows of chunk c into its rows of the buffer (int8:
-            into the page buffer, then converted); rows past a lane's rank keep stale values, masked by the caller."""
+            """DMA the pages holding each lane's true-rank rows of chunk c, each the aligned page holding them, into
+            its rows of the buffer (int8: staged, then converted; A's pages bring their scale tiles unless the whole
+            array was read, mode 1); rows that are not the lane's own are selected out by the caller."""
             source, dest = (a_hbm, a_buf) if which == 0 else (b_hbm, b_buf)
-            staging = page_bufs[which] if pooled.int8 else None
+            staging = page_bufs[which] if int8 else None
             columns = slice(None) if which == 0 else pl.ds(n * tile, tile)
-
-            def copy(slot, lane: int, page):
-                start = starts_ref[slot * pages(rank) + page]  # a tail's page: past the aligned row by its offset
-                row = pl.multiple_of(start - start % PAGE_ROWS, PAGE_ROWS)
-                if staging is None:
-                    target = dest.at[pl.ds(pl.multiple_of(lane * stride + page * PAGE_ROWS, PAGE_ROWS), PAGE_ROWS)]
-                else:
-                    target = staging.at[lane * (stride // PAGE_ROWS) + page]
-                return pltpu.make_async_copy(source.at[pl.ds(row, PAGE_ROWS), columns], target, sem.at[which])
-
-            def scale_copy(slot, lane: int, page):
-                """The page-scale tile holding lane ``lane``'s page ``page``, into its place of the SMEM buffer."""
-                row = starts_ref[slot * pages(rank) + page]
-                first = pl.multiple_of(row // SCALE_TILE_ROWS * SCALE_TILE_ROWS, SCALE_TILE_ROWS)
-                place = pl.multiple_of((lane * pages(rank) + page) * SCALE_TILE_ROWS, SCALE_TILE_ROWS)
-                return pltpu.make_async_copy(
-                    s_hbm.at[pl.ds(first, SCALE_TILE_ROWS)], s_buf.at[pl.ds(place, SCALE_TILE_ROWS)], s_sem.at[0]
-                )
-
-            counts = [(jnp.maximum(slot, 0), lane_pages(slot)) for slot in lane_slots(c)]
-            paged_scales = int8 and which == 0
+            slots = lane_slots(c)
             for step in ("start", "wait"):
-                for lane, (slot, count) in enumerate(counts):
 
-                    def body(page, carry, slot=slot, lane=lane, step=step):
-                        getattr(copy(slot, lane, page), step)()
-                        return carry
+                def page(slot, lane: int, p, step=step):
+                    target = lane_page_target(dest, staging, lane, stride, p)
+                    getattr(page_copy(source, table.aligned(slot, p), columns, target, sem.at[which]), step)()
 
-                    jax.lax.fori_loop(0, count, body, 0)
-                    if paged_scales:  # the used pages' scale tiles, unless the whole array was read (mode 1)
+                for_lane_pages(table, slots, page)
+                if int8 and which == 0:
 
-                        def scale_body(page, carry, slot=slot, lane=lane, step=step):
-                            getattr(scale_copy(slot, lane, page), step)()
-                            return carry
+                    def scale_tile(slot, lane: int, p, step=step):
+                        getattr(scale_tile_copy(s_hbm, s_buf, table, slot, lane, p, s_sem.at[0]), step)()
 
-                        jax.lax.fori_loop(0, jnp.where(mode_ref[0] == 1, 0, count), scale_body, 0)
+                    pl.when(mode_ref[0] == 0)(functools.partial(for_lane_pages, table, slots, scale_tile))
             if staging is not None:
-                for lane, (_, count) in enumerate(counts):
-                    for page in range(pages(rank)):
+                convert_pages(table, slots, staging, dest, stride)
 
-                        @pl.when(page < count)
-                        def _convert(lane=lane, page=page):
-                            first = lane * stride + page * PAGE_ROWS
-                            values = staging[lane * (stride // PAGE_ROWS) + page].astype(jnp.float32)
-                            dest[first : first + PAGE_ROWS, :] = values.astype(dest.dtype)
-
-        def lane_ranks(c, shape, axis: int):
-            """(int32 ``shape``, int32 ``shape``): the true rank and the tail's in-page offset of the lane each
-            position along ``axis`` belongs to."""
-            lane_of = jax.lax.broadcasted_iota(jnp.int32, shape, axis) // stride
-            ranks, offsets = jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.int32)
-            for lane, slot in enumerate(lane_slots(c)):
-                ranks = jnp.where(lane_of == lane, lane_rank(slot), ranks)
-                offsets = jnp.where(lane_of == lane, tail_offset(slot), offsets)
-            return ranks, offsets
-
-        def true_rank(c, shape, axis: int):
-            """bool ``shape``: positions along ``axis`` that hold one of their lane's true-rank rows: the rows of
-            its whole pages, and of its tail's page only rows [o, o + rank % 8) (the others are other adapters'
-            tails or stale, whatever they hold)."""
-            k = jax.lax.broadcasted_iota(jnp.int32, shape, axis) % stride
-            ranks, offsets = lane_ranks(c, shape, axis)
-            whole = ranks - ranks % PAGE_ROWS
-            return (k < whole) | ((k >= whole + offsets) & (k < ranks + offsets))
-
-        def row_scale(entry, lane: int, j):
-            """a_scale * b_scale of rank row j of lane ``entry`` in chunk position ``lane`` (int8): from the whole
-            array (mode 1) or from the tile of its page (mode 0)."""
-            row = starts_ref[entry * pages(rank) + j // PAGE_ROWS] + j % PAGE_ROWS
-            paged = (lane * pages(rank) + j // PAGE_ROWS) * SCALE_TILE_ROWS + row % SCALE_TILE_ROWS
-            return s_buf[jnp.where(mode_ref[0] == 1, row, paged)]
-
-        def row_scales(c):
-            """[1, lanes * Rp] f32: each shrink channel's a_scale * b_scale (int8), read for the true ranks only:
-            rank row j sits at channel ``lane * stride + j``, past that by its page's in-page offset (a tail's)."""
-            column = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
-            out = jnp.zeros((1, width), jnp.float32)
-            for lane, slot in enumerate(lane_slots(c)):
-                entry = jnp.maximum(slot, 0)
-
-                def body(j, acc, lane=lane, entry=entry):
-                    offset = starts_ref[entry * pages(rank) + j // PAGE_ROWS] % PAGE_ROWS
-                    return jnp.where(column == lane * stride + offset + j, row_scale(entry, lane, j), acc)
-
-                out = jax.lax.fori_loop(0, lane_rank(slot), body, out)
-            return out
+        def own_rows(c, shape, axis: int):
+            """bool ``shape``: the positions along ``axis`` holding their lane's own rank rows (:func:`lane_rows`)."""
+            return lane_rows(table, lane_slots(c), stride, shape, axis)
 
     def _choose_scale_mode():
-        """Mode 1: the whole page-scale array read into SMEM once, when it is at most SMEM_SCALE_ROWS and no more
-        tiles than the pages the call visits (a tile each, over all visited blocks); else mode 0: each chunk
-        DMAs its pages' tiles (:func:`scale_read_bytes` prices the same choice)."""
-        mode_ref[0] = 0
-        if not pooled.whole_scales:
-            return
+        """The scale mode (:func:`choose_scale_mode`), against the pages the call's visited blocks DMA, a tile each
+        (:func:`scale_read_bytes` prices the same choice)."""
 
-        def block_pages(k, total):
-            visited = active_ref[k]
+        def count_pages():
+            def block_pages(k, total):
+                visited = active_ref[k]
 
-            def chunk_pages(c, total):
-                for lane in range(lanes):
-                    total += lane_pages(slots_ref[visited * per_block + c * lanes + lane])
-                return total
+                def chunk_pages(c, total):
+                    for lane in range(lanes):
+                        total += table.pages(slots_ref[visited * per_block + c * lanes + lane])
+                    return total
 
-            return jax.lax.fori_loop(0, chunks_ref[visited], chunk_pages, total)
+                return jax.lax.fori_loop(0, chunks_ref[visited], chunk_pages, total)
 
-        tiles = jax.lax.fori_loop(0, table[1][0], block_pages, jnp.int32(0))  # over the visited blocks
+            return jax.lax.fori_loop(0, pool_refs[1][0], block_pages, jnp.int32(0))  # over the visited blocks
 
-        @pl.when(pooled.scale_rows // SCALE_TILE_ROWS <= tiles)
-        def _whole():
-            mode_ref[0] = 1
-            copy = pltpu.make_async_copy(s_hbm, s_buf.at[pl.ds(0, pooled.scale_rows)], s_sem.at[0])
-            copy.start()
-            copy.wait()
+        choose_scale_mode(pooled, s_hbm, s_buf, mode_ref, s_sem.at[0], count_pages)
 
     @pl.when((i == 0) & (n == 0))
     def _zero_buffers():
@@ -494,10 +357,10 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
             keep = column_lane == (code_ref[...] - c * lanes)
             if lanes == 1:  # a block whose tokens all use one adapter needs no mask
                 keep = keep | (uniform_ref[block] == 1)
-            if pooled is not None:  # channels past a lane's true rank read stale rows: selected out
-                keep = keep & true_rank(c, (1, width), 1)
+            if pooled is not None:  # channels of rows not the lane's own (stale, a neighbour's tail): selected out
+                keep = keep & own_rows(c, (1, width), 1)
                 if pooled.int8:
-                    y = y * row_scales(c)
+                    y = y * row_scales(table, lane_slots(c), stride, width, s_buf, mode_ref)
             y = jnp.where(keep, y, 0.0)
             y_buf[c] = (y * scaling).astype(y_buf.dtype)
             return carry
@@ -507,8 +370,8 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
     def expand(c, acc):
         load(c, 1)
         b = b_buf[...] if b_buf.shape[1] == tile else b_buf[:, :tile]  # a tile spanning an unaligned Dout
-        if pooled is not None:  # rows past a lane's true rank are stale: zero (0 * Inf would be NaN)
-            b = jnp.where(true_rank(c, (width, 1), 0), b.astype(jnp.float32), 0.0).astype(b.dtype)
+        if pooled is not None:  # rows not the lane's own (stale, a neighbour's tail): zero (0 * Inf would be NaN)
+            b = jnp.where(own_rows(c, (width, 1), 0), b.astype(jnp.float32), 0.0).astype(b.dtype)
         b, poisoned = finite_lanes(b, lanes, stride)
         y = poison_own_lane(y_buf[c], code_ref[...], c * lanes, poisoned, stride)
         return acc + jnp.dot(y, b, preferred_element_type=jnp.float32)
@@ -673,7 +536,7 @@ def pooled_cost_estimate(
     itemsize = jnp.dtype(dtype).itemsize
     width = lanes * rank_stride(table_rank, dtype)
     activations = num_tokens * (hidden + 2 * out_dim) * itemsize + 4 * num_tokens
-    rows = sum(pages(rank) * PAGE_ROWS for rank in ranks)
+    rows = pool_rows_read(ranks)
     chunks = max(1, -(-len(ranks) // lanes))
     return pl.CostEstimate(
         flops=2 * num_tokens * width * (hidden + out_dim) * chunks,
@@ -710,7 +573,7 @@ def pooled_step_work(i: int, n: int, meta, ranks, hidden: int, lanes: int, block
     chunks = int(meta.chunks[block])
     per_block = len(meta.slots) // len(meta.chunks)
     used = [int(s) for s in meta.slots[block * per_block : block * per_block + chunks * lanes] if s >= 0]
-    rows = sum(pages(int(ranks[s])) * PAGE_ROWS for s in used)
+    rows = pool_rows_read(ranks[s] for s in used)
     bt, bn = block_sizes.tokens, block_sizes.out
     width = lanes * rank_stride(max(int(r) for r in ranks), "float32" if itemsize == 4 else "bfloat16")
     matmuls = [(bt, width, bn)] * chunks

@@ -103,7 +103,7 @@ def test_op_reads_each_lane_at_its_true_rank(backend, kind, dtype, blocks, xla_d
     several token blocks, with the batch's host-built grouping of the slots the pool stands for
     (``ops.batch_metadata`` at rank R and L lanes), as the layers pass it."""
     if kind == "int8 pages":  # the pool counts as too large for SMEM (its own shapes are traced afresh here)
-        monkeypatch.setattr(fused, "SMEM_SCALE_ROWS", DATA_ROWS)
+        monkeypatch.setattr("torch_xla_lora.kernels.pages.SMEM_SCALE_ROWS", DATA_ROWS)
     a_pool, b_pool, rows, a_scale, b_scale, dense_a, dense_b = _pools(kind.startswith("int8"), dtype)
     x, base, lanes = _batch(dtype, blocks)
     args = [x, a_pool, b_pool, base, lanes, rows, a_scale, b_scale]
