@@ -36,6 +36,15 @@ from torch_xla_lora.ops._jax import (
 from torch_xla_lora.ops._lora_grads_jax import xla_forward
 
 
+def _padded_operands(extra: dict, rows: int) -> dict:
+    """The fusion operands (``up``, ``row_scale``, ``col_scale``, ``residual``, ``weight_scale``) of a token-padded
+    call: the per-token ones padded to ``rows`` rows; the column scale and the weight's scales as they are."""
+    return {
+        name: value if name in ("col_scale", "weight_scale") else _pad_rows(value, rows)
+        for name, value in extra.items()
+    }
+
+
 def _base_product(x, weight, bias, layout: str, weight_scale=None):
     """x @ W^T (+ bias) in f32, W [N, K] ("out_in") or [K, N] ("in_out").
 
@@ -295,10 +304,7 @@ def linear_lora_fused_fn(
         if planned is not None:
             sizes, lanes = planned
             idx, meta = _planned_meta(planned, x, lora_b, indices, metadata, own_metadata, generation, has_bias)
-            padded = {
-                name: value if name in ("col_scale", "weight_scale") else _pad_rows(value, idx.shape[0])
-                for name, value in extra.items()
-            }
+            padded = _padded_operands(extra, idx.shape[0])
             out = fused_base.linear_lora(
                 _pad_rows(x, idx.shape[0]),
                 weight,
@@ -416,10 +422,7 @@ def linear_lora_pooled_fn(
         if int8 and page_scales is None:  # a_scale * b_scale, padded to whole tiles (reads both arrays)
             product = a_scale * b_scale
             page_scales = jnp.pad(product, (0, fused.padded_scale_rows(product.shape[0]) - product.shape[0]))
-        padded = {
-            name: value if name in ("col_scale", "weight_scale") else _pad_rows(value, idx.shape[0])
-            for name, value in extra.items()
-        }
+        padded = _padded_operands(extra, idx.shape[0])
         out = fused_base.linear_lora(
             _pad_rows(x, idx.shape[0]),
             weight,
