@@ -19,10 +19,12 @@ on 1, 8 or 16 distinct adapters of mixed true ranks (8, 16, 64 in turn), for ``m
   kernel's traffic less the same kernel's on a batch without adapters, its time the kernel's less XLA's
   base matmul (:func:`one_pass_cost`).
 
-``--resident`` prints instead the resident bytes of one adapter at its true rank (:func:`resident_rows`): the
-pool's own accounting (``pool.layer_row_bytes``, ``pool.span_rows``) at the same shapes, for the TPU kernel's
-granule (whole aligned pages of 8 rows), the row granule off TPU and, for comparison, groups of 2 (bf16) or 4
-(int8) rows (a ``[rows / g, g, D]`` pool layout the pools do not have), against the rank's own bytes.
+``--resident`` prints instead the bytes of one adapter's rows at its true rank rounded to a granule
+(:func:`resident_rows`, the pool's own accounting: ``pool.layer_row_bytes``, ``pool.span_rows``) at the same
+shapes: whole aligned pages of 8 rows (the rows the TPU kernel reads per step; since tails share pages an
+adapter *owns* only its rank's rows, which ``python -m torch_xla_lora.bench memory --resident`` prices), one
+row (off TPU) and, for comparison, groups of 2 (bf16) or 4 (int8) rows (a ``[rows / g, g, D]`` pool layout the
+pools do not have), against the rank's own bytes.
 
 "Adapter bytes" are what each formulation reads of the adapters (the rows the kernel DMAs, the
 tables, the gather's reads and writes); the op's activations (x and the base read, the output
@@ -251,7 +253,7 @@ def resident_table(ranks: Sequence[int] = RESIDENT_RANKS) -> str:
     for dtype, int8 in (("bf16", False), ("int8", True)):
         header += [
             f"{dtype} true MB",
-            f"{dtype} / true, 8-row pages (TPU)",
+            f"{dtype} / true, whole 8-row pages (rows a TPU step reads)",
             "1 row (off TPU)",
             f"{GROUP_ROWS[int8]}-row groups (3-D pool, not built)",
         ]
