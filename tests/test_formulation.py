@@ -49,11 +49,12 @@ def test_the_choice_depends_on_role_and_token_count():
     assert formulation.choose("v6e", 8, 14336, 4096, 16, 64, False, residual_mlp) == "separate"
     # Without the residual pass and the materialised input, the fused kernel is the cheapest there too.
     assert formulation.choose("v6e", 4096, 14336, 4096, 16, 64, False, FusionRole(input_share=0.0)) == "fused"
-    # An int8 base halves the base's weight bytes but not the fused kernel's LoRA work: at v6e decode
-    # q_proj's separate op becomes the cheaper one.
+    # An int8 base: the fused kernel converts the int8 tile in column chunks, so its plan takes the bf16
+    # base's tiles and steps, and at v6e decode q_proj stays fused (when the whole tile's f32 and bf16 copies
+    # were counted, its plan took twice the steps and the separate op was the cheaper one).
     q_role = FusionRole(input_share=1 / 3)
     assert formulation.choose("v6e", 8, 4096, 4096, 16, 16, False, q_role) == "fused"
-    assert formulation.choose("v6e", 8, 4096, 4096, 16, 16, False, q_role, int8_weight=True) == "separate"
+    assert formulation.choose("v6e", 8, 4096, 4096, 16, 16, False, q_role, int8_weight=True) == "fused"
 
 
 def test_roles_of_llama_and_gpt2_layers(llama_case, gpt2_case, xla_device):  # noqa: F811
