@@ -26,6 +26,19 @@ from torch_xla_lora.ops import _xla_native
 _CACHE_SIZE = 256
 
 
+def page_inputs(rows, a_pool, table, a_scale, b_scale, page_scales):
+    """(page table, page scales) the pooled kernels read: the host-built ones where given, else derived in the
+    graph: each lane's page starts (entries 0, 8, 16, ... of its rows) and true ranks from the row table (read
+    whole), and for int8 pools (``a_scale`` given) ``a_scale * b_scale`` padded to whole scale tiles."""
+    if table is None:
+        starts = rows[:, :: fused.PAGE_ROWS].reshape(-1).astype(jnp.int32)
+        table = jnp.concatenate([starts, lane_ranks(rows, a_pool.shape[0] - 2)])
+    if a_scale is not None and page_scales is None:
+        product = a_scale * b_scale
+        page_scales = jnp.pad(product, (0, fused.padded_scale_rows(product.shape[0]) - product.shape[0]))
+    return table, page_scales
+
+
 def _pad_rows(array: jax.Array, rows: int, value=0) -> jax.Array:
     extra = rows - array.shape[0]
     if extra == 0:
@@ -262,12 +275,7 @@ def pooled_shrink_expand_fn(
             meta = visits.build_lanes(idx, num_slots, sizes.tokens, lanes_count)
         else:
             meta, _ = visits.unpack(metadata[:-padded], padded, num_slots, sizes.tokens, lanes_count)
-        if table is None:  # derived from the row table in the graph (reads it whole): each page's first row, ranks
-            starts = rows[:, :: fused.PAGE_ROWS].reshape(-1).astype(jnp.int32)
-            table = jnp.concatenate([starts, lane_ranks(rows, a_pool.shape[0] - 2)])
-        if int8 and page_scales is None:  # a_scale * b_scale, padded to whole tiles (reads both arrays)
-            product = a_scale * b_scale
-            page_scales = jnp.pad(product, (0, fused.padded_scale_rows(product.shape[0]) - product.shape[0]))
+        table, page_scales = page_inputs(rows, a_pool, table, a_scale, b_scale, page_scales)
         out = fused.pooled_shrink_expand(
             _pad_rows(x, padded),
             a_pool,

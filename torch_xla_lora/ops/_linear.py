@@ -29,7 +29,7 @@ from torch_xla_lora.ops._jax import (
     _pad_rows,
     _padded_indices,
     gather_lanes,
-    lane_ranks,
+    page_inputs,
     plan_metadata,
     shrink_expand_fn,
 )
@@ -416,12 +416,7 @@ def linear_lora_pooled_fn(
         sizes, lanes_count = planned
         slot_shape = _SlotShape((num_slots, rank, out_dim))
         idx, meta = _planned_meta(planned, x, slot_shape, lanes, metadata, own_metadata, generation, has_bias)
-        if table is None:  # derived from the row table in the graph (reads it whole): each page's first row, ranks
-            starts = rows[:, :: fused.PAGE_ROWS].reshape(-1).astype(jnp.int32)
-            table = jnp.concatenate([starts, lane_ranks(rows, a_pool.shape[0] - 2)])
-        if int8 and page_scales is None:  # a_scale * b_scale, padded to whole tiles (reads both arrays)
-            product = a_scale * b_scale
-            page_scales = jnp.pad(product, (0, fused.padded_scale_rows(product.shape[0]) - product.shape[0]))
+        table, page_scales = page_inputs(rows, a_pool, table, a_scale, b_scale, page_scales)
         padded = _padded_operands(extra, idx.shape[0])
         out = fused_base.linear_lora(
             _pad_rows(x, idx.shape[0]),
