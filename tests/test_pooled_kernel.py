@@ -219,14 +219,14 @@ def test_pooled_layer_runs_the_kernel_on_allocated_pages(int8, xla_device, monke
     def gathered(*args, **kwargs):
         raise AssertionError("the layer gathered its lanes instead of reading the pools")
 
-    from torch_xla_lora.ops import _jax
+    from torch_xla_lora.ops import _jax, _xla_native
 
     def derived(*args, **kwargs):
         raise AssertionError("the layer derived the page table from the row table in its graph")
 
     monkeypatch.setattr(pool, "gather_slots", gathered)
     monkeypatch.setattr(_jax, "gather_lanes", gathered)
-    monkeypatch.setattr(_jax, "lane_ranks", derived)  # the context's host-built page table is read instead
+    monkeypatch.setattr(_xla_native, "lane_ranks", derived)  # the context's host-built page table is read instead
     x = torch.randn(len(rows), 3, IN)
     with torch.no_grad():
         out = lora.model(x.to(xla_device)).cpu()
@@ -308,3 +308,90 @@ def test_kernel_reads_the_host_page_table_not_the_row_table(int8):
     table[0, :11] = torch.arange(40, 51)
     table[2, :3] = torch.tensor([8, 99, 10])  # an entry naming the zero row inside the rank: read, as zeros
     assert pool.page_table(table.reshape(-1), 3, 99).tolist() == [40, 48, 99, 99, 8, 99, 11, 0, 3]
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_xla_decode_reads_the_used_lanes_true_rank_rows_in_chunks(int8, xla_device):
+    """The XLA-native op on a decode batch (``_xla_native.PACKED_MAX_TOKENS`` tokens or fewer) against float64
+    math: 16 lanes of ranks 1 to 64 on scattered rows (the CPU allocator's granule 1), 295 rows among the
+    lanes the batch uses, so their packed rows fill three chunks of 128 columns and a lane straddles each
+    chunk boundary; two lanes with rows but no token, base rows and an out-of-range lane. Every row that is
+    not a used lane's true-rank row holds NaN (A) and Inf (B) (int8: its scales), so reading any of them, or
+    multiplying one into another lane's column, would not give a finite result."""
+    from torch_xla_lora.ops import _xla_native
+
+    gen = torch.Generator().manual_seed(3)
+    ranks = [64, 8, 8, 16, 64, 1, 33, 8, 16, 8, 64, 5, 8, 16, 40, 8]
+    unused = {4, 9}
+    lanes_count, max_rank, data_rows, tokens = len(ranks), 64, 512, _xla_native.PACKED_MAX_TOKENS
+    zero = data_rows
+    order = torch.randperm(data_rows, generator=gen).tolist()
+    rows = torch.full((lanes_count, max_rank), zero, dtype=torch.int32)
+    for lane, rank in enumerate(ranks):
+        rows[lane, :rank] = torch.tensor([order.pop() for _ in range(rank)], dtype=torch.int32)
+    used_rows = {r for lane in range(lanes_count) if lane not in unused for r in rows[lane, : ranks[lane]].tolist()}
+    assert sum(ranks[lane] for lane in range(lanes_count) if lane not in unused) == 295
+    poisoned = torch.tensor([r not in used_rows for r in range(data_rows)] + [False, True])
+    if int8:
+        a_pool = torch.randint(-127, 128, (data_rows + 2, IN), generator=gen, dtype=torch.int8)
+        b_pool = torch.randint(-127, 128, (data_rows + 2, OUT), generator=gen, dtype=torch.int8)
+        a_pool[zero], b_pool[zero] = 0, 0
+        a_scale = torch.rand(data_rows + 2, generator=gen) / 500 + 1e-3
+        b_scale = torch.rand(data_rows + 2, generator=gen) / 250 + 1e-3
+        dense_a, dense_b = a_pool.double() * a_scale.double()[:, None], b_pool.double() * b_scale.double()[:, None]
+        a_scale[poisoned], b_scale[poisoned] = float("nan"), float("inf")
+    else:
+        dense_a = torch.randn(data_rows + 2, IN, generator=gen, dtype=torch.float64) / 8
+        dense_b = torch.randn(data_rows + 2, OUT, generator=gen, dtype=torch.float64) / 4
+        dense_a[zero], dense_b[zero] = 0, 0
+        a_pool, b_pool = dense_a.float(), dense_b.float()
+        a_pool[poisoned], b_pool[poisoned] = float("nan"), float("inf")
+        a_scale = b_scale = None
+    x = torch.randn(tokens, IN, generator=gen)
+    base = torch.randn(tokens, OUT, generator=gen)
+    choices = [lane for lane in range(lanes_count) if lane not in unused] + [-1, lanes_count]
+    lanes = torch.tensor([choices[t % len(choices)] for t in range(tokens)], dtype=torch.int32)
+    lanes = lanes[torch.randperm(tokens, generator=gen)]
+    expected = base.double().clone()
+    for t, lane in enumerate(lanes.tolist()):
+        if 0 <= lane < lanes_count:
+            mine = rows[lane, : ranks[lane]].long()
+            expected[t] += SCALING * (dense_a[mine] @ x[t].double()) @ dense_b[mine]
+    args = [x, a_pool, b_pool, base, lanes, rows, a_scale, b_scale]
+    out = ops.pooled_shrink_expand(
+        *[None if t is None else t.to(xla_device) for t in args], scaling=SCALING, backend="xla"
+    ).cpu()
+    assert torch.isfinite(out).all()
+    assert_close(out, expected, torch.float32)
+    outside = (lanes < 0) | (lanes >= lanes_count)
+    assert torch.equal(out[outside], base[outside])
+
+
+def test_xla_decode_bytes_do_not_grow_with_max_loras_and_max_rank():
+    """XLA:CPU's cost analysis of the XLA-native op's decode function: with the pools, tokens and widths fixed,
+    a [128, 64] row table (128 lanes of max_rank 64) costs within 5% of an [8, 32] one's bytes (a chunk's rows
+    are read, not the table's); gathering the larger table's lanes into slots (as the op does for more tokens)
+    reads more than 8x as much."""
+    import jax
+    import jax.numpy as jnp
+
+    from torch_xla_lora.ops import _jax
+
+    data_rows, hidden, out_dim, tokens = 4096, 1024, 1024, 16
+
+    def accessed(lanes: int, max_rank: int, tokens: int) -> float:
+        shapes = [((tokens, hidden), jnp.float32), ((data_rows + 2, hidden), jnp.float32)]
+        shapes += [((data_rows + 2, out_dim), jnp.float32), ((tokens, out_dim), jnp.float32)]
+        shapes += [((tokens,), jnp.int32), ((lanes, max_rank), jnp.int32)]
+        fn = _jax.pooled_shrink_expand_fn("xla", "cpu", SCALING, False, False)
+        compiled = jax.jit(fn).lower(*[jax.ShapeDtypeStruct(s, d) for s, d in shapes]).compile()
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        return analysis["bytes accessed"]
+
+    small, large = accessed(8, 32, tokens), accessed(128, 64, tokens)
+    assert large <= 1.05 * small
+    from torch_xla_lora.ops import _xla_native
+
+    prefill = _xla_native.PACKED_MAX_TOKENS + 1  # the slot-gathering path
+    assert accessed(128, 64, prefill) >= 8 * large

@@ -32,7 +32,7 @@ def page_inputs(rows, a_pool, table, a_scale, b_scale, page_scales):
     whole), and for int8 pools (``a_scale`` given) ``a_scale * b_scale`` padded to whole scale tiles."""
     if table is None:
         starts = rows[:, :: fused.PAGE_ROWS].reshape(-1).astype(jnp.int32)
-        table = jnp.concatenate([starts, lane_ranks(rows, a_pool.shape[0] - 2)])
+        table = jnp.concatenate([starts, _xla_native.lane_ranks(rows, a_pool.shape[0] - 2)])
     if a_scale is not None and page_scales is None:
         product = a_scale * b_scale
         page_scales = jnp.pad(product, (0, fused.padded_scale_rows(product.shape[0]) - product.shape[0]))
@@ -208,13 +208,6 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
     return lambda x, lora_a, lora_b, base, indices: fn(x, lora_a, lora_b, base, indices)
 
 
-def lane_ranks(rows: jax.Array, zero_row: int) -> jax.Array:
-    """[L] int32: each lane's true rank in a row table [L, R]: the position after its last entry that is not
-    the zero row (entries before it that name the zero row are read, as zeros)."""
-    position = jnp.arange(1, rows.shape[1] + 1, dtype=jnp.int32)
-    return jnp.max(jnp.where(rows != zero_row, position, 0), axis=1).astype(jnp.int32)
-
-
 def gather_lanes(pool: jax.Array, scale: jax.Array | None, rows: jax.Array, dtype) -> jax.Array:
     """The slot layout [L, R, W] of a row table [L, R] over a pool [P + 2, W] (int8 rows dequantised by their
     scales [P + 2] to ``dtype``): what the slot ops read in place of the pooled kernel."""
@@ -246,8 +239,10 @@ def pooled_shrink_expand_fn(
     pool's scales: ``page_scales`` [N] (``with_page_scales``: a_scale * b_scale kept beside the pool, whole
     1024-row tiles), of which the kernel reads only the used pages' tiles (or the whole array where that is
     fewer); else computed here from ``a_scale`` and ``b_scale`` (reading both whole).
-    Otherwise (backend "xla", or shapes the pooled kernel cannot take) the lanes' rows are gathered into
-    the slot layout and :func:`shrink_expand_fn` runs on it.
+    Otherwise (backend "xla", or shapes the pooled kernel cannot take): a batch of at most
+    ``_xla_native.PACKED_MAX_TOKENS`` tokens runs :func:`_xla_native.pooled_shrink_expand` (the used lanes'
+    true-rank rows only, 128 at a time); a longer one gathers the lanes' rows into the slot layout and runs
+    :func:`shrink_expand_fn` on it (its direct algorithm multiplies each token by its own adapter alone).
     ``typical_ranks``: the batch's distinct ranks for the kernel's cost estimate (the compile grid).
     """
 
@@ -264,6 +259,14 @@ def pooled_shrink_expand_fn(
         sizes, lanes_count, run = fused.pooled_plan_call(
             num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, int8
         )
+        if (backend != "pallas" or not run) and num_tokens <= _xla_native.PACKED_MAX_TOKENS:
+            # Decode: only the true-rank rows of the lanes in use, read straight from the pools.
+            if int8 and page_scales is None:
+                page_scales = a_scale * b_scale
+            out = _xla_native.pooled_shrink_expand(
+                x, a_pool, b_pool, base, lanes.astype(jnp.int32), rows, page_scales if int8 else None, scaling=scaling
+            )
+            return jnp.where(_in_range(lanes, num_slots), out.astype(base.dtype), base)
         if backend != "pallas" or not run:
             lora_a = gather_lanes(a_pool, a_scale, rows, dtype)
             lora_b = gather_lanes(b_pool, b_scale, rows, dtype)

@@ -425,6 +425,104 @@ def shrink_expand(
     return _grouped(x, base, lora_b.shape, indices, visits, block_tokens, direct, laned, order).astype(base.dtype)
 
 
+# -- rank-true: a pool's rows, packed by true rank (decode) --------------------------------------------
+
+# A pooled batch of at most this many tokens runs :func:`pooled_shrink_expand` (the batch's true-rank rows
+# packed side by side); more tokens gather the lanes into slots and run the slot ops, whose direct
+# algorithm takes each token's rank alone rather than every lane's.
+PACKED_MAX_TOKENS = 64
+
+
+def lane_ranks(rows: jax.Array, zero_row: int) -> jax.Array:
+    """[L] int32: each lane's true rank in a row table [L, R]: the position after its last entry that is not
+    the zero row (entries before it that name the zero row are read, as zeros)."""
+    position = jnp.arange(1, rows.shape[1] + 1, dtype=jnp.int32)
+    return jnp.max(jnp.where(rows != zero_row, position, 0), axis=1).astype(jnp.int32)
+
+
+class _Packed(NamedTuple):
+    rows: jax.Array  # [C * LANE_COLUMNS] pool row of each packed column (the zero row past the batch's rows)
+    lane: jax.Array  # [C * LANE_COLUMNS] lane of each packed column, -1 past the batch's rows
+    chunks: jax.Array  # scalar: chunks of LANE_COLUMNS columns holding the batch's rows
+
+
+def _packed(rows: jax.Array, lanes: jax.Array, zero_row: int) -> _Packed:
+    """The true-rank rows of the lanes some token uses, side by side in lane order, padded to whole chunks."""
+    num_lanes, rank = rows.shape
+    used = jnp.zeros((num_lanes + 1,), bool).at[jnp.where((lanes >= 0) & (lanes < num_lanes), lanes, num_lanes)]
+    used = used.set(True)[:num_lanes]
+    ranks = jnp.where(used, lane_ranks(rows, zero_row), 0)
+    ends = jnp.cumsum(ranks)
+    total = ends[-1]
+    width = -(-num_lanes * rank // LANE_COLUMNS) * LANE_COLUMNS
+    column = jnp.arange(width, dtype=jnp.int32)
+    # Each lane's number at its first column (lanes of rank 0 start where the next does: the larger wins),
+    # carried forward: the lane of every column, in O(columns + lanes).
+    starts = jnp.where(ranks > 0, ends - ranks, width)
+    marks = jnp.zeros((width,), jnp.int32).at[starts].max(jnp.arange(num_lanes, dtype=jnp.int32), mode="drop")
+    lane = lax.cummax(marks)
+    inside = column < total
+    within = jnp.clip(column - (ends - ranks)[lane], 0, rank - 1)
+    return _Packed(
+        jnp.where(inside, rows[lane, within], zero_row),
+        jnp.where(inside, lane, -1),
+        -(-total // LANE_COLUMNS),
+    )
+
+
+def _pool_rows(pool: jax.Array, picked: jax.Array) -> jax.Array:
+    """``pool[picked]`` ([W, ...]) as one dynamic slice per row. As fast on XLA:CPU as a gather, and XLA's cost
+    analysis counts the rows read: it counts a gather fused with its consumers as reading its whole operand."""
+    return jnp.concatenate([lax.dynamic_slice_in_dim(pool, picked[i], 1) for i in range(picked.shape[0])])
+
+
+def pooled_shrink_expand(
+    x: jax.Array,  # [T, D]
+    a_pool: jax.Array,  # [P + 2, D], x's dtype or int8
+    b_pool: jax.Array,  # [P + 2, Dout]
+    base: jax.Array,  # [T, Dout]
+    lanes: jax.Array,  # [T] int32: each token's lane, outside [0, L): none
+    rows: jax.Array,  # [L, R] int32: each lane's pool rows
+    page_scales: jax.Array | None,  # int8 pools: [>= P + 2] f32 a_scale * b_scale of each row
+    *,
+    scaling: float,
+) -> jax.Array:  # [T, Dout] f32 (tokens without an adapter: the base)
+    """``ops.pooled_shrink_expand`` reading only the true-rank rows of the lanes the batch uses.
+
+    Those rows are numbered side by side (lane by lane, each its true rank) and taken
+    ``LANE_COLUMNS`` at a time: per chunk one row gather from each pool, one
+    [T, D] x [D, 128] shrink and one [T, 128] x [128, Dout] expand, each token keeping
+    only its own lane's columns (selected, never multiplied by a mask). The chunks
+    run in a ``fori_loop`` whose trip count is the batch's (device value): rows past
+    the lanes' true ranks, and lanes no token uses, are neither read nor multiplied,
+    whatever ``max_loras`` and ``max_rank``. The expand's chunk has its non-finite
+    values selected out (a token whose own column held one gets NaN), so a tenant
+    whose weights diverged reaches no other tenant's rows.
+    """
+    dtype = x.dtype
+    packed = _packed(rows, lanes, a_pool.shape[0] - 2)
+
+    def body(c, acc):
+        picked = lax.dynamic_slice_in_dim(packed.rows, c * LANE_COLUMNS, LANE_COLUMNS)
+        own = lax.dynamic_slice_in_dim(packed.lane, c * LANE_COLUMNS, LANE_COLUMNS)
+        keep = (own[None, :] == lanes[:, None]) & (own[None, :] >= 0)
+        s = jnp.dot(x, _pool_rows(a_pool, picked).astype(dtype).T, preferred_element_type=jnp.float32) * scaling
+        tile = _pool_rows(b_pool, picked).astype(dtype)
+        if page_scales is None:
+            finite = jnp.isfinite(tile)
+            poisoned = ~finite.all(axis=1)
+            tile = jnp.where(finite, tile, 0)
+            s = jnp.where(poisoned[None, :], jnp.nan, s)
+        else:
+            s = s * page_scales[picked][None, :]
+        left = jnp.where(keep, s, 0).astype(dtype)
+        return acc + jnp.dot(left, tile, preferred_element_type=jnp.float32)
+
+    # The first chunk outside the loop (XLA:CPU runs matmuls faster there); with no used lane it adds zeros.
+    first = body(0, base.astype(jnp.float32))
+    return first if packed.rows.shape[0] == LANE_COLUMNS else lax.fori_loop(1, packed.chunks, body, first)
+
+
 # -- the slot weights' gradient (training) -------------------------------------------------------------
 
 # Token blocks of the weight gradient: at most this many per batch (so the per-block partial
