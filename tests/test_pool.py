@@ -251,6 +251,8 @@ def test_config_errors():
     with pytest.raises(tl.ConfigError):
         tl.LoRAConfig(memory_budget="1GiB", weight_dtype="fp8")
     assert parse_bytes("6GiB") == 6 * 2**30 and parse_bytes("2 GB") == 2 * 10**9 and parse_bytes(4096) == 4096
+    assert parse_bytes("512 MiB") == 2**29 and parse_bytes("1.5KiB") == 1536 and parse_bytes("8e9") == 8 * 10**9
+    assert parse_bytes("3kb") == 3000 and parse_bytes("2TiB") == 2**41 and parse_bytes(" 7 MB ") == 7 * 10**6
     with pytest.raises(tl.ConfigError):  # fewer rows than one max-rank adapter
         tl.patch_model(tiny_llama(), tl.LoRAConfig(max_rank=8, memory_budget=1000))
 
@@ -369,8 +371,11 @@ class _Layer:
     adapter_shapes = (in_features, out_features)
     adapter_device = torch.device("cpu")
 
+    def __init__(self) -> None:
+        self.writes: list[list[int]] = []  # the row index of every write
+
     def write_rows(self, index: torch.Tensor, weights) -> None:
-        pass
+        self.writes.append(index.tolist())
 
 
 def _adapter(name: str, rank: int):
@@ -380,11 +385,11 @@ def _adapter(name: str, rank: int):
     return LoRAAdapter(name=name, modules={"m": factors}, config={})
 
 
-def _manager(rows: int, max_loras: int = 5, max_rank: int = 64):
+def _manager(rows: int, max_loras: int = 5, max_rank: int = 64, max_cpu_adapters: int = 16):
     from torch_xla_lora.pool import PoolManager
 
     manager = PoolManager(
-        {"m": _Layer()}, max_loras, max_rank, max_cpu_adapters=16, rows=rows, row_bytes=10, budget_bytes=10 * rows
+        {"m": _Layer()}, max_loras, max_rank, max_cpu_adapters, rows=rows, row_bytes=10, budget_bytes=10 * rows
     )
     assert manager.granule == 8  # the layer's backend is "pallas"
     return manager
@@ -426,7 +431,10 @@ def test_tails_share_pages_and_adapters_cost_their_own_rows():
     }
     assert all(manager.adapter_bytes(_adapter(n, r)) == 10 * r for n, r in ranks.items())
     table = manager.batch_rows(plan)
-    starts = page_table(table, 5, manager.zero_row)[: 5 * 8].reshape(5, 8)
+    pages = page_table(table, 5, manager.zero_row)
+    starts = pages[: 5 * 8].reshape(5, 8)
+    by_lane = sorted((lane, name) for name, lane in plan.slot_of.items())
+    assert pages[5 * 8 :].tolist() == [ranks[name] for _, name in by_lane]  # each lane's true rank
     tails = {name: int(starts[plan.slot_of[name], rank // 8]) for name, rank in ranks.items() if rank % 8}
     assert sorted(start % 8 for start in tails.values()) == [0, 0, 4]  # one tail at in-page offset 4
     # Free and reuse: a's 4 rows go back; f (rank 4) takes them (the only shared page with 4 free rows).
@@ -499,3 +507,177 @@ def test_batch_held_rows_in_shared_tail_pages_are_not_reused_until_the_batch_cha
     manager.apply(batch_slots={0, 1})
     manager.add(_adapter("v", 4))
     assert dict(manager.plan(["v"]).writes)["v"] == x_rows  # x's rows, free now the batch has changed
+
+
+def test_quantize_rows_scales_each_entry_and_rank_row_by_its_absmax():
+    """Against plain float64 math: one scale per (entry, rank row), absmax / 127, on either rank axis (A's rows,
+    B's columns); the rounded values are within half a scale of the input, and an all-zero rank row (a fresh
+    PEFT adapter's B) stays zero with a finite scale instead of dividing by zero."""
+    from torch_xla_lora.pool import quantize_rows
+
+    values = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(3))
+    values[1, 2] = 0.0  # entry 1, rank row 2 (rank axis 0)
+    values[0, :, 4] = 0.0  # entry 0, rank row 4 (rank axis 1)
+    for rank_axis, reduce in ((0, 2), (1, 1)):
+        q, scale = quantize_rows(values, rank_axis)
+        assert q.dtype == torch.int8 and scale.dtype == torch.float32
+        amax = values.double().abs().amax(dim=reduce)  # [entries, rank rows]
+        assert scale.shape == amax.shape and torch.isfinite(scale).all()
+        nonzero = amax > 0
+        assert torch.allclose(scale[nonzero].double(), amax[nonzero] / 127, rtol=1e-6)
+        restored = q.double() * (scale.double().unsqueeze(reduce))
+        assert ((restored - values.double()).abs() <= scale.double().unsqueeze(reduce) / 2 + 1e-7).all()
+        assert (q.abs().amax(dim=reduce) == torch.where(nonzero, 127, 0)).all()
+
+
+def test_lru_refresh_and_the_current_batch_decide_what_a_pin_evicts():
+    """Four whole-page adapters fill a 32-row pool; b is the current batch's. Using a again makes c the least
+    recently used adapter that may go: a fifth adapter evicts c, not a (the oldest use) nor b (the batch's,
+    whose rows could not even be reused under the batch)."""
+    manager = _manager(32, max_loras=2, max_rank=8)
+    for name in "abcde":
+        manager.add(_adapter(name, 8))
+    manager.activate(["a"])
+    manager.activate(["b"], for_batch=True)
+    manager.apply(batch_slots={0})
+    manager.activate(["c"])
+    manager.activate(["d"])
+    manager.activate(["a"])
+    plan = manager.plan(["e"])
+    assert plan.evict == ["c"] and dict(plan.writes)["e"] == manager._rows["c"]
+
+
+def test_rows_held_by_a_batch_are_freed_exactly_once():
+    """x removed under the batch [x, y]: the next batch's w takes x's held rows; the batch after that, [y, v],
+    must evict w for v (x's rows are w's now, not free twice). y removed under [y, v] and the batch cleared
+    (``clear_batch``): y's held rows are free, so z takes them without evicting v."""
+    manager = _manager(16, max_loras=2, max_rank=8)
+    for name in "xywvz":
+        manager.add(_adapter(name, 8))
+    manager.activate(["x", "y"], for_batch=True)
+    manager.apply(batch_slots={0, 1})
+    x_rows, y_rows = manager._rows["x"], manager._rows["y"]
+    manager.remove("x")
+    plan = manager.plan(["y", "w"], for_batch=True)
+    assert not plan.evict and dict(plan.writes) == {"w": x_rows}
+    manager.commit(plan)
+    manager.apply(batch_slots={0, 1})
+    plan = manager.plan(["y", "v"], for_batch=True)
+    assert plan.evict == ["w"] and dict(plan.writes) == {"v": x_rows}
+    manager.commit(plan)
+    manager.apply(batch_slots={0, 1})
+    manager.remove("y")
+    manager.release_batch()
+    plan = manager.plan(["z"])
+    assert not plan.evict and dict(plan.writes) == {"z": y_rows}
+
+
+def test_placement_best_fit_whole_pages_and_the_pools_last_partial_page():
+    """Page 0 holds p (6), page 1 q (4), page 2 w (8): r (2) takes the 2-row run of page 0 (best fit), so s (4)
+    still fits page 1 without an eviction. With r removed no page is wholly free: a rank-12 adapter (a whole page
+    and a 4-row run in another) evicts p, then q (whose rows 8-11 become its tail's run), least recently used
+    first. A pool of 11 rows has one whole page: rows 8-10 are never handed out (the TPU kernel would DMA a page
+    past the pool's end), and an adapter of rank 9 (two pages) is refused at load."""
+    manager = _manager(24, max_loras=4, max_rank=16)
+    for name, rank in (("p", 6), ("q", 4), ("w", 8), ("r", 2), ("s", 4), ("t", 12)):
+        manager.add(_adapter(name, rank))
+    for name in "pqwr":
+        manager.activate([name])
+    assert manager._rows["p"] == list(range(6)) and manager._rows["r"] == [6, 7]
+    plan = manager.plan(["s"])
+    assert not plan.evict and dict(plan.writes)["s"] == [12, 13, 14, 15]
+    manager.commit(plan)
+    manager.remove("r")  # page 0: p's 6 rows and a 2-row run; page 1 full, page 2 w's
+    plan = manager.plan(["t"])
+    assert plan.evict == ["p", "q"] and dict(plan.writes)["t"] == [*range(8), 8, 9, 10, 11]
+
+    small = _manager(11, max_loras=3, max_rank=16)
+    for name, rank in (("x", 4), ("y", 4), ("z", 2)):
+        small.add(_adapter(name, rank))
+    small.pin("x")
+    small.pin("y")
+    with pytest.raises(PoolFullError):  # page 0 is x's and y's; rows 8-10 are no page
+        small.pin("z")
+    assert max(row for rows in small._rows.values() for row in rows) < 8
+    with pytest.raises(PoolFullError):
+        small.add(_adapter("nine", 9))
+    assert "nine" not in small.adapters()
+
+
+def test_lanes_reloads_pins_and_the_host_cache_of_a_pool():
+    """A trainable adapter's lane leaves max_loras - 1 lanes: a batch of max_loras other adapters is refused with
+    NoFreeSlotError, unchanged. A resident adapter reloaded at another rank leaves the pool and comes back owning
+    its new rank's rows. A removed pinned adapter loaded again is not pinned. The host cache keeps resident
+    adapters whatever its limit."""
+    manager = _manager(32, max_loras=2, max_rank=16)
+    for name in ("a", "b"):
+        manager.add(_adapter(name, 4))
+    assert manager.add_trainable(_adapter("t", 4)) == 0
+    before = (manager.memory(), manager.adapters())
+    with pytest.raises(tl.NoFreeSlotError):
+        manager.plan(["a", "b"], for_batch=True)
+    assert (manager.memory(), manager.adapters()) == before
+    assert manager.activate(["t", "a"], for_batch=True) == {"t": 0, "a": 1}
+    manager.release_batch()
+    manager.add(_adapter("a", 12))
+    assert "a" not in manager.memory()["adapters"]
+    manager.activate(["a"])
+    assert manager.memory()["adapters"]["a"] == 12 * 10
+    _check_layout(manager._rows["a"], 12)
+    manager.pin("b")
+    manager.remove("b")
+    manager.add(_adapter("b", 4))
+    assert not manager.adapters()["b"]["pinned"]
+
+    cache = _manager(32, max_loras=2, max_rank=8, max_cpu_adapters=1)
+    cache.add(_adapter("a", 8))
+    cache.activate(["a"])
+    cache.add(_adapter("b", 8))
+    cache.add(_adapter("c", 8))
+    assert list(cache.adapters()) == ["a", "c"]  # b (not resident, least recently used) dropped, a kept
+
+
+def test_staged_rewrites_wait_for_the_batch_that_reads_their_rows():
+    """A reload at the same rank of an adapter of the current batch is not written by ``apply()`` (the
+    ``apply_pending`` path, rows the batch reads) but by the next batch's apply; other adapters' writes run."""
+    manager = _manager(16, max_loras=2, max_rank=8)
+    layer = manager._layers["m"]
+    for name in ("a", "b"):
+        manager.add(_adapter(name, 4))
+    manager.activate(["a"], for_batch=True)
+    assert manager.apply(batch_slots={0}) == 1
+    manager.add(_adapter("a", 4))
+    manager.pin("b")
+    layer.writes.clear()
+    assert manager.apply() == 1 and layer.writes == [manager._rows["b"] + [manager.scratch_row] * 4]
+    assert manager.apply(batch_slots={0}) == 1 and layer.writes[-1][:4] == manager._rows["a"]
+
+
+def test_a_batch_of_tails_is_placed_longest_first():
+    """Page 0 with b (1) at row 2 and d (1) at row 7 pinned leaves runs {0, 1} and {3..6}: tails of 2, 1 and 3
+    fit only if the 3 goes first (into the 4-row run): placed longest first, they take rows 3-5, 0-1 and 6."""
+    manager = _manager(8, max_loras=4, max_rank=8)
+    for name, rank in (("a", 2), ("b", 1), ("c", 4), ("d", 1), ("x", 2), ("y", 1), ("z", 3)):
+        manager.add(_adapter(name, rank))
+    for name in "abcd":
+        manager.activate([name])
+    assert [manager._rows[name] for name in "abcd"] == [[0, 1], [2], [3, 4, 5, 6], [7]]
+    manager.pin("b")
+    manager.pin("d")
+    manager.remove("a")
+    manager.remove("c")
+    plan = manager.plan(["x", "y", "z"])
+    assert not plan.evict and dict(plan.writes) == {"x": [0, 1], "y": [6], "z": [3, 4, 5]}
+
+
+def test_a_freeze_that_cannot_fit_the_pool_leaves_the_adapter_trainable():
+    """A pool of 14 rows at 8-row pages holds no rank-12 adapter (one whole page): freezing a trainable rank-12
+    adapter raises PoolFullError and changes nothing, its lane stays reserved (a batch gets the other lane)."""
+    manager = _manager(14, max_loras=2, max_rank=12)
+    assert manager.add_trainable(_adapter("t", 12)) == 0
+    manager.add(_adapter("u", 4))
+    before = manager.adapters()
+    with pytest.raises(PoolFullError):
+        manager.freeze(_adapter("t", 12))
+    assert manager.adapters() == before and before["t"]["trainable"]
+    assert manager.activate(["u"], for_batch=True) == {"u": 1}

@@ -404,11 +404,20 @@ class PoolManager:
 
     def freeze(self, adapter: LoRAAdapter) -> None:
         """A trainable adapter becomes an ordinary one holding ``adapter``'s weights; the next batch that names
-        it brings it into the pool (until then, a current batch's rows on its lane read zeros: the base)."""
+        it brings it into the pool (until then, a current batch's rows on its lane read zeros: the base).
+
+        Raises:
+          PoolFullError: its rank rows exceed the whole pool (it stays trainable, its lane reserved).
+        """
         with self.lock:
             self._require(adapter.name)
-            self._trainable.pop(adapter.name, None)
-            self.add(adapter)
+            lane = self._trainable.pop(adapter.name, None)
+            try:
+                self.add(adapter)
+            except Exception:
+                if lane is not None:
+                    self._trainable[adapter.name] = lane
+                raise
 
     # -- residency ---------------------------------------------------------------------------------
 
