@@ -169,6 +169,10 @@ def test_pin_returns_the_slot_and_marks_it(bank):
     assert served.lora.adapters()["c"] == {"slot": slot, "pinned": True, "rank": SPECS["c"]["r"], "trainable": False}
     served.lora.unpin("c")
     assert served.lora.adapters()["c"] == {"slot": slot, "pinned": False, "rank": SPECS["c"]["r"], "trainable": False}
+    served.lora.pin("c")
+    served.lora.remove("c")
+    served.load("c")
+    assert not served.lora.adapters()["c"]["pinned"]  # the pin went with the removed adapter
 
 
 def test_pinned_adapter_is_never_evicted(bank):
@@ -209,7 +213,7 @@ def test_current_batch_is_not_evicted_by_a_pin(bank, form):
         served.lora.pin("c")  # every slot holds an adapter of the current batch
     assert torch.equal(served.outputs(2), outputs)
     assert_close(outputs, bank.expected(["a", "b"]))
-    served.lora.set_batch([None])  # a new batch releases a and b
+    served.lora.clear_batch()  # no batch: a and b are no longer protected
     assert served.lora.pin("c") in slot.values()
 
 
@@ -274,8 +278,36 @@ def test_reload_of_an_adapter_in_the_current_batch_takes_effect_at_the_next_set_
     served = serve(bank)
     served.lora.set_batch(["b", "a", None])
     served.load("a", source="a_v2")
+    assert served.lora.apply_pending() == 0  # not into a slot the current batch reads
     assert_close(served.outputs(3), bank.expected(["b", "a", None]))  # deferred: the batch keeps the old weights
     assert_close(served.run(["b", "a", None]), bank.expected(["b", "a_v2", None]))
+
+
+# --- trainable adapters --------------------------------------------------------------------------------------
+
+
+def test_a_trainable_adapter_keeps_its_slot_until_frozen(bank):
+    """A trainable adapter is resident until frozen, like a pin: batches evict the others around it, a batch
+    needing its slot too is refused unchanged; once frozen it is evictable again. A create_adapter with no slot
+    left changes nothing (the name is not loaded)."""
+    served = serve(bank)
+    served.lora.create_adapter("t", LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    slot = served.lora.adapters()["t"]["slot"]
+    for batch in (["a"], ["b"], ["c", None]):
+        assert_close(served.run(batch), bank.expected(batch))
+        assert served.lora.adapters()["t"]["slot"] == slot
+    adapters = served.lora.adapters()
+    with pytest.raises(tl.NoFreeSlotError):
+        served.lora.set_batch(["a", "b"])
+    assert served.lora.adapters() == adapters
+    served.lora.pin("c")
+    with pytest.raises(tl.NoFreeSlotError):  # t's slot and pinned c's
+        served.lora.create_adapter("u", LoraConfig(r=2, target_modules=TARGETS))
+    assert served.lora.adapters() == adapters | {"c": {**adapters["c"], "pinned": True}}
+    served.lora.unpin("c")
+    served.lora.freeze("t")
+    assert_close(served.run(["a", "b"]), bank.expected(["a", "b"]))
+    assert served.resident() == {"a", "b"}
 
 
 # --- host cache ----------------------------------------------------------------------------------------------
