@@ -240,7 +240,8 @@ def test_weight_grad_sums_each_slots_rows_once():
 @pytest.mark.parametrize("num_slots", [5, _lora_grads_jax.SELECT_SUM_MAX_SLOTS + 3], ids=["select", "scatter"])
 def test_xla_training_forward_and_grads_equal_float64_math(num_slots):
     """200 tokens (4 sorted blocks of 64) on random slots of which the last is unused (its weights Inf), -1 and
-    out-of-range rows: out, s, dA, dB and dx, with s kept from the forward and recomputed."""
+    out-of-range rows (their x Inf, their output gradient NaN: no slot's products may read them): out, s, dA, dB
+    and dx, with s kept from the forward and recomputed."""
     rng = np.random.default_rng(num_slots)
     tokens, rank = 200, 4
     idx = rng.integers(-1, num_slots + 1, size=tokens).astype(np.int32)
@@ -251,9 +252,10 @@ def test_xla_training_forward_and_grads_equal_float64_math(num_slots):
     a = (rng.standard_normal((num_slots, rank, D)) / 4).astype(np.float32)
     b = (rng.standard_normal((num_slots, rank, DOUT)) / 2).astype(np.float32)
     a[-1], b[-1] = np.inf, np.inf
+    inside = (idx >= 0) & (idx < num_slots)
+    x[~inside], g[~inside] = np.inf, np.nan  # rows without adapter: must reach no slot's gradient
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     a64[-1], b64[-1] = 0, 0
-    inside = (idx >= 0) & (idx < num_slots)
     s_want = np.zeros((tokens, rank))
     ds = np.zeros((tokens, rank))
     out_want = base.astype(np.float64)
