@@ -255,6 +255,13 @@ def test_config_errors():
     assert parse_bytes("3kb") == 3000 and parse_bytes("2TiB") == 2**41 and parse_bytes(" 7 MB ") == 7 * 10**6
     with pytest.raises(tl.ConfigError):  # fewer rows than one max-rank adapter
         tl.patch_model(tiny_llama(), tl.LoRAConfig(max_rank=8, memory_budget=1000))
+    # 14 rows hold a rank-12 adapter one row at a time, but in 8-row pages (the Pallas backend) only one whole page.
+    row_bytes = tl.patch_model(tiny_llama(), tl.LoRAConfig(max_rank=12, memory_budget=10**6)).manager.row_bytes
+    for backend, rows in (("xla", 14), ("pallas", 16)):
+        config = {"max_rank": 12, "memory_budget": (rows + 2) * row_bytes, "backend": backend}
+        assert tl.patch_model(tiny_llama(), tl.LoRAConfig(**config)).manager.rows == rows
+    with pytest.raises(tl.ConfigError):
+        tl.patch_model(tiny_llama(), tl.LoRAConfig(max_rank=12, memory_budget=16 * row_bytes, backend="pallas"))
 
 
 def test_removal_under_a_batch_keeps_its_rows_until_the_batch_changes(base_model, peft_model):

@@ -47,7 +47,7 @@ from torch_xla_lora.layers.experts import ExpertsWithLoRA, RouterWithLoRA
 from torch_xla_lora.layers.linear import is_quantized_linear, linear_features
 from torch_xla_lora.layers.names import COLUMN_NAMES, MERGED_NAMES, QKV_NAMES, ROW_NAMES
 from torch_xla_lora.manager import AdapterManager
-from torch_xla_lora.pool import SPARE_ROWS, PoolManager, granule_for, kernel_pool_rows, page_table
+from torch_xla_lora.pool import SPARE_ROWS, PoolManager, granule_for, kernel_pool_rows, page_table, span_rows
 
 if TYPE_CHECKING:
     from torch_xla.distributed.spmd import Mesh
@@ -687,12 +687,14 @@ def _allocate_pools(layers: Mapping[str, BaseLayerWithLoRA], config: LoRAConfig)
     rows = config.budget_bytes // row_bytes - SPARE_ROWS
     while rows > 0 and sum(layer.pool_bytes(rows, int8) for layer in layers.values()) > config.budget_bytes:
         rows -= 1  # int8 page scales are padded to whole tiles (at most 4 KiB a layer): the budget holds them too
-    rows = kernel_pool_rows(rows, int8, granule_for(layers))  # int8 pools the TPU kernel reads: see the function
-    if rows < config.max_rank:
+    granule = granule_for(layers)
+    rows = kernel_pool_rows(rows, int8, granule)  # int8 pools the TPU kernel reads: see the function
+    need = span_rows(config.max_rank, granule)  # where the pooled kernel may run: whole pages of 8 rows
+    if rows - rows % granule < need:
         raise ConfigError(
             f"LoRAConfig.memory_budget={config.memory_budget!r} holds {max(rows, 0)} rank rows of "
-            f"{row_bytes} bytes (every patched layer), fewer than one adapter of max_rank {config.max_rank}: "
-            f"at least {(config.max_rank + SPARE_ROWS) * row_bytes} bytes"
+            f"{row_bytes} bytes (every patched layer), fewer than one adapter of max_rank {config.max_rank} "
+            f"needs ({need} rows in pages of {granule}): at least {(need + SPARE_ROWS) * row_bytes} bytes"
         )
     for layer in layers.values():
         layer.allocate_pool(rows, int8)
