@@ -540,7 +540,7 @@ def test_quantize_rows_scales_each_entry_and_rank_row_by_its_absmax():
 def test_lru_refresh_and_the_current_batch_decide_what_a_pin_evicts():
     """Four whole-page adapters fill a 32-row pool; b is the current batch's. Using a again makes c the least
     recently used adapter that may go: a fifth adapter evicts c, not a (the oldest use) nor b (the batch's,
-    whose rows could not even be reused under the batch)."""
+    whose rows could not even be reused under the batch); the next one evicts d."""
     manager = _manager(32, max_loras=2, max_rank=8)
     for name in "abcde":
         manager.add(_adapter(name, 8))
@@ -552,6 +552,9 @@ def test_lru_refresh_and_the_current_batch_decide_what_a_pin_evicts():
     manager.activate(["a"])
     plan = manager.plan(["e"])
     assert plan.evict == ["c"] and dict(plan.writes)["e"] == manager._rows["c"]
+    manager.commit(plan)
+    manager.add(_adapter("f", 8))
+    assert manager.plan(["f"]).evict == ["d"]  # then d: c, evicted, is no longer in the order
 
 
 def test_rows_held_by_a_batch_are_freed_exactly_once():
