@@ -30,8 +30,9 @@ NAN_A, INF_B = "nan_a", "inf_b"
 def _layout(name: str) -> tuple[list[int], int, int, int, dict, str]:
     """(indices, L, R, block_tokens, {slot: poison}, algorithm); slots no token uses are filled with Inf / NaN.
     Rank 64: 2 lanes a chunk."""
-    if name == "direct":  # runs of one slot; blocks 0 and 1 change slot inside (block 1: the smaller slot second)
-        idx = [0] * 5 + [2] * 6 + [-1] * 3 + [1] * 10 + [3] * 8
+    if name == "direct":  # runs of one slot changing inside blocks 0 to 2 (block 1: the smaller slot second, then
+        # rows without adapter, which sort last: block 2, on slot 0 first, must still get its own visit)
+        idx = [0] * 5 + [2] * 6 + [-1] * 3 + [1] * 2 + [0] * 4 + [1] * 4 + [3] * 8
         return idx, 8, 64, 8, {2: NAN_A, 1: INF_B}, "direct"
     if name == "laned_blocks":  # 4 blocks of 8 mixing 4 slots: 2 chunks (slots 0, 2 | 5, 7)
         return [[0, 5, -1, 2, 7][t % 5] for t in range(32)], 8, 64, 8, {5: NAN_A, 2: INF_B}, "laned"
