@@ -1,5 +1,6 @@
 """The end-to-end benchmark: the one-hot formulation, the report, and a --quick run end to end."""
 
+import dataclasses
 import json
 
 import pytest
@@ -119,6 +120,71 @@ def test_fused_formulation_matches_the_layers(llama_on_device, xla_device, batch
     finally:
         lora.unpatch()
     assert_close(actual, expected)
+
+
+def test_pool_formulations_hold_every_adapter_share_the_weights_and_match_padded_slots(llama_on_device, xla_device):
+    """--compare-pool's handles: pools of exactly the run's rank rows (8 adapters x rank 4, nothing spare, all
+    resident), the base weights shared with the padded model, the float pool computing what padded slots do and
+    the int8 pool within its cache-check tolerance of it."""
+    config = dataclasses.replace(e2e.E2EConfig.quick(), compare_pool=True)
+    loras = e2e.patch_all(llama_on_device, config, slots=8)
+    batch = ["adapter0", None, "adapter5"]
+    ids = torch.randint(0, 64, (3, 32)).to(xla_device)  # a prefill's path: the pooled decode path compiles slower
+    logits = {}
+    try:
+        assert set(loras) == {"lora", "pool", "pool int8"}
+        padded = loras["lora"]
+        steps = e2e._Steps(loras, 2, 4, 8, config)
+        assert {f: steps.handle(f) for f in config.formulations} == {"base": padded, "onehot": padded, **loras}
+        for name in e2e.POOLS:
+            memory = loras[name].memory()
+            assert sorted(memory["adapters"]) == [f"adapter{i}" for i in range(config.num_adapters)]
+            assert {layer.pool_rows for layer in loras[name].layers.values()} == {config.num_adapters * config.rank}
+            for layer_name, layer in loras[name].layers.items():
+                assert layer.base_layer.weight is padded.layers[layer_name].base_layer.weight
+        with torch.no_grad():
+            padded.clear_batch()
+            logits["base"] = llama_on_device(ids).logits.cpu()
+            for name, lora in loras.items():
+                lora.set_batch(batch)
+                logits[name] = lora.model(ids).logits.cpu()
+    finally:
+        e2e.unpatch_all(loras)
+    assert_close(logits["pool"], logits["lora"])
+    effect = (logits["lora"] - logits["base"]).abs().max()
+    assert effect > 0.1
+    assert (logits["pool int8"] - logits["lora"]).abs().max() / effect <= e2e_report.MAX_INT8_REL_ERROR
+    assert not any(isinstance(m, tl.layers.BaseLayerWithLoRA) for m in llama_on_device.modules())
+
+
+def test_compare_pool_flag_adds_the_pool_formulations():
+    config, _ = e2e.parse_args(["--quick", "--compare-pool", "--compare-fusion"])
+    assert config.formulations == ("base", "lora", "onehot", "fused", "pool", "pool int8")
+    assert e2e.parse_args(["--quick"])[0].formulations == e2e.FORMULATIONS
+
+
+def test_report_has_pool_columns_and_target_with_compare_pool():
+    def cell(kind, pool):
+        seconds = {"base": [1.0, 1.0], "lora": [1.1, 1.2], "onehot": [1.3, 1.3], "pool": pool, "pool int8": [1.1, 1.2]}
+        return e2e.Cell(kind, 2, 16, 8, seconds, 0).to_json()
+
+    point = {"prefill": cell("prefill", [1.1, 1.2]), "decode": cell("decode", [1.1 * 1.02, 1.2 * 1.06])}
+    assert point["decode"]["ratio_to_lora"] == pytest.approx({"pool": 1.04, "pool int8": 1.0})
+    result = _result([point], [point]) | {"generation": [e2e_report.generation(point, 10)]}
+    result["config"] |= {"compare_pool": True}
+    assert e2e_report.generation(point, 10)["ratio_to_lora"]["pool"] == pytest.approx(
+        ((1.1 + 10 * 1.122) / (1.1 + 11.0) + (1.2 + 10 * 1.272) / (1.2 + 12.0)) / 2
+    )
+    target = e2e_report.targets(result)["pool_vs_padded"]
+    assert (target["worst"], target["cells"], target["cells_met"], target["met"]) == (pytest.approx(1.04), 4, 2, False)
+    assert "| pool / LoRA | pool int8 / LoRA |" in e2e_report.generation_table(result)
+    assert "| prefill pool / LoRA | prefill pool int8 / LoRA |" in e2e_report.steps_table(result)
+    assert "| decode pool / LoRA | decode pool int8 / LoRA | prefill pool / LoRA |" in e2e_report.slot_table(result)
+    assert "| 1.040 | 1.000 |" in e2e_report.steps_table(result)
+    assert "pool" not in e2e_report.steps_table(result | {"config": {}})
+    check = {"lora": 1e-6, "pool": 1e-6, "pool int8": 1e-6, e2e.INT8_VS_POOL: 0.9 * e2e_report.MAX_INT8_REL_ERROR}
+    assert all(v <= e2e_report.cache_limit(k) for k, v in check.items())
+    assert e2e_report.cache_limit(e2e.INT8_VS_POOL) > e2e_report.cache_limit("pool int8")
 
 
 def test_one_hot_gives_zero_rows_for_base_tokens():

@@ -10,7 +10,14 @@ with transformers' ``StaticCache``, three formulations side by side:
 - with ``--compare-fusion``, fused: the LoRA layers with ``base_fusion`` on
   (the base matmul and the LoRA as one ``linear_lora`` op,
   :func:`~torch_xla_lora.bench.e2e_model.fused_formulation`), so the two
-  LoRA paths are paired in the same repetitions.
+  LoRA paths are paired in the same repetitions;
+- with ``--compare-pool``, pool and pool int8: the same adapters in
+  rank-true storage (``LoRAConfig.memory_budget``, float rows and
+  ``weight_dtype="int8"``) on a second patch of the model sharing its
+  weights (:func:`~torch_xla_lora.bench.e2e_model.patch_pool`), the budget
+  exactly what the pools' accounting needs for every adapter, so nothing is
+  evicted; each is reported per cell as its time over LoRA's (padded slots),
+  paired repetition by repetition.
 
 Three parts:
 
@@ -26,7 +33,10 @@ Three parts:
   ``slot_batch`` x ``slot_seq``, with each number of device slots
   (``max_loras``);
 - a correctness check on fresh caches: prefill then one decode step equals a
-  full forward without cache, for LoRA and for the one-hot formulation.
+  full forward without cache, for every formulation but base; and with
+  ``--compare-pool`` the int8 pool's cached logits against the float pool's
+  full forward, at a tolerance relative to the adapters' effect on the logits
+  (int8 rows are rounded: :data:`~torch_xla_lora.bench.e2e_report.MAX_INT8_REL_ERROR`).
 
 Each timed step is the host's batch update (``set_batch``, or
 ``clear_batch`` for base: the serving loop does it every step) plus the
@@ -55,16 +65,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from torch_xla_lora.bench import e2e_report
 from torch_xla_lora.bench.e2e_model import (  # noqa: F401
+    POOLS,
     _one_hot,
     build_model,
     fused_formulation,
     onehot_formulation,
     patch,
+    patch_all,
+    unpatch_all,
 )
 
 FORMULATIONS = ("base", "lora", "onehot")
 FUSED = "fused"  # with --compare-fusion
+POOL, POOL_INT8 = POOLS  # with --compare-pool: "pool", "pool int8"
+INT8_VS_POOL = e2e_report.INT8_VS_POOL  # the cache check's int8 entry (relative to the adapters' effect)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +101,7 @@ class E2EConfig:
         grouping on the host; "device": ``set_batch(names)``, each layer groups on the device.
       base_fusion: LoRAConfig.base_fusion: "auto", "on" or "off".
       compare_fusion: also time "fused", the LoRA layers with base_fusion on.
+      compare_pool: also time "pool" and "pool int8", the adapters in rank-true storage (float, int8).
       check: run the cache correctness check first.
     """
 
@@ -109,6 +126,7 @@ class E2EConfig:
     grouping: str = "host"
     base_fusion: str = "auto"
     compare_fusion: bool = False
+    compare_pool: bool = False
     seed: int = 0
     check: bool = True
 
@@ -129,7 +147,8 @@ class E2EConfig:
     @property
     def formulations(self) -> tuple[str, ...]:
         """The formulations timed side by side."""
-        return (*FORMULATIONS, FUSED) if self.compare_fusion else FORMULATIONS
+        fused = (FUSED,) if self.compare_fusion else ()
+        return (*FORMULATIONS, *fused, *(POOLS if self.compare_pool else ()))
 
     @property
     def max_cache_len(self) -> int:
@@ -193,11 +212,16 @@ class Cell:
         """Percent of base throughput lost, 100 * (1 - formulation / base): median over repetitions of the pair."""
         return slowdown(self.seconds["base"], self.seconds[formulation])
 
+    def ratio_to_lora(self, formulation: str) -> float:
+        """Time of ``formulation`` over LoRA's (padded slots): median over repetitions of the pair."""
+        return paired_ratio(self.seconds[formulation], self.seconds["lora"])
+
     def to_json(self) -> dict:
         return {
             **dataclasses.asdict(self),
             "tokens_per_s": self.tokens_per_s,
             "slowdown_pct": {f: self.slowdown(f) for f in self.seconds if f != "base"},
+            "ratio_to_lora": {f: self.ratio_to_lora(f) for f in self.seconds if f in POOLS},
         }
 
 
@@ -267,14 +291,18 @@ def minor_page_faults() -> int:
 
 
 class _Steps:
-    """Prefill and decode closures of one (batch, input length) with one static cache, per formulation."""
+    """Prefill and decode closures of one (batch, input length) with one static cache, per formulation.
 
-    def __init__(self, lora, model: nn.Module, batch: int, seq: int, cache_len: int, config: E2EConfig) -> None:
+    ``loras``: formulation -> patched handle (:func:`patch_all`); formulations without one run on "lora"'s.
+    """
+
+    def __init__(self, loras: dict, batch: int, seq: int, cache_len: int, config: E2EConfig) -> None:
         import transformers
 
-        device = lora.device
+        self.loras, self.lora = loras, loras["lora"]
+        model, device = self.lora.model, self.lora.device
         g = torch.Generator().manual_seed(config.seed + batch * 100_003 + seq)
-        self.lora, self.model, self.seq, self.grouping = lora, model, seq, config.grouping
+        self.seq, self.grouping = seq, config.grouping
         self.ids = torch.randint(0, config.vocab, (batch, seq), generator=g).to(device)
         self.next_ids = torch.randint(0, config.vocab, (batch, 1), generator=g).to(device)
         self.names = [f"adapter{i % config.num_adapters}" for i in range(batch)]
@@ -284,19 +312,25 @@ class _Steps:
 
     def prepare(self, formulation: str, seq_len: int) -> Callable[[], None]:
         # The one-hot einsums read only the slots: they get no host-built grouping to pay for.
-        host_grouping = self.grouping == "host" and formulation in ("lora", FUSED)
+        host_grouping = self.grouping == "host" and formulation in ("lora", FUSED, *POOLS)
+        lora = self.handle(formulation)
 
         def run() -> None:
             if formulation == "base":
-                self.lora.clear_batch()
+                lora.clear_batch()
             else:
-                self.lora.set_batch(self.names, seq_len=seq_len if host_grouping else None)
+                lora.set_batch(self.names, seq_len=seq_len if host_grouping else None)
 
         return run
 
+    def handle(self, formulation: str):
+        """The patched handle ``formulation`` runs on."""
+        return self.loras.get(formulation, self.lora)
+
     def _forward(self, formulation: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        with _formulation(self.lora, formulation):
-            out = self.model(
+        lora = self.handle(formulation)
+        with _formulation(lora, formulation):
+            out = lora.model(
                 ids, past_key_values=self.cache, cache_position=positions, use_cache=True, logits_to_keep=1
             )
         return out.logits
@@ -344,7 +378,8 @@ def measure(steps: _Steps, kinds: Sequence[str], config: E2EConfig):
                 before = minor_page_faults()
                 seconds[k][f].append(statistics.mean(step_seconds(*closures[k, f]) for _ in range(runs)))
                 faults[k][f].append((minor_page_faults() - before) // runs)
-    steps.lora.clear_batch()
+    for lora in steps.loras.values():
+        lora.clear_batch()
     batch, slots = len(steps.names), steps.lora.config.max_loras
     return {k: Cell(k, batch, steps.seq, slots, seconds[k], counter.count, faults[k]) for k in kinds}
 
@@ -359,17 +394,18 @@ def _progress(message: str, start: float) -> None:
 def _rates(cell: Cell) -> str:
     tps = cell.tokens_per_s
     text = f"base {tps['base']:,.0f} tok/s, LoRA {cell.slowdown('lora'):+.1f}%, one-hot {cell.slowdown('onehot'):+.1f}%"
-    return text + (f", fused {cell.slowdown(FUSED):+.1f}%" if FUSED in cell.seconds else "")
+    text += f", fused {cell.slowdown(FUSED):+.1f}%" if FUSED in cell.seconds else ""
+    return text + "".join(f", {f} / LoRA {cell.ratio_to_lora(f):.3f}" for f in POOLS if f in cell.seconds)
 
 
 def run_grid(model: nn.Module, config: E2EConfig, start: float) -> list[dict[str, Cell]]:
     """Prefill and decode cells of every (batch, input length), with ``num_adapters`` slots."""
-    lora = patch(model, config, config.num_adapters)
+    loras = patch_all(model, config, config.num_adapters)
     cells = []
     try:
         points = [(b, s) for b in config.batch_sizes for s in config.seq_lens]
         for number, (batch, seq) in enumerate(points, 1):
-            steps = _Steps(lora, model, batch, seq, seq + max(config.out_lens), config)
+            steps = _Steps(loras, batch, seq, seq + max(config.out_lens), config)
             cell = measure(steps, ("prefill", "decode"), config)
             cells.append(cell)
             _progress(
@@ -378,7 +414,7 @@ def run_grid(model: nn.Module, config: E2EConfig, start: float) -> list[dict[str
                 start,
             )
     finally:
-        lora.unpatch()
+        unpatch_all(loras)
     return cells
 
 
@@ -386,13 +422,13 @@ def run_slot_sweep(model: nn.Module, config: E2EConfig, start: float) -> list[di
     """Per slot count: the decode step of ``decode_batch`` interleaved requests and a prefill of ``slot_batch``."""
     cells = []
     for slots in config.slot_counts:
-        lora = patch(model, config, slots)
+        loras = patch_all(model, config, slots)
         try:
-            decode = _Steps(lora, model, config.decode_batch, config.slot_seq, config.max_cache_len, config)
-            prefill = _Steps(lora, model, config.slot_batch, config.slot_seq, config.max_cache_len, config)
+            decode = _Steps(loras, config.decode_batch, config.slot_seq, config.max_cache_len, config)
+            prefill = _Steps(loras, config.slot_batch, config.slot_seq, config.max_cache_len, config)
             cell = {**measure(decode, ("decode",), config), **measure(prefill, ("prefill",), config)}
         finally:
-            lora.unpatch()
+            unpatch_all(loras)
         cells.append(cell)
         _progress(f"slots {slots}: decode {_rates(cell['decode'])}; prefill {_rates(cell['prefill'])}", start)
     return cells
@@ -401,30 +437,41 @@ def run_slot_sweep(model: nn.Module, config: E2EConfig, start: float) -> list[di
 def check_cache(model: nn.Module, config: E2EConfig) -> dict[str, float]:
     """Max |logits difference| of prefill + one decode step (fresh cache) against one full forward, per formulation.
 
-    Four requests on distinct adapters (one on the base model), 16 input tokens.
+    Four requests on distinct adapters (one on the base model), 16 input tokens. With ``compare_pool`` also
+    ``INT8_VS_POOL``: the int8 pool's cached logits against the float pool's full forward, as a fraction of
+    the adapters' effect (the float pool's largest |logits difference| from the base model's), since int8
+    rows are rounded.
     """
     import torch_xla
     import transformers
 
-    lora = patch(model, config, config.num_adapters)
-    errors = {}
+    loras = patch_all(model, config, config.num_adapters)
+    errors, cached, full = {}, {}, {}
     try:
-        steps = _Steps(lora, model, 4, 16, 32, config)
+        steps = _Steps(loras, 4, 16, 32, config)
         steps.names[-1] = None
         whole = torch.cat([steps.ids, steps.next_ids], dim=1)
         for formulation in [f for f in config.formulations if f != "base"]:
-            steps.cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+            lora = steps.handle(formulation)
+            steps.cache = transformers.StaticCache(config=lora.model.config, max_cache_len=32)
             with torch.no_grad():
                 for prepare, forward in (steps.prefill(formulation), steps.decode(formulation)):
                     prepare()
-                    cached = forward()
+                    out = forward()
                     torch_xla.sync()
+                cached[formulation] = out.cpu()
                 lora.set_batch(steps.names)
                 with _formulation(lora, formulation):
-                    full = model(whole, logits_to_keep=1).logits
-            errors[formulation] = float((cached.cpu() - full.cpu()).abs().max())
+                    full[formulation] = lora.model(whole, logits_to_keep=1).logits.cpu()
+            errors[formulation] = float((cached[formulation] - full[formulation]).abs().max())
+        if config.compare_pool:
+            loras[POOL].clear_batch()
+            with torch.no_grad():
+                base = loras[POOL].model(whole, logits_to_keep=1).logits.cpu()
+            effect = (full[POOL] - base).abs().max()
+            errors[INT8_VS_POOL] = float((cached[POOL_INT8] - full[POOL]).abs().max() / effect)
     finally:
-        lora.unpatch()
+        unpatch_all(loras)
     return errors
 
 
@@ -432,7 +479,6 @@ def run(config: E2EConfig, out_dir: Path, command: str = "") -> dict:
     """Run the check, the grid and the slot sweep; write the results to ``out_dir``; return the JSON document."""
     import torch_xla
 
-    from torch_xla_lora.bench import e2e_report
     from torch_xla_lora.ops import device_generation
 
     start = time.perf_counter()
@@ -498,6 +544,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[E2EConfig, Path]:
         action="store_const",
         const=True,
         help="also time the LoRA layers with base_fusion on, paired with the others",
+    )
+    parser.add_argument(
+        "--compare-pool",
+        dest="compare_pool",
+        action="store_const",
+        const=True,
+        help="also time the adapters in rank-true pools (float and int8), as ratios to padded slots",
     )
     parser.add_argument("--skip-check", dest="check", action="store_const", const=False, help="no cache check")
     args = vars(parser.parse_args(argv))

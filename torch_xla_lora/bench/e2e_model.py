@@ -5,6 +5,7 @@ one-hot einsum formulation (vLLM's TPU end state) swapped into the library's lay
 from __future__ import annotations
 
 import contextlib
+import copy
 import types
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -121,8 +122,92 @@ def patch(model: nn.Module, config: E2EConfig, slots: int):
         base_fusion={"auto": "auto", "on": True, "off": False}[config.base_fusion],
     )
     lora = tl.patch_model(model, lora_config)
+    _load_adapters(lora, config)
+    return lora
+
+
+def _load_adapters(lora, config: E2EConfig) -> None:
     shapes = {name: (layer.in_features, layer.out_features) for name, layer in lora.layers.items()}
     for number in range(config.num_adapters):
         state, adapter_config = random_adapter(shapes, config.rank, config.seed + 1 + number)
         lora.load_adapter(f"adapter{number}", state_dict=state, config=adapter_config)
+
+
+# -- rank-true pools (--compare-pool) --------------------------------------------------------------
+
+#: The pool formulations and their ``LoRAConfig.weight_dtype``.
+POOLS = {"pool": None, "pool int8": "int8"}
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules holding the same parameter and buffer tensors (no weight is copied), to
+    patch beside ``model``. Copy before patching: a patched model cannot be patched again."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+def pool_budget(padded, rows: int, int8: bool) -> int:
+    """Bytes of ``memory_budget`` whose pools hold ``rows`` rank rows: the pools' own accounting
+    (``pool_bytes``: the spare rows and int8 page-scale padding included) of ``padded``'s layers."""
+    return sum(layer.pool_bytes(rows, int8) for layer in padded.layers.values())
+
+
+def patch_pool(model: nn.Module, config: E2EConfig, slots: int, padded, weight_dtype: str | None):
+    """Patch ``model`` (e.g. a :func:`shared_copy`) with ``slots`` lanes of rank-true storage whose
+    ``memory_budget`` holds exactly the run's adapters (sized from ``padded``, the same layers with padded
+    slots); load them and make them all resident, so no step of the benchmark evicts or uploads.
+
+    Raises:
+      RuntimeError: the pool does not hold every adapter (its accounting disagrees with the budget's).
+    """
+    import torch_xla_lora as tl
+
+    int8 = weight_dtype == "int8"
+    rows = config.num_adapters * config.rank
+    for extra in (0, 1):  # an int8 pool the TPU kernel reads may keep one row fewer (pool.kernel_pool_rows)
+        lora_config = tl.LoRAConfig(
+            max_loras=slots,
+            max_rank=config.rank,
+            target_modules=LINEAR_TARGETS,
+            max_cpu_adapters=max(slots, config.num_adapters),
+            backend=config.backend,
+            base_fusion={"auto": "auto", "on": True, "off": False}[config.base_fusion],
+            memory_budget=pool_budget(padded, rows + extra, int8),
+            weight_dtype=weight_dtype,
+        )
+        lora = tl.patch_model(model, lora_config)
+        if next(iter(lora.layers.values())).pool_rows >= rows:
+            break
+        lora.unpatch()
+    _load_adapters(lora, config)
+    names = [f"adapter{number}" for number in range(config.num_adapters)]
+    lora.set_batch(names)  # uploads every adapter
+    lora.clear_batch()
+    memory = lora.memory()
+    row_bytes = sum(layer.pool_row_bytes(int8) for layer in lora.layers.values())
+    if sorted(memory["adapters"]) != sorted(names) or memory["used_bytes"] != rows * row_bytes:
+        lora.unpatch()
+        raise RuntimeError(f"the {weight_dtype or 'float'} pool does not hold the run's adapters: {memory}")
     return lora
+
+
+def patch_all(model: nn.Module, config: E2EConfig, slots: int) -> dict[str, object]:
+    """Formulation -> its patched handle: "lora" (``model`` with :func:`patch`; base, one-hot and fused
+    run on it too) and, with ``config.compare_pool``, "pool" and "pool int8" (:func:`patch_pool` on
+    shared copies of ``model``). Unpatch them all when done (:func:`unpatch_all`)."""
+    copies = {name: shared_copy(model) for name in POOLS} if config.compare_pool else {}
+    loras = {"lora": patch(model, config, slots)}
+    try:
+        for name, weight_dtype in POOLS.items():
+            if name in copies:
+                loras[name] = patch_pool(copies[name], config, slots, loras["lora"], weight_dtype)
+    except BaseException:
+        unpatch_all(loras)
+        raise
+    return loras
+
+
+def unpatch_all(loras: dict[str, object]) -> None:
+    """Unpatch every handle of :func:`patch_all`."""
+    for lora in loras.values():
+        lora.unpatch()
