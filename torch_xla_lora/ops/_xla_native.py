@@ -490,8 +490,8 @@ def pooled_shrink_expand(
     """``ops.pooled_shrink_expand`` reading only the true-rank rows of the lanes the batch uses.
 
     Those rows are numbered side by side (lane by lane, each its true rank) and taken
-    ``LANE_COLUMNS`` at a time: per chunk one row gather from each pool, one
-    [T, D] x [D, 128] shrink and one [T, 128] x [128, Dout] expand, each token keeping
+    ``LANE_COLUMNS`` at a time: per chunk its rows read from each pool (:func:`_pool_rows`),
+    one [T, D] x [D, 128] shrink and one [T, 128] x [128, Dout] expand, each token keeping
     only its own lane's columns (selected, never multiplied by a mask). The chunks
     run in a ``fori_loop`` whose trip count is the batch's (device value): rows past
     the lanes' true ranks, and lanes no token uses, are neither read nor multiplied,
