@@ -52,14 +52,22 @@ def _pools(int8: bool, dtype: torch.dtype, seed: int = 0):
         a_pool, b_pool = a.to(dtype), b.to(dtype)
         a_pool[poisoned], b_pool[poisoned] = float("nan"), float("inf")
         return a_pool, b_pool, rows, None, None, a_pool.double(), b_pool.double()
-    a_pool = torch.randint(-127, 128, (DATA_ROWS + 2, IN), generator=gen, dtype=torch.int8)
-    b_pool = torch.randint(-127, 128, (DATA_ROWS + 2, OUT), generator=gen, dtype=torch.int8)
-    a_pool[zero], b_pool[zero] = 0, 0
-    a_scale = torch.rand(DATA_ROWS + 2, generator=gen) / 500 + 1e-3
-    b_scale = torch.rand(DATA_ROWS + 2, generator=gen) / 250 + 1e-3
+    a_pool, b_pool, a_scale, b_scale, dense_a, dense_b = _int8_pools(poisoned, gen)
+    return a_pool, b_pool, rows, a_scale, b_scale, dense_a, dense_b
+
+
+def _int8_pools(poisoned: torch.Tensor, gen: torch.Generator):
+    """(a_pool, b_pool, a_scale, b_scale, dense A, dense B in float64): random int8 pools of ``len(poisoned)``
+    rows (the zero row, second to last, zero) and their row scales, NaN (A) and Inf (B) at the ``poisoned`` rows."""
+    total = poisoned.shape[0]
+    a_pool = torch.randint(-127, 128, (total, IN), generator=gen, dtype=torch.int8)
+    b_pool = torch.randint(-127, 128, (total, OUT), generator=gen, dtype=torch.int8)
+    a_pool[total - 2], b_pool[total - 2] = 0, 0
+    a_scale = torch.rand(total, generator=gen) / 500 + 1e-3
+    b_scale = torch.rand(total, generator=gen) / 250 + 1e-3
     dense_a, dense_b = a_pool.double() * a_scale.double()[:, None], b_pool.double() * b_scale.double()[:, None]
     a_scale[poisoned], b_scale[poisoned] = float("nan"), float("inf")
-    return a_pool, b_pool, rows, a_scale, b_scale, dense_a, dense_b
+    return a_pool, b_pool, a_scale, b_scale, dense_a, dense_b
 
 
 def _batch(dtype: torch.dtype, blocks: bool = False, seed: int = 1):
@@ -333,13 +341,7 @@ def test_xla_decode_reads_the_used_lanes_true_rank_rows_in_chunks(int8, xla_devi
     assert sum(ranks[lane] for lane in range(lanes_count) if lane not in unused) == 295
     poisoned = torch.tensor([r not in used_rows for r in range(data_rows)] + [False, True])
     if int8:
-        a_pool = torch.randint(-127, 128, (data_rows + 2, IN), generator=gen, dtype=torch.int8)
-        b_pool = torch.randint(-127, 128, (data_rows + 2, OUT), generator=gen, dtype=torch.int8)
-        a_pool[zero], b_pool[zero] = 0, 0
-        a_scale = torch.rand(data_rows + 2, generator=gen) / 500 + 1e-3
-        b_scale = torch.rand(data_rows + 2, generator=gen) / 250 + 1e-3
-        dense_a, dense_b = a_pool.double() * a_scale.double()[:, None], b_pool.double() * b_scale.double()[:, None]
-        a_scale[poisoned], b_scale[poisoned] = float("nan"), float("inf")
+        a_pool, b_pool, a_scale, b_scale, dense_a, dense_b = _int8_pools(poisoned, gen)
     else:
         dense_a = torch.randn(data_rows + 2, IN, generator=gen, dtype=torch.float64) / 8
         dense_b = torch.randn(data_rows + 2, OUT, generator=gen, dtype=torch.float64) / 4
