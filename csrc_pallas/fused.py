@@ -301,9 +301,9 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
 
                 def page(slot, lane: int, p, step=step):
                     target = lane_page_target(dest, staging, lane, stride, p)
-                    getattr(page_copy(source, table.aligned(slot, p), columns, target, sem.at[which]), step)()
+                    getattr(page_copy(source, table.dma_row(slot, p), columns, target, sem.at[which]), step)()
 
-                for_lane_pages(table, slots, page)
+                for_lane_pages(table, slots, page, spill=True)
                 if int8 and which == 0:
 
                     def scale_tile(slot, lane: int, p, step=step):
@@ -620,11 +620,12 @@ def pooled_shrink_expand(
 
     Lane l's rank-r rows (r = 8q + t) are ``pages(r)`` pages of :data:`PAGE_ROWS` rows, page p starting at
     row ``page_table[l * pages(R) + p]``: for p < q a multiple of 8, the next seven rows contiguous (a whole
-    aligned page); for the tail page p = q (t > 0) ``aligned + o``, the lane's t rows contiguous from there
-    inside the aligned page (0 <= o, o + t <= 8; the pool's allocator places tails so, other adapters' tails
-    sharing the page). The kernel DMAs each page whole from its aligned row (``start - start % 8``) and uses
-    of the tail's page only rows [o, o + t): the page's other rows are selected out, whatever they hold
-    (Inf and NaN included); it reads nothing past the lane's last page. An int8 pool's row scales come
+    aligned page); for the tail page p = q (t > 0) ``aligned + o``, the lane's t rows contiguous from there,
+    inside the aligned page or running on into the next (o + t > 8, q + 2 <= pages(R): a spilled tail; the
+    pool's allocator places tails so, other adapters' tails sharing the pages). The kernel DMAs each page
+    whole from its aligned row (``start - start % 8``), a spilled tail's next aligned page too, and uses of
+    them only the tail's t rows: the pages' other rows are selected out, whatever they hold (Inf and NaN
+    included); it reads nothing past the lane's last page. An int8 pool's row scales come
     from ``page_scales`` at the true pool rows: the tile of each used page, or the whole array where that
     is fewer tiles (:func:`scale_read_bytes`). ``typical_ranks``: the distinct adapters' ranks for the cost
     estimate (default: ``lanes`` adapters of rank R).

@@ -608,10 +608,10 @@ def _kernel(
 
             def page(slot, lane, p):
                 target = lane_page_target(dest, staging, lane, stride, p)
-                copy = page_copy(source, table.aligned(slot, p), columns, target, sem.at[which])
+                copy = page_copy(source, table.dma_row(slot, p), columns, target, sem.at[which])
                 getattr(copy, step)()
 
-            for_lane_pages(table, slots, page)
+            for_lane_pages(table, slots, page, spill=True)
             if step == "wait" and staging is not None:
                 convert_pages(table, slots, staging, dest, stride)
 

@@ -6,11 +6,14 @@ adapters) are described by a page table built on the host (``pool.page_table``),
 scalar-prefetch array: lane l's page p starts at entry ``l * pages(R) + p``, and its true rank follows the
 page starts at entry ``L * pages(R) + l``.
 
-An adapter of rank ``r = 8q + t`` owns ``q`` aligned pages and, if ``t > 0``, ``t`` contiguous rows of one
-more aligned page at in-page offset ``o`` (``o + t <= 8``), whose other rows may belong to other adapters
-(a *tail page*). So a page start may be unaligned: the kernels DMA the aligned page that holds it
-(:func:`page_copy`: Mosaic slices a tiled HBM array only along whole (8, 128) tiles) into the lane's page
-of the VMEM tile, and take only the rows :func:`lane_rows` marks as the lane's. Every other row of a lane's
+An adapter of rank ``r = 8q + t`` owns ``q`` aligned pages and, if ``t > 0``, ``t`` contiguous rows at
+in-page offset ``o`` of one more aligned page, whose other rows may belong to other adapters (a *tail
+page*). A tail may run on into the next aligned page (``o + t > 8``, a *spilled* tail: the allocator packs
+tails of 5 to 7 rows so, where the lane's VMEM rows have room for the extra page). So a page start may be
+unaligned: the kernels DMA the aligned page that holds it (:func:`page_copy`: Mosaic slices a tiled HBM
+array only along whole (8, 128) tiles) into the lane's page of the VMEM tile, a spilled tail's next
+aligned page into the lane's next page (:meth:`PageTable.dma_pages`, :meth:`PageTable.dma_row`), and
+take only the rows :func:`lane_rows` marks as the lane's. Every other row of a lane's
 rows in VMEM (past its rank, another tenant's tail rows, an earlier chunk's values) must contribute
 nothing: the kernels *select* them out (``jnp.where``), never multiply them by zero, since they may hold
 Inf or NaN.
@@ -89,7 +92,8 @@ def scale_buffer_rows(pooled: Pooled, lanes: int) -> int:
 
 
 def pool_rows_read(ranks) -> int:
-    """Pool rows the kernels DMA for adapters of ``ranks``: whole pages (a tail page read whole)."""
+    """Pool rows the kernels DMA for adapters of ``ranks``: whole pages (a tail page read whole; a spilled tail,
+    which this does not know of, reads one page more)."""
     return sum(pages(int(rank)) * PAGE_ROWS for rank in ranks)
 
 
@@ -113,16 +117,30 @@ class PageTable:
         """The pool row of ``slot``'s page ``page``'s first rank row (unaligned in a tail page)."""
         return self.ref[jnp.maximum(slot, 0) * self.per_lane + page]
 
-    def aligned(self, slot, page):
-        """The first row of the aligned page that holds ``slot``'s page ``page``."""
-        row = self.start(slot, page)
-        return pl.multiple_of(row - row % PAGE_ROWS, PAGE_ROWS)
-
     def span(self, slot, page: int):
-        """(in-page offset, rows) of ``slot``'s page ``page``: its rows of the aligned page (0 rows past its rank)."""
+        """(in-page offset, rows) of ``slot``'s page ``page``: its rows from the aligned page on (0 rows past its
+        rank; a spilled tail's run on into the next aligned page, offset + rows > 8)."""
         offset = self.start(slot, page) % PAGE_ROWS
         count = jnp.clip(self.rank(slot) - page * PAGE_ROWS, 0, PAGE_ROWS)
         return offset, count
+
+    def spills(self, slot):
+        """Whether ``slot``'s tail runs on into the next aligned page (False for slot -1 and whole pages)."""
+        last = jnp.maximum(self.pages(slot) - 1, 0)
+        offset = self.start(slot, last) % PAGE_ROWS
+        return (self.rank(slot) > 0) & (offset + self.rank(slot) - last * PAGE_ROWS > PAGE_ROWS)
+
+    def dma_pages(self, slot):
+        """Aligned pages the kernels DMA for ``slot``: :meth:`pages`, plus one where its tail spills."""
+        return self.pages(slot) + self.spills(slot).astype(jnp.int32)
+
+    def dma_row(self, slot, page):
+        """The first row of the aligned page DMA'd into ``slot``'s VMEM page ``page`` (< :meth:`dma_pages`): the
+        page holding its page ``page``, or for the spilled tail's extra page the aligned page after the tail's."""
+        last = jnp.maximum(self.pages(slot) - 1, 0)
+        spill = self.ref[jnp.maximum(slot, 0) * self.per_lane + last]
+        row = jnp.where(page < self.pages(slot), self.start(slot, jnp.minimum(page, self.per_lane - 1)), spill)
+        return pl.multiple_of(row - row % PAGE_ROWS + jnp.where(page < self.pages(slot), 0, PAGE_ROWS), PAGE_ROWS)
 
 
 def page_copy(source, row, columns, target, sem):
@@ -137,21 +155,22 @@ def lane_page_target(dest, staging, lane: int, stride: int, page):
     return staging.at[lane * (stride // PAGE_ROWS) + page]
 
 
-def for_lane_pages(table: PageTable, slots, step: Callable) -> None:
-    """``step(slot, lane, page)`` for every page of every lane's true rank (``slots``: the chunk's lane slots)."""
+def for_lane_pages(table: PageTable, slots, step: Callable, *, spill: bool = False) -> None:
+    """``step(slot, lane, page)`` for every page of every lane's true rank (``slots``: the chunk's lane slots);
+    ``spill``: a spilled tail's extra page too (the pages DMA'd, :meth:`PageTable.dma_pages`)."""
     for lane, slot in enumerate(slots):
 
         def body(page, carry, slot=slot, lane=lane):
             step(jnp.maximum(slot, 0), lane, page)
             return carry
 
-        jax.lax.fori_loop(0, table.pages(slot), body, 0)
+        jax.lax.fori_loop(0, table.dma_pages(slot) if spill else table.pages(slot), body, 0)
 
 
 def convert_pages(table: PageTable, slots, staging, dest, stride: int) -> None:
     """int8 pages staged for the chunk's lanes, converted into their rows of ``dest`` (exact for |q| <= 127)."""
     for lane, slot in enumerate(slots):
-        count = table.pages(slot)
+        count = table.dma_pages(slot)
         for page in range(table.per_lane):
 
             @pl.when(page < count)
@@ -188,25 +207,23 @@ def choose_scale_mode(pooled: Pooled, scales_hbm, s_buf, mode_ref, sem, count_pa
 
 def lane_rows(table: PageTable, slots, stride: int, shape, axis: int):
     """bool ``shape``: the positions along ``axis`` of a chunk's laned rows (lane ``l`` at ``l * stride``, its
-    page p at ``+ 8p``) that hold one of the lane's own rank rows: in-page rows ``[o, o + min(8, r - 8p))``
-    of each page p < pages(r). Rows past the rank, another tenant's rows of a tail page, and unused lanes: False."""
+    page p at ``+ 8p``) that hold one of the lane's own rank rows: rows ``[8p + o, 8p + o + min(8, r - 8p))``
+    of the lane for each page p < pages(r) (a spilled tail's run on into the lane's next page). Rows past the
+    rank, another tenant's rows of a tail page, and unused lanes: False."""
     position = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
-    page_of, in_page = position // PAGE_ROWS, position % PAGE_ROWS
-    low = jnp.zeros(shape, jnp.int32)
-    high = jnp.zeros(shape, jnp.int32)
+    own = jnp.zeros(shape, bool)
     for lane, slot in enumerate(slots):
         for page in range(table.per_lane):
             offset, count = table.span(slot, page)
-            here = page_of == lane * (stride // PAGE_ROWS) + page
-            low = jnp.where(here, offset, low)
-            high = jnp.where(here, offset + count, high)
-    return (in_page >= low) & (in_page < high)
+            first = lane * stride + page * PAGE_ROWS + offset
+            own = own | ((position >= first) & (position < first + count))
+    return own
 
 
 def row_scales(table: PageTable, slots, stride: int, width: int, s_buf, mode_ref):
     """[1, width] float32: each laned rank channel's ``a_scale * b_scale`` (int8 pools), read for the lanes' own
     rows only (1 elsewhere; the caller selects those channels out): from the whole array in SMEM (mode 1) or
-    from the tile of its page (mode 0, :func:`scale_tile_copy`)."""
+    from the tile of its page (mode 0, :func:`scale_tile_copy`; a spilled tail never crosses a tile)."""
     column = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
     out = jnp.ones((1, width), jnp.float32)
     for lane, slot in enumerate(slots):

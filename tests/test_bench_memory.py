@@ -79,12 +79,12 @@ def test_quality_figures_match_plain_torch_and_peft():
     assert table[8]["delta_rel_error_max"] >= layer["delta_rel_error"]
 
 
-def test_resident_bytes_follow_the_true_ranks_with_tails_sharing_pages():
+def test_resident_bytes_follow_the_true_ranks_with_tails_sharing_and_spanning_pages():
     """``bench memory --resident`` at Llama-3-8B shapes, a budget of 90 bf16 rank rows (88 data rows, 11 aligned
     pages where the TPU kernel may run): an adapter's own bytes are its rank's elements (bf16) plus the int8 row
     and page scales (12 bytes a row and layer); the pool's allocator holds 22 rank-4 adapters (two tails a page),
-    7 of rank 12 (a page each and two tails a page) and 11 of rank 5 (a tail of 5 shares its page with no
-    other), the figures here from page arithmetic alone."""
+    7 of rank 12 (a page each and two tails a page) and 17 of rank 5 (85 of the 88 rows: a tail of 5 shares
+    no page with another whole, so they run on from page to page), the figures here from page arithmetic alone."""
     from torch_xla_lora.bench import memory
 
     layers, per_layer = 32, (4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 3 * (4096 + 14336)
@@ -93,11 +93,10 @@ def test_resident_bytes_follow_the_true_ranks_with_tails_sharing_pages():
     budget = 90 * 2 * elements
     rows = memory.resident("llama-3-8b", budget, ranks=(4, 5, 12))
     by = {(r["dtype"], r["rank"]): r for r in rows}
-    for rank, count in ((4, 22), (5, 11), (12, 7)):
+    for rank, count in ((4, 22), (5, 17), (12, 7)):
         bf16, int8 = by["bf16", rank], by["int8", rank]
         assert bf16["adapters"] == count and int8["adapters"] >= 2 * count
         assert bf16["own_ratio"] == 1.0
         assert abs(int8["own_ratio"] - (1 + 12 * 7 * layers / elements)) < 1e-12
         assert abs(bf16["budget_ratio"] - budget / count / (rank * elements * 2)) < 1e-12
-    assert by["bf16", 4]["budget_ratio"] <= 1.10 and by["bf16", 12]["budget_ratio"] <= 1.10
-    assert by["bf16", 5]["budget_ratio"] > 1.5  # 8 rows a rank-5 adapter: its tail's page is its own
+    assert all(by["bf16", rank]["budget_ratio"] <= 1.10 for rank in (4, 5, 12))

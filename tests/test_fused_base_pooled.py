@@ -2,8 +2,9 @@
 
 References: the op's torch reference on CPU tensors (``_linear_fused.pooled_reference``: per lane, its rows
 ``rows[l, :r]`` gathered by plain torch indexing), float64 numpy for the kernel called directly, and PEFT's
-mixed batch for a patched model. The row tables are built by hand: mixed true ranks (4, 12, 16, 64) with
-tail pages at in-page offsets 2 and 4 whose other rows belong to tenants outside the batch and hold Inf/NaN.
+mixed batch for a patched model. The row tables are built by hand: mixed true ranks (4, 13, 16, 64) with
+tails at in-page offsets 2 and 6, the second spilling into the next page, whose other rows belong to tenants
+outside the batch and hold Inf/NaN.
 """
 
 import copy
@@ -31,11 +32,11 @@ from torch_xla_lora.layers.linear import LinearWithLoRA
 from torch_xla_lora.ops._linear_fused import linear_lora_pooled, pooled_reference
 
 K, N, R, P = 256, 128, 64, 128  # in, out, the table's rank, the pools' data rows
-#: Each lane's pool rows in rank order: rank 4 in a tail page at offset 2 (rows 40-45's others are neighbours'),
-#: rank 12 = one page + a tail at offset 4 of page 48 (rows 48-51 a neighbour's), rank 16 in two aligned pages,
-#: rank 64 in eight, and an unused lane (rank 0).
-LANE_ROWS = [list(range(42, 46)), list(range(0, 8)) + list(range(52, 56)), list(range(8, 24)), list(range(56, 120)), []]
-NEIGHBOURS = [40, 41, 46, 47, 48, 49, 50, 51]  # rows of shared tail pages that belong to no lane of the batch
+#: Each lane's pool rows in rank order: rank 4 in a tail page at offset 2 (rows 40-41 a neighbour's), rank 13 =
+#: one page + a 5-row tail from offset 6 of page 40 spilling into rows 48-50 of the next page (rows 51-55 a
+#: neighbour's), rank 16 in two aligned pages, rank 64 in eight, and an unused lane (rank 0).
+LANE_ROWS = [list(range(42, 46)), list(range(0, 8)) + list(range(46, 51)), list(range(8, 24)), list(range(56, 120)), []]
+NEIGHBOURS = [40, 41, 51, 52, 53, 54, 55]  # rows of shared tail pages that belong to no lane of the batch
 L = len(LANE_ROWS)
 SCALING = 0.5
 

@@ -402,14 +402,53 @@ def _manager(rows: int, max_loras: int = 5, max_rank: int = 64, max_cpu_adapters
     return manager
 
 
-def _check_layout(rows: list[int], rank: int) -> None:
-    """The kernel's layout: entries 8p..8p+7 (p < rank // 8) one aligned page, the tail contiguous in one page."""
+def _check_layout(rows: list[int], rank: int, spills: bool = False) -> bool:
+    """The kernel's layout: entries 8p..8p+7 (p < rank // 8) one aligned page, the tail contiguous in one page, or
+    where ``spills`` in one or two (never across a 1024-row page-scale tile). Returns whether the tail spilled."""
     assert len(rows) == rank
     for first in range(0, rank - rank % 8, 8):
         assert rows[first] % 8 == 0 and rows[first : first + 8] == list(range(rows[first], rows[first] + 8))
     tail = rows[rank - rank % 8 :]
-    if tail:
-        assert tail == list(range(tail[0], tail[0] + len(tail))) and tail[0] // 8 == tail[-1] // 8
+    if not tail:
+        return False
+    assert tail == list(range(tail[0], tail[0] + len(tail)))
+    spilled = tail[0] // 8 != tail[-1] // 8
+    assert not spilled or (spills and tail[0] // 1024 == tail[-1] // 1024)
+    return spilled
+
+
+def test_tails_of_five_to_seven_rows_run_on_into_the_next_page():
+    """Tails of more than half a page never share one, so they run on into the next (the kernel then DMAs one
+    page more): rank-13 adapters fill a pool of 15 pages nine at a time (each 13 rows: 117 of 120, whole pages
+    taken from the top, tails packed from the bottom; seven if each tail had a page), rank-5 adapters fill 1,040
+    rows 207 at a time with no tail across the page-scale tile at row 1024. A tail spills only where a lane's
+    pages(max_rank) pages have room for the extra page: rank 13 at max_rank 16 and rank 5 at max_rank 8 keep
+    each tail in one page; tails of at most 4 rows never spill."""
+
+    def fill(manager, rank: int) -> list[list[int]]:
+        count = 0
+        while True:
+            manager.add(_adapter(str(count), rank))
+            try:
+                manager.pin(str(count))
+            except PoolFullError:
+                return [manager._rows[str(i)] for i in range(count)]
+            count += 1
+
+    for rows, rank, max_rank, expected, spills in (
+        (120, 13, 64, 9, True),
+        (1040, 5, 64, 207, True),
+        (120, 13, 16, 7, False),
+        (120, 5, 8, 15, False),
+        (120, 4, 64, 30, False),
+        (120, 11, 64, 10, False),  # 3-row tails two to a page: 10 whole pages and 5 tail pages
+    ):
+        placed = fill(_manager(rows, max_rank=max_rank), rank)
+        assert len(placed) == expected, (rank, max_rank)
+        everything = [row for adapter in placed for row in adapter]
+        assert len(set(everything)) == len(everything) and max(everything) < rows
+        spilled = [_check_layout(adapter, rank, spills) for adapter in placed]
+        assert any(spilled) is spills
 
 
 def test_tails_share_pages_and_adapters_cost_their_own_rows():

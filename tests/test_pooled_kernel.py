@@ -3,9 +3,11 @@
 References: float64 torch math over each lane's true-rank rows, written here from the op's contract (pool
 rows named by the table, int8 rows times their scales); PEFT's own mixed batch for the layers' wiring is in
 tests/test_pool.py. Every pool here is poisoned where a lane's true rank ends: its unused rows hold NaN (A)
-and Inf (B), int8 pools a NaN / Inf scale there, and so do the rows of lane 4 (an adapter no token uses)
-whose tail shares an aligned page with lane 2's tail; tails of lanes 0 and 1 share another page (at in-page
-offsets 4 and 0), so a result that used any row of a shared page but the lane's own would not be finite.
+and Inf (B), int8 pools a NaN / Inf scale there, and so do the rows of lane 4 (an adapter no token uses),
+whose tail shares an aligned page with lane 3's; lane 3's 5-row tail runs on from that page into the next (a
+spilled tail), where lane 2's tail follows it; tails of lanes 0 and 1 share another page (at in-page offsets
+4 and 0), so a result that used any row of a shared page but the lane's own, or missed a row of the spilled
+tail, would be wrong.
 """
 
 import pytest
@@ -18,10 +20,11 @@ from torch_xla_lora.kernels import fused
 
 DATA_ROWS = 64  # 8 pages of 8 rows
 LANES, MAX_RANK = 5, 24
-RANKS = (20, 4, 12, 16, 3)  # lane 4 has rows (poisoned) but no token
-#: lane -> (tail page, in-page offset) of the tails (rank % 8 rows): two pages shared by two tails each, row 7
-#: of the second no adapter's (the allocator's layout, ``pool.PoolManager`` at granule 8)
-TAILS = {1: (0, 0), 0: (0, 4), 4: (1, 0), 2: (1, 3)}
+RANKS = (20, 4, 12, 13, 3)  # lane 4 has rows (poisoned) but no token
+#: lane -> (page, in-page offset) where its tail (rank % 8 rows) starts: page 7 shared by lanes 1 and 0; lane 3's
+#: tail spills from page 5 (rows 5-7, after lane 4's and two free rows) into page 6 (rows 0-1), lane 2's
+#: follows it (rows 2-5 of page 6; rows 6-7 free). The allocator's layout (``pool.PoolManager`` at granule 8).
+TAILS = {1: (7, 0), 0: (7, 4), 4: (5, 0), 3: (5, 5), 2: (6, 2)}
 IN, OUT, TOKENS = 256, 384, 20  # lane-aligned widths: the fused kernel runs them; 20 tokens pad to a block
 SCALING = 0.5
 
@@ -30,10 +33,9 @@ def _pools(int8: bool, dtype: torch.dtype, seed: int = 0):
     """(a_pool, b_pool, rows [L, R] int32, a_scale, b_scale, dense A and B rows in float64 [P + 2, *])."""
     gen = torch.Generator().manual_seed(seed)
     zero = DATA_ROWS
-    pages = torch.randperm(DATA_ROWS // fused.PAGE_ROWS - 1, generator=gen).tolist()  # scattered, any order
+    pages = torch.randperm(5, generator=gen).tolist()  # the whole pages 0-4: scattered, any order
     # The pool's last page holds lanes 1 and 0's tails: a DMA of 8 rows from lane 0's unaligned tail start (60)
     # would run past the pool (66 rows), so only the aligned page's rows can give the exact result.
-    tail_pages = [DATA_ROWS // fused.PAGE_ROWS - 1, pages.pop()]
     rows = torch.full((LANES, MAX_RANK), zero, dtype=torch.int32)
     used = set()
     for lane, rank in enumerate(RANKS):
@@ -41,7 +43,7 @@ def _pools(int8: bool, dtype: torch.dtype, seed: int = 0):
         lane_rows = [8 * page + k for page in whole for k in range(8)]
         if rank % 8:
             page, offset = TAILS[lane]
-            lane_rows += [8 * tail_pages[page] + offset + k for k in range(rank % 8)]
+            lane_rows += [8 * page + offset + k for k in range(rank % 8)]
         rows[lane, :rank] = torch.tensor(lane_rows, dtype=torch.int32)
         used.update(lane_rows if lane != 4 else ())
     poisoned = torch.tensor([r not in used for r in range(DATA_ROWS)] + [False, True])  # scratch row too
@@ -105,7 +107,8 @@ CASES = [  # (backend, pool kind, compute dtype, several token blocks with host 
 @pytest.mark.parametrize(("backend", "kind", "dtype", "blocks"), CASES, ids=lambda v: str(v).removeprefix("torch."))
 def test_op_reads_each_lane_at_its_true_rank(backend, kind, dtype, blocks, xla_device, monkeypatch):
     """The Pallas kernel (interpret mode off TPU) and the XLA-native op against float64 math: ranks 20, 4, 12,
-    16 on scattered pages, tails sharing aligned pages at in-page offsets 0, 3 and 4, base rows, an
+    13 on scattered pages, tails sharing aligned pages at in-page offsets 0, 2, 4 and 5, one spilling into the
+    next page (the module's layout), base rows, an
     out-of-range lane, a lane with rows but no token; the unused rows and that lane's (a neighbour tail in a
     shared page) poisoned with Inf / NaN. Base and out-of-range rows are exactly the base. ``blocks``:
     several token blocks, with the batch's host-built grouping of the slots the pool stands for
@@ -179,11 +182,16 @@ def _int8_rounded(factor: torch.Tensor, rank_dim: int) -> torch.Tensor:
     return rounded if rank_dim == 0 else rounded.T
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
-def test_pooled_layer_runs_the_kernel_on_allocated_pages(int8, xla_device, monkeypatch):
+@pytest.mark.parametrize(
+    ("int8", "ranks"),
+    [(False, (4, 12, 16)), (True, (4, 12, 16)), (False, (5, 5, 16))],
+    ids=["float", "int8", "float-spilled"],
+)
+def test_pooled_layer_runs_the_kernel_on_allocated_pages(int8, ranks, xla_device, monkeypatch):
     """A patched linear layer with a budget and the Pallas backend: the pool places ranks 4, 12, 16 in their own
     4, 12, 16 rows (the 4-row tails of the rank-4 and rank-12 adapters sharing one aligned page, one of them at
-    in-page offset 4), the layer runs the pooled kernel on them (interpret mode off TPU) through the batch's
+    in-page offset 4; or two rank-5 adapters, the second's tail running on from the first's page into the next),
+    the layer runs the pooled kernel on them (interpret mode off TPU) through the batch's
     host-built page table (nothing derived from the row table in the graph), and a mixed batch with a base
     row equals PEFT's own mixed batch (``adapter_names``); an int8 pool (``weight_dtype="int8"``, the page
     scales read in the kernel) equals PEFT's mixed batch with each rank row of the factors rounded to int8."""
@@ -194,7 +202,7 @@ def test_pooled_layer_runs_the_kernel_on_allocated_pages(int8, xla_device, monke
 
     torch.manual_seed(0)
     model = _Proj()
-    ranks = {"a": 4, "b": 12, "c": 16}
+    ranks = dict(zip("abc", ranks, strict=True))
     reference = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's warning about adapter names containing "a"
@@ -221,8 +229,12 @@ def test_pooled_layer_runs_the_kernel_on_allocated_pages(int8, xla_device, monke
     assert lora.manager.granule == fused.PAGE_ROWS
     rows = ["b", None, "a", "c", "b"]
     lora.set_batch(rows)
-    tails = [lora.manager._rows[name][-4:] for name in ("a", "b")]
-    assert tails[0][0] // 8 == tails[1][0] // 8 and {tails[0][0] % 8, tails[1][0] % 8} == {0, 4}
+    tails = [lora.manager._rows[name][-(ranks[name] % 8) :] for name in ("a", "b")]
+    if ranks["a"] == 4:
+        assert tails[0][0] // 8 == tails[1][0] // 8 and {tails[0][0] % 8, tails[1][0] % 8} == {0, 4}
+    else:  # one tail continues the other: rows 5-7 of its page and 0-1 of the next
+        first, second = sorted(tails)
+        assert first[0] % 8 == 0 and second == list(range(first[0] + 5, first[0] + 10))
 
     def gathered(*args, **kwargs):
         raise AssertionError("the layer gathered its lanes instead of reading the pools")

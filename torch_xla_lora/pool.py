@@ -18,8 +18,8 @@ true-rank rows, a longer batch gathers the table's rows into slots; on TPU only
 each lane's true-rank pages, so there
 the allocator places an adapter of rank r = 8q + t in q whole aligned pages of
 :data:`KERNEL_PAGE_ROWS` rows and, if t > 0, t contiguous rows inside one aligned
-page that other adapters' tails may share; the kernel DMAs that whole page and
-uses only the tail's rows); other
+page that other adapters' tails may share, or running on into the next; the kernel
+DMAs those whole pages and uses only the tail's rows); other
 layers gather their rows into the ``[max_loras, max_rank, ...]`` layout the
 slot ops read (:func:`gather_slots`), dequantising int8 rows on the way. No
 load, eviction or mix of ranks changes a compiled graph. Rows are written with one fixed-shape ``index_copy_``
@@ -66,7 +66,8 @@ SPARE_ROWS = 2
 SCALE_BYTES = 4
 #: Rows per page of the TPU pooled kernel (``kernels.fused.PAGE_ROWS``): it DMAs an adapter's rows an aligned page
 #: at a time, so where it may run (:func:`granule_for`) an adapter of rank 8q + t owns q whole aligned pages and its
-#: tail of t rows lies contiguous inside one aligned page, which other adapters' tails may share.
+#: tail of t rows lies contiguous inside one aligned page, which other adapters' tails may share, or (t >= 5)
+#: runs on into the next page (:meth:`PoolManager._tail_rows`).
 KERNEL_PAGE_ROWS = 8
 
 #: Rows of the HBM tile XLA gives a v6e int8 array whose row count is a multiple of it (else 8-row tiles): the
@@ -212,7 +213,7 @@ def granule_for(layers: Mapping[str, BaseLayerWithLoRA]) -> int:
     """The page the allocator places adapters in: :data:`KERNEL_PAGE_ROWS` where a layer may run the pooled
     Pallas kernel (backend "pallas", or "auto" on a TPU), else 1 (any rows: the ops gather them). At 8 an
     adapter of rank 8q + t gets q whole aligned pages and t contiguous rows inside one aligned page (which
-    other adapters' tails may share); either way it owns exactly ``rank`` rows."""
+    other adapters' tails may share) or running on into the next; either way it owns exactly ``rank`` rows."""
     from torch_xla_lora import ops
 
     for layer in layers.values():
@@ -253,8 +254,8 @@ class PoolManager:
       budget_bytes: the configured budget.
       granule: the allocator's page (default: :func:`granule_for` the layers): 1, any rows; 8, an adapter of
         rank 8q + t gets q whole aligned pages (entries 8p .. 8p + 7 of its rows one page) and its t tail rows
-        contiguous inside one aligned page, best fit among the pages other tails use, else a free page. Either
-        way it owns ``rank`` rows: the rows of a shared page no adapter owns are free.
+        contiguous (:meth:`_place`, :meth:`_tail_rows`). Either way it owns ``rank`` rows: the rows of a shared
+        page no adapter owns are free.
     """
 
     pooled = True
@@ -552,11 +553,11 @@ class PoolManager:
     def _place(self, free: set[int], ranks: Sequence[int]) -> list[list[int]] | None:
         """Rows for adapters of ``ranks`` out of ``free`` (not changed), or None where they cannot all be placed.
 
-        Granule 1: the lowest free rows. Granule g > 1: an adapter of rank r = g * q + t takes the q lowest whole
-        free aligned pages and, if t > 0, t contiguous free rows inside one page: the shortest free run of t or
-        more rows in a page other rows of which are taken (best fit, the run's first rows), else the lowest
-        whole free page. Tails are placed longest first; each adapter's rows come whole pages first, then the
-        tail (its row-table layout)."""
+        Granule 1: the lowest free rows. Granule g > 1: an adapter of rank r = g * q + t takes the q highest whole
+        free aligned pages and, if t > 0, t contiguous free rows, low in the pool (:meth:`_tail_rows`): tails
+        gather at the bottom, where they can share pages and run on from one page into the next, whole pages at
+        the top. Tails are placed longest first; each adapter's rows come whole pages first, then the tail (its
+        row-table layout)."""
         g = self.granule
         if g == 1:
             rows = sorted(free)
@@ -573,37 +574,66 @@ class PoolManager:
         out: list[list[int] | None] = [None] * len(ranks)
         for i in sorted(range(len(ranks)), key=lambda i: -(ranks[i] % g)):
             full, tail = divmod(ranks[i], g)
-            whole = sorted(p for p, free_rows in offsets.items() if len(free_rows) == g)
-            if len(whole) < full + (tail > 0 and not self._shared_run(offsets, tail)):
+            whole = sorted((p for p, free_rows in offsets.items() if len(free_rows) == g), reverse=True)[:full]
+            if len(whole) < full:
                 return None
-            rows = [p * g + k for p in whole[:full] for k in range(g)]
-            for p in whole[:full]:
+            rows = [p * g + k for p in whole for k in range(g)]
+            for p in whole:
                 del offsets[p]
             if tail:
-                found = self._shared_run(offsets, tail)
-                page, first = found if found else (min(p for p, f in offsets.items() if len(f) == g), 0)
-                rows += [page * g + first + k for k in range(tail)]
-                offsets[page] -= set(range(first, first + tail))
+                found = self._tail_rows(offsets, tail, spill=self._may_spill(full, tail))
+                if found is None:
+                    return None
+                rows += found
+                for row in found:
+                    offsets[row // g].discard(row % g)
             out[i] = rows
         return out
 
-    def _shared_run(self, offsets: Mapping[int, set[int]], tail: int) -> tuple[int, int] | None:
-        """(page, first offset) of the shortest run of at least ``tail`` contiguous free rows in a page that
-        is not wholly free (lowest page and offset among equals), or None."""
+    def _may_spill(self, full: int, tail: int) -> bool:
+        """Whether the tail of an adapter with ``full`` whole pages may run on into the next aligned page: tails
+        of more than half a page (two of which never share one), where the pooled kernel's VMEM rows of a lane
+        (``pages(max_rank)`` pages) have room for the extra page it then DMAs."""
+        return tail > self.granule // 2 and (full + 2) * self.granule <= span_rows(self.max_rank, self.granule)
+
+    def _tail_rows(self, offsets: dict[int, set[int]], tail: int, *, spill: bool) -> list[int] | None:
+        """``tail`` contiguous free rows for a tail (``offsets``: page -> free in-page rows; not changed), or None.
+
+        In order: the shortest free run of ``tail`` or more rows inside a page other rows of which are taken
+        (best fit, the run's first rows; lowest page and offset among equals); where ``spill``, a page's free
+        rows up to its end continued by the next page's first free rows (next pages that are partly taken
+        first, then the lowest), never across a page-scale tile (the kernel reads a tail's scales from one);
+        else the lowest wholly free page's first rows."""
+        g = self.granule
         best = None
         for page in sorted(offsets):
             free_rows = offsets[page]
-            if len(free_rows) == self.granule:
+            if len(free_rows) == g:
                 continue
             run = 0
-            for k in range(self.granule + 1):
-                if k < self.granule and k in free_rows:
+            for k in range(g + 1):
+                if k < g and k in free_rows:
                     run += 1
                     continue
                 if run >= tail and (best is None or run < best[0]):
-                    best = (run, page, k - run)
+                    best = (run, page * g + k - run)
                 run = 0
-        return None if best is None else best[1:]
+        if best is not None:
+            return list(range(best[1], best[1] + tail))
+        if spill:
+            spills = []
+            for page in sorted(offsets):
+                free_rows, after = offsets[page], offsets.get(page + 1, set())
+                end = next((k for k in range(g, 0, -1) if k - 1 not in free_rows), 0)  # its free run to the end
+                if len(free_rows) == g or end == g or (page + 1) * g % PAGE_SCALE_TILE == 0:
+                    continue
+                if all(k in after for k in range(tail - (g - end))):
+                    spills.append((len(after) == g, page * g + end))
+            if spills:
+                first = min(spills)[1]
+                return list(range(first, first + tail))
+        whole = [p for p, free_rows in offsets.items() if len(free_rows) == g]
+        return None if not whole else list(range(min(whole) * g, min(whole) * g + tail))
 
     def _write(self, rows: list[int], adapter: LoRAAdapter | None) -> None:
         """Write ``adapter``'s rows (None: zeros) in every layer: ``max_rank`` rows, padding to the scratch row."""

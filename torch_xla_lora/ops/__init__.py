@@ -505,9 +505,10 @@ def pooled_shrink_expand(
       lanes: [T] int32: each token's lane; outside [0, L) adds nothing.
       rows: [L, R] int32: each lane's pool rows. On the "pallas" backend a lane of rank r = 8q + t comes in
         q aligned pages and a tail: for p < q entry ``8p`` is a multiple of 8 and entries ``8p .. 8p + 7``
-        are that row and the next seven; entries ``8q .. r - 1`` (t > 0) are contiguous rows inside one
-        aligned page, from any in-page offset o (o + t <= 8; the page's other rows may be other lanes' or
-        adapters' and are never used for this lane). ``PoolManager`` with ``granule`` 8 allocates so.
+        are that row and the next seven; entries ``8q .. r - 1`` (t > 0) are contiguous rows from any
+        in-page offset o, inside one aligned page (o + t <= 8) or, where q + 2 <= ceil(R / 8), running on
+        into the next without crossing a multiple of 1024 rows (the pages' other rows may be other lanes'
+        or adapters' and are never used for this lane). ``PoolManager`` with ``granule`` 8 allocates so.
       a_scale, b_scale: [P + 2] float32 per-row scales of int8 pools, else None.
       scaling: multiplies the LoRA product.
       backend: "auto", "pallas" or "xla" (XLA tensors only).
