@@ -109,19 +109,27 @@ def random_adapter(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> 
     return state, {"r": rank, "lora_alpha": rank, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in shapes})}
 
 
-def patch(model: nn.Module, config: E2EConfig, slots: int):
-    """Patch every linear layer of the decoder with ``slots`` slots; load the adapters; return the handle."""
+def lora_config(config: E2EConfig, slots: int, **extra):
+    """The run's ``LoRAConfig`` for ``slots`` slots (or lanes) on every linear layer of the decoder; ``extra``:
+    further fields (the pools' ``memory_budget`` and ``weight_dtype``)."""
     import torch_xla_lora as tl
 
-    lora_config = tl.LoRAConfig(
+    return tl.LoRAConfig(
         max_loras=slots,
         max_rank=config.rank,
         target_modules=LINEAR_TARGETS,
         max_cpu_adapters=max(slots, config.num_adapters),
         backend=config.backend,
         base_fusion={"auto": "auto", "on": True, "off": False}[config.base_fusion],
+        **extra,
     )
-    lora = tl.patch_model(model, lora_config)
+
+
+def patch(model: nn.Module, config: E2EConfig, slots: int):
+    """Patch every linear layer of the decoder with ``slots`` slots; load the adapters; return the handle."""
+    import torch_xla_lora as tl
+
+    lora = tl.patch_model(model, lora_config(config, slots))
     _load_adapters(lora, config)
     return lora
 
@@ -165,17 +173,8 @@ def patch_pool(model: nn.Module, config: E2EConfig, slots: int, padded, weight_d
     int8 = weight_dtype == "int8"
     rows = config.num_adapters * config.rank
     for extra in (0, 1):  # an int8 pool the TPU kernel reads may keep one row fewer (pool.kernel_pool_rows)
-        lora_config = tl.LoRAConfig(
-            max_loras=slots,
-            max_rank=config.rank,
-            target_modules=LINEAR_TARGETS,
-            max_cpu_adapters=max(slots, config.num_adapters),
-            backend=config.backend,
-            base_fusion={"auto": "auto", "on": True, "off": False}[config.base_fusion],
-            memory_budget=pool_budget(padded, rows + extra, int8),
-            weight_dtype=weight_dtype,
-        )
-        lora = tl.patch_model(model, lora_config)
+        budget = pool_budget(padded, rows + extra, int8)
+        lora = tl.patch_model(model, lora_config(config, slots, memory_budget=budget, weight_dtype=weight_dtype))
         if next(iter(lora.layers.values())).pool_rows >= rows:
             break
         lora.unpatch()
