@@ -61,6 +61,25 @@ def test_quick_run_json_covers_grid_and_sweep(quick_run):
     assert result["command"] == f"python -m torch_xla_lora.bench e2e --quick --out {quick_run[1]}"
 
 
+def test_isolated_parts_run_in_processes_of_their_own(tmp_path):
+    """With ``isolate`` (the command line's default) the check, the grid and each slot count run in spawned
+    processes: this process compiles nothing, and the results are whole (each child builds the same model
+    from the seed: the cache check passes, every formulation has its runs)."""
+    import torch_xla.debug.metrics as met
+
+    config = dataclasses.replace(
+        e2e.E2EConfig.quick(), isolate=True, batch_sizes=(2,), seq_lens=(16,), slot_counts=(8, 16), repeats=1
+    )
+    compiles = (met.metric_data("CompileTime") or (0,))[0]
+    result = e2e.run(config, tmp_path)
+    assert (met.metric_data("CompileTime") or (0,))[0] == compiles
+    assert result["cache_check"]["met"] and result["recompiles_during_timing"] == 0
+    assert [p["decode"]["slots"] for p in result["slot_sweep"]] == [8, 16]
+    assert [(p["prefill"]["batch"], p["prefill"]["seq"]) for p in result["grid"]] == [(2, 16)]
+    assert all(len(c["seconds"][f]) == 1 for p in result["grid"] for c in p.values() for f in e2e.FORMULATIONS)
+    assert not e2e.parse_args(["--one-process"])[0].isolate and e2e.parse_args([])[0].isolate
+
+
 @pytest.fixture(scope="module")
 def llama_on_device(xla_device):
     return tiny_llama(num_hidden_layers=1).to(xla_device)

@@ -103,6 +103,9 @@ class E2EConfig:
       compare_fusion: also time "fused", the LoRA layers with base_fusion on.
       compare_pool: also time "pool" and "pool int8", the adapters in rank-true storage (float, int8).
       check: run the cache correctness check first.
+      isolate: run the check, the grid and each slot count of the sweep in a process of its own (spawned;
+        each builds the same random model): one process holds only so many compiled XLA:CPU graphs, and
+        the default grid with ``compare_pool`` compiles more than that (LLVM: "Cannot allocate memory").
     """
 
     hidden: int = 2048
@@ -129,6 +132,7 @@ class E2EConfig:
     compare_pool: bool = False
     seed: int = 0
     check: bool = True
+    isolate: bool = True
 
     def __post_init__(self) -> None:
         if min(self.slot_counts, default=self.num_adapters) < self.num_adapters:
@@ -173,6 +177,7 @@ class E2EConfig:
             slot_seq=8,
             repeats=2,
             decode_steps=1,
+            isolate=False,
         )
 
     @classmethod
@@ -475,8 +480,32 @@ def check_cache(model: nn.Module, config: E2EConfig) -> dict[str, float]:
     return errors
 
 
+def _part(part: str, config: E2EConfig, slot_counts: tuple[int, ...], start: float, model: nn.Module | None = None):
+    """One part of :func:`run`: "check", "grid" or "slots" (the sweep at ``slot_counts``), on ``model`` (None:
+    built here, from the config's seed)."""
+    import torch_xla
+
+    if model is None:
+        model = build_model(config, torch_xla.device())
+    if part == "check":
+        return check_cache(model, config)
+    if part == "grid":
+        return run_grid(model, config, start)
+    return run_slot_sweep(model, dataclasses.replace(config, slot_counts=slot_counts), start)
+
+
+def _isolated(part: str, config: E2EConfig, slot_counts: tuple[int, ...], start: float):
+    """:func:`_part` in a spawned process of its own (its compiled graphs leave with it). ``start`` is a
+    ``perf_counter`` time, a system-wide monotonic clock, so the child's progress lines count from it too."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_part, (part, config, slot_counts, start))
+
+
 def run(config: E2EConfig, out_dir: Path, command: str = "") -> dict:
-    """Run the check, the grid and the slot sweep; write the results to ``out_dir``; return the JSON document."""
+    """Run the check, the grid and the slot sweep (each part in a process of its own where ``config.isolate``);
+    write the results to ``out_dir``; return the JSON document."""
     import torch_xla
 
     from torch_xla_lora.ops import device_generation
@@ -488,13 +517,20 @@ def run(config: E2EConfig, out_dir: Path, command: str = "") -> dict:
         f"intermediate {config.intermediate}, vocab {config.vocab}, float32, on {device} ({device_generation()})",
         start,
     )
-    model = build_model(config, device)
+    model = None if config.isolate else build_model(config, device)
+
+    def part(name: str, slot_counts: tuple[int, ...] = ()):
+        if model is None:
+            return _isolated(name, config, slot_counts, start)
+        return _part(name, config, slot_counts, start, model)
+
     check = {}
     if config.check:
-        check = check_cache(model, config)
+        check = part("check")
         _progress("cached decode vs full forward, max |logits diff|: " + str(check), start)
-    grid = run_grid(model, config, start)
-    slots = run_slot_sweep(model, config, start)
+    grid = part("grid")
+    sweeps = [(count,) for count in config.slot_counts] if config.isolate else [config.slot_counts]
+    slots = [cell for counts in sweeps for cell in part("slots", counts)]
     result = e2e_report.document(config, grid, slots, check, time.perf_counter() - start, command)
     paths = e2e_report.write(result, out_dir)
     print()
@@ -553,6 +589,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[E2EConfig, Path]:
         help="also time the adapters in rank-true pools (float and int8), as ratios to padded slots",
     )
     parser.add_argument("--skip-check", dest="check", action="store_const", const=False, help="no cache check")
+    parser.add_argument(
+        "--one-process",
+        dest="isolate",
+        action="store_const",
+        const=False,
+        help="run every part in this process (by default the check, the grid and each slot count get their own)",
+    )
     args = vars(parser.parse_args(argv))
     quick, full, out = args.pop("quick"), args.pop("full"), args.pop("out")
     # (--skip-check stores False; absent, None keeps the default)
