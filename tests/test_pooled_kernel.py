@@ -330,19 +330,21 @@ def test_kernel_reads_the_host_page_table_not_the_row_table(int8):
     assert pool.page_table(table.reshape(-1), 3, 99).tolist() == [40, 48, 99, 99, 8, 99, 11, 0, 3]
 
 
+@pytest.mark.parametrize("few", [False, True], ids=["chunks", "narrow"])
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
-def test_xla_decode_reads_the_used_lanes_true_rank_rows_in_chunks(int8, xla_device):
+def test_xla_decode_reads_the_used_lanes_true_rank_rows_in_chunks(int8, few, xla_device):
     """The XLA-native op on a decode batch (``_xla_native.PACKED_MAX_TOKENS`` tokens or fewer) against float64
     math: 16 lanes of ranks 1 to 64 on scattered rows (the CPU allocator's granule 1), 295 rows among the
     lanes the batch uses, so their packed rows fill three chunks of 128 columns and a lane straddles each
-    chunk boundary; two lanes with rows but no token, base rows and an out-of-range lane. Every row that is
+    chunk boundary; two lanes with rows but no token, base rows and an out-of-range lane. ``few``: only four
+    lanes used (ranks 8, 16, 1, 5: 30 rows, the one chunk of ``NARROW_COLUMNS``). Every row that is
     not a used lane's true-rank row holds NaN (A) and Inf (B) (int8: its scales), so reading any of them, or
     multiplying one into another lane's column, would not give a finite result."""
     from torch_xla_lora.ops import _xla_native
 
     gen = torch.Generator().manual_seed(3)
     ranks = [64, 8, 8, 16, 64, 1, 33, 8, 16, 8, 64, 5, 8, 16, 40, 8]
-    unused = {4, 9}
+    unused = set(range(16)) - {1, 3, 5, 11} if few else {4, 9}
     lanes_count, max_rank, data_rows, tokens = len(ranks), 64, 512, _xla_native.PACKED_MAX_TOKENS
     zero = data_rows
     order = torch.randperm(data_rows, generator=gen).tolist()
@@ -350,7 +352,9 @@ def test_xla_decode_reads_the_used_lanes_true_rank_rows_in_chunks(int8, xla_devi
     for lane, rank in enumerate(ranks):
         rows[lane, :rank] = torch.tensor([order.pop() for _ in range(rank)], dtype=torch.int32)
     used_rows = {r for lane in range(lanes_count) if lane not in unused for r in rows[lane, : ranks[lane]].tolist()}
-    assert sum(ranks[lane] for lane in range(lanes_count) if lane not in unused) == 295
+    used_count = sum(ranks[lane] for lane in range(lanes_count) if lane not in unused)
+    assert used_count == 30 if few else used_count == 295
+    assert (used_count <= _xla_native.NARROW_COLUMNS) is few
     poisoned = torch.tensor([r not in used_rows for r in range(data_rows)] + [False, True])
     if int8:
         a_pool, b_pool, a_scale, b_scale, dense_a, dense_b = _int8_pools(poisoned, gen)

@@ -431,6 +431,9 @@ def shrink_expand(
 # packed side by side); more tokens gather the lanes into slots and run the slot ops, whose direct
 # algorithm takes each token's rank alone rather than every lane's.
 PACKED_MAX_TOKENS = 64
+#: A packed batch whose used lanes hold at most this many rows runs one chunk this wide instead of
+#: ``LANE_COLUMNS``-wide chunks: one adapter of rank 16 (a decode batch of one request) reads 32 rows, not 128.
+NARROW_COLUMNS = 32
 
 
 def lane_ranks(rows: jax.Array, zero_row: int) -> jax.Array:
@@ -443,7 +446,7 @@ def lane_ranks(rows: jax.Array, zero_row: int) -> jax.Array:
 class _Packed(NamedTuple):
     rows: jax.Array  # [C * LANE_COLUMNS] pool row of each packed column (the zero row past the batch's rows)
     lane: jax.Array  # [C * LANE_COLUMNS] lane of each packed column, -1 past the batch's rows
-    chunks: jax.Array  # scalar: chunks of LANE_COLUMNS columns holding the batch's rows
+    total: jax.Array  # scalar: the batch's rows (the used lanes' true ranks summed)
 
 
 def _packed(rows: jax.Array, lanes: jax.Array, zero_row: int) -> _Packed:
@@ -466,7 +469,7 @@ def _packed(rows: jax.Array, lanes: jax.Array, zero_row: int) -> _Packed:
     return _Packed(
         jnp.where(inside, rows[lane, within], zero_row),
         jnp.where(inside, lane, -1),
-        -(-total // LANE_COLUMNS),
+        total,
     )
 
 
@@ -495,32 +498,44 @@ def pooled_shrink_expand(
     only its own lane's columns (selected, never multiplied by a mask). The chunks
     run in a ``fori_loop`` whose trip count is the batch's (device value): rows past
     the lanes' true ranks, and lanes no token uses, are neither read nor multiplied,
-    whatever ``max_loras`` and ``max_rank``. The expand's chunk has its non-finite
-    values selected out (a token whose own column held one gets NaN), so a tenant
-    whose weights diverged reaches no other tenant's rows.
+    whatever ``max_loras`` and ``max_rank``. A batch of at most ``NARROW_COLUMNS`` rows
+    runs one chunk that wide instead (a ``lax.cond`` on the device's row count). The
+    expand's chunk has its non-finite values selected out (a token whose own column held
+    one gets NaN), so a tenant whose weights diverged reaches no other tenant's rows.
     """
     dtype = x.dtype
     packed = _packed(rows, lanes, a_pool.shape[0] - 2)
 
-    def body(c, acc):
-        picked = lax.dynamic_slice_in_dim(packed.rows, c * LANE_COLUMNS, LANE_COLUMNS)
-        own = lax.dynamic_slice_in_dim(packed.lane, c * LANE_COLUMNS, LANE_COLUMNS)
-        keep = (own[None, :] == lanes[:, None]) & (own[None, :] >= 0)
-        s = jnp.dot(x, _pool_rows(a_pool, picked).astype(dtype).T, preferred_element_type=jnp.float32) * scaling
-        tile = _pool_rows(b_pool, picked).astype(dtype)
-        if page_scales is None:
-            finite = jnp.isfinite(tile)
-            poisoned = ~finite.all(axis=1)
-            tile = jnp.where(finite, tile, 0)
-            s = jnp.where(poisoned[None, :], jnp.nan, s)
-        else:
-            s = s * page_scales[picked][None, :]
-        left = jnp.where(keep, s, 0).astype(dtype)
-        return acc + jnp.dot(left, tile, preferred_element_type=jnp.float32)
+    def chunk(width: int):
+        def body(c, acc):
+            picked = lax.dynamic_slice_in_dim(packed.rows, c * width, width)
+            own = lax.dynamic_slice_in_dim(packed.lane, c * width, width)
+            keep = (own[None, :] == lanes[:, None]) & (own[None, :] >= 0)
+            s = jnp.dot(x, _pool_rows(a_pool, picked).astype(dtype).T, preferred_element_type=jnp.float32) * scaling
+            tile = _pool_rows(b_pool, picked).astype(dtype)
+            if page_scales is None:
+                finite = jnp.isfinite(tile)
+                poisoned = ~finite.all(axis=1)
+                tile = jnp.where(finite, tile, 0)
+                s = jnp.where(poisoned[None, :], jnp.nan, s)
+            else:
+                s = s * page_scales[picked][None, :]
+            left = jnp.where(keep, s, 0).astype(dtype)
+            return acc + jnp.dot(left, tile, preferred_element_type=jnp.float32)
 
-    # The first chunk outside the loop (XLA:CPU runs matmuls faster there); with no used lane it adds zeros.
-    first = body(0, base.astype(jnp.float32))
-    return first if packed.rows.shape[0] == LANE_COLUMNS else lax.fori_loop(1, packed.chunks, body, first)
+        return body
+
+    start = base.astype(jnp.float32)
+    wide = chunk(LANE_COLUMNS)
+
+    def chunks() -> jax.Array:
+        # The first chunk outside the loop (XLA:CPU runs matmuls faster there); with no used lane it adds zeros.
+        first = wide(0, start)
+        if packed.rows.shape[0] == LANE_COLUMNS:
+            return first
+        return lax.fori_loop(1, -(-packed.total // LANE_COLUMNS), wide, first)
+
+    return lax.cond(packed.total <= NARROW_COLUMNS, lambda: chunk(NARROW_COLUMNS)(0, start), chunks)
 
 
 # -- the slot weights' gradient (training) -------------------------------------------------------------
