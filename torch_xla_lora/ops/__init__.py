@@ -493,8 +493,9 @@ def pooled_shrink_expand(
     ``kernels.fused.PAGE_ROWS`` (8) rows at a time (of a tail's page using only the lane's rows), int8 rows
     converted in VMEM. The "xla" backend does the same for a batch of at most
     ``_xla_native.PACKED_MAX_TOKENS`` (64) tokens (a decode step): the used lanes' true-rank rows numbered side
-    by side and taken 128 at a time, one shrink and one expand per 128; for longer batches it gathers the
-    lanes' rows into the [L, R, ...] slot layout (all L x R table entries) and runs the slot op.
+    by side and taken 128 at a time (at most 32 of them: one chunk of 32), one shrink and one expand per chunk;
+    for longer batches it gathers the lanes' rows into the [L, R, ...] slot layout (all L x R table entries)
+    and runs the slot op.
 
     Args:
       inputs: [T, D] floating: the compute dtype.

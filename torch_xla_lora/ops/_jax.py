@@ -241,8 +241,9 @@ def pooled_shrink_expand_fn(
     fewer); else computed here from ``a_scale`` and ``b_scale`` (reading both whole).
     Otherwise (backend "xla", or shapes the pooled kernel cannot take): a batch of at most
     ``_xla_native.PACKED_MAX_TOKENS`` tokens runs :func:`_xla_native.pooled_shrink_expand` (the used lanes'
-    true-rank rows only, 128 at a time); a longer one gathers the lanes' rows into the slot layout and runs
-    :func:`shrink_expand_fn` on it (its direct algorithm multiplies each token by its own adapter alone).
+    true-rank rows only, 128 at a time, or one chunk of 32 for at most 32); a longer one gathers the lanes'
+    rows into the slot layout and runs :func:`shrink_expand_fn` on it (its direct algorithm multiplies each
+    token by its own adapter alone).
     ``typical_ranks``: the batch's distinct ranks for the kernel's cost estimate (the compile grid).
     """
 
