@@ -21,6 +21,10 @@ exactly the 16 adapters' rows.
 The compiled graph does not depend on which adapters a batch uses (that is what
 makes loads and evictions compile nothing); the command checks it by comparing
 the HLO of the batches, and reports whether they were identical.
+
+``--floor``: what this measure counts for the least a formulation can do, a few rank rows of a pool read
+and multiplied (:func:`floor`): a dynamic slice of the rows and a dot is counted 3x the rows' bytes (the
+slice reads and writes them, the dot reads them), a gather of the same rows as the whole pool.
 """
 
 from __future__ import annotations
@@ -52,6 +56,32 @@ def compiled_bytes(tensors: Sequence[torch.Tensor]) -> float:
     cpu = jax.devices("cpu")[0]
     executable = cpu.client.compile_and_load(module, xla_client.DeviceList((cpu,)), xla_client.CompileOptions())
     return float(executable.cost_analysis()["bytes accessed"])
+
+
+def floor(hidden: int = 512, pool_rows: int = 1024, rank: int = 16, tokens: int = 16) -> dict[str, float]:
+    """XLA:CPU's ``bytes accessed`` for ``x @ rows.T`` with ``rank`` rows of a float32 ``[pool_rows, hidden]`` pool,
+    less x's, the output's and the start row's (row numbers') bytes, over the rows' bytes: per way of reading
+    the rows ("dynamic slice": from a start row; "gather": by row numbers)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    def sliced(x, pool, start):
+        return x @ lax.dynamic_slice_in_dim(pool, start, rank).T
+
+    def gathered(x, pool, index):
+        return x @ pool[index].T
+
+    x = jax.ShapeDtypeStruct((tokens, hidden), jnp.float32)
+    pool = jax.ShapeDtypeStruct((pool_rows, hidden), jnp.float32)
+    index = {"dynamic slice": jax.ShapeDtypeStruct((), jnp.int32), "gather": jax.ShapeDtypeStruct((rank,), jnp.int32)}
+    out = {}
+    for name, fn in (("dynamic slice", sliced), ("gather", gathered)):
+        compiled = jax.jit(fn, backend="cpu").lower(x, pool, index[name]).compile()
+        operands = 4 * tokens * (hidden + rank) + 4 * max(1, len(index[name].shape) and rank)  # x, out, index
+        counted = compiled.cost_analysis()["bytes accessed"] - operands
+        out[name] = counted / (4 * rank * hidden)
+    return out
 
 
 def _step(model: torch.nn.Module, rows: int, device: torch.device) -> torch.Tensor:
@@ -157,7 +187,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=16, help="decode rows (one token each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--floor", action="store_true", help="instead: the rows' bytes a slice or gather is counted")
     args = parser.parse_args(argv)
+    if args.floor:
+        counted = floor()
+        print(
+            json.dumps(counted)
+            if args.json
+            else "\n".join(f"{k}: {v:.2f}x the rows' bytes" for k, v in counted.items())
+        )
+        return 0
     sizes = QualitySizes(**{k: getattr(args, k) for k in fields})
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     result = measure(sizes, shapes, args.distinct, args.rows, seed=args.seed)
