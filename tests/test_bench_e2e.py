@@ -63,18 +63,18 @@ def test_quick_run_json_covers_grid_and_sweep(quick_run):
 
 def test_isolated_parts_run_in_processes_of_their_own(tmp_path):
     """With ``isolate`` (the command line's default) the check, the grid and each slot count run in spawned
-    processes: this process compiles nothing, and the results are whole (each child builds the same model
-    from the seed: the cache check passes, every formulation has its runs)."""
+    processes (here the grid and one slot count, two processes): this process compiles nothing, and the
+    results are whole (every formulation has its runs, nothing recompiled while timing)."""
     import torch_xla.debug.metrics as met
 
     config = dataclasses.replace(
-        e2e.E2EConfig.quick(), isolate=True, batch_sizes=(2,), seq_lens=(16,), slot_counts=(8, 16), repeats=1
+        e2e.E2EConfig.quick(), isolate=True, check=False, batch_sizes=(2,), seq_lens=(16,), slot_counts=(8,), repeats=1
     )
     compiles = (met.metric_data("CompileTime") or (0,))[0]
     result = e2e.run(config, tmp_path)
     assert (met.metric_data("CompileTime") or (0,))[0] == compiles
-    assert result["cache_check"]["met"] and result["recompiles_during_timing"] == 0
-    assert [p["decode"]["slots"] for p in result["slot_sweep"]] == [8, 16]
+    assert result["recompiles_during_timing"] == 0
+    assert [p["decode"]["slots"] for p in result["slot_sweep"]] == [8]
     assert [(p["prefill"]["batch"], p["prefill"]["seq"]) for p in result["grid"]] == [(2, 16)]
     assert all(len(c["seconds"][f]) == 1 for p in result["grid"] for c in p.values() for f in e2e.FORMULATIONS)
     assert not e2e.parse_args(["--one-process"])[0].isolate and e2e.parse_args([])[0].isolate
