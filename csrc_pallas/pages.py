@@ -137,9 +137,8 @@ class PageTable:
     def dma_row(self, slot, page):
         """The first row of the aligned page DMA'd into ``slot``'s VMEM page ``page`` (< :meth:`dma_pages`): the
         page holding its page ``page``, or for the spilled tail's extra page the aligned page after the tail's."""
-        last = jnp.maximum(self.pages(slot) - 1, 0)
-        spill = self.ref[jnp.maximum(slot, 0) * self.per_lane + last]
-        row = jnp.where(page < self.pages(slot), self.start(slot, jnp.minimum(page, self.per_lane - 1)), spill)
+        tail = self.start(slot, jnp.maximum(self.pages(slot) - 1, 0))
+        row = jnp.where(page < self.pages(slot), self.start(slot, jnp.minimum(page, self.per_lane - 1)), tail)
         return pl.multiple_of(row - row % PAGE_ROWS + jnp.where(page < self.pages(slot), 0, PAGE_ROWS), PAGE_ROWS)
 
 
