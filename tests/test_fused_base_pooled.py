@@ -250,7 +250,7 @@ def test_patched_model_reads_the_pools_in_the_one_pass_kernel(base_model, peft_m
 
     int8 = True
 
-    from torch_xla_lora.ops import _jax, _linear, _linear_fused, _xla_native
+    from torch_xla_lora.ops import _linear_fused, _xla_native
 
     model = copy.deepcopy(base_model).to(xla_device)
     budget = (30 + 2) * _row_bytes(base_model, 4)
@@ -288,8 +288,7 @@ def test_patched_model_reads_the_pools_in_the_one_pass_kernel(base_model, peft_m
         return original(*args, **kwargs)
 
     monkeypatch.setattr(LinearWithLoRA, "slot_factors", gathered)  # (the embedding gathers its own rows)
-    monkeypatch.setattr(_jax, "gather_lanes", gathered)
-    monkeypatch.setattr(_linear, "gather_lanes", gathered)  # (imported by name there)
+    monkeypatch.setattr(_xla_native, "gather_lanes", gathered)
     monkeypatch.setattr(_xla_native, "lane_ranks", derived)
     monkeypatch.setattr(_linear_fused, "linear_lora_pooled", counted)
     out = _forward(lora, IDS, xla_device)

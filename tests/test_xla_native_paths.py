@@ -16,6 +16,7 @@ forward and backward with extra visits in every block.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -108,10 +109,30 @@ def _expected(x, s, base, clean_a, clean_b, idx):
     return shrink, expand, fused
 
 
+def _as_pool(weights: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pool [L * R + 18, W], rows [L, R]): the slots' rows scattered over a pool, with 16 rows no slot owns (Inf),
+    then the zero row and a scratch row (NaN): the pool a row table reads a slot layout from."""
+    num_slots, rank, width = weights.shape
+    data_rows = num_slots * rank + 16
+    rows = np.random.default_rng(seed).permutation(data_rows)[: num_slots * rank].astype(np.int32)
+    pool = np.full((data_rows + 2, width), np.inf, np.float32)
+    pool[rows] = weights.reshape(-1, width)
+    pool[data_rows], pool[data_rows + 1] = 0, np.nan
+    return pool, rows.reshape(num_slots, rank)
+
+
+def _pooled_ops(x, s, a_pool, b_pool, rows, base, idx, block: int):
+    """The grouped ops on pool tiles: ``PoolTiles`` in place of the slot arrays (the pooled op's prefill path)."""
+    a = _xla_native.PoolTiles(a_pool, None, rows, a_pool.dtype)
+    b = _xla_native.PoolTiles(b_pool, None, rows, b_pool.dtype)
+    return _ops(x, s, a, b, base, idx, block)
+
+
 @pytest.fixture(scope="module")
 def grouped_ops():
-    """(the three ops jitted, the algorithms their last run took): every algorithm's functions report, through a
-    debug callback, when the branch holding them runs (only the branch ``lax.switch`` / ``cond`` chose does)."""
+    """(the three ops jitted on slot arrays, the same on pool tiles, the algorithms their last run took): every
+    algorithm's functions report, through a debug callback, when the branch holding them runs (only the branch
+    ``lax.switch`` / ``cond`` chose does)."""
     taken: set[str] = set()
 
     def spy(real, algorithm: str):
@@ -125,16 +146,22 @@ def grouped_ops():
         for algorithm, functions in ALGORITHMS.items():
             for function in functions:
                 patch.setattr(_xla_native, function, spy(getattr(_xla_native, function), algorithm))
-        yield jax.jit(_ops, static_argnums=6), taken
+        yield jax.jit(_ops, static_argnums=6), jax.jit(_pooled_ops, static_argnums=7), taken
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["slots", "pool"])
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_grouped_ops_take_the_layouts_algorithm_and_equal_float64_math(name, grouped_ops):
-    """Same shapes share one compiled function: 3 compilations for the 7 layouts."""
-    run, taken = grouped_ops
+def test_grouped_ops_take_the_layouts_algorithm_and_equal_float64_math(name, pooled, grouped_ops):
+    """Same shapes share one compiled function: 3 compilations for the 7 layouts, 3 more for their pools (the
+    slots' rows scattered over a pool beside rows no slot owns, all Inf, read through a row table)."""
+    run, run_pooled, taken = grouped_ops
     idx, x, s, a, b, base, clean_a, clean_b, block = _tensors(name)
     taken.clear()
-    outs = jax.block_until_ready(run(x, s, a, b, base, idx, block))
+    if pooled:
+        (a_pool, rows), (b_pool, _) = _as_pool(a, 0), _as_pool(b, 0)
+        outs = jax.block_until_ready(run_pooled(x, s, a_pool, b_pool, rows, base, idx, block))
+    else:
+        outs = jax.block_until_ready(run(x, s, a, b, base, idx, block))
     jax.effects_barrier()
     want = _layout(name)[5]
     assert taken == ({"sorted", "direct"} if want == "sorted" else {want})
@@ -148,6 +175,40 @@ def test_grouped_ops_take_the_layouts_algorithm_and_equal_float64_math(name, gro
         assert (~np.isfinite(out[own])).any(axis=1).all(), "a poisoned slot's rows must show it"
         none = idx < 0
         assert np.array_equal(out[none], expected[none].astype(np.float32))  # exactly zero (shrink) or the base
+
+
+class _Recorded(_xla_native.PoolTiles):
+    """Pool tiles that record how many slots each read names."""
+
+    reads: list[int] = []
+
+    def __getitem__(self, slots):
+        self.reads.append(int(np.prod(jnp.shape(slots))))
+        return super().__getitem__(slots)
+
+
+@pytest.mark.parametrize("name", ["direct", "sorted"])
+def test_pooled_prefill_reads_the_visits_tiles_not_every_lane(name, monkeypatch):
+    """The pooled op's prefill path (``PoolTiles`` given to the grouped op) reads, per read, the tiles of at most
+    one slot per token block (the direct pass's first visits) or one slot (an extra visit), whatever L: with 64
+    lanes and 4 token blocks no read names more than 4 slots (gathering the lanes into slots names all 64)."""
+    idx, _, rank, block, _, _ = _layout(name)
+    rng = np.random.default_rng(0)
+    tokens, num_slots = len(idx), 64
+    pool_a = rng.standard_normal((num_slots * rank + 2, D)).astype(np.float32)
+    pool_b = rng.standard_normal((num_slots * rank + 2, DOUT)).astype(np.float32)
+    rows = jnp.arange(num_slots * rank, dtype=jnp.int32).reshape(num_slots, rank)
+    monkeypatch.setattr(_Recorded, "reads", [])
+    indices = jnp.array(idx, jnp.int32)
+    vis = visits.build(indices, num_slots, block)
+
+    def run(x, base):
+        a = _Recorded(pool_a, None, rows, np.float32)
+        b = _Recorded(pool_b, None, rows, np.float32)
+        return _xla_native.shrink_expand(x, a, b, base, indices, vis, scaling=SCALING, block_tokens=block)
+
+    jax.eval_shape(run, jax.ShapeDtypeStruct((tokens, D), np.float32), jax.ShapeDtypeStruct((tokens, DOUT), np.float32))
+    assert _Recorded.reads and max(_Recorded.reads) <= tokens // block
 
 
 # -- rank-true pooled decode ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ max_rank`` row numbers (lane-major; rows past an adapter's rank point at the
 zero row) and the context sends it to the device whole, like the slots. Linear
 layers and routers read their lanes' rows from the pools through the table
 (``ops.pooled_shrink_expand``: off TPU a decode batch reads only its used lanes'
-true-rank rows, a longer batch gathers the table's rows into slots; on TPU only
+true-rank rows, a longer batch the rows of the lanes its token blocks visit; on TPU only
 each lane's true-rank pages, so there
 the allocator places an adapter of rank r = 8q + t in q whole aligned pages of
 :data:`KERNEL_PAGE_ROWS` rows and, if t > 0, t contiguous rows inside one aligned

@@ -367,9 +367,10 @@ def projection_costs(
 
     ``pool``: the adapters in a rank-true pool, as a pooled layer runs each formulation: fused reads the
     pool's pages (``linear_lora_pooled``, :func:`fused_base_cost` with ``pool``), separate runs the pooled
-    shrink-expand kernel (``pooled_shrink_expand``: ``pooled_model.pooled_cost``) and XLA-native gathers the
-    lanes' ``num_slots x rank`` rows into slots (read at the pool's element size, written bf16, at XLA's
-    roofline and launch) before its slot op; ``rank`` is then the pool's ``max_rank``.
+    shrink-expand kernel (``pooled_shrink_expand``: ``pooled_model.pooled_cost``) and XLA-native is priced
+    as the slot op (:func:`xla_native_cost`), whose tiles it reads from the pool instead of slots (a
+    prefill's: each visit's lane; a decode's: the used lanes' rows packed 128 to a chunk), every lane at
+    ``rank``, the pool's ``max_rank``, in bf16: an upper bound for lower true ranks and int8 pools.
     """
     itemsize = 2
     num_tokens = len(indices)
@@ -390,8 +391,6 @@ def projection_costs(
         lora = pooled_model.pooled_cost(
             chip, indices, pool.ranks, hidden, out_dim, rank, num_slots, pool.int8, pool.rows
         ).seconds
-        gather = num_slots * rank * (hidden + out_dim) * ((1 if pool.int8 else itemsize) + itemsize)
-        xla_native += gather / bandwidth + XLA_FUSION_OVERHEAD_S
     fused = fused_base_cost(
         chip,
         indices,

@@ -494,8 +494,8 @@ def pooled_shrink_expand(
     converted in VMEM. The "xla" backend does the same for a batch of at most
     ``_xla_native.PACKED_MAX_TOKENS`` (64) tokens (a decode step): the used lanes' true-rank rows numbered side
     by side and taken 128 at a time (at most 32 of them: one chunk of 32), one shrink and one expand per chunk;
-    for longer batches it gathers the lanes' rows into the [L, R, ...] slot layout (all L x R table entries)
-    and runs the slot op.
+    for longer batches it runs the slot op's algorithm on the pools, reading for each visit of a token block the
+    R table rows of the lane it visits (never all L x R entries).
 
     Args:
       inputs: [T, D] floating: the compute dtype.

@@ -127,6 +127,14 @@ def expand_fn(backend: str, generation: str, add_inputs: bool, slice_offset: int
     return fn
 
 
+def _columns(weights: jax.Array | _xla_native.PoolTiles, width: int) -> jax.Array | _xla_native.PoolTiles:
+    """Slot weights' first ``width`` columns, the layer's (a slice XLA fuses into its consumers); pool tiles
+    are read at the layer's width already."""
+    if isinstance(weights, _xla_native.PoolTiles):
+        return weights
+    return weights[:, :, :width]
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadata: bool) -> Callable:
     """``fn(inputs[T, D], lora_a[L, R, D'], lora_b[L, R, Dout'], base[T, Dout], indices[T][, metadata])``.
@@ -192,8 +200,8 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
                 vis = visits.build(idx, num_slots, sizes.tokens)
             out = _xla_native.shrink_expand(
                 x_pad,
-                lora_a[:, :, :hidden],  # the layer's columns (a slice XLA fuses into its consumers)
-                lora_b[:, :, :out_dim],
+                _columns(lora_a, hidden),
+                _columns(lora_b, out_dim),
                 base_pad,
                 idx,
                 vis,
@@ -206,16 +214,6 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
     if with_metadata:
         return fn
     return lambda x, lora_a, lora_b, base, indices: fn(x, lora_a, lora_b, base, indices)
-
-
-def gather_lanes(pool: jax.Array, scale: jax.Array | None, rows: jax.Array, dtype) -> jax.Array:
-    """The slot layout [L, R, W] of a row table [L, R] over a pool [P + 2, W] (int8 rows dequantised by their
-    scales [P + 2] to ``dtype``): what the slot ops read in place of the pooled kernel."""
-    flat = rows.reshape(-1)
-    picked = pool[flat]
-    if scale is not None:
-        picked = picked.astype(jnp.float32) * scale[flat][:, None]
-    return picked.astype(dtype).reshape(*rows.shape, pool.shape[1])
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
@@ -241,9 +239,10 @@ def pooled_shrink_expand_fn(
     fewer); else computed here from ``a_scale`` and ``b_scale`` (reading both whole).
     Otherwise (backend "xla", or shapes the pooled kernel cannot take): a batch of at most
     ``_xla_native.PACKED_MAX_TOKENS`` tokens runs :func:`_xla_native.pooled_shrink_expand` (the used lanes'
-    true-rank rows only, 128 at a time, or one chunk of 32 for at most 32); a longer one gathers the lanes'
-    rows into the slot layout and runs :func:`shrink_expand_fn` on it (its direct algorithm multiplies each
-    token by its own adapter alone).
+    true-rank rows only, 128 at a time, or one chunk of 32 for at most 32); a longer one runs
+    :func:`shrink_expand_fn` on the pools' :class:`_xla_native.PoolTiles` (its algorithms read the tiles of
+    the lanes their visits name; the direct one multiplies each token by its own adapter alone), or on
+    "pallas" the slot kernels on every lane's rows gathered into slots.
     ``typical_ranks``: the batch's distinct ranks for the kernel's cost estimate (the compile grid).
     """
 
@@ -269,8 +268,12 @@ def pooled_shrink_expand_fn(
             )
             return jnp.where(_in_range(lanes, num_slots), out.astype(base.dtype), base)
         if backend != "pallas" or not run:
-            lora_a = gather_lanes(a_pool, a_scale, rows, dtype)
-            lora_b = gather_lanes(b_pool, b_scale, rows, dtype)
+            if backend == "pallas":  # the slot kernels, on every lane's rows gathered into slots
+                lora_a = _xla_native.gather_lanes(a_pool, a_scale, rows, dtype)
+                lora_b = _xla_native.gather_lanes(b_pool, b_scale, rows, dtype)
+            else:  # the XLA slot op, reading from the pools the tiles of the slots its visits name
+                lora_a = _xla_native.PoolTiles(a_pool, a_scale, rows, dtype, hidden)
+                lora_b = _xla_native.PoolTiles(b_pool, b_scale, rows, dtype, out_dim)
             slot_fn = shrink_expand_fn(backend, generation, scaling, with_metadata)
             return slot_fn(x, lora_a, lora_b, base, lanes, *(() if metadata is None else (metadata,)))
         padded = sizes.padded_tokens(num_tokens)

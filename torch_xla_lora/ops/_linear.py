@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 
 from torch_xla_lora.kernels import fused, fused_base, visits
+from torch_xla_lora.ops import _xla_native
 from torch_xla_lora.ops._jax import (
     _CACHE_SIZE,
     _pad_rows,
     _padded_indices,
-    gather_lanes,
     page_inputs,
     plan_metadata,
     shrink_expand_fn,
@@ -405,11 +405,16 @@ def linear_lora_pooled_fn(
             planned = fused_base.pooled_plan(
                 num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation, has_bias, fusion, int8
             )
-        if planned is None:  # the lanes gathered into slots: linear_lora_fused's path on them
+        if planned is None:  # linear_lora_fused's path on the lanes' slot weights
             slot_fn = linear_lora_fused_fn(
                 backend, generation, scaling, layout, has_bias, fusion, with_metadata, own_metadata
             )
-            slots = (gather_lanes(a_pool, a_scale, rows, x.dtype), gather_lanes(b_pool, b_scale, rows, x.dtype))
+            if backend == "pallas":  # every lane's rows, for the slot kernels
+                gather = _xla_native.gather_lanes
+                slots = (gather(a_pool, a_scale, rows, x.dtype), gather(b_pool, b_scale, rows, x.dtype))
+            else:  # the XLA slot op reads the tiles it needs from the pools (_xla_native.PoolTiles)
+                a = _xla_native.PoolTiles(a_pool, a_scale, rows, x.dtype, hidden)
+                slots = (a, _xla_native.PoolTiles(b_pool, b_scale, rows, x.dtype, out_dim))
             head = (x, weight) + (() if bias is None else (bias,))
             tail = tuple(extra.values()) + (() if metadata is None else (metadata,))
             return slot_fn(*head, *slots, lanes, *tail)

@@ -509,8 +509,9 @@ def linear_lora_pooled(
     adapter bytes a call reads follow the true ranks of the batch's adapters, at one byte an element for int8
     pools; rows that are not a lane's own (past its rank, another adapter's rows of a shared tail page) are
     selected out, never multiplied. Where the pooled kernel has no plan (``fused_base.pooled_plan``), and on
-    the XLA-native backend ("xla", the CPU), the lanes' rows are gathered into the [L, R, ...] slot layout
-    (all L x R table entries, int8 rows dequantised) and :func:`linear_lora_fused`'s JAX function runs on them.
+    the XLA-native backend ("xla", the CPU), :func:`linear_lora_fused`'s JAX function runs on the lanes: on
+    "xla" its slot op reads from the pools the tiles of the lanes its visits name (int8 rows dequantised), on
+    "pallas" the lanes' rows are gathered into the [L, R, ...] slot layout (all L x R table entries) first.
     Not differentiable: pools hold adapters that are served, not trained. CPU tensors run :func:`pooled_reference`.
 
     Args:

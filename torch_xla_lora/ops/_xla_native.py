@@ -209,10 +209,47 @@ def _lanes(indices: jax.Array, num_slots: int, rank: int) -> _Lanes:
     return _Lanes(slots, code, -(-count // lanes), count, used, lanes, False)
 
 
-def _tiles(weights: jax.Array, lanes: _Lanes, c) -> jax.Array:
+class PoolTiles:
+    """The slot weights [L, R, W] of a rank-row pool, read through its row table tile by tile.
+
+    ``tiles[slots]`` is ``gathered[slots]`` for the slot layout ``gathered`` the
+    lanes' rows would make (:func:`gather_lanes`), but reads only the pool rows
+    of the slots named: the direct and laned algorithms index their weights by
+    the slots their visits and chunks name, so on a pool they read the tiles of
+    the lanes the batch uses and never gather every lane (``L x R`` rows per
+    projection). Rows past a lane's true rank name the pool's zero row.
+    """
+
+    def __init__(
+        self,
+        pool: jax.Array,  # [P + 2, W'] (W' >= width)
+        scale: jax.Array | None,  # int8 pools: [P + 2] f32 per-row scales
+        rows: jax.Array,  # [L, R] int32
+        dtype,
+        width: int | None = None,  # the layer's columns (pools may be wider)
+    ):
+        self.pool, self.rows, self.dtype = jnp.asarray(pool), jnp.asarray(rows), dtype
+        self.scale = None if scale is None else jnp.asarray(scale)
+        self.shape = (*rows.shape, pool.shape[1] if width is None else width)
+
+    def __getitem__(self, slots: jax.Array) -> jax.Array:  # [..., R, W]
+        picked = self.rows[slots]
+        tiles = self.pool[picked]
+        if self.scale is not None:
+            tiles = tiles.astype(jnp.float32) * self.scale[picked][..., None]
+        return tiles[..., : self.shape[2]].astype(self.dtype)
+
+
+def gather_lanes(pool: jax.Array, scale: jax.Array | None, rows: jax.Array, dtype) -> jax.Array:
+    """The slot layout [L, R, W] of a row table [L, R] over a pool [P + 2, W] (int8 rows dequantised by their
+    scales [P + 2] to ``dtype``): every lane's rows, as the slot kernels read them."""
+    return PoolTiles(pool, scale, rows, dtype)[jnp.arange(rows.shape[0])]
+
+
+def _tiles(weights: jax.Array | PoolTiles, lanes: _Lanes, c) -> jax.Array:
     """[lanes, R, W]: the tiles of chunk c's slots (any tile where a lane has no slot)."""
     if lanes.every_slot:
-        return weights
+        return weights[jnp.arange(weights.shape[0])] if isinstance(weights, PoolTiles) else weights
     slots = lax.dynamic_slice_in_dim(lanes.slots, c * lanes.lanes, lanes.lanes)
     return weights[jnp.maximum(slots, 0)]
 
@@ -428,8 +465,8 @@ def shrink_expand(
 # -- rank-true: a pool's rows, packed by true rank (decode) --------------------------------------------
 
 # A pooled batch of at most this many tokens runs :func:`pooled_shrink_expand` (the batch's true-rank rows
-# packed side by side); more tokens gather the lanes into slots and run the slot ops, whose direct
-# algorithm takes each token's rank alone rather than every lane's.
+# packed side by side); more tokens run the slot ops on :class:`PoolTiles`, whose direct algorithm takes
+# each token's lane alone rather than every lane's.
 PACKED_MAX_TOKENS = 64
 #: A packed batch whose used lanes hold at most this many rows runs one chunk this wide instead of
 #: ``LANE_COLUMNS``-wide chunks: one adapter of rank 16 (a decode batch of one request) reads 32 rows, not 128.
