@@ -82,7 +82,13 @@ BASE_TOKEN_BLOCKS = {
     "v6e": ((8, 8), (16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (512, 512), (None, 1024)),
     "cpu": ((8, 8), (16, 16), (64, 32), (512, 64), (None, 128)),
 }
-BASE_MAX_TILE = {"v4": 2048, "v5e": 4096, "v5p": 4096, "v6e": 8192, "cpu": 1 << 30}
+# v5e and v6e (120 MiB declared, below) take tiles up to 8192 wide: an int8
+# weight's 4096 x 7168 tile (28 MiB) is what lets a decode step of Llama-3-8B's
+# gate/up/down_proj run in 2 grid steps instead of 4. A bf16 tile that wide
+# fits the budget only without the decoder arrangement's extra operands and at
+# fewer lanes (a plain kernel at decode: 2 lanes), where the planner's model
+# prefers it (python -m torch_xla_lora.bench.fused_base_vmem compiles both).
+BASE_MAX_TILE = {"v4": 2048, "v5e": 8192, "v5p": 4096, "v6e": 8192, "cpu": 1 << 30}
 # The fused base kernel's scoped VMEM limit per generation, and what
 # fused_base.vmem_bytes may reach below it. On v5e and v6e (128 MiB of VMEM)
 # the kernel declares 120 MiB, 8 MiB below the capacity; the compiler enforces
