@@ -110,21 +110,24 @@ def _expected(x, s, base, clean_a, clean_b, idx):
 
 
 def _as_pool(weights: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(pool [L * R + 18, W], rows [L, R]): the slots' rows scattered over a pool, with 16 rows no slot owns (Inf),
-    then the zero row and a scratch row (NaN): the pool a row table reads a slot layout from."""
+    """(pool [L * R + 18, W + 8], rows [L, R]): the slots' rows scattered over a pool, with 16 rows no slot owns
+    (Inf), then the zero row and a scratch row (NaN); 8 columns past the layer's W hold NaN (a pool wider than
+    its layer): the pool a row table reads a slot layout from."""
     num_slots, rank, width = weights.shape
     data_rows = num_slots * rank + 16
     rows = np.random.default_rng(seed).permutation(data_rows)[: num_slots * rank].astype(np.int32)
-    pool = np.full((data_rows + 2, width), np.inf, np.float32)
-    pool[rows] = weights.reshape(-1, width)
-    pool[data_rows], pool[data_rows + 1] = 0, np.nan
+    pool = np.full((data_rows + 2, width + 8), np.inf, np.float32)
+    pool[:, width:] = np.nan
+    pool[rows, :width] = weights.reshape(-1, width)
+    pool[data_rows, :width], pool[data_rows + 1] = 0, np.nan
     return pool, rows.reshape(num_slots, rank)
 
 
 def _pooled_ops(x, s, a_pool, b_pool, rows, base, idx, block: int):
-    """The grouped ops on pool tiles: ``PoolTiles`` in place of the slot arrays (the pooled op's prefill path)."""
-    a = _xla_native.PoolTiles(a_pool, None, rows, a_pool.dtype)
-    b = _xla_native.PoolTiles(b_pool, None, rows, b_pool.dtype)
+    """The grouped ops on pool tiles: ``PoolTiles`` in place of the slot arrays (the pooled op's prefill path),
+    read at the layer's widths."""
+    a = _xla_native.PoolTiles(a_pool, None, rows, a_pool.dtype, D)
+    b = _xla_native.PoolTiles(b_pool, None, rows, b_pool.dtype, DOUT)
     return _ops(x, s, a, b, base, idx, block)
 
 

@@ -216,6 +216,21 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
     return lambda x, lora_a, lora_b, base, indices: fn(x, lora_a, lora_b, base, indices)
 
 
+def pool_slot_weights(
+    backend: str, a_pool, b_pool, a_scale, b_scale, rows: jax.Array, dtype, hidden: int, out_dim: int
+) -> tuple[jax.Array | _xla_native.PoolTiles, jax.Array | _xla_native.PoolTiles]:
+    """(lora_a, lora_b): what the slot ops read in place of the pools [P + 2, D'] / [P + 2, Dout'] under the row
+    table ``rows`` [L, R], in ``dtype`` (int8 rows dequantised by ``a_scale`` / ``b_scale``). On "pallas" every
+    lane's rows gathered into the [L, R, ...] slot layout (the slot kernels read whole arrays); otherwise
+    :class:`_xla_native.PoolTiles` at the layer's widths ``hidden`` and ``out_dim`` (pools may be wider), whose
+    reads take from the pools only the tiles the XLA-native algorithms' visits name."""
+    if backend == "pallas":
+        gather = _xla_native.gather_lanes
+        return gather(a_pool, a_scale, rows, dtype), gather(b_pool, b_scale, rows, dtype)
+    tiles = _xla_native.PoolTiles
+    return tiles(a_pool, a_scale, rows, dtype, hidden), tiles(b_pool, b_scale, rows, dtype, out_dim)
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def pooled_shrink_expand_fn(
     backend: str,
@@ -268,12 +283,7 @@ def pooled_shrink_expand_fn(
             )
             return jnp.where(_in_range(lanes, num_slots), out.astype(base.dtype), base)
         if backend != "pallas" or not run:
-            if backend == "pallas":  # the slot kernels, on every lane's rows gathered into slots
-                lora_a = _xla_native.gather_lanes(a_pool, a_scale, rows, dtype)
-                lora_b = _xla_native.gather_lanes(b_pool, b_scale, rows, dtype)
-            else:  # the XLA slot op, reading from the pools the tiles of the slots its visits name
-                lora_a = _xla_native.PoolTiles(a_pool, a_scale, rows, dtype, hidden)
-                lora_b = _xla_native.PoolTiles(b_pool, b_scale, rows, dtype, out_dim)
+            lora_a, lora_b = pool_slot_weights(backend, a_pool, b_pool, a_scale, b_scale, rows, dtype, hidden, out_dim)
             slot_fn = shrink_expand_fn(backend, generation, scaling, with_metadata)
             return slot_fn(x, lora_a, lora_b, base, lanes, *(() if metadata is None else (metadata,)))
         padded = sizes.padded_tokens(num_tokens)

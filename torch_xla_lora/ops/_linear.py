@@ -24,13 +24,13 @@ import jax
 import jax.numpy as jnp
 
 from torch_xla_lora.kernels import fused, fused_base, visits
-from torch_xla_lora.ops import _xla_native
 from torch_xla_lora.ops._jax import (
     _CACHE_SIZE,
     _pad_rows,
     _padded_indices,
     page_inputs,
     plan_metadata,
+    pool_slot_weights,
     shrink_expand_fn,
 )
 from torch_xla_lora.ops._lora_grads_jax import xla_forward
@@ -409,12 +409,7 @@ def linear_lora_pooled_fn(
             slot_fn = linear_lora_fused_fn(
                 backend, generation, scaling, layout, has_bias, fusion, with_metadata, own_metadata
             )
-            if backend == "pallas":  # every lane's rows, for the slot kernels
-                gather = _xla_native.gather_lanes
-                slots = (gather(a_pool, a_scale, rows, x.dtype), gather(b_pool, b_scale, rows, x.dtype))
-            else:  # the XLA slot op reads the tiles it needs from the pools (_xla_native.PoolTiles)
-                a = _xla_native.PoolTiles(a_pool, a_scale, rows, x.dtype, hidden)
-                slots = (a, _xla_native.PoolTiles(b_pool, b_scale, rows, x.dtype, out_dim))
+            slots = pool_slot_weights(backend, a_pool, b_pool, a_scale, b_scale, rows, x.dtype, hidden, out_dim)
             head = (x, weight) + (() if bias is None else (bias,))
             tail = tuple(extra.values()) + (() if metadata is None else (metadata,))
             return slot_fn(*head, *slots, lanes, *tail)
