@@ -233,7 +233,13 @@ class PoolTiles:
         self.shape = (*rows.shape, pool.shape[1] if width is None else width)
 
     def __getitem__(self, slots: jax.Array) -> jax.Array:  # [..., R, W]
-        picked = self.rows[slots]
+        return self._read(self.rows[slots])
+
+    def every_lane(self) -> jax.Array:  # [L, R, W]
+        """Every lane's tile: the whole slot layout (the table's rows read as they stand, no index of it)."""
+        return self._read(self.rows)
+
+    def _read(self, picked: jax.Array) -> jax.Array:
         tiles = self.pool[picked]
         if self.scale is not None:
             tiles = tiles.astype(jnp.float32) * self.scale[picked][..., None]
@@ -243,13 +249,13 @@ class PoolTiles:
 def gather_lanes(pool: jax.Array, scale: jax.Array | None, rows: jax.Array, dtype) -> jax.Array:
     """The slot layout [L, R, W] of a row table [L, R] over a pool [P + 2, W] (int8 rows dequantised by their
     scales [P + 2] to ``dtype``): every lane's rows, as the slot kernels read them."""
-    return PoolTiles(pool, scale, rows, dtype)[jnp.arange(rows.shape[0])]
+    return PoolTiles(pool, scale, rows, dtype).every_lane()
 
 
 def _tiles(weights: jax.Array | PoolTiles, lanes: _Lanes, c) -> jax.Array:
     """[lanes, R, W]: the tiles of chunk c's slots (any tile where a lane has no slot)."""
     if lanes.every_slot:
-        return weights[jnp.arange(weights.shape[0])] if isinstance(weights, PoolTiles) else weights
+        return weights.every_lane() if isinstance(weights, PoolTiles) else weights
     slots = lax.dynamic_slice_in_dim(lanes.slots, c * lanes.lanes, lanes.lanes)
     return weights[jnp.maximum(slots, 0)]
 
