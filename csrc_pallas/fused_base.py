@@ -135,7 +135,11 @@ class Fusion:
     - ``col_scale``: x times a [K] factor per column in x's dtype, rounded (RMSNorm's weight);
     - ``residual``: a [T, N] operand added to the f32 output tile before its single rounding;
     - ``weight_scale``: the weight is int8 with a float32 [N] scale per output channel, multiplied
-      into the f32 base product before the bias, the residual and the LoRA are added.
+      into the f32 base product before the bias, the residual and the LoRA are added;
+    - ``weight_in_scale``: the weight is int8 with a float32 [K] scale per *input* channel (the
+      contraction's), as a per-output-channel int8 weight is when its transpose is read (the backward's
+      ``dy W``, ``layout`` swapped): each chunk of the weight tile is dequantised as it is converted in
+      VMEM (``q * scale`` rounded to x's dtype), the LoRA untouched. Not with ``weight_scale``.
     """
 
     silu_mul: bool = False
@@ -143,10 +147,20 @@ class Fusion:
     col_scale: bool = False
     residual: bool = False
     weight_scale: bool = False
+    weight_in_scale: bool = False
+
+    def __post_init__(self) -> None:
+        if self.weight_scale and self.weight_in_scale:
+            raise ValueError("an int8 weight is scaled per output channel or per input channel, not both")
 
     @property
     def prologue(self) -> bool:
         return self.silu_mul or self.row_scale or self.col_scale
+
+    @property
+    def int8(self) -> bool:
+        """Whether the weight is int8 (either scale)."""
+        return self.weight_scale or self.weight_in_scale
 
 
 #: No prologue, no epilogue: the plain linear layer.
@@ -211,14 +225,15 @@ def vmem_bytes(
     width = lanes * rank_stride(rank, dtype)
     column, row = bt * LANE * 4, 32  # a [bt, 1] 32-bit column; bytes per element of a [1, d] row
     block = column + bt * tk * itemsize * (2 if fusion.silu_mul else 1) + bt * tn * itemsize  # codes, x, out
-    block += tk * tn * (1 if fusion.weight_scale else itemsize) + row * tn * (fusion.weight_scale + has_bias)
+    block += tk * tn * (1 if fusion.int8 else itemsize) + row * tn * (fusion.weight_scale + has_bias)
     block += (column if fusion.row_scale else 0) + (row * tk if fusion.col_scale else 0)
+    block += tk * LANE * 4 if fusion.weight_in_scale else 0  # a [tk, 1] column ("in_out"; a [1, tk] row is less)
     block += bt * tn * itemsize if fusion.residual else 0
     scratch = width * (tk + tn) * itemsize + (bt * width + bt * tn) * 4  # one shrink tile for every chunk
     scratch += bt * tk * itemsize if fusion.prologue else 0
     values = 2 * rows * tn * 4 + 3 * rows * width * 4 + 3 * width * min(tn, COLUMN_CHUNK) * 4
     values += 2 * prologue_chunk(rows) * tk * 4 if fusion.prologue else 0
-    values += tk * min(tn, WEIGHT_CHUNK) * (4 + itemsize) if fusion.weight_scale else 0
+    values += tk * min(tn, WEIGHT_CHUNK) * (4 + itemsize) if fusion.int8 else 0
     if keep_s:  # s's output block, its last dim padded to whole lanes, and its sum over the lanes
         block += bt * -(-rank // LANE) * LANE * itemsize
         values += rows * -(-rank // LANE) * LANE * 4
@@ -244,15 +259,17 @@ def hbm_bytes(
     """Pipelined HBM traffic of the base product under ``sizes``: W once per token block, x once per
     output tile unless the reduction is untiled (then once), the output once; with ``fusion``, the
     up operand as often as x, the column scale once per x pass, the row scale and residual once;
-    an int8 weight (``fusion.weight_scale``) at one byte an element, its f32 scales once per token block;
+    an int8 weight (``fusion.int8``) at one byte an element, its f32 scales once per token block (per
+    output channel) or with every x pass (``weight_in_scale``, per input channel);
     ``kept_rank``: the rank of the kept shrink ``s`` (``linear_lora(..., keep_s=True)``), written once
     ([T, R] in x's dtype; 0: not kept)."""
     blocks = -(-num_tokens // sizes.tokens)
     x_passes = 1 if sizes.hidden == hidden else out_dim // sizes.out
     x_bytes = num_tokens * hidden * (2 if fusion.silu_mul else 1) + (blocks * hidden if fusion.col_scale else 0)
     extra = (num_tokens * out_dim if fusion.residual else 0) + num_tokens * kept_rank
-    weight_bytes = blocks * hidden * out_dim * (1 if fusion.weight_scale else itemsize)
+    weight_bytes = blocks * hidden * out_dim * (1 if fusion.int8 else itemsize)
     weight_bytes += blocks * out_dim * 4 if fusion.weight_scale else 0
+    weight_bytes += x_passes * blocks * hidden * 4 if fusion.weight_in_scale else 0
     return (
         itemsize * (x_passes * x_bytes + num_tokens * out_dim + extra)
         + weight_bytes
@@ -489,7 +506,8 @@ def _kernel(
     slots_ref,  # SMEM [num_blocks * per_block]
     uniform_ref,  # SMEM [num_blocks]
     *refs,  # [pooled: the page table, SMEM [L * pages(R) + L]], code [bt, 1] int32, x [bt, tk] (the gate with
-    # fusion.silu_mul), [up [bt, tk]], [row [bt, 1] f32], [col [1, tk]], w, [scale [1, tn] f32], [bias [1, tn]],
+    # fusion.silu_mul), [up [bt, tk]], [row [bt, 1] f32], [col [1, tk]], w, [in_scale [1, tk] ("out_in") or
+    # [tk, 1] ("in_out") f32], [scale [1, tn] f32], [bias [1, tn]],
     # [residual [bt, tn]],
     # a_hbm, b_hbm (slots [L, R, K] / [L, R, N], or pools [P + 2, K] / [P + 2, N]), [int8 pools: page scales
     # [S] f32], o_ref, [s_ref [bt, R] with keep_s], a_buf, b_buf, y_acc [bt, lanes * stride] f32, acc_ref,
@@ -515,6 +533,7 @@ def _kernel(
     row_ref = refs.pop(0) if fusion.row_scale else None
     col_ref = refs.pop(0) if fusion.col_scale else None
     w_ref = refs.pop(0)
+    in_scale_ref = refs.pop(0) if fusion.weight_in_scale else None
     scale_ref = refs.pop(0) if fusion.weight_scale else None
     bias_ref = refs.pop(0) if has_bias else None
     res_ref = refs.pop(0) if fusion.residual else None
@@ -706,7 +725,7 @@ def _kernel(
             def _keep_for_expand():
                 acc_ref[r, cols] = out
 
-    if scale_ref is None:
+    if not fusion.int8:
 
         def base_rows(r):
             # x's producer on the read, in chunks of prologue_rows rows (its f32 values are [tk] wide) into
@@ -717,9 +736,10 @@ def _kernel(
 
         over_rows(base_rows)
     else:
-        # int8 weight: converted to x's dtype in VMEM (exact for |q| <= 127; the scales come at the write)
-        # weight_chunk output columns at a time, each chunk's product taken over every row chunk before the
-        # next chunk is converted: only one chunk's f32 and x-dtype copies are alive. Every output column's
+        # int8 weight: converted to x's dtype in VMEM (exact for |q| <= 127; per-output-channel scales come at
+        # the write, per-input-channel ones multiply the chunk's f32 copy along its contracted dim before its
+        # rounding) weight_chunk output columns at a time, each chunk's product taken over every row chunk before
+        # the next chunk is converted: only one chunk's f32 and x-dtype copies are alive. Every output column's
         # product is the same dot over the same k tile as unchunked.
         if fusion.prologue:
             over_rows(prologue_rows, prologue_rows_)
@@ -727,8 +747,10 @@ def _kernel(
             width = min(weight_chunk, tn - col)
             cols = slice(None) if width == tn else pl.ds(col, width)
             q = w_ref[cols, :] if layout == "out_in" else w_ref[:, cols]
-            w = q.astype(jnp.float32).astype(x_ref.dtype)
-            over_rows(functools.partial(product_rows, cols=cols, w=w))
+            w = q.astype(jnp.float32)
+            if in_scale_ref is not None:  # [1, tk] along out_in's columns, [tk, 1] along in_out's rows
+                w = w * in_scale_ref[...]
+            over_rows(functools.partial(product_rows, cols=cols, w=w.astype(x_ref.dtype)))
 
     x_src = x_ref if x_buf is None else x_buf
 
@@ -868,6 +890,11 @@ def grid_spec(
     if fusion.col_scale:
         in_specs.append(pl.BlockSpec((1, tk), lambda i, n, k, *_: (0, k)))
     in_specs.append(weight)
+    if fusion.weight_in_scale:  # along the weight tile's contracted dim: its columns (out_in) or rows (in_out)
+        if layout == "out_in":
+            in_specs.append(pl.BlockSpec((1, tk), lambda i, n, k, *_: (0, k)))
+        else:
+            in_specs.append(pl.BlockSpec((tk, 1), lambda i, n, k, *_: (k, 0)))
     if fusion.weight_scale:
         in_specs.append(pl.BlockSpec((1, tn), lambda i, n, k, *_: (0, n)))
     if has_bias:
@@ -1049,6 +1076,7 @@ def linear_lora(
     col_scale: jax.Array | None = None,  # [K]
     residual: jax.Array | None = None,  # [T_pad, N]
     weight_scale: jax.Array | None = None,  # [N] float32: weight is int8, W = weight * weight_scale per channel
+    weight_in_scale: jax.Array | None = None,  # [K] float32: weight is int8, W = weight * weight_in_scale along K
     row_chunk_rows: int = ROW_CHUNK,
     weight_chunk_cols: int = WEIGHT_CHUNK,
     keep_s: bool = False,
@@ -1061,9 +1089,9 @@ def linear_lora(
 
     ``vmem_limit_bytes``: the scoped VMEM limit of the generation ``plan`` used
     (None: the v5e/v6e figure, ``tuning.BASE_VMEM_LIMIT_BYTES["v6e"]``).
-    ``up``, ``row_scale``, ``col_scale``, ``residual``, ``weight_scale``: the :class:`Fusion`
-    operands, each present or None (plan with the same Fusion). ``row_chunk_rows``: at most this many rows
-    of the token block at a time (:func:`row_chunk`; smaller than the block in tests, to take several).
+    ``up``, ``row_scale``, ``col_scale``, ``residual``, ``weight_scale``, ``weight_in_scale``: the
+    :class:`Fusion` operands, each present or None (plan with the same Fusion). ``row_chunk_rows``: at most
+    this many rows of the token block at a time (:func:`row_chunk`; smaller than the block in tests, to take several).
     ``weight_chunk_cols``: an int8 weight tile's output columns converted at a time (:data:`WEIGHT_CHUNK`; a
     multiple of 128 on TPU, the last chunk of a tile ragged when it does not divide the tile).
     ``keep_s``: also return the shrink ``s[t] = scaling * x[t] @ A[s_t]^T`` [T_pad, R] as the expand
@@ -1098,7 +1126,12 @@ def linear_lora(
     block_sizes.check(hidden, out_dim)
     has_bias = bias is not None
     fusion = Fusion(
-        up is not None, row_scale is not None, col_scale is not None, residual is not None, weight_scale is not None
+        up is not None,
+        row_scale is not None,
+        col_scale is not None,
+        residual is not None,
+        weight_scale is not None,
+        weight_in_scale is not None,
     )
     spec = grid_spec(
         num_tokens,
@@ -1134,6 +1167,9 @@ def linear_lora(
     operands += [] if row_scale is None else [row_scale.astype(jnp.float32).reshape(num_tokens, 1)]
     operands += [] if col_scale is None else [col_scale.reshape(1, hidden)]
     operands.append(weight)
+    if weight_in_scale is not None:
+        in_shape = (1, hidden) if layout == "out_in" else (hidden, 1)
+        operands.append(weight_in_scale.astype(jnp.float32).reshape(in_shape))
     if weight_scale is not None:
         operands.append(weight_scale.astype(jnp.float32).reshape(1, out_dim))
     if has_bias:
@@ -1194,7 +1230,8 @@ def tpu_compile_case(
     the device and calls the kernel with ``interpret=False``; pass the arguments'
     shapes to ``jax.jit(fn).trace(...).lower(lowering_platforms=("tpu",))``. The fusion operands,
     in order, those ``fusion`` has: up [T, K], row scale [T] f32, column scale [K], residual [T, N],
-    weight scale [N] f32 (then the weight is int8). ``keep_s``: the training kernel, which also writes the shrink.
+    weight scale [N] f32 or weight input scale [K] f32 (then the weight is int8). ``keep_s``: the training
+    kernel, which also writes the shrink.
     """
     if pool_rows:
         planned = pooled_plan(
@@ -1209,7 +1246,7 @@ def tpu_compile_case(
     from .visits import build_lanes
 
     flags = {"up": fusion.silu_mul, "row_scale": fusion.row_scale, "col_scale": fusion.col_scale}
-    flags.update(residual=fusion.residual, weight_scale=fusion.weight_scale)
+    flags.update(residual=fusion.residual, weight_scale=fusion.weight_scale, weight_in_scale=fusion.weight_in_scale)
     names = [name for name, on in flags.items() if on]
 
     def fn(x, weight, *rest):
@@ -1251,10 +1288,10 @@ def tpu_compile_case(
             args[-3:-1] = [jax.ShapeDtypeStruct(a.shape, jnp.int8) for a in args[-3:-1]]
             args.insert(-1, jax.ShapeDtypeStruct((-(-pool_rows // SCALE_TILE_ROWS) * SCALE_TILE_ROWS,), jnp.float32))
         args.append(jax.ShapeDtypeStruct((num_slots * (pages(rank) + 1),), jnp.int32))
-    if fusion.weight_scale:
+    if fusion.int8:
         args[1] = jax.ShapeDtypeStruct(w_shape, jnp.int8)
     extra = {"up": (padded, hidden), "row_scale": (padded,), "col_scale": (hidden,), "residual": (padded, out_dim)}
-    extra["weight_scale"] = (out_dim,)
-    f32 = ("row_scale", "weight_scale")
+    extra.update(weight_scale=(out_dim,), weight_in_scale=(hidden,))
+    f32 = ("row_scale", "weight_scale", "weight_in_scale")
     args += [jax.ShapeDtypeStruct(extra[n], jnp.float32 if n in f32 else dtype) for n in names]
     return fn, args

@@ -18,6 +18,7 @@ from conftest import assert_close
 from torch.nn import functional as F
 
 import torch_xla_lora  # noqa: F401  (registers torch.ops.xla_lora)
+from torch_xla_lora.ops import _linear_fused  # noqa: F401  (registers xla_lora::linear_lora_fused)
 
 OPS = torch.ops.xla_lora
 T, D, R, L, DOUT, SLICE, OFFSET = 7, 10, 3, 5, 12, 5, 4
@@ -28,6 +29,14 @@ INDICES = {"mixed": [0, 2, -1, L + 1, 2, -3, 4], "one_token": [2]}
 # On the XLA device also several token blocks (the weight gradient's blocks are 8 tokens here) that
 # mix slots, with runs of one slot across a block boundary; slots 1 and 3 unused again.
 INDICES["blocks"] = [0, 0, 2, 4, -1, 4, 4, 0, 2, 2, 2, L + 1, 4, 0, -1, 2, 2, 0, 0, -3, 4, 4, 4, 2, 0, 0, -1]
+# int8 weights (frozen constants of the cases, moved to the inputs' device by _call) and their float32 scales: per
+# output channel of an [out, in] weight (torch_xla's per-channel layer) and per input channel of an [in, out] one
+# (the transposed read the first one's backward makes).
+_G8 = torch.Generator().manual_seed(8)
+Q8 = torch.randint(-127, 128, (DOUT, D), generator=_G8, dtype=torch.int8)
+Q8_SCALE = torch.rand(DOUT, generator=_G8) / 127 + 1e-3
+Q8_IN = torch.randint(-127, 128, (D, DOUT), generator=_G8, dtype=torch.int8)
+Q8_IN_SCALE = torch.rand(D, generator=_G8) / 127 + 1e-3
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,8 +59,28 @@ def _lora(x, a, b, idx, scaling):
     return torch.einsum("tr,tro->to", s, _gathered(b, idx))
 
 
+#: Keys of one-element shapes that are not per token.
+NOT_PER_TOKEN = ("bias", "col")
+
+
+def _prologue(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """linear_lora_fused's x: SiLU(x) * up * col."""
+    return F.silu(t["x"]) * t["up"] * t["col"]
+
+
+def _dequantized(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An int8 weight times its scales per row (an [out, in] weight's outputs, an [in, out] one's inputs)."""
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+def _fused_args(up=None, col=None, weight="w", bias=None, res=None, layout="out_in", scale=None, in_scale=None):
+    """linear_lora_fused's arguments for a case (names of its tensors, or constants)."""
+    head = ("x", up, None, col, weight, bias, "a", "b", "idx", res, SCALING, layout, "backend")
+    return (*head, None, False, scale, in_scale)
+
+
 class Case(NamedTuple):
-    shapes: dict[str, tuple[int, ...]]  # one-element shapes but bias's are per token: [T, n]
+    shapes: dict[str, tuple[int, ...]]  # one-element shapes but NOT_PER_TOKEN's are per token: [T, n]
     op: Callable
     args: tuple  # the op's arguments: names of ``shapes`` entries, "idx", "backend", or values
     plain: Callable  # (tensors, idx) -> the op's output, in plain torch
@@ -108,6 +137,27 @@ CASES = {
         ("x", "w", "bias", "a", "b", "idx", SCALING, "out_in", "backend", None, False),
         lambda t, idx: t["x"] @ t["w"].T + t["bias"] + _lora(t["x"], t["a"], t["b"], idx, SCALING),
     ),
+    "linear_lora_fused": Case(  # x's producer (SiLU(x) * up * col) and a residual taken in
+        {"x": (D,), "up": (D,), "col": (D,), "w": (DOUT, D), "bias": (DOUT,), "a": (L, R, D), "b": (L, R, DOUT)}
+        | {"res": (DOUT,)},
+        OPS.linear_lora_fused,
+        _fused_args(up="up", col="col", weight="w", bias="bias", res="res"),
+        lambda t, idx: _prologue(t) @ t["w"].T + t["bias"] + t["res"] + _lora(_prologue(t), t["a"], t["b"], idx, 0.5),
+    ),
+    "linear_lora_fused_int8": Case(  # an int8 weight, per output channel
+        {"x": (D,), "a": (L, R, D), "b": (L, R, DOUT)},
+        OPS.linear_lora_fused,
+        _fused_args(weight=Q8, scale=Q8_SCALE),
+        lambda t, idx: t["x"] @ _dequantized(Q8, Q8_SCALE, t["x"].dtype).T + _lora(t["x"], t["a"], t["b"], idx, 0.5),
+    ),
+    "linear_lora_fused_int8_in": Case(  # an int8 weight [in, out] per input channel: the transposed read
+        {"x": (D,), "a": (L, R, D), "b": (L, R, DOUT)},
+        OPS.linear_lora_fused,
+        _fused_args(weight=Q8_IN, layout="in_out", in_scale=Q8_IN_SCALE),
+        lambda t, idx: (
+            t["x"] @ _dequantized(Q8_IN, Q8_IN_SCALE, t["x"].dtype) + _lora(t["x"], t["a"], t["b"], idx, SCALING)
+        ),
+    ),
     "bgmv_weight_grad": Case(
         {"left": (R,), "right": (D,)},
         OPS.bgmv_weight_grad,
@@ -129,7 +179,8 @@ def _call(case: Case, tensors: dict[str, torch.Tensor], idx: torch.Tensor, backe
     if backend is None:
         return case.plain(tensors, idx)
     named = {**tensors, "idx": idx, "backend": backend}
-    out = case.op(*(named[a] if isinstance(a, str) and a in named else a for a in case.args))
+    args = [a.to(idx.device) if isinstance(a, torch.Tensor) else a for a in case.args]  # the cases' constants
+    out = case.op(*(named[a] if isinstance(a, str) and a in named else a for a in args))
     return out[0] if isinstance(out, tuple) else out  # the training forwards: (out, s)
 
 
@@ -138,7 +189,7 @@ def _tensors(name: str, num_tokens: int, dtype=torch.float64, seed: int = 0) -> 
     g = torch.Generator().manual_seed(seed)
     out = {}
     for key, shape in CASES[name].shapes.items():
-        full = (num_tokens, *shape) if len(shape) == 1 and key != "bias" else shape
+        full = (num_tokens, *shape) if len(shape) == 1 and key not in NOT_PER_TOKEN else shape
         value = torch.randn(full, generator=g, dtype=torch.float64)
         if key in ("a", "b"):
             value[:, R - 1] = 0
@@ -225,7 +276,8 @@ def test_opcheck_xla(name, xla_device):
     case = CASES[name]
     named = {k: v.to(xla_device).requires_grad_() for k, v in _tensors(name, T, torch.float32).items()}
     named |= {"idx": _indices("mixed").to(xla_device), "backend": "xla"}
-    args = tuple(named[a] if isinstance(a, str) and a in named else a for a in case.args)
+    constants = [a.to(xla_device) if isinstance(a, torch.Tensor) else a for a in case.args]
+    args = tuple(named[a] if isinstance(a, str) and a in named else a for a in constants)
     torch.library.opcheck(case.op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 

@@ -227,6 +227,38 @@ def test_int8_weight_tile_converted_in_column_chunks(layout, out_dim, chunk):
         np.testing.assert_array_equal(out, np.asarray(run(weight_chunk_cols=sizes.out)))
 
 
+@pytest.mark.parametrize(("layout", "chunk"), [("out_in", 128), ("in_out", 256)])
+def test_int8_weight_scaled_per_input_channel_is_dequantised_in_vmem(layout, chunk):
+    """``weight_in_scale`` (the backward's transposed read of a per-output-channel int8 weight): each weight chunk
+    is dequantised along its contracted dim as it is converted (``out_in``: the scales a [1, tk] row over the tile's
+    columns; ``in_out``: a [tk, 1] column over its rows), over two reduction tiles, output tiles of 384 columns in
+    chunks of ``chunk`` (``in_out``: a ragged last chunk), two 32-token blocks in row chunks of 16; the LoRA reads x
+    unscaled. Equal to float64 numpy on the dequantized weight; a scale applied on the wrong axis or to the LoRA
+    fails it."""
+    rng = np.random.default_rng(5)
+    num_tokens, hidden, out_dim, rank, num_slots, lanes = 64, 256, 384, 8, 3, 2
+    w_shape = (out_dim, hidden) if layout == "out_in" else (hidden, out_dim)
+    q = rng.integers(-127, 128, w_shape)
+    scale = rng.uniform(0.5, 2.0, hidden) / 127 / 16
+    w = q * scale[None, :] if layout == "out_in" else q * scale[:, None]  # the float weight, float64
+    x = rng.standard_normal((num_tokens, hidden))
+    a = rng.standard_normal((num_slots, rank, hidden)) / 16
+    lb = rng.standard_normal((num_slots, rank, out_dim)) / 4
+    idx = np.arange(num_tokens) % (num_slots + 1) - 1  # tokens without adapter and every slot, in both blocks
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    meta = visits.build_lanes(jnp.asarray(idx, jnp.int32), num_slots, 32, lanes)
+    out = fused_base.linear_lora(
+        f32(x), jnp.asarray(q, jnp.int8), None, f32(a), f32(lb), meta, scaling=0.5,
+        block_sizes=BlockSizes(tokens=32, hidden=128, out=384), lanes=lanes, layout=layout, interpret=True,
+        row_chunk_rows=16, weight_chunk_cols=chunk, weight_in_scale=f32(scale),
+    )  # fmt: skip
+    own = idx >= 0
+    lora = 0.5 * np.einsum("tk,trk->tr", x, a[np.where(own, idx, 0)])
+    lora = np.einsum("tr,trn->tn", lora, lb[np.where(own, idx, 0)]) * own[:, None]
+    expected = (x @ w.T if layout == "out_in" else x @ w) + lora
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_chunks_share_one_shrink_tile_with_their_tokens_interleaved():
     """One [block, lanes * R] f32 shrink tile serves every lane chunk of a block: a 32-token block of 7
     distinct slots and tokens without adapter, interleaved token by token (every 16-row chunk holds
@@ -308,11 +340,17 @@ def _int8_operands(num_tokens, hidden, out_dim, rank, num_slots, seed=0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_int8_weight_forward_and_backward_match_float64(backend, xla_device):
+def test_int8_weight_forward_and_backward_match_float64(backend, xla_device, monkeypatch):
     """An int8 weight with per-output-channel scales: out and the gradients of x, A and B equal float64 autograd
-    on the dequantized weight ``q * s[:, None]`` (relative 1e-4)."""
+    on the dequantized weight ``q * s[:, None]`` (relative 1e-4). The backward reads the weight as int8 (its dx
+    pass is the op on the transposed int8 weight, ``weight_in_scale``): no float copy of it is made."""
+    from torch_xla_lora.ops import _linear_fused
     from torch_xla_lora.ops._linear_fused import linear_lora_fused
 
+    def no_float_copy(*args, **kwargs):
+        raise AssertionError("the int8 weight was dequantized to a float copy")
+
+    monkeypatch.setattr(_linear_fused, "dequantize", no_float_copy)
     x, q, scale, a, lb, idx = _int8_operands(40, 256, 128, 8, 4, seed=3)
     leaves = [t.to(xla_device).requires_grad_() for t in (x, a, lb)]
     out = linear_lora_fused(
@@ -345,6 +383,13 @@ def test_int8_weight_scale_is_checked():
         linear_lora_fused(x, q, None, a, lb, idx, weight_scale=scale.half())
     with pytest.raises(tl.ShapeError, match="weight dim 1 must equal K of inputs = 32"):
         linear_lora_fused(x, q[:, :16], None, a, lb, idx, weight_scale=scale)
+    in_scale = torch.rand(32) / 127
+    with pytest.raises(tl.ShapeError, match="with weight_in_scale the weight must be int8"):
+        linear_lora_fused(x, q.float(), None, a, lb, idx, weight_in_scale=in_scale)
+    with pytest.raises(tl.ShapeError, match=r"weight_in_scale must be \[32\] torch.float32"):
+        linear_lora_fused(x, q, None, a, lb, idx, weight_in_scale=scale)
+    with pytest.raises(tl.ShapeError, match="weight_scale or weight_in_scale, not both"):
+        linear_lora_fused(x, q, None, a, lb, idx, weight_scale=scale, weight_in_scale=in_scale)
 
 
 def test_rejects_weight_of_wrong_input_dim():
@@ -371,10 +416,12 @@ def test_lowers_to_mosaic(num_tokens, hidden, out_dim, num_slots, layout, bias, 
 
 
 @pytest.mark.parametrize("generation", ["v5e", "v6e"])
-def test_int8_weight_lowers_to_mosaic_reading_int8(generation):
-    """The int8 base's kernel lowers for TPU and takes the weight as int8 (libtpu compiles it: test_tpu_compile)."""
-    fusion = fused_base.Fusion(weight_scale=True)
-    fn, args = fused_base.tpu_compile_case(1024, 4096, 4096, 16, 8, jnp.bfloat16, generation, fusion=fusion)
+@pytest.mark.parametrize(("layout", "scales"), [("out_in", "weight_scale"), ("in_out", "weight_in_scale")])
+def test_int8_weight_lowers_to_mosaic_reading_int8(layout, scales, generation):
+    """The int8 base's kernel, and its backward's transposed read (scales per input channel), lower for TPU and
+    take the weight as int8 (libtpu compiles them: test_tpu_compile)."""
+    fusion = fused_base.Fusion(**{scales: True})
+    fn, args = fused_base.tpu_compile_case(1024, 4096, 4096, 16, 8, jnp.bfloat16, generation, layout, fusion=fusion)
     assert args[1].dtype == jnp.int8
     module = jax_export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
     assert "tpu_custom_call" in module

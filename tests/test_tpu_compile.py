@@ -41,8 +41,10 @@ POOLED_SAMPLE = [
 ]
 # linear_lora_fused as the decoder arrangement calls it: down_proj (SiLU * up, residual) and gate_proj (the norm's
 # factors) at prefill and decode, both chips (about 23 s of libtpu compilation); Llama-3-8B's down_proj at T = 1024 on
-# v6e, the plan of one [1024, 4096] output tile whose row-chunked kernel fills most of the VMEM budget; and an int8
-# per-channel base read as int8 on every chip, prefill and decode (about 6 s more).
+# v6e, the plan of one [1024, 4096] output tile whose row-chunked kernel fills most of the VMEM budget; an int8
+# per-channel base read as int8 on every chip, prefill and decode (about 6 s more); and that base's backward pass for
+# dx, the output gradient through the int8 weight read transposed (scales per input channel) at training sizes
+# (Llama-3-8B's down_proj at T = 2048 on v6e, Qwen2-0.5B's gate_proj on v5e and q_proj on v4: about 12 s more).
 LINEAR_FUSED_SAMPLE = [
     tpu_grid.linear_fused_config("v6e", "mlp_down", 2048, 16, "qwen2-0.5b", "down_proj"),
     tpu_grid.linear_fused_config("v6e", "mlp_down", 1024, 8, "llama3-8b", "down_proj"),
@@ -53,6 +55,9 @@ LINEAR_FUSED_SAMPLE = [
     tpu_grid.linear_fused_config("v6e", "int8", 8, 16, "qwen2-0.5b", "down_proj"),
     tpu_grid.linear_fused_config("v4", "int8", 300, 16, "llama3-8b", "down_proj"),
     tpu_grid.linear_fused_config("v5p", "int8", 64, 16, "qwen2-0.5b", "q_proj"),
+    tpu_grid.linear_fused_config("v6e", "int8_dx", 2048, 16, "llama3-8b", "down_proj"),
+    tpu_grid.linear_fused_config("v5e", "int8_dx", 512, 8, "qwen2-0.5b", "gate_proj"),
+    tpu_grid.linear_fused_config("v4", "int8_dx", 256, 16, "qwen2-0.5b", "q_proj"),
 ]
 # The training variant of the fused base kernel, which also writes s for the backward: Llama-3-8B's q_proj at T = 1024
 # on v6e (about 3 s of libtpu compilation).

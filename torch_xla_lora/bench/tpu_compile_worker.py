@@ -309,20 +309,31 @@ BUILDERS = {
 def build_linear_fused(cfg: Config, sds):
     """linear_lora_fused as layers/fusion.py calls it (tpu_grid.linear_fused_config): "mlp_down" reads SiLU(gate)
     * up and adds the residual, "norm" scales x by RMSNorm's row and column factors, "int8" reads an int8
-    weight and applies its per-channel f32 scales; with the host metadata set_batch gives the layer."""
+    weight and applies its per-channel f32 scales; with the host metadata set_batch gives the layer. "int8_dx":
+    the int8 layer's backward pass for dx (``_autograd.linear_grads``): the output gradient [T, out] through the
+    same int8 weight read transposed ("in_out", its scales per input channel, ``Fusion.weight_in_scale``), B as
+    the shrink's and A as the expand's weights, without host metadata (the backward groups on the device)."""
     dtype = jnp.dtype(cfg.dtype)
     tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
-    mlp, norm, int8 = (cfg.variant == v for v in ("mlp_down", "norm", "int8"))
-    fusion = fused_base.Fusion(silu_mul=mlp, row_scale=norm, col_scale=norm, residual=mlp, weight_scale=int8)
-    args = [sds((tokens, d_in), dtype), sds((d_out, d_in), jnp.int8 if int8 else dtype)]
+    mlp, norm, int8, dx = (cfg.variant == v for v in ("mlp_down", "norm", "int8", "int8_dx"))
+    fusion = fused_base.Fusion(
+        silu_mul=mlp, row_scale=norm, col_scale=norm, residual=mlp, weight_scale=int8, weight_in_scale=dx
+    )
+    if dx:  # the product's K is the layer's out, its N the layer's in
+        d_in, d_out = d_out, d_in
+    args = [sds((tokens, d_in), dtype)]
+    args.append(sds((d_in, d_out) if dx else (d_out, d_in), jnp.int8 if fusion.int8 else dtype))
     args += [sds((slots, rank, d_in), dtype), sds((slots, rank, d_out), dtype), sds((tokens,), jnp.int32)]
     args += [sds((tokens, d_in), dtype), sds((tokens, d_out), dtype)] if mlp else []
     args += [sds((tokens,), jnp.float32), sds((d_in,), dtype)] if norm else []
     args += [sds((d_out,), jnp.float32)] if int8 else []
+    args += [sds((d_in,), jnp.float32)] if dx else []
     shape = (d_in, d_out, False)
-    mine = _linear.linear_batch_metadata(np.full(tokens, -1, np.int32), [shape], rank, slots, cfg.dtype, cfg.chip)
-    own = shape in mine
-    args.append(sds(mine[shape].shape, jnp.int32) if own else _host_metadata(cfg, sds))
+    own = False
+    if not dx:
+        mine = _linear.linear_batch_metadata(np.full(tokens, -1, np.int32), [shape], rank, slots, cfg.dtype, cfg.chip)
+        own = shape in mine
+        args.append(sds(mine[shape].shape, jnp.int32) if own else _host_metadata(cfg, sds))
     sizes, lanes = fused_base.plan(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, False, fusion)
     estimate = fused_base.cost_estimate(
         sizes.padded_tokens(tokens), d_in, d_out, rank, slots, dtype, sizes, lanes, fusion
@@ -336,7 +347,8 @@ def build_linear_fused(cfg: Config, sds):
         "vmem_limit": fused_base.vmem_limit(cfg.chip),
         "estimate": {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
     }
-    fn = _linear.linear_lora_fused_fn("pallas", cfg.chip, SCALING, "out_in", False, fusion, True, own)
+    layout = "in_out" if dx else "out_in"
+    fn = _linear.linear_lora_fused_fn("pallas", cfg.chip, SCALING, layout, False, fusion, not dx, own)
     return fn, args, info
 
 

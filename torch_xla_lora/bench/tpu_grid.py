@@ -272,12 +272,14 @@ def lane_padded(cfg: Config) -> bool:
 # linear_lora with what layers/fusion.py has its kernel take in (kernels.fused_base.Fusion), compiled apart from
 # the sample: a Llama MLP's down projection ("mlp_down": SiLU(gate) * up read from two x tiles, the residual added
 # in the output write) and its gate/up projections ("norm": RMSNorm's row and column factors on the x read);
-# "int8": a per-channel symmetric int8 base read as int8, its scales applied in the output write.
-LINEAR_FUSED_VARIANTS = ("mlp_down", "norm", "int8")
+# "int8": a per-channel symmetric int8 base read as int8, its scales applied in the output write; "int8_dx": that
+# base's backward pass for dx (the output gradient through the int8 weight read transposed, its scales per input
+# channel, dequantised in VMEM).
+LINEAR_FUSED_VARIANTS = ("mlp_down", "norm", "int8", "int8_dx")
 
 
 def linear_fused_config(chip: str, variant: str, tokens: int, slots: int, model: str, layer: str) -> Config:
     """One compilation of ``linear_lora_fused`` as the decoder arrangement calls it (bf16, rank 16, host metadata
-    of the plain kernel's plan)."""
+    of the plain kernel's plan), or as the int8 base's backward calls it ("int8_dx": no host metadata)."""
     (d_in, d_out) = next((i, o) for m, proj, i, o in LAYERS if (m, proj) == (model, layer))
     return Config(chip, "linear_fused", variant, "bfloat16", tokens, slots, 16, model, layer, d_in, d_out)

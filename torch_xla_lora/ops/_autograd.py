@@ -197,26 +197,59 @@ def _linear_setup(ctx, inputs, output, s: torch.Tensor | None = None) -> None:
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _linear_backward(ctx, grad: torch.Tensor):
-    """``linear_lora``'s backward (and ``linear_lora_train``'s, which saved its s: not recomputed)."""
-    x, weight, lora_a, lora_b, indices, saved_s = ctx.saved_tensors
-    need = ctx.needs_input_grad
+def linear_grads(
+    ctx,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    indices: torch.Tensor,
+    need: tuple[bool, bool, bool, bool, bool],
+    saved_s: torch.Tensor | None = None,
+    weight_scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+) -> tuple[torch.Tensor | None, ...]:
+    """(dx, d_weight, d_bias, dA, dB) of ``y = x W^T + bias + scaling * (x A[i_t]^T) B[i_t]``, each where ``need``
+    asks for it (and the bias exists: ``ctx.bias_dtype``); ``ctx`` carries ``scaling``, ``layout``, ``backend``.
+
+    dx = g W + scaling * (g B[i_t]^T) A[i_t] is linear_lora itself with the roles swapped: g for x, W read in
+    the other layout, B (rank-first [L, R, N]) as A and A ([L, R, K]) as B. One pass over g: the base's dx and
+    the LoRA's, written once. ``weight_scales``: an int8 W's scales per output channel and per input channel
+    (one of them given): the swapped pass is ``linear_lora_fused`` reading the int8 weight with the two
+    exchanged (a per-output-channel weight read transposed is per input channel), never a float copy of it;
+    W gets no gradient. ``saved_s``: the forward's rank intermediate (None: recomputed where needed).
+    """
+    need_x, need_w, need_bias, need_a, need_b = need
     out_in = ctx.layout == "out_in"  # weight [N, K]; else [K, N]
+    swapped = "in_out" if out_in else "out_in"
+    int8 = any(scale is not None for scale in weight_scales)
     dx = d_weight = d_bias = None
-    if need[0]:
-        # dx = g W + scaling * (g B[i_t]^T) A[i_t] is linear_lora itself with the roles swapped: g for x, W read
-        # in the other layout, B (rank-first [L, R, N]) as A and A ([L, R, K]) as B. One pass over g: the base's
-        # dx and the LoRA's, written once.
-        swapped = "in_out" if out_in else "out_in"
+    if need_x and int8:
+        from torch_xla_lora.ops._linear_fused import linear_lora_fused
+
+        per_output, per_input = weight_scales
+        dx = linear_lora_fused(
+            grad.to(x.dtype), weight, None, lora_b, lora_a, indices, ctx.scaling, swapped, ctx.backend,
+            weight_scale=per_input, weight_in_scale=per_output,
+        )  # fmt: skip
+    elif need_x:
         dx = _ops.linear_lora(
             grad.to(weight.dtype), weight, None, lora_b, lora_a, indices, ctx.scaling, swapped, ctx.backend
         ).to(x.dtype)
-    if need[1]:
+    if need_w and not int8:
         d_weight = grad.T @ x if out_in else x.T @ grad
-    if need[2] and ctx.bias_dtype is not None:
+    if need_bias and ctx.bias_dtype is not None:
         d_bias = grad.sum(0, dtype=torch.promote_types(grad.dtype, torch.float32)).to(ctx.bias_dtype)
-    _, d_a, d_b = _lora_grads(ctx, grad, x, lora_a, lora_b, indices, None, False, need[3], need[4], saved_s)
-    return dx, d_weight, d_bias, d_a, d_b, *_no_grads(6)
+    _, d_a, d_b = _lora_grads(ctx, grad, x, lora_a, lora_b, indices, None, False, need_a, need_b, saved_s)
+    return dx, d_weight, d_bias, d_a, d_b
+
+
+def _linear_backward(ctx, grad: torch.Tensor):
+    """``linear_lora``'s backward (and ``linear_lora_train``'s, which saved its s: not recomputed)."""
+    x, weight, lora_a, lora_b, indices, saved_s = ctx.saved_tensors
+    need = tuple(bool(flag) for flag in ctx.needs_input_grad[:5])
+    grads = linear_grads(ctx, grad, x, weight, lora_a, lora_b, indices, need, saved_s)
+    return *grads, *_no_grads(6)
 
 
 # -- linear_lora_train(the arguments of linear_lora) -> (out, s) ----------------------------------------

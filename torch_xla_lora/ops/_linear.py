@@ -37,21 +37,27 @@ from torch_xla_lora.ops._lora_grads_jax import xla_forward
 
 
 def _padded_operands(extra: dict, rows: int) -> dict:
-    """The fusion operands (``up``, ``row_scale``, ``col_scale``, ``residual``, ``weight_scale``) of a token-padded
-    call: the per-token ones padded to ``rows`` rows; the column scale and the weight's scales as they are."""
+    """The fusion operands (``up``, ``row_scale``, ``col_scale``, ``residual``, ``weight_scale``,
+    ``weight_in_scale``) of a token-padded call: the per-token ones padded to ``rows`` rows; the column scale
+    and the weight's scales as they are."""
     return {
-        name: value if name in ("col_scale", "weight_scale") else _pad_rows(value, rows)
+        name: value if name in ("col_scale", "weight_scale", "weight_in_scale") else _pad_rows(value, rows)
         for name, value in extra.items()
     }
 
 
-def _base_product(x, weight, bias, layout: str, weight_scale=None):
+def _base_product(x, weight, bias, layout: str, weight_scale=None, weight_in_scale=None):
     """x @ W^T (+ bias) in f32, W [N, K] ("out_in") or [K, N] ("in_out").
 
     With ``weight_scale`` [N] f32, ``weight`` is int8 and W is ``weight * weight_scale`` per output
     channel: ``(x @ weight^T) * weight_scale``, the int8 weight converted to x's dtype (exact) in the dot.
+    With ``weight_in_scale`` [K] f32, W is ``weight * weight_in_scale`` per input channel, dequantised
+    (rounded to x's dtype) as the dot reads it, as the kernel converts its tiles.
     """
     contract = (((1,), (1,)), ((), ())) if layout == "out_in" else (((1,), (0,)), ((), ()))
+    if weight_in_scale is not None:
+        along_k = weight_in_scale.astype(jnp.float32)[None, :] if layout == "out_in" else weight_in_scale[:, None]
+        weight = (weight.astype(jnp.float32) * along_k.astype(jnp.float32)).astype(x.dtype)
     if weight_scale is not None:
         weight = weight.astype(x.dtype)
     y = jax.lax.dot_general(x, weight, contract, preferred_element_type=jnp.float32)
@@ -270,8 +276,10 @@ def linear_lora_fused_fn(
     """``linear_lora_fn`` with x's producer and the residual add taken in (:class:`fused_base.Fusion`).
 
     ``fn(x[T, K], weight, [bias[N],] lora_a, lora_b, indices[T], [up[T, K],] [row[T] f32,] [col[K],]
-    [residual[T, N],] [weight_scale[N] f32,] [metadata]) -> [T, N]``; with ``weight_scale`` the weight is
-    int8, per-output-channel symmetric (W = weight * weight_scale), read as int8 by the kernel.
+    [residual[T, N],] [weight_scale[N] f32,] [weight_in_scale[K] f32,] [metadata]) -> [T, N]``; with
+    ``weight_scale`` the weight is int8, per-output-channel symmetric (W = weight * weight_scale), read as int8
+    by the kernel; with ``weight_in_scale`` int8 per input channel (the transposed read of such a weight in the
+    backward, dequantised in VMEM).
     "pallas": the fused base kernel with the prologue on its x read and the residual in its write; where
     no tiling fits, and on "xla", the same arithmetic as XLA ops (the prologue, then ``linear_lora_fn``'s
     path, the residual added to the f32 sum before the single
@@ -285,6 +293,7 @@ def linear_lora_fused_fn(
             ("col_scale", fusion.col_scale),
             ("residual", fusion.residual),
             ("weight_scale", fusion.weight_scale),
+            ("weight_in_scale", fusion.weight_in_scale),
         )
         if on
     ]
@@ -325,7 +334,7 @@ def linear_lora_fused_fn(
         x_in = fused_base.apply_prologue(
             x, extra.get("up"), None if row is None else row[:, None], extra.get("col_scale"), fusion
         )
-        base = _base_product(x_in, weight, bias, layout, extra.get("weight_scale"))
+        base = _base_product(x_in, weight, bias, layout, extra.get("weight_scale"), extra.get("weight_in_scale"))
         if fusion.residual:
             base = base + extra["residual"].astype(jnp.float32)
         lora = shrink_expand_fn(backend, generation, scaling, with_metadata)
@@ -371,8 +380,9 @@ def linear_lora_pooled_fn(
     with the pooled buffers within the limit): the one-pass kernel reads each lane's true-rank pages through
     the page table (``pages`` as built on the host, else derived from ``rows`` here, reading the row table
     whole), an int8 pool's row scales from ``page_scales`` (else a_scale * b_scale formed here). Otherwise
-    (backend "xla", or no pooled plan) the lanes' rows are gathered into the slot layout (int8 rows
-    dequantised) and :func:`linear_lora_fused_fn` runs on them, as today's gathered slots.
+    (backend "xla", or no pooled plan) :func:`linear_lora_fused_fn` runs on the lanes' slot weights
+    (``_jax.pool_slot_weights``: on "xla" pool tiles its slot op reads the visited lanes' rows from, int8 rows
+    dequantised; on "pallas" the lanes' rows gathered into the slot layout).
     ``typical_ranks``: a block's distinct adapters' ranks, for the kernel's cost estimate.
     """
     names = [

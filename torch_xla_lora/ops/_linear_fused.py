@@ -5,13 +5,19 @@ into the operand read, the residual add into the output write) would become pass
 around ``linear_lora``. This op takes them into the kernel (``kernels/fused_base.py``'s
 :class:`~torch_xla_lora.kernels.fused_base.Fusion`); on the XLA-native backend, and where no tiling
 fits, it is the same arithmetic as XLA ops, which XLA fuses into its dot. CPU tensors run
-:func:`reference`. Differentiable: the backward recomputes x's producer in torch and differentiates
-``linear_lora`` (which has its own backward) through it.
+:func:`reference`. Differentiable: the backward recomputes x's producer in torch (elementwise) and
+differentiates it, and takes the projection's gradients as ``linear_lora``'s backward does
+(``_autograd.linear_grads``): dx of the base and the LoRA in one swapped pass over the output gradient,
+the slot weights' gradients from ``bgmv_lora_grads``.
 
 With ``weight_scale`` the base weight is int8, quantized per output channel and symmetric
 (``W = weight * weight_scale``, torch_xla's ``XlaQuantizedLinear`` with ``block_size=-1`` and no zero
 point): the kernel reads the int8 weight and applies the scales to its f32 base product
-(``Fusion.weight_scale``); the XLA-native path computes ``(x @ weight^T) * weight_scale``.
+(``Fusion.weight_scale``); the XLA-native path computes ``(x @ weight^T) * weight_scale``. With
+``weight_in_scale`` the int8 weight's scales are per *input* channel, as such a weight's are when read
+transposed: the backward's ``dy W`` is this op on ``dy`` with the layout swapped and ``weight_scale`` passed
+as ``weight_in_scale``, so the backward reads the int8 weight too, never a float copy of it. The kernel
+dequantises each weight chunk as it converts it in VMEM (``Fusion.weight_in_scale``).
 """
 
 from __future__ import annotations
@@ -24,14 +30,20 @@ from torch_xla_lora.ops import _validate
 
 
 def dequantize(
-    weight: torch.Tensor, weight_scale: torch.Tensor | None, dtype: torch.dtype, layout: str
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor | None,
+    dtype: torch.dtype,
+    layout: str,
+    weight_in_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The float weight ``weight * weight_scale`` (per output channel) in ``dtype``; ``weight`` when unscaled."""
-    if weight_scale is None:
+    """The float weight ``weight * weight_scale`` (per output channel) or ``weight * weight_in_scale`` (per input
+    channel) in ``dtype``; ``weight`` when unscaled."""
+    if weight_scale is None and weight_in_scale is None:
         return weight
     acc = torch.promote_types(dtype, torch.float32)
-    scale = weight_scale.to(acc)[:, None] if layout == "out_in" else weight_scale.to(acc)
-    return (weight.to(acc) * scale).to(dtype)
+    per_row = (weight_scale if layout == "out_in" else weight_in_scale) is not None  # out_in rows: outputs
+    scale = (weight_scale if weight_scale is not None else weight_in_scale).to(acc)
+    return (weight.to(acc) * (scale[:, None] if per_row else scale)).to(dtype)
 
 
 def prologue(
@@ -70,12 +82,16 @@ def reference(
     scaling: float = 1.0,
     weight_layout: str = "out_in",
     weight_scale: torch.Tensor | None = None,
+    weight_in_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain torch: ``x = prologue(...)``; ``out = x W^T + bias + scaling * (x A[i]^T) B[i] + residual``,
     accumulated in float32 (float64 for float64 inputs) and rounded once; the rank intermediate rounded
-    to lora_b's dtype. With ``weight_scale``, W is the int8 ``weight`` times it per output channel."""
+    to lora_b's dtype. With ``weight_scale``, W is the int8 ``weight`` times it per output channel; with
+    ``weight_in_scale``, times it per input channel, rounded to inputs' dtype (as the kernel dequantises)."""
     x = prologue(inputs, up, row_scale, col_scale)
     acc = torch.promote_types(inputs.dtype, torch.float32)
+    if weight_in_scale is not None:
+        weight = dequantize(weight, None, inputs.dtype, weight_layout, weight_in_scale)
     weight = dequantize(weight, weight_scale, acc, weight_layout)
     w = weight.to(acc) if weight_layout == "in_out" else weight.to(acc).T
     out = x.to(acc) @ w
@@ -92,21 +108,29 @@ def reference(
 
 
 def _check(
-    inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, layout, weight_scale=None
-) -> None:
-    if weight_scale is not None:
+    inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, layout, weight_scale=None,
+    weight_in_scale=None,
+) -> None:  # fmt: skip
+    if weight_scale is not None and weight_in_scale is not None:
+        raise ShapeError("linear_lora_fused: an int8 weight takes weight_scale or weight_in_scale, not both")
+    if weight_scale is not None or weight_in_scale is not None:
         if weight.dtype != torch.int8 or weight.device != inputs.device:
+            which = "weight_scale" if weight_scale is not None else "weight_in_scale"
             raise ShapeError(
-                f"linear_lora_fused: with weight_scale the weight must be int8 on {inputs.device}, got "
+                f"linear_lora_fused: with {which} the weight must be int8 on {inputs.device}, got "
                 f"{weight.dtype} on {weight.device}"
             )
         # The float weight's checks on a stand-in of its shape in inputs' dtype (no copy: a broadcast scalar).
         weight = inputs.new_zeros(()).expand(weight.shape)
     _validate.linear_lora(inputs, weight, bias, lora_a, lora_b, lora_indices, layout)
-    _check_fusion("linear_lora_fused", inputs, lora_b.shape[2], up, row_scale, col_scale, residual, weight_scale)
+    _check_fusion(
+        "linear_lora_fused", inputs, lora_b.shape[2], up, row_scale, col_scale, residual, weight_scale, weight_in_scale
+    )
 
 
-def _check_fusion(op: str, inputs, out_dim: int, up, row_scale, col_scale, residual, weight_scale) -> None:
+def _check_fusion(
+    op: str, inputs, out_dim: int, up, row_scale, col_scale, residual, weight_scale, weight_in_scale=None
+) -> None:
     """The fusion operands' shapes, dtypes and devices (each may be None)."""
     num_tokens, hidden = inputs.shape
     expected = {
@@ -115,6 +139,7 @@ def _check_fusion(op: str, inputs, out_dim: int, up, row_scale, col_scale, resid
         "col_scale": (col_scale, (hidden,), inputs.dtype),
         "residual": (residual, (num_tokens, out_dim), inputs.dtype),
         "weight_scale": (weight_scale, (out_dim,), torch.float32),
+        "weight_in_scale": (weight_in_scale, (hidden,), torch.float32),
     }
     for name, (tensor, shape, dtype) in expected.items():
         if tensor is None:
@@ -144,6 +169,7 @@ def _linear_lora_fused(
     metadata: torch.Tensor | None = None,
     own_metadata: bool = False,
     weight_scale: torch.Tensor | None = None,
+    weight_in_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``torch.ops.xla_lora.linear_lora_fused``: see :func:`linear_lora_fused`."""
     _check(
@@ -159,20 +185,26 @@ def _linear_lora_fused(
         residual,
         weight_layout,
         weight_scale,
+        weight_in_scale,
     )
     _validate.backend(backend)
     _validate.scaling(scaling)
     _validate.metadata(metadata, inputs.device)
     if inputs.device.type != "xla":
         operands = (inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual)
-        return reference(*operands, scaling, weight_layout, weight_scale)
+        return reference(*operands, scaling, weight_layout, weight_scale, weight_in_scale)
     from torch_xla_lora import ops
     from torch_xla_lora.kernels import fused_base
     from torch_xla_lora.ops import _linear
 
     name, generation = ops._backend(backend)
     fusion = fused_base.Fusion(
-        up is not None, row_scale is not None, col_scale is not None, residual is not None, weight_scale is not None
+        up is not None,
+        row_scale is not None,
+        col_scale is not None,
+        residual is not None,
+        weight_scale is not None,
+        weight_in_scale is not None,
     )
     with_metadata = metadata is not None
     fn = _linear.linear_lora_fused_fn(
@@ -186,7 +218,7 @@ def _linear_lora_fused(
         with_metadata and own_metadata,
     )
     args = [inputs, weight, *(() if bias is None else (bias,)), lora_a, lora_b, lora_indices]
-    args += [t for t in (up, row_scale, col_scale, residual, weight_scale) if t is not None]
+    args += [t for t in (up, row_scale, col_scale, residual, weight_scale, weight_in_scale) if t is not None]
     return ops._call_jax(fn, *args, *(() if metadata is None else (metadata,)))
 
 
@@ -208,6 +240,7 @@ def _(
     metadata=None,
     own_metadata=False,
     weight_scale=None,
+    weight_in_scale=None,
 ):
     _check(
         inputs,
@@ -222,42 +255,48 @@ def _(
         residual,
         weight_layout,
         weight_scale,
+        weight_in_scale,
     )
     return inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, up, row, col, weight, bias, lora_a, lora_b, indices, residual, scaling, layout, backend, _, _, w_scale = inputs
-    ctx.save_for_backward(x, up, row, col, weight, bias, lora_a, lora_b, indices, w_scale)
+    x, up, row, col, weight, bias, lora_a, lora_b, indices, residual, scaling, layout, backend = inputs[:13]
+    w_scale, w_in_scale = inputs[15:]
+    ctx.save_for_backward(x, up, row, col, weight, bias, lora_a, lora_b, indices, w_scale, w_in_scale)
     ctx.scaling, ctx.layout, ctx.backend = scaling, layout, backend
     ctx.has_residual = residual is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad: torch.Tensor):
-    # Recompute x's producer in torch (cheap, elementwise) and differentiate it and linear_lora's own backward.
-    from torch_xla_lora import ops
+    """x's producer recomputed in torch (cheap, elementwise) and differentiated; the projection's gradients from
+    its parts (``_autograd.linear_grads``: dx in one swapped pass over ``grad``, an int8 weight read as int8).
+    The quantized weight and its scales are frozen (no gradient). In a double backward (grad mode on) every
+    part is a differentiable op of the saved tensors, so the gradients are themselves differentiable."""
+    from torch_xla_lora.ops import _autograd
 
-    saved = list(ctx.saved_tensors)
-    if saved[9] is not None:  # an int8 base: differentiate through its dequantized float weight (frozen)
-        saved[4] = dequantize(saved[4], saved[9], saved[0].dtype, ctx.layout)
+    inputs, up, row, col, weight, bias, lora_a, lora_b, indices, w_scale, w_in_scale = ctx.saved_tensors
     need = ctx.needs_input_grad
-    differentiable = [0, 1, 2, 3, 4, 5, 6, 7]  # x, up, row, col, weight, bias, lora_a, lora_b
+    again = torch.is_grad_enabled()  # create_graph: the gradients as a graph of the saved tensors
+    producer = [
+        t if t is None or not t.is_floating_point() or again else t.detach().requires_grad_(bool(need[i]))
+        for i, t in enumerate((inputs, up, row, col))
+    ]
     with torch.enable_grad():
-        leaves = [
-            t.detach().requires_grad_(bool(need[i])) if t is not None and t.is_floating_point() else t
-            for i, t in zip(differentiable, saved[:8], strict=True)
-        ]
-        if saved[9] is not None:
-            leaves[4] = saved[4]  # frozen: no gradient for the quantized weight
-        x, up, row, col, weight, bias, lora_a, lora_b = leaves
-        out = ops.linear_lora(
-            prologue(x, up, row, col), weight, bias, lora_a, lora_b, saved[8], ctx.scaling, ctx.layout, ctx.backend
-        )
-        wanted = [(i, t) for i, t in enumerate(leaves) if t is not None and t.requires_grad]
-        grads = torch.autograd.grad(out, [t for _, t in wanted], grad) if wanted else ()
-    result = [None] * 16
-    for (i, _), g in zip(wanted, grads, strict=True):
-        result[i] = g
+        x = prologue(*producer)
+    wanted = [(i, t) for i, t in enumerate(producer) if t is not None and need[i] and t.requires_grad]
+    flags = (bool(wanted), bool(need[4]), bool(need[5]), bool(need[6]), bool(need[7]))
+    x_read = x if again else x.detach()
+    dx, d_weight, d_bias, d_a, d_b = _autograd.linear_grads(
+        ctx, grad, x_read, weight, lora_a, lora_b, indices, flags, weight_scales=(w_scale, w_in_scale)
+    )
+    result = [None] * 17
+    result[4:8] = d_weight, d_bias, d_a, d_b
+    if wanted:
+        grads = torch.autograd.grad(x, [t for _, t in wanted], dx, create_graph=again)
+        for (i, _), g in zip(wanted, grads, strict=True):
+            result[i] = g
     if ctx.has_residual and need[9]:
         result[9] = grad
     return tuple(result)
@@ -284,6 +323,7 @@ def linear_lora_fused(
     metadata: torch.Tensor | None = None,
     own_metadata: bool = False,
     weight_scale: torch.Tensor | None = None,
+    weight_in_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`~torch_xla_lora.ops.linear_lora` reading x through its producer and adding a residual in its write.
 
@@ -300,12 +340,17 @@ def linear_lora_fused(
       residual: [T, N]: added to the output before its rounding.
       weight_scale: [N] float32: ``weight`` is int8, quantized per output channel and symmetric, and the
         base weight is ``weight * weight_scale`` (per row of "out_in", per column of "in_out").
+      weight_in_scale: [K] float32: ``weight`` is int8 with its scales per input channel (per column of
+        "out_in", per row of "in_out"): the base weight is ``weight * weight_in_scale`` rounded to inputs'
+        dtype, dequantised as it is read (the backward's transposed read of a ``weight_scale`` weight). Not
+        with ``weight_scale``.
 
     Returns:
       [T, N] in inputs' dtype, accumulated in float32 and rounded once (see :func:`reference`).
 
     Raises:
-      ShapeError: a wrong shape, dtype or device (as ``linear_lora``'s, and of the fusion operands).
+      ShapeError: a wrong shape, dtype or device (as ``linear_lora``'s, and of the fusion operands), or both
+        weight scales given.
     """
     return torch.ops.xla_lora.linear_lora_fused(
         inputs,
@@ -324,6 +369,7 @@ def linear_lora_fused(
         metadata,
         own_metadata,
         weight_scale,
+        weight_in_scale,
     )
 
 
