@@ -86,6 +86,22 @@ class Case(NamedTuple):
     plain: Callable  # (tensors, idx) -> the op's output, in plain torch
 
 
+_FUSED_CASES = {
+    "linear_lora_fused": Case(  # x's producer (SiLU(x) * up * col) and a residual taken in
+        {"x": (D,), "up": (D,), "col": (D,), "w": (DOUT, D), "bias": (DOUT,), "a": (L, R, D), "b": (L, R, DOUT)}
+        | {"res": (DOUT,)},
+        OPS.linear_lora_fused,
+        _fused_args(up="up", col="col", weight="w", bias="bias", res="res"),
+        lambda t, idx: _prologue(t) @ t["w"].T + t["bias"] + t["res"] + _lora(_prologue(t), t["a"], t["b"], idx, 0.5),
+    ),
+    "linear_lora_fused_int8": Case(  # an int8 weight, per output channel
+        {"x": (D,), "a": (L, R, D), "b": (L, R, DOUT)},
+        OPS.linear_lora_fused,
+        _fused_args(weight=Q8, scale=Q8_SCALE),
+        lambda t, idx: t["x"] @ _dequantized(Q8, Q8_SCALE, t["x"].dtype).T + _lora(t["x"], t["a"], t["b"], idx, 0.5),
+    ),
+}
+
 CASES = {
     "bgmv_shrink": Case(
         {"x": (D,), "a": (L, R, D)},
@@ -137,19 +153,7 @@ CASES = {
         ("x", "w", "bias", "a", "b", "idx", SCALING, "out_in", "backend", None, False),
         lambda t, idx: t["x"] @ t["w"].T + t["bias"] + _lora(t["x"], t["a"], t["b"], idx, SCALING),
     ),
-    "linear_lora_fused": Case(  # x's producer (SiLU(x) * up * col) and a residual taken in
-        {"x": (D,), "up": (D,), "col": (D,), "w": (DOUT, D), "bias": (DOUT,), "a": (L, R, D), "b": (L, R, DOUT)}
-        | {"res": (DOUT,)},
-        OPS.linear_lora_fused,
-        _fused_args(up="up", col="col", weight="w", bias="bias", res="res"),
-        lambda t, idx: _prologue(t) @ t["w"].T + t["bias"] + t["res"] + _lora(_prologue(t), t["a"], t["b"], idx, 0.5),
-    ),
-    "linear_lora_fused_int8": Case(  # an int8 weight, per output channel
-        {"x": (D,), "a": (L, R, D), "b": (L, R, DOUT)},
-        OPS.linear_lora_fused,
-        _fused_args(weight=Q8, scale=Q8_SCALE),
-        lambda t, idx: t["x"] @ _dequantized(Q8, Q8_SCALE, t["x"].dtype).T + _lora(t["x"], t["a"], t["b"], idx, 0.5),
-    ),
+    **_FUSED_CASES,
     "linear_lora_fused_int8_in": Case(  # an int8 weight [in, out] per input channel: the transposed read
         {"x": (D,), "a": (L, R, D), "b": (L, R, DOUT)},
         OPS.linear_lora_fused,
@@ -158,6 +162,8 @@ CASES = {
             t["x"] @ _dequantized(Q8_IN, Q8_IN_SCALE, t["x"].dtype) + _lora(t["x"], t["a"], t["b"], idx, SCALING)
         ),
     ),
+    # The training forwards of the two fused cases above: their output, s checked in its own test.
+    **{f"{name}_train": c._replace(op=OPS.linear_lora_fused_train) for name, c in _FUSED_CASES.items()},
     "bgmv_weight_grad": Case(
         {"left": (R,), "right": (D,)},
         OPS.bgmv_weight_grad,
@@ -178,10 +184,15 @@ def _call(case: Case, tensors: dict[str, torch.Tensor], idx: torch.Tensor, backe
     """The case's op on ``tensors``, or with ``backend`` None its plain formulation."""
     if backend is None:
         return case.plain(tensors, idx)
+    out = _run(case, tensors, idx, backend)
+    return out[0] if isinstance(out, tuple) else out  # the training forwards: (out, s)
+
+
+def _run(case: Case, tensors: dict[str, torch.Tensor], idx: torch.Tensor, backend: str):
+    """The case's op on ``tensors``, its outputs as the op returns them."""
     named = {**tensors, "idx": idx, "backend": backend}
     args = [a.to(idx.device) if isinstance(a, torch.Tensor) else a for a in case.args]  # the cases' constants
-    out = case.op(*(named[a] if isinstance(a, str) and a in named else a for a in args))
-    return out[0] if isinstance(out, tuple) else out  # the training forwards: (out, s)
+    return case.op(*(named[a] if isinstance(a, str) and a in named else a for a in args))
 
 
 def _tensors(name: str, num_tokens: int, dtype=torch.float64, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -517,28 +528,39 @@ def test_train_forward_keeps_s(on_xla, request):
     assert log.names.count("xla_lora.bgmv_lora_grads") == 1 and "xla_lora.bgmv_shrink" not in log.names, log.names
 
 
+#: The training forwards of linear_lora and linear_lora_fused (x's producer and a residual; an int8 weight) and the
+#: serving op each runs in place of.
+TRAIN_FORWARDS = {
+    "linear_lora_train": "linear_lora_out_in",
+    "linear_lora_fused_train": "linear_lora_fused",
+    "linear_lora_fused_int8_train": "linear_lora_fused_int8",
+}
+
+
+@pytest.mark.parametrize("train", TRAIN_FORWARDS)
 @pytest.mark.parametrize(("on_xla", "backend"), [(False, "auto"), (True, "xla"), (True, "pallas")])
-def test_linear_train_keeps_s_and_its_gradients_are_linear_lora_s(on_xla, backend, request):
-    """linear_lora_train's s is scaling * A[i_t] x[t] (float64 math; exact zeros for rows outside [0, L)) and
-    its output is linear_lora's; its gradients equal linear_lora's (which recomputes s) and float64 math,
-    and its backward hands s to the fused backward op rather than recomputing it (one bgmv_lora_grads, no
-    shrink). "pallas": the fused base kernel writing s (interpret mode off TPU)."""
+def test_linear_train_forwards_keep_s_and_their_gradients_are_the_serving_ops(train, on_xla, backend, request):
+    """A training forward's s is scaling * A[i_t] x[t] (x the producer's output; float64 math; exact zeros for
+    rows outside [0, L)) and its output is the serving op's; its gradients equal the serving op's (which
+    recomputes s) and float64 math, and its backward hands s to the fused backward op rather than recomputing
+    it (one bgmv_lora_grads, no shrink). "pallas": the fused base kernel writing s (interpret mode off TPU)."""
     device = request.getfixturevalue("xla_device") if on_xla else torch.device("cpu")
-    case, idx = CASES["linear_lora_train"], _indices("blocks")
-    tensors = _tensors("linear_lora_train", len(idx), torch.float32)
+    serving = TRAIN_FORWARDS[train]
+    case, idx = CASES[train], _indices("blocks")
+    tensors = _tensors(train, len(idx), torch.float32)
     grad_out, expected = _expected(case, tensors, idx)
     t, dev_idx = _on(tensors, device), idx.to(device)
-    operands = (t["x"], t["w"], t["bias"], t["a"], t["b"], dev_idx, SCALING, "out_in", backend)
-    out, s = OPS.linear_lora_train(*operands, None, False)
+    out, s = _run(case, t, dev_idx, backend)
     without = (idx < 0) | (idx >= L)
     t64 = {k: v.double() for k, v in tensors.items()}
-    expected_s = SCALING * torch.einsum("trd,td->tr", _gathered(t64["a"], idx), t64["x"])
+    x_read = _prologue(t64) if "up" in t64 else t64["x"]
+    expected_s = SCALING * torch.einsum("trd,td->tr", _gathered(t64["a"], idx), x_read)
     assert s.shape == (len(idx), R) and s.dtype == torch.float32 and not s.requires_grad
     assert (s.cpu()[without] == 0).all()
     assert_close(s.cpu(), expected_s, torch.float32)
-    assert_close(out.cpu(), OPS.linear_lora(*operands, None, False).cpu().double(), torch.float32)
+    assert_close(out.cpu(), _call(CASES[serving], t, dev_idx, backend).cpu().double(), torch.float32)
     grads = {}
-    for name in ("linear_lora_train", "linear_lora_out_in"):
+    for name in (train, serving):
         leaves = {k: v.detach().requires_grad_() for k, v in t.items()}
         out = _call(CASES[name], leaves, dev_idx, backend)
         log = _OpLog()
@@ -547,7 +569,7 @@ def test_linear_train_keeps_s_and_its_gradients_are_linear_lora_s(on_xla, backen
         (call,) = [args for op, args in log.calls if op == "xla_lora.bgmv_lora_grads"]
         assert "xla_lora.bgmv_shrink" not in log.names, log.names
         saved_s = call[8] if len(call) > 8 else None  # (grad, inputs, a, b, indices, scaling, with_dx, backend, s)
-        if name == "linear_lora_train":  # the forward's own s, not a recomputed one
+        if name == train:  # the forward's own s, not a recomputed one
             assert saved_s is s or torch.equal(saved_s.cpu(), s.cpu()), log.names
         else:
             assert saved_s is None

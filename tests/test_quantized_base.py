@@ -147,12 +147,33 @@ def test_int8_per_channel_base_runs_fused_and_equals_peft_on_the_dequantized_bas
     torch.testing.assert_close(logits.cpu(), expected, atol=1e-4 * magnitude, rtol=1e-4)
 
 
-@pytest.mark.parametrize("scheme,mode", [("symmetric", "lazy"), ("blockwise", "compile")])
-def test_training_on_a_quantized_base_equals_peft_on_the_dequantized_base(scheme, mode, xla_device):
+@pytest.mark.parametrize(
+    "scheme,mode",
+    [("symmetric", "lazy"), ("blockwise", "compile"), ("symmetric", "fused"), ("symmetric", "fused-compile")],
+)
+def test_training_on_a_quantized_base_equals_peft_on_the_dequantized_base(scheme, mode, xla_device, monkeypatch):
     """QLoRA-style: adapters trained on the frozen quantized base get PEFT's gradients on the dequantized
-    float base (gradients flow through the quantized matmul to the activations)."""
+    float base (gradients flow through the quantized matmul to the activations). "fused" (``base_fusion=True``,
+    the decoders arranged): every projection reads its int8 weight in ``linear_lora_fused``'s training forward
+    (``keep_s``) and its backward reads it transposed as int8 (no float copy of a weight is made); under
+    ``torch.compile`` too ("fused-compile")."""
     quantized, dequantized = _quantized_and_float(scheme)
-    lora = tl.patch_model(quantized.to(xla_device), tl.LoRAConfig(max_loras=2, max_rank=8))
+    calls = []
+    if mode == "fused":
+        from torch_xla_lora.ops import _linear_fused
+
+        def spy(inputs, weight, *args, **kwargs):
+            calls.append((weight.dtype, kwargs.get("keep_s", False), kwargs.get("weight_in_scale") is not None))
+            return op(inputs, weight, *args, **kwargs)
+
+        def no_float_copy(*args, **kwargs):
+            raise AssertionError("an int8 weight was dequantized to a float copy")
+
+        op = _linear_fused.linear_lora_fused
+        monkeypatch.setattr(_linear_fused, "linear_lora_fused", spy)
+        monkeypatch.setattr(_linear_fused, "dequantize", no_float_copy)
+    config = tl.LoRAConfig(max_loras=2, max_rank=8, base_fusion=mode.startswith("fused"))
+    lora = tl.patch_model(quantized.to(xla_device), config)
     torch.manual_seed(4)
     config = LoraConfig(init_lora_weights=False, r=4, lora_alpha=8, target_modules=list(PROJECTIONS))
     lora.create_adapter("a", config)
@@ -163,9 +184,13 @@ def test_training_on_a_quantized_base_equals_peft_on_the_dequantized_base(scheme
     ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(1))
     lora.model.train()
     lora.set_batch(["a", None, "a"])
-    forward = torch.compile(lora.model, backend="openxla") if mode == "compile" else lora.model
+    forward = torch.compile(lora.model, backend="openxla") if mode.endswith("compile") else lora.model
     forward(ids.to(xla_device)).logits[[0, 2]].float().pow(2).mean().backward()
     torch_xla.sync()
+    if mode == "fused":  # each projection's training forward, then its backward's transposed int8 read for dx
+        forwards = [(torch.int8, True, False)] * len(PROJECTIONS) * len(lora.fused_decoders)
+        # (but the first decoder's q/k/v: their input, the frozen embedding's output, needs no gradient)
+        assert calls == forwards + [(torch.int8, False, True)] * (len(forwards) - 3), calls
     peft_model.train()
     peft_model(ids[[0, 2]]).logits.float().pow(2).mean().backward()
     grads = {k: p.grad for k, p in peft_model.named_parameters() if p.grad is not None}

@@ -60,9 +60,16 @@ LINEAR_FUSED_SAMPLE = [
     tpu_grid.linear_fused_config("v4", "int8_dx", 256, 16, "qwen2-0.5b", "q_proj"),
 ]
 # The training variant of the fused base kernel, which also writes s for the backward: Llama-3-8B's q_proj at T = 1024
-# on v6e (about 3 s of libtpu compilation).
+# on v6e; and as linear_lora_fused_train runs it in training, o_proj adding the arranged decoder's residual on v6e
+# and an int8 gate_proj on v5e (about 12 s in all).
 LINEAR_TRAIN_SAMPLE = [
-    tpu_grid.Config("v6e", "linear_train", "keep_s", "bfloat16", 1024, 8, 16, "llama3-8b", "q_proj", 4096, 4096)
+    tpu_grid.Config("v6e", "linear_train", "keep_s", "bfloat16", 1024, 8, 16, "llama3-8b", "q_proj", 4096, 4096),
+    tpu_grid.Config(
+        "v6e", "linear_train", "keep_s_residual", "bfloat16", 2048, 8, 16, "llama3-8b", "o_proj", 4096, 4096
+    ),
+    tpu_grid.Config(
+        "v5e", "linear_train", "keep_s_int8", "bfloat16", 1024, 8, 16, "llama3-8b", "gate_proj", 4096, 14336
+    ),
 ]
 # The fused kernel over an expert layer's lane-padded slots at gpt-oss-20b's widths (2880 -> 2880, not multiples
 # of 128; 2880 -> 5760 in 1,920-wide output tiles); ``bench tpu_compile --kernels fused`` compiles both projections

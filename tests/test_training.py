@@ -143,15 +143,17 @@ MIX = ["t0", "t1", None, "t2", "t1", "t0"]
 )  # fmt: skip
 def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypatch):
     """``llama-xla-base-fusion``: every projection runs base and LoRA as one op (``base_fusion=True``, the decoders
-    arranged), in training ``linear_lora_train`` (not the arrangement's ``linear_lora_fused``), whose backward
-    takes the s its forward kept. (The separate formulation on the XLA device: the "lazy" and "compile" steps of
+    arranged), in training the ops' training forwards, whose backwards take the s the forward kept: o_proj the
+    arrangement's ``linear_lora_fused`` with ``keep_s``, the attention's residual taken in; the others
+    ``linear_lora_train`` on their producers' outputs (the arrangement declines a producer in training).
+    (The separate formulation on the XLA device: the "lazy" and "compile" steps of
     test_steps_on_changing_mixes_equal_peft_alone.)"""
     device = xla_device if on_xla else torch.device("cpu")
     tenants = ARCHS[arch][2]
     mix = [n if n is None or n in tenants else "t0" for n in MIX]
     config = {"base_fusion": True, "backend": "xla"} if on_xla == "fused" else {}
     lora = _patched(device, arch=arch, **config)
-    keeps = []
+    keeps, arranged = [], []
     if on_xla == "fused":
         from torch_xla_lora.layers import linear
         from torch_xla_lora.ops import _linear_fused
@@ -160,12 +162,14 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
             keeps.append(linear_keeps_s(*args, **kwargs))
             return keeps[-1]
 
-        def unexpected(*args, **kwargs):
-            raise AssertionError("linear_lora_fused ran in a training forward that keeps s")
+        def fused_spy(*args, **kwargs):
+            taken = {k for k in ("up", "row_scale", "col_scale", "residual") if kwargs.get(k) is not None}
+            arranged.append((kwargs.get("keep_s", False), frozenset(taken)))
+            return linear_lora_fused(*args, **kwargs)
 
-        linear_keeps_s = linear._keeps_s
+        linear_keeps_s, linear_lora_fused = linear._keeps_s, _linear_fused.linear_lora_fused
         monkeypatch.setattr(linear, "_keeps_s", spy)
-        monkeypatch.setattr(_linear_fused, "linear_lora_fused", unexpected)
+        monkeypatch.setattr(_linear_fused, "linear_lora_fused", fused_spy)
     _create(lora, tenants)
     peft_model = _peft(lora, arch)
     ids, targets = _batch(0, len(mix))
@@ -175,8 +179,12 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
     loss.backward()
     if on_xla:
         torch_xla.sync()
-    if on_xla == "fused":  # every layer ran linear_lora_train (the arranged ones asked first, then declined)
-        assert lora.fused_decoders and all(keeps) and len(keeps) > len(lora.layers), keeps
+    if on_xla == "fused":  # every layer kept s; o_proj alone took the arrangement's residual in
+        from torch_xla_lora.layers.linear import LinearWithLoRA
+
+        linears = [layer for layer in lora.layers.values() if isinstance(layer, LinearWithLoRA)]
+        assert lora.fused_decoders and all(keeps) and len(keeps) >= len(linears), keeps
+        assert arranged == [(True, frozenset({"residual"}))] * len(lora.fused_decoders), arranged
     for name in tenants:
         rows = [i for i, n in enumerate(mix) if n == name]
         expected = _peft_grads(peft_model, name, ids[rows], targets[rows])

@@ -355,20 +355,34 @@ def build_linear_fused(cfg: Config, sds):
 BUILDERS["linear_fused"] = build_linear_fused
 
 
+#: The training kernel's variants, what it takes in beside writing s as the layers run it in training: nothing
+#: (``linear_lora_train``), the arranged decoder's o_proj residual, an int8 base's weight and scales
+#: (``linear_lora_fused_train``).
+LINEAR_TRAIN_FUSIONS = {
+    "keep_s": fused_base.NO_FUSION,
+    "keep_s_residual": fused_base.Fusion(residual=True),
+    "keep_s_int8": fused_base.Fusion(weight_scale=True),
+}
+
+
 def build_linear_train(cfg: Config, sds):
     """The fused base kernel of training, which also writes each token's shrink ``s`` for the backward
-    (``fused_base.tpu_compile_case(..., keep_s=True)``: nn.Linear's layout, no bias, metadata built on the device)."""
+    (``fused_base.tpu_compile_case(..., keep_s=True)``: nn.Linear's layout, no bias, metadata built on the device),
+    with the variant's fusion (:data:`LINEAR_TRAIN_FUSIONS`)."""
     dtype = jnp.dtype(cfg.dtype)
     tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
-    fn, shapes = fused_base.tpu_compile_case(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, keep_s=True)
-    sizes, lanes = fused_base.plan(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, False, keep_s=True)
+    fusion = LINEAR_TRAIN_FUSIONS[cfg.variant]
+    fn, shapes = fused_base.tpu_compile_case(
+        tokens, d_in, d_out, rank, slots, dtype, cfg.chip, fusion=fusion, keep_s=True
+    )
+    sizes, lanes = fused_base.plan(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, False, fusion, keep_s=True)
     padded = sizes.padded_tokens(tokens)
-    estimate = fused_base.cost_estimate(padded, d_in, d_out, rank, slots, dtype, sizes, lanes, keep_s=True)
+    estimate = fused_base.cost_estimate(padded, d_in, d_out, rank, slots, dtype, sizes, lanes, fusion, keep_s=True)
     info = {
         "block": dataclasses.asdict(sizes),
         "lanes": lanes,
         "path": "fused_base_keep_s",
-        "vmem_estimate": fused_base.vmem_bytes(sizes, rank, slots, lanes, dtype, False, keep_s=True),
+        "vmem_estimate": fused_base.vmem_bytes(sizes, rank, slots, lanes, dtype, False, fusion, keep_s=True),
         "vmem_limit": fused_base.vmem_limit(cfg.chip),
         "estimate": {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
         "outputs": [[padded, d_out], [padded, rank]],

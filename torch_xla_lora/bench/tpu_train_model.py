@@ -7,8 +7,9 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
   (:func:`tpu_model.matmul_cost`);
 - ours: the forward as the layer runs it on the chip (the cheapest of ``linear_lora``'s fused kernel,
   the base then the fused LoRA kernel, or the XLA-native op, by :func:`tpu_model.projection_costs`,
-  as ``base_fusion="auto"`` chooses), then the backward as ``ops/_autograd.py`` runs it on a TPU, with
-  the fused op ``bgmv_lora_grads`` (``ops/_lora_grads_jax.py``):
+  as ``base_fusion="auto"`` chooses; in the decoder arranged as in training, :data:`TRAINING_KERNEL_FUSION`:
+  the fused kernels of o_proj and down_proj take their residual add in), then the backward as
+  ``ops/_autograd.py`` runs it on a TPU, with the fused op ``bgmv_lora_grads`` (``ops/_lora_grads_jax.py``):
 
   - dx: for a projection whose forward is ``linear_lora``, its backward's one pass over g (the base's
     dx and LoRA's, ``linear_lora``'s kernel with the roles swapped); otherwise ``dx += bgmv_expand(ds,
@@ -313,11 +314,17 @@ def projection_train_costs(
     input_share: float = 0.0,
     trained_rows: int | None = None,
     operands: int = 1,
+    prologue: str = "",
+    residual_in_kernel: bool = False,
 ) -> dict:
     """Seconds of one projection's training-step parts (see the module doc); ``forward_choice`` names the
     formulation the forward was priced with. ``trained_rows``: the sum of the trainable adapters' ranks
     (default: every slot at ``rank``); ``operands``: x's producer's inputs (2 for SiLU(gate) * up), as
-    :func:`tpu_model.projection_costs` takes them."""
+    :func:`tpu_model.projection_costs` takes them. ``prologue`` / ``residual_in_kernel``: the arranged
+    decoder's training forward (``linear_lora_fused_train``) takes x's producer / the residual add into the
+    kernel, as :func:`tpu_model.projection_costs` prices it; its backward then recomputes x for dA
+    (``recompute_x``: ``input_share`` of a pass reading the producer's operands and writing x, the projections
+    of one input sharing it)."""
     num_tokens = len(indices)
     base_backward = tpu_model.matmul_cost(chip, num_tokens, out_dim, hidden).seconds
     ds = shrink_seconds(chip, indices, out_dim, rank, num_slots)  # g B^T: dA's left operand
@@ -328,19 +335,23 @@ def projection_train_costs(
     one_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, layout="in_out")
     one_pass_dx = separate_dx if one_pass is None else one_pass.seconds - base_backward + ds
     forward = tpu_model.projection_costs(
-        chip, indices, hidden, out_dim, rank, num_slots, residual_output, input_share, operands=operands
-    )
+        chip, indices, hidden, out_dim, rank, num_slots, residual_output, input_share, prologue=prologue,
+        residual_in_kernel=residual_in_kernel, operands=operands,
+    )  # fmt: skip
     choice = tpu_model.cheapest(forward)
     lora_forward = forward[choice] - forward["base"]
     recompute_s = shrink_seconds(chip, indices, hidden, rank, num_slots)
     # The training forward: linear_lora's kernel writing s too (its own plan with the [bt, R] block: the
     # difference to the serving kernel's walk), the XLA-native one keeping s; the separate kernels recompute s.
-    kept_forward, kept_recompute = lora_forward, recompute_s
+    kept_forward, kept_recompute, recompute_x = lora_forward, recompute_s, 0.0
     if choice == "fused":
-        serving = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots)
-        training = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots, keep_s=True)
+        taken = {"prologue": prologue, "residual": residual_in_kernel and residual_output}
+        serving = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots, **taken)
+        training = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots, **taken, keep_s=True)
         if serving is not None and training is not None:
             kept_forward, kept_recompute = lora_forward + training.seconds - serving.seconds, 0.0
+        if prologue and serving is not None:
+            recompute_x = input_share * (operands + 1) * num_tokens * hidden * _BF16 / chip.hbm_bytes_per_s
     elif choice == "xla_native":
         kept_recompute = 0.0
     return {
@@ -358,6 +369,7 @@ def projection_train_costs(
         "fused_weight_grad_a": weight_grad_kernel_cost(chip, indices, rank, hidden, num_slots).seconds,
         "recompute_s": recompute_s,
         "recompute_s_kept": kept_recompute,  # where the training forward does not keep s
+        "recompute_x": recompute_x,  # the arranged backward's producer, recomputed for dA
         "weight_grad_kernel": weight_grad_kernel_cost(chip, indices, rank, hidden, num_slots).seconds
         + weight_grad_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds,
         "weight_grad_xla": weight_grad_xla_seconds(chip, indices, rank, hidden, num_slots)
@@ -378,8 +390,13 @@ def train_step_costs(
     num_slots: int,
     trained_rows: int | None = None,
     ranks: tuple[int, ...] | None = None,
+    kernel_fusion: dict[str, tuple[str, bool]] | None = None,
 ) -> dict:
     """Seconds of a decoder layer's projections in one training step, per formulation, and the ratios.
+
+    ``kernel_fusion``: name -> (prologue, residual) the arranged decoder's fused kernels take in
+    (:data:`TRAINING_KERNEL_FUSION`, what the layers do in training; :data:`tpu_model.KERNEL_FUSION`, every
+    producer too, each backward then recomputing x for dA); None: not arranged.
 
     ``layer``: name -> (in, out, input group), as :func:`llama_layer`; the projections' roles (residual
     outputs, shared inputs) are Llama's (:func:`tpu_model.llama_roles`). Keys: ``base`` (the floor (a)),
@@ -401,9 +418,11 @@ def train_step_costs(
     for name, (fan_in, fan_out, _) in layer.items():
         residual, share = roles[name]
         operands = tpu_model.llama_fused_reads(name)["operands"]
+        prologue, residual_in_kernel = (kernel_fusion or {}).get(name, ("", False))
         costs = projection_train_costs(
-            chip, indices, fan_in, fan_out, rank, num_slots, residual, share, trained_rows, operands
-        )
+            chip, indices, fan_in, fan_out, rank, num_slots, residual, share, trained_rows, operands, prologue,
+            residual_in_kernel,
+        )  # fmt: skip
         choices[name] = costs.pop("forward_choice")
         slot_ranks = np.asarray(ranks if ranks is not None else [rank] * num_slots)
         costs["lora_mxu_floor"] = lora_mxu_floor_seconds(chip, indices, fan_in, fan_out, slot_ranks)
@@ -414,7 +433,8 @@ def train_step_costs(
         for key, value in costs.items():
             parts[key] = parts.get(key, 0.0) + value
     base = parts["base_forward"] + parts["base_backward"]
-    kept = parts["lora_forward_s_kept"] + parts["recompute_s_kept"]  # the forward and s, as training runs them
+    # The forward, s and (arranged) x, as training runs them.
+    kept = parts["lora_forward_s_kept"] + parts["recompute_s_kept"] + parts["recompute_x"]
     shared = kept + parts["lora_dx"] + parts["slot_assembly"]
     separate = base + shared + parts["weight_grad_kernel"]
     ours_xla = base + shared + parts["weight_grad_xla"]
@@ -456,6 +476,13 @@ def train_step_costs(
     }
 
 
+#: What the arranged decoder's kernels take in during training (``LinearWithLoRA.forward_fused_with``): the
+#: residual adds only. A producer taken in (a norm, SiLU(gate) * up) saves its forward pass but has to be recomputed
+#: in the backward for dA (a pass reading its inputs and writing x, where the forward's own pass wrote x once and
+#: the training forward keeps it), which the model prices higher (``ratio_ours_producers_taken_in``).
+TRAINING_KERNEL_FUSION = {name: ("", residual) for name, (_, residual) in tpu_model.KERNEL_FUSION.items()}
+
+
 def modelled_rows(
     chips: tuple[str, ...] = ("v6e",),
     rows: int = MODEL_ROWS,
@@ -465,7 +492,9 @@ def modelled_rows(
 ) -> list[dict]:
     """One row per (chip, layer): :func:`train_step_costs` of ``rows`` x ``seq`` tokens, row i on tenant
     i mod ``len(ranks)`` (one slot per tenant), the slots padded to ``max(ranks)`` as the library pads
-    them to ``max_rank``.
+    them to ``max_rank``, the decoder arranged as the layers run it in training
+    (:data:`TRAINING_KERNEL_FUSION`); ``ratio_ours_unarranged`` and ``ratio_ours_producers_taken_in``: ours
+    with nothing taken in, and with every producer taken in too.
 
     Default layers: the bench's Llama (hidden 2048, TinyLlama's widths) and Llama-3-8B's.
     """
@@ -480,7 +509,12 @@ def modelled_rows(
     for generation in chips:
         chip = tpu_model.CHIPS[generation]
         for name, layer in layers.items():
-            costs = train_step_costs(chip, indices, layer, rank, num_slots, sum(ranks), ranks)
+            args = (chip, indices, layer, rank, num_slots, sum(ranks), ranks)
+            costs = train_step_costs(*args, kernel_fusion=TRAINING_KERNEL_FUSION)
+            costs["ratio_ours_unarranged"] = train_step_costs(*args)["ratio_ours"]
+            costs["ratio_ours_producers_taken_in"] = train_step_costs(*args, kernel_fusion=tpu_model.KERNEL_FUSION)[
+                "ratio_ours"
+            ]
             row = {"chip": generation, "layer": name, "rows": rows, "seq": seq, "tokens": len(indices)}
             out.append({**row, "ranks": list(ranks), **costs})
     return out
@@ -492,8 +526,9 @@ def format_rows(rows: list[dict]) -> str:
         "| chip | layer (7 projections) | T | (a) base us | ours us | ours / (a) | one-hot / (a) "
         "| ours' overhead / one-hot's | ours / (a), separate backward ops | their overhead / one-hot's "
         "| ours / (a), s recomputed (serving forwards) | ours / (a), separate ops, dA/dB by the XLA-native op "
-        "| floor / (a): LoRA's MXU work alone | floor / (a) with dA's pass over x |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| floor / (a): LoRA's MXU work alone | floor / (a) with dA's pass over x "
+        "| ours / (a), not arranged | ours / (a), producers taken in too |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
@@ -501,6 +536,7 @@ def format_rows(rows: list[dict]) -> str:
             f"| {row['ratio_ours']:.3f} | {row['ratio_onehot']:.3f} | {row['overhead_vs_onehot']:.2f} "
             f"| {row['ratio_ours_separate']:.3f} | {row['overhead_vs_onehot_separate']:.2f} "
             f"| {row['ratio_ours_recomputed_s']:.3f} | {row['ratio_ours_xla_weight_grad']:.3f} "
-            f"| {row['ratio_floor']:.3f} | {row['ratio_floor_with_x_pass']:.3f} |"
+            f"| {row['ratio_floor']:.3f} | {row['ratio_floor_with_x_pass']:.3f} "
+            f"| {row['ratio_ours_unarranged']:.3f} | {row['ratio_ours_producers_taken_in']:.3f} |"
         )
     return "\n".join(lines)

@@ -241,10 +241,12 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         ``x`` [..., in] is the gate when ``up`` is given (the layer's input is ``SiLU(x) * up``); ``row_scale``
         [...] float32 and ``col_scale`` [in] scale x as RMSNorm does; ``residual`` [..., out] is added to the
         output. Used by :mod:`torch_xla_lora.layers.fusion` for Llama-family decoder layers: off a mesh,
-        when this call's :meth:`formulation` is "fused", no trainable adapter's dropout changes the
-        LoRA's input, and the call is not a training forward that keeps ``s`` (:func:`_keeps_s`: there
-        ``linear_lora_train`` runs on the producer's output, and the backward takes its ``s``, where
-        ``linear_lora_fused``'s backward would run ``linear_lora``'s forward again, base product included).
+        when this call's :meth:`formulation` is "fused" and no trainable adapter's dropout changes the
+        LoRA's input. A training forward that keeps ``s`` (:func:`_keeps_s`) runs ``linear_lora_fused_train``
+        (its backward takes that ``s``) and takes in only the residual: a producer taken in would have to be
+        recomputed by the backward for dA (a pass reading its inputs and writing x), which costs more than
+        the forward saves (``python -m torch_xla_lora.bench train --model``, docs/performance.md), so such a
+        call is declined and the caller computes the producer, whose output the training forward keeps.
         """
         if self.tensor_parallel is not None:
             return None
@@ -253,16 +255,9 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             return None
         if self.training and any(m.dropout > 0 for m in self.trainable.values()):
             return None
-        x2 = x.reshape(-1, self.in_features)
-        pooled = self._reads_pool(x2, self.backend)  # no trainable adapters: nothing to keep s for
-        if not pooled:
-            lora_a, lora_b = self.slot_factors()
-            if _keeps_s(x, lora_a, lora_b, self.backend, fused_base=True):
-                return None
         if col_scale is not None and col_scale.dtype != x.dtype:
             return None
-        from torch_xla_lora.ops._linear_fused import linear_lora_fused
-
+        x2 = x.reshape(-1, self.in_features)
         weight_scale = int8_channel_scale(self.base_layer)
 
         def rows(t: torch.Tensor | None, width: int | None) -> torch.Tensor | None:
@@ -275,25 +270,41 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             "col_scale": col_scale,
             "residual": rows(residual, self.out_features),
         }
-        if pooled:
+        if self._reads_pool(x2, self.backend):  # no trainable adapters: nothing to keep s for
             out = self._pooled_linear(x2, slots, metadata, own, weight_scale, **fusion)
             return out.reshape(*x.shape[:-1], self.out_features)
-        out = linear_lora_fused(
-            x2,
-            self.base_layer.weight,
-            getattr(self.base_layer, "bias", None),
-            lora_a,
-            lora_b,
-            slots,
-            1.0,
-            self.weight_layout or "out_in",
-            self.backend,
-            weight_scale=weight_scale,
-            metadata=metadata,
-            own_metadata=own,
-            **fusion,
-        )
+        lora_a, lora_b = self.slot_factors()
+        keep_s = _keeps_s(x2, lora_a, lora_b, self.backend, fused_base=True)
+        if keep_s and any(t is not None for t in (up, row_scale, col_scale)):
+            return None  # training: the producer is computed outside and kept (see above)
+        out = self._fused_linear(x2, slots, lora_a, lora_b, keep_s, metadata, own, weight_scale, **fusion)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _fused_linear(
+        self,
+        x2: torch.Tensor,
+        slots: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        keep_s: bool,
+        metadata: torch.Tensor | None,
+        own: bool,
+        weight_scale: torch.Tensor | None,
+        **fusion: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``linear_lora_fused`` on x2 [N, in] and the slot weights; with ``keep_s`` (a training forward:
+        :func:`_keeps_s`) its training forward, ``linear_lora_fused_train``, whose backward takes ``s`` instead
+        of recomputing it."""
+        from torch_xla_lora.ops import _linear_fused
+
+        bias = None if weight_scale is not None else getattr(self.base_layer, "bias", None)
+        layout = self.weight_layout or "out_in"
+        args = (x2, self.base_layer.weight, bias, lora_a, lora_b, slots, 1.0, layout, self.backend)
+        kwargs = {"metadata": metadata, "own_metadata": own, "weight_scale": weight_scale, **fusion}
+        if keep_s:
+            out, _ = _linear_fused.linear_lora_fused(*args, **kwargs, keep_s=True)
+            return out
+        return _linear_fused.linear_lora_fused(*args, **kwargs)
 
     def _linear_metadata(self, x2: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
         """(the batch's host metadata for ``linear_lora`` on x2 [N, in], whether it was built for the one-pass
@@ -350,22 +361,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             return out.reshape(*x.shape[:-1], self.out_features)
         lora_a, lora_b = self.slot_factors()
         if weight_scale is not None:  # an int8 base: read as int8 by the one-pass kernel, the scales in its write
-            from torch_xla_lora.ops._linear_fused import linear_lora_fused
-
-            out = linear_lora_fused(
-                x2,
-                self.base_layer.weight,
-                None,
-                lora_a,
-                lora_b,
-                slots,
-                1.0,
-                "out_in",
-                self.backend,
-                weight_scale=weight_scale,
-                metadata=metadata,
-                own_metadata=own,
-            )
+            keep_s = _keeps_s(x2, lora_a, lora_b, self.backend, fused_base=True)
+            out = self._fused_linear(x2, slots, lora_a, lora_b, keep_s, metadata, own, weight_scale)
             return out.reshape(*x.shape[:-1], self.out_features)
         operands = (x2, self.base_layer.weight, self.base_layer.bias, lora_a, lora_b, slots, 1.0, self.weight_layout)
         if _keeps_s(x2, lora_a, lora_b, self.backend, fused_base=True):  # training: s kept for the backward

@@ -272,6 +272,7 @@ def linear_lora_fused_fn(
     fusion: fused_base.Fusion,
     with_metadata: bool,
     own_metadata: bool = False,
+    keep_s: bool = False,
 ) -> Callable:
     """``linear_lora_fn`` with x's producer and the residual add taken in (:class:`fused_base.Fusion`).
 
@@ -284,6 +285,10 @@ def linear_lora_fused_fn(
     no tiling fits, and on "xla", the same arithmetic as XLA ops (the prologue, then ``linear_lora_fn``'s
     path, the residual added to the f32 sum before the single
     rounding), which XLA fuses into its own dot's operand read and output.
+
+    ``keep_s`` (``linear_lora_fused_train``): ``fn`` returns ``(out, s [T, R])``, ``s`` the scaled shrink of the
+    producer's output each token's expand read, as ``linear_lora_train_fn`` keeps it: written beside the output
+    by the kernel, or the XLA-native training forward on rows sorted by slot.
     """
     names = [
         name
@@ -308,7 +313,7 @@ def linear_lora_fused_fn(
         planned = None
         if backend == "pallas":
             planned = fused_base.plan(
-                num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation, has_bias, fusion
+                num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation, has_bias, fusion, keep_s
             )
         if planned is not None:
             sizes, lanes = planned
@@ -327,8 +332,11 @@ def linear_lora_fused_fn(
                 layout=layout,
                 interpret=generation == "cpu",
                 vmem_limit_bytes=fused_base.vmem_limit(generation),
+                keep_s=keep_s,
                 **padded,
             )
+            if keep_s:
+                return out[0][:num_tokens], out[1][:num_tokens].astype(lora_b.dtype)
             return out[:num_tokens]
         row = extra.get("row_scale")
         x_in = fused_base.apply_prologue(
@@ -337,6 +345,9 @@ def linear_lora_fused_fn(
         base = _base_product(x_in, weight, bias, layout, extra.get("weight_scale"), extra.get("weight_in_scale"))
         if fusion.residual:
             base = base + extra["residual"].astype(jnp.float32)
+        if keep_s:
+            out, s = xla_forward(x_in, lora_a, lora_b, base, indices, scaling=scaling)
+            return out.astype(x.dtype), s
         lora = shrink_expand_fn(backend, generation, scaling, with_metadata)
         meta_arg = () if not with_metadata else (None if own_metadata else metadata,)
         if with_metadata and own_metadata:

@@ -22,6 +22,8 @@ dequantises each weight chunk as it converts it in VMEM (``Fusion.weight_in_scal
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -151,6 +153,51 @@ def _check_fusion(
             )
 
 
+def _run(
+    keep_s, inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, scaling,
+    weight_layout, backend, metadata, own_metadata, weight_scale, weight_in_scale,
+):  # fmt: skip
+    """``linear_lora_fused`` (``keep_s``: ``linear_lora_fused_train``, also returning s) on its checked operands."""
+    _check(
+        inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, weight_layout,
+        weight_scale, weight_in_scale,
+    )  # fmt: skip
+    _validate.backend(backend)
+    _validate.scaling(scaling)
+    _validate.metadata(metadata, inputs.device)
+    if inputs.device.type != "xla":
+        operands = (inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual)
+        out = reference(*operands, scaling, weight_layout, weight_scale, weight_in_scale)
+        if not keep_s:
+            return out
+        from torch_xla_lora import reference as torch_reference
+
+        x = prologue(inputs, up, row_scale, col_scale)
+        return out, torch_reference.bgmv_shrink(x, lora_a, lora_indices, scaling).to(lora_b.dtype)
+    from torch_xla_lora import ops
+    from torch_xla_lora.kernels import fused_base
+    from torch_xla_lora.ops import _linear
+
+    name, generation = ops._backend(backend)
+    scales = (weight_scale, weight_in_scale)
+    fusion = fused_base.Fusion(*(t is not None for t in (up, row_scale, col_scale, residual, *scales)))
+    with_metadata = metadata is not None
+    fn = _linear.linear_lora_fused_fn(
+        name,
+        generation,
+        float(scaling),
+        weight_layout,
+        bias is not None,
+        fusion,
+        with_metadata,
+        with_metadata and own_metadata,
+        keep_s,
+    )
+    args = [inputs, weight, *(() if bias is None else (bias,)), lora_a, lora_b, lora_indices]
+    args += [t for t in (up, row_scale, col_scale, residual, *scales) if t is not None]
+    return ops._call_jax(fn, *args, *(() if metadata is None else (metadata,)))
+
+
 @torch.library.custom_op("xla_lora::linear_lora_fused", mutates_args=())
 def _linear_lora_fused(
     inputs: torch.Tensor,
@@ -172,98 +219,67 @@ def _linear_lora_fused(
     weight_in_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``torch.ops.xla_lora.linear_lora_fused``: see :func:`linear_lora_fused`."""
-    _check(
-        inputs,
-        up,
-        row_scale,
-        col_scale,
-        weight,
-        bias,
-        lora_a,
-        lora_b,
-        lora_indices,
-        residual,
-        weight_layout,
-        weight_scale,
-        weight_in_scale,
-    )
-    _validate.backend(backend)
-    _validate.scaling(scaling)
-    _validate.metadata(metadata, inputs.device)
-    if inputs.device.type != "xla":
-        operands = (inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual)
-        return reference(*operands, scaling, weight_layout, weight_scale, weight_in_scale)
-    from torch_xla_lora import ops
-    from torch_xla_lora.kernels import fused_base
-    from torch_xla_lora.ops import _linear
-
-    name, generation = ops._backend(backend)
-    fusion = fused_base.Fusion(
-        up is not None,
-        row_scale is not None,
-        col_scale is not None,
-        residual is not None,
-        weight_scale is not None,
-        weight_in_scale is not None,
-    )
-    with_metadata = metadata is not None
-    fn = _linear.linear_lora_fused_fn(
-        name,
-        generation,
-        float(scaling),
-        weight_layout,
-        bias is not None,
-        fusion,
-        with_metadata,
-        with_metadata and own_metadata,
-    )
-    args = [inputs, weight, *(() if bias is None else (bias,)), lora_a, lora_b, lora_indices]
-    args += [t for t in (up, row_scale, col_scale, residual, weight_scale, weight_in_scale) if t is not None]
-    return ops._call_jax(fn, *args, *(() if metadata is None else (metadata,)))
+    return _run(
+        False, inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, scaling,
+        weight_layout, backend, metadata, own_metadata, weight_scale, weight_in_scale,
+    )  # fmt: skip
 
 
-@_linear_lora_fused.register_fake
-def _(
-    inputs,
-    up,
-    row_scale,
-    col_scale,
-    weight,
-    bias,
-    lora_a,
-    lora_b,
-    lora_indices,
-    residual,
-    scaling=1.0,
-    weight_layout="out_in",
-    backend="auto",
-    metadata=None,
-    own_metadata=False,
-    weight_scale=None,
+@torch.library.custom_op("xla_lora::linear_lora_fused_train", mutates_args=())
+def _linear_lora_fused_train(
+    inputs: torch.Tensor,
+    up: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    col_scale: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    residual: torch.Tensor | None,
+    scaling: float = 1.0,
+    weight_layout: str = "out_in",
+    backend: str = "auto",
+    metadata: torch.Tensor | None = None,
+    own_metadata: bool = False,
+    weight_scale: torch.Tensor | None = None,
+    weight_in_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.xla_lora.linear_lora_fused_train``: ``linear_lora_fused``'s output and the rank intermediate
+    ``s[t] = scaling * A[i_t] x[t]`` of the producer's output x ([T, R], lora_b's dtype, zero for tokens outside
+    [0, L)), which its backward hands to ``bgmv_lora_grads`` instead of recomputing it: what
+    ``linear_lora_train`` is to ``linear_lora``. The layers run it where ``linear_lora_fused`` would run in
+    training (grad enabled, slot weights that need gradients). With backend "pallas" the fused base kernel writes
+    ``s`` beside the output (``keep_s``), its prologue, residual and int8 scales as the serving op's; on "xla" (and
+    where no tiling fits) the XLA-native training forward on rows sorted by slot. ``s`` is not differentiable.
+    Arguments and checks: those of :func:`linear_lora_fused`."""
+    return _run(
+        True, inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, scaling,
+        weight_layout, backend, metadata, own_metadata, weight_scale, weight_in_scale,
+    )  # fmt: skip
+
+
+def _fake(
+    keep_s, inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, scaling=1.0,
+    weight_layout="out_in", backend="auto", metadata=None, own_metadata=False, weight_scale=None,
     weight_in_scale=None,
-):
+):  # fmt: skip
     _check(
-        inputs,
-        up,
-        row_scale,
-        col_scale,
-        weight,
-        bias,
-        lora_a,
-        lora_b,
-        lora_indices,
-        residual,
-        weight_layout,
-        weight_scale,
-        weight_in_scale,
-    )
-    return inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
+        inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, weight_layout,
+        weight_scale, weight_in_scale,
+    )  # fmt: skip
+    out = inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
+    return (out, inputs.new_empty((inputs.shape[0], lora_b.shape[1]), dtype=lora_b.dtype)) if keep_s else out
 
 
-def _setup(ctx, inputs, output) -> None:
+_linear_lora_fused.register_fake(functools.partial(_fake, False))
+_linear_lora_fused_train.register_fake(functools.partial(_fake, True))
+
+
+def _setup(ctx, inputs, output, s: torch.Tensor | None = None) -> None:
     x, up, row, col, weight, bias, lora_a, lora_b, indices, residual, scaling, layout, backend = inputs[:13]
     w_scale, w_in_scale = inputs[15:]
-    ctx.save_for_backward(x, up, row, col, weight, bias, lora_a, lora_b, indices, w_scale, w_in_scale)
+    ctx.save_for_backward(x, up, row, col, weight, bias, lora_a, lora_b, indices, w_scale, w_in_scale, s)
     ctx.scaling, ctx.layout, ctx.backend = scaling, layout, backend
     ctx.has_residual = residual is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -276,7 +292,7 @@ def _backward(ctx, grad: torch.Tensor):
     part is a differentiable op of the saved tensors, so the gradients are themselves differentiable."""
     from torch_xla_lora.ops import _autograd
 
-    inputs, up, row, col, weight, bias, lora_a, lora_b, indices, w_scale, w_in_scale = ctx.saved_tensors
+    inputs, up, row, col, weight, bias, lora_a, lora_b, indices, w_scale, w_in_scale, saved_s = ctx.saved_tensors
     need = ctx.needs_input_grad
     again = torch.is_grad_enabled()  # create_graph: the gradients as a graph of the saved tensors
     producer = [
@@ -289,7 +305,7 @@ def _backward(ctx, grad: torch.Tensor):
     flags = (bool(wanted), bool(need[4]), bool(need[5]), bool(need[6]), bool(need[7]))
     x_read = x if again else x.detach()
     dx, d_weight, d_bias, d_a, d_b = _autograd.linear_grads(
-        ctx, grad, x_read, weight, lora_a, lora_b, indices, flags, weight_scales=(w_scale, w_in_scale)
+        ctx, grad, x_read, weight, lora_a, lora_b, indices, flags, saved_s, weight_scales=(w_scale, w_in_scale)
     )
     result = [None] * 17
     result[4:8] = d_weight, d_bias, d_a, d_b
@@ -302,7 +318,17 @@ def _backward(ctx, grad: torch.Tensor):
     return tuple(result)
 
 
+def _setup_train(ctx, inputs, output) -> None:
+    _setup(ctx, inputs, output[0], output[1])
+    ctx.mark_non_differentiable(output[1])  # s: an intermediate kept for the backward, not a result
+
+
+def _backward_train(ctx, grad: torch.Tensor, _grad_s: torch.Tensor | None):
+    return _backward(ctx, grad)
+
+
 torch.library.register_autograd("xla_lora::linear_lora_fused", _backward, setup_context=_setup)
+torch.library.register_autograd("xla_lora::linear_lora_fused_train", _backward_train, setup_context=_setup_train)
 
 
 def linear_lora_fused(
@@ -324,7 +350,8 @@ def linear_lora_fused(
     own_metadata: bool = False,
     weight_scale: torch.Tensor | None = None,
     weight_in_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+    keep_s: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`~torch_xla_lora.ops.linear_lora` reading x through its producer and adding a residual in its write.
 
     On TPU ("pallas") the fused base kernel applies the producer to every x tile it reads (the base
@@ -344,15 +371,20 @@ def linear_lora_fused(
         "out_in", per row of "in_out"): the base weight is ``weight * weight_in_scale`` rounded to inputs'
         dtype, dequantised as it is read (the backward's transposed read of a ``weight_scale`` weight). Not
         with ``weight_scale``.
+      keep_s: run the training forward, ``torch.ops.xla_lora.linear_lora_fused_train``, which also returns the
+        rank intermediate ``s`` [T, R] of x for the backward (the layers' choice in training, as
+        ``linear_lora_train`` is ``linear_lora``'s).
 
     Returns:
-      [T, N] in inputs' dtype, accumulated in float32 and rounded once (see :func:`reference`).
+      [T, N] in inputs' dtype, accumulated in float32 and rounded once (see :func:`reference`); with
+      ``keep_s``, ``(out, s)``.
 
     Raises:
       ShapeError: a wrong shape, dtype or device (as ``linear_lora``'s, and of the fusion operands), or both
         weight scales given.
     """
-    return torch.ops.xla_lora.linear_lora_fused(
+    op = torch.ops.xla_lora.linear_lora_fused_train if keep_s else torch.ops.xla_lora.linear_lora_fused
+    return op(
         inputs,
         up,
         row_scale,
