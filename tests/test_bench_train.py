@@ -217,3 +217,50 @@ def test_train_step_model_keeps_s_where_the_training_forward_does():
         kept += part["lora_forward_s_kept"] + part["recompute_s_kept"]
     assert costs["choices"]["q_proj"] == "fused" and costs["parts"]["recompute_s_kept"] < costs["parts"]["recompute_s"]
     assert costs["ours"] == pytest.approx(costs["ratio_ours_recomputed_s"] * costs["base"] - recomputed + kept)
+
+
+def test_train_step_model_of_an_int8_base_reads_the_weight_as_int8_in_the_backward():
+    """Over an int8 base the fused projections' dx pass reads the int8 weight transposed (its scales per input
+    channel): one byte an element where the bf16 copy the previous backward made cost a pass of its own (int8
+    read, bf16 written) and two bytes an element in the kernel; the base's GEMMs read the weight at one byte too.
+    Over a bf16 base both figures are one."""
+    chip = tpu_model.CHIPS["v6e"]
+    rank, slots, hidden, out_dim = 16, 8, 2048, 2048
+    indices = tpu_train_model.interleaved_rows(16, 512, slots)
+    int8 = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, slots, "in_out", int8_weight=True,
+                                     scales_along_input=True)  # fmt: skip
+    bf16 = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, slots, "in_out")
+    # The weight is read once per token block at least: a byte an element less each time (its f32 scales added).
+    assert bf16.pipelined_bytes - int8.pipelined_bytes >= hidden * out_dim - 4 * len(indices) * hidden
+    part = tpu_train_model.projection_train_costs(chip, indices, hidden, out_dim, rank, slots, int8_weight=True)
+    copy = (3 * hidden * out_dim + 4 * out_dim) / chip.hbm_bytes_per_s
+    # (at least the copy: the kernels' times are their rooflines, here MXU-bound at T = 8192 either way)
+    assert part["lora_dx_one_pass_dequantized"] - part["lora_dx_one_pass"] >= copy * (1 - 1e-9)
+    # At T = 256 the pass is bound by the weight's bytes: reading it as int8 saves a third of the copy's more.
+    few = tpu_train_model.interleaved_rows(2, 128, slots)
+    part = tpu_train_model.projection_train_costs(chip, few, 4096, 14336, rank, slots, int8_weight=True)
+    copy = (3 * 4096 * 14336 + 4 * 14336) / chip.hbm_bytes_per_s
+    assert part["lora_dx_one_pass_dequantized"] - part["lora_dx_one_pass"] > 1.3 * copy
+    layer = tpu_train_model.llama_layer(2048, 5632, 32, 4)
+    args = (chip, indices, layer, rank, slots)
+    quantized = tpu_train_model.train_step_costs(*args, kernel_fusion=tpu_train_model.TRAINING_KERNEL_FUSION,
+                                                 int8_weight=True)  # fmt: skip
+    assert quantized["ratio_ours_dequantized_dx"] > quantized["ratio_ours"]
+    plain = tpu_train_model.train_step_costs(*args, kernel_fusion=tpu_train_model.TRAINING_KERNEL_FUSION)
+    assert plain["ratio_ours_dequantized_dx"] == pytest.approx(plain["ratio_ours"])
+    assert quantized["base"] <= plain["base"]
+
+
+def test_model_command_prices_an_int8_base_and_refuses_the_flag_without_model(tmp_path, capsys):
+    """``bench train --model --int8-base`` prints and writes the int8 rows (with the column of the backward on a
+    bf16 copy of the weight); ``--int8-base`` without ``--model`` is refused before anything is built."""
+    from torch_xla_lora.bench import train
+
+    out = tmp_path / "model.json"
+    assert train.main(["--model", "--int8-base", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["tpu_model"]
+    assert rows and all(row["base_weights"] == "int8" for row in rows)
+    assert all(row["ratio_ours_dequantized_dx"] > row["ratio_ours"] for row in rows)
+    assert "dx on a bf16 copy of the weight" in capsys.readouterr().out
+    assert train.main(["--int8-base"]) == 2
+    assert "pass --model too" in capsys.readouterr().err

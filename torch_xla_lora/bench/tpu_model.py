@@ -222,6 +222,7 @@ def fused_base_cost(
     int8_weight: bool = False,
     keep_s: bool = False,
     pool: PoolSpec | None = None,
+    scales_along_input: bool = False,
 ) -> Cost | None:
     """Cost of ``linear_lora``'s fused kernel (bf16): its own grid (token block, output tile, reduction tile)
     walked step by step, with ``fused_base.step_work``; None when no tiling fits (the op then falls back).
@@ -229,7 +230,9 @@ def fused_base_cost(
     ``prologue`` ("silu_mul": x is SiLU(gate) * up, two x tiles per step; "norm": RMSNorm's row and
     column factors) and ``residual`` (a [T, N] tile added in the output write): what the kernel takes
     in (``fused_base.Fusion``), its extra operands' traffic walked with the rest. ``int8_weight``: an int8
-    per-channel base read as int8 (one byte an element) with its f32 scales per output tile. ``keep_s``: the
+    per-channel base read as int8 (one byte an element) with its f32 scales per output tile
+    (``scales_along_input``: per reduction tile, ``Fusion.weight_in_scale``, the backward's transposed read of
+    such a weight, dequantised in VMEM). ``keep_s``: the
     training kernel, which also writes s (``fused_base.linear_lora(keep_s=True)``: its plan and its [bt, R] block).
     ``pool``: the adapters read from a rank-true pool (``linear_lora_pooled``: ``fused_base.pooled_plan``, its
     grid, ``fused_base.pooled_step_work``: each used lane's whole pages at its true rank, int8 at one byte),
@@ -242,7 +245,8 @@ def fused_base_cost(
 
     dtype, itemsize = jnp.bfloat16, 2
     num_tokens = len(indices)
-    fusion = dataclasses.replace(kernel_fusion(prologue, residual), weight_scale=int8_weight)
+    scales = {"weight_in_scale" if scales_along_input else "weight_scale": int8_weight}
+    fusion = dataclasses.replace(kernel_fusion(prologue, residual), **scales)
     if pool is None:
         planned = fused_base.plan(
             num_tokens, hidden, out_dim, rank, num_slots, dtype, chip.generation, has_bias, fusion, keep_s

@@ -316,6 +316,7 @@ def projection_train_costs(
     operands: int = 1,
     prologue: str = "",
     residual_in_kernel: bool = False,
+    int8_weight: bool = False,
 ) -> dict:
     """Seconds of one projection's training-step parts (see the module doc); ``forward_choice`` names the
     formulation the forward was priced with. ``trained_rows``: the sum of the trainable adapters' ranks
@@ -324,19 +325,28 @@ def projection_train_costs(
     decoder's training forward (``linear_lora_fused_train``) takes x's producer / the residual add into the
     kernel, as :func:`tpu_model.projection_costs` prices it; its backward then recomputes x for dA
     (``recompute_x``: ``input_share`` of a pass reading the producer's operands and writing x, the projections
-    of one input sharing it)."""
+    of one input sharing it). ``int8_weight``: a frozen int8 per-channel base (torch_xla's quantized layer), at one
+    byte an element in the base's GEMMs (XLA converting it in the dot) and in the fused kernels, whose backward
+    reads it transposed with its scales along the contraction (``linear_grads``); ``lora_dx_one_pass_dequantized``
+    prices that pass as the previous backward ran it, on a bf16 copy of the weight made by a pass of its own."""
     num_tokens = len(indices)
-    base_backward = tpu_model.matmul_cost(chip, num_tokens, out_dim, hidden).seconds
+    base_backward = tpu_model.matmul_cost(chip, num_tokens, out_dim, hidden, int8_weight).seconds
     ds = shrink_seconds(chip, indices, out_dim, rank, num_slots)  # g B^T: dA's left operand
     separate_dx = ds + expand_seconds(chip, indices, rank, hidden, num_slots)
     # dx of the base and of LoRA in one pass over g: linear_lora's kernel with W, B and A in the roles of W, A
     # and B (W [out, in] read as [in', out'] = [out, in]), as linear_lora's backward runs it; ds for dA is
     # still its own shrink. Where no tiling fits, as the separate ops run it.
-    one_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, layout="in_out")
+    transposed = {"layout": "in_out", "int8_weight": int8_weight, "scales_along_input": True}
+    one_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, **transposed)
     one_pass_dx = separate_dx if one_pass is None else one_pass.seconds - base_backward + ds
+    dequantized_dx = one_pass_dx
+    if int8_weight:  # a bf16 copy of the weight (int8 read, bf16 written), then the bf16 one-pass kernel reading it
+        bf16_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, layout="in_out")
+        copy = (3 * hidden * out_dim + 4 * out_dim) / chip.hbm_bytes_per_s
+        dequantized_dx = separate_dx if bf16_pass is None else copy + bf16_pass.seconds - base_backward + ds
     forward = tpu_model.projection_costs(
         chip, indices, hidden, out_dim, rank, num_slots, residual_output, input_share, prologue=prologue,
-        residual_in_kernel=residual_in_kernel, operands=operands,
+        residual_in_kernel=residual_in_kernel, int8_weight=int8_weight, operands=operands,
     )  # fmt: skip
     choice = tpu_model.cheapest(forward)
     lora_forward = forward[choice] - forward["base"]
@@ -345,7 +355,7 @@ def projection_train_costs(
     # difference to the serving kernel's walk), the XLA-native one keeping s; the separate kernels recompute s.
     kept_forward, kept_recompute, recompute_x = lora_forward, recompute_s, 0.0
     if choice == "fused":
-        taken = {"prologue": prologue, "residual": residual_in_kernel and residual_output}
+        taken = {"prologue": prologue, "residual": residual_in_kernel and residual_output, "int8_weight": int8_weight}
         serving = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots, **taken)
         training = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots, **taken, keep_s=True)
         if serving is not None and training is not None:
@@ -362,6 +372,7 @@ def projection_train_costs(
         "forward_choice": choice,
         "lora_dx": one_pass_dx if choice == "fused" else separate_dx,  # linear_lora's backward: one pass
         "lora_dx_one_pass": one_pass_dx,
+        "lora_dx_one_pass_dequantized": dequantized_dx,
         # The fused backward (ops/_lora_grads.py): ds comes from the pass over g that computes dB, so dx is the
         # one pass (linear_lora) or the expand alone; dB is in that pass, dA the weight-gradient kernel over x.
         "fused_dx": one_pass_dx - ds if choice == "fused" else separate_dx - ds,
@@ -391,8 +402,13 @@ def train_step_costs(
     trained_rows: int | None = None,
     ranks: tuple[int, ...] | None = None,
     kernel_fusion: dict[str, tuple[str, bool]] | None = None,
+    int8_weight: bool = False,
 ) -> dict:
     """Seconds of a decoder layer's projections in one training step, per formulation, and the ratios.
+
+    ``int8_weight``: every projection's frozen base int8 per channel (:func:`projection_train_costs`); the base
+    (a) then reads it at one byte an element too. ``ratio_ours_dequantized_dx``: ours with the fused projections'
+    dx pass on a bf16 copy of the weight (the backward before it read the int8 weight transposed).
 
     ``kernel_fusion``: name -> (prologue, residual) the arranged decoder's fused kernels take in
     (:data:`TRAINING_KERNEL_FUSION`, what the layers do in training; :data:`tpu_model.KERNEL_FUSION`, every
@@ -415,15 +431,17 @@ def train_step_costs(
     parts: dict[str, float] = {}
     da_by_input: dict[str, float] = {}  # input group -> dA's MXU seconds of the projections reading that x
     choices = {}
+    dx_passes = []  # (name, its dx pass on the weight as stored, on a bf16 copy of it)
     for name, (fan_in, fan_out, _) in layer.items():
         residual, share = roles[name]
         operands = tpu_model.llama_fused_reads(name)["operands"]
         prologue, residual_in_kernel = (kernel_fusion or {}).get(name, ("", False))
         costs = projection_train_costs(
             chip, indices, fan_in, fan_out, rank, num_slots, residual, share, trained_rows, operands, prologue,
-            residual_in_kernel,
+            residual_in_kernel, int8_weight,
         )  # fmt: skip
         choices[name] = costs.pop("forward_choice")
+        dx_passes.append((name, costs["lora_dx_one_pass"], costs["lora_dx_one_pass_dequantized"]))
         slot_ranks = np.asarray(ranks if ranks is not None else [rank] * num_slots)
         costs["lora_mxu_floor"] = lora_mxu_floor_seconds(chip, indices, fan_in, fan_out, slot_ranks)
         costs["lora_mxu_floor_but_da"] = lora_mxu_floor_seconds(chip, indices, fan_in, fan_out, slot_ranks, False)
@@ -441,6 +459,12 @@ def train_step_costs(
     ours_one_pass = separate - parts["lora_dx"] + parts["lora_dx_one_pass"]
     fused_parts = ("fused_dx", "fused_g_pass", "fused_weight_grad_a", "slot_assembly")
     ours = base + kept + sum(parts[key] for key in fused_parts)
+    # The fused projections' dx pass (in fused_dx) on a bf16 copy of an int8 weight instead (equal for bf16 bases).
+    dequantized = ours + sum(
+        costs_dequantized - costs_one_pass
+        for name, costs_one_pass, costs_dequantized in dx_passes
+        if choices[name] == "fused"
+    )
     recomputed = ours - kept + parts["lora_forward"] + parts["recompute_s"]
     onehot = base + parts["onehot_forward"] + parts["onehot_backward"] + parts["slot_assembly"]
     floor = base + parts["lora_mxu_floor"]
@@ -463,6 +487,7 @@ def train_step_costs(
         "ours_xla_weight_grad": ours_xla,
         "onehot": onehot,
         "ratio_ours": ours / base,
+        "ratio_ours_dequantized_dx": dequantized / base,
         "ratio_ours_separate": separate / base,
         "ratio_ours_xla_weight_grad": ours_xla / base,
         "ratio_ours_one_pass_dx": ours_one_pass / base,
@@ -489,12 +514,14 @@ def modelled_rows(
     seq: int = MODEL_SEQ,
     ranks: tuple[int, ...] = (8, 8, 16, 16, 32, 32, 64, 64),
     layers: dict[str, dict[str, tuple[int, int, str]]] | None = None,
+    int8_weight: bool = False,
 ) -> list[dict]:
     """One row per (chip, layer): :func:`train_step_costs` of ``rows`` x ``seq`` tokens, row i on tenant
     i mod ``len(ranks)`` (one slot per tenant), the slots padded to ``max(ranks)`` as the library pads
     them to ``max_rank``, the decoder arranged as the layers run it in training
     (:data:`TRAINING_KERNEL_FUSION`); ``ratio_ours_unarranged`` and ``ratio_ours_producers_taken_in``: ours
-    with nothing taken in, and with every producer taken in too.
+    with nothing taken in, and with every producer taken in too. ``int8_weight``: every base int8 per channel
+    (:func:`train_step_costs`).
 
     Default layers: the bench's Llama (hidden 2048, TinyLlama's widths) and Llama-3-8B's.
     """
@@ -510,33 +537,38 @@ def modelled_rows(
         chip = tpu_model.CHIPS[generation]
         for name, layer in layers.items():
             args = (chip, indices, layer, rank, num_slots, sum(ranks), ranks)
-            costs = train_step_costs(*args, kernel_fusion=TRAINING_KERNEL_FUSION)
-            costs["ratio_ours_unarranged"] = train_step_costs(*args)["ratio_ours"]
-            costs["ratio_ours_producers_taken_in"] = train_step_costs(*args, kernel_fusion=tpu_model.KERNEL_FUSION)[
-                "ratio_ours"
-            ]
+            costs = train_step_costs(*args, kernel_fusion=TRAINING_KERNEL_FUSION, int8_weight=int8_weight)
+            costs["ratio_ours_unarranged"] = train_step_costs(*args, int8_weight=int8_weight)["ratio_ours"]
+            every = train_step_costs(*args, kernel_fusion=tpu_model.KERNEL_FUSION, int8_weight=int8_weight)
+            costs["ratio_ours_producers_taken_in"] = every["ratio_ours"]
             row = {"chip": generation, "layer": name, "rows": rows, "seq": seq, "tokens": len(indices)}
+            row["base_weights"] = "int8" if int8_weight else "bf16"
             out.append({**row, "ranks": list(ranks), **costs})
     return out
 
 
 def format_rows(rows: list[dict]) -> str:
-    """A markdown table of :func:`modelled_rows`."""
-    lines = [
+    """A markdown table of :func:`modelled_rows` (over int8 bases: one more column, ours with the fused
+    projections' dx pass on a bf16 copy of the weight, as the backward ran before it read the int8 weight)."""
+    int8 = any(row.get("base_weights") == "int8" for row in rows)
+    header = (
         "| chip | layer (7 projections) | T | (a) base us | ours us | ours / (a) | one-hot / (a) "
         "| ours' overhead / one-hot's | ours / (a), separate backward ops | their overhead / one-hot's "
         "| ours / (a), s recomputed (serving forwards) | ours / (a), separate ops, dA/dB by the XLA-native op "
         "| floor / (a): LoRA's MXU work alone | floor / (a) with dA's pass over x "
-        "| ours / (a), not arranged | ours / (a), producers taken in too |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        "| ours / (a), not arranged | ours / (a), producers taken in too |"
+    )
+    header += " ours / (a), dx on a bf16 copy of the weight |" if int8 else ""
+    lines = [header, "|---" * (17 if int8 else 16) + "|"]
     for row in rows:
-        lines.append(
-            f"| {row['chip']} | {row['layer']} | {row['tokens']} | {row['base'] * 1e6:.0f} | {row['ours'] * 1e6:.0f} "
+        layer = row["layer"] + (", int8 base" if row.get("base_weights") == "int8" else "")
+        line = (
+            f"| {row['chip']} | {layer} | {row['tokens']} | {row['base'] * 1e6:.0f} | {row['ours'] * 1e6:.0f} "
             f"| {row['ratio_ours']:.3f} | {row['ratio_onehot']:.3f} | {row['overhead_vs_onehot']:.2f} "
             f"| {row['ratio_ours_separate']:.3f} | {row['overhead_vs_onehot_separate']:.2f} "
             f"| {row['ratio_ours_recomputed_s']:.3f} | {row['ratio_ours_xla_weight_grad']:.3f} "
             f"| {row['ratio_floor']:.3f} | {row['ratio_floor_with_x_pass']:.3f} "
             f"| {row['ratio_ours_unarranged']:.3f} | {row['ratio_ours_producers_taken_in']:.3f} |"
         )
+        lines.append(line + (f" {row['ratio_ours_dequantized_dx']:.3f} |" if int8 else ""))
     return "\n".join(lines)

@@ -46,7 +46,8 @@ every formulation must give the mixed step's gradients, relative
 formulation's ratio to (a) taken within a round and the median taken over rounds
 (for wall and CPU time alike). The run fails (exit 1) if a gradient differs or anything compiles while timing.
 At the end it prints the TPU cost model's figures for the training step
-(:mod:`torch_xla_lora.bench.tpu_train_model`; ``--model`` prints only those).
+(:mod:`torch_xla_lora.bench.tpu_train_model`; ``--model`` prints only those, ``--model --int8-base`` those of
+a frozen int8 per-channel base).
 """
 
 from __future__ import annotations
@@ -634,11 +635,12 @@ def environment() -> dict:
     }
 
 
-def tpu_rows() -> list[dict]:
-    """The TPU cost model's rows for the training step (v6e, T = 8192)."""
+def tpu_rows(int8_base: bool = False) -> list[dict]:
+    """The TPU cost model's rows for the training step (v6e, T = 8192; ``int8_base``: every projection's frozen
+    base int8 per channel)."""
     from torch_xla_lora.bench import tpu_train_model
 
-    return tpu_train_model.modelled_rows()
+    return tpu_train_model.modelled_rows(int8_weight=int8_base)
 
 
 def run(config: TrainConfig, command: str = "", model: bool = True) -> dict:
@@ -677,6 +679,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m torch_xla_lora.bench train", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and batch (the test suite's)")
     parser.add_argument("--model", action="store_true", help="print only the TPU cost model's figures")
+    parser.add_argument(
+        "--int8-base",
+        action="store_true",
+        help="with --model: every projection's frozen base int8 per channel (QLoRA-style training on TPU)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables here")
     ints = {
@@ -702,8 +709,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     command = " ".join(["python -m torch_xla_lora.bench train", *argv])
+    if args.int8_base and not args.model:
+        print("--int8-base prices the TPU model only: pass --model too", file=sys.stderr)
+        return 2
     if args.model:
-        rows = tpu_rows()
+        rows = tpu_rows(args.int8_base)
         text = tpu_markdown(rows)
         print(text)
         if args.json:
