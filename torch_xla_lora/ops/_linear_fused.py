@@ -154,8 +154,9 @@ def _check_fusion(
 
 
 def _run(
-    keep_s, inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, scaling,
-    weight_layout, backend, metadata, own_metadata, weight_scale, weight_in_scale,
+    keep_s, inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, scaling=1.0,
+    weight_layout="out_in", backend="auto", metadata=None, own_metadata=False, weight_scale=None,
+    weight_in_scale=None,
 ):  # fmt: skip
     """``linear_lora_fused`` (``keep_s``: ``linear_lora_fused_train``, also returning s) on its checked operands."""
     _check(
@@ -198,7 +199,6 @@ def _run(
     return ops._call_jax(fn, *args, *(() if metadata is None else (metadata,)))
 
 
-@torch.library.custom_op("xla_lora::linear_lora_fused", mutates_args=())
 def _linear_lora_fused(
     inputs: torch.Tensor,
     up: torch.Tensor | None,
@@ -225,38 +225,21 @@ def _linear_lora_fused(
     )  # fmt: skip
 
 
-@torch.library.custom_op("xla_lora::linear_lora_fused_train", mutates_args=())
-def _linear_lora_fused_train(
-    inputs: torch.Tensor,
-    up: torch.Tensor | None,
-    row_scale: torch.Tensor | None,
-    col_scale: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    lora_indices: torch.Tensor,
-    residual: torch.Tensor | None,
-    scaling: float = 1.0,
-    weight_layout: str = "out_in",
-    backend: str = "auto",
-    metadata: torch.Tensor | None = None,
-    own_metadata: bool = False,
-    weight_scale: torch.Tensor | None = None,
-    weight_in_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.ops.xla_lora.linear_lora_fused_train``: ``linear_lora_fused``'s output and the rank intermediate
-    ``s[t] = scaling * A[i_t] x[t]`` of the producer's output x ([T, R], lora_b's dtype, zero for tokens outside
-    [0, L)), which its backward hands to ``bgmv_lora_grads`` instead of recomputing it: what
-    ``linear_lora_train`` is to ``linear_lora``. The layers run it where ``linear_lora_fused`` would run in
-    training (grad enabled, slot weights that need gradients). With backend "pallas" the fused base kernel writes
-    ``s`` beside the output (``keep_s``), its prologue, residual and int8 scales as the serving op's; on "xla" (and
-    where no tiling fits) the XLA-native training forward on rows sorted by slot. ``s`` is not differentiable.
-    Arguments and checks: those of :func:`linear_lora_fused`."""
-    return _run(
-        True, inputs, up, row_scale, col_scale, weight, bias, lora_a, lora_b, lora_indices, residual, scaling,
-        weight_layout, backend, metadata, own_metadata, weight_scale, weight_in_scale,
-    )  # fmt: skip
+_SCHEMA = torch.library.infer_schema(_linear_lora_fused, mutates_args=())
+_serving_op = torch.library.custom_op("xla_lora::linear_lora_fused", _linear_lora_fused, mutates_args=())
+# ``torch.ops.xla_lora.linear_lora_fused_train``: ``linear_lora_fused``'s output and the rank intermediate
+# ``s[t] = scaling * A[i_t] x[t]`` of the producer's output x ([T, R], lora_b's dtype, zero for tokens outside [0, L)),
+# which its backward hands to ``bgmv_lora_grads`` instead of recomputing it: what ``linear_lora_train`` is to
+# ``linear_lora``. The layers run it where ``linear_lora_fused`` would run in training (grad enabled, slot weights that
+# need gradients). With backend "pallas" the fused base kernel writes ``s`` beside the output (``keep_s``), its
+# prologue, residual and int8 scales as the serving op's; on "xla" (and where no tiling fits) the XLA-native training
+# forward on rows sorted by slot. ``s`` is not differentiable. Arguments and checks: ``linear_lora_fused``'s.
+_train_op = torch.library.custom_op(
+    "xla_lora::linear_lora_fused_train",
+    functools.partial(_run, True),
+    mutates_args=(),
+    schema=_SCHEMA.replace("-> Tensor", "-> (Tensor, Tensor)"),
+)
 
 
 def _fake(
@@ -272,8 +255,8 @@ def _fake(
     return (out, inputs.new_empty((inputs.shape[0], lora_b.shape[1]), dtype=lora_b.dtype)) if keep_s else out
 
 
-_linear_lora_fused.register_fake(functools.partial(_fake, False))
-_linear_lora_fused_train.register_fake(functools.partial(_fake, True))
+_serving_op.register_fake(functools.partial(_fake, False))
+_train_op.register_fake(functools.partial(_fake, True))
 
 
 def _setup(ctx, inputs, output, s: torch.Tensor | None = None) -> None:
