@@ -120,3 +120,29 @@ def test_command_line_restarts_with_reused_memory():
         assert "usage" in done.stdout
         expected = notice and sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
         assert ("restarting with GLIBC_TUNABLES=" in done.stderr) == expected
+
+
+def test_pool_tokens_sweep_pairs_the_two_paths_and_checks_they_agree(capsys, monkeypatch):
+    """``bench pool --tokens-sweep``: a row per fleet and token count with both paths' times and their ratio; the
+    sweep refuses to time two paths whose outputs differ (the packed one made to double the scaling here)."""
+    import json
+
+    from torch_xla_lora.bench import pool
+    from torch_xla_lora.ops import _xla_native
+
+    assert pool.main(["--tokens-sweep", "--quick", "--repeats", "1", "--json"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("\n[") :])
+    assert [(r["fleet"], r["tokens"]) for r in rows] == [
+        ("mixed ranks, 16 adapters", 8),
+        ("mixed ranks, 16 adapters", 128),
+    ]
+    assert all(r["packed_ms"] > 0 and r["tiles_ms"] > 0 and r["packed_over_tiles"] > 0 for r in rows)
+    unscaled = _xla_native.pooled_shrink_expand
+
+    def wrong(*args, scaling):
+        return unscaled(*args, scaling=2 * scaling)
+
+    monkeypatch.setattr(_xla_native, "pooled_shrink_expand", wrong)
+    with pytest.raises(AssertionError, match="disagree"):
+        pool.tokens_sweep(64, 128, 16, 64, tokens=(8,), repeats=1, calls=1, fleets=["uniform r16, 8 adapters"])

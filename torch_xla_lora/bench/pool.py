@@ -9,6 +9,12 @@ run in rotating order, ``--repeats`` times, each timed as ``bench e2e`` times a
 step (host preparation plus device execution); reported as the median ratio to
 the padded step. Scenarios: uniform rank 16 with 8 distinct adapters, and a
 mixed fleet (ranks 8/16/64 at 70/20/10%) with 1, 8 and 16 distinct adapters.
+
+``--tokens-sweep``: the two XLA-native paths a pooled LoRA op chooses between by its token count
+(``_xla_native.PACKED_MAX_TOKENS``), paired on one projection at each count of ``SWEEP_TOKENS``: the
+packed path (the used lanes' true-rank rows side by side, ``_xla_native.pooled_shrink_expand``) and
+the slot op on the pool's tiles (``_xla_native.PoolTiles``), as jitted JAX functions on the XLA
+device's backend, each token on lane ``t mod adapters``. Their outputs are checked equal before timing.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from torch_xla_lora.bench.e2e_model import LINEAR_TARGETS, build_model, random_a
 from torch_xla_lora.bench.memory import fleet
 
 LAYOUTS = ("padded", "pool", "pool int8")
+#: Token counts of ``--tokens-sweep``: decode batches to short prefills, either side of PACKED_MAX_TOKENS.
+SWEEP_TOKENS = (8, 16, 32, 64, 128, 256)
 
 
 def _patched(model, layout: str, max_loras: int, max_rank: int, adapters: dict, padded=None):
@@ -122,6 +130,107 @@ def run(config: E2EConfig, max_loras: int, max_rank: int, decode_batch: int, pre
     return rows
 
 
+def _sweep_pools(hidden: int, out_dim: int, ranks: list[int], max_loras: int, max_rank: int, seed: int):
+    """(a_pool [P + 2, hidden], b_pool [P + 2, out_dim], rows [max_loras, max_rank]) in bf16: lane l < len(ranks)
+    holds rank ranks[l] in rows of its own, the others none (every entry the zero row P)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    total = sum(ranks)
+    rows = np.full((max_loras, max_rank), total, np.int32)
+    start = 0
+    for lane, rank in enumerate(ranks):
+        rows[lane, :rank] = np.arange(start, start + rank)
+        start += rank
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(seed))
+    a_pool = (jax.random.normal(key_a, (total + 2, hidden)) / hidden**0.5).at[total:].set(0)
+    b_pool = (jax.random.normal(key_b, (total + 2, out_dim)) / 4).at[total:].set(0)
+    return a_pool.astype(jnp.bfloat16), b_pool.astype(jnp.bfloat16), jnp.asarray(rows)
+
+
+def _timed(fn, args, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of the compiled ``fn`` (after one untimed call)."""
+    import time
+
+    fn(*args).block_until_ready()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args).block_until_ready()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def tokens_sweep(
+    hidden: int = 2048,
+    out_dim: int = 5632,
+    max_loras: int = 16,
+    max_rank: int = 64,
+    tokens: Sequence[int] = SWEEP_TOKENS,
+    repeats: int = 5,
+    calls: int = 20,
+    fleets: Sequence[str] | None = None,
+) -> list[dict]:
+    """Rows ``{fleet, tokens, packed_ms, tiles_ms, packed_over_tiles}``: per fleet (uniform rank 16 with 8 adapters,
+    the mixed fleet with 8 and 16; ``fleets``: those named only) and token count, the two paths' median call times
+    over ``repeats`` rounds of ``calls`` calls each, taken in rotating order, and the median of the rounds'
+    ratios."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from torch_xla_lora.ops import _jax, _xla_native
+
+    scaling = 0.5
+    slot_op = _jax.shrink_expand_fn("xla", "cpu", scaling, False)
+
+    def packed(x, a_pool, b_pool, base, lanes, rows):
+        return _xla_native.pooled_shrink_expand(x, a_pool, b_pool, base, lanes, rows, None, scaling=scaling)
+
+    def tiles(x, a_pool, b_pool, base, lanes, rows):
+        lora_a, lora_b = _jax.pool_slot_weights("xla", a_pool, b_pool, None, None, rows, x.dtype, hidden, out_dim)
+        return slot_op(x, lora_a, lora_b, base, lanes).astype(jnp.float32)
+
+    mixed = fleet({8: 0.7, 16: 0.2, 64: 0.1}, 16)
+    named = {"uniform r16, 8 adapters": [16] * 8, "mixed ranks, 8 adapters": mixed[:8]}
+    named["mixed ranks, 16 adapters"] = mixed
+    paths = {"packed": jax.jit(packed), "tiles": jax.jit(tiles)}
+    out = []
+    for seed, (name, ranks) in enumerate(named.items()):
+        if fleets is not None and name not in fleets:
+            continue
+        pools = _sweep_pools(hidden, out_dim, ranks, max_loras, max_rank, seed)
+        for num_tokens in tokens:
+            key = jax.random.PRNGKey(100 + num_tokens)
+            x = jax.random.normal(key, (num_tokens, hidden)).astype(jnp.bfloat16)
+            base = jnp.zeros((num_tokens, out_dim), jnp.float32)
+            lanes = jnp.arange(num_tokens, dtype=jnp.int32) % len(ranks)
+            args = (x, *pools[:2], base, lanes, pools[2])
+            results = {path: np.asarray(fn(*args), np.float32) for path, fn in paths.items()}
+            scale = float(np.abs(results["tiles"]).max())
+            if not np.allclose(results["packed"], results["tiles"], atol=2e-2 * scale, rtol=2e-2):
+                raise AssertionError(f"{name}, T = {num_tokens}: the packed and pool-tile paths disagree")
+            seconds = {path: [] for path in paths}
+            ratios = []
+            for round_ in range(repeats):
+                order = list(paths) if round_ % 2 == 0 else list(paths)[::-1]
+                times = {path: statistics.median(_timed(paths[path], args, calls)) for path in order}
+                for path, value in times.items():
+                    seconds[path].append(value)
+                ratios.append(times["packed"] / times["tiles"])
+            row = {"fleet": name, "tokens": num_tokens, "hidden": hidden, "out_dim": out_dim}
+            row |= {f"{path}_ms": 1000 * statistics.median(v) for path, v in seconds.items()}
+            row["packed_over_tiles"] = statistics.median(ratios)
+            out.append(row)
+            print(
+                f"{name}, T = {num_tokens}: packed {row['packed_ms']:.3f} ms, tiles {row['tiles_ms']:.3f} ms, "
+                f"packed / tiles {row['packed_over_tiles']:.3f}",
+                flush=True,
+            )
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torch_xla_lora.bench pool", description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=1)
@@ -132,10 +241,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the test suite's)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--tokens-sweep",
+        action="store_true",
+        help="pair the pooled op's two XLA-native paths (packed rows, pool tiles) at each token count of one "
+        "gate_proj-sized projection, to check the threshold between them (PACKED_MAX_TOKENS)",
+    )
     args = parser.parse_args(argv)
     config = dataclasses.replace(E2EConfig(), layers=args.layers)
     if args.quick:
         config = dataclasses.replace(config, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128)
+    if args.tokens_sweep:
+        from torch_xla_lora.ops import _xla_native
+
+        sizes = (config.hidden, config.intermediate, args.max_loras, args.max_rank)
+        quick = {"tokens": (8, 128), "fleets": ["mixed ranks, 16 adapters"]} if args.quick else {}
+        sweep = tokens_sweep(*sizes, repeats=args.repeats, **quick)
+        if args.json:
+            print(json.dumps(sweep, indent=1))
+            return 0
+        print(
+            f"\none projection {config.hidden} -> {config.intermediate}, max_loras {args.max_loras}, max_rank "
+            f"{args.max_rank}; the op runs the packed path up to PACKED_MAX_TOKENS = {_xla_native.PACKED_MAX_TOKENS}"
+        )
+        print("| fleet | T | packed (ms) | pool tiles (ms) | packed / tiles |\n|---|---|---|---|---|")
+        for r in sweep:
+            print(
+                f"| {r['fleet']} | {r['tokens']} | {r['packed_ms']:.3f} | {r['tiles_ms']:.3f} | "
+                f"{r['packed_over_tiles']:.3f} |"
+            )
+        return 0
     rows = run(config, args.max_loras, args.max_rank, args.decode_batch, args.prefill, args.repeats)
     if args.json:
         print(json.dumps(rows, indent=1))
