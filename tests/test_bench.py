@@ -133,10 +133,7 @@ def test_pool_tokens_sweep_pairs_the_two_paths_and_checks_they_agree(capsys, mon
     assert pool.main(["--tokens-sweep", "--quick", "--repeats", "1", "--json"]) == 0
     out = capsys.readouterr().out
     rows = json.loads(out[out.index("\n[") :])
-    assert [(r["fleet"], r["tokens"]) for r in rows] == [
-        ("mixed ranks, 16 adapters", 8),
-        ("mixed ranks, 16 adapters", 128),
-    ]
+    assert [(r["fleet"], r["tokens"]) for r in rows] == [("mixed ranks, 16 adapters", 8)]
     assert all(r["packed_ms"] > 0 and r["tiles_ms"] > 0 and r["packed_over_tiles"] > 0 for r in rows)
     unscaled = _xla_native.pooled_shrink_expand
 
