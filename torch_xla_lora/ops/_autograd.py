@@ -21,9 +21,9 @@ The rounding of the rank intermediate to lora_b's dtype (shrink_expand,
 linear_lora) is treated as the identity (straight-through), as autograd does
 for a dtype cast; the intermediate is recomputed by a shrink when ``lora_b``
 needs its gradient, except after ``bgmv_shrink_expand_train`` (the training
-forward the layers run on the XLA-native backend) and ``linear_lora_train`` (``linear_lora``'s training
-variant, whose fused base kernel writes it on TPU), which return it and whose backwards hand it to
-``bgmv_lora_grads``. The host ``metadata``
+forward the layers run on the XLA-native backend), ``linear_lora_train`` (``linear_lora``'s training
+variant, whose fused base kernel writes it on TPU) and ``linear_lora_fused_train`` (``linear_lora_fused``'s,
+``ops/_linear_fused.py``), which return it and whose backwards hand it to ``bgmv_lora_grads``. The host ``metadata``
 of the fused ops is not used by the backward: its shrinks and expands group the
 tokens on the device.
 
