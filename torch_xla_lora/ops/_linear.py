@@ -56,8 +56,9 @@ def _base_product(x, weight, bias, layout: str, weight_scale=None, weight_in_sca
     """
     contract = (((1,), (1,)), ((), ())) if layout == "out_in" else (((1,), (0,)), ((), ()))
     if weight_in_scale is not None:
-        along_k = weight_in_scale.astype(jnp.float32)[None, :] if layout == "out_in" else weight_in_scale[:, None]
-        weight = (weight.astype(jnp.float32) * along_k.astype(jnp.float32)).astype(x.dtype)
+        scale = weight_in_scale.astype(jnp.float32)
+        along_k = scale[None, :] if layout == "out_in" else scale[:, None]
+        weight = (weight.astype(jnp.float32) * along_k).astype(x.dtype)
     if weight_scale is not None:
         weight = weight.astype(x.dtype)
     y = jax.lax.dot_general(x, weight, contract, preferred_element_type=jnp.float32)
