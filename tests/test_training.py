@@ -145,17 +145,17 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
     """``llama-xla-base-fusion``: every projection runs base and LoRA as one op (``base_fusion=True``, the decoders
     arranged), in training the ops' training forwards, whose backwards take the s the forward kept: o_proj the
     arrangement's ``linear_lora_fused`` with ``keep_s``, the attention's residual taken in; the others
-    ``linear_lora_train`` on their producers' outputs (the arrangement declines a producer in training).
-    (The separate formulation on the XLA device: the "lazy" and "compile" steps of
-    test_steps_on_changing_mixes_equal_peft_alone.)"""
+    ``linear_lora_train`` on their producers' outputs (the arrangement declines a producer in training, before
+    building the slot factors: each layer builds them once). (The separate formulation on the XLA device: the
+    "lazy" and "compile" steps of test_steps_on_changing_mixes_equal_peft_alone.)"""
     device = xla_device if on_xla else torch.device("cpu")
     tenants = ARCHS[arch][2]
     mix = [n if n is None or n in tenants else "t0" for n in MIX]
     config = {"base_fusion": True, "backend": "xla"} if on_xla == "fused" else {}
     lora = _patched(device, arch=arch, **config)
-    keeps, arranged = [], []
+    keeps, arranged, built = [], [], []
     if on_xla == "fused":
-        from torch_xla_lora.layers import linear
+        from torch_xla_lora.layers import base, linear
         from torch_xla_lora.ops import _linear_fused
 
         def spy(*args, **kwargs):
@@ -167,9 +167,15 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
             arranged.append((kwargs.get("keep_s", False), frozenset(taken)))
             return linear_lora_fused(*args, **kwargs)
 
+        def factors_spy(layer):
+            built.append(layer)
+            return slot_factors(layer)
+
         linear_keeps_s, linear_lora_fused = linear._keeps_s, _linear_fused.linear_lora_fused
+        slot_factors = base.BaseLayerWithLoRA.slot_factors
         monkeypatch.setattr(linear, "_keeps_s", spy)
         monkeypatch.setattr(_linear_fused, "linear_lora_fused", fused_spy)
+        monkeypatch.setattr(base.BaseLayerWithLoRA, "slot_factors", factors_spy)
     _create(lora, tenants)
     peft_model = _peft(lora, arch)
     ids, targets = _batch(0, len(mix))
@@ -185,6 +191,7 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
         linears = [layer for layer in lora.layers.values() if isinstance(layer, LinearWithLoRA)]
         assert lora.fused_decoders and all(keeps) and len(keeps) >= len(linears), keeps
         assert arranged == [(True, frozenset({"residual"}))] * len(lora.fused_decoders), arranged
+        assert sorted(map(id, built)) == sorted(map(id, lora.layers.values())), "each layer builds its factors once"
     for name in tenants:
         rows = [i for i, n in enumerate(mix) if n == name]
         expected = _peft_grads(peft_model, name, ids[rows], targets[rows])

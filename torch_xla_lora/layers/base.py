@@ -283,6 +283,16 @@ class BaseLayerWithLoRA(nn.Module):
         lora_a, lora_b = lora_a.index_put((index,), a_rows), lora_b.index_put((index,), b_rows)
         return lora_a, lora_b
 
+    def factors_need_grad(self) -> bool:
+        """Whether both tensors :meth:`slot_factors` would give now need gradients (grad mode on, a trainable
+        adapter's A and one's B requiring them), known without building them."""
+        modules = self.trainable.values()
+        return (
+            torch.is_grad_enabled()
+            and any(m.a.requires_grad for m in modules)
+            and any(m.b.requires_grad for m in modules)
+        )
+
     def lora_input(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """x [..., in] as the LoRA product reads it: in training mode (``model.train()``), the rows of each
         trainable adapter with a ``lora_dropout`` go through that dropout, as PEFT drops the input of
@@ -365,7 +375,8 @@ def fused_lora(
     runs in the adapter's. ``slots`` [N] int32; ``metadata``: the batch's
     host-built grouping for this shape, or None (grouped on the device).
     """
-    if _keeps_s(x, lora_a, lora_b, backend):  # training on the XLA-native backend: s kept for the backward
+    need_grad = lora_a.requires_grad and lora_b.requires_grad
+    if _keeps_s(x, need_grad, backend):  # training on the XLA-native backend: s kept for the backward
         out, _ = torch.ops.xla_lora.bgmv_shrink_expand_train(
             x.to(lora_a.dtype), lora_a, lora_b, y.to(lora_b.dtype), slots, 1.0, backend
         )
@@ -382,11 +393,9 @@ def fused_lora(
 TRAIN_FORWARD = True
 
 
-def _keeps_s(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, backend: str, fused_base: bool = False
-) -> bool:
+def _keeps_s(x: torch.Tensor, need_grad: bool, backend: str, fused_base: bool = False) -> bool:
     """Whether the layer's LoRA runs its training forward, which keeps ``s`` for the backward: grad enabled,
-    both slot tensors needing gradients (trainable adapters), on the XLA device, and
+    both slot tensors needing gradients (``need_grad``: trainable adapters), on the XLA device, and
 
     - for :func:`fused_lora` (``bgmv_shrink_expand_train``), the XLA-native formulation (off TPU, or
       ``backend="xla"``), where sorting the rows by slot and keeping ``s`` beats the serving forward plus a
@@ -398,7 +407,7 @@ def _keeps_s(
     """
     if not TRAIN_FORWARD or x.device.type != "xla":
         return False
-    if not (torch.is_grad_enabled() and lora_a.requires_grad and lora_b.requires_grad):
+    if not (torch.is_grad_enabled() and need_grad):
         return False
     if fused_base:
         return True

@@ -273,10 +273,10 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         if self._reads_pool(x2, self.backend):  # no trainable adapters: nothing to keep s for
             out = self._pooled_linear(x2, slots, metadata, own, weight_scale, **fusion)
             return out.reshape(*x.shape[:-1], self.out_features)
-        lora_a, lora_b = self.slot_factors()
-        keep_s = _keeps_s(x2, lora_a, lora_b, self.backend, fused_base=True)
+        keep_s = _keeps_s(x2, self.factors_need_grad(), self.backend, fused_base=True)
         if keep_s and any(t is not None for t in (up, row_scale, col_scale)):
             return None  # training: the producer is computed outside and kept (see above)
+        lora_a, lora_b = self.slot_factors()
         out = self._fused_linear(x2, slots, lora_a, lora_b, keep_s, metadata, own, weight_scale, **fusion)
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -360,12 +360,12 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             out = self._pooled_linear(x2, slots, metadata, own, weight_scale)
             return out.reshape(*x.shape[:-1], self.out_features)
         lora_a, lora_b = self.slot_factors()
+        keep_s = _keeps_s(x2, lora_a.requires_grad and lora_b.requires_grad, self.backend, fused_base=True)
         if weight_scale is not None:  # an int8 base: read as int8 by the one-pass kernel, the scales in its write
-            keep_s = _keeps_s(x2, lora_a, lora_b, self.backend, fused_base=True)
             out = self._fused_linear(x2, slots, lora_a, lora_b, keep_s, metadata, own, weight_scale)
             return out.reshape(*x.shape[:-1], self.out_features)
         operands = (x2, self.base_layer.weight, self.base_layer.bias, lora_a, lora_b, slots, 1.0, self.weight_layout)
-        if _keeps_s(x2, lora_a, lora_b, self.backend, fused_base=True):  # training: s kept for the backward
+        if keep_s:  # training: s kept for the backward
             out, _ = torch.ops.xla_lora.linear_lora_train(*operands, self.backend, metadata, own)
         else:
             out = torch.ops.xla_lora.linear_lora(*operands, self.backend, metadata, own)
