@@ -7,9 +7,12 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 # JAX (inside call_jax) on the CPU too: libtpu, which the test extra installs for
 # tests/test_tpu_compile.py, is then never asked for a TPU client in these processes.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One process compiles a few thousand small graphs over the suite: keep them all
-# (torch_xla's default cache of 2048 would start evicting part-way through).
-os.environ.setdefault("XLA_COMPILATION_CACHE_SIZE", "16384")
+# Every compiled XLA:CPU executable keeps its JIT code in memory maps of its own (about one per fusion: a tiny
+# patched Llama's training step holds ~570, a Pallas kernel in interpret mode ~150), and a process may hold
+# 65,530 maps: with every graph kept, a worker running a quarter of the suite reached 60,000 and one crashed.
+# torch_xla's computation cache (least recently used first) keeps the 64 newest graphs, far more than any test
+# reuses; an evicted graph's maps are released (README, "Test suite").
+os.environ.setdefault("XLA_COMPILATION_CACHE_SIZE", "64")
 if os.environ["PJRT_DEVICE"] == "TPU":
     # A TPU multiplies float32 in one bfloat16 pass by default (~1e-3 relative): full precision, in torch_xla's
     # graphs and in the JAX functions the ops trace, so that float32 results are held to float32 tolerances.
@@ -51,6 +54,16 @@ def pytest_sessionstart(session) -> None:
     import torch_xla
 
     torch_xla.device()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_jax_executables():
+    """After each test file, JAX's compiled executables (the kernels a file runs through JAX itself, in interpret
+    mode) are dropped, and their code maps with them (see XLA_COMPILATION_CACHE_SIZE above)."""
+    yield
+    import jax
+
+    jax.clear_caches()
 
 
 @pytest.fixture(scope="session")
