@@ -56,6 +56,21 @@ def pytest_sessionstart(session) -> None:
     torch_xla.device()
 
 
+def pytest_runtest_logfinish(nodeid: str, location) -> None:
+    """With ``MAPS_LOG=<directory>``: after each test, this process's memory-map count and torch_xla's cached graphs,
+    one line per test in ``<directory>/maps_<pid>.log`` (how the figures in README, "Test suite", were taken)."""
+    directory = os.environ.get("MAPS_LOG")
+    if not directory or not os.path.exists("/proc/self/maps"):
+        return
+    import torch_xla
+
+    with open("/proc/self/maps") as maps:
+        count = sum(1 for _ in maps)
+    graphs = torch_xla._XLAC._xla_get_num_cached_compilation_graph()
+    with open(os.path.join(directory, f"maps_{os.getpid()}.log"), "a") as log:
+        log.write(f"{count} {graphs} {nodeid}\n")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_jax_executables():
     """After each test file, JAX's compiled executables (the kernels a file runs through JAX itself, in interpret
