@@ -18,6 +18,7 @@ from conftest import assert_close, tiny_llama
 from torch import nn
 
 import torch_xla_lora as tl
+from torch_xla_lora import pool
 from torch_xla_lora.pool import PoolFullError, parse_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens"]
@@ -89,9 +90,16 @@ IDS = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("on_xla", [False, True])
-def test_mixed_ranks_equal_peft_and_evict_by_bytes(base_model, peft_model, on_xla, xla_device):
+def test_mixed_ranks_equal_peft_and_evict_by_bytes(base_model, peft_model, on_xla, xla_device, monkeypatch):
     """A 14-row pool (every layer) holds a (8) + b (4) + c (2) exactly; d (6) then evicts by bytes, least
-    recently used first; every batch equals PEFT's mixed batch, base rows included."""
+    recently used first; every batch equals PEFT's mixed batch, base rows included. No layer gathers its lanes
+    into slots: the linear layers and the embedding (its A rows per token, its B by ``pooled_expand``) read the
+    pools at the adapters' true ranks."""
+
+    def gathered(*args, **kwargs):
+        raise AssertionError("a layer gathered its lanes into slots")
+
+    monkeypatch.setattr(pool, "gather_slots", gathered)
     device = xla_device if on_xla else torch.device("cpu")
     lora = _patched(base_model, device, rows_budget=14)
     for name in RANKS:
@@ -337,6 +345,31 @@ def test_fleet_keeps_its_shares():
     ranks = fleet({8: 0.7, 16: 0.2, 64: 0.1}, 1000)
     assert [ranks.count(r) for r in (8, 16, 64)] == [700, 200, 100]
     assert all(abs(ranks[:n].count(64) - 0.1 * n) <= 1 for n in range(1, 1000))
+
+
+def test_an_unfrozen_base_gets_its_gradient_beside_pooled_adapters(base_model, peft_model):
+    """Pooled adapters with part of the base unfrozen (the token embedding, whose LoRA reads its pool too): the
+    pooled ops have no backward, so where autograd records one the layers read the lanes as slots instead, and
+    the base's and the activations' gradients equal PEFT's mixed batch. (The choice is the layers', the same on
+    any device: CPU tensors here.)"""
+    lora = _patched(base_model, torch.device("cpu"), rows_budget=14)
+    for name in ("a", "b"):
+        lora.load_adapter(name, state_dict=_state(peft_model, name)[0], config=_state(peft_model, name)[1])
+    rows = ["a", None, "b", "a"]
+    lora.set_batch(rows)
+    reference = copy.deepcopy(peft_model)
+    weights = []
+    for model in (lora.model, reference):
+        weight = model.get_input_embeddings().base_layer.weight
+        weights.append(weight.requires_grad_(True))
+        logits = (
+            model(IDS).logits
+            if model is lora.model
+            else model(IDS, adapter_names=[r or "__base__" for r in rows]).logits
+        )
+        logits.float().pow(2).mean().backward()
+    assert_close(weights[0].grad, weights[1].grad)
+    assert weights[0].grad.abs().sum() > 0
 
 
 def test_trainable_adapters_take_lanes_of_their_own_and_freeze_into_the_pool(base_model, peft_model):

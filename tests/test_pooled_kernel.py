@@ -148,6 +148,47 @@ def test_op_reads_each_lane_at_its_true_rank(backend, kind, dtype, blocks, xla_d
     assert_close(ops.pooled_shrink_expand(*args, scaling=SCALING), out.double(), dtype)
 
 
+EXPAND_CASES = [  # (backend, int8 pool, compute dtype, tokens): the packed decode path on every backend, then longer
+    ("xla", False, torch.float32, TOKENS),
+    ("xla", True, torch.bfloat16, TOKENS),
+    ("pallas", False, torch.bfloat16, TOKENS),
+    ("xla", False, torch.float32, 300),  # the slot expand on the pool's tiles
+    ("pallas", True, torch.float32, 300),  # every lane gathered into slots, the slot kernel (interpret mode)
+]
+
+
+@pytest.mark.parametrize(("backend", "int8", "dtype", "tokens"), EXPAND_CASES, ids=lambda v: str(v).split(".")[-1])
+def test_pooled_expand_reads_each_lane_at_its_true_rank(backend, int8, dtype, tokens, xla_device, monkeypatch):
+    """``pooled_expand`` (the embedding's B from its pool, each token's ``s`` given) against float64 math on the
+    module's pools and lanes: each token's first r entries of ``s`` times its lane's true-rank rows of B. The
+    entries of ``s`` past the lane's rank hold NaN, and so do the pool's unused rows and lane 4's (Inf: the
+    scale of an int8 pool), so reading or multiplying any of them would not give a finite result. Base and
+    out-of-range rows are exactly the base; the XLA-native op never gathers every lane into slots; the CPU
+    reference agrees."""
+    if backend == "xla":
+
+        def gathered(*args, **kwargs):
+            raise AssertionError("the XLA-native op gathered every lane into slots")
+
+        monkeypatch.setattr("torch_xla_lora.ops._xla_native.gather_lanes", gathered)
+    _, b_pool, rows, _, b_scale, _, dense_b = _pools(int8, dtype)
+    _, base, lanes = _batch(dtype, blocks=tokens > TOKENS)
+    gen = torch.Generator().manual_seed(5)
+    s = torch.randn(tokens, MAX_RANK, generator=gen).to(dtype)
+    expected = base.double().clone()
+    for t, lane in enumerate(lanes.tolist()):
+        if 0 <= lane < LANES:
+            s[t, RANKS[lane] :] = float("nan")
+            expected[t] += s[t, : RANKS[lane]].double() @ dense_b[rows[lane, : RANKS[lane]].long()]
+    args = [s, b_pool, base, lanes, rows, b_scale]
+    out = ops.pooled_expand(*[None if t is None else t.to(xla_device) for t in args], backend=backend).cpu()
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_close(out, expected, dtype)
+    outside = (lanes < 0) | (lanes >= LANES)
+    assert torch.equal(out[outside], base[outside])
+    assert_close(ops.pooled_expand(*args), out.double(), dtype)
+
+
 def test_opcheck_and_validation():
     """The schema, fake and dispatch (``torch.library.opcheck`` on CPU tensors, float and int8 pools) and the
     typed errors of bad arguments."""
@@ -172,6 +213,21 @@ def test_opcheck_and_validation():
         ops.pooled_shrink_expand(x, a_pool, b_pool, base, lanes.tolist(), rows, a_scale, b_scale)
     with pytest.raises(tl.ArgumentError):
         ops.pooled_shrink_expand(x, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling=float("inf"))
+    # pooled_expand: the same checks of its pool, scale, table and lanes, and of s against the table's ranks.
+    s = torch.randn(TOKENS, MAX_RANK)
+    for int8 in (False, True):
+        _, pool_b, table, _, scale_b, *_ = _pools(int8, torch.float32)
+        pool_b = pool_b if int8 else pool_b.nan_to_num(0.0, 0.0, 0.0)
+        scale_b = None if scale_b is None else scale_b.nan_to_num(1.0, 1.0)
+        torch.library.opcheck(torch.ops.xla_lora.pooled_expand.default, (s, pool_b, base, lanes, table, scale_b))
+    with pytest.raises(tl.ShapeError, match="b_scale"):
+        ops.pooled_expand(s, b_pool, base, lanes, rows)
+    with pytest.raises(tl.ShapeError, match="R of inputs"):
+        ops.pooled_expand(s[:, :-1], b_pool, base, lanes, rows, b_scale)
+    with pytest.raises(tl.ShapeError, match="Dout of base"):
+        ops.pooled_expand(s, b_pool[:, :-1], base, lanes, rows, b_scale)
+    with pytest.raises(tl.ArgumentTypeError):
+        ops.pooled_expand(s, b_pool, base, lanes.tolist(), rows, b_scale)
 
 
 class _Proj(torch.nn.Module):
@@ -398,7 +454,8 @@ def test_xla_bytes_do_not_grow_with_max_loras_and_max_rank():
     """XLA:CPU's cost analysis of the XLA-native op's function, a decode (16 tokens) and a prefill (65, one past the
     packed path): with the pools, tokens and widths fixed, a [128, 64] row table (128 lanes of max_rank 64) costs
     within 5% of an [8, 32] one's bytes (a chunk's rows are read, or the tiles the visits name, not the table's).
-    Gathering the larger table's lanes into slots for the prefill, as the op did, read 4.5x the smaller's."""
+    Gathering the larger table's lanes into slots for the prefill, as the op did, read 4.5x the smaller's. The
+    same for ``pooled_expand``'s decode (the embedding's B), within 10%."""
     import jax
     import jax.numpy as jnp
 
@@ -416,10 +473,23 @@ def test_xla_bytes_do_not_grow_with_max_loras_and_max_rank():
         analysis = analysis[0] if isinstance(analysis, list) else analysis
         return analysis["bytes accessed"]
 
+    def expand_accessed(lanes: int, max_rank: int, tokens: int) -> float:  # pooled_expand: the embedding's B
+        shapes = [((tokens, max_rank), jnp.float32), ((data_rows + 2, out_dim), jnp.float32)]
+        shapes += [((tokens, out_dim), jnp.float32), ((tokens,), jnp.int32), ((lanes, max_rank), jnp.int32)]
+        fn = _jax.pooled_expand_fn("xla", "cpu", False)
+        compiled = jax.jit(fn).lower(*[jax.ShapeDtypeStruct(s, d) for s, d in shapes]).compile()
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        # s [T, R] grows with max_rank by construction: the pool's bytes are what must not.
+        return analysis["bytes accessed"] - 4 * tokens * max_rank
+
     from torch_xla_lora.ops import _xla_native
 
     for tokens in (16, _xla_native.PACKED_MAX_TOKENS + 1):
         assert accessed(128, 64, tokens) <= 1.05 * accessed(8, 32, tokens)
+    # The decode of pooled_expand alone reads far less beside the table: its packing's int32 index arrays (a few
+    # per table entry, 6% of its count at 128 x 64) are what grows. Gathering every lane's B read 4.7x.
+    assert expand_accessed(128, 64, 16) <= 1.10 * expand_accessed(8, 32, 16)
 
 
 def test_decode_bytes_floor_of_xla_cpu_cost_analysis():

@@ -115,14 +115,42 @@ def pooled_shrink_expand(
     zero_row = a_pool.shape[0] - 2
     out = base.to(acc, copy=True)
     for lane, tokens in _slot_rows(lanes, rows.shape[0]):
-        named = (rows[lane] != zero_row).nonzero()
-        if named.numel() == 0:  # a lane with no rows: its tokens get the base
+        picked = _true_rank_rows(rows, lane, zero_row)
+        if picked is None:  # a lane with no rows: its tokens get the base
             continue
-        picked = rows[lane, : int(named.max()) + 1].long()
         shrunk = scaling * (inputs[tokens].to(acc) @ a_pool[picked].to(acc).T)
         if a_scale is not None:
             shrunk = shrunk * (a_scale[picked].to(acc) * b_scale[picked].to(acc))
         out[tokens] += shrunk.to(inputs.dtype).to(acc) @ b_pool[picked].to(acc)
+    return out.to(base.dtype)
+
+
+def _true_rank_rows(rows: torch.Tensor, lane: int, zero_row: int) -> torch.Tensor | None:
+    """Lane ``lane``'s pool rows up to its true rank (int64), or None for a lane with no rows."""
+    named = (rows[lane] != zero_row).nonzero()
+    return None if named.numel() == 0 else rows[lane, : int(named.max()) + 1].long()
+
+
+def pooled_expand(
+    inputs: torch.Tensor,  # [T, R]
+    b_pool: torch.Tensor,  # [P + 2, Dout]
+    base: torch.Tensor,  # [T, Dout]
+    lanes: torch.Tensor,  # [T]
+    rows: torch.Tensor,  # [L, R]
+    b_scale: torch.Tensor | None = None,  # [P + 2]
+) -> torch.Tensor:  # [T, Dout], base.dtype
+    """``out[t] = base[t] + s[t, :r] @ B`` with B the pool rows of lane ``lanes[t]``'s true rank r (as in
+    :func:`pooled_shrink_expand`). int8 pools: each row's scale multiplies s's column, rounded to s's dtype."""
+    acc = _acc(inputs, base)
+    out = base.to(acc, copy=True)
+    for lane, tokens in _slot_rows(lanes, rows.shape[0]):
+        picked = _true_rank_rows(rows, lane, b_pool.shape[0] - 2)
+        if picked is None:  # a lane with no rows: its tokens get the base
+            continue
+        s = inputs[tokens, : picked.numel()].to(acc)
+        if b_scale is not None:
+            s = s * b_scale[picked].to(acc)
+        out[tokens] += s.to(inputs.dtype).to(acc) @ b_pool[picked].to(acc)
     return out.to(base.dtype)
 
 

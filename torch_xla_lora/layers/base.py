@@ -220,17 +220,20 @@ class BaseLayerWithLoRA(nn.Module):
         with ``backend`` (default: the layer's)."""
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
         backend = backend or self.backend
-        if self._reads_pool(x2, backend):
+        if self._reads_pool(x2, backend, y2):
             return self._pooled_lora(x2, y2, slots, backend, metadata).reshape(y.shape)
         lora_a, lora_b = self.slot_factors()
         return fused_lora(x2, y2, lora_a, lora_b, slots, backend, metadata).reshape(y.shape)
 
-    def _reads_pool(self, x: torch.Tensor, backend: str) -> bool:
+    def _reads_pool(self, x: torch.Tensor, backend: str, *operands: torch.Tensor | None) -> bool:
         """Whether :meth:`add_lora` reads the adapters straight from the pools (``pooled_shrink_expand``: each
         lane at its true rank) instead of gathering the lanes into slots: a pooled layer of one entry per slot
         (A [1, P + 2, in], B [1, P + 2, out]) without trainable adapters, and where the Pallas kernel runs,
-        a pool allocated in its aligned pages."""
+        a pool allocated in its aligned pages. Never while autograd records a gradient for ``x`` or the op's
+        other ``operands`` (an unfrozen part of the base): the pooled ops have no backward, the slot ops do."""
         if self.pool_rows is None or self.trainable or set(self._buffer_shapes()) != {"lora_a", "lora_b"}:
+            return False
+        if needs_grad(x, *operands):
             return False
         if self.lora_a_pool.shape[0] != 1 or self._rank_axes() != {"lora_a": 0, "lora_b": 0}:
             return False
@@ -391,6 +394,11 @@ def fused_lora(
 #: so; False: the serving ops (``s`` recomputed in the backward), as ``python -m torch_xla_lora.bench train``
 #: measures for comparison.
 TRAIN_FORWARD = True
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a gradient for any of ``tensors`` (None: skipped) in this forward."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _keeps_s(x: torch.Tensor, need_grad: bool, backend: str, fused_base: bool = False) -> bool:

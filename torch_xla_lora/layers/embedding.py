@@ -7,7 +7,7 @@ from torch import nn
 
 from torch_xla_lora import pool
 from torch_xla_lora.adapters import ModuleLoRA
-from torch_xla_lora.layers.base import BaseLayerWithLoRA
+from torch_xla_lora.layers.base import BaseLayerWithLoRA, needs_grad
 
 
 def embed_scale(module: nn.Module) -> torch.Tensor | float | None:
@@ -83,15 +83,26 @@ class EmbeddingWithLoRA(BaseLayerWithLoRA):
         slots = self.context.token_slots(ids[..., None])
         if slots is None:
             return y
-        vocab = self.in_features
-        rows = slots.clamp(min=0) * vocab + ids.reshape(-1).to(slots.dtype)  # -1 slots add zero in expand
+        base = y.reshape(-1, self.out_features).to(self.adapter_dtype)  # adapter dtype may differ
+        # The base output is already scaled; the LoRA term is scaled as PEFT does.
+        scale = embed_scale(self.base_layer)
         if self.pool_rows is None or self.trainable:  # (trainable adapters' rows are put in the lanes' layout)
             lora_a, lora_b = self.slot_factors()
-            s = lora_a.reshape(-1, self.max_rank).index_select(0, rows)  # [N, R]
+            rows = slots.clamp(min=0) * self.in_features + ids.reshape(-1).to(slots.dtype)  # -1 slots add zero
+            s = scaled(lora_a.reshape(-1, self.max_rank).index_select(0, rows), scale)  # [N, R]
+            out = torch.ops.xla_lora.bgmv_expand(s, lora_b, base, slots, True, self.backend)
         else:  # the tokens' A rows straight from the pool: O(T * R), no lane layout of the vocabulary
-            s, lora_b = self._pooled_rows(ids, slots), self.slot_buffers(("lora_b",))["lora_b"]
-        # The base output is already scaled; the LoRA term is scaled as PEFT does.
-        s = scaled(s, embed_scale(self.base_layer))
-        base = y.reshape(-1, self.out_features).to(self.adapter_dtype)  # adapter dtype may differ
-        out = torch.ops.xla_lora.bgmv_expand(s, lora_b, base, slots, True, self.backend)
+            out = self._pooled_expand(scaled(self._pooled_rows(ids, slots), scale), base, slots)
         return out.reshape(y.shape).to(y.dtype)
+
+    def _pooled_expand(self, s: torch.Tensor, base: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """base [N, out] + each token's ``s`` [N, R] times its lane's B read from the pool at its true rank
+        (``pooled_expand``), or, where the base needs a gradient (an unfrozen embedding: that op has no
+        backward), times the lanes' B gathered into slots."""
+        if needs_grad(base):
+            lora_b = self.slot_buffers(("lora_b",))["lora_b"]
+            return torch.ops.xla_lora.bgmv_expand(s, lora_b, base, slots, True, self.backend)
+        scale = getattr(self, "lora_b_scale", None)
+        rows = self.context.rows.reshape(self.max_loras, self.max_rank)
+        b_scale = None if scale is None else scale[0]
+        return torch.ops.xla_lora.pooled_expand(s, self.lora_b_pool[0], base, slots, rows, b_scale, self.backend)

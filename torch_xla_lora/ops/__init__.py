@@ -1,8 +1,8 @@
 """The BGMV ops: ``torch.ops.xla_lora.bgmv_shrink``, ``bgmv_expand``, ``bgmv_expand_slice``
 the fused ``bgmv_shrink_expand``, its rank-true ``pooled_shrink_expand`` (reading adapters from a
-rank-row pool through a row table), and ``linear_lora`` (the base layer's matmul
-and the LoRA in one op), plus ``bgmv_weight_grad``, the slot weights' gradient
-their backward uses.
+rank-row pool through a row table) and that op's expand alone (``pooled_expand``), and
+``linear_lora`` (the base layer's matmul and the LoRA in one op), plus ``bgmv_weight_grad``,
+the slot weights' gradient their backward uses.
 
 Each op is a functional ``torch.library.custom_op`` (no argument is mutated)
 with a fake implementation, so ``torch.compile(backend="openxla")`` sees one
@@ -19,8 +19,9 @@ instead of the dispatcher's own error for, say, a list of indices), then call
 - other tensors: the plain-torch reference in :mod:`torch_xla_lora.reference`.
 
 Contracts, with a ``Semantics:`` block each, are in the functions below and in
-``docs/ops.md``. Every op is differentiable: the backward formulas, themselves
-made of these custom ops, are registered in :mod:`torch_xla_lora.ops._autograd`.
+``docs/ops.md``. Every op but the pooled ones (pools hold adapters that are served, not trained)
+is differentiable: the backward formulas, themselves made of these custom ops, are registered in
+:mod:`torch_xla_lora.ops._autograd`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "bgmv_expand_slice",
     "bgmv_shrink_expand",
     "pooled_shrink_expand",
+    "pooled_expand",
     "linear_lora",
     "bgmv_weight_grad",
     "batch_metadata",
@@ -563,6 +565,96 @@ def pooled_shrink_expand(
     return torch.ops.xla_lora.pooled_shrink_expand(
         inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling, backend, metadata, pages, page_scales
     )
+
+
+@torch.library.custom_op("xla_lora::pooled_expand", mutates_args=())
+def _pooled_expand(
+    inputs: torch.Tensor,
+    b_pool: torch.Tensor,
+    base: torch.Tensor,
+    lanes: torch.Tensor,
+    rows: torch.Tensor,
+    b_scale: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``torch.ops.xla_lora.pooled_expand``: see :func:`pooled_expand`."""
+    _validate.pooled_expand(inputs, b_pool, base, lanes, rows, b_scale)
+    _validate.backend(backend)
+    if inputs.device.type != "xla":
+        return reference.pooled_expand(inputs, b_pool, base, lanes, rows, b_scale)
+    if _validate.degenerate(*rows.shape, base.shape[1]):  # L, R or Dout is 0
+        return base.clone()
+    name, generation = _backend(backend)
+    fn = _jax_module().pooled_expand_fn(name, generation, b_scale is not None)
+    return _call_jax(fn, inputs, b_pool, base, lanes, rows, *(() if b_scale is None else (b_scale,)))
+
+
+@_pooled_expand.register_fake
+def _(inputs, b_pool, base, lanes, rows, b_scale=None, backend="auto"):
+    _validate.pooled_expand(inputs, b_pool, base, lanes, rows, b_scale)
+    _validate.backend(backend)
+    return torch.empty_like(base)
+
+
+def pooled_expand(
+    inputs: torch.Tensor,
+    b_pool: torch.Tensor,
+    base: torch.Tensor,
+    lanes: torch.Tensor,
+    rows: torch.Tensor,
+    b_scale: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`bgmv_expand` (adding into ``base``) reading each adapter's B from a rank-row pool at its true rank.
+
+    The expand of :func:`pooled_shrink_expand` alone, for layers that form each token's rank rows ``s``
+    themselves (the embedding: its A row per token, read from its own pool). A batch of at most
+    ``_xla_native.PACKED_MAX_TOKENS`` (64) tokens, on every backend, reads only the used lanes' true-rank rows of
+    ``b_pool``, packed side by side 128 at a time (one chunk of 32 for at most 32 rows), each row once for all
+    the tokens; a longer batch runs the slot expand's algorithm on the pool ("xla": the tiles of the lanes
+    its token blocks visit; "pallas": every lane's rows gathered into slots for the slot kernel). Not
+    differentiable: pools hold adapters that are served, not trained.
+
+    Args:
+      inputs: [T, R] floating: each token's values of its lane's rank rows (entries past the lane's true rank
+        are ignored).
+      b_pool: [P + 2, Dout], inputs' dtype or int8: B's rank rows (rank-first), row P the zero row.
+      base: [T, Dout], inputs' dtype.
+      lanes: [T] int32: each token's lane; outside [0, L) adds nothing.
+      rows: [L, R] int32: each lane's pool rows, as :func:`pooled_shrink_expand`'s.
+      b_scale: [P + 2] float32 per-row scales of an int8 pool, else None.
+      backend: "auto", "pallas" or "xla" (XLA tensors only).
+
+    Returns:
+      [T, Dout] in base's dtype (accumulated in float32).
+
+    Semantics:
+      for t in range(T):
+          l = lanes[t]
+          if 0 <= l < L and rank(l) > 0:
+              r = rows[l, :rank(l)]
+              s = inputs[t, :rank(l)]                               (float32)
+              if int8: s = (s * b_scale[r]).to(inputs.dtype)         (per rank channel, exact per row)
+              out[t] = base[t] + s @ b_pool[r]
+          else:
+              out[t] = base[t]
+
+    Raises:
+      ArgumentTypeError (a TypeError): a tensor argument that is not a torch.Tensor.
+      ShapeError (a ValueError): wrong rank, shape, dtype or device of an argument, a scale missing for an int8
+        pool or given for a float one.
+    """
+    _validate.tensor_arguments(
+        "pooled_expand",
+        optional=("b_scale",),
+        inputs=inputs,
+        b_pool=b_pool,
+        base=base,
+        lanes=lanes,
+        rows=rows,
+        b_scale=b_scale,
+    )
+    return torch.ops.xla_lora.pooled_expand(inputs, b_pool, base, lanes, rows, b_scale, backend)
 
 
 @torch.library.custom_op("xla_lora::linear_lora", mutates_args=())

@@ -224,11 +224,15 @@ def pool_slot_weights(
     lane's rows gathered into the [L, R, ...] slot layout (the slot kernels read whole arrays); otherwise
     :class:`_xla_native.PoolTiles` at the layer's widths ``hidden`` and ``out_dim`` (pools may be wider), whose
     reads take from the pools only the tiles the XLA-native algorithms' visits name."""
+    lora_a = _pool_weights(backend, a_pool, a_scale, rows, dtype, hidden)
+    return lora_a, _pool_weights(backend, b_pool, b_scale, rows, dtype, out_dim)
+
+
+def _pool_weights(backend: str, pool, scale, rows: jax.Array, dtype, width: int):
+    """One pool as :func:`pool_slot_weights` gives it: gathered into slots on "pallas", else its tiles."""
     if backend == "pallas":
-        gather = _xla_native.gather_lanes
-        return gather(a_pool, a_scale, rows, dtype), gather(b_pool, b_scale, rows, dtype)
-    tiles = _xla_native.PoolTiles
-    return tiles(a_pool, a_scale, rows, dtype, hidden), tiles(b_pool, b_scale, rows, dtype, out_dim)
+        return _xla_native.gather_lanes(pool, scale, rows, dtype)
+    return _xla_native.PoolTiles(pool, scale, rows, dtype, width)
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
@@ -310,6 +314,33 @@ def pooled_shrink_expand_fn(
             typical_ranks=typical_ranks,
         )
         return jnp.where(_in_range(lanes, num_slots), out[:num_tokens], base)  # out of range: exactly base
+
+    return fn
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def pooled_expand_fn(backend: str, generation: str, int8: bool) -> Callable:
+    """``fn(inputs[T, R], b_pool[P+2, Dout], base[T, Dout], lanes[T], rows[L, R][, b_scale[P+2]])`` for one
+    configuration (see ``ops.pooled_expand``).
+
+    A batch of at most ``_xla_native.PACKED_MAX_TOKENS`` tokens, on every backend, runs
+    :func:`_xla_native.pooled_expand` (the used lanes' true-rank rows only, as XLA ops: no kernel reads a
+    pool for the expand alone). A longer one runs :func:`expand_fn` on the pool's
+    :class:`_xla_native.PoolTiles` ("xla": the tiles of the lanes its visits name) or, on "pallas", the slot
+    kernel on every lane's rows gathered into slots.
+    """
+
+    def fn(s, b_pool, base, lanes, rows, *scale):
+        b_scale = scale[0] if int8 else None
+        num_slots = rows.shape[0]
+        if s.shape[0] <= _xla_native.PACKED_MAX_TOKENS:
+            out = _xla_native.pooled_expand(s, b_pool, base, lanes.astype(jnp.int32), rows, b_scale)
+            return jnp.where(_in_range(lanes, num_slots), out.astype(base.dtype), base)
+        # The slot expand multiplies every entry of s (by the zero row past a lane's rank): keep only the lanes'.
+        ranks = _xla_native.lane_ranks(rows, b_pool.shape[0] - 2)[jnp.clip(lanes, 0, num_slots - 1)]
+        s = jnp.where(jnp.arange(s.shape[1])[None, :] < ranks[:, None], s, 0)
+        lora_b = _pool_weights(backend, b_pool, b_scale, rows, s.dtype, base.shape[1])
+        return expand_fn(backend, generation, True, None)(s, lora_b, base, lanes)
 
     return fn
 

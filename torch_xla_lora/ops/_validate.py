@@ -197,38 +197,79 @@ def pooled_shrink_expand(
     """Checks of ``pooled_shrink_expand``: x [T, D] floating, pools [P + 2, D] and [P + 2, Dout] in x's dtype
     or int8 (then float32 scales [P + 2] for both), base [T, Dout] in x's dtype, lanes [T], rows [L, R] int32."""
     _rank("inputs", inputs, 2, "[T, D]")
-    _rank("a_pool", a_pool, 2, "[P + 2, D]")
+    int8 = _pooled_operands(inputs, a_pool, "a_pool", "[P + 2, D]", base, lanes, rows)
+    _dim("a_pool", a_pool, 1, inputs.shape[1], "D of inputs")
     _rank("b_pool", b_pool, 2, "[P + 2, Dout]")
+    _same_dtype("b_pool", b_pool, "a_pool", a_pool)
+    _dim("b_pool", b_pool, 0, a_pool.shape[0], "the rows of a_pool")
+    _dim("b_pool", b_pool, 1, base.shape[1], "Dout of base")
+    _device("b_pool", b_pool, inputs)
+    _row_scale("a_scale", a_scale, int8, a_pool, "a_pool", inputs)
+    _row_scale("b_scale", b_scale, int8, a_pool, "a_pool", inputs)
+
+
+def pooled_expand(
+    inputs: torch.Tensor,
+    b_pool: torch.Tensor,
+    base: torch.Tensor,
+    lanes: torch.Tensor,
+    rows: torch.Tensor,
+    b_scale: torch.Tensor | None,
+) -> None:
+    """Checks of ``pooled_expand``: s [T, R] floating, b_pool [P + 2, Dout] in s's dtype or int8 (then float32
+    scales [P + 2]), base [T, Dout] in s's dtype, lanes [T], rows [L, R] int32."""
+    _rank("inputs", inputs, 2, "[T, R]")
+    int8 = _pooled_operands(inputs, b_pool, "b_pool", "[P + 2, Dout]", base, lanes, rows)
+    _dim("b_pool", b_pool, 1, base.shape[1], "Dout of base")
+    _dim("rows", rows, 1, inputs.shape[1], "R of inputs")
+    _row_scale("b_scale", b_scale, int8, b_pool, "b_pool", inputs)
+
+
+def _pooled_operands(
+    inputs: torch.Tensor,
+    pool: torch.Tensor,
+    name: str,
+    layout: str,
+    base: torch.Tensor,
+    lanes: torch.Tensor,
+    rows: torch.Tensor,
+) -> bool:
+    """The operands the pooled ops share: floating inputs, ``pool`` [P + 2, W] in their dtype or int8 (P >= 0),
+    base [T, Dout] in their dtype, lanes [T], rows [L, R] int32, all on the inputs' device. Returns whether
+    the pool is int8."""
+    _rank(name, pool, 2, layout)
     _rank("base", base, 2, "[T, Dout]")
     _rank("rows", rows, 2, "[L, R]")
     _floating("inputs", inputs)
     _same_dtype("base", base, "inputs", inputs)
-    int8 = a_pool.dtype == torch.int8
+    int8 = pool.dtype == torch.int8
     if not int8:
-        _same_dtype("a_pool", a_pool, "inputs", inputs)
-    _same_dtype("b_pool", b_pool, "a_pool", a_pool)
-    if a_pool.shape[0] < 2:
-        shape = tuple(a_pool.shape)
-        raise ShapeError(f"a_pool must hold its data rows, the zero row and the scratch row, got shape {shape}")
-    _dim("a_pool", a_pool, 1, inputs.shape[1], "D of inputs")
-    _dim("b_pool", b_pool, 0, a_pool.shape[0], "the rows of a_pool")
-    _dim("b_pool", b_pool, 1, base.shape[1], "Dout of base")
+        _same_dtype(name, pool, "inputs", inputs)
+    if pool.shape[0] < 2:
+        shape = tuple(pool.shape)
+        raise ShapeError(f"{name} must hold its data rows, the zero row and the scratch row, got shape {shape}")
     _dim("base", base, 0, inputs.shape[0], "T of inputs")
     if rows.dtype != torch.int32:
         raise ShapeError(f"rows must be int32, got {rows.dtype}")
-    for name, tensor in (("a_pool", a_pool), ("b_pool", b_pool), ("base", base), ("rows", rows)):
-        _device(name, tensor, inputs)
+    for label, tensor in ((name, pool), ("base", base), ("rows", rows)):
+        _device(label, tensor, inputs)
     indices(lanes, inputs.shape[0], inputs.device)
-    for name, scale in (("a_scale", a_scale), ("b_scale", b_scale)):
-        if (scale is None) == int8:
-            expected = "float32 scales [P + 2]" if int8 else "None (the pools are not int8)"
-            raise ShapeError(f"{name} must be {expected}, got {None if scale is None else tuple(scale.shape)}")
-        if scale is not None:
-            _rank(name, scale, 1, "[P + 2]")
-            _dim(name, scale, 0, a_pool.shape[0], "the rows of a_pool")
-            if scale.dtype != torch.float32:
-                raise ShapeError(f"{name} must be float32, got {scale.dtype}")
-            _device(name, scale, inputs)
+    return int8
+
+
+def _row_scale(
+    name: str, scale: torch.Tensor | None, int8: bool, pool: torch.Tensor, pool_name: str, inputs: torch.Tensor
+) -> None:
+    """An int8 pool's float32 per-row scales [P + 2] (``pool``'s rows), on the inputs' device; None otherwise."""
+    if (scale is None) == int8:
+        expected = "float32 scales [P + 2]" if int8 else "None (the pools are not int8)"
+        raise ShapeError(f"{name} must be {expected}, got {None if scale is None else tuple(scale.shape)}")
+    if scale is not None:
+        _rank(name, scale, 1, "[P + 2]")
+        _dim(name, scale, 0, pool.shape[0], f"the rows of {pool_name}")
+        if scale.dtype != torch.float32:
+            raise ShapeError(f"{name} must be float32, got {scale.dtype}")
+        _device(name, scale, inputs)
 
 
 def pooled_pages(pages: torch.Tensor | None, inputs: torch.Tensor, rows: torch.Tensor) -> None:

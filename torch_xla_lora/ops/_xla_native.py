@@ -489,6 +489,7 @@ def lane_ranks(rows: jax.Array, zero_row: int) -> jax.Array:
 class _Packed(NamedTuple):
     rows: jax.Array  # [C * LANE_COLUMNS] pool row of each packed column (the zero row past the batch's rows)
     lane: jax.Array  # [C * LANE_COLUMNS] lane of each packed column, -1 past the batch's rows
+    position: jax.Array  # [C * LANE_COLUMNS] each packed column's rank row in its lane, in [0, R)
     total: jax.Array  # scalar: the batch's rows (the used lanes' true ranks summed)
 
 
@@ -512,6 +513,7 @@ def _packed(rows: jax.Array, lanes: jax.Array, zero_row: int) -> _Packed:
     return _Packed(
         jnp.where(inside, rows[lane, within], zero_row),
         jnp.where(inside, lane, -1),
+        within,
         total,
     )
 
@@ -547,22 +549,58 @@ def pooled_shrink_expand(
     one gets NaN), so a tenant whose weights diverged reaches no other tenant's rows.
     """
     dtype = x.dtype
-    packed = _packed(rows, lanes, a_pool.shape[0] - 2)
+
+    def shrunk(picked, position):
+        s = jnp.dot(x, _pool_rows(a_pool, picked).astype(dtype).T, preferred_element_type=jnp.float32)
+        return s * scaling
+
+    return _packed_expand(shrunk, b_pool, base, lanes, rows, page_scales, dtype)
+
+
+def pooled_expand(
+    s: jax.Array,  # [T, R]: each token's rank rows' values (rows past its lane's rank: any)
+    b_pool: jax.Array,  # [P + 2, Dout], s's dtype or int8
+    base: jax.Array,  # [T, Dout]
+    lanes: jax.Array,  # [T] int32: each token's lane, outside [0, L): none
+    rows: jax.Array,  # [L, R] int32: each lane's pool rows
+    b_scale: jax.Array | None,  # int8 pools: [P + 2] f32 per-row scales
+) -> jax.Array:  # [T, Dout] f32 (tokens without an adapter: the base)
+    """``ops.pooled_expand``: :func:`pooled_shrink_expand`'s expand alone, on the tokens' given ``s``.
+
+    The same packing of the used lanes' true-rank rows: each chunk's column j of lane l takes each token's
+    ``s[t, position]`` (its rank row in the lane) and multiplies it by that pool row of B, read once for
+    all the tokens; rows past the lanes' true ranks and lanes no token uses are neither read nor multiplied.
+    """
+    dtype = s.dtype
+
+    def shrunk(picked, position):
+        return s.astype(jnp.float32)[:, position]
+
+    return _packed_expand(shrunk, b_pool, base, lanes, rows, b_scale, dtype)
+
+
+def _packed_expand(shrunk, b_pool, base, lanes, rows, row_scales, dtype) -> jax.Array:
+    """``base + `` each token's own lane's columns of ``shrunk(picked, position)`` ([T, width] f32 for the
+    chunk's pool rows ``picked`` at rank rows ``position``) times those rows of ``b_pool``, chunk by chunk over
+    the used lanes' packed true-rank rows (see :func:`pooled_shrink_expand`). ``row_scales`` [>= P + 2] f32
+    (int8 pools) multiply each column; a float pool's non-finite values are selected out of the tile and
+    poison only their own lane's tokens (NaN)."""
+    packed = _packed(rows, lanes, b_pool.shape[0] - 2)
 
     def chunk(width: int):
         def body(c, acc):
             picked = lax.dynamic_slice_in_dim(packed.rows, c * width, width)
             own = lax.dynamic_slice_in_dim(packed.lane, c * width, width)
             keep = (own[None, :] == lanes[:, None]) & (own[None, :] >= 0)
-            s = jnp.dot(x, _pool_rows(a_pool, picked).astype(dtype).T, preferred_element_type=jnp.float32) * scaling
+            s = shrunk(picked, lax.dynamic_slice_in_dim(packed.position, c * width, width))
             tile = _pool_rows(b_pool, picked).astype(dtype)
-            if page_scales is None:
+            if row_scales is None:
                 finite = jnp.isfinite(tile)
                 poisoned = ~finite.all(axis=1)
                 tile = jnp.where(finite, tile, 0)
                 s = jnp.where(poisoned[None, :], jnp.nan, s)
             else:
-                s = s * page_scales[picked][None, :]
+                s = s * row_scales[picked][None, :]
             left = jnp.where(keep, s, 0).astype(dtype)
             return acc + jnp.dot(left, tile, preferred_element_type=jnp.float32)
 
