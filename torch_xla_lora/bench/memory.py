@@ -25,7 +25,9 @@ page-scale padding and rows no adapter can use are included.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -197,6 +199,10 @@ def table(model: str, budget: int, max_rank: int, mixes: dict[str, dict[int, flo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for mode, name in (("--quality", "int8_quality"), ("--decode-bytes", "decode_bytes")):
+        if mode in argv:  # its own options, --help and --json included, go to its own parser
+            return importlib.import_module(f"torch_xla_lora.bench.{name}").main([a for a in argv if a != mode])
     parser = argparse.ArgumentParser(prog="python -m torch_xla_lora.bench memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=MODELS, default="llama-3-8b")
     parser.add_argument("--budget", default="6GiB", help="device bytes for adapters (e.g. 6GiB)")
@@ -221,13 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="instead: LoRA bytes per decode step from XLA's cost analysis (bench/decode_bytes.py; its own options)",
     )
-    args, rest = parser.parse_known_args(argv)
-    if args.quality or args.decode_bytes:
-        from torch_xla_lora.bench import decode_bytes, int8_quality
-
-        return (int8_quality if args.quality else decode_bytes).main([*rest, *(["--json"] if args.json else [])])
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     budget = parse_bytes(args.budget, "--budget")
     if args.resident:
         return _print_resident(args.model, args.budget, budget, args.max_rank, args.json)
