@@ -5,6 +5,7 @@ read it with the generation set to a TPU's, and run the one formulation that run
 (the XLA-native backend) through a whole model against PEFT.
 """
 
+import peft
 import pytest
 import torch
 from conftest import assert_close
@@ -135,3 +136,27 @@ def test_choice_under_torch_compile_is_a_constant(llama_case, xla_device, monkey
     explained = torch._dynamo.explain(step)(torch.zeros(6, layer.in_features, device=xla_device))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     assert list(layer.formulations) == [6]
+
+
+def test_a_training_call_is_priced_as_it_runs(llama_case, xla_device, monkeypatch):  # noqa: F811
+    """An arranged decoder's down_proj takes SiLU(gate) * up into its kernel when serving but not in training
+    (``forward_fused_with`` declines the producer of a call that keeps ``s``, docs/training.md): each call's
+    formulation is priced with what it takes in (the residual add in both)."""
+    monkeypatch.setattr(ops, "device_generation", lambda: "v6e")
+    model, lora = patch(llama_case, xla_device, **LLAMA_LORA)  # base_fusion="auto" on a "TPU": arranged
+    lora.create_adapter("t", peft.LoraConfig(r=8, target_modules="all-linear"))
+    down = model.model.layers[0].mlp.down_proj
+    assert down.fusion_role.prologue == "silu_mul" and down.fusion_role.residual_in_kernel
+    roles, choose = [], formulation.choose
+
+    def spy(*args, **kwargs):
+        roles.append(args[7])
+        return choose(*args, **kwargs)
+
+    monkeypatch.setattr(formulation, "choose", spy)
+    x = torch.zeros(3, 5, down.in_features, device=xla_device)
+    with torch.no_grad():
+        down.formulation(x)
+    down.formulation(x)  # gradients recorded for the trainable adapter: a training call
+    assert [role.prologue for role in roles] == ["silu_mul", ""]
+    assert all(role == down.fusion_role and role.residual_in_kernel for role in roles)

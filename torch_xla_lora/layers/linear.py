@@ -7,6 +7,8 @@ differ in how :mod:`torch_xla_lora.sharding` places their buffers on a mesh.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -164,7 +166,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         int8 per-channel symmetric quantized base: :func:`int8_channel_scale`); False: separate. "auto":
         separate off TPU; on a TPU with ``backend="auto"``, the cheapest of the three by the TPU cost model
         for this layer's shape, role and token count (:func:`torch_xla_lora.formulation.choose`), recorded
-        in :attr:`formulations`; with another backend, fused.
+        in :attr:`formulations`; with another backend, fused. A training call (one that keeps ``s``) of an
+        arranged decoder's projection is priced without x's producer in the kernel, as it runs.
         """
         fusion = self.base_fusion
         int8 = int8_channel_scale(self.base_layer) is not None
@@ -185,17 +188,21 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             return "separate"
         if self.backend != "auto":
             return "fused"
-        num_tokens = x.reshape(-1, self.in_features).shape[0]
-        max_loras, max_rank = self.max_loras, self.max_rank
+        x2 = x.reshape(-1, self.in_features)
+        role = self.fusion_role
+        if role.prologue and _keeps_s(x2, self.factors_need_grad(), self.backend, fused_base=True):
+            # A training call takes in no producer (forward_fused_with declines it): priced as it runs.
+            role = dataclasses.replace(role, prologue="")
+        num_tokens = x2.shape[0]
         choice = formulation.choose(
             generation,
             num_tokens,
             self.in_features,
             self.out_features,
-            max_rank,
-            max_loras,
+            self.max_rank,
+            self.max_loras,
             bias is not None,
-            self.fusion_role,
+            role,
             int8_weight=int8,
         )
         self.formulations[num_tokens] = choice
