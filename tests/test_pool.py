@@ -372,6 +372,33 @@ def test_an_unfrozen_base_gets_its_gradient_beside_pooled_adapters(base_model, p
     assert weights[0].grad.abs().sum() > 0
 
 
+def test_an_adapter_training_on_some_layers_gets_peft_s_gradients_beside_pooled_adapters(base_model, peft_model):
+    """A trainable adapter on q_proj only, in a mixed batch with pooled adapters on every layer: the layers it
+    does not target read activations that need gradients (the pooled ops have no backward), so they run the
+    slot ops there, and its gradients equal PEFT's on the same mixed batch."""
+    lora = _patched(base_model, torch.device("cpu"), rows_budget=14)
+    lora.load_adapter("a", state_dict=_state(peft_model, "a")[0], config=_state(peft_model, "a")[1])
+    torch.manual_seed(3)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    lora.create_adapter("t", config)
+    rows = ["a", "t", None, "t"]
+    lora.set_batch(rows)
+    lora.model(IDS).logits.float().pow(2).mean().backward()
+    reference = copy.deepcopy(peft_model)
+    reference.add_adapter("t", config)
+    trained = lora.trainable_parameters("t")
+    peft.set_peft_model_state_dict(reference, {k: v.detach() for k, v in trained.items()}, adapter_name="t")
+    expected = {n: p for n, p in reference.named_parameters() if ".t." in n or n.endswith(".t.weight")}
+    for p in expected.values():
+        p.requires_grad_(True)
+    reference(IDS, adapter_names=[r or "__base__" for r in rows]).logits.float().pow(2).mean().backward()
+    grads = {n.replace(".t.weight", ".weight"): p.grad for n, p in expected.items()}
+    assert set(grads) == set(trained)
+    for key, param in trained.items():
+        assert_close(param.grad, grads[key])
+        assert param.grad.abs().sum() > 0
+
+
 def test_trainable_adapters_take_lanes_of_their_own_and_freeze_into_the_pool(base_model, peft_model):
     """A trainable adapter created under a running batch takes a lane that batch does not use (the batch's
     rows keep their adapter), trains beside pooled adapters, and once frozen serves from the pool as PEFT."""
