@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from torch_xla_lora.bench import tpu_grid  # noqa: E402
 from torch_xla_lora.bench.tpu_grid import CHIPS, Config  # noqa: E402
 from torch_xla_lora.kernels import block_sizes, fused, fused_base, mosaic_version, weight_grad  # noqa: E402
-from torch_xla_lora.ops import _jax, _linear  # noqa: E402
+from torch_xla_lora.ops import _jax, _linear, _xla_native  # noqa: E402
 
 SCALING = 0.5
 
@@ -295,8 +295,38 @@ def build_pooled(cfg: Config, sds):
     return _jax.pooled_shrink_expand_fn("pallas", cfg.chip, SCALING, int8, False, ranks, True, int8), args, info
 
 
+def build_pooled_expand(cfg: Config, sds):
+    """pooled_expand as the token embedding calls it on a TPU: pooled_expand_fn('pallas', chip, int8) on a B pool
+    of ``tpu_grid.POOLED_POOL_ROWS`` rows: at most ``_xla_native.PACKED_MAX_TOKENS`` tokens XLA ops over the used
+    lanes' packed true-rank rows, more the slot expand kernel on every lane's rows gathered. Variant "gathered":
+    what the embedding ran before, every lane's rows gathered into slots and the slot expand kernel, to compare."""
+    if cfg.variant == "gathered":
+        _, args, info = build_pooled_expand(dataclasses.replace(cfg, variant="float"), sds)
+
+        def gathered(s, b_pool, base, lanes, rows):
+            lora_b = _xla_native.gather_lanes(b_pool, None, rows, s.dtype)
+            return _jax.expand_fn("pallas", cfg.chip, True, None)(s, lora_b, base, lanes)
+
+        return gathered, args, {**info, "path": "gather + expand"}
+    dtype, int8 = jnp.dtype(cfg.dtype), cfg.variant == "int8"
+    tokens, d_out, rank, slots = cfg.tokens, cfg.out_features, cfg.rank, cfg.slots
+    pool_rows = tpu_grid.POOLED_POOL_ROWS + 2
+    args = [
+        sds((tokens, rank), dtype),
+        sds((pool_rows, d_out), jnp.int8 if int8 else dtype),
+        sds((tokens, d_out), dtype),
+        sds((tokens,), jnp.int32),
+        sds((slots, rank), jnp.int32),
+    ]
+    args += [sds((pool_rows,), jnp.float32)] if int8 else []
+    packed = tokens <= _xla_native.PACKED_MAX_TOKENS
+    info = {"path": "packed rows (XLA ops)" if packed else "gather + expand", "pool_rows": pool_rows}
+    return _jax.pooled_expand_fn("pallas", cfg.chip, int8), args, info
+
+
 BUILDERS = {
     "pooled": build_pooled,
+    "pooled_expand": build_pooled_expand,
     "moe": build_moe,
     "fused": build_fused,
     "shrink": build_shrink,
