@@ -285,6 +285,16 @@ def _pooled_table(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _pooled_expand_table(results: Sequence[dict]) -> str:
+    lines = ["| case | compiled | path | libtpu MB accessed | libtpu MFLOP |", "|---|---|---|---|---|"]
+    for r in results:
+        cost = r.get("cost", {})
+        mb, mflop = cost.get("bytes accessed", 0) / 1e6, cost.get("flops", 0) / 1e6
+        ok = "yes" if r["ok"] else f"NO: {r.get('error', '')[:200]}"
+        lines.append(f"| {r['name']} | {ok} | {r.get('path', '')} | {mb:.1f} | {mflop:.1f} |")
+    return "\n".join(lines)
+
+
 def _configs(args: argparse.Namespace) -> list[tpu_grid.Config]:
     if args.moe:
         chips = args.chips or list(tpu_grid.MOE_CHIPS)
@@ -330,7 +340,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="compile the pooled one-pass kernel instead (pooled_linear_cases: bfloat16 and int8 pools, an int8 "
         "base, Llama-3-8B q_proj at decode) and print its VMEM and bytes",
     )
+    parser.add_argument(
+        "--pooled-expand",
+        action="store_true",
+        help="compile the embedding's pooled expand instead (tpu_grid.pooled_expand_configs: a decode beside the "
+        "gathered slot kernel it replaced, an int8 prefill) and print libtpu's bytes and flops",
+    )
     args = parser.parse_args(argv)
+    if args.pooled_expand:
+        result = run(tpu_grid.pooled_expand_configs(), pin_ir_version=not args.no_ir_pin)
+        print(_pooled_expand_table(result.results))
+        return 0 if result.results and all(r["ok"] for r in result.results) else 1
     if args.pooled_linear:
         results = compile_pooled_linear(pooled_linear_cases(tuple(c for c in args.chips or ("v5e", "v6e"))))
         print(_pooled_table(results))

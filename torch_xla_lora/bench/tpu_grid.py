@@ -185,6 +185,19 @@ def pooled_config(chip: str, variant: str, tokens: int, slots: int, rank: int, m
     return Config(chip, "pooled", variant, "bfloat16", tokens, slots, rank, model, layer, d_in, d_out)
 
 
+def pooled_expand_configs() -> list[Config]:
+    """The token embedding's B read from its pool (``pooled_expand``) at Llama-3-8B's hidden size, 16 lanes of
+    max_rank 64: a v6e decode (16 tokens: XLA ops over the packed true-rank rows) beside what the embedding ran
+    before on it (variant "gathered": every lane's rows gathered, the slot expand kernel), and a v5e prefill of an
+    int8 pool (256 tokens: the lanes gathered for the slot kernel)."""
+    shape = ("llama3-8b", "embed_tokens", 64, 4096)
+    return [
+        Config("v6e", "pooled_expand", "float", "bfloat16", 16, 16, 64, *shape),
+        Config("v6e", "pooled_expand", "gathered", "bfloat16", 16, 16, 64, *shape),
+        Config("v5e", "pooled_expand", "int8", "bfloat16", 256, 16, 64, *shape),
+    ]
+
+
 @dataclasses.dataclass(frozen=True)
 class MoeShape:
     """One MoE model's routed expert layer, from its published config (transformers' experts module layout)."""
