@@ -463,25 +463,24 @@ def test_xla_bytes_do_not_grow_with_max_loras_and_max_rank():
 
     data_rows, hidden, out_dim = 4096, 1024, 1024
 
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])  # XLA:CPU's analysis, on a TPU host too
+
+    def bytes_accessed(fn, shapes) -> float:
+        specs = [jax.ShapeDtypeStruct(shape, dtype, sharding=cpu) for shape, dtype in shapes]
+        analysis = jax.jit(fn).lower(*specs).compile().cost_analysis()
+        return (analysis[0] if isinstance(analysis, list) else analysis)["bytes accessed"]
+
     def accessed(lanes: int, max_rank: int, tokens: int) -> float:
         shapes = [((tokens, hidden), jnp.float32), ((data_rows + 2, hidden), jnp.float32)]
         shapes += [((data_rows + 2, out_dim), jnp.float32), ((tokens, out_dim), jnp.float32)]
         shapes += [((tokens,), jnp.int32), ((lanes, max_rank), jnp.int32)]
-        fn = _jax.pooled_shrink_expand_fn("xla", "cpu", SCALING, False, False)
-        compiled = jax.jit(fn).lower(*[jax.ShapeDtypeStruct(s, d) for s, d in shapes]).compile()
-        analysis = compiled.cost_analysis()
-        analysis = analysis[0] if isinstance(analysis, list) else analysis
-        return analysis["bytes accessed"]
+        return bytes_accessed(_jax.pooled_shrink_expand_fn("xla", "cpu", SCALING, False, False), shapes)
 
     def expand_accessed(lanes: int, max_rank: int, tokens: int) -> float:  # pooled_expand: the embedding's B
         shapes = [((tokens, max_rank), jnp.float32), ((data_rows + 2, out_dim), jnp.float32)]
         shapes += [((tokens, out_dim), jnp.float32), ((tokens,), jnp.int32), ((lanes, max_rank), jnp.int32)]
-        fn = _jax.pooled_expand_fn("xla", "cpu", False)
-        compiled = jax.jit(fn).lower(*[jax.ShapeDtypeStruct(s, d) for s, d in shapes]).compile()
-        analysis = compiled.cost_analysis()
-        analysis = analysis[0] if isinstance(analysis, list) else analysis
         # s [T, R] grows with max_rank by construction: the pool's bytes are what must not.
-        return analysis["bytes accessed"] - 4 * tokens * max_rank
+        return bytes_accessed(_jax.pooled_expand_fn("xla", "cpu", False), shapes) - 4 * tokens * max_rank
 
     from torch_xla_lora.ops import _xla_native
 
