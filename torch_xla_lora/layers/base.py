@@ -229,11 +229,12 @@ class BaseLayerWithLoRA(nn.Module):
         """Whether :meth:`add_lora` reads the adapters straight from the pools (``pooled_shrink_expand``: each
         lane at its true rank) instead of gathering the lanes into slots: a pooled layer of one entry per slot
         (A [1, P + 2, in], B [1, P + 2, out]) without trainable adapters, and where the Pallas kernel runs,
-        a pool allocated in its aligned pages. Never while autograd records a gradient for ``x`` or the op's
-        other ``operands`` (an unfrozen part of the base): the pooled ops have no backward, the slot ops do."""
+        a pool allocated in its aligned pages. Never while autograd records a gradient for ``x``, the op's
+        other ``operands`` or the base layer's parameters (unfrozen): the pooled ops have no backward, the
+        slot ops do."""
         if self.pool_rows is None or self.trainable or set(self._buffer_shapes()) != {"lora_a", "lora_b"}:
             return False
-        if needs_grad(x, *operands):
+        if needs_grad(x, *operands, *self.base_layer.parameters()):
             return False
         if self.lora_a_pool.shape[0] != 1 or self._rank_axes() != {"lora_a": 0, "lora_b": 0}:
             return False

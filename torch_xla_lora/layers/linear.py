@@ -277,8 +277,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             "col_scale": col_scale,
             "residual": rows(residual, self.out_features),
         }
-        base_params = (self.base_layer.weight, getattr(self.base_layer, "bias", None))
-        if self._reads_pool(x2, self.backend, *base_params, *fusion.values()):  # no trainable adapters
+        if self._reads_pool(x2, self.backend, *fusion.values()):  # no trainable adapters: no s to keep
             out = self._pooled_linear(x2, slots, metadata, own, weight_scale, **fusion)
             return out.reshape(*x.shape[:-1], self.out_features)
         keep_s = _keeps_s(x2, self.factors_need_grad(), self.backend, fused_base=True)
@@ -364,8 +363,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         x2 = x.reshape(-1, self.in_features)
         metadata, own = self._linear_metadata(x2)
         weight_scale = int8_channel_scale(self.base_layer)
-        base_params = (self.base_layer.weight, getattr(self.base_layer, "bias", None))
-        if self._reads_pool(x2, self.backend, *base_params):  # the kernel reads the pools, no slots gathered
+        if self._reads_pool(x2, self.backend):  # a pooled layer: the kernel reads the pools, no slots gathered
             out = self._pooled_linear(x2, slots, metadata, own, weight_scale)
             return out.reshape(*x.shape[:-1], self.out_features)
         lora_a, lora_b = self.slot_factors()
