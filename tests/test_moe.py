@@ -20,7 +20,7 @@ from conftest import assert_close
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import ParamWrapper
 
-from torch_xla_lora import LoRAConfig, patch_model
+from torch_xla_lora import LoRAConfig, patch_model, pool
 from torch_xla_lora.adapters import ExpertsLoRA, load_adapter
 from torch_xla_lora.context import BatchContext
 from torch_xla_lora.errors import (
@@ -332,14 +332,17 @@ def test_no_batch_runs_the_base_experts(saved):
         assert_close(model(IDS).logits, reference[None])
 
 
-@pytest.mark.parametrize("mode", ["lazy", "compiled"])
-def test_zero_recompiles_after_warmup(mode, saved, xla_device):
+@pytest.mark.parametrize("mode,budget", [("lazy", None), ("compiled", None), ("compiled", 10**7)],
+                         ids=["lazy", "compiled", "compiled-pool"])  # fmt: skip
+def test_zero_recompiles_after_warmup(mode, budget, saved, xla_device):
+    """One graph for every adapter mix and a load after warm-up, padded slots or pools (the experts' entry table
+    derived in the graph from the batch's row table)."""
     import torch_xla
 
     from torch_xla_lora import assert_no_recompile
 
     dirs = saved("Mixtral")
-    model, lora = served("Mixtral", {"math": dirs["math"]}, xla_device, max_loras=2)
+    model, lora = served("Mixtral", {"math": dirs["math"]}, xla_device, max_loras=2, memory_budget=budget)
 
     def forward(ids):
         return model(ids, use_cache=False).logits
@@ -521,21 +524,70 @@ def test_bench_moe_targets_verdicts():
     assert moe.gathered_gib(config) == 2048 * 3 * 2816 * 1024 * 4 / 2**30  # 2,048 rows x (gate_up + down)
 
 
-@pytest.mark.parametrize("arch,on_xla", [("GptOss", False), ("Qwen2Moe", False), ("Mixtral", True)])
-def test_mixed_batch_in_a_pool_equals_peft(arch, on_xla, saved, xla_device):
-    """Rank-true storage (``memory_budget``) holds expert and router LoRA too: the experts' four buffers and the
-    router's pool their rank rows per expert, gathered into the same slot layout (docs/layers.md)."""
+@pytest.mark.parametrize(
+    "arch,on_xla,backend",
+    [("GptOss", False, "auto"), ("Qwen2Moe", False, "auto"), ("Mixtral", True, "auto"), ("Mixtral", True, "pallas")],
+)
+def test_mixed_batch_in_a_pool_equals_peft(arch, on_xla, backend, saved, xla_device, monkeypatch):
+    """Rank-true storage (``memory_budget``) holds expert and router LoRA too, and no layer gathers its lanes
+    into slots: the experts read each (lane, expert) entry's true-rank rows from their pools (the row table of
+    ``ExpertsWithLoRA._entry_rows``), the router and the linear layers their lanes' rows (docs/layers.md). With
+    the Pallas backend the pooled kernel reads the experts' pools a page at a time, each expert's block
+    starting on an aligned page (``pool.kernel_pool_rows``)."""
+
+    def gathered(*args, **kwargs):
+        raise AssertionError("a layer gathered its lanes into slots")
+
+    monkeypatch.setattr(pool, "gather_slots", gathered)
     dirs = saved(arch)
     reference = peft_reference(arch, dirs, IDS)
     device = xla_device if on_xla else torch.device("cpu")
-    model, lora = served(arch, dirs, device, memory_budget=10**7)
+    model, lora = served(arch, dirs, device, memory_budget=10**7, backend=backend)
     assert lora.manager.pooled
+    if backend == "pallas":
+        assert (lora.manager.rows + pool.SPARE_ROWS) % pool.KERNEL_PAGE_ROWS == 0
     lora.set_batch(ROWS)
     with torch.no_grad():
         logits = model(IDS.to(device), use_cache=False).logits.cpu()
     for row, name in enumerate(ROWS):
         assert_close(logits[row], reference[name][row])
     assert set(lora.memory()["adapters"]) == {"math", "code"}
+
+
+def test_int8_expert_pools_equal_plain_math_on_int8_rounded_factors(saved, xla_device):
+    """int8 expert pools read at their true rank compute exactly the adapters with each (slot, expert) entry's
+    rank rows rounded to int8 (one absmax scale per row, rounded here in plain torch from the padded float
+    slots), by the float64 plain experts; and the whole model's logits stay within the documented int8 bound
+    (3e-2 relative) of PEFT's float adapters."""
+    dirs = saved("Mixtral")
+    model, lora = served("Mixtral", dirs, xla_device, memory_budget=10**7, weight_dtype="int8")
+    float_model, float_lora = served("Mixtral", dirs, torch.device("cpu"))  # padded float slots: the factors
+    lora.set_batch(ROWS)
+    float_lora.set_batch(ROWS)
+    layer = model.model.layers[0].mlp.experts
+    float_layer = float_model.model.layers[0].mlp.experts
+    assert layer.pool_rows is not None and float_layer.pool_rows is None
+
+    def rounded(values: torch.Tensor) -> torch.Tensor:  # [entries, R, width], per (entry, rank row)
+        scale = values.double().abs().amax(dim=2, keepdim=True) / 127
+        return torch.round(values.double() / scale.clamp(min=1e-300)).clamp(-127, 127) * scale
+
+    buffers = {name: rounded(getattr(float_layer, name)) for name in BUFFERS}
+    seq = 6
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(len(ROWS) * seq, _COMMON["hidden_size"], generator=gen)
+    index, weights = _routing(len(ROWS) * seq, 2, 4, seed=4)
+    slots = float_lora.context.slots.repeat_interleave(seq)  # each row's slot, per token
+    with torch.no_grad():
+        out = layer(hidden.to(xla_device), index.to(xla_device), weights.to(xla_device)).cpu()
+    expected = _plain_experts(float_layer.base_layer.double(), hidden.double(), index, weights, slots, buffers)
+    assert_close(out, expected, torch.float32)
+
+    reference = peft_reference("Mixtral", dirs, IDS)
+    with torch.no_grad():
+        logits = model(IDS.to(xla_device), use_cache=False).logits.cpu()
+    for row, name in enumerate(ROWS):
+        assert float((logits[row] - reference[name][row]).norm() / reference[name][row].norm()) < 3e-2
 
 
 def test_rank_and_alpha_patterns_on_a_router_weight_apply_as_in_peft(tmp_path):

@@ -172,6 +172,24 @@ def test_int8_pools_the_tpu_kernel_reads_never_hold_a_multiple_of_32_rows(base_m
         assert sum(b.numel() * b.element_size() for b in stored) <= budget
 
 
+def test_stacked_pools_the_tpu_kernel_reads_start_each_entry_on_an_aligned_page():
+    """Pools of several entries per slot (an experts layer's ``[E, P + 2, width]``), which the pooled kernel reads
+    as ``[E * (P + 2), width]``, get the most data rows a budget holds such that P + 2 is a whole number of
+    8-row pages (each expert's block starts on one), for int8 never a multiple of 32 (v6e's int8 tile); one-entry
+    pools lose at most the one int8 row; with any-row placement (granule 1) nothing changes."""
+
+    def fits(r: int, int8: bool) -> bool:
+        return (r + 2) % 8 == 0 and not (int8 and (r + 2) % 32 == 0)
+
+    for rows in range(40, 140):
+        for int8 in (False, True):
+            got = pool.kernel_pool_rows(rows, int8, pool.KERNEL_PAGE_ROWS, stacked=True)
+            assert got <= rows and fits(got, int8) and not any(fits(r, int8) for r in range(got + 1, rows + 1))
+            single = pool.kernel_pool_rows(rows, int8, pool.KERNEL_PAGE_ROWS)
+            assert single == rows - (int8 and (rows + 2) % 32 == 0)
+            assert pool.kernel_pool_rows(rows, int8, 1, stacked=True) == rows
+
+
 def _int8_rounded(peft_model, name):
     """PEFT's state of ``name`` with A's rows and B's columns (rank rows) rounded to int8, symmetric absmax."""
     state, config = _state(peft_model, name)

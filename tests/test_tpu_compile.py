@@ -38,6 +38,12 @@ POOLED_SAMPLE = [
     # int8 on v4 (its SMEM holds the page-scale buffer too) and one adapter at 64 x 128 (a page's scale tile read).
     tpu_grid.pooled_config("v4", "int8", 16, 16, 64, "llama3-8b", "k_proj"),
     tpu_grid.pooled_config("v5p", "int8", 1, 64, 128, "llama3-8b", "gate_proj"),
+    # An experts layer's pools read through its (lane, expert) entry table (``ExpertsWithLoRA._entry_rows``):
+    # Qwen3-30B-A3B's gate_up_proj, 16 lanes x 128 experts = 2,048 entries (a 72 KiB page table prefetched), 16
+    # decode tokens x top-8 = 128 routed rows.
+    tpu_grid.Config(
+        "v6e", "pooled", "bfloat16", "bfloat16", 128, 2048, 64, "qwen3-30b-a3b", "experts.gate_up_proj", 2048, 1536
+    ),
 ]
 # linear_lora_fused as the decoder arrangement calls it: down_proj (SiLU * up, residual) and gate_proj (the norm's
 # factors) at prefill and decode, both chips (about 23 s of libtpu compilation); Llama-3-8B's down_proj at T = 1024 on

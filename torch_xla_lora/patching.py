@@ -688,7 +688,9 @@ def _allocate_pools(layers: Mapping[str, BaseLayerWithLoRA], config: LoRAConfig)
     while rows > 0 and sum(layer.pool_bytes(rows, int8) for layer in layers.values()) > config.budget_bytes:
         rows -= 1  # int8 page scales are padded to whole tiles (at most 4 KiB a layer): the budget holds them too
     granule = granule_for(layers)
-    rows = kernel_pool_rows(rows, int8, granule)  # int8 pools the TPU kernel reads: see the function
+    # Several entries per slot (experts): the pooled ops read the pools as [entries * (P + 2), width].
+    stacked = any(shape[0] > layer.max_loras for layer in layers.values() for shape in layer._buffer_shapes().values())
+    rows = kernel_pool_rows(rows, int8, granule, stacked)  # pools the TPU kernel reads: see the function
     need = span_rows(config.max_rank, granule)  # where the pooled kernel may run: whole pages of 8 rows
     if rows - rows % granule < need:
         raise ConfigError(

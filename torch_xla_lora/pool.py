@@ -192,12 +192,21 @@ def page_table(rows: torch.Tensor, max_loras: int, zero_row: int) -> torch.Tenso
     return torch.cat([starts, ranks.to(torch.int32)])
 
 
-def kernel_pool_rows(rows: int, int8: bool, granule: int) -> int:
-    """Data rows of the pools given the ``rows`` a budget holds: one fewer where an int8 pool the TPU pooled
-    kernel may read (``granule`` > 1, :func:`granule_for`) would otherwise have a multiple of
-    :data:`INT8_TILE_ROWS` rows with its spare rows (the kernel would not compile for it on a v6e)."""
-    if int8 and granule > 1 and (rows + SPARE_ROWS) % INT8_TILE_ROWS == 0:
-        return rows - 1
+def kernel_pool_rows(rows: int, int8: bool, granule: int, stacked: bool = False) -> int:
+    """Data rows of the pools given the ``rows`` a budget holds, where the TPU pooled kernel may read them
+    (``granule`` > 1, :func:`granule_for`; else ``rows``):
+
+    - ``stacked`` (some layer keeps several entries per pool, an experts layer's ``[E, P + 2, width]``): fewer,
+      down to a whole number of :data:`KERNEL_PAGE_ROWS` pages with the spare rows, so that each expert's
+      block of the pool seen as ``[E * (P + 2), width]`` starts on an aligned page (the kernel reads it so);
+    - int8: never a multiple of :data:`INT8_TILE_ROWS` with the spare rows (the kernel would not compile for
+      such a pool on a v6e): one row fewer, or a page fewer where ``stacked``."""
+    if granule == 1:
+        return rows
+    if stacked:
+        rows -= (rows + SPARE_ROWS) % KERNEL_PAGE_ROWS
+    if int8 and (rows + SPARE_ROWS) % INT8_TILE_ROWS == 0:
+        rows -= KERNEL_PAGE_ROWS if stacked else 1
     return rows
 
 

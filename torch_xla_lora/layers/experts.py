@@ -31,10 +31,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from torch_xla_lora import pool
 from torch_xla_lora.adapters import ExpertsLoRA, ModuleLoRA
 from torch_xla_lora.context import BatchContext
 from torch_xla_lora.errors import InvalidAdapterError, RankTooLargeError
-from torch_xla_lora.layers.base import BaseLayerWithLoRA, fused_lora, to_width
+from torch_xla_lora.layers.base import BaseLayerWithLoRA, fused_lora, needs_grad, to_width
 from torch_xla_lora.ops._grouped import grouped_matmul
 
 __all__ = ["ExpertsWithLoRA", "RouterWithLoRA"]
@@ -209,18 +210,22 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         )
         token_of_row = order // top_k
         x = hidden_states[token_of_row]  # [N * K, D]: a gather of rows, never of weights
-        lora_rows = None
+        lora_rows = table = None
         if slots is not None:
             # Index into the [L * E] buffers; a token without adapter (slot -1) lands in [-E, -1]: no LoRA.
             lora_rows = (slots[token_of_row] * experts + expert_sorted).to(torch.int32)
-            lora_a, lora_b, lora_a_down, lora_b_down = self.slot_factors()
+            if self._reads_pool(x, self.backend, hidden_states):  # each (lane, expert) at its true rank
+                table = self._entry_rows()
+                lora_a, lora_b, lora_a_down, lora_b_down = "lora_a", "lora_b", "lora_a_down", "lora_b_down"
+            else:
+                lora_a, lora_b, lora_a_down, lora_b_down = self.slot_factors()
         else:
             lora_a = lora_b = lora_a_down = lora_b_down = None
-        up = self._project(self.up_name, x, group_sizes, expert_sorted, lora_rows, lora_a, lora_b)
+        up = self._project(self.up_name, x, group_sizes, expert_sorted, lora_rows, lora_a, lora_b, table)
         # With an expert axis on a mesh, up is [n, N * K, width]: each expert shard's rows, stacked (see
         # sharding.LayerSharding.expert_projection); the gate is elementwise over the last dimension.
         h = base._apply_gate(up) if base.has_gate else base.act_fn(up)
-        down = self._project("down_proj", h, group_sizes, expert_sorted, lora_rows, lora_a_down, lora_b_down)
+        down = self._project("down_proj", h, group_sizes, expert_sorted, lora_rows, lora_a_down, lora_b_down, table)
         if getattr(base, "has_post_expert_norm", False):
             down = base.post_expert_norm(down)
         # Back to token-major order once: row order[i] of the original order is sorted row i.
@@ -235,10 +240,13 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         group_sizes: torch.Tensor,
         expert_sorted: torch.Tensor,
         lora_rows: torch.Tensor | None,
-        lora_a: torch.Tensor | None,
-        lora_b: torch.Tensor | None,
+        lora_a: torch.Tensor | str | None,
+        lora_b: torch.Tensor | str | None,
+        table: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One projection (``param``) of the sorted ``rows``: grouped base matmul, bias, each row's LoRA."""
+        """One projection (``param``) of the sorted ``rows``: grouped base matmul, bias, each row's LoRA: from the
+        slot tensors ``lora_a``, ``lora_b``, or with a pool ``table`` (:meth:`_entry_rows`) from the pools of the
+        buffers so named."""
         base = self.base_layer
         bias = getattr(base, f"{param}_bias") if getattr(base, "has_bias", False) else None
         if self.tensor_parallel is not None:  # on a mesh: per-shard regions, see sharding.py
@@ -247,9 +255,64 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         out = grouped_matmul(rows, getattr(base, param), group_sizes, self.transposed)
         if bias is not None:
             out = out + bias[expert_sorted]
-        if lora_rows is not None:
-            out = fused_lora(rows, out, lora_a, lora_b, lora_rows, self.backend)
-        return out
+        if lora_rows is None:
+            return out
+        if table is not None:
+            return self._pooled_lora(rows, out, lora_rows, lora_a, lora_b, table)
+        return fused_lora(rows, out, lora_a, lora_b, lora_rows, self.backend)
+
+    # -- rank-true storage (torch_xla_lora.pool) ---------------------------------------------------------
+
+    def _reads_pool(self, x: torch.Tensor, backend: str, *operands: torch.Tensor | None) -> bool:
+        """Whether the forward reads each (lane, expert) entry's true-rank rows straight from the pools
+        (``pooled_shrink_expand`` on the pools seen as ``[E * (P + 2), width]``, :meth:`_entry_rows`) instead of
+        gathering ``[L * E, R, width]`` slot buffers per step: a pooled layer on one device without trainable
+        adapters, autograd recording no gradient for the rows or the experts' weights; where the Pallas kernel
+        runs, float pools whose per-expert stride (P + 2) and placement are whole aligned pages of
+        :data:`pool.KERNEL_PAGE_ROWS` rows (the allocator keeps it so, ``pool.kernel_pool_rows``)."""
+        if self.pool_rows is None or self.trainable or self.tensor_parallel is not None:
+            return False
+        if needs_grad(x, *operands, *self.base_layer.parameters()):
+            return False
+        if x.device.type != "xla":
+            return True
+        from torch_xla_lora import ops
+
+        if backend == "xla" or (backend == "auto" and ops.device_generation() == "cpu"):
+            return True
+        aligned = (self.pool_rows + pool.SPARE_ROWS) % pool.KERNEL_PAGE_ROWS == 0
+        return aligned and self.pool_page_rows % pool.KERNEL_PAGE_ROWS == 0 and self.lora_a_pool.dtype != torch.int8
+
+    def _entry_rows(self) -> torch.Tensor:
+        """The row table of the ``L * E`` (lane, expert) entries in the pools seen as ``[E * (P + 2), width]``:
+        int32 ``[L * E, R]``, entry ``l * E + e`` = expert e's block (offset ``e * (P + 2)``) at lane l's rows
+        (``context.rows``), the padding past a lane's rank at the last block's zero row (the flattened pool's
+        ``E * (P + 2) - 2``, the row the pooled ops take for zero): each entry's true rank is its lane's."""
+        stride, experts = self.pool_rows + pool.SPARE_ROWS, self.num_experts
+        rows = self.context.rows.reshape(self.max_loras, 1, -1).to(torch.int32)
+        offsets = torch.arange(experts, dtype=torch.int32, device=rows.device)[None, :, None] * stride
+        zero = torch.full((), experts * stride - 2, dtype=torch.int32, device=rows.device)
+        return torch.where(rows == self.pool_rows, zero, rows + offsets).reshape(self.max_loras * experts, -1)
+
+    def _pooled_lora(
+        self, x: torch.Tensor, y: torch.Tensor, lanes: torch.Tensor, name_a: str, name_b: str, table: torch.Tensor
+    ) -> torch.Tensor:
+        """y [N, out] + each row's LoRA of x [N, in] read from the ``name_a`` and ``name_b`` pools at the entry
+        ``lanes`` [N] names (outside [0, L * E): none), by ``pooled_shrink_expand``, in y's dtype."""
+        dtype = self.adapter_dtype
+        pools = [getattr(self, f"{name}_pool").flatten(0, 1) for name in (name_a, name_b)]  # [E * (P + 2), width]
+        scales = [getattr(self, f"{name}_scale", None) for name in (name_a, name_b)]
+        out = torch.ops.xla_lora.pooled_shrink_expand(
+            x.to(dtype),
+            *pools,
+            y.to(dtype),
+            lanes,
+            table,
+            *(None if scale is None else scale.flatten() for scale in scales),
+            1.0,
+            self.backend,
+        )
+        return out.to(y.dtype)
 
 
 def _gathers(experts: nn.Module) -> bool:
