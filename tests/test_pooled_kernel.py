@@ -359,6 +359,32 @@ def test_tpu_model_walk_reads_the_true_rank_pages(int8):
     assert one_pass == cost.manual_bytes
 
 
+def test_tpu_model_prices_moe_experts_at_the_routed_entries_true_ranks():
+    """``bench.pooled_model --moe``: an experts layer's decode step (16 tokens on 8 adapters of ranks 8/16/64, top-2
+    of Mixtral-8x7B's 8 experts) walks the pooled kernel over the routed rows' (lane, expert) entries: it DMAs each
+    entry the batch routes to at its lane's true rank, plus the page table of all ``L * E`` entries, whatever
+    ``max_loras``; padded slots read ``max_rank`` rows of each routed entry, and gathering adds every entry's rows."""
+    from torch_xla_lora.bench import pooled_model, tpu_grid, tpu_model
+
+    chip, shape = tpu_model.CHIPS["v6e"], tpu_grid.MOE_MODELS["mixtral-8x7b"]
+    entries = pooled_model.moe_entries("mixtral-8x7b", 8)
+    assert sorted(entries.tolist()) == sorted((t % 8) * 8 + (2 * t + k) % 8 for t in range(16) for k in range(2))
+    assert list(entries % 8) == sorted(entries % 8)  # the rows sorted by expert, as the experts layer sorts them
+    used = set(entries.tolist())
+    ranks = pooled_model.batch_ranks(8)
+    widths = ((shape.hidden, 2 * shape.intermediate), (shape.intermediate, shape.hidden))
+    true = sum(ranks[e // 8] for e in used) * sum(h + o for h, o in widths) * 2
+    rows = {loras: pooled_model.moe_step_rows(chip, "mixtral-8x7b", 8, loras, 64) for loras in (8, 16)}
+    layers = pooled_model.MOE_STEP_MODELS["mixtral-8x7b"]
+    for loras, row in rows.items():
+        page_table = 4 * (loras * 8 * (8 + 1)) * len(widths)  # 8 page starts and a rank per entry, per projection
+        assert row["true_bytes"] == true * layers
+        assert row["pooled_bytes"] == (true + page_table) * layers
+        assert row["padded_bytes"] == len(used) * 64 * sum(h + o for h, o in widths) * 2 * layers
+        gather = loras * 8 * 64 * sum(h + o for h, o in widths) * 4 * layers
+        assert row["gathered_bytes"] == row["padded_bytes"] + gather
+
+
 @pytest.mark.parametrize("int8", [False, True])
 def test_kernel_reads_the_host_page_table_not_the_row_table(int8):
     """The op's TPU function (traced for v6e, Llama-3-8B's k_proj, 64 lanes of max_rank 128) given the host-built

@@ -10,6 +10,11 @@ step (host preparation plus device execution); reported as the median ratio to
 the padded step. Scenarios: uniform rank 16 with 8 distinct adapters, and a
 mixed fleet (ranks 8/16/64 at 70/20/10%) with 1, 8 and 16 distinct adapters.
 
+``--moe``: the same on a random Mixtral (``bench moe``'s, ``--moe-hidden`` wide, ``--experts`` experts,
+top-2), every linear layer, expert and router adapted (PEFT's ``"all-linear"``, adapters written by PEFT
+with random factors at each scenario's ranks): the experts layer reads its pools through its (lane,
+expert) entry table, where it used to gather ``[max_loras * E, max_rank, width]`` slots per step.
+
 ``--tokens-sweep``: the two XLA-native paths a pooled LoRA op chooses between by its token count
 (``_xla_native.PACKED_MAX_TOKENS``), paired on one projection at each count of ``SWEEP_TOKENS``: the
 packed path (the used lanes' true-rank rows side by side, ``_xla_native.pooled_shrink_expand``) and
@@ -37,21 +42,22 @@ LAYOUTS = ("padded", "pool", "pool int8")
 SWEEP_TOKENS = (8, 16, 32, 64, 128, 256)
 
 
-def _patched(model, layout: str, max_loras: int, max_rank: int, adapters: dict, padded=None):
-    """``model`` patched in ``layout`` with ``adapters`` loaded; a pool holds them all (sized from ``padded``'s
-    layers by the pool's accounting), so no step evicts."""
+def _patched(model, layout: str, max_loras: int, max_rank: int, adapters: dict, padded=None, targets=LINEAR_TARGETS):
+    """``model`` patched in ``layout`` (on ``targets``) with ``adapters`` loaded; a pool holds them all (sized
+    from ``padded``'s layers by the pool's accounting), so no step evicts."""
     import torch_xla_lora as tl
 
     pooled = {}
     if layout != "padded":
         int8 = layout == "pool int8"
         row_bytes = sum(layer.pool_row_bytes(int8) for layer in padded.layers.values())
-        rows = sum(state[1]["r"] for state in adapters.values()) + max_rank + 2
+        ranks = [max(config["r"], *(config.get("rank_pattern") or {}).values()) for _, config in adapters.values()]
+        rows = sum(ranks) + max_rank + 2
         pooled = {"memory_budget": rows * row_bytes, "weight_dtype": "int8" if int8 else None}
     config = tl.LoRAConfig(
         max_loras=max_loras,
         max_rank=max_rank,
-        target_modules=LINEAR_TARGETS,
+        target_modules=targets,
         max_cpu_adapters=max(len(adapters), max_loras),
         **pooled,
     )
@@ -75,10 +81,8 @@ def scenarios() -> dict[str, list[int]]:
     return out
 
 
-def run(config: E2EConfig, max_loras: int, max_rank: int, decode_batch: int, prefill: int, repeats: int) -> list:
-    import torch_xla
-
-    device = torch_xla.device()
+def _llama(config: E2EConfig):
+    """(model, adapter(rank, seed) -> PEFT-format (state, config), targets): the e2e benchmark's Llama."""
     model = build_model(config, torch.device("cpu"))
     shapes = {
         f"model.layers.{i}.{kind}.{name}": dims
@@ -93,18 +97,60 @@ def run(config: E2EConfig, max_loras: int, max_rank: int, decode_batch: int, pre
             ("mlp", "down_proj", (config.intermediate, config.hidden)),
         )
     }
+    return model, lambda rank, seed: random_adapter(shapes, rank, seed), LINEAR_TARGETS
+
+
+def _mixtral(hidden: int, layers: int, experts: int):
+    """(model, adapter(rank, seed), targets): ``bench moe``'s random Mixtral (top-2), adapters written by PEFT on
+    ``"all-linear"`` (attention, experts and routers) with random factors."""
+    import warnings
+
+    import peft
+
+    from torch_xla_lora.bench.moe import build
+
+    model = build("moe", hidden, layers, experts, top_k=2)
+
+    def adapter(rank: int, seed: int) -> tuple[dict, dict]:
+        torch.manual_seed(seed)
+        # As PEFT makes them: its "all-linear" gives the experts' gate_up_proj twice the rank (its rank_pattern).
+        config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear", init_lora_weights=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adapted = peft.get_peft_model(copy.deepcopy(model), config)
+        return peft.get_peft_model_state_dict(adapted), adapted.peft_config["default"].to_dict()
+
+    return model, adapter, "all-linear"
+
+
+def run(
+    config: E2EConfig,
+    max_loras: int,
+    max_rank: int,
+    decode_batch: int,
+    prefill: int,
+    repeats: int,
+    moe: tuple[int, int] | None = None,
+) -> list:
+    """Rows ``{scenario, step, padded_ms, pool_ratio, pool int8_ratio}``: on the e2e Llama, or with ``moe``
+    (hidden, experts) on a Mixtral of ``config.layers`` layers."""
+    import torch_xla
+
+    device = torch_xla.device()
+    model, adapter, targets = _llama(config) if moe is None else _mixtral(moe[0], config.layers, moe[1])
+    vocab = model.config.vocab_size
     rows = []
     for name, ranks in scenarios().items():
-        adapters = {f"a{i}": random_adapter(shapes, rank, seed=i) for i, rank in enumerate(ranks)}
+        adapters = {f"a{i}": adapter(rank, i) for i, rank in enumerate(ranks)}
         model = model.to(device)
-        models = {"padded": _patched(model, "padded", max_loras, max_rank, adapters)}
+        models = {"padded": _patched(model, "padded", max_loras, max_rank, adapters, targets=targets)}
         for layout in LAYOUTS[1:]:
-            models[layout] = _patched(model, layout, max_loras, max_rank, adapters, models["padded"])
+            models[layout] = _patched(model, layout, max_loras, max_rank, adapters, models["padded"], targets)
         names = list(adapters)
         g = torch.Generator().manual_seed(0)
         inputs = {
-            "decode": torch.randint(0, config.vocab, (decode_batch, 1), generator=g).to(device),
-            "prefill": torch.randint(0, config.vocab, (4, prefill // 4), generator=g).to(device),
+            "decode": torch.randint(0, vocab, (decode_batch, 1), generator=g).to(device),
+            "prefill": torch.randint(0, vocab, (4, prefill // 4), generator=g).to(device),
         }
         for kind, ids in inputs.items():
             batch = [names[i % len(names)] for i in range(ids.shape[0])]
@@ -235,12 +281,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torch_xla_lora.bench pool", description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--max-loras", type=int, default=16)
-    parser.add_argument("--max-rank", type=int, default=64)
+    parser.add_argument(
+        "--max-rank", type=int, default=None, help="default 64; with --moe 128 (PEFT's gate_up_proj at twice r)"
+    )
     parser.add_argument("--decode-batch", type=int, default=16)
     parser.add_argument("--prefill", type=int, default=512, help="prefill tokens (4 rows)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the test suite's)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--moe", action="store_true", help="a random Mixtral, experts and routers adapted too")
+    parser.add_argument("--moe-hidden", type=int, default=1024, help="--moe: the Mixtral's hidden size")
+    parser.add_argument("--experts", type=int, default=8, help="--moe: experts per layer")
     parser.add_argument(
         "--tokens-sweep",
         action="store_true",
@@ -248,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gate_proj-sized projection, to check the threshold between them (PACKED_MAX_TOKENS)",
     )
     args = parser.parse_args(argv)
+    if args.max_rank is None:
+        args.max_rank = 128 if args.moe else 64
     config = dataclasses.replace(E2EConfig(), layers=args.layers)
     if args.quick:
         config = dataclasses.replace(config, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128)
@@ -271,13 +324,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{r['packed_over_tiles']:.3f} |"
             )
         return 0
-    rows = run(config, args.max_loras, args.max_rank, args.decode_batch, args.prefill, args.repeats)
+    moe = None
+    if args.moe:
+        moe = (64 if args.quick else args.moe_hidden, args.experts)
+    rows = run(config, args.max_loras, args.max_rank, args.decode_batch, args.prefill, args.repeats, moe)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(
-        f"\n{config.layers}-layer Llama (hidden {config.hidden}), max_loras {args.max_loras}, max_rank {args.max_rank}"
-    )
+    model = f"Llama (hidden {config.hidden})" if moe is None else f"Mixtral (hidden {moe[0]}, {moe[1]} experts, top-2)"
+    print(f"\n{config.layers}-layer {model}, max_loras {args.max_loras}, max_rank {args.max_rank}")
     print("| scenario | step | padded (ms) | pool / padded | pool int8 / padded |\n|---|---|---|---|---|")
     for r in rows:
         print(

@@ -219,6 +219,79 @@ def table(chips: Sequence[str] = ("v5e", "v6e")) -> str:
     return "\n".join(lines)
 
 
+#: ``--moe``: the models priced (``tpu_grid.MOE_MODELS``), and their layers.
+MOE_STEP_MODELS = {"mixtral-8x7b": 32, "qwen3-30b-a3b": 48}
+MOE_SLOT_GRID = ((8, 64), (16, 64))  # (max_loras, max_rank): up to 2,048 entries, as libtpu compiles
+
+
+def moe_entries(model: str, distinct: int, tokens: int = DECODE_TOKENS) -> np.ndarray:
+    """[T * K] each routed row's (lane, expert) entry ``lane * E + expert``, sorted by expert as the experts layer
+    sorts its rows: token t on lane t mod ``distinct``, routed to the K experts ``(t * K + k) mod E`` (every
+    expert as evenly loaded as the batch allows)."""
+    from torch_xla_lora.bench import tpu_grid
+
+    shape = tpu_grid.MOE_MODELS[model]
+    token = np.repeat(np.arange(tokens), shape.top_k)
+    expert = (token * shape.top_k + np.tile(np.arange(shape.top_k), tokens)) % shape.experts
+    order = np.argsort(expert, kind="stable")
+    return ((token % distinct) * shape.experts + expert)[order].astype(np.int32)
+
+
+def moe_step_rows(chip: tpu_model.Chip, model: str, distinct: int, max_loras: int, max_rank: int) -> dict:
+    """One ``--moe`` table row: the expert LoRA's bytes and modelled time over a decode step's layers (both
+    projections, bf16 pools): padded ``[L * E, R]`` slots (the fused kernel over the routed rows' entries), the
+    pool gathered into them per step (what the experts did before reading pools), and the pooled kernel on the
+    ``L * E`` entries' true-rank pages (``ExpertsWithLoRA._entry_rows``)."""
+    from torch_xla_lora.bench import tpu_grid
+
+    shape = tpu_grid.MOE_MODELS[model]
+    ranks = batch_ranks(distinct)
+    entries = moe_entries(model, distinct)
+    slots = max_loras * shape.experts
+    entry_ranks = [ranks[e // shape.experts] if e // shape.experts < distinct else 0 for e in range(slots)]
+    used = set(entries.tolist())
+    totals = dict.fromkeys(("padded_bytes", "gathered_bytes", "pooled_bytes", "true_bytes"), 0.0)
+    totals.update(dict.fromkeys(("padded_s", "gathered_s", "pooled_s"), 0.0))
+    for hidden, out_dim in ((shape.hidden, 2 * shape.intermediate), (shape.intermediate, shape.hidden)):
+        padded = tpu_model.fused_cost(chip, entries, hidden, out_dim, max_rank, slots)
+        pooled = pooled_cost(chip, entries, entry_ranks, hidden, out_dim, max_rank, slots, False, pool_rows(False))
+        gather = slots * max_rank * (hidden + out_dim) * 4  # read every entry's table rows, write bf16 slots
+        totals["padded_bytes"] += padded.manual_bytes
+        totals["gathered_bytes"] += padded.manual_bytes + gather
+        totals["pooled_bytes"] += pooled.manual_bytes
+        totals["true_bytes"] += sum(entry_ranks[e] for e in used) * (hidden + out_dim) * 2
+        totals["padded_s"] += padded.seconds
+        totals["gathered_s"] += padded.seconds + gather / chip.hbm_bytes_per_s + tpu_model.XLA_FUSION_OVERHEAD_S
+        totals["pooled_s"] += pooled.seconds
+    return {key: value * MOE_STEP_MODELS[model] for key, value in totals.items()}
+
+
+def moe_table(chips: Sequence[str] = ("v5e", "v6e")) -> str:
+    """The markdown table of :func:`moe_step_rows` over the chips, models, distinct adapters and slot grid."""
+    lines = [
+        "| chip | model | distinct | max_loras x max_rank | entries used | true MB | padded MB | gathered pool MB "
+        "| pooled MB | pooled / true | padded µs | gathered pool µs | pooled µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for chip_name in chips:
+        chip = tpu_model.CHIPS[chip_name]
+        for model in MOE_STEP_MODELS:
+            for distinct in DISTINCT:
+                for max_loras, max_rank in MOE_SLOT_GRID:
+                    if distinct > max_loras:
+                        continue
+                    row = moe_step_rows(chip, model, distinct, max_loras, max_rank)
+                    mb = {k: row[k] / 1e6 for k in row if k.endswith("bytes")}
+                    lines.append(
+                        f"| {chip_name} | {model} | {distinct} | {max_loras} x {max_rank} "
+                        f"| {len(set(moe_entries(model, distinct).tolist()))} | {mb['true_bytes']:.1f} "
+                        f"| {mb['padded_bytes']:.1f} | {mb['gathered_bytes']:.1f} | {mb['pooled_bytes']:.1f} "
+                        f"| {row['pooled_bytes'] / row['true_bytes']:.3f} | {row['padded_s'] * 1e6:.0f} "
+                        f"| {row['gathered_s'] * 1e6:.0f} | {row['pooled_s'] * 1e6:.0f} |"
+                    )
+    return "\n".join(lines)
+
+
 RESIDENT_RANKS = (4, 5, 6, 7, 8, 9, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64)
 
 
@@ -279,8 +352,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torch_xla_lora.bench.pooled_model", description=__doc__)
     parser.add_argument("--chips", nargs="+", default=["v5e", "v6e"], choices=sorted(tpu_model.CHIPS))
     parser.add_argument("--resident", action="store_true", help="resident bytes per adapter and rank instead")
+    parser.add_argument("--moe", action="store_true", help="the expert LoRA of MoE models' decode steps instead")
     args = parser.parse_args(argv)
-    print(resident_table() if args.resident else table(args.chips))
+    if args.resident:
+        print(resident_table())
+    else:
+        print(moe_table(args.chips) if args.moe else table(args.chips))
     return 0
 
 

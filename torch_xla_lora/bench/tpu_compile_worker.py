@@ -255,26 +255,32 @@ def build_moe(cfg: Config, sds):
     return moe_layer.layer_fn(cfg.model, cfg.chip, with_lora), list(args), info
 
 
-def build_pooled(cfg: Config, sds):
+def build_pooled(cfg: Config, sds, experts: int | None = None):
     """pooled_shrink_expand as the op calls it: pooled_shrink_expand_fn('pallas', chip, ...) on pools of
-    ``tpu_grid.POOLED_POOL_ROWS`` rows, the batch's distinct ranks (``tpu_grid.pooled_ranks``) for its estimate."""
+    ``tpu_grid.POOLED_POOL_ROWS`` rows, the batch's distinct ranks (``tpu_grid.pooled_ranks``) for its estimate.
+
+    ``experts``: as an experts layer calls it (``ExpertsWithLoRA._pooled_lora``): the ``[E, P + 2, width]`` pools,
+    P + 2 whole 8-row pages, flattened in the graph; ``cfg.slots`` the ``L * E`` (lane, expert) entries of the row
+    table, from which the kernel's page table is derived in the graph (no host-built one)."""
     dtype, int8 = jnp.dtype(cfg.dtype), cfg.variant == "int8"
     pool_dtype = jnp.int8 if int8 else dtype
     tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
     ranks = tpu_grid.pooled_ranks(min(tokens, slots), rank)
     pool_rows = tpu_grid.POOLED_POOL_ROWS + 2
-    args = [
-        sds((tokens, d_in), dtype),
-        sds((pool_rows, d_in), pool_dtype),
-        sds((pool_rows, d_out), pool_dtype),
-        sds((tokens, d_out), dtype),
-        sds((tokens,), jnp.int32),
-        sds((slots, rank), jnp.int32),
-    ]
+    if experts is None:
+        pools = [sds((pool_rows, d_in), pool_dtype), sds((pool_rows, d_out), pool_dtype)]
+    else:
+        pool_rows = tpu_grid.POOLED_POOL_ROWS + fused.PAGE_ROWS  # each expert's block on an aligned page
+        pools = [sds((experts, pool_rows, d_in), pool_dtype), sds((experts, pool_rows, d_out), pool_dtype)]
+        pool_rows *= experts
+    args = [sds((tokens, d_in), dtype), *pools, sds((tokens, d_out), dtype)]
+    args += [sds((tokens,), jnp.int32), sds((slots, rank), jnp.int32)]
     args += [sds((pool_rows,), jnp.float32)] * 2 if int8 else []
-    args += [sds((slots * fused.pages(rank) + slots,), jnp.int32)]  # the page table, host-built as the layers send it
+    with_pages = experts is None
+    if with_pages:  # the page table, host-built as the linear layers send it
+        args += [sds((slots * fused.pages(rank) + slots,), jnp.int32)]
     scale_rows = fused.padded_scale_rows(pool_rows)
-    args += [sds((scale_rows,), jnp.float32)] if int8 else []  # the page scales kept beside an int8 pool
+    args += [sds((scale_rows,), jnp.float32)] if int8 and with_pages else []  # the page scales beside an int8 pool
     sizes, lanes, run = fused.pooled_plan_call(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, int8)
     padded = sizes.padded_tokens(tokens)
     # The tables the kernel reads: the page table (page starts, ranks) whole, and of an int8 pool's page scales the
@@ -292,7 +298,19 @@ def build_pooled(cfg: Config, sds):
         "activation_bytes": padded * (d_in + 2 * d_out) * dtype.itemsize + 4 * padded,
         "table_bytes": table_bytes,
     }
-    return _jax.pooled_shrink_expand_fn("pallas", cfg.chip, SCALING, int8, False, ranks, True, int8), args, info
+    fn = _jax.pooled_shrink_expand_fn("pallas", cfg.chip, SCALING, int8, False, ranks, with_pages, int8 and with_pages)
+    if experts is None:
+        return fn, args, info
+
+    def flattened(x, a_pool, b_pool, *rest):
+        return fn(x, a_pool.reshape(-1, d_in), b_pool.reshape(-1, d_out), *rest)
+
+    return flattened, args, info
+
+
+def build_pooled_experts(cfg: Config, sds):
+    """:func:`build_pooled` as the experts layer of ``cfg.model`` (``tpu_grid.MOE_MODELS``) calls the op."""
+    return build_pooled(cfg, sds, experts=tpu_grid.MOE_MODELS[cfg.model].experts)
 
 
 def build_pooled_expand(cfg: Config, sds):
@@ -326,6 +344,7 @@ def build_pooled_expand(cfg: Config, sds):
 
 BUILDERS = {
     "pooled": build_pooled,
+    "pooled_experts": build_pooled_experts,
     "pooled_expand": build_pooled_expand,
     "moe": build_moe,
     "fused": build_fused,
