@@ -207,13 +207,10 @@ def table(chips: Sequence[str] = ("v5e", "v6e")) -> str:
             for distinct in DISTINCT:
                 for max_loras, max_rank in SLOT_GRID:
                     row = step_rows(chip, distinct, max_loras, max_rank, int8)
-                    mb = {k: row[k] / 1e6 for k in row if k.endswith("bytes")}
                     lines.append(
                         f"| {chip_name} | {'int8' if int8 else 'bf16'} | {distinct} | {max_loras} x {max_rank} "
-                        f"| {mb['true_bytes']:.1f} | {mb['padded_bytes']:.1f} | {mb['gathered_bytes']:.1f} "
-                        f"| {mb['pooled_bytes']:.1f} | {row['pooled_bytes'] / row['true_bytes']:.3f} "
-                        f"| {row['padded_s'] * 1e6:.0f} | {row['gathered_s'] * 1e6:.0f} | {row['pooled_s'] * 1e6:.0f} "
-                        f"| {mb['one_pass_bytes']:.1f} | {row['one_pass_bytes'] / row['true_bytes']:.3f} "
+                        + _formulation_cells(row)
+                        + f"| {row['one_pass_bytes'] / 1e6:.1f} | {row['one_pass_bytes'] / row['true_bytes']:.3f} "
                         f"| {row['one_pass_s'] * 1e6:.0f} |"
                     )
     return "\n".join(lines)
@@ -281,15 +278,23 @@ def moe_table(chips: Sequence[str] = ("v5e", "v6e")) -> str:
                     if distinct > max_loras:
                         continue
                     row = moe_step_rows(chip, model, distinct, max_loras, max_rank)
-                    mb = {k: row[k] / 1e6 for k in row if k.endswith("bytes")}
+                    used = len(set(moe_entries(model, distinct).tolist()))
                     lines.append(
-                        f"| {chip_name} | {model} | {distinct} | {max_loras} x {max_rank} "
-                        f"| {len(set(moe_entries(model, distinct).tolist()))} | {mb['true_bytes']:.1f} "
-                        f"| {mb['padded_bytes']:.1f} | {mb['gathered_bytes']:.1f} | {mb['pooled_bytes']:.1f} "
-                        f"| {row['pooled_bytes'] / row['true_bytes']:.3f} | {row['padded_s'] * 1e6:.0f} "
-                        f"| {row['gathered_s'] * 1e6:.0f} | {row['pooled_s'] * 1e6:.0f} |"
+                        f"| {chip_name} | {model} | {distinct} | {max_loras} x {max_rank} | {used} "
+                        + _formulation_cells(row)
+                        + "|"
                     )
     return "\n".join(lines)
+
+
+def _formulation_cells(row: dict) -> str:
+    """The cells both tables give each row: true, padded, gathered and pooled MB, pooled / true, the three times."""
+    mb = {key: row[f"{key}_bytes"] / 1e6 for key in ("true", "padded", "gathered", "pooled")}
+    times = " | ".join(f"{row[f'{key}_s'] * 1e6:.0f}" for key in ("padded", "gathered", "pooled"))
+    return (
+        f"| {mb['true']:.1f} | {mb['padded']:.1f} | {mb['gathered']:.1f} | {mb['pooled']:.1f} "
+        f"| {row['pooled_bytes'] / row['true_bytes']:.3f} | {times} "
+    )
 
 
 RESIDENT_RANKS = (4, 5, 6, 7, 8, 9, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64)
