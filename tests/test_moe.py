@@ -332,11 +332,11 @@ def test_no_batch_runs_the_base_experts(saved):
         assert_close(model(IDS).logits, reference[None])
 
 
-@pytest.mark.parametrize("mode,budget", [("lazy", None), ("compiled", None), ("compiled", 10**7)],
-                         ids=["lazy", "compiled", "compiled-pool"])  # fmt: skip
+@pytest.mark.parametrize("mode,budget", [("lazy", None), ("compiled", 10**7)], ids=["lazy", "compiled-pool"])
 def test_zero_recompiles_after_warmup(mode, budget, saved, xla_device):
-    """One graph for every adapter mix and a load after warm-up, padded slots or pools (the experts' entry table
-    derived in the graph from the batch's row table)."""
+    """One graph for every adapter mix and a load after warm-up: padded slots in lazy mode, pools under
+    ``torch.compile`` (the experts' entry table derived in the graph from the batch's row table, the router's
+    LoRA traced through its function mode into the one graph either way)."""
     import torch_xla
 
     from torch_xla_lora import assert_no_recompile
@@ -557,8 +557,8 @@ def test_mixed_batch_in_a_pool_equals_peft(arch, on_xla, backend, saved, xla_dev
 def test_int8_expert_pools_equal_plain_math_on_int8_rounded_factors(saved, xla_device):
     """int8 expert pools read at their true rank compute exactly the adapters with each (slot, expert) entry's
     rank rows rounded to int8 (one absmax scale per row, rounded here in plain torch from the padded float
-    slots), by the float64 plain experts; and the whole model's logits stay within the documented int8 bound
-    (3e-2 relative) of PEFT's float adapters."""
+    slots), by the float64 plain experts (the int8 quality bound against float adapters is measured on whole
+    models: ``bench memory --quality``, tests/test_pool.py)."""
     dirs = saved("Mixtral")
     model, lora = served("Mixtral", dirs, xla_device, memory_budget=10**7, weight_dtype="int8")
     float_model, float_lora = served("Mixtral", dirs, torch.device("cpu"))  # padded float slots: the factors
@@ -582,12 +582,6 @@ def test_int8_expert_pools_equal_plain_math_on_int8_rounded_factors(saved, xla_d
         out = layer(hidden.to(xla_device), index.to(xla_device), weights.to(xla_device)).cpu()
     expected = _plain_experts(float_layer.base_layer.double(), hidden.double(), index, weights, slots, buffers)
     assert_close(out, expected, torch.float32)
-
-    reference = peft_reference("Mixtral", dirs, IDS)
-    with torch.no_grad():
-        logits = model(IDS.to(xla_device), use_cache=False).logits.cpu()
-    for row, name in enumerate(ROWS):
-        assert float((logits[row] - reference[name][row]).norm() / reference[name][row].norm()) < 3e-2
 
 
 def test_rank_and_alpha_patterns_on_a_router_weight_apply_as_in_peft(tmp_path):
