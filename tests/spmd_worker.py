@@ -454,9 +454,10 @@ def run_pool(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     logits = lambda ids: model(ids).logits
     # (The base alone is the same graph as _llama_collectives' "base": compiled already, compared there.)
     calls = {}
-    with _capturing_regions(calls, "pool", ("sharded_gather_slots",)):
+    with _capturing_regions(calls, "pool", ("sharded_gather_slots", "sharded_pooled_lora")):
         result["collectives"] = _run_and_count(dump_dir, logits, ids)[1]
     result["opcheck"] = _opchecks(calls)
+    result["gathered_pools"] = _gathered_pools(lora, lambda: logits(ids))
     # int8 rows: the same batch, read through the replicated scales.
     int8 = dict(inputs, lora_config={**inputs["lora_config"], "weight_dtype": "int8"})
     model, lora = _patched_llama(int8, mesh)
@@ -471,6 +472,29 @@ def run_pool(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     except sharding.ShardingError as error:
         result["fully_sharded_error"] = str(error)
     return result
+
+
+def _gathered_pools(lora: tl.LoRAModel, forward) -> list[str]:
+    """``layer.buffer`` of every pool ``forward()`` gathers into slots (``xla_lora::sharded_gather_slots``), traced
+    without running."""
+    names = {}
+    for name, layer in lora.layers.items():
+        for buffer_name, buffer in layer.named_buffers(recurse=False):
+            names[id(buffer)] = f"{name}.{buffer_name}"
+    namespace, gathered = torch.ops.xla_lora, []
+    original = namespace.sharded_gather_slots
+
+    def recording(pool, *args):
+        gathered.append(names.get(id(pool), "?"))
+        return original(pool, *args)
+
+    namespace.sharded_gather_slots = recording
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        namespace.sharded_gather_slots = original
+    return gathered
 
 
 def _pool_compiled(inputs: dict, mesh: xs.Mesh, ids: torch.Tensor) -> dict:

@@ -479,7 +479,8 @@ def test_xla_decode_reads_the_used_lanes_true_rank_rows_in_chunks(int8, few, xla
 def test_xla_bytes_do_not_grow_with_max_loras_and_max_rank():
     """XLA:CPU's cost analysis of the XLA-native op's function, a decode (16 tokens) and a prefill (65, one past the
     packed path): with the pools, tokens and widths fixed, a [128, 64] row table (128 lanes of max_rank 64) costs
-    within 5% of an [8, 32] one's bytes (a chunk's rows are read, or the tiles the visits name, not the table's).
+    within 5% of an [8, 32] one's bytes (the analysis counts a decode chunk's gather of pool rows as the whole pool,
+    a fixed size, and a prefill's tiles the visits name: not the table's lanes).
     Gathering the larger table's lanes into slots for the prefill, as the op did, read 4.5x the smaller's. The
     same for ``pooled_expand``'s decode (the embedding's B), within 10%."""
     import jax

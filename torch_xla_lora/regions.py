@@ -54,6 +54,7 @@ __all__ = [
     "sharded_embedding",
     "sharded_grouped_matmul",
     "sharded_gather_slots",
+    "sharded_pooled_lora",
     "replicated",
 ]
 
@@ -571,6 +572,55 @@ def _gathered_shape(pool: torch.Tensor, rows: torch.Tensor, rank_axis: int, max_
 @sharded_gather_slots.register_fake
 def _(pool, scale, rows, rank_axis, max_loras, dtype, spec, key):
     return pool.new_empty(_gathered_shape(pool, rows, rank_axis, max_loras), dtype=dtype)
+
+
+@torch.library.custom_op("xla_lora::sharded_pooled_lora", mutates_args=())
+def sharded_pooled_lora(
+    inputs: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    base: torch.Tensor,
+    lora_indices: torch.Tensor,
+    rows: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    b_scale: torch.Tensor | None,
+    max_loras: int,
+    key: str,
+    backend: str,
+) -> torch.Tensor:
+    """A column, vocab (lm_head) or replicated linear layer's LoRA read from its rank-true pools, per shard.
+
+    Args:
+      inputs: [N, in]; base: [N, out], the base layer's output, sharded like B's columns.
+      a_pool: [1, P + 2, in], b_pool: [1, P + 2, out]: the layer's pools (int8 or the adapters' dtype), split as
+        ``LayerSharding.pool_specs`` gives (A whole, B on its columns); a_scale, b_scale: [1, P + 2] float32 of an
+        int8 pool (replicated), else None.
+      lora_indices: [N] int32, each token's lane; rows: [max_loras * R] int32, the batch's row table (replicated).
+
+    Returns:
+      [N, out] = base + each token's LoRA at its lane's true rank, sharded on out (and tokens over dp).
+
+    Each shard runs ``pooled_shrink_expand`` on its columns of B's pool and of the base output, the same op one
+    device runs, with no collective: where :func:`sharded_linear` reads slots that :func:`sharded_gather_slots`
+    filled with every lane's ``max_rank`` rows per step, this reads only the lanes' true-rank rows. Serving
+    only (no backward): a layer whose operands need gradients gathers into slots instead.
+    """
+    p = _placement(key)
+    tokens, out_axis = p.data_axis, p.out_axis
+    specs = p.lora_specs_linear()
+    idx = _enter_slots(p, lora_indices)
+    x, y = p.enter(inputs, (tokens, None)), p.enter(base, (tokens, out_axis))
+    a = p.enter(a_pool, specs["lora_a"], placed=True)[0]
+    b = p.enter(b_pool, specs["lora_b"], placed=True)[0]
+    scales = [None if t is None else p.enter(t, (None, None), placed=True)[0] for t in (a_scale, b_scale)]
+    table = p.enter(rows, (None,), placed=_placed(rows)).reshape(max_loras, -1)
+    out = torch.ops.xla_lora.pooled_shrink_expand(x, a, b, y, idx, table, *scales, 1.0, backend)
+    return p.leave(out, (tokens, out_axis), tuple(base.shape))
+
+
+@sharded_pooled_lora.register_fake
+def _(inputs, a_pool, b_pool, base, lora_indices, rows, a_scale, b_scale, max_loras, key, backend):
+    return torch.empty_like(base)
 
 
 @torch.library.custom_op("xla_lora::replicated", mutates_args=())

@@ -475,6 +475,8 @@ class LayerSharding:
         fused = self.fuses_base(layer, x)
         backend = layer.backend if fused else layer.lora_backend(layer.formulation(x))
         metadata, own = self._metadata(layer, x2.shape[0], fused)
+        if self.kind != "row" and not fused and layer._reads_pool(x2, backend):
+            return self._pooled_forward(layer, x, x2, slots, backend)
         lora_a, lora_b = layer.slot_factors()  # the buffers, or trainable adapters' rows put in, in the graph
         quantized = is_quantized_linear(base)
         if quantized and torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_a, lora_b)):
@@ -523,6 +525,28 @@ class LayerSharding:
             y.reshape(-1, layer.out_features).to(lora_b.dtype),
             slots,
             metadata,
+            self.key,
+            backend,
+        )
+        return out.reshape(y.shape).to(y.dtype)
+
+    def _pooled_forward(
+        self, layer: BaseLayerWithLoRA, x: torch.Tensor, x2: torch.Tensor, slots: torch.Tensor, backend: str
+    ) -> torch.Tensor:
+        """A column, vocab or replicated layer with a memory budget: the base layer, then each shard adds its
+        columns of the lanes' LoRA read from the pools at their true ranks (``xla_lora::sharded_pooled_lora``)."""
+        y = layer.base_layer(x)
+        dtype = layer.adapter_dtype
+        out = torch.ops.xla_lora.sharded_pooled_lora(
+            x2.to(dtype),
+            layer.lora_a_pool,
+            layer.lora_b_pool,
+            y.reshape(-1, layer.out_features).to(dtype),
+            slots,
+            layer.context.rows,
+            getattr(layer, "lora_a_scale", None),
+            getattr(layer, "lora_b_scale", None),
+            layer.max_loras,
             self.key,
             backend,
         )
