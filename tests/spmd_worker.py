@@ -454,7 +454,9 @@ def run_pool(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     logits = lambda ids: model(ids).logits
     # (The base alone is the same graph as _llama_collectives' "base": compiled already, compared there.)
     calls = {}
-    with _capturing_regions(calls, "pool", ("sharded_gather_slots", "sharded_pooled_lora")):
+    with _capturing_regions(
+        calls, "pool", ("sharded_gather_slots", "sharded_pooled_lora", "sharded_pooled_row_linear")
+    ):
         result["collectives"] = _run_and_count(dump_dir, logits, ids)[1]
     result["opcheck"] = _opchecks(calls)
     result["gathered_pools"] = _gathered_pools(lora, lambda: logits(ids))

@@ -55,6 +55,7 @@ __all__ = [
     "sharded_grouped_matmul",
     "sharded_gather_slots",
     "sharded_pooled_lora",
+    "sharded_pooled_row_linear",
     "replicated",
 ]
 
@@ -607,13 +608,9 @@ def sharded_pooled_lora(
     """
     p = _placement(key)
     tokens, out_axis = p.data_axis, p.out_axis
-    specs = p.lora_specs_linear()
     idx = _enter_slots(p, lora_indices)
     x, y = p.enter(inputs, (tokens, None)), p.enter(base, (tokens, out_axis))
-    a = p.enter(a_pool, specs["lora_a"], placed=True)[0]
-    b = p.enter(b_pool, specs["lora_b"], placed=True)[0]
-    scales = [None if t is None else p.enter(t, (None, None), placed=True)[0] for t in (a_scale, b_scale)]
-    table = p.enter(rows, (None,), placed=_placed(rows)).reshape(max_loras, -1)
+    a, b, table, *scales = _enter_pools(p, a_pool, b_pool, rows, a_scale, b_scale, max_loras)
     out = torch.ops.xla_lora.pooled_shrink_expand(x, a, b, y, idx, table, *scales, 1.0, backend)
     return p.leave(out, (tokens, out_axis), tuple(base.shape))
 
@@ -621,6 +618,76 @@ def sharded_pooled_lora(
 @sharded_pooled_lora.register_fake
 def _(inputs, a_pool, b_pool, base, lora_indices, rows, a_scale, b_scale, max_loras, key, backend):
     return torch.empty_like(base)
+
+
+@torch.library.custom_op("xla_lora::sharded_pooled_row_linear", mutates_args=())
+def sharded_pooled_row_linear(
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    lora_indices: torch.Tensor,
+    rows: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    b_scale: torch.Tensor | None,
+    max_loras: int,
+    dtype: torch.dtype,
+    transposed: bool,
+    key: str,
+    backend: str,
+) -> torch.Tensor:
+    """:func:`sharded_row_linear` (base and LoRA reduced once, bias not added) with the LoRA read from the layer's
+    rank-true pools: each shard adds ``pooled_shrink_expand`` of its input slice to its base partial.
+
+    Args:
+      inputs: [N, in]; weight: [out, in] (nn.Linear) or [in, out] (Conv1D, ``transposed``).
+      a_pool: [1, P + 2, in] split on its columns as the input, b_pool: [1, P + 2, out] whole on every shard
+        (``LayerSharding.pool_specs``); a_scale, b_scale: [1, P + 2] float32 of an int8 pool, else None.
+      lora_indices: [N] int32; rows: [max_loras * R] int32, the batch's row table; dtype: the adapters' dtype
+        (the LoRA product's).
+
+    Returns:
+      [N, out] in weight's dtype: sum over shards of x_k W_k^T + B A_k x_k, each lane at its true rank.
+
+    The pooled op is linear in x (its per-row scales included), so the shards' partials sum to the one-device
+    LoRA, and base and LoRA share the one all-reduce. Serving only, as :func:`sharded_pooled_lora`.
+    """
+    p = _placement(key)
+    tokens = p.data_axis
+    x = p.enter(inputs, (tokens, p.axis))
+    idx = _enter_slots(p, lora_indices)
+    w = p.enter(weight, (p.axis, None) if transposed else (None, p.axis), placed=True)
+    partial = x @ w if transposed else x @ w.T  # [N_local, out], the model's dtype
+    a, b, table, *scales = _enter_pools(p, a_pool, b_pool, rows, a_scale, b_scale, max_loras)
+    lora = torch.ops.xla_lora.pooled_shrink_expand(
+        x.to(dtype), a, b, partial.to(dtype), idx, table, *scales, 1.0, backend
+    )
+    # Reduced in the model's dtype, as the base layer alone would be.
+    return p.reduce(lora.to(partial.dtype), inputs.shape[0])
+
+
+@sharded_pooled_row_linear.register_fake
+def _(inputs, weight, a_pool, b_pool, lora_indices, rows, a_scale, b_scale, max_loras, dtype, transposed, key, backend):
+    return inputs.new_empty((inputs.shape[0], b_pool.shape[2]), dtype=weight.dtype)
+
+
+def _enter_pools(
+    p: LayerSharding,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    rows: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    b_scale: torch.Tensor | None,
+    max_loras: int,
+) -> tuple[torch.Tensor | None, ...]:
+    """A linear layer's pools on this shard, as ``pooled_shrink_expand`` takes them: (A [P + 2, in_local],
+    B [P + 2, out_local], the row table [max_loras, R], A's scales, B's scales (None unless int8))."""
+    specs = p.lora_specs_linear()
+    a = p.enter(a_pool, specs["lora_a"], placed=True)[0]
+    b = p.enter(b_pool, specs["lora_b"], placed=True)[0]
+    scales = [None if t is None else p.enter(t, (None, None), placed=True)[0] for t in (a_scale, b_scale)]
+    table = p.enter(rows, (None,), placed=_placed(rows)).reshape(max_loras, -1)
+    return (a, b, table, *scales)
 
 
 @torch.library.custom_op("xla_lora::replicated", mutates_args=())

@@ -475,10 +475,10 @@ class LayerSharding:
         fused = self.fuses_base(layer, x)
         backend = layer.backend if fused else layer.lora_backend(layer.formulation(x))
         metadata, own = self._metadata(layer, x2.shape[0], fused)
-        if self.kind != "row" and not fused and layer._reads_pool(x2, backend):
+        quantized = is_quantized_linear(base)
+        if not fused and not (quantized and self.kind == "row") and layer._reads_pool(x2, backend):
             return self._pooled_forward(layer, x, x2, slots, backend)
         lora_a, lora_b = layer.slot_factors()  # the buffers, or trainable adapters' rows put in, in the graph
-        quantized = is_quantized_linear(base)
         if quantized and torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_a, lora_b)):
             raise ShardingError("training on a quantized base is not supported on a mesh yet (one device only)")
         if self.kind == "row":
@@ -533,22 +533,26 @@ class LayerSharding:
     def _pooled_forward(
         self, layer: BaseLayerWithLoRA, x: torch.Tensor, x2: torch.Tensor, slots: torch.Tensor, backend: str
     ) -> torch.Tensor:
-        """A column, vocab or replicated layer with a memory budget: the base layer, then each shard adds its
-        columns of the lanes' LoRA read from the pools at their true ranks (``xla_lora::sharded_pooled_lora``)."""
-        y = layer.base_layer(x)
+        """A layer with a memory budget reading its lanes' true-rank rows from its pools on each shard: a column,
+        vocab or replicated layer adds its shard's columns of the LoRA to the base layer's output
+        (``xla_lora::sharded_pooled_lora``); a row-parallel layer adds its input slice's LoRA partial to its base
+        partial, reduced together (``xla_lora::sharded_pooled_row_linear``)."""
+        pools = (layer.lora_a_pool, layer.lora_b_pool)
+        rows, scales = layer.context.rows, tuple(getattr(layer, f"{n}_scale", None) for n in ("lora_a", "lora_b"))
         dtype = layer.adapter_dtype
+        if self.kind == "row":
+            base = layer.base_layer
+            transposed = not isinstance(base, nn.Linear)
+            y = torch.ops.xla_lora.sharded_pooled_row_linear(
+                x2, base.weight, *pools, slots, rows, *scales, layer.max_loras, dtype, transposed, self.key, backend
+            )
+            if getattr(base, "bias", None) is not None:
+                y = y + base.bias
+            return y.reshape(*x.shape[:-1], layer.out_features)
+        y = layer.base_layer(x)
+        base_out = y.reshape(-1, layer.out_features).to(dtype)
         out = torch.ops.xla_lora.sharded_pooled_lora(
-            x2.to(dtype),
-            layer.lora_a_pool,
-            layer.lora_b_pool,
-            y.reshape(-1, layer.out_features).to(dtype),
-            slots,
-            layer.context.rows,
-            getattr(layer, "lora_a_scale", None),
-            getattr(layer, "lora_b_scale", None),
-            layer.max_loras,
-            self.key,
-            backend,
+            x2.to(dtype), *pools, base_out, slots, rows, *scales, layer.max_loras, self.key, backend
         )
         return out.reshape(y.shape).to(y.dtype)
 
