@@ -122,6 +122,37 @@ def test_command_line_restarts_with_reused_memory():
         assert ("restarting with GLIBC_TUNABLES=" in done.stderr) == expected
 
 
+def test_pool_pairs_the_layouts_and_checks_they_agree(capsys):
+    """``bench pool --quick``: a row per scenario (its two quick ones) and step with the padded step's time and
+    both pools' ratios; the layouts' logits are compared before timing (a float pool off by 1e-3 of the logits is
+    refused)."""
+    import json
+
+    import torch
+
+    from torch_xla_lora.bench import pool
+
+    argv = ["--quick", "--repeats", "1", "--decode-batch", "4", "--prefill", "16", "--max-rank", "64", "--json"]
+    assert pool.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("\n[") :])
+    assert [(r["scenario"], r["step"]) for r in rows] == [
+        (s, k) for s in pool.QUICK_SCENARIOS for k in ("decode", "prefill")
+    ]
+    assert all(r["padded_ms"] > 0 and r["pool_ratio"] > 0 and r["pool int8_ratio"] > 0 for r in rows)
+    logits = torch.randn(2, 3, 8)
+
+    def steps(pool_logits):
+        return {
+            name: ((lambda: None), (lambda t=t: t))
+            for name, t in (("padded", logits), ("pool", pool_logits), ("pool int8", logits))
+        }
+
+    pool._check_agree(steps(logits + 1e-6 * logits.abs().max()), "close")
+    with pytest.raises(AssertionError, match="disagree"):
+        pool._check_agree(steps(logits + 1e-3 * logits.abs().max()), "off")
+
+
 def test_pool_tokens_sweep_pairs_the_two_paths_and_checks_they_agree(capsys, monkeypatch):
     """``bench pool --tokens-sweep``: a row per fleet and token count with both paths' times and their ratio; the
     sweep refuses to time two paths whose outputs differ (the packed one made to double the scaling here)."""

@@ -40,6 +40,8 @@ from torch_xla_lora.bench.memory import fleet
 LAYOUTS = ("padded", "pool", "pool int8")
 #: Token counts of ``--tokens-sweep``: decode batches to short prefills, either side of PACKED_MAX_TOKENS.
 SWEEP_TOKENS = (8, 16, 32, 64, 128, 256)
+#: Scenarios of ``--quick``: one adapter (the 32-wide chunk) and 16 (several 128-wide chunks).
+QUICK_SCENARIOS = ("mixed ranks, 1 adapter", "mixed ranks, 16 adapters")
 
 
 def _patched(model, layout: str, max_loras: int, max_rank: int, adapters: dict, padded=None, targets=LINEAR_TARGETS):
@@ -51,7 +53,7 @@ def _patched(model, layout: str, max_loras: int, max_rank: int, adapters: dict, 
     if layout != "padded":
         int8 = layout == "pool int8"
         row_bytes = sum(layer.pool_row_bytes(int8) for layer in padded.layers.values())
-        ranks = [max(config["r"], *(config.get("rank_pattern") or {}).values()) for _, config in adapters.values()]
+        ranks = [max([config["r"], *(config.get("rank_pattern") or {}).values()]) for _, config in adapters.values()]
         rows = sum(ranks) + max_rank + 2
         pooled = {"memory_budget": rows * row_bytes, "weight_dtype": "int8" if int8 else None}
     config = tl.LoRAConfig(
@@ -70,6 +72,22 @@ def _patched(model, layout: str, max_loras: int, max_rank: int, adapters: dict, 
 def _closures(lora, batch: list[str], ids: torch.Tensor):
     """(prepare, forward) of one step: set the batch, run the model on ``ids`` without a cache."""
     return (lambda: lora.set_batch(batch)), (lambda: lora.model(ids, use_cache=False).logits)
+
+
+def _check_agree(steps: dict, what: str) -> None:
+    """Refuse to time layouts that compute different logits: the float pool must equal the padded slots (float32
+    rounding), the int8 pool stay finite (its rounding error is measured by ``bench memory --quality``)."""
+    logits = {}
+    for layout, (prepare, forward) in steps.items():
+        prepare()
+        logits[layout] = forward().float().cpu()
+    padded, pool = logits["padded"], logits["pool"]
+    scale = padded.abs().max().item()
+    if not torch.allclose(pool, padded, rtol=1e-4, atol=1e-4 * scale):
+        error = (pool - padded).abs().max().item() / scale
+        raise AssertionError(f"{what}: the pool and the padded slots disagree (max error {error:.2e} of the logits)")
+    if not torch.isfinite(logits["pool int8"]).all():
+        raise AssertionError(f"{what}: the int8 pool's logits are not finite")
 
 
 def scenarios() -> dict[str, list[int]]:
@@ -131,9 +149,10 @@ def run(
     prefill: int,
     repeats: int,
     moe: tuple[int, int] | None = None,
+    only: Sequence[str] | None = None,
 ) -> list:
     """Rows ``{scenario, step, padded_ms, pool_ratio, pool int8_ratio}``: on the e2e Llama, or with ``moe``
-    (hidden, experts) on a Mixtral of ``config.layers`` layers."""
+    (hidden, experts) on a Mixtral of ``config.layers`` layers; ``only``: these scenarios (default: all)."""
     import torch_xla
 
     device = torch_xla.device()
@@ -141,6 +160,8 @@ def run(
     vocab = model.config.vocab_size
     rows = []
     for name, ranks in scenarios().items():
+        if only is not None and name not in only:
+            continue
         adapters = {f"a{i}": adapter(rank, i) for i, rank in enumerate(ranks)}
         model = model.to(device)
         models = {"padded": _patched(model, "padded", max_loras, max_rank, adapters, targets=targets)}
@@ -156,6 +177,7 @@ def run(
             batch = [names[i % len(names)] for i in range(ids.shape[0])]
 
             steps = {layout: _closures(models[layout], batch, ids) for layout in LAYOUTS}
+            _check_agree(steps, f"{name}, {kind}")
             seconds = paired_seconds(steps, repeats)
             ratios = {layout: paired_ratio(seconds[layout], seconds["padded"]) for layout in LAYOUTS[1:]}
             rows.append(
@@ -327,7 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     moe = None
     if args.moe:
         moe = (64 if args.quick else args.moe_hidden, args.experts)
-    rows = run(config, args.max_loras, args.max_rank, args.decode_batch, args.prefill, args.repeats, moe)
+    # --quick (the test suite's): the narrow chunk's scenario and the widest.
+    only = QUICK_SCENARIOS if args.quick else None
+    rows = run(config, args.max_loras, args.max_rank, args.decode_batch, args.prefill, args.repeats, moe, only)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
