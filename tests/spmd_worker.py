@@ -454,12 +454,14 @@ def run_pool(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     logits = lambda ids: model(ids).logits
     # (The base alone is the same graph as _llama_collectives' "base": compiled already, compared there.)
     calls = {}
-    with _capturing_regions(
-        calls, "pool", ("sharded_gather_slots", "sharded_pooled_lora", "sharded_pooled_row_linear")
-    ):
+    with _capturing_regions(calls, "pool", POOL_READERS):
         result["collectives"] = _run_and_count(dump_dir, logits, ids)[1]
+        # Where autograd records a gradient a layer gathers its lanes into slots instead (traced, not run).
+        with torch.enable_grad():
+            lora.layers["model.layers.0.self_attn.q_proj"](model.model.embed_tokens(ids))
     result["opcheck"] = _opchecks(calls)
-    result["gathered_pools"] = _gathered_pools(lora, lambda: logits(ids))
+    result["pool_reads"] = _pool_reads(lora, lambda: logits(ids))
+    result["patched_layers"] = list(lora.layers)
     # int8 rows: the same batch, read through the replicated scales.
     int8 = dict(inputs, lora_config={**inputs["lora_config"], "weight_dtype": "int8"})
     model, lora = _patched_llama(int8, mesh)
@@ -476,27 +478,43 @@ def run_pool(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     return result
 
 
-def _gathered_pools(lora: tl.LoRAModel, forward) -> list[str]:
-    """``layer.buffer`` of every pool ``forward()`` gathers into slots (``xla_lora::sharded_gather_slots``), traced
+#: The regions a pooled layer's forward may read its pools in: gathered into slots, or read in place.
+POOL_READERS = (
+    "sharded_gather_slots",
+    "sharded_pooled_lora",
+    "sharded_pooled_row_linear",
+    "sharded_embedding",
+    "sharded_grouped_matmul",
+)
+
+
+def _pool_reads(lora: tl.LoRAModel, forward) -> dict[str, list[str]]:
+    """Region op -> ``layer.buffer`` of every pool ``forward()`` passes it (of :data:`POOL_READERS`), traced
     without running."""
     names = {}
     for name, layer in lora.layers.items():
         for buffer_name, buffer in layer.named_buffers(recurse=False):
-            names[id(buffer)] = f"{name}.{buffer_name}"
-    namespace, gathered = torch.ops.xla_lora, []
-    original = namespace.sharded_gather_slots
+            if buffer_name.endswith("_pool"):
+                names[id(buffer)] = f"{name}.{buffer_name}"
+    namespace, reads = torch.ops.xla_lora, {op: [] for op in POOL_READERS}
+    originals = {op: getattr(namespace, op) for op in POOL_READERS}
 
-    def recording(pool, *args):
-        gathered.append(names.get(id(pool), "?"))
-        return original(pool, *args)
+    def recording(op):
+        def call(*args):
+            reads[op] += [names[id(arg)] for arg in args if id(arg) in names]
+            return originals[op](*args)
 
-    namespace.sharded_gather_slots = recording
+        return call
+
     try:
+        for op in POOL_READERS:
+            setattr(namespace, op, recording(op))
         with torch.no_grad():
             forward()
     finally:
-        namespace.sharded_gather_slots = original
-    return gathered
+        for op, original in originals.items():
+            setattr(namespace, op, original)
+    return reads
 
 
 def _pool_compiled(inputs: dict, mesh: xs.Mesh, ids: torch.Tensor) -> dict:
@@ -703,8 +721,11 @@ def _moe_pooled(inputs: dict, mesh: xs.Mesh) -> dict:
     result = {"pooled": lora.manager.pooled, "specs": {name: _spec(t) for name, t in pools.items()}}
     result["expected_specs"] = {name: _marked_spec(t, mesh, inputs["ep_specs"][name]) for name, t in pools.items()}
     lora.set_batch(inputs["batch"])
+    ids = inputs["ids"].to(device)
     with torch.no_grad():
-        result["logits"] = sharding.replicated(model(inputs["ids"].to(device), use_cache=False).logits, mesh).cpu()
+        result["logits"] = sharding.replicated(model(ids, use_cache=False).logits, mesh).cpu()
+    result["pool_reads"] = _pool_reads(lora, lambda: model(ids, use_cache=False).logits)
+    result["patched_layers"] = list(lora.layers)
     return result
 
 
@@ -993,8 +1014,9 @@ REGION_OPS = tuple(
 )
 #: The expert regions, opchecked on the MoE worker's calls (test_sharding_moe.py); the others in test_sharding.py.
 MOE_REGION_OPS = ("sharded_grouped_matmul", "sharded_grouped_matmul_backward")
-#: Region ops without a backward: the backward regions (no double backward).
-NO_BACKWARD = tuple(name for name in REGION_OPS if name.endswith("_backward"))
+#: Region ops without a backward: the backward regions (no double backward) and the serving-only pooled regions
+#: (a layer reads its pools in place only where autograd records no gradient).
+NO_BACKWARD = tuple(name for name in REGION_OPS if name.endswith("_backward") or name.startswith("sharded_pooled"))
 #: torch's autograd-registration check is not implemented for XLA tensors ("NYI devices other than
 #: CPU/CUDA/XPU"), and a region runs on an SPMD mesh only: the parent checks the registrations instead.
 OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")

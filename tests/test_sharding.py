@@ -551,13 +551,30 @@ def test_pools_are_sharded_as_the_slot_buffers_they_stand_for(spmd_layers):
             assert actual == expected
 
 
-def test_linear_layers_on_a_mesh_read_their_pools_without_gathering(spmd_layers):
-    """On a mesh every linear layer reads its lanes' true-rank rows from its pools on each shard: column, vocab and
-    replicated layers by ``xla_lora::sharded_pooled_lora``, row-parallel ones (o_proj, down_proj) by
-    ``xla_lora::sharded_pooled_row_linear`` (their LoRA partial sharing the base's one reduction); only the
-    embedding's B gathers its lanes into slots."""
-    gathered = spmd_layers["pool"]["gathered_pools"]
-    assert gathered == ["model.embed_tokens.lora_b_pool"]
+def test_every_layer_on_a_mesh_reads_its_pools_without_gathering(spmd_layers):
+    """On a mesh every layer of the pooled Llama reads its lanes' true-rank rows from its pools on each shard, none
+    gathers them into slots (``xla_lora::sharded_gather_slots``): column, vocab and replicated layers in
+    ``sharded_pooled_lora``, row-parallel ones (o_proj, down_proj) in ``sharded_pooled_row_linear`` (their LoRA
+    partial sharing the base's one reduction), the embedding in ``sharded_embedding`` (A per token, B by
+    ``pooled_expand``)."""
+    reads = spmd_layers["pool"]["pool_reads"]
+    assert reads["sharded_gather_slots"] == []
+    layers = {name.rsplit(".", 1)[0] for names in reads.values() for name in names}
+    assert layers == set(spmd_layers["pool"]["patched_layers"])
+    for op, names in reads.items():
+        kinds = {name.rsplit(".", 1)[0].rsplit(".", 1)[-1] for name in names}
+        expected = {
+            "sharded_gather_slots": set(),
+            "sharded_pooled_lora": {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"},
+            "sharded_pooled_row_linear": {"o_proj", "down_proj"},
+            "sharded_embedding": {"embed_tokens"},
+            "sharded_grouped_matmul": set(),  # no experts in a Llama
+        }[op]
+        assert kinds == expected, op
+        assert all(
+            f"{layer}.lora_a_pool" in names and f"{layer}.lora_b_pool" in names
+            for layer in {name.rsplit(".", 1)[0] for name in names}
+        ), op
 
 
 @pytest.mark.parametrize("mode", ["lazy", "compiled"])
@@ -890,7 +907,8 @@ def test_region_ops_pass_opcheck_on_a_mesh(spmd_grads, spmd_layers):
     test_sharding_moe.py). torch's
     autograd-registration check is not implemented for XLA tensors and a region runs on a mesh only: the
     regions' autograd is checked by the gradient tests above. A backward region's own gradient (double
-    backward) is not implemented: it is checked on detached arguments."""
+    backward) is not implemented, nor a gradient of the pooled regions (serving only: a layer reads its pools in
+    place only where autograd records none): they are checked on detached arguments."""
     checks = spmd_grads[1]["opcheck"] | spmd_layers["pool"]["opcheck"]
     checks = {call: error for call, error in checks.items() if call != "seconds"}
     assert {call: error for call, error in checks.items() if error} == {}

@@ -320,6 +320,22 @@ def test_moe_expert_parallel_rank_true_pools_match_one_device_and_peft(spmd_moe,
     assert_close(result["logits"], _peft_rows(reference))
 
 
+def test_moe_layers_on_a_mesh_read_their_pools_without_gathering(spmd_moe):
+    """With a memory budget on the (2, 2) expert x model mesh no layer gathers its lanes into slots
+    (``xla_lora::sharded_gather_slots``): the experts read each (lane, expert) entry's true-rank rows from their
+    slices of the four pools inside ``sharded_grouped_matmul``, the router (replicated) and the attention's
+    column layers inside ``sharded_pooled_lora``, o_proj inside ``sharded_pooled_row_linear``."""
+    result = spmd_moe["moe_ep"]["pool"]
+    reads = result["pool_reads"]
+    assert reads["sharded_gather_slots"] == []
+    assert {name.rsplit(".", 1)[0] for names in reads.values() for name in names} == set(result["patched_layers"])
+    experts = [name for name in reads["sharded_grouped_matmul"] if ".experts." in name]
+    assert experts and len(experts) == len(reads["sharded_grouped_matmul"])
+    for suffix in ("lora_a_pool", "lora_b_pool", "lora_a_down_pool", "lora_b_down_pool"):
+        assert any(name.endswith(f".experts.{suffix}") for name in experts), suffix
+    assert any(name.endswith(".gate.lora_a_pool") for name in reads["sharded_pooled_lora"])
+
+
 def test_moe_expert_parallel_lora_adds_no_collective(spmd_moe):
     """The expert-parallel Mixtral forward's compiled HLO: the same collectives with expert, router and attention
     LoRA as without a batch (the experts' partials summed over both axes in the base's own all-reduce)."""

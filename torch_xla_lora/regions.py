@@ -301,6 +301,8 @@ def sharded_embedding(
     padding_idx: int | None = None,
     pool_rows: torch.Tensor | None = None,
     pool_scale: torch.Tensor | None = None,
+    pool_b_scale: torch.Tensor | None = None,
+    pool_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Vocab-parallel (or replicated) embedding with LoRA: masked local lookups, one reduction.
 
@@ -313,9 +315,11 @@ def sharded_embedding(
       padding_idx: the base embedding's ``padding_idx`` (its row gets no weight
         gradient, as ``nn.Embedding`` gives it none), or None. The output does not
         depend on it.
-      pool_rows, pool_scale: with rank-true storage, the batch's row table [L * R] (replicated) and A's
-        int8 scales [1, rows] (or None): lora_a is then A's pool [1, vocab, rows] (split on the vocabulary),
-        from which each token's R values are read at its id and its lane's rows, as on one device.
+      pool_rows, pool_scale, pool_b_scale, pool_dtype: with rank-true storage, the batch's row table [L, R]
+        (replicated), A's and B's int8 scales [1, rows] (or None) and the adapters' dtype: lora_a is then A's
+        pool [1, vocab, rows] (split on the vocabulary), from which each token's R values are read at its id
+        and its lane's rows, and lora_b B's pool [1, rows, D] (whole), of which ``pooled_expand`` reads the
+        lanes' true-rank rows, as on one device.
 
     Returns:
       [N, D] in weight's dtype.
@@ -332,8 +336,13 @@ def sharded_embedding(
     a = _enter_factor(p, lora_a, (None, look.vocab_axis, None))  # [L, vocab_local, R] (a pool: [1, vocab_local, rows])
     base = scaled(torch.where(look.inside, w.index_select(0, look.local), 0), look.factor)  # [N_local, D]
     b = _enter_factor(p, lora_b, (None, None, None))
-    s = look.a_rows(a) if pool_rows is None else look.pooled_a_rows(p, a, pool_rows, pool_scale, b)  # [N_local, R]
-    partial = torch.ops.xla_lora.bgmv_expand(s, b, base.to(b.dtype), look.idx, True, backend)
+    if pool_rows is None:
+        partial = torch.ops.xla_lora.bgmv_expand(look.a_rows(a), b, base.to(b.dtype), look.idx, True, backend)
+    else:
+        table = p.enter(pool_rows, (None, None), placed=_placed(pool_rows))
+        s = look.pooled_a_rows(p, a, table, pool_scale, pool_dtype)  # [N_local, R]
+        b_scale = None if pool_b_scale is None else p.enter(pool_b_scale, (None, None), placed=True)[0]
+        partial = torch.ops.xla_lora.pooled_expand(s, b[0], base.to(pool_dtype), look.idx, table, b_scale, backend)
     partial = partial.to(base.dtype)  # reduced in the model's dtype, as the base lookup alone would be
     if look.vocab_axis is None:
         return p.leave(partial, (p.data_axis, None), (ids.shape[0], weight.shape[1]))
@@ -363,17 +372,17 @@ class _Lookup:
         self.rows = self.idx.clamp(0, lora_a.shape[0] - 1) * self.vocab + self.local
 
     def pooled_a_rows(
-        self, p, pool: torch.Tensor, rows: torch.Tensor, pool_scale: torch.Tensor | None, b: torch.Tensor
+        self, p, pool: torch.Tensor, table: torch.Tensor, pool_scale: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
-        """[N_local, R]: each token's (scaled) A row read from this shard's slice of A's pool [1, vocab_local,
-        rows] at its local id and its lane's rows (int8 values dequantised), zero for ids of other shards."""
-        table = p.enter(rows, (None,), placed=_placed(rows)).reshape(b.shape[0], b.shape[1]).long()
-        lane_rows = table.index_select(0, self.idx.clamp(0, b.shape[0] - 1).long())  # [N_local, R]
+        """[N_local, R] in ``dtype``: each token's (scaled) A row read from this shard's slice of A's pool [1,
+        vocab_local, rows] at its local id and its lane's rows of the row table [L, R] (int8 values
+        dequantised), zero for ids of other shards."""
+        lane_rows = table.long().index_select(0, self.idx.clamp(0, table.shape[0] - 1).long())  # [N_local, R]
         s = pool.reshape(-1)[self.local[:, None].long() * pool.shape[2] + lane_rows]
         if pool_scale is not None:
             row_scale = p.enter(pool_scale, (None, None), placed=True)[0]
-            s = (s.to(torch.float32) * row_scale[lane_rows]).to(b.dtype)
-        return scaled(torch.where(self.inside, s, 0), self.factor)
+            s = s.to(torch.float32) * row_scale[lane_rows]
+        return scaled(torch.where(self.inside, s.to(dtype), 0), self.factor)
 
     def a_rows(self, a: torch.Tensor) -> torch.Tensor:
         """[N_local, R]: each token's (scaled) A row on this shard, zero for ids of other shards."""
@@ -393,6 +402,10 @@ def sharded_grouped_matmul(
     row_parallel: bool,
     key: str,
     backend: str,
+    pool_table: torch.Tensor | None = None,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    pool_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One projection of a mixture-of-experts layer, tensor (and expert) parallel, per shard.
 
@@ -404,6 +417,11 @@ def sharded_grouped_matmul(
         (slot, expert) entry (outside [0, L * E): no LoRA); all three None: the base alone.
       row_parallel: the down projection (split on its input, the expert width); else the
         up projection (split on its output).
+      pool_table, a_scale, b_scale, pool_dtype: with rank-true storage read in place, the (lane, expert) entries'
+        row table [L * E, R] into the pools seen as [E * (P + 2), width] (``ExpertsWithLoRA._entry_rows``,
+        replicated), the pools' int8 scales [E, P + 2] (or None) and the adapters' dtype: lora_a and lora_b are
+        then the pools [E, P + 2, in or out], split as the slot buffers they stand for, and each shard runs
+        ``pooled_shrink_expand`` on its slices of them, each entry at its true rank, as one device does.
 
     Returns:
       without bias, in rows' dtype: the up projection [S, out] split on out, or with an expert
@@ -423,7 +441,9 @@ def sharded_grouped_matmul(
     p = _placement(key)
     view = _ExpertRows(p, rows, weight, group_sizes, lora_rows, transposed, row_parallel)
     out = view.grouped(view.x, view.w, transposed)
-    if lora_rows is not None:
+    if lora_rows is not None and pool_table is not None:
+        out = _pooled_expert_lora(p, view, out, (lora_a, lora_b), pool_table, (a_scale, b_scale), pool_dtype, backend)
+    elif lora_rows is not None:
         out = _expert_lora(p, view.x, out, lora_a, lora_b, view.idx, row_parallel, backend)
     width = weight.shape[2] if transposed else weight.shape[1]
     count = view.x.shape[0]
@@ -449,6 +469,18 @@ def _expert_lora(p, x, out, lora_a, lora_b, idx, row_parallel: bool, backend: st
     return lora.to(out.dtype)
 
 
+def _pooled_expert_lora(p, view, out, pools, table, scales, dtype, backend: str) -> torch.Tensor:
+    """``out`` plus each routed row's (lane, expert) LoRA read from this shard's slices of the pools [E, P + 2,
+    width] at the entry's true rank (``pooled_shrink_expand`` on them seen as [E * (P + 2), width])."""
+    specs = _expert_specs(p, view.row_parallel)
+    a, b = (p.enter(t, spec, placed=True).flatten(0, 1) for t, spec in zip(pools, specs, strict=True))
+    a_scale, b_scale = (None if t is None else p.enter(t, (None, None), placed=True).flatten() for t in scales)
+    local_table = p.enter(table, (None, None), placed=_placed(table))
+    x, y = view.x.to(dtype), out.to(dtype)
+    lora = torch.ops.xla_lora.pooled_shrink_expand(x, a, b, y, view.idx, local_table, a_scale, b_scale, 1.0, backend)
+    return lora.to(out.dtype)
+
+
 class _ExpertRows:
     """One shard's view of an expert projection's routed rows (inside the region, forward and backward).
 
@@ -465,6 +497,7 @@ class _ExpertRows:
 
     def __init__(self, p, rows, weight, group_sizes, lora_rows, transposed: bool, row_parallel: bool) -> None:
         axis, experts_axis = p.axis, p.expert_axis
+        self.row_parallel = row_parallel
         if experts_axis is not None and row_parallel:  # the up projection's stacked output
             self.in_spec = (experts_axis, None, axis)
             self.x = p.enter(rows, self.in_spec)[0]
@@ -517,7 +550,7 @@ class _ExpertRows:
 
 
 @sharded_grouped_matmul.register_fake
-def _(rows, weight, group_sizes, lora_a, lora_b, lora_rows, transposed, row_parallel, key, backend):
+def _(rows, weight, group_sizes, lora_a, lora_b, lora_rows, transposed, row_parallel, key, backend, *pooled):
     width = weight.shape[2] if transposed else weight.shape[1]
     p = _placement(key)
     if p.expert_axis is not None and not row_parallel:
@@ -1082,7 +1115,7 @@ def _embedding_backward(ctx, grad: torch.Tensor):
     args = (grad, ids, weight, lora_a, lora_b, indices, scale, ctx.scale_value, ctx.key, ctx.backend)
     grads = _ops.sharded_embedding_backward(*args, ctx.padding_idx, *flags)
     # (Pooled A, read per token, is only passed when no adapter trains: its buffers get no gradient.)
-    return None, *_needed(grads, flags), *(None,) * 8
+    return None, *_needed(grads, flags), *(None,) * 10
 
 
 # -- sharded_grouped_matmul ----------------------------------------------------------------------------
@@ -1169,7 +1202,7 @@ def _(grad, rows, weight, group_sizes, lora_a, lora_b, lora_rows, transposed, ro
 
 
 def _grouped_setup(ctx, inputs, output) -> None:
-    rows, weight, group_sizes, lora_a, lora_b, lora_rows, transposed, row_parallel, key, backend = inputs
+    rows, weight, group_sizes, lora_a, lora_b, lora_rows, transposed, row_parallel, key, backend, *_ = inputs
     ctx.save_for_backward(rows, weight, group_sizes, lora_a, lora_b, lora_rows)
     ctx.transposed, ctx.row_parallel, ctx.key, ctx.backend = transposed, row_parallel, key, backend
 
@@ -1181,7 +1214,8 @@ def _grouped_backward(ctx, grad: torch.Tensor):
     args = (grad, rows, weight, group_sizes, lora_a, lora_b, lora_rows, ctx.transposed, ctx.row_parallel)
     grads = _ops.sharded_grouped_matmul_backward(*args, ctx.key, ctx.backend, *flags)
     d_rows, d_w, d_a, d_b = _needed(grads, flags)
-    return d_rows, d_w, None, d_a, d_b, *(None,) * 5
+    # (Pools read in place are only passed when autograd records no gradient: see ExpertsWithLoRA._reads_pool.)
+    return d_rows, d_w, None, d_a, d_b, *(None,) * 9
 
 
 # -- replicated: a sharding annotation, whose gradient is the output gradient ---------------------------

@@ -537,24 +537,36 @@ class LayerSharding:
         vocab or replicated layer adds its shard's columns of the LoRA to the base layer's output
         (``xla_lora::sharded_pooled_lora``); a row-parallel layer adds its input slice's LoRA partial to its base
         partial, reduced together (``xla_lora::sharded_pooled_row_linear``)."""
-        pools = (layer.lora_a_pool, layer.lora_b_pool)
-        rows, scales = layer.context.rows, tuple(getattr(layer, f"{n}_scale", None) for n in ("lora_a", "lora_b"))
-        dtype = layer.adapter_dtype
         if self.kind == "row":
             base = layer.base_layer
             transposed = not isinstance(base, nn.Linear)
             y = torch.ops.xla_lora.sharded_pooled_row_linear(
-                x2, base.weight, *pools, slots, rows, *scales, layer.max_loras, dtype, transposed, self.key, backend
+                x2, base.weight, *self._pool_operands(layer, slots), layer.adapter_dtype, transposed, self.key, backend
             )
             if getattr(base, "bias", None) is not None:
                 y = y + base.bias
             return y.reshape(*x.shape[:-1], layer.out_features)
         y = layer.base_layer(x)
-        base_out = y.reshape(-1, layer.out_features).to(dtype)
-        out = torch.ops.xla_lora.sharded_pooled_lora(
-            x2.to(dtype), *pools, base_out, slots, rows, *scales, layer.max_loras, self.key, backend
-        )
+        out = self._pooled_columns(layer, x2, y.reshape(-1, layer.out_features), slots, backend)
         return out.reshape(y.shape).to(y.dtype)
+
+    def _pooled_columns(
+        self, layer: BaseLayerWithLoRA, x2: torch.Tensor, base: torch.Tensor, slots: torch.Tensor, backend: str
+    ) -> torch.Tensor:
+        """base [N, out] + each token's LoRA of x2 [N, in] read from the pools on each shard's columns
+        (``xla_lora::sharded_pooled_lora``), in the adapters' dtype."""
+        dtype = layer.adapter_dtype
+        a_pool, b_pool, *rest = self._pool_operands(layer, slots)
+        return torch.ops.xla_lora.sharded_pooled_lora(
+            x2.to(dtype), a_pool, b_pool, base.to(dtype), *rest, self.key, backend
+        )
+
+    @staticmethod
+    def _pool_operands(layer: BaseLayerWithLoRA, slots: torch.Tensor) -> tuple:
+        """(A's pool, B's pool, slots, the batch's row table, A's scales, B's scales, max_loras): what the pooled
+        linear regions take, in their order."""
+        scales = (getattr(layer, f"{name}_scale", None) for name in ("lora_a", "lora_b"))
+        return (layer.lora_a_pool, layer.lora_b_pool, slots, layer.context.rows, *scales, layer.max_loras)
 
     def fuses_base(self, layer: BaseLayerWithLoRA, x: torch.Tensor) -> bool:
         """Whether ``layer`` runs ``linear_lora`` (base matmul and LoRA in one op) on each shard.
@@ -599,11 +611,14 @@ class LayerSharding:
         # The base module's forward does not run: its embed_scale (if any) is applied in the region.
         scale = embed_scale(module)
         tensor, value = (scale, None) if isinstance(scale, torch.Tensor) else (None, scale)
-        pooled = (None, None)
+        pooled = ()
         if layer.pool_rows is not None and not layer.trainable:
-            # The tokens' A rows straight from the pool on each shard (O(T * R)), as on one device; B gathered.
-            lora_a, lora_b = layer.lora_a_pool, layer.slot_buffers(("lora_b",))["lora_b"]
-            pooled = (layer.context.rows, getattr(layer, "lora_a_scale", None))
+            # As on one device: the tokens' A rows straight from the pool on each shard (O(T * R)), and the
+            # lanes' true-rank rows of B's pool (pooled_expand).
+            lora_a, lora_b = layer.lora_a_pool, layer.lora_b_pool
+            rows = layer.context.rows.reshape(layer.max_loras, layer.max_rank)
+            scales = (getattr(layer, f"{name}_scale", None) for name in ("lora_a", "lora_b"))
+            pooled = (rows, *scales, layer.adapter_dtype)
         else:
             lora_a, lora_b = layer.slot_factors()
         y = torch.ops.xla_lora.sharded_embedding(
@@ -627,12 +642,15 @@ class LayerSharding:
         param: str,
         rows: torch.Tensor,
         group_sizes: torch.Tensor,
-        lora_a: torch.Tensor | None,
-        lora_b: torch.Tensor | None,
+        lora_a: torch.Tensor | str | None,
+        lora_b: torch.Tensor | str | None,
         lora_rows: torch.Tensor | None,
+        table: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One projection of an expert layer on the mesh: the grouped matmul of the routed ``rows`` [S, in]
         (sorted by expert, ``group_sizes`` [E]) and each row's (slot, expert) LoRA, per shard; bias not added.
+        With a pool ``table`` (``ExpertsWithLoRA._entry_rows``), ``lora_a`` and ``lora_b`` name the buffers
+        whose pools each shard reads in place, each entry at its true rank.
 
         The up projection (``param`` = ``layer.up_name``) is column-parallel inside every expert: each
         shard multiplies all rows by its slice of the expert width and adds the LoRA expand into its
@@ -649,6 +667,11 @@ class LayerSharding:
         (``xla_lora::sharded_grouped_matmul_backward``), reducing only what several shards compute parts of.
         """
         weight = getattr(layer.base_layer, param)
+        pooled = ()
+        if table is not None:
+            names = (lora_a, lora_b)
+            lora_a, lora_b = (getattr(layer, f"{name}_pool") for name in names)
+            pooled = (table, *(getattr(layer, f"{name}_scale", None) for name in names), layer.adapter_dtype)
         return torch.ops.xla_lora.sharded_grouped_matmul(
             rows,
             weight,
@@ -660,6 +683,7 @@ class LayerSharding:
             param == "down_proj",
             self.key,
             layer.backend,
+            *pooled,
         )
 
     def router_lora(
@@ -669,6 +693,9 @@ class LayerSharding:
         every shard computes all E logits of its tokens, as the separate path of a replicated linear layer)."""
         x2 = x.reshape(-1, layer.in_features)
         metadata, _ = self._metadata(layer, x2.shape[0])
+        if layer._reads_pool(x2, layer.backend, logits):  # rank-true pools, read in place on each shard
+            out = self._pooled_columns(layer, x2, logits.reshape(-1, layer.out_features), slots, layer.backend)
+            return out.reshape(logits.shape).to(logits.dtype)
         lora_a, lora_b = layer.slot_factors()
         out = torch.ops.xla_lora.sharded_linear(
             x2.to(lora_a.dtype),

@@ -250,7 +250,8 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         base = self.base_layer
         bias = getattr(base, f"{param}_bias") if getattr(base, "has_bias", False) else None
         if self.tensor_parallel is not None:  # on a mesh: per-shard regions, see sharding.py
-            out = self.tensor_parallel.expert_projection(self, param, rows, group_sizes, lora_a, lora_b, lora_rows)
+            placement = self.tensor_parallel
+            out = placement.expert_projection(self, param, rows, group_sizes, lora_a, lora_b, lora_rows, table)
             return out if bias is None else out + bias[expert_sorted]
         out = grouped_matmul(rows, getattr(base, param), group_sizes, self.transposed)
         if bias is not None:
@@ -266,11 +267,12 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
     def _reads_pool(self, x: torch.Tensor, backend: str, *operands: torch.Tensor | None) -> bool:
         """Whether the forward reads each (lane, expert) entry's true-rank rows straight from the pools
         (``pooled_shrink_expand`` on the pools seen as ``[E * (P + 2), width]``, :meth:`_entry_rows`) instead of
-        gathering ``[L * E, R, width]`` slot buffers per step: a pooled layer on one device without trainable
-        adapters, autograd recording no gradient for the rows or the experts' weights; where the Pallas kernel
-        runs, float pools whose per-expert stride (P + 2) and placement are whole aligned pages of
-        :data:`pool.KERNEL_PAGE_ROWS` rows (the allocator keeps it so, ``pool.kernel_pool_rows``)."""
-        if self.pool_rows is None or self.trainable or self.tensor_parallel is not None:
+        gathering ``[L * E, R, width]`` slot buffers per step: a pooled layer without trainable adapters (on a
+        mesh, each shard reads its slices of the pools), autograd recording no gradient for the rows or the
+        experts' weights; where the Pallas kernel runs, float pools whose per-expert stride (P + 2) and
+        placement are whole aligned pages of :data:`pool.KERNEL_PAGE_ROWS` rows (the allocator keeps it so,
+        ``pool.kernel_pool_rows``)."""
+        if self.pool_rows is None or self.trainable:
             return False
         if needs_grad(x, *operands, *self.base_layer.parameters()):
             return False
