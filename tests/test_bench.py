@@ -123,7 +123,7 @@ def test_command_line_restarts_with_reused_memory():
 
 
 def test_pool_pairs_the_layouts_and_checks_they_agree(capsys):
-    """``bench pool --quick``: a row per scenario (its two quick ones) and step with the padded step's time and
+    """``bench pool --quick``: a row per scenario (its quick one) and step with the padded step's time and
     both pools' ratios; the layouts' logits are compared before timing (a float pool off by 1e-3 of the logits is
     refused)."""
     import json
