@@ -57,6 +57,7 @@ from .pages import (
     scale_tile_copy,
 )
 from .pages import padded_scale_rows as padded_scale_rows  # re-exported: callers size page scales by it
+from .pages import page_scales_of as page_scales_of  # re-exported: callers build page scales by it
 from .visits import LaneBlocks, max_chunks
 
 logger = logging.getLogger(__name__)
@@ -600,13 +601,14 @@ def pooled_step_pages(i: int, meta, ranks, lanes: int) -> int:
 )
 def pooled_shrink_expand(
     x: jax.Array,  # [T_pad, D], the compute dtype
-    a_pool: jax.Array,  # [P + 2, D], x's dtype or int8
-    b_pool: jax.Array,  # [P + 2, Dout], a_pool's dtype
+    a_pool: jax.Array,  # [P + 2, D], x's dtype or int8; or stacked [E, P + 2, D] (rows numbered as if flattened)
+    b_pool: jax.Array,  # [P + 2, Dout] (or [E, P + 2, Dout]), a_pool's dtype
     base: jax.Array,  # [T_pad, Dout], x's dtype
     meta: LaneBlocks,
     page_table: jax.Array,  # [L * pages(R) + L] int32: lane l's page p starts at row [l * pages(R) + p], its
     # true rank at [L * pages(R) + l] (``pool.page_table``, built on the host per batch)
     page_scales: jax.Array | None,  # int8 pools: [N] f32, a_scale * b_scale of each row, N whole 1024-row tiles
+    # (stacked pools: each pool's P + 2 scales padded to whole tiles, ``page_scales_of``)
     *,
     scaling: float,
     block_sizes: BlockSizes,
@@ -631,13 +633,15 @@ def pooled_shrink_expand(
     estimate (default: ``lanes`` adapters of rank R).
     """
     num_tokens, hidden = x.shape
-    out_dim = b_pool.shape[1]
+    out_dim = b_pool.shape[-1]
     num_slots = page_table.shape[0] // (pages(rank) + 1)
     dtype = x.dtype
     int8 = page_scales is not None
     if int8 and page_scales.shape[0] % SCALE_TILE_ROWS:
         raise ValueError(f"page_scales must hold whole tiles of {SCALE_TILE_ROWS} rows, got {page_scales.shape}")
-    pooled = Pooled(rank, int8, num_slots, page_scales.shape[0] if int8 else 0)
+    stride = a_pool.shape[1] if a_pool.ndim == 3 else 0  # stacked pools: rows per pool
+    scale_rows = page_scales.shape[0] if int8 else 0
+    pooled = Pooled(rank, int8, num_slots, scale_rows, stride, scale_rows // a_pool.shape[0] if stride else 0)
     block_sizes.check(hidden, out_dim)
     spec = grid_spec(num_tokens, hidden, out_dim, rank, num_slots, dtype, block_sizes, lanes, pooled)
     spec.grid = (meta.num_active[0], spec.grid[1])

@@ -23,6 +23,12 @@ int8 pools: each page is staged as int8 (:func:`page_copy` into a staging buffer
 the shrink (:func:`row_scales`), read from the pool's page-scale array ``[N]`` float32 (N whole
 :data:`SCALE_TILE_ROWS` tiles): each used page's tile DMA'd into SMEM (:func:`scale_tile_copy`), or the
 whole array once where that is fewer tiles (:func:`choose_scale_mode`, priced by :func:`scale_read_bytes`).
+
+Stacked pools ``[E, P + 2, W]`` (an experts layer's, one per expert, P + 2 a multiple of 8): the page table
+numbers their rows as if flattened, every page lies inside one pool, and :func:`page_copy` DMAs it from the
+3-D array in place (a v6e tiles an int8 array 32 rows deep when its row count is a multiple of 32, which the
+flattened view's may be where each pool's is not); their page scales are laid out per pool, each padded to
+whole tiles (:attr:`Pooled.scale_stride`).
 """
 
 from __future__ import annotations
@@ -53,12 +59,19 @@ class Pooled(NamedTuple):
       int8: the pools hold int8 rows, scaled per row by the page-scale array.
       num_slots: the lanes L: the page table holds L * pages(R) page starts, then the L ranks.
       scale_rows: (int8) N, the page-scale array's length.
+      stride: stacked pools [E, P + 2, W] (an experts layer's): P + 2, the rows of each (the page table's rows
+        are numbered as if the pools were flattened); 0: one pool [P + 2, W].
+      scale_stride: (int8, stacked) the page-scale entries of each pool: its P + 2 scales padded to whole
+        tiles, so that pool e's row r has its scale at ``e * scale_stride + r`` and a tail that crosses no tile
+        of its own pool crosses none of the array (:meth:`PageTable.scale_row`).
     """
 
     rank: int
     int8: bool
     num_slots: int = 0
     scale_rows: int = 0
+    stride: int = 0
+    scale_stride: int = 0
 
     @property
     def whole_scales(self) -> bool:
@@ -74,6 +87,16 @@ def pages(rank: int) -> int:
 def padded_scale_rows(rows: int) -> int:
     """N of a page-scale array over ``rows`` pool rows: whole :data:`SCALE_TILE_ROWS` tiles."""
     return -(-rows // SCALE_TILE_ROWS) * SCALE_TILE_ROWS
+
+
+def page_scales_of(product: jax.Array, stacked: int = 0) -> jax.Array:
+    """The page-scale array of a pool's per-row ``a_scale * b_scale`` [rows] float32: padded to whole tiles; for
+    ``stacked`` pools (E of them, rows = E * (P + 2)) each pool's scales padded to whole tiles, one block per pool
+    (:attr:`Pooled.scale_stride`)."""
+    if not stacked:
+        return jnp.pad(product, (0, padded_scale_rows(product.shape[0]) - product.shape[0]))
+    per_pool = product.reshape(stacked, -1)
+    return jnp.pad(per_pool, ((0, 0), (0, padded_scale_rows(per_pool.shape[1]) - per_pool.shape[1]))).reshape(-1)
 
 
 def scale_read_bytes(page_tiles: int, scale_rows: int) -> int:
@@ -104,6 +127,14 @@ class PageTable:
         self.ref = table_ref
         self.per_lane = pages(pooled.rank)
         self.rank_offset = pooled.num_slots * self.per_lane
+        self.stride, self.scale_stride = pooled.stride, pooled.scale_stride
+
+    def scale_row(self, row):
+        """The page-scale entry of pool row ``row``: the row itself, or in stacked pools with their scales laid
+        out per pool (:attr:`Pooled.scale_stride`) its pool's block of them at its row within the pool."""
+        if not self.stride:
+            return row
+        return row // self.stride * self.scale_stride + row % self.stride
 
     def rank(self, slot):
         """The true rank of ``slot`` (0 for a chunk's unused lanes, slot -1)."""
@@ -143,7 +174,16 @@ class PageTable:
 
 
 def page_copy(source, row, columns, target, sem):
-    """The DMA of the aligned page starting at pool row ``row`` (a multiple of 8), ``columns`` of it, to ``target``."""
+    """The DMA of the aligned page starting at pool row ``row`` (a multiple of 8), ``columns`` of it, to ``target``.
+
+    ``source`` [P + 2, W], or stacked pools [E, P + 2, W] (an experts layer's, P + 2 a multiple of 8) whose rows
+    are numbered as if flattened: row r is row ``r % (P + 2)`` of pool ``r // (P + 2)``. Stacked, the DMA reads
+    the 3-D array in place, where the flattened view of an int8 one whose row count is a multiple of 32 would be
+    tiled 32 rows deep on a v6e and refuse 8-row pages (``python -m torch_xla_lora.bench.page_dma --stacked``)."""
+    if len(source.shape) == 3:
+        stride = source.shape[1]
+        within = pl.multiple_of(row % stride, PAGE_ROWS)
+        return pltpu.make_async_copy(source.at[row // stride, pl.ds(within, PAGE_ROWS), columns], target, sem)
     return pltpu.make_async_copy(source.at[pl.ds(row, PAGE_ROWS), columns], target, sem)
 
 
@@ -181,7 +221,7 @@ def convert_pages(table: PageTable, slots, staging, dest, stride: int) -> None:
 
 def scale_tile_copy(scales_hbm, s_buf, table: PageTable, slot, lane: int, page, sem):
     """The page-scale tile of ``slot``'s page ``page`` into its place (chunk position ``lane``) of the SMEM buffer."""
-    row = table.start(slot, page)
+    row = table.scale_row(table.start(slot, page))
     first = pl.multiple_of(row // SCALE_TILE_ROWS * SCALE_TILE_ROWS, SCALE_TILE_ROWS)
     place = pl.multiple_of((lane * table.per_lane + page) * SCALE_TILE_ROWS, SCALE_TILE_ROWS)
     return pltpu.make_async_copy(
@@ -228,7 +268,7 @@ def row_scales(table: PageTable, slots, stride: int, width: int, s_buf, mode_ref
     for lane, slot in enumerate(slots):
         for page in range(table.per_lane):
             offset, count = table.span(slot, page)
-            aligned = table.start(slot, page) - offset
+            aligned = table.scale_row(table.start(slot, page) - offset)  # the tail's rows: contiguous in a pool
             first = lane * stride + page * PAGE_ROWS
 
             def body(j, acc, lane=lane, page=page, aligned=aligned, first=first):

@@ -554,13 +554,22 @@ def test_mixed_batch_in_a_pool_equals_peft(arch, on_xla, backend, saved, xla_dev
     assert set(lora.memory()["adapters"]) == {"math", "code"}
 
 
-def test_int8_expert_pools_equal_plain_math_on_int8_rounded_factors(saved, xla_device):
+@pytest.mark.parametrize("backend", ["auto", "pallas"])
+def test_int8_expert_pools_equal_plain_math_on_int8_rounded_factors(backend, saved, xla_device, monkeypatch):
     """int8 expert pools read at their true rank compute exactly the adapters with each (slot, expert) entry's
     rank rows rounded to int8 (one absmax scale per row, rounded here in plain torch from the padded float
     slots), by the float64 plain experts (the int8 quality bound against float adapters is measured on whole
-    models: ``bench memory --quality``, tests/test_pool.py)."""
+    models: ``bench memory --quality``, tests/test_pool.py). On "pallas" (the allocator's aligned pages) the layer
+    hands the op its four pools stacked, [E, P + 2, width], nothing gathered; at this model's widths (32, under
+    the kernel's 128 lanes) the op reads them by its XLA-native path: the kernel's reading of stacked int8 pools
+    is tests/test_pooled_kernel.py's, and libtpu compiles it (tests/test_tpu_compile.py)."""
+
+    def gathered(*args, **kwargs):
+        raise AssertionError("a layer gathered its lanes into slots")
+
+    monkeypatch.setattr(pool, "gather_slots", gathered)
     dirs = saved("Mixtral")
-    model, lora = served("Mixtral", dirs, xla_device, memory_budget=10**7, weight_dtype="int8")
+    model, lora = served("Mixtral", dirs, xla_device, memory_budget=10**7, weight_dtype="int8", backend=backend)
     float_model, float_lora = served("Mixtral", dirs, torch.device("cpu"))  # padded float slots: the factors
     lora.set_batch(ROWS)
     float_lora.set_batch(ROWS)

@@ -16,6 +16,7 @@ from conftest import assert_close
 
 import torch_xla_lora as tl
 from torch_xla_lora import ops, pool
+from torch_xla_lora.errors import ShapeError
 from torch_xla_lora.kernels import fused
 
 DATA_ROWS = 64  # 8 pages of 8 rows
@@ -146,6 +147,69 @@ def test_op_reads_each_lane_at_its_true_rank(backend, kind, dtype, blocks, xla_d
     assert torch.equal(out[outside], base[outside])
     # The CPU reference (the op on CPU tensors) reads the same rows and agrees.
     assert_close(ops.pooled_shrink_expand(*args, scaling=SCALING), out.double(), dtype)
+
+
+#: Stacked pools [E, P + 2, W] (an experts layer's): the module's layout in pool 2 of 3 pools of 488 rows, whose
+#: rows 976 on, numbered as if flattened, put lane 3's spilled tail (pool rows 45-49) across row 1024, the edge of
+#: a page-scale tile of the flattened rows, but of none of the pool's own.
+STACKED_POOLS, STACKED_ROWS, STACKED_AT = 3, 488, 2
+
+
+def _stacked(kind: str, dtype: torch.dtype):
+    """(a_pool, b_pool [E, P + 2, W], rows numbered as flattened, a_scale, b_scale [E * (P + 2)], dense A and B
+    flattened in float64): :func:`_pools`' rows moved into pool ``STACKED_AT``, every other row poisoned (NaN in A,
+    Inf in B; int8: in the scales), the last pool's zero row zero."""
+    int8 = kind.startswith("int8")
+    a, b, rows, a_scale, b_scale, dense_a, dense_b = _pools(int8, dtype)
+    total, first = STACKED_POOLS * STACKED_ROWS, STACKED_AT * STACKED_ROWS
+    zero = total - 2  # the flattened pools' zero row: the last pool's row P
+    moved = torch.where(rows == DATA_ROWS, zero, rows + first)
+    placed = torch.arange(first, first + DATA_ROWS)
+
+    def spread(values, fill):
+        out = torch.full((total, *values.shape[1:]), fill, dtype=values.dtype)
+        out[placed] = values[:DATA_ROWS]
+        out[zero] = 0
+        return out
+
+    flat_a, flat_b = spread(dense_a, float("nan")), spread(dense_b, float("inf"))
+    if int8:
+        a_pool, b_pool = spread(a, 0), spread(b, 0)
+        a_scale, b_scale = spread(a_scale, float("nan")), spread(b_scale, float("inf"))
+        a_scale[zero], b_scale[zero] = 1, 1
+        flat_a[zero], flat_b[zero] = 0, 0
+    else:
+        a_pool, b_pool = flat_a.to(dtype), flat_b.to(dtype)
+    stacked = [t.reshape(STACKED_POOLS, STACKED_ROWS, -1) for t in (a_pool, b_pool)]
+    return (*stacked, moved, a_scale, b_scale, flat_a, flat_b)
+
+
+@pytest.mark.parametrize(
+    ("backend", "kind", "dtype"),
+    [("pallas", "int8 pages", torch.float32), ("pallas", "int8", torch.bfloat16), ("pallas", "float", torch.float32),
+     ("xla", "int8", torch.float32)],
+    ids=lambda v: str(v).removeprefix("torch."),
+)  # fmt: skip
+def test_stacked_pools_are_read_in_place_as_if_flattened(backend, kind, dtype, xla_device, monkeypatch):
+    """Stacked pools [E, P + 2, W] (an experts layer's) with rows numbered as if flattened: the Pallas kernel
+    (interpret mode) DMAs each page from the 3-D array in place (on a v6e an int8 pool flattened to a multiple of 32
+    rows would be tiled 32 deep, ``tests/test_tpu_compile.py``) and, in "int8 pages" (each page's scale tile, not
+    the whole array), reads the scales laid out per pool: lane 3's spilled tail crosses row 1024 of the flattened
+    rows, so a flattened scale layout would give some of its rows another tile's scales. Against float64 math on
+    the flattened rows; every row outside the lanes' is poisoned."""
+    if kind == "int8 pages":
+        monkeypatch.setattr("torch_xla_lora.kernels.pages.SMEM_SCALE_ROWS", DATA_ROWS)
+    a_pool, b_pool, rows, a_scale, b_scale, dense_a, dense_b = _stacked(kind, dtype)
+    x, base, lanes = _batch(dtype)
+    args = [x, a_pool, b_pool, base, lanes, rows, a_scale, b_scale]
+    pages = pool.page_table(rows, LANES, STACKED_POOLS * STACKED_ROWS - 2).to(xla_device)
+    on_device = [None if t is None else t.to(xla_device) for t in args]
+    out = ops.pooled_shrink_expand(*on_device, scaling=SCALING, backend=backend, pages=pages).cpu()
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_close(out, _expected(x, base, lanes, rows, dense_a, dense_b), dtype)
+    assert_close(ops.pooled_shrink_expand(*args, scaling=SCALING), out.double(), dtype)  # the CPU reference
+    with pytest.raises(ShapeError, match=r"b_pool's \[E, P \+ 2\] must equal"):
+        ops.pooled_shrink_expand(*args[:2], b_pool[:2], *args[3:], scaling=SCALING)
 
 
 EXPAND_CASES = [  # (backend, int8 pool, compute dtype, tokens): the packed decode path on every backend, then longer

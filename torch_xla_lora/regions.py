@@ -473,7 +473,7 @@ def _pooled_expert_lora(p, view, out, pools, table, scales, dtype, backend: str)
     """``out`` plus each routed row's (lane, expert) LoRA read from this shard's slices of the pools [E, P + 2,
     width] at the entry's true rank (``pooled_shrink_expand`` on them seen as [E * (P + 2), width])."""
     specs = _expert_specs(p, view.row_parallel)
-    a, b = (p.enter(t, spec, placed=True).flatten(0, 1) for t, spec in zip(pools, specs, strict=True))
+    a, b = (p.enter(t, spec, placed=True) for t, spec in zip(pools, specs, strict=True))  # stacked pools
     a_scale, b_scale = (None if t is None else p.enter(t, (None, None), placed=True).flatten() for t in scales)
     local_table = p.enter(table, (None, None), placed=_placed(table))
     x, y = view.x.to(dtype), out.to(dtype)

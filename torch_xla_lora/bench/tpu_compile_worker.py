@@ -259,9 +259,10 @@ def build_pooled(cfg: Config, sds, experts: int | None = None):
     """pooled_shrink_expand as the op calls it: pooled_shrink_expand_fn('pallas', chip, ...) on pools of
     ``tpu_grid.POOLED_POOL_ROWS`` rows, the batch's distinct ranks (``tpu_grid.pooled_ranks``) for its estimate.
 
-    ``experts``: as an experts layer calls it (``ExpertsWithLoRA._pooled_lora``): the ``[E, P + 2, width]`` pools,
-    P + 2 whole 8-row pages, flattened in the graph; ``cfg.slots`` the ``L * E`` (lane, expert) entries of the row
-    table, from which the kernel's page table is derived in the graph (no host-built one)."""
+    ``experts``: as an experts layer calls it (``ExpertsWithLoRA._pooled_lora``): the ``[E, P + 2, width]`` pools
+    stacked (P + 2 whole 8-row pages, not a multiple of 32: ``pool.kernel_pool_rows``), read by the kernel in place,
+    their scales flattened; ``cfg.slots`` the ``L * E`` (lane, expert) entries of the row table, from which the
+    kernel's page table (and an int8 pool's page scales, laid out per pool) are derived in the graph."""
     dtype, int8 = jnp.dtype(cfg.dtype), cfg.variant == "int8"
     pool_dtype = jnp.int8 if int8 else dtype
     tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
@@ -270,7 +271,7 @@ def build_pooled(cfg: Config, sds, experts: int | None = None):
     if experts is None:
         pools = [sds((pool_rows, d_in), pool_dtype), sds((pool_rows, d_out), pool_dtype)]
     else:
-        pool_rows = tpu_grid.POOLED_POOL_ROWS + fused.PAGE_ROWS  # each expert's block on an aligned page
+        pool_rows = tpu_grid.POOLED_POOL_ROWS + fused.PAGE_ROWS  # each expert's pool whole pages (4,104 rows)
         pools = [sds((experts, pool_rows, d_in), pool_dtype), sds((experts, pool_rows, d_out), pool_dtype)]
         pool_rows *= experts
     args = [sds((tokens, d_in), dtype), *pools, sds((tokens, d_out), dtype)]
@@ -279,7 +280,12 @@ def build_pooled(cfg: Config, sds, experts: int | None = None):
     with_pages = experts is None
     if with_pages:  # the page table, host-built as the linear layers send it
         args += [sds((slots * fused.pages(rank) + slots,), jnp.int32)]
-    scale_rows = fused.padded_scale_rows(pool_rows)
+    # An int8 pool's page scales: whole tiles (stacked pools: per pool, ``fused.page_scales_of``).
+    scale_rows = (
+        fused.padded_scale_rows(pool_rows)
+        if experts is None
+        else experts * fused.padded_scale_rows(pool_rows // experts)
+    )
     args += [sds((scale_rows,), jnp.float32)] if int8 and with_pages else []  # the page scales beside an int8 pool
     sizes, lanes, run = fused.pooled_plan_call(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, int8)
     padded = sizes.padded_tokens(tokens)
@@ -299,13 +305,7 @@ def build_pooled(cfg: Config, sds, experts: int | None = None):
         "table_bytes": table_bytes,
     }
     fn = _jax.pooled_shrink_expand_fn("pallas", cfg.chip, SCALING, int8, False, ranks, with_pages, int8 and with_pages)
-    if experts is None:
-        return fn, args, info
-
-    def flattened(x, a_pool, b_pool, *rest):
-        return fn(x, a_pool.reshape(-1, d_in), b_pool.reshape(-1, d_out), *rest)
-
-    return flattened, args, info
+    return fn, args, info
 
 
 def build_pooled_experts(cfg: Config, sds):

@@ -232,17 +232,18 @@ class BaseLayerWithLoRA(nn.Module):
         a pool allocated in its aligned pages. Never while autograd records a gradient for ``x``, the op's
         other ``operands`` or the base layer's parameters (unfrozen): the pooled ops have no backward, the
         slot ops do."""
-        if self.pool_rows is None or self.trainable or set(self._buffer_shapes()) != {"lora_a", "lora_b"}:
-            return False
-        if needs_grad(x, *operands, *self.base_layer.parameters()):
+        if not self._serves_pool(x, *operands) or set(self._buffer_shapes()) != {"lora_a", "lora_b"}:
             return False
         if self.lora_a_pool.shape[0] != 1 or self._rank_axes() != {"lora_a": 0, "lora_b": 0}:
             return False
-        if x.device.type == "xla" and self.pool_page_rows % pool.KERNEL_PAGE_ROWS:
-            from torch_xla_lora import ops
+        return self.pool_page_rows % pool.KERNEL_PAGE_ROWS == 0 or not kernel_runs(x, backend)
 
-            return backend == "xla" or (backend == "auto" and ops.device_generation() == "cpu")
-        return True
+    def _serves_pool(self, x: torch.Tensor, *operands: torch.Tensor | None) -> bool:
+        """A pooled layer without trainable adapters, autograd recording no gradient for ``x``, the other
+        ``operands`` or the base layer's parameters: where the pooled ops (which have no backward) may run."""
+        if self.pool_rows is None or self.trainable:
+            return False
+        return not needs_grad(x, *operands, *self.base_layer.parameters())
 
     def _pooled_lora(
         self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, backend: str, metadata: torch.Tensor | None
@@ -397,6 +398,16 @@ def fused_lora(
 TRAIN_FORWARD = True
 
 
+def kernel_runs(x: torch.Tensor, backend: str) -> bool:
+    """Whether an op on ``x`` with ``backend`` runs the Pallas kernels (XLA tensors, "pallas", or "auto" on a TPU),
+    not the XLA-native formulation or the torch reference."""
+    from torch_xla_lora import ops
+
+    if x.device.type != "xla":
+        return False
+    return backend == "pallas" or (backend == "auto" and ops.device_generation() != "cpu")
+
+
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records a gradient for any of ``tensors`` (None: skipped) in this forward."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -418,11 +429,7 @@ def _keeps_s(x: torch.Tensor, need_grad: bool, backend: str, fused_base: bool = 
         return False
     if not (torch.is_grad_enabled() and need_grad):
         return False
-    if fused_base:
-        return True
-    from torch_xla_lora import ops
-
-    return backend == "xla" or (backend == "auto" and ops.device_generation() == "cpu")
+    return fused_base or not kernel_runs(x, backend)
 
 
 def _device_of(module: nn.Module) -> torch.device:

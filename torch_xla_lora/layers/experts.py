@@ -35,7 +35,7 @@ from torch_xla_lora import pool
 from torch_xla_lora.adapters import ExpertsLoRA, ModuleLoRA
 from torch_xla_lora.context import BatchContext
 from torch_xla_lora.errors import InvalidAdapterError, RankTooLargeError
-from torch_xla_lora.layers.base import BaseLayerWithLoRA, fused_lora, needs_grad, to_width
+from torch_xla_lora.layers.base import BaseLayerWithLoRA, fused_lora, kernel_runs, to_width
 from torch_xla_lora.ops._grouped import grouped_matmul
 
 __all__ = ["ExpertsWithLoRA", "RouterWithLoRA"]
@@ -269,21 +269,15 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         (``pooled_shrink_expand`` on the pools seen as ``[E * (P + 2), width]``, :meth:`_entry_rows`) instead of
         gathering ``[L * E, R, width]`` slot buffers per step: a pooled layer without trainable adapters (on a
         mesh, each shard reads its slices of the pools), autograd recording no gradient for the rows or the
-        experts' weights; where the Pallas kernel runs, float pools whose per-expert stride (P + 2) and
-        placement are whole aligned pages of :data:`pool.KERNEL_PAGE_ROWS` rows (the allocator keeps it so,
-        ``pool.kernel_pool_rows``)."""
-        if self.pool_rows is None or self.trainable:
+        experts' weights; where the Pallas kernel runs, pools whose per-expert stride (P + 2) and placement
+        are whole aligned pages of :data:`pool.KERNEL_PAGE_ROWS` rows (the allocator keeps it so,
+        ``pool.kernel_pool_rows``), which the kernel reads stacked, in place."""
+        if not self._serves_pool(x, *operands):
             return False
-        if needs_grad(x, *operands, *self.base_layer.parameters()):
-            return False
-        if x.device.type != "xla":
-            return True
-        from torch_xla_lora import ops
-
-        if backend == "xla" or (backend == "auto" and ops.device_generation() == "cpu"):
+        if not kernel_runs(x, backend):
             return True
         aligned = (self.pool_rows + pool.SPARE_ROWS) % pool.KERNEL_PAGE_ROWS == 0
-        return aligned and self.pool_page_rows % pool.KERNEL_PAGE_ROWS == 0 and self.lora_a_pool.dtype != torch.int8
+        return aligned and self.pool_page_rows % pool.KERNEL_PAGE_ROWS == 0
 
     def _entry_rows(self) -> torch.Tensor:
         """The row table of the ``L * E`` (lane, expert) entries in the pools seen as ``[E * (P + 2), width]``:
@@ -302,7 +296,7 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         """y [N, out] + each row's LoRA of x [N, in] read from the ``name_a`` and ``name_b`` pools at the entry
         ``lanes`` [N] names (outside [0, L * E): none), by ``pooled_shrink_expand``, in y's dtype."""
         dtype = self.adapter_dtype
-        pools = [getattr(self, f"{name}_pool").flatten(0, 1) for name in (name_a, name_b)]  # [E * (P + 2), width]
+        pools = [getattr(self, f"{name}_pool") for name in (name_a, name_b)]  # stacked: [E, P + 2, width]
         scales = [getattr(self, f"{name}_scale", None) for name in (name_a, name_b)]
         out = torch.ops.xla_lora.pooled_shrink_expand(
             x.to(dtype),

@@ -419,15 +419,13 @@ def _pooled_shrink_expand(
     page_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``torch.ops.xla_lora.pooled_shrink_expand``: see :func:`pooled_shrink_expand`."""
-    _validate.pooled_shrink_expand(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale)
-    _validate.backend(backend)
-    _validate.scaling(scaling)
-    _validate.pooled_metadata(metadata, inputs, rows, b_pool.shape[1])
+    flat_a, flat_b = _check_pooled(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling, backend)
+    _validate.pooled_metadata(metadata, inputs, rows, flat_b.shape[1])
     _validate.pooled_pages(pages, inputs, rows)
-    _validate.pooled_page_scales(page_scales, inputs, a_pool)
+    _validate.pooled_page_scales(page_scales, inputs, flat_a, stacked=a_pool.dim() == 3)
     if inputs.device.type != "xla":
-        return reference.pooled_shrink_expand(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling)
-    if _validate.degenerate(*rows.shape, inputs.shape[1], b_pool.shape[1]):  # L, R, D or Dout is 0
+        return reference.pooled_shrink_expand(inputs, flat_a, flat_b, base, lanes, rows, a_scale, b_scale, scaling)
+    if _validate.degenerate(*rows.shape, inputs.shape[1], flat_b.shape[1]):  # L, R, D or Dout is 0
         return base.clone()
     name, generation = _backend(backend)
     int8 = a_scale is not None
@@ -461,13 +459,20 @@ def _(
     pages=None,
     page_scales=None,
 ):
-    _validate.pooled_shrink_expand(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale)
+    flat_a, flat_b = _check_pooled(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling, backend)
+    _validate.pooled_metadata(metadata, inputs, rows, flat_b.shape[1])
+    _validate.pooled_pages(pages, inputs, rows)
+    _validate.pooled_page_scales(page_scales, inputs, flat_a, stacked=a_pool.dim() == 3)
+    return torch.empty_like(base)
+
+
+def _check_pooled(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling, backend):
+    """``pooled_shrink_expand``'s checks of its pools, operands, scaling and backend; the pools as [rows, W]."""
+    flat_a, flat_b = _validate.flat_pools(a_pool, b_pool)
+    _validate.pooled_shrink_expand(inputs, flat_a, flat_b, base, lanes, rows, a_scale, b_scale)
     _validate.backend(backend)
     _validate.scaling(scaling)
-    _validate.pooled_metadata(metadata, inputs, rows, b_pool.shape[1])
-    _validate.pooled_pages(pages, inputs, rows)
-    _validate.pooled_page_scales(page_scales, inputs, a_pool)
-    return torch.empty_like(base)
+    return flat_a, flat_b
 
 
 def pooled_shrink_expand(
@@ -502,8 +507,12 @@ def pooled_shrink_expand(
     Args:
       inputs: [T, D] floating: the compute dtype.
       a_pool: [P + 2, D]: A's rank rows (P data rows, then the zero row P and a scratch row), inputs'
-        dtype or int8.
-      b_pool: [P + 2, Dout], a_pool's dtype: B's rank rows (rank-first).
+        dtype or int8. Or E stacked pools [E, P + 2, D] (an experts layer's, one per expert): ``rows`` and the
+        scales then number their rows as if flattened to [E * (P + 2), D], and the zero row is the last
+        pool's row P. On the "pallas" backend the kernel reads a stacked pool in place (P + 2 a multiple of
+        8, every entry's pages inside one pool), where an int8 pool flattened to a multiple of 32 rows is
+        tiled 32 rows deep on a v6e.
+      b_pool: [P + 2, Dout] (or [E, P + 2, Dout]), a_pool's dtype: B's rank rows (rank-first).
       base: [T, Dout], inputs' dtype.
       lanes: [T] int32: each token's lane; outside [0, L) adds nothing.
       rows: [L, R] int32: each lane's pool rows. On the "pallas" backend a lane of rank r = 8q + t comes in
@@ -521,8 +530,9 @@ def pooled_shrink_expand(
         (``pool.page_table``: each lane's page starts, then its true rank; ``context.pages`` with a memory
         budget). Given, the "pallas" kernel reads it and not ``rows``; else it is derived from ``rows`` in
         the graph, which then reads the whole [L, R] table per call. It must describe ``rows``.
-      page_scales: optional (int8 pools) [N] float32, ``a_scale * b_scale`` of every row, zero past row P + 1,
-        N a multiple of 1024 (``kernels.fused.padded_scale_rows``; a pooled layer keeps it beside its pool).
+      page_scales: optional (int8 pools, not stacked) [N] float32, ``a_scale * b_scale`` of every row, zero
+        past row P + 1, N a multiple of 1024 (``kernels.fused.padded_scale_rows``; a pooled layer keeps it
+        beside its pool).
         Given, the "pallas" kernel reads of it only the 4 KiB tile of each used page (or the whole array
         where that is fewer tiles) and neither ``a_scale`` nor ``b_scale``; else it is computed in the graph
         from both. It must equal their product.

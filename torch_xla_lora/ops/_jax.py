@@ -26,16 +26,16 @@ from torch_xla_lora.ops import _xla_native
 _CACHE_SIZE = 256
 
 
-def page_inputs(rows, a_pool, table, a_scale, b_scale, page_scales):
+def page_inputs(rows, a_pool, table, a_scale, b_scale, page_scales, stacked: int = 0):
     """(page table, page scales) the pooled kernels read: the host-built ones where given, else derived in the
     graph: each lane's page starts (entries 0, 8, 16, ... of its rows) and true ranks from the row table (read
-    whole), and for int8 pools (``a_scale`` given) ``a_scale * b_scale`` padded to whole scale tiles."""
+    whole), and for int8 pools (``a_scale`` given) ``a_scale * b_scale`` padded to whole scale tiles (``stacked``
+    pools, E of them: each pool's, ``fused.page_scales_of``). ``a_pool``: [rows, D], flattened if stacked."""
     if table is None:
         starts = rows[:, :: fused.PAGE_ROWS].reshape(-1).astype(jnp.int32)
         table = jnp.concatenate([starts, _xla_native.lane_ranks(rows, a_pool.shape[0] - 2)])
     if a_scale is not None and page_scales is None:
-        product = a_scale * b_scale
-        page_scales = jnp.pad(product, (0, fused.padded_scale_rows(product.shape[0]) - product.shape[0]))
+        page_scales = fused.page_scales_of(a_scale * b_scale, stacked)
     return table, page_scales
 
 
@@ -248,7 +248,7 @@ def pooled_shrink_expand_fn(
 ) -> Callable:
     """``fn(inputs[T, D], a_pool[P+2, D], b_pool[P+2, Dout], base[T, Dout], lanes[T], rows[L, R]
     [, a_scale[P+2], b_scale[P+2]][, metadata][, pages][, page_scales])`` for one configuration (see
-    ``ops.pooled_shrink_expand``).
+    ``ops.pooled_shrink_expand``; stacked pools [E, P+2, D] and [E, P+2, Dout] with scales [E * (P+2)]).
 
     Backend "pallas", where the pooled kernel runs the shape (``fused.pooled_plan_call``): the kernel
     reads each lane's true-rank pages through the page table: ``pages`` [L * pages(R) + L] as built on the
@@ -265,12 +265,15 @@ def pooled_shrink_expand_fn(
     ``typical_ranks``: the batch's distinct ranks for the kernel's cost estimate (the compile grid).
     """
 
-    def fn(x, a_pool, b_pool, base, lanes, rows, *rest):
+    def fn(x, stacked_a, stacked_b, base, lanes, rows, *rest):
         rest = list(rest)
         a_scale, b_scale = (rest.pop(0), rest.pop(0)) if int8 else (None, None)
         metadata = rest.pop(0) if with_metadata else None
         table = rest.pop(0) if with_pages else None
         page_scales = rest.pop(0) if int8 and with_page_scales else None
+        # Stacked pools [E, P + 2, W] (an experts layer's): the kernel DMAs them in place, the rest reads them
+        # flattened (a bitcast), their rows numbered so.
+        a_pool, b_pool = (pool.reshape(-1, pool.shape[-1]) for pool in (stacked_a, stacked_b))
         num_tokens, hidden = x.shape
         num_slots, rank = rows.shape
         out_dim = b_pool.shape[1]
@@ -296,11 +299,12 @@ def pooled_shrink_expand_fn(
             meta = visits.build_lanes(idx, num_slots, sizes.tokens, lanes_count)
         else:
             meta, _ = visits.unpack(metadata[:-padded], padded, num_slots, sizes.tokens, lanes_count)
-        table, page_scales = page_inputs(rows, a_pool, table, a_scale, b_scale, page_scales)
+        stacked = stacked_a.shape[0] if stacked_a.ndim == 3 else 0
+        table, page_scales = page_inputs(rows, a_pool, table, a_scale, b_scale, page_scales, stacked)
         out = fused.pooled_shrink_expand(
             _pad_rows(x, padded),
-            a_pool,
-            b_pool,
+            stacked_a,
+            stacked_b,
             _pad_rows(base, padded),
             meta,
             table,

@@ -208,6 +208,21 @@ def pooled_shrink_expand(
     _row_scale("b_scale", b_scale, int8, a_pool, "a_pool", inputs)
 
 
+def flat_pools(a_pool: torch.Tensor, b_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pooled_shrink_expand``'s pools as [rows, W] views: 2-D pools as they are, stacked ones [E, P + 2, W]
+    (an experts layer's; both stacked alike, P + 2 >= 2) flattened, their rows numbered so."""
+    if a_pool.dim() != 3 and b_pool.dim() != 3:
+        return a_pool, b_pool
+    for name, pool in (("a_pool", a_pool), ("b_pool", b_pool)):
+        _rank(name, pool, 3, "[E, P + 2, W] (stacked pools: both 3-D)")
+        _at_least(name, pool, 1, 2, "the zero and scratch rows")
+    if b_pool.shape[:2] != a_pool.shape[:2]:
+        raise ShapeError(
+            f"b_pool's [E, P + 2] must equal a_pool's {tuple(a_pool.shape[:2])}, got {tuple(b_pool.shape)}"
+        )
+    return a_pool.flatten(0, 1), b_pool.flatten(0, 1)
+
+
 def pooled_expand(
     inputs: torch.Tensor,
     b_pool: torch.Tensor,
@@ -284,10 +299,15 @@ def pooled_pages(pages: torch.Tensor | None, inputs: torch.Tensor, rows: torch.T
     _device("pages", pages, inputs)
 
 
-def pooled_page_scales(page_scales: torch.Tensor | None, inputs: torch.Tensor, a_pool: torch.Tensor) -> None:
-    """An int8 pool's page scales of ``pooled_shrink_expand``: float32 [N], N >= P + 2 a multiple of 1024."""
+def pooled_page_scales(
+    page_scales: torch.Tensor | None, inputs: torch.Tensor, a_pool: torch.Tensor, stacked: bool = False
+) -> None:
+    """An int8 pool's page scales of ``pooled_shrink_expand``: float32 [N], N >= P + 2 a multiple of 1024; none
+    with stacked pools (the op lays theirs out per pool from ``a_scale`` and ``b_scale``)."""
     if page_scales is None:
         return
+    if stacked:
+        raise ShapeError("page_scales must be None with stacked pools [E, P + 2, W]: pass a_scale and b_scale")
     if a_pool.dtype != torch.int8:
         raise ShapeError(f"page_scales must be None for a {a_pool.dtype} pool (they scale int8 rows)")
     _rank("page_scales", page_scales, 1, "[N]")
