@@ -179,7 +179,7 @@ def page_copy(source, row, columns, target, sem):
     ``source`` [P + 2, W], or stacked pools [E, P + 2, W] (an experts layer's, P + 2 a multiple of 8) whose rows
     are numbered as if flattened: row r is row ``r % (P + 2)`` of pool ``r // (P + 2)``. Stacked, the DMA reads
     the 3-D array in place, where the flattened view of an int8 one whose row count is a multiple of 32 would be
-    tiled 32 rows deep on a v6e and refuse 8-row pages (``python -m torch_xla_lora.bench.page_dma --stacked``)."""
+    tiled 32 rows deep on a v6e and refuse 8-row pages (``python -m torch_xla_lora.bench.page_dma``)."""
     if len(source.shape) == 3:
         stride = source.shape[1]
         within = pl.multiple_of(row % stride, PAGE_ROWS)

@@ -414,8 +414,10 @@ def test_pool_row_dmas_mosaic_compiles():
     libtpu's compiler (``python -m torch_xla_lora.bench.page_dma``, its own process): a DMA of 1, 2 or 4 rows of a
     [P, D] pool is refused on v5e and v6e in every dtype, and so are 8 rows at an offset not known to be a
     multiple of 8; 8 rows at such an offset compile, except from a v6e int8 pool of a multiple of 32 rows
-    (``pool.kernel_pool_rows``). A pool stored [P / g, g, D] with g the rows one 32-bit word packs (1 f32, 2 bf16,
-    4 int8) DMAs any number of groups at any offset; one bf16 row a group is refused."""
+    (``pool.kernel_pool_rows``), and they compile from stacked int8 pools [8, 24, D] (an experts layer's, 192 rows
+    flattened: a multiple of 32) read in place by the kernels' own page DMA. A pool stored [P / g, g, D] with g the
+    rows one 32-bit word packs (1 f32, 2 bf16, 4 int8) DMAs any number of groups at any offset; one bf16 row a
+    group is refused."""
     import json
     import os
     import subprocess
@@ -429,10 +431,10 @@ def test_pool_row_dmas_mosaic_compiles():
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 2 * (7 + 8 + 8), proc.stderr[-4000:]  # per chip: float32, bfloat16, int8 cases
+    assert len(results) == 2 * (7 + 8 + 9), proc.stderr[-4000:]  # per chip: float32, bfloat16, int8 cases
     for r in results:
         packed = {"float32": 1, "bfloat16": 2, "int8": 4}[r["dtype"]]
-        if r["layout"] == "3d":
+        if r["layout"] in ("3d", "stacked"):
             assert r["ok"], r
         elif r["layout"] == "3d-g1":
             assert r["error"] == f"Slice shape along dimension 1 must be aligned to tiling ({packed}), but is 1.", r

@@ -11,7 +11,10 @@ in a matmul; it is compiled deviceless for the chip (``jax.experimental.topologi
   declared a multiple of 8 with ``pl.multiple_of``, as the kernel's page starts are);
 - ``3d``: the pool stored ``[P / g, g, D]`` with g rows per group (``g = 4 // itemsize``: 1 float32,
   2 bfloat16, 4 int8 rows, the rows one 32-bit HBM word packs), ``rows / g`` groups at a dynamic group
-  offset, loaded as ``[16 * g, D]`` for the matmul; ``3d-g1`` the same with one row per group (bf16).
+  offset, loaded as ``[16 * g, D]`` for the matmul; ``3d-g1`` the same with one row per group (bf16);
+- ``stacked``: :data:`STACKED` pools ``[E, P, D]`` (an experts layer's), 8 rows at a dynamic row of the
+  flattened numbering, read from its pool in place (``kernels.pages.page_copy``); int8 with P = 24, so
+  that E * P = 192 is a multiple of 32 where P is not.
 
 Prints one line per case (chip, dtype, layout, the pool's rows, rows a DMA, offset, "compiles" or Mosaic's
 message); ``--json`` prints JSON lines instead. ``--pooled`` compiles the pooled kernel itself
@@ -38,6 +41,7 @@ DTYPES = ("float32", "bfloat16", "int8")
 POOL_ROWS = 64
 WIDTH = 256
 BUFFER_GROUPS = 16
+STACKED = 8  # pools of the "stacked" layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +50,7 @@ class Case:
 
     chip: str
     dtype: str
-    layout: str  # "2d", "3d" (g = 4 // itemsize rows a group) or "3d-g1" (one row a group)
+    layout: str  # "2d", "3d" (g = 4 // itemsize rows a group), "3d-g1" (one row a group) or "stacked"
     rows: int
     aligned: bool = False
     pool_rows: int = POOL_ROWS
@@ -65,6 +69,7 @@ def cases(chips: Sequence[str] = tuple(CHIPS)) -> list[Case]:
             out.append(Case(chip, dtype, "2d", 8, aligned=True))
             if dtype == "int8":
                 out.append(Case(chip, dtype, "2d", 8, aligned=True, pool_rows=POOL_ROWS + 2))
+                out.append(Case(chip, dtype, "stacked", 8, aligned=True, pool_rows=24))
             out += [Case(chip, dtype, "3d", groups * group) for groups in (1, 3)]
             if dtype == "bfloat16":  # (int8's is refused on v5e; on v6e libtpu aborts on it instead of refusing it)
                 out.append(Case(chip, dtype, "3d-g1", 1))
@@ -79,20 +84,26 @@ def compile_case(case: Case) -> dict:
     from jax.experimental.pallas import tpu as pltpu
 
     from torch_xla_lora.bench.tpu_compile_worker import topology_device
-    from torch_xla_lora.kernels import mosaic_version
+    from torch_xla_lora.kernels import mosaic_version, pages
 
     dtype = jnp.dtype(case.dtype)
     group = 1 if case.layout != "3d" else 4 // dtype.itemsize
     count = case.rows // group  # leading-axis entries one DMA moves
-    pool_shape = (case.pool_rows, WIDTH) if case.layout == "2d" else (case.pool_rows // group, group, WIDTH)
-    buffer_shape = (BUFFER_GROUPS * 8, WIDTH) if case.layout == "2d" else (BUFFER_GROUPS, group, WIDTH)
-    buffer_rows = buffer_shape[0] * (1 if case.layout == "2d" else group)
+    flat = case.layout in ("2d", "stacked")
+    pool_shape = (case.pool_rows, WIDTH) if flat else (case.pool_rows // group, group, WIDTH)
+    if case.layout == "stacked":
+        pool_shape = (STACKED, case.pool_rows, WIDTH)
+    buffer_shape = (BUFFER_GROUPS * 8, WIDTH) if flat else (BUFFER_GROUPS, group, WIDTH)
+    buffer_rows = buffer_shape[0] * (1 if flat else group)
 
     def kernel(offset_ref, pool_hbm, x_ref, out_ref, buffer, sem):
         start = offset_ref[0]
         if case.aligned:
             start = pl.multiple_of(start, 8)
-        copy = pltpu.make_async_copy(pool_hbm.at[pl.ds(start, count)], buffer.at[pl.ds(0, count)], sem.at[0])
+        if case.layout == "stacked":  # the pooled kernels' own page DMA
+            copy = pages.page_copy(pool_hbm, start, slice(None), buffer.at[pl.ds(0, count)], sem.at[0])
+        else:
+            copy = pltpu.make_async_copy(pool_hbm.at[pl.ds(start, count)], buffer.at[pl.ds(0, count)], sem.at[0])
         copy.start()
         copy.wait()
         rows = buffer[...].reshape(buffer_rows, WIDTH).astype(x_ref.dtype)
