@@ -266,7 +266,8 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
 
     def _reads_pool(self, x: torch.Tensor, backend: str, *operands: torch.Tensor | None) -> bool:
         """Whether the forward reads each (lane, expert) entry's true-rank rows straight from the pools
-        (``pooled_shrink_expand`` on the pools seen as ``[E * (P + 2), width]``, :meth:`_entry_rows`) instead of
+        (``pooled_shrink_expand`` on the stacked pools, rows numbered as ``[E * (P + 2), width]``,
+        :meth:`_entry_rows`) instead of
         gathering ``[L * E, R, width]`` slot buffers per step: a pooled layer without trainable adapters (on a
         mesh, each shard reads its slices of the pools), autograd recording no gradient for the rows or the
         experts' weights; where the Pallas kernel runs, pools whose per-expert stride (P + 2) and placement
