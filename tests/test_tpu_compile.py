@@ -200,8 +200,8 @@ def test_expert_pools_are_read_stacked_in_place(compiled):
     compile): libtpu's count of the whole op stays within twice the kernel's estimate for bf16 (44.2 MB against
     28.0 MB when this was written: the page table and the grouping derived in the graph) and four times for int8
     (55.4 MB against 16.6 MB: its page scales too, ``a_scale * b_scale`` over all 128 x 4,104 rows laid out per
-    pool, each call), where a copy of the two pools (3.8 GB bf16, read and written) would add over a hundred times
-    the estimate."""
+    pool, each call), where a copy of the two pools (3.8 GB bf16, 1.9 GB int8, read and written) would add over two
+    hundred times the estimate."""
     results = [r for r in compiled.results if r["config"]["kernel"] == "pooled_experts"]
     assert [r["config"]["variant"] for r in results] == ["bfloat16", "int8"]
     for result in results:
@@ -209,7 +209,7 @@ def test_expert_pools_are_read_stacked_in_place(compiled):
         assert result["path"] == "pooled"
         itemsize = 1 if result["config"]["variant"] == "int8" else 2
         pools = 128 * (tpu_grid.POOLED_POOL_ROWS + 8) * (2048 + 1536) * itemsize  # both pools' bytes
-        assert 2 * pools > 100 * result["estimate"]["bytes accessed"], result["name"]
+        assert 2 * pools > 200 * result["estimate"]["bytes accessed"], result["name"]
         bound = 4 if itemsize == 1 else 2
         assert result["cost"]["bytes accessed"] <= bound * result["estimate"]["bytes accessed"], result["name"]
 
