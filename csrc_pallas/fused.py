@@ -56,6 +56,7 @@ from .pages import (
     scale_read_bytes,
     scale_tile_copy,
 )
+from .pages import flat_page_scales as flat_page_scales  # re-exported: the XLA path reads kept page scales by it
 from .pages import padded_scale_rows as padded_scale_rows  # re-exported: callers size page scales by it
 from .pages import page_scales_of as page_scales_of  # re-exported: callers build page scales by it
 from .visits import LaneBlocks, max_chunks

@@ -99,6 +99,14 @@ def page_scales_of(product: jax.Array, stacked: int = 0) -> jax.Array:
     return jnp.pad(per_pool, ((0, 0), (0, padded_scale_rows(per_pool.shape[1]) - per_pool.shape[1]))).reshape(-1)
 
 
+def flat_page_scales(page_scales: jax.Array, stacked: int, rows: int) -> jax.Array:
+    """:func:`page_scales_of`'s inverse: the per-row scales of the ``rows`` pool rows (flattened, if
+    ``stacked``) from a page-scale array, its padding dropped (a slice, which a gather of rows fuses)."""
+    if not stacked:
+        return page_scales[:rows]
+    return page_scales.reshape(stacked, -1)[:, : rows // stacked].reshape(-1)
+
+
 def scale_read_bytes(page_tiles: int, scale_rows: int) -> int:
     """HBM bytes a kernel reads of a page-scale array of ``scale_rows`` rows for a call that DMAs
     ``page_tiles`` pages: the whole array once (N <= :data:`SMEM_SCALE_ROWS` and no more tiles than the

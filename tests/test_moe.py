@@ -576,6 +576,11 @@ def test_int8_expert_pools_equal_plain_math_on_int8_rounded_factors(backend, sav
     layer = model.model.layers[0].mlp.experts
     float_layer = float_model.model.layers[0].mlp.experts
     assert layer.pool_rows is not None and float_layer.pool_rows is None
+    # Each projection's page scales kept beside its pools (each expert's block of whole tiles), all in the budget.
+    blocks = layer.num_experts * pool.page_scale_rows(layer.pool_rows)
+    assert layer.lora_page_scale.shape == layer.lora_page_scale_down.shape == (blocks,)
+    stored = [b for n, b in model.named_buffers() if "_pool" in n or "_scale" in n]
+    assert sum(b.numel() * b.element_size() for b in stored) <= 10**7
 
     def rounded(values: torch.Tensor) -> torch.Tensor:  # [entries, R, width], per (entry, rank row)
         scale = values.double().abs().amax(dim=2, keepdim=True) / 127

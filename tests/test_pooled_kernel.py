@@ -187,24 +187,35 @@ def _stacked(kind: str, dtype: torch.dtype):
 @pytest.mark.parametrize(
     ("backend", "kind", "dtype"),
     [("pallas", "int8 pages", torch.float32), ("pallas", "int8", torch.bfloat16), ("pallas", "float", torch.float32),
-     ("xla", "int8", torch.float32)],
+     ("xla", "int8 pages", torch.float32)],
     ids=lambda v: str(v).removeprefix("torch."),
 )  # fmt: skip
 def test_stacked_pools_are_read_in_place_as_if_flattened(backend, kind, dtype, xla_device, monkeypatch):
     """Stacked pools [E, P + 2, W] (an experts layer's) with rows numbered as if flattened: the Pallas kernel
     (interpret mode) DMAs each page from the 3-D array in place (on a v6e an int8 pool flattened to a multiple of 32
-    rows would be tiled 32 deep, ``tests/test_tpu_compile.py``) and, in "int8 pages" (each page's scale tile, not
-    the whole array), reads the scales laid out per pool: lane 3's spilled tail crosses row 1024 of the flattened
-    rows, so a flattened scale layout would give some of its rows another tile's scales. Against float64 math on
-    the flattened rows; every row outside the lanes' is poisoned."""
+    rows would be tiled 32 deep, ``tests/test_tpu_compile.py``) and reads the scales laid out per pool: in "int8
+    pages" the page scales kept beside the pools as an experts layer keeps them (each pool's block of whole tiles,
+    each page's tile read, not the whole array; the XLA-native path reads them too), in "int8" formed by the op from
+    ``a_scale`` and ``b_scale``. Lane 3's spilled tail crosses row 1024 of the flattened rows, so a flattened scale
+    layout would give some of its rows another tile's scales. Against float64 math on the flattened rows; every row
+    outside the lanes' is poisoned."""
     if kind == "int8 pages":
         monkeypatch.setattr("torch_xla_lora.kernels.pages.SMEM_SCALE_ROWS", DATA_ROWS)
     a_pool, b_pool, rows, a_scale, b_scale, dense_a, dense_b = _stacked(kind, dtype)
     x, base, lanes = _batch(dtype)
     args = [x, a_pool, b_pool, base, lanes, rows, a_scale, b_scale]
     pages = pool.page_table(rows, LANES, STACKED_POOLS * STACKED_ROWS - 2).to(xla_device)
+    page_scales = None
+    if kind == "int8 pages":
+        kept = torch.zeros(STACKED_POOLS, pool.page_scale_rows(STACKED_ROWS - pool.SPARE_ROWS))
+        kept[:, :STACKED_ROWS] = (a_scale * b_scale).reshape(STACKED_POOLS, STACKED_ROWS)
+        page_scales = kept.reshape(-1).to(xla_device)
+        with pytest.raises(ShapeError, match="3 blocks of whole 1024-row tiles covering the 488 rows"):
+            flat = torch.zeros(pool.page_scale_rows(STACKED_POOLS * STACKED_ROWS), device=xla_device)  # not per pool
+            ops.pooled_shrink_expand(*[t.to(xla_device) for t in args], page_scales=flat)
     on_device = [None if t is None else t.to(xla_device) for t in args]
-    out = ops.pooled_shrink_expand(*on_device, scaling=SCALING, backend=backend, pages=pages).cpu()
+    kwargs = {"pages": pages, "page_scales": page_scales}
+    out = ops.pooled_shrink_expand(*on_device, scaling=SCALING, backend=backend, **kwargs).cpu()
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert_close(out, _expected(x, base, lanes, rows, dense_a, dense_b), dtype)
     assert_close(ops.pooled_shrink_expand(*args, scaling=SCALING), out.double(), dtype)  # the CPU reference

@@ -197,11 +197,12 @@ def test_pooled_kernel_compiles_reading_the_true_ranks(config, compiled):
 def test_expert_pools_are_read_stacked_in_place(compiled):
     """The experts' ``[E, P + 2, width]`` pools are read by the pooled kernel as they lie, bf16 and int8 alike (the
     int8 pools flattened would be a multiple of 32 rows, tiled 32 deep on a v6e, where an 8-row page DMA does not
-    compile): libtpu's count of the whole op stays within twice the kernel's estimate for bf16 (44.2 MB against
-    28.0 MB when this was written: the page table and the grouping derived in the graph) and four times for int8
-    (55.4 MB against 16.6 MB: its page scales too, ``a_scale * b_scale`` over all 128 x 4,104 rows laid out per
-    pool, each call), where a copy of the two pools (3.8 GB bf16, 1.9 GB int8, read and written) would add over two
-    hundred times the estimate."""
+    compile), through the entries' page table and an int8 pool's kept page scales as the layer passes them
+    (``ExpertsWithLoRA._entry_pages``, ``lora_page_scale``): libtpu's count of the whole op stays within 1.3 times
+    the kernel's estimate (31.8 MB against 28.0 MB bf16, 20.4 MB against 16.6 MB int8 when this was written; with
+    the page table derived from the row table in the graph and, int8, the page scales from ``a_scale * b_scale``
+    over all 128 x 4,104 rows each call, 44.2 and 55.4 MB), where a copy of the two pools (3.8 GB bf16, 1.9 GB int8,
+    read and written) would add over two hundred times the estimate."""
     results = [r for r in compiled.results if r["config"]["kernel"] == "pooled_experts"]
     assert [r["config"]["variant"] for r in results] == ["bfloat16", "int8"]
     for result in results:
@@ -210,8 +211,7 @@ def test_expert_pools_are_read_stacked_in_place(compiled):
         itemsize = 1 if result["config"]["variant"] == "int8" else 2
         pools = 128 * (tpu_grid.POOLED_POOL_ROWS + 8) * (2048 + 1536) * itemsize  # both pools' bytes
         assert 2 * pools > 200 * result["estimate"]["bytes accessed"], result["name"]
-        bound = 4 if itemsize == 1 else 2
-        assert result["cost"]["bytes accessed"] <= bound * result["estimate"]["bytes accessed"], result["name"]
+        assert result["cost"]["bytes accessed"] <= 1.3 * result["estimate"]["bytes accessed"], result["name"]
 
 
 def test_embedding_pooled_expand_compiles_and_reads_fewer_bytes_than_gathering(compiled):

@@ -52,6 +52,7 @@ __all__ = [
     "PoolManager",
     "parse_bytes",
     "layer_row_bytes",
+    "page_scale_pairs",
     "gather_slots",
     "quantize_rows",
     "page_table",
@@ -114,10 +115,11 @@ def layer_row_bytes(
 
     ``buffer_shapes``: name -> ``[L * k, *slot]`` (k entries per slot, e.g. experts); ``rank_axes``:
     name -> the rank axis within ``slot``. int8 rows cost one byte per element and a float32 scale
-    per entry, and in a layer the pooled kernel reads (:func:`reads_pages`) one more float32, the row's
-    page scale (``a_scale * b_scale``, kept beside the pool).
+    per entry, and where the pooled kernel reads a pair of factors (:func:`page_scale_pairs`) one more
+    float32 per entry, the row's page scale (``a_scale * b_scale``, kept beside the pools).
     """
-    total = SCALE_BYTES if int8 and reads_pages(buffer_shapes, rank_axes, max_loras) else 0
+    pairs = page_scale_pairs(buffer_shapes, rank_axes, max_loras) if int8 else {}
+    total = SCALE_BYTES * sum(entries for _, _, entries in pairs.values())
     for name, shape in buffer_shapes.items():
         entries, slot = shape[0] // max_loras, list(shape[1:])
         if slot[rank_axes[name]] != max_rank:
@@ -127,17 +129,30 @@ def layer_row_bytes(
     return total
 
 
-def reads_pages(buffer_shapes: Mapping[str, tuple[int, ...]], rank_axes: Mapping[str, int], max_loras: int) -> bool:
-    """Whether a layer of these slot buffers may read its pools with the pooled kernel
-    (``ops.pooled_shrink_expand``): A and B only, one entry per slot, rank-first."""
-    if set(buffer_shapes) != {"lora_a", "lora_b"} or any(axis != 0 for axis in rank_axes.values()):
-        return False
-    return all(shape[0] == max_loras for shape in buffer_shapes.values())
+def page_scale_pairs(
+    buffer_shapes: Mapping[str, tuple[int, ...]], rank_axes: Mapping[str, int], max_loras: int
+) -> dict[str, tuple[str, str, int]]:
+    """The page-scale arrays an int8 layer keeps for the pooled kernel (``ops.pooled_shrink_expand``): name ->
+    (its A buffer, its B buffer, entries per slot), one per pair of rank-first factors ``lora_a<s>`` and
+    ``lora_b<s>`` of as many entries (``lora_page_scale<s>``: a linear layer's one, an experts layer's two of E
+    entries, its up and down projections); none for other layouts (the embedding's A is rank-second)."""
+    pairs = {}
+    for name_a, shape in buffer_shapes.items():
+        if not name_a.startswith("lora_a"):
+            continue
+        suffix = name_a.removeprefix("lora_a")
+        name_b = f"lora_b{suffix}"
+        b_shape = buffer_shapes.get(name_b)
+        if b_shape is None or b_shape[0] != shape[0] or rank_axes[name_a] != 0 or rank_axes[name_b] != 0:
+            continue
+        pairs[f"lora_page_scale{suffix}"] = (name_a, name_b, shape[0] // max_loras)
+    return pairs
 
 
 def page_scale_rows(rows: int) -> int:
-    """Length of the page-scale array of a pool of ``rows`` data rows (and the spare rows): whole tiles of
-    :data:`PAGE_SCALE_TILE` rows, the pooled kernel's DMA unit of it."""
+    """Length of the page-scale array of a pool of ``rows`` data rows (and the spare rows), per entry: whole
+    tiles of :data:`PAGE_SCALE_TILE` rows, the pooled kernel's DMA unit of it (stacked pools: each entry's
+    scales so padded, one block per entry, ``kernels.pages.page_scales_of``)."""
     return -(-(rows + SPARE_ROWS) // PAGE_SCALE_TILE) * PAGE_SCALE_TILE
 
 

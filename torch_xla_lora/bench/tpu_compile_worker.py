@@ -261,8 +261,8 @@ def build_pooled(cfg: Config, sds, experts: int | None = None):
 
     ``experts``: as an experts layer calls it (``ExpertsWithLoRA._pooled_lora``): the ``[E, P + 2, width]`` pools
     stacked (P + 2 whole 8-row pages, not a multiple of 32: ``pool.kernel_pool_rows``), read by the kernel in place,
-    their scales flattened; ``cfg.slots`` the ``L * E`` (lane, expert) entries of the row table, from which the
-    kernel's page table (and an int8 pool's page scales, laid out per pool) are derived in the graph."""
+    their scales flattened; ``cfg.slots`` the ``L * E`` (lane, expert) entries of the row table and of the page
+    table (``ExpertsWithLoRA._entry_pages``), an int8 pool's page scales kept laid out per pool."""
     dtype, int8 = jnp.dtype(cfg.dtype), cfg.variant == "int8"
     pool_dtype = jnp.int8 if int8 else dtype
     tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
@@ -277,16 +277,14 @@ def build_pooled(cfg: Config, sds, experts: int | None = None):
     args = [sds((tokens, d_in), dtype), *pools, sds((tokens, d_out), dtype)]
     args += [sds((tokens,), jnp.int32), sds((slots, rank), jnp.int32)]
     args += [sds((pool_rows,), jnp.float32)] * 2 if int8 else []
-    with_pages = experts is None
-    if with_pages:  # the page table, host-built as the linear layers send it
-        args += [sds((slots * fused.pages(rank) + slots,), jnp.int32)]
+    args += [sds((slots * fused.pages(rank) + slots,), jnp.int32)]  # the page table, as the layers send it
     # An int8 pool's page scales: whole tiles (stacked pools: per pool, ``fused.page_scales_of``).
     scale_rows = (
         fused.padded_scale_rows(pool_rows)
         if experts is None
         else experts * fused.padded_scale_rows(pool_rows // experts)
     )
-    args += [sds((scale_rows,), jnp.float32)] if int8 and with_pages else []  # the page scales beside an int8 pool
+    args += [sds((scale_rows,), jnp.float32)] if int8 else []  # the page scales kept beside an int8 pool
     sizes, lanes, run = fused.pooled_plan_call(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, int8)
     padded = sizes.padded_tokens(tokens)
     # The tables the kernel reads: the page table (page starts, ranks) whole, and of an int8 pool's page scales the
@@ -304,7 +302,7 @@ def build_pooled(cfg: Config, sds, experts: int | None = None):
         "activation_bytes": padded * (d_in + 2 * d_out) * dtype.itemsize + 4 * padded,
         "table_bytes": table_bytes,
     }
-    fn = _jax.pooled_shrink_expand_fn("pallas", cfg.chip, SCALING, int8, False, ranks, with_pages, int8 and with_pages)
+    fn = _jax.pooled_shrink_expand_fn("pallas", cfg.chip, SCALING, int8, False, ranks, True, int8)
     return fn, args, info
 
 

@@ -140,8 +140,9 @@ class BaseLayerWithLoRA(nn.Module):
     def allocate_pool(self, rows: int, int8: bool) -> None:
         """Keep ``rows`` rank rows per buffer (``<name>_pool``, int8 with ``<name>_scale`` if ``int8``) in place
         of the padded slots; the forward gathers the batch's lanes from them (:func:`pool.gather_slots`), or
-        reads them with the pooled kernel, an int8 pool's row scales then from ``lora_page_scale``
-        (``a_scale * b_scale`` of each row, whole tiles: :func:`pool.page_scale_rows`)."""
+        reads them with the pooled kernel, an int8 pool's row scales then from its page-scale arrays
+        (``lora_page_scale``, an experts layer's ``lora_page_scale_down`` too: ``a_scale * b_scale`` of each
+        row, each entry's whole tiles, :func:`pool.page_scale_rows`)."""
         self.pool_rows = rows
         for name, shape in self._buffer_shapes().items():
             shape = pool.pool_shape(shape, self.max_loras, self._rank_axes()[name], rows)
@@ -150,16 +151,21 @@ class BaseLayerWithLoRA(nn.Module):
             if int8:
                 scale = torch.zeros(shape[0], rows + pool.SPARE_ROWS, dtype=torch.float32, device=self.adapter_device)
                 self.register_buffer(f"{name}_scale", scale, False)
-        if int8 and pool.reads_pages(self._buffer_shapes(), self._rank_axes(), self.max_loras):
-            scale = torch.zeros(pool.page_scale_rows(rows), dtype=torch.float32, device=self.adapter_device)
-            self.register_buffer("lora_page_scale", scale, False)
+        for name, (_, _, entries) in self._page_scale_pairs(int8).items():
+            scale = torch.zeros(entries * pool.page_scale_rows(rows), dtype=torch.float32, device=self.adapter_device)
+            self.register_buffer(name, scale, False)
+
+    def _page_scale_pairs(self, int8: bool) -> dict[str, tuple[str, str, int]]:
+        """An int8 pool's page-scale arrays: name -> (A buffer, B buffer, entries), :func:`pool.page_scale_pairs`."""
+        return pool.page_scale_pairs(self._buffer_shapes(), self._rank_axes(), self.max_loras) if int8 else {}
 
     def pool_bytes(self, rows: int, int8: bool) -> int:
         """Device bytes :meth:`allocate_pool` allocates for ``rows`` data rows: the rows (and the spare rows) at
-        :meth:`pool_row_bytes`, plus the page-scale array's padding to whole tiles."""
+        :meth:`pool_row_bytes`, plus the page-scale arrays' padding to whole tiles."""
         total = (rows + pool.SPARE_ROWS) * self.pool_row_bytes(int8)
-        if int8 and pool.reads_pages(self._buffer_shapes(), self._rank_axes(), self.max_loras):
-            total += pool.SCALE_BYTES * (pool.page_scale_rows(rows) - rows - pool.SPARE_ROWS)
+        padding = pool.page_scale_rows(rows) - rows - pool.SPARE_ROWS
+        for _, _, entries in self._page_scale_pairs(int8).values():
+            total += pool.SCALE_BYTES * entries * padding
         return total
 
     def slot_buffers(self, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
@@ -196,9 +202,10 @@ class BaseLayerWithLoRA(nn.Module):
                     values, row_scales[name] = pool.quantize_rows(values, axis - 1)
                     scale.index_copy_(1, index, row_scales[name].to(device))
                 target.index_copy_(axis, index, values.to(device))
-            page_scale = getattr(self, "lora_page_scale", None)
-            if page_scale is not None:  # the product the pooled kernel reads, exact as the kernel would form it
-                page_scale.index_copy_(0, index, (row_scales["lora_a"][0] * row_scales["lora_b"][0]).to(device))
+            for name, (name_a, name_b, entries) in self._page_scale_pairs(bool(row_scales)).items():
+                # The product the pooled kernel reads, exact as the kernel would form it; each entry's block.
+                product = (row_scales[name_a] * row_scales[name_b]).to(device)
+                getattr(self, name).view(entries, -1).index_copy_(1, index, product)
 
     def _slot_arrays(self, weights: ModuleLoRA | None) -> dict[str, torch.Tensor]:
         """Name -> one slot of each buffer, ``[k, *slot]`` host tensors (zeros for None), padded to max_rank."""

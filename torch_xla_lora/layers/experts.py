@@ -285,8 +285,25 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         int32 ``[L * E, R]``, entry ``l * E + e`` = expert e's block (offset ``e * (P + 2)``) at lane l's rows
         (``context.rows``), the padding past a lane's rank at the last block's zero row (the flattened pool's
         ``E * (P + 2) - 2``, the row the pooled ops take for zero): each entry's true rank is its lane's."""
+        return self._to_entries(self.context.rows.reshape(self.max_loras, -1))
+
+    def _entry_pages(self) -> torch.Tensor | None:
+        """The page table of the entries (``pool.page_table`` of :meth:`_entry_rows`), int32
+        ``[L * E * pages(R) + L * E]``, from the batch's own (``context.pages``, built on the host): each entry's
+        page starts its lane's in the expert's block, its rank its lane's. None where the batch has none."""
+        pages = self.context.pages
+        if pages is None:
+            return None
+        lanes = self.max_loras
+        starts, ranks = pages[:-lanes].reshape(lanes, -1), pages[-lanes:]
+        entry_ranks = ranks[:, None].expand(lanes, self.num_experts).reshape(-1)
+        return torch.cat([self._to_entries(starts).reshape(-1), entry_ranks.to(torch.int32)])
+
+    def _to_entries(self, table: torch.Tensor) -> torch.Tensor:
+        """A lane table of pool rows [L, n] as the ``L * E`` entries' [L * E, n] in the flattened pools: each
+        row in expert e's block (offset ``e * (P + 2)``), the zero row at the last block's."""
         stride, experts = self.pool_rows + pool.SPARE_ROWS, self.num_experts
-        rows = self.context.rows.reshape(self.max_loras, 1, -1).to(torch.int32)
+        rows = table.reshape(self.max_loras, 1, -1).to(torch.int32)
         offsets = torch.arange(experts, dtype=torch.int32, device=rows.device)[None, :, None] * stride
         zero = torch.full((), experts * stride - 2, dtype=torch.int32, device=rows.device)
         return torch.where(rows == self.pool_rows, zero, rows + offsets).reshape(self.max_loras * experts, -1)
@@ -295,10 +312,12 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         self, x: torch.Tensor, y: torch.Tensor, lanes: torch.Tensor, name_a: str, name_b: str, table: torch.Tensor
     ) -> torch.Tensor:
         """y [N, out] + each row's LoRA of x [N, in] read from the ``name_a`` and ``name_b`` pools at the entry
-        ``lanes`` [N] names (outside [0, L * E): none), by ``pooled_shrink_expand``, in y's dtype."""
+        ``lanes`` [N] names (outside [0, L * E): none), by ``pooled_shrink_expand``, in y's dtype: the kernel
+        reads the entries' page table (:meth:`_entry_pages`) and an int8 pool's kept page scales."""
         dtype = self.adapter_dtype
         pools = [getattr(self, f"{name}_pool") for name in (name_a, name_b)]  # stacked: [E, P + 2, width]
         scales = [getattr(self, f"{name}_scale", None) for name in (name_a, name_b)]
+        page_scales = getattr(self, name_a.replace("lora_a", "lora_page_scale"), None)
         out = torch.ops.xla_lora.pooled_shrink_expand(
             x.to(dtype),
             *pools,
@@ -308,6 +327,9 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
             *(None if scale is None else scale.flatten() for scale in scales),
             1.0,
             self.backend,
+            None,
+            self._entry_pages(),
+            page_scales,
         )
         return out.to(y.dtype)
 

@@ -422,7 +422,7 @@ def _pooled_shrink_expand(
     flat_a, flat_b = _check_pooled(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling, backend)
     _validate.pooled_metadata(metadata, inputs, rows, flat_b.shape[1])
     _validate.pooled_pages(pages, inputs, rows)
-    _validate.pooled_page_scales(page_scales, inputs, flat_a, stacked=a_pool.dim() == 3)
+    _validate.pooled_page_scales(page_scales, inputs, a_pool)
     if inputs.device.type != "xla":
         return reference.pooled_shrink_expand(inputs, flat_a, flat_b, base, lanes, rows, a_scale, b_scale, scaling)
     if _validate.degenerate(*rows.shape, inputs.shape[1], flat_b.shape[1]):  # L, R, D or Dout is 0
@@ -462,7 +462,7 @@ def _(
     flat_a, flat_b = _check_pooled(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling, backend)
     _validate.pooled_metadata(metadata, inputs, rows, flat_b.shape[1])
     _validate.pooled_pages(pages, inputs, rows)
-    _validate.pooled_page_scales(page_scales, inputs, flat_a, stacked=a_pool.dim() == 3)
+    _validate.pooled_page_scales(page_scales, inputs, a_pool)
     return torch.empty_like(base)
 
 
@@ -530,9 +530,10 @@ def pooled_shrink_expand(
         (``pool.page_table``: each lane's page starts, then its true rank; ``context.pages`` with a memory
         budget). Given, the "pallas" kernel reads it and not ``rows``; else it is derived from ``rows`` in
         the graph, which then reads the whole [L, R] table per call. It must describe ``rows``.
-      page_scales: optional (int8 pools, not stacked) [N] float32, ``a_scale * b_scale`` of every row, zero
-        past row P + 1, N a multiple of 1024 (``kernels.fused.padded_scale_rows``; a pooled layer keeps it
-        beside its pool).
+      page_scales: optional (int8 pools) [N] float32, ``a_scale * b_scale`` of every row, zero past row
+        P + 1, N a multiple of 1024 (``kernels.fused.padded_scale_rows``; a pooled layer keeps it beside its
+        pool); for stacked pools E blocks of ``padded_scale_rows(P + 2)``, pool e's row r at
+        ``e * N / E + r`` (``kernels.pages.page_scales_of``; an experts layer keeps one per projection).
         Given, the "pallas" kernel reads of it only the 4 KiB tile of each used page (or the whole array
         where that is fewer tiles) and neither ``a_scale`` nor ``b_scale``; else it is computed in the graph
         from both. It must equal their product.

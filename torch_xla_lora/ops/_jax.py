@@ -281,10 +281,13 @@ def pooled_shrink_expand_fn(
         sizes, lanes_count, run = fused.pooled_plan_call(
             num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, int8
         )
+        stacked = stacked_a.shape[0] if stacked_a.ndim == 3 else 0
         if (backend != "pallas" or not run) and num_tokens <= _xla_native.PACKED_MAX_TOKENS:
             # Decode: only the true-rank rows of the lanes in use, read straight from the pools.
             if int8 and page_scales is None:
                 page_scales = a_scale * b_scale
+            elif int8:
+                page_scales = fused.flat_page_scales(page_scales, stacked, a_pool.shape[0])
             out = _xla_native.pooled_shrink_expand(
                 x, a_pool, b_pool, base, lanes.astype(jnp.int32), rows, page_scales if int8 else None, scaling=scaling
             )
@@ -299,7 +302,6 @@ def pooled_shrink_expand_fn(
             meta = visits.build_lanes(idx, num_slots, sizes.tokens, lanes_count)
         else:
             meta, _ = visits.unpack(metadata[:-padded], padded, num_slots, sizes.tokens, lanes_count)
-        stacked = stacked_a.shape[0] if stacked_a.ndim == 3 else 0
         table, page_scales = page_inputs(rows, a_pool, table, a_scale, b_scale, page_scales, stacked)
         out = fused.pooled_shrink_expand(
             _pad_rows(x, padded),

@@ -299,23 +299,20 @@ def pooled_pages(pages: torch.Tensor | None, inputs: torch.Tensor, rows: torch.T
     _device("pages", pages, inputs)
 
 
-def pooled_page_scales(
-    page_scales: torch.Tensor | None, inputs: torch.Tensor, a_pool: torch.Tensor, stacked: bool = False
-) -> None:
-    """An int8 pool's page scales of ``pooled_shrink_expand``: float32 [N], N >= P + 2 a multiple of 1024; none
-    with stacked pools (the op lays theirs out per pool from ``a_scale`` and ``b_scale``)."""
+def pooled_page_scales(page_scales: torch.Tensor | None, inputs: torch.Tensor, a_pool: torch.Tensor) -> None:
+    """An int8 pool's page scales of ``pooled_shrink_expand``: float32 [N], N >= P + 2 a multiple of 1024; for
+    stacked pools ``a_pool`` [E, P + 2, W], E blocks of as many whole 1024-row tiles, each covering its pool's
+    P + 2 rows (``kernels.pages.page_scales_of``)."""
     if page_scales is None:
         return
-    if stacked:
-        raise ShapeError("page_scales must be None with stacked pools [E, P + 2, W]: pass a_scale and b_scale")
     if a_pool.dtype != torch.int8:
         raise ShapeError(f"page_scales must be None for a {a_pool.dtype} pool (they scale int8 rows)")
     _rank("page_scales", page_scales, 1, "[N]")
+    pools, rows = (a_pool.shape[0], a_pool.shape[1]) if a_pool.dim() == 3 else (1, a_pool.shape[0])
     length = page_scales.shape[0]
-    if length % 1024 or length < a_pool.shape[0]:
-        raise ShapeError(
-            f"page_scales must hold whole 1024-row tiles covering the {a_pool.shape[0]} rows, got {length}"
-        )
+    if length % (1024 * pools) or length // pools < rows:
+        per_pool = f"{pools} blocks of " if pools > 1 else ""
+        raise ShapeError(f"page_scales must hold {per_pool}whole 1024-row tiles covering the {rows} rows, got {length}")
     if page_scales.dtype != torch.float32:
         raise ShapeError(f"page_scales must be float32, got {page_scales.dtype}")
     _device("page_scales", page_scales, inputs)
