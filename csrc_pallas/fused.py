@@ -54,7 +54,8 @@ from .pages import (
     row_scales,
     scale_buffer_rows,
     scale_read_bytes,
-    scale_tile_copy,
+    scale_tile_step,
+    scale_tiles,
 )
 from .pages import flat_page_scales as flat_page_scales  # re-exported: the XLA path reads kept page scales by it
 from .pages import padded_scale_rows as padded_scale_rows  # re-exported: callers size page scales by it
@@ -309,7 +310,7 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
                 if int8 and which == 0:
 
                     def scale_tile(slot, lane: int, p, step=step):
-                        getattr(scale_tile_copy(s_hbm, s_buf, table, slot, lane, p, s_sem.at[0]), step)()
+                        scale_tile_step(s_hbm, s_buf, table, slot, lane, p, s_sem.at[0], step)
 
                     pl.when(mode_ref[0] == 0)(functools.partial(for_lane_pages, table, slots, scale_tile))
             if staging is not None:
@@ -586,14 +587,15 @@ def pooled_step_work(i: int, n: int, meta, ranks, hidden: int, lanes: int, block
     return dma, matmuls
 
 
-def pooled_step_pages(i: int, meta, ranks, lanes: int) -> int:
-    """Pages the pooled kernel DMAs of each factor at grid step (i, 0): those of the visited block's used
-    lanes (``ranks``: lane -> true rank), as ``_choose_scale_mode`` counts them."""
+def pooled_step_pages(i: int, meta, ranks, lanes: int) -> tuple[int, int]:
+    """(pages, page-scale tiles) the pooled kernel DMAs of each factor at grid step (i, 0): those of the visited
+    block's used lanes (``ranks``: lane -> true rank), the pages as ``_choose_scale_mode`` counts them, the
+    tiles as :func:`scale_tiles` prices them."""
     block = int(meta.active[i])
     chunks = int(meta.chunks[block])
     per_block = len(meta.slots) // len(meta.chunks)
-    used = [int(s) for s in meta.slots[block * per_block : block * per_block + chunks * lanes] if s >= 0]
-    return sum(pages(int(ranks[s])) for s in used)
+    used = [int(ranks[s]) for s in meta.slots[block * per_block : block * per_block + chunks * lanes] if s >= 0]
+    return sum(map(pages, used)), sum(map(scale_tiles, used))
 
 
 @functools.partial(
@@ -657,7 +659,9 @@ def pooled_shrink_expand(
     typical = typical_ranks or (rank,) * min(lanes, num_slots)
     table_bytes = 4 * page_table.size  # the SMEM prefetch reads it whole
     if int8:  # one block holds the typical adapters: their pages' tiles, or the whole array
-        table_bytes += scale_read_bytes(sum(pages(r) for r in typical), pooled.scale_rows)
+        table_bytes += scale_read_bytes(
+            sum(pages(r) for r in typical), pooled.scale_rows, sum(map(scale_tiles, typical))
+        )
     estimate = pooled_cost_estimate(
         num_tokens, hidden, out_dim, typical, rank, dtype, block_sizes, lanes, int8, table_bytes
     )

@@ -89,7 +89,8 @@ from .pages import (
     row_scales,
     scale_buffer_rows,
     scale_read_bytes,
-    scale_tile_copy,
+    scale_tile_step,
+    scale_tiles,
 )
 from .visits import LaneBlocks, max_chunks
 
@@ -328,10 +329,10 @@ def modelled_seconds(
         adapter_bytes = (rows // bt) * rank * (hidden + out_dim) * itemsize  # one adapter's A and B rows per block
         overlapped = min(adapters, lanes) * adapter_bytes
         exposed = max(0, adapters - lanes) * adapter_bytes
-    else:  # each adapter's whole pages per block (int8: one byte an element, and a scale tile per page)
+    else:  # each adapter's whole pages per block (int8: one byte an element, and its pages' scale tiles)
         per_page = PAGE_ROWS * (hidden + out_dim) * (1 if int8_pool else itemsize)
-        per_page += 4 * SCALE_TILE_ROWS if int8_pool else 0
-        sizes_ = [(rows // bt) * pages(r) * per_page for r in ranks]
+        tiles = 4 * SCALE_TILE_ROWS if int8_pool else 0
+        sizes_ = [(rows // bt) * (pages(r) * per_page + scale_tiles(r) * tiles) for r in ranks]
         overlapped, exposed = sum(sizes_[:lanes]), sum(sizes_[lanes:])
     bandwidth = tuning.HBM_BYTES_PER_S[generation]
     seconds = max(
@@ -497,7 +498,7 @@ def pooled_step_work(
             exposed += pool_rows_read(ranks[s] for s in rest) * tile * row_bytes
             matmuls += [shape] * chunks
     if int8_pool and n == 0 and k == num_k - 1:
-        exposed += 4 * SCALE_TILE_ROWS * sum(pages(int(ranks[s])) for s in used)
+        exposed += 4 * SCALE_TILE_ROWS * sum(scale_tiles(int(ranks[s])) for s in used)
     return overlapped, exposed, matmuls
 
 
@@ -640,8 +641,7 @@ def _kernel(
             for step in ("start", "wait"):
 
                 def tile(slot, lane, p, step=step):
-                    copy = scale_tile_copy(s_hbm, s_buf, table, slot, lane, p, sem.at[2])
-                    getattr(copy, step)()
+                    scale_tile_step(s_hbm, s_buf, table, slot, lane, p, sem.at[2], step)
 
                 @pl.when(mode_ref[0] == 0)
                 def _paged():
@@ -1030,7 +1030,7 @@ def pooled_cost_estimate(
     chunks = max(1, -(-len(ranks) // lanes))
     tables = 4 * (pooled.num_slots * (pages(table_rank) + 1) if pooled is not None else 0)
     if int8_pool:
-        tables += scale_read_bytes(sum(pages(r) for r in ranks), pooled.scale_rows)
+        tables += scale_read_bytes(sum(pages(r) for r in ranks), pooled.scale_rows, sum(map(scale_tiles, ranks)))
     return pl.CostEstimate(
         flops=2 * num_tokens * (hidden * out_dim + chunks * width * (hidden + out_dim)),
         transcendentals=num_tokens * hidden if fusion.silu_mul else 0,

@@ -21,8 +21,9 @@ Inf or NaN.
 int8 pools: each page is staged as int8 (:func:`page_copy` into a staging buffer), converted in VMEM
 (:func:`convert_pages`; exact: |q| <= 127), and each rank channel's ``a_scale * b_scale`` is folded into
 the shrink (:func:`row_scales`), read from the pool's page-scale array ``[N]`` float32 (N whole
-:data:`SCALE_TILE_ROWS` tiles): each used page's tile DMA'd into SMEM (:func:`scale_tile_copy`), or the
-whole array once where that is fewer tiles (:func:`choose_scale_mode`, priced by :func:`scale_read_bytes`).
+:data:`SCALE_TILE_ROWS` tiles): each used page's tile DMA'd into SMEM (:func:`scale_tile_step`; once for a
+run of a lane's pages in one tile), or the whole array once where that is fewer tiles than pages
+(:func:`choose_scale_mode`, priced by :func:`scale_read_bytes`).
 
 Stacked pools ``[E, P + 2, W]`` (an experts layer's, one per expert, P + 2 a multiple of 8): the page table
 numbers their rows as if flattened, every page lies inside one pool, and :func:`page_copy` DMAs it from the
@@ -107,14 +108,24 @@ def flat_page_scales(page_scales: jax.Array, stacked: int, rows: int) -> jax.Arr
     return page_scales.reshape(stacked, -1)[:, : rows // stacked].reshape(-1)
 
 
-def scale_read_bytes(page_tiles: int, scale_rows: int) -> int:
-    """HBM bytes a kernel reads of a page-scale array of ``scale_rows`` rows for a call that DMAs
-    ``page_tiles`` pages: the whole array once (N <= :data:`SMEM_SCALE_ROWS` and no more tiles than the
-    pages') or one tile per page (:func:`choose_scale_mode` makes the same choice)."""
+def scale_tiles(rank: int) -> int:
+    """Page-scale tiles the kernels DMA for a lane of ``rank`` where they read its pages' tiles (mode 0), as the
+    cost model prices them: one per run of its pages in one tile (:meth:`PageTable.opens_scale_run`): its whole
+    pages, contiguous as the allocator takes them (``pool.PoolManager._place``), in at most two (one tile edge),
+    its tail page in one more. In a fragmented pool whole pages may lie apart: at most one tile a page."""
+    whole, tail = divmod(int(rank), PAGE_ROWS)
+    return min(whole, 2) + (tail > 0)
+
+
+def scale_read_bytes(page_count: int, scale_rows: int, tiles: int) -> int:
+    """HBM bytes a kernel reads of a page-scale array of ``scale_rows`` rows for a call that DMAs ``page_count``
+    pages whose scales lie in ``tiles`` runs (:func:`scale_tiles`): the whole array once (N <=
+    :data:`SMEM_SCALE_ROWS` and no more tiles than the pages: :func:`choose_scale_mode` makes the same choice)
+    or a tile per run."""
     whole = scale_rows // SCALE_TILE_ROWS
-    if scale_rows <= SMEM_SCALE_ROWS and whole <= page_tiles:
+    if scale_rows <= SMEM_SCALE_ROWS and whole <= page_count:
         return 4 * scale_rows
-    return 4 * SCALE_TILE_ROWS * page_tiles
+    return 4 * SCALE_TILE_ROWS * tiles
 
 
 def scale_buffer_rows(pooled: Pooled, lanes: int) -> int:
@@ -143,6 +154,17 @@ class PageTable:
         if not self.stride:
             return row
         return row // self.stride * self.scale_stride + row % self.stride
+
+    def scale_tile(self, slot, page):
+        """The page-scale tile (:data:`SCALE_TILE_ROWS` entries) holding the scales of ``slot``'s page ``page``."""
+        return self.scale_row(self.start(slot, page)) // SCALE_TILE_ROWS
+
+    def opens_scale_run(self, slot, page):
+        """Whether ``slot``'s page ``page`` is its first or lies in another scale tile than its page before: a run
+        of pages in one tile (an adapter's whole pages, contiguous as the allocator takes them) brings that tile
+        once, into the run's first page's place (:func:`scale_tile_step`)."""
+        before = jnp.maximum(page - 1, 0)
+        return (page == 0) | (self.scale_tile(slot, page) != self.scale_tile(slot, before))
 
     def rank(self, slot):
         """The true rank of ``slot`` (0 for a chunk's unused lanes, slot -1)."""
@@ -227,14 +249,17 @@ def convert_pages(table: PageTable, slots, staging, dest, stride: int) -> None:
                 dest[first : first + PAGE_ROWS, :] = values.astype(dest.dtype)
 
 
-def scale_tile_copy(scales_hbm, s_buf, table: PageTable, slot, lane: int, page, sem):
-    """The page-scale tile of ``slot``'s page ``page`` into its place (chunk position ``lane``) of the SMEM buffer."""
+def scale_tile_step(scales_hbm, s_buf, table: PageTable, slot, lane: int, page, sem, step: str) -> None:
+    """``step`` ("start" or "wait") of the DMA of the page-scale tile of ``slot``'s page ``page`` into its place
+    (chunk position ``lane``) of the SMEM buffer: only where the page opens a run of the lane's pages in one
+    tile (:meth:`PageTable.opens_scale_run`), whose place the run's later pages read (:func:`row_scales`)."""
     row = table.scale_row(table.start(slot, page))
     first = pl.multiple_of(row // SCALE_TILE_ROWS * SCALE_TILE_ROWS, SCALE_TILE_ROWS)
     place = pl.multiple_of((lane * table.per_lane + page) * SCALE_TILE_ROWS, SCALE_TILE_ROWS)
-    return pltpu.make_async_copy(
+    copy = pltpu.make_async_copy(
         scales_hbm.at[pl.ds(first, SCALE_TILE_ROWS)], s_buf.at[pl.ds(place, SCALE_TILE_ROWS)], sem
     )
+    pl.when(table.opens_scale_run(slot, page))(getattr(copy, step))
 
 
 def choose_scale_mode(pooled: Pooled, scales_hbm, s_buf, mode_ref, sem, count_pages: Callable) -> None:
@@ -270,18 +295,21 @@ def lane_rows(table: PageTable, slots, stride: int, shape, axis: int):
 def row_scales(table: PageTable, slots, stride: int, width: int, s_buf, mode_ref):
     """[1, width] float32: each laned rank channel's ``a_scale * b_scale`` (int8 pools), read for the lanes' own
     rows only (1 elsewhere; the caller selects those channels out): from the whole array in SMEM (mode 1) or
-    from the tile of its page (mode 0, :func:`scale_tile_copy`; a spilled tail never crosses a tile)."""
+    from the tile of its page (mode 0, :func:`scale_tile_step`: in the place of the first page of its run of
+    pages in that tile; a spilled tail never crosses a tile)."""
     column = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
     out = jnp.ones((1, width), jnp.float32)
     for lane, slot in enumerate(slots):
+        run = jnp.int32(0)  # the page whose place holds this page's tile
         for page in range(table.per_lane):
             offset, count = table.span(slot, page)
             aligned = table.scale_row(table.start(slot, page) - offset)  # the tail's rows: contiguous in a pool
             first = lane * stride + page * PAGE_ROWS
+            run = jnp.where(table.opens_scale_run(slot, page), page, run)
 
-            def body(j, acc, lane=lane, page=page, aligned=aligned, first=first):
+            def body(j, acc, lane=lane, run=run, aligned=aligned, first=first):
                 row = aligned + j
-                paged = (lane * table.per_lane + page) * SCALE_TILE_ROWS + row % SCALE_TILE_ROWS
+                paged = (lane * table.per_lane + run) * SCALE_TILE_ROWS + row % SCALE_TILE_ROWS
                 return jnp.where(column == first + j, s_buf[jnp.where(mode_ref[0] == 1, row, paged)], acc)
 
             out = jax.lax.fori_loop(offset, offset + count, body, out)

@@ -204,7 +204,8 @@ def test_pricing_follows_the_true_ranks():
     overlapped, exposed, _ = fused_base.pooled_step_work(0, 0, 0, meta, lane_ranks, 4, sizes, 1, 2)
     assert (overlapped, exposed) == (rows_read * 2, 0)
     overlapped, exposed, _ = fused_base.pooled_step_work(0, 0, 0, meta, lane_ranks, 4, sizes, 1, 2, int8_pool=True)
-    assert (overlapped, exposed) == (rows_read, 4 * 1024 * (1 + 2 + 2 + 8))
+    # Scale tiles: rank 4 a tail (1), 12 a page and a tail (2), 16 two pages (2), 64 eight pages contiguous (2).
+    assert (overlapped, exposed) == (rows_read, 4 * 1024 * (1 + 2 + 2 + 2))
 
 
 def test_opcheck_and_validation():

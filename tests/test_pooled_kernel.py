@@ -149,6 +149,43 @@ def test_op_reads_each_lane_at_its_true_rank(backend, kind, dtype, blocks, xla_d
     assert_close(ops.pooled_shrink_expand(*args, scaling=SCALING), out.double(), dtype)
 
 
+#: lane -> its pages' first rows in a 2,048-row pool (whole pages, then the tail's row), across the page-scale tiles
+#: of rows 0-1023 and 1024-2047: lane 0's three pages lie in tiles 0, 1, 0; lane 2's page and tail both in tile 1,
+#: apart (its tail shares lane 1's page); lane 3's page in tile 0, its tail in tile 1; lane 4 (no token) in tile 0.
+TILED_PAGES = {0: (1016, 1024, 24), 1: (1032,), 2: (2040, 1036), 3: (48, 2032), 4: (40,)}
+
+
+def test_page_scale_tiles_are_read_once_per_run_of_pages_in_a_tile(xla_device, monkeypatch):
+    """An int8 pool's page scales read a tile at a time (the whole array counted too large for SMEM): the kernel
+    DMAs a lane's tile once for each run of its pages that lie in it, into the run's first page's place, and
+    reads each page's scales from there; pages that go back to an earlier tile (lane 0: tiles 0, 1, 0), a tail
+    apart from its lane's page in the same tile (lane 2) and a tail in another tile than its page (lane 3) each
+    come out exact. Against float64 math on the lanes' rows; every other row of the pool is poisoned."""
+    monkeypatch.setattr("torch_xla_lora.kernels.pages.SMEM_SCALE_ROWS", 1024)
+    data_rows = 2048
+    rows = torch.full((LANES, MAX_RANK), data_rows, dtype=torch.int32)
+    for lane, starts in TILED_PAGES.items():
+        rank = RANKS[lane]
+        whole = [start + k for start in starts[: rank // 8] for k in range(8)]
+        tail = [starts[-1] + k for k in range(rank % 8)] if rank % 8 else []
+        rows[lane, :rank] = torch.tensor(whole + tail, dtype=torch.int32)
+    used = {int(r) for lane in range(4) for r in rows[lane, : RANKS[lane]]}
+    poisoned = torch.tensor([r not in used for r in range(data_rows)] + [False, True])
+    gen = torch.Generator().manual_seed(6)
+    a_pool, b_pool, a_scale, b_scale, dense_a, dense_b = _int8_pools(poisoned, gen)
+    page_scales = torch.zeros(pool.page_scale_rows(data_rows))
+    page_scales[: data_rows + 2] = a_scale * b_scale
+    x, base, lanes = _batch(torch.float32)
+    args = [x, a_pool, b_pool, base, lanes, rows, a_scale, b_scale]
+    tables = {"pages": pool.page_table(rows, LANES, data_rows), "page_scales": page_scales}
+    on_device = {key: t.to(xla_device) for key, t in tables.items()}
+    out = ops.pooled_shrink_expand(
+        *[t.to(xla_device) for t in args], scaling=SCALING, backend="pallas", **on_device
+    ).cpu()
+    assert torch.isfinite(out).all()
+    assert_close(out, _expected(x, base, lanes, rows, dense_a, dense_b), torch.float32)
+
+
 #: Stacked pools [E, P + 2, W] (an experts layer's): the module's layout in pool 2 of 3 pools of 488 rows, whose
 #: rows 976 on, numbered as if flattened, put lane 3's spilled tail (pool rows 45-49) across row 1024, the edge of
 #: a page-scale tile of the flattened rows, but of none of the pool's own.
@@ -438,7 +475,8 @@ def test_tpu_model_prices_moe_experts_at_the_routed_entries_true_ranks():
     """``bench.pooled_model --moe``: an experts layer's decode step (16 tokens on 8 adapters of ranks 8/16/64, top-2
     of Mixtral-8x7B's 8 experts) walks the pooled kernel over the routed rows' (lane, expert) entries: it DMAs each
     entry the batch routes to at its lane's true rank, plus the page table of all ``L * E`` entries, whatever
-    ``max_loras``; padded slots read ``max_rank`` rows of each routed entry, and gathering adds every entry's rows."""
+    ``max_loras``; padded slots read ``max_rank`` rows of each routed entry, and gathering adds every entry's rows.
+    int8 pools: their bytes, plus the page scales as the kernel reads them (whole, or a tile per routed page)."""
     from torch_xla_lora.bench import pooled_model, tpu_grid, tpu_model
 
     chip, shape = tpu_model.CHIPS["v6e"], tpu_grid.MOE_MODELS["mixtral-8x7b"]
@@ -458,6 +496,25 @@ def test_tpu_model_prices_moe_experts_at_the_routed_entries_true_ranks():
         assert row["padded_bytes"] == len(used) * 64 * sum(h + o for h, o in widths) * 2 * layers
         gather = loras * 8 * 64 * sum(h + o for h, o in widths) * 4 * layers
         assert row["gathered_bytes"] == row["padded_bytes"] + gather
+    # int8 pools: one byte an element, and the page scales kept per expert (8 blocks of 3,072 entries: read whole,
+    # fewer tiles than the step's pages); gathering reads the int8 rows and writes bf16 slots.
+    assert 2048 < pooled_model.pool_rows(True) + 2 <= 3072
+    for loras in (8, 16):
+        row = pooled_model.moe_step_rows(chip, "mixtral-8x7b", 8, loras, 64, int8=True)
+        page_table = 4 * (loras * 8 * (8 + 1)) * len(widths)
+        assert row["true_bytes"] == true // 2 * layers
+        assert row["pooled_bytes"] == (true // 2 + page_table + 2 * 4 * 8 * 3072) * layers
+        gather = loras * 8 * 64 * sum(h + o for h, o in widths) * 3 * layers
+        assert row["gathered_bytes"] == rows[loras]["padded_bytes"] + gather
+    # Qwen3-30B-A3B: 128 blocks of page scales, too many for SMEM: a 4 KiB tile per routed entry of the one rank-8
+    # adapter (one page each), in both projections.
+    qwen = tpu_grid.MOE_MODELS["qwen3-30b-a3b"]
+    row = pooled_model.moe_step_rows(chip, "qwen3-30b-a3b", 1, 8, 64, int8=True)
+    widths = ((qwen.hidden, 2 * qwen.intermediate), (qwen.intermediate, qwen.hidden))
+    true = 128 * 8 * sum(h + o for h, o in widths)  # 16 tokens x top-8: all 128 experts, rank 8
+    page_table = 4 * (8 * 128 * (8 + 1)) * len(widths)
+    layers = pooled_model.MOE_STEP_MODELS["qwen3-30b-a3b"]
+    assert row["pooled_bytes"] == (true + page_table + 2 * 128 * 4096) * layers
 
 
 @pytest.mark.parametrize("int8", [False, True])

@@ -199,7 +199,7 @@ def test_expert_pools_are_read_stacked_in_place(compiled):
     int8 pools flattened would be a multiple of 32 rows, tiled 32 deep on a v6e, where an 8-row page DMA does not
     compile), through the entries' page table and an int8 pool's kept page scales as the layer passes them
     (``ExpertsWithLoRA._entry_pages``, ``lora_page_scale``): libtpu's count of the whole op stays within 1.3 times
-    the kernel's estimate (31.8 MB against 28.0 MB bf16, 20.4 MB against 16.6 MB int8 when this was written; with
+    the kernel's estimate (31.8 MB against 28.0 MB bf16, 19.4 MB against 15.6 MB int8 when this was written; with
     the page table derived from the row table in the graph and, int8, the page scales from ``a_scale * b_scale``
     over all 128 x 4,104 rows each call, 44.2 and 55.4 MB), where a copy of the two pools (3.8 GB bf16, 1.9 GB int8,
     read and written) would add over two hundred times the estimate."""

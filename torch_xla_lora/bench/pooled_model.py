@@ -12,12 +12,16 @@ on 1, 8 or 16 distinct adapters of mixed true ranks (8, 16, 64 in turn), for ``m
 - *pooled*: ``pooled_shrink_expand``'s kernel (``kernels.fused.Pooled``), walked like the padded one
   (:func:`pooled_cost`): the pages of each used lane's true rank, plus the tables the kernel reads: the
   batch's page table (page starts and ranks, built on the host), and for int8 pools of the page-scale array
-  kept beside the pool (pools of a 6 GiB budget, :func:`pool_rows`) the 4 KiB tile of each used page, or
-  the whole array where that is fewer tiles (``fused.scale_read_bytes``, the kernel's own choice);
+  kept beside the pool (pools of a 6 GiB budget, :func:`pool_rows`) the 4 KiB tile of each used page (once
+  for a run of a lane's pages in one tile, ``fused.scale_tiles``), or the whole array where that is fewer
+  tiles than pages (``fused.scale_read_bytes``, the kernel's own choice);
 - *one-pass*: the base matmul and the LoRA in one kernel reading the pool (``linear_lora_pooled``,
   ``tpu_model.fused_base_cost`` with a ``PoolSpec``), what ``base_fusion`` runs: its adapter bytes are the
   kernel's traffic less the same kernel's on a batch without adapters, its time the kernel's less XLA's
   base matmul (:func:`one_pass_cost`).
+
+``--moe`` prices instead the expert LoRA of MoE models' decode steps (:func:`moe_step_rows`: Mixtral-8x7B,
+Qwen3-30B-A3B; bf16 and int8 pools, the experts' page scales kept per expert).
 
 ``--resident`` prints instead the bytes of one adapter's rows at its true rank rounded to a granule
 (:func:`resident_rows`, the pool's own accounting: ``pool.layer_row_bytes``, ``pool.span_rows``) at the same
@@ -71,12 +75,14 @@ def pooled_cost(
     max_loras: int,
     int8: bool,
     pool_rows: int,
+    stacked: int = 1,
 ) -> tpu_model.Cost:
     """Cost of ``pooled_shrink_expand``'s kernel (bf16 compute) for one batch: ``lanes`` [T] each token's lane,
     ``ranks[l]`` lane l's true rank (lanes past ``len(ranks)`` hold none). Pipelined blocks as
     :func:`tpu_model.fused_cost`; manual bytes the pages the kernel DMAs (``fused.pooled_step_work``) plus
     the tables it reads: the page table (page starts, ranks) whole; int8: of the page-scale array of a pool of
-    ``pool_rows`` rows, a tile per page DMA'd or the whole array, as the kernel chooses)."""
+    ``pool_rows`` rows (``stacked`` such pools, each its block of whole tiles: an experts layer's), a tile per
+    page DMA'd or the whole array, as the kernel chooses)."""
     import jax.numpy as jnp
 
     from torch_xla_lora.kernels import fused, visits
@@ -98,7 +104,7 @@ def pooled_cost(
     lane_ranks[: len(ranks)] = ranks
     specs = [*spec.in_specs, spec.out_specs]
     last = [None] * len(specs)
-    pipelined = manual = page_tiles = 0
+    pipelined = manual = page_count = page_tiles = 0
     flops = 0.0
     steps = int(meta.num_active[0]) * spec.grid[1]
     for i in range(int(meta.num_active[0])):
@@ -112,13 +118,14 @@ def pooled_cost(
                     last[k] = index
             dma, matmuls = fused.pooled_step_work(i, n, meta, lane_ranks, hidden, lane_count, sizes, 1 if int8 else 2)
             manual += dma
-            if n == 0:  # the pages the shrink DMAs: a page-scale tile each, if the kernel reads them so
-                page_tiles += fused.pooled_step_pages(i, meta, lane_ranks, lane_count)
+            if n == 0:  # the pages the shrink DMAs, and their scale tiles if the kernel reads them so
+                step_pages, step_tiles = fused.pooled_step_pages(i, meta, lane_ranks, lane_count)
+                page_count, page_tiles = page_count + step_pages, page_tiles + step_tiles
             flops += tpu_model.mxu_flops(matmuls, chip.mxu_width)
     entries = max_loras * fused.pages(max_rank)
     manual += 4 * (entries + max_loras)  # the page table (page starts, ranks), built on the host per batch
     if int8:
-        manual += fused.scale_read_bytes(page_tiles, fused.padded_scale_rows(pool_rows + 2))
+        manual += fused.scale_read_bytes(page_count, stacked * fused.padded_scale_rows(pool_rows + 2), page_tiles)
     return tpu_model.Cost(pipelined, manual, flops, steps, tpu_model._time(chip, pipelined, manual, flops, steps))
 
 
@@ -234,11 +241,15 @@ def moe_entries(model: str, distinct: int, tokens: int = DECODE_TOKENS) -> np.nd
     return ((token % distinct) * shape.experts + expert)[order].astype(np.int32)
 
 
-def moe_step_rows(chip: tpu_model.Chip, model: str, distinct: int, max_loras: int, max_rank: int) -> dict:
+def moe_step_rows(
+    chip: tpu_model.Chip, model: str, distinct: int, max_loras: int, max_rank: int, int8: bool = False
+) -> dict:
     """One ``--moe`` table row: the expert LoRA's bytes and modelled time over a decode step's layers (both
-    projections, bf16 pools): padded ``[L * E, R]`` slots (the fused kernel over the routed rows' entries), the
-    pool gathered into them per step (what the experts did before reading pools), and the pooled kernel on the
-    ``L * E`` entries' true-rank pages (``ExpertsWithLoRA._entry_rows``)."""
+    projections): padded bf16 ``[L * E, R]`` slots (the fused kernel over the routed rows' entries), the pool
+    gathered into them per step (what the experts did before reading pools; an int8 pool's rows read as int8),
+    and the pooled kernel on the ``L * E`` entries' true-rank pages (``ExpertsWithLoRA._entry_rows``), of bf16
+    or ``int8`` pools (their page scales kept per pool, a 4 KiB tile read per page). *True* bytes are the routed
+    entries' true-rank rows in the pool's dtype."""
     from torch_xla_lora.bench import tpu_grid
 
     shape = tpu_grid.MOE_MODELS[model]
@@ -247,16 +258,18 @@ def moe_step_rows(chip: tpu_model.Chip, model: str, distinct: int, max_loras: in
     slots = max_loras * shape.experts
     entry_ranks = [ranks[e // shape.experts] if e // shape.experts < distinct else 0 for e in range(slots)]
     used = set(entries.tolist())
+    element = 1 if int8 else 2
     totals = dict.fromkeys(("padded_bytes", "gathered_bytes", "pooled_bytes", "true_bytes"), 0.0)
     totals.update(dict.fromkeys(("padded_s", "gathered_s", "pooled_s"), 0.0))
     for hidden, out_dim in ((shape.hidden, 2 * shape.intermediate), (shape.intermediate, shape.hidden)):
         padded = tpu_model.fused_cost(chip, entries, hidden, out_dim, max_rank, slots)
-        pooled = pooled_cost(chip, entries, entry_ranks, hidden, out_dim, max_rank, slots, False, pool_rows(False))
-        gather = slots * max_rank * (hidden + out_dim) * 4  # read every entry's table rows, write bf16 slots
+        rows = pool_rows(int8)
+        pooled = pooled_cost(chip, entries, entry_ranks, hidden, out_dim, max_rank, slots, int8, rows, shape.experts)
+        gather = slots * max_rank * (hidden + out_dim) * (element + 2)  # read every entry's rows, write bf16 slots
         totals["padded_bytes"] += padded.manual_bytes
         totals["gathered_bytes"] += padded.manual_bytes + gather
         totals["pooled_bytes"] += pooled.manual_bytes
-        totals["true_bytes"] += sum(entry_ranks[e] for e in used) * (hidden + out_dim) * 2
+        totals["true_bytes"] += sum(entry_ranks[e] for e in used) * (hidden + out_dim) * element
         totals["padded_s"] += padded.seconds
         totals["gathered_s"] += padded.seconds + gather / chip.hbm_bytes_per_s + tpu_model.XLA_FUSION_OVERHEAD_S
         totals["pooled_s"] += pooled.seconds
@@ -264,26 +277,27 @@ def moe_step_rows(chip: tpu_model.Chip, model: str, distinct: int, max_loras: in
 
 
 def moe_table(chips: Sequence[str] = ("v5e", "v6e")) -> str:
-    """The markdown table of :func:`moe_step_rows` over the chips, models, distinct adapters and slot grid."""
+    """The markdown table of :func:`moe_step_rows` over the chips, models, pool dtypes, distinct adapters and
+    slot grid."""
     lines = [
-        "| chip | model | distinct | max_loras x max_rank | entries used | true MB | padded MB | gathered pool MB "
-        "| pooled MB | pooled / true | padded µs | gathered pool µs | pooled µs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| chip | model | pools | distinct | max_loras x max_rank | entries used | true MB | padded MB "
+        "| gathered pool MB | pooled MB | pooled / true | padded µs | gathered pool µs | pooled µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for chip_name in chips:
         chip = tpu_model.CHIPS[chip_name]
         for model in MOE_STEP_MODELS:
-            for distinct in DISTINCT:
-                for max_loras, max_rank in MOE_SLOT_GRID:
-                    if distinct > max_loras:
-                        continue
-                    row = moe_step_rows(chip, model, distinct, max_loras, max_rank)
-                    used = len(set(moe_entries(model, distinct).tolist()))
-                    lines.append(
-                        f"| {chip_name} | {model} | {distinct} | {max_loras} x {max_rank} | {used} "
-                        + _formulation_cells(row)
-                        + "|"
-                    )
+            for int8 in (False, True):
+                for distinct in DISTINCT:
+                    for max_loras, max_rank in MOE_SLOT_GRID:
+                        if distinct > max_loras:
+                            continue
+                        row = moe_step_rows(chip, model, distinct, max_loras, max_rank, int8)
+                        used = len(set(moe_entries(model, distinct).tolist()))
+                        lines.append(
+                            f"| {chip_name} | {model} | {'int8' if int8 else 'bf16'} | {distinct} "
+                            f"| {max_loras} x {max_rank} | {used} " + _formulation_cells(row) + "|"
+                        )
     return "\n".join(lines)
 
 

@@ -290,7 +290,10 @@ def build_pooled(cfg: Config, sds, experts: int | None = None):
     # The tables the kernel reads: the page table (page starts, ranks) whole, and of an int8 pool's page scales the
     # used pages' tiles or the whole array, whichever is fewer (one block of decode tokens holds every adapter).
     table_bytes = 4 * (slots * fused.pages(rank) + slots)
-    table_bytes += fused.scale_read_bytes(sum(fused.pages(r) for r in ranks), scale_rows) if int8 else 0
+    if int8:
+        table_bytes += fused.scale_read_bytes(
+            sum(map(fused.pages, ranks)), scale_rows, sum(map(fused.scale_tiles, ranks))
+        )
     estimate = fused.pooled_cost_estimate(padded, d_in, d_out, ranks, rank, dtype, sizes, lanes, int8, table_bytes)
     info = {
         "block": dataclasses.asdict(sizes),

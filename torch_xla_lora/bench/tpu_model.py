@@ -275,7 +275,7 @@ def fused_base_cost(
     widths += [1, 4] if int8_weight else [itemsize]
     widths += [itemsize] * (len(specs) - len(widths))
     last = [None] * len(specs)
-    pipelined = manual = page_tiles = 0
+    pipelined = manual = page_count = page_tiles = 0
     flops = 0.0
     blocks, tiles, reductions = spec.grid
     per_block = len(meta.slots) // len(meta.chunks)
@@ -301,15 +301,17 @@ def fused_base_cost(
                     # The step's page-scale tiles (pooled_step_work's paged mode): priced once below instead, as
                     # the kernel reads them (the whole array where that is fewer tiles).
                     used = meta.slots[i * per_block : i * per_block + int(meta.chunks[i]) * lanes]
-                    block_pages = sum(pages.pages(int(pool_ranks[s])) for s in used if s >= 0)
-                    page_tiles += block_pages
-                    dma -= 4 * pages.SCALE_TILE_ROWS * block_pages
+                    used_ranks = [int(pool_ranks[s]) for s in used if s >= 0]
+                    page_count += sum(map(pages.pages, used_ranks))
+                    block_tiles = sum(map(pages.scale_tiles, used_ranks))
+                    page_tiles += block_tiles
+                    dma -= 4 * pages.SCALE_TILE_ROWS * block_tiles
                 pipelined += hidden_dma  # issued before the base product: shares bandwidth, overlaps compute
                 manual += dma
                 flops += mxu_flops(matmuls, chip.mxu_width)
     if pool is not None:
         manual += 4 * (num_slots * pages.pages(rank) + num_slots)  # the page table, built on the host per batch
-        manual += pages.scale_read_bytes(page_tiles, pooled.scale_rows) if pool.int8 else 0
+        manual += pages.scale_read_bytes(page_count, pooled.scale_rows, page_tiles) if pool.int8 else 0
     steps = blocks * tiles * reductions
     return Cost(pipelined, manual, flops, steps, _time(chip, pipelined, manual, flops, steps))
 
