@@ -559,6 +559,8 @@ def _quantized_case(case: dict, mesh: xs.Mesh, dump_dir: str | None) -> dict:
     ids = case["ids"].to(device)
     with torch.no_grad():
         out = {"logits": sharding.replicated(model(ids).logits, mesh).cpu(), "specs": {}}
+    if "memory_budget" in case["lora_config"]:  # which region reads each pool (traced, not run)
+        out["pool_reads"] = _pool_reads(lora, lambda: model(ids).logits)
     for short, name in case["placed"].items():
         module = lora.layers[name].base_layer
         for tensor_name, spec in case["expected_specs"][short].items():

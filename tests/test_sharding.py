@@ -366,6 +366,11 @@ def int8_peft_logits(llama_inputs) -> torch.Tensor:
 
 QUANTIZED_SCHEMES = ("asymmetric", "blockwise")  # per channel with zero points; blockwise (16 inputs a block)
 QUANTIZED_ROWS = ["a", None, "b", "a"]
+#: scheme -> its LoRAConfig: the per-channel base with its adapters in a rank-true pool, the blockwise in slots.
+QUANTIZED_CONFIGS = {
+    "asymmetric": {"max_loras": 2, "max_rank": 8, "memory_budget": 10**6},
+    "blockwise": {"max_loras": 2, "max_rank": 8},
+}
 
 
 def _quantized_specs(scheme: str) -> dict[str, dict[str, tuple]]:
@@ -401,14 +406,14 @@ def quantized(tmp_path_factory, xla_device) -> dict[str, tuple[dict, torch.Tenso
         inputs = {
             "model": model,
             "adapters": adapters,
-            "lora_config": {"max_loras": 2, "max_rank": 8},
+            "lora_config": QUANTIZED_CONFIGS[scheme],
             "ids": ids,
             "batch": QUANTIZED_ROWS,
             "expected_specs": specs,
             "placed": {"q_proj": "model.layers.0.self_attn.q_proj", "o_proj": "model.layers.1.self_attn.o_proj"},
         }
         one = copy.deepcopy(model).to(xla_device)
-        lora = tl.patch_model(one, tl.LoRAConfig(max_loras=2, max_rank=8))
+        lora = tl.patch_model(one, tl.LoRAConfig(**QUANTIZED_CONFIGS[scheme]))
         for name, (state_dict, config) in adapters.items():
             lora.load_adapter(name, state_dict=state_dict, config=config)
         lora.set_batch(QUANTIZED_ROWS)
@@ -635,6 +640,18 @@ def test_quantized_weights_and_scales_are_sharded_as_the_float_weight(spmd_layer
     assert len(specs) == (6 if scheme == "asymmetric" else 4)
     for actual, expected in specs.values():
         assert actual == expected
+
+
+def test_quantized_row_layers_on_a_mesh_read_their_pools_without_gathering(spmd_layers):
+    """With a memory budget, a quantized base's row-parallel layers run torch_xla's quantized matmul per shard in
+    the pooled row region (its LoRA partial from the pools at true rank, reduced with the base's), as its column
+    layers read theirs in the column region: no layer gathers its lanes into slots (the logits are
+    ``test_quantized_base_on_a_mesh_matches_one_device_and_peft``'s, pooled on one device too)."""
+    reads = spmd_layers["quantized"]["asymmetric"]["pool_reads"]
+    assert reads["sharded_gather_slots"] == []
+    rows = {name.rpartition(".")[0] for name in reads["sharded_pooled_row_linear"]}
+    assert rows == {f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.o_proj", "mlp.down_proj")}
+    assert reads["sharded_pooled_lora"]
 
 
 def test_lora_on_a_quantized_base_adds_no_collective(spmd_layers):

@@ -236,29 +236,44 @@ def sharded_row_linear(
     specs = p.lora_specs_linear()
     x = p.enter(inputs, (tokens, p.axis))
     idx = _enter_slots(p, lora_indices)
+    a, b = _enter_factor(p, lora_a, specs["lora_a"]), _enter_factor(p, lora_b, specs["lora_b"])
+    meta = _local_metadata(p, metadata)
+    if fuse_base and weight_scale is None:
+        # x_k W_k^T + B A_k x_k in one op on the local K slice; the bias is added after the reduction.
+        w = p.enter(weight, (p.axis, None) if transposed else (None, p.axis), placed=True)
+        layout = "in_out" if transposed else "out_in"
+        partial = torch.ops.xla_lora.linear_lora(x, w, None, a, b, idx, 1.0, layout, backend, meta, own_metadata)
+        return p.reduce(partial, inputs.shape[0])
+    partial = _row_partial(p, x, inputs, weight, transposed, weight_scale, zero_point, block_size)
+    lora = torch.ops.xla_lora.bgmv_shrink_expand(x.to(a.dtype), a, b, partial.to(b.dtype), idx, 1.0, backend, meta)
+    # Reduced in the model's dtype, as the base layer alone would be.
+    return p.reduce(lora.to(partial.dtype), inputs.shape[0])
+
+
+def _row_partial(
+    p: LayerSharding,
+    x: torch.Tensor,
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    transposed: bool,
+    weight_scale: torch.Tensor | None,
+    zero_point: torch.Tensor | None,
+    block_size: int,
+) -> torch.Tensor:
+    """A row-parallel base's partial product on this shard, x_k W_k^T ([N_local, out]): the model's dtype, or of a
+    torch_xla quantized base (``weight_scale`` given) its own ``quantized_matmul`` on the shard's input slice, the
+    scales and zero points as ``apply`` placed them (:func:`sharded_row_linear`'s arguments)."""
     w_spec = (p.axis, None) if transposed else (None, p.axis)
     if block_size != -1:
         w_spec = (p.axis, None, None)  # blockwise [in / bs, bs, out]: whole blocks per shard
     w = p.enter(weight, w_spec, placed=True)
-    a, b = _enter_factor(p, lora_a, specs["lora_a"]), _enter_factor(p, lora_b, specs["lora_b"])
-    meta = _local_metadata(p, metadata)
-    if weight_scale is not None:
-        # torch_xla's quantized matmul on the shard's input slice; scales and zero points as apply placed them.
-        per_output = (None,) if block_size == -1 else (p.axis, None)
-        scale = p.enter(weight_scale, per_output, placed=True)
-        zero = None if zero_point is None else p.enter(zero_point, per_output, placed=True)
-        partial = torch.ops.xla.quantized_matmul(x, w, scale, zero, block_size=block_size)
-        partial = partial.to(_quantized_dtype(inputs, weight_scale))
-    elif fuse_base:
-        # x_k W_k^T + B A_k x_k in one op on the local K slice; the bias is added after the reduction.
-        layout = "in_out" if transposed else "out_in"
-        partial = torch.ops.xla_lora.linear_lora(x, w, None, a, b, idx, 1.0, layout, backend, meta, own_metadata)
-        return p.reduce(partial, inputs.shape[0])
-    else:
-        partial = x @ w if transposed else x @ w.T  # [N_local, out], the model's dtype
-    lora = torch.ops.xla_lora.bgmv_shrink_expand(x.to(a.dtype), a, b, partial.to(b.dtype), idx, 1.0, backend, meta)
-    # Reduced in the model's dtype, as the base layer alone would be.
-    return p.reduce(lora.to(partial.dtype), inputs.shape[0])
+    if weight_scale is None:
+        return x @ w if transposed else x @ w.T
+    per_output = (None,) if block_size == -1 else (p.axis, None)
+    scale = p.enter(weight_scale, per_output, placed=True)
+    zero = None if zero_point is None else p.enter(zero_point, per_output, placed=True)
+    partial = torch.ops.xla.quantized_matmul(x, w, scale, zero, block_size=block_size)
+    return partial.to(_quantized_dtype(inputs, weight_scale))
 
 
 @sharded_row_linear.register_fake
@@ -668,19 +683,25 @@ def sharded_pooled_row_linear(
     transposed: bool,
     key: str,
     backend: str,
+    weight_scale: torch.Tensor | None = None,
+    zero_point: torch.Tensor | None = None,
+    block_size: int = -1,
 ) -> torch.Tensor:
     """:func:`sharded_row_linear` (base and LoRA reduced once, bias not added) with the LoRA read from the layer's
     rank-true pools: each shard adds ``pooled_shrink_expand`` of its input slice to its base partial.
 
     Args:
-      inputs: [N, in]; weight: [out, in] (nn.Linear) or [in, out] (Conv1D, ``transposed``).
+      inputs: [N, in]; weight: [out, in] (nn.Linear) or [in, out] (Conv1D, ``transposed``); or a torch_xla
+        quantized base's int8 weight with ``weight_scale``, ``zero_point``, ``block_size`` as
+        :func:`sharded_row_linear` takes them.
       a_pool: [1, P + 2, in] split on its columns as the input, b_pool: [1, P + 2, out] whole on every shard
         (``LayerSharding.pool_specs``); a_scale, b_scale: [1, P + 2] float32 of an int8 pool, else None.
       lora_indices: [N] int32; rows: [max_loras * R] int32, the batch's row table; dtype: the adapters' dtype
         (the LoRA product's).
 
     Returns:
-      [N, out] in weight's dtype: sum over shards of x_k W_k^T + B A_k x_k, each lane at its true rank.
+      [N, out] in weight's dtype (a quantized base: inputs' promoted with the scales'): sum over shards of
+      x_k W_k^T + B A_k x_k, each lane at its true rank.
 
     The pooled op is linear in x (its per-row scales included), so the shards' partials sum to the one-device
     LoRA, and base and LoRA share the one all-reduce. Serving only, as :func:`sharded_pooled_lora`.
@@ -689,8 +710,7 @@ def sharded_pooled_row_linear(
     tokens = p.data_axis
     x = p.enter(inputs, (tokens, p.axis))
     idx = _enter_slots(p, lora_indices)
-    w = p.enter(weight, (p.axis, None) if transposed else (None, p.axis), placed=True)
-    partial = x @ w if transposed else x @ w.T  # [N_local, out], the model's dtype
+    partial = _row_partial(p, x, inputs, weight, transposed, weight_scale, zero_point, block_size)
     a, b, table, *scales = _enter_pools(p, a_pool, b_pool, rows, a_scale, b_scale, max_loras)
     lora = torch.ops.xla_lora.pooled_shrink_expand(
         x.to(dtype), a, b, partial.to(dtype), idx, table, *scales, 1.0, backend
@@ -700,8 +720,26 @@ def sharded_pooled_row_linear(
 
 
 @sharded_pooled_row_linear.register_fake
-def _(inputs, weight, a_pool, b_pool, lora_indices, rows, a_scale, b_scale, max_loras, dtype, transposed, key, backend):
-    return inputs.new_empty((inputs.shape[0], b_pool.shape[2]), dtype=weight.dtype)
+def _(
+    inputs,
+    weight,
+    a_pool,
+    b_pool,
+    lora_indices,
+    rows,
+    a_scale,
+    b_scale,
+    max_loras,
+    dtype,
+    transposed,
+    key,
+    backend,
+    weight_scale=None,
+    zero_point=None,
+    block_size=-1,
+):
+    out_dtype = weight.dtype if weight_scale is None else _quantized_dtype(inputs, weight_scale)
+    return inputs.new_empty((inputs.shape[0], b_pool.shape[2]), dtype=out_dtype)
 
 
 def _enter_pools(

@@ -476,15 +476,14 @@ class LayerSharding:
         backend = layer.backend if fused else layer.lora_backend(layer.formulation(x))
         metadata, own = self._metadata(layer, x2.shape[0], fused)
         quantized = is_quantized_linear(base)
-        if not fused and not (quantized and self.kind == "row") and layer._reads_pool(x2, backend):
+        if not fused and layer._reads_pool(x2, backend):
             return self._pooled_forward(layer, x, x2, slots, backend)
         lora_a, lora_b = layer.slot_factors()  # the buffers, or trainable adapters' rows put in, in the graph
         if quantized and torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_a, lora_b)):
             raise ShardingError("training on a quantized base is not supported on a mesh yet (one device only)")
         if self.kind == "row":
             # The base matmul runs inside the region, so base and LoRA share the one reduction.
-            transposed = not isinstance(base, nn.Linear) and not quantized
-            scales = (base.weight_scaler, base.zero_point, base.block_size) if quantized else (None, None, -1)
+            transposed, scales = _row_base(base)
             y = torch.ops.xla_lora.sharded_row_linear(
                 x2,
                 base.weight,
@@ -539,9 +538,10 @@ class LayerSharding:
         partial, reduced together (``xla_lora::sharded_pooled_row_linear``)."""
         if self.kind == "row":
             base = layer.base_layer
-            transposed = not isinstance(base, nn.Linear)
+            transposed, scales = _row_base(base)
+            operands = self._pool_operands(layer, slots)
             y = torch.ops.xla_lora.sharded_pooled_row_linear(
-                x2, base.weight, *self._pool_operands(layer, slots), layer.adapter_dtype, transposed, self.key, backend
+                x2, base.weight, *operands, layer.adapter_dtype, transposed, self.key, backend, *scales
             )
             if getattr(base, "bias", None) is not None:
                 y = y + base.bias
@@ -918,3 +918,11 @@ def plan_model(
         placement.check(name, modules[name], layers.get(name))
         placements[name] = (modules[name], placement)
     return ModelSharding(placements)
+
+
+def _row_base(base: nn.Module) -> tuple[bool, tuple]:
+    """How a row-parallel region takes ``base``'s weight: (transposed: a Conv1D's [in, out], the quantized
+    matmul's (weight_scale, zero_point, block_size) of a torch_xla quantized layer, else (None, None, -1))."""
+    if is_quantized_linear(base):
+        return False, (base.weight_scaler, base.zero_point, base.block_size)
+    return not isinstance(base, nn.Linear), (None, None, -1)
