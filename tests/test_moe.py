@@ -67,12 +67,15 @@ ARCHS = {
     "Phimoe": ({"num_local_experts": 4}, "router"),
 }
 EXPLICIT = [arch for arch, (_, router) in ARCHS.items() if router is not None]
+#: Widths at which the experts' projections are whole 128-lane tiles (gate_up 128 -> 256, down 128 -> 128): where
+#: the pooled Pallas kernel runs them (the default model's 32-wide ones take the XLA-native path).
+WIDE = {"hidden_size": 128, "intermediate_size": 128, "head_dim": 32}
 
 
-def moe_model(arch: str, experts_implementation: str | None = None) -> torch.nn.Module:
-    """The same random weights on every call for ``arch``."""
+def moe_model(arch: str, experts_implementation: str | None = None, wide: bool = False) -> torch.nn.Module:
+    """The same random weights on every call for ``arch`` (``wide``: at :data:`WIDE` widths)."""
     overrides, _ = ARCHS[arch]
-    config = getattr(transformers, f"{arch}Config")(**{**_COMMON, **overrides})
+    config = getattr(transformers, f"{arch}Config")(**{**_COMMON, **overrides, **(WIDE if wide else {})})
     if experts_implementation is not None:
         config._experts_implementation = experts_implementation
     torch.manual_seed(0)
@@ -93,28 +96,28 @@ def lora_config(arch: str, seed: int, **kwargs) -> LoraConfig:
     return LoraConfig(init_lora_weights=False, **kwargs)
 
 
-def peft_model(arch: str, seed: int, **kwargs):
+def peft_model(arch: str, seed: int, wide: bool = False, **kwargs):
     torch.manual_seed(100 + seed)  # random, non-zero factors
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return get_peft_model(moe_model(arch), lora_config(arch, seed, **kwargs))
+        return get_peft_model(moe_model(arch, wide=wide), lora_config(arch, seed, **kwargs))
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """arch -> {adapter name: directory written by PEFT's save_pretrained}, made on first use."""
-    cache: dict[str, dict[str, str]] = {}
+    """(arch, wide) -> {adapter name: directory written by PEFT's save_pretrained}, made on first use."""
+    cache: dict[tuple[str, bool], dict[str, str]] = {}
 
-    def get(arch: str) -> dict[str, str]:
-        if arch not in cache:
-            cache[arch] = {}
+    def get(arch: str, wide: bool = False) -> dict[str, str]:
+        if (arch, wide) not in cache:
+            cache[arch, wide] = {}
             for seed, name in enumerate(("math", "code")):
                 path = tmp_path_factory.mktemp(f"{arch}-{name}")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    peft_model(arch, seed).save_pretrained(path)
-                cache[arch][name] = str(path)
-        return cache[arch]
+                    peft_model(arch, seed, wide).save_pretrained(path)
+                cache[arch, wide][name] = str(path)
+        return cache[arch, wide]
 
     return get
 
@@ -136,8 +139,8 @@ def peft_reference(arch: str, saved_dirs: dict[str, str], ids: torch.Tensor) -> 
     return out
 
 
-def served(arch: str, saved_dirs: dict[str, str], device: torch.device, **config):
-    model = moe_model(arch, "batched_mm").to(device)
+def served(arch: str, saved_dirs: dict[str, str], device: torch.device, wide: bool = False, **config):
+    model = moe_model(arch, "batched_mm", wide).to(device)
     lora = patch_model(model, LoRAConfig(**{"max_loras": 2, "max_rank": 8, **config}))
     for name, path in saved_dirs.items():
         lora.load_adapter(name, path)
@@ -554,23 +557,34 @@ def test_mixed_batch_in_a_pool_equals_peft(arch, on_xla, backend, saved, xla_dev
     assert set(lora.memory()["adapters"]) == {"math", "code"}
 
 
-@pytest.mark.parametrize("backend", ["auto", "pallas"])
-def test_int8_expert_pools_equal_plain_math_on_int8_rounded_factors(backend, saved, xla_device, monkeypatch):
+@pytest.mark.parametrize(("backend", "wide"), [("auto", False), ("pallas", False), ("pallas", True)])
+def test_int8_expert_pools_equal_plain_math_on_int8_rounded_factors(backend, wide, saved, xla_device, monkeypatch):
     """int8 expert pools read at their true rank compute exactly the adapters with each (slot, expert) entry's
     rank rows rounded to int8 (one absmax scale per row, rounded here in plain torch from the padded float
     slots), by the float64 plain experts (the int8 quality bound against float adapters is measured on whole
     models: ``bench memory --quality``, tests/test_pool.py). On "pallas" (the allocator's aligned pages) the layer
-    hands the op its four pools stacked, [E, P + 2, width], nothing gathered; at this model's widths (32, under
-    the kernel's 128 lanes) the op reads them by its XLA-native path: the kernel's reading of stacked int8 pools
-    is tests/test_pooled_kernel.py's, and libtpu compiles it (tests/test_tpu_compile.py)."""
+    hands the op its four pools stacked, [E, P + 2, width], nothing gathered; at the default model's widths (32,
+    under the kernel's 128 lanes) the op reads them by its XLA-native path, at :data:`WIDE` ones by the pooled
+    kernel (interpret mode), through the entries' page table and the kept page scales the layer passes, each
+    projection cut to its own rank (PEFT's ``"all-linear"`` gives ``gate_up_proj`` rank 8, ``down_proj`` 4);
+    libtpu compiles the experts' call (tests/test_tpu_compile.py)."""
+    from torch_xla_lora.kernels import fused
 
     def gathered(*args, **kwargs):
         raise AssertionError("a layer gathered its lanes into slots")
 
     monkeypatch.setattr(pool, "gather_slots", gathered)
-    dirs = saved("Mixtral")
-    model, lora = served("Mixtral", dirs, xla_device, memory_budget=10**7, weight_dtype="int8", backend=backend)
-    float_model, float_lora = served("Mixtral", dirs, torch.device("cpu"))  # padded float slots: the factors
+    kernel_calls = []
+    original = fused.pooled_shrink_expand
+
+    def kernel(*args, **kwargs):
+        kernel_calls.append(args[5])  # the page table the kernel reads (traced)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "pooled_shrink_expand", kernel)
+    dirs = saved("Mixtral", wide)
+    model, lora = served("Mixtral", dirs, xla_device, wide, memory_budget=10**7, weight_dtype="int8", backend=backend)
+    float_model, float_lora = served("Mixtral", dirs, torch.device("cpu"), wide)  # padded float slots: the factors
     lora.set_batch(ROWS)
     float_lora.set_batch(ROWS)
     layer = model.model.layers[0].mlp.experts
@@ -589,13 +603,14 @@ def test_int8_expert_pools_equal_plain_math_on_int8_rounded_factors(backend, sav
     buffers = {name: rounded(getattr(float_layer, name)) for name in BUFFERS}
     seq = 6
     gen = torch.Generator().manual_seed(3)
-    hidden = torch.randn(len(ROWS) * seq, _COMMON["hidden_size"], generator=gen)
+    hidden = torch.randn(len(ROWS) * seq, (WIDE if wide else _COMMON)["hidden_size"], generator=gen)
     index, weights = _routing(len(ROWS) * seq, 2, 4, seed=4)
     slots = float_lora.context.slots.repeat_interleave(seq)  # each row's slot, per token
     with torch.no_grad():
         out = layer(hidden.to(xla_device), index.to(xla_device), weights.to(xla_device)).cpu()
     expected = _plain_experts(float_layer.base_layer.double(), hidden.double(), index, weights, slots, buffers)
     assert_close(out, expected, torch.float32)
+    assert len(kernel_calls) == (2 if wide else 0)  # both projections by the kernel where their widths allow
 
 
 def test_rank_and_alpha_patterns_on_a_router_weight_apply_as_in_peft(tmp_path):

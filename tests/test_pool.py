@@ -119,6 +119,66 @@ def test_mixed_ranks_equal_peft_and_evict_by_bytes(base_model, peft_model, on_xl
     assert [info[n]["resident"] for n in "abcd"] == [True, False, False, True]
 
 
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: adapter -> (PEFT config, its rank in each projection; 0 where it does not target it)
+MODULE_RANKS = {
+    "qv": (
+        {"r": 8, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 4}},
+        {"q_proj": 8, "v_proj": 4},
+    ),
+    "mlp": (
+        {"r": 6, "target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj"], "rank_pattern": {"down_proj": 2}},
+        {"q_proj": 6, "gate_proj": 6, "up_proj": 6, "down_proj": 2},
+    ),
+}
+
+
+def test_each_layer_reads_a_lane_at_its_adapters_rank_in_that_module(base_model, xla_device, monkeypatch):
+    """An adapter holds its largest rank's rows in every layer (PEFT's ``rank_pattern`` and partial
+    ``target_modules`` give it other ranks, or none, elsewhere), but each layer reads a lane only to the rank its
+    adapter has in that module, 0 where the adapter does not target it: the row table and the page table every
+    layer hands the pooled op say so (the entries past it name the zero row), and the mixed batch equals PEFT's."""
+    torch.manual_seed(7)
+    model = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, (kwargs, _) in MODULE_RANKS.items():
+            config = peft.LoraConfig(lora_alpha=8, init_lora_weights=False, **kwargs)
+            if model is None:
+                model = peft.get_peft_model(copy.deepcopy(base_model), config, adapter_name=name)
+            else:
+                model.add_adapter(name, config)
+    model.eval()
+    budget = (16 + 2) * _row_bytes(base_model, 4)
+    config = tl.LoRAConfig(max_loras=3, max_rank=8, target_modules=PROJECTIONS, memory_budget=budget, backend="xla")
+    lora = tl.patch_model(copy.deepcopy(base_model).to(xla_device), config)
+    for name in MODULE_RANKS:
+        state, adapter_config = _state(model, name)
+        lora.load_adapter(name, state_dict=state, config=adapter_config)
+    rows = ["qv", None, "mlp", "qv"]
+    lora.set_batch(rows)
+    lanes = lora.context.slots.cpu().tolist()
+    current, seen = {}, {}
+    for layer_name, layer in lora.layers.items():
+        layer.register_forward_pre_hook(lambda module, args, name=layer_name: current.update(layer=name))
+    original = torch.ops.xla_lora.pooled_shrink_expand
+
+    def spy(*args):
+        seen[current["layer"]] = (args[5], args[11])  # the row table and the page table
+        return original(*args)
+
+    monkeypatch.setattr(torch.ops.xla_lora, "pooled_shrink_expand", spy)
+    logits = _forward(lora, IDS[: len(rows)], xla_device)
+    assert set(seen) == set(lora.layers)
+    zero = lora.manager.zero_row
+    for layer_name, (table, pages) in seen.items():
+        table, ranks = table.cpu(), pages.cpu()[-3:]
+        for adapter, lane in ((rows[0], lanes[0]), (rows[2], lanes[2])):
+            expected = MODULE_RANKS[adapter][1].get(layer_name.rpartition(".")[2], 0)
+            assert int((table[lane] != zero).sum()) == int(ranks[lane]) == expected, (layer_name, adapter)
+    assert_close(logits, _expected(model, IDS[: len(rows)], rows))
+
+
 def test_pool_never_holds_more_than_its_budget(base_model):
     """The device buffers themselves (pools and int8 scales) fit the budget, and a rank row costs its elements'
     bytes: an adapter occupies its own rank's bytes, whatever max_rank."""

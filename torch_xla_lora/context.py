@@ -30,6 +30,9 @@ class BatchContext:
       pages: with a memory budget on one device, the int32 device page table of ``rows``
         ([max_loras * pages(max_rank) + max_loras]: each lane's page starts, then its true rank,
         ``pool.page_table``), built on the host with it: what the pooled kernel reads in place of ``rows``.
+      module_ranks: with a memory budget, int32 [K, max_loras]: each lane's adapter's rank in each pair of
+        factors of each layer (row ``layer.rank_rows[suffix]``; 0 where the adapter does not target the
+        module), by which a layer cuts ``rows`` to its own true ranks (``BaseLayerWithLoRA._pool_tables``).
     """
 
     def __init__(self) -> None:
@@ -38,6 +41,7 @@ class BatchContext:
         self.metadata: dict[tuple, torch.Tensor] = {}
         self.rows: torch.Tensor | None = None
         self.pages: torch.Tensor | None = None
+        self.module_ranks: torch.Tensor | None = None
 
     def set(
         self,
@@ -46,9 +50,10 @@ class BatchContext:
         metadata: dict[tuple, torch.Tensor] | None = None,
         rows: torch.Tensor | None = None,
         pages: torch.Tensor | None = None,
+        module_ranks: torch.Tensor | None = None,
     ) -> None:
         self.slots, self.per_token, self.metadata, self.rows = slots, per_token, metadata or {}, rows
-        self.pages = pages
+        self.pages, self.module_ranks = pages, module_ranks
 
     def token_slots(self, x: torch.Tensor) -> torch.Tensor | None:
         """Slot of every token of ``x`` ([..., D], flattened to [N, D]): [N] int32, or None."""

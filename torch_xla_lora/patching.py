@@ -480,9 +480,10 @@ class LoRAModel:
             )
             metadata = self._host_metadata(slots, seq_len)
             rows = self.manager.batch_rows(plan) if pooled else None
+            module_ranks = self.manager.batch_module_ranks(plan) if pooled else None
             self.manager.commit(plan)
             self.manager.apply(batch_slots={int(s) for s in slots.tolist() if s >= 0})
-            self._send(slots, per_token, seq_len, metadata=metadata, rows=rows)
+            self._send(slots, per_token, seq_len, metadata=metadata, rows=rows, module_ranks=module_ranks)
             self._mark_batch(set(plan.wanted))
 
     def _host_metadata(self, slots: torch.Tensor, seq_len: int | None) -> dict:
@@ -510,13 +511,16 @@ class LoRAModel:
         seq_len: int | None = None,
         metadata: dict | None = None,
         rows: torch.Tensor | None = None,
+        module_ranks: torch.Tensor | None = None,
     ) -> None:
         """Give the layers a batch's slots, built on the host and sent whole (int32: TPUs have no
         64-bit integer units), with the kernels' grouping when the token count is known, and with a
-        memory budget the lanes' pool rows (default: every lane reads the zero row)."""
+        memory budget the lanes' pool rows and their adapters' rank in each module (default: every lane
+        reads the zero row, at rank 0)."""
         if isinstance(self.manager, PoolManager):
             if rows is None:
                 rows = torch.full((self.config.max_loras * self.config.max_rank,), self.manager.zero_row)
+                module_ranks = self.manager.batch_module_ranks(None)
             rows = rows.to(torch.int32)
         if any(lay.tensor_parallel is not None for lay in self.layers.values()):
             from torch_xla_lora import sharding  # on a mesh: per-shard metadata (see sharding.send_batch)
@@ -524,12 +528,14 @@ class LoRAModel:
             device_slots, on_device = sharding.send_batch(self.layers, slots, per_token, seq_len, self.device)
             if rows is not None:  # sent replicated: every shard gathers its slice of the same rows
                 rows = sharding.send_replicated(rows, self.device, self.layers)
-            self.context.set(device_slots, per_token, on_device, rows)
+                module_ranks = sharding.send_replicated(module_ranks, self.device, self.layers)
+            self.context.set(device_slots, per_token, on_device, rows, module_ranks=module_ranks)
             return
         pages = None  # the pooled kernel's page table of the rows, built here once per batch (pool.page_table)
         if rows is not None:
             pages = page_table(rows, self.config.max_loras, self.manager.zero_row).to(self.device)
         rows = None if rows is None else rows.to(self.device)
+        module_ranks = None if module_ranks is None else module_ranks.to(self.device)
         if metadata is None:
             metadata = self._host_metadata(slots, seq_len)
         sent = {}  # layers with the same plan share one array: send it once
@@ -538,7 +544,7 @@ class LoRAModel:
             if id(array) not in sent:
                 sent[id(array)] = array.to(self.device)
             on_device[key] = sent[id(array)]
-        self.context.set(slots.to(self.device), per_token, on_device, rows, pages)
+        self.context.set(slots.to(self.device), per_token, on_device, rows, pages, module_ranks)
 
     # -- compilation -------------------------------------------------------------------------------
 
@@ -604,7 +610,7 @@ class LoRAModel:
         counter = CompileCounter()
         self.manager.warm_writes()
         context = self.context
-        saved = (context.slots, context.per_token, context.metadata, context.rows, context.pages)
+        saved = (context.slots, context.per_token, context.metadata, context.rows, context.pages, context.module_ranks)
         params = [p for adapter in self._trainable.values() for p in adapter.parameters().values()]
         grads = [p.grad for p in params]
         try:

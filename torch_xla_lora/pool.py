@@ -52,7 +52,7 @@ __all__ = [
     "PoolManager",
     "parse_bytes",
     "layer_row_bytes",
-    "page_scale_pairs",
+    "factor_pairs",
     "gather_slots",
     "quantize_rows",
     "page_table",
@@ -115,10 +115,10 @@ def layer_row_bytes(
 
     ``buffer_shapes``: name -> ``[L * k, *slot]`` (k entries per slot, e.g. experts); ``rank_axes``:
     name -> the rank axis within ``slot``. int8 rows cost one byte per element and a float32 scale
-    per entry, and where the pooled kernel reads a pair of factors (:func:`page_scale_pairs`) one more
+    per entry, and where the pooled kernel reads a pair of factors (:func:`factor_pairs`) one more
     float32 per entry, the row's page scale (``a_scale * b_scale``, kept beside the pools).
     """
-    pairs = page_scale_pairs(buffer_shapes, rank_axes, max_loras) if int8 else {}
+    pairs = factor_pairs(buffer_shapes, rank_axes, max_loras) if int8 else {}
     total = SCALE_BYTES * sum(entries for _, _, entries in pairs.values())
     for name, shape in buffer_shapes.items():
         entries, slot = shape[0] // max_loras, list(shape[1:])
@@ -129,13 +129,14 @@ def layer_row_bytes(
     return total
 
 
-def page_scale_pairs(
+def factor_pairs(
     buffer_shapes: Mapping[str, tuple[int, ...]], rank_axes: Mapping[str, int], max_loras: int
 ) -> dict[str, tuple[str, str, int]]:
-    """The page-scale arrays an int8 layer keeps for the pooled kernel (``ops.pooled_shrink_expand``): name ->
-    (its A buffer, its B buffer, entries per slot), one per pair of rank-first factors ``lora_a<s>`` and
-    ``lora_b<s>`` of as many entries (``lora_page_scale<s>``: a linear layer's one, an experts layer's two of E
-    entries, its up and down projections); none for other layouts (the embedding's A is rank-second)."""
+    """The pairs of rank-first factors ``lora_a<s>`` and ``lora_b<s>`` of as many entries a layer's pools hold,
+    which the pooled ops read at each lane's true rank: suffix ``s`` -> (A buffer, B buffer, entries per slot).
+    A linear layer has one (``""``), an experts layer two of E entries (its up and down projections, ``""``
+    and ``"_down"``); other layouts none (the embedding's A is rank-second). An int8 layer keeps a page-scale
+    array for each (``lora_page_scale<s>``)."""
     pairs = {}
     for name_a, shape in buffer_shapes.items():
         if not name_a.startswith("lora_a"):
@@ -145,7 +146,7 @@ def page_scale_pairs(
         b_shape = buffer_shapes.get(name_b)
         if b_shape is None or b_shape[0] != shape[0] or rank_axes[name_a] != 0 or rank_axes[name_b] != 0:
             continue
-        pairs[f"lora_page_scale{suffix}"] = (name_a, name_b, shape[0] // max_loras)
+        pairs[suffix] = (name_a, name_b, shape[0] // max_loras)
     return pairs
 
 
@@ -300,6 +301,14 @@ class PoolManager:
         for layer in self._layers.values():
             layer.pool_page_rows = self.granule
         self._module_shapes = {name: lay.adapter_shapes for name, lay in self._layers.items()}
+        self._rank_keys: list[tuple[str, str]] = []  # (module, factor pair) of each row of batch_module_ranks
+        for name, layer in self._layers.items():
+            layer.rank_rows = {}
+            pairs = layer.factor_pairs() if hasattr(layer, "factor_pairs") else {}  # (stand-ins for the allocator)
+            for suffix in pairs:
+                layer.rank_rows[suffix] = len(self._rank_keys)
+                self._rank_keys.append((name, suffix))
+        self._ranks_of: dict[str, tuple[LoRAAdapter, list[int]]] = {}  # adapter -> its ranks per _rank_keys
         self.max_loras, self.max_rank, self.max_cpu_adapters = max_loras, max_rank, max_cpu_adapters
         self.rows, self.row_bytes, self.budget_bytes = rows, row_bytes, budget_bytes
         self.zero_row, self.scratch_row = rows, rows + 1
@@ -363,6 +372,29 @@ class PoolManager:
             table[lane, : len(rows)] = torch.tensor(rows, dtype=torch.int32)
         return table.reshape(-1)
 
+    def batch_module_ranks(self, plan: PoolPlan | None) -> torch.Tensor:
+        """int32 [K, max_loras]: the rank of each lane's adapter in each pair of factors of each layer (row k
+        of the layer's ``rank_rows``), 0 for lanes without one, trainable adapters (they hold no rows) and
+        modules an adapter does not target: the layers cut the row table to it (``context.module_ranks``).
+        ``plan`` None: every lane at rank 0."""
+        table = torch.zeros(len(self._rank_keys), self.max_loras, dtype=torch.int32)
+        for name, lane in ({} if plan is None else plan.slot_of).items():
+            if name not in self._trainable:
+                table[:, lane] = torch.tensor(self._module_ranks(self._host[name]), dtype=torch.int32)
+        return table
+
+    def _module_ranks(self, adapter: LoRAAdapter) -> list[int]:
+        """``adapter``'s rank in each (module, factor pair) of :attr:`_rank_keys`, cached per adapter object."""
+        cached = self._ranks_of.get(adapter.name)
+        if cached is None or cached[0] is not adapter:
+            pairs = {
+                module: layer.pair_ranks(adapter.modules.get(module))
+                for module, layer in self._layers.items()
+                if layer.rank_rows
+            }
+            cached = self._ranks_of[adapter.name] = (adapter, [pairs[m][s] for m, s in self._rank_keys])
+        return cached[1]
+
     # -- loading -----------------------------------------------------------------------------------
 
     def add(self, adapter: LoRAAdapter) -> None:
@@ -399,6 +431,7 @@ class PoolManager:
             self._trainable.pop(name, None)
             self._batch.discard(name)
             del self._host[name]
+            self._ranks_of.pop(name, None)
 
     def add_trainable(self, adapter: LoRAAdapter) -> int:
         """Cache ``adapter`` (a trainable adapter's current weights) and reserve it a lane of its own, not one
@@ -682,6 +715,7 @@ class PoolManager:
                 break
             if name not in self._rows and name not in self._pinned and name not in self._trainable and name != keep:
                 del self._host[name]
+                self._ranks_of.pop(name, None)
 
     def _require(self, name: str) -> None:
         if name not in self._host:

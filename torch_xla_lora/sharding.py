@@ -566,7 +566,8 @@ class LayerSharding:
         """(A's pool, B's pool, slots, the batch's row table, A's scales, B's scales, max_loras): what the pooled
         linear regions take, in their order."""
         scales = (getattr(layer, f"{name}_scale", None) for name in ("lora_a", "lora_b"))
-        return (layer.lora_a_pool, layer.lora_b_pool, slots, layer.context.rows, *scales, layer.max_loras)
+        rows = layer._pool_tables()[0].reshape(-1)  # each lane at its adapter's rank in this module
+        return (layer.lora_a_pool, layer.lora_b_pool, slots, rows, *scales, layer.max_loras)
 
     def fuses_base(self, layer: BaseLayerWithLoRA, x: torch.Tensor) -> bool:
         """Whether ``layer`` runs ``linear_lora`` (base matmul and LoRA in one op) on each shard.

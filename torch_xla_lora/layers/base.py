@@ -43,6 +43,9 @@ class BaseLayerWithLoRA(nn.Module):
     #: With a memory budget, the rows an adapter's pool allocation is rounded to (set by the ``PoolManager``):
     #: the pooled Pallas kernel needs whole aligned pages of ``pool.KERNEL_PAGE_ROWS``.
     pool_page_rows = 1
+    #: With a memory budget, :meth:`factor_pairs` suffix -> this layer's row of the batch's per-module lane ranks
+    #: (``context.module_ranks``, set by the ``PoolManager``).
+    rank_rows: dict[str, int] = {}
     #: Whether this layer kind may store its slot buffers lane-padded (see :meth:`_pads_lanes`): layers whose
     #: forward reads the slots only through the fused shrink-expand op, which takes buffers wider than the layer.
     lane_padding = False
@@ -156,8 +159,36 @@ class BaseLayerWithLoRA(nn.Module):
             self.register_buffer(name, scale, False)
 
     def _page_scale_pairs(self, int8: bool) -> dict[str, tuple[str, str, int]]:
-        """An int8 pool's page-scale arrays: name -> (A buffer, B buffer, entries), :func:`pool.page_scale_pairs`."""
-        return pool.page_scale_pairs(self._buffer_shapes(), self._rank_axes(), self.max_loras) if int8 else {}
+        """An int8 pool's page-scale arrays: name -> (A buffer, B buffer, entries), one per
+        :meth:`factor_pairs` pair."""
+        return {f"lora_page_scale{s}": pair for s, pair in self.factor_pairs().items()} if int8 else {}
+
+    def factor_pairs(self) -> dict[str, tuple[str, str, int]]:
+        """The pairs of factors the pooled ops read at true rank: suffix -> (A, B, entries)
+        (:func:`pool.factor_pairs`)."""
+        return pool.factor_pairs(self._buffer_shapes(), self._rank_axes(), self.max_loras)
+
+    def pair_ranks(self, weights: ModuleLoRA | None) -> dict[str, int]:
+        """suffix -> the rank one adapter's factors for this module (``weights``; None: the module is not
+        targeted, 0) have in each :meth:`factor_pairs` pair: what the pooled reads cut each lane to."""
+        return dict.fromkeys(self.factor_pairs(), 0 if weights is None else weights.rank)
+
+    def _pool_tables(self, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(row table [L, R], page table or None) of the batch as this layer's pair ``suffix`` reads it: each lane
+        cut to the rank its adapter has in this module (``context.module_ranks``, row :attr:`rank_rows`
+        [suffix]; the entries past it name the zero row, and the page table carries the cut ranks), so rows an
+        adapter holds only for its other modules (a larger rank elsewhere, or modules it does not target) are
+        neither read nor multiplied here."""
+        rows, pages = self.context.rows.reshape(self.max_loras, -1), self.context.pages
+        ranks, row = self.context.module_ranks, self.rank_rows.get(suffix)
+        if ranks is None or row is None:
+            return rows, pages
+        lane_ranks = ranks[row]  # [L] int32
+        position = torch.arange(rows.shape[1], dtype=torch.int32, device=rows.device)
+        rows = torch.where(position[None, :] < lane_ranks[:, None], rows, self.pool_rows)
+        if pages is not None:
+            pages = torch.cat([pages[: -self.max_loras], lane_ranks])
+        return rows, pages
 
     def pool_bytes(self, rows: int, int8: bool) -> int:
         """Device bytes :meth:`allocate_pool` allocates for ``rows`` data rows: the rows (and the spare rows) at
@@ -258,19 +289,20 @@ class BaseLayerWithLoRA(nn.Module):
         """y [N, out] + each token's LoRA of x [N, in] read from the pools by ``pooled_shrink_expand``, in y's dtype."""
         dtype = self.adapter_dtype
         a_scale, b_scale = (getattr(self, f"{name}_scale", None) for name in ("lora_a", "lora_b"))
+        rows, pages = self._pool_tables()  # each lane at its adapter's rank in this module
         out = torch.ops.xla_lora.pooled_shrink_expand(
             x.to(dtype),
             self.lora_a_pool[0],
             self.lora_b_pool[0],
             y.to(dtype),
             slots,
-            self.context.rows.reshape(self.max_loras, -1),
+            rows,
             None if a_scale is None else a_scale[0],
             None if b_scale is None else b_scale[0],
             1.0,
             backend,
             metadata,
-            self.context.pages,  # the host-built page table: the kernel reads it, not the row table
+            pages,  # the host-built page table: the kernel reads it, not the row table
             getattr(self, "lora_page_scale", None),  # int8: the kernel reads its used pages' tiles, not the scales
         )
         return out.to(y.dtype)

@@ -210,22 +210,22 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         )
         token_of_row = order // top_k
         x = hidden_states[token_of_row]  # [N * K, D]: a gather of rows, never of weights
-        lora_rows = table = None
+        lora_rows, pooled = None, False
         if slots is not None:
             # Index into the [L * E] buffers; a token without adapter (slot -1) lands in [-E, -1]: no LoRA.
             lora_rows = (slots[token_of_row] * experts + expert_sorted).to(torch.int32)
             if self._reads_pool(x, self.backend, hidden_states):  # each (lane, expert) at its true rank
-                table = self._entry_rows()
+                pooled = True
                 lora_a, lora_b, lora_a_down, lora_b_down = "lora_a", "lora_b", "lora_a_down", "lora_b_down"
             else:
                 lora_a, lora_b, lora_a_down, lora_b_down = self.slot_factors()
         else:
             lora_a = lora_b = lora_a_down = lora_b_down = None
-        up = self._project(self.up_name, x, group_sizes, expert_sorted, lora_rows, lora_a, lora_b, table)
+        up = self._project(self.up_name, x, group_sizes, expert_sorted, lora_rows, lora_a, lora_b, pooled)
         # With an expert axis on a mesh, up is [n, N * K, width]: each expert shard's rows, stacked (see
         # sharding.LayerSharding.expert_projection); the gate is elementwise over the last dimension.
         h = base._apply_gate(up) if base.has_gate else base.act_fn(up)
-        down = self._project("down_proj", h, group_sizes, expert_sorted, lora_rows, lora_a_down, lora_b_down, table)
+        down = self._project("down_proj", h, group_sizes, expert_sorted, lora_rows, lora_a_down, lora_b_down, pooled)
         if getattr(base, "has_post_expert_norm", False):
             down = base.post_expert_norm(down)
         # Back to token-major order once: row order[i] of the original order is sorted row i.
@@ -242,13 +242,14 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         lora_rows: torch.Tensor | None,
         lora_a: torch.Tensor | str | None,
         lora_b: torch.Tensor | str | None,
-        table: torch.Tensor | None = None,
+        pooled: bool = False,
     ) -> torch.Tensor:
         """One projection (``param``) of the sorted ``rows``: grouped base matmul, bias, each row's LoRA: from the
-        slot tensors ``lora_a``, ``lora_b``, or with a pool ``table`` (:meth:`_entry_rows`) from the pools of the
-        buffers so named."""
+        slot tensors ``lora_a``, ``lora_b``, or ``pooled`` from the pools of the buffers so named, through the
+        entries' row table of this projection (:meth:`_entry_rows`)."""
         base = self.base_layer
         bias = getattr(base, f"{param}_bias") if getattr(base, "has_bias", False) else None
+        table = self._entry_rows(self._suffix(lora_a)) if pooled else None
         if self.tensor_parallel is not None:  # on a mesh: per-shard regions, see sharding.py
             placement = self.tensor_parallel
             out = placement.expert_projection(self, param, rows, group_sizes, lora_a, lora_b, lora_rows, table)
@@ -258,7 +259,7 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
             out = out + bias[expert_sorted]
         if lora_rows is None:
             return out
-        if table is not None:
+        if pooled:
             return self._pooled_lora(rows, out, lora_rows, lora_a, lora_b, table)
         return fused_lora(rows, out, lora_a, lora_b, lora_rows, self.backend)
 
@@ -280,24 +281,39 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         aligned = (self.pool_rows + pool.SPARE_ROWS) % pool.KERNEL_PAGE_ROWS == 0
         return aligned and self.pool_page_rows % pool.KERNEL_PAGE_ROWS == 0
 
-    def _entry_rows(self) -> torch.Tensor:
-        """The row table of the ``L * E`` (lane, expert) entries in the pools seen as ``[E * (P + 2), width]``:
-        int32 ``[L * E, R]``, entry ``l * E + e`` = expert e's block (offset ``e * (P + 2)``) at lane l's rows
-        (``context.rows``), the padding past a lane's rank at the last block's zero row (the flattened pool's
-        ``E * (P + 2) - 2``, the row the pooled ops take for zero): each entry's true rank is its lane's."""
-        return self._to_entries(self.context.rows.reshape(self.max_loras, -1))
+    def _entry_rows(self, suffix: str = "") -> torch.Tensor:
+        """The row table of the ``L * E`` (lane, expert) entries in the pools of the pair ``suffix`` ("" up,
+        "_down") seen as ``[E * (P + 2), width]``: int32 ``[L * E, R]``, entry ``l * E + e`` = expert e's block
+        (offset ``e * (P + 2)``) at lane l's rows (``context.rows`` cut to the rank its adapter has in this
+        projection, :meth:`_pool_tables`), the padding past it at the last block's zero row (the flattened
+        pool's ``E * (P + 2) - 2``, the row the pooled ops take for zero)."""
+        return self._to_entries(self._pool_tables(suffix)[0])
 
-    def _entry_pages(self) -> torch.Tensor | None:
+    def _entry_pages(self, suffix: str = "") -> torch.Tensor | None:
         """The page table of the entries (``pool.page_table`` of :meth:`_entry_rows`), int32
         ``[L * E * pages(R) + L * E]``, from the batch's own (``context.pages``, built on the host): each entry's
-        page starts its lane's in the expert's block, its rank its lane's. None where the batch has none."""
-        pages = self.context.pages
+        page starts its lane's in the expert's block, its rank its lane's in this projection. None where the
+        batch has none."""
+        pages = self._pool_tables(suffix)[1]
         if pages is None:
             return None
         lanes = self.max_loras
         starts, ranks = pages[:-lanes].reshape(lanes, -1), pages[-lanes:]
         entry_ranks = ranks[:, None].expand(lanes, self.num_experts).reshape(-1)
         return torch.cat([self._to_entries(starts).reshape(-1), entry_ranks.to(torch.int32)])
+
+    @staticmethod
+    def _suffix(name_a: torch.Tensor | str | None) -> str:
+        """The :meth:`factor_pairs` suffix of the A buffer named ``name_a`` ("" for slot tensors)."""
+        return name_a.removeprefix("lora_a") if isinstance(name_a, str) else ""
+
+    def pair_ranks(self, weights: ExpertsLoRA | None) -> dict[str, int]:
+        """The rank of the adapter's up (``""``) and down (``"_down"``) factors (0 where not targeted)."""
+        params = {} if weights is None else weights.params
+        ranks = {}
+        for suffix, param in (("", self.up_name), ("_down", "down_proj")):
+            ranks[suffix] = params[param].rank if param in params else 0
+        return ranks
 
     def _to_entries(self, table: torch.Tensor) -> torch.Tensor:
         """A lane table of pool rows [L, n] as the ``L * E`` entries' [L * E, n] in the flattened pools: each
@@ -317,7 +333,8 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         dtype = self.adapter_dtype
         pools = [getattr(self, f"{name}_pool") for name in (name_a, name_b)]  # stacked: [E, P + 2, width]
         scales = [getattr(self, f"{name}_scale", None) for name in (name_a, name_b)]
-        page_scales = getattr(self, name_a.replace("lora_a", "lora_page_scale"), None)
+        suffix = self._suffix(name_a)
+        page_scales = getattr(self, f"lora_page_scale{suffix}", None)
         out = torch.ops.xla_lora.pooled_shrink_expand(
             x.to(dtype),
             *pools,
@@ -328,7 +345,7 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
             1.0,
             self.backend,
             None,
-            self._entry_pages(),
+            self._entry_pages(suffix),
             page_scales,
         )
         return out.to(y.dtype)

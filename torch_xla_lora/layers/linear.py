@@ -337,6 +337,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         from torch_xla_lora.ops._linear_fused import linear_lora_pooled
 
         a_scale, b_scale = (getattr(self, f"{name}_scale", None) for name in ("lora_a", "lora_b"))
+        rows, pages = self._pool_tables()  # each lane at its adapter's rank in this module
         return linear_lora_pooled(
             x2,
             self.base_layer.weight,
@@ -344,7 +345,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             self.lora_a_pool[0],
             self.lora_b_pool[0],
             slots,
-            self.context.rows.reshape(self.max_loras, -1),
+            rows,
             None if a_scale is None else a_scale[0],
             None if b_scale is None else b_scale[0],
             1.0,
@@ -352,7 +353,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             self.backend,
             metadata=metadata,
             own_metadata=own,
-            pages=self.context.pages,
+            pages=pages,
             page_scales=getattr(self, "lora_page_scale", None),
             weight_scale=weight_scale,
             **fusion,
