@@ -224,7 +224,7 @@ def _stacked(kind: str, dtype: torch.dtype):
 @pytest.mark.parametrize(
     ("backend", "kind", "dtype"),
     [("pallas", "int8 pages", torch.float32), ("pallas", "int8", torch.bfloat16), ("pallas", "float", torch.float32),
-     ("xla", "int8 pages", torch.float32)],
+     ("xla", "int8 pages", torch.float32), ("xla", "int8", torch.float32)],
     ids=lambda v: str(v).removeprefix("torch."),
 )  # fmt: skip
 def test_stacked_pools_are_read_in_place_as_if_flattened(backend, kind, dtype, xla_device, monkeypatch):
