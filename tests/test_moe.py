@@ -68,8 +68,8 @@ ARCHS = {
 }
 EXPLICIT = [arch for arch, (_, router) in ARCHS.items() if router is not None]
 #: Widths at which the experts' projections are whole 128-lane tiles (gate_up 128 -> 256, down 128 -> 128): where
-#: the pooled Pallas kernel runs them (the default model's 32-wide ones take the XLA-native path).
-WIDE = {"hidden_size": 128, "intermediate_size": 128, "head_dim": 32}
+#: the pooled Pallas kernel runs them (the default model's 32-wide ones take the XLA-native path); one layer.
+WIDE = {"hidden_size": 128, "intermediate_size": 128, "head_dim": 32, "num_hidden_layers": 1}
 
 
 def moe_model(arch: str, experts_implementation: str | None = None, wide: bool = False) -> torch.nn.Module:
