@@ -150,7 +150,9 @@ def test_each_layer_reads_a_lane_at_its_adapters_rank_in_that_module(base_model,
                 model.add_adapter(name, config)
     model.eval()
     budget = (16 + 2) * _row_bytes(base_model, 4)
-    config = tl.LoRAConfig(max_loras=3, max_rank=8, target_modules=PROJECTIONS, memory_budget=budget, backend="xla")
+    config = tl.LoRAConfig(
+        max_loras=3, max_rank=8, target_modules=PROJECTIONS, memory_budget=budget, backend="xla", base_fusion=False
+    )  # the separate LoRA op on every device (on a TPU "xla" would fuse the base: linear_lora_pooled)
     lora = tl.patch_model(copy.deepcopy(base_model).to(xla_device), config)
     for name in MODULE_RANKS:
         state, adapter_config = _state(model, name)
