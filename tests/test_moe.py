@@ -534,7 +534,7 @@ def test_bench_moe_targets_verdicts():
 def test_mixed_batch_in_a_pool_equals_peft(arch, on_xla, backend, saved, xla_device, monkeypatch):
     """Rank-true storage (``memory_budget``) holds expert and router LoRA too, and no layer gathers its lanes
     into slots: the experts read each (lane, expert) entry's true-rank rows from their pools (the row table of
-    ``ExpertsWithLoRA._entry_rows``), the router and the linear layers their lanes' rows (docs/layers.md). With
+    ``ExpertsWithLoRA._entry_tables``), the router and the linear layers their lanes' rows (docs/layers.md). With
     the Pallas backend the pooled kernel reads the experts' pools a page at a time, each expert's block
     starting on an aligned page (``pool.kernel_pool_rows``)."""
 

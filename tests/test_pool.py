@@ -524,6 +524,9 @@ class _Layer:
     def write_rows(self, index: torch.Tensor, weights) -> None:
         self.writes.append(index.tolist())
 
+    def factor_pairs(self) -> dict:
+        return {}  # no pool buffers: no per-module rank cut
+
 
 def _adapter(name: str, rank: int):
     from torch_xla_lora.adapters import LoRAAdapter, ModuleLoRA

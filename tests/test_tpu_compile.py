@@ -38,17 +38,10 @@ POOLED_SAMPLE = [
     # int8 on v4 (its SMEM holds the page-scale buffer too) and one adapter at 64 x 128 (a page's scale tile read).
     tpu_grid.pooled_config("v4", "int8", 16, 16, 64, "llama3-8b", "k_proj"),
     tpu_grid.pooled_config("v5p", "int8", 1, 64, 128, "llama3-8b", "gate_proj"),
-    # An experts layer's pools read through its (lane, expert) entry table (``ExpertsWithLoRA._entry_rows``), as the
-    # layer calls the op: [E, P + 2, width] pools stacked, read in place, the page table derived in the graph from
-    # the row table. Qwen3-30B-A3B's gate_up_proj, 16 lanes x 128 experts = 2,048 entries (a 72 KiB page table), 16
-    # decode tokens x top-8 = 128 routed rows; bf16 and int8 pools (128 x 4,104 rows: a multiple of 32 flattened).
-    *(
-        tpu_grid.Config(
-            "v6e", "pooled_experts", variant, "bfloat16", 128, 2048, 64, "qwen3-30b-a3b", "experts.gate_up_proj",
-            2048, 1536,
-        )
-        for variant in ("bfloat16", "int8")
-    ),
+    # An experts layer's pools read through its (lane, expert) entry tables (``ExpertsWithLoRA._entry_tables``), as
+    # the layer calls the op: Qwen3-30B-A3B's gate_up_proj, 2,048 entries, 128 routed rows, bf16 and int8 pools
+    # (``bench tpu_compile --pooled-experts`` compiles the same two and prints their bytes).
+    *tpu_grid.pooled_experts_configs(),
 ]  # fmt: skip
 # linear_lora_fused as the decoder arrangement calls it: down_proj (SiLU * up, residual) and gate_proj (the norm's
 # factors) at prefill and decode, both chips (about 23 s of libtpu compilation); Llama-3-8B's down_proj at T = 1024 on
@@ -198,7 +191,7 @@ def test_expert_pools_are_read_stacked_in_place(compiled):
     """The experts' ``[E, P + 2, width]`` pools are read by the pooled kernel as they lie, bf16 and int8 alike (the
     int8 pools flattened would be a multiple of 32 rows, tiled 32 deep on a v6e, where an 8-row page DMA does not
     compile), through the entries' page table and an int8 pool's kept page scales as the layer passes them
-    (``ExpertsWithLoRA._entry_pages``, ``lora_page_scale``): libtpu's count of the whole op stays within 1.3 times
+    (``ExpertsWithLoRA._entry_tables``, ``lora_page_scale``): libtpu's count of the whole op stays within 1.3 times
     the kernel's estimate (31.8 MB against 28.0 MB bf16, 19.4 MB against 15.6 MB int8 when this was written; with
     the page table derived from the row table in the graph and, int8, the page scales from ``a_scale * b_scale``
     over all 128 x 4,104 rows each call, 44.2 and 55.4 MB), where a copy of the two pools (3.8 GB bf16, 1.9 GB int8,

@@ -304,8 +304,7 @@ class PoolManager:
         self._rank_keys: list[tuple[str, str]] = []  # (module, factor pair) of each row of batch_module_ranks
         for name, layer in self._layers.items():
             layer.rank_rows = {}
-            pairs = layer.factor_pairs() if hasattr(layer, "factor_pairs") else {}  # (stand-ins for the allocator)
-            for suffix in pairs:
+            for suffix in layer.factor_pairs():
                 layer.rank_rows[suffix] = len(self._rank_keys)
                 self._rank_keys.append((name, suffix))
         self._ranks_of: dict[str, tuple[LoRAAdapter, list[int]]] = {}  # adapter -> its ranks per _rank_keys

@@ -433,7 +433,7 @@ def sharded_grouped_matmul(
       row_parallel: the down projection (split on its input, the expert width); else the
         up projection (split on its output).
       pool_table, a_scale, b_scale, pool_dtype: with rank-true storage read in place, the (lane, expert) entries'
-        row table [L * E, R] into the pools seen as [E * (P + 2), width] (``ExpertsWithLoRA._entry_rows``,
+        row table [L * E, R] into the pools seen as [E * (P + 2), width] (``ExpertsWithLoRA._entry_tables``,
         replicated), the pools' int8 scales [E, P + 2] (or None) and the adapters' dtype: lora_a and lora_b are
         then the pools [E, P + 2, in or out], split as the slot buffers they stand for, and each shard runs
         ``pooled_shrink_expand`` on its slices of them, each entry at its true rank, as one device does.

@@ -650,7 +650,7 @@ class LayerSharding:
     ) -> torch.Tensor:
         """One projection of an expert layer on the mesh: the grouped matmul of the routed ``rows`` [S, in]
         (sorted by expert, ``group_sizes`` [E]) and each row's (slot, expert) LoRA, per shard; bias not added.
-        With a pool ``table`` (``ExpertsWithLoRA._entry_rows``), ``lora_a`` and ``lora_b`` name the buffers
+        With a pool ``table`` (``ExpertsWithLoRA._entry_tables``), ``lora_a`` and ``lora_b`` name the buffers
         whose pools each shard reads in place, each entry at its true rank.
 
         The up projection (``param`` = ``layer.up_name``) is column-parallel inside every expert: each

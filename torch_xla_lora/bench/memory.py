@@ -134,6 +134,9 @@ class _Stand:
 
     backend, adapter_shapes = "pallas", (1, 1)
 
+    def factor_pairs(self) -> dict:
+        return {}  # no pool buffers: no per-module rank cut
+
 
 def placed(rows: int, ranks: Sequence[int], granule: int, max_rank: int = 64) -> int:
     """How many adapters of ``ranks``, in order, the pool's own allocator (:class:`PoolManager` at ``granule``)

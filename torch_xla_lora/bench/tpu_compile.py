@@ -19,6 +19,8 @@ count, dtype and variant in each cell and every layer shape for each kernel;
 grouped base matmuls and the expert LoRA as the layer runs them on TPU) for the models of
 ``tpu_grid.MOE_MODELS`` at 1,024 and 8,192 routed rows, v5e and v6e, and prints their HBM
 temporaries (``memory_analysis()``) and libtpu's ``cost_analysis()`` as a markdown table.
+``--pooled-linear``, ``--pooled-expand`` and ``--pooled-experts`` compile the pooled (rank-true storage) reads
+instead and print libtpu's bytes.
 Needs libtpu (the ``test`` and ``tpu`` extras install it).
 """
 
@@ -295,6 +297,20 @@ def _pooled_expand_table(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _pooled_experts_table(results: Sequence[dict]) -> str:
+    lines = [
+        "| case | compiled | path | kernel estimate MB | libtpu MB accessed | libtpu / estimate |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        cost = r.get("cost", {}).get("bytes accessed", 0) / 1e6
+        estimate = r.get("estimate", {}).get("bytes accessed", 0) / 1e6
+        ok = "yes" if r["ok"] else f"NO: {r.get('error', '')[:200]}"
+        ratio = f"{cost / estimate:.2f}x" if estimate else "-"
+        lines.append(f"| {r['name']} | {ok} | {r.get('path', '')} | {estimate:.1f} | {cost:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def _configs(args: argparse.Namespace) -> list[tpu_grid.Config]:
     if args.moe:
         chips = args.chips or list(tpu_grid.MOE_CHIPS)
@@ -346,7 +362,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="compile the embedding's pooled expand instead (tpu_grid.pooled_expand_configs: a decode beside the "
         "gathered slot kernel it replaced, an int8 prefill) and print libtpu's bytes and flops",
     )
+    parser.add_argument(
+        "--pooled-experts",
+        action="store_true",
+        help="compile an experts layer's pooled read instead (tpu_grid.pooled_experts_configs: Qwen3-30B-A3B's "
+        "gate_up_proj, 2,048 entries, bfloat16 and int8 pools) and print libtpu's bytes beside the kernel's estimate",
+    )
     args = parser.parse_args(argv)
+    if args.pooled_experts:
+        result = run(tpu_grid.pooled_experts_configs(), pin_ir_version=not args.no_ir_pin)
+        print(_pooled_experts_table(result.results))
+        return 0 if result.results and all(r["ok"] for r in result.results) else 1
     if args.pooled_expand:
         result = run(tpu_grid.pooled_expand_configs(), pin_ir_version=not args.no_ir_pin)
         print(_pooled_expand_table(result.results))

@@ -198,6 +198,18 @@ def pooled_expand_configs() -> list[Config]:
     ]
 
 
+def pooled_experts_configs() -> list[Config]:
+    """An experts layer's pools read through its (lane, expert) entry tables as the layer calls
+    ``pooled_shrink_expand`` (``ExpertsWithLoRA._entry_tables``): Qwen3-30B-A3B's gate_up_proj on a v6e, 16 lanes x
+    128 experts = 2,048 entries (a 72 KiB page table), 16 decode tokens x top-8 = 128 routed rows, the
+    ``[E, P + 2, width]`` pools stacked and read in place; bfloat16 and int8 pools (128 x 4,104 rows, an int8 layer's
+    kept page scales)."""
+    shape = ("qwen3-30b-a3b", "experts.gate_up_proj", 2048, 1536)
+    return [
+        Config("v6e", "pooled_experts", variant, "bfloat16", 128, 2048, 64, *shape) for variant in ("bfloat16", "int8")
+    ]
+
+
 @dataclasses.dataclass(frozen=True)
 class MoeShape:
     """One MoE model's routed expert layer, from its published config (transformers' experts module layout)."""

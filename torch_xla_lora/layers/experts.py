@@ -246,10 +246,10 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
     ) -> torch.Tensor:
         """One projection (``param``) of the sorted ``rows``: grouped base matmul, bias, each row's LoRA: from the
         slot tensors ``lora_a``, ``lora_b``, or ``pooled`` from the pools of the buffers so named, through the
-        entries' row table of this projection (:meth:`_entry_rows`)."""
+        entries' row and page tables of this projection (:meth:`_entry_tables`)."""
         base = self.base_layer
         bias = getattr(base, f"{param}_bias") if getattr(base, "has_bias", False) else None
-        table = self._entry_rows(self._suffix(lora_a)) if pooled else None
+        table, pages = self._entry_tables(self._suffix(lora_a)) if pooled else (None, None)
         if self.tensor_parallel is not None:  # on a mesh: per-shard regions, see sharding.py
             placement = self.tensor_parallel
             out = placement.expert_projection(self, param, rows, group_sizes, lora_a, lora_b, lora_rows, table)
@@ -260,7 +260,7 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         if lora_rows is None:
             return out
         if pooled:
-            return self._pooled_lora(rows, out, lora_rows, lora_a, lora_b, table)
+            return self._pooled_lora(rows, out, lora_rows, lora_a, lora_b, table, pages)
         return fused_lora(rows, out, lora_a, lora_b, lora_rows, self.backend)
 
     # -- rank-true storage (torch_xla_lora.pool) ---------------------------------------------------------
@@ -268,7 +268,7 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
     def _reads_pool(self, x: torch.Tensor, backend: str, *operands: torch.Tensor | None) -> bool:
         """Whether the forward reads each (lane, expert) entry's true-rank rows straight from the pools
         (``pooled_shrink_expand`` on the stacked pools, rows numbered as ``[E * (P + 2), width]``,
-        :meth:`_entry_rows`) instead of
+        :meth:`_entry_tables`) instead of
         gathering ``[L * E, R, width]`` slot buffers per step: a pooled layer without trainable adapters (on a
         mesh, each shard reads its slices of the pools), autograd recording no gradient for the rows or the
         experts' weights; where the Pallas kernel runs, pools whose per-expert stride (P + 2) and placement
@@ -281,26 +281,26 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         aligned = (self.pool_rows + pool.SPARE_ROWS) % pool.KERNEL_PAGE_ROWS == 0
         return aligned and self.pool_page_rows % pool.KERNEL_PAGE_ROWS == 0
 
-    def _entry_rows(self, suffix: str = "") -> torch.Tensor:
-        """The row table of the ``L * E`` (lane, expert) entries in the pools of the pair ``suffix`` ("" up,
-        "_down") seen as ``[E * (P + 2), width]``: int32 ``[L * E, R]``, entry ``l * E + e`` = expert e's block
-        (offset ``e * (P + 2)``) at lane l's rows (``context.rows`` cut to the rank its adapter has in this
-        projection, :meth:`_pool_tables`), the padding past it at the last block's zero row (the flattened
-        pool's ``E * (P + 2) - 2``, the row the pooled ops take for zero)."""
-        return self._to_entries(self._pool_tables(suffix)[0])
+    def _entry_tables(self, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(row table, page table or None) of the ``L * E`` (lane, expert) entries in the pools of the pair
+        ``suffix`` ("" up, "_down") seen as ``[E * (P + 2), width]``, from one cut of the batch's lane tables
+        (``context.rows`` and ``context.pages`` cut to the rank each lane's adapter has in this projection,
+        :meth:`_pool_tables`).
 
-    def _entry_pages(self, suffix: str = "") -> torch.Tensor | None:
-        """The page table of the entries (``pool.page_table`` of :meth:`_entry_rows`), int32
-        ``[L * E * pages(R) + L * E]``, from the batch's own (``context.pages``, built on the host): each entry's
-        page starts its lane's in the expert's block, its rank its lane's in this projection. None where the
+        The row table is int32 ``[L * E, R]``: entry ``l * E + e`` = expert e's block (offset ``e * (P + 2)``) at
+        lane l's rows, the padding past it at the last block's zero row (the flattened pool's ``E * (P + 2) - 2``,
+        the row the pooled ops take for zero). The page table (``pool.page_table`` of the row table, int32
+        ``[L * E * pages(R) + L * E]``) is made from the batch's host-built one by a few small ops: each entry's
+        page starts its lane's in the expert's block, its rank its lane's in this projection; None where the
         batch has none."""
-        pages = self._pool_tables(suffix)[1]
+        rows, pages = self._pool_tables(suffix)
         if pages is None:
-            return None
+            return self._to_entries(rows), None
         lanes = self.max_loras
         starts, ranks = pages[:-lanes].reshape(lanes, -1), pages[-lanes:]
         entry_ranks = ranks[:, None].expand(lanes, self.num_experts).reshape(-1)
-        return torch.cat([self._to_entries(starts).reshape(-1), entry_ranks.to(torch.int32)])
+        entry_pages = torch.cat([self._to_entries(starts).reshape(-1), entry_ranks.to(torch.int32)])
+        return self._to_entries(rows), entry_pages
 
     @staticmethod
     def _suffix(name_a: torch.Tensor | str | None) -> str:
@@ -325,11 +325,19 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         return torch.where(rows == self.pool_rows, zero, rows + offsets).reshape(self.max_loras * experts, -1)
 
     def _pooled_lora(
-        self, x: torch.Tensor, y: torch.Tensor, lanes: torch.Tensor, name_a: str, name_b: str, table: torch.Tensor
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        lanes: torch.Tensor,
+        name_a: str,
+        name_b: str,
+        table: torch.Tensor,
+        pages: torch.Tensor | None,
     ) -> torch.Tensor:
         """y [N, out] + each row's LoRA of x [N, in] read from the ``name_a`` and ``name_b`` pools at the entry
         ``lanes`` [N] names (outside [0, L * E): none), by ``pooled_shrink_expand``, in y's dtype: the kernel
-        reads the entries' page table (:meth:`_entry_pages`) and an int8 pool's kept page scales."""
+        reads the entries' row ``table`` and page table ``pages`` (:meth:`_entry_tables`) and an int8 pool's
+        kept page scales."""
         dtype = self.adapter_dtype
         pools = [getattr(self, f"{name}_pool") for name in (name_a, name_b)]  # stacked: [E, P + 2, width]
         scales = [getattr(self, f"{name}_scale", None) for name in (name_a, name_b)]
@@ -345,7 +353,7 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
             1.0,
             self.backend,
             None,
-            self._entry_pages(suffix),
+            pages,
             page_scales,
         )
         return out.to(y.dtype)
