@@ -469,6 +469,7 @@ def run_pool(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
     lora.set_batch(inputs["batch"])
     with torch.no_grad():
         result["int8_logits"] = sharding.replicated(model(ids).logits, mesh).cpu()
+    result["int8_pool_reads"] = _pool_reads(lora, lambda: model(ids).logits)
     result["compiled"] = _pool_compiled(inputs, mesh, ids)
     try:
         _patched_llama(inputs, mesh, fully_sharded=True)
@@ -489,19 +490,26 @@ POOL_READERS = (
 
 
 def _pool_reads(lora: tl.LoRAModel, forward) -> dict[str, list[str]]:
-    """Region op -> ``layer.buffer`` of every pool ``forward()`` passes it (of :data:`POOL_READERS`), traced
-    without running."""
+    """Region op -> ``layer.buffer`` of every pool and kept page-scale array (``lora_page_scale``) ``forward()``
+    passes it (of :data:`POOL_READERS`), and ``layer.pages`` where the call passes a page table; traced without
+    running."""
     names = {}
     for name, layer in lora.layers.items():
         for buffer_name, buffer in layer.named_buffers(recurse=False):
-            if buffer_name.endswith("_pool"):
+            if buffer_name.endswith("_pool") or buffer_name.startswith("lora_page_scale"):
                 names[id(buffer)] = f"{name}.{buffer_name}"
     namespace, reads = torch.ops.xla_lora, {op: [] for op in POOL_READERS}
     originals = {op: getattr(namespace, op) for op in POOL_READERS}
 
     def recording(op):
+        arguments = [argument.name for argument in originals[op].default._schema.arguments]
+        at = arguments.index("pages") if "pages" in arguments else len(arguments)
+
         def call(*args):
-            reads[op] += [names[id(arg)] for arg in args if id(arg) in names]
+            passed = [names[id(arg)] for arg in args if id(arg) in names]
+            if len(args) > at and args[at] is not None:
+                passed += [f"{layer}.pages" for layer in {name.rpartition(".")[0] for name in passed}]
+            reads[op] += passed
             return originals[op](*args)
 
         return call

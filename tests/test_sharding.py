@@ -582,6 +582,25 @@ def test_every_layer_on_a_mesh_reads_its_pools_without_gathering(spmd_layers):
         ), op
 
 
+def test_linear_layers_on_a_mesh_pass_the_batch_page_table_and_kept_page_scales(spmd_layers):
+    """The pooled linear regions hand each shard's pooled op what one device's gets: the batch's host-built page
+    table (every pooled layer, float and int8 pools) and an int8 pool's kept page scales (``lora_page_scale``), so
+    on a TPU the kernel neither derives the table from the row table nor multiplies the two scale arrays over every
+    row of the pool each call (the int8 logits read through those kept scales:
+    ``test_int8_pools_on_a_mesh_match_peft_on_int8_rounded_factors``)."""
+    linear_ops = ("sharded_pooled_lora", "sharded_pooled_row_linear")
+    for key, expected in (("pool_reads", {"lora_a_pool", "lora_b_pool", "pages"}), ("int8_pool_reads", None)):
+        reads = spmd_layers["pool"][key]
+        expected = expected or {"lora_a_pool", "lora_b_pool", "pages", "lora_page_scale"}
+        passed = {}
+        for name in (name for op in linear_ops for name in reads[op]):
+            layer, _, what = name.rpartition(".")
+            passed.setdefault(layer, set()).add(what)
+        assert set(passed) == set(spmd_layers["pool"]["patched_layers"]) - {"model.embed_tokens"}, key
+        for layer, what in passed.items():
+            assert what == expected, (key, layer)
+
+
 @pytest.mark.parametrize("mode", ["lazy", "compiled"])
 def test_pooled_adapters_on_a_mesh_match_one_device_and_peft(spmd_layers, one_device_logits, peft_logits, mode):
     """Ranks 4 and 8 and a base row from a memory budget's pools on (4,): the one-device logits of the same

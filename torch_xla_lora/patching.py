@@ -522,18 +522,21 @@ class LoRAModel:
                 rows = torch.full((self.config.max_loras * self.config.max_rank,), self.manager.zero_row)
                 module_ranks = self.manager.batch_module_ranks(None)
             rows = rows.to(torch.int32)
+        pages = None  # the pooled kernel's page table of the rows, built here once per batch (pool.page_table)
+        if rows is not None:
+            pages = page_table(rows, self.config.max_loras, self.manager.zero_row)
         if any(lay.tensor_parallel is not None for lay in self.layers.values()):
             from torch_xla_lora import sharding  # on a mesh: per-shard metadata (see sharding.send_batch)
 
             device_slots, on_device = sharding.send_batch(self.layers, slots, per_token, seq_len, self.device)
-            if rows is not None:  # sent replicated: every shard gathers its slice of the same rows
-                rows = sharding.send_replicated(rows, self.device, self.layers)
-                module_ranks = sharding.send_replicated(module_ranks, self.device, self.layers)
-            self.context.set(device_slots, per_token, on_device, rows, module_ranks=module_ranks)
+            if rows is not None:  # sent replicated: the pools' row axis is never split, so every shard reads
+                # its slice of the same rows through the same page table
+                rows, pages, module_ranks = (
+                    sharding.send_replicated(t, self.device, self.layers) for t in (rows, pages, module_ranks)
+                )
+            self.context.set(device_slots, per_token, on_device, rows, pages, module_ranks)
             return
-        pages = None  # the pooled kernel's page table of the rows, built here once per batch (pool.page_table)
-        if rows is not None:
-            pages = page_table(rows, self.config.max_loras, self.manager.zero_row).to(self.device)
+        pages = None if pages is None else pages.to(self.device)
         rows = None if rows is None else rows.to(self.device)
         module_ranks = None if module_ranks is None else module_ranks.to(self.device)
         if metadata is None:

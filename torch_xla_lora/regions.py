@@ -636,6 +636,8 @@ def sharded_pooled_lora(
     max_loras: int,
     key: str,
     backend: str,
+    pages: torch.Tensor | None = None,
+    page_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A column, vocab (lm_head) or replicated linear layer's LoRA read from its rank-true pools, per shard.
 
@@ -645,6 +647,8 @@ def sharded_pooled_lora(
         ``LayerSharding.pool_specs`` gives (A whole, B on its columns); a_scale, b_scale: [1, P + 2] float32 of an
         int8 pool (replicated), else None.
       lora_indices: [N] int32, each token's lane; rows: [max_loras * R] int32, the batch's row table (replicated).
+      pages, page_scales: the batch's host-built page table and an int8 pool's kept page scales (both
+        replicated), which the pooled kernel reads as on one device; None: derived per shard in the graph.
 
     Returns:
       [N, out] = base + each token's LoRA at its lane's true rank, sharded on out (and tokens over dp).
@@ -659,12 +663,14 @@ def sharded_pooled_lora(
     idx = _enter_slots(p, lora_indices)
     x, y = p.enter(inputs, (tokens, None)), p.enter(base, (tokens, out_axis))
     a, b, table, *scales = _enter_pools(p, a_pool, b_pool, rows, a_scale, b_scale, max_loras)
-    out = torch.ops.xla_lora.pooled_shrink_expand(x, a, b, y, idx, table, *scales, 1.0, backend)
+    out = torch.ops.xla_lora.pooled_shrink_expand(
+        x, a, b, y, idx, table, *scales, 1.0, backend, None, *_enter_pages(p, pages, page_scales)
+    )
     return p.leave(out, (tokens, out_axis), tuple(base.shape))
 
 
 @sharded_pooled_lora.register_fake
-def _(inputs, a_pool, b_pool, base, lora_indices, rows, a_scale, b_scale, max_loras, key, backend):
+def _(inputs, a_pool, b_pool, base, lora_indices, rows, a_scale, b_scale, max_loras, key, backend, pages, page_scales):
     return torch.empty_like(base)
 
 
@@ -686,6 +692,8 @@ def sharded_pooled_row_linear(
     weight_scale: torch.Tensor | None = None,
     zero_point: torch.Tensor | None = None,
     block_size: int = -1,
+    pages: torch.Tensor | None = None,
+    page_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`sharded_row_linear` (base and LoRA reduced once, bias not added) with the LoRA read from the layer's
     rank-true pools: each shard adds ``pooled_shrink_expand`` of its input slice to its base partial.
@@ -697,7 +705,7 @@ def sharded_pooled_row_linear(
       a_pool: [1, P + 2, in] split on its columns as the input, b_pool: [1, P + 2, out] whole on every shard
         (``LayerSharding.pool_specs``); a_scale, b_scale: [1, P + 2] float32 of an int8 pool, else None.
       lora_indices: [N] int32; rows: [max_loras * R] int32, the batch's row table; dtype: the adapters' dtype
-        (the LoRA product's).
+        (the LoRA product's); pages, page_scales: as :func:`sharded_pooled_lora` takes them.
 
     Returns:
       [N, out] in weight's dtype (a quantized base: inputs' promoted with the scales'): sum over shards of
@@ -712,8 +720,9 @@ def sharded_pooled_row_linear(
     idx = _enter_slots(p, lora_indices)
     partial = _row_partial(p, x, inputs, weight, transposed, weight_scale, zero_point, block_size)
     a, b, table, *scales = _enter_pools(p, a_pool, b_pool, rows, a_scale, b_scale, max_loras)
+    page_inputs = _enter_pages(p, pages, page_scales)
     lora = torch.ops.xla_lora.pooled_shrink_expand(
-        x.to(dtype), a, b, partial.to(dtype), idx, table, *scales, 1.0, backend
+        x.to(dtype), a, b, partial.to(dtype), idx, table, *scales, 1.0, backend, None, *page_inputs
     )
     # Reduced in the model's dtype, as the base layer alone would be.
     return p.reduce(lora.to(partial.dtype), inputs.shape[0])
@@ -737,6 +746,8 @@ def _(
     weight_scale=None,
     zero_point=None,
     block_size=-1,
+    pages=None,
+    page_scales=None,
 ):
     out_dtype = weight.dtype if weight_scale is None else _quantized_dtype(inputs, weight_scale)
     return inputs.new_empty((inputs.shape[0], b_pool.shape[2]), dtype=out_dtype)
@@ -759,6 +770,13 @@ def _enter_pools(
     scales = [None if t is None else p.enter(t, (None, None), placed=True)[0] for t in (a_scale, b_scale)]
     table = p.enter(rows, (None,), placed=_placed(rows)).reshape(max_loras, -1)
     return (a, b, table, *scales)
+
+
+def _enter_pages(
+    p: LayerSharding, pages: torch.Tensor | None, page_scales: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The page table and an int8 pool's page scales on this shard: whole (replicated), or None."""
+    return tuple(None if t is None else p.enter(t, (None,), placed=_placed(t)) for t in (pages, page_scales))
 
 
 @torch.library.custom_op("xla_lora::replicated", mutates_args=())

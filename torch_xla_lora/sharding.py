@@ -416,6 +416,10 @@ class LayerSharding:
             scale = getattr(layer, f"{tensor_name}_scale", None)
             if scale is not None:
                 xs.mark_sharding(scale, self.mesh, scale_spec)
+        for name in layer._page_scale_pairs(True):  # an int8 pool's kept a_scale * b_scale per row: replicated
+            page_scales = getattr(layer, name, None)
+            if page_scales is not None:
+                xs.mark_sharding(page_scales, self.mesh, (None,))
 
     def pool_specs(self, layer: BaseLayerWithLoRA) -> dict[str, tuple[Spec, Spec]]:
         """Slot buffer name -> (partition spec of its pool, of its int8 scales), for rank-true storage.
@@ -539,9 +543,9 @@ class LayerSharding:
         if self.kind == "row":
             base = layer.base_layer
             transposed, scales = _row_base(base)
-            operands = self._pool_operands(layer, slots)
+            operands, pages = self._pool_operands(layer, slots)
             y = torch.ops.xla_lora.sharded_pooled_row_linear(
-                x2, base.weight, *operands, layer.adapter_dtype, transposed, self.key, backend, *scales
+                x2, base.weight, *operands, layer.adapter_dtype, transposed, self.key, backend, *scales, *pages
             )
             if getattr(base, "bias", None) is not None:
                 y = y + base.bias
@@ -556,18 +560,22 @@ class LayerSharding:
         """base [N, out] + each token's LoRA of x2 [N, in] read from the pools on each shard's columns
         (``xla_lora::sharded_pooled_lora``), in the adapters' dtype."""
         dtype = layer.adapter_dtype
-        a_pool, b_pool, *rest = self._pool_operands(layer, slots)
+        (a_pool, b_pool, *rest), pages = self._pool_operands(layer, slots)
         return torch.ops.xla_lora.sharded_pooled_lora(
-            x2.to(dtype), a_pool, b_pool, base.to(dtype), *rest, self.key, backend
+            x2.to(dtype), a_pool, b_pool, base.to(dtype), *rest, self.key, backend, *pages
         )
 
     @staticmethod
-    def _pool_operands(layer: BaseLayerWithLoRA, slots: torch.Tensor) -> tuple:
-        """(A's pool, B's pool, slots, the batch's row table, A's scales, B's scales, max_loras): what the pooled
-        linear regions take, in their order."""
+    def _pool_operands(layer: BaseLayerWithLoRA, slots: torch.Tensor) -> tuple[tuple, tuple]:
+        """What the pooled linear regions take: (A's pool, B's pool, slots, the batch's row table, A's scales,
+        B's scales, max_loras), in their order, and the pooled kernel's page inputs as one device passes them
+        (the batch's host-built page table; an int8 pool's kept page scales, ``lora_page_scale``, else None),
+        both replicated: the pools' row axis is never split and an int8 row's scales are over the whole row. The
+        tables are cut once, to each lane's rank in this module."""
         scales = (getattr(layer, f"{name}_scale", None) for name in ("lora_a", "lora_b"))
-        rows = layer._pool_tables()[0].reshape(-1)  # each lane at its adapter's rank in this module
-        return (layer.lora_a_pool, layer.lora_b_pool, slots, rows, *scales, layer.max_loras)
+        rows, pages = layer._pool_tables()
+        operands = (layer.lora_a_pool, layer.lora_b_pool, slots, rows.reshape(-1), *scales, layer.max_loras)
+        return operands, (pages, getattr(layer, "lora_page_scale", None))
 
     def fuses_base(self, layer: BaseLayerWithLoRA, x: torch.Tensor) -> bool:
         """Whether ``layer`` runs ``linear_lora`` (base matmul and LoRA in one op) on each shard.
