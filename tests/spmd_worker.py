@@ -503,7 +503,7 @@ def _pool_reads(lora: tl.LoRAModel, forward) -> dict[str, list[str]]:
 
     def recording(op):
         arguments = [argument.name for argument in originals[op].default._schema.arguments]
-        at = arguments.index("pages") if "pages" in arguments else len(arguments)
+        at = next((arguments.index(n) for n in ("pages", "pool_pages") if n in arguments), len(arguments))
 
         def call(*args):
             passed = [names[id(arg)] for arg in args if id(arg) in names]
@@ -736,6 +736,14 @@ def _moe_pooled(inputs: dict, mesh: xs.Mesh) -> dict:
         result["logits"] = sharding.replicated(model(ids, use_cache=False).logits, mesh).cpu()
     result["pool_reads"] = _pool_reads(lora, lambda: model(ids, use_cache=False).logits)
     result["patched_layers"] = list(lora.layers)
+    # int8 pools: the experts' kept page scales (laid out per pool, replicated) read on every shard.
+    model = copy.deepcopy(inputs["model"]).to(device).eval()
+    lora = tl.patch_model(model, dataclasses.replace(config, weight_dtype="int8"), mesh=mesh, ep_axis="expert")
+    _load_all(lora, inputs["adapters"])
+    lora.set_batch(inputs["batch"])
+    with torch.no_grad():
+        result["int8_logits"] = sharding.replicated(model(ids, use_cache=False).logits, mesh).cpu()
+    result["int8_pool_reads"] = _pool_reads(lora, lambda: model(ids, use_cache=False).logits)
     return result
 
 

@@ -320,6 +320,32 @@ def test_moe_expert_parallel_rank_true_pools_match_one_device_and_peft(spmd_moe,
     assert_close(result["logits"], _peft_rows(reference))
 
 
+def test_moe_int8_expert_pools_on_a_mesh_read_their_kept_page_scales_and_match_one_device(spmd_moe, moe, xla_device):
+    """int8 pools on the (2, 2) expert x model mesh: every projection's region hands each shard's pooled op the
+    entries' page table and the layer's kept page scales of that projection (``lora_page_scale``,
+    ``lora_page_scale_down``: laid out per pool, whole on every shard, as every shard holds all E pools' rows), and
+    the logits read through them equal the same int8 pools on one device (1e-5), which are not the float ones."""
+    inputs = moe[0]
+    model = copy.deepcopy(inputs["model"]).to(xla_device)
+    config = tl.LoRAConfig(**inputs["lora_config"], memory_budget=MOE_POOL_BUDGET, weight_dtype="int8")
+    lora = tl.patch_model(model, config)
+    for name, (state_dict, adapter_config) in inputs["adapters"].items():
+        lora.load_adapter(name, state_dict=state_dict, config=adapter_config)
+    lora.set_batch(MOE_BATCH)
+    with torch.no_grad():
+        one_device = model(inputs["ids"].to(xla_device), use_cache=False).logits.cpu()
+    result = spmd_moe["moe_ep"]["pool"]
+    torch.testing.assert_close(result["int8_logits"], one_device, atol=SPMD_ATOL, rtol=SPMD_RTOL)
+    assert not torch.allclose(result["int8_logits"], result["logits"], atol=1e-4)  # int8 rows were read
+    passed = {}
+    for name in result["int8_pool_reads"]["sharded_grouped_matmul"]:
+        layer, _, what = name.rpartition(".")
+        passed.setdefault(layer, set()).add(what)
+    pools = {"lora_a_pool", "lora_b_pool", "lora_a_down_pool", "lora_b_down_pool"}
+    assert passed == {f"model.layers.{i}.mlp.experts": pools | {"pages", "lora_page_scale", "lora_page_scale_down"}
+                      for i in (0, 1)}  # fmt: skip
+
+
 def test_moe_layers_on_a_mesh_read_their_pools_without_gathering(spmd_moe):
     """With a memory budget on the (2, 2) expert x model mesh no layer gathers its lanes into slots
     (``xla_lora::sharded_gather_slots``): the experts read each (lane, expert) entry's true-rank rows from their

@@ -421,6 +421,8 @@ def sharded_grouped_matmul(
     a_scale: torch.Tensor | None = None,
     b_scale: torch.Tensor | None = None,
     pool_dtype: torch.dtype | None = None,
+    pool_pages: torch.Tensor | None = None,
+    page_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One projection of a mixture-of-experts layer, tensor (and expert) parallel, per shard.
 
@@ -437,6 +439,9 @@ def sharded_grouped_matmul(
         replicated), the pools' int8 scales [E, P + 2] (or None) and the adapters' dtype: lora_a and lora_b are
         then the pools [E, P + 2, in or out], split as the slot buffers they stand for, and each shard runs
         ``pooled_shrink_expand`` on its slices of them, each entry at its true rank, as one device does.
+      pool_pages, page_scales: the entries' page table (``ExpertsWithLoRA._entry_tables``) and an int8 layer's
+        kept page scales of this projection, laid out per pool (replicated: every shard holds all E pools' rows),
+        which the pooled kernel reads as on one device; None: derived per shard in the graph.
 
     Returns:
       without bias, in rows' dtype: the up projection [S, out] split on out, or with an expert
@@ -457,7 +462,8 @@ def sharded_grouped_matmul(
     view = _ExpertRows(p, rows, weight, group_sizes, lora_rows, transposed, row_parallel)
     out = view.grouped(view.x, view.w, transposed)
     if lora_rows is not None and pool_table is not None:
-        out = _pooled_expert_lora(p, view, out, (lora_a, lora_b), pool_table, (a_scale, b_scale), pool_dtype, backend)
+        pools, scales, pages = (lora_a, lora_b), (a_scale, b_scale), _enter_pages(p, pool_pages, page_scales)
+        out = _pooled_expert_lora(p, view, out, pools, pool_table, scales, pool_dtype, pages, backend)
     elif lora_rows is not None:
         out = _expert_lora(p, view.x, out, lora_a, lora_b, view.idx, row_parallel, backend)
     width = weight.shape[2] if transposed else weight.shape[1]
@@ -484,15 +490,18 @@ def _expert_lora(p, x, out, lora_a, lora_b, idx, row_parallel: bool, backend: st
     return lora.to(out.dtype)
 
 
-def _pooled_expert_lora(p, view, out, pools, table, scales, dtype, backend: str) -> torch.Tensor:
+def _pooled_expert_lora(p, view, out, pools, table, scales, dtype, pages: tuple, backend: str) -> torch.Tensor:
     """``out`` plus each routed row's (lane, expert) LoRA read from this shard's slices of the pools [E, P + 2,
-    width] at the entry's true rank (``pooled_shrink_expand`` on them seen as [E * (P + 2), width])."""
+    width] at the entry's true rank (``pooled_shrink_expand`` on them seen as [E * (P + 2), width]; ``pages``:
+    the entries' page table and the kept page scales, each whole on this shard, or None)."""
     specs = _expert_specs(p, view.row_parallel)
     a, b = (p.enter(t, spec, placed=True) for t, spec in zip(pools, specs, strict=True))  # stacked pools
     a_scale, b_scale = (None if t is None else p.enter(t, (None, None), placed=True).flatten() for t in scales)
     local_table = p.enter(table, (None, None), placed=_placed(table))
     x, y = view.x.to(dtype), out.to(dtype)
-    lora = torch.ops.xla_lora.pooled_shrink_expand(x, a, b, y, view.idx, local_table, a_scale, b_scale, 1.0, backend)
+    lora = torch.ops.xla_lora.pooled_shrink_expand(
+        x, a, b, y, view.idx, local_table, a_scale, b_scale, 1.0, backend, None, *pages
+    )
     return lora.to(out.dtype)
 
 
@@ -670,7 +679,10 @@ def sharded_pooled_lora(
 
 
 @sharded_pooled_lora.register_fake
-def _(inputs, a_pool, b_pool, base, lora_indices, rows, a_scale, b_scale, max_loras, key, backend, pages, page_scales):
+def _(
+    inputs, a_pool, b_pool, base, lora_indices, rows, a_scale, b_scale, max_loras, key, backend, pages=None,
+    page_scales=None,
+):  # fmt: skip
     return torch.empty_like(base)
 
 
@@ -1271,7 +1283,7 @@ def _grouped_backward(ctx, grad: torch.Tensor):
     grads = _ops.sharded_grouped_matmul_backward(*args, ctx.key, ctx.backend, *flags)
     d_rows, d_w, d_a, d_b = _needed(grads, flags)
     # (Pools read in place are only passed when autograd records no gradient: see ExpertsWithLoRA._reads_pool.)
-    return d_rows, d_w, None, d_a, d_b, *(None,) * 9
+    return d_rows, d_w, None, d_a, d_b, *(None,) * 11
 
 
 # -- replicated: a sharding annotation, whose gradient is the output gradient ---------------------------

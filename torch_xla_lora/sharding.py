@@ -655,11 +655,13 @@ class LayerSharding:
         lora_b: torch.Tensor | str | None,
         lora_rows: torch.Tensor | None,
         table: torch.Tensor | None = None,
+        pages: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One projection of an expert layer on the mesh: the grouped matmul of the routed ``rows`` [S, in]
         (sorted by expert, ``group_sizes`` [E]) and each row's (slot, expert) LoRA, per shard; bias not added.
-        With a pool ``table`` (``ExpertsWithLoRA._entry_tables``), ``lora_a`` and ``lora_b`` name the buffers
-        whose pools each shard reads in place, each entry at its true rank.
+        With a pool ``table`` and the entries' page table ``pages`` (``ExpertsWithLoRA._entry_tables``),
+        ``lora_a`` and ``lora_b`` name the buffers whose pools each shard reads in place, each entry at its true
+        rank (an int8 layer's kept page scales of the projection beside them).
 
         The up projection (``param`` = ``layer.up_name``) is column-parallel inside every expert: each
         shard multiplies all rows by its slice of the expert width and adds the LoRA expand into its
@@ -680,7 +682,9 @@ class LayerSharding:
         if table is not None:
             names = (lora_a, lora_b)
             lora_a, lora_b = (getattr(layer, f"{name}_pool") for name in names)
-            pooled = (table, *(getattr(layer, f"{name}_scale", None) for name in names), layer.adapter_dtype)
+            scales = (getattr(layer, f"{name}_scale", None) for name in names)
+            page_scales = getattr(layer, f"lora_page_scale{layer._suffix(names[0])}", None)
+            pooled = (table, *scales, layer.adapter_dtype, pages, page_scales)
         return torch.ops.xla_lora.sharded_grouped_matmul(
             rows,
             weight,

@@ -252,7 +252,7 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         table, pages = self._entry_tables(self._suffix(lora_a)) if pooled else (None, None)
         if self.tensor_parallel is not None:  # on a mesh: per-shard regions, see sharding.py
             placement = self.tensor_parallel
-            out = placement.expert_projection(self, param, rows, group_sizes, lora_a, lora_b, lora_rows, table)
+            out = placement.expert_projection(self, param, rows, group_sizes, lora_a, lora_b, lora_rows, table, pages)
             return out if bias is None else out + bias[expert_sorted]
         out = grouped_matmul(rows, getattr(base, param), group_sizes, self.transposed)
         if bias is not None:
