@@ -459,9 +459,17 @@ def run_pool(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
         # Where autograd records a gradient a layer gathers its lanes into slots instead (traced, not run).
         with torch.enable_grad():
             lora.layers["model.layers.0.self_attn.q_proj"](model.model.embed_tokens(ids))
-    result["opcheck"] = _opchecks(calls)
     result["pool_reads"] = _pool_reads(lora, lambda: logits(ids))
     result["patched_layers"] = list(lora.layers)
+    # base_fusion: each shard runs base and LoRA in one op, reading the pools.
+    fused = dict(inputs, lora_config={**inputs["lora_config"], "base_fusion": True})
+    model, lora = _patched_llama(fused, mesh)
+    _load_all(lora, inputs["adapters"])
+    lora.set_batch(inputs["batch"])
+    with _capturing_regions(calls, "pool-fused", POOL_READERS), torch.no_grad():
+        result["fused_logits"] = sharding.replicated(model(ids).logits, mesh).cpu()
+    result["fused_pool_reads"] = _pool_reads(lora, lambda: model(ids).logits)
+    result["opcheck"] = _opchecks(calls)
     # int8 rows: the same batch, read through the replicated scales.
     int8 = dict(inputs, lora_config={**inputs["lora_config"], "weight_dtype": "int8"})
     model, lora = _patched_llama(int8, mesh)
@@ -483,6 +491,7 @@ def run_pool(inputs: dict, mesh: xs.Mesh, dump_dir: str) -> dict:
 POOL_READERS = (
     "sharded_gather_slots",
     "sharded_pooled_lora",
+    "sharded_pooled_linear_lora",
     "sharded_pooled_row_linear",
     "sharded_embedding",
     "sharded_grouped_matmul",

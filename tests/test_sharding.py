@@ -571,6 +571,7 @@ def test_every_layer_on_a_mesh_reads_its_pools_without_gathering(spmd_layers):
         expected = {
             "sharded_gather_slots": set(),
             "sharded_pooled_lora": {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"},
+            "sharded_pooled_linear_lora": set(),  # (base_fusion)
             "sharded_pooled_row_linear": {"o_proj", "down_proj"},
             "sharded_embedding": {"embed_tokens"},
             "sharded_grouped_matmul": set(),  # no experts in a Llama
@@ -608,6 +609,29 @@ def test_pooled_adapters_on_a_mesh_match_one_device_and_peft(spmd_layers, one_de
     result = spmd_layers["pool"] if mode == "lazy" else spmd_layers["pool"]["compiled"]
     torch.testing.assert_close(result["logits"], one_device_logits, atol=SPMD_ATOL, rtol=SPMD_RTOL)
     assert_close(result["logits"], peft_logits)
+
+
+def test_base_fusion_on_a_mesh_reads_the_pools_in_the_one_pass_op(spmd_layers, one_device_logits, peft_logits):
+    """With ``base_fusion`` and a memory budget each shard runs base and LoRA in one op reading the pools
+    (``linear_lora_pooled``): column, vocab and replicated layers in ``sharded_pooled_linear_lora``, row layers in
+    ``sharded_pooled_row_linear`` (their base partial and LoRA in one op, then the one reduction), none gathering
+    its lanes into slots; the logits equal one device's (1e-5) and PEFT's."""
+    result = spmd_layers["pool"]
+    torch.testing.assert_close(result["fused_logits"], one_device_logits, atol=SPMD_ATOL, rtol=SPMD_RTOL)
+    assert_close(result["fused_logits"], peft_logits)
+    reads = result["fused_pool_reads"]
+    assert reads["sharded_gather_slots"] == [] and reads["sharded_pooled_lora"] == []
+    kinds = {
+        op: {name.rpartition(".")[0].rpartition(".")[2] for name in reads[op]}
+        for op in ("sharded_pooled_linear_lora", "sharded_pooled_row_linear")
+    }
+    assert kinds == {
+        "sharded_pooled_linear_lora": {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"},
+        "sharded_pooled_row_linear": {"o_proj", "down_proj"},
+    }
+    assert {name.rpartition(".")[2] for name in reads["sharded_pooled_linear_lora"]} == {
+        "lora_a_pool", "lora_b_pool", "pages"
+    }  # fmt: skip
 
 
 def test_int8_pools_on_a_mesh_match_peft_on_int8_rounded_factors(spmd_layers, int8_peft_logits, peft_logits):

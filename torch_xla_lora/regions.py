@@ -55,6 +55,7 @@ __all__ = [
     "sharded_grouped_matmul",
     "sharded_gather_slots",
     "sharded_pooled_lora",
+    "sharded_pooled_linear_lora",
     "sharded_pooled_row_linear",
     "replicated",
 ]
@@ -686,6 +687,60 @@ def _(
     return torch.empty_like(base)
 
 
+@torch.library.custom_op("xla_lora::sharded_pooled_linear_lora", mutates_args=())
+def sharded_pooled_linear_lora(
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    lora_indices: torch.Tensor,
+    rows: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    b_scale: torch.Tensor | None,
+    max_loras: int,
+    weight_layout: str,
+    key: str,
+    backend: str,
+    pages: torch.Tensor | None = None,
+    page_scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`sharded_linear_lora` (a column, vocab or replicated layer with ``base_fusion``: base and LoRA in one
+    op per shard) with the LoRA read from the layer's rank-true pools: each shard runs ``linear_lora_pooled`` on
+    its columns of W, the bias and B's pool, A's pool whole, each token's lane at its true rank.
+
+    Args:
+      inputs, weight, bias, weight_layout: as :func:`sharded_linear_lora`; a_pool, b_pool, lora_indices, rows,
+        a_scale, b_scale, max_loras, pages, page_scales: as :func:`sharded_pooled_lora`.
+
+    Returns:
+      [N, out] = x W^T + bias + each token's LoRA, in inputs' dtype, sharded on out (and tokens over dp).
+    """
+    from torch_xla_lora.ops._linear_fused import linear_lora_pooled
+
+    p = _placement(key)
+    tokens, out_axis = p.data_axis, p.out_axis
+    idx = _enter_slots(p, lora_indices)
+    x = p.enter(inputs, (tokens, None))
+    w = p.enter(weight, (out_axis, None) if weight_layout == "out_in" else (None, out_axis), placed=True)
+    local_bias = None if bias is None else p.enter(bias, (out_axis,), placed=True)
+    a, b, table, *scales = _enter_pools(p, a_pool, b_pool, rows, a_scale, b_scale, max_loras)
+    local_pages, local_page_scales = _enter_pages(p, pages, page_scales)
+    out = linear_lora_pooled(
+        x, w, local_bias, a, b, idx, table, *scales, 1.0, weight_layout, backend,
+        pages=local_pages, page_scales=local_page_scales,
+    )  # fmt: skip
+    return p.leave(out, (tokens, out_axis), (inputs.shape[0], b_pool.shape[2]))
+
+
+@sharded_pooled_linear_lora.register_fake
+def _(
+    inputs, weight, bias, a_pool, b_pool, lora_indices, rows, a_scale, b_scale, max_loras, weight_layout, key,
+    backend, pages=None, page_scales=None,
+):  # fmt: skip
+    return inputs.new_empty((inputs.shape[0], b_pool.shape[2]))
+
+
 @torch.library.custom_op("xla_lora::sharded_pooled_row_linear", mutates_args=())
 def sharded_pooled_row_linear(
     inputs: torch.Tensor,
@@ -706,9 +761,12 @@ def sharded_pooled_row_linear(
     block_size: int = -1,
     pages: torch.Tensor | None = None,
     page_scales: torch.Tensor | None = None,
+    fuse_base: bool = False,
 ) -> torch.Tensor:
     """:func:`sharded_row_linear` (base and LoRA reduced once, bias not added) with the LoRA read from the layer's
-    rank-true pools: each shard adds ``pooled_shrink_expand`` of its input slice to its base partial.
+    rank-true pools: each shard adds ``pooled_shrink_expand`` of its input slice to its base partial, or with
+    ``fuse_base`` (a plain weight: ``base_fusion``) runs ``linear_lora_pooled`` on it, base partial and LoRA in one
+    op.
 
     Args:
       inputs: [N, in]; weight: [out, in] (nn.Linear) or [in, out] (Conv1D, ``transposed``); or a torch_xla
@@ -730,9 +788,18 @@ def sharded_pooled_row_linear(
     tokens = p.data_axis
     x = p.enter(inputs, (tokens, p.axis))
     idx = _enter_slots(p, lora_indices)
-    partial = _row_partial(p, x, inputs, weight, transposed, weight_scale, zero_point, block_size)
     a, b, table, *scales = _enter_pools(p, a_pool, b_pool, rows, a_scale, b_scale, max_loras)
     page_inputs = _enter_pages(p, pages, page_scales)
+    if fuse_base and weight_scale is None:
+        from torch_xla_lora.ops._linear_fused import linear_lora_pooled
+
+        # x_k W_k^T + B A_k x_k in one op on the local K slice; the bias is added after the reduction.
+        w = p.enter(weight, (p.axis, None) if transposed else (None, p.axis), placed=True)
+        layout = "in_out" if transposed else "out_in"
+        kept = dict(zip(("pages", "page_scales"), page_inputs, strict=True))
+        partial = linear_lora_pooled(x, w, None, a, b, idx, table, *scales, 1.0, layout, backend, **kept)
+        return p.reduce(partial, inputs.shape[0])
+    partial = _row_partial(p, x, inputs, weight, transposed, weight_scale, zero_point, block_size)
     lora = torch.ops.xla_lora.pooled_shrink_expand(
         x.to(dtype), a, b, partial.to(dtype), idx, table, *scales, 1.0, backend, None, *page_inputs
     )
@@ -760,6 +827,7 @@ def _(
     block_size=-1,
     pages=None,
     page_scales=None,
+    fuse_base=False,
 ):
     out_dtype = weight.dtype if weight_scale is None else _quantized_dtype(inputs, weight_scale)
     return inputs.new_empty((inputs.shape[0], b_pool.shape[2]), dtype=out_dtype)

@@ -480,8 +480,8 @@ class LayerSharding:
         backend = layer.backend if fused else layer.lora_backend(layer.formulation(x))
         metadata, own = self._metadata(layer, x2.shape[0], fused)
         quantized = is_quantized_linear(base)
-        if not fused and layer._reads_pool(x2, backend):
-            return self._pooled_forward(layer, x, x2, slots, backend)
+        if layer._reads_pool(x2, backend):
+            return self._pooled_forward(layer, x, x2, slots, backend, fused)
         lora_a, lora_b = layer.slot_factors()  # the buffers, or trainable adapters' rows put in, in the graph
         if quantized and torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_a, lora_b)):
             raise ShardingError("training on a quantized base is not supported on a mesh yet (one device only)")
@@ -534,21 +534,34 @@ class LayerSharding:
         return out.reshape(y.shape).to(y.dtype)
 
     def _pooled_forward(
-        self, layer: BaseLayerWithLoRA, x: torch.Tensor, x2: torch.Tensor, slots: torch.Tensor, backend: str
+        self,
+        layer: BaseLayerWithLoRA,
+        x: torch.Tensor,
+        x2: torch.Tensor,
+        slots: torch.Tensor,
+        backend: str,
+        fused: bool = False,
     ) -> torch.Tensor:
         """A layer with a memory budget reading its lanes' true-rank rows from its pools on each shard: a column,
         vocab or replicated layer adds its shard's columns of the LoRA to the base layer's output
-        (``xla_lora::sharded_pooled_lora``); a row-parallel layer adds its input slice's LoRA partial to its base
-        partial, reduced together (``xla_lora::sharded_pooled_row_linear``)."""
+        (``xla_lora::sharded_pooled_lora``), or with ``fused`` (``base_fusion``) runs base and LoRA in one op on
+        them (``xla_lora::sharded_pooled_linear_lora``); a row-parallel layer adds its input slice's LoRA partial
+        to its base partial (``fused``: in one op), reduced together (``xla_lora::sharded_pooled_row_linear``)."""
+        base = layer.base_layer
         if self.kind == "row":
-            base = layer.base_layer
             transposed, scales = _row_base(base)
             operands, pages = self._pool_operands(layer, slots)
             y = torch.ops.xla_lora.sharded_pooled_row_linear(
-                x2, base.weight, *operands, layer.adapter_dtype, transposed, self.key, backend, *scales, *pages
+                x2, base.weight, *operands, layer.adapter_dtype, transposed, self.key, backend, *scales, *pages, fused
             )
             if getattr(base, "bias", None) is not None:
                 y = y + base.bias
+            return y.reshape(*x.shape[:-1], layer.out_features)
+        if fused:
+            (a_pool, b_pool, *rest), pages = self._pool_operands(layer, slots)
+            y = torch.ops.xla_lora.sharded_pooled_linear_lora(
+                x2, base.weight, base.bias, a_pool, b_pool, *rest, layer.weight_layout, self.key, backend, *pages
+            )
             return y.reshape(*x.shape[:-1], layer.out_features)
         y = layer.base_layer(x)
         out = self._pooled_columns(layer, x2, y.reshape(-1, layer.out_features), slots, backend)
