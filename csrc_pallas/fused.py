@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -310,7 +311,7 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
                 if int8 and which == 0:
 
                     def scale_tile(slot, lane: int, p, step=step):
-                        scale_tile_step(s_hbm, s_buf, table, slot, lane, p, s_sem.at[0], step)
+                        scale_tile_step(s_hbm, s_buf, table, slots, slot, lane, p, s_sem.at[0], step)
 
                     pl.when(mode_ref[0] == 0)(functools.partial(for_lane_pages, table, slots, scale_tile))
             if staging is not None:
@@ -587,15 +588,29 @@ def pooled_step_work(i: int, n: int, meta, ranks, hidden: int, lanes: int, block
     return dma, matmuls
 
 
-def pooled_step_pages(i: int, meta, ranks, lanes: int) -> tuple[int, int]:
+def pooled_step_pages(i: int, meta, ranks, lanes: int, tile_of: Callable | None = None) -> tuple[int, int]:
     """(pages, page-scale tiles) the pooled kernel DMAs of each factor at grid step (i, 0): those of the visited
-    block's used lanes (``ranks``: lane -> true rank), the pages as ``_choose_scale_mode`` counts them, the
-    tiles as :func:`scale_tiles` prices them."""
+    block's used lanes (``ranks``: lane -> true rank), the pages as ``_choose_scale_mode`` counts them; the tiles
+    as :func:`scale_tiles` prices them, or with ``tile_of(lane, page)`` (the tile of a lane's page, as its rows
+    lie) as the kernel reads them: a page's tile unless its page before's tile or, for an earlier lane of its
+    chunk, that lane's same page's (``pages.scale_tile_step``)."""
     block = int(meta.active[i])
     chunks = int(meta.chunks[block])
     per_block = len(meta.slots) // len(meta.chunks)
-    used = [int(ranks[s]) for s in meta.slots[block * per_block : block * per_block + chunks * lanes] if s >= 0]
-    return sum(map(pages, used)), sum(map(scale_tiles, used))
+    slots = [int(s) for s in meta.slots[block * per_block : block * per_block + chunks * lanes]]
+    used = [int(ranks[s]) for s in slots if s >= 0]
+    if tile_of is None:
+        return sum(map(pages, used)), sum(map(scale_tiles, used))
+    tiles = 0
+    for c in range(chunks):
+        chunk = [s for s in slots[c * lanes : (c + 1) * lanes] if s >= 0]
+        for k, slot in enumerate(chunk):
+            for page in range(pages(int(ranks[slot]))):
+                tile = tile_of(slot, page)
+                if page and tile == tile_of(slot, page - 1):
+                    continue
+                tiles += not any(page < pages(int(ranks[o])) and tile_of(o, page) == tile for o in chunk[:k])
+    return sum(map(pages, used)), tiles
 
 
 @functools.partial(
@@ -611,7 +626,7 @@ def pooled_shrink_expand(
     page_table: jax.Array,  # [L * pages(R) + L] int32: lane l's page p starts at row [l * pages(R) + p], its
     # true rank at [L * pages(R) + l] (``pool.page_table``, built on the host per batch)
     page_scales: jax.Array | None,  # int8 pools: [N] f32, a_scale * b_scale of each row, N whole 1024-row tiles
-    # (stacked pools: each pool's P + 2 scales padded to whole tiles, ``page_scales_of``)
+    # (stacked pools: laid out G pools to a tile, ``page_scales_of``)
     *,
     scaling: float,
     block_sizes: BlockSizes,

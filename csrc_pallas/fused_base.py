@@ -641,7 +641,7 @@ def _kernel(
             for step in ("start", "wait"):
 
                 def tile(slot, lane, p, step=step):
-                    scale_tile_step(s_hbm, s_buf, table, slot, lane, p, sem.at[2], step)
+                    scale_tile_step(s_hbm, s_buf, table, slots, slot, lane, p, sem.at[2], step)
 
                 @pl.when(mode_ref[0] == 0)
                 def _paged():

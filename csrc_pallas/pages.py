@@ -28,12 +28,15 @@ run of a lane's pages in one tile), or the whole array once where that is fewer 
 Stacked pools ``[E, P + 2, W]`` (an experts layer's, one per expert, P + 2 a multiple of 8): the page table
 numbers their rows as if flattened, every page lies inside one pool, and :func:`page_copy` DMAs it from the
 3-D array in place (a v6e tiles an int8 array 32 rows deep when its row count is a multiple of 32, which the
-flattened view's may be where each pool's is not); their page scales are laid out per pool, each padded to
-whole tiles (:attr:`Pooled.scale_stride`).
+flattened view's may be where each pool's is not). Their page scales interleave G pools (:func:`scale_group`:
+8 where E allows) a block of ``1024 / G`` rows each per tile (:func:`scale_index`): a tile holds the same rows of
+G experts, so the entries of one adapter on neighbouring experts (a chunk's lanes, sorted by expert) read one
+tile between them (:func:`scale_tile_step`), where each expert's own tile would bring 4 KiB per entry.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -50,6 +53,8 @@ PAGE_ROWS = 8
 SCALE_TILE_ROWS = 1024
 #: Page-scale arrays of at most this many rows may be read whole into SMEM (128 KiB).
 SMEM_SCALE_ROWS = 2**15
+#: Most stacked pools whose page scales share a tile (:func:`scale_group`): a tile then holds 128 rows of each.
+MAX_SCALE_GROUP = 8
 
 
 class Pooled(NamedTuple):
@@ -63,8 +68,8 @@ class Pooled(NamedTuple):
       stride: stacked pools [E, P + 2, W] (an experts layer's): P + 2, the rows of each (the page table's rows
         are numbered as if the pools were flattened); 0: one pool [P + 2, W].
       scale_stride: (int8, stacked) the page-scale entries of each pool: its P + 2 scales padded to whole
-        tiles, so that pool e's row r has its scale at ``e * scale_stride + r`` and a tail that crosses no tile
-        of its own pool crosses none of the array (:meth:`PageTable.scale_row`).
+        blocks of ``1024 / scale_group(E)`` rows (:func:`scale_index` lays them out; a spilled tail never crosses
+        such a block, as the allocator places them).
     """
 
     rank: int
@@ -85,19 +90,42 @@ def pages(rank: int) -> int:
     return -(-rank // PAGE_ROWS)
 
 
-def padded_scale_rows(rows: int) -> int:
-    """N of a page-scale array over ``rows`` pool rows: whole :data:`SCALE_TILE_ROWS` tiles."""
-    return -(-rows // SCALE_TILE_ROWS) * SCALE_TILE_ROWS
+def padded_scale_rows(rows: int, pools: int = 1) -> int:
+    """Page-scale entries of each of ``pools`` stacked pools of ``rows`` rows (one pool: N of its array): whole
+    blocks of ``1024 / scale_group(pools)`` rows (one pool: whole :data:`SCALE_TILE_ROWS` tiles)."""
+    block = SCALE_TILE_ROWS // scale_group(pools)
+    return -(-rows // block) * block
+
+
+def scale_group(pools: int) -> int:
+    """How many of ``pools`` stacked pools interleave their page scales in a tile: the largest power of two up to
+    :data:`MAX_SCALE_GROUP` that divides ``pools`` (1 for one pool)."""
+    group = MAX_SCALE_GROUP
+    while pools % group:
+        group //= 2
+    return group
+
+
+def scale_index(pool, row, scale_stride: int, group: int):
+    """The page-scale entry of row ``row`` of stacked pool ``pool`` (ints or arrays): tiles of ``group`` pools'
+    blocks of ``B = 1024 / group`` rows, tile ``(pool // group) * (scale_stride / B) + row // B``, at ``(pool %
+    group) * B + row % B`` in it. ``group`` 1: ``pool * scale_stride + row`` (each pool's scales in a block of
+    whole tiles of its own)."""
+    block = SCALE_TILE_ROWS // group
+    tile = (pool // group) * (scale_stride // block) + row // block
+    return tile * SCALE_TILE_ROWS + (pool % group) * block + row % block
 
 
 def page_scales_of(product: jax.Array, stacked: int = 0) -> jax.Array:
     """The page-scale array of a pool's per-row ``a_scale * b_scale`` [rows] float32: padded to whole tiles; for
-    ``stacked`` pools (E of them, rows = E * (P + 2)) each pool's scales padded to whole tiles, one block per pool
-    (:attr:`Pooled.scale_stride`)."""
+    ``stacked`` pools (E of them, rows = E * (P + 2)) laid out by :func:`scale_index`."""
     if not stacked:
         return jnp.pad(product, (0, padded_scale_rows(product.shape[0]) - product.shape[0]))
     per_pool = product.reshape(stacked, -1)
-    return jnp.pad(per_pool, ((0, 0), (0, padded_scale_rows(per_pool.shape[1]) - per_pool.shape[1]))).reshape(-1)
+    stride, group = padded_scale_rows(per_pool.shape[1], stacked), scale_group(stacked)
+    padded = jnp.pad(per_pool, ((0, 0), (0, stride - per_pool.shape[1])))
+    block = SCALE_TILE_ROWS // group
+    return padded.reshape(stacked // group, group, stride // block, block).transpose(0, 2, 1, 3).reshape(-1)
 
 
 def flat_page_scales(page_scales: jax.Array, stacked: int, rows: int) -> jax.Array:
@@ -105,7 +133,10 @@ def flat_page_scales(page_scales: jax.Array, stacked: int, rows: int) -> jax.Arr
     ``stacked``) from a page-scale array, its padding dropped (a slice, which a gather of rows fuses)."""
     if not stacked:
         return page_scales[:rows]
-    return page_scales.reshape(stacked, -1)[:, : rows // stacked].reshape(-1)
+    group = scale_group(stacked)
+    stride, block = page_scales.shape[0] // stacked, SCALE_TILE_ROWS // group
+    per_pool = page_scales.reshape(stacked // group, stride // block, group, block).transpose(0, 2, 1, 3)
+    return per_pool.reshape(stacked, stride)[:, : rows // stacked].reshape(-1)
 
 
 def scale_tiles(rank: int) -> int:
@@ -147,13 +178,14 @@ class PageTable:
         self.per_lane = pages(pooled.rank)
         self.rank_offset = pooled.num_slots * self.per_lane
         self.stride, self.scale_stride = pooled.stride, pooled.scale_stride
+        self.scale_group = scale_group(pooled.scale_rows // pooled.scale_stride) if pooled.scale_stride else 1
 
     def scale_row(self, row):
-        """The page-scale entry of pool row ``row``: the row itself, or in stacked pools with their scales laid
-        out per pool (:attr:`Pooled.scale_stride`) its pool's block of them at its row within the pool."""
+        """The page-scale entry of pool row ``row``: the row itself, or in stacked pools (their rows numbered as
+        if flattened) its entry by :func:`scale_index`."""
         if not self.stride:
             return row
-        return row // self.stride * self.scale_stride + row % self.stride
+        return scale_index(row // self.stride, row % self.stride, self.scale_stride, self.scale_group)
 
     def scale_tile(self, slot, page):
         """The page-scale tile (:data:`SCALE_TILE_ROWS` entries) holding the scales of ``slot``'s page ``page``."""
@@ -249,17 +281,30 @@ def convert_pages(table: PageTable, slots, staging, dest, stride: int) -> None:
                 dest[first : first + PAGE_ROWS, :] = values.astype(dest.dtype)
 
 
-def scale_tile_step(scales_hbm, s_buf, table: PageTable, slot, lane: int, page, sem, step: str) -> None:
+def shares_scale_tile(table: PageTable, slots, lane: int, slot, page):
+    """Per earlier lane i of the chunk (``slots[:lane]``): whether its page ``page`` is one of its own and lies in
+    the same page-scale tile as ``slot``'s page ``page`` (lane ``lane``'s), whose tile that lane's place then
+    holds: the chunk's lanes read a tile they share once (stacked pools' scales interleave neighbouring experts'
+    rows, :func:`scale_index`; one pool's adapters may share a tile too)."""
+    tile = table.scale_tile(slot, page)
+    return [
+        (page < table.pages(other)) & (table.scale_tile(jnp.maximum(other, 0), page) == tile) for other in slots[:lane]
+    ]
+
+
+def scale_tile_step(scales_hbm, s_buf, table: PageTable, slots, slot, lane: int, page, sem, step: str) -> None:
     """``step`` ("start" or "wait") of the DMA of the page-scale tile of ``slot``'s page ``page`` into its place
-    (chunk position ``lane``) of the SMEM buffer: only where the page opens a run of the lane's pages in one
-    tile (:meth:`PageTable.opens_scale_run`), whose place the run's later pages read (:func:`row_scales`)."""
+    (chunk position ``lane``, of the chunk's ``slots``) of the SMEM buffer: only where the page opens a run of the
+    lane's pages in one tile (:meth:`PageTable.opens_scale_run`) and no earlier lane of the chunk brings the same
+    tile for its page ``page`` (:func:`shares_scale_tile`); :func:`row_scales` reads the place that holds it."""
     row = table.scale_row(table.start(slot, page))
     first = pl.multiple_of(row // SCALE_TILE_ROWS * SCALE_TILE_ROWS, SCALE_TILE_ROWS)
     place = pl.multiple_of((lane * table.per_lane + page) * SCALE_TILE_ROWS, SCALE_TILE_ROWS)
     copy = pltpu.make_async_copy(
         scales_hbm.at[pl.ds(first, SCALE_TILE_ROWS)], s_buf.at[pl.ds(place, SCALE_TILE_ROWS)], sem
     )
-    pl.when(table.opens_scale_run(slot, page))(getattr(copy, step))
+    shared = functools.reduce(jnp.logical_or, shares_scale_tile(table, slots, lane, slot, page), jnp.bool_(False))
+    pl.when(table.opens_scale_run(slot, page) & ~shared)(getattr(copy, step))
 
 
 def choose_scale_mode(pooled: Pooled, scales_hbm, s_buf, mode_ref, sem, count_pages: Callable) -> None:
@@ -295,21 +340,29 @@ def lane_rows(table: PageTable, slots, stride: int, shape, axis: int):
 def row_scales(table: PageTable, slots, stride: int, width: int, s_buf, mode_ref):
     """[1, width] float32: each laned rank channel's ``a_scale * b_scale`` (int8 pools), read for the lanes' own
     rows only (1 elsewhere; the caller selects those channels out): from the whole array in SMEM (mode 1) or
-    from the tile of its page (mode 0, :func:`scale_tile_step`: in the place of the first page of its run of
-    pages in that tile; a spilled tail never crosses a tile)."""
+    from the tile of its page (mode 0, :func:`scale_tile_step`): in the place of the first page of its run of
+    pages in that tile, or where an earlier lane of the chunk brought it for the same page (a spilled tail never
+    crosses a tile)."""
     column = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
     out = jnp.ones((1, width), jnp.float32)
+    places = []  # places[lane][page]: the SMEM place holding the tile of the lane's page
     for lane, slot in enumerate(slots):
-        run = jnp.int32(0)  # the page whose place holds this page's tile
+        places.append([])
         for page in range(table.per_lane):
             offset, count = table.span(slot, page)
             aligned = table.scale_row(table.start(slot, page) - offset)  # the tail's rows: contiguous in a pool
             first = lane * stride + page * PAGE_ROWS
-            run = jnp.where(table.opens_scale_run(slot, page), page, run)
+            place = jnp.int32(lane * table.per_lane + page)  # its own, where it opens a run and no lane shares
+            shared = shares_scale_tile(table, slots, lane, jnp.maximum(slot, 0), page)
+            for earlier in reversed(range(lane)):  # the first earlier lane that shares it
+                place = jnp.where(shared[earlier], places[earlier][page], place)
+            if page:  # a page in its page before's tile: that page's place
+                place = jnp.where(table.opens_scale_run(slot, page), place, places[lane][page - 1])
+            places[lane].append(place)
 
-            def body(j, acc, lane=lane, run=run, aligned=aligned, first=first):
+            def body(j, acc, place=place, aligned=aligned, first=first):
                 row = aligned + j
-                paged = (lane * table.per_lane + run) * SCALE_TILE_ROWS + row % SCALE_TILE_ROWS
+                paged = place * SCALE_TILE_ROWS + row % SCALE_TILE_ROWS
                 return jnp.where(column == first + j, s_buf[jnp.where(mode_ref[0] == 1, row, paged)], acc)
 
             out = jax.lax.fori_loop(offset, offset + count, body, out)

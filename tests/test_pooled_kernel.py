@@ -260,6 +260,58 @@ def test_stacked_pools_are_read_in_place_as_if_flattened(backend, kind, dtype, x
         ops.pooled_shrink_expand(*args[:2], b_pool[:2], *args[3:], scaling=SCALING)
 
 
+#: Eight stacked pools (an experts layer's on eight experts: their page scales share tiles, 8 pools' blocks of 128
+#: rows to a tile) of 136 rows; lane e is one adapter's entry on expert e: the same pool rows in every pool (pages 1
+#: and 3 whole, then a tail at row 40), cut to a rank of its own (ranks of the adapter's entries in this module).
+GROUPED_POOLS, GROUPED_ROWS = 8, 136
+GROUPED_RANKS = (20, 8, 16, 5, 20, 12, 3, 16)
+GROUPED_LANE_ROWS = [8 + k for k in range(8)] + [24 + k for k in range(8)] + [40 + k for k in range(4)]
+
+
+@pytest.mark.parametrize("backend", ["pallas", "xla"])
+def test_entries_on_neighbouring_experts_read_the_scale_tiles_they_share(backend, xla_device, monkeypatch):
+    """int8 stacked pools whose page scales interleave eight pools to a tile (``pool.page_scale_index``, as an
+    experts layer keeps them): entries of one adapter on neighbouring experts lie in the same tiles, so a chunk's
+    later lanes read the tile an earlier lane brought for the same page (the kernel in tile mode: the array counted
+    too large for SMEM), each at its own rank. Against float64 math on the flattened rows; every other row's
+    scales are NaN / Inf. The XLA-native op reads the same kept scales through their layout."""
+    monkeypatch.setattr("torch_xla_lora.kernels.pages.SMEM_SCALE_ROWS", GROUPED_ROWS)
+    gen = torch.Generator().manual_seed(8)
+    pools, stride = GROUPED_POOLS, GROUPED_ROWS
+    total, zero = pools * stride, pools * stride - 2  # the last pool's zero row, flattened
+    rows = torch.full((pools, MAX_RANK), zero, dtype=torch.int32)
+    used = set()
+    for lane, rank in enumerate(GROUPED_RANKS):
+        mine = [lane * stride + row for row in GROUPED_LANE_ROWS[:rank]]
+        rows[lane, :rank] = torch.tensor(mine, dtype=torch.int32)
+        used.update(mine)
+    poisoned = torch.tensor([r not in used and r != zero for r in range(total)])
+    a_flat, b_flat, a_scale, b_scale, dense_a, dense_b = _int8_pools(poisoned, gen)
+    a_flat[zero], b_flat[zero], a_scale[zero], b_scale[zero] = 0, 0, 1, 1
+    dense_a[zero], dense_b[zero] = 0, 0
+    a_pool, b_pool = a_flat.reshape(pools, stride, IN), b_flat.reshape(pools, stride, OUT)
+    entry, row = torch.arange(total) // stride, torch.arange(total) % stride
+    page_scales = torch.zeros(pools * pool.page_scale_rows(stride - pool.SPARE_ROWS, pools))
+    page_scales[pool.page_scale_index(entry, row, stride - pool.SPARE_ROWS, pools)] = a_scale * b_scale
+    assert page_scales.shape == (2048,)  # two tiles: rows 0-127 and 128-135 of the eight pools
+    x = torch.randn(TOKENS, IN, generator=gen)
+    base = torch.randn(TOKENS, OUT, generator=gen)
+    lanes = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, 3, 2, 1, 0, 7, 6, 5, 4, 8, 1, 0], dtype=torch.int32)
+    args = [x, a_pool, b_pool, base, lanes, rows, a_scale, b_scale]
+    tables = {"pages": pool.page_table(rows, pools, zero), "page_scales": page_scales}
+    on_device = {key: t.to(xla_device) for key, t in tables.items()}
+    out = ops.pooled_shrink_expand(
+        *[t.to(xla_device) for t in args], scaling=SCALING, backend=backend, **on_device
+    ).cpu()
+    expected = base.double().clone()
+    for t, lane in enumerate(lanes.tolist()):
+        if 0 <= lane < pools:
+            mine = rows[lane, : GROUPED_RANKS[lane]].long()
+            expected[t] += SCALING * (dense_a[mine] @ x[t].double()) @ dense_b[mine]
+    assert torch.isfinite(out).all()
+    assert_close(out, expected, torch.float32)
+
+
 EXPAND_CASES = [  # (backend, int8 pool, compute dtype, tokens): the packed decode path on every backend, then longer
     ("xla", False, torch.float32, TOKENS),
     ("xla", True, torch.bfloat16, TOKENS),
@@ -477,6 +529,8 @@ def test_tpu_model_prices_moe_experts_at_the_routed_entries_true_ranks():
     entry the batch routes to at its lane's true rank, plus the page table of all ``L * E`` entries, whatever
     ``max_loras``; padded slots read ``max_rank`` rows of each routed entry, and gathering adds every entry's rows.
     int8 pools: their bytes, plus the page scales as the kernel reads them (whole, or a tile per routed page)."""
+    import jax.numpy as jnp
+
     from torch_xla_lora.bench import pooled_model, tpu_grid, tpu_model
 
     chip, shape = tpu_model.CHIPS["v6e"], tpu_grid.MOE_MODELS["mixtral-8x7b"]
@@ -496,25 +550,30 @@ def test_tpu_model_prices_moe_experts_at_the_routed_entries_true_ranks():
         assert row["padded_bytes"] == len(used) * 64 * sum(h + o for h, o in widths) * 2 * layers
         gather = loras * 8 * 64 * sum(h + o for h, o in widths) * 4 * layers
         assert row["gathered_bytes"] == row["padded_bytes"] + gather
-    # int8 pools: one byte an element, and the page scales kept per expert (8 blocks of 3,072 entries: read whole,
-    # fewer tiles than the step's pages); gathering reads the int8 rows and writes bf16 slots.
-    assert 2048 < pooled_model.pool_rows(True) + 2 <= 3072
+    # int8 pools: one byte an element, and the page scales kept per expert (8 pools' blocks of 128 rows to a tile: 8
+    # x 2,560 entries, read whole, fewer tiles than the step's pages); gathering reads the int8 rows and writes
+    # bf16 slots.
+    assert 2432 < pooled_model.pool_rows(True) + 2 <= 2560
     for loras in (8, 16):
         row = pooled_model.moe_step_rows(chip, "mixtral-8x7b", 8, loras, 64, int8=True)
         page_table = 4 * (loras * 8 * (8 + 1)) * len(widths)
         assert row["true_bytes"] == true // 2 * layers
-        assert row["pooled_bytes"] == (true // 2 + page_table + 2 * 4 * 8 * 3072) * layers
+        assert row["pooled_bytes"] == (true // 2 + page_table + 2 * 4 * 8 * 2560) * layers
         gather = loras * 8 * 64 * sum(h + o for h, o in widths) * 3 * layers
         assert row["gathered_bytes"] == rows[loras]["padded_bytes"] + gather
-    # Qwen3-30B-A3B: 128 blocks of page scales, too many for SMEM: a 4 KiB tile per routed entry of the one rank-8
-    # adapter (one page each), in both projections.
+    # Qwen3-30B-A3B: page scales too many for SMEM, read a 4 KiB tile at a time: the one rank-8 adapter's 128
+    # routed entries (one page each, experts 0-127 in order) run in chunks of 4 lanes (the plan's, both projections),
+    # each chunk's 4 experts inside one group of 8 sharing a tile: 32 tiles per projection, where a tile per entry
+    # (each expert's scales in a block of its own) read 128.
     qwen = tpu_grid.MOE_MODELS["qwen3-30b-a3b"]
+    for hidden, out_dim in ((qwen.hidden, 2 * qwen.intermediate), (qwen.intermediate, qwen.hidden)):
+        assert fused.pooled_plan_call(128, hidden, out_dim, 64, 8 * 128, jnp.bfloat16, "v6e", True)[1] == 4
     row = pooled_model.moe_step_rows(chip, "qwen3-30b-a3b", 1, 8, 64, int8=True)
     widths = ((qwen.hidden, 2 * qwen.intermediate), (qwen.intermediate, qwen.hidden))
     true = 128 * 8 * sum(h + o for h, o in widths)  # 16 tokens x top-8: all 128 experts, rank 8
     page_table = 4 * (8 * 128 * (8 + 1)) * len(widths)
     layers = pooled_model.MOE_STEP_MODELS["qwen3-30b-a3b"]
-    assert row["pooled_bytes"] == (true + page_table + 2 * 128 * 4096) * layers
+    assert row["pooled_bytes"] == (true + page_table + 2 * 32 * 4096) * layers
 
 
 @pytest.mark.parametrize("int8", [False, True])

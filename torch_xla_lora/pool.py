@@ -80,6 +80,11 @@ INT8_TILE_ROWS = 32
 #: Rows of a page-scale tile (``kernels.fused.SCALE_TILE_ROWS``): an int8 pool's page scales are padded to whole
 #: tiles, the unit the pooled kernel DMAs (the padding, at most 4 KiB a layer, counts against the budget).
 PAGE_SCALE_TILE = 1024
+#: Most stacked pools (an experts layer's) whose page scales interleave in one tile (``kernels.pages.scale_group``):
+#: each tile then holds a block of PAGE_SCALE_TILE / 8 = 128 rows of each of 8 experts.
+MAX_SCALE_GROUP = 8
+#: The rows of such a block: no spilled tail runs across a multiple of it (its scales would leave the block).
+SCALE_BLOCK_ROWS = PAGE_SCALE_TILE // MAX_SCALE_GROUP
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
@@ -150,11 +155,32 @@ def factor_pairs(
     return pairs
 
 
-def page_scale_rows(rows: int) -> int:
+def page_scale_rows(rows: int, entries: int = 1) -> int:
     """Length of the page-scale array of a pool of ``rows`` data rows (and the spare rows), per entry: whole
-    tiles of :data:`PAGE_SCALE_TILE` rows, the pooled kernel's DMA unit of it (stacked pools: each entry's
-    scales so padded, one block per entry, ``kernels.pages.page_scales_of``)."""
-    return -(-(rows + SPARE_ROWS) // PAGE_SCALE_TILE) * PAGE_SCALE_TILE
+    tiles of :data:`PAGE_SCALE_TILE` rows, the pooled kernel's DMA unit of it; stacked pools (``entries`` of
+    them): whole blocks of ``PAGE_SCALE_TILE / scale_group(entries)`` rows, which :func:`page_scale_index` lays
+    out ``scale_group(entries)`` to a tile (``kernels.pages.page_scales_of``)."""
+    block = PAGE_SCALE_TILE // scale_group(entries)
+    return -(-(rows + SPARE_ROWS) // block) * block
+
+
+def scale_group(entries: int) -> int:
+    """How many of ``entries`` stacked pools interleave their page scales in a tile: the largest power of two up to
+    :data:`MAX_SCALE_GROUP` that divides ``entries`` (``kernels.pages.scale_group``)."""
+    group = MAX_SCALE_GROUP
+    while entries % group:
+        group //= 2
+    return group
+
+
+def page_scale_index(entry: torch.Tensor, row: torch.Tensor, rows: int, entries: int) -> torch.Tensor:
+    """The page-scale entry of pool row ``row`` of stacked pool ``entry`` (pools of ``rows`` data rows, ``entries``
+    of them; ``kernels.pages.scale_index``): tiles holding a block of ``B = PAGE_SCALE_TILE / G`` rows of each of
+    G = :func:`scale_group` pools, so one adapter's rows on G neighbouring experts share their tiles."""
+    group = scale_group(entries)
+    block, stride = PAGE_SCALE_TILE // group, page_scale_rows(rows, entries)
+    tile = (entry // group) * (stride // block) + row // block
+    return tile * PAGE_SCALE_TILE + (entry % group) * block + row % block
 
 
 def pool_shape(slot_shape: tuple[int, ...], max_loras: int, rank_axis: int, rows: int) -> tuple[int, ...]:
@@ -681,7 +707,7 @@ class PoolManager:
             for page in sorted(offsets):
                 free_rows, after = offsets[page], offsets.get(page + 1, set())
                 end = next((k for k in range(g, 0, -1) if k - 1 not in free_rows), 0)  # its free run to the end
-                if len(free_rows) == g or end == g or (page + 1) * g % PAGE_SCALE_TILE == 0:
+                if len(free_rows) == g or end == g or (page + 1) * g % SCALE_BLOCK_ROWS == 0:
                     continue
                 if all(k in after for k in range(tail - (g - end))):
                     spills.append((len(after) == g, page * g + end))

@@ -102,6 +102,7 @@ def pooled_cost(
     prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform)
     lane_ranks = np.zeros(max_loras, np.int64)
     lane_ranks[: len(ranks)] = ranks
+    tile_of = _scale_tiles_of(lane_ranks, pool_rows, stacked) if int8 else None
     specs = [*spec.in_specs, spec.out_specs]
     last = [None] * len(specs)
     pipelined = manual = page_count = page_tiles = 0
@@ -119,14 +120,32 @@ def pooled_cost(
             dma, matmuls = fused.pooled_step_work(i, n, meta, lane_ranks, hidden, lane_count, sizes, 1 if int8 else 2)
             manual += dma
             if n == 0:  # the pages the shrink DMAs, and their scale tiles if the kernel reads them so
-                step_pages, step_tiles = fused.pooled_step_pages(i, meta, lane_ranks, lane_count)
+                step_pages, step_tiles = fused.pooled_step_pages(i, meta, lane_ranks, lane_count, tile_of)
                 page_count, page_tiles = page_count + step_pages, page_tiles + step_tiles
             flops += tpu_model.mxu_flops(matmuls, chip.mxu_width)
     entries = max_loras * fused.pages(max_rank)
     manual += 4 * (entries + max_loras)  # the page table (page starts, ranks), built on the host per batch
     if int8:
-        manual += fused.scale_read_bytes(page_count, stacked * fused.padded_scale_rows(pool_rows + 2), page_tiles)
+        scale_rows = stacked * fused.padded_scale_rows(pool_rows + 2, stacked)
+        manual += fused.scale_read_bytes(page_count, scale_rows, page_tiles)
     return tpu_model.Cost(pipelined, manual, flops, steps, tpu_model._time(chip, pipelined, manual, flops, steps))
+
+
+def _scale_tiles_of(ranks: np.ndarray, pool_rows: int, stacked: int):
+    """``tile_of(lane, page)`` for :func:`fused.pooled_step_pages`: the page-scale tile of a lane's page, its
+    adapter's rows placed as whole pages one adapter after another from row 0 (lane ``l`` of ``stacked``
+    pools: adapter ``l // stacked`` on pool ``l % stacked``, ``kernels.pages.scale_index``)."""
+    from torch_xla_lora.kernels import pages
+
+    adapters = ranks if stacked == 1 else ranks[::stacked]
+    starts = np.concatenate([[0], np.cumsum([pages.pages(int(r)) * pages.PAGE_ROWS for r in adapters])])
+    group, stride = pages.scale_group(stacked), pages.padded_scale_rows(pool_rows + 2, stacked)
+
+    def tile_of(lane: int, page: int) -> int:
+        row = int(starts[lane // stacked]) + page * pages.PAGE_ROWS
+        return pages.scale_index(lane % stacked, row, stride, group) // pages.SCALE_TILE_ROWS
+
+    return tile_of
 
 
 def one_pass_cost(

@@ -278,11 +278,11 @@ def build_pooled(cfg: Config, sds, experts: int | None = None):
     args += [sds((tokens,), jnp.int32), sds((slots, rank), jnp.int32)]
     args += [sds((pool_rows,), jnp.float32)] * 2 if int8 else []
     args += [sds((slots * fused.pages(rank) + slots,), jnp.int32)]  # the page table, as the layers send it
-    # An int8 pool's page scales: whole tiles (stacked pools: per pool, ``fused.page_scales_of``).
+    # An int8 pool's page scales: whole tiles (stacked pools: G pools to a tile, ``fused.page_scales_of``).
     scale_rows = (
         fused.padded_scale_rows(pool_rows)
         if experts is None
-        else experts * fused.padded_scale_rows(pool_rows // experts)
+        else experts * fused.padded_scale_rows(pool_rows // experts, experts)
     )
     args += [sds((scale_rows,), jnp.float32)] if int8 else []  # the page scales kept beside an int8 pool
     sizes, lanes, run = fused.pooled_plan_call(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, int8)

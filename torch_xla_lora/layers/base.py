@@ -155,8 +155,8 @@ class BaseLayerWithLoRA(nn.Module):
                 scale = torch.zeros(shape[0], rows + pool.SPARE_ROWS, dtype=torch.float32, device=self.adapter_device)
                 self.register_buffer(f"{name}_scale", scale, False)
         for name, (_, _, entries) in self._page_scale_pairs(int8).items():
-            scale = torch.zeros(entries * pool.page_scale_rows(rows), dtype=torch.float32, device=self.adapter_device)
-            self.register_buffer(name, scale, False)
+            length = entries * pool.page_scale_rows(rows, entries)
+            self.register_buffer(name, torch.zeros(length, dtype=torch.float32, device=self.adapter_device), False)
 
     def _page_scale_pairs(self, int8: bool) -> dict[str, tuple[str, str, int]]:
         """An int8 pool's page-scale arrays: name -> (A buffer, B buffer, entries), one per
@@ -194,9 +194,8 @@ class BaseLayerWithLoRA(nn.Module):
         """Device bytes :meth:`allocate_pool` allocates for ``rows`` data rows: the rows (and the spare rows) at
         :meth:`pool_row_bytes`, plus the page-scale arrays' padding to whole tiles."""
         total = (rows + pool.SPARE_ROWS) * self.pool_row_bytes(int8)
-        padding = pool.page_scale_rows(rows) - rows - pool.SPARE_ROWS
         for _, _, entries in self._page_scale_pairs(int8).values():
-            total += pool.SCALE_BYTES * entries * padding
+            total += pool.SCALE_BYTES * entries * (pool.page_scale_rows(rows, entries) - rows - pool.SPARE_ROWS)
         return total
 
     def slot_buffers(self, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
@@ -235,8 +234,10 @@ class BaseLayerWithLoRA(nn.Module):
                 target.index_copy_(axis, index, values.to(device))
             for name, (name_a, name_b, entries) in self._page_scale_pairs(bool(row_scales)).items():
                 # The product the pooled kernel reads, exact as the kernel would form it; each entry's block.
-                product = (row_scales[name_a] * row_scales[name_b]).to(device)
-                getattr(self, name).view(entries, -1).index_copy_(1, index, product)
+                product = (row_scales[name_a] * row_scales[name_b]).to(device)  # [entries, rows written]
+                entry = torch.arange(entries, device=index.device)[:, None]
+                at = pool.page_scale_index(entry, index[None, :], self.pool_rows, entries)
+                getattr(self, name).index_copy_(0, at.reshape(-1), product.reshape(-1))
 
     def _slot_arrays(self, weights: ModuleLoRA | None) -> dict[str, torch.Tensor]:
         """Name -> one slot of each buffer, ``[k, *slot]`` host tensors (zeros for None), padded to max_rank."""

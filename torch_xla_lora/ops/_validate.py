@@ -301,18 +301,21 @@ def pooled_pages(pages: torch.Tensor | None, inputs: torch.Tensor, rows: torch.T
 
 def pooled_page_scales(page_scales: torch.Tensor | None, inputs: torch.Tensor, a_pool: torch.Tensor) -> None:
     """An int8 pool's page scales of ``pooled_shrink_expand``: float32 [N], N >= P + 2 a multiple of 1024; for
-    stacked pools ``a_pool`` [E, P + 2, W], E blocks of as many whole 1024-row tiles, each covering its pool's
-    P + 2 rows (``kernels.pages.page_scales_of``)."""
+    stacked pools ``a_pool`` [E, P + 2, W], E times S entries, S >= P + 2 whole blocks of ``1024 / G`` rows laid out
+    G pools to a tile (``pool.scale_group``, ``kernels.pages.page_scales_of``)."""
+    from torch_xla_lora import pool
+
     if page_scales is None:
         return
     if a_pool.dtype != torch.int8:
         raise ShapeError(f"page_scales must be None for a {a_pool.dtype} pool (they scale int8 rows)")
     _rank("page_scales", page_scales, 1, "[N]")
     pools, rows = (a_pool.shape[0], a_pool.shape[1]) if a_pool.dim() == 3 else (1, a_pool.shape[0])
-    length = page_scales.shape[0]
-    if length % (1024 * pools) or length // pools < rows:
+    length, block = page_scales.shape[0], pool.PAGE_SCALE_TILE // pool.scale_group(pools)
+    if length % pools or (length // pools) % block or length // pools < rows:
         per_pool = f"{pools} blocks of " if pools > 1 else ""
-        raise ShapeError(f"page_scales must hold {per_pool}whole 1024-row tiles covering the {rows} rows, got {length}")
+        unit = f"{block}-row tiles" if block == pool.PAGE_SCALE_TILE else f"{block}-row blocks"
+        raise ShapeError(f"page_scales must hold {per_pool}whole {unit} covering the {rows} rows, got {length}")
     if page_scales.dtype != torch.float32:
         raise ShapeError(f"page_scales must be float32, got {page_scales.dtype}")
     _device("page_scales", page_scales, inputs)
