@@ -311,7 +311,8 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
                 if int8 and which == 0:
 
                     def scale_tile(slot, lane: int, p, step=step):
-                        scale_tile_step(s_hbm, s_buf, table, slots, slot, lane, p, s_sem.at[0], step)
+                        before = (c > 0, slots_ref[block * per_block + jnp.maximum(c - 1, 0) * lanes])
+                        scale_tile_step(s_hbm, s_buf, table, slots, slot, lane, p, s_sem.at[0], step, before)
 
                     pl.when(mode_ref[0] == 0)(functools.partial(for_lane_pages, table, slots, scale_tile))
             if staging is not None:
@@ -592,8 +593,8 @@ def pooled_step_pages(i: int, meta, ranks, lanes: int, tile_of: Callable | None 
     """(pages, page-scale tiles) the pooled kernel DMAs of each factor at grid step (i, 0): those of the visited
     block's used lanes (``ranks``: lane -> true rank), the pages as ``_choose_scale_mode`` counts them; the tiles
     as :func:`scale_tiles` prices them, or with ``tile_of(lane, page)`` (the tile of a lane's page, as its rows
-    lie) as the kernel reads them: a page's tile unless its page before's tile or, for an earlier lane of its
-    chunk, that lane's same page's (``pages.scale_tile_step``)."""
+    lie) as the kernel reads them: a page's tile unless its page before's tile, an earlier lane of its chunk's
+    same page's or (lane 0's page 0) the chunk before's lane 0's page 0's (``pages.scale_tile_step``)."""
     block = int(meta.active[i])
     chunks = int(meta.chunks[block])
     per_block = len(meta.slots) // len(meta.chunks)
@@ -601,15 +602,18 @@ def pooled_step_pages(i: int, meta, ranks, lanes: int, tile_of: Callable | None 
     used = [int(ranks[s]) for s in slots if s >= 0]
     if tile_of is None:
         return sum(map(pages, used)), sum(map(scale_tiles, used))
-    tiles = 0
+    tiles, before = 0, -1  # before: the chunk before's lane 0 slot
     for c in range(chunks):
-        chunk = [s for s in slots[c * lanes : (c + 1) * lanes] if s >= 0]
+        chunk = slots[c * lanes : (c + 1) * lanes]
         for k, slot in enumerate(chunk):
-            for page in range(pages(int(ranks[slot]))):
+            for page in range(pages(int(ranks[slot])) if slot >= 0 else 0):
                 tile = tile_of(slot, page)
                 if page and tile == tile_of(slot, page - 1):
                     continue
-                tiles += not any(page < pages(int(ranks[o])) and tile_of(o, page) == tile for o in chunk[:k])
+                if k == 0 and page == 0 and before >= 0 and ranks[before] and tile_of(before, 0) == tile:
+                    continue
+                tiles += not any(o >= 0 and page < pages(int(ranks[o])) and tile_of(o, page) == tile for o in chunk[:k])
+        before = chunk[0]
     return sum(map(pages, used)), tiles
 
 

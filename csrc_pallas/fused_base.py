@@ -641,7 +641,8 @@ def _kernel(
             for step in ("start", "wait"):
 
                 def tile(slot, lane, p, step=step):
-                    scale_tile_step(s_hbm, s_buf, table, slots, slot, lane, p, sem.at[2], step)
+                    before = (c > 0, chunk_slots(jnp.maximum(c - 1, 0))[0])
+                    scale_tile_step(s_hbm, s_buf, table, slots, slot, lane, p, sem.at[2], step, before)
 
                 @pl.when(mode_ref[0] == 0)
                 def _paged():

@@ -292,11 +292,25 @@ def shares_scale_tile(table: PageTable, slots, lane: int, slot, page):
     ]
 
 
-def scale_tile_step(scales_hbm, s_buf, table: PageTable, slots, slot, lane: int, page, sem, step: str) -> None:
+def keeps_first_tile(table: PageTable, slot, previous) -> jax.Array:
+    """Whether a chunk's lane 0 (``slot``) finds the tile of its page 0 in place 0 already: ``previous`` = (whether
+    the chunk has one before it in this pass, that chunk's lane 0 slot), whose page 0 brought the same tile there
+    (consecutive chunks of one adapter's entries on neighbouring experts)."""
+    if previous is None:
+        return jnp.bool_(False)
+    has, before = previous
+    same = table.scale_tile(jnp.maximum(before, 0), 0) == table.scale_tile(slot, 0)
+    return has & (table.pages(before) > 0) & same
+
+
+def scale_tile_step(
+    scales_hbm, s_buf, table: PageTable, slots, slot, lane: int, page, sem, step: str, previous=None
+) -> None:
     """``step`` ("start" or "wait") of the DMA of the page-scale tile of ``slot``'s page ``page`` into its place
     (chunk position ``lane``, of the chunk's ``slots``) of the SMEM buffer: only where the page opens a run of the
-    lane's pages in one tile (:meth:`PageTable.opens_scale_run`) and no earlier lane of the chunk brings the same
-    tile for its page ``page`` (:func:`shares_scale_tile`); :func:`row_scales` reads the place that holds it."""
+    lane's pages in one tile (:meth:`PageTable.opens_scale_run`), no earlier lane of the chunk brings the same
+    tile for its page ``page`` (:func:`shares_scale_tile`) and, lane 0's page 0, the chunk before did not bring it
+    (:func:`keeps_first_tile`, ``previous``); :func:`row_scales` reads the place that holds it."""
     row = table.scale_row(table.start(slot, page))
     first = pl.multiple_of(row // SCALE_TILE_ROWS * SCALE_TILE_ROWS, SCALE_TILE_ROWS)
     place = pl.multiple_of((lane * table.per_lane + page) * SCALE_TILE_ROWS, SCALE_TILE_ROWS)
@@ -304,6 +318,8 @@ def scale_tile_step(scales_hbm, s_buf, table: PageTable, slots, slot, lane: int,
         scales_hbm.at[pl.ds(first, SCALE_TILE_ROWS)], s_buf.at[pl.ds(place, SCALE_TILE_ROWS)], sem
     )
     shared = functools.reduce(jnp.logical_or, shares_scale_tile(table, slots, lane, slot, page), jnp.bool_(False))
+    if lane == 0:
+        shared = (page == 0) & keeps_first_tile(table, slot, previous)
     pl.when(table.opens_scale_run(slot, page) & ~shared)(getattr(copy, step))
 
 

@@ -261,20 +261,26 @@ def test_stacked_pools_are_read_in_place_as_if_flattened(backend, kind, dtype, x
 
 
 #: Eight stacked pools (an experts layer's on eight experts: their page scales share tiles, 8 pools' blocks of 128
-#: rows to a tile) of 136 rows; lane e is one adapter's entry on expert e: the same pool rows in every pool (pages 1
-#: and 3 whole, then a tail at row 40), cut to a rank of its own (ranks of the adapter's entries in this module).
+#: rows to a tile) of 136 rows; lane e is an adapter's entry on expert e, cut to a rank of its own: lanes 0-3 one
+#: adapter's (the same pool rows in every pool: pages 1 and 3 whole, then a tail at row 40: scale tile 0), lanes
+#: 4-7 another's (a tail at row 128: tile 1). With the kernel's chunks of 5 lanes here, lane 4 reads another tile
+#: than the lanes before it in its chunk, and the next chunk's lane 0 another than the chunk before's.
 GROUPED_POOLS, GROUPED_ROWS = 8, 136
-GROUPED_RANKS = (20, 8, 16, 5, 20, 12, 3, 16)
-GROUPED_LANE_ROWS = [8 + k for k in range(8)] + [24 + k for k in range(8)] + [40 + k for k in range(4)]
+GROUPED_RANKS = (20, 8, 16, 5, 5, 6, 3, 4)
+GROUPED_LANE_ROWS = (
+    [8 + k for k in range(8)] + [24 + k for k in range(8)] + [40 + k for k in range(4)],
+    [128 + k for k in range(6)],
+)
 
 
 @pytest.mark.parametrize("backend", ["pallas", "xla"])
 def test_entries_on_neighbouring_experts_read_the_scale_tiles_they_share(backend, xla_device, monkeypatch):
     """int8 stacked pools whose page scales interleave eight pools to a tile (``pool.page_scale_index``, as an
     experts layer keeps them): entries of one adapter on neighbouring experts lie in the same tiles, so a chunk's
-    later lanes read the tile an earlier lane brought for the same page (the kernel in tile mode: the array counted
-    too large for SMEM), each at its own rank. Against float64 math on the flattened rows; every other row's
-    scales are NaN / Inf. The XLA-native op reads the same kept scales through their layout."""
+    later lanes read the tile an earlier lane brought for the same page, and a chunk's lane 0 the tile the chunk
+    before's lane 0 brought where it is the same (the kernel in tile mode: the array counted too large for SMEM),
+    each at its own rank; entries whose tiles differ bring their own. Against float64 math on the flattened rows;
+    every other row's scales are NaN / Inf. The XLA-native op reads the same kept scales through their layout."""
     monkeypatch.setattr("torch_xla_lora.kernels.pages.SMEM_SCALE_ROWS", GROUPED_ROWS)
     gen = torch.Generator().manual_seed(8)
     pools, stride = GROUPED_POOLS, GROUPED_ROWS
@@ -282,7 +288,7 @@ def test_entries_on_neighbouring_experts_read_the_scale_tiles_they_share(backend
     rows = torch.full((pools, MAX_RANK), zero, dtype=torch.int32)
     used = set()
     for lane, rank in enumerate(GROUPED_RANKS):
-        mine = [lane * stride + row for row in GROUPED_LANE_ROWS[:rank]]
+        mine = [lane * stride + row for row in GROUPED_LANE_ROWS[lane >= 4][:rank]]
         rows[lane, :rank] = torch.tensor(mine, dtype=torch.int32)
         used.update(mine)
     poisoned = torch.tensor([r not in used and r != zero for r in range(total)])
@@ -563,8 +569,9 @@ def test_tpu_model_prices_moe_experts_at_the_routed_entries_true_ranks():
         assert row["gathered_bytes"] == rows[loras]["padded_bytes"] + gather
     # Qwen3-30B-A3B: page scales too many for SMEM, read a 4 KiB tile at a time: the one rank-8 adapter's 128
     # routed entries (one page each, experts 0-127 in order) run in chunks of 4 lanes (the plan's, both projections),
-    # each chunk's 4 experts inside one group of 8 sharing a tile: 32 tiles per projection, where a tile per entry
-    # (each expert's scales in a block of its own) read 128.
+    # two chunks to a group of 8 experts sharing a tile: the first chunk's lane 0 brings it, its other lanes and the
+    # next chunk read it: 16 tiles per projection, where a tile per entry (each expert's scales in a block of its
+    # own) read 128.
     qwen = tpu_grid.MOE_MODELS["qwen3-30b-a3b"]
     for hidden, out_dim in ((qwen.hidden, 2 * qwen.intermediate), (qwen.intermediate, qwen.hidden)):
         assert fused.pooled_plan_call(128, hidden, out_dim, 64, 8 * 128, jnp.bfloat16, "v6e", True)[1] == 4
@@ -573,7 +580,7 @@ def test_tpu_model_prices_moe_experts_at_the_routed_entries_true_ranks():
     true = 128 * 8 * sum(h + o for h, o in widths)  # 16 tokens x top-8: all 128 experts, rank 8
     page_table = 4 * (8 * 128 * (8 + 1)) * len(widths)
     layers = pooled_model.MOE_STEP_MODELS["qwen3-30b-a3b"]
-    assert row["pooled_bytes"] == (true + page_table + 2 * 32 * 4096) * layers
+    assert row["pooled_bytes"] == (true + page_table + 2 * 16 * 4096) * layers
 
 
 @pytest.mark.parametrize("int8", [False, True])
