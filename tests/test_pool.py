@@ -547,7 +547,7 @@ def _manager(rows: int, max_loras: int = 5, max_rank: int = 64, max_cpu_adapters
 
 def _check_layout(rows: list[int], rank: int, spills: bool = False) -> bool:
     """The kernel's layout: entries 8p..8p+7 (p < rank // 8) one aligned page, the tail contiguous in one page, or
-    where ``spills`` in one or two (never across a 1024-row page-scale tile). Returns whether the tail spilled."""
+    where ``spills`` in one or two (never across a multiple of 128 rows). Returns whether the tail spilled."""
     assert len(rows) == rank
     for first in range(0, rank - rank % 8, 8):
         assert rows[first] % 8 == 0 and rows[first : first + 8] == list(range(rows[first], rows[first] + 8))
@@ -556,7 +556,7 @@ def _check_layout(rows: list[int], rank: int, spills: bool = False) -> bool:
         return False
     assert tail == list(range(tail[0], tail[0] + len(tail)))
     spilled = tail[0] // 8 != tail[-1] // 8
-    assert not spilled or (spills and tail[0] // 1024 == tail[-1] // 1024)
+    assert not spilled or (spills and tail[0] // 128 == tail[-1] // 128)
     return spilled
 
 
@@ -564,7 +564,8 @@ def test_tails_of_five_to_seven_rows_run_on_into_the_next_page():
     """Tails of more than half a page never share one, so they run on into the next (the kernel then DMAs one
     page more): rank-13 adapters fill a pool of 15 pages nine at a time (each 13 rows: 117 of 120, whole pages
     taken from the top, tails packed from the bottom; seven if each tail had a page), rank-5 adapters fill 1,040
-    rows 207 at a time with no tail across the page-scale tile at row 1024. A tail spills only where a lane's
+    rows 203 at a time with no tail across a multiple of 128 rows (the block of a pool's rows an experts layer's
+    page-scale tile holds: 207 where only the tile at row 1024 was kept clear). A tail spills only where a lane's
     pages(max_rank) pages have room for the extra page: rank 13 at max_rank 16 and rank 5 at max_rank 8 keep
     each tail in one page; tails of at most 4 rows never spill."""
 
@@ -580,7 +581,7 @@ def test_tails_of_five_to_seven_rows_run_on_into_the_next_page():
 
     for rows, rank, max_rank, expected, spills in (
         (120, 13, 64, 9, True),
-        (1040, 5, 64, 207, True),
+        (1040, 5, 64, 203, True),
         (120, 13, 16, 7, False),
         (120, 5, 8, 15, False),
         (120, 4, 64, 30, False),

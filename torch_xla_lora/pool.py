@@ -684,7 +684,8 @@ class PoolManager:
         In order: the shortest free run of ``tail`` or more rows inside a page other rows of which are taken
         (best fit, the run's first rows; lowest page and offset among equals); where ``spill``, a page's free
         rows up to its end continued by the next page's first free rows (next pages that are partly taken
-        first, then the lowest), never across a page-scale tile (the kernel reads a tail's scales from one);
+        first, then the lowest), never across a multiple of :data:`SCALE_BLOCK_ROWS` (the kernel reads a
+        tail's scales from one block of a tile);
         else the lowest wholly free page's first rows."""
         g = self.granule
         best = None

@@ -441,7 +441,7 @@ def sharded_grouped_matmul(
         then the pools [E, P + 2, in or out], split as the slot buffers they stand for, and each shard runs
         ``pooled_shrink_expand`` on its slices of them, each entry at its true rank, as one device does.
       pool_pages, page_scales: the entries' page table (``ExpertsWithLoRA._entry_tables``) and an int8 layer's
-        kept page scales of this projection, laid out per pool (replicated: every shard holds all E pools' rows),
+        kept page scales of this projection, G pools to a tile (replicated: every shard holds all E pools' rows),
         which the pooled kernel reads as on one device; None: derived per shard in the graph.
 
     Returns:

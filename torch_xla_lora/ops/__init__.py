@@ -519,7 +519,7 @@ def pooled_shrink_expand(
         q aligned pages and a tail: for p < q entry ``8p`` is a multiple of 8 and entries ``8p .. 8p + 7``
         are that row and the next seven; entries ``8q .. r - 1`` (t > 0) are contiguous rows from any
         in-page offset o, inside one aligned page (o + t <= 8) or, where q + 2 <= ceil(R / 8), running on
-        into the next without crossing a multiple of 1024 rows (the pages' other rows may be other lanes'
+        into the next without crossing a multiple of 128 rows (the pages' other rows may be other lanes'
         or adapters' and are never used for this lane). ``PoolManager`` with ``granule`` 8 allocates so.
       a_scale, b_scale: [P + 2] float32 per-row scales of int8 pools, else None.
       scaling: multiplies the LoRA product.
@@ -532,11 +532,12 @@ def pooled_shrink_expand(
         the graph, which then reads the whole [L, R] table per call. It must describe ``rows``.
       page_scales: optional (int8 pools) [N] float32, ``a_scale * b_scale`` of every row, zero past row
         P + 1, N a multiple of 1024 (``kernels.fused.padded_scale_rows``; a pooled layer keeps it beside its
-        pool); for stacked pools E blocks of ``padded_scale_rows(P + 2)``, pool e's row r at
-        ``e * N / E + r`` (``kernels.pages.page_scales_of``; an experts layer keeps one per projection).
-        Given, the "pallas" kernel reads of it only the 4 KiB tile of each used page (or the whole array
-        where that is fewer tiles) and neither ``a_scale`` nor ``b_scale``; else it is computed in the graph
-        from both. It must equal their product.
+        pool); for stacked pools E times ``padded_scale_rows(P + 2, E)``, pool e's row r at
+        ``kernels.pages.scale_index(e, r, N / E, scale_group(E))`` (G pools' blocks of 1024 / G rows to a
+        tile, ``kernels.pages.page_scales_of``; an experts layer keeps one per projection). Given, the
+        "pallas" kernel reads of it only the 4 KiB tiles of the used pages, each once for a chunk of lanes
+        (or the whole array where that is fewer tiles) and neither ``a_scale`` nor ``b_scale``; else it is
+        computed in the graph from both. It must equal their product.
 
     Returns:
       [T, Dout] in base's dtype (accumulated in float32).
