@@ -317,9 +317,10 @@ def scale_tile_step(
     copy = pltpu.make_async_copy(
         scales_hbm.at[pl.ds(first, SCALE_TILE_ROWS)], s_buf.at[pl.ds(place, SCALE_TILE_ROWS)], sem
     )
-    shared = functools.reduce(jnp.logical_or, shares_scale_tile(table, slots, lane, slot, page), jnp.bool_(False))
-    if lane == 0:
+    if lane == 0:  # no earlier lane: the chunk before's lane 0 may have brought its page 0's tile
         shared = (page == 0) & keeps_first_tile(table, slot, previous)
+    else:
+        shared = functools.reduce(jnp.logical_or, shares_scale_tile(table, slots, lane, slot, page))
     pl.when(table.opens_scale_run(slot, page) & ~shared)(getattr(copy, step))
 
 

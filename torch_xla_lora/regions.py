@@ -177,13 +177,22 @@ def sharded_linear_lora(
     tokens, out_axis = p.data_axis, p.out_axis
     specs = p.lora_specs_linear()
     idx = _enter_slots(p, lora_indices)
-    x = p.enter(inputs, (tokens, None))
-    w = p.enter(weight, (out_axis, None) if weight_layout == "out_in" else (None, out_axis), placed=True)
-    local_bias = None if bias is None else p.enter(bias, (out_axis,), placed=True)
+    x, w, local_bias = _enter_column_base(p, inputs, weight, bias, weight_layout)
     a, b = _enter_factor(p, lora_a, specs["lora_a"]), _enter_factor(p, lora_b, specs["lora_b"])
     meta = _local_metadata(p, metadata)
     out = torch.ops.xla_lora.linear_lora(x, w, local_bias, a, b, idx, 1.0, weight_layout, backend, meta, own_metadata)
     return p.leave(out, (tokens, out_axis), (inputs.shape[0], lora_b.shape[2]))
+
+
+def _enter_column_base(
+    p: LayerSharding, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_layout: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A column layer's base operands on this shard: x [N_local, in] (whole features), its columns of W (in
+    ``weight_layout``) and of the bias."""
+    out_axis = p.out_axis
+    x = p.enter(inputs, (p.data_axis, None))
+    w = p.enter(weight, (out_axis, None) if weight_layout == "out_in" else (None, out_axis), placed=True)
+    return x, w, None if bias is None else p.enter(bias, (out_axis,), placed=True)
 
 
 @sharded_linear_lora.register_fake
@@ -721,9 +730,7 @@ def sharded_pooled_linear_lora(
     p = _placement(key)
     tokens, out_axis = p.data_axis, p.out_axis
     idx = _enter_slots(p, lora_indices)
-    x = p.enter(inputs, (tokens, None))
-    w = p.enter(weight, (out_axis, None) if weight_layout == "out_in" else (None, out_axis), placed=True)
-    local_bias = None if bias is None else p.enter(bias, (out_axis,), placed=True)
+    x, w, local_bias = _enter_column_base(p, inputs, weight, bias, weight_layout)
     a, b, table, *scales = _enter_pools(p, a_pool, b_pool, rows, a_scale, b_scale, max_loras)
     local_pages, local_page_scales = _enter_pages(p, pages, page_scales)
     out = linear_lora_pooled(
