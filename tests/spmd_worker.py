@@ -745,7 +745,7 @@ def _moe_pooled(inputs: dict, mesh: xs.Mesh) -> dict:
         result["logits"] = sharding.replicated(model(ids, use_cache=False).logits, mesh).cpu()
     result["pool_reads"] = _pool_reads(lora, lambda: model(ids, use_cache=False).logits)
     result["patched_layers"] = list(lora.layers)
-    # int8 pools: the experts' kept page scales (laid out per pool, replicated) read on every shard.
+    # int8 pools: the experts' kept page scales (4 experts to a tile, replicated) read on every shard.
     model = copy.deepcopy(inputs["model"]).to(device).eval()
     lora = tl.patch_model(model, dataclasses.replace(config, weight_dtype="int8"), mesh=mesh, ep_axis="expert")
     _load_all(lora, inputs["adapters"])

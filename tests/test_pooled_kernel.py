@@ -231,11 +231,11 @@ def test_stacked_pools_are_read_in_place_as_if_flattened(backend, kind, dtype, x
     """Stacked pools [E, P + 2, W] (an experts layer's) with rows numbered as if flattened: the Pallas kernel
     (interpret mode) DMAs each page from the 3-D array in place (on a v6e an int8 pool flattened to a multiple of 32
     rows would be tiled 32 deep, ``tests/test_tpu_compile.py``) and reads the scales laid out per pool: in "int8
-    pages" the page scales kept beside the pools as an experts layer keeps them (each pool's block of whole tiles,
-    each page's tile read, not the whole array; the XLA-native path reads them too), in "int8" formed by the op from
-    ``a_scale`` and ``b_scale``. Lane 3's spilled tail crosses row 1024 of the flattened rows, so a flattened scale
-    layout would give some of its rows another tile's scales. Against float64 math on the flattened rows; every row
-    outside the lanes' is poisoned."""
+    pages" the page scales kept beside the pools as an experts layer keeps them (three pools: one to a tile, each
+    pool's block of whole tiles; each page's tile read, not the whole array; the XLA-native path reads them too),
+    in "int8" formed by the op from ``a_scale`` and ``b_scale``. Lane 3's spilled tail crosses row 1024 of the
+    flattened rows, so a flattened scale layout would give some of its rows another tile's scales. Against float64
+    math on the flattened rows; every row outside the lanes' is poisoned."""
     if kind == "int8 pages":
         monkeypatch.setattr("torch_xla_lora.kernels.pages.SMEM_SCALE_ROWS", DATA_ROWS)
     a_pool, b_pool, rows, a_scale, b_scale, dense_a, dense_b = _stacked(kind, dtype)

@@ -323,7 +323,7 @@ def test_moe_expert_parallel_rank_true_pools_match_one_device_and_peft(spmd_moe,
 def test_moe_int8_expert_pools_on_a_mesh_read_their_kept_page_scales_and_match_one_device(spmd_moe, moe, xla_device):
     """int8 pools on the (2, 2) expert x model mesh: every projection's region hands each shard's pooled op the
     entries' page table and the layer's kept page scales of that projection (``lora_page_scale``,
-    ``lora_page_scale_down``: laid out per pool, whole on every shard, as every shard holds all E pools' rows), and
+    ``lora_page_scale_down``: 4 experts to a tile, whole on every shard, as every shard holds all E pools' rows), and
     the logits read through them equal the same int8 pools on one device (1e-5), which are not the float ones."""
     inputs = moe[0]
     model = copy.deepcopy(inputs["model"]).to(xla_device)

@@ -267,7 +267,8 @@ def moe_step_rows(
     projections): padded bf16 ``[L * E, R]`` slots (the fused kernel over the routed rows' entries), the pool
     gathered into them per step (what the experts did before reading pools; an int8 pool's rows read as int8),
     and the pooled kernel on the ``L * E`` entries' true-rank pages (``ExpertsWithLoRA._entry_tables``), of bf16
-    or ``int8`` pools (their page scales kept per pool, a 4 KiB tile read per page). *True* bytes are the routed
+    or ``int8`` pools (their page scales kept beside them, 8 experts to a 4 KiB tile, read as the kernel reads them,
+    ``fused.pooled_step_pages``). *True* bytes are the routed
     entries' true-rank rows in the pool's dtype."""
     from torch_xla_lora.bench import tpu_grid
 

@@ -262,7 +262,7 @@ def build_pooled(cfg: Config, sds, experts: int | None = None):
     ``experts``: as an experts layer calls it (``ExpertsWithLoRA._pooled_lora``): the ``[E, P + 2, width]`` pools
     stacked (P + 2 whole 8-row pages, not a multiple of 32: ``pool.kernel_pool_rows``), read by the kernel in place,
     their scales flattened; ``cfg.slots`` the ``L * E`` (lane, expert) entries of the row table and of the page
-    table (``ExpertsWithLoRA._entry_tables``), an int8 pool's page scales kept laid out per pool."""
+    table (``ExpertsWithLoRA._entry_tables``), an int8 pool's page scales kept G pools to a tile."""
     dtype, int8 = jnp.dtype(cfg.dtype), cfg.variant == "int8"
     pool_dtype = jnp.int8 if int8 else dtype
     tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
