@@ -534,6 +534,15 @@ def _pool_reads(lora: tl.LoRAModel, forward) -> dict[str, list[str]]:
     return reads
 
 
+def reads_by_layer(names) -> dict[str, set[str]]:
+    """``layer.what`` names of :func:`_pool_reads` grouped: layer -> the set of what each call passed it."""
+    out: dict[str, set[str]] = {}
+    for name in names:
+        layer, _, what = name.rpartition(".")
+        out.setdefault(layer, set()).add(what)
+    return out
+
+
 def _pool_compiled(inputs: dict, mesh: xs.Mesh, ids: torch.Tensor) -> dict:
     """The pooled Llama under ``torch.compile(backend="openxla")``, batches with host metadata: logits,
     compilations and dynamo graphs after warm-up over loads and evictions."""

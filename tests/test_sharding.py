@@ -593,10 +593,7 @@ def test_linear_layers_on_a_mesh_pass_the_batch_page_table_and_kept_page_scales(
     for key, expected in (("pool_reads", {"lora_a_pool", "lora_b_pool", "pages"}), ("int8_pool_reads", None)):
         reads = spmd_layers["pool"][key]
         expected = expected or {"lora_a_pool", "lora_b_pool", "pages", "lora_page_scale"}
-        passed = {}
-        for name in (name for op in linear_ops for name in reads[op]):
-            layer, _, what = name.rpartition(".")
-            passed.setdefault(layer, set()).add(what)
+        passed = spmd_worker.reads_by_layer(name for op in linear_ops for name in reads[op])
         assert set(passed) == set(spmd_layers["pool"]["patched_layers"]) - {"model.embed_tokens"}, key
         for layer, what in passed.items():
             assert what == expected, (key, layer)

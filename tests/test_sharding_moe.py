@@ -78,14 +78,19 @@ def moe_inputs() -> tuple[dict, dict[str | None, torch.Tensor]]:
 def moe(xla_device) -> tuple[dict, dict, torch.Tensor]:
     """(worker inputs, PEFT's logits per adapter, the same patched model's logits on one XLA device)."""
     inputs, reference = moe_inputs()
-    model = copy.deepcopy(inputs["model"]).to(xla_device)
-    lora = tl.patch_model(model, tl.LoRAConfig(**inputs["lora_config"]))
-    for name, (state_dict, config) in inputs["adapters"].items():
-        lora.load_adapter(name, state_dict=state_dict, config=config)
+    return inputs, reference, _one_device_logits(inputs, xla_device)
+
+
+def _one_device_logits(inputs: dict, device: torch.device, **config) -> torch.Tensor:
+    """The MoE model of ``inputs`` patched on one ``device`` (its LoRA config, updated by ``config``) with its
+    adapters loaded: the logits of MOE_BATCH."""
+    model = copy.deepcopy(inputs["model"]).to(device)
+    lora = tl.patch_model(model, tl.LoRAConfig(**{**inputs["lora_config"], **config}))
+    for name, (state_dict, adapter_config) in inputs["adapters"].items():
+        lora.load_adapter(name, state_dict=state_dict, config=adapter_config)
     lora.set_batch(MOE_BATCH)
     with torch.no_grad():
-        one_device = model(inputs["ids"].to(xla_device), use_cache=False).logits.cpu()
-    return inputs, reference, one_device
+        return model(inputs["ids"].to(device), use_cache=False).logits.cpu()
 
 
 @pytest.fixture(scope="module")
@@ -325,22 +330,11 @@ def test_moe_int8_expert_pools_on_a_mesh_read_their_kept_page_scales_and_match_o
     entries' page table and the layer's kept page scales of that projection (``lora_page_scale``,
     ``lora_page_scale_down``: 4 experts to a tile, whole on every shard, as every shard holds all E pools' rows), and
     the logits read through them equal the same int8 pools on one device (1e-5), which are not the float ones."""
-    inputs = moe[0]
-    model = copy.deepcopy(inputs["model"]).to(xla_device)
-    config = tl.LoRAConfig(**inputs["lora_config"], memory_budget=MOE_POOL_BUDGET, weight_dtype="int8")
-    lora = tl.patch_model(model, config)
-    for name, (state_dict, adapter_config) in inputs["adapters"].items():
-        lora.load_adapter(name, state_dict=state_dict, config=adapter_config)
-    lora.set_batch(MOE_BATCH)
-    with torch.no_grad():
-        one_device = model(inputs["ids"].to(xla_device), use_cache=False).logits.cpu()
+    one_device = _one_device_logits(moe[0], xla_device, memory_budget=MOE_POOL_BUDGET, weight_dtype="int8")
     result = spmd_moe["moe_ep"]["pool"]
     torch.testing.assert_close(result["int8_logits"], one_device, atol=SPMD_ATOL, rtol=SPMD_RTOL)
     assert not torch.allclose(result["int8_logits"], result["logits"], atol=1e-4)  # int8 rows were read
-    passed = {}
-    for name in result["int8_pool_reads"]["sharded_grouped_matmul"]:
-        layer, _, what = name.rpartition(".")
-        passed.setdefault(layer, set()).add(what)
+    passed = spmd_worker.reads_by_layer(result["int8_pool_reads"]["sharded_grouped_matmul"])
     pools = {"lora_a_pool", "lora_b_pool", "lora_a_down_pool", "lora_b_down_pool"}
     assert passed == {f"model.layers.{i}.mlp.experts": pools | {"pages", "lora_page_scale", "lora_page_scale_down"}
                       for i in (0, 1)}  # fmt: skip
