@@ -245,7 +245,15 @@ def step_work(i: int, n: int, meta, rank: int, hidden: int, lanes: int, block_si
     return dma, matmuls
 
 
-def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float, pooled: Pooled | None = None):
+def _fused_kernel(
+    *refs,
+    lanes: int,
+    stride: int,
+    per_block: int,
+    scaling: float,
+    pooled: Pooled | None = None,
+    expand_only: bool = False,
+):
     """The laned shrink-expand. Refs, in order: the scalar-prefetch arrays (SMEM: active, chunks,
     slots, uniform; pooled: + the page table [L * pages(R) + L]: page starts, then ranks, and the number of
     visited blocks [1]), code [tokens, 1],
@@ -253,13 +261,23 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
     [P + 2, D] / [P + 2, Dout]; int8 pools: + the page-scale array [N] f32, ANY), the output [tokens, out],
     then the scratch: A [lanes * Rp, D] and B [lanes * Rp, out] tiles in the compute dtype,
     y [max_chunks, tokens, lanes * Rp], DMA semaphores [2] (int8 pools: + page buffers [lanes * Rp / 8, 8, D]
-    and [..., 8, out] for the int8 rows, the SMEM scale buffer, the scale mode [1] (SMEM) and its semaphore)."""
+    and [..., 8, out] for the int8 rows, the SMEM scale buffer, the scale mode [1] (SMEM) and its semaphore).
+
+    ``expand_only`` (pooled): no A. x is then [tokens, lanes * Rp], each token's rank values already at its own
+    rank rows' positions in every lane's columns (:func:`pooled_expand`), and stands for the shrink's x @ A^T;
+    there is no A pool, A tile nor A page buffer, and an int8 pool's page scales are B's alone."""
     num_prefetch = 4 if pooled is None else 6
     active_ref, chunks_ref, slots_ref, uniform_ref, *pool_refs = refs[:num_prefetch]
     int8 = pooled is not None and pooled.int8
-    code_ref, x_ref, base_ref, a_hbm, b_hbm, *rest = refs[num_prefetch:]
+    code_ref, x_ref, base_ref, *rest = refs[num_prefetch:]
+    a_hbm, rest = (None, rest) if expand_only else (rest[0], rest[1:])
+    b_hbm, *rest = rest
     s_hbm, rest = (rest[0], rest[1:]) if int8 else (None, rest)
-    o_ref, a_buf, b_buf, y_buf, sem, *page_bufs = rest
+    o_ref, *rest = rest
+    a_buf, rest = (None, rest) if expand_only else (rest[0], rest[1:])
+    b_buf, y_buf, sem, *page_bufs = rest
+    if expand_only:  # int8: B's staging buffer alone
+        page_bufs = [None, *page_bufs]
     i, n = pl.program_id(0), pl.program_id(1)
     block = active_ref[i]
     num_chunks = chunks_ref[block]
@@ -309,14 +327,19 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
 
                 for_lane_pages(table, slots, page, spill=True)
                 if int8 and which == 0:
-
-                    def scale_tile(slot, lane: int, p, step=step):
-                        before = (c > 0, slots_ref[block * per_block + jnp.maximum(c - 1, 0) * lanes])
-                        scale_tile_step(s_hbm, s_buf, table, slots, slot, lane, p, s_sem.at[0], step, before)
-
-                    pl.when(mode_ref[0] == 0)(functools.partial(for_lane_pages, table, slots, scale_tile))
+                    load_scales(c, step)
             if staging is not None:
                 convert_pages(table, slots, staging, dest, stride)
+
+        def load_scales(c, step: str) -> None:
+            """``step`` of the DMAs of the page-scale tiles of chunk c's lanes' pages (:func:`scale_tile_step`)."""
+            slots = lane_slots(c)
+
+            def scale_tile(slot, lane: int, p):
+                before = (c > 0, slots_ref[block * per_block + jnp.maximum(c - 1, 0) * lanes])
+                scale_tile_step(s_hbm, s_buf, table, slots, slot, lane, p, s_sem.at[0], step, before)
+
+            pl.when(mode_ref[0] == 0)(functools.partial(for_lane_pages, table, slots, scale_tile))
 
         def own_rows(c, shape, axis: int):
             """bool ``shape``: the positions along ``axis`` holding their lane's own rank rows (:func:`lane_rows`)."""
@@ -345,7 +368,8 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
     def _zero_buffers():
         # Lanes a chunk leaves unused keep earlier tiles (non-finite ones too: the expand
         # selects those out, finite_lanes); zero them once so no uninitialised VMEM is read.
-        a_buf[...] = jnp.zeros_like(a_buf)
+        if a_buf is not None:
+            a_buf[...] = jnp.zeros_like(a_buf)
         b_buf[...] = jnp.zeros_like(b_buf)
         if int8:
             _choose_scale_mode()
@@ -355,10 +379,16 @@ def _fused_kernel(*refs, lanes: int, stride: int, per_block: int, scaling: float
         column_lane = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1) // stride
 
         def body(c, carry):
-            load(c, 0)
-            # A's padded columns (past an unaligned D) are read by the DMA and not used: a static slice
-            a = a_buf[...] if a_buf.shape[1] == hidden else a_buf[:, :hidden]
-            y = jax.lax.dot_general(x_ref[...], a, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            if expand_only:  # x holds the rank values at their positions: the scales' tiles alone to bring
+                if int8:
+                    for step in ("start", "wait"):
+                        load_scales(c, step)
+                y = x_ref[...].astype(jnp.float32)
+            else:
+                load(c, 0)
+                # A's padded columns (past an unaligned D) are read by the DMA and not used: a static slice
+                a = a_buf[...] if a_buf.shape[1] == hidden else a_buf[:, :hidden]
+                y = jax.lax.dot_general(x_ref[...], a, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             keep = column_lane == (code_ref[...] - c * lanes)
             if lanes == 1:  # a block whose tokens all use one adapter needs no mask
                 keep = keep | (uniform_ref[block] == 1)
@@ -395,11 +425,13 @@ def grid_spec(
     block_sizes: BlockSizes,
     lanes: int,
     pooled: Pooled | None = None,
+    expand_only: bool = False,
 ) -> pltpu.PrefetchScalarGridSpec:
     """The kernel's grid and BlockSpecs (also read by the TPU cost model).
 
     The grid's first dimension is set by the caller: the number of active blocks. ``dtype`` is the
     compute dtype (the slots', or a float pool's; an int8 pool's rows are converted to it in VMEM).
+    ``expand_only`` (:func:`pooled_expand`): ``hidden`` is x's width, lanes * Rp, and nothing of A is read or held.
     """
     bt, bn = block_sizes.tokens, block_sizes.out
     stride = rank_stride(rank, dtype)
@@ -411,8 +443,9 @@ def grid_spec(
     def tile(i, n, active, *_):
         return active[i], n
 
+    a_tile = [] if expand_only else [pltpu.VMEM((lanes * stride, padded_width(hidden)), dtype)]
     scratch = [  # the adapter tiles at their padded widths (equal to D and the tile where lane-aligned)
-        pltpu.VMEM((lanes * stride, padded_width(hidden)), dtype),
+        *a_tile,
         pltpu.VMEM((lanes * stride, b_tile_width(block_sizes, out_dim)), dtype),
         pltpu.VMEM((chunks, bt, lanes * stride), dtype),
         pltpu.SemaphoreType.DMA((2,)),
@@ -421,14 +454,15 @@ def grid_spec(
         pl.BlockSpec((bt, 1), rows),
         pl.BlockSpec((bt, hidden), rows),
         pl.BlockSpec((bt, bn), tile),
-        pl.BlockSpec(memory_space=pltpu.ANY),
+        *([] if expand_only else [pl.BlockSpec(memory_space=pltpu.ANY)]),
         pl.BlockSpec(memory_space=pltpu.ANY),
     ]
     if pooled is not None and pooled.int8:
         page_count = lanes * stride // PAGE_ROWS
         in_specs.append(pl.BlockSpec(memory_space=pltpu.ANY))  # the page-scale array, DMA'd by hand
+        a_pages = [] if expand_only else [pltpu.VMEM((page_count, PAGE_ROWS, hidden), jnp.int8)]
         scratch += [
-            pltpu.VMEM((page_count, PAGE_ROWS, hidden), jnp.int8),
+            *a_pages,
             pltpu.VMEM((page_count, PAGE_ROWS, bn), jnp.int8),
             pltpu.SMEM((scale_buffer_rows(pooled, lanes),), jnp.float32),
             pltpu.SMEM((1,), jnp.int32),
@@ -532,21 +566,24 @@ def pooled_cost_estimate(
     lanes: int,
     int8: bool,
     table_bytes: int = 0,
+    expand_only: bool = False,
 ) -> pl.CostEstimate:
     """As :func:`cost_estimate` for the pooled kernel, with the adapter bytes of the true ranks: the
     pages of each of ``ranks`` (the distinct adapters of a typical batch, one entry each, all in one
     token block as in decode), int8 rows at one byte an element, plus ``table_bytes`` (the tables the
     kernel reads: the page table, an int8 pool's page-scale tiles or whole array, :func:`scale_read_bytes`).
-    Flops count the MXU work as issued: one laned pass per chunk of ``lanes`` of them."""
+    Flops count the MXU work as issued: one laned pass per chunk of ``lanes`` of them. ``expand_only``
+    (:func:`pooled_expand`): x is ``hidden`` = lanes * Rp wide, and no A is read or multiplied."""
     itemsize = jnp.dtype(dtype).itemsize
     width = lanes * rank_stride(table_rank, dtype)
     activations = num_tokens * (hidden + 2 * out_dim) * itemsize + 4 * num_tokens
     rows = pool_rows_read(ranks)
     chunks = max(1, -(-len(ranks) // lanes))
+    read_width = out_dim + (0 if expand_only else hidden)  # of each row read: B's, and A's
     return pl.CostEstimate(
-        flops=2 * num_tokens * width * (hidden + out_dim) * chunks,
+        flops=2 * num_tokens * width * read_width * chunks,
         transcendentals=0,
-        bytes_accessed=activations + rows * (hidden + out_dim) * (1 if int8 else itemsize) + table_bytes,
+        bytes_accessed=activations + rows * read_width * (1 if int8 else itemsize) + table_bytes,
     )
 
 
@@ -707,3 +744,115 @@ def pooled_shrink_expand(
         b_pool,
         *([] if page_scales is None else [page_scales]),
     )
+
+
+def pooled_expand_plan(
+    num_tokens: int, out_dim: int, rank: int, num_slots: int, dtype, generation: str, int8: bool
+) -> tuple[BlockSizes, int, bool]:
+    """(BlockSizes, lanes, runs) of one :func:`pooled_expand` call: the pooled kernel's plan with no A (its x is
+    ``lanes * Rp`` wide, ``BlockSizes.hidden``), ``runs`` False where B's pages cannot be DMA'd (Dout not
+    lane-aligned) or no tiling fits VMEM: the caller then gathers the lanes' rows into slots for the slot expand."""
+    lanes = lanes_for(rank, num_slots, dtype, generation)
+    sizes, lanes, fits = _fit(
+        num_tokens, padded_width(lanes * rank_stride(rank, dtype)), out_dim, rank, num_slots, dtype, generation
+    )
+    sizes = dataclasses.replace(sizes, hidden=lanes * rank_stride(rank, dtype))
+    runs = fits and lane_aligned(LANE, out_dim)
+    runs = runs and pooled_vmem_bytes(sizes, rank, num_slots, lanes, dtype, int8) <= vmem_limit(generation)
+    return sizes, lanes, runs
+
+
+def lane_placed(s: jax.Array, token_slots: jax.Array, page_table: jax.Array, rank: int, lanes: int) -> jax.Array:
+    """[T, lanes * Rp]: each token's rank values ``s`` [T, R] where :func:`pooled_expand`'s kernel holds its lane's
+    rank rows, in every lane's columns: value j at ``j``, or in the tail page (j >= 8q, r = 8q + t) at ``j + o``,
+    o the tail's in-page offset (the kernel DMAs the aligned page, so the tail's rows lie o rows in, a spilled
+    tail's on into the next page); zero at every other position (past the rank, other tenants' tail rows) and for
+    tokens outside [0, L) (``token_slots`` [T]: each token's lane). Selects only: values past a lane's rank, Inf
+    or NaN, reach nothing."""
+    num_tokens = s.shape[0]
+    per_lane = pages(rank)
+    num_slots = page_table.shape[0] // (per_lane + 1)
+    stride = rank_stride(rank, s.dtype)
+    valid = (token_slots >= 0) & (token_slots < num_slots)
+    slot = jnp.clip(token_slots, 0, num_slots - 1)
+    ranks = jnp.where(valid, page_table[num_slots * per_lane + slot], 0)[:, None]  # [T, 1]
+    whole = ranks - ranks % PAGE_ROWS  # the rows of the lane's whole pages, at their own positions
+    tail_page = jnp.minimum(ranks[:, 0] // PAGE_ROWS, per_lane - 1)
+    offset = (page_table[slot * per_lane + tail_page] % PAGE_ROWS)[:, None]
+    position = jax.lax.broadcasted_iota(jnp.int32, (num_tokens, stride), 1)
+    values = jnp.pad(s, ((0, 0), (0, stride + PAGE_ROWS - s.shape[1])))
+    placed = jnp.where(position < whole, values[:, :stride], 0)
+    in_tail = (position >= whole + offset) & (position < ranks + offset)
+    for o in range(PAGE_ROWS):  # the tail's values, shifted by its offset (a static shift each)
+        shifted = jnp.pad(values, ((0, 0), (o, 0)))[:, :stride]
+        placed = jnp.where(in_tail & (offset == o), shifted, placed)
+    return jnp.tile(placed, (1, lanes))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("block_sizes", "lanes", "interpret", "vmem_limit_bytes", "rank", "typical_ranks")
+)
+def pooled_expand(
+    x: jax.Array,  # [T_pad, lanes * Rp]: lane_placed(s, ...), the compute dtype
+    b_pool: jax.Array,  # [P + 2, Dout], x's dtype or int8
+    base: jax.Array,  # [T_pad, Dout], x's dtype
+    meta: LaneBlocks,
+    page_table: jax.Array,  # [L * pages(R) + L] int32, as pooled_shrink_expand's
+    page_scales: jax.Array | None,  # int8 pools: [N] f32, b_scale of each row, N whole 1024-row tiles
+    *,
+    block_sizes: BlockSizes,
+    lanes: int,
+    rank: int,
+    interpret: bool,
+    vmem_limit_bytes: int | None = None,
+    typical_ranks: tuple[int, ...] | None = None,
+) -> jax.Array:  # [T_pad, Dout], base.dtype
+    """:func:`pooled_shrink_expand`'s expand alone: ``base`` plus each token's rank values (given, ``x``: the
+    token embedding's A rows, read per token from its own pool) times its lane's true-rank B rows, read from the
+    pool a page at a time through the page table, with the same laning, selections and int8 handling (the
+    scales here B's alone). ``x`` is :func:`lane_placed`'s layout, so the kernel multiplies it as it would its own
+    x @ A^T; rows past a lane's rank and lanes no token uses are neither read nor multiplied."""
+    num_tokens, width = x.shape
+    out_dim = b_pool.shape[-1]
+    num_slots = page_table.shape[0] // (pages(rank) + 1)
+    dtype = x.dtype
+    int8 = page_scales is not None
+    if width != lanes * rank_stride(rank, dtype) or width != block_sizes.hidden:
+        raise ValueError(f"x is {width} wide: expected lanes * Rp = {lanes * rank_stride(rank, dtype)}")
+    if int8 and page_scales.shape[0] % SCALE_TILE_ROWS:
+        raise ValueError(f"page_scales must hold whole tiles of {SCALE_TILE_ROWS} rows, got {page_scales.shape}")
+    pooled = Pooled(rank, int8, num_slots, page_scales.shape[0] if int8 else 0)
+    spec = grid_spec(num_tokens, width, out_dim, rank, num_slots, dtype, block_sizes, lanes, pooled, expand_only=True)
+    spec.grid = (meta.num_active[0], spec.grid[1])
+    kernel = functools.partial(
+        _fused_kernel,
+        lanes=lanes,
+        stride=rank_stride(rank, dtype),
+        per_block=max_chunks(block_sizes.tokens, num_slots, lanes) * lanes,
+        scaling=1.0,
+        pooled=pooled,
+        expand_only=True,
+    )
+    typical = typical_ranks or (rank,) * min(lanes, num_slots)
+    table_bytes = 4 * page_table.size
+    if int8:
+        table_bytes += scale_read_bytes(
+            sum(pages(r) for r in typical), pooled.scale_rows, sum(map(scale_tiles, typical))
+        )
+    estimate = pooled_cost_estimate(
+        num_tokens, width, out_dim, typical, rank, dtype, block_sizes, lanes, int8, table_bytes, expand_only=True
+    )
+    prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform, page_table, meta.num_active)
+    return pl.pallas_call(
+        kernel,
+        grid_spec=spec,
+        out_shape=jax.ShapeDtypeStruct(base.shape, base.dtype),
+        input_output_aliases={len(prefetch) + 2: 0},  # base, after code and x: untouched blocks keep it
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("arbitrary", "arbitrary"),
+            vmem_limit_bytes=vmem_limit_bytes or vmem_limit("v6e"),
+        ),
+        cost_estimate=estimate,
+        interpret=interpret,
+        name="xla_lora_pooled_expand",
+    )(*prefetch, meta.code.reshape(num_tokens, 1), x, base, b_pool, *([] if page_scales is None else [page_scales]))

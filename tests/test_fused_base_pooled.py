@@ -283,7 +283,7 @@ def test_patched_model_reads_the_pools_in_the_one_pass_kernel(base_model, peft_m
     lane_ranks = _xla_native.lane_ranks
 
     def derived(*args, **kwargs):
-        # The embedding's B (pooled_expand: XLA ops, no kernel) reads its lanes' ranks from the row table.
+        # The embedding's B (pooled_expand on a decode batch: XLA ops) reads its lanes' ranks from the row table.
         if not any(frame.function == "pooled_expand" for frame in inspect.stack()):
             raise AssertionError("a linear layer derived the page table from the row table in its graph")
         return lane_ranks(*args, **kwargs)

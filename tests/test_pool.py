@@ -874,3 +874,75 @@ def test_a_freeze_that_cannot_fit_the_pool_leaves_the_adapter_trainable():
         manager.freeze(_adapter("t", 12))
     assert manager.adapters() == before and before["t"]["trainable"]
     assert manager.activate(["u"], for_batch=True) == {"u": 1}
+
+
+class _Embedder(nn.Module):
+    """A token embedding alone, 256 wide: the Pallas pooled kernel's page DMAs take B's lane-aligned rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(96, 256)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids)
+
+
+def test_an_embedding_prefill_on_pallas_reads_b_through_the_page_table_and_equals_peft(xla_device, monkeypatch):
+    """A 200-token batch (past the packed decode path) through a pooled embedding on the Pallas backend: its B is
+    read by the pooled kernel's expand (interpret mode here), each lane's true-rank pages through the page table,
+    never every lane gathered into slots; ranks 13, 5, 16 and 3 leave tails at in-page offsets (checked), and the
+    mixed batch with a base row equals PEFT's own (``adapter_names``)."""
+    from torch_xla_lora.kernels import fused
+    from torch_xla_lora.ops import _jax, _xla_native
+
+    def gathered(*args, **kwargs):
+        raise AssertionError("the embedding gathered its lanes into slots")
+
+    calls = []
+    kernel = fused.pooled_expand
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(_xla_native, "gather_lanes", gathered)
+    monkeypatch.setattr(fused, "pooled_expand", counted)
+    _jax.pooled_expand_fn.cache_clear()  # traced afresh, through the counter
+    torch.manual_seed(11)
+    base = _Embedder()
+    ranks = {"a": 13, "b": 5, "c": 16, "d": 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = None
+        for name, rank in ranks.items():
+            config = peft.LoraConfig(
+                r=rank, lora_alpha=2 * rank, target_modules=["embed_tokens"], init_lora_weights=False
+            )
+            if reference is None:
+                reference = peft.get_peft_model(copy.deepcopy(base), config, adapter_name=name)
+            else:
+                reference.add_adapter(name, config)
+    reference.eval()
+    config = tl.LoRAConfig(
+        max_loras=4, max_rank=16, target_modules=["embed_tokens"], memory_budget=60 * (96 + 256) * 4, backend="pallas"
+    )
+    lora = tl.patch_model(copy.deepcopy(base).to(xla_device), config)
+    for name in ranks:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (PEFT: the model is not a transformers one)
+            state = peft.get_peft_model_state_dict(reference, adapter_name=name)
+        lora.load_adapter(name, state_dict=state, config=reference.peft_config[name])
+    ids = torch.randint(0, 96, (5, 40), generator=torch.Generator().manual_seed(12))
+    offsets = []  # the in-page offsets of the lanes' tails
+    for rows in (["a", "b", None, "c", "d"], ["d", "d", "b", "a", None]):
+        lora.set_batch(rows)
+        for lane in lora.layers["embed_tokens"].context.rows.cpu().reshape(4, 16):
+            rank = int((lane != lora.manager.rows).sum())  # entries past the rank name the zero row
+            offsets += [int(lane[rank - rank % 8]) % 8] if rank % 8 else []
+        with torch.no_grad():
+            out = lora.model(ids.to(xla_device)).cpu()
+            expected = reference(ids, adapter_names=[r or "__base__" for r in rows])
+        assert_close(out, expected)
+        assert not torch.allclose(expected, base(ids), atol=1e-3)  # the adapters matter
+    assert calls and all(shape == (256, 64) for shape in calls)  # 200 tokens in blocks of 256; 4 lanes of 16 rows
+    assert any(offsets), "no tail at an in-page offset: the placement this test means to cover"

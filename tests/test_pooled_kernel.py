@@ -323,7 +323,9 @@ EXPAND_CASES = [  # (backend, int8 pool, compute dtype, tokens): the packed deco
     ("xla", True, torch.bfloat16, TOKENS),
     ("pallas", False, torch.bfloat16, TOKENS),
     ("xla", False, torch.float32, 300),  # the slot expand on the pool's tiles
-    ("pallas", True, torch.float32, 300),  # every lane gathered into slots, the slot kernel (interpret mode)
+    ("pallas", True, torch.float32, 300),  # the pooled kernel's expand (interpret mode): pages through the table
+    ("pallas", False, torch.bfloat16, 300),
+    ("pallas", "pages", torch.bfloat16, 300),  # int8, the scales a tile at a time (counted too large for SMEM)
 ]
 
 
@@ -333,15 +335,17 @@ def test_pooled_expand_reads_each_lane_at_its_true_rank(backend, int8, dtype, to
     module's pools and lanes: each token's first r entries of ``s`` times its lane's true-rank rows of B. The
     entries of ``s`` past the lane's rank hold NaN, and so do the pool's unused rows and lane 4's (Inf: the
     scale of an int8 pool), so reading or multiplying any of them would not give a finite result. Base and
-    out-of-range rows are exactly the base; the XLA-native op never gathers every lane into slots; the CPU
-    reference agrees."""
-    if backend == "xla":
+    out-of-range rows are exactly the base; no backend gathers every lane into slots (the longer batch on
+    "pallas" runs the pooled kernel's expand: its tails at in-page offsets, one spilled, are placed by
+    ``fused.lane_placed``); the CPU reference agrees."""
 
-        def gathered(*args, **kwargs):
-            raise AssertionError("the XLA-native op gathered every lane into slots")
+    def gathered(*args, **kwargs):
+        raise AssertionError(f"{backend}: every lane gathered into slots")
 
-        monkeypatch.setattr("torch_xla_lora.ops._xla_native.gather_lanes", gathered)
-    _, b_pool, rows, _, b_scale, _, dense_b = _pools(int8, dtype)
+    monkeypatch.setattr("torch_xla_lora.ops._xla_native.gather_lanes", gathered)
+    if int8 == "pages":
+        monkeypatch.setattr("torch_xla_lora.kernels.pages.SMEM_SCALE_ROWS", DATA_ROWS)
+    _, b_pool, rows, _, b_scale, _, dense_b = _pools(bool(int8), dtype)
     _, base, lanes = _batch(dtype, blocks=tokens > TOKENS)
     gen = torch.Generator().manual_seed(5)
     s = torch.randn(tokens, MAX_RANK, generator=gen).to(dtype)

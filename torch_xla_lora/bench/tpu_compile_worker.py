@@ -317,8 +317,9 @@ def build_pooled_experts(cfg: Config, sds):
 def build_pooled_expand(cfg: Config, sds):
     """pooled_expand as the token embedding calls it on a TPU: pooled_expand_fn('pallas', chip, int8) on a B pool
     of ``tpu_grid.POOLED_POOL_ROWS`` rows: at most ``_xla_native.PACKED_MAX_TOKENS`` tokens XLA ops over the used
-    lanes' packed true-rank rows, more the slot expand kernel on every lane's rows gathered. Variant "gathered":
-    what the embedding ran before, every lane's rows gathered into slots and the slot expand kernel, to compare."""
+    lanes' packed true-rank rows, more the pooled kernel's expand (``fused.pooled_expand``: the lanes' pages through
+    the page table; its estimate recorded). Variant "gathered": what the embedding ran before, every lane's rows
+    gathered into slots and the slot expand kernel, to compare."""
     if cfg.variant == "gathered":
         _, args, info = build_pooled_expand(dataclasses.replace(cfg, variant="float"), sds)
 
@@ -326,7 +327,7 @@ def build_pooled_expand(cfg: Config, sds):
             lora_b = _xla_native.gather_lanes(b_pool, None, rows, s.dtype)
             return _jax.expand_fn("pallas", cfg.chip, True, None)(s, lora_b, base, lanes)
 
-        return gathered, args, {**info, "path": "gather + expand"}
+        return gathered, args, {"path": "gather + expand", "pool_rows": info["pool_rows"]}
     dtype, int8 = jnp.dtype(cfg.dtype), cfg.variant == "int8"
     tokens, d_out, rank, slots = cfg.tokens, cfg.out_features, cfg.rank, cfg.slots
     pool_rows = tpu_grid.POOLED_POOL_ROWS + 2
@@ -338,8 +339,24 @@ def build_pooled_expand(cfg: Config, sds):
         sds((slots, rank), jnp.int32),
     ]
     args += [sds((pool_rows,), jnp.float32)] if int8 else []
-    packed = tokens <= _xla_native.PACKED_MAX_TOKENS
-    info = {"path": "packed rows (XLA ops)" if packed else "gather + expand", "pool_rows": pool_rows}
+    info = {"path": "packed rows (XLA ops)", "pool_rows": pool_rows}
+    if tokens > _xla_native.PACKED_MAX_TOKENS:
+        sizes, lanes, run = fused.pooled_expand_plan(tokens, d_out, rank, slots, dtype, cfg.chip, int8)
+        padded, typical = sizes.padded_tokens(tokens), (rank,) * min(lanes, slots)
+        table_bytes = 4 * (slots * fused.pages(rank) + slots)
+        if int8:
+            scale_rows = fused.padded_scale_rows(pool_rows)
+            table_bytes += fused.scale_read_bytes(fused.pages(rank) * len(typical), scale_rows, len(typical))
+        estimate = fused.pooled_cost_estimate(
+            padded, sizes.hidden, d_out, typical, rank, dtype, sizes, lanes, int8, table_bytes, expand_only=True
+        )
+        info |= {
+            "path": "pooled expand kernel" if run else "gather + expand",
+            "block": dataclasses.asdict(sizes),
+            "lanes": lanes,
+            "vmem_estimate": fused.pooled_vmem_bytes(sizes, rank, slots, lanes, dtype, int8),
+            "estimate": {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
+        }
     return _jax.pooled_expand_fn("pallas", cfg.chip, int8), args, info
 
 

@@ -187,15 +187,15 @@ def pooled_config(chip: str, variant: str, tokens: int, slots: int, rank: int, m
 
 def pooled_expand_configs() -> list[Config]:
     """The token embedding's B read from its pool (``pooled_expand``) at Llama-3-8B's hidden size, 16 lanes of
-    max_rank 64: a v6e decode (16 tokens: XLA ops over the packed true-rank rows) beside what the embedding ran
-    before on it (variant "gathered": every lane's rows gathered, the slot expand kernel), and a v5e prefill of an
-    int8 pool (256 tokens: the lanes gathered for the slot kernel)."""
+    max_rank 64: a v6e decode (16 tokens: XLA ops over the packed true-rank rows) and prefill (256 tokens: the
+    pooled kernel's expand), each beside what the embedding ran before on it (variant "gathered": every lane's rows
+    gathered, the slot expand kernel), and a v5e prefill of an int8 pool (the pooled kernel's expand)."""
     shape = ("llama3-8b", "embed_tokens", 64, 4096)
     return [
-        Config("v6e", "pooled_expand", "float", "bfloat16", 16, 16, 64, *shape),
-        Config("v6e", "pooled_expand", "gathered", "bfloat16", 16, 16, 64, *shape),
-        Config("v5e", "pooled_expand", "int8", "bfloat16", 256, 16, 64, *shape),
-    ]
+        Config("v6e", "pooled_expand", variant, "bfloat16", tokens, 16, 64, *shape)
+        for tokens in (16, 256)
+        for variant in ("float", "gathered")
+    ] + [Config("v5e", "pooled_expand", "int8", "bfloat16", 256, 16, 64, *shape)]
 
 
 def pooled_experts_configs() -> list[Config]:

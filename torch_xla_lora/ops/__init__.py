@@ -623,9 +623,11 @@ def pooled_expand(
     themselves (the embedding: its A row per token, read from its own pool). A batch of at most
     ``_xla_native.PACKED_MAX_TOKENS`` (64) tokens, on every backend, reads only the used lanes' true-rank rows of
     ``b_pool``, packed side by side 128 at a time (one chunk of 32 for at most 32 rows), each row once for all
-    the tokens; a longer batch runs the slot expand's algorithm on the pool ("xla": the tiles of the lanes
-    its token blocks visit; "pallas": every lane's rows gathered into slots for the slot kernel). Not
-    differentiable: pools hold adapters that are served, not trained.
+    the tokens; a longer batch, on "pallas", runs the pooled kernel's expand (``kernels.fused.pooled_expand``:
+    each lane's true-rank pages of B through the page table, Mosaic-compiled on TPU; every lane's rows gathered
+    into slots for the slot kernel only where Dout is not a multiple of 128), on "xla" the slot expand's
+    algorithm on the pool (the tiles of the lanes its token blocks visit). Not differentiable: pools hold
+    adapters that are served, not trained.
 
     Args:
       inputs: [T, R] floating: each token's values of its lane's rank rows (entries past the lane's true rank

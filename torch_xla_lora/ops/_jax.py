@@ -330,18 +330,41 @@ def pooled_expand_fn(backend: str, generation: str, int8: bool) -> Callable:
     configuration (see ``ops.pooled_expand``).
 
     A batch of at most ``_xla_native.PACKED_MAX_TOKENS`` tokens, on every backend, runs
-    :func:`_xla_native.pooled_expand` (the used lanes' true-rank rows only, as XLA ops: no kernel reads a
-    pool for the expand alone). A longer one runs :func:`expand_fn` on the pool's
-    :class:`_xla_native.PoolTiles` ("xla": the tiles of the lanes its visits name) or, on "pallas", the slot
-    kernel on every lane's rows gathered into slots.
+    :func:`_xla_native.pooled_expand` (the used lanes' true-rank rows only, as XLA ops). A longer one runs, on
+    "pallas", the pooled kernel's expand (``fused.pooled_expand``: each lane's true-rank pages of B through the
+    page table, derived from ``rows`` here; where it cannot run the shape, Dout not lane-aligned, the slot kernel
+    on every lane's rows gathered into slots), on "xla" :func:`expand_fn` on the pool's
+    :class:`_xla_native.PoolTiles` (the tiles of the lanes its visits name).
     """
 
     def fn(s, b_pool, base, lanes, rows, *scale):
         b_scale = scale[0] if int8 else None
-        num_slots = rows.shape[0]
-        if s.shape[0] <= _xla_native.PACKED_MAX_TOKENS:
+        num_tokens, (num_slots, rank) = s.shape[0], rows.shape
+        if num_tokens <= _xla_native.PACKED_MAX_TOKENS:
             out = _xla_native.pooled_expand(s, b_pool, base, lanes.astype(jnp.int32), rows, b_scale)
             return jnp.where(_in_range(lanes, num_slots), out.astype(base.dtype), base)
+        run = backend == "pallas"
+        if run:
+            plan = fused.pooled_expand_plan(num_tokens, base.shape[1], rank, num_slots, s.dtype, generation, int8)
+            sizes, lanes_count, run = plan
+        if run:
+            padded = sizes.padded_tokens(num_tokens)
+            idx = _padded_indices(lanes, num_slots, padded)
+            table, _ = page_inputs(rows, b_pool, None, None, None, None)
+            out = fused.pooled_expand(
+                fused.lane_placed(_pad_rows(s, padded), idx, table, rank, lanes_count),
+                b_pool,
+                _pad_rows(base, padded),
+                visits.build_lanes(idx, num_slots, sizes.tokens, lanes_count),
+                table,
+                None if b_scale is None else fused.page_scales_of(b_scale),
+                block_sizes=sizes,
+                lanes=lanes_count,
+                rank=rank,
+                interpret=generation == "cpu",
+                vmem_limit_bytes=block_sizes.vmem_limit(generation),
+            )
+            return jnp.where(_in_range(lanes, num_slots), out[:num_tokens], base)
         # The slot expand multiplies every entry of s (by the zero row past a lane's rank): keep only the lanes'.
         ranks = _xla_native.lane_ranks(rows, b_pool.shape[0] - 2)[jnp.clip(lanes, 0, num_slots - 1)]
         s = jnp.where(jnp.arange(s.shape[1])[None, :] < ranks[:, None], s, 0)
