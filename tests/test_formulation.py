@@ -40,6 +40,35 @@ def test_choice_is_the_cheapest_formulation_of_the_model(chip, num_tokens, int8)
     assert "fused" in seen
 
 
+#: (chip, T, in, out, R, L, int8 pool): cells where a pooled layer's cheapest formulation is not the padded one's.
+POOLED_CELLS = [
+    ("v5e", 512, 4096, 4096, 128, 16, False),  # the pooled kernel does not run it: separate gathers every lane
+    ("v5e", 512, 4096, 14336, 64, 16, True),  # int8 pages: the pooled kernel reads half the bytes
+    ("v6e", 8, 1024, 1024, 16, 64, True),  # a decode of a small projection: the pooled kernel's int8 pages
+]
+
+
+@pytest.mark.parametrize("cell", POOLED_CELLS, ids=lambda c: "-".join(map(str, c)))
+def test_a_pooled_layer_is_priced_as_it_reads_its_pool(cell):
+    """A layer reading a rank-true pool (``memory_budget``) is priced as it runs each formulation
+    (``tpu_model.PoolSpec``: the one-pass kernel on the pool's pages, ``pooled_shrink_expand`` by its kernel or,
+    where that does not run the shape, its lanes gathered into slots; int8 rows at a byte): its choice is the
+    cheapest of that model, and in these cells differs from the padded slots' (a chooser pricing the pool as
+    padded slots, as before, picks a dearer formulation there)."""
+    chip, tokens, hidden, out_dim, rank, slots, int8 = cell
+    role, rows = FusionRole(input_share=1 / 3), 20000
+    padded = formulation.choose(chip, tokens, hidden, out_dim, rank, slots, False, role)
+    pooled = formulation.choose(chip, tokens, hidden, out_dim, rank, slots, False, role, pool=(int8, rows))
+    indices = tpu_model.contiguous_requests(tokens, slots, min(slots, tokens, 8))
+    pool = tpu_model.PoolSpec((rank,) * slots, int8, rows)
+    costs = tpu_model.projection_costs(
+        tpu_model.CHIPS[chip], indices, hidden, out_dim, rank, slots, False, 1 / 3, pool=pool
+    )
+    priced = {"fused": costs["fused"], "separate": costs["separate"], "xla": costs["xla_native"]}
+    assert priced[pooled] == min(priced.values()), priced
+    assert pooled != padded
+
+
 def test_the_choice_depends_on_role_and_token_count():
     """The cases the model's table shows: at prefill on v6e the fused kernel wins for q_proj; at 4096
     tokens down_proj, which adds to the residual stream, goes XLA-native (a Pallas call would make the
@@ -160,3 +189,29 @@ def test_a_training_call_is_priced_as_it_runs(llama_case, xla_device, monkeypatc
     down.formulation(x)  # gradients recorded for the trainable adapter: a training call
     assert [role.prologue for role in roles] == ["silu_mul", ""]
     assert all(role == down.fusion_role and role.residual_in_kernel for role in roles)
+
+
+@pytest.mark.parametrize("weight_dtype", [None, "int8"])
+def test_a_pooled_layer_hands_the_chooser_its_pool(llama_case, xla_device, monkeypatch, weight_dtype):  # noqa: F811
+    """With ``memory_budget`` every projection asks the chooser with its pool (int8 or not, its data rows), so the
+    choice prices what the layer reads; a call that gathers its lanes into slots (autograd records a gradient
+    for x) is priced as padded slots, as it runs."""
+    monkeypatch.setattr(ops, "device_generation", lambda: "v6e")  # (first: the pools take the TPU kernel's pages)
+    config = {**LLAMA_LORA, "memory_budget": 2_000_000, "weight_dtype": weight_dtype}
+    model, lora = patch(llama_case, xla_device, **config)
+    pools, choose = [], formulation.choose
+
+    def spy(*args, **kwargs):
+        pools.append(kwargs.get("pool"))
+        return choose(*args, **kwargs)
+
+    monkeypatch.setattr(formulation, "choose", spy)
+    projections = [layer for name, layer in lora.layers.items() if not name.endswith(("lm_head", "embed_tokens"))]
+    x = torch.zeros(2, 3, projections[0].in_features, device=xla_device)
+    for layer in projections:
+        with torch.no_grad():
+            layer.formulation(torch.zeros(6, layer.in_features, device=xla_device))
+    assert pools == [(weight_dtype == "int8", lora.manager.rows)] * len(projections)
+    q = model.model.layers[0].self_attn.q_proj
+    q.formulation(x.requires_grad_())
+    assert pools[-1] is None

@@ -65,16 +65,21 @@ def choose(
     has_bias: bool,
     role: FusionRole,
     int8_weight: bool = False,
+    pool: tuple[bool, int] | None = None,
 ) -> str:
     """The cheapest formulation (one of :data:`FORMULATIONS`) of one linear layer on TPU ``generation``.
 
     Priced in bfloat16 by ``bench/tpu_model.projection_costs`` on a typical batch of
     ``min(num_slots, num_tokens, 8)`` equal requests; ``int8_weight``: the base is int8 per channel
-    (its weight read at one byte an element by the base matmul and by the fused kernel).
+    (its weight read at one byte an element by the base matmul and by the fused kernel). ``pool``: (int8, data
+    rows) of the rank-true pool the layer reads its adapters from (``memory_budget``), priced as each formulation
+    reads it (``tpu_model.PoolSpec``), every adapter at ``rank`` (the true ranks are the batch's, and a choice
+    that followed them would compile a graph per rank mix); None: padded slots.
     """
     args = (generation, num_tokens, in_features, out_features, rank, num_slots, has_bias)
     role_args = (role.residual_output, role.input_share, role.prologue, role.residual_in_kernel)
-    return _constant_choice(*args, *role_args, int8_weight)
+    pool_args = (None, 0) if pool is None else (bool(pool[0]), int(pool[1]))
+    return _constant_choice(*args, *role_args, int8_weight, *pool_args)
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: a constant, the cost model is never traced
@@ -96,12 +101,15 @@ def _cheapest(
     prologue: str = "",
     residual_in_kernel: bool = False,
     int8_weight: bool = False,
+    pool_int8: bool | None = None,
+    pool_rows: int = 0,
 ) -> str:
     from torch_xla_lora.bench import tpu_model
 
     chip = tpu_model.CHIPS.get(generation, tpu_model.CHIPS["v6e"])  # newer chips tune as v6e
     in_use = min(num_slots, num_tokens, TYPICAL_IN_USE)
     indices = tpu_model.contiguous_requests(num_tokens, num_slots, in_use)
+    pool = None if pool_int8 is None else tpu_model.PoolSpec((rank,) * num_slots, pool_int8, pool_rows)
     costs = tpu_model.projection_costs(
         chip,
         indices,
@@ -115,6 +123,7 @@ def _cheapest(
         prologue,
         residual_in_kernel,
         int8_weight,
+        pool=pool,
     )
     return FORMULATIONS[tpu_model.FORMULATIONS.index(tpu_model.cheapest(costs))]
 

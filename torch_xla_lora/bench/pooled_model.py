@@ -131,6 +131,44 @@ def pooled_cost(
     return tpu_model.Cost(pipelined, manual, flops, steps, tpu_model._time(chip, pipelined, manual, flops, steps))
 
 
+def gather_cost(chip: tpu_model.Chip, max_loras: int, max_rank: int, hidden: int, out_dim: int, int8: bool):
+    """(bytes, seconds) of gathering every lane's ``max_rank`` rows of both pools into bf16 slot buffers (the rows
+    read, at one byte an element for int8, and the slots written), one XLA fusion at its roofline."""
+    gather = max_loras * max_rank * (hidden + out_dim) * ((1 if int8 else 2) + 2)
+    return gather, gather / chip.hbm_bytes_per_s + tpu_model.XLA_FUSION_OVERHEAD_S
+
+
+def pooled_op_seconds(
+    chip: tpu_model.Chip,
+    lanes: np.ndarray,
+    ranks: Sequence[int],
+    hidden: int,
+    out_dim: int,
+    max_rank: int,
+    max_loras: int,
+    int8: bool,
+    pool_rows: int,
+) -> float:
+    """Seconds of ``pooled_shrink_expand`` with the Pallas backend as it runs the batch on ``chip``: the pooled
+    kernel (:func:`pooled_cost`) where ``fused.pooled_plan_call`` runs it; else a batch of at most
+    ``_xla_native.PACKED_MAX_TOKENS`` tokens the packed XLA ops (priced as the XLA-native slot op, as
+    ``tpu_model.projection_costs`` prices them) and a longer one every lane gathered into slots
+    (:func:`gather_cost`), then the slot kernel."""
+    import jax.numpy as jnp
+
+    from torch_xla_lora.kernels import fused
+    from torch_xla_lora.ops import _xla_native
+
+    num_tokens = len(lanes)
+    run = fused.pooled_plan_call(num_tokens, hidden, out_dim, max_rank, max_loras, jnp.bfloat16, chip.generation, int8)
+    if run[2]:
+        return pooled_cost(chip, lanes, ranks, hidden, out_dim, max_rank, max_loras, int8, pool_rows).seconds
+    if num_tokens <= _xla_native.PACKED_MAX_TOKENS:
+        return tpu_model.xla_native_cost(chip, lanes, hidden, out_dim, max_rank, max_loras)
+    gather_s = gather_cost(chip, max_loras, max_rank, hidden, out_dim, int8)[1]
+    return gather_s + tpu_model.fused_cost(chip, lanes, hidden, out_dim, max_rank, max_loras).seconds
+
+
 def _scale_tiles_of(ranks: np.ndarray, pool_rows: int, stacked: int):
     """``tile_of(lane, page)`` for :func:`fused.pooled_step_pages`: the page-scale tile of a lane's page, its
     adapter's rows placed as whole pages one adapter after another from row 0 (lane ``l`` of ``stacked``
@@ -204,8 +242,7 @@ def step_rows(chip: tpu_model.Chip, distinct: int, max_loras: int, max_rank: int
         padded = tpu_model.fused_cost(chip, lanes, hidden, out_dim, max_rank, max_loras)
         pooled = pooled_cost(chip, lanes, ranks, hidden, out_dim, max_rank, max_loras, int8, pool_rows(int8))
         element = 1 if int8 else 2
-        gather = max_loras * max_rank * (hidden + out_dim) * (element + 2)  # read the rows, write bf16 slots
-        gather_s = gather / chip.hbm_bytes_per_s + tpu_model.XLA_FUSION_OVERHEAD_S
+        gather, gather_s = gather_cost(chip, max_loras, max_rank, hidden, out_dim, int8)
         one_pass = one_pass_cost(chip, lanes, ranks, hidden, out_dim, max_rank, max_loras, int8, pool_rows(int8))
         totals["one_pass_bytes"] += one_pass[0]
         totals["one_pass_s"] += one_pass[1]

@@ -372,8 +372,9 @@ def projection_costs(
     in the fused kernel (which reads it as int8).
 
     ``pool``: the adapters in a rank-true pool, as a pooled layer runs each formulation: fused reads the
-    pool's pages (``linear_lora_pooled``, :func:`fused_base_cost` with ``pool``), separate runs the pooled
-    shrink-expand kernel (``pooled_shrink_expand``: ``pooled_model.pooled_cost``) and XLA-native is priced
+    pool's pages (``linear_lora_pooled``, :func:`fused_base_cost` with ``pool``), separate runs
+    ``pooled_shrink_expand`` (``pooled_model.pooled_op_seconds``: its kernel, or where that does not run the
+    shape its packed XLA ops or the lanes gathered for the slot kernel) and XLA-native is priced
     as the slot op (:func:`xla_native_cost`), whose tiles it reads from the pool instead of slots (a
     prefill's: each visit's lane; a decode's: the used lanes' rows packed 128 to a chunk), every lane at
     ``rank``, the pool's ``max_rank``, in bf16: an upper bound for lower true ranks and int8 pools.
@@ -394,9 +395,9 @@ def projection_costs(
     else:
         from torch_xla_lora.bench import pooled_model
 
-        lora = pooled_model.pooled_cost(
+        lora = pooled_model.pooled_op_seconds(
             chip, indices, pool.ranks, hidden, out_dim, rank, num_slots, pool.int8, pool.rows
-        ).seconds
+        )
     fused = fused_base_cost(
         chip,
         indices,

@@ -165,7 +165,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         ``base_fusion=True``: fused wherever the layer can run it (a plain weight layout, one dtype, or an
         int8 per-channel symmetric quantized base: :func:`int8_channel_scale`); False: separate. "auto":
         separate off TPU; on a TPU with ``backend="auto"``, the cheapest of the three by the TPU cost model
-        for this layer's shape, role and token count (:func:`torch_xla_lora.formulation.choose`), recorded
+        for this layer's shape, role and token count (:func:`torch_xla_lora.formulation.choose`; a layer that
+        reads a rank-true pool priced as it reads it, int8 rows included), recorded
         in :attr:`formulations`; with another backend, fused. A training call (one that keeps ``s``) of an
         arranged decoder's projection is priced without x's producer in the kernel, as it runs.
         """
@@ -194,6 +195,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             # A training call takes in no producer (forward_fused_with declines it): priced as it runs.
             role = dataclasses.replace(role, prologue="")
         num_tokens = x2.shape[0]
+        pool = (self.lora_a_pool.dtype == torch.int8, self.pool_rows) if self._reads_pool(x2, self.backend) else None
         choice = formulation.choose(
             generation,
             num_tokens,
@@ -204,6 +206,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             bias is not None,
             role,
             int8_weight=int8,
+            pool=pool,
         )
         self.formulations[num_tokens] = choice
         return choice
