@@ -557,6 +557,40 @@ def test_mixed_batch_in_a_pool_equals_peft(arch, on_xla, backend, saved, xla_dev
     assert set(lora.memory()["adapters"]) == {"math", "code"}
 
 
+@pytest.mark.parametrize("on_xla", [False, True])
+def test_pooled_experts_carry_the_gradient_of_their_inputs(on_xla, saved, xla_device, monkeypatch):
+    """With gradients recorded for the activations (a model trained around served adapters: an unfrozen part
+    upstream, prompt embeddings) every layer still reads its pools, the experts each (lane, expert) entry at its
+    true rank, and the gradient of the inputs equals, row by row, PEFT's with each row's adapter alone
+    (``pooled_shrink_expand``'s backward: the same op with the pools' roles swapped)."""
+    from peft import PeftModel
+
+    def gathered(*args, **kwargs):
+        raise AssertionError("a layer gathered its lanes into slots")
+
+    monkeypatch.setattr(pool, "gather_slots", gathered)
+    dirs = saved("Mixtral")
+    device = xla_device if on_xla else torch.device("cpu")
+    model, lora = served("Mixtral", dirs, device, memory_budget=10**7)
+    lora.set_batch(ROWS)
+    embeds = moe_model("Mixtral").get_input_embeddings()(IDS).detach()
+    inputs = embeds.to(device, copy=True).requires_grad_()
+    model(inputs_embeds=inputs, use_cache=False).logits.float().pow(2).sum().backward()
+    expected = torch.zeros_like(embeds)
+    for name in set(ROWS):
+        mine = [row for row, row_name in enumerate(ROWS) if row_name == name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference = (
+                moe_model("Mixtral") if name is None else PeftModel.from_pretrained(moe_model("Mixtral"), dirs[name])
+            )
+        leaf = embeds.clone().requires_grad_()
+        reference.eval()(inputs_embeds=leaf).logits[mine].float().pow(2).sum().backward()
+        expected[mine] = leaf.grad[mine]
+    assert_close(inputs.grad.cpu(), expected)
+    assert expected[[0, 2]].abs().sum() > 0
+
+
 @pytest.mark.parametrize(("backend", "wide"), [("auto", False), ("pallas", False), ("pallas", True)])
 def test_int8_expert_pools_equal_plain_math_on_int8_rounded_factors(backend, wide, saved, xla_device, monkeypatch):
     """int8 expert pools read at their true rank compute exactly the adapters with each (slot, expert) entry's

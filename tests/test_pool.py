@@ -427,12 +427,31 @@ def test_fleet_keeps_its_shares():
     assert all(abs(ranks[:n].count(64) - 0.1 * n) <= 1 for n in range(1, 1000))
 
 
-def test_an_unfrozen_base_gets_its_gradient_beside_pooled_adapters(base_model, peft_model):
+def _gathering_layers(lora: tl.LoRAModel, monkeypatch) -> set[str]:
+    """The names of the layers that gather their lanes into slots from now on (filled as they do)."""
+    from torch_xla_lora.layers.base import BaseLayerWithLoRA
+
+    names, gathered, original = (
+        {id(layer): name for name, layer in lora.layers.items()},
+        set(),
+        BaseLayerWithLoRA.slot_buffers,
+    )
+
+    def recorded(self, *args, **kwargs):
+        gathered.add(names[id(self)])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(BaseLayerWithLoRA, "slot_buffers", recorded)
+    return gathered
+
+
+def test_an_unfrozen_base_gets_its_gradient_beside_pooled_adapters(base_model, peft_model, monkeypatch):
     """Pooled adapters with part of the base unfrozen (the token embedding, whose LoRA reads its pool too): the
-    pooled ops have no backward, so where autograd records one the layers read the lanes as slots instead, and
-    the base's and the activations' gradients equal PEFT's mixed batch. (The choice is the layers', the same on
-    any device: CPU tensors here.)"""
+    linear layers read their pools with gradients recorded (``pooled_shrink_expand``'s backward), the embedding,
+    whose ``pooled_expand`` has none, reads its B as slots, and the base's and the activations' gradients equal
+    PEFT's mixed batch. (The choice is the layers', the same on any device: CPU tensors here.)"""
     lora = _patched(base_model, torch.device("cpu"), rows_budget=14)
+    gathered = _gathering_layers(lora, monkeypatch)
     for name in ("a", "b"):
         lora.load_adapter(name, state_dict=_state(peft_model, name)[0], config=_state(peft_model, name)[1])
     rows = ["a", None, "b", "a"]
@@ -450,13 +469,18 @@ def test_an_unfrozen_base_gets_its_gradient_beside_pooled_adapters(base_model, p
         logits.float().pow(2).mean().backward()
     assert_close(weights[0].grad, weights[1].grad)
     assert weights[0].grad.abs().sum() > 0
+    assert gathered == {"model.embed_tokens"}
 
 
-def test_an_adapter_training_on_some_layers_gets_peft_s_gradients_beside_pooled_adapters(base_model, peft_model):
-    """A trainable adapter on q_proj only, in a mixed batch with pooled adapters on every layer: the layers it
-    does not target read activations that need gradients (the pooled ops have no backward), so they run the
-    slot ops there, and its gradients equal PEFT's on the same mixed batch."""
+def test_an_adapter_training_on_some_layers_gets_peft_s_gradients_beside_pooled_adapters(
+    base_model, peft_model, monkeypatch
+):
+    """A trainable adapter on q_proj only, in a mixed batch with pooled adapters on every layer: only the layers it
+    targets gather their lanes into slots (its lane holds no rows); the others read their pools with gradients
+    recorded for their activations (``pooled_shrink_expand``'s backward carries them through), and its gradients
+    equal PEFT's on the same mixed batch."""
     lora = _patched(base_model, torch.device("cpu"), rows_budget=14)
+    gathered = _gathering_layers(lora, monkeypatch)
     lora.load_adapter("a", state_dict=_state(peft_model, "a")[0], config=_state(peft_model, "a")[1])
     torch.manual_seed(3)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
@@ -477,6 +501,7 @@ def test_an_adapter_training_on_some_layers_gets_peft_s_gradients_beside_pooled_
     for key, param in trained.items():
         assert_close(param.grad, grads[key])
         assert param.grad.abs().sum() > 0
+    assert gathered == {name for name in lora.layers if name.endswith("q_proj")}
 
 
 def test_trainable_adapters_take_lanes_of_their_own_and_freeze_into_the_pool(base_model, peft_model):

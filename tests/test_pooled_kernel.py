@@ -318,6 +318,42 @@ def test_entries_on_neighbouring_experts_read_the_scale_tiles_they_share(backend
     assert_close(out, expected, torch.float32)
 
 
+GRAD_CASES = [  # (backend, int8 pool, tokens): CPU tensors (None), the packed decode, a prefill, the kernel
+    (None, False, TOKENS),
+    ("xla", True, TOKENS),
+    ("xla", False, 300),
+    ("pallas", True, TOKENS),
+    ("pallas", False, 300),
+]
+
+
+@pytest.mark.parametrize(("backend", "int8", "tokens"), GRAD_CASES, ids=str)
+def test_gradients_reach_the_inputs_and_the_base_through_the_pools(backend, int8, tokens, xla_device):
+    """Autograd through ``pooled_shrink_expand`` (served adapters: the pools take no gradient): the inputs'
+    gradient is each token's ``scaling * (g B_l^T) A_l`` over its lane's true-rank rows and the base's is ``g``,
+    against float64 math on the module's poisoned pools (a gradient that read any row not a lane's own, or
+    multiplied one by zero, would not be finite); out-of-range and base rows get none from the pools."""
+    a_pool, b_pool, rows, a_scale, b_scale, dense_a, dense_b = _pools(int8, torch.float32)
+    x, base, lanes = _batch(torch.float32, blocks=tokens > TOKENS)
+    grad = torch.randn(base.shape, generator=torch.Generator().manual_seed(9))
+    device = torch.device("cpu") if backend is None else xla_device
+    leaves = [t.to(device).requires_grad_() for t in (x, base)]
+    tables = [None if t is None else t.to(device) for t in (a_pool, b_pool, lanes, rows, a_scale, b_scale)]
+    pool_a, pool_b, token_lanes, table, scale_a, scale_b = tables
+    out = ops.pooled_shrink_expand(
+        leaves[0], pool_a, pool_b, leaves[1], token_lanes, table, scale_a, scale_b, SCALING, backend or "auto"
+    )
+    d_x, d_base = torch.autograd.grad(out, leaves, grad.to(device))
+    expected = torch.zeros(x.shape, dtype=torch.float64)
+    for t, lane in enumerate(lanes.tolist()):
+        if 0 <= lane < LANES:
+            mine = rows[lane, : RANKS[lane]].long()
+            expected[t] = SCALING * (dense_b[mine] @ grad[t].double()) @ dense_a[mine]
+    assert torch.isfinite(d_x.cpu()).all()
+    assert_close(d_x.cpu(), expected, torch.float32)
+    assert torch.equal(d_base.cpu(), grad)
+
+
 EXPAND_CASES = [  # (backend, int8 pool, compute dtype, tokens): the packed decode path on every backend, then longer
     ("xla", False, torch.float32, TOKENS),
     ("xla", True, torch.bfloat16, TOKENS),
@@ -374,6 +410,8 @@ def test_opcheck_and_validation():
             a_scale, b_scale = a_scale.nan_to_num(1.0, 1.0), b_scale.nan_to_num(1.0, 1.0)
         args = (x, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, SCALING, "auto", None)
         torch.library.opcheck(torch.ops.xla_lora.pooled_shrink_expand.default, args)
+        grads = (x.clone().requires_grad_(), *args[1:3], base.clone().requires_grad_(), *args[4:])
+        torch.library.opcheck(torch.ops.xla_lora.pooled_shrink_expand.default, grads)  # its autograd too
     a_pool, b_pool, rows, a_scale, b_scale, *_ = _pools(True, torch.float32)
     with pytest.raises(tl.ShapeError, match="a_scale"):  # int8 pools need their scales
         ops.pooled_shrink_expand(x, a_pool, b_pool, base, lanes, rows)

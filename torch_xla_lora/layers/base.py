@@ -259,30 +259,37 @@ class BaseLayerWithLoRA(nn.Module):
         with ``backend`` (default: the layer's)."""
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
         backend = backend or self.backend
-        if self._reads_pool(x2, backend, y2):
+        if self._reads_pool(x2, backend, y2, differentiable=True):
             return self._pooled_lora(x2, y2, slots, backend, metadata).reshape(y.shape)
         lora_a, lora_b = self.slot_factors()
         return fused_lora(x2, y2, lora_a, lora_b, slots, backend, metadata).reshape(y.shape)
 
-    def _reads_pool(self, x: torch.Tensor, backend: str, *operands: torch.Tensor | None) -> bool:
-        """Whether :meth:`add_lora` reads the adapters straight from the pools (``pooled_shrink_expand``: each
-        lane at its true rank) instead of gathering the lanes into slots: a pooled layer of one entry per slot
-        (A [1, P + 2, in], B [1, P + 2, out]) without trainable adapters, and where the Pallas kernel runs,
-        a pool allocated in its aligned pages. Never while autograd records a gradient for ``x``, the op's
-        other ``operands`` or the base layer's parameters (unfrozen): the pooled ops have no backward, the
-        slot ops do."""
-        if not self._serves_pool(x, *operands) or set(self._buffer_shapes()) != {"lora_a", "lora_b"}:
+    def _reads_pool(
+        self, x: torch.Tensor, backend: str, *operands: torch.Tensor | None, differentiable: bool = False
+    ) -> bool:
+        """Whether the layer reads the adapters straight from the pools (``pooled_shrink_expand``, or with
+        ``base_fusion`` ``linear_lora_pooled``: each lane at its true rank) instead of gathering the lanes into
+        slots: a pooled layer of one entry per slot (A [1, P + 2, in], B [1, P + 2, out]) without trainable
+        adapters, and where the Pallas kernel runs, a pool allocated in its aligned pages. ``differentiable``:
+        the call runs ``pooled_shrink_expand``, whose backward gives ``x`` and the base output their gradients,
+        so it may while autograd records them; otherwise (the one-pass op, the mesh's regions: no backward)
+        never while autograd records a gradient for ``x``, the op's other ``operands`` or the base layer's
+        parameters (unfrozen)."""
+        if not self._serves_pool(x, *operands, differentiable=differentiable):
+            return False
+        if set(self._buffer_shapes()) != {"lora_a", "lora_b"}:
             return False
         if self.lora_a_pool.shape[0] != 1 or self._rank_axes() != {"lora_a": 0, "lora_b": 0}:
             return False
         return self.pool_page_rows % pool.KERNEL_PAGE_ROWS == 0 or not kernel_runs(x, backend)
 
-    def _serves_pool(self, x: torch.Tensor, *operands: torch.Tensor | None) -> bool:
-        """A pooled layer without trainable adapters, autograd recording no gradient for ``x``, the other
-        ``operands`` or the base layer's parameters: where the pooled ops (which have no backward) may run."""
+    def _serves_pool(self, x: torch.Tensor, *operands: torch.Tensor | None, differentiable: bool = False) -> bool:
+        """A pooled layer without trainable adapters where a pooled op may run: ``differentiable``
+        (``pooled_shrink_expand``, whose backward reaches its inputs and base output) whatever autograd records,
+        else autograd recording no gradient for ``x``, the other ``operands`` or the base layer's parameters."""
         if self.pool_rows is None or self.trainable:
             return False
-        return not needs_grad(x, *operands, *self.base_layer.parameters())
+        return differentiable or not needs_grad(x, *operands, *self.base_layer.parameters())
 
     def _pooled_lora(
         self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, backend: str, metadata: torch.Tensor | None

@@ -214,7 +214,9 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
         if slots is not None:
             # Index into the [L * E] buffers; a token without adapter (slot -1) lands in [-E, -1]: no LoRA.
             lora_rows = (slots[token_of_row] * experts + expert_sorted).to(torch.int32)
-            if self._reads_pool(x, self.backend, hidden_states):  # each (lane, expert) at its true rank
+            # Each (lane, expert) at its true rank; on one device whatever autograd records (the op's backward).
+            one_device = self.tensor_parallel is None
+            if self._reads_pool(x, self.backend, hidden_states, differentiable=one_device):
                 pooled = True
                 lora_a, lora_b, lora_a_down, lora_b_down = "lora_a", "lora_b", "lora_a_down", "lora_b_down"
             else:
@@ -265,16 +267,19 @@ class ExpertsWithLoRA(BaseLayerWithLoRA):
 
     # -- rank-true storage (torch_xla_lora.pool) ---------------------------------------------------------
 
-    def _reads_pool(self, x: torch.Tensor, backend: str, *operands: torch.Tensor | None) -> bool:
+    def _reads_pool(
+        self, x: torch.Tensor, backend: str, *operands: torch.Tensor | None, differentiable: bool = False
+    ) -> bool:
         """Whether the forward reads each (lane, expert) entry's true-rank rows straight from the pools
         (``pooled_shrink_expand`` on the stacked pools, rows numbered as ``[E * (P + 2), width]``,
         :meth:`_entry_tables`) instead of
         gathering ``[L * E, R, width]`` slot buffers per step: a pooled layer without trainable adapters (on a
-        mesh, each shard reads its slices of the pools), autograd recording no gradient for the rows or the
+        mesh, each shard reads its slices of the pools), on one device (``differentiable``: the op's backward) whatever
+        autograd records, on a mesh (its regions have none) autograd recording no gradient for the rows or the
         experts' weights; where the Pallas kernel runs, pools whose per-expert stride (P + 2) and placement
         are whole aligned pages of :data:`pool.KERNEL_PAGE_ROWS` rows (the allocator keeps it so,
         ``pool.kernel_pool_rows``), which the kernel reads stacked, in place."""
-        if not self._serves_pool(x, *operands):
+        if not self._serves_pool(x, *operands, differentiable=differentiable):
             return False
         if not kernel_runs(x, backend):
             return True

@@ -502,7 +502,9 @@ def pooled_shrink_expand(
     ``_xla_native.PACKED_MAX_TOKENS`` (64) tokens (a decode step): the used lanes' true-rank rows numbered side
     by side and taken 128 at a time (at most 32 of them: one chunk of 32), one shrink and one expand per chunk;
     for longer batches it runs the slot op's algorithm on the pools, reading for each visit of a token block the
-    R table rows of the lane it visits (never all L x R entries).
+    R table rows of the lane it visits (never all L x R entries). Differentiable in ``inputs`` and ``base``: the
+    inputs' gradient is this op on the output's gradient with the pools' roles swapped (both rank-first), the
+    base's the output's; the pools and scales are served adapters and take no gradient.
 
     Args:
       inputs: [T, D] floating: the compute dtype.
@@ -626,7 +628,8 @@ def pooled_expand(
     the tokens; a longer batch, on "pallas", runs the pooled kernel's expand (``kernels.fused.pooled_expand``:
     each lane's true-rank pages of B through the page table, Mosaic-compiled on TPU; every lane's rows gathered
     into slots for the slot kernel only where Dout is not a multiple of 128), on "xla" the slot expand's
-    algorithm on the pool (the tiles of the lanes its token blocks visit). Not differentiable: pools hold
+    algorithm on the pool (the tiles of the lanes its token blocks visit). Not differentiable (unlike
+    :func:`pooled_shrink_expand`, whose backward is itself with the pools swapped): pools hold
     adapters that are served, not trained.
 
     Args:

@@ -284,7 +284,36 @@ def _weight_grad_backward(ctx, grad: torch.Tensor):
     return d_left, d_right, *_no_grads(4)
 
 
+# -- pooled_shrink_expand(inputs, a_pool, b_pool, base, lanes, rows, a_scale, b_scale, scaling, backend, metadata,
+#    pages, page_scales) -----------------------------------------------------------------------------------------
+
+
+def _pooled_setup(ctx, inputs, output) -> None:
+    x, a_pool, b_pool, _, lanes, rows, a_scale, b_scale, scaling, backend, _, pages, page_scales = inputs
+    ctx.save_for_backward(x, a_pool, b_pool, lanes, rows, a_scale, b_scale, pages, page_scales)
+    ctx.scaling, ctx.backend = scaling, backend
+
+
+def _pooled_backward(ctx, grad: torch.Tensor):
+    """The pools hold served adapters (buffers, no gradient). d inputs[t] = scaling * (g[t] @ B_l^T) @ A_l over lane
+    l's true-rank rows: the same op with the pools' roles swapped (both are rank-first: B's rows are what the
+    shrink reads as A; an int8 row's ``a_scale * b_scale`` is the same product either way), on the same row and page
+    tables, the batch's metadata dropped (it was built for the forward's widths). d base = g."""
+    x, a_pool, b_pool, lanes, rows, a_scale, b_scale, pages, page_scales = ctx.saved_tensors
+    if any(ctx.needs_input_grad[k] for k in (1, 2, 6, 7)):
+        raise NotImplementedError("pooled_shrink_expand: the pools and their scales are served, not trained")
+    d_inputs = None
+    if ctx.needs_input_grad[0]:
+        zeros = torch.zeros_like(x)
+        d_inputs = _ops.pooled_shrink_expand(
+            grad.to(x.dtype), b_pool, a_pool, zeros, lanes, rows, b_scale, a_scale, ctx.scaling, ctx.backend,
+            None, pages, page_scales,
+        )  # fmt: skip
+    return d_inputs, None, None, grad if ctx.needs_input_grad[3] else None, *_no_grads(9)
+
+
 for _name, _backward, _setup in (
+    ("pooled_shrink_expand", _pooled_backward, _pooled_setup),
     ("bgmv_shrink", _shrink_backward, _shrink_setup),
     ("bgmv_expand", _expand_backward, _expand_setup),
     ("bgmv_expand_slice", _expand_slice_backward, _expand_slice_setup),
