@@ -354,6 +354,29 @@ def test_gradients_reach_the_inputs_and_the_base_through_the_pools(backend, int8
     assert torch.equal(d_base.cpu(), grad)
 
 
+@pytest.mark.parametrize(("backend", "int8"), [(None, False), ("xla", True), ("pallas", False)], ids=str)
+def test_pooled_expand_gives_the_base_and_the_rank_values_their_gradients(backend, int8, xla_device):
+    """Autograd through ``pooled_expand``: the base's gradient is the output's (an unfrozen embedding's), and each
+    token's rank values get ``g B_l^T`` over its lane's true-rank rows, zero past the rank (entries the forward
+    ignores) and for tokens without a lane; against float64 math on the module's poisoned pool."""
+    _, b_pool, rows, _, b_scale, _, dense_b = _pools(int8, torch.float32)
+    _, base, lanes = _batch(torch.float32)
+    s = torch.randn(TOKENS, MAX_RANK, generator=torch.Generator().manual_seed(10))
+    grad = torch.randn(base.shape, generator=torch.Generator().manual_seed(11))
+    device = torch.device("cpu") if backend is None else xla_device
+    leaves = [t.to(device).requires_grad_() for t in (s, base)]
+    tables = [None if t is None else t.to(device) for t in (b_pool, lanes, rows, b_scale)]
+    out = ops.pooled_expand(leaves[0], tables[0], leaves[1], *tables[1:], backend=backend or "auto")
+    d_s, d_base = torch.autograd.grad(out, leaves, grad.to(device))
+    expected = torch.zeros(s.shape, dtype=torch.float64)
+    for t, lane in enumerate(lanes.tolist()):
+        if 0 <= lane < LANES:
+            expected[t, : RANKS[lane]] = dense_b[rows[lane, : RANKS[lane]].long()] @ grad[t].double()
+    assert torch.isfinite(d_s.cpu()).all()
+    assert_close(d_s.cpu(), expected, torch.float32)
+    assert torch.equal(d_base.cpu(), grad)
+
+
 EXPAND_CASES = [  # (backend, int8 pool, compute dtype, tokens): the packed decode path on every backend, then longer
     ("xla", False, torch.float32, TOKENS),
     ("xla", True, torch.bfloat16, TOKENS),
@@ -432,6 +455,8 @@ def test_opcheck_and_validation():
         pool_b = pool_b if int8 else pool_b.nan_to_num(0.0, 0.0, 0.0)
         scale_b = None if scale_b is None else scale_b.nan_to_num(1.0, 1.0)
         torch.library.opcheck(torch.ops.xla_lora.pooled_expand.default, (s, pool_b, base, lanes, table, scale_b))
+        grads = (s.clone().requires_grad_(), pool_b, base.clone().requires_grad_(), lanes, table, scale_b)
+        torch.library.opcheck(torch.ops.xla_lora.pooled_expand.default, grads)  # its autograd too
     with pytest.raises(tl.ShapeError, match="b_scale"):
         ops.pooled_expand(s, b_pool, base, lanes, rows)
     with pytest.raises(tl.ShapeError, match="R of inputs"):

@@ -7,7 +7,7 @@ from torch import nn
 
 from torch_xla_lora import pool
 from torch_xla_lora.adapters import ModuleLoRA
-from torch_xla_lora.layers.base import BaseLayerWithLoRA, needs_grad
+from torch_xla_lora.layers.base import BaseLayerWithLoRA
 
 
 def embed_scale(module: nn.Module) -> torch.Tensor | float | None:
@@ -97,11 +97,7 @@ class EmbeddingWithLoRA(BaseLayerWithLoRA):
 
     def _pooled_expand(self, s: torch.Tensor, base: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """base [N, out] + each token's ``s`` [N, R] times its lane's B read from the pool at its true rank
-        (``pooled_expand``), or, where the base needs a gradient (an unfrozen embedding: that op has no
-        backward), times the lanes' B gathered into slots."""
-        if needs_grad(base):
-            lora_b = self.slot_buffers(("lora_b",))["lora_b"]
-            return torch.ops.xla_lora.bgmv_expand(s, lora_b, base, slots, True, self.backend)
+        (``pooled_expand``, whose backward gives an unfrozen embedding's output its gradient)."""
         scale = getattr(self, "lora_b_scale", None)
         rows = self.context.rows.reshape(self.max_loras, self.max_rank)
         b_scale = None if scale is None else scale[0]

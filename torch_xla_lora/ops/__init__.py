@@ -628,9 +628,9 @@ def pooled_expand(
     the tokens; a longer batch, on "pallas", runs the pooled kernel's expand (``kernels.fused.pooled_expand``:
     each lane's true-rank pages of B through the page table, Mosaic-compiled on TPU; every lane's rows gathered
     into slots for the slot kernel only where Dout is not a multiple of 128), on "xla" the slot expand's
-    algorithm on the pool (the tiles of the lanes its token blocks visit). Not differentiable (unlike
-    :func:`pooled_shrink_expand`, whose backward is itself with the pools swapped): pools hold
-    adapters that are served, not trained.
+    algorithm on the pool (the tiles of the lanes its token blocks visit). Differentiable in ``base`` (the
+    output's gradient) and ``inputs`` (the slot shrink of the gradient by the lanes' B rows, gathered into
+    slots: asked for only where the rank values carry a gradient); the pool is served, not trained.
 
     Args:
       inputs: [T, R] floating: each token's values of its lane's rank rows (entries past the lane's true rank

@@ -56,6 +56,12 @@ def _no_grads(count: int) -> tuple[None, ...]:
     return (None,) * count
 
 
+def _needs(ctx, *positions: int) -> bool:
+    """Whether any of the op's arguments at ``positions`` needs its gradient (the dispatcher drops trailing
+    arguments equal to their defaults, None scales among them, from ``needs_input_grad``)."""
+    return any(k < len(ctx.needs_input_grad) and ctx.needs_input_grad[k] for k in positions)
+
+
 # -- bgmv_shrink(inputs, lora_a, lora_indices, scaling, backend) -------------------------------------
 
 
@@ -300,7 +306,7 @@ def _pooled_backward(ctx, grad: torch.Tensor):
     shrink reads as A; an int8 row's ``a_scale * b_scale`` is the same product either way), on the same row and page
     tables, the batch's metadata dropped (it was built for the forward's widths). d base = g."""
     x, a_pool, b_pool, lanes, rows, a_scale, b_scale, pages, page_scales = ctx.saved_tensors
-    if any(ctx.needs_input_grad[k] for k in (1, 2, 6, 7)):
+    if _needs(ctx, 1, 2, 6, 7):
         raise NotImplementedError("pooled_shrink_expand: the pools and their scales are served, not trained")
     d_inputs = None
     if ctx.needs_input_grad[0]:
@@ -312,8 +318,35 @@ def _pooled_backward(ctx, grad: torch.Tensor):
     return d_inputs, None, None, grad if ctx.needs_input_grad[3] else None, *_no_grads(9)
 
 
+# -- pooled_expand(inputs, b_pool, base, lanes, rows, b_scale, backend) -------------------------------------------
+
+
+def _pooled_expand_setup(ctx, inputs, output) -> None:
+    s, b_pool, _, lanes, rows, b_scale, backend = inputs
+    ctx.save_for_backward(b_pool, lanes, rows, b_scale)
+    ctx.backend, ctx.dtype = backend, s.dtype
+
+
+def _pooled_expand_backward(ctx, grad: torch.Tensor):
+    """d base = g (an unfrozen embedding's weight gradient flows through it). d inputs[t] = g[t] @ B_l^T over lane
+    l's rows, asked for only where the rank values themselves carry a gradient (a learnable ``embed_scale``): the
+    lanes' B rows then gathered into slots (entries past a lane's rank name the zero row: exact zeros) for the slot
+    shrink. The pool and its scales are served adapters and take none."""
+    b_pool, lanes, rows, b_scale = ctx.saved_tensors
+    if _needs(ctx, 1, 5):
+        raise NotImplementedError("pooled_expand: the pool and its scales are served, not trained")
+    d_inputs = None
+    if ctx.needs_input_grad[0]:
+        picked = b_pool.index_select(0, rows.reshape(-1)).reshape(*rows.shape, b_pool.shape[1])  # [L, R, Dout]
+        if b_scale is not None:
+            picked = picked.to(torch.float32) * b_scale.index_select(0, rows.reshape(-1)).reshape(*rows.shape, 1)
+        d_inputs = _ops.bgmv_shrink(grad.to(ctx.dtype), picked.to(ctx.dtype), lanes, 1.0, ctx.backend)
+    return d_inputs, None, grad if ctx.needs_input_grad[2] else None, *_no_grads(4)
+
+
 for _name, _backward, _setup in (
     ("pooled_shrink_expand", _pooled_backward, _pooled_setup),
+    ("pooled_expand", _pooled_expand_backward, _pooled_expand_setup),
     ("bgmv_shrink", _shrink_backward, _shrink_setup),
     ("bgmv_expand", _expand_backward, _expand_setup),
     ("bgmv_expand_slice", _expand_slice_backward, _expand_slice_setup),
