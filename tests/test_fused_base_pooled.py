@@ -116,6 +116,50 @@ def test_op_reads_each_lane_at_its_true_rank(backend, dtype, int8, int8_base, xl
     assert not torch.equal(out[~outside], base[~outside])
 
 
+GRAD_CASES = [  # backend (None: CPU tensors), int8 pools, weight layout
+    (None, False, "out_in"),
+    ("xla", True, "in_out"),
+    ("pallas", False, "out_in"),
+    ("pallas", True, "in_out"),
+]
+
+
+@pytest.mark.parametrize(("backend", "int8", "layout"), GRAD_CASES, ids=str)
+def test_gradients_of_a_plain_layer_reach_x_the_weight_the_bias_and_the_residual(backend, int8, layout, xla_device):
+    """Autograd through the op for a plain layer (the pools serve, so take no gradient): dx = g W + scaling *
+    (g B_l^T) A_l over each token's lane's true-rank rows (the op itself with the roles swapped), dW = g^T x in the
+    weight's layout, d bias = the column sums of g, d residual = g; against float64 math on rows poisoned where no
+    lane of the batch owns them, the kernel too (interpret mode)."""
+    g = torch.Generator().manual_seed(4)
+    num_tokens = 40
+    x, residual = torch.randn(num_tokens, K, generator=g), torch.randn(num_tokens, N, generator=g)
+    weight, bias = torch.randn(N, K, generator=g) / 16, torch.randn(N, generator=g)
+    stored = weight if layout == "out_in" else weight.T.contiguous()
+    a_pool, b_pool, a_scale, b_scale = _pools(int8, torch.float32)
+    lanes, rows = _lanes(num_tokens, g), _row_table()
+    grad = torch.randn(num_tokens, N, generator=g)
+    device = torch.device("cpu") if backend is None else xla_device
+    leaves = [t.to(device).requires_grad_() for t in (x, stored, bias, residual)]
+    served = [None if t is None else t.to(device) for t in (a_pool, b_pool, lanes, rows, a_scale, b_scale)]
+    table = pool.page_table(rows.reshape(-1), L, P).to(device)
+    out = linear_lora_pooled(*leaves[:3], *served, SCALING, layout, backend or "auto", pages=table, residual=leaves[3])
+    d_x, d_weight, d_bias, d_residual = torch.autograd.grad(out, leaves, grad.to(device))
+    dense_a, dense_b = (p.double() for p in (a_pool, b_pool))
+    if int8:
+        dense_a, dense_b = dense_a * a_scale.double()[:, None], dense_b * b_scale.double()[:, None]
+    expected = grad.double() @ weight.double()
+    for t, lane in enumerate(lanes.tolist()):
+        if 0 <= lane < L and LANE_ROWS[lane]:
+            mine = LANE_ROWS[lane]
+            expected[t] += SCALING * (dense_b[mine] @ grad[t].double()) @ dense_a[mine]
+    assert torch.isfinite(d_x.cpu()).all()
+    assert_close(d_x.cpu(), expected, torch.float32)
+    d_w = grad.double().T @ x.double()
+    assert_close(d_weight.cpu(), d_w if layout == "out_in" else d_w.T, torch.float32)
+    assert_close(d_bias.cpu(), grad.double().sum(0), torch.float32)
+    assert torch.equal(d_residual.cpu(), grad)
+
+
 def _numpy_expected(x, w, a_rows, b_rows, lanes, scales=None):
     """float64: x W^T + scaling * (x A_l^T) B_l per token, A_l / B_l the lane's rows (int8: per-row scales)."""
     out = x @ w.T

@@ -445,14 +445,25 @@ def _gathering_layers(lora: tl.LoRAModel, monkeypatch) -> set[str]:
     return gathered
 
 
-def test_an_unfrozen_base_gets_its_gradient_beside_pooled_adapters(base_model, peft_model, monkeypatch):
+@pytest.mark.parametrize("base_fusion", ["auto", True])
+def test_an_unfrozen_base_gets_its_gradient_beside_pooled_adapters(base_model, peft_model, monkeypatch, base_fusion):
     """Pooled adapters with part of the base unfrozen (the token embedding, whose LoRA reads its pool too): every
     layer reads its pools with gradients recorded (``pooled_shrink_expand``'s and ``pooled_expand``'s backward:
     the embedding's output gets its gradient through the latter), nothing is gathered into slots, and the base's
-    and the activations' gradients equal PEFT's mixed batch. (The choice is the layers', the same on any device:
-    CPU tensors here.)"""
-    lora = _patched(base_model, torch.device("cpu"), rows_budget=14)
+    and the activations' gradients equal PEFT's mixed batch. ``base_fusion``: the one-pass op reads the pools too
+    (its backward is the plain layer's: the arranged decoder's norms and SiLU * up are computed outside it then, as
+    in training). (The choice is the layers', the same on any device: CPU tensors here.)"""
+    from torch_xla_lora.ops import _linear_fused
+
+    lora = _patched(base_model, torch.device("cpu"), rows_budget=14, base_fusion=base_fusion)
     gathered = _gathering_layers(lora, monkeypatch)
+    one_pass, original = [], _linear_fused.linear_lora_pooled
+
+    def counted(*args, **kwargs):
+        one_pass.append(args[0].requires_grad)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_linear_fused, "linear_lora_pooled", counted)
     for name in ("a", "b"):
         lora.load_adapter(name, state_dict=_state(peft_model, name)[0], config=_state(peft_model, name)[1])
     rows = ["a", None, "b", "a"]
@@ -471,6 +482,8 @@ def test_an_unfrozen_base_gets_its_gradient_beside_pooled_adapters(base_model, p
     assert_close(weights[0].grad, weights[1].grad)
     assert weights[0].grad.abs().sum() > 0
     assert not gathered
+    linear = len(lora.layers) - 1  # every layer but the embedding
+    assert one_pass == ([True] * linear if base_fusion is True else [])
 
 
 def test_an_adapter_training_on_some_layers_gets_peft_s_gradients_beside_pooled_adapters(

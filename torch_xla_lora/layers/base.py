@@ -271,8 +271,8 @@ class BaseLayerWithLoRA(nn.Module):
         ``base_fusion`` ``linear_lora_pooled``: each lane at its true rank) instead of gathering the lanes into
         slots: a pooled layer of one entry per slot (A [1, P + 2, in], B [1, P + 2, out]) without trainable
         adapters, and where the Pallas kernel runs, a pool allocated in its aligned pages. ``differentiable``:
-        the call runs ``pooled_shrink_expand``, whose backward gives ``x`` and the base output their gradients,
-        so it may while autograd records them; otherwise (the one-pass op, the mesh's regions: no backward)
+        the call runs a pooled op whose backward covers it (``pooled_shrink_expand``; ``linear_lora_pooled`` for
+        a plain layer), so it may while autograd records gradients; otherwise (the mesh's regions: no backward)
         never while autograd records a gradient for ``x``, the op's other ``operands`` or the base layer's
         parameters (unfrozen)."""
         if not self._serves_pool(x, *operands, differentiable=differentiable):
@@ -284,9 +284,9 @@ class BaseLayerWithLoRA(nn.Module):
         return self.pool_page_rows % pool.KERNEL_PAGE_ROWS == 0 or not kernel_runs(x, backend)
 
     def _serves_pool(self, x: torch.Tensor, *operands: torch.Tensor | None, differentiable: bool = False) -> bool:
-        """A pooled layer without trainable adapters where a pooled op may run: ``differentiable``
-        (``pooled_shrink_expand``, whose backward reaches its inputs and base output) whatever autograd records,
-        else autograd recording no gradient for ``x``, the other ``operands`` or the base layer's parameters."""
+        """A pooled layer without trainable adapters where a pooled op may run: ``differentiable`` (an op whose
+        backward reaches the call's inputs, base output and, if unfrozen, the base's parameters) whatever autograd
+        records, else autograd recording no gradient for ``x``, the other ``operands`` or the base's parameters."""
         if self.pool_rows is None or self.trainable:
             return False
         return differentiable or not needs_grad(x, *operands, *self.base_layer.parameters())

@@ -280,7 +280,15 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             "col_scale": col_scale,
             "residual": rows(residual, self.out_features),
         }
-        if self._reads_pool(x2, self.backend, *fusion.values()):  # no trainable adapters: no s to keep
+        # A pooled layer (no trainable adapters: no s to keep) with autograd recording nothing takes in anything;
+        # with gradients recorded the pooled op's backward is the plain layer's (a float base, the residual alone):
+        # a producer is declined then, as a training call declines it, and the caller's plain call reads the pools.
+        pooled = self._reads_pool(x2, self.backend, *fusion.values())
+        if not pooled and weight_scale is None and self._reads_pool(x2, self.backend, differentiable=True):
+            if any(fusion[name] is not None for name in ("up", "row_scale", "col_scale")):
+                return None
+            pooled = True
+        if pooled:
             out = self._pooled_linear(x2, slots, metadata, own, weight_scale, **fusion)
             return out.reshape(*x.shape[:-1], self.out_features)
         keep_s = _keeps_s(x2, self.factors_need_grad(), self.backend, fused_base=True)
@@ -367,7 +375,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         x2 = x.reshape(-1, self.in_features)
         metadata, own = self._linear_metadata(x2)
         weight_scale = int8_channel_scale(self.base_layer)
-        if self._reads_pool(x2, self.backend):  # a pooled layer: the kernel reads the pools, no slots gathered
+        # A pooled layer: the kernel reads the pools, no slots gathered (with gradients recorded, over a float base).
+        if self._reads_pool(x2, self.backend, differentiable=weight_scale is None):
             out = self._pooled_linear(x2, slots, metadata, own, weight_scale)
             return out.reshape(*x.shape[:-1], self.out_features)
         lora_a, lora_b = self.slot_factors()

@@ -605,3 +605,52 @@ def linear_lora_pooled(
         inputs, weight, bias, a_pool, b_pool, lanes, rows, a_scale, b_scale, scaling, weight_layout, backend,
         metadata, own_metadata, pages, page_scales, up, row_scale, col_scale, residual, weight_scale,
     )  # fmt: skip
+
+
+# -- linear_lora_pooled's backward -------------------------------------------------------------------------------
+#: Argument positions of linear_lora_pooled: x, weight, bias; the pools and their scales; the producer's operands
+#: (up, row_scale, col_scale), the residual, an int8 weight's scales.
+_X, _WEIGHT, _BIAS, _RESIDUAL = 0, 1, 2, 19
+_SERVED = (3, 4, 7, 8)
+_PRODUCER = (16, 17, 18, 20)
+
+
+def _pooled_setup(ctx, inputs, output) -> None:
+    x, weight, bias, a_pool, b_pool, lanes, rows, a_scale, b_scale, scaling, layout, backend, *rest = inputs
+    _, _, pages, page_scales, up, row_scale, col_scale, _, weight_scale = rest
+    ctx.save_for_backward(x, weight, a_pool, b_pool, lanes, rows, a_scale, b_scale, pages, page_scales)
+    ctx.scaling, ctx.layout, ctx.backend = scaling, layout, backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.plain = all(t is None for t in (up, row_scale, col_scale, weight_scale))
+
+
+def _pooled_backward(ctx, grad: torch.Tensor):
+    """The plain layer's gradients (no producer taken in, a float weight; the layers read the pools with gradients
+    recorded only so): dx = g W + scaling * (g B_l^T) A_l is this op with the roles swapped (g for x, W read in the
+    other layout, B's pool as A's and A's as B's: both rank-first, an int8 row's a_scale * b_scale the same
+    product), on the same row and page tables, one pass over g; dW and d bias as torch's linear backward; d
+    residual = g. The pools are served adapters and take none."""
+    need = ctx.needs_input_grad
+
+    def needs(*positions: int) -> bool:  # (trailing arguments equal to their defaults are not in ``need``)
+        return any(k < len(need) and need[k] for k in positions)
+
+    if needs(*_SERVED, *_PRODUCER) or (needs(_X, _WEIGHT) and not ctx.plain):
+        raise NotImplementedError("linear_lora_pooled: gradients of a plain layer's x, weight, bias and residual only")
+    x, weight, a_pool, b_pool, lanes, rows, a_scale, b_scale, pages, page_scales = ctx.saved_tensors
+    out_in = ctx.layout == "out_in"
+    dx = d_weight = d_bias = None
+    if needs(_X):
+        swapped = "in_out" if out_in else "out_in"
+        dx = torch.ops.xla_lora.linear_lora_pooled(
+            grad.to(weight.dtype), weight, None, b_pool, a_pool, lanes, rows, b_scale, a_scale, ctx.scaling,
+            swapped, ctx.backend, None, False, pages, page_scales,
+        ).to(x.dtype)  # fmt: skip
+    if needs(_WEIGHT):
+        d_weight = grad.T @ x if out_in else x.T @ grad
+    if needs(_BIAS) and ctx.bias_dtype is not None:
+        d_bias = grad.sum(0, dtype=torch.promote_types(grad.dtype, torch.float32)).to(ctx.bias_dtype)
+    return dx, d_weight, d_bias, *(None,) * 16, grad if needs(_RESIDUAL) else None, None
+
+
+torch.library.register_autograd("xla_lora::linear_lora_pooled", _pooled_backward, setup_context=_pooled_setup)
