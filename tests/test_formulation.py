@@ -194,8 +194,9 @@ def test_a_training_call_is_priced_as_it_runs(llama_case, xla_device, monkeypatc
 @pytest.mark.parametrize("weight_dtype", [None, "int8"])
 def test_a_pooled_layer_hands_the_chooser_its_pool(llama_case, xla_device, monkeypatch, weight_dtype):  # noqa: F811
     """With ``memory_budget`` every projection asks the chooser with its pool (int8 or not, its data rows), so the
-    choice prices what the layer reads; a call that gathers its lanes into slots (autograd records a gradient
-    for x) is priced as padded slots, as it runs."""
+    choice prices what the layer reads, with gradients recorded for x too (the pooled ops' backward), its
+    producer then priced outside the kernel, as the call declines it; a call that gathers its lanes into slots (a
+    trainable adapter's layer) is priced as padded slots, as it runs."""
     monkeypatch.setattr(ops, "device_generation", lambda: "v6e")  # (first: the pools take the TPU kernel's pages)
     config = {**LLAMA_LORA, "memory_budget": 2_000_000, "weight_dtype": weight_dtype}
     model, lora = patch(llama_case, xla_device, **config)
@@ -213,5 +214,11 @@ def test_a_pooled_layer_hands_the_chooser_its_pool(llama_case, xla_device, monke
             layer.formulation(torch.zeros(6, layer.in_features, device=xla_device))
     assert pools == [(weight_dtype == "int8", lora.manager.rows)] * len(projections)
     q = model.model.layers[0].self_attn.q_proj
+    assert q.fusion_role.prologue == "norm"  # the arranged decoder: q takes its norm in when serving
+    roles = []
+    monkeypatch.setattr(formulation, "choose", lambda *args, **kwargs: roles.append(args[7]) or spy(*args, **kwargs))
     q.formulation(x.requires_grad_())
-    assert pools[-1] is None
+    assert pools[-1] == (weight_dtype == "int8", lora.manager.rows) and roles[-1].prologue == ""
+    lora.create_adapter("t", peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    q.formulation(x)
+    assert pools[-1] is None  # its lane holds no rows: the layer gathers into slots

@@ -191,11 +191,14 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             return "fused"
         x2 = x.reshape(-1, self.in_features)
         role = self.fusion_role
-        if role.prologue and _keeps_s(x2, self.factors_need_grad(), self.backend, fused_base=True):
+        # A pooled call over a float base reads its pools with gradients recorded too, its producer declined then.
+        pooled = self._reads_pool(x2, self.backend, differentiable=not int8)
+        declines = pooled and not self._reads_pool(x2, self.backend)
+        if role.prologue and (declines or _keeps_s(x2, self.factors_need_grad(), self.backend, fused_base=True)):
             # A training call takes in no producer (forward_fused_with declines it): priced as it runs.
             role = dataclasses.replace(role, prologue="")
         num_tokens = x2.shape[0]
-        pool = (self.lora_a_pool.dtype == torch.int8, self.pool_rows) if self._reads_pool(x2, self.backend) else None
+        pool = (self.lora_a_pool.dtype == torch.int8, self.pool_rows) if pooled else None
         choice = formulation.choose(
             generation,
             num_tokens,
