@@ -691,35 +691,63 @@ def pooled_shrink_expand(
     is fewer tiles (:func:`scale_read_bytes`). ``typical_ranks``: the distinct adapters' ranks for the cost
     estimate (default: ``lanes`` adapters of rank R).
     """
-    num_tokens, hidden = x.shape
-    out_dim = b_pool.shape[-1]
+    hidden, out_dim = x.shape[1], b_pool.shape[-1]
     num_slots = page_table.shape[0] // (pages(rank) + 1)
-    dtype = x.dtype
     int8 = page_scales is not None
-    if int8 and page_scales.shape[0] % SCALE_TILE_ROWS:
-        raise ValueError(f"page_scales must hold whole tiles of {SCALE_TILE_ROWS} rows, got {page_scales.shape}")
     stride = a_pool.shape[1] if a_pool.ndim == 3 else 0  # stacked pools: rows per pool
     scale_rows = page_scales.shape[0] if int8 else 0
     pooled = Pooled(rank, int8, num_slots, scale_rows, stride, scale_rows // a_pool.shape[0] if stride else 0)
     block_sizes.check(hidden, out_dim)
-    spec = grid_spec(num_tokens, hidden, out_dim, rank, num_slots, dtype, block_sizes, lanes, pooled)
+    return _pooled_call(
+        x, (a_pool, b_pool), base, meta, page_table, page_scales, pooled, scaling, block_sizes, lanes,
+        interpret, vmem_limit_bytes, typical_ranks, name="xla_lora_pooled_shrink_expand",
+    )  # fmt: skip
+
+
+def _pooled_call(
+    x: jax.Array,
+    pools: tuple[jax.Array, ...],
+    base: jax.Array,
+    meta: LaneBlocks,
+    page_table: jax.Array,
+    page_scales: jax.Array | None,
+    pooled: Pooled,
+    scaling: float,
+    block_sizes: BlockSizes,
+    lanes: int,
+    interpret: bool,
+    vmem_limit_bytes: int | None,
+    typical_ranks: tuple[int, ...] | None,
+    name: str,
+) -> jax.Array:
+    """The pooled kernel's ``pallas_call`` on x [T_pad, width] and ``pools`` ((A, B), or (B,): :func:`pooled_expand`,
+    x then ``lanes * Rp`` wide), with its cost estimate for ``typical_ranks`` (default: ``lanes`` adapters of the
+    table's rank): the activations, the typical adapters' pages, the page table read whole and an int8 pool's scale
+    tiles of those pages (or the whole array, where that is fewer), as one token block holds them in decode."""
+    num_tokens, width = x.shape
+    out_dim, rank, dtype = pools[-1].shape[-1], pooled.rank, x.dtype
+    expand_only = len(pools) == 1
+    if pooled.int8 and page_scales.shape[0] % SCALE_TILE_ROWS:
+        raise ValueError(f"page_scales must hold whole tiles of {SCALE_TILE_ROWS} rows, got {page_scales.shape}")
+    spec = grid_spec(num_tokens, width, out_dim, rank, pooled.num_slots, dtype, block_sizes, lanes, pooled, expand_only)
     spec.grid = (meta.num_active[0], spec.grid[1])
     kernel = functools.partial(
         _fused_kernel,
         lanes=lanes,
         stride=rank_stride(rank, dtype),
-        per_block=max_chunks(block_sizes.tokens, num_slots, lanes) * lanes,
+        per_block=max_chunks(block_sizes.tokens, pooled.num_slots, lanes) * lanes,
         scaling=scaling,
         pooled=pooled,
+        expand_only=expand_only,
     )
-    typical = typical_ranks or (rank,) * min(lanes, num_slots)
+    typical = typical_ranks or (rank,) * min(lanes, pooled.num_slots)
     table_bytes = 4 * page_table.size  # the SMEM prefetch reads it whole
-    if int8:  # one block holds the typical adapters: their pages' tiles, or the whole array
+    if pooled.int8:
         table_bytes += scale_read_bytes(
             sum(pages(r) for r in typical), pooled.scale_rows, sum(map(scale_tiles, typical))
         )
     estimate = pooled_cost_estimate(
-        num_tokens, hidden, out_dim, typical, rank, dtype, block_sizes, lanes, int8, table_bytes
+        num_tokens, width, out_dim, typical, rank, dtype, block_sizes, lanes, pooled.int8, table_bytes, expand_only
     )
     prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform, page_table, meta.num_active)
     return pl.pallas_call(
@@ -734,16 +762,8 @@ def pooled_shrink_expand(
         ),
         cost_estimate=estimate,
         interpret=interpret,
-        name="xla_lora_pooled_shrink_expand",
-    )(
-        *prefetch,
-        meta.code.reshape(num_tokens, 1),
-        x,
-        base,
-        a_pool,
-        b_pool,
-        *([] if page_scales is None else [page_scales]),
-    )
+        name=name,
+    )(*prefetch, meta.code.reshape(num_tokens, 1), x, base, *pools, *([] if page_scales is None else [page_scales]))
 
 
 def pooled_expand_plan(
@@ -812,47 +832,12 @@ def pooled_expand(
     pool a page at a time through the page table, with the same laning, selections and int8 handling (the
     scales here B's alone). ``x`` is :func:`lane_placed`'s layout, so the kernel multiplies it as it would its own
     x @ A^T; rows past a lane's rank and lanes no token uses are neither read nor multiplied."""
-    num_tokens, width = x.shape
-    out_dim = b_pool.shape[-1]
-    num_slots = page_table.shape[0] // (pages(rank) + 1)
-    dtype = x.dtype
+    width, expected = x.shape[1], lanes * rank_stride(rank, x.dtype)
+    if width != expected or width != block_sizes.hidden:
+        raise ValueError(f"x is {width} wide: expected lanes * Rp = {expected}")
     int8 = page_scales is not None
-    if width != lanes * rank_stride(rank, dtype) or width != block_sizes.hidden:
-        raise ValueError(f"x is {width} wide: expected lanes * Rp = {lanes * rank_stride(rank, dtype)}")
-    if int8 and page_scales.shape[0] % SCALE_TILE_ROWS:
-        raise ValueError(f"page_scales must hold whole tiles of {SCALE_TILE_ROWS} rows, got {page_scales.shape}")
-    pooled = Pooled(rank, int8, num_slots, page_scales.shape[0] if int8 else 0)
-    spec = grid_spec(num_tokens, width, out_dim, rank, num_slots, dtype, block_sizes, lanes, pooled, expand_only=True)
-    spec.grid = (meta.num_active[0], spec.grid[1])
-    kernel = functools.partial(
-        _fused_kernel,
-        lanes=lanes,
-        stride=rank_stride(rank, dtype),
-        per_block=max_chunks(block_sizes.tokens, num_slots, lanes) * lanes,
-        scaling=1.0,
-        pooled=pooled,
-        expand_only=True,
-    )
-    typical = typical_ranks or (rank,) * min(lanes, num_slots)
-    table_bytes = 4 * page_table.size
-    if int8:
-        table_bytes += scale_read_bytes(
-            sum(pages(r) for r in typical), pooled.scale_rows, sum(map(scale_tiles, typical))
-        )
-    estimate = pooled_cost_estimate(
-        num_tokens, width, out_dim, typical, rank, dtype, block_sizes, lanes, int8, table_bytes, expand_only=True
-    )
-    prefetch = (meta.active, meta.chunks, meta.slots, meta.uniform, page_table, meta.num_active)
-    return pl.pallas_call(
-        kernel,
-        grid_spec=spec,
-        out_shape=jax.ShapeDtypeStruct(base.shape, base.dtype),
-        input_output_aliases={len(prefetch) + 2: 0},  # base, after code and x: untouched blocks keep it
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("arbitrary", "arbitrary"),
-            vmem_limit_bytes=vmem_limit_bytes or vmem_limit("v6e"),
-        ),
-        cost_estimate=estimate,
-        interpret=interpret,
-        name="xla_lora_pooled_expand",
-    )(*prefetch, meta.code.reshape(num_tokens, 1), x, base, b_pool, *([] if page_scales is None else [page_scales]))
+    pooled = Pooled(rank, int8, page_table.shape[0] // (pages(rank) + 1), page_scales.shape[0] if int8 else 0)
+    return _pooled_call(
+        x, (b_pool,), base, meta, page_table, page_scales, pooled, 1.0, block_sizes, lanes, interpret,
+        vmem_limit_bytes, typical_ranks, name="xla_lora_pooled_expand",
+    )  # fmt: skip
