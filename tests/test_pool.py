@@ -983,5 +983,5 @@ def test_an_embedding_prefill_on_pallas_reads_b_through_the_page_table_and_equal
             expected = reference(ids, adapter_names=[r or "__base__" for r in rows])
         assert_close(out, expected)
         assert not torch.allclose(expected, base(ids), atol=1e-3)  # the adapters matter
-    assert calls and all(shape == (256, 64) for shape in calls)  # 200 tokens in blocks of 256; 4 lanes of 16 rows
+    assert calls and all(rows >= 200 and width == 4 * 16 for rows, width in calls)  # 4 lanes of 16 rows each
     assert any(offsets), "no tail at an in-page offset: the placement this test means to cover"
