@@ -288,12 +288,16 @@ def _pooled_table(results: Sequence[dict]) -> str:
 
 
 def _pooled_expand_table(results: Sequence[dict]) -> str:
-    lines = ["| case | compiled | path | libtpu MB accessed | libtpu MFLOP |", "|---|---|---|---|---|"]
+    lines = [
+        "| case | compiled | path | kernel estimate MB | libtpu MB accessed | libtpu MFLOP |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         cost = r.get("cost", {})
         mb, mflop = cost.get("bytes accessed", 0) / 1e6, cost.get("flops", 0) / 1e6
+        estimate = f"{r['estimate']['bytes accessed'] / 1e6:.1f}" if "estimate" in r else "-"  # the kernel's own
         ok = "yes" if r["ok"] else f"NO: {r.get('error', '')[:200]}"
-        lines.append(f"| {r['name']} | {ok} | {r.get('path', '')} | {mb:.1f} | {mflop:.1f} |")
+        lines.append(f"| {r['name']} | {ok} | {r.get('path', '')} | {estimate} | {mb:.1f} | {mflop:.1f} |")
     return "\n".join(lines)
 
 
