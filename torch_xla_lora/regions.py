@@ -21,7 +21,9 @@ each shard calls ``linear_lora`` (the base product and the LoRA in one op) on
 its local weight shard, so x is read once and the output written once per
 shard, as on one device.
 
-Every region is differentiable (``register_autograd``, at the end of this
+Every region but the pooled ones (``sharded_pooled_*``: serving only; a layer
+whose operands need gradients gathers its lanes into slots and runs the slot
+regions) is differentiable (``register_autograd``, at the end of this
 module), and each backward is a region too: one custom op with a fake
 (``sharded_*_backward``) that runs the one-device ops (``bgmv_shrink``,
 ``bgmv_expand``, ``bgmv_weight_grad``; for expert layers also ``grouped_matmul``
