@@ -54,13 +54,14 @@ from .pages import (
     pool_rows_read,
     row_scales,
     scale_buffer_rows,
-    scale_read_bytes,
     scale_tile_step,
     scale_tiles,
+    table_read_bytes,
 )
 from .pages import flat_page_scales as flat_page_scales  # re-exported: the XLA path reads kept page scales by it
 from .pages import padded_scale_rows as padded_scale_rows  # re-exported: callers size page scales by it
 from .pages import page_scales_of as page_scales_of  # re-exported: callers build page scales by it
+from .pages import scale_read_bytes as scale_read_bytes  # re-exported: the TPU model prices page-scale reads by it
 from .visits import LaneBlocks, max_chunks
 
 logger = logging.getLogger(__name__)
@@ -741,11 +742,7 @@ def _pooled_call(
         expand_only=expand_only,
     )
     typical = typical_ranks or (rank,) * min(lanes, pooled.num_slots)
-    table_bytes = 4 * page_table.size  # the SMEM prefetch reads it whole
-    if pooled.int8:
-        table_bytes += scale_read_bytes(
-            sum(pages(r) for r in typical), pooled.scale_rows, sum(map(scale_tiles, typical))
-        )
+    table_bytes = table_read_bytes(page_table.size, typical, pooled.scale_rows if pooled.int8 else 0)
     estimate = pooled_cost_estimate(
         num_tokens, width, out_dim, typical, rank, dtype, block_sizes, lanes, pooled.int8, table_bytes, expand_only
     )

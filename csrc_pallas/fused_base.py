@@ -88,9 +88,9 @@ from .pages import (
     pool_rows_read,
     row_scales,
     scale_buffer_rows,
-    scale_read_bytes,
     scale_tile_step,
     scale_tiles,
+    table_read_bytes,
 )
 from .visits import LaneBlocks, max_chunks
 
@@ -1029,9 +1029,8 @@ def pooled_cost_estimate(
     int8_pool = pooled is not None and pooled.int8
     width = lanes * rank_stride(table_rank, dtype)
     chunks = max(1, -(-len(ranks) // lanes))
-    tables = 4 * (pooled.num_slots * (pages(table_rank) + 1) if pooled is not None else 0)
-    if int8_pool:
-        tables += scale_read_bytes(sum(pages(r) for r in ranks), pooled.scale_rows, sum(map(scale_tiles, ranks)))
+    table_size = pooled.num_slots * (pages(table_rank) + 1) if pooled is not None else 0
+    tables = table_read_bytes(table_size, ranks, pooled.scale_rows if int8_pool else 0)
     return pl.CostEstimate(
         flops=2 * num_tokens * (hidden * out_dim + chunks * width * (hidden + out_dim)),
         transcendentals=num_tokens * hidden if fusion.silu_mul else 0,

@@ -164,6 +164,15 @@ def scale_buffer_rows(pooled: Pooled, lanes: int) -> int:
     return max(lanes * pages(pooled.rank) * SCALE_TILE_ROWS, pooled.scale_rows if pooled.whole_scales else 0)
 
 
+def table_read_bytes(table_size: int, ranks, scale_rows: int) -> int:
+    """HBM bytes of the tables a pooled kernel reads for one token block of adapters of ``ranks``: the page table
+    (``table_size`` int32 entries, read whole into SMEM) and, for an int8 pool (``scale_rows`` > 0, its page-scale
+    array's length), the used pages' scale tiles or the whole array (:func:`scale_read_bytes`)."""
+    if not scale_rows:
+        return 4 * table_size
+    return 4 * table_size + scale_read_bytes(sum(map(pages, ranks)), scale_rows, sum(map(scale_tiles, ranks)))
+
+
 def pool_rows_read(ranks) -> int:
     """Pool rows the kernels DMA for adapters of ``ranks``: whole pages (a tail page read whole; a spilled tail,
     which this does not know of, reads one page more)."""

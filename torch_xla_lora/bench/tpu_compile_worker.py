@@ -289,11 +289,7 @@ def build_pooled(cfg: Config, sds, experts: int | None = None):
     padded = sizes.padded_tokens(tokens)
     # The tables the kernel reads: the page table (page starts, ranks) whole, and of an int8 pool's page scales the
     # used pages' tiles or the whole array, whichever is fewer (one block of decode tokens holds every adapter).
-    table_bytes = 4 * (slots * fused.pages(rank) + slots)
-    if int8:
-        table_bytes += fused.scale_read_bytes(
-            sum(map(fused.pages, ranks)), scale_rows, sum(map(fused.scale_tiles, ranks))
-        )
+    table_bytes = fused.table_read_bytes(slots * fused.pages(rank) + slots, ranks, scale_rows if int8 else 0)
     estimate = fused.pooled_cost_estimate(padded, d_in, d_out, ranks, rank, dtype, sizes, lanes, int8, table_bytes)
     info = {
         "block": dataclasses.asdict(sizes),
@@ -343,10 +339,8 @@ def build_pooled_expand(cfg: Config, sds):
     if tokens > _xla_native.PACKED_MAX_TOKENS:
         sizes, lanes, run = fused.pooled_expand_plan(tokens, d_out, rank, slots, dtype, cfg.chip, int8)
         padded, typical = sizes.padded_tokens(tokens), (rank,) * min(lanes, slots)
-        table_bytes = 4 * (slots * fused.pages(rank) + slots)
-        if int8:
-            scale_rows = fused.padded_scale_rows(pool_rows)
-            table_bytes += fused.scale_read_bytes(fused.pages(rank) * len(typical), scale_rows, len(typical))
+        scale_rows = fused.padded_scale_rows(pool_rows) if int8 else 0  # the page scales the op builds from b_scale
+        table_bytes = fused.table_read_bytes(slots * fused.pages(rank) + slots, typical, scale_rows)
         estimate = fused.pooled_cost_estimate(
             padded, sizes.hidden, d_out, typical, rank, dtype, sizes, lanes, int8, table_bytes, expand_only=True
         )

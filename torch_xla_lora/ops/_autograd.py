@@ -337,10 +337,11 @@ def _pooled_expand_backward(ctx, grad: torch.Tensor):
         raise NotImplementedError("pooled_expand: the pool and its scales are served, not trained")
     d_inputs = None
     if ctx.needs_input_grad[0]:
-        picked = b_pool.index_select(0, rows.reshape(-1)).reshape(*rows.shape, b_pool.shape[1])  # [L, R, Dout]
-        if b_scale is not None:
-            picked = picked.to(torch.float32) * b_scale.index_select(0, rows.reshape(-1)).reshape(*rows.shape, 1)
-        d_inputs = _ops.bgmv_shrink(grad.to(ctx.dtype), picked.to(ctx.dtype), lanes, 1.0, ctx.backend)
+        from torch_xla_lora import pool
+
+        scale = None if b_scale is None else b_scale[None]
+        lora_b = pool.gather_slots(b_pool[None], scale, rows.reshape(-1), 0, rows.shape[0], ctx.dtype)  # [L, R, Dout]
+        d_inputs = _ops.bgmv_shrink(grad.to(ctx.dtype), lora_b.to(ctx.dtype), lanes, 1.0, ctx.backend)
     return d_inputs, None, grad if ctx.needs_input_grad[2] else None, *_no_grads(4)
 
 

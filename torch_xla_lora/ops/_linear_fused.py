@@ -630,27 +630,24 @@ def _pooled_backward(ctx, grad: torch.Tensor):
     other layout, B's pool as A's and A's as B's: both rank-first, an int8 row's a_scale * b_scale the same
     product), on the same row and page tables, one pass over g; dW and d bias as torch's linear backward; d
     residual = g. The pools are served adapters and take none."""
-    need = ctx.needs_input_grad
+    from torch_xla_lora.ops._autograd import _needs
 
-    def needs(*positions: int) -> bool:  # (trailing arguments equal to their defaults are not in ``need``)
-        return any(k < len(need) and need[k] for k in positions)
-
-    if needs(*_SERVED, *_PRODUCER) or (needs(_X, _WEIGHT) and not ctx.plain):
+    if _needs(ctx, *_SERVED, *_PRODUCER) or (_needs(ctx, _X, _WEIGHT) and not ctx.plain):
         raise NotImplementedError("linear_lora_pooled: gradients of a plain layer's x, weight, bias and residual only")
     x, weight, a_pool, b_pool, lanes, rows, a_scale, b_scale, pages, page_scales = ctx.saved_tensors
     out_in = ctx.layout == "out_in"
     dx = d_weight = d_bias = None
-    if needs(_X):
+    if _needs(ctx, _X):
         swapped = "in_out" if out_in else "out_in"
         dx = torch.ops.xla_lora.linear_lora_pooled(
             grad.to(weight.dtype), weight, None, b_pool, a_pool, lanes, rows, b_scale, a_scale, ctx.scaling,
             swapped, ctx.backend, None, False, pages, page_scales,
         ).to(x.dtype)  # fmt: skip
-    if needs(_WEIGHT):
+    if _needs(ctx, _WEIGHT):
         d_weight = grad.T @ x if out_in else x.T @ grad
-    if needs(_BIAS) and ctx.bias_dtype is not None:
+    if _needs(ctx, _BIAS) and ctx.bias_dtype is not None:
         d_bias = grad.sum(0, dtype=torch.promote_types(grad.dtype, torch.float32)).to(ctx.bias_dtype)
-    return dx, d_weight, d_bias, *(None,) * 16, grad if needs(_RESIDUAL) else None, None
+    return dx, d_weight, d_bias, *(None,) * 16, grad if _needs(ctx, _RESIDUAL) else None, None
 
 
 torch.library.register_autograd("xla_lora::linear_lora_pooled", _pooled_backward, setup_context=_pooled_setup)
