@@ -205,6 +205,7 @@ def vmem_bytes(
     has_bias: bool = True,
     fusion: Fusion = NO_FUSION,
     keep_s: bool = False,
+    a_grad: int = 0,
 ) -> int:
     """VMEM of one configuration, an upper bound of what libtpu allocates for the kernel.
 
@@ -218,7 +219,10 @@ def vmem_bytes(
     the B tile's f32 copies while its non-finite values are selected out. An int8 weight tile is
     converted :data:`WEIGHT_CHUNK` output columns at a time (one chunk's f32 and x-dtype copies).
     ``keep_s``: the [bt, R] block of the kept shrink ``s`` (its rows filling whole 128-lane rows) and one
-    f32 [rows, R] value of it.
+    f32 [rows, R] value of it. ``a_grad``: K, the width of A's gradient (0: none), kept resident as f32
+    [L, R, K] in VMEM; with it the [R, bt] block of the rows it is taken against and its [1, bt] token codes,
+    and one lane's values (x's block and those rows with other lanes' tokens selected out, their f32 [R, tk]
+    product and its sum).
     """
     itemsize = jnp.dtype(dtype).itemsize
     bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
@@ -238,6 +242,11 @@ def vmem_bytes(
     if keep_s:  # s's output block, its last dim padded to whole lanes, and its sum over the lanes
         block += bt * -(-rank // LANE) * LANE * itemsize
         values += rows * -(-rank // LANE) * LANE * 4
+    if a_grad:
+        sublanes = -(-rank // 16) * 16
+        block += sublanes * bt * itemsize + row * bt
+        scratch += num_slots * -(-rank // 8) * 8 * a_grad * 4
+        values += bt * tk * itemsize + sublanes * bt * itemsize + 2 * sublanes * tk * 4
     return 2 * block + scratch + values
 
 
@@ -292,6 +301,7 @@ def modelled_seconds(
     keep_s: bool = False,
     ranks: tuple[int, ...] | None = None,
     int8_pool: bool = False,
+    a_grad_slots: int = 0,
 ) -> float:
     """Roofline time of the kernel under ``sizes`` on ``generation``, for choosing among tilings and lane counts.
 
@@ -308,6 +318,8 @@ def modelled_seconds(
     chunks: each chunk's shrink at every reduction tile and expand at every output tile, the first chunk's
     adapter tiles fetched beside the base product's and every later chunk's while the MXU waits (as
     :func:`step_work` has them); ``keep_s``: the kept shrink's [T, R] write counted with the traffic.
+    ``a_grad_slots``: L where the kernel also takes A's gradient (0: not): the [T, R] rows and the codes read,
+    the f32 [L, R, K] gradient written once, one [R, bt] x [bt, tk] product per adapter of a block at n == 0.
     """
     generation = known(generation)
     width = tuning.MXU_WIDTH[generation]
@@ -321,10 +333,14 @@ def modelled_seconds(
     bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
     rows = sizes.padded_tokens(num_tokens)
     k_tiles, n_tiles = hidden // tk, out_dim // tn
-    itemsize = jnp.dtype(dtype).itemsize
     lane_width = pad(lanes * rank_stride(rank, dtype))
     lora = chunks * lane_width * (k_tiles * pad(tk) + n_tiles * pad(tn))
     flops = 2 * rows * (k_tiles * pad(tk) * n_tiles * pad(tn) + lora)
+    itemsize = jnp.dtype(dtype).itemsize
+    a_grad_bytes = 0
+    if a_grad_slots:
+        flops += 2 * rows * rank * k_tiles * pad(tk) * adapters
+        a_grad_bytes = rows * (rank * itemsize + 4) + a_grad_slots * rank * hidden * 4
     if ranks is None:
         adapter_bytes = (rows // bt) * rank * (hidden + out_dim) * itemsize  # one adapter's A and B rows per block
         overlapped = min(adapters, lanes) * adapter_bytes
@@ -337,7 +353,8 @@ def modelled_seconds(
     bandwidth = tuning.HBM_BYTES_PER_S[generation]
     seconds = max(
         (hbm_bytes(num_tokens, hidden, out_dim, sizes, itemsize, fusion, rank if keep_s else 0) + overlapped)
-        / bandwidth,
+        / bandwidth
+        + a_grad_bytes / bandwidth,
         flops / tuning.PEAK_FLOPS[generation],
     )
     return seconds + exposed / bandwidth + (rows // bt) * k_tiles * n_tiles * tuning.STEP_OVERHEAD_S
@@ -355,6 +372,7 @@ def plan(
     has_bias: bool = True,
     fusion: Fusion = NO_FUSION,
     keep_s: bool = False,
+    a_grad: bool = False,
 ) -> tuple[BlockSizes, int] | None:
     """(BlockSizes(tokens, reduction tile, output tile), lanes), or None when no tiling fits VMEM.
 
@@ -384,7 +402,10 @@ def plan(
     Minimising HBM traffic alone would pick a 128-wide reduction tile wherever it saves one re-read of
     x, and pay for it in half-empty MXU passes and grid steps.
     ``keep_s``: the plan of the training kernel that also writes the shrink (``linear_lora(..., keep_s=True)``):
-    its block counted in VMEM and its write in the traffic.
+    its block counted in VMEM and its write in the traffic. ``a_grad`` (with ``keep_s``): the backward's pass that
+    also takes A's gradient against rows it is given (``linear_lora(..., a_grad_rows=)``): its resident
+    [L, R, K] f32 gradient in VMEM (so this plan depends on ``num_slots``), token blocks of whole lanes (the rows
+    come transposed, [R, bt] blocks) and its traffic and products priced.
     No weight is ever padded per call. On TPU, K and N must be multiples of 128 (the caller falls
     back otherwise).
     """
@@ -395,16 +416,22 @@ def plan(
     best = None
     bt = token_block(num_tokens, generation)
     while bt >= 8:
+        if a_grad and bt % LANE and -(-num_tokens // bt) > 1:
+            bt //= 2  # the rows' [R, bt] blocks: whole lanes, or the whole (padded) batch
+            continue
         for tk in _divisor_tiles(hidden, max_tile):
             for tn in _divisor_tiles(out_dim, max_tile):
                 sizes = BlockSizes(tokens=bt, hidden=tk, out=tn)
-                lanes = widest_lanes(sizes, rank, num_slots, widest, dtype, budget, has_bias, fusion, keep_s)
+                lanes = widest_lanes(
+                    sizes, rank, num_slots, widest, dtype, budget, has_bias, fusion, keep_s, hidden if a_grad else 0
+                )
                 if not lanes:
                     continue
                 adapters = min(widest, bt)
                 seconds = modelled_seconds(
-                    num_tokens, hidden, out_dim, rank, sizes, lanes, dtype, generation, fusion, adapters, keep_s
-                )
+                    num_tokens, hidden, out_dim, rank, sizes, lanes, dtype, generation, fusion, adapters, keep_s,
+                    a_grad_slots=num_slots if a_grad else 0,
+                )  # fmt: skip
                 steps = sizes.padded_tokens(num_tokens) // bt * (hidden // tk) * (out_dim // tn)
                 key = (seconds, steps, -lanes)
                 if best is None or key < best[0]:
@@ -423,6 +450,7 @@ def widest_lanes(
     has_bias: bool = True,
     fusion: Fusion = NO_FUSION,
     keep_s: bool = False,
+    a_grad: int = 0,
 ) -> int:
     """The most lanes, at most ``widest``, with which ``sizes`` fits ``budget`` bytes of VMEM (0: not even one).
 
@@ -430,7 +458,7 @@ def widest_lanes(
     """
 
     def fits(lanes: int) -> bool:
-        return vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias, fusion, keep_s) <= budget
+        return vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias, fusion, keep_s, a_grad) <= budget
 
     if fits(widest):
         return widest
@@ -509,11 +537,12 @@ def _kernel(
     *refs,  # [pooled: the page table, SMEM [L * pages(R) + L]], code [bt, 1] int32, x [bt, tk] (the gate with
     # fusion.silu_mul), [up [bt, tk]], [row [bt, 1] f32], [col [1, tk]], w, [in_scale [1, tk] ("out_in") or
     # [tk, 1] ("in_out") f32], [scale [1, tn] f32], [bias [1, tn]],
-    # [residual [bt, tn]],
+    # [residual [bt, tn]], [a_grad: the rows u transposed [R, bt], the codes as a row [1, bt]],
     # a_hbm, b_hbm (slots [L, R, K] / [L, R, N], or pools [P + 2, K] / [P + 2, N]), [int8 pools: page scales
-    # [S] f32], o_ref, [s_ref [bt, R] with keep_s], a_buf, b_buf, y_acc [bt, lanes * stride] f32, acc_ref,
-    # [x_buf [bt, tk] with a prologue], [int8 pools: page staging [lanes * stride / 8, 8, tk] and [.., 8, tn]
-    # int8, the SMEM scale buffer, the scale mode [1] SMEM], sem ([2]; int8 pools [3])
+    # [S] f32], o_ref, [s_ref [bt, R] with keep_s], [a_grad: dA (ANY) [L, R, K] f32], a_buf, b_buf, y_acc
+    # [bt, lanes * stride] f32, acc_ref, [x_buf [bt, tk] with a prologue], [int8 pools: page staging
+    # [lanes * stride / 8, 8, tk] and [.., 8, tn] int8, the SMEM scale buffer, the scale mode [1] SMEM],
+    # [a_grad: dA's resident sum [K / tk, L, R, tk] f32], sem ([2]; int8 pools [3]; a_grad [3])
     lanes: int,
     stride: int,
     per_block: int,
@@ -525,6 +554,7 @@ def _kernel(
     weight_chunk: int = WEIGHT_CHUNK,
     keep_s: bool = False,
     pooled: Pooled | None = None,
+    a_grad: bool = False,
 ):
     refs = list(refs)
     table = PageTable(refs.pop(0), pooled) if pooled is not None else None
@@ -538,10 +568,13 @@ def _kernel(
     scale_ref = refs.pop(0) if fusion.weight_scale else None
     bias_ref = refs.pop(0) if has_bias else None
     res_ref = refs.pop(0) if fusion.residual else None
+    ut_ref, code_row_ref = (refs.pop(0), refs.pop(0)) if a_grad else (None, None)
     a_hbm, b_hbm = refs.pop(0), refs.pop(0)
     s_hbm = refs.pop(0) if int8_pool else None
     o_ref = refs.pop(0)
     s_ref = refs.pop(0) if keep_s else None
+    a_grad_hbm = refs.pop(0) if a_grad else None
+    a_grad_acc = refs[-2] if a_grad else None
     a_buf, b_buf, y_acc, acc_ref = refs[:4]
     x_buf = refs[4] if fusion.prologue else None
     if int8_pool:
@@ -819,6 +852,12 @@ def _kernel(
         def _no_adapter_s():  # a block without adapters keeps a zero s
             s_ref[...] = jnp.zeros_like(s_ref)
 
+    if a_grad:
+        _take_a_grad(
+            a_grad_acc, a_grad_hbm, x_src, code_ref, ut_ref, code_row_ref, slots_ref, i, k, num_chunks, lanes,
+            per_block, sem.at[2],
+        )  # fmt: skip
+
     @pl.when((k == last_k) & (num_chunks > 0))
     def _expand():
         def body(c, carry):
@@ -857,6 +896,53 @@ def _kernel(
         jax.lax.fori_loop(0, num_chunks, body, 0)
 
 
+def _take_a_grad(
+    acc, out_hbm, x_src, code_ref, ut_ref, code_row_ref, slots_ref, i, k, num_chunks, lanes, per_block, sem
+):
+    """A's gradient against the rows u: ``dA[l] += sum_{t of block i on slot l} outer(u[t], x[t])`` for the k tile,
+    at n == 0 (the steps that read every k tile of the block), into the resident f32 sum ``acc`` [K / tk, L, R, tk];
+    written to ``out_hbm`` [L, R, K] at the grid's last step. Per lane of each chunk, the tokens of other lanes are
+    selected out of both operands (not multiplied by zero: a non-finite row of another tenant stays out of this
+    slot's sum), then one [R, bt] x [bt, tk] product."""
+    n = pl.program_id(1)
+
+    @pl.when((i == 0) & (n == 0) & (k == 0))
+    def _zero():
+        acc[...] = jnp.zeros_like(acc)
+
+    @pl.when((n == 0) & (num_chunks > 0))
+    def _accumulate():
+        def body(c, carry):
+            for lane in range(lanes):
+                slot = slots_ref[i * per_block + c * lanes + lane]
+                code = c * lanes + lane
+
+                @pl.when(slot >= 0)
+                def _lane(slot=slot, code=code):
+                    x = jnp.where(code_ref[...] == code, x_src[...], jnp.zeros((), x_src.dtype))
+                    u = jnp.where(code_row_ref[...] == code, ut_ref[...], jnp.zeros((), ut_ref.dtype))
+                    product = jnp.dot(u.astype(x.dtype), x, preferred_element_type=jnp.float32)
+                    acc[k, pl.ds(slot, 1)] += product[None]
+
+            return carry
+
+        jax.lax.fori_loop(0, num_chunks, body, 0)
+
+    last = (i == pl.num_programs(0) - 1) & (n == pl.num_programs(1) - 1) & (k == pl.num_programs(2) - 1)
+
+    @pl.when(last)
+    def _write():
+        tiles, tk = acc.shape[0], acc.shape[3]
+        copies = [
+            pltpu.make_async_copy(acc.at[j], out_hbm if tiles == 1 else out_hbm.at[:, :, pl.ds(j * tk, tk)], sem)
+            for j in range(tiles)
+        ]
+        for copy in copies:
+            copy.start()
+        for copy in copies:
+            copy.wait()
+
+
 def grid_spec(
     num_tokens: int,
     hidden: int,
@@ -871,11 +957,14 @@ def grid_spec(
     fusion: Fusion = NO_FUSION,
     keep_s: bool = False,
     pooled: Pooled | None = None,
+    a_grad: bool = False,
 ) -> pltpu.PrefetchScalarGridSpec:
     """The kernel's grid ``(token blocks, output tiles, reduction tiles)`` and BlockSpecs (read by the cost model);
     ``keep_s``: a second output, the [bt, R] block of the shrink per token block. ``pooled``: A and B are pools
     read through the page table (a fourth scalar-prefetch array); int8 pools add the page-scale array (ANY),
-    the int8 page staging buffers, the SMEM scale buffer and mode, and a third DMA semaphore."""
+    the int8 page staging buffers, the SMEM scale buffer and mode, and a third DMA semaphore. ``a_grad`` (with
+    ``keep_s``): the rows A's gradient is taken against, transposed ([R, bt] blocks) with the codes as a row, a
+    third output [L, R, K] f32 (ANY, written by hand once), its resident sum and a third DMA semaphore."""
     bt, tk, tn = sizes.tokens, sizes.hidden, sizes.out
     stride = rank_stride(rank, dtype)
     width = lanes * stride
@@ -902,6 +991,9 @@ def grid_spec(
         in_specs.append(pl.BlockSpec((1, tn), lambda i, n, k, *_: (0, n)))
     if fusion.residual:
         in_specs.append(pl.BlockSpec((bt, tn), lambda i, n, k, *_: (i, n)))
+    if a_grad:  # read at n == 0; the same block over the token block's steps
+        in_specs += [pl.BlockSpec((rank, bt), lambda i, n, k, *_: (0, i))]
+        in_specs += [pl.BlockSpec((1, bt), lambda i, n, k, *_: (0, i))]
     in_specs += [pl.BlockSpec(memory_space=pltpu.ANY), pl.BlockSpec(memory_space=pltpu.ANY)]
     int8_pool = pooled is not None and pooled.int8
     if int8_pool:
@@ -909,6 +1001,10 @@ def grid_spec(
     out_specs = pl.BlockSpec((bt, tn), lambda i, n, k, *_: (i, n))
     if keep_s:  # written at n == 0 and the last k, kept in VMEM over the block's other steps
         out_specs = [out_specs, pl.BlockSpec((bt, rank), lambda i, n, k, *_: (i, 0))]
+    a_grad_sum = []
+    if a_grad:  # A's gradient, resident in VMEM over the whole grid, DMA'd out at its last step
+        out_specs.append(pl.BlockSpec(memory_space=pltpu.ANY))
+        a_grad_sum = [pltpu.VMEM((hidden // tk, num_slots, rank, tk), jnp.float32)]
     staging = []
     if int8_pool:  # each lane's pages staged as int8, then converted into the A and B tiles
         staging = [
@@ -929,7 +1025,8 @@ def grid_spec(
             pltpu.VMEM((bt, tn), jnp.float32),
             *([pltpu.VMEM((bt, tk), dtype)] if fusion.prologue else []),  # x's transformed tile, for the shrink
             *staging,
-            pltpu.SemaphoreType.DMA((3 if int8_pool else 2,)),
+            *a_grad_sum,
+            pltpu.SemaphoreType.DMA((3 if int8_pool or a_grad else 2,)),
         ],
     )
 
@@ -945,6 +1042,7 @@ def cost_estimate(
     lanes: int,
     fusion: Fusion = NO_FUSION,
     keep_s: bool = False,
+    a_grad: bool = False,
 ) -> pl.CostEstimate:
     """Typical cost for XLA's scheduler: the base matmul, plus one laned chunk per token block.
 
@@ -952,17 +1050,21 @@ def cost_estimate(
     lanes cost one more pass each; blocks without adapters none). Bytes count x once per output
     tile unless the reduction is untiled, W once per token block, the output once
     (:func:`hbm_bytes`, with the kept shrink's [T, R] when ``keep_s``), and the A and B rows of ``lanes``
-    adapters per block (at most L).
+    adapters per block (at most L). ``a_grad``: A's gradient too, each token's [R] x [K] outer product, its
+    rows and codes read and the f32 [L, R, K] written once.
     """
     itemsize = jnp.dtype(dtype).itemsize
     width = lanes * rank_stride(rank, dtype)
     adapters = typical_adapters(num_tokens, num_slots, block_sizes.tokens, lanes)
+    a_grad_flops = 2 * num_tokens * rank * hidden if a_grad else 0
+    a_grad_bytes = num_tokens * (rank * itemsize + 4) + num_slots * rank * hidden * 4 if a_grad else 0
     return pl.CostEstimate(
-        flops=2 * num_tokens * (hidden * out_dim + width * (hidden + out_dim)),
+        flops=2 * num_tokens * (hidden * out_dim + width * (hidden + out_dim)) + a_grad_flops,
         transcendentals=num_tokens * hidden if fusion.silu_mul else 0,
         bytes_accessed=hbm_bytes(num_tokens, hidden, out_dim, block_sizes, itemsize, fusion, rank if keep_s else 0)
         + 4 * num_tokens
-        + adapters * rank * (hidden + out_dim) * itemsize,
+        + adapters * rank * (hidden + out_dim) * itemsize
+        + a_grad_bytes,
     )
 
 
@@ -1084,7 +1186,8 @@ def linear_lora(
     page_scales: jax.Array | None = None,  # int8 pools: [S] f32, a_scale * b_scale of each row, whole 1024-row tiles
     pool_rank: int = 0,  # pooled: R, the page table's rank
     typical_ranks: tuple[int, ...] | None = None,  # pooled: a block's distinct adapters' ranks, for the estimate
-) -> jax.Array | tuple[jax.Array, jax.Array]:  # [T_pad, N], x.dtype (and s [T_pad, R], x.dtype, with keep_s)
+    a_grad_rows: jax.Array | None = None,  # [T_pad, R], with keep_s: also return A's gradient against these rows
+) -> jax.Array | tuple[jax.Array, ...]:  # [T_pad, N], x.dtype (and s [T_pad, R], x.dtype, with keep_s; dA)
     """The fused base + LoRA kernel over prepared lane metadata; T_pad a multiple of the token block.
 
     ``vmem_limit_bytes``: the scoped VMEM limit of the generation ``plan`` used
@@ -1106,6 +1209,11 @@ def linear_lora(
     selected out (:func:`.pages.lane_rows`). Plan as for slots (``pooled_vmem_bytes`` must fit), without
     ``keep_s``. ``typical_ranks``: the ranks of a block's distinct adapters, for the cost estimate
     (default: ``lanes`` adapters of rank R).
+
+    ``a_grad_rows`` u (with ``keep_s``; slots only; plan with ``a_grad``): a third output, the gradient of A
+    against u, ``dA[l] = sum_{t: s_t = l} outer(u[t], x[t])`` [L, R, K] f32 (exact zeros for a slot no token
+    uses), taken while x's tiles are in VMEM for the shrink: the backward's one pass over the output gradient,
+    where x is g and A is the layer's B, gives dx, ``ds`` (the kept s) and dB (u the forward's s) at once.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -1114,7 +1222,7 @@ def linear_lora(
     if page_table is None:
         num_slots, rank, out_dim = lora_b.shape
     else:
-        if keep_s:
+        if keep_s or a_grad_rows is not None:
             raise ValueError("a pooled linear_lora does not keep s (pools serve adapters that are not trained)")
         if (page_scales is not None) != (lora_a.dtype == jnp.int8):
             raise ValueError("page_scales must be given exactly for int8 pools")
@@ -1124,6 +1232,9 @@ def linear_lora(
         num_slots = page_table.shape[0] // (pages(rank) + 1)
         pooled = Pooled(rank, page_scales is not None, num_slots, 0 if page_scales is None else page_scales.shape[0])
     block_sizes.check(hidden, out_dim)
+    a_grad = a_grad_rows is not None
+    if a_grad and not keep_s:
+        raise ValueError("a_grad_rows is the backward's pass: it keeps s too (keep_s=True)")
     has_bias = bias is not None
     fusion = Fusion(
         up is not None,
@@ -1147,6 +1258,7 @@ def linear_lora(
         fusion,
         keep_s,
         pooled,
+        a_grad,
     )
     kernel = functools.partial(
         _kernel,
@@ -1161,6 +1273,7 @@ def linear_lora(
         weight_chunk=weight_chunk_cols,
         keep_s=keep_s,
         pooled=pooled,
+        a_grad=a_grad,
     )
     operands = [meta.code.reshape(num_tokens, 1), x]
     operands += [] if up is None else [up]
@@ -1175,12 +1288,16 @@ def linear_lora(
     if has_bias:
         operands.append(bias.reshape(1, out_dim))
     operands += [] if residual is None else [residual]
+    if a_grad:
+        operands += [a_grad_rows.T, meta.code.reshape(1, num_tokens)]
     out_shape = jax.ShapeDtypeStruct((num_tokens, out_dim), x.dtype)
     if keep_s:
         out_shape = (out_shape, jax.ShapeDtypeStruct((num_tokens, rank), lora_a.dtype))
+    if a_grad:
+        out_shape += (jax.ShapeDtypeStruct((num_slots, rank, hidden), jnp.float32),)
     if pooled is None:
         estimate = cost_estimate(
-            num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes, fusion, keep_s
+            num_tokens, hidden, out_dim, rank, num_slots, x.dtype, block_sizes, lanes, fusion, keep_s, a_grad
         )
         prefetch, pools = (meta.chunks, meta.slots, meta.uniform), (lora_a, lora_b)
     else:
@@ -1219,6 +1336,7 @@ def tpu_compile_case(
     pool_rows: int = 0,
     int8_pool: bool = False,
     typical_ranks: tuple[int, ...] | None = None,
+    a_grad: bool = False,
 ):
     """(fn, argument ShapeDtypeStructs) of the kernel with Mosaic for one configuration, for TPU compile checks.
 
@@ -1231,14 +1349,17 @@ def tpu_compile_case(
     shapes to ``jax.jit(fn).trace(...).lower(lowering_platforms=("tpu",))``. The fusion operands,
     in order, those ``fusion`` has: up [T, K], row scale [T] f32, column scale [K], residual [T, N],
     weight scale [N] f32 or weight input scale [K] f32 (then the weight is int8). ``keep_s``: the training
-    kernel, which also writes the shrink.
+    kernel, which also writes the shrink; ``a_grad`` (with it): the backward's pass, which also takes A's gradient
+    against rows [T, R] in ``dtype``, the last argument.
     """
     if pool_rows:
         planned = pooled_plan(
             num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, has_bias, fusion, int8_pool
         )
     else:
-        planned = plan(num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, has_bias, fusion, keep_s)
+        planned = plan(
+            num_tokens, hidden, out_dim, rank, num_slots, dtype, generation, has_bias, fusion, keep_s, a_grad
+        )
     if planned is None:
         raise ValueError(f"no tiling of K={hidden}, N={out_dim} fits VMEM on {generation}")
     sizes, lanes = planned
@@ -1251,6 +1372,8 @@ def tpu_compile_case(
 
     def fn(x, weight, *rest):
         bias, rest = (rest[0], rest[1:]) if has_bias else (None, rest)
+        rows = {"a_grad_rows": rest[-1]} if a_grad else {}
+        rest = rest[:-1] if a_grad else rest
         pooled = {}
         if pool_rows:
             if int8_pool:
@@ -1275,6 +1398,7 @@ def tpu_compile_case(
             keep_s=keep_s,
             **extra,
             **pooled,
+            **rows,
         )
 
     w_shape = (out_dim, hidden) if layout == "out_in" else (hidden, out_dim)
@@ -1294,4 +1418,5 @@ def tpu_compile_case(
     extra.update(weight_scale=(out_dim,), weight_in_scale=(hidden,))
     f32 = ("row_scale", "weight_scale", "weight_in_scale")
     args += [jax.ShapeDtypeStruct(extra[n], jnp.float32 if n in f32 else dtype) for n in names]
+    args += [jax.ShapeDtypeStruct((padded, rank), dtype)] if a_grad else []
     return fn, args

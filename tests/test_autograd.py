@@ -546,7 +546,9 @@ def test_linear_train_forwards_keep_s_and_their_gradients_are_the_serving_ops(tr
     """A training forward's s is scaling * A[i_t] x[t] (x the producer's output; float64 math; exact zeros for
     rows outside [0, L)) and its output is the serving op's; its gradients equal the serving op's (which
     recomputes s) and float64 math, and its backward hands s to the fused backward op rather than recomputing
-    it (one bgmv_lora_grads, no shrink). "pallas": the fused base kernel writing s (interpret mode off TPU)."""
+    it (one bgmv_lora_grads, no shrink). "pallas": the fused base kernel writing s (interpret mode off TPU), and
+    the training forward's backward one pass over g giving dx, ds and dB (``linear_lora_backward``, handed the
+    forward's s) and dA by ``bgmv_weight_grad``."""
     device = request.getfixturevalue("xla_device") if on_xla else torch.device("cpu")
     serving = TRAIN_FORWARDS[train]
     case, idx = CASES[train], _indices("blocks")
@@ -569,9 +571,15 @@ def test_linear_train_forwards_keep_s_and_their_gradients_are_the_serving_ops(tr
         log = _OpLog()
         with log:
             grads[name] = torch.autograd.grad(out, list(leaves.values()), grad_out.to(device))
-        (call,) = [args for op, args in log.calls if op == "xla_lora.bgmv_lora_grads"]
         assert "xla_lora.bgmv_shrink" not in log.names, log.names
-        saved_s = call[8] if len(call) > 8 else None  # (grad, inputs, a, b, indices, scaling, with_dx, backend, s)
+        if name == train and backend == "pallas":
+            (call,) = [args for op, args in log.calls if op == "xla_lora.linear_lora_backward"]
+            assert "xla_lora.bgmv_lora_grads" not in log.names, log.names
+            saved_s = call[5]  # (grad, weight, a, b, indices, saved_s, ...)
+        else:
+            (call,) = [args for op, args in log.calls if op == "xla_lora.bgmv_lora_grads"]
+            assert "xla_lora.linear_lora_backward" not in log.names, log.names
+            saved_s = call[8] if len(call) > 8 else None  # (grad, inputs, a, b, indices, scaling, with_dx, backend, s)
         if name == train:  # the forward's own s, not a recomputed one
             assert saved_s is s or torch.equal(saved_s.cpu(), s.cpu()), log.names
         else:
@@ -579,6 +587,56 @@ def test_linear_train_forwards_keep_s_and_their_gradients_are_the_serving_ops(tr
     for key, kept, recomputed in zip(t, *grads.values(), strict=True):
         assert_close(kept.cpu(), recomputed.cpu().double(), torch.float32)
         assert_close(kept.cpu(), expected[key], torch.float32)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize(("on_xla", "backend"), [(False, "auto"), (True, "xla"), (True, "pallas")])
+def test_linear_lora_backward_is_dx_ds_and_db_of_one_pass_over_g(on_xla, backend, int8, request):
+    """linear_lora_backward's (dx, ds, dB) against float64 math of the forward's gradients: dx = g W + ds A,
+    ds = scaling * g B^T, dB = s^T g per slot (exact zeros for the unused slots 1 and 3, nothing from rows outside
+    [0, L)); an int8 weight read per output channel. An Inf in slot 0's rows of g stays in slot 0: the other
+    slots' dB and the other tokens' dx and ds are unchanged ("pallas": the fused base kernel taking dB while g's
+    tiles are in VMEM, interpret mode off TPU). opcheck on CPU tensors."""
+    device = request.getfixturevalue("xla_device") if on_xla else torch.device("cpu")
+    idx = _indices("blocks")
+    g64 = torch.Generator().manual_seed(3)
+    w, scale = (Q8.double(), Q8_SCALE) if int8 else (torch.randn(DOUT, D, generator=g64, dtype=torch.float64), None)
+    w_real = w * scale.double()[:, None] if int8 else w
+    a, b = (torch.randn(L, R, n, generator=g64, dtype=torch.float64) for n in (D, DOUT))
+    grad = torch.randn(len(idx), DOUT, generator=g64, dtype=torch.float64)
+    s = torch.randn(len(idx), R, generator=g64, dtype=torch.float64)
+    valid = (idx >= 0) & (idx < L)
+    s[~valid] = 0  # as the forward keeps it
+    ds = SCALING * torch.einsum("to,tro->tr", grad, _gathered(b, idx))
+    dx = grad @ w_real + torch.einsum("tr,trd->td", ds, _gathered(a, idx))
+    d_b = torch.stack([s[idx == slot].T @ grad[idx == slot] for slot in range(L)])
+    assert (d_b[[1, 3]] == 0).all()
+
+    def run(g):
+        weight = Q8.to(device) if int8 else w.float().to(device)
+        scales = (scale.to(device), None) if int8 else (None, None)
+        f32 = [t.float().to(device) for t in (g, a, b, s)]
+        return _linear_fused.linear_lora_backward(
+            f32[0], weight, f32[1], f32[2], idx.to(device), f32[3], SCALING, "out_in", backend, *scales
+        )
+
+    got = run(grad)
+    for actual, expected in zip(got, (dx, ds, d_b), strict=True):
+        assert actual.dtype == torch.float32 and actual.shape == expected.shape
+        assert_close(actual.cpu(), expected, torch.float32)
+    assert (got[2].cpu()[[1, 3]] == 0).all()
+    poisoned = grad.clone()
+    poisoned[idx == 0] = float("inf")
+    got = [t.cpu() for t in run(poisoned)]
+    others = (idx != 0).tolist()
+    assert torch.isfinite(got[2][1:]).all() and not torch.isfinite(got[2][0]).all()
+    assert_close(got[2][1:], d_b[1:], torch.float32)
+    assert_close(got[0][others], dx[others], torch.float32)
+    assert_close(got[1][others], ds[others], torch.float32)
+    if not on_xla:
+        weight = Q8 if int8 else w.float()
+        args = (grad.float(), weight, a.float(), b.float(), idx, s.float(), SCALING, "out_in", "auto", scale, None)
+        torch.library.opcheck(OPS.linear_lora_backward, args)
 
 
 def test_layers_run_the_train_forward_with_grad_only(xla_device):

@@ -5,12 +5,14 @@ import dataclasses
 import json
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_close
 
 from torch_xla_lora.bench import tpu_model, tpu_train_model, train
 from torch_xla_lora.bench.__main__ import main as bench_main
+from torch_xla_lora.kernels import fused_base
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +219,40 @@ def test_train_step_model_keeps_s_where_the_training_forward_does():
         kept += part["lora_forward_s_kept"] + part["recompute_s_kept"]
     assert costs["choices"]["q_proj"] == "fused" and costs["parts"]["recompute_s_kept"] < costs["parts"]["recompute_s"]
     assert costs["ours"] == pytest.approx(costs["ratio_ours_recomputed_s"] * costs["base"] - recomputed + kept)
+
+
+def test_backward_pass_over_g_takes_ds_and_db_where_the_forward_is_linear_lora():
+    """``linear_lora_backward``'s pass priced by hand against the dx pass that keeps ds only (the same plan at
+    q_proj's shapes on v6e, T = 8192, 16 rows of 512 tokens on 8 tenants of rank 64): the rows' [R, bt] bf16 and
+    the codes' [1, bt] int32 blocks fetched once per token block, dB's f32 [L, R, K] written once, one
+    [R, bt] x [bt, tk] product per distinct adapter of a block at each reduction step of the first output tile.
+    The step model takes a fused projection's dx, ds and dB from that pass (less than dx's pass and the g pass of
+    its own), and its "dB in a pass of its own" figure is ours with those two instead."""
+    chip = tpu_model.CHIPS["v6e"]
+    tokens, hidden, rank, slots = 8192, 2048, 64, 8
+    indices = tpu_train_model.interleaved_rows(16, 512, slots)
+    sizes, _ = fused_base.plan(tokens, hidden, hidden, rank, slots, jnp.bfloat16, "v6e", False, fused_base.NO_FUSION,
+                               True, True)  # fmt: skip
+    assert (sizes, _) == fused_base.plan(tokens, hidden, hidden, rank, slots, jnp.bfloat16, "v6e", False,
+                                         fused_base.NO_FUSION, True)  # fmt: skip
+    kept = tpu_model.fused_base_cost(chip, indices, hidden, hidden, rank, slots, "in_out", keep_s=True)
+    grads = tpu_model.fused_base_cost(chip, indices, hidden, hidden, rank, slots, "in_out", keep_s=True, a_grad=True)
+    assert grads.pipelined_bytes - kept.pipelined_bytes == tokens * (2 * rank + 4)
+    assert grads.manual_bytes - kept.manual_bytes == 4 * slots * rank * hidden
+    blocks = indices.reshape(-1, sizes.tokens)
+    distinct = sum(len(set(block.tolist())) for block in blocks)
+    product = tpu_model.mxu_flops([(rank, sizes.tokens, sizes.hidden)], chip.mxu_width)
+    assert grads.mxu_flops - kept.mxu_flops == distinct * (hidden // sizes.hidden) * product
+    part = tpu_train_model.projection_train_costs(chip, indices, hidden, hidden, rank, slots)
+    assert part["forward_choice"] == "fused"
+    assert part["backward_g_passes"] == pytest.approx(grads.seconds - part["base_backward"])
+    assert part["backward_g_passes"] < part["fused_dx"] + part["fused_g_pass"]
+    layer = tpu_train_model.llama_layer(2048, 5632, 32, 4)
+    costs = tpu_train_model.train_step_costs(chip, indices, layer, rank, slots)
+    parts = costs["parts"]
+    own_pass = costs["ours"] - parts["backward_g_passes"] + parts["fused_dx"] + parts["fused_g_pass"]
+    assert costs["ratio_ours_db_own_pass"] == pytest.approx(own_pass / costs["base"])
+    assert costs["ratio_ours_db_own_pass"] > costs["ratio_ours"]
 
 
 def test_train_step_model_of_an_int8_base_reads_the_weight_as_int8_in_the_backward():

@@ -302,6 +302,42 @@ def test_chunks_share_one_shrink_tile_with_their_tokens_interleaved():
     np.testing.assert_allclose(out[poisoned, :128], expected[poisoned, :128], atol=1e-4, rtol=1e-4)
 
 
+def test_a_grad_rows_sum_each_slots_outer_products_in_the_pass_over_x():
+    """The backward's pass (``a_grad_rows`` u): its third output is ``sum_{t on slot l} outer(u[t], x[t])`` per
+    slot in float32, over two 128-token blocks of 7 distinct slots each, interleaved token by token (four chunks of
+    two lanes) with tokens without adapter, two reduction tiles (the resident sum is [2, L, R, 128], written once
+    at the last step into [L, R, 256]) and two output tiles (taken at the first only); exact zeros for the unused
+    slots 4 and 7. x's rows of slot 6 hold an Inf: only slot 6's sum is non-finite (other slots' rows are selected
+    out of both operands); the output and s are the training kernel's as without u."""
+    rng = np.random.default_rng(2)
+    num_tokens, hidden, out_dim, rank, num_slots, lanes = 256, 256, 256, 8, 9, 2
+    idx = np.arange(num_tokens) % 8 - 1
+    idx = np.where(idx == 4, 8, idx)  # slots 0-3, 5, 6, 8 and none in every block; 4 and 7 unused
+    x = rng.standard_normal((num_tokens, hidden))
+    x[idx == 6, 100] = np.inf
+    w = rng.standard_normal((out_dim, hidden)) / 16
+    a = rng.standard_normal((num_slots, rank, hidden)) / 16
+    lb = rng.standard_normal((num_slots, rank, out_dim)) / 4
+    u = rng.standard_normal((num_tokens, rank))
+    meta = visits.build_lanes(jnp.asarray(idx, jnp.int32), num_slots, 128, lanes)
+    assert [int(c) for c in meta.chunks] == [4, 4]
+    f32 = [jnp.asarray(v, jnp.float32) for v in (x, w, a, lb, u)]
+    kwargs = {"scaling": 0.5, "lanes": lanes, "layout": "out_in", "interpret": True, "keep_s": True}
+    kwargs["block_sizes"] = BlockSizes(tokens=128, hidden=128, out=128)
+    out, s, d_a = fused_base.linear_lora(*f32[:2], None, *f32[2:4], meta, **kwargs, a_grad_rows=f32[4])
+    assert d_a.shape == (num_slots, rank, hidden) and d_a.dtype == jnp.float32
+    d_a = np.asarray(d_a, np.float64)
+    with np.errstate(invalid="ignore"):
+        expected = np.stack([u[idx == slot].T @ x[idx == slot] for slot in range(num_slots)])
+    assert not d_a[[4, 7]].any()
+    assert not np.isfinite(d_a[6]).all()
+    others = [slot for slot in range(num_slots) if slot != 6]
+    np.testing.assert_allclose(d_a[others], expected[others], atol=1e-4, rtol=1e-4)
+    plain_out, plain_s = fused_base.linear_lora(*f32[:2], None, *f32[2:4], meta, **kwargs)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(plain_s))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(plain_out))
+
+
 @pytest.mark.parametrize("generation", ["v5e", "v6e"])
 def test_plans_do_not_depend_on_the_slot_count_beyond_the_lanes(generation):
     """The shrink scratch is one tile whatever L is: at 16 and at 128 slots (the same lanes at rank 16),

@@ -13,6 +13,7 @@ layer shape of the real models listed in ``tpu_grid.LAYERS``. Wider grids:
 ``python -m torch_xla_lora.bench tpu_compile --per-cell N`` or ``--grid full``.
 """
 
+import math
 import re
 from pathlib import Path
 
@@ -74,6 +75,13 @@ LINEAR_TRAIN_SAMPLE = [
         "v5e", "linear_train", "keep_s_int8", "bfloat16", 1024, 8, 16, "llama3-8b", "gate_proj", 4096, 14336
     ),
 ]
+# The backward's one pass over g (``linear_lora_backward``: dx, ds and dB): Llama-3-8B's gate_proj at T = 2048 on v6e
+# (g 14336 wide, dB's [8, 64, 14336] f32 sum resident in VMEM over the grid) and an int8 q_proj on v5e, its weight
+# read transposed with its scales per input channel (about 10 s in all).
+LINEAR_BACKWARD_SAMPLE = [
+    tpu_grid.Config("v6e", "linear_train", "backward", "bfloat16", 2048, 8, 64, "llama3-8b", "gate_proj", 14336, 4096),
+    tpu_grid.Config("v5e", "linear_train", "backward_int8", "bfloat16", 1024, 8, 16, "llama3-8b", "q_proj", 4096, 4096),
+]
 # The fused kernel over an expert layer's lane-padded slots at gpt-oss-20b's widths (2880 -> 2880, not multiples
 # of 128; 2880 -> 5760 in 1,920-wide output tiles); ``bench tpu_compile --kernels fused`` compiles both projections
 # on both chips (tpu_grid.expert_lora_grid).
@@ -91,7 +99,7 @@ SETUP = Path(__file__).resolve().parent.parent / "setup.py"
 def compiled() -> tpu_compile.Run:
     """One worker run over the whole sample and the expert layers."""
     configs = SAMPLE + MOE_SAMPLE + POOLED_SAMPLE + LINEAR_FUSED_SAMPLE + LINEAR_TRAIN_SAMPLE + EXPERT_LORA_SAMPLE
-    configs += EMBEDDING_SAMPLE
+    configs += EMBEDDING_SAMPLE + LINEAR_BACKWARD_SAMPLE
     run = tpu_compile.run(configs, timeout=3000)
     assert run.libtpu is not None, "libtpu is not installed: pip install -e '.[test]' installs the pinned release"
     expected = len(configs)
@@ -254,6 +262,24 @@ def test_linear_train_compiles_writing_s_and_is_counted_by_its_estimate(config, 
     (tokens, out_dim), (_, rank) = result["outputs"]
     assert (out_dim, rank) == (config.out_features, config.rank)
     assert result["memory"]["output"] >= 2 * tokens * (out_dim + rank)
+    estimate, cost = result["estimate"], result["cost"]
+    assert estimate["flops"] <= cost["flops"] <= estimate["flops"] * 1.001, result["name"]
+    assert cost["bytes accessed"] >= estimate["bytes accessed"], result["name"]
+
+
+@pytest.mark.parametrize("config", LINEAR_BACKWARD_SAMPLE, ids=lambda c: c.name)
+def test_linear_backward_pass_compiles_taking_db_and_is_counted_by_its_estimate(config, compiled):
+    """The backward's one pass over g (``linear_lora_backward`` on TPU) compiles for the chip within its VMEM
+    estimate (dB's f32 [L, R, K] sum resident), returns dx [T, N'], ds [T, R] and dB [L, R, K] (libtpu's output
+    bytes hold all three, dB in f32), and libtpu counts it by its declared cost (flops within 0.1%: the base's dx,
+    the LoRA's and dB's products; bytes at least)."""
+    (result,) = [r for r in compiled.results if r["name"] == config.name]
+    assert result["ok"], result.get("error")
+    assert result["vmem_estimate"] <= result["vmem_limit"]
+    (tokens, out_dim), (_, rank), d_b = result["outputs"]
+    assert (out_dim, rank) == (config.out_features, config.rank)
+    assert d_b == [config.slots, config.rank, config.in_features]
+    assert result["memory"]["output"] >= 2 * tokens * (out_dim + rank) + 4 * math.prod(d_b)
     estimate, cost = result["estimate"], result["cost"]
     assert estimate["flops"] <= cost["flops"] <= estimate["flops"] * 1.001, result["name"]
     assert cost["bytes accessed"] >= estimate["bytes accessed"], result["name"]

@@ -138,8 +138,8 @@ MIX = ["t0", "t1", None, "t2", "t1", "t0"]
 
 
 @pytest.mark.parametrize(
-    "arch,on_xla", [("llama", False), ("gpt2", False), ("qwen2", False), ("llama", "fused")],
-    ids=["llama-cpu", "gpt2-cpu", "qwen2-cpu", "llama-xla-base-fusion"],
+    "arch,on_xla", [("llama", False), ("gpt2", False), ("qwen2", False), ("llama", "fused"), ("llama", "pallas")],
+    ids=["llama-cpu", "gpt2-cpu", "qwen2-cpu", "llama-xla-base-fusion", "llama-pallas-base-fusion"],
 )  # fmt: skip
 def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypatch):
     """``llama-xla-base-fusion``: every projection runs base and LoRA as one op (``base_fusion=True``, the decoders
@@ -147,13 +147,28 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
     arrangement's ``linear_lora_fused`` with ``keep_s``, the attention's residual taken in; the others
     ``linear_lora_train`` on their producers' outputs (the arrangement declines a producer in training, before
     building the slot factors: each layer builds them once). (The separate formulation on the XLA device: the
-    "lazy" and "compile" steps of test_steps_on_changing_mixes_equal_peft_alone.)"""
+    "lazy" and "compile" steps of test_steps_on_changing_mixes_equal_peft_alone.) ``llama-pallas-base-fusion``: the
+    same on the Pallas backend (the kernels in interpret mode), where every projection's backward takes dx, ds and dB
+    in its one pass over g (``linear_lora_backward``) and none runs ``bgmv_lora_grads``."""
     device = xla_device if on_xla else torch.device("cpu")
     tenants = ARCHS[arch][2]
     mix = [n if n is None or n in tenants else "t0" for n in MIX]
-    config = {"base_fusion": True, "backend": "xla"} if on_xla == "fused" else {}
+    config = {"base_fusion": True, "backend": "xla" if on_xla == "fused" else "pallas"} if on_xla else {}
     lora = _patched(device, arch=arch, **config)
-    keeps, arranged, built = [], [], []
+    keeps, arranged, built, backward_ops = [], [], [], []
+    if on_xla == "pallas":
+        from torch_xla_lora.ops import _linear_fused
+
+        def backward_spy(*args, **kwargs):
+            backward_ops.append(args[1].shape)
+            return linear_lora_backward(*args, **kwargs)
+
+        def no_lora_grads(*args, **kwargs):
+            raise AssertionError("a projection ran bgmv_lora_grads where its backward takes dB in its pass over g")
+
+        linear_lora_backward = _linear_fused.linear_lora_backward
+        monkeypatch.setattr(_linear_fused, "linear_lora_backward", backward_spy)
+        monkeypatch.setattr(torch.ops.xla_lora, "bgmv_lora_grads", no_lora_grads, raising=False)
     if on_xla == "fused":
         from torch_xla_lora.layers import base, linear
         from torch_xla_lora.ops import _linear_fused
@@ -192,6 +207,11 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
         assert lora.fused_decoders and all(keeps) and len(keeps) >= len(linears), keeps
         assert arranged == [(True, frozenset({"residual"}))] * len(lora.fused_decoders), arranged
         assert sorted(map(id, built)) == sorted(map(id, lora.layers.values())), "each layer builds its factors once"
+    if on_xla == "pallas":
+        from torch_xla_lora.layers.linear import LinearWithLoRA
+
+        linears = [layer for layer in lora.layers.values() if isinstance(layer, LinearWithLoRA)]
+        assert len(backward_ops) == len(linears), backward_ops
     for name in tenants:
         rows = [i for i, n in enumerate(mix) if n == name]
         expected = _peft_grads(peft_model, name, ids[rows], targets[rows])

@@ -423,30 +423,40 @@ LINEAR_TRAIN_FUSIONS = {
     "keep_s": fused_base.NO_FUSION,
     "keep_s_residual": fused_base.Fusion(residual=True),
     "keep_s_int8": fused_base.Fusion(weight_scale=True),
+    # The backward's one pass over g (linear_lora_backward): the forward's [out, in] weight read as the swapped
+    # pass's [in', out'] ("in_out"), A's gradient (the layer's dB) taken against the forward's s.
+    "backward": fused_base.NO_FUSION,
+    "backward_int8": fused_base.Fusion(weight_in_scale=True),
 }
 
 
 def build_linear_train(cfg: Config, sds):
     """The fused base kernel of training, which also writes each token's shrink ``s`` for the backward
     (``fused_base.tpu_compile_case(..., keep_s=True)``: nn.Linear's layout, no bias, metadata built on the device),
-    with the variant's fusion (:data:`LINEAR_TRAIN_FUSIONS`)."""
+    with the variant's fusion (:data:`LINEAR_TRAIN_FUSIONS`). The "backward" variants: the backward's pass over g
+    (``in_features`` g's width, ``out_features`` dx's), in the swapped layout, also taking dB ([L, R, in] f32)."""
     dtype = jnp.dtype(cfg.dtype)
     tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
     fusion = LINEAR_TRAIN_FUSIONS[cfg.variant]
+    a_grad = cfg.variant.startswith("backward")
+    layout = "in_out" if a_grad else "out_in"
     fn, shapes = fused_base.tpu_compile_case(
-        tokens, d_in, d_out, rank, slots, dtype, cfg.chip, fusion=fusion, keep_s=True
+        tokens, d_in, d_out, rank, slots, dtype, cfg.chip, layout, fusion=fusion, keep_s=True, a_grad=a_grad
     )
-    sizes, lanes = fused_base.plan(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, False, fusion, keep_s=True)
+    sizes, lanes = fused_base.plan(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, False, fusion, True, a_grad)
     padded = sizes.padded_tokens(tokens)
-    estimate = fused_base.cost_estimate(padded, d_in, d_out, rank, slots, dtype, sizes, lanes, fusion, keep_s=True)
+    estimate = fused_base.cost_estimate(
+        padded, d_in, d_out, rank, slots, dtype, sizes, lanes, fusion, keep_s=True, a_grad=a_grad
+    )
+    vmem = fused_base.vmem_bytes(sizes, rank, slots, lanes, dtype, False, fusion, True, d_in if a_grad else 0)
     info = {
         "block": dataclasses.asdict(sizes),
         "lanes": lanes,
-        "path": "fused_base_keep_s",
-        "vmem_estimate": fused_base.vmem_bytes(sizes, rank, slots, lanes, dtype, False, fusion, keep_s=True),
+        "path": "fused_base_backward" if a_grad else "fused_base_keep_s",
+        "vmem_estimate": vmem,
         "vmem_limit": fused_base.vmem_limit(cfg.chip),
         "estimate": {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
-        "outputs": [[padded, d_out], [padded, rank]],
+        "outputs": [[padded, d_out], [padded, rank]] + ([[slots, rank, d_in]] if a_grad else []),
     }
     return fn, [sds(a.shape, a.dtype) for a in shapes], info
 

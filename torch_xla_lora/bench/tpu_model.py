@@ -223,6 +223,7 @@ def fused_base_cost(
     keep_s: bool = False,
     pool: PoolSpec | None = None,
     scales_along_input: bool = False,
+    a_grad: bool = False,
 ) -> Cost | None:
     """Cost of ``linear_lora``'s fused kernel (bf16): its own grid (token block, output tile, reduction tile)
     walked step by step, with ``fused_base.step_work``; None when no tiling fits (the op then falls back).
@@ -238,6 +239,9 @@ def fused_base_cost(
     grid, ``fused_base.pooled_step_work``: each used lane's whole pages at its true rank, int8 at one byte),
     plus the page table and, for an int8 pool, its page scales as the kernel reads them (the whole array or a
     tile per page, ``pages.scale_read_bytes``); ``rank`` is then the pool's ``max_rank``.
+    ``a_grad`` (with ``keep_s``): the backward's pass (``linear_lora_backward``), which also takes A's gradient: its
+    plan, the rows' [R, bt] and codes' [1, bt] blocks, one [R, bt] x [bt, tk] product per adapter of a block at each
+    reduction step of its first output tile, and the f32 [L, R, K] gradient written once.
     """
     import jax.numpy as jnp
 
@@ -249,7 +253,7 @@ def fused_base_cost(
     fusion = dataclasses.replace(kernel_fusion(prologue, residual), **scales)
     if pool is None:
         planned = fused_base.plan(
-            num_tokens, hidden, out_dim, rank, num_slots, dtype, chip.generation, has_bias, fusion, keep_s
+            num_tokens, hidden, out_dim, rank, num_slots, dtype, chip.generation, has_bias, fusion, keep_s, a_grad
         )
     else:
         planned = fused_base.pooled_plan(
@@ -266,14 +270,17 @@ def fused_base_cost(
         scale_rows = pages.padded_scale_rows(pool.rows + 2) if pool.int8 else 0
         pooled = pages.Pooled(rank, pool.int8, num_slots, scale_rows)
     spec = fused_base.grid_spec(
-        len(padded), hidden, out_dim, rank, num_slots, dtype, sizes, lanes, layout, has_bias, fusion, keep_s, pooled
-    )
+        len(padded), hidden, out_dim, rank, num_slots, dtype, sizes, lanes, layout, has_bias, fusion, keep_s, pooled,
+        a_grad,
+    )  # fmt: skip
     specs = [*spec.in_specs, *(spec.out_specs if keep_s else [spec.out_specs])]
     # Bytes per element of each spec, in grid_spec's order: the int32 codes, the f32 row scale, an int8 weight
     # and its f32 scales, else bf16.
     widths = [4, itemsize] + [itemsize] * fusion.silu_mul + [4] * fusion.row_scale + [itemsize] * fusion.col_scale
     widths += [1, 4] if int8_weight else [itemsize]
     widths += [itemsize] * (len(specs) - len(widths))
+    if a_grad:  # the codes' [1, bt] row, before the two adapter arrays (ANY)
+        widths[len(spec.in_specs) - 3] = 4
     last = [None] * len(specs)
     pipelined = manual = page_count = page_tiles = 0
     flops = 0.0
@@ -297,6 +304,9 @@ def fused_base_cost(
                         i, n, k, meta, pool_ranks, lanes, sizes, reductions, itemsize, pool.int8
                     )
                 hidden_dma, dma, matmuls = work
+                if a_grad and n == 0:
+                    used = meta.slots[i * per_block : i * per_block + int(meta.chunks[i]) * lanes]
+                    matmuls = matmuls + [(rank, sizes.tokens, sizes.hidden)] * int(np.count_nonzero(used >= 0))
                 if pool is not None and pool.int8 and n == 0 and k == reductions - 1:
                     # The step's page-scale tiles (pooled_step_work's paged mode): priced once below instead, as
                     # the kernel reads them (the whole array where that is fewer tiles).
@@ -309,6 +319,7 @@ def fused_base_cost(
                 pipelined += hidden_dma  # issued before the base product: shares bandwidth, overlaps compute
                 manual += dma
                 flops += mxu_flops(matmuls, chip.mxu_width)
+    manual += 4 * num_slots * rank * hidden if a_grad else 0  # A's gradient, DMA'd out at the last step
     if pool is not None:
         manual += 4 * (num_slots * pages.pages(rank) + num_slots)  # the page table, built on the host per batch
         manual += pages.scale_read_bytes(page_count, pooled.scale_rows, page_tiles) if pool.int8 else 0

@@ -21,12 +21,17 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
     and the XLA-native formulation runs ``bgmv_shrink_expand_train`` (priced as the serving XLA-native
     op); a projection on the base then the fused LoRA kernel recomputes it (``bgmv_shrink(x, A)``: on TPU
     that kernel does not write ``s``, and a shrink of its own costs what the backward's does);
-  - ds and dB in one pass over g (``shrink_weight_grad``: :func:`g_pass_kernel_cost`, its grid walked);
+  - ds and dB: for a projection whose forward is ``linear_lora``, in that same pass over g
+    (``linear_lora_backward``: the kernel, planned with ``a_grad``, writes ds beside dx and keeps dB's f32
+    [L, R, N] sum resident in VMEM, :func:`tpu_model.fused_base_cost` with ``a_grad``); otherwise in one pass over
+    g of their own (``shrink_weight_grad``: :func:`g_pass_kernel_cost`, its grid walked);
   - dA: the segmented outer product's Pallas kernel over x (slot-major visits, a slot's f32 tile
     resident across its token blocks: :func:`weight_grad_kernel_cost`, its grid walked);
   - the trainable adapters' parameters scattered into the slot tensors and their gradients read
     back (:func:`slot_assembly_seconds`);
 
+- ours with dB in a pass over g of its own for every projection (``ratio_ours_db_own_pass``: the backward before
+  ``linear_lora_backward``);
 - ours with the separate backward ops (``ops._autograd.FUSED_BACKWARD = False``): ds by its own shrink
   over g, dA and dB by the weight-gradient kernel (and, for comparison, by the XLA-native op,
   ``backend="xla"``, :func:`weight_grad_xla_seconds`); ours with every projection's serving forward and
@@ -339,6 +344,10 @@ def projection_train_costs(
     transposed = {"layout": "in_out", "int8_weight": int8_weight, "scales_along_input": True}
     one_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, **transposed)
     one_pass_dx = separate_dx if one_pass is None else one_pass.seconds - base_backward + ds
+    # linear_lora_backward: the same pass also writing ds and taking dB (None where no such plan fits).
+    with_db = tpu_model.fused_base_cost(
+        chip, indices, out_dim, hidden, rank, num_slots, **transposed, keep_s=True, a_grad=True
+    )
     dequantized_dx = one_pass_dx
     if int8_weight:  # a bf16 copy of the weight (int8 read, bf16 written), then the bf16 one-pass kernel reading it
         bf16_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, layout="in_out")
@@ -364,6 +373,9 @@ def projection_train_costs(
             recompute_x = input_share * (operands + 1) * num_tokens * hidden * _BF16 / chip.hbm_bytes_per_s
     elif choice == "xla_native":
         kept_recompute = 0.0
+    g_pass = g_pass_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds
+    fused_dx = one_pass_dx - ds if choice == "fused" else separate_dx - ds
+    use_db_pass = choice == "fused" and with_db is not None
     return {
         "base_forward": forward["base"],
         "base_backward": base_backward,
@@ -375,8 +387,10 @@ def projection_train_costs(
         "lora_dx_one_pass_dequantized": dequantized_dx,
         # The fused backward (ops/_lora_grads.py): ds comes from the pass over g that computes dB, so dx is the
         # one pass (linear_lora) or the expand alone; dB is in that pass, dA the weight-gradient kernel over x.
-        "fused_dx": one_pass_dx - ds if choice == "fused" else separate_dx - ds,
-        "fused_g_pass": g_pass_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds,
+        "fused_dx": fused_dx,
+        "fused_g_pass": g_pass,
+        # dx, ds and dB: linear_lora_backward's one pass where the forward is linear_lora, else the two passes above.
+        "backward_g_passes": with_db.seconds - base_backward if use_db_pass else fused_dx + g_pass,
         "fused_weight_grad_a": weight_grad_kernel_cost(chip, indices, rank, hidden, num_slots).seconds,
         "recompute_s": recompute_s,
         "recompute_s_kept": kept_recompute,  # where the training forward does not keep s
@@ -416,11 +430,13 @@ def train_step_costs(
 
     ``layer``: name -> (in, out, input group), as :func:`llama_layer`; the projections' roles (residual
     outputs, shared inputs) are Llama's (:func:`tpu_model.llama_roles`). Keys: ``base`` (the floor (a)),
-    ``ours`` (the training forwards keeping ``s`` where they do, the fused backward), ``ours_separate``
+    ``ours`` (the training forwards keeping ``s`` where they do, the fused backward: dx, ds and dB in one pass over
+    g where the forward is ``linear_lora``), ``ours_separate``
     (the separate backward ops, the weight gradients by their Pallas kernel), ``ours_xla_weight_grad``
     (separate, by the XLA-native op), ``onehot``; ``ratio_*`` to base (``ratio_ours_recomputed_s``: ours with
     the serving forwards, every ``s`` recomputed; ``ratio_ours_one_pass_dx``: the separate ops with every
-    projection's LoRA dx in the base's backward pass over g); ``overhead_vs_onehot*``
+    projection's LoRA dx in the base's backward pass over g; ``ratio_ours_db_own_pass``: ours with ds and dB in a
+    pass over g of their own everywhere, as the backward ran before ``linear_lora_backward``); ``overhead_vs_onehot*``
     (an overhead over base divided by the one-hot's), ``parts`` (each part summed over the projections)
     and ``choices``; ``floor`` and ``ratio_floor``: the base plus :func:`lora_mxu_floor_seconds` at the
     slots' true ``ranks`` (default: every slot at ``rank``), what no formulation can go below;
@@ -457,8 +473,9 @@ def train_step_costs(
     separate = base + shared + parts["weight_grad_kernel"]
     ours_xla = base + shared + parts["weight_grad_xla"]
     ours_one_pass = separate - parts["lora_dx"] + parts["lora_dx_one_pass"]
-    fused_parts = ("fused_dx", "fused_g_pass", "fused_weight_grad_a", "slot_assembly")
+    fused_parts = ("backward_g_passes", "fused_weight_grad_a", "slot_assembly")
     ours = base + kept + sum(parts[key] for key in fused_parts)
+    db_own_pass = ours - parts["backward_g_passes"] + parts["fused_dx"] + parts["fused_g_pass"]
     # The fused projections' dx pass (in fused_dx) on a bf16 copy of an int8 weight instead (equal for bf16 bases).
     dequantized = ours + sum(
         costs_dequantized - costs_one_pass
@@ -488,6 +505,7 @@ def train_step_costs(
         "onehot": onehot,
         "ratio_ours": ours / base,
         "ratio_ours_dequantized_dx": dequantized / base,
+        "ratio_ours_db_own_pass": db_own_pass / base,
         "ratio_ours_separate": separate / base,
         "ratio_ours_xla_weight_grad": ours_xla / base,
         "ratio_ours_one_pass_dx": ours_one_pass / base,
@@ -556,10 +574,10 @@ def format_rows(rows: list[dict]) -> str:
         "| ours' overhead / one-hot's | ours / (a), separate backward ops | their overhead / one-hot's "
         "| ours / (a), s recomputed (serving forwards) | ours / (a), separate ops, dA/dB by the XLA-native op "
         "| floor / (a): LoRA's MXU work alone | floor / (a) with dA's pass over x "
-        "| ours / (a), not arranged | ours / (a), producers taken in too |"
+        "| ours / (a), not arranged | ours / (a), producers taken in too | ours / (a), dB in a pass of its own |"
     )
     header += " ours / (a), dx on a bf16 copy of the weight |" if int8 else ""
-    lines = [header, "|---" * (17 if int8 else 16) + "|"]
+    lines = [header, "|---" * (18 if int8 else 17) + "|"]
     for row in rows:
         layer = row["layer"] + (", int8 base" if row.get("base_weights") == "int8" else "")
         line = (
@@ -568,7 +586,8 @@ def format_rows(rows: list[dict]) -> str:
             f"| {row['ratio_ours_separate']:.3f} | {row['overhead_vs_onehot_separate']:.2f} "
             f"| {row['ratio_ours_recomputed_s']:.3f} | {row['ratio_ours_xla_weight_grad']:.3f} "
             f"| {row['ratio_floor']:.3f} | {row['ratio_floor_with_x_pass']:.3f} "
-            f"| {row['ratio_ours_unarranged']:.3f} | {row['ratio_ours_producers_taken_in']:.3f} |"
+            f"| {row['ratio_ours_unarranged']:.3f} | {row['ratio_ours_producers_taken_in']:.3f} "
+            f"| {row['ratio_ours_db_own_pass']:.3f} |"
         )
         lines.append(line + (f" {row['ratio_ours_dequantized_dx']:.3f} |" if int8 else ""))
     return "\n".join(lines)

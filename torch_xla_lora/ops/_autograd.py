@@ -224,13 +224,26 @@ def linear_grads(
     (one of them given): the swapped pass is ``linear_lora_fused`` reading the int8 weight with the two
     exchanged (a per-output-channel weight read transposed is per input channel), never a float copy of it;
     W gets no gradient. ``saved_s``: the forward's rank intermediate (None: recomputed where needed).
+
+    Training on TPU (the Pallas backend, both slot weights and x needing gradients, ``s`` kept): dB and ds come
+    out of that same pass over g (``linear_lora_backward``: the kernel takes them while g's tiles are in VMEM),
+    and dA = ds^T x is the one product left, by ``bgmv_weight_grad``.
     """
     need_x, need_w, need_bias, need_a, need_b = need
     out_in = ctx.layout == "out_in"  # weight [N, K]; else [K, N]
     swapped = "in_out" if out_in else "out_in"
     int8 = any(scale is not None for scale in weight_scales)
     dx = d_weight = d_bias = None
-    if need_x and int8:
+    one_pass = need_x and need_a and need_b and saved_s is not None and _one_pass_backward(ctx, grad)
+    if one_pass:
+        from torch_xla_lora.ops._linear_fused import linear_lora_backward
+
+        dx, ds, d_b = linear_lora_backward(
+            grad.to(x.dtype), weight, lora_a, lora_b, indices, saved_s, ctx.scaling, ctx.layout, ctx.backend,
+            *weight_scales,
+        )  # fmt: skip
+        d_a = _ops.bgmv_weight_grad(ds, x, indices, lora_a.shape[0], 1.0, ctx.backend).to(lora_a.dtype)
+    elif need_x and int8:
         from torch_xla_lora.ops._linear_fused import linear_lora_fused
 
         per_output, per_input = weight_scales
@@ -246,8 +259,20 @@ def linear_grads(
         d_weight = grad.T @ x if out_in else x.T @ grad
     if need_bias and ctx.bias_dtype is not None:
         d_bias = grad.sum(0, dtype=torch.promote_types(grad.dtype, torch.float32)).to(ctx.bias_dtype)
-    _, d_a, d_b = _lora_grads(ctx, grad, x, lora_a, lora_b, indices, None, False, need_a, need_b, saved_s)
+    if not one_pass:
+        _, d_a, d_b = _lora_grads(ctx, grad, x, lora_a, lora_b, indices, None, False, need_a, need_b, saved_s)
     return dx, d_weight, d_bias, d_a, d_b
+
+
+def _one_pass_backward(ctx, grad: torch.Tensor) -> bool:
+    """Whether ``linear_grads`` takes dx, ds and dB in one pass (``linear_lora_backward``): the fused backward
+    (not a double backward) of an XLA tensor on the Pallas backend, where the kernel does it. Elsewhere that op
+    would be the XLA-native training forward and a weight gradient, no cheaper than ``bgmv_lora_grads``."""
+    if not FUSED_BACKWARD or torch.is_grad_enabled() or grad.device.type != "xla":
+        return False
+    from torch_xla_lora import ops
+
+    return ops._backend(ctx.backend)[0] == "pallas"
 
 
 def _linear_backward(ctx, grad: torch.Tensor):

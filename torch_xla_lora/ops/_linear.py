@@ -32,6 +32,7 @@ from torch_xla_lora.ops._jax import (
     plan_metadata,
     pool_slot_weights,
     shrink_expand_fn,
+    weight_grad_fn,
 )
 from torch_xla_lora.ops._lora_grads_jax import xla_forward
 
@@ -274,6 +275,7 @@ def linear_lora_fused_fn(
     with_metadata: bool,
     own_metadata: bool = False,
     keep_s: bool = False,
+    a_grad: bool = False,
 ) -> Callable:
     """``linear_lora_fn`` with x's producer and the residual add taken in (:class:`fused_base.Fusion`).
 
@@ -290,6 +292,11 @@ def linear_lora_fused_fn(
     ``keep_s`` (``linear_lora_fused_train``): ``fn`` returns ``(out, s [T, R])``, ``s`` the scaled shrink of the
     producer's output each token's expand read, as ``linear_lora_train_fn`` keeps it: written beside the output
     by the kernel, or the XLA-native training forward on rows sorted by slot.
+
+    ``a_grad`` (with ``keep_s``; the backward's one pass, ``linear_lora_backward``): ``fn`` takes rows u [T, R]
+    last and returns ``(out, s, dA)``, ``dA[l] = sum_{i_t = l} outer(u[t], x[t])`` [L, R, K] in lora_a's dtype
+    (x the producer's output): taken by the kernel while x's tiles are in VMEM (``fused_base.linear_lora(
+    a_grad_rows=)``, planned with ``a_grad``), else by the weight-gradient op of ``backend`` after the keep_s path.
     """
     names = [
         name
@@ -309,12 +316,13 @@ def linear_lora_fused_fn(
         (lora_a, lora_b, indices), rest = rest[:3], rest[3:]
         extra = dict(zip(names, rest[: len(names)], strict=True))
         metadata = rest[len(names)] if with_metadata else None
+        rows = rest[-1] if a_grad else None
         num_tokens, hidden = x.shape
         num_slots, rank, out_dim = lora_b.shape
         planned = None
         if backend == "pallas":
             planned = fused_base.plan(
-                num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation, has_bias, fusion, keep_s
+                num_tokens, hidden, out_dim, rank, num_slots, x.dtype, generation, has_bias, fusion, keep_s, a_grad
             )
         if planned is not None:
             sizes, lanes = planned
@@ -335,7 +343,10 @@ def linear_lora_fused_fn(
                 vmem_limit_bytes=fused_base.vmem_limit(generation),
                 keep_s=keep_s,
                 **padded,
+                **({} if rows is None else {"a_grad_rows": _pad_rows(rows.astype(lora_a.dtype), idx.shape[0])}),
             )
+            if a_grad:
+                return out[0][:num_tokens], out[1][:num_tokens].astype(lora_b.dtype), out[2].astype(lora_a.dtype)
             if keep_s:
                 return out[0][:num_tokens], out[1][:num_tokens].astype(lora_b.dtype)
             return out[:num_tokens]
@@ -348,6 +359,9 @@ def linear_lora_fused_fn(
             base = base + extra["residual"].astype(jnp.float32)
         if keep_s:
             out, s = xla_forward(x_in, lora_a, lora_b, base, indices, scaling=scaling)
+            if a_grad:
+                d_a = weight_grad_fn(num_slots, 1.0, backend, generation)(rows.astype(x_in.dtype), x_in, indices)
+                return out.astype(x.dtype), s, d_a.astype(lora_a.dtype)
             return out.astype(x.dtype), s
         lora = shrink_expand_fn(backend, generation, scaling, with_metadata)
         meta_arg = () if not with_metadata else (None if own_metadata else metadata,)

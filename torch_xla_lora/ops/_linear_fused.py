@@ -314,6 +314,124 @@ torch.library.register_autograd("xla_lora::linear_lora_fused", _backward, setup_
 torch.library.register_autograd("xla_lora::linear_lora_fused_train", _backward_train, setup_context=_setup_train)
 
 
+# -- the backward's one pass over the output gradient: dx, ds and dB ------------------------------------------
+
+
+def _backward_roles(weight_layout: str, weight_scale, weight_in_scale):
+    """The swapped pass's layout and (weight_scale, weight_in_scale): a weight scaled per output channel is scaled
+    per input channel when read transposed, and the other way round."""
+    return ("in_out" if weight_layout == "out_in" else "out_in"), weight_in_scale, weight_scale
+
+
+def _check_backward(grad, weight, lora_a, lora_b, lora_indices, saved_s, weight_layout, weight_scale, weight_in_scale):
+    layout, out_scale, in_scale = _backward_roles(weight_layout, weight_scale, weight_in_scale)
+    _check(grad, None, None, None, weight, None, lora_b, lora_a, lora_indices, None, layout, out_scale, in_scale)
+    expected = (grad.shape[0], lora_b.shape[1])
+    if tuple(saved_s.shape) != expected or saved_s.dtype != lora_b.dtype or saved_s.device != grad.device:
+        raise ShapeError(
+            f"linear_lora_backward: saved_s must be [T, R] = {list(expected)} in lora_b's dtype {lora_b.dtype} on "
+            f"{grad.device}, got {list(saved_s.shape)} {saved_s.dtype} on {saved_s.device}"
+        )
+
+
+@torch.library.custom_op("xla_lora::linear_lora_backward", mutates_args=())
+def _linear_lora_backward(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    saved_s: torch.Tensor,
+    scaling: float = 1.0,
+    weight_layout: str = "out_in",
+    backend: str = "auto",
+    weight_scale: torch.Tensor | None = None,
+    weight_in_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.xla_lora.linear_lora_backward``: see :func:`linear_lora_backward`."""
+    _check_backward(grad, weight, lora_a, lora_b, lora_indices, saved_s, weight_layout, weight_scale, weight_in_scale)
+    _validate.backend(backend)
+    _validate.scaling(scaling)
+    layout, out_scale, in_scale = _backward_roles(weight_layout, weight_scale, weight_in_scale)
+    if grad.device.type != "xla":
+        from torch_xla_lora import reference as torch_reference
+
+        dx = reference(grad, None, None, None, weight, None, lora_b, lora_a, lora_indices, None, scaling, layout,
+                       out_scale, in_scale)  # fmt: skip
+        ds = torch_reference.bgmv_shrink(grad, lora_b, lora_indices, scaling).to(lora_a.dtype)
+        d_b = torch_reference.bgmv_weight_grad(saved_s, grad, lora_indices, lora_b.shape[0], 1.0)
+        return dx, ds, d_b.to(lora_b.dtype)
+    from torch_xla_lora import ops
+    from torch_xla_lora.kernels import fused_base
+    from torch_xla_lora.ops import _linear
+
+    name, generation = ops._backend(backend)
+    fusion = fused_base.Fusion(weight_scale=out_scale is not None, weight_in_scale=in_scale is not None)
+    fn = _linear.linear_lora_fused_fn(name, generation, float(scaling), layout, False, fusion, False, False, True, True)
+    scales = [t for t in (out_scale, in_scale) if t is not None]
+    return ops._call_jax(fn, grad, weight, lora_b, lora_a, lora_indices, *scales, saved_s)
+
+
+@_linear_lora_backward.register_fake
+def _(grad, weight, lora_a, lora_b, lora_indices, saved_s, scaling=1.0, weight_layout="out_in", backend="auto",
+      weight_scale=None, weight_in_scale=None):  # fmt: skip
+    _check_backward(grad, weight, lora_a, lora_b, lora_indices, saved_s, weight_layout, weight_scale, weight_in_scale)
+    dx = grad.new_empty((grad.shape[0], lora_a.shape[2]))
+    return dx, grad.new_empty((grad.shape[0], lora_a.shape[1]), dtype=lora_a.dtype), torch.empty_like(lora_b)
+
+
+def linear_lora_backward(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_indices: torch.Tensor,
+    saved_s: torch.Tensor,
+    scaling: float = 1.0,
+    weight_layout: str = "out_in",
+    backend: str = "auto",
+    weight_scale: torch.Tensor | None = None,
+    weight_in_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of ``linear_lora`` (``y = x W^T + scaling * (x A[i_t]^T) B[i_t]``) in one pass over ``grad``.
+
+    Returns ``(dx, ds, dB)``:
+
+    - ``dx = g W + ds A[i_t]`` [T, K] in grad's dtype (``linear_lora`` with the roles swapped, accumulated in
+      float32 and rounded once; W dequantised as it is read when int8);
+    - ``ds = scaling * g B[i_t]^T`` [T, R] rounded to lora_a's dtype, as the pass's expand reads it, so that
+      ``dA[l] = sum_{i_t = l} outer(ds[t], x[t])`` (``bgmv_weight_grad(ds, x, ...)``, the one gradient that needs x);
+    - ``dB[l] = sum_{i_t = l} outer(saved_s[t], g[t])`` [L, R, N] in lora_b's dtype (accumulated in float32), exact
+      zeros for a slot no token uses.
+
+    On TPU (backend "pallas") the fused base kernel takes all three while each tile of g is in VMEM: dB's f32
+    [L, R, N] sum stays resident over the grid and is written once, so g is read once for the base's dx and the
+    LoRA's three products (``kernels/fused_base.py``, ``a_grad_rows``); where no tiling fits, and on "xla", dx and
+    ds by ``linear_lora_fused_train``'s path and dB by ``bgmv_weight_grad``'s. Tokens of other slots are selected
+    out of both of dB's operands, so a non-finite row stays in its own slot. Not differentiable (the layers'
+    backward calls it with grad mode off; a double backward runs the separate ops).
+
+    Args:
+      grad: [T, N]: the output gradient, in x's dtype.
+      weight, lora_a, lora_b, lora_indices, scaling, weight_layout, backend: the forward's (``linear_lora``'s).
+      saved_s: [T, R] in lora_b's dtype: the forward's ``s = scaling * x A[i_t]^T`` as its expand read it
+        (``linear_lora_train``'s second output).
+      weight_scale, weight_in_scale: the forward's int8 weight scales (``linear_lora_fused``'s), at most one.
+
+    Raises:
+      ShapeError: a wrong shape, dtype or device (as ``linear_lora``'s on the swapped roles, and of ``saved_s``).
+      ArgumentError: a non-finite ``scaling`` or an unknown backend.
+    """
+    _validate.tensor_arguments(
+        "linear_lora_backward", grad=grad, weight=weight, lora_a=lora_a, lora_b=lora_b, lora_indices=lora_indices,
+        saved_s=saved_s,
+    )  # fmt: skip
+    return torch.ops.xla_lora.linear_lora_backward(
+        grad, weight, lora_a, lora_b, lora_indices, saved_s, scaling, weight_layout, backend, weight_scale,
+        weight_in_scale,
+    )  # fmt: skip
+
+
 def linear_lora_fused(
     inputs: torch.Tensor,
     weight: torch.Tensor,
