@@ -87,6 +87,34 @@ def test_the_choice_depends_on_role_and_token_count():
     assert formulation.choose("v6e", 8, 4096, 4096, 16, 16, False, q_role, int8_weight=True) == "fused"
 
 
+def test_a_training_call_is_chosen_by_its_forward_and_backward():
+    """``choose(training=True)`` takes the formulation of least training cost by the TPU training model
+    (``tpu_train_model.projection_train_costs``: the forward as training runs it, then dx, ds and dB), which can
+    differ from the serving choice: the bench Llama's down_proj at T = 8192 on v6e goes XLA-native to serve but
+    trains on ``linear_lora`` (its backward's one pass over g gives dx, ds and dB, where the XLA-native forward's
+    backward pays dx's expand and a pass over g of its own); checked against the model's parts summed here. A
+    pooled training call is refused (trainable adapters hold no pool rows)."""
+    from torch_xla_lora.bench import tpu_train_model
+
+    role = FusionRole(residual_output=True, input_share=1.0)
+    args = ("v6e", 8192, 5632, 2048, 64, 8, False, role)
+    assert formulation.choose(*args) == "xla"
+    assert formulation.choose(*args, training=True) == "fused"
+    chip, indices = tpu_model.CHIPS["v6e"], tpu_model.contiguous_requests(8192, 8, 8)
+    forward = tpu_model.projection_costs(chip, indices, 5632, 2048, 64, 8, True, 1.0)
+    base_backward = tpu_model.matmul_cost(chip, 8192, 2048, 5632).seconds
+    kept = tpu_model.fused_base_cost(chip, indices, 5632, 2048, 64, 8, keep_s=True).seconds
+    serving = tpu_model.fused_base_cost(chip, indices, 5632, 2048, 64, 8).seconds
+    one_pass = tpu_model.fused_base_cost(chip, indices, 2048, 5632, 64, 8, "in_out", keep_s=True, a_grad=True)
+    fused = forward["fused"] + kept - serving + one_pass.seconds - base_backward
+    dx = tpu_train_model.expand_seconds(chip, indices, 64, 5632, 8)  # ds A, added to the base's dx
+    g_pass = tpu_train_model.g_pass_kernel_cost(chip, indices, 64, 2048, 8).seconds
+    xla = forward["xla_native"] + dx + g_pass
+    assert fused < xla and forward["xla_native"] < forward["fused"]
+    with pytest.raises(ValueError, match="pool"):
+        formulation.choose(*args, pool=(False, 1000), training=True)
+
+
 def test_roles_of_llama_and_gpt2_layers(llama_case, gpt2_case, xla_device):  # noqa: F811
     """q/k/v share the norm's output (1/3 each), gate/up (1/2); o_proj adds to the residual stream from
     attention's output (nothing to materialise), down_proj from SiLU(gate) * up; GPT-2's two c_proj are
@@ -170,16 +198,18 @@ def test_choice_under_torch_compile_is_a_constant(llama_case, xla_device, monkey
 def test_a_training_call_is_priced_as_it_runs(llama_case, xla_device, monkeypatch):  # noqa: F811
     """An arranged decoder's down_proj takes SiLU(gate) * up into its kernel when serving but not in training
     (``forward_fused_with`` declines the producer of a call that keeps ``s``, docs/training.md): each call's
-    formulation is priced with what it takes in (the residual add in both)."""
+    formulation is priced with what it takes in (the residual add in both), and the training call by its backward
+    too (``training=True``)."""
     monkeypatch.setattr(ops, "device_generation", lambda: "v6e")
     model, lora = patch(llama_case, xla_device, **LLAMA_LORA)  # base_fusion="auto" on a "TPU": arranged
     lora.create_adapter("t", peft.LoraConfig(r=8, target_modules="all-linear"))
     down = model.model.layers[0].mlp.down_proj
     assert down.fusion_role.prologue == "silu_mul" and down.fusion_role.residual_in_kernel
-    roles, choose = [], formulation.choose
+    roles, trained, choose = [], [], formulation.choose
 
     def spy(*args, **kwargs):
         roles.append(args[7])
+        trained.append(kwargs)
         return choose(*args, **kwargs)
 
     monkeypatch.setattr(formulation, "choose", spy)
@@ -189,6 +219,7 @@ def test_a_training_call_is_priced_as_it_runs(llama_case, xla_device, monkeypatc
     down.formulation(x)  # gradients recorded for the trainable adapter: a training call
     assert [role.prologue for role in roles] == ["silu_mul", ""]
     assert all(role == down.fusion_role and role.residual_in_kernel for role in roles)
+    assert [kwargs.get("training") for kwargs in trained] == [False, True]
 
 
 @pytest.mark.parametrize("weight_dtype", [None, "int8"])

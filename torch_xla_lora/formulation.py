@@ -66,6 +66,7 @@ def choose(
     role: FusionRole,
     int8_weight: bool = False,
     pool: tuple[bool, int] | None = None,
+    training: bool = False,
 ) -> str:
     """The cheapest formulation (one of :data:`FORMULATIONS`) of one linear layer on TPU ``generation``.
 
@@ -74,12 +75,18 @@ def choose(
     (its weight read at one byte an element by the base matmul and by the fused kernel). ``pool``: (int8, data
     rows) of the rank-true pool the layer reads its adapters from (``memory_budget``), priced as each formulation
     reads it (``tpu_model.PoolSpec``), every adapter at ``rank`` (the true ranks are the batch's, and a choice
-    that followed them would compile a graph per rank mix); None: padded slots.
+    that followed them would compile a graph per rank mix); None: padded slots. ``training``: a training call
+    (trainable slots, ``s`` kept for the backward; padded slots only), priced by its forward and its backward
+    (``bench/tpu_train_model.projection_train_costs``: the forward as training runs it, then dx, ds and dB, which
+    ``linear_lora``'s backward takes in its one pass over g and the other formulations in two), since a
+    formulation dearer to run forward may be cheaper to train (the bench Llama's down_proj at T = 8192 on v6e).
     """
+    if training and pool is not None:
+        raise ValueError("a training call reads padded slots: trainable adapters hold no pool rows")
     args = (generation, num_tokens, in_features, out_features, rank, num_slots, has_bias)
     role_args = (role.residual_output, role.input_share, role.prologue, role.residual_in_kernel)
     pool_args = (None, 0) if pool is None else (bool(pool[0]), int(pool[1]))
-    return _constant_choice(*args, *role_args, int8_weight, *pool_args)
+    return _constant_choice(*args, *role_args, int8_weight, *pool_args, training)
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: a constant, the cost model is never traced
@@ -103,12 +110,21 @@ def _cheapest(
     int8_weight: bool = False,
     pool_int8: bool | None = None,
     pool_rows: int = 0,
+    training: bool = False,
 ) -> str:
     from torch_xla_lora.bench import tpu_model
 
     chip = tpu_model.CHIPS.get(generation, tpu_model.CHIPS["v6e"])  # newer chips tune as v6e
     in_use = min(num_slots, num_tokens, TYPICAL_IN_USE)
     indices = tpu_model.contiguous_requests(num_tokens, num_slots, in_use)
+    if training:
+        from torch_xla_lora.bench import tpu_train_model
+
+        costs = tpu_train_model.projection_train_costs(
+            chip, indices, in_features, out_features, rank, num_slots, residual_output, input_share,
+            prologue=prologue, residual_in_kernel=residual_in_kernel, int8_weight=int8_weight,
+        )  # fmt: skip
+        return FORMULATIONS[tpu_model.FORMULATIONS.index(costs["forward_choice"])]
     pool = None if pool_int8 is None else tpu_model.PoolSpec((rank,) * num_slots, pool_int8, pool_rows)
     costs = tpu_model.projection_costs(
         chip,

@@ -5,11 +5,13 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
 - the base, the floor ``(a)``: the forward GEMM ``x W^T`` and the backward to the activations
   ``dx = g W`` (the base is frozen: no weight gradient), each at XLA's roofline
   (:func:`tpu_model.matmul_cost`);
-- ours: the forward as the layer runs it on the chip (the cheapest of ``linear_lora``'s fused kernel,
-  the base then the fused LoRA kernel, or the XLA-native op, by :func:`tpu_model.projection_costs`,
-  as ``base_fusion="auto"`` chooses; in the decoder arranged as in training, :data:`TRAINING_KERNEL_FUSION`:
-  the fused kernels of o_proj and down_proj take their residual add in), then the backward as
-  ``ops/_autograd.py`` runs it on a TPU, with the fused op ``bgmv_lora_grads`` (``ops/_lora_grads_jax.py``):
+- ours: the forward as the layer runs it on the chip (one of ``linear_lora``'s fused kernel, the base then
+  the fused LoRA kernel, or the XLA-native op, priced by :func:`tpu_model.projection_costs`, as
+  ``base_fusion="auto"`` chooses for a training call: the least forward, as training runs it, plus
+  backward by this model, ``formulation.choose(training=True)``; in the decoder arranged as in training,
+  :data:`TRAINING_KERNEL_FUSION`: the fused kernels of o_proj and down_proj take their residual add in), then
+  the backward as ``ops/_autograd.py`` runs it on a TPU (``linear_lora_backward``, or the fused op
+  ``bgmv_lora_grads``, ``ops/_lora_grads_jax.py``):
 
   - dx: for a projection whose forward is ``linear_lora``, its backward's one pass over g (the base's
     dx and LoRA's, ``linear_lora``'s kernel with the roles swapped); otherwise ``dx += bgmv_expand(ds,
@@ -357,44 +359,67 @@ def projection_train_costs(
         chip, indices, hidden, out_dim, rank, num_slots, residual_output, input_share, prologue=prologue,
         residual_in_kernel=residual_in_kernel, int8_weight=int8_weight, operands=operands,
     )  # fmt: skip
-    choice = tpu_model.cheapest(forward)
-    lora_forward = forward[choice] - forward["base"]
     recompute_s = shrink_seconds(chip, indices, hidden, rank, num_slots)
-    # The training forward: linear_lora's kernel writing s too (its own plan with the [bt, R] block: the
-    # difference to the serving kernel's walk), the XLA-native one keeping s; the separate kernels recompute s.
-    kept_forward, kept_recompute, recompute_x = lora_forward, recompute_s, 0.0
-    if choice == "fused":
-        taken = {"prologue": prologue, "residual": residual_in_kernel and residual_output, "int8_weight": int8_weight}
-        serving = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots, **taken)
-        training = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots, **taken, keep_s=True)
-        if serving is not None and training is not None:
-            kept_forward, kept_recompute = lora_forward + training.seconds - serving.seconds, 0.0
-        if prologue and serving is not None:
-            recompute_x = input_share * (operands + 1) * num_tokens * hidden * _BF16 / chip.hbm_bytes_per_s
-    elif choice == "xla_native":
-        kept_recompute = 0.0
     g_pass = g_pass_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds
-    fused_dx = one_pass_dx - ds if choice == "fused" else separate_dx - ds
-    use_db_pass = choice == "fused" and with_db is not None
+
+    def training(choice: str) -> dict[str, float]:
+        """The LoRA's training parts under the forward formulation ``choice``: its forward as training runs it
+        (linear_lora's kernel writing s too, by its own plan: the difference to the serving kernel's walk; the
+        XLA-native one keeping s; the separate kernels recomputing s), and the backward's passes over g."""
+        lora_forward = forward[choice] - forward["base"]
+        kept_forward, kept_recompute, recompute_x = lora_forward, recompute_s, 0.0
+        if choice == "fused":
+            taken = {"prologue": prologue, "residual": residual_in_kernel and residual_output}
+            taken["int8_weight"] = int8_weight
+            serving = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots, **taken)
+            kept = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots, **taken, keep_s=True)
+            if serving is not None and kept is not None:
+                kept_forward, kept_recompute = lora_forward + kept.seconds - serving.seconds, 0.0
+            if prologue and serving is not None:
+                recompute_x = input_share * (operands + 1) * num_tokens * hidden * _BF16 / chip.hbm_bytes_per_s
+        elif choice == "xla_native":
+            kept_recompute = 0.0
+        dx = one_pass_dx - ds if choice == "fused" else separate_dx - ds
+        # dx, ds and dB: linear_lora_backward's one pass where the forward is linear_lora, else the two passes.
+        passes = with_db.seconds - base_backward if choice == "fused" and with_db is not None else dx + g_pass
+        return {
+            "lora_forward": lora_forward,
+            "lora_forward_s_kept": kept_forward,
+            "recompute_s_kept": kept_recompute,
+            "recompute_x": recompute_x,
+            "fused_dx": dx,
+            "backward_g_passes": passes,
+        }
+
+    options = {name: training(name) for name in tpu_model.FORMULATIONS}
+    serving_choice = tpu_model.cheapest(forward)
+    # Training runs the formulation of least forward and backward (base_fusion="auto" on a training call:
+    # formulation.choose(training=True)); serving the one of least forward.
+    shared = ("lora_forward_s_kept", "recompute_s_kept", "recompute_x", "backward_g_passes")
+    choice = min(tpu_model.FORMULATIONS, key=lambda name: sum(options[name][key] for key in shared))
+    parts = options[choice]
     return {
         "base_forward": forward["base"],
         "base_backward": base_backward,
-        "lora_forward": lora_forward,
-        "lora_forward_s_kept": kept_forward,
+        "lora_forward": parts["lora_forward"],
+        "lora_forward_s_kept": parts["lora_forward_s_kept"],
         "forward_choice": choice,
+        "serving_choice": serving_choice,
+        # What the serving choice would cost this training step more (it was the choice before training calls were
+        # priced with their backward; 0 where the two agree).
+        "serving_choice_extra": sum(options[serving_choice][k] for k in shared) - sum(parts[k] for k in shared),
         "lora_dx": one_pass_dx if choice == "fused" else separate_dx,  # linear_lora's backward: one pass
         "lora_dx_one_pass": one_pass_dx,
         "lora_dx_one_pass_dequantized": dequantized_dx,
         # The fused backward (ops/_lora_grads.py): ds comes from the pass over g that computes dB, so dx is the
         # one pass (linear_lora) or the expand alone; dB is in that pass, dA the weight-gradient kernel over x.
-        "fused_dx": fused_dx,
+        "fused_dx": parts["fused_dx"],
         "fused_g_pass": g_pass,
-        # dx, ds and dB: linear_lora_backward's one pass where the forward is linear_lora, else the two passes above.
-        "backward_g_passes": with_db.seconds - base_backward if use_db_pass else fused_dx + g_pass,
+        "backward_g_passes": parts["backward_g_passes"],
         "fused_weight_grad_a": weight_grad_kernel_cost(chip, indices, rank, hidden, num_slots).seconds,
         "recompute_s": recompute_s,
-        "recompute_s_kept": kept_recompute,  # where the training forward does not keep s
-        "recompute_x": recompute_x,  # the arranged backward's producer, recomputed for dA
+        "recompute_s_kept": parts["recompute_s_kept"],  # where the training forward does not keep s
+        "recompute_x": parts["recompute_x"],  # the arranged backward's producer, recomputed for dA
         "weight_grad_kernel": weight_grad_kernel_cost(chip, indices, rank, hidden, num_slots).seconds
         + weight_grad_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds,
         "weight_grad_xla": weight_grad_xla_seconds(chip, indices, rank, hidden, num_slots)
@@ -446,7 +471,7 @@ def train_step_costs(
     roles = tpu_model.llama_roles()
     parts: dict[str, float] = {}
     da_by_input: dict[str, float] = {}  # input group -> dA's MXU seconds of the projections reading that x
-    choices = {}
+    choices, serving_choices = {}, {}
     dx_passes = []  # (name, its dx pass on the weight as stored, on a bf16 copy of it)
     for name, (fan_in, fan_out, _) in layer.items():
         residual, share = roles[name]
@@ -457,6 +482,7 @@ def train_step_costs(
             residual_in_kernel, int8_weight,
         )  # fmt: skip
         choices[name] = costs.pop("forward_choice")
+        serving_choices[name] = costs.pop("serving_choice")
         dx_passes.append((name, costs["lora_dx_one_pass"], costs["lora_dx_one_pass_dequantized"]))
         slot_ranks = np.asarray(ranks if ranks is not None else [rank] * num_slots)
         costs["lora_mxu_floor"] = lora_mxu_floor_seconds(chip, indices, fan_in, fan_out, slot_ranks)
@@ -476,6 +502,7 @@ def train_step_costs(
     fused_parts = ("backward_g_passes", "fused_weight_grad_a", "slot_assembly")
     ours = base + kept + sum(parts[key] for key in fused_parts)
     db_own_pass = ours - parts["backward_g_passes"] + parts["fused_dx"] + parts["fused_g_pass"]
+    serving_choice = ours + parts["serving_choice_extra"]
     # The fused projections' dx pass (in fused_dx) on a bf16 copy of an int8 weight instead (equal for bf16 bases).
     dequantized = ours + sum(
         costs_dequantized - costs_one_pass
@@ -506,6 +533,7 @@ def train_step_costs(
         "ratio_ours": ours / base,
         "ratio_ours_dequantized_dx": dequantized / base,
         "ratio_ours_db_own_pass": db_own_pass / base,
+        "ratio_ours_serving_choice": serving_choice / base,
         "ratio_ours_separate": separate / base,
         "ratio_ours_xla_weight_grad": ours_xla / base,
         "ratio_ours_one_pass_dx": ours_one_pass / base,
@@ -516,6 +544,7 @@ def train_step_costs(
         "overhead_vs_onehot_xla_weight_grad": (ours_xla - base) / (onehot - base),
         "parts": parts,
         "choices": choices,
+        "serving_choices": serving_choices,
     }
 
 

@@ -168,7 +168,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         for this layer's shape, role and token count (:func:`torch_xla_lora.formulation.choose`; a layer that
         reads a rank-true pool priced as it reads it, int8 rows included), recorded
         in :attr:`formulations`; with another backend, fused. A training call (one that keeps ``s``) of an
-        arranged decoder's projection is priced without x's producer in the kernel, as it runs.
+        arranged decoder's projection is priced without x's producer in the kernel, as it runs, and by its
+        backward too (``formulation.choose(training=True)``).
         """
         fusion = self.base_fusion
         int8 = int8_channel_scale(self.base_layer) is not None
@@ -194,7 +195,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         # A pooled call over a float base reads its pools with gradients recorded too, its producer declined then.
         pooled = self._reads_pool(x2, self.backend, differentiable=not int8)
         declines = pooled and not self._reads_pool(x2, self.backend)
-        if role.prologue and (declines or _keeps_s(x2, self.factors_need_grad(), self.backend, fused_base=True)):
+        training = not pooled and _keeps_s(x2, self.factors_need_grad(), self.backend, fused_base=True)
+        if role.prologue and (declines or training):
             # A training call takes in no producer (forward_fused_with declines it): priced as it runs.
             role = dataclasses.replace(role, prologue="")
         num_tokens = x2.shape[0]
@@ -210,6 +212,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             role,
             int8_weight=int8,
             pool=pool,
+            training=training,
         )
         self.formulations[num_tokens] = choice
         return choice
