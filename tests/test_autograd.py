@@ -589,17 +589,19 @@ def test_linear_train_forwards_keep_s_and_their_gradients_are_the_serving_ops(tr
         assert_close(kept.cpu(), expected[key], torch.float32)
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize("weight", ["float", "int8", "conv1d"])
 @pytest.mark.parametrize(("on_xla", "backend"), [(False, "auto"), (True, "xla"), (True, "pallas")])
-def test_linear_lora_backward_is_dx_ds_and_db_of_one_pass_over_g(on_xla, backend, int8, request):
+def test_linear_lora_backward_is_dx_ds_and_db_of_one_pass_over_g(on_xla, backend, weight, request):
     """linear_lora_backward's (dx, ds, dB) against float64 math of the forward's gradients: dx = g W + ds A,
     ds = scaling * g B^T, dB = s^T g per slot (exact zeros for the unused slots 1 and 3, nothing from rows outside
-    [0, L)); an int8 weight read per output channel. An Inf in slot 0's rows of g stays in slot 0: the other
-    slots' dB and the other tokens' dx and ds are unchanged ("pallas": the fused base kernel taking dB while g's
-    tiles are in VMEM, interpret mode off TPU). opcheck on CPU tensors."""
+    [0, L)); an int8 weight read per output channel; a Conv1D ([in, out]) weight. An Inf in slot 0's rows of g
+    stays in slot 0: the other slots' dB and the other tokens' dx and ds are unchanged ("pallas": the fused base
+    kernel taking dB while g's tiles are in VMEM, interpret mode off TPU). opcheck on CPU tensors."""
     device = request.getfixturevalue("xla_device") if on_xla else torch.device("cpu")
     idx = _indices("blocks")
     g64 = torch.Generator().manual_seed(3)
+    int8 = weight == "int8"
+    layout = "in_out" if weight == "conv1d" else "out_in"
     w, scale = (Q8.double(), Q8_SCALE) if int8 else (torch.randn(DOUT, D, generator=g64, dtype=torch.float64), None)
     w_real = w * scale.double()[:, None] if int8 else w
     a, b = (torch.randn(L, R, n, generator=g64, dtype=torch.float64) for n in (D, DOUT))
@@ -612,12 +614,13 @@ def test_linear_lora_backward_is_dx_ds_and_db_of_one_pass_over_g(on_xla, backend
     d_b = torch.stack([s[idx == slot].T @ grad[idx == slot] for slot in range(L)])
     assert (d_b[[1, 3]] == 0).all()
 
+    stored = Q8 if int8 else (w.T.contiguous() if layout == "in_out" else w).float()
+
     def run(g):
-        weight = Q8.to(device) if int8 else w.float().to(device)
         scales = (scale.to(device), None) if int8 else (None, None)
         f32 = [t.float().to(device) for t in (g, a, b, s)]
         return _linear_fused.linear_lora_backward(
-            f32[0], weight, f32[1], f32[2], idx.to(device), f32[3], SCALING, "out_in", backend, *scales
+            f32[0], stored.to(device), f32[1], f32[2], idx.to(device), f32[3], SCALING, layout, backend, *scales
         )
 
     got = run(grad)
@@ -634,8 +637,7 @@ def test_linear_lora_backward_is_dx_ds_and_db_of_one_pass_over_g(on_xla, backend
     assert_close(got[0][others], dx[others], torch.float32)
     assert_close(got[1][others], ds[others], torch.float32)
     if not on_xla:
-        weight = Q8 if int8 else w.float()
-        args = (grad.float(), weight, a.float(), b.float(), idx, s.float(), SCALING, "out_in", "auto", scale, None)
+        args = (grad.float(), stored, a.float(), b.float(), idx, s.float(), SCALING, layout, "auto", scale, None)
         torch.library.opcheck(OPS.linear_lora_backward, args)
 
 
