@@ -76,11 +76,14 @@ LINEAR_TRAIN_SAMPLE = [
     ),
 ]
 # The backward's one pass over g (``linear_lora_backward``: dx, ds and dB): Llama-3-8B's gate_proj at T = 2048 on v6e
-# (g 14336 wide, dB's [8, 64, 14336] f32 sum resident in VMEM over the grid) and an int8 q_proj on v5e, its weight
-# read transposed with its scales per input channel (about 10 s in all).
+# (g 14336 wide, dB's [8, 64, 14336] f32 sum resident in VMEM over the grid) and at T = 1024 on v5p, an int8 q_proj
+# on v5e, its weight read transposed with its scales per input channel, and k_proj on v4 at T = 300 (three
+# 128-token blocks, the last one padded).
 LINEAR_BACKWARD_SAMPLE = [
     tpu_grid.Config("v6e", "linear_train", "backward", "bfloat16", 2048, 8, 64, "llama3-8b", "gate_proj", 14336, 4096),
+    tpu_grid.Config("v5p", "linear_train", "backward", "bfloat16", 1024, 8, 16, "llama3-8b", "gate_proj", 14336, 4096),
     tpu_grid.Config("v5e", "linear_train", "backward_int8", "bfloat16", 1024, 8, 16, "llama3-8b", "q_proj", 4096, 4096),
+    tpu_grid.Config("v4", "linear_train", "backward", "bfloat16", 300, 4, 16, "llama3-8b", "k_proj", 1024, 4096),
 ]
 # The fused kernel over an expert layer's lane-padded slots at gpt-oss-20b's widths (2880 -> 2880, not multiples
 # of 128; 2880 -> 5760 in 1,920-wide output tiles); ``bench tpu_compile --kernels fused`` compiles both projections
