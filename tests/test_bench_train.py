@@ -255,6 +255,28 @@ def test_backward_pass_over_g_takes_ds_and_db_where_the_forward_is_linear_lora()
     assert costs["ratio_ours_db_own_pass"] > costs["ratio_ours"]
 
 
+def test_arranged_step_takes_da_of_projections_sharing_an_input_in_one_pass():
+    """The arranged decoder trains q/k/v and gate/up as groups (``layers/shared_input.py``): the model prices their
+    dA as one weight-gradient walk of [T, n * R] against the shared x per group, where alone each member walks x
+    (by hand: q/k/v read 2048-wide x, gate/up too; o and down stay alone). Not arranged, no group."""
+    chip = tpu_model.CHIPS["v6e"]
+    rank, slots = 64, 8
+    layer = tpu_train_model.llama_layer(2048, 5632, 32, 4)
+    indices = tpu_train_model.interleaved_rows(16, 512, slots)
+    args = (chip, indices, layer, rank, slots)
+    arranged = tpu_train_model.train_step_costs(*args, kernel_fusion=tpu_train_model.TRAINING_KERNEL_FUSION)
+    alone = tpu_train_model.train_step_costs(*args)
+    assert set(arranged["choices"].values()) == {"fused"}
+
+    def walk(left: int, width: int) -> float:
+        return tpu_train_model.weight_grad_kernel_cost(chip, indices, left, width, slots).seconds
+
+    expected = walk(3 * rank, 2048) + walk(2 * rank, 2048) + walk(rank, 2048) + walk(rank, 5632)
+    assert arranged["parts"]["fused_weight_grad_a"] == pytest.approx(expected)
+    assert alone["parts"]["fused_weight_grad_a"] == pytest.approx(6 * walk(rank, 2048) + walk(rank, 5632))
+    assert expected < alone["parts"]["fused_weight_grad_a"]
+
+
 def test_train_step_model_of_an_int8_base_reads_the_weight_as_int8_in_the_backward():
     """Over an int8 base the fused projections' dx pass reads the int8 weight transposed (its scales per input
     channel): one byte an element where the bf16 copy the previous backward made cost a pass of its own (int8

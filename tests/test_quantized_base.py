@@ -149,14 +149,22 @@ def test_int8_per_channel_base_runs_fused_and_equals_peft_on_the_dequantized_bas
 
 @pytest.mark.parametrize(
     "scheme,mode",
-    [("symmetric", "lazy"), ("blockwise", "compile"), ("symmetric", "fused"), ("symmetric", "fused-compile")],
+    [
+        ("symmetric", "lazy"),
+        ("blockwise", "compile"),
+        ("symmetric", "fused"),
+        ("symmetric", "fused-compile"),
+        ("symmetric", "fused-pallas"),
+    ],
 )
 def test_training_on_a_quantized_base_equals_peft_on_the_dequantized_base(scheme, mode, xla_device, monkeypatch):
     """QLoRA-style: adapters trained on the frozen quantized base get PEFT's gradients on the dequantized
     float base (gradients flow through the quantized matmul to the activations). "fused" (``base_fusion=True``,
     the decoders arranged): every projection reads its int8 weight in ``linear_lora_fused``'s training forward
     (``keep_s``) and its backward reads it transposed as int8 (no float copy of a weight is made); under
-    ``torch.compile`` too ("fused-compile")."""
+    ``torch.compile`` too ("fused-compile"). "fused-pallas": the Pallas backend (interpret mode here), where each
+    projection's backward takes dx, ds and dB in its pass over g reading the int8 weight and each decoder's q/k/v
+    and gate/up train as groups with one dA pass over their shared input (``layers/shared_input.py``)."""
     quantized, dequantized = _quantized_and_float(scheme)
     calls = []
     if mode == "fused":
@@ -172,7 +180,14 @@ def test_training_on_a_quantized_base_equals_peft_on_the_dequantized_base(scheme
         op = _linear_fused.linear_lora_fused
         monkeypatch.setattr(_linear_fused, "linear_lora_fused", spy)
         monkeypatch.setattr(_linear_fused, "dequantize", no_float_copy)
-    config = tl.LoRAConfig(max_loras=2, max_rank=8, base_fusion=mode.startswith("fused"))
+    groups = []
+    if mode == "fused-pallas":
+        from torch_xla_lora.layers import shared_input
+
+        run_group = shared_input.run
+        monkeypatch.setattr(shared_input, "run", lambda projs, x: groups.append(len(projs)) or run_group(projs, x))
+    backend = "pallas" if mode == "fused-pallas" else "auto"
+    config = tl.LoRAConfig(max_loras=2, max_rank=8, base_fusion=mode.startswith("fused"), backend=backend)
     lora = tl.patch_model(quantized.to(xla_device), config)
     torch.manual_seed(4)
     config = LoraConfig(init_lora_weights=False, r=4, lora_alpha=8, target_modules=list(PROJECTIONS))
@@ -191,6 +206,9 @@ def test_training_on_a_quantized_base_equals_peft_on_the_dequantized_base(scheme
         forwards = [(torch.int8, True, False)] * len(PROJECTIONS) * len(lora.fused_decoders)
         # (but the first decoder's q/k/v: their input, the frozen embedding's output, needs no gradient)
         assert calls == forwards + [(torch.int8, False, True)] * (len(forwards) - 3), calls
+    if mode == "fused-pallas":  # (the first decoder's q/k/v read the frozen embedding's output: no dx, alone)
+        decoders = len(lora.fused_decoders)
+        assert sorted(groups) == [2] * decoders + [3] * (decoders - 1), groups
     peft_model.train()
     peft_model(ids[[0, 2]]).logits.float().pow(2).mean().backward()
     grads = {k: p.grad for k, p in peft_model.named_parameters() if p.grad is not None}

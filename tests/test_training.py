@@ -149,13 +149,14 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
     building the slot factors: each layer builds them once). (The separate formulation on the XLA device: the
     "lazy" and "compile" steps of test_steps_on_changing_mixes_equal_peft_alone.) ``llama-pallas-base-fusion``: the
     same on the Pallas backend (the kernels in interpret mode), where every projection's backward takes dx, ds and dB
-    in its one pass over g (``linear_lora_backward``) and none runs ``bgmv_lora_grads``."""
+    in its one pass over g (``linear_lora_backward``) and none runs ``bgmv_lora_grads``, and each decoder's q/k/v and
+    gate/up run as groups whose dA is one weight gradient over their shared input (``layers/shared_input.py``)."""
     device = xla_device if on_xla else torch.device("cpu")
     tenants = ARCHS[arch][2]
     mix = [n if n is None or n in tenants else "t0" for n in MIX]
     config = {"base_fusion": True, "backend": "xla" if on_xla == "fused" else "pallas"} if on_xla else {}
     lora = _patched(device, arch=arch, **config)
-    keeps, arranged, built, backward_ops = [], [], [], []
+    keeps, arranged, built, backward_ops, groups = [], [], [], [], []
     if on_xla == "pallas":
         from torch_xla_lora.ops import _linear_fused
 
@@ -166,8 +167,15 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
         def no_lora_grads(*args, **kwargs):
             raise AssertionError("a projection ran bgmv_lora_grads where its backward takes dB in its pass over g")
 
-        linear_lora_backward = _linear_fused.linear_lora_backward
+        def group_spy(projections, x):
+            groups.append([type(p).__name__ for p in projections])
+            return run_group(projections, x)
+
+        from torch_xla_lora.layers import shared_input
+
+        linear_lora_backward, run_group = _linear_fused.linear_lora_backward, shared_input.run
         monkeypatch.setattr(_linear_fused, "linear_lora_backward", backward_spy)
+        monkeypatch.setattr(shared_input, "run", group_spy)
         monkeypatch.setattr(torch.ops.xla_lora, "bgmv_lora_grads", no_lora_grads, raising=False)
     if on_xla == "fused":
         from torch_xla_lora.layers import base, linear
@@ -212,6 +220,8 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
 
         linears = [layer for layer in lora.layers.values() if isinstance(layer, LinearWithLoRA)]
         assert len(backward_ops) == len(linears), backward_ops
+        decoders = len(lora.fused_decoders)
+        assert sorted(map(len, groups)) == [2] * decoders + [3] * decoders, groups
     for name in tenants:
         rows = [i for i, n in enumerate(mix) if n == name]
         expected = _peft_grads(peft_model, name, ids[rows], targets[rows])

@@ -432,6 +432,24 @@ def projection_train_costs(
     }
 
 
+def grouped_weight_grad_saving(
+    chip: Chip, indices: np.ndarray, layer: dict[str, tuple[int, int, str]], rank: int, num_slots: int, choices: dict
+) -> float:
+    """What dA costs less (a negative number of seconds) when the projections reading one input, all on
+    ``linear_lora`` (``choices``), take it together (``layers/shared_input.py``: one weight gradient of their ds
+    side by side, [T, n * R], against x, where each alone reads x again): the weight-gradient kernel's walk of
+    the group against the sum of its members' walks."""
+    saving = 0.0
+    for group in dict.fromkeys(g for _, _, g in layer.values()):
+        members = [name for name, (_, _, g) in layer.items() if g == group]
+        if len(members) < 2 or any(choices[name] != "fused" for name in members):
+            continue
+        fan_in = layer[members[0]][0]
+        alone = weight_grad_kernel_cost(chip, indices, rank, fan_in, num_slots).seconds * len(members)
+        saving += weight_grad_kernel_cost(chip, indices, rank * len(members), fan_in, num_slots).seconds - alone
+    return saving
+
+
 def train_step_costs(
     chip: Chip,
     indices: np.ndarray,
@@ -492,6 +510,8 @@ def train_step_costs(
         da_by_input[group] = da_by_input.get(group, 0.0) + da
         for key, value in costs.items():
             parts[key] = parts.get(key, 0.0) + value
+    if kernel_fusion is not None:  # the arranged decoder trains q/k/v and gate/up as groups: dA in one pass over x
+        parts["fused_weight_grad_a"] += grouped_weight_grad_saving(chip, indices, layer, rank, num_slots, choices)
     base = parts["base_forward"] + parts["base_backward"]
     # The forward, s and (arranged) x, as training runs them.
     kept = parts["lora_forward_s_kept"] + parts["recompute_s_kept"] + parts["recompute_x"]

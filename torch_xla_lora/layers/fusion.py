@@ -21,6 +21,10 @@ object) runs the kernel on the un-normed stream with the norm's factors instead;
 residual and says so, and the decoder then does not add the residual again. The normed tensor is still
 computed for the attention to receive; where nothing reads it, XLA drops it from the graph.
 
+In training (trainable adapters, grad enabled) no producer is taken in (the backward would recompute it for
+dA); there q/k/v, and gate/up, run as one group each where all of them can (:mod:`.shared_input`: their dA in
+one pass over the shared input).
+
 Each projection whose call does not run the fused formulation (a mesh, another dtype, a
 trainable adapter's dropout, "auto" choosing another one) computes the norm, the product or the
 add in torch exactly as transformers does, so results equal the unpatched model's (and PEFT's).
@@ -37,6 +41,7 @@ import types
 import torch
 from torch import nn
 
+from torch_xla_lora.layers import shared_input
 from torch_xla_lora.layers.linear import LinearWithLoRA
 
 #: Decoder layers whose forward is ``h = h + attn(input_layernorm(h)); h + mlp(post_attention_layernorm(h))``.
@@ -165,6 +170,22 @@ class _PendingNorm:
         return self.norm.project(proj) if x is self.normed else None
 
 
+class _PendingGroup:
+    """q/k/v's pending call in training: called with ``normed``, the three run as one group
+    (:mod:`torch_xla_lora.layers.shared_input`: dA of all three in one pass over x), on the first call."""
+
+    def __init__(self, projections: list, normed: torch.Tensor) -> None:
+        self.projections, self.normed, self.outputs = projections, normed, None
+
+    def run(self, proj: LinearWithLoRA, x: torch.Tensor) -> torch.Tensor | None:
+        proj.pending = None  # one call
+        if x is not self.normed:
+            return None
+        if self.outputs is None:
+            self.outputs = dict(zip(map(id, self.projections), shared_input.run(self.projections, x), strict=True))
+        return self.outputs.pop(id(proj), None)
+
+
 class _PendingResidual:
     """o_proj's pending call: the residual added in the kernel's write; ``taken`` says whether it was."""
 
@@ -182,17 +203,23 @@ def attention_with_residual(
     attn: nn.Module, norm: nn.Module, h: torch.Tensor, kwargs: dict
 ) -> tuple[torch.Tensor, bool]:
     """``attn(hidden_states=norm(h), **kwargs)``'s output and whether it already includes ``h`` (o_proj took the
-    residual in), with the norm taken into q/k/v's x read where those projections run the fused formulation."""
+    residual in), with the norm taken into q/k/v's x read where those projections run the fused formulation; in
+    training, where the three can, they run as one group on the normed tensor (:mod:`.shared_input`)."""
     normed = norm(h)
     projections = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
     taken_norm = _Norm(norm, h) if _is_rms(norm) else None
+    group = _PendingGroup(projections[:3], normed) if shared_input.ready(projections[:3], normed) else None
     residual = _PendingResidual(h)
     try:
         for proj in projections:
             if isinstance(proj, LinearWithLoRA):
                 is_o = proj is projections[-1]
-                if is_o or taken_norm is not None:
-                    proj.pending = residual if is_o else _PendingNorm(taken_norm, normed)
+                if is_o:
+                    proj.pending = residual
+                elif group is not None:  # training: the norm is not taken in, the three share dA's pass over x
+                    proj.pending = group
+                elif taken_norm is not None:
+                    proj.pending = _PendingNorm(taken_norm, normed)
         attended, _ = attn(hidden_states=normed, **kwargs)
     finally:
         for proj in projections:
@@ -203,7 +230,8 @@ def attention_with_residual(
 
 def mlp_with_residual(mlp: nn.Module, norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """``h + mlp(norm(h))`` with the norm taken into gate/up's x read and SiLU(gate) * up and the residual
-    into down_proj's, where those projections run the fused formulation."""
+    into down_proj's, where those projections run the fused formulation; in training, gate and up as one group
+    where they can (:mod:`.shared_input`)."""
     taken_norm, normed = _Norm(norm, h), None
 
     def project(proj: nn.Module) -> torch.Tensor:
@@ -215,7 +243,11 @@ def mlp_with_residual(mlp: nn.Module, norm: nn.Module, h: torch.Tensor) -> torch
             normed = norm(h)
         return proj(normed)
 
-    gate, up = project(mlp.gate_proj), project(mlp.up_proj)
+    pair = [mlp.gate_proj, mlp.up_proj]
+    if shared_input.ready(pair, h):  # training: the norm is not taken in (h stands for norm(h): its shape, dtype),
+        gate, up = shared_input.run(pair, norm(h))  # and gate and up share dA's pass over x
+    else:
+        gate, up = project(mlp.gate_proj), project(mlp.up_proj)
     out = mlp.down_proj.forward_fused_with(gate, up=up, residual=h)
     if out is not None:
         return out

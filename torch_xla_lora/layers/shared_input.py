@@ -1,0 +1,136 @@
+"""Projections that read one input, trained together: dA of all of them in one pass over x.
+
+In a training step each projection's backward reads its input x once more, for ``dA = ds^T x`` (the one
+gradient that needs x; its dx, ds and dB come from its pass over g, ``linear_lora_backward``). q, k and v
+read the same normed hidden state, gate and up another: run one at a time, their backwards read each x
+three and two times. :func:`run` runs such a group's training forwards (``linear_lora_train``, each keeping
+``s``) under one autograd node whose backward takes each projection's pass over g, then one weight gradient
+of the group's ``ds`` side by side (``[T, R1 + R2 + ...]``) against x, split back per projection: one pass
+over x per input, as the TPU training model prices it (``bench/tpu_train_model.py``, ``train_step_costs``).
+
+The arranged decoder layers (:mod:`torch_xla_lora.layers.fusion`) group q/k/v and gate/up where every member
+would run ``linear_lora_train`` with the Pallas backend (:func:`ready`); anything else runs each projection
+on its own, as before. The group's gradients are the projections' own: each token adds only to its slot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torch_xla_lora.layers.base import _keeps_s, kernel_runs
+from torch_xla_lora.layers.linear import LinearWithLoRA, int8_channel_scale
+
+
+def ready(projections: list, x: torch.Tensor) -> bool:
+    """Whether :func:`run` takes these projections of ``x`` together: at least two ``LinearWithLoRA`` layers
+    of one batch, off a mesh, each running ``linear_lora``'s training forward on its slots on the Pallas
+    backend (the formulation "fused", a frozen base, float or int8 per channel, no pool read, no trainable
+    adapter's dropout in training mode), with the fused backward on and a gradient wanted for x."""
+    from torch_xla_lora.ops import _autograd
+
+    if len(projections) < 2 or not all(isinstance(p, LinearWithLoRA) for p in projections):
+        return False
+    if not (_autograd.FUSED_BACKWARD and torch.is_grad_enabled() and x.requires_grad):
+        return False
+    first = projections[0]
+    if any(p.context is not first.context or p.backend != first.backend for p in projections):
+        return False
+    if not kernel_runs(x, first.backend) or first.context.token_slots(x) is None:
+        return False
+    x2 = x.reshape(-1, first.in_features)
+    for p in projections:
+        base = p.base_layer
+        bias = getattr(base, "bias", None)
+        frozen = not base.weight.requires_grad and (bias is None or not bias.requires_grad)
+        if p.tensor_parallel is not None or (p.weight_layout is None and int8_channel_scale(base) is None):
+            return False
+        if not frozen or p.in_features != first.in_features or p.formulation(x) != "fused":
+            return False
+        if p.training and any(m.dropout > 0 for m in p.trainable.values()):
+            return False
+        if p._reads_pool(x2, p.backend, differentiable=True):
+            return False
+        if not _keeps_s(x2, p.factors_need_grad(), p.backend, fused_base=True):
+            return False
+    return True
+
+
+def run(projections: list, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each projection's output on ``x`` [..., in] (as its forward would give it), trained as one group: see the
+    module doc. Call only where :func:`ready` holds."""
+    first = projections[0]
+    slots = first.context.token_slots(x)
+    x2 = x.reshape(-1, first.in_features)
+    operands, specs = [], []
+    for p in projections:
+        metadata, own = p._linear_metadata(x2)
+        lora_a, lora_b = p.slot_factors()
+        scale = int8_channel_scale(p.base_layer)  # an int8 base: read as int8 (no bias, as the layer runs it)
+        bias = None if scale is not None else getattr(p.base_layer, "bias", None)
+        operands += [p.base_layer.weight, lora_a, lora_b]
+        operands += [t for t in (bias, metadata, scale) if t is not None]
+        specs.append((p.weight_layout or "out_in", bias is not None, metadata is not None, own, scale is not None))
+    outs = _SharedInput.apply(x2, slots, tuple(specs), first.backend, *operands)
+    return [out.reshape(*x.shape[:-1], p.out_features) for p, out in zip(projections, outs, strict=True)]
+
+
+def _unpack(specs: tuple, operands: tuple) -> list[tuple]:
+    """Per projection: (weight, lora_a, lora_b, bias, metadata, int8 weight scale (each or None), layout, own)."""
+    out, i = [], 0
+    for layout, has_bias, has_metadata, own, has_scale in specs:
+        weight, lora_a, lora_b = operands[i : i + 3]
+        i += 3
+        optional = []
+        for flag in (has_bias, has_metadata, has_scale):
+            optional.append(operands[i] if flag else None)
+            i += flag
+        out.append((weight, lora_a, lora_b, *optional, layout, own))
+    return out
+
+
+class _SharedInput(torch.autograd.Function):
+    """The group's training forwards, and a backward with one weight gradient of all their ``ds`` against x."""
+
+    @staticmethod
+    def forward(ctx, x2, slots, specs, backend, *operands):
+        outs, kept = [], []
+        for weight, lora_a, lora_b, bias, metadata, scale, layout, own in _unpack(specs, operands):
+            if scale is None:
+                args = (x2, weight, bias, lora_a, lora_b, slots, 1.0, layout, backend, metadata, own)
+                out, s = torch.ops.xla_lora.linear_lora_train(*args)
+            else:  # linear_lora_fused_train with no producer or residual: the int8 weight and its scales
+                args = (x2, None, None, None, weight, None, lora_a, lora_b, slots, None, 1.0, layout, backend)
+                out, s = torch.ops.xla_lora.linear_lora_fused_train(*args, metadata, own, scale, None)
+            outs.append(out)
+            kept.append(s)
+        ctx.specs, ctx.backend, ctx.count = specs, backend, len(operands)
+        ctx.save_for_backward(x2, slots, *operands, *kept)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from torch_xla_lora.ops import _linear_fused
+
+        saved = ctx.saved_tensors
+        x2, slots, operands, kept = saved[0], saved[1], saved[2 : 2 + ctx.count], saved[2 + ctx.count :]
+        dx, ds, operand_grads = None, [], []
+        # (An output nothing read has a zero gradient here: autograd materialises it.)
+        for (weight, lora_a, lora_b, *optional, layout, _), s, grad in zip(
+            _unpack(ctx.specs, operands), kept, grads, strict=True
+        ):
+            dx_i, ds_i, d_b = _linear_fused.linear_lora_backward(
+                grad.to(x2.dtype), weight, lora_a, lora_b, slots, s, 1.0, layout, ctx.backend, optional[2]
+            )
+            dx = dx_i if dx is None else dx + dx_i
+            ds.append(ds_i)
+            operand_grads.append([None, None, d_b] + [None] * sum(t is not None for t in optional))
+        ranks = [d.shape[1] for d in ds]
+        num_slots = operands[1].shape[0]
+        d_a = torch.ops.xla_lora.bgmv_weight_grad(torch.cat(ds, dim=1), x2, slots, num_slots, 1.0, ctx.backend)
+        flat = []
+        for part, d_a_i, (_, lora_a, *_rest) in zip(
+            operand_grads, torch.split(d_a, ranks, dim=1), _unpack(ctx.specs, operands), strict=True
+        ):
+            part[1] = d_a_i.to(lora_a.dtype)
+            flat += part
+        return (dx, None, None, None, *flat)
