@@ -138,8 +138,11 @@ MIX = ["t0", "t1", None, "t2", "t1", "t0"]
 
 
 @pytest.mark.parametrize(
-    "arch,on_xla", [("llama", False), ("gpt2", False), ("qwen2", False), ("llama", "fused"), ("llama", "pallas")],
-    ids=["llama-cpu", "gpt2-cpu", "qwen2-cpu", "llama-xla-base-fusion", "llama-pallas-base-fusion"],
+    "arch,on_xla",
+    [("llama", False), ("gpt2", False), ("qwen2", False), ("llama", "fused"), ("llama", "pallas"),
+     ("llama", "pallas-compile")],
+    ids=["llama-cpu", "gpt2-cpu", "qwen2-cpu", "llama-xla-base-fusion", "llama-pallas-base-fusion",
+         "llama-pallas-base-fusion-compile"],
 )  # fmt: skip
 def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypatch):
     """``llama-xla-base-fusion``: every projection runs base and LoRA as one op (``base_fusion=True``, the decoders
@@ -150,14 +153,16 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
     "lazy" and "compile" steps of test_steps_on_changing_mixes_equal_peft_alone.) ``llama-pallas-base-fusion``: the
     same on the Pallas backend (the kernels in interpret mode), where every projection's backward takes dx, ds and dB
     in its one pass over g (``linear_lora_backward``) and none runs ``bgmv_lora_grads``, and each decoder's q/k/v and
-    gate/up run as groups whose dA is one weight gradient over their shared input (``layers/shared_input.py``)."""
+    gate/up run as groups whose dA is one weight gradient over their shared input (``layers/shared_input.py``); the
+    same step under ``torch.compile(backend="openxla")`` too ("-compile": one graph, no break)."""
     device = xla_device if on_xla else torch.device("cpu")
     tenants = ARCHS[arch][2]
     mix = [n if n is None or n in tenants else "t0" for n in MIX]
     config = {"base_fusion": True, "backend": "xla" if on_xla == "fused" else "pallas"} if on_xla else {}
+    compiled = on_xla == "pallas-compile"
     lora = _patched(device, arch=arch, **config)
     keeps, arranged, built, backward_ops, groups = [], [], [], [], []
-    if on_xla == "pallas":
+    if on_xla == "pallas":  # (not under dynamo: a spy's side effects would break the graph)
         from torch_xla_lora.ops import _linear_fused
 
         def backward_spy(*args, **kwargs):
@@ -204,10 +209,21 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
     ids, targets = _batch(0, len(mix))
     lora.model.train()
     lora.set_batch(mix)
-    loss = _loss(lora.model(ids.to(device)).logits, targets.to(device))
+
+    def loss_of(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return _loss(lora.model(ids).logits, targets)
+
+    if compiled:
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+        loss_of = torch.compile(loss_of, backend="openxla")
+    loss = loss_of(ids.to(device), targets.to(device))
     loss.backward()
     if on_xla:
         torch_xla.sync()
+    if compiled:
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
     if on_xla == "fused":  # every layer kept s; o_proj alone took the arrangement's residual in
         from torch_xla_lora.layers.linear import LinearWithLoRA
 
