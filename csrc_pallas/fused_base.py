@@ -205,7 +205,7 @@ def vmem_bytes(
     has_bias: bool = True,
     fusion: Fusion = NO_FUSION,
     keep_s: bool = False,
-    a_grad: int = 0,
+    a_grad_width: int = 0,
 ) -> int:
     """VMEM of one configuration, an upper bound of what libtpu allocates for the kernel.
 
@@ -219,7 +219,7 @@ def vmem_bytes(
     the B tile's f32 copies while its non-finite values are selected out. An int8 weight tile is
     converted :data:`WEIGHT_CHUNK` output columns at a time (one chunk's f32 and x-dtype copies).
     ``keep_s``: the [bt, R] block of the kept shrink ``s`` (its rows filling whole 128-lane rows) and one
-    f32 [rows, R] value of it. ``a_grad``: K, the width of A's gradient (0: none), kept resident as f32
+    f32 [rows, R] value of it. ``a_grad_width``: K, the width of A's gradient (0: none), kept resident as f32
     [L, R, K] in VMEM; with it the [R, bt] block of the rows it is taken against and its [1, bt] token codes,
     and one lane's values (x's block and those rows with other lanes' tokens selected out, their f32 [R, tk]
     product and its sum).
@@ -242,10 +242,10 @@ def vmem_bytes(
     if keep_s:  # s's output block, its last dim padded to whole lanes, and its sum over the lanes
         block += bt * -(-rank // LANE) * LANE * itemsize
         values += rows * -(-rank // LANE) * LANE * 4
-    if a_grad:
+    if a_grad_width:
         sublanes = -(-rank // 16) * 16
         block += sublanes * bt * itemsize + row * bt
-        scratch += num_slots * -(-rank // 8) * 8 * a_grad * 4
+        scratch += num_slots * -(-rank // 8) * 8 * a_grad_width * 4
         values += bt * tk * itemsize + sublanes * bt * itemsize + 2 * sublanes * tk * 4
     return 2 * block + scratch + values
 
@@ -450,7 +450,7 @@ def widest_lanes(
     has_bias: bool = True,
     fusion: Fusion = NO_FUSION,
     keep_s: bool = False,
-    a_grad: int = 0,
+    a_grad_width: int = 0,
 ) -> int:
     """The most lanes, at most ``widest``, with which ``sizes`` fits ``budget`` bytes of VMEM (0: not even one).
 
@@ -458,7 +458,7 @@ def widest_lanes(
     """
 
     def fits(lanes: int) -> bool:
-        return vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias, fusion, keep_s, a_grad) <= budget
+        return vmem_bytes(sizes, rank, num_slots, lanes, dtype, has_bias, fusion, keep_s, a_grad_width) <= budget
 
     if fits(widest):
         return widest
