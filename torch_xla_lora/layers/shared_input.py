@@ -113,24 +113,21 @@ class _SharedInput(torch.autograd.Function):
 
         saved = ctx.saved_tensors
         x2, slots, operands, kept = saved[0], saved[1], saved[2 : 2 + ctx.count], saved[2 + ctx.count :]
-        dx, ds, operand_grads = None, [], []
+        unpacked = _unpack(ctx.specs, operands)
+        dx, ds, d_bs = None, [], []
         # (An output nothing read has a zero gradient here: autograd materialises it.)
-        for (weight, lora_a, lora_b, *optional, layout, _), s, grad in zip(
-            _unpack(ctx.specs, operands), kept, grads, strict=True
-        ):
+        for (weight, lora_a, lora_b, *optional, layout, _), s, grad in zip(unpacked, kept, grads, strict=True):
             dx_i, ds_i, d_b = _linear_fused.linear_lora_backward(
                 grad.to(x2.dtype), weight, lora_a, lora_b, slots, s, 1.0, layout, ctx.backend, optional[2]
             )
             dx = dx_i if dx is None else dx + dx_i
             ds.append(ds_i)
-            operand_grads.append([None, None, d_b] + [None] * sum(t is not None for t in optional))
-        ranks = [d.shape[1] for d in ds]
+            d_bs.append(d_b)
         num_slots = operands[1].shape[0]
         d_a = torch.ops.xla_lora.bgmv_weight_grad(torch.cat(ds, dim=1), x2, slots, num_slots, 1.0, ctx.backend)
-        flat = []
-        for part, d_a_i, (_, lora_a, *_rest) in zip(
-            operand_grads, torch.split(d_a, ranks, dim=1), _unpack(ctx.specs, operands), strict=True
+        flat = []  # per projection: weight, lora_a, lora_b, then its optional operands (no gradients)
+        for (_, lora_a, _, *optional, _, _), d_a_i, d_b in zip(
+            unpacked, torch.split(d_a, [d.shape[1] for d in ds], dim=1), d_bs, strict=True
         ):
-            part[1] = d_a_i.to(lora_a.dtype)
-            flat += part
+            flat += [None, d_a_i.to(lora_a.dtype), d_b] + [None] * sum(t is not None for t in optional)
         return (dx, None, None, None, *flat)
