@@ -405,7 +405,9 @@ def plan(
     its block counted in VMEM and its write in the traffic. ``a_grad`` (with ``keep_s``): the backward's pass that
     also takes A's gradient against rows it is given (``linear_lora(..., a_grad_rows=)``): its resident
     [L, R, K] f32 gradient in VMEM (so this plan depends on ``num_slots``), token blocks of whole lanes (the rows
-    come transposed, [R, bt] blocks) and its traffic and products priced.
+    come transposed, [R, bt] blocks; a batch of up to 128 tokens is one block of the whole batch, rounded up to 8)
+    and its traffic and products priced. Where the sum does not fit, no plan: the backward then takes ds and dB in
+    a pass of its own (``ops/_linear_fused.backward_kernel_plans``).
     No weight is ever padded per call. On TPU, K and N must be multiples of 128 (the caller falls
     back otherwise).
     """
@@ -415,6 +417,9 @@ def plan(
     max_tile, budget = tuning.BASE_MAX_TILE[known(generation)], tuning.BASE_VMEM_BUDGET_BYTES[known(generation)]
     best = None
     bt = token_block(num_tokens, generation)
+    if a_grad and bt % LANE and -(-num_tokens // bt) > 1:
+        # The rows' [R, bt] blocks take whole lanes: up to 128 tokens in one block of the whole batch, else whole lanes.
+        bt = -(-num_tokens // 8) * 8 if num_tokens <= LANE else -(-bt // LANE) * LANE
     while bt >= 8:
         if a_grad and bt % LANE and -(-num_tokens // bt) > 1:
             bt //= 2  # the rows' [R, bt] blocks: whole lanes, or the whole (padded) batch

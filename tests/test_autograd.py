@@ -641,6 +641,31 @@ def test_linear_lora_backward_is_dx_ds_and_db_of_one_pass_over_g(on_xla, backend
         torch.library.opcheck(OPS.linear_lora_backward, args)
 
 
+def test_linear_grads_take_the_one_pass_only_where_its_kernel_holds_db(xla_device, monkeypatch):
+    """``linear_lora_backward`` is taken where its kernel runs: the Pallas backend and a plan whose VMEM holds dB's
+    f32 [L, R, N] sum (Llama-3-8B gate_proj's backward at T = 8192, rank 64: 8 slots fit, 64 slots' 235 MB do not;
+    never on "xla"). Where it is not, the backward is ``bgmv_lora_grads`` as before (checked on the pallas backend
+    with the plan refused)."""
+    from torch_xla_lora.ops import _linear_fused
+
+    plans = _linear_fused.backward_kernel_plans
+    with monkeypatch.context() as patch:
+        patch.setattr(torch_xla_lora.ops, "device_generation", lambda: "v6e")
+        assert plans(8192, 14336, 4096, 64, 8, torch.bfloat16, "pallas")
+        assert not plans(8192, 14336, 4096, 64, 64, torch.bfloat16, "pallas")
+        assert not plans(8192, 14336, 4096, 64, 8, torch.bfloat16, "xla")
+    monkeypatch.setattr(_linear_fused, "backward_kernel_plans", lambda *args, **kwargs: False)
+    idx = _indices("blocks").to(xla_device)
+    case = CASES["linear_lora_train"]
+    tensors = _on(_tensors("linear_lora_train", len(idx), torch.float32), xla_device)
+    leaves = {k: v.detach().requires_grad_() for k, v in tensors.items()}
+    out = _call(case, leaves, idx, "pallas")
+    log = _OpLog()
+    with log:
+        torch.autograd.grad(out, list(leaves.values()), torch.ones_like(out))
+    assert "xla_lora.bgmv_lora_grads" in log.names and "xla_lora.linear_lora_backward" not in log.names, log.names
+
+
 def test_layers_run_the_train_forward_with_grad_only(xla_device):
     """On the XLA-native backend the layers' LoRA runs bgmv_shrink_expand_train when grad is enabled and the
     slot tensors need gradients, and the serving op otherwise (no_grad, frozen slots, or CPU tensors)."""

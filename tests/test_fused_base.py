@@ -338,6 +338,34 @@ def test_a_grad_rows_sum_each_slots_outer_products_in_the_pass_over_x():
     np.testing.assert_array_equal(np.asarray(out), np.asarray(plain_out))
 
 
+@pytest.mark.parametrize("generation", ["cpu", "v4", "v6e"])
+def test_a_grad_plans_take_whole_lanes_or_one_block_of_the_batch(generation):
+    """The backward's pass reads the rows u transposed ([R, bt] blocks), so its token block is whole 128-token
+    lanes or the whole batch: a batch of up to 128 tokens is one block (rounded up to 8) where the serving plan
+    cuts it in smaller blocks (36 tokens: 32-token blocks on the CPU), larger batches take blocks that are
+    multiples of 128; where dB's f32 [L, R, N] sum cannot fit VMEM beside the pass there is no plan (64 slots of
+    rank 64 of Llama-3-8B gate_proj's backward: 235 MB for the sum alone; 8 slots fit the v6e's budget and the
+    CPU's, not the v4's)."""
+    hidden = out_dim = 256
+    for num_tokens in (8, 36, 100, 128, 200, 300, 1000):
+        planned = fused_base.plan(
+            num_tokens, hidden, out_dim, 8, 4, jnp.float32, generation, False, fused_base.NO_FUSION, True, True
+        )
+        assert planned is not None, num_tokens
+        bt = planned[0].tokens
+        blocks = -(-num_tokens // bt)
+        assert bt % 128 == 0 or blocks == 1, (num_tokens, bt)
+        if generation == "cpu" and num_tokens == 36:  # the serving plan's 32-token blocks: two, not whole lanes
+            assert bt == 40
+            serving = fused_base.plan(36, hidden, out_dim, 8, 4, jnp.float32, "cpu", False, fused_base.NO_FUSION)
+            assert serving[0].tokens == 32
+    gate_backward = (8192, 14336, 4096, 64)  # Llama-3-8B gate_proj's backward: g 14336 wide, dB [L, 64, 14336]
+    plans = {slots: fused_base.plan(*gate_backward, slots, jnp.bfloat16, generation, False, fused_base.NO_FUSION,
+                                    True, True) for slots in (8, 64)}  # fmt: skip
+    assert plans[64] is None  # the sum alone: 235 MB
+    assert (plans[8] is not None) == (generation != "v4")  # 29 MB of sum: within 114 MiB, not v4's 9
+
+
 @pytest.mark.parametrize("generation", ["v5e", "v6e"])
 def test_plans_do_not_depend_on_the_slot_count_beyond_the_lanes(generation):
     """The shrink scratch is one tile whatever L is: at 16 and at 128 slots (the same lanes at rank 16),

@@ -234,7 +234,8 @@ def linear_grads(
     swapped = "in_out" if out_in else "out_in"
     int8 = any(scale is not None for scale in weight_scales)
     dx = d_weight = d_bias = None
-    one_pass = need_x and need_a and need_b and saved_s is not None and _one_pass_backward(ctx, grad)
+    one_pass = need_x and need_a and need_b and saved_s is not None
+    one_pass = one_pass and _one_pass_backward(ctx, grad, x, lora_b, weight_scales)
     if one_pass:
         from torch_xla_lora.ops._linear_fused import linear_lora_backward
 
@@ -264,15 +265,18 @@ def linear_grads(
     return dx, d_weight, d_bias, d_a, d_b
 
 
-def _one_pass_backward(ctx, grad: torch.Tensor) -> bool:
+def _one_pass_backward(ctx, grad: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, weight_scales) -> bool:
     """Whether ``linear_grads`` takes dx, ds and dB in one pass (``linear_lora_backward``): the fused backward
-    (not a double backward) of an XLA tensor on the Pallas backend, where the kernel does it. Elsewhere that op
-    would be the XLA-native training forward and a weight gradient, no cheaper than ``bgmv_lora_grads``."""
+    (not a double backward) of an XLA tensor where the op runs its kernel (the Pallas backend and a plan that holds
+    dB's sum in VMEM: ``_linear_fused.backward_kernel_plans``). Elsewhere that op would be the training forward's
+    path and a weight gradient, no cheaper than ``bgmv_lora_grads``."""
     if not FUSED_BACKWARD or torch.is_grad_enabled() or grad.device.type != "xla":
         return False
-    from torch_xla_lora import ops
+    from torch_xla_lora.ops._linear_fused import backward_kernel_plans
 
-    return ops._backend(ctx.backend)[0] == "pallas"
+    num_slots, rank, width = lora_b.shape
+    scales = tuple(scale is not None for scale in weight_scales)
+    return backward_kernel_plans(grad.shape[0], width, x.shape[1], rank, num_slots, x.dtype, ctx.backend, scales)
 
 
 def _linear_backward(ctx, grad: torch.Tensor):

@@ -334,6 +334,55 @@ def _check_backward(grad, weight, lora_a, lora_b, lora_indices, saved_s, weight_
         )
 
 
+def backward_kernel_plans(
+    num_tokens: int,
+    grad_width: int,
+    dx_width: int,
+    rank: int,
+    num_slots: int,
+    dtype: torch.dtype,
+    backend: str,
+    weight_scales: tuple[bool, bool] = (False, False),
+) -> bool:
+    """Whether ``linear_lora_backward`` runs its one-pass kernel for these shapes: the Pallas backend, and a plan of
+    the swapped pass that takes dB (``fused_base.plan(..., keep_s=True, a_grad=True)``: dB's f32 [L, R, N] sum must
+    fit VMEM beside the pass). ``weight_scales``: whether the forward's int8 weight has its scales per output
+    channel / per input channel. Where this is False the op still runs (the training forward's path and a weight
+    gradient), but the backward's two passes over g (``bgmv_lora_grads``) are cheaper."""
+    from torch_xla_lora import ops
+
+    name, generation = ops._backend(backend)
+    if name != "pallas":
+        return False
+    dtype_name = str(dtype).removeprefix("torch.")
+    return _constant_plans(num_tokens, grad_width, dx_width, rank, num_slots, dtype_name, generation, *weight_scales)
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: a constant, the planner is never traced
+def _constant_plans(*args) -> bool:
+    return _plans(*args)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plans(
+    num_tokens: int,
+    grad_width: int,
+    dx_width: int,
+    rank: int,
+    num_slots: int,
+    dtype_name: str,
+    generation: str,
+    out_scale: bool,
+    in_scale: bool,
+) -> bool:
+    from torch_xla_lora.kernels import fused_base
+
+    fusion = fused_base.Fusion(weight_scale=in_scale, weight_in_scale=out_scale)  # the backward's swapped roles
+    plan = fused_base.plan(num_tokens, grad_width, dx_width, rank, num_slots, dtype_name, generation, False, fusion,
+                           True, True)  # fmt: skip
+    return plan is not None
+
+
 @torch.library.custom_op("xla_lora::linear_lora_backward", mutates_args=())
 def _linear_lora_backward(
     grad: torch.Tensor,
