@@ -407,7 +407,7 @@ def plan(
     [L, R, K] f32 gradient in VMEM (so this plan depends on ``num_slots``), token blocks of whole lanes (the rows
     come transposed, [R, bt] blocks; a batch of up to 128 tokens is one block of the whole batch, rounded up to 8)
     and its traffic and products priced. Where the sum does not fit, no plan: the backward then takes ds and dB in
-    a pass of its own (``ops/_linear_fused.backward_kernel_plans``).
+    a pass of its own (``ops/_linear_fused.takes_one_pass_backward``).
     No weight is ever padded per call. On TPU, K and N must be multiples of 128 (the caller falls
     back otherwise).
     """

@@ -641,20 +641,28 @@ def test_linear_lora_backward_is_dx_ds_and_db_of_one_pass_over_g(on_xla, backend
         torch.library.opcheck(OPS.linear_lora_backward, args)
 
 
-def test_linear_grads_take_the_one_pass_only_where_its_kernel_holds_db(xla_device, monkeypatch):
-    """``linear_lora_backward`` is taken where its kernel runs: the Pallas backend and a plan whose VMEM holds dB's
-    f32 [L, R, N] sum (Llama-3-8B gate_proj's backward at T = 8192, rank 64: 8 slots fit, 64 slots' 235 MB do not;
-    never on "xla"). Where it is not, the backward is ``bgmv_lora_grads`` as before (checked on the pallas backend
-    with the plan refused)."""
-    from torch_xla_lora.ops import _linear_fused
+def test_linear_grads_take_the_one_pass_only_where_its_kernel_holds_db_and_pays(xla_device, monkeypatch):
+    """``linear_lora_backward`` is taken where its kernel runs and pays: the Pallas backend, a plan whose VMEM
+    holds dB's f32 [L, R, N] sum and, on a TPU, a modelled time no worse than the two passes (Llama-3-8B
+    gate_proj's backward at T = 8192, rank 64 on v6e: 8 slots take it; 32 slots plan only 128 x 256 x 256 tiles,
+    modelled 18x slower than the two passes; 64 slots' 235 MB sum has no plan; never on "xla"). Where it is not
+    taken, the backward is ``bgmv_lora_grads`` as before (checked on the pallas backend with the choice refused)."""
+    from torch_xla_lora.bench import tpu_model, tpu_train_model
 
-    plans = _linear_fused.backward_kernel_plans
+    takes = _linear_fused.takes_one_pass_backward
     with monkeypatch.context() as patch:
         patch.setattr(torch_xla_lora.ops, "device_generation", lambda: "v6e")
-        assert plans(8192, 14336, 4096, 64, 8, torch.bfloat16, "pallas")
-        assert not plans(8192, 14336, 4096, 64, 64, torch.bfloat16, "pallas")
-        assert not plans(8192, 14336, 4096, 64, 8, torch.bfloat16, "xla")
-    monkeypatch.setattr(_linear_fused, "backward_kernel_plans", lambda *args, **kwargs: False)
+        assert takes(8192, 14336, 4096, 64, 8, torch.bfloat16, "pallas")
+        assert not takes(8192, 14336, 4096, 64, 32, torch.bfloat16, "pallas")
+        assert not takes(8192, 14336, 4096, 64, 64, torch.bfloat16, "pallas")
+        assert not takes(8192, 14336, 4096, 64, 8, torch.bfloat16, "xla")
+    indices = tpu_model.contiguous_requests(8192, 32, 8)
+    planned = tpu_model.fused_base_cost(  # (the 32-slot pass plans: it is refused for its price)
+        tpu_model.CHIPS["v6e"], indices, 14336, 4096, 64, 32, layout="in_out", keep_s=True, a_grad=True
+    )
+    assert planned is not None
+    assert tpu_train_model.one_pass_backward_cost(tpu_model.CHIPS["v6e"], indices, 4096, 14336, 64, 32) is None
+    monkeypatch.setattr(_linear_fused, "takes_one_pass_backward", lambda *args, **kwargs: False)
     idx = _indices("blocks").to(xla_device)
     case = CASES["linear_lora_train"]
     tensors = _on(_tensors("linear_lora_train", len(idx), torch.float32), xla_device)

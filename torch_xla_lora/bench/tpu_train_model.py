@@ -25,8 +25,9 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
     that kernel does not write ``s``, and a shrink of its own costs what the backward's does);
   - ds and dB: for a projection whose forward is ``linear_lora``, in that same pass over g
     (``linear_lora_backward``: the kernel, planned with ``a_grad``, writes ds beside dx and keeps dB's f32
-    [L, R, N] sum resident in VMEM, :func:`tpu_model.fused_base_cost` with ``a_grad``); otherwise in one pass over
-    g of their own (``shrink_weight_grad``: :func:`g_pass_kernel_cost`, its grid walked);
+    [L, R, N] sum resident in VMEM, :func:`tpu_model.fused_base_cost` with ``a_grad``) where that plan fits and
+    pays (:func:`one_pass_backward_cost`); otherwise in one pass over g of their own (``shrink_weight_grad``:
+    :func:`g_pass_kernel_cost`, its grid walked);
   - dA: the segmented outer product's Pallas kernel over x (slot-major visits, a slot's f32 tile
     resident across its token blocks: :func:`weight_grad_kernel_cost`, its grid walked);
   - the trainable adapters' parameters scattered into the slot tensors and their gradients read
@@ -310,6 +311,28 @@ def lora_mxu_floor_seconds(
     return flops / chip.peak_flops
 
 
+def one_pass_backward_cost(
+    chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, rank: int, num_slots: int, int8_weight: bool = False
+) -> Cost | None:
+    """``linear_lora_backward``'s pass (dx, ds and dB in one pass over g: the one-pass kernel with the roles
+    swapped, planned with ``a_grad``) for a projection ``hidden`` -> ``out_dim``, or None where the backward
+    does not take it: no plan holds dB's f32 [L, R, N] sum in VMEM, or the plan that does runs slower than
+    the two passes that replace it (the dx pass without dB, then ds and dB in one pass over g of their own:
+    Llama-3-8B gate_proj's backward at rank 64 and 32 slots plans only 128 x 256 x 256 tiles, modelled 27 ms
+    on v6e against 1.5 ms). The library decides the same way (``ops/_linear_fused.takes_one_pass_backward``)."""
+    transposed = {"layout": "in_out", "int8_weight": int8_weight, "scales_along_input": True}
+    with_db = tpu_model.fused_base_cost(
+        chip, indices, out_dim, hidden, rank, num_slots, **transposed, keep_s=True, a_grad=True
+    )
+    if with_db is None:
+        return None
+    dx_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, **transposed)
+    if dx_pass is None:
+        return with_db
+    g_pass = g_pass_kernel_cost(chip, indices, rank, out_dim, num_slots)
+    return with_db if with_db.seconds <= dx_pass.seconds + g_pass.seconds else None
+
+
 def projection_train_costs(
     chip: Chip,
     indices: np.ndarray,
@@ -346,10 +369,8 @@ def projection_train_costs(
     transposed = {"layout": "in_out", "int8_weight": int8_weight, "scales_along_input": True}
     one_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, **transposed)
     one_pass_dx = separate_dx if one_pass is None else one_pass.seconds - base_backward + ds
-    # linear_lora_backward: the same pass also writing ds and taking dB (None where no such plan fits).
-    with_db = tpu_model.fused_base_cost(
-        chip, indices, out_dim, hidden, rank, num_slots, **transposed, keep_s=True, a_grad=True
-    )
+    # linear_lora_backward: the same pass also writing ds and taking dB, where it fits and pays (else None).
+    with_db = one_pass_backward_cost(chip, indices, hidden, out_dim, rank, num_slots, int8_weight)
     dequantized_dx = one_pass_dx
     if int8_weight:  # a bf16 copy of the weight (int8 read, bf16 written), then the bf16 one-pass kernel reading it
         bf16_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, layout="in_out")

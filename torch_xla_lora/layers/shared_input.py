@@ -26,8 +26,8 @@ def ready(projections: list, x: torch.Tensor) -> bool:
     """Whether :func:`run` takes these projections of ``x`` together: at least two ``LinearWithLoRA`` layers
     of one batch, off a mesh, each running ``linear_lora``'s training forward on its slots on the Pallas
     backend (the formulation "fused", a frozen base, float or int8 per channel, no pool read, no trainable
-    adapter's dropout in training mode) with a backward pass that holds dB's sum (``backward_kernel_plans``),
-    the fused backward on and a gradient wanted for x."""
+    adapter's dropout in training mode) whose backward takes its one pass over g
+    (``_linear_fused.takes_one_pass_backward``), the fused backward on and a gradient wanted for x."""
     from torch_xla_lora.ops import _autograd
 
     if len(projections) < 2 or not all(isinstance(p, LinearWithLoRA) for p in projections):
@@ -55,9 +55,9 @@ def ready(projections: list, x: torch.Tensor) -> bool:
         if not _keeps_s(x2, p.factors_need_grad(), p.backend, fused_base=True):
             return False
         int8 = int8_channel_scale(base) is not None
-        if not _linear_fused.backward_kernel_plans(
+        if not _linear_fused.takes_one_pass_backward(
             x2.shape[0], p.out_features, p.in_features, p.max_rank, p.max_loras, x.dtype, p.backend, (int8, False)
-        ):  # (where the backward's pass cannot hold dB's sum, each projection runs alone: its two passes over g)
+        ):  # (else each projection runs alone: its two passes over g)
             return False
     return True
 

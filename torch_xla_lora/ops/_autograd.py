@@ -267,16 +267,16 @@ def linear_grads(
 
 def _one_pass_backward(ctx, grad: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, weight_scales) -> bool:
     """Whether ``linear_grads`` takes dx, ds and dB in one pass (``linear_lora_backward``): the fused backward
-    (not a double backward) of an XLA tensor where the op runs its kernel (the Pallas backend and a plan that holds
-    dB's sum in VMEM: ``_linear_fused.backward_kernel_plans``). Elsewhere that op would be the training forward's
-    path and a weight gradient, no cheaper than ``bgmv_lora_grads``."""
+    (not a double backward) of an XLA tensor where the op runs its kernel and it pays (the Pallas backend, a plan
+    that holds dB's sum in VMEM and, on a TPU, is modelled no slower than the two passes:
+    ``_linear_fused.takes_one_pass_backward``). Elsewhere ``bgmv_lora_grads``' two passes."""
     if not FUSED_BACKWARD or torch.is_grad_enabled() or grad.device.type != "xla":
         return False
-    from torch_xla_lora.ops._linear_fused import backward_kernel_plans
+    from torch_xla_lora.ops._linear_fused import takes_one_pass_backward
 
     num_slots, rank, width = lora_b.shape
     scales = tuple(scale is not None for scale in weight_scales)
-    return backward_kernel_plans(grad.shape[0], width, x.shape[1], rank, num_slots, x.dtype, ctx.backend, scales)
+    return takes_one_pass_backward(grad.shape[0], width, x.shape[1], rank, num_slots, x.dtype, ctx.backend, scales)
 
 
 def _linear_backward(ctx, grad: torch.Tensor):

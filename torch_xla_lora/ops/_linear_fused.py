@@ -334,7 +334,7 @@ def _check_backward(grad, weight, lora_a, lora_b, lora_indices, saved_s, weight_
         )
 
 
-def backward_kernel_plans(
+def takes_one_pass_backward(
     num_tokens: int,
     grad_width: int,
     dx_width: int,
@@ -344,27 +344,31 @@ def backward_kernel_plans(
     backend: str,
     weight_scales: tuple[bool, bool] = (False, False),
 ) -> bool:
-    """Whether ``linear_lora_backward`` runs its one-pass kernel for these shapes: the Pallas backend, and a plan of
-    the swapped pass that takes dB (``fused_base.plan(..., keep_s=True, a_grad=True)``: dB's f32 [L, R, N] sum must
-    fit VMEM beside the pass). ``weight_scales``: whether the forward's int8 weight has its scales per output
-    channel / per input channel. Where this is False the op still runs (the training forward's path and a weight
-    gradient), but the backward's two passes over g (``bgmv_lora_grads``) are cheaper."""
+    """Whether a projection's backward takes dx, ds and dB in ``linear_lora_backward``'s one pass over g (the
+    Pallas backend; ``grad_width``/``dx_width``: the layer's out/in features). It must run its kernel: a plan of
+    the swapped pass that holds dB's f32 [L, R, N] sum in VMEM beside it (``fused_base.plan(..., keep_s=True,
+    a_grad=True)``). On a TPU that pass must also be modelled no slower than the two passes that replace it
+    (``bench/tpu_train_model.one_pass_backward_cost``, on ``formulation``'s typical batch); in interpret mode
+    (the CPU), which checks the kernel, its plan alone decides. ``weight_scales``: whether the forward's int8
+    weight has its scales per output channel / per input channel. Where this is False the op would still run
+    (the training forward's path and a weight gradient), but ``bgmv_lora_grads``' two passes are cheaper: the
+    layers take those."""
     from torch_xla_lora import ops
 
     name, generation = ops._backend(backend)
     if name != "pallas":
         return False
     dtype_name = str(dtype).removeprefix("torch.")
-    return _constant_plans(num_tokens, grad_width, dx_width, rank, num_slots, dtype_name, generation, *weight_scales)
+    return _constant_choice(num_tokens, grad_width, dx_width, rank, num_slots, dtype_name, generation, *weight_scales)
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: a constant, the planner is never traced
-def _constant_plans(*args) -> bool:
-    return _plans(*args)
+def _constant_choice(*args) -> bool:
+    return _one_pass(*args)
 
 
 @functools.lru_cache(maxsize=1024)
-def _plans(
+def _one_pass(
     num_tokens: int,
     grad_width: int,
     dx_width: int,
@@ -377,10 +381,20 @@ def _plans(
 ) -> bool:
     from torch_xla_lora.kernels import fused_base
 
-    fusion = fused_base.Fusion(weight_scale=in_scale, weight_in_scale=out_scale)  # the backward's swapped roles
-    plan = fused_base.plan(num_tokens, grad_width, dx_width, rank, num_slots, dtype_name, generation, False, fusion,
-                           True, True)  # fmt: skip
-    return plan is not None
+    if generation == "cpu":  # interpret mode: the kernel runs wherever it plans
+        fusion = fused_base.Fusion(weight_scale=in_scale, weight_in_scale=out_scale)  # the backward's swapped roles
+        planned = fused_base.plan(num_tokens, grad_width, dx_width, rank, num_slots, dtype_name, generation, False,
+                                  fusion, True, True)  # fmt: skip
+        return planned is not None
+    from torch_xla_lora import formulation
+    from torch_xla_lora.bench import tpu_model, tpu_train_model
+
+    chip = tpu_model.CHIPS.get(generation, tpu_model.CHIPS["v6e"])  # newer chips tune as v6e
+    in_use = min(num_slots, num_tokens, formulation.TYPICAL_IN_USE)
+    indices = tpu_model.contiguous_requests(num_tokens, num_slots, in_use)
+    int8 = out_scale or in_scale
+    cost = tpu_train_model.one_pass_backward_cost(chip, indices, dx_width, grad_width, rank, num_slots, int8)
+    return cost is not None
 
 
 @torch.library.custom_op("xla_lora::linear_lora_backward", mutates_args=())
