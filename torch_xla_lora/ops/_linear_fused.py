@@ -381,10 +381,10 @@ def _one_pass(
 ) -> bool:
     from torch_xla_lora.kernels import fused_base
 
-    if generation == "cpu":  # interpret mode: the kernel runs wherever it plans
-        fusion = fused_base.Fusion(weight_scale=in_scale, weight_in_scale=out_scale)  # the backward's swapped roles
-        planned = fused_base.plan(num_tokens, grad_width, dx_width, rank, num_slots, dtype_name, generation, False,
-                                  fusion, True, True)  # fmt: skip
+    fusion = fused_base.Fusion(weight_scale=in_scale, weight_in_scale=out_scale)  # the backward's swapped roles
+    planned = fused_base.plan(num_tokens, grad_width, dx_width, rank, num_slots, dtype_name, generation, False,
+                              fusion, True, True)  # fmt: skip
+    if planned is None or generation == "cpu":  # interpret mode: the kernel runs wherever it plans
         return planned is not None
     from torch_xla_lora import formulation
     from torch_xla_lora.bench import tpu_model, tpu_train_model
