@@ -196,15 +196,18 @@ def test_choice_under_torch_compile_is_a_constant(llama_case, xla_device, monkey
 
 
 def test_a_training_call_is_priced_as_it_runs(llama_case, xla_device, monkeypatch):  # noqa: F811
-    """An arranged decoder's down_proj takes SiLU(gate) * up into its kernel when serving but not in training
-    (``forward_fused_with`` declines the producer of a call that keeps ``s``, docs/training.md): each call's
-    formulation is priced with what it takes in (the residual add in both), and the training call by its backward
-    too (``training=True``)."""
+    """An arranged decoder's down_proj takes SiLU(gate) * up into its kernel when serving and in training; gate_proj
+    takes the post-attention norm in when serving but not in training (``forward_fused_with`` declines a norm for
+    a call that keeps ``s``: gate and up train as a group on the normed tensor, docs/training.md): each call's
+    formulation is priced with what it takes in (down's residual add in both), and the training call by its
+    backward too (``training=True``)."""
     monkeypatch.setattr(ops, "device_generation", lambda: "v6e")
     model, lora = patch(llama_case, xla_device, **LLAMA_LORA)  # base_fusion="auto" on a "TPU": arranged
     lora.create_adapter("t", peft.LoraConfig(r=8, target_modules="all-linear"))
-    down = model.model.layers[0].mlp.down_proj
+    mlp = model.model.layers[0].mlp
+    down, gate = mlp.down_proj, mlp.gate_proj
     assert down.fusion_role.prologue == "silu_mul" and down.fusion_role.residual_in_kernel
+    assert gate.fusion_role.prologue == "norm"
     roles, trained, choose = [], [], formulation.choose
 
     def spy(*args, **kwargs):
@@ -213,13 +216,14 @@ def test_a_training_call_is_priced_as_it_runs(llama_case, xla_device, monkeypatc
         return choose(*args, **kwargs)
 
     monkeypatch.setattr(formulation, "choose", spy)
-    x = torch.zeros(3, 5, down.in_features, device=xla_device)
-    with torch.no_grad():
-        down.formulation(x)
-    down.formulation(x)  # gradients recorded for the trainable adapter: a training call
-    assert [role.prologue for role in roles] == ["silu_mul", ""]
-    assert all(role == down.fusion_role and role.residual_in_kernel for role in roles)
-    assert [kwargs.get("training") for kwargs in trained] == [False, True]
+    for layer in (down, gate):
+        x = torch.zeros(3, 5, layer.in_features, device=xla_device)
+        with torch.no_grad():
+            layer.formulation(x)
+        layer.formulation(x)  # gradients recorded for the trainable adapter: a training call
+    assert [role.prologue for role in roles] == ["silu_mul", "silu_mul", "norm", ""]
+    assert all(role == down.fusion_role for role in roles[:2])
+    assert [kwargs.get("training") for kwargs in trained] == [False, True] * 2
 
 
 @pytest.mark.parametrize("weight_dtype", [None, "int8"])

@@ -64,8 +64,8 @@ LINEAR_FUSED_SAMPLE = [
     tpu_grid.linear_fused_config("v4", "int8_dx", 256, 16, "qwen2-0.5b", "q_proj"),
 ]
 # The training variant of the fused base kernel, which also writes s for the backward: Llama-3-8B's q_proj at T = 1024
-# on v6e; and as linear_lora_fused_train runs it in training, o_proj adding the arranged decoder's residual on v6e
-# and an int8 gate_proj on v5e (about 12 s in all).
+# on v6e; and as linear_lora_fused_train runs it in training, o_proj adding the arranged decoder's residual on v6e,
+# down_proj reading SiLU(gate) * up and adding the residual on v6e (rank 64) and an int8 gate_proj on v5e.
 LINEAR_TRAIN_SAMPLE = [
     tpu_grid.Config("v6e", "linear_train", "keep_s", "bfloat16", 1024, 8, 16, "llama3-8b", "q_proj", 4096, 4096),
     tpu_grid.Config(
@@ -73,6 +73,9 @@ LINEAR_TRAIN_SAMPLE = [
     ),
     tpu_grid.Config(
         "v5e", "linear_train", "keep_s_int8", "bfloat16", 1024, 8, 16, "llama3-8b", "gate_proj", 4096, 14336
+    ),
+    tpu_grid.Config(
+        "v6e", "linear_train", "keep_s_mlp_down", "bfloat16", 2048, 8, 64, "llama3-8b", "down_proj", 14336, 4096
     ),
 ]
 # The backward's one pass over g (``linear_lora_backward``: dx, ds and dB): Llama-3-8B's gate_proj at T = 2048 on v6e

@@ -147,9 +147,10 @@ MIX = ["t0", "t1", None, "t2", "t1", "t0"]
 def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypatch):
     """``llama-xla-base-fusion``: every projection runs base and LoRA as one op (``base_fusion=True``, the decoders
     arranged), in training the ops' training forwards, whose backwards take the s the forward kept: o_proj the
-    arrangement's ``linear_lora_fused`` with ``keep_s``, the attention's residual taken in; the others
-    ``linear_lora_train`` on their producers' outputs (the arrangement declines a producer in training, before
-    building the slot factors: each layer builds them once). (The separate formulation on the XLA device: the
+    arrangement's ``linear_lora_fused`` with ``keep_s``, the attention's residual taken in, and down_proj the same
+    with SiLU(gate) * up and the MLP's residual taken in (its backward recomputes x for dA); the others
+    ``linear_lora_train`` on the norms' outputs (the arrangement declines a norm in training, before building the
+    slot factors: each layer builds them once). (The separate formulation on the XLA device: the
     "lazy" and "compile" steps of test_steps_on_changing_mixes_equal_peft_alone.) ``llama-pallas-base-fusion``: the
     same on the Pallas backend (the kernels in interpret mode), where every projection's backward takes dx, ds and dB
     in its one pass over g (``linear_lora_backward``) and none runs ``bgmv_lora_grads``, and each decoder's q/k/v and
@@ -224,12 +225,13 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
         torch_xla.sync()
     if compiled:
         assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
-    if on_xla == "fused":  # every layer kept s; o_proj alone took the arrangement's residual in
+    if on_xla == "fused":  # every layer kept s; o_proj took the residual in, down_proj SiLU(gate) * up too
         from torch_xla_lora.layers.linear import LinearWithLoRA
 
         linears = [layer for layer in lora.layers.values() if isinstance(layer, LinearWithLoRA)]
         assert lora.fused_decoders and all(keeps) and len(keeps) >= len(linears), keeps
-        assert arranged == [(True, frozenset({"residual"}))] * len(lora.fused_decoders), arranged
+        expected = [(True, frozenset({"residual"})), (True, frozenset({"up", "residual"}))]
+        assert arranged == expected * len(lora.fused_decoders), arranged
         assert sorted(map(id, built)) == sorted(map(id, lora.layers.values())), "each layer builds its factors once"
     if on_xla == "pallas":
         from torch_xla_lora.layers.linear import LinearWithLoRA

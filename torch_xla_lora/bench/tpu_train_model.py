@@ -354,11 +354,14 @@ def projection_train_costs(
     :func:`tpu_model.projection_costs` takes them. ``prologue`` / ``residual_in_kernel``: the arranged
     decoder's training forward (``linear_lora_fused_train``) takes x's producer / the residual add into the
     kernel, as :func:`tpu_model.projection_costs` prices it; its backward then recomputes x for dA
-    (``recompute_x``: ``input_share`` of a pass reading the producer's operands and writing x, the projections
-    of one input sharing it). ``int8_weight``: a frozen int8 per-channel base (torch_xla's quantized layer), at one
-    byte an element in the base's GEMMs (XLA converting it in the dot) and in the fused kernels, whose backward
-    reads it transposed with its scales along the contraction (``linear_grads``); ``lora_dx_one_pass_dequantized``
-    prices that pass as the previous backward ran it, on a bf16 copy of the weight made by a pass of its own."""
+    (``recompute_x``: ``input_share`` of x's write, the projections of one input sharing it: XLA computes x in
+    the fusion that differentiates the producer, which reads the producer's inputs and the gradient anyway and
+    which the base's backward runs too; libtpu's bytes for that fusion with and without x as an output,
+    ``python -m torch_xla_lora.bench.recompute_fusion``). ``int8_weight``: a frozen int8 per-channel base
+    (torch_xla's quantized layer), at one byte an element in the base's GEMMs (XLA converting it in the dot) and
+    in the fused kernels, whose backward reads it transposed with its scales along the contraction
+    (``linear_grads``); ``lora_dx_one_pass_dequantized`` prices that pass as the previous backward ran it, on a
+    bf16 copy of the weight made by a pass of its own."""
     num_tokens = len(indices)
     base_backward = tpu_model.matmul_cost(chip, num_tokens, out_dim, hidden, int8_weight).seconds
     ds = shrink_seconds(chip, indices, out_dim, rank, num_slots)  # g B^T: dA's left operand
@@ -397,7 +400,7 @@ def projection_train_costs(
             if serving is not None and kept is not None:
                 kept_forward, kept_recompute = lora_forward + kept.seconds - serving.seconds, 0.0
             if prologue and serving is not None:
-                recompute_x = input_share * (operands + 1) * num_tokens * hidden * _BF16 / chip.hbm_bytes_per_s
+                recompute_x = input_share * num_tokens * hidden * _BF16 / chip.hbm_bytes_per_s
         elif choice == "xla_native":
             kept_recompute = 0.0
         dx = one_pass_dx - ds if choice == "fused" else separate_dx - ds
@@ -590,10 +593,13 @@ def train_step_costs(
 
 
 #: What the arranged decoder's kernels take in during training (``LinearWithLoRA.forward_fused_with``): the
-#: residual adds only. A producer taken in (a norm, SiLU(gate) * up) saves its forward pass but has to be recomputed
-#: in the backward for dA (a pass reading its inputs and writing x, where the forward's own pass wrote x once and
-#: the training forward keeps it), which the model prices higher (``ratio_ours_producers_taken_in``).
-TRAINING_KERNEL_FUSION = {name: ("", residual) for name, (_, residual) in tpu_model.KERNEL_FUSION.items()}
+#: residual adds and down_proj's SiLU(gate) * up, which saves the forward's pass over gate and up and costs the
+#: backward x's write (recomputed for dA in the fusion that differentiates the product). The norms stay outside:
+#: q/k/v and gate/up train as groups on the normed tensor (``ratio_ours_producers_taken_in``: the norms in too).
+TRAINING_KERNEL_FUSION = {
+    name: (prologue if prologue == "silu_mul" else "", residual)
+    for name, (prologue, residual) in tpu_model.KERNEL_FUSION.items()
+}
 
 
 def modelled_rows(

@@ -21,9 +21,9 @@ object) runs the kernel on the un-normed stream with the norm's factors instead;
 residual and says so, and the decoder then does not add the residual again. The normed tensor is still
 computed for the attention to receive; where nothing reads it, XLA drops it from the graph.
 
-In training (trainable adapters, grad enabled) no producer is taken in (the backward would recompute it for
-dA); there q/k/v, and gate/up, run as one group each where all of them can (:mod:`.shared_input`: their dA in
-one pass over the shared input).
+In training (trainable adapters, grad enabled) the norms are not taken in: q/k/v, and gate/up, run as one group
+each where all of them can (:mod:`.shared_input`: their dA in one pass over the shared input). down_proj still
+takes SiLU(gate) * up and the residual in; its backward recomputes x for dA at the cost of writing it.
 
 Each projection whose call does not run the fused formulation (a mesh, another dtype, a
 trainable adapter's dropout, "auto" choosing another one) computes the norm, the product or the

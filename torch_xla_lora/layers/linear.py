@@ -168,8 +168,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         for this layer's shape, role and token count (:func:`torch_xla_lora.formulation.choose`; a layer that
         reads a rank-true pool priced as it reads it, int8 rows included), recorded
         in :attr:`formulations`; with another backend, fused. A training call (one that keeps ``s``) of an
-        arranged decoder's projection is priced without x's producer in the kernel, as it runs, and by its
-        backward too (``formulation.choose(training=True)``).
+        arranged decoder's projection is priced without a norm in the kernel (down_proj's SiLU(gate) * up is
+        taken in), as it runs, and by its backward too (``formulation.choose(training=True)``).
         """
         fusion = self.base_fusion
         int8 = int8_channel_scale(self.base_layer) is not None
@@ -196,8 +196,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         pooled = self._reads_pool(x2, self.backend, differentiable=not int8)
         declines = pooled and not self._reads_pool(x2, self.backend)
         training = not pooled and _keeps_s(x2, self.factors_need_grad(), self.backend, fused_base=True)
-        if role.prologue and (declines or training):
-            # A training call takes in no producer (forward_fused_with declines it): priced as it runs.
+        if role.prologue and (declines or (training and role.prologue != "silu_mul")):
+            # A training call takes in no norm (forward_fused_with declines it): priced as it runs.
             role = dataclasses.replace(role, prologue="")
         num_tokens = x2.shape[0]
         pool = (self.lora_a_pool.dtype == torch.int8, self.pool_rows) if pooled else None
@@ -259,10 +259,11 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         output. Used by :mod:`torch_xla_lora.layers.fusion` for Llama-family decoder layers: off a mesh,
         when this call's :meth:`formulation` is "fused" and no trainable adapter's dropout changes the
         LoRA's input. A training forward that keeps ``s`` (:func:`_keeps_s`) runs ``linear_lora_fused_train``
-        (its backward takes that ``s``) and takes in only the residual: a producer taken in would have to be
-        recomputed by the backward for dA (a pass reading its inputs and writing x), which costs more than
-        the forward saves (``python -m torch_xla_lora.bench train --model``, docs/performance.md), so such a
-        call is declined and the caller computes the producer, whose output the training forward keeps.
+        (its backward takes that ``s``) and takes in the residual and SiLU(gate) * up, whose backward recomputes
+        x for dA in the fusion that differentiates the product anyway (XLA writes x beside the gate's and up's
+        gradients: ``python -m torch_xla_lora.bench.recompute_fusion``). A norm's factors are declined in
+        training: the arranged decoder's q/k/v and gate/up train as groups on the normed tensor
+        (:mod:`.shared_input`), one pass over it for their dA; the caller computes the norm.
         """
         if self.tensor_parallel is not None:
             return None
@@ -288,7 +289,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         }
         # A pooled layer (no trainable adapters: no s to keep) with autograd recording nothing takes in anything;
         # with gradients recorded the pooled op's backward is the plain layer's (a float base, the residual alone):
-        # a producer is declined then, as a training call declines it, and the caller's plain call reads the pools.
+        # a producer is declined then, and the caller's plain call reads the pools.
         pooled = self._reads_pool(x2, self.backend, *fusion.values())
         if not pooled and weight_scale is None and self._reads_pool(x2, self.backend, differentiable=True):
             if any(fusion[name] is not None for name in ("up", "row_scale", "col_scale")):
@@ -298,8 +299,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             out = self._pooled_linear(x2, slots, metadata, own, weight_scale, **fusion)
             return out.reshape(*x.shape[:-1], self.out_features)
         keep_s = _keeps_s(x2, self.factors_need_grad(), self.backend, fused_base=True)
-        if keep_s and any(t is not None for t in (up, row_scale, col_scale)):
-            return None  # training: the producer is computed outside and kept (see above)
+        if keep_s and any(t is not None for t in (row_scale, col_scale)):
+            return None  # training: the norm is computed outside (see above)
         lora_a, lora_b = self.slot_factors()
         out = self._fused_linear(x2, slots, lora_a, lora_b, keep_s, metadata, own, weight_scale, **fusion)
         return out.reshape(*x.shape[:-1], self.out_features)
