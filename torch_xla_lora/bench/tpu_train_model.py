@@ -312,25 +312,36 @@ def lora_mxu_floor_seconds(
 
 
 def one_pass_backward_cost(
-    chip: Chip, indices: np.ndarray, hidden: int, out_dim: int, rank: int, num_slots: int, int8_weight: bool = False
+    chip: Chip,
+    indices: np.ndarray,
+    hidden: int,
+    out_dim: int,
+    rank: int,
+    num_slots: int,
+    int8_weight: bool = False,
+    two_passes: tuple[Cost | None, float] | None = None,
 ) -> Cost | None:
     """``linear_lora_backward``'s pass (dx, ds and dB in one pass over g: the one-pass kernel with the roles
     swapped, planned with ``a_grad``) for a projection ``hidden`` -> ``out_dim``, or None where the backward
     does not take it: no plan holds dB's f32 [L, R, N] sum in VMEM, or the plan that does runs slower than
     the two passes that replace it (the dx pass without dB, then ds and dB in one pass over g of their own:
     Llama-3-8B gate_proj's backward at rank 64 and 32 slots plans only 128 x 256 x 256 tiles, modelled 27 ms
-    on v6e against 1.5 ms). The library decides the same way (``ops/_linear_fused.takes_one_pass_backward``)."""
+    on v6e against 1.5 ms). The library decides the same way (``ops/_linear_fused.takes_one_pass_backward``).
+    ``two_passes``: the dx pass's cost (None where no plan fits) and the g pass's seconds where the caller has
+    priced them already (:func:`projection_train_costs`)."""
     transposed = {"layout": "in_out", "int8_weight": int8_weight, "scales_along_input": True}
     with_db = tpu_model.fused_base_cost(
         chip, indices, out_dim, hidden, rank, num_slots, **transposed, keep_s=True, a_grad=True
     )
     if with_db is None:
         return None
-    dx_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, **transposed)
+    if two_passes is None:
+        dx_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, **transposed)
+        two_passes = dx_pass, g_pass_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds
+    dx_pass, g_pass = two_passes
     if dx_pass is None:
         return with_db
-    g_pass = g_pass_kernel_cost(chip, indices, rank, out_dim, num_slots)
-    return with_db if with_db.seconds <= dx_pass.seconds + g_pass.seconds else None
+    return with_db if with_db.seconds <= dx_pass.seconds + g_pass else None
 
 
 def projection_train_costs(
@@ -372,8 +383,9 @@ def projection_train_costs(
     transposed = {"layout": "in_out", "int8_weight": int8_weight, "scales_along_input": True}
     one_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, **transposed)
     one_pass_dx = separate_dx if one_pass is None else one_pass.seconds - base_backward + ds
+    g_pass = g_pass_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds
     # linear_lora_backward: the same pass also writing ds and taking dB, where it fits and pays (else None).
-    with_db = one_pass_backward_cost(chip, indices, hidden, out_dim, rank, num_slots, int8_weight)
+    with_db = one_pass_backward_cost(chip, indices, hidden, out_dim, rank, num_slots, int8_weight, (one_pass, g_pass))
     dequantized_dx = one_pass_dx
     if int8_weight:  # a bf16 copy of the weight (int8 read, bf16 written), then the bf16 one-pass kernel reading it
         bf16_pass = tpu_model.fused_base_cost(chip, indices, out_dim, hidden, rank, num_slots, layout="in_out")
@@ -384,7 +396,6 @@ def projection_train_costs(
         residual_in_kernel=residual_in_kernel, int8_weight=int8_weight, operands=operands,
     )  # fmt: skip
     recompute_s = shrink_seconds(chip, indices, hidden, rank, num_slots)
-    g_pass = g_pass_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds
 
     def training(choice: str) -> dict[str, float]:
         """The LoRA's training parts under the forward formulation ``choice``: its forward as training runs it

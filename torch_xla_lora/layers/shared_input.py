@@ -55,8 +55,9 @@ def ready(projections: list, x: torch.Tensor) -> bool:
         if not _keeps_s(x2, p.factors_need_grad(), p.backend, fused_base=True):
             return False
         int8 = int8_channel_scale(base) is not None
+        grad_width = p.slot_shapes()["lora_b"][-1]  # as linear_grads asks it: lora_b's width
         if not _linear_fused.takes_one_pass_backward(
-            x2.shape[0], p.out_features, p.in_features, p.max_rank, p.max_loras, x.dtype, p.backend, (int8, False)
+            x2.shape[0], grad_width, p.in_features, p.max_rank, p.max_loras, x.dtype, p.backend, (int8, False)
         ):  # (else each projection runs alone: its two passes over g)
             return False
     return True
