@@ -87,8 +87,10 @@ def test_row_parallel_lora_rides_on_the_base_all_reduce(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft.get_peft_model(nn.ModuleDict({"down": nn.Linear(IN, OUT)}), config).save_pretrained(tmp_path / "adapter")
-    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4")
-    env["XLA_FLAGS"] = f"--xla_dump_to={tmp_path} --xla_dump_hlo_as_text"
+    from conftest import cpu_compile_env
+
+    env = cpu_compile_env(dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4"), f"--xla_dump_to={tmp_path}",
+                          "--xla_dump_hlo_as_text")  # fmt: skip
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), str(tmp_path)], env=env, capture_output=True, text=True, timeout=900
     )

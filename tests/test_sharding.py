@@ -20,7 +20,7 @@ import pytest
 import spmd_worker
 import torch
 import transformers
-from conftest import assert_close
+from conftest import assert_close, cpu_compile_env
 from spmd_worker import TOY_PLAN, Toy
 from torch import nn
 
@@ -49,10 +49,8 @@ SCENARIOS = {
 def run_worker(scenario: str, workdir: str, inputs: dict, devices: int, dump_hlo: bool = False) -> dict:
     """Run ``spmd_worker.py scenario`` on ``devices`` virtual CPU devices; return its result."""
     torch.save(inputs, os.path.join(workdir, "inputs.pt"))
-    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices))
-    env.pop("XLA_FLAGS", None)
-    if dump_hlo:
-        env["XLA_FLAGS"] = f"--xla_dump_to={inputs['dump_dir']} --xla_dump_hlo_as_text"
+    dump = (f"--xla_dump_to={inputs['dump_dir']}", "--xla_dump_hlo_as_text") if dump_hlo else ()
+    env = cpu_compile_env(dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices)), *dump)
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "spmd_worker.py"), scenario, workdir],
         env=env,
