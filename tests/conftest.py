@@ -16,9 +16,9 @@ os.environ.setdefault("XLA_COMPILATION_CACHE_SIZE", "64")
 # XLA:CPU generates the suite's code at LLVM's lowest optimisation level: most of the suite's time is compiling
 # graphs it runs once on tiny tensors (a Pallas kernel in interpret mode is a large graph of loops), and at level 0
 # that takes a third less time (the HLO passes are unchanged; every test passes as at the default). Worker
-# processes the tests start with XLA_FLAGS of their own add these flags (``cpu_compile_env``).
-CPU_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+# processes the tests start with XLA_FLAGS of their own add these flags (``cpu_compile_env``). On the CPU only.
+CPU_COMPILE_FLAGS = "--xla_backend_optimization_level=0" if os.environ["PJRT_DEVICE"] == "CPU" else ""
+if CPU_COMPILE_FLAGS and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_COMPILE_FLAGS}".strip()
 if os.environ["PJRT_DEVICE"] == "TPU":
     # A TPU multiplies float32 in one bfloat16 pass by default (~1e-3 relative): full precision, in torch_xla's
@@ -57,7 +57,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 def cpu_compile_env(env: dict[str, str], *flags: str) -> dict[str, str]:
     """``env`` with ``XLA_FLAGS`` set to the suite's compile flags (see CPU_COMPILE_FLAGS) and ``flags``."""
-    return {**env, "XLA_FLAGS": " ".join((CPU_COMPILE_FLAGS, *flags))}
+    return {**env, "XLA_FLAGS": " ".join(flag for flag in (CPU_COMPILE_FLAGS, *flags) if flag)}
 
 
 def pytest_sessionstart(session) -> None:
