@@ -30,8 +30,9 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
     :func:`g_pass_kernel_cost`, its grid walked);
   - dA: the segmented outer product's Pallas kernel over x (slot-major visits, a slot's f32 tile
     resident across its token blocks: :func:`weight_grad_kernel_cost`, its grid walked);
-  - the trainable adapters' parameters scattered into the slot tensors and their gradients read
-    back (:func:`slot_assembly_seconds`);
+  - the trainable adapters' parameters put into the slot tensors and the slot gradients carried back to
+    them (:func:`slot_assembly_seconds`: the HBM bytes libtpu's compile of torch_xla's graphs moves,
+    ``bench.slot_assembly``);
 
 - ours with dB in a pass over g of its own for every projection (``ratio_ours_db_own_pass``: the backward before
   ``linear_lora_backward``);
@@ -259,14 +260,28 @@ def weight_grad_xla_seconds(chip: Chip, indices: np.ndarray, left: int, right: i
     return tpu_model._fusions(chip, parts)
 
 
-def slot_assembly_seconds(chip: Chip, hidden: int, out_dim: int, rank: int, num_slots: int, trained_rows: int) -> float:
-    """The trainable adapters' f32 parameters (``trained_rows``: the sum of their ranks) scattered into the
-    bf16 [L, R, in] and [L, R, out] slot tensors, and in the backward the f32 slot gradients read back into
-    the parameters' gradients: two fusions."""
+def slot_assembly_bytes(
+    hidden: int, out_dim: int, rank: int, num_slots: int, trained_rows: int, every_slot: bool = True
+) -> dict[str, int]:
+    """HBM bytes of building one projection's bf16 [L, R, in] and [L, R, out] slot tensors from the trainable
+    adapters' f32 parameters (``trained_rows``: the sum of their ranks), ``forward``, and of carrying the bf16
+    slot gradients back to the parameters' f32 gradients, ``backward``, as libtpu compiles torch_xla's graphs
+    of ``slot_factors`` (``python -m torch_xla_lora.bench.slot_assembly``). ``every_slot``: every slot holds a
+    trainable adapter, so the slot tensors are the parameters stacked (the forward reads them and writes the
+    slots; the backward reads only the adapters' rows of the gradient); otherwise the rows are put into the
+    slot buffers (the forward reads those too, and the backward reads the whole gradient to gather the rows)."""
     width = hidden + out_dim
-    forward = _F32 * trained_rows * width + _BF16 * num_slots * rank * width
-    backward = _F32 * num_slots * rank * width + _F32 * trained_rows * width
-    return tpu_model._fusions(chip, [(forward, 0.0), (backward, 0.0)])
+    slots = num_slots * rank * width
+    forward = _F32 * trained_rows * width + _BF16 * slots * (1 if every_slot else 2)
+    backward = _BF16 * (trained_rows * width if every_slot else slots) + _F32 * trained_rows * width
+    return {"forward": forward, "backward": backward}
+
+
+def slot_assembly_seconds(chip: Chip, hidden: int, out_dim: int, rank: int, num_slots: int, trained_rows: int) -> float:
+    """:func:`slot_assembly_bytes` (every slot trainable, as :func:`modelled_rows` places the tenants) in two
+    fusions' time, the forward's and the backward's."""
+    nbytes = slot_assembly_bytes(hidden, out_dim, rank, num_slots, trained_rows)
+    return tpu_model._fusions(chip, [(nbytes["forward"], 0.0), (nbytes["backward"], 0.0)])
 
 
 def onehot_backward_seconds(chip: Chip, num_tokens: int, hidden: int, out_dim: int, rank: int, num_slots: int) -> float:
