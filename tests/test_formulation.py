@@ -226,6 +226,24 @@ def test_a_training_call_is_priced_as_it_runs(llama_case, xla_device, monkeypatc
     assert [kwargs.get("training") for kwargs in trained] == [False, True] * 2
 
 
+def test_serving_and_training_calls_keep_their_own_record(llama_case, xla_device, monkeypatch):  # noqa: F811
+    """A token count's serving and training calls may choose differently (the bench Llama's down_proj at 8192
+    tokens: "xla" serving, "fused" in training, above): each is kept in its own record, and warm-up prints the
+    record of the calls it ran."""
+    monkeypatch.setattr(ops, "device_generation", lambda: "v6e")
+    model, lora = patch(llama_case, xla_device, **LLAMA_LORA)
+    lora.create_adapter("t", peft.LoraConfig(r=8, target_modules="all-linear"))
+    monkeypatch.setattr(formulation, "choose", lambda *args, training=False, **kwargs: "fused" if training else "xla")
+    down = model.model.layers[0].mlp.down_proj
+    x = torch.zeros(3, 5, down.in_features, device=xla_device)
+    with torch.no_grad():
+        assert down.formulation(x) == "xla"
+    assert down.formulation(x) == "fused"  # gradients recorded for the trainable adapter: a training call
+    assert down.formulations == {15: "xla"} and down.training_formulations == {15: "fused"}
+    assert lora._formulation_summary(15) == "; xla: down_proj x1"  # what warm-up prints after a bucket
+    assert lora._formulation_summary(15, training=True) == "; fused: down_proj x1"
+
+
 @pytest.mark.parametrize("weight_dtype", [None, "int8"])
 def test_a_pooled_layer_hands_the_chooser_its_pool(llama_case, xla_device, monkeypatch, weight_dtype):  # noqa: F811
     """With ``memory_budget`` every projection asks the chooser with its pool (int8 or not, its data rows), so the

@@ -551,12 +551,14 @@ class LoRAModel:
 
     # -- compilation -------------------------------------------------------------------------------
 
-    def _formulation_summary(self, num_tokens: int) -> str:
-        """What ``base_fusion="auto"`` chose on TPU for the linear layers at ``num_tokens`` tokens, as
-        "; fused: q_proj x32, ...; xla: down_proj x32" (layers by their last name), or "" if it chose nothing."""
+    def _formulation_summary(self, num_tokens: int, training: bool = False) -> str:
+        """What ``base_fusion="auto"`` chose on TPU for the linear layers' serving (``training``: training)
+        calls of ``num_tokens`` tokens, as "; fused: q_proj x32, ...; xla: down_proj x32" (layers by their last
+        name), or "" if it chose nothing."""
         chosen: dict[str, dict[str, int]] = {}
+        record = "training_formulations" if training else "formulations"
         for name, layer in self.layers.items():
-            choice = getattr(layer, "formulations", {}).get(num_tokens)
+            choice = getattr(layer, record, {}).get(num_tokens)
             if choice is not None:
                 short = name.rpartition(".")[2]
                 chosen.setdefault(choice, {}).setdefault(short, 0)
@@ -635,7 +637,7 @@ class LoRAModel:
                 if progress:
                     print(
                         f"warm-up {number}/{len(buckets)}: batch {batch} x seq {seq} "
-                        f"in {time.perf_counter() - start:.1f} s{self._formulation_summary(batch * seq)}",
+                        f"in {time.perf_counter() - start:.1f} s{self._formulation_summary(batch * seq, training)}",
                         flush=True,
                     )
             # Again, now that the buckets ran: on a mesh, a slot write after a torch.compile'd

@@ -115,8 +115,10 @@ class LinearWithLoRA(BaseLayerWithLoRA):
     def __init__(self, base_layer: nn.Module, *args, **kwargs) -> None:
         self.in_features, self.out_features = linear_features(base_layer)
         super().__init__(base_layer, *args, **kwargs)
-        #: Token count -> the formulation "auto" chose for it on TPU (filled as calls are traced).
+        #: Token count -> the formulation "auto" chose for a serving call of it on TPU (filled as calls are traced).
         self.formulations: dict[int, str] = {}
+        #: The same for training calls (those keeping ``s``): a token count's choice may differ between the two.
+        self.training_formulations: dict[int, str] = {}
 
     @classmethod
     def can_replace(cls, module: nn.Module) -> bool:
@@ -166,10 +168,10 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         int8 per-channel symmetric quantized base: :func:`int8_channel_scale`); False: separate. "auto":
         separate off TPU; on a TPU with ``backend="auto"``, the cheapest of the three by the TPU cost model
         for this layer's shape, role and token count (:func:`torch_xla_lora.formulation.choose`; a layer that
-        reads a rank-true pool priced as it reads it, int8 rows included), recorded
-        in :attr:`formulations`; with another backend, fused. A training call (one that keeps ``s``) of an
-        arranged decoder's projection is priced without a norm in the kernel (down_proj's SiLU(gate) * up is
-        taken in), as it runs, and by its backward too (``formulation.choose(training=True)``).
+        reads a rank-true pool priced as it reads it, int8 rows included), recorded in :attr:`formulations` (a
+        training call's in :attr:`training_formulations`); with another backend, fused. A training call (one that
+        keeps ``s``) of an arranged decoder's projection is priced without a norm in the kernel (down_proj's
+        SiLU(gate) * up is taken in), as it runs, and by its backward too (``formulation.choose(training=True)``).
         """
         fusion = self.base_fusion
         int8 = int8_channel_scale(self.base_layer) is not None
@@ -214,7 +216,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
             pool=pool,
             training=training,
         )
-        self.formulations[num_tokens] = choice
+        (self.training_formulations if training else self.formulations)[num_tokens] = choice
         return choice
 
     def lora_backend(self, formulation: str) -> str:
