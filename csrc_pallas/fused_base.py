@@ -168,6 +168,13 @@ class Fusion:
 NO_FUSION = Fusion()
 
 
+def keeps_x(fusion: Fusion, keep_s: bool) -> bool:
+    """Whether the training kernel (``keep_s``) also writes x, its producer's output, as it read it (a third
+    output, [T, K]): with a prologue the backward's dA then reads it instead of recomputing it. The write is
+    pipelined, once per x tile (at the token block's first output tile), under the kernel's MXU work."""
+    return keep_s and fusion.prologue
+
+
 def apply_prologue(x, up, row, col, fusion: Fusion):
     """x's producer as :class:`Fusion` defines it, on a tile or a whole array (kernel and XLA-native alike)."""
     dtype = x.dtype
@@ -219,7 +226,8 @@ def vmem_bytes(
     the B tile's f32 copies while its non-finite values are selected out. An int8 weight tile is
     converted :data:`WEIGHT_CHUNK` output columns at a time (one chunk's f32 and x-dtype copies).
     ``keep_s``: the [bt, R] block of the kept shrink ``s`` (its rows filling whole 128-lane rows) and one
-    f32 [rows, R] value of it. ``a_grad_width``: K, the width of A's gradient (0: none), kept resident as f32
+    f32 [rows, R] value of it; with a prologue (:func:`keeps_x`) x's transformed tile is an output block, not
+    scratch. ``a_grad_width``: K, the width of A's gradient (0: none), kept resident as f32
     [L, R, K] in VMEM; with it the [R, bt] block of the rows it is taken against and its [1, bt] token codes,
     and one lane's values (x's block and those rows with other lanes' tokens selected out, their f32 [R, tk]
     product and its sum).
@@ -235,7 +243,8 @@ def vmem_bytes(
     block += tk * LANE * 4 if fusion.weight_in_scale else 0  # a [tk, 1] column ("in_out"; a [1, tk] row is less)
     block += bt * tn * itemsize if fusion.residual else 0
     scratch = width * (tk + tn) * itemsize + (bt * width + bt * tn) * 4  # one shrink tile for every chunk
-    scratch += bt * tk * itemsize if fusion.prologue else 0
+    scratch += bt * tk * itemsize if fusion.prologue and not keeps_x(fusion, keep_s) else 0
+    block += bt * tk * itemsize if keeps_x(fusion, keep_s) else 0
     values = 2 * rows * tn * 4 + 3 * rows * width * 4 + 3 * width * min(tn, COLUMN_CHUNK) * 4
     values += 2 * prologue_chunk(rows) * tk * 4 if fusion.prologue else 0
     values += tk * min(tn, WEIGHT_CHUNK) * (4 + itemsize) if fusion.int8 else 0
@@ -265,6 +274,7 @@ def hbm_bytes(
     itemsize: int,
     fusion: Fusion = NO_FUSION,
     kept_rank: int = 0,
+    kept_x: bool = False,
 ) -> int:
     """Pipelined HBM traffic of the base product under ``sizes``: W once per token block, x once per
     output tile unless the reduction is untiled (then once), the output once; with ``fusion``, the
@@ -272,11 +282,13 @@ def hbm_bytes(
     an int8 weight (``fusion.int8``) at one byte an element, its f32 scales once per token block (per
     output channel) or with every x pass (``weight_in_scale``, per input channel);
     ``kept_rank``: the rank of the kept shrink ``s`` (``linear_lora(..., keep_s=True)``), written once
-    ([T, R] in x's dtype; 0: not kept)."""
+    ([T, R] in x's dtype; 0: not kept); ``kept_x``: x as the prologue made it written once too ([T, K],
+    :func:`keeps_x`)."""
     blocks = -(-num_tokens // sizes.tokens)
     x_passes = 1 if sizes.hidden == hidden else out_dim // sizes.out
     x_bytes = num_tokens * hidden * (2 if fusion.silu_mul else 1) + (blocks * hidden if fusion.col_scale else 0)
     extra = (num_tokens * out_dim if fusion.residual else 0) + num_tokens * kept_rank
+    extra += num_tokens * hidden if kept_x else 0
     weight_bytes = blocks * hidden * out_dim * (1 if fusion.int8 else itemsize)
     weight_bytes += blocks * out_dim * 4 if fusion.weight_scale else 0
     weight_bytes += x_passes * blocks * hidden * 4 if fusion.weight_in_scale else 0
@@ -352,7 +364,12 @@ def modelled_seconds(
         overlapped, exposed = sum(sizes_[:lanes]), sum(sizes_[lanes:])
     bandwidth = tuning.HBM_BYTES_PER_S[generation]
     seconds = max(
-        (hbm_bytes(num_tokens, hidden, out_dim, sizes, itemsize, fusion, rank if keep_s else 0) + overlapped)
+        (
+            hbm_bytes(
+                num_tokens, hidden, out_dim, sizes, itemsize, fusion, rank if keep_s else 0, keeps_x(fusion, keep_s)
+            )
+            + overlapped
+        )
         / bandwidth
         + a_grad_bytes / bandwidth,
         flops / tuning.PEAK_FLOPS[generation],
@@ -544,8 +561,9 @@ def _kernel(
     # [tk, 1] ("in_out") f32], [scale [1, tn] f32], [bias [1, tn]],
     # [residual [bt, tn]], [a_grad: the rows u transposed [R, bt], the codes as a row [1, bt]],
     # a_hbm, b_hbm (slots [L, R, K] / [L, R, N], or pools [P + 2, K] / [P + 2, N]), [int8 pools: page scales
-    # [S] f32], o_ref, [s_ref [bt, R] with keep_s], [a_grad: dA (ANY) [L, R, K] f32], a_buf, b_buf, y_acc
-    # [bt, lanes * stride] f32, acc_ref, [x_buf [bt, tk] with a prologue], [int8 pools: page staging
+    # [S] f32], o_ref, [s_ref [bt, R] with keep_s], [x_out [bt, tk] with keeps_x], [a_grad: dA (ANY) [L, R, K]
+    # f32], a_buf, b_buf, y_acc [bt, lanes * stride] f32, acc_ref, [x_buf [bt, tk] with a prologue but not
+    # keeps_x: there x_out is x's tile], [int8 pools: page staging
     # [lanes * stride / 8, 8, tk] and [.., 8, tn] int8, the SMEM scale buffer, the scale mode [1] SMEM],
     # [a_grad: dA's resident sum [K / tk, L, R, tk] f32], sem ([2]; int8 pools [3]; a_grad [3])
     lanes: int,
@@ -578,12 +596,15 @@ def _kernel(
     s_hbm = refs.pop(0) if int8_pool else None
     o_ref = refs.pop(0)
     s_ref = refs.pop(0) if keep_s else None
+    # x's transformed tile: the output block of the kept x (written back once per x tile, grid_spec), or scratch.
+    x_out = refs.pop(0) if keeps_x(fusion, keep_s) else None
     a_grad_hbm = refs.pop(0) if a_grad else None
     a_grad_acc = refs[-2] if a_grad else None
     a_buf, b_buf, y_acc, acc_ref = refs[:4]
-    x_buf = refs[4] if fusion.prologue else None
+    x_scratch = fusion.prologue and x_out is None
+    x_buf = x_out if x_out is not None else refs[4] if x_scratch else None
     if int8_pool:
-        a_stage, b_stage, s_buf, mode_ref = refs[4 + fusion.prologue : 8 + fusion.prologue]
+        a_stage, b_stage, s_buf, mode_ref = refs[4 + x_scratch : 8 + x_scratch]
     sem = refs[-1]
     i, n, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     last_k = pl.num_programs(2) - 1
@@ -965,7 +986,8 @@ def grid_spec(
     a_grad: bool = False,
 ) -> pltpu.PrefetchScalarGridSpec:
     """The kernel's grid ``(token blocks, output tiles, reduction tiles)`` and BlockSpecs (read by the cost model);
-    ``keep_s``: a second output, the [bt, R] block of the shrink per token block. ``pooled``: A and B are pools
+    ``keep_s``: a second output, the [bt, R] block of the shrink per token block; with a prologue a third, x's
+    [bt, tk] tiles (:func:`keeps_x`). ``pooled``: A and B are pools
     read through the page table (a fourth scalar-prefetch array); int8 pools add the page-scale array (ANY),
     the int8 page staging buffers, the SMEM scale buffer and mode, and a third DMA semaphore. ``a_grad`` (with
     ``keep_s``): the rows A's gradient is taken against, transposed ([R, bt] blocks) with the codes as a row, a
@@ -1006,6 +1028,12 @@ def grid_spec(
     out_specs = pl.BlockSpec((bt, tn), lambda i, n, k, *_: (i, n))
     if keep_s:  # written at n == 0 and the last k, kept in VMEM over the block's other steps
         out_specs = [out_specs, pl.BlockSpec((bt, rank), lambda i, n, k, *_: (i, 0))]
+    if keeps_x(fusion, keep_s):
+        # x's tiles as the prologue makes them, at the first output tile's steps (n == 0); the later output tiles
+        # stay on the block's last x tile, which they rewrite with the same values, so each tile is written back
+        # once (and the last once more, when the token block ends).
+        last_k = hidden // tk - 1
+        out_specs.append(pl.BlockSpec((bt, tk), lambda i, n, k, *_: (i, jnp.where(n == 0, k, last_k))))
     a_grad_sum = []
     if a_grad:  # A's gradient, resident in VMEM over the whole grid, DMA'd out at its last step
         out_specs.append(pl.BlockSpec(memory_space=pltpu.ANY))
@@ -1028,7 +1056,8 @@ def grid_spec(
             pltpu.VMEM((width, tn), dtype),
             pltpu.VMEM((bt, width), jnp.float32),  # the shrink of every token, in its own chunk's lanes
             pltpu.VMEM((bt, tn), jnp.float32),
-            *([pltpu.VMEM((bt, tk), dtype)] if fusion.prologue else []),  # x's transformed tile, for the shrink
+            # x's transformed tile, for the shrink (the kept x's output block where keeps_x)
+            *([pltpu.VMEM((bt, tk), dtype)] if fusion.prologue and not keeps_x(fusion, keep_s) else []),
             *staging,
             *a_grad_sum,
             pltpu.SemaphoreType.DMA((3 if int8_pool or a_grad else 2,)),
@@ -1066,7 +1095,9 @@ def cost_estimate(
     return pl.CostEstimate(
         flops=2 * num_tokens * (hidden * out_dim + width * (hidden + out_dim)) + a_grad_flops,
         transcendentals=num_tokens * hidden if fusion.silu_mul else 0,
-        bytes_accessed=hbm_bytes(num_tokens, hidden, out_dim, block_sizes, itemsize, fusion, rank if keep_s else 0)
+        bytes_accessed=hbm_bytes(
+            num_tokens, hidden, out_dim, block_sizes, itemsize, fusion, rank if keep_s else 0, keeps_x(fusion, keep_s)
+        )
         + 4 * num_tokens
         + adapters * rank * (hidden + out_dim) * itemsize
         + a_grad_bytes,
@@ -1192,7 +1223,7 @@ def linear_lora(
     pool_rank: int = 0,  # pooled: R, the page table's rank
     typical_ranks: tuple[int, ...] | None = None,  # pooled: a block's distinct adapters' ranks, for the estimate
     a_grad_rows: jax.Array | None = None,  # [T_pad, R], with keep_s: also return A's gradient against these rows
-) -> jax.Array | tuple[jax.Array, ...]:  # [T_pad, N], x.dtype (and s [T_pad, R], x.dtype, with keep_s; dA)
+) -> jax.Array | tuple[jax.Array, ...]:  # [T_pad, N], x.dtype (and s [T_pad, R] with keep_s; x; dA)
     """The fused base + LoRA kernel over prepared lane metadata; T_pad a multiple of the token block.
 
     ``vmem_limit_bytes``: the scoped VMEM limit of the generation ``plan`` used
@@ -1204,7 +1235,9 @@ def linear_lora(
     multiple of 128 on TPU, the last chunk of a tile ragged when it does not divide the tile).
     ``keep_s``: also return the shrink ``s[t] = scaling * x[t] @ A[s_t]^T`` [T_pad, R] as the expand
     read it (rounded to the adapters' dtype; zeros for tokens without adapter), what the backward's
-    ``bgmv_lora_grads(saved_s=)`` takes instead of recomputing it (plan with the same ``keep_s``).
+    ``bgmv_lora_grads(saved_s=)`` takes instead of recomputing it (plan with the same ``keep_s``); with a
+    prologue (``up``, ``row_scale`` or ``col_scale``) also x as the prologue made it, [T_pad, K] in x's dtype
+    (:func:`keeps_x`), which the backward's dA reads instead of recomputing it.
 
     Pooled (``page_table`` given): ``lora_a`` [P + 2, K] and ``lora_b`` [P + 2, N] are rank-row pools in x's
     dtype or int8 (then ``page_scales``), lane l's page p starting at row ``page_table[l * pages(R) + p]``
@@ -1298,6 +1331,8 @@ def linear_lora(
     out_shape = jax.ShapeDtypeStruct((num_tokens, out_dim), x.dtype)
     if keep_s:
         out_shape = (out_shape, jax.ShapeDtypeStruct((num_tokens, rank), lora_a.dtype))
+    if keeps_x(fusion, keep_s):
+        out_shape += (jax.ShapeDtypeStruct((num_tokens, hidden), x.dtype),)
     if a_grad:
         out_shape += (jax.ShapeDtypeStruct((num_slots, rank, hidden), jnp.float32),)
     if pooled is None:

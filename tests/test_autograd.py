@@ -548,17 +548,25 @@ def test_linear_train_forwards_keep_s_and_their_gradients_are_the_serving_ops(tr
     recomputes s) and float64 math, and its backward hands s to the fused backward op rather than recomputing
     it (one bgmv_lora_grads, no shrink). "pallas": the fused base kernel writing s (interpret mode off TPU), and
     the training forward's backward one pass over g giving dx, ds and dB (``linear_lora_backward``, handed the
-    forward's s) and dA by ``bgmv_weight_grad``."""
+    forward's s) and dA by ``bgmv_weight_grad``. ``linear_lora_fused_train`` with x's producer taken in also
+    returns x as the product read it, which its backward's dA reads (not a recomputed x); without one, nothing."""
     device = request.getfixturevalue("xla_device") if on_xla else torch.device("cpu")
     serving = TRAIN_FORWARDS[train]
     case, idx = CASES[train], _indices("blocks")
     tensors = _tensors(train, len(idx), torch.float32)
     grad_out, expected = _expected(case, tensors, idx)
     t, dev_idx = _on(tensors, device), idx.to(device)
-    out, s = _run(case, t, dev_idx, backend)
+    out, s, *kept = _run(case, t, dev_idx, backend)
     without = (idx < 0) | (idx >= L)
     t64 = {k: v.double() for k, v in tensors.items()}
     x_read = _prologue(t64) if "up" in t64 else t64["x"]
+    if train != "linear_lora_train":  # the fused op's third output: x where a producer is taken in
+        (kept_x,) = kept
+        if "up" in t64:
+            assert kept_x.shape == x_read.shape and not kept_x.requires_grad
+            assert_close(kept_x.cpu(), x_read, torch.float32)
+        else:
+            assert kept_x.numel() == 0
     expected_s = SCALING * torch.einsum("trd,td->tr", _gathered(t64["a"], idx), x_read)
     assert s.shape == (len(idx), R) and s.dtype == torch.float32 and not s.requires_grad
     assert (s.cpu()[without] == 0).all()
@@ -567,7 +575,8 @@ def test_linear_train_forwards_keep_s_and_their_gradients_are_the_serving_ops(tr
     grads = {}
     for name in (train, serving):
         leaves = {k: v.detach().requires_grad_() for k, v in t.items()}
-        out = _call(CASES[name], leaves, dev_idx, backend)
+        outputs = _run(CASES[name], leaves, dev_idx, backend)
+        out = outputs[0] if isinstance(outputs, tuple) else outputs
         log = _OpLog()
         with log:
             grads[name] = torch.autograd.grad(out, list(leaves.values()), grad_out.to(device))
@@ -582,6 +591,10 @@ def test_linear_train_forwards_keep_s_and_their_gradients_are_the_serving_ops(tr
             saved_s = call[8] if len(call) > 8 else None  # (grad, inputs, a, b, indices, scaling, with_dx, backend, s)
         if name == train:  # the forward's own s, not a recomputed one
             assert saved_s is s or torch.equal(saved_s.cpu(), s.cpu()), log.names
+            if "up" in t64 and backend == "pallas":  # dA against this forward's kept x itself
+                (x_used,) = [args[1] for op, args in log.calls if op == "xla_lora.bgmv_weight_grad"]
+                same = [torch_xla._XLAC._xla_get_tensor_id(v) for v in (x_used, outputs[2])] if on_xla else None
+                assert x_used is outputs[2] or (same is not None and same[0] == same[1])
         else:
             assert saved_s is None
     for key, kept, recomputed in zip(t, *grads.values(), strict=True):

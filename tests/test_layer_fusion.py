@@ -85,9 +85,12 @@ def test_op_matches_float64(case, xla_device):
     assert_close(out, _expected(*args, 0.5, **extra), dtype)
 
 
-def test_kernel_with_every_fusion_and_tiled_reduction():
+@pytest.mark.parametrize("keep_s", [False, True])
+def test_kernel_with_every_fusion_and_tiled_reduction(keep_s):
     """All four fusions at once over two reduction and three output tiles: the x tile is transformed at
-    every k and the residual added once per output tile (the jnp kernel, no torch)."""
+    every k and the residual added once per output tile (the jnp kernel, no torch). The training kernel
+    (``keep_s``) gives the same output, each token's shrink, and x as the prologue made it: its tiles written
+    at the first output tile and kept (the later output tiles rewrite the last one) over four token blocks."""
     rng = np.random.default_rng(0)
     num_tokens, hidden, out_dim, rank, num_slots, lanes = 32, 256, 384, 8, 6, 4
 
@@ -104,7 +107,7 @@ def test_kernel_with_every_fusion_and_tiled_reduction():
     def f32(v):
         return jnp.asarray(v, jnp.float32)
 
-    out = fused_base.linear_lora(
+    outputs = fused_base.linear_lora(
         f32(x),
         f32(w),
         None,
@@ -120,10 +123,20 @@ def test_kernel_with_every_fusion_and_tiled_reduction():
         row_scale=f32(row),
         col_scale=f32(col),
         residual=f32(res),
+        keep_s=keep_s,
     )
+    out = outputs[0] if keep_s else outputs
     t = torch.from_numpy
     expected = _expected(t(x), t(w), None, t(a), t(lb), t(idx), 0.5, t(up), t(row), t(col), t(res))
     assert_close(torch.from_numpy(np.array(out)), expected, torch.float32)
+    if keep_s:
+        _, s, x_kept = outputs
+        x_in = F.silu(t(x)) * t(up) * t(row)[:, None] * t(col)  # float64
+        assert x_kept.shape == (num_tokens, hidden) and x_kept.dtype == jnp.float32
+        assert_close(torch.from_numpy(np.array(x_kept)), x_in, torch.float32)
+        own = (idx >= 0) & (idx < num_slots)
+        shrink = 0.5 * torch.einsum("tk,trk->tr", x_in, t(a)[np.where(own, idx, 0)]) * t(own)[:, None]
+        assert_close(torch.from_numpy(np.array(s)), shrink, torch.float32)
 
 
 def test_gradients_equal_plain_torch():
@@ -324,6 +337,32 @@ def test_cost_model_prices_what_the_kernel_takes_in(prologue, residual, extra_by
     passes = (operands * 256 * 256 * 2 + 2 * 256 * 256 * 2) / 1e9
     assert unarranged["fused"] == pytest.approx(plain.seconds + passes)
     assert arranged["separate"] == unarranged["separate"]
+
+
+def test_the_training_kernel_writes_the_kept_x_once():
+    """The training kernel with a prologue writes x once: over a grid of several token blocks, output tiles and
+    reduction tiles, the walk of its BlockSpecs (each block moved when its index changes, as the pipeline moves it)
+    counts x's [T, K] and s's [T, R] writes more than the serving kernel's, not x once per output tile; the
+    kernel's declared traffic (``hbm_bytes``, which libtpu reads) agrees, and its plan makes room for the block."""
+    num_tokens, hidden, out_dim, rank = 4096, 14336, 8192, 64  # 4 token blocks, 2 output tiles, 8 reduction tiles
+    indices = np.arange(num_tokens, dtype=np.int32) // 512 % 8
+    chip = tpu_model.CHIPS["v6e"]
+    args = (chip, indices, hidden, out_dim, rank, 8)
+    serving = tpu_model.fused_base_cost(*args, prologue="silu_mul", residual=True)
+    training = tpu_model.fused_base_cost(*args, prologue="silu_mul", residual=True, keep_s=True)
+    plain_training = tpu_model.fused_base_cost(*args, residual=True, keep_s=True)
+    plain_serving = tpu_model.fused_base_cost(*args, residual=True)
+    sizes, _ = fused_base.plan(num_tokens, hidden, out_dim, rank, 8, jnp.bfloat16, "v6e", False,
+                               fused_base.Fusion(silu_mul=True, residual=True), True)  # fmt: skip
+    assert sizes.out < out_dim and sizes.hidden < hidden and sizes.tokens < num_tokens  # several tiles of each
+    kept = 2 * num_tokens * (hidden + rank)
+    assert training.pipelined_bytes - serving.pipelined_bytes == kept
+    assert plain_training.pipelined_bytes - plain_serving.pipelined_bytes == 2 * num_tokens * rank  # no x kept
+    fusion = fused_base.Fusion(silu_mul=True, residual=True)
+    declared = fused_base.hbm_bytes(
+        num_tokens, hidden, out_dim, sizes, 2, fusion, rank, fused_base.keeps_x(fusion, True)
+    )
+    assert declared - fused_base.hbm_bytes(num_tokens, hidden, out_dim, sizes, 2, fusion) == kept
 
 
 def test_auto_prices_the_arranged_projections(cases):

@@ -260,14 +260,15 @@ def test_linear_fused_compiles_and_is_counted_by_its_estimate(config, compiled):
 @pytest.mark.parametrize("config", LINEAR_TRAIN_SAMPLE, ids=lambda c: c.name)
 def test_linear_train_compiles_writing_s_and_is_counted_by_its_estimate(config, compiled):
     """The training kernel (``keep_s``) compiles for the chip within its VMEM estimate, returns the output and
-    s ([T, N] and [T, R] in bf16: libtpu's output bytes), and libtpu counts it by its declared cost (flops within
-    0.1%, bytes at least, the s write included in them)."""
+    s ([T, N] and [T, R] in bf16: libtpu's output bytes), and, reading SiLU(gate) * up, x as it read it ([T, K]),
+    and libtpu counts it by its declared cost (flops within 0.1%, bytes at least, the s and x writes included)."""
     (result,) = [r for r in compiled.results if r["name"] == config.name]
     assert result["ok"], result.get("error")
     assert result["vmem_estimate"] <= result["vmem_limit"]
-    (tokens, out_dim), (_, rank) = result["outputs"]
+    (tokens, out_dim), (_, rank), *kept = result["outputs"]
     assert (out_dim, rank) == (config.out_features, config.rank)
-    assert result["memory"]["output"] >= 2 * tokens * (out_dim + rank)
+    assert kept == ([[tokens, config.in_features]] if config.variant == "keep_s_mlp_down" else [])
+    assert result["memory"]["output"] >= 2 * tokens * (out_dim + rank + sum(width for _, width in kept))
     estimate, cost = result["estimate"], result["cost"]
     assert estimate["flops"] <= cost["flops"] <= estimate["flops"] * 1.001, result["name"]
     assert cost["bytes accessed"] >= estimate["bytes accessed"], result["name"]

@@ -457,7 +457,9 @@ def build_linear_train(cfg: Config, sds):
         "vmem_estimate": vmem,
         "vmem_limit": fused_base.vmem_limit(cfg.chip),
         "estimate": {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
-        "outputs": [[padded, d_out], [padded, rank]] + ([[slots, rank, d_in]] if a_grad else []),
+        "outputs": [[padded, d_out], [padded, rank]]
+        + ([[padded, d_in]] if fused_base.keeps_x(fusion, True) else [])  # x as the prologue made it
+        + ([[slots, rank, d_in]] if a_grad else []),
     }
     return fn, [sds(a.shape, a.dtype) for a in shapes], info
 

@@ -379,11 +379,14 @@ def projection_train_costs(
     (default: every slot at ``rank``); ``operands``: x's producer's inputs (2 for SiLU(gate) * up), as
     :func:`tpu_model.projection_costs` takes them. ``prologue`` / ``residual_in_kernel``: the arranged
     decoder's training forward (``linear_lora_fused_train``) takes x's producer / the residual add into the
-    kernel, as :func:`tpu_model.projection_costs` prices it; its backward then recomputes x for dA
-    (``recompute_x``: ``input_share`` of x's write, the projections of one input sharing it: XLA computes x in
-    the fusion that differentiates the producer, which reads the producer's inputs and the gradient anyway and
-    which the base's backward runs too; libtpu's bytes for that fusion with and without x as an output,
-    ``python -m torch_xla_lora.bench.recompute_fusion``). ``int8_weight``: a frozen int8 per-channel base
+    kernel, as :func:`tpu_model.projection_costs` prices it; the training kernel then writes x as it read it
+    beside the output (``fused_base.keeps_x``: a pipelined [T, K] write in the kernel's walk), which the
+    backward's dA reads. ``recompute_x``: x's write outside the kernel (``input_share`` of it, the projections of
+    one input sharing it) where the training kernel has no plan and the op's fallback writes it; 0 where the
+    kernel keeps it. (Before the kernel kept x, the backward recomputed it for dA at the price of x's write: XLA
+    computes x in the fusion that differentiates the producer, which reads the producer's inputs and the
+    gradient anyway; libtpu's bytes for that fusion with and without x as an output, ``python -m
+    torch_xla_lora.bench.recompute_fusion``.) ``int8_weight``: a frozen int8 per-channel base
     (torch_xla's quantized layer), at one byte an element in the base's GEMMs (XLA converting it in the dot) and
     in the fused kernels, whose backward reads it transposed with its scales along the contraction
     (``linear_grads``); ``lora_dx_one_pass_dequantized`` prices that pass as the previous backward ran it, on a
@@ -425,7 +428,7 @@ def projection_train_costs(
             kept = tpu_model.fused_base_cost(chip, indices, hidden, out_dim, rank, num_slots, **taken, keep_s=True)
             if serving is not None and kept is not None:
                 kept_forward, kept_recompute = lora_forward + kept.seconds - serving.seconds, 0.0
-            if prologue and serving is not None:
+            if prologue and serving is not None and kept is None:  # the training op's fallback writes x
                 recompute_x = input_share * num_tokens * hidden * _BF16 / chip.hbm_bytes_per_s
         elif choice == "xla_native":
             kept_recompute = 0.0
@@ -469,7 +472,7 @@ def projection_train_costs(
         "fused_weight_grad_a": weight_grad_kernel_cost(chip, indices, rank, hidden, num_slots).seconds,
         "recompute_s": recompute_s,
         "recompute_s_kept": parts["recompute_s_kept"],  # where the training forward does not keep s
-        "recompute_x": parts["recompute_x"],  # the arranged backward's producer, recomputed for dA
+        "recompute_x": parts["recompute_x"],  # x's write outside the kernel (the training op's fallback)
         "weight_grad_kernel": weight_grad_kernel_cost(chip, indices, rank, hidden, num_slots).seconds
         + weight_grad_kernel_cost(chip, indices, rank, out_dim, num_slots).seconds,
         "weight_grad_xla": weight_grad_xla_seconds(chip, indices, rank, hidden, num_slots)
@@ -620,7 +623,7 @@ def train_step_costs(
 
 #: What the arranged decoder's kernels take in during training (``LinearWithLoRA.forward_fused_with``): the
 #: residual adds and down_proj's SiLU(gate) * up, which saves the forward's pass over gate and up and costs the
-#: backward x's write (recomputed for dA in the fusion that differentiates the product). The norms stay outside:
+#: kernel x's write (kept for dA, ``fused_base.keeps_x``). The norms stay outside:
 #: q/k/v and gate/up train as groups on the normed tensor (``ratio_ours_producers_taken_in``: the norms in too).
 TRAINING_KERNEL_FUSION = {
     name: (prologue if prologue == "silu_mul" else "", residual)

@@ -23,7 +23,7 @@ computed for the attention to receive; where nothing reads it, XLA drops it from
 
 In training (trainable adapters, grad enabled) the norms are not taken in: q/k/v, and gate/up, run as one group
 each where all of them can (:mod:`.shared_input`: their dA in one pass over the shared input). down_proj still
-takes SiLU(gate) * up and the residual in; its backward recomputes x for dA at the cost of writing it.
+takes SiLU(gate) * up and the residual in; its kernel also writes x, which its backward's dA reads.
 
 Each projection whose call does not run the fused formulation (a mesh, another dtype, a
 trainable adapter's dropout, "auto" choosing another one) computes the norm, the product or the

@@ -261,9 +261,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         output. Used by :mod:`torch_xla_lora.layers.fusion` for Llama-family decoder layers: off a mesh,
         when this call's :meth:`formulation` is "fused" and no trainable adapter's dropout changes the
         LoRA's input. A training forward that keeps ``s`` (:func:`_keeps_s`) runs ``linear_lora_fused_train``
-        (its backward takes that ``s``) and takes in the residual and SiLU(gate) * up, whose backward recomputes
-        x for dA in the fusion that differentiates the product anyway (XLA writes x beside the gate's and up's
-        gradients: ``python -m torch_xla_lora.bench.recompute_fusion``). A norm's factors are declined in
+        (its backward takes that ``s``) and takes in the residual and SiLU(gate) * up, whose x the kernel writes
+        beside its output for the backward's dA (``fused_base.keeps_x``). A norm's factors are declined in
         training: the arranged decoder's q/k/v and gate/up train as groups on the normed tensor
         (:mod:`.shared_input`), one pass over it for their dA; the caller computes the norm.
         """

@@ -108,7 +108,7 @@ class _SharedInput(torch.autograd.Function):
                 out, s = torch.ops.xla_lora.linear_lora_train(*args)
             else:  # linear_lora_fused_train with no producer or residual: the int8 weight and its scales
                 args = (x2, None, None, None, weight, None, lora_a, lora_b, slots, None, 1.0, layout, backend)
-                out, s = torch.ops.xla_lora.linear_lora_fused_train(*args, metadata, own, scale, None)
+                out, s, _ = torch.ops.xla_lora.linear_lora_fused_train(*args, metadata, own, scale, None)
             outs.append(out)
             kept.append(s)
         ctx.specs, ctx.backend, ctx.count = specs, backend, len(operands)

@@ -289,9 +289,11 @@ def linear_lora_fused_fn(
     path, the residual added to the f32 sum before the single
     rounding), which XLA fuses into its own dot's operand read and output.
 
-    ``keep_s`` (``linear_lora_fused_train``): ``fn`` returns ``(out, s [T, R])``, ``s`` the scaled shrink of the
+    ``keep_s`` (``linear_lora_fused_train``): ``fn`` returns ``(out, s [T, R], x)``, ``s`` the scaled shrink of the
     producer's output each token's expand read, as ``linear_lora_train_fn`` keeps it: written beside the output
-    by the kernel, or the XLA-native training forward on rows sorted by slot.
+    by the kernel, or the XLA-native training forward on rows sorted by slot; ``x`` the producer's output [T, K]
+    as the product read it where ``fusion`` has a prologue (the kernel's third output, ``fused_base.keeps_x``),
+    else an empty [0] array.
 
     ``a_grad`` (with ``keep_s``; the backward's one pass, ``linear_lora_backward``): ``fn`` takes rows u [T, R]
     last and returns ``(out, s, dA)``, ``dA[l] = sum_{i_t = l} outer(u[t], x[t])`` [L, R, K] in lora_a's dtype
@@ -348,7 +350,8 @@ def linear_lora_fused_fn(
             if a_grad:
                 return out[0][:num_tokens], out[1][:num_tokens].astype(lora_b.dtype), out[2].astype(lora_a.dtype)
             if keep_s:
-                return out[0][:num_tokens], out[1][:num_tokens].astype(lora_b.dtype)
+                x_kept = out[2][:num_tokens] if fused_base.keeps_x(fusion, keep_s) else jnp.zeros((0,), x.dtype)
+                return out[0][:num_tokens], out[1][:num_tokens].astype(lora_b.dtype), x_kept
             return out[:num_tokens]
         row = extra.get("row_scale")
         x_in = fused_base.apply_prologue(
@@ -362,7 +365,7 @@ def linear_lora_fused_fn(
             if a_grad:
                 d_a = weight_grad_fn(num_slots, 1.0, backend, generation)(rows.astype(x_in.dtype), x_in, indices)
                 return out.astype(x.dtype), s, d_a.astype(lora_a.dtype)
-            return out.astype(x.dtype), s
+            return out.astype(x.dtype), s, x_in if fusion.prologue else jnp.zeros((0,), x.dtype)
         lora = shrink_expand_fn(backend, generation, scaling, with_metadata)
         meta_arg = () if not with_metadata else (None if own_metadata else metadata,)
         if with_metadata and own_metadata:

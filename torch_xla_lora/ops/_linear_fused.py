@@ -174,7 +174,8 @@ def _run(
         from torch_xla_lora import reference as torch_reference
 
         x = prologue(inputs, up, row_scale, col_scale)
-        return out, torch_reference.bgmv_shrink(x, lora_a, lora_indices, scaling).to(lora_b.dtype)
+        s = torch_reference.bgmv_shrink(x, lora_a, lora_indices, scaling).to(lora_b.dtype)
+        return out, s, _kept_x(x, inputs, up, row_scale, col_scale)
     from torch_xla_lora import ops
     from torch_xla_lora.kernels import fused_base
     from torch_xla_lora.ops import _linear
@@ -227,19 +228,27 @@ def _linear_lora_fused(
 
 _SCHEMA = torch.library.infer_schema(_linear_lora_fused, mutates_args=())
 _serving_op = torch.library.custom_op("xla_lora::linear_lora_fused", _linear_lora_fused, mutates_args=())
-# ``torch.ops.xla_lora.linear_lora_fused_train``: ``linear_lora_fused``'s output and the rank intermediate
+# ``torch.ops.xla_lora.linear_lora_fused_train``: ``linear_lora_fused``'s output, the rank intermediate
 # ``s[t] = scaling * A[i_t] x[t]`` of the producer's output x ([T, R], lora_b's dtype, zero for tokens outside [0, L)),
-# which its backward hands to ``bgmv_lora_grads`` instead of recomputing it: what ``linear_lora_train`` is to
-# ``linear_lora``. The layers run it where ``linear_lora_fused`` would run in training (grad enabled, slot weights that
-# need gradients). With backend "pallas" the fused base kernel writes ``s`` beside the output (``keep_s``), its
-# prologue, residual and int8 scales as the serving op's; on "xla" (and where no tiling fits) the XLA-native training
-# forward on rows sorted by slot. ``s`` is not differentiable. Arguments and checks: ``linear_lora_fused``'s.
+# which its backward hands to ``bgmv_lora_grads`` instead of recomputing it, and x itself where a producer is taken
+# in ([T, K] as the product read it, which the backward's dA reads instead of recomputing it; else an empty [0]
+# tensor): what ``linear_lora_train`` is to ``linear_lora``. The layers run it where ``linear_lora_fused`` would run
+# in training (grad enabled, slot weights that need gradients). With backend "pallas" the fused base kernel writes
+# ``s`` (and x) beside the output (``keep_s``), its prologue, residual and int8 scales as the serving op's; on "xla"
+# (and where no tiling fits) the XLA-native training forward on rows sorted by slot. ``s`` and x are not
+# differentiable. Arguments and checks: ``linear_lora_fused``'s.
 _train_op = torch.library.custom_op(
     "xla_lora::linear_lora_fused_train",
     functools.partial(_run, True),
     mutates_args=(),
-    schema=_SCHEMA.replace("-> Tensor", "-> (Tensor, Tensor)"),
+    schema=_SCHEMA.replace("-> Tensor", "-> (Tensor, Tensor, Tensor)"),
 )
+
+
+def _kept_x(x: torch.Tensor, inputs: torch.Tensor, *producer: torch.Tensor | None) -> torch.Tensor:
+    """The training op's third output: x where a producer was taken in, else an empty [0] tensor (the op may not
+    return its input itself)."""
+    return x if any(t is not None for t in producer) else inputs.new_empty((0,))
 
 
 def _fake(
@@ -252,41 +261,50 @@ def _fake(
         weight_scale, weight_in_scale,
     )  # fmt: skip
     out = inputs.new_empty((inputs.shape[0], lora_b.shape[2]))
-    return (out, inputs.new_empty((inputs.shape[0], lora_b.shape[1]), dtype=lora_b.dtype)) if keep_s else out
+    if not keep_s:
+        return out
+    s = inputs.new_empty((inputs.shape[0], lora_b.shape[1]), dtype=lora_b.dtype)
+    return out, s, _kept_x(torch.empty_like(inputs), inputs, up, row_scale, col_scale)
 
 
 _serving_op.register_fake(functools.partial(_fake, False))
 _train_op.register_fake(functools.partial(_fake, True))
 
 
-def _setup(ctx, inputs, output, s: torch.Tensor | None = None) -> None:
+def _setup(ctx, inputs, output, s: torch.Tensor | None = None, kept_x: torch.Tensor | None = None) -> None:
     x, up, row, col, weight, bias, lora_a, lora_b, indices, residual, scaling, layout, backend = inputs[:13]
     w_scale, w_in_scale = inputs[15:]
-    ctx.save_for_backward(x, up, row, col, weight, bias, lora_a, lora_b, indices, w_scale, w_in_scale, s)
+    kept_x = None if kept_x is None or kept_x.numel() == 0 else kept_x
+    ctx.save_for_backward(x, up, row, col, weight, bias, lora_a, lora_b, indices, w_scale, w_in_scale, s, kept_x)
     ctx.scaling, ctx.layout, ctx.backend = scaling, layout, backend
     ctx.has_residual = residual is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad: torch.Tensor):
-    """x's producer recomputed in torch (cheap, elementwise) and differentiated; the projection's gradients from
-    its parts (``_autograd.linear_grads``: dx in one swapped pass over ``grad``, an int8 weight read as int8).
+    """x's producer differentiated in torch (cheap, elementwise); x itself as the training op kept it (else
+    recomputed); the projection's gradients from its parts (``_autograd.linear_grads``: dx in one swapped pass over
+    ``grad``, an int8 weight read as int8).
     The quantized weight and its scales are frozen (no gradient). In a double backward (grad mode on) every
     part is a differentiable op of the saved tensors, so the gradients are themselves differentiable."""
     from torch_xla_lora.ops import _autograd
 
-    inputs, up, row, col, weight, bias, lora_a, lora_b, indices, w_scale, w_in_scale, saved_s = ctx.saved_tensors
+    inputs, up, row, col, weight, bias, lora_a, lora_b, indices, w_scale, w_in_scale, saved_s, kept_x = (
+        ctx.saved_tensors
+    )
     need = ctx.needs_input_grad
     again = torch.is_grad_enabled()  # create_graph: the gradients as a graph of the saved tensors
     producer = [
         t if t is None or not t.is_floating_point() or again else t.detach().requires_grad_(bool(need[i]))
         for i, t in enumerate((inputs, up, row, col))
     ]
-    with torch.enable_grad():
-        x = prologue(*producer)
     wanted = [(i, t) for i, t in enumerate(producer) if t is not None and need[i] and t.requires_grad]
+    x = None
+    if wanted or kept_x is None or again:  # the producer's graph: its derivative, or x where none was kept
+        with torch.enable_grad():
+            x = prologue(*producer)
     flags = (bool(wanted), bool(need[4]), bool(need[5]), bool(need[6]), bool(need[7]))
-    x_read = x if again else x.detach()
+    x_read = x if again else kept_x if kept_x is not None else x.detach()
     dx, d_weight, d_bias, d_a, d_b = _autograd.linear_grads(
         ctx, grad, x_read, weight, lora_a, lora_b, indices, flags, saved_s, weight_scales=(w_scale, w_in_scale)
     )
@@ -302,11 +320,11 @@ def _backward(ctx, grad: torch.Tensor):
 
 
 def _setup_train(ctx, inputs, output) -> None:
-    _setup(ctx, inputs, output[0], output[1])
-    ctx.mark_non_differentiable(output[1])  # s: an intermediate kept for the backward, not a result
+    _setup(ctx, inputs, output[0], output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])  # s and x: intermediates kept for the backward, not results
 
 
-def _backward_train(ctx, grad: torch.Tensor, _grad_s: torch.Tensor | None):
+def _backward_train(ctx, grad: torch.Tensor, _grad_s: torch.Tensor | None, _grad_x: torch.Tensor | None):
     return _backward(ctx, grad)
 
 
@@ -541,14 +559,14 @@ def linear_lora_fused(
 
     Returns:
       [T, N] in inputs' dtype, accumulated in float32 and rounded once (see :func:`reference`); with
-      ``keep_s``, ``(out, s)``.
+      ``keep_s``, ``(out, s)`` (the op's third output, the kept x, stays with its backward).
 
     Raises:
       ShapeError: a wrong shape, dtype or device (as ``linear_lora``'s, and of the fusion operands), or both
         weight scales given.
     """
     op = torch.ops.xla_lora.linear_lora_fused_train if keep_s else torch.ops.xla_lora.linear_lora_fused
-    return op(
+    out = op(
         inputs,
         up,
         row_scale,
@@ -567,6 +585,7 @@ def linear_lora_fused(
         weight_scale,
         weight_in_scale,
     )
+    return out[:2] if keep_s else out
 
 
 # -- pooled adapters: linear_lora reading each lane from rank-row pools at its true rank ----------------------
