@@ -209,6 +209,8 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
                 block_tokens=sizes.tokens,
                 order=order,
             )
+        if backend == "pallas" and run_fused:  # the kernel gives base exactly on tokens without an adapter (it selects)
+            return out[:num_tokens]
         return jnp.where(_in_range(indices, num_slots), out[:num_tokens], base)  # out of range: exactly base
 
     if with_metadata:
@@ -319,7 +321,7 @@ def pooled_shrink_expand_fn(
             vmem_limit_bytes=block_sizes.vmem_limit(generation),
             typical_ranks=typical_ranks,
         )
-        return jnp.where(_in_range(lanes, num_slots), out[:num_tokens], base)  # out of range: exactly base
+        return out[:num_tokens]  # the kernel gives base exactly on tokens without an adapter (it selects)
 
     return fn
 
@@ -364,7 +366,7 @@ def pooled_expand_fn(backend: str, generation: str, int8: bool) -> Callable:
                 interpret=generation == "cpu",
                 vmem_limit_bytes=block_sizes.vmem_limit(generation),
             )
-            return jnp.where(_in_range(lanes, num_slots), out[:num_tokens], base)
+            return out[:num_tokens]  # the kernel gives base exactly on tokens without an adapter (it selects)
         # The slot expand multiplies every entry of s (by the zero row past a lane's rank): keep only the lanes'.
         ranks = _xla_native.lane_ranks(rows, b_pool.shape[0] - 2)[jnp.clip(lanes, 0, num_slots - 1)]
         s = jnp.where(jnp.arange(s.shape[1])[None, :] < ranks[:, None], s, 0)
