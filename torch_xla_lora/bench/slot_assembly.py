@@ -35,22 +35,18 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from torch_xla_lora.bench.hlo_traffic import hbm_bytes  # noqa: E402
+
 CHIPS = ("v5e", "v6e")
 RANKS = (8, 8, 16, 16, 32, 32, 64, 64)
 MAX_RANK = 64
 CASES = {"every slot": len(RANKS), "half the slots": 2 * len(RANKS)}  # case -> max_loras
-
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-             "f64": 8, "s64": 8, "u64": 8}  # fmt: skip
-_ARRAY = re.compile(r"(\w+)\[([\d,]*)\](\{[^}]*\})?")
-_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "copy-done", "slice-done", "after-all"}
 
 
 def emit(directory: Path, hidden: int, out_dim: int, max_loras: int) -> None:
@@ -84,107 +80,6 @@ def emit(directory: Path, hidden: int, out_dim: int, max_loras: int) -> None:
     params = [p for i in range(len(RANKS)) for p in lora.trainable_parameters(f"t{i}").values()]
     grads = torch.autograd.grad(model.gate_proj.slot_factors(), params, [grad_a, grad_b])
     (directory / "backward.pb").write_bytes(hlo(list(grads)))
-
-
-def _arrays(shape: str) -> list[tuple[int, bool]]:
-    """(bytes, in HBM) of each array of an HLO shape string (a tuple's elements in order). A layout's memory
-    space ``S(n)``, n > 0, is on-chip (VMEM, SMEM, semaphores)."""
-    out = []
-    for dtype, dims, layout in _ARRAY.findall(shape):
-        if dtype not in _ITEMSIZE:
-            continue
-        count = 1
-        for d in filter(None, dims.split(",")):
-            count *= int(d)
-        space = re.search(r"S\((\d+)\)", layout or "")
-        out.append((count * _ITEMSIZE[dtype], space is None or space.group(1) == "0"))
-    return out
-
-
-def _closing(text: str, start: int) -> int:
-    """The index of the parenthesis closing the one at ``start``."""
-    depth = 0
-    for index in range(start, len(text)):
-        depth += {"(": 1, ")": -1}.get(text[index], 0)
-        if depth == 0:
-            return index
-    raise ValueError(f"unbalanced parentheses in {text!r}")
-
-
-def _parse(hlo: str) -> dict[str, list[dict]]:
-    """Computation name -> its instructions (name, shape, opcode, operand names, called computation, root)."""
-    computations: dict[str, list[dict]] = {}
-    current = None
-    for line in hlo.splitlines():
-        header = re.match(r"(ENTRY )?%([\w.\-]+) \(.*\) -> .* \{$", line)
-        if header:
-            current = "ENTRY" if header.group(1) else header.group(2)
-            computations[current] = []
-            continue
-        match = re.match(r"\s*(ROOT )?%([\w.\-]+) = (.*)$", line)
-        if current is None or match is None:
-            continue
-        rest = match.group(3)
-        end = rest.index(" ") if not rest.startswith("(") else _closing(rest, 0) + 1  # the shape
-        shape, tail = rest[:end], rest[end + 1 :]
-        start = tail.index("(")
-        opcode, stop = tail[:start], _closing(tail, start)
-        arguments = tail[start + 1 : stop]
-        called = re.search(r"calls=%([\w.\-]+)", tail)
-        computations[current].append({"name": match.group(2), "shape": shape, "opcode": opcode,
-                                      "operands": re.findall(r"%([\w.\-]+)", arguments),
-                                      "parameter": int(arguments) if opcode == "parameter" else None,
-                                      "calls": called and called.group(1), "root": bool(match.group(1))})  # fmt: skip
-    return computations
-
-
-def _fused_reads(body: list[dict], index: int, size: int) -> int:
-    """Bytes a fusion reads of its ``index``-th operand (``size`` bytes): the slices it takes where every use
-    is a slice (through bitcasts), nothing where it is the buffer an in-place update writes into."""
-    param = next(i["name"] for i in body if i["parameter"] == index)
-    frontier, total = [param], 0
-    while frontier:
-        name = frontier.pop()
-        for user in (i for i in body if name in i["operands"]):
-            if user["opcode"] == "bitcast":
-                frontier.append(user["name"])
-            elif user["opcode"] in ("slice", "dynamic-slice"):
-                total += sum(b for b, _ in _arrays(user["shape"]))
-            elif user["opcode"] == "dynamic-update-slice" and user["operands"][0] == name:
-                continue
-            else:
-                return size
-    return total
-
-
-def hbm_bytes(hlo: str) -> int:
-    """HBM bytes the compiled program's ops move (see the module doc): a model of its traffic from libtpu's
-    placement, for programs of copies, converts, slices and in-place updates like these."""
-    computations = _parse(hlo)
-    shapes = {i["name"]: i["shape"] for i in computations["ENTRY"]}
-    total = 0
-    for op in computations["ENTRY"]:
-        if op["opcode"] in _FREE:
-            continue
-        if op["opcode"] in ("copy-start", "slice-start"):  # (destination, source, context): one side in HBM
-            destination = _arrays(op["shape"])[1 if op["opcode"] == "slice-start" else 0]
-            sides = [destination[1]] + [hbm for _, hbm in _arrays(shapes[op["operands"][0]])[:1]]
-            total += destination[0] * sum(sides)
-            continue
-        body = computations.get(op["calls"] or "", [])
-        for index, operand in enumerate(op["operands"]):
-            for size, hbm in _arrays(shapes[operand])[:1]:
-                if hbm:
-                    total += _fused_reads(body, index, size) if body else size
-        fused = {i["name"]: i for i in body}
-        root = next((i for i in body if i["root"]), None)
-        elements = [] if root is None else root["operands"] if root["opcode"] == "tuple" else [root["name"]]
-        for k, (size, hbm) in enumerate(_arrays(op["shape"])):
-            element = fused.get(elements[k]) if k < len(elements) else None
-            if element is not None and element["opcode"] == "dynamic-update-slice":  # in place: the update
-                size = sum(b for b, _ in _arrays(fused[element["operands"][1]]["shape"]))
-            total += size if hbm else 0
-    return total
 
 
 def compile_hlo(proto: bytes, chip: str) -> tuple[str, float]:

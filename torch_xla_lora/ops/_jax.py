@@ -87,6 +87,8 @@ def shrink_fn(backend: str, generation: str, scaling: float) -> Callable:
         idx, vis = _prepare(indices, lora_a.shape[0], sizes)
         run_shrink, _ = _kernels(backend, generation, sizes)
         out = run_shrink(_pad_rows(x, idx.shape[0]), lora_a, idx, vis, scaling=scaling)[:num_tokens]
+        if backend == "pallas":  # the kernel selects each token's own slot's rows: 0 exactly without an adapter
+            return out
         # A select on the result, not a masked input: 0 * Inf in an unused slot would be NaN.
         return jnp.where(_in_range(indices, lora_a.shape[0]), out, 0)
 
@@ -118,7 +120,8 @@ def expand_fn(backend: str, generation: str, add_inputs: bool, slice_offset: int
             vis,
             add_inputs=into_base,
         )[:num_tokens]
-        delta = jnp.where(_in_range(indices, lora_b.shape[0]), delta, target)  # out-of-range rows: exactly target
+        if backend != "pallas":  # the kernel selects, giving target exactly on tokens without an adapter
+            delta = jnp.where(_in_range(indices, lora_b.shape[0]), delta, target)  # out-of-range rows: exactly target
         if slice_offset is None:
             return delta
         padded = jnp.pad(delta, [(0, 0), (slice_offset, out_dim - slice_offset - width)])
@@ -209,7 +212,7 @@ def shrink_expand_fn(backend: str, generation: str, scaling: float, with_metadat
                 block_tokens=sizes.tokens,
                 order=order,
             )
-        if backend == "pallas" and run_fused:  # the kernel gives base exactly on tokens without an adapter (it selects)
+        if backend == "pallas":  # the kernels give base exactly on tokens without an adapter (they select)
             return out[:num_tokens]
         return jnp.where(_in_range(indices, num_slots), out[:num_tokens], base)  # out of range: exactly base
 
