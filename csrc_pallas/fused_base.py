@@ -1377,6 +1377,7 @@ def tpu_compile_case(
     int8_pool: bool = False,
     typical_ranks: tuple[int, ...] | None = None,
     a_grad: bool = False,
+    vmem_limit_bytes: int | None = None,
 ):
     """(fn, argument ShapeDtypeStructs) of the kernel with Mosaic for one configuration, for TPU compile checks.
 
@@ -1390,7 +1391,8 @@ def tpu_compile_case(
     in order, those ``fusion`` has: up [T, K], row scale [T] f32, column scale [K], residual [T, N],
     weight scale [N] f32 or weight input scale [K] f32 (then the weight is int8). ``keep_s``: the training
     kernel, which also writes the shrink; ``a_grad`` (with it): the backward's pass, which also takes A's gradient
-    against rows [T, R] in ``dtype``, the last argument.
+    against rows [T, R] in ``dtype``, the last argument. ``vmem_limit_bytes``: the scoped VMEM limit to compile
+    with (default: the generation's, which the plan fits).
     """
     if pool_rows:
         planned = pooled_plan(
@@ -1434,7 +1436,7 @@ def tpu_compile_case(
             lanes=lanes,
             layout=layout,
             interpret=False,
-            vmem_limit_bytes=vmem_limit(generation),
+            vmem_limit_bytes=vmem_limit_bytes or vmem_limit(generation),
             keep_s=keep_s,
             **extra,
             **pooled,

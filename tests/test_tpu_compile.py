@@ -13,6 +13,7 @@ layer shape of the real models listed in ``tpu_grid.LAYERS``. Wider grids:
 ``python -m torch_xla_lora.bench tpu_compile --per-cell N`` or ``--grid full``.
 """
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from torch_xla_lora.bench import tpu_compile, tpu_grid
+from torch_xla_lora.kernels import block_sizes, fused_base
 
 SAMPLE = tpu_grid.sample()
 # Real expert-layer shapes (``bench tpu_compile --moe`` compiles all 32): both grouped-matmul paths (megablox gmm
@@ -88,6 +90,14 @@ LINEAR_BACKWARD_SAMPLE = [
     tpu_grid.Config("v5e", "linear_train", "backward_int8", "bfloat16", 1024, 8, 16, "llama3-8b", "q_proj", 4096, 4096),
     tpu_grid.Config("v4", "linear_train", "backward", "bfloat16", 300, 4, 16, "llama3-8b", "k_proj", 1024, 4096),
 ]
+# The training kernels at the TPU training model's shape (T = 8192, 8 slots of rank 64: ``bench tpu_compile
+# --linear-train`` compiles all twenty) with their scoped VMEM limit set to the plan's own estimate: v6e's down_proj
+# forward (113.6 MiB, the plan nearest the 120 MiB limit) and gate_proj's backward (106.8 MiB, about 20 s).
+TRAINING_AT_ESTIMATE_SAMPLE = [
+    dataclasses.replace(config, variant=config.variant + "_at_estimate")
+    for config in tpu_grid.linear_train_configs(("v6e",))
+    if (config.layer, config.variant) in {("down_proj", "keep_s_mlp_down"), ("gate_proj", "backward")}
+]
 # The fused kernel over an expert layer's lane-padded slots at gpt-oss-20b's widths (2880 -> 2880, not multiples
 # of 128; 2880 -> 5760 in 1,920-wide output tiles); ``bench tpu_compile --kernels fused`` compiles both projections
 # on both chips (tpu_grid.expert_lora_grid).
@@ -98,6 +108,16 @@ EXPERT_LORA_SAMPLE = [
 # The token embedding's B read from its pool (``pooled_expand``): a decode and a prefill, each beside what the embedding
 # ran before, and an int8 prefill (``bench tpu_compile --pooled-expand`` compiles the same five and prints them).
 EMBEDDING_SAMPLE = tpu_grid.pooled_expand_configs()
+# The laned kernel of the op's plan with its scoped VMEM limit set to the plan's own estimate (``fused.vmem_bytes``),
+# at wide inputs where Mosaic keeps more than the pipelined blocks and scratch: an f32 Gemma-7B down_proj on v6e (64
+# slots of rank 64; its plan was refused by libtpu at the generation's limit, 66.5 MiB for 64, before the estimate
+# counted the body's values), Llama-3-70B's down_proj, Qwen2-7B's at rank 128, and Llama-3-8B's gate_proj on v4.
+FUSED_AT_ESTIMATE_SAMPLE = [
+    tpu_grid.Config("v6e", "fused", "at_estimate", "float32", 2048, 64, 64, "gemma-7b", "down_proj", 24576, 3072),
+    tpu_grid.Config("v6e", "fused", "at_estimate", "bfloat16", 2048, 16, 64, "llama3-70b", "down_proj", 28672, 8192),
+    tpu_grid.Config("v5e", "fused", "at_estimate", "bfloat16", 512, 16, 128, "qwen2-7b", "down_proj", 18944, 3584),
+    tpu_grid.Config("v4", "fused", "at_estimate", "bfloat16", 2048, 16, 16, "llama3-8b", "gate_proj", 4096, 14336),
+]
 SETUP = Path(__file__).resolve().parent.parent / "setup.py"
 
 
@@ -105,7 +125,7 @@ SETUP = Path(__file__).resolve().parent.parent / "setup.py"
 def compiled() -> tpu_compile.Run:
     """One worker run over the whole sample and the expert layers."""
     configs = SAMPLE + MOE_SAMPLE + POOLED_SAMPLE + LINEAR_FUSED_SAMPLE + LINEAR_TRAIN_SAMPLE + EXPERT_LORA_SAMPLE
-    configs += EMBEDDING_SAMPLE + LINEAR_BACKWARD_SAMPLE
+    configs += EMBEDDING_SAMPLE + LINEAR_BACKWARD_SAMPLE + FUSED_AT_ESTIMATE_SAMPLE + TRAINING_AT_ESTIMATE_SAMPLE
     run = tpu_compile.run(configs, timeout=3000)
     assert run.libtpu is not None, "libtpu is not installed: pip install -e '.[test]' installs the pinned release"
     expected = len(configs)
@@ -128,6 +148,43 @@ def test_kernel_compiles_for_tpu(config, compiled):
     # no VMEM check, and their estimate fails here if a table entry outgrows the generation's limit.
     if result.get("path", "").split(" + ")[-1] not in ("fused", "fused_base"):
         assert result["vmem_estimate"] <= result["vmem_limit"]
+
+
+@pytest.mark.parametrize("config", FUSED_AT_ESTIMATE_SAMPLE, ids=lambda c: c.name)
+def test_fused_kernel_compiles_within_its_own_vmem_estimate(config, compiled):
+    """The planner keeps the laned kernel within the generation's limit by its estimate alone, so the estimate must
+    cover what Mosaic allocates: compiled with the limit set to it, the plan compiles (each of these was refused
+    with the estimate that left out the body's values)."""
+    (result,) = [r for r in compiled.results if r["name"] == config.name]
+    assert result["ok"], result.get("error")
+    assert result["vmem_limit"] < block_sizes.vmem_limit(config.chip)  # the limit the compile got: the estimate
+
+
+@pytest.mark.parametrize("config", TRAINING_AT_ESTIMATE_SAMPLE, ids=lambda c: c.name)
+def test_training_kernel_compiles_within_its_own_vmem_estimate(config, compiled):
+    """The one-pass kernel's planner (``fused_base.plan``) likewise trusts ``fused_base.vmem_bytes``: the training
+    step's two largest plans compile with the limit set to it."""
+    (result,) = [r for r in compiled.results if r["name"] == config.name]
+    assert result["ok"], result.get("error")
+    assert result["vmem_estimate"] <= result["vmem_limit"] < fused_base.vmem_limit(config.chip)
+
+
+def test_slot_kernels_results_are_returned_without_a_select_after_them(compiled):
+    """``bgmv_shrink``, ``bgmv_expand`` and ``bgmv_shrink_expand``'s separate kernels select each token's own slot
+    inside, giving 0 or the base row exactly to tokens without an adapter, so the ops return their output as it is:
+    libtpu's program runs nothing on a kernel's result but the next kernel, or ``bgmv_expand_slice``'s pad-and-add
+    into the wider base (``hlo_traffic.after_kernels``). With a select after them (the ops before 2026-12) every one
+    of these ran a select fusion over the result and the base; at T = 8192 into a 14336-wide base that pass was 705
+    of the op's 1190 MB of HBM traffic on v6e."""
+    results = [
+        r for r in compiled.results if r["config"]["kernel"] in ("shrink", "expand") or r.get("path") == "shrink+expand"
+    ]
+    assert {r["config"]["kernel"] for r in results} == {"shrink", "expand", "fused"}
+    for result in results:
+        assert result["ok"], result.get("error")
+        expected = {"slice": ["add", "pad"]}.get(result["config"]["variant"], [])
+        expected = ["custom-call"] if result.get("path") == "shrink+expand" else expected
+        assert result["after_kernels"] == expected, result["name"]
 
 
 def test_linear_compiles_with_the_metadata_set_batch_gives_it(compiled):
@@ -350,8 +407,6 @@ def test_sample_meets_every_layer_shape(kernel):
 def test_fused_kernel_compiles_on_lane_padded_expert_slots(config, compiled):
     """Widths that are not multiples of 128 (gpt-oss-20b's 2880): the fused kernel DMAs the slots' padded rows
     (2944 columns) and uses the first 2880 in VMEM; Mosaic compiles it within the plan's VMEM estimate."""
-    from torch_xla_lora.kernels import block_sizes
-
     (result,) = [r for r in compiled.results if r["name"] == config.name]
     assert config.in_features % 128 and result["path"] == "fused", result
     assert result["ok"], result.get("error")
@@ -506,3 +561,28 @@ def test_decoder_layer_compiles_with_the_kernels_among_xla_ops():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| v6e")]
     assert proc.returncode == 0 and len(rows) == 1, proc.stdout + proc.stderr[-4000:]
     assert "| yes |" in rows[0], rows
+
+
+def test_linear_train_configs_are_the_training_model_s_kernels():
+    """``bench tpu_compile --linear-train`` compiles what ``bench train --model`` prices: Llama-3-8B's widths, each
+    projection's forward kernel with what the arranged decoder takes in during training, its backward's swapped
+    pass, at the model's T, slots and rank."""
+    from torch_xla_lora.bench import tpu_model, tpu_train_model
+
+    layer = tpu_model.LLAMA3_8B_LAYER
+    assert {name: (d_in, d_out) for name, (d_in, d_out, _) in layer.items()} == tpu_grid.LLAMA3_8B_PROJECTIONS
+    configs = tpu_grid.linear_train_configs(("v6e",))
+    assert {c.tokens for c in configs} == {tpu_train_model.MODEL_ROWS * tpu_train_model.MODEL_SEQ}
+    assert {(c.slots, c.rank) for c in configs} == {(8, 64)}
+    # every distinct projection shape, forward and backward
+    assert {(c.in_features, c.out_features) for c in configs if c.variant != "backward"} == set(
+        tpu_grid.LLAMA3_8B_PROJECTIONS.values()
+    )
+    for config in configs:
+        d_in, d_out, _ = layer[config.layer]
+        prologue, residual = tpu_train_model.TRAINING_KERNEL_FUSION[config.layer]
+        forward = "keep_s_mlp_down" if prologue == "silu_mul" else "keep_s_residual" if residual else "keep_s"
+        if config.variant == "backward":
+            assert (config.in_features, config.out_features) == (d_out, d_in)
+        else:
+            assert (config.variant, config.in_features, config.out_features) == (forward, d_in, d_out)

@@ -20,7 +20,9 @@ grouped base matmuls and the expert LoRA as the layer runs them on TPU) for the 
 ``tpu_grid.MOE_MODELS`` at 1,024 and 8,192 routed rows, v5e and v6e, and prints their HBM
 temporaries (``memory_analysis()``) and libtpu's ``cost_analysis()`` as a markdown table.
 ``--pooled-linear``, ``--pooled-expand`` and ``--pooled-experts`` compile the pooled (rank-true storage) reads
-instead and print libtpu's bytes.
+instead and print libtpu's bytes. ``--linear-train`` compiles the training step's kernels at the TPU training
+model's shape (``tpu_grid.linear_train_configs``: T = 8192) and prints libtpu's counts beside their estimates.
+Each result records the compiled program's HBM traffic and what it runs on a kernel's result (``hlo_traffic``).
 Needs libtpu (the ``test`` and ``tpu`` extras install it).
 """
 
@@ -68,7 +70,9 @@ def run(configs: Iterable[tpu_grid.Config], pin_ir_version: bool = True, timeout
 
 def summary(results: Sequence[dict]) -> list[dict]:
     """Per (chip, kernel): configurations compiled / tried, compile seconds, the VMEM estimate of the
-    configuration closest to its own limit (a kernel's plans and limits differ by path), HBM temp."""
+    configuration closest to its own limit (a kernel's plans and limits differ by path), HBM temp, the compiled
+    programs' HBM traffic summed (``hlo_traffic.hbm_bytes``) and what they run on a kernel's result
+    (``hlo_traffic.after_kernels``, every configuration's together)."""
     rows = []
     key = lambda r: (r["config"]["chip"], r["config"]["kernel"])  # noqa: E731
     for (chip, kernel), group in itertools.groupby(sorted(results, key=key), key=key):
@@ -86,6 +90,8 @@ def summary(results: Sequence[dict]) -> list[dict]:
                 "vmem_estimate_mib": tightest.get("vmem_estimate", 0) / 2**20,
                 "vmem_limit_mib": tightest.get("vmem_limit", 0) / 2**20,
                 "hbm_temp_max_mib": max((r["memory"]["temp"] for r in done), default=0) / 2**20,
+                "hbm_traffic_mb": sum(r.get("hbm_bytes") or 0 for r in done) / 1e6,
+                "after_kernels": sorted({op for r in done for op in r.get("after_kernels") or ()}),
             }
         )
     return rows
@@ -94,14 +100,16 @@ def summary(results: Sequence[dict]) -> list[dict]:
 def _table(rows: Sequence[dict]) -> str:
     lines = [
         "| chip | kernel | compiled / tried | compile s (total, max) | VMEM estimate / limit, tightest (MiB) "
-        "| HBM temp max (MiB) |",
-        "|---|---|---|---|---|---|",
+        "| HBM temp max (MiB) | HBM traffic, all configurations (MB) | run on a kernel's result |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        after = ", ".join(r["after_kernels"]) or "nothing"
         lines.append(
             f"| {r['chip']} | {r['kernel']} | {r['compiled']} / {r['tried']} | "
             f"{r['compile_s_total']:.1f}, {r['compile_s_max']:.1f} | "
-            f"{r['vmem_estimate_mib']:.1f} / {r['vmem_limit_mib']:.0f} | {r['hbm_temp_max_mib']:.1f} |"
+            f"{r['vmem_estimate_mib']:.1f} / {r['vmem_limit_mib']:.0f} | {r['hbm_temp_max_mib']:.1f} | "
+            f"{r['hbm_traffic_mb']:.1f} | {after} |"
         )
     return "\n".join(lines)
 
@@ -315,6 +323,31 @@ def _pooled_experts_table(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _linear_train_table(results: Sequence[dict]) -> str:
+    """One row per training kernel (:func:`tpu_grid.linear_train_configs`): its plan, VMEM, and libtpu's count of
+    the compiled program beside the kernel's declared ``pl.CostEstimate``."""
+    lines = [
+        "| chip | projection | pass | T | tiles (tokens x out x reduction) | VMEM estimate / limit (MiB) "
+        "| libtpu GFLOP / estimate | libtpu MB accessed / estimate | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        config = r["config"]
+        kind = "backward (dx, ds, dB)" if config["variant"].startswith("backward") else f"forward ({config['variant']})"
+        head = f"| {config['chip']} | {config['layer']} | {kind} | {config['tokens']} |"
+        if not r["ok"]:
+            lines.append(f"{head} NO: {r.get('error', '')[:200]} ||||")
+            continue
+        block = r["block"]
+        tiles = f"{block['tokens']} x {block['out']} x {block.get('hidden', '')}"
+        cost, estimate = r["cost"], r["estimate"]
+        flops = f"{cost['flops'] / 1e9:.1f} / {estimate['flops'] / 1e9:.1f}"
+        nbytes = f"{cost['bytes accessed'] / 1e6:.0f} / {estimate['bytes accessed'] / 1e6:.0f}"
+        vmem = f"{r['vmem_estimate'] / 2**20:.1f} / {r['vmem_limit'] / 2**20:.0f}"
+        lines.append(f"{head} {tiles} | {vmem} | {flops} | {nbytes} | {r['compile_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def _configs(args: argparse.Namespace) -> list[tpu_grid.Config]:
     if args.moe:
         chips = args.chips or list(tpu_grid.MOE_CHIPS)
@@ -372,7 +405,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="compile an experts layer's pooled read instead (tpu_grid.pooled_experts_configs: Qwen3-30B-A3B's "
         "gate_up_proj, 2,048 entries, bfloat16 and int8 pools) and print libtpu's bytes beside the kernel's estimate",
     )
+    parser.add_argument(
+        "--linear-train",
+        action="store_true",
+        help="compile the training step's kernels instead at the TPU training model's shape "
+        "(tpu_grid.linear_train_configs: Llama-3-8B's projections, T = 8192, 8 slots of rank 64; the forward keeping "
+        "s, the backward's pass over g; v5e and v6e unless --chips) and print libtpu's counts beside their estimates",
+    )
     args = parser.parse_args(argv)
+    if args.linear_train:
+        configs = tpu_grid.linear_train_configs(tuple(args.chips or ("v5e", "v6e")))
+        print(f"compiling {len(configs)} training kernels with libtpu (deviceless) ...", flush=True)
+        result = run(configs, pin_ir_version=not args.no_ir_pin)
+        print(_linear_train_table(result.results))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"libtpu": result.libtpu, "jax": result.jax, "results": result.results}, f, indent=1)
+        return 0 if len(result.results) == len(configs) and all(r["ok"] for r in result.results) else 1
     if args.pooled_experts:
         result = run(tpu_grid.pooled_experts_configs(), pin_ir_version=not args.no_ir_pin)
         print(_pooled_experts_table(result.results))

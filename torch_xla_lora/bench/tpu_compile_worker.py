@@ -35,9 +35,18 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from torch_xla_lora.bench import tpu_grid  # noqa: E402
+from torch_xla_lora.bench import hlo_traffic, tpu_grid  # noqa: E402
 from torch_xla_lora.bench.tpu_grid import CHIPS, Config  # noqa: E402
-from torch_xla_lora.kernels import block_sizes, fused, fused_base, mosaic_version, weight_grad  # noqa: E402
+from torch_xla_lora.kernels import (  # noqa: E402
+    block_sizes,
+    expand,
+    fused,
+    fused_base,
+    mosaic_version,
+    shrink,
+    visits,
+    weight_grad,
+)
 from torch_xla_lora.ops import _jax, _linear, _xla_native  # noqa: E402
 
 SCALING = 0.5
@@ -69,6 +78,11 @@ def _expand_vmem(bt: int, bn: int, rank: int, itemsize: int) -> int:
     return 2 * (bt * 4 + bt * rank * itemsize + rank * bn * itemsize + 2 * bt * bn * itemsize) + bt * bn * 4
 
 
+def _estimate(estimate) -> dict:
+    """A kernel's ``pl.CostEstimate`` as the result records it, beside libtpu's ``cost``."""
+    return {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed}
+
+
 def _host_metadata(cfg: Config, sds):
     """The spec of the packed metadata the host builder (ops.batch_metadata) makes for this layer."""
     shape = (cfg.in_features, cfg.out_features)
@@ -91,10 +105,44 @@ def _shrink_expand_info(cfg: Config) -> dict:
     else:  # the wrapper runs shrink then expand (see ops._jax.shrink_expand_fn)
         shrink_vmem = _shrink_vmem(sizes.tokens, sizes.hidden, rank, dtype.itemsize)
         info["vmem_estimate"] = max(shrink_vmem, _expand_vmem(sizes.tokens, sizes.out, rank, dtype.itemsize))
+        padded, wide = sizes.padded_tokens(cfg.tokens), tpu_grid.lane_padded(cfg)
+        d_in, d_out = (fused.padded_width(w) if wide else w for w in (cfg.in_features, cfg.out_features))
+        both = [
+            shrink.cost_estimate(padded, d_in, rank, slots, sizes.tokens, dtype.itemsize),
+            expand.cost_estimate(padded, rank, d_out, slots, sizes.tokens, True, dtype.itemsize),
+        ]
+        info["estimate"] = {key: sum(_estimate(e)[key] for e in both) for key in ("flops", "bytes accessed")}
     return info
 
 
+def build_fused_at_estimate(cfg: Config, sds):
+    """The laned kernel (``fused.shrink_expand``) of the op's plan, compiled with its scoped VMEM limit set to the
+    plan's own estimate (``fused.vmem_bytes``, rounded up to 4 KiB): it compiles only if the estimate covers what
+    Mosaic allocates, which the planner relies on to keep every plan within the generation's limit."""
+    dtype = jnp.dtype(cfg.dtype)
+    tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
+    sizes, lanes = fused.plan(tokens, d_in, d_out, rank, slots, dtype, cfg.chip)
+    limit = -(-fused.vmem_bytes(sizes, rank, slots, lanes, dtype) // 4096) * 4096
+
+    def fn(x, lora_a, lora_b, base, indices):
+        padded = sizes.padded_tokens(tokens)
+        idx = _jax._padded_indices(indices, slots, padded)
+        meta = visits.build_lanes(idx, slots, sizes.tokens, lanes)
+        return fused.shrink_expand(
+            _jax._pad_rows(x, padded), lora_a, lora_b, _jax._pad_rows(base, padded), meta, scaling=SCALING,
+            block_sizes=sizes, lanes=lanes, interpret=False, vmem_limit_bytes=limit,
+        )  # fmt: skip
+
+    widths = (fused.padded_width(d_in), fused.padded_width(d_out))
+    args = [sds((tokens, d_in), dtype), sds((slots, rank, widths[0]), dtype), sds((slots, rank, widths[1]), dtype)]
+    args += [sds((tokens, d_out), dtype), sds((tokens,), jnp.int32)]
+    info = {"block": dataclasses.asdict(sizes), "lanes": lanes, "path": "fused", "vmem_estimate": limit}
+    return fn, args, {**info, "vmem_limit": limit}
+
+
 def build_fused(cfg: Config, sds):
+    if cfg.variant == "at_estimate":
+        return build_fused_at_estimate(cfg, sds)
     dtype = jnp.dtype(cfg.dtype)
     tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
     host = cfg.variant in ("host_metadata", "lane_padded")
@@ -145,7 +193,7 @@ def build_linear(cfg: Config, sds):
             "vmem_estimate": fused_base.vmem_bytes(sizes, rank, slots, lanes, dtype, has_bias),
             "vmem_limit": fused_base.vmem_limit(cfg.chip),
             # The pl.CostEstimate the kernel declares (for XLA's scheduler), to compare with the compiled cost.
-            "estimate": {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
+            "estimate": _estimate(estimate),
         }
     info["own_metadata"] = own
     return _linear.linear_lora_fn("pallas", cfg.chip, SCALING, layout, has_bias, host, own), args, info
@@ -158,6 +206,8 @@ def build_shrink(cfg: Config, sds):
     sizes = block_sizes.choose(tokens, d_in, rank, cfg.chip)
     info = {"block": dataclasses.asdict(sizes)}
     info["vmem_estimate"] = _shrink_vmem(sizes.tokens, sizes.hidden, rank, dtype.itemsize)
+    padded = sizes.padded_tokens(tokens)
+    info["estimate"] = _estimate(shrink.cost_estimate(padded, d_in, rank, slots, sizes.tokens, dtype.itemsize))
     return _jax.shrink_fn("pallas", cfg.chip, SCALING), args, info
 
 
@@ -176,6 +226,10 @@ def build_expand(cfg: Config, sds):
     sizes = block_sizes.choose(tokens, rank, width, cfg.chip)
     info = {"block": dataclasses.asdict(sizes)}
     info["vmem_estimate"] = _expand_vmem(sizes.tokens, sizes.out, rank, dtype.itemsize)
+    into_base = add_inputs and offset is None  # a slice's product is expanded onto zeros, then added (ops._jax)
+    padded = sizes.padded_tokens(tokens)
+    estimate = expand.cost_estimate(padded, rank, width, slots, sizes.tokens, into_base, dtype.itemsize)
+    info["estimate"] = _estimate(estimate)
     return _jax.expand_fn("pallas", cfg.chip, add_inputs, offset), args, info
 
 
@@ -297,7 +351,7 @@ def build_pooled(cfg: Config, sds, experts: int | None = None):
         "path": "pooled" if run else "gather + shrink_expand",
         "vmem_estimate": fused.pooled_vmem_bytes(sizes, rank, slots, lanes, dtype, int8),
         "ranks": list(ranks),
-        "estimate": {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
+        "estimate": _estimate(estimate),
         "activation_bytes": padded * (d_in + 2 * d_out) * dtype.itemsize + 4 * padded,
         "table_bytes": table_bytes,
     }
@@ -349,7 +403,7 @@ def build_pooled_expand(cfg: Config, sds):
             "block": dataclasses.asdict(sizes),
             "lanes": lanes,
             "vmem_estimate": fused.pooled_vmem_bytes(sizes, rank, slots, lanes, dtype, int8),
-            "estimate": {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
+            "estimate": _estimate(estimate),
         }
     return _jax.pooled_expand_fn("pallas", cfg.chip, int8), args, info
 
@@ -406,7 +460,7 @@ def build_linear_fused(cfg: Config, sds):
         "own_metadata": own,
         "vmem_estimate": fused_base.vmem_bytes(sizes, rank, slots, lanes, dtype, False, fusion),
         "vmem_limit": fused_base.vmem_limit(cfg.chip),
-        "estimate": {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
+        "estimate": _estimate(estimate),
     }
     layout = "in_out" if dx else "out_in"
     fn = _linear.linear_lora_fused_fn("pallas", cfg.chip, SCALING, layout, False, fusion, not dx, own)
@@ -431,32 +485,41 @@ LINEAR_TRAIN_FUSIONS = {
 }
 
 
+#: A variant's suffix that compiles the kernel with its scoped VMEM limit set to the plan's own estimate (rounded up to
+#: 4 KiB) instead of the generation's: it compiles only where the estimate covers what Mosaic allocates.
+AT_ESTIMATE = "_at_estimate"
+
+
 def build_linear_train(cfg: Config, sds):
     """The fused base kernel of training, which also writes each token's shrink ``s`` for the backward
     (``fused_base.tpu_compile_case(..., keep_s=True)``: nn.Linear's layout, no bias, metadata built on the device),
-    with the variant's fusion (:data:`LINEAR_TRAIN_FUSIONS`). The "backward" variants: the backward's pass over g
+    with the variant's fusion (:data:`LINEAR_TRAIN_FUSIONS`; with :data:`AT_ESTIMATE` after its name, its VMEM limit
+    the estimate). The "backward" variants: the backward's pass over g
     (``in_features`` g's width, ``out_features`` dx's), in the swapped layout, also taking dB ([L, R, in] f32)."""
     dtype = jnp.dtype(cfg.dtype)
     tokens, d_in, d_out, rank, slots = cfg.tokens, cfg.in_features, cfg.out_features, cfg.rank, cfg.slots
-    fusion = LINEAR_TRAIN_FUSIONS[cfg.variant]
-    a_grad = cfg.variant.startswith("backward")
+    variant = cfg.variant.removesuffix(AT_ESTIMATE)
+    fusion = LINEAR_TRAIN_FUSIONS[variant]
+    a_grad = variant.startswith("backward")
     layout = "in_out" if a_grad else "out_in"
-    fn, shapes = fused_base.tpu_compile_case(
-        tokens, d_in, d_out, rank, slots, dtype, cfg.chip, layout, fusion=fusion, keep_s=True, a_grad=a_grad
-    )
     sizes, lanes = fused_base.plan(tokens, d_in, d_out, rank, slots, dtype, cfg.chip, False, fusion, True, a_grad)
+    vmem = fused_base.vmem_bytes(sizes, rank, slots, lanes, dtype, False, fusion, True, d_in if a_grad else 0)
+    limit = -(-vmem // 4096) * 4096 if cfg.variant.endswith(AT_ESTIMATE) else fused_base.vmem_limit(cfg.chip)
+    fn, shapes = fused_base.tpu_compile_case(
+        tokens, d_in, d_out, rank, slots, dtype, cfg.chip, layout, fusion=fusion, keep_s=True, a_grad=a_grad,
+        vmem_limit_bytes=limit,
+    )  # fmt: skip
     padded = sizes.padded_tokens(tokens)
     estimate = fused_base.cost_estimate(
         padded, d_in, d_out, rank, slots, dtype, sizes, lanes, fusion, keep_s=True, a_grad=a_grad
     )
-    vmem = fused_base.vmem_bytes(sizes, rank, slots, lanes, dtype, False, fusion, True, d_in if a_grad else 0)
     info = {
         "block": dataclasses.asdict(sizes),
         "lanes": lanes,
         "path": "fused_base_backward" if a_grad else "fused_base_keep_s",
         "vmem_estimate": vmem,
-        "vmem_limit": fused_base.vmem_limit(cfg.chip),
-        "estimate": {"flops": estimate.flops, "bytes accessed": estimate.bytes_accessed},
+        "vmem_limit": limit,
+        "estimate": _estimate(estimate),
         "outputs": [[padded, d_out], [padded, rank]]
         + ([[padded, d_in]] if fused_base.keeps_x(fusion, True) else [])  # x as the prologue made it
         + ([[slots, rank, d_in]] if a_grad else []),
@@ -494,6 +557,12 @@ def compile_one(cfg: Config, pin_ir_version: bool = True) -> dict:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost  # a list of one dict on older jax
         result["cost"] = {key: float(cost[key]) for key in ("flops", "bytes accessed") if key in (cost or {})}
+        try:  # the compiled program's HBM traffic alone (libtpu's "bytes accessed" counts VMEM's too)
+            text = compiled.as_text()
+            result["hbm_bytes"] = hlo_traffic.hbm_bytes(text)
+            result["after_kernels"] = sorted(hlo_traffic.after_kernels(text))
+        except (ValueError, KeyError, StopIteration):  # an HLO text the counter does not parse: left out
+            result["hbm_bytes"] = result["after_kernels"] = None
         result["ok"] = True
     except Exception as exc:  # a compile error is this check's finding: report it, go on
         result["error"] = f"{type(exc).__name__}: {exc}"[:3000]

@@ -308,3 +308,44 @@ def linear_fused_config(chip: str, variant: str, tokens: int, slots: int, model:
     of the plain kernel's plan), or as the int8 base's backward calls it ("int8_dx": no host metadata)."""
     (d_in, d_out) = next((i, o) for m, proj, i, o in LAYERS if (m, proj) == (model, layer))
     return Config(chip, "linear_fused", variant, "bfloat16", tokens, slots, 16, model, layer, d_in, d_out)
+
+
+#: Llama-3-8B's projections, (in, out), as the TPU training model prices them (``tpu_model.LLAMA3_8B_LAYER``).
+LLAMA3_8B_PROJECTIONS = {
+    "q_proj": (4096, 4096),
+    "k_proj": (4096, 1024),
+    "v_proj": (4096, 1024),
+    "o_proj": (4096, 4096),
+    "gate_proj": (4096, 14336),
+    "up_proj": (4096, 14336),
+    "down_proj": (14336, 4096),
+}
+#: The training kernel's variant (``tpu_compile_worker.LINEAR_TRAIN_FUSIONS``) of each projection in the decoder
+#: arranged as the layers train it (``tpu_train_model.TRAINING_KERNEL_FUSION``): o_proj adds the residual, down_proj
+#: reads SiLU(gate) * up and adds the residual (keeping x), the rest take nothing in.
+TRAINING_VARIANTS = {"o_proj": "keep_s_residual", "down_proj": "keep_s_mlp_down"}
+
+
+def linear_train_configs(
+    chips: tuple[str, ...] = ("v5e", "v6e"), tokens: int = 8192, slots: int = 8, rank: int = 64
+) -> list[Config]:
+    """The training step's kernels at the TPU training model's shape (``python -m torch_xla_lora.bench train
+    --model``: T = 8192, 8 slots of ``max_rank`` 64): per chip and distinct Llama-3-8B projection (v_proj is
+    k_proj's shape, up_proj gate_proj's), the forward's kernel keeping s (and down_proj's x) and the backward's one
+    pass over g ("backward": ``in_features`` g's width, ``out_features`` dx's)."""
+    distinct = {"q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"}
+    configs = []
+    for chip in chips:
+        for name, (d_in, d_out) in LLAMA3_8B_PROJECTIONS.items():
+            if name not in distinct:
+                continue
+            forward = TRAINING_VARIANTS.get(name, "keep_s")
+            configs.append(
+                Config(chip, "linear_train", forward, "bfloat16", tokens, slots, rank, "llama3-8b", name, d_in, d_out)
+            )
+            configs.append(
+                Config(
+                    chip, "linear_train", "backward", "bfloat16", tokens, slots, rank, "llama3-8b", name, d_out, d_in
+                )
+            )
+    return configs
