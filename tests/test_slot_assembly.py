@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from torch_xla_lora.bench import slot_assembly, tpu_model, tpu_train_model
+from torch_xla_lora.bench import hlo_traffic, slot_assembly, tpu_model, tpu_train_model
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,35 @@ def test_hbm_bytes_counts_slices_read_copies_once_and_nothing_in_vmem():
     prefetch = 4 * 64 * 128  # p2 into VMEM: one HBM read
     negate = 4 * 64 * 128  # reads VMEM (free), writes HBM
     assert slot_assembly.hbm_bytes(HLO) == sliced_read + fusion_write + scalar_copy + prefetch + negate
+
+
+KERNEL_HLO = """HloModule kernels
+
+%select_computation (param_0: f32[16,128], param_1: f32[16,128], param_2: pred[16,128]) -> f32[16,128] {
+  %param_0 = f32[16,128]{1,0} parameter(0)
+  %param_1 = f32[16,128]{1,0} parameter(1)
+  %param_2 = pred[16,128]{1,0} parameter(2)
+  ROOT %select.1 = f32[16,128]{1,0} select(%param_2, %param_0, %param_1)
+}
+
+ENTRY %main (p0: f32[16,128], p1: f32[16,128], p2: pred[16,128]) -> (f32[16,128], f32[16,128]) {
+  %p0 = f32[16,128]{1,0} parameter(0)
+  %p1 = f32[16,128]{1,0} parameter(1)
+  %p2 = pred[16,128]{1,0} parameter(2)
+  %shrink = f32[16,128]{1,0} custom-call(%p0), custom_call_target="tpu_custom_call"
+  %bitcast.1 = f32[16,128]{1,0} bitcast(%shrink)
+  %expand = f32[16,128]{1,0} custom-call(%bitcast.1, %p1), custom_call_target="tpu_custom_call"
+  %other = f32[16,128]{1,0} custom-call(%p1), custom_call_target="SomethingElse"
+  %fusion = f32[16,128]{1,0} fusion(%expand, %p1, %p2), kind=kLoop, calls=%select_computation
+  %negate = f32[16,128]{1,0} negate(%other)
+  ROOT %tuple = (f32[16,128]{1,0}, f32[16,128]{1,0}) tuple(%fusion, %negate)
+}
+"""
+
+
+def test_after_kernels_names_the_ops_a_kernel_s_result_reaches():
+    """What a program runs on a Pallas kernel's result: the next kernel through a view, a fusion by its body's ops;
+    an op reading only a non-Mosaic custom call's result, or only parameters, is not counted."""
+    assert hlo_traffic.after_kernels(KERNEL_HLO) == {"custom-call", "select"}
+    selects_parameters = KERNEL_HLO.replace("fusion(%expand,", "fusion(%p0,")
+    assert hlo_traffic.after_kernels(selects_parameters) == {"custom-call"}  # the shrink's result reaches the expand
