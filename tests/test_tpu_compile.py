@@ -282,8 +282,8 @@ def test_embedding_pooled_expand_compiles_and_reads_fewer_bytes_than_gathering(c
     """The embedding's pooled expand compiles for the chips on both paths (decode: XLA ops over the packed rows;
     prefill, float and int8 pools: the pooled kernel's expand, its pages through the table), and libtpu's
     ``cost_analysis()`` counts each at under a third of the bytes of what the embedding ran before on the same
-    batch (every lane's B gathered into slots, then the slot expand kernel): decode 30.9 MB against 147.0 MB,
-    prefill 25.3 MB against 163.7 MB (``python -m torch_xla_lora.bench tpu_compile --pooled-expand``). The
+    batch (every lane's B gathered into slots, then the slot expand kernel): decode 30.9 MB against 146.6 MB,
+    prefill 14.9 MB against 157.3 MB (``python -m torch_xla_lora.bench tpu_compile --pooled-expand``). The
     kernel's declared flops are libtpu's to 1% (the rest of the call is XLA's selects and the table's few ops)."""
     results = {r["name"]: r for r in compiled.results}
     decode, decode_gathered, prefill, prefill_gathered, int8_prefill = (
