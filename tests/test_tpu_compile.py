@@ -421,7 +421,8 @@ def test_moe_layer_compiles_with_temporaries_of_rows_x_width(config, compiled):
     """A whole expert layer with every row's expert LoRA compiles for the chip, and libtpu's peak HBM temporaries
     stay within two copies of the layer's row activations (rows x (hidden + 2I + I)) at these shapes (the whole
     grid's most is 2.27, gpt-oss at 8,192 rows, where XLA's memory-space assignment keeps more of the layer in HBM
-    at the peak: ``bench tpu_compile --moe``): temporaries of rows x width, never rows x weight. Gathering one projection's expert weight per routed row (transformers' batched_mm) would hold
+    at the peak: ``bench tpu_compile --moe``): temporaries of rows x width, never rows x weight. Gathering one
+    projection's expert weight per routed row (transformers' batched_mm) would hold
     rows x 2I x hidden, over 100x more at every one of these shapes."""
     (result,) = [r for r in compiled.results if r["name"] == config.name]
     assert result["ok"], result.get("error")
