@@ -137,7 +137,7 @@ def build_fused_at_estimate(cfg: Config, sds):
     args = [sds((tokens, d_in), dtype), sds((slots, rank, widths[0]), dtype), sds((slots, rank, widths[1]), dtype)]
     args += [sds((tokens, d_out), dtype), sds((tokens,), jnp.int32)]
     info = {"block": dataclasses.asdict(sizes), "lanes": lanes, "path": "fused", "vmem_estimate": limit}
-    return fn, args, {**info, "vmem_limit": limit}
+    return fn, args, info | {"vmem_limit": limit}
 
 
 def build_fused(cfg: Config, sds):
