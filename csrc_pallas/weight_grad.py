@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from .fused import MOSAIC_SCRATCH_BYTES
 from .visits import build, visit_flags
 
 
@@ -137,23 +138,44 @@ def block_tokens(num_tokens: int) -> int:
     return 128 if num_tokens < 1024 else 256
 
 
-#: The widest Q tile: a [P, tile] f32 output block and a double-buffered [tokens, tile] input block stay a
-#: few MiB at P = 256, tokens = 256, while each Q tile re-walks every visit (a grid step each).
-MAX_WIDTH_TILE = 2048
+#: Up to this width Q is taken as it is (one tile when it fits); wider, it is padded to a multiple of 128 lanes.
+MAX_UNPADDED_WIDTH = 2048
+
+#: The scoped VMEM limit a plan is made against when the caller declares none (Mosaic's default).
+DEFAULT_VMEM_LIMIT_BYTES = 16 << 20
 
 
 def padded_width(width: int) -> int:
-    """Q as the op pads it for the kernel: as is up to ``MAX_WIDTH_TILE`` (one tile), else to a multiple of 128."""
-    return width if width <= MAX_WIDTH_TILE else -(-width // 128) * 128
+    """Q as the op pads it for the kernel: as is up to ``MAX_UNPADDED_WIDTH``, else to a multiple of 128."""
+    return width if width <= MAX_UNPADDED_WIDTH else -(-width // 128) * 128
 
 
-def width_tile(width: int) -> int:
-    """Q tile: the whole width up to ``MAX_WIDTH_TILE``, else the widest multiple of 128 dividing it that is
-    at most that (the caller pads Q to a multiple of 128), so that few tiles re-walk the visits."""
-    if width <= MAX_WIDTH_TILE:
-        return width
-    lanes = width // 128
-    return 128 * max(d for d in range(1, MAX_WIDTH_TILE // 128 + 1) if lanes % d == 0)
+def vmem_bytes(tokens: int, rank: int, tile: int, itemsize: int) -> int:
+    """VMEM the kernel needs at a plan: its double-buffered blocks (the indices as [1, tokens] and as [tokens, 1],
+    the latter padded to 128 lanes; left [P, tokens]; right [tokens, tile]; the f32 [P, tile] output), the body's
+    values (both operands with other slots' rows selected out, the f32 product) and Mosaic's own scratch. P is
+    counted padded to 16 rows (a bf16 sublane tile). Checked by compiling plans with libtpu at this limit
+    (``tests/test_tpu_compile.py``)."""
+    rows = -(-rank // 16) * 16
+    blocks = 8 * tokens * 4 + tokens * 128 * 4 + (rows * tokens + tokens * tile) * itemsize + rows * tile * 4
+    values = (rows * tokens + tokens * tile) * itemsize + rows * tile * 4
+    return 2 * blocks + values + MOSAIC_SCRATCH_BYTES
+
+
+def width_tile(width: int, tokens: int, rank: int, itemsize: int, vmem_limit_bytes: int | None = None) -> int:
+    """Q tile for a width as :func:`padded_width` pads it: the whole width, else the widest multiple of 128
+    dividing it, whose plan fits ``vmem_limit_bytes`` (:func:`vmem_bytes`; the narrowest candidate where none
+    does). Each Q tile re-walks every visit, a grid step each, so the fewer tiles the better: Llama-3-8B's
+    down_proj dA (P = 64, Q = 14,336) takes two 7,168-wide tiles in 64 MiB, against seven of 2,048."""
+    limit = DEFAULT_VMEM_LIMIT_BYTES if vmem_limit_bytes is None else vmem_limit_bytes
+    candidates = [width]
+    if width % 128 == 0:
+        lanes = width // 128
+        candidates += [128 * d for d in range(lanes - 1, 0, -1) if lanes % d == 0]
+    for tile in candidates:
+        if vmem_bytes(tokens, rank, tile, itemsize) <= limit:
+            return tile
+    return candidates[-1]
 
 
 @functools.partial(jax.jit, static_argnames=("num_slots", "scaling", "tokens", "interpret", "vmem_limit_bytes"))
@@ -168,11 +190,12 @@ def weight_grad(
     interpret: bool,
     vmem_limit_bytes: int | None = None,
 ) -> jax.Array:  # [L, P, Q_pad] f32
-    """Pallas segmented outer product; T_pad a multiple of ``tokens``, Q_pad as :func:`padded_width` gives it."""
+    """Pallas segmented outer product; T_pad a multiple of ``tokens``, Q_pad as :func:`padded_width` gives it, in
+    Q tiles of :func:`width_tile` planned against ``vmem_limit_bytes``."""
     num_tokens, rank = left.shape
     width = right.shape[1]
     num_blocks = num_tokens // tokens
-    tq = width_tile(width)
+    tq = width_tile(width, tokens, rank, right.dtype.itemsize, vmem_limit_bytes)
     vis = build_slot_visits(indices, num_slots, tokens)
 
     def token_block(v, block):

@@ -98,6 +98,14 @@ TRAINING_AT_ESTIMATE_SAMPLE = [
     for config in tpu_grid.linear_train_configs(("v6e",))
     if (config.layer, config.variant) in {("down_proj", "keep_s_mlp_down"), ("gate_proj", "backward")}
 ]
+# The weight-gradient kernel's dA at the TPU training model's shape (T = 8192, 8 slots): Llama-3-8B's down_proj
+# (P = 64, Q = 14,336) and the q/k/v group's ds side by side (P = 3 x 64, Q = 4,096) on v6e, where each takes its
+# whole width as one Q tile, and down_proj on v4 (10 MiB), in narrower tiles.
+WEIGHT_GRAD_TRAINING_SAMPLE = [
+    tpu_grid.Config("v6e", "weight_grad", "lora_a", "bfloat16", 8192, 8, 64, "llama3-8b", "down_proj", 14336, 4096),
+    tpu_grid.Config("v6e", "weight_grad", "lora_a", "bfloat16", 8192, 8, 192, "llama3-8b", "qkv_proj", 4096, 6144),
+    tpu_grid.Config("v4", "weight_grad", "lora_a", "bfloat16", 8192, 8, 64, "llama3-8b", "down_proj", 14336, 4096),
+]
 # The fused kernel over an expert layer's lane-padded slots at gpt-oss-20b's widths (2880 -> 2880, not multiples
 # of 128; 2880 -> 5760 in 1,920-wide output tiles); ``bench tpu_compile --kernels fused`` compiles both projections
 # on both chips (tpu_grid.expert_lora_grid).
@@ -126,6 +134,7 @@ def compiled() -> tpu_compile.Run:
     """One worker run over the whole sample and the expert layers."""
     configs = SAMPLE + MOE_SAMPLE + POOLED_SAMPLE + LINEAR_FUSED_SAMPLE + LINEAR_TRAIN_SAMPLE + EXPERT_LORA_SAMPLE
     configs += EMBEDDING_SAMPLE + LINEAR_BACKWARD_SAMPLE + FUSED_AT_ESTIMATE_SAMPLE + TRAINING_AT_ESTIMATE_SAMPLE
+    configs += WEIGHT_GRAD_TRAINING_SAMPLE
     run = tpu_compile.run(configs, timeout=3000)
     assert run.libtpu is not None, "libtpu is not installed: pip install -e '.[test]' installs the pinned release"
     expected = len(configs)
@@ -221,6 +230,21 @@ def test_weight_grad_cost_is_the_kernel_s_estimate(compiled):
         estimate, cost = result["estimate"], result["cost"]
         assert estimate["flops"] <= cost["flops"] <= estimate["flops"] * 1.25, result["name"]
         assert cost["bytes accessed"] >= estimate["bytes accessed"], result["name"]
+
+
+@pytest.mark.parametrize("config", WEIGHT_GRAD_TRAINING_SAMPLE, ids=lambda c: c.name)
+def test_weight_grad_kernel_takes_the_widest_q_tile_its_vmem_limit_holds(config, compiled):
+    """The training step's dA kernels compile in the Q tiles ``weight_grad.width_tile`` plans in the chip's
+    scoped VMEM limit: the whole width on v6e (one walk of the visits, where 2,048-wide tiles walked them seven
+    and two times), narrower on v4; the plan's estimate within the limit."""
+    result = next(r for r in compiled.results if r["name"] == config.name)
+    assert result["ok"], result.get("error")
+    tile, limit = result["block"]["width"], result["vmem_limit"]
+    assert result["vmem_estimate"] <= limit
+    if config.chip == "v6e":
+        assert tile == config.in_features
+    else:
+        assert tile < config.in_features and config.in_features % tile == 0
 
 
 def test_fused_backward_g_pass_cost_is_the_kernel_s_estimate(compiled):

@@ -47,6 +47,61 @@ def test_kernel_equals_float64(num_tokens, num_slots, rank, width, pattern):
     assert (out[unused] == 0).all()
 
 
+@pytest.mark.parametrize(
+    "width,rank,itemsize,limit_mib",
+    [
+        (14336, 64, 2, 64),
+        (14336, 64, 2, 10),
+        (4096, 192, 4, 10),
+        (2304, 256, 2, 16),
+        (576, 16, 4, 64),
+        (14336, 512, 4, 1),
+    ],
+)
+def test_width_tile_is_the_widest_plan_its_vmem_limit_holds(width, rank, itemsize, limit_mib):
+    """The Q tile divides the padded width in whole lanes (or is the whole width), its plan fits the limit, and
+    every wider candidate's plan does not; where none fits (1 MiB), the narrowest."""
+    wide = weight_grad.padded_width(width)
+    limit = limit_mib << 20
+    tile = weight_grad.width_tile(wide, 256, rank, itemsize, limit)
+    candidates = [wide] + [t for t in range(128, wide, 128) if wide % 128 == 0 and wide % t == 0]
+    assert tile in candidates
+    fits = [t for t in candidates if weight_grad.vmem_bytes(256, rank, t, itemsize) <= limit]
+    assert tile == (max(fits) if fits else min(candidates))
+    # The estimate grows with the tile: the double-buffered right and output blocks at least.
+    assert weight_grad.vmem_bytes(256, rank, 2 * tile, itemsize) - weight_grad.vmem_bytes(
+        256, rank, tile, itemsize
+    ) >= 2 * tile * (256 * itemsize + rank * 4)
+
+
+def test_kernel_in_several_q_tiles_equals_float64():
+    """A width walked in several Q tiles (a VMEM limit that holds only 256 columns): every tile's visits add their
+    own columns, each slot's f32 tile zeroed at its first visit and scaled at its last."""
+    rng = np.random.default_rng(7)
+    num_tokens, num_slots, rank, width = 600, 4, 16, 1024
+    limit = weight_grad.vmem_bytes(128, rank, 256, 4)
+    assert weight_grad.width_tile(width, 128, rank, 4, limit) == 256
+    idx = _indices("per_token", num_tokens, num_slots, rng)
+    idx[idx >= num_slots] = -1
+    padded = 640
+    left = np.zeros((padded, rank), np.float32)
+    right = np.zeros((padded, width), np.float32)
+    left[:num_tokens] = rng.standard_normal((num_tokens, rank))
+    right[:num_tokens] = rng.standard_normal((num_tokens, width))
+    indices = np.full(padded, -1, np.int32)
+    indices[:num_tokens] = idx
+    out = weight_grad.weight_grad(
+        *map(jnp.asarray, (left, right, indices)),
+        num_slots=num_slots,
+        scaling=0.5,
+        tokens=128,
+        interpret=True,
+        vmem_limit_bytes=limit,
+    )
+    expected = _reference(left, right, indices, num_slots, 0.5)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5 * np.abs(expected).max(), rtol=1e-5)
+
+
 def test_non_finite_rows_stay_in_their_slot():
     """An Inf or NaN in one slot's rows (both operands) reaches that slot only: rows are selected, not
     multiplied by a zero mask."""

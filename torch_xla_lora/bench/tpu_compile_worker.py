@@ -247,10 +247,9 @@ def build_g_pass(cfg: Config, sds):
     budget = weight_grad.fused_vmem_budget(block_sizes.vmem_limit(cfg.chip))
     tile = weight_grad.fused_width_tile(wide, tokens, rank, slots, dtype.itemsize, budget)
     info = {"path": "g_pass" if tile is not None else "separate", "block": {"tokens": tokens, "width": tile}}
-    if tile is None:  # the separate shrink and weight-gradient kernels: the latter's blocks, as build_weight_grad
-        wg_tile = weight_grad.width_tile(wide)
-        streamed = 2 * tokens * 4 + tokens * rank * dtype.itemsize + tokens * wg_tile * dtype.itemsize
-        info["vmem_estimate"] = 2 * streamed + 2 * rank * wg_tile * 4
+    if tile is None:  # the separate shrink and weight-gradient kernels: the latter's plan, as build_weight_grad
+        wg_tile = weight_grad.width_tile(wide, tokens, rank, dtype.itemsize, block_sizes.vmem_limit(cfg.chip))
+        info["vmem_estimate"] = weight_grad.vmem_bytes(tokens, rank, wg_tile, dtype.itemsize)
     else:
         info["vmem_estimate"] = weight_grad._fused_bytes(tile, tokens, rank, slots, dtype.itemsize)
         padded = -(-cfg.tokens // tokens) * tokens
@@ -271,10 +270,12 @@ def build_weight_grad(cfg: Config, sds):
     width = cfg.in_features if cfg.variant == "lora_a" else cfg.out_features
     args = (sds((cfg.tokens, rank), dtype), sds((cfg.tokens, width), dtype), sds((cfg.tokens,), jnp.int32))
     tokens = weight_grad.block_tokens(cfg.tokens)
-    tile = weight_grad.width_tile(weight_grad.padded_width(width))
-    # Double-buffered inputs (indices twice, left, right) and the f32 output tile.
-    vmem = 2 * (2 * tokens * 4 + tokens * rank * dtype.itemsize + tokens * tile * dtype.itemsize) + 2 * rank * tile * 4
-    info = {"block": {"tokens": tokens, "width": tile}, "vmem_estimate": vmem}
+    limit = block_sizes.vmem_limit(cfg.chip)
+    tile = weight_grad.width_tile(weight_grad.padded_width(width), tokens, rank, dtype.itemsize, limit)
+    info = {
+        "block": {"tokens": tokens, "width": tile},
+        "vmem_estimate": weight_grad.vmem_bytes(tokens, rank, tile, dtype.itemsize),
+    }
     padded_tokens = -(-cfg.tokens // tokens) * tokens
     estimate = weight_grad.cost_estimate(
         padded_tokens, rank, weight_grad.padded_width(width), cfg.slots, dtype.itemsize

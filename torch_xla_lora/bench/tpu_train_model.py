@@ -136,21 +136,22 @@ def expand_seconds(chip: Chip, indices: np.ndarray, rank: int, out_dim: int, num
 def weight_grad_kernel_cost(chip: Chip, indices: np.ndarray, left: int, right: int, num_slots: int) -> Cost:
     """``bgmv_weight_grad``'s Pallas kernel (``kernels/weight_grad.py``: ``out[l] = sum_{i_t = l} left[t]^T
     right[t]``, [L, left, right] f32), its grid walked step by step as the op calls it on a TPU: the
-    kernel's token block and right-width tile, rows padded to whole blocks and the width to 128 (past
-    one tile), slot-major visits from the kernel's own ``build_slot_visits``; grid (width tiles, visits).
+    kernel's token block and right-width tile (planned in the chip's VMEM limit, ``weight_grad.width_tile``),
+    rows padded to whole blocks and the width as ``padded_width`` pads it, slot-major visits from the
+    kernel's own ``build_slot_visits``; grid (width tiles, visits).
 
     A block is fetched (or the output tile written back) when its block index changes between consecutive
     steps, as the TPU pipeline does: the indices (int32, twice), ``left`` transposed [left, block],
     ``right`` [block, tile] (bf16), the f32 [1, left, tile] output. One [left, block] x [block, tile] MXU
     product per visit with tokens (an unused slot's empty visit only writes its zeros)."""
-    from torch_xla_lora.kernels import weight_grad
+    from torch_xla_lora.kernels import block_sizes, weight_grad
 
     num_tokens = len(indices)
     tokens = weight_grad.block_tokens(num_tokens)
     padded = np.full(-(-num_tokens // tokens) * tokens, -1, np.int32)
     padded[:num_tokens] = np.where((indices >= 0) & (indices < num_slots), indices, -1)
     wide = weight_grad.padded_width(right)
-    tile = weight_grad.width_tile(wide)
+    tile = weight_grad.width_tile(wide, tokens, left, _BF16, block_sizes.vmem_limit(chip.generation))
     num_blocks = len(padded) // tokens
     vis = weight_grad.build_slot_visits(padded, num_slots, tokens, xp=np)
     count = int(vis.count[0])
