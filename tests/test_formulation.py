@@ -197,10 +197,10 @@ def test_choice_under_torch_compile_is_a_constant(llama_case, xla_device, monkey
 
 def test_a_training_call_is_priced_as_it_runs(llama_case, xla_device, monkeypatch):  # noqa: F811
     """An arranged decoder's down_proj takes SiLU(gate) * up into its kernel when serving and in training; gate_proj
-    takes the post-attention norm in when serving but not in training (``forward_fused_with`` declines a norm for
-    a call that keeps ``s``: gate and up train as a group on the normed tensor, docs/training.md): each call's
-    formulation is priced with what it takes in (down's residual add in both), and the training call by its
-    backward too (``training=True``)."""
+    takes the post-attention norm in when serving, and in training where gate and up train as a group (x needing a
+    gradient: ``layers/shared_input.py`` takes the norm into the group's kernels), not where x needs none (no
+    group: the norm computed outside): each call's formulation is priced with what it takes in (down's residual
+    add in both), and the training call by its backward too (``training=True``)."""
     monkeypatch.setattr(ops, "device_generation", lambda: "v6e")
     model, lora = patch(llama_case, xla_device, **LLAMA_LORA)  # base_fusion="auto" on a "TPU": arranged
     lora.create_adapter("t", peft.LoraConfig(r=8, target_modules="all-linear"))
@@ -220,10 +220,11 @@ def test_a_training_call_is_priced_as_it_runs(llama_case, xla_device, monkeypatc
         x = torch.zeros(3, 5, layer.in_features, device=xla_device)
         with torch.no_grad():
             layer.formulation(x)
-        layer.formulation(x)  # gradients recorded for the trainable adapter: a training call
-    assert [role.prologue for role in roles] == ["silu_mul", "silu_mul", "norm", ""]
-    assert all(role == down.fusion_role for role in roles[:2])
-    assert [kwargs.get("training") for kwargs in trained] == [False, True] * 2
+        layer.formulation(x)  # gradients recorded for the trainable adapter: a training call, x needing none
+        layer.formulation(x.requires_grad_())  # and x needing a gradient
+    assert [role.prologue for role in roles] == ["silu_mul"] * 3 + ["norm", "", "norm"]
+    assert all(role == down.fusion_role for role in roles[:3])
+    assert [kwargs.get("training") for kwargs in trained] == [False, True, True] * 2
 
 
 def test_serving_and_training_calls_keep_their_own_record(llama_case, xla_device, monkeypatch):  # noqa: F811

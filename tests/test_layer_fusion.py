@@ -153,6 +153,31 @@ def test_gradients_equal_plain_torch():
         torch.testing.assert_close(got.grad, want.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_group_norm_gradients_equal_autograd_through_the_rmsnorm(dtype):
+    """The norm a training group takes into its kernels (``layers/shared_input.py``) is differentiated by hand
+    (``_norm_grads``: d h through the product, d row factor, d weight; the row factor's own graph back to h is
+    autograd's, as the arranged decoder computes it in torch): together equal to autograd through transformers'
+    RMSNorm (float32 to summation order; bfloat16 within its rounding, the two rounding the sum of h's two paths at
+    different points)."""
+    from torch_xla_lora.layers import shared_input
+
+    generator = torch.Generator().manual_seed(11)
+    norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48, generator=generator) + 0.5)
+    h = (3 * torch.randn(10, 48, generator=generator)).to(dtype).requires_grad_()
+    grad = torch.randn(10, 48, generator=generator).to(dtype)
+    expected_h, expected_weight = torch.autograd.grad(norm(h), [h, norm.weight], grad)
+    row = torch.rsqrt(h.float().pow(2).mean(-1) + norm.variance_epsilon)  # as fusion._Norm computes it
+    d_h, d_row, d_weight = shared_input._norm_grads(grad, h.detach(), row.detach(), norm.weight.detach())
+    (through_row,) = torch.autograd.grad(row, h, d_row)
+    assert d_h.dtype == dtype and d_row.dtype == torch.float32 and d_weight.dtype == dtype
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close((d_h + through_row).float(), expected_h.float(), **tolerance)
+    torch.testing.assert_close(d_weight.float(), expected_weight.float(), **tolerance)
+
+
 def test_rejects_a_fusion_operand_of_wrong_shape():
     args, extra = _operands(6, 32, 16, 4, 2, torch.float32, False, "mlp")
     with pytest.raises(tl.ShapeError, match="up must be"):

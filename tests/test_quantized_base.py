@@ -164,7 +164,8 @@ def test_training_on_a_quantized_base_equals_peft_on_the_dequantized_base(scheme
     (``keep_s``) and its backward reads it transposed as int8 (no float copy of a weight is made); under
     ``torch.compile`` too ("fused-compile"). "fused-pallas": the Pallas backend (interpret mode here), where each
     projection's backward takes dx, ds and dB in its pass over g reading the int8 weight and each decoder's q/k/v
-    and gate/up train as groups with one dA pass over their shared input (``layers/shared_input.py``)."""
+    and gate/up train as groups with one dA pass over their shared input (``layers/shared_input.py``), each group's
+    kernels reading the norm's input and applying it."""
     quantized, dequantized = _quantized_and_float(scheme)
     calls = []
     if mode == "fused":
@@ -185,7 +186,12 @@ def test_training_on_a_quantized_base_equals_peft_on_the_dequantized_base(scheme
         from torch_xla_lora.layers import shared_input
 
         run_group = shared_input.run
-        monkeypatch.setattr(shared_input, "run", lambda projs, x: groups.append(len(projs)) or run_group(projs, x))
+
+        def group_spy(projs, x, *norm):  # (the norm's row factor and weight: taken into the group's kernels)
+            groups.append((len(projs), len(norm)))
+            return run_group(projs, x, *norm)
+
+        monkeypatch.setattr(shared_input, "run", group_spy)
     backend = "pallas" if mode == "fused-pallas" else "auto"
     config = tl.LoRAConfig(max_loras=2, max_rank=8, base_fusion=mode.startswith("fused"), backend=backend)
     lora = tl.patch_model(quantized.to(xla_device), config)
@@ -208,7 +214,7 @@ def test_training_on_a_quantized_base_equals_peft_on_the_dequantized_base(scheme
         assert calls == forwards + [(torch.int8, False, True)] * (len(forwards) - 3), calls
     if mode == "fused-pallas":  # (the first decoder's q/k/v read the frozen embedding's output: no dx, alone)
         decoders = len(lora.fused_decoders)
-        assert sorted(groups) == [2] * decoders + [3] * (decoders - 1), groups
+        assert sorted(groups) == [(2, 2)] * decoders + [(3, 2)] * (decoders - 1), groups
     peft_model.train()
     peft_model(ids[[0, 2]]).logits.float().pow(2).mean().backward()
     grads = {k: p.grad for k, p in peft_model.named_parameters() if p.grad is not None}

@@ -66,10 +66,14 @@ LINEAR_FUSED_SAMPLE = [
     tpu_grid.linear_fused_config("v4", "int8_dx", 256, 16, "qwen2-0.5b", "q_proj"),
 ]
 # The training variant of the fused base kernel, which also writes s for the backward: Llama-3-8B's q_proj at T = 1024
-# on v6e; and as linear_lora_fused_train runs it in training, o_proj adding the arranged decoder's residual on v6e,
-# down_proj reading SiLU(gate) * up and adding the residual on v6e (rank 64) and an int8 gate_proj on v5e.
+# on v6e; and as linear_lora_fused_train runs it in training, gate_proj applying the arranged decoder's RMSNorm
+# (a training group's member) on v5e, o_proj adding its residual on v6e, down_proj reading SiLU(gate) * up and
+# adding the residual on v6e (rank 64) and an int8 gate_proj on v5e.
 LINEAR_TRAIN_SAMPLE = [
     tpu_grid.Config("v6e", "linear_train", "keep_s", "bfloat16", 1024, 8, 16, "llama3-8b", "q_proj", 4096, 4096),
+    tpu_grid.Config(
+        "v5e", "linear_train", "keep_s_norm", "bfloat16", 2048, 8, 64, "llama3-8b", "gate_proj", 4096, 14336
+    ),
     tpu_grid.Config(
         "v6e", "linear_train", "keep_s_residual", "bfloat16", 2048, 8, 16, "llama3-8b", "o_proj", 4096, 4096
     ),
@@ -341,14 +345,16 @@ def test_linear_fused_compiles_and_is_counted_by_its_estimate(config, compiled):
 @pytest.mark.parametrize("config", LINEAR_TRAIN_SAMPLE, ids=lambda c: c.name)
 def test_linear_train_compiles_writing_s_and_is_counted_by_its_estimate(config, compiled):
     """The training kernel (``keep_s``) compiles for the chip within its VMEM estimate, returns the output and
-    s ([T, N] and [T, R] in bf16: libtpu's output bytes), and, reading SiLU(gate) * up, x as it read it ([T, K]),
-    and libtpu counts it by its declared cost (flops within 0.1%, bytes at least, the s and x writes included)."""
+    s ([T, N] and [T, R] in bf16: libtpu's output bytes), and, reading SiLU(gate) * up or applying a norm, x as it
+    made it ([T, K]), and libtpu counts it by its declared cost (flops within 0.1%, bytes at least, the s and x
+    writes included)."""
     (result,) = [r for r in compiled.results if r["name"] == config.name]
     assert result["ok"], result.get("error")
     assert result["vmem_estimate"] <= result["vmem_limit"]
     (tokens, out_dim), (_, rank), *kept = result["outputs"]
     assert (out_dim, rank) == (config.out_features, config.rank)
-    assert kept == ([[tokens, config.in_features]] if config.variant == "keep_s_mlp_down" else [])
+    takes_in = config.variant in ("keep_s_mlp_down", "keep_s_norm")
+    assert kept == ([[tokens, config.in_features]] if takes_in else [])
     assert result["memory"]["output"] >= 2 * tokens * (out_dim + rank + sum(width for _, width in kept))
     estimate, cost = result["estimate"], result["cost"]
     assert estimate["flops"] <= cost["flops"] <= estimate["flops"] * 1.001, result["name"]
@@ -607,7 +613,8 @@ def test_linear_train_configs_are_the_training_model_s_kernels():
     for config in configs:
         d_in, d_out, _ = layer[config.layer]
         prologue, residual = tpu_train_model.TRAINING_KERNEL_FUSION[config.layer]
-        forward = "keep_s_mlp_down" if prologue == "silu_mul" else "keep_s_residual" if residual else "keep_s"
+        forward = {"silu_mul": "keep_s_mlp_down", "norm": "keep_s_norm"}.get(prologue)
+        forward = forward or ("keep_s_residual" if residual else "keep_s")
         if config.variant == "backward":
             assert (config.in_features, config.out_features) == (d_out, d_in)
         else:

@@ -144,9 +144,9 @@ MIX = ["t0", "t1", None, "t2", "t1", "t0"]
 @pytest.mark.parametrize(
     "arch,on_xla",
     [("llama", False), ("gpt2", False), ("qwen2", False), ("llama-1", "fused"), ("llama-1", "pallas"),
-     ("llama-1", "pallas-compile")],
+     ("llama-1", "pallas-compile"), ("llama-1", "pallas-norms-outside")],
     ids=["llama-cpu", "gpt2-cpu", "qwen2-cpu", "llama-xla-base-fusion", "llama-pallas-base-fusion",
-         "llama-pallas-base-fusion-compile"],
+         "llama-pallas-base-fusion-compile", "llama-pallas-norms-outside"],
 )  # fmt: skip
 def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypatch):
     """``llama-xla-base-fusion``: every projection runs base and LoRA as one op (``base_fusion=True``, the decoders
@@ -158,8 +158,10 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
     "lazy" and "compile" steps of test_steps_on_changing_mixes_equal_peft_alone.) ``llama-pallas-base-fusion``: the
     same on the Pallas backend (the kernels in interpret mode), where every projection's backward takes dx, ds and dB
     in its one pass over g (``linear_lora_backward``) and none runs ``bgmv_lora_grads``, and each decoder's q/k/v and
-    gate/up run as groups whose dA is one weight gradient over their shared input (``layers/shared_input.py``); the
-    same step under ``torch.compile(backend="openxla")`` too ("-compile": one graph, no break)."""
+    gate/up run as groups whose dA is one weight gradient over their shared input (``layers/shared_input.py``), the
+    norm before each group in its kernels; the same step under ``torch.compile(backend="openxla")`` too ("-compile":
+    one graph, no break); and the groups on the normed tensor, as where a norm's weight is not in x's dtype
+    ("-norms-outside")."""
     device = xla_device if on_xla else torch.device("cpu")
     tenants = ARCHS[arch][2]
     mix = [n if n is None or n in tenants else "t0" for n in MIX]
@@ -167,6 +169,12 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
     compiled = on_xla == "pallas-compile"
     lora = _patched(device, arch=arch, **config)
     keeps, arranged, built, backward_ops, groups = [], [], [], [], []
+    norms_outside = on_xla == "pallas-norms-outside"
+    if norms_outside:
+        from torch_xla_lora.layers import fusion
+
+        monkeypatch.setattr(fusion._Norm, "takes_in", property(lambda norm: False))
+        on_xla = "pallas"
     if on_xla == "pallas":  # (not under dynamo: a spy's side effects would break the graph)
         from torch_xla_lora.ops import _linear_fused
 
@@ -177,9 +185,9 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
         def no_lora_grads(*args, **kwargs):
             raise AssertionError("a projection ran bgmv_lora_grads where its backward takes dB in its pass over g")
 
-        def group_spy(projections, x):
-            groups.append([type(p).__name__ for p in projections])
-            return run_group(projections, x)
+        def group_spy(projections, x, *norm):
+            groups.append(([type(p).__name__ for p in projections], len(norm)))
+            return run_group(projections, x, *norm)
 
         from torch_xla_lora.layers import shared_input
 
@@ -243,7 +251,9 @@ def test_one_step_gradients_equal_peft_alone(arch, on_xla, xla_device, monkeypat
         linears = [layer for layer in lora.layers.values() if isinstance(layer, LinearWithLoRA)]
         assert len(backward_ops) == len(linears), backward_ops
         decoders = len(lora.fused_decoders)
-        assert sorted(map(len, groups)) == [2] * decoders + [3] * decoders, groups
+        # Each group took its RMSNorm in (the row factor and the weight: two arguments more), or not (-norms-outside).
+        taken = 0 if norms_outside else 2
+        assert sorted((len(names), n) for names, n in groups) == [(2, taken)] * decoders + [(3, taken)] * decoders
     for name in tenants:
         rows = [i for i, n in enumerate(mix) if n == name]
         expected = _peft_grads(peft_model, name, ids[rows], targets[rows])

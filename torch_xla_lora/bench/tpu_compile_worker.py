@@ -472,10 +472,11 @@ BUILDERS["linear_fused"] = build_linear_fused
 
 
 #: The training kernel's variants, what it takes in beside writing s as the layers run it in training: nothing
-#: (``linear_lora_train``), the arranged decoder's o_proj residual, its down_proj's SiLU(gate) * up and residual,
-#: an int8 base's weight and scales (``linear_lora_fused_train``).
+#: (``linear_lora_train``), the arranged decoder's RMSNorm of q/k/v's and gate/up's x, its o_proj residual, its
+#: down_proj's SiLU(gate) * up and residual, an int8 base's weight and scales (``linear_lora_fused_train``).
 LINEAR_TRAIN_FUSIONS = {
     "keep_s": fused_base.NO_FUSION,
+    "keep_s_norm": fused_base.Fusion(row_scale=True, col_scale=True),
     "keep_s_residual": fused_base.Fusion(residual=True),
     "keep_s_mlp_down": fused_base.Fusion(silu_mul=True, residual=True),
     "keep_s_int8": fused_base.Fusion(weight_scale=True),

@@ -321,9 +321,18 @@ LLAMA3_8B_PROJECTIONS = {
     "down_proj": (14336, 4096),
 }
 #: The training kernel's variant (``tpu_compile_worker.LINEAR_TRAIN_FUSIONS``) of each projection in the decoder
-#: arranged as the layers train it (``tpu_train_model.TRAINING_KERNEL_FUSION``): o_proj adds the residual, down_proj
-#: reads SiLU(gate) * up and adds the residual (keeping x), the rest take nothing in.
-TRAINING_VARIANTS = {"o_proj": "keep_s_residual", "down_proj": "keep_s_mlp_down"}
+#: arranged as the layers train it (``tpu_train_model.TRAINING_KERNEL_FUSION``): q/k/v and gate/up apply their
+#: RMSNorm to x as they read it (keeping the normed x), o_proj adds the residual, down_proj reads SiLU(gate) * up
+#: and adds the residual (keeping x).
+TRAINING_VARIANTS = {
+    "q_proj": "keep_s_norm",
+    "k_proj": "keep_s_norm",
+    "v_proj": "keep_s_norm",
+    "o_proj": "keep_s_residual",
+    "gate_proj": "keep_s_norm",
+    "up_proj": "keep_s_norm",
+    "down_proj": "keep_s_mlp_down",
+}
 
 
 def linear_train_configs(

@@ -9,7 +9,7 @@ The model prices, per projection of a decoder layer (``y = x W^T`` with its LoRA
   the fused LoRA kernel, or the XLA-native op, priced by :func:`tpu_model.projection_costs`, as
   ``base_fusion="auto"`` chooses for a training call: the least forward, as training runs it, plus
   backward by this model, ``formulation.choose(training=True)``; in the decoder arranged as in training,
-  :data:`TRAINING_KERNEL_FUSION`: the fused kernels of o_proj and down_proj take their residual add in), then
+  :data:`TRAINING_KERNEL_FUSION`: the fused kernels take the norms, SiLU(gate) * up and the residual adds in), then
   the backward as ``ops/_autograd.py`` runs it on a TPU (``linear_lora_backward``, or the fused op
   ``bgmv_lora_grads``, ``ops/_lora_grads_jax.py``):
 
@@ -522,8 +522,8 @@ def train_step_costs(
     dx pass on a bf16 copy of the weight (the backward before it read the int8 weight transposed).
 
     ``kernel_fusion``: name -> (prologue, residual) the arranged decoder's fused kernels take in
-    (:data:`TRAINING_KERNEL_FUSION`, what the layers do in training; :data:`tpu_model.KERNEL_FUSION`, every
-    producer too, each backward then recomputing x for dA); None: not arranged.
+    (:data:`TRAINING_KERNEL_FUSION`, what the layers do in training; :data:`NORMS_OUTSIDE`, the norms computed
+    outside); None: not arranged.
 
     ``layer``: name -> (in, out, input group), as :func:`llama_layer`; the projections' roles (residual
     outputs, shared inputs) are Llama's (:func:`tpu_model.llama_roles`). Keys: ``base`` (the floor (a)),
@@ -622,14 +622,16 @@ def train_step_costs(
     }
 
 
-#: What the arranged decoder's kernels take in during training (``LinearWithLoRA.forward_fused_with``): the
-#: residual adds and down_proj's SiLU(gate) * up, which saves the forward's pass over gate and up and costs the
-#: kernel x's write (kept for dA, ``fused_base.keeps_x``). The norms stay outside:
-#: q/k/v and gate/up train as groups on the normed tensor (``ratio_ours_producers_taken_in``: the norms in too).
-TRAINING_KERNEL_FUSION = {
-    name: (prologue if prologue == "silu_mul" else "", residual)
-    for name, (prologue, residual) in tpu_model.KERNEL_FUSION.items()
-}
+#: What the arranged decoder's kernels take in during training (``LinearWithLoRA.forward_fused_with`` and the
+#: groups of ``layers/shared_input.py``): every producer and residual add, as when serving
+#: (:data:`tpu_model.KERNEL_FUSION`); each kernel taking a producer in writes x as it made it (``fused_base.keeps_x``),
+#: which its backward's dA reads (q/k/v's and gate/up's one dA per group reading one of them).
+TRAINING_KERNEL_FUSION = dict(tpu_model.KERNEL_FUSION)
+
+#: :data:`TRAINING_KERNEL_FUSION` with the norms computed outside the kernels (q/k/v and gate/up grouped on the
+#: normed x): how the layers trained before the groups took the norms in.
+NORMS_OUTSIDE = {name: ("" if prologue == "norm" else prologue, residual) for name, (prologue, residual) in
+                 TRAINING_KERNEL_FUSION.items()}  # fmt: skip
 
 
 def modelled_rows(
@@ -643,9 +645,9 @@ def modelled_rows(
     """One row per (chip, layer): :func:`train_step_costs` of ``rows`` x ``seq`` tokens, row i on tenant
     i mod ``len(ranks)`` (one slot per tenant), the slots padded to ``max(ranks)`` as the library pads
     them to ``max_rank``, the decoder arranged as the layers run it in training
-    (:data:`TRAINING_KERNEL_FUSION`); ``ratio_ours_unarranged`` and ``ratio_ours_producers_taken_in``: ours
-    with nothing taken in, and with every producer taken in too. ``int8_weight``: every base int8 per channel
-    (:func:`train_step_costs`).
+    (:data:`TRAINING_KERNEL_FUSION`); ``ratio_ours_unarranged`` and ``ratio_ours_norms_outside``: ours with
+    nothing taken in, and with the norms left outside the kernels (:data:`NORMS_OUTSIDE`, the arrangement before
+    the training groups took them in). ``int8_weight``: every base int8 per channel (:func:`train_step_costs`).
 
     Default layers: the bench's Llama (hidden 2048, TinyLlama's widths) and Llama-3-8B's.
     """
@@ -663,8 +665,8 @@ def modelled_rows(
             args = (chip, indices, layer, rank, num_slots, sum(ranks), ranks)
             costs = train_step_costs(*args, kernel_fusion=TRAINING_KERNEL_FUSION, int8_weight=int8_weight)
             costs["ratio_ours_unarranged"] = train_step_costs(*args, int8_weight=int8_weight)["ratio_ours"]
-            every = train_step_costs(*args, kernel_fusion=tpu_model.KERNEL_FUSION, int8_weight=int8_weight)
-            costs["ratio_ours_producers_taken_in"] = every["ratio_ours"]
+            outside = train_step_costs(*args, kernel_fusion=NORMS_OUTSIDE, int8_weight=int8_weight)
+            costs["ratio_ours_norms_outside"] = outside["ratio_ours"]
             row = {"chip": generation, "layer": name, "rows": rows, "seq": seq, "tokens": len(indices)}
             row["base_weights"] = "int8" if int8_weight else "bf16"
             out.append({**row, "ranks": list(ranks), **costs})
@@ -680,7 +682,7 @@ def format_rows(rows: list[dict]) -> str:
         "| ours' overhead / one-hot's | ours / (a), separate backward ops | their overhead / one-hot's "
         "| ours / (a), s recomputed (serving forwards) | ours / (a), separate ops, dA/dB by the XLA-native op "
         "| floor / (a): LoRA's MXU work alone | floor / (a) with dA's pass over x "
-        "| ours / (a), not arranged | ours / (a), producers taken in too | ours / (a), dB in a pass of its own |"
+        "| ours / (a), not arranged | ours / (a), norms outside the kernels | ours / (a), dB in a pass of its own |"
     )
     header += " ours / (a), dx on a bf16 copy of the weight |" if int8 else ""
     lines = [header, "|---" * (18 if int8 else 17) + "|"]
@@ -692,7 +694,7 @@ def format_rows(rows: list[dict]) -> str:
             f"| {row['ratio_ours_separate']:.3f} | {row['overhead_vs_onehot_separate']:.2f} "
             f"| {row['ratio_ours_recomputed_s']:.3f} | {row['ratio_ours_xla_weight_grad']:.3f} "
             f"| {row['ratio_floor']:.3f} | {row['ratio_floor_with_x_pass']:.3f} "
-            f"| {row['ratio_ours_unarranged']:.3f} | {row['ratio_ours_producers_taken_in']:.3f} "
+            f"| {row['ratio_ours_unarranged']:.3f} | {row['ratio_ours_norms_outside']:.3f} "
             f"| {row['ratio_ours_db_own_pass']:.3f} |"
         )
         lines.append(line + (f" {row['ratio_ours_dequantized_dx']:.3f} |" if int8 else ""))

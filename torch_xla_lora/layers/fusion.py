@@ -21,9 +21,10 @@ object) runs the kernel on the un-normed stream with the norm's factors instead;
 residual and says so, and the decoder then does not add the residual again. The normed tensor is still
 computed for the attention to receive; where nothing reads it, XLA drops it from the graph.
 
-In training (trainable adapters, grad enabled) the norms are not taken in: q/k/v, and gate/up, run as one group
-each where all of them can (:mod:`.shared_input`: their dA in one pass over the shared input). down_proj still
-takes SiLU(gate) * up and the residual in; its kernel also writes x, which its backward's dA reads.
+In training (trainable adapters, grad enabled) q/k/v, and gate/up, run as one group each where all of them can
+(:mod:`.shared_input`: their dA in one pass over the shared input), the norm taken into the group's kernels,
+which write the normed x beside their outputs for that dA. down_proj takes SiLU(gate) * up and the residual in;
+its kernel also writes x, which its backward's dA reads.
 
 Each projection whose call does not run the fused formulation (a mesh, another dtype, a
 trainable adapter's dropout, "auto" choosing another one) computes the norm, the product or the
@@ -147,16 +148,32 @@ class _Norm:
     """An RMSNorm of ``h`` taken into the projections reading it: its row factor computed once, on first use."""
 
     def __init__(self, norm: nn.Module, h: torch.Tensor) -> None:
-        self.norm, self.h, self.row_scale = norm, h, None
+        self.norm, self.h, self._row_scale = norm, h, None
+
+    @property
+    def takes_in(self) -> bool:
+        """Whether kernels can apply this norm (its weight in h's dtype)."""
+        return self.norm.weight.dtype == self.h.dtype
+
+    def row_scale(self) -> torch.Tensor:
+        """The norm's per-row factor, [...] float32."""
+        if self._row_scale is None:
+            h = self.h.to(torch.float32)
+            self._row_scale = torch.rsqrt(h.pow(2).mean(-1) + self.norm.variance_epsilon)
+        return self._row_scale
 
     def project(self, proj: nn.Module) -> torch.Tensor | None:
         """``proj(norm(h))`` with the norm in the kernel's x read; None where proj does not run fused."""
-        norm, h = self.norm, self.h
-        if not (isinstance(proj, LinearWithLoRA) and norm.weight.dtype == h.dtype and proj.formulation(h) == "fused"):
+        if not (isinstance(proj, LinearWithLoRA) and self.takes_in and proj.formulation(self.h) == "fused"):
             return None
-        if self.row_scale is None:  # the norm's per-row factor, [...] float32
-            self.row_scale = torch.rsqrt(h.to(torch.float32).pow(2).mean(-1) + norm.variance_epsilon)
-        return proj.forward_fused_with(h, row_scale=self.row_scale, col_scale=norm.weight)
+        return proj.forward_fused_with(self.h, row_scale=self.row_scale(), col_scale=self.norm.weight)
+
+    def group(self, projections: list, normed: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The projections trained as one group (:mod:`.shared_input`) on ``norm(h)``, the norm in their kernels
+        where it can be, else on ``normed`` (computed here if not given)."""
+        if self.takes_in:
+            return shared_input.run(projections, self.h, self.row_scale(), self.norm.weight)
+        return shared_input.run(projections, self.norm(self.h) if normed is None else normed)
 
 
 class _PendingNorm:
@@ -172,17 +189,21 @@ class _PendingNorm:
 
 class _PendingGroup:
     """q/k/v's pending call in training: called with ``normed``, the three run as one group
-    (:mod:`torch_xla_lora.layers.shared_input`: dA of all three in one pass over x), on the first call."""
+    (:mod:`torch_xla_lora.layers.shared_input`: dA of all three in one pass over x; an RMSNorm in their kernels),
+    on the first call."""
 
-    def __init__(self, projections: list, normed: torch.Tensor) -> None:
-        self.projections, self.normed, self.outputs = projections, normed, None
+    def __init__(self, projections: list, normed: torch.Tensor, norm: _Norm | None) -> None:
+        self.projections, self.normed, self.norm, self.outputs = projections, normed, norm, None
 
     def run(self, proj: LinearWithLoRA, x: torch.Tensor) -> torch.Tensor | None:
         proj.pending = None  # one call
         if x is not self.normed:
             return None
         if self.outputs is None:
-            self.outputs = dict(zip(map(id, self.projections), shared_input.run(self.projections, x), strict=True))
+            outs = (
+                self.norm.group(self.projections, x) if self.norm is not None else shared_input.run(self.projections, x)
+            )
+            self.outputs = dict(zip(map(id, self.projections), outs, strict=True))
         return self.outputs.pop(id(proj), None)
 
 
@@ -208,7 +229,8 @@ def attention_with_residual(
     normed = norm(h)
     projections = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
     taken_norm = _Norm(norm, h) if _is_rms(norm) else None
-    group = _PendingGroup(projections[:3], normed) if shared_input.ready(projections[:3], normed) else None
+    ready = shared_input.ready(projections[:3], normed)
+    group = _PendingGroup(projections[:3], normed, taken_norm) if ready else None
     residual = _PendingResidual(h)
     try:
         for proj in projections:
@@ -216,7 +238,7 @@ def attention_with_residual(
                 is_o = proj is projections[-1]
                 if is_o:
                     proj.pending = residual
-                elif group is not None:  # training: the norm is not taken in, the three share dA's pass over x
+                elif group is not None:  # training: the three share the norm and dA's pass over x
                     proj.pending = group
                 elif taken_norm is not None:
                     proj.pending = _PendingNorm(taken_norm, normed)
@@ -244,8 +266,8 @@ def mlp_with_residual(mlp: nn.Module, norm: nn.Module, h: torch.Tensor) -> torch
         return proj(normed)
 
     pair = [mlp.gate_proj, mlp.up_proj]
-    if shared_input.ready(pair, h):  # training: the norm is not taken in (h stands for norm(h): its shape, dtype),
-        gate, up = shared_input.run(pair, norm(h))  # and gate and up share dA's pass over x
+    if shared_input.ready(pair, h):  # training (h stands for norm(h): its shape, dtype): gate and up share the
+        gate, up = taken_norm.group(pair)  # norm and dA's pass over x
     else:
         gate, up = project(mlp.gate_proj), project(mlp.up_proj)
     out = mlp.down_proj.forward_fused_with(gate, up=up, residual=h)

@@ -170,8 +170,10 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         for this layer's shape, role and token count (:func:`torch_xla_lora.formulation.choose`; a layer that
         reads a rank-true pool priced as it reads it, int8 rows included), recorded in :attr:`formulations` (a
         training call's in :attr:`training_formulations`); with another backend, fused. A training call (one that
-        keeps ``s``) of an arranged decoder's projection is priced without a norm in the kernel (down_proj's
-        SiLU(gate) * up is taken in), as it runs, and by its backward too (``formulation.choose(training=True)``).
+        keeps ``s``) of an arranged decoder's projection is priced with what it takes in as it runs: down_proj's
+        SiLU(gate) * up, and the norm of q/k/v and gate/up, which train as groups taking it into their kernels
+        (:mod:`.shared_input`; without it where x needs no gradient: no group then, the norm computed outside), and
+        by its backward too (``formulation.choose(training=True)``).
         """
         fusion = self.base_fusion
         int8 = int8_channel_scale(self.base_layer) is not None
@@ -198,8 +200,8 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         pooled = self._reads_pool(x2, self.backend, differentiable=not int8)
         declines = pooled and not self._reads_pool(x2, self.backend)
         training = not pooled and _keeps_s(x2, self.factors_need_grad(), self.backend, fused_base=True)
-        if role.prologue and (declines or (training and role.prologue != "silu_mul")):
-            # A training call takes in no norm (forward_fused_with declines it): priced as it runs.
+        if role.prologue and (declines or (training and role.prologue == "norm" and not x.requires_grad)):
+            # A call that takes no producer in (a training call alone, outside a group): priced as it runs.
             role = dataclasses.replace(role, prologue="")
         num_tokens = x2.shape[0]
         pool = (self.lora_a_pool.dtype == torch.int8, self.pool_rows) if pooled else None
@@ -263,8 +265,9 @@ class LinearWithLoRA(BaseLayerWithLoRA):
         LoRA's input. A training forward that keeps ``s`` (:func:`_keeps_s`) runs ``linear_lora_fused_train``
         (its backward takes that ``s``) and takes in the residual and SiLU(gate) * up, whose x the kernel writes
         beside its output for the backward's dA (``fused_base.keeps_x``). A norm's factors are declined in
-        training: the arranged decoder's q/k/v and gate/up train as groups on the normed tensor
-        (:mod:`.shared_input`), one pass over it for their dA; the caller computes the norm.
+        training here: the arranged decoder's q/k/v and gate/up train as groups (:mod:`.shared_input`, which takes
+        the norm into its members' kernels), one pass over x for their dA; where they cannot, the caller computes
+        the norm.
         """
         if self.tensor_parallel is not None:
             return None

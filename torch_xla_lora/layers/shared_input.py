@@ -10,7 +10,11 @@ over x per input, as the TPU training model prices it (``bench/tpu_train_model.p
 
 The arranged decoder layers (:mod:`torch_xla_lora.layers.fusion`) group q/k/v and gate/up where every member
 would run ``linear_lora_train`` with the Pallas backend (:func:`ready`); anything else runs each projection
-on its own, as before. The group's gradients are the projections' own: each token adds only to its slot.
+on its own, as before. There the group also takes the RMSNorm before it in (``row_scale``, ``col_scale``): each
+member's kernel (``linear_lora_fused_train``) reads the un-normed stream, applies the norm to each x tile it
+reads and writes the normed x beside its output; the backward's dA reads that x, and the norm's derivative runs
+once, on the members' summed dx. The group's gradients are the projections' own: each token adds only to its
+slot.
 """
 
 from __future__ import annotations
@@ -63,12 +67,22 @@ def ready(projections: list, x: torch.Tensor) -> bool:
     return True
 
 
-def run(projections: list, x: torch.Tensor) -> list[torch.Tensor]:
+def run(
+    projections: list,
+    x: torch.Tensor,
+    row_scale: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
     """Each projection's output on ``x`` [..., in] (as its forward would give it), trained as one group: see the
-    module doc. Call only where :func:`ready` holds."""
+    module doc. Call only where :func:`ready` holds (for the normed tensor). With ``row_scale`` [...] (float32)
+    and ``col_scale`` [in] (x's dtype) ``x`` is the un-normed stream and the projections read
+    ``x * row_scale[..., None] * col_scale`` (RMSNorm's factors, each product rounded to x's dtype as the norm
+    rounds it), computed in their kernels."""
     first = projections[0]
     slots = first.context.token_slots(x)
     x2 = x.reshape(-1, first.in_features)
+    normed = row_scale is not None or col_scale is not None
+    row = None if row_scale is None else row_scale.reshape(-1)
     operands, specs = [], []
     for p in projections:
         metadata, own = p._linear_metadata(x2)
@@ -78,7 +92,7 @@ def run(projections: list, x: torch.Tensor) -> list[torch.Tensor]:
         operands += [p.base_layer.weight, lora_a, lora_b]
         operands += [t for t in (bias, metadata, scale) if t is not None]
         specs.append((p.weight_layout or "out_in", bias is not None, metadata is not None, own, scale is not None))
-    outs = _SharedInput.apply(x2, slots, tuple(specs), first.backend, *operands)
+    outs = _SharedInput.apply(x2, slots, tuple(specs), first.backend, normed, row, col_scale, *operands)
     return [out.reshape(*x.shape[:-1], p.out_features) for p, out in zip(projections, outs, strict=True)]
 
 
@@ -97,22 +111,24 @@ def _unpack(specs: tuple, operands: tuple) -> list[tuple]:
 
 
 class _SharedInput(torch.autograd.Function):
-    """The group's training forwards, and a backward with one weight gradient of all their ``ds`` against x."""
+    """The group's training forwards (the norm in their kernels where ``normed``), and a backward with one weight
+    gradient of all their ``ds`` against x (the normed x one of the kernels wrote, where they took the norm in)."""
 
     @staticmethod
-    def forward(ctx, x2, slots, specs, backend, *operands):
-        outs, kept = [], []
+    def forward(ctx, x2, slots, specs, backend, normed, row, col, *operands):
+        outs, kept, kept_x = [], [], None
         for weight, lora_a, lora_b, bias, metadata, scale, layout, own in _unpack(specs, operands):
-            if scale is None:
+            if scale is None and not normed:
                 args = (x2, weight, bias, lora_a, lora_b, slots, 1.0, layout, backend, metadata, own)
                 out, s = torch.ops.xla_lora.linear_lora_train(*args)
-            else:  # linear_lora_fused_train with no producer or residual: the int8 weight and its scales
-                args = (x2, None, None, None, weight, None, lora_a, lora_b, slots, None, 1.0, layout, backend)
-                out, s, _ = torch.ops.xla_lora.linear_lora_fused_train(*args, metadata, own, scale, None)
+            else:  # linear_lora_fused_train: the norm's factors taken in, or an int8 weight and its scales
+                args = (x2, None, row, col, weight, bias, lora_a, lora_b, slots, None, 1.0, layout, backend)
+                out, s, x = torch.ops.xla_lora.linear_lora_fused_train(*args, metadata, own, scale, None)
+                kept_x = x if normed and kept_x is None else kept_x
             outs.append(out)
             kept.append(s)
-        ctx.specs, ctx.backend, ctx.count = specs, backend, len(operands)
-        ctx.save_for_backward(x2, slots, *operands, *kept)
+        ctx.specs, ctx.backend, ctx.count, ctx.normed = specs, backend, len(operands), normed
+        ctx.save_for_backward(x2, row, col, kept_x, slots, *operands, *kept)
         return tuple(outs)
 
     @staticmethod
@@ -120,7 +136,8 @@ class _SharedInput(torch.autograd.Function):
         from torch_xla_lora.ops import _linear_fused
 
         saved = ctx.saved_tensors
-        x2, slots, operands, kept = saved[0], saved[1], saved[2 : 2 + ctx.count], saved[2 + ctx.count :]
+        x2, row, col, kept_x, slots = saved[:5]
+        operands, kept = saved[5 : 5 + ctx.count], saved[5 + ctx.count :]
         unpacked = _unpack(ctx.specs, operands)
         dx, ds, d_bs = None, [], []
         # (An output nothing read has a zero gradient here: autograd materialises it.)
@@ -132,10 +149,32 @@ class _SharedInput(torch.autograd.Function):
             ds.append(ds_i)
             d_bs.append(d_b)
         num_slots = operands[1].shape[0]
-        d_a = torch.ops.xla_lora.bgmv_weight_grad(torch.cat(ds, dim=1), x2, slots, num_slots, 1.0, ctx.backend)
+        x = kept_x if ctx.normed else x2
+        d_a = torch.ops.xla_lora.bgmv_weight_grad(torch.cat(ds, dim=1), x, slots, num_slots, 1.0, ctx.backend)
         flat = []  # per projection: weight, lora_a, lora_b, then its optional operands (no gradients)
         for (_, lora_a, _, *optional, _, _), d_a_i, d_b in zip(
             unpacked, torch.split(d_a, [d.shape[1] for d in ds], dim=1), d_bs, strict=True
         ):
             flat += [None, d_a_i.to(lora_a.dtype), d_b] + [None] * sum(t is not None for t in optional)
-        return (dx, None, None, None, *flat)
+        d_x2, d_row, d_col = dx, None, None
+        if ctx.normed:  # the norm's derivative, once, on the summed dx
+            d_x2, d_row, d_col = _norm_grads(dx, x2, row, col)
+        return (d_x2, None, None, None, None, d_row, d_col, *flat)
+
+
+def _norm_grads(grad: torch.Tensor, inputs: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor | None):
+    """The gradients of ``_linear_fused.prologue(inputs, None, row, col)`` (``x = inputs * row[:, None]``, rounded
+    to inputs' dtype, then ``x * col``, rounded) given ``grad`` of its output: (d inputs, d row, d col), each
+    product's derivative taken in float32 (float64 for float64 inputs) and rounded where autograd of the prologue
+    rounds it. Written out rather than left to autograd, so that ``torch.compile`` traces this backward whole."""
+    dtype = inputs.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g, d_row, d_col = grad.to(acc), None, None
+    if col is not None:
+        x = inputs if row is None else (inputs.to(acc) * row.to(acc)[:, None]).to(dtype)
+        d_col = (g * x.to(acc)).sum(0).to(col.dtype)
+        g = (g * col.to(acc)).to(dtype).to(acc)
+    if row is not None:
+        d_row = (g * inputs.to(acc)).sum(-1).to(row.dtype)
+        g = g * row.to(acc)[:, None]
+    return g.to(dtype), d_row, d_col
