@@ -154,24 +154,32 @@ def vmem_bytes(tokens: int, rank: int, tile: int, itemsize: int) -> int:
     """VMEM the kernel needs at a plan: its double-buffered blocks (the indices as [1, tokens] and as [tokens, 1],
     the latter padded to 128 lanes; left [P, tokens]; right [tokens, tile]; the f32 [P, tile] output), the body's
     values (both operands with other slots' rows selected out, the f32 product) and Mosaic's own scratch. P is
-    counted padded to 16 rows (a bf16 sublane tile). Checked by compiling plans with libtpu at this limit
-    (``tests/test_tpu_compile.py``)."""
+    counted padded to 16 rows (a bf16 sublane tile). Mosaic places the pipelined blocks beside its scoped
+    allocation (the scoped limit caps only the latter), so keeping all of it within the limit is conservative;
+    ``tests/test_tpu_compile.py`` compiles the plans at the generations' limits."""
     rows = -(-rank // 16) * 16
     blocks = 8 * tokens * 4 + tokens * 128 * 4 + (rows * tokens + tokens * tile) * itemsize + rows * tile * 4
     values = (rows * tokens + tokens * tile) * itemsize + rows * tile * 4
     return 2 * blocks + values + MOSAIC_SCRATCH_BYTES
 
 
-def width_tile(width: int, tokens: int, rank: int, itemsize: int, vmem_limit_bytes: int | None = None) -> int:
-    """Q tile for a width as :func:`padded_width` pads it: the whole width, else the widest multiple of 128
-    dividing it, whose plan fits ``vmem_limit_bytes`` (:func:`vmem_bytes`; the narrowest candidate where none
-    does). Each Q tile re-walks every visit, a grid step each, so the fewer tiles the better: Llama-3-8B's
-    down_proj dA (P = 64, Q = 14,336) takes two 7,168-wide tiles in 64 MiB, against seven of 2,048."""
-    limit = DEFAULT_VMEM_LIMIT_BYTES if vmem_limit_bytes is None else vmem_limit_bytes
+def _tile_candidates(width: int) -> list[int]:
+    """Q tiles of a width as :func:`padded_width` pads it, widest first: the whole width, then (a lane multiple)
+    every narrower multiple of 128 dividing it."""
     candidates = [width]
     if width % 128 == 0:
         lanes = width // 128
         candidates += [128 * d for d in range(lanes - 1, 0, -1) if lanes % d == 0]
+    return candidates
+
+
+def width_tile(width: int, tokens: int, rank: int, itemsize: int, vmem_limit_bytes: int | None = None) -> int:
+    """Q tile for a width as :func:`padded_width` pads it: the widest of :func:`_tile_candidates` whose plan fits
+    ``vmem_limit_bytes`` (:func:`vmem_bytes`; the narrowest where none does). Each Q tile re-walks every visit, a
+    grid step each, so the fewer tiles the better: Llama-3-8B's down_proj dA (P = 64, Q = 14,336, bf16) takes
+    its whole width in 64 MiB (32.9 MiB planned), against seven 2,048-wide tiles before."""
+    limit = DEFAULT_VMEM_LIMIT_BYTES if vmem_limit_bytes is None else vmem_limit_bytes
+    candidates = _tile_candidates(width)
     for tile in candidates:
         if vmem_bytes(tokens, rank, tile, itemsize) <= limit:
             return tile
@@ -301,11 +309,7 @@ def fused_width_tile(width: int, tokens: int, rank: int, num_slots: int, itemsiz
     the widest multiple of 128 dividing it, whose blocks fit ``budget`` bytes (:func:`fused_vmem_budget`):
     each tile re-reads s and re-walks the visits, so the fewer the better. None when no tile fits (every
     slot's dB tile is resident: L * R large), and the caller runs the separate kernels."""
-    candidates = [width]
-    if width % 128 == 0:
-        lanes = width // 128
-        candidates += [128 * d for d in range(lanes - 1, 0, -1) if lanes % d == 0]
-    for tile in candidates:
+    for tile in _tile_candidates(width):
         if _fused_bytes(tile, tokens, rank, num_slots, itemsize) <= budget:
             return tile
     return None
